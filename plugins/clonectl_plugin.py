@@ -1,0 +1,191 @@
+# clonectl nbdkit plugin: a thin adapter from nbdkit's python plugin API
+# (version 2) to target.service.Target, which owns the LUs and their engines.
+#
+# Started by `clonectl serve` as
+#     nbdkit python clonectl_plugin.py statedir=DIR pythonpath=DIR \
+#         [thread_model=parallel|serialize_requests|serialize_all_requests]
+#
+# nbdkit embeds /usr/bin/python3, which does not see the virtual environment:
+# the target package is found through pythonpath=.  The script's directory is
+# not on sys.path and __file__ is None here, and the required open() below
+# shadows the builtin open in this module.
+
+import errno
+import sys
+
+import nbdkit
+
+API_VERSION = 2
+
+_config = {"thread_model": "parallel"}
+_target = None
+_control = None
+
+_THREAD_MODELS = {
+    "parallel": nbdkit.THREAD_MODEL_PARALLEL,
+    "serialize_requests": nbdkit.THREAD_MODEL_SERIALIZE_REQUESTS,
+    "serialize_all_requests": nbdkit.THREAD_MODEL_SERIALIZE_ALL_REQUESTS,
+}
+
+
+def config(key, value):
+    if key not in ("statedir", "pythonpath", "thread_model"):
+        raise Exception("unknown parameter {!r}".format(key))
+    if key == "thread_model" and value not in _THREAD_MODELS:
+        raise Exception("thread_model must be one of " +
+                        ", ".join(sorted(_THREAD_MODELS)))
+    _config[key] = value
+
+
+def config_complete():
+    global _target
+    if "statedir" not in _config:
+        raise Exception("statedir= is required")
+    if "pythonpath" in _config:
+        sys.path.insert(0, _config["pythonpath"])
+    from target import service
+    _target = service.Target(_config["statedir"])
+
+
+def thread_model():
+    # PARALLEL by default: a request that waits (a copy on demand, a mirrored
+    # write to a slow clone) must not hold up the others, and with os.preadv
+    # straight into nbdkit's buffer each request spends little time holding
+    # the GIL.  Measured with scripts/bench (README): see the table there.
+    return _THREAD_MODELS[_config["thread_model"]]
+
+
+def after_fork():
+    # Threads must start after nbdkit has forked (it also calls this in
+    # --foreground mode), so the control socket is started here.
+    global _control
+    from target import control
+    _control = control.ControlServer(_target.state_dir.control_socket,
+                                     _target.control_operations())
+    _control.start()
+
+
+def cleanup():
+    if _control is not None:
+        _control.stop()
+    if _target is not None:
+        _target.close()
+
+
+def _fail(e):
+    code = getattr(e, "errno", None)
+    nbdkit.set_error(code if isinstance(code, int) and code > 0 else errno.EIO)
+    raise e
+
+
+def list_exports(readonly, is_tls):
+    return _target.exports()
+
+
+def default_export(readonly, is_tls):
+    return ""
+
+
+def open(readonly):
+    try:
+        return _target.connect(nbdkit.export_name(), readonly)
+    except Exception as e:
+        _fail(e)
+
+
+def close(h):
+    _target.disconnect(h)
+
+
+def get_size(h):
+    return h.lu.size
+
+
+def is_rotational(h):
+    return False
+
+
+def can_write(h):
+    return not h.lu.readonly
+
+
+def can_flush(h):
+    return True
+
+
+def can_trim(h):
+    return True
+
+
+def can_zero(h):
+    return True
+
+
+def can_fast_zero(h):
+    return True
+
+
+def can_fua(h):
+    return nbdkit.FUA_NATIVE
+
+
+def can_multi_conn(h):
+    # Every connection to an LU shares one backing fd in this process, so a
+    # flush on any connection makes the writes completed on all of them
+    # durable: what multi-conn promises.
+    return True
+
+
+def can_extents(h):
+    return True
+
+
+def can_cache(h):
+    return nbdkit.CACHE_NONE
+
+
+def pread(h, buf, offset, flags):
+    try:
+        h.lu.read(buf, offset)
+    except Exception as e:
+        _fail(e)
+
+
+def pwrite(h, buf, offset, flags):
+    try:
+        h.lu.write(buf, offset, flags & nbdkit.FLAG_FUA)
+    except Exception as e:
+        _fail(e)
+
+
+def flush(h, flags):
+    try:
+        h.lu.flush()
+    except Exception as e:
+        _fail(e)
+
+
+def trim(h, count, offset, flags):
+    try:
+        h.lu.trim(offset, count, flags & nbdkit.FLAG_FUA)
+    except Exception as e:
+        _fail(e)
+
+
+def zero(h, count, offset, flags):
+    try:
+        h.lu.zero(offset, count,
+                  may_trim=bool(flags & nbdkit.FLAG_MAY_TRIM),
+                  fast=bool(flags & nbdkit.FLAG_FAST_ZERO),
+                  fua=bool(flags & nbdkit.FLAG_FUA))
+    except Exception as e:
+        _fail(e)
+
+
+def extents(h, count, offset, flags):
+    try:
+        return [(off, length, nbdkit.EXTENT_HOLE | nbdkit.EXTENT_ZERO
+                 if hole else 0)
+                for off, length, hole in h.lu.extents(offset, count)]
+    except Exception as e:
+        _fail(e)

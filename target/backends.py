@@ -1,0 +1,200 @@
+"""Storage backends: one positional file-like interface, two implementations.
+
+    readinto(buf, offset)        fill buf (any writable buffer) from offset
+    write(buf, offset)           write buf at offset
+    flush()                      make completed writes durable
+    trim(offset, length)         advisory discard; reads return zero or old data
+    zero(offset, length, may_trim=False, fast=False)
+                                 make the range read as zeroes; with fast, fail
+                                 with EOPNOTSUPP rather than write zeroes
+    extents(offset, length)      [(offset, length, is_hole)] covering the range
+    close()
+
+FileBackend serves regular files and block devices; MemoryBackend is for unit
+tests of engines.  Backends do no range checking: the LU layer does it once.
+
+Deliberately ignored: short reads past the end of a file that shrank under us
+are reported as EIO, not padded with zeroes; trim on a block device is a
+no-op (it is advisory and BLKDISCARD may not zero).
+"""
+
+import ctypes
+import errno
+import os
+import stat
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_fallocate = _libc.fallocate
+_fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_longlong,
+                       ctypes.c_longlong)
+_fallocate.restype = ctypes.c_int
+
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+
+# Zeroes written when the filesystem cannot zero or punch a range.
+_ZERO_CHUNK = bytes(1 << 20)
+
+
+def fallocate(fd, mode, offset, length):
+    if _fallocate(fd, mode, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+class Backend:
+    """Documentation of the interface; see the module docstring."""
+
+    readonly = False
+    size = 0
+
+    def extents(self, offset, length):
+        return [(offset, length, False)]
+
+    def close(self):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class FileBackend(Backend):
+
+    def __init__(self, path, readonly=False):
+        self.path = path
+        self.readonly = readonly
+        flags = (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC
+        self.fd = os.open(path, flags)
+        try:
+            st = os.fstat(self.fd)
+            self.is_block = stat.S_ISBLK(st.st_mode)
+            self.size = os.lseek(self.fd, 0, os.SEEK_END)
+        except BaseException:
+            os.close(self.fd)
+            raise
+        # Filesystems without punch hole or zero range (or a block device):
+        # remembered so we stop asking the kernel on every request.
+        self._can_punch = not self.is_block
+        self._can_zero_range = not self.is_block
+
+    def readinto(self, buf, offset):
+        n = os.preadv(self.fd, [buf], offset)
+        if n != len(buf):
+            self._read_rest(buf, offset, n)
+
+    def _read_rest(self, buf, offset, done):
+        view = memoryview(buf).cast("B")
+        while done < len(view):
+            n = os.preadv(self.fd, [view[done:]], offset + done)
+            if n == 0:
+                raise OSError(errno.EIO, "short read at offset {} of {}: the "
+                              "backing file is shorter than the LU"
+                              .format(offset + done, self.path))
+            done += n
+
+    def write(self, buf, offset):
+        n = os.pwrite(self.fd, buf, offset)
+        if n != len(buf):
+            view = memoryview(buf).cast("B")
+            while n < len(view):
+                n += os.pwrite(self.fd, view[n:], offset + n)
+
+    def flush(self):
+        os.fdatasync(self.fd)
+
+    def trim(self, offset, length):
+        if self._can_punch:
+            try:
+                fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                          offset, length)
+            except OSError as e:
+                if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
+                    raise
+                self._can_punch = False
+
+    def zero(self, offset, length, may_trim=False, fast=False):
+        if may_trim and self._can_punch:
+            try:
+                fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                          offset, length)
+                return
+            except OSError as e:
+                if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
+                    raise
+                self._can_punch = False
+        if self._can_zero_range:
+            try:
+                fallocate(self.fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE,
+                          offset, length)
+                return
+            except OSError as e:
+                if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
+                    raise
+                self._can_zero_range = False
+        if fast:
+            raise OSError(errno.EOPNOTSUPP, "cannot zero quickly")
+        end = offset + length
+        while offset < end:
+            n = min(len(_ZERO_CHUNK), end - offset)
+            self.write(memoryview(_ZERO_CHUNK)[:n], offset)
+            offset += n
+
+    def extents(self, offset, length):
+        """Data and holes of a regular file, from SEEK_DATA/SEEK_HOLE."""
+        if self.is_block:
+            return [(offset, length, False)]
+        result = []
+        end = offset + length
+        pos = offset
+        while pos < end:
+            try:
+                data = os.lseek(self.fd, pos, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno != errno.ENXIO:
+                    raise
+                data = end  # nothing but a hole up to the end of the file
+            if data > pos:
+                hole_end = min(data, end)
+                result.append((pos, hole_end - pos, True))
+                pos = hole_end
+                continue
+            hole = min(os.lseek(self.fd, pos, os.SEEK_HOLE), end)
+            result.append((pos, hole - pos, False))
+            pos = hole
+        return result
+
+    def close(self):
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class MemoryBackend(Backend):
+    """A bytearray; flush and trim are no-ops.  For tests."""
+
+    def __init__(self, size, readonly=False):
+        self.data = bytearray(size)
+        self.size = size
+        self.readonly = readonly
+        self.flushes = 0
+
+    def readinto(self, buf, offset):
+        view = memoryview(buf).cast("B")
+        view[:] = self.data[offset:offset + len(view)]
+
+    def write(self, buf, offset):
+        view = memoryview(buf).cast("B")
+        self.data[offset:offset + len(view)] = view
+
+    def flush(self):
+        self.flushes += 1
+
+    def trim(self, offset, length):
+        pass
+
+    def zero(self, offset, length, may_trim=False, fast=False):
+        self.data[offset:offset + length] = bytes(length)

@@ -1,0 +1,133 @@
+"""The local control socket between the manager and the running target.
+
+Protocol: one JSON object per line each way over a Unix stream socket.
+
+    request   {"op": "status", "args": {...}}
+    reply     {"ok": true, "result": ...}
+              {"ok": false, "error": {"code": "UnknownLU", "message": "...",
+                                      "errno": 2}}
+
+The socket file is created with mode 0600 inside the 0700 run directory, so
+only its owner can use it.  Requests larger than MAX_REQUEST bytes, invalid
+JSON, unknown operations and bad arguments are answered with an error; the
+server never dies from a request.
+"""
+
+import json
+import logging
+import os
+import socket
+import socketserver
+import threading
+
+from . import errors
+
+log = logging.getLogger("clonectl.control")
+
+MAX_REQUEST = 1 << 20
+
+
+class _Handler(socketserver.StreamRequestHandler):
+
+    def handle(self):
+        while True:
+            line = self.rfile.readline(MAX_REQUEST + 1)
+            if not line:
+                return
+            if len(line) > MAX_REQUEST:
+                self._send({"ok": False, "error": errors.ProtocolError(
+                    reason="request larger than {} bytes".format(MAX_REQUEST))
+                    .to_dict()})
+                return
+            self._send(self.server.dispatch(line))
+
+    def _send(self, reply):
+        self.wfile.write(json.dumps(reply).encode() + b"\n")
+        self.wfile.flush()
+
+
+class ControlServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+
+    daemon_threads = True
+
+    def __init__(self, path, operations):
+        """operations maps an op name to a callable taking keyword args."""
+        self.operations = operations
+        self.path = path
+        if os.path.exists(path):
+            os.unlink(path)
+        old = os.umask(0o177)
+        try:
+            super().__init__(path, _Handler)
+        finally:
+            os.umask(old)
+        self._thread = None
+
+    def dispatch(self, line):
+        try:
+            request = json.loads(line)
+            if not isinstance(request, dict):
+                raise errors.ProtocolError(reason="request is not an object")
+            op = request.get("op")
+            args = request.get("args", {})
+            if not isinstance(args, dict):
+                raise errors.ProtocolError(reason="'args' is not an object")
+            func = self.operations.get(op) if isinstance(op, str) else None
+            if func is None:
+                raise errors.ProtocolError(
+                    reason="unknown operation {!r}".format(op))
+            try:
+                result = func(**args)
+            except TypeError as e:
+                raise errors.InvalidArgument(
+                    reason="bad arguments for {}: {}".format(op, e))
+            return {"ok": True, "result": result}
+        except errors.Error as e:
+            return {"ok": False, "error": e.to_dict()}
+        except ValueError as e:
+            return {"ok": False, "error": errors.ProtocolError(
+                reason="invalid JSON: {}".format(e)).to_dict()}
+        except Exception as e:  # keep serving whatever happens
+            log.exception("control operation failed")
+            return {"ok": False, "error": errors.Error(
+                reason="internal error: {!r}".format(e)).to_dict()}
+
+    def start(self):
+        self._thread = threading.Thread(target=self.serve_forever,
+                                        name="control", daemon=True)
+        self._thread.start()
+
+    def stop(self):
+        self.shutdown()
+        self.server_close()
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+
+def call(path, op, timeout=30.0, **args):
+    """Send one request; return its result or raise the reported error."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(path)
+        s.sendall(json.dumps({"op": op, "args": args}).encode() + b"\n")
+        with s.makefile("rb") as f:
+            line = f.readline()
+    if not line:
+        raise errors.ProtocolError(reason="the target closed the connection")
+    reply = json.loads(line)
+    if reply.get("ok"):
+        return reply.get("result")
+    err = reply.get("error") or {}
+    raise errors.ControlError(code=err.get("code", "ControlError"),
+                              message=err.get("message", "unknown error"),
+                              errno=err.get("errno", 5))
+
+
+def try_call(path, op, timeout=5.0, **args):
+    """Like call(), but return None when no target listens on path."""
+    try:
+        return call(path, op, timeout=timeout, **args)
+    except (FileNotFoundError, ConnectionRefusedError, socket.timeout):
+        return None

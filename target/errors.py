@@ -1,0 +1,145 @@
+"""Error classes of the target and the manager.
+
+Each class carries a message template and the errno a client should see when
+the error ends an NBD request (the plugin passes it to nbdkit.set_error) or
+the exit status the CLI uses.  Raise them with keyword arguments:
+
+    raise UnknownLU(name="db1")
+"""
+
+import errno as _errno
+
+
+class Error(Exception):
+    """Base class: a message template filled from keyword arguments."""
+
+    msg = "{reason}"
+    errno = _errno.EIO
+
+    def __init__(self, **kwargs):
+        super().__init__()
+        self.kwargs = kwargs
+
+    def __str__(self):
+        try:
+            return self.msg.format(**self.kwargs)
+        except (KeyError, IndexError):
+            return "{}: {}".format(self.__class__.__name__, self.kwargs)
+
+    @property
+    def code(self):
+        """Stable machine-readable name, used on the control socket."""
+        return self.__class__.__name__
+
+    def to_dict(self):
+        return {"code": self.code, "message": str(self), "errno": self.errno}
+
+
+class InvalidArgument(Error):
+    msg = "{reason}"
+    errno = _errno.EINVAL
+
+
+class InvalidName(Error):
+    msg = ("invalid name {name!r}: use 1-64 characters from A-Z a-z 0-9 . _ -, "
+           "starting with a letter or digit")
+    errno = _errno.EINVAL
+
+
+class InvalidSize(Error):
+    msg = "invalid size {value!r}: {reason}"
+    errno = _errno.EINVAL
+
+
+class UnknownLU(Error):
+    msg = "no LU named {name!r}"
+    errno = _errno.ENOENT
+
+
+class DuplicateLU(Error):
+    msg = "an LU named {name!r} already exists"
+    errno = _errno.EEXIST
+
+
+class BackingMissing(Error):
+    msg = "backing file {path!r} does not exist"
+    errno = _errno.ENOENT
+
+
+class BackingUnusable(Error):
+    msg = "backing file {path!r} cannot be used: {reason}"
+    errno = _errno.EIO
+
+
+class BackingTooSmall(Error):
+    msg = ("backing file {path!r} holds {actual} bytes, smaller than the "
+           "LU size of {size} bytes")
+    errno = _errno.ENOSPC
+
+
+class BackingInUse(Error):
+    msg = "backing file {path!r} is already used by LU {name!r}"
+    errno = _errno.EBUSY
+
+
+class ReadOnly(Error):
+    msg = "LU {name!r} is read-only"
+    errno = _errno.EPERM
+
+
+class OutOfRange(Error):
+    msg = ("request of {length} bytes at offset {offset} is outside LU "
+           "{name!r} of {size} bytes")
+    errno = _errno.EINVAL
+
+
+class LUBusy(Error):
+    msg = "LU {name!r} cannot be deleted: {reason}"
+    errno = _errno.EBUSY
+
+
+class CorruptState(Error):
+    msg = ("state file {path!r} is corrupt: {reason}; it was left untouched. "
+           "Restore it from a backup or move it away to start empty")
+    errno = _errno.EUCLEAN
+
+
+class UnsupportedState(Error):
+    msg = ("state file {path!r} has format version {version}, this clonectl "
+           "understands version {supported}")
+    errno = _errno.EUCLEAN
+
+
+class ServerRunning(Error):
+    msg = "a server already runs on state directory {state_dir!r} (pid {pid})"
+    errno = _errno.EBUSY
+
+
+class ServerNotRunning(Error):
+    msg = "no server runs on state directory {state_dir!r}"
+    errno = _errno.ENOTCONN
+
+
+class ServerFailed(Error):
+    msg = "the server did not start: {reason}"
+    errno = _errno.EIO
+
+
+class ControlError(Error):
+    """An error reported by the target over the control socket."""
+
+    msg = "{message}"
+
+    def __init__(self, code="ControlError", message="", errno=_errno.EIO):
+        super().__init__(message=message)
+        self._code = code
+        self.errno = errno
+
+    @property
+    def code(self):
+        return self._code
+
+
+class ProtocolError(Error):
+    msg = "control protocol error: {reason}"
+    errno = _errno.EPROTO

@@ -1,0 +1,64 @@
+"""Durable file updates (rtslib save_to_file style) and path helpers."""
+
+import hashlib
+import json
+import os
+import tempfile
+
+# sun_path is 108 bytes on Linux including the terminating NUL.
+_MAX_UNIX_PATH = 107
+
+
+def fsync_dir(path):
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path, data, mode=0o600):
+    """Replace path with data so that a crash leaves the old or the new file.
+
+    Write a temporary file in the same directory, fsync it, rename it over the
+    target, then fsync the directory so the rename itself is durable.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".",
+                               suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.rename(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    fsync_dir(directory)
+
+
+def write_json_atomic(path, obj):
+    data = json.dumps(obj, indent=2, sort_keys=True).encode() + b"\n"
+    write_atomic(path, data)
+
+
+def unix_socket_path(preferred):
+    """Return preferred, or a short stand-in under /tmp if it is too long.
+
+    A Unix socket path is limited to 107 bytes; pytest and deep state
+    directories exceed that.  The stand-in is derived from the preferred path,
+    so every process computes the same one without recording it.
+    """
+    preferred = os.path.abspath(preferred)
+    if len(preferred.encode()) <= _MAX_UNIX_PATH:
+        return preferred
+    digest = hashlib.sha256(preferred.encode()).hexdigest()[:20]
+    directory = "/tmp/clonectl-{}".format(os.getuid())
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    return os.path.join(directory, "{}-{}".format(
+        digest, os.path.basename(preferred)))

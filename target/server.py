@@ -1,0 +1,379 @@
+"""The manager side of `clonectl serve`: start, supervise and stop nbdkit.
+
+One server per state directory, guarded by an flock on run/serve.lock held
+for the server's whole life (a stale lock cannot outlive its process).
+run/serve.json records what a running server listens on, for `status`,
+`stop` and clients.
+
+nbdkit runs in the foreground as our child with --exit-with-parent, so a
+kill -9 of the manager takes nbdkit with it.  If nbdkit itself dies
+unexpectedly the manager restarts it (recovery then runs inside the new
+target), at most RESTART_LIMIT times in RESTART_WINDOW seconds.
+
+nbdkit does not remove its Unix socket on exit; we remove the sockets we
+configured, and only after checking that nothing answers on them.
+"""
+
+import datetime
+import fcntl
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+from . import control, errors, fsutil
+
+PLUGIN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
+    __file__))), "plugins", "clonectl_plugin.py")
+PYTHONPATH = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+READY_TIMEOUT = 30.0
+STOP_TIMEOUT = 20.0
+RESTART_LIMIT = 5
+RESTART_WINDOW = 60.0
+
+
+class Listen:
+    """Where the NBD server listens: a Unix socket or a TCP address."""
+
+    def __init__(self, socket_path=None, port=None, bind=None):
+        if socket_path and port is not None:
+            raise errors.InvalidArgument(
+                reason="--socket and --port are exclusive: choose one")
+        if bind and port is None:
+            raise errors.InvalidArgument(reason="--bind needs --port")
+        self.socket_path = fsutil.unix_socket_path(socket_path) \
+            if socket_path else None
+        self.port = port
+        self.bind = bind or ("127.0.0.1" if port is not None else None)
+
+    def nbdkit_args(self):
+        if self.socket_path:
+            return ["--unix", self.socket_path]
+        return ["--port", str(self.port), "--ipaddr", self.bind]
+
+    def uri(self, export=""):
+        if self.socket_path:
+            return "nbd+unix:///{}?socket={}".format(export, self.socket_path)
+        host = "[{}]".format(self.bind) if ":" in self.bind else self.bind
+        return "nbd://{}:{}/{}".format(host, self.port, export)
+
+    def to_dict(self):
+        return {"socket": self.socket_path, "port": self.port,
+                "bind": self.bind, "uri": self.uri("EXPORT")}
+
+
+def _socket_answers(path):
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(2)
+        try:
+            s.connect(path)
+            return True
+        except OSError:
+            return False
+
+
+def _remove_stale_socket(path):
+    if not os.path.exists(path):
+        return
+    if _socket_answers(path):
+        raise errors.InvalidArgument(
+            reason="{} is in use by another server".format(path))
+    os.unlink(path)
+
+
+def read_serve_info(state_dir):
+    """Return serve.json of a running server, or None if none runs."""
+    try:
+        with open(state_dir.serve_info_file) as f:
+            info = json.load(f)
+    except (FileNotFoundError, ValueError):
+        return None
+    if not _lock_held(state_dir):
+        return None  # left behind by a server that was killed
+    return info
+
+
+def _lock_held(state_dir):
+    try:
+        fd = os.open(state_dir.serve_lock_file, os.O_RDWR)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+class Server:
+
+    def __init__(self, state_dir, listen, thread_model=None, threads=None,
+                 pidfile=None, out=None):
+        self.state_dir = state_dir
+        self.listen = listen
+        self.thread_model = thread_model
+        self.threads = threads
+        self.pidfile = os.path.abspath(pidfile) if pidfile else None
+        self.out = out or sys.stderr
+        self.proc = None
+        self.stopping = False
+        self._lock_fd = None
+        self._restarts = []
+
+    def say(self, msg):
+        print("clonectl serve: " + msg, file=self.out, flush=True)
+
+    # Start-up.
+
+    def acquire(self):
+        self.state_dir.ensure()
+        self.state_dir.load()  # refuse a corrupt state file before listening
+        fd = os.open(self.state_dir.serve_lock_file,
+                     os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            info = read_serve_info(self.state_dir) or {}
+            raise errors.ServerRunning(state_dir=self.state_dir.path,
+                                       pid=info.get("pid", "unknown"))
+        self._lock_fd = fd
+        if self.listen.socket_path:
+            _remove_stale_socket(self.listen.socket_path)
+        _remove_stale_socket(self.state_dir.control_socket)
+
+    def nbdkit_command(self):
+        cmd = ["nbdkit", "--foreground", "--exit-with-parent",
+               "--pidfile", os.path.join(self.state_dir.run_dir, "nbdkit.pid")]
+        cmd += self.listen.nbdkit_args()
+        if self.threads:
+            cmd += ["--threads", str(self.threads)]
+        cmd += ["python", PLUGIN, "statedir=" + self.state_dir.path,
+                "pythonpath=" + PYTHONPATH]
+        if self.thread_model:
+            cmd.append("thread_model=" + self.thread_model)
+        return cmd
+
+    def spawn(self):
+        log = open(self.state_dir.serve_log_file, "ab")
+        try:
+            log.write("--- {} starting nbdkit\n".format(
+                _now()).encode())
+            log.flush()
+            self.proc = subprocess.Popen(
+                self.nbdkit_command(), stdin=subprocess.DEVNULL, stdout=log,
+                stderr=log, close_fds=True)
+        finally:
+            log.close()
+        self._wait_ready()
+
+    def _wait_ready(self):
+        deadline = time.monotonic() + READY_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise errors.ServerFailed(
+                    reason="nbdkit exited with status {}:\n{}".format(
+                        self.proc.returncode, self.log_tail()))
+            if control.try_call(self.state_dir.control_socket, "ping",
+                                timeout=2) is not None and self._nbd_ready():
+                return
+            time.sleep(0.05)
+        self._kill()
+        raise errors.ServerFailed(
+            reason="nbdkit did not answer within {:.0f} s:\n{}".format(
+                READY_TIMEOUT, self.log_tail()))
+
+    def _nbd_ready(self):
+        if self.listen.socket_path:
+            return _socket_answers(self.listen.socket_path)
+        try:
+            with socket.create_connection((self.listen.bind, self.listen.port),
+                                          timeout=2):
+                return True
+        except OSError:
+            return False
+
+    def log_tail(self, lines=15):
+        try:
+            with open(self.state_dir.serve_log_file, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                f.seek(max(0, f.tell() - 8192))
+                text = f.read().decode(errors="replace")
+        except FileNotFoundError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def publish(self):
+        info = {"pid": os.getpid(), "nbdkit_pid": self.proc.pid,
+                "control_socket": self.state_dir.control_socket,
+                "started": _now()}
+        info.update(self.listen.to_dict())
+        fsutil.write_json_atomic(self.state_dir.serve_info_file, info)
+        if self.pidfile:
+            fsutil.write_atomic(self.pidfile, "{}\n".format(os.getpid())
+                                .encode(), mode=0o644)
+        return info
+
+    # Running.
+
+    def run(self, ready=None):
+        """Serve until SIGTERM/SIGINT; ready(info) is called once serving."""
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        try:
+            self.acquire()
+            self.spawn()
+            info = self.publish()
+            if ready:
+                ready(info)
+            self._supervise()
+        finally:
+            self._cleanup()
+
+    def _on_signal(self, signum, frame):
+        self.stopping = True
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+
+    def _supervise(self):
+        while True:
+            try:
+                status = self.proc.wait()
+            except InterruptedError:
+                continue
+            if self.stopping:
+                return
+            now = time.monotonic()
+            self._restarts = [t for t in self._restarts
+                              if now - t < RESTART_WINDOW] + [now]
+            if len(self._restarts) > RESTART_LIMIT:
+                raise errors.ServerFailed(
+                    reason="nbdkit died {} times within {:.0f} s; giving up"
+                    .format(len(self._restarts), RESTART_WINDOW))
+            self.say("nbdkit (pid {}) died with status {}; restarting"
+                     .format(self.proc.pid, status))
+            if self.listen.socket_path:
+                _remove_stale_socket(self.listen.socket_path)
+            _remove_stale_socket(self.state_dir.control_socket)
+            self.spawn()
+            self.publish()
+
+    def _kill(self):
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def _cleanup(self):
+        self._kill()
+        paths = [self.state_dir.serve_info_file, self.state_dir.control_socket,
+                 os.path.join(self.state_dir.run_dir, "nbdkit.pid")]
+        if self.listen.socket_path:
+            paths.append(self.listen.socket_path)
+        if self.pidfile:
+            paths.append(self.pidfile)
+        for path in paths:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+
+def serve_detached(server):
+    """Run server as a daemon; return its info once it serves.
+
+    The daemon reports readiness (or its error) through a pipe, so the
+    command that started it exits 0 only when clients can connect.
+    """
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # intermediate child
+        os.close(r)
+        os.setsid()
+        if os.fork() != 0:
+            os._exit(0)
+        _become_daemon(server, w)  # never returns
+    os.close(w)
+    os.waitpid(pid, 0)
+    with os.fdopen(r, "rb") as f:
+        data = f.read()
+    if not data:
+        raise errors.ServerFailed(reason="the daemon exited before it was "
+                                  "ready; see " + server.state_dir.serve_log_file)
+    reply = json.loads(data)
+    if not reply.get("ok"):
+        raise errors.ServerFailed(reason=reply.get("error"))
+    return reply["info"]
+
+
+def _become_daemon(server, ready_w):
+    status = 1
+    try:
+        server.state_dir.ensure()
+        devnull = os.open(os.devnull, os.O_RDWR)
+        logfd = os.open(server.state_dir.serve_log_file,
+                        os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        os.dup2(devnull, 0)
+        os.dup2(logfd, 1)
+        os.dup2(logfd, 2)
+        os.close(devnull)
+        os.close(logfd)
+        server.out = sys.stderr
+
+        def ready(info):
+            os.write(ready_w, json.dumps({"ok": True, "info": info}).encode())
+            os.close(ready_w)
+
+        try:
+            server.run(ready=ready)
+            status = 0
+        except Exception as e:
+            msg = str(e) if isinstance(e, errors.Error) else repr(e)
+            try:
+                os.write(ready_w, json.dumps({"ok": False, "error": msg})
+                         .encode())
+                os.close(ready_w)
+            except OSError:
+                pass  # already reported ready: the error goes to the log
+            server.say("error: " + msg)
+    finally:
+        os._exit(status)
+
+
+def stop(state_dir, timeout=STOP_TIMEOUT + 10):
+    """SIGTERM the server of state_dir and wait until it is gone."""
+    info = read_serve_info(state_dir)
+    if info is None:
+        raise errors.ServerNotRunning(state_dir=state_dir.path)
+    pid = info["pid"]
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return info
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not _lock_held(state_dir):
+            return info
+        time.sleep(0.05)
+    raise errors.ServerFailed(reason="server pid {} did not stop within {} s"
+                              .format(pid, timeout))
+
+
+def _now():
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(
+        timespec="seconds")
+
+

@@ -1,0 +1,252 @@
+"""The state directory: the LU inventory and the server's runtime files.
+
+Layout of a state directory:
+
+    state.json      the inventory, one JSON document, replaced atomically
+    .lock           flock()ed by every command that changes state.json
+    lus/NAME.img    sparse backing files created by `clonectl lu create`
+    run/            runtime files of a running server (sockets, serve.json,
+                    serve.lock held for the server's whole life, serve.log)
+
+state.json is only ever replaced whole (temp file, fsync, rename, fsync the
+directory), so a crash leaves either the old or the new inventory.  A file
+that does not parse or does not validate is reported, naming the file, and
+never reset: an empty inventory would make every LU vanish silently.
+"""
+
+import contextlib
+import datetime
+import fcntl
+import json
+import os
+import stat
+
+from . import errors, fsutil, units
+
+FORMAT = "clonectl-state"
+VERSION = 1
+
+
+class StateDir:
+
+    def __init__(self, path):
+        self.path = os.path.abspath(path)
+        self.state_file = os.path.join(self.path, "state.json")
+        self.lock_file = os.path.join(self.path, ".lock")
+        self.lus_dir = os.path.join(self.path, "lus")
+        self.run_dir = os.path.join(self.path, "run")
+
+    # Paths of a running server.
+
+    @property
+    def control_socket(self):
+        return fsutil.unix_socket_path(os.path.join(self.run_dir, "control.sock"))
+
+    @property
+    def default_nbd_socket(self):
+        return fsutil.unix_socket_path(os.path.join(self.run_dir, "nbd.sock"))
+
+    @property
+    def serve_info_file(self):
+        return os.path.join(self.run_dir, "serve.json")
+
+    @property
+    def serve_lock_file(self):
+        return os.path.join(self.run_dir, "serve.lock")
+
+    @property
+    def serve_log_file(self):
+        return os.path.join(self.run_dir, "serve.log")
+
+    def ensure(self):
+        for d in (self.path, self.lus_dir, self.run_dir):
+            os.makedirs(d, mode=0o700, exist_ok=True)
+
+    @contextlib.contextmanager
+    def locked(self):
+        """Serialize changes of state.json between concurrent commands."""
+        self.ensure()
+        fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    # The inventory.
+
+    def load(self):
+        """Return the validated inventory; an absent file is an empty one."""
+        try:
+            with open(self.state_file, "rb") as f:
+                raw = f.read()
+        except FileNotFoundError:
+            return {"format": FORMAT, "version": VERSION, "lus": {}}
+        try:
+            doc = json.loads(raw)
+        except ValueError as e:
+            raise errors.CorruptState(path=self.state_file,
+                                      reason="not valid JSON ({})".format(e))
+        _validate(doc, self.state_file)
+        return doc
+
+    def save(self, doc):
+        _validate(doc, self.state_file)
+        self.ensure()
+        fsutil.write_json_atomic(self.state_file, doc)
+
+
+def _validate(doc, path):
+    def bad(reason):
+        raise errors.CorruptState(path=path, reason=reason)
+
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        bad("not a clonectl state document")
+    if doc.get("version") != VERSION:
+        raise errors.UnsupportedState(path=path, version=doc.get("version"),
+                                      supported=VERSION)
+    lus = doc.get("lus")
+    if not isinstance(lus, dict):
+        bad("'lus' is not an object")
+    for name, lu in lus.items():
+        try:
+            units.check_name(name)
+        except errors.InvalidName:
+            bad("invalid LU name {!r}".format(name))
+        if not isinstance(lu, dict):
+            bad("LU {!r} is not an object".format(name))
+        size = lu.get("size")
+        if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
+            bad("LU {!r} has an invalid size {!r}".format(name, size))
+        if not isinstance(lu.get("file"), str) or not lu["file"]:
+            bad("LU {!r} has no backing file".format(name))
+        for key in ("readonly", "owned"):
+            if not isinstance(lu.get(key), bool):
+                bad("LU {!r} has an invalid {!r}".format(name, key))
+
+
+def probe_backing(path, size=None, readonly=False):
+    """Check that path can back an LU; return its usable size in bytes.
+
+    path must be an existing regular file or block device that we can open
+    for reading (and writing unless readonly), at least size bytes long.
+    """
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise errors.BackingMissing(path=path)
+    except OSError as e:
+        raise errors.BackingUnusable(path=path, reason=e.strerror)
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+        raise errors.BackingUnusable(
+            path=path, reason="not a regular file or block device")
+    flags = os.O_RDONLY if readonly else os.O_RDWR
+    try:
+        fd = os.open(path, flags)
+    except OSError as e:
+        raise errors.BackingUnusable(path=path, reason=e.strerror)
+    try:
+        actual = os.lseek(fd, 0, os.SEEK_END)
+        os.pread(fd, 1, 0)
+    except OSError as e:
+        raise errors.BackingUnusable(path=path, reason=e.strerror)
+    finally:
+        os.close(fd)
+    if size is not None and actual < size:
+        raise errors.BackingTooSmall(path=path, actual=actual, size=size)
+    return actual
+
+
+def create_lu(state_dir, name, size=None, file=None, readonly=False):
+    """Add an LU to the inventory; return its record.
+
+    Without file, a new sparse file of size bytes is made in the state
+    directory (and removed again by delete_lu).  With file, an existing file
+    or block device is used as it is and never removed by us; size defaults
+    to the file's size.
+    """
+    units.check_name(name)
+    if size is not None:
+        size = units.parse_lu_size(size)
+    with state_dir.locked():
+        doc = state_dir.load()
+        if name in doc["lus"]:
+            raise errors.DuplicateLU(name=name)
+        if file is None:
+            if size is None:
+                raise errors.InvalidArgument(
+                    reason="--size is required unless --file names an "
+                           "existing file or device")
+            path = os.path.join(state_dir.lus_dir, name + ".img")
+            owned = True
+            _create_sparse(path, size)
+        else:
+            path = os.path.abspath(file)
+            owned = False
+            actual = probe_backing(path, size, readonly)
+            if size is None:
+                size = actual - actual % units.SECTOR
+                if size == 0:
+                    raise errors.BackingTooSmall(path=path, actual=actual,
+                                                 size=units.SECTOR)
+        for other, lu in doc["lus"].items():
+            if os.path.realpath(lu["file"]) == os.path.realpath(path):
+                if owned:
+                    os.unlink(path)
+                raise errors.BackingInUse(path=path, name=other)
+        record = {
+            "size": size,
+            "file": path,
+            "owned": owned,
+            "readonly": bool(readonly),
+            "created": datetime.datetime.now(datetime.timezone.utc)
+                               .isoformat(timespec="seconds"),
+        }
+        doc["lus"][name] = record
+        try:
+            state_dir.save(doc)
+        except BaseException:
+            if owned:
+                os.unlink(path)
+            raise
+        return record
+
+
+def _create_sparse(path, size):
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        raise errors.BackingUnusable(
+            path=path, reason="a file of that name is already in the state "
+                              "directory; it was left untouched")
+    try:
+        os.ftruncate(fd, size)
+        os.fsync(fd)
+    except OSError:
+        os.close(fd)
+        os.unlink(path)
+        raise
+    os.close(fd)
+
+
+def delete_lu(state_dir, name, check_busy=None):
+    """Remove an LU from the inventory (and its file if we created it).
+
+    check_busy(name, record) is called under the state lock and raises
+    LUBusy to refuse (served, has clones).
+    """
+    with state_dir.locked():
+        doc = state_dir.load()
+        record = doc["lus"].get(name)
+        if record is None:
+            raise errors.UnknownLU(name=name)
+        if check_busy is not None:
+            check_busy(name, record)
+        del doc["lus"][name]
+        state_dir.save(doc)
+    if record["owned"]:
+        try:
+            os.unlink(record["file"])
+        except FileNotFoundError:
+            pass
+    return record
