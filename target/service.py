@@ -10,7 +10,10 @@ Design notes
   (it knows each export's size and can_write).  LogicalUnit checks again, but
   only on the paths that change data, because engines call it directly too.
 - The per-request path is kept short: no locks, no counters.  Connection
-  counts change at open/close only, under Target.lock.
+  counts change at open/close only, under Target.lock.  LogicalUnit.read is
+  the backend's readinto itself (an instance attribute, one Python frame
+  less per read: measurable at 4 KiB); an engine that must intercept reads
+  replaces the attribute while it runs.
 - An LU whose backing file cannot be opened is kept in the inventory with its
   error, shown by status and not exported; the other LUs are still served.
 """
@@ -41,6 +44,8 @@ class LogicalUnit:
                 self.backend = backends.FileBackend(self.file, self.readonly)
             except (errors.Error, OSError) as e:
                 self.error = str(e)
+        if self.backend is not None:
+            self.read = self.backend.readinto
 
     @property
     def healthy(self):
@@ -53,10 +58,7 @@ class LogicalUnit:
             raise errors.OutOfRange(name=self.name, offset=offset,
                                     length=length, size=self.size)
 
-    # Data path.
-
-    def read(self, buf, offset):
-        self.backend.readinto(buf, offset)
+    # Data path (read is set in __init__).
 
     def write(self, buf, offset, fua=False):
         self._check_write(offset, len(buf))

@@ -1,0 +1,368 @@
+"""Shared fixtures: the clonectl CLI, servers that always stop, NBD handles.
+
+Every server a test starts is stopped by PID at teardown, whatever the test
+did (SIGTERM, then SIGKILL).  Nothing here kills processes by name.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+_VENV_CLONECTL = REPO / ".venv" / "bin" / "clonectl"
+CLONECTL = str(_VENV_CLONECTL if _VENV_CLONECTL.exists()
+               else Path(sys.prefix) / "bin" / "clonectl")
+
+START_TIMEOUT = 30.0
+STOP_TIMEOUT = 30.0
+
+MiB = 1 << 20
+
+
+# ---------------------------------------------------------------- processes
+
+def pid_alive(pid):
+    """True if pid exists and is not a zombie (orphans are not reaped here:
+    PID 1 of this machine does not reap, so a dead daemon lingers as Z)."""
+    try:
+        with open("/proc/{}/stat".format(pid)) as f:
+            stat = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    # Field 3, after the parenthesised command name (which may hold spaces).
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
+def wait_pid_gone(pid, timeout):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not pid_alive(pid):
+            return True
+        time.sleep(0.05)
+    return not pid_alive(pid)
+
+
+def terminate_pid(pid, timeout=STOP_TIMEOUT):
+    """SIGTERM pid, wait, SIGKILL if needed; return True if it obeyed TERM."""
+    if not pid_alive(pid):
+        return True
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return True
+    if wait_pid_gone(pid, timeout):
+        return True
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    wait_pid_gone(pid, 10)
+    return False
+
+
+class ProcessGuard:
+    """PIDs that a test caused to exist (daemons, nbdkit children) and that
+    must be gone at teardown."""
+
+    def __init__(self):
+        self.pids = []
+
+    def add(self, pid):
+        if pid and pid not in self.pids:
+            self.pids.append(pid)
+
+    def cleanup(self):
+        survivors = []
+        for pid in self.pids:
+            if pid_alive(pid):
+                survivors.append(pid)
+                terminate_pid(pid)
+        return survivors
+
+
+@pytest.fixture
+def process_guard():
+    guard = ProcessGuard()
+    yield guard
+    guard.cleanup()
+
+
+# ---------------------------------------------------------------- the CLI
+
+def run_clonectl(state_dir, *args, check=True, timeout=60, env=None,
+                 input=None):
+    """Run `clonectl --state-dir STATE_DIR ARGS...`; return CompletedProcess.
+
+    With check, a non-zero exit fails the test showing stdout and stderr.
+    """
+    cmd = [CLONECTL]
+    if state_dir is not None:
+        cmd += ["--state-dir", str(state_dir)]
+    cmd += [str(a) for a in args]
+    full_env = dict(os.environ)
+    full_env.pop("CLONECTL_STATE", None)
+    if env:
+        full_env.update(env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                          env=full_env, input=input,
+                          stdin=None if input is not None else subprocess.DEVNULL)
+    if check and proc.returncode != 0:
+        pytest.fail("{} exited with {}\nstdout:\n{}\nstderr:\n{}".format(
+            " ".join(cmd), proc.returncode, proc.stdout, proc.stderr))
+    return proc
+
+
+def status_json(state_dir):
+    proc = run_clonectl(state_dir, "status", "--json")
+    return json.loads(proc.stdout)
+
+
+@pytest.fixture
+def state_dir(tmp_path):
+    """A fresh, not yet existing state directory."""
+    return tmp_path / "state"
+
+
+@pytest.fixture
+def clonectl(state_dir):
+    """clonectl(*args, check=True, state_dir=<the state_dir fixture>)."""
+    def run(*args, check=True, state_dir=state_dir, **kwargs):
+        return run_clonectl(state_dir, *args, check=check, **kwargs)
+    return run
+
+
+def snapshot_tree(root):
+    """{relative path: bytes or '<dir>'} of everything under root, to prove
+    that a refused command changed nothing.  Runtime lock files are
+    included: a refused command must not create or remove them either."""
+    root = Path(root)
+    result = {}
+    if not root.exists():
+        return result
+    for path in sorted(root.rglob("*")):
+        rel = str(path.relative_to(root))
+        if path.is_symlink():
+            result[rel] = "<link {}>".format(os.readlink(path))
+        elif path.is_dir():
+            result[rel] = "<dir>"
+        elif path.is_socket():
+            result[rel] = "<socket>"
+        else:
+            result[rel] = path.read_bytes()
+    return result
+
+
+# ---------------------------------------------------------------- servers
+
+class Server:
+    """A foreground `clonectl serve` started by a test."""
+
+    def __init__(self, state_dir, socket, log_path, guard, extra_args=()):
+        self.state_dir = Path(state_dir)
+        self.requested_socket = str(socket)
+        self.log_path = Path(log_path)
+        self.guard = guard
+        self.extra_args = list(extra_args)
+        self.proc = None
+        self.info = None
+        self.socket = None
+
+    # Start and stop.
+
+    def start(self, timeout=START_TIMEOUT):
+        cmd = [CLONECTL, "--state-dir", str(self.state_dir), "serve",
+               "--socket", self.requested_socket] + self.extra_args
+        env = dict(os.environ)
+        env.pop("CLONECTL_STATE", None)
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL,
+                                     stdout=self._log, stderr=self._log,
+                                     start_new_session=True, env=env)
+        self.guard.add(self.proc.pid)
+        serve_json = self.state_dir / "run" / "serve.json"
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                pytest.fail("clonectl serve exited with {} before serving:\n{}"
+                            .format(self.proc.returncode, self.log()))
+            if serve_json.exists():
+                info = status_json(self.state_dir)["server"]
+                if info is not None and info.get("pid") == self.proc.pid:
+                    break
+            if time.monotonic() > deadline:
+                pytest.fail("clonectl serve did not serve within {} s:\n{}"
+                            .format(timeout, self.log()))
+            time.sleep(0.05)
+        self.refresh()
+        return self
+
+    def refresh(self):
+        """Re-read the server's record (the nbdkit pid changes on restart)."""
+        info = status_json(self.state_dir)["server"]
+        assert info is not None, "server vanished from status:\n" + self.log()
+        self.info = info
+        self.socket = info["socket"]
+        self.guard.add(info["nbdkit_pid"])
+        return info
+
+    @property
+    def pid(self):
+        return self.proc.pid
+
+    @property
+    def nbdkit_pid(self):
+        return self.info["nbdkit_pid"]
+
+    def uri(self, export=""):
+        return "nbd+unix:///{}?socket={}".format(export, self.socket)
+
+    def running(self):
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, timeout=STOP_TIMEOUT):
+        """SIGTERM the manager by PID; SIGKILL if it does not exit.  Return
+        (exit status, obeyed SIGTERM, nbdkit pids still alive)."""
+        if self.proc is None:
+            return None
+        obeyed = True
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                obeyed = False
+                self.proc.kill()
+                self.proc.wait(10)
+        nbdkit_left = []
+        if self.info:
+            pid = self.info["nbdkit_pid"]
+            if not wait_pid_gone(pid, 10):
+                nbdkit_left.append(pid)
+                terminate_pid(pid, 5)
+        self._log.close()
+        return self.proc.returncode, obeyed, nbdkit_left
+
+    def log(self):
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            text = ""
+        serve_log = self.state_dir / "run" / "serve.log"
+        if serve_log.exists():
+            text += "\n--- run/serve.log:\n" + serve_log.read_text(
+                errors="replace")[-6000:]
+        return text
+
+
+@pytest.fixture
+def server_factory(tmp_path, state_dir, process_guard):
+    """start(state_dir=..., socket=..., extra_args=()) -> a serving Server.
+
+    Every server is stopped at teardown; a server that ignores SIGTERM or
+    leaves nbdkit behind fails the test."""
+    servers = []
+    counter = [0]
+
+    def start(state_dir=state_dir, socket=None, extra_args=(), **kwargs):
+        counter[0] += 1
+        if socket is None:
+            socket = tmp_path / "nbd{}.sock".format(counter[0])
+        srv = Server(state_dir, socket,
+                     tmp_path / "serve{}.out".format(counter[0]),
+                     process_guard, extra_args)
+        servers.append(srv)
+        return srv.start(**kwargs)
+
+    yield start
+
+    problems = []
+    for srv in servers:
+        result = srv.stop()
+        if result is None:
+            continue
+        status, obeyed, nbdkit_left = result
+        if not obeyed:
+            problems.append("server pid {} ignored SIGTERM".format(srv.pid))
+        if nbdkit_left:
+            problems.append("nbdkit pid(s) {} outlived server pid {}".format(
+                nbdkit_left, srv.pid))
+    if problems:
+        pytest.fail("; ".join(problems))
+
+
+@pytest.fixture
+def server(server_factory, clonectl):
+    """A server on the state_dir fixture with no LUs yet."""
+    clonectl("lu", "list")  # creates nothing; proves the CLI works
+    return server_factory()
+
+
+LU_NAME = "disk"
+LU_SIZE = 64 * MiB
+
+
+@pytest.fixture
+def served_lu(clonectl, server_factory, state_dir):
+    """A 64M LU named "disk" served by a running server.
+
+    Returns an object with .server, .name, .size, .file (the backing file)."""
+    clonectl("lu", "create", LU_NAME, "--size", "64M")
+    srv = server_factory()
+
+    class LU:
+        pass
+
+    lu = LU()
+    lu.server = srv
+    lu.name = LU_NAME
+    lu.size = LU_SIZE
+    lu.file = Path(state_dir) / "lus" / (LU_NAME + ".img")
+    lu.uri = srv.uri(LU_NAME)
+    assert lu.file.exists()
+    return lu
+
+
+# ---------------------------------------------------------------- NBD clients
+
+@pytest.fixture
+def nbd_connect():
+    """nbd_connect(socket_or_uri, export="", meta=False, strict=True) -> handle.
+
+    Handles are shut down and released at teardown."""
+    nbd = pytest.importorskip("nbd")
+    handles = []
+
+    def connect(target, export="", meta=False, strict=True):
+        h = nbd.NBD()
+        handles.append(h)
+        if meta:
+            h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
+        if not strict:
+            h.set_strict_mode(0)
+        if str(target).startswith("nbd"):
+            h.connect_uri(str(target))
+        else:
+            h.set_export_name(export)
+            h.connect_unix(str(target))
+        return h
+
+    yield connect
+
+    for h in handles:
+        try:
+            h.shutdown()
+        except Exception:
+            pass
+    handles.clear()  # the last reference: libnbd frees the handle
+
+
+def read_file_range(path, offset, length):
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read(length)

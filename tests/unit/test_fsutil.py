@@ -1,0 +1,139 @@
+"""target.fsutil: atomic file replacement and Unix socket paths."""
+
+import hashlib
+import json
+import os
+import stat
+
+import pytest
+
+from target import fsutil
+
+
+def _leftovers(directory, name):
+    return [f for f in os.listdir(directory)
+            if f != name and f.startswith("." + name)]
+
+
+def test_write_atomic_creates_file_with_content_and_mode(tmp_path):
+    path = tmp_path / "f.json"
+    fsutil.write_atomic(str(path), b"hello\n")
+    assert path.read_bytes() == b"hello\n"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert os.listdir(tmp_path) == ["f.json"]
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o400, 0o640])
+def test_write_atomic_mode(tmp_path, mode):
+    path = tmp_path / "pid"
+    fsutil.write_atomic(str(path), b"123\n", mode=mode)
+    assert stat.S_IMODE(path.stat().st_mode) == mode
+    assert path.read_bytes() == b"123\n"
+
+
+def test_write_atomic_replaces_whole_file(tmp_path):
+    path = tmp_path / "state.json"
+    path.write_bytes(b"x" * 10000)
+    old_inode = path.stat().st_ino
+    fsutil.write_atomic(str(path), b"short")
+    assert path.read_bytes() == b"short"
+    # Replaced by rename, not rewritten in place: readers of the old file
+    # never see a half-written one.
+    assert path.stat().st_ino != old_inode
+    assert sorted(os.listdir(tmp_path)) == ["state.json"]
+
+
+def test_write_atomic_empty_and_large(tmp_path):
+    path = tmp_path / "f"
+    fsutil.write_atomic(str(path), b"")
+    assert path.read_bytes() == b""
+    data = os.urandom(3 << 20)
+    fsutil.write_atomic(str(path), data)
+    assert path.read_bytes() == data
+    assert os.listdir(tmp_path) == ["f"]
+
+
+def test_write_atomic_relative_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    fsutil.write_atomic("rel", b"data")
+    assert (tmp_path / "rel").read_bytes() == b"data"
+    assert os.listdir(tmp_path) == ["rel"]
+
+
+def test_write_atomic_failure_keeps_old_file_and_leaves_no_temp(tmp_path):
+    path = tmp_path / "state.json"
+    path.write_bytes(b"old")
+    with pytest.raises(TypeError):
+        fsutil.write_atomic(str(path), "not bytes")
+    assert path.read_bytes() == b"old"
+    assert os.listdir(tmp_path) == ["state.json"]
+
+
+def test_write_atomic_rename_failure_leaves_no_temp(tmp_path):
+    # The target is a non-empty directory: rename fails after the temp file
+    # was written; the temp file must be removed and the directory kept.
+    target = tmp_path / "d"
+    target.mkdir()
+    (target / "inside").write_bytes(b"keep")
+    with pytest.raises(OSError):
+        fsutil.write_atomic(str(target), b"data")
+    assert sorted(os.listdir(tmp_path)) == ["d"]
+    assert (target / "inside").read_bytes() == b"keep"
+
+
+def test_write_atomic_missing_directory(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        fsutil.write_atomic(str(tmp_path / "nope" / "f"), b"x")
+    assert os.listdir(tmp_path) == []
+
+
+def test_write_json_atomic_round_trip(tmp_path):
+    path = tmp_path / "doc.json"
+    doc = {"b": [1, 2, {"c": None}], "a": "é"}
+    fsutil.write_json_atomic(str(path), doc)
+    raw = path.read_bytes()
+    assert raw.endswith(b"\n")
+    assert json.loads(raw) == doc
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert os.listdir(tmp_path) == ["doc.json"]
+
+
+def test_unix_socket_path_short_is_kept(tmp_path):
+    short = "/tmp/x.sock"
+    assert fsutil.unix_socket_path(short) == short
+
+
+def test_unix_socket_path_relative_is_made_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = fsutil.unix_socket_path("s.sock")
+    assert os.path.isabs(result)
+    assert result == str(tmp_path / "s.sock") or \
+        result.startswith("/tmp/clonectl-")
+
+
+def test_unix_socket_path_long_is_mapped_and_stable(tmp_path):
+    long = "/tmp/" + "d" * 120 + "/nbd.sock"
+    mapped = fsutil.unix_socket_path(long)
+    assert len(mapped.encode()) <= 107
+    assert mapped.startswith("/tmp/clonectl-{}/".format(os.getuid()))
+    assert mapped.endswith("nbd.sock")
+    assert mapped == fsutil.unix_socket_path(long)
+    digest = hashlib.sha256(long.encode()).hexdigest()[:20]
+    assert digest in mapped
+    other = fsutil.unix_socket_path("/tmp/" + "e" * 120 + "/nbd.sock")
+    assert other != mapped
+    assert stat.S_IMODE(os.stat(os.path.dirname(mapped)).st_mode) == 0o700
+
+
+def test_unix_socket_path_limit_boundary():
+    exact = "/tmp/" + "a" * (107 - len("/tmp/"))
+    assert len(exact) == 107
+    assert fsutil.unix_socket_path(exact) == exact
+    assert fsutil.unix_socket_path(exact + "b") != exact + "b"
+
+
+def test_fsync_dir(tmp_path):
+    fsutil.fsync_dir(str(tmp_path))
+    with pytest.raises(NotADirectoryError):
+        (tmp_path / "f").write_bytes(b"")
+        fsutil.fsync_dir(str(tmp_path / "f"))
