@@ -69,6 +69,7 @@ def after_fork():
     _control = control.ControlServer(_target.state_dir.control_socket,
                                      _target.control_operations())
     _control.start()
+    _target.start()
 
 
 def cleanup():

@@ -2,8 +2,8 @@
 
 import functools
 import json
-import os
 import sys
+import time
 
 import click
 
@@ -170,11 +170,17 @@ def lu_list(ctx, as_json):
 def lu_delete(ctx, name):
     """Delete the LU NAME.
 
-    Refused while a running server exports it (stop the server first). A
+    Refused while a running server exports it (stop the server first) or
+    while it has clones (remove them first). A
     backing file that clonectl created is removed; a file given with --file
     is kept.
     """
     def check_busy(name, record):
+        if record.get("clones"):
+            raise errors.LUBusy(
+                name=name, reason="it has clones ({}); remove them first with "
+                "`clonectl clone remove`".format(", ".join(sorted(
+                    record["clones"]))))
         info = server.read_serve_info(ctx.state_dir)
         if info:
             raise errors.LUBusy(
@@ -185,6 +191,252 @@ def lu_delete(ctx, name):
     click.echo("deleted LU {}{}".format(
         name, "" if record["owned"] else
         " (backing file {} kept)".format(record["file"])))
+
+
+# ---------------------------------------------------------------- clone
+
+# Operations that run an engine need the target process; the others can be
+# carried out by a short-lived target in this process when no server runs.
+_NEED_SERVER = {"clone_sync", "clone_reverse_sync"}
+
+
+def _target_call(ctx, op, **args):
+    if server.read_serve_info(ctx.state_dir):
+        return control.call(ctx.state_dir.control_socket, op, **args)
+    if op in _NEED_SERVER:
+        raise errors.ServerNotRunning(state_dir=ctx.state_dir.path)
+    from .service import Target
+    target = Target(ctx.state_dir.path)
+    try:
+        return target.control_operations()[op](**args)
+    finally:
+        target.close()
+
+
+def _fmt_duration(seconds):
+    if seconds is None:
+        return "-"
+    seconds = int(seconds)
+    return "{}:{:02d}:{:02d}".format(seconds // 3600, seconds // 60 % 60,
+                                     seconds % 60)
+
+
+def _clone_line(st):
+    op = st.get("operation") or {}
+    done = st["extents_total"] - st["extents_dirty"]
+    pct = 100.0 * done / st["extents_total"] if st["extents_total"] else 100.0
+    return ("{name}: {state}, {pct:.1f}% in sync ({dirty} of {total} extents "
+            "dirty), copied {copied}, {rate}/s, ETA {eta}, collisions {coll}"
+            .format(name=st["name"], state=st["state"], pct=pct,
+                    dirty=st["extents_dirty"], total=st["extents_total"],
+                    copied=units.format_size(op.get("bytes_copied", 0)) + "B",
+                    rate=units.format_size(op.get("rate", 0)) + "B",
+                    eta=_fmt_duration(op.get("eta")),
+                    coll=op.get("collisions", 0)))
+
+
+def _status_across_restarts(ctx, name, patience=60.0):
+    """clone_status, retried while the server restarts (it resumes work)."""
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            return control.call(ctx.state_dir.control_socket, "clone_status",
+                                clone=name)
+        except (OSError, errors.ProtocolError):
+            if time.monotonic() > deadline:
+                raise errors.ServerNotRunning(state_dir=ctx.state_dir.path)
+            time.sleep(0.5)
+
+
+def _wait(ctx, name, target_state):
+    """Follow an operation until it ends; exit 1 unless target_state."""
+    tty = sys.stdout.isatty()
+    last = None
+    while True:
+        st = _status_across_restarts(ctx, name)
+        running = (st.get("operation") or {}).get("running")
+        if tty:
+            total = st["extents_total"] or 1
+            done = total - st["extents_dirty"]
+            width = 30
+            bar = "#" * (width * done // total)
+            click.echo("\r[{:<{w}}] {}".format(bar, _clone_line(st), w=width)
+                       + " " * 5, nl=False)
+        elif last is None or time.monotonic() - last >= 10:
+            click.echo(_clone_line(st))
+            last = time.monotonic()
+        if not running:
+            break
+        time.sleep(0.5)
+    if tty:
+        click.echo()
+    if st["state"] != target_state:
+        _fail("clone {} is {}{}".format(
+            name, st["state"], ": " + st["error"] if st.get("error") else ""))
+    click.echo(_clone_line(st))
+
+
+@main.group()
+def clone():
+    """Clones of Source LUs: add, sync, fracture, reverse sync.
+
+    \b
+    States and the commands that move between them:
+      out-of-sync   --sync-->          syncing --> synchronized
+      synchronized  --fracture-->      fractured (exported under its own name)
+      fractured     --sync-->          syncing (copies only changed extents)
+      fractured     --reverse-sync-->  reverse-syncing --> synchronized
+    While synchronized, syncing or reverse-syncing, host writes to the Source
+    are written to the clone too before they are acknowledged. Only one
+    sync or reverse sync runs per Source at a time. sync and reverse-sync
+    need a running server (`clonectl serve`).
+    """
+
+
+@clone.command("add")
+@click.argument("source")
+@click.argument("name")
+@click.option("--file", metavar="PATH",
+              help="Existing file or block device to hold the clone, at least "
+                   "as large as SOURCE. Without it a sparse file is made in "
+                   "the state directory.")
+@click.option("--granularity", metavar="SIZE",
+              help="Extent size tracked by one map entry: a power of two from "
+                   "2K to 1M (default 64K). Fixed per Source: every clone of "
+                   "a Source shares it.")
+@pass_ctx
+@handle_errors
+def clone_add(ctx, source, name, file, granularity):
+    """Add clone NAME of Source LU SOURCE (at most 8 per Source).
+
+    The clone starts out-of-sync with every extent dirty; run `clonectl
+    clone sync NAME` to copy the Source to it.
+    """
+    st = _target_call(ctx, "clone_add", source=source, clone=name, file=file,
+                      granularity=granularity)
+    click.echo("added clone {} of {} ({}, granularity {}), {}".format(
+        name, source, st["file"], units.format_size(st["granularity"]),
+        st["state"]))
+
+
+@clone.command("remove")
+@click.argument("name")
+@pass_ctx
+@handle_errors
+def clone_remove(ctx, name):
+    """Remove clone NAME.
+
+    Refused while it is syncing or reverse-syncing, or while its export has
+    connections. A backing file made by clonectl is deleted; one given with
+    --file is kept.
+    """
+    res = _target_call(ctx, "clone_remove", clone=name)
+    click.echo("removed clone {}{}".format(
+        name, "" if res["owned"] else " (file {} kept)".format(res["file"])))
+
+
+@clone.command("list")
+@click.option("--source", metavar="SOURCE", help="Only clones of SOURCE.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@pass_ctx
+@handle_errors
+def clone_list(ctx, source, as_json):
+    """List clones with their state and how much differs from the Source."""
+    rows = _target_call(ctx, "clone_list", source=source)
+    if as_json:
+        _print_json(rows)
+        return
+    _table([(r["name"], r["source"], r["state"],
+             units.format_size(r["bytes_dirty"]),
+             units.format_size(r["granularity"]), r["file"]) for r in rows],
+           ["NAME", "SOURCE", "STATE", "DIRTY", "GRAN", "BACKING"])
+
+
+@clone.command("status")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@pass_ctx
+@handle_errors
+def clone_status(ctx, name, as_json):
+    """Show state, dirty extents, bytes copied, rate, ETA and collisions."""
+    st = _target_call(ctx, "clone_status", clone=name)
+    if as_json:
+        _print_json(st)
+        return
+    click.echo(_clone_line(st))
+    if st.get("error"):
+        click.echo("  error: " + st["error"])
+    op = st.get("operation")
+    if op:
+        click.echo("  last operation: {} ({}), retries {}".format(
+            op["operation"], "running" if op["running"] else "finished",
+            op["retries"]))
+
+
+_RATE_HELP = ("Copy at most this many bytes per second (e.g. 100M) so host "
+              "I/O keeps priority. Default: as fast as possible.")
+
+
+@clone.command("sync")
+@click.argument("name")
+@click.option("--wait", is_flag=True,
+              help="Wait until synchronized, showing progress; exit 1 if it "
+                   "fails.")
+@click.option("--rate", metavar="BYTES", help=_RATE_HELP)
+@pass_ctx
+@handle_errors
+def clone_sync(ctx, name, wait, rate):
+    """Copy the Source to clone NAME (only the dirty extents).
+
+    The first sync copies everything; after a fracture only the extents
+    written since on either side. Hosts keep using the Source meanwhile and
+    their writes are mirrored. When done the clone is synchronized.
+    """
+    st = _target_call(ctx, "clone_sync", clone=name, rate=rate)
+    click.echo("{}: sync started, {} extents to copy".format(
+        name, st["extents_dirty"]))
+    if wait:
+        _wait(ctx, name, "synchronized")
+
+
+@clone.command("fracture")
+@click.argument("name")
+@pass_ctx
+@handle_errors
+def clone_fracture(ctx, name):
+    """Split synchronized clone NAME off at a consistent point in time.
+
+    Writes in flight finish first and new ones wait a moment, so no write is
+    half-mirrored. The clone is then exported under its own name and can be
+    read and written; writes to either side are tracked for a later sync or
+    reverse sync.
+    """
+    st = _target_call(ctx, "clone_fracture", clone=name)
+    click.echo("{}: {}".format(name, st["state"]))
+
+
+@clone.command("reverse-sync")
+@click.argument("name")
+@click.option("--wait", is_flag=True,
+              help="Wait until synchronized, showing progress; exit 1 if it "
+                   "fails.")
+@click.option("--rate", metavar="BYTES", help=_RATE_HELP)
+@pass_ctx
+@handle_errors
+def clone_reverse_sync(ctx, name, wait, rate):
+    """Copy fractured clone NAME back to its Source (unprotected restore).
+
+    Only extents that differ are copied, from start to end. Meanwhile host
+    reads of not-yet-copied extents are served from the clone and host
+    writes go to both, so the Source shows the clone's data at once. The
+    clone is not protected: it receives the host writes. When done it is
+    synchronized. Runs again after a failure or a restart of the server.
+    """
+    st = _target_call(ctx, "clone_reverse_sync", clone=name, rate=rate)
+    click.echo("{}: reverse sync started, {} extents to copy".format(
+        name, st["extents_dirty"]))
+    if wait:
+        _wait(ctx, name, "synchronized")
 
 
 # ---------------------------------------------------------------- serve

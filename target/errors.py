@@ -57,7 +57,7 @@ class UnknownLU(Error):
 
 
 class DuplicateLU(Error):
-    msg = "an LU named {name!r} already exists"
+    msg = "the name {name!r} is already used by an LU or a clone"
     errno = _errno.EEXIST
 
 

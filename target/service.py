@@ -18,11 +18,12 @@ Design notes
   error, shown by status and not exported; the other LUs are still served.
 """
 
+import errno
 import logging
 import os
 import threading
 
-from . import backends, errors, state
+from . import backends, clones, errors, state, units
 
 log = logging.getLogger("clonectl.target")
 
@@ -111,12 +112,28 @@ class Connection:
 
 
 class Target:
+    """All LUs of a state directory and their clone groups.
+
+    Clone operations run here, in the process that serves host I/O (the
+    nbdkit plugin), or in a short-lived offline Target created by the CLI
+    when no server runs; engines are only started by start().
+    """
 
     def __init__(self, state_dir):
         self.state_dir = state.StateDir(state_dir)
+        self.state_dir.ensure()
         self.lock = threading.Lock()
         self.lus = {}
+        self.groups = {}
+        self.recovery_problems = []
         self.reload()
+
+    def start(self):
+        """Resume operations left running (after a crash or a stop)."""
+        for group in self.groups.values():
+            clone = group.resume()
+            if clone is not None:
+                log.info("resuming %s of clone %s", clone.state, clone.name)
 
     def reload(self):
         """Bring the LUs in line with state.json; return the exported names.
@@ -139,44 +156,230 @@ class Target:
                 if lu.error:
                     log.error("LU %s is not exported: %s", name, lu.error)
                 self.lus[name] = lu
+                if record.get("clones") and lu.backend is not None:
+                    self._load_group(lu, record)
             for name in [n for n in self.lus if n not in doc["lus"]]:
                 self._retire(self.lus.pop(name))
             return sorted(n for n, lu in self.lus.items() if lu.healthy)
 
+    def _load_group(self, lu, record):
+        group = clones.CloneGroup(lu, record["granularity"],
+                                  self.state_dir.maps_dir,
+                                  self._persist_clone(lu.name))
+
+        def open_clone(rec):
+            return backends.FileBackend(rec["file"])
+
+        for who, problem in group.load(record["clones"], open_clone):
+            log.error("clone group %s: %s", lu.name, problem)
+            self.recovery_problems.append({"source": lu.name, "clone": who,
+                                           "message": problem})
+        self.groups[lu.name] = group
+
+    def _persist_clone(self, source):
+        def persist(name, clone_state, error=None):
+            with self.state_dir.locked():
+                doc = self.state_dir.load()
+                rec = doc["lus"][source]["clones"][name]
+                rec["state"] = clone_state
+                rec["error"] = error
+                self.state_dir.save(doc)
+        return persist
+
     def _retire(self, lu):
         lu.removed = True
+        group = self.groups.pop(lu.name, None)
+        if group is not None:
+            group.close()
         if lu.connections == 0:
             lu.close()
 
+    def _clone(self, name):
+        for group in self.groups.values():
+            if name in group.clones:
+                return group, group.clones[name]
+        raise UnknownClone(name=name)
+
+    def _exportable(self):
+        """name -> object serving it: healthy LUs and fractured clones."""
+        out = {n: lu for n, lu in self.lus.items() if lu.healthy}
+        for group in self.groups.values():
+            for name, clone in group.clones.items():
+                if clone.state == clones.FRACTURED:
+                    out[name] = clone.export
+        return out
+
     def exports(self):
         with self.lock:
-            return [(name, "clonectl LU {} ({} bytes{})".format(
-                        name, lu.size, ", read-only" if lu.readonly else ""))
-                    for name, lu in sorted(self.lus.items()) if lu.healthy]
+            out = []
+            for name, obj in sorted(self._exportable().items()):
+                if isinstance(obj, clones.CloneExport):
+                    desc = "clonectl fractured clone {} of {} ({} bytes)".format(
+                        name, obj.clone.group.source.name, obj.size)
+                else:
+                    desc = "clonectl LU {} ({} bytes{})".format(
+                        name, obj.size, ", read-only" if obj.readonly else "")
+                out.append((name, desc))
+            return out
 
     def connect(self, name, readonly):
         with self.lock:
-            lu = self.lus.get(name)
-            if lu is None or not lu.healthy:
+            exportable = self._exportable()
+            obj = exportable.get(name)
+            if obj is None:
                 if name == "":
                     raise errors.InvalidArgument(
                         reason="an export name is required; exports: " +
-                        (", ".join(sorted(self.lus)) or "none"))
+                        (", ".join(sorted(exportable)) or "none"))
                 raise errors.UnknownLU(name=name)
-            lu.connections += 1
-            return Connection(lu, readonly)
+            if isinstance(obj, clones.CloneExport):
+                obj.clone.connections += 1
+            else:
+                obj.connections += 1
+            return Connection(obj, readonly)
 
     def disconnect(self, conn):
         with self.lock:
-            lu = conn.lu
-            lu.connections -= 1
-            if lu.removed and lu.connections == 0:
-                lu.close()
+            obj = conn.lu
+            if isinstance(obj, clones.CloneExport):
+                obj.clone.connections -= 1
+                return
+            obj.connections -= 1
+            if obj.removed and obj.connections == 0:
+                obj.close()
 
     def status(self):
         with self.lock:
             return {"pid": os.getpid(),
-                    "lus": [lu.status() for _, lu in sorted(self.lus.items())]}
+                    "lus": [lu.status() for _, lu in sorted(self.lus.items())],
+                    "clones": [g.clone_status(c)
+                               for _, g in sorted(self.groups.items())
+                               for _, c in sorted(g.clones.items())],
+                    "recovery_problems": self.recovery_problems}
+
+    # ------------------------------------------------------------ clones
+
+    def clone_add(self, source, clone, file=None, granularity=None):
+        """Add a clone, out-of-sync with every extent dirty.
+
+        Lock order: the group's lock may take the state-file lock (a state
+        change is persisted under it), so the state-file lock is never held
+        while entering the group.
+        """
+        units.check_name(clone)
+        if granularity is not None:
+            granularity = clones.check_granularity(units.parse_size(granularity))
+        with self.state_dir.locked():
+            doc = self.state_dir.load()
+            record = doc["lus"].get(source)
+            lu = self.lus.get(source)
+            if record is None or lu is None:
+                raise errors.UnknownLU(name=source)
+            if lu.backend is None:
+                raise errors.BackingUnusable(path=lu.file, reason=lu.error)
+            state.check_name_free(doc, clone)
+            group_gran = record.get("granularity") if record.get("clones") \
+                else None
+            if group_gran and granularity and granularity != group_gran:
+                raise errors.InvalidArgument(
+                    reason="the clone group of {!r} has granularity {}; all "
+                           "its clones share it".format(source, group_gran))
+            granularity = group_gran or granularity or \
+                clones.DEFAULT_GRANULARITY
+            if len(record.get("clones", {})) >= clones.MAX_CLONES:
+                raise errors.InvalidArgument(
+                    reason="source {!r} already has {} clones, the maximum"
+                    .format(source, clones.MAX_CLONES))
+            if file is None:
+                path = os.path.join(self.state_dir.lus_dir, clone + ".img")
+                owned = True
+                state.check_backing_free(doc, path)
+                state.create_sparse(path, lu.size)
+            else:
+                path = os.path.abspath(file)
+                owned = False
+                state.check_backing_free(doc, path)
+                state.probe_backing(path, lu.size)
+            try:
+                backend = backends.FileBackend(path)
+                group = self.groups.get(source) or clones.CloneGroup(
+                    lu, granularity, self.state_dir.maps_dir,
+                    self._persist_clone(source))
+            except BaseException:
+                if owned:
+                    os.unlink(path)
+                raise
+        try:
+            group.add_clone(clone, backend, file=path)
+        except BaseException:
+            backend.close()
+            if owned:
+                os.unlink(path)
+            raise
+        try:
+            with self.state_dir.locked():
+                doc = self.state_dir.load()
+                record = doc["lus"][source]
+                record.setdefault("clones", {})[clone] = {
+                    "file": path, "owned": owned, "state": clones.OUT_OF_SYNC,
+                    "error": None}
+                record["granularity"] = granularity
+                self.state_dir.save(doc)
+        except BaseException:
+            group.remove_clone(clone)
+            backend.close()
+            if owned:
+                os.unlink(path)
+            raise
+        self.groups[source] = group
+        return group.clone_status(group.clones[clone])
+
+    def clone_remove(self, clone):
+        group, c = self._clone(clone)
+        group.remove_clone(clone)  # refuses while busy or exported
+        c.backend.close()
+        source = group.source.name
+        if not group.clones:
+            del self.groups[source]
+        with self.state_dir.locked():
+            doc = self.state_dir.load()
+            record = doc["lus"][source]
+            rec = record["clones"].pop(clone)
+            if not record["clones"]:
+                del record["clones"]
+                record.pop("granularity", None)
+            self.state_dir.save(doc)
+        if rec["owned"]:
+            try:
+                os.unlink(rec["file"])
+            except FileNotFoundError:
+                pass
+        return {"name": clone, "file": rec["file"], "owned": rec["owned"]}
+
+    def clone_list(self, source=None):
+        with self.lock:
+            return [g.clone_status(c) for n, g in sorted(self.groups.items())
+                    if source is None or n == source
+                    for _, c in sorted(g.clones.items())]
+
+    def clone_status(self, clone):
+        group, c = self._clone(clone)
+        return group.clone_status(c)
+
+    def clone_sync(self, clone, rate=None):
+        group, c = self._clone(clone)
+        group.start_sync(clone, rate=_rate(rate))
+        return group.clone_status(c)
+
+    def clone_reverse_sync(self, clone, rate=None):
+        group, c = self._clone(clone)
+        group.start_reverse_sync(clone, rate=_rate(rate))
+        return group.clone_status(c)
+
+    def clone_fracture(self, clone):
+        group, c = self._clone(clone)
+        group.fracture(clone)
+        return group.clone_status(c)
 
     def control_operations(self):
         """The operations the control socket offers: name -> callable."""
@@ -184,11 +387,30 @@ class Target:
             "ping": lambda: {"pid": os.getpid()},
             "status": self.status,
             "reload": lambda: {"exports": self.reload()},
+            "clone_add": self.clone_add,
+            "clone_remove": self.clone_remove,
+            "clone_list": self.clone_list,
+            "clone_status": self.clone_status,
+            "clone_sync": self.clone_sync,
+            "clone_reverse_sync": self.clone_reverse_sync,
+            "clone_fracture": self.clone_fracture,
         }
 
     def close(self):
         with self.lock:
+            for group in self.groups.values():
+                group.close()
+            self.groups.clear()
             for lu in self.lus.values():
                 lu.close()
             self.lus.clear()
+
+
+class UnknownClone(errors.Error):
+    msg = "no clone named {name!r}"
+    errno = errno.ENOENT
+
+
+def _rate(value):
+    return units.parse_size(value) if value else None
 

@@ -4,7 +4,10 @@ Layout of a state directory:
 
     state.json      the inventory, one JSON document, replaced atomically
     .lock           flock()ed by every command that changes state.json
-    lus/NAME.img    sparse backing files created by `clonectl lu create`
+    lus/NAME.img    sparse backing files created by `clonectl lu create` and
+                    `clonectl clone add`
+    maps/           clone delta maps (CLONE.delta) and activity maps of
+                    clone groups (SOURCE.activity), see target.maps
     run/            runtime files of a running server (sockets, serve.json,
                     serve.lock held for the server's whole life, serve.log)
 
@@ -35,6 +38,7 @@ class StateDir:
         self.lock_file = os.path.join(self.path, ".lock")
         self.lus_dir = os.path.join(self.path, "lus")
         self.run_dir = os.path.join(self.path, "run")
+        self.maps_dir = os.path.join(self.path, "maps")
 
     # Paths of a running server.
 
@@ -59,7 +63,7 @@ class StateDir:
         return os.path.join(self.run_dir, "serve.log")
 
     def ensure(self):
-        for d in (self.path, self.lus_dir, self.run_dir):
+        for d in (self.path, self.lus_dir, self.run_dir, self.maps_dir):
             os.makedirs(d, mode=0o700, exist_ok=True)
 
     @contextlib.contextmanager
@@ -123,6 +127,33 @@ def _validate(doc, path):
         for key in ("readonly", "owned"):
             if not isinstance(lu.get(key), bool):
                 bad("LU {!r} has an invalid {!r}".format(name, key))
+        _validate_clones(name, lu, bad)
+    names = [c for lu in lus.values() for c in lu.get("clones", {})]
+    taken = set(lus)
+    for c in names:
+        if c in taken:
+            bad("clone name {!r} is used twice".format(c))
+        taken.add(c)
+
+
+def _validate_clones(name, lu, bad):
+    from .clones import STATES
+    clones = lu.get("clones", {})
+    if not isinstance(clones, dict):
+        bad("LU {!r}: 'clones' is not an object".format(name))
+    if clones:
+        g = lu.get("granularity")
+        if not isinstance(g, int) or g <= 0 or g & (g - 1):
+            bad("LU {!r} has an invalid granularity {!r}".format(name, g))
+    for cname, rec in clones.items():
+        try:
+            units.check_name(cname)
+        except errors.InvalidName:
+            bad("invalid clone name {!r}".format(cname))
+        if not isinstance(rec, dict) or not isinstance(rec.get("file"), str) \
+                or not isinstance(rec.get("owned"), bool) \
+                or rec.get("state") not in STATES:
+            bad("clone {!r} of LU {!r} is invalid".format(cname, name))
 
 
 def probe_backing(path, size=None, readonly=False):
@@ -170,8 +201,7 @@ def create_lu(state_dir, name, size=None, file=None, readonly=False):
         size = units.parse_lu_size(size)
     with state_dir.locked():
         doc = state_dir.load()
-        if name in doc["lus"]:
-            raise errors.DuplicateLU(name=name)
+        check_name_free(doc, name)
         if file is None:
             if size is None:
                 raise errors.InvalidArgument(
@@ -179,7 +209,7 @@ def create_lu(state_dir, name, size=None, file=None, readonly=False):
                            "existing file or device")
             path = os.path.join(state_dir.lus_dir, name + ".img")
             owned = True
-            _create_sparse(path, size)
+            create_sparse(path, size)
         else:
             path = os.path.abspath(file)
             owned = False
@@ -189,11 +219,12 @@ def create_lu(state_dir, name, size=None, file=None, readonly=False):
                 if size == 0:
                     raise errors.BackingTooSmall(path=path, actual=actual,
                                                  size=units.SECTOR)
-        for other, lu in doc["lus"].items():
-            if os.path.realpath(lu["file"]) == os.path.realpath(path):
-                if owned:
-                    os.unlink(path)
-                raise errors.BackingInUse(path=path, name=other)
+        try:
+            check_backing_free(doc, path)
+        except errors.BackingInUse:
+            if owned:
+                os.unlink(path)
+            raise
         record = {
             "size": size,
             "file": path,
@@ -212,7 +243,24 @@ def create_lu(state_dir, name, size=None, file=None, readonly=False):
         return record
 
 
-def _create_sparse(path, size):
+def check_name_free(doc, name):
+    """LU and clone names share one namespace: the NBD export names."""
+    if name in doc["lus"] or any(name in lu.get("clones", {})
+                                 for lu in doc["lus"].values()):
+        raise errors.DuplicateLU(name=name)
+
+
+def check_backing_free(doc, path):
+    real = os.path.realpath(path)
+    for name, lu in doc["lus"].items():
+        if os.path.realpath(lu["file"]) == real:
+            raise errors.BackingInUse(path=path, name=name)
+        for cname, rec in lu.get("clones", {}).items():
+            if os.path.realpath(rec["file"]) == real:
+                raise errors.BackingInUse(path=path, name=cname)
+
+
+def create_sparse(path, size):
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:

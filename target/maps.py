@@ -1,0 +1,131 @@
+"""Extent maps and their files.
+
+A map is a bytearray with one byte per extent (0 clean, 1 set).  A byte per
+extent costs 8x the memory of a bitmap, but slice assignment and
+bytearray.count() run in C and are atomic under the GIL (~0.5 us a request
+measured here, against 0.6-3 us for a bit loop that also needs a lock).
+16 KiB per GiB at the default 64 KiB granularity.
+
+Two kinds of map file share one layout, a 32-byte header then the body:
+
+    magic "CLNMAP01" | u32 granularity | u64 extents | u32 crc32 | 8 reserved
+
+- committed maps (a clone's delta map) are replaced whole (temp, fsync,
+  rename, fsync dir) and carry the crc32 of the body;
+- activity maps are updated in place, a few bytes at a time, ahead of the
+  writes they describe; their crc field is 0 and the body is checked for
+  values other than 0 and 1 instead.  A torn in-place write leaves bytes that
+  are each either old or new, which is fine: both are valid.
+
+A map file that is missing, truncated or fails its check raises
+MapCorrupt; callers then assume every extent differs and say so.
+"""
+
+import os
+import struct
+import zlib
+
+from . import errors, fsutil
+
+MAGIC = b"CLNMAP01"
+HEADER = struct.Struct("<8sIQI8x")
+assert HEADER.size == 32
+
+ONES = b"\x01" * (1 << 16)
+
+
+class MapCorrupt(errors.Error):
+    msg = "map file {path!r} is unusable: {reason}"
+    errno = 117  # EUCLEAN
+
+
+def extent_count(size, granularity):
+    return (size + granularity - 1) // granularity
+
+
+def set_range(m, start, end):
+    """Set m[start:end]; fast for long ranges too."""
+    while start < end:
+        n = min(end - start, len(ONES))
+        m[start:start + n] = ONES[:n]
+        start += n
+
+
+def runs(m, start=0, end=None, value=1):
+    """Yield (start, end) of maximal runs of value in m[start:end]."""
+    end = len(m) if end is None else end
+    needle = bytes([value])
+    other = bytes([1 - value])
+    pos = start
+    while pos < end:
+        s = m.find(needle, pos, end)
+        if s < 0:
+            return
+        e = m.find(other, s, end)
+        if e < 0:
+            e = end
+        yield s, e
+        pos = e
+
+
+def encode(m, granularity, with_crc=True):
+    crc = zlib.crc32(m) if with_crc else 0
+    return HEADER.pack(MAGIC, granularity, len(m), crc) + bytes(m)
+
+
+def load(path, granularity, extents, with_crc=True):
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise MapCorrupt(path=path, reason="missing")
+    if len(data) < HEADER.size:
+        raise MapCorrupt(path=path, reason="truncated header")
+    magic, gran, count, crc = HEADER.unpack_from(data)
+    if magic != MAGIC:
+        raise MapCorrupt(path=path, reason="bad magic")
+    if gran != granularity or count != extents:
+        raise MapCorrupt(path=path, reason="geometry {}x{} does not match "
+                         "{}x{}".format(count, gran, extents, granularity))
+    body = bytearray(data[HEADER.size:])
+    if len(body) != count:
+        raise MapCorrupt(path=path, reason="body of {} bytes, expected {}"
+                         .format(len(body), count))
+    if with_crc:
+        if zlib.crc32(body) != crc:
+            raise MapCorrupt(path=path, reason="checksum mismatch")
+    elif body.count(0) + body.count(1) != len(body):
+        raise MapCorrupt(path=path, reason="values other than 0 and 1")
+    return body
+
+
+def save(path, m, granularity):
+    """Replace a committed map file atomically."""
+    fsutil.write_atomic(path, encode(m, granularity))
+
+
+class ActivityFile:
+    """An activity map on disk, updated in place ahead of writes."""
+
+    def __init__(self, path, granularity, extents):
+        self.path = path
+        self.granularity = granularity
+        self.extents = extents
+        self.fd = -1
+
+    def reset(self, m):
+        """Replace the file with m (atomically) and reopen it."""
+        self.close()
+        fsutil.write_atomic(self.path, encode(m, self.granularity,
+                                              with_crc=False))
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
+
+    def persist(self, m, start, end):
+        """Write m[start:end] in place and make it durable."""
+        os.pwrite(self.fd, bytes(m[start:end]), HEADER.size + start)
+        os.fdatasync(self.fd)
+
+    def close(self):
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
