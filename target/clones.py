@@ -116,6 +116,13 @@ class GroupBusy(errors.Error):
     errno = errno.EBUSY
 
 
+class SiblingsMirrored(errors.Error):
+    msg = ("cannot {event} clone {name!r}: clone {other!r} of the same "
+           "source is {state}; fracture it first (the Source is about to "
+           "change under it)")
+    errno = errno.EBUSY
+
+
 class AlreadyRunning(errors.Error):
     msg = "cannot {event} clone {name!r}: it is already running"
     errno = errno.EALREADY
@@ -251,6 +258,8 @@ class CloneGroup:
         self.progress = {}
         # Test hook: called by the engine between reading and writing a run.
         self.copy_hook = None
+        # Tests switch this off to show what the retry protects against.
+        self.retry_collisions = True
 
     # ------------------------------------------------------------ set-up
 
@@ -291,7 +300,7 @@ class CloneGroup:
         for clone in self.clones.values():
             maps.save(clone.map_path, clone.delta, self.granularity)
             if clone.state == SYNCHRONIZED and clone.delta.count(1):
-                self._transition(clone, "recovered-dirty")
+                self._transition(clone, "recovered-dirty", clone.error)
         if self.clones:
             self.attach()
         return problems
@@ -399,10 +408,31 @@ class CloneGroup:
             if clone.connections:
                 raise CloneInUse(event=event, name=name,
                                  count=clone.connections)
+            if event == "reverse-sync":
+                self._prepare_restore(clone)
             self._transition(clone, event)
             clone.paused = False
             self._set_read_path()
+        if event == "reverse-sync":
+            # The siblings' new bits must be durable before the engine
+            # changes the Source under them.
+            self.commit()
         return self._launch(clone, rate, run)
+
+    def _prepare_restore(self, clone):
+        """Source extents about to change are dirty for every sibling.
+
+        Siblings must not be mirrored: their copy of the Source would
+        silently stop being one as the engine rewrites the Source.
+        """
+        for other in self.clones.values():
+            if other is not clone and other.state in MIRRORED:
+                raise SiblingsMirrored(event="reverse-sync", name=clone.name,
+                                       other=other.name, state=other.state)
+        for other in self.clones.values():
+            if other is not clone:
+                for s, e in maps.runs(clone.delta):
+                    maps.set_range(other.delta, s, e)
 
     def _launch(self, clone, rate, run):
         kind = "reverse-sync" if clone.state == REVERSE_SYNCING else "sync"
@@ -413,11 +443,11 @@ class CloneGroup:
             self.engine.start()
         return self.engine
 
-    def resume(self):
+    def resume(self, run=True):
         """Start the engine for a clone left syncing or reverse-syncing."""
         for clone in self.clones.values():
             if clone.state in RUNNING and not clone.paused:
-                self._launch(clone, None, True)
+                self._launch(clone, None, run)
                 return clone
 
     def fracture(self, name):
@@ -426,8 +456,7 @@ class CloneGroup:
             self._check(clone, "fracture")
             self.quiesce = True
             try:
-                while self.active:
-                    self.cond.wait()
+                self._drain()
                 clone.backend.flush()
                 self._transition(clone, "fracture")
             finally:
@@ -435,6 +464,11 @@ class CloneGroup:
                 self.cond.notify_all()
         self.commit()
         return clone
+
+    def _drain(self):
+        """Wait (holding cond, quiesce set) until no write is in flight."""
+        while self.active:
+            self.cond.wait()
 
     # ------------------------------------------------------------ host I/O
 
@@ -666,6 +700,9 @@ class SyncEngine:
         self._stop = threading.Event()
         self.stop_reason = None
         self.thread = None
+        # True until the operation completed, failed or was stopped; not
+        # tied to the thread, so tests that call step() see the same.
+        self.active = True
 
     def start(self):
         self.thread = threading.Thread(target=self.run, daemon=True,
@@ -673,7 +710,7 @@ class SyncEngine:
         self.thread.start()
 
     def is_alive(self):
-        return self.thread is not None and self.thread.is_alive()
+        return self.active
 
     def stop(self, reason):
         self.stop_reason = reason
@@ -700,6 +737,7 @@ class SyncEngine:
             log.exception("sync of clone %s failed", self.clone.name)
             self.fail("{}: {}".format(type(e).__name__, e))
         finally:
+            self.active = False
             progress.finished = time.monotonic()
 
     def _throttle(self, progress):
@@ -748,7 +786,7 @@ class SyncEngine:
                 copied = True
             finally:
                 with group.cond:
-                    collided = group.collided
+                    collided = group.collided and group.retry_collisions
                     group.copying = None
                     maps.set_range(group.track, s, e)
                     if copied and not collided:
@@ -767,6 +805,7 @@ class SyncEngine:
                 return False  # bits came back (a failed mirror): go on
             group._transition(self.clone, "completed")
             group._set_read_path()
+            self.active = False
         log.info("clone %s: %s completed", self.clone.name,
                  "reverse sync" if self.reverse else "sync")
         return True
@@ -778,6 +817,7 @@ class SyncEngine:
                 group._transition(self.clone, "failed", message)
                 self.clone.paused = self.clone.state in RUNNING
                 group._set_read_path()
+            self.active = False
         try:
             group.commit()
         except OSError:

@@ -1,0 +1,414 @@
+"""Model-based tests of the clone engine (target.clones).
+
+A hypothesis state machine drives one Source and two clones on memory
+backends with host writes (to the Source and to fractured clones), reads,
+flushes, engine steps, state changes and crashes, and compares with a
+byte-level reference model after every step:
+
+- every host read of the Source returns the model's Source content
+  (during a reverse sync: the clone's data, overlaid by later host writes);
+- a fractured clone holds exactly the model's clone content;
+- for every clone, an extent whose Delta Map bit is clear is identical on
+  Source and clone (so a sync that copies only set bits makes them equal);
+- clone states follow the transition table; refused operations change
+  nothing.
+
+Crashes are a process kill: an exception raised at the N-th backend or map
+operation that no code may catch; the group is dropped without cleanup and
+rebuilt from what was persisted (map files, recorded states) and the same
+backends (completed writes survive a process kill).  The unacknowledged
+request that was cut short may or may not have landed: the model takes what
+is there for its range, and every invariant above must hold after recovery.
+"""
+
+import os
+import random
+import shutil
+import tempfile
+
+import hypothesis.strategies as st
+from hypothesis import settings, HealthCheck
+from hypothesis.stateful import (RuleBasedStateMachine, invariant, precondition,
+                                 rule, initialize)
+
+from target import backends, clones, errors, maps, service
+
+GRAN = 4096
+EXTENTS = 16
+SIZE = GRAN * EXTENTS
+NAMES = ("c1", "c2")
+
+
+class Crash(BaseException):
+    """A kill -9: nothing may catch it."""
+
+
+class Countdown:
+    def __init__(self):
+        self.left = None
+
+    def tick(self, torn=None):
+        """Count one operation; crash on the armed one.
+
+        torn, if given, is run before crashing: the part of a write that
+        reached the disk.
+        """
+        if self.left is not None:
+            self.left -= 1
+            if self.left < 0:
+                self.left = None
+                if torn is not None:
+                    torn()
+                raise Crash()
+
+
+class CrashingBackend(backends.Backend):
+    """A MemoryBackend whose operations can be cut by a Countdown."""
+
+    def __init__(self, mem, countdown):
+        self.mem = mem
+        self.size = mem.size
+        self.countdown = countdown
+
+    def readinto(self, buf, offset):
+        self.countdown.tick()
+        self.mem.readinto(buf, offset)
+
+    def write(self, buf, offset):
+        view = memoryview(buf).cast("B")
+        # A write cut by the crash lands partly: its first half.
+        self.countdown.tick(
+            torn=lambda: self.mem.write(view[:len(view) // 2], offset))
+        self.mem.write(view, offset)
+
+    def zero(self, offset, length, may_trim=False, fast=False):
+        self.countdown.tick()
+        self.mem.zero(offset, length)
+
+    def flush(self):
+        self.countdown.tick()
+
+    def trim(self, offset, length):
+        self.countdown.tick()
+
+
+def data_for(seed, length):
+    return random.Random(seed).randbytes(length)
+
+
+class CloneMachine(RuleBasedStateMachine):
+
+    def __init__(self):
+        super().__init__()
+        self.dir = tempfile.mkdtemp(prefix="clone-model-")
+        self.countdown = Countdown()
+        self.mem_src = backends.MemoryBackend(SIZE)
+        self.mem_clones = {n: backends.MemoryBackend(SIZE) for n in NAMES}
+        self.persisted = {}
+        self.saved_commit_interval = clones.COMMIT_INTERVAL
+        clones.COMMIT_INTERVAL = 0.0
+        self._patch_io()
+        # The model.
+        self.S = bytearray(SIZE)
+        self.C = {}
+        self.states = {}
+        self.engine = None
+        self.group = None
+
+    def _patch_io(self):
+        countdown = self.countdown
+        self.orig = (maps.save, maps.ActivityFile.persist, maps.ActivityFile.reset)
+        orig_save, orig_persist, orig_reset = self.orig
+
+        def save(*a, **kw):
+            countdown.tick()
+            return orig_save(*a, **kw)
+
+        def persist(self_, *a, **kw):
+            countdown.tick()
+            return orig_persist(self_, *a, **kw)
+
+        def reset(self_, *a, **kw):
+            countdown.tick()
+            return orig_reset(self_, *a, **kw)
+
+        maps.save = save
+        maps.ActivityFile.persist = persist
+        maps.ActivityFile.reset = reset
+
+    def teardown(self):
+        maps.save, maps.ActivityFile.persist, maps.ActivityFile.reset = self.orig
+        clones.COMMIT_INTERVAL = self.saved_commit_interval
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    # ------------------------------------------------------------ plumbing
+
+    def _persist(self, name, state, error=None):
+        self.persisted[name] = state
+
+    def _new_group(self):
+        lu = service.LogicalUnit(
+            "src", {"size": SIZE, "file": "-", "readonly": False},
+            backend=CrashingBackend(self.mem_src, self.countdown))
+        group = clones.CloneGroup(lu, GRAN, self.dir, self._persist)
+        group.region = 2  # small activity regions: a bounded superset
+        return lu, group
+
+    @initialize()
+    def setup(self):
+        self.lu, self.group = self._new_group()
+        for n in NAMES:
+            self.group.add_clone(
+                n, CrashingBackend(self.mem_clones[n], self.countdown))
+            self.persisted[n] = clones.OUT_OF_SYNC
+            self.states[n] = clones.OUT_OF_SYNC
+            self.C[n] = bytearray(SIZE)
+
+    def crashed(self, touched=None):
+        """Drop the group as a kill -9 would, and recover."""
+        self.engine = None
+        self.lu, self.group = self._new_group()
+        records = {n: {"state": self.persisted[n], "file": n} for n in NAMES}
+        self.countdown.left = None
+        self.group.load(records, lambda rec: CrashingBackend(
+            self.mem_clones[rec["file"]], self.countdown))
+        for n in NAMES:
+            self.states[n] = self.group.clones[n].state
+        if touched is not None:
+            s, e = touched
+            # The request that was cut short is unacknowledged: whatever
+            # landed is acceptable, for the Source as hosts read it ...
+            buf = bytearray(e - s)
+            self.lu.read(buf, s)
+            self.S[s:e] = buf
+            for n in NAMES:
+                if self.states[n] == clones.FRACTURED:
+                    self.C[n][s:e] = self.mem_clones[n].data[s:e]
+        for n in NAMES:
+            if self.states[n] in clones.MIRRORED:
+                self.C[n] = bytearray(self.S)
+        eng = self.group.resume(run=False)
+        if eng is not None:
+            self.engine = self.group.engine
+            self.engine.chunk = 3
+
+    def attempt(self, func, touched=None):
+        """Run func; on a crash, recover.  Return (ok, result)."""
+        try:
+            return True, func()
+        except Crash:
+            self.crashed(touched)
+            return False, None
+
+    # ------------------------------------------------------------ rules
+
+    @rule(n=st.integers(0, 60))
+    def arm_crash(self, n):
+        self.countdown.left = n
+
+    @rule(offset=st.integers(0, SIZE - 1), length=st.integers(1, 3 * GRAN),
+          seed=st.integers(0, 1 << 30), fua=st.booleans())
+    def write_source(self, offset, length, seed, fua):
+        length = min(length, SIZE - offset)
+        data = data_for(seed, length)
+        ok, _ = self.attempt(lambda: self.lu.write(data, offset, fua),
+                             touched=(offset, offset + length))
+        if ok:
+            self.S[offset:offset + length] = data
+            for n in NAMES:
+                if self.states[n] in clones.MIRRORED:
+                    self.C[n][offset:offset + length] = data
+
+    @rule(offset=st.integers(0, SIZE - 1), length=st.integers(1, 3 * GRAN))
+    def zero_source(self, offset, length):
+        length = min(length, SIZE - offset)
+        ok, _ = self.attempt(lambda: self.lu.zero(offset, length),
+                             touched=(offset, offset + length))
+        if ok:
+            self.S[offset:offset + length] = bytes(length)
+            for n in NAMES:
+                if self.states[n] in clones.MIRRORED:
+                    self.C[n][offset:offset + length] = bytes(length)
+
+    @rule(name=st.sampled_from(NAMES), offset=st.integers(0, SIZE - 1),
+          length=st.integers(1, 2 * GRAN), seed=st.integers(0, 1 << 30))
+    def write_clone_export(self, name, offset, length, seed):
+        length = min(length, SIZE - offset)
+        data = data_for(seed, length)
+        export = self.group.clones[name].export
+        if self.states[name] != clones.FRACTURED:
+            try:
+                export.write(data, offset)
+            except errors.ReadOnly:
+                return
+            raise AssertionError("write to a clone that is not fractured")
+        ok, _ = self.attempt(lambda: export.write(data, offset),
+                             touched=(offset, offset + length))
+        if ok:
+            self.C[name][offset:offset + length] = data
+
+    @rule()
+    def flush(self):
+        self.attempt(self.lu.flush)
+
+    @rule()
+    def commit(self):
+        self.attempt(self.group.commit)
+
+    @rule(name=st.sampled_from(NAMES))
+    def fracture(self, name):
+        allowed = self.states[name] == clones.SYNCHRONIZED
+        try:
+            ok, _ = self.attempt(lambda: self.group.fracture(name))
+        except clones.InvalidTransition:
+            assert not allowed
+            return
+        assert allowed, "fracture of a {} clone accepted".format(
+            self.states[name])
+        if ok:
+            self.states[name] = clones.FRACTURED
+
+    def _start(self, name, reverse):
+        busy = any(self.states[n] in clones.RUNNING for n in NAMES
+                   if n != name) or (self.engine is not None and
+                                     self.states[name] in clones.RUNNING)
+        if reverse:
+            allowed = self.states[name] in (clones.FRACTURED,
+                                            clones.REVERSE_SYNCING) and \
+                not any(self.states[n] in clones.MIRRORED for n in NAMES
+                        if n != name)
+        else:
+            allowed = self.states[name] in (clones.OUT_OF_SYNC,
+                                            clones.FRACTURED)
+        start = self.group.start_reverse_sync if reverse \
+            else self.group.start_sync
+        try:
+            ok, eng = self.attempt(lambda: start(name, run=False))
+        except (clones.InvalidTransition, clones.GroupBusy,
+                clones.AlreadyRunning, clones.SiblingsMirrored):
+            assert not allowed or busy
+            return
+        assert allowed and not busy
+        if ok:
+            self.engine = eng
+            eng.chunk = 3
+            if reverse:
+                self.states[name] = clones.REVERSE_SYNCING
+                self.S = bytearray(self.C[name])
+            else:
+                self.states[name] = clones.SYNCING
+                self.C[name] = bytearray(self.S)
+
+    @rule(name=st.sampled_from(NAMES))
+    def start_sync(self, name):
+        self._start(name, reverse=False)
+
+    @rule(name=st.sampled_from(NAMES))
+    def start_reverse_sync(self, name):
+        self._start(name, reverse=True)
+
+    @precondition(lambda self: self.engine is not None)
+    @rule(steps=st.integers(1, 4))
+    def engine_steps(self, steps):
+        eng = self.engine
+        for _ in range(steps):
+            ok, more = self.attempt(eng.step)
+            if not ok:
+                return
+            if not more:
+                ok, done = self.attempt(eng.finish)
+                if ok and done:
+                    self.states[eng.clone.name] = clones.SYNCHRONIZED
+                    self.engine = None
+                    nxt = self.group.resume(run=False)
+                    if nxt is not None:
+                        self.engine = self.group.engine
+                        self.engine.chunk = 3
+                return
+
+    @precondition(lambda self: self.engine is not None)
+    @rule(offset=st.integers(0, SIZE - 1), length=st.integers(1, 2 * GRAN),
+          seed=st.integers(0, 1 << 30))
+    def engine_step_with_colliding_write(self, offset, length, seed):
+        """A host write lands between the engine's read and its write."""
+        eng = self.engine
+        delta = eng.clone.delta
+        s = delta.find(1, eng.cursor)
+        if s < 0:
+            s = delta.find(1)
+        if s < 0:
+            return
+        offset = s * GRAN + offset % (3 * GRAN)
+        length = min(length, SIZE - offset)
+        if length <= 0:
+            return
+        data = data_for(seed, length)
+        hooked, fired = [], []
+
+        def hook(engine, s_, e_):
+            if not hooked:
+                hooked.append(True)
+                self.lu.write(data, offset)
+                fired.append(True)
+
+        self.group.copy_hook = hook
+        try:
+            ok, _ = self.attempt(eng.step, touched=(offset, offset + length))
+        finally:
+            self.group.copy_hook = None
+        if fired:
+            # The host write completed (acknowledged) inside the hook.
+            self.S[offset:offset + length] = data
+            for n in NAMES:
+                if self.states[n] in clones.MIRRORED:
+                    self.C[n][offset:offset + length] = data
+
+    # ------------------------------------------------------------ invariants
+
+    @invariant()
+    def source_reads_match_model(self):
+        if self.group is None:
+            return
+        buf = bytearray(SIZE)
+        saved, self.countdown.left = self.countdown.left, None
+        self.lu.read(buf, 0)
+        self.countdown.left = saved
+        assert buf == self.S
+
+    @invariant()
+    def clean_extents_are_equal(self):
+        if self.group is None:
+            return
+        src = self.mem_src.data
+        for n in NAMES:
+            delta = self.group.clones[n].delta
+            cl = self.mem_clones[n].data
+            for e in range(EXTENTS):
+                if not delta[e]:
+                    a, b = e * GRAN, (e + 1) * GRAN
+                    assert src[a:b] == cl[a:b], \
+                        "clone {} extent {} differs but its bit is clear " \
+                        "({})".format(n, e, self.states[n])
+
+    @invariant()
+    def fractured_clones_match_model(self):
+        if self.group is None:
+            return
+        for n in NAMES:
+            if self.states[n] == clones.FRACTURED:
+                assert self.mem_clones[n].data == self.C[n]
+
+    @invariant()
+    def states_match(self):
+        if self.group is None:
+            return
+        for n in NAMES:
+            assert self.group.clones[n].state == self.states[n]
+            assert self.persisted[n] == self.states[n]
+
+
+CloneMachine.TestCase.settings = settings(
+    max_examples=int(os.environ.get("CLONE_MODEL_EXAMPLES", "150")),
+    stateful_step_count=40, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow])
+TestCloneModel = CloneMachine.TestCase

@@ -1,0 +1,295 @@
+"""Deterministic scenarios of the clone engine that random search rarely
+reaches, each with a twin that switches the protection off and shows the
+check catching it (a test that cannot fail is a defect).
+"""
+
+import threading
+
+import pytest
+
+from target import backends, clones, maps, service
+
+GRAN = 4096
+EXTENTS = 16
+SIZE = GRAN * EXTENTS
+
+
+class Harness:
+    """A Source and named clones on memory backends, with crash/recover."""
+
+    def __init__(self, tmp_path, names=("c1", "c2")):
+        self.dir = str(tmp_path)
+        self.mem_src = backends.MemoryBackend(SIZE)
+        self.mem = {n: backends.MemoryBackend(SIZE) for n in names}
+        self.states = {}
+        self.lu, self.group = self._new()
+        for n in names:
+            self.group.add_clone(n, self.mem[n])
+            self.states[n] = clones.OUT_OF_SYNC
+
+    def _persist(self, name, state, error=None):
+        self.states[name] = state
+
+    def _new(self):
+        lu = service.LogicalUnit("src", {"size": SIZE, "file": "-",
+                                         "readonly": False},
+                                 backend=self.mem_src)
+        return lu, clones.CloneGroup(lu, GRAN, self.dir, self._persist)
+
+    def crash(self):
+        """Drop the group without cleanup (kill -9) and recover it."""
+        self.lu, self.group = self._new()
+        self.group.load({n: {"state": s, "file": n}
+                         for n, s in self.states.items()},
+                        lambda rec: self.mem[rec["file"]])
+
+    def run(self, engine):
+        while engine.step():
+            pass
+        assert engine.finish()
+
+    def sync(self, name):
+        self.run(self.group.start_sync(name, run=False))
+
+    def extent(self, backend, e):
+        return bytes(backend.data[e * GRAN:(e + 1) * GRAN])
+
+    def clean_extents_equal(self, name):
+        delta = self.group.clones[name].delta
+        return all(self.extent(self.mem_src, e) == self.extent(self.mem[name], e)
+                   for e in range(EXTENTS) if not delta[e])
+
+
+@pytest.fixture
+def h(tmp_path):
+    return Harness(tmp_path)
+
+
+def _fill(h, pattern=b"S"):
+    h.lu.write(pattern * SIZE, 0)
+
+
+# ------------------------------------------------------------ collisions
+
+@pytest.mark.parametrize("retry", [True, False])
+def test_reverse_sync_collision_is_recopied(h, retry):
+    """Seed 000 figures 10-11: a host write lands while the engine copies.
+
+    The engine has read the clone's extent; the host write is mirrored to
+    the clone and written to the Source; the engine then writes its stale
+    copy to the Source.  With the retry the extent is copied again; without
+    it the host's acknowledged write is gone from the Source.
+    """
+    _fill(h, b"S")
+    h.sync("c1")
+    h.group.fracture("c1")
+    h.group.clones["c1"].export.write(b"C" * SIZE, 0)
+    h.group.retry_collisions = retry
+    engine = h.group.start_reverse_sync("c1", run=False)
+    fired = []
+
+    def host_write_mid_copy(engine, s, e):
+        if not fired:
+            fired.append((s, e))
+            h.lu.write(b"H" * 100, s * GRAN + 10)
+
+    h.group.copy_hook = host_write_mid_copy
+    h.run(engine)
+    h.group.copy_hook = None
+    s, e = fired[0]
+    got = h.extent(h.mem_src, s)
+    expected = b"C" * 10 + b"H" * 100 + b"C" * (GRAN - 110)
+    progress = h.group.progress["c1"]
+    if retry:
+        assert got == expected
+        assert progress.collisions == 1 and progress.retries == 1
+        assert h.mem_src.data == h.mem["c1"].data
+    else:
+        assert got != expected, "without the retry the Source is corrupt"
+        assert b"H" * 100 not in got
+
+
+def test_forward_sync_collision_is_recopied(h):
+    _fill(h, b"A")
+    engine = h.group.start_sync("c1", run=False)
+    engine.chunk = 2
+
+    def host_write_mid_copy(engine, s, e):
+        h.group.copy_hook = None
+        h.lu.write(b"W" * 5000, s * GRAN + 100)
+
+    h.group.copy_hook = host_write_mid_copy
+    h.run(engine)
+    assert h.mem_src.data == h.mem["c1"].data
+    assert h.group.progress["c1"].collisions == 1
+
+
+def test_host_write_is_not_blocked_by_a_copy(h):
+    """A host write proceeds while the engine is stopped mid-extent, and
+    the overlapping copy is redone afterwards."""
+    _fill(h, b"A")
+    engine = h.group.start_sync("c1", run=False)
+    paused, release = threading.Event(), threading.Event()
+
+    def pause(engine_, s, e):
+        h.group.copy_hook = None
+        paused.set()
+        release.wait(10)
+
+    h.group.copy_hook = pause
+    copier = threading.Thread(target=engine.step)
+    copier.start()
+    assert paused.wait(10)
+    done = threading.Event()
+    writer = threading.Thread(target=lambda: (h.lu.write(b"Z" * 512, 0),
+                                              done.set()))
+    writer.start()
+    assert done.wait(5), "host write waited for the engine"
+    release.set()
+    copier.join(10)
+    writer.join()
+    h.run(engine)
+    assert h.mem_src.data == h.mem["c1"].data
+    assert h.group.progress["c1"].collisions == 1
+
+
+# ------------------------------------------------------------ restore
+
+@pytest.mark.parametrize("protected", [True, False])
+def test_reverse_sync_marks_fractured_siblings(h, protected, monkeypatch):
+    """The Source changes under a fractured sibling: its bits must be set."""
+    _fill(h, b"S")
+    h.sync("c1")
+    h.group.fracture("c1")
+    h.sync("c2")
+    h.group.fracture("c2")
+    h.group.clones["c1"].export.write(b"X" * GRAN, 5 * GRAN)
+    if not protected:
+        monkeypatch.setattr(clones.CloneGroup, "_prepare_restore",
+                            lambda self, clone: None)
+    h.run(h.group.start_reverse_sync("c1", run=False))
+    assert h.extent(h.mem_src, 5) == b"X" * GRAN
+    assert h.clean_extents_equal("c2") == protected
+
+
+def test_reverse_sync_refused_while_a_sibling_is_mirrored(h):
+    _fill(h)
+    h.sync("c1")
+    h.group.fracture("c1")
+    h.sync("c2")
+    with pytest.raises(clones.SiblingsMirrored):
+        h.group.start_reverse_sync("c1", run=False)
+    assert h.group.clones["c1"].state == clones.FRACTURED
+
+
+@pytest.mark.parametrize("protected", [True, False])
+def test_sibling_bits_survive_a_crash_early_in_reverse_sync(h, protected,
+                                                            monkeypatch):
+    """The siblings' new bits are committed before the engine writes."""
+    _fill(h, b"S")
+    h.sync("c1")
+    h.group.fracture("c1")
+    h.sync("c2")
+    h.group.fracture("c2")
+    h.group.commit()
+    h.group.clones["c1"].export.write(b"X" * GRAN, 0)
+    h.group.commit()
+    if not protected:
+        real_commit = clones.CloneGroup.commit
+        calls = []
+
+        def skip_first(self):
+            if not calls:
+                calls.append(1)
+                return
+            real_commit(self)
+        monkeypatch.setattr(clones.CloneGroup, "commit", skip_first)
+    engine = h.group.start_reverse_sync("c1", run=False)
+    assert engine.step()          # extent 0 copied to the Source
+    h.crash()                     # before any later commit
+    assert h.extent(h.mem_src, 0) == b"X" * GRAN
+    assert h.clean_extents_equal("c2") == protected
+
+
+def test_figure_9_shared_activity_map_resets_cleared_bits(h):
+    """Seed figure 9: after a crash, bits of one clone come back because
+    another clone's export was written in the same region; the extra
+    copy is harmless and nothing is lost."""
+    _fill(h, b"S")
+    h.sync("c1")
+    h.group.fracture("c1")
+    h.sync("c2")
+    h.group.fracture("c2")
+    h.group.commit()
+    h.group.clones["c2"].export.write(b"Y" * 100, 6 * GRAN)  # c2's bit 6
+    assert h.group.clones["c1"].delta[6] == 0
+    h.crash()
+    assert h.group.clones["c1"].delta[6] == 1     # over-approximated
+    assert h.group.clones["c2"].delta[6] == 1
+    h.sync("c1")
+    assert h.mem_src.data == h.mem["c1"].data
+
+
+# ------------------------------------------------------------ fracture
+
+@pytest.mark.parametrize("protected", [True, False])
+def test_fracture_waits_for_half_mirrored_writes(h, protected, monkeypatch):
+    """No write is half-mirrored at the fracture point: a write that has
+    reached the Source but not yet the clone finishes before fracture
+    returns; otherwise it would land on the clone after hosts may have
+    started writing the fractured clone."""
+    _fill(h)
+    h.sync("c1")
+    if not protected:
+        monkeypatch.setattr(clones.CloneGroup, "_drain", lambda self: None)
+    clone_backend = h.group.clones["c1"].backend
+    in_mirror, release = threading.Event(), threading.Event()
+    real_write = clone_backend.write
+
+    def slow_write(buf, offset):
+        in_mirror.set()
+        release.wait(5)
+        real_write(buf, offset)
+
+    clone_backend.write = slow_write
+    writer = threading.Thread(target=h.lu.write, args=(b"M" * 512, 0))
+    writer.start()
+    assert in_mirror.wait(5)
+    fractured = threading.Event()
+    fracturer = threading.Thread(target=lambda: (h.group.fracture("c1"),
+                                                 fractured.set()))
+    fracturer.start()
+    returned_early = fractured.wait(0.5)
+    release.set()
+    writer.join(5)
+    fracturer.join(5)
+    clone_backend.write = real_write
+    assert returned_early != protected
+    assert h.group.clones["c1"].state == clones.FRACTURED
+
+
+# ------------------------------------------------------------ maps
+
+def test_corrupt_delta_map_means_full_copy_and_says_so(h):
+    h.sync("c1")
+    h.group.commit()
+    with open(h.group.clones["c1"].map_path, "r+b") as f:
+        f.seek(40)
+        f.write(b"\x07")
+    h.crash()
+    c1 = h.group.clones["c1"]
+    assert c1.delta.count(1) == EXTENTS
+    assert "checksum" in c1.error
+
+
+def test_activity_map_bounds_the_superset(h):
+    """Recovery re-dirties only the regions written since the last commit."""
+    h.group.region = 2
+    _fill(h)
+    h.sync("c1")
+    h.group.commit()
+    h.lu.write(b"Q" * 10, 9 * GRAN)   # mirrored write, region [8, 10)
+    h.crash()
+    dirty = [e for e in range(EXTENTS) if h.group.clones["c1"].delta[e]]
+    assert dirty == [8, 9]
+    assert h.group.clones["c1"].state == clones.SYNCING  # recovered-dirty
