@@ -29,7 +29,7 @@ _THREAD_MODELS = {
 
 
 def config(key, value):
-    if key not in ("statedir", "pythonpath", "thread_model"):
+    if key not in ("statedir", "pythonpath", "thread_model", "parent"):
         raise Exception("unknown parameter {!r}".format(key))
     if key == "thread_model" and value not in _THREAD_MODELS:
         raise Exception("thread_model must be one of " +
@@ -70,6 +70,8 @@ def after_fork():
                                      _target.control_operations())
     _control.start()
     _target.start()
+    if "parent" in _config:
+        _target.watch_parent(int(_config["parent"]))
 
 
 def cleanup():

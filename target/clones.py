@@ -671,10 +671,14 @@ class CloneGroup:
                                           self.engine.is_alive())
         return st
 
-    def close(self):
+    def stop_engine(self):
+        """Stop a running engine; its state stays, so it resumes later."""
         if self.engine is not None:
             self.engine.stop(None)
             self.engine.join()
+
+    def close(self):
+        self.stop_engine()
         if self.clones:
             self.commit()
         self.activity_file.close()

@@ -49,6 +49,7 @@ class _Handler(socketserver.StreamRequestHandler):
 class ControlServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
 
     daemon_threads = True
+    request_queue_size = 64
 
     def __init__(self, path, operations):
         """operations maps an op name to a callable taking keyword args."""
@@ -109,8 +110,10 @@ class ControlServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
 def call(path, op, timeout=30.0, **args):
     """Send one request; return its result or raise the reported error."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(timeout)
+        # Connect before setting a timeout: a Unix socket connect with a
+        # timeout fails with EAGAIN at once when the backlog is full.
         s.connect(path)
+        s.settimeout(timeout)
         s.sendall(json.dumps({"op": op, "args": args}).encode() + b"\n")
         with s.makefile("rb") as f:
             line = f.readline()

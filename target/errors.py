@@ -120,6 +120,17 @@ class ServerNotRunning(Error):
     errno = _errno.ENOTCONN
 
 
+class StopTimeout(Error):
+    msg = "server pid {pid} did not stop within {timeout} s"
+    errno = _errno.ETIMEDOUT
+
+
+class Reported(Error):
+    """An error already worded by another process (the daemon)."""
+
+    msg = "{message}"
+
+
 class ServerFailed(Error):
     msg = "the server did not start: {reason}"
     errno = _errno.EIO

@@ -22,6 +22,7 @@ import errno
 import logging
 import os
 import threading
+import time
 
 from . import backends, clones, errors, state, units
 
@@ -127,6 +128,22 @@ class Target:
         self.groups = {}
         self.recovery_problems = []
         self.reload()
+
+    def watch_parent(self, ppid, interval=0.25):
+        """Exit at once if the manager (ppid) dies.
+
+        PR_SET_PDEATHSIG was measured not to fire here once nbdkit has
+        connection threads, and nbdkit's --exit-with-parent waits for idle
+        clients.  Exiting without cleanup is a kill -9: completed writes
+        are in the page cache and recovery covers the maps.
+        """
+        def watch():
+            while True:
+                time.sleep(interval)
+                if os.getppid() != ppid:
+                    log.error("manager pid %d is gone; exiting", ppid)
+                    os._exit(1)
+        threading.Thread(target=watch, name="watch-parent", daemon=True).start()
 
     def start(self):
         """Resume operations left running (after a crash or a stop)."""
@@ -298,6 +315,7 @@ class Target:
             else:
                 path = os.path.abspath(file)
                 owned = False
+                state.check_outside(self.state_dir, path)
                 state.check_backing_free(doc, path)
                 state.probe_backing(path, lu.size)
             try:
@@ -394,7 +412,18 @@ class Target:
             "clone_sync": self.clone_sync,
             "clone_reverse_sync": self.clone_reverse_sync,
             "clone_fracture": self.clone_fracture,
+            "prepare_stop": self.prepare_stop,
         }
+
+    def prepare_stop(self):
+        """Stop engines (they resume at the next start) and commit maps."""
+        with self.lock:
+            groups = list(self.groups.values())
+        for group in groups:
+            group.stop_engine()
+            if group.clones:
+                group.commit()
+        return {}
 
     def close(self):
         with self.lock:

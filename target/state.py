@@ -213,6 +213,7 @@ def create_lu(state_dir, name, size=None, file=None, readonly=False):
         else:
             path = os.path.abspath(file)
             owned = False
+            check_outside(state_dir, path)
             actual = probe_backing(path, size, readonly)
             if size is None:
                 size = actual - actual % units.SECTOR
@@ -241,6 +242,15 @@ def create_lu(state_dir, name, size=None, file=None, readonly=False):
                 os.unlink(path)
             raise
         return record
+
+
+def check_outside(state_dir, path):
+    """Refuse a --file inside the state directory (our own files)."""
+    real = os.path.realpath(path)
+    if real == state_dir.path or real.startswith(state_dir.path + os.sep):
+        raise errors.BackingUnusable(
+            path=path, reason="it is inside the state directory, whose files "
+                              "clonectl manages")
 
 
 def check_name_free(doc, name):

@@ -26,7 +26,7 @@ def parse_size(value):
     if isinstance(value, int):
         size = value
     else:
-        m = _SIZE_RE.match(str(value))
+        m = _SIZE_RE.fullmatch(str(value))
         if not m:
             raise errors.InvalidSize(
                 value=value, reason="expected a number with an optional unit "
@@ -67,6 +67,6 @@ def format_size(n):
 
 
 def check_name(name):
-    if not isinstance(name, str) or not _NAME_RE.match(name):
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
         raise errors.InvalidName(name=name)
     return name

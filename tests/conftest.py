@@ -66,6 +66,20 @@ def terminate_pid(pid, timeout=STOP_TIMEOUT):
     return False
 
 
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent():
+    """In the child before exec: SIGTERM it if the test run itself dies
+    (killed pytest, timeout), so that no server outlives the run."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except Exception:
+        pass
+
+
 class ProcessGuard:
     """PIDs that a test caused to exist (daemons, nbdkit children) and that
     must be gone at teardown."""
@@ -183,7 +197,8 @@ class Server:
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL,
                                      stdout=self._log, stderr=self._log,
-                                     start_new_session=True, env=env)
+                                     start_new_session=True, env=env,
+                                     preexec_fn=_die_with_parent)
         self.guard.add(self.proc.pid)
         serve_json = self.state_dir / "run" / "serve.json"
         deadline = time.monotonic() + timeout
@@ -194,18 +209,20 @@ class Server:
             if serve_json.exists():
                 info = status_json(self.state_dir)["server"]
                 if info is not None and info.get("pid") == self.proc.pid:
-                    break
+                    self._set_info(info)
+                    return self
             if time.monotonic() > deadline:
                 pytest.fail("clonectl serve did not serve within {} s:\n{}"
                             .format(timeout, self.log()))
             time.sleep(0.05)
-        self.refresh()
-        return self
 
     def refresh(self):
         """Re-read the server's record (the nbdkit pid changes on restart)."""
         info = status_json(self.state_dir)["server"]
         assert info is not None, "server vanished from status:\n" + self.log()
+        return self._set_info(info)
+
+    def _set_info(self, info):
         self.info = info
         self.socket = info["socket"]
         self.guard.add(info["nbdkit_pid"])
@@ -281,17 +298,7 @@ def server_factory(tmp_path, state_dir, process_guard):
 
     yield start
 
-    problems = []
-    for srv in servers:
-        result = srv.stop()
-        if result is None:
-            continue
-        status, obeyed, nbdkit_left = result
-        if not obeyed:
-            problems.append("server pid {} ignored SIGTERM".format(srv.pid))
-        if nbdkit_left:
-            problems.append("nbdkit pid(s) {} outlived server pid {}".format(
-                nbdkit_left, srv.pid))
+    problems = _stop_servers(servers)
     if problems:
         pytest.fail("; ".join(problems))
 
@@ -307,6 +314,66 @@ LU_NAME = "disk"
 LU_SIZE = 64 * MiB
 
 
+class ServedLU:
+    """An LU served by a running server: .server .name .size .file .uri"""
+
+    def __init__(self, server, name, size, file):
+        self.server = server
+        self.name = name
+        self.size = size
+        self.file = Path(file)
+        self.uri = server.uri(name)
+        self.state_dir = server.state_dir
+
+
+def _stop_servers(servers):
+    problems = []
+    for srv in servers:
+        result = srv.stop()
+        if result is None:
+            continue
+        status, obeyed, nbdkit_left = result
+        if not obeyed:
+            problems.append("server pid {} ignored SIGTERM".format(srv.pid))
+        if nbdkit_left:
+            problems.append("nbdkit pid(s) {} outlived server pid {}".format(
+                nbdkit_left, srv.pid))
+    return problems
+
+
+@pytest.fixture(scope="module")
+def shared_server(tmp_path_factory):
+    """One server for a whole module (starting one costs ~1 s); tests get
+    their own LU on it from `fresh_lu`.  Use only for tests that do not
+    stop, kill or restart the server."""
+    base = tmp_path_factory.mktemp("shared")
+    guard = ProcessGuard()
+    srv = Server(base / "state", base / "nbd.sock", base / "serve.out", guard)
+    run_clonectl(srv.state_dir, "lu", "create", "warmup", "--size", "1M")
+    try:
+        srv.start()
+        yield srv
+    finally:
+        problems = _stop_servers([srv])
+        guard.cleanup()
+        assert not problems, problems
+
+
+@pytest.fixture
+def fresh_lu(shared_server, request):
+    """A new, empty 64M LU on the module's shared server."""
+    fresh_lu.counter += 1
+    name = "t{}".format(fresh_lu.counter)
+    run_clonectl(shared_server.state_dir, "lu", "create", name, "--size",
+                 "64M")
+    assert shared_server.running(), shared_server.log()
+    return ServedLU(shared_server, name, LU_SIZE,
+                    shared_server.state_dir / "lus" / (name + ".img"))
+
+
+fresh_lu.counter = 0
+
+
 @pytest.fixture
 def served_lu(clonectl, server_factory, state_dir):
     """A 64M LU named "disk" served by a running server.
@@ -314,16 +381,8 @@ def served_lu(clonectl, server_factory, state_dir):
     Returns an object with .server, .name, .size, .file (the backing file)."""
     clonectl("lu", "create", LU_NAME, "--size", "64M")
     srv = server_factory()
-
-    class LU:
-        pass
-
-    lu = LU()
-    lu.server = srv
-    lu.name = LU_NAME
-    lu.size = LU_SIZE
-    lu.file = Path(state_dir) / "lus" / (LU_NAME + ".img")
-    lu.uri = srv.uri(LU_NAME)
+    lu = ServedLU(srv, LU_NAME, LU_SIZE,
+                  Path(state_dir) / "lus" / (LU_NAME + ".img"))
     assert lu.file.exists()
     return lu
 
@@ -331,10 +390,12 @@ def served_lu(clonectl, server_factory, state_dir):
 # ---------------------------------------------------------------- NBD clients
 
 @pytest.fixture
-def nbd_connect():
+def nbd_connect(server_factory):
     """nbd_connect(socket_or_uri, export="", meta=False, strict=True) -> handle.
 
-    Handles are shut down and released at teardown."""
+    Handles are shut down and released at teardown, before the servers of
+    server_factory are stopped (it is set up first, so torn down last):
+    nbdkit does not exit on SIGTERM while an idle client stays connected."""
     nbd = pytest.importorskip("nbd")
     handles = []
 

@@ -4,6 +4,7 @@ import errno
 import os
 import random
 import threading
+import time
 
 import pytest
 
@@ -12,9 +13,10 @@ from conftest import MiB, read_file_range, run_clonectl, status_json
 nbd = pytest.importorskip("nbd")
 
 
-def _errno_of(e):
-    return e.errno if isinstance(e.errno, str) else errno.errorcode.get(
-        e.errno)
+@pytest.fixture
+def served_lu(fresh_lu):
+    """Data-path tests share one server; each gets a new LU on it."""
+    return fresh_lu
 
 
 def test_negotiated_flags(served_lu, nbd_connect):
@@ -67,15 +69,13 @@ def test_many_random_writes_match_backing_file(served_lu, nbd_connect):
     assert image == bytes(expected)
 
 
-def test_reads_see_backing_file_written_before_serving(clonectl, tmp_path,
-                                                      server_factory,
-                                                      nbd_connect):
+def test_reads_see_existing_backing_file(shared_server, tmp_path,
+                                        nbd_connect):
     f = tmp_path / "existing.img"
     data = os.urandom(2 * MiB)
     f.write_bytes(data)
-    clonectl("lu", "create", "ext", "--file", f)
-    srv = server_factory()
-    h = nbd_connect(srv.socket, "ext")
+    run_clonectl(shared_server.state_dir, "lu", "create", "ext", "--file", f)
+    h = nbd_connect(shared_server.socket, "ext")
     assert h.get_size() == 2 * MiB
     assert h.pread(2 * MiB, 0) == data
     assert h.pread(3, 1) == data[1:4]
@@ -215,20 +215,25 @@ def test_concurrent_overlapping_requests_on_one_handle(served_lu,
     h = nbd_connect(served_lu.server.socket, served_lu.name)
     rng = random.Random(7)
     blocks = {i: rng.randbytes(4096) for i in range(256)}
-    cmds = [h.aio_pwrite(nbd.Buffer.from_bytearray(bytearray(data)), i * 4096)
-            for i, data in blocks.items()]
-    while not all(h.aio_command_completed(c) for c in cmds):
-        h.poll(-1)
+    buffers = [nbd.Buffer.from_bytearray(bytearray(blocks[i]))
+               for i in range(256)]
+    for i, buf in enumerate(buffers):
+        h.aio_pwrite(buf, i * 4096)
+    deadline = time.monotonic() + 60
+    while h.aio_in_flight() > 0:
+        assert time.monotonic() < deadline, "requests never completed"
+        h.poll(1000)
     got = h.pread(256 * 4096, 0)
     assert got == b"".join(blocks[i] for i in range(256))
 
 
-def test_read_only_lu(clonectl, server_factory, nbd_connect, state_dir):
-    clonectl("lu", "create", "ro", "--size", "1M", "--read-only")
-    path = state_dir / "lus" / "ro.img"
+def test_read_only_lu(shared_server, nbd_connect):
+    srv = shared_server
+    run_clonectl(srv.state_dir, "lu", "create", "ro", "--size", "1M",
+                 "--read-only")
+    path = srv.state_dir / "lus" / "ro.img"
     with open(path, "r+b") as f:
         f.write(b"original")
-    srv = server_factory()
     h = nbd_connect(srv.socket, "ro")
     assert h.is_read_only()
     assert h.pread(8, 0) == b"original"
@@ -292,15 +297,25 @@ def test_unknown_export_name(served_lu, nbd_connect):
 
 
 def test_empty_export_name_is_refused(served_lu, nbd_connect):
-    with pytest.raises(nbd.Error):
+    with pytest.raises(nbd.Error) as info:
         nbd_connect(served_lu.server.socket, "")
+    assert info.value.errno in ("ENOENT", "EINVAL"), info.value
+    with pytest.raises(nbd.Error):
+        nbd_connect(served_lu.server.uri(""))
+    # Export names are case sensitive and matched exactly.
+    for near_miss in (served_lu.name.upper(), served_lu.name + " ",
+                      " " + served_lu.name, served_lu.name + "/"):
+        with pytest.raises(nbd.Error) as info:
+            nbd_connect(served_lu.server.socket, near_miss)
+        assert info.value.errno == "ENOENT", (near_miss, info.value)
 
 
-def test_lu_created_while_serving(served_lu, clonectl, nbd_connect):
+def test_lu_created_while_serving(served_lu, nbd_connect):
     srv = served_lu.server
     with pytest.raises(nbd.Error):
         nbd_connect(srv.socket, "later")
-    proc = clonectl("lu", "create", "later", "--size", "2M")
+    proc = run_clonectl(srv.state_dir, "lu", "create", "later", "--size",
+                        "2M")
     assert srv.uri("later") in proc.stdout
     h = nbd_connect(srv.socket, "later")
     assert h.get_size() == 2 * MiB
@@ -317,7 +332,8 @@ def _lu_status(state_dir, name):
     raise AssertionError("no LU {} in status".format(name))
 
 
-def test_status_counts_connections(served_lu, nbd_connect, state_dir):
+def test_status_counts_connections(served_lu, nbd_connect):
+    state_dir = served_lu.state_dir
     assert _lu_status(state_dir, served_lu.name)["connections"] == 0
     h1 = nbd_connect(served_lu.server.socket, served_lu.name)
     h2 = nbd_connect(served_lu.server.socket, served_lu.name)

@@ -68,7 +68,7 @@ def test_create_requires_size_without_file(sd):
 def test_duplicate_name_changes_nothing(sd):
     state.create_lu(sd, "a", size=MiB)
     before = _raw(sd)
-    with pytest.raises(errors.DuplicateLU, match="'a'"):
+    with pytest.raises(errors.DuplicateLU, match="'a'.*already"):
         state.create_lu(sd, "a", size=2 * MiB)
     assert _raw(sd) == before
     assert os.path.getsize(os.path.join(sd.lus_dir, "a.img")) == MiB

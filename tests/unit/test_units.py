@@ -99,9 +99,6 @@ def test_check_name_invalid(name):
     assert info.value.errno == 22
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "product bug: units._NAME_RE ends in '$', which also matches before a "
-    "trailing newline, so 'a\\n' passes check_name (use re.fullmatch or \\Z)"))
 @pytest.mark.parametrize("name", ["a\n", "disk\n"])
 def test_check_name_rejects_trailing_newline(name):
     with pytest.raises(errors.InvalidName):

@@ -1,0 +1,109 @@
+"""A full filesystem under an LU: ENOSPC reaches the client, nothing else
+breaks."""
+
+import subprocess
+
+import pytest
+
+from conftest import MiB, read_file_range, status_json
+
+nbd = pytest.importorskip("nbd")
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A 2M tmpfs, unmounted at teardown (after the server has stopped:
+    request this fixture before server_factory/nbd_connect)."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2M", "tmpfs",
+                           str(mnt)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here: " + proc.stderr.strip())
+    try:
+        yield mnt
+    finally:
+        for args in (["umount", str(mnt)], ["umount", "-l", str(mnt)]):
+            if subprocess.run(args, capture_output=True).returncode == 0:
+                break
+
+
+def test_enospc_reaches_client_and_server_keeps_serving(
+        small_fs, clonectl, server_factory, nbd_connect, state_dir):
+    backing = small_fs / "lu.img"
+    subprocess.run(["truncate", "-s", "16M", str(backing)], check=True)
+    clonectl("lu", "create", "full", "--file", backing)
+    clonectl("lu", "create", "other", "--size", "4M")
+    srv = server_factory()
+    h = nbd_connect(srv.socket, "full")
+    assert h.get_size() == 16 * MiB
+
+    chunk = 64 * 1024
+    written = []
+    error = None
+    for i in range(16 * MiB // chunk):
+        data = bytes([i % 251 + 1]) * chunk
+        try:
+            h.pwrite(data, i * chunk)
+        except nbd.Error as e:
+            error = e
+            break
+        written.append(data)
+    assert error is not None, "16M fitted on a 2M filesystem?"
+    assert error.errno == "ENOSPC", error
+    # The tmpfs holds 2M: we got close to that before the error.
+    assert MiB <= len(written) * chunk <= 2 * MiB
+
+    # The server is alive and the same connection still reads what it wrote.
+    assert srv.running()
+    for i in (0, len(written) // 2, len(written) - 1):
+        assert h.pread(chunk, i * chunk) == written[i]
+        assert read_file_range(backing, i * chunk, chunk) == written[i]
+    # Writes that need no new space still work (overwrite in place).
+    h.pwrite(b"\xee" * 4096, 0)
+    h.flush()
+    assert h.pread(4096, 0) == b"\xee" * 4096
+    # Freeing space makes room again: trim then write.
+    h.trim(4 * chunk, 0)
+    h.pwrite(b"\x11" * chunk, len(written) * chunk)
+    assert h.pread(chunk, len(written) * chunk) == b"\x11" * chunk
+
+    # Another LU on another filesystem is unaffected.
+    h2 = nbd_connect(srv.socket, "other")
+    h2.pwrite(b"other lu", 12345)
+    h2.flush()
+    assert h2.pread(8, 12345) == b"other lu"
+    # And new connections and the control socket still work.
+    h3 = nbd_connect(srv.socket, "full")
+    assert h3.pread(chunk, 5 * chunk) == written[5]
+    lus = {lu["name"]: lu for lu in status_json(state_dir)["lus"]}
+    assert lus["full"]["served"] and lus["full"]["connections"] == 2
+    assert srv.refresh()["nbdkit_pid"] == srv.nbdkit_pid, "no restart"
+
+
+def test_zero_on_full_filesystem(small_fs, clonectl, server_factory,
+                                 nbd_connect):
+    backing = small_fs / "lu.img"
+    subprocess.run(["truncate", "-s", "8M", str(backing)], check=True)
+    clonectl("lu", "create", "full", "--file", backing)
+    srv = server_factory()
+    h = nbd_connect(srv.socket, "full")
+    # Fill the filesystem.
+    with pytest.raises(nbd.Error) as info:
+        for i in range(8):
+            h.pwrite(b"\x99" * MiB, i * MiB)
+    assert info.value.errno == "ENOSPC"
+    # Zeroing with may-trim frees space (punch hole), it must succeed and
+    # read back as zeroes.
+    h.zero(MiB, 0)
+    assert h.pread(MiB, 0) == bytes(MiB)
+    assert read_file_range(backing, 0, MiB) == bytes(MiB)
+    # Zeroing without punching needs space: success or ENOSPC, but never
+    # garbage.
+    try:
+        h.zero(MiB, 4 * MiB, nbd.CMD_FLAG_NO_HOLE)
+    except nbd.Error as e:
+        assert e.errno == "ENOSPC", e
+    else:
+        assert h.pread(MiB, 4 * MiB) == bytes(MiB)
+    assert srv.running()
