@@ -106,35 +106,34 @@ class FileBackend(Backend):
     def flush(self):
         os.fdatasync(self.fd)
 
+    def _fallocate(self, supported, mode, offset, length):
+        """fallocate if the filesystem can; remember when it cannot.
+
+        supported names the attribute that records whether it can.
+        """
+        if not getattr(self, supported):
+            return False
+        try:
+            fallocate(self.fd, mode, offset, length)
+            return True
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
+            setattr(self, supported, False)
+            return False
+
     def trim(self, offset, length):
-        if self._can_punch:
-            try:
-                fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
-                          offset, length)
-            except OSError as e:
-                if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
-                    raise
-                self._can_punch = False
+        self._fallocate("_can_punch", FALLOC_FL_PUNCH_HOLE |
+                        FALLOC_FL_KEEP_SIZE, offset, length)
 
     def zero(self, offset, length, may_trim=False, fast=False):
-        if may_trim and self._can_punch:
-            try:
-                fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
-                          offset, length)
-                return
-            except OSError as e:
-                if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
-                    raise
-                self._can_punch = False
-        if self._can_zero_range:
-            try:
-                fallocate(self.fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE,
-                          offset, length)
-                return
-            except OSError as e:
-                if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
-                    raise
-                self._can_zero_range = False
+        if may_trim and self._fallocate(
+                "_can_punch", FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                offset, length):
+            return
+        if self._fallocate("_can_zero_range", FALLOC_FL_ZERO_RANGE |
+                           FALLOC_FL_KEEP_SIZE, offset, length):
+            return
         if fast:
             raise OSError(errno.EOPNOTSUPP, "cannot zero quickly")
         end = offset + length
