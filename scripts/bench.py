@@ -1,9 +1,23 @@
-"""Side-by-side NBD benchmarks: clonectl against nbdkit's file plugin and
-qemu-nbd, serving the same file, measured with fio's nbd engine.
+"""Benchmarks of clonectl, measured with fio's nbd engine.
 
-Servers are measured alternately within each row and each row is repeated;
-the table shows medians and our ratio to nbdkit-file.  This machine is noisy
-(±20-30% run to run), which is why nothing here is a pass/fail test.
+--suite nbd (the default): clonectl against nbdkit's file plugin and
+qemu-nbd, serving the same file.
+
+--suite clones: the cost and speed of clones, all in one run:
+  1. 1 MiB sequential and 4 KiB random writes (QD16) to a Source with one
+     synchronized clone, as a ratio to the same kind of LU without a clone;
+  2. sync and reverse sync of an LU with 10% and 100% of its extents dirty
+     (written through the fractured clone's export, spread over the LU),
+     against the time `cp` (100%) or `dd` (10%, contiguous) takes to copy
+     the same bytes on the same disk, fsync included on both sides;
+  3. 4 KiB random read latency (p99, QD1) on the Source while a sync or a
+     reverse sync runs, against idle.
+
+--suite all runs both.
+
+Variants are measured alternately within each row and each row is
+repeated; the tables show medians.  This machine is noisy (±20-30% run to
+run), which is why nothing here is a pass/fail test.
 """
 
 import argparse
@@ -50,14 +64,22 @@ def wait_socket(path, proc, timeout=30):
 
 
 class Servers(contextlib.ExitStack):
-    """Start every server to compare on the same file; stop them by PID."""
+    """Start every server to compare on the same file; stop them by PID.
 
-    def __init__(self, workdir, image, variants):
+    images: {variant: path} for variants that must not share the image.
+    Variant "clonectl+clone" is clonectl serving LU "bench" with one clone
+    "c1", synchronized before start() returns.
+    """
+
+    def __init__(self, workdir, image, variants, images=None):
         super().__init__()
         self.workdir = workdir
         self.image = image
+        self.images = images or {}
         self.variants = variants
         self.uris = {}
+        self.states = {}
+        self.sockets = {}
 
     def _popen(self, cmd, log):
         f = open(os.path.join(self.workdir, log), "wb")
@@ -93,8 +115,12 @@ class Servers(contextlib.ExitStack):
                 _, model, threads = (variant.split(":") + ["", ""])[:3]
                 state = os.path.join(self.workdir, variant.replace(":", "-"))
                 subprocess.run([CLONECTL, "--state-dir", state, "lu", "create",
-                                "bench", "--file", self.image], check=True,
-                               stdout=subprocess.DEVNULL)
+                                "bench", "--file",
+                                self.images.get(variant, self.image)],
+                               check=True, stdout=subprocess.DEVNULL)
+                if variant.startswith("clonectl+clone"):
+                    clonectl(state, "clone", "add", "bench", "c1")
+                self.states[variant] = state
                 cmd = [CLONECTL, "--state-dir", state, "serve", "--socket", sock]
                 if model:
                     cmd += ["--thread-model", model]
@@ -106,6 +132,9 @@ class Servers(contextlib.ExitStack):
                 raise SystemExit("unknown server variant " + variant)
             wait_socket(sock, proc)
             self.uris[variant] = uri
+            self.sockets[variant] = sock
+            if variant.startswith("clonectl+clone"):
+                clonectl(self.states[variant], "clone", "sync", "c1", "--wait")
 
 
 def run_fio(uri, rw, bs, iodepth, runtime, size):
@@ -136,6 +165,9 @@ def make_image(path, size):
 def main():
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--suite", choices=("nbd", "clones", "all"), default="nbd",
+                   help="nbd: servers side by side; clones: clone overhead, "
+                        "sync speed and latency; all: both (default nbd)")
     p.add_argument("--size", default="1G", help="image size (default 1G)")
     p.add_argument("--runtime", type=int, default=5,
                    help="seconds per fio run (default 5)")
@@ -144,8 +176,9 @@ def main():
     p.add_argument("--quick", action="store_true",
                    help="runtime 2 s, 1 repeat, 256M image")
     p.add_argument("--servers", default="nbdkit-file,qemu-nbd,clonectl",
-                   help="comma-separated variants: nbdkit-file, qemu-nbd, "
-                        "clonectl[:THREAD_MODEL[:THREADS]] (default %(default)s)")
+                   help="nbd suite: comma-separated variants: nbdkit-file, "
+                        "qemu-nbd, clonectl[:THREAD_MODEL[:THREADS]] "
+                        "(default %(default)s)")
     p.add_argument("--only", help="run only workloads whose name contains this")
     p.add_argument("--json", metavar="FILE", help="also write results as JSON")
     p.add_argument("--workdir", help="where to put the image (default: a "
@@ -155,24 +188,46 @@ def main():
         args.runtime, args.repeat, args.size = 2, 1, "256M"
     size = int(subprocess.check_output(
         ["numfmt", "--from=iec", args.size]).decode())
-    variants = args.servers.split(",")
-    base = "nbdkit-file" if "nbdkit-file" in variants else variants[0]
-    workloads = [w for w in WORKLOADS if not args.only or args.only in w[0]]
 
     workdir = tempfile.mkdtemp(prefix="clonectl-bench-",
                                dir=args.workdir or "/var/tmp")
-    results = {}
+    report = {}
     try:
-        image = os.path.join(workdir, "image.raw")
-        make_image(image, size)
+        for suite, run in (("nbd", run_nbd_suite),
+                           ("clones", run_clones_suite)):
+            if args.suite in (suite, "all"):
+                os.mkdir(os.path.join(workdir, suite))
+                report[suite] = run(args, size, os.path.join(workdir, suite))
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    if "nbd" in report:
+        print_table(report["nbd"]["results"], report["nbd"]["variants"],
+                    report["nbd"]["base"], args)
+    if "clones" in report:
+        if "nbd" in report:
+            print()
+        print_clones_tables(report["clones"], args)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"date": time.strftime("%Y-%m-%d"), "args": vars(args),
+                       "results": report}, f, indent=2)
+
+
+def run_nbd_suite(args, size, workdir):
+    variants = args.servers.split(",")
+    base = "nbdkit-file" if "nbdkit-file" in variants else variants[0]
+    workloads = [w for w in WORKLOADS if not args.only or args.only in w[0]]
+    results = {}
+    image = os.path.join(workdir, "image.raw")
+    make_image(image, size)
+    try:
         with Servers(workdir, image, variants) as servers:
             servers.start()
             for name, rw, bs, qd in workloads:
                 samples = {v: [] for v in variants}
                 for rep in range(args.repeat):
-                    order = variants[rep % len(variants):] + \
-                        variants[:rep % len(variants)]
-                    for v in order:
+                    for v in rotate(variants, rep):
                         samples[v].append(run_fio(servers.uris[v], rw, bs, qd,
                                                   args.runtime, size))
                 results[name] = {
@@ -181,13 +236,265 @@ def main():
                     for v in variants}
                 print_row(name, results[name], variants, base, file=sys.stderr)
     finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+        os.unlink(image)
+    return {"variants": variants, "base": base, "results": results}
 
-    print_table(results, variants, base, args)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"date": time.strftime("%Y-%m-%d"), "args": vars(args),
-                       "results": results}, f, indent=2)
+
+def rotate(items, n):
+    """items, starting at index n modulo their number (alternate orders)."""
+    n %= len(items)
+    return list(items[n:]) + list(items[:n])
+
+
+# ---------------------------------------------------------------- clones
+
+CLONE_WRITES = [
+    # name, rw, bs, iodepth, target ratio from the issue
+    ("1M write QD16", "write", "1m", 16, 0.8),
+    ("4K randwrite QD16", "randwrite", "4k", 16, 0.7),
+]
+GRANULARITY = 64 << 10
+FRACTIONS = (0.1, 1.0)
+
+
+def clonectl(state, *args, capture=False):
+    proc = subprocess.run([CLONECTL, "--state-dir", state] + list(args),
+                          stdout=subprocess.PIPE if capture
+                          else subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError("clonectl {} failed: {}".format(
+            " ".join(args), proc.stderr.strip()))
+    return proc.stdout
+
+
+def clone_status(state, name="c1"):
+    return json.loads(clonectl(state, "clone", "status", name, "--json",
+                               capture=True))
+
+
+def dirty_clone(uri, size, fraction):
+    """Write fraction of the extents of a fractured clone's export: every
+    extent for 1.0, else one extent in every 1/fraction, spread over it."""
+    if fraction >= 1:
+        rw, bs = "write", "1m"
+    else:
+        skip = GRANULARITY * (round(1 / fraction) - 1)
+        rw, bs = "write:{}".format(skip), str(GRANULARITY)
+    subprocess.run(["fio", "--name=dirty", "--ioengine=nbd", "--uri=" + uri,
+                    "--rw=" + rw, "--bs=" + bs, "--iodepth=16",
+                    "--size=" + str(size), "--output-format=json"],
+                   check=True, stdout=subprocess.DEVNULL)
+
+
+def prepare_dirty(state, clone_uri, size, fraction):
+    """From a synchronized clone: fracture it and dirty fraction of it."""
+    clonectl(state, "clone", "fracture", "c1")
+    dirty_clone(clone_uri, size, fraction)
+    return clone_status(state)["extents_dirty"]
+
+
+def wait_clone(state, timeout=3600):
+    """Wait until the running operation of c1 ends; it must succeed."""
+    deadline = time.monotonic() + timeout
+    while True:
+        st = clone_status(state)
+        if not (st["operation"] or {}).get("running"):
+            break
+        if time.monotonic() > deadline:
+            raise RuntimeError("operation still running: {}".format(st))
+        time.sleep(0.2)
+    if st["state"] != "synchronized":
+        raise RuntimeError("operation failed: {}".format(st))
+    return st
+
+
+def timed_operation(state, op):
+    """Run `clonectl clone OP c1 --wait`; return (engine s, CLI wall s)."""
+    t0 = time.monotonic()
+    clonectl(state, "clone", op, "c1", "--wait")
+    wall = time.monotonic() - t0
+    st = clone_status(state)
+    if st["state"] != "synchronized" or st["extents_dirty"]:
+        raise RuntimeError("{} did not complete: {}".format(op, st))
+    return st["operation"]["elapsed"], wall, st["operation"]["bytes_copied"]
+
+
+def timed_copy(image, dst, nbytes):
+    """The reference: cp (whole file) or dd (a part), fsync included."""
+    t0 = time.monotonic()
+    if nbytes >= os.path.getsize(image):
+        subprocess.run(["cp", "--sparse=never", image, dst], check=True)
+        subprocess.run(["sync", dst], check=True)
+    else:
+        subprocess.run(["dd", "if=" + image, "of=" + dst, "bs=1M",
+                        "count={}".format(max(1, nbytes >> 20)),
+                        "conv=notrunc,fsync", "status=none"], check=True)
+    elapsed = time.monotonic() - t0
+    os.unlink(dst)
+    return elapsed
+
+
+def run_clones_suite(args, size, workdir):
+    out = {"writes": {}, "copies": {}, "latency": {}}
+    plain = os.path.join(workdir, "plain.raw")
+    source = os.path.join(workdir, "source.raw")
+    make_image(plain, size)
+    make_image(source, size)
+    variants = ["clonectl", "clonectl+clone"]
+    try:
+        with Servers(workdir, plain, variants,
+                     images={"clonectl+clone": source}) as servers:
+            servers.start()
+            state = servers.states["clonectl+clone"]
+            sock = servers.sockets["clonectl+clone"]
+            clone_uri = "nbd+unix:///c1?socket=" + sock
+            src_uri = servers.uris["clonectl+clone"]
+
+            # 1. Writes with one synchronized clone against none.
+            for name, rw, bs, qd, target in CLONE_WRITES:
+                if args.only and args.only not in name:
+                    continue
+                samples = {v: [] for v in variants}
+                for rep in range(args.repeat):
+                    for v in rotate(variants, rep):
+                        samples[v].append(run_fio(servers.uris[v], rw, bs, qd,
+                                                  args.runtime, size))
+                    if clone_status(state)["state"] != "synchronized":
+                        raise RuntimeError("the clone fell out of sync")
+                row = {v: {k: statistics.median(s[k] for s in samples[v])
+                           for k in ("iops", "mbps", "p99_us")}
+                       for v in variants}
+                row["ratio"] = row["clonectl+clone"]["iops"] / \
+                    row["clonectl"]["iops"]
+                row["target"] = target
+                out["writes"][name] = row
+                print("{:<20} no clone {:.0f} IOPS, one clone {:.0f} IOPS, "
+                      "ratio {:.2f}".format(name, row["clonectl"]["iops"],
+                                            row["clonectl+clone"]["iops"],
+                                            row["ratio"]),
+                      file=sys.stderr, flush=True)
+
+            # 2. Sync and reverse sync of 10% / 100% dirty extents, and the
+            # copy of as many bytes by cp/dd on the same disk.
+            dst = os.path.join(workdir, "copy.raw")
+            samples = {(op, f): [] for op in ("sync", "reverse-sync", "cp")
+                       for f in FRACTIONS}
+            for rep in range(args.repeat):
+                for f in rotate(FRACTIONS, rep):
+                    for op in rotate(["sync", "reverse-sync", "cp"], rep):
+                        if op == "cp":
+                            t = timed_copy(source, dst, int(size * f))
+                            samples[(op, f)].append(
+                                {"engine": t, "wall": t,
+                                 "bytes": int(size * f), "dirty": None})
+                            continue
+                        dirty = prepare_dirty(state, clone_uri, size, f)
+                        engine, wall, nbytes = timed_operation(state, op)
+                        samples[(op, f)].append(
+                            {"engine": engine, "wall": wall,
+                             "bytes": nbytes, "dirty": dirty})
+                print("copies, repeat {}: {}".format(rep + 1, ", ".join(
+                    "{} {:.0f}% {:.2f}s".format(op, f * 100, s[-1]["engine"])
+                    for (op, f), s in sorted(samples.items()))),
+                    file=sys.stderr, flush=True)
+            for (op, f), s in samples.items():
+                out["copies"]["{} {:.0f}%".format(op, f * 100)] = {
+                    "op": op, "fraction": f,
+                    "engine_s": statistics.median(x["engine"] for x in s),
+                    "wall_s": statistics.median(x["wall"] for x in s),
+                    "bytes": statistics.median(x["bytes"] for x in s),
+                    "dirty_extents": s[0]["dirty"]}
+
+            # 3. Host read latency on the Source while the engine copies.
+            rate = int(size / (args.runtime + 3))
+            kinds = ["idle", "sync", "reverse-sync"]
+            samples = {k: [] for k in kinds}
+            overlap = {k: True for k in kinds}
+            for rep in range(args.repeat):
+                for k in rotate(kinds, rep):
+                    if k != "idle":
+                        prepare_dirty(state, clone_uri, size, 1.0)
+                        clonectl(state, "clone", k, "c1", "--rate", str(rate))
+                    samples[k].append(run_fio(src_uri, "randread", "4k", 1,
+                                              args.runtime, size))
+                    if k != "idle":
+                        st = clone_status(state)
+                        overlap[k] &= bool(st["operation"]["running"])
+                        wait_clone(state)
+                print("latency, repeat {}: {}".format(rep + 1, ", ".join(
+                    "{} p99 {:.0f} us".format(k, samples[k][-1]["p99_us"])
+                    for k in kinds)), file=sys.stderr, flush=True)
+            for k in kinds:
+                out["latency"][k] = {
+                    key: statistics.median(x[key] for x in samples[k])
+                    for key in ("iops", "p99_us")}
+                out["latency"][k]["overlap"] = overlap[k]
+            out["latency_rate"] = rate
+    finally:
+        for path in (plain, source):
+            os.unlink(path)
+    return out
+
+
+def print_clones_tables(res, args):
+    print("clonectl clones benchmark, {} ({} cores, {}), LU {}, fio nbd "
+          "engine, {} s x {} runs, medians".format(
+              time.strftime("%Y-%m-%d"), os.cpu_count(), platform.machine(),
+              args.size, args.runtime, args.repeat))
+    if res["writes"]:
+        print()
+        print("| writes to the Source | no clone IOPS | one synchronized clone "
+              "IOPS | ratio | target |")
+        print("|---|---|---|---|---|")
+        for name, row in res["writes"].items():
+            print("| {} | {:.0f} | {:.0f} | {:.2f} | >= {} |".format(
+                name, row["clonectl"]["iops"], row["clonectl+clone"]["iops"],
+                row["ratio"], row["target"]))
+    copies = res["copies"]
+    if copies:
+        print()
+        print("| copy | dirty extents | bytes | engine s | CLI --wait s | "
+              "cp/dd s | ratio cp/engine | time vs 100% |")
+        print("|---|---|---|---|---|---|---|---|")
+        for op in ("sync", "reverse-sync"):
+            for f in FRACTIONS:
+                key = "{} {:.0f}%".format(op, f * 100)
+                ref = copies["cp {:.0f}%".format(f * 100)]
+                full = copies["{} 100%".format(op)]
+                row = copies[key]
+                print("| {} | {} | {} | {:.2f} | {:.2f} | {:.2f} | {:.2f} | "
+                      "{:.2f} |".format(
+                          key, row["dirty_extents"], fmt_bytes(row["bytes"]),
+                          row["engine_s"], row["wall_s"], ref["engine_s"],
+                          ref["engine_s"] / row["engine_s"],
+                          row["engine_s"] / full["engine_s"]))
+        print()
+        print("engine s: the operation's own elapsed time (clone status); CLI "
+              "--wait s adds the CLI's 0.5 s polling. cp/dd: `cp` of the whole "
+              "file (100%) or `dd bs=1M` of a contiguous part (10%), fsync "
+              "included. Targets: ratio >= 0.8 at 100%, time proportional to "
+              "the dirty fraction.")
+    lat = res["latency"]
+    if lat:
+        print()
+        print("| 4K randread QD1 on the Source | IOPS | p99 us | p99 vs idle |")
+        print("|---|---|---|---|")
+        for k in ("idle", "sync", "reverse-sync"):
+            label = "idle" if k == "idle" else "during {} (--rate {}/s){}" \
+                .format(k, fmt_bytes(res["latency_rate"]),
+                        "" if lat[k]["overlap"] else ", ended early")
+            print("| {} | {:.0f} | {:.0f} | {:.2f} |".format(
+                label, lat[k]["iops"], lat[k]["p99_us"],
+                lat[k]["p99_us"] / lat["idle"]["p99_us"]
+                if lat["idle"]["p99_us"] else 0))
+
+
+def fmt_bytes(n):
+    for unit, factor in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if n >= factor:
+            return "{:.0f}{}".format(n / factor, unit)
+    return str(int(n))
 
 
 def print_row(name, row, variants, base, file):

@@ -197,12 +197,28 @@ def lu_delete(ctx, name):
 
 # Operations that run an engine need the target process; the others can be
 # carried out by a short-lived target in this process when no server runs.
-_NEED_SERVER = {"clone_sync", "clone_reverse_sync"}
+_NEED_SERVER = {"clone_sync", "clone_reverse_sync", "clone_restore"}
+
+
+def _control_call(ctx, op, patience=15.0, **args):
+    """A control request, retried while the target restarts (the manager
+    restarts a dead nbdkit, which then resumes its work)."""
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            return control.call(ctx.state_dir.control_socket, op, **args)
+        except (OSError, errors.ProtocolError) as e:
+            if time.monotonic() > deadline:
+                raise errors.Reported(
+                    message="the target of {} does not answer ({}); see {}"
+                    .format(ctx.state_dir.path, e,
+                            ctx.state_dir.serve_log_file))
+            time.sleep(0.5)
 
 
 def _target_call(ctx, op, **args):
     if server.read_serve_info(ctx.state_dir):
-        return control.call(ctx.state_dir.control_socket, op, **args)
+        return _control_call(ctx, op, **args)
     if op in _NEED_SERVER:
         raise errors.ServerNotRunning(state_dir=ctx.state_dir.path)
     from .service import Target
@@ -235,25 +251,12 @@ def _clone_line(st):
                     coll=op.get("collisions", 0)))
 
 
-def _status_across_restarts(ctx, name, patience=60.0):
-    """clone_status, retried while the server restarts (it resumes work)."""
-    deadline = time.monotonic() + patience
-    while True:
-        try:
-            return control.call(ctx.state_dir.control_socket, "clone_status",
-                                clone=name)
-        except (OSError, errors.ProtocolError):
-            if time.monotonic() > deadline:
-                raise errors.ServerNotRunning(state_dir=ctx.state_dir.path)
-            time.sleep(0.5)
-
-
 def _wait(ctx, name, target_state):
     """Follow an operation until it ends; exit 1 unless target_state."""
     tty = sys.stdout.isatty()
     last = None
     while True:
-        st = _status_across_restarts(ctx, name)
+        st = _control_call(ctx, "clone_status", patience=60.0, clone=name)
         running = (st.get("operation") or {}).get("running")
         if tty:
             total = st["extents_total"] or 1
@@ -286,6 +289,7 @@ def clone():
       synchronized  --fracture-->      fractured (exported under its own name)
       fractured     --sync-->          syncing (copies only changed extents)
       fractured     --reverse-sync-->  reverse-syncing --> synchronized
+      fractured     --restore-->       restoring --> fractured (clone untouched)
     While synchronized, syncing or reverse-syncing, host writes to the Source
     are written to the clone too before they are acknowledged. Only one
     sync or reverse sync runs per Source at a time. sync and reverse-sync
@@ -366,6 +370,15 @@ def clone_status(ctx, name, as_json):
     click.echo(_clone_line(st))
     if st.get("error"):
         click.echo("  error: " + st["error"])
+    restore = st.get("restore")
+    if restore:
+        click.echo("  restore: {} extents pending, {} protected (written by "
+                   "hosts); copy on demand: {} requests, {} extents, queue "
+                   "{}, wait p50 {} ms p99 {} ms".format(
+                       restore["pending_extents"],
+                       restore["protected_extents"], restore["cod_requests"],
+                       restore["cod_extents"], restore["cod_queue_depth"],
+                       restore["cod_wait_p50_ms"], restore["cod_wait_p99_ms"]))
     op = st.get("operation")
     if op:
         click.echo("  last operation: {} ({}), retries {}".format(
@@ -437,6 +450,37 @@ def clone_reverse_sync(ctx, name, wait, rate):
         name, st["extents_dirty"]))
     if wait:
         _wait(ctx, name, "synchronized")
+
+
+@clone.command("restore")
+@click.argument("name")
+@click.option("--full", is_flag=True,
+              help="Restore every extent, not only those that differ.")
+@click.option("--wait", is_flag=True,
+              help="Wait until the restore completes, showing progress; exit "
+                   "1 if it fails.")
+@click.option("--rate", metavar="BYTES", help=_RATE_HELP)
+@pass_ctx
+@handle_errors
+def clone_restore(ctx, name, full, wait, rate):
+    """Protected restore of the Source from fractured clone NAME.
+
+    The Source shows the clone's data at once: a host read or write of an
+    extent not yet copied first has it copied from the clone (copy on
+    demand) while the background copy runs from start to end. The clone is
+    never modified by the restore; it stays exported, and a write to it
+    first restores the extent to the Source, so the Source still gets the
+    clone's point-in-time data. Extents hosts write to the Source are never
+    copied over. When done the clone stays fractured and its Delta Map holds
+    the extents written during the restore. After a crash the restore
+    resumes by itself when the server starts.
+    """
+    st = _target_call(ctx, "clone_restore", clone=name, full=full, rate=rate)
+    pending = (st.get("restore") or {}).get("pending_extents", 0)
+    click.echo("{}: protected restore started, {} extents to copy".format(
+        name, pending))
+    if wait:
+        _wait(ctx, name, "fractured")
 
 
 # ---------------------------------------------------------------- serve

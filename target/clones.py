@@ -43,12 +43,32 @@ the newer data where the engine will copy it from.
 Fracture quiesces: new writes wait while writes in flight drain, so no
 write is half-mirrored at the fracture point.
 
+Protected restore (seed 000 figures 4-9, seed 002).  The clone is never
+written by the restore; the engine copies Clone -> Source the extents set in
+the clone's Delta Map and not in the Protected Restore Map (PRM).  A host
+read or write of the Source (or a write to the restoring clone's export)
+that touches such an extent first has it copied (copy on demand, COD) by the
+requesting thread.  The COD scoreboard (one byte per extent) says which
+extents are being copied right now, by the engine or by a COD: an extent is
+claimed in it under the group lock, so it is never copied twice, and a
+request waiting for extents claimed by someone else waits on the group's
+condition until *its* extents are done (the COD queue).  Host writes to the
+Source, and writes to the restoring clone's export, set PRM bits before
+their data is written; the PRM is made durable at every flush, FUA write and
+commit, so a flushed host write is never overwritten by a resumed restore.
+When no extent is left to copy, the PRM becomes the clone's Delta Map and
+the clone stays fractured.  The scoreboard claim is what seed 002's
+per-track exclusive lock provides: while an extent is copied nobody reads
+or writes it on either side; afterwards no lock is needed, because the
+extent is never copied again.
+
 Deliberately ignored: trim on a Source with clones is carried out as a
 zero on every side (a trim may leave old data on one side and zeroes on the
 other, which would be a divergence the maps do not show); the engine copies
 one run at a time (serially, as the seed describes).
 """
 
+import collections
 import errno
 import logging
 import os
@@ -64,7 +84,9 @@ SYNCING = "syncing"
 SYNCHRONIZED = "synchronized"
 FRACTURED = "fractured"
 REVERSE_SYNCING = "reverse-syncing"
-STATES = (OUT_OF_SYNC, SYNCING, SYNCHRONIZED, FRACTURED, REVERSE_SYNCING)
+RESTORING = "restoring"
+STATES = (OUT_OF_SYNC, SYNCING, SYNCHRONIZED, FRACTURED, REVERSE_SYNCING,
+          RESTORING)
 
 # (state, event) -> next state.  Anything not listed is refused.
 TRANSITIONS = {
@@ -81,13 +103,20 @@ TRANSITIONS = {
     (REVERSE_SYNCING, "reverse-sync"): REVERSE_SYNCING,
     (REVERSE_SYNCING, "completed"): SYNCHRONIZED,
     (REVERSE_SYNCING, "failed"): REVERSE_SYNCING,
+    # Protected restore: the clone is never written by the restore and
+    # stays fractured (and exported) throughout.
+    (FRACTURED, "restore"): RESTORING,
+    (RESTORING, "restore"): RESTORING,
+    (RESTORING, "completed"): FRACTURED,
+    (RESTORING, "failed"): RESTORING,
     (OUT_OF_SYNC, "remove"): None,
     (SYNCHRONIZED, "remove"): None,
     (FRACTURED, "remove"): None,
 }
 
 MIRRORED = (SYNCING, SYNCHRONIZED, REVERSE_SYNCING)
-RUNNING = (SYNCING, REVERSE_SYNCING)
+RUNNING = (SYNCING, REVERSE_SYNCING, RESTORING)
+EXPORTED = (FRACTURED, RESTORING)
 
 MAX_CLONES = 8
 MIN_GRANULARITY = 2 << 10
@@ -101,6 +130,7 @@ _HINTS = {
     "fracture": "only a synchronized clone can be fractured",
     "sync": "sync needs an out-of-sync or fractured clone",
     "reverse-sync": "reverse sync needs a fractured clone",
+    "restore": "a protected restore needs a fractured clone",
     "remove": "wait until the operation has finished",
 }
 
@@ -152,6 +182,7 @@ class Clone:
         self.delta = delta
         self.file = file
         self.error = None
+        self.rate = None  # bytes/s of the running operation, kept on resume
         # A reverse sync that failed keeps its state (reads stay redirected)
         # but is not resumed until asked to (or the target restarts).
         self.paused = False
@@ -225,6 +256,48 @@ class Progress:
         }
 
 
+class CodStats:
+    """Copy-on-demand counters: how often and how long hosts waited."""
+
+    def __init__(self):
+        self.requests = 0
+        self.extents = 0
+        self.queued = 0
+        self.waits = collections.deque(maxlen=4096)
+
+    def record(self, seconds, extents):
+        self.requests += 1
+        self.extents += extents
+        self.waits.append(seconds)
+
+    def to_dict(self):
+        waits = sorted(self.waits)
+
+        def pct(p):
+            if not waits:
+                return None
+            return round(waits[min(len(waits) - 1, int(p * len(waits)))] * 1e3,
+                         3)
+        return {"cod_requests": self.requests, "cod_extents": self.extents,
+                "cod_queue_depth": self.queued, "cod_wait_p50_ms": pct(0.5),
+                "cod_wait_p99_ms": pct(0.99)}
+
+
+def _all_data(offset, length):
+    return [(offset, length, False)]
+
+
+def _runs_of(extents):
+    """Sorted extent numbers -> [(start, end)) runs of consecutive ones."""
+    out = []
+    for e in extents:
+        if out and out[-1][1] == e:
+            out[-1][1] = e + 1
+        else:
+            out.append([e, e + 1])
+    return [tuple(r) for r in out]
+
+
 class CloneGroup:
     """A Source LU and its clones, with their maps and the sync engine.
 
@@ -239,7 +312,8 @@ class CloneGroup:
         self.extents = maps.extent_count(self.size, granularity)
         self.region = max(1, ACTIVITY_REGION // granularity)
         self.map_dir = map_dir
-        self.persist = persist or (lambda name, state, error=None: None)
+        self.persist = persist or (lambda name, state, error=None, rate=None:
+                                   None)
         self.clones = {}
         self.cond = threading.Condition(threading.Lock())
         self.commit_lock = threading.Lock()
@@ -256,6 +330,14 @@ class CloneGroup:
         self.last_commit = 0.0
         self.engine = None
         self.progress = {}
+        # Protected restore.
+        self.restoring = None
+        self.prm = bytearray(self.extents)
+        self.prm_file = maps.ActivityFile(
+            os.path.join(map_dir, source.name + ".prm"), granularity,
+            self.extents)
+        self.scoreboard = bytearray(self.extents)
+        self.cod = CodStats()
         # Test hook: called by the engine between reading and writing a run.
         self.copy_hook = None
         # Tests switch this off to show what the retry protects against.
@@ -282,6 +364,7 @@ class CloneGroup:
         for name, record in clone_records.items():
             clone = Clone(self, name, open_backend(record), record["state"],
                           None, record.get("file"))
+            clone.rate = record.get("rate")
             try:
                 delta = maps.load(clone.map_path, self.granularity,
                                   self.extents)
@@ -294,6 +377,9 @@ class CloneGroup:
                 maps.set_range(delta, s, e)
             clone.delta = delta
             self.clones[name] = clone
+        for clone in self.clones.values():
+            if clone.state == RESTORING:
+                self._recover_restore(clone, problems)
         # Every extent recovered as dirty is now in a delta map: commit them
         # and start a clean activity map.
         self.activity_file.reset(self.activity)
@@ -304,6 +390,22 @@ class CloneGroup:
         if self.clones:
             self.attach()
         return problems
+
+    def _recover_restore(self, clone, problems):
+        self.restoring = clone
+        try:
+            self.prm = maps.load(self.prm_file.path, self.granularity,
+                                 self.extents, with_crc=False)
+            self.prm_file.reset(self.prm)
+        except maps.MapCorrupt as e:
+            # Without the PRM we cannot tell which extents hosts wrote:
+            # copying would overwrite them.  Stop and say so.
+            msg = "{}; the restore cannot continue safely and is paused " \
+                  "(the Source holds a partial restore)".format(e)
+            problems.append((clone.name, msg))
+            clone.error = msg
+            clone.paused = True
+            self.prm = bytearray(b"\x01" * self.extents)
 
     def add_clone(self, name, backend, file=None):
         if len(self.clones) >= MAX_CLONES:
@@ -357,14 +459,23 @@ class CloneGroup:
 
     def detach(self):
         lu = self.source
-        for attr in ("write", "zero", "trim", "flush"):
+        for attr in ("write", "zero", "trim", "flush", "extents"):
             lu.__dict__.pop(attr, None)
         lu.read = lu.backend.readinto
 
     def _set_read_path(self):
-        redirect = any(c.state == REVERSE_SYNCING for c in self.clones.values())
-        self.source.read = self.redirected_read if redirect \
-            else self.source.backend.readinto
+        # While the Source shows a clone's data, its allocation says nothing
+        # about what a read returns: report data everywhere, or clients that
+        # skip holes (nbdcopy, qemu-img convert) would copy zeroes.
+        if any(c.state == REVERSE_SYNCING for c in self.clones.values()):
+            self.source.read = self.redirected_read
+            self.source.extents = _all_data
+        elif self.restoring is not None:
+            self.source.read = self.restore_read
+            self.source.extents = _all_data
+        else:
+            self.source.read = self.source.backend.readinto
+            self.source.__dict__.pop("extents", None)
 
     # ------------------------------------------------------------ states
 
@@ -378,7 +489,7 @@ class CloneGroup:
         self._check(clone, event)
         clone.state = TRANSITIONS[(clone.state, event)]
         clone.error = error
-        self.persist(clone.name, clone.state, error)
+        self.persist(clone.name, clone.state, error, clone.rate)
 
     def _check_group_idle(self, clone, event):
         for other in self.clones.values():
@@ -402,24 +513,64 @@ class CloneGroup:
 
     def _start(self, name, event, rate, run):
         clone = self.clones[name]
-        with self.cond:
+
+        def checks():
             self._check(clone, event)
             self._check_group_idle(clone, event)
             if clone.connections:
                 raise CloneInUse(event=event, name=name,
                                  count=clone.connections)
-            if event == "reverse-sync":
+
+        if event == "reverse-sync":
+            with self.cond:
+                checks()
                 self._prepare_restore(clone)
+            # The siblings' new bits are durable before the new state is,
+            # and so before the engine changes the Source under them.
+            self.commit()
+        with self.cond:
+            checks()
+            clone.rate = rate
             self._transition(clone, event)
             clone.paused = False
             self._set_read_path()
-        if event == "reverse-sync":
-            # The siblings' new bits must be durable before the engine
-            # changes the Source under them.
-            self.commit()
         return self._launch(clone, rate, run)
 
-    def _prepare_restore(self, clone):
+    def start_restore(self, name, full=False, rate=None, run=True):
+        """Protected restore of the Source from fractured clone name."""
+        clone = self.clones[name]
+        if self.source.readonly:
+            raise errors.ReadOnly(name=self.source.name)
+        if clone.backend.size != self.size:
+            raise errors.InvalidArgument(
+                reason="clone {!r} holds {} bytes and source {!r} {}: a "
+                       "restore needs equal sizes".format(
+                           name, clone.backend.size, self.source.name,
+                           self.size))
+        with self.cond:
+            self._check(clone, "restore")
+            self._check_group_idle(clone, "restore")
+            if clone.state != RESTORING:
+                if full:
+                    maps.set_range(clone.delta, 0, self.extents)
+                self.prm = bytearray(self.extents)
+                self.prm_file.reset(self.prm)
+            self._prepare_restore(clone, "restore")
+        # Maps first (the clone's and the siblings' new bits, an empty
+        # PRM), then the state: a crash in between leaves a fractured clone
+        # with extra bits, never a restore with bits missing.
+        self.commit()
+        with self.cond:
+            self._check(clone, "restore")
+            self._check_group_idle(clone, "restore")
+            self.restoring = clone
+            clone.rate = rate
+            self._transition(clone, "restore")
+            clone.paused = False
+            self._set_read_path()
+        return self._launch(clone, rate, run)
+
+    def _prepare_restore(self, clone, event="reverse-sync"):
         """Source extents about to change are dirty for every sibling.
 
         Siblings must not be mirrored: their copy of the Source would
@@ -427,7 +578,7 @@ class CloneGroup:
         """
         for other in self.clones.values():
             if other is not clone and other.state in MIRRORED:
-                raise SiblingsMirrored(event="reverse-sync", name=clone.name,
+                raise SiblingsMirrored(event=event, name=clone.name,
                                        other=other.name, state=other.state)
         for other in self.clones.values():
             if other is not clone:
@@ -435,7 +586,9 @@ class CloneGroup:
                     maps.set_range(other.delta, s, e)
 
     def _launch(self, clone, rate, run):
-        kind = "reverse-sync" if clone.state == REVERSE_SYNCING else "sync"
+        clone.rate = rate
+        kind = {REVERSE_SYNCING: "reverse-sync",
+                RESTORING: "restore"}.get(clone.state, "sync")
         self.progress[clone.name] = Progress(kind, clone.delta.count(1),
                                              self.granularity)
         self.engine = SyncEngine(self, clone, rate)
@@ -447,7 +600,7 @@ class CloneGroup:
         """Start the engine for a clone left syncing or reverse-syncing."""
         for clone in self.clones.values():
             if clone.state in RUNNING and not clone.paused:
-                self._launch(clone, None, run)
+                self._launch(clone, clone.rate, run)
                 return clone
 
     def fracture(self, name):
@@ -496,11 +649,14 @@ class CloneGroup:
                 self._mark_activity(e0, e1)
             mirrors = []
             if only is not None:
-                maps.set_range(only.delta, e0, e1)
+                maps.set_range(self.prm if only is self.restoring
+                               else only.delta, e0, e1)
             else:
                 for clone in self.clones.values():
                     if clone.state in MIRRORED:
                         mirrors.append(clone)
+                    elif clone is self.restoring:
+                        maps.set_range(self.prm, e0, e1)
                     else:
                         maps.set_range(clone.delta, e0, e1)
             return token, mirrors
@@ -523,12 +679,23 @@ class CloneGroup:
     def _mutate(self, offset, length, apply, fua):
         self.source._check_write(offset, length)
         e0, e1 = self._extent_range(offset, length)
+        if self.restoring is not None:
+            self.copy_on_demand(e0, e1)
         token, mirrors = self._begin(e0, e1)
         try:
             first = [c for c in mirrors if c.state == REVERSE_SYNCING]
             for clone in first:
                 apply(clone.backend)
-            apply(self.source.backend)
+            try:
+                apply(self.source.backend)
+            except OSError:
+                # The clone has the write, the Source maybe not: dirty, so
+                # the engine copies the extent (and reads come from the
+                # clone meanwhile).
+                with self.cond:
+                    for clone in first:
+                        maps.set_range(clone.delta, e0, e1)
+                raise
             for clone in mirrors:
                 if clone in first:
                     continue
@@ -537,6 +704,7 @@ class CloneGroup:
                 except OSError as e:
                     self._mirror_failed(clone, e0, e1, e)
             if fua:
+                self._persist_prm()
                 self.source.backend.flush()
                 for clone in mirrors:
                     clone.backend.flush()
@@ -555,6 +723,7 @@ class CloneGroup:
         self.source_zero(offset, length, may_trim=True, fua=fua)
 
     def source_flush(self):
+        self._persist_prm()
         self.source.backend.flush()
         for clone in list(self.clones.values()):
             if clone.state in MIRRORED:
@@ -590,13 +759,22 @@ class CloneGroup:
         if offset < 0 or length < 0 or offset + length > self.size:
             raise errors.OutOfRange(name=clone.name, offset=offset,
                                     length=length, size=self.size)
-        if clone.state != FRACTURED:
+        if clone.state not in EXPORTED:
             raise errors.ReadOnly(name=clone.name)
         e0, e1 = self._extent_range(offset, length)
+        if clone is self.restoring:
+            # Seed 002: the Source first gets the clone's point-in-time
+            # data for these extents, then the clone write lands.
+            self.copy_on_demand(e0, e1)
         token, _ = self._begin(e0, e1, only=clone)
         try:
+            if clone is self.restoring:
+                # Protect these extents before the clone changes: a resumed
+                # restore must never carry post-restore clone data over.
+                self._persist_prm()
             apply(clone.backend)
             if fua:
+                self._persist_prm()
                 clone.backend.flush()
         finally:
             self._end(token, e0, e1)
@@ -611,6 +789,103 @@ class CloneGroup:
             elif clone.state == SYNCING:
                 if self.engine is not None:
                     self.engine.stop(msg)
+
+    # ------------------------------------------------------------ restore
+
+    def _persist_prm(self):
+        if self.restoring is not None and self.prm_file.fd >= 0:
+            self.prm_file.persist(self.prm, 0, self.extents)
+
+    def _claim(self, clone, e0, e1):
+        """Claim in the scoreboard the extents of [e0, e1) still to copy.
+
+        Returns (claimed, busy): extents now ours to copy, and whether some
+        are being copied by somebody else.  Called holding cond.
+        """
+        delta, prm, board = clone.delta, self.prm, self.scoreboard
+        claimed, busy = [], False
+        e = delta.find(1, e0, e1)
+        while e >= 0:
+            if not prm[e]:
+                if board[e]:
+                    busy = True
+                else:
+                    board[e] = 1
+                    claimed.append(e)
+            e = delta.find(1, e + 1, e1)
+        return claimed, busy
+
+    def _copy_claimed(self, clone, claimed):
+        """Copy claimed extents Clone -> Source, then release them."""
+        g = self.granularity
+        copied = False
+        try:
+            with self.cond:
+                for e in claimed:
+                    self.track[e] = 1
+            for s, e in _runs_of(claimed):
+                offset = s * g
+                length = min(e * g, self.size) - offset
+                buf = bytearray(length)
+                clone.backend.readinto(buf, offset)
+                if self.copy_hook is not None:
+                    self.copy_hook(None, s, e)
+                self.source.backend.write(buf, offset)
+            copied = True
+        finally:
+            with self.cond:
+                for e in claimed:
+                    self.scoreboard[e] = 0
+                    self.track[e] = 1
+                    if copied:
+                        clone.delta[e] = 0
+                self.cond.notify_all()
+
+    def copy_on_demand(self, e0, e1):
+        """Wait until no extent of [e0, e1) is left to restore.
+
+        Extents nobody copies yet are copied here, by the requesting
+        thread; extents the engine or another request is copying are waited
+        for.  Returns at once when nothing in the range is pending.
+        """
+        clone = self.restoring
+        if clone is None or clone.delta.find(1, e0, e1) < 0:
+            return
+        started = time.monotonic()
+        waited = copies = 0
+        with self.cond:
+            self.cod.queued += 1
+        try:
+            while True:
+                with self.cond:
+                    claimed, busy = self._claim(clone, e0, e1)
+                    if not claimed:
+                        if not busy:
+                            break
+                        waited += 1
+                        self.cond.wait(1.0)
+                        continue
+                self._copy_claimed(clone, claimed)
+                copies += len(claimed)
+        finally:
+            with self.cond:
+                self.cod.queued -= 1
+        if copies or waited:
+            self.cod.record(time.monotonic() - started, copies)
+
+    def restore_read(self, buf, offset):
+        e0, e1 = self._extent_range(offset, len(buf))
+        self.copy_on_demand(e0, e1)
+        self.source.backend.readinto(buf, offset)
+
+    def pending_restore(self):
+        """Extents still to copy: set in the Delta Map, not in the PRM."""
+        clone = self.restoring
+        if clone is None:
+            return 0
+        delta = int.from_bytes(clone.delta, "little")
+        prm = int.from_bytes(self.prm, "little")
+        return (delta & ~prm).bit_count()
 
     # ------------------------------------------------------------ commits
 
@@ -629,6 +904,7 @@ class CloneGroup:
                 clone.backend.flush()
             for clone in clones:
                 maps.save(clone.map_path, bytes(clone.delta), self.granularity)
+            self._persist_prm()
             with self.cond:
                 keep = bytearray(self.track)
                 for e0, e1 in self.active.values():
@@ -658,11 +934,15 @@ class CloneGroup:
             "extents_total": self.extents,
             "extents_dirty": dirty,
             "bytes_dirty": min(self.size, dirty * self.granularity),
-            "exported": clone.state == FRACTURED,
+            "exported": clone.state in EXPORTED,
             "connections": clone.connections,
             "error": clone.error,
             "operation": None,
         }
+        if clone is self.restoring:
+            st["restore"] = {"pending_extents": self.pending_restore(),
+                             "protected_extents": self.prm.count(1)}
+            st["restore"].update(self.cod.to_dict())
         progress = self.progress.get(clone.name)
         if progress is not None:
             st["operation"] = progress.to_dict(dirty)
@@ -682,6 +962,7 @@ class CloneGroup:
         if self.clones:
             self.commit()
         self.activity_file.close()
+        self.prm_file.close()
         for clone in self.clones.values():
             clone.backend.close()
 
@@ -697,6 +978,7 @@ class SyncEngine:
         self.group = group
         self.clone = clone
         self.reverse = clone.state == REVERSE_SYNCING
+        self.restore = clone.state == RESTORING
         self.rate = rate
         self.cursor = 0
         self.chunk = max(1, COPY_CHUNK // group.granularity)
@@ -734,6 +1016,8 @@ class SyncEngine:
                         self.group.resume()
                         return
                     continue
+                # Keep the progress: a kill -9 resumes from the last commit.
+                self.group.maybe_commit()
                 self._throttle(progress)
             if self.stop_reason:
                 self.fail(self.stop_reason)
@@ -753,6 +1037,8 @@ class SyncEngine:
 
     def step(self):
         """Copy the next dirty run; return False when none is left."""
+        if self.restore:
+            return self._restore_step()
         delta = self.clone.delta
         s = delta.find(1, self.cursor)
         if s < 0:
@@ -765,6 +1051,41 @@ class SyncEngine:
         self.copy_run(s, e)
         self.cursor = e
         return True
+
+    def _restore_step(self):
+        group = self.group
+        with group.cond:
+            claimed = self._claim_next()
+            if not claimed:
+                if group.pending_restore() == 0:
+                    return False
+                group.cond.wait(0.05)  # the rest is being copied on demand
+                return True
+        group._copy_claimed(self.clone, claimed)
+        g = group.granularity
+        group.progress[self.clone.name].bytes_copied += \
+            min(self.group.size, (claimed[-1] + 1) * g) - claimed[0] * g
+        self.cursor = claimed[-1] + 1
+        return True
+
+    def _claim_next(self):
+        """Claim the next run to restore from the cursor (holding cond)."""
+        delta, prm, board = self.clone.delta, self.group.prm, \
+            self.group.scoreboard
+        e = -1
+        for start in (self.cursor, 0):
+            e = delta.find(1, start)
+            while e >= 0 and (prm[e] or board[e]):
+                e = delta.find(1, e + 1)
+            if e >= 0:
+                break
+        claimed = []
+        while 0 <= e < len(delta) and len(claimed) < self.chunk and \
+                delta[e] and not prm[e] and not board[e]:
+            board[e] = 1
+            claimed.append(e)
+            e += 1
+        return claimed
 
     def copy_run(self, s, e):
         group = self.group
@@ -802,6 +1123,8 @@ class SyncEngine:
             progress.retries += 1
 
     def finish(self):
+        if self.restore:
+            return self._finish_restore()
         group = self.group
         group.commit()
         with group.cond:
@@ -812,6 +1135,29 @@ class SyncEngine:
             self.active = False
         log.info("clone %s: %s completed", self.clone.name,
                  "reverse sync" if self.reverse else "sync")
+        return True
+
+    def _finish_restore(self):
+        """The PRM becomes the clone's Delta Map; the clone stays fractured.
+
+        The hand-over happens under the group lock, so a host write either
+        set a PRM bit before it (and is in the new Delta Map) or sees the
+        clone fractured and sets the Delta Map bit itself.
+        """
+        group, clone = self.group, self.clone
+        with group.cond:
+            if group.pending_restore():
+                return False
+            clone.delta[:] = group.prm
+            group.restoring = None
+            group._check(clone, "completed")
+            clone.state = TRANSITIONS[(clone.state, "completed")]
+            clone.error = None
+            group._set_read_path()
+            self.active = False
+        group.commit()
+        group.persist(clone.name, clone.state, None, None)
+        log.info("clone %s: protected restore completed", clone.name)
         return True
 
     def fail(self, message):

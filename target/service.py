@@ -194,12 +194,13 @@ class Target:
         self.groups[lu.name] = group
 
     def _persist_clone(self, source):
-        def persist(name, clone_state, error=None):
+        def persist(name, clone_state, error=None, rate=None):
             with self.state_dir.locked():
                 doc = self.state_dir.load()
                 rec = doc["lus"][source]["clones"][name]
                 rec["state"] = clone_state
                 rec["error"] = error
+                rec["rate"] = rate
                 self.state_dir.save(doc)
         return persist
 
@@ -222,7 +223,7 @@ class Target:
         out = {n: lu for n, lu in self.lus.items() if lu.healthy}
         for group in self.groups.values():
             for name, clone in group.clones.items():
-                if clone.state == clones.FRACTURED:
+                if clone.state in clones.EXPORTED:
                     out[name] = clone.export
         return out
 
@@ -394,6 +395,11 @@ class Target:
         group.start_reverse_sync(clone, rate=_rate(rate))
         return group.clone_status(c)
 
+    def clone_restore(self, clone, full=False, rate=None):
+        group, c = self._clone(clone)
+        group.start_restore(clone, full=bool(full), rate=_rate(rate))
+        return group.clone_status(c)
+
     def clone_fracture(self, clone):
         group, c = self._clone(clone)
         group.fracture(clone)
@@ -412,6 +418,7 @@ class Target:
             "clone_sync": self.clone_sync,
             "clone_reverse_sync": self.clone_reverse_sync,
             "clone_fracture": self.clone_fracture,
+            "clone_restore": self.clone_restore,
             "prepare_stop": self.prepare_stop,
         }
 

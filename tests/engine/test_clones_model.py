@@ -11,7 +11,12 @@ byte-level reference model after every step:
 - for every clone, an extent whose Delta Map bit is clear is identical on
   Source and clone (so a sync that copies only set bits makes them equal);
 - clone states follow the transition table; refused operations change
-  nothing.
+  nothing;
+- protected restore: the restoring clone never changes except by writes
+  to its own export; the Source shows the clone's data overlaid by host
+  writes; after a crash, host writes that were flushed are still there
+  (unflushed ones may be replaced by the clone's data: NBD allows losing
+  unflushed writes).
 
 Crashes are a process kill: an exception raised at the N-th backend or map
 operation that no code may catch; the group is dropped without cleanup and
@@ -106,7 +111,9 @@ class CloneMachine(RuleBasedStateMachine):
         self.mem_clones = {n: backends.MemoryBackend(SIZE) for n in NAMES}
         self.persisted = {}
         self.saved_commit_interval = clones.COMMIT_INTERVAL
-        clones.COMMIT_INTERVAL = 0.0
+        # Commits only where the rules ask (commit rule, end of an
+        # operation), so flush-time persistence is tested on its own.
+        clones.COMMIT_INTERVAL = 1e9
         self._patch_io()
         # The model.
         self.S = bytearray(SIZE)
@@ -114,6 +121,9 @@ class CloneMachine(RuleBasedStateMachine):
         self.states = {}
         self.engine = None
         self.group = None
+        # Source extents written since the PRM was last made durable, while
+        # a protected restore runs.
+        self.unflushed = set()
 
     def _patch_io(self):
         countdown = self.countdown
@@ -143,7 +153,7 @@ class CloneMachine(RuleBasedStateMachine):
 
     # ------------------------------------------------------------ plumbing
 
-    def _persist(self, name, state, error=None):
+    def _persist(self, name, state, error=None, rate=None):
         self.persisted[name] = state
 
     def _new_group(self):
@@ -170,10 +180,23 @@ class CloneMachine(RuleBasedStateMachine):
         self.lu, self.group = self._new_group()
         records = {n: {"state": self.persisted[n], "file": n} for n in NAMES}
         self.countdown.left = None
+        before = dict(self.states)
         self.group.load(records, lambda rec: CrashingBackend(
             self.mem_clones[rec["file"]], self.countdown))
         for n in NAMES:
+            now = self.group.clones[n].state
+            if now in (clones.REVERSE_SYNCING, clones.RESTORING) and \
+                    before[n] != now:
+                # The start was persisted just before the crash: the Source
+                # shows the clone from now on.
+                self.S = bytearray(self.C[n])
+        for n in NAMES:
             self.states[n] = self.group.clones[n].state
+        for e in sorted(self.unflushed):
+            buf = bytearray(GRAN)
+            self.lu.read(buf, e * GRAN)
+            self.S[e * GRAN:(e + 1) * GRAN] = buf
+        self.unflushed.clear()
         if touched is not None:
             s, e = touched
             # The request that was cut short is unacknowledged: whatever
@@ -182,7 +205,7 @@ class CloneMachine(RuleBasedStateMachine):
             self.lu.read(buf, s)
             self.S[s:e] = buf
             for n in NAMES:
-                if self.states[n] == clones.FRACTURED:
+                if self.states[n] in clones.EXPORTED:
                     self.C[n][s:e] = self.mem_clones[n].data[s:e]
         for n in NAMES:
             if self.states[n] in clones.MIRRORED:
@@ -211,9 +234,15 @@ class CloneMachine(RuleBasedStateMachine):
     def write_source(self, offset, length, seed, fua):
         length = min(length, SIZE - offset)
         data = data_for(seed, length)
+        restoring = self._restoring()
+        if restoring:
+            self.unflushed.update(range(offset // GRAN,
+                                        (offset + length - 1) // GRAN + 1))
         ok, _ = self.attempt(lambda: self.lu.write(data, offset, fua),
                              touched=(offset, offset + length))
         if ok:
+            if fua:
+                self.unflushed.clear()
             self.S[offset:offset + length] = data
             for n in NAMES:
                 if self.states[n] in clones.MIRRORED:
@@ -222,6 +251,9 @@ class CloneMachine(RuleBasedStateMachine):
     @rule(offset=st.integers(0, SIZE - 1), length=st.integers(1, 3 * GRAN))
     def zero_source(self, offset, length):
         length = min(length, SIZE - offset)
+        if self._restoring():
+            self.unflushed.update(range(offset // GRAN,
+                                        (offset + length - 1) // GRAN + 1))
         ok, _ = self.attempt(lambda: self.lu.zero(offset, length),
                              touched=(offset, offset + length))
         if ok:
@@ -236,7 +268,7 @@ class CloneMachine(RuleBasedStateMachine):
         length = min(length, SIZE - offset)
         data = data_for(seed, length)
         export = self.group.clones[name].export
-        if self.states[name] != clones.FRACTURED:
+        if self.states[name] not in clones.EXPORTED:
             try:
                 export.write(data, offset)
             except errors.ReadOnly:
@@ -249,11 +281,51 @@ class CloneMachine(RuleBasedStateMachine):
 
     @rule()
     def flush(self):
-        self.attempt(self.lu.flush)
+        ok, _ = self.attempt(self.lu.flush)
+        if ok:
+            self.unflushed.clear()
 
     @rule()
     def commit(self):
-        self.attempt(self.group.commit)
+        ok, _ = self.attempt(self.group.commit)
+        if ok:
+            self.unflushed.clear()
+
+    @rule(offset=st.integers(0, SIZE - 1), length=st.integers(1, 3 * GRAN))
+    def read_source(self, offset, length):
+        """A real host read: during a restore it copies on demand."""
+        length = min(length, SIZE - offset)
+        buf = bytearray(length)
+        ok, _ = self.attempt(lambda: self.lu.read(buf, offset))
+        if ok:
+            assert buf == self.S[offset:offset + length]
+
+    def _restoring(self):
+        return any(s == clones.RESTORING for s in self.states.values())
+
+    @rule(name=st.sampled_from(NAMES), full=st.booleans())
+    def start_restore(self, name, full):
+        busy = any(self.states[n] in clones.RUNNING for n in NAMES
+                   if n != name) or (self.engine is not None and
+                                     self.states[name] in clones.RUNNING)
+        allowed = self.states[name] in (clones.FRACTURED, clones.RESTORING) \
+            and not any(self.states[n] in clones.MIRRORED for n in NAMES
+                        if n != name)
+        try:
+            ok, eng = self.attempt(lambda: self.group.start_restore(
+                name, full=full, run=False))
+        except (clones.InvalidTransition, clones.GroupBusy,
+                clones.AlreadyRunning, clones.SiblingsMirrored):
+            assert not allowed or busy
+            return
+        assert allowed and not busy
+        if ok:
+            self.engine = eng
+            eng.chunk = 3
+            if self.states[name] != clones.RESTORING:
+                self.unflushed.clear()
+            self.states[name] = clones.RESTORING
+            self.S = bytearray(self.C[name])
 
     @rule(name=st.sampled_from(NAMES))
     def fracture(self, name):
@@ -300,6 +372,21 @@ class CloneMachine(RuleBasedStateMachine):
                 self.C[name] = bytearray(self.S)
 
     @rule(name=st.sampled_from(NAMES))
+    def sync_then_fracture(self, name):
+        """A composite of the primitive rules (start, steps to the end,
+        fracture) so that restores of fractured clones are reached often."""
+        if self.engine is not None or self.states[name] not in (
+                clones.OUT_OF_SYNC, clones.FRACTURED):
+            return
+        self._start(name, reverse=False)
+        for _ in range(3 * EXTENTS):
+            if self.engine is None:
+                break
+            self.engine_steps(4)
+        if self.states[name] == clones.SYNCHRONIZED:
+            self.fracture(name)
+
+    @rule(name=st.sampled_from(NAMES))
     def start_sync(self, name):
         self._start(name, reverse=False)
 
@@ -318,7 +405,10 @@ class CloneMachine(RuleBasedStateMachine):
             if not more:
                 ok, done = self.attempt(eng.finish)
                 if ok and done:
-                    self.states[eng.clone.name] = clones.SYNCHRONIZED
+                    self.states[eng.clone.name] = clones.FRACTURED \
+                        if eng.restore else clones.SYNCHRONIZED
+                    if eng.restore:
+                        self.unflushed.clear()
                     self.engine = None
                     nxt = self.group.resume(run=False)
                     if nxt is not None:
@@ -331,6 +421,8 @@ class CloneMachine(RuleBasedStateMachine):
           seed=st.integers(0, 1 << 30))
     def engine_step_with_colliding_write(self, offset, length, seed):
         """A host write lands between the engine's read and its write."""
+        if self._restoring():
+            return  # restore copies are exclusive: see the scenario tests
         eng = self.engine
         delta = eng.clone.delta
         s = delta.find(1, eng.cursor)
@@ -366,14 +458,23 @@ class CloneMachine(RuleBasedStateMachine):
     # ------------------------------------------------------------ invariants
 
     @invariant()
-    def source_reads_match_model(self):
+    def source_content_matches_model(self):
+        """What a host read of the Source returns, derived from the
+        backends and maps without reading through the target (a read
+        during a restore copies on demand and would change the state)."""
         if self.group is None:
             return
-        buf = bytearray(SIZE)
-        saved, self.countdown.left = self.countdown.left, None
-        self.lu.read(buf, 0)
-        self.countdown.left = saved
-        assert buf == self.S
+        shown = bytearray(self.mem_src.data)
+        for n in NAMES:
+            c = self.group.clones[n]
+            if c.state == clones.REVERSE_SYNCING or \
+                    c is self.group.restoring:
+                for e in range(EXTENTS):
+                    if c.delta[e] and not (c is self.group.restoring and
+                                           self.group.prm[e]):
+                        a, b = e * GRAN, (e + 1) * GRAN
+                        shown[a:b] = self.mem_clones[n].data[a:b]
+        assert shown == self.S
 
     @invariant()
     def clean_extents_are_equal(self):
@@ -382,6 +483,8 @@ class CloneMachine(RuleBasedStateMachine):
         src = self.mem_src.data
         for n in NAMES:
             delta = self.group.clones[n].delta
+            if self.group.clones[n] is self.group.restoring:
+                delta = bytes(a | b for a, b in zip(delta, self.group.prm))
             cl = self.mem_clones[n].data
             for e in range(EXTENTS):
                 if not delta[e]:
@@ -395,7 +498,7 @@ class CloneMachine(RuleBasedStateMachine):
         if self.group is None:
             return
         for n in NAMES:
-            if self.states[n] == clones.FRACTURED:
+            if self.states[n] in clones.EXPORTED:
                 assert self.mem_clones[n].data == self.C[n]
 
     @invariant()

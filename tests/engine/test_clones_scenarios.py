@@ -27,7 +27,7 @@ class Harness:
             self.group.add_clone(n, self.mem[n])
             self.states[n] = clones.OUT_OF_SYNC
 
-    def _persist(self, name, state, error=None):
+    def _persist(self, name, state, error=None, rate=None):
         self.states[name] = state
 
     def _new(self):
