@@ -550,6 +550,8 @@ class CloneGroup:
         with self.cond:
             self._check(clone, "restore")
             self._check_group_idle(clone, "restore")
+            self._check_siblings_split(clone, "restore")
+            # Every check passed: only now change anything.
             if clone.state != RESTORING:
                 if full:
                     maps.set_range(clone.delta, 0, self.extents)
@@ -570,16 +572,19 @@ class CloneGroup:
             self._set_read_path()
         return self._launch(clone, rate, run)
 
+    def _check_siblings_split(self, clone, event):
+        for other in self.clones.values():
+            if other is not clone and other.state in MIRRORED:
+                raise SiblingsMirrored(event=event, name=clone.name,
+                                       other=other.name, state=other.state)
+
     def _prepare_restore(self, clone, event="reverse-sync"):
         """Source extents about to change are dirty for every sibling.
 
         Siblings must not be mirrored: their copy of the Source would
         silently stop being one as the engine rewrites the Source.
         """
-        for other in self.clones.values():
-            if other is not clone and other.state in MIRRORED:
-                raise SiblingsMirrored(event=event, name=clone.name,
-                                       other=other.name, state=other.state)
+        self._check_siblings_split(clone, event)
         for other in self.clones.values():
             if other is not clone:
                 for s, e in maps.runs(clone.delta):
