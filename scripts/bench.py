@@ -13,7 +13,19 @@ qemu-nbd, serving the same file.
   3. 4 KiB random read latency (p99, QD1) on the Source while a sync or a
      reverse sync runs, against idle.
 
---suite all runs both.
+--suite restore: protected restore (issue 4), all in one run:
+  1. a 4 KiB read of the Source that needs a copy on demand (COD): p50/p99
+     of random 4 KiB reads at QD1, each in a different extent not restored
+     yet (a replayed fio iolog over the second half of the LU, while a
+     `restore --full --rate 1M` crawls through the first), against the same
+     reads of an idle Source and against one 64 KiB copy (the granularity:
+     pread of the clone + pwrite, in this process, on the same disk);
+  2. restore throughput of the whole LU (`restore --full`, no host I/O)
+     against `cp` of the same bytes, fsync included (target >= 0.8);
+  3. restore throughput while fio runs randrw 4 KiB QD16 on the Source, and
+     fio's IOPS during the restore against an idle Source.
+
+--suite all runs all three.
 
 Variants are measured alternately within each row and each row is
 repeated; the tables show medians.  This machine is noisy (±20-30% run to
@@ -25,6 +37,7 @@ import contextlib
 import json
 import os
 import platform
+import random
 import shutil
 import signal
 import statistics
@@ -165,9 +178,12 @@ def make_image(path, size):
 def main():
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--suite", choices=("nbd", "clones", "all"), default="nbd",
+    p.add_argument("--suite", choices=("nbd", "clones", "restore", "all"),
+                   default="nbd",
                    help="nbd: servers side by side; clones: clone overhead, "
-                        "sync speed and latency; all: both (default nbd)")
+                        "sync speed and latency; restore: protected restore "
+                        "COD latency and throughput; all: every suite "
+                        "(default nbd)")
     p.add_argument("--size", default="1G", help="image size (default 1G)")
     p.add_argument("--runtime", type=int, default=5,
                    help="seconds per fio run (default 5)")
@@ -194,7 +210,8 @@ def main():
     report = {}
     try:
         for suite, run in (("nbd", run_nbd_suite),
-                           ("clones", run_clones_suite)):
+                           ("clones", run_clones_suite),
+                           ("restore", run_restore_suite)):
             if args.suite in (suite, "all"):
                 os.mkdir(os.path.join(workdir, suite))
                 report[suite] = run(args, size, os.path.join(workdir, suite))
@@ -208,6 +225,10 @@ def main():
         if "nbd" in report:
             print()
         print_clones_tables(report["clones"], args)
+    if "restore" in report:
+        if len(report) > 1:
+            print()
+        print_restore_tables(report["restore"], args)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"date": time.strftime("%Y-%m-%d"), "args": vars(args),
@@ -488,6 +509,301 @@ def print_clones_tables(res, args):
                 label, lat[k]["iops"], lat[k]["p99_us"],
                 lat[k]["p99_us"] / lat["idle"]["p99_us"]
                 if lat["idle"]["p99_us"] else 0))
+
+
+# ---------------------------------------------------------------- restore
+
+RESTORE_COD_RATE = "1M"  # the engine crawls; the reads do the copying
+
+
+def write_replay_log(path, offsets, bs=4096):
+    """A fio iolog (v2) reading bs bytes at each offset, in this order."""
+    with open(path, "w") as f:
+        f.write("fio version 2 iolog\nnbd add\nnbd open\n")
+        for off in offsets:
+            f.write("nbd read {} {}\n".format(off, bs))
+        f.write("nbd close\n")
+
+
+def _fio_json(out):
+    return json.loads(out[out.index("{"):])["jobs"][0]
+
+
+def _lat(side):
+    pct = side["clat_ns"].get("percentile", {})
+    return {"ios": side["total_ios"], "iops": side["iops"],
+            "p50_us": pct.get("50.000000", 0) / 1000.0,
+            "p99_us": pct.get("99.000000", 0) / 1000.0}
+
+
+def run_fio_replay(uri, log, workdir):
+    """Replay a read iolog at QD1 as fast as possible; read latencies."""
+    cmd = ["fio", "--name=bench", "--ioengine=nbd", "--uri=" + uri,
+           "--read_iolog=" + log, "--replay_no_stall=1", "--iodepth=1",
+           "--output-format=json"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True,
+                         cwd=workdir).stdout
+    return _lat(_fio_json(out)["read"])
+
+
+def copy_latency(src, dst, offsets, length=GRANULARITY):
+    """Per-copy times (us) of length bytes src -> dst at each offset, the
+    way a COD copies (os.preadv into a buffer, os.pwrite), then fsync."""
+    buf = bytearray(length)
+    times = []
+    sfd = os.open(src, os.O_RDONLY)
+    dfd = os.open(dst, os.O_WRONLY)
+    try:
+        for off in offsets:
+            t0 = time.perf_counter()
+            os.preadv(sfd, [buf], off)
+            os.pwrite(dfd, buf, off)
+            times.append((time.perf_counter() - t0) * 1e6)
+        os.fsync(dfd)
+    finally:
+        os.close(sfd)
+        os.close(dfd)
+    times.sort()
+    return {"ios": len(times), "p50_us": times[len(times) // 2],
+            "p99_us": times[min(len(times) - 1, int(len(times) * 0.99))]}
+
+
+def wait_restore(state, timeout=3600):
+    """Wait until the restore of c1 completes; return the last status with
+    a restore object (COD counters) and the final status."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while True:
+        st = clone_status(state)
+        if st.get("restore"):
+            last = st
+        elif not (st["operation"] or {}).get("running"):
+            break
+        if time.monotonic() > deadline:
+            raise RuntimeError("restore still running: {}".format(st))
+        time.sleep(0.1)
+    if st["state"] != "fractured" or st.get("error"):
+        raise RuntimeError("restore failed: {}".format(st))
+    return last, st
+
+
+def fio_iops_between(log_prefix, t0, t1):
+    """Mean read+write IOPS of fio's averaged iops log within [t0, t1] ms."""
+    sums = {0: [], 1: []}
+    for name in os.listdir(os.path.dirname(log_prefix)):
+        if not name.startswith(os.path.basename(log_prefix) + "_iops"):
+            continue
+        with open(os.path.join(os.path.dirname(log_prefix), name)) as f:
+            for line in f:
+                fields = [x.strip() for x in line.split(",")]
+                t, value, direction = int(fields[0]), int(fields[1]), \
+                    int(fields[2])
+                if t0 <= t <= t1 and direction in sums:
+                    sums[direction].append(value)
+    return sum(statistics.mean(v) for v in sums.values() if v)
+
+
+def restore_under_fio(state, src_uri, size, workdir, rep, rw="randrw"):
+    """restore --full while fio (rw, 4k, QD16) runs on the Source."""
+    prefix = os.path.join(workdir, "fio{}".format(rep))
+    cmd = ["fio", "--name=bench", "--ioengine=nbd", "--uri=" + src_uri,
+           "--rw=" + rw, "--bs=4k", "--iodepth=16", "--size=" + str(size),
+           "--time_based", "--runtime=3600", "--randrepeat=0",
+           "--norandommap", "--output-format=json",
+           "--write_iops_log=" + prefix, "--log_avg_msec=100"]
+    fio_started = time.monotonic()
+    fio = subprocess.Popen(cmd, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, cwd=workdir)
+    try:
+        time.sleep(1.0)  # connected and at speed
+        if fio.poll() is not None:
+            raise RuntimeError("fio exited: " + fio.stderr.read())
+        clonectl(state, "clone", "restore", "c1", "--full")
+        started = time.monotonic()  # the restore started just before
+        last, st = wait_restore(state)
+        fio.send_signal(signal.SIGINT)
+        fio.communicate(timeout=60)
+    finally:
+        if fio.poll() is None:
+            fio.kill()
+            fio.wait()
+    op = st["operation"]
+    # fio's log times count from its start (a little after fio_started):
+    # the restore ran over [started - elapsed'ish, started + elapsed].
+    t0 = (started - fio_started) * 1000
+    t1 = t0 + op["elapsed"] * 1000
+    iops = fio_iops_between(prefix, t0, max(t1, t0 + 100))
+    return {"elapsed_s": op["elapsed"], "engine_bytes": op["bytes_copied"],
+            "rate": size / op["elapsed"], "fio_iops": iops,
+            "cod_extents": (last or {}).get("restore", {}).get(
+                "cod_extents", 0)}
+
+
+def idle_randrw_iops(src_uri, size, runtime, workdir):
+    cmd = ["fio", "--name=bench", "--ioengine=nbd", "--uri=" + src_uri,
+           "--rw=randrw", "--bs=4k", "--iodepth=16", "--size=" + str(size),
+           "--time_based", "--runtime=" + str(runtime), "--ramp_time=1",
+           "--randrepeat=0", "--norandommap", "--output-format=json"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True,
+                         cwd=workdir).stdout
+    job = _fio_json(out)
+    return job["read"]["iops"] + job["write"]["iops"]
+
+
+def run_restore_suite(args, size, workdir):
+    out = {"latency": {}, "throughput": {}}
+    source = os.path.join(workdir, "source.raw")
+    scratch = os.path.join(workdir, "scratch.raw")
+    dst = os.path.join(workdir, "copy.raw")
+    make_image(source, size)
+    with open(scratch, "wb") as f:
+        os.posix_fallocate(f.fileno(), 0, size)
+    extents = size // GRANULARITY
+    # Reads in the second half, each in its own extent, in random order:
+    # the engine (start to end at RESTORE_COD_RATE) never gets there first.
+    half = [e * GRANULARITY for e in range(extents // 2, extents)]
+    random.shuffle(half)
+    half = half[:8192]
+    replay = os.path.join(workdir, "reads.iolog")
+    write_replay_log(replay, half)
+    try:
+        with Servers(workdir, source, ["clonectl+clone"]) as servers:
+            servers.start()  # c1 synchronized
+            state = servers.states["clonectl+clone"]
+            src_uri = servers.uris["clonectl+clone"]
+            clone_img = os.path.join(state, "lus", "c1.img")
+            clonectl(state, "clone", "fracture", "c1")
+
+            lat = {k: [] for k in ("plain", "cod", "copy")}
+            cod = []
+            thr = {k: [] for k in ("restore", "cp", "restore+fio",
+                                   "fio idle")}
+            for rep in range(args.repeat):
+                # 1. A read that needs a COD.
+                for k in rotate(["plain", "cod", "copy"], rep):
+                    if k == "plain":
+                        lat[k].append(run_fio_replay(src_uri, replay,
+                                                     workdir))
+                    elif k == "copy":
+                        lat[k].append(copy_latency(clone_img, scratch, half))
+                    else:
+                        clonectl(state, "clone", "restore", "c1", "--full",
+                                 "--rate", RESTORE_COD_RATE)
+                        before = clone_status(state)["restore"]
+                        r = run_fio_replay(src_uri, replay, workdir)
+                        st = clone_status(state)
+                        if not st.get("restore"):
+                            raise RuntimeError("the restore ended during "
+                                               "the reads: {}".format(st))
+                        after = st["restore"]
+                        r["cod_fraction"] = (after["cod_requests"] -
+                                             before["cod_requests"]) / r["ios"]
+                        r["server_p50_ms"] = after["cod_wait_p50_ms"]
+                        r["server_p99_ms"] = after["cod_wait_p99_ms"]
+                        lat[k].append(r)
+                        # Reading everything copies the rest on demand.
+                        subprocess.run(["nbdcopy", src_uri, "null:"],
+                                       check=True)
+                        wait_restore(state)
+                print("COD latency, repeat {}: {}".format(rep + 1, ", ".join(
+                    "{} p50 {:.0f} us p99 {:.0f} us".format(
+                        k, lat[k][-1]["p50_us"], lat[k][-1]["p99_us"])
+                    for k in ("plain", "cod", "copy"))),
+                    file=sys.stderr, flush=True)
+
+                # 2. Restore of the whole LU against cp, no host I/O.
+                for k in rotate(["restore", "cp"], rep):
+                    if k == "cp":
+                        thr[k].append({"elapsed_s": timed_copy(source, dst,
+                                                               size)})
+                        continue
+                    clonectl(state, "clone", "restore", "c1", "--full",
+                             "--wait")
+                    op = clone_status(state)["operation"]
+                    if op["bytes_copied"] != size:
+                        raise RuntimeError("restore copied {} bytes, not {}"
+                                           .format(op["bytes_copied"], size))
+                    thr[k].append({"elapsed_s": op["elapsed"],
+                                   "engine_bytes": op["bytes_copied"]})
+
+                # 3. Restore with fio randrw QD16 on the Source.
+                for k in rotate(["restore+fio", "fio idle"], rep):
+                    if k == "fio idle":
+                        thr[k].append({"fio_iops": idle_randrw_iops(
+                            src_uri, size, args.runtime, workdir)})
+                    else:
+                        thr[k].append(restore_under_fio(state, src_uri, size,
+                                                        workdir, rep))
+                print("restore, repeat {}: alone {:.2f}s, cp {:.2f}s, with "
+                      "fio {:.2f}s ({:.0f} IOPS; idle {:.0f} IOPS)".format(
+                          rep + 1, thr["restore"][-1]["elapsed_s"],
+                          thr["cp"][-1]["elapsed_s"],
+                          thr["restore+fio"][-1]["elapsed_s"],
+                          thr["restore+fio"][-1]["fio_iops"],
+                          thr["fio idle"][-1]["fio_iops"]),
+                      file=sys.stderr, flush=True)
+
+            for k, s in lat.items():
+                out["latency"][k] = {key: statistics.median(x[key] for x in s)
+                                     for key in s[0]}
+            for k, s in thr.items():
+                out["throughput"][k] = {
+                    key: statistics.median(x[key] for x in s)
+                    for key in s[0]}
+            out["throughput"]["bytes"] = size
+    finally:
+        for path in (source, scratch, dst):
+            if os.path.exists(path):
+                os.unlink(path)
+    return out
+
+
+def print_restore_tables(res, args):
+    print("clonectl protected restore benchmark, {} ({} cores, {}), LU {}, "
+          "fio nbd engine, {} runs, medians".format(
+              time.strftime("%Y-%m-%d"), os.cpu_count(), platform.machine(),
+              args.size, args.repeat))
+    lat = res["latency"]
+    print()
+    print("| 4 KiB read, QD1, each in its own extent | reads | p50 us | "
+          "p99 us | p50 vs plain |")
+    print("|---|---|---|---|---|")
+    labels = {"plain": "plain (idle Source)",
+              "cod": "needing a COD (restore --rate {}); {:.0%} COD, server "
+                     "COD wait p50 {} ms p99 {} ms".format(
+                         RESTORE_COD_RATE, lat["cod"]["cod_fraction"],
+                         lat["cod"]["server_p50_ms"],
+                         lat["cod"]["server_p99_ms"]),
+              "copy": "one 64 KiB copy clone -> file (pread + pwrite, "
+                      "in process)"}
+    for k in ("plain", "cod", "copy"):
+        print("| {} | {} | {:.0f} | {:.0f} | {:.2f} |".format(
+            labels[k], lat[k]["ios"], lat[k]["p50_us"], lat[k]["p99_us"],
+            lat[k]["p50_us"] / lat["plain"]["p50_us"]
+            if lat["plain"]["p50_us"] else 0))
+    thr = res["throughput"]
+    size = thr["bytes"]
+    print()
+    print("| restore of the whole LU ({}) | seconds | MB/s | vs cp | "
+          "fio randrw 4K QD16 IOPS |".format(fmt_bytes(size)))
+    print("|---|---|---|---|---|")
+    cp = thr["cp"]["elapsed_s"]
+    print("| cp --sparse=never + sync (reference) | {:.2f} | {:.0f} | 1.00 "
+          "| - |".format(cp, size / cp / 1e6))
+    r = thr["restore"]["elapsed_s"]
+    print("| restore --full, no host I/O (target >= 0.8 of cp) | {:.2f} | "
+          "{:.0f} | {:.2f} | - |".format(r, size / r / 1e6, cp / r))
+    f = thr["restore+fio"]
+    print("| restore --full, fio on the Source | {:.2f} | {:.0f} | {:.2f} | "
+          "{:.0f} (idle {:.0f}) |".format(
+              f["elapsed_s"], size / f["elapsed_s"] / 1e6,
+              cp / f["elapsed_s"], f["fio_iops"], thr["fio idle"]["fio_iops"]))
+    print()
+    print("seconds: the restore's own elapsed time (clone status), commit "
+          "included; cp: fsync included. With fio, the Source's extents "
+          "written by fio are protected (not copied); fio's IOPS are taken "
+          "from its 100 ms log over the restore's duration; idle: the same "
+          "fio on a Source that is not restoring.")
 
 
 def fmt_bytes(n):

@@ -237,14 +237,21 @@ def _fmt_duration(seconds):
                                      seconds % 60)
 
 
+def _left(st):
+    """Extents the running operation still has to copy (a restore never
+    copies the extents hosts wrote meanwhile: they are not left to do)."""
+    restore = st.get("restore")
+    return restore["pending_extents"] if restore else st["extents_dirty"]
+
+
 def _clone_line(st):
     op = st.get("operation") or {}
-    done = st["extents_total"] - st["extents_dirty"]
+    done = st["extents_total"] - _left(st)
     pct = 100.0 * done / st["extents_total"] if st["extents_total"] else 100.0
     return ("{name}: {state}, {pct:.1f}% in sync ({dirty} of {total} extents "
             "dirty), copied {copied}, {rate}/s, ETA {eta}, collisions {coll}"
             .format(name=st["name"], state=st["state"], pct=pct,
-                    dirty=st["extents_dirty"], total=st["extents_total"],
+                    dirty=_left(st), total=st["extents_total"],
                     copied=units.format_size(op.get("bytes_copied", 0)) + "B",
                     rate=units.format_size(op.get("rate", 0)) + "B",
                     eta=_fmt_duration(op.get("eta")),
@@ -260,7 +267,7 @@ def _wait(ctx, name, target_state):
         running = (st.get("operation") or {}).get("running")
         if tty:
             total = st["extents_total"] or 1
-            done = total - st["extents_dirty"]
+            done = total - _left(st)
             width = 30
             bar = "#" * (width * done // total)
             click.echo("\r[{:<{w}}] {}".format(bar, _clone_line(st), w=width)

@@ -435,16 +435,15 @@ class CloneGroup:
                 raise CloneInUse(event="remove", name=name,
                                  count=clone.connections)
             del self.clones[name]
-        for path in (clone.map_path,):
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
+        paths = [clone.map_path]
         if not self.clones:
             self.detach()
             self.activity_file.close()
+            self.prm_file.close()
+            paths += [self.activity_file.path, self.prm_file.path]
+        for path in paths:
             try:
-                os.unlink(self.activity_file.path)
+                os.unlink(path)
             except FileNotFoundError:
                 pass
         return clone
@@ -1145,23 +1144,35 @@ class SyncEngine:
     def _finish_restore(self):
         """The PRM becomes the clone's Delta Map; the clone stays fractured.
 
-        The hand-over happens under the group lock, so a host write either
-        set a PRM bit before it (and is in the new Delta Map) or sees the
-        clone fractured and sets the Delta Map bit itself.
+        Host writes wait (as for a fracture) from the moment the PRM is
+        copied until the fractured state is durable: until then recovery
+        would resume the restore with the PRM file, so every write must be
+        in it; after it, writes set the Delta Map bits themselves.
         """
         group, clone = self.group, self.clone
         with group.cond:
             if group.pending_restore():
                 return False
-            clone.delta[:] = group.prm
-            group.restoring = None
-            group._check(clone, "completed")
-            clone.state = TRANSITIONS[(clone.state, "completed")]
-            clone.error = None
-            group._set_read_path()
-            self.active = False
-        group.commit()
-        group.persist(clone.name, clone.state, None, None)
+            group.quiesce = True
+            try:
+                group._drain()
+                clone.delta[:] = group.prm
+            except BaseException:
+                group.quiesce = False
+                group.cond.notify_all()
+                raise
+        try:
+            group.commit()  # the new Delta Map and the PRM, durable
+            with group.cond:
+                clone.rate = None
+                group._transition(clone, "completed")
+                group.restoring = None
+                group._set_read_path()
+                self.active = False
+        finally:
+            with group.cond:
+                group.quiesce = False
+                group.cond.notify_all()
         log.info("clone %s: protected restore completed", clone.name)
         return True
 

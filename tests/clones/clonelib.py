@@ -86,7 +86,8 @@ def fio(uri, size, rw="randwrite", bs="4k", iodepth=16, verify=True,
            "--size=" + str(size), "--offset=" + str(offset),
            "--randrepeat=0", "--output-format=json"]
     if verify:
-        cmd += ["--verify=crc32c", "--verify_fatal=1", "--do_verify=1"]
+        cmd += ["--verify=crc32c", "--verify_fatal=1", "--do_verify=1",
+                "--verify_state_save=0"]
     cmd += list(extra)
     proc = subprocess.run(cmd, capture_output=True, text=True,
                           timeout=timeout)
