@@ -305,23 +305,12 @@ class CloneMachine(RuleBasedStateMachine):
 
     @rule(name=st.sampled_from(NAMES), full=st.booleans())
     def start_restore(self, name, full):
-        busy = any(self.states[n] in clones.RUNNING for n in NAMES
-                   if n != name) or (self.engine is not None and
-                                     self.states[name] in clones.RUNNING)
+        busy = self._busy(name)
         allowed = self.states[name] in (clones.FRACTURED, clones.RESTORING) \
             and not any(self.states[n] in clones.MIRRORED for n in NAMES
                         if n != name)
-        try:
-            ok, eng = self.attempt(lambda: self.group.start_restore(
-                name, full=full, run=False))
-        except (clones.InvalidTransition, clones.GroupBusy,
-                clones.AlreadyRunning, clones.SiblingsMirrored):
-            assert not allowed or busy
-            return
-        assert allowed and not busy
-        if ok:
-            self.engine = eng
-            eng.chunk = 3
+        if self._try_start(lambda: self.group.start_restore(
+                name, full=full, run=False), allowed, busy):
             if self.states[name] != clones.RESTORING:
                 self.unflushed.clear()
             self.states[name] = clones.RESTORING
@@ -340,10 +329,30 @@ class CloneMachine(RuleBasedStateMachine):
         if ok:
             self.states[name] = clones.FRACTURED
 
-    def _start(self, name, reverse):
-        busy = any(self.states[n] in clones.RUNNING for n in NAMES
+    def _busy(self, name):
+        return any(self.states[n] in clones.RUNNING for n in NAMES
                    if n != name) or (self.engine is not None and
                                      self.states[name] in clones.RUNNING)
+
+    def _try_start(self, start, allowed, busy):
+        """Run start(); check it was refused exactly when the model says.
+
+        Returns the engine, or None if refused or cut by a crash."""
+        try:
+            ok, eng = self.attempt(start)
+        except (clones.InvalidTransition, clones.GroupBusy,
+                clones.AlreadyRunning, clones.SiblingsMirrored):
+            assert not allowed or busy
+            return None
+        assert allowed and not busy
+        if not ok:
+            return None
+        self.engine = eng
+        eng.chunk = 3
+        return eng
+
+    def _start(self, name, reverse):
+        busy = self._busy(name)
         if reverse:
             allowed = self.states[name] in (clones.FRACTURED,
                                             clones.REVERSE_SYNCING) and \
@@ -354,16 +363,7 @@ class CloneMachine(RuleBasedStateMachine):
                                             clones.FRACTURED)
         start = self.group.start_reverse_sync if reverse \
             else self.group.start_sync
-        try:
-            ok, eng = self.attempt(lambda: start(name, run=False))
-        except (clones.InvalidTransition, clones.GroupBusy,
-                clones.AlreadyRunning, clones.SiblingsMirrored):
-            assert not allowed or busy
-            return
-        assert allowed and not busy
-        if ok:
-            self.engine = eng
-            eng.chunk = 3
+        if self._try_start(lambda: start(name, run=False), allowed, busy):
             if reverse:
                 self.states[name] = clones.REVERSE_SYNCING
                 self.S = bytearray(self.C[name])
