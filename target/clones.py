@@ -124,6 +124,11 @@ MAX_GRANULARITY = 1 << 20
 DEFAULT_GRANULARITY = 64 << 10
 ACTIVITY_REGION = 4 << 20
 COPY_CHUNK = 1 << 20
+# Copies are written in pieces of this size.  Measured on this machine's
+# kernel (6.18, large page-cache folios): after a file is filled with 1 MiB
+# writes, each later 4 KiB host write dirties a whole large folio and costs
+# 18-23 us instead of 4 us (64 KiB pieces), and the fill is no faster.
+WRITE_PIECE = 64 << 10
 COMMIT_INTERVAL = 1.0
 
 _HINTS = {
@@ -281,6 +286,12 @@ class CodStats:
         return {"cod_requests": self.requests, "cod_extents": self.extents,
                 "cod_queue_depth": self.queued, "cod_wait_p50_ms": pct(0.5),
                 "cod_wait_p99_ms": pct(0.99)}
+
+
+def write_in_pieces(backend, view, offset):
+    """Write view at offset in WRITE_PIECE pieces (see WRITE_PIECE)."""
+    for start in range(0, len(view), WRITE_PIECE):
+        backend.write(view[start:start + WRITE_PIECE], offset + start)
 
 
 def _all_data(offset, length):
@@ -834,7 +845,7 @@ class CloneGroup:
                 clone.backend.readinto(buf, offset)
                 if self.copy_hook is not None:
                     self.copy_hook(None, s, e)
-                self.source.backend.write(buf, offset)
+                write_in_pieces(self.source.backend, memoryview(buf), offset)
             copied = True
         finally:
             with self.cond:
@@ -1111,7 +1122,7 @@ class SyncEngine:
                 src.readinto(view, offset)
                 if group.copy_hook is not None:
                     group.copy_hook(self, s, e)
-                dst.write(view, offset)
+                write_in_pieces(dst, view, offset)
                 copied = True
             finally:
                 with group.cond:
