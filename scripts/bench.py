@@ -675,7 +675,6 @@ def run_restore_suite(args, size, workdir):
             clonectl(state, "clone", "fracture", "c1")
 
             lat = {k: [] for k in ("plain", "cod", "copy")}
-            cod = []
             thr = {k: [] for k in ("restore", "cp", "restore+fio",
                                    "fio idle")}
             for rep in range(args.repeat):

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from target import backends, clones, maps, service
+from target import backends, clones, service
 
 GRAN = 4096
 EXTENTS = 16
