@@ -74,7 +74,7 @@ def qemu_img_compare(a, b):
 
 
 def fio(uri, size, rw="randwrite", bs="4k", iodepth=16, verify=True,
-        offset=0, extra=(), timeout=180, check=True):
+        offset=0, extra=(), timeout=180, check=True, cwd=None):
     """Run fio's nbd engine; return (CompletedProcess, first job or None).
 
     With verify, fio writes every block of [offset, offset+size) once with a
@@ -90,7 +90,7 @@ def fio(uri, size, rw="randwrite", bs="4k", iodepth=16, verify=True,
                 "--verify_state_save=0"]
     cmd += list(extra)
     proc = subprocess.run(cmd, capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, cwd=cwd)
     job = None
     if "{" in proc.stdout:
         try:

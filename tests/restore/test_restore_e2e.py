@@ -32,6 +32,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "clones"))
 
+from clonelib import fio as clonelib_fio  # noqa: E402
 from clonelib import (GRANULARITY, KiB, MiB, clone_env,  # noqa: E402
                       differing_extents, extents_of, qemu_img_compare,
                       qemu_io, read_range)
@@ -46,32 +47,9 @@ __all__ = ["clone_env"]  # the fixture, imported for pytest
 
 def run_fio(cwd, uri, size, offset=0, rw="randwrite", bs="4k", iodepth=16,
             timeout=180):
-    """fio's nbd engine writing every block of [offset, offset+size) once
-    with a crc32c header, then reading it all back (verify).  Runs in cwd
-    with no verify state file.  Returns the job's JSON."""
-    cmd = ["fio", "--name=restore", "--ioengine=nbd", "--uri=" + uri,
-           "--rw=" + rw, "--bs=" + bs, "--iodepth=" + str(iodepth),
-           "--size=" + str(size), "--offset=" + str(offset),
-           "--randrepeat=0", "--output-format=json",
-           "--verify=crc32c", "--verify_fatal=1", "--do_verify=1",
-           "--verify_state_save=0"]
-    proc = subprocess.run(cmd, capture_output=True, text=True,
-                          timeout=timeout, cwd=str(cwd))
-    job = None
-    if "{" in proc.stdout:
-        try:
-            job = json.loads(proc.stdout[proc.stdout.index("{"):])["jobs"][0]
-        except ValueError:
-            job = None
-    assert proc.returncode == 0 and job is not None, \
-        "fio failed ({}):\n{}\n{}".format(proc.returncode,
-                                          proc.stdout[-3000:],
-                                          proc.stderr[-3000:])
-    assert job["error"] == 0, job
-    assert job["write"]["io_bytes"] == size, job["write"]
-    # The verify pass read back every block and found it intact.
-    assert job["read"]["io_bytes"] == size, job["read"]
-    return job
+    """clonelib's verifying fio run, in cwd; returns the job's JSON."""
+    return clonelib_fio(uri, size, rw=rw, bs=bs, iodepth=iodepth,
+                        offset=offset, timeout=timeout, cwd=str(cwd))[1]
 
 
 def fracture_with_new_clone_data(env, offset=0, length=None, name="c1"):
