@@ -110,6 +110,23 @@ def fio(uri, size, rw="randwrite", bs="4k", iodepth=16, verify=True,
     return proc, job
 
 
+def fingerprint(env):
+    """What a refused command must leave alone: the inventory, the backing
+    files and maps that exist, and every clone's status (its dirty extents
+    included).  The map files' bytes are not compared: a commit may rewrite
+    them at any time with the same bits."""
+    state = env.state_dir
+    out = {"state.json": (state / "state.json").read_bytes()}
+    out["maps"] = sorted(p.name for p in (state / "maps").iterdir()
+                         if not p.name.startswith("."))
+    out["lus"] = sorted(p.name for p in (state / "lus").iterdir())
+    for c in env.clone_list():
+        c = dict(c)
+        c.pop("operation", None)  # rate and elapsed move with time
+        out["status:" + c["name"]] = c
+    return out
+
+
 def nbd_exports(socket):
     """Export names listed by `nbdinfo --list --json`."""
     proc = subprocess.run(["nbdinfo", "--list", "--json",

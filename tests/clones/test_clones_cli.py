@@ -8,28 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from clonelib import GRANULARITY, MiB, clone_env, nbd_exports
+from clonelib import GRANULARITY, MiB, clone_env, fingerprint, nbd_exports
 
 pytest.importorskip("nbd")
 
 __all__ = ["clone_env"]
-
-
-def _fingerprint(env):
-    """What a refused command must leave alone: the inventory, the backing
-    files and maps that exist, and every clone's status (its dirty extents
-    included).  The map files' bytes are not compared: a commit may rewrite
-    them at any time with the same bits."""
-    state = env.state_dir
-    out = {"state.json": (state / "state.json").read_bytes()}
-    out["maps"] = sorted(p.name for p in (state / "maps").iterdir()
-                         if not p.name.startswith("."))
-    out["lus"] = sorted(p.name for p in (state / "lus").iterdir())
-    for c in env.clone_list():
-        c = dict(c)
-        c.pop("operation", None)  # rate and elapsed move with time
-        out["status:" + c["name"]] = c
-    return out
 
 
 def _digest(path):
@@ -41,14 +24,14 @@ def test_refused_transitions_change_nothing(clone_env, nbd_connect):
     c2_before = _digest(env.img("c2"))
 
     # fracture while out-of-sync
-    before = _fingerprint(env)
+    before = fingerprint(env)
     env.refused("clone", "fracture", "c1", match=["fracture", "out-of-sync"])
-    assert _fingerprint(env) == before
+    assert fingerprint(env) == before
     assert nbd_exports(env.server.socket) == ["src"]
     # reverse sync of an out-of-sync clone would restore garbage
     env.refused("clone", "reverse-sync", "c1",
                 match=["reverse", "out-of-sync"])
-    assert _fingerprint(env) == before
+    assert fingerprint(env) == before
 
     # While c1 syncs: a second operation in the group, remove, fracture.
     env.sync("c1", "--rate", "4M")
@@ -69,11 +52,11 @@ def test_refused_transitions_change_nothing(clone_env, nbd_connect):
     env.assert_identical("src", "c1")
 
     # reverse sync of a synchronized clone
-    before = _fingerprint(env)
+    before = fingerprint(env)
     src_before = _digest(env.img("src"))
     env.refused("clone", "reverse-sync", "c1",
                 match=["reverse", "synchronized"])
-    assert _fingerprint(env) == before
+    assert fingerprint(env) == before
     assert _digest(env.img("src")) == src_before
 
     # A fractured clone whose export has a connection: no sync, no reverse
@@ -82,13 +65,13 @@ def test_refused_transitions_change_nothing(clone_env, nbd_connect):
     h = nbd_connect(env.server.socket, "c1")
     h.pwrite(b"\x42" * 4096, 0)
     h.flush()
-    before = _fingerprint(env)
+    before = fingerprint(env)
     assert before["status:c1"]["connections"] == 1
     assert before["status:c1"]["extents_dirty"] == 1
     env.refused("clone", "sync", "c1", match=["connection"])
     env.refused("clone", "reverse-sync", "c1", match=["connection"])
     env.refused("clone", "remove", "c1", match=["connection"])
-    assert _fingerprint(env) == before
+    assert fingerprint(env) == before
     # The connection still works and still sees its own data.
     assert h.pread(4096, 0) == b"\x42" * 4096
     h.shutdown()
@@ -101,9 +84,9 @@ def test_refused_transitions_change_nothing(clone_env, nbd_connect):
     env.assert_identical("src", "c1")
 
     # The source of clones cannot be deleted (even with the server stopped).
-    before = _fingerprint(env)
+    before = fingerprint(env)
     env.refused("lu", "delete", "src", match=["clones"])
-    assert _fingerprint(env) == before
+    assert fingerprint(env) == before
     assert env.img("src").exists()
 
 
@@ -111,16 +94,16 @@ def test_refused_transitions_change_nothing(clone_env, nbd_connect):
 def test_clone_add_refusals(clone_env, serving):
     env = clone_env.setup(size=4 * MiB, clones=(), fill=False, serve=serving)
     env.cli("lu", "create", "other", "--size", "1M")
-    before = _fingerprint(env)
+    before = fingerprint(env)
     for bad in ("3K", "4M", "1K", "96K", "0", "abc"):
         env.refused("clone", "add", "src", "cx", "--granularity", bad,
                     match=["granularity"] if bad not in ("0", "abc")
                     else ["size"])
-        assert _fingerprint(env) == before, bad
+        assert fingerprint(env) == before, bad
     env.refused("clone", "add", "src", "other", match=["other", "already"])
     env.refused("clone", "add", "src", "src", match=["src", "already"])
     env.refused("clone", "add", "nosuch", "cx", match=["nosuch"])
-    assert _fingerprint(env) == before
+    assert fingerprint(env) == before
 
     # The group's granularity is fixed by its first clone: 2K and 1M are
     # both fine, a second, different one is refused.
@@ -128,24 +111,24 @@ def test_clone_add_refusals(clone_env, serving):
     st = env.status("c1")
     assert st["granularity"] == 2048
     assert st["extents_total"] == st["extents_dirty"] == 4 * MiB // 2048
-    before = _fingerprint(env)
+    before = fingerprint(env)
     env.refused("clone", "add", "src", "c2", "--granularity", "1M",
                 match=["granularity"])
     env.refused("clone", "add", "src", "c1", match=["c1", "already"])
     env.refused("lu", "create", "c1", "--size", "1M", match=["c1", "already"])
-    assert _fingerprint(env) == before
+    assert fingerprint(env) == before
 
     for i in range(2, 9):
         env.cli("clone", "add", "src", "c{}".format(i))
     assert [c["name"] for c in env.clone_list()] == \
         ["c{}".format(i) for i in range(1, 9)]
-    before = _fingerprint(env)
+    before = fingerprint(env)
     env.refused("clone", "add", "src", "c9", match=["8"])
-    assert _fingerprint(env) == before
+    assert fingerprint(env) == before
     assert not env.img("c9").exists()
 
     env.refused("lu", "delete", "src", match=["clones"])
-    assert _fingerprint(env) == before
+    assert fingerprint(env) == before
     # Clones of another Source are independent of this group.
     env.cli("clone", "add", "other", "o1", "--granularity", "1M")
     assert env.status("o1")["granularity"] == 1 << 20
@@ -223,7 +206,7 @@ def test_clone_backing_refusals_and_read_only_source(clone_env, tmp_path):
     env.start_server()
     small = tmp_path / "small.img"
     small.write_bytes(b"\x01" * (2 * MiB))
-    before = _fingerprint(env)
+    before = fingerprint(env)
     # A clone on a file smaller than its Source, or on the Source's own
     # backing file, or on another LU's, would corrupt data: refused.
     env.refused("clone", "add", "src", "cx", "--file", small,
@@ -231,7 +214,7 @@ def test_clone_backing_refusals_and_read_only_source(clone_env, tmp_path):
     env.refused("clone", "add", "src", "cx", "--file", env.img("src"),
                 match=["src"])
     env.refused("clone", "add", "src", "cx", "--file", ro, match=["ro"])
-    assert _fingerprint(env) == before
+    assert fingerprint(env) == before
     assert small.read_bytes() == b"\x01" * (2 * MiB)
 
     # A read-only Source can be cloned, not restored.
@@ -241,9 +224,9 @@ def test_clone_backing_refusals_and_read_only_source(clone_env, tmp_path):
     assert env.img("r1").read_bytes() == ro_data
     env.cli("clone", "fracture", "r1")
     env.write_export("r1", 0, b"\x09" * 4096)
-    before = _fingerprint(env)
+    before = fingerprint(env)
     env.refused("clone", "reverse-sync", "r1", match=["read-only"])
-    assert _fingerprint(env) == before
+    assert fingerprint(env) == before
     assert ro.read_bytes() == ro_data
 
     # Removing a fractured clone with no connection: its export, its file

@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "clones"))
 
 from clonelib import fio as clonelib_fio  # noqa: E402
 from clonelib import (GRANULARITY, KiB, MiB, clone_env,  # noqa: E402
-                      differing_extents, extents_of, qemu_img_compare,
+                      differing_extents, fingerprint, extents_of, qemu_img_compare,
                       qemu_io, read_range)
 from conftest import CLONECTL, status_json, wait_pid_gone  # noqa: E402
 
@@ -123,22 +123,6 @@ def overlay(base, writes):
     for off, data in writes:
         out[off:off + len(data)] = data
     return bytes(out)
-
-
-def fingerprint(env):
-    """What a refused command must leave alone: the inventory, which backing
-    files and map files exist (a Protected Restore Map file included), and
-    each clone's status (dirty extents included)."""
-    state = env.state_dir
-    out = {"state.json": (state / "state.json").read_bytes()}
-    out["maps"] = sorted(p.name for p in (state / "maps").iterdir()
-                         if not p.name.startswith("."))
-    out["lus"] = sorted(p.name for p in (state / "lus").iterdir())
-    for c in env.clone_list():
-        c = dict(c)
-        c.pop("operation", None)  # rate and elapsed move with time
-        out["status:" + c["name"]] = c
-    return out
 
 
 # ---------------------------------------------------------------- data path
