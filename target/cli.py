@@ -171,7 +171,7 @@ def lu_delete(ctx, name):
     """Delete the LU NAME.
 
     Refused while a running server exports it (stop the server first) or
-    while it has clones (remove them first). A
+    while it has clones or sessions (remove them first). A
     backing file that clonectl created is removed; a file given with --file
     is kept.
     """
@@ -181,6 +181,11 @@ def lu_delete(ctx, name):
                 name=name, reason="it has clones ({}); remove them first with "
                 "`clonectl clone remove`".format(", ".join(sorted(
                     record["clones"]))))
+        if record.get("sessions"):
+            raise errors.LUBusy(
+                name=name, reason="it has sessions ({}); delete them first "
+                "with `clonectl session delete`".format(", ".join(sorted(
+                    record["sessions"]))))
         info = server.read_serve_info(ctx.state_dir)
         if info:
             raise errors.LUBusy(
@@ -197,7 +202,8 @@ def lu_delete(ctx, name):
 
 # Operations that run an engine need the target process; the others can be
 # carried out by a short-lived target in this process when no server runs.
-_NEED_SERVER = {"clone_sync", "clone_reverse_sync", "clone_restore"}
+_NEED_SERVER = {"clone_sync", "clone_reverse_sync", "clone_restore",
+                "session_transfer", "session_update"}
 
 
 def _control_call(ctx, op, patience=15.0, **args):
@@ -580,6 +586,314 @@ def status(ctx, as_json):
     for r in rows:
         if r["error"]:
             click.echo("  {}: {}".format(r["name"], r["error"]))
+
+
+# ---------------------------------------------------------------- sessions
+
+
+@main.group()
+def session():
+    """Incremental copy sessions: ship a Source's changes to NBD destinations.
+
+    \b
+    A session tracks which extents of its Source change. A transfer sends
+    a frozen point in time of the Source to every destination:
+      mark      the changes tracked so far become the transfer map, a new
+                tracking map starts; the point in time is frozen (host
+                writes to extents still to be sent first save the old data
+                to the session's save area: copy on first write)
+      transfer  sends the frozen extents to every destination (the first
+                transfer to a destination sends everything), flushes it, and
+                unmarks the session on success
+      unmark    discards the frozen image; its extents go back to the
+                tracking map, so the next transfer still sends them
+      update    mark + transfer in one step (optionally --every INTERVAL)
+    \b
+    A destination is any NBD export of the Source's size (clonectl serve,
+    qemu-nbd, nbdkit): nbd://HOST[:PORT]/EXPORT or
+    nbd+unix:///EXPORT?socket=PATH. It is "consistent" (equal to the last
+    marked point in time) only after a marked transfer to it completed;
+    during a transfer, and after a full copy while unmarked, it is
+    "inconsistent". transfer and update need a running server.
+    """
+
+
+def _session_line(st):
+    marked = "marked" if st["marked"] else "unmarked"
+    if st["marked"] and st.get("frozen_export"):
+        marked += " (frozen export {})".format(st["frozen_export"])
+    tr = st.get("transfer") or {}
+    line = "{} on {}: {}, {} extents tracked, {} to send, COFW {}, save " \
+        "area {}/{}".format(
+            st["name"], st["source"], marked, st["tracked_extents"],
+            st["extents_to_send"], st["cofw_count"],
+            units.format_size(st["save_area"]["used_bytes"]),
+            units.format_size(st["save_area"]["size"]))
+    if st.get("transferring"):
+        line += ", transferring: {} sent, {} MB/s".format(
+            units.format_size(tr.get("bytes_sent", 0)), tr.get("mb_per_s"))
+    return line
+
+
+def _print_session(st):
+    click.echo(_session_line(st))
+    if st.get("error"):
+        click.echo("  error: " + st["error"])
+    for p in st.get("problems") or []:
+        click.echo("  recovery: " + p)
+    last = st.get("last_transfer")
+    if last:
+        click.echo("  last transfer: {}, {} sent, {} zeroed, {} s".format(
+            last["result"], units.format_size(last["bytes_sent"]),
+            units.format_size(last["bytes_zeroed"]), last["seconds"]))
+    for d in st["destinations"]:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(
+            d["last_success"])) if d["last_success"] else "never"
+        click.echo("  -> {}: {}, {} extents pending{}, {} sent, last success "
+                   "{}{}".format(d["uri"], d["state"], d["pending_extents"],
+                                 " (next transfer is full)" if d["needs_full"]
+                                 else "", units.format_size(d["bytes_sent"]),
+                                 when, ", error: " + d["last_error"]
+                                 if d["last_error"] else ""))
+
+
+def _wait_transfer(ctx, name):
+    """Follow a transfer until it ends; exit 1 unless it completed."""
+    tty = sys.stdout.isatty()
+    last = None
+    while True:
+        st = _control_call(ctx, "session_status", patience=60.0, name=name)
+        tr = st.get("transfer") or {}
+        if tty and tr:
+            total = tr.get("extents_total") or 1
+            done = total - tr.get("extents_left", 0)
+            width = 30
+            bar = "#" * (width * done // total)
+            click.echo("\r[{:<{w}}] {}".format(bar, _session_line(st),
+                                               w=width) + " " * 5, nl=False)
+        elif last is None or time.monotonic() - last >= 10:
+            click.echo(_session_line(st))
+            last = time.monotonic()
+        if not st.get("transferring"):
+            break
+        time.sleep(0.5)
+    if tty:
+        click.echo()
+    result = (st.get("last_transfer") or {}).get("result", "unknown")
+    if result != "completed":
+        _fail("session {}: transfer {}".format(name, result))
+    click.echo("session {}: transfer completed, {} sent".format(
+        name, units.format_size(st["last_transfer"]["bytes_sent"])))
+
+
+@session.command("create")
+@click.argument("source")
+@click.argument("name")
+@click.option("--dest", "dests", multiple=True, required=True, metavar="URI",
+              help="A destination NBD URI (repeat for several). It must "
+                   "answer, be writable and have the Source's size; nothing "
+                   "is written to it until the first transfer.")
+@click.option("--granularity", metavar="SIZE",
+              help="Extent size tracked by one map entry: a power of two "
+                   "from 2K to 1M. Default 64K.")
+@click.option("--save-area", metavar="SIZE",
+              help="Room for old data saved by copy on first write while "
+                   "marked (a sparse file in the state directory). If it "
+                   "fills, the session is unmarked, the error is shown in "
+                   "its status and nothing is lost from the next transfer. "
+                   "Default: the Source's size (it can never fill).")
+@click.option("--timeout", default=10.0, show_default=True, metavar="SECONDS",
+              help="How long to wait for each destination to answer.")
+@pass_ctx
+@handle_errors
+def session_create(ctx, source, name, dests, granularity, save_area, timeout):
+    """Create session NAME on SOURCE, shipping to one or more destinations.
+
+    From now on writes to SOURCE are tracked. The first transfer to each
+    destination copies the whole Source.
+    """
+    st = _target_call(ctx, "session_create", source=source, name=name,
+                      dests=list(dests), granularity=granularity,
+                      save_area=save_area, timeout=timeout)
+    click.echo("created session {} on {} ({} destination{}, granularity {})"
+               .format(name, source, len(dests), "" if len(dests) == 1
+                       else "s", units.format_size(st["granularity"])))
+
+
+@session.command("delete")
+@click.argument("name")
+@click.option("--force", is_flag=True, help="Delete even while marked.")
+@pass_ctx
+@handle_errors
+def session_delete(ctx, name, force):
+    """Delete session NAME, its maps and its save area.
+
+    Refused while a transfer runs, and while marked unless --force. The
+    destinations are left as they are.
+    """
+    res = _target_call(ctx, "session_delete", name=name, force=force)
+    click.echo("deleted session {} of {}".format(name, res["source"]))
+
+
+@session.command("list")
+@click.option("--source", metavar="SOURCE", help="Only sessions of SOURCE.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@pass_ctx
+@handle_errors
+def session_list(ctx, source, as_json):
+    """List sessions: marked or not, extents tracked and still to send."""
+    rows = _target_call(ctx, "session_list", source=source)
+    if as_json:
+        _print_json(rows)
+        return
+    _table([(r["name"], r["source"], "yes" if r["marked"] else "no",
+             r["tracked_extents"], r["extents_to_send"],
+             "running" if r["transferring"] else
+             (r["last_transfer"] or {}).get("result", "-"),
+             len(r["destinations"])) for r in rows],
+           ["NAME", "SOURCE", "MARKED", "TRACKED", "TO-SEND", "TRANSFER",
+            "DESTS"])
+
+
+@session.command("status")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@pass_ctx
+@handle_errors
+def session_status(ctx, name, as_json):
+    """Show a session and each destination.
+
+    Marked or not, extents tracked and still to send, copy-on-first-write
+    count, save-area use, the running or last transfer (bytes sent, bytes
+    sent as write-zeroes, MB/s), and per destination: consistent,
+    inconsistent (protected or unprotected while a transfer writes to it),
+    pending extents, bytes sent, last success and last error.
+    """
+    st = _target_call(ctx, "session_status", name=name)
+    if as_json:
+        _print_json(st)
+        return
+    _print_session(st)
+
+
+@session.command("mark")
+@click.argument("name")
+@click.option("--export", is_flag=True,
+              help="Also serve the frozen image, read-only, as the export "
+                   "SOURCE@NAME (every extent's first write then saves its "
+                   "old data, not only extents still to send).")
+@pass_ctx
+@handle_errors
+def session_mark(ctx, name, export):
+    """Freeze the point in time of session NAME's Source.
+
+    Atomic with respect to host writes: writes in flight finish, new ones
+    wait a moment, and the changes tracked so far become the transfer map.
+    """
+    st = _target_call(ctx, "session_mark", name=name, export=export)
+    click.echo("session {}: marked, {} extents to send{}".format(
+        name, st["extents_to_send"], "; frozen image exported as " +
+        st["frozen_export"] if st.get("frozen_export") else ""))
+
+
+@session.command("unmark")
+@click.argument("name")
+@click.option("--force", is_flag=True,
+              help="Unmark even while the frozen export has connections "
+                   "(their reads then fail with ESTALE).")
+@pass_ctx
+@handle_errors
+def session_unmark(ctx, name, force):
+    """Discard session NAME's frozen image and saved data.
+
+    A running transfer is stopped. The extents not yet sent go back into
+    the tracking map, so the next transfer sends them: nothing is lost.
+    """
+    st = _target_call(ctx, "session_unmark", name=name, force=force)
+    click.echo("session {}: unmarked, {} extents tracked".format(
+        name, st["tracked_extents"]))
+
+
+_TIMEOUT_HELP = ("Fail a destination that does not answer for this long "
+                 "(connect or reply).")
+
+
+@session.command("transfer")
+@click.argument("name")
+@click.option("--full", is_flag=True,
+              help="Send every extent, not only the changed ones.")
+@click.option("--unmarked", is_flag=True,
+              help="With --full: copy the live Source without marking (no "
+                   "copy on first write, faster); the destinations stay "
+                   "inconsistent until the next marked transfer completes.")
+@click.option("--wait", is_flag=True,
+              help="Wait until done, showing progress; exit 1 if it fails.")
+@click.option("--timeout", default=30.0, show_default=True,
+              metavar="SECONDS", help=_TIMEOUT_HELP)
+@pass_ctx
+@handle_errors
+def session_transfer(ctx, name, full, unmarked, wait, timeout):
+    """Send marked session NAME's frozen image to its destinations.
+
+    Sends the extents of the transfer map (saved data where a host wrote
+    since the mark, else the Source), with several requests in flight per
+    destination and all-zero extents as write-zeroes. Each destination is
+    flushed before its extents count as sent. On success the session is
+    unmarked; after a failure or a crash, running transfer again sends only
+    what is left.
+    """
+    st = _target_call(ctx, "session_transfer", name=name, full=full,
+                      unmarked=unmarked, timeout=timeout)
+    tr = st.get("transfer") or {}
+    click.echo("session {}: transfer started, {} extents to send".format(
+        name, tr.get("extents_total")))
+    if wait:
+        _wait_transfer(ctx, name)
+
+
+@session.command("update")
+@click.argument("name")
+@click.option("--every", metavar="INTERVAL",
+              help="Repeat forever: start an update every INTERVAL (e.g. "
+                   "30s, 15m, 1h), in the foreground. A failed update is "
+                   "reported and retried at the next interval.")
+@click.option("--timeout", default=30.0, show_default=True,
+              metavar="SECONDS", help=_TIMEOUT_HELP)
+@pass_ctx
+@handle_errors
+def session_update(ctx, name, every, timeout):
+    """Mark, transfer and unmark session NAME: one periodic update.
+
+    Waits until the transfer ends; exit 1 if it fails. A second update
+    while one runs is refused (and logged by the server). If a failed or
+    interrupted transfer left the session marked, the update resumes it
+    instead of marking again.
+    """
+    interval = _parse_interval(every) if every else None
+    while True:
+        started = time.monotonic()
+        try:
+            _target_call(ctx, "session_update", name=name, timeout=timeout)
+            _wait_transfer(ctx, name)
+        except (errors.Error, SystemExit) as e:
+            if interval is None:
+                raise
+            click.echo("{} update failed: {}".format(
+                time.strftime("%Y-%m-%d %H:%M:%S"),
+                e if isinstance(e, errors.Error) else "see above"), err=True)
+        if interval is None:
+            return
+        time.sleep(max(0.0, interval - (time.monotonic() - started)))
+
+
+def _parse_interval(text):
+    import re
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", text)
+    if not m or float(m.group(1)) <= 0:
+        raise click.BadParameter("use a number with s, m, h or d, e.g. 15m",
+                                 param_hint="--every")
+    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600,
+                                "d": 86400}[m.group(2)]
 
 
 if __name__ == "__main__":

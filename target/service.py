@@ -24,7 +24,7 @@ import os
 import threading
 import time
 
-from . import backends, clones, errors, state, units
+from . import backends, clones, errors, maps, sessions, state, units
 
 log = logging.getLogger("clonectl.target")
 
@@ -126,6 +126,7 @@ class Target:
         self.lock = threading.Lock()
         self.lus = {}
         self.groups = {}
+        self.sessions = {}
         self.recovery_problems = []
         self.reload()
 
@@ -173,6 +174,8 @@ class Target:
                 if lu.error:
                     log.error("LU %s is not exported: %s", name, lu.error)
                 self.lus[name] = lu
+                if record.get("sessions") and lu.backend is not None:
+                    self._load_sessions(lu, record["sessions"])
                 if record.get("clones") and lu.backend is not None:
                     self._load_group(lu, record)
             for name in [n for n in self.lus if n not in doc["lus"]]:
@@ -193,6 +196,63 @@ class Target:
                                            "message": problem})
         self.groups[lu.name] = group
 
+    def _load_sessions(self, lu, records):
+        for name, rec in sorted(records.items()):
+            try:
+                session = self._open_session(lu, name, rec)
+                for problem in session.load():
+                    self._session_problem(lu, name, problem)
+            except (errors.Error, OSError) as e:
+                self._session_problem(lu, name, "not loaded: {}".format(e))
+                continue
+            self._attach_session(lu, session)
+
+    def _session_problem(self, lu, name, problem):
+        log.error("session %s of %s: %s", name, lu.name, problem)
+        self.recovery_problems.append({"source": lu.name, "session": name,
+                                       "message": problem})
+
+    def _open_session(self, lu, name, rec):
+        save_path = self._save_area_path(lu.name, name)
+        backend = backends.FileBackend(save_path)
+        try:
+            return sessions.Session(
+                name, lu, rec["granularity"], self.state_dir.maps_dir,
+                backend, rec["dests"], persist=self._persist_session(
+                    lu.name, name), marked=rec["marked"],
+                export=rec.get("export", False), error=rec.get("error"),
+                save_area_size=rec["save_area"],
+                last_transfer=rec.get("last_transfer"))
+        except BaseException:
+            backend.close()
+            raise
+
+    def _save_area_path(self, source, name):
+        return os.path.join(self.state_dir.maps_dir,
+                            "{}@{}.save".format(source, name))
+
+    def _attach_session(self, lu, session):
+        # The list is replaced, never changed in place: writers iterate it
+        # without a lock.
+        if not isinstance(lu.backend, sessions.SessionBackend):
+            lu.backend = sessions.SessionBackend(lu.backend)
+        lu.backend.sessions = lu.backend.sessions + [session]
+        self.sessions[session.name] = session
+
+    def _detach_session(self, session):
+        lu = session.source
+        lu.backend.sessions = [s for s in lu.backend.sessions
+                               if s is not session]
+        self.sessions.pop(session.name, None)
+
+    def _persist_session(self, source, name):
+        def persist(record):
+            with self.state_dir.locked():
+                doc = self.state_dir.load()
+                doc["lus"][source].setdefault("sessions", {})[name] = record
+                self.state_dir.save(doc)
+        return persist
+
     def _persist_clone(self, source):
         def persist(name, clone_state, error=None, rate=None):
             with self.state_dir.locked():
@@ -209,6 +269,8 @@ class Target:
         group = self.groups.pop(lu.name, None)
         if group is not None:
             group.close()
+        for name in [n for n, s in self.sessions.items() if s.source is lu]:
+            self.sessions.pop(name).close()
         if lu.connections == 0:
             lu.close()
 
@@ -225,6 +287,9 @@ class Target:
             for name, clone in group.clones.items():
                 if clone.state in clones.EXPORTED:
                     out[name] = clone.export
+        for session in self.sessions.values():
+            if session.marked and session.export and session.source.healthy:
+                out[session.export_name()] = sessions.FrozenExport(session)
         return out
 
     def exports(self):
@@ -234,6 +299,11 @@ class Target:
                 if isinstance(obj, clones.CloneExport):
                     desc = "clonectl fractured clone {} of {} ({} bytes)".format(
                         name, obj.clone.group.source.name, obj.size)
+                elif isinstance(obj, sessions.FrozenExport):
+                    desc = ("clonectl frozen image of {} marked by session {} "
+                            "({} bytes, read-only)".format(
+                                obj.session.source.name, obj.session.name,
+                                obj.size))
                 else:
                     desc = "clonectl LU {} ({} bytes{})".format(
                         name, obj.size, ", read-only" if obj.readonly else "")
@@ -252,6 +322,9 @@ class Target:
                 raise errors.UnknownLU(name=name)
             if isinstance(obj, clones.CloneExport):
                 obj.clone.connections += 1
+            elif isinstance(obj, sessions.FrozenExport):
+                with obj.session.cond:
+                    obj.session.export_connections += 1
             else:
                 obj.connections += 1
             return Connection(obj, readonly)
@@ -261,6 +334,10 @@ class Target:
             obj = conn.lu
             if isinstance(obj, clones.CloneExport):
                 obj.clone.connections -= 1
+                return
+            if isinstance(obj, sessions.FrozenExport):
+                with obj.session.cond:
+                    obj.session.export_connections -= 1
                 return
             obj.connections -= 1
             if obj.removed and obj.connections == 0:
@@ -273,6 +350,8 @@ class Target:
                     "clones": [g.clone_status(c)
                                for _, g in sorted(self.groups.items())
                                for _, c in sorted(g.clones.items())],
+                    "sessions": [s.status() for _, s in
+                                 sorted(self.sessions.items())],
                     "recovery_problems": self.recovery_problems}
 
     # ------------------------------------------------------------ clones
@@ -405,6 +484,193 @@ class Target:
         group.fracture(clone)
         return group.clone_status(c)
 
+    # ------------------------------------------------------------ sessions
+
+    def _session(self, name):
+        session = self.sessions.get(name)
+        if session is None:
+            raise sessions.UnknownSession(name=name)
+        return session
+
+    def session_create(self, source, name, dests, granularity=None,
+                       save_area=None, timeout=10.0):
+        """A new incremental session on source; every destination is
+        probed (reachable, writable, same size) before anything is made."""
+        units.check_name(name)
+        granularity = clones.check_granularity(
+            units.parse_size(granularity) if granularity else
+            clones.DEFAULT_GRANULARITY)
+        if not dests:
+            raise errors.InvalidArgument(reason="a session needs at least "
+                                         "one destination (--dest URI)")
+        if len(set(dests)) != len(dests):
+            raise errors.InvalidArgument(reason="a destination is given twice")
+        lu = self.lus.get(source)
+        if lu is None or lu.removed:
+            raise errors.UnknownLU(name=source)
+        if lu.backend is None:
+            raise errors.BackingUnusable(path=lu.file, reason=lu.error)
+        if lu.readonly:
+            raise errors.InvalidArgument(
+                reason="LU {!r} is read-only: nothing to track".format(source))
+        if name in self.sessions:
+            raise sessions.SessionError(name=name, reason="a session of that "
+                                        "name exists")
+        extents = maps.extent_count(lu.size, granularity)
+        minimum = sessions.SaveArea.minimum_size(extents, granularity)
+        if save_area is None:
+            size = minimum - granularity + extents * granularity
+        else:
+            size = units.parse_size(save_area)
+            if size < minimum:
+                raise errors.InvalidSize(
+                    value=save_area, reason="the save area needs at least {} "
+                    "bytes (its index plus one extent)".format(minimum))
+        for uri in dests:
+            sessions.probe_destination(uri, lu.size, timeout=float(timeout))
+        save_path = self._save_area_path(source, name)
+        record = {"granularity": granularity, "save_area": size,
+                  "marked": False, "export": False, "error": None,
+                  "dests": [{"uri": u, "peer": None, "consistency":
+                             sessions.NEW, "needs_full": True} for u in dests],
+                  "last_transfer": None}
+        with self.state_dir.locked():
+            doc = self.state_dir.load()
+            if source not in doc["lus"]:
+                raise errors.UnknownLU(name=source)
+            taken = {n for r in doc["lus"].values()
+                     for n in r.get("sessions", {})}
+            if name in taken:
+                raise sessions.SessionError(name=name, reason="a session of "
+                                            "that name exists")
+            if os.path.exists(save_path):
+                os.unlink(save_path)   # left by a crash during a create
+            state.create_sparse(save_path, size)
+            try:
+                session = self._open_session(lu, name, record)
+                session.create()
+                doc["lus"][source].setdefault("sessions", {})[name] = record
+                self.state_dir.save(doc)
+            except BaseException:
+                os.unlink(save_path)
+                raise
+        self._attach_session(lu, session)
+        log.info("session %s created on %s (%d destinations)", name, source,
+                 len(dests))
+        return session.status()
+
+    def session_delete(self, name, force=False):
+        session = self._session(name)
+        if session.marked and not force:
+            raise sessions.SessionBusy(
+                name=name, reason="it is marked; unmark it first (or --force)")
+        if session.engine is not None and session.engine.is_alive():
+            raise sessions.SessionBusy(name=name, reason="a transfer is "
+                                       "running")
+        self._detach_session(session)
+        session.close()
+        source = session.source.name
+        with self.state_dir.locked():
+            doc = self.state_dir.load()
+            record = doc["lus"].get(source, {})
+            record.get("sessions", {}).pop(name, None)
+            if "sessions" in record and not record["sessions"]:
+                del record["sessions"]
+            self.state_dir.save(doc)
+        for path in [session.tracking.path, session.tracking.path +
+                     ".activity", self._save_area_path(source, name)] + \
+                [session._pending_path(d) for d in session.dests]:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+        return {"name": name, "source": source}
+
+    def session_list(self, source=None):
+        return [s.status() for n, s in sorted(self.sessions.items())
+                if source is None or s.source.name == source]
+
+    def session_status(self, name):
+        return self._session(name).status()
+
+    def _check_source_stable(self, session):
+        group = self.groups.get(session.source.name)
+        if group is None:
+            return
+        busy = [c.name for c in group.clones.values()
+                if c.state in (clones.REVERSE_SYNCING, clones.RESTORING)]
+        if busy:
+            raise sessions.SessionBusy(
+                name=session.name, reason="the Source is being restored from "
+                "clone {}; mark once that has finished".format(busy[0]))
+
+    def session_mark(self, name, export=False):
+        session = self._session(name)
+        session.mark(export=bool(export),
+                     check=lambda: self._check_source_stable(session))
+        return session.status()
+
+    def session_unmark(self, name, force=False):
+        session = self._session(name)
+        session.unmark(force=bool(force))
+        return session.status()
+
+    def _connect_destinations(self, session, timeout):
+        clients = {}
+        try:
+            for d in session.dests:
+                clients[d.index] = sessions.NbdDestination(
+                    d.uri, timeout=float(timeout))
+                if clients[d.index].size != session.size:
+                    raise sessions.DestinationError(
+                        uri=d.uri, reason="its size is now {} bytes, the "
+                        "Source's is {}; nothing was written".format(
+                            clients[d.index].size, session.size))
+        except BaseException:
+            for c in clients.values():
+                c.close()
+            raise
+        return clients
+
+    def session_transfer(self, name, full=False, unmarked=False,
+                         timeout=sessions.DEFAULT_TIMEOUT):
+        session = self._session(name)
+        if session.engine is not None and session.engine.is_alive():
+            log.warning("session %s: transfer refused: one is running", name)
+            raise sessions.SessionBusy(name=name, reason="a transfer is "
+                                       "running")
+        clients = self._connect_destinations(session, timeout)
+        try:
+            if full and not unmarked and not session.marked:
+                session.mark(full=True, check=lambda:
+                             self._check_source_stable(session))
+            session.start_transfer(clients, full=bool(full),
+                                   unmarked=bool(unmarked))
+        except BaseException:
+            for c in clients.values():
+                c.close()
+            raise
+        return session.status()
+
+    def session_update(self, name, timeout=sessions.DEFAULT_TIMEOUT):
+        """Mark (unless an interrupted transfer left it marked), transfer;
+        the transfer unmarks on success."""
+        session = self._session(name)
+        if session.engine is not None and session.engine.is_alive():
+            log.warning("session %s: update refused: one is running", name)
+            raise sessions.SessionBusy(name=name, reason="an update is "
+                                       "already running")
+        clients = self._connect_destinations(session, timeout)
+        try:
+            if not session.marked:
+                session.mark(check=lambda: self._check_source_stable(session))
+            session.start_transfer(clients)
+        except BaseException:
+            for c in clients.values():
+                c.close()
+            raise
+        return session.status()
+
     def control_operations(self):
         """The operations the control socket offers: name -> callable."""
         return {
@@ -419,6 +685,14 @@ class Target:
             "clone_reverse_sync": self.clone_reverse_sync,
             "clone_fracture": self.clone_fracture,
             "clone_restore": self.clone_restore,
+            "session_create": self.session_create,
+            "session_delete": self.session_delete,
+            "session_list": self.session_list,
+            "session_status": self.session_status,
+            "session_mark": self.session_mark,
+            "session_unmark": self.session_unmark,
+            "session_transfer": self.session_transfer,
+            "session_update": self.session_update,
             "prepare_stop": self.prepare_stop,
         }
 
@@ -430,6 +704,8 @@ class Target:
             group.stop_engine()
             if group.clones:
                 group.commit()
+        for session in list(self.sessions.values()):
+            session.stop_engine()
         return {}
 
     def close(self):
@@ -437,6 +713,9 @@ class Target:
             for group in self.groups.values():
                 group.close()
             self.groups.clear()
+            for session in self.sessions.values():
+                session.close()
+            self.sessions.clear()
             for lu in self.lus.values():
                 lu.close()
             self.lus.clear()
