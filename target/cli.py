@@ -163,6 +163,24 @@ def lu_list(ctx, as_json):
            ["NAME", "SIZE", "MODE", "BACKING"])
 
 
+@lu.command("rollback")
+@click.argument("name")
+@pass_ctx
+@handle_errors
+def lu_rollback(ctx, name):
+    """Roll LU NAME back to its protected image, then release it.
+
+    A peer clonectl protects an LU's consistent image before it ships
+    out-of-order updates to it; if that transfer failed and the sender is
+    gone, this puts the protected image back (only the extents written
+    since), so the LU is consistent again. Needs a running server; stop
+    hosts writing to the LU first.
+    """
+    res = _control_call(ctx, "image_rollback", lu=name)
+    click.echo("rolled {} back to its protected image ({} extents "
+               "restored)".format(name, res["extents_restored"]))
+
+
 @lu.command("delete")
 @click.argument("name")
 @pass_ctx
@@ -519,10 +537,21 @@ def clone_restore(ctx, name, full, wait, rate):
               help="nbdkit thread model (for benchmarks).")
 @click.option("--threads", hidden=True, type=click.IntRange(1, 256),
               help="nbdkit worker threads per connection (for benchmarks).")
+@click.option("--peer-port", type=click.IntRange(1, 65535), metavar="N",
+              help="Also listen on TCP port N for requests from other "
+                   "clonectl managers that ship sessions to this target: "
+                   "protect an LU's image before a transfer, release it "
+                   "after (see `clonectl session create --peer-dest`). "
+                   "Needs --peer-token-file.")
+@click.option("--peer-bind", default="127.0.0.1", show_default=True,
+              metavar="ADDR", help="Address for --peer-port.")
+@click.option("--peer-token-file", metavar="FILE",
+              help="File holding the shared token (16+ characters) that "
+                   "peer requests must carry; others get nothing.")
 @pass_ctx
 @handle_errors
 def serve(ctx, socket_path, port, bind, detach, pidfile, thread_model,
-          threads):
+          threads, peer_port, peer_bind, peer_token_file):
     """Serve every LU over NBD until SIGTERM or SIGINT.
 
     One nbdkit server exports every LU under its own name (`nbdinfo --list`).
@@ -534,8 +563,16 @@ def serve(ctx, socket_path, port, bind, detach, pidfile, thread_model,
     if socket_path is None and port is None:
         socket_path = ctx.state_dir.default_nbd_socket
     listen = server.Listen(socket_path, port, bind)
+    peer_listen = None
+    if peer_port is not None:
+        if not peer_token_file:
+            raise click.UsageError("--peer-port needs --peer-token-file")
+        from . import peer
+        peer_listen = (peer_bind, peer_port, peer.read_token(peer_token_file))
+    elif peer_token_file:
+        raise click.UsageError("--peer-token-file needs --peer-port")
     srv = server.Server(ctx.state_dir, listen, thread_model=thread_model,
-                        threads=threads, pidfile=pidfile)
+                        threads=threads, pidfile=pidfile, peer=peer_listen)
     if detach:
         info = server.serve_detached(srv)
         click.echo("serving on {} (pid {})".format(
@@ -689,10 +726,21 @@ def _wait_transfer(ctx, name):
 @session.command("create")
 @click.argument("source")
 @click.argument("name")
-@click.option("--dest", "dests", multiple=True, required=True, metavar="URI",
+@click.option("--dest", "dests", multiple=True, metavar="URI",
               help="A destination NBD URI (repeat for several). It must "
                    "answer, be writable and have the Source's size; nothing "
                    "is written to it until the first transfer.")
+@click.option("--peer-dest", "peer_dests", multiple=True, nargs=2,
+              metavar="URI HOST:PORT",
+              help="A destination served by another clonectl whose manager "
+                   "takes peer requests at HOST:PORT (its `serve "
+                   "--peer-port`): before each transfer its consistent image "
+                   "is protected there, and released after success. A "
+                   "failed transfer leaves it protected; the admin there can "
+                   "`clonectl lu rollback` to it.")
+@click.option("--peer-token-file", metavar="FILE",
+              help="The token shared with the peers (same file content as "
+                   "their --peer-token-file).")
 @click.option("--granularity", metavar="SIZE",
               help="Extent size tracked by one map entry: a power of two "
                    "from 2K to 1M. Default 64K.")
@@ -706,18 +754,25 @@ def _wait_transfer(ctx, name):
               help="How long to wait for each destination to answer.")
 @pass_ctx
 @handle_errors
-def session_create(ctx, source, name, dests, granularity, save_area, timeout):
+def session_create(ctx, source, name, dests, peer_dests, peer_token_file,
+                   granularity, save_area, timeout):
     """Create session NAME on SOURCE, shipping to one or more destinations.
 
     From now on writes to SOURCE are tracked. The first transfer to each
     destination copies the whole Source.
     """
+    if not dests and not peer_dests:
+        raise click.UsageError("give at least one --dest or --peer-dest")
     st = _target_call(ctx, "session_create", source=source, name=name,
-                      dests=list(dests), granularity=granularity,
-                      save_area=save_area, timeout=timeout)
+                      dests=list(dests), peer_dests=[list(p) for p in
+                                                     peer_dests],
+                      peer_token_file=peer_token_file,
+                      granularity=granularity, save_area=save_area,
+                      timeout=timeout)
+    n = len(st["destinations"])
     click.echo("created session {} on {} ({} destination{}, granularity {})"
-               .format(name, source, len(dests), "" if len(dests) == 1
-                       else "s", units.format_size(st["granularity"])))
+               .format(name, source, n, "" if n == 1 else "s",
+                       units.format_size(st["granularity"])))
 
 
 @session.command("delete")

@@ -137,8 +137,11 @@ def _lock_held(state_dir):
 class Server:
 
     def __init__(self, state_dir, listen, thread_model=None, threads=None,
-                 pidfile=None, out=None):
+                 pidfile=None, out=None, peer=None):
         self.state_dir = state_dir
+        # (bind, port, token) of the manager-to-manager listener, or None.
+        self.peer = peer
+        self.peer_server = None
         self.listen = listen
         self.thread_model = thread_model
         self.threads = threads
@@ -244,6 +247,8 @@ class Server:
                 "control_socket": self.state_dir.control_socket,
                 "started": _now()}
         info.update(self.listen.to_dict())
+        if self.peer is not None:
+            info["peer"] = "{}:{}".format(self.peer[0], self.peer[1])
         fsutil.write_json_atomic(self.state_dir.serve_info_file, info)
         self._published = True
         if self.pidfile:
@@ -260,6 +265,12 @@ class Server:
         try:
             self.acquire()
             self.spawn()
+            if self.peer is not None:
+                from .peer import PeerServer
+                bind, port, token = self.peer
+                self.peer_server = PeerServer(bind, port, token,
+                                              self.state_dir.control_socket)
+                self.peer_server.start()
             info = self.publish()
             if ready:
                 ready(info)
@@ -312,6 +323,9 @@ class Server:
             self.proc.wait()
 
     def _cleanup(self):
+        if self.peer_server is not None:
+            self.peer_server.stop()
+            self.peer_server = None
         self._kill()
         if not self._acquired:
             return

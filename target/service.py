@@ -24,7 +24,7 @@ import os
 import threading
 import time
 
-from . import backends, clones, errors, maps, sessions, state, units
+from . import backends, clones, errors, maps, peer, sessions, state, units
 
 log = logging.getLogger("clonectl.target")
 
@@ -222,7 +222,8 @@ class Target:
                     lu.name, name), marked=rec["marked"],
                 export=rec.get("export", False), error=rec.get("error"),
                 save_area_size=rec["save_area"],
-                last_transfer=rec.get("last_transfer"))
+                last_transfer=rec.get("last_transfer"),
+                token_file=rec.get("token_file"))
         except BaseException:
             backend.close()
             raise
@@ -492,19 +493,46 @@ class Target:
             raise sessions.UnknownSession(name=name)
         return session
 
-    def session_create(self, source, name, dests, granularity=None,
-                       save_area=None, timeout=10.0):
+    def session_create(self, source, name, dests=(), granularity=None,
+                       save_area=None, timeout=10.0, peer_dests=(),
+                       peer_token_file=None):
         """A new incremental session on source; every destination is
-        probed (reachable, writable, same size) before anything is made."""
+        probed (reachable, writable, same size) before anything is made.
+
+        peer_dests: [uri, "HOST:PORT"] pairs, destinations served by
+        another clonectl whose manager listens for peer requests there.
+        """
         units.check_name(name)
-        granularity = clones.check_granularity(
-            units.parse_size(granularity) if granularity else
-            clones.DEFAULT_GRANULARITY)
-        if not dests:
+        dest_records = [{"uri": u, "peer": None} for u in dests]
+        for pair in peer_dests or ():
+            if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+                raise errors.InvalidArgument(reason="a peer destination is "
+                                             "a URI and a HOST:PORT")
+            dest_records.append({"uri": pair[0], "peer": _peer_addr(pair[1])})
+        if not dest_records:
             raise errors.InvalidArgument(reason="a session needs at least "
                                          "one destination (--dest URI)")
-        if len(set(dests)) != len(dests):
+        uris = [r["uri"] for r in dest_records]
+        if len(set(uris)) != len(uris):
             raise errors.InvalidArgument(reason="a destination is given twice")
+        token_file = None
+        if any(r["peer"] for r in dest_records):
+            if not peer_token_file:
+                raise errors.InvalidArgument(
+                    reason="peer destinations need --peer-token-file")
+            token_file = os.path.abspath(peer_token_file)
+            token = peer.read_token(token_file)
+        lu = self._session_source(source)
+        for r in dest_records:
+            sessions.probe_destination(r["uri"], lu.size,
+                                       timeout=float(timeout))
+            if r["peer"]:
+                peer.call(r["peer"], token, "status",
+                          _export_of(r["uri"]), timeout=float(timeout))
+        return self._create_session(lu, name, dest_records, granularity,
+                                    save_area, token_file).status()
+
+    def _session_source(self, source):
         lu = self.lus.get(source)
         if lu is None or lu.removed:
             raise errors.UnknownLU(name=source)
@@ -513,6 +541,13 @@ class Target:
         if lu.readonly:
             raise errors.InvalidArgument(
                 reason="LU {!r} is read-only: nothing to track".format(source))
+        return lu
+
+    def _create_session(self, lu, name, dest_records, granularity, save_area,
+                        token_file=None):
+        granularity = clones.check_granularity(
+            units.parse_size(granularity) if granularity else
+            clones.DEFAULT_GRANULARITY)
         if name in self.sessions:
             raise sessions.SessionError(name=name, reason="a session of that "
                                         "name exists")
@@ -526,18 +561,16 @@ class Target:
                 raise errors.InvalidSize(
                     value=save_area, reason="the save area needs at least {} "
                     "bytes (its index plus one extent)".format(minimum))
-        for uri in dests:
-            sessions.probe_destination(uri, lu.size, timeout=float(timeout))
-        save_path = self._save_area_path(source, name)
+        save_path = self._save_area_path(lu.name, name)
         record = {"granularity": granularity, "save_area": size,
                   "marked": False, "export": False, "error": None,
-                  "dests": [{"uri": u, "peer": None, "consistency":
-                             sessions.NEW, "needs_full": True} for u in dests],
-                  "last_transfer": None}
+                  "dests": [dict(r, consistency=sessions.NEW, needs_full=True)
+                            for r in dest_records],
+                  "token_file": token_file, "last_transfer": None}
         with self.state_dir.locked():
             doc = self.state_dir.load()
-            if source not in doc["lus"]:
-                raise errors.UnknownLU(name=source)
+            if lu.name not in doc["lus"]:
+                raise errors.UnknownLU(name=lu.name)
             taken = {n for r in doc["lus"].values()
                      for n in r.get("sessions", {})}
             if name in taken:
@@ -549,15 +582,15 @@ class Target:
             try:
                 session = self._open_session(lu, name, record)
                 session.create()
-                doc["lus"][source].setdefault("sessions", {})[name] = record
+                doc["lus"][lu.name].setdefault("sessions", {})[name] = record
                 self.state_dir.save(doc)
             except BaseException:
                 os.unlink(save_path)
                 raise
         self._attach_session(lu, session)
-        log.info("session %s created on %s (%d destinations)", name, source,
-                 len(dests))
-        return session.status()
+        log.info("session %s created on %s (%d destinations)", name, lu.name,
+                 len(dest_records))
+        return session
 
     def session_delete(self, name, force=False):
         session = self._session(name)
@@ -644,8 +677,10 @@ class Target:
             if full and not unmarked and not session.marked:
                 session.mark(full=True, check=lambda:
                              self._check_source_stable(session))
+            self._protect_peers(session)
             session.start_transfer(clients, full=bool(full),
-                                   unmarked=bool(unmarked))
+                                   unmarked=bool(unmarked),
+                                   on_done=self._release_peers)
         except BaseException:
             for c in clients.values():
                 c.close()
@@ -664,12 +699,121 @@ class Target:
         try:
             if not session.marked:
                 session.mark(check=lambda: self._check_source_stable(session))
-            session.start_transfer(clients)
+            self._protect_peers(session)
+            session.start_transfer(clients, on_done=self._release_peers)
         except BaseException:
             for c in clients.values():
                 c.close()
             raise
         return session.status()
+
+    def _protect_peers(self, session):
+        """Protect the consistent image of each clonectl destination before
+        out-of-order updates reach it.  If one protect fails, those made
+        here are released again and the transfer does not start."""
+        todo = [d for d in session.dests if d.peer and not d.protected
+                and d.consistency == sessions.CONSISTENT]
+        if not todo:
+            return
+        token = peer.read_token(session.token_file)
+        done = []
+        try:
+            for d in todo:
+                peer.call(d.peer, token, "protect", _export_of(d.uri))
+                done.append(d)
+        except errors.Error:
+            for d in done:
+                try:
+                    peer.call(d.peer, token, "release", _export_of(d.uri))
+                except errors.Error as e:
+                    log.error("session %s: could not undo the protect of %s: "
+                              "%s", session.name, d.uri, e)
+                    d.protected = True
+            session._persist()
+            raise
+        for d in done:
+            d.protected = True
+        session._persist()
+
+    def _release_peers(self, engine):
+        """After a transfer: release the protected images of destinations
+        that got the whole point in time; the others stay protected."""
+        session = engine.session
+        changed = False
+        for i in engine.completed:
+            d = session.dests[i]
+            if not (d.peer and d.protected) or engine.unmarked:
+                continue
+            try:
+                token = peer.read_token(session.token_file)
+                peer.call(d.peer, token, "release", _export_of(d.uri))
+                d.protected = False
+            except errors.Error as e:
+                d.last_error = "transfer completed, but the protected image " \
+                    "was not released: {}".format(e)
+            changed = True
+        if changed:
+            session._persist()
+
+    # ------------------------------------------------------------ images
+    # Protected images of this target's LUs, asked for by a peer manager.
+
+    @staticmethod
+    def _image_session_name(lu):
+        return "protected-" + lu
+
+    def image_status(self, lu):
+        if lu not in self.lus or not self.lus[lu].healthy:
+            raise errors.UnknownLU(name=lu)
+        session = self.sessions.get(self._image_session_name(lu))
+        protected = session is not None and session.marked
+        return {"lu": lu, "size": self.lus[lu].size, "protected": protected,
+                "export": session.export_name() if protected else None,
+                "since": session.mark_time if protected else None,
+                "saved_extents": len(session.save.slots) if protected else 0}
+
+    def image_protect(self, lu):
+        """Keep lu's current image readable (LU@protected-LU) until
+        released; protecting a protected image keeps the older one."""
+        source = self._session_source(lu)
+        name = self._image_session_name(lu)
+        session = self.sessions.get(name)
+        if session is None:
+            session = self._create_session(source, name, [], None, None)
+        if not session.marked:
+            session.mark(export=True)
+        return self.image_status(lu)
+
+    def image_release(self, lu):
+        session = self.sessions.get(self._image_session_name(lu))
+        if session is not None:
+            if session.marked:
+                session.unmark(force=True)
+            self.session_delete(session.name)
+        return self.image_status(lu)
+
+    def image_rollback(self, lu):
+        """Put the protected image back into lu (only the extents written
+        since it was protected), then release it."""
+        source = self._session_source(lu)
+        session = self.sessions.get(self._image_session_name(lu))
+        if session is None or not session.marked:
+            raise errors.InvalidArgument(
+                reason="LU {!r} has no protected image to roll back to"
+                .format(lu))
+        g = session.granularity
+        buf = bytearray(g)
+        restored = 0
+        for x in sorted(session.save.slots):
+            n = min(g, source.size - x * g)
+            session.save.readinto(x, buf)
+            source.write(memoryview(buf)[:n], x * g)
+            restored += 1
+        source.flush()
+        log.info("LU %s rolled back to its protected image (%d extents)", lu,
+                 restored)
+        self.image_release(lu)
+        return {"lu": lu, "extents_restored": restored}
 
     def control_operations(self):
         """The operations the control socket offers: name -> callable."""
@@ -693,6 +837,10 @@ class Target:
             "session_unmark": self.session_unmark,
             "session_transfer": self.session_transfer,
             "session_update": self.session_update,
+            "image_status": self.image_status,
+            "image_protect": self.image_protect,
+            "image_release": self.image_release,
+            "image_rollback": self.image_rollback,
             "prepare_stop": self.prepare_stop,
         }
 
@@ -724,6 +872,20 @@ class Target:
 class UnknownClone(errors.Error):
     msg = "no clone named {name!r}"
     errno = errno.ENOENT
+
+
+def _peer_addr(text):
+    host, sep, port = str(text).rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise errors.InvalidArgument(
+            reason="invalid peer address {!r}: use HOST:PORT".format(text))
+    return "{}:{}".format(host, int(port))
+
+
+def _export_of(uri):
+    """The export name of an NBD URI (what the peer calls the LU)."""
+    from urllib.parse import unquote, urlsplit
+    return unquote(urlsplit(uri).path.lstrip("/"))
 
 
 def _rate(value):

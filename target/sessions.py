@@ -330,7 +330,8 @@ class Session:
 
     def __init__(self, name, source, granularity, map_dir, save_backend,
                  dest_records, persist=None, marked=False, export=False,
-                 error=None, save_area_size=None, last_transfer=None):
+                 error=None, save_area_size=None, last_transfer=None,
+                 token_file=None):
         self.name = name
         self.source = source            # the LU
         self.size = source.size
@@ -358,6 +359,7 @@ class Session:
         self.engine = None
         self.export_connections = 0
         self.last_transfer = last_transfer
+        self.token_file = token_file
         self.problems = []
 
     # ------------------------------------------------------------ set-up
@@ -406,6 +408,7 @@ class Session:
                 "marked": self.marked, "export": self.export,
                 "error": self.error,
                 "dests": [d.record() for d in self.dests],
+                "token_file": self.token_file,
                 "last_transfer": self.last_transfer}
 
     def _persist(self):
@@ -846,22 +849,32 @@ class TransferEngine:
 
     def run(self):
         try:
-            while self.stop_reason is None and self.step():
-                pass
-            if self.stop_reason is None:
-                self.finish()
-            else:
-                self.abort("stopped: " + self.stop_reason)
-        except FrozenImageGone:
-            self.abort("the session was unmarked during the transfer")
-        except Exception as e:  # noqa: BLE001 - the transfer reports it
-            log.exception("session %s: transfer failed", self.session.name)
-            self.abort(str(e))
+            self.advance()
         finally:
             for c in self.clients.values():
                 c.close()
             if self.on_done is not None:
                 self.on_done(self)
+
+    def advance(self, max_steps=None):
+        """Take up to max_steps steps (all, if None), then finish; failures
+        end the transfer with abort().  Return True once it has ended."""
+        try:
+            steps = 0
+            while self.stop_reason is None:
+                if max_steps is not None and steps >= max_steps:
+                    return False
+                if not self.step():
+                    self.finish()
+                    return True
+                steps += 1
+            self.abort("stopped: " + self.stop_reason)
+        except FrozenImageGone:
+            self.abort("the session was unmarked during the transfer")
+        except Exception as e:  # noqa: BLE001 - the transfer reports it
+            log.exception("session %s: transfer failed", self.session.name)
+            self.abort(str(e))
+        return True
 
     # ------------------------------------------------------------ steps
 

@@ -69,6 +69,10 @@ class CrashingDestination(sessions.MemoryDestination):
         self.countdown.tick()
         super()._tick()
 
+    def flush(self):
+        super().flush()
+        self.backend.flushed_image = bytes(self.backend.data)
+
 
 def data_for(seed, length):
     return random.Random(seed).randbytes(length)
@@ -89,7 +93,13 @@ class SessionMachine(RuleBasedStateMachine):
         sessions.CHECKPOINT_BYTES = 3 * GRAN
         self._patch_io()
         self.mem_src = backends.MemoryBackend(SIZE)
-        self.mem_dests = [backends.MemoryBackend(SIZE) for _ in range(DESTS)]
+        # A new destination holds anything: never assume it is zeroed.
+        self.mem_dests = []
+        for i in range(DESTS):
+            mem = backends.MemoryBackend(SIZE)
+            mem.data[:] = random.Random(i).randbytes(SIZE)
+            mem.flushed_image = bytes(mem.data)
+            self.mem_dests.append(mem)
         self.record = None
         self.S = bytearray(SIZE)
         self.frozen = None
@@ -286,25 +296,35 @@ class SessionMachine(RuleBasedStateMachine):
             return
         engine = self.engine
 
-        def go():
-            for _ in range(steps):
-                if not engine.step():
-                    engine.finish()
-                    return
-
-        ok, _ = self.attempt(go)
+        ok, _ = self.attempt(lambda: engine.advance(steps))
         if ok:
             self._engine_done()
 
     @rule()
     def checkpoint(self):
-        if self.engine is not None:
+        if self.engine is None:
+            return
+        try:
             self.attempt(self.engine.checkpoint)
+        except sessions.FrozenImageGone:
+            # What advance() does when a checkpoint finds the session
+            # unmarked (the save area filled up meanwhile).
+            self.engine.abort("unmarked")
+            self.engine = None
 
     @rule(dest=st.integers(0, DESTS - 1), after=st.integers(0, 6))
     def fail_destination(self, dest, after):
         if self.engine is not None:
             self.engine.clients[dest].fail_after = after
+
+    @rule(dest=st.integers(0, DESTS - 1))
+    def destination_power_loss(self, dest):
+        """A destination loses what it had not flushed (its connection
+        drops too, so a running transfer fails for it)."""
+        mem = self.mem_dests[dest]
+        mem.data[:] = mem.flushed_image
+        if self.engine is not None:
+            self.engine.clients[dest].fail_after = 0
 
     @rule()
     def abort_transfer(self):
@@ -328,9 +348,7 @@ class SessionMachine(RuleBasedStateMachine):
             self.frozen = bytes(self.S)
         frozen = self.frozen
         engine = self.session.start_transfer(self._clients(), run=False)
-        while engine.step():
-            pass
-        engine.finish()
+        engine.advance()
         assert engine.result == "completed", engine.result
         self._after_engine(engine, frozen)
         for i in range(DESTS):

@@ -1,0 +1,151 @@
+"""The manager-to-manager channel: protect a destination's consistent image.
+
+Before a session sends out-of-order updates to a destination that is
+another clonectl target, it asks that target to protect its last consistent
+image of the LU (seed 001 figures 5-6, 14-15), and to release it after the
+transfer succeeded.  A failed or interrupted transfer leaves it protected;
+the admin there can roll the LU back to it (`clonectl lu rollback`).
+
+Protocol: TCP, one JSON object per line each way, one request per
+connection:
+
+    request   {"token": "...", "op": "protect", "lu": "db1"}
+    reply     {"ok": true, "result": {...}} or {"ok": false, "error": {...}}
+
+Every request carries the shared token (a file given to both managers);
+without the right token nothing is done and the reply says so.  The
+manager's listener forwards an accepted request to its target over the
+local control socket; the target protects an image with a copy-on-first-
+write snapshot (an internal session marked with a frozen export,
+`LU@protected-LU`), so protecting costs no copy.
+
+Deliberately ignored: TLS on this channel (the token is sent in clear; use
+it on a trusted network or a tunnel), several protected images per LU.
+"""
+
+import errno
+import hmac
+import json
+import logging
+import socket
+import socketserver
+import threading
+
+from . import control, errors
+
+log = logging.getLogger("clonectl.peer")
+
+MAX_REQUEST = 64 << 10
+OPERATIONS = ("protect", "release", "rollback", "status")
+
+
+class PeerRefused(errors.Error):
+    msg = "peer {peer}: {reason}"
+    errno = errno.EACCES
+
+
+class AccessDenied(errors.Error):
+    """Raised by the listener; the caller sees it as PeerRefused."""
+    msg = "{reason}"
+    errno = errno.EACCES
+
+
+class PeerError(errors.Error):
+    msg = "peer {peer}: {reason}"
+    errno = errno.EIO
+
+
+def read_token(path):
+    try:
+        with open(path) as f:
+            token = f.read().strip()
+    except OSError as e:
+        raise errors.InvalidArgument(
+            reason="cannot read the peer token file {!r}: {}".format(
+                path, e.strerror))
+    if len(token) < 16:
+        raise errors.InvalidArgument(
+            reason="the peer token in {!r} is shorter than 16 characters"
+            .format(path))
+    return token
+
+
+class _Handler(socketserver.StreamRequestHandler):
+
+    def handle(self):
+        line = self.rfile.readline(MAX_REQUEST + 1)
+        reply = self.server.dispatch(line, self.client_address)
+        self.wfile.write(json.dumps(reply).encode() + b"\n")
+
+
+class PeerServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, bind, port, token, control_path):
+        self.token = token
+        self.control_path = control_path
+        super().__init__((bind, port), _Handler)
+        self._thread = None
+
+    def dispatch(self, line, client):
+        try:
+            if len(line) > MAX_REQUEST:
+                raise errors.ProtocolError(reason="request too large")
+            request = json.loads(line)
+            if not isinstance(request, dict):
+                raise errors.ProtocolError(reason="request is not an object")
+            token = request.get("token")
+            if not isinstance(token, str) or not hmac.compare_digest(
+                    token.encode(), self.token.encode()):
+                log.warning("peer request from %s refused: bad token",
+                            client[0])
+                raise AccessDenied(reason="invalid token; nothing was done")
+            op, lu = request.get("op"), request.get("lu")
+            if op not in OPERATIONS or not isinstance(lu, str):
+                raise errors.ProtocolError(reason="unknown operation {!r}"
+                                           .format(op))
+            log.info("peer %s: %s %s", client[0], op, lu)
+            result = control.call(self.control_path, "image_" + op, lu=lu,
+                                  timeout=60.0)
+            return {"ok": True, "result": result}
+        except errors.Error as e:
+            return {"ok": False, "error": e.to_dict()}
+        except ValueError as e:
+            return {"ok": False, "error": errors.ProtocolError(
+                reason="invalid JSON: {}".format(e)).to_dict()}
+        except OSError as e:
+            return {"ok": False, "error": errors.Error(
+                reason="the target is not answering: {}".format(e)).to_dict()}
+
+    def start(self):
+        self._thread = threading.Thread(target=self.serve_forever,
+                                        name="peer", daemon=True)
+        self._thread.start()
+
+    def stop(self):
+        self.shutdown()
+        self.server_close()
+
+
+def call(peer, token, op, lu, timeout=10.0):
+    """Ask the manager at peer ("HOST:PORT") to op ("protect", ...) lu."""
+    host, _, port = peer.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout) as s:
+            s.sendall(json.dumps({"token": token, "op": op, "lu": lu})
+                      .encode() + b"\n")
+            with s.makefile("rb") as f:
+                line = f.readline(MAX_REQUEST)
+    except (OSError, ValueError) as e:
+        raise PeerError(peer=peer, reason="{} failed: {}".format(op, e))
+    try:
+        reply = json.loads(line)
+    except ValueError:
+        raise PeerError(peer=peer, reason="{}: no valid reply".format(op))
+    if reply.get("ok"):
+        return reply.get("result")
+    err = reply.get("error") or {}
+    cls = PeerRefused if err.get("code") == "AccessDenied" else PeerError
+    raise cls(peer=peer, reason=err.get("message", "unknown error"))
