@@ -25,7 +25,11 @@ qemu-nbd, serving the same file.
   3. restore throughput while fio runs randrw 4 KiB QD16 on the Source, and
      fio's IOPS during the restore against an idle Source.
 
---suite all runs all three.
+--suite sessions: incremental copy sessions (issue 5): bytes sent for 1%,
+10% and 100% changed extents, full-transfer throughput against nbdcopy,
+host writes while marked and transferring; see scripts/bench_sessions.py.
+
+--suite all runs all four.
 
 Variants are measured alternately within each row and each row is
 repeated; the tables show medians.  This machine is noisy (±20-30% run to
@@ -45,6 +49,9 @@ import subprocess
 import sys
 import tempfile
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_sessions  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLONECTL = os.path.join(REPO, ".venv", "bin", "clonectl")
@@ -178,11 +185,13 @@ def make_image(path, size):
 def main():
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--suite", choices=("nbd", "clones", "restore", "all"),
+    p.add_argument("--suite", choices=("nbd", "clones", "restore", "sessions",
+                                       "all"),
                    default="nbd",
                    help="nbd: servers side by side; clones: clone overhead, "
                         "sync speed and latency; restore: protected restore "
-                        "COD latency and throughput; all: every suite "
+                        "COD latency and throughput; sessions: incremental "
+                        "transfers; all: every suite "
                         "(default nbd)")
     p.add_argument("--size", default="1G", help="image size (default 1G)")
     p.add_argument("--runtime", type=int, default=5,
@@ -211,7 +220,8 @@ def main():
     try:
         for suite, run in (("nbd", run_nbd_suite),
                            ("clones", run_clones_suite),
-                           ("restore", run_restore_suite)):
+                           ("restore", run_restore_suite),
+                           ("sessions", run_sessions_suite)):
             if args.suite in (suite, "all"):
                 os.mkdir(os.path.join(workdir, suite))
                 report[suite] = run(args, size, os.path.join(workdir, suite))
@@ -229,10 +239,18 @@ def main():
         if len(report) > 1:
             print()
         print_restore_tables(report["restore"], args)
+    if "sessions" in report:
+        if len(report) > 1:
+            print()
+        bench_sessions.print_tables(report["sessions"], args)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"date": time.strftime("%Y-%m-%d"), "args": vars(args),
                        "results": report}, f, indent=2)
+
+
+def run_sessions_suite(args, size, workdir):
+    return bench_sessions.run(sys.modules[__name__], args, size, workdir)
 
 
 def run_nbd_suite(args, size, workdir):

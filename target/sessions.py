@@ -353,6 +353,7 @@ class Session:
         self.mark_time = None
         self.generation = 0
         self.quiesce = False
+        self.closed = False
         self.active = 0
         self.saving = set()
         self.cofw_count = 0
@@ -440,8 +441,10 @@ class Session:
         with self.cond:
             while self.quiesce:
                 self.cond.wait()
-            self.tracking.note_write(e0, e1)
             self.active += 1
+            if self.closed:
+                return      # deleted while this write was on its way
+            self.tracking.note_write(e0, e1)
             if not self.marked:
                 return
             while True:
@@ -464,7 +467,7 @@ class Session:
             if full:
                 raise SaveAreaFull(name=self.name, slots=self.save.capacity,
                                    granularity=self.granularity)
-            self._copy_on_first_write(slots)
+            self._copy_on_first_write(slots, generation)
         except (SaveAreaFull, OSError) as e:
             self._abandon_mark(generation, str(e))
         finally:
@@ -473,7 +476,7 @@ class Session:
                     self.saving.difference_update(x for x, _ in slots)
                     self.cond.notify_all()
 
-    def _copy_on_first_write(self, slots):
+    def _copy_on_first_write(self, slots, generation):
         g = self.granularity
         buf = bytearray(g)
         for x, slot in slots:
@@ -484,6 +487,8 @@ class Session:
             self.inner.readinto(view[:n], x * g)
             self.save.store(x, slot, buf)
             with self.cond:
+                if generation != self.generation:
+                    return  # unmarked meanwhile: the save area was reset
                 self.save.slots[x] = slot
                 self.cofw_count += 1
 
@@ -494,6 +499,8 @@ class Session:
                 self.cond.notify_all()
 
     def maybe_commit(self):
+        if self.closed:
+            return
         if time.monotonic() - self.tracking.last_commit >= COMMIT_INTERVAL:
             self.tracking.commit(self.cond)
 
@@ -721,6 +728,8 @@ class Session:
         if engine is not None:
             engine.stop("closing")
             engine.join()
+        with self.cond:
+            self.closed = True
         try:
             self.tracking.commit(self.cond)
         except OSError as e:

@@ -128,6 +128,7 @@ def _validate(doc, path):
             if not isinstance(lu.get(key), bool):
                 bad("LU {!r} has an invalid {!r}".format(name, key))
         _validate_clones(name, lu, bad)
+        _validate_sessions(name, lu, bad)
     names = [c for lu in lus.values() for c in lu.get("clones", {})]
     taken = set(lus)
     for c in names:
@@ -154,6 +155,21 @@ def _validate_clones(name, lu, bad):
                 or not isinstance(rec.get("owned"), bool) \
                 or rec.get("state") not in STATES:
             bad("clone {!r} of LU {!r} is invalid".format(cname, name))
+
+
+def _validate_sessions(name, lu, bad):
+    sessions = lu.get("sessions", {})
+    if not isinstance(sessions, dict):
+        bad("LU {!r}: 'sessions' is not an object".format(name))
+    for sname, rec in sessions.items():
+        g = rec.get("granularity") if isinstance(rec, dict) else None
+        if not isinstance(g, int) or g <= 0 or g & (g - 1) \
+                or not isinstance(rec.get("save_area"), int) \
+                or not isinstance(rec.get("marked"), bool) \
+                or not isinstance(rec.get("dests"), list) \
+                or not all(isinstance(d, dict) and isinstance(d.get("uri"), str)
+                           for d in rec["dests"]):
+            bad("session {!r} of LU {!r} is invalid".format(sname, name))
 
 
 def probe_backing(path, size=None, readonly=False):

@@ -1,0 +1,180 @@
+"""The sessions suite of scripts/bench.py (issue 5), all in one run.
+
+Two `clonectl serve` on Unix sockets: A serves the Source (a file of random
+data), B serves the destination LU of the same size; the session ships A's
+Source to B's LU.
+
+1. Bytes sent by an update after 1%, 10% and 100% of the extents changed
+   (one 4 KiB write of random data inside each changed extent), against
+   changed extents x granularity: they must be equal (zero extents would go
+   as write-zeroes and are counted apart).
+2. Transfer throughput of a full copy (`session transfer --full`, marked),
+   against `nbdcopy` of the same bytes between the same two servers
+   (target >= 0.9).
+3. Host 4 KiB random write IOPS (fio nbd engine, QD16) on the Source:
+   session unmarked (tracking only), marked (every first write to an extent
+   still to send saves its old data: copy on first write) and marked while
+   a transfer runs, each against unmarked.
+"""
+
+import json
+import os
+import random
+import statistics
+import subprocess
+import time
+
+GRANULARITY = 64 << 10
+
+
+def _serve(bench, state, sock):
+    bench.clonectl(state, "serve", "--socket", sock, "--detach")
+
+
+def _status(bench, state):
+    return json.loads(bench.clonectl(state, "session", "status", "s",
+                                     "--json", capture=True))
+
+
+def _change_extents(uri, size, fraction, seed):
+    """One 4 KiB write of random data inside fraction of the extents."""
+    import nbd
+    extents = size // GRANULARITY
+    rng = random.Random(seed)
+    chosen = sorted(rng.sample(range(extents), max(1, round(extents *
+                                                            fraction))))
+    h = nbd.NBD()
+    h.connect_uri(uri)
+    try:
+        for x in chosen:
+            h.pwrite(os.urandom(4096), x * GRANULARITY +
+                     rng.randrange(0, GRANULARITY, 4096))
+        h.flush()
+    finally:
+        h.shutdown()
+    return len(chosen)
+
+
+def _update(bench, state):
+    t0 = time.monotonic()
+    bench.clonectl(state, "session", "update", "s")
+    wall = time.monotonic() - t0
+    last = _status(bench, state)["last_transfer"]
+    if last["result"] != "completed":
+        raise RuntimeError("update failed: {}".format(last))
+    return last, wall
+
+
+def _fio_randwrite(bench, uri, size, runtime):
+    return bench.run_fio(uri, "randwrite", "4k", 16, runtime, size)["iops"]
+
+
+def run(bench, args, size, workdir):
+    out = {"bytes": [], "throughput": [], "writes": {}}
+    a, b = os.path.join(workdir, "A"), os.path.join(workdir, "B")
+    image = os.path.join(workdir, "source.img")
+    bench.make_image(image, size)
+    sock_a, sock_b = os.path.join(workdir, "a.sock"), \
+        os.path.join(workdir, "b.sock")
+    src_uri = "nbd+unix:///src?socket=" + sock_a
+    dst_uri = "nbd+unix:///dst?socket=" + sock_b
+    bench.clonectl(a, "lu", "create", "src", "--file", image)
+    bench.clonectl(b, "lu", "create", "dst", "--size", str(size))
+    _serve(bench, a, sock_a)
+    _serve(bench, b, sock_b)
+    try:
+        bench.clonectl(a, "session", "create", "src", "s", "--dest", dst_uri)
+        # 2. Full copies, ours and nbdcopy's, alternately.
+        for rep in range(args.repeat):
+            t0 = time.monotonic()
+            subprocess.run(["nbdcopy", src_uri, dst_uri], check=True)
+            nbdcopy_s = time.monotonic() - t0
+            t0 = time.monotonic()
+            bench.clonectl(a, "session", "transfer", "s", "--full", "--wait")
+            wall = time.monotonic() - t0
+            last = _status(bench, a)["last_transfer"]
+            out["throughput"].append({"nbdcopy_s": nbdcopy_s,
+                                      "engine_s": last["seconds"],
+                                      "wall_s": wall,
+                                      "bytes": last["bytes_sent"] +
+                                      last["bytes_zeroed"]})
+        # 1. Bytes sent for a fraction of changed extents.
+        for i, fraction in enumerate((0.01, 0.1, 1.0)):
+            changed = _change_extents(src_uri, size, fraction, seed=i)
+            last, wall = _update(bench, a)
+            out["bytes"].append({"fraction": fraction, "changed": changed,
+                                 "expected": changed * GRANULARITY,
+                                 "sent": last["bytes_sent"],
+                                 "zeroed": last["bytes_zeroed"],
+                                 "seconds": last["seconds"],
+                                 "wall_s": wall})
+        # 3. Host writes: unmarked, marked, marked and transferring.
+        rows = {"unmarked": [], "marked": [], "transferring": []}
+        for rep in range(args.repeat):
+            rows["unmarked"].append(_fio_randwrite(bench, src_uri, size,
+                                                   args.runtime))
+            _change_extents(src_uri, size, 1.0, seed=100 + rep)
+            bench.clonectl(a, "session", "mark", "s")
+            rows["marked"].append(_fio_randwrite(bench, src_uri, size,
+                                                 args.runtime))
+            bench.clonectl(a, "session", "unmark", "s")
+            _change_extents(src_uri, size, 1.0, seed=200 + rep)
+            bench.clonectl(a, "session", "mark", "s")
+            bench.clonectl(a, "session", "transfer", "s")
+            rows["transferring"].append(_fio_randwrite(bench, src_uri, size,
+                                                       args.runtime))
+            overlapped = _status(bench, a)["transferring"]
+            deadline = time.monotonic() + 600
+            while _status(bench, a)["transferring"]:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("transfer did not end")
+                time.sleep(0.2)
+            out.setdefault("overlap", []).append(overlapped)
+        out["writes"] = {k: statistics.median(v) for k, v in rows.items()}
+    finally:
+        for state in (a, b):
+            try:
+                bench.clonectl(state, "stop")
+            except RuntimeError:
+                pass
+    return out
+
+
+def print_tables(res, args):
+    print("**Sessions** (`scripts/bench --suite sessions`, {}, {} LU, "
+          "granularity 64K)".format(time.strftime("%Y-%m-%d %H:%M UTC",
+                                                  time.gmtime()), args.size))
+    print()
+    print("| changed extents | count | expected bytes | bytes sent | "
+          "sent/expected | zeroed | transfer s |")
+    print("|---|---|---|---|---|---|---|")
+    for r in res["bytes"]:
+        print("| {:.0%} | {} | {} | {} | {:.3f} | {} | {:.2f} |".format(
+            r["fraction"], r["changed"], r["expected"], r["sent"],
+            r["sent"] / r["expected"], r["zeroed"], r["seconds"]))
+    print()
+    tp = res["throughput"]
+    nbdcopy = statistics.median(t["nbdcopy_s"] for t in tp)
+    engine = statistics.median(t["engine_s"] for t in tp)
+    wall = statistics.median(t["wall_s"] for t in tp)
+    nbytes = tp[0]["bytes"]
+    print("| full copy of {} | nbdcopy s | transfer engine s | CLI --wait s | "
+          "MB/s engine | ratio nbdcopy/engine (target >= 0.9) |".format(
+              args.size))
+    print("|---|---|---|---|---|---|")
+    print("| A -> B, same servers | {:.2f} | {:.2f} | {:.2f} | {:.0f} | "
+          "{:.2f} |".format(nbdcopy, engine, wall, nbytes / 1e6 / engine,
+                            nbdcopy / engine))
+    print()
+    w = res["writes"]
+    print("| 4K randwrite QD16 on the Source | IOPS | vs unmarked |")
+    print("|---|---|---|")
+    for k, label in (("unmarked", "session unmarked (tracking)"),
+                     ("marked", "marked (copy on first write)"),
+                     ("transferring", "marked, transfer running")):
+        print("| {} | {:.0f} | {:.2f} |".format(label, w[k],
+                                               w[k] / w["unmarked"]))
+    if res.get("overlap") and not all(res["overlap"]):
+        print()
+        print("(the transfer ended before fio in {} of {} runs)".format(
+            res["overlap"].count(False), len(res["overlap"])))
