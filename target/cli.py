@@ -876,7 +876,8 @@ _TIMEOUT_HELP = ("Fail a destination that does not answer for this long "
 @session.command("transfer")
 @click.argument("name")
 @click.option("--full", is_flag=True,
-              help="Send every extent, not only the changed ones.")
+              help="Send every extent, not only the changed ones. An "
+                   "unmarked session is marked first (every extent frozen).")
 @click.option("--unmarked", is_flag=True,
               help="With --full: copy the live Source without marking (no "
                    "copy on first write, faster); the destinations stay "
