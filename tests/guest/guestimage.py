@@ -102,16 +102,6 @@ def _apt_query(fn):
         return fn()
 
 
-def candidate_version(package):
-    def query():
-        out = _run(["apt-cache", "policy", package])
-        m = re.search(r"Candidate:\s*(\S+)", out)
-        if not m or m.group(1) == "(none)":
-            raise GuestBuildError("apt knows no candidate for " + package)
-        return m.group(1)
-    return _apt_query(query)
-
-
 def kernel_package():
     def query():
         out = _run(["apt-cache", "depends", "linux-image-amd64"])
@@ -120,11 +110,6 @@ def kernel_package():
             raise GuestBuildError("linux-image-amd64 depends on no kernel")
         return m.group(1)
     return _apt_query(query)
-
-
-def installed_version(package):
-    out = _run(["dpkg-query", "-W", "-f=${Version}", package])
-    return out.strip()
 
 
 def download(package, version, debs):
@@ -336,12 +321,26 @@ class Guest:
         return dest
 
 
+def candidate_versions(packages):
+    """{package: candidate version} from one `apt-cache policy` (each
+    apt-cache call costs 1-2 s on this machine)."""
+    def query():
+        out = _run(["apt-cache", "policy"] + list(packages))
+        found = dict(re.findall(r"^(\S+):\n\s+Installed:.*\n\s+Candidate:"
+                                r"\s*(\S+)", out, re.M))
+        missing = [p for p in packages if found.get(p) in (None, "(none)")]
+        if missing:
+            raise GuestBuildError("apt knows no candidate for " +
+                                  " ".join(missing))
+        return {p: found[p] for p in packages}
+    return _apt_query(query)
+
+
 def package_versions():
-    kernel = kernel_package()
-    versions = {kernel: candidate_version(kernel)}
-    for p in GUEST_PACKAGES:
-        versions[p] = candidate_version(p)
-    host = {p: installed_version(p) for p in HOST_PACKAGES}
+    versions = candidate_versions([kernel_package()] + GUEST_PACKAGES)
+    out = _run(["dpkg-query", "-W", "-f=${Package} ${Version}\n"] +
+               HOST_PACKAGES)
+    host = dict(line.split(" ", 1) for line in out.splitlines())
     return versions, host
 
 
@@ -352,15 +351,25 @@ def cache_key(versions, host):
     return h.hexdigest()[:16]
 
 
+_ensured = {}
+
+
 def ensure_guest(log=lambda msg: None):
     """The cached guest for the current package versions, built if
     missing.  Raises GuestBuildError with the reason if it cannot be."""
+    if "guest" not in _ensured:
+        _ensured["guest"] = _ensure_guest(log)
+    return _ensured["guest"]
+
+
+def _ensure_guest(log):
     root = cache_root()
     root.mkdir(parents=True, exist_ok=True)
     versions, host = package_versions()
     key = cache_key(versions, host)
     target = root / key
     if (target / "guest.json").exists():
+        os.utime(target / "guest.json")  # in use: see _prune
         return Guest(target)
     with open(root / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -375,7 +384,21 @@ def ensure_guest(log=lambda msg: None):
             os.rename(work / "out", target)
         finally:
             shutil.rmtree(work, ignore_errors=True)
+        _prune(root, keep=target)
     return Guest(target)
+
+
+UNUSED_DAYS = 3
+
+
+def _prune(root, keep):
+    """Remove guests of other keys unused for UNUSED_DAYS (~165 MB each):
+    another worktree may still use a recent one."""
+    for info in root.glob("*/guest.json"):
+        if info.parent == keep:
+            continue
+        if time.time() - info.stat().st_mtime > UNUSED_DAYS * 86400:
+            shutil.rmtree(info.parent, ignore_errors=True)
 
 
 def _build(work, debs, versions, host):

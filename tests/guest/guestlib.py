@@ -18,7 +18,7 @@ Design notes
   127.0.0.1, which the guest reaches as 10.0.2.2).
 - KVM is deliberately not used (-accel tcg): this machine's /dev/kvm is a
   PVM backend QEMU cannot use, and CI machines may have none.  Everything
-  in the guest is therefore small: 64 MiB LUs, 16 MiB fio regions, 2 s
+  in the guest is therefore small: 64 MiB LUs, 8 MiB fio regions, 1 s
   timed fio jobs.  The guest's speed is not measured; it is not a
   benchmark.
 - Each boot has an overall timeout and an idle timeout (no console line
@@ -251,7 +251,7 @@ class GuestVM:
         return BootResult(status, message, "\n".join(self.lines),
                           time.monotonic() - self.started, list(self.lines))
 
-    def stop(self, timeout=20):
+    def stop(self, timeout=20, term_grace=10):
         """Let QEMU finish powering off; else SIGTERM, then SIGKILL, by
         PID."""
         if self.proc is None or self._stopped:
@@ -262,7 +262,7 @@ class GuestVM:
         except subprocess.TimeoutExpired:
             self.proc.terminate()
             try:
-                self.proc.wait(10)
+                self.proc.wait(term_grace)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(10)
@@ -282,7 +282,10 @@ class GuestVM:
         gets `grace` seconds to do so; otherwise (timed out, stalled) it
         is terminated at once."""
         verdict = any(RESULT.search(l) for l in self.lines)
-        self.stop(timeout=grace if verdict else 0)
+        # QEMU drains in-flight requests on SIGTERM: with a stalled server
+        # it never exits by itself.
+        self.stop(timeout=grace if verdict else 0,
+                  term_grace=10 if verdict else 3)
 
     def __enter__(self):
         return self.start()
