@@ -113,6 +113,8 @@ class BootResult:
 
 
 def _die_with_parent():
+    """In QEMU before exec: PR_SET_PDEATHSIG=SIGKILL, so a killed or
+    timed-out pytest never leaves a guest running."""
     try:
         import ctypes
         ctypes.CDLL(None).prctl(1, signal.SIGKILL, 0, 0, 0)
