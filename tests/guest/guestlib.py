@@ -31,7 +31,6 @@ Design notes
 """
 
 import io
-import os
 import queue
 import re
 import signal
