@@ -29,7 +29,11 @@ qemu-nbd, serving the same file.
 10% and 100% changed extents, full-transfer throughput against nbdcopy,
 host writes while marked and transferring; see scripts/bench_sessions.py.
 
---suite all runs all four.
+--suite jobs: every job file of scripts/fio (the workloads the guest test
+and the Vagrant host run: randrw-4k, seq-1m, verify) through fio's nbd
+engine against the --servers variants; IOPS and MB/s per job.
+
+--suite all runs all but jobs.
 
 Variants are measured alternately within each row and each row is
 repeated; the tables show medians.  This machine is noisy (±20-30% run to
@@ -186,7 +190,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--suite", choices=("nbd", "clones", "restore", "sessions",
-                                       "all"),
+                                       "jobs", "all"),
                    default="nbd",
                    help="nbd: servers side by side; clones: clone overhead, "
                         "sync speed and latency; restore: protected restore "
@@ -221,8 +225,10 @@ def main():
         for suite, run in (("nbd", run_nbd_suite),
                            ("clones", run_clones_suite),
                            ("restore", run_restore_suite),
-                           ("sessions", run_sessions_suite)):
-            if args.suite in (suite, "all"):
+                           ("sessions", run_sessions_suite),
+                           ("jobs", run_jobs_suite)):
+            if args.suite == suite or (args.suite == "all" and
+                                       suite != "jobs"):
                 os.mkdir(os.path.join(workdir, suite))
                 report[suite] = run(args, size, os.path.join(workdir, suite))
     finally:
@@ -243,6 +249,8 @@ def main():
         if len(report) > 1:
             print()
         bench_sessions.print_tables(report["sessions"], args)
+    if "jobs" in report:
+        print_jobs_table(report["jobs"], args)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"date": time.strftime("%Y-%m-%d"), "args": vars(args),
@@ -857,6 +865,66 @@ def print_table(results, variants, base, args):
             if v != base:
                 cells.append("{:.2f}".format(row[v]["iops"] / row[base]["iops"]))
         print("| " + " | ".join(cells) + " |")
+
+
+FIO_JOBS = os.path.join(REPO, "scripts", "fio")
+
+
+def run_fio_jobfile(uri, jobfile, size, runtime):
+    """One scripts/fio job file through fio's nbd engine: the job files
+    take their engine, target, size and runtime from the environment."""
+    env = dict(os.environ, FIO_ENGINE="nbd", FIO_DEV="nbd", FIO_SIZE=str(size),
+               FIO_RUNTIME=str(runtime))
+    cmd = ["fio", "--ioengine=nbd", "--uri=" + uri, "--output-format=json",
+           jobfile]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True,
+                         env=env).stdout
+    doc = json.loads(out[out.index("{"):])
+    iops = sum(j[d]["iops"] for j in doc["jobs"] for d in ("read", "write"))
+    mbps = sum(j[d]["bw_bytes"] for j in doc["jobs"]
+               for d in ("read", "write")) / 1e6
+    return {"iops": iops, "mbps": mbps}
+
+
+def run_jobs_suite(args, size, workdir):
+    variants = args.servers.split(",")
+    jobfiles = sorted(f for f in os.listdir(FIO_JOBS) if f.endswith(".fio"))
+    jobfiles = [f for f in jobfiles if not args.only or args.only in f]
+    results = {}
+    image = os.path.join(workdir, "image.raw")
+    make_image(image, size)
+    try:
+        with Servers(workdir, image, variants) as servers:
+            servers.start()
+            for jobfile in jobfiles:
+                samples = {v: [] for v in variants}
+                for rep in range(args.repeat):
+                    for v in rotate(variants, rep):
+                        samples[v].append(run_fio_jobfile(
+                            servers.uris[v], os.path.join(FIO_JOBS, jobfile),
+                            size, args.runtime))
+                results[jobfile] = {
+                    v: {k: statistics.median(s[k] for s in samples[v])
+                        for k in ("iops", "mbps")} for v in variants}
+                print(jobfile, results[jobfile], file=sys.stderr)
+    finally:
+        os.unlink(image)
+    return {"variants": variants, "results": results}
+
+
+def print_jobs_table(report, args):
+    variants = report["variants"]
+    print("scripts/fio job files through fio's nbd engine, {} cores, image "
+          "{}, runtime {} s, median of {}".format(
+              os.cpu_count(), args.size, args.runtime, args.repeat))
+    print()
+    print("| job file | " + " | ".join("{} IOPS | MB/s".format(v)
+                                       for v in variants) + " |")
+    print("|---|" + "---|---|" * len(variants))
+    for jobfile, row in report["results"].items():
+        print("| {} | ".format(jobfile) + " | ".join(
+            "{:.0f} | {:.0f}".format(row[v]["iops"], row[v]["mbps"])
+            for v in variants) + " |")
 
 
 if __name__ == "__main__":

@@ -190,8 +190,10 @@ class Server:
     # Start and stop.
 
     def start(self, timeout=START_TIMEOUT):
-        cmd = [CLONECTL, "--state-dir", str(self.state_dir), "serve",
-               "--socket", self.requested_socket] + self.extra_args
+        cmd = [CLONECTL, "--state-dir", str(self.state_dir), "serve"]
+        if "--port" not in self.extra_args:  # TCP servers have no socket
+            cmd += ["--socket", self.requested_socket]
+        cmd += self.extra_args
         env = dict(os.environ)
         env.pop("CLONECTL_STATE", None)
         self._log = open(self.log_path, "ab")
