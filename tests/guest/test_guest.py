@@ -1,6 +1,7 @@
 """A real Linux guest kernel uses clonectl exports: as a VM disk (QEMU's NBD
 client) and as /dev/nbd0 (the kernel's nbd driver), then on a clone:
-fracture and protected restore under a mounted filesystem.  See guestlib's
+fracture and protected restore under a mounted filesystem; a marked
+session's frozen export mounts clean.  See guestlib's
 docstring for what is deliberately left out."""
 
 import hashlib
@@ -173,3 +174,34 @@ def test_clone_fracture_then_protected_restore_under_mounted_source(
     assert_target_agrees(checked_source.image, checked_source.token,
                          checked_source.result)
     assert file_md5(clone_file) == clone_md5
+
+
+def test_marked_session_frozen_export_mounts_clean(guest, checked_source,
+                                                   tmp_path):
+    """A session marked with --export freezes the Source: after the host
+    overwrites the Source's filesystem, a guest still mounts the frozen
+    export (read-only) and finds the files and e2fsck clean; the transfer
+    then gives the destination exactly that filesystem."""
+    assert checked_source.result.passed, checked_source.result.explain()
+    srv = checked_source.server
+    state = srv.state_dir
+    copy = tmp_path / "src2.img"
+    shutil.copy(checked_source.image, copy)
+    run_clonectl(state, "lu", "create", "src2", "--file", copy)
+    run_clonectl(state, "lu", "create", "dst2", "--size", LU_SIZE)
+    run_clonectl(state, "session", "create", "src2", "s1", "--dest",
+                 srv.uri("dst2"))
+    run_clonectl(state, "session", "mark", "s1", "--export")
+    # After the mark the Source's filesystem is destroyed.
+    subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 0xff 0 16M",
+                    srv.uri("src2")], check=True, capture_output=True,
+                   timeout=60)
+    result = guestlib.boot(guest, tmp_path, "verify-disk",
+                           checked_source.token,
+                           disks=[guestlib.NbdDisk(srv.socket, "src2@s1",
+                                                   read_only=True)],
+                           guard=srv.guard)
+    assert result.passed, result.explain()
+    run_clonectl(state, "session", "transfer", "s1", "--wait", timeout=120)
+    assert_target_agrees(state / "lus" / "dst2.img", checked_source.token,
+                         checked_source.result)
