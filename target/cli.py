@@ -228,9 +228,13 @@ def _control_call(ctx, op, patience=15.0, **args):
     """A control request, retried while the target restarts (the manager
     restarts a dead nbdkit, which then resumes its work)."""
     deadline = time.monotonic() + patience
+    # An operation that waits on destinations itself (args["timeout"] per
+    # destination) gets the time to report their failure.
+    reply_timeout = 30.0 + 4 * float(args.get("timeout") or 0)
     while True:
         try:
-            return control.call(ctx.state_dir.control_socket, op, **args)
+            return control.call(ctx.state_dir.control_socket, op,
+                                reply_timeout=reply_timeout, **args)
         except (OSError, errors.ProtocolError) as e:
             if time.monotonic() > deadline:
                 raise errors.Reported(

@@ -42,8 +42,11 @@ class _Handler(socketserver.StreamRequestHandler):
             self._send(self.server.dispatch(line))
 
     def _send(self, reply):
-        self.wfile.write(json.dumps(reply).encode() + b"\n")
-        self.wfile.flush()
+        try:
+            self.wfile.write(json.dumps(reply).encode() + b"\n")
+            self.wfile.flush()
+        except (BrokenPipeError, ConnectionResetError):
+            pass    # the client gave up waiting; the operation is done
 
 
 class ControlServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
@@ -107,13 +110,17 @@ class ControlServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
             pass
 
 
-def call(path, op, timeout=30.0, **args):
-    """Send one request; return its result or raise the reported error."""
+def call(path, op, reply_timeout=30.0, **args):
+    """Send one request; return its result or raise the reported error.
+
+    reply_timeout is how long to wait for the answer (not named `timeout`:
+    that is an argument some operations take themselves).
+    """
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         # Connect before setting a timeout: a Unix socket connect with a
         # timeout fails with EAGAIN at once when the backlog is full.
         s.connect(path)
-        s.settimeout(timeout)
+        s.settimeout(reply_timeout)
         s.sendall(json.dumps({"op": op, "args": args}).encode() + b"\n")
         with s.makefile("rb") as f:
             line = f.readline()
@@ -128,9 +135,9 @@ def call(path, op, timeout=30.0, **args):
                               errno=err.get("errno", 5))
 
 
-def try_call(path, op, timeout=5.0, **args):
+def try_call(path, op, reply_timeout=5.0, **args):
     """Like call(), but return None when no target listens on path."""
     try:
-        return call(path, op, timeout=timeout, **args)
+        return call(path, op, reply_timeout=reply_timeout, **args)
     except (FileNotFoundError, ConnectionRefusedError, socket.timeout):
         return None

@@ -108,7 +108,7 @@ class PeerServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
                                            .format(op))
             log.info("peer %s: %s %s", client[0], op, lu)
             result = control.call(self.control_path, "image_" + op, lu=lu,
-                                  timeout=60.0)
+                                  reply_timeout=60.0)
             return {"ok": True, "result": result}
         except errors.Error as e:
             return {"ok": False, "error": e.to_dict()}

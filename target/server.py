@@ -214,7 +214,7 @@ class Server:
                     reason="nbdkit exited with status {}:\n{}".format(
                         self.proc.returncode, self.log_tail()))
             if control.try_call(self.state_dir.control_socket, "ping",
-                                timeout=2) is not None and self._nbd_ready():
+                                reply_timeout=2) is not None and self._nbd_ready():
                 return
             time.sleep(0.05)
         self._kill()
@@ -311,7 +311,7 @@ class Server:
             return
         try:
             control.call(self.state_dir.control_socket, "prepare_stop",
-                         timeout=STOP_GRACE * 2)
+                         reply_timeout=STOP_GRACE * 2)
         except (OSError, errors.Error) as e:
             self.say("could not commit maps before stopping: {}".format(e))
         self.proc.terminate()

@@ -1193,14 +1193,24 @@ class NbdDestination:
         self._wait(1)
 
     def close(self):
+        """Disconnect without waiting on a destination that may be gone:
+        a graceful shutdown waits for the replies to commands in flight,
+        which never come over a cut link."""
         if self.h is None:
             return
+        h, self.h = self.h, None
         try:
-            if self.h.aio_is_ready():
-                self.h.shutdown()
+            if not self.buffers and not self.others and h.aio_is_ready():
+                h.aio_disconnect(0)
+                deadline = time.monotonic() + 2.0
+                while not (h.aio_is_closed() or h.aio_is_dead()) and \
+                        time.monotonic() < deadline:
+                    h.poll(200)
         except self.nbd.Error:
             pass  # closing a dead connection
-        self.h = None   # libnbd closes the handle when it is collected
+        self.buffers.clear()
+        self.others.clear()
+        # libnbd closes the socket when the handle is collected.
 
 
 def probe_destination(uri, size, timeout=10.0):

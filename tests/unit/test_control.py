@@ -200,7 +200,7 @@ def _call_in_threads(path, n):
 
     def worker(i):
         try:
-            results.append(control.call(path, "add", a=i, b=i, timeout=20))
+            results.append(control.call(path, "add", a=i, b=i, reply_timeout=20))
         except Exception as e:  # collected and shown by the assertion
             failures.append(repr(e))
 
