@@ -27,8 +27,9 @@ runs a commit between the two halves of a mirrored write.
 The protections, each with a twin below that switches it off and must be
 caught: flush_before_commit (a commit flushes every backend before saving
 clean bits), keep_recent_in_activity (a commit's new activity map keeps the
-extents written since it began and those in flight), and the fdatasync of
-the activity map's write-ahead.
+extents written since it began and those in flight), the fdatasync of the
+activity map's write-ahead, and the fdatasync of the PRM at every flush
+(a flushed host write must survive a resumed protected restore).
 """
 
 import os
@@ -50,7 +51,8 @@ CUT_SEED = st.integers(0, 1 << 30)
 class PowerLossMachine(CloneMachine):
 
     # Protections switched off (names of CloneGroup switches, or
-    # "activity_datasync" for the write-ahead's fdatasync): for the twins.
+    # "activity_datasync" / "prm_datasync" for the fdatasync of the
+    # activity map's write-ahead / of the PRM at flush): for the twins.
     protections_off = ()
 
     def __init__(self):
@@ -92,6 +94,8 @@ class PowerLossMachine(CloneMachine):
         for name in self.protections_off:
             if name == "activity_datasync":
                 group.activity_file.sync_writes = False
+            elif name == "prm_datasync":
+                group.prm_file.sync_writes = False
             else:
                 assert hasattr(group, name), name
                 setattr(group, name, False)
@@ -198,7 +202,8 @@ TWIN_EXAMPLES = int(os.environ.get("POWERLOSS_TWIN_EXAMPLES", "400"))
 
 @pytest.mark.parametrize("protection", ["flush_before_commit",
                                         "keep_recent_in_activity",
-                                        "activity_datasync"])
+                                        "activity_datasync",
+                                        "prm_datasync"])
 def test_protection_off_is_caught(protection):
     machine = type("Without_" + protection, (PowerLossMachine,),
                    {"protections_off": (protection,)})
