@@ -502,6 +502,11 @@ def clone_restore(ctx, name, full, wait, rate):
 @click.option("--bind", metavar="ADDR",
               help="Address for --port (default 127.0.0.1; use 0.0.0.0 to "
                    "serve other hosts).")
+@click.option("--tls-psk", metavar="FILE",
+              help="Require TLS with pre-shared keys from FILE (lines of "
+                   "USERNAME:HEXKEY, mode 0600; `psktool -u NAME -p FILE` "
+                   "makes one). Clients without a key get nothing, not even "
+                   "the list of exports.")
 @click.option("--detach", is_flag=True,
               help="Run in the background; return once clients can connect. "
                    "The log is run/serve.log in the state directory.")
@@ -515,8 +520,8 @@ def clone_restore(ctx, name, full, wait, rate):
               help="nbdkit worker threads per connection (for benchmarks).")
 @pass_ctx
 @handle_errors
-def serve(ctx, socket_path, port, bind, detach, pidfile, thread_model,
-          threads):
+def serve(ctx, socket_path, port, bind, tls_psk, detach, pidfile,
+          thread_model, threads):
     """Serve every LU over NBD until SIGTERM or SIGINT.
 
     One nbdkit server exports every LU under its own name (`nbdinfo --list`).
@@ -527,7 +532,7 @@ def serve(ctx, socket_path, port, bind, detach, pidfile, thread_model,
     """
     if socket_path is None and port is None:
         socket_path = ctx.state_dir.default_nbd_socket
-    listen = server.Listen(socket_path, port, bind)
+    listen = server.Listen(socket_path, port, bind, tls_psk=tls_psk)
     srv = server.Server(ctx.state_dir, listen, thread_model=thread_model,
                         threads=threads, pidfile=pidfile)
     if detach:
