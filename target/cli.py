@@ -530,6 +530,11 @@ def clone_restore(ctx, name, full, wait, rate):
 @click.option("--bind", metavar="ADDR",
               help="Address for --port (default 127.0.0.1; use 0.0.0.0 to "
                    "serve other hosts).")
+@click.option("--tls-psk", metavar="FILE",
+              help="Require TLS with pre-shared keys from FILE (lines of "
+                   "USERNAME:HEXKEY, mode 0600; `psktool -u NAME -p FILE` "
+                   "makes one). Clients without a key get nothing, not even "
+                   "the list of exports.")
 @click.option("--detach", is_flag=True,
               help="Run in the background; return once clients can connect. "
                    "The log is run/serve.log in the state directory.")
@@ -554,8 +559,8 @@ def clone_restore(ctx, name, full, wait, rate):
                    "peer requests must carry; others get nothing.")
 @pass_ctx
 @handle_errors
-def serve(ctx, socket_path, port, bind, detach, pidfile, thread_model,
-          threads, peer_port, peer_bind, peer_token_file):
+def serve(ctx, socket_path, port, bind, tls_psk, detach, pidfile,
+          thread_model, threads, peer_port, peer_bind, peer_token_file):
     """Serve every LU over NBD until SIGTERM or SIGINT.
 
     One nbdkit server exports every LU under its own name (`nbdinfo --list`).
@@ -566,7 +571,7 @@ def serve(ctx, socket_path, port, bind, detach, pidfile, thread_model,
     """
     if socket_path is None and port is None:
         socket_path = ctx.state_dir.default_nbd_socket
-    listen = server.Listen(socket_path, port, bind)
+    listen = server.Listen(socket_path, port, bind, tls_psk=tls_psk)
     peer_listen = None
     if peer_port is not None:
         if not peer_token_file:

@@ -351,8 +351,14 @@ class CloneGroup:
         self.cod = CodStats()
         # Test hook: called by the engine between reading and writing a run.
         self.copy_hook = None
-        # Tests switch this off to show what the retry protects against.
+        # Tests switch these off to show what each protects against: the
+        # retry of collided copies; the backend flushes that make a commit's
+        # clean bits true on disk; the extents written since the commit
+        # began (and in flight) kept in the new activity map.  The last two
+        # only matter on power loss (tests/engine/test_powerloss.py).
         self.retry_collisions = True
+        self.flush_before_commit = True
+        self.keep_recent_in_activity = True
 
     # ------------------------------------------------------------ set-up
 
@@ -431,7 +437,7 @@ class CloneGroup:
         delta = bytearray(b"\x01" * self.extents)
         clone = Clone(self, name, backend, OUT_OF_SYNC, delta, file)
         maps.save(clone.map_path, delta, self.granularity)
-        if self.activity_file.fd < 0:
+        if not self.activity_file.is_open:
             self.activity_file.reset(self.activity)
         with self.cond:
             self.clones[name] = clone
@@ -808,7 +814,7 @@ class CloneGroup:
     # ------------------------------------------------------------ restore
 
     def _persist_prm(self):
-        if self.restoring is not None and self.prm_file.fd >= 0:
+        if self.restoring is not None and self.prm_file.is_open:
             self.prm_file.persist(self.prm, 0, self.extents)
 
     def _claim(self, clone, e0, e1):
@@ -914,9 +920,10 @@ class CloneGroup:
             with self.cond:
                 self.track = bytearray(self.extents)
                 clones = list(self.clones.values())
-            self.source.backend.flush()
-            for clone in clones:
-                clone.backend.flush()
+            if self.flush_before_commit:
+                self.source.backend.flush()
+                for clone in clones:
+                    clone.backend.flush()
             for clone in clones:
                 maps.save(clone.map_path, bytes(clone.delta), self.granularity)
             self._persist_prm()
@@ -926,6 +933,8 @@ class CloneGroup:
                     maps.set_range(keep, e0, e1)
                 if self.copying is not None:
                     maps.set_range(keep, *self.copying)
+                if not self.keep_recent_in_activity:
+                    keep = bytearray(self.extents)
                 activity = bytearray(self.extents)
                 r = self.region
                 for s, e in maps.runs(keep):

@@ -34,6 +34,7 @@ import json
 import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -62,7 +63,7 @@ RESTART_WINDOW = 60.0
 class Listen:
     """Where the NBD server listens: a Unix socket or a TCP address."""
 
-    def __init__(self, socket_path=None, port=None, bind=None):
+    def __init__(self, socket_path=None, port=None, bind=None, tls_psk=None):
         if socket_path and port is not None:
             raise errors.InvalidArgument(
                 reason="--socket and --port are exclusive: choose one")
@@ -72,21 +73,46 @@ class Listen:
             if socket_path else None
         self.port = port
         self.bind = bind or ("127.0.0.1" if port is not None else None)
+        self.tls_psk = _check_psk_file(tls_psk) if tls_psk else None
 
     def nbdkit_args(self):
+        tls = ["--tls=require", "--tls-psk=" + self.tls_psk] \
+            if self.tls_psk else []
         if self.socket_path:
-            return ["--unix", self.socket_path]
-        return ["--port", str(self.port), "--ipaddr", self.bind]
+            return ["--unix", self.socket_path] + tls
+        return ["--port", str(self.port), "--ipaddr", self.bind] + tls
 
     def uri(self, export=""):
+        scheme = "nbds" if self.tls_psk else "nbd"
         if self.socket_path:
-            return "nbd+unix:///{}?socket={}".format(export, self.socket_path)
+            return "{}+unix:///{}?socket={}".format(scheme, export,
+                                                   self.socket_path)
         host = "[{}]".format(self.bind) if ":" in self.bind else self.bind
-        return "nbd://{}:{}/{}".format(host, self.port, export)
+        return "{}://{}:{}/{}".format(scheme, host, self.port, export)
 
     def to_dict(self):
         return {"socket": self.socket_path, "port": self.port,
-                "bind": self.bind, "uri": self.uri("EXPORT")}
+                "bind": self.bind, "uri": self.uri("EXPORT"),
+                "tls": "psk" if self.tls_psk else None}
+
+
+def _check_psk_file(path):
+    """The PSK file (nbdkit --tls-psk: lines of username:hexkey) must
+    exist and be private: its keys are the only credential."""
+    path = os.path.abspath(path)
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise errors.InvalidArgument(reason="TLS PSK file {}: {}".format(
+            path, e.strerror))
+    if not stat.S_ISREG(st.st_mode):
+        raise errors.InvalidArgument(
+            reason="TLS PSK file {} is not a regular file".format(path))
+    if st.st_mode & 0o077:
+        raise errors.InvalidArgument(
+            reason="TLS PSK file {} is readable by others (mode {:o}): "
+                   "chmod 600 it".format(path, stat.S_IMODE(st.st_mode)))
+    return path
 
 
 def _socket_answers(path):

@@ -1,0 +1,717 @@
+"""Crash torture: random host I/O, random clone operations, kill -9, check.
+
+Drives a real `clonectl serve` (a fresh state directory with one Source LU
+"src" and clones c1, c2) in rounds.  In each round several libnbd clients
+write at random into the Source (each in its own region, so that the order
+of writes to a block is known), with FUA now and then and flushes; the
+driver meanwhile runs random operations from OPERATIONS (sync, fracture,
+reverse sync, protected restore, kill -9 of nbdkit or of the manager).  At
+the end of a round the writers stop, the target recovers (the manager
+restarts nbdkit, or the driver serves again after killing the manager), the
+running operation is left to finish, and the invariants are checked against
+the reference model:
+
+1. what a host reads from the Source is, block by block, the last
+   acknowledged write; after a crash: the last write made durable (FUA, or
+   acknowledged before a flush that returned) or any write issued after
+   it (DESIGN.md section 3, invariant 1);
+2. a fractured or restoring clone holds exactly the bytes it had when it
+   was fractured: a protected restore never writes it (invariant 2);
+3. a clone whose sync (or reverse sync) completed is byte-for-byte equal
+   to its Source: the maps covered every divergence, crashes included
+   (invariant 3).
+
+Everything is seeded: the writers' data and choices and the driver's
+choices and kill moments come from one seed; a failing run prints the
+command that replays it.  Thread timing is not reproducible, so a replay
+makes the same choices but may interleave them differently.
+
+Deliberately ignored: writes to the fractured clones' exports (the clone
+model is "frozen at fracture"), trims and zeroes, power loss (that is the
+engine-level power-loss test, tests/engine/test_powerloss.py: a kill -9
+loses nothing the page cache holds), operations the target refuses (they
+are counted, and must be answered with a message, never a traceback).
+Host I/O pauses, flushed, around the operations that change what the
+Source shows (fracture, reverse sync, restore) so that the model knows the
+exact point-in-time; it runs during the engines they start.
+
+To add an operation (incremental copy sessions: mark, transfer, unmark):
+write a method `op_NAME(self, rng)` returning "ok", "refused" or "crashed"
+and add a row to OPERATIONS with its weight.
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import nbd
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLONECTL = os.path.join(REPO, ".venv", "bin", "clonectl")
+if not os.path.exists(CLONECTL):
+    CLONECTL = os.path.join(os.path.dirname(sys.executable), "clonectl")
+
+BLOCK = 4096
+MiB = 1 << 20
+CLONES = ("c1", "c2")
+SOURCE = "src"
+
+
+class Violation(Exception):
+    """An invariant does not hold."""
+
+
+def digest(data):
+    return hashlib.blake2b(data, digest_size=8).digest()
+
+
+def block_digests(data):
+    return [digest(data[i:i + BLOCK]) for i in range(0, len(data), BLOCK)]
+
+
+def pid_alive(pid):
+    try:
+        with open("/proc/{}/stat".format(pid)) as f:
+            stat = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
+def _die_with_parent():
+    """In the server's child before exec: SIGTERM it if the torture dies,
+    so that no server outlives the run."""
+    try:
+        import ctypes
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM, 0, 0, 0)  # PDEATHSIG
+    except Exception:
+        pass
+
+
+# ---------------------------------------------------------------- the model
+
+class SourceModel:
+    """What each block of the Source must hold.
+
+    shown[b]: the last acknowledged write (what a read returns if nothing
+    crashed); durable[b]: the last write made durable; later[b]: writes
+    issued after it (acknowledged or in flight) -- after a crash the block
+    holds durable[b] or one of later[b].
+    """
+
+    def __init__(self, digests):
+        self.lock = threading.Lock()
+        self.shown = list(digests)
+        self.durable = list(digests)
+        self.later = [set() for _ in digests]
+
+    def issued(self, b, h):
+        with self.lock:
+            self.later[b].add(h)
+
+    def acked(self, b, h, durable):
+        with self.lock:
+            self.shown[b] = h
+            if durable:
+                self.durable[b] = h
+                self.later[b] = set()
+
+    def flushed(self, blocks):
+        with self.lock:
+            for b in blocks:
+                self.durable[b] = self.shown[b]
+                self.later[b] = set()
+
+    def replace(self, digests):
+        """The Source now shows other data (a restore started), durably."""
+        with self.lock:
+            self.shown = list(digests)
+            self.durable = list(digests)
+            self.later = [set() for _ in digests]
+
+    def maybe_replace(self, digests):
+        """A restore may or may not have started (cut by a crash)."""
+        with self.lock:
+            for b, h in enumerate(digests):
+                self.later[b].add(h)
+
+    def check(self, actual, crashed):
+        bad = []
+        with self.lock:
+            for b, h in enumerate(actual):
+                ok = h == self.shown[b] if not crashed else \
+                    h == self.durable[b] or h in self.later[b] \
+                    or h == self.shown[b]
+                if not ok:
+                    bad.append(b)
+            if bad:
+                return bad
+            self.shown = list(actual)
+            self.durable = list(actual)
+            self.later = [set() for _ in actual]
+        return bad
+
+
+# ---------------------------------------------------------------- the target
+
+class Target:
+    """A `clonectl serve` on a Unix socket, started and killed by PID."""
+
+    def __init__(self, state_dir, log):
+        self.state_dir = state_dir
+        self.socket = os.path.join(state_dir, "nbd.sock")
+        self.log = log
+        self.proc = None
+
+    def cli(self, *args, timeout=120):
+        proc = subprocess.run([CLONECTL, "--state-dir", self.state_dir] +
+                              list(args), capture_output=True, text=True,
+                              stdin=subprocess.DEVNULL, timeout=timeout)
+        if "Traceback" in proc.stderr or proc.returncode not in (0, 1):
+            raise Violation("clonectl {} exited {} with:\n{}{}".format(
+                " ".join(args), proc.returncode, proc.stdout, proc.stderr))
+        if proc.returncode == 1 and \
+                not proc.stderr.startswith("clonectl: error:"):
+            raise Violation("clonectl {}: unclear error {!r}".format(
+                " ".join(args), proc.stderr))
+        return proc
+
+    def cli_json(self, *args):
+        proc = self.cli(*args, "--json")
+        if proc.returncode:
+            raise Violation("clonectl {} failed: {}".format(
+                " ".join(args), proc.stderr))
+        return json.loads(proc.stdout)
+
+    def info(self):
+        return self.cli_json("status")["server"]
+
+    def start(self, timeout=60):
+        self.proc = subprocess.Popen(
+            [CLONECTL, "--state-dir", self.state_dir, "serve", "--socket",
+             self.socket], stdin=subprocess.DEVNULL, stdout=self.log,
+            stderr=self.log, start_new_session=True,
+            preexec_fn=_die_with_parent)
+        self.wait_serving(timeout)
+
+    def wait_serving(self, timeout=60):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise Violation("clonectl serve exited with {}".format(
+                    self.proc.returncode))
+            info = self.info()
+            if info and info.get("pid") == self.proc.pid and \
+                    pid_alive(info["nbdkit_pid"]):
+                try:
+                    h = self.connect()
+                    h.shutdown()
+                    return info
+                except nbd.Error:
+                    pass
+            time.sleep(0.1)
+        raise Violation("the target did not serve within {} s".format(timeout))
+
+    def connect(self, export=SOURCE):
+        h = nbd.NBD()
+        h.set_export_name(export)
+        h.connect_unix(self.socket)
+        return h
+
+    def kill_nbdkit(self):
+        info = self.info()
+        os.kill(info["nbdkit_pid"], signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while pid_alive(info["nbdkit_pid"]):
+            if time.monotonic() > deadline:
+                raise Violation("nbdkit survived kill -9")
+            time.sleep(0.02)
+
+    def kill_manager(self):
+        nbdkit = self.info()["nbdkit_pid"]
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(30)
+        deadline = time.monotonic() + 30
+        while pid_alive(nbdkit):
+            if time.monotonic() > deadline:
+                raise Violation("nbdkit outlived its manager")
+            time.sleep(0.02)
+        self.proc = None
+
+    def stop(self):
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def read_all(self, export, size):
+        h = self.connect(export)
+        try:
+            out = bytearray()
+            for pos in range(0, size, 4 * MiB):
+                out += h.pread(min(4 * MiB, size - pos), pos)
+            return bytes(out)
+        finally:
+            h.shutdown()
+
+    def read_file(self, name):
+        with open(os.path.join(self.state_dir, "lus", name + ".img"),
+                  "rb") as f:
+            return f.read()
+
+
+# ---------------------------------------------------------------- writers
+
+class Writer(threading.Thread):
+    """One NBD client writing random data into its own block range."""
+
+    def __init__(self, target, model, first, last, seed, counters):
+        super().__init__(daemon=True)
+        self.target, self.model = target, model
+        self.first, self.last = first, last
+        self.rng = random.Random(seed)
+        self.counters = counters
+        self.stop = threading.Event()
+        self.pause = threading.Event()
+        self.paused = threading.Event()
+        self.acked_since_flush = set()
+        self.error = None
+
+    def run(self):
+        try:
+            h = self.target.connect()
+        except nbd.Error as e:
+            self.error = e
+            self.paused.set()
+            return
+        try:
+            while not self.stop.is_set():
+                if self.pause.is_set():
+                    self._flush(h)
+                    self.paused.set()
+                    while self.pause.is_set() and not self.stop.is_set():
+                        time.sleep(0.005)
+                    self.paused.clear()
+                    continue
+                self._one(h)
+        except nbd.Error as e:
+            self.error = e  # the target was killed: in-flight stays in later
+        finally:
+            self.paused.set()
+            try:
+                h.shutdown()
+            except nbd.Error:
+                pass
+
+    def _flush(self, h):
+        h.flush()
+        self.model.flushed(self.acked_since_flush)
+        self.acked_since_flush = set()
+        self.counters["flushes"] += 1
+
+    def _one(self, h):
+        r = self.rng
+        if r.random() < 0.1:
+            self._flush(h)
+            return
+        nblocks = r.choice((1, 1, 2, 4, 16, 32))
+        b0 = r.randrange(self.first, max(self.first + 1,
+                                         self.last - nblocks + 1))
+        nblocks = min(nblocks, self.last - b0)
+        data = r.randbytes(nblocks * BLOCK)
+        digests = block_digests(data)
+        fua = r.random() < 0.15
+        for i, d in enumerate(digests):
+            self.model.issued(b0 + i, d)
+        h.pwrite(data, b0 * BLOCK, nbd.CMD_FLAG_FUA if fua else 0)
+        for i, d in enumerate(digests):
+            self.model.acked(b0 + i, d, fua)
+        if not fua:
+            self.acked_since_flush.update(range(b0, b0 + nblocks))
+        self.counters["writes"] += 1
+
+
+# ---------------------------------------------------------------- the driver
+
+class Torture:
+
+    def __init__(self, args, workdir):
+        self.args = args
+        self.rng = random.Random(args.seed)
+        self.size = args.size
+        self.blocks = self.size // BLOCK
+        self.state_dir = os.path.join(workdir, "state")
+        self.log = open(os.path.join(workdir, "serve.log"), "ab")
+        self.target = Target(self.state_dir, self.log)
+        self.counters = {"rounds": 0, "crashes": 0, "operations": 0,
+                         "refused": 0, "writes": 0, "flushes": 0,
+                         "checks": 0}
+        self.frozen = {}  # clone -> block digests while fractured
+        self.crashed = False
+        self.writers = []
+        self.nbdkit_kills = []  # times, since the manager started
+
+    # Set-up.
+
+    def setup(self):
+        t = self.target
+        os.makedirs(self.state_dir)
+        self._ok(t.cli("lu", "create", SOURCE, "--size", str(self.size)))
+        data = self.rng.randbytes(self.size)
+        with open(os.path.join(self.state_dir, "lus", SOURCE + ".img"),
+                  "r+b") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        for c in CLONES:
+            self._ok(t.cli("clone", "add", SOURCE, c, "--granularity",
+                           self.args.granularity))
+        self.model = SourceModel(block_digests(data))
+        t.start()
+
+    def _ok(self, proc):
+        if proc.returncode:
+            raise Violation("setup step failed: " + proc.stderr)
+        return proc
+
+    def states(self):
+        return {c["name"]: c for c in
+                self.target.cli_json("clone", "list")}
+
+    # Writers.
+
+    def start_writers(self):
+        n = self.args.clients
+        per = self.blocks // n
+        self.writers = [Writer(self.target, self.model, i * per,
+                               (i + 1) * per, self.rng.randrange(1 << 62),
+                               self.counters) for i in range(n)]
+        for w in self.writers:
+            w.start()
+
+    def stop_writers(self):
+        for w in self.writers:
+            w.stop.set()
+        for w in self.writers:
+            w.join(60)
+            if w.is_alive():
+                raise Violation("a writer hung")
+        self.writers = []
+
+    def pause_writers(self):
+        """Writers flush and wait; returns False if one died (a crash)."""
+        for w in self.writers:
+            w.pause.set()
+        for w in self.writers:
+            if not w.paused.wait(60):
+                raise Violation("a writer did not pause")
+        return all(w.error is None for w in self.writers)
+
+    def resume_writers(self):
+        for w in self.writers:
+            w.pause.clear()
+
+    # Operations: each returns "ok", "refused" or "crashed".
+
+    def _clone_cmd(self, *args):
+        proc = self.target.cli("clone", *args)
+        return "ok" if proc.returncode == 0 else "refused"
+
+    def _pick(self, rng, states):
+        """A clone, mostly one the operation accepts (refusals are tested
+        too, but rarely reach anything)."""
+        now = self.states()
+        fit = [c for c in CLONES if now[c]["state"] in states]
+        if fit and rng.random() < 0.85:
+            return rng.choice(fit)
+        return rng.choice(CLONES)
+
+    def _rate(self, rng):
+        """A copy rate that makes engines run long enough to be killed
+        and collide with host writes, or none (full speed)."""
+        if rng.random() < 0.3:
+            return []
+        return ["--rate", str(rng.choice((2, 4, 8, 16)) * MiB)]
+
+    def op_sync(self, rng):
+        c = self._pick(rng, ("out-of-sync", "fractured"))
+        result = self._clone_cmd("sync", c, *self._rate(rng))
+        if result == "ok":
+            self.frozen.pop(c, None)
+        return result
+
+    def _with_writers_paused(self, func):
+        if not self.pause_writers():
+            self.resume_writers()
+            return "crashed"
+        try:
+            return func()
+        finally:
+            self.resume_writers()
+
+    def op_fracture(self, rng):
+        return self.op_fracture_of(self._pick(rng, ("synchronized",)))
+
+    def _restore(self, rng, kind):
+        c = self._pick(rng, ("fractured",))
+        if c not in self.frozen:
+            return self._clone_cmd(kind, c)  # refused: not fractured
+        if rng.random() < 0.7:
+            # Siblings still mirrored make the target refuse: split them.
+            for other in CLONES:
+                if other != c and self.states()[other]["state"] in (
+                        "synchronized", "syncing"):
+                    self.op_fracture_of(other)
+
+        def restore():
+            # Slow enough to be killed and to meet host I/O; --full makes
+            # every extent pending (a fresh fracture differs in few).
+            args = [kind, c, "--rate", str(rng.choice((2, 4, 8)) * MiB)]
+            if kind == "restore" and rng.random() < 0.6:
+                args.append("--full")
+            proc = self.target.cli("clone", *args)
+            if proc.returncode == 0:
+                self.model.replace(self.frozen[c])
+                if kind == "reverse-sync":
+                    self.frozen.pop(c)
+                return "ok"
+            if self._target_down():
+                self.model.maybe_replace(self.frozen[c])
+                return "crashed"
+            return "refused"
+        return self._with_writers_paused(restore)
+
+    def op_reverse_sync(self, rng):
+        return self._restore(rng, "reverse-sync")
+
+    def op_restore(self, rng):
+        return self._restore(rng, "restore")
+
+    def op_fracture_of(self, c):
+        def fracture():
+            result = self._clone_cmd("fracture", c)
+            if result == "ok":
+                with self.model.lock:
+                    self.frozen[c] = list(self.model.shown)
+            return result
+        return self._with_writers_paused(fracture)
+
+    def op_kill_nbdkit(self, rng):
+        # The manager gives up after 6 deaths of nbdkit within 60 s (a
+        # crash loop guard, by design): past 4, kill the manager instead.
+        now = time.monotonic()
+        self.nbdkit_kills = [t for t in self.nbdkit_kills if now - t < 65]
+        if len(self.nbdkit_kills) >= 4:
+            return self.op_kill_manager(rng)
+        time.sleep(rng.random() * 0.5)
+        self.nbdkit_kills.append(time.monotonic())
+        self.target.kill_nbdkit()
+        self.crashed = True
+        return "crashed"
+
+    def op_kill_manager(self, rng):
+        time.sleep(rng.random() * 0.5)
+        self.target.kill_manager()
+        self.nbdkit_kills = []
+        self.crashed = True
+        return "crashed"
+
+    def op_pause(self, rng):
+        time.sleep(rng.random() * 0.3)
+        return "ok"
+
+    def _target_down(self):
+        return self.target.proc is None or not self.target.info()
+
+    # Rounds.
+
+    def round(self):
+        rng = self.rng
+        self.crashed = False
+        self.trace = []
+        self.start_writers()
+        try:
+            for _ in range(rng.randint(1, self.args.ops_per_round)):
+                name = rng.choices([o[0] for o in OPERATIONS],
+                                   [o[1] for o in OPERATIONS])[0]
+                result = getattr(self, "op_" + name.replace("-", "_"))(rng)
+                self.trace.append((name, result))
+                time.sleep(rng.random() * 0.3)
+                self.counters["operations"] += 1
+                if result == "refused":
+                    self.counters["refused"] += 1
+                if result == "crashed":
+                    break
+        finally:
+            self.stop_writers()
+        if self.crashed:
+            self.counters["crashes"] += 1
+            if self.target.proc is None:
+                self.target.start()
+            else:
+                self.target.wait_serving()
+        self.settle()
+        self.check()
+        self.counters["rounds"] += 1
+
+    def settle(self, timeout=120):
+        """Wait until no clone operation runs."""
+        deadline = time.monotonic() + timeout
+        while True:
+            states = self.states()
+            running = [n for n, s in states.items()
+                       if (s.get("operation") or {}).get("running")]
+            if not running:
+                return states
+            if time.monotonic() > deadline:
+                raise Violation("operations did not finish: {}".format(
+                    states))
+            time.sleep(0.1)
+
+    def check(self):
+        t = self.target
+        states = self.states()
+        for c, st in states.items():
+            if st["state"] in ("syncing", "reverse-syncing"):
+                raise Violation("clone {} is {} with no operation running "
+                                "(error: {})".format(c, st["state"],
+                                                     st.get("error")))
+        actual = block_digests(t.read_all(SOURCE, self.size))
+        bad = self.model.check(actual, self.crashed)
+        if bad:
+            raise Violation("the Source lost acknowledged writes at blocks "
+                            "{} (crash in this round: {})".format(
+                                bad[:20], self.crashed))
+        src_file = t.read_file(SOURCE)
+        for c, st in states.items():
+            if st["state"] in ("fractured", "restoring"):
+                if c not in self.frozen:
+                    raise Violation("clone {} is {} but the model never "
+                                    "saw it fractured".format(c, st["state"]))
+                got = block_digests(t.read_file(c))
+                diff = [b for b in range(self.blocks)
+                        if got[b] != self.frozen[c][b]]
+                if diff:
+                    raise Violation("{} clone {} changed at blocks {}".format(
+                        st["state"], c, diff[:20]))
+            else:
+                self.frozen.pop(c, None)
+            if st["state"] == "synchronized":
+                if t.read_file(c) != src_file:
+                    raise Violation("synchronized clone {} differs from "
+                                    "its Source: the maps missed a "
+                                    "divergence".format(c))
+        self.counters["checks"] += 1
+
+    def run(self):
+        start = time.monotonic()
+        self.setup()
+        a = self.args
+        while True:
+            if a.rounds is not None and self.counters["rounds"] >= a.rounds:
+                break
+            if a.rounds is None and time.monotonic() - start >= a.time:
+                break
+            self.round()
+            if a.verbose:
+                print("round {rounds}: crashes {crashes}, operations "
+                      "{operations}".format(**self.counters), self.trace,
+                      flush=True)
+        self.target.stop()
+        return time.monotonic() - start
+
+
+# (name, weight).  Session operations (mark, transfer, unmark) go here.
+OPERATIONS = [
+    ("sync", 4),
+    ("fracture", 3),
+    ("reverse-sync", 1),
+    ("restore", 2),
+    ("kill-nbdkit", 2),
+    ("kill-manager", 1),
+    ("pause", 3),
+]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        prog="scripts/torture",
+        description="Crash torture of clonectl: random host I/O, clone "
+                    "operations and kill -9, checked against a model.")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed (default: random, printed)")
+    p.add_argument("--time", type=float, default=60.0,
+                   help="run for this many seconds (default 60)")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="run this many rounds instead of --time")
+    p.add_argument("--size", type=int, default=8 * MiB,
+                   help="Source size in bytes (default 8 MiB)")
+    p.add_argument("--granularity", default="64K")
+    p.add_argument("--clients", type=int, default=3)
+    p.add_argument("--ops-per-round", type=int, default=6)
+    p.add_argument("--keep", action="store_true",
+                   help="keep the work directory")
+    p.add_argument("--verbose", "-v", action="store_true")
+    args = p.parse_args(argv)
+    if args.seed is None:
+        args.seed = random.randrange(1 << 31)
+    return args
+
+
+def replay_command(args):
+    how = "--rounds {}".format(args.rounds) if args.rounds is not None \
+        else "--time {:g}".format(args.time)
+    return "scripts/torture --seed {} {} --size {} --granularity {} " \
+           "--clients {} --ops-per-round {}".format(
+               args.seed, how, args.size, args.granularity, args.clients,
+               args.ops_per_round)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    workdir = tempfile.mkdtemp(prefix="clonectl-torture-")
+    print("torture: seed {} (work directory {})".format(args.seed, workdir),
+          flush=True)
+    t = Torture(args, workdir)
+    status = 0
+    started = time.monotonic()
+    try:
+        t.run()
+    except Violation as e:
+        status = 1
+        print("torture: INVARIANT VIOLATED: {}".format(e), flush=True)
+        print("torture: replay with: {}".format(replay_command(args)))
+        print("torture: server log in {}".format(
+            os.path.join(workdir, "serve.log")))
+        args.keep = True
+    finally:
+        for w in t.writers:
+            w.stop.set()
+        t.target.stop()
+    c = t.counters
+    print("torture: seed {} rounds {} crashes {} operations {} (refused {}) "
+          "writes {} flushes {} checks {} in {:.1f} s: {}".format(
+              args.seed, c["rounds"], c["crashes"], c["operations"],
+              c["refused"], c["writes"], c["flushes"], c["checks"],
+              time.monotonic() - started, "FAILED" if status else "ok"),
+          flush=True)
+    if not args.keep:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
