@@ -19,7 +19,12 @@ the reference model:
    was fractured: a protected restore never writes it (invariant 2);
 3. a clone whose sync (or reverse sync) completed is byte-for-byte equal
    to its Source: the maps covered every divergence, crashes included
-   (invariant 3).
+   (invariant 3);
+4. an incremental session "s" ships the Source to a destination LU "dst"
+   (served by the same target): while marked, its frozen export src@s
+   reads exactly as the Source did at the mark, kill -9s included; a
+   destination recorded consistent after a completed transfer holds
+   exactly the point in time of that transfer's mark (invariant 4).
 
 Everything is seeded: the writers' data and choices and the driver's
 choices and kill moments come from one seed; a failing run prints the
@@ -35,9 +40,8 @@ Host I/O pauses, flushed, around the operations that change what the
 Source shows (fracture, reverse sync, restore) so that the model knows the
 exact point-in-time; it runs during the engines they start.
 
-To add an operation (incremental copy sessions: mark, transfer, unmark):
-write a method `op_NAME(self, rng)` returning "ok", "refused" or "crashed"
-and add a row to OPERATIONS with its weight.
+To add an operation: write a method `op_NAME(self, rng)` returning "ok",
+"refused" or "crashed" and add a row to OPERATIONS with its weight.
 """
 
 import argparse
@@ -358,8 +362,10 @@ class Torture:
         self.target = Target(self.state_dir, self.log)
         self.counters = {"rounds": 0, "crashes": 0, "operations": 0,
                          "refused": 0, "writes": 0, "flushes": 0,
-                         "checks": 0}
+                         "checks": 0, "session_checks": 0}
         self.frozen = {}  # clone -> block digests while fractured
+        # Session: (time of a mark attempt, Source digests at that moment).
+        self.marks = []
         self.crashed = False
         self.writers = []
         self.nbdkit_kills = []  # times, since the manager started
@@ -379,8 +385,12 @@ class Torture:
         for c in CLONES:
             self._ok(t.cli("clone", "add", SOURCE, c, "--granularity",
                            self.args.granularity))
+        self._ok(t.cli("lu", "create", "dst", "--size", str(self.size)))
         self.model = SourceModel(block_digests(data))
         t.start()
+        self._ok(t.cli("session", "create", SOURCE, "s", "--dest",
+                       "nbd+unix:///dst?socket=" + t.socket,
+                       "--granularity", self.args.granularity))
 
     def _ok(self, proc):
         if proc.returncode:
@@ -509,6 +519,32 @@ class Torture:
             return result
         return self._with_writers_paused(fracture)
 
+    def session(self):
+        return self.target.cli_json("session", "status", "s")
+
+    def op_mark(self, rng):
+        """Mark with writers paused and flushed, so the point in time is
+        what the Source holds right then."""
+        def mark():
+            if self.session()["marked"]:
+                return self._session_cmd("mark", "s")   # refused
+            frozen = block_digests(self.target.read_all(SOURCE, self.size))
+            self.marks.append((time.time(), frozen))
+            return self._session_cmd("mark", "s", "--export")
+        return self._with_writers_paused(mark)
+
+    def _session_cmd(self, *args):
+        proc = self.target.cli("session", *args)
+        if proc.returncode == 0:
+            return "ok"
+        return "crashed" if self._target_down() else "refused"
+
+    def op_transfer(self, rng):
+        return self._session_cmd("transfer", "s", "--timeout", "10")
+
+    def op_unmark(self, rng):
+        return self._session_cmd("unmark", "s", "--force")
+
     def op_kill_nbdkit(self, rng):
         # The manager gives up after 6 deaths of nbdkit within 60 s (a
         # crash loop guard, by design): past 4, kill the manager instead.
@@ -568,12 +604,14 @@ class Torture:
         self.counters["rounds"] += 1
 
     def settle(self, timeout=120):
-        """Wait until no clone operation runs."""
+        """Wait until no clone operation or transfer runs."""
         deadline = time.monotonic() + timeout
         while True:
             states = self.states()
             running = [n for n, s in states.items()
                        if (s.get("operation") or {}).get("running")]
+            if self.session()["transferring"]:
+                running.append("session s")
             if not running:
                 return states
             if time.monotonic() > deadline:
@@ -614,7 +652,39 @@ class Torture:
                     raise Violation("synchronized clone {} differs from "
                                     "its Source: the maps missed a "
                                     "divergence".format(c))
+        self.check_session()
         self.counters["checks"] += 1
+
+    def _mark_before(self, when):
+        """The Source at the last mark attempt before `when`."""
+        earlier = [m for m in self.marks if m[0] <= when]
+        if not earlier:
+            raise Violation("session state at {} but no mark was made "
+                            "before".format(when))
+        return earlier[-1][1]
+
+    def check_session(self):
+        t = self.target
+        st = self.session()
+        if st["marked"]:
+            frozen = self._mark_before(st["mark_time"] or time.time())
+            got = block_digests(t.read_all("src@s", self.size))
+            diff = [b for b in range(self.blocks) if got[b] != frozen[b]]
+            if diff:
+                raise Violation("the frozen export src@s is not the Source "
+                                "at the mark, blocks {}".format(diff[:20]))
+        dest = st["destinations"][0]
+        last = st["last_transfer"] or {}
+        if dest["consistency"] == "consistent":
+            frozen = self._mark_before(dest["last_success"])
+            got = block_digests(t.read_file("dst"))
+            diff = [b for b in range(self.blocks) if got[b] != frozen[b]]
+            if diff:
+                raise Violation("destination recorded consistent after "
+                                "the transfer of {} differs from the "
+                                "Source at that mark, blocks {}".format(
+                                    last.get("finished"), diff[:20]))
+            self.counters["session_checks"] += 1
 
     def run(self):
         start = time.monotonic()
@@ -634,8 +704,11 @@ class Torture:
         return time.monotonic() - start
 
 
-# (name, weight).  Session operations (mark, transfer, unmark) go here.
+# (name, weight).
 OPERATIONS = [
+    ("mark", 2),
+    ("transfer", 2),
+    ("unmark", 1),
     ("sync", 4),
     ("fracture", 3),
     ("reverse-sync", 1),

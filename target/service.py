@@ -223,7 +223,8 @@ class Target:
                 export=rec.get("export", False), error=rec.get("error"),
                 save_area_size=rec["save_area"],
                 last_transfer=rec.get("last_transfer"),
-                token_file=rec.get("token_file"))
+                token_file=rec.get("token_file"),
+                mark_time=rec.get("mark_time"))
         except BaseException:
             backend.close()
             raise
@@ -600,6 +601,8 @@ class Target:
         if session.engine is not None and session.engine.is_alive():
             raise sessions.SessionBusy(name=name, reason="a transfer is "
                                        "running")
+        self._release(session, [d for d in session.dests
+                                if d.peer and d.protected])
         self._detach_session(session)
         session.close()
         source = session.source.name
@@ -667,72 +670,116 @@ class Target:
 
     def session_transfer(self, name, full=False, unmarked=False,
                          timeout=sessions.DEFAULT_TIMEOUT):
-        session = self._session(name)
-        if session.engine is not None and session.engine.is_alive():
-            log.warning("session %s: transfer refused: one is running", name)
-            raise sessions.SessionBusy(name=name, reason="a transfer is "
-                                       "running")
-        clients = self._connect_destinations(session, timeout)
-        try:
-            if full and not unmarked and not session.marked:
-                session.mark(full=True, check=lambda:
-                             self._check_source_stable(session))
-            self._protect_peers(session)
-            session.start_transfer(clients, full=bool(full),
-                                   unmarked=bool(unmarked),
-                                   on_done=self._release_peers)
-        except BaseException:
-            for c in clients.values():
-                c.close()
-            raise
-        return session.status()
+        return self._start_transfer(name, "transfer", bool(full),
+                                    bool(unmarked), timeout)
 
     def session_update(self, name, timeout=sessions.DEFAULT_TIMEOUT):
         """Mark (unless an interrupted transfer left it marked), transfer;
         the transfer unmarks on success."""
+        return self._start_transfer(name, "update", False, False, timeout)
+
+    def _start_transfer(self, name, what, full, unmarked, timeout):
+        """Refuse early (nothing marked or protected for a refused
+        request), connect, mark if needed, protect peers, start."""
         session = self._session(name)
         if session.engine is not None and session.engine.is_alive():
-            log.warning("session %s: update refused: one is running", name)
-            raise sessions.SessionBusy(name=name, reason="an update is "
-                                       "already running")
+            log.warning("session %s: %s refused: a transfer is running",
+                        name, what)
+            raise sessions.SessionBusy(name=name, reason="an update or "
+                                       "transfer is already running")
+        will_mark = not session.marked and not unmarked and \
+            (what == "update" or full)
+        session.check_transfer(full=full, unmarked=unmarked,
+                               will_mark=will_mark)
         clients = self._connect_destinations(session, timeout)
+        protected = []
         try:
-            if not session.marked:
-                session.mark(check=lambda: self._check_source_stable(session))
-            self._protect_peers(session)
-            session.start_transfer(clients, on_done=self._release_peers)
+            self._check_peer_images(session)
+            if not session.marked and not unmarked:
+                session.mark(full=full, check=lambda:
+                             self._check_source_stable(session))
+            protected = self._protect_peers(session)
+            session.start_transfer(clients, full=full, unmarked=unmarked,
+                                   on_done=self._release_peers)
         except BaseException:
             for c in clients.values():
                 c.close()
+            self._release(session, protected)
             raise
         return session.status()
 
+    def _check_peer_images(self, session):
+        """A destination whose protected image is gone (rolled back or
+        released by its admin) holds something no map describes: it gets
+        everything again, from a new mark."""
+        lost = []
+        for d in session.dests:
+            if not (d.peer and d.protected):
+                continue
+            token = peer.read_token(session.token_file)
+            st = peer.call(d.peer, token, "status", _export_of(d.uri))
+            if not st.get("protected") or st.get("since") != \
+                    d.protected_since:
+                lost.append(d)
+        if not lost:
+            return
+        if session.marked:
+            session.unmark(force=True)
+        for d in lost:
+            log.warning("session %s: the protected image at %s is gone "
+                        "(rolled back?); it gets a full copy", session.name,
+                        d.uri)
+            d.protected = False
+            d.protected_since = None
+            d.needs_full = True
+            d.consistency = sessions.INCONSISTENT
+            d.last_error = "its protected image was gone (rolled back or " \
+                "released there); a full copy follows"
+        session._persist()
+
     def _protect_peers(self, session):
         """Protect the consistent image of each clonectl destination before
-        out-of-order updates reach it.  If one protect fails, those made
-        here are released again and the transfer does not start."""
-        todo = [d for d in session.dests if d.peer and not d.protected
-                and d.consistency == sessions.CONSISTENT]
+        out-of-order updates reach it; return the destinations protected
+        here.  If one protect fails, every protect of this call (the
+        failing one too: it may have been applied) is released again and
+        the transfer does not start."""
+        todo = [d for d in session.dests if d.peer and
+                d.consistency == sessions.CONSISTENT]
         if not todo:
-            return
+            return []
         token = peer.read_token(session.token_file)
         done = []
         try:
             for d in todo:
-                peer.call(d.peer, token, "protect", _export_of(d.uri))
-                done.append(d)
-        except errors.Error:
-            for d in done:
-                try:
+                if d.protected:
+                    # Left protected by a release that failed: that image
+                    # is older than the consistent one; protect anew.
                     peer.call(d.peer, token, "release", _export_of(d.uri))
-                except errors.Error as e:
-                    log.error("session %s: could not undo the protect of %s: "
-                              "%s", session.name, d.uri, e)
-                    d.protected = True
-            session._persist()
+                    d.protected = False
+                done.append(d)
+                st = peer.call(d.peer, token, "protect", _export_of(d.uri))
+                d.protected = True
+                d.protected_since = st.get("since")
+        except errors.Error:
+            self._release(session, done)
             raise
-        for d in done:
-            d.protected = True
+        session._persist()
+        return done
+
+    def _release(self, session, dests):
+        """Release the protected images of dests (best effort, logged)."""
+        if not dests:
+            return
+        for d in dests:
+            try:
+                token = peer.read_token(session.token_file)
+                peer.call(d.peer, token, "release", _export_of(d.uri))
+                d.protected = False
+                d.protected_since = None
+            except errors.Error as e:
+                log.error("session %s: could not release the protected image "
+                          "of %s: %s", session.name, d.uri, e)
+                d.protected = True
         session._persist()
 
     def _release_peers(self, engine):
@@ -748,6 +795,7 @@ class Target:
                 token = peer.read_token(session.token_file)
                 peer.call(d.peer, token, "release", _export_of(d.uri))
                 d.protected = False
+                d.protected_since = None
             except errors.Error as e:
                 d.last_error = "transfer completed, but the protected image " \
                     "was not released: {}".format(e)
@@ -801,10 +849,17 @@ class Target:
             raise errors.InvalidArgument(
                 reason="LU {!r} has no protected image to roll back to"
                 .format(lu))
+        if source.connections:
+            raise RollbackRefused(
+                name=lu, reason="{} NBD connection(s) use it; stop the hosts "
+                "first, so no write lands during or after the rollback"
+                .format(source.connections))
         g = session.granularity
         buf = bytearray(g)
         restored = 0
-        for x in sorted(session.save.slots):
+        with session.cond:
+            saved = sorted(session.save.slots)
+        for x in saved:
             n = min(g, source.size - x * g)
             session.save.readinto(x, buf)
             source.write(memoryview(buf)[:n], x * g)
@@ -867,6 +922,11 @@ class Target:
             for lu in self.lus.values():
                 lu.close()
             self.lus.clear()
+
+
+class RollbackRefused(errors.Error):
+    msg = "LU {name!r} cannot be rolled back: {reason}"
+    errno = errno.EBUSY
 
 
 class UnknownClone(errors.Error):

@@ -61,6 +61,7 @@ transfer (its bits stay set) while the others go on; rate limiting.
 import errno
 import logging
 import os
+import select
 import struct
 import threading
 import time
@@ -307,6 +308,7 @@ class Destination:
         self.consistency = record.get("consistency", NEW)
         self.needs_full = record.get("needs_full", True)
         self.protected = record.get("protected", False)
+        self.protected_since = record.get("protected_since")
         self.last_success = record.get("last_success")
         self.last_error = record.get("last_error")
         self.bytes_sent = record.get("bytes_sent", 0)
@@ -317,6 +319,7 @@ class Destination:
         return {"uri": self.uri, "peer": self.peer,
                 "consistency": self.consistency,
                 "needs_full": self.needs_full, "protected": self.protected,
+                "protected_since": self.protected_since,
                 "last_success": self.last_success,
                 "last_error": self.last_error, "bytes_sent": self.bytes_sent}
 
@@ -331,7 +334,7 @@ class Session:
     def __init__(self, name, source, granularity, map_dir, save_backend,
                  dest_records, persist=None, marked=False, export=False,
                  error=None, save_area_size=None, last_transfer=None,
-                 token_file=None):
+                 token_file=None, mark_time=None):
         self.name = name
         self.source = source            # the LU
         self.size = source.size
@@ -350,9 +353,10 @@ class Session:
         self.marked = marked
         self.export = export
         self.error = error
-        self.mark_time = None
+        self.mark_time = mark_time if marked else None
         self.generation = 0
         self.quiesce = False
+        self.unmarking = False
         self.closed = False
         self.active = 0
         self.saving = set()
@@ -407,6 +411,7 @@ class Session:
         return {"granularity": self.granularity,
                 "save_area": self.save_area_size,
                 "marked": self.marked, "export": self.export,
+                "mark_time": self.mark_time,
                 "error": self.error,
                 "dests": [d.record() for d in self.dests],
                 "token_file": self.token_file,
@@ -515,12 +520,12 @@ class Session:
             if not self.marked or (generation is not None and
                                    generation != self.generation):
                 raise FrozenImageGone(name=self.name)
+            generation = self.generation
             saved = [x for x in range(e0, e1) if x in self.save.slots]
         if len(saved) < e1 - e0:
             self.inner.readinto(view, offset)
         with self.cond:
-            if not self.marked or (generation is not None and
-                                   generation != self.generation):
+            if not self.marked or generation != self.generation:
                 raise FrozenImageGone(name=self.name)
             saved = [(x, self.save.slots[x]) for x in range(e0, e1)
                      if x in self.save.slots]
@@ -541,6 +546,9 @@ class Session:
             if self.marked:
                 raise SessionBusy(name=self.name, reason="already marked; "
                                   "unmark it or let the transfer finish")
+            if self.unmarking:
+                raise SessionBusy(name=self.name, reason="an unmark is "
+                                  "finishing; try again")
             self._check_idle()
             self.quiesce = True
             while self.active:
@@ -548,6 +556,10 @@ class Session:
         try:
             if check is not None:
                 check()
+            # Writes not yet durable on the Source must not be sent as part
+            # of the point in time and then lost there by a power cut with
+            # no map left to say so: the Source is flushed first.
+            self.inner.flush()
             self.save.reset()
             bits = self.tracking.bits
             for d in self.dests:
@@ -616,49 +628,63 @@ class Session:
         # 2. ... before the session is recorded unmarked ...
         with self.cond:
             self.marked = False
+            self.unmarking = True
             self.export = False
             self.generation += 1
             self.error = error
             self.mark_time = None
             self.transfer = bytearray(self.extents)
         self._persist()
-        # 3. ... and only then are the pending maps and saved data dropped.
-        for d in self.dests:
-            d.pending = bytearray(self.extents)
-            maps.save(self._pending_path(d), d.pending, self.granularity)
-        self.save.reset()
-        with self.cond:
-            self.cond.notify_all()
+        # 3. ... and only then are the pending maps and saved data dropped
+        # (a mark waits for this: `unmarking`).
+        try:
+            for d in self.dests:
+                d.pending = bytearray(self.extents)
+                maps.save(self._pending_path(d), d.pending, self.granularity)
+            self.save.reset()
+        finally:
+            with self.cond:
+                self.unmarking = False
+                self.cond.notify_all()
 
     # ------------------------------------------------------------ transfer
+
+    def check_transfer(self, full=False, unmarked=False, will_mark=False):
+        """Refuse a transfer request that start_transfer would refuse,
+        before anything (a mark, a peer protect) is done for it."""
+        with self.cond:
+            self._check_transfer(full, unmarked, will_mark)
+
+    def _check_transfer(self, full, unmarked, will_mark=False):
+        self._check_idle()
+        if unmarked:
+            if self.marked:
+                raise SessionError(name=self.name, reason="--unmarked needs "
+                                   "an unmarked session")
+            if not full:
+                raise SessionError(name=self.name, reason="--unmarked is "
+                                   "for full copies (--full)")
+        elif not self.marked and not will_mark:
+            raise SessionError(
+                name=self.name, reason="not marked: mark it first (session "
+                "mark), or run a whole update (session update)")
+        elif full and self.marked and self.transfer.count(0) and \
+                not self.export:
+            # Extents outside the transfer map had no copy on first write:
+            # the frozen image of those is gone.
+            raise SessionError(
+                name=self.name, reason="--full needs the whole image frozen: "
+                "unmark, then transfer --full (it marks every extent)")
 
     def start_transfer(self, clients, full=False, unmarked=False, run=True,
                        on_done=None):
         """Start the transfer engine; clients: dest index -> client."""
         with self.cond:
-            self._check_idle()
-            if unmarked:
-                if self.marked:
-                    raise SessionError(name=self.name, reason="--unmarked "
-                                       "needs an unmarked session")
-                if not full:
-                    raise SessionError(name=self.name, reason="--unmarked "
-                                       "is for full copies (--full)")
-            elif not self.marked:
-                raise SessionError(
-                    name=self.name, reason="not marked: mark it first (session "
-                    "mark), or run a whole update (session update)")
+            self._check_transfer(full, unmarked)
         if unmarked:
             for d in self.dests:
                 d.pending = bytearray(b"\x01" * self.extents)
                 maps.save(self._pending_path(d), d.pending, self.granularity)
-        elif full and self.transfer.count(0) and not self.export:
-            # Extents outside the transfer map had no copy on first write:
-            # the frozen image of those is gone.  A full copy is marked
-            # with mark(full=True).
-            raise SessionError(
-                name=self.name, reason="--full needs the whole image frozen: "
-                "unmark, then transfer --full (it marks every extent)")
         engine = TransferEngine(self, clients, unmarked=unmarked,
                                 on_done=on_done)
         for d in self.dests:
@@ -761,8 +787,10 @@ class SessionBackend(backends.Backend):
         done = []
         try:
             for s in sessions:
-                s.before_write(offset, length)
+                # Entered first: before_write counts the write as active
+                # before anything in it can fail, and after_write undoes it.
                 done.append(s)
+                s.before_write(offset, length)
             apply()
         finally:
             for s in done:
@@ -796,9 +824,12 @@ class FrozenExport:
         self.session = session
         self.name = session.export_name()
         self.size = session.size
+        # A connection reads the point in time it connected to, or fails
+        # (ESTALE) once that is gone: never a later mark's image.
+        self.generation = session.generation
 
     def read(self, buf, offset):
-        self.session.read_frozen(buf, offset)
+        self.session.read_frozen(buf, offset, self.generation)
 
     def _refuse(self, *args, **kwargs):
         raise errors.ReadOnly(name=self.name)
@@ -943,6 +974,7 @@ class TransferEngine:
         client = self.clients[i]
         g = self.session.granularity
         zero = bytes(g)
+        view = memoryview(buf)
         pos = 0
         # Slices of a bytearray compare with memcmp (6 us a 64 KiB piece
         # here; a memoryview comparison takes 210 us).
@@ -959,7 +991,7 @@ class TransferEngine:
                 client.zero(end - pos, offset + pos)
                 self.bytes_zeroed += end - pos
             else:
-                client.write(buf[pos:end], offset + pos)
+                client.write(view[pos:end], offset + pos)
                 self.session.dests[i].bytes_sent += end - pos
                 self.bytes_sent += end - pos
             pos = end
@@ -986,6 +1018,20 @@ class TransferEngine:
                 self._drop(i, e)
                 continue
             done[i] = runs
+        # The cleared maps are durable before the bits leave memory: once
+        # a transfer bit is clear, host writes to the extent no longer save
+        # its old data, so a crash must not bring the bit back.
+        with s.cond:
+            if s.generation != self.generation:
+                raise FrozenImageGone(name=s.name)
+            cleared = {}
+            for i, runs in done.items():
+                m = bytearray(s.dests[i].pending)
+                for a, b in runs:
+                    m[a:b] = bytes(b - a)
+                cleared[i] = m
+        for i, m in cleared.items():
+            maps.save(s._pending_path(s.dests[i]), m, s.granularity)
         with s.cond:
             if s.generation != self.generation:
                 raise FrozenImageGone(name=s.name)
@@ -998,8 +1044,6 @@ class TransferEngine:
                     for a, b in runs:
                         s._recompute_transfer(a, b)
         for i in done:
-            maps.save(s._pending_path(s.dests[i]), s.dests[i].pending,
-                      s.granularity)
             self.unflushed[i] = []
         self.since_checkpoint = 0
 
@@ -1101,96 +1145,57 @@ class MemoryDestination:
         self.closed = True
 
 
-class NbdDestination:
-    """A remote NBD export, written with libnbd's asynchronous API."""
+class _NbdConnection:
+    """One libnbd handle and the commands it has in flight."""
 
-    def __init__(self, uri, timeout=DEFAULT_TIMEOUT, in_flight=IN_FLIGHT):
-        import nbd
+    def __init__(self, nbd, uri, timeout, error):
         self.nbd = nbd
         self.uri = uri
         self.timeout = timeout
-        self.limit = in_flight
+        self.error = error
         self.h = nbd.NBD()
         self.buffers = {}     # cookie -> buffer of a write in flight
         self.others = set()   # cookies of zeroes and flushes in flight
-        self.size = None
-        self._connect()
-
-    def _error(self, reason):
-        return DestinationError(uri=self.uri, reason=reason)
-
-    def _connect(self):
         h = self.h
         try:
-            h.aio_connect_uri(self.uri)
-            deadline = time.monotonic() + self.timeout
+            h.aio_connect_uri(uri)
+            deadline = time.monotonic() + timeout
             while h.aio_is_connecting():
                 if time.monotonic() > deadline:
-                    raise self._error("no answer within {:g} s"
-                                      .format(self.timeout))
+                    raise error("no answer within {:g} s".format(timeout))
                 h.poll(500)
             if not h.aio_is_ready():
-                raise self._error("the connection failed")
-            self.size = h.get_size()
-            if h.is_read_only():
-                raise self._error("the export is read-only")
-            if not h.can_flush():
-                raise self._error("the export cannot flush, so nothing "
-                                  "written to it could be trusted")
-        except self.nbd.Error as e:
-            raise self._error(str(e.string if hasattr(e, "string") else e))
+                raise error("the connection failed")
+        except nbd.Error as e:
+            raise error(str(e.string if hasattr(e, "string") else e))
 
-    def _wait(self, until_below):
-        """Poll until fewer than until_below commands are in flight."""
+    def in_flight(self):
+        return len(self.buffers) + len(self.others)
+
+    def retire(self):
+        """Retire completed commands; raise if one failed."""
         h = self.h
-        deadline = time.monotonic() + self.timeout
         try:
-            while True:
-                while self.buffers or self.others:
-                    try:
-                        cookie = h.aio_peek_command_completed()
-                    except self.nbd.Error:
-                        break   # nothing in flight at all
-                    if not cookie:
-                        break
-                    self.buffers.pop(cookie, None)
-                    self.others.discard(cookie)
-                    h.aio_command_completed(cookie)
-                if len(self.buffers) + len(self.others) < until_below:
-                    return
-                if h.aio_is_dead():
-                    raise self._error("the connection died")
-                if h.poll(500) == 1:
-                    deadline = time.monotonic() + self.timeout
-                elif time.monotonic() > deadline:
-                    raise self._error("no reply within {:g} s"
-                                      .format(self.timeout))
+            while self.in_flight():
+                try:
+                    cookie = h.aio_peek_command_completed()
+                except self.nbd.Error:
+                    break   # nothing in flight at all
+                if not cookie:
+                    break
+                self.buffers.pop(cookie, None)
+                self.others.discard(cookie)
+                h.aio_command_completed(cookie)
+            if h.aio_is_dead():
+                raise self.error("the connection died")
         except self.nbd.Error as e:
-            raise self._error(str(e.string if hasattr(e, "string") else e))
+            raise self.error(str(e.string if hasattr(e, "string") else e))
 
-    def write(self, buf, offset):
-        self._wait(self.limit)
-        b = self.nbd.Buffer.from_bytearray(buf)
+    def submit(self, start, *args):
         try:
-            cookie = self.h.aio_pwrite(b, offset)
+            return start(*args)
         except self.nbd.Error as e:
-            raise self._error(str(e))
-        self.buffers[cookie] = b
-
-    def zero(self, length, offset):
-        self._wait(self.limit)
-        try:
-            self.others.add(self.h.aio_zero(length, offset))
-        except self.nbd.Error as e:
-            raise self._error(str(e))
-
-    def flush(self):
-        self._wait(1)
-        try:
-            self.others.add(self.h.aio_flush())
-        except self.nbd.Error as e:
-            raise self._error(str(e))
-        self._wait(1)
+            raise self.error(str(e.string if hasattr(e, "string") else e))
 
     def close(self):
         """Disconnect without waiting on a destination that may be gone:
@@ -1200,7 +1205,7 @@ class NbdDestination:
             return
         h, self.h = self.h, None
         try:
-            if not self.buffers and not self.others and h.aio_is_ready():
+            if not self.in_flight() and h.aio_is_ready():
                 h.aio_disconnect(0)
                 deadline = time.monotonic() + 2.0
                 while not (h.aio_is_closed() or h.aio_is_dead()) and \
@@ -1211,6 +1216,123 @@ class NbdDestination:
         self.buffers.clear()
         self.others.clear()
         # libnbd closes the socket when the handle is collected.
+
+
+class NbdDestination:
+    """A remote NBD export, written with libnbd's asynchronous API.
+
+    When the server offers multi-conn (a flush on one connection covers
+    writes completed on all of them), writes are spread over CONNECTIONS
+    connections: a server that serializes each connection's requests (an
+    nbdkit Python plugin, clonectl itself) then works on several at once.
+    Measured here on a 1 GiB full copy to a clonectl destination: one
+    connection reached 0.45 of nbdcopy (which uses four).
+    """
+
+    CONNECTIONS = 4
+
+    def __init__(self, uri, timeout=DEFAULT_TIMEOUT, in_flight=IN_FLIGHT):
+        import nbd
+        self.nbd = nbd
+        self.uri = uri
+        self.timeout = timeout
+        first = _NbdConnection(nbd, uri, timeout, self._error)
+        self.conns = [first]
+        self.next = 0
+        try:
+            h = first.h
+            self.size = h.get_size()
+            if h.is_read_only():
+                raise self._error("the export is read-only")
+            if not h.can_flush():
+                raise self._error("the export cannot flush, so nothing "
+                                  "written to it could be trusted")
+            self.multi_conn = bool(h.can_multi_conn())
+            if self.multi_conn:
+                for _ in range(self.CONNECTIONS - 1):
+                    self.conns.append(_NbdConnection(nbd, uri, timeout,
+                                                     self._error))
+        except self.nbd.Error as e:
+            self.close()
+            raise self._error(str(e))
+        except BaseException:
+            self.close()
+            raise
+        self.limit = max(2, in_flight // len(self.conns))
+
+    def _error(self, reason):
+        return DestinationError(uri=self.uri, reason=reason)
+
+    def _wait(self, conns, until_below):
+        """Drive every connection's state machine (libnbd sends queued
+        data and reads replies only when its handle is polled, so all are
+        polled together) until each of conns has fewer than until_below
+        commands in flight."""
+        deadline = time.monotonic() + self.timeout
+        poller = select.poll()
+        while True:
+            for c in self.conns:
+                c.retire()
+            if all(c.in_flight() < until_below for c in conns):
+                return
+            fds = {}
+            try:
+                for c in self.conns:
+                    fd = c.h.aio_get_fd()
+                    want = c.h.aio_get_direction()
+                    events = (select.POLLIN if want & 1 else 0) | \
+                        (select.POLLOUT if want & 2 else 0)
+                    if events:
+                        fds[fd] = c
+                        poller.register(fd, events)
+                ready = poller.poll(500) if fds else []
+                for fd, ev in ready:
+                    c = fds[fd]
+                    if ev & (select.POLLIN | select.POLLHUP | select.POLLERR):
+                        c.h.aio_notify_read()
+                    if ev & select.POLLOUT:
+                        c.h.aio_notify_write()
+            except self.nbd.Error as e:
+                raise self._error(str(e.string if hasattr(e, "string")
+                                      else e))
+            finally:
+                for fd in fds:
+                    poller.unregister(fd)
+            if ready:
+                deadline = time.monotonic() + self.timeout
+            elif time.monotonic() > deadline:
+                raise self._error("no reply within {:g} s".format(
+                    self.timeout))
+
+    def _pick(self):
+        conn = self.conns[self.next]
+        self.next = (self.next + 1) % len(self.conns)
+        self._wait([conn], self.limit)
+        return conn
+
+    def write(self, buf, offset):
+        conn = self._pick()
+        # Shared, not copied: the engine never reuses a chunk's buffer, and
+        # the Buffer keeps it alive until the write completes.
+        b = self.nbd.Buffer.from_buffer(buf)
+        conn.buffers[conn.submit(conn.h.aio_pwrite, b, offset)] = b
+
+    def zero(self, length, offset):
+        conn = self._pick()
+        conn.others.add(conn.submit(conn.h.aio_zero, length, offset))
+
+    def flush(self):
+        """Every write completed, then flushed (on one connection when
+        multi-conn makes that cover all of them)."""
+        self._wait(self.conns, 1)
+        flushing = self.conns[:1] if self.multi_conn else self.conns
+        for conn in flushing:
+            conn.others.add(conn.submit(conn.h.aio_flush))
+        self._wait(flushing, 1)
+
+    def close(self):
+        for conn in self.conns:
+            conn.close()
 
 
 def probe_destination(uri, size, timeout=10.0):

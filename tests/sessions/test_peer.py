@@ -23,7 +23,9 @@ import pytest
 from conftest import run_clonectl
 
 MiB = 1 << 20
-SIZE = 32 * MiB
+# Above the transfer engine's 64 MiB checkpoint, so that a transfer cut
+# after it has extents that count as sent.
+SIZE = 96 * MiB
 TOKEN = "s3cret-token-0123456789"
 
 
@@ -45,7 +47,9 @@ def read_all(uri):
     h = nbd.NBD()
     h.connect_uri(uri)
     try:
-        return h.pread(h.get_size(), 0)
+        size = h.get_size()
+        return b"".join(h.pread(min(32 * MiB, size - off), off)
+                        for off in range(0, size, 32 * MiB))
     finally:
         h.shutdown()
 
@@ -109,7 +113,7 @@ def test_failed_transfer_leaves_image_protected_and_rollback(pair):
     proxy = subprocess.Popen(
         ["nbdkit", "--foreground", "-U", str(proxy_sock), "--filter=delay",
          "nbd", "socket={}".format(p["srv_b"].socket), "export=db",
-         "wdelay=2"], stdin=subprocess.DEVNULL,
+         "wdelay=500ms"], stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     p["guard"].add(proxy.pid)
     proxy_uri = "nbd+unix:///db?socket={}".format(proxy_sock)
@@ -131,11 +135,14 @@ def test_failed_transfer_leaves_image_protected_and_rollback(pair):
     assert [s["name"] for s in images] == ["protected-db"]
     assert images[0]["marked"] and images[0]["frozen_export"] == \
         "db@protected-db"
-    # Kill the proxy once part of the update has reached B.
+    # Kill the proxy once part of the update has reached B and counts as
+    # sent (a checkpoint flushed it and cleared its bits).
     deadline = time.monotonic() + 60
-    while read_all(b_uri) == consistent:
-        assert time.monotonic() < deadline, "nothing reached B"
-        time.sleep(0.1)
+    while session_status(p["a"], "s")["destinations"][0][
+            "pending_extents"] == SIZE // (64 << 10):
+        assert time.monotonic() < deadline, "no checkpoint"
+        time.sleep(0.05)
+    assert read_all(b_uri) != consistent
     proxy.send_signal(signal.SIGKILL)
     proxy.wait(10)
     deadline = time.monotonic() + 60
@@ -153,6 +160,51 @@ def test_failed_transfer_leaves_image_protected_and_rollback(pair):
     out = run_clonectl(p["b"], "lu", "rollback", "db").stdout
     assert "rolled db back" in out
     assert read_all(b_uri) == consistent
+    assert sessions_of(p["b"]) == []
+
+    # The sender finds the protected image gone: B holds the old image in
+    # extents its maps call sent, so B gets everything again.
+    proxy_sock.unlink()
+    proxy = subprocess.Popen(
+        ["nbdkit", "--foreground", "-U", str(proxy_sock), "nbd",
+         "socket={}".format(p["srv_b"].socket), "export=db"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL)
+    p["guard"].add(proxy.pid)
+    deadline = time.monotonic() + 10
+    while not proxy_sock.exists():
+        assert time.monotonic() < deadline, "the proxy did not restart"
+        time.sleep(0.05)
+    try:
+        run_clonectl(p["a"], "session", "update", "s", timeout=180)
+        assert read_all(b_uri) == read_all(a_uri)
+        st = session_status(p["a"], "s")
+        assert st["destinations"][0]["state"] == "consistent"
+        assert st["last_transfer"]["bytes_sent"] + \
+            st["last_transfer"]["bytes_zeroed"] == SIZE
+        assert sessions_of(p["b"]) == []
+    finally:
+        proxy.kill()
+        proxy.wait(10)
+
+
+def test_rollback_refused_while_hosts_are_connected(pair):
+    p = pair
+    import nbd
+    run_clonectl(p["a"], "session", "create", "db", "s", "--peer-dest",
+                 p["srv_b"].uri("db"), p["peer"], "--peer-token-file",
+                 p["token"])
+    from target import peer as peer_mod
+    peer_mod.call(p["peer"], TOKEN, "protect", "db")
+    h = nbd.NBD()
+    h.connect_uri(p["srv_b"].uri("db"))
+    try:
+        r = run_clonectl(p["b"], "lu", "rollback", "db", check=False)
+        assert r.returncode == 1 and "connection" in r.stderr, r.stderr
+    finally:
+        h.shutdown()
+    assert [s["name"] for s in sessions_of(p["b"])] == ["protected-db"]
+    run_clonectl(p["b"], "lu", "rollback", "db")
     assert sessions_of(p["b"]) == []
 
 

@@ -1,0 +1,213 @@
+"""Session defects found by review, each pinned by a deterministic test.
+
+Each test places an event (a host write, a crash, a concurrent command, a
+failing state directory) in a window the single-threaded model test cannot
+reach, and checks the invariant the defect broke.
+"""
+
+import tempfile
+import threading
+
+import pytest
+
+from target import backends, maps, sessions
+
+G = 4096
+N = 8
+SIZE = G * N
+
+
+class FakeLU:
+    name = "src"
+    size = SIZE
+
+    def __init__(self, backend):
+        self.backend = backend
+
+
+class Crash(BaseException):
+    """A kill -9."""
+
+
+def new_session(record=None, inner=None, save=None, mapdir=None):
+    inner = inner or backends.MemoryBackend(SIZE)
+    lu = FakeLU(sessions.SessionBackend(inner))
+    save = save or backends.MemoryBackend(
+        sessions.SaveArea.minimum_size(N, G) + N * G)
+    mapdir = mapdir or tempfile.mkdtemp(prefix="session-regress-")
+    persisted = {}
+
+    def persist(r):
+        persisted.clear()
+        persisted.update(r)
+
+    if record is None:
+        s = sessions.Session("s", lu, G, mapdir, save, [{"uri": "m"}],
+                             persist=persist)
+        s.create()
+    else:
+        s = sessions.Session("s", lu, G, mapdir, save, record["dests"],
+                             persist=persist, marked=record["marked"],
+                             export=record["export"])
+        s.load()
+    lu.backend.sessions = [s]
+    return lu, s, persisted, (inner, save, mapdir)
+
+
+def transfer(s, dest):
+    engine = s.start_transfer({0: sessions.MemoryDestination(dest)},
+                              run=False)
+    engine.advance()
+    return engine
+
+
+def test_checkpoint_saves_cleared_maps_before_clearing_them(monkeypatch):
+    """A host write landing while a checkpoint saves its maps, then a
+    crash: the resumed transfer must still send the frozen data."""
+    lu, s, persisted, disks = new_session()
+    dest = backends.MemoryBackend(SIZE)
+    lu.backend.write(b"A" * G, 0)
+    s.mark()
+    transfer(s, dest)
+    lu.backend.write(b"B" * G, 0)
+    s.mark()                                  # the point in time: B
+    orig = maps.save
+    fired = []
+
+    def save(path, m, g):
+        if path.endswith(".pending") and not fired:
+            fired.append(path)
+            lu.backend.write(b"C" * G, 0)     # a host write in the window
+            raise Crash()
+        return orig(path, m, g)
+
+    monkeypatch.setattr(maps, "save", save)
+    engine = s.start_transfer({0: sessions.MemoryDestination(dest)},
+                              run=False)
+    with pytest.raises(Crash):
+        engine.step()
+        engine.checkpoint()
+    monkeypatch.setattr(maps, "save", orig)
+    lu2, s2, _, _ = new_session(dict(persisted), *disks)
+    engine = transfer(s2, dest)
+    assert engine.result == "completed"
+    assert s2.dests[0].consistency == sessions.CONSISTENT
+    assert bytes(dest.data[:G]) == b"B" * G, \
+        "the destination got post-mark data"
+
+
+def test_frozen_export_connection_never_reads_a_later_mark():
+    lu, s, _, _ = new_session()
+    dest = backends.MemoryBackend(SIZE)
+    lu.backend.write(b"A" * SIZE, 0)
+    s.mark(export=True)
+    export = sessions.FrozenExport(s)          # a backup tool connects
+    buf = bytearray(G)
+    export.read(buf, 3 * G)
+    assert bytes(buf) == b"A" * G
+    transfer(s, dest)                          # completes and unmarks
+    lu.backend.write(b"Z" * G, 3 * G)
+    s.mark()                                   # the next update
+    with pytest.raises(sessions.FrozenImageGone):
+        export.read(buf, 3 * G)
+
+
+def test_failing_activity_map_does_not_wedge_the_source():
+    """A host write that fails in the session (state directory EIO) must
+    not leave the session counting it: mark and later writes go on."""
+    lu, s, _, _ = new_session()
+    activity = s.tracking.activity_file
+    orig = activity.persist
+
+    def boom(*a):
+        activity.persist = orig
+        raise OSError(5, "EIO on the state directory")
+
+    activity.persist = boom
+    with pytest.raises(OSError):
+        lu.backend.write(b"x" * G, 0)
+    assert s.active == 0
+    marker = threading.Thread(target=s.mark, daemon=True)
+    marker.start()
+    marker.join(10)
+    assert not marker.is_alive(), "mark waits for a write that ended"
+    lu.backend.write(b"y" * G, G)
+
+
+def test_mark_refused_while_an_unmark_finishes(monkeypatch):
+    """An unmark drops the pending maps and the save area after recording
+    the session unmarked; a mark in that window would lose its saved data."""
+    lu, s, _, _ = new_session()
+    dest = backends.MemoryBackend(SIZE)
+    lu.backend.write(b"A" * SIZE, 0)
+    s.mark()
+    transfer(s, dest)
+    lu.backend.write(b"B" * G, 2 * G)
+    s.mark()
+    orig_reset = sessions.SaveArea.reset
+    outcome = []
+
+    def reset(self):
+        if not outcome and not s.marked:
+            try:
+                s.mark()                      # a concurrent `session mark`
+                outcome.append("marked")
+            except sessions.SessionBusy:
+                outcome.append("refused")
+        return orig_reset(self)
+
+    monkeypatch.setattr(sessions.SaveArea, "reset", reset)
+    s.unmark()
+    monkeypatch.setattr(sessions.SaveArea, "reset", orig_reset)
+    assert outcome == ["refused"]
+    s.mark()
+    lu.backend.write(b"C" * G, 2 * G)         # after the mark: COFW
+    engine = transfer(s, dest)
+    assert engine.result == "completed"
+    assert bytes(dest.data[2 * G:3 * G]) == b"B" * G
+
+
+def test_mark_flushes_the_source():
+    """Data sent as part of the point in time must be durable on the
+    Source, or a power cut could lose it there with no map saying so."""
+    inner = backends.MemoryBackend(SIZE)
+    lu, s, _, _ = new_session(inner=inner)
+    lu.backend.write(b"A" * G, 0)
+    before = inner.flushes
+    s.mark()
+    assert inner.flushes > before
+
+
+class FailingSaveArea(backends.MemoryBackend):
+    """A save area whose writes fail with EIO once armed."""
+
+    armed = False
+
+    def write(self, buf, offset):
+        if self.armed:
+            raise OSError(5, "Input/output error (injected)")
+        super().write(buf, offset)
+
+
+def test_save_area_eio_unmarks_and_loses_nothing():
+    """Issue 8, failing devices: the save area returns EIO on a copy on
+    first write.  The host write still succeeds, the session is unmarked
+    with the error in its status, and the next update sends everything."""
+    save = FailingSaveArea(sessions.SaveArea.minimum_size(N, G) + N * G)
+    lu, s, _, _ = new_session(save=save)
+    dest = backends.MemoryBackend(SIZE)
+    lu.backend.write(b"A" * SIZE, 0)
+    s.mark()
+    transfer(s, dest)
+    lu.backend.write(b"B" * G, G)
+    s.mark()
+    save.armed = True
+    lu.backend.write(b"C" * G, G)              # needs a COFW: EIO
+    save.armed = False
+    assert not s.marked
+    assert "Input/output error" in s.error
+    assert s.status()["error"] == s.error
+    s.mark()
+    engine = transfer(s, dest)
+    assert engine.result == "completed"
+    assert bytes(dest.data) == bytes(lu.backend.inner.data)
