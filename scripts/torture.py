@@ -540,6 +540,12 @@ class Torture:
         return "crashed" if self._target_down() else "refused"
 
     def op_transfer(self, rng):
+        """Transfer (marking first if needed, as `session update` does;
+        update itself waits, the transfer here runs during what follows)."""
+        if not self.session()["marked"]:
+            result = self.op_mark(rng)
+            if result != "ok":
+                return result
         return self._session_cmd("transfer", "s", "--timeout", "10")
 
     def op_unmark(self, rng):
@@ -776,9 +782,11 @@ def main(argv=None):
         t.target.stop()
     c = t.counters
     print("torture: seed {} rounds {} crashes {} operations {} (refused {}) "
-          "writes {} flushes {} checks {} in {:.1f} s: {}".format(
+          "writes {} flushes {} checks {} (consistent destination {}) "
+          "in {:.1f} s: {}".format(
               args.seed, c["rounds"], c["crashes"], c["operations"],
               c["refused"], c["writes"], c["flushes"], c["checks"],
+              c["session_checks"],
               time.monotonic() - started, "FAILED" if status else "ok"),
           flush=True)
     if not args.keep:
