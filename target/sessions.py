@@ -54,7 +54,9 @@ maps say what each destination still lacks.
 
 Deliberately ignored: the transfer engine reads one run at a time (up to
 CHUNK bytes) and pipelines the writes to the destinations (libnbd async,
-IN_FLIGHT requests each); a destination that fails is dropped from the
+IN_FLIGHT requests each, over several connections with multi-conn); the
+destinations are flushed every CHECKPOINT_BYTES (the price of resuming
+without resending everything); a destination that fails is dropped from the
 transfer (its bits stay set) while the others go on; rate limiting.
 """
 
@@ -75,7 +77,7 @@ ACTIVITY_REGION = 4 << 20
 COMMIT_INTERVAL = 1.0
 CHUNK = 1 << 20
 CHECKPOINT_BYTES = 64 << 20
-IN_FLIGHT = 16
+IN_FLIGHT = 64          # per destination, spread over its connections
 DEFAULT_TIMEOUT = 30.0
 
 CONSISTENT = "consistent"
