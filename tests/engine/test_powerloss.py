@@ -196,8 +196,10 @@ TestPowerLoss = PowerLossMachine.TestCase
 
 # Twins: each protection switched off must be caught by the invariants.
 # Derandomized and without shrinking, so the search is the same on every run
-# and stops at the first failure.
-TWIN_EXAMPLES = int(os.environ.get("POWERLOSS_TWIN_EXAMPLES", "400"))
+# and stops at the first failure.  One CI run under heavy load missed the
+# activity_datasync twin within 400 examples (not reproduced since), so the
+# search goes up to 1000: it stops at the first catch, usually far earlier.
+TWIN_EXAMPLES = int(os.environ.get("POWERLOSS_TWIN_EXAMPLES", "1000"))
 
 
 @pytest.mark.parametrize("protection", ["flush_before_commit",
