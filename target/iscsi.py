@@ -60,7 +60,7 @@ GATEWAY_PREFIX = "iscsi-gateway:"
 DEFAULT_IQN_PREFIX = "iqn.2026-11.org.clonectl:"
 LUN = 1
 TGTD_CONTROL_DIR = "/var/run/tgtd"
-CONTROL_PORT_FIRST = 2000  # scanned upwards; tgtd's own default is 0
+CONTROL_PORT_FIRST = 2000  # + pid % 20000, scanned upwards; tgtd takes <= 32767
 READY_TIMEOUT = 15.0
 LOOPBACK = ("127.0.0.1", "::1")
 
@@ -243,7 +243,12 @@ class Gateway:
     def tgtadm(self, *args, check=True):
         cmd = ["tgtadm", "-C", str(self.control_port), "--lld", "iscsi"]
         cmd += [str(a) for a in args]
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+        try:
+            r = subprocess.run(cmd, capture_output=True, text=True,
+                               timeout=30)
+        except subprocess.TimeoutExpired:
+            raise IscsiFailed(reason="{} did not answer within 30 s".format(
+                " ".join(cmd)))
         if check and r.returncode != 0:
             raise IscsiFailed(reason="{} failed: {}".format(
                 " ".join(cmd), (r.stderr or r.stdout).strip()))
@@ -298,6 +303,14 @@ class Gateway:
 
     def sync(self, exports):
         """exports: {name: readonly}; add and remove targets to match."""
+        if self.tgtd is None or self.tgtd.poll() is not None:
+            # tgtd died (its targets with it): rebuild everything.
+            self.say("tgtd died (status {}); restarting it".format(
+                None if self.tgtd is None else self.tgtd.returncode))
+            self.tgtd = None
+            self.reset()
+            _remove_control_files(self.control_port)
+            self.start()
         for name in [n for n in self.targets if n not in exports]:
             self.remove(name)
         for name, readonly in sorted(exports.items()):
@@ -425,9 +438,12 @@ class Gateway:
 
 def show_status(control_port):
     """{iqn: {"tid", "sessions": [{"initiator", "address"}]}} from tgtadm."""
-    r = subprocess.run(["tgtadm", "-C", str(control_port), "--lld", "iscsi",
-                        "--op", "show", "--mode", "target"],
-                       capture_output=True, text=True, timeout=10)
+    try:
+        r = subprocess.run(["tgtadm", "-C", str(control_port), "--lld",
+                            "iscsi", "--op", "show", "--mode", "target"],
+                           capture_output=True, text=True, timeout=10)
+    except subprocess.TimeoutExpired:
+        return None
     if r.returncode != 0:
         return None
     out = {}

@@ -316,7 +316,10 @@ class Server:
         except (OSError, errors.Error) as e:
             self.say("iSCSI: cannot list exports: {}".format(e))
             return
-        self.gateway.sync(modes)
+        try:
+            self.gateway.sync(modes)
+        except errors.Error as e:
+            self.say("iSCSI: {}".format(e))
 
     def _on_signal(self, signum, frame):
         self.stopping = True

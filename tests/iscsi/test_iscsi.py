@@ -323,3 +323,25 @@ def test_protected_restore_shows_clone_data_to_a_logged_in_initiator(
     # The clone was never written.
     run("qemu-io", "-f", "raw", "-r", "-c", "read -P 0xc1 0 16M",
         srv.server.uri("c1"))
+
+
+def test_tgtd_killed_is_restarted_with_its_targets(iscsi_server, clonectl,
+                                                   process_guard):
+    clonectl("lu", "create", "d1", "--size", "8M")
+    srv = iscsi_server()
+    qemu_io(srv.url("d1"), "write -P 0x4b 0 1M", "flush")
+    first = iscsi_record(srv.server.state_dir)
+    os.kill(first["tgtd"]["pid"], signal.SIGKILL)
+    assert wait_pid_gone(first["tgtd"]["pid"], 10)
+    deadline = time.monotonic() + 20
+    while True:
+        rec = iscsi_record(srv.server.state_dir)
+        if rec and rec.get("tgtd") and rec["tgtd"]["pid"] != \
+                first["tgtd"]["pid"] and "d1" in rec["mounts"]:
+            break
+        assert time.monotonic() < deadline, srv.server.log()
+        time.sleep(0.2)
+    guard_recorded(srv.server.state_dir, process_guard)
+    srv.wait_targets(["d1"])
+    qemu_io(srv.url("d1"), "read -P 0x4b 0 1M")
+    assert "tgtd died" in srv.server.log()
