@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import run_clonectl, terminate_pid
+from conftest import terminate_pid
 
 IQN_PREFIX = "iqn.2026-11.org.clonectl.test:"
 TOOLS = ("tgtd", "tgtadm", "nbdfuse", "fusermount3", "iscsi-inq",

@@ -3,7 +3,6 @@ libiscsi's tools (iscsi-inq, iscsi-readcapacity16, iscsi-ls) and QEMU's
 iscsi:// block driver (qemu-img, qemu-io).  Every byte read back over NBD
 was written over iSCSI and the reverse: one data path."""
 
-import json
 import os
 import signal
 import subprocess
@@ -13,7 +12,7 @@ import pytest
 
 from conftest import (MiB, Server, pid_alive, run_clonectl, status_json,
                       wait_pid_gone)
-from iscsilib import (IscsiServer, cleanup_record, free_port, guard_recorded,
+from iscsilib import (IscsiServer, cleanup_record, guard_recorded,
                       iscsi_record, iscsi_server, mounted, needs_iscsi)
 
 pytestmark = needs_iscsi
