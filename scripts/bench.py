@@ -29,11 +29,15 @@ qemu-nbd, serving the same file.
 10% and 100% changed extents, full-transfer throughput against nbdcopy,
 host writes while marked and transferring; see scripts/bench_sessions.py.
 
+--suite iscsi: the iSCSI gateway (issue 9): 4 KiB and 1 MiB reads through
+iSCSI (tgtd -> nbdfuse -> our NBD) against the same LU over NBD and against
+tgtd serving the file directly; see scripts/bench_iscsi.py (not in "all").
+
 --suite jobs: every job file of scripts/fio (the workloads the guest test
 and the Vagrant host run: randrw-4k, seq-1m, verify) through fio's nbd
 engine against the --servers variants; IOPS and MB/s per job.
 
---suite all runs all but jobs.
+--suite all runs all but jobs and iscsi.
 
 Variants are measured alternately within each row and each row is
 repeated; the tables show medians.  This machine is noisy (±20-30% run to
@@ -55,6 +59,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_iscsi  # noqa: E402
 import bench_sessions  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -190,7 +195,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--suite", choices=("nbd", "clones", "restore", "sessions",
-                                       "jobs", "all"),
+                                       "jobs", "iscsi", "all"),
                    default="nbd",
                    help="nbd: servers side by side; clones: clone overhead, "
                         "sync speed and latency; restore: protected restore "
@@ -226,9 +231,10 @@ def main():
                            ("clones", run_clones_suite),
                            ("restore", run_restore_suite),
                            ("sessions", run_sessions_suite),
-                           ("jobs", run_jobs_suite)):
+                           ("jobs", run_jobs_suite),
+                           ("iscsi", run_iscsi_suite)):
             if args.suite == suite or (args.suite == "all" and
-                                       suite != "jobs"):
+                                       suite not in ("jobs", "iscsi")):
                 os.mkdir(os.path.join(workdir, suite))
                 report[suite] = run(args, size, os.path.join(workdir, suite))
     finally:
@@ -251,10 +257,16 @@ def main():
         bench_sessions.print_tables(report["sessions"], args)
     if "jobs" in report:
         print_jobs_table(report["jobs"], args)
+    if "iscsi" in report:
+        bench_iscsi.print_tables(report["iscsi"], args)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"date": time.strftime("%Y-%m-%d"), "args": vars(args),
                        "results": report}, f, indent=2)
+
+
+def run_iscsi_suite(args, size, workdir):
+    return bench_iscsi.run(sys.modules[__name__], args, size, workdir)
 
 
 def run_sessions_suite(args, size, workdir):

@@ -557,10 +557,24 @@ def clone_restore(ctx, name, full, wait, rate):
 @click.option("--peer-token-file", metavar="FILE",
               help="File holding the shared token (16+ characters) that "
                    "peer requests must carry; others get nothing.")
+@click.option("--iscsi-portal", metavar="ADDR:PORT",
+              help="Also serve every LU and fractured clone as an iSCSI "
+                   "target (one LUN, LUN 1) on this portal, through a private "
+                   "tgtd reading our own NBD export (nbdfuse): same data "
+                   "path as NBD hosts.")
+@click.option("--iqn-prefix", metavar="PREFIX",
+              help="Target names are PREFIX + export name (default "
+                   "iqn.2026-11.org.clonectl:).")
+@click.option("--iscsi-allow", "iscsi_allow", multiple=True,
+              metavar="[EXPORT=]IQN",
+              help="Initiator names allowed to log in (to EXPORT only, or to "
+                   "every target); repeatable. Without it only loopback "
+                   "initiators (127.0.0.1, ::1) may log in.")
 @pass_ctx
 @handle_errors
 def serve(ctx, socket_path, port, bind, tls_psk, detach, pidfile,
-          thread_model, threads, peer_port, peer_bind, peer_token_file):
+          thread_model, threads, peer_port, peer_bind, peer_token_file,
+          iscsi_portal, iqn_prefix, iscsi_allow):
     """Serve every LU over NBD until SIGTERM or SIGINT.
 
     One nbdkit server exports every LU under its own name (`nbdinfo --list`).
@@ -568,6 +582,11 @@ def serve(ctx, socket_path, port, bind, tls_psk, detach, pidfile,
     names are refused at the handshake. If nbdkit dies it is restarted;
     SIGTERM stops it cleanly and removes the sockets. One server per state
     directory.
+
+    With --iscsi-portal every LU and fractured clone is also an iSCSI target
+    named PREFIX+NAME with one LUN (LUN 1), added and removed as exports come
+    and go; read-only LUs are read-only targets. SIGTERM stops tgtd, then
+    unmounts the nbdfuse mounts, then stops nbdkit.
     """
     if socket_path is None and port is None:
         socket_path = ctx.state_dir.default_nbd_socket
@@ -580,8 +599,22 @@ def serve(ctx, socket_path, port, bind, tls_psk, detach, pidfile,
         peer_listen = (peer_bind, peer_port, peer.read_token(peer_token_file))
     elif peer_token_file:
         raise click.UsageError("--peer-token-file needs --peer-port")
+    iscsi_conf = None
+    if iscsi_portal and tls_psk:
+        # The gateway's nbdfuse connects to our NBD export without TLS.
+        raise click.UsageError("--iscsi-portal cannot be combined with "
+                               "--tls-psk yet")
+    if iscsi_portal:
+        from . import iscsi
+        iscsi_conf = {"portal": iscsi.parse_portal(iscsi_portal),
+                      "iqn_prefix": iqn_prefix,
+                      "allow": iscsi.parse_allow(iscsi_allow)}
+    elif iqn_prefix or iscsi_allow:
+        raise click.UsageError("--iqn-prefix and --iscsi-allow need "
+                               "--iscsi-portal")
     srv = server.Server(ctx.state_dir, listen, thread_model=thread_model,
-                        threads=threads, pidfile=pidfile, peer=peer_listen)
+                        threads=threads, pidfile=pidfile, peer=peer_listen,
+                        iscsi=iscsi_conf)
     if detach:
         info = server.serve_detached(srv)
         click.echo("serving on {} (pid {})".format(
@@ -614,9 +647,13 @@ def stop(ctx):
 def status(ctx, as_json):
     """Show the server and every LU: size, backing, served, connections."""
     rows, info = _lu_rows(ctx)
+    iscsi_targets = None
+    if info and info.get("iscsi"):
+        from . import iscsi
+        iscsi_targets = iscsi.show_status(info["iscsi"]["control_port"])
     if as_json:
         _print_json({"state_dir": ctx.state_dir.path, "server": info,
-                     "lus": rows})
+                     "lus": rows, "iscsi": iscsi_targets})
         return
     if info:
         click.echo("server: pid {}, listening on {}".format(
@@ -632,6 +669,13 @@ def status(ctx, as_json):
     for r in rows:
         if r["error"]:
             click.echo("  {}: {}".format(r["name"], r["error"]))
+    if iscsi_targets is not None:
+        click.echo("iSCSI portal {}:".format(info["iscsi"]["portal"]))
+        _table([(iqn, t["tid"], len(t["sessions"]), ", ".join(
+                 "{} ({})".format(n["initiator"], n["address"])
+                 for n in t["sessions"]))
+                for iqn, t in sorted(iscsi_targets.items())],
+               ["TARGET", "TID", "SESSIONS", "INITIATORS"])
 
 
 # ---------------------------------------------------------------- sessions

@@ -58,6 +58,7 @@ STOP_GRACE = 5.0
 STOP_TIMEOUT = 30.0
 RESTART_LIMIT = 5
 RESTART_WINDOW = 60.0
+ISCSI_POLL = 1.0  # seconds between checks of the exports for the iSCSI side
 
 
 class Listen:
@@ -163,8 +164,12 @@ def _lock_held(state_dir):
 class Server:
 
     def __init__(self, state_dir, listen, thread_model=None, threads=None,
-                 pidfile=None, out=None, peer=None):
+                 pidfile=None, out=None, peer=None, iscsi=None):
         self.state_dir = state_dir
+        # dict(portal=(host, port), iqn_prefix=..., allow={...}) or None.
+        self.iscsi = iscsi
+        self.gateway = None
+        self._iscsi_polled = 0.0
         # (bind, port, token) of the manager-to-manager listener, or None.
         self.peer = peer
         self.peer_server = None
@@ -201,6 +206,11 @@ class Server:
             if self.listen.socket_path:
                 _remove_stale_socket(self.listen.socket_path)
             _remove_stale_socket(self.state_dir.control_socket)
+            # What a crashed server recorded (tgtd, nbdfuse mounts); always,
+            # even if this server does not serve iSCSI.
+            from . import iscsi
+            iscsi.cleanup_stale(os.path.join(self.state_dir.run_dir,
+                                             "iscsi.json"), self.say)
         except BaseException:
             os.close(fd)
             raise
@@ -275,6 +285,12 @@ class Server:
         info.update(self.listen.to_dict())
         if self.peer is not None:
             info["peer"] = "{}:{}".format(self.peer[0], self.peer[1])
+        if self.gateway is not None:
+            info["iscsi"] = {
+                "portal": "{}:{}".format(*self.gateway.portal),
+                "iqn_prefix": self.gateway.iqn_prefix,
+                "control_port": self.gateway.control_port,
+                "tgtd_pid": self.gateway.tgtd.pid}
         fsutil.write_json_atomic(self.state_dir.serve_info_file, info)
         self._published = True
         if self.pidfile:
@@ -297,12 +313,39 @@ class Server:
                 self.peer_server = PeerServer(bind, port, token,
                                               self.state_dir.control_socket)
                 self.peer_server.start()
+            if self.iscsi is not None:
+                self._start_gateway()
             info = self.publish()
             if ready:
                 ready(info)
             self._supervise()
         finally:
             self._cleanup()
+
+    def _start_gateway(self):
+        from . import iscsi
+        self.gateway = iscsi.Gateway(
+            self.state_dir.run_dir, self.listen.uri, self.iscsi["portal"],
+            iqn_prefix=self.iscsi.get("iqn_prefix"),
+            allow=self.iscsi.get("allow"),
+            log_path=self.state_dir.serve_log_file,
+            preexec_fn=_die_with_parent, say=self.say)
+        self.gateway.start()
+        self._sync_gateway()
+
+    def _sync_gateway(self):
+        """Bring the iSCSI targets in line with the target's exports."""
+        self._iscsi_polled = time.monotonic()
+        try:
+            modes = control.call(self.state_dir.control_socket,
+                                 "export_modes", reply_timeout=10)
+        except (OSError, errors.Error) as e:
+            self.say("iSCSI: cannot list exports: {}".format(e))
+            return
+        try:
+            self.gateway.sync(modes)
+        except errors.Error as e:
+            self.say("iSCSI: {}".format(e))
 
     def _on_signal(self, signum, frame):
         self.stopping = True
@@ -314,6 +357,9 @@ class Server:
             try:
                 status = self.proc.wait(0.2)
             except subprocess.TimeoutExpired:
+                if self.gateway is not None and not self.stopping and \
+                        time.monotonic() - self._iscsi_polled >= ISCSI_POLL:
+                    self._sync_gateway()
                 continue
             if self.stopping:
                 return
@@ -329,8 +375,13 @@ class Server:
             if self.listen.socket_path:
                 _remove_stale_socket(self.listen.socket_path)
             _remove_stale_socket(self.state_dir.control_socket)
+            if self.gateway is not None:
+                # nbdfuse does not reconnect: rebuild the mounts and targets.
+                self.gateway.reset()
             self.spawn()
             self.publish()
+            if self.gateway is not None:
+                self._sync_gateway()
 
     def _kill(self):
         if self.proc is None or self.proc.poll() is not None:
@@ -352,7 +403,19 @@ class Server:
         if self.peer_server is not None:
             self.peer_server.stop()
             self.peer_server = None
-        self._kill()
+        if self.gateway is not None:
+            # Order: tgtd, then the nbdfuse mounts, then nbdkit.
+            try:
+                self.gateway.stop()
+                self.say("iSCSI gateway stopped (tgtd, then nbdfuse mounts)")
+            except Exception as e:
+                self.say("error stopping the iSCSI gateway: {}".format(e))
+            self.gateway = None
+        if self.proc is not None and self.proc.poll() is None:
+            self._kill()
+            self.say("nbdkit stopped")
+        else:
+            self._kill()
         if not self._acquired:
             return
         paths = [self.state_dir.serve_info_file, self.state_dir.control_socket,

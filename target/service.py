@@ -24,7 +24,8 @@ import os
 import threading
 import time
 
-from . import backends, clones, errors, maps, peer, sessions, state, units
+from . import (backends, clones, errors, iscsi, maps, peer, sessions, state,
+               units)
 
 log = logging.getLogger("clonectl.target")
 
@@ -105,11 +106,12 @@ class LogicalUnit:
 class Connection:
     """One NBD connection to one LU: the plugin's handle."""
 
-    __slots__ = ("lu", "readonly")
+    __slots__ = ("lu", "readonly", "gateway")
 
-    def __init__(self, lu, readonly):
+    def __init__(self, lu, readonly, gateway=False):
         self.lu = lu
         self.readonly = readonly or lu.readonly
+        self.gateway = gateway  # the iSCSI gateway's mount (not counted)
 
 
 class Target:
@@ -312,9 +314,24 @@ class Target:
                 out.append((name, desc))
             return out
 
+    def export_modes(self):
+        """{name: readonly} of the exports the iSCSI gateway serves: LUs and
+        fractured clones (frozen session images are left out)."""
+        with self.lock:
+            return {name: bool(obj.readonly) for name, obj in
+                    self._exportable().items()
+                    if not isinstance(obj, sessions.FrozenExport)}
+
     def connect(self, name, readonly):
         with self.lock:
             exportable = self._exportable()
+            if name.startswith(iscsi.GATEWAY_PREFIX):
+                # The iSCSI gateway's own mount: not a host connection, so
+                # it does not make clone operations refuse (iscsi.py).
+                obj = exportable.get(name[len(iscsi.GATEWAY_PREFIX):])
+                if obj is None:
+                    raise errors.UnknownLU(name=name)
+                return Connection(obj, readonly, gateway=True)
             obj = exportable.get(name)
             if obj is None:
                 if name == "":
@@ -334,6 +351,8 @@ class Target:
     def disconnect(self, conn):
         with self.lock:
             obj = conn.lu
+            if conn.gateway:
+                return
             if isinstance(obj, clones.CloneExport):
                 obj.clone.connections -= 1
                 return
@@ -876,6 +895,7 @@ class Target:
             "ping": lambda: {"pid": os.getpid()},
             "status": self.status,
             "reload": lambda: {"exports": self.reload()},
+            "export_modes": self.export_modes,
             "clone_add": self.clone_add,
             "clone_remove": self.clone_remove,
             "clone_list": self.clone_list,
