@@ -33,6 +33,7 @@ activity map's write-ahead, and the fdatasync of the PRM at every flush
 """
 
 import os
+import re
 
 import pytest
 import hypothesis.strategies as st
@@ -196,10 +197,8 @@ TestPowerLoss = PowerLossMachine.TestCase
 
 # Twins: each protection switched off must be caught by the invariants.
 # Derandomized and without shrinking, so the search is the same on every run
-# and stops at the first failure.  One CI run under heavy load missed the
-# activity_datasync twin within 400 examples (not reproduced since), so the
-# search goes up to 1000: it stops at the first catch, usually far earlier.
-TWIN_EXAMPLES = int(os.environ.get("POWERLOSS_TWIN_EXAMPLES", "1000"))
+# and stops at the first failure (see the test for the fallback).
+TWIN_EXAMPLES = int(os.environ.get("POWERLOSS_TWIN_EXAMPLES", "600"))
 
 
 @pytest.mark.parametrize("protection", ["flush_before_commit",
@@ -209,8 +208,18 @@ TWIN_EXAMPLES = int(os.environ.get("POWERLOSS_TWIN_EXAMPLES", "1000"))
 def test_protection_off_is_caught(protection):
     machine = type("Without_" + protection, (PowerLossMachine,),
                    {"protections_off": (protection,)})
-    with pytest.raises(AssertionError, match="differs but its bit is clear|"
-                       "the Source shows other data"):
-        run_state_machine_as_test(machine, settings=_settings(
-            TWIN_EXAMPLES, derandomize=True, database=None,
-            phases=[Phase.generate]))
+    # The derandomized search first; two loaded CI runs missed a twin
+    # there (an interleaving this test does not control), so up to three
+    # random searches follow.  The protection counts as pinned if any
+    # search catches it; none catching fails the test.
+    for attempt in range(4):
+        try:
+            run_state_machine_as_test(machine, settings=_settings(
+                TWIN_EXAMPLES, derandomize=(attempt == 0), database=None,
+                phases=[Phase.generate]))
+        except AssertionError as e:
+            assert re.search("differs but its bit is clear|the Source shows "
+                             "other data", str(e)), e
+            return
+    pytest.fail("switching off {} was not caught in 4 searches of {} "
+                "examples".format(protection, TWIN_EXAMPLES))

@@ -425,7 +425,12 @@ def test_network_cut_and_restored(session_env, dests, netns, tmp_path,
     st = env.sstatus()
     pending = _check_interrupted(st)
 
-    # The link is back: the transfer resumes where it stopped.
+    # The link is back: the transfer resumes where it stopped.  The
+    # destination was killed above if its connection stayed stuck, or its
+    # rate filter died with its client (nbdkit 1.32: "raw_send_socket:
+    # Assertion `sock >= 0'"): serve the same file again.
+    if dest.proc.poll() is not None:
+        _start_tcp(dest, dest_uri)
     _resume_and_check(env, dfile, at_mark, pending)
 
 
