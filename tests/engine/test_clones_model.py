@@ -97,6 +97,30 @@ class CrashingBackend(backends.Backend):
         self.countdown.tick()
 
 
+def patch_map_io(countdown):
+    """Count every map-file operation on countdown (a crash can cut any of
+    them); return the originals, to put back with restore_map_io."""
+    orig = (maps.save, maps.ActivityFile.persist, maps.ActivityFile.reset)
+    orig_save, orig_persist, orig_reset = orig
+
+    def save(*a, **kw):
+        countdown.tick()
+        return orig_save(*a, **kw)
+
+    def persist(self_, *a, **kw):
+        countdown.tick()
+        return orig_persist(self_, *a, **kw)
+
+    def reset(self_, *a, **kw):
+        countdown.tick()
+        return orig_reset(self_, *a, **kw)
+
+    maps.save = save
+    maps.ActivityFile.persist = persist
+    maps.ActivityFile.reset = reset
+    return orig
+
+
 def data_for(seed, length):
     return random.Random(seed).randbytes(length)
 
@@ -126,25 +150,7 @@ class CloneMachine(RuleBasedStateMachine):
         self.unflushed = set()
 
     def _patch_io(self):
-        countdown = self.countdown
-        self.orig = (maps.save, maps.ActivityFile.persist, maps.ActivityFile.reset)
-        orig_save, orig_persist, orig_reset = self.orig
-
-        def save(*a, **kw):
-            countdown.tick()
-            return orig_save(*a, **kw)
-
-        def persist(self_, *a, **kw):
-            countdown.tick()
-            return orig_persist(self_, *a, **kw)
-
-        def reset(self_, *a, **kw):
-            countdown.tick()
-            return orig_reset(self_, *a, **kw)
-
-        maps.save = save
-        maps.ActivityFile.persist = persist
-        maps.ActivityFile.reset = reset
+        self.orig = patch_map_io(self.countdown)
 
     def teardown(self):
         maps.save, maps.ActivityFile.persist, maps.ActivityFile.reset = self.orig

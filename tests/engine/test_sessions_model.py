@@ -41,7 +41,8 @@ from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant,
 
 from target import backends, maps, sessions
 
-from .test_clones_model import Countdown, Crash, CrashingBackend
+from .test_clones_model import (Countdown, Crash, CrashingBackend,
+                                patch_map_io)
 
 GRAN = 4096
 EXTENTS = 16
@@ -116,26 +117,7 @@ class SessionMachine(RuleBasedStateMachine):
         self.session = self._new_session(create=True)
 
     def _patch_io(self):
-        countdown = self.countdown
-        self.orig = (maps.save, maps.ActivityFile.persist,
-                     maps.ActivityFile.reset)
-        orig_save, orig_persist, orig_reset = self.orig
-
-        def save(*a, **kw):
-            countdown.tick()
-            return orig_save(*a, **kw)
-
-        def persist(self_, *a, **kw):
-            countdown.tick()
-            return orig_persist(self_, *a, **kw)
-
-        def reset(self_, *a, **kw):
-            countdown.tick()
-            return orig_reset(self_, *a, **kw)
-
-        maps.save = save
-        maps.ActivityFile.persist = persist
-        maps.ActivityFile.reset = reset
+        self.orig = patch_map_io(self.countdown)
 
     def teardown(self):
         maps.save, maps.ActivityFile.persist, maps.ActivityFile.reset = \

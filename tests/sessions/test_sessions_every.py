@@ -11,25 +11,9 @@ import subprocess
 import time
 
 from conftest import CLONECTL, run_clonectl
+from test_peer import qemu_io, read_all
 
 MiB = 1 << 20
-
-
-def qemu_io(uri, *commands):
-    args = ["qemu-io", "-f", "raw"]
-    for c in commands:
-        args += ["-c", c]
-    subprocess.run(args + [uri], check=True, capture_output=True, timeout=60)
-
-
-def read_all(uri):
-    import nbd
-    h = nbd.NBD()
-    h.connect_uri(uri)
-    try:
-        return h.pread(h.get_size(), 0)
-    finally:
-        h.shutdown()
 
 
 def wait_for(predicate, timeout, what):
