@@ -286,28 +286,39 @@ def _clone_line(st):
                     coll=op.get("collisions", 0)))
 
 
-def _wait(ctx, name, target_state):
-    """Follow an operation until it ends; exit 1 unless target_state."""
+def _follow(fetch, progress, line, running):
+    """Poll fetch() every 0.5 s until running(status) is false, showing a
+    progress bar on a terminal (progress(status) = (done, total)) and a
+    line every 10 s otherwise; return the last status."""
     tty = sys.stdout.isatty()
     last = None
     while True:
-        st = _control_call(ctx, "clone_status", patience=60.0, clone=name)
-        running = (st.get("operation") or {}).get("running")
+        st = fetch()
         if tty:
-            total = st["extents_total"] or 1
-            done = total - _left(st)
+            done, total = progress(st)
+            total = total or 1
             width = 30
-            bar = "#" * (width * done // total)
-            click.echo("\r[{:<{w}}] {}".format(bar, _clone_line(st), w=width)
+            bar = "#" * (width * max(0, done) // total)
+            click.echo("\r[{:<{w}}] {}".format(bar, line(st), w=width)
                        + " " * 5, nl=False)
         elif last is None or time.monotonic() - last >= 10:
-            click.echo(_clone_line(st))
+            click.echo(line(st))
             last = time.monotonic()
-        if not running:
+        if not running(st):
             break
         time.sleep(0.5)
     if tty:
         click.echo()
+    return st
+
+
+def _wait(ctx, name, target_state):
+    """Follow an operation until it ends; exit 1 unless target_state."""
+    st = _follow(
+        lambda: _control_call(ctx, "clone_status", patience=60.0, clone=name),
+        lambda st: (st["extents_total"] - _left(st), st["extents_total"]),
+        _clone_line,
+        lambda st: (st.get("operation") or {}).get("running"))
     if st["state"] != target_state:
         _fail("clone {} is {}{}".format(
             name, st["state"], ": " + st["error"] if st.get("error") else ""))
@@ -749,26 +760,15 @@ def _print_session(st):
 
 def _wait_transfer(ctx, name):
     """Follow a transfer until it ends; exit 1 unless it completed."""
-    tty = sys.stdout.isatty()
-    last = None
-    while True:
-        st = _control_call(ctx, "session_status", patience=60.0, name=name)
+    def progress(st):
         tr = st.get("transfer") or {}
-        if tty and tr:
-            total = tr.get("extents_total") or 1
-            done = total - tr.get("extents_left", 0)
-            width = 30
-            bar = "#" * (width * done // total)
-            click.echo("\r[{:<{w}}] {}".format(bar, _session_line(st),
-                                               w=width) + " " * 5, nl=False)
-        elif last is None or time.monotonic() - last >= 10:
-            click.echo(_session_line(st))
-            last = time.monotonic()
-        if not st.get("transferring"):
-            break
-        time.sleep(0.5)
-    if tty:
-        click.echo()
+        total = tr.get("extents_total") or 0
+        return total - tr.get("extents_left", 0), total
+
+    st = _follow(
+        lambda: _control_call(ctx, "session_status", patience=60.0,
+                              name=name),
+        progress, _session_line, lambda st: st.get("transferring"))
     result = (st.get("last_transfer") or {}).get("result", "unknown")
     if result != "completed":
         _fail("session {}: transfer {}".format(name, result))
