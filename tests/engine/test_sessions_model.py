@@ -42,7 +42,7 @@ from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant,
 from target import backends, maps, sessions
 
 from .test_clones_model import (Countdown, Crash, CrashingBackend,
-                                patch_map_io)
+                                data_for, patch_map_io)
 
 GRAN = 4096
 EXTENTS = 16
@@ -73,10 +73,6 @@ class CrashingDestination(sessions.MemoryDestination):
     def flush(self):
         super().flush()
         self.backend.flushed_image = bytes(self.backend.data)
-
-
-def data_for(seed, length):
-    return random.Random(seed).randbytes(length)
 
 
 class SessionMachine(RuleBasedStateMachine):
