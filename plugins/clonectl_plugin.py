@@ -29,7 +29,8 @@ _THREAD_MODELS = {
 
 
 def config(key, value):
-    if key not in ("statedir", "pythonpath", "thread_model", "parent"):
+    if key not in ("statedir", "pythonpath", "thread_model", "parent",
+                   "replication", "replication_token"):
         raise Exception("unknown parameter {!r}".format(key))
     if key == "thread_model" and value not in _THREAD_MODELS:
         raise Exception("thread_model must be one of " +
@@ -70,6 +71,11 @@ def after_fork():
                                      _target.control_operations())
     _control.start()
     _target.start()
+    if "replication" in _config:
+        # A secondary: listen for primaries (serve --replication-port).
+        bind, _, port = _config["replication"].rpartition(":")
+        _target.start_replication(bind.strip("[]"), int(port),
+                                  _config["replication_token"])
     if "parent" in _config:
         _target.watch_parent(int(_config["parent"]))
 
@@ -115,7 +121,8 @@ def is_rotational(h):
 
 
 def can_write(h):
-    return not h.lu.readonly
+    # The connection's mode: read-only LUs, and a secondary's volumes.
+    return not h.readonly
 
 
 def can_flush(h):

@@ -221,7 +221,9 @@ def lu_delete(ctx, name):
 # Operations that run an engine need the target process; the others can be
 # carried out by a short-lived target in this process when no server runs.
 _NEED_SERVER = {"clone_sync", "clone_reverse_sync", "clone_restore",
-                "session_transfer", "session_update"}
+                "session_transfer", "session_update", "rsg_link",
+                "rsg_unlink", "rsg_attach", "rsg_detach", "rsg_promote",
+                "rsg_demote"}
 
 
 def _control_call(ctx, op, patience=15.0, **args):
@@ -581,11 +583,22 @@ def clone_restore(ctx, name, full, wait, rate):
               help="Initiator names allowed to log in (to EXPORT only, or to "
                    "every target); repeatable. Without it only loopback "
                    "initiators (127.0.0.1, ::1) may log in.")
+@click.option("--replication-port", type=click.IntRange(1, 65535),
+              metavar="N",
+              help="Be a replication secondary: accept updates of replicated "
+                   "storage groups from primaries on TCP port N (see `clonectl "
+                   "rsg link`). Needs --replication-token-file.")
+@click.option("--replication-bind", default="127.0.0.1", show_default=True,
+              metavar="ADDR", help="Address for --replication-port.")
+@click.option("--replication-token-file", metavar="FILE",
+              help="File holding the shared token (16+ characters) that a "
+                   "primary must present; others get nothing.")
 @pass_ctx
 @handle_errors
 def serve(ctx, socket_path, port, bind, tls_psk, detach, pidfile,
           thread_model, threads, peer_port, peer_bind, peer_token_file,
-          iscsi_portal, iqn_prefix, iscsi_allow):
+          iscsi_portal, iqn_prefix, iscsi_allow, replication_port,
+          replication_bind, replication_token_file):
     """Serve every LU over NBD until SIGTERM or SIGINT.
 
     One nbdkit server exports every LU under its own name (`nbdinfo --list`).
@@ -623,9 +636,21 @@ def serve(ctx, socket_path, port, bind, tls_psk, detach, pidfile,
     elif iqn_prefix or iscsi_allow:
         raise click.UsageError("--iqn-prefix and --iscsi-allow need "
                                "--iscsi-portal")
+    replication_conf = None
+    if replication_port is not None:
+        if not replication_token_file:
+            raise click.UsageError("--replication-port needs "
+                                   "--replication-token-file")
+        from . import replication
+        replication.read_token(replication_token_file)
+        replication_conf = (replication_bind, replication_port,
+                            replication_token_file)
+    elif replication_token_file:
+        raise click.UsageError("--replication-token-file needs "
+                               "--replication-port")
     srv = server.Server(ctx.state_dir, listen, thread_model=thread_model,
                         threads=threads, pidfile=pidfile, peer=peer_listen,
-                        iscsi=iscsi_conf)
+                        iscsi=iscsi_conf, replication=replication_conf)
     if detach:
         info = server.serve_detached(srv)
         click.echo("serving on {} (pid {})".format(
@@ -1003,6 +1028,225 @@ def _parse_interval(text):
                                  param_hint="--every")
     return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600,
                                 "d": 86400}[m.group(2)]
+
+
+# ---------------------------------------------------------------- rsg
+
+@main.group()
+def rsg():
+    """Replicate groups of LUs to secondary nodes, in write order.
+
+    \b
+    On each secondary (same LU names and sizes):
+      clonectl lu create db1 --size 10G; clonectl lu create log1 --size 1G
+      clonectl serve --port 10809 --bind 0.0.0.0 --replication-port 7000 \\
+          --replication-bind 0.0.0.0 --replication-token-file token
+    On the primary:
+      clonectl rsg create app --volume db1 --volume log1 --srl-size 1G
+      clonectl rsg link app --secondary dr1:7000 --mode async --token-file token
+      clonectl rsg status app
+
+    Every change to a volume of the group is appended to the group's storage
+    replicator log (SRL) and applied to the volume in the same order; each
+    link sends the SRL to its secondary at its own pace. A secondary applies
+    whole batches in order (after a crash, the last unacknowledged batch is
+    applied again as one unit), so it always holds the primary's state at
+    some update number. A sync link acknowledges a host write only after the
+    secondary has it; an async link once the SRL has it. When a link cannot
+    keep up and the SRL would overflow, or the link is detached, the link's
+    changes are tracked in a data change map (DCM) and replayed later (the
+    secondary is inconsistent meanwhile and keeps its last consistent image
+    readable as LU@protected-LU). A protected restore or reverse sync of a
+    replicated volume reaches the secondaries the same way: only the regions
+    it changed. Link states: connecting, replicating, dcm-logging,
+    dcm-replay, failed, diverged, detached.
+    """
+
+
+@rsg.command("create")
+@click.argument("name")
+@click.option("--volume", "volumes", multiple=True, required=True,
+              metavar="LU", help="An LU of the group (repeatable); write "
+              "order is kept across all of them.")
+@click.option("--srl-size", required=True, metavar="SIZE",
+              help="Size of the storage replicator log (at least 1M), in the "
+                   "state directory. It holds the updates a link has not yet "
+                   "acknowledged; when it fills up, the slowest link falls "
+                   "back to its DCM.")
+@click.option("--granularity", metavar="SIZE",
+              help="Extent size of the DCMs (default 64K).")
+@pass_ctx
+@handle_errors
+def rsg_create(ctx, name, volumes, srl_size, granularity):
+    """Make a replicated storage group of LUs on this (primary) node."""
+    st = _target_call(ctx, "rsg_create", name=name, volumes=list(volumes),
+                      srl_size=srl_size, granularity=granularity)
+    click.echo("replicated group {}: {} volume(s), SRL {}".format(
+        name, len(st["volumes"]), units.format_size(st["srl"]["size"])))
+
+
+@rsg.command("delete")
+@click.argument("name")
+@pass_ctx
+@handle_errors
+def rsg_delete(ctx, name):
+    """Delete a group (its links, SRL and DCMs; the LUs stay)."""
+    _target_call(ctx, "rsg_delete", name=name)
+    click.echo("replicated group {} deleted".format(name))
+
+
+_SECONDARY_OPT = click.option("--secondary", required=True, metavar="HOST:PORT",
+                              help="The secondary's --replication-port.")
+
+
+@rsg.command("link")
+@click.argument("name")
+@_SECONDARY_OPT
+@click.option("--mode", type=click.Choice(["sync", "async"]), default="async",
+              show_default=True,
+              help="sync: a host write is acknowledged once the secondary "
+                   "has it (it waits one round trip); async: once the SRL "
+                   "has it.")
+@click.option("--token-file", required=True, metavar="FILE",
+              help="The token the secondary was started with.")
+@pass_ctx
+@handle_errors
+def rsg_link(ctx, name, secondary, mode, token_file):
+    """Add a link to a secondary and start replicating to it.
+
+    The first contact copies every extent (the secondary's content is
+    unknown) unless the secondary is a former member of the group, in which
+    case only the regions that may differ are copied.
+    """
+    _target_call(ctx, "rsg_link", name=name, secondary=secondary, mode=mode,
+                 token_file=token_file)
+    click.echo("group {}: link to {} ({}) added".format(name, secondary,
+                                                        mode))
+
+
+@rsg.command("unlink")
+@click.argument("name")
+@_SECONDARY_OPT
+@pass_ctx
+@handle_errors
+def rsg_unlink(ctx, name, secondary):
+    """Remove a link (the secondary keeps what it has)."""
+    _target_call(ctx, "rsg_unlink", name=name, secondary=secondary)
+    click.echo("group {}: link to {} removed".format(name, secondary))
+
+
+@rsg.command("detach")
+@click.argument("name")
+@_SECONDARY_OPT
+@pass_ctx
+@handle_errors
+def rsg_detach(ctx, name, secondary):
+    """Stop a link; its changes are tracked in its DCM until attach."""
+    _target_call(ctx, "rsg_detach", name=name, secondary=secondary)
+    click.echo("group {}: link to {} detached".format(name, secondary))
+
+
+@rsg.command("attach")
+@click.argument("name")
+@_SECONDARY_OPT
+@click.option("--discard-secondary-changes", is_flag=True,
+              help="After a split brain: this node wins; the secondary's "
+                   "diverged regions are overwritten (only those, and this "
+                   "node's changes since its promotion, are copied).")
+@pass_ctx
+@handle_errors
+def rsg_attach(ctx, name, secondary, discard_secondary_changes):
+    """Start a detached (or stopped) link again: DCM replay, then ordered
+    replication."""
+    _target_call(ctx, "rsg_attach", name=name, secondary=secondary,
+                 discard_secondary_changes=discard_secondary_changes)
+    click.echo("group {}: link to {} attached".format(name, secondary))
+
+
+@rsg.command("promote")
+@click.argument("name")
+@click.option("--force", is_flag=True,
+              help="Promote even an inconsistent secondary.")
+@pass_ctx
+@handle_errors
+def rsg_promote(ctx, name, force):
+    """Make this secondary the primary (a new generation).
+
+    Allowed only while no primary replicates to it (link detached, primary
+    down or unreachable). Its volumes become writable. Link it to the old
+    primary once that one is demoted; a split brain is detected then.
+    """
+    st = _target_call(ctx, "rsg_promote", name=name, force=force)
+    click.echo("group {}: this node is the primary (generation {})".format(
+        name, st["generation"]))
+
+
+@rsg.command("demote")
+@click.argument("name")
+@pass_ctx
+@handle_errors
+def rsg_demote(ctx, name):
+    """Make this primary a secondary (hosts must be disconnected).
+
+    It keeps the regions it wrote that no secondary acknowledged, so that
+    the new primary can copy back only what diverged.
+    """
+    _target_call(ctx, "rsg_demote", name=name)
+    click.echo("group {}: this node is now a secondary".format(name))
+
+
+def _print_rsg(st):
+    if st["role"] == "primary":
+        click.echo("{}: primary, generation {}, update {}, SRL {} of {} used "
+                   "({}%)".format(st["name"], st["generation"],
+                                  st["last_seq"],
+                                  units.format_size(st["srl"]["used"]),
+                                  units.format_size(st["srl"]["size"]),
+                                  st["srl"]["used_percent"]))
+        click.echo("  volumes: " + ", ".join(v["lu"] for v in st["volumes"]))
+        for p in st.get("problems") or []:
+            click.echo("  recovery: " + p)
+        for l in st["links"]:
+            extra = ""
+            if l["state"] == "dcm-replay":
+                extra = ", replay {}/{} extents".format(l["replay_done"],
+                                                        l["replay_total"])
+            elif l["dcm_logging"]:
+                extra = ", {} extents in DCM".format(l["dcm_extents"])
+            lag = "-" if l["lag_updates"] is None else "{} updates, {}".format(
+                l["lag_updates"], units.format_size(l["lag_bytes"]))
+            click.echo("  -> {} ({}): {}, lag {}{}{}".format(
+                l["secondary"], l["mode"], l["state"], lag, extra,
+                ", error: " + l["error"] if l["error"] else ""))
+    else:
+        click.echo("{}: secondary of {}, {}, applied update {}{}".format(
+            st["name"], st["primary"] or "-", "consistent" if st["consistent"]
+            else "INCONSISTENT ({})".format(st["reason"]), st["applied_seq"],
+            ", connected" if st["connected"] else ""))
+        click.echo("  volumes: " + ", ".join(v["lu"] for v in st["volumes"]))
+        if st.get("error"):
+            click.echo("  error: " + st["error"])
+
+
+@rsg.command("status")
+@click.argument("name", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@pass_ctx
+@handle_errors
+def rsg_status(ctx, name, as_json):
+    """Show groups: role, generation, SRL use, and per link its mode, state
+    (replicating, dcm-logging, dcm-replay, failed, diverged, detached), lag
+    in updates and bytes, DCM extents, replay progress and last error; on a
+    secondary whether it is consistent and the last update applied."""
+    rows = [_target_call(ctx, "rsg_status", name=name)] if name else \
+        _target_call(ctx, "rsg_list")
+    if as_json:
+        _print_json(rows[0] if name else rows)
+        return
+    if not rows:
+        click.echo("no replicated groups")
+    for st in rows:
+        _print_rsg(st)
 
 
 if __name__ == "__main__":

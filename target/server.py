@@ -164,7 +164,8 @@ def _lock_held(state_dir):
 class Server:
 
     def __init__(self, state_dir, listen, thread_model=None, threads=None,
-                 pidfile=None, out=None, peer=None, iscsi=None):
+                 pidfile=None, out=None, peer=None, iscsi=None,
+                 replication=None):
         self.state_dir = state_dir
         # dict(portal=(host, port), iqn_prefix=..., allow={...}) or None.
         self.iscsi = iscsi
@@ -173,6 +174,8 @@ class Server:
         # (bind, port, token) of the manager-to-manager listener, or None.
         self.peer = peer
         self.peer_server = None
+        # (bind, port, token file) of the replication listener, or None.
+        self.replication = replication
         self.listen = listen
         self.thread_model = thread_model
         self.threads = threads
@@ -227,6 +230,10 @@ class Server:
                 "pythonpath=" + PYTHONPATH, "parent={}".format(os.getpid())]
         if self.thread_model:
             cmd.append("thread_model=" + self.thread_model)
+        if self.replication is not None:
+            bind, port, token_file = self.replication
+            cmd += ["replication={}:{}".format(bind, port),
+                    "replication_token=" + os.path.abspath(token_file)]
         return cmd
 
     def spawn(self):
@@ -285,6 +292,8 @@ class Server:
         info.update(self.listen.to_dict())
         if self.peer is not None:
             info["peer"] = "{}:{}".format(self.peer[0], self.peer[1])
+        if self.replication is not None:
+            info["replication"] = "{}:{}".format(*self.replication[:2])
         if self.gateway is not None:
             info["iscsi"] = {
                 "portal": "{}:{}".format(*self.gateway.portal),

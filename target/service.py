@@ -24,8 +24,8 @@ import os
 import threading
 import time
 
-from . import (backends, clones, errors, iscsi, maps, peer, sessions, state,
-               units)
+from . import (backends, clones, errors, iscsi, maps, peer, replication,
+               sessions, state, units)
 
 log = logging.getLogger("clonectl.target")
 
@@ -40,6 +40,7 @@ class LogicalUnit:
         self.connections = 0
         self.removed = False
         self.error = None
+        self.rsg = None         # the replicated group it belongs to
         self.backend = backend
         if backend is None:
             try:
@@ -129,8 +130,12 @@ class Target:
         self.lus = {}
         self.groups = {}
         self.sessions = {}
+        self.rsgs = {}
+        self.replica_server = None
         self.recovery_problems = []
+        self.rsg_dir = os.path.join(self.state_dir.path, "rsg")
         self.reload()
+        self._load_rsgs()
 
     def watch_parent(self, ppid, interval=0.25):
         """Exit at once if the manager (ppid) dies.
@@ -154,6 +159,332 @@ class Target:
             clone = group.resume()
             if clone is not None:
                 log.info("resuming %s of clone %s", clone.state, clone.name)
+        for rsg in self.rsgs.values():
+            if rsg.role == replication.PRIMARY:
+                rsg.start()
+
+    # ------------------------------------------------------------ replication
+
+    def _rsg_files(self, name):
+        os.makedirs(self.rsg_dir, mode=0o700, exist_ok=True)
+        return replication.GroupFiles(self.rsg_dir, name)
+
+    def _load_rsgs(self):
+        if not os.path.isdir(self.rsg_dir):
+            return
+        for fn in sorted(os.listdir(self.rsg_dir)):
+            if not fn.endswith(".json") or fn.startswith("."):
+                continue
+            name = fn[:-5]
+            try:
+                files = self._rsg_files(name)
+                self._open_rsg(files, files.load())
+            except (errors.Error, OSError, KeyError, TypeError) as e:
+                log.error("replicated group %s: %s", name, e)
+                self.recovery_problems.append(
+                    {"rsg": name, "message": "not loaded: {}".format(e)})
+
+    def _rsg_volumes(self, names):
+        vols = []
+        for n in names:
+            lu = self.lus.get(n)
+            if lu is None or not lu.healthy:
+                raise errors.UnknownLU(name=n)
+            vols.append(lu)
+        return vols
+
+    def _open_rsg(self, files, record):
+        vols = self._rsg_volumes([v["lu"] for v in record["volumes"]])
+        for lu, v in zip(vols, record["volumes"]):
+            if lu.size != v["size"]:
+                raise replication.ReplicationError(
+                    name=record["name"], reason="LU {} is now {} bytes, the "
+                    "group was made with {}".format(lu.name, lu.size,
+                                                    v["size"]))
+        if record["role"] == replication.PRIMARY:
+            rsg = replication.PrimaryGroup(
+                files, record, vols,
+                volume_change=lambda: self._volume_change_running(vols))
+            rsg.attach()
+            self.recovery_problems += [{"rsg": rsg.name, "message": p}
+                                       for p in rsg.problems]
+        else:
+            rsg = replication.SecondaryGroup(
+                files, record, vols, protect=lambda lu: self.image_protect(
+                    lu.name), release=lambda lu: self.image_release(lu.name))
+            for lu in vols:
+                lu.read = rsg.reader(lu, lu.backend.readinto)
+        for lu in vols:
+            lu.rsg = rsg
+        self.rsgs[rsg.name] = rsg
+        return rsg
+
+    def _close_rsg(self, rsg):
+        rsg.close()
+        for lu in rsg.volumes:
+            lu.rsg = None
+            if rsg.role == replication.PRIMARY:
+                pass
+            else:
+                lu.read = lu.backend.readinto
+        if rsg.role == replication.PRIMARY:
+            rsg.detach()
+        self.rsgs.pop(rsg.name, None)
+
+    def _volume_change_running(self, vols):
+        for lu in vols:
+            group = self.groups.get(lu.name)
+            if group is None:
+                continue
+            for c in group.clones.values():
+                if c.state in (clones.RESTORING, clones.REVERSE_SYNCING):
+                    return "the {} of {} from clone {}".format(
+                        c.state.replace("ing", ""), lu.name, c.name)
+        return None
+
+    def _rsg(self, name, role=None):
+        rsg = self.rsgs.get(name)
+        if rsg is None:
+            raise replication.UnknownGroup(name=name)
+        if role is not None and rsg.role != role:
+            raise replication.ReplicationError(
+                name=name, reason="this node is its {}; that is done on the "
+                "{}".format(rsg.role, role))
+        return rsg
+
+    def start_replication(self, bind, port, token_file):
+        """Listen for primaries (serve --replication-port)."""
+        token = replication.read_token(token_file)
+        self.replica_server = replication.ReplicaServer(
+            bind, int(port), token, self._accept_primary)
+        self.replica_server.start()
+
+    def _accept_primary(self, hello, peer_host):
+        """A primary's hello: the secondary group to serve, made on first
+        contact from LUs of the same names and sizes."""
+        name = hello.get("group")
+        units.check_name(name if isinstance(name, str) else "")
+        with self.lock:
+            rsg = self.rsgs.get(name)
+            if rsg is not None and rsg.role == replication.PRIMARY:
+                raise replication.ReplicationError(
+                    name=name, reason="this node is itself its primary: two "
+                    "primaries; demote one (`clonectl rsg demote {}`)"
+                    .format(name))
+            if rsg is not None:
+                return rsg
+            vols = hello.get("volumes") or []
+            names = [v.get("lu") for v in vols if isinstance(v, dict)]
+            for v in vols:
+                lu = self.lus.get(v.get("lu"))
+                if lu is None or not lu.healthy:
+                    raise replication.ReplicationError(
+                        name=name, reason="this node has no LU {!r}; create "
+                        "the volumes here first (same names and sizes)"
+                        .format(v.get("lu")))
+                if lu.size != v.get("size"):
+                    raise replication.ReplicationError(
+                        name=name, reason="LU {} is {} bytes here and {} on "
+                        "the primary; the sizes must match".format(
+                            lu.name, lu.size, v.get("size")))
+                other = getattr(lu, "rsg", None)
+                if other is not None:
+                    raise replication.ReplicationError(
+                        name=name, reason="LU {} already belongs to group {}"
+                        .format(lu.name, other.name))
+                if lu.connections:
+                    raise replication.ReplicationError(
+                        name=name, reason="LU {} has {} host connection(s); "
+                        "a secondary's volumes are written by replication "
+                        "only".format(lu.name, lu.connections))
+            record = {"name": name, "role": replication.SECONDARY,
+                      "granularity": int(hello.get("granularity") or
+                                         replication.DEFAULT_GRANULARITY),
+                      "volumes": [{"lu": n, "size": self.lus[n].size}
+                                  for n in names],
+                      "history": [], "applied_seq": 0, "consistent": False}
+            files = self._rsg_files(name)
+            files.save(record)
+            log.info("replicated group %s: secondary of %s", name, peer_host)
+            return self._open_rsg(files, record)
+
+    def rsg_create(self, name, volumes, srl_size, granularity=None):
+        units.check_name(name)
+        if not volumes:
+            raise errors.InvalidArgument(reason="a group needs at least one "
+                                         "volume (--volume LU)")
+        if len(set(volumes)) != len(volumes):
+            raise errors.InvalidArgument(reason="a volume is given twice")
+        srl = units.parse_size(srl_size)
+        if srl < replication.MIN_SRL:
+            raise errors.InvalidArgument(
+                reason="--srl-size must be at least 1M")
+        g = units.parse_size(granularity) if granularity else \
+            replication.DEFAULT_GRANULARITY
+        clones.check_granularity(g)
+        with self.lock:
+            if name in self.rsgs:
+                raise replication.ReplicationError(name=name,
+                                                   reason="it exists already")
+            vols = self._rsg_volumes(volumes)
+            for lu in vols:
+                if getattr(lu, "rsg", None) is not None:
+                    raise replication.ReplicationError(
+                        name=name, reason="LU {} already belongs to group {}"
+                        .format(lu.name, lu.rsg.name))
+                if lu.readonly:
+                    raise errors.ReadOnly(name=lu.name)
+            files = self._rsg_files(name)
+            gen = replication.new_generation()
+            record = {"name": name, "role": replication.PRIMARY,
+                      "granularity": g, "srl_size": srl,
+                      "volumes": [{"lu": lu.name, "size": lu.size}
+                                  for lu in vols],
+                      "generation": gen, "history": [[gen, 1]],
+                      "next_seq": 1, "links": []}
+            files.remove_all()
+            try:
+                rsg = self._open_rsg(files, record)
+                rsg.persist()
+            except BaseException:
+                files.remove_all()
+                raise
+        return rsg.status()
+
+    def rsg_delete(self, name):
+        rsg = self._rsg(name)
+        if rsg.role == replication.SECONDARY and \
+                rsg.connected_since is not None:
+            raise replication.GroupBusy(name=name, reason="a primary is "
+                                        "connected; detach its link first")
+        self._close_rsg(rsg)
+        rsg.files.remove_all()
+        return {"name": name}
+
+    def rsg_list(self):
+        return [r.status() for _, r in sorted(self.rsgs.items())]
+
+    def rsg_status(self, name):
+        return self._rsg(name).status()
+
+    def rsg_link(self, name, secondary, mode="async", token_file=None):
+        rsg = self._rsg(name, replication.PRIMARY)
+        if mode not in replication.MODES:
+            raise errors.InvalidArgument(reason="--mode must be sync or async")
+        if not token_file:
+            raise errors.InvalidArgument(
+                reason="a link needs --token-file (the secondary's "
+                       "--replication-token-file)")
+        token_file = os.path.abspath(token_file)
+        replication.read_token(token_file)
+        rsg.add_link(replication.parse_secondary(secondary), mode, token_file)
+        return rsg.status()
+
+    def rsg_unlink(self, name, secondary):
+        rsg = self._rsg(name, replication.PRIMARY)
+        rsg.remove_link(rsg.link(replication.parse_secondary(secondary)))
+        return rsg.status()
+
+    def rsg_attach(self, name, secondary, discard_secondary_changes=False):
+        rsg = self._rsg(name, replication.PRIMARY)
+        rsg.attach_link(rsg.link(replication.parse_secondary(secondary)),
+                        discard_secondary=discard_secondary_changes)
+        return rsg.status()
+
+    def rsg_detach(self, name, secondary):
+        rsg = self._rsg(name, replication.PRIMARY)
+        rsg.detach_link(rsg.link(replication.parse_secondary(secondary)))
+        return rsg.status()
+
+    def rsg_promote(self, name, force=False):
+        """Make this secondary the primary of a new generation."""
+        rsg = self._rsg(name, replication.SECONDARY)
+        if rsg.connected_since is not None:
+            raise replication.GroupBusy(
+                name=name, reason="its primary is connected and replicating; "
+                "promote only when the link is detached or the primary is "
+                "unreachable (or demote the primary first)")
+        if not rsg.consistent and not force:
+            raise replication.GroupBusy(
+                name=name, reason="this secondary is inconsistent ({}); its "
+                "last consistent image is {}; roll the volumes back to it "
+                "(`clonectl lu rollback LU`) or use --force".format(
+                    rsg.reason, "protected (LU@protected-LU)"
+                    if rsg.protected else "gone"))
+        gen = replication.new_generation()
+        history = rsg.history + [[gen, rsg.applied_seq + 1]]
+        record = {"name": name, "role": replication.PRIMARY,
+                  "granularity": rsg.granularity,
+                  "srl_size": rsg.record_base.get("srl_size", 64 << 20),
+                  "volumes": rsg.record_base["volumes"],
+                  "generation": gen, "history": history,
+                  "next_seq": rsg.applied_seq + 1, "links": [],
+                  "since_promotion": True}
+        files = rsg.files
+        with self.lock:
+            self._close_rsg(rsg)
+            for p in [files.srl, files.since()] + files.stage:
+                try:
+                    os.unlink(p)
+                except FileNotFoundError:
+                    pass
+            replication.Dcm(files.since(), record["granularity"],
+                            [v["size"] for v in record["volumes"]],
+                            fresh_value=0).close()
+            files.save(record)
+            new = self._open_rsg(files, record)
+            new.persist()
+        new.start()
+        log.info("replicated group %s promoted: generation %s", name, gen)
+        return new.status()
+
+    def rsg_demote(self, name):
+        """Make this primary a secondary; it reports the regions it wrote
+        that no secondary acknowledged (what may have diverged)."""
+        rsg = self._rsg(name, replication.PRIMARY)
+        busy = [lu.name for lu in rsg.volumes if lu.connections]
+        if busy:
+            raise replication.GroupBusy(
+                name=name, reason="LU {} has host connections; stop the "
+                "hosts first, so no write lands after the demotion"
+                .format(busy[0]))
+        files = rsg.files
+        last = rsg.next_seq - 1
+        with rsg.cond:
+            for link in rsg.links:
+                rsg.to_logging(link)
+            union = bytearray(rsg.links[0].dcm.bits) if rsg.links else None
+            for link in rsg.links[1:]:
+                union = bytearray(a | b for a, b in zip(union, link.dcm.bits))
+            runs = []
+            if union is not None:
+                probe = rsg.links[0].dcm
+                saved = probe.bits
+                probe.bits = union
+                runs = [list(r) for r in probe.runs()]
+                probe.bits = saved
+        record = {"name": name, "role": replication.SECONDARY,
+                  "granularity": rsg.granularity,
+                  "srl_size": rsg.srl.capacity,
+                  "volumes": rsg.record_base["volumes"],
+                  "history": rsg.history, "last_seq": last,
+                  "applied_seq": last, "consistent": True,
+                  "diverged": {"runs": runs, "all": False}}
+        with self.lock:
+            self._close_rsg(rsg)
+            for i in range(64):
+                try:
+                    os.unlink(files.dcm(i))
+                except FileNotFoundError:
+                    pass
+            for p in [files.srl, files.since()]:
+                try:
+                    os.unlink(p)
+                except FileNotFoundError:
+                    pass
+            files.save(record)
+            new = self._open_rsg(files, record)
+        return new.status()
 
     def reload(self):
         """Bring the LUs in line with state.json; return the exported names.
@@ -339,6 +670,11 @@ class Target:
                         reason="an export name is required; exports: " +
                         (", ".join(sorted(exportable)) or "none"))
                 raise errors.UnknownLU(name=name)
+            replica = getattr(obj, "rsg", None)
+            if replica is not None and replica.role == replication.SECONDARY:
+                replica.check_readable(obj)
+                obj.connections += 1
+                return Connection(obj, True)
             if isinstance(obj, clones.CloneExport):
                 obj.clone.connections += 1
             elif isinstance(obj, sessions.FrozenExport):
@@ -373,6 +709,7 @@ class Target:
                                for _, c in sorted(g.clones.items())],
                     "sessions": [s.status() for _, s in
                                  sorted(self.sessions.items())],
+                    "rsgs": [r.status() for _, r in sorted(self.rsgs.items())],
                     "recovery_problems": self.recovery_problems}
 
     # ------------------------------------------------------------ clones
@@ -492,13 +829,51 @@ class Target:
 
     def clone_reverse_sync(self, clone, rate=None):
         group, c = self._clone(clone)
+        self._check_replica_restore(group.source, "reverse sync")
+        regions = bytearray(c.delta)
         group.start_reverse_sync(clone, rate=_rate(rate))
+        self._volume_changed(group, regions, "a reverse sync")
         return group.clone_status(c)
 
     def clone_restore(self, clone, full=False, rate=None):
         group, c = self._clone(clone)
+        self._check_replica_restore(group.source, "restore")
+        regions = bytearray(b"\x01" * len(c.delta)) if full \
+            else bytearray(c.delta)
         group.start_restore(clone, full=bool(full), rate=_rate(rate))
+        self._volume_changed(group, regions, "a protected restore")
         return group.clone_status(c)
+
+    def _check_replica_restore(self, lu, what):
+        """On a secondary, a restore is allowed only while no primary is
+        replicating to it (seed 003)."""
+        rsg = lu.rsg
+        if rsg is not None and rsg.role == replication.SECONDARY and \
+                rsg.connected_since is not None:
+            raise replication.GroupBusy(
+                name=rsg.name, reason="a {} of {} is refused: this node is "
+                "a secondary and its primary is replicating; detach the link "
+                "on the primary first".format(what, lu.name))
+
+    def _volume_changed(self, group, regions, what):
+        """A volume-changing operation started on a replicated volume:
+        its regions reach the secondaries by DCM replay (seed 003)."""
+        rsg = group.source.rsg
+        if rsg is None:
+            return
+        vol = rsg.volumes.index(group.source)
+        if rsg.role == replication.PRIMARY:
+            rsg.begin_volume_change(vol, regions, group.granularity, what)
+        else:
+            # A detached secondary changed on its own: the primary copies
+            # these regions back at the next contact.
+            runs = rsg.diverged.get("runs", []) if rsg.diverged else []
+            for s_, e_ in maps.runs(regions):
+                off = s_ * group.granularity
+                runs.append([vol, off, min(e_ * group.granularity,
+                                           group.source.size) - off])
+            rsg.diverged = {"runs": runs, "all": False}
+            rsg.persist()
 
     def clone_fracture(self, clone):
         group, c = self._clone(clone)
@@ -916,6 +1291,16 @@ class Target:
             "image_protect": self.image_protect,
             "image_release": self.image_release,
             "image_rollback": self.image_rollback,
+            "rsg_create": self.rsg_create,
+            "rsg_delete": self.rsg_delete,
+            "rsg_list": self.rsg_list,
+            "rsg_status": self.rsg_status,
+            "rsg_link": self.rsg_link,
+            "rsg_unlink": self.rsg_unlink,
+            "rsg_attach": self.rsg_attach,
+            "rsg_detach": self.rsg_detach,
+            "rsg_promote": self.rsg_promote,
+            "rsg_demote": self.rsg_demote,
             "prepare_stop": self.prepare_stop,
         }
 
@@ -929,9 +1314,20 @@ class Target:
                 group.commit()
         for session in list(self.sessions.values()):
             session.stop_engine()
+        for rsg in list(self.rsgs.values()):
+            if rsg.role == replication.PRIMARY:
+                for link in rsg.links:
+                    link.stop()
+                rsg.persist()
         return {}
 
     def close(self):
+        if self.replica_server is not None:
+            self.replica_server.stop()
+            self.replica_server = None
+        for rsg in list(self.rsgs.values()):
+            rsg.close()
+        self.rsgs.clear()
         with self.lock:
             for group in self.groups.values():
                 group.close()
