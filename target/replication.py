@@ -219,6 +219,7 @@ SRL_MAGIC = b"CLNSRL01"
 SRL_HEADER = struct.Struct("<8sQI")        # magic, capacity, crc
 SRL_DATA_START = 4096
 ENTRY_MAGIC = b"SRLE"
+PAD_MAGIC = b"SRLP"
 SRL_ENTRY = struct.Struct("<4sQIBQII")      # magic seq vol kind off len crc
 ENTRY_SPACE = SECTOR                        # entries start on 512 bytes
 
@@ -284,6 +285,13 @@ class Srl:
     def append(self, seq, vol, kind, offset, length, data, crc):
         need = self.space(length, kind)
         start, phys = self._placement(self.head_pos, need)
+        if start != self.head_pos and \
+                self.capacity - self.head_pos % self.capacity >= \
+                SRL_ENTRY.size:
+            # The rest of the lap is skipped: say so, so that a reader
+            # never takes the old bytes there for an entry.
+            os.pwrite(self.fd, PAD_MAGIC.ljust(SRL_ENTRY.size, b"\0"),
+                      SRL_DATA_START + self.head_pos % self.capacity)
         head = SRL_ENTRY.pack(ENTRY_MAGIC, seq, vol, kind, offset, length, crc)
         if data is not None:
             os.pwritev(self.fd, [head, data], phys)
@@ -296,40 +304,35 @@ class Srl:
 
     def read(self, pos, with_data=True):
         """The entry at logical pos: (seq, vol, kind, off, len, crc, data,
-        next pos), or None if there is no valid entry header there.  The
-        caller checks the crc (entry_crc)."""
-        for attempt in (0, 1):
-            phys = SRL_DATA_START + pos % self.capacity
-            room = self.capacity - pos % self.capacity
-            if room < SRL_ENTRY.size:
-                pos += room
-                continue
+        next pos), or None if there is no entry there.  The caller checks
+        the sequence number and the crc (entry_crc)."""
+        room = self.capacity - pos % self.capacity
+        if room < SRL_ENTRY.size:
+            pos += room
+            room = self.capacity
+        phys = SRL_DATA_START + pos % self.capacity
+        raw = os.pread(self.fd, SRL_ENTRY.size, phys)
+        if raw[:4] == PAD_MAGIC:
+            pos += room
+            room = self.capacity
+            phys = SRL_DATA_START
             raw = os.pread(self.fd, SRL_ENTRY.size, phys)
-            if len(raw) < SRL_ENTRY.size or raw[:4] != ENTRY_MAGIC:
-                if attempt == 0 and room < self.capacity:
-                    # An entry that did not fit was placed at the start.
-                    pos += room
-                    continue
-                return None
-            magic, seq, vol, kind, off, length, crc = SRL_ENTRY.unpack(raw)
-            need = self.space(length, kind)
-            if need > room:
-                if attempt == 0:
-                    pos += room
-                    continue
-                return None
-            data = None
-            if kind == WRITE and with_data:
-                data = os.pread(self.fd, length, phys + SRL_ENTRY.size)
-            return seq, vol, kind, off, length, crc, data, pos + need
-        return None
+        if len(raw) < SRL_ENTRY.size or raw[:4] != ENTRY_MAGIC:
+            return None
+        magic, seq, vol, kind, off, length, crc = SRL_ENTRY.unpack(raw)
+        need = self.space(length, kind)
+        if need > room:
+            return None
+        data = None
+        if kind == WRITE and with_data:
+            data = os.pread(self.fd, length, phys + SRL_ENTRY.size)
+        return seq, vol, kind, off, length, crc, data, pos + need
 
     def scan(self, pos, seq):
         """Follow valid entries from (pos, seq); set head and next_seq."""
         while True:
             e = self.read(pos, with_data=True)
             if e is None or e[0] != seq or \
-                    e[3] + 0 < 0 or \
                     entry_crc(e[0], e[1], e[2], e[3], e[4], e[6]) != e[5]:
                 break
             pos, seq = e[7], seq + 1
@@ -586,6 +589,9 @@ class Link:
         self.dcm = None
         self.logging = self.dcm_active
         self.holds_srl = not self.dcm_active
+        # A replay was running (it streamed the SRL while the DCM was
+        # still set): what it streamed unacknowledged is marked at load.
+        self.was_holding = record.get("holds_srl", False)
         self.epoch = 0
         self.state = CONNECTING if self.attached else DETACHED
         self.secondary_consistent = None
@@ -609,6 +615,7 @@ class Link:
                 "discard_secondary": self.discard_secondary,
                 "acked_seq": self.acked_seq, "acked_pos": self.acked_pos,
                 "dcm_active": self.dcm_active, "seeded": self.seeded,
+                "holds_srl": self.holds_srl,
                 "error": self.error, "stopped_error": self.stopped_error}
 
     # Thread.
@@ -860,6 +867,8 @@ class Link:
             self.replays += 1
             self.state = DCM_REPLAY
             self.replay_acked = None
+        # The stream's start is durable before anything of it is sent.
+        g.persist()
         send_json(sock, b"RBEG", {"extents": self.replay_total})
         if not self._wait_replay_reply(b"RBOK"):
             return False
@@ -1026,10 +1035,10 @@ class PrimaryGroup:
                                                       link.dcm.problem))
             link.dcm_active = link.logging = True
             link.holds_srl = False
-        if not fresh and link.dcm_active:
+        if not fresh and link.dcm_active and link.was_holding:
             # Entries streamed but not acknowledged before the stop: the
             # DCM must cover them now that the link logs again.
-            self._mark_pending(link, link.acked_pos)
+            self._mark_pending(link, link.acked_pos, link.acked_seq + 1)
         self.links.append(link)
         return link
 
@@ -1086,17 +1095,23 @@ class PrimaryGroup:
     def persist(self, min_next_seq=0, locked=False):
         """Save the record (link positions, next sequence number); then
         the SRL space before the saved positions may be reused."""
-        with self.persist_lock:
-            if locked:
+        # Lock order: the group lock, then persist_lock (taken before the
+        # group lock is let go, so records are written in snapshot order).
+        if locked:
+            self.persist_lock.acquire()
+            rec, saved = self.record(min_next_seq)
+        else:
+            with self.lock:
                 rec, saved = self.record(min_next_seq)
-            else:
-                with self.lock:
-                    rec, saved = self.record(min_next_seq)
+                self.persist_lock.acquire()
+        try:
             # The SRL must hold every entry up to the positions saved.
             self.srl.sync()
             self.files.save(rec)
             for link, pos in saved.items():
                 link.saved_pos = pos
+        finally:
+            self.persist_lock.release()
 
     # Data path.
 
@@ -1160,14 +1175,16 @@ class PrimaryGroup:
             link.dcm.mark(vol, offset, length)
             self.persist(locked=True)
 
-    def _mark_pending(self, link, from_pos):
-        """Mark the SRL entries from from_pos to the head in link's DCM."""
+    def _mark_pending(self, link, from_pos, seq):
+        """Mark the SRL entries from from_pos (sequence number seq) to the
+        head in link's DCM."""
         pos = from_pos
         while pos < self.srl.head_pos:
             e = self.srl.read(pos, with_data=False)
-            if e is None:
+            if e is None or e[0] != seq:
                 break
-            seq, vol, kind, off, length = e[:5]
+            seq += 1
+            vol, kind, off, length = e[1:5]
             if vol < len(self.sizes) and 0 <= off and \
                     off + length <= self.sizes[vol]:
                 link.dcm.mark(vol, off, length)
@@ -1186,7 +1203,7 @@ class PrimaryGroup:
         if link.logging:
             return
         if link.holds_srl:
-            self._mark_pending(link, link.acked_pos)
+            self._mark_pending(link, link.acked_pos, link.acked_seq + 1)
         link.holds_srl = False
         link.logging = True
         link.dcm_active = True
