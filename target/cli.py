@@ -2,6 +2,7 @@
 
 import functools
 import json
+import os
 import sys
 import time
 
@@ -204,6 +205,20 @@ def lu_delete(ctx, name):
                 name=name, reason="it has sessions ({}); delete them first "
                 "with `clonectl session delete`".format(", ".join(sorted(
                     record["sessions"]))))
+        rsg_dir = os.path.join(ctx.state_dir.path, "rsg")
+        for fn in sorted(os.listdir(rsg_dir)) if os.path.isdir(rsg_dir) \
+                else []:
+            if fn.endswith(".json") and not fn.startswith("."):
+                try:
+                    with open(os.path.join(rsg_dir, fn)) as f:
+                        vols = [v.get("lu") for v in json.load(f)["volumes"]]
+                except (OSError, ValueError, KeyError, TypeError):
+                    continue
+                if name in vols:
+                    raise errors.LUBusy(
+                        name=name, reason="it is a volume of replicated group "
+                        "{}; delete the group first with `clonectl rsg "
+                        "delete`".format(fn[:-5]))
         info = server.read_serve_info(ctx.state_dir)
         if info:
             raise errors.LUBusy(
