@@ -3,7 +3,8 @@
 #
 # Started by `clonectl serve` as
 #     nbdkit python clonectl_plugin.py statedir=DIR pythonpath=DIR \
-#         [thread_model=parallel|serialize_requests|serialize_all_requests]
+#         [thread_model=parallel|serialize_requests|serialize_all_requests] \
+#         [allow=NET,NET...]    (clients from other addresses are refused)
 #
 # nbdkit embeds /usr/bin/python3, which does not see the virtual environment:
 # the target package is found through pythonpath=.  The script's directory is
@@ -20,6 +21,7 @@ API_VERSION = 2
 _config = {"thread_model": "serialize_requests"}
 _target = None
 _control = None
+_allow = None  # target.access.AllowList with allow=, else None
 
 _THREAD_MODELS = {
     "parallel": nbdkit.THREAD_MODEL_PARALLEL,
@@ -30,7 +32,7 @@ _THREAD_MODELS = {
 
 def config(key, value):
     if key not in ("statedir", "pythonpath", "thread_model", "parent",
-                   "replication", "replication_token"):
+                   "replication", "replication_token", "allow"):
         raise Exception("unknown parameter {!r}".format(key))
     if key == "thread_model" and value not in _THREAD_MODELS:
         raise Exception("thread_model must be one of " +
@@ -39,13 +41,16 @@ def config(key, value):
 
 
 def config_complete():
-    global _target
+    global _target, _allow
     if "statedir" not in _config:
         raise Exception("statedir= is required")
     if "pythonpath" in _config:
         sys.path.insert(0, _config["pythonpath"])
     from target import service
     _target = service.Target(_config["statedir"])
+    if "allow" in _config:
+        from target import access
+        _allow = access.AllowList(_config["allow"])
 
 
 def thread_model():
@@ -91,6 +96,15 @@ def _fail(e):
     code = getattr(e, "errno", None)
     nbdkit.set_error(code if isinstance(code, int) and code > 0 else errno.EIO)
     raise e
+
+
+def preconnect(readonly):
+    # Before the handshake (and TLS): a refused client gets nothing.
+    if _allow is not None:
+        try:
+            _allow.check_peer()
+        except Exception as e:
+            _fail(e)
 
 
 def list_exports(readonly, is_tls):

@@ -16,12 +16,35 @@ tests of engines.  Backends do no range checking: the LU layer does it once.
 Deliberately ignored: short reads past the end of a file that shrank under us
 are reported as EIO, not padded with zeroes; trim on a block device is a
 no-op (it is advisory and BLKDISCARD may not zero).
+
+Fault injection, for tests only (tests/clones/test_clones_faults.py): when
+the environment variable CLONECTL_FAULTS names a file at the moment a
+FileBackend is opened, that backend's requests are checked against the
+file's rules and a matching one fails with the rule's errno, changing
+nothing.  The file is a JSON list of rules
+
+    {"path": "/abs/backing.img", "op": "write" | [ops], "offset": 0,
+     "length": 65536, "errno": "EIO"}
+
+op names backend methods (read, write, zero, trim, flush; "*" is all of
+them); offset and length (default: to the end) select the requests that
+touch that byte range; flush rules ignore the range.  The file is re-read
+whenever it changes (replace it with a rename); a missing file means no
+faults.  nbdkit inherits the manager's environment, so a test sets the
+variable for `clonectl serve`.  Without the variable nothing is wrapped:
+the decision is made once at open and the request path is unchanged.
 """
 
 import ctypes
 import errno
+import json
 import os
 import stat
+import threading
+
+from . import errors
+
+FAULTS_ENV = "CLONECTL_FAULTS"
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _fallocate = _libc.fallocate
@@ -80,6 +103,9 @@ class FileBackend(Backend):
         # remembered so we stop asking the kernel on every request.
         self._can_punch = not self.is_block
         self._can_zero_range = not self.is_block
+        faults = os.environ.get(FAULTS_ENV)
+        if faults:
+            _inject_faults(self, faults)
 
     def readinto(self, buf, offset):
         n = os.preadv(self.fd, [buf], offset)
@@ -170,6 +196,105 @@ class FileBackend(Backend):
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+FAULT_OPS = ("read", "write", "zero", "trim", "flush")
+
+
+class _FaultRules:
+    """The rules of a CLONECTL_FAULTS file that apply to one backing file,
+    re-read when the file changes (see the module docstring)."""
+
+    def __init__(self, faults_path, backing_path):
+        self.faults_path = faults_path
+        self.backing_path = os.path.realpath(backing_path)
+        self.lock = threading.Lock()
+        self.key = None
+        self.rules = []
+
+    def check(self, op, offset, length):
+        try:
+            st = os.stat(self.faults_path)
+            key = (st.st_ino, st.st_mtime_ns, st.st_size)
+        except FileNotFoundError:
+            key = None
+        if key != self.key:
+            with self.lock:
+                self.rules = self._load() if key else []
+                self.key = key
+        for ops, start, end, code in self.rules:
+            if op in ops and (op == "flush" or
+                              (offset < end and start < offset + length)):
+                raise OSError(code, "injected fault: {} {} at offset {} of "
+                              "{} ({})".format(op, length, offset,
+                                               self.backing_path,
+                                               errno.errorcode[code]))
+
+    def _load(self):
+        try:
+            with open(self.faults_path) as f:
+                doc = json.load(f)
+        except (OSError, ValueError) as e:
+            raise errors.InvalidFaults(path=self.faults_path, reason=str(e))
+        if not isinstance(doc, list):
+            raise errors.InvalidFaults(path=self.faults_path,
+                                       reason="not a JSON list of rules")
+        rules = []
+        for rule in doc:
+            try:
+                if os.path.realpath(rule["path"]) != self.backing_path:
+                    continue
+                ops = rule.get("op", "*")
+                ops = FAULT_OPS if ops == "*" else \
+                    (ops,) if isinstance(ops, str) else tuple(ops)
+                code = rule.get("errno", "EIO")
+                code = getattr(errno, code) if isinstance(code, str) \
+                    else int(code)
+                start = int(rule.get("offset", 0))
+                length = rule.get("length")
+                end = start + int(length) if length is not None else 1 << 63
+            except (KeyError, TypeError, ValueError, AttributeError) as e:
+                raise errors.InvalidFaults(
+                    path=self.faults_path, reason="bad rule {!r}: {}".format(
+                        rule, e))
+            if not set(ops) <= set(FAULT_OPS) or code not in errno.errorcode:
+                raise errors.InvalidFaults(
+                    path=self.faults_path, reason="bad rule {!r}: op must be "
+                    "one of {} or *, errno a name or number".format(
+                        rule, ", ".join(FAULT_OPS)))
+            rules.append((ops, start, end, code))
+        return rules
+
+
+def _inject_faults(backend, faults_path):
+    """Wrap backend's request methods (instance attributes shadow the
+    class's) with the checks of faults_path."""
+    rules = _FaultRules(faults_path, backend.path)
+    cls = type(backend)
+
+    def readinto(buf, offset):
+        rules.check("read", offset, memoryview(buf).nbytes)
+        cls.readinto(backend, buf, offset)
+
+    def write(buf, offset):
+        rules.check("write", offset, memoryview(buf).nbytes)
+        cls.write(backend, buf, offset)
+
+    def zero(offset, length, may_trim=False, fast=False):
+        rules.check("zero", offset, length)
+        cls.zero(backend, offset, length, may_trim=may_trim, fast=fast)
+
+    def trim(offset, length):
+        rules.check("trim", offset, length)
+        cls.trim(backend, offset, length)
+
+    def flush():
+        rules.check("flush", 0, 0)
+        cls.flush(backend)
+
+    backend.readinto, backend.write, backend.zero = readinto, write, zero
+    backend.trim, backend.flush = trim, flush
+    backend.faults = rules
 
 
 class MemoryBackend(Backend):

@@ -563,6 +563,19 @@ def clone_restore(ctx, name, full, wait, rate):
                    "USERNAME:HEXKEY, mode 0600; `psktool -u NAME -p FILE` "
                    "makes one). Clients without a key get nothing, not even "
                    "the list of exports.")
+@click.option("--tls-certificates", metavar="DIR",
+              help="Require TLS with X.509 certificates from DIR: "
+                   "ca-cert.pem, server-cert.pem and server-key.pem (the key "
+                   "mode 0600), as nbdkit-tls(1) describes. Clients must "
+                   "trust the CA (libnbd: tls-certificates=DIR holding "
+                   "ca-cert.pem; the certificate must name the address they "
+                   "connect to); others get nothing. Exclusive with "
+                   "--tls-psk.")
+@click.option("--allow", "allow", multiple=True, metavar="ADDR[/PREFIX]",
+              help="Accept NBD clients only from this IPv4 or IPv6 address or "
+                   "network; repeatable. Others are disconnected before the "
+                   "handshake and before TLS. Needs --port. Without it every "
+                   "client that reaches the port is served.")
 @click.option("--detach", is_flag=True,
               help="Run in the background; return once clients can connect. "
                    "The log is run/serve.log in the state directory.")
@@ -610,7 +623,8 @@ def clone_restore(ctx, name, full, wait, rate):
                    "primary must present; others get nothing.")
 @pass_ctx
 @handle_errors
-def serve(ctx, socket_path, port, bind, tls_psk, detach, pidfile,
+def serve(ctx, socket_path, port, bind, tls_psk, tls_certificates, allow,
+          detach, pidfile,
           thread_model, threads, peer_port, peer_bind, peer_token_file,
           iscsi_portal, iqn_prefix, iscsi_allow, replication_port,
           replication_bind, replication_token_file):
@@ -626,10 +640,16 @@ def serve(ctx, socket_path, port, bind, tls_psk, detach, pidfile,
     named PREFIX+NAME with one LUN (LUN 1), added and removed as exports come
     and go; read-only LUs are read-only targets. SIGTERM stops tgtd, then
     unmounts the nbdfuse mounts, then stops nbdkit.
+
+    Access over TCP: --tls-psk or --tls-certificates make TLS mandatory
+    (clients without it get nothing, not even the export list); --allow
+    keeps out clients from other addresses. The two combine. Neither can be
+    used with --iscsi-portal yet.
     """
     if socket_path is None and port is None:
         socket_path = ctx.state_dir.default_nbd_socket
-    listen = server.Listen(socket_path, port, bind, tls_psk=tls_psk)
+    listen = server.Listen(socket_path, port, bind, tls_psk=tls_psk,
+                           tls_certificates=tls_certificates, allow=allow)
     peer_listen = None
     if peer_port is not None:
         if not peer_token_file:
@@ -639,10 +659,14 @@ def serve(ctx, socket_path, port, bind, tls_psk, detach, pidfile,
     elif peer_token_file:
         raise click.UsageError("--peer-token-file needs --peer-port")
     iscsi_conf = None
-    if iscsi_portal and tls_psk:
-        # The gateway's nbdfuse connects to our NBD export without TLS.
-        raise click.UsageError("--iscsi-portal cannot be combined with "
-                               "--tls-psk yet")
+    for given, option in ((tls_psk, "--tls-psk"),
+                          (tls_certificates, "--tls-certificates"),
+                          (allow, "--allow")):
+        if iscsi_portal and given:
+            # The gateway's nbdfuse connects to our NBD export from
+            # loopback, without TLS.
+            raise click.UsageError("--iscsi-portal cannot be combined with "
+                                   "{} yet".format(option))
     if iscsi_portal:
         from . import iscsi
         iscsi_conf = {"portal": iscsi.parse_portal(iscsi_portal),

@@ -154,3 +154,26 @@ class ControlError(Error):
 class ProtocolError(Error):
     msg = "control protocol error: {reason}"
     errno = _errno.EPROTO
+
+
+class TLSCertificatesUnusable(Error):
+    msg = ("TLS certificate directory {path!r} cannot be used: {reason} (it "
+           "must hold ca-cert.pem, server-cert.pem and server-key.pem, the "
+           "key readable by its owner only)")
+    errno = _errno.EINVAL
+
+
+class InvalidAllow(Error):
+    msg = ("invalid --allow {value!r}: {reason}; give an IPv4 or IPv6 address "
+           "with an optional /PREFIX, e.g. 192.0.2.7 or 10.1.0.0/16")
+    errno = _errno.EINVAL
+
+
+class InvalidFaults(Error):
+    msg = "fault injection file {path!r} (CLONECTL_FAULTS): {reason}"
+    errno = _errno.EINVAL
+
+
+class ClientRefused(Error):
+    msg = "client {address} is not in the --allow list: connection refused"
+    errno = _errno.EACCES

@@ -39,7 +39,7 @@ import subprocess
 import sys
 import time
 
-from . import control, errors, fsutil
+from . import access, control, errors, fsutil
 
 _libc = ctypes.CDLL(None, use_errno=True)
 PR_SET_PDEATHSIG = 1
@@ -62,29 +62,61 @@ ISCSI_POLL = 1.0  # seconds between checks of the exports for the iSCSI side
 
 
 class Listen:
-    """Where the NBD server listens: a Unix socket or a TCP address."""
+    """Where the NBD server listens: a Unix socket or a TCP address, with
+    TLS (pre-shared keys or X.509 certificates) and an allow-list of client
+    addresses (target/access.py) as options."""
 
-    def __init__(self, socket_path=None, port=None, bind=None, tls_psk=None):
+    def __init__(self, socket_path=None, port=None, bind=None, tls_psk=None,
+                 tls_certificates=None, allow=()):
         if socket_path and port is not None:
             raise errors.InvalidArgument(
                 reason="--socket and --port are exclusive: choose one")
         if bind and port is None:
             raise errors.InvalidArgument(reason="--bind needs --port")
+        if tls_psk and tls_certificates:
+            raise errors.InvalidArgument(
+                reason="--tls-psk and --tls-certificates are exclusive: "
+                       "choose one")
+        if allow and port is None:
+            raise errors.InvalidArgument(
+                reason="--allow needs --port: client addresses exist only "
+                       "over TCP")
         self.socket_path = fsutil.unix_socket_path(socket_path) \
             if socket_path else None
         self.port = port
         self.bind = bind or ("127.0.0.1" if port is not None else None)
         self.tls_psk = _check_psk_file(tls_psk) if tls_psk else None
+        self.tls_certificates = _check_certificates_dir(tls_certificates) \
+            if tls_certificates else None
+        self.allow = [access.parse(a) for a in allow]
+
+    @property
+    def tls(self):
+        if self.tls_psk:
+            return "psk"
+        return "certificates" if self.tls_certificates else None
 
     def nbdkit_args(self):
-        tls = ["--tls=require", "--tls-psk=" + self.tls_psk] \
-            if self.tls_psk else []
+        """nbdkit options (before the plugin name)."""
+        if self.tls_psk:
+            args = ["--tls=require", "--tls-psk=" + self.tls_psk]
+        elif self.tls_certificates:
+            args = ["--tls=require",
+                    "--tls-certificates=" + self.tls_certificates]
+        else:
+            args = []
         if self.socket_path:
-            return ["--unix", self.socket_path] + tls
-        return ["--port", str(self.port), "--ipaddr", self.bind] + tls
+            return ["--unix", self.socket_path] + args
+        return ["--port", str(self.port), "--ipaddr", self.bind] + args
+
+    def nbdkit_params(self):
+        """Plugin parameters (after the plugin name): the plugin refuses
+        clients from other addresses before the handshake (target/access.py
+        says why this is not nbdkit's ip filter)."""
+        return ["allow=" + access.to_param(self.allow)] if self.allow else []
 
     def uri(self, export=""):
-        scheme = "nbds" if self.tls_psk else "nbd"
+        scheme = "nbds" if self.tls else "nbd"
         if self.socket_path:
             return "{}+unix:///{}?socket={}".format(scheme, export,
                                                    self.socket_path)
@@ -94,7 +126,37 @@ class Listen:
     def to_dict(self):
         return {"socket": self.socket_path, "port": self.port,
                 "bind": self.bind, "uri": self.uri("EXPORT"),
-                "tls": "psk" if self.tls_psk else None}
+                "tls": self.tls,
+                "allow": [access.show(n) for n in self.allow] or None}
+
+
+CERTIFICATE_FILES = ("ca-cert.pem", "server-cert.pem", "server-key.pem")
+
+
+def _check_certificates_dir(path):
+    """nbdkit --tls-certificates=DIR reads ca-cert.pem, server-cert.pem and
+    server-key.pem from DIR; the key must not be readable by others."""
+    path = os.path.abspath(path)
+    if not os.path.isdir(path):
+        raise errors.TLSCertificatesUnusable(
+            path=path, reason="it does not exist" if not os.path.exists(path)
+            else "it is not a directory")
+    for name in CERTIFICATE_FILES:
+        f = os.path.join(path, name)
+        try:
+            st = os.stat(f)
+        except OSError as e:
+            raise errors.TLSCertificatesUnusable(
+                path=path, reason="{}: {}".format(name, e.strerror))
+        if not stat.S_ISREG(st.st_mode):
+            raise errors.TLSCertificatesUnusable(
+                path=path, reason="{} is not a regular file".format(name))
+    mode = stat.S_IMODE(os.stat(os.path.join(path, "server-key.pem")).st_mode)
+    if mode & 0o007:
+        raise errors.TLSCertificatesUnusable(
+            path=path, reason="server-key.pem is readable by others (mode "
+            "{:o}): chmod 600 it".format(mode))
+    return path
 
 
 def _check_psk_file(path):
@@ -234,7 +296,7 @@ class Server:
             bind, port, token_file = self.replication
             cmd += ["replication={}:{}".format(bind, port),
                     "replication_token=" + os.path.abspath(token_file)]
-        return cmd
+        return cmd + self.listen.nbdkit_params()
 
     def spawn(self):
         log = open(self.state_dir.serve_log_file, "ab")

@@ -2,6 +2,7 @@
 two compared under random operations."""
 
 import errno
+import json
 import os
 import tempfile
 
@@ -322,3 +323,72 @@ def test_file_backend_matches_memory_backend(tmp_path, ops):
         if hole:
             assert got[off:off + n] == bytes(n)
     os.unlink(path)
+
+
+# ---------------------------------------------------------------- faults
+
+def _set_faults(path, rules):
+    """Replace the faults file atomically (rename), as tests must."""
+    tmp = str(path) + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(rules, f)
+    os.rename(tmp, str(path))
+
+
+def test_fault_injection_only_when_the_variable_is_set_at_open(
+        tmp_path, monkeypatch):
+    img = _sparse(tmp_path / "lu.img", MiB)
+    faults = tmp_path / "faults.json"
+    _set_faults(faults, [{"path": img, "op": "*", "errno": "EIO"}])
+    monkeypatch.delenv(backends.FAULTS_ENV, raising=False)
+    with backends.FileBackend(img) as b:
+        assert "write" not in vars(b)  # nothing wrapped: the class's method
+        b.write(b"x" * 512, 0)
+    monkeypatch.setenv(backends.FAULTS_ENV, str(faults))
+    with backends.FileBackend(img) as b:
+        with pytest.raises(OSError) as e:
+            b.write(b"y" * 512, 0)
+        assert e.value.errno == errno.EIO and "injected" in str(e.value)
+        with pytest.raises(OSError):
+            _read(b, 0, 512)
+    monkeypatch.delenv(backends.FAULTS_ENV)
+    with backends.FileBackend(img) as b:
+        assert _read(b, 0, 512) == b"x" * 512  # the failed write changed nothing
+
+
+def test_fault_rules_select_path_op_range_and_follow_the_file(
+        tmp_path, monkeypatch):
+    img = _sparse(tmp_path / "lu.img", MiB)
+    other = _sparse(tmp_path / "other.img", MiB)
+    faults = tmp_path / "faults.json"
+    monkeypatch.setenv(backends.FAULTS_ENV, str(faults))
+    b, o = backends.FileBackend(img), backends.FileBackend(other)
+    b.write(b"a" * 8192, 0)  # no file yet: no faults
+    _set_faults(faults, [{"path": img, "op": ["write", "zero"],
+                          "offset": 4096, "length": 4096,
+                          "errno": "ENOSPC"},
+                         {"path": img, "op": "flush", "errno": 5}])
+    b.write(b"b" * 4096, 0)          # before the range
+    b.write(b"b" * 4096, 8192)       # after it
+    assert _read(b, 4096, 4096) == b"a" * 4096  # reads are not selected
+    for call in (lambda: b.write(b"c" * 2, 8191),
+                 lambda: b.write(b"c" * 8192, 0),
+                 lambda: b.zero(4096, 1)):
+        with pytest.raises(OSError) as e:
+            call()
+        assert e.value.errno == errno.ENOSPC
+    with pytest.raises(OSError) as e:
+        b.flush()
+    assert e.value.errno == errno.EIO
+    o.write(b"c" * 8192, 0)          # another file: untouched
+    o.flush()
+    assert _read(b, 0, 12288) == b"b" * 4096 + b"a" * 4096 + b"b" * 4096
+    os.unlink(faults)                # fault removed
+    b.write(b"d" * 8192, 0)
+    b.flush()
+    _set_faults(faults, {"not": "a list"})
+    with pytest.raises(Exception) as e:
+        b.write(b"e", 0)
+    assert "CLONECTL_FAULTS" in str(e.value) and e.value.errno == errno.EINVAL
+    b.close()
+    o.close()
