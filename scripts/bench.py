@@ -33,11 +33,18 @@ host writes while marked and transferring; see scripts/bench_sessions.py.
 iSCSI (tgtd -> nbdfuse -> our NBD) against the same LU over NBD and against
 tgtd serving the file directly; see scripts/bench_iscsi.py (not in "all").
 
+--suite replication: replicated storage groups (issue 6): host 1 MiB and
+4 KiB writes with no replication, an async and a sync link to a secondary in
+a network namespace (veth, netem delay); DCM replay throughput against
+nbdcopy over the same link; time to converge under half the link's
+bandwidth from an overflowed SRL; see scripts/bench_replication.py (needs
+root: ip netns, tc; not in "all").
+
 --suite jobs: every job file of scripts/fio (the workloads the guest test
 and the Vagrant host run: randrw-4k, seq-1m, verify) through fio's nbd
 engine against the --servers variants; IOPS and MB/s per job.
 
---suite all runs all but jobs and iscsi.
+--suite all runs all but jobs, iscsi and replication.
 
 Variants are measured alternately within each row and each row is
 repeated; the tables show medians.  This machine is noisy (±20-30% run to
@@ -60,6 +67,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_iscsi  # noqa: E402
+import bench_replication  # noqa: E402
 import bench_sessions  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -195,12 +203,14 @@ def main():
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--suite", choices=("nbd", "clones", "restore", "sessions",
-                                       "jobs", "iscsi", "all"),
+                                       "jobs", "iscsi", "replication", "all"),
                    default="nbd",
                    help="nbd: servers side by side; clones: clone overhead, "
                         "sync speed and latency; restore: protected restore "
                         "COD latency and throughput; sessions: incremental "
-                        "transfers; all: every suite "
+                        "transfers; replication: replicated storage groups "
+                        "(root); all: every suite but jobs, iscsi and "
+                        "replication "
                         "(default nbd)")
     p.add_argument("--size", default="1G", help="image size (default 1G)")
     p.add_argument("--runtime", type=int, default=5,
@@ -232,9 +242,11 @@ def main():
                            ("restore", run_restore_suite),
                            ("sessions", run_sessions_suite),
                            ("jobs", run_jobs_suite),
-                           ("iscsi", run_iscsi_suite)):
+                           ("iscsi", run_iscsi_suite),
+                           ("replication", run_replication_suite)):
             if args.suite == suite or (args.suite == "all" and
-                                       suite not in ("jobs", "iscsi")):
+                                       suite not in ("jobs", "iscsi",
+                                                     "replication")):
                 os.mkdir(os.path.join(workdir, suite))
                 report[suite] = run(args, size, os.path.join(workdir, suite))
     finally:
@@ -259,6 +271,10 @@ def main():
         print_jobs_table(report["jobs"], args)
     if "iscsi" in report:
         bench_iscsi.print_tables(report["iscsi"], args)
+    if "replication" in report:
+        if len(report) > 1:
+            print()
+        bench_replication.print_tables(report["replication"], args)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"date": time.strftime("%Y-%m-%d"), "args": vars(args),
@@ -267,6 +283,10 @@ def main():
 
 def run_iscsi_suite(args, size, workdir):
     return bench_iscsi.run(sys.modules[__name__], args, size, workdir)
+
+
+def run_replication_suite(args, size, workdir):
+    return bench_replication.run(sys.modules[__name__], args, size, workdir)
 
 
 def run_sessions_suite(args, size, workdir):

@@ -1791,6 +1791,9 @@ class ReplicaServer:
                     return
                 time.sleep(0.1)
                 continue
+            if self.stopping:
+                conn.close()
+                return
             threading.Thread(target=self._serve, args=(conn, addr),
                              daemon=True, name="replica-conn").start()
 
@@ -1846,7 +1849,14 @@ class ReplicaServer:
 
     def stop(self):
         self.stopping = True
+        # close() alone does not wake a thread blocked in accept().
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         try:
             self.sock.close()
         except OSError:
             pass
+        if self.thread is not None:
+            self.thread.join(5)
