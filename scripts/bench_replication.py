@@ -1,0 +1,542 @@
+"""The replication suite of scripts/bench.py (issue 6), all in one run.
+
+A primary `clonectl serve` in the root network namespace (hosts reach it on
+a Unix socket) and a secondary `clonectl serve --replication-port` in a
+network namespace of its own, reached over a veth pair with `tc netem delay
+1ms` on both ends (the RTT is measured with ping and printed).
+
+1. Host write throughput (fio nbd engine) for 1 MiB QD8 sequential and
+   4 KiB QD16 random writes on three LUs of the same size on the primary:
+   no replication, replicated by an async link, by a sync link; measured
+   alternately, medians, ratios to no replication (target async >= 0.7);
+   for sync the mean completion latency added per write against the RTT.
+   After every replicated run the suite waits for the link to catch up
+   (state replicating, lag 0) and records whether the SRL overflowed
+   during the run (a DCM replay happened).
+2. DCM replay throughput: detach a link, write REPLAY_MIB MiB of distinct
+   64 KiB extents of random data (scattered over the LU), attach, time
+   until the link is `replicating` again; against nbdcopy of the same byte
+   count from the primary's export to a qemu-nbd file export inside the
+   secondary's namespace over the same veth (ratio replay / copy).
+3. Convergence: the link is limited to LINK_RATE (netem rate), a group
+   with a small SRL is overflowed by an unlimited fio burst, then a fio
+   writer limited to half the link's bandwidth starts at once; seconds from
+   its start until the link is `replicating` again (and stays so).
+"""
+
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import time
+
+GRANULARITY = 64 << 10
+DELAY = "1ms"
+LINK_RATE_MBIT = 200
+REPLAY_MIB = 64
+SRL_WRITES = "256M"      # groups of section 1
+SRL_CONVERGE = "16M"     # group of section 3 (small: it must overflow)
+BURST_S = 2              # unlimited writes that overflow it
+STAY_S = 1
+CONVERGE_RUNS = 2         # at most this many convergence runs
+CONVERGE_LIMIT_S = 90    # give up waiting for convergence after this
+CATCHUP_LIMIT_S = 120
+REGION = 128 << 20       # fio writes at most this much of each LU
+REPL_PORT = 7000
+COPY_PORT = 10900
+TOKEN = "bench-replication-token-0123456789"
+
+WRITES = [
+    # name, rw, bs, iodepth
+    ("1M write QD8", "write", "1m", 8),
+    ("4K randwrite QD16", "randwrite", "4k", 16),
+]
+VARIANTS = ("none", "async", "sync")
+LU_OF = {"none": "v0", "async": "va", "sync": "vs"}
+GROUP_OF = {"async": "ga", "sync": "gs"}
+
+
+def sh(*cmd, ns=None, check=True, capture=False):
+    if ns:
+        cmd = ("ip", "netns", "exec", ns) + cmd
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE if capture
+                          else subprocess.DEVNULL, stderr=subprocess.PIPE,
+                          text=True)
+    if check and proc.returncode != 0:
+        raise RuntimeError("{} failed: {}".format(" ".join(cmd),
+                                                  proc.stderr.strip()))
+    return proc.stdout
+
+
+class Net:
+    """A network namespace for the secondary, a veth pair, netem on both
+    ends."""
+
+    def __init__(self):
+        tag = os.getpid() % 100000
+        self.ns = "rbench{}".format(tag)
+        self.host_if, self.ns_if = "rbenchp{}".format(tag), \
+            "rbenchs{}".format(tag)
+        self.host_ip, self.ns_ip = "10.213.{}.1".format(tag % 250), \
+            "10.213.{}.2".format(tag % 250)
+        self.made = False
+        self.netem, self.no_netem = None, None
+
+    def up(self):
+        sh("ip", "netns", "add", self.ns)
+        self.made = True
+        sh("ip", "link", "add", self.host_if, "type", "veth", "peer", "name",
+           self.ns_if)
+        sh("ip", "link", "set", self.ns_if, "netns", self.ns)
+        sh("ip", "addr", "add", self.host_ip + "/24", "dev", self.host_if)
+        sh("ip", "link", "set", self.host_if, "up")
+        sh("ip", "addr", "add", self.ns_ip + "/24", "dev", self.ns_if,
+           ns=self.ns)
+        sh("ip", "link", "set", self.ns_if, "up", ns=self.ns)
+        sh("ip", "link", "set", "lo", "up", ns=self.ns)
+        self.probe_netem()
+        self.shape()
+
+    def shape(self, verb="replace", rate_mbit=None):
+        """netem delay (and rate) on both ends; without sch_netem in the
+        kernel no delay, and tbf for the rate."""
+        for dev, ns in ((self.host_if, None), (self.ns_if, self.ns)):
+            if self.netem:
+                extra = ["rate", "{}mbit".format(rate_mbit)] \
+                    if rate_mbit else []
+                sh("tc", "qdisc", verb, "dev", dev, "root", "netem", "delay",
+                   DELAY, "limit", "10000", *extra, ns=ns)
+            elif rate_mbit:
+                sh("tc", "qdisc", "replace", "dev", dev, "root", "tbf",
+                   "rate", "{}mbit".format(rate_mbit), "burst", "256kb",
+                   "latency", "100ms", ns=ns)
+            else:
+                sh("tc", "qdisc", "del", "dev", dev, "root", ns=ns,
+                   check=False)
+
+    def probe_netem(self):
+        try:
+            sh("tc", "qdisc", "replace", "dev", self.host_if, "root",
+               "netem", "delay", DELAY)
+            self.netem = True
+        except RuntimeError as e:
+            self.netem = False
+            self.no_netem = str(e).rsplit(": ", 1)[-1]
+
+    def rtt_ms(self, count=10):
+        if not shutil.which("ping"):
+            return {"min": float("nan"), "avg": float("nan"),
+                    "max": float("nan"),
+                    "why": "no ping (apt-get install iputils-ping)"}
+        out = sh("ping", "-q", "-c", str(count), "-i", "0.1", self.ns_ip,
+                 capture=True)
+        m = re.search(r"= ([\d.]+)/([\d.]+)/([\d.]+)", out)
+        return {"min": float(m.group(1)), "avg": float(m.group(2)),
+                "max": float(m.group(3))}
+
+    def down(self):
+        if self.made:
+            sh("ip", "netns", "del", self.ns, check=False)
+        sh("ip", "link", "del", self.host_if, check=False)
+
+
+class Node:
+    """One `clonectl serve` (in a namespace or not), stopped by its pid."""
+
+    def __init__(self, bench, state, ns=None):
+        self.bench, self.state, self.ns = bench, state, ns
+        self.info = None
+        from target import state as st
+        self.sd = st.StateDir(state)
+
+    def clonectl(self, *args, capture=False):
+        return sh(self.bench.CLONECTL, "--state-dir", self.state, *args,
+                  ns=self.ns, capture=capture)
+
+    def serve(self, *args):
+        from target import server
+        self.clonectl("serve", "--detach", *args)
+        self.info = server.read_serve_info(self.sd)
+
+    def call(self, op, **args):
+        from target import control
+        return control.call(self.sd.control_socket, op, **args)
+
+    def link(self, group):
+        return self.call("rsg_status", name=group)["links"][0]
+
+    def stop(self):
+        if not self.info:
+            return
+        pids = [p for p in (self.info.get("pid"),
+                            self.info.get("nbdkit_pid")) if p]
+        self.info = None
+        _kill(pids[0], signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and any(_alive(p) for p in pids):
+            time.sleep(0.1)
+        for p in pids:
+            if _alive(p):
+                _kill(p, signal.SIGKILL)
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:   # a zombie child of ours counts as gone
+        with open("/proc/{}/stat".format(pid)) as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _kill(pid, sig):
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def fio_cmd(uri, rw, bs, iodepth, runtime, size, rate=None, ramp=True):
+    cmd = ["fio", "--name=bench", "--ioengine=nbd", "--uri=" + uri,
+           "--rw=" + rw, "--bs=" + bs, "--iodepth=" + str(iodepth),
+           "--size=" + str(size), "--time_based", "--runtime=" + str(runtime),
+           "--randrepeat=0", "--norandommap", "--output-format=json"]
+    if ramp:
+        cmd.append("--ramp_time=1")
+    if rate:
+        cmd.append("--rate=" + str(rate))
+    return cmd
+
+
+def fio_result(out):
+    # fio prints "fio: connected to NBD server" before its JSON.
+    job = json.loads(out[out.index("{"):])["jobs"][0]["write"]
+    return {"iops": job["iops"], "mbps": job["bw_bytes"] / 1e6,
+            "clat_us": job["clat_ns"]["mean"] / 1000.0}
+
+
+def run_fio(uri, rw, bs, iodepth, runtime, size):
+    out = subprocess.run(fio_cmd(uri, rw, bs, iodepth, runtime, size),
+                         capture_output=True, text=True, check=True).stdout
+    return fio_result(out)
+
+
+def wait_replicating(node, group, limit, replays_above=None):
+    """Seconds until the group's link is replicating with lag 0 (and, if
+    given, has done more than replays_above replays); None on timeout."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < limit:
+        s = node.link(group)
+        if s["state"] == "replicating" and s["lag_updates"] == 0 and \
+                (replays_above is None or s["replays"] > replays_above):
+            return time.monotonic() - t0
+        time.sleep(0.02)
+    return None
+
+
+def write_extents(uri, size, nbytes, seed):
+    """nbytes of random data in distinct 64 KiB extents spread over the
+    LU (a random sample: some adjacent, most not)."""
+    import nbd
+    rng = random.Random(seed)
+    chosen = sorted(rng.sample(range(size // GRANULARITY),
+                               nbytes // GRANULARITY))
+    h = nbd.NBD()
+    h.connect_uri(uri)
+    try:
+        for x in chosen:
+            h.pwrite(os.urandom(GRANULARITY), x * GRANULARITY)
+        h.flush()
+    finally:
+        h.shutdown()
+    return len(chosen)
+
+
+def run(bench, args, size, workdir):
+    out = {"size": size, "writes": {}, "overflow": {}, "replay": [],
+           "converge": [], "errors": {}}
+    region = min(size, REGION)
+    p_state, s_state = os.path.join(workdir, "P"), os.path.join(workdir, "S")
+    token = os.path.join(workdir, "token")
+    with open(token, "w") as f:
+        f.write(TOKEN)
+    copy_img = os.path.join(workdir, "copy-dst.img")
+    copy_src = os.path.join(workdir, "copy-src.img")
+    net = Net()
+    prim = Node(bench, p_state)
+    sec = Node(bench, s_state, ns=net.ns)
+    qemu = None
+    p_sock = os.path.join(workdir, "p.sock")
+    s_sock = os.path.join(workdir, "s.sock")
+
+    def uri(lu):
+        return "nbd+unix:///{}?socket={}".format(lu, p_sock)
+
+    secondary = "{}:{}".format(net.ns_ip, REPL_PORT)
+    try:
+        net.up()
+        out["rtt_ms"] = net.rtt_ms()
+        out["netem"], out["no_netem"] = net.netem, net.no_netem
+        out["kernel"] = os.uname().release
+        bench.make_image(copy_src, REPLAY_MIB << 20)
+        for lu in ("v0", "va", "vs", "vd", "vc"):
+            prim.clonectl("lu", "create", lu, "--size", str(size))
+        prim.clonectl("lu", "create", "cpsrc", "--file", copy_src)
+        for lu in ("va", "vs", "vd", "vc"):
+            sec.clonectl("lu", "create", lu, "--size", str(size))
+        sec.serve("--socket", s_sock, "--replication-port", str(REPL_PORT),
+                  "--replication-bind", net.ns_ip,
+                  "--replication-token-file", token)
+        prim.serve("--socket", p_sock)
+        for g, lu, srl, mode in (("ga", "va", SRL_WRITES, "async"),
+                                 ("gs", "vs", SRL_WRITES, "sync"),
+                                 ("gd", "vd", SRL_WRITES, "async"),
+                                 ("gc", "vc", SRL_CONVERGE, "async")):
+            prim.clonectl("rsg", "create", g, "--volume", lu, "--srl-size",
+                          srl)
+            prim.clonectl("rsg", "link", g, "--secondary", secondary,
+                          "--mode", mode, "--token-file", token)
+        for g in ("ga", "gs", "gd", "gc"):
+            if wait_replicating(prim, g, CATCHUP_LIMIT_S) is None:
+                raise RuntimeError("link of {} never replicated: {}".format(
+                    g, prim.link(g)))
+
+        # 1. Host writes, the three variants alternately.
+        for name, rw, bs, qd in WRITES:
+            samples = {v: [] for v in VARIANTS}
+            overflow = {v: 0 for v in GROUP_OF}
+            catchup = {v: [] for v in GROUP_OF}
+            for rep in range(args.repeat):
+                for v in bench.rotate(VARIANTS, rep):
+                    before = prim.link(GROUP_OF[v])["replays"] \
+                        if v in GROUP_OF else None
+                    samples[v].append(run_fio(uri(LU_OF[v]), rw, bs, qd,
+                                              args.runtime, region))
+                    if v in GROUP_OF:
+                        took = wait_replicating(prim, GROUP_OF[v],
+                                                CATCHUP_LIMIT_S)
+                        if took is None:
+                            raise RuntimeError("link {} did not catch up "
+                                               "after fio".format(v))
+                        catchup[v].append(took)
+                        if prim.link(GROUP_OF[v])["replays"] > before:
+                            overflow[v] += 1
+            out["writes"][name] = {
+                v: {k: statistics.median(s[k] for s in samples[v])
+                    for k in ("iops", "mbps", "clat_us")}
+                for v in VARIANTS}
+            out["overflow"][name] = {v: {"runs": overflow[v],
+                                         "catchup_s": statistics.median(
+                                             catchup[v])}
+                                     for v in GROUP_OF}
+
+        # 2. DCM replay against a plain copy of the same byte count.
+        open(copy_img, "wb").close()
+        os.truncate(copy_img, REPLAY_MIB << 20)
+        qemu = subprocess.Popen(
+            ["ip", "netns", "exec", net.ns, "qemu-nbd", "-f", "raw", "-x",
+             "cp", "-b", net.ns_ip, "-p", str(COPY_PORT), "-t",
+             "--cache=writeback", copy_img],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        dst = "nbd://{}:{}/cp".format(net.ns_ip, COPY_PORT)
+        deadline = time.monotonic() + 10
+        while subprocess.run(["nbdinfo", "--size", dst],
+                             capture_output=True).returncode != 0:
+            if time.monotonic() > deadline or qemu.poll() is not None:
+                raise RuntimeError("qemu-nbd in the namespace did not start")
+            time.sleep(0.1)
+        for rep in range(args.repeat):
+            for what in bench.rotate(("replay", "copy"), rep):
+                if what == "copy":
+                    t0 = time.monotonic()
+                    subprocess.run(["nbdcopy", "--flush", uri("cpsrc"), dst],
+                                   check=True)
+                    copy_s = time.monotonic() - t0
+                    continue
+                prim.clonectl("rsg", "detach", "gd", "--secondary",
+                              secondary)
+                extents = write_extents(uri("vd"), size, REPLAY_MIB << 20,
+                                        seed=rep)
+                before = prim.link("gd")
+                t0 = time.monotonic()
+                prim.clonectl("rsg", "attach", "gd", "--secondary",
+                              secondary)
+                took = wait_replicating(prim, "gd", CATCHUP_LIMIT_S,
+                                        replays_above=before["replays"])
+                if took is None:
+                    raise RuntimeError("replay did not finish: {}".format(
+                        prim.link("gd")))
+                replay_s = time.monotonic() - t0
+                after = prim.link("gd")
+            out["replay"].append({
+                "extents": extents, "dcm_extents": before["dcm_extents"],
+                "replay_total": after["replay_total"],
+                "bytes": extents * GRANULARITY, "replay_s": replay_s,
+                "sent": after["bytes_sent"] - before["bytes_sent"],
+                "copy_s": copy_s})
+
+        # 3. Convergence under half the link's bandwidth, from an overflow.
+        net.shape(rate_mbit=LINK_RATE_MBIT)
+        out["rtt_rate_ms"] = net.rtt_ms(5)
+        rate = LINK_RATE_MBIT * 1000000 // 8 // 2
+        out["rate"] = rate
+        for rep in range(min(args.repeat, CONVERGE_RUNS)):
+            if wait_replicating(prim, "gc", CATCHUP_LIMIT_S) is None:
+                raise RuntimeError("gc not replicating before the burst")
+            before = prim.link("gc")
+            subprocess.run(fio_cmd(uri("vc"), "write", "1m", 8, BURST_S,
+                                   region // 4, ramp=False),
+                           capture_output=True, check=True)
+            writer = subprocess.Popen(
+                fio_cmd(uri("vc"), "randwrite", "64k", 4, CONVERGE_LIMIT_S,
+                        region // 4, rate=rate, ramp=False),
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            t0 = time.monotonic()
+            start = prim.link("gc")
+            took = None
+            try:
+                took = wait_replicating(prim, "gc", CONVERGE_LIMIT_S - 5)
+                stayed = None
+                if took is not None:
+                    time.sleep(STAY_S)
+                    s = prim.link("gc")
+                    stayed = s["state"] == "replicating"
+            finally:
+                writer.send_signal(signal.SIGINT)
+                fout, _ = writer.communicate(timeout=30)
+            end = prim.link("gc")
+            try:
+                wrote = fio_result(fout)["mbps"]
+            except (ValueError, KeyError, IndexError):
+                wrote = None
+            out["converge"].append({
+                "start_state": start["state"],
+                "overflowed": start["replays"] > before["replays"] or
+                start["state"] != "replicating",
+                "start_dcm": start["dcm_extents"],
+                "replays": end["replays"] - before["replays"],
+                "seconds": took, "stayed": stayed, "writer_mbps": wrote,
+                "final_state": end["state"]})
+            if took is None:
+                break
+        net.shape(rate_mbit=None)
+    finally:
+        if qemu is not None:
+            # ip netns exec execs qemu-nbd: this pid is qemu-nbd's.
+            qemu.terminate()
+            try:
+                qemu.wait(10)
+            except subprocess.TimeoutExpired:
+                qemu.kill()
+                qemu.wait()
+        for node in (prim, sec):
+            try:
+                node.stop()
+            except Exception as e:  # keep cleaning up
+                out["errors"]["stop"] = str(e)
+        net.down()
+    return out
+
+
+def print_tables(res, args):
+    rtt = res.get("rtt_ms", {})
+    if res.get("netem"):
+        link = "netem delay {} each way".format(DELAY)
+        rate_how = "netem rate"
+    else:
+        link = ("NO added delay: `tc qdisc ... netem` fails on this kernel "
+                "({}: \"{}\"), so the link is the bare veth".format(
+                    res.get("kernel"), res.get("no_netem")))
+        rate_how = "tbf rate (no netem)"
+    res["rate_how"] = rate_how
+    print("**Replication** (`scripts/bench --suite replication`, {}, {} "
+          "LUs (fio over the first {}), secondary in its own netns over a "
+          "veth pair, {}; ping RTT min/avg/max {:.3f}/{:.3f}/{:.3f} ms{}; "
+          "{} runs of {} s, medians)".format(
+              time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+              args.size, _fmt(min(res["size"], REGION)), link,
+              rtt.get("min", 0), rtt.get("avg", 0), rtt.get("max", 0),
+              " ({})".format(rtt["why"]) if rtt.get("why") else "",
+              args.repeat, args.runtime))
+    print()
+    print("| host writes | no replication | async link | async / none "
+          "(target >= 0.7) | sync link | sync / none | sync: latency added "
+          "per write (mean clat) | added / RTT | SRL overflowed "
+          "(async, sync) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    avg = rtt.get("avg") or float("nan")
+    for name, w in res["writes"].items():
+        unit, key = ("MB/s", "mbps") if name.startswith("1M") \
+            else ("IOPS", "iops")
+        n, a, s = w["none"], w["async"], w["sync"]
+        added = (s["clat_us"] - n["clat_us"]) / 1000.0
+        ov = res["overflow"][name]
+        print("| {} | {:.0f} {u} | {:.0f} {u} | {:.2f} | {:.0f} {u} | "
+              "{:.2f} | {:.3f} ms ({:.3f} -> {:.3f}) | {:.1f} | {}/{}, "
+              "{}/{} runs |".format(
+                  name, n[key], a[key], a[key] / n[key], s[key],
+                  s[key] / n[key], added, n["clat_us"] / 1000.0,
+                  s["clat_us"] / 1000.0, added / avg,
+                  ov["async"]["runs"], args.repeat, ov["sync"]["runs"],
+                  args.repeat, u=unit))
+    print()
+    rp = res["replay"]
+    if rp:
+        nbytes = rp[0]["bytes"]
+        replay = statistics.median(r["replay_s"] for r in rp)
+        copy = statistics.median(r["copy_s"] for r in rp)
+        print("| DCM replay of {} in {} distinct 64K extents | replay s "
+              "(attach -> replicating) | MB/s | nbdcopy --flush of {} to "
+              "qemu-nbd in the netns, s | MB/s | replay / copy "
+              "throughput |".format(_fmt(nbytes), rp[0]["extents"],
+                                    _fmt(nbytes)))
+        print("|---|---|---|---|---|---|")
+        sent = statistics.median(r["sent"] for r in rp)
+        print("| same veth, no rate limit (DCM {} extents, {:.2f} x bytes "
+              "sent) | {:.2f} | {:.0f} | {:.2f} | {:.0f} | {:.2f} |".format(
+                  rp[0]["dcm_extents"], sent / nbytes, replay,
+                  nbytes / 1e6 / replay, copy, nbytes / 1e6 / copy,
+                  copy / replay))
+    else:
+        print("(DCM replay: not measured)")
+    print()
+    cv = res["converge"]
+    print("| converge under load (link {} Mbit/s, {}, RTT avg {:.3f} "
+          "ms; SRL {}; fio 64K randwrite QD4 limited to {:.1f} MB/s) | "
+          "start state (DCM extents) | writer MB/s | replays | seconds to "
+          "replicating | stays replicating {} s later |".format(
+              LINK_RATE_MBIT, rate_how,
+              res.get("rtt_rate_ms", {}).get("avg", 0),
+              SRL_CONVERGE, res.get("rate", 0) / 1e6, STAY_S))
+    print("|---|---|---|---|---|---|")
+    for i, c in enumerate(cv):
+        print("| run {}{} | {} ({}) | {} | {} | {} | {} |".format(
+            i + 1, "" if c["overflowed"] else " (did NOT overflow)",
+            c["start_state"], c["start_dcm"],
+            "-" if c["writer_mbps"] is None else
+            "{:.1f}".format(c["writer_mbps"]), c["replays"],
+            "did not converge in {} s (ended {})".format(
+                CONVERGE_LIMIT_S - 5, c["final_state"])
+            if c["seconds"] is None else "{:.2f}".format(c["seconds"]),
+            "-" if c["stayed"] is None else
+            ("yes" if c["stayed"] else "no")))
+    done = [c["seconds"] for c in cv if c["seconds"] is not None]
+    if done and len(done) == len(cv):
+        print("| median | | | | {:.2f} | |".format(statistics.median(done)))
+    if res["errors"]:
+        print()
+        print("(cleanup: {})".format(res["errors"]))
+
+
+def _fmt(n):
+    for unit, shift in (("G", 30), ("M", 20), ("K", 10)):
+        if n >= 1 << shift and n % (1 << shift) == 0:
+            return "{}{}iB".format(n >> shift, unit)
+    return str(n)
