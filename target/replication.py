@@ -105,6 +105,9 @@ CONNECT_TIMEOUT = 5.0
 RETRY_INTERVAL = 1.0
 PERSIST_INTERVAL = 1.0
 MAX_FRAME = 64 << 20
+SEQ_RESERVE = 1 << 20          # sequence numbers saved ahead of use
+HEARTBEAT = 1.0                # an idle link sends a heartbeat this often
+IDLE_TIMEOUT = 10.0            # a secondary drops a silent primary
 REPLAY_CHUNK = 1 << 20
 
 PRIMARY, SECONDARY = "primary", "secondary"
@@ -329,14 +332,20 @@ class Srl:
         return seq, vol, kind, off, length, crc, data, pos + need
 
     def scan(self, pos, seq):
-        """Follow valid entries from (pos, seq); set head and next_seq."""
+        """Follow the entries from (pos, seq); set head and next_seq.
+        Return (seq, pos) of the first entry whose checksum fails (it is
+        kept: the link that reaches it stops with a message), or None."""
+        corrupt = None
         while True:
             e = self.read(pos, with_data=True)
-            if e is None or e[0] != seq or \
-                    entry_crc(e[0], e[1], e[2], e[3], e[4], e[6]) != e[5]:
+            if e is None or e[0] != seq:
                 break
+            if entry_crc(e[0], e[1], e[2], e[3], e[4], e[6]) != e[5] and \
+                    corrupt is None:
+                corrupt = (seq, pos)
             pos, seq = e[7], seq + 1
         self.head_pos, self.next_seq = pos, seq
+        return corrupt
 
     def sync(self):
         if self.dirty:
@@ -815,6 +824,10 @@ class Link:
                 # Skip entries the secondary has already (a lost ack).
                 send_pos = g.skip_applied(self.acked_pos,
                                           self.secondary_applied)
+                if send_pos != self.acked_pos:
+                    self.acked_pos = send_pos
+                    self.acked_seq = max(self.acked_seq,
+                                         int(self.secondary_applied))
         last_persist = time.monotonic()
         while not self.stopping:
             with g.cond:
@@ -838,6 +851,9 @@ class Link:
             if time.monotonic() - last_persist > PERSIST_INTERVAL:
                 g.persist()
                 last_persist = time.monotonic()
+                if until <= send_pos:
+                    # Idle: tell the secondary the primary is alive.
+                    send_frame(sock, b"BEAT")
             pos = self._send_entries(sock, send_pos, until, epoch)
             if pos is None:
                 return True
@@ -1011,13 +1027,21 @@ class PrimaryGroup:
         self.waiters = 0
         self.closed = False
         self.problems = []
+        self.seq_bound = 0
         if os.path.exists(files.srl):
             self.srl = Srl(files.srl)
         else:
             self.srl = Srl(files.srl, record["srl_size"])
         tail = record.get("tail") or {"pos": 0, "seq": 1}
-        self.srl.scan(tail["pos"], tail["seq"])
+        corrupt = self.srl.scan(tail["pos"], tail["seq"])
+        if corrupt is not None:
+            self.problems.append("SRL entry {} (byte {}) fails its checksum; "
+                                 "links that still need it stop there"
+                                 .format(*corrupt))
+        # The record's next_seq is saved ahead of use (SEQ_RESERVE), so a
+        # number handed out before a crash is never handed out again.
         self.next_seq = max(self.srl.next_seq, record.get("next_seq", 1))
+        self.seq_bound = self.next_seq
         self.since = None
         if record.get("since_promotion"):
             self.since = Dcm(files.since(), self.granularity, self.sizes)
@@ -1084,9 +1108,11 @@ class PrimaryGroup:
                    if l.holds_srl]
         tail = min(holders) if holders else (self.srl.head_pos,
                                              self.next_seq)
+        bound = max(self.next_seq, min_next_seq) + SEQ_RESERVE
+        self.seq_bound = bound
         rec.update({"role": PRIMARY, "generation": self.generation,
                     "history": self.history,
-                    "next_seq": max(self.next_seq, min_next_seq),
+                    "next_seq": bound,
                     "tail": {"pos": tail[0], "seq": tail[1]},
                     "links": [l.record() for l in self.links],
                     "since_promotion": self.since is not None})
@@ -1120,6 +1146,8 @@ class PrimaryGroup:
         with self.lock:
             seq = self.next_seq
             self.next_seq = seq + 1
+            if seq + SEQ_RESERVE // 2 >= self.seq_bound:
+                self.persist(locked=True)
             for link in self.links:
                 if link.logging:
                     link.dcm.mark(vol, offset, length)
@@ -1509,17 +1537,24 @@ class SecondaryGroup:
                 "entries": entries, "slot": i}
 
     def _recover_stage(self):
+        """Batches are staged one at a time, each applied before the next
+        is staged: only the newest valid slot can be unapplied."""
         slots = [s for s in (self._read_slot(0), self._read_slot(1)) if s]
-        for s in sorted(slots, key=lambda s: s["first"]):
-            if s["last"] <= self.applied_seq or not self.consistent:
-                continue
-            if s["state"] == STAGED:
-                log.info("group %s: applying the staged batch %d-%d again "
-                         "(one atomic unit)", self.name, s["first"], s["last"])
-                self._apply_entries(s["entries"])
-                self._flush_volumes()
-            self.applied_seq = s["last"]
-            self.slot = 1 - s["slot"]
+        if not slots or not self.consistent:
+            return
+        newest = max(slots, key=lambda s: s["last"])
+        self.slot = 1 - newest["slot"]
+        if newest["last"] <= self.applied_seq:
+            return
+        if newest["state"] == STAGED:
+            log.info("group %s: applying the staged batch %d-%d again "
+                     "(one atomic unit)", self.name, newest["first"],
+                     newest["last"])
+            self._apply_entries(newest["entries"])
+            self._flush_volumes()
+            self._mark_applied(self.files.stage[newest["slot"]])
+        self.applied_seq = newest["last"]
+        self.persist()
 
     def _stage(self, entries, first, last):
         body = b"".join(ENTRY.pack(*e[:6]) + (bytes(e[6]) if e[6] is not
@@ -1640,6 +1675,8 @@ class SecondaryGroup:
                             self._apply_one(vol, k, off, length, data)
                     elif seq > self.applied_seq:
                         batch.append((seq, vol, k, off, length, crc, data))
+                elif kind == b"BEAT":
+                    continue
                 elif kind == b"CMIT":
                     seq, = SEQ.unpack(payload)
                     if replaying or not self.consistent:
@@ -1828,7 +1865,9 @@ class ReplicaServer:
                         pass
                 group.connection = conn
             send_json(conn, b"HRPL", group.handshake(hello))
-            conn.settimeout(None)
+            # A primary that goes silent (a cut link) is dropped, so the
+            # secondary can be promoted; idle primaries send heartbeats.
+            conn.settimeout(IDLE_TIMEOUT)
             group.serve(conn, hello, addr[0])
         except errors.Error as e:
             try:
