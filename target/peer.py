@@ -55,18 +55,19 @@ class PeerError(errors.Error):
     errno = errno.EIO
 
 
-def read_token(path):
+def read_token(path, what="peer"):
+    """The shared token of a manager-to-manager channel (what: its name)."""
     try:
         with open(path) as f:
             token = f.read().strip()
     except OSError as e:
         raise errors.InvalidArgument(
-            reason="cannot read the peer token file {!r}: {}".format(
-                path, e.strerror))
+            reason="cannot read the {} token file {!r}: {}".format(
+                what, path, e.strerror))
     if len(token) < 16:
         raise errors.InvalidArgument(
-            reason="the peer token in {!r} is shorter than 16 characters"
-            .format(path))
+            reason="the {} token in {!r} is shorter than 16 characters"
+            .format(what, path))
     return token
 
 

@@ -487,18 +487,8 @@ def parse_secondary(text):
 
 
 def read_token(path):
-    try:
-        with open(path) as f:
-            token = f.read().strip()
-    except OSError as e:
-        raise errors.InvalidArgument(
-            reason="cannot read the replication token file {!r}: {}"
-            .format(path, e.strerror))
-    if len(token) < 16:
-        raise errors.InvalidArgument(
-            reason="the replication token in {!r} is shorter than 16 "
-                   "characters".format(path))
-    return token
+    from .peer import read_token as read_shared_token
+    return read_shared_token(path, what="replication")
 
 
 class GroupFiles:
