@@ -420,12 +420,15 @@ class Dcm:
     def count(self):
         return self.bits.count(1)
 
-    def runs(self):
-        """(vol, offset, length) of every set run, in volume order."""
+    def runs(self, bits=None):
+        """(vol, offset, length) of every set run of bits (default: this
+        map's own; another map of the same geometry may be given), in
+        volume order."""
+        bits = self.bits if bits is None else bits
         g = self.granularity
         for vol, base in enumerate(self.bases):
             n = maps.extent_count(self.sizes[vol], g)
-            for s, e in maps.runs(self.bits, base, base + n):
+            for s, e in maps.runs(bits, base, base + n):
                 off = (s - base) * g
                 yield vol, off, min((e - base) * g, self.sizes[vol]) - off
 
@@ -526,13 +529,21 @@ class GroupFiles:
                                       reason="not a replicated group record")
         return rec
 
-    def remove_all(self):
-        for path in [self.record, self.srl, self.diverged, self.since()] + \
-                self.stage + [self.dcm(i) for i in range(64)]:
+    def dcms(self):
+        """Every link DCM path a group may have (link indexes < 64)."""
+        return [self.dcm(i) for i in range(64)]
+
+    @staticmethod
+    def remove(paths):
+        for path in paths:
             try:
                 os.unlink(path)
             except FileNotFoundError:
                 pass
+
+    def remove_all(self):
+        self.remove([self.record, self.srl, self.diverged, self.since()] +
+                    self.stage + self.dcms())
 
 
 def new_generation():
@@ -667,7 +678,7 @@ class Link:
         with g.cond:
             if isinstance(e, SrlCorrupt):
                 self.stopped_error = msg
-            if self.state not in (DIVERGED,) or not self.refused:
+            if not (self.state == DIVERGED and self.refused):
                 self.state = FAILED
             self.error = msg
             g.cond.notify_all()
@@ -755,7 +766,6 @@ class Link:
             pass
         finally:
             with g.cond:
-                self.batches_broken = True
                 if self.state in (REPLICATING, DCM_REPLAY) and \
                         not self.stopping:
                     self.state = FAILED
@@ -1270,13 +1280,7 @@ class PrimaryGroup:
         with self.cond:
             link.batches = []
             link.stream_from = None
-            if reply.get("role") == PRIMARY:
-                link.state = DIVERGED
-                link.error = ("{} is itself the primary of group {!r}: two "
-                              "primaries; demote one (`clonectl rsg demote`)"
-                              .format(link.secondary, self.name))
-                link.refused = link.error
-                return False
+            # (A node that is itself primary refuses the hello instead.)
             diverged = False
             if theirs:
                 diverged, _ = history_diverges(self.history,
@@ -1368,10 +1372,7 @@ class PrimaryGroup:
         with self.cond:
             self.links.remove(link)
         link.dcm.close()
-        try:
-            os.unlink(self.files.dcm(link.index))
-        except FileNotFoundError:
-            pass
+        self.files.remove([self.files.dcm(link.index)])
         self.persist()
 
     def link(self, secondary):

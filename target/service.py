@@ -223,12 +223,11 @@ class Target:
         rsg.close()
         for lu in rsg.volumes:
             lu.rsg = None
-            if rsg.role == replication.PRIMARY:
-                pass
-            else:
-                lu.read = lu.backend.readinto
         if rsg.role == replication.PRIMARY:
             rsg.detach()
+        else:
+            for lu in rsg.volumes:
+                lu.read = lu.backend.readinto
         self.rsgs.pop(rsg.name, None)
 
     def _volume_change_running(self, vols):
@@ -241,6 +240,13 @@ class Target:
                     return "the {} of {} from clone {}".format(
                         c.state.replace("ing", ""), lu.name, c.name)
         return None
+
+    @staticmethod
+    def _check_not_grouped(name, lu):
+        if lu.rsg is not None:
+            raise replication.ReplicationError(
+                name=name, reason="LU {} already belongs to group {}".format(
+                    lu.name, lu.rsg.name))
 
     def _rsg(self, name, role=None):
         rsg = self.rsgs.get(name)
@@ -287,11 +293,7 @@ class Target:
                         name=name, reason="LU {} is {} bytes here and {} on "
                         "the primary; the sizes must match".format(
                             lu.name, lu.size, v.get("size")))
-                other = getattr(lu, "rsg", None)
-                if other is not None:
-                    raise replication.ReplicationError(
-                        name=name, reason="LU {} already belongs to group {}"
-                        .format(lu.name, other.name))
+                self._check_not_grouped(name, lu)
                 if lu.connections:
                     raise replication.ReplicationError(
                         name=name, reason="LU {} has {} host connection(s); "
@@ -328,10 +330,7 @@ class Target:
                                                    reason="it exists already")
             vols = self._rsg_volumes(volumes)
             for lu in vols:
-                if getattr(lu, "rsg", None) is not None:
-                    raise replication.ReplicationError(
-                        name=name, reason="LU {} already belongs to group {}"
-                        .format(lu.name, lu.rsg.name))
+                self._check_not_grouped(name, lu)
                 if lu.readonly:
                     raise errors.ReadOnly(name=lu.name)
             files = self._rsg_files(name)
@@ -423,11 +422,7 @@ class Target:
         files = rsg.files
         with self.lock:
             self._close_rsg(rsg)
-            for p in [files.srl, files.since()] + files.stage:
-                try:
-                    os.unlink(p)
-                except FileNotFoundError:
-                    pass
+            files.remove([files.srl, files.since()] + files.stage)
             replication.Dcm(files.since(), record["granularity"],
                             [v["size"] for v in record["volumes"]],
                             fresh_value=0).close()
@@ -456,13 +451,8 @@ class Target:
             union = bytearray(rsg.links[0].dcm.bits) if rsg.links else None
             for link in rsg.links[1:]:
                 union = bytearray(a | b for a, b in zip(union, link.dcm.bits))
-            runs = []
-            if union is not None:
-                probe = rsg.links[0].dcm
-                saved = probe.bits
-                probe.bits = union
-                runs = [list(r) for r in probe.runs()]
-                probe.bits = saved
+            runs = [list(r) for r in rsg.links[0].dcm.runs(union)] \
+                if union is not None else []
         record = {"name": name, "role": replication.SECONDARY,
                   "granularity": rsg.granularity,
                   "srl_size": rsg.srl.capacity,
@@ -472,16 +462,7 @@ class Target:
                   "diverged": {"runs": runs, "all": False}}
         with self.lock:
             self._close_rsg(rsg)
-            for i in range(64):
-                try:
-                    os.unlink(files.dcm(i))
-                except FileNotFoundError:
-                    pass
-            for p in [files.srl, files.since()]:
-                try:
-                    os.unlink(p)
-                except FileNotFoundError:
-                    pass
+            files.remove(files.dcms() + [files.srl, files.since()])
             files.save(record)
             new = self._open_rsg(files, record)
         return new.status()
