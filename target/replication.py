@@ -105,7 +105,7 @@ CONNECT_TIMEOUT = 5.0
 RETRY_INTERVAL = 1.0
 PERSIST_INTERVAL = 1.0
 MAX_FRAME = 64 << 20
-SEQ_RESERVE = 1 << 20          # sequence numbers saved ahead of use
+SEQ_RESERVE = 1 << 20          # unlogged sequence numbers saved ahead
 HEARTBEAT = 1.0                # an idle link sends a heartbeat this often
 IDLE_TIMEOUT = 10.0            # a secondary drops a silent primary
 REPLAY_CHUNK = 1 << 20
@@ -931,7 +931,7 @@ class Link:
                 else self.last_sent_seq
             self.replay_acked = None
         # A sequence number sent to a secondary must survive a crash.
-        g.persist(min_next_seq=final + 1)
+        g.persist()
         send_frames(sock, [(b"REND", SEQ.pack(final), None)])
         if not self._wait_replay_reply(b"RACK"):
             return False
@@ -1038,10 +1038,13 @@ class PrimaryGroup:
             self.problems.append("SRL entry {} (byte {}) fails its checksum; "
                                  "links that still need it stop there"
                                  .format(*corrupt))
-        # The record's next_seq is saved ahead of use (SEQ_RESERVE), so a
-        # number handed out before a crash is never handed out again.
-        self.next_seq = max(self.srl.next_seq, record.get("next_seq", 1))
-        self.seq_bound = self.next_seq
+        # Numbers of logged changes are found again in the SRL; numbers of
+        # changes made while no link holds the SRL are saved ahead of use
+        # (seq_bound), so a number handed out before a crash is never
+        # handed out again.
+        self.seq_bound = record.get("seq_bound", 1)
+        self.next_seq = max(self.srl.next_seq, record.get("next_seq", 1),
+                            self.seq_bound)
         self.since = None
         if record.get("since_promotion"):
             self.since = Dcm(files.since(), self.granularity, self.sizes)
@@ -1054,6 +1057,12 @@ class PrimaryGroup:
         link = Link(self, index, rec)
         link.dcm = Dcm(self.files.dcm(index), self.granularity, self.sizes,
                        fresh_value=0 if fresh else None)
+        if not fresh and not link.dcm_active and link.dcm.count():
+            # The DCM is written ahead and is the truth: bits there mean
+            # the link was logging, whatever the record says.
+            link.dcm_active = link.logging = True
+            link.holds_srl = False
+            link.was_holding = True
         if link.dcm.problem:
             self.problems.append("link {}: {}".format(link.secondary,
                                                       link.dcm.problem))
@@ -1102,33 +1111,31 @@ class PrimaryGroup:
 
     # Persistence.
 
-    def record(self, min_next_seq=0):
+    def record(self):
         rec = dict(self.record_base)
         holders = [(l.acked_pos, l.acked_seq + 1) for l in self.links
                    if l.holds_srl]
         tail = min(holders) if holders else (self.srl.head_pos,
                                              self.next_seq)
-        bound = max(self.next_seq, min_next_seq) + SEQ_RESERVE
-        self.seq_bound = bound
         rec.update({"role": PRIMARY, "generation": self.generation,
-                    "history": self.history,
-                    "next_seq": bound,
+                    "history": self.history, "next_seq": self.next_seq,
+                    "seq_bound": self.seq_bound,
                     "tail": {"pos": tail[0], "seq": tail[1]},
                     "links": [l.record() for l in self.links],
                     "since_promotion": self.since is not None})
         return rec, {l: l.acked_pos for l in self.links}
 
-    def persist(self, min_next_seq=0, locked=False):
+    def persist(self, locked=False):
         """Save the record (link positions, next sequence number); then
         the SRL space before the saved positions may be reused."""
         # Lock order: the group lock, then persist_lock (taken before the
         # group lock is let go, so records are written in snapshot order).
         if locked:
             self.persist_lock.acquire()
-            rec, saved = self.record(min_next_seq)
+            rec, saved = self.record()
         else:
             with self.lock:
-                rec, saved = self.record(min_next_seq)
+                rec, saved = self.record()
                 self.persist_lock.acquire()
         try:
             # The SRL must hold every entry up to the positions saved.
@@ -1146,8 +1153,6 @@ class PrimaryGroup:
         with self.lock:
             seq = self.next_seq
             self.next_seq = seq + 1
-            if seq + SEQ_RESERVE // 2 >= self.seq_bound:
-                self.persist(locked=True)
             for link in self.links:
                 if link.logging:
                     link.dcm.mark(vol, offset, length)
@@ -1155,13 +1160,17 @@ class PrimaryGroup:
                 self.since.mark(vol, offset, length)
             if any(l.holds_srl for l in self.links):
                 self._make_room(Srl.space(length, kind), vol, offset, length)
-                if any(l.holds_srl for l in self.links):
-                    crc = entry_crc(seq, vol, kind, offset, length,
-                                    data if kind == WRITE else None)
-                    self.srl.append(seq, vol, kind, offset, length,
-                                    data if kind == WRITE else None, crc)
-                    sync_links = [l for l in self.links if l.mode == "sync"
-                                  and l.state == REPLICATING]
+            if any(l.holds_srl for l in self.links):
+                payload = data if kind == WRITE else None
+                self.srl.append(seq, vol, kind, offset, length, payload,
+                                entry_crc(seq, vol, kind, offset, length,
+                                          payload))
+                sync_links = [l for l in self.links if l.mode == "sync"
+                              and l.state == REPLICATING]
+            elif seq >= self.seq_bound:
+                # An unlogged number: reserve the next ones durably first.
+                self.seq_bound = seq + SEQ_RESERVE
+                self.persist(locked=True)
             apply()
             if self.waiters:
                 self.cond.notify_all()
@@ -1239,6 +1248,9 @@ class PrimaryGroup:
         if link.state in (REPLICATING, DCM_REPLAY):
             link.state = DCM_LOGGING
         self.cond.notify_all()
+        # Saved now: a record that still says the link streams would,
+        # after a crash, ignore the DCM bits set from here on.
+        self.persist(locked=True)
 
     def replay_join(self, link):
         """(Under the lock.)  The link joins the SRL stream at its head; the
@@ -1247,6 +1259,9 @@ class PrimaryGroup:
         link.holds_srl = True
         link.acked_pos = link.saved_pos = self.srl.head_pos
         link.acked_seq = self.next_seq - 1
+        # Changes are logged again from here on: no number above next_seq
+        # was handed out unlogged (the caller saves this).
+        self.seq_bound = self.next_seq
         link.last_sent_seq = link.acked_seq
         link.batches = []
         link.epoch += 1
