@@ -177,7 +177,10 @@ def snapshot_tree(root):
 class Server:
     """A foreground `clonectl serve` started by a test."""
 
-    def __init__(self, state_dir, socket, log_path, guard, extra_args=()):
+    def __init__(self, state_dir, socket, log_path, guard, extra_args=(),
+                 prefix=()):
+        # prefix: a command that execs the manager, e.g. ip netns exec NS.
+        self.prefix = list(prefix)
         self.state_dir = Path(state_dir)
         self.requested_socket = str(socket)
         self.log_path = Path(log_path)
@@ -190,7 +193,8 @@ class Server:
     # Start and stop.
 
     def start(self, timeout=START_TIMEOUT):
-        cmd = [CLONECTL, "--state-dir", str(self.state_dir), "serve"]
+        cmd = self.prefix + [CLONECTL, "--state-dir", str(self.state_dir),
+                             "serve"]
         if "--port" not in self.extra_args:  # TCP servers have no socket
             cmd += ["--socket", self.requested_socket]
         cmd += self.extra_args

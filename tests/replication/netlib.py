@@ -26,8 +26,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (CLONECTL, ProcessGuard, _die_with_parent, pid_alive,
-                      terminate_pid, wait_pid_gone)
+from conftest import (CLONECTL, ProcessGuard, Server,
+                      wait_pid_gone)
 
 NBD_PORT = 10809
 REPL_PORT = 7000
@@ -131,7 +131,7 @@ class Node:
         self.state_dir.parent.mkdir(parents=True, exist_ok=True)
         self.out_path = cluster.base / name / "serve.out"
         self.token = cluster.token
-        self.proc = None
+        self.server = None
         self.info = None
         self.nbdkit_pid = None
         self.handles = []
@@ -149,50 +149,23 @@ class Node:
     # Processes.
 
     def start(self, timeout=WAIT):
-        cmd = ["ip", "netns", "exec", self.ns, CLONECTL, "--state-dir",
-               str(self.state_dir), "serve", "--port", str(NBD_PORT),
-               "--bind", self.ip, "--replication-port", str(REPL_PORT),
-               "--replication-bind", self.ip, "--replication-token-file",
-               str(self.token)]
-        env = dict(os.environ)
-        env.pop("CLONECTL_STATE", None)
-        self._out = open(self.out_path, "ab")
-        # `ip netns exec` execs the command: the PID is the manager's.
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL,
-                                     stdout=self._out, stderr=self._out,
-                                     start_new_session=True, env=env,
-                                     preexec_fn=_die_with_parent)
-        self.cluster.guard.add(self.proc.pid)
-        serve_json = self.state_dir / "run" / "serve.json"
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                raise AssertionError("{}: serve exited with {}:\n{}".format(
-                    self.name, self.proc.returncode, self.log_tail()))
-            if serve_json.exists():
-                try:
-                    info = json.loads(serve_json.read_text())
-                except ValueError:
-                    info = None
-                if info and info.get("pid") == self.proc.pid and \
-                        info.get("nbdkit_pid"):
-                    self.info = info
-                    self.nbdkit_pid = info["nbdkit_pid"]
-                    self.cluster.guard.add(self.nbdkit_pid)
-                    if self._nbd_ready():
-                        return self
-            if time.monotonic() > deadline:
-                raise AssertionError("{}: serve not up in {} s:\n{}".format(
-                    self.name, timeout, self.log_tail()))
-            time.sleep(0.05)
+        # `ip netns exec` execs the manager: the PID is the manager's.  The
+        # manager publishes serve.json only once its NBD port answers.
+        self.server = Server(
+            self.state_dir, None, self.out_path, self.cluster.guard,
+            extra_args=["--port", str(NBD_PORT), "--bind", self.ip,
+                        "--replication-port", str(REPL_PORT),
+                        "--replication-bind", self.ip,
+                        "--replication-token-file", str(self.token)],
+            prefix=["ip", "netns", "exec", self.ns])
+        self.server.start(timeout)
+        self.info = self.server.info
+        self.nbdkit_pid = self.server.nbdkit_pid
+        return self
 
-    def _nbd_ready(self):
-        import socket
-        try:
-            with socket.create_connection((self.ip, NBD_PORT), timeout=1):
-                return True
-        except OSError:
-            return False
+    @property
+    def proc(self):
+        return self.server.proc if self.server is not None else None
 
     def running(self):
         return self.proc is not None and self.proc.poll() is None
@@ -219,23 +192,13 @@ class Node:
         for pid in pids:
             wait_pid_gone(pid, 10)
         self.handles.clear()  # dead connections; not shut down cleanly
-        self._out.close()
+        self.server._log.close()
 
     def stop(self):
         """SIGTERM the manager by PID (SIGKILL after 30 s)."""
         self.close_handles()
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        if self.nbdkit_pid and not wait_pid_gone(self.nbdkit_pid, 10):
-            terminate_pid(self.nbdkit_pid, 5)
-        self._out.close()
+        if self.server is not None:
+            self.server.stop()
 
     # Network.
 

@@ -11,12 +11,10 @@ import os
 import sys
 import time
 
-import pytest
-
 sys.path.insert(0, os.path.dirname(__file__))
 
 from netlib import (BLOCK, Writer, WriteLog, cluster, wait_caught_up,  # noqa
-                    wait_link, wait_secondary_settled, make_block)
+                    wait_link, wait_secondary_settled)
 
 MiB = 1 << 20
 VOLS = [("v1", 8 * MiB), ("v2", 4 * MiB)]
@@ -391,7 +389,7 @@ def test_corrupt_srl_entry(cluster):
     n_after = wlog.seq
     p.cli("stop")
     p.proc.wait(30)
-    p._out.close()
+    p.server._log.close()
     p.handles.clear()
     # The first entry the restarted primary will send: the saved tail.
     import json
