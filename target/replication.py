@@ -1722,7 +1722,9 @@ class SecondaryGroup:
                 else:
                     raise errors.ProtocolError(reason="unknown frame {!r}"
                                                .format(kind))
-        except ReplicationError as e:
+        except errors.Error as e:
+            # Refused updates, or a step of the replay that failed here
+            # (protecting the image): the primary stops with the message.
             self.error = str(e)
             log.error("group %s: %s", self.name, e)
             try:
@@ -1818,6 +1820,7 @@ class ReplicaServer:
         self.sock.bind((bind, port))
         self.sock.listen(16)
         self.thread = None
+        self.connections = []       # threads serving primaries
         self.stopping = False
 
     def start(self):
@@ -1837,8 +1840,11 @@ class ReplicaServer:
             if self.stopping:
                 conn.close()
                 return
-            threading.Thread(target=self._serve, args=(conn, addr),
-                             daemon=True, name="replica-conn").start()
+            th = threading.Thread(target=self._serve, args=(conn, addr),
+                                  daemon=True, name="replica-conn")
+            self.connections = [t for t in self.connections
+                                if t.is_alive()] + [th]
+            th.start()
 
     def _serve(self, conn, addr):
         import hmac
@@ -1905,3 +1911,10 @@ class ReplicaServer:
             pass
         if self.thread is not None:
             self.thread.join(5)
+
+    def join(self, timeout=10):
+        """Wait for the threads serving primaries (once their groups have
+        shut their connections down): they change the target's sessions
+        (protected images) and must be done before it closes."""
+        for th in self.connections:
+            th.join(timeout)

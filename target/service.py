@@ -1305,9 +1305,11 @@ class Target:
     def close(self):
         if self.replica_server is not None:
             self.replica_server.stop()
-            self.replica_server = None
         for rsg in list(self.rsgs.values()):
             rsg.close()
+        if self.replica_server is not None:
+            self.replica_server.join()
+            self.replica_server = None
         self.rsgs.clear()
         with self.lock:
             for group in self.groups.values():
