@@ -137,16 +137,18 @@ def first_diff(a, b):
 
 
 def matching_prefixes(ops, imgs, min_seq):
-    """Indices k such that imgs == state after ops[:k] and (k == 0 and
-    min_seq == 0, or ops[k-1].seq >= min_seq)."""
+    """Indices k such that imgs == state after ops[:k] and ops[:k] holds
+    every update numbered min_seq or less (min_seq may be a number no
+    update carries: see check_exact)."""
+    need = sum(1 for op in ops if op.seq <= min_seq)
     model = blank()
     found = []
-    if min_seq == 0 and all(model[v] == imgs[v] for v in range(len(SIZES))):
+    if need == 0 and all(model[v] == imgs[v] for v in range(len(SIZES))):
         found.append(0)
     for k, op in enumerate(ops):
         op.apply(model)
-        if op.seq >= min_seq and all(model[v] == imgs[v]
-                                     for v in range(len(SIZES))):
+        if k + 1 >= need and all(model[v] == imgs[v]
+                                 for v in range(len(SIZES))):
             found.append(k + 1)
     return found
 
