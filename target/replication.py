@@ -721,15 +721,21 @@ class Link:
         reader.start()
         try:
             while not self.stopping:
-                if self.logging:
+                # Decided under the lock: an overflow between a look at
+                # `logging` and the state change would leave the link
+                # "replicating" while it logs, never replaying.
+                with g.cond:
+                    replay = self.logging
+                    if not replay:
+                        self.state = REPLICATING
+                        self.secondary_consistent = True
+                        epoch = self.epoch
+                if replay:
                     if not self._replay(sock):
                         return
                 else:
-                    with g.cond:
-                        self.state = REPLICATING
-                        self.secondary_consistent = True
                     g.persist()
-                    if not self._stream(sock):
+                    if not self._stream(sock, epoch):
                         return
         finally:
             try:
@@ -814,10 +820,9 @@ class Link:
         self.sent_bytes += sum(len(p[1]) + (len(p[2]) if p[2] else 0)
                                for p in parts)
 
-    def _stream(self, sock):
+    def _stream(self, sock, epoch):
         g = self.group
         with g.cond:
-            epoch = self.epoch
             if self.stream_from is not None:
                 send_pos, self.stream_from = self.stream_from, None
             else:
@@ -844,7 +849,7 @@ class Link:
                 if self.stopping or self.state != REPLICATING:
                     return False
                 until = g.srl.head_pos
-                # Flow control: at most 4 batches' worth unacknowledged.
+                # Flow control: at most 8 batches unacknowledged.
                 while len(self.batches) > 8 and self.state == REPLICATING \
                         and not self.stopping and self.epoch == epoch:
                     g.cond.wait(0.5)
@@ -1502,6 +1507,7 @@ class SecondaryGroup:
         self.lock = threading.Lock()        # apply vs. host reads
         self.session_lock = threading.Lock()
         self.connection = None
+        self.serving = None         # the thread serving self.connection
         self.connected_since = None
         self.reason = record.get("reason") or "never synchronized"
         self.error = None
@@ -1867,7 +1873,7 @@ class ReplicaServer:
                                               "done")
             group = self.accept(hello, addr[0])
             with group.session_lock:
-                old = group.connection
+                old, old_thread = group.connection, group.serving
                 if old is not None:
                     # A primary that reconnects (after a crash or a cut)
                     # takes over from its dead connection.
@@ -1876,6 +1882,16 @@ class ReplicaServer:
                     except OSError:
                         pass
                 group.connection = conn
+                group.serving = threading.current_thread()
+            # One session at a time: the old one may still be applying a
+            # batch or ending a replay; the handshake must see its result,
+            # and two sessions must never write the volumes side by side.
+            if old_thread is not None:
+                old_thread.join(60)
+                if old_thread.is_alive():
+                    raise ReplicationError(
+                        name=group.name, reason="the previous session with "
+                        "a primary has not ended within 60 s; try again")
             send_json(conn, b"HRPL", group.handshake(hello))
             # A primary that goes silent (a cut link) is dropped, so the
             # secondary can be promoted; idle primaries send heartbeats.
@@ -1893,6 +1909,7 @@ class ReplicaServer:
                 with group.session_lock:
                     if group.connection is conn:
                         group.connection = None
+                        group.serving = None
             try:
                 conn.close()
             except OSError:
