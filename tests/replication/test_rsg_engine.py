@@ -850,6 +850,36 @@ def test_lag_zero_after_crash_while_logged(cluster_factory):
     c.check_final()
 
 
+
+def test_one_session_at_a_time_on_a_secondary(cluster_factory, monkeypatch):
+    """A primary that reconnects while the secondary still applies a batch
+    of the old connection waits for that session to end: the handshake
+    then reports the batch applied, and no replay is needed.  (Before,
+    the new session's handshake saw the batch not yet applied, below what
+    the primary had as acknowledged, and a full replay followed while the
+    old session still ran.)"""
+    c = cluster_factory()
+    c.wait_converged()
+    replays = c.link.replays
+    orig_apply = R.SecondaryGroup._apply_entries
+    applying = threading.Event()
+
+    def slow_apply(self, entries):
+        if not applying.is_set():
+            applying.set()
+            time.sleep(2)       # longer than the primary takes to reconnect
+        return orig_apply(self, entries)
+    monkeypatch.setattr(R.SecondaryGroup, "_apply_entries", slow_apply)
+    c.write(0, 0, b"\x11" * 4096)
+    assert applying.wait(5)
+    wait_for(lambda: c.link.acked_seq == c.g.next_seq - 1, 5, "the ack")
+    # The primary's connection breaks; it reconnects at once.
+    c.link.sock.shutdown(socket.SHUT_RDWR)
+    c.write(0, 4096, b"\x12" * 4096)
+    c.wait_converged()
+    assert c.link.replays == replays, c.status()
+    c.check_final()
+
 # ---------------------------------------------------------------- twins
 
 def _replay_with_concurrent_writes(c, monkeypatch, drop_replay_entries):
