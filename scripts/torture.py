@@ -5,7 +5,8 @@ Drives a real `clonectl serve` (a fresh state directory with one Source LU
 write at random into the Source (each in its own region, so that the order
 of writes to a block is known), with FUA now and then and flushes; the
 driver meanwhile runs random operations from OPERATIONS (sync, fracture,
-reverse sync, protected restore, kill -9 of nbdkit or of the manager).  At
+reverse sync, protected restore, kill -9 of nbdkit or of the manager, and
+with --power-loss a power cut).  At
 the end of a round the writers stop, the target recovers (the manager
 restarts nbdkit, or the driver serves again after killing the manager), the
 running operation is left to finish, and the invariants are checked against
@@ -31,11 +32,21 @@ choices and kill moments come from one seed; a failing run prints the
 command that replays it.  Thread timing is not reproducible, so a replay
 makes the same choices but may interleave them differently.
 
+Power loss (--power-loss): the state directory lives on scripts/powerfs.py,
+a FUSE file system that keeps every write since the file's last fsync or
+fdatasync in its own memory and writes a random subset of them back early;
+the "power-cut" operation kill -9s it together with the manager and nbdkit,
+so the disk keeps what was made durable plus an arbitrary part of the rest,
+then mounts it again and restarts the target.  The model's crash rule is
+the same as for kill -9 (durable, or any later write), but now unsynced
+writes to maps, save areas, clones and the Source really are lost.  The run
+directory (sockets, serve.json, logs) is a symlink out of that file system:
+it holds nothing that must survive a crash.
+
 Deliberately ignored: writes to the fractured clones' exports (the clone
-model is "frozen at fracture"), trims and zeroes, power loss (that is the
-engine-level power-loss test, tests/engine/test_powerloss.py: a kill -9
-loses nothing the page cache holds), operations the target refuses (they
-are counted, and must be answered with a message, never a traceback).
+model is "frozen at fracture"), trims and zeroes, operations the target
+refuses (they are counted, and must be answered with a message, never a
+traceback).
 Host I/O pauses, flushed, around the operations that change what the
 Source shows (fracture, reverse sync, restore) so that the model knows the
 exact point-in-time; it runs during the engines they start.
@@ -167,12 +178,62 @@ class SourceModel:
 
 # ---------------------------------------------------------------- the target
 
+class PowerFS:
+    """The disk of a --power-loss run: scripts/powerfs.py mounting BACKING
+    at MOUNT; cut() is the power cut, start() the next boot."""
+
+    def __init__(self, workdir, seed, log, ignore_fsync=False):
+        self.ignore_fsync = ignore_fsync
+        self.backing = os.path.join(workdir, "disk")
+        self.mount = os.path.join(workdir, "mnt")
+        os.makedirs(self.backing)
+        os.makedirs(self.mount)
+        self.seed, self.log = seed, log
+        self.boots = 0
+        self.proc = None
+
+    def start(self, timeout=30):
+        self.boots += 1
+        self.proc = subprocess.Popen(
+            [sys.executable, os.path.join(REPO, "scripts", "powerfs.py"),
+             self.backing, self.mount,
+             "--seed", str(self.seed * 1000 + self.boots)] +
+            (["--unsafe-ignore-fsync"] if self.ignore_fsync else []),
+            stdin=subprocess.DEVNULL, stdout=self.log, stderr=self.log,
+            start_new_session=True, preexec_fn=_die_with_parent)
+        deadline = time.monotonic() + timeout
+        while not os.path.ismount(self.mount):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise Violation("powerfs did not mount (exit {})".format(
+                    self.proc.poll()))
+            time.sleep(0.02)
+
+    def cut(self):
+        """Everything not yet written back is lost."""
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(30)
+        self.proc = None
+        self._unmount()
+
+    def _unmount(self):
+        # Lazy: processes of the dead target may still hold files open.
+        subprocess.run(["fusermount3", "-u", "-z", self.mount],
+                       capture_output=True)
+
+    def stop(self):
+        if self.proc is not None:
+            self._unmount()
+            self.proc.terminate()
+            self.proc.wait(30)
+            self.proc = None
+
+
 class Target:
     """A `clonectl serve` on a Unix socket, started and killed by PID."""
 
-    def __init__(self, state_dir, log):
+    def __init__(self, state_dir, socket, log):
         self.state_dir = state_dir
-        self.socket = os.path.join(state_dir, "nbd.sock")
+        self.socket = socket
         self.log = log
         self.proc = None
 
@@ -240,9 +301,13 @@ class Target:
                 raise Violation("nbdkit survived kill -9")
             time.sleep(0.02)
 
-    def kill_manager(self):
+    def kill_manager(self, before_kill=None):
         nbdkit = self.info()["nbdkit_pid"]
+        if before_kill is not None:
+            before_kill()
         self.proc.send_signal(signal.SIGKILL)
+        if before_kill is not None:
+            os.kill(nbdkit, signal.SIGKILL)
         self.proc.wait(30)
         deadline = time.monotonic() + 30
         while pid_alive(nbdkit):
@@ -357,10 +422,19 @@ class Torture:
         self.rng = random.Random(args.seed)
         self.size = args.size
         self.blocks = self.size // BLOCK
-        self.state_dir = os.path.join(workdir, "state")
         self.log = open(os.path.join(workdir, "serve.log"), "ab")
-        self.target = Target(self.state_dir, self.log)
-        self.counters = {"rounds": 0, "crashes": 0, "operations": 0,
+        self.powerfs = None
+        if args.power_loss:
+            self.powerfs = PowerFS(workdir, args.seed, self.log,
+                                   args.unsafe_ignore_fsync)
+            self.state_dir = os.path.join(self.powerfs.mount, "state")
+        else:
+            self.state_dir = os.path.join(workdir, "state")
+        self.run_dir = os.path.join(workdir, "run")
+        self.target = Target(self.state_dir,
+                             os.path.join(workdir, "nbd.sock"), self.log)
+        self.counters = {"rounds": 0, "crashes": 0, "power_cuts": 0,
+                         "operations": 0,
                          "refused": 0, "writes": 0, "flushes": 0,
                          "checks": 0, "session_checks": 0}
         self.frozen = {}  # clone -> block digests while fractured
@@ -368,13 +442,21 @@ class Torture:
         self.marks = []
         self.crashed = False
         self.writers = []
+        # Operations that need an option weigh nothing without it; they
+        # come last in OPERATIONS, so the other choices stay the same.
+        self.weights = [0 if o[0] == "power-cut" and not args.power_loss
+                        else o[1] for o in OPERATIONS]
         self.nbdkit_kills = []  # times, since the manager started
 
     # Set-up.
 
     def setup(self):
         t = self.target
+        if self.powerfs is not None:
+            self.powerfs.start()
         os.makedirs(self.state_dir)
+        os.makedirs(self.run_dir)
+        os.symlink(self.run_dir, os.path.join(self.state_dir, "run"))
         self._ok(t.cli("lu", "create", SOURCE, "--size", str(self.size)))
         data = self.rng.randbytes(self.size)
         with open(os.path.join(self.state_dir, "lus", SOURCE + ".img"),
@@ -571,6 +653,17 @@ class Torture:
         self.crashed = True
         return "crashed"
 
+    def op_power_cut(self, rng):
+        time.sleep(rng.random() * 0.5)
+        # The disk goes first: nothing the dying processes still write
+        # reaches it.
+        self.target.kill_manager(before_kill=self.powerfs.cut)
+        self.powerfs.start()
+        self.counters["power_cuts"] += 1
+        self.nbdkit_kills = []
+        self.crashed = True
+        return "crashed"
+
     def op_pause(self, rng):
         time.sleep(rng.random() * 0.3)
         return "ok"
@@ -588,7 +681,7 @@ class Torture:
         try:
             for _ in range(rng.randint(1, self.args.ops_per_round)):
                 name = rng.choices([o[0] for o in OPERATIONS],
-                                   [o[1] for o in OPERATIONS])[0]
+                                   self.weights)[0]
                 result = getattr(self, "op_" + name.replace("-", "_"))(rng)
                 self.trace.append((name, result))
                 time.sleep(rng.random() * 0.3)
@@ -722,6 +815,7 @@ OPERATIONS = [
     ("kill-nbdkit", 2),
     ("kill-manager", 1),
     ("pause", 3),
+    ("power-cut", 2),   # --power-loss only
 ]
 
 
@@ -741,10 +835,18 @@ def parse_args(argv=None):
     p.add_argument("--granularity", default="64K")
     p.add_argument("--clients", type=int, default=3)
     p.add_argument("--ops-per-round", type=int, default=6)
+    p.add_argument("--power-loss", action="store_true",
+                   help="keep the state directory on scripts/powerfs.py and "
+                        "add power cuts: unsynced writes are lost")
+    p.add_argument("--unsafe-ignore-fsync", action="store_true",
+                   help="with --power-loss: the disk ignores fsync and "
+                        "fdatasync (the twin run: must fail)")
     p.add_argument("--keep", action="store_true",
                    help="keep the work directory")
     p.add_argument("--verbose", "-v", action="store_true")
     args = p.parse_args(argv)
+    if args.unsafe_ignore_fsync and not args.power_loss:
+        p.error("--unsafe-ignore-fsync needs --power-loss")
     if args.seed is None:
         args.seed = random.randrange(1 << 31)
     return args
@@ -754,9 +856,12 @@ def replay_command(args):
     how = "--rounds {}".format(args.rounds) if args.rounds is not None \
         else "--time {:g}".format(args.time)
     return "scripts/torture --seed {} {} --size {} --granularity {} " \
-           "--clients {} --ops-per-round {}".format(
+           "--clients {} --ops-per-round {}{}".format(
                args.seed, how, args.size, args.granularity, args.clients,
-               args.ops_per_round)
+               args.ops_per_round,
+               (" --power-loss" if args.power_loss else "") +
+               (" --unsafe-ignore-fsync" if args.unsafe_ignore_fsync
+                else ""))
 
 
 def main(argv=None):
@@ -780,11 +885,15 @@ def main(argv=None):
         for w in t.writers:
             w.stop.set()
         t.target.stop()
+        if t.powerfs is not None:
+            t.powerfs.stop()
     c = t.counters
-    print("torture: seed {} rounds {} crashes {} operations {} (refused {}) "
+    print("torture: seed {} rounds {} crashes {} power-cuts {} "
+          "operations {} (refused {}) "
           "writes {} flushes {} checks {} (consistent destination {}) "
           "in {:.1f} s: {}".format(
-              args.seed, c["rounds"], c["crashes"], c["operations"],
+              args.seed, c["rounds"], c["crashes"], c["power_cuts"],
+              c["operations"],
               c["refused"], c["writes"], c["flushes"], c["checks"],
               c["session_checks"],
               time.monotonic() - started, "FAILED" if status else "ok"),

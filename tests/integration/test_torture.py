@@ -1,7 +1,9 @@
-"""A short crash-torture run in CI (scripts/torture.py; the long runs are
-`scripts/torture --time 600`).  The run drives its own `clonectl serve`,
-stops it by PID, and exits non-zero with a replay command on any invariant
-violation."""
+"""Short crash-torture runs in CI (scripts/torture.py; the long runs are
+`scripts/torture --time 600` and `scripts/torture --power-loss --time
+600`).  A run drives its own `clonectl serve`, stops it by PID, and exits
+non-zero with a replay command on any invariant violation.  The power-loss
+runs keep the state directory on scripts/powerfs.py (FUSE); their twin has
+that disk ignore fsync and must be caught."""
 
 import os
 import subprocess
@@ -16,23 +18,60 @@ pytest.importorskip("nbd")
 # Rounds, not seconds: the same choices on a busy machine as on an idle one
 # (40-80 s here).
 TORTURE_ROUNDS = int(os.environ.get("TORTURE_ROUNDS", "8"))
+POWER_LOSS_ROUNDS = int(os.environ.get("TORTURE_POWER_LOSS_ROUNDS", "10"))
+
+needs_fuse = pytest.mark.skipif(
+    not os.path.exists("/dev/fuse") or os.geteuid() != 0,
+    reason="power-loss runs mount scripts/powerfs.py: need /dev/fuse, root")
+
+
+def _torture(*args, rounds):
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "torture.py"),
+         "--rounds", str(rounds)] + list(args),
+        capture_output=True, text=True, stdin=subprocess.DEVNULL,
+        timeout=60 * rounds)
+    out = proc.stdout + proc.stderr
+    summary = out.strip().splitlines()[-1]
+    fields = summary.split()
+    counts = {k: int(fields[fields.index(k) + 1])
+              for k in ("rounds", "crashes", "power-cuts", "writes")}
+    return proc.returncode, out, summary, counts
 
 
 def test_torture_short_run():
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "torture.py"), "--seed", "1",
-         "--rounds", str(TORTURE_ROUNDS)],
-        capture_output=True, text=True, stdin=subprocess.DEVNULL,
-        timeout=60 * TORTURE_ROUNDS)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out
-    summary = out.strip().splitlines()[-1]
+    rc, out, summary, counts = _torture("--seed", "1", rounds=TORTURE_ROUNDS)
+    assert rc == 0, out
     assert summary.endswith(": ok"), out
-    fields = summary.split()
     # The run did something: rounds, kills and operations.
-    assert int(fields[fields.index("rounds") + 1]) == TORTURE_ROUNDS, summary
-    assert int(fields[fields.index("crashes") + 1]) >= 1, summary
-    assert int(fields[fields.index("writes") + 1]) >= 100, summary
+    assert counts["rounds"] == TORTURE_ROUNDS, summary
+    assert counts["crashes"] >= 1, summary
+    assert counts["writes"] >= 100, summary
+
+
+@needs_fuse
+def test_torture_power_loss_short_run():
+    rc, out, summary, counts = _torture("--power-loss", "--seed", "1",
+                                        rounds=POWER_LOSS_ROUNDS)
+    assert rc == 0, out
+    assert summary.endswith(": ok"), out
+    assert counts["rounds"] == POWER_LOSS_ROUNDS, summary
+    assert counts["power-cuts"] >= 1, summary
+    assert counts["writes"] >= 100, summary
+
+
+@needs_fuse
+def test_torture_power_loss_twin_with_fsync_ignored_fails():
+    """The same run on a disk whose fsync does nothing (what the target's
+    flushes would be worth without their fdatasyncs): the first power cut
+    loses flushed writes, and the checks must say so."""
+    rc, out, summary, counts = _torture(
+        "--power-loss", "--unsafe-ignore-fsync", "--seed", "1",
+        rounds=POWER_LOSS_ROUNDS)
+    assert rc == 1, out
+    assert "INVARIANT VIOLATED" in out, out
+    assert "replay with: scripts/torture --seed 1" in out, out
+    assert counts["power-cuts"] >= 1, summary
 
 
 def test_torture_replay_command_is_printed():
