@@ -43,6 +43,19 @@ writes to maps, save areas, clones and the Source really are lost.  The run
 directory (sockets, serve.json, logs) is a symlink out of that file system:
 it holds nothing that must survive a crash.
 
+Replication (--replication async|sync): the Source is the volume of a
+replication group "g" whose link goes to a second `clonectl serve` (the
+secondary, its own state directory) through a TCP relay in this process,
+so that "cut-link" can drop every connection and refuse new ones for a
+while; "kill-secondary" kill -9s the secondary and starts it again.  The
+primary's crashes and power cuts and the clone operations (restores and
+reverse syncs switch the link to its change map and replay) go on as
+before.  After each round: a secondary that reports itself inconsistent
+must refuse reads; then, once the link has caught up (replicating, no lag,
+the secondary applied the primary's last update), the secondary's volume
+must equal the Source byte for byte (invariant 5: nothing lost in the log,
+the change map or the replay).
+
 Deliberately ignored: writes to the fractured clones' exports (the clone
 model is "frozen at fracture"), trims and zeroes, operations the target
 refuses (they are counted, and must be answered with a message, never a
@@ -62,6 +75,7 @@ import os
 import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -79,6 +93,7 @@ BLOCK = 4096
 MiB = 1 << 20
 CLONES = ("c1", "c2")
 SOURCE = "src"
+GROUP = "g"
 
 
 class Violation(Exception):
@@ -228,13 +243,90 @@ class PowerFS:
             self.proc = None
 
 
+class Relay(threading.Thread):
+    """A TCP relay from a local port to the secondary's replication port;
+    cut(seconds) drops every connection and refuses new ones meanwhile (a
+    link cut: the primary sees resets and failed connects)."""
+
+    def __init__(self, to_port):
+        super().__init__(daemon=True)
+        self.to_port = to_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.lock = threading.Lock()
+        self.pairs = []
+        self.refuse_until = 0.0
+
+    def run(self):
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            if time.monotonic() < self.refuse_until:
+                conn.close()
+                continue
+            try:
+                up = socket.create_connection(("127.0.0.1", self.to_port), 5)
+            except OSError:
+                conn.close()   # the secondary is down
+                continue
+            with self.lock:
+                self.pairs.append((conn, up))
+            for a, b in ((conn, up), (up, conn)):
+                threading.Thread(target=self._pump, args=(a, b),
+                                 daemon=True).start()
+
+    @staticmethod
+    def _pump(src, dst):
+        try:
+            while True:
+                data = src.recv(1 << 16)
+                if not data:
+                    break
+                dst.sendall(data)
+        except OSError:
+            pass
+        for sock in (src, dst):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def cut(self, seconds):
+        with self.lock:
+            self.refuse_until = time.monotonic() + seconds
+            pairs, self.pairs = self.pairs, []
+        for pair in pairs:
+            for sock in pair:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                sock.close()
+
+    def heal(self):
+        self.refuse_until = 0.0
+
+    def stop(self):
+        self.cut(0)
+        self.listener.close()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 class Target:
     """A `clonectl serve` on a Unix socket, started and killed by PID."""
 
-    def __init__(self, state_dir, socket, log):
+    def __init__(self, state_dir, socket, log, serve_args=()):
         self.state_dir = state_dir
         self.socket = socket
         self.log = log
+        self.serve_args = list(serve_args)
         self.proc = None
 
     def cli(self, *args, timeout=120):
@@ -260,15 +352,16 @@ class Target:
     def info(self):
         return self.cli_json("status")["server"]
 
-    def start(self, timeout=60):
+    def start(self, timeout=60, connect=True):
         self.proc = subprocess.Popen(
             [CLONECTL, "--state-dir", self.state_dir, "serve", "--socket",
-             self.socket], stdin=subprocess.DEVNULL, stdout=self.log,
+             self.socket] + self.serve_args, stdin=subprocess.DEVNULL,
+            stdout=self.log,
             stderr=self.log, start_new_session=True,
             preexec_fn=_die_with_parent)
-        self.wait_serving(timeout)
+        self.wait_serving(timeout, connect)
 
-    def wait_serving(self, timeout=60):
+    def wait_serving(self, timeout=60, connect=True):
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -277,6 +370,8 @@ class Target:
             info = self.info()
             if info and info.get("pid") == self.proc.pid and \
                     pid_alive(info["nbdkit_pid"]):
+                if not connect:
+                    return info
                 try:
                     h = self.connect()
                     h.shutdown()
@@ -433,10 +528,22 @@ class Torture:
         self.run_dir = os.path.join(workdir, "run")
         self.target = Target(self.state_dir,
                              os.path.join(workdir, "nbd.sock"), self.log)
+        self.secondary = self.relay = None
+        if args.replication:
+            self.token = os.path.join(workdir, "token")
+            self.replication_port = free_port()
+            self.secondary = Target(
+                os.path.join(workdir, "secondary"),
+                os.path.join(workdir, "secondary.sock"),
+                open(os.path.join(workdir, "secondary.log"), "ab"),
+                ["--replication-port", str(self.replication_port),
+                 "--replication-token-file", self.token])
         self.counters = {"rounds": 0, "crashes": 0, "power_cuts": 0,
                          "operations": 0,
                          "refused": 0, "writes": 0, "flushes": 0,
-                         "checks": 0, "session_checks": 0}
+                         "checks": 0, "session_checks": 0,
+                         "secondary_kills": 0, "replica_checks": 0,
+                         "inconsistent_refused": 0}
         self.frozen = {}  # clone -> block digests while fractured
         # Session: (time of a mark attempt, Source digests at that moment).
         self.marks = []
@@ -444,8 +551,11 @@ class Torture:
         self.writers = []
         # Operations that need an option weigh nothing without it; they
         # come last in OPERATIONS, so the other choices stay the same.
-        self.weights = [0 if o[0] == "power-cut" and not args.power_loss
-                        else o[1] for o in OPERATIONS]
+        needs = {"power-cut": args.power_loss,
+                 "cut-link": args.replication,
+                 "kill-secondary": args.replication}
+        self.weights = [o[1] if needs.get(o[0], True) else 0
+                        for o in OPERATIONS]
         self.nbdkit_kills = []  # times, since the manager started
 
     # Set-up.
@@ -469,10 +579,30 @@ class Torture:
                            self.args.granularity))
         self._ok(t.cli("lu", "create", "dst", "--size", str(self.size)))
         self.model = SourceModel(block_digests(data))
+        if self.secondary is not None:
+            self.setup_secondary()
         t.start()
+        if self.secondary is not None:
+            self._ok(t.cli("rsg", "create", GROUP, "--volume", SOURCE,
+                           "--srl-size", self.args.srl_size))
+            self._ok(t.cli("rsg", "link", GROUP, "--secondary",
+                           "127.0.0.1:{}".format(self.relay.port), "--mode",
+                           self.args.replication, "--token-file",
+                           self.token))
         self._ok(t.cli("session", "create", SOURCE, "s", "--dest",
                        "nbd+unix:///dst?socket=" + t.socket,
                        "--granularity", self.args.granularity))
+
+    def setup_secondary(self):
+        with open(os.open(self.token, os.O_WRONLY | os.O_CREAT, 0o600),
+                  "w") as f:
+            f.write("torture-" + self.rng.randbytes(16).hex() + "\n")
+        sec = self.secondary
+        os.makedirs(sec.state_dir)
+        self._ok(sec.cli("lu", "create", SOURCE, "--size", str(self.size)))
+        sec.start(connect=False)
+        self.relay = Relay(self.replication_port)
+        self.relay.start()
 
     def _ok(self, proc):
         if proc.returncode:
@@ -664,6 +794,20 @@ class Torture:
         self.crashed = True
         return "crashed"
 
+    def op_cut_link(self, rng):
+        """Drop the replication connections; refuse new ones for a while
+        (the rest of the round runs against the cut link)."""
+        self.relay.cut(rng.choice((0.2, 1.0, 3.0)))
+        return "ok"
+
+    def op_kill_secondary(self, rng):
+        time.sleep(rng.random() * 0.5)
+        self.secondary.kill_manager()
+        time.sleep(rng.random())
+        self.secondary.start(connect=False)
+        self.counters["secondary_kills"] += 1
+        return "ok"
+
     def op_pause(self, rng):
         time.sleep(rng.random() * 0.3)
         return "ok"
@@ -752,6 +896,8 @@ class Torture:
                                     "its Source: the maps missed a "
                                     "divergence".format(c))
         self.check_session()
+        if self.secondary is not None:
+            self.check_replication()
         self.counters["checks"] += 1
 
     def _mark_before(self, when):
@@ -785,6 +931,59 @@ class Torture:
                                     last.get("finished"), diff[:20]))
             self.counters["session_checks"] += 1
 
+    def replication_status(self):
+        """(the primary's group status, its link, the secondary's status)."""
+        p = self.target.cli_json("rsg", "status", GROUP)
+        link = (p.get("links") or [None])[0]
+        proc = self.secondary.cli("rsg", "status", GROUP, "--json")
+        s = json.loads(proc.stdout) if proc.returncode == 0 else {}
+        return p, link, s
+
+    def check_replication(self, timeout=120):
+        """A secondary that says it is inconsistent refuses reads; once
+        caught up it equals the Source."""
+        self.relay.heal()
+        _, link, s = self.replication_status()
+        if s and not s.get("consistent"):
+            try:
+                self.secondary.read_all(SOURCE, self.size)
+            except nbd.Error:
+                self.counters["inconsistent_refused"] += 1
+            else:
+                _, _, again = self.replication_status()
+                if not again.get("consistent"):
+                    raise Violation("the secondary reports itself "
+                                    "inconsistent ({}) but serves reads"
+                                    .format(s.get("reason")))
+        deadline = time.monotonic() + timeout
+        while True:
+            p, link, s = self.replication_status()
+            # "failed" alone is retried; a stopped link or a split brain
+            # is not.
+            if link and (link["stopped_error"] or
+                         link["state"] == "diverged"):
+                raise Violation("replication link {}: {}".format(
+                    link["state"], link["stopped_error"] or link["error"]))
+            if link and link["state"] == "replicating" and \
+                    not link["lag_updates"] and s.get("consistent") and \
+                    s.get("applied_seq") == p["last_seq"]:
+                break
+            if time.monotonic() > deadline:
+                raise Violation("the secondary did not catch up in {} s: "
+                                "link {}, secondary {}".format(
+                                    timeout, link, s))
+            time.sleep(0.1)
+        primary = self.target.read_all(SOURCE, self.size)
+        replica = self.secondary.read_all(SOURCE, self.size)
+        if primary != replica:
+            diff = [b for b in range(self.blocks)
+                    if primary[b * BLOCK:(b + 1) * BLOCK] !=
+                    replica[b * BLOCK:(b + 1) * BLOCK]]
+            raise Violation("the caught-up secondary differs from the "
+                            "Source at blocks {} (link {})".format(
+                                diff[:20], link))
+        self.counters["replica_checks"] += 1
+
     def run(self):
         start = time.monotonic()
         self.setup()
@@ -799,8 +998,19 @@ class Torture:
                 print("round {rounds}: crashes {crashes}, operations "
                       "{operations}".format(**self.counters), self.trace,
                       flush=True)
-        self.target.stop()
+        self.stop()
         return time.monotonic() - start
+
+    def stop(self):
+        for w in self.writers:
+            w.stop.set()
+        self.target.stop()
+        if self.secondary is not None:
+            self.secondary.stop()
+            if self.relay is not None:
+                self.relay.stop()
+        if self.powerfs is not None:
+            self.powerfs.stop()
 
 
 # (name, weight).
@@ -816,6 +1026,8 @@ OPERATIONS = [
     ("kill-manager", 1),
     ("pause", 3),
     ("power-cut", 2),   # --power-loss only
+    ("cut-link", 2),    # --replication only
+    ("kill-secondary", 1),   # --replication only
 ]
 
 
@@ -841,6 +1053,12 @@ def parse_args(argv=None):
     p.add_argument("--unsafe-ignore-fsync", action="store_true",
                    help="with --power-loss: the disk ignores fsync and "
                         "fdatasync (the twin run: must fail)")
+    p.add_argument("--replication", choices=("async", "sync"),
+                   help="replicate the Source to a second target over a "
+                        "relay that the run cuts, and kill -9 that too")
+    p.add_argument("--srl-size", default="1M",
+                   help="with --replication: the log's size (default 1M, "
+                        "small enough to overflow to the change map)")
     p.add_argument("--keep", action="store_true",
                    help="keep the work directory")
     p.add_argument("--verbose", "-v", action="store_true")
@@ -861,7 +1079,10 @@ def replay_command(args):
                args.ops_per_round,
                (" --power-loss" if args.power_loss else "") +
                (" --unsafe-ignore-fsync" if args.unsafe_ignore_fsync
-                else ""))
+                else "") +
+               (" --replication {} --srl-size {}".format(
+                   args.replication, args.srl_size)
+                if args.replication else ""))
 
 
 def main(argv=None):
@@ -882,20 +1103,22 @@ def main(argv=None):
             os.path.join(workdir, "serve.log")))
         args.keep = True
     finally:
-        for w in t.writers:
-            w.stop.set()
-        t.target.stop()
-        if t.powerfs is not None:
-            t.powerfs.stop()
+        t.stop()
     c = t.counters
+    replication = ""
+    if args.replication:
+        replication = "secondary-kills {} replica-checks {} (inconsistent " \
+            "and refusing {}) ".format(c["secondary_kills"],
+                                       c["replica_checks"],
+                                       c["inconsistent_refused"])
     print("torture: seed {} rounds {} crashes {} power-cuts {} "
           "operations {} (refused {}) "
-          "writes {} flushes {} checks {} (consistent destination {}) "
+          "writes {} flushes {} checks {} (consistent destination {}) {}"
           "in {:.1f} s: {}".format(
               args.seed, c["rounds"], c["crashes"], c["power_cuts"],
               c["operations"],
               c["refused"], c["writes"], c["flushes"], c["checks"],
-              c["session_checks"],
+              c["session_checks"], replication,
               time.monotonic() - started, "FAILED" if status else "ok"),
           flush=True)
     if not args.keep:
