@@ -569,8 +569,17 @@ def clone_restore(ctx, name, full, wait, rate):
                    "mode 0600), as nbdkit-tls(1) describes. Clients must "
                    "trust the CA (libnbd: tls-certificates=DIR holding "
                    "ca-cert.pem; the certificate must name the address they "
-                   "connect to); others get nothing. Exclusive with "
-                   "--tls-psk.")
+                   "connect to); others get nothing. Client certificates "
+                   "are not checked unless --tls-verify-peer is given. "
+                   "Exclusive with --tls-psk.")
+@click.option("--tls-verify-peer", is_flag=True,
+              help="With --tls-certificates: also require every client to "
+                   "present a certificate signed by the CA of DIR "
+                   "(ca-cert.pem), as nbdkit's --tls-verify-peer does "
+                   "(libnbd: client-cert.pem and client-key.pem next to "
+                   "ca-cert.pem in its tls-certificates directory). Clients "
+                   "without one, or with one signed by another CA, get "
+                   "nothing, not even the list of exports.")
 @click.option("--allow", "allow", multiple=True, metavar="ADDR[/PREFIX]",
               help="Accept NBD clients only from this IPv4 or IPv6 address or "
                    "network; repeatable. Others are disconnected before the "
@@ -623,8 +632,8 @@ def clone_restore(ctx, name, full, wait, rate):
                    "primary must present; others get nothing.")
 @pass_ctx
 @handle_errors
-def serve(ctx, socket_path, port, bind, tls_psk, tls_certificates, allow,
-          detach, pidfile,
+def serve(ctx, socket_path, port, bind, tls_psk, tls_certificates,
+          tls_verify_peer, allow, detach, pidfile,
           thread_model, threads, peer_port, peer_bind, peer_token_file,
           iscsi_portal, iqn_prefix, iscsi_allow, replication_port,
           replication_bind, replication_token_file):
@@ -642,14 +651,16 @@ def serve(ctx, socket_path, port, bind, tls_psk, tls_certificates, allow,
     unmounts the nbdfuse mounts, then stops nbdkit.
 
     Access over TCP: --tls-psk or --tls-certificates make TLS mandatory
-    (clients without it get nothing, not even the export list); --allow
-    keeps out clients from other addresses. The two combine. Neither can be
-    used with --iscsi-portal yet.
+    (clients without it get nothing, not even the export list), and
+    --tls-verify-peer makes X.509 clients prove who they are with a
+    certificate from the same CA; --allow keeps out clients from other
+    addresses. They combine. None can be used with --iscsi-portal yet.
     """
     if socket_path is None and port is None:
         socket_path = ctx.state_dir.default_nbd_socket
     listen = server.Listen(socket_path, port, bind, tls_psk=tls_psk,
-                           tls_certificates=tls_certificates, allow=allow)
+                           tls_certificates=tls_certificates, allow=allow,
+                           tls_verify_peer=tls_verify_peer)
     peer_listen = None
     if peer_port is not None:
         if not peer_token_file:
@@ -661,6 +672,7 @@ def serve(ctx, socket_path, port, bind, tls_psk, tls_certificates, allow,
     iscsi_conf = None
     for given, option in ((tls_psk, "--tls-psk"),
                           (tls_certificates, "--tls-certificates"),
+                          (tls_verify_peer, "--tls-verify-peer"),
                           (allow, "--allow")):
         if iscsi_portal and given:
             # The gateway's nbdfuse connects to our NBD export from

@@ -63,11 +63,12 @@ ISCSI_POLL = 1.0  # seconds between checks of the exports for the iSCSI side
 
 class Listen:
     """Where the NBD server listens: a Unix socket or a TCP address, with
-    TLS (pre-shared keys or X.509 certificates) and an allow-list of client
-    addresses (target/access.py) as options."""
+    TLS (pre-shared keys or X.509 certificates, optionally verifying client
+    certificates) and an allow-list of client addresses (target/access.py)
+    as options."""
 
     def __init__(self, socket_path=None, port=None, bind=None, tls_psk=None,
-                 tls_certificates=None, allow=()):
+                 tls_certificates=None, allow=(), tls_verify_peer=False):
         if socket_path and port is not None:
             raise errors.InvalidArgument(
                 reason="--socket and --port are exclusive: choose one")
@@ -77,6 +78,10 @@ class Listen:
             raise errors.InvalidArgument(
                 reason="--tls-psk and --tls-certificates are exclusive: "
                        "choose one")
+        if tls_verify_peer and not tls_certificates:
+            raise errors.InvalidArgument(
+                reason="--tls-verify-peer needs --tls-certificates: only "
+                       "X.509 clients have certificates to verify")
         if allow and port is None:
             raise errors.InvalidArgument(
                 reason="--allow needs --port: client addresses exist only "
@@ -88,6 +93,7 @@ class Listen:
         self.tls_psk = _check_psk_file(tls_psk) if tls_psk else None
         self.tls_certificates = _check_certificates_dir(tls_certificates) \
             if tls_certificates else None
+        self.tls_verify_peer = bool(tls_verify_peer)
         self.allow = [access.parse(a) for a in allow]
 
     @property
@@ -103,6 +109,8 @@ class Listen:
         elif self.tls_certificates:
             args = ["--tls=require",
                     "--tls-certificates=" + self.tls_certificates]
+            if self.tls_verify_peer:
+                args.append("--tls-verify-peer")
         else:
             args = []
         if self.socket_path:
@@ -127,6 +135,7 @@ class Listen:
         return {"socket": self.socket_path, "port": self.port,
                 "bind": self.bind, "uri": self.uri("EXPORT"),
                 "tls": self.tls,
+                "tls_verify_peer": self.tls_verify_peer,
                 "allow": [access.show(n) for n in self.allow] or None}
 
 

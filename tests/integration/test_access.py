@@ -1,7 +1,8 @@
 """Access: NBD over TCP with TLS required (pre-shared keys or X.509
 certificates), so a client without the key or without trust in the CA gets
-nothing, not even the export list; an allow-list of client addresses
-(--allow, nbdkit's ip filter); the control socket is the owner's only
+nothing, not even the export list; client certificates verified
+(--tls-verify-peer); an allow-list of client addresses (--allow, checked in
+the plugin's preconnect); the control socket is the owner's only
 (tests/unit/test_control.py checks its mode)."""
 
 import os
@@ -164,8 +165,9 @@ class Certs:
     trusting another CA only."""
 
     def __init__(self, base):
-        ca = _make_ca(base / "ca", "clonectl test CA")
-        other = _make_ca(base / "other-ca", "someone else")
+        self.base = base
+        self.ca = ca = _make_ca(base / "ca", "clonectl test CA")
+        self.other_ca = other = _make_ca(base / "other-ca", "someone else")
         self.server_dir = base / "server"
         self.server_dir.mkdir()
         (base / "ext.cnf").write_text(
@@ -193,6 +195,28 @@ class Certs:
         self.untrusting_dir.mkdir()
         (self.untrusting_dir / "ca-cert.pem").write_bytes(
             (other / "ca-cert.pem").read_bytes())
+
+    def client_with_certificate(self, name, ca):
+        """A libnbd certificates directory trusting the server's CA and
+        holding client-cert.pem (CN=name, signed by ca) and client-key.pem."""
+        d = self.base / ("client-" + name)
+        d.mkdir()
+        (d / "ca-cert.pem").write_bytes((self.ca / "ca-cert.pem").read_bytes())
+        ext = self.base / "client-ext.cnf"
+        ext.write_text("extendedKeyUsage=clientAuth\n"
+                       "keyUsage=critical,digitalSignature\n"
+                       "basicConstraints=CA:FALSE\n")
+        csr = self.base / (name + ".csr")
+        _openssl(d, "req", "-newkey", "ec", "-pkeyopt",
+                 "ec_paramgen_curve:P-256", "-nodes", "-keyout",
+                 "client-key.pem", "-out", str(csr), "-subj", "/CN=" + name)
+        _openssl(d, "x509", "-req", "-in", str(csr), "-CA",
+                 str(ca / "ca-cert.pem"), "-CAkey", str(ca / "ca-key.pem"),
+                 "-CAcreateserial", "-CAserial", str(self.base / "ca.srl"),
+                 "-out", "client-cert.pem", "-days", "2", "-extfile",
+                 str(ext))
+        (d / "client-key.pem").chmod(0o600)
+        return d
 
 
 @pytest.fixture
@@ -224,6 +248,7 @@ def _cert_client(port, cert_dir):
 def test_tls_certificates_client_trusting_the_ca_reads_and_writes(
         cert_server, certs, state_dir):
     assert cert_server.info["tls"] == "certificates"
+    assert cert_server.info["tls_verify_peer"] is False
     assert cert_server.info["uri"].startswith("nbds://127.0.0.1:")
     h = _cert_client(cert_server.port, certs.client_dir)
     assert h.get_tls_negotiated()
@@ -249,6 +274,7 @@ def test_tls_certificates_refuse_plain_and_untrusting_clients(cert_server,
     h.connect_tcp("127.0.0.1", str(cert_server.port))
     with pytest.raises(nbd.Error):  # not even the list of exports
         h.opt_list(lambda name, desc: 0)
+    del h  # disconnect now: a connected client makes the server stop slowly
     # A client that does not trust the server's CA stops at the handshake.
     with pytest.raises(nbd.Error) as e:
         _cert_client(cert_server.port, certs.untrusting_dir)
@@ -256,6 +282,71 @@ def test_tls_certificates_refuse_plain_and_untrusting_clients(cert_server,
     # The same client code with the right CA gets through (so the refusal
     # above is the certificate check, not a broken client).
     _cert_client(cert_server.port, certs.client_dir).shutdown()
+
+
+@pytest.fixture
+def verify_server(clonectl, state_dir, certs, process_guard, tmp_path):
+    if not nbd.NBD().supports_tls():
+        pytest.skip("libnbd without TLS")
+    clonectl("lu", "create", "a", "--size", str(MiB))
+    srv = TcpServer(state_dir, _free_port(),
+                    ["--tls-certificates", certs.server_dir,
+                     "--tls-verify-peer"],
+                    tmp_path / "tls-verify.out", process_guard)
+    yield srv
+    srv.stop()
+
+
+def _refused_at_tls(port, cert_dir):
+    """Assert a TLS client with cert_dir can neither open "a" nor list the
+    exports."""
+    with pytest.raises(nbd.Error):
+        _cert_client(port, cert_dir).shutdown()
+    h = nbd.NBD()
+    h.set_tls(nbd.TLS_REQUIRE)
+    h.set_tls_certificates(str(cert_dir))
+    h.set_opt_mode(True)
+    names = []
+    with pytest.raises(nbd.Error):
+        h.connect_tcp("127.0.0.1", str(port))
+        h.opt_list(lambda name, desc: names.append(name))
+    assert names == []
+    del h  # closes the connection
+
+
+def test_tls_verify_peer_admits_clients_with_a_certificate_of_the_ca(
+        verify_server, certs):
+    """--tls-verify-peer: a client certificate signed by the server's CA is
+    required; without one, or with one signed by another CA, a client that
+    trusts the server gets nothing.  Without the nbdkit option the
+    certificate-less client of this test connects (as in the tests above),
+    so the refusals below are the verification."""
+    assert verify_server.info["tls"] == "certificates"
+    assert verify_server.info["tls_verify_peer"] is True
+    good = certs.client_with_certificate("host1.example.com", certs.ca)
+    h = _cert_client(verify_server.port, good)
+    assert h.get_tls_negotiated()
+    h.pwrite(b"peer" * 128, 0)
+    assert h.pread(512, 0) == b"peer" * 128
+    h.shutdown()
+    h = nbd.NBD()  # and it may list the exports
+    h.set_tls(nbd.TLS_REQUIRE)
+    h.set_tls_certificates(str(good))
+    h.set_opt_mode(True)
+    h.connect_tcp("127.0.0.1", str(verify_server.port))
+    names = []
+    h.opt_list(lambda name, desc: names.append(name))
+    assert names == ["a"]
+    h.opt_abort()
+    del h  # closes the connection
+    # No client certificate (the CA-only directory that is enough for a
+    # server without --tls-verify-peer).
+    _refused_at_tls(verify_server.port, certs.client_dir)
+    # A certificate signed by another CA.
+    _refused_at_tls(verify_server.port, certs.client_with_certificate(
+        "intruder.example.com", certs.other_ca))
+    # The server still serves the good client after the refusals.
+    _cert_client(verify_server.port, good).shutdown()
 
 
 def test_tls_certificates_directory_is_checked(clonectl, state_dir, certs,
@@ -287,6 +378,10 @@ def test_tls_certificates_directory_is_checked(clonectl, state_dir, certs,
     refused("--tls-certificates", certs.server_dir, "--iscsi-portal",
             "127.0.0.1:{}".format(_free_port()), status=2,
             match="--iscsi-portal cannot be combined with --tls-certificates")
+    refused("--tls-verify-peer", match="--tls-verify-peer needs "
+            "--tls-certificates")
+    refused("--tls-psk", psk_file, "--tls-verify-peer",
+            match="--tls-verify-peer needs --tls-certificates")
     assert status_json(state_dir)["server"] is None
 
 
