@@ -585,6 +585,17 @@ def clone_restore(ctx, name, full, wait, rate):
                    "network; repeatable. Others are disconnected before the "
                    "handshake and before TLS. Needs --port. Without it every "
                    "client that reaches the port is served.")
+@click.option("--allow-export", "allow_export", multiple=True,
+              metavar="EXPORT=ADDR[/PREFIX]",
+              help="Let only clients from this IPv4 or IPv6 address or "
+                   "network open EXPORT (an LU, a clone, or SRC@NAME); "
+                   "repeatable, the networks given for one export add up. "
+                   "Other clients are refused when they ask for EXPORT "
+                   "(EACCES; nothing changes) and do not see it in the list "
+                   "of exports. SRC@NAME exports (frozen session images) "
+                   "without rules of their own follow the rules of SRC. "
+                   "Exports without rules stay open. Combines with --allow: "
+                   "a client must pass both. Needs --port.")
 @click.option("--detach", is_flag=True,
               help="Run in the background; return once clients can connect. "
                    "The log is run/serve.log in the state directory.")
@@ -633,7 +644,7 @@ def clone_restore(ctx, name, full, wait, rate):
 @pass_ctx
 @handle_errors
 def serve(ctx, socket_path, port, bind, tls_psk, tls_certificates,
-          tls_verify_peer, allow, detach, pidfile,
+          tls_verify_peer, allow, allow_export, detach, pidfile,
           thread_model, threads, peer_port, peer_bind, peer_token_file,
           iscsi_portal, iqn_prefix, iscsi_allow, replication_port,
           replication_bind, replication_token_file):
@@ -654,13 +665,16 @@ def serve(ctx, socket_path, port, bind, tls_psk, tls_certificates,
     (clients without it get nothing, not even the export list), and
     --tls-verify-peer makes X.509 clients prove who they are with a
     certificate from the same CA; --allow keeps out clients from other
-    addresses. They combine. None can be used with --iscsi-portal yet.
+    addresses before the handshake; --allow-export keeps clients from other
+    addresses away from one export, checked when they open it. They
+    combine. None can be used with --iscsi-portal yet.
     """
     if socket_path is None and port is None:
         socket_path = ctx.state_dir.default_nbd_socket
     listen = server.Listen(socket_path, port, bind, tls_psk=tls_psk,
                            tls_certificates=tls_certificates, allow=allow,
-                           tls_verify_peer=tls_verify_peer)
+                           tls_verify_peer=tls_verify_peer,
+                           allow_export=allow_export)
     peer_listen = None
     if peer_port is not None:
         if not peer_token_file:
@@ -673,7 +687,8 @@ def serve(ctx, socket_path, port, bind, tls_psk, tls_certificates,
     for given, option in ((tls_psk, "--tls-psk"),
                           (tls_certificates, "--tls-certificates"),
                           (tls_verify_peer, "--tls-verify-peer"),
-                          (allow, "--allow")):
+                          (allow, "--allow"),
+                          (allow_export, "--allow-export")):
         if iscsi_portal and given:
             # The gateway's nbdfuse connects to our NBD export from
             # loopback, without TLS.

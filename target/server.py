@@ -64,11 +64,12 @@ ISCSI_POLL = 1.0  # seconds between checks of the exports for the iSCSI side
 class Listen:
     """Where the NBD server listens: a Unix socket or a TCP address, with
     TLS (pre-shared keys or X.509 certificates, optionally verifying client
-    certificates) and an allow-list of client addresses (target/access.py)
-    as options."""
+    certificates), a server-wide allow-list of client addresses and
+    per-export ones (target/access.py) as options."""
 
     def __init__(self, socket_path=None, port=None, bind=None, tls_psk=None,
-                 tls_certificates=None, allow=(), tls_verify_peer=False):
+                 tls_certificates=None, allow=(), tls_verify_peer=False,
+                 allow_export=()):
         if socket_path and port is not None:
             raise errors.InvalidArgument(
                 reason="--socket and --port are exclusive: choose one")
@@ -82,10 +83,12 @@ class Listen:
             raise errors.InvalidArgument(
                 reason="--tls-verify-peer needs --tls-certificates: only "
                        "X.509 clients have certificates to verify")
-        if allow and port is None:
-            raise errors.InvalidArgument(
-                reason="--allow needs --port: client addresses exist only "
-                       "over TCP")
+        for given, option in ((allow, "--allow"),
+                              (allow_export, "--allow-export")):
+            if given and port is None:
+                raise errors.InvalidArgument(
+                    reason="{} needs --port: client addresses exist only "
+                           "over TCP".format(option))
         self.socket_path = fsutil.unix_socket_path(socket_path) \
             if socket_path else None
         self.port = port
@@ -95,6 +98,7 @@ class Listen:
             if tls_certificates else None
         self.tls_verify_peer = bool(tls_verify_peer)
         self.allow = [access.parse(a) for a in allow]
+        self.allow_export = access.parse_export_rules(allow_export)
 
     @property
     def tls(self):
@@ -119,9 +123,14 @@ class Listen:
 
     def nbdkit_params(self):
         """Plugin parameters (after the plugin name): the plugin refuses
-        clients from other addresses before the handshake (target/access.py
-        says why this is not nbdkit's ip filter)."""
-        return ["allow=" + access.to_param(self.allow)] if self.allow else []
+        clients from other addresses before the handshake (allow=) and
+        clients opening an export from an address its rules do not list
+        (allow_export=EXPORT=NET,..., one per export); target/access.py says
+        why this is not nbdkit's ip filter."""
+        params = ["allow=" + access.to_param(self.allow)] if self.allow \
+            else []
+        return params + ["allow_export={}={}".format(name, access.to_param(
+            nets)) for name, nets in sorted(self.allow_export.items())]
 
     def uri(self, export=""):
         scheme = "nbds" if self.tls else "nbd"
@@ -136,7 +145,10 @@ class Listen:
                 "bind": self.bind, "uri": self.uri("EXPORT"),
                 "tls": self.tls,
                 "tls_verify_peer": self.tls_verify_peer,
-                "allow": [access.show(n) for n in self.allow] or None}
+                "allow": [access.show(n) for n in self.allow] or None,
+                "allow_export": {name: [access.show(n) for n in nets]
+                                 for name, nets in
+                                 sorted(self.allow_export.items())} or None}
 
 
 CERTIFICATE_FILES = ("ca-cert.pem", "server-cert.pem", "server-key.pem")
