@@ -5,6 +5,8 @@
 #     nbdkit python clonectl_plugin.py statedir=DIR pythonpath=DIR \
 #         [thread_model=parallel|serialize_requests|serialize_all_requests] \
 #         [allow=NET,NET...]    (clients from other addresses are refused)
+#         [allow_export=EXPORT=NET,NET...]...  (repeatable, one per export:
+#                               only clients from NET may open EXPORT)
 #
 # nbdkit embeds /usr/bin/python3, which does not see the virtual environment:
 # the target package is found through pythonpath=.  The script's directory is
@@ -22,6 +24,8 @@ _config = {"thread_model": "serialize_requests"}
 _target = None
 _control = None
 _allow = None  # target.access.AllowList with allow=, else None
+_allow_export = []  # allow_export= values, in order
+_export_rules = None  # target.access.ExportRules with allow_export=, else None
 
 _THREAD_MODELS = {
     "parallel": nbdkit.THREAD_MODEL_PARALLEL,
@@ -32,8 +36,12 @@ _THREAD_MODELS = {
 
 def config(key, value):
     if key not in ("statedir", "pythonpath", "thread_model", "parent",
-                   "replication", "replication_token", "allow"):
+                   "replication", "replication_token", "allow",
+                   "allow_export"):
         raise Exception("unknown parameter {!r}".format(key))
+    if key == "allow_export":
+        _allow_export.append(value)
+        return
     if key == "thread_model" and value not in _THREAD_MODELS:
         raise Exception("thread_model must be one of " +
                         ", ".join(sorted(_THREAD_MODELS)))
@@ -41,7 +49,7 @@ def config(key, value):
 
 
 def config_complete():
-    global _target, _allow
+    global _target, _allow, _export_rules
     if "statedir" not in _config:
         raise Exception("statedir= is required")
     if "pythonpath" in _config:
@@ -51,6 +59,9 @@ def config_complete():
     if "allow" in _config:
         from target import access
         _allow = access.AllowList(_config["allow"])
+    if _allow_export:
+        from target import access
+        _export_rules = access.ExportRules(_allow_export)
 
 
 def thread_model():
@@ -108,6 +119,12 @@ def preconnect(readonly):
 
 
 def list_exports(readonly, is_tls):
+    # Exports this client may not open are not even named.
+    if _export_rules is not None:
+        try:
+            return _export_rules.visible(_target.exports())
+        except Exception as e:
+            _fail(e)
     return _target.exports()
 
 
@@ -117,7 +134,11 @@ def default_export(readonly, is_tls):
 
 def open(readonly):
     try:
-        return _target.connect(nbdkit.export_name(), readonly)
+        name = nbdkit.export_name()
+        if _export_rules is not None:
+            # Before connect counts the connection: a refusal changes nothing.
+            _export_rules.check_peer(name)
+        return _target.connect(name, readonly)
     except Exception as e:
         _fail(e)
 

@@ -569,13 +569,33 @@ def clone_restore(ctx, name, full, wait, rate):
                    "mode 0600), as nbdkit-tls(1) describes. Clients must "
                    "trust the CA (libnbd: tls-certificates=DIR holding "
                    "ca-cert.pem; the certificate must name the address they "
-                   "connect to); others get nothing. Exclusive with "
-                   "--tls-psk.")
+                   "connect to); others get nothing. Client certificates "
+                   "are not checked unless --tls-verify-peer is given. "
+                   "Exclusive with --tls-psk.")
+@click.option("--tls-verify-peer", is_flag=True,
+              help="With --tls-certificates: also require every client to "
+                   "present a certificate signed by the CA of DIR "
+                   "(ca-cert.pem), as nbdkit's --tls-verify-peer does "
+                   "(libnbd: client-cert.pem and client-key.pem next to "
+                   "ca-cert.pem in its tls-certificates directory). Clients "
+                   "without one, or with one signed by another CA, get "
+                   "nothing, not even the list of exports.")
 @click.option("--allow", "allow", multiple=True, metavar="ADDR[/PREFIX]",
               help="Accept NBD clients only from this IPv4 or IPv6 address or "
                    "network; repeatable. Others are disconnected before the "
                    "handshake and before TLS. Needs --port. Without it every "
                    "client that reaches the port is served.")
+@click.option("--allow-export", "allow_export", multiple=True,
+              metavar="EXPORT=ADDR[/PREFIX]",
+              help="Let only clients from this IPv4 or IPv6 address or "
+                   "network open EXPORT (an LU, a clone, or SRC@NAME); "
+                   "repeatable, the networks given for one export add up. "
+                   "Other clients are refused when they ask for EXPORT "
+                   "(EACCES; nothing changes) and do not see it in the list "
+                   "of exports. SRC@NAME exports (frozen session images) "
+                   "without rules of their own follow the rules of SRC. "
+                   "Exports without rules stay open. Combines with --allow: "
+                   "a client must pass both. Needs --port.")
 @click.option("--detach", is_flag=True,
               help="Run in the background; return once clients can connect. "
                    "The log is run/serve.log in the state directory.")
@@ -623,8 +643,8 @@ def clone_restore(ctx, name, full, wait, rate):
                    "primary must present; others get nothing.")
 @pass_ctx
 @handle_errors
-def serve(ctx, socket_path, port, bind, tls_psk, tls_certificates, allow,
-          detach, pidfile,
+def serve(ctx, socket_path, port, bind, tls_psk, tls_certificates,
+          tls_verify_peer, allow, allow_export, detach, pidfile,
           thread_model, threads, peer_port, peer_bind, peer_token_file,
           iscsi_portal, iqn_prefix, iscsi_allow, replication_port,
           replication_bind, replication_token_file):
@@ -642,14 +662,19 @@ def serve(ctx, socket_path, port, bind, tls_psk, tls_certificates, allow,
     unmounts the nbdfuse mounts, then stops nbdkit.
 
     Access over TCP: --tls-psk or --tls-certificates make TLS mandatory
-    (clients without it get nothing, not even the export list); --allow
-    keeps out clients from other addresses. The two combine. Neither can be
-    used with --iscsi-portal yet.
+    (clients without it get nothing, not even the export list), and
+    --tls-verify-peer makes X.509 clients prove who they are with a
+    certificate from the same CA; --allow keeps out clients from other
+    addresses before the handshake; --allow-export keeps clients from other
+    addresses away from one export, checked when they open it. They
+    combine. None can be used with --iscsi-portal yet.
     """
     if socket_path is None and port is None:
         socket_path = ctx.state_dir.default_nbd_socket
     listen = server.Listen(socket_path, port, bind, tls_psk=tls_psk,
-                           tls_certificates=tls_certificates, allow=allow)
+                           tls_certificates=tls_certificates, allow=allow,
+                           tls_verify_peer=tls_verify_peer,
+                           allow_export=allow_export)
     peer_listen = None
     if peer_port is not None:
         if not peer_token_file:
@@ -661,7 +686,9 @@ def serve(ctx, socket_path, port, bind, tls_psk, tls_certificates, allow,
     iscsi_conf = None
     for given, option in ((tls_psk, "--tls-psk"),
                           (tls_certificates, "--tls-certificates"),
-                          (allow, "--allow")):
+                          (tls_verify_peer, "--tls-verify-peer"),
+                          (allow, "--allow"),
+                          (allow_export, "--allow-export")):
         if iscsi_portal and given:
             # The gateway's nbdfuse connects to our NBD export from
             # loopback, without TLS.

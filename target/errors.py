@@ -169,6 +169,12 @@ class InvalidAllow(Error):
     errno = _errno.EINVAL
 
 
+class InvalidAllowExport(Error):
+    msg = ("invalid --allow-export {value!r}: {reason}; give "
+           "EXPORT=ADDR[/PREFIX], e.g. db1=192.0.2.7 or db1@s1=10.1.0.0/16")
+    errno = _errno.EINVAL
+
+
 class InvalidFaults(Error):
     msg = "fault injection file {path!r} (CLONECTL_FAULTS): {reason}"
     errno = _errno.EINVAL
@@ -176,4 +182,10 @@ class InvalidFaults(Error):
 
 class ClientRefused(Error):
     msg = "client {address} is not in the --allow list: connection refused"
+    errno = _errno.EACCES
+
+
+class ExportRefused(Error):
+    msg = ("client {address} may not open export {export!r}: it is not in "
+           "the --allow-export list for {rule!r}")
     errno = _errno.EACCES

@@ -63,11 +63,13 @@ ISCSI_POLL = 1.0  # seconds between checks of the exports for the iSCSI side
 
 class Listen:
     """Where the NBD server listens: a Unix socket or a TCP address, with
-    TLS (pre-shared keys or X.509 certificates) and an allow-list of client
-    addresses (target/access.py) as options."""
+    TLS (pre-shared keys or X.509 certificates, optionally verifying client
+    certificates), a server-wide allow-list of client addresses and
+    per-export ones (target/access.py) as options."""
 
     def __init__(self, socket_path=None, port=None, bind=None, tls_psk=None,
-                 tls_certificates=None, allow=()):
+                 tls_certificates=None, allow=(), tls_verify_peer=False,
+                 allow_export=()):
         if socket_path and port is not None:
             raise errors.InvalidArgument(
                 reason="--socket and --port are exclusive: choose one")
@@ -77,10 +79,16 @@ class Listen:
             raise errors.InvalidArgument(
                 reason="--tls-psk and --tls-certificates are exclusive: "
                        "choose one")
-        if allow and port is None:
+        if tls_verify_peer and not tls_certificates:
             raise errors.InvalidArgument(
-                reason="--allow needs --port: client addresses exist only "
-                       "over TCP")
+                reason="--tls-verify-peer needs --tls-certificates: only "
+                       "X.509 clients have certificates to verify")
+        for given, option in ((allow, "--allow"),
+                              (allow_export, "--allow-export")):
+            if given and port is None:
+                raise errors.InvalidArgument(
+                    reason="{} needs --port: client addresses exist only "
+                           "over TCP".format(option))
         self.socket_path = fsutil.unix_socket_path(socket_path) \
             if socket_path else None
         self.port = port
@@ -88,7 +96,9 @@ class Listen:
         self.tls_psk = _check_psk_file(tls_psk) if tls_psk else None
         self.tls_certificates = _check_certificates_dir(tls_certificates) \
             if tls_certificates else None
+        self.tls_verify_peer = bool(tls_verify_peer)
         self.allow = [access.parse(a) for a in allow]
+        self.allow_export = access.parse_export_rules(allow_export)
 
     @property
     def tls(self):
@@ -103,6 +113,8 @@ class Listen:
         elif self.tls_certificates:
             args = ["--tls=require",
                     "--tls-certificates=" + self.tls_certificates]
+            if self.tls_verify_peer:
+                args.append("--tls-verify-peer")
         else:
             args = []
         if self.socket_path:
@@ -111,9 +123,14 @@ class Listen:
 
     def nbdkit_params(self):
         """Plugin parameters (after the plugin name): the plugin refuses
-        clients from other addresses before the handshake (target/access.py
-        says why this is not nbdkit's ip filter)."""
-        return ["allow=" + access.to_param(self.allow)] if self.allow else []
+        clients from other addresses before the handshake (allow=) and
+        clients opening an export from an address its rules do not list
+        (allow_export=EXPORT=NET,..., one per export); target/access.py says
+        why this is not nbdkit's ip filter."""
+        params = ["allow=" + access.to_param(self.allow)] if self.allow \
+            else []
+        return params + ["allow_export={}={}".format(name, access.to_param(
+            nets)) for name, nets in sorted(self.allow_export.items())]
 
     def uri(self, export=""):
         scheme = "nbds" if self.tls else "nbd"
@@ -127,7 +144,11 @@ class Listen:
         return {"socket": self.socket_path, "port": self.port,
                 "bind": self.bind, "uri": self.uri("EXPORT"),
                 "tls": self.tls,
-                "allow": [access.show(n) for n in self.allow] or None}
+                "tls_verify_peer": self.tls_verify_peer,
+                "allow": [access.show(n) for n in self.allow] or None,
+                "allow_export": {name: [access.show(n) for n in nets]
+                                 for name, nets in
+                                 sorted(self.allow_export.items())} or None}
 
 
 CERTIFICATE_FILES = ("ca-cert.pem", "server-cert.pem", "server-key.pem")

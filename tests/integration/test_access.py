@@ -1,9 +1,12 @@
 """Access: NBD over TCP with TLS required (pre-shared keys or X.509
 certificates), so a client without the key or without trust in the CA gets
-nothing, not even the export list; an allow-list of client addresses
-(--allow, nbdkit's ip filter); the control socket is the owner's only
+nothing, not even the export list; client certificates verified
+(--tls-verify-peer); an allow-list of client addresses (--allow, checked in
+the plugin's preconnect) and per-export ones (--allow-export, checked when
+the export is opened); the control socket is the owner's only
 (tests/unit/test_control.py checks its mode)."""
 
+import errno
 import os
 import socket
 import stat
@@ -164,8 +167,9 @@ class Certs:
     trusting another CA only."""
 
     def __init__(self, base):
-        ca = _make_ca(base / "ca", "clonectl test CA")
-        other = _make_ca(base / "other-ca", "someone else")
+        self.base = base
+        self.ca = ca = _make_ca(base / "ca", "clonectl test CA")
+        self.other_ca = other = _make_ca(base / "other-ca", "someone else")
         self.server_dir = base / "server"
         self.server_dir.mkdir()
         (base / "ext.cnf").write_text(
@@ -193,6 +197,28 @@ class Certs:
         self.untrusting_dir.mkdir()
         (self.untrusting_dir / "ca-cert.pem").write_bytes(
             (other / "ca-cert.pem").read_bytes())
+
+    def client_with_certificate(self, name, ca):
+        """A libnbd certificates directory trusting the server's CA and
+        holding client-cert.pem (CN=name, signed by ca) and client-key.pem."""
+        d = self.base / ("client-" + name)
+        d.mkdir()
+        (d / "ca-cert.pem").write_bytes((self.ca / "ca-cert.pem").read_bytes())
+        ext = self.base / "client-ext.cnf"
+        ext.write_text("extendedKeyUsage=clientAuth\n"
+                       "keyUsage=critical,digitalSignature\n"
+                       "basicConstraints=CA:FALSE\n")
+        csr = self.base / (name + ".csr")
+        _openssl(d, "req", "-newkey", "ec", "-pkeyopt",
+                 "ec_paramgen_curve:P-256", "-nodes", "-keyout",
+                 "client-key.pem", "-out", str(csr), "-subj", "/CN=" + name)
+        _openssl(d, "x509", "-req", "-in", str(csr), "-CA",
+                 str(ca / "ca-cert.pem"), "-CAkey", str(ca / "ca-key.pem"),
+                 "-CAcreateserial", "-CAserial", str(self.base / "ca.srl"),
+                 "-out", "client-cert.pem", "-days", "2", "-extfile",
+                 str(ext))
+        (d / "client-key.pem").chmod(0o600)
+        return d
 
 
 @pytest.fixture
@@ -224,6 +250,7 @@ def _cert_client(port, cert_dir):
 def test_tls_certificates_client_trusting_the_ca_reads_and_writes(
         cert_server, certs, state_dir):
     assert cert_server.info["tls"] == "certificates"
+    assert cert_server.info["tls_verify_peer"] is False
     assert cert_server.info["uri"].startswith("nbds://127.0.0.1:")
     h = _cert_client(cert_server.port, certs.client_dir)
     assert h.get_tls_negotiated()
@@ -249,6 +276,7 @@ def test_tls_certificates_refuse_plain_and_untrusting_clients(cert_server,
     h.connect_tcp("127.0.0.1", str(cert_server.port))
     with pytest.raises(nbd.Error):  # not even the list of exports
         h.opt_list(lambda name, desc: 0)
+    del h  # disconnect now: a connected client makes the server stop slowly
     # A client that does not trust the server's CA stops at the handshake.
     with pytest.raises(nbd.Error) as e:
         _cert_client(cert_server.port, certs.untrusting_dir)
@@ -256,6 +284,71 @@ def test_tls_certificates_refuse_plain_and_untrusting_clients(cert_server,
     # The same client code with the right CA gets through (so the refusal
     # above is the certificate check, not a broken client).
     _cert_client(cert_server.port, certs.client_dir).shutdown()
+
+
+@pytest.fixture
+def verify_server(clonectl, state_dir, certs, process_guard, tmp_path):
+    if not nbd.NBD().supports_tls():
+        pytest.skip("libnbd without TLS")
+    clonectl("lu", "create", "a", "--size", str(MiB))
+    srv = TcpServer(state_dir, _free_port(),
+                    ["--tls-certificates", certs.server_dir,
+                     "--tls-verify-peer"],
+                    tmp_path / "tls-verify.out", process_guard)
+    yield srv
+    srv.stop()
+
+
+def _refused_at_tls(port, cert_dir):
+    """Assert a TLS client with cert_dir can neither open "a" nor list the
+    exports."""
+    with pytest.raises(nbd.Error):
+        _cert_client(port, cert_dir).shutdown()
+    h = nbd.NBD()
+    h.set_tls(nbd.TLS_REQUIRE)
+    h.set_tls_certificates(str(cert_dir))
+    h.set_opt_mode(True)
+    names = []
+    with pytest.raises(nbd.Error):
+        h.connect_tcp("127.0.0.1", str(port))
+        h.opt_list(lambda name, desc: names.append(name))
+    assert names == []
+    del h  # closes the connection
+
+
+def test_tls_verify_peer_admits_clients_with_a_certificate_of_the_ca(
+        verify_server, certs):
+    """--tls-verify-peer: a client certificate signed by the server's CA is
+    required; without one, or with one signed by another CA, a client that
+    trusts the server gets nothing.  Without the nbdkit option the
+    certificate-less client of this test connects (as in the tests above),
+    so the refusals below are the verification."""
+    assert verify_server.info["tls"] == "certificates"
+    assert verify_server.info["tls_verify_peer"] is True
+    good = certs.client_with_certificate("host1.example.com", certs.ca)
+    h = _cert_client(verify_server.port, good)
+    assert h.get_tls_negotiated()
+    h.pwrite(b"peer" * 128, 0)
+    assert h.pread(512, 0) == b"peer" * 128
+    h.shutdown()
+    h = nbd.NBD()  # and it may list the exports
+    h.set_tls(nbd.TLS_REQUIRE)
+    h.set_tls_certificates(str(good))
+    h.set_opt_mode(True)
+    h.connect_tcp("127.0.0.1", str(verify_server.port))
+    names = []
+    h.opt_list(lambda name, desc: names.append(name))
+    assert names == ["a"]
+    h.opt_abort()
+    del h  # closes the connection
+    # No client certificate (the CA-only directory that is enough for a
+    # server without --tls-verify-peer).
+    _refused_at_tls(verify_server.port, certs.client_dir)
+    # A certificate signed by another CA.
+    _refused_at_tls(verify_server.port, certs.client_with_certificate(
+        "intruder.example.com", certs.other_ca))
+    # The server still serves the good client after the refusals.
+    _cert_client(verify_server.port, good).shutdown()
 
 
 def test_tls_certificates_directory_is_checked(clonectl, state_dir, certs,
@@ -287,12 +380,16 @@ def test_tls_certificates_directory_is_checked(clonectl, state_dir, certs,
     refused("--tls-certificates", certs.server_dir, "--iscsi-portal",
             "127.0.0.1:{}".format(_free_port()), status=2,
             match="--iscsi-portal cannot be combined with --tls-certificates")
+    refused("--tls-verify-peer", match="--tls-verify-peer needs "
+            "--tls-certificates")
+    refused("--tls-psk", psk_file, "--tls-verify-peer",
+            match="--tls-verify-peer needs --tls-certificates")
     assert status_json(state_dir)["server"] is None
 
 
 # ---------------------------------------------------------------- --allow
 
-def _client_from(source, port):
+def _client_from(source, port, export="a", opt_mode=False):
     """A libnbd client whose connection comes from address source (any
     127.0.0.0/8 address is local on lo)."""
     s = socket.socket()
@@ -303,9 +400,18 @@ def _client_from(source, port):
         s.close()
         raise
     h = nbd.NBD()
-    h.set_export_name("a")
+    h.set_export_name(export)
+    h.set_opt_mode(opt_mode)
     h.connect_socket(s.detach())  # libnbd owns the fd now
     return h
+
+
+def _list_from(source, port):
+    h = _client_from(source, port, opt_mode=True)
+    names = []
+    h.opt_list(lambda name, desc: names.append(name))
+    h.opt_abort()
+    return names
 
 
 @pytest.fixture
@@ -365,8 +471,147 @@ def test_allow_values_are_checked(clonectl, state_dir, tmp_path):
              "--allow needs --port"),
             (["--port", port, "--allow", "127.0.0.1", "--iscsi-portal",
               "127.0.0.1:{}".format(_free_port())], 2,
-             "--iscsi-portal cannot be combined with --allow")]:
+             "--iscsi-portal cannot be combined with --allow"),
+            (["--port", port, "--allow-export", "127.0.0.1"], 1,
+             "invalid --allow-export '127.0.0.1': EXPORT= is missing"),
+            (["--socket", tmp_path / "s.sock", "--allow-export",
+              "a=127.0.0.1"], 1, "--allow-export needs --port"),
+            (["--port", port, "--allow-export", "a=127.0.0.1",
+              "--iscsi-portal", "127.0.0.1:{}".format(_free_port())], 2,
+             "--iscsi-portal cannot be combined with --allow-export")]:
         proc = run_clonectl(state_dir, "serve", *args, check=False)
         assert proc.returncode == status, (args, proc.stderr)
         assert match in proc.stderr, (args, proc.stderr)
     assert status_json(state_dir)["server"] is None
+
+
+# ---------------------------------------------------------------- --allow-export
+
+def test_allow_export_values_are_parsed():
+    from target import access, errors
+    assert access.parse_export_rules(
+        ["a=127.0.0.2", "a=10.0.0.0/8", "src@s1=::1"]) == {
+        "a": [access.parse("127.0.0.2"), access.parse("10.0.0.0/8")],
+        "src@s1": [access.parse("::1")]}
+    for value, match in [("=127.0.0.1", "EXPORT= is missing"),
+                         ("a=db1", "does not appear to be an IPv4 or IPv6"),
+                         ("a=10.0.0.1/8", "host bits set"),
+                         ("a b=127.0.0.1", "invalid name 'a b'"),
+                         ("a@=127.0.0.1", "invalid name ''"),
+                         ("a=", "does not appear")]:
+        with pytest.raises(errors.InvalidAllowExport) as e:
+            access.parse_export_rules([value])
+        assert str(e.value).startswith(
+            "invalid --allow-export {!r}: ".format(value)), str(e.value)
+        assert match in str(e.value), str(e.value)
+        assert e.value.errno == errno.EINVAL
+        del e
+
+
+def test_export_rules_follow_exact_names_then_the_source():
+    from target import access
+    rules = access.ExportRules(["a=127.0.0.2,10.0.0.0/8", "a=192.0.2.1",
+                                "a@s1=192.0.2.9"])
+    ip = access.ipaddress.ip_address
+    assert rules.permits("a", ip("10.1.2.3"))
+    assert rules.permits("a", ip("192.0.2.1"))  # rules for one export add up
+    assert rules.permits("a", ip("::ffff:127.0.0.2"))
+    assert not rules.permits("a", ip("127.0.0.1"))
+    assert not rules.permits("a", None)  # not an IP socket
+    assert rules.permits("b", ip("127.0.0.1"))  # no rule: open
+    assert rules.permits("ab", ip("127.0.0.1"))
+    # SRC@NAME follows SRC unless it has rules of its own.
+    assert rules.rule_for("a@s2")[0] == "a"
+    assert not rules.permits("a@s2", ip("127.0.0.1"))
+    assert rules.permits("a@s2", ip("10.9.9.9"))
+    assert rules.rule_for("a@s1")[0] == "a@s1"
+    assert rules.permits("a@s1", ip("192.0.2.9"))
+    assert not rules.permits("a@s1", ip("10.9.9.9"))
+
+
+@pytest.fixture
+def export_rule_server(clonectl, state_dir, process_guard, tmp_path):
+    clonectl("lu", "create", "a", "--size", str(MiB))
+    clonectl("lu", "create", "b", "--size", str(MiB))
+    clonectl("lu", "create", "c", "--size", str(MiB))
+    srv = TcpServer(state_dir, _free_port(),
+                    ["--allow", "127.0.0.0/24",
+                     "--allow-export", "a=127.0.0.2/32",
+                     "--allow-export", "b=127.0.0.0/8"],
+                    tmp_path / "allow-export.out", process_guard)
+    yield srv
+    srv.stop()
+
+
+def _connections(state_dir, name):
+    return [lu for lu in status_json(state_dir)["lus"]
+            if lu["name"] == name][0]["connections"]
+
+
+def test_allow_export_keeps_other_networks_away_from_one_export(
+        export_rule_server, state_dir):
+    """Rules: a=127.0.0.2/32 (refuses 127.0.0.1), b=127.0.0.0/8 (admits
+    it), c has none; server-wide --allow 127.0.0.0/24."""
+    srv = export_rule_server
+    assert srv.info["allow_export"] == {"a": ["127.0.0.2"],
+                                        "b": ["127.0.0.0/8"]}
+    assert srv.info["allow"] == ["127.0.0.0/24"]
+    log = state_dir / "run" / "serve.log"
+    marker = b"only from 127.0.0.2".ljust(512, b".")
+    # From the listed address: every export, all listed.
+    h = _client_from("127.0.0.2", srv.port)
+    h.pwrite(marker, 0)
+    h.flush()
+    h.shutdown()
+    assert _list_from("127.0.0.2", srv.port) == ["a", "b", "c"]
+    # From 127.0.0.1 (an ordinary connect_tcp): "a" is refused when opened
+    # and not named in the list of exports; "b" (its /8 rule admits the
+    # address) and "c" (no rule) are served.
+    h = nbd.NBD()
+    h.set_export_name("a")
+    with pytest.raises(nbd.Error):
+        h.connect_tcp("127.0.0.1", str(srv.port))
+    del h
+    assert "client 127.0.0.1 may not open export 'a': it is not in the " \
+        "--allow-export list for 'a'" in log.read_text(), \
+        log.read_text()[-2000:]
+    for name in ("b", "c"):
+        h = nbd.NBD()
+        h.set_export_name(name)
+        h.connect_tcp("127.0.0.1", str(srv.port))
+        h.pwrite(name.encode() * 512, 0)
+        assert h.pread(512, 0) == name.encode() * 512
+        h.shutdown()
+    assert _list_from("127.0.0.1", srv.port) == ["b", "c"]
+    # The refusals changed nothing: no connection counted, data intact.
+    assert _connections(state_dir, "a") == 0
+    with open(state_dir / "lus" / "a.img", "rb") as f:
+        assert f.read(512) == marker
+    # The server-wide --allow still applies first, so a client must pass
+    # both: from 127.0.1.1 (inside b's /8, outside 127.0.0.0/24) "b" is
+    # refused before the handshake.
+    with pytest.raises(nbd.Error):
+        _client_from("127.0.1.1", srv.port, export="b")
+    assert "client 127.0.1.1 is not in the --allow list" in log.read_text()
+
+
+def test_allow_export_rules_of_a_source_cover_its_frozen_image(
+        export_rule_server, state_dir):
+    srv = export_rule_server
+    h = _client_from("127.0.0.2", srv.port)
+    h.pwrite(b"frozen".ljust(512, b"."), 0)
+    h.flush()
+    h.shutdown()
+    run_clonectl(state_dir, "session", "create", "a", "s1", "--dest",
+                 "nbd://127.0.0.1:{}/b".format(srv.port))
+    run_clonectl(state_dir, "session", "mark", "s1", "--export")
+    assert _list_from("127.0.0.2", srv.port) == ["a", "a@s1", "b", "c"]
+    assert _list_from("127.0.0.1", srv.port) == ["b", "c"]
+    h = nbd.NBD()
+    h.set_export_name("a@s1")
+    with pytest.raises(nbd.Error):
+        h.connect_tcp("127.0.0.1", str(srv.port))
+    del h
+    h = _client_from("127.0.0.2", srv.port, export="a@s1")
+    assert h.pread(512, 0) == b"frozen".ljust(512, b".")
+    h.shutdown()
