@@ -1147,6 +1147,24 @@ class MemoryDestination:
         self.closed = True
 
 
+def _nbd_reason(e):
+    """The text of a libnbd error, with the errno's symbolic name added.
+
+    libnbd's message ends in strerror() ("... command failed: No space left
+    on device"); a destination that fails with ENOSPC wants a different fix
+    (grow it) from one failing with EIO (a broken disk), so the status and
+    the CLI name the errno as the server sent it ("(ENOSPC)") too, in a form
+    scripts can match whatever the locale.  (The Python binding's e.errno
+    is that name, a string; older ones may give a number.)
+    """
+    text = str(e.string if getattr(e, "string", None) else e)
+    code = getattr(e, "errno", None)
+    name = errno.errorcode.get(code) if isinstance(code, int) else code
+    if name and name not in text:
+        text += " ({})".format(name)
+    return text
+
+
 class _NbdConnection:
     """One libnbd handle and the commands it has in flight."""
 
@@ -1169,7 +1187,7 @@ class _NbdConnection:
             if not h.aio_is_ready():
                 raise error("the connection failed")
         except nbd.Error as e:
-            raise error(str(e.string if hasattr(e, "string") else e))
+            raise error(_nbd_reason(e))
 
     def in_flight(self):
         return len(self.buffers) + len(self.others)
@@ -1191,13 +1209,13 @@ class _NbdConnection:
             if h.aio_is_dead():
                 raise self.error("the connection died")
         except self.nbd.Error as e:
-            raise self.error(str(e.string if hasattr(e, "string") else e))
+            raise self.error(_nbd_reason(e))
 
     def submit(self, start, *args):
         try:
             return start(*args)
         except self.nbd.Error as e:
-            raise self.error(str(e.string if hasattr(e, "string") else e))
+            raise self.error(_nbd_reason(e))
 
     def close(self):
         """Disconnect without waiting on a destination that may be gone:
@@ -1256,7 +1274,7 @@ class NbdDestination:
                                                      self._error))
         except self.nbd.Error as e:
             self.close()
-            raise self._error(str(e))
+            raise self._error(_nbd_reason(e))
         except BaseException:
             self.close()
             raise
@@ -1295,8 +1313,7 @@ class NbdDestination:
                     if ev & select.POLLOUT:
                         c.h.aio_notify_write()
             except self.nbd.Error as e:
-                raise self._error(str(e.string if hasattr(e, "string")
-                                      else e))
+                raise self._error(_nbd_reason(e))
             finally:
                 for fd in fds:
                     poller.unregister(fd)
