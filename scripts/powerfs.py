@@ -37,7 +37,10 @@ without an fsync of the directory is not modelled); fallocate is not offered
 (EOPNOTSUPP, so callers fall back to writing zeroes, which are volatile like
 any data); sockets and FIFOs cannot be made here (keep run directories
 elsewhere); one lock serializes all data requests, which is slow and
-simple.  Not for production: nothing here is durable except what fsync says.
+simple; the mount uses direct_io (no kernel page cache above this one: with
+the cache, a read racing a write could see the old bytes of a range just
+written).  Not for production: nothing here is durable except what fsync
+says.
 """
 
 import argparse
@@ -297,8 +300,11 @@ def main(argv=None):
     fs = PowerLossFS(args.backing, args.seed, args.writeback,
                      args.unsafe_ignore_fsync)
     try:
+        # direct_io: no kernel page cache above us.  Without it, a read racing
+        # a write to a neighbouring range could fill the cache with the old
+        # bytes (seen here: a 4 KiB entry just written read back stale).
         mfusepy.FUSE(fs, args.mountpoint, foreground=True,
-                     fsname="powerfs")
+                     fsname="powerfs", direct_io=True)
     except RuntimeError as e:
         print("powerfs: {}".format(e), file=sys.stderr)
         return 1

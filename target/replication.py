@@ -17,9 +17,22 @@ volumes of the group (two overlapping writes from two connections land in
 SRL order on both nodes).  The SRL is written with pwrite (page cache) and
 made durable (fdatasync) at every host flush and FUA write, before the
 volume's own flush; a kill -9 loses nothing written to the page cache, and
-writes not flushed are not promised durable.  Deliberately ignored: a power
-loss that keeps a data write but loses its unflushed SRL entry (DRBD's
-activity log would cover it; see README, known gaps).
+writes not flushed are not promised durable.
+
+Activity log.  A power cut (unlike a kill -9) can keep a data write whose
+SRL entry was not yet durable, or lose SRL entries a secondary already
+applied.  So, as DRBD does, the primary keeps an activity log (`ActivityLog`,
+rsg/NAME.al): regions of 4 MiB, each marked durably before the first write
+into it is logged, and cleared lazily once it has not been written for a
+whole persist interval (the SRL sync of the previous persist covers its
+writes).  A clean close clears it.  Marks found at start-up mean the group
+stopped uncleanly: every link that streamed the SRL switches to DCM logging
+with its unacknowledged entries and every active region ORed into its DCM
+(so it replays them), and sequence numbers jump past anything the lost SRL
+tail could have handed out (a secondary may have applied entries the
+primary no longer has; a reused number would be skipped there).  A kill -9
+pays a replay of the active regions it did not need; a torn SRL tail is no
+longer taken for corruption then.
 
 Links.  One `Link` per secondary, each with a thread that reads the SRL at
 its own pace and sends entries in order, in batches closed by a commit
@@ -109,6 +122,7 @@ SEQ_RESERVE = 1 << 20          # unlogged sequence numbers saved ahead
 HEARTBEAT = 1.0                # an idle link sends a heartbeat this often
 IDLE_TIMEOUT = 10.0            # a secondary drops a silent primary
 REPLAY_CHUNK = 1 << 20
+AL_REGION = 4 << 20            # activity log region (DRBD's AL extent)
 
 PRIMARY, SECONDARY = "primary", "secondary"
 
@@ -440,6 +454,36 @@ class Dcm:
         self.file.close()
 
 
+class ActivityLog(Dcm):
+    """The primary's activity log (module notes): regions that may hold
+    writes whose SRL entries are not durable yet.  mark() is durable before
+    it returns (only the first write into a cold region pays an
+    fdatasync); sweep() clears, without a sync, the regions nobody wrote
+    since the previous sweep, once the SRL sync that followed that sweep
+    has completed (sweep_ok)."""
+
+    def __init__(self, path, granularity, sizes):
+        super().__init__(path, max(AL_REGION, granularity), sizes,
+                         fresh_value=None if os.path.exists(path) else 0)
+        self.touched = bytearray(self.extents)
+        self.sweep_ok = False
+
+    def mark(self, vol, offset, length):
+        a, b = self.range_of(vol, offset, length)
+        self.touched[a:b] = b"\x01" * (b - a)
+        super().mark(vol, offset, length)
+
+    def sweep(self):
+        if self.sweep_ok:
+            for a, b in list(maps.runs(self.bits)):
+                for s, e in list(maps.runs(self.touched, a, b, value=0)):
+                    self.bits[s:e] = bytes(e - s)
+                    maps.files.pwrite(self.file.fd, bytes(e - s),
+                                      maps.HEADER.size + s)
+        self.touched[:] = bytes(self.extents)
+        self.sweep_ok = False
+
+
 # ---------------------------------------------------------------- backend
 
 class ReplicationBackend:
@@ -512,6 +556,9 @@ class GroupFiles:
     def since(self):
         return os.path.join(self.dir, self.name + ".since-promotion.dcm")
 
+    def activity_log(self):
+        return os.path.join(self.dir, self.name + ".al")
+
     def save(self, record):
         fsutil.write_json_atomic(self.record, record)
 
@@ -542,8 +589,8 @@ class GroupFiles:
                 pass
 
     def remove_all(self):
-        self.remove([self.record, self.srl, self.diverged, self.since()] +
-                    self.stage + self.dcms())
+        self.remove([self.record, self.srl, self.diverged, self.since(),
+                     self.activity_log()] + self.stage + self.dcms())
 
 
 def new_generation():
@@ -1039,7 +1086,10 @@ class PrimaryGroup:
             self.srl = Srl(files.srl, record["srl_size"])
         tail = record.get("tail") or {"pos": 0, "seq": 1}
         corrupt = self.srl.scan(tail["pos"], tail["seq"])
-        if corrupt is not None:
+        self.al = ActivityLog(files.activity_log(), self.granularity,
+                              self.sizes)
+        unclean = self.al.count() > 0
+        if corrupt is not None and not unclean:
             self.problems.append("SRL entry {} (byte {}) fails its checksum; "
                                  "links that still need it stop there"
                                  .format(*corrupt))
@@ -1057,6 +1107,34 @@ class PrimaryGroup:
         for i, rec in enumerate(record.get("links", [])):
             self._add_link_object(i, rec, fresh=False)
         self.wrappers = []
+        if unclean:
+            self._recover_unclean(corrupt)
+
+    def _recover_unclean(self, corrupt):
+        """The activity log has marks: the group was not closed, and a
+        power cut may have kept data writes whose SRL entries it lost, or
+        lost entries a secondary has (module notes)."""
+        regions = list(self.al.runs())
+        for link in self.links:
+            if link.holds_srl:
+                self._mark_pending(link, link.acked_pos, link.acked_seq + 1)
+                link.holds_srl = False
+                link.logging = link.dcm_active = True
+            if link.dcm_active:
+                for vol, off, length in regions:
+                    link.dcm.mark(vol, off, length)
+        # Past every number the SRL could have held beyond what survived.
+        self.next_seq += self.srl.capacity // ENTRY_SPACE + 1
+        self.seq_bound = self.next_seq
+        log.warning("group %s: not closed cleanly; %d active region(s) of "
+                    "the activity log go to the links' DCMs%s", self.name,
+                    len(regions), "" if corrupt is None else
+                    " (the SRL's tail from entry {} was torn)".format(
+                        corrupt[0]))
+        # The record (links logging, the new numbers) before the log is
+        # let go: a crash in between recovers again.
+        self.persist()
+        self.al.clear()
 
     def _add_link_object(self, index, rec, fresh):
         link = Link(self, index, rec)
@@ -1109,6 +1187,10 @@ class PrimaryGroup:
             link.dcm.close()
         if self.since is not None:
             self.since.close()
+        if self.al.sweep_ok:
+            # The persist above made every SRL entry durable.
+            self.al.clear()
+        self.al.close()
         self.srl.close()
 
     def volume_change_reason(self):
@@ -1138,13 +1220,16 @@ class PrimaryGroup:
         if locked:
             self.persist_lock.acquire()
             rec, saved = self.record()
+            self.al.sweep()
         else:
             with self.lock:
-                rec, saved = self.record()
                 self.persist_lock.acquire()
+                rec, saved = self.record()
+                self.al.sweep()
         try:
             # The SRL must hold every entry up to the positions saved.
             self.srl.sync()
+            self.al.sweep_ok = True
             self.files.save(rec)
             for link, pos in saved.items():
                 link.saved_pos = pos
@@ -1166,6 +1251,7 @@ class PrimaryGroup:
             if any(l.holds_srl for l in self.links):
                 self._make_room(Srl.space(length, kind), vol, offset, length)
             if any(l.holds_srl for l in self.links):
+                self.al.mark(vol, offset, length)
                 payload = data if kind == WRITE else None
                 self.srl.append(seq, vol, kind, offset, length, payload,
                                 entry_crc(seq, vol, kind, offset, length,
@@ -1446,6 +1532,7 @@ class PrimaryGroup:
                     "srl": {"size": self.srl.capacity, "used": used,
                             "used_percent": round(100.0 * used /
                                                   self.srl.capacity, 1)},
+                    "activity_log_regions": self.al.count(),
                     "links": [l.status() for l in self.links],
                     "problems": self.problems}
 
