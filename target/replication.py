@@ -1187,11 +1187,22 @@ class PrimaryGroup:
             link.dcm.close()
         if self.since is not None:
             self.since.close()
-        if self.al.sweep_ok:
-            # The persist above made every SRL entry durable.
-            self.al.clear()
+        try:
+            self.clear_activity_log()
+        except (OSError, errors.Error) as e:
+            log.error("group %s: could not clear its activity log: %s",
+                      self.name, e)
         self.al.close()
         self.srl.close()
+
+    def clear_activity_log(self):
+        """(Stop and close.)  Make every SRL entry durable and empty the
+        activity log, so that a stop that ends in nbdkit's SIGKILL (it
+        waits for connected clients) is not taken for a crash at the next
+        start.  A write after this marks its region again."""
+        with self.lock:
+            self.srl.sync()
+            self.al.clear()
 
     def volume_change_reason(self):
         return self._volume_change()

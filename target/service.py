@@ -1300,6 +1300,7 @@ class Target:
                 for link in rsg.links:
                     link.stop()
                 rsg.persist()
+                rsg.clear_activity_log()
         return {}
 
     def close(self):
