@@ -1124,8 +1124,11 @@ def rsg():
     secondary is inconsistent meanwhile and keeps its last consistent image
     readable as LU@protected-LU). A protected restore or reverse sync of a
     replicated volume reaches the secondaries the same way: only the regions
-    it changed. Link states: connecting, replicating, dcm-logging,
-    dcm-replay, failed, diverged, detached.
+    it changed. After a crash or power cut of the primary, the regions
+    written in the last moments (its activity log, 4 MiB regions) are
+    replayed to every link, since the SRL may have lost their last entries.
+    Link states: connecting, replicating, dcm-logging, dcm-replay, failed
+    (retried every second unless stopped with an error), diverged, detached.
     """
 
 
@@ -1264,11 +1267,12 @@ def rsg_demote(ctx, name):
 def _print_rsg(st):
     if st["role"] == "primary":
         click.echo("{}: primary, generation {}, update {}, SRL {} of {} used "
-                   "({}%)".format(st["name"], st["generation"],
-                                  st["last_seq"],
-                                  units.format_size(st["srl"]["used"]),
-                                  units.format_size(st["srl"]["size"]),
-                                  st["srl"]["used_percent"]))
+                   "({}%), activity log {} region(s)".format(
+                       st["name"], st["generation"], st["last_seq"],
+                       units.format_size(st["srl"]["used"]),
+                       units.format_size(st["srl"]["size"]),
+                       st["srl"]["used_percent"],
+                       st["activity_log_regions"]))
         click.echo("  volumes: " + ", ".join(v["lu"] for v in st["volumes"]))
         for p in st.get("problems") or []:
             click.echo("  recovery: " + p)

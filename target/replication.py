@@ -1126,11 +1126,12 @@ class PrimaryGroup:
         # Past every number the SRL could have held beyond what survived.
         self.next_seq += self.srl.capacity // ENTRY_SPACE + 1
         self.seq_bound = self.next_seq
-        log.warning("group %s: not closed cleanly; %d active region(s) of "
-                    "the activity log go to the links' DCMs%s", self.name,
-                    len(regions), "" if corrupt is None else
-                    " (the SRL's tail from entry {} was torn)".format(
-                        corrupt[0]))
+        note = "not closed cleanly: {} active region(s) of the activity " \
+            "log are replayed to every link{}".format(
+                len(regions), "" if corrupt is None else
+                " (the SRL's tail was torn at entry {})".format(corrupt[0]))
+        self.problems.append(note)
+        log.warning("group %s: %s", self.name, note)
         # The record (links logging, the new numbers) before the log is
         # let go: a crash in between recovers again.
         self.persist()
