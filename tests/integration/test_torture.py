@@ -19,6 +19,7 @@ pytest.importorskip("nbd")
 # (40-80 s here).
 TORTURE_ROUNDS = int(os.environ.get("TORTURE_ROUNDS", "8"))
 POWER_LOSS_ROUNDS = int(os.environ.get("TORTURE_POWER_LOSS_ROUNDS", "10"))
+REPLICATION_ROUNDS = int(os.environ.get("TORTURE_REPLICATION_ROUNDS", "7"))
 
 needs_fuse = pytest.mark.skipif(
     not os.path.exists("/dev/fuse") or os.geteuid() != 0,
@@ -35,7 +36,8 @@ def _torture(*args, rounds):
     summary = out.strip().splitlines()[-1]
     fields = summary.split()
     counts = {k: int(fields[fields.index(k) + 1])
-              for k in ("rounds", "crashes", "power-cuts", "writes")}
+              for k in ("rounds", "crashes", "power-cuts", "writes",
+                        "secondary-kills", "replica-checks") if k in fields}
     return proc.returncode, out, summary, counts
 
 
@@ -84,3 +86,18 @@ def test_torture_replay_command_is_printed():
     args = torture.parse_args(["--seed", "7", "--rounds", "3"])
     cmd = torture.replay_command(args)
     assert cmd.startswith("scripts/torture --seed 7 --rounds 3"), cmd
+
+
+@needs_fuse
+def test_torture_replication_with_power_loss_short_run():
+    """The Source replicated (async) to a second target over a relay the
+    run cuts; the secondary is killed too; the primary loses power."""
+    rc, out, summary, counts = _torture(
+        "--replication", "async", "--power-loss", "--seed", "12",
+        rounds=REPLICATION_ROUNDS)
+    assert rc == 0, out
+    assert summary.endswith(": ok"), out
+    assert counts["replica-checks"] == REPLICATION_ROUNDS, summary
+    # Seed 12 makes power cuts and a secondary kill in these rounds.
+    assert counts["power-cuts"] >= 1, summary
+    assert counts["secondary-kills"] >= 1, summary
