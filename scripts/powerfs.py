@@ -60,9 +60,12 @@ class Dirty:
     """The dirty pages of one backing inode (page index -> bytearray) and a
     descriptor of our own to write them back with: a page cache keeps dirty
     pages after the last close, and holding the inode open also keeps its
-    number from being reused while we key pages by it."""
+    number from being reused while we key pages by it.  Dropped when its
+    last page is written back (temporary files come and go by the
+    thousand)."""
 
-    def __init__(self, fd):
+    def __init__(self, ino, fd):
+        self.ino = ino
         self.pages = {}
         self.fd = os.dup(fd)
 
@@ -228,7 +231,7 @@ class PowerLossFS(mfusepy.Operations):
             ino = self.fds[fh]
             d = self.dirty.get(ino)
             if d is None:
-                d = self.dirty[ino] = Dirty(fh)
+                d = self.dirty[ino] = Dirty(ino, fh)
             end = offset + len(data)
             size = os.fstat(fh).st_size
             if end > size:
@@ -251,7 +254,7 @@ class PowerLossFS(mfusepy.Operations):
                 older = list(d.pages)
                 early += self.rng.sample(older, max(1, len(older) // 4))
             if self.dirty_bytes > DIRTY_LIMIT:
-                for other in self.dirty.values():
+                for other in list(self.dirty.values()):
                     self._write_back(other, list(other.pages))
             else:
                 self._write_back(d, set(early))
@@ -267,6 +270,8 @@ class PowerLossFS(mfusepy.Operations):
             if length > 0:
                 os.pwrite(d.fd, page[:length], index * PAGE)
             self._drop(d, index)
+        if not d.pages:
+            self._forget(d.ino)
 
     def fsync(self, path, datasync, fh):
         if self.ignore_fsync:
