@@ -31,7 +31,8 @@ them); offset and length (default: to the end) select the requests that
 touch that byte range; flush rules ignore the range.  The file is re-read
 whenever it changes (replace it with a rename); a missing file means no
 faults.  nbdkit inherits the manager's environment, so a test sets the
-variable for `clonectl serve`.  Without the variable nothing is wrapped:
+variable for `clonectl serve`.  The replication log (SRL) is not a backend;
+it asks fault_rules() for its writes and syncs.  Without the variable nothing is wrapped:
 the decision is made once at open and the request path is unchanged.
 """
 
@@ -264,6 +265,14 @@ class _FaultRules:
                         rule, ", ".join(FAULT_OPS)))
             rules.append((ops, start, end, code))
         return rules
+
+
+def fault_rules(path):
+    """The fault rules for a file that is not a backend (the replication
+    log, target/replication.py), or None without CLONECTL_FAULTS: callers
+    check `rules.check(op, offset, length)` before their own I/O."""
+    faults = os.environ.get(FAULTS_ENV)
+    return _FaultRules(faults, path) if faults else None
 
 
 def _inject_faults(backend, faults_path):

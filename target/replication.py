@@ -105,7 +105,7 @@ import time
 import uuid
 import zlib
 
-from . import errors, fsutil, maps
+from . import backends, errors, fsutil, maps
 
 log = logging.getLogger("clonectl.replication")
 
@@ -123,6 +123,7 @@ HEARTBEAT = 1.0                # an idle link sends a heartbeat this often
 IDLE_TIMEOUT = 10.0            # a secondary drops a silent primary
 REPLAY_CHUNK = 1 << 20
 AL_REGION = 4 << 20            # activity log region (DRBD's AL extent)
+SRL_RETRY = 5.0                # a failed SRL is tried again after this
 
 PRIMARY, SECONDARY = "primary", "secondary"
 
@@ -169,6 +170,11 @@ class ReplicaUnavailable(errors.Error):
 class RemoteRefused(errors.Error):
     msg = "secondary {peer}: {reason}"
     errno = errno.EPROTO
+
+
+class _SrlSyncFailed(Exception):
+    """PrimaryGroup._persist could not make the SRL durable (the OSError
+    is its __cause__)."""
 
 
 class SrlCorrupt(errors.Error):
@@ -279,6 +285,8 @@ class Srl:
                 raise errors.CorruptState(path=path, reason="not an SRL file")
         self.fd = fd
         self.capacity = capacity
+        # Tests only (CLONECTL_FAULTS): a failing log device.
+        self.faults = backends.fault_rules(path)
         self.head_pos = 0          # where the next entry goes
         self.next_seq = 1
         self.dirty = False
@@ -302,6 +310,8 @@ class Srl:
     def append(self, seq, vol, kind, offset, length, data, crc):
         need = self.space(length, kind)
         start, phys = self._placement(self.head_pos, need)
+        if self.faults is not None:
+            self.faults.check("write", phys, need)
         if start != self.head_pos and \
                 self.capacity - self.head_pos % self.capacity >= \
                 SRL_ENTRY.size:
@@ -363,8 +373,15 @@ class Srl:
 
     def sync(self):
         if self.dirty:
+            # Cleared first: an append during the sync sets it again.
             self.dirty = False
-            os.fdatasync(self.fd)
+            try:
+                if self.faults is not None:
+                    self.faults.check("flush", 0, 0)
+                os.fdatasync(self.fd)
+            except OSError:
+                self.dirty = True
+                raise
 
     def close(self):
         if self.fd is not None:
@@ -923,6 +940,11 @@ class Link:
                 self.error = "waiting for {} to finish before the DCM " \
                     "replay".format(g.volume_change_reason())
                 g.cond.wait(0.5)
+            # After an SRL failure, not at once: each try of a failing
+            # SRL would switch the link back to logging after a pass.
+            while not self.stopping and \
+                    time.monotonic() - g.srl_failed_at < SRL_RETRY:
+                g.cond.wait(0.5)
             if self.stopping:
                 return False
             self.error = None
@@ -1080,6 +1102,7 @@ class PrimaryGroup:
         self.closed = False
         self.problems = []
         self.seq_bound = 0
+        self.srl_failed_at = -SRL_RETRY
         if os.path.exists(files.srl):
             self.srl = Srl(files.srl)
         else:
@@ -1202,7 +1225,8 @@ class PrimaryGroup:
         waits for connected clients) is not taken for a crash at the next
         start.  A write after this marks its region again."""
         with self.lock:
-            self.srl.sync()
+            if any(l.holds_srl for l in self.links):
+                self.srl.sync()
             self.al.clear()
 
     def volume_change_reason(self):
@@ -1229,18 +1253,35 @@ class PrimaryGroup:
         the SRL space before the saved positions may be reused."""
         # Lock order: the group lock, then persist_lock (taken before the
         # group lock is let go, so records are written in snapshot order).
+        try:
+            self._persist(locked)
+        except _SrlSyncFailed as e:
+            # Not saved: the positions would point past what is durable.
+            if locked:
+                self.srl_failed(e.__cause__)
+            else:
+                with self.lock:
+                    self.srl_failed(e.__cause__)
+
+    def _persist(self, locked):
         if locked:
             self.persist_lock.acquire()
             rec, saved = self.record()
+            held = any(l.holds_srl for l in self.links)
             self.al.sweep()
         else:
             with self.lock:
                 self.persist_lock.acquire()
                 rec, saved = self.record()
+                held = any(l.holds_srl for l in self.links)
                 self.al.sweep()
         try:
             # The SRL must hold every entry up to the positions saved.
-            self.srl.sync()
+            if held:
+                try:
+                    self.srl.sync()
+                except OSError as e:
+                    raise _SrlSyncFailed() from e
             self.al.sweep_ok = True
             self.files.save(rec)
             for link, pos in saved.items():
@@ -1262,12 +1303,18 @@ class PrimaryGroup:
                 self.since.mark(vol, offset, length)
             if any(l.holds_srl for l in self.links):
                 self._make_room(Srl.space(length, kind), vol, offset, length)
+            logged = False
             if any(l.holds_srl for l in self.links):
                 self.al.mark(vol, offset, length)
                 payload = data if kind == WRITE else None
-                self.srl.append(seq, vol, kind, offset, length, payload,
-                                entry_crc(seq, vol, kind, offset, length,
-                                          payload))
+                try:
+                    self.srl.append(seq, vol, kind, offset, length, payload,
+                                    entry_crc(seq, vol, kind, offset, length,
+                                              payload))
+                    logged = True
+                except OSError as e:
+                    self.srl_failed(e, (vol, offset, length))
+            if logged:
                 sync_links = [l for l in self.links if l.mode == "sync"
                               and l.state == REPLICATING]
             elif seq >= self.seq_bound:
@@ -1285,7 +1332,35 @@ class PrimaryGroup:
         with self.lock:
             dirty = self.srl.dirty
         if dirty:
-            self.srl.sync()
+            try:
+                self.srl.sync()
+            except OSError as e:
+                with self.lock:
+                    self.srl_failed(e)
+
+    def srl_failed(self, e, change=None):
+        """(Under the lock.)  The SRL cannot be written or made durable:
+        every link that holds it switches to DCM logging with what it has
+        not acknowledged (and the change that failed to be logged), so the
+        host write or flush goes on and nothing is lost for replication;
+        the links replay once the SRL works again (after SRL_RETRY)."""
+        msg = "the SRL failed ({}); changes are tracked in the DCM and " \
+            "replayed when it works again".format(e)
+        log.error("group %s: %s", self.name, msg)
+        self.srl_failed_at = time.monotonic()
+        for link in self.links:
+            if not link.holds_srl:
+                continue
+            try:
+                self._mark_pending(link, link.acked_pos, link.acked_seq + 1)
+            except OSError:
+                link.dcm.mark_all()
+            if change is not None:
+                link.dcm.mark(*change)
+            link.error = msg
+            self._stop_holding(link)
+        # No link holds the SRL now: the record is saved without syncing it.
+        self.persist(locked=True)
 
     def _tail(self):
         holders = [l.saved_pos for l in self.links if l.holds_srl]
@@ -1344,6 +1419,12 @@ class PrimaryGroup:
             return
         if link.holds_srl:
             self._mark_pending(link, link.acked_pos, link.acked_seq + 1)
+        self._stop_holding(link)
+        # Saved now: a record that still says the link streams would,
+        # after a crash, ignore the DCM bits set from here on.
+        self.persist(locked=True)
+
+    def _stop_holding(self, link):
         link.holds_srl = False
         link.logging = True
         link.dcm_active = True
@@ -1351,9 +1432,6 @@ class PrimaryGroup:
         if link.state in (REPLICATING, DCM_REPLAY):
             link.state = DCM_LOGGING
         self.cond.notify_all()
-        # Saved now: a record that still says the link streams would,
-        # after a crash, ignore the DCM bits set from here on.
-        self.persist(locked=True)
 
     def replay_join(self, link):
         """(Under the lock.)  The link joins the SRL stream at its head; the

@@ -33,6 +33,7 @@ RSG_MODEL_EXAMPLES (default 40) and RSG_MODEL_STEPS (default 15) size the
 state machine.
 """
 
+import json
 import os
 import random
 import shutil
@@ -610,6 +611,42 @@ def srl_entries(g, pos):
         out.append((pos, e))
         pos = e[7]
     return out
+
+
+def _set_faults(path, rules):
+    tmp = str(path) + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(rules, f)
+    os.rename(tmp, path)       # re-read by the hook when the file changes
+
+
+@pytest.mark.parametrize("op,code", [("write", "ENOSPC"), ("flush", "EIO")])
+def test_failing_srl_switches_links_to_dcm_and_loses_nothing(
+        cluster_factory, tmp_path, monkeypatch, op, code):
+    """A failing SRL device (CLONECTL_FAULTS, target/backends.py): host
+    writes and flushes go on (the volumes are fine), the link logs to its
+    DCM with the error in status, and once the SRL works again the replay
+    makes the secondary equal the primary."""
+    faults = tmp_path / "faults.json"
+    _set_faults(faults, [])
+    monkeypatch.setenv("CLONECTL_FAULTS", str(faults))
+    c = cluster_factory()
+    c.wait_converged()
+    rng = random.Random(11)
+    random_ops(c, rng, 20)
+    c.wait_converged()
+    srl = os.path.join(c.A, "rsg", "g.srl")
+    _set_faults(faults, [{"path": srl, "op": op, "errno": code}])
+    random_ops(c, rng, 30)          # no exception: the writes are made
+    c.flush()
+    wait_for(lambda: c.link.logging and code in (c.link.error or ""),
+             what="DCM logging with the SRL's error", info=c.status)
+    assert "SRL failed" in c.link.status()["error"], c.status()
+    _set_faults(faults, [])
+    random_ops(c, rng, 20)
+    c.flush()
+    c.check_final()
+    assert c.link.replays >= 1
 
 
 def test_corrupt_srl_entry_stops_link_nothing_applied(cluster_factory):
