@@ -67,6 +67,12 @@ replay the secondary protects its last consistent image (a copy-on-first-
 write snapshot, LU@protected-LU, the peer channel's mechanism) and releases
 it when the replay completes.
 
+A failing SRL (a write or a sync returns an error) must not fail the
+host's I/O, since the volumes are fine: every link that holds the SRL
+switches to DCM logging with what it had not acknowledged and the change
+that could not be logged, the record is saved without the SRL, and the
+links replay once SRL_RETRY has passed (and log again if it still fails).
+
 Volume-changing operations (protected restore, reverse sync of a
 replicated volume) change regions without host writes.  Before one starts,
 every link is switched to DCM logging (pending entries marked) and the
