@@ -197,10 +197,10 @@ class PowerFS:
     """The disk of a --power-loss run: scripts/powerfs.py mounting BACKING
     at MOUNT; cut() is the power cut, start() the next boot."""
 
-    def __init__(self, workdir, seed, log, ignore_fsync=False):
+    def __init__(self, workdir, seed, log, ignore_fsync=False, name="disk"):
         self.ignore_fsync = ignore_fsync
-        self.backing = os.path.join(workdir, "disk")
-        self.mount = os.path.join(workdir, "mnt")
+        self.backing = os.path.join(workdir, name)
+        self.mount = os.path.join(workdir, name + ".mnt")
         os.makedirs(self.backing)
         os.makedirs(self.mount)
         self.seed, self.log = seed, log
@@ -529,11 +529,19 @@ class Torture:
         self.target = Target(self.state_dir,
                              os.path.join(workdir, "nbd.sock"), self.log)
         self.secondary = self.relay = None
+        self.secondary_disk = None
         if args.replication:
             self.token = os.path.join(workdir, "token")
             self.replication_port = free_port()
+            secondary_dir = os.path.join(workdir, "secondary")
+            if args.power_loss:
+                # Its own disk, cut on its own.
+                self.secondary_disk = PowerFS(workdir, args.seed + 1,
+                                              self.log, name="secondary-disk")
+                secondary_dir = os.path.join(self.secondary_disk.mount,
+                                             "state")
             self.secondary = Target(
-                os.path.join(workdir, "secondary"),
+                secondary_dir,
                 os.path.join(workdir, "secondary.sock"),
                 open(os.path.join(workdir, "secondary.log"), "ab"),
                 ["--replication-port", str(self.replication_port),
@@ -542,7 +550,8 @@ class Torture:
                          "operations": 0,
                          "refused": 0, "writes": 0, "flushes": 0,
                          "checks": 0, "session_checks": 0,
-                         "secondary_kills": 0, "replica_checks": 0,
+                         "secondary_kills": 0, "secondary_power_cuts": 0,
+                         "replica_checks": 0,
                          "inconsistent_refused": 0}
         self.frozen = {}  # clone -> block digests while fractured
         # Session: (time of a mark attempt, Source digests at that moment).
@@ -598,7 +607,13 @@ class Torture:
                   "w") as f:
             f.write("torture-" + self.rng.randbytes(16).hex() + "\n")
         sec = self.secondary
+        if self.secondary_disk is not None:
+            self.secondary_disk.start()
         os.makedirs(sec.state_dir)
+        if self.secondary_disk is not None:
+            run = os.path.join(os.path.dirname(self.run_dir), "secondary-run")
+            os.makedirs(run)
+            os.symlink(run, os.path.join(sec.state_dir, "run"))
         self._ok(sec.cli("lu", "create", SOURCE, "--size", str(self.size)))
         sec.start(connect=False)
         self.relay = Relay(self.replication_port)
@@ -801,8 +816,15 @@ class Torture:
         return "ok"
 
     def op_kill_secondary(self, rng):
+        """kill -9 of the secondary, or with --power-loss now and then a
+        power cut of its disk."""
         time.sleep(rng.random() * 0.5)
-        self.secondary.kill_manager()
+        if self.secondary_disk is not None and rng.random() < 0.5:
+            self.secondary.kill_manager(before_kill=self.secondary_disk.cut)
+            self.secondary_disk.start()
+            self.counters["secondary_power_cuts"] += 1
+        else:
+            self.secondary.kill_manager()
         time.sleep(rng.random())
         self.secondary.start(connect=False)
         self.counters["secondary_kills"] += 1
@@ -1009,6 +1031,8 @@ class Torture:
             self.secondary.stop()
             if self.relay is not None:
                 self.relay.stop()
+            if self.secondary_disk is not None:
+                self.secondary_disk.stop()
         if self.powerfs is not None:
             self.powerfs.stop()
 
@@ -1107,10 +1131,10 @@ def main(argv=None):
     c = t.counters
     replication = ""
     if args.replication:
-        replication = "secondary-kills {} replica-checks {} (inconsistent " \
-            "and refusing {}) ".format(c["secondary_kills"],
-                                       c["replica_checks"],
-                                       c["inconsistent_refused"])
+        replication = "secondary-kills {} (power cuts {}) replica-checks " \
+            "{} (inconsistent and refusing {}) ".format(
+                c["secondary_kills"], c["secondary_power_cuts"],
+                c["replica_checks"], c["inconsistent_refused"])
     print("torture: seed {} rounds {} crashes {} power-cuts {} "
           "operations {} (refused {}) "
           "writes {} flushes {} checks {} (consistent destination {}) {}"

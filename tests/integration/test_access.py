@@ -226,14 +226,20 @@ def certs(tmp_path):
     return Certs(tmp_path / "pki")
 
 
-@pytest.fixture
-def cert_server(clonectl, state_dir, certs, process_guard, tmp_path):
+def _cert_server(clonectl, state_dir, certs, process_guard, out, *extra):
+    """`serve --tls-certificates` (plus extra options) with LU "a"."""
     if not nbd.NBD().supports_tls():
         pytest.skip("libnbd without TLS")
     clonectl("lu", "create", "a", "--size", str(MiB))
-    srv = TcpServer(state_dir, _free_port(),
-                    ["--tls-certificates", certs.server_dir],
-                    tmp_path / "tls-cert.out", process_guard)
+    return TcpServer(state_dir, _free_port(),
+                     ["--tls-certificates", certs.server_dir] + list(extra),
+                     out, process_guard)
+
+
+@pytest.fixture
+def cert_server(clonectl, state_dir, certs, process_guard, tmp_path):
+    srv = _cert_server(clonectl, state_dir, certs, process_guard,
+                       tmp_path / "tls-cert.out")
     yield srv
     srv.stop()
 
@@ -288,13 +294,8 @@ def test_tls_certificates_refuse_plain_and_untrusting_clients(cert_server,
 
 @pytest.fixture
 def verify_server(clonectl, state_dir, certs, process_guard, tmp_path):
-    if not nbd.NBD().supports_tls():
-        pytest.skip("libnbd without TLS")
-    clonectl("lu", "create", "a", "--size", str(MiB))
-    srv = TcpServer(state_dir, _free_port(),
-                    ["--tls-certificates", certs.server_dir,
-                     "--tls-verify-peer"],
-                    tmp_path / "tls-verify.out", process_guard)
+    srv = _cert_server(clonectl, state_dir, certs, process_guard,
+                       tmp_path / "tls-verify.out", "--tls-verify-peer")
     yield srv
     srv.stop()
 
