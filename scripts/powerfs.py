@@ -291,10 +291,15 @@ class PowerLossFS(mfusepy.Operations):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("backing")
-    p.add_argument("mountpoint")
-    p.add_argument("--seed", type=int, default=0)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="Runs in the foreground. kill -9 is the power cut; then "
+               "`fusermount3 -u -z MOUNTPOINT` and mount again. See the "
+               "module's docstring for what is kept and what is lost.")
+    p.add_argument("backing", help="directory that is the disk")
+    p.add_argument("mountpoint", help="where programs see it")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the early writeback choices (default 0)")
     p.add_argument("--writeback", type=float, default=0.3,
                    help="probability that a dirtied page is written back "
                         "at once (default 0.3)")

@@ -1058,8 +1058,25 @@ OPERATIONS = [
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
         prog="scripts/torture",
-        description="Crash torture of clonectl: random host I/O, clone "
-                    "operations and kill -9, checked against a model.")
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Crash torture of clonectl: random host I/O, clone and "
+                    "session operations, kill -9 (and power cuts, link cuts), "
+                    "checked against a model.",
+        epilog="""after each round: what a host reads is the last acknowledged write (after a
+crash: the last durable one or a later one); fractured and restoring clones
+are unchanged since their fracture; synchronized clones equal their Source;
+a marked session's frozen export reads as the Source at the mark; a
+destination recorded consistent holds that mark; with --replication, an
+inconsistent secondary refuses reads and a caught-up one equals the Source.
+
+examples:
+  scripts/torture --time 600                        ten minutes, random seed
+  scripts/torture --power-loss --time 600           with power cuts (FUSE, root)
+  scripts/torture --replication sync --power-loss   replicated, with cuts
+  scripts/torture --seed 4 --rounds 30              replay a failing run
+
+exit status: 0 when every check held, 1 on a violation (the replay command
+and the work directory are printed; the directory is kept).""")
     p.add_argument("--seed", type=int, default=None,
                    help="seed (default: random, printed)")
     p.add_argument("--time", type=float, default=60.0,
@@ -1068,9 +1085,13 @@ def parse_args(argv=None):
                    help="run this many rounds instead of --time")
     p.add_argument("--size", type=int, default=8 * MiB,
                    help="Source size in bytes (default 8 MiB)")
-    p.add_argument("--granularity", default="64K")
-    p.add_argument("--clients", type=int, default=3)
-    p.add_argument("--ops-per-round", type=int, default=6)
+    p.add_argument("--granularity", default="64K",
+                   help="clone and session granularity (default 64K)")
+    p.add_argument("--clients", type=int, default=3,
+                   help="NBD clients writing at once, each in its own "
+                        "region (default 3)")
+    p.add_argument("--ops-per-round", type=int, default=6,
+                   help="at most this many operations a round (default 6)")
     p.add_argument("--power-loss", action="store_true",
                    help="keep the state directory on scripts/powerfs.py and "
                         "add power cuts: unsynced writes are lost")
@@ -1085,7 +1106,8 @@ def parse_args(argv=None):
                         "small enough to overflow to the change map)")
     p.add_argument("--keep", action="store_true",
                    help="keep the work directory")
-    p.add_argument("--verbose", "-v", action="store_true")
+    p.add_argument("--verbose", "-v", action="store_true",
+                   help="print each round's operations and results")
     args = p.parse_args(argv)
     if args.unsafe_ignore_fsync and not args.power_loss:
         p.error("--unsafe-ignore-fsync needs --power-loss")
