@@ -1302,24 +1302,33 @@ class PrimaryGroup:
         with self.lock:
             seq = self.next_seq
             self.next_seq = seq + 1
-            for link in self.links:
-                if link.logging:
-                    link.dcm.mark(vol, offset, length)
-            if self.since is not None:
-                self.since.mark(vol, offset, length)
-            if any(l.holds_srl for l in self.links):
-                self._make_room(Srl.space(length, kind), vol, offset, length)
             logged = False
-            if any(l.holds_srl for l in self.links):
-                self.al.mark(vol, offset, length)
-                payload = data if kind == WRITE else None
-                try:
-                    self.srl.append(seq, vol, kind, offset, length, payload,
-                                    entry_crc(seq, vol, kind, offset, length,
-                                              payload))
-                    logged = True
-                except OSError as e:
-                    self.srl_failed(e, (vol, offset, length))
+            try:
+                for link in self.links:
+                    if link.logging:
+                        link.dcm.mark(vol, offset, length)
+                if self.since is not None:
+                    self.since.mark(vol, offset, length)
+                if any(l.holds_srl for l in self.links):
+                    self._make_room(Srl.space(length, kind), vol, offset,
+                                    length)
+                if any(l.holds_srl for l in self.links):
+                    self.al.mark(vol, offset, length)
+                    payload = data if kind == WRITE else None
+                    try:
+                        self.srl.append(seq, vol, kind, offset, length,
+                                        payload,
+                                        entry_crc(seq, vol, kind, offset,
+                                                  length, payload))
+                        logged = True
+                    except OSError as e:
+                        self.srl_failed(e, (vol, offset, length))
+            except BaseException:
+                # A map could not be written: the change is refused before
+                # it is made, and its number was never logged -- giving it
+                # out again keeps the SRL free of gaps (a scan stops at one).
+                self.next_seq = seq
+                raise
             if logged:
                 sync_links = [l for l in self.links if l.mode == "sync"
                               and l.state == REPLICATING]
@@ -1327,7 +1336,18 @@ class PrimaryGroup:
                 # An unlogged number: reserve the next ones durably first.
                 self.seq_bound = seq + SEQ_RESERVE
                 self.persist(locked=True)
-            apply()
+            try:
+                apply()
+            except OSError as e:
+                if logged:
+                    # The secondaries would apply what the volume refused:
+                    # they get the region's real content by a replay.
+                    self._all_to_dcm(
+                        "a write to volume {} failed after it was logged "
+                        "({}); the region is replayed".format(
+                            self.volumes[vol].name, e), (vol, offset, length))
+                    sync_links = None
+                raise
             if self.waiters:
                 self.cond.notify_all()
         if sync_links:
@@ -1350,10 +1370,16 @@ class PrimaryGroup:
         not acknowledged (and the change that failed to be logged), so the
         host write or flush goes on and nothing is lost for replication;
         the links replay once the SRL works again (after SRL_RETRY)."""
-        msg = "the SRL failed ({}); changes are tracked in the DCM and " \
-            "replayed when it works again".format(e)
-        log.error("group %s: %s", self.name, msg)
         self.srl_failed_at = time.monotonic()
+        self._all_to_dcm("the SRL failed ({}); changes are tracked in the "
+                         "DCM and replayed when it works again".format(e),
+                         change)
+
+    def _all_to_dcm(self, msg, change=None):
+        """(Under the lock.)  Every link that holds the SRL switches to DCM
+        logging with what it has not acknowledged and `change`; saved
+        without syncing the SRL."""
+        log.error("group %s: %s", self.name, msg)
         for link in self.links:
             if not link.holds_srl:
                 continue

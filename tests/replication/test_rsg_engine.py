@@ -649,6 +649,37 @@ def test_failing_srl_switches_links_to_dcm_and_loses_nothing(
     assert c.link.replays >= 1
 
 
+def test_volume_write_failing_after_it_was_logged_is_not_replicated(
+        cluster_factory, tmp_path, monkeypatch):
+    """A volume write that fails (EIO from the device, CLONECTL_FAULTS)
+    after its change was appended to the SRL must not reach the secondary
+    as if it had been made: the host gets the error, the links replay the
+    region, and the secondary ends up equal to the primary."""
+    faults = tmp_path / "faults.json"
+    _set_faults(faults, [])
+    monkeypatch.setenv("CLONECTL_FAULTS", str(faults))
+    c = cluster_factory()
+    c.wait_converged()
+    lu_file = os.path.join(c.A, "lus", VOLS[0] + ".img")
+    _set_faults(faults, [{"path": lu_file, "op": "write", "offset": 0,
+                          "length": 65536, "errno": "EIO"}])
+    g = c.g
+    with pytest.raises(OSError) as e:
+        c.ta.lus[VOLS[0]].write(b"\xee" * 4096, 8192)
+    assert e.value.errno == 5
+    error_then = c.link.error or ""
+    _set_faults(faults, [])
+    c.ops.clear()           # the model's ops are not used below
+    c.ta.lus[VOLS[0]].write(b"\x11" * 4096, 1 << 16)
+    c.wait_converged()
+    prim = [read_image(c.ta, n) for n in VOLS]
+    sec = [read_image(c.tb, n) for n in VOLS]
+    assert prim[0][8192:12288] != b"\xee" * 4096
+    assert prim == sec, first_diff(prim, sec)
+    assert g.next_seq - 1 == c.sg.applied_seq
+    assert "failed after it was logged" in error_then, error_then
+
+
 def test_corrupt_srl_entry_stops_link_nothing_applied(cluster_factory):
     c = cluster_factory()
     c.wait_converged()
