@@ -124,6 +124,11 @@ class ExportRules:
 
     def rule_for(self, export):
         """(name the rule was given for, AllowList), or (None, None)."""
+        from .iscsi import GATEWAY_PREFIX
+        if export.startswith(GATEWAY_PREFIX):
+            # The same data under the iSCSI gateway's name for it: the
+            # rules of the export it names.
+            export = export[len(GATEWAY_PREFIX):]
         if export in self.lists:
             return export, self.lists[export]
         source = export.partition("@")[0]

@@ -528,6 +528,9 @@ def test_export_rules_follow_exact_names_then_the_source():
     assert rules.rule_for("a@s1")[0] == "a@s1"
     assert rules.permits("a@s1", ip("192.0.2.9"))
     assert not rules.permits("a@s1", ip("10.9.9.9"))
+    # The iSCSI gateway's name for an export is the export.
+    assert not rules.permits("iscsi-gateway:a", ip("127.0.0.1"))
+    assert rules.permits("iscsi-gateway:a", ip("10.1.2.3"))
 
 
 @pytest.fixture
@@ -568,11 +571,12 @@ def test_allow_export_keeps_other_networks_away_from_one_export(
     # From 127.0.0.1 (an ordinary connect_tcp): "a" is refused when opened
     # and not named in the list of exports; "b" (its /8 rule admits the
     # address) and "c" (no rule) are served.
-    h = nbd.NBD()
-    h.set_export_name("a")
-    with pytest.raises(nbd.Error):
-        h.connect_tcp("127.0.0.1", str(srv.port))
-    del h
+    for name in ("a", "iscsi-gateway:a"):
+        h = nbd.NBD()
+        h.set_export_name(name)
+        with pytest.raises(nbd.Error):
+            h.connect_tcp("127.0.0.1", str(srv.port))
+        del h
     assert "client 127.0.0.1 may not open export 'a': it is not in the " \
         "--allow-export list for 'a'" in log.read_text(), \
         log.read_text()[-2000:]
