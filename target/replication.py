@@ -236,6 +236,15 @@ def send_json(sock, kind, obj):
     send_frame(sock, kind, json.dumps(obj).encode())
 
 
+def shutdown_socket(sock):
+    """Wake every thread blocked on sock (recv, send, accept); a socket
+    that is already down is fine."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
 def entry_crc(seq, vol, kind, offset, length, data):
     head = struct.pack("<QIBQI", seq, vol, kind, offset, length)
     return zlib.crc32(data, zlib.crc32(head)) if data is not None \
@@ -714,10 +723,7 @@ class Link:
         self.stopping = True
         sock = self.sock
         if sock is not None:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+            shutdown_socket(sock)
         with self.group.cond:
             self.group.cond.notify_all()
         if join and self.thread is not None and \
@@ -808,10 +814,7 @@ class Link:
                     if not self._stream(sock, epoch):
                         return
         finally:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+            shutdown_socket(sock)
             reader.join(5)
 
     def _read_acks(self, sock):
@@ -847,10 +850,7 @@ class Link:
                     self.state = FAILED
                     self.error = self.error or "connection lost"
                 g.cond.notify_all()
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+            shutdown_socket(sock)
 
     def _send_entries(self, sock, send_pos, until_pos, epoch):
         """Send SRL entries [send_pos, until_pos) in batches; return the
@@ -1270,17 +1270,17 @@ class PrimaryGroup:
                     self.srl_failed(e.__cause__)
 
     def _persist(self, locked):
-        if locked:
+        def snapshot():
             self.persist_lock.acquire()
             rec, saved = self.record()
             held = any(l.holds_srl for l in self.links)
             self.al.sweep()
+            return rec, saved, held
+        if locked:
+            rec, saved, held = snapshot()
         else:
             with self.lock:
-                self.persist_lock.acquire()
-                rec, saved = self.record()
-                held = any(l.holds_srl for l in self.links)
-                self.al.sweep()
+                rec, saved, held = snapshot()
         try:
             # The SRL must hold every entry up to the positions saved.
             if held:
@@ -2015,10 +2015,7 @@ class SecondaryGroup:
         self.closed = True
         conn = self.connection
         if conn is not None:
-            try:
-                conn.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+            shutdown_socket(conn)
 
 
 class ReplicaServer:
@@ -2086,10 +2083,7 @@ class ReplicaServer:
                 if old is not None:
                     # A primary that reconnects (after a crash or a cut)
                     # takes over from its dead connection.
-                    try:
-                        old.shutdown(socket.SHUT_RDWR)
-                    except OSError:
-                        pass
+                    shutdown_socket(old)
                 group.connection = conn
                 group.serving = threading.current_thread()
             # One session at a time: the old one may still be applying a
@@ -2127,10 +2121,7 @@ class ReplicaServer:
     def stop(self):
         self.stopping = True
         # close() alone does not wake a thread blocked in accept().
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
+        shutdown_socket(self.sock)
         try:
             self.sock.close()
         except OSError:
