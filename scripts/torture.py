@@ -197,8 +197,10 @@ class PowerFS:
     """The disk of a --power-loss run: scripts/powerfs.py mounting BACKING
     at MOUNT; cut() is the power cut, start() the next boot."""
 
-    def __init__(self, workdir, seed, log, ignore_fsync=False, name="disk"):
+    def __init__(self, workdir, seed, log, ignore_fsync=False, name="disk",
+                 writeback=None):
         self.ignore_fsync = ignore_fsync
+        self.writeback = writeback
         self.backing = os.path.join(workdir, name)
         self.mount = os.path.join(workdir, name + ".mnt")
         os.makedirs(self.backing)
@@ -213,7 +215,9 @@ class PowerFS:
             [sys.executable, os.path.join(REPO, "scripts", "powerfs.py"),
              self.backing, self.mount,
              "--seed", str(self.seed * 1000 + self.boots)] +
-            (["--unsafe-ignore-fsync"] if self.ignore_fsync else []),
+            (["--unsafe-ignore-fsync"] if self.ignore_fsync else []) +
+            (["--writeback", str(self.writeback)]
+             if self.writeback is not None else []),
             stdin=subprocess.DEVNULL, stdout=self.log, stderr=self.log,
             start_new_session=True, preexec_fn=_die_with_parent)
         deadline = time.monotonic() + timeout
@@ -288,10 +292,7 @@ class Relay(threading.Thread):
         except OSError:
             pass
         for sock in (src, dst):
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+            shutdown_socket(sock)
 
     def cut(self, seconds):
         with self.lock:
@@ -299,10 +300,7 @@ class Relay(threading.Thread):
             pairs, self.pairs = self.pairs, []
         for pair in pairs:
             for sock in pair:
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+                shutdown_socket(sock)
                 sock.close()
 
     def heal(self):
@@ -313,10 +311,35 @@ class Relay(threading.Thread):
         self.listener.close()
 
 
+def shutdown_socket(sock):
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def replication_status(primary, secondary, group=GROUP):
+    """(the primary's group status, its first link, the secondary's status
+    or {} if it does not answer)."""
+    p = primary.cli_json("rsg", "status", group)
+    link = (p.get("links") or [None])[0]
+    proc = secondary.cli("rsg", "status", group, "--json")
+    s = json.loads(proc.stdout) if proc.returncode == 0 else {}
+    return p, link, s
+
+
+def caught_up(p, link, s):
+    """The link replicates with no lag and the secondary, consistent, has
+    applied the primary's last update."""
+    return bool(link) and link["state"] == "replicating" and \
+        not link["lag_updates"] and bool(s.get("consistent")) and \
+        s.get("applied_seq") == p["last_seq"]
 
 
 class Target:
@@ -410,6 +433,14 @@ class Target:
                 raise Violation("nbdkit outlived its manager")
             time.sleep(0.02)
         self.proc = None
+
+    def power_cut(self, disk):
+        """Cut the power of disk (a PowerFS) and of this target, then boot
+        the disk again; the target stays down."""
+        # The disk goes first: nothing the dying processes still write
+        # reaches it.
+        self.kill_manager(before_kill=disk.cut)
+        disk.start()
 
     def stop(self):
         if self.proc is None or self.proc.poll() is not None:
@@ -800,10 +831,7 @@ class Torture:
 
     def op_power_cut(self, rng):
         time.sleep(rng.random() * 0.5)
-        # The disk goes first: nothing the dying processes still write
-        # reaches it.
-        self.target.kill_manager(before_kill=self.powerfs.cut)
-        self.powerfs.start()
+        self.target.power_cut(self.powerfs)
         self.counters["power_cuts"] += 1
         self.nbdkit_kills = []
         self.crashed = True
@@ -820,8 +848,7 @@ class Torture:
         power cut of its disk."""
         time.sleep(rng.random() * 0.5)
         if self.secondary_disk is not None and rng.random() < 0.5:
-            self.secondary.kill_manager(before_kill=self.secondary_disk.cut)
-            self.secondary_disk.start()
+            self.secondary.power_cut(self.secondary_disk)
             self.counters["secondary_power_cuts"] += 1
         else:
             self.secondary.kill_manager()
@@ -954,12 +981,7 @@ class Torture:
             self.counters["session_checks"] += 1
 
     def replication_status(self):
-        """(the primary's group status, its link, the secondary's status)."""
-        p = self.target.cli_json("rsg", "status", GROUP)
-        link = (p.get("links") or [None])[0]
-        proc = self.secondary.cli("rsg", "status", GROUP, "--json")
-        s = json.loads(proc.stdout) if proc.returncode == 0 else {}
-        return p, link, s
+        return replication_status(self.target, self.secondary)
 
     def check_replication(self, timeout=120):
         """A secondary that says it is inconsistent refuses reads; once
@@ -986,9 +1008,7 @@ class Torture:
                          link["state"] == "diverged"):
                 raise Violation("replication link {}: {}".format(
                     link["state"], link["stopped_error"] or link["error"]))
-            if link and link["state"] == "replicating" and \
-                    not link["lag_updates"] and s.get("consistent") and \
-                    s.get("applied_seq") == p["last_seq"]:
+            if caught_up(p, link, s):
                 break
             if time.monotonic() > deadline:
                 raise Violation("the secondary did not catch up in {} s: "

@@ -3,52 +3,36 @@
 power-loss torture proves nothing."""
 
 import os
-import signal
 import subprocess
 import sys
-import time
+from pathlib import Path
 
 import pytest
 
 from conftest import REPO
+
+sys.path.insert(0, str(REPO / "scripts"))
+import torture  # noqa: E402
+
+sys.path.pop(0)
 
 pytestmark = pytest.mark.skipif(
     not os.path.exists("/dev/fuse") or os.geteuid() != 0,
     reason="mounts a FUSE file system: needs /dev/fuse and root")
 
 
-class Disk:
+class Disk(torture.PowerFS):
+    """The torture's disk, with Paths for the tests."""
 
-    def __init__(self, tmp_path, *args):
-        self.backing = tmp_path / "backing"
-        self.mount = tmp_path / "mnt"
-        self.backing.mkdir(exist_ok=True)
-        self.mount.mkdir(exist_ok=True)
-        self.proc = subprocess.Popen(
-            [sys.executable, str(REPO / "scripts" / "powerfs.py"),
-             str(self.backing), str(self.mount)] + list(args),
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 20
-        while not os.path.ismount(self.mount):
-            assert self.proc.poll() is None and time.monotonic() < deadline
-            time.sleep(0.02)
-
-    def cut(self):
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-        subprocess.run(["fusermount3", "-u", "-z", str(self.mount)])
-
-    def stop(self):
-        if self.proc.poll() is None:
-            subprocess.run(["fusermount3", "-u", "-z", str(self.mount)])
-            self.proc.terminate()
-            self.proc.wait(10)
+    def __init__(self, tmp_path, **options):
+        super().__init__(str(tmp_path), log=subprocess.DEVNULL, **options)
+        self.start()
+        self.backing, self.mount = Path(self.backing), Path(self.mount)
 
 
 @pytest.fixture
 def disk(tmp_path):
-    d = Disk(tmp_path, "--writeback", "0")
+    d = Disk(tmp_path, seed=0, writeback=0)
     yield d
     d.stop()
 
@@ -77,7 +61,7 @@ def test_rename_of_an_unsynced_file_keeps_no_data(disk):
 
 
 def test_ignore_fsync_loses_even_synced_writes(tmp_path):
-    d = Disk(tmp_path, "--writeback", "0", "--unsafe-ignore-fsync")
+    d = Disk(tmp_path, seed=0, writeback=0, ignore_fsync=True)
     try:
         fd = os.open(d.mount / "f", os.O_RDWR | os.O_CREAT, 0o644)
         os.pwrite(fd, b"x" * 4096, 0)
@@ -90,7 +74,7 @@ def test_ignore_fsync_loses_even_synced_writes(tmp_path):
 
 
 def test_early_writeback_keeps_some_unsynced_pages(tmp_path):
-    d = Disk(tmp_path, "--writeback", "0.5", "--seed", "3")
+    d = Disk(tmp_path, seed=3, writeback=0.5)
     try:
         fd = os.open(d.mount / "f", os.O_RDWR | os.O_CREAT, 0o644)
         for page in range(64):

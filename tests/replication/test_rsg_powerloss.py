@@ -7,7 +7,6 @@ it (replication.py before the activity log) the secondary either keeps the
 lost writes or, when the SRL tail was lost as well, skips the primary's
 next updates as ones it already has: both fail here."""
 
-import json
 import os
 import sys
 import time
@@ -73,20 +72,11 @@ def pair(tmp_path):
         disk.stop()
 
 
-def _status(primary, secondary):
-    p = primary.cli_json("rsg", "status", "g")
-    proc = secondary.cli("rsg", "status", "g", "--json")
-    s = json.loads(proc.stdout) if proc.returncode == 0 else {}
-    return p, (p.get("links") or [None])[0], s
-
-
 def _wait_caught_up(primary, secondary, timeout=60):
     deadline = time.monotonic() + timeout
     while True:
-        p, link, s = _status(primary, secondary)
-        if link and link["state"] == "replicating" and \
-                not link["lag_updates"] and s.get("consistent") and \
-                s.get("applied_seq") == p["last_seq"]:
+        p, link, s = torture.replication_status(primary, secondary)
+        if torture.caught_up(p, link, s):
             return p, s
         assert time.monotonic() < deadline, \
             "not caught up: primary {} link {} secondary {}".format(
@@ -104,9 +94,7 @@ def test_power_cut_after_streamed_unflushed_writes(pair):
     _, s = _wait_caught_up(primary, secondary)
     assert secondary.read_all("src", SIZE)[:BLOCK] == _block(b"lost", 0)
 
-    # The power cut: the disk first, then the target's processes.
-    primary.kill_manager(before_kill=disk.cut)
-    disk.start()
+    primary.power_cut(disk)
     primary.start()
     after = primary.read_all("src", SIZE)
     lost = [b for b in range(64)
