@@ -223,8 +223,13 @@ class PowerFS:
         deadline = time.monotonic() + timeout
         while not os.path.ismount(self.mount):
             if self.proc.poll() is not None or time.monotonic() > deadline:
+                code = self.proc.poll()
+                # By PID: no file system process outlives a failed start.
+                self.proc.kill()
+                self.proc.wait(10)
+                self.proc = None
                 raise Violation("powerfs did not mount (exit {})".format(
-                    self.proc.poll()))
+                    code))
             time.sleep(0.02)
 
     def cut(self):
