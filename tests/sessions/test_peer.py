@@ -105,7 +105,14 @@ def test_update_to_peer_protects_and_releases(pair):
 
 
 def test_failed_transfer_leaves_image_protected_and_rollback(pair):
-    """The transfer goes through a slow proxy that is killed mid-way."""
+    """The transfer goes through a slow proxy that is killed mid-way.
+
+    Every write waits in the proxy, and the update is data from end to end,
+    so the extents after the first checkpoint take several seconds more:
+    the proxy is stopped as soon as the checkpoint shows, before the
+    transfer can finish (in CI a 0.5 s delay over zeroes after the
+    checkpoint let it complete first).
+    """
     p = pair
     a_uri, b_uri = p["srv_a"].uri("db"), p["srv_b"].uri("db")
     qemu_io(a_uri, "write -P 0x11 0 16M")
@@ -113,7 +120,7 @@ def test_failed_transfer_leaves_image_protected_and_rollback(pair):
     proxy = subprocess.Popen(
         ["nbdkit", "--foreground", "-U", str(proxy_sock), "--filter=delay",
          "nbd", "socket={}".format(p["srv_b"].socket), "export=db",
-         "wdelay=500ms"], stdin=subprocess.DEVNULL,
+         "wdelay=2"], stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     p["guard"].add(proxy.pid)
     proxy_uri = "nbd+unix:///db?socket={}".format(proxy_sock)
@@ -127,7 +134,7 @@ def test_failed_transfer_leaves_image_protected_and_rollback(pair):
     consistent = read_all(b_uri)
     assert consistent == read_all(a_uri)
 
-    qemu_io(a_uri, "write -P 0x33 0 16M")
+    qemu_io(a_uri, "write -P 0x33 0 {}M".format(SIZE // MiB))
     run_clonectl(p["a"], "session", "transfer", "s", "--full", "--timeout",
                  "5")
     # The transfer runs through the slow proxy: B is protected now.
@@ -135,13 +142,18 @@ def test_failed_transfer_leaves_image_protected_and_rollback(pair):
     assert [s["name"] for s in images] == ["protected-db"]
     assert images[0]["marked"] and images[0]["frozen_export"] == \
         "db@protected-db"
-    # Kill the proxy once part of the update has reached B and counts as
-    # sent (a checkpoint flushed it and cleared its bits).
+    # Stop the proxy once part of the update has reached B and counts as
+    # sent (a checkpoint flushed it and cleared its bits); nothing more
+    # reaches B from then on, and the sender's requests time out.
     deadline = time.monotonic() + 60
-    while session_status(p["a"], "s")["destinations"][0][
-            "pending_extents"] == SIZE // (64 << 10):
+    while True:
+        dest = session_status(p["a"], "s")["destinations"][0]
+        if dest["pending_extents"] < SIZE // (64 << 10):
+            break
         assert time.monotonic() < deadline, "no checkpoint"
         time.sleep(0.05)
+    proxy.send_signal(signal.SIGSTOP)
+    assert dest["pending_extents"] > 0, "the transfer ended before the stop"
     assert read_all(b_uri) != consistent
     proxy.send_signal(signal.SIGKILL)
     proxy.wait(10)
