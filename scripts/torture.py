@@ -36,7 +36,9 @@ Power loss (--power-loss): the state directory lives on scripts/powerfs.py,
 a FUSE file system that keeps every write since the file's last fsync or
 fdatasync in its own memory and writes a random subset of them back early;
 the "power-cut" operation kill -9s it together with the manager and nbdkit,
-so the disk keeps what was made durable plus an arbitrary part of the rest,
+so the disk keeps what was made durable plus an arbitrary part of the rest
+(directory entries included: those not yet synced by a directory fsync
+survive as a prefix, or not at all),
 then mounts it again and restarts the target.  The model's crash rule is
 the same as for kill -9 (durable, or any later write), but now unsynced
 writes to maps, save areas, clones and the Source really are lost.  The run
@@ -198,9 +200,12 @@ class PowerFS:
     at MOUNT; cut() is the power cut, start() the next boot."""
 
     def __init__(self, workdir, seed, log, ignore_fsync=False, name="disk",
-                 writeback=None):
+                 writeback=None, ignore_dir_fsync=False,
+                 unsynced_entries=None):
         self.ignore_fsync = ignore_fsync
+        self.ignore_dir_fsync = ignore_dir_fsync
         self.writeback = writeback
+        self.unsynced_entries = unsynced_entries
         self.backing = os.path.join(workdir, name)
         self.mount = os.path.join(workdir, name + ".mnt")
         os.makedirs(self.backing)
@@ -216,8 +221,11 @@ class PowerFS:
              self.backing, self.mount,
              "--seed", str(self.seed * 1000 + self.boots)] +
             (["--unsafe-ignore-fsync"] if self.ignore_fsync else []) +
+            (["--unsafe-ignore-dir-fsync"] if self.ignore_dir_fsync else []) +
             (["--writeback", str(self.writeback)]
-             if self.writeback is not None else []),
+             if self.writeback is not None else []) +
+            (["--unsynced-entries", self.unsynced_entries]
+             if self.unsynced_entries is not None else []),
             stdin=subprocess.DEVNULL, stdout=self.log, stderr=self.log,
             start_new_session=True, preexec_fn=_die_with_parent)
         deadline = time.monotonic() + timeout
@@ -556,8 +564,9 @@ class Torture:
         self.log = open(os.path.join(workdir, "serve.log"), "ab")
         self.powerfs = None
         if args.power_loss:
-            self.powerfs = PowerFS(workdir, args.seed, self.log,
-                                   args.unsafe_ignore_fsync)
+            self.powerfs = PowerFS(
+                workdir, args.seed, self.log, args.unsafe_ignore_fsync,
+                ignore_dir_fsync=args.unsafe_ignore_dir_fsync)
             self.state_dir = os.path.join(self.powerfs.mount, "state")
         else:
             self.state_dir = os.path.join(workdir, "state")
@@ -1123,6 +1132,10 @@ and the work directory are printed; the directory is kept).""")
     p.add_argument("--unsafe-ignore-fsync", action="store_true",
                    help="with --power-loss: the disk ignores fsync and "
                         "fdatasync (the twin run: must fail)")
+    p.add_argument("--unsafe-ignore-dir-fsync", action="store_true",
+                   help="with --power-loss: the disk ignores fsync of "
+                        "directories, so new, renamed and removed files may "
+                        "come back as they were (the twin run: must fail)")
     p.add_argument("--replication", choices=("async", "sync"),
                    help="replicate the Source to a second target over a "
                         "relay that the run cuts, and kill -9 that too")
@@ -1134,8 +1147,9 @@ and the work directory are printed; the directory is kept).""")
     p.add_argument("--verbose", "-v", action="store_true",
                    help="print each round's operations and results")
     args = p.parse_args(argv)
-    if args.unsafe_ignore_fsync and not args.power_loss:
-        p.error("--unsafe-ignore-fsync needs --power-loss")
+    for unsafe in ("unsafe_ignore_fsync", "unsafe_ignore_dir_fsync"):
+        if getattr(args, unsafe) and not args.power_loss:
+            p.error("--{} needs --power-loss".format(unsafe.replace("_", "-")))
     if args.seed is None:
         args.seed = random.randrange(1 << 31)
     return args
@@ -1151,6 +1165,8 @@ def replay_command(args):
                (" --power-loss" if args.power_loss else "") +
                (" --unsafe-ignore-fsync" if args.unsafe_ignore_fsync
                 else "") +
+               (" --unsafe-ignore-dir-fsync"
+                if args.unsafe_ignore_dir_fsync else "") +
                (" --replication {} --srl-size {}".format(
                    args.replication, args.srl_size)
                 if args.replication else ""))

@@ -75,7 +75,7 @@ import os
 import threading
 import time
 
-from . import backends, errors, maps
+from . import backends, errors, fsutil, maps
 
 log = logging.getLogger("clonectl.clones")
 
@@ -458,11 +458,7 @@ class CloneGroup:
             self.activity_file.close()
             self.prm_file.close()
             paths += [self.activity_file.path, self.prm_file.path]
-        for path in paths:
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
+        fsutil.remove_durably(paths)
         return clone
 
     def attach(self):

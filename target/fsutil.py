@@ -17,6 +17,39 @@ def fsync_dir(path):
         os.close(fd)
 
 
+def makedirs_durable(path, mode=0o700):
+    """os.makedirs, and each new directory's entry made durable (fsync of
+    the directory that holds it), so a power cut cannot take away a
+    directory that files were then created and synced in."""
+    path = os.path.abspath(path)
+    if os.path.isdir(path):
+        return
+    parent = os.path.dirname(path)
+    makedirs_durable(parent, mode)
+    try:
+        os.mkdir(path, mode)
+    except FileExistsError:
+        if not os.path.isdir(path):
+            raise
+        return
+    fsync_dir(parent)
+
+
+def remove_durably(paths):
+    """Unlink each of paths that exists, then fsync the directories they
+    were in: a removal the disk forgets brings an old file back (an old map
+    or stage file that a later create would trip over)."""
+    dirs = set()
+    for path in paths:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            continue
+        dirs.add(os.path.dirname(os.path.abspath(path)))
+    for directory in sorted(dirs):
+        fsync_dir(directory)
+
+
 def write_atomic(path, data, mode=0o600):
     """Replace path with data so that a crash leaves the old or the new file.
 

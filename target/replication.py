@@ -614,11 +614,7 @@ class GroupFiles:
 
     @staticmethod
     def remove(paths):
-        for path in paths:
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
+        fsutil.remove_durably(paths)
 
     def remove_all(self):
         self.remove([self.record, self.srl, self.diverged, self.since(),
@@ -1783,12 +1779,17 @@ class SecondaryGroup:
         head = STAGE_HEADER.pack(STAGE_MAGIC, STAGED, first, last,
                                  len(entries), zlib.crc32(body))
         path = self.files.stage[self.slot]
+        new = not os.path.exists(path)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             os.pwritev(fd, [head, body], 0)
             os.fdatasync(fd)
         finally:
             os.close(fd)
+        if new:
+            # The batch is acknowledged next: a power cut must not take the
+            # new file's entry and the batch with it.
+            fsutil.fsync_dir(os.path.dirname(path))
         return path
 
     def _mark_applied(self, path):
@@ -1799,11 +1800,7 @@ class SecondaryGroup:
             os.close(fd)
 
     def _clear_stage(self):
-        for path in self.files.stage:
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
+        fsutil.remove_durably(self.files.stage)
 
     # Applying.
 

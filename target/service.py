@@ -24,8 +24,8 @@ import os
 import threading
 import time
 
-from . import (backends, clones, errors, iscsi, maps, peer, replication,
-               sessions, state, units)
+from . import (backends, clones, errors, fsutil, iscsi, maps, peer,
+               replication, sessions, state, units)
 
 log = logging.getLogger("clonectl.target")
 
@@ -166,7 +166,7 @@ class Target:
     # ------------------------------------------------------------ replication
 
     def _rsg_files(self, name):
-        os.makedirs(self.rsg_dir, mode=0o700, exist_ok=True)
+        fsutil.makedirs_durable(self.rsg_dir)
         return replication.GroupFiles(self.rsg_dir, name)
 
     def _load_rsgs(self):
@@ -787,10 +787,7 @@ class Target:
                 record.pop("granularity", None)
             self.state_dir.save(doc)
         if rec["owned"]:
-            try:
-                os.unlink(rec["file"])
-            except FileNotFoundError:
-                pass
+            fsutil.remove_durably([rec["file"]])
         return {"name": clone, "file": rec["file"], "owned": rec["owned"]}
 
     def clone_list(self, source=None):
@@ -988,13 +985,10 @@ class Target:
             if "sessions" in record and not record["sessions"]:
                 del record["sessions"]
             self.state_dir.save(doc)
-        for path in [session.tracking.path, session.tracking.path +
-                     ".activity", self._save_area_path(source, name)] + \
-                [session._pending_path(d) for d in session.dests]:
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
+        fsutil.remove_durably(
+            [session.tracking.path, session.tracking.path + ".activity",
+             self._save_area_path(source, name)] +
+            [session._pending_path(d) for d in session.dests])
         return {"name": name, "source": source}
 
     def session_list(self, source=None):

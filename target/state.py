@@ -64,7 +64,7 @@ class StateDir:
 
     def ensure(self):
         for d in (self.path, self.lus_dir, self.run_dir, self.maps_dir):
-            os.makedirs(d, mode=0o700, exist_ok=True)
+            fsutil.makedirs_durable(d)
 
     @contextlib.contextmanager
     def locked(self):
@@ -296,6 +296,9 @@ def create_sparse(path, size):
     try:
         os.ftruncate(fd, size)
         os.fsync(fd)
+        # The new entry too: the state record that names the file is saved
+        # next, and a power cut must not keep the record without the file.
+        fsutil.fsync_dir(os.path.dirname(os.path.abspath(path)))
     except OSError:
         os.close(fd)
         os.unlink(path)
@@ -319,8 +322,5 @@ def delete_lu(state_dir, name, check_busy=None):
         del doc["lus"][name]
         state_dir.save(doc)
     if record["owned"]:
-        try:
-            os.unlink(record["file"])
-        except FileNotFoundError:
-            pass
+        fsutil.remove_durably([record["file"]])
     return record

@@ -32,7 +32,8 @@ class Disk(torture.PowerFS):
 
 @pytest.fixture
 def disk(tmp_path):
-    d = Disk(tmp_path, seed=0, writeback=0)
+    # Directory entries survive: these tests are about data.
+    d = Disk(tmp_path, seed=0, writeback=0, unsynced_entries="keep")
     yield d
     d.stop()
 
@@ -61,7 +62,8 @@ def test_rename_of_an_unsynced_file_keeps_no_data(disk):
 
 
 def test_ignore_fsync_loses_even_synced_writes(tmp_path):
-    d = Disk(tmp_path, seed=0, writeback=0, ignore_fsync=True)
+    d = Disk(tmp_path, seed=0, writeback=0, ignore_fsync=True,
+             unsynced_entries="keep")
     try:
         fd = os.open(d.mount / "f", os.O_RDWR | os.O_CREAT, 0o644)
         os.pwrite(fd, b"x" * 4096, 0)
@@ -74,7 +76,7 @@ def test_ignore_fsync_loses_even_synced_writes(tmp_path):
 
 
 def test_early_writeback_keeps_some_unsynced_pages(tmp_path):
-    d = Disk(tmp_path, seed=3, writeback=0.5)
+    d = Disk(tmp_path, seed=3, writeback=0.5, unsynced_entries="keep")
     try:
         fd = os.open(d.mount / "f", os.O_RDWR | os.O_CREAT, 0o644)
         for page in range(64):
@@ -88,5 +90,125 @@ def test_early_writeback_keeps_some_unsynced_pages(tmp_path):
             assert data[p * 4096:(p + 1) * 4096] in (
                 bytes([p + 1]) * 4096, bytes(4096))
         assert 0 < len(kept) < 64, kept
+    finally:
+        d.stop()
+
+
+# Directory entries: durable once their directory is fsynced.  Undone at the
+# next boot, so these tests cut and start again.
+
+def fsync_dir(path):
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_synced(path, data):
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.pwrite(fd, data, 0)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@pytest.fixture
+def strict_disk(tmp_path):
+    """A disk that loses every directory operation not synced."""
+    d = Disk(tmp_path, seed=0, writeback=0, unsynced_entries="lose")
+    yield d
+    d.stop()
+
+
+def reboot(disk):
+    disk.cut()
+    disk.start()
+
+
+def test_a_synced_file_without_its_directory_synced_is_lost(strict_disk):
+    d = strict_disk
+    (d.mount / "sub").mkdir()
+    fsync_dir(d.mount)
+    write_synced(d.mount / "sub" / "kept", b"k" * 100)
+    fsync_dir(d.mount / "sub")
+    write_synced(d.mount / "sub" / "lost", b"l" * 100)
+    reboot(d)
+    assert sorted(os.listdir(d.mount / "sub")) == ["kept"]
+    assert (d.mount / "sub" / "kept").read_bytes() == b"k" * 100
+
+
+def test_rename_over_a_file_is_undone_without_a_directory_fsync(strict_disk):
+    d = strict_disk
+    write_synced(d.mount / "state", b"old")
+    fsync_dir(d.mount)
+    # The temporary-file-and-rename update, without the directory fsync.
+    write_synced(d.mount / "state.tmp", b"new")
+    os.rename(d.mount / "state.tmp", d.mount / "state")
+    assert (d.mount / "state").read_bytes() == b"new"
+    reboot(d)
+    assert sorted(os.listdir(d.mount)) == ["state"]
+    assert (d.mount / "state").read_bytes() == b"old"
+    # With it, the new file stays.
+    write_synced(d.mount / "state.tmp", b"new")
+    os.rename(d.mount / "state.tmp", d.mount / "state")
+    fsync_dir(d.mount)
+    reboot(d)
+    assert sorted(os.listdir(d.mount)) == ["state"]
+    assert (d.mount / "state").read_bytes() == b"new"
+
+
+def test_an_unsynced_unlink_brings_the_file_back(strict_disk):
+    d = strict_disk
+    write_synced(d.mount / "f", b"data")
+    (d.mount / "dir").mkdir()
+    fsync_dir(d.mount)
+    os.unlink(d.mount / "f")
+    os.rmdir(d.mount / "dir")
+    reboot(d)
+    assert (d.mount / "f").read_bytes() == b"data"
+    assert (d.mount / "dir").is_dir()
+
+
+def test_syncing_an_entry_makes_its_new_parent_durable(strict_disk):
+    d = strict_disk
+    (d.mount / "a").mkdir()
+    (d.mount / "a" / "b").mkdir()
+    write_synced(d.mount / "a" / "b" / "f", b"f")
+    fsync_dir(d.mount / "a" / "b")
+    write_synced(d.mount / "g", b"g")
+    reboot(d)
+    assert (d.mount / "a" / "b" / "f").read_bytes() == b"f"
+    assert not (d.mount / "g").exists()
+
+
+def test_random_prefix_of_unsynced_entries_survives(tmp_path):
+    """A journalling file system commits in order: what survives is a
+    prefix of the unsynced operations, never a later one without an
+    earlier one."""
+    prefixes = set()
+    for seed in range(6):
+        d = Disk(tmp_path / str(seed), seed=seed, writeback=0)
+        try:
+            for i in range(8):
+                (d.mount / "f{}".format(i)).write_bytes(b"")
+            reboot(d)
+            names = sorted(os.listdir(d.mount), key=lambda n: int(n[1:]))
+            assert names == ["f{}".format(i) for i in range(len(names))]
+            prefixes.add(len(names))
+        finally:
+            d.stop()
+    assert len(prefixes) > 1, prefixes
+
+
+def test_ignore_dir_fsync_loses_synced_entries(tmp_path):
+    d = Disk(tmp_path, seed=0, writeback=0, unsynced_entries="lose",
+             ignore_dir_fsync=True)
+    try:
+        write_synced(d.mount / "f", b"f")
+        fsync_dir(d.mount)
+        reboot(d)
+        assert os.listdir(d.mount) == []
     finally:
         d.stop()

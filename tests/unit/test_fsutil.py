@@ -137,3 +137,29 @@ def test_fsync_dir(tmp_path):
     with pytest.raises(NotADirectoryError):
         (tmp_path / "f").write_bytes(b"")
         fsutil.fsync_dir(str(tmp_path / "f"))
+
+
+def test_makedirs_durable_syncs_the_parent_of_each_new_directory(
+        tmp_path, monkeypatch):
+    synced = []
+    real = fsutil.fsync_dir
+    monkeypatch.setattr(fsutil, "fsync_dir",
+                        lambda p: (synced.append(p), real(p)))
+    fsutil.makedirs_durable(str(tmp_path / "a" / "b"))
+    assert (tmp_path / "a" / "b").is_dir()
+    assert stat.S_IMODE((tmp_path / "a").stat().st_mode) == 0o700
+    assert synced == [str(tmp_path), str(tmp_path / "a")]
+    fsutil.makedirs_durable(str(tmp_path / "a" / "b"))    # nothing new
+    assert len(synced) == 2
+
+
+def test_remove_durably_syncs_each_directory_once(tmp_path, monkeypatch):
+    synced = []
+    monkeypatch.setattr(fsutil, "fsync_dir", synced.append)
+    (tmp_path / "d").mkdir()
+    for name in ("x", "y", "d/z"):
+        (tmp_path / name).write_bytes(b"")
+    fsutil.remove_durably([str(tmp_path / n)
+                           for n in ("x", "y", "d/z", "missing")])
+    assert os.listdir(tmp_path) == ["d"] and os.listdir(tmp_path / "d") == []
+    assert synced == sorted([str(tmp_path), str(tmp_path / "d")])
