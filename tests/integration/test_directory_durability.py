@@ -23,6 +23,8 @@ import torture  # noqa: E402
 
 sys.path.pop(0)
 
+from target.fsutil import fsync_dir  # noqa: E402
+
 pytestmark = pytest.mark.skipif(
     not os.path.exists("/dev/fuse") or os.geteuid() != 0,
     reason="mounts a FUSE file system: needs /dev/fuse and root")
@@ -53,14 +55,6 @@ def test_a_created_lu_keeps_its_file(disk):
     power_cycle(disk)
     record = lus(state_dir)["db"]
     assert os.path.getsize(record["file"]) == 1 << 20
-
-
-def fsync_dir(path):
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def test_a_deleted_lu_leaves_no_file_to_trip_over(disk):

@@ -16,6 +16,8 @@ import torture  # noqa: E402
 
 sys.path.pop(0)
 
+from target.fsutil import fsync_dir  # noqa: E402
+
 pytestmark = pytest.mark.skipif(
     not os.path.exists("/dev/fuse") or os.geteuid() != 0,
     reason="mounts a FUSE file system: needs /dev/fuse and root")
@@ -30,12 +32,17 @@ class Disk(torture.PowerFS):
         self.backing, self.mount = Path(self.backing), Path(self.mount)
 
 
+def _mounted(tmp_path, unsynced_entries):
+    d = Disk(tmp_path, seed=0, writeback=0,
+             unsynced_entries=unsynced_entries)
+    yield d
+    d.stop()
+
+
 @pytest.fixture
 def disk(tmp_path):
     # Directory entries survive: these tests are about data.
-    d = Disk(tmp_path, seed=0, writeback=0, unsynced_entries="keep")
-    yield d
-    d.stop()
+    yield from _mounted(tmp_path, "keep")
 
 
 def test_unsynced_writes_are_lost_synced_ones_kept(disk):
@@ -97,14 +104,6 @@ def test_early_writeback_keeps_some_unsynced_pages(tmp_path):
 # Directory entries: durable once their directory is fsynced.  Undone at the
 # next boot, so these tests cut and start again.
 
-def fsync_dir(path):
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_synced(path, data):
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
@@ -117,9 +116,7 @@ def write_synced(path, data):
 @pytest.fixture
 def strict_disk(tmp_path):
     """A disk that loses every directory operation not synced."""
-    d = Disk(tmp_path, seed=0, writeback=0, unsynced_entries="lose")
-    yield d
-    d.stop()
+    yield from _mounted(tmp_path, "lose")
 
 
 def reboot(disk):
