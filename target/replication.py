@@ -67,7 +67,7 @@ replay the secondary protects its last consistent image (a copy-on-first-
 write snapshot, LU@protected-LU, the peer channel's mechanism) and releases
 it when the replay completes.
 
-A failing SRL (a write or a sync returns an error) must not fail the
+A failing SRL (a read, a write or a sync returns an error) must not fail the
 host's I/O, since the volumes are fine: every link that holds the SRL
 switches to DCM logging with what it had not acknowledged and the change
 that could not be logged, the record is saved without the SRL, and the
@@ -353,6 +353,8 @@ class Srl:
             pos += room
             room = self.capacity
         phys = SRL_DATA_START + pos % self.capacity
+        if self.faults is not None:
+            self.faults.check("read", phys, SRL_ENTRY.size)
         raw = os.pread(self.fd, SRL_ENTRY.size, phys)
         if raw[:4] == PAD_MAGIC:
             pos += room
@@ -855,7 +857,11 @@ class Link:
         parts, batch_bytes, last_seq = [], 0, None
         pos = send_pos
         while pos < until_pos:
-            e = g.srl.read(pos)
+            try:
+                e = g.srl.read(pos)
+            except OSError as err:
+                self._srl_unreadable(err, epoch)
+                return None
             ok = e is not None and \
                 entry_crc(e[0], e[1], e[2], e[3], e[4], e[6]) == e[5]
             if not ok:
@@ -876,6 +882,15 @@ class Link:
             self._commit(sock, parts, last_seq, pos)
         return pos
 
+    def _srl_unreadable(self, err, epoch):
+        """A read of the SRL failed: as for a failed write, the links that
+        hold it log to their DCMs and replay once it works again (not a
+        lost connection to retry for ever: the entries would never go)."""
+        g = self.group
+        with g.cond:
+            if self.epoch == epoch and self.holds_srl:
+                g.srl_failed(err)
+
     def _commit(self, sock, parts, last_seq, end_pos):
         g = self.group
         with g.cond:
@@ -893,8 +908,13 @@ class Link:
                 send_pos, self.stream_from = self.stream_from, None
             else:
                 # Skip entries the secondary has already (a lost ack).
-                send_pos = g.skip_applied(self.acked_pos,
-                                          self.secondary_applied)
+                try:
+                    send_pos = g.skip_applied(self.acked_pos,
+                                              self.secondary_applied)
+                except OSError as err:
+                    if self.epoch == epoch and self.holds_srl:
+                        g.srl_failed(err)
+                    return not self.stopping
                 if send_pos != self.acked_pos:
                     self.acked_pos = send_pos
                     self.acked_seq = max(self.acked_seq,
@@ -1361,11 +1381,12 @@ class PrimaryGroup:
                     self.srl_failed(e)
 
     def srl_failed(self, e, change=None):
-        """(Under the lock.)  The SRL cannot be written or made durable:
-        every link that holds it switches to DCM logging with what it has
-        not acknowledged (and the change that failed to be logged), so the
-        host write or flush goes on and nothing is lost for replication;
-        the links replay once the SRL works again (after SRL_RETRY)."""
+        """(Under the lock.)  The SRL cannot be read, written or made
+        durable: every link that holds it switches to DCM logging with what
+        it has not acknowledged (and the change that failed to be logged),
+        so the host write or flush goes on and nothing is lost for
+        replication; the links replay once the SRL works again (after
+        SRL_RETRY)."""
         self.srl_failed_at = time.monotonic()
         self._all_to_dcm("the SRL failed ({}); changes are tracked in the "
                          "DCM and replayed when it works again".format(e),
@@ -1935,6 +1956,13 @@ class SecondaryGroup:
                     raise errors.ProtocolError(reason="unknown frame {!r}"
                                                .format(kind))
         except errors.Error as e:
+            if self.closed:
+                # The target closing under this session (its LUs go away):
+                # no FAIL, which would stop the primary's link for good;
+                # the primary sees the connection drop and comes back.
+                log.info("group %s: session ended by the close: %s",
+                         self.name, e)
+                return
             # Refused updates, or a step of the replay that failed here
             # (protecting the image): the primary stops with the message.
             self.error = str(e)
@@ -2009,8 +2037,11 @@ class SecondaryGroup:
                 "error": self.error}
 
     def close(self):
-        self.closed = True
-        conn = self.connection
+        # Under the session lock: a connection being set up sees `closed`
+        # (ReplicaServer._serve) or is shut down here, never neither.
+        with self.session_lock:
+            self.closed = True
+            conn = self.connection
         if conn is not None:
             shutdown_socket(conn)
 
@@ -2076,6 +2107,11 @@ class ReplicaServer:
                                               "done")
             group = self.accept(hello, addr[0])
             with group.session_lock:
+                if group.closed:
+                    # The target is closing: no answer that the primary
+                    # could take for a refusal; it connects again later.
+                    group = None
+                    return
                 old, old_thread = group.connection, group.serving
                 if old is not None:
                     # A primary that reconnects (after a crash or a cut)

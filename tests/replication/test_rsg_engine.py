@@ -620,13 +620,15 @@ def _set_faults(path, rules):
     os.rename(tmp, path)       # re-read by the hook when the file changes
 
 
-@pytest.mark.parametrize("op,code", [("write", "ENOSPC"), ("flush", "EIO")])
+@pytest.mark.parametrize("op,code", [("write", "ENOSPC"), ("flush", "EIO"),
+                                     ("read", "EIO")])
 def test_failing_srl_switches_links_to_dcm_and_loses_nothing(
         cluster_factory, tmp_path, monkeypatch, op, code):
     """A failing SRL device (CLONECTL_FAULTS, target/backends.py): host
     writes and flushes go on (the volumes are fine), the link logs to its
     DCM with the error in status, and once the SRL works again the replay
-    makes the secondary equal the primary."""
+    makes the secondary equal the primary.  A failing read (the sender
+    reading entries back) is no lost connection to retry for ever."""
     faults = tmp_path / "faults.json"
     _set_faults(faults, [])
     monkeypatch.setenv("CLONECTL_FAULTS", str(faults))
@@ -647,6 +649,37 @@ def test_failing_srl_switches_links_to_dcm_and_loses_nothing(
     c.flush()
     c.check_final()
     assert c.link.replays >= 1
+
+
+def test_secondary_closing_under_a_session_sends_no_fail(cluster_factory):
+    """A secondary that closes while it serves a primary (its LUs going
+    away under a replay: "no LU named 'v1'", found by the model test under
+    load) must not answer with FAIL, which stops the primary's link for
+    good; it drops the connection and the primary comes back.  A bad frame
+    stands in for the error the closing target causes."""
+    c = cluster_factory()
+    c.wait_converged()
+    c.ta.rsg_detach("g", c.addr)    # the real primary stays away
+    primary_end, secondary_end = socket.socketpair()
+    try:
+        sg = c.sg
+        server = threading.Thread(target=sg.serve,
+                                  args=(secondary_end, {}, "127.0.0.1"))
+        server.start()
+        time.sleep(0.2)             # serving: waiting for a frame
+        sg.closed = True            # the target began to close
+        R.send_frame(primary_end, b"XXXX")
+        server.join(10)
+        assert not server.is_alive()
+        primary_end.settimeout(0.5)
+        try:
+            answer = primary_end.recv(64)
+        except socket.timeout:
+            answer = b""
+        assert b"FAIL" not in answer, answer
+    finally:
+        primary_end.close()
+        secondary_end.close()
 
 
 def test_volume_write_failing_after_it_was_logged_is_not_replicated(
