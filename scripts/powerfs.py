@@ -152,7 +152,10 @@ class Namespace:
             try:
                 rec = json.loads(line)
             except ValueError:
-                break   # the process died writing it: the op never ran on
+                # Torn by the cut: the operation was done before its
+                # record (record() follows it), so it stays, as if the
+                # journal had committed it.
+                break
             if "sync" in rec:
                 self._apply_sync(ops, rec["sync"])
             else:
