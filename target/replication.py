@@ -860,7 +860,8 @@ class Link:
             try:
                 e = g.srl.read(pos)
             except OSError as err:
-                self._srl_unreadable(err, epoch)
+                with g.cond:
+                    self._srl_unreadable(err, epoch)
                 return None
             ok = e is not None and \
                 entry_crc(e[0], e[1], e[2], e[3], e[4], e[6]) == e[5]
@@ -883,13 +884,12 @@ class Link:
         return pos
 
     def _srl_unreadable(self, err, epoch):
-        """A read of the SRL failed: as for a failed write, the links that
-        hold it log to their DCMs and replay once it works again (not a
-        lost connection to retry for ever: the entries would never go)."""
-        g = self.group
-        with g.cond:
-            if self.epoch == epoch and self.holds_srl:
-                g.srl_failed(err)
+        """(Under the lock.)  A read of the SRL failed: as for a failed
+        write, the links that hold it log to their DCMs and replay once it
+        works again (not a lost connection to retry for ever: the entries
+        would never go)."""
+        if self.epoch == epoch and self.holds_srl:
+            self.group.srl_failed(err)
 
     def _commit(self, sock, parts, last_seq, end_pos):
         g = self.group
@@ -912,8 +912,7 @@ class Link:
                     send_pos = g.skip_applied(self.acked_pos,
                                               self.secondary_applied)
                 except OSError as err:
-                    if self.epoch == epoch and self.holds_srl:
-                        g.srl_failed(err)
+                    self._srl_unreadable(err, epoch)
                     return not self.stopping
                 if send_pos != self.acked_pos:
                     self.acked_pos = send_pos
