@@ -247,6 +247,11 @@ class PowerFS:
         self.proc = None
         self._unmount()
 
+    def power_cycle(self):
+        """A power cut and the next boot (for a disk nothing else runs on)."""
+        self.cut()
+        self.start()
+
     def _unmount(self):
         # Lazy: processes of the dead target may still hold files open.
         subprocess.run(["fusermount3", "-u", "-z", self.mount],

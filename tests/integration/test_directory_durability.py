@@ -39,11 +39,6 @@ def disk(tmp_path):
     d.stop()
 
 
-def power_cycle(disk):
-    disk.cut()
-    disk.start()
-
-
 def lus(state_dir):
     return {lu["name"]: lu for lu in json.loads(
         run_clonectl(state_dir, "lu", "list", "--json").stdout)}
@@ -52,7 +47,7 @@ def lus(state_dir):
 def test_a_created_lu_keeps_its_file(disk):
     state_dir = os.path.join(disk.mount, "state")
     run_clonectl(state_dir, "lu", "create", "db", "--size", "1M")
-    power_cycle(disk)
+    disk.power_cycle()
     record = lus(state_dir)["db"]
     assert os.path.getsize(record["file"]) == 1 << 20
 
@@ -64,7 +59,7 @@ def test_a_deleted_lu_leaves_no_file_to_trip_over(disk):
     # the removal is at stake.
     fsync_dir(os.path.join(state_dir, "lus"))
     run_clonectl(state_dir, "lu", "delete", "db")
-    power_cycle(disk)
+    disk.power_cycle()
     assert "db" not in lus(state_dir)
     # A file brought back by the cut would make this refuse ("a file of
     # that name is already in the state directory").

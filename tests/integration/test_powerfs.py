@@ -119,11 +119,6 @@ def strict_disk(tmp_path):
     yield from _mounted(tmp_path, "lose")
 
 
-def reboot(disk):
-    disk.cut()
-    disk.start()
-
-
 def test_a_synced_file_without_its_directory_synced_is_lost(strict_disk):
     d = strict_disk
     (d.mount / "sub").mkdir()
@@ -131,7 +126,7 @@ def test_a_synced_file_without_its_directory_synced_is_lost(strict_disk):
     write_synced(d.mount / "sub" / "kept", b"k" * 100)
     fsync_dir(d.mount / "sub")
     write_synced(d.mount / "sub" / "lost", b"l" * 100)
-    reboot(d)
+    d.power_cycle()
     assert sorted(os.listdir(d.mount / "sub")) == ["kept"]
     assert (d.mount / "sub" / "kept").read_bytes() == b"k" * 100
 
@@ -144,14 +139,14 @@ def test_rename_over_a_file_is_undone_without_a_directory_fsync(strict_disk):
     write_synced(d.mount / "state.tmp", b"new")
     os.rename(d.mount / "state.tmp", d.mount / "state")
     assert (d.mount / "state").read_bytes() == b"new"
-    reboot(d)
+    d.power_cycle()
     assert sorted(os.listdir(d.mount)) == ["state"]
     assert (d.mount / "state").read_bytes() == b"old"
     # With it, the new file stays.
     write_synced(d.mount / "state.tmp", b"new")
     os.rename(d.mount / "state.tmp", d.mount / "state")
     fsync_dir(d.mount)
-    reboot(d)
+    d.power_cycle()
     assert sorted(os.listdir(d.mount)) == ["state"]
     assert (d.mount / "state").read_bytes() == b"new"
 
@@ -163,7 +158,7 @@ def test_an_unsynced_unlink_brings_the_file_back(strict_disk):
     fsync_dir(d.mount)
     os.unlink(d.mount / "f")
     os.rmdir(d.mount / "dir")
-    reboot(d)
+    d.power_cycle()
     assert (d.mount / "f").read_bytes() == b"data"
     assert (d.mount / "dir").is_dir()
 
@@ -175,7 +170,7 @@ def test_syncing_an_entry_makes_its_new_parent_durable(strict_disk):
     write_synced(d.mount / "a" / "b" / "f", b"f")
     fsync_dir(d.mount / "a" / "b")
     write_synced(d.mount / "g", b"g")
-    reboot(d)
+    d.power_cycle()
     assert (d.mount / "a" / "b" / "f").read_bytes() == b"f"
     assert not (d.mount / "g").exists()
 
@@ -190,7 +185,7 @@ def test_random_prefix_of_unsynced_entries_survives(tmp_path):
         try:
             for i in range(8):
                 (d.mount / "f{}".format(i)).write_bytes(b"")
-            reboot(d)
+            d.power_cycle()
             names = sorted(os.listdir(d.mount), key=lambda n: int(n[1:]))
             assert names == ["f{}".format(i) for i in range(len(names))]
             prefixes.add(len(names))
@@ -205,7 +200,7 @@ def test_ignore_dir_fsync_loses_synced_entries(tmp_path):
     try:
         write_synced(d.mount / "f", b"f")
         fsync_dir(d.mount)
-        reboot(d)
+        d.power_cycle()
         assert os.listdir(d.mount) == []
     finally:
         d.stop()
