@@ -9,9 +9,11 @@ mirrored to it before they are acknowledged; while it is `out-of-sync` or
 a fractured clone is exported under its own name, its writes setting its
 own bits.
 
-Interception: CloneGroup.attach() replaces the Source LU's write, zero,
-trim and flush attributes (and read, during a reverse sync) with the group's
-own; an LU without clones pays nothing.
+Interception: the group is the "clones" layer of the Source's I/O stack
+(target.iostack): it takes the Source's writes, zeroes, trims and flushes,
+and its reads during a reverse sync or a restore; what it writes into the
+Source goes `below` it, through sessions and replication.  An LU without
+clones has no such layer and pays nothing.
 
 Persistence (DESIGN.md section 3.3).  Each clone's Delta Map is committed
 whole at flush points (at most once per COMMIT_INTERVAL), when an operation
@@ -461,33 +463,37 @@ class CloneGroup:
         fsutil.remove_durably(paths)
         return clone
 
-    def attach(self):
-        lu = self.source
-        lu.write = self.source_write
-        lu.zero = self.source_zero
-        lu.trim = self.source_trim
-        lu.flush = self.source_flush
-        self._set_read_path()
+    # The group is the "clones" layer of the Source's I/O stack
+    # (target.iostack): everything below it (sessions, replication, the
+    # backing file) is `below`.
 
-    def detach(self):
-        lu = self.source
-        for attr in ("write", "zero", "trim", "flush", "extents"):
-            lu.__dict__.pop(attr, None)
-        lu.read = lu.backend.readinto
+    @property
+    def below(self):
+        return self.source.stack.below("clones")
 
-    def _set_read_path(self):
+    def link(self, inner):
+        pass    # `below` asks the stack: valid before attach and after
+
+    def intercepts(self):
+        ops = {"write": self.source_write, "zero": self.source_zero,
+               "trim": self.source_trim, "flush": self.source_flush}
         # While the Source shows a clone's data, its allocation says nothing
         # about what a read returns: report data everywhere, or clients that
         # skip holes (nbdcopy, qemu-img convert) would copy zeroes.
         if any(c.state == REVERSE_SYNCING for c in self.clones.values()):
-            self.source.read = self.redirected_read
-            self.source.extents = _all_data
+            ops.update(readinto=self.redirected_read, extents=_all_data)
         elif self.restoring is not None:
-            self.source.read = self.restore_read
-            self.source.extents = _all_data
-        else:
-            self.source.read = self.source.backend.readinto
-            self.source.__dict__.pop("extents", None)
+            ops.update(readinto=self.restore_read, extents=_all_data)
+        return ops
+
+    def attach(self):
+        self.source.stack.set("clones", self)
+
+    def detach(self):
+        self.source.stack.remove("clones", self)
+
+    def _set_read_path(self):
+        self.source.stack.refresh()
 
     # ------------------------------------------------------------ states
 
@@ -704,7 +710,7 @@ class CloneGroup:
             for clone in first:
                 apply(clone.backend)
             try:
-                apply(self.source.backend)
+                apply(self.below)
             except OSError:
                 # The clone has the write, the Source maybe not: dirty, so
                 # the engine copies the extent (and reads come from the
@@ -722,7 +728,7 @@ class CloneGroup:
                     self._mirror_failed(clone, e0, e1, e)
             if fua:
                 self._persist_prm()
-                self.source.backend.flush()
+                self.below.flush()
                 for clone in mirrors:
                     clone.backend.flush()
         finally:
@@ -741,7 +747,7 @@ class CloneGroup:
 
     def source_flush(self):
         self._persist_prm()
-        self.source.backend.flush()
+        self.below.flush()
         for clone in list(self.clones.values()):
             if clone.state in MIRRORED:
                 clone.backend.flush()
@@ -752,7 +758,7 @@ class CloneGroup:
         clone = next((c for c in self.clones.values()
                       if c.state == REVERSE_SYNCING), None)
         if clone is None:
-            return self.source.backend.readinto(buf, offset)
+            return self.below.readinto(buf, offset)
         view = memoryview(buf).cast("B")
         g = self.granularity
         end = offset + len(view)
@@ -769,7 +775,7 @@ class CloneGroup:
             if dirty:
                 clone.backend.readinto(part, pos)
             else:
-                self.source.backend.readinto(part, pos)
+                self.below.readinto(part, pos)
             pos = chunk_end
 
     def clone_write(self, clone, offset, length, apply, fua):
@@ -847,7 +853,7 @@ class CloneGroup:
                 clone.backend.readinto(buf, offset)
                 if self.copy_hook is not None:
                     self.copy_hook(None, s, e)
-                write_in_pieces(self.source.backend, memoryview(buf), offset)
+                write_in_pieces(self.below, memoryview(buf), offset)
             copied = True
         finally:
             with self.cond:
@@ -893,7 +899,7 @@ class CloneGroup:
     def restore_read(self, buf, offset):
         e0, e1 = self._extent_range(offset, len(buf))
         self.copy_on_demand(e0, e1)
-        self.source.backend.readinto(buf, offset)
+        self.below.readinto(buf, offset)
 
     def pending_restore(self):
         """Extents still to copy: set in the Delta Map, not in the PRM."""
@@ -917,7 +923,7 @@ class CloneGroup:
                 self.track = bytearray(self.extents)
                 clones = list(self.clones.values())
             if self.flush_before_commit:
-                self.source.backend.flush()
+                self.below.flush()
                 for clone in clones:
                     clone.backend.flush()
             for clone in clones:
@@ -1113,8 +1119,8 @@ class SyncEngine:
         g = group.granularity
         offset = s * g
         length = min(e * g, group.size) - offset
-        src, dst = (self.clone.backend, group.source.backend) if self.reverse \
-            else (group.source.backend, self.clone.backend)
+        src, dst = (self.clone.backend, group.below) if self.reverse \
+            else (group.below, self.clone.backend)
         view = memoryview(self.buf)[:length]
         while True:
             with group.cond:

@@ -8,8 +8,8 @@ targets, `serve --replication-port`).  One object owns the group on each
 node: `PrimaryGroup` (the node that hosts writes) or `SecondaryGroup`.
 
 Primary.  Every change to a volume (host writes, zeroes, trims, and clone
-engines writing into it) goes through `ReplicationBackend`, which calls
-`PrimaryGroup.change()`.  Under the group lock a change gets the next
+engines writing into it) passes the volume's `ReplicationLayer` in its LU's
+I/O stack (target.iostack), which calls `PrimaryGroup.change()`.  Under the group lock a change gets the next
 sequence number, is appended to the storage replicator log (SRL, a ring
 file: `Srl`) and is then applied to the volume, still under the lock: the
 order of the SRL is exactly the order in which the bytes changed, across all
@@ -86,9 +86,14 @@ applies it in order to the volumes, flushes them, and marks the slot
 applied.  After a crash the slot holding a committed, unapplied batch is
 applied again as one unit (the window of unacknowledged updates); a torn
 slot is ignored (the primary still has it: it was never acknowledged).
-Reads of a secondary's volume take the apply lock, so no reader sees half a
-batch; while the secondary is inconsistent (a replay running or broken off)
-its exports refuse connections and reads with a message.
+Reads of a secondary's volume take the apply lock (its guard layer, the
+outermost of the LU's I/O stack), so no reader sees half a batch; while the
+secondary is inconsistent (a replay running or broken off) its exports
+refuse connections and reads with a message.  Batches are applied just
+below that guard, so a clone or session of a secondary's volume sees each
+replicated change as it would a host write.  While a restore or reverse
+sync runs on a secondary, primaries are refused (they retry) so that no
+batch lands beside the operation's writes.
 
 Generations.  A group's history is a list of (generation id, first
 sequence number).  `promote` on a secondary starts a new generation; on
@@ -111,7 +116,7 @@ import time
 import uuid
 import zlib
 
-from . import backends, errors, fsutil, maps
+from . import backends, errors, fsutil, iostack, maps
 
 log = logging.getLogger("clonectl.replication")
 
@@ -520,18 +525,18 @@ class ActivityLog(Dcm):
 
 # ---------------------------------------------------------------- backend
 
-class ReplicationBackend:
-    """A volume's backend as its group sees it: every change is ordered
-    through the group (SRL, DCM) before it reaches the inner backend."""
+class ReplicationLayer(iostack.Layer):
+    """A volume's layer in its LU's I/O stack (target.iostack): every
+    change is ordered through the group (SRL, DCM) before it reaches the
+    volume below; reads pass through."""
 
-    def __init__(self, inner, group, vol):
-        self.inner = inner
+    def __init__(self, group, vol):
         self.group = group
         self.vol = vol
-        self.size = inner.size
-        self.readonly = inner.readonly
-        self.readinto = inner.readinto
-        self.extents = inner.extents
+
+    def intercepts(self):
+        return {"write": self.write, "zero": self.zero, "trim": self.trim,
+                "flush": self.flush}
 
     def write(self, buf, offset):
         self.group.change(self.vol, WRITE, offset, len(buf), buf,
@@ -550,9 +555,6 @@ class ReplicationBackend:
     def flush(self):
         self.group.flush_log()
         self.inner.flush()
-
-    def close(self):
-        self.inner.close()
 
 
 # ---------------------------------------------------------------- records
@@ -996,7 +998,8 @@ class Link:
                     if self.state != DCM_REPLAY:
                         return False
                     until = g.srl.head_pos
-                    g.wrappers[vol].inner.readinto(view, off)
+                    g.volumes[vol].stack.below("replication").readinto(
+                        view, off)
                 pos = self._send_entries(sock, send_pos, until, epoch)
                 if pos is None:
                     return True
@@ -1150,7 +1153,7 @@ class PrimaryGroup:
         self.links = []
         for i, rec in enumerate(record.get("links", [])):
             self._add_link_object(i, rec, fresh=False)
-        self.wrappers = []
+        self.layers = []            # ReplicationLayer per volume
         if unclean:
             self._recover_unclean(corrupt)
 
@@ -1207,13 +1210,13 @@ class PrimaryGroup:
 
     def attach(self):
         for vol, lu in enumerate(self.volumes):
-            self.wrappers.append(wrap_below_sessions(
-                lu, lambda inner: ReplicationBackend(inner, self, vol)))
+            self.layers.append(ReplicationLayer(self, vol))
+            lu.stack.set("replication", self.layers[-1])
 
     def detach(self):
-        for vol, lu in enumerate(self.volumes):
-            _unwrap(lu, self.wrappers[vol])
-        self.wrappers = []
+        for lu, layer in zip(self.volumes, self.layers):
+            lu.stack.remove("replication", layer)
+        self.layers = []
 
     def start(self):
         for link in self.links:
@@ -1675,32 +1678,6 @@ class PrimaryGroup:
                     "problems": self.problems}
 
 
-def wrap_below_sessions(lu, make):
-    """Put make(backend) into lu's chain under the sessions' wrapper (which
-    must stay outermost: it is found by its type)."""
-    from .sessions import SessionBackend
-    if isinstance(lu.backend, SessionBackend):
-        w = make(lu.backend.inner)
-        lu.backend.inner = w
-    else:
-        w = make(lu.backend)
-        lu.backend = w
-    return w
-
-
-def _unwrap(lu, wrapper):
-    """Take wrapper out of lu's backend chain (other wrappers may sit on
-    top of it)."""
-    if lu.backend is wrapper:
-        lu.backend = wrapper.inner
-        return
-    outer = lu.backend
-    while outer is not None and getattr(outer, "inner", None) is not wrapper:
-        outer = getattr(outer, "inner", None)
-    if outer is not None:
-        outer.inner = wrapper.inner
-
-
 # ---------------------------------------------------------------- secondary
 
 STAGE_MAGIC = b"CLNSTG01"
@@ -1713,7 +1690,8 @@ class SecondaryGroup:
 
     role = SECONDARY
 
-    def __init__(self, files, record, volumes, protect=None, release=None):
+    def __init__(self, files, record, volumes, protect=None, release=None,
+                 volume_change=None):
         self.files = files
         self.name = record["name"]
         self.record_base = record
@@ -1729,6 +1707,10 @@ class SecondaryGroup:
         self.diverged = record.get("diverged")       # set by demote
         self.protect = protect or (lambda lu: None)
         self.release = release or (lambda lu: None)
+        # A volume-changing operation (restore, reverse sync) running here,
+        # described, or None: a primary is refused meanwhile.
+        self.volume_change = volume_change or (lambda: None)
+        self.layers = []                    # _ReadGuard per volume
         self.lock = threading.Lock()        # apply vs. host reads
         self.session_lock = threading.Lock()
         self.connection = None
@@ -1824,8 +1806,20 @@ class SecondaryGroup:
 
     # Applying.
 
+    def attach(self):
+        for lu in self.volumes:
+            self.layers.append(_ReadGuard(self, lu))
+            lu.stack.set("guard", self.layers[-1])
+
+    def detach(self):
+        for lu, layer in zip(self.volumes, self.layers):
+            lu.stack.remove("guard", layer)
+        self.layers = []
+
     def _backend(self, vol):
-        return self.volumes[vol].backend
+        # Below the read guard and above everything else: a clone or a
+        # session of the volume sees a replicated change as a host write.
+        return self.volumes[vol].stack.below("guard")
 
     def _apply_one(self, vol, kind, off, length, data):
         b = self._backend(vol)
@@ -1865,17 +1859,19 @@ class SecondaryGroup:
             raise ReplicaUnavailable(name=lu.name, group=self.name,
                                      reason=self.reason, hint=hint)
 
-    def reader(self, lu, inner_read):
-        def read(buf, offset):
-            with self.lock:
-                self.check_readable(lu)
-                inner_read(buf, offset)
-        return read
 
     # The session with a primary.
 
     def handshake(self, hello):
         """Check a primary's hello; return the reply."""
+        busy = self.volume_change()
+        if busy:
+            # Its batches would land beside the operation's own writes;
+            # the primary tries again and replays what the operation
+            # changed once it has finished.
+            raise GroupBusy(name=self.name, reason="{} is running on this "
+                            "secondary; replication resumes when it has "
+                            "finished".format(busy))
         vols = hello.get("volumes") or []
         mine = [{"lu": lu.name, "size": lu.size} for lu in self.volumes]
         if vols != mine:
@@ -2043,6 +2039,24 @@ class SecondaryGroup:
             conn = self.connection
         if conn is not None:
             shutdown_socket(conn)
+
+
+class _ReadGuard(iostack.Layer):
+    """A secondary volume's guard in its LU's I/O stack: a host read waits
+    for the batch being applied, and is refused while the volume is
+    inconsistent."""
+
+    def __init__(self, group, lu):
+        self.group = group
+        self.lu = lu
+
+    def intercepts(self):
+        return {"readinto": self.readinto}
+
+    def readinto(self, buf, offset):
+        with self.group.lock:
+            self.group.check_readable(self.lu)
+            self.inner.readinto(buf, offset)
 
 
 class ReplicaServer:

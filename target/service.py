@@ -24,13 +24,19 @@ import os
 import threading
 import time
 
-from . import (backends, clones, errors, fsutil, iscsi, maps, peer,
+from . import (backends, clones, errors, fsutil, iostack, iscsi, maps, peer,
                replication, sessions, state, units)
 
 log = logging.getLogger("clonectl.target")
 
 
 class LogicalUnit:
+    """An LU: its inventory record and its I/O stack (target.iostack).
+
+    Every reader and writer of the LU's bytes enters the stack: hosts at
+    the top (read, write, ...), engines below their own layer.  `backend`
+    is the backing file itself, under every layer.
+    """
 
     def __init__(self, name, record, backend=None):
         self.name = name
@@ -42,6 +48,7 @@ class LogicalUnit:
         self.error = None
         self.rsg = None         # the replicated group it belongs to
         self.backend = backend
+        self.stack = None
         if backend is None:
             try:
                 state.probe_backing(self.file, self.size, self.readonly)
@@ -49,7 +56,12 @@ class LogicalUnit:
             except (errors.Error, OSError) as e:
                 self.error = str(e)
         if self.backend is not None:
-            self.read = self.backend.readinto
+            self.stack = iostack.IOStack(self.backend, on_change=self._bind)
+
+    def _bind(self, top):
+        # read is the top's own bound method: one frame less per request.
+        self._top = top
+        self.read = top.readinto
 
     @property
     def healthy(self):
@@ -62,31 +74,25 @@ class LogicalUnit:
             raise errors.OutOfRange(name=self.name, offset=offset,
                                     length=length, size=self.size)
 
-    # Data path (read is set in __init__).
+    # Data path (read is bound by _bind).
 
     def write(self, buf, offset, fua=False):
         self._check_write(offset, len(buf))
-        self.backend.write(buf, offset)
-        if fua:
-            self.backend.flush()
+        self._top.write(buf, offset, fua)
 
     def flush(self):
-        self.backend.flush()
+        self._top.flush()
 
     def trim(self, offset, length, fua=False):
         self._check_write(offset, length)
-        self.backend.trim(offset, length)
-        if fua:
-            self.backend.flush()
+        self._top.trim(offset, length, fua)
 
     def zero(self, offset, length, may_trim=False, fast=False, fua=False):
         self._check_write(offset, length)
-        self.backend.zero(offset, length, may_trim=may_trim, fast=fast)
-        if fua:
-            self.backend.flush()
+        self._top.zero(offset, length, may_trim, fast, fua)
 
     def extents(self, offset, length):
-        return self.backend.extents(offset, length)
+        return self._top.extents(offset, length)
 
     def close(self):
         if self.backend is not None:
@@ -211,9 +217,9 @@ class Target:
         else:
             rsg = replication.SecondaryGroup(
                 files, record, vols, protect=lambda lu: self.image_protect(
-                    lu.name), release=lambda lu: self.image_release(lu.name))
-            for lu in vols:
-                lu.read = rsg.reader(lu, lu.backend.readinto)
+                    lu.name), release=lambda lu: self.image_release(lu.name),
+                volume_change=lambda: self._volume_change_running(vols))
+            rsg.attach()
         for lu in vols:
             lu.rsg = rsg
         self.rsgs[rsg.name] = rsg
@@ -223,11 +229,7 @@ class Target:
         rsg.close()
         for lu in rsg.volumes:
             lu.rsg = None
-        if rsg.role == replication.PRIMARY:
-            rsg.detach()
-        else:
-            for lu in rsg.volumes:
-                lu.read = lu.backend.readinto
+        rsg.detach()
         self.rsgs.pop(rsg.name, None)
 
     def _volume_change_running(self, vols):
@@ -548,17 +550,21 @@ class Target:
                             "{}@{}.save".format(source, name))
 
     def _attach_session(self, lu, session):
-        # The list is replaced, never changed in place: writers iterate it
-        # without a lock.
-        if not isinstance(lu.backend, sessions.SessionBackend):
-            lu.backend = sessions.SessionBackend(lu.backend)
-        lu.backend.sessions = lu.backend.sessions + [session]
+        layer = lu.stack.get("sessions")
+        if layer is None:
+            layer = sessions.SessionLayer()
+            lu.stack.set("sessions", layer)
+        layer.add(session)
         self.sessions[session.name] = session
 
     def _detach_session(self, session):
         lu = session.source
-        lu.backend.sessions = [s for s in lu.backend.sessions
-                               if s is not session]
+        layer = lu.stack.get("sessions")
+        if layer is not None:
+            layer.remove(session)
+            if not layer.sessions:
+                # An LU without sessions pays nothing for them.
+                lu.stack.remove("sessions", layer)
         self.sessions.pop(session.name, None)
 
     def _persist_session(self, source, name):

@@ -4,10 +4,11 @@ Design notes
 ------------
 A session belongs to one Source LU and has one or more destinations (NBD
 exports served by anything).  It sees every change to the Source's bytes
-because it wraps the Source's backend (SessionBackend): host writes, clone
-engine writes into the Source (reverse sync, protected restore) and trims
-all go through it, so nothing can change the Source behind a session's back.
-An LU without sessions keeps its plain backend and pays nothing.
+through its layer in the Source's I/O stack (SessionLayer, target.iostack):
+host writes, the replicated apply on a secondary, clone engine writes into
+the Source (reverse sync, protected restore) and trims all pass it, so
+nothing can change the Source behind a session's back.  An LU without
+sessions has no such layer and pays nothing.
 
 Maps (one byte per extent, target.maps):
 - tracking: extents changed since the last mark.  Durable the way clone
@@ -69,7 +70,7 @@ import threading
 import time
 import zlib
 
-from . import backends, errors, maps
+from . import backends, errors, iostack, maps
 
 log = logging.getLogger("clonectl.sessions")
 
@@ -368,13 +369,15 @@ class Session:
         self.last_transfer = last_transfer
         self.token_file = token_file
         self.problems = []
+        self.layer = None       # the SessionLayer it is attached to
 
     # ------------------------------------------------------------ set-up
 
     @property
     def inner(self):
-        """The Source's own backend, under the session wrapper."""
-        return self.source.backend.inner
+        """The Source under the sessions' layer (what a copy on first
+        write saves and a frozen image reads)."""
+        return self.layer.inner
 
     def export_name(self):
         return "{}@{}".format(self.source.name, self.name)
@@ -769,20 +772,27 @@ class Session:
 # ---------------------------------------------------------------- wrapper
 
 
-class SessionBackend(backends.Backend):
-    """The Source's backend as the sessions on it see it.
-
-    Reads and extents are the inner backend's own bound methods (no cost);
-    changes are shown to every session first.
+class SessionLayer(iostack.Layer):
+    """The sessions' layer of the Source's I/O stack: every change is shown
+    to every session first (copy on first write, tracking bits).  Reads
+    and extents pass through.
     """
 
-    def __init__(self, inner):
+    def __init__(self, inner=None):
         self.inner = inner
-        self.size = inner.size
-        self.readonly = inner.readonly
+        # Replaced, never changed in place: writers iterate it unlocked.
         self.sessions = []
-        self.readinto = inner.readinto
-        self.extents = inner.extents
+
+    def add(self, session):
+        session.layer = self
+        self.sessions = self.sessions + [session]
+
+    def remove(self, session):
+        self.sessions = [s for s in self.sessions if s is not session]
+
+    def intercepts(self):
+        return {"write": self.write, "zero": self.zero, "trim": self.trim,
+                "flush": self.flush}
 
     def _change(self, offset, length, apply):
         sessions = self.sessions
@@ -813,8 +823,11 @@ class SessionBackend(backends.Backend):
         for s in self.sessions:
             s.maybe_commit()
 
-    def close(self):
-        self.inner.close()
+    def readinto(self, buf, offset):
+        self.inner.readinto(buf, offset)
+
+    def extents(self, offset, length):
+        return self.inner.extents(offset, length)
 
 
 class FrozenExport:

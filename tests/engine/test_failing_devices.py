@@ -65,11 +65,11 @@ def fh(tmp_path):
     # The Source and both clones on failing backends.
     h.src = FailingBackend(h.mem_src)
     h.fail = {n: FailingBackend(h.mem[n]) for n in h.mem}
-    h.lu.backend = h.src
+    h.lu.backend = h.lu.stack.base = h.src
+    h.lu.stack.refresh()
     for n, clone in h.group.clones.items():
         clone.backend = h.fail[n]
         clone.export.read = h.fail[n].readinto
-    h.lu.read = h.src.readinto
     return h
 
 

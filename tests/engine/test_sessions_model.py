@@ -130,7 +130,7 @@ class SessionMachine(RuleBasedStateMachine):
         self.record["dests"] = [dict(d) for d in record["dests"]]
 
     def _new_session(self, create=False):
-        wrapper = sessions.SessionBackend(
+        wrapper = sessions.SessionLayer(
             CrashingBackend(self.mem_src, self.countdown))
         self.lu = FakeLU(wrapper)
         save = CrashingBackend(self.mem_save, self.countdown)
@@ -147,7 +147,7 @@ class SessionMachine(RuleBasedStateMachine):
             self._persist(s.record())
         else:
             s.load()
-        wrapper.sessions = [s]
+        wrapper.add(s)
         return s
 
     def _clients(self):

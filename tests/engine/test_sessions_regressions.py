@@ -31,7 +31,7 @@ class Crash(BaseException):
 
 def new_session(record=None, inner=None, save=None, mapdir=None):
     inner = inner or backends.MemoryBackend(SIZE)
-    lu = FakeLU(sessions.SessionBackend(inner))
+    lu = FakeLU(sessions.SessionLayer(inner))
     save = save or backends.MemoryBackend(
         sessions.SaveArea.minimum_size(N, G) + N * G)
     mapdir = mapdir or tempfile.mkdtemp(prefix="session-regress-")
@@ -50,7 +50,7 @@ def new_session(record=None, inner=None, save=None, mapdir=None):
                              persist=persist, marked=record["marked"],
                              export=record["export"])
         s.load()
-    lu.backend.sessions = [s]
+    lu.backend.add(s)
     return lu, s, persisted, (inner, save, mapdir)
 
 

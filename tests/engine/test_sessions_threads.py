@@ -52,13 +52,13 @@ class FakeLU:
 
 
 def make_session(tmp_path, save_extents=EXTENTS):
-    lu = FakeLU(sessions.SessionBackend(SlowBackend(SIZE)))
+    lu = FakeLU(sessions.SessionLayer(SlowBackend(SIZE)))
     index = sessions.SaveArea.minimum_size(EXTENTS, GRAN) - GRAN
     save = backends.MemoryBackend(index + save_extents * GRAN)
     s = sessions.Session("s", lu, GRAN, str(tmp_path), save,
                          [{"uri": "a"}, {"uri": "b"}])
     s.create()
-    lu.backend.sessions = [s]
+    lu.backend.add(s)
     return lu, s
 
 

@@ -48,6 +48,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant,
                                  precondition, rule)
 
+from target import clones
 from target import replication as R
 from target import service, state
 
@@ -758,7 +759,7 @@ def test_volume_change_replays_exactly_its_regions(cluster_factory):
         bits[i] = 1
     g.begin_volume_change(0, bits, region_gran, "a test restore")
     # The operation changes those regions below the group (no SRL).
-    inner = g.wrappers[0].inner
+    inner = c.ta.lus[VOLS[0]].stack.below("replication")
     rng = random.Random(9)
     for i in (3, 10, 11):
         inner.write(rng.randbytes(region_gran), i * region_gran)
@@ -1059,3 +1060,138 @@ def test_twin_batch_applied_reversed_is_detected(cluster_factory,
                                                  monkeypatch):
     with pytest.raises(AssertionError, match="not the model's state"):
         _batch_order(cluster_factory(), monkeypatch, True)
+
+
+# ---------------------------------------------------------------- seams
+# Replication meeting clones on the same LU: every path into the volume's
+# bytes must pass the same layers (target/iostack.py).
+
+def clone_state(t, name):
+    return t.clone_status(name)["state"]
+
+
+def synced_clone(t, source, name):
+    t.clone_add(source, name)
+    t.clone_sync(name)
+    wait_for(lambda: clone_state(t, name) == "synchronized",
+             what="clone {} synchronized".format(name),
+             info=lambda: t.clone_status(name))
+
+
+def hold_engines(monkeypatch):
+    """Clone engines started from now on wait (their operation stays
+    running, copies on demand go on) until the returned function is
+    called with the group whose engine may go."""
+    start = clones.SyncEngine.start
+    monkeypatch.setattr(clones.SyncEngine, "start", lambda engine: None)
+
+    def release(group):
+        start(group.engine)
+    return release
+
+
+def clone_image(t, name):
+    group, clone = t._clone(name)
+    buf = bytearray(group.size)
+    clone.backend.readinto(buf, 0)
+    return bytes(buf)
+
+
+def test_clone_of_secondary_volume_sees_replicated_writes(cluster_factory):
+    """A synchronized clone of a secondary's volume is a copy of it: the
+    replicated apply enters the volume's I/O stack below the read guard,
+    so the clone mirrors every batch (before, the apply wrote the backing
+    file under the clone group: 'synchronized, 0 dirty' yet stale)."""
+    c = cluster_factory(mode="sync", link=False)
+    synced_clone(c.tb, VOLS[0], "snap")
+    c.ta.rsg_link("g", c.addr, "sync", c.tok)
+    c.wait_converged()
+    rng = random.Random(11)
+    for i in range(16):
+        c.write(0, i * 65536, rng.randbytes(65536))
+    c.flush()
+    c.wait_converged()
+    volume = read_image(c.tb, VOLS[0])
+    assert clone_state(c.tb, "snap") == "synchronized"
+    assert clone_image(c.tb, "snap") == volume
+    c.tb.clone_fracture("snap")
+    assert clone_image(c.tb, "snap") == volume
+    c.check_final()
+
+
+def test_clone_sync_on_secondary_keeps_its_read_guard(cluster_factory):
+    """An inconsistent secondary refuses reads; starting a clone sync (or
+    any clone operation) must not swap that guard out of the read path."""
+    c = cluster_factory()
+    c.write(0, 0, b"\x05" * 8192)
+    c.wait_converged()
+    c.ta.rsg_detach("g", c.addr)
+    wait_for(lambda: c.sg.connected_since is None, what="primary gone")
+    sg = c.sg
+    sg.consistent = False           # a replay broken off by a cut
+    sg.reason = "a replay was interrupted"
+    lu = c.tb.lus[VOLS[0]]
+    with pytest.raises(R.ReplicaUnavailable):
+        lu.read(bytearray(4096), 0)
+    synced_clone(c.tb, VOLS[0], "snap")
+    with pytest.raises(R.ReplicaUnavailable):
+        lu.read(bytearray(4096), 0)
+
+
+def test_demote_during_restore_keeps_serving_restored_data(cluster_factory,
+                                                          monkeypatch):
+    """A protected restore shows the clone's data for every extent at
+    once; demoting the primary must not take copy on demand out of the
+    read path (before, unrestored extents read as pre-restore data)."""
+    c = cluster_factory()
+    c.write(0, 0, b"\x0a" * SIZES[0])
+    synced_clone(c.ta, VOLS[0], "snap")
+    c.ta.clone_fracture("snap")
+    c.write(0, 0, b"\x0b" * SIZES[0])       # the Source moves on
+    c.wait_converged()
+    release = hold_engines(monkeypatch)
+    c.ta.clone_restore("snap")
+    assert clone_state(c.ta, "snap") == "restoring"
+    c.ta.rsg_detach("g", c.addr)
+    c.ta.rsg_demote("g")
+    assert clone_state(c.ta, "snap") == "restoring"
+    lu = c.ta.lus[VOLS[0]]
+    buf = bytearray(SIZES[0])
+    lu.read(buf, 0)
+    release(c.ta.groups[VOLS[0]])
+    assert bytes(buf) == b"\x0a" * SIZES[0]
+
+
+def test_primary_refused_while_secondary_restores(cluster_factory,
+                                                  monkeypatch):
+    """A restore on a detached secondary changes its volume on its own; a
+    primary that connects meanwhile is refused (it retries) until the
+    restore ends, then replays what the restore changed."""
+    c = cluster_factory()
+    c.write(0, 0, b"\x01" * SIZES[0])
+    c.wait_converged()
+    c.ta.rsg_detach("g", c.addr)
+    wait_for(lambda: c.sg.connected_since is None, what="primary gone")
+    synced_clone(c.tb, VOLS[0], "snap")
+    c.tb.clone_fracture("snap")
+    c.ta.rsg_attach("g", c.addr)        # the primary comes back ...
+    c.wait_converged()
+    c.write(0, 0, b"\x02" * SIZES[0])  # ... and writes
+    c.wait_converged()
+    c.ta.rsg_detach("g", c.addr)
+    wait_for(lambda: c.sg.connected_since is None, what="primary gone")
+    release = hold_engines(monkeypatch)
+    c.tb.clone_restore("snap")
+    assert clone_state(c.tb, "snap") == "restoring"
+    applied = c.sg.applied_seq
+    c.ta.rsg_attach("g", c.addr)
+    c.write(0, 65536, b"\x03" * 65536)
+    time.sleep(1.0)
+    assert clone_state(c.tb, "snap") == "restoring"
+    assert c.sg.connected_since is None, c.status()
+    assert c.sg.applied_seq == applied
+    assert "running on this secondary" in (c.link.error or ""), c.status()
+    release(c.tb.groups[VOLS[0]])
+    wait_for(lambda: clone_state(c.tb, "snap") == "fractured", 30,
+             "the restore", lambda: c.tb.clone_status("snap"))
+    c.check_final()

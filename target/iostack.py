@@ -1,0 +1,165 @@
+"""The I/O stack of an LU: every reader and writer of its bytes, in one order.
+
+Design notes
+------------
+Features that must see an LU's I/O (a secondary's read guard, clone groups,
+sessions, a primary's replication log) do not patch the LU or wrap its
+backend themselves: each installs one layer in its slot of the LU's stack,
+and the stack links the layers in a fixed order, outermost first:
+
+    guard        a replication secondary: reads wait for the batch being
+                 applied and are refused while the volume is inconsistent
+    clones       the clone group: copy on demand during a protected restore,
+                 reads from the clone during a reverse sync, mirroring to
+                 synchronized clones, delta bits for the others, collisions
+    sessions     copy on first write for marked sessions, tracking bits
+    replication  a primary's log: each change numbered, logged, applied
+    (base)       the backing file or device
+
+Why this order:
+- guard outermost: host reads of a secondary never see half a batch or an
+  inconsistent image.  The replicated apply enters just below it
+  (`below("guard")`), so a clone of a secondary's volume sees every
+  replicated write, exactly as it sees a host write on a primary.
+- clones above sessions and replication: what the clone engines write into
+  the Source (restore, reverse sync, copy on demand) is a change of the
+  Source that a session must save first and a primary must log; a mirrored
+  copy into a clone is not a change of the Source.
+- sessions above replication: the old data a copy on first write saves is
+  the volume's, and the change is logged only once it may proceed.
+
+Which layers are present, and what each intercepts, changes at run time (a
+clone added, a restore started, a group promoted).  Whoever changes that
+calls `set`, `remove` or `refresh`; the stack relinks every slot, so the
+composition never depends on which feature changed last.  An op a layer does
+not intercept is the bound method of the layer below: an LU without layers
+reads with its backend's own readinto, one Python frame per request.
+
+Two interfaces meet in the stack.  The upper slots (guard, clones) take the
+LU's requests, whose writes carry a FUA flag; the lower slots and the base
+take backend requests (target.backends), where FUA is a flush.  An adapter
+between the two halves turns one into the other, so an engine that writes
+below its own slot may use either form.
+
+Deliberately ignored: requests in flight while the stack is relinked finish
+on the path they started on (as with any attribute swap); callers that need
+a quiet point (fracture, mark) drain their own writes first.
+"""
+
+import threading
+
+OPS = ("readinto", "write", "zero", "trim", "flush", "extents")
+
+UPPER = ("guard", "clones")
+LOWER = ("sessions", "replication")
+ORDER = UPPER + LOWER
+
+
+class Layer:
+    """A layer of the stack.  `intercepts()` names the ops it handles now
+    (op -> callable); every other op passes to the layer below, which
+    `link` gives it as `inner`."""
+
+    inner = None
+
+    def link(self, inner):
+        self.inner = inner
+
+    def intercepts(self):
+        return {}
+
+
+class _Face:
+    """What the slot above sees of one slot: the layer's intercepted ops,
+    the rest of the layer below."""
+
+    __slots__ = OPS + ("slot",)
+
+    def __init__(self, slot, below, ops):
+        self.slot = slot
+        for op in OPS:
+            setattr(self, op, ops.get(op) or getattr(below, op))
+
+
+class _Fua:
+    """LU requests on backend requests: FUA becomes a flush after the
+    change (the lower half of the stack has no FUA of its own)."""
+
+    __slots__ = ("_below", "readinto", "extents", "flush")
+
+    def __init__(self, below):
+        self._below = below
+        self.readinto = below.readinto
+        self.extents = below.extents
+        self.flush = below.flush
+
+    def write(self, buf, offset, fua=False):
+        self._below.write(buf, offset)
+        if fua:
+            self._below.flush()
+
+    def zero(self, offset, length, may_trim=False, fast=False, fua=False):
+        self._below.zero(offset, length, may_trim=may_trim, fast=fast)
+        if fua:
+            self._below.flush()
+
+    def trim(self, offset, length, fua=False):
+        self._below.trim(offset, length)
+        if fua:
+            self._below.flush()
+
+
+class IOStack:
+    """The layers of one LU over its backend.  on_change(top) is called
+    with the new top after every relink (the LU binds its read to it)."""
+
+    def __init__(self, base, on_change=None):
+        self.base = base
+        self.layers = {}
+        self.on_change = on_change
+        self.lock = threading.RLock()
+        self._below = {}
+        self.top = None
+        self.refresh()
+
+    def get(self, slot):
+        return self.layers.get(slot)
+
+    def set(self, slot, layer):
+        """Install layer in slot; a slot holds one layer."""
+        if slot not in ORDER:
+            raise ValueError("no I/O stack slot named {!r}".format(slot))
+        with self.lock:
+            if self.layers.get(slot) not in (None, layer):
+                raise ValueError("I/O stack slot {!r} is taken".format(slot))
+            self.layers[slot] = layer
+            self.refresh()
+
+    def remove(self, slot, layer=None):
+        """Take slot's layer out (only if it is layer, when given)."""
+        with self.lock:
+            if layer is not None and self.layers.get(slot) is not layer:
+                return
+            self.layers.pop(slot, None)
+            self.refresh()
+
+    def below(self, slot):
+        """Where a request enters to pass through everything beneath slot
+        and nothing above it (an engine writing under its own layer)."""
+        return self._below[slot]
+
+    def refresh(self):
+        """Relink every slot (a layer's intercepts changed)."""
+        with self.lock:
+            below = self.base
+            for slot in reversed(ORDER):
+                if slot == UPPER[-1]:
+                    below = _Fua(below)
+                self._below[slot] = below
+                layer = self.layers.get(slot)
+                if layer is not None:
+                    layer.link(below)
+                    below = _Face(slot, below, layer.intercepts())
+            self.top = below
+            if self.on_change is not None:
+                self.on_change(below)
