@@ -58,6 +58,17 @@ the secondary applied the primary's last update), the secondary's volume
 must equal the Source byte for byte (invariant 5: nothing lost in the log,
 the change map or the replay).
 
+Seams (other ways into the same bytes): "cli-race" kill -9s the manager
+and runs `lu delete` of a served LU and `clone list` while the new server
+starts (each must go through the server or refuse, never act beside it);
+with --replication the secondary has a clone "r1" of its volume that is
+synced and fractured there ("secondary-clone"), and
+"secondary-restore" detaches the link, restores the secondary's volume from
+r1 and attaches again at once (the primary must wait for the restore, then
+copy back what it changed).  After each round, on the caught-up secondary,
+a synchronized r1 must equal the volume (replicated writes reach clones of
+a secondary) and a fractured or restoring r1 must be unchanged.
+
 Deliberately ignored: writes to the fractured clones' exports (the clone
 model is "frozen at fracture"), trims and zeroes, operations the target
 refuses (they are counted, and must be answered with a message, never a
@@ -95,6 +106,8 @@ BLOCK = 4096
 MiB = 1 << 20
 CLONES = ("c1", "c2")
 SOURCE = "src"
+SECONDARY_CLONE = "r1"   # with --replication: a clone of the secondary's
+                         # volume, fed by the replicated writes
 GROUP = "g"
 
 
@@ -394,13 +407,24 @@ class Target:
         return self.cli_json("status")["server"]
 
     def start(self, timeout=60, connect=True):
+        self.spawn()
+        self.wait_serving(timeout, connect)
+
+    def spawn(self):
+        """Start `clonectl serve` and return at once (it is starting)."""
         self.proc = subprocess.Popen(
             [CLONECTL, "--state-dir", self.state_dir, "serve", "--socket",
              self.socket] + self.serve_args, stdin=subprocess.DEVNULL,
             stdout=self.log,
             stderr=self.log, start_new_session=True,
             preexec_fn=_die_with_parent)
-        self.wait_serving(timeout, connect)
+
+    def serving(self):
+        """True once this target's manager has published and answers."""
+        if self.proc is None or self.proc.poll() is not None:
+            return False
+        info = self.info()
+        return bool(info) and info.get("pid") == self.proc.pid
 
     def wait_serving(self, timeout=60, connect=True):
         deadline = time.monotonic() + timeout
@@ -602,8 +626,12 @@ class Torture:
                          "checks": 0, "session_checks": 0,
                          "secondary_kills": 0, "secondary_power_cuts": 0,
                          "replica_checks": 0,
-                         "inconsistent_refused": 0}
+                         "inconsistent_refused": 0,
+                         "cli_races": 0, "secondary_clone_checks": 0,
+                         "secondary_restores": 0}
         self.frozen = {}  # clone -> block digests while fractured
+        # The secondary's clone of its volume, while fractured: its blocks.
+        self.secondary_frozen = None
         # Session: (time of a mark attempt, Source digests at that moment).
         self.marks = []
         self.crashed = False
@@ -612,7 +640,9 @@ class Torture:
         # come last in OPERATIONS, so the other choices stay the same.
         needs = {"power-cut": args.power_loss,
                  "cut-link": args.replication,
-                 "kill-secondary": args.replication}
+                 "kill-secondary": args.replication,
+                 "secondary-clone": args.replication,
+                 "secondary-restore": args.replication}
         self.weights = [o[1] if needs.get(o[0], True) else 0
                         for o in OPERATIONS]
         self.nbdkit_kills = []  # times, since the manager started
@@ -665,6 +695,8 @@ class Torture:
             os.makedirs(run)
             os.symlink(run, os.path.join(sec.state_dir, "run"))
         self._ok(sec.cli("lu", "create", SOURCE, "--size", str(self.size)))
+        self._ok(sec.cli("clone", "add", SOURCE, SECONDARY_CLONE,
+                         "--granularity", self.args.granularity))
         sec.start(connect=False)
         self.relay = Relay(self.replication_port)
         self.relay.start()
@@ -876,6 +908,113 @@ class Torture:
         self.counters["secondary_kills"] += 1
         return "ok"
 
+    # Seams: other ways into the same bytes.
+
+    def op_cli_race(self, rng):
+        """kill -9 of the manager, then CLI commands racing the new
+        server's start-up: each goes through the server or refuses; none
+        may act on the state directory on its own beside it (a delete of
+        a served LU, recovery in a second process)."""
+        result = self.op_kill_manager(rng)
+        t = self.target
+        t.spawn()
+        deadline = time.monotonic() + 60
+        while not t.serving():
+            if t.proc.poll() is not None or time.monotonic() > deadline:
+                break           # wait_serving (in round) says why
+            if t.cli("lu", "delete", "dst").returncode == 0:
+                raise Violation("`lu delete dst` succeeded while the server "
+                                "was starting: it acted on the state "
+                                "directory beside the server")
+            t.cli("clone", "list", "--json")    # answers or refuses
+            self.counters["cli_races"] += 1
+        return result
+
+    def _secondary_clone(self):
+        return {c["name"]: c for c in
+                self.secondary.cli_json("clone", "list")}[SECONDARY_CLONE]
+
+    def op_secondary_clone(self, rng):
+        """Sync the secondary's clone, or fracture it once synchronized."""
+        sec = self.secondary
+        if self._secondary_clone()["state"] == "synchronized" and \
+                rng.random() < 0.8:
+            if sec.cli("clone", "fracture", SECONDARY_CLONE).returncode:
+                return "refused"
+            # Whatever the volume held at the fracture; nothing may change
+            # it from now on (a restore of the volume reads it, never
+            # writes it).
+            self.secondary_frozen = block_digests(
+                sec.read_file(SECONDARY_CLONE))
+            return "ok"
+        if sec.cli("clone", "sync", SECONDARY_CLONE,
+                   *self._rate(rng)).returncode:
+            return "refused"
+        self.secondary_frozen = None
+        return "ok"
+
+    def op_secondary_restore(self, rng):
+        """A protected restore on the secondary while its link is
+        detached; the primary attaches again at once and is refused until
+        the restore ends, then copies back the regions it changed."""
+        if self.secondary_frozen is None:
+            return "refused"
+        t, address = self.target, "127.0.0.1:{}".format(self.relay.port)
+        if t.cli("rsg", "detach", GROUP, "--secondary", address).returncode:
+            return "crashed" if self._target_down() else "refused"
+        try:
+            deadline = time.monotonic() + 15
+            while self.secondary.cli_json("rsg", "status",
+                                          GROUP).get("connected"):
+                if time.monotonic() > deadline:
+                    return "refused"
+                time.sleep(0.1)
+            proc = self.secondary.cli(
+                "clone", "restore", SECONDARY_CLONE, "--rate",
+                str(rng.choice((2, 4, 8)) * MiB))
+            if proc.returncode:
+                return "refused"
+            self.counters["secondary_restores"] += 1
+            return "ok"
+        finally:
+            if t.cli("rsg", "attach", GROUP, "--secondary",
+                     address).returncode and not self._target_down():
+                raise Violation("`rsg attach` after a secondary restore "
+                                "failed")
+
+    def check_secondary_clone(self, timeout=120):
+        """On the caught-up secondary: a synchronized clone equals the
+        volume (replicated writes reach it), a fractured or restoring one
+        is unchanged since its fracture."""
+        deadline = time.monotonic() + timeout
+        while True:
+            st = self._secondary_clone()
+            if not (st.get("operation") or {}).get("running"):
+                break
+            if time.monotonic() > deadline:
+                raise Violation("the secondary's clone operation did not "
+                                "finish: {}".format(st))
+            time.sleep(0.1)
+        sec = self.secondary
+        if st["state"] == "synchronized":
+            if sec.read_file(SECONDARY_CLONE) != sec.read_file(SOURCE):
+                raise Violation("the secondary's synchronized clone differs "
+                                "from its volume: a replicated write did "
+                                "not reach it")
+        elif st["state"] in ("fractured", "restoring"):
+            if self.secondary_frozen is None:
+                raise Violation("the secondary's clone is {} but the model "
+                                "never saw it fractured".format(st["state"]))
+            got = block_digests(sec.read_file(SECONDARY_CLONE))
+            diff = [b for b in range(self.blocks)
+                    if got[b] != self.secondary_frozen[b]]
+            if diff:
+                raise Violation("the secondary's {} clone changed at blocks "
+                                "{}".format(st["state"], diff[:20]))
+        else:
+            self.secondary_frozen = None
+        self.counters["secondary_clone_checks"] += 1
+
     def op_pause(self, rng):
         time.sleep(rng.random() * 0.3)
         return "ok"
@@ -1044,6 +1183,7 @@ class Torture:
                             "Source at blocks {} (link {})".format(
                                 diff[:20], link))
         self.counters["replica_checks"] += 1
+        self.check_secondary_clone()
 
     def run(self):
         start = time.monotonic()
@@ -1091,6 +1231,9 @@ OPERATIONS = [
     ("power-cut", 2),   # --power-loss only
     ("cut-link", 2),    # --replication only
     ("kill-secondary", 1),   # --replication only
+    ("cli-race", 1),
+    ("secondary-clone", 3),  # --replication only
+    ("secondary-restore", 1),    # --replication only
 ]
 
 
@@ -1106,7 +1249,10 @@ crash: the last durable one or a later one); fractured and restoring clones
 are unchanged since their fracture; synchronized clones equal their Source;
 a marked session's frozen export reads as the Source at the mark; a
 destination recorded consistent holds that mark; with --replication, an
-inconsistent secondary refuses reads and a caught-up one equals the Source.
+inconsistent secondary refuses reads, a caught-up one equals the Source,
+and the secondary's clone r1 equals its volume while synchronized and is
+unchanged while fractured; CLI commands racing a server's start-up never
+act beside it.
 
 examples:
   scripts/torture --time 600                        ten minutes, random seed
@@ -1200,17 +1346,19 @@ def main(argv=None):
     replication = ""
     if args.replication:
         replication = "secondary-kills {} (power cuts {}) replica-checks " \
-            "{} (inconsistent and refusing {}) ".format(
+            "{} (inconsistent and refusing {}) secondary-clone-checks {} " \
+            "secondary-restores {} ".format(
                 c["secondary_kills"], c["secondary_power_cuts"],
-                c["replica_checks"], c["inconsistent_refused"])
+                c["replica_checks"], c["inconsistent_refused"],
+                c["secondary_clone_checks"], c["secondary_restores"])
     print("torture: seed {} rounds {} crashes {} power-cuts {} "
           "operations {} (refused {}) "
-          "writes {} flushes {} checks {} (consistent destination {}) {}"
-          "in {:.1f} s: {}".format(
+          "writes {} flushes {} checks {} (consistent destination {}) "
+          "cli-races {} {}in {:.1f} s: {}".format(
               args.seed, c["rounds"], c["crashes"], c["power_cuts"],
               c["operations"],
               c["refused"], c["writes"], c["flushes"], c["checks"],
-              c["session_checks"], replication,
+              c["session_checks"], c["cli_races"], replication,
               time.monotonic() - started, "FAILED" if status else "ok"),
           flush=True)
     if not args.keep:

@@ -11,9 +11,10 @@ Design notes
   only on the paths that change data, because engines call it directly too.
 - The per-request path is kept short: no locks, no counters.  Connection
   counts change at open/close only, under Target.lock.  LogicalUnit.read is
-  the backend's readinto itself (an instance attribute, one Python frame
-  less per read: measurable at 4 KiB); an engine that must intercept reads
-  replaces the attribute while it runs.
+  the top of the LU's I/O stack itself (an instance attribute, one Python
+  frame less per read: measurable at 4 KiB).  Features never patch the LU:
+  each puts a layer in its slot of the stack (target/iostack.py says the
+  order and why), and the stack rebinds read when a layer changes.
 - An LU whose backing file cannot be opened is kept in the inventory with its
   error, shown by status and not exported; the other LUs are still served.
 """
