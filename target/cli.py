@@ -19,14 +19,35 @@ def _fail(message, code=1):
 
 
 def handle_errors(func):
-    """Turn our errors into a message on stderr and exit status 1."""
+    """Turn our errors, and operating system errors, into a message on
+    stderr and exit status 1."""
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         try:
             return func(*args, **kwargs)
         except errors.Error as e:
             _fail(str(e))
+        except OSError as e:
+            ctx = click.get_current_context().find_object(Context)
+            _fail(str(os_error(e, ctx.state_dir.path if ctx else None)))
     return wrapper
+
+
+def os_error(e, state_dir=None):
+    """The errors.Error of an OSError: a state directory that cannot be used
+    (the file is in it, or is it or one of its parents) or a file error."""
+    reason = e.strerror or str(e)
+    path = os.fsdecode(e.filename) if e.filename is not None else None
+    if path is not None:
+        reason = "{}: {}".format(path, reason)
+    if state_dir is not None and path is not None:
+        path = os.path.abspath(path)
+        if path == state_dir or path.startswith(state_dir + os.sep) or \
+                state_dir.startswith(path.rstrip(os.sep) + os.sep):
+            return errors.StateDirUnusable(path=state_dir, reason=reason)
+    if path is None:
+        return errors.Error(reason=reason)
+    return errors.FileError(path=path, reason=e.strerror or str(e))
 
 
 def _print_json(obj):

@@ -299,10 +299,12 @@ def create_sparse(path, size):
         # The new entry too: the state record that names the file is saved
         # next, and a power cut must not keep the record without the file.
         fsutil.fsync_dir(os.path.dirname(os.path.abspath(path)))
-    except OSError:
+    except OSError as e:
         os.close(fd)
         os.unlink(path)
-        raise
+        raise errors.BackingUnusable(
+            path=path, reason="cannot make it {} bytes ({}): {}".format(
+                size, units.format_size(size), e.strerror)) from e
     os.close(fd)
 
 
