@@ -260,13 +260,50 @@ def create_lu(state_dir, name, size=None, file=None, readonly=False):
         return record
 
 
+def file_identity(path):
+    """What a path names, whatever the way to it (symlinks, hard links,
+    device nodes): ("dev", rdev) for a block device, else (st_dev, st_ino);
+    None if it cannot be stat()ed."""
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    if stat.S_ISBLK(st.st_mode):
+        return ("dev", st.st_rdev)
+    return (st.st_dev, st.st_ino)
+
+
 def check_outside(state_dir, path):
-    """Refuse a --file inside the state directory (our own files)."""
-    real = os.path.realpath(path)
-    if real == state_dir.path or real.startswith(state_dir.path + os.sep):
+    """Refuse a --file that is one of the state directory's own files, by
+    any path: under its real path, under a directory that is the state
+    directory (a bind mount), or a hard link of a file in it."""
+    def refuse(what="it is inside the state directory"):
         raise errors.BackingUnusable(
-            path=path, reason="it is inside the state directory, whose files "
-                              "clonectl manages")
+            path=path, reason=what + ", whose files clonectl manages")
+
+    real = os.path.realpath(path)
+    top = os.path.realpath(state_dir.path)
+    if real == top or real.startswith(top + os.sep):
+        refuse()
+    top_id = file_identity(top)
+    if top_id is None:
+        return
+    parent = real
+    while True:
+        parent, tail = os.path.split(parent)
+        if file_identity(parent) == top_id:
+            refuse()
+        if not tail:
+            break
+    wanted = file_identity(real)
+    if wanted is None:
+        return
+    for directory, _, files in os.walk(top):
+        for fn in files:
+            own = os.path.join(directory, fn)
+            if file_identity(own) == wanted:
+                refuse("it is the state directory's file {} (a link "
+                       "to it)".format(os.path.relpath(own, top)))
 
 
 def check_name_free(doc, name):
@@ -277,12 +314,20 @@ def check_name_free(doc, name):
 
 
 def check_backing_free(doc, path):
+    """Refuse a file that already backs an LU or a clone, by any path."""
     real = os.path.realpath(path)
+    wanted = file_identity(real)
+
+    def same(other):
+        if os.path.realpath(other) == real:
+            return True
+        return wanted is not None and file_identity(other) == wanted
+
     for name, lu in doc["lus"].items():
-        if os.path.realpath(lu["file"]) == real:
+        if same(lu["file"]):
             raise errors.BackingInUse(path=path, name=name)
         for cname, rec in lu.get("clones", {}).items():
-            if os.path.realpath(rec["file"]) == real:
+            if same(rec["file"]):
                 raise errors.BackingInUse(path=path, name=cname)
 
 
