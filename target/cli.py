@@ -150,10 +150,12 @@ def _lu_rows(ctx):
     doc = ctx.state_dir.load()
     info = server.read_serve_info(ctx.state_dir)
     live = {}
+    problems = None     # unknown without a server
     if info:
         st = control.try_call(ctx.state_dir.control_socket, "status")
         if st:
             live = {lu["name"]: lu for lu in st["lus"]}
+            problems = st.get("recovery_problems", [])
     rows = []
     for name, record in sorted(doc["lus"].items()):
         entry = {"name": name, "size": record["size"], "file": record["file"],
@@ -167,7 +169,7 @@ def _lu_rows(ctx):
             if info and entry["served"]:
                 entry["uri"] = info["uri"].replace("EXPORT", name)
         rows.append(entry)
-    return rows, info
+    return rows, info, problems
 
 
 @lu.command("list")
@@ -176,7 +178,7 @@ def _lu_rows(ctx):
 @handle_errors
 def lu_list(ctx, as_json):
     """List the LUs of the state directory."""
-    rows, _ = _lu_rows(ctx)
+    rows, _, _ = _lu_rows(ctx)
     if as_json:
         _print_json(rows)
         return
@@ -769,14 +771,15 @@ def stop(ctx):
 @handle_errors
 def status(ctx, as_json):
     """Show the server and every LU: size, backing, served, connections."""
-    rows, info = _lu_rows(ctx)
+    rows, info, problems = _lu_rows(ctx)
     iscsi_targets = None
     if info and info.get("iscsi"):
         from . import iscsi
         iscsi_targets = iscsi.show_status(info["iscsi"]["control_port"])
     if as_json:
         _print_json({"state_dir": ctx.state_dir.path, "server": info,
-                     "lus": rows, "iscsi": iscsi_targets})
+                     "lus": rows, "iscsi": iscsi_targets,
+                     "problems": problems})
         return
     if info:
         click.echo("server: pid {}, listening on {}".format(
@@ -792,6 +795,10 @@ def status(ctx, as_json):
     for r in rows:
         if r["error"]:
             click.echo("  {}: {}".format(r["name"], r["error"]))
+    for p in problems or []:
+        what = ", ".join("{} {}".format(k, p[k]) for k in
+                         ("source", "clone", "session", "rsg") if p.get(k))
+        click.echo("problem: {}: {}".format(what, p["message"]))
     if iscsi_targets is not None:
         click.echo("iSCSI portal {}:".format(info["iscsi"]["portal"]))
         _table([(iqn, t["tid"], len(t["sessions"]), ", ".join(
@@ -1286,6 +1293,10 @@ def rsg_demote(ctx, name):
 
 
 def _print_rsg(st):
+    if st.get("loaded") is False:
+        click.echo("{}: {}".format(st["name"], st["error"]))
+        click.echo("  files: " + (", ".join(st["files"]) or "none"))
+        return
     if st["role"] == "primary":
         click.echo("{}: primary, generation {}, update {}, SRL {} of {} used "
                    "({}%), activity log {} region(s)".format(

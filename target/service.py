@@ -133,6 +133,7 @@ class Target:
         self.rsgs = {}
         self.replica_server = None
         self.recovery_problems = []
+        self.rsg_failures = {}  # group name -> why it was not loaded
         self.rsg_dir = os.path.join(self.state_dir.path, "rsg")
         self.reload()
         self._load_rsgs()
@@ -181,8 +182,31 @@ class Target:
                 self._open_rsg(files, files.load())
             except (errors.Error, OSError, KeyError, TypeError) as e:
                 log.error("replicated group %s: %s", name, e)
+                self.rsg_failures[name] = "not loaded: {}".format(e)
                 self.recovery_problems.append(
-                    {"rsg": name, "message": "not loaded: {}".format(e)})
+                    {"rsg": name, "message": self.rsg_failures[name]})
+
+    def _failed_rsg_status(self, name):
+        files = replication.GroupFiles(self.rsg_dir, name).on_disk()
+        return {"name": name, "role": None, "loaded": False,
+                "error": self.rsg_failures[name],
+                "files": [os.path.relpath(p, self.state_dir.path)
+                          for p in files]}
+
+    def _check_group_files_free(self, name):
+        """A group name whose files are on disk is not free: a group that
+        failed to load (or a create that crashed) left them, and making a
+        new group would silently wipe its SRL and DCMs."""
+        files = replication.GroupFiles(self.rsg_dir, name).on_disk()
+        if name in self.rsg_failures or files:
+            raise replication.ReplicationError(
+                name=name, reason="files of a group of that name are in the "
+                "state directory ({}){}; repair or restore them and restart "
+                "the server, or remove them with `clonectl rsg delete {}`"
+                .format(", ".join(os.path.relpath(p, self.state_dir.path)
+                                  for p in files),
+                        ": it was " + self.rsg_failures[name]
+                        if name in self.rsg_failures else "", name))
 
     def _rsg_volumes(self, names):
         vols = []
@@ -279,6 +303,7 @@ class Target:
                     .format(name))
             if rsg is not None:
                 return rsg
+            self._check_group_files_free(name)
             vols = hello.get("volumes") or []
             names = [v.get("lu") for v in vols if isinstance(v, dict)]
             for v in vols:
@@ -328,6 +353,7 @@ class Target:
             if name in self.rsgs:
                 raise replication.ReplicationError(name=name,
                                                    reason="it exists already")
+            self._check_group_files_free(name)
             vols = self._rsg_volumes(volumes)
             for lu in vols:
                 self._check_not_grouped(name, lu)
@@ -351,6 +377,14 @@ class Target:
         return rsg.status()
 
     def rsg_delete(self, name):
+        if name not in self.rsgs:
+            files = replication.GroupFiles(self.rsg_dir, name)
+            if name in self.rsg_failures or files.on_disk():
+                # What a group that failed to load (or a crashed create)
+                # left: the admin clears the name.
+                files.remove_all()
+                self.rsg_failures.pop(name, None)
+                return {"name": name}
         rsg = self._rsg(name)
         if rsg.role == replication.SECONDARY and \
                 rsg.connected_since is not None:
@@ -361,9 +395,13 @@ class Target:
         return {"name": name}
 
     def rsg_list(self):
-        return [r.status() for _, r in sorted(self.rsgs.items())]
+        rows = {n: r.status() for n, r in self.rsgs.items()}
+        rows.update((n, self._failed_rsg_status(n)) for n in self.rsg_failures)
+        return [st for _, st in sorted(rows.items())]
 
     def rsg_status(self, name):
+        if name in self.rsg_failures and name not in self.rsgs:
+            return self._failed_rsg_status(name)
         return self._rsg(name).status()
 
     def rsg_link(self, name, secondary, mode="async", token_file=None):

@@ -94,6 +94,27 @@ class StateDir:
         _validate(doc, self.state_file)
         return doc
 
+    def check_inventory_present(self):
+        """Refuse a state directory whose state.json is gone while files it
+        listed are still there: starting with an empty inventory would hide
+        every LU and, later, let new ones take their names."""
+        if os.path.lexists(self.state_file):
+            return
+        left = []
+        for d in (self.lus_dir, self.maps_dir,
+                  os.path.join(self.path, "rsg")):
+            try:
+                names = sorted(os.listdir(d))
+            except FileNotFoundError:
+                continue
+            left += [os.path.relpath(os.path.join(d, n), self.path)
+                     for n in names]
+        if left:
+            more = len(left) - 10
+            raise errors.StateMissing(
+                path=self.state_file, files=", ".join(left[:10]) + (
+                    " and {} more".format(more) if more > 0 else ""))
+
     def save(self, doc):
         _validate(doc, self.state_file)
         self.ensure()
