@@ -436,7 +436,8 @@ def clone_list(ctx, source, as_json):
     if as_json:
         _print_json(rows)
         return
-    _table([(r["name"], r["source"], r["state"],
+    _table([(r["name"], r["source"], r["state"] + (
+             " (broken)" if r.get("broken") else ""),
              units.format_size(r["bytes_dirty"]),
              units.format_size(r["granularity"]), r["file"]) for r in rows],
            ["NAME", "SOURCE", "STATE", "DIRTY", "GRAN", "BACKING"])

@@ -540,6 +540,7 @@ class Target:
                                   self._persist_clone(lu.name))
 
         def open_clone(rec):
+            state.probe_backing(rec["file"], lu.size)
             return backends.FileBackend(rec["file"])
 
         for who, problem in group.load(record["clones"], open_clone):
@@ -639,7 +640,7 @@ class Target:
         out = {n: lu for n, lu in self.lus.items() if lu.healthy}
         for group in self.groups.values():
             for name, clone in group.clones.items():
-                if clone.state in clones.EXPORTED:
+                if clone.state in clones.EXPORTED and not clone.broken:
                     out[name] = clone.export
         for session in self.sessions.values():
             if session.marked and session.export and session.source.healthy:
@@ -838,13 +839,19 @@ class Target:
         group, c = self._clone(clone)
         return group.clone_status(c)
 
+    def _working_clone(self, name, event):
+        group, c = self._clone(name)
+        if c.broken:
+            raise clones.CloneBroken(event=event, name=name, reason=c.broken)
+        return group, c
+
     def clone_sync(self, clone, rate=None):
-        group, c = self._clone(clone)
+        group, c = self._working_clone(clone, "sync")
         group.start_sync(clone, rate=_rate(rate))
         return group.clone_status(c)
 
     def clone_reverse_sync(self, clone, rate=None):
-        group, c = self._clone(clone)
+        group, c = self._working_clone(clone, "reverse-sync")
         self._check_replica_restore(group.source, "reverse sync")
         regions = bytearray(c.delta)
         group.start_reverse_sync(clone, rate=_rate(rate))
@@ -852,7 +859,7 @@ class Target:
         return group.clone_status(c)
 
     def clone_restore(self, clone, full=False, rate=None):
-        group, c = self._clone(clone)
+        group, c = self._working_clone(clone, "restore")
         self._check_replica_restore(group.source, "restore")
         regions = bytearray(b"\x01" * len(c.delta)) if full \
             else bytearray(c.delta)
@@ -892,7 +899,7 @@ class Target:
             rsg.persist()
 
     def clone_fracture(self, clone):
-        group, c = self._clone(clone)
+        group, c = self._working_clone(clone, "fracture")
         group.fracture(clone)
         return group.clone_status(c)
 

@@ -56,7 +56,7 @@ def test_missing_clone_file_does_not_stop_the_server(clone_env):
     # Operations on the broken clone are refused with a message.
     for args in (["clone", "sync", "c1"], ["clone", "fracture", "c1"],
                  ["clone", "restore", "c1"], ["clone", "reverse-sync", "c1"]):
-        env.refused(*args, match=["c1", "missing"])
+        env.refused(*args, match=["c1", "broken", "does not exist"])
 
     # The delta map survives a restart (the extent written stays dirty).
     env.server.stop()
