@@ -130,6 +130,9 @@ class Target:
         self.lus = {}
         self.groups = {}
         self.sessions = {}
+        # LU name -> the internal session holding its protected image; only
+        # what is recorded here is an image (never a session of that name).
+        self.images = {}
         self.rsgs = {}
         self.replica_server = None
         self.recovery_problems = []
@@ -551,28 +554,34 @@ class Target:
 
     def _load_sessions(self, lu, records):
         for name, rec in sorted(records.items()):
+            # Images recorded before they were flagged have the image's
+            # name and no destination (a user session always has one).
+            image = rec.get("image") is True or (
+                name == self._image_session_name(lu.name) and not rec["dests"])
             try:
-                session = self._open_session(lu, name, rec)
+                session = self._open_session(lu, name, rec, image=image)
                 for problem in session.load():
                     self._session_problem(lu, name, problem)
             except (errors.Error, OSError) as e:
                 self._session_problem(lu, name, "not loaded: {}".format(e))
                 continue
             self._attach_session(lu, session)
+            if image:
+                self.images[lu.name] = session
 
     def _session_problem(self, lu, name, problem):
         log.error("session %s of %s: %s", name, lu.name, problem)
         self.recovery_problems.append({"source": lu.name, "session": name,
                                        "message": problem})
 
-    def _open_session(self, lu, name, rec):
+    def _open_session(self, lu, name, rec, image=False):
         save_path = self._save_area_path(lu.name, name)
         backend = backends.FileBackend(save_path)
         try:
             return sessions.Session(
                 name, lu, rec["granularity"], self.state_dir.maps_dir,
                 backend, rec["dests"], persist=self._persist_session(
-                    lu.name, name), marked=rec["marked"],
+                    lu.name, name, image), marked=rec["marked"],
                 export=rec.get("export", False), error=rec.get("error"),
                 save_area_size=rec["save_area"],
                 last_transfer=rec.get("last_transfer"),
@@ -600,8 +609,10 @@ class Target:
                                if s is not session]
         self.sessions.pop(session.name, None)
 
-    def _persist_session(self, source, name):
+    def _persist_session(self, source, name, image=False):
         def persist(record):
+            if image:
+                record = dict(record, image=True)
             with self.state_dir.locked():
                 doc = self.state_dir.load()
                 doc["lus"][source].setdefault("sessions", {})[name] = record
@@ -921,6 +932,11 @@ class Target:
         another clonectl whose manager listens for peer requests there.
         """
         units.check_name(name)
+        if name.startswith(IMAGE_PREFIX):
+            raise errors.InvalidArgument(
+                reason="session names starting with {!r} are reserved for "
+                "the protected images of LUs (LU@{}LU)".format(
+                    IMAGE_PREFIX, IMAGE_PREFIX))
         dest_records = [{"uri": u, "peer": None} for u in dests]
         for pair in peer_dests or ():
             if not isinstance(pair, (list, tuple)) or len(pair) != 2:
@@ -962,7 +978,7 @@ class Target:
         return lu
 
     def _create_session(self, lu, name, dest_records, granularity, save_area,
-                        token_file=None):
+                        token_file=None, image=False):
         granularity = clones.check_granularity(
             units.parse_size(granularity) if granularity else
             clones.DEFAULT_GRANULARITY)
@@ -985,6 +1001,8 @@ class Target:
                   "dests": [dict(r, consistency=sessions.NEW, needs_full=True)
                             for r in dest_records],
                   "token_file": token_file, "last_transfer": None}
+        if image:
+            record["image"] = True
         with self.state_dir.locked():
             doc = self.state_dir.load()
             if lu.name not in doc["lus"]:
@@ -998,7 +1016,7 @@ class Target:
                 os.unlink(save_path)   # left by a crash during a create
             state.create_sparse(save_path, size)
             try:
-                session = self._open_session(lu, name, record)
+                session = self._open_session(lu, name, record, image=image)
                 session.create()
                 doc["lus"][lu.name].setdefault("sessions", {})[name] = record
                 self.state_dir.save(doc)
@@ -1222,12 +1240,19 @@ class Target:
 
     @staticmethod
     def _image_session_name(lu):
-        return "protected-" + lu
+        return IMAGE_PREFIX + lu
+
+    def _image(self, lu):
+        """The session holding lu's protected image, or None."""
+        session = self.images.get(lu)
+        if session is None or self.sessions.get(session.name) is not session:
+            return None
+        return session
 
     def image_status(self, lu):
         if lu not in self.lus or not self.lus[lu].healthy:
             raise errors.UnknownLU(name=lu)
-        session = self.sessions.get(self._image_session_name(lu))
+        session = self._image(lu)
         protected = session is not None and session.marked
         return {"lu": lu, "size": self.lus[lu].size, "protected": protected,
                 "export": session.export_name() if protected else None,
@@ -1239,15 +1264,22 @@ class Target:
         released; protecting a protected image keeps the older one."""
         source = self._session_source(lu)
         name = self._image_session_name(lu)
-        session = self.sessions.get(name)
+        session = self._image(lu)
         if session is None:
-            session = self._create_session(source, name, [], None, None)
+            if name in self.sessions:
+                raise sessions.SessionError(
+                    name=name, reason="a session that is not LU {}'s "
+                    "protected image has its name (made by an older "
+                    "clonectl); delete that session first".format(lu))
+            session = self._create_session(source, name, [], None, None,
+                                           image=True)
+            self.images[lu] = session
         if not session.marked:
             session.mark(export=True)
         return self.image_status(lu)
 
     def image_release(self, lu):
-        session = self.sessions.get(self._image_session_name(lu))
+        session = self._image(lu)
         if session is not None:
             if session.marked:
                 session.unmark(force=True)
@@ -1258,7 +1290,7 @@ class Target:
         """Put the protected image back into lu (only the extents written
         since it was protected), then release it."""
         source = self._session_source(lu)
-        session = self.sessions.get(self._image_session_name(lu))
+        session = self._image(lu)
         if session is None or not session.marked:
             raise errors.InvalidArgument(
                 reason="LU {!r} has no protected image to roll back to"
@@ -1361,6 +1393,11 @@ class Target:
             for lu in self.lus.values():
                 lu.close()
             self.lus.clear()
+
+
+# The name of an LU's protected image is this prefix and the LU's name;
+# user sessions may not start with it.
+IMAGE_PREFIX = "protected-"
 
 
 class RollbackRefused(errors.Error):
