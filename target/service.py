@@ -308,7 +308,13 @@ class Target:
                 return rsg
             self._check_group_files_free(name)
             vols = hello.get("volumes") or []
-            names = [v.get("lu") for v in vols if isinstance(v, dict)]
+            if not isinstance(vols, list) or not all(
+                    isinstance(v, dict) and isinstance(v.get("lu"), str)
+                    for v in vols):
+                raise replication.ReplicationError(
+                    name=name, reason="the primary's hello has no valid "
+                    "list of volumes")
+            names = [v.get("lu") for v in vols]
             for v in vols:
                 lu = self.lus.get(v.get("lu"))
                 if lu is None or not lu.healthy:
@@ -374,6 +380,12 @@ class Target:
             try:
                 rsg = self._open_rsg(files, record)
                 rsg.persist()
+            except OSError as e:
+                files.remove_all()
+                raise replication.ReplicationError(
+                    name=name, reason="its files could not be made in {} "
+                    "(SRL of {} bytes): {}".format(self.rsg_dir, srl,
+                                                   e.strerror)) from e
             except BaseException:
                 files.remove_all()
                 raise

@@ -219,3 +219,14 @@ def test_session_names_of_images_are_reserved(target):
         target.session_create("a", "protected-a", dests=["nbd://h/x"])
     with pytest.raises(errors.InvalidArgument, match="reserved"):
         target.session_create("a", "protected-other", dests=["nbd://h/x"])
+
+
+def test_replication_hello_with_a_string_for_volumes(target):
+    from target import replication
+    with pytest.raises(replication.ReplicationError, match="volumes"):
+        target._accept_primary({"group": "g", "volumes": "a"}, "192.0.2.1")
+    with pytest.raises(replication.ReplicationError, match="volumes"):
+        target._accept_primary({"group": "g", "volumes": [{"lu": ["a"]}]},
+                               "192.0.2.1")
+    assert target.rsg_list() == []
+    assert not os.path.exists(os.path.join(target.rsg_dir, "g.json"))
