@@ -399,6 +399,8 @@ class Target:
                 # left: the admin clears the name.
                 files.remove_all()
                 self.rsg_failures.pop(name, None)
+                self.recovery_problems = [p for p in self.recovery_problems
+                                          if p.get("rsg") != name]
                 return {"name": name}
         rsg = self._rsg(name)
         if rsg.role == replication.SECONDARY and \
