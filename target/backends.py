@@ -306,6 +306,26 @@ def _inject_faults(backend, faults_path):
     backend.faults = rules
 
 
+class UnavailableBackend(Backend):
+    """Stands in for a backing file that cannot be opened (gone, unusable):
+    every read and write fails with EIO and the reason; flush and close do
+    nothing, since nothing was ever written through it."""
+
+    def __init__(self, path, size, reason):
+        self.path = path
+        self.size = size
+        self.reason = reason
+
+    def _unavailable(self, *args, **kwargs):
+        raise OSError(errno.EIO, "backing file {} is unavailable: {}".format(
+            self.path, self.reason))
+
+    readinto = write = trim = zero = _unavailable
+
+    def flush(self):
+        pass
+
+
 class MemoryBackend(Backend):
     """A bytearray; flush and trim are no-ops.  For tests."""
 

@@ -19,14 +19,35 @@ def _fail(message, code=1):
 
 
 def handle_errors(func):
-    """Turn our errors into a message on stderr and exit status 1."""
+    """Turn our errors, and operating system errors, into a message on
+    stderr and exit status 1."""
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         try:
             return func(*args, **kwargs)
         except errors.Error as e:
             _fail(str(e))
+        except OSError as e:
+            ctx = click.get_current_context().find_object(Context)
+            _fail(str(os_error(e, ctx.state_dir.path if ctx else None)))
     return wrapper
+
+
+def os_error(e, state_dir=None):
+    """The errors.Error of an OSError: a state directory that cannot be used
+    (the file is in it, or is it or one of its parents) or a file error."""
+    reason = e.strerror or str(e)
+    path = os.fsdecode(e.filename) if e.filename is not None else None
+    if path is not None:
+        reason = "{}: {}".format(path, reason)
+    if state_dir is not None and path is not None:
+        path = os.path.abspath(path)
+        if path == state_dir or path.startswith(state_dir + os.sep) or \
+                state_dir.startswith(path.rstrip(os.sep) + os.sep):
+            return errors.StateDirUnusable(path=state_dir, reason=reason)
+    if path is None:
+        return errors.Error(reason=reason)
+    return errors.FileError(path=path, reason=e.strerror or str(e))
 
 
 def _print_json(obj):
@@ -129,10 +150,12 @@ def _lu_rows(ctx):
     doc = ctx.state_dir.load()
     info = server.read_serve_info(ctx.state_dir)
     live = {}
+    problems = None     # unknown without a server
     if info:
         st = control.try_call(ctx.state_dir.control_socket, "status")
         if st:
             live = {lu["name"]: lu for lu in st["lus"]}
+            problems = st.get("recovery_problems", [])
     rows = []
     for name, record in sorted(doc["lus"].items()):
         entry = {"name": name, "size": record["size"], "file": record["file"],
@@ -146,7 +169,7 @@ def _lu_rows(ctx):
             if info and entry["served"]:
                 entry["uri"] = info["uri"].replace("EXPORT", name)
         rows.append(entry)
-    return rows, info
+    return rows, info, problems
 
 
 @lu.command("list")
@@ -155,7 +178,7 @@ def _lu_rows(ctx):
 @handle_errors
 def lu_list(ctx, as_json):
     """List the LUs of the state directory."""
-    rows, _ = _lu_rows(ctx)
+    rows, _, _ = _lu_rows(ctx)
     if as_json:
         _print_json(rows)
         return
@@ -413,7 +436,8 @@ def clone_list(ctx, source, as_json):
     if as_json:
         _print_json(rows)
         return
-    _table([(r["name"], r["source"], r["state"],
+    _table([(r["name"], r["source"], r["state"] + (
+             " (broken)" if r.get("broken") else ""),
              units.format_size(r["bytes_dirty"]),
              units.format_size(r["granularity"]), r["file"]) for r in rows],
            ["NAME", "SOURCE", "STATE", "DIRTY", "GRAN", "BACKING"])
@@ -748,14 +772,15 @@ def stop(ctx):
 @handle_errors
 def status(ctx, as_json):
     """Show the server and every LU: size, backing, served, connections."""
-    rows, info = _lu_rows(ctx)
+    rows, info, problems = _lu_rows(ctx)
     iscsi_targets = None
     if info and info.get("iscsi"):
         from . import iscsi
         iscsi_targets = iscsi.show_status(info["iscsi"]["control_port"])
     if as_json:
         _print_json({"state_dir": ctx.state_dir.path, "server": info,
-                     "lus": rows, "iscsi": iscsi_targets})
+                     "lus": rows, "iscsi": iscsi_targets,
+                     "problems": problems})
         return
     if info:
         click.echo("server: pid {}, listening on {}".format(
@@ -771,6 +796,10 @@ def status(ctx, as_json):
     for r in rows:
         if r["error"]:
             click.echo("  {}: {}".format(r["name"], r["error"]))
+    for p in problems or []:
+        what = ", ".join("{} {}".format(k, p[k]) for k in
+                         ("source", "clone", "session", "rsg") if p.get(k))
+        click.echo("problem: {}: {}".format(what, p["message"]))
     if iscsi_targets is not None:
         click.echo("iSCSI portal {}:".format(info["iscsi"]["portal"]))
         _table([(iqn, t["tid"], len(t["sessions"]), ", ".join(
@@ -1265,6 +1294,10 @@ def rsg_demote(ctx, name):
 
 
 def _print_rsg(st):
+    if st.get("loaded") is False:
+        click.echo("{}: {}".format(st["name"], st["error"]))
+        click.echo("  files: " + (", ".join(st["files"]) or "none"))
+        return
     if st["role"] == "primary":
         click.echo("{}: primary, generation {}, update {}, SRL {} of {} used "
                    "({}%), activity log {} region(s)".format(

@@ -165,6 +165,12 @@ class AlreadyRunning(errors.Error):
     errno = errno.EALREADY
 
 
+class CloneBroken(errors.Error):
+    msg = ("cannot {event} clone {name!r}: it is broken ({reason}); put its "
+           "file back and restart the server, or remove the clone")
+    errno = errno.EIO
+
+
 class CloneInUse(errors.Error):
     msg = "cannot {event} clone {name!r}: its export has {count} connection(s)"
     errno = errno.EBUSY
@@ -189,6 +195,9 @@ class Clone:
         self.delta = delta
         self.file = file
         self.error = None
+        # Why the backing file could not be opened: the clone is kept (its
+        # delta map goes on recording the Source's writes) but not used.
+        self.broken = None
         self.rate = None  # bytes/s of the running operation, kept on resume
         # A reverse sync that failed keeps its state (reads stay redirected)
         # but is not resumed until asked to (or the target restarts).
@@ -381,9 +390,21 @@ class CloneGroup:
             activity = bytearray(b"\x01" * self.extents) if clone_records \
                 else bytearray(self.extents)
         for name, record in clone_records.items():
-            clone = Clone(self, name, open_backend(record), record["state"],
-                          None, record.get("file"))
+            try:
+                backend, broken = open_backend(record), None
+            except (errors.Error, OSError) as e:
+                # One clone's file must not stop the Source and the other
+                # clones from being served.
+                broken = str(e)
+                backend = backends.UnavailableBackend(record.get("file"),
+                                                      self.size, broken)
+            clone = Clone(self, name, backend, record["state"], None,
+                          record.get("file"))
             clone.rate = record.get("rate")
+            if broken is not None:
+                clone.broken = broken
+                clone.paused = True     # never resumed
+                problems.append((name, "broken: " + broken))
             try:
                 delta = maps.load(clone.map_path, self.granularity,
                                   self.extents)
@@ -404,7 +425,12 @@ class CloneGroup:
         self.activity_file.reset(self.activity)
         for clone in self.clones.values():
             maps.save(clone.map_path, clone.delta, self.granularity)
-            if clone.state == SYNCHRONIZED and clone.delta.count(1):
+            if clone.broken and clone.state in (SYNCHRONIZED, SYNCING):
+                # Not mirrored any more: from now on the Source's writes
+                # set its bits, as after a failed mirrored write.
+                self._transition(clone, "mirror-failed" if clone.state ==
+                                 SYNCHRONIZED else "failed", clone.broken)
+            elif clone.state == SYNCHRONIZED and clone.delta.count(1):
                 self._transition(clone, "recovered-dirty", clone.error)
         if self.clones:
             self.attach()
@@ -498,6 +524,15 @@ class CloneGroup:
     # ------------------------------------------------------------ states
 
     def _check(self, clone, event):
+        if clone.broken and event == "remove" and clone.state in RUNNING:
+            raise InvalidTransition(
+                event=event, name=clone.name, state=clone.state,
+                hint="broken: {}; the Source is partly restored from it: put "
+                "the file back and restart the server to finish".format(
+                    clone.broken))
+        if clone.broken and event in _HINTS and event != "remove":
+            raise CloneBroken(event=event, name=clone.name,
+                              reason=clone.broken)
         if (clone.state, event) not in TRANSITIONS:
             raise InvalidTransition(event=event, name=clone.name,
                                     state=clone.state,
@@ -962,7 +997,8 @@ class CloneGroup:
             "bytes_dirty": min(self.size, dirty * self.granularity),
             "exported": clone.state in EXPORTED,
             "connections": clone.connections,
-            "error": clone.error,
+            "error": clone.broken or clone.error,
+            "broken": clone.broken is not None,
             "operation": None,
         }
         if clone is self.restoring:

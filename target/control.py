@@ -13,6 +13,7 @@ JSON, unknown operations and bad arguments are answered with an error; the
 server never dies from a request.
 """
 
+import inspect
 import json
 import logging
 import os
@@ -25,6 +26,47 @@ from . import errors
 log = logging.getLogger("clonectl.control")
 
 MAX_REQUEST = 1 << 20
+
+# The JSON type of each argument name of the operations (one name, one
+# meaning across operations).  An argument not named here is checked by the
+# type of its default (a bool, a number, a list for a tuple); sizes and
+# rates are strings or integers, checked by units.parse_size.
+ARGUMENT_TYPES = {
+    "name": str, "source": str, "clone": str, "lu": str, "file": str,
+    "secondary": str, "mode": str, "token_file": str, "peer_token_file": str,
+    "volumes": list, "dests": list, "peer_dests": list,
+}
+_JSON_NAMES = {str: "a string", list: "a list", bool: "true or false",
+               float: "a number", int: "an integer"}
+
+
+def check_arguments(op, func, args):
+    """Refuse an argument of the wrong JSON type (a string where a list of
+    names is expected would otherwise be taken character by character)."""
+    try:
+        params = inspect.signature(func).parameters
+    except (TypeError, ValueError):
+        return
+    for key, value in args.items():
+        param = params.get(key)
+        if param is None:
+            continue    # the call itself reports an unknown argument
+        default = param.default
+        want = ARGUMENT_TYPES.get(key)
+        if want is None and default is not param.empty:
+            want = {bool: bool, float: float, int: int, tuple: list,
+                    list: list}.get(type(default))
+        if want is None or (value is None and default is None):
+            continue
+        ok = isinstance(value, want) and not (
+            isinstance(value, bool) and want is not bool)
+        if want is float:
+            ok = isinstance(value, (int, float)) and \
+                not isinstance(value, bool)
+        if not ok:
+            raise errors.InvalidArgument(
+                reason="bad arguments for {}: {!r} must be {}, not {}".format(
+                    op, key, _JSON_NAMES[want], json.dumps(value)[:80]))
 
 
 class _Handler(socketserver.StreamRequestHandler):
@@ -80,6 +122,7 @@ class ControlServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
             if func is None:
                 raise errors.ProtocolError(
                     reason="unknown operation {!r}".format(op))
+            check_arguments(op, func, args)
             try:
                 result = func(**args)
             except TypeError as e:

@@ -104,6 +104,26 @@ class CorruptState(Error):
     errno = _errno.EUCLEAN
 
 
+class StateMissing(Error):
+    msg = ("state file {path!r} is missing, but the state directory holds "
+           "files of LUs, clones or replicated groups ({files}); nothing was "
+           "started. Restore state.json from a backup, or move those files "
+           "away to start with an empty inventory")
+    errno = _errno.EUCLEAN
+
+
+class StateDirUnusable(Error):
+    msg = "state directory {path!r} cannot be used: {reason}"
+    errno = _errno.EIO
+
+
+class FileError(Error):
+    """An operating system error on a file, worded for a user."""
+
+    msg = "{path}: {reason}"
+    errno = _errno.EIO
+
+
 class UnsupportedState(Error):
     msg = ("state file {path!r} has format version {version}, this clonectl "
            "understands version {supported}")

@@ -1,5 +1,6 @@
 """Durable file updates (rtslib save_to_file style) and path helpers."""
 
+import errno
 import hashlib
 import json
 import os
@@ -30,7 +31,8 @@ def makedirs_durable(path, mode=0o700):
         os.mkdir(path, mode)
     except FileExistsError:
         if not os.path.isdir(path):
-            raise
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR),
+                                     path)
         return
     fsync_dir(parent)
 

@@ -620,9 +620,16 @@ class GroupFiles:
     def remove(paths):
         fsutil.remove_durably(paths)
 
+    def paths(self):
+        """Every file the group may have."""
+        return [self.record, self.srl, self.diverged, self.since(),
+                self.activity_log()] + self.stage + self.dcms()
+
+    def on_disk(self):
+        return [p for p in self.paths() if os.path.lexists(p)]
+
     def remove_all(self):
-        self.remove([self.record, self.srl, self.diverged, self.since(),
-                     self.activity_log()] + self.stage + self.dcms())
+        self.remove(self.paths())
 
 
 def new_generation():

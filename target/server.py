@@ -279,6 +279,7 @@ class Server:
     def acquire(self):
         self.state_dir.ensure()
         self.state_dir.load()  # refuse a corrupt state file before listening
+        self.state_dir.check_inventory_present()
         fd = os.open(self.state_dir.serve_lock_file,
                      os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:

@@ -137,9 +137,13 @@ class Target:
         self.lus = {}
         self.groups = {}
         self.sessions = {}
+        # LU name -> the internal session holding its protected image; only
+        # what is recorded here is an image (never a session of that name).
+        self.images = {}
         self.rsgs = {}
         self.replica_server = None
         self.recovery_problems = []
+        self.rsg_failures = {}  # group name -> why it was not loaded
         self.rsg_dir = os.path.join(self.state_dir.path, "rsg")
         self.reload()
         self._load_rsgs()
@@ -188,8 +192,31 @@ class Target:
                 self._open_rsg(files, files.load())
             except (errors.Error, OSError, KeyError, TypeError) as e:
                 log.error("replicated group %s: %s", name, e)
+                self.rsg_failures[name] = "not loaded: {}".format(e)
                 self.recovery_problems.append(
-                    {"rsg": name, "message": "not loaded: {}".format(e)})
+                    {"rsg": name, "message": self.rsg_failures[name]})
+
+    def _failed_rsg_status(self, name):
+        files = replication.GroupFiles(self.rsg_dir, name).on_disk()
+        return {"name": name, "role": None, "loaded": False,
+                "error": self.rsg_failures[name],
+                "files": [os.path.relpath(p, self.state_dir.path)
+                          for p in files]}
+
+    def _check_group_files_free(self, name):
+        """A group name whose files are on disk is not free: a group that
+        failed to load (or a create that crashed) left them, and making a
+        new group would silently wipe its SRL and DCMs."""
+        files = replication.GroupFiles(self.rsg_dir, name).on_disk()
+        if name in self.rsg_failures or files:
+            raise replication.ReplicationError(
+                name=name, reason="files of a group of that name are in the "
+                "state directory ({}){}; repair or restore them and restart "
+                "the server, or remove them with `clonectl rsg delete {}`"
+                .format(", ".join(os.path.relpath(p, self.state_dir.path)
+                                  for p in files),
+                        ": it was " + self.rsg_failures[name]
+                        if name in self.rsg_failures else "", name))
 
     def _rsg_volumes(self, names):
         vols = []
@@ -282,8 +309,15 @@ class Target:
                     .format(name))
             if rsg is not None:
                 return rsg
+            self._check_group_files_free(name)
             vols = hello.get("volumes") or []
-            names = [v.get("lu") for v in vols if isinstance(v, dict)]
+            if not isinstance(vols, list) or not all(
+                    isinstance(v, dict) and isinstance(v.get("lu"), str)
+                    for v in vols):
+                raise replication.ReplicationError(
+                    name=name, reason="the primary's hello has no valid "
+                    "list of volumes")
+            names = [v.get("lu") for v in vols]
             for v in vols:
                 lu = self.lus.get(v.get("lu"))
                 if lu is None or not lu.healthy:
@@ -331,6 +365,7 @@ class Target:
             if name in self.rsgs:
                 raise replication.ReplicationError(name=name,
                                                    reason="it exists already")
+            self._check_group_files_free(name)
             vols = self._rsg_volumes(volumes)
             for lu in vols:
                 self._check_not_grouped(name, lu)
@@ -348,12 +383,28 @@ class Target:
             try:
                 rsg = self._open_rsg(files, record)
                 rsg.persist()
+            except OSError as e:
+                files.remove_all()
+                raise replication.ReplicationError(
+                    name=name, reason="its files could not be made in {} "
+                    "(SRL of {} bytes): {}".format(self.rsg_dir, srl,
+                                                   e.strerror)) from e
             except BaseException:
                 files.remove_all()
                 raise
         return rsg.status()
 
     def rsg_delete(self, name):
+        if name not in self.rsgs:
+            files = replication.GroupFiles(self.rsg_dir, name)
+            if name in self.rsg_failures or files.on_disk():
+                # What a group that failed to load (or a crashed create)
+                # left: the admin clears the name.
+                files.remove_all()
+                self.rsg_failures.pop(name, None)
+                self.recovery_problems = [p for p in self.recovery_problems
+                                          if p.get("rsg") != name]
+                return {"name": name}
         rsg = self._rsg(name)
         if rsg.role == replication.SECONDARY and \
                 rsg.connected_since is not None:
@@ -364,9 +415,13 @@ class Target:
         return {"name": name}
 
     def rsg_list(self):
-        return [r.status() for _, r in sorted(self.rsgs.items())]
+        rows = {n: r.status() for n, r in self.rsgs.items()}
+        rows.update((n, self._failed_rsg_status(n)) for n in self.rsg_failures)
+        return [st for _, st in sorted(rows.items())]
 
     def rsg_status(self, name):
+        if name in self.rsg_failures and name not in self.rsgs:
+            return self._failed_rsg_status(name)
         return self._rsg(name).status()
 
     def rsg_link(self, name, secondary, mode="async", token_file=None):
@@ -505,6 +560,7 @@ class Target:
                                   self._persist_clone(lu.name))
 
         def open_clone(rec):
+            state.probe_backing(rec["file"], lu.size)
             return backends.FileBackend(rec["file"])
 
         for who, problem in group.load(record["clones"], open_clone):
@@ -515,28 +571,34 @@ class Target:
 
     def _load_sessions(self, lu, records):
         for name, rec in sorted(records.items()):
+            # Images recorded before they were flagged have the image's
+            # name and no destination (a user session always has one).
+            image = rec.get("image") is True or (
+                name == self._image_session_name(lu.name) and not rec["dests"])
             try:
-                session = self._open_session(lu, name, rec)
+                session = self._open_session(lu, name, rec, image=image)
                 for problem in session.load():
                     self._session_problem(lu, name, problem)
             except (errors.Error, OSError) as e:
                 self._session_problem(lu, name, "not loaded: {}".format(e))
                 continue
             self._attach_session(lu, session)
+            if image:
+                self.images[lu.name] = session
 
     def _session_problem(self, lu, name, problem):
         log.error("session %s of %s: %s", name, lu.name, problem)
         self.recovery_problems.append({"source": lu.name, "session": name,
                                        "message": problem})
 
-    def _open_session(self, lu, name, rec):
+    def _open_session(self, lu, name, rec, image=False):
         save_path = self._save_area_path(lu.name, name)
         backend = backends.FileBackend(save_path)
         try:
             return sessions.Session(
                 name, lu, rec["granularity"], self.state_dir.maps_dir,
                 backend, rec["dests"], persist=self._persist_session(
-                    lu.name, name), marked=rec["marked"],
+                    lu.name, name, image), marked=rec["marked"],
                 export=rec.get("export", False), error=rec.get("error"),
                 save_area_size=rec["save_area"],
                 last_transfer=rec.get("last_transfer"),
@@ -568,8 +630,10 @@ class Target:
                 lu.stack.remove("sessions", layer)
         self.sessions.pop(session.name, None)
 
-    def _persist_session(self, source, name):
+    def _persist_session(self, source, name, image=False):
         def persist(record):
+            if image:
+                record = dict(record, image=True)
             with self.state_dir.locked():
                 doc = self.state_dir.load()
                 doc["lus"][source].setdefault("sessions", {})[name] = record
@@ -608,7 +672,7 @@ class Target:
         out = {n: lu for n, lu in self.lus.items() if lu.healthy}
         for group in self.groups.values():
             for name, clone in group.clones.items():
-                if clone.state in clones.EXPORTED:
+                if clone.state in clones.EXPORTED and not clone.broken:
                     out[name] = clone.export
         for session in self.sessions.values():
             if session.marked and session.export and session.source.healthy:
@@ -807,13 +871,19 @@ class Target:
         group, c = self._clone(clone)
         return group.clone_status(c)
 
+    def _working_clone(self, name, event):
+        group, c = self._clone(name)
+        if c.broken:
+            raise clones.CloneBroken(event=event, name=name, reason=c.broken)
+        return group, c
+
     def clone_sync(self, clone, rate=None):
-        group, c = self._clone(clone)
+        group, c = self._working_clone(clone, "sync")
         group.start_sync(clone, rate=_rate(rate))
         return group.clone_status(c)
 
     def clone_reverse_sync(self, clone, rate=None):
-        group, c = self._clone(clone)
+        group, c = self._working_clone(clone, "reverse-sync")
         self._check_replica_restore(group.source, "reverse sync")
         regions = bytearray(c.delta)
         group.start_reverse_sync(clone, rate=_rate(rate))
@@ -821,7 +891,7 @@ class Target:
         return group.clone_status(c)
 
     def clone_restore(self, clone, full=False, rate=None):
-        group, c = self._clone(clone)
+        group, c = self._working_clone(clone, "restore")
         self._check_replica_restore(group.source, "restore")
         regions = bytearray(b"\x01" * len(c.delta)) if full \
             else bytearray(c.delta)
@@ -861,7 +931,7 @@ class Target:
             rsg.persist()
 
     def clone_fracture(self, clone):
-        group, c = self._clone(clone)
+        group, c = self._working_clone(clone, "fracture")
         group.fracture(clone)
         return group.clone_status(c)
 
@@ -883,6 +953,11 @@ class Target:
         another clonectl whose manager listens for peer requests there.
         """
         units.check_name(name)
+        if name.startswith(IMAGE_PREFIX):
+            raise errors.InvalidArgument(
+                reason="session names starting with {!r} are reserved for "
+                "the protected images of LUs (LU@{}LU)".format(
+                    IMAGE_PREFIX, IMAGE_PREFIX))
         dest_records = [{"uri": u, "peer": None} for u in dests]
         for pair in peer_dests or ():
             if not isinstance(pair, (list, tuple)) or len(pair) != 2:
@@ -924,7 +999,7 @@ class Target:
         return lu
 
     def _create_session(self, lu, name, dest_records, granularity, save_area,
-                        token_file=None):
+                        token_file=None, image=False):
         granularity = clones.check_granularity(
             units.parse_size(granularity) if granularity else
             clones.DEFAULT_GRANULARITY)
@@ -947,6 +1022,8 @@ class Target:
                   "dests": [dict(r, consistency=sessions.NEW, needs_full=True)
                             for r in dest_records],
                   "token_file": token_file, "last_transfer": None}
+        if image:
+            record["image"] = True
         with self.state_dir.locked():
             doc = self.state_dir.load()
             if lu.name not in doc["lus"]:
@@ -960,7 +1037,7 @@ class Target:
                 os.unlink(save_path)   # left by a crash during a create
             state.create_sparse(save_path, size)
             try:
-                session = self._open_session(lu, name, record)
+                session = self._open_session(lu, name, record, image=image)
                 session.create()
                 doc["lus"][lu.name].setdefault("sessions", {})[name] = record
                 self.state_dir.save(doc)
@@ -1184,12 +1261,19 @@ class Target:
 
     @staticmethod
     def _image_session_name(lu):
-        return "protected-" + lu
+        return IMAGE_PREFIX + lu
+
+    def _image(self, lu):
+        """The session holding lu's protected image, or None."""
+        session = self.images.get(lu)
+        if session is None or self.sessions.get(session.name) is not session:
+            return None
+        return session
 
     def image_status(self, lu):
         if lu not in self.lus or not self.lus[lu].healthy:
             raise errors.UnknownLU(name=lu)
-        session = self.sessions.get(self._image_session_name(lu))
+        session = self._image(lu)
         protected = session is not None and session.marked
         return {"lu": lu, "size": self.lus[lu].size, "protected": protected,
                 "export": session.export_name() if protected else None,
@@ -1201,15 +1285,22 @@ class Target:
         released; protecting a protected image keeps the older one."""
         source = self._session_source(lu)
         name = self._image_session_name(lu)
-        session = self.sessions.get(name)
+        session = self._image(lu)
         if session is None:
-            session = self._create_session(source, name, [], None, None)
+            if name in self.sessions:
+                raise sessions.SessionError(
+                    name=name, reason="a session that is not LU {}'s "
+                    "protected image has its name (made by an older "
+                    "clonectl); delete that session first".format(lu))
+            session = self._create_session(source, name, [], None, None,
+                                           image=True)
+            self.images[lu] = session
         if not session.marked:
             session.mark(export=True)
         return self.image_status(lu)
 
     def image_release(self, lu):
-        session = self.sessions.get(self._image_session_name(lu))
+        session = self._image(lu)
         if session is not None:
             if session.marked:
                 session.unmark(force=True)
@@ -1220,7 +1311,7 @@ class Target:
         """Put the protected image back into lu (only the extents written
         since it was protected), then release it."""
         source = self._session_source(lu)
-        session = self.sessions.get(self._image_session_name(lu))
+        session = self._image(lu)
         if session is None or not session.marked:
             raise errors.InvalidArgument(
                 reason="LU {!r} has no protected image to roll back to"
@@ -1323,6 +1414,11 @@ class Target:
             for lu in self.lus.values():
                 lu.close()
             self.lus.clear()
+
+
+# The name of an LU's protected image is this prefix and the LU's name;
+# user sessions may not start with it.
+IMAGE_PREFIX = "protected-"
 
 
 class RollbackRefused(errors.Error):

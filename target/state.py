@@ -94,6 +94,27 @@ class StateDir:
         _validate(doc, self.state_file)
         return doc
 
+    def check_inventory_present(self):
+        """Refuse a state directory whose state.json is gone while files it
+        listed are still there: starting with an empty inventory would hide
+        every LU and, later, let new ones take their names."""
+        if os.path.lexists(self.state_file):
+            return
+        left = []
+        for d in (self.lus_dir, self.maps_dir,
+                  os.path.join(self.path, "rsg")):
+            try:
+                names = sorted(os.listdir(d))
+            except FileNotFoundError:
+                continue
+            left += [os.path.relpath(os.path.join(d, n), self.path)
+                     for n in names]
+        if left:
+            more = len(left) - 10
+            raise errors.StateMissing(
+                path=self.state_file, files=", ".join(left[:10]) + (
+                    " and {} more".format(more) if more > 0 else ""))
+
     def save(self, doc):
         _validate(doc, self.state_file)
         self.ensure()
@@ -260,13 +281,50 @@ def create_lu(state_dir, name, size=None, file=None, readonly=False):
         return record
 
 
+def file_identity(path):
+    """What a path names, whatever the way to it (symlinks, hard links,
+    device nodes): ("dev", rdev) for a block device, else (st_dev, st_ino);
+    None if it cannot be stat()ed."""
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    if stat.S_ISBLK(st.st_mode):
+        return ("dev", st.st_rdev)
+    return (st.st_dev, st.st_ino)
+
+
 def check_outside(state_dir, path):
-    """Refuse a --file inside the state directory (our own files)."""
-    real = os.path.realpath(path)
-    if real == state_dir.path or real.startswith(state_dir.path + os.sep):
+    """Refuse a --file that is one of the state directory's own files, by
+    any path: under its real path, under a directory that is the state
+    directory (a bind mount), or a hard link of a file in it."""
+    def refuse(what="it is inside the state directory"):
         raise errors.BackingUnusable(
-            path=path, reason="it is inside the state directory, whose files "
-                              "clonectl manages")
+            path=path, reason=what + ", whose files clonectl manages")
+
+    real = os.path.realpath(path)
+    top = os.path.realpath(state_dir.path)
+    if real == top or real.startswith(top + os.sep):
+        refuse()
+    top_id = file_identity(top)
+    if top_id is None:
+        return
+    parent = real
+    while True:
+        parent, tail = os.path.split(parent)
+        if file_identity(parent) == top_id:
+            refuse()
+        if not tail:
+            break
+    wanted = file_identity(real)
+    if wanted is None:
+        return
+    for directory, _, files in os.walk(top):
+        for fn in files:
+            own = os.path.join(directory, fn)
+            if file_identity(own) == wanted:
+                refuse("it is the state directory's file {} (a link "
+                       "to it)".format(os.path.relpath(own, top)))
 
 
 def check_name_free(doc, name):
@@ -277,12 +335,20 @@ def check_name_free(doc, name):
 
 
 def check_backing_free(doc, path):
+    """Refuse a file that already backs an LU or a clone, by any path."""
     real = os.path.realpath(path)
+    wanted = file_identity(real)
+
+    def same(other):
+        if os.path.realpath(other) == real:
+            return True
+        return wanted is not None and file_identity(other) == wanted
+
     for name, lu in doc["lus"].items():
-        if os.path.realpath(lu["file"]) == real:
+        if same(lu["file"]):
             raise errors.BackingInUse(path=path, name=name)
         for cname, rec in lu.get("clones", {}).items():
-            if os.path.realpath(rec["file"]) == real:
+            if same(rec["file"]):
                 raise errors.BackingInUse(path=path, name=cname)
 
 
@@ -299,10 +365,12 @@ def create_sparse(path, size):
         # The new entry too: the state record that names the file is saved
         # next, and a power cut must not keep the record without the file.
         fsutil.fsync_dir(os.path.dirname(os.path.abspath(path)))
-    except OSError:
+    except OSError as e:
         os.close(fd)
         os.unlink(path)
-        raise
+        raise errors.BackingUnusable(
+            path=path, reason="cannot make it {} bytes ({}): {}".format(
+                size, units.format_size(size), e.strerror)) from e
     os.close(fd)
 
 

@@ -13,38 +13,67 @@ _SUFFIXES = {
     "P": 1 << 50, "PB": 1 << 50, "PIB": 1 << 50,
 }
 
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*$")
+_SIZE_RE = re.compile(r"\s*(\d+)(?:\.(\d+))?\s*([A-Za-z]*)\s*")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 # NBD sizes are bytes, but the kernel's nbd driver and every hypervisor expect
 # whole 512-byte sectors; a size that is not one is a typo more often than not.
 SECTOR = 512
 
+# The largest offset a file can have (off_t); a file system may allow less
+# (ext4: 16 TiB - 4 KiB with 4 KiB blocks), which creating the file reports.
+MAX_SIZE = (1 << 63) - 1
+_MAX_DIGITS = len(str(MAX_SIZE)) + 1
+
 
 def parse_size(value):
-    """Parse "1G", "512M", "64K", "4096" or "1.5G" (binary units) to bytes."""
-    if isinstance(value, int):
+    """Parse "1G", "512M", "64K", "4096" or "1.5G" (binary units) to bytes.
+
+    Exact: the decimal digits are read as an integer and a power of ten,
+    never through a float, so "1.0000000000000001K" is refused as not a
+    whole number of bytes instead of rounded.  Sizes beyond MAX_SIZE (what
+    off_t can address) are refused.
+    """
+    if isinstance(value, int) and not isinstance(value, bool):
         size = value
+    elif not isinstance(value, str):
+        raise errors.InvalidSize(value=value, reason="not a size")
     else:
-        m = _SIZE_RE.fullmatch(str(value))
+        m = _SIZE_RE.fullmatch(value)
         if not m:
             raise errors.InvalidSize(
                 value=value, reason="expected a number with an optional unit "
                 "K, M, G, T or P (powers of 1024), e.g. 1G or 512M")
-        number, unit = m.groups()
+        whole, frac, unit = m.groups()
         unit = unit.upper()
         if unit not in _SUFFIXES:
             raise errors.InvalidSize(value=value,
                                      reason="unknown unit {!r}".format(unit))
-        size = float(number) * _SUFFIXES[unit] if "." in number \
-            else int(number) * _SUFFIXES[unit]
-        if size != int(size):
+        whole = whole.lstrip("0")
+        frac = (frac or "").rstrip("0")
+        # Digits beyond these cannot make a size below MAX_SIZE (and Python
+        # refuses to convert very long digit strings at all).
+        if len(whole) > _MAX_DIGITS:
+            raise _too_large(value)
+        if len(frac) > _MAX_DIGITS:
             raise errors.InvalidSize(value=value,
                                      reason="not a whole number of bytes")
-        size = int(size)
+        numerator = int(whole + frac or "0") * _SUFFIXES[unit]
+        size, rest = divmod(numerator, 10 ** len(frac))
+        if rest:
+            raise errors.InvalidSize(value=value,
+                                     reason="not a whole number of bytes")
     if size <= 0:
         raise errors.InvalidSize(value=value, reason="must be larger than 0")
+    if size > MAX_SIZE:
+        raise _too_large(value)
     return size
+
+
+def _too_large(value):
+    return errors.InvalidSize(
+        value=value, reason="too large: at most {} bytes ({})".format(
+            MAX_SIZE, format_size(MAX_SIZE)))
 
 
 def parse_lu_size(value):

@@ -154,3 +154,79 @@ def test_logical_unit_with_memory_backend():
     assert mem.flushes == 1
     assert bytes(mem.data[10:13]) == b"abc"
     assert lu.extents(0, 4096) == [(0, 4096, False)]
+
+
+def _user_session(t, source, name):
+    """A session made the way a `session create` of an older clonectl
+    could make it (the destination is not probed)."""
+    return t._create_session(t.lus[source], name,
+                             [{"uri": "nbd+unix:///x?socket=/nonexistent",
+                               "peer": None}], None, None)
+
+
+def test_old_user_session_named_like_an_image_is_no_image(sd):
+    state.create_lu(sd, "db1", size=MiB)
+    t = service.Target(sd.path)
+    try:
+        t.lus["db1"].write(b"D" * MiB, 0)
+        t.lus["a"].write(b"A" * MiB, 0)
+        _user_session(t, "a", "protected-db1")
+        t.session_mark("protected-db1")
+        t.lus["a"].write(b"n" * 4096, 0)
+    finally:
+        t.close()
+    t = service.Target(sd.path)
+    try:
+        assert t.image_status("db1")["protected"] is False
+        with pytest.raises(errors.InvalidArgument, match="no protected"):
+            t.image_rollback("db1")
+        buf = bytearray(MiB)
+        t.lus["db1"].read(buf, 0)
+        assert buf == b"D" * MiB
+        assert t.session_status("protected-db1")["marked"]
+    finally:
+        t.close()
+
+
+def test_protected_image_of_an_older_state_dir_still_loads(sd):
+    """Images recorded before they were flagged: the name and no
+    destination (a user session always has one) say what they are."""
+    t = service.Target(sd.path)
+    try:
+        t.lus["a"].write(b"A" * MiB, 0)
+        assert t.image_protect("a")["export"] == "a@protected-a"
+        t.lus["a"].write(b"n" * 4096, 0)
+    finally:
+        t.close()
+    doc = sd.load()
+    doc["lus"]["a"]["sessions"]["protected-a"].pop("image", None)
+    sd.save(doc)
+    t = service.Target(sd.path)
+    try:
+        st = t.image_status("a")
+        assert st["protected"] and st["export"] == "a@protected-a"
+        assert t.image_rollback("a")["extents_restored"] == 1
+        buf = bytearray(MiB)
+        t.lus["a"].read(buf, 0)
+        assert buf == b"A" * MiB
+        assert t.image_status("a")["protected"] is False
+    finally:
+        t.close()
+
+
+def test_session_names_of_images_are_reserved(target):
+    with pytest.raises(errors.InvalidArgument, match="reserved"):
+        target.session_create("a", "protected-a", dests=["nbd://h/x"])
+    with pytest.raises(errors.InvalidArgument, match="reserved"):
+        target.session_create("a", "protected-other", dests=["nbd://h/x"])
+
+
+def test_replication_hello_with_a_string_for_volumes(target):
+    from target import replication
+    with pytest.raises(replication.ReplicationError, match="volumes"):
+        target._accept_primary({"group": "g", "volumes": "a"}, "192.0.2.1")
+    with pytest.raises(replication.ReplicationError, match="volumes"):
+        target._accept_primary({"group": "g", "volumes": [{"lu": ["a"]}]},
+                               "192.0.2.1")
+    assert target.rsg_list() == []
+    assert not os.path.exists(os.path.join(target.rsg_dir, "g.json"))

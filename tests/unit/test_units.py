@@ -103,3 +103,34 @@ def test_check_name_invalid(name):
 def test_check_name_rejects_trailing_newline(name):
     with pytest.raises(errors.InvalidName):
         units.check_name(name)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("1.5K", 1536),
+    ("0.25M", 256 << 10),
+    ("1.0000000000000000000000000G", 1 << 30),
+    ("8P", 8 << 50),
+    ("9223372036854775807", (1 << 63) - 1),
+])
+def test_parse_size_is_exact(text, expected):
+    assert units.parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("1.0000000000000001K", "whole number"),
+    ("4097.0000000000000001", "whole number"),
+    ("99999999999999P", "too large"),
+    ("8192P", "too large"),
+    ("9223372036854775808", "too large"),
+    pytest.param("1" + "0" * 400, "too large", id="401-digits"),
+    pytest.param("1" + "0" * 5000 + "K", "too large", id="5001-digits-K"),
+])
+def test_parse_size_refuses_inexact_and_huge(text, fragment):
+    with pytest.raises(errors.InvalidSize, match=fragment):
+        units.parse_size(text)
+
+
+@pytest.mark.parametrize("value", [True, 1.5, None, [4096], 1 << 63])
+def test_parse_size_refuses_other_types_and_huge_ints(value):
+    with pytest.raises(errors.InvalidSize):
+        units.parse_size(value)
