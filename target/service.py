@@ -33,7 +33,7 @@ log = logging.getLogger("clonectl.target")
 
 # How long `clone remove` waits for the iSCSI gateway to let go of the
 # clone's export once it is withdrawn: the manager looks at the exports
-# every iscsi.ISCSI_POLL-ish second and removes a target in well under one.
+# every second (server.ISCSI_POLL) and removes a target in well under one.
 GATEWAY_LET_GO_TIMEOUT = 10.0
 
 
@@ -665,7 +665,7 @@ class Target:
                 if isinstance(obj, sessions.FrozenExport):
                     continue
                 try:
-                    modes[name] = self._resolve(name, False)[1]
+                    modes[name] = self._mode(obj, False)
                 except errors.Error:
                     pass
             return modes
@@ -681,12 +681,18 @@ class Target:
                     reason="an export name is required; exports: " +
                     (", ".join(sorted(exportable)) or "none"))
             raise errors.UnknownLU(name=name)
+        return obj, self._mode(obj, readonly)
+
+    @staticmethod
+    def _mode(obj, readonly):
+        """Whether a connection to export obj is read-only; raises if no
+        connection may open it now."""
         replica = getattr(obj, "rsg", None)
         if replica is not None and replica.role == replication.SECONDARY:
             # Written by replication only, readable while consistent.
             replica.check_readable(obj)
             readonly = True
-        return obj, bool(readonly or obj.readonly)
+        return bool(readonly or obj.readonly)
 
     def _gateway_export(self, name):
         """The export a gateway name asks for, or None for a host's name.
@@ -838,7 +844,7 @@ class Target:
 
     def clone_remove(self, clone):
         group, c = self._clone(clone)
-        self._gateway_let_go(group, c)
+        self._gateway_let_go(c)
         try:
             group.remove_clone(clone)  # refuses while busy or connected
         finally:
@@ -860,7 +866,7 @@ class Target:
             fsutil.remove_durably([rec["file"]])
         return {"name": clone, "file": rec["file"], "owned": rec["owned"]}
 
-    def _gateway_let_go(self, group, c):
+    def _gateway_let_go(self, c):
         """Before a clone is removed, the iSCSI gateway's mount of its
         export must be gone: its reads and writes use the clone's backing
         file, which the removal closes.
