@@ -7,6 +7,9 @@
 #         [allow=NET,NET...]    (clients from other addresses are refused)
 #         [allow_export=EXPORT=NET,NET...]...  (repeatable, one per export:
 #                               only clients from NET may open EXPORT)
+#         [gateway_secret=FILE]  (the iSCSI gateway's route: FILE, mode
+#                               0600, holds the secret its export names
+#                               carry; target/iscsi.py)
 #
 # nbdkit embeds /usr/bin/python3, which does not see the virtual environment:
 # the target package is found through pythonpath=.  The script's directory is
@@ -37,7 +40,7 @@ _THREAD_MODELS = {
 def config(key, value):
     if key not in ("statedir", "pythonpath", "thread_model", "parent",
                    "replication", "replication_token", "allow",
-                   "allow_export"):
+                   "allow_export", "gateway_secret"):
         raise Exception("unknown parameter {!r}".format(key))
     if key == "allow_export":
         _allow_export.append(value)
@@ -54,14 +57,15 @@ def config_complete():
         raise Exception("statedir= is required")
     if "pythonpath" in _config:
         sys.path.insert(0, _config["pythonpath"])
-    from target import service
-    _target = service.Target(_config["statedir"])
+    from target import access, iscsi, service
+    secret = iscsi.read_secret(_config["gateway_secret"]) \
+        if "gateway_secret" in _config else None
+    _target = service.Target(_config["statedir"], gateway_secret=secret)
     if "allow" in _config:
-        from target import access
         _allow = access.AllowList(_config["allow"])
     if _allow_export:
-        from target import access
-        _export_rules = access.ExportRules(_allow_export)
+        _export_rules = access.ExportRules(_allow_export,
+                                           _target.clone_sources)
 
 
 def thread_model():

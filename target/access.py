@@ -20,10 +20,13 @@ plugin checks them in open, when the client asks for an export by name
 refusal changes nothing; list_exports leaves out the exports the client may
 not open, so their names are not revealed either.  The server-wide list still
 runs first, in preconnect: a client must pass both.  Which rules apply to an
-export: those given for its exact name; an export SRC@NAME (a session's
-frozen image, a replica's protected image) without rules of its own takes
-those of SRC, since it shows SRC's data.  Exports without any rule are open
-to every client the server-wide list admits.
+export: those given for its exact name; an export without rules of its own
+takes those of the export whose data it shows (rules_source, the one place
+that says which): SRC for SRC@NAME (a session's frozen image, a replica's
+protected image), the Source for a clone (exported under its own name once
+fractured), NAME for the iSCSI gateway's name for NAME; and so on up the
+chain.  Exports without any rule on their chain are open to every client the
+server-wide list admits.
 
 A refusal raises ExportRefused (EACCES, worded in run/serve.log), but nbdkit
 1.32 answers every failed open with NBD_REP_ERR_UNKNOWN, which libnbd shows
@@ -111,11 +114,26 @@ class AllowList:
                 address=address if address is not None else "a non-IP socket")
 
 
+def rules_source(export, clone_sources):
+    """The export whose data export shows and whose rules it follows when
+    it has none of its own, or None.  clone_sources: {clone: Source}."""
+    from .iscsi import GATEWAY_PREFIX
+    if export.startswith(GATEWAY_PREFIX):
+        # GATEWAY_PREFIX [SECRET:] NAME; names hold no ':'.
+        return export.rpartition(":")[2]
+    source, at, _ = export.partition("@")
+    if at:
+        return source
+    return clone_sources.get(export)
+
+
 class ExportRules:
     """The per-export allow-lists of the plugin's allow_export=EXPORT=NETS
-    parameters."""
+    parameters.  clone_sources() -> {clone: Source} of the clones now
+    defined (target.service.Target.clone_sources)."""
 
-    def __init__(self, params=()):
+    def __init__(self, params=(), clone_sources=dict):
+        self.clone_sources = clone_sources
         self.lists = {}
         for param in params:
             name, _, nets = param.partition("=")
@@ -124,16 +142,16 @@ class ExportRules:
 
     def rule_for(self, export):
         """(name the rule was given for, AllowList), or (None, None)."""
-        from .iscsi import GATEWAY_PREFIX
-        if export.startswith(GATEWAY_PREFIX):
-            # The same data under the iSCSI gateway's name for it: the
-            # rules of the export it names.
-            export = export[len(GATEWAY_PREFIX):]
-        if export in self.lists:
-            return export, self.lists[export]
-        source = export.partition("@")[0]
-        if source != export and source in self.lists:
-            return source, self.lists[source]
+        sources = None
+        seen = set()
+        name = export
+        while name and name not in seen:
+            if name in self.lists:
+                return name, self.lists[name]
+            seen.add(name)
+            if sources is None:
+                sources = self.clone_sources()
+            name = rules_source(name, sources)
         return None, None
 
     def permits(self, export, address):

@@ -161,10 +161,13 @@ def _lu_rows(ctx):
         entry = {"name": name, "size": record["size"], "file": record["file"],
                  "owned": record["owned"], "readonly": record["readonly"],
                  "created": record.get("created"),
-                 "served": False, "connections": 0, "error": None}
+                 "served": False, "connections": 0,
+                 "gateway_connections": 0, "error": None}
         if name in live:
             entry["served"] = live[name]["exported"]
             entry["connections"] = live[name]["connections"]
+            # The iSCSI gateway's own (nbdfuse's, several per mount).
+            entry["gateway_connections"] = live[name]["gateway_connections"]
             entry["error"] = live[name]["error"]
             if info and entry["served"]:
                 entry["uri"] = info["uri"].replace("EXPORT", name)

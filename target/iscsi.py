@@ -31,12 +31,23 @@ only if its /proc command line is still the recorded one, a mount only if
 /proc/self/mountinfo lists the recorded mount point.  Nothing is found by
 name patterns.
 
-The gateway connects to the export as `GATEWAY_PREFIX + NAME` (service.py):
-that connection is not counted as a host connection, so clone sync, restore
-and remove are not refused just because the clone is exported over iSCSI;
-the manager removes the iSCSI target within a poll interval once the clone
-is no longer exported (a gap: an initiator writing during that interval
-writes through the clone's export object; see README Known gaps).
+The gateway's route: nbdfuse opens the export as
+`GATEWAY_PREFIX + SECRET + ":" + NAME`.  The manager makes SECRET at each
+server start (secrets.token_hex) and hands it to nbdkit in run/gateway.secret
+(mode 0600; plugin parameter gateway_secret=FILE, so not on nbdkit's command
+line); any other gateway name is an unknown export, and list_exports never
+names one (service.Target.connect).  The connection passes the same checks
+as a host's (a secondary's volume is read-only and readable only while
+consistent; read-only LUs) but is counted apart (`gateway_connections` in
+status): clone sync, restore and reverse sync are not refused because of
+it, the manager removes the iSCSI target within a poll interval once the
+clone is no longer exported (a gap: an initiator writing during that
+interval writes through the clone's export object; see README Known gaps),
+and `clone remove` first withdraws the export and waits for the gateway to
+let go (service.Target._gateway_let_go).  nbdfuse 1.14 takes the export
+name only inside its URI argument, so SECRET is on nbdfuse's command line
+(and in run/iscsi.json, mode 0600): a local user who can read other users'
+/proc/PID/cmdline and reach the NBD socket can still use the route.
 
 Deliberately ignored: session frozen exports (`SRC@NAME`, '@' is not an IQN
 character and they are for backup tools); CHAP; multiple LUNs per target;
@@ -49,6 +60,7 @@ and log in again.
 
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -57,6 +69,7 @@ import time
 from . import errors, fsutil
 
 GATEWAY_PREFIX = "iscsi-gateway:"
+SECRET_FILE = "gateway.secret"  # in run/
 DEFAULT_IQN_PREFIX = "iqn.2026-11.org.clonectl:"
 LUN = 1
 TGTD_CONTROL_DIR = "/var/run/tgtd"
@@ -91,6 +104,24 @@ def parse_allow(values):
                        "iqn./eui./naa. name".format(v))
         out.setdefault(name or None, []).append(iqn)
     return out
+
+
+def make_secret(run_dir):
+    """A new secret for the gateway's route, written to run/SECRET_FILE
+    (mode 0600); return (secret, path)."""
+    secret = secrets.token_hex(16)
+    path = os.path.join(run_dir, SECRET_FILE)
+    fsutil.write_atomic(path, (secret + "\n").encode(), mode=0o600)
+    return secret, path
+
+
+def read_secret(path):
+    with open(path) as f:
+        secret = f.read().strip()
+    if len(secret) < 32:
+        raise errors.InvalidArgument(
+            reason="{} holds no gateway secret".format(path))
+    return secret
 
 
 def _cmdline(pid):
@@ -202,12 +233,13 @@ def _remove_control_files(port):
 class Gateway:
     """One private tgtd and one nbdfuse mount per exported name."""
 
-    def __init__(self, run_dir, nbd_uri, portal, iqn_prefix=None, allow=None,
-                 log_path=None, preexec_fn=None, say=None):
+    def __init__(self, run_dir, nbd_uri, portal, secret, iqn_prefix=None,
+                 allow=None, log_path=None, preexec_fn=None, say=None):
         self.run_dir = run_dir
         self.base = os.path.join(run_dir, "iscsi")
         self.record_path = os.path.join(run_dir, "iscsi.json")
         self.nbd_uri = nbd_uri  # function: export name -> NBD URI
+        self.secret = secret  # of the route (module notes)
         self.portal = portal
         self.iqn_prefix = iqn_prefix or DEFAULT_IQN_PREFIX
         self.allow = allow or {}
@@ -336,7 +368,7 @@ class Gateway:
         if readonly:
             cmd.append("-r")
         cmd += [os.path.join(mountpoint, "disk"),
-                self.nbd_uri(GATEWAY_PREFIX + name)]
+                self.nbd_uri(GATEWAY_PREFIX + self.secret + ":" + name)]
         log = open(self.log_path, "ab")
         try:
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log,

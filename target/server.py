@@ -253,6 +253,7 @@ class Server:
         # dict(portal=(host, port), iqn_prefix=..., allow={...}) or None.
         self.iscsi = iscsi
         self.gateway = None
+        self.gateway_secret = None  # (secret, file) of this start's route
         self._iscsi_polled = 0.0
         # (bind, port, token) of the manager-to-manager listener, or None.
         self.peer = peer
@@ -318,6 +319,9 @@ class Server:
             bind, port, token_file = self.replication
             cmd += ["replication={}:{}".format(bind, port),
                     "replication_token=" + os.path.abspath(token_file)]
+        if self.gateway_secret is not None:
+            # A file, not the secret: command lines are readable by all.
+            cmd.append("gateway_secret=" + self.gateway_secret[1])
         return cmd + self.listen.nbdkit_params()
 
     def spawn(self):
@@ -399,6 +403,10 @@ class Server:
         signal.signal(signal.SIGINT, self._on_signal)
         try:
             self.acquire()
+            if self.iscsi is not None:
+                from . import iscsi
+                self.gateway_secret = iscsi.make_secret(
+                    self.state_dir.run_dir)
             self.spawn()
             if self.peer is not None:
                 from .peer import PeerServer
@@ -419,7 +427,7 @@ class Server:
         from . import iscsi
         self.gateway = iscsi.Gateway(
             self.state_dir.run_dir, self.listen.uri, self.iscsi["portal"],
-            iqn_prefix=self.iscsi.get("iqn_prefix"),
+            self.gateway_secret[0], iqn_prefix=self.iscsi.get("iqn_prefix"),
             allow=self.iscsi.get("allow"),
             log_path=self.state_dir.serve_log_file,
             preexec_fn=_die_with_parent, say=self.say)
@@ -517,6 +525,8 @@ class Server:
             paths.append(self.listen.socket_path)
         if self.pidfile:
             paths.append(self.pidfile)
+        if self.gateway_secret is not None:
+            paths.append(self.gateway_secret[1])
         if not self._published:
             paths.remove(self.state_dir.serve_info_file)
         for path in paths:

@@ -19,7 +19,9 @@ Design notes
   error, shown by status and not exported; the other LUs are still served.
 """
 
+import collections
 import errno
+import hmac
 import logging
 import os
 import threading
@@ -29,6 +31,11 @@ from . import (backends, clones, errors, fsutil, iostack, iscsi, maps, peer,
                replication, sessions, state, units)
 
 log = logging.getLogger("clonectl.target")
+
+# How long `clone remove` waits for the iSCSI gateway to let go of the
+# clone's export once it is withdrawn: the manager looks at the exports
+# every second (server.ISCSI_POLL) and removes a target in well under one.
+GATEWAY_LET_GO_TIMEOUT = 10.0
 
 
 class LogicalUnit:
@@ -118,8 +125,10 @@ class Connection:
 
     def __init__(self, lu, readonly, gateway=False):
         self.lu = lu
-        self.readonly = readonly or lu.readonly
-        self.gateway = gateway  # the iSCSI gateway's mount (not counted)
+        self.readonly = readonly
+        # The iSCSI gateway's mount: counted in Target.gateway_held, not as
+        # a host connection.
+        self.gateway = gateway
 
 
 class Target:
@@ -130,10 +139,20 @@ class Target:
     when no server runs; engines are only started by start().
     """
 
-    def __init__(self, state_dir):
+    def __init__(self, state_dir, gateway_secret=None):
         self.state_dir = state.StateDir(state_dir)
         self.state_dir.ensure()
         self.lock = threading.Lock()
+        # The iSCSI gateway's route (iscsi.py): export names
+        # GATEWAY_PREFIX + secret + ":" + NAME, usable only with the secret
+        # of this server start; None: no route.
+        self.gateway_secret = gateway_secret
+        # Export object -> the gateway's connections to it; let_go is
+        # notified when one ends.
+        self.gateway_held = collections.Counter()
+        self.let_go = threading.Condition(self.lock)
+        # Clones whose removal waits for the gateway: not exported meanwhile.
+        self.withdrawn = set()
         self.lus = {}
         self.groups = {}
         self.sessions = {}
@@ -658,7 +677,7 @@ class Target:
             group.close()
         for name in [n for n, s in self.sessions.items() if s.source is lu]:
             self.sessions.pop(name).close()
-        if lu.connections == 0:
+        if lu.connections == 0 and not self.gateway_held[lu]:
             lu.close()
 
     def _clone(self, name):
@@ -672,12 +691,21 @@ class Target:
         out = {n: lu for n, lu in self.lus.items() if lu.healthy}
         for group in self.groups.values():
             for name, clone in group.clones.items():
-                if clone.state in clones.EXPORTED and not clone.broken:
+                if clone.state in clones.EXPORTED and not clone.broken \
+                        and name not in self.withdrawn:
                     out[name] = clone.export
         for session in self.sessions.values():
             if session.marked and session.export and session.source.healthy:
                 out[session.export_name()] = sessions.FrozenExport(session)
         return out
+
+    def clone_sources(self):
+        """{clone name: its Source's name}, for the export rules
+        (access.rules_source)."""
+        with self.lock:
+            return {name: group.source.name
+                    for group in self.groups.values()
+                    for name in group.clones}
 
     def exports(self):
         with self.lock:
@@ -699,34 +727,67 @@ class Target:
 
     def export_modes(self):
         """{name: readonly} of the exports the iSCSI gateway serves: LUs and
-        fractured clones (frozen session images are left out)."""
+        fractured clones (frozen session images are left out), in the mode
+        a connection to them gets; those a connection would be refused
+        (an inconsistent secondary's volumes) are left out too."""
         with self.lock:
-            return {name: bool(obj.readonly) for name, obj in
-                    self._exportable().items()
-                    if not isinstance(obj, sessions.FrozenExport)}
+            modes = {}
+            for name, obj in self._exportable().items():
+                if isinstance(obj, sessions.FrozenExport):
+                    continue
+                try:
+                    modes[name] = self._mode(obj, False)
+                except errors.Error:
+                    pass
+            return modes
+
+    def _resolve(self, name, readonly):
+        """(object serving export name, readonly) after every check a
+        connection must pass, host or gateway alike; under self.lock."""
+        exportable = self._exportable()
+        obj = exportable.get(name)
+        if obj is None:
+            if name == "":
+                raise errors.InvalidArgument(
+                    reason="an export name is required; exports: " +
+                    (", ".join(sorted(exportable)) or "none"))
+            raise errors.UnknownLU(name=name)
+        return obj, self._mode(obj, readonly)
+
+    @staticmethod
+    def _mode(obj, readonly):
+        """Whether a connection to export obj is read-only; raises if no
+        connection may open it now."""
+        replica = getattr(obj, "rsg", None)
+        if replica is not None and replica.role == replication.SECONDARY:
+            # Written by replication only, readable while consistent.
+            replica.check_readable(obj)
+            readonly = True
+        return bool(readonly or obj.readonly)
+
+    def _gateway_export(self, name):
+        """The export a gateway name asks for, or None for a host's name.
+        Without this server start's secret a gateway name is unknown: the
+        route is the gateway's alone."""
+        if not name.startswith(iscsi.GATEWAY_PREFIX):
+            return None
+        secret, sep, export = name[len(iscsi.GATEWAY_PREFIX):].partition(":")
+        if self.gateway_secret is None or not sep or not hmac.compare_digest(
+                secret.encode(), self.gateway_secret.encode()):
+            raise errors.UnknownLU(name=name)
+        return export
 
     def connect(self, name, readonly):
         with self.lock:
-            exportable = self._exportable()
-            if name.startswith(iscsi.GATEWAY_PREFIX):
-                # The iSCSI gateway's own mount: not a host connection, so
-                # it does not make clone operations refuse (iscsi.py).
-                obj = exportable.get(name[len(iscsi.GATEWAY_PREFIX):])
-                if obj is None:
-                    raise errors.UnknownLU(name=name)
+            export = self._gateway_export(name)
+            if export is not None:
+                # The iSCSI gateway's mount: the same checks, counted apart
+                # so that clone sync is not refused because of it (the
+                # target goes when the export does; iscsi.py).
+                obj, readonly = self._resolve(export, readonly)
+                self.gateway_held[obj] += 1
                 return Connection(obj, readonly, gateway=True)
-            obj = exportable.get(name)
-            if obj is None:
-                if name == "":
-                    raise errors.InvalidArgument(
-                        reason="an export name is required; exports: " +
-                        (", ".join(sorted(exportable)) or "none"))
-                raise errors.UnknownLU(name=name)
-            replica = getattr(obj, "rsg", None)
-            if replica is not None and replica.role == replication.SECONDARY:
-                replica.check_readable(obj)
-                obj.connections += 1
-                return Connection(obj, True)
+            obj, readonly = self._resolve(name, readonly)
             if isinstance(obj, clones.CloneExport):
                 obj.clone.connections += 1
             elif isinstance(obj, sessions.FrozenExport):
@@ -740,23 +801,33 @@ class Target:
         with self.lock:
             obj = conn.lu
             if conn.gateway:
-                return
-            if isinstance(obj, clones.CloneExport):
+                self.gateway_held[obj] -= 1
+                if not self.gateway_held[obj]:
+                    del self.gateway_held[obj]
+                self.let_go.notify_all()
+            elif isinstance(obj, clones.CloneExport):
                 obj.clone.connections -= 1
                 return
-            if isinstance(obj, sessions.FrozenExport):
+            elif isinstance(obj, sessions.FrozenExport):
                 with obj.session.cond:
                     obj.session.export_connections -= 1
                 return
-            obj.connections -= 1
-            if obj.removed and obj.connections == 0:
+            else:
+                obj.connections -= 1
+            if isinstance(obj, LogicalUnit) and obj.removed and \
+                    obj.connections == 0 and not self.gateway_held[obj]:
                 obj.close()
+
+    def _with_gateway(self, st, obj):
+        st["gateway_connections"] = self.gateway_held[obj]
+        return st
 
     def status(self):
         with self.lock:
             return {"pid": os.getpid(),
-                    "lus": [lu.status() for _, lu in sorted(self.lus.items())],
-                    "clones": [g.clone_status(c)
+                    "lus": [self._with_gateway(lu.status(), lu)
+                            for _, lu in sorted(self.lus.items())],
+                    "clones": [self._with_gateway(g.clone_status(c), c.export)
                                for _, g in sorted(self.groups.items())
                                for _, c in sorted(g.clones.items())],
                     "sessions": [s.status() for _, s in
@@ -844,7 +915,12 @@ class Target:
 
     def clone_remove(self, clone):
         group, c = self._clone(clone)
-        group.remove_clone(clone)  # refuses while busy or exported
+        self._gateway_let_go(c)
+        try:
+            group.remove_clone(clone)  # refuses while busy or connected
+        finally:
+            with self.lock:
+                self.withdrawn.discard(clone)
         c.backend.close()
         source = group.source.name
         if not group.clones:
@@ -861,15 +937,51 @@ class Target:
             fsutil.remove_durably([rec["file"]])
         return {"name": clone, "file": rec["file"], "owned": rec["owned"]}
 
+    def _gateway_let_go(self, c):
+        """Before a clone is removed, the iSCSI gateway's mount of its
+        export must be gone: its reads and writes use the clone's backing
+        file, which the removal closes.
+
+        Why wait rather than refuse: the gateway mounts every export, so
+        refusing would leave a fractured clone removable only after a full
+        resync.  Why not refuse sync too: a sync ends the export, which is
+        what makes the gateway let go.  So the clone is withdrawn (no
+        longer exported: no new host or gateway connection, and
+        export_modes stops naming it), the manager removes its iSCSI target
+        within its poll interval (Server._sync_gateway), and the removal
+        goes on once the gateway's connection has ended.  The wait holds no
+        lock the gateway's path needs (let_go releases Target.lock; the
+        group's lock is not held), so it cannot deadlock the manager's
+        sync; if the gateway has not let go within GATEWAY_LET_GO_TIMEOUT
+        the clone is exported again and the removal is refused.  A removal
+        that would be refused anyway (host connections, a running
+        operation) is refused before anything is withdrawn."""
+        with self.lock:
+            if not self.gateway_held[c.export]:
+                return
+            if c.connections:
+                raise clones.CloneInUse(event="remove", name=c.name,
+                                        count=c.connections)
+            if (c.state, "remove") not in clones.TRANSITIONS:
+                return  # remove_clone refuses it with the reason
+            self.withdrawn.add(c.name)
+            if self.let_go.wait_for(lambda: not self.gateway_held[c.export],
+                                    GATEWAY_LET_GO_TIMEOUT):
+                return
+            self.withdrawn.discard(c.name)
+            raise GatewayHolds(name=c.name, timeout=GATEWAY_LET_GO_TIMEOUT)
+
     def clone_list(self, source=None):
         with self.lock:
-            return [g.clone_status(c) for n, g in sorted(self.groups.items())
+            return [self._with_gateway(g.clone_status(c), c.export)
+                    for n, g in sorted(self.groups.items())
                     if source is None or n == source
                     for _, c in sorted(g.clones.items())]
 
     def clone_status(self, clone):
         group, c = self._clone(clone)
-        return group.clone_status(c)
+        with self.lock:
+            return self._with_gateway(group.clone_status(c), c.export)
 
     def _working_clone(self, name, event):
         group, c = self._clone(name)
@@ -1423,6 +1535,12 @@ IMAGE_PREFIX = "protected-"
 
 class RollbackRefused(errors.Error):
     msg = "LU {name!r} cannot be rolled back: {reason}"
+    errno = errno.EBUSY
+
+
+class GatewayHolds(errors.Error):
+    msg = ("cannot remove clone {name!r}: the iSCSI gateway did not let go "
+           "of its export within {timeout:.0f} s; see run/serve.log")
     errno = errno.EBUSY
 
 

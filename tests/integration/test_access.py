@@ -531,6 +531,20 @@ def test_export_rules_follow_exact_names_then_the_source():
     # The iSCSI gateway's name for an export is the export.
     assert not rules.permits("iscsi-gateway:a", ip("127.0.0.1"))
     assert rules.permits("iscsi-gateway:a", ip("10.1.2.3"))
+    assert rules.rule_for("iscsi-gateway:0123abcd:a")[0] == "a"
+    # A clone shows its Source's data: it follows the Source unless it has
+    # rules of its own, and so do its gateway name and frozen images.
+    rules = access.ExportRules(["a=127.0.0.2", "cb=192.0.2.1"],
+                               lambda: {"ca": "a", "cb": "a", "cz": "z"})
+    assert rules.rule_for("ca")[0] == "a"
+    assert not rules.permits("ca", ip("127.0.0.1"))
+    assert rules.permits("ca", ip("127.0.0.2"))
+    assert rules.rule_for("cb")[0] == "cb"
+    assert not rules.permits("cb", ip("127.0.0.2"))
+    assert rules.rule_for("iscsi-gateway:s:ca")[0] == "a"
+    assert rules.rule_for("ca@s1")[0] == "a"
+    assert rules.rule_for("cz") == (None, None)
+    assert rules.permits("cz", ip("127.0.0.1"))
 
 
 @pytest.fixture
@@ -619,4 +633,32 @@ def test_allow_export_rules_of_a_source_cover_its_frozen_image(
     del h
     h = _client_from("127.0.0.2", srv.port, export="a@s1")
     assert h.pread(512, 0) == b"frozen".ljust(512, b".")
+    h.shutdown()
+
+
+def test_allow_export_rules_of_a_source_cover_its_fractured_clone(
+        export_rule_server, state_dir):
+    """A fractured clone shows its Source's data under its own name: without
+    rules of its own it follows the Source's (a=127.0.0.2/32)."""
+    srv = export_rule_server
+    marker = b"fractured".ljust(512, b".")
+    h = _client_from("127.0.0.2", srv.port)
+    h.pwrite(marker, 0)
+    h.flush()
+    h.shutdown()
+    run_clonectl(state_dir, "clone", "add", "a", "ca")
+    run_clonectl(state_dir, "clone", "sync", "ca", "--wait")
+    run_clonectl(state_dir, "clone", "fracture", "ca")
+    assert _list_from("127.0.0.2", srv.port) == ["a", "b", "c", "ca"]
+    assert _list_from("127.0.0.1", srv.port) == ["b", "c"]
+    h = nbd.NBD()
+    h.set_export_name("ca")
+    with pytest.raises(nbd.Error):
+        h.connect_tcp("127.0.0.1", str(srv.port))
+    del h
+    assert "client 127.0.0.1 may not open export 'ca': it is not in the " \
+        "--allow-export list for 'a'" in \
+        (state_dir / "run" / "serve.log").read_text()
+    h = _client_from("127.0.0.2", srv.port, export="ca")
+    assert h.pread(512, 0) == marker
     h.shutdown()

@@ -1,6 +1,9 @@
 """target.service: the Target and its LUs, in-process (no nbdkit)."""
 
+import errno
 import os
+import threading
+import time
 
 import pytest
 
@@ -230,3 +233,116 @@ def test_replication_hello_with_a_string_for_volumes(target):
                                "192.0.2.1")
     assert target.rsg_list() == []
     assert not os.path.exists(os.path.join(target.rsg_dir, "g.json"))
+
+
+# ---------------------------------------------------------------- the iSCSI gateway's route
+
+SECRET = "0123456789abcdef0123456789abcdef"
+
+
+def _gw(name, secret=SECRET):
+    return "iscsi-gateway:{}:{}".format(secret, name)
+
+
+@pytest.fixture
+def gw_target(sd):
+    t = service.Target(sd.path, gateway_secret=SECRET)
+    yield t
+    t.close()
+
+
+def _counts(t, name):
+    lu = [e for e in t.status()["lus"] if e["name"] == name][0]
+    return lu["connections"], lu["gateway_connections"]
+
+
+def test_gateway_route_needs_this_starts_secret(gw_target, target):
+    for t, names in ((gw_target, ["iscsi-gateway:a", _gw("a", "wrong"),
+                                  _gw("a", SECRET[:-1]), "iscsi-gateway:",
+                                  "iscsi-gateway:" + SECRET]),
+                     (target, [_gw("a"), "iscsi-gateway:a"])):
+        for name in names:
+            with pytest.raises(errors.UnknownLU):
+                t.connect(name, False)
+        assert _counts(t, "a") == (0, 0)
+    assert [n for n, _ in gw_target.exports()] == ["a", "ro"]
+
+
+def test_gateway_connection_passes_the_host_checks_and_counts_apart(
+        gw_target):
+    conn = gw_target.connect(_gw("a"), False)
+    ro = gw_target.connect(_gw("ro"), False)
+    assert conn.gateway and not conn.readonly and ro.readonly
+    with pytest.raises(errors.UnknownLU):
+        gw_target.connect(_gw("nope"), False)
+    assert _counts(gw_target, "a") == (0, 1)
+    host = gw_target.connect("a", False)
+    assert _counts(gw_target, "a") == (1, 1)
+    assert gw_target.export_modes() == {"a": False, "ro": True}
+    for c in (conn, ro, host):
+        gw_target.disconnect(c)
+    assert _counts(gw_target, "a") == (0, 0)
+    assert _counts(gw_target, "ro") == (0, 0)
+
+
+def _fractured(t, source, clone):
+    t.clone_add(source, clone)
+    t.clone_sync(clone)
+    deadline = time.monotonic() + 20
+    while t.clone_status(clone)["state"] != "synchronized":
+        assert time.monotonic() < deadline, t.clone_status(clone)
+        time.sleep(0.01)
+    t.clone_fracture(clone)
+
+
+def test_clone_remove_waits_for_the_gateway_to_let_go(gw_target,
+                                                      monkeypatch):
+    _fractured(gw_target, "a", "c")
+    conn = gw_target.connect(_gw("c"), False)
+    assert gw_target.clone_status("c")["gateway_connections"] == 1
+    # A gateway that does not let go: refused, and nothing changed.
+    monkeypatch.setattr(service, "GATEWAY_LET_GO_TIMEOUT", 0.2)
+    with pytest.raises(service.GatewayHolds) as info:
+        gw_target.clone_remove("c")
+    assert info.value.errno == errno.EBUSY
+    assert "the iSCSI gateway did not let go" in str(info.value)
+    assert gw_target.export_modes() == {"a": False, "c": False, "ro": True}
+    conn.lu.write(b"still writable", 0)
+    # A gateway that lets go once the export is withdrawn (as the manager
+    # does when export_modes stops naming it): the removal goes on.
+    monkeypatch.setattr(service, "GATEWAY_LET_GO_TIMEOUT", 20)
+    seen = {}
+
+    def gateway():
+        deadline = time.monotonic() + 10
+        while "c" in gw_target.export_modes():
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        try:  # withdrawn: no new connection meanwhile
+            gw_target.connect("c", False)
+        except errors.UnknownLU:
+            seen["host refused"] = True
+        seen["clones"] = [c["name"] for c in gw_target.clone_list()]
+        gw_target.disconnect(conn)
+
+    thread = threading.Thread(target=gateway)
+    thread.start()
+    gw_target.clone_remove("c")
+    thread.join()
+    assert seen == {"host refused": True, "clones": ["c"]}
+    assert gw_target.clone_list() == []
+    assert gw_target.export_modes() == {"a": False, "ro": True}
+
+
+def test_clone_remove_refused_for_a_host_withdraws_nothing(gw_target):
+    _fractured(gw_target, "a", "c")
+    gw = gw_target.connect(_gw("c"), False)
+    host = gw_target.connect("c", False)
+    with pytest.raises(errors.Error) as info:
+        gw_target.clone_remove("c")
+    assert "1 connection(s)" in str(info.value)
+    assert "c" in gw_target.export_modes()
+    gw_target.disconnect(host)
+    gw_target.disconnect(gw)
+    gw_target.clone_remove("c")
+    assert gw_target.clone_list() == []
