@@ -1717,7 +1717,7 @@ class SecondaryGroup:
         # A volume-changing operation (restore, reverse sync) running here,
         # described, or None: a primary is refused meanwhile.
         self.volume_change = volume_change or (lambda: None)
-        self.layers = []                    # _ReadGuard per volume
+        self.layers = []                    # _Guard per volume
         self.lock = threading.Lock()        # apply vs. host reads
         self.session_lock = threading.Lock()
         self.connection = None
@@ -1815,7 +1815,7 @@ class SecondaryGroup:
 
     def attach(self):
         for lu in self.volumes:
-            self.layers.append(_ReadGuard(self, lu))
+            self.layers.append(_Guard(self, lu))
             lu.stack.set("guard", self.layers[-1])
 
     def detach(self):
@@ -2048,22 +2048,29 @@ class SecondaryGroup:
             shutdown_socket(conn)
 
 
-class _ReadGuard(iostack.Layer):
-    """A secondary volume's guard in its LU's I/O stack: a host read waits
-    for the batch being applied, and is refused while the volume is
-    inconsistent."""
+class _Guard(iostack.Layer):
+    """A secondary volume's guard, the outermost layer of its LU's I/O
+    stack: a read waits for the batch being applied and is refused while
+    the volume is inconsistent; a write from above is refused, whatever
+    connection it came on (one opened before the LU became a secondary's
+    included): the volume is written by replication only, which enters
+    below the guard."""
 
     def __init__(self, group, lu):
         self.group = group
         self.lu = lu
 
     def intercepts(self):
-        return {"readinto": self.readinto}
+        return {"readinto": self.readinto, "write": self.refuse,
+                "zero": self.refuse, "trim": self.refuse}
 
     def readinto(self, buf, offset):
         with self.group.lock:
             self.group.check_readable(self.lu)
             self.inner.readinto(buf, offset)
+
+    def refuse(self, *args, **kwargs):
+        raise errors.ReadOnly(name=self.lu.name)
 
 
 class ReplicaServer:

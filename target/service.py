@@ -1436,14 +1436,18 @@ class Target:
         g = session.granularity
         buf = bytearray(g)
         restored = 0
+        # Below a secondary's guard (rolling a secondary back to its last
+        # consistent image is what its promotion asks for), through every
+        # other layer: clones and sessions of the LU see the rollback.
+        below = source.stack.below("guard")
         with session.cond:
             saved = sorted(session.save.slots)
         for x in saved:
             n = min(g, source.size - x * g)
             session.save.readinto(x, buf)
-            source.write(memoryview(buf)[:n], x * g)
+            below.write(memoryview(buf)[:n], x * g)
             restored += 1
-        source.flush()
+        below.flush()
         log.info("LU %s rolled back to its protected image (%d extents)", lu,
                  restored)
         self.image_release(lu)

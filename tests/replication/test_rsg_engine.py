@@ -50,7 +50,7 @@ from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant,
 
 from target import clones
 from target import replication as R
-from target import service, state
+from target import errors, service, state
 
 GRAN = 4096
 VOLS = ["v1", "v2"]
@@ -1194,4 +1194,23 @@ def test_primary_refused_while_secondary_restores(cluster_factory,
     release(c.tb.groups[VOLS[0]])
     wait_for(lambda: clone_state(c.tb, "snap") == "fractured", 30,
              "the restore", lambda: c.tb.clone_status("snap"))
+    c.check_final()
+
+
+def test_secondary_volume_refuses_writes_from_above(cluster_factory):
+    """A connection opened before the LU became a secondary's volume (the
+    iSCSI gateway's mount, until its next poll) must not write it: the
+    guard refuses every write that enters above it; replication, which
+    enters below, goes on."""
+    c = cluster_factory()
+    c.wait_converged()
+    lu = c.tb.lus[VOLS[0]]
+    before = read_image(c.tb, VOLS[0])
+    for write in (lambda: lu.write(b"\xff" * 4096, 0),
+                  lambda: lu.zero(0, 4096),
+                  lambda: lu.trim(0, 4096)):
+        with pytest.raises(errors.ReadOnly):
+            write()
+    assert read_image(c.tb, VOLS[0]) == before
+    c.write(0, 0, b"\x42" * 4096)
     c.check_final()
