@@ -7,6 +7,8 @@
 #         [allow=NET,NET...]    (clients from other addresses are refused)
 #         [allow_export=EXPORT=NET,NET...]...  (repeatable, one per export:
 #                               only clients from NET may open EXPORT)
+#         [max_connections=N] [max_per_address=N]  (live connections, idle
+#                               ones included: target/limits.py)
 #
 # nbdkit embeds /usr/bin/python3, which does not see the virtual environment:
 # the target package is found through pythonpath=.  The script's directory is
@@ -26,6 +28,7 @@ _control = None
 _allow = None  # target.access.AllowList with allow=, else None
 _allow_export = []  # allow_export= values, in order
 _export_rules = None  # target.access.ExportRules with allow_export=, else None
+_limiter = None  # target.limits.ConnectionLimiter with max_connections=...
 
 _THREAD_MODELS = {
     "parallel": nbdkit.THREAD_MODEL_PARALLEL,
@@ -37,7 +40,7 @@ _THREAD_MODELS = {
 def config(key, value):
     if key not in ("statedir", "pythonpath", "thread_model", "parent",
                    "replication", "replication_token", "allow",
-                   "allow_export"):
+                   "allow_export", "max_connections", "max_per_address"):
         raise Exception("unknown parameter {!r}".format(key))
     if key == "allow_export":
         _allow_export.append(value)
@@ -49,12 +52,17 @@ def config(key, value):
 
 
 def config_complete():
-    global _target, _allow, _export_rules
+    global _target, _allow, _export_rules, _limiter
     if "statedir" not in _config:
         raise Exception("statedir= is required")
     if "pythonpath" in _config:
         sys.path.insert(0, _config["pythonpath"])
-    from target import service
+    from target import limits, service
+    limits.install_log_limit()
+    if "max_connections" in _config or "max_per_address" in _config:
+        _limiter = limits.ConnectionLimiter(
+            int(_config.get("max_connections", 0)),
+            int(_config.get("max_per_address", 0)))
     _target = service.Target(_config["statedir"])
     if "allow" in _config:
         from target import access
@@ -114,6 +122,13 @@ def preconnect(readonly):
     if _allow is not None:
         try:
             _allow.check_peer()
+        except Exception as e:
+            _fail(e)
+    if _limiter is not None:
+        # Counted from here until nbdkit's thread for this connection ends.
+        try:
+            from target import access
+            _limiter.admit(access.peer_address())
         except Exception as e:
             _fail(e)
 
