@@ -228,6 +228,16 @@ class RepeatLimiter:
             out.append((None, self._dropped))
         return out
 
+    def pending(self):
+        """The report of the current interval so far (and reset it)."""
+        with self.lock:
+            report = self._report()
+            self._start = None
+            self._seen = {}
+            self._passed = 0
+            self._dropped = 0
+            return report
+
     def check(self, key, example):
         """(passes, report): whether this line is let through, and what the
         previous interval suppressed (reported once, with a line that
@@ -262,7 +272,7 @@ def describe_report(report, interval):
             parts.append("{} other lines".format(count))
         else:
             parts.append("{} more like {!r}".format(count, example[:160]))
-    return "(suppressed in the previous {:.0f} s: {})".format(
+    return "(repeats suppressed over {:.0f} s: {})".format(
         interval, "; ".join(parts))
 
 
@@ -310,6 +320,14 @@ class LineLimiter:
             out.append("clonectl serve: {}\n".format(describe_report(
                 report, self.limiter.interval)).encode())
         return out + [line if line.endswith(b"\n") else line + b"\n"]
+
+    def flush(self):
+        """What is still unreported, as lines (at the end of the output)."""
+        report = self.limiter.pending()
+        if not report:
+            return []
+        return ["clonectl serve: {}\n".format(describe_report(
+            report, self.limiter.interval)).encode()]
 
 
 def install_log_limit(stream=None):

@@ -544,6 +544,8 @@ class Server:
             self.say("nbdkit stopped")
         else:
             self._kill()
+        if self._pump is not None:
+            self._pump.join(5)      # nbdkit's last lines, into the log
         if not self._acquired:
             return
         paths = [self.state_dir.serve_info_file, self.state_dir.control_socket,
@@ -654,6 +656,11 @@ def _pump_log(pipe, fd):
                     os.write(fd, out)
                 except OSError:
                     pass    # a full disk: keep reading, or nbdkit blocks
+        for out in limiter.flush():
+            try:
+                os.write(fd, out)
+            except OSError:
+                pass
     finally:
         pipe.close()
         os.close(fd)

@@ -142,7 +142,7 @@ def test_line_limiter_bounds_distinct_lines():
     clock.now += 11
     out = lim.lines(b"accept: Too many open files\n")
     assert len(out) == 2 and out[1] == b"accept: Too many open files\n"
-    assert b"suppressed in the previous 10 s" in out[0]
+    assert b"repeats suppressed over 10 s" in out[0]
     assert b"other lines" in out[0]
 
 
@@ -173,3 +173,13 @@ def test_raise_nofile_limit_reaches_the_hard_limit(soft):
         assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == hard
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, old)
+
+
+def test_line_limiter_reports_the_rest_at_the_end():
+    lim = limits.LineLimiter(burst=1, interval=60, clock=Clock())
+    assert lim.lines(b"accept: Too many open files\n")
+    for _ in range(5):
+        assert lim.lines(b"accept: Too many open files\n") == []
+    out = lim.flush()
+    assert len(out) == 1 and b"5 more like" in out[0]
+    assert lim.flush() == []
