@@ -63,7 +63,7 @@ class _Handler(socketserver.StreamRequestHandler):
         try:
             self.wfile.write(json.dumps(reply).encode() + b"\n")
             self.wfile.flush()
-        except (BrokenPipeError, ConnectionResetError):
+        except (BrokenPipeError, ConnectionResetError, socket.timeout):
             pass    # the client gave up waiting; the operation is done
 
 

@@ -10,8 +10,11 @@ caps what a client that never completes its protocol can cost:
   the iSCSI gateway's nbdfuse mounts, four connections per export).  The
   default total comes from RLIMIT_NOFILE less a reserve for the engines
   (LU, map, SRL and clone files are opened while serving; a map commit
-  that cannot open its file fails a flush), so nbdkit never runs out of
-  descriptors and never spins on a failing accept().
+  that cannot open its file fails a flush), so idle clients cannot run
+  nbdkit out of descriptors.  A burst of connections can, for a moment:
+  nbdkit accepts them at C speed and the plugin refuses them one at a time
+  under the GIL; nbdkit then logs `accept: Too many open files` in a loop
+  until the refusals catch up, which the log limit below keeps short.
 - The replication port (inside nbdkit) and the peer port (in the manager):
   a connection that has not shown the token may send only a small first
   message, within HELLO_TIMEOUT, and only a few such connections exist at

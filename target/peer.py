@@ -104,9 +104,14 @@ class _Handler(socketserver.StreamRequestHandler):
                         "%.0f s", self.client_address[0],
                         self.server.request_timeout)
             return
+        except OSError:
+            return      # the client went away
         self.connection.settimeout(self.timeout)
         reply = self.server.dispatch(line, self.client_address)
-        self.wfile.write(json.dumps(reply).encode() + b"\n")
+        try:
+            self.wfile.write(json.dumps(reply).encode() + b"\n")
+        except OSError:
+            pass        # the client does not read its reply
 
 
 class PeerServer(socketserver.ThreadingMixIn, socketserver.TCPServer):

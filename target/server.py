@@ -429,9 +429,15 @@ class Server:
         limits.install_log_limit(self.out)
         # nbdkit inherits the raised limit; the default connection cap is
         # what it leaves after the engines' reserve.
-        self.listen.resolve_limits(
-            limits.raise_nofile_limit(),
-            3 if self.thread_model == "parallel" else 1)
+        nofile = limits.raise_nofile_limit()
+        per_connection = 3 if self.thread_model == "parallel" else 1
+        given = self.listen.max_connections
+        self.listen.resolve_limits(nofile, per_connection)
+        if given is not None and given > limits.default_max_connections(
+                nofile, per_connection):
+            self.say("warning: --max-connections {} leaves less than the "
+                     "reserve of the open-file limit {} for the engines"
+                     .format(given, nofile))
         try:
             self.acquire()
             self.spawn()
