@@ -75,15 +75,22 @@ def raise_nofile_limit():
     return soft
 
 
-def default_max_connections(nofile, fds_per_connection=1):
-    """The NBD connection cap for a descriptor limit of nofile: what is left
+def connection_room(nofile, fds_per_connection=1):
+    """How many NBD connections a descriptor limit of nofile has room for
     after the engines' reserve, each connection taking fds_per_connection
     (its socket; nbdkit's parallel thread model adds a pipe)."""
     if nofile == resource.RLIM_INFINITY:
-        return DEFAULT_MAX_CONNECTIONS
+        return None
     reserve = max(FD_RESERVE, nofile // 4)
-    return max(1, min(DEFAULT_MAX_CONNECTIONS,
-                      (nofile - reserve) // fds_per_connection))
+    return max(1, (nofile - reserve) // fds_per_connection)
+
+
+def default_max_connections(nofile, fds_per_connection=1):
+    """The NBD connection cap by default: the room, at most
+    DEFAULT_MAX_CONNECTIONS."""
+    room = connection_room(nofile, fds_per_connection)
+    return DEFAULT_MAX_CONNECTIONS if room is None else \
+        min(DEFAULT_MAX_CONNECTIONS, room)
 
 
 # ---------------------------------------------------------------- NBD

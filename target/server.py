@@ -433,8 +433,8 @@ class Server:
         per_connection = 3 if self.thread_model == "parallel" else 1
         given = self.listen.max_connections
         self.listen.resolve_limits(nofile, per_connection)
-        if given is not None and given > limits.default_max_connections(
-                nofile, per_connection):
+        room = limits.connection_room(nofile, per_connection)
+        if given is not None and room is not None and given > room:
             self.say("warning: --max-connections {} leaves less than the "
                      "reserve of the open-file limit {} for the engines"
                      .format(given, nofile))
