@@ -10,6 +10,8 @@
 #         [gateway_secret=FILE]  (the iSCSI gateway's route: FILE, mode
 #                               0600, holds the secret its export names
 #                               carry; target/iscsi.py)
+#         [max_connections=N] [max_per_address=N]  (live connections, idle
+#                               ones included: target/limits.py)
 #
 # nbdkit embeds /usr/bin/python3, which does not see the virtual environment:
 # the target package is found through pythonpath=.  The script's directory is
@@ -29,6 +31,7 @@ _control = None
 _allow = None  # target.access.AllowList with allow=, else None
 _allow_export = []  # allow_export= values, in order
 _export_rules = None  # target.access.ExportRules with allow_export=, else None
+_limiter = None  # target.limits.ConnectionLimiter with max_connections=...
 
 _THREAD_MODELS = {
     "parallel": nbdkit.THREAD_MODEL_PARALLEL,
@@ -40,7 +43,8 @@ _THREAD_MODELS = {
 def config(key, value):
     if key not in ("statedir", "pythonpath", "thread_model", "parent",
                    "replication", "replication_token", "allow",
-                   "allow_export", "gateway_secret"):
+                   "allow_export", "gateway_secret", "max_connections",
+                   "max_per_address"):
         raise Exception("unknown parameter {!r}".format(key))
     if key == "allow_export":
         _allow_export.append(value)
@@ -52,12 +56,17 @@ def config(key, value):
 
 
 def config_complete():
-    global _target, _allow, _export_rules
+    global _target, _allow, _export_rules, _limiter
     if "statedir" not in _config:
         raise Exception("statedir= is required")
     if "pythonpath" in _config:
         sys.path.insert(0, _config["pythonpath"])
-    from target import access, iscsi, service
+    from target import access, iscsi, limits, service
+    limits.install_log_limit()
+    if "max_connections" in _config or "max_per_address" in _config:
+        _limiter = limits.ConnectionLimiter(
+            int(_config.get("max_connections", 0)),
+            int(_config.get("max_per_address", 0)))
     secret = iscsi.read_secret(_config["gateway_secret"]) \
         if "gateway_secret" in _config else None
     _target = service.Target(_config["statedir"], gateway_secret=secret)
@@ -118,6 +127,13 @@ def preconnect(readonly):
     if _allow is not None:
         try:
             _allow.check_peer()
+        except Exception as e:
+            _fail(e)
+    if _limiter is not None:
+        # Counted from here until nbdkit's thread for this connection ends.
+        try:
+            from target import access
+            _limiter.admit(access.peer_address())
         except Exception as e:
             _fail(e)
 

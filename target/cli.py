@@ -623,6 +623,21 @@ def clone_restore(ctx, name, full, wait, rate):
                    "without rules of their own follow the rules of SRC. "
                    "Exports without rules stay open. Combines with --allow: "
                    "a client must pass both. Needs --port.")
+@click.option("--max-connections", type=click.IntRange(1, None),
+              metavar="N",
+              help="Serve at most N NBD connections at once; more are closed "
+                   "before the handshake (and logged). A connection counts "
+                   "from its accept, so clients that connect and send "
+                   "nothing count too. Default: what the open-file limit "
+                   "(raised to its hard limit at start) leaves after a "
+                   "reserve for the engines' own files (a quarter, at least "
+                   "128), at most 1024.")
+@click.option("--max-connections-per-address", "max_per_address",
+              type=click.IntRange(0, None), metavar="N",
+              help="Serve at most N NBD connections at once from one client "
+                   "address (0: no such limit; default 64). Loopback and "
+                   "Unix socket clients, among them the iSCSI gateway, count "
+                   "only against --max-connections.")
 @click.option("--detach", is_flag=True,
               help="Run in the background; return once clients can connect. "
                    "The log is run/serve.log in the state directory.")
@@ -671,10 +686,11 @@ def clone_restore(ctx, name, full, wait, rate):
 @pass_ctx
 @handle_errors
 def serve(ctx, socket_path, port, bind, tls_psk, tls_certificates,
-          tls_verify_peer, allow, allow_export, detach, pidfile,
-          thread_model, threads, peer_port, peer_bind, peer_token_file,
-          iscsi_portal, iqn_prefix, iscsi_allow, replication_port,
-          replication_bind, replication_token_file):
+          tls_verify_peer, allow, allow_export, max_connections,
+          max_per_address, detach, pidfile, thread_model, threads,
+          peer_port, peer_bind, peer_token_file, iscsi_portal, iqn_prefix,
+          iscsi_allow, replication_port, replication_bind,
+          replication_token_file):
     """Serve every LU over NBD until SIGTERM or SIGINT.
 
     One nbdkit server exports every LU under its own name (`nbdinfo --list`).
@@ -695,13 +711,24 @@ def serve(ctx, socket_path, port, bind, tls_psk, tls_certificates,
     addresses before the handshake; --allow-export keeps clients from other
     addresses away from one export, checked when they open it. They
     combine. None can be used with --iscsi-portal yet.
+
+    Limits: --max-connections and --max-connections-per-address cap NBD
+    connections, idle ones included, so that idle clients cannot use up
+    the descriptors that the engines need (a flush commits maps to files).
+    The replication and peer ports take, from a client that has not shown
+    the token, one small first message (64 KiB at most) within 10 s, on at
+    most 8 such connections at once; others are closed at once. Repeated
+    log lines are suppressed beyond 10 a minute, and counted in the next
+    line that passes.
     """
     if socket_path is None and port is None:
         socket_path = ctx.state_dir.default_nbd_socket
     listen = server.Listen(socket_path, port, bind, tls_psk=tls_psk,
                            tls_certificates=tls_certificates, allow=allow,
                            tls_verify_peer=tls_verify_peer,
-                           allow_export=allow_export)
+                           allow_export=allow_export,
+                           max_connections=max_connections,
+                           max_per_address=max_per_address)
     peer_listen = None
     if peer_port is not None:
         if not peer_token_file:

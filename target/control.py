@@ -10,9 +10,13 @@ Protocol: one JSON object per line each way over a Unix stream socket.
 The socket file is created with mode 0600 inside the 0700 run directory, so
 only its owner can use it.  Requests larger than MAX_REQUEST bytes, invalid
 JSON, unknown operations and bad arguments are answered with an error; the
-server never dies from a request.
+server never dies from a request.  A connection may carry several
+requests; one that stays silent for IDLE_TIMEOUT seconds is closed, and at
+most MAX_CONNECTIONS are served at once (a thread each): a further one gets
+a TooManyConnections error and is closed.
 """
 
+import errno
 import inspect
 import json
 import logging
@@ -26,6 +30,13 @@ from . import errors
 log = logging.getLogger("clonectl.control")
 
 MAX_REQUEST = 1 << 20
+MAX_CONNECTIONS = 64
+IDLE_TIMEOUT = 30.0
+
+
+class TooManyConnections(errors.Error):
+    msg = "the control socket serves {count} connections, the most allowed"
+    errno = errno.EAGAIN
 
 # The JSON type of each argument name of the operations (one name, one
 # meaning across operations).  An argument not named here is checked by the
@@ -71,9 +82,16 @@ def check_arguments(op, func, args):
 
 class _Handler(socketserver.StreamRequestHandler):
 
+    def setup(self):
+        self.timeout = self.server.idle_timeout
+        super().setup()
+
     def handle(self):
         while True:
-            line = self.rfile.readline(MAX_REQUEST + 1)
+            try:
+                line = self.rfile.readline(MAX_REQUEST + 1)
+            except (socket.timeout, ConnectionResetError):
+                return      # idle (or gone): the thread is not kept
             if not line:
                 return
             if len(line) > MAX_REQUEST:
@@ -87,7 +105,7 @@ class _Handler(socketserver.StreamRequestHandler):
         try:
             self.wfile.write(json.dumps(reply).encode() + b"\n")
             self.wfile.flush()
-        except (BrokenPipeError, ConnectionResetError):
+        except (BrokenPipeError, ConnectionResetError, socket.timeout):
             pass    # the client gave up waiting; the operation is done
 
 
@@ -96,10 +114,15 @@ class ControlServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
     request_queue_size = 64
 
-    def __init__(self, path, operations):
+    def __init__(self, path, operations, max_connections=MAX_CONNECTIONS,
+                 idle_timeout=IDLE_TIMEOUT):
         """operations maps an op name to a callable taking keyword args."""
         self.operations = operations
         self.path = path
+        self.max_connections = max_connections
+        self.idle_timeout = idle_timeout
+        self._count_lock = threading.Lock()
+        self._connections = 0
         if os.path.exists(path):
             os.unlink(path)
         old = os.umask(0o177)
@@ -108,6 +131,29 @@ class ControlServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         finally:
             os.umask(old)
         self._thread = None
+
+    def verify_request(self, request, client_address):
+        with self._count_lock:
+            if self._connections < self.max_connections:
+                self._connections += 1
+                return True
+            count = self._connections
+        log.warning("control socket: connection refused, %d connections",
+                    count)
+        try:
+            request.setblocking(False)
+            request.send(json.dumps({"ok": False, "error": TooManyConnections(
+                count=count).to_dict()}).encode() + b"\n")
+        except OSError:
+            pass
+        return False
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self._count_lock:
+                self._connections -= 1
 
     def dispatch(self, line):
         try:
@@ -164,7 +210,10 @@ def call(path, op, reply_timeout=30.0, **args):
         # timeout fails with EAGAIN at once when the backlog is full.
         s.connect(path)
         s.settimeout(reply_timeout)
-        s.sendall(json.dumps({"op": op, "args": args}).encode() + b"\n")
+        try:
+            s.sendall(json.dumps({"op": op, "args": args}).encode() + b"\n")
+        except BrokenPipeError:
+            pass    # refused at once (TooManyConnections): read why
         with s.makefile("rb") as f:
             line = f.readline()
     if not line:

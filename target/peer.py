@@ -30,12 +30,15 @@ import logging
 import socket
 import socketserver
 import threading
+import time
 
-from . import control, errors
+from . import control, errors, limits
 
 log = logging.getLogger("clonectl.peer")
 
 MAX_REQUEST = 64 << 10
+MAX_CONNECTIONS = 16        # requests served at once (a thread each)
+MAX_UNAUTHENTICATED = 8     # of which not yet past the token check
 OPERATIONS = ("protect", "release", "rollback", "status")
 
 
@@ -71,24 +74,78 @@ def read_token(path, what="peer"):
     return token
 
 
+def _read_request(sock, deadline):
+    """The request line (up to MAX_REQUEST + 1 bytes), read by deadline
+    however slowly it arrives; socket.timeout after it."""
+    buf = bytearray()
+    while b"\n" not in buf and len(buf) <= MAX_REQUEST:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise socket.timeout("timed out")
+        sock.settimeout(left)
+        data = sock.recv(MAX_REQUEST + 1 - len(buf))
+        if not data:
+            break
+        buf += data
+    end = buf.find(b"\n")
+    return bytes(buf[:end + 1] if end >= 0 else buf)
+
+
 class _Handler(socketserver.StreamRequestHandler):
 
+    timeout = 30    # for the reply, once the request is read
+
     def handle(self):
-        line = self.rfile.readline(MAX_REQUEST + 1)
+        try:
+            line = _read_request(self.connection, time.monotonic() +
+                                 self.server.request_timeout)
+        except socket.timeout:
+            log.warning("peer connection from %s closed: no request within "
+                        "%.0f s", self.client_address[0],
+                        self.server.request_timeout)
+            return
+        except OSError:
+            return      # the client went away
+        self.connection.settimeout(self.timeout)
         reply = self.server.dispatch(line, self.client_address)
-        self.wfile.write(json.dumps(reply).encode() + b"\n")
+        try:
+            self.wfile.write(json.dumps(reply).encode() + b"\n")
+        except OSError:
+            pass        # the client does not read its reply
 
 
 class PeerServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
+    """One thread per connection, one request per connection.  A client
+    has request_timeout seconds to send its request (MAX_REQUEST bytes at
+    most); at most max_connections are served at once, and at most
+    max_unauthenticated before their token is checked; others are closed
+    at once (limits.Gate)."""
 
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, bind, port, token, control_path):
+    def __init__(self, bind, port, token, control_path,
+                 request_timeout=limits.HELLO_TIMEOUT,
+                 max_connections=MAX_CONNECTIONS,
+                 max_unauthenticated=MAX_UNAUTHENTICATED):
         self.token = token
         self.control_path = control_path
+        self.request_timeout = request_timeout
+        self.gate = limits.Gate("peer port", max_connections,
+                                max_unauthenticated)
+        self._local = threading.local()
         super().__init__((bind, port), _Handler)
         self._thread = None
+
+    def verify_request(self, request, client_address):
+        return self.gate.enter(client_address[0])
+
+    def process_request_thread(self, request, client_address):
+        self._local.authenticated = False
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.gate.leave(self._local.authenticated)
 
     def dispatch(self, line, client):
         try:
@@ -103,6 +160,8 @@ class PeerServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
                 log.warning("peer request from %s refused: bad token",
                             client[0])
                 raise AccessDenied(reason="invalid token; nothing was done")
+            self._local.authenticated = True
+            self.gate.authenticated()
             op, lu = request.get("op"), request.get("lu")
             if op not in OPERATIONS or not isinstance(lu, str):
                 raise errors.ProtocolError(reason="unknown operation {!r}"

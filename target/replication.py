@@ -116,7 +116,7 @@ import time
 import uuid
 import zlib
 
-from . import backends, errors, fsutil, iostack, maps
+from . import backends, errors, fsutil, iostack, limits, maps
 
 log = logging.getLogger("clonectl.replication")
 
@@ -129,6 +129,9 @@ CONNECT_TIMEOUT = 5.0
 RETRY_INTERVAL = 1.0
 PERSIST_INTERVAL = 1.0
 MAX_FRAME = 64 << 20
+MAX_HELLO = 64 << 10           # the first frame, read before the token
+MAX_UNAUTHENTICATED = 8        # connections without the token, at once
+MAX_PRIMARIES = 64             # connections to the replication port
 SEQ_RESERVE = 1 << 20          # unlogged sequence numbers saved ahead
 HEARTBEAT = 1.0                # an idle link sends a heartbeat this often
 IDLE_TIMEOUT = 10.0            # a secondary drops a silent primary
@@ -218,11 +221,17 @@ def send_frames(sock, parts):
     sock.sendall(b"".join(bufs))
 
 
-def _recv_exact(sock, n):
+def _recv_exact(sock, n, deadline=None):
     buf = bytearray(n)
     view = memoryview(buf)
     got = 0
     while got < n:
+        if deadline is not None:
+            # A peer sending a byte at a time does not extend the deadline.
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise socket.timeout("timed out")
+            sock.settimeout(left)
         k = sock.recv_into(view[got:])
         if k == 0:
             raise ConnectionError("connection closed")
@@ -230,11 +239,15 @@ def _recv_exact(sock, n):
     return buf
 
 
-def recv_frame(sock):
-    kind, n = FRAME.unpack(_recv_exact(sock, FRAME.size))
-    if n > MAX_FRAME:
-        raise errors.ProtocolError(reason="frame of {} bytes".format(n))
-    return kind, _recv_exact(sock, n) if n else bytearray()
+def recv_frame(sock, limit=MAX_FRAME, deadline=None):
+    """(kind, payload) of the next frame; a frame announcing more than
+    limit bytes is refused before anything is allocated for it."""
+    kind, n = FRAME.unpack(_recv_exact(sock, FRAME.size, deadline))
+    if n > limit:
+        raise errors.ProtocolError(reason="{} frame of {} bytes (at most {})"
+                                   .format(kind.decode(errors="replace"), n,
+                                           limit))
+    return kind, _recv_exact(sock, n, deadline) if n else bytearray()
 
 
 def send_json(sock, kind, obj):
@@ -2078,9 +2091,19 @@ class ReplicaServer:
     connection; the hello is checked (token, group, volumes, roles) by
     the target's `accept(hello, peer)`, which returns the group to serve."""
 
-    def __init__(self, bind, port, token, accept):
+    def __init__(self, bind, port, token, accept,
+                 hello_timeout=limits.HELLO_TIMEOUT,
+                 max_connections=MAX_PRIMARIES,
+                 max_unauthenticated=MAX_UNAUTHENTICATED):
         self.token = token
         self.accept = accept
+        # Before the token is checked a peer may send one hello of at most
+        # MAX_HELLO bytes within hello_timeout, on one of at most
+        # max_unauthenticated connections: what a peer without the token
+        # can make this process hold is small and brief.
+        self.hello_timeout = hello_timeout
+        self.gate = limits.Gate("replication port", max_connections,
+                                max_unauthenticated)
         self.sock = socket.socket(socket.AF_INET6 if ":" in bind
                                   else socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -2107,6 +2130,9 @@ class ReplicaServer:
             if self.stopping:
                 conn.close()
                 return
+            if not self.gate.enter(addr[0]):
+                conn.close()
+                continue
             th = threading.Thread(target=self._serve, args=(conn, addr),
                                   daemon=True, name="replica-conn")
             self.connections = [t for t in self.connections
@@ -2117,21 +2143,25 @@ class ReplicaServer:
         import hmac
         peer = "{}:{}".format(addr[0], addr[1])
         group = None
+        authenticated = False
         try:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            kind, payload = recv_frame(
+                conn, MAX_HELLO, time.monotonic() + self.hello_timeout)
             conn.settimeout(30)
-            kind, payload = recv_frame(conn)
             if kind != b"HELO":
                 raise errors.ProtocolError(reason="expected a hello")
             hello = json.loads(payload)
+            if not isinstance(hello, dict):
+                raise errors.ProtocolError(reason="the hello is not an object")
             token = hello.get("token")
             if not isinstance(token, str) or not hmac.compare_digest(
                     token.encode(), self.token.encode()):
-                log.warning("replication hello from %s refused: bad token",
-                            addr[0])
                 raise ReplicationError(name=hello.get("group", "?"),
                                        reason="invalid token; nothing was "
                                               "done")
+            authenticated = True
+            self.gate.authenticated()
             group = self.accept(hello, addr[0])
             with group.session_lock:
                 if group.closed:
@@ -2161,13 +2191,28 @@ class ReplicaServer:
             conn.settimeout(IDLE_TIMEOUT)
             group.serve(conn, hello, addr[0])
         except errors.Error as e:
+            if not authenticated:
+                log.warning("replication hello from %s refused: %s",
+                            addr[0], e)
             try:
                 send_json(conn, b"HRPL", {"ok": False, "message": str(e)})
             except OSError:
                 pass
+        except socket.timeout as e:
+            if authenticated:
+                log.info("replication connection from %s ended: %s", peer, e)
+            else:
+                log.warning("replication connection from %s closed: no "
+                            "hello within %.0f s", addr[0],
+                            self.hello_timeout)
         except (OSError, ConnectionError, ValueError, struct.error) as e:
-            log.info("replication connection from %s ended: %s", peer, e)
+            if authenticated:
+                log.info("replication connection from %s ended: %s", peer, e)
+            else:
+                log.warning("replication connection from %s closed before "
+                            "its hello was read: %s", addr[0], e)
         finally:
+            self.gate.leave(authenticated)
             if group is not None:
                 with group.session_lock:
                     if group.connection is conn:

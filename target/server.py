@@ -37,9 +37,10 @@ import socket
 import stat
 import subprocess
 import sys
+import threading
 import time
 
-from . import access, control, errors, fsutil
+from . import access, control, errors, fsutil, limits
 
 _libc = ctypes.CDLL(None, use_errno=True)
 PR_SET_PDEATHSIG = 1
@@ -69,7 +70,7 @@ class Listen:
 
     def __init__(self, socket_path=None, port=None, bind=None, tls_psk=None,
                  tls_certificates=None, allow=(), tls_verify_peer=False,
-                 allow_export=()):
+                 allow_export=(), max_connections=None, max_per_address=None):
         if socket_path and port is not None:
             raise errors.InvalidArgument(
                 reason="--socket and --port are exclusive: choose one")
@@ -99,6 +100,18 @@ class Listen:
         self.tls_verify_peer = bool(tls_verify_peer)
         self.allow = [access.parse(a) for a in allow]
         self.allow_export = access.parse_export_rules(allow_export)
+        # None: the defaults, settled by resolve_limits() when serving.
+        self.max_connections = max_connections
+        self.max_per_address = max_per_address
+
+    def resolve_limits(self, nofile, fds_per_connection=1):
+        """Fill in the connection limits not given, for an open-file limit
+        of nofile (target/limits.py)."""
+        if self.max_connections is None:
+            self.max_connections = limits.default_max_connections(
+                nofile, fds_per_connection)
+        if self.max_per_address is None:
+            self.max_per_address = limits.DEFAULT_MAX_PER_ADDRESS
 
     @property
     def tls(self):
@@ -129,6 +142,10 @@ class Listen:
         why this is not nbdkit's ip filter."""
         params = ["allow=" + access.to_param(self.allow)] if self.allow \
             else []
+        if self.max_connections is not None:
+            params.append("max_connections={}".format(self.max_connections))
+        if self.max_per_address is not None:
+            params.append("max_per_address={}".format(self.max_per_address))
         return params + ["allow_export={}={}".format(name, access.to_param(
             nets)) for name, nets in sorted(self.allow_export.items())]
 
@@ -148,7 +165,9 @@ class Listen:
                 "allow": [access.show(n) for n in self.allow] or None,
                 "allow_export": {name: [access.show(n) for n in nets]
                                  for name, nets in
-                                 sorted(self.allow_export.items())} or None}
+                                 sorted(self.allow_export.items())} or None,
+                "max_connections": self.max_connections,
+                "max_connections_per_address": self.max_per_address}
 
 
 CERTIFICATE_FILES = ("ca-cert.pem", "server-cert.pem", "server-key.pem")
@@ -271,6 +290,7 @@ class Server:
         self._acquired = False
         self._published = False
         self._restarts = []
+        self._pump = None
 
     def say(self, msg):
         print("clonectl serve: " + msg, file=self.out, flush=True)
@@ -325,22 +345,32 @@ class Server:
         return cmd + self.listen.nbdkit_params()
 
     def spawn(self):
-        log = open(self.state_dir.serve_log_file, "ab")
+        """Start nbdkit; its output reaches run/serve.log through a
+        LineLimiter (a client can make nbdkit and the plugin print a
+        message per connection)."""
+        log = os.open(self.state_dir.serve_log_file,
+                      os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
+                      0o600)
         try:
-            log.write("--- {} starting nbdkit\n".format(
-                _now()).encode())
-            log.flush()
+            os.write(log, "--- {} starting nbdkit\n".format(_now()).encode())
             self.proc = subprocess.Popen(
-                self.nbdkit_command(), stdin=subprocess.DEVNULL, stdout=log,
-                stderr=log, close_fds=True, preexec_fn=_die_with_parent)
-        finally:
-            log.close()
+                self.nbdkit_command(), stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                close_fds=True, preexec_fn=_die_with_parent)
+        except BaseException:
+            os.close(log)
+            raise
+        self._pump = threading.Thread(target=_pump_log,
+                                      args=(self.proc.stdout, log),
+                                      name="nbdkit-log", daemon=True)
+        self._pump.start()
         self._wait_ready()
 
     def _wait_ready(self):
         deadline = time.monotonic() + READY_TIMEOUT
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
+                self._pump.join(5)  # its last words, for log_tail()
                 raise errors.ServerFailed(
                     reason="nbdkit exited with status {}:\n{}".format(
                         self.proc.returncode, self.log_tail()))
@@ -401,6 +431,18 @@ class Server:
         """Serve until SIGTERM/SIGINT; ready(info) is called once serving."""
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
+        limits.install_log_limit(self.out)
+        # nbdkit inherits the raised limit; the default connection cap is
+        # what it leaves after the engines' reserve.
+        nofile = limits.raise_nofile_limit()
+        per_connection = 3 if self.thread_model == "parallel" else 1
+        given = self.listen.max_connections
+        self.listen.resolve_limits(nofile, per_connection)
+        room = limits.connection_room(nofile, per_connection)
+        if given is not None and room is not None and given > room:
+            self.say("warning: --max-connections {} leaves less than the "
+                     "reserve of the open-file limit {} for the engines"
+                     .format(given, nofile))
         try:
             self.acquire()
             if self.iscsi is not None:
@@ -517,6 +559,8 @@ class Server:
             self.say("nbdkit stopped")
         else:
             self._kill()
+        if self._pump is not None:
+            self._pump.join(5)      # nbdkit's last lines, into the log
         if not self._acquired:
             return
         paths = [self.state_dir.serve_info_file, self.state_dir.control_socket,
@@ -616,6 +660,27 @@ def stop(state_dir, timeout=STOP_TIMEOUT):
             return info
         time.sleep(0.05)
     raise errors.StopTimeout(pid=pid, timeout=timeout)
+
+
+def _pump_log(pipe, fd):
+    """Copy nbdkit's output to the log file fd until EOF, repeated lines
+    suppressed (limits.LineLimiter); then close both."""
+    limiter = limits.LineLimiter()
+    try:
+        for line in iter(lambda: pipe.readline(65536), b""):
+            for out in limiter.lines(line):
+                try:
+                    os.write(fd, out)
+                except OSError:
+                    pass    # a full disk: keep reading, or nbdkit blocks
+        for out in limiter.flush():
+            try:
+                os.write(fd, out)
+            except OSError:
+                pass
+    finally:
+        pipe.close()
+        os.close(fd)
 
 
 def _now():
