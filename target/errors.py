@@ -115,6 +115,13 @@ class ServerRunning(Error):
     errno = _errno.EBUSY
 
 
+class StateDirBusy(Error):
+    msg = ("a server is starting or stopping for state directory "
+           "{state_dir!r}, or another clonectl command works on it (pid "
+           "{pid}); try again")
+    errno = _errno.EBUSY
+
+
 class ServerNotRunning(Error):
     msg = "no server runs on state directory {state_dir!r}"
     errno = _errno.ENOTCONN
