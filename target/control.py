@@ -20,7 +20,7 @@ import socket
 import socketserver
 import threading
 
-from . import errors
+from . import errors, fsutil
 
 log = logging.getLogger("clonectl.control")
 
@@ -58,8 +58,8 @@ class ControlServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         """operations maps an op name to a callable taking keyword args."""
         self.operations = operations
         self.path = path
-        if os.path.exists(path):
-            os.unlink(path)
+        if fsutil.is_socket(path):
+            os.unlink(path)  # stale: the manager checked nothing answers
         old = os.umask(0o177)
         try:
             super().__init__(path, _Handler)

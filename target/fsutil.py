@@ -3,7 +3,10 @@
 import hashlib
 import json
 import os
+import stat
 import tempfile
+
+from . import errors
 
 # sun_path is 108 bytes on Linux including the terminating NUL.
 _MAX_UNIX_PATH = 107
@@ -95,3 +98,23 @@ def unix_socket_path(preferred):
     os.makedirs(directory, mode=0o700, exist_ok=True)
     return os.path.join(directory, "{}-{}".format(
         digest, os.path.basename(preferred)))
+
+
+def is_socket(path):
+    """True if path is a Unix socket, False if nothing is there.  Anything
+    else (a file, a directory, a symbolic link) is refused: a socket path
+    is only ever replaced when it holds a stale socket, never whatever a
+    mistyped option or another user put there."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    if stat.S_ISSOCK(st.st_mode):
+        return True
+    kind = ("a directory" if stat.S_ISDIR(st.st_mode) else
+            "a symbolic link" if stat.S_ISLNK(st.st_mode) else
+            "a regular file" if stat.S_ISREG(st.st_mode) else "a special file")
+    raise errors.InvalidArgument(
+        reason="{} is not a socket but {}; it was left alone (only a stale "
+               "socket there is replaced): choose another path or remove "
+               "it".format(path, kind))

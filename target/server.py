@@ -26,7 +26,9 @@ A server that fails to start (another one runs, the socket is in use)
 removes nothing: only what this process created is cleaned up.
 
 nbdkit does not remove its Unix socket on exit; we remove the sockets we
-configured, and only after checking that nothing answers on them.
+configured, and only after checking that nothing answers on them.  A socket
+path holding anything but a socket (a mistyped --socket naming state.json
+or an image) is never removed: the server refuses to start instead.
 """
 
 import contextlib
@@ -216,7 +218,7 @@ def _socket_answers(path):
 
 
 def _remove_stale_socket(path):
-    if not os.path.exists(path):
+    if not fsutil.is_socket(path):
         return
     if _socket_answers(path):
         raise errors.InvalidArgument(
@@ -591,11 +593,14 @@ class Server:
             paths.append(self.pidfile)
         if not self._published:
             paths.remove(self.state_dir.serve_info_file)
+        sockets = (self.state_dir.control_socket, self.listen.socket_path)
         for path in paths:
             try:
+                if path in sockets and not fsutil.is_socket(path):
+                    continue
                 os.unlink(path)
-            except FileNotFoundError:
-                pass
+            except (FileNotFoundError, errors.Error):
+                pass  # gone, or no longer a socket: not ours to remove
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
