@@ -115,6 +115,14 @@ class ServerRunning(Error):
     errno = _errno.EBUSY
 
 
+class SocketDirUnsafe(Error):
+    msg = ("directory {path!r} for sockets whose paths are too long cannot "
+           "be used: {reason}; another user could put a socket there that "
+           "our clients would talk to. Remove it, or use a shorter state "
+           "directory or --socket path")
+    errno = _errno.EACCES
+
+
 class StateDirBusy(Error):
     msg = ("a server is starting or stopping for state directory "
            "{state_dir!r}, or another clonectl command works on it (pid "

@@ -88,16 +88,42 @@ def unix_socket_path(preferred):
 
     A Unix socket path is limited to 107 bytes; pytest and deep state
     directories exceed that.  The stand-in is derived from the preferred path,
-    so every process computes the same one without recording it.
+    so every process computes the same one without recording it.  Its
+    directory, /tmp/clonectl-UID, must be ours alone (private_dir).
     """
     preferred = os.path.abspath(preferred)
     if len(preferred.encode()) <= _MAX_UNIX_PATH:
         return preferred
     digest = hashlib.sha256(preferred.encode()).hexdigest()[:20]
-    directory = "/tmp/clonectl-{}".format(os.getuid())
-    os.makedirs(directory, mode=0o700, exist_ok=True)
+    directory = private_dir("/tmp/clonectl-{}".format(os.getuid()))
     return os.path.join(directory, "{}-{}".format(
         digest, os.path.basename(preferred)))
+
+
+def private_dir(path):
+    """Make directory path with mode 0700, or check that the one there is
+    ours alone: a real directory (not a symbolic link), owned by our uid,
+    with no permission for group or others.  Anyone can create a name in
+    /tmp first, and whoever owns the directory can replace our sockets in it
+    and receive our clients; so another's directory is refused
+    (SocketDirUnsafe), never used or repaired."""
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode):
+        reason = "it is a symbolic link" if stat.S_ISLNK(st.st_mode) \
+            else "it is not a directory"
+    elif st.st_uid != os.getuid():
+        reason = "it is owned by uid {}, not {}".format(st.st_uid,
+                                                        os.getuid())
+    elif st.st_mode & 0o077:
+        reason = "its mode {:o} gives others access (it must be 700)".format(
+            stat.S_IMODE(st.st_mode))
+    else:
+        return path
+    raise errors.SocketDirUnsafe(path=path, reason=reason)
 
 
 def is_socket(path):
