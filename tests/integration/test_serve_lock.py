@@ -12,9 +12,7 @@ import pytest
 
 from conftest import CLONECTL, MiB, snapshot_tree, status_json
 
-# A command waits this long for a lock holder without serve.json to publish
-# or go away (server.LOCK_PATIENCE), plus the time to start Python.
-PATIENCE = 10.0
+from target.server import LOCK_PATIENCE
 
 
 @contextlib.contextmanager
@@ -93,7 +91,7 @@ def test_commands_refuse_while_a_server_starts_or_stops(
             (args, err)
         assert "Traceback" not in err, (args, err)
     # They waited for the holder to publish or go away before refusing.
-    assert elapsed >= PATIENCE
+    assert elapsed >= LOCK_PATIENCE
 
 
 def test_command_acts_once_the_lock_holder_is_gone(inventory, state_dir):
