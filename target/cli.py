@@ -129,21 +129,26 @@ def lu_create(ctx, name, size, file, read_only):
     NAME is 1-64 characters from A-Z a-z 0-9 . _ - and is the NBD export
     name. If a server is running, the new LU is exported at once.
     """
-    record = state.create_lu(ctx.state_dir, name, size=size, file=file,
-                             readonly=read_only)
+    with server.served_or_exclusive(ctx.state_dir) as info:
+        if info is None:
+            record = state.create_lu(ctx.state_dir, name, size=size,
+                                     file=file, readonly=read_only)
+        else:
+            res = _control_call(ctx, "lu_create", name=name, size=size,
+                                file=os.path.abspath(file) if file else None,
+                                readonly=read_only)
+            record = res["record"]
     click.echo("created LU {} ({}, {}{})".format(
         name, units.format_size(record["size"]), record["file"],
         ", read-only" if read_only else ""))
-    info = server.read_serve_info(ctx.state_dir)
-    if info:
-        try:
-            control.call(ctx.state_dir.control_socket, "reload")
-        except (errors.Error, OSError) as e:
-            click.echo("clonectl: warning: the running server did not reload "
-                       "its LUs: {}".format(e), err=True)
-        else:
-            click.echo("exported as {}".format(
-                info["uri"].replace("EXPORT", name)))
+    if info is None:
+        return
+    if res["error"]:
+        click.echo("clonectl: warning: the running server does not export "
+                   "it: {}".format(res["error"]), err=True)
+    else:
+        click.echo("exported as {}".format(info["uri"].replace("EXPORT",
+                                                                name)))
 
 
 def _lu_rows(ctx):
@@ -245,13 +250,13 @@ def lu_delete(ctx, name):
                         name=name, reason="it is a volume of replicated group "
                         "{}; delete the group first with `clonectl rsg "
                         "delete`".format(fn[:-5]))
-        info = server.read_serve_info(ctx.state_dir)
-        if info:
+        if info is not None:
             raise errors.LUBusy(
                 name=name, reason="it is served by the running server (pid "
                 "{}); stop it first with `clonectl stop`".format(info["pid"]))
 
-    record = state.delete_lu(ctx.state_dir, name, check_busy=check_busy)
+    with server.served_or_exclusive(ctx.state_dir) as info:
+        record = state.delete_lu(ctx.state_dir, name, check_busy=check_busy)
     click.echo("deleted LU {}{}".format(
         name, "" if record["owned"] else
         " (backing file {} kept)".format(record["file"])))
@@ -288,16 +293,24 @@ def _control_call(ctx, op, patience=15.0, **args):
 
 
 def _target_call(ctx, op, **args):
-    if server.read_serve_info(ctx.state_dir):
-        return _control_call(ctx, op, **args)
-    if op in _NEED_SERVER:
+    """Run op in the running server or, if none runs, in a Target of this
+    process that holds run/serve.lock meanwhile: two Targets on one state
+    directory would each recover and rewrite the other's maps."""
+    if op in _NEED_SERVER and not os.path.exists(
+            ctx.state_dir.serve_lock_file):
+        # No server ever ran here; do not create the directory to say so.
         raise errors.ServerNotRunning(state_dir=ctx.state_dir.path)
-    from .service import Target
-    target = Target(ctx.state_dir.path)
-    try:
-        return target.control_operations()[op](**args)
-    finally:
-        target.close()
+    with server.served_or_exclusive(ctx.state_dir) as info:
+        if info is not None:
+            return _control_call(ctx, op, **args)
+        if op in _NEED_SERVER:
+            raise errors.ServerNotRunning(state_dir=ctx.state_dir.path)
+        from .service import Target
+        target = Target(ctx.state_dir.path)
+        try:
+            return target.control_operations()[op](**args)
+        finally:
+            target.close()
 
 
 def _fmt_duration(seconds):

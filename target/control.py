@@ -25,7 +25,7 @@ import socket
 import socketserver
 import threading
 
-from . import errors
+from . import errors, fsutil
 
 log = logging.getLogger("clonectl.control")
 
@@ -123,8 +123,8 @@ class ControlServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         self.idle_timeout = idle_timeout
         self._count_lock = threading.Lock()
         self._connections = 0
-        if os.path.exists(path):
-            os.unlink(path)
+        if fsutil.is_socket(path):
+            os.unlink(path)  # stale: the manager checked nothing answers
         old = os.umask(0o177)
         try:
             super().__init__(path, _Handler)

@@ -135,6 +135,21 @@ class ServerRunning(Error):
     errno = _errno.EBUSY
 
 
+class SocketDirUnsafe(Error):
+    msg = ("directory {path!r} for sockets whose paths are too long cannot "
+           "be used: {reason}; another user could put a socket there that "
+           "our clients would talk to. Remove it, or use a shorter state "
+           "directory or --socket path")
+    errno = _errno.EACCES
+
+
+class StateDirBusy(Error):
+    msg = ("a server is starting or stopping for state directory "
+           "{state_dir!r}, or another clonectl command works on it (pid "
+           "{pid}); try again")
+    errno = _errno.EBUSY
+
+
 class ServerNotRunning(Error):
     msg = "no server runs on state directory {state_dir!r}"
     errno = _errno.ENOTCONN

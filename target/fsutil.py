@@ -4,7 +4,10 @@ import errno
 import hashlib
 import json
 import os
+import stat
 import tempfile
+
+from . import errors
 
 # sun_path is 108 bytes on Linux including the terminating NUL.
 _MAX_UNIX_PATH = 107
@@ -87,13 +90,59 @@ def unix_socket_path(preferred):
 
     A Unix socket path is limited to 107 bytes; pytest and deep state
     directories exceed that.  The stand-in is derived from the preferred path,
-    so every process computes the same one without recording it.
+    so every process computes the same one without recording it.  Its
+    directory, /tmp/clonectl-UID, must be ours alone (private_dir).
     """
     preferred = os.path.abspath(preferred)
     if len(preferred.encode()) <= _MAX_UNIX_PATH:
         return preferred
     digest = hashlib.sha256(preferred.encode()).hexdigest()[:20]
-    directory = "/tmp/clonectl-{}".format(os.getuid())
-    os.makedirs(directory, mode=0o700, exist_ok=True)
+    directory = private_dir("/tmp/clonectl-{}".format(os.getuid()))
     return os.path.join(directory, "{}-{}".format(
         digest, os.path.basename(preferred)))
+
+
+def private_dir(path):
+    """Make directory path with mode 0700, or check that the one there is
+    ours alone: a real directory (not a symbolic link), owned by our uid,
+    with no permission for group or others.  Anyone can create a name in
+    /tmp first, and whoever owns the directory can replace our sockets in it
+    and receive our clients; so another's directory is refused
+    (SocketDirUnsafe), never used or repaired."""
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode):
+        reason = "it is a symbolic link" if stat.S_ISLNK(st.st_mode) \
+            else "it is not a directory"
+    elif st.st_uid != os.getuid():
+        reason = "it is owned by uid {}, not {}".format(st.st_uid,
+                                                        os.getuid())
+    elif st.st_mode & 0o077:
+        reason = "its mode {:o} gives others access (it must be 700)".format(
+            stat.S_IMODE(st.st_mode))
+    else:
+        return path
+    raise errors.SocketDirUnsafe(path=path, reason=reason)
+
+
+def is_socket(path):
+    """True if path is a Unix socket, False if nothing is there.  Anything
+    else (a file, a directory, a symbolic link) is refused: a socket path
+    is only ever replaced when it holds a stale socket, never whatever a
+    mistyped option or another user put there."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    if stat.S_ISSOCK(st.st_mode):
+        return True
+    kind = ("a directory" if stat.S_ISDIR(st.st_mode) else
+            "a symbolic link" if stat.S_ISLNK(st.st_mode) else
+            "a regular file" if stat.S_ISREG(st.st_mode) else "a special file")
+    raise errors.InvalidArgument(
+        reason="{} is not a socket but {}; it was left alone (only a stale "
+               "socket there is replaced): choose another path or remove "
+               "it".format(path, kind))

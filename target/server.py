@@ -3,7 +3,9 @@
 One server per state directory, guarded by an flock on run/serve.lock held
 for the server's whole life (a stale lock cannot outlive its process).
 run/serve.json records what a running server listens on, for `status`,
-`stop` and clients.
+`stop` and clients.  A command that works on the directory without a server
+holds the same lock meanwhile (served_or_exclusive), so a server and such a
+command never overlap, neither while the server starts nor while it stops.
 
 nbdkit runs in the foreground as our child, so a kill -9 of the manager
 takes nbdkit with it even while clients stay connected: PR_SET_PDEATHSIG=
@@ -24,9 +26,12 @@ A server that fails to start (another one runs, the socket is in use)
 removes nothing: only what this process created is cleaned up.
 
 nbdkit does not remove its Unix socket on exit; we remove the sockets we
-configured, and only after checking that nothing answers on them.
+configured, and only after checking that nothing answers on them.  A socket
+path holding anything but a socket (a mistyped --socket naming state.json
+or an image) is never removed: the server refuses to start instead.
 """
 
+import contextlib
 import ctypes
 import datetime
 import fcntl
@@ -59,6 +64,9 @@ STOP_GRACE = 5.0
 STOP_TIMEOUT = 30.0
 RESTART_LIMIT = 5
 RESTART_WINDOW = 60.0
+# How long a command (or a second server) waits for a server that is
+# starting or stopping, or for another command, to release run/serve.lock.
+LOCK_PATIENCE = 10.0
 ISCSI_POLL = 1.0  # seconds between checks of the exports for the iSCSI side
 
 
@@ -229,7 +237,7 @@ def _socket_answers(path):
 
 
 def _remove_stale_socket(path):
-    if not os.path.exists(path):
+    if not fsutil.is_socket(path):
         return
     if _socket_answers(path):
         raise errors.InvalidArgument(
@@ -239,14 +247,86 @@ def _remove_stale_socket(path):
 
 def read_serve_info(state_dir):
     """Return serve.json of a running server, or None if none runs."""
+    info = _read_info_file(state_dir)
+    if info is None or not _lock_held(state_dir):
+        return None  # left behind by a server that was killed
+    return info
+
+
+def _read_info_file(state_dir):
     try:
         with open(state_dir.serve_info_file) as f:
             info = json.load(f)
     except (FileNotFoundError, ValueError):
         return None
-    if not _lock_held(state_dir):
-        return None  # left behind by a server that was killed
-    return info
+    return info if isinstance(info, dict) else None
+
+
+def _take_serve_lock(state_dir, patience=LOCK_PATIENCE):
+    """Return (fd, None) holding run/serve.lock, or (None, serve.json) if a
+    published server holds it.
+
+    A holder without serve.json is a server starting or stopping, or a
+    command working on the directory itself: wait up to patience seconds
+    for it to publish or let go, then refuse (StateDirBusy).
+    """
+    state_dir.ensure()
+    deadline = time.monotonic() + patience
+    while True:
+        fd = os.open(state_dir.serve_lock_file,
+                     os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+        else:
+            return fd, None
+        info = _read_info_file(state_dir)
+        if info is not None:
+            return None, info
+        if time.monotonic() >= deadline:
+            raise errors.StateDirBusy(
+                state_dir=state_dir.path,
+                pid=_lock_holder(state_dir.serve_lock_file) or "unknown")
+        time.sleep(0.1)
+
+
+@contextlib.contextmanager
+def served_or_exclusive(state_dir, patience=LOCK_PATIENCE):
+    """The way a command reaches a state directory: yields serve.json of
+    the running server, whose control socket the command must then use, or
+    None while holding run/serve.lock, so that no server starts (or stops
+    half-way) while the command works on the directory itself."""
+    fd, info = _take_serve_lock(state_dir, patience)
+    if fd is None:
+        yield info
+        return
+    try:
+        # What a killed server published; no server runs while we hold
+        # the lock, and other commands must not take it for one.
+        fsutil.remove_durably([state_dir.serve_info_file])
+        yield None
+    finally:
+        os.close(fd)
+
+
+def _lock_holder(path):
+    """The pid holding the flock on path, from /proc/locks, or None."""
+    try:
+        st = os.stat(path)
+        with open("/proc/locks") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    inode = "{:02x}:{:02x}:{}".format(os.major(st.st_dev),
+                                      os.minor(st.st_dev), st.st_ino)
+    for line in lines:
+        # "1: FLOCK  ADVISORY  WRITE 1234 fe:00:5678 0 EOF"
+        fields = line.split()
+        if len(fields) > 5 and fields[1] == "FLOCK" and fields[5] == inode \
+                and fields[4].isdigit() and fields[4] != "0":
+            return int(fields[4])
+    return None
 
 
 def _lock_held(state_dir):
@@ -299,18 +379,15 @@ class Server:
 
     def acquire(self):
         self.state_dir.ensure()
-        self.state_dir.load()  # refuse a corrupt state file before listening
-        self.state_dir.check_inventory_present()
-        fd = os.open(self.state_dir.serve_lock_file,
-                     os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            info = read_serve_info(self.state_dir) or {}
+        fd, info = _take_serve_lock(self.state_dir)
+        if fd is None:
             raise errors.ServerRunning(state_dir=self.state_dir.path,
                                        pid=info.get("pid", "unknown"))
         try:
+            # Under the lock, so no command changes them meanwhile: refuse
+            # a corrupt or missing inventory before listening.
+            self.state_dir.load()
+            self.state_dir.check_inventory_present()
             if self.listen.socket_path:
                 _remove_stale_socket(self.listen.socket_path)
             _remove_stale_socket(self.state_dir.control_socket)
@@ -573,11 +650,14 @@ class Server:
             paths.append(self.gateway_secret[1])
         if not self._published:
             paths.remove(self.state_dir.serve_info_file)
+        sockets = (self.state_dir.control_socket, self.listen.socket_path)
         for path in paths:
             try:
+                if path in sockets and not fsutil.is_socket(path):
+                    continue
                 os.unlink(path)
-            except FileNotFoundError:
-                pass
+            except (FileNotFoundError, errors.Error):
+                pass  # gone, or no longer a socket: not ours to remove
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None

@@ -544,6 +544,21 @@ class Target:
             new = self._open_rsg(files, record)
         return new.status()
 
+    def lu_create(self, name, size=None, file=None, readonly=False):
+        """Add an LU to the inventory and export it (`clonectl lu create`
+        while a server runs).  file must be absolute: this process does not
+        share the caller's working directory."""
+        if file is not None and not (isinstance(file, str) and
+                                     os.path.isabs(file)):
+            raise errors.InvalidArgument(
+                reason="file must be an absolute path, not {!r}".format(file))
+        record = state.create_lu(self.state_dir, name, size=size, file=file,
+                                 readonly=readonly)
+        self.reload()
+        lu = self.lus.get(name)
+        return {"record": record,
+                "error": "not loaded" if lu is None else lu.error}
+
     def reload(self):
         """Bring the LUs in line with state.json; return the exported names.
 
@@ -1459,6 +1474,7 @@ class Target:
             "ping": lambda: {"pid": os.getpid()},
             "status": self.status,
             "reload": lambda: {"exports": self.reload()},
+            "lu_create": self.lu_create,
             "export_modes": self.export_modes,
             "clone_add": self.clone_add,
             "clone_remove": self.clone_remove,

@@ -9,7 +9,8 @@ Layout of a state directory:
     maps/           clone delta maps (CLONE.delta) and activity maps of
                     clone groups (SOURCE.activity), see target.maps
     run/            runtime files of a running server (sockets, serve.json,
-                    serve.lock held for the server's whole life, serve.log)
+                    serve.lock held for the server's whole life, or by a
+                    command working without a server; serve.log)
 
 state.json is only ever replaced whole (temp file, fsync, rename, fsync the
 directory), so a crash leaves either the old or the new inventory.  A file
@@ -365,12 +366,12 @@ def create_sparse(path, size):
         # The new entry too: the state record that names the file is saved
         # next, and a power cut must not keep the record without the file.
         fsutil.fsync_dir(os.path.dirname(os.path.abspath(path)))
-    except OSError as e:
+    except (OSError, OverflowError) as e:
         os.close(fd)
         os.unlink(path)
         raise errors.BackingUnusable(
-            path=path, reason="cannot make it {} bytes ({}): {}".format(
-                size, units.format_size(size), e.strerror)) from e
+            path=path, reason="cannot make it {} bytes: {}".format(
+                size, getattr(e, "strerror", None) or "too large")) from e
     os.close(fd)
 
 

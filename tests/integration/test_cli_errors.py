@@ -295,3 +295,38 @@ def test_concurrent_creates_of_one_name(clonectl, state_dir):
     doc = json.loads((state_dir / "state.json").read_text())
     size = doc["lus"]["same"]["size"]
     assert os.path.getsize(state_dir / "lus" / "same.img") == size
+
+
+# ---------------------------------------------------------------- socket dir
+
+OTHER_UID = 65533
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to run as a user")
+def test_socket_fallback_dir_of_another_user_is_refused(tmp_path):
+    """A state directory so deep that its sockets fall back to
+    /tmp/clonectl-UID, which root created first: the user's server refuses
+    it rather than listen where root could replace its sockets."""
+    deep = tmp_path / ("d" * 100)
+    deep.mkdir()
+    os.chown(tmp_path, OTHER_UID, OTHER_UID)
+    os.chown(deep, OTHER_UID, OTHER_UID)
+    planted = "/tmp/clonectl-{}".format(OTHER_UID)
+    if os.path.isdir(planted) and not os.path.islink(planted):
+        subprocess.run(["rm", "-rf", "--", planted], check=True)
+    os.mkdir(planted, 0o700)     # root's
+    try:
+        proc = subprocess.run(
+            ["setpriv", "--reuid={}".format(OTHER_UID),
+             "--regid={}".format(OTHER_UID), "--clear-groups", CLONECTL,
+             "--state-dir", str(deep / "state"), "serve", "--detach"],
+            capture_output=True, text=True, timeout=60,
+            stdin=subprocess.DEVNULL)
+        assert proc.returncode == 1, (proc.stdout, proc.stderr)
+        assert planted in proc.stderr and "owned by uid 0" in proc.stderr, \
+            proc.stderr
+        assert "Traceback" not in proc.stderr
+        assert os.listdir(planted) == []
+        assert not (deep / "state" / "run" / "serve.json").exists()
+    finally:
+        os.rmdir(planted)

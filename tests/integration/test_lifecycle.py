@@ -12,6 +12,8 @@ import pytest
 from conftest import (MiB, pid_alive, read_file_range, run_clonectl,
                       snapshot_tree, status_json, wait_pid_gone)
 
+from target.state import StateDir
+
 nbd = pytest.importorskip("nbd")
 
 
@@ -212,6 +214,82 @@ def test_serve_on_socket_of_another_server(clonectl, detached, tmp_path,
     assert nbd_connect(str(sock), "a").get_size() == MiB
 
 
+def _not_a_socket(kind, state_dir, tmp_path):
+    """A path holding something other than a socket, and its content."""
+    if kind == "file":
+        path = tmp_path / "precious"
+        path.write_bytes(b"not a socket\n" * 100)
+    elif kind == "state.json":
+        path = state_dir / "state.json"
+    elif kind == "image":
+        path = state_dir / "lus" / "a.img"
+        path.write_bytes(b"\x5a" * MiB)
+    elif kind == "directory":
+        path = tmp_path / "dir"
+        path.mkdir()
+        (path / "inside").write_bytes(b"kept")
+    else:
+        (tmp_path / "target").write_bytes(b"pointed to")
+        path = tmp_path / "link"
+        path.symlink_to(tmp_path / "target")
+    return path
+
+
+@pytest.mark.parametrize("kind", ["file", "state.json", "image", "directory",
+                                  "symlink"])
+@pytest.mark.parametrize("detach", [False, True])
+def test_serve_socket_path_that_is_not_a_socket_is_left_alone(
+        clonectl, state_dir, tmp_path, kind, detach, process_guard):
+    clonectl("lu", "create", "a", "--size", "1M")
+    path = _not_a_socket(kind, state_dir, tmp_path)
+    before = snapshot_tree(tmp_path)
+    # A server that starts anyway serves until killed: a short timeout.
+    proc = clonectl("serve", "--socket", path,
+                    *(["--detach"] if detach else []), check=False,
+                    timeout=20)
+    info = status_json(state_dir)["server"]
+    if info is not None:
+        process_guard.add(info["pid"])
+    assert proc.returncode == 1, (proc.stdout, proc.stderr)
+    assert "is not a socket" in proc.stderr and str(path) in proc.stderr, \
+        proc.stderr
+    assert "Traceback" not in proc.stderr
+    after = snapshot_tree(tmp_path)
+    for snap in (before, after):
+        snap.pop("state/run/serve.log", None)
+    assert after == before
+    assert status_json(state_dir)["server"] is None
+
+
+def test_control_socket_path_that_is_not_a_socket_is_left_alone(
+        clonectl, state_dir, tmp_path):
+    """The control socket's path is derived, not given, but the same rule
+    holds: only a stale socket there is replaced."""
+    clonectl("lu", "create", "a", "--size", "1M")
+    control_path = StateDir(str(state_dir)).control_socket
+    with open(control_path, "wb") as f:
+        f.write(b"precious")
+    proc = clonectl("serve", "--socket", tmp_path / "s.sock", check=False,
+                    timeout=20)
+    assert proc.returncode == 1, (proc.stdout, proc.stderr)
+    assert "is not a socket" in proc.stderr, proc.stderr
+    with open(control_path, "rb") as f:
+        assert f.read() == b"precious"
+    assert not (tmp_path / "s.sock").exists()
+    os.unlink(control_path)
+
+
+def test_stale_socket_is_replaced(clonectl, server_factory, tmp_path,
+                                  nbd_connect):
+    clonectl("lu", "create", "a", "--size", "1M")
+    sock = tmp_path / "stale.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.bind(str(sock))   # bound, never listening: nothing answers
+    assert sock.is_socket()
+    srv = server_factory(socket=sock)
+    assert nbd_connect(srv.socket, "a").get_size() == MiB
+
+
 # ---------------------------------------------------------------- kill -9
 
 def test_kill_manager_takes_nbdkit_along(clonectl, server_factory, state_dir,
@@ -269,6 +347,25 @@ def test_kill_nbdkit_is_restarted(clonectl, server_factory, state_dir,
     # And it still stops cleanly (teardown checks nbdkit is gone too).
     status, obeyed, left = srv.stop()
     assert (status, obeyed, left) == (0, True, [])
+
+
+def test_restart_leaves_a_socket_path_that_is_no_longer_a_socket(
+        clonectl, server_factory, state_dir):
+    """nbdkit died and something else now sits at the socket path: the
+    manager gives up rather than remove it."""
+    clonectl("lu", "create", "a", "--size", "1M")
+    srv = server_factory()
+    os.unlink(srv.socket)
+    with open(srv.socket, "wb") as f:
+        f.write(b"precious")
+    old = srv.nbdkit_pid
+    os.kill(old, signal.SIGKILL)
+    assert srv.proc.wait(30) == 1, srv.log()
+    assert "is not a socket" in srv.log()
+    with open(srv.socket, "rb") as f:
+        assert f.read() == b"precious"
+    assert status_json(state_dir)["server"] is None
+    os.unlink(srv.socket)
 
 
 # ---------------------------------------------------------------- clients

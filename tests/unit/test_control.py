@@ -236,10 +236,20 @@ def test_clients_queue_while_the_server_is_busy(tmp_path):
     assert sorted(results) == [2 * i for i in range(12)]
 
 
-def test_stale_socket_file_is_replaced(tmp_path):
+def test_path_that_is_not_a_socket_is_kept(tmp_path):
     path = str(tmp_path / "c.sock")
     with open(path, "w") as f:
-        f.write("stale")
+        f.write("precious")
+    with pytest.raises(errors.InvalidArgument, match="not a socket"):
+        control.ControlServer(path, {"ping": lambda: 1})
+    with open(path) as f:
+        assert f.read() == "precious"
+
+
+def test_stale_socket_is_replaced(tmp_path):
+    path = str(tmp_path / "c.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.bind(path)    # bound, never listening: a stale socket file
     srv = control.ControlServer(path, {"ping": lambda: 1})
     srv.start()
     try:

@@ -3,11 +3,12 @@
 import hashlib
 import json
 import os
+import shutil
 import stat
 
 import pytest
 
-from target import fsutil
+from target import errors, fsutil
 
 
 def _leftovers(directory, name):
@@ -123,6 +124,82 @@ def test_unix_socket_path_long_is_mapped_and_stable(tmp_path):
     other = fsutil.unix_socket_path("/tmp/" + "e" * 120 + "/nbd.sock")
     assert other != mapped
     assert stat.S_IMODE(os.stat(os.path.dirname(mapped)).st_mode) == 0o700
+
+
+@pytest.fixture
+def fallback_dir(monkeypatch):
+    """The stand-in directory of a uid no other test uses (os.getuid is
+    patched): the real /tmp/clonectl-UID of this machine is left alone."""
+    uid = 100000 + os.getpid() % 50000
+    monkeypatch.setattr(os, "getuid", lambda: uid)
+    path = "/tmp/clonectl-{}".format(uid)
+    _remove(path)
+    yield path, uid
+    _remove(path)
+
+
+def _remove(path):
+    if os.path.islink(path) or os.path.isfile(path):
+        os.unlink(path)
+    elif os.path.isdir(path):
+        shutil.rmtree(path)
+
+
+LONG = "/tmp/" + "f" * 120 + "/control.sock"
+
+
+def test_private_dir_is_made_and_used_again(tmp_path):
+    path = str(tmp_path / "p")
+    assert fsutil.private_dir(path) == path
+    st = os.lstat(path)
+    assert stat.S_ISDIR(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o700
+    assert st.st_uid == os.getuid()
+    (tmp_path / "p" / "kept").write_bytes(b"")
+    assert fsutil.private_dir(path) == path
+    assert os.listdir(path) == ["kept"]
+
+
+def _planted(path, how, uid):
+    """The fallback directory made by someone else, or left open."""
+    if how == "other owner":
+        os.mkdir(path, 0o700)
+        os.chown(path, 65534, 65534)
+    elif how == "mode 0777":
+        os.mkdir(path)
+        os.chown(path, uid, -1)
+        os.chmod(path, 0o777)
+    elif how == "mode 0750":
+        os.mkdir(path)
+        os.chown(path, uid, -1)
+        os.chmod(path, 0o750)
+    elif how == "symlink":
+        real = path + ".real"
+        os.mkdir(real, 0o700)
+        os.chown(real, uid, -1)
+        os.symlink(real, path)
+    else:
+        with open(path, "w") as f:
+            f.write("x")
+
+
+@pytest.mark.parametrize("how", ["other owner", "mode 0777", "mode 0750",
+                                 "symlink", "file"])
+def test_fallback_directory_of_others_is_refused(fallback_dir, how):
+    path, uid = fallback_dir
+    _planted(path, how, uid)
+    before = os.lstat(path)
+    try:
+        with pytest.raises(errors.SocketDirUnsafe) as info:
+            fsutil.unix_socket_path(LONG)
+        assert path in str(info.value)
+        after = os.lstat(path)
+        assert (after.st_mode, after.st_uid, after.st_ino) == \
+            (before.st_mode, before.st_uid, before.st_ino)
+        if how != "file":
+            assert os.listdir(path) == []
+    finally:
+        if how == "symlink":
+            os.rmdir(path + ".real")
 
 
 def test_unix_socket_path_limit_boundary():

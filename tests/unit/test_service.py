@@ -148,6 +148,18 @@ def test_control_operations(target):
     assert ops["reload"]() == {"exports": ["a", "ro"]}
 
 
+def test_lu_create_in_the_target_exports_it(target, sd, tmp_path):
+    res = target.control_operations()["lu_create"](name="new", size="1M")
+    assert res["error"] is None and res["record"]["size"] == 1 << 20
+    assert "new" in [name for name, _ in target.exports()]
+    assert "new" in sd.load()["lus"]
+    # Its working directory is not the caller's: a relative file is refused.
+    (tmp_path / "rel.img").write_bytes(bytes(4096))
+    with pytest.raises(errors.InvalidArgument, match="absolute"):
+        target.lu_create(name="rel", file="rel.img")
+    assert "rel" not in sd.load()["lus"]
+
+
 def test_logical_unit_with_memory_backend():
     mem = backends.MemoryBackend(4096)
     lu = service.LogicalUnit("m", {"size": 4096, "file": "/none",
