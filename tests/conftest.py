@@ -7,6 +7,7 @@ did (SIGTERM, then SIGKILL).  Nothing here kills processes by name.
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -155,6 +156,52 @@ def process_guard():
     guard = ProcessGuard()
     yield guard
     guard.cleanup()
+
+
+# ---------------------------------------------------------------- sockets
+
+def free_port():
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def closed_by_server(sock, timeout):
+    """True if the other end closed sock (EOF or reset) within timeout;
+    whatever it sent before is read and dropped."""
+    sock.settimeout(timeout)
+    try:
+        while True:
+            if not sock.recv(65536):
+                return True
+    except (ConnectionResetError, BrokenPipeError):
+        return True
+    except socket.timeout:
+        return False
+
+
+def proc_status(pid, field):
+    """A number from /proc/PID/status (VmRSS in KiB, Threads, ...)."""
+    with open("/proc/{}/status".format(pid)) as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise AssertionError("no {} for pid {}".format(field, pid))
+
+
+@pytest.fixture
+def stop_at_teardown():
+    """stop_at_teardown(obj) returns obj, whose stop() is called at
+    teardown (in-process servers of a test)."""
+    made = []
+
+    def add(obj):
+        made.append(obj)
+        return obj
+    yield add
+    for obj in reversed(made):
+        obj.stop()
 
 
 # ---------------------------------------------------------------- the CLI

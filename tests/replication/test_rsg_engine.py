@@ -48,6 +48,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant,
                                  precondition, rule)
 
+from conftest import free_port
 from target import clones
 from target import replication as R
 from target import errors, service, state
@@ -61,12 +62,6 @@ TOKEN = "replication-token-0123456789"
 
 # ---------------------------------------------------------------- helpers
 
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def fast_timing():

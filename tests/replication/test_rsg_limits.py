@@ -14,39 +14,17 @@ import time
 
 import pytest
 
-from conftest import run_clonectl
+from conftest import closed_by_server, free_port, proc_status, run_clonectl
 from target import replication as R
 
 MiB = 1 << 20
 TOKEN = "replication-token-0123456789"
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
-def rss_kib(pid):
-    with open("/proc/{}/status".format(pid)) as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError("no VmRSS for pid {}".format(pid))
 
 
-def closed_by_server(sock, timeout):
-    """True if the server closed sock (EOF or reset) within timeout."""
-    sock.settimeout(timeout)
-    try:
-        while True:
-            data = sock.recv(65536)
-            if not data:
-                return True
-    except (ConnectionResetError, BrokenPipeError):
-        return True
-    except socket.timeout:
-        return False
 
 
 def big_hello_header():
@@ -77,7 +55,7 @@ def test_oversized_hellos_cost_no_memory_and_a_primary_still_connects(
         extra_args=["--replication-port", str(port),
                     "--replication-token-file", str(token)])
     nbdkit = secondary.nbdkit_pid
-    before = rss_kib(nbdkit)
+    before = proc_status(nbdkit, "VmRSS")
 
     socks = []
     try:
@@ -86,7 +64,7 @@ def test_oversized_hellos_cost_no_memory_and_a_primary_still_connects(
             s.sendall(big_hello_header() + b"x" * 4096)
             socks.append(s)
         time.sleep(1.0)
-        grown = rss_kib(nbdkit) - before
+        grown = proc_status(nbdkit, "VmRSS") - before
         closed = [closed_by_server(s, 5.0) for s in socks]
     finally:
         for s in socks:
@@ -117,9 +95,7 @@ def test_oversized_hellos_cost_no_memory_and_a_primary_still_connects(
 # ---------------------------------------------------------------- in-process
 
 @pytest.fixture
-def replica_server():
-    made = []
-
+def replica_server(stop_at_teardown):
     def make(**kwargs):
         accepted = []
 
@@ -127,14 +103,12 @@ def replica_server():
             accepted.append(hello)
             raise R.ReplicationError(name=hello.get("group", "?"),
                                      reason="no such group here")
-        srv = R.ReplicaServer("127.0.0.1", 0, TOKEN, accept, **kwargs)
+        srv = stop_at_teardown(R.ReplicaServer("127.0.0.1", 0, TOKEN, accept,
+                                               **kwargs))
         srv.accepted = accepted
         srv.start()
-        made.append(srv)
         return srv
-    yield make
-    for srv in made:
-        srv.stop()
+    return make
 
 
 def connect(srv):

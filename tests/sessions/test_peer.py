@@ -20,7 +20,7 @@ import time
 
 import pytest
 
-from conftest import run_clonectl
+from conftest import free_port, run_clonectl
 
 MiB = 1 << 20
 # Above the transfer engine's 64 MiB checkpoint, so that a transfer cut
@@ -29,10 +29,6 @@ SIZE = 96 * MiB
 TOKEN = "s3cret-token-0123456789"
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def qemu_io(uri, *commands):

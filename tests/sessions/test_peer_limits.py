@@ -15,36 +15,16 @@ import time
 
 import pytest
 
-from conftest import run_clonectl
+from conftest import closed_by_server, free_port, proc_status, run_clonectl
 from target import peer
 
 TOKEN = "s3cret-token-0123456789"
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
-def threads_of(pid):
-    with open("/proc/{}/status".format(pid)) as f:
-        for line in f:
-            if line.startswith("Threads:"):
-                return int(line.split()[1])
-    raise AssertionError("no Threads line for pid {}".format(pid))
 
 
-def closed_by_server(sock, timeout):
-    sock.settimeout(timeout)
-    try:
-        while True:
-            if not sock.recv(65536):
-                return True
-    except (ConnectionResetError, BrokenPipeError):
-        return True
-    except socket.timeout:
-        return False
 
 
 def test_idle_peer_connections_are_capped(tmp_path, server_factory):
@@ -55,14 +35,14 @@ def test_idle_peer_connections_are_capped(tmp_path, server_factory):
     srv = server_factory(state_dir=tmp_path / "B", socket=tmp_path / "b.sock",
                          extra_args=["--peer-port", str(port),
                                      "--peer-token-file", str(token)])
-    before = threads_of(srv.pid)
+    before = proc_status(srv.pid, "Threads")
     socks = []
     try:
         for _ in range(100):
             socks.append(socket.create_connection(("127.0.0.1", port),
                                                   timeout=5))
         time.sleep(1.0)
-        grown = threads_of(srv.pid) - before
+        grown = proc_status(srv.pid, "Threads") - before
         closed = sum(closed_by_server(s, 0.05) for s in socks)
     finally:
         for s in socks:
@@ -78,18 +58,13 @@ def test_idle_peer_connections_are_capped(tmp_path, server_factory):
 
 
 @pytest.fixture
-def peer_server():
-    made = []
-
+def peer_server(stop_at_teardown):
     def make(**kwargs):
-        srv = peer.PeerServer("127.0.0.1", 0, TOKEN, "/nonexistent.sock",
-                              **kwargs)
+        srv = stop_at_teardown(peer.PeerServer(
+            "127.0.0.1", 0, TOKEN, "/nonexistent.sock", **kwargs))
         srv.start()
-        made.append(srv)
         return srv
-    yield make
-    for srv in made:
-        srv.stop()
+    return make
 
 
 def address(srv):

@@ -13,19 +13,15 @@ from target import control, errors
 
 
 @pytest.fixture
-def make_ctl(tmp_path):
-    made = []
+def make_ctl(tmp_path, stop_at_teardown):
+    paths = iter(str(tmp_path / "c{}.sock".format(i)) for i in range(100))
 
     def make(**kwargs):
-        path = str(tmp_path / "c{}.sock".format(len(made)))
-        srv = control.ControlServer(path, {"ping": lambda: {"pong": True}},
-                                    **kwargs)
+        srv = stop_at_teardown(control.ControlServer(
+            next(paths), {"ping": lambda: {"pong": True}}, **kwargs))
         srv.start()
-        made.append(srv)
         return srv
-    yield make
-    for srv in made:
-        srv.stop()
+    return make
 
 
 def connect(path):
