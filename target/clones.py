@@ -163,6 +163,18 @@ class AlreadyRunning(errors.Error):
     errno = errno.EALREADY
 
 
+class TransitionNotSaved(errors.Error):
+    msg = "cannot {event} clone {name!r}, it stays {state}: {reason}"
+
+    def __init__(self, errno, **kwargs):
+        super().__init__(**kwargs)
+        self.errno = errno
+
+
+# _transition's default rate: the clone's own.
+KEEP = object()
+
+
 class CloneInUse(errors.Error):
     msg = "cannot {event} clone {name!r}: its export has {count} connection(s)"
     errno = errno.EBUSY
@@ -444,13 +456,17 @@ class CloneGroup:
         self.attach()
         return clone
 
-    def remove_clone(self, name):
+    def remove_clone(self, name, persist=None):
+        """Remove clone name; persist(), if given, records the removal in
+        the inventory first (a failing one raises and removes nothing)."""
         clone = self.clones[name]
         with self.cond:
             self._check(clone, "remove")
             if clone.connections:
                 raise CloneInUse(event="remove", name=name,
                                  count=clone.connections)
+            if persist is not None:
+                persist()
             del self.clones[name]
         paths = [clone.map_path]
         if not self.clones:
@@ -497,11 +513,28 @@ class CloneGroup:
                                     state=clone.state,
                                     hint=_HINTS.get(event, "not allowed"))
 
-    def _transition(self, clone, event, error=None):
+    def _transition(self, clone, event, error=None, rate=KEEP):
+        """Save the clone's next state, then take it.
+
+        A save that fails (a full state directory) raises
+        TransitionNotSaved and leaves the clone as it was, in memory as on
+        disk: a state that hosts could act on (a fractured clone takes
+        writes) must not be lost by a restart.  Callers change nothing that
+        depends on the new state (exports, read path, engine) before this
+        returns.
+        """
         self._check(clone, event)
-        clone.state = TRANSITIONS[(clone.state, event)]
+        state = TRANSITIONS[(clone.state, event)]
+        rate = clone.rate if rate is KEEP else rate
+        try:
+            self.persist(clone.name, state, error, rate)
+        except (OSError, errors.Error) as e:
+            raise TransitionNotSaved(
+                name=clone.name, state=clone.state, event=event, reason=e,
+                errno=getattr(e, "errno", None) or errno.EIO)
+        clone.state = state
         clone.error = error
-        self.persist(clone.name, clone.state, error, clone.rate)
+        clone.rate = rate
 
     def _check_group_idle(self, clone, event):
         for other in self.clones.values():
@@ -542,8 +575,7 @@ class CloneGroup:
             self.commit()
         with self.cond:
             checks()
-            clone.rate = rate
-            self._transition(clone, event)
+            self._transition(clone, event, rate=rate)
             clone.paused = False
             self._set_read_path()
         return self._launch(clone, rate, run)
@@ -577,9 +609,8 @@ class CloneGroup:
         with self.cond:
             self._check(clone, "restore")
             self._check_group_idle(clone, "restore")
+            self._transition(clone, "restore", rate=rate)
             self.restoring = clone
-            clone.rate = rate
-            self._transition(clone, "restore")
             clone.paused = False
             self._set_read_path()
         return self._launch(clone, rate, run)
@@ -632,7 +663,12 @@ class CloneGroup:
             finally:
                 self.quiesce = False
                 self.cond.notify_all()
-        self.commit()
+        try:
+            self.commit()
+        except OSError:
+            # The fracture is durable and in effect; the writes since are
+            # in the activity map until a later commit succeeds.
+            log.exception("commit after the fracture of clone %s", name)
         return clone
 
     def _drain(self):
@@ -1180,8 +1216,7 @@ class SyncEngine:
         try:
             group.commit()  # the new Delta Map and the PRM, durable
             with group.cond:
-                clone.rate = None
-                group._transition(clone, "completed")
+                group._transition(clone, "completed", rate=None)
                 group.restoring = None
                 group._set_read_path()
                 self.active = False
@@ -1196,7 +1231,12 @@ class SyncEngine:
         group = self.group
         with group.cond:
             if self.clone.state in RUNNING:
-                group._transition(self.clone, "failed", message)
+                try:
+                    group._transition(self.clone, "failed", message)
+                except TransitionNotSaved as e:
+                    # The engine stops all the same; the state on disk
+                    # (a running operation) resumes it after a restart.
+                    log.error("clone %s: %s", self.clone.name, e)
                 self.clone.paused = self.clone.state in RUNNING
                 group._set_read_path()
             self.active = False

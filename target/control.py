@@ -13,6 +13,7 @@ JSON, unknown operations and bad arguments are answered with an error; the
 server never dies from a request.
 """
 
+import errno
 import json
 import logging
 import os
@@ -88,6 +89,12 @@ class ControlServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
             return {"ok": True, "result": result}
         except errors.Error as e:
             return {"ok": False, "error": e.to_dict()}
+        except OSError as e:
+            # In words, with the file: "No space left on device" and where.
+            where = ": {!r}".format(e.filename) if e.filename else ""
+            return {"ok": False, "error": errors.ControlError(
+                "OSError", "{}{}".format(e.strerror or e, where),
+                e.errno or errno.EIO).to_dict()}
         except ValueError as e:
             return {"ok": False, "error": errors.ProtocolError(
                 reason="invalid JSON: {}".format(e)).to_dict()}

@@ -773,19 +773,25 @@ class Target:
 
     def clone_remove(self, clone):
         group, c = self._clone(clone)
-        group.remove_clone(clone)  # refuses while busy or exported
-        c.backend.close()
         source = group.source.name
+        rec = {}
+
+        def persist():
+            with self.state_dir.locked():
+                doc = self.state_dir.load()
+                record = doc["lus"][source]
+                rec.update(record["clones"].pop(clone))
+                if not record["clones"]:
+                    del record["clones"]
+                    record.pop("granularity", None)
+                self.state_dir.save(doc)
+
+        # Refuses while busy or exported; the inventory first, so a save
+        # that fails leaves the clone in place.
+        group.remove_clone(clone, persist)
+        c.backend.close()
         if not group.clones:
             del self.groups[source]
-        with self.state_dir.locked():
-            doc = self.state_dir.load()
-            record = doc["lus"][source]
-            rec = record["clones"].pop(clone)
-            if not record["clones"]:
-                del record["clones"]
-                record.pop("granularity", None)
-            self.state_dir.save(doc)
         if rec["owned"]:
             fsutil.remove_durably([rec["file"]])
         return {"name": clone, "file": rec["file"], "owned": rec["owned"]}
