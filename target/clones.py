@@ -56,6 +56,9 @@ condition until *its* extents are done (the COD queue).  Host writes to the
 Source, and writes to the restoring clone's export, set PRM bits before
 their data is written; the PRM is made durable at every flush, FUA write and
 commit, so a flushed host write is never overwritten by a resumed restore.
+Each PRM save flushes the Source first: a bit set for an extent copied on
+demand vouches for the copy, and a PRM durable before the copy would leave
+the Source's pre-restore bytes there for ever after a power cut.
 When no extent is left to copy, the PRM becomes the clone's Delta Map and
 the clone stays fractured.  The scoreboard claim is what seed 002's
 per-track exclusive lock provides: while an extent is copied nobody reads
@@ -359,6 +362,7 @@ class CloneGroup:
         self.prm_file = maps.ActivityFile(
             os.path.join(map_dir, source.name + ".prm"), granularity,
             self.extents)
+        self.prm_lock = threading.Lock()
         self.scoreboard = bytearray(self.extents)
         self.cod = CodStats()
         # Test hook: called by the engine between reading and writing a run.
@@ -366,11 +370,13 @@ class CloneGroup:
         # Tests switch these off to show what each protects against: the
         # retry of collided copies; the backend flushes that make a commit's
         # clean bits true on disk; the extents written since the commit
-        # began (and in flight) kept in the new activity map.  The last two
-        # only matter on power loss (tests/engine/test_powerloss.py).
+        # began (and in flight) kept in the new activity map; the Source
+        # flush before each PRM save.  The last three only matter on power
+        # loss (tests/engine/test_powerloss.py).
         self.retry_collisions = True
         self.flush_before_commit = True
         self.keep_recent_in_activity = True
+        self.flush_before_prm = True
 
     # ------------------------------------------------------------ set-up
 
@@ -757,8 +763,8 @@ class CloneGroup:
                 except OSError as e:
                     self._mirror_failed(clone, e0, e1, e)
             if fua:
-                self._persist_prm()
-                self.source.backend.flush()
+                if not self._persist_prm():
+                    self.source.backend.flush()
                 for clone in mirrors:
                     clone.backend.flush()
         finally:
@@ -776,8 +782,8 @@ class CloneGroup:
         self.source_zero(offset, length, may_trim=True, fua=fua)
 
     def source_flush(self):
-        self._persist_prm()
-        self.source.backend.flush()
+        if not self._persist_prm():
+            self.source.backend.flush()
         for clone in list(self.clones.values()):
             if clone.state in MIRRORED:
                 clone.backend.flush()
@@ -846,8 +852,28 @@ class CloneGroup:
     # ------------------------------------------------------------ restore
 
     def _persist_prm(self):
-        if self.restoring is not None and self.prm_file.is_open:
-            self.prm_file.persist(self.prm, 0, self.extents)
+        """Make the PRM durable, the Source data its bits vouch for first.
+
+        A bit set for a copy on demand says the clone's data is on the
+        Source; one set for a host write, that the extent is never copied
+        again (its data is only promised at the host's flush, which flushes
+        the Source here).  Either way the Source is flushed between taking
+        the bits and saving them: a copy lands before its bit is set, so
+        one fdatasync covers every bit of the save.  Saves are serialized,
+        so an older copy of the map never overwrites a newer one.
+
+        Returns whether the Source was flushed (False when no restore
+        runs), so that callers flush it only once.
+        """
+        if self.restoring is None or not self.prm_file.is_open:
+            return False
+        with self.prm_lock:
+            with self.cond:
+                prm = bytes(self.prm)
+            if self.flush_before_prm:
+                self.source.backend.flush()
+            self.prm_file.persist(prm, 0, self.extents)
+        return self.flush_before_prm
 
     def _claim(self, clone, e0, e1):
         """Claim in the scoreboard the extents of [e0, e1) still to copy.
