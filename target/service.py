@@ -981,9 +981,9 @@ class Target:
                                        "running")
         self._release(session, [d for d in session.dests
                                 if d.peer and d.protected])
-        self._detach_session(session)
-        session.close()
         source = session.source.name
+        # The inventory first: a save that fails leaves the session
+        # tracking writes (a restart brings it back, its maps whole).
         with self.state_dir.locked():
             doc = self.state_dir.load()
             record = doc["lus"].get(source, {})
@@ -991,6 +991,8 @@ class Target:
             if "sessions" in record and not record["sessions"]:
                 del record["sessions"]
             self.state_dir.save(doc)
+        self._detach_session(session)
+        session.close()
         fsutil.remove_durably(
             [session.tracking.path, session.tracking.path + ".activity",
              self._save_area_path(source, name)] +
