@@ -23,13 +23,22 @@ test is single-threaded, so they stand in for a second thread):
 commit_racing runs a host write or an engine step after a commit has
 flushed the backends and before it saves the maps; write_spanning_commit
 runs a commit between the two halves of a mirrored write.
+arm_cut_after_prm_save cuts the power just after the next PRM save.
+
+During a protected restore the model is stricter than "the cut may take
+unflushed writes": an extent written since the last flush must show, byte
+by byte, what it held before (the clone's data or a flushed host write) or
+one of those writes, and a copy on demand is the restore's write, not the
+host's, so a cut may not take it unnoticed.
 
 The protections, each with a twin below that switches it off and must be
 caught: flush_before_commit (a commit flushes every backend before saving
 clean bits), keep_recent_in_activity (a commit's new activity map keeps the
 extents written since it began and those in flight), the fdatasync of the
-activity map's write-ahead, and the fdatasync of the PRM at every flush
-(a flushed host write must survive a resumed protected restore).
+activity map's write-ahead, the fdatasync of the PRM at every flush
+(a flushed host write must survive a resumed protected restore), and the
+Source flush before each PRM save (flush_before_prm: a bit must not be
+durable before the copy on demand it vouches for).
 """
 
 import os
