@@ -33,6 +33,7 @@ RSG_MODEL_EXAMPLES (default 40) and RSG_MODEL_STEPS (default 15) size the
 state machine.
 """
 
+import errno
 import json
 import os
 import random
@@ -1059,3 +1060,25 @@ def test_twin_batch_applied_reversed_is_detected(cluster_factory,
                                                  monkeypatch):
     with pytest.raises(AssertionError, match="not the model's state"):
         _batch_order(cluster_factory(), monkeypatch, True)
+
+
+def test_attach_not_saved_stays_detached(cluster_factory, monkeypatch):
+    """The attached record cannot be saved (a full state directory): the
+    link stays detached, as the record says, and attaches later."""
+    c = cluster_factory()
+    c.wait_converged()
+    c.ta.rsg_detach("g", c.addr)
+    files = c.g.files
+    real = files.save
+
+    def full(record):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(files, "save", full)
+    with pytest.raises(OSError):
+        c.ta.rsg_attach("g", c.addr)
+    assert not c.link.attached and c.link.state == R.DETACHED
+    assert c.ta.rsg_status("g")["links"][0]["state"] == R.DETACHED
+    monkeypatch.setattr(files, "save", real)
+    c.ta.rsg_attach("g", c.addr)
+    c.check_final()
