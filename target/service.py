@@ -422,11 +422,14 @@ class Target:
         files = rsg.files
         with self.lock:
             self._close_rsg(rsg)
-            files.remove([files.srl, files.since()] + files.stage)
+            # A secondary uses neither the SRL nor the since map; its
+            # staged batches stay until the primary record is saved.
+            files.remove([files.srl, files.since()])
             replication.Dcm(files.since(), record["granularity"],
                             [v["size"] for v in record["volumes"]],
                             fresh_value=0).close()
-            files.save(record)
+            self._save_role(files, record)
+            files.remove(files.stage)
             new = self._open_rsg(files, record)
             new.persist()
         new.start()
@@ -462,10 +465,22 @@ class Target:
                   "diverged": {"runs": runs, "all": False}}
         with self.lock:
             self._close_rsg(rsg)
+            self._save_role(files, record)
             files.remove(files.dcms() + [files.srl, files.since()])
-            files.save(record)
             new = self._open_rsg(files, record)
         return new.status()
+
+    def _save_role(self, files, record):
+        """Save a closed group's record for its new role.  A save that
+        fails (a full state directory) opens the group again as its saved
+        record says, and raises: nothing changed."""
+        try:
+            files.save(record)
+        except BaseException:
+            old = self._open_rsg(files, files.load())
+            if old.role == replication.PRIMARY:
+                old.start()
+            raise
 
     def reload(self):
         """Bring the LUs in line with state.json; return the exported names.

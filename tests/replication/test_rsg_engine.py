@@ -1082,3 +1082,54 @@ def test_attach_not_saved_stays_detached(cluster_factory, monkeypatch):
     monkeypatch.setattr(files, "save", real)
     c.ta.rsg_attach("g", c.addr)
     c.check_final()
+
+
+def _save_fails_for(monkeypatch, files, role):
+    """Saves of files' records for role fail as on a full state directory."""
+    real = files.save
+
+    def save(record):
+        if record["role"] == role:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(record)
+
+    monkeypatch.setattr(files, "save", save)
+    return lambda: monkeypatch.setattr(files, "save", real)
+
+
+def test_role_change_not_saved_changes_nothing(cluster_factory, monkeypatch):
+    """Promote and demote whose new record cannot be saved leave the group
+    in its role, with its files, as the saved record says; with space
+    again both succeed."""
+    c = cluster_factory()
+    c.write(0, 0, b"a" * 4096)
+    c.wait_converged()
+    c.ta.rsg_detach("g", c.addr)
+    sg = c.sg
+    # A staged batch the secondary acknowledged must survive.
+    with open(sg.files.stage[0], "wb") as f:
+        f.write(b"staged")
+    restore = _save_fails_for(monkeypatch, sg.files, R.PRIMARY)
+    with pytest.raises(OSError):
+        c.tb.rsg_promote("g")
+    assert c.tb.rsgs["g"].role == R.SECONDARY
+    assert sg.files.load()["role"] == R.SECONDARY
+    with open(sg.files.stage[0], "rb") as f:
+        assert f.read() == b"staged"
+    os.unlink(sg.files.stage[0])
+    restore()
+
+    g = c.g
+    srl = g.files.srl
+    restore = _save_fails_for(monkeypatch, g.files, R.SECONDARY)
+    with pytest.raises(OSError):
+        c.ta.rsg_demote("g")
+    assert c.ta.rsgs["g"].role == R.PRIMARY
+    assert g.files.load()["role"] == R.PRIMARY and os.path.exists(srl)
+    restore()
+    # The primary still works: it replicates once attached again.
+    c.ta.rsg_attach("g", c.addr)
+    c.write(1, 4096, b"b" * 4096)
+    c.check_final()
+    assert c.ta.rsg_demote("g")["role"] == R.SECONDARY
+    assert c.tb.rsg_promote("g")["role"] == R.PRIMARY
