@@ -1628,12 +1628,21 @@ class PrimaryGroup:
 
     def detach_link(self, link):
         link.stop()
-        with self.cond:
-            link.attached = False
-            self.to_logging(link)
-            link.state = DETACHED
-            link.error = None
-        self.persist()
+        try:
+            with self.cond:
+                link.attached = False
+                self.to_logging(link)
+                link.state = DETACHED
+                link.error = None
+            self.persist()
+        except BaseException:
+            # Not saved (a full state directory): the link stays attached,
+            # as the record says; it logs to its DCM now and replays it.
+            with self.cond:
+                link.attached = True
+                link.state = CONNECTING
+            link.start()
+            raise
 
     def attach_link(self, link, discard_secondary=False):
         fields = ("attached", "stopped_error", "discard_secondary", "error",

@@ -1133,3 +1133,19 @@ def test_role_change_not_saved_changes_nothing(cluster_factory, monkeypatch):
     c.check_final()
     assert c.ta.rsg_demote("g")["role"] == R.SECONDARY
     assert c.tb.rsg_promote("g")["role"] == R.PRIMARY
+
+
+def test_detach_not_saved_stays_attached(cluster_factory, monkeypatch):
+    """The detached record cannot be saved: the link stays attached, as
+    the record says, and the secondary converges."""
+    c = cluster_factory()
+    c.write(0, 0, b"a" * 4096)
+    c.wait_converged()
+    restore = _save_fails_for(monkeypatch, c.g.files, R.PRIMARY)
+    with pytest.raises(OSError):
+        c.ta.rsg_detach("g", c.addr)
+    restore()
+    assert c.link.attached and c.link.state != R.DETACHED
+    assert c.g.files.load()["links"][0]["attached"]
+    c.write(1, 8192, b"b" * 4096)
+    c.check_final()
