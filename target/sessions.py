@@ -706,11 +706,17 @@ class Session:
                 maps.save(self._pending_path(d), d.pending, self.granularity)
         engine = TransferEngine(self, clients, unmarked=unmarked,
                                 on_done=on_done)
+        # The destinations are recorded inconsistent before anything is
+        # sent to them, and shown so only once that is saved.
+        rec = self.record()
+        for d, r in zip(self.dests, rec["dests"]):
+            if d.index in clients:
+                r["consistency"] = INCONSISTENT
+        self.persist(rec)
         for d in self.dests:
             if d.index in clients:
                 d.consistency = INCONSISTENT
                 d.transferring = True
-        self._persist()
         self.engine = engine
         if run:
             engine.start()

@@ -250,3 +250,20 @@ def test_unmark_not_saved_keeps_the_frozen_image():
     buf = bytearray(SIZE)
     s.read_frozen(buf, 0)
     assert buf == b"A" * SIZE
+
+
+def test_transfer_start_not_saved_sends_nothing():
+    """The record saying the destination is inconsistent cannot be saved:
+    no transfer starts, and the destination is shown as it was."""
+    lu, s, persisted, disks = new_session()
+    lu.backend.write(b"A" * G, 0)
+    s.mark()
+    before = s.dests[0].consistency
+    _full_state_dir(s)
+    dest = backends.MemoryBackend(SIZE)
+    with pytest.raises(OSError):
+        s.start_transfer({0: sessions.MemoryDestination(dest)}, run=False)
+    assert s.engine is None
+    assert s.dests[0].consistency == before != sessions.INCONSISTENT
+    assert not s.dests[0].transferring
+    assert dest.data == bytes(SIZE)
