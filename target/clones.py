@@ -167,7 +167,8 @@ class AlreadyRunning(errors.Error):
 
 
 class TransitionNotSaved(errors.Error):
-    msg = "cannot {event} clone {name!r}, it stays {state}: {reason}"
+    msg = ("clone {name!r} stays {state}: the change to {new} could not be "
+           "saved: {reason}")
 
     def __init__(self, errno, **kwargs):
         super().__init__(**kwargs)
@@ -536,7 +537,7 @@ class CloneGroup:
             self.persist(clone.name, state, error, rate)
         except (OSError, errors.Error) as e:
             raise TransitionNotSaved(
-                name=clone.name, state=clone.state, event=event, reason=e,
+                name=clone.name, state=clone.state, new=state, reason=e,
                 errno=getattr(e, "errno", None) or errno.EIO)
         clone.state = state
         clone.error = error
@@ -660,6 +661,11 @@ class CloneGroup:
     def fracture(self, name):
         clone = self.clones[name]
         with self.cond:
+            if clone.state == SYNCHRONIZED and clone.delta.find(1) >= 0:
+                # A mirrored write failed and its out-of-sync state could
+                # not be saved then: save it now, the fracture is refused.
+                self._transition(clone, "mirror-failed",
+                                 "a mirrored write failed")
             self._check(clone, "fracture")
             self.quiesce = True
             try:
@@ -755,18 +761,21 @@ class CloneGroup:
                     for clone in first:
                         maps.set_range(clone.delta, e0, e1)
                 raise
+            unsaved = None
             for clone in mirrors:
                 if clone in first:
                     continue
                 try:
                     apply(clone.backend)
                 except OSError as e:
-                    self._mirror_failed(clone, e0, e1, e)
+                    unsaved = self._mirror_failed(clone, e0, e1, e) or unsaved
             if fua:
                 if not self._persist_prm():
                     self.source.backend.flush()
                 for clone in mirrors:
                     clone.backend.flush()
+            if unsaved is not None:
+                raise unsaved
         finally:
             self._end(token, e0, e1)
 
@@ -839,12 +848,21 @@ class CloneGroup:
             self._end(token, e0, e1)
 
     def _mirror_failed(self, clone, e0, e1, exc):
+        """The clone misses a write: its bits are set and it stops being
+        mirrored.  Returns the TransitionNotSaved of a state that could
+        not be saved (the clone stays synchronized, its bits set, until a
+        fracture or a restart retries), for the write to fail with once
+        the other clones have it."""
         msg = "mirrored write failed: {}".format(exc)
         log.error("clone %s: %s", clone.name, msg)
         with self.cond:
             maps.set_range(clone.delta, e0, e1)
             if clone.state == SYNCHRONIZED:
-                self._transition(clone, "mirror-failed", msg)
+                try:
+                    self._transition(clone, "mirror-failed", msg)
+                except TransitionNotSaved as e:
+                    log.error("clone %s: %s", clone.name, e)
+                    return e
             elif clone.state == SYNCING:
                 if self.engine is not None:
                     self.engine.stop(msg)

@@ -14,6 +14,7 @@ import pytest
 from target import clones, errors
 
 from .test_clones_scenarios import GRAN, SIZE, Harness
+from .test_failing_devices import FailingBackend
 
 
 class FullHarness(Harness):
@@ -135,3 +136,32 @@ def test_reverse_sync_start_not_saved_keeps_reads(h):
     buf = bytearray(GRAN)
     h.lu.read(buf, 2 * GRAN)
     assert buf == b"A" * GRAN
+
+
+def test_mirror_failure_not_saved_fails_the_write_after_every_mirror(
+        tmp_path):
+    """c1's mirrored write fails and its out-of-sync state cannot be saved:
+    c2 still gets the write, the write fails with the save's error, c1
+    keeps its bit; a fracture saves the pending state change first and is
+    refused."""
+    h = FullHarness(tmp_path)
+    failing = FailingBackend(h.mem["c1"])
+    h.group.clones["c1"].backend = failing
+    h.lu.write(b"A" * SIZE, 0)
+    h.sync("c1")
+    h.sync("c2")
+    failing.fail_writes = errno.EIO
+    h.full = True
+    with pytest.raises(clones.TransitionNotSaved):
+        h.lu.write(b"B" * GRAN, 4 * GRAN)
+    assert bytes(h.mem["c2"].data[4 * GRAN:5 * GRAN]) == b"B" * GRAN
+    c1 = h.group.clones["c1"]
+    assert c1.state == h.states["c1"] == clones.SYNCHRONIZED
+    assert c1.delta[4] == 1
+    failing.fail_writes = None
+    _refused(h, lambda: h.group.fracture("c1"))
+    assert c1.state == clones.SYNCHRONIZED
+    with pytest.raises(clones.InvalidTransition):
+        h.group.fracture("c1")
+    assert c1.state == h.states["c1"] == clones.OUT_OF_SYNC
+    assert c1.delta[4] == 1
