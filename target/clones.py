@@ -58,6 +58,9 @@ condition until *its* extents are done (the COD queue).  Host writes to the
 Source, and writes to the restoring clone's export, set PRM bits before
 their data is written; the PRM is made durable at every flush, FUA write and
 commit, so a flushed host write is never overwritten by a resumed restore.
+Each PRM save flushes the Source first: a bit set for an extent copied on
+demand vouches for the copy, and a PRM durable before the copy would leave
+the Source's pre-restore bytes there for ever after a power cut.
 When no extent is left to copy, the PRM becomes the clone's Delta Map and
 the clone stays fractured.  The scoreboard claim is what seed 002's
 per-track exclusive lock provides: while an extent is copied nobody reads
@@ -169,6 +172,19 @@ class CloneBroken(errors.Error):
     msg = ("cannot {event} clone {name!r}: it is broken ({reason}); put its "
            "file back and restart the server, or remove the clone")
     errno = errno.EIO
+
+
+class TransitionNotSaved(errors.Error):
+    msg = ("clone {name!r} stays {state}: the change to {new} could not be "
+           "saved: {reason}")
+
+    def __init__(self, errno, **kwargs):
+        super().__init__(**kwargs)
+        self.errno = errno
+
+
+# _transition's default rate: the clone's own.
+KEEP = object()
 
 
 class CloneInUse(errors.Error):
@@ -358,6 +374,7 @@ class CloneGroup:
         self.prm_file = maps.ActivityFile(
             os.path.join(map_dir, source.name + ".prm"), granularity,
             self.extents)
+        self.prm_lock = threading.Lock()
         self.scoreboard = bytearray(self.extents)
         self.cod = CodStats()
         # Test hook: called by the engine between reading and writing a run.
@@ -365,11 +382,13 @@ class CloneGroup:
         # Tests switch these off to show what each protects against: the
         # retry of collided copies; the backend flushes that make a commit's
         # clean bits true on disk; the extents written since the commit
-        # began (and in flight) kept in the new activity map.  The last two
-        # only matter on power loss (tests/engine/test_powerloss.py).
+        # began (and in flight) kept in the new activity map; the Source
+        # flush before each PRM save.  The last three only matter on power
+        # loss (tests/engine/test_powerloss.py).
         self.retry_collisions = True
         self.flush_before_commit = True
         self.keep_recent_in_activity = True
+        self.flush_before_prm = True
 
     # ------------------------------------------------------------ set-up
 
@@ -472,13 +491,17 @@ class CloneGroup:
         self.attach()
         return clone
 
-    def remove_clone(self, name):
+    def remove_clone(self, name, persist=None):
+        """Remove clone name; persist(), if given, records the removal in
+        the inventory first (a failing one raises and removes nothing)."""
         clone = self.clones[name]
         with self.cond:
             self._check(clone, "remove")
             if clone.connections:
                 raise CloneInUse(event="remove", name=name,
                                  count=clone.connections)
+            if persist is not None:
+                persist()
             del self.clones[name]
         paths = [clone.map_path]
         if not self.clones:
@@ -538,11 +561,28 @@ class CloneGroup:
                                     state=clone.state,
                                     hint=_HINTS.get(event, "not allowed"))
 
-    def _transition(self, clone, event, error=None):
+    def _transition(self, clone, event, error=None, rate=KEEP):
+        """Save the clone's next state, then take it.
+
+        A save that fails (a full state directory) raises
+        TransitionNotSaved and leaves the clone as it was, in memory as on
+        disk: a state that hosts could act on (a fractured clone takes
+        writes) must not be lost by a restart.  Callers change nothing that
+        depends on the new state (exports, read path, engine) before this
+        returns.
+        """
         self._check(clone, event)
-        clone.state = TRANSITIONS[(clone.state, event)]
+        state = TRANSITIONS[(clone.state, event)]
+        rate = clone.rate if rate is KEEP else rate
+        try:
+            self.persist(clone.name, state, error, rate)
+        except (OSError, errors.Error) as e:
+            raise TransitionNotSaved(
+                name=clone.name, state=clone.state, new=state, reason=e,
+                errno=getattr(e, "errno", None) or errno.EIO)
+        clone.state = state
         clone.error = error
-        self.persist(clone.name, clone.state, error, clone.rate)
+        clone.rate = rate
 
     def _check_group_idle(self, clone, event):
         for other in self.clones.values():
@@ -583,8 +623,7 @@ class CloneGroup:
             self.commit()
         with self.cond:
             checks()
-            clone.rate = rate
-            self._transition(clone, event)
+            self._transition(clone, event, rate=rate)
             clone.paused = False
             self._set_read_path()
         return self._launch(clone, rate, run)
@@ -618,9 +657,8 @@ class CloneGroup:
         with self.cond:
             self._check(clone, "restore")
             self._check_group_idle(clone, "restore")
+            self._transition(clone, "restore", rate=rate)
             self.restoring = clone
-            clone.rate = rate
-            self._transition(clone, "restore")
             clone.paused = False
             self._set_read_path()
         return self._launch(clone, rate, run)
@@ -664,6 +702,11 @@ class CloneGroup:
     def fracture(self, name):
         clone = self.clones[name]
         with self.cond:
+            if clone.state == SYNCHRONIZED and clone.delta.find(1) >= 0:
+                # A mirrored write failed and its out-of-sync state could
+                # not be saved then: save it now, the fracture is refused.
+                self._transition(clone, "mirror-failed",
+                                 "a mirrored write failed")
             self._check(clone, "fracture")
             self.quiesce = True
             try:
@@ -673,7 +716,12 @@ class CloneGroup:
             finally:
                 self.quiesce = False
                 self.cond.notify_all()
-        self.commit()
+        try:
+            self.commit()
+        except OSError:
+            # The fracture is durable and in effect; the writes since are
+            # in the activity map until a later commit succeeds.
+            log.exception("commit after the fracture of clone %s", name)
         return clone
 
     def _drain(self):
@@ -754,18 +802,21 @@ class CloneGroup:
                     for clone in first:
                         maps.set_range(clone.delta, e0, e1)
                 raise
+            unsaved = None
             for clone in mirrors:
                 if clone in first:
                     continue
                 try:
                     apply(clone.backend)
                 except OSError as e:
-                    self._mirror_failed(clone, e0, e1, e)
+                    unsaved = self._mirror_failed(clone, e0, e1, e) or unsaved
             if fua:
-                self._persist_prm()
-                self.below.flush()
+                if not self._persist_prm():
+                    self.below.flush()
                 for clone in mirrors:
                     clone.backend.flush()
+            if unsaved is not None:
+                raise unsaved
         finally:
             self._end(token, e0, e1)
 
@@ -781,8 +832,8 @@ class CloneGroup:
         self.source_zero(offset, length, may_trim=True, fua=fua)
 
     def source_flush(self):
-        self._persist_prm()
-        self.below.flush()
+        if not self._persist_prm():
+            self.below.flush()
         for clone in list(self.clones.values()):
             if clone.state in MIRRORED:
                 clone.backend.flush()
@@ -838,12 +889,21 @@ class CloneGroup:
             self._end(token, e0, e1)
 
     def _mirror_failed(self, clone, e0, e1, exc):
+        """The clone misses a write: its bits are set and it stops being
+        mirrored.  Returns the TransitionNotSaved of a state that could
+        not be saved (the clone stays synchronized, its bits set, until a
+        fracture or a restart retries), for the write to fail with once
+        the other clones have it."""
         msg = "mirrored write failed: {}".format(exc)
         log.error("clone %s: %s", clone.name, msg)
         with self.cond:
             maps.set_range(clone.delta, e0, e1)
             if clone.state == SYNCHRONIZED:
-                self._transition(clone, "mirror-failed", msg)
+                try:
+                    self._transition(clone, "mirror-failed", msg)
+                except TransitionNotSaved as e:
+                    log.error("clone %s: %s", clone.name, e)
+                    return e
             elif clone.state == SYNCING:
                 if self.engine is not None:
                     self.engine.stop(msg)
@@ -851,8 +911,28 @@ class CloneGroup:
     # ------------------------------------------------------------ restore
 
     def _persist_prm(self):
-        if self.restoring is not None and self.prm_file.is_open:
-            self.prm_file.persist(self.prm, 0, self.extents)
+        """Make the PRM durable, the Source data its bits vouch for first.
+
+        A bit set for a copy on demand says the clone's data is on the
+        Source; one set for a host write, that the extent is never copied
+        again (its data is only promised at the host's flush, which flushes
+        the Source here).  Either way the Source is flushed between taking
+        the bits and saving them: a copy lands before its bit is set, so
+        one fdatasync covers every bit of the save.  Saves are serialized,
+        so an older copy of the map never overwrites a newer one.
+
+        Returns whether the Source was flushed (False when no restore
+        runs), so that callers flush it only once.
+        """
+        if self.restoring is None or not self.prm_file.is_open:
+            return False
+        with self.prm_lock:
+            with self.cond:
+                prm = bytes(self.prm)
+            if self.flush_before_prm:
+                self.below.flush()
+            self.prm_file.persist(prm, 0, self.extents)
+        return self.flush_before_prm
 
     def _claim(self, clone, e0, e1):
         """Claim in the scoreboard the extents of [e0, e1) still to copy.
@@ -1222,8 +1302,7 @@ class SyncEngine:
         try:
             group.commit()  # the new Delta Map and the PRM, durable
             with group.cond:
-                clone.rate = None
-                group._transition(clone, "completed")
+                group._transition(clone, "completed", rate=None)
                 group.restoring = None
                 group._set_read_path()
                 self.active = False
@@ -1238,7 +1317,12 @@ class SyncEngine:
         group = self.group
         with group.cond:
             if self.clone.state in RUNNING:
-                group._transition(self.clone, "failed", message)
+                try:
+                    group._transition(self.clone, "failed", message)
+                except TransitionNotSaved as e:
+                    # The engine stops all the same; the state on disk
+                    # (a running operation) resumes it after a restart.
+                    log.error("clone %s: %s", self.clone.name, e)
                 self.clone.paused = self.clone.state in RUNNING
                 group._set_read_path()
             self.active = False

@@ -177,6 +177,12 @@ class ControlServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
             return {"ok": True, "result": result}
         except errors.Error as e:
             return {"ok": False, "error": e.to_dict()}
+        except OSError as e:
+            # In words, with the file: "No space left on device" and where.
+            where = ": {!r}".format(e.filename) if e.filename else ""
+            return {"ok": False, "error": errors.ControlError(
+                "OSError", "{}{}".format(e.strerror or e, where),
+                e.errno or errno.EIO).to_dict()}
         except ValueError as e:
             return {"ok": False, "error": errors.ProtocolError(
                 reason="invalid JSON: {}".format(e)).to_dict()}

@@ -124,6 +124,16 @@ class FileError(Error):
     errno = _errno.EIO
 
 
+class StateNotSaved(Error):
+    """state.json could not be replaced (the errno is the OSError's)."""
+
+    msg = "cannot save the state file {path!r}: {reason}"
+
+    def __init__(self, errno=_errno.EIO, **kwargs):
+        super().__init__(**kwargs)
+        self.errno = errno
+
+
 class UnsupportedState(Error):
     msg = ("state file {path!r} has format version {version}, this clonectl "
            "understands version {supported}")

@@ -1651,21 +1651,41 @@ class PrimaryGroup:
 
     def detach_link(self, link):
         link.stop()
-        with self.cond:
-            link.attached = False
-            self.to_logging(link)
-            link.state = DETACHED
-            link.error = None
-        self.persist()
+        try:
+            with self.cond:
+                link.attached = False
+                self.to_logging(link)
+                link.state = DETACHED
+                link.error = None
+            self.persist()
+        except BaseException:
+            # Not saved (a full state directory): the link stays attached,
+            # as the record says; it logs to its DCM now and replays it.
+            with self.cond:
+                link.attached = True
+                link.state = CONNECTING
+            link.start()
+            raise
 
     def attach_link(self, link, discard_secondary=False):
+        fields = ("attached", "stopped_error", "discard_secondary", "error",
+                  "state")
         with self.cond:
+            before = {f: getattr(link, f) for f in fields}
             link.attached = True
             link.stopped_error = None
             link.discard_secondary = bool(discard_secondary)
             link.error = None
             link.state = CONNECTING
-        self.persist()
+        try:
+            self.persist()
+        except BaseException:
+            # Not saved (a full state directory): still detached, as the
+            # record says.
+            with self.cond:
+                for f, v in before.items():
+                    setattr(link, f, v)
+            raise
         link.start()
 
     def begin_volume_change(self, vol, region_bits, granularity, what):

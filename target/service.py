@@ -499,11 +499,14 @@ class Target:
         files = rsg.files
         with self.lock:
             self._close_rsg(rsg)
-            files.remove([files.srl, files.since()] + files.stage)
+            # A secondary uses neither the SRL nor the since map; its
+            # staged batches stay until the primary record is saved.
+            files.remove([files.srl, files.since()])
             replication.Dcm(files.since(), record["granularity"],
                             [v["size"] for v in record["volumes"]],
                             fresh_value=0).close()
-            files.save(record)
+            self._save_role(files, record)
+            files.remove(files.stage)
             new = self._open_rsg(files, record)
             new.persist()
         new.start()
@@ -539,8 +542,8 @@ class Target:
                   "diverged": {"runs": runs, "all": False}}
         with self.lock:
             self._close_rsg(rsg)
+            self._save_role(files, record)
             files.remove(files.dcms() + [files.srl, files.since()])
-            files.save(record)
             new = self._open_rsg(files, record)
         return new.status()
 
@@ -558,6 +561,18 @@ class Target:
         lu = self.lus.get(name)
         return {"record": record,
                 "error": "not loaded" if lu is None else lu.error}
+
+    def _save_role(self, files, record):
+        """Save a closed group's record for its new role.  A save that
+        fails (a full state directory) opens the group again as its saved
+        record says, and raises: nothing changed."""
+        try:
+            files.save(record)
+        except BaseException:
+            old = self._open_rsg(files, files.load())
+            if old.role == replication.PRIMARY:
+                old.start()
+            raise
 
     def reload(self):
         """Bring the LUs in line with state.json; return the exported names.
@@ -930,24 +945,30 @@ class Target:
 
     def clone_remove(self, clone):
         group, c = self._clone(clone)
+        source = group.source.name
+        rec = {}
+
+        def persist():
+            with self.state_dir.locked():
+                doc = self.state_dir.load()
+                record = doc["lus"][source]
+                rec.update(record["clones"].pop(clone))
+                if not record["clones"]:
+                    del record["clones"]
+                    record.pop("granularity", None)
+                self.state_dir.save(doc)
+
         self._gateway_let_go(c)
         try:
-            group.remove_clone(clone)  # refuses while busy or connected
+            # Refuses while busy or exported; the inventory first, so a
+            # save that fails leaves the clone in place.
+            group.remove_clone(clone, persist)
         finally:
             with self.lock:
                 self.withdrawn.discard(clone)
         c.backend.close()
-        source = group.source.name
         if not group.clones:
             del self.groups[source]
-        with self.state_dir.locked():
-            doc = self.state_dir.load()
-            record = doc["lus"][source]
-            rec = record["clones"].pop(clone)
-            if not record["clones"]:
-                del record["clones"]
-                record.pop("granularity", None)
-            self.state_dir.save(doc)
         if rec["owned"]:
             fsutil.remove_durably([rec["file"]])
         return {"name": clone, "file": rec["file"], "owned": rec["owned"]}
@@ -1186,9 +1207,9 @@ class Target:
                                        "running")
         self._release(session, [d for d in session.dests
                                 if d.peer and d.protected])
-        self._detach_session(session)
-        session.close()
         source = session.source.name
+        # The inventory first: a save that fails leaves the session
+        # tracking writes (a restart brings it back, its maps whole).
         with self.state_dir.locked():
             doc = self.state_dir.load()
             record = doc["lus"].get(source, {})
@@ -1196,6 +1217,8 @@ class Target:
             if "sessions" in record and not record["sessions"]:
                 del record["sessions"]
             self.state_dir.save(doc)
+        self._detach_session(session)
+        session.close()
         fsutil.remove_durably(
             [session.tracking.path, session.tracking.path + ".activity",
              self._save_area_path(source, name)] +

@@ -425,6 +425,15 @@ class Session:
     def _persist(self):
         self.persist(self.record())
 
+    def _record_as(self, needs_full=None, **changes):
+        """record() with changes not yet made in memory (to save first)."""
+        rec = self.record()
+        rec.update(changes)
+        if needs_full is not None:
+            for d in rec["dests"]:
+                d["needs_full"] = needs_full
+        return rec
+
     def _recompute_transfer(self, start=0, end=None):
         end = self.extents if end is None else end
         t = bytearray(end - start)
@@ -574,16 +583,21 @@ class Session:
                     maps.set_range(pending, s, e)
                 maps.save(self._pending_path(d), pending, self.granularity)
                 d.pending = pending
+            # The marked record first: a save that fails (a full state
+            # directory) leaves the session unmarked, in memory as on disk.
+            mark_time = time.time()
+            self.persist(self._record_as(marked=True, export=bool(export),
+                                         error=None, mark_time=mark_time,
+                                         needs_full=False))
             with self.cond:
                 self._recompute_transfer()
                 self.marked = True
                 self.export = bool(export)
                 self.error = None
-                self.mark_time = time.time()
+                self.mark_time = mark_time
                 self.generation += 1
                 for d in self.dests:
                     d.needs_full = False
-            self._persist()
             self.tracking.replace(self.cond, bytearray(self.extents))
         finally:
             with self.cond:
@@ -630,7 +644,11 @@ class Session:
             self.tracking.bits = merged
         # 1. the merged tracking map is durable ...
         self.tracking.commit(self.cond)
-        # 2. ... before the session is recorded unmarked ...
+        # 2. ... before the session is recorded unmarked, and only then
+        # unmarked in memory: a save that fails leaves the frozen image
+        # whole (writes keep saving its data) ...
+        self.persist(self._record_as(marked=False, export=False, error=error,
+                                     mark_time=None))
         with self.cond:
             self.marked = False
             self.unmarking = True
@@ -639,7 +657,6 @@ class Session:
             self.error = error
             self.mark_time = None
             self.transfer = bytearray(self.extents)
-        self._persist()
         # 3. ... and only then are the pending maps and saved data dropped
         # (a mark waits for this: `unmarking`).
         try:
@@ -692,11 +709,17 @@ class Session:
                 maps.save(self._pending_path(d), d.pending, self.granularity)
         engine = TransferEngine(self, clients, unmarked=unmarked,
                                 on_done=on_done)
+        # The destinations are recorded inconsistent before anything is
+        # sent to them, and shown so only once that is saved.
+        rec = self.record()
+        for d, r in zip(self.dests, rec["dests"]):
+            if d.index in clients:
+                r["consistency"] = INCONSISTENT
+        self.persist(rec)
         for d in self.dests:
             if d.index in clients:
                 d.consistency = INCONSISTENT
                 d.transferring = True
-        self._persist()
         self.engine = engine
         if run:
             engine.start()

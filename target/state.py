@@ -20,6 +20,7 @@ never reset: an empty inventory would make every LU vanish silently.
 
 import contextlib
 import datetime
+import errno
 import fcntl
 import json
 import os
@@ -117,9 +118,16 @@ class StateDir:
                     " and {} more".format(more) if more > 0 else ""))
 
     def save(self, doc):
+        """Replace the inventory durably; StateNotSaved if it cannot be
+        (the old inventory stays)."""
         _validate(doc, self.state_file)
-        self.ensure()
-        fsutil.write_json_atomic(self.state_file, doc)
+        try:
+            self.ensure()
+            fsutil.write_json_atomic(self.state_file, doc)
+        except OSError as e:
+            raise errors.StateNotSaved(path=self.state_file,
+                                       reason=e.strerror or str(e),
+                                       errno=e.errno or errno.EIO)
 
 
 def _validate(doc, path):

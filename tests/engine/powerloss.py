@@ -47,6 +47,7 @@ class SimFile:
         # power cut may take away.
         self.host_unsynced = set()
         self.syncs = 0
+        self.path = None  # set by SimDisk.open
 
     @property
     def size(self):
@@ -95,6 +96,9 @@ class SimDisk:
         # One-shot hook run before the next replace() of a path ending in
         # the given suffix: (suffix, function).
         self.before_replace = None
+        # One-shot hook run after the next datasync of a path ending in the
+        # given suffix: (suffix, function).
+        self.after_datasync = None
 
     def read(self, path):
         if path not in self.files:
@@ -111,6 +115,7 @@ class SimDisk:
     def open(self, path):
         if path not in self.files:
             raise FileNotFoundError(path)
+        self.files[path].path = path
         return self.files[path]
 
     def pwrite(self, handle, data, offset):
@@ -119,6 +124,10 @@ class SimDisk:
     def datasync(self, handle):
         if self.honour_datasync:
             handle.sync()
+        hook = self.after_datasync
+        if hook is not None and (handle.path or "").endswith(hook[0]):
+            self.after_datasync = None
+            hook[1]()
 
     def close(self, handle):
         pass

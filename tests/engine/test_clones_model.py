@@ -16,7 +16,9 @@ byte-level reference model after every step:
   to its own export; the Source shows the clone's data overlaid by host
   writes; after a crash, host writes that were flushed are still there
   (unflushed ones may be replaced by the clone's data: NBD allows losing
-  unflushed writes).
+  unflushed writes).  An extent written during a restore and not flushed
+  since may come back as any mix of what it held before and those writes,
+  byte by byte, and nothing else: not the Source's pre-restore bytes.
 
 Crashes are a process kill: an exception raised at the N-th backend or map
 operation that no code may catch; the group is dropped without cleanup and
@@ -146,8 +148,10 @@ class CloneMachine(RuleBasedStateMachine):
         self.engine = None
         self.group = None
         # Source extents written since the PRM was last made durable, while
-        # a protected restore runs.
-        self.unflushed = set()
+        # a protected restore runs: extent -> the contents it may show
+        # after a crash, byte by byte (what it held before the first of
+        # those writes, and after each); None for "anything".
+        self.unflushed = {}
 
     def _patch_io(self):
         self.orig = patch_map_io(self.countdown)
@@ -183,8 +187,37 @@ class CloneMachine(RuleBasedStateMachine):
             self.states[n] = clones.OUT_OF_SYNC
             self.C[n] = bytearray(SIZE)
 
-    def crashed(self, touched=None):
-        """Drop the group as a kill -9 would, and recover."""
+    def _unflushed_write(self, offset, data):
+        """Record a host write to the Source during a restore, before it is
+        made (a crash may cut it short)."""
+        after = bytearray(self.S)
+        after[offset:offset + len(data)] = data
+        for e in range(offset // GRAN, (offset + len(data) - 1) // GRAN + 1):
+            a, b = e * GRAN, (e + 1) * GRAN
+            shows = self.unflushed.setdefault(e, [bytes(self.S[a:b])])
+            if shows is not None:
+                shows.append(bytes(after[a:b]))
+
+    def _check_unflushed(self, e, shown):
+        """shown, extent e after a crash, is made of what its unflushed
+        writes allow."""
+        shows = self.unflushed[e]
+        if shows is None:
+            return
+        for i in range(GRAN):
+            if all(v[i] != shown[i] for v in shows):
+                raise AssertionError(
+                    "the Source shows other data than the clone's or a host "
+                    "write's at extent {} after the crash (offset {}: {:#x}, "
+                    "allowed {})".format(e, i, shown[i],
+                                         sorted({v[i] for v in shows})))
+
+    def crashed(self, touched=None, source_touched=True):
+        """Drop the group as a kill -9 would, and recover.
+
+        touched: the range of the request cut short; source_touched: False
+        for a write to a clone's export, which never changes what the
+        Source shows."""
         self.engine = None
         self.lu, self.group = self._new_group()
         records = {n: {"state": self.persisted[n], "file": n} for n in NAMES}
@@ -204,15 +237,17 @@ class CloneMachine(RuleBasedStateMachine):
         for e in sorted(self.unflushed):
             buf = bytearray(GRAN)
             self.lu.read(buf, e * GRAN)
+            self._check_unflushed(e, buf)
             self.S[e * GRAN:(e + 1) * GRAN] = buf
         self.unflushed.clear()
         if touched is not None:
             s, e = touched
             # The request that was cut short is unacknowledged: whatever
             # landed is acceptable, for the Source as hosts read it ...
-            buf = bytearray(e - s)
-            self.lu.read(buf, s)
-            self.S[s:e] = buf
+            if source_touched:
+                buf = bytearray(e - s)
+                self.lu.read(buf, s)
+                self.S[s:e] = buf
             for n in NAMES:
                 if self.states[n] in clones.EXPORTED:
                     self.C[n][s:e] = self.mem_clones[n].data[s:e]
@@ -224,12 +259,12 @@ class CloneMachine(RuleBasedStateMachine):
             self.engine = self.group.engine
             self.engine.chunk = 3
 
-    def attempt(self, func, touched=None):
+    def attempt(self, func, touched=None, source_touched=True):
         """Run func; on a crash, recover.  Return (ok, result)."""
         try:
             return True, func()
         except Crash:
-            self.crashed(touched)
+            self.crashed(touched, source_touched)
             return False, None
 
     # ------------------------------------------------------------ rules
@@ -243,10 +278,8 @@ class CloneMachine(RuleBasedStateMachine):
     def write_source(self, offset, length, seed, fua):
         length = min(length, SIZE - offset)
         data = data_for(seed, length)
-        restoring = self._restoring()
-        if restoring:
-            self.unflushed.update(range(offset // GRAN,
-                                        (offset + length - 1) // GRAN + 1))
+        if self._restoring():
+            self._unflushed_write(offset, data)
         ok, _ = self.attempt(lambda: self.lu.write(data, offset, fua),
                              touched=(offset, offset + length))
         if ok:
@@ -261,8 +294,7 @@ class CloneMachine(RuleBasedStateMachine):
     def zero_source(self, offset, length):
         length = min(length, SIZE - offset)
         if self._restoring():
-            self.unflushed.update(range(offset // GRAN,
-                                        (offset + length - 1) // GRAN + 1))
+            self._unflushed_write(offset, bytes(length))
         ok, _ = self.attempt(lambda: self.lu.zero(offset, length),
                              touched=(offset, offset + length))
         if ok:
@@ -284,7 +316,8 @@ class CloneMachine(RuleBasedStateMachine):
                 return
             raise AssertionError("write to a clone that is not fractured")
         ok, _ = self.attempt(lambda: export.write(data, offset),
-                             touched=(offset, offset + length))
+                             touched=(offset, offset + length),
+                             source_touched=False)
         if ok:
             self.C[name][offset:offset + length] = data
 

@@ -23,13 +23,22 @@ test is single-threaded, so they stand in for a second thread):
 commit_racing runs a host write or an engine step after a commit has
 flushed the backends and before it saves the maps; write_spanning_commit
 runs a commit between the two halves of a mirrored write.
+arm_cut_after_prm_save cuts the power just after the next PRM save.
+
+During a protected restore the model is stricter than "the cut may take
+unflushed writes": an extent written since the last flush must show, byte
+by byte, what it held before (the clone's data or a flushed host write) or
+one of those writes, and a copy on demand is the restore's write, not the
+host's, so a cut may not take it unnoticed.
 
 The protections, each with a twin below that switches it off and must be
 caught: flush_before_commit (a commit flushes every backend before saving
 clean bits), keep_recent_in_activity (a commit's new activity map keeps the
 extents written since it began and those in flight), the fdatasync of the
-activity map's write-ahead, and the fdatasync of the PRM at every flush
-(a flushed host write must survive a resumed protected restore).
+activity map's write-ahead, the fdatasync of the PRM at every flush
+(a flushed host write must survive a resumed protected restore), and the
+Source flush before each PRM save (flush_before_prm: a bit must not be
+durable before the copy on demand it vouches for).
 """
 
 import os
@@ -43,7 +52,8 @@ from hypothesis.stateful import rule, run_state_machine_as_test
 from target import clones, maps
 
 from . import powerloss
-from .test_clones_model import (GRAN, NAMES, SIZE, CloneMachine, data_for)
+from .test_clones_model import (GRAN, NAMES, SIZE, CloneMachine, Crash,
+                                data_for)
 
 KEEP = st.sampled_from((0.0, 0.3, 0.7, 1.0))
 CUT_SEED = st.integers(0, 1 << 30)
@@ -85,6 +95,15 @@ class PowerLossMachine(CloneMachine):
                 self.host_depth -= 1
         return host_request
 
+    def _not_host(self, func):
+        def engine_request(*a, **kw):
+            depth, self.host_depth = self.host_depth, 0
+            try:
+                return func(*a, **kw)
+            finally:
+                self.host_depth = depth
+        return engine_request
+
     def _new_group(self):
         lu, group = super()._new_group()
         # Mark host requests, so the backends know which writes a power
@@ -92,6 +111,9 @@ class PowerLossMachine(CloneMachine):
         group.source_write = self._host(group.source_write)
         group.source_zero = self._host(group.source_zero)
         group.clone_write = self._host(group.clone_write)
+        # A copy on demand runs in the host's request but copies for the
+        # restore: a cut may not take it away unnoticed.
+        group._copy_claimed = self._not_host(group._copy_claimed)
         for name in self.protections_off:
             if name == "activity_datasync":
                 group.activity_file.sync_writes = False
@@ -102,22 +124,31 @@ class PowerLossMachine(CloneMachine):
                 setattr(group, name, False)
         return lu, group
 
-    def crashed(self, touched=None):
+    def crashed(self, touched=None, source_touched=True):
         cut, self.cut = self.cut, None
         lost = {}
         if cut is not None:
             seed, keep = cut
             rng = powerloss.cut_rng(seed)
-            self.unflushed |= self.mem_src.host_unsynced
+            # Unflushed host writes a cut may take away, and what the
+            # Source shows then (a reverse sync shows the clone's): the
+            # ones written during a restore are recorded with what they
+            # may leave.  Writes to a clone's export never change what the
+            # Source shows, the restoring clone's included.
+            shows = set(self.mem_src.host_unsynced)
             for n in NAMES:
                 lost[n] = set(self.mem_clones[n].host_unsynced)
-                self.unflushed |= lost[n]
+                if self.states[n] not in clones.EXPORTED:
+                    shows |= lost[n]
+            for e in shows:
+                self.unflushed.setdefault(e, None)
             self.mem_src.power_cut(rng, keep)
             for n in NAMES:
                 self.mem_clones[n].power_cut(rng, keep)
             self.disk.power_cut(rng, keep)
         self.disk.before_replace = None
-        super().crashed(touched)
+        self.disk.after_datasync = None
+        super().crashed(touched, source_touched)
         for n, extents in lost.items():
             if self.states[n] in clones.EXPORTED:
                 for e in extents:
@@ -128,8 +159,7 @@ class PowerLossMachine(CloneMachine):
         """A host write with its model update, no crash handling (for
         hooks: a crash propagates to the caller's attempt)."""
         if self._restoring():
-            self.unflushed.update(range(offset // GRAN,
-                                        (offset + len(data) - 1) // GRAN + 1))
+            self._unflushed_write(offset, data)
         self.lu.write(data, offset)
         self.S[offset:offset + len(data)] = data
         for n in NAMES:
@@ -147,6 +177,15 @@ class PowerLossMachine(CloneMachine):
     def power_cut_now(self, seed, keep):
         self.cut = (seed, keep)
         self.crashed()
+
+    @rule(seed=CUT_SEED, keep=KEEP)
+    def arm_cut_after_prm_save(self, seed, keep):
+        """The power fails just after the next PRM save: the Source data
+        its new bits vouch for must be durable already."""
+        def cut():
+            self.cut = (seed, keep)
+            raise Crash()
+        self.disk.after_datasync = (".prm", cut)
 
     @rule(step=st.booleans(), offset=st.integers(0, SIZE - 1),
           length=st.integers(1, 3 * GRAN), seed=st.integers(0, 1 << 30))
@@ -205,6 +244,9 @@ TWIN_EXAMPLES = int(os.environ.get("POWERLOSS_TWIN_EXAMPLES", "600"))
                                         "keep_recent_in_activity",
                                         "activity_datasync",
                                         "prm_datasync"])
+# flush_before_prm is pinned by the deterministic twins below: the random
+# search reaches a cut between a PRM save and the copies it vouches for
+# too rarely to be relied on (missed in 4 searches of 600 examples).
 def test_protection_off_is_caught(protection):
     machine = type("Without_" + protection, (PowerLossMachine,),
                    {"protections_off": (protection,)})
@@ -223,3 +265,77 @@ def test_protection_off_is_caught(protection):
             return
     pytest.fail("switching off {} was not caught in 4 searches of {} "
                 "examples".format(protection, TWIN_EXAMPLES))
+
+
+# A copy on demand writes the clone's data to the Source; the PRM bit set
+# after it says "never copy again".  The power fails just after the PRM is
+# saved: the copy must be on disk, or the extent keeps the Source's
+# pre-restore bytes for ever.
+
+def _restoring_machine(machine=PowerLossMachine):
+    """c1 restoring, with extents 0-3 pending (Source and clone differ)."""
+    m = machine()
+    m.setup()
+    m.write_source(0, 4 * GRAN, 11, False)
+    m.sync_then_fracture("c1")
+    m.write_source(0, 4 * GRAN, 12, False)  # the pre-restore bytes
+    m.flush()
+    m.start_restore("c1", False)
+    assert m.states["c1"] == clones.RESTORING
+    assert m.group.pending_restore() == 4
+    return m
+
+
+def _clone_export_write(m):
+    m.write_clone_export("c1", GRAN + 100, 512, 13)
+
+
+def _flushed_source_write(m):
+    m.write_source(2 * GRAN + 100, 512, 14, False)
+    m.flush()
+
+
+def _fua_source_write(m):
+    m.write_source(2 * GRAN + 100, 512, 14, True)
+
+
+def _source_write_racing_commit(m):
+    m.commit_racing(False, 3 * GRAN + 100, 512, 15)
+
+
+def _check_invariants(m):
+    m.source_content_matches_model()
+    m.clean_extents_are_equal()
+    m.fractured_clones_match_model()
+    m.states_match()
+
+
+@pytest.mark.parametrize("request_", [_clone_export_write,
+                                      _flushed_source_write,
+                                      _fua_source_write,
+                                      _source_write_racing_commit])
+@pytest.mark.parametrize("flush_first", [True, False])
+def test_prm_saved_after_the_copies_it_vouches_for(request_, flush_first):
+    machine = PowerLossMachine if flush_first else type(
+        "Without_flush_before_prm", (PowerLossMachine,),
+        {"protections_off": ("flush_before_prm",)})
+    m = _restoring_machine(machine)
+    try:
+        m.arm_cut_after_prm_save(1, 0.0)
+        if flush_first:
+            request_(m)
+            assert m.group.restoring is not None, "no cut?"
+            _check_invariants(m)
+            # The restore goes on: every extent holds the clone's data or
+            # a host write.
+            while m.engine is not None:
+                m.engine_steps(4)
+                _check_invariants(m)
+            assert m.states["c1"] == clones.FRACTURED
+        else:
+            with pytest.raises(AssertionError, match="the Source shows "
+                               "other data"):
+                request_(m)
+                m.source_content_matches_model()
+    finally:
+        m.teardown()

@@ -211,3 +211,59 @@ def test_save_area_eio_unmarks_and_loses_nothing():
     engine = transfer(s, dest)
     assert engine.result == "completed"
     assert bytes(dest.data) == bytes(lu.backend.inner.data)
+
+
+def _full_state_dir(s):
+    """Make s's inventory saves fail like a full state directory."""
+    def persist(record):
+        raise OSError(28, "No space left on device")
+    s.persist = persist
+
+
+def test_mark_not_saved_leaves_the_session_unmarked():
+    """The marked record cannot be saved: the session stays unmarked in
+    memory as on disk (no frozen export, no copies on first write)."""
+    lu, s, persisted, disks = new_session()
+    lu.backend.write(b"A" * G, 0)
+    _full_state_dir(s)
+    with pytest.raises(OSError):
+        s.mark(export=True)
+    assert not s.marked and not s.export and s.mark_time is None
+    assert not persisted.get("marked")
+    lu.backend.write(b"B" * G, 0)
+    assert not s.save.slots
+    with pytest.raises(sessions.FrozenImageGone):
+        s.read_frozen(bytearray(G), 0)
+
+
+def test_unmark_not_saved_keeps_the_frozen_image():
+    """The unmarked record cannot be saved: the session stays marked, and
+    writes keep saving the frozen data, which a restart still shows."""
+    lu, s, persisted, disks = new_session()
+    lu.backend.write(b"A" * SIZE, 0)
+    s.mark(export=True)
+    _full_state_dir(s)
+    with pytest.raises(OSError):
+        s.unmark()
+    assert s.marked and s.export and persisted["marked"] is True
+    lu.backend.write(b"B" * G, 2 * G)
+    buf = bytearray(SIZE)
+    s.read_frozen(buf, 0)
+    assert buf == b"A" * SIZE
+
+
+def test_transfer_start_not_saved_sends_nothing():
+    """The record saying the destination is inconsistent cannot be saved:
+    no transfer starts, and the destination is shown as it was."""
+    lu, s, persisted, disks = new_session()
+    lu.backend.write(b"A" * G, 0)
+    s.mark()
+    before = s.dests[0].consistency
+    _full_state_dir(s)
+    dest = backends.MemoryBackend(SIZE)
+    with pytest.raises(OSError):
+        s.start_transfer({0: sessions.MemoryDestination(dest)}, run=False)
+    assert s.engine is None
+    assert s.dests[0].consistency == before != sessions.INCONSISTENT
+    assert not s.dests[0].transferring
+    assert dest.data == bytes(SIZE)

@@ -1,11 +1,13 @@
 """A full filesystem under an LU: ENOSPC reaches the client, nothing else
 breaks."""
 
+import errno
+import json
 import subprocess
 
 import pytest
 
-from conftest import MiB, read_file_range, status_json
+from conftest import MiB, read_file_range, run_clonectl, status_json
 
 nbd = pytest.importorskip("nbd")
 
@@ -107,3 +109,60 @@ def test_zero_on_full_filesystem(small_fs, clonectl, server_factory,
     else:
         assert h.pread(MiB, 4 * MiB) == bytes(MiB)
     assert srv.running()
+
+
+def _fill(directory):
+    """Fill directory's filesystem; return the filler's path."""
+    filler = directory / "filler"
+    with open(filler, "wb") as f:
+        try:
+            while True:
+                f.write(b"\xff" * 65536)
+                f.flush()
+        except OSError as e:
+            assert e.errno == errno.ENOSPC, e
+    return filler
+
+
+def test_fracture_on_full_state_dir_changes_nothing(
+        small_fs, tmp_path, server_factory, nbd_connect):
+    """The fractured state cannot be saved: the clone stays synchronized
+    (in the target as in state.json) and mirrored; with space again the
+    fracture succeeds at the Source's image of that moment."""
+    state = small_fs / "state"
+    src, c1 = tmp_path / "src.img", tmp_path / "c1.img"
+    for path in (src, c1):
+        subprocess.run(["truncate", "-s", "4M", str(path)], check=True)
+    run_clonectl(state, "lu", "create", "src", "--file", src)
+    run_clonectl(state, "clone", "add", "src", "c1", "--file", c1)
+    srv = server_factory(state_dir=state)
+    run_clonectl(state, "clone", "sync", "c1", "--wait")
+    h = nbd_connect(srv.socket, "src")
+    h.pwrite(b"A" * MiB, 0)
+    h.flush()
+
+    filler = _fill(small_fs)
+    proc = run_clonectl(state, "clone", "fracture", "c1", check=False)
+    assert proc.returncode == 1, proc
+    st = json.loads(run_clonectl(state, "clone", "status", "c1",
+                                 "--json").stdout)
+    assert st["state"] == "synchronized" and not st["exported"], st
+    assert "No space left on device" in proc.stderr, proc.stderr
+    assert str(state / "state.json") in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    doc = json.loads((state / "state.json").read_text())
+    assert doc["lus"]["src"]["clones"]["c1"]["state"] == "synchronized"
+    # Still mirrored: a Source write reaches the clone.
+    h.pwrite(b"B" * 65536, 2 * MiB)
+    assert read_file_range(c1, 2 * MiB, 65536) == b"B" * 65536
+
+    filler.unlink()
+    at_fracture = src.read_bytes()
+    proc = run_clonectl(state, "clone", "fracture", "c1")
+    assert "fractured" in proc.stdout
+    h.pwrite(b"C" * 65536, 0)
+    h.flush()
+    assert c1.read_bytes() == at_fracture
+    hc = nbd_connect(srv.socket, "c1")
+    assert hc.pread(65536, 2 * MiB) == b"B" * 65536
+    assert hc.pread(65536, 0) == b"A" * 65536

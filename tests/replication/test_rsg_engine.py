@@ -33,6 +33,7 @@ RSG_MODEL_EXAMPLES (default 40) and RSG_MODEL_STEPS (default 15) size the
 state machine.
 """
 
+import errno
 import json
 import os
 import random
@@ -1208,4 +1209,92 @@ def test_secondary_volume_refuses_writes_from_above(cluster_factory):
             write()
     assert read_image(c.tb, VOLS[0]) == before
     c.write(0, 0, b"\x42" * 4096)
+
+
+def test_attach_not_saved_stays_detached(cluster_factory, monkeypatch):
+    """The attached record cannot be saved (a full state directory): the
+    link stays detached, as the record says, and attaches later."""
+    c = cluster_factory()
+    c.wait_converged()
+    c.ta.rsg_detach("g", c.addr)
+    files = c.g.files
+    real = files.save
+
+    def full(record):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(files, "save", full)
+    with pytest.raises(OSError):
+        c.ta.rsg_attach("g", c.addr)
+    assert not c.link.attached and c.link.state == R.DETACHED
+    assert c.ta.rsg_status("g")["links"][0]["state"] == R.DETACHED
+    monkeypatch.setattr(files, "save", real)
+    c.ta.rsg_attach("g", c.addr)
+    c.check_final()
+
+
+def _save_fails_for(monkeypatch, files, role):
+    """Saves of files' records for role fail as on a full state directory."""
+    real = files.save
+
+    def save(record):
+        if record["role"] == role:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(record)
+
+    monkeypatch.setattr(files, "save", save)
+    return lambda: monkeypatch.setattr(files, "save", real)
+
+
+def test_role_change_not_saved_changes_nothing(cluster_factory, monkeypatch):
+    """Promote and demote whose new record cannot be saved leave the group
+    in its role, with its files, as the saved record says; with space
+    again both succeed."""
+    c = cluster_factory()
+    c.write(0, 0, b"a" * 4096)
+    c.wait_converged()
+    c.ta.rsg_detach("g", c.addr)
+    sg = c.sg
+    # A staged batch the secondary acknowledged must survive.
+    with open(sg.files.stage[0], "wb") as f:
+        f.write(b"staged")
+    restore = _save_fails_for(monkeypatch, sg.files, R.PRIMARY)
+    with pytest.raises(OSError):
+        c.tb.rsg_promote("g")
+    assert c.tb.rsgs["g"].role == R.SECONDARY
+    assert sg.files.load()["role"] == R.SECONDARY
+    with open(sg.files.stage[0], "rb") as f:
+        assert f.read() == b"staged"
+    os.unlink(sg.files.stage[0])
+    restore()
+
+    g = c.g
+    srl = g.files.srl
+    restore = _save_fails_for(monkeypatch, g.files, R.SECONDARY)
+    with pytest.raises(OSError):
+        c.ta.rsg_demote("g")
+    assert c.ta.rsgs["g"].role == R.PRIMARY
+    assert g.files.load()["role"] == R.PRIMARY and os.path.exists(srl)
+    restore()
+    # The primary still works: it replicates once attached again.
+    c.ta.rsg_attach("g", c.addr)
+    c.write(1, 4096, b"b" * 4096)
+    c.check_final()
+    assert c.ta.rsg_demote("g")["role"] == R.SECONDARY
+    assert c.tb.rsg_promote("g")["role"] == R.PRIMARY
+
+
+def test_detach_not_saved_stays_attached(cluster_factory, monkeypatch):
+    """The detached record cannot be saved: the link stays attached, as
+    the record says, and the secondary converges."""
+    c = cluster_factory()
+    c.write(0, 0, b"a" * 4096)
+    c.wait_converged()
+    restore = _save_fails_for(monkeypatch, c.g.files, R.PRIMARY)
+    with pytest.raises(OSError):
+        c.ta.rsg_detach("g", c.addr)
+    restore()
+    assert c.link.attached and c.link.state != R.DETACHED
+    assert c.g.files.load()["links"][0]["attached"]
+    c.write(1, 8192, b"b" * 4096)
     c.check_final()

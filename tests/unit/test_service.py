@@ -358,3 +358,74 @@ def test_clone_remove_refused_for_a_host_withdraws_nothing(gw_target):
     gw_target.disconnect(gw)
     gw_target.clone_remove("c")
     assert gw_target.clone_list() == []
+
+
+@pytest.fixture
+def full_state_dir(target, monkeypatch):
+    """set(True) makes every save of state.json fail as on a full disk."""
+    real = state.StateDir.save
+    full = [False]
+
+    def save(self, doc):
+        if full[0]:
+            raise errors.StateNotSaved(path=self.state_file,
+                                       reason="No space left on device",
+                                       errno=28)
+        return real(self, doc)
+
+    monkeypatch.setattr(state.StateDir, "save", save)
+    return lambda on: full.__setitem__(0, on)
+
+
+def test_clone_remove_not_saved_keeps_the_clone(target, sd, full_state_dir):
+    target.clone_add("a", "c1")
+    group = target.groups["a"]
+    files = sorted(os.listdir(sd.maps_dir))
+    full_state_dir(True)
+    with pytest.raises(errors.StateNotSaved) as info:
+        target.clone_remove("c1")
+    full_state_dir(False)
+    assert info.value.errno == 28
+    assert "No space left on device" in str(info.value)
+    assert "c1" in group.clones and target.groups["a"] is group
+    assert "c1" in sd.load()["lus"]["a"]["clones"]
+    assert sorted(os.listdir(sd.maps_dir)) == files
+    # Still tracked: a Source write sets its bit.
+    group.clones["c1"].delta[:] = bytes(len(group.clones["c1"].delta))
+    target.lus["a"].write(b"x", 0)
+    assert group.clones["c1"].delta[0] == 1
+    target.clone_remove("c1")
+    assert "a" not in target.groups
+    assert "clones" not in sd.load()["lus"]["a"]
+
+
+def test_session_delete_not_saved_keeps_the_session(target, sd,
+                                                    full_state_dir):
+    session = target._create_session(
+        target.lus["a"], "s1", [{"uri": "nbd://unused", "peer": None}],
+        None, None)
+    full_state_dir(True)
+    with pytest.raises(errors.StateNotSaved):
+        target.session_delete("s1")
+    full_state_dir(False)
+    assert target.sessions["s1"] is session and not session.closed
+    assert "s1" in sd.load()["lus"]["a"]["sessions"]
+    # Still tracking the Source's writes.
+    target.lus["a"].write(b"x" * 4096, 0)
+    assert session.tracking.bits[0] == 1
+    target.session_delete("s1")
+    assert "s1" not in target.sessions
+
+
+def test_image_protect_not_saved_protects_nothing(target, sd,
+                                                  full_state_dir):
+    target.image_protect("a")   # creates the image's session, marks it
+    target.session_unmark("protected-a", force=True)
+    full_state_dir(True)
+    with pytest.raises(errors.StateNotSaved):
+        target.image_protect("a")
+    full_state_dir(False)
+    st = target.image_status("a")
+    assert not st["protected"] and st["export"] is None
+    assert "a@protected-a" not in dict(target.exports())
+    assert not sd.load()["lus"]["a"]["sessions"]["protected-a"]["marked"]
