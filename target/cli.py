@@ -72,7 +72,31 @@ class Context:
 pass_ctx = click.make_pass_decorator(Context)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"],
+def _state_dir_here(ctx, param, value):
+    if value is not None:
+        ctx.find_object(Context).state_dir = state.StateDir(value)
+
+
+class _Group(click.Group):
+    """A group whose commands also take --state-dir after their name
+    (`clonectl lu list --state-dir DIR`), so it goes wherever an admin
+    types it; the group's own option stays the one with the default."""
+
+    group_class = type
+
+    def add_command(self, cmd, name=None):
+        if not isinstance(cmd, click.Group) and \
+                not any(p.name == "state_dir" for p in cmd.params):
+            cmd.params.append(click.Option(
+                ["--state-dir"], metavar="DIR", expose_value=False,
+                callback=_state_dir_here,
+                help="State directory, as `clonectl --state-dir DIR`; "
+                     "accepted here too."))
+        super().add_command(cmd, name)
+
+
+@click.group(cls=_Group,
+             context_settings={"help_option_names": ["-h", "--help"],
                                "max_content_width": 100})
 @click.option("--state-dir", envvar="CLONECTL_STATE", default=DEFAULT_STATE_DIR,
               show_default=True, metavar="DIR",

@@ -42,7 +42,7 @@ consistent; read-only LUs) but is counted apart (`gateway_connections` in
 status): clone sync, restore and reverse sync are not refused because of
 it, the manager removes the iSCSI target within a poll interval once the
 clone is no longer exported (a gap: an initiator writing during that
-interval writes through the clone's export object; see README Known gaps),
+interval writes through the clone's export object; see docs/known-gaps.md),
 and `clone remove` first withdraws the export and waits for the gateway to
 let go (service.Target._gateway_let_go).  nbdfuse 1.14 takes the export
 name only inside its URI argument, so SECRET is on nbdfuse's command line

@@ -9,7 +9,7 @@ on the host for them) plus a few host binaries copied with their libraries:
   (the Debian kernel has CONFIG_PVH=y); we take it out of the vmlinuz the
   way the kernel's `scripts/extract-vmlinux` does (find the compressed
   payload's magic, decompress).  Measured on this 2-core machine under TCG:
-  see README (Tests -> guest).
+  see docs/testing.md (Guest kernel).
 - modules: virtio_pci virtio_blk virtio_net nbd ext4 (+ crc32c_generic,
   which ext4 and jbd2 ask for through the crypto API rather than a symbol)
   and everything they depend on, read from each .ko's .modinfo `depends=`

@@ -1,5 +1,5 @@
 """libiscsi's conformance suite against a served LU: the families the
-README claims (a short CI subset; the full run is in the README)."""
+docs/iscsi.md claims (a short CI subset; the full run is in docs/iscsi.md)."""
 
 import subprocess
 
@@ -9,7 +9,7 @@ pytestmark = needs_iscsi
 
 __all__ = ["iscsi_server"]
 
-# A subset of the families that pass in full (README, "iSCSI"); each run
+# A subset of the families that pass in full (docs/iscsi.md); each run
 # takes well under a second.
 CI_FAMILIES = ["SCSI.TestUnitReady", "SCSI.Inquiry", "SCSI.ReadCapacity10",
                "SCSI.ReadCapacity16", "SCSI.Read10", "SCSI.Read16",
