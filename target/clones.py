@@ -29,9 +29,12 @@ clone's export was written (seed figure 9); that only costs a re-copy.
 A commit must not forget an extent whose write is not yet durable.  The
 group keeps `track`, the extents written (by hosts or by the engine) since
 the current commit began; a write marks it when it begins and when it ends.
-A commit swaps in a fresh `track`, flushes every backend, saves the delta
-maps, and then writes an activity map made of `track` and the writes still
-in flight: everything that may have landed after the flush.
+A commit swaps in a fresh `track` and takes the delta maps as they are at
+that moment, flushes every backend, saves the maps it took (a bit cleared
+by a copy during the flush is saved by the next commit: the map is never
+newer than the flush that vouches for it), and then writes an activity map
+made of `track` and the writes still in flight: everything that may have
+landed after the flush.
 
 Collisions (seed 000, figures 10-11).  Host writes register their extents
 in `active` while they run; the engine registers the run it copies in
@@ -381,12 +384,14 @@ class CloneGroup:
         self.copy_hook = None
         # Tests switch these off to show what each protects against: the
         # retry of collided copies; the backend flushes that make a commit's
-        # clean bits true on disk; the extents written since the commit
-        # began (and in flight) kept in the new activity map; the Source
-        # flush before each PRM save.  The last three only matter on power
-        # loss (tests/engine/test_powerloss.py).
+        # clean bits true on disk, and taking the maps before those flushes
+        # (tests/engine/test_commit_order.py); the extents written since
+        # the commit began (and in flight) kept in the new activity map; the
+        # Source flush before each PRM save.  All but the first only matter
+        # on power loss (tests/engine/test_powerloss.py).
         self.retry_collisions = True
         self.flush_before_commit = True
+        self.snapshot_before_flush = True
         self.keep_recent_in_activity = True
         self.flush_before_prm = True
 
@@ -1037,12 +1042,20 @@ class CloneGroup:
             with self.cond:
                 self.track = bytearray(self.extents)
                 clones = list(self.clones.values())
+                # The maps as they are now, before the flush that must
+                # cover them: a copy that clears a bit while the flush
+                # runs is not on disk yet (its bit is saved at the next
+                # commit).
+                deltas = [bytes(c.delta) for c in clones] \
+                    if self.snapshot_before_flush else None
             if self.flush_before_commit:
                 self.below.flush()
                 for clone in clones:
                     clone.backend.flush()
-            for clone in clones:
-                maps.save(clone.map_path, bytes(clone.delta), self.granularity)
+            if deltas is None:
+                deltas = [bytes(c.delta) for c in clones]
+            for clone, delta in zip(clones, deltas):
+                maps.save(clone.map_path, delta, self.granularity)
             self._persist_prm()
             with self.cond:
                 keep = bytearray(self.track)
