@@ -22,6 +22,7 @@ Design notes
 import collections
 import errno
 import hmac
+import json
 import logging
 import os
 import threading
@@ -55,6 +56,9 @@ class LogicalUnit:
         self.removed = False
         self.error = None
         self.rsg = None         # the replicated group it belongs to
+        # Why it is not served although its file is fine: a volume of a
+        # replicated group that did not load (writes would not be logged).
+        self.held = None
         self.backend = backend
         self.stack = None
         if backend is None:
@@ -73,7 +77,8 @@ class LogicalUnit:
 
     @property
     def healthy(self):
-        return self.backend is not None and not self.removed
+        return self.backend is not None and not self.removed and \
+            self.held is None
 
     def _check_write(self, offset, length):
         if self.readonly:
@@ -114,7 +119,7 @@ class LogicalUnit:
             "readonly": self.readonly,
             "exported": self.healthy,
             "connections": self.connections,
-            "error": self.error,
+            "error": self.error or self.held,
         }
 
 
@@ -214,6 +219,24 @@ class Target:
                 self.rsg_failures[name] = "not loaded: {}".format(e)
                 self.recovery_problems.append(
                     {"rsg": name, "message": self.rsg_failures[name]})
+                self._hold_volumes(name, "a volume of replicated group {}, "
+                                   "which did not load ({}); not served "
+                                   "until it loads or is deleted, so no "
+                                   "write escapes its log".format(name, e))
+
+    def _hold_volumes(self, name, reason):
+        """Hold (reason) or release (None) the LUs a group's record names,
+        as far as it can be read."""
+        try:
+            with open(replication.GroupFiles(self.rsg_dir, name).record) as f:
+                volumes = json.load(f).get("volumes")
+            names = [v.get("lu") for v in volumes]
+        except (OSError, ValueError, AttributeError, TypeError):
+            return      # unreadable: nothing names its volumes
+        for lu_name in names:
+            lu = self.lus.get(lu_name) if isinstance(lu_name, str) else None
+            if lu is not None and lu.rsg is None:
+                lu.held = reason
 
     def _failed_rsg_status(self, name):
         files = replication.GroupFiles(self.rsg_dir, name).on_disk()
@@ -419,6 +442,7 @@ class Target:
             if name in self.rsg_failures or files.on_disk():
                 # What a group that failed to load (or a crashed create)
                 # left: the admin clears the name.
+                self._hold_volumes(name, None)
                 files.remove_all()
                 self.rsg_failures.pop(name, None)
                 self.recovery_problems = [p for p in self.recovery_problems
@@ -777,6 +801,9 @@ class Target:
         exportable = self._exportable()
         obj = exportable.get(name)
         if obj is None:
+            lu = self.lus.get(name)
+            if lu is not None and lu.held:
+                raise LUHeld(name=name, reason=lu.held)
             if name == "":
                 raise errors.InvalidArgument(
                     reason="an export name is required; exports: " +
@@ -1023,6 +1050,9 @@ class Target:
         group, c = self._clone(name)
         if c.broken:
             raise clones.CloneBroken(event=event, name=name, reason=c.broken)
+        if group.source.held and event in ("restore", "reverse-sync"):
+            # It would change a volume whose group cannot log the change.
+            raise LUHeld(name=group.source.name, reason=group.source.held)
         return group, c
 
     def clone_sync(self, clone, rate=None):
@@ -1578,6 +1608,11 @@ IMAGE_PREFIX = "protected-"
 
 class RollbackRefused(errors.Error):
     msg = "LU {name!r} cannot be rolled back: {reason}"
+    errno = errno.EBUSY
+
+
+class LUHeld(errors.Error):
+    msg = "LU {name!r} is not served: {reason}"
     errno = errno.EBUSY
 
 

@@ -429,3 +429,39 @@ def test_image_protect_not_saved_protects_nothing(target, sd,
     assert not st["protected"] and st["export"] is None
     assert "a@protected-a" not in dict(target.exports())
     assert not sd.load()["lus"]["a"]["sessions"]["protected-a"]["marked"]
+
+
+def test_volumes_of_a_group_that_did_not_load_are_not_served(tmp_path):
+    """A replicated group that cannot be loaded (one volume's disk is not
+    there yet) must not leave its other volumes writable with nothing
+    logging the writes: they are held, not exported, with the reason,
+    until the group loads or is deleted."""
+    d = str(tmp_path / "s")
+    t = service.Target(d)
+    t.lu_create("db1", size="1M")
+    t.lu_create("db2", size="1M")
+    t.lu_create("other", size="1M")
+    t.rsg_create("g", ["db1", "db2"], "1M")
+    t.prepare_stop()
+    t.close()
+    img = os.path.join(d, "lus", "db2.img")
+    os.rename(img, img + ".away")
+    t = service.Target(d)
+    try:
+        assert "g" in t.rsg_failures
+        with pytest.raises(errors.Error) as e:
+            t.connect("db1", False)
+        assert "replicated group g" in str(e.value), e.value
+        assert "db1" not in dict(t.exports())
+        st = {lu["name"]: lu for lu in t.status()["lus"]}
+        assert not st["db1"]["exported"]
+        assert "replicated group g" in st["db1"]["error"]
+        t.disconnect(t.connect("other", False))     # the rest is served
+    finally:
+        t.close()
+    os.rename(img + ".away", img)
+    t = service.Target(d)
+    try:
+        assert "g" in t.rsgs and "db1" in dict(t.exports())
+    finally:
+        t.close()
