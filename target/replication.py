@@ -105,6 +105,7 @@ new primary's writes since the promotion, plus the old primary's writes the
 new one never received, which the demoted node reports) are copied.
 """
 
+import contextlib
 import errno
 import json
 import logging
@@ -1750,6 +1751,9 @@ class SecondaryGroup:
         # A volume-changing operation (restore, reverse sync) running here,
         # described, or None: a primary is refused meanwhile.
         self.volume_change = volume_change or (lambda: None)
+        # Changes of the volumes made here being started (a restore until
+        # it runs, a rollback): under session_lock, like `connection`.
+        self.local_changes = []
         self.layers = []                    # _Guard per volume
         self.lock = threading.Lock()        # apply vs. host reads
         self.session_lock = threading.Lock()
@@ -1891,6 +1895,37 @@ class SecondaryGroup:
 
     # Host reads.
 
+    @contextlib.contextmanager
+    def local_change(self, what):
+        """A change of the volumes made on this node (a restore, a reverse
+        sync, a rollback): refused while a primary is connected, and no
+        primary is accepted while it is being made; a restore that runs is
+        seen by `volume_change` from then on."""
+        with self.session_lock:
+            if self.connection is not None:
+                raise GroupBusy(name=self.name, reason="{} is refused: this "
+                                "node is a secondary and its primary is "
+                                "replicating; detach the link on the primary "
+                                "first".format(what))
+            self.local_changes.append(what)
+        try:
+            yield
+        finally:
+            with self.session_lock:
+                self.local_changes.remove(what)
+
+    def refuse_primary(self):
+        """Under session_lock: why a primary may not connect now, or None.
+        Its batches would land beside a local change's own writes; the
+        primary tries again and replays what the change did once it has
+        finished."""
+        busy = self.local_changes[0] if self.local_changes \
+            else self.volume_change()
+        if busy:
+            return "{} is running on this secondary; replication resumes " \
+                "when it has finished".format(busy)
+        return None
+
     def check_readable(self, lu):
         if not self.consistent:
             hint = "; its last consistent image is readable as " \
@@ -1904,14 +1939,6 @@ class SecondaryGroup:
 
     def handshake(self, hello):
         """Check a primary's hello; return the reply."""
-        busy = self.volume_change()
-        if busy:
-            # Its batches would land beside the operation's own writes;
-            # the primary tries again and replays what the operation
-            # changed once it has finished.
-            raise GroupBusy(name=self.name, reason="{} is running on this "
-                            "secondary; replication resumes when it has "
-                            "finished".format(busy))
         vols = hello.get("volumes") or []
         mine = [{"lu": lu.name, "size": lu.size} for lu in self.volumes]
         if vols != mine:
@@ -2189,6 +2216,10 @@ class ReplicaServer:
                     # could take for a refusal; it connects again later.
                     group = None
                     return
+                busy = group.refuse_primary()
+                if busy:
+                    busy_group, group = group, None
+                    raise GroupBusy(name=busy_group.name, reason=busy)
                 old, old_thread = group.connection, group.serving
                 if old is not None:
                     # A primary that reconnects (after a crash or a cut)

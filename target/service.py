@@ -20,7 +20,9 @@ Design notes
 """
 
 import collections
+import contextlib
 import errno
+import functools
 import hmac
 import json
 import logging
@@ -373,11 +375,13 @@ class Target:
                         "the primary; the sizes must match".format(
                             lu.name, lu.size, v.get("size")))
                 self._check_not_grouped(name, lu)
-                if lu.connections:
+                users = lu.connections + self.gateway_held[lu]
+                if users:
                     raise replication.ReplicationError(
-                        name=name, reason="LU {} has {} host connection(s); "
-                        "a secondary's volumes are written by replication "
-                        "only".format(lu.name, lu.connections))
+                        name=name, reason="LU {} has {} host connection(s) "
+                        "(NBD or the iSCSI gateway); a secondary's volumes "
+                        "are written by replication only".format(lu.name,
+                                                                 users))
             record = {"name": name, "role": replication.SECONDARY,
                       "granularity": int(hello.get("granularity") or
                                          replication.DEFAULT_GRANULARITY),
@@ -541,7 +545,7 @@ class Target:
         """Make this primary a secondary; it reports the regions it wrote
         that no secondary acknowledged (what may have diverged)."""
         rsg = self._rsg(name, replication.PRIMARY)
-        busy = [lu.name for lu in rsg.volumes if lu.connections]
+        busy = [lu.name for lu in rsg.volumes if self._host_users(lu)]
         if busy:
             raise replication.GroupBusy(
                 name=name, reason="LU {} has host connections; stop the "
@@ -875,6 +879,12 @@ class Target:
                     obj.connections == 0 and not self.gateway_held[obj]:
                 obj.close()
 
+    def _host_users(self, lu):
+        """Connections that may write lu: NBD hosts and the iSCSI
+        gateway's mounts (an initiator writes through those)."""
+        with self.lock:
+            return lu.connections + self.gateway_held[lu]
+
     def _with_gateway(self, st, obj):
         st["gateway_connections"] = self.gateway_held[obj]
         return st
@@ -1062,51 +1072,47 @@ class Target:
 
     def clone_reverse_sync(self, clone, rate=None):
         group, c = self._working_clone(clone, "reverse-sync")
-        self._check_replica_restore(group.source, "reverse sync")
-        regions = bytearray(c.delta)
-        group.start_reverse_sync(clone, rate=_rate(rate))
-        self._volume_changed(group, regions, "a reverse sync")
+        with self._volume_change(group.source, bytearray(c.delta),
+                                 group.granularity, "a reverse sync"):
+            group.start_reverse_sync(clone, rate=_rate(rate))
         return group.clone_status(c)
 
     def clone_restore(self, clone, full=False, rate=None):
         group, c = self._working_clone(clone, "restore")
-        self._check_replica_restore(group.source, "restore")
         regions = bytearray(b"\x01" * len(c.delta)) if full \
             else bytearray(c.delta)
-        group.start_restore(clone, full=bool(full), rate=_rate(rate))
-        self._volume_changed(group, regions, "a protected restore")
+        with self._volume_change(group.source, regions, group.granularity,
+                                 "a protected restore"):
+            group.start_restore(clone, full=bool(full), rate=_rate(rate))
         return group.clone_status(c)
 
-    def _check_replica_restore(self, lu, what):
-        """On a secondary, a restore is allowed only while no primary is
-        replicating to it (seed 003)."""
+    @contextlib.contextmanager
+    def _volume_change(self, lu, regions, granularity, what):
+        """Around the start of an operation that changes lu without host
+        writes (restore, reverse sync, rollback), regions (one byte per
+        extent of granularity) being what it may change.  On a primary the
+        links log those regions, to replay them once it has finished.  On
+        a secondary the operation is refused while a primary is connected,
+        no primary is accepted while it starts, and the regions are saved
+        as diverged before anything changes (the primary copies exactly
+        them back at the next contact)."""
         rsg = lu.rsg
-        if rsg is not None and rsg.role == replication.SECONDARY and \
-                rsg.connected_since is not None:
-            raise replication.GroupBusy(
-                name=rsg.name, reason="a {} of {} is refused: this node is "
-                "a secondary and its primary is replicating; detach the link "
-                "on the primary first".format(what, lu.name))
-
-    def _volume_changed(self, group, regions, what):
-        """A volume-changing operation started on a replicated volume:
-        its regions reach the secondaries by DCM replay (seed 003)."""
-        rsg = group.source.rsg
         if rsg is None:
+            yield
             return
-        vol = rsg.volumes.index(group.source)
+        vol = rsg.volumes.index(lu)
         if rsg.role == replication.PRIMARY:
-            rsg.begin_volume_change(vol, regions, group.granularity, what)
-        else:
-            # A detached secondary changed on its own: the primary copies
-            # these regions back at the next contact.
+            yield
+            rsg.begin_volume_change(vol, regions, granularity, what)
+            return
+        with rsg.local_change("{} of {}".format(what, lu.name)):
             runs = rsg.diverged.get("runs", []) if rsg.diverged else []
             for s_, e_ in maps.runs(regions):
-                off = s_ * group.granularity
-                runs.append([vol, off, min(e_ * group.granularity,
-                                           group.source.size) - off])
+                off = s_ * granularity
+                runs.append([vol, off, min(e_ * granularity, lu.size) - off])
             rsg.diverged = {"runs": runs, "all": False}
             rsg.persist()
+            yield
 
     def clone_fracture(self, clone):
         group, c = self._working_clone(clone, "fracture")
@@ -1496,30 +1502,52 @@ class Target:
             raise errors.InvalidArgument(
                 reason="LU {!r} has no protected image to roll back to"
                 .format(lu))
-        if source.connections:
+        users = self._host_users(source)
+        if users:
             raise RollbackRefused(
-                name=lu, reason="{} NBD connection(s) use it; stop the hosts "
-                "first, so no write lands during or after the rollback"
-                .format(source.connections))
+                name=lu, reason="{} connection(s) use it (NBD hosts or the "
+                "iSCSI gateway); stop the hosts first, so no write lands "
+                "during or after the rollback".format(users))
         g = session.granularity
         buf = bytearray(g)
         restored = 0
-        # Below a secondary's guard (rolling a secondary back to its last
-        # consistent image is what its promotion asks for), through every
-        # other layer: clones and sessions of the LU see the rollback.
-        below = source.stack.below("guard")
         with session.cond:
             saved = sorted(session.save.slots)
+        regions = bytearray(session.extents)
         for x in saved:
-            n = min(g, source.size - x * g)
-            session.save.readinto(x, buf)
-            below.write(memoryview(buf)[:n], x * g)
-            restored += 1
-        below.flush()
+            regions[x] = 1
+        with self._volume_change(source, regions, g, "a rollback"):
+            for x in saved:
+                n = min(g, source.size - x * g)
+                session.save.readinto(x, buf)
+                # Below a secondary's guard (rolling a secondary back to its
+                # last consistent image is what its promotion asks for),
+                # through every other layer, looked up for each write: a
+                # clone or session of the LU sees the rollback.
+                source.stack.below("guard").write(memoryview(buf)[:n], x * g)
+                restored += 1
+            source.stack.below("guard").flush()
         log.info("LU %s rolled back to its protected image (%d extents)", lu,
                  restored)
         self.image_release(lu)
         return {"lu": lu, "extents_restored": restored}
+
+    def _users_session(self, operation):
+        """operation(name, ...) as a user may call it: never on the session
+        holding an LU's protected image (the target's own; a secondary
+        keeps its last consistent image in one during a replay)."""
+        @functools.wraps(operation)
+        def call(name, **kwargs):
+            with self.lock:
+                image = next((lu for lu, s in self.images.items()
+                              if s.name == name), None)
+            if image is not None:
+                raise errors.InvalidArgument(
+                    reason="session {!r} holds the protected image of LU {} "
+                    "(LU@{}); it is changed by `clonectl lu rollback` and "
+                    "replication only".format(name, image, name))
+            return operation(name, **kwargs)
+        return call
 
     def control_operations(self):
         """The operations the control socket offers: name -> callable."""
@@ -1538,13 +1566,13 @@ class Target:
             "clone_fracture": self.clone_fracture,
             "clone_restore": self.clone_restore,
             "session_create": self.session_create,
-            "session_delete": self.session_delete,
+            "session_delete": self._users_session(self.session_delete),
             "session_list": self.session_list,
             "session_status": self.session_status,
-            "session_mark": self.session_mark,
-            "session_unmark": self.session_unmark,
-            "session_transfer": self.session_transfer,
-            "session_update": self.session_update,
+            "session_mark": self._users_session(self.session_mark),
+            "session_unmark": self._users_session(self.session_unmark),
+            "session_transfer": self._users_session(self.session_transfer),
+            "session_update": self._users_session(self.session_update),
             "image_status": self.image_status,
             "image_protect": self.image_protect,
             "image_release": self.image_release,

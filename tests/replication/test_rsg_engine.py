@@ -1298,3 +1298,57 @@ def test_detach_not_saved_stays_attached(cluster_factory, monkeypatch):
     assert c.g.files.load()["links"][0]["attached"]
     c.write(1, 8192, b"b" * 4096)
     c.check_final()
+
+
+def test_secondary_rollback_refused_while_a_primary_replicates(
+        cluster_factory):
+    """A rollback changes a secondary's volume on its own, as a restore
+    does: refused while a primary is connected (its batches would land in
+    between, and a replay would end 'consistent' over rolled-back
+    extents)."""
+    c = cluster_factory()
+    c.write(0, 0, b"\x01" * 8192)
+    c.wait_converged()
+    c.tb.image_protect(VOLS[0])
+    c.write(0, 0, b"\x02" * 8192)
+    c.wait_converged()
+    with pytest.raises(R.GroupBusy):
+        c.tb.image_rollback(VOLS[0])
+    assert read_image(c.tb, VOLS[0])[:8192] == b"\x02" * 8192
+    c.tb.image_release(VOLS[0])
+    c.check_final()
+
+
+def test_secondary_records_a_restore_before_it_changes_anything(
+        cluster_factory, monkeypatch):
+    """The regions a restore on a detached secondary changes are saved in
+    its record before the restore starts: a crash right after the start
+    must not lose them (the primary copies exactly them back)."""
+    c = cluster_factory()
+    c.write(0, 0, b"\x01" * SIZES[0])
+    c.wait_converged()
+    c.ta.rsg_detach("g", c.addr)
+    wait_for(lambda: c.sg.connected_since is None, what="primary gone")
+    synced_clone(c.tb, VOLS[0], "snap")
+    c.tb.clone_fracture("snap")
+    c.ta.rsg_attach("g", c.addr)
+    c.write(0, 0, b"\x02" * SIZES[0])
+    c.wait_converged()
+    c.ta.rsg_detach("g", c.addr)
+    wait_for(lambda: c.sg.connected_since is None, what="primary gone")
+    sg = c.sg
+    seen = []
+    persist = sg.persist
+
+    def watch():
+        seen.append((clone_state(c.tb, "snap"), sg.diverged))
+        persist()
+    monkeypatch.setattr(sg, "persist", watch)
+    release = hold_engines(monkeypatch)
+    c.tb.clone_restore("snap")
+    assert seen and seen[0][0] == "fractured" and seen[0][1]["runs"], seen
+    release(c.tb.groups[VOLS[0]])
+    wait_for(lambda: clone_state(c.tb, "snap") == "fractured", 30,
+             "the restore", lambda: c.tb.clone_status("snap"))
+    c.ta.rsg_attach("g", c.addr)
+    c.check_final()

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from target import backends, errors, service, state
+from target import backends, errors, replication, service, state
 
 MiB = 1 << 20
 
@@ -465,3 +465,40 @@ def test_volumes_of_a_group_that_did_not_load_are_not_served(tmp_path):
         assert "g" in t.rsgs and "db1" in dict(t.exports())
     finally:
         t.close()
+
+
+def test_user_session_commands_do_not_reach_protected_images(target):
+    """A protected image (LU@protected-LU, a secondary's last consistent
+    image during a replay) is the target's own: the session commands of
+    users cannot unmark, delete or transfer it."""
+    target.image_protect("a")
+    ops = target.control_operations()
+    for op, args in (("session_unmark", {"force": True}),
+                     ("session_delete", {"force": True}),
+                     ("session_mark", {}), ("session_transfer", {}),
+                     ("session_update", {})):
+        with pytest.raises(errors.InvalidArgument, match="protected image"):
+            ops[op](name="protected-a", **args)
+    assert target.image_status("a")["protected"]
+
+
+def test_gateway_connections_count_as_hosts_for_demote_and_rollback(
+        gw_target):
+    """`rsg demote` and `lu rollback` refuse while hosts use the LU: the
+    iSCSI gateway's connection is a host's too (an initiator writes
+    through it)."""
+    t = gw_target
+    t.lu_create("b", size="1M")
+    t.rsg_create("g", ["a"], "1M")
+    t.image_protect("b")
+    conns = [t.connect(_gw("a"), False), t.connect(_gw("b"), False)]
+    try:
+        with pytest.raises(replication.GroupBusy):
+            t.rsg_demote("g")
+        with pytest.raises(service.RollbackRefused):
+            t.image_rollback("b")
+    finally:
+        for conn in conns:
+            t.disconnect(conn)
+    t.image_rollback("b")
+    t.rsg_demote("g")
