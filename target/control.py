@@ -157,7 +157,11 @@ class ControlServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
 
     def dispatch(self, line):
         try:
-            request = json.loads(line)
+            try:
+                request = json.loads(line)
+            except ValueError as e:
+                raise errors.ProtocolError(
+                    reason="invalid JSON: {}".format(e)) from e
             if not isinstance(request, dict):
                 raise errors.ProtocolError(reason="request is not an object")
             op = request.get("op")
@@ -183,9 +187,6 @@ class ControlServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
             return {"ok": False, "error": errors.ControlError(
                 "OSError", "{}{}".format(e.strerror or e, where),
                 e.errno or errno.EIO).to_dict()}
-        except ValueError as e:
-            return {"ok": False, "error": errors.ProtocolError(
-                reason="invalid JSON: {}".format(e)).to_dict()}
         except Exception as e:  # keep serving whatever happens
             log.exception("control operation failed")
             return {"ok": False, "error": errors.Error(

@@ -384,6 +384,10 @@ class Server:
             raise errors.ServerRunning(state_dir=self.state_dir.path,
                                        pid=info.get("pid", "unknown"))
         try:
+            # What a killed server published: while this one starts,
+            # nobody may take it for the running server (`stop` would
+            # signal a pid that may belong to another process by now).
+            fsutil.remove_durably([self.state_dir.serve_info_file])
             # Under the lock, so no command changes them meanwhile: refuse
             # a corrupt or missing inventory before listening.
             self.state_dir.load()

@@ -35,6 +35,18 @@ from . import (backends, clones, errors, fsutil, iostack, iscsi, maps, peer,
 
 log = logging.getLogger("clonectl.target")
 
+
+def _one_change_at_a_time(method):
+    """A Target method that changes the configuration (clone add and
+    remove, session create and delete): each reads what exists, then makes
+    its part (a clone group, a sessions layer) if it is missing, so two must
+    not interleave."""
+    @functools.wraps(method)
+    def locked(self, *args, **kwargs):
+        with self.config_lock:
+            return method(self, *args, **kwargs)
+    return locked
+
 # How long `clone remove` waits for the iSCSI gateway to let go of the
 # clone's export once it is withdrawn: the manager looks at the exports
 # every second (server.ISCSI_POLL) and removes a target in well under one.
@@ -167,6 +179,7 @@ class Target:
         # what is recorded here is an image (never a session of that name).
         self.images = {}
         self.rsgs = {}
+        self.config_lock = threading.RLock()    # _one_change_at_a_time
         self.replica_server = None
         self.recovery_problems = []
         self.rsg_failures = {}  # group name -> why it was not loaded
@@ -298,10 +311,12 @@ class Target:
         return rsg
 
     def _close_rsg(self, rsg):
+        # Out of the volumes' I/O stacks first: no write may reach a
+        # group whose log and maps are closed.
+        rsg.detach()
         rsg.close()
         for lu in rsg.volumes:
             lu.rsg = None
-        rsg.detach()
         self.rsgs.pop(rsg.name, None)
 
     def _volume_change_running(self, vols):
@@ -426,17 +441,20 @@ class Target:
                       "generation": gen, "history": [[gen, 1]],
                       "next_seq": 1, "links": []}
             files.remove_all()
+            rsg = None
             try:
                 rsg = self._open_rsg(files, record)
                 rsg.persist()
-            except OSError as e:
+            except BaseException as e:
+                # Nothing half made: the group (and its layers) closed, its
+                # files gone.
+                if rsg is not None:
+                    self._close_rsg(rsg)
                 files.remove_all()
-                raise replication.ReplicationError(
-                    name=name, reason="its files could not be made in {} "
-                    "(SRL of {} bytes): {}".format(self.rsg_dir, srl,
-                                                   e.strerror)) from e
-            except BaseException:
-                files.remove_all()
+                if isinstance(e, OSError):
+                    raise replication.ReplicationError(
+                        name=name, reason="its files could not be made in "
+                        "{}: {}".format(self.rsg_dir, e.strerror)) from e
                 raise
         return rsg.status()
 
@@ -904,6 +922,8 @@ class Target:
 
     # ------------------------------------------------------------ clones
 
+
+    @_one_change_at_a_time
     def clone_add(self, source, clone, file=None, granularity=None):
         """Add a clone, out-of-sync with every extent dirty.
 
@@ -980,6 +1000,8 @@ class Target:
         self.groups[source] = group
         return group.clone_status(group.clones[clone])
 
+
+    @_one_change_at_a_time
     def clone_remove(self, clone):
         group, c = self._clone(clone)
         source = group.source.name
@@ -1114,8 +1136,17 @@ class Target:
             rsg.persist()
             yield
 
+    @staticmethod
+    def _check_point_in_time(lu):
+        """A point in time of lu may be taken (fracture, mark) only while
+        it is one: a secondary's volume is not while it is inconsistent."""
+        rsg = lu.rsg
+        if rsg is not None and rsg.role == replication.SECONDARY:
+            rsg.check_readable(lu)
+
     def clone_fracture(self, clone):
         group, c = self._working_clone(clone, "fracture")
+        self._check_point_in_time(group.source)
         group.fracture(clone)
         return group.clone_status(c)
 
@@ -1182,6 +1213,8 @@ class Target:
                 reason="LU {!r} is read-only: nothing to track".format(source))
         return lu
 
+
+    @_one_change_at_a_time
     def _create_session(self, lu, name, dest_records, granularity, save_area,
                         token_file=None, image=False):
         granularity = clones.check_granularity(
@@ -1233,6 +1266,8 @@ class Target:
                  len(dest_records))
         return session
 
+
+    @_one_change_at_a_time
     def session_delete(self, name, force=False):
         session = self._session(name)
         if session.marked and not force:
@@ -1281,6 +1316,7 @@ class Target:
 
     def session_mark(self, name, export=False):
         session = self._session(name)
+        self._check_point_in_time(session.source)
         session.mark(export=bool(export),
                      check=lambda: self._check_source_stable(session))
         return session.status()
@@ -1328,6 +1364,8 @@ class Target:
                                        "transfer is already running")
         will_mark = not session.marked and not unmarked and \
             (what == "update" or full)
+        if will_mark:
+            self._check_point_in_time(session.source)
         session.check_transfer(full=full, unmarked=unmarked,
                                will_mark=will_mark)
         clients = self._connect_destinations(session, timeout)

@@ -3,6 +3,7 @@ a command working on the directory), a command reaches the state directory
 through the running server or not at all: never on its own beside it."""
 
 import contextlib
+import json
 import fcntl
 import os
 import subprocess
@@ -178,5 +179,40 @@ def test_commands_during_server_start_up_go_through_the_server(
         rc, out, err = _finish(listing)
         assert rc == 0 and '"c1"' in out, (out, err)
     finally:
+        subprocess.run([CLONECTL, "--state-dir", str(state_dir), "stop"],
+                       timeout=60, capture_output=True)
+
+
+def test_stale_serve_info_is_gone_while_a_new_server_starts(
+        inventory, state_dir, tmp_path, process_guard):
+    """serve.json left by a killed server names a pid that may belong to
+    another process by now: while a new server starts, `stop` must not
+    signal it (nor any command take it for the running server)."""
+    bystander = subprocess.Popen(["sleep", "60"])
+    process_guard.add(bystander.pid)
+    run_dir = state_dir / "run"
+    (run_dir / "serve.json").write_text(json.dumps(
+        {"pid": bystander.pid, "nbdkit_pid": bystander.pid,
+         "control_socket": str(run_dir / "control.sock"),
+         "uri": "nbd+unix:///EXPORT?socket=/nonexistent"}))
+    bindir, mark = _slow_nbdkit(tmp_path)
+    env = {"PATH": "{}:{}".format(bindir, os.environ["PATH"])}
+    srv = _spawn(state_dir, "serve", "--socket", tmp_path / "s.sock",
+                 "--detach", env=env)
+    deadline = time.monotonic() + 30
+    while not mark.exists():
+        assert srv.poll() is None, _finish(srv)
+        assert time.monotonic() < deadline, "nbdkit was not spawned"
+        time.sleep(0.02)
+    stop = subprocess.run([CLONECTL, "--state-dir", str(state_dir), "stop"],
+                          timeout=60, capture_output=True, text=True)
+    try:
+        assert bystander.poll() is None, (stop.stdout, stop.stderr)
+    finally:
+        rc, out, err = _finish(srv)
+        info = status_json(state_dir)["server"]
+        if info:
+            process_guard.add(info["pid"])
+            process_guard.add(info["nbdkit_pid"])
         subprocess.run([CLONECTL, "--state-dir", str(state_dir), "stop"],
                        timeout=60, capture_output=True)

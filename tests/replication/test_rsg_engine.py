@@ -1352,3 +1352,22 @@ def test_secondary_records_a_restore_before_it_changes_anything(
              "the restore", lambda: c.tb.clone_status("snap"))
     c.ta.rsg_attach("g", c.addr)
     c.check_final()
+
+
+def test_no_point_in_time_is_taken_of_an_inconsistent_secondary(
+        cluster_factory):
+    """While a secondary is inconsistent (a replay running or broken off)
+    its volume is no point in time of the primary: a fracture or a session
+    mark there would freeze (and export) that mix; both are refused."""
+    c = cluster_factory()
+    c.wait_converged()
+    synced_clone(c.tb, VOLS[0], "snap")
+    c.ta.rsg_detach("g", c.addr)
+    wait_for(lambda: c.sg.connected_since is None, what="primary gone")
+    c.sg.consistent = False             # a replay broken off by a cut
+    c.sg.reason = "a replay was interrupted"
+    with pytest.raises(R.ReplicaUnavailable):
+        c.tb.clone_fracture("snap")
+    assert clone_state(c.tb, "snap") == "synchronized"
+    c.tb.image_protect(VOLS[1])         # the target's own: allowed
+    c.tb.image_release(VOLS[1])

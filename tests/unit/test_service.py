@@ -502,3 +502,51 @@ def test_gateway_connections_count_as_hosts_for_demote_and_rollback(
             t.disconnect(conn)
     t.image_rollback("b")
     t.rsg_demote("g")
+
+
+def test_rsg_create_whose_record_cannot_be_saved_leaves_nothing(
+        target, monkeypatch):
+    """A group whose record cannot be saved (a full state directory) is
+    not half made: no group, no replication layer on its volume, no files;
+    the same create works once there is space."""
+    real = replication.GroupFiles.save
+
+    def full(files, record):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(replication.GroupFiles, "save", full)
+    with pytest.raises(errors.Error) as e:
+        target.rsg_create("g", ["a"], "1M")
+    assert "No space left on device" in str(e.value)
+    assert "g" not in target.rsgs and target.lus["a"].rsg is None
+    assert target.lus["a"].stack.get("replication") is None
+    assert not os.listdir(target.rsg_dir)
+    monkeypatch.setattr(replication.GroupFiles, "save", real)
+    target.rsg_create("g", ["a"], "1M")
+    assert target.rsgs["g"].role == replication.PRIMARY
+
+
+def test_concurrent_clone_adds_make_one_group(target):
+    """Two `clone add` for one Source at once (two control connections)
+    end in one clone group holding both, as one after the other would."""
+    for round_ in range(5):
+        src = "s{}".format(round_)
+        target.lu_create(src, size="1M")
+        barrier = threading.Barrier(2)
+        errs = []
+
+        def add(name):
+            barrier.wait()
+            try:
+                target.clone_add(src, name)
+            except Exception as e:     # noqa: the test reports it
+                errs.append(e)
+        threads = [threading.Thread(target=add, args=(src + n,))
+                   for n in ("x", "y")]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errs == []
+        group = target.groups[src]
+        assert sorted(group.clones) == [src + "x", src + "y"]
+        assert target.lus[src].stack.get("clones") is group
