@@ -148,6 +148,9 @@ class Watcher:
         self.lock = threading.Lock()
         self.notes = 0              # note() calls so far
         self.noted_at = {}          # key -> self.notes when last noted
+        # Objects first seen in a note: the next snapshot fills in their
+        # other fields without an event.
+        self.partial = set()
         self.wake = threading.Event()
         self.stopped = threading.Event()
         self.thread = None
@@ -162,6 +165,7 @@ class Watcher:
                 self.bus.emit(kind, name, "new", **fields)
                 if self.last is not None:
                     self.last[key] = dict(fields)
+                    self.partial.add(key)
             else:
                 self.bus.emit(kind, name, **fields)
                 old.update(fields)
@@ -186,6 +190,10 @@ class Watcher:
                         now[key] = self.last[key]
                     continue
                 old, new = self.last.get(key), now.get(key)
+                if key in self.partial:
+                    self.partial.discard(key)
+                    if new is not None:
+                        continue
                 if old == new:
                     continue
                 if old is None:

@@ -1,6 +1,8 @@
 """`clonectl events`: the current state, then every change in order."""
 
 import json
+import os
+import signal
 import subprocess
 import threading
 import time
@@ -116,3 +118,43 @@ def test_events_without_a_server_exits_3(clonectl):
     assert proc.returncode == 3, (proc.stdout, proc.stderr)
     assert "no server runs" in proc.stderr
     assert time.monotonic() - start < 10
+
+
+def test_events_of_links_roles_and_a_target_restart(server, clonectl,
+                                                     process_guard, tmp_path):
+    clonectl("lu", "create", "vol", "--size", "2M")
+    clonectl("rsg", "create", "g1", "--volume", "vol", "--srl-size", "1M")
+    token = tmp_path / "token"
+    token.write_text("0123456789abcdef0123\n")
+    token.chmod(0o600)
+    reader = EventReader(server.state_dir, process_guard)
+    try:
+        reader.wait_for(_is("rsg", "g1", change="state", role="primary"),
+                        "g1 state")
+        # Nothing listens there: the link keeps trying.
+        from conftest import free_port
+        secondary = "127.0.0.1:{}".format(free_port())
+        clonectl("rsg", "link", "g1", "--secondary", secondary,
+                 "--token-file", token)
+        link = "g1->" + secondary
+        reader.wait_for(_is("link", link, change="new"), "link added")
+        clonectl("rsg", "detach", "g1", "--secondary", secondary)
+        reader.wait_for(_is("link", link, state="detached",
+                            change="changed"), "link detached")
+        clonectl("rsg", "demote", "g1")
+        reader.wait_for(_is("rsg", "g1", role="secondary",
+                            change="changed"), "g1 demoted")
+        # A new target (nbdkit restarted by the manager) numbers its
+        # events from 1 again: the reader prints the state again.
+        before = len([e for e in reader.events if e["change"] == "state"])
+        os.kill(server.nbdkit_pid, signal.SIGKILL)
+        with reader.cond:
+            assert reader.cond.wait_for(lambda: len(
+                [e for e in reader.events if e["change"] == "state"]) >=
+                2 * before, 30), reader.events
+        server.refresh()
+        clonectl("lu", "create", "after", "--size", "1M")
+        reader.wait_for(_is("lu", "after", change="new"), "LU after")
+    finally:
+        reader.stop()
+    assert reader.proc.returncode == -signal.SIGTERM

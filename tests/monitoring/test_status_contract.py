@@ -80,6 +80,9 @@ def test_status_shows_clones_sessions_and_groups(clonectl, server,
     session = json.loads(clonectl("session", "status", "s1",
                                   "--json").stdout)
     assert iso(session["mark_time"]) == marked
+    text = clonectl("session", "status", "s1").stdout
+    assert "marked at " + marked.strftime("%Y-%m-%dT%H:%M:%SZ") in text, text
+    assert not NOT_IEC.findall(text), NOT_IEC.findall(text)
 
     text = clonectl("status").stdout
     assert re.search(r"^c1\s+src\s+out-of-sync\s+4MiB", text, re.M), text
