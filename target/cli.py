@@ -16,7 +16,8 @@ DEFAULT_STATE_DIR = "/var/lib/clonectl"
 
 
 # Exit statuses (documented in `clonectl status --help`).
-EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NOT_RUNNING, EXIT_DEGRADED = 0, 1, 2, 3, 4
+# 1 is every error (handle_errors), 2 click's usage errors.
+EXIT_OK, EXIT_NOT_RUNNING, EXIT_DEGRADED = 0, 3, 4
 
 
 def _json_out():
@@ -148,7 +149,14 @@ def main(ctx, state_dir):
 
     Every LU is exported under its own name by one server; `nbdinfo --list`
     shows them. Errors are printed on stderr and exit with status 1 (2 for
-    usage errors). Status commands accept --json.
+    usage errors); `clonectl status` also exits 3 when no server runs and 4
+    when something is degraded. Status commands, and every command that
+    changes something, accept --json (sizes in bytes, times ISO 8601 UTC);
+    a command that changes something then prints its error as {"error":
+    ...} on stdout. Human output uses IEC units
+    (KiB, MiB, GiB) and ISO 8601 UTC times. `clonectl events` follows every
+    change; `serve --metrics PORT` serves Prometheus metrics and a status
+    page (docs/monitoring.md).
     """
     ctx.obj = Context(state_dir)
 
@@ -1034,7 +1042,11 @@ def status(ctx, as_json):
 def _clone_row(c):
     op = c.get("operation") or {}
     if op.get("running"):
-        total = op.get("bytes_copied", 0) + c["bytes_dirty"]
+        left = c["bytes_dirty"]
+        if c.get("restore"):
+            left = min(c["size"], c["restore"]["pending_extents"] *
+                       c["granularity"])
+        total = op.get("bytes_copied", 0) + left
         what = "{} {}/{} {}".format(
             op["operation"], units.format_size(op.get("bytes_copied", 0)),
             units.format_size(total), units.format_rate(op.get("rate")))
