@@ -1,6 +1,8 @@
 """clonectl: the manager CLI."""
 
+import contextlib
 import functools
+import io
 import json
 import os
 import sys
@@ -13,23 +15,71 @@ from . import control, errors, server, state, units
 DEFAULT_STATE_DIR = "/var/lib/clonectl"
 
 
-def _fail(message, code=1):
+# Exit statuses (documented in `clonectl status --help`).
+# 1 is every error (handle_errors), 2 click's usage errors.
+EXIT_OK, EXIT_NOT_RUNNING, EXIT_DEGRADED = 0, 3, 4
+
+
+def _json_out():
+    """The stdout of a command run with --json (its text output goes
+    nowhere meanwhile), or None."""
+    cctx = click.get_current_context(silent=True)
+    ctx = cctx.find_object(Context) if cctx else None
+    return ctx.json_out if ctx else None
+
+
+def _fail(message, code=1, error=None):
+    out = _json_out()
+    if out is not None:
+        error = error or errors.Error(reason=message)
+        out.write(json.dumps({"error": {
+            "message": str(message), "errno": error.errno,
+            "type": error.code}}, indent=2, sort_keys=True) + "\n")
+        out.flush()
+        sys.exit(code)
     click.echo("clonectl: error: {}".format(message), err=True)
     sys.exit(code)
 
 
 def handle_errors(func):
     """Turn our errors, and operating system errors, into a message on
-    stderr and exit status 1."""
+    stderr (with --json: an {"error": ...} object on stdout) and exit
+    status 1."""
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         try:
             return func(*args, **kwargs)
         except errors.Error as e:
-            _fail(str(e))
+            _fail(str(e), error=e)
         except OSError as e:
             ctx = click.get_current_context().find_object(Context)
-            _fail(str(os_error(e, ctx.state_dir.path if ctx else None)))
+            err = os_error(e, ctx.state_dir.path if ctx else None)
+            _fail(str(err), error=err)
+    return wrapper
+
+
+def json_result(func):
+    """--json for an action command: print the resulting status object
+    (the last one the target answered) as JSON instead of the text, and
+    errors as {"error": {"message", "errno", "type"}} on stdout, exit 1.
+    Put it above pass_ctx."""
+    @click.option("--json", "as_json", is_flag=True,
+                  help="Print the resulting status object as JSON on stdout "
+                       "instead of text; an error is printed as {\"error\": "
+                       "{\"message\", \"errno\", \"type\"}} on stdout, "
+                       "with exit status 1.")
+    @functools.wraps(func)
+    def wrapper(*args, as_json=False, **kwargs):
+        if not as_json:
+            return func(*args, **kwargs)
+        ctx = click.get_current_context().find_object(Context)
+        ctx.json_out = sys.stdout
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
+                func(*args, **kwargs)
+        finally:
+            ctx.json_out = None
+        _print_json(ctx.last_result if ctx.last_result is not None else {})
     return wrapper
 
 
@@ -51,7 +101,8 @@ def os_error(e, state_dir=None):
 
 
 def _print_json(obj):
-    click.echo(json.dumps(obj, indent=2, sort_keys=True))
+    """JSON for machines: sizes in bytes, times in ISO 8601 UTC."""
+    click.echo(json.dumps(units.iso_times(obj), indent=2, sort_keys=True))
 
 
 def _table(rows, headers):
@@ -67,6 +118,10 @@ def _table(rows, headers):
 class Context:
     def __init__(self, state_dir):
         self.state_dir = state.StateDir(state_dir)
+        # The last object the target answered (what --json prints) and the
+        # real stdout while a command runs with --json.
+        self.last_result = None
+        self.json_out = None
 
 
 pass_ctx = click.make_pass_decorator(Context)
@@ -118,7 +173,14 @@ def main(ctx, state_dir):
 
     Every LU is exported under its own name by one server; `nbdinfo --list`
     shows them. Errors are printed on stderr and exit with status 1 (2 for
-    usage errors). Status commands accept --json.
+    usage errors); `clonectl status` also exits 3 when no server runs and 4
+    when something is degraded. Status commands, and every command that
+    changes something, accept --json (sizes in bytes, times ISO 8601 UTC);
+    a command that changes something then prints its error as {"error":
+    ...} on stdout. Human output uses IEC units
+    (KiB, MiB, GiB) and ISO 8601 UTC times. `clonectl events` follows every
+    change; `serve --metrics PORT` serves Prometheus metrics and a status
+    page (docs/monitoring.md).
     """
     ctx.obj = Context(state_dir)
 
@@ -145,6 +207,7 @@ def lu():
 @click.option("--read-only", is_flag=True,
               help="Export the LU read-only: hosts can read it, every write "
                    "is refused with EPERM.")
+@json_result
 @pass_ctx
 @handle_errors
 def lu_create(ctx, name, size, file, read_only):
@@ -157,6 +220,7 @@ def lu_create(ctx, name, size, file, read_only):
         if info is None:
             record = state.create_lu(ctx.state_dir, name, size=size,
                                      file=file, readonly=read_only)
+            ctx.last_result = {"record": record, "error": None}
         else:
             res = _control_call(ctx, "lu_create", name=name, size=size,
                                 file=os.path.abspath(file) if file else None,
@@ -221,6 +285,7 @@ def lu_list(ctx, as_json):
 
 @lu.command("rollback")
 @click.argument("name")
+@json_result
 @pass_ctx
 @handle_errors
 def lu_rollback(ctx, name):
@@ -239,6 +304,7 @@ def lu_rollback(ctx, name):
 
 @lu.command("delete")
 @click.argument("name")
+@json_result
 @pass_ctx
 @handle_errors
 def lu_delete(ctx, name):
@@ -281,6 +347,7 @@ def lu_delete(ctx, name):
 
     with server.served_or_exclusive(ctx.state_dir) as info:
         record = state.delete_lu(ctx.state_dir, name, check_busy=check_busy)
+    ctx.last_result = {"name": name, "record": record}
     click.echo("deleted LU {}{}".format(
         name, "" if record["owned"] else
         " (backing file {} kept)".format(record["file"])))
@@ -305,8 +372,10 @@ def _control_call(ctx, op, patience=15.0, **args):
     reply_timeout = 30.0 + 4 * float(args.get("timeout") or 0)
     while True:
         try:
-            return control.call(ctx.state_dir.control_socket, op,
-                                reply_timeout=reply_timeout, **args)
+            ctx.last_result = control.call(ctx.state_dir.control_socket, op,
+                                           reply_timeout=reply_timeout,
+                                           **args)
+            return ctx.last_result
         except (OSError, errors.ProtocolError) as e:
             if time.monotonic() > deadline:
                 raise errors.Reported(
@@ -332,7 +401,8 @@ def _target_call(ctx, op, **args):
         from .service import Target
         target = Target(ctx.state_dir.path)
         try:
-            return target.control_operations()[op](**args)
+            ctx.last_result = target.control_operations()[op](**args)
+            return ctx.last_result
         finally:
             target.close()
 
@@ -357,11 +427,11 @@ def _clone_line(st):
     done = st["extents_total"] - _left(st)
     pct = 100.0 * done / st["extents_total"] if st["extents_total"] else 100.0
     return ("{name}: {state}, {pct:.1f}% in sync ({dirty} of {total} extents "
-            "dirty), copied {copied}, {rate}/s, ETA {eta}, collisions {coll}"
+            "dirty), copied {copied}, {rate}, ETA {eta}, collisions {coll}"
             .format(name=st["name"], state=st["state"], pct=pct,
                     dirty=_left(st), total=st["extents_total"],
-                    copied=units.format_size(op.get("bytes_copied", 0)) + "B",
-                    rate=units.format_size(op.get("rate", 0)) + "B",
+                    copied=units.format_size(op.get("bytes_copied", 0)),
+                    rate=units.format_rate(op.get("rate", 0)),
                     eta=_fmt_duration(op.get("eta")),
                     coll=op.get("collisions", 0)))
 
@@ -434,6 +504,7 @@ def clone():
               help="Extent size tracked by one map entry: a power of two from "
                    "2K to 1M (default 64K). Fixed per Source: every clone of "
                    "a Source shares it.")
+@json_result
 @pass_ctx
 @handle_errors
 def clone_add(ctx, source, name, file, granularity):
@@ -451,6 +522,7 @@ def clone_add(ctx, source, name, file, granularity):
 
 @clone.command("remove")
 @click.argument("name")
+@json_result
 @pass_ctx
 @handle_errors
 def clone_remove(ctx, name):
@@ -523,6 +595,7 @@ _RATE_HELP = ("Copy at most this many bytes per second (e.g. 100M) so host "
               help="Wait until synchronized, showing progress; exit 1 if it "
                    "fails.")
 @click.option("--rate", metavar="BYTES", help=_RATE_HELP)
+@json_result
 @pass_ctx
 @handle_errors
 def clone_sync(ctx, name, wait, rate):
@@ -541,6 +614,7 @@ def clone_sync(ctx, name, wait, rate):
 
 @clone.command("fracture")
 @click.argument("name")
+@json_result
 @pass_ctx
 @handle_errors
 def clone_fracture(ctx, name):
@@ -561,6 +635,7 @@ def clone_fracture(ctx, name):
               help="Wait until synchronized, showing progress; exit 1 if it "
                    "fails.")
 @click.option("--rate", metavar="BYTES", help=_RATE_HELP)
+@json_result
 @pass_ctx
 @handle_errors
 def clone_reverse_sync(ctx, name, wait, rate):
@@ -587,6 +662,7 @@ def clone_reverse_sync(ctx, name, wait, rate):
               help="Wait until the restore completes, showing progress; exit "
                    "1 if it fails.")
 @click.option("--rate", metavar="BYTES", help=_RATE_HELP)
+@json_result
 @pass_ctx
 @handle_errors
 def clone_restore(ctx, name, full, wait, rate):
@@ -720,6 +796,14 @@ def clone_restore(ctx, name, full, wait, rate):
 @click.option("--replication-token-file", metavar="FILE",
               help="File holding the shared token (16+ characters) that a "
                    "primary must present; others get nothing.")
+@click.option("--metrics", metavar="[ADDR:]PORT",
+              help="Serve Prometheus metrics at http://ADDR:PORT/metrics and "
+                   "a read-only status page (LUs, clones with a picture of "
+                   "each map, sessions, links, running jobs) at "
+                   "http://ADDR:PORT/. ADDR defaults to 127.0.0.1 (the page "
+                   "shows names and paths: use 0.0.0.0 or an address only "
+                   "where that is fine); e.g. --metrics 9100. See "
+                   "docs/monitoring.md.")
 @pass_ctx
 @handle_errors
 def serve(ctx, socket_path, port, bind, tls_psk, tls_certificates,
@@ -727,7 +811,7 @@ def serve(ctx, socket_path, port, bind, tls_psk, tls_certificates,
           max_per_address, detach, pidfile, thread_model, threads,
           peer_port, peer_bind, peer_token_file, iscsi_portal, iqn_prefix,
           iscsi_allow, replication_port, replication_bind,
-          replication_token_file):
+          replication_token_file, metrics):
     """Serve every LU over NBD until SIGTERM or SIGINT.
 
     One nbdkit server exports every LU under its own name (`nbdinfo --list`).
@@ -805,9 +889,14 @@ def serve(ctx, socket_path, port, bind, tls_psk, tls_certificates,
     elif replication_token_file:
         raise click.UsageError("--replication-token-file needs "
                                "--replication-port")
+    metrics_listen = None
+    if metrics is not None:
+        from . import monitor
+        metrics_listen = monitor.parse_address(metrics)
     srv = server.Server(ctx.state_dir, listen, thread_model=thread_model,
                         threads=threads, pidfile=pidfile, peer=peer_listen,
-                        iscsi=iscsi_conf, replication=replication_conf)
+                        iscsi=iscsi_conf, replication=replication_conf,
+                        metrics=metrics_listen)
     if detach:
         info = server.serve_detached(srv)
         click.echo("serving on {} (pid {})".format(
@@ -828,31 +917,112 @@ def serve(ctx, socket_path, port, bind, tls_psk, tls_certificates,
 @pass_ctx
 @handle_errors
 def stop(ctx):
-    """Stop the server of the state directory (SIGTERM, then wait)."""
-    info = server.stop(ctx.state_dir)
+    """Stop the server of the state directory (SIGTERM, then wait).
+
+    Engines stop where they are (they resume at the next start) and the
+    maps are committed first. Succeeds (exit status 0, "no server runs")
+    when no server runs: the server is stopped either way.
+    """
+    try:
+        info = server.stop(ctx.state_dir)
+    except errors.ServerNotRunning:
+        click.echo("no server runs on {}".format(ctx.state_dir.path))
+        return
     click.echo("stopped server pid {}".format(info["pid"]))
 
 
+def _degraded(st):
+    """Why a status is degraded (exit status 4): a list of reasons."""
+    out = []
+    for lu in st["lus"]:
+        if lu.get("error"):
+            out.append("LU {}: {}".format(lu["name"], lu["error"]))
+    for c in st["clones"]:
+        if c.get("broken"):
+            out.append("clone {} is broken: {}".format(c["name"], c["error"]))
+        elif c.get("error") and c["state"] == "out-of-sync":
+            out.append("clone {} is out-of-sync: {}".format(c["name"],
+                                                           c["error"]))
+    for r in st["rsgs"]:
+        if r.get("loaded") is False:
+            out.append("group {}: {}".format(r["name"], r.get("error")))
+        for l in r.get("links") or []:
+            if l["state"] == "failed":
+                out.append("group {}: link to {} failed{}".format(
+                    r["name"], l["secondary"], ": " + l["error"]
+                    if l.get("error") else ""))
+    for p in st["problems"] or []:
+        what = ", ".join("{} {}".format(k, p[k]) for k in
+                         ("source", "clone", "session", "rsg") if p.get(k))
+        out.append("recovery problem: {}: {}".format(what, p["message"]))
+    return out
+
+
 @main.command()
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print one JSON object: state_dir, server (null when none "
+                   "runs), lus, clones, sessions, rsgs, iscsi, problems, "
+                   "degraded (the reasons for exit status 4). Sizes are "
+                   "bytes, times ISO 8601 UTC strings.")
 @pass_ctx
 @handle_errors
 def status(ctx, as_json):
-    """Show the server and every LU: size, backing, served, connections."""
+    """Show the server, every LU, clone, session and replicated group.
+
+    \b
+    Tables: LUs (size, mode, served, connections, backing), clones (Source,
+    state, dirty bytes, running operation and its progress), sessions
+    (Source, marked since, extents to send, transfer), replicated groups
+    (role, SRL use, each link's state and lag), then recovery problems.
+    Sizes are in IEC units (KiB, MiB, GiB: powers of 1024), times in ISO
+    8601 UTC.
+
+    \b
+    Exit status:
+      0  the server runs and all is well
+      1  error (the status could not be read)
+      2  usage error
+      3  no server runs (the LUs of the inventory are still listed)
+      4  degraded: an LU or a clone that is broken, a clone out-of-sync
+         with an error, a failed replication link, a group that did not
+         load, or recovery problems; the reasons are printed last
+         ("degraded" in --json)
+
+    \b
+    Examples:
+      clonectl status
+      clonectl status --json | jq '.clones[] | {name, state}'
+      clonectl status >/dev/null; echo $?    # for a monitoring check
+    """
     rows, info, problems = _lu_rows(ctx)
+    live = control.try_call(ctx.state_dir.control_socket, "status") \
+        if info else None
+    live = live or {}
     iscsi_targets = None
     if info and info.get("iscsi"):
         from . import iscsi
         iscsi_targets = iscsi.show_status(info["iscsi"]["control_port"])
-    if as_json:
-        _print_json({"state_dir": ctx.state_dir.path, "server": info,
-                     "lus": rows, "iscsi": iscsi_targets,
-                     "problems": problems})
-        return
+    rsgs = []
     if info:
-        click.echo("server: pid {}, listening on {}".format(
+        rsgs = control.try_call(ctx.state_dir.control_socket, "rsg_list") \
+            or []
+    st = {"state_dir": ctx.state_dir.path, "server": info, "lus": rows,
+          "clones": live.get("clones", []),
+          "sessions": live.get("sessions", []), "rsgs": rsgs,
+          "iscsi": iscsi_targets, "problems": problems}
+    st["degraded"] = _degraded(st)
+    code = EXIT_NOT_RUNNING if info is None else \
+        EXIT_DEGRADED if st["degraded"] else EXIT_OK
+    if as_json:
+        _print_json(st)
+        sys.exit(code)
+    if info:
+        click.echo("server: pid {}, listening on {}, started {}{}".format(
             info["pid"], info["socket"] or "{}:{}".format(info["bind"],
-                                                          info["port"])))
+                                                          info["port"]),
+            units.format_time(info.get("started")) or "-",
+            ", metrics on http://{}/".format(info["metrics"])
+            if info.get("metrics") else ""))
     else:
         click.echo("server: not running")
     _table([(r["name"], units.format_size(r["size"]),
@@ -863,10 +1033,24 @@ def status(ctx, as_json):
     for r in rows:
         if r["error"]:
             click.echo("  {}: {}".format(r["name"], r["error"]))
-    for p in problems or []:
-        what = ", ".join("{} {}".format(k, p[k]) for k in
-                         ("source", "clone", "session", "rsg") if p.get(k))
-        click.echo("problem: {}: {}".format(what, p["message"]))
+    if st["clones"]:
+        click.echo()
+        _table([_clone_row(c) for c in st["clones"]],
+               ["CLONE", "SOURCE", "STATE", "DIRTY", "CONNS", "OPERATION"])
+    if st["sessions"]:
+        click.echo()
+        _table([(x["name"], x["source"],
+                 units.format_time(x["mark_time"]) if x["marked"] else "no",
+                 x["extents_to_send"],
+                 "running" if x["transferring"] else
+                 (x["last_transfer"] or {}).get("result", "-"),
+                 len(x["destinations"])) for x in st["sessions"]],
+               ["SESSION", "SOURCE", "MARKED", "TO-SEND", "TRANSFER",
+                "DESTS"])
+    if rsgs:
+        click.echo()
+        for r in rsgs:
+            _print_rsg(r)
     if iscsi_targets is not None:
         click.echo("iSCSI portal {}:".format(info["iscsi"]["portal"]))
         _table([(iqn, t["tid"], len(t["sessions"]), ", ".join(
@@ -874,6 +1058,137 @@ def status(ctx, as_json):
                  for n in t["sessions"]))
                 for iqn, t in sorted(iscsi_targets.items())],
                ["TARGET", "TID", "SESSIONS", "INITIATORS"])
+    for reason in st["degraded"]:
+        click.echo("degraded: " + reason)
+    sys.exit(code)
+
+
+def _clone_row(c):
+    op = c.get("operation") or {}
+    if op.get("running"):
+        left = c["bytes_dirty"]
+        if c.get("restore"):
+            left = min(c["size"], c["restore"]["pending_extents"] *
+                       c["granularity"])
+        total = op.get("bytes_copied", 0) + left
+        what = "{} {}/{} {}".format(
+            op["operation"], units.format_size(op.get("bytes_copied", 0)),
+            units.format_size(total), units.format_rate(op.get("rate")))
+    else:
+        what = "-"
+    return (c["name"], c["source"], c["state"] + (
+            " (broken)" if c.get("broken") else ""),
+            units.format_size(c["bytes_dirty"]), c["connections"], what)
+
+
+# ---------------------------------------------------------------- events
+
+def _event_line(e):
+    fields = " ".join("{}={}".format(k, _event_value(k, v))
+                      for k, v in sorted(e.items())
+                      if k not in ("seq", "time", "kind", "object", "change"))
+    return "{} {} {} {}{}".format(e.get("time") or "-", e["kind"],
+                                  e["object"], e["change"],
+                                  " " + fields if fields else "")
+
+
+def _event_value(key, value):
+    if key in ("bytes_copied", "bytes_sent", "size") and \
+            isinstance(value, int):
+        return units.format_size(value)
+    if key == "rate" and isinstance(value, (int, float)):
+        return units.format_rate(value)
+    if value is None:
+        return "-"
+    text = str(value)
+    return json.dumps(text) if " " in text or not text else text
+
+
+@main.command()
+@click.option("--now", is_flag=True,
+              help="Print the current state as events and exit.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print one JSON object per line (an event), flushed at "
+                   "once: for scripts and log shippers.")
+@pass_ctx
+@handle_errors
+def events(ctx, now, as_json):
+    """Print every state change of the running server, as it happens.
+
+    First the current state, one event per object (change "state"): LUs,
+    clones, running operations, sessions and their transfers, replicated
+    groups and their links, recovery problems. Then, until interrupted
+    (Ctrl-C), every change: clone states (synchronized, fractured,
+    restoring, out-of-sync ...), operation start, progress (about once a
+    second) and end, session mark and unmark, transfer start and end,
+    replication link states, role changes (promote, demote), LUs and
+    clones added or removed, recovery problems.
+
+    \b
+    Each event: seq (its number, counting from the server's start), time
+    (ISO 8601 UTC), kind (lu, clone, operation, session, transfer, rsg,
+    link, problem), object (its name; a link is GROUP->HOST:PORT), change
+    (state, new, changed, removed) and the fields that changed, with their
+    new values. The server keeps the last 4096 events; a reader that falls
+    further behind is told how many it lost. If the server's target
+    restarts, the current state is printed again.
+
+    \b
+    Examples:
+      clonectl events                 # follow, as text
+      clonectl events --now --json    # the state, one JSON object a line
+      clonectl events --json | jq -c 'select(.kind == "clone")'
+
+    \b
+    Exit status: 0 (--now, or interrupted), 1 error, 3 no server runs or
+    the server stopped.
+    """
+    def emit(e):
+        if as_json:
+            click.echo(json.dumps(units.iso_times(e), sort_keys=True))
+        else:
+            click.echo(_event_line(e))
+        sys.stdout.flush()
+
+    def call(**args):
+        try:
+            return control.call(ctx.state_dir.control_socket, "events_since",
+                                reply_timeout=40.0, **args)
+        except (OSError, errors.ProtocolError):
+            return None
+
+    if server.read_serve_info(ctx.state_dir) is None:
+        _fail(str(errors.ServerNotRunning(state_dir=ctx.state_dir.path)),
+              code=EXIT_NOT_RUNNING)
+    try:
+        res = None
+        pid = None
+        while True:
+            if res is None:
+                res = call()
+                if res is None:
+                    if server.read_serve_info(ctx.state_dir) is None:
+                        _fail("the server stopped", code=EXIT_NOT_RUNNING)
+                    time.sleep(0.5)     # the target restarts
+                    continue
+                pid = res.get("pid")
+                for e in res["events"]:
+                    emit(e)
+                if now:
+                    return
+            seq = res["seq"]
+            res = call(seq=seq, timeout=20.0)
+            if res is None or res.get("pid") != pid:
+                res = None      # a new target: its state again
+                continue
+            if res["lost"]:
+                click.echo("clonectl: warning: {} events were lost (the "
+                           "reader fell behind)".format(res["lost"]),
+                           err=True)
+            for e in res["events"]:
+                emit(e)
+    except KeyboardInterrupt:
+        return
 
 
 # ---------------------------------------------------------------- sessions
@@ -908,6 +1223,8 @@ def session():
 
 def _session_line(st):
     marked = "marked" if st["marked"] else "unmarked"
+    if st["marked"] and st.get("mark_time"):
+        marked += " at " + units.format_time(st["mark_time"])
     if st["marked"] and st.get("frozen_export"):
         marked += " (frozen export {})".format(st["frozen_export"])
     tr = st.get("transfer") or {}
@@ -918,8 +1235,10 @@ def _session_line(st):
             units.format_size(st["save_area"]["used_bytes"]),
             units.format_size(st["save_area"]["size"]))
     if st.get("transferring"):
-        line += ", transferring: {} sent, {} MB/s".format(
-            units.format_size(tr.get("bytes_sent", 0)), tr.get("mb_per_s"))
+        seconds = tr.get("seconds") or 0
+        line += ", transferring: {} sent, {}".format(
+            units.format_size(tr.get("bytes_sent", 0)), units.format_rate(
+                tr.get("bytes_sent", 0) / seconds if seconds else 0))
     return line
 
 
@@ -931,12 +1250,15 @@ def _print_session(st):
         click.echo("  recovery: " + p)
     last = st.get("last_transfer")
     if last:
-        click.echo("  last transfer: {}, {} sent, {} zeroed, {} s".format(
-            last["result"], units.format_size(last["bytes_sent"]),
-            units.format_size(last["bytes_zeroed"]), last["seconds"]))
+        click.echo("  last transfer: {}, {} sent, {} zeroed, {} s, finished "
+                   "{}".format(last["result"],
+                               units.format_size(last["bytes_sent"]),
+                               units.format_size(last["bytes_zeroed"]),
+                               last["seconds"],
+                               units.format_time(last.get("finished")) or "-"))
     for d in st["destinations"]:
-        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(
-            d["last_success"])) if d["last_success"] else "never"
+        when = units.format_time(d["last_success"]) if d["last_success"] \
+            else "never"
         click.echo("  -> {}: {}, {} extents pending{}, {} sent, last success "
                    "{}{}".format(d["uri"], d["state"], d["pending_extents"],
                                  " (next transfer is full)" if d["needs_full"]
@@ -992,6 +1314,7 @@ def _wait_transfer(ctx, name):
                    "Default: the Source's size (it can never fill).")
 @click.option("--timeout", default=10.0, show_default=True, metavar="SECONDS",
               help="How long to wait for each destination to answer.")
+@json_result
 @pass_ctx
 @handle_errors
 def session_create(ctx, source, name, dests, peer_dests, peer_token_file,
@@ -1018,6 +1341,7 @@ def session_create(ctx, source, name, dests, peer_dests, peer_token_file,
 @session.command("delete")
 @click.argument("name")
 @click.option("--force", is_flag=True, help="Delete even while marked.")
+@json_result
 @pass_ctx
 @handle_errors
 def session_delete(ctx, name, force):
@@ -1060,7 +1384,7 @@ def session_status(ctx, name, as_json):
 
     Marked or not, extents tracked and still to send, copy-on-first-write
     count, save-area use, the running or last transfer (bytes sent, bytes
-    sent as write-zeroes, MB/s), and per destination: consistent,
+    sent as write-zeroes, bytes per second), and per destination: consistent,
     inconsistent (protected or unprotected while a transfer writes to it),
     pending extents, bytes sent, last success and last error.
     """
@@ -1077,6 +1401,7 @@ def session_status(ctx, name, as_json):
               help="Also serve the frozen image, read-only, as the export "
                    "SOURCE@NAME (every extent's first write then saves its "
                    "old data, not only extents still to send).")
+@json_result
 @pass_ctx
 @handle_errors
 def session_mark(ctx, name, export):
@@ -1096,6 +1421,7 @@ def session_mark(ctx, name, export):
 @click.option("--force", is_flag=True,
               help="Unmark even while the frozen export has connections "
                    "(their reads then fail with ESTALE).")
+@json_result
 @pass_ctx
 @handle_errors
 def session_unmark(ctx, name, force):
@@ -1126,6 +1452,7 @@ _TIMEOUT_HELP = ("Fail a destination that does not answer for this long "
               help="Wait until done, showing progress; exit 1 if it fails.")
 @click.option("--timeout", default=30.0, show_default=True,
               metavar="SECONDS", help=_TIMEOUT_HELP)
+@json_result
 @pass_ctx
 @handle_errors
 def session_transfer(ctx, name, full, unmarked, wait, timeout):
@@ -1155,6 +1482,7 @@ def session_transfer(ctx, name, full, unmarked, wait, timeout):
                    "reported and retried at the next interval.")
 @click.option("--timeout", default=30.0, show_default=True,
               metavar="SECONDS", help=_TIMEOUT_HELP)
+@json_result
 @pass_ctx
 @handle_errors
 def session_update(ctx, name, every, timeout):
@@ -1175,7 +1503,7 @@ def session_update(ctx, name, every, timeout):
             if interval is None:
                 raise
             click.echo("{} update failed: {}".format(
-                time.strftime("%Y-%m-%d %H:%M:%S"),
+                units.format_time(time.time()),
                 e if isinstance(e, errors.Error) else "see above"), err=True)
         if interval is None:
             return
@@ -1240,6 +1568,7 @@ def rsg():
                    "back to its DCM.")
 @click.option("--granularity", metavar="SIZE",
               help="Extent size of the DCMs (default 64K).")
+@json_result
 @pass_ctx
 @handle_errors
 def rsg_create(ctx, name, volumes, srl_size, granularity):
@@ -1252,6 +1581,7 @@ def rsg_create(ctx, name, volumes, srl_size, granularity):
 
 @rsg.command("delete")
 @click.argument("name")
+@json_result
 @pass_ctx
 @handle_errors
 def rsg_delete(ctx, name):
@@ -1274,6 +1604,7 @@ _SECONDARY_OPT = click.option("--secondary", required=True, metavar="HOST:PORT",
                    "has it.")
 @click.option("--token-file", required=True, metavar="FILE",
               help="The token the secondary was started with.")
+@json_result
 @pass_ctx
 @handle_errors
 def rsg_link(ctx, name, secondary, mode, token_file):
@@ -1292,6 +1623,7 @@ def rsg_link(ctx, name, secondary, mode, token_file):
 @rsg.command("unlink")
 @click.argument("name")
 @_SECONDARY_OPT
+@json_result
 @pass_ctx
 @handle_errors
 def rsg_unlink(ctx, name, secondary):
@@ -1303,6 +1635,7 @@ def rsg_unlink(ctx, name, secondary):
 @rsg.command("detach")
 @click.argument("name")
 @_SECONDARY_OPT
+@json_result
 @pass_ctx
 @handle_errors
 def rsg_detach(ctx, name, secondary):
@@ -1318,6 +1651,7 @@ def rsg_detach(ctx, name, secondary):
               help="After a split brain: this node wins; the secondary's "
                    "diverged regions are overwritten (only those, and this "
                    "node's changes since its promotion, are copied).")
+@json_result
 @pass_ctx
 @handle_errors
 def rsg_attach(ctx, name, secondary, discard_secondary_changes):
@@ -1332,6 +1666,7 @@ def rsg_attach(ctx, name, secondary, discard_secondary_changes):
 @click.argument("name")
 @click.option("--force", is_flag=True,
               help="Promote even an inconsistent secondary.")
+@json_result
 @pass_ctx
 @handle_errors
 def rsg_promote(ctx, name, force):
@@ -1348,6 +1683,7 @@ def rsg_promote(ctx, name, force):
 
 @rsg.command("demote")
 @click.argument("name")
+@json_result
 @pass_ctx
 @handle_errors
 def rsg_demote(ctx, name):
@@ -1366,8 +1702,8 @@ def _print_rsg(st):
         click.echo("  files: " + (", ".join(st["files"]) or "none"))
         return
     if st["role"] == "primary":
-        click.echo("{}: primary, generation {}, update {}, SRL {} of {} used "
-                   "({}%), activity log {} region(s)".format(
+        click.echo("{}: primary, generation {}, last update #{}, SRL {} of {} "
+                   "used ({}%), activity log {} region(s) of 4MiB".format(
                        st["name"], st["generation"], st["last_seq"],
                        units.format_size(st["srl"]["used"]),
                        units.format_size(st["srl"]["size"]),
@@ -1385,11 +1721,12 @@ def _print_rsg(st):
                 extra = ", {} extents in DCM".format(l["dcm_extents"])
             lag = "-" if l["lag_updates"] is None else "{} updates, {}".format(
                 l["lag_updates"], units.format_size(l["lag_bytes"]))
-            click.echo("  -> {} ({}): {}, lag {}{}{}".format(
+            click.echo("  -> {} ({}): {}, lag {}{}, sent {}{}".format(
                 l["secondary"], l["mode"], l["state"], lag, extra,
+                units.format_size(l.get("bytes_sent") or 0),
                 ", error: " + l["error"] if l["error"] else ""))
     else:
-        click.echo("{}: secondary of {}, {}, applied update {}{}".format(
+        click.echo("{}: secondary of {}, {}, applied update #{}{}".format(
             st["name"], st["primary"] or "-", "consistent" if st["consistent"]
             else "INCONSISTENT ({})".format(st["reason"]), st["applied_seq"],
             ", connected" if st["connected"] else ""))

@@ -347,8 +347,11 @@ class Server:
 
     def __init__(self, state_dir, listen, thread_model=None, threads=None,
                  pidfile=None, out=None, peer=None, iscsi=None,
-                 replication=None):
+                 replication=None, metrics=None):
         self.state_dir = state_dir
+        # (bind, port) of the metrics and status page listener, or None.
+        self.metrics = metrics
+        self.monitor = None
         # dict(portal=(host, port), iqn_prefix=..., allow={...}) or None.
         self.iscsi = iscsi
         self.gateway = None
@@ -493,6 +496,8 @@ class Server:
             info["peer"] = "{}:{}".format(self.peer[0], self.peer[1])
         if self.replication is not None:
             info["replication"] = "{}:{}".format(*self.replication[:2])
+        if self.monitor is not None:
+            info["metrics"] = self.monitor.address
         if self.gateway is not None:
             info["iscsi"] = {
                 "portal": "{}:{}".format(*self.gateway.portal),
@@ -526,6 +531,12 @@ class Server:
                      .format(given, nofile))
         try:
             self.acquire()
+            if self.metrics is not None:
+                # Bound before nbdkit starts: a port in use fails the start
+                # at once.
+                from .monitor import Monitor
+                self.monitor = Monitor(self.metrics[0], self.metrics[1],
+                                       self.state_dir.control_socket)
             if self.iscsi is not None:
                 from . import iscsi
                 self.gateway_secret = iscsi.make_secret(
@@ -539,6 +550,8 @@ class Server:
                 self.peer_server.start()
             if self.iscsi is not None:
                 self._start_gateway()
+            if self.monitor is not None:
+                self.monitor.start()
             info = self.publish()
             if ready:
                 ready(info)
@@ -624,6 +637,9 @@ class Server:
             self.proc.wait()
 
     def _cleanup(self):
+        if self.monitor is not None:
+            self.monitor.stop()
+            self.monitor = None
         if self.peer_server is not None:
             self.peer_server.stop()
             self.peer_server = None

@@ -30,8 +30,8 @@ import os
 import threading
 import time
 
-from . import (backends, clones, errors, fsutil, iostack, iscsi, maps, peer,
-               replication, sessions, state, units)
+from . import (backends, clones, errors, events, fsutil, iostack, iscsi, maps,
+               peer, replication, sessions, state, units)
 
 log = logging.getLogger("clonectl.target")
 
@@ -51,6 +51,18 @@ def _one_change_at_a_time(method):
 # clone's export once it is withdrawn: the manager looks at the exports
 # every second (server.ISCSI_POLL) and removes a target in well under one.
 GATEWAY_LET_GO_TIMEOUT = 10.0
+
+# clone_map: the cells of a picture by default and at most, and the kind of
+# extent each code means.
+MAP_CELLS = 2048
+MAP_CELLS_MAX = 1 << 20
+_MAP_KINDS = {0: "clean", 1: "dirty", 2: "pending", 3: "protected"}
+
+# Control operations that change nothing (the others make the event
+# watcher look for what they changed).
+_READ_ONLY_OPS = {"ping", "status", "export_modes", "clone_list",
+                  "clone_status", "session_list", "session_status",
+                  "image_status", "rsg_list", "rsg_status"}
 
 
 class LogicalUnit:
@@ -184,6 +196,12 @@ class Target:
         self.recovery_problems = []
         self.rsg_failures = {}  # group name -> why it was not loaded
         self.rsg_dir = os.path.join(self.state_dir.path, "rsg")
+        # Every state change, for `clonectl events` (target/events.py):
+        # emitted from the engines' persist callbacks, the rest found by
+        # the watcher started with the engines.
+        self.events = events.EventBus()
+        self.watcher = None
+        self._session_seen = {}
         self.reload()
         self._load_rsgs()
 
@@ -212,6 +230,37 @@ class Target:
         for rsg in self.rsgs.values():
             if rsg.role == replication.PRIMARY:
                 rsg.start()
+        self.watcher = events.Watcher(self.events, self.status)
+        self.watcher.start()
+
+    def events_since(self, seq=None, timeout=10.0):
+        """Events after seq, waiting up to timeout seconds (at most 25)
+        for one; without seq, the current state as events and the number
+        to follow from."""
+        if seq is None:
+            out = {"seq": self.events.seq, "lost": 0,
+                   "events": events.state_events(self.status())}
+        else:
+            out = self.events.since(int(seq), min(float(timeout), 25.0))
+        out["pid"] = os.getpid()    # a new target counts from 0 again
+        return out
+
+    def _changed(self, kind, name, **fields):
+        if self.watcher is not None:
+            self.watcher.note(kind, name, fields)
+        else:
+            self.events.emit(kind, name, **fields)
+
+    def _poking(self, op):
+        """op, followed by a look for the changes it made (events)."""
+        @functools.wraps(op)
+        def run(**args):
+            try:
+                return op(**args)
+            finally:
+                if self.watcher is not None:
+                    self.watcher.poke()
+        return run
 
     # ------------------------------------------------------------ replication
 
@@ -687,6 +736,9 @@ class Target:
                                        "message": problem})
 
     def _open_session(self, lu, name, rec, image=False):
+        self._session_seen[name] = (
+            {"marked": rec["marked"], "error": rec.get("error"),
+             "export": rec.get("export", False)}, rec.get("last_transfer"))
         save_path = self._save_area_path(lu.name, name)
         backend = backends.FileBackend(save_path)
         try:
@@ -733,7 +785,26 @@ class Target:
                 doc = self.state_dir.load()
                 doc["lus"][source].setdefault("sessions", {})[name] = record
                 self.state_dir.save(doc)
+            self._session_persisted(name, record)
         return persist
+
+    def _session_persisted(self, name, record):
+        """Events of a session's record: marked or not, its error, and
+        the end of a transfer (the record keeps the last one)."""
+        seen = {"marked": record.get("marked"), "error": record.get("error"),
+                "export": record.get("export")}
+        last = record.get("last_transfer")
+        before = self._session_seen.get(name)
+        self._session_seen[name] = (seen, last)
+        if before is None:
+            return
+        changed = {k: v for k, v in seen.items() if before[0].get(k) != v}
+        if changed:
+            self._changed("session", name, **changed)
+        if last and last != before[1]:
+            self._changed("transfer", name, result=last.get("result"),
+                          bytes_sent=last.get("bytes_sent"),
+                          transferring=False)
 
     def _persist_clone(self, source):
         def persist(name, clone_state, error=None, rate=None):
@@ -744,6 +815,7 @@ class Target:
                 rec["error"] = error
                 rec["rate"] = rate
                 self.state_dir.save(doc)
+            self._changed("clone", name, state=clone_state, error=error)
         return persist
 
     def _retire(self, lu):
@@ -1072,6 +1144,44 @@ class Target:
                     for n, g in sorted(self.groups.items())
                     if source is None or n == source
                     for _, c in sorted(g.clones.items())]
+
+    def clone_map(self, clone, cells=MAP_CELLS):
+        """The picture of clone's map, compactly: per kind of extent the
+        runs [start, end) in extents.  Kinds: clean, dirty (differs from the
+        Source); during a protected restore pending (still to copy to the
+        Source) and protected (written by hosts, never copied over).  A map
+        of more than cells extents is folded: each run then covers whole
+        cells of `scale` extents and a cell shows its most notable kind."""
+        group, c = self._clone(clone)
+        cells = max(1, min(int(cells), MAP_CELLS_MAX))
+        with group.cond:
+            delta = bytes(c.delta)
+            restoring = group.restoring is c
+            prm = bytes(group.prm) if restoring else None
+        n = len(delta)
+        if restoring:
+            # 0 clean, 2 pending (in the Delta Map, not in the PRM),
+            # 3 protected (in the PRM).
+            codes = bytes((3 if p else d * 2) for d, p in zip(delta, prm))
+        else:
+            codes = delta
+        counts = {k: codes.count(code) for code, k in _MAP_KINDS.items()}
+        scale = max(1, -(-n // cells))
+        if scale > 1:
+            codes = bytes(max(codes[i:i + scale]) for i in range(0, n, scale))
+        runs = {k: [] for k in _MAP_KINDS.values()}
+        start = 0
+        for i in range(1, len(codes) + 1):
+            if i == len(codes) or codes[i] != codes[start]:
+                runs[_MAP_KINDS[codes[start]]].append(
+                    [start * scale, min(i * scale, n)])
+                start = i
+        for k in ("dirty",) if restoring else ("pending", "protected"):
+            del runs[k], counts[k]
+        return {"name": c.name, "source": group.source.name,
+                "state": c.state, "extents": n,
+                "granularity": group.granularity, "scale": scale,
+                "counts": counts, "runs": runs}
 
     def clone_status(self, clone):
         group, c = self._clone(clone)
@@ -1589,7 +1699,7 @@ class Target:
 
     def control_operations(self):
         """The operations the control socket offers: name -> callable."""
-        return {
+        ops = {
             "ping": lambda: {"pid": os.getpid()},
             "status": self.status,
             "reload": lambda: {"exports": self.reload()},
@@ -1627,6 +1737,11 @@ class Target:
             "rsg_demote": self.rsg_demote,
             "prepare_stop": self.prepare_stop,
         }
+        ops = {name: op if name in _READ_ONLY_OPS else self._poking(op)
+               for name, op in ops.items()}
+        ops.update({"events_since": self.events_since,
+                    "clone_map": self.clone_map})
+        return ops
 
     def prepare_stop(self):
         """Stop engines (they resume at the next start) and commit maps."""
@@ -1647,6 +1762,8 @@ class Target:
         return {}
 
     def close(self):
+        if self.watcher is not None:
+            self.watcher.stop()
         if self.replica_server is not None:
             self.replica_server.stop()
         for rsg in list(self.rsgs.values()):

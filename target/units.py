@@ -1,5 +1,12 @@
-"""Parsing and printing of sizes and names given by users."""
+"""Parsing and printing of sizes, times and names given by users.
 
+Humans read sizes in IEC units (KiB, MiB, GiB: powers of 1024, which is what
+every size here is) and times in ISO 8601, UTC; JSON carries sizes in bytes
+and times as ISO 8601 strings (iso_times converts a status object at the
+boundary, so internal records keep their epoch floats).
+"""
+
+import datetime
 import re
 
 from . import errors
@@ -85,14 +92,66 @@ def parse_lu_size(value):
 
 
 def format_size(n):
-    """1073741824 -> '1G', 1536 -> '1.5K' (for humans; --json prints bytes)."""
-    for unit, factor in (("P", 1 << 50), ("T", 1 << 40), ("G", 1 << 30),
-                         ("M", 1 << 20), ("K", 1 << 10)):
+    """1073741824 -> '1GiB', 1536 -> '1.5KiB', 100 -> '100B' (for humans;
+    --json prints bytes).  parse_size reads it back."""
+    for unit, factor in (("PiB", 1 << 50), ("TiB", 1 << 40),
+                         ("GiB", 1 << 30), ("MiB", 1 << 20),
+                         ("KiB", 1 << 10)):
         if n >= factor:
             value = n / factor
             text = "{:.1f}".format(value).rstrip("0").rstrip(".")
             return text + unit
-    return str(n)
+    return "{}B".format(int(n))
+
+
+def format_rate(n):
+    """Bytes per second for humans: '12.5MiB/s'."""
+    return format_size(n or 0) + "/s"
+
+
+def format_time(t):
+    """An epoch time (or an ISO 8601 string) as ISO 8601 UTC to the second,
+    e.g. '2026-12-04T14:04:20Z'; None stays None."""
+    if t is None:
+        return None
+    if isinstance(t, str):
+        try:
+            when = datetime.datetime.fromisoformat(t.replace("Z", "+00:00"))
+        except ValueError:
+            return t
+        if when.tzinfo is None:
+            return t
+    else:
+        when = datetime.datetime.fromtimestamp(t, datetime.timezone.utc)
+    return when.astimezone(datetime.timezone.utc).strftime(
+        "%Y-%m-%dT%H:%M:%SZ")
+
+
+def iso_time(t):
+    """An epoch time as ISO 8601 UTC with milliseconds (for JSON: exact
+    enough to order two events, and still sorted as text)."""
+    if t is None or isinstance(t, str):
+        return t
+    return datetime.datetime.fromtimestamp(
+        t, datetime.timezone.utc).isoformat(timespec="milliseconds") \
+        .replace("+00:00", "Z")
+
+
+# Fields of status objects that hold an epoch time internally.
+TIME_FIELDS = frozenset({"mark_time", "last_success", "connected_since",
+                         "since", "started", "finished", "time"})
+
+
+def iso_times(obj):
+    """A copy of a status object (dicts and lists) with every TIME_FIELDS
+    value that is an epoch number turned into an ISO 8601 string."""
+    if isinstance(obj, dict):
+        return {k: iso_time(v) if k in TIME_FIELDS and
+                isinstance(v, (int, float)) and not isinstance(v, bool)
+                else iso_times(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [iso_times(v) for v in obj]
+    return obj
 
 
 def check_name(name):

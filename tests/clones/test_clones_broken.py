@@ -3,6 +3,7 @@ the Source's other clones and every other LU are still served, the broken
 clone keeps its delta map (no write is mirrored to a missing file), and it
 can be removed."""
 
+import json
 import os
 
 import pytest
@@ -28,7 +29,9 @@ def test_missing_clone_file_does_not_stop_the_server(clone_env):
     rows = {r["name"]: r for r in env.clone_list()}
     assert rows["c1"]["broken"] and "c1.img" in rows["c1"]["error"], rows
     assert not rows["c2"]["broken"] and rows["c2"]["error"] is None, rows
-    st = env.cli_json("status")
+    proc = env.cli("status", "--json", check=False)
+    assert proc.returncode == 4, proc.stdout    # degraded: a broken clone
+    st = json.loads(proc.stdout)
     assert any(p.get("clone") == "c1" and "c1.img" in p["message"]
                for p in st["problems"]), st
     assert {lu["name"]: lu["served"] for lu in st["lus"]} == \

@@ -362,8 +362,12 @@ def test_status_of_lu_whose_backing_vanished(clonectl, tmp_path,
     lu = _lu_status(state_dir, "goes")
     assert lu["served"] is False
     assert str(f) in lu["error"]
-    text = run_clonectl(state_dir, "status").stdout
+    proc = run_clonectl(state_dir, "status", check=False)
+    # An LU that cannot be served degrades the status (exit status 4).
+    assert proc.returncode == 4, proc.stdout + proc.stderr
+    text = proc.stdout
     assert "error" in text and str(f) in text
+    assert "degraded: LU goes" in text, text
     with pytest.raises(nbd.Error):
         nbd_connect(srv.socket, "goes")
     assert nbd_connect(srv.socket, "stays").get_size() == MiB

@@ -73,12 +73,45 @@ def test_parse_lu_size_rejects_bad_sizes(text):
 
 
 @pytest.mark.parametrize("n, text", [
-    (0, "0"), (1, "1"), (1023, "1023"), (1024, "1K"), (1536, "1.5K"),
-    (64 << 20, "64M"), (1 << 30, "1G"), (3 << 29, "1.5G"), (1 << 40, "1T"),
-    (1 << 50, "1P"),
+    (0, "0B"), (1, "1B"), (1023, "1023B"), (1024, "1KiB"), (1536, "1.5KiB"),
+    (64 << 20, "64MiB"), (1 << 30, "1GiB"), (3 << 29, "1.5GiB"),
+    (1 << 40, "1TiB"), (1 << 50, "1PiB"),
 ])
 def test_format_size(n, text):
+    """IEC units, read back by parse_size (whole units exactly)."""
     assert units.format_size(n) == text
+    if n and "." not in text:
+        assert units.parse_size(text) == n
+
+
+def test_format_rate():
+    assert units.format_rate(3 << 19) == "1.5MiB/s"
+    assert units.format_rate(None) == "0B/s"
+
+
+def test_format_time_is_iso_8601_utc():
+    assert units.format_time(0) == "1970-01-01T00:00:00Z"
+    assert units.format_time(1800000000.75) == "2027-01-15T08:00:00Z"
+    assert units.format_time("2026-12-04T14:09:41+00:00") == \
+        "2026-12-04T14:09:41Z"
+    assert units.format_time("2026-12-04T15:09:41+01:00") == \
+        "2026-12-04T14:09:41Z"
+    assert units.format_time(None) is None
+
+
+def test_iso_times_converts_epoch_fields_only():
+    st = {"mark_time": 1800000000.5, "size": 1800000000, "started": "x",
+          "destinations": [{"last_success": 0, "last_error": None}],
+          "last_transfer": {"finished": None, "seconds": 12.5},
+          "connected_since": True}
+    assert units.iso_times(st) == {
+        "mark_time": "2027-01-15T08:00:00.500Z", "size": 1800000000,
+        "started": "x",
+        "destinations": [{"last_success": "1970-01-01T00:00:00.000Z",
+                          "last_error": None}],
+        "last_transfer": {"finished": None, "seconds": 12.5},
+        "connected_since": True}
+    assert st["mark_time"] == 1800000000.5     # a copy: the original stays
 
 
 @pytest.mark.parametrize("name", [
