@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -179,6 +180,32 @@ def closed_by_server(sock, timeout):
         return True
     except socket.timeout:
         return False
+
+
+def closed_while_trickling(sock, data, timeout, interval=0.2):
+    """Send data a byte every interval (a slow client) until the other end
+    closes sock; return how many seconds that took, or None if it did not
+    close it within timeout."""
+    stop = threading.Event()
+
+    def trickle():
+        try:
+            for byte in data:
+                if stop.wait(interval):
+                    return
+                sock.send(bytes([byte]))
+        except OSError:
+            pass
+    th = threading.Thread(target=trickle, daemon=True)
+    t0 = time.monotonic()
+    th.start()
+    try:
+        if not closed_by_server(sock, timeout):
+            return None
+        return time.monotonic() - t0
+    finally:
+        stop.set()
+        th.join()
 
 
 def proc_status(pid, field):

@@ -1086,6 +1086,26 @@ def hold_engines(monkeypatch):
     return release
 
 
+def detached_secondary_with_snapshot(cluster_factory):
+    """A cluster whose secondary has a fractured clone "snap" of v1 taken
+    while detached, v1 rewritten by the primary since, and the link
+    detached again (the secondary may change its volume on its own)."""
+    c = cluster_factory()
+    c.write(0, 0, b"\x01" * SIZES[0])
+    c.wait_converged()
+    c.ta.rsg_detach("g", c.addr)
+    wait_for(lambda: c.sg.connected_since is None, what="primary gone")
+    synced_clone(c.tb, VOLS[0], "snap")
+    c.tb.clone_fracture("snap")
+    c.ta.rsg_attach("g", c.addr)        # the primary comes back ...
+    c.wait_converged()
+    c.write(0, 0, b"\x02" * SIZES[0])  # ... and writes
+    c.wait_converged()
+    c.ta.rsg_detach("g", c.addr)
+    wait_for(lambda: c.sg.connected_since is None, what="primary gone")
+    return c
+
+
 def clone_image(t, name):
     group, clone = t._clone(name)
     buf = bytearray(group.size)
@@ -1163,19 +1183,7 @@ def test_primary_refused_while_secondary_restores(cluster_factory,
     """A restore on a detached secondary changes its volume on its own; a
     primary that connects meanwhile is refused (it retries) until the
     restore ends, then replays what the restore changed."""
-    c = cluster_factory()
-    c.write(0, 0, b"\x01" * SIZES[0])
-    c.wait_converged()
-    c.ta.rsg_detach("g", c.addr)
-    wait_for(lambda: c.sg.connected_since is None, what="primary gone")
-    synced_clone(c.tb, VOLS[0], "snap")
-    c.tb.clone_fracture("snap")
-    c.ta.rsg_attach("g", c.addr)        # the primary comes back ...
-    c.wait_converged()
-    c.write(0, 0, b"\x02" * SIZES[0])  # ... and writes
-    c.wait_converged()
-    c.ta.rsg_detach("g", c.addr)
-    wait_for(lambda: c.sg.connected_since is None, what="primary gone")
+    c = detached_secondary_with_snapshot(cluster_factory)
     release = hold_engines(monkeypatch)
     c.tb.clone_restore("snap")
     assert clone_state(c.tb, "snap") == "restoring"
@@ -1324,18 +1332,7 @@ def test_secondary_records_a_restore_before_it_changes_anything(
     """The regions a restore on a detached secondary changes are saved in
     its record before the restore starts: a crash right after the start
     must not lose them (the primary copies exactly them back)."""
-    c = cluster_factory()
-    c.write(0, 0, b"\x01" * SIZES[0])
-    c.wait_converged()
-    c.ta.rsg_detach("g", c.addr)
-    wait_for(lambda: c.sg.connected_since is None, what="primary gone")
-    synced_clone(c.tb, VOLS[0], "snap")
-    c.tb.clone_fracture("snap")
-    c.ta.rsg_attach("g", c.addr)
-    c.write(0, 0, b"\x02" * SIZES[0])
-    c.wait_converged()
-    c.ta.rsg_detach("g", c.addr)
-    wait_for(lambda: c.sg.connected_since is None, what="primary gone")
+    c = detached_secondary_with_snapshot(cluster_factory)
     sg = c.sg
     seen = []
     persist = sg.persist

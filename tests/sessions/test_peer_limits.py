@@ -10,12 +10,12 @@ once the idle clients are gone.
 
 import json
 import socket
-import threading
 import time
 
 import pytest
 
-from conftest import closed_by_server, free_port, proc_status, run_clonectl
+from conftest import (closed_by_server, closed_while_trickling, free_port,
+                      proc_status, run_clonectl)
 from target import peer
 
 TOKEN = "s3cret-token-0123456789"
@@ -85,25 +85,10 @@ def test_idle_peer_is_closed_after_the_request_timeout(peer_server):
 def test_trickled_peer_request_is_closed_at_the_deadline(peer_server):
     srv = peer_server(request_timeout=1.0)
     s = socket.create_connection(srv.server_address, timeout=5)
-    stop = threading.Event()
-
-    def trickle():
-        try:
-            for _ in range(100):
-                if stop.wait(0.2):
-                    return
-                s.send(b" ")
-        except OSError:
-            pass
-    th = threading.Thread(target=trickle, daemon=True)
-    th.start()
     try:
-        t0 = time.monotonic()
-        assert closed_by_server(s, 8.0)
-        assert time.monotonic() - t0 < 4.0
+        took = closed_while_trickling(s, b" " * 100, 8.0)
+        assert took is not None and took < 4.0, took
     finally:
-        stop.set()
-        th.join()
         s.close()
 
 
