@@ -127,7 +127,7 @@ def main(ctx, state_dir):
 
 @main.group()
 def lu():
-    """Create, list and delete Source LUs."""
+    """Create, list, resize and delete Source LUs."""
 
 
 @lu.command("create")
@@ -244,46 +244,68 @@ def lu_rollback(ctx, name):
 def lu_delete(ctx, name):
     """Delete the LU NAME.
 
-    Refused while a running server exports it (stop the server first) or
-    while it has clones or sessions (remove them first). A
-    backing file that clonectl created is removed; a file given with --file
-    is kept.
-    """
-    def check_busy(name, record):
-        if record.get("clones"):
-            raise errors.LUBusy(
-                name=name, reason="it has clones ({}); remove them first with "
-                "`clonectl clone remove`".format(", ".join(sorted(
-                    record["clones"]))))
-        if record.get("sessions"):
-            raise errors.LUBusy(
-                name=name, reason="it has sessions ({}); delete them first "
-                "with `clonectl session delete`".format(", ".join(sorted(
-                    record["sessions"]))))
-        rsg_dir = os.path.join(ctx.state_dir.path, "rsg")
-        for fn in sorted(os.listdir(rsg_dir)) if os.path.isdir(rsg_dir) \
-                else []:
-            if fn.endswith(".json") and not fn.startswith("."):
-                try:
-                    with open(os.path.join(rsg_dir, fn)) as f:
-                        vols = [v.get("lu") for v in json.load(f)["volumes"]]
-                except (OSError, ValueError, KeyError, TypeError):
-                    continue
-                if name in vols:
-                    raise errors.LUBusy(
-                        name=name, reason="it is a volume of replicated group "
-                        "{}; delete the group first with `clonectl rsg "
-                        "delete`".format(fn[:-5]))
-        if info is not None:
-            raise errors.LUBusy(
-                name=name, reason="it is served by the running server (pid "
-                "{}); stop it first with `clonectl stop`".format(info["pid"]))
+    Works while a server runs: the LU stops being exported and the other
+    LUs keep serving. Refused while hosts are connected to it (disconnect
+    them first) or while it has clones, sessions or belongs to a
+    replicated group (remove those first). A backing file that clonectl
+    created is removed; a file given with --file is kept.
 
+    Exit status: 0 when deleted, 1 when refused (nothing changed).
+    """
     with server.served_or_exclusive(ctx.state_dir) as info:
-        record = state.delete_lu(ctx.state_dir, name, check_busy=check_busy)
+        if info is None:
+            def check_busy(name, record):
+                reason = state.lu_user(ctx.state_dir, name, record)
+                if reason:
+                    raise errors.LUBusy(name=name, reason=reason)
+            record = state.delete_lu(ctx.state_dir, name,
+                                     check_busy=check_busy)
+        else:
+            record = _control_call(ctx, "lu_delete", name=name)["record"]
     click.echo("deleted LU {}{}".format(
         name, "" if record["owned"] else
         " (backing file {} kept)".format(record["file"])))
+
+
+@lu.command("resize")
+@click.argument("name")
+@click.option("--size", metavar="SIZE", required=True,
+              help="The new size: bytes or a number with K, M, G, T, P "
+                   "(powers of 1024), a multiple of 512, larger than the "
+                   "current size.")
+@pass_ctx
+@handle_errors
+def lu_resize(ctx, name, size):
+    """Grow the LU NAME to SIZE.
+
+    Only growing is supported. A backing file (made by clonectl or given
+    with --file) is extended and the new part reads as zeros; a block
+    device must already have the new size (grow it first). Works while a
+    server runs: NBD connections opened afterwards see the new size;
+    connections already open keep the old size until they reconnect, and
+    an iSCSI target of the LU keeps its size until the server restarts.
+    Refused for an LU with clones, sessions or in a replicated group (their
+    copies and maps have the LU's size): remove them, resize, add them
+    again.
+
+    Example: clonectl lu resize disk --size 20G
+
+    Exit status: 0 when resized, 1 when refused (nothing changed).
+    """
+    with server.served_or_exclusive(ctx.state_dir) as info:
+        if info is None:
+            def check_busy(name, record):
+                reason = state.lu_user(ctx.state_dir, name, record)
+                if reason:
+                    raise errors.LUResizeRefused(name=name, reason=reason)
+            old, record = state.resize_lu(ctx.state_dir, name, size,
+                                          check_busy=check_busy)
+            old_size = old["size"]
+        else:
+            res = _control_call(ctx, "lu_resize", name=name, size=size)
+            old_size, record = res["old_size"], res["record"]
+    click.echo("resized LU {} from {} to {}".format(
+        name, units.format_size(old_size), units.format_size(record["size"])))
 
 
 # ---------------------------------------------------------------- clone
