@@ -1443,3 +1443,67 @@ def rsg_status(ctx, name, as_json):
 
 if __name__ == "__main__":
     main()
+
+
+# ---------------------------------------------------------------- maps
+
+def _print_map(res, as_json):
+    if as_json:
+        _print_json(res)
+        return
+    # The columns of `nbdinfo --map`: offset, length, what the run is.
+    for offset, length, kind in res["runs"]:
+        click.echo("{:>20} {:>20}  {}".format(offset, length, kind))
+
+
+@clone.command("map")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True,
+              help='Print {"granularity", "size", "runs": [[offset, length, '
+                   'kind], ...]} and the clone\'s name, source and state.')
+@pass_ctx
+@handle_errors
+def clone_map(ctx, name, as_json):
+    """Print which extents of clone NAME differ from its Source.
+
+    One line per run of extents of one kind, like `nbdinfo --map`: offset
+    and length in bytes, then the kind: clean (the clone holds what the
+    Source holds) or dirty (they differ: a sync copies it, a reverse sync
+    copies it back). While the clone restores the Source, pending extents
+    are still to be copied to the Source; dirty ones were written by a host
+    since the restore began (they are never copied and differ from the
+    clone afterwards); clean ones are the same on both (restored already
+    or never different). Runs are whole extents of the group's
+    granularity; the last ends at the LU's size.
+
+    Example: clonectl clone map c1
+
+    Exit status: 0, or 1 if there is no such clone.
+    """
+    _print_map(_target_call(ctx, "clone_map", clone=name), as_json)
+
+
+@session.command("map")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True,
+              help='Print {"granularity", "size", "runs": [[offset, length, '
+                   'kind], ...]} and the session\'s name, source and '
+                   'whether it is marked.')
+@pass_ctx
+@handle_errors
+def session_map(ctx, name, as_json):
+    """Print the Source extents that session NAME tracks, sends and saved.
+
+    One line per run of extents of one kind, like `nbdinfo --map`: offset
+    and length in bytes, then the kind: clean, or one or more of changed
+    (written since the mark: the next transfer sends it), transfer (part of
+    the marked image and still to send) and saved (its marked data is in
+    the save area because a host wrote it since the mark), separated by
+    commas. Runs are whole extents of the session's granularity; the last
+    ends at the LU's size.
+
+    Example: clonectl session map nightly
+
+    Exit status: 0, or 1 if there is no such session.
+    """
+    _print_map(_target_call(ctx, "session_map", name=name), as_json)

@@ -1093,6 +1093,26 @@ class CloneGroup:
                                           self.engine.is_alive())
         return st
 
+    def clone_map(self, clone):
+        """The clone's extents as runs: clean/dirty (differs from the
+        Source).  While it restores the Source: pending (still to copy),
+        dirty (written by a host since the restore began: never copied,
+        it differs from the clone once the restore ends) or clean (the
+        same on both: restored already, or never different; the map does
+        not keep which)."""
+        with self.cond:
+            delta = bytes(clone.delta)
+            prm = bytes(self.prm) if clone is self.restoring else None
+        if prm is None:
+            names = {0: "clean", 1: "dirty"}
+            code = delta
+        else:
+            names = {0: "clean", 1: "pending", 2: "dirty", 3: "dirty"}
+            code = maps.combine(delta, prm)
+        return {"granularity": self.granularity, "size": self.size,
+                "runs": maps.kind_runs(code, self.granularity, self.size,
+                                       names)}
+
     def stop_engine(self):
         """Stop a running engine; its state stays, so it resumes later."""
         if self.engine is not None:

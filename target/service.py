@@ -1085,6 +1085,22 @@ class Target:
         with self.lock:
             return self._with_gateway(group.clone_status(c), c.export)
 
+    def clone_map(self, clone):
+        """{"granularity", "size", "runs": [[offset, length, kind], ...]}
+        of the clone's extents (CloneGroup.clone_map says the kinds)."""
+        group, c = self._clone(clone)
+        out = group.clone_map(c)
+        out.update(name=clone, source=group.source.name, state=c.state)
+        return out
+
+    def session_map(self, name):
+        """The same for a session's maps (Session.map_runs)."""
+        session = self._session(name)
+        out = session.map_runs()
+        out.update(name=name, source=session.source.name,
+                   marked=session.marked)
+        return out
+
     def _working_clone(self, name, event):
         group, c = self._clone(name)
         if c.broken:
@@ -1571,6 +1587,7 @@ class Target:
             "clone_remove": self.clone_remove,
             "clone_list": self.clone_list,
             "clone_status": self.clone_status,
+            "clone_map": self.clone_map,
             "clone_sync": self.clone_sync,
             "clone_reverse_sync": self.clone_reverse_sync,
             "clone_fracture": self.clone_fracture,
@@ -1579,6 +1596,7 @@ class Target:
             "session_delete": self.session_delete,
             "session_list": self.session_list,
             "session_status": self.session_status,
+            "session_map": self.session_map,
             "session_mark": self.session_mark,
             "session_unmark": self.session_unmark,
             "session_transfer": self.session_transfer,

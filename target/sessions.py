@@ -777,6 +777,29 @@ class Session:
                     "last_error": d.last_error})
             return out
 
+    # What each bit of a map_runs code means (bits: changed, transfer,
+    # saved); the kind of a run is the names of its bits.
+    MAP_KINDS = ("changed", "transfer", "saved")
+
+    def map_runs(self):
+        """The Source's extents as runs, for `session map`: changed (since
+        the mark, or since the session was made: the next transfer's),
+        transfer (frozen extents still to send) and saved (old data in the
+        save area), comma-separated when several apply, else clean."""
+        with self.cond:
+            changed = bytes(self.tracking.bits)
+            transfer = bytes(self.transfer) if self.marked \
+                else bytes(self.extents)
+            saved = bytearray(self.extents)
+            for extent in self.save.slots:
+                saved[extent] = 1
+        code = maps.combine(changed, transfer, saved)
+        names = {v: ",".join(k for i, k in enumerate(self.MAP_KINDS)
+                             if v >> i & 1) or "clean" for v in range(8)}
+        return {"granularity": self.granularity, "size": self.size,
+                "runs": maps.kind_runs(code, self.granularity, self.size,
+                                       names)}
+
     def close(self):
         engine = self.engine
         if engine is not None:
