@@ -8,7 +8,7 @@ import time
 
 import click
 
-from . import control, errors, server, state, units
+from . import control, errors, progress, server, state, units
 
 DEFAULT_STATE_DIR = "/var/lib/clonectl"
 
@@ -388,43 +388,15 @@ def _clone_line(st):
                     coll=op.get("collisions", 0)))
 
 
-def _follow(fetch, progress, line, running):
-    """Poll fetch() every 0.5 s until running(status) is false, showing a
-    progress bar on a terminal (progress(status) = (done, total)) and a
-    line every 10 s otherwise; return the last status."""
-    tty = sys.stdout.isatty()
-    last = None
-    while True:
-        st = fetch()
-        if tty:
-            done, total = progress(st)
-            total = total or 1
-            width = 30
-            bar = "#" * (width * max(0, done) // total)
-            click.echo("\r[{:<{w}}] {}".format(bar, line(st), w=width)
-                       + " " * 5, nl=False)
-        elif last is None or time.monotonic() - last >= 10:
-            click.echo(line(st))
-            last = time.monotonic()
-        if not running(st):
-            break
-        time.sleep(0.5)
-    if tty:
-        click.echo()
-    return st
-
-
 def _wait(ctx, name, target_state):
     """Follow an operation until it ends; exit 1 unless target_state."""
-    st = _follow(
+    st = progress.follow(
         lambda: _control_call(ctx, "clone_status", patience=60.0, clone=name),
-        lambda st: (st["extents_total"] - _left(st), st["extents_total"]),
-        _clone_line,
+        progress.clone_job,
         lambda st: (st.get("operation") or {}).get("running"))
     if st["state"] != target_state:
         _fail("clone {} is {}{}".format(
             name, st["state"], ": " + st["error"] if st.get("error") else ""))
-    click.echo(_clone_line(st))
 
 
 @main.group()
@@ -940,7 +912,9 @@ def _session_line(st):
             units.format_size(st["save_area"]["used_bytes"]),
             units.format_size(st["save_area"]["size"]))
     if st.get("transferring"):
-        line += ", transferring: {} sent, {} MB/s".format(
+        job = progress.transfer_job(st)
+        line += ", transferring: {:.1f}% ({} of {}), {} sent, {} MB/s".format(
+            job.percent, progress.iec(job.done), progress.iec(job.total),
             units.format_size(tr.get("bytes_sent", 0)), tr.get("mb_per_s"))
     return line
 
@@ -969,15 +943,10 @@ def _print_session(st):
 
 def _wait_transfer(ctx, name):
     """Follow a transfer until it ends; exit 1 unless it completed."""
-    def progress(st):
-        tr = st.get("transfer") or {}
-        total = tr.get("extents_total") or 0
-        return total - tr.get("extents_left", 0), total
-
-    st = _follow(
+    st = progress.follow(
         lambda: _control_call(ctx, "session_status", patience=60.0,
                               name=name),
-        progress, _session_line, lambda st: st.get("transferring"))
+        progress.transfer_job, lambda st: st.get("transferring"))
     result = (st.get("last_transfer") or {}).get("result", "unknown")
     if result != "completed":
         _fail("session {}: transfer {}".format(name, result))
@@ -1507,3 +1476,58 @@ def session_map(ctx, name, as_json):
     Exit status: 0, or 1 if there is no such session.
     """
     _print_map(_target_call(ctx, "session_map", name=name), as_json)
+
+
+# ---------------------------------------------------------------- wait
+
+# The state a clone's operation leaves it in when it succeeds.
+_SUCCEEDED = {"sync": "synchronized", "reverse-sync": "synchronized",
+              "restore": "fractured"}
+
+
+@main.command("wait")
+@click.argument("name")
+@pass_ctx
+@handle_errors
+def wait_job(ctx, name):
+    """Follow the job of clone or session NAME until it ends.
+
+    The job is a clone's sync, reverse sync or protected restore, or a
+    session's transfer or update, started earlier (for example without
+    --wait, or by another admin). Shows the same progress as --wait: bytes
+    done of this job's total, percentage, rate and time left; on a terminal
+    one line rewritten in place, otherwise a line every 5 seconds and a
+    last line when the job ends. If the job has already ended, its result
+    is reported at once.
+
+    Example: clonectl clone sync c1; clonectl wait c1
+
+    Exit status: 0 when the job succeeded, 1 when it failed (the error is
+    printed), when NAME has never run a job, or when there is no clone or
+    session of that name. Needs a running server.
+    """
+    if server.read_serve_info(ctx.state_dir) is None:
+        raise errors.ServerNotRunning(state_dir=ctx.state_dir.path)
+    try:
+        st = _control_call(ctx, "clone_status", clone=name)
+    except errors.ControlError as e:
+        if e.code != "UnknownClone":
+            raise
+        st = None
+    if st is not None:
+        op = st.get("operation")
+        if not op:
+            _fail("clone {} has run no sync, reverse sync or restore since "
+                  "the server started (it is {})".format(name, st["state"]))
+        _wait(ctx, name, _SUCCEEDED[op["operation"]])
+        return
+    try:
+        st = _control_call(ctx, "session_status", name=name)
+    except errors.ControlError as e:
+        if e.code != "UnknownSession":
+            raise
+        _fail("no clone or session named {!r}".format(name))
+    if not st.get("transfer") and not st.get("last_transfer"):
+        _fail("session {} has run no transfer since the server started"
+              .format(name))
+    _wait_transfer(ctx, name)
