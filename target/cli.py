@@ -704,6 +704,15 @@ def clone_restore(ctx, name, full, wait, rate):
               help="Initiator names allowed to log in (to EXPORT only, or to "
                    "every target); repeatable. Without it only loopback "
                    "initiators (127.0.0.1, ::1) may log in.")
+@click.option("--iscsi-chap", metavar="USER:SECRETFILE",
+              help="Initiators must log in with CHAP as USER with the secret "
+                   "in SECRETFILE (one line, 12-255 characters, the file "
+                   "mode 0600 or it is refused); every target gets the "
+                   "account.")
+@click.option("--iscsi-chap-mutual", metavar="USER:SECRETFILE",
+              help="Mutual CHAP: the target also proves itself to the "
+                   "initiator as USER with this secret (which must differ "
+                   "from the --iscsi-chap one). Needs --iscsi-chap.")
 @click.option("--replication-port", type=click.IntRange(1, 65535),
               metavar="N",
               help="Be a replication secondary: accept updates of replicated "
@@ -720,8 +729,8 @@ def serve(ctx, socket_path, port, bind, tls_psk, tls_certificates,
           tls_verify_peer, allow, allow_export, max_connections,
           max_per_address, detach, pidfile, thread_model, threads,
           peer_port, peer_bind, peer_token_file, iscsi_portal, iqn_prefix,
-          iscsi_allow, replication_port, replication_bind,
-          replication_token_file):
+          iscsi_allow, iscsi_chap, iscsi_chap_mutual, replication_port,
+          replication_bind, replication_token_file):
     """Serve every LU over NBD until SIGTERM or SIGINT.
 
     One nbdkit server exports every LU under its own name (`nbdinfo --list`).
@@ -733,7 +742,11 @@ def serve(ctx, socket_path, port, bind, tls_psk, tls_certificates,
     With --iscsi-portal every LU and fractured clone is also an iSCSI target
     named PREFIX+NAME with one LUN (LUN 1), added and removed as exports come
     and go; read-only LUs are read-only targets. SIGTERM stops tgtd, then
-    unmounts the nbdfuse mounts, then stops nbdkit.
+    unmounts the nbdfuse mounts, then stops nbdkit. --iscsi-chap makes
+    initiators log in with CHAP (one-way); adding --iscsi-chap-mutual makes
+    the target prove itself to them too (mutual). The secret files must be
+    mode 0600; the secrets are passed to tgtd through tgtadm's command line
+    for the moment tgtadm runs (see docs/operations.md).
 
     Access over TCP: --tls-psk or --tls-certificates make TLS mandatory
     (clients without it get nothing, not even the export list), and
@@ -784,9 +797,23 @@ def serve(ctx, socket_path, port, bind, tls_psk, tls_certificates,
         iscsi_conf = {"portal": iscsi.parse_portal(iscsi_portal),
                       "iqn_prefix": iqn_prefix,
                       "allow": iscsi.parse_allow(iscsi_allow)}
-    elif iqn_prefix or iscsi_allow:
-        raise click.UsageError("--iqn-prefix and --iscsi-allow need "
-                               "--iscsi-portal")
+        if iscsi_chap_mutual and not iscsi_chap:
+            raise click.UsageError("--iscsi-chap-mutual needs --iscsi-chap")
+        if iscsi_chap:
+            iscsi_conf["chap"] = iscsi.parse_chap(iscsi_chap, "--iscsi-chap")
+        if iscsi_chap_mutual:
+            iscsi_conf["chap_mutual"] = iscsi.parse_chap(
+                iscsi_chap_mutual, "--iscsi-chap-mutual")
+            if iscsi.read_chap_secret(iscsi_conf["chap"][1]) == \
+                    iscsi.read_chap_secret(iscsi_conf["chap_mutual"][1]):
+                # RFC 3720 8.2.1: one secret both ways lets a rogue
+                # target replay the initiator's own answer.
+                raise errors.InvalidArgument(
+                    reason="--iscsi-chap and --iscsi-chap-mutual must use "
+                           "different secrets")
+    elif iqn_prefix or iscsi_allow or iscsi_chap or iscsi_chap_mutual:
+        raise click.UsageError("--iqn-prefix, --iscsi-allow and "
+                               "--iscsi-chap need --iscsi-portal")
     replication_conf = None
     if replication_port is not None:
         if not replication_token_file:
