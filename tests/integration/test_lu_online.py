@@ -112,3 +112,16 @@ def test_resize_offline(clonectl, state_dir):
     assert (state_dir / "lus" / "a.img").read_bytes()[:4] == b"kept"
     rows = json.loads(clonectl("lu", "list", "--json").stdout)
     assert rows[0]["size"] == 2 * MiB
+
+
+def test_resize_and_delete_of_a_replicated_volume_are_refused(clonectl,
+                                                              state_dir):
+    clonectl("lu", "create", "v", "--size", "1M")
+    clonectl("rsg", "create", "g", "--volume", "v", "--srl-size", "1M")
+    for args, what in ((("lu", "resize", "v", "--size", "2M"), "resized"),
+                       (("lu", "delete", "v"), "deleted")):
+        proc = clonectl(*args, check=False)
+        assert proc.returncode == 1
+        assert "cannot be {}".format(what) in proc.stderr
+        assert "replicated group g" in proc.stderr
+    assert (state_dir / "lus" / "v.img").stat().st_size == MiB
