@@ -122,7 +122,8 @@ def parse_chap(value, option):
     user, sep, path = str(value).partition(":")
     if not sep or not user or not path:
         raise errors.InvalidArgument(
-            reason="invalid {} {!r}: use USER:SECRETFILE".format(option, value))
+            reason="invalid {} {!r}: use USER:SECRETFILE".format(
+                option, value))
     if not user.isprintable() or any(c.isspace() for c in user) or \
             len(user) > 255:
         raise errors.InvalidArgument(
