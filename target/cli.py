@@ -10,7 +10,7 @@ import time
 
 import click
 
-from . import control, errors, server, state, units
+from . import control, errors, progress, server, state, units
 
 DEFAULT_STATE_DIR = "/var/lib/clonectl"
 
@@ -189,7 +189,7 @@ def main(ctx, state_dir):
 
 @main.group()
 def lu():
-    """Create, list and delete Source LUs."""
+    """Create, list, resize and delete Source LUs."""
 
 
 @lu.command("create")
@@ -310,47 +310,69 @@ def lu_rollback(ctx, name):
 def lu_delete(ctx, name):
     """Delete the LU NAME.
 
-    Refused while a running server exports it (stop the server first) or
-    while it has clones or sessions (remove them first). A
-    backing file that clonectl created is removed; a file given with --file
-    is kept.
-    """
-    def check_busy(name, record):
-        if record.get("clones"):
-            raise errors.LUBusy(
-                name=name, reason="it has clones ({}); remove them first with "
-                "`clonectl clone remove`".format(", ".join(sorted(
-                    record["clones"]))))
-        if record.get("sessions"):
-            raise errors.LUBusy(
-                name=name, reason="it has sessions ({}); delete them first "
-                "with `clonectl session delete`".format(", ".join(sorted(
-                    record["sessions"]))))
-        rsg_dir = os.path.join(ctx.state_dir.path, "rsg")
-        for fn in sorted(os.listdir(rsg_dir)) if os.path.isdir(rsg_dir) \
-                else []:
-            if fn.endswith(".json") and not fn.startswith("."):
-                try:
-                    with open(os.path.join(rsg_dir, fn)) as f:
-                        vols = [v.get("lu") for v in json.load(f)["volumes"]]
-                except (OSError, ValueError, KeyError, TypeError):
-                    continue
-                if name in vols:
-                    raise errors.LUBusy(
-                        name=name, reason="it is a volume of replicated group "
-                        "{}; delete the group first with `clonectl rsg "
-                        "delete`".format(fn[:-5]))
-        if info is not None:
-            raise errors.LUBusy(
-                name=name, reason="it is served by the running server (pid "
-                "{}); stop it first with `clonectl stop`".format(info["pid"]))
+    Works while a server runs: the LU stops being exported and the other
+    LUs keep serving. Refused while hosts are connected to it (disconnect
+    them first) or while it has clones, sessions or belongs to a
+    replicated group (remove those first). A backing file that clonectl
+    created is removed; a file given with --file is kept.
 
+    Exit status: 0 when deleted, 1 when refused (nothing changed).
+    """
     with server.served_or_exclusive(ctx.state_dir) as info:
-        record = state.delete_lu(ctx.state_dir, name, check_busy=check_busy)
+        if info is None:
+            def check_busy(name, record):
+                reason = state.lu_user(ctx.state_dir, name, record)
+                if reason:
+                    raise errors.LUBusy(name=name, reason=reason)
+            record = state.delete_lu(ctx.state_dir, name,
+                                     check_busy=check_busy)
+        else:
+            record = _control_call(ctx, "lu_delete", name=name)["record"]
     ctx.last_result = {"name": name, "record": record}
     click.echo("deleted LU {}{}".format(
         name, "" if record["owned"] else
         " (backing file {} kept)".format(record["file"])))
+
+
+@lu.command("resize")
+@click.argument("name")
+@click.option("--size", metavar="SIZE", required=True,
+              help="The new size: bytes or a number with K, M, G, T, P "
+                   "(powers of 1024), a multiple of 512, larger than the "
+                   "current size.")
+@pass_ctx
+@handle_errors
+def lu_resize(ctx, name, size):
+    """Grow the LU NAME to SIZE.
+
+    Only growing is supported. A backing file (made by clonectl or given
+    with --file) is extended and the new part reads as zeros; a block
+    device must already have the new size (grow it first). Works while a
+    server runs: NBD connections opened afterwards see the new size;
+    connections already open keep the old size until they reconnect, and
+    an iSCSI target of the LU keeps its size until the server restarts.
+    Refused for an LU with clones, sessions or in a replicated group (their
+    copies and maps have the LU's size): remove them, resize, add them
+    again.
+
+    Example: clonectl lu resize disk --size 20G
+
+    Exit status: 0 when resized, 1 when refused (nothing changed).
+    """
+    with server.served_or_exclusive(ctx.state_dir) as info:
+        if info is None:
+            def check_busy(name, record):
+                reason = state.lu_user(ctx.state_dir, name, record)
+                if reason:
+                    raise errors.LUResizeRefused(name=name, reason=reason)
+            old, record = state.resize_lu(ctx.state_dir, name, size,
+                                          check_busy=check_busy)
+            old_size = old["size"]
+        else:
+            res = _control_call(ctx, "lu_resize", name=name, size=size)
+            old_size, record = res["old_size"], res["record"]
+    click.echo("resized LU {} from {} to {}".format(
+        name, units.format_size(old_size), units.format_size(record["size"])))
 
 
 # ---------------------------------------------------------------- clone
@@ -436,43 +458,15 @@ def _clone_line(st):
                     coll=op.get("collisions", 0)))
 
 
-def _follow(fetch, progress, line, running):
-    """Poll fetch() every 0.5 s until running(status) is false, showing a
-    progress bar on a terminal (progress(status) = (done, total)) and a
-    line every 10 s otherwise; return the last status."""
-    tty = sys.stdout.isatty()
-    last = None
-    while True:
-        st = fetch()
-        if tty:
-            done, total = progress(st)
-            total = total or 1
-            width = 30
-            bar = "#" * (width * max(0, done) // total)
-            click.echo("\r[{:<{w}}] {}".format(bar, line(st), w=width)
-                       + " " * 5, nl=False)
-        elif last is None or time.monotonic() - last >= 10:
-            click.echo(line(st))
-            last = time.monotonic()
-        if not running(st):
-            break
-        time.sleep(0.5)
-    if tty:
-        click.echo()
-    return st
-
-
 def _wait(ctx, name, target_state):
     """Follow an operation until it ends; exit 1 unless target_state."""
-    st = _follow(
+    st = progress.follow(
         lambda: _control_call(ctx, "clone_status", patience=60.0, clone=name),
-        lambda st: (st["extents_total"] - _left(st), st["extents_total"]),
-        _clone_line,
+        progress.clone_job,
         lambda st: (st.get("operation") or {}).get("running"))
     if st["state"] != target_state:
         _fail("clone {} is {}{}".format(
             name, st["state"], ": " + st["error"] if st.get("error") else ""))
-    click.echo(_clone_line(st))
 
 
 @main.group()
@@ -786,6 +780,15 @@ def clone_restore(ctx, name, full, wait, rate):
               help="Initiator names allowed to log in (to EXPORT only, or to "
                    "every target); repeatable. Without it only loopback "
                    "initiators (127.0.0.1, ::1) may log in.")
+@click.option("--iscsi-chap", metavar="USER:SECRETFILE",
+              help="Initiators must log in with CHAP as USER with the secret "
+                   "in SECRETFILE (one line, 12-255 characters, the file "
+                   "mode 0600 or it is refused); every target gets the "
+                   "account.")
+@click.option("--iscsi-chap-mutual", metavar="USER:SECRETFILE",
+              help="Mutual CHAP: the target also proves itself to the "
+                   "initiator as USER with this secret (which must differ "
+                   "from the --iscsi-chap one). Needs --iscsi-chap.")
 @click.option("--replication-port", type=click.IntRange(1, 65535),
               metavar="N",
               help="Be a replication secondary: accept updates of replicated "
@@ -810,8 +813,8 @@ def serve(ctx, socket_path, port, bind, tls_psk, tls_certificates,
           tls_verify_peer, allow, allow_export, max_connections,
           max_per_address, detach, pidfile, thread_model, threads,
           peer_port, peer_bind, peer_token_file, iscsi_portal, iqn_prefix,
-          iscsi_allow, replication_port, replication_bind,
-          replication_token_file, metrics):
+          iscsi_allow, iscsi_chap, iscsi_chap_mutual, replication_port,
+          replication_bind, replication_token_file, metrics):
     """Serve every LU over NBD until SIGTERM or SIGINT.
 
     One nbdkit server exports every LU under its own name (`nbdinfo --list`).
@@ -823,7 +826,11 @@ def serve(ctx, socket_path, port, bind, tls_psk, tls_certificates,
     With --iscsi-portal every LU and fractured clone is also an iSCSI target
     named PREFIX+NAME with one LUN (LUN 1), added and removed as exports come
     and go; read-only LUs are read-only targets. SIGTERM stops tgtd, then
-    unmounts the nbdfuse mounts, then stops nbdkit.
+    unmounts the nbdfuse mounts, then stops nbdkit. --iscsi-chap makes
+    initiators log in with CHAP (one-way); adding --iscsi-chap-mutual makes
+    the target prove itself to them too (mutual). The secret files must be
+    mode 0600; the secrets are passed to tgtd through tgtadm's command line
+    for the moment tgtadm runs (see docs/operations.md).
 
     Access over TCP: --tls-psk or --tls-certificates make TLS mandatory
     (clients without it get nothing, not even the export list), and
@@ -874,9 +881,23 @@ def serve(ctx, socket_path, port, bind, tls_psk, tls_certificates,
         iscsi_conf = {"portal": iscsi.parse_portal(iscsi_portal),
                       "iqn_prefix": iqn_prefix,
                       "allow": iscsi.parse_allow(iscsi_allow)}
-    elif iqn_prefix or iscsi_allow:
-        raise click.UsageError("--iqn-prefix and --iscsi-allow need "
-                               "--iscsi-portal")
+        if iscsi_chap_mutual and not iscsi_chap:
+            raise click.UsageError("--iscsi-chap-mutual needs --iscsi-chap")
+        if iscsi_chap:
+            iscsi_conf["chap"] = iscsi.parse_chap(iscsi_chap, "--iscsi-chap")
+        if iscsi_chap_mutual:
+            iscsi_conf["chap_mutual"] = iscsi.parse_chap(
+                iscsi_chap_mutual, "--iscsi-chap-mutual")
+            if iscsi.read_chap_secret(iscsi_conf["chap"][1]) == \
+                    iscsi.read_chap_secret(iscsi_conf["chap_mutual"][1]):
+                # RFC 3720 8.2.1: one secret both ways lets a rogue
+                # target replay the initiator's own answer.
+                raise errors.InvalidArgument(
+                    reason="--iscsi-chap and --iscsi-chap-mutual must use "
+                           "different secrets")
+    elif iqn_prefix or iscsi_allow or iscsi_chap or iscsi_chap_mutual:
+        raise click.UsageError("--iqn-prefix, --iscsi-allow and "
+                               "--iscsi-chap need --iscsi-portal")
     replication_conf = None
     if replication_port is not None:
         if not replication_token_file:
@@ -1235,10 +1256,12 @@ def _session_line(st):
             units.format_size(st["save_area"]["used_bytes"]),
             units.format_size(st["save_area"]["size"]))
     if st.get("transferring"):
-        seconds = tr.get("seconds") or 0
-        line += ", transferring: {} sent, {}".format(
+        job = progress.transfer_job(st)
+        line += ", transferring: {:.1f}% ({} of {}), {} sent, {}".format(
+            job.percent, units.format_size(job.done),
+            units.format_size(job.total),
             units.format_size(tr.get("bytes_sent", 0)), units.format_rate(
-                tr.get("bytes_sent", 0) / seconds if seconds else 0))
+                job.rate))
     return line
 
 
@@ -1269,15 +1292,10 @@ def _print_session(st):
 
 def _wait_transfer(ctx, name):
     """Follow a transfer until it ends; exit 1 unless it completed."""
-    def progress(st):
-        tr = st.get("transfer") or {}
-        total = tr.get("extents_total") or 0
-        return total - tr.get("extents_left", 0), total
-
-    st = _follow(
+    st = progress.follow(
         lambda: _control_call(ctx, "session_status", patience=60.0,
                               name=name),
-        progress, _session_line, lambda st: st.get("transferring"))
+        progress.transfer_job, lambda st: st.get("transferring"))
     result = (st.get("last_transfer") or {}).get("result", "unknown")
     if result != "completed":
         _fail("session {}: transfer {}".format(name, result))
@@ -1758,3 +1776,122 @@ def rsg_status(ctx, name, as_json):
 
 if __name__ == "__main__":
     main()
+
+
+# ---------------------------------------------------------------- maps
+
+def _print_map(res, as_json):
+    if as_json:
+        _print_json(res)
+        return
+    # The columns of `nbdinfo --map`: offset, length, what the run is.
+    for offset, length, kind in res["runs"]:
+        click.echo("{:>20} {:>20}  {}".format(offset, length, kind))
+
+
+@clone.command("map")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True,
+              help='Print {"granularity", "size", "runs": [[offset, length, '
+                   'kind], ...]} and the clone\'s name, source and state.')
+@pass_ctx
+@handle_errors
+def clone_map(ctx, name, as_json):
+    """Print which extents of clone NAME differ from its Source.
+
+    One line per run of extents of one kind, like `nbdinfo --map`: offset
+    and length in bytes, then the kind: clean (the clone holds what the
+    Source holds) or dirty (they differ: a sync copies it, a reverse sync
+    copies it back). While the clone restores the Source, pending extents
+    are still to be copied to the Source; dirty ones were written by a host
+    since the restore began (they are never copied and differ from the
+    clone afterwards); clean ones are the same on both (restored already
+    or never different). Runs are whole extents of the group's
+    granularity; the last ends at the LU's size.
+
+    Example: clonectl clone map c1
+
+    Exit status: 0, or 1 if there is no such clone.
+    """
+    _print_map(_target_call(ctx, "clone_map", clone=name), as_json)
+
+
+@session.command("map")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True,
+              help='Print {"granularity", "size", "runs": [[offset, length, '
+                   'kind], ...]} and the session\'s name, source and '
+                   'whether it is marked.')
+@pass_ctx
+@handle_errors
+def session_map(ctx, name, as_json):
+    """Print the Source extents that session NAME tracks, sends and saved.
+
+    One line per run of extents of one kind, like `nbdinfo --map`: offset
+    and length in bytes, then the kind: clean, or one or more of changed
+    (written since the mark: the next transfer sends it), transfer (part of
+    the marked image and still to send) and saved (its marked data is in
+    the save area because a host wrote it since the mark), separated by
+    commas. Runs are whole extents of the session's granularity; the last
+    ends at the LU's size.
+
+    Example: clonectl session map nightly
+
+    Exit status: 0, or 1 if there is no such session.
+    """
+    _print_map(_target_call(ctx, "session_map", name=name), as_json)
+
+
+# ---------------------------------------------------------------- wait
+
+# The state a clone's operation leaves it in when it succeeds.
+_SUCCEEDED = {"sync": "synchronized", "reverse-sync": "synchronized",
+              "restore": "fractured"}
+
+
+@main.command("wait")
+@click.argument("name")
+@pass_ctx
+@handle_errors
+def wait_job(ctx, name):
+    """Follow the job of clone or session NAME until it ends.
+
+    The job is a clone's sync, reverse sync or protected restore, or a
+    session's transfer or update, started earlier (for example without
+    --wait, or by another admin). Shows the same progress as --wait: bytes
+    done of this job's total, percentage, rate and time left; on a terminal
+    one line rewritten in place, otherwise a line every 5 seconds and a
+    last line when the job ends. If the job has already ended, its result
+    is reported at once.
+
+    Example: clonectl clone sync c1; clonectl wait c1
+
+    Exit status: 0 when the job succeeded, 1 when it failed (the error is
+    printed), when NAME has never run a job, or when there is no clone or
+    session of that name. Needs a running server.
+    """
+    if server.read_serve_info(ctx.state_dir) is None:
+        raise errors.ServerNotRunning(state_dir=ctx.state_dir.path)
+    try:
+        st = _control_call(ctx, "clone_status", clone=name)
+    except errors.ControlError as e:
+        if e.code != "UnknownClone":
+            raise
+        st = None
+    if st is not None:
+        op = st.get("operation")
+        if not op:
+            _fail("clone {} has run no sync, reverse sync or restore since "
+                  "the server started (it is {})".format(name, st["state"]))
+        _wait(ctx, name, _SUCCEEDED[op["operation"]])
+        return
+    try:
+        st = _control_call(ctx, "session_status", name=name)
+    except errors.ControlError as e:
+        if e.code != "UnknownSession":
+            raise
+        _fail("no clone or session named {!r}".format(name))
+    if not st.get("transfer") and not st.get("last_transfer"):
+        _fail("session {} has run no transfer since the server started"
+              .format(name))
+    _wait_transfer(ctx, name)

@@ -263,9 +263,18 @@ class CloneExport:
 
 
 class Progress:
-    """Counters of one sync or reverse sync, for status."""
+    """Counters of one sync, reverse sync or restore, for status.
 
-    def __init__(self, kind, dirty, granularity):
+    How far the job has got, in bytes: done is what it copied (for a
+    restore also what hosts had copied on demand); total is done plus what
+    is still to copy, never less than what was to copy when the job
+    started, and only growing: extents that host writes make dirty again
+    (a collision with the copy, a write during a reverse sync) add to it.
+    A job resumed by a restarted server starts counting again.
+    """
+
+    def __init__(self, kind, dirty, granularity, remaining_bytes=None,
+                 cod_start=0):
         self.kind = kind
         self.started = time.monotonic()
         self.extents_at_start = dirty
@@ -274,15 +283,24 @@ class Progress:
         self.collisions = 0
         self.retries = 0
         self.finished = None
+        self.bytes_total = dirty * granularity if remaining_bytes is None \
+            else remaining_bytes
+        self.cod_start = cod_start
 
-    def to_dict(self, dirty):
+    def to_dict(self, dirty, remaining_bytes=None, cod_extents=0):
         elapsed = (self.finished or time.monotonic()) - self.started
-        rate = self.bytes_copied / elapsed if elapsed > 0 else 0.0
-        remaining = dirty * self.granularity
+        done = self.bytes_copied + \
+            max(0, cod_extents - self.cod_start) * self.granularity
+        rate = done / elapsed if elapsed > 0 else 0.0
+        remaining = dirty * self.granularity if remaining_bytes is None \
+            else remaining_bytes
+        self.bytes_total = max(self.bytes_total, done + remaining)
         return {
             "operation": self.kind,
             "elapsed": round(elapsed, 3),
             "bytes_copied": self.bytes_copied,
+            "bytes_done": done,
+            "bytes_total": self.bytes_total,
             "rate": round(rate),
             "eta": round(remaining / rate, 1) if rate > 0 and not
             self.finished else None,
@@ -690,8 +708,10 @@ class CloneGroup:
         clone.rate = rate
         kind = {REVERSE_SYNCING: "reverse-sync",
                 RESTORING: "restore"}.get(clone.state, "sync")
-        self.progress[clone.name] = Progress(kind, clone.delta.count(1),
-                                             self.granularity)
+        with self.cond:
+            left, left_bytes = self._left(clone)
+            self.progress[clone.name] = Progress(
+                kind, left, self.granularity, left_bytes, self.cod.extents)
         self.engine = SyncEngine(self, clone, rate)
         if run:
             self.engine.start()
@@ -1100,11 +1120,47 @@ class CloneGroup:
             st["restore"].update(self.cod.to_dict())
         progress = self.progress.get(clone.name)
         if progress is not None:
-            st["operation"] = progress.to_dict(dirty)
+            left, left_bytes = self._left(clone)
+            st["operation"] = progress.to_dict(
+                left, left_bytes, self.cod.extents
+                if clone is self.restoring else progress.cod_start)
             st["operation"]["running"] = (self.engine is not None and
                                           self.engine.clone is clone and
                                           self.engine.is_alive())
         return st
+
+    def _left(self, clone):
+        """(extents, bytes) the clone's operation still has to copy: its
+        dirty extents, or while it restores those not protected by host
+        writes (the last extent may be shorter than the granularity)."""
+        if clone is self.restoring:
+            count = self.pending_restore()
+            last = clone.delta[-1] and not self.prm[-1]
+        else:
+            count = clone.delta.count(1)
+            last = clone.delta[-1]
+        short = self.extents * self.granularity - self.size if last else 0
+        return count, count * self.granularity - short
+
+    def clone_map(self, clone):
+        """The clone's extents as runs: clean/dirty (differs from the
+        Source).  While it restores the Source: pending (still to copy),
+        dirty (written by a host since the restore began: never copied,
+        it differs from the clone once the restore ends) or clean (the
+        same on both: restored already, or never different; the map does
+        not keep which)."""
+        with self.cond:
+            delta = bytes(clone.delta)
+            prm = bytes(self.prm) if clone is self.restoring else None
+        if prm is None:
+            names = {0: "clean", 1: "dirty"}
+            code = delta
+        else:
+            names = {0: "clean", 1: "pending", 2: "dirty", 3: "dirty"}
+            code = maps.combine(delta, prm)
+        return {"granularity": self.granularity, "size": self.size,
+                "runs": maps.kind_runs(code, self.granularity, self.size,
+                                       names)}
 
     def stop_engine(self):
         """Stop a running engine; its state stays, so it resumes later."""

@@ -98,6 +98,11 @@ class LUBusy(Error):
     errno = _errno.EBUSY
 
 
+class LUResizeRefused(Error):
+    msg = "LU {name!r} cannot be resized: {reason}"
+    errno = _errno.EBUSY
+
+
 class CorruptState(Error):
     msg = ("state file {path!r} is corrupt: {reason}; it was left untouched. "
            "Restore it from a backup or move it away to start empty")

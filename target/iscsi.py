@@ -49,8 +49,14 @@ name only inside its URI argument, so SECRET is on nbdfuse's command line
 (and in run/iscsi.json, mode 0600): a local user who can read other users'
 /proc/PID/cmdline and reach the NBD socket can still use the route.
 
+CHAP (`--iscsi-chap USER:SECRETFILE`, and `--iscsi-chap-mutual` for the
+target's own account): tgtd accounts made at each tgtd start and bound to
+every target; the secret files must be mode 0600 (no group or other bits)
+and are read by the manager; the secrets are in no record or log.
+
 Deliberately ignored: session frozen exports (`SRC@NAME`, '@' is not an IQN
-character and they are for backup tools); CHAP; multiple LUNs per target;
+character and they are for backup tools); discovery (SendTargets) CHAP:
+target names are not secret; multiple LUNs per target;
 iSER; persistent reservations (tgtd keeps them in memory only); names are
 used verbatim in the IQN (tgtd and libiscsi accept upper case and '_').
 When nbdkit restarts, every iSCSI target is deleted and rebuilt on fresh
@@ -104,6 +110,57 @@ def parse_allow(values):
                        "iqn./eui./naa. name".format(v))
         out.setdefault(name or None, []).append(iqn)
     return out
+
+
+# RFC 3720 (8.2.1): CHAP secrets are to be at least 96 bits.
+CHAP_SECRET_MIN = 12
+CHAP_SECRET_MAX = 255
+
+
+def parse_chap(value, option):
+    """--iscsi-chap USER:SECRETFILE -> (user, path), the file checked."""
+    user, sep, path = str(value).partition(":")
+    if not sep or not user or not path:
+        raise errors.InvalidArgument(
+            reason="invalid {} {!r}: use USER:SECRETFILE".format(
+                option, value))
+    if not user.isprintable() or any(c.isspace() for c in user) or \
+            len(user) > 255:
+        raise errors.InvalidArgument(
+            reason="invalid {} user {!r}: 1-255 printable characters without "
+            "spaces".format(option, user))
+    path = os.path.abspath(path)
+    read_chap_secret(path, option)
+    return user, path
+
+
+def read_chap_secret(path, option="--iscsi-chap"):
+    """The CHAP secret in path (one line); refused unless only its owner
+    can read it: a secret others can read is no secret."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise errors.InvalidArgument(reason="{} secret file {}: {}".format(
+            option, path, e.strerror))
+    try:
+        st = os.fstat(fd)
+        if st.st_mode & 0o077:
+            raise errors.InvalidArgument(
+                reason="{} secret file {} is mode {:04o}: others may read it; "
+                "make it 0600 (chmod 600 {})".format(
+                    option, path, st.st_mode & 0o7777, path))
+        with os.fdopen(os.dup(fd), "rb") as f:
+            raw = f.read(CHAP_SECRET_MAX + 2)
+    finally:
+        os.close(fd)
+    secret = raw.decode("utf-8", "replace").rstrip("\r\n")
+    if not CHAP_SECRET_MIN <= len(secret) <= CHAP_SECRET_MAX or \
+            not secret.isprintable() or any(c.isspace() for c in secret):
+        raise errors.InvalidArgument(
+            reason="{} secret file {} must hold one line of {}-{} printable "
+            "characters without spaces".format(
+                option, path, CHAP_SECRET_MIN, CHAP_SECRET_MAX))
+    return secret
 
 
 def make_secret(run_dir):
@@ -234,7 +291,8 @@ class Gateway:
     """One private tgtd and one nbdfuse mount per exported name."""
 
     def __init__(self, run_dir, nbd_uri, portal, secret, iqn_prefix=None,
-                 allow=None, log_path=None, preexec_fn=None, say=None):
+                 allow=None, log_path=None, preexec_fn=None, say=None,
+                 chap=None, chap_mutual=None):
         self.run_dir = run_dir
         self.base = os.path.join(run_dir, "iscsi")
         self.record_path = os.path.join(run_dir, "iscsi.json")
@@ -249,6 +307,11 @@ class Gateway:
         self.tgtd = None
         self.control_port = None
         self.tgtd_cmd = None
+        # CHAP accounts: (user, secret file); the secrets are read when
+        # tgtd starts and given to it only (see _chap_accounts).
+        self.chap = chap
+        self.chap_mutual = chap_mutual
+        self._secrets = ()      # what tgtadm error messages must not show
         self.targets = {}  # name -> {"tid", "iqn", "readonly", "mountpoint", proc}
         self._next_tid = 1
 
@@ -282,9 +345,39 @@ class Gateway:
             raise IscsiFailed(reason="{} did not answer within 30 s".format(
                 " ".join(cmd)))
         if check and r.returncode != 0:
+            shown = " ".join(cmd)
+            for secret in self._secrets:
+                shown = shown.replace(secret, "********")
             raise IscsiFailed(reason="{} failed: {}".format(
-                " ".join(cmd), (r.stderr or r.stdout).strip()))
+                shown, (r.stderr or r.stdout).strip()))
         return r.stdout
+
+    def _chap_accounts(self):
+        """Create tgtd's CHAP accounts (after each tgtd start).
+
+        tgtadm takes the password only on its command line; tgtadm runs
+        for milliseconds, as the user serving (root for tgtd), and
+        /proc/PID/cmdline of a root process is readable by local users
+        for that moment unless /proc is mounted with hidepid=2: on a
+        host with untrusted local users, mount /proc so."""
+        accounts = [a for a in (self.chap, self.chap_mutual) if a]
+        if not accounts:
+            return
+        secrets_read = []
+        for user, path in accounts:
+            secrets_read.append((user, read_chap_secret(path)))
+        self._secrets = tuple(s for _, s in secrets_read)
+        for user, secret in secrets_read:
+            self.tgtadm("--mode", "account", "--op", "new", "--user", user,
+                        "--password", secret)
+
+    def _bind_chap(self, tid):
+        if self.chap:
+            self.tgtadm("--mode", "account", "--op", "bind", "--tid", tid,
+                        "--user", self.chap[0])
+        if self.chap_mutual:
+            self.tgtadm("--mode", "account", "--op", "bind", "--tid", tid,
+                        "--user", self.chap_mutual[0], "--outgoing")
 
     def start(self):
         os.makedirs(os.path.join(self.base, "mnt"), exist_ok=True)
@@ -311,6 +404,7 @@ class Gateway:
                                     "--mode", "sys"], capture_output=True)
                 if r.returncode == 0:
                     if self._portal_listens():
+                        self._chap_accounts()
                         return
                 time.sleep(0.05)
             if self.tgtd.poll() is None:
@@ -399,6 +493,7 @@ class Gateway:
                 self.tgtadm("--op", "update", "--mode", "logicalunit",
                             "--tid", tid, "--lun", LUN,
                             "--params", "readonly=1")
+            self._bind_chap(tid)
             names = self.allow.get(name, []) + self.allow.get(None, [])
             if names:
                 for iqn in names:

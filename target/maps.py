@@ -100,6 +100,49 @@ def runs(m, start=0, end=None, value=1):
         pos = e
 
 
+def _same_byte_runs(code):
+    """Yield (start, end, value) of the maximal runs of equal bytes."""
+    pos, end = 0, len(code)
+    while pos < end:
+        value = code[pos]
+        nxt = end
+        # The first byte that differs: a find per other value in C.
+        for other in set(code[pos:pos + 1]).symmetric_difference(
+                range(_KINDS_MAX)):
+            i = code.find(bytes([other]), pos, nxt)
+            if i >= 0:
+                nxt = i
+        yield pos, nxt, value
+        pos = nxt
+
+
+_KINDS_MAX = 8
+
+
+def kind_runs(code, granularity, size, names):
+    """Run-length runs [[offset, length, kind], ...] of a per-extent code
+    map (bytes with values below 8; names[value] is the run's kind), in
+    bytes, the last run ending at size, as `clone map` and `session map`
+    print them."""
+    out = []
+    for start, end, value in _same_byte_runs(code):
+        offset = start * granularity
+        out.append([offset, min(size, end * granularity) - offset,
+                    names[value]])
+    return out
+
+
+def combine(*layers):
+    """One code map from 0/1 maps: bit i of an extent's byte is layers[i]."""
+    if not layers:
+        return b""
+    n = len(layers[0])
+    value = 0
+    for i, m in enumerate(layers):
+        value |= int.from_bytes(m, "little") << i
+    return value.to_bytes(n, "little")
+
+
 def encode(m, granularity, with_crc=True):
     crc = zlib.crc32(m) if with_crc else 0
     return HEADER.pack(MAGIC, granularity, len(m), crc) + bytes(m)

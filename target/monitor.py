@@ -14,7 +14,7 @@ Paths (GET only; nothing here changes anything):
                 sessions, replication links, running jobs; it polls
                 /status.json every second
   /status.json  what the page shows: the target's status (times ISO 8601)
-                and each clone's map as runs (Target.clone_map)
+                and each clone's map as runs (Target.clone_picture)
 """
 
 import http.server
@@ -266,7 +266,7 @@ def page_status(control_socket, cells=PAGE_MAP_CELLS):
     for cl in st["clones"]:
         try:
             st["maps"][cl["name"]] = control.call(
-                control_socket, "clone_map", reply_timeout=SCRAPE_TIMEOUT,
+                control_socket, "clone_picture", reply_timeout=SCRAPE_TIMEOUT,
                 clone=cl["name"], cells=cells)
         except errors.Error:
             pass    # removed meanwhile

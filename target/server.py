@@ -503,7 +503,9 @@ class Server:
                 "portal": "{}:{}".format(*self.gateway.portal),
                 "iqn_prefix": self.gateway.iqn_prefix,
                 "control_port": self.gateway.control_port,
-                "tgtd_pid": self.gateway.tgtd.pid}
+                "tgtd_pid": self.gateway.tgtd.pid,
+                "chap": "mutual" if self.gateway.chap_mutual else
+                "one-way" if self.gateway.chap else None}
         fsutil.write_json_atomic(self.state_dir.serve_info_file, info)
         self._published = True
         if self.pidfile:
@@ -564,7 +566,8 @@ class Server:
         self.gateway = iscsi.Gateway(
             self.state_dir.run_dir, self.listen.uri, self.iscsi["portal"],
             self.gateway_secret[0], iqn_prefix=self.iscsi.get("iqn_prefix"),
-            allow=self.iscsi.get("allow"),
+            allow=self.iscsi.get("allow"), chap=self.iscsi.get("chap"),
+            chap_mutual=self.iscsi.get("chap_mutual"),
             log_path=self.state_dir.serve_log_file,
             preexec_fn=_die_with_parent, say=self.say)
         self.gateway.start()

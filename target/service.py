@@ -657,6 +657,69 @@ class Target:
         return {"record": record,
                 "error": "not loaded" if lu is None else lu.error}
 
+    def lu_delete(self, name):
+        """Delete an LU while serving (`clonectl lu delete`).
+
+        Refused while hosts are connected to it or a clone, session or
+        replicated group uses it; the other LUs are not touched.  The
+        iSCSI gateway's mount does not refuse it: the LU stops being
+        exported (the manager then removes its iSCSI target) and its file
+        is closed when the gateway's connection ends.
+
+        Lock order: Target.lock before the state-file lock, as everywhere
+        (a group's lock, taken under Target.lock, persists under it)."""
+        with self.lock:
+            lu = self.lus.get(name)
+            if lu is not None and lu.connections:
+                raise errors.LUBusy(
+                    name=name, reason="{} host connection(s) are open to it; "
+                    "disconnect them first".format(lu.connections))
+
+            def check_busy(n, record):
+                reason = state.lu_user(self.state_dir, n, record)
+                if reason is None and lu is not None and lu.rsg is not None:
+                    reason = "it is a volume of replicated group {}".format(
+                        lu.rsg.name)
+                if reason:
+                    raise errors.LUBusy(name=n, reason=reason)
+
+            record = state.delete_lu(self.state_dir, name,
+                                     check_busy=check_busy)
+            if lu is not None and self.lus.get(name) is lu:
+                self._retire(self.lus.pop(name))
+        log.info("LU %s deleted", name)
+        return {"name": name, "record": record}
+
+    def lu_resize(self, name, size):
+        """Grow an LU while serving (`clonectl lu resize`).
+
+        Connections opened from now on see the new size; nbdkit asks a
+        connection's size once, at its handshake, so connections already
+        open keep the old one (and nbdkit refuses their requests beyond
+        it) until they reconnect.  Refused for LUs with clones, sessions
+        or a replicated group: their maps and copies have the LU's size."""
+        with self.lock:
+            lu = self.lus.get(name)
+
+            def check_busy(n, record):
+                reason = state.lu_user(self.state_dir, n, record)
+                if reason is None and lu is not None and lu.rsg is not None:
+                    reason = "it is a volume of replicated group {}".format(
+                        lu.rsg.name)
+                if reason:
+                    raise errors.LUResizeRefused(name=n, reason=reason)
+
+            old, new = state.resize_lu(self.state_dir, name, size,
+                                       check_busy=check_busy)
+            if lu is not None and lu.backend is not None and \
+                    lu.error is None:
+                # Same file, same descriptor: the new bytes are there.
+                lu.backend.size = new["size"]
+                lu.size = new["size"]
+        log.info("LU %s resized from %d to %d bytes", name, old["size"],
+                 new["size"])
+        return {"name": name, "old_size": old["size"], "record": new}
+
     def _save_role(self, files, record):
         """Save a closed group's record for its new role.  A save that
         fails (a full state directory) opens the group again as its saved
@@ -675,8 +738,11 @@ class Target:
         New LUs are opened, LUs gone from the inventory stop being exported
         and are closed when their last connection ends.
         """
-        doc = self.state_dir.load()
         with self.lock:
+            # Read under the lock: lu_resize changes the record and the
+            # open LU together under it, and an older record read before
+            # would look like another LU and retire this one.
+            doc = self.state_dir.load()
             for name, record in doc["lus"].items():
                 lu = self.lus.get(name)
                 if lu is not None and lu.file == record["file"] \
@@ -1145,8 +1211,8 @@ class Target:
                     if source is None or n == source
                     for _, c in sorted(g.clones.items())]
 
-    def clone_map(self, clone, cells=MAP_CELLS):
-        """The picture of clone's map, compactly: per kind of extent the
+    def clone_picture(self, clone, cells=MAP_CELLS):
+        """The picture of clone's map for the status page, compactly: per kind of extent the
         runs [start, end) in extents.  Kinds: clean, dirty (differs from the
         Source); during a protected restore pending (still to copy to the
         Source) and protected (written by hosts, never copied over).  A map
@@ -1187,6 +1253,22 @@ class Target:
         group, c = self._clone(clone)
         with self.lock:
             return self._with_gateway(group.clone_status(c), c.export)
+
+    def clone_map(self, clone):
+        """{"granularity", "size", "runs": [[offset, length, kind], ...]}
+        of the clone's extents (CloneGroup.clone_map says the kinds)."""
+        group, c = self._clone(clone)
+        out = group.clone_map(c)
+        out.update(name=clone, source=group.source.name, state=c.state)
+        return out
+
+    def session_map(self, name):
+        """The same for a session's maps (Session.map_runs)."""
+        session = self._session(name)
+        out = session.map_runs()
+        out.update(name=name, source=session.source.name,
+                   marked=session.marked)
+        return out
 
     def _working_clone(self, name, event):
         group, c = self._clone(name)
@@ -1704,11 +1786,14 @@ class Target:
             "status": self.status,
             "reload": lambda: {"exports": self.reload()},
             "lu_create": self.lu_create,
+            "lu_delete": self.lu_delete,
+            "lu_resize": self.lu_resize,
             "export_modes": self.export_modes,
             "clone_add": self.clone_add,
             "clone_remove": self.clone_remove,
             "clone_list": self.clone_list,
             "clone_status": self.clone_status,
+            "clone_map": self.clone_map,
             "clone_sync": self.clone_sync,
             "clone_reverse_sync": self.clone_reverse_sync,
             "clone_fracture": self.clone_fracture,
@@ -1717,6 +1802,7 @@ class Target:
             "session_delete": self._users_session(self.session_delete),
             "session_list": self.session_list,
             "session_status": self.session_status,
+            "session_map": self.session_map,
             "session_mark": self._users_session(self.session_mark),
             "session_unmark": self._users_session(self.session_unmark),
             "session_transfer": self._users_session(self.session_transfer),
@@ -1740,7 +1826,7 @@ class Target:
         ops = {name: op if name in _READ_ONLY_OPS else self._poking(op)
                for name, op in ops.items()}
         ops.update({"events_since": self.events_since,
-                    "clone_map": self.clone_map})
+                    "clone_picture": self.clone_picture})
         return ops
 
     def prepare_stop(self):

@@ -777,6 +777,29 @@ class Session:
                     "last_error": d.last_error})
             return out
 
+    # What each bit of a map_runs code means (bits: changed, transfer,
+    # saved); the kind of a run is the names of its bits.
+    MAP_KINDS = ("changed", "transfer", "saved")
+
+    def map_runs(self):
+        """The Source's extents as runs, for `session map`: changed (since
+        the mark, or since the session was made: the next transfer's),
+        transfer (frozen extents still to send) and saved (old data in the
+        save area), comma-separated when several apply, else clean."""
+        with self.cond:
+            changed = bytes(self.tracking.bits)
+            transfer = bytes(self.transfer) if self.marked \
+                else bytes(self.extents)
+            saved = bytearray(self.extents)
+            for extent in self.save.slots:
+                saved[extent] = 1
+        code = maps.combine(changed, transfer, saved)
+        names = {v: ",".join(k for i, k in enumerate(self.MAP_KINDS)
+                             if v >> i & 1) or "clean" for v in range(8)}
+        return {"granularity": self.granularity, "size": self.size,
+                "runs": maps.kind_runs(code, self.granularity, self.size,
+                                       names)}
+
     def close(self):
         engine = self.engine
         if engine is not None:
@@ -905,8 +928,17 @@ class TransferEngine:
         self.completed = []     # destinations that got the whole image
         self.unflushed = {i: [] for i in self.clients}
         self.since_checkpoint = 0
+        # Bytes of the image read and sent (to every live destination):
+        # progress counts them before the checkpoint that clears their
+        # pending bits (which happens every CHECKPOINT_BYTES).
+        self.bytes_done = 0
         self.total = session.transfer.count(1) if not unmarked \
             else session.extents
+        # Fixed at the start: host writes never add to a transfer (the
+        # frozen image is what it sends; an unmarked full copy sends
+        # every extent once).
+        self.total_bytes = session.size if unmarked else \
+            self._bytes(session.transfer, self.total)
 
     # ------------------------------------------------------------ thread
 
@@ -1002,6 +1034,7 @@ class TransferEngine:
                 continue
             self.unflushed[i].append((x, end))
         self.cursor = end
+        self.bytes_done += length
         self.since_checkpoint += length
         if self.since_checkpoint >= CHECKPOINT_BYTES:
             self.checkpoint()
@@ -1136,12 +1169,26 @@ class TransferEngine:
                 "destinations_failed": {self.session.dests[i].uri: m
                                         for i, m in self.failed.items()}}
 
+    def _bytes(self, m, count):
+        """Bytes of count extents set in m (the last may be short)."""
+        s = self.session
+        short = s.extents * s.granularity - s.size if m and m[-1] else 0
+        return count * s.granularity - short
+
     def progress(self):
         out = self.summary()
         out["running"] = self.is_alive()
         left = self._pending_union().count(1) if self.result is None else 0
         out["extents_total"] = self.total
         out["extents_left"] = left
+        done = min(self.bytes_done, self.total_bytes)
+        out["bytes_total"] = self.total_bytes
+        out["bytes_done"] = done
+        elapsed = (self.finished or time.time()) - self.started
+        rate = done / elapsed if elapsed > 0 else 0.0
+        out["rate"] = round(rate)
+        out["eta"] = round((self.total_bytes - done) / rate, 1) \
+            if rate > 0 and self.result is None else None
         elapsed = time.time() - self.started
         out["mb_per_s"] = round(self.bytes_sent / 1e6 / elapsed, 1) \
             if elapsed > 0 else 0.0

@@ -383,6 +383,79 @@ def create_sparse(path, size):
     os.close(fd)
 
 
+def lu_user(state_dir, name, record):
+    """Why LU name cannot be deleted or resized now: its clones, sessions
+    or replicated group (all sized by the LU and mapping its extents), or
+    None.  Connections are the running target's to check."""
+    if record.get("clones"):
+        return "it has clones ({}); remove them first with `clonectl clone " \
+            "remove`".format(", ".join(sorted(record["clones"])))
+    if record.get("sessions"):
+        return "it has sessions ({}); delete them first with `clonectl " \
+            "session delete`".format(", ".join(sorted(record["sessions"])))
+    rsg_dir = os.path.join(state_dir.path, "rsg")
+    for fn in sorted(os.listdir(rsg_dir)) if os.path.isdir(rsg_dir) else []:
+        if fn.endswith(".json") and not fn.startswith("."):
+            try:
+                with open(os.path.join(rsg_dir, fn)) as f:
+                    vols = [v.get("lu") for v in json.load(f)["volumes"]]
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                continue
+            if name in vols:
+                return "it is a volume of replicated group {}; delete the " \
+                    "group first with `clonectl rsg delete`".format(fn[:-5])
+    return None
+
+
+def resize_lu(state_dir, name, size, check_busy=None):
+    """Grow LU name to size bytes; return (old record, new record).
+
+    A file clonectl created is extended (sparse: the new bytes read as
+    zeros); a file given with --file is extended too if it is a regular
+    file; a block device must already be that large (grow it first).
+    Shrinking is refused: it would cut off data hosts wrote.
+    """
+    size = units.parse_lu_size(size)
+    with state_dir.locked():
+        doc = state_dir.load()
+        record = doc["lus"].get(name)
+        if record is None:
+            raise errors.UnknownLU(name=name)
+        if size <= record["size"]:
+            raise errors.LUResizeRefused(
+                name=name, reason="{} is not larger than its size {} ({}); "
+                "only growing is supported".format(
+                    size, record["size"], units.format_size(record["size"])))
+        if check_busy is not None:
+            check_busy(name, record)
+        path = record["file"]
+        try:
+            st = os.stat(path)
+        except OSError as e:
+            raise errors.BackingUnusable(path=path, reason=e.strerror)
+        if stat.S_ISREG(st.st_mode):
+            if st.st_size < size:
+                try:
+                    fd = os.open(path, os.O_RDWR)
+                    try:
+                        os.ftruncate(fd, size)
+                        os.fsync(fd)
+                    finally:
+                        os.close(fd)
+                except OSError as e:
+                    raise errors.BackingUnusable(
+                        path=path, reason="cannot make it {} bytes: {}".format(
+                            size, e.strerror)) from e
+        else:
+            probe_backing(path, size, record["readonly"])
+        new = dict(record, size=size)
+        doc["lus"][name] = new
+        # The file first, then the record: a crash in between leaves a
+        # longer file under the old size, which is what it was.
+        state_dir.save(doc)
+        return record, new
+
+
 def delete_lu(state_dir, name, check_busy=None):
     """Remove an LU from the inventory (and its file if we created it).
 

@@ -104,6 +104,20 @@ def format_size(n):
     return "{}B".format(int(n))
 
 
+def format_duration(seconds):
+    """A duration for humans: 45s, 3m 05s, 2h 07m, 3d 04h; None -> '?'."""
+    if seconds is None:
+        return "?"
+    s = int(round(seconds))
+    if s < 60:
+        return "{}s".format(s)
+    if s < 3600:
+        return "{}m {:02d}s".format(s // 60, s % 60)
+    if s < 86400:
+        return "{}h {:02d}m".format(s // 3600, s // 60 % 60)
+    return "{}d {:02d}h".format(s // 86400, s // 3600 % 24)
+
+
 def format_rate(n):
     """Bytes per second for humans: '12.5MiB/s'."""
     return format_size(n or 0) + "/s"

@@ -101,7 +101,7 @@ def test_target_events_of_a_clone_in_order(target):
     assert states[("lu", "a")]["change"] == "state"
 
 
-def test_clone_map_runs_and_folding(target):
+def test_clone_picture_runs_and_folding(target):
     target.clone_add("a", "c1")
     target.clone_sync("c1")
     _wait(lambda: target.clone_status("c1")["state"] == "synchronized")
@@ -110,14 +110,14 @@ def test_clone_map_runs_and_folding(target):
     conn.lu.write(b"x" * 4096, 3 * G)
     conn.lu.write(b"x" * (2 * G), 10 * G)
     target.disconnect(conn)
-    m = target.clone_map("c1")
+    m = target.clone_picture("c1")
     assert m["extents"] == 16 and m["scale"] == 1
     assert m["runs"] == {"clean": [[0, 3], [4, 10], [12, 16]],
                          "dirty": [[3, 4], [10, 12]]}
     assert m["counts"] == {"clean": 13, "dirty": 3}
     # Folded into 4 cells of 4 extents: a cell with a dirty extent is
     # dirty; the counts stay exact.
-    m = target.clone_map("c1", cells=4)
+    m = target.clone_picture("c1", cells=4)
     assert m["scale"] == 4 and m["counts"] == {"clean": 13, "dirty": 3}
     assert m["runs"] == {"clean": [[4, 8], [12, 16]],
                          "dirty": [[0, 4], [8, 12]]}
