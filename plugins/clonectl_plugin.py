@@ -63,6 +63,7 @@ def config_complete():
         sys.path.insert(0, _config["pythonpath"])
     from target import access, iscsi, limits, service
     limits.install_log_limit()
+    _one_line_errors()
     if "max_connections" in _config or "max_per_address" in _config:
         _limiter = limits.ConnectionLimiter(
             int(_config.get("max_connections", 0)),
@@ -114,6 +115,26 @@ def cleanup():
         _control.stop()
     if _target is not None:
         _target.close()
+
+
+def _one_line_errors():
+    """Our errors (target.errors.Error: a refused client, a bad export
+    name, an I/O error with its errno) reach nbdkit's log as their message
+    alone, on one line.  nbdkit 1.32 logs an exception a callback raises as
+    traceback.format_exception() renders it, and offers no other way to
+    fail a callback (preconnect included) than raising; other exceptions,
+    the bugs, keep their traceback."""
+    import traceback
+    from target import errors
+    format_exception = traceback.format_exception
+
+    def one_line(exc, /, *args, **kwargs):
+        value = args[0] if args else exc
+        if isinstance(value, errors.Error):
+            return ["{}: {}".format(value.code, value)]
+        return format_exception(exc, *args, **kwargs)
+
+    traceback.format_exception = one_line
 
 
 def _fail(e):

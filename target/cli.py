@@ -588,6 +588,52 @@ def clone_restore(ctx, name, full, wait, rate):
 
 # ---------------------------------------------------------------- serve
 
+_CONFIG_HELP = (
+    "Read option values from this TOML file (also from $CLONECTL_CONFIG). "
+    "Its keys are the long option names without the dashes, e.g. "
+    "`port = 10809`, `bind = \"0.0.0.0\"`, `allow = [\"10.0.0.0/8\"]`, "
+    "`tls-verify-peer = true`; an option given on the command line wins "
+    "over the file. Unknown keys and values of the wrong type are refused "
+    "(exit status 1). SIGHUP re-reads the file and the inventory without "
+    "dropping clients; changed listener settings take effect at the next "
+    "start. See docs/service.md. Keys: ")
+
+
+def _load_config(ctx, path):
+    """--config: the file's values become the command's defaults
+    (ctx.default_map), below the command line's."""
+    if path is None:
+        return None
+    from . import config
+    try:
+        values = config.load(path, ctx.command, ctx)
+    except errors.Error as e:
+        _fail(str(e))
+    ctx.default_map = dict(ctx.default_map or {}, **values)
+    ctx.meta["clonectl.config"] = (path, values)
+    return path
+
+
+def _reread_config(ctx, say):
+    """serve's SIGHUP: check the configuration file again and say which
+    keys changed (they apply at the next start: nbdkit takes its listener
+    and plugin parameters when it starts, and restarting it would drop
+    the clients)."""
+    path, values = ctx.meta.get("clonectl.config", (None, None))
+    if path is None:
+        return
+    from . import config
+    try:
+        new = config.load(path, ctx.command, ctx)
+    except errors.Error as e:
+        say("warning: {}; the running configuration stays".format(e))
+        return
+    changed = config.changed_keys(values, new, ctx.command)
+    if changed:
+        say("warning: configuration file {}: {} changed; restart the "
+            "server to apply".format(os.path.abspath(path),
+                                     ", ".join(changed)))
+
 @main.command()
 @click.option("--socket", "socket_path", metavar="PATH",
               help="Listen on this Unix socket. Default when neither "
@@ -696,6 +742,10 @@ def clone_restore(ctx, name, full, wait, rate):
 @click.option("--replication-token-file", metavar="FILE",
               help="File holding the shared token (16+ characters) that a "
                    "primary must present; others get nothing.")
+@click.option("--config", "config_file", metavar="FILE",
+              envvar="CLONECTL_CONFIG", is_eager=True, expose_value=False,
+              callback=lambda ctx, param, value: _load_config(ctx, value),
+              help=_CONFIG_HELP)
 @pass_ctx
 @handle_errors
 def serve(ctx, socket_path, port, bind, tls_psk, tls_certificates,
@@ -784,6 +834,8 @@ def serve(ctx, socket_path, port, bind, tls_psk, tls_certificates,
     srv = server.Server(ctx.state_dir, listen, thread_model=thread_model,
                         threads=threads, pidfile=pidfile, peer=peer_listen,
                         iscsi=iscsi_conf, replication=replication_conf)
+    click_ctx = click.get_current_context()
+    srv.on_reload = lambda say: _reread_config(click_ctx, say)
     if detach:
         info = server.serve_detached(srv)
         click.echo("serving on {} (pid {})".format(
@@ -798,6 +850,16 @@ def serve(ctx, socket_path, port, bind, tls_psk, tls_certificates,
 
     srv.run(ready=ready)
     srv.say("stopped")
+
+
+def _document_config_keys(command):
+    from . import config
+    for param in command.params:
+        if param.name == "config_file":
+            param.help += config.help_text(command) + "."
+
+
+_document_config_keys(serve)
 
 
 @main.command()

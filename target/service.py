@@ -542,6 +542,9 @@ class Target:
             files.remove(files.dcms() + [files.srl, files.since()])
             files.save(record)
             new = self._open_rsg(files, record)
+        log.info("replicated group %s demoted: secondary from sequence %d, "
+                 "%d regions not acknowledged by a secondary", name, last,
+                 len(runs))
         return new.status()
 
     def lu_create(self, name, size=None, file=None, readonly=False):
