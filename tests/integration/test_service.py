@@ -297,21 +297,27 @@ def _client_from(source, port):
     return h
 
 
-def test_a_refused_client_is_one_line(clonectl, state_dir, tmp_path,
-                                      server_factory):
+@pytest.mark.parametrize("options,refusal", [
+    (["--allow", "127.0.0.2"], "client 127.0.0.3 is not in the --allow list"),
+    (["--allow-export", "a=127.0.0.2"],
+     "client 127.0.0.3 may not open export 'a'"),
+    (["--max-connections", "1"],
+     "connection from 127.0.0.3 refused: 1 connections, the most allowed"),
+])
+def test_a_refused_client_is_one_line(clonectl, state_dir, server_factory,
+                                      options, refusal):
     clonectl("lu", "create", "a", "--size", "1M")
     port = free_port()
-    srv = server_factory(extra_args=["--port", str(port),
-                                     "--allow", "127.0.0.2"])
+    srv = server_factory(extra_args=["--port", str(port)] + options)
     h = _client_from("127.0.0.2", port)
     assert h.get_size() == MiB
-    h.shutdown()
     before = serve_log(state_dir).splitlines()
     with pytest.raises(nbd.Error):
         _client_from("127.0.0.3", port)
-    wait_log(state_dir, "client 127.0.0.3 is not in the --allow list")
+    wait_log(state_dir, re.escape(refusal))
     time.sleep(0.5)      # the rest of the message, if any
     new = serve_log(state_dir).splitlines()[len(before):]
     assert len(new) == 1, "\n".join(new)
     assert LINE.match(new[0]) and "Traceback" not in new[0], new[0]
+    h.shutdown()
     assert srv.running()
