@@ -263,8 +263,7 @@ def nbd_handshake_answers(sock):
                      struct.pack(">II", NBD_OPT_ABORT, 0))
         # The ACK (magic, option, type, length): read it before closing,
         # or nbdkit would be writing to a closed socket.
-        magic, _option, _type, length = struct.unpack(">QIII",
-                                                      recv_exactly(20))
+        magic = struct.unpack(">QIII", recv_exactly(20))[0]
         return magic == NBD_REP_MAGIC
     except OSError:
         return False
@@ -530,21 +529,22 @@ class Server:
         refuse this host, only the control socket's answer counts (nbdkit
         listens before the plugin's after_fork starts the control socket),
         so that the check does not log a refusal."""
-        if self.listen.socket_path:
-            family, address = socket.AF_UNIX, self.listen.socket_path
-        else:
-            if self.listen.allow and not access.AllowList(access.to_param(
-                    self.listen.allow)).permits(_local_source(
-                        self.listen.bind)):
-                return True
-            family, address = None, (self.listen.bind, self.listen.port)
         try:
-            if family is None:
-                sock = socket.create_connection(address, timeout=2)
-            else:
-                sock = socket.socket(family, socket.SOCK_STREAM)
+            if self.listen.socket_path:
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
                 sock.settimeout(2)
-                sock.connect(address)
+                try:
+                    sock.connect(self.listen.socket_path)
+                except OSError:
+                    sock.close()
+                    raise
+            elif self.listen.allow and not access.AllowList(
+                    access.to_param(self.listen.allow)).permits(
+                        _local_source(self.listen.bind)):
+                return True
+            else:
+                sock = socket.create_connection(
+                    (self.listen.bind, self.listen.port), timeout=2)
         except OSError:
             return False
         with sock:
@@ -644,12 +644,12 @@ class Server:
             modes = control.call(self.state_dir.control_socket,
                                  "export_modes", reply_timeout=10)
         except (OSError, errors.Error) as e:
-            self.say("iSCSI: cannot list exports: {}".format(e))
+            self.say("iSCSI: cannot list exports: {}".format(e), logging.ERROR)
             return
         try:
             self.gateway.sync(modes)
         except errors.Error as e:
-            self.say("iSCSI: {}".format(e))
+            self.say("iSCSI: {}".format(e), logging.ERROR)
 
     def _on_signal(self, signum, frame):
         self.stopping = True
@@ -703,7 +703,7 @@ class Server:
                     reason="nbdkit died {} times within {:.0f} s; giving up"
                     .format(len(self._restarts), RESTART_WINDOW))
             self.say("nbdkit (pid {}) died with status {}; restarting"
-                     .format(self.proc.pid, status))
+                     .format(self.proc.pid, status), logging.ERROR)
             if self.listen.socket_path:
                 _remove_stale_socket(self.listen.socket_path)
             _remove_stale_socket(self.state_dir.control_socket)
@@ -722,7 +722,8 @@ class Server:
             control.call(self.state_dir.control_socket, "prepare_stop",
                          reply_timeout=STOP_GRACE * 2)
         except (OSError, errors.Error) as e:
-            self.say("could not commit maps before stopping: {}".format(e))
+            self.say("could not commit maps before stopping: {}".format(e),
+                     logging.ERROR)
         self.proc.terminate()
         try:
             self.proc.wait(STOP_GRACE)
@@ -819,6 +820,9 @@ def _become_daemon(server, ready_w):
         def ready(info):
             os.write(ready_w, json.dumps({"ok": True, "info": info}).encode())
             os.close(ready_w)
+            server.say("serving on {} (pid {})".format(
+                info["socket"] or "{}:{}".format(info["bind"], info["port"]),
+                info["pid"]))
 
         try:
             server.run(ready=ready)
@@ -878,20 +882,39 @@ def sd_notify(*states):
         return False
 
 
-def _pump_log(pipe, fd):
-    """Copy nbdkit's output to the log file fd until EOF, repeated lines
-    suppressed (limits.LineLimiter); then close both."""
+def log_writer(path, component):
+    """A file to give a child (tgtd, nbdfuse) as its stdout and stderr: its
+    lines reach the log file at path as nbdkit's do, stamped with the time,
+    their level and component, repeats limited.  Close it once the child
+    has it."""
+    r, w = os.pipe2(os.O_CLOEXEC)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT |
+                     os.O_CLOEXEC, 0o600)
+    except BaseException:
+        os.close(r)
+        os.close(w)
+        raise
+    threading.Thread(target=_pump_log, args=(os.fdopen(r, "rb"), fd,
+                                             component.encode()),
+                     name=component + "-log", daemon=True).start()
+    return os.fdopen(w, "wb")
+
+
+def _pump_log(pipe, fd, component=b"nbdkit"):
+    """Copy a child's output (nbdkit's) to the log file fd until EOF,
+    repeated lines suppressed (limits.LineLimiter); then close both."""
     limiter = limits.LineLimiter()
     try:
         for line in iter(lambda: pipe.readline(65536), b""):
             for out in limiter.lines(line):
                 try:
-                    os.write(fd, limits.stamp_line(out))
+                    os.write(fd, limits.stamp_line(out, component))
                 except OSError:
                     pass    # a full disk: keep reading, or nbdkit blocks
         for out in limiter.flush():
             try:
-                os.write(fd, limits.stamp_line(out))
+                os.write(fd, limits.stamp_line(out, component))
             except OSError:
                 pass
     finally:
