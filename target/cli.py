@@ -783,6 +783,25 @@ def serve(ctx, socket_path, port, bind, tls_psk, tls_certificates,
     most 8 such connections at once; others are closed at once. Repeated
     log lines are suppressed beyond 10 a minute, and counted in the next
     line that passes.
+
+    As a service: --config FILE (or $CLONECTL_CONFIG) reads these options
+    from a TOML file (keys listed under --config; the command line wins).
+    Under systemd (packaging/clonectl.service, Type=notify) the server
+    reports READY=1 once nbdkit completes an NBD handshake, RELOADING=1 and
+    READY=1 around a reload, STOPPING=1 on SIGTERM. SIGHUP re-reads the
+    configuration file and the inventory without dropping clients. The log,
+    run/serve.log, has one line per event with its ISO-8601 UTC time, level
+    and component, including the start, end and figures of every sync,
+    restore, fracture, transfer and replay. See docs/service.md.
+
+    \b
+    Examples:
+      clonectl serve --config /etc/clonectl/clonectl.toml
+      clonectl serve --config /etc/clonectl/clonectl.toml --port 10900
+      kill -HUP "$(cat /run/clonectl.pid)"   # with --pidfile: reload
+
+    Exit status: 0 after a clean stop; 1 if the server cannot start or
+    nbdkit keeps dying; 2 for usage errors.
     """
     if socket_path is None and port is None:
         socket_path = ctx.state_dir.default_nbd_socket

@@ -382,6 +382,26 @@ def stamp_line(line, component=b"nbdkit", now=None):
                               line.removeprefix(component + b": "))
 
 
+def add_log_file(path, level=logging.INFO):
+    """Also append clonectl's log messages to the file at path (the
+    foreground manager's own lines, next to nbdkit's in run/serve.log);
+    once per process and path."""
+    logger = logging.getLogger("clonectl")
+    path = os.path.abspath(path)
+    for h in logger.handlers:
+        if isinstance(h, logging.FileHandler) and h.baseFilename == path:
+            return h
+    # Private, as the server creates it (client addresses are in it).
+    os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT |
+                     os.O_CLOEXEC, 0o600))
+    handler = logging.FileHandler(path)
+    handler.setLevel(level)
+    handler.setFormatter(LogFormatter())
+    handler.addFilter(RepeatFilter())
+    logger.addHandler(handler)
+    return handler
+
+
 def install_log_limit(stream=None, level=logging.INFO):
     """Send clonectl's log messages (INFO and up: operations are recorded)
     to stream, formatted by LogFormatter, through a RepeatFilter; once per

@@ -424,6 +424,7 @@ class Server:
         self._restarts = []
         self._pump = None
         self.reload_requested = False
+        self.detached = False   # our stderr is run/serve.log already
         # Called on SIGHUP before the inventory is read again: the CLI
         # re-reads the configuration file (target/config.py).
         self.on_reload = None
@@ -603,6 +604,9 @@ class Server:
                      .format(given, nofile))
         try:
             self.acquire()
+            if not self.detached:
+                # The whole story in one file, stderr (the journal) too.
+                limits.add_log_file(self.state_dir.serve_log_file)
             if self.iscsi is not None:
                 from . import iscsi
                 self.gateway_secret = iscsi.make_secret(
@@ -816,6 +820,7 @@ def _become_daemon(server, ready_w):
         os.close(devnull)
         os.close(logfd)
         server.out = sys.stderr
+        server.detached = True
 
         def ready(info):
             os.write(ready_w, json.dumps({"ok": True, "info": info}).encode())
