@@ -97,8 +97,10 @@ def after_fork():
     # --foreground mode), so the control socket is started here.
     global _control
     from target import control
+    operations = _target.control_operations()
+    operations["set_access"] = _set_access
     _control = control.ControlServer(_target.state_dir.control_socket,
-                                     _target.control_operations())
+                                     operations)
     _control.start()
     _target.start()
     if "replication" in _config:
@@ -108,6 +110,28 @@ def after_fork():
                                   _config["replication_token"])
     if "parent" in _config:
         _target.watch_parent(int(_config["parent"]))
+
+
+def _set_access(allow="", allow_export=(), max_connections=0,
+                max_per_address=0):
+    """The control operation behind a reload of `serve`'s configuration:
+    new allow lists and connection limits, in the format of the plugin
+    parameters, for the connections that come next."""
+    global _allow, _export_rules, _limiter
+    from target import access, limits
+    new_allow = access.AllowList(allow) if allow else None
+    new_rules = access.ExportRules(list(allow_export),
+                                   _target.clone_sources) \
+        if allow_export else None
+    if _limiter is None:
+        _limiter = limits.ConnectionLimiter(int(max_connections),
+                                            int(max_per_address))
+    else:
+        with _limiter.lock:
+            _limiter.max_connections = int(max_connections)
+            _limiter.max_per_address = int(max_per_address)
+    _allow, _export_rules = new_allow, new_rules
+    return {}
 
 
 def cleanup():

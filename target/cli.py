@@ -595,8 +595,9 @@ _CONFIG_HELP = (
     "`tls-verify-peer = true`; an option given on the command line wins "
     "over the file. Unknown keys and values of the wrong type are refused "
     "(exit status 1). SIGHUP re-reads the file and the inventory without "
-    "dropping clients; changed listener settings take effect at the next "
-    "start. See docs/service.md. Keys: ")
+    "dropping clients: allow, allow-export, max-connections and "
+    "max-connections-per-address apply to new connections at once, other "
+    "keys at the next start. See docs/service.md. Keys: ")
 
 
 def _load_config(ctx, path):
@@ -614,11 +615,13 @@ def _load_config(ctx, path):
     return path
 
 
-def _reread_config(ctx, say):
-    """serve's SIGHUP: check the configuration file again and say which
-    keys changed (they apply at the next start: nbdkit takes its listener
-    and plugin parameters when it starts, and restarting it would drop
-    the clients)."""
+def _reread_config(ctx, srv):
+    """serve's SIGHUP: read the configuration file again.  Allow lists and
+    connection limits apply to the next connections at once; other
+    changed keys are reported: nbdkit takes them when it starts, and
+    restarting it would drop the clients.  A key also given on the command
+    line keeps the command line's value."""
+    from click.core import ParameterSource
     path, values = ctx.meta.get("clonectl.config", (None, None))
     if path is None:
         return
@@ -626,13 +629,49 @@ def _reread_config(ctx, say):
     try:
         new = config.load(path, ctx.command, ctx)
     except errors.Error as e:
-        say("warning: {}; the running configuration stays".format(e))
+        srv.say("warning: {}; the running configuration stays".format(e))
         return
-    changed = config.changed_keys(values, new, ctx.command)
-    if changed:
-        say("warning: configuration file {}: {} changed; restart the "
-            "server to apply".format(os.path.abspath(path),
-                                     ", ".join(changed)))
+    path = os.path.abspath(path)
+    names = {param.name: key for key, param in
+             config.keys(ctx.command).items()}
+    live, restart = {}, []
+    for key in config.changed_keys(values, new, ctx.command):
+        name = next(n for n, k in names.items() if k == key)
+        if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE:
+            srv.say("warning: configuration file {}: {} changed, but "
+                    "--{} on the command line wins".format(path, key, key))
+        elif name in server.Server.LIVE:
+            live[name] = new.get(name)
+        else:
+            restart.append(key)
+    if live:
+        current = {n: ctx.params.get(n) for n in server.Server.LIVE}
+        current.update(ctx.meta.get("clonectl.live", {}))
+        current.update(live)
+        try:
+            srv.set_access(tuple(current["allow"] or ()),
+                           tuple(current["allow_export"] or ()),
+                           current["max_connections"],
+                           current["max_per_address"])
+        except (OSError, errors.Error) as e:
+            srv.say("warning: configuration file {}: {}; the running "
+                    "configuration stays".format(path, e))
+            return
+        ctx.meta["clonectl.live"] = current
+        srv.say("configuration file {}: {} applied to new connections"
+                .format(path, ", ".join(names[n] for n in sorted(live))))
+    if restart:
+        srv.say("warning: configuration file {}: {} changed; restart the "
+                "server to apply".format(path, ", ".join(restart)))
+    # What runs now: the keys that wait for a restart keep their values.
+    running = dict(new)
+    for name, key in names.items():
+        if key in restart:
+            running.pop(name, None)
+            if name in values:
+                running[name] = values[name]
+    ctx.meta["clonectl.config"] = (ctx.meta["clonectl.config"][0], running)
+
 
 @main.command()
 @click.option("--socket", "socket_path", metavar="PATH",
@@ -854,7 +893,7 @@ def serve(ctx, socket_path, port, bind, tls_psk, tls_certificates,
                         threads=threads, pidfile=pidfile, peer=peer_listen,
                         iscsi=iscsi_conf, replication=replication_conf)
     click_ctx = click.get_current_context()
-    srv.on_reload = lambda say: _reread_config(click_ctx, say)
+    srv.on_reload = lambda srv: _reread_config(click_ctx, srv)
     if detach:
         info = server.serve_detached(srv)
         click.echo("serving on {} (pid {})".format(

@@ -424,9 +424,11 @@ class Server:
         self._restarts = []
         self._pump = None
         self.reload_requested = False
+        self._nofile = None
         self.detached = False   # our stderr is run/serve.log already
-        # Called on SIGHUP before the inventory is read again: the CLI
-        # re-reads the configuration file (target/config.py).
+        # Called with the server on SIGHUP before the inventory is read
+        # again: the CLI re-reads the configuration file (target/config.py)
+        # and applies what can change while serving (set_access).
         self.on_reload = None
 
     def say(self, msg, level=None):
@@ -593,7 +595,7 @@ class Server:
         limits.install_log_limit(self.out)
         # nbdkit inherits the raised limit; the default connection cap is
         # what it leaves after the engines' reserve.
-        nofile = limits.raise_nofile_limit()
+        nofile = self._nofile = limits.raise_nofile_limit()
         per_connection = 3 if self.thread_model == "parallel" else 1
         given = self.listen.max_connections
         self.listen.resolve_limits(nofile, per_connection)
@@ -662,9 +664,9 @@ class Server:
         self.reload_requested = True
 
     def reload(self):
-        """SIGHUP (systemctl reload): re-read the configuration file (what
-        changed in it takes effect at the next start; on_reload says what)
-        and the inventory, as `clonectl lu create` does while serving:
+        """SIGHUP (systemctl reload): re-read the configuration file (allow
+        lists and connection limits apply at once, the rest at the next
+        start; on_reload says which) and the inventory, as `clonectl lu create` does while serving:
         new LUs are exported, removed ones no longer; connected clients
         stay connected."""
         self.reload_requested = False
@@ -672,7 +674,7 @@ class Server:
             time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000))
         try:
             if self.on_reload is not None:
-                self.on_reload(self.say)
+                self.on_reload(self)
             result = control.call(self.state_dir.control_socket, "reload",
                                   reply_timeout=30)
             self.say("reloaded the inventory: {} exports".format(
@@ -683,6 +685,35 @@ class Server:
             self.say("error: reload failed: {}".format(e))
         finally:
             sd_notify("READY=1")
+
+    LIVE = ("allow", "allow_export", "max_connections", "max_per_address")
+
+    def set_access(self, allow, allow_export, max_connections,
+                   max_per_address):
+        """Replace the allow lists and connection limits while serving
+        (a reload): nbdkit's plugin checks them at each new connection;
+        connected clients stay.  Arguments as Listen takes them."""
+        new = Listen(self.listen.socket_path, self.listen.port,
+                     self.listen.bind if self.listen.port is not None
+                     else None, allow=allow, allow_export=allow_export,
+                     max_connections=max_connections,
+                     max_per_address=max_per_address)
+        if self.iscsi is not None and (new.allow or new.allow_export):
+            raise errors.InvalidArgument(
+                reason="--iscsi-portal cannot be combined with --allow or "
+                       "--allow-export yet")
+        new.resolve_limits(self._nofile, 3 if self.thread_model ==
+                           "parallel" else 1)
+        control.call(self.state_dir.control_socket, "set_access",
+                     reply_timeout=10, allow=access.to_param(new.allow),
+                     allow_export=["{}={}".format(name, access.to_param(nets))
+                                   for name, nets in
+                                   sorted(new.allow_export.items())],
+                     max_connections=new.max_connections,
+                     max_per_address=new.max_per_address)
+        for name in self.LIVE:
+            setattr(self.listen, name, getattr(new, name))
+        self.publish()      # for status, and for a restart of nbdkit
 
     def _supervise(self):
         while True:

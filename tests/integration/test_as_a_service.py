@@ -144,7 +144,7 @@ def test_sighup_reloads_without_dropping_clients(
     record.pop("clones", None)
     doc["lus"]["b"] = record
     (state_dir / "state.json").write_text(json.dumps(doc))
-    conf.write_text("max-connections = 60\n")
+    conf.write_text("max-connections = 60\nthreads = 4\n")
     os.kill(srv.pid, signal.SIGHUP)
     msg = notify_socket.receive()
     assert msg.get("RELOADING") == "1" and "MONOTONIC_USEC" in msg, msg
@@ -159,7 +159,43 @@ def test_sighup_reloads_without_dropping_clients(
     h2.shutdown()
     assert srv.running()
     out = srv.log()
-    assert "max-connections changed; restart the server to apply" in out, out
+    assert "max-connections applied to new connections" in out, out
+    assert "threads changed; restart the server to apply" in out, out
+    assert status_json(state_dir)["server"]["max_connections"] == 60
+
+
+def test_sighup_applies_a_new_allow_list_to_new_clients(
+        clonectl, state_dir, tmp_path, notify_socket, server_factory):
+    clonectl("lu", "create", "a", "--size", "1M")
+    conf = tmp_path / "clonectl.toml"
+    conf.write_text('allow = ["127.0.0.2"]\n')
+    port = free_port()
+    srv = server_factory(extra_args=["--config", str(conf),
+                                     "--port", str(port)])
+    assert notify_socket.receive()["READY"] == "1"
+    h = _client_from("127.0.0.2", port)
+    h.pwrite(b"y" * 512, 0)
+    with pytest.raises(nbd.Error):
+        _client_from("127.0.0.3", port)
+    conf.write_text('allow = ["127.0.0.2", "127.0.0.3"]\n')
+    os.kill(srv.pid, signal.SIGHUP)
+    assert notify_socket.receive().get("RELOADING") == "1"
+    assert notify_socket.receive().get("READY") == "1"
+    h3 = _client_from("127.0.0.3", port)
+    assert h3.pread(512, 0) == b"y" * 512
+    h3.shutdown()
+    assert h.pread(512, 0) == b"y" * 512      # still connected
+    h.shutdown()
+    assert status_json(state_dir)["server"]["allow"] == ["127.0.0.2",
+                                                         "127.0.0.3"]
+    # Back to the old list: 127.0.0.3 is refused again.
+    conf.write_text('allow = ["127.0.0.2"]\n')
+    os.kill(srv.pid, signal.SIGHUP)
+    assert notify_socket.receive().get("RELOADING") == "1"
+    assert notify_socket.receive().get("READY") == "1"
+    with pytest.raises(nbd.Error):
+        _client_from("127.0.0.3", port)
+    assert srv.running()
 
 
 def test_unit_file_passes_systemd_analyze_verify():
