@@ -666,9 +666,9 @@ class Server:
     def reload(self):
         """SIGHUP (systemctl reload): re-read the configuration file (allow
         lists and connection limits apply at once, the rest at the next
-        start; on_reload says which) and the inventory, as `clonectl lu create` does while serving:
-        new LUs are exported, removed ones no longer; connected clients
-        stay connected."""
+        start; on_reload says which) and the inventory, as `clonectl lu
+        create` does while serving: new LUs are exported, removed ones no
+        longer; connected clients stay connected."""
         self.reload_requested = False
         sd_notify("RELOADING=1", "MONOTONIC_USEC={}".format(
             time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000))
