@@ -63,6 +63,7 @@ def config_complete():
         sys.path.insert(0, _config["pythonpath"])
     from target import access, iscsi, limits, service
     limits.install_log_limit()
+    _one_line_errors()
     if "max_connections" in _config or "max_per_address" in _config:
         _limiter = limits.ConnectionLimiter(
             int(_config.get("max_connections", 0)),
@@ -96,8 +97,10 @@ def after_fork():
     # --foreground mode), so the control socket is started here.
     global _control
     from target import control
+    operations = _target.control_operations()
+    operations["set_access"] = _set_access
     _control = control.ControlServer(_target.state_dir.control_socket,
-                                     _target.control_operations())
+                                     operations)
     _control.start()
     _target.start()
     if "replication" in _config:
@@ -109,11 +112,53 @@ def after_fork():
         _target.watch_parent(int(_config["parent"]))
 
 
+def _set_access(allow="", allow_export=(), max_connections=0,
+                max_per_address=0):
+    """The control operation behind a reload of `serve`'s configuration:
+    new allow lists and connection limits, in the format of the plugin
+    parameters, for the connections that come next."""
+    global _allow, _export_rules, _limiter
+    from target import access, limits
+    new_allow = access.AllowList(allow) if allow else None
+    new_rules = access.ExportRules(list(allow_export),
+                                   _target.clone_sources) \
+        if allow_export else None
+    if _limiter is None:
+        _limiter = limits.ConnectionLimiter(int(max_connections),
+                                            int(max_per_address))
+    else:
+        with _limiter.lock:
+            _limiter.max_connections = int(max_connections)
+            _limiter.max_per_address = int(max_per_address)
+    _allow, _export_rules = new_allow, new_rules
+    return {}
+
+
 def cleanup():
     if _control is not None:
         _control.stop()
     if _target is not None:
         _target.close()
+
+
+def _one_line_errors():
+    """Our errors (target.errors.Error: a refused client, a bad export
+    name, an I/O error with its errno) reach nbdkit's log as their message
+    alone, on one line.  nbdkit 1.32 logs an exception a callback raises as
+    traceback.format_exception() renders it, and offers no other way to
+    fail a callback (preconnect included) than raising; other exceptions,
+    the bugs, keep their traceback."""
+    import traceback
+    from target import errors
+    format_exception = traceback.format_exception
+
+    def one_line(exc, /, *args, **kwargs):
+        value = args[0] if args else exc
+        if isinstance(value, errors.Error):
+            return ["{}: {}".format(value.code, value)]
+        return format_exception(exc, *args, **kwargs)
+
+    traceback.format_exception = one_line
 
 
 def _fail(e):

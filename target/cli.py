@@ -682,6 +682,91 @@ def clone_restore(ctx, name, full, wait, rate):
 
 # ---------------------------------------------------------------- serve
 
+_CONFIG_HELP = (
+    "Read option values from this TOML file (also from $CLONECTL_CONFIG). "
+    "Its keys are the long option names without the dashes, e.g. "
+    "`port = 10809`, `bind = \"0.0.0.0\"`, `allow = [\"10.0.0.0/8\"]`, "
+    "`tls-verify-peer = true`; an option given on the command line wins "
+    "over the file. Unknown keys and values of the wrong type are refused "
+    "(exit status 1). SIGHUP re-reads the file and the inventory without "
+    "dropping clients: allow, allow-export, max-connections and "
+    "max-connections-per-address apply to new connections at once, other "
+    "keys at the next start. See docs/service.md. Keys: ")
+
+
+def _load_config(ctx, path):
+    """--config: the file's values become the command's defaults
+    (ctx.default_map), below the command line's."""
+    if path is None:
+        return None
+    from . import config
+    try:
+        values = config.load(path, ctx.command, ctx)
+    except errors.Error as e:
+        _fail(str(e))
+    ctx.default_map = dict(ctx.default_map or {}, **values)
+    ctx.meta["clonectl.config"] = (path, values)
+    return path
+
+
+def _reread_config(ctx, srv):
+    """serve's SIGHUP: read the configuration file again.  Allow lists and
+    connection limits apply to the next connections at once; other
+    changed keys are reported: nbdkit takes them when it starts, and
+    restarting it would drop the clients.  A key also given on the command
+    line keeps the command line's value."""
+    from click.core import ParameterSource
+    path, values = ctx.meta.get("clonectl.config", (None, None))
+    if path is None:
+        return
+    from . import config
+    try:
+        new = config.load(path, ctx.command, ctx)
+    except errors.Error as e:
+        srv.say("warning: {}; the running configuration stays".format(e))
+        return
+    path = os.path.abspath(path)
+    names = {param.name: key for key, param in
+             config.keys(ctx.command).items()}
+    live, restart = {}, []
+    for key in config.changed_keys(values, new, ctx.command):
+        name = next(n for n, k in names.items() if k == key)
+        if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE:
+            srv.say("warning: configuration file {}: {} changed, but "
+                    "--{} on the command line wins".format(path, key, key))
+        elif name in server.Server.LIVE:
+            live[name] = new.get(name)
+        else:
+            restart.append(key)
+    if live:
+        current = {n: ctx.params.get(n) for n in server.Server.LIVE}
+        current.update(ctx.meta.get("clonectl.live", {}))
+        current.update(live)
+        try:
+            srv.set_access(tuple(current["allow"] or ()),
+                           tuple(current["allow_export"] or ()),
+                           current["max_connections"],
+                           current["max_per_address"])
+        except (OSError, errors.Error) as e:
+            srv.say("warning: configuration file {}: {}; the running "
+                    "configuration stays".format(path, e))
+            return
+        ctx.meta["clonectl.live"] = current
+        srv.say("configuration file {}: {} applied to new connections"
+                .format(path, ", ".join(names[n] for n in sorted(live))))
+    if restart:
+        srv.say("warning: configuration file {}: {} changed; restart the "
+                "server to apply".format(path, ", ".join(restart)))
+    # What runs now: the keys that wait for a restart keep their values.
+    running = dict(new)
+    for name, key in names.items():
+        if key in restart:
+            running.pop(name, None)
+            if name in values:
+                running[name] = values[name]
+    ctx.meta["clonectl.config"] = (ctx.meta["clonectl.config"][0], running)
+
+
 @main.command()
 @click.option("--socket", "socket_path", metavar="PATH",
               help="Listen on this Unix socket. Default when neither "
@@ -807,6 +892,10 @@ def clone_restore(ctx, name, full, wait, rate):
                    "shows names and paths: use 0.0.0.0 or an address only "
                    "where that is fine); e.g. --metrics 9100. See "
                    "docs/monitoring.md.")
+@click.option("--config", "config_file", metavar="FILE",
+              envvar="CLONECTL_CONFIG", is_eager=True, expose_value=False,
+              callback=lambda ctx, param, value: _load_config(ctx, value),
+              help=_CONFIG_HELP)
 @pass_ctx
 @handle_errors
 def serve(ctx, socket_path, port, bind, tls_psk, tls_certificates,
@@ -848,6 +937,25 @@ def serve(ctx, socket_path, port, bind, tls_psk, tls_certificates,
     most 8 such connections at once; others are closed at once. Repeated
     log lines are suppressed beyond 10 a minute, and counted in the next
     line that passes.
+
+    As a service: --config FILE (or $CLONECTL_CONFIG) reads these options
+    from a TOML file (keys listed under --config; the command line wins).
+    Under systemd (packaging/clonectl.service, Type=notify) the server
+    reports READY=1 once nbdkit completes an NBD handshake, RELOADING=1 and
+    READY=1 around a reload, STOPPING=1 on SIGTERM. SIGHUP re-reads the
+    configuration file and the inventory without dropping clients. The log,
+    run/serve.log, has one line per event with its ISO-8601 UTC time, level
+    and component, including the start, end and figures of every sync,
+    restore, fracture, transfer and replay. See docs/service.md.
+
+    \b
+    Examples:
+      clonectl serve --config /etc/clonectl/clonectl.toml
+      clonectl serve --config /etc/clonectl/clonectl.toml --port 10900
+      kill -HUP "$(cat /run/clonectl.pid)"   # with --pidfile: reload
+
+    Exit status: 0 after a clean stop; 1 if the server cannot start or
+    nbdkit keeps dying; 2 for usage errors.
     """
     if socket_path is None and port is None:
         socket_path = ctx.state_dir.default_nbd_socket
@@ -918,6 +1026,8 @@ def serve(ctx, socket_path, port, bind, tls_psk, tls_certificates,
                         threads=threads, pidfile=pidfile, peer=peer_listen,
                         iscsi=iscsi_conf, replication=replication_conf,
                         metrics=metrics_listen)
+    click_ctx = click.get_current_context()
+    srv.on_reload = lambda srv: _reread_config(click_ctx, srv)
     if detach:
         info = server.serve_detached(srv)
         click.echo("serving on {} (pid {})".format(
@@ -932,6 +1042,16 @@ def serve(ctx, socket_path, port, bind, tls_psk, tls_certificates,
 
     srv.run(ready=ready)
     srv.say("stopped")
+
+
+def _document_config_keys(command):
+    from . import config
+    for param in command.params:
+        if param.name == "config_file":
+            param.help += config.help_text(command) + "."
+
+
+_document_config_keys(serve)
 
 
 @main.command()

@@ -713,6 +713,9 @@ class CloneGroup:
             self.progress[clone.name] = Progress(
                 kind, left, self.granularity, left_bytes, self.cod.extents)
         self.engine = SyncEngine(self, clone, rate)
+        log.info("%s of clone %s (%s) started: %d extents of %d bytes to "
+                 "copy", kind, clone.name, self.source.name,
+                 self.progress[clone.name].extents_at_start, self.granularity)
         if run:
             self.engine.start()
         return self.engine
@@ -747,6 +750,8 @@ class CloneGroup:
             # The fracture is durable and in effect; the writes since are
             # in the activity map until a later commit succeeds.
             log.exception("commit after the fracture of clone %s", name)
+        log.info("clone %s (%s) fractured: %d extents differ from the "
+                 "source", clone.name, self.source.name, clone.delta.count(1))
         return clone
 
     def _drain(self):
@@ -1344,8 +1349,12 @@ class SyncEngine:
             group._transition(self.clone, "completed")
             group._set_read_path()
             self.active = False
-        log.info("clone %s: %s completed", self.clone.name,
-                 "reverse sync" if self.reverse else "sync")
+        progress = group.progress[self.clone.name]
+        log.info("%s of clone %s (%s) completed: %d bytes in %.1f s, %d "
+                 "extents", "reverse-sync" if self.reverse else "sync",
+                 self.clone.name, group.source.name, progress.bytes_copied,
+                 time.monotonic() - progress.started,
+                 progress.extents_at_start)
         return True
 
     def _finish_restore(self):
@@ -1379,11 +1388,18 @@ class SyncEngine:
             with group.cond:
                 group.quiesce = False
                 group.cond.notify_all()
-        log.info("clone %s: protected restore completed", clone.name)
+        progress = group.progress[clone.name]
+        log.info("restore of clone %s (%s) completed: %d bytes in %.1f s, "
+                 "%d extents", clone.name, group.source.name,
+                 progress.bytes_copied, time.monotonic() - progress.started,
+                 progress.extents_at_start)
         return True
 
     def fail(self, message):
         group = self.group
+        log.error("%s of clone %s (%s) failed: %s", getattr(
+            group.progress.get(self.clone.name), "kind", "sync"),
+            self.clone.name, group.source.name, message)
         with group.cond:
             if self.clone.state in RUNNING:
                 try:

@@ -388,7 +388,8 @@ class Gateway:
             self.control_port = port
             self.tgtd_cmd = ["tgtd", "-f", "-C", str(port), "--iscsi",
                              "portal={}:{}".format(*self.portal)]
-            log = open(self.log_path, "ab")
+            from .server import log_writer
+            log = log_writer(self.log_path, "tgtd")
             try:
                 self.tgtd = subprocess.Popen(
                     self.tgtd_cmd, stdin=subprocess.DEVNULL, stdout=log,
@@ -463,7 +464,8 @@ class Gateway:
             cmd.append("-r")
         cmd += [os.path.join(mountpoint, "disk"),
                 self.nbd_uri(GATEWAY_PREFIX + self.secret + ":" + name)]
-        log = open(self.log_path, "ab")
+        from .server import log_writer
+        log = log_writer(self.log_path, "nbdfuse")
         try:
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log,
                                     stderr=log, close_fds=True,

@@ -340,16 +340,81 @@ class LineLimiter:
             report, self.limiter.interval)).encode()]
 
 
-def install_log_limit(stream=None):
-    """Send clonectl's log messages (WARNING and up, as Python's default
-    handler does) to stream through a RepeatFilter; once per process."""
+class LogFormatter(logging.Formatter):
+    """One line per message: an ISO-8601 UTC timestamp with milliseconds,
+    the level and the component (the logger's name), e.g.
+    `2026-12-04T14:05:01.123Z INFO clonectl.clones: sync of clone c1 ...`.
+    The manager writes nbdkit's own lines in the same form (stamp_line)."""
+
+    def formatTime(self, record, datefmt=None):
+        return _iso_utc(record.created)
+
+    def __init__(self):
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def format(self, record):
+        # A traceback stays with its line: continuation lines are indented.
+        return super().format(record).replace("\n", "\n    ")
+
+
+def _iso_utc(t):
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + \
+        ".{:03d}Z".format(int(t * 1000) % 1000)
+
+
+_STAMPED = re.compile(rb"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z ")
+_NBDKIT_LEVEL = re.compile(rb"\b(error|warning):", re.IGNORECASE)
+
+
+def stamp_line(line, component=b"nbdkit", now=None):
+    """A line of nbdkit's output (bytes) in the log format: lines our
+    logging wrote already carry a timestamp; nbdkit's own get one, the
+    level they name (error:, warning:; INFO otherwise) and component."""
+    if _STAMPED.match(line):
+        return line
+    if line.startswith(b"clonectl serve: "):    # LineLimiter's reports
+        component = b"clonectl.serve"
+        line = line[len(b"clonectl serve: "):]
+    m = _NBDKIT_LEVEL.search(line)
+    level = m.group(1).upper() if m else b"INFO"
+    return b"%s %s %s: %s" % (_iso_utc(time.time() if now is None else now)
+                              .encode(), level, component,
+                              line.removeprefix(component + b": "))
+
+
+def add_log_file(path, level=logging.INFO):
+    """Also append clonectl's log messages to the file at path (the
+    foreground manager's own lines, next to nbdkit's in run/serve.log);
+    once per process and path."""
+    logger = logging.getLogger("clonectl")
+    path = os.path.abspath(path)
+    for h in logger.handlers:
+        if isinstance(h, logging.FileHandler) and h.baseFilename == path:
+            return h
+    # Private, as the server creates it (client addresses are in it).
+    os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT |
+                     os.O_CLOEXEC, 0o600))
+    handler = logging.FileHandler(path)
+    handler.setLevel(level)
+    handler.setFormatter(LogFormatter())
+    handler.addFilter(RepeatFilter())
+    logger.addHandler(handler)
+    return handler
+
+
+def install_log_limit(stream=None, level=logging.INFO):
+    """Send clonectl's log messages (INFO and up: operations are recorded)
+    to stream, formatted by LogFormatter, through a RepeatFilter; once per
+    process."""
     logger = logging.getLogger("clonectl")
     for h in logger.handlers:
         if any(isinstance(f, RepeatFilter) for f in h.filters):
             return h
     import sys
     handler = logging.StreamHandler(stream or sys.stderr)
-    handler.setLevel(logging.WARNING)
+    handler.setLevel(level)
+    handler.setFormatter(LogFormatter())
     handler.addFilter(RepeatFilter())
     logger.addHandler(handler)
+    logger.setLevel(level)
     return handler

@@ -1003,6 +1003,9 @@ class Link:
             self.replay_acked = None
         # The stream's start is durable before anything of it is sent.
         g.persist()
+        started = time.monotonic()
+        log.info("group %s: replay to %s started: %d extents of %d bytes",
+                 g.name, self.secondary, self.replay_total, g.granularity)
         send_json(sock, b"RBEG", {"extents": self.replay_total})
         if not self._wait_replay_reply(b"RBOK"):
             return False
@@ -1067,8 +1070,9 @@ class Link:
             # The stream goes on from where the replay left it.
             self.stream_from = pos
         g.persist()
-        log.info("group %s: replay to %s complete (%d extents)", g.name,
-                 self.secondary, self.replay_total)
+        log.info("group %s: replay to %s completed: %d extents in %.1f s",
+                 g.name, self.secondary, self.replay_total,
+                 time.monotonic() - started)
         return True
 
     def _wait_replay_reply(self, kind):
@@ -2055,6 +2059,7 @@ class SecondaryGroup:
                     off, vol))
 
     def _begin_replay(self, theirs):
+        log.info("group %s: replay from the primary started", self.name)
         if self.consistent:
             # Keep the last consistent image readable and restorable.
             for lu in self.volumes:
@@ -2078,6 +2083,8 @@ class SecondaryGroup:
             self.reason = None
         self._clear_stage()
         self.persist()
+        log.info("group %s: replay from the primary completed: consistent "
+                 "at sequence %d", self.name, seq)
         if self.protected:
             for lu in self.volumes:
                 self.release(lu)

@@ -35,17 +35,22 @@ import contextlib
 import ctypes
 import datetime
 import fcntl
+import ipaddress
 import json
+import logging
 import os
 import signal
 import socket
 import stat
+import struct
 import subprocess
 import sys
 import threading
 import time
 
 from . import access, control, errors, fsutil, limits
+
+log = logging.getLogger("clonectl.serve")
 
 _libc = ctypes.CDLL(None, use_errno=True)
 PR_SET_PDEATHSIG = 1
@@ -226,6 +231,53 @@ def _check_psk_file(path):
     return path
 
 
+NBD_MAGIC = b"NBDMAGIC"
+NBD_OPTS_MAGIC = b"IHAVEOPT"
+NBD_REP_MAGIC = 0x3e889045565a9
+NBD_FLAG_FIXED_NEWSTYLE = 1
+NBD_FLAG_NO_ZEROES = 2
+NBD_OPT_ABORT = 2
+
+
+def nbd_handshake_answers(sock):
+    """Whether the NBD server on the connected sock completes the start of
+    a fixed-newstyle handshake: its greeting, our flags, NBD_OPT_ABORT and
+    its acknowledgement.  A bare connect-and-close makes nbdkit log an
+    error (a broken pipe sending its greeting); this makes it log nothing.
+    libnbd could do the same, but the manager must not depend on it."""
+    def recv_exactly(n):
+        data = b""
+        while len(data) < n:
+            chunk = sock.recv(n - len(data))
+            if not chunk:
+                raise ConnectionError("closed during the handshake")
+            data += chunk
+        return data
+
+    try:
+        greeting = recv_exactly(18)
+        if greeting[:16] != NBD_MAGIC + NBD_OPTS_MAGIC:
+            return False
+        sock.sendall(struct.pack(">I", NBD_FLAG_FIXED_NEWSTYLE |
+                                 NBD_FLAG_NO_ZEROES) + NBD_OPTS_MAGIC +
+                     struct.pack(">II", NBD_OPT_ABORT, 0))
+        # The ACK (magic, option, type, length): read it before closing,
+        # or nbdkit would be writing to a closed socket.
+        magic = struct.unpack(">QIII", recv_exactly(20))[0]
+        return magic == NBD_REP_MAGIC
+    except OSError:
+        return False
+
+
+def _local_source(bind):
+    """The source address of our own connection to bind."""
+    address = ipaddress.ip_address(bind)
+    if address.is_unspecified:
+        return ipaddress.ip_address("::1" if address.version == 6
+                                    else "127.0.0.1")
+    return address
+
+
 def _socket_answers(path):
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(2)
@@ -374,9 +426,22 @@ class Server:
         self._published = False
         self._restarts = []
         self._pump = None
+        self.reload_requested = False
+        self._nofile = None
+        self.detached = False   # our stderr is run/serve.log already
+        # Called with the server on SIGHUP before the inventory is read
+        # again: the CLI re-reads the configuration file (target/config.py)
+        # and applies what can change while serving (set_access).
+        self.on_reload = None
 
-    def say(self, msg):
-        print("clonectl serve: " + msg, file=self.out, flush=True)
+    def say(self, msg, level=None):
+        """Log msg as the manager (clonectl.serve); "error: ..." and
+        "warning: ..." messages at their level, others at INFO."""
+        limits.install_log_limit(self.out)
+        if level is None:
+            level = logging.ERROR if msg.startswith("error") else \
+                logging.WARNING if msg.startswith("warning") else logging.INFO
+        log.log(level, "%s", msg)
 
     # Start-up.
 
@@ -436,7 +501,8 @@ class Server:
                       os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
                       0o600)
         try:
-            os.write(log, "--- {} starting nbdkit\n".format(_now()).encode())
+            os.write(log, limits.stamp_line(b"starting nbdkit\n",
+                                            b"clonectl.serve"))
             self.proc = subprocess.Popen(
                 self.nbdkit_command(), stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -468,14 +534,31 @@ class Server:
                 READY_TIMEOUT, self.log_tail()))
 
     def _nbd_ready(self):
-        if self.listen.socket_path:
-            return _socket_answers(self.listen.socket_path)
+        """Whether an NBD client can reach the export list: a handshake,
+        so that nbdkit logs nothing.  With an --allow list that would
+        refuse this host, only the control socket's answer counts (nbdkit
+        listens before the plugin's after_fork starts the control socket),
+        so that the check does not log a refusal."""
         try:
-            with socket.create_connection((self.listen.bind, self.listen.port),
-                                          timeout=2):
+            if self.listen.socket_path:
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                sock.settimeout(2)
+                try:
+                    sock.connect(self.listen.socket_path)
+                except OSError:
+                    sock.close()
+                    raise
+            elif self.listen.allow and not access.AllowList(
+                    access.to_param(self.listen.allow)).permits(
+                        _local_source(self.listen.bind)):
                 return True
+            else:
+                sock = socket.create_connection(
+                    (self.listen.bind, self.listen.port), timeout=2)
         except OSError:
             return False
+        with sock:
+            return nbd_handshake_answers(sock)
 
     def log_tail(self, lines=15):
         try:
@@ -519,10 +602,11 @@ class Server:
         """Serve until SIGTERM/SIGINT; ready(info) is called once serving."""
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
+        signal.signal(signal.SIGHUP, self._on_hangup)
         limits.install_log_limit(self.out)
         # nbdkit inherits the raised limit; the default connection cap is
         # what it leaves after the engines' reserve.
-        nofile = limits.raise_nofile_limit()
+        nofile = self._nofile = limits.raise_nofile_limit()
         per_connection = 3 if self.thread_model == "parallel" else 1
         given = self.listen.max_connections
         self.listen.resolve_limits(nofile, per_connection)
@@ -539,6 +623,9 @@ class Server:
                 from .monitor import Monitor
                 self.monitor = Monitor(self.metrics[0], self.metrics[1],
                                        self.state_dir.control_socket)
+            if not self.detached:
+                # The whole story in one file, stderr (the journal) too.
+                limits.add_log_file(self.state_dir.serve_log_file)
             if self.iscsi is not None:
                 from . import iscsi
                 self.gateway_secret = iscsi.make_secret(
@@ -557,8 +644,11 @@ class Server:
             info = self.publish()
             if ready:
                 ready(info)
+            sd_notify("READY=1", "STATUS=serving on " + (
+                info["socket"] or "{}:{}".format(info["bind"], info["port"])))
             self._supervise()
         finally:
+            sd_notify("STOPPING=1")
             self._cleanup()
 
     def _start_gateway(self):
@@ -580,20 +670,77 @@ class Server:
             modes = control.call(self.state_dir.control_socket,
                                  "export_modes", reply_timeout=10)
         except (OSError, errors.Error) as e:
-            self.say("iSCSI: cannot list exports: {}".format(e))
+            self.say("iSCSI: cannot list exports: {}".format(e), logging.ERROR)
             return
         try:
             self.gateway.sync(modes)
         except errors.Error as e:
-            self.say("iSCSI: {}".format(e))
+            self.say("iSCSI: {}".format(e), logging.ERROR)
 
     def _on_signal(self, signum, frame):
         self.stopping = True
+
+    def _on_hangup(self, signum, frame):
+        self.reload_requested = True
+
+    def reload(self):
+        """SIGHUP (systemctl reload): re-read the configuration file (allow
+        lists and connection limits apply at once, the rest at the next
+        start; on_reload says which) and the inventory, as `clonectl lu
+        create` does while serving: new LUs are exported, removed ones no
+        longer; connected clients stay connected."""
+        self.reload_requested = False
+        sd_notify("RELOADING=1", "MONOTONIC_USEC={}".format(
+            time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000))
+        try:
+            if self.on_reload is not None:
+                self.on_reload(self)
+            result = control.call(self.state_dir.control_socket, "reload",
+                                  reply_timeout=30)
+            self.say("reloaded the inventory: {} exports".format(
+                len(result.get("exports") or ())))
+            if self.gateway is not None:
+                self._sync_gateway()
+        except (OSError, errors.Error) as e:
+            self.say("error: reload failed: {}".format(e))
+        finally:
+            sd_notify("READY=1")
+
+    LIVE = ("allow", "allow_export", "max_connections", "max_per_address")
+
+    def set_access(self, allow, allow_export, max_connections,
+                   max_per_address):
+        """Replace the allow lists and connection limits while serving
+        (a reload): nbdkit's plugin checks them at each new connection;
+        connected clients stay.  Arguments as Listen takes them."""
+        new = Listen(self.listen.socket_path, self.listen.port,
+                     self.listen.bind if self.listen.port is not None
+                     else None, allow=allow, allow_export=allow_export,
+                     max_connections=max_connections,
+                     max_per_address=max_per_address)
+        if self.iscsi is not None and (new.allow or new.allow_export):
+            raise errors.InvalidArgument(
+                reason="--iscsi-portal cannot be combined with --allow or "
+                       "--allow-export yet")
+        new.resolve_limits(self._nofile, 3 if self.thread_model ==
+                           "parallel" else 1)
+        control.call(self.state_dir.control_socket, "set_access",
+                     reply_timeout=10, allow=access.to_param(new.allow),
+                     allow_export=["{}={}".format(name, access.to_param(nets))
+                                   for name, nets in
+                                   sorted(new.allow_export.items())],
+                     max_connections=new.max_connections,
+                     max_per_address=new.max_per_address)
+        for name in self.LIVE:
+            setattr(self.listen, name, getattr(new, name))
+        self.publish()      # for status, and for a restart of nbdkit
 
     def _supervise(self):
         while True:
             if self.stopping:
                 return
+            if self.reload_requested:
+                self.reload()
             try:
                 status = self.proc.wait(0.2)
             except subprocess.TimeoutExpired:
@@ -611,7 +758,7 @@ class Server:
                     reason="nbdkit died {} times within {:.0f} s; giving up"
                     .format(len(self._restarts), RESTART_WINDOW))
             self.say("nbdkit (pid {}) died with status {}; restarting"
-                     .format(self.proc.pid, status))
+                     .format(self.proc.pid, status), logging.ERROR)
             if self.listen.socket_path:
                 _remove_stale_socket(self.listen.socket_path)
             _remove_stale_socket(self.state_dir.control_socket)
@@ -630,7 +777,8 @@ class Server:
             control.call(self.state_dir.control_socket, "prepare_stop",
                          reply_timeout=STOP_GRACE * 2)
         except (OSError, errors.Error) as e:
-            self.say("could not commit maps before stopping: {}".format(e))
+            self.say("could not commit maps before stopping: {}".format(e),
+                     logging.ERROR)
         self.proc.terminate()
         try:
             self.proc.wait(STOP_GRACE)
@@ -726,10 +874,14 @@ def _become_daemon(server, ready_w):
         os.close(devnull)
         os.close(logfd)
         server.out = sys.stderr
+        server.detached = True
 
         def ready(info):
             os.write(ready_w, json.dumps({"ok": True, "info": info}).encode())
             os.close(ready_w)
+            server.say("serving on {} (pid {})".format(
+                info["socket"] or "{}:{}".format(info["bind"], info["port"]),
+                info["pid"]))
 
         try:
             server.run(ready=ready)
@@ -765,20 +917,63 @@ def stop(state_dir, timeout=STOP_TIMEOUT):
     raise errors.StopTimeout(pid=pid, timeout=timeout)
 
 
-def _pump_log(pipe, fd):
-    """Copy nbdkit's output to the log file fd until EOF, repeated lines
-    suppressed (limits.LineLimiter); then close both."""
+def sd_notify(*states):
+    """Tell the service manager (systemd, Type=notify) about this process:
+    one datagram of NAME=VALUE lines to the AF_UNIX socket named in
+    $NOTIFY_SOCKET ('@' at its start: the abstract namespace); nothing
+    without it.  This is all of sd_notify(3) that we need: python3-systemd
+    would add a dependency for a dozen lines.  Returns whether it was
+    sent."""
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return False
+    if path.startswith("@"):
+        path = "\0" + path[1:]
+    try:
+        with socket.socket(socket.AF_UNIX,
+                           socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+            s.connect(path)
+            s.sendall("\n".join(states).encode())
+        return True
+    except OSError as e:
+        log.warning("cannot notify the service manager at %s: %s",
+                    os.environ.get("NOTIFY_SOCKET"), e.strerror or e)
+        return False
+
+
+def log_writer(path, component):
+    """A file to give a child (tgtd, nbdfuse) as its stdout and stderr: its
+    lines reach the log file at path as nbdkit's do, stamped with the time,
+    their level and component, repeats limited.  Close it once the child
+    has it."""
+    r, w = os.pipe2(os.O_CLOEXEC)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT |
+                     os.O_CLOEXEC, 0o600)
+    except BaseException:
+        os.close(r)
+        os.close(w)
+        raise
+    threading.Thread(target=_pump_log, args=(os.fdopen(r, "rb"), fd,
+                                             component.encode()),
+                     name=component + "-log", daemon=True).start()
+    return os.fdopen(w, "wb")
+
+
+def _pump_log(pipe, fd, component=b"nbdkit"):
+    """Copy a child's output (nbdkit's) to the log file fd until EOF,
+    repeated lines suppressed (limits.LineLimiter); then close both."""
     limiter = limits.LineLimiter()
     try:
         for line in iter(lambda: pipe.readline(65536), b""):
             for out in limiter.lines(line):
                 try:
-                    os.write(fd, out)
+                    os.write(fd, limits.stamp_line(out, component))
                 except OSError:
                     pass    # a full disk: keep reading, or nbdkit blocks
         for out in limiter.flush():
             try:
-                os.write(fd, out)
+                os.write(fd, limits.stamp_line(out, component))
             except OSError:
                 pass
     finally:

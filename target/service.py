@@ -640,6 +640,9 @@ class Target:
             self._save_role(files, record)
             files.remove(files.dcms() + [files.srl, files.since()])
             new = self._open_rsg(files, record)
+        log.info("replicated group %s demoted: secondary from sequence %d, "
+                 "%d regions not acknowledged by a secondary", name, last,
+                 len(runs))
         return new.status()
 
     def lu_create(self, name, size=None, file=None, readonly=False):

@@ -721,6 +721,10 @@ class Session:
                 d.consistency = INCONSISTENT
                 d.transferring = True
         self.engine = engine
+        log.info("transfer of session %s (%s) started: %d extents of %d "
+                 "bytes to %d destinations%s", self.name, self.source.name,
+                 engine.total, self.granularity, len(clients),
+                 " (unmarked: the live image)" if unmarked else "")
         if run:
             engine.start()
         return engine
@@ -1140,6 +1144,12 @@ class TransferEngine:
         self.result = "completed" if ok else "failed: " + "; ".join(
             self.failed.values())
         s.last_transfer = self.summary()
+        log.log(logging.INFO if ok else logging.ERROR,
+                "transfer of session %s (%s) %s: %d bytes written and %d "
+                "zeroed in %.1f s, %d extents, %d of %d destinations",
+                s.name, s.source.name, self.result, self.bytes_sent,
+                self.bytes_zeroed, self.finished - self.started, self.total,
+                len(self.completed), len(self.clients))
         if ok and not self.unmarked:
             s._unmark(self.generation, None)   # persists the record too
         else:
@@ -1154,6 +1164,11 @@ class TransferEngine:
         self.finished = time.time()
         self.result = "failed: " + reason
         s.last_transfer = self.summary()
+        # Stopped with the target, it resumes at the next start.
+        log.log(logging.WARNING if self.stop_reason else logging.ERROR,
+                "transfer of session %s (%s) failed after %d bytes in %.1f "
+                "s: %s", s.name, s.source.name, self.bytes_sent,
+                self.finished - self.started, reason)
         try:
             s._persist()
         except Exception:  # noqa: BLE001

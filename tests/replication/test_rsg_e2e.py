@@ -8,6 +8,7 @@ secondary tells which prefix of the write order it holds.
 """
 
 import os
+import re
 import sys
 import time
 
@@ -465,10 +466,15 @@ def test_promote_demote_split_brain(cluster):
            G, timeout=10)
     b.cli("rsg", "promote", G)
     assert b.rsg(G)["role"] == "primary", c.describe(G)
+    _wait_logged(b, r"INFO clonectl\.target: replicated group {} promoted: "
+                 r"generation \S+$".format(G))
     _write_extents(b, "v1", [1, 3, 5], seed=61)      # new primary writes
     _write_extents(a, "v1", [7, 9], seed=62)         # old one too: diverged
     a.cli("rsg", "demote", G)
     assert a.rsg(G)["role"] == "secondary", c.describe(G)
+    _wait_logged(a, r"INFO clonectl\.target: replicated group {} demoted: "
+                 r"secondary from sequence \d+, \d+ regions not "
+                 r"acknowledged by a secondary$".format(G))
     c.heal_between(a, b)
     b.cli("rsg", "link", G, "--secondary", a.addr, "--mode", "async",
           "--token-file", c.token)
@@ -488,3 +494,19 @@ def test_promote_demote_split_brain(cluster):
     assert l["replay_total"] == 5, \
         "resync of 5 diverged extents copied {} of 128\n{}".format(
             l["replay_total"], c.describe(G))
+    _wait_logged(b, r"INFO clonectl\.replication: group {}: replay to \S+ "
+                 r"completed: 5 extents in [\d.]+ s$".format(G))
+    _wait_logged(a, r"INFO clonectl\.replication: group {}: replay from the "
+                 r"primary completed: consistent at sequence \d+$".format(G))
+
+
+def _wait_logged(node, pattern, timeout=10.0):
+    """The line matching pattern in node's run/serve.log (the target's
+    lines reach it through the manager, a moment later)."""
+    log = node.state_dir / "run" / "serve.log"
+    deadline = time.monotonic() + timeout
+    while not re.search(pattern, log.read_text(errors="replace"),
+                        re.MULTILINE):
+        assert time.monotonic() < deadline, "no {!r} in:\n{}".format(
+            pattern, node.log_tail())
+        time.sleep(0.05)

@@ -183,3 +183,27 @@ def test_line_limiter_reports_the_rest_at_the_end():
     out = lim.flush()
     assert len(out) == 1 and b"5 more like" in out[0]
     assert lim.flush() == []
+
+
+def test_stamp_line_gives_nbdkit_lines_time_level_and_component():
+    t = 1796392800.25       # 2026-12-04T14:00:00.250Z
+    assert limits.stamp_line(b"nbdkit: python[1]: error: write: x\n",
+                             now=t) == \
+        b"2026-12-04T14:00:00.250Z ERROR nbdkit: python[1]: error: write: x\n"
+    assert limits.stamp_line(b"tgtd: warning: y\n", b"tgtd", now=t) == \
+        b"2026-12-04T14:00:00.250Z WARNING tgtd: warning: y\n"
+    assert limits.stamp_line(b"clonectl serve: (repeats suppressed)\n",
+                             now=t) == b"2026-12-04T14:00:00.250Z INFO " \
+        b"clonectl.serve: (repeats suppressed)\n"
+    # A line our logging wrote in the target is kept as it is.
+    line = b"2026-12-04T14:00:00.250Z INFO clonectl.clones: sync ...\n"
+    assert limits.stamp_line(line, now=t + 5) == line
+
+
+def test_log_formatter_iso_time_level_component():
+    record = logging.LogRecord("clonectl.clones", logging.INFO, __file__, 1,
+                               "sync of clone %s completed", ("c1",), None)
+    record.created = 1796392800.25
+    assert limits.LogFormatter().format(record) == \
+        "2026-12-04T14:00:00.250Z INFO clonectl.clones: sync of clone c1 " \
+        "completed"
