@@ -429,14 +429,6 @@ def _target_call(ctx, op, **args):
             target.close()
 
 
-def _fmt_duration(seconds):
-    if seconds is None:
-        return "-"
-    seconds = int(seconds)
-    return "{}:{:02d}:{:02d}".format(seconds // 3600, seconds // 60 % 60,
-                                     seconds % 60)
-
-
 def _left(st):
     """Extents the running operation still has to copy (a restore never
     copies the extents hosts wrote meanwhile: they are not left to do)."""
@@ -444,18 +436,21 @@ def _left(st):
     return restore["pending_extents"] if restore else st["extents_dirty"]
 
 
-def _clone_line(st):
-    op = st.get("operation") or {}
-    done = st["extents_total"] - _left(st)
-    pct = 100.0 * done / st["extents_total"] if st["extents_total"] else 100.0
-    return ("{name}: {state}, {pct:.1f}% in sync ({dirty} of {total} extents "
-            "dirty), copied {copied}, {rate}, ETA {eta}, collisions {coll}"
-            .format(name=st["name"], state=st["state"], pct=pct,
-                    dirty=_left(st), total=st["extents_total"],
-                    copied=units.format_size(op.get("bytes_copied", 0)),
-                    rate=units.format_rate(op.get("rate", 0)),
-                    eta=_fmt_duration(op.get("eta")),
-                    coll=op.get("collisions", 0)))
+def _clone_lines(st, width=80):
+    """A clone's status in short lines (none wider than width)."""
+    lines = ["{}: {}{}".format(st["name"], st["state"],
+                               " (broken)" if st.get("broken") else "")]
+    lines.append("  {} of {} extents differ from {} ({})".format(
+        st["extents_dirty"], st["extents_total"], st["source"],
+        units.format_size(st["bytes_dirty"])))
+    job = progress.clone_job(st)
+    if job is not None:
+        op = st["operation"]
+        lines.append("  " + progress.line(job, width - 2))
+        lines.append("  {} {}, collisions {}, retries {}".format(
+            op["operation"], "running" if op.get("running") else "finished",
+            op.get("collisions", 0), op.get("retries", 0)))
+    return lines
 
 
 def _wait(ctx, name, target_state):
@@ -555,28 +550,28 @@ def clone_list(ctx, source, as_json):
 @pass_ctx
 @handle_errors
 def clone_status(ctx, name, as_json):
-    """Show state, dirty extents, bytes copied, rate, ETA and collisions."""
+    """Show a clone's state, how much differs from its Source, and its
+    running or last operation: done and total bytes, rate, time left,
+    collisions and retries; during a protected restore also the extents
+    still to copy and the copy-on-demand counters.  Every line fits 80
+    columns; --json has every figure."""
     st = _target_call(ctx, "clone_status", clone=name)
     if as_json:
         _print_json(st)
         return
-    click.echo(_clone_line(st))
+    for line in _clone_lines(st):
+        click.echo(line)
     if st.get("error"):
         click.echo("  error: " + st["error"])
     restore = st.get("restore")
     if restore:
-        click.echo("  restore: {} extents pending, {} protected (written by "
-                   "hosts); copy on demand: {} requests, {} extents, queue "
-                   "{}, wait p50 {} ms p99 {} ms".format(
-                       restore["pending_extents"],
-                       restore["protected_extents"], restore["cod_requests"],
-                       restore["cod_extents"], restore["cod_queue_depth"],
-                       restore["cod_wait_p50_ms"], restore["cod_wait_p99_ms"]))
-    op = st.get("operation")
-    if op:
-        click.echo("  last operation: {} ({}), retries {}".format(
-            op["operation"], "running" if op["running"] else "finished",
-            op["retries"]))
+        click.echo("  restore: {} extents pending, {} written by hosts".format(
+            restore["pending_extents"], restore["protected_extents"]))
+        click.echo("  copy on demand: {} requests, {} extents, queue {}, "
+                   "wait p50 {} ms, p99 {} ms".format(
+                       restore["cod_requests"], restore["cod_extents"],
+                       restore["cod_queue_depth"], restore["cod_wait_p50_ms"],
+                       restore["cod_wait_p99_ms"]))
 
 
 _RATE_HELP = ("Copy at most this many bytes per second (e.g. 100M) so host "

@@ -32,7 +32,7 @@ def test_incremental_sync_wait_counts_this_job(clone_env):
     assert 1 <= len(shown) <= 3, lines
     first = float(PERCENT.search(shown[0]).group(1))
     assert first <= 50.0, shown     # not 75% "in sync" of the whole clone
-    assert "of 4.0 MiB" in shown[0], shown
+    assert "of 4MiB" in shown[0], shown
     assert "100.0%" in shown[-1] and "synchronized" in shown[-1], shown
     assert all(len(line) <= 80 for line in lines), lines
 
@@ -52,7 +52,7 @@ def test_wait_follows_a_running_restore(clone_env):
     assert not st["operation"]["running"], st
     assert took >= 1.0, "returned before the restore could end"
     last = proc.stdout.splitlines()[-1]
-    assert "restore" in last and "100.0%" in last and "of 4.0 MiB" in last
+    assert "restore" in last and "100.0%" in last and "of 4MiB" in last
     assert env.read_export("src", 0, 4 * MiB) == b"r" * 4 * MiB
     # Once ended, it reports the result at once.
     assert "100.0%" in env.cli("wait", "c1").stdout
@@ -64,3 +64,16 @@ def test_wait_refusals(clone_env):
     env.refused("wait", "c1", match="has run no sync")
     env.server.stop()
     env.refused("wait", "c1", match="no server")
+
+
+def test_clone_status_lines_fit_80_columns(clonectl, server, tmp_path):
+    """`clone status` printed one line of up to about 150 columns."""
+    clonectl("lu", "create", "a-source-with-a-long-name", "--size", "4M")
+    clonectl("clone", "add", "a-source-with-a-long-name",
+             "a-clone-with-a-rather-long-name-too")
+    clonectl("clone", "sync", "a-clone-with-a-rather-long-name-too",
+             "--wait")
+    out = clonectl("clone", "status",
+                   "a-clone-with-a-rather-long-name-too").stdout
+    assert "synchronized" in out, out
+    assert max(len(line) for line in out.splitlines()) <= 80, out
