@@ -2029,10 +2029,16 @@ class SecondaryGroup:
                 log.info("group %s: session ended by the close: %s",
                          self.name, e)
                 return
-            # Refused updates, or a step of the replay that failed here
-            # (protecting the image): the primary stops with the message.
             self.error = str(e)
             log.error("group %s: %s", self.name, e)
+            if not isinstance(e, (ReplicationError, errors.ProtocolError)):
+                # A failure of this node's own (a state that cannot be
+                # saved, a disk gone): not a refusal of the primary's
+                # updates, so no FAIL, which would stop its link for good;
+                # the connection drops and the primary tries again.
+                return
+            # Refused updates (checksum, range, history): the primary stops
+            # with the message.
             try:
                 send_json(sock, b"FAIL", {"message": str(e)})
             except OSError:

@@ -1368,3 +1368,31 @@ def test_no_point_in_time_is_taken_of_an_inconsistent_secondary(
     assert clone_state(c.tb, "snap") == "synchronized"
     c.tb.image_protect(VOLS[1])         # the target's own: allowed
     c.tb.image_release(VOLS[1])
+
+
+def test_local_failure_on_the_secondary_does_not_stop_the_link(
+        cluster_factory, monkeypatch):
+    """An apply that fails because of the secondary's own disk (a clone's
+    state that cannot be saved, a disk gone in a power cut) is not a
+    refusal of the primary's updates: the secondary drops the connection
+    without FAIL (which stops the primary's link for good, a resync that
+    never finishes) and the primary comes back and catches up."""
+    c = cluster_factory()
+    c.wait_converged()
+    sg = c.sg
+    apply_one = sg._apply_one
+    fail = [1]
+
+    def failing(*args):
+        if fail[0]:
+            fail[0] -= 1
+            raise errors.StateNotSaved(errno.ENOSPC, path="state.json",
+                                       reason="No space left on device")
+        return apply_one(*args)
+    monkeypatch.setattr(sg, "_apply_one", failing)
+    c.write(0, 0, b"\x07" * 8192)
+    c.flush()
+    wait_for(lambda: not fail[0], what="the failing apply")
+    c.write(0, 8192, b"\x08" * 8192)
+    c.check_final()
+    assert not c.link.stopped_error, c.status()
