@@ -59,8 +59,9 @@ must equal the Source byte for byte (invariant 5: nothing lost in the log,
 the change map or the replay).
 
 Seams (other ways into the same bytes): "cli-race" kill -9s the manager
-and runs `lu delete` of a served LU and `clone list` while the new server
-starts (each must go through the server or refuse, never act beside it);
+and runs `lu delete`, `lu create` and `clone list` while the new server
+starts (each must go through the server or refuse, never act beside it:
+afterwards every LU the server serves still has its file);
 with --replication the secondary has a clone "r1" of its volume that is
 synced and fractured there ("secondary-clone"), and
 "secondary-restore" detaches the link, restores the secondary's volume from
@@ -107,6 +108,7 @@ BLOCK = 4096
 MiB = 1 << 20
 CLONES = ("c1", "c2")
 SOURCE = "src"
+RACE_LU = "race"         # deleted and created while a server starts
 SECONDARY_CLONE = "r1"   # with --replication: a clone of the secondary's
                          # volume, fed by the replicated writes
 GROUP = "g"
@@ -675,6 +677,7 @@ class Torture:
             self._ok(t.cli("clone", "add", SOURCE, c, "--granularity",
                            self.args.granularity))
         self._ok(t.cli("lu", "create", "dst", "--size", str(self.size)))
+        self._ok(t.cli("lu", "create", RACE_LU, "--size", "1M"))
         self.model = SourceModel(block_digests(data))
         if self.secondary is not None:
             self.setup_secondary()
@@ -929,13 +932,19 @@ class Torture:
         deadline = time.monotonic() + 60
         while not t.serving():
             if t.proc.poll() is not None or time.monotonic() > deadline:
-                break           # wait_serving (in round) says why
-            if t.cli("lu", "delete", "dst").returncode == 0:
-                raise Violation("`lu delete dst` succeeded while the server "
-                                "was starting: it acted on the state "
-                                "directory beside the server")
-            t.cli("clone", "list", "--json")    # answers or refuses
+                return result   # wait_serving (in round) says why
+            # Each answers through the server or refuses (cli() checks).
+            t.cli("lu", "delete", RACE_LU)
+            t.cli("lu", "create", RACE_LU, "--size", "1M")
+            t.cli("clone", "list", "--json")
             self.counters["cli_races"] += 1
+        t.wait_serving()
+        for lu in t.cli_json("status")["lus"]:
+            if lu["served"] and not os.path.exists(lu["file"]):
+                raise Violation("LU {} is served but its file {} is gone: a "
+                                "command acted on the state directory beside "
+                                "the starting server".format(lu["name"],
+                                                             lu["file"]))
         return result
 
     def _secondary_clone(self):
