@@ -612,12 +612,27 @@ class Target:
         """Make this primary a secondary; it reports the regions it wrote
         that no secondary acknowledged (what may have diverged)."""
         rsg = self._rsg(name, replication.PRIMARY)
-        busy = [lu.name for lu in rsg.volumes if self._host_users(lu)]
+        busy = [lu.name for lu in rsg.volumes if lu.connections]
         if busy:
             raise replication.GroupBusy(
                 name=name, reason="LU {} has host connections; stop the "
                 "hosts first, so no write lands after the demotion"
                 .format(busy[0]))
+        # The iSCSI gateway mounts every volume: it lets go first (no
+        # write may land between the regions reported below and the
+        # guard), and mounts them again, read-only, as a secondary's.
+        withdrawn = []
+        try:
+            for lu in rsg.volumes:
+                withdrawn.append(lu.name)
+                self._withdraw(lu.name, lu)
+            return self._demote(rsg)
+        finally:
+            with self.lock:
+                self.withdrawn.difference_update(withdrawn)
+
+    def _demote(self, rsg):
+        name = rsg.name
         files = rsg.files
         last = rsg.next_seq - 1
         with rsg.cond:
@@ -905,7 +920,8 @@ class Target:
 
     def _exportable(self):
         """name -> object serving it: healthy LUs and fractured clones."""
-        out = {n: lu for n, lu in self.lus.items() if lu.healthy}
+        out = {n: lu for n, lu in self.lus.items()
+               if lu.healthy and n not in self.withdrawn}
         for group in self.groups.values():
             for name, clone in group.clones.items():
                 if clone.state in clones.EXPORTED and not clone.broken \
@@ -1181,17 +1197,9 @@ class Target:
         Why wait rather than refuse: the gateway mounts every export, so
         refusing would leave a fractured clone removable only after a full
         resync.  Why not refuse sync too: a sync ends the export, which is
-        what makes the gateway let go.  So the clone is withdrawn (no
-        longer exported: no new host or gateway connection, and
-        export_modes stops naming it), the manager removes its iSCSI target
-        within its poll interval (Server._sync_gateway), and the removal
-        goes on once the gateway's connection has ended.  The wait holds no
-        lock the gateway's path needs (let_go releases Target.lock; the
-        group's lock is not held), so it cannot deadlock the manager's
-        sync; if the gateway has not let go within GATEWAY_LET_GO_TIMEOUT
-        the clone is exported again and the removal is refused.  A removal
-        that would be refused anyway (host connections, a running
-        operation) is refused before anything is withdrawn."""
+        what makes the gateway let go.  A removal that would be refused
+        anyway (host connections, a running operation) is refused before
+        anything is withdrawn."""
         with self.lock:
             if not self.gateway_held[c.export]:
                 return
@@ -1200,12 +1208,28 @@ class Target:
                                         count=c.connections)
             if (c.state, "remove") not in clones.TRANSITIONS:
                 return  # remove_clone refuses it with the reason
-            self.withdrawn.add(c.name)
-            if self.let_go.wait_for(lambda: not self.gateway_held[c.export],
+        self._withdraw(c.name, c.export)
+
+    def _withdraw(self, name, obj):
+        """Take export name (served by obj) away from the iSCSI gateway and
+        wait until its connections to it have ended; the caller gives it
+        back with `withdrawn.discard(name)` when done.
+
+        While withdrawn the export is not exported (no new host or gateway
+        connection, and export_modes stops naming it), so the manager
+        removes its iSCSI target within its poll interval
+        (Server._sync_gateway).  The wait holds no lock the gateway's path
+        needs (let_go releases Target.lock), so it cannot deadlock the
+        manager's sync; if the gateway has not let go within
+        GATEWAY_LET_GO_TIMEOUT the export is given back and GatewayHolds
+        is raised."""
+        with self.lock:
+            self.withdrawn.add(name)
+            if self.let_go.wait_for(lambda: not self.gateway_held[obj],
                                     GATEWAY_LET_GO_TIMEOUT):
                 return
-            self.withdrawn.discard(c.name)
-            raise GatewayHolds(name=c.name, timeout=GATEWAY_LET_GO_TIMEOUT)
+            self.withdrawn.discard(name)
+            raise GatewayHolds(name=name, timeout=GATEWAY_LET_GO_TIMEOUT)
 
     def clone_list(self, source=None):
         with self.lock:
@@ -1889,8 +1913,8 @@ class LUHeld(errors.Error):
 
 
 class GatewayHolds(errors.Error):
-    msg = ("cannot remove clone {name!r}: the iSCSI gateway did not let go "
-           "of its export within {timeout:.0f} s; see run/serve.log")
+    msg = ("the iSCSI gateway did not let go of export {name!r} within "
+           "{timeout:.0f} s; nothing was changed; see run/serve.log")
     errno = errno.EBUSY
 
 

@@ -51,7 +51,7 @@ def test_delete_and_resize_while_another_lu_is_written(
     writer.start()
     clonectl("lu", "delete", "gone")
     out = clonectl("lu", "resize", "grow", "--size", "3M").stdout
-    assert "from 1M to 3M" in out
+    assert "from 1MiB to 3MiB" in out
     writer.join(60)
     assert not writer.is_alive()
     assert writer.errors == [] and writer.done == writer.count

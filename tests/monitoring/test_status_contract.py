@@ -103,7 +103,7 @@ def test_human_output_uses_iec_units(clonectl, server, state_dir):
     joined = "\n".join(outputs)
     assert "src   4MiB" in outputs[0], outputs[0]
     assert "granularity 64KiB" in outputs[1], outputs[1]
-    assert "copied 4MiB" in outputs[2] and "MiB/s" in outputs[2], outputs[2]
+    assert "4MiB of 4MiB" in outputs[2] and "MiB/s" in outputs[2], outputs[2]
     assert not NOT_IEC.findall(joined), NOT_IEC.findall(joined)
 
 

@@ -483,18 +483,22 @@ def test_user_session_commands_do_not_reach_protected_images(target):
 
 
 def test_gateway_connections_count_as_hosts_for_demote_and_rollback(
-        gw_target):
-    """`rsg demote` and `lu rollback` refuse while hosts use the LU: the
-    iSCSI gateway's connection is a host's too (an initiator writes
-    through it)."""
+        gw_target, monkeypatch):
+    """`lu rollback` refuses while hosts use the LU, and `rsg demote` waits
+    for the iSCSI gateway to let go of its volumes (no write may land
+    between the regions a demote reports and the guard): the gateway's
+    connection is a host's too (an initiator writes through it)."""
+    monkeypatch.setattr(service, "GATEWAY_LET_GO_TIMEOUT", 0.2)
     t = gw_target
     t.lu_create("b", size="1M")
     t.rsg_create("g", ["a"], "1M")
     t.image_protect("b")
     conns = [t.connect(_gw("a"), False), t.connect(_gw("b"), False)]
     try:
-        with pytest.raises(replication.GroupBusy):
+        with pytest.raises(service.GatewayHolds):
             t.rsg_demote("g")
+        assert t.rsgs["g"].role == replication.PRIMARY
+        assert "a" in t.export_modes()      # given back to the gateway
         with pytest.raises(service.RollbackRefused):
             t.image_rollback("b")
     finally:
