@@ -645,10 +645,14 @@ def history_diverges(mine, my_last, theirs, their_last):
             return False, min(my_last, their_last)
         branch = mine[i][1] - 1      # my next generation starts after this
         return their_last > branch, min(branch, their_last)
+    # They have a generation I never had: they wrote after the branch
+    # point only if they wrote in it (a node promoted and demoted again
+    # without a write has nothing to lose).
+    wrote = their_last >= theirs[i][1]
     if i == len(mine):
         # They are ahead of me (they have a newer generation).
-        return True, min(theirs[i][1] - 1, my_last)
-    return True, min(mine[i][1], theirs[i][1]) - 1
+        return wrote, min(theirs[i][1] - 1, my_last)
+    return wrote, min(mine[i][1], theirs[i][1]) - 1
 
 
 # ---------------------------------------------------------------- primary
@@ -1631,21 +1635,39 @@ class PrimaryGroup:
 
     def detach_link(self, link):
         link.stop()
-        with self.cond:
-            link.attached = False
-            self.to_logging(link)
-            link.state = DETACHED
-            link.error = None
-        self.persist()
+        try:
+            with self.cond:
+                link.attached = False
+                self.to_logging(link)
+                link.state = DETACHED
+                link.error = None
+            self.persist()
+        except BaseException:
+            # The record could not be saved (a full disk): the link stays
+            # attached, in memory as on disk.  It logs to its DCM now (made
+            # durable first, so that is safe) and replays at once.
+            with self.cond:
+                link.attached = True
+                link.state = CONNECTING
+            link.start()
+            raise
 
     def attach_link(self, link, discard_secondary=False):
         with self.cond:
+            before = (link.attached, link.stopped_error,
+                      link.discard_secondary, link.error, link.state)
             link.attached = True
             link.stopped_error = None
             link.discard_secondary = bool(discard_secondary)
             link.error = None
             link.state = CONNECTING
-        self.persist()
+        try:
+            self.persist()
+        except BaseException:
+            with self.cond:
+                (link.attached, link.stopped_error, link.discard_secondary,
+                 link.error, link.state) = before
+            raise
         link.start()
 
     def begin_volume_change(self, vol, region_bits, granularity, what):

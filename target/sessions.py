@@ -630,7 +630,12 @@ class Session:
             self.tracking.bits = merged
         # 1. the merged tracking map is durable ...
         self.tracking.commit(self.cond)
-        # 2. ... before the session is recorded unmarked ...
+        # 2. ... before the session is recorded unmarked (saved first: if
+        # that fails, the mark stands, in memory as on disk) ...
+        record = self.record()
+        record.update(marked=False, export=False, error=error,
+                      mark_time=None)
+        self.persist(record)
         with self.cond:
             self.marked = False
             self.unmarking = True
@@ -639,7 +644,6 @@ class Session:
             self.error = error
             self.mark_time = None
             self.transfer = bytearray(self.extents)
-        self._persist()
         # 3. ... and only then are the pending maps and saved data dropped
         # (a mark waits for this: `unmarking`).
         try:
