@@ -1550,6 +1550,11 @@ class PrimaryGroup:
                         self.generation, self.name, link.secondary))
                 link.refused = link.error
                 return False
+            if not diverged:
+                # The secondary has taken this side's history (a replay
+                # began there): a choice to discard its changes is used.
+                # Until then it holds, across lost connections.
+                link.discard_secondary = False
             same_line = bool(theirs) and theirs[-1][0] == self.generation
             if reply.get("diverged") or reply.get("diverged_all"):
                 # Regions the other node changed on its own (it was a
@@ -1602,7 +1607,6 @@ class PrimaryGroup:
         link.dcm.file.reset(link.dcm.bits)
         if not link.logging:
             self.to_logging(link)
-        link.discard_secondary = False
 
     def add_link(self, secondary, mode, token_file):
         if any(l.secondary == secondary for l in self.links):

@@ -138,6 +138,7 @@ class Target:
         self.sessions = {}
         self.rsgs = {}
         self.replica_server = None
+        self.closing = False
         self.recovery_problems = []
         self.rsg_dir = os.path.join(self.state_dir.path, "rsg")
         self.reload()
@@ -273,6 +274,11 @@ class Target:
         name = hello.get("group")
         units.check_name(name if isinstance(name, str) else "")
         with self.lock:
+            if self.closing:
+                # A group made now would be served after close() shut the
+                # others down, into a closed target.
+                raise replication.ReplicationError(
+                    name=name, reason="this node is stopping")
             rsg = self.rsgs.get(name)
             if rsg is not None and rsg.role == replication.PRIMARY:
                 raise replication.ReplicationError(
@@ -815,8 +821,9 @@ class Target:
         group, c = self._clone(clone)
         self._check_replica_restore(group.source, "reverse sync")
         regions = bytearray(c.delta)
-        group.start_reverse_sync(clone, rate=_rate(rate))
-        self._volume_changed(group, regions, "a reverse sync")
+        engine = group.start_reverse_sync(clone, rate=_rate(rate), run=False)
+        self._volume_changed_then_run(group, engine, regions,
+                                      "a reverse sync")
         return group.clone_status(c)
 
     def clone_restore(self, clone, full=False, rate=None):
@@ -824,9 +831,22 @@ class Target:
         self._check_replica_restore(group.source, "restore")
         regions = bytearray(b"\x01" * len(c.delta)) if full \
             else bytearray(c.delta)
-        group.start_restore(clone, full=bool(full), rate=_rate(rate))
-        self._volume_changed(group, regions, "a protected restore")
+        engine = group.start_restore(clone, full=bool(full), rate=_rate(rate),
+                                     run=False)
+        self._volume_changed_then_run(group, engine, regions,
+                                      "a protected restore")
         return group.clone_status(c)
+
+    def _volume_changed_then_run(self, group, engine, regions, what):
+        """The links log (or the secondary records what changes) before
+        the engine writes anything into the volume: a copy streamed as an
+        ordinary update would show the secondary a half-restored image."""
+        try:
+            self._volume_changed(group, regions, what)
+        finally:
+            # The operation is recorded as running: it runs (and resumes
+            # after a restart) even if the record above could not be saved.
+            engine.start()
 
     def _check_replica_restore(self, lu, what):
         """On a secondary, a restore is allowed only while no primary is
@@ -1304,6 +1324,8 @@ class Target:
         return {}
 
     def close(self):
+        with self.lock:
+            self.closing = True
         if self.replica_server is not None:
             self.replica_server.stop()
         for rsg in list(self.rsgs.values()):

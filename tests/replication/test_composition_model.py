@@ -49,9 +49,11 @@ import os
 import random
 import shutil
 import socket
+import sys
 import tempfile
 import threading
 import time
+import traceback
 
 import pytest
 from hypothesis import HealthCheck, Phase, event, settings
@@ -133,9 +135,11 @@ class Node:
         (no group record, no clone commit); what was written is in the
         page cache and stays."""
         t, self.t = self.t, None
+        with t.lock:
+            t.closing = True    # a dead process takes no new primary
         if t.replica_server is not None:
             t.replica_server.stop()
-        for g in t.rsgs.values():
+        for g in list(t.rsgs.values()):
             if g.role == R.PRIMARY:
                 for link in g.links:
                     link.stop()
@@ -149,6 +153,13 @@ class Node:
                 g.close()       # shuts the connection, saves nothing
         if t.replica_server is not None:
             t.replica_server.join()
+            # A thread of the dead target that went on would change the
+            # new one's state directory.
+            alive = [th for th in t.replica_server.connections
+                     if th.is_alive()]
+            assert not alive, "a replication session outlived its " \
+                "target:\n" + "".join(traceback.format_stack(
+                    sys._current_frames()[alive[0].ident]))
         for group in t.groups.values():
             if group.engine is not None:
                 group.engine.stop(None)
@@ -329,6 +340,13 @@ class CompositionMachine(RuleBasedStateMachine):
     def link(self):
         return self.P.rsg.link(self.S.addr)
 
+    def between(self, first):
+        """A number for a SET before the change numbered first and after
+        every change of the model."""
+        last = self.ops[-1].seq if self.ops else 0
+        assert last < first, (last, first)
+        return max(first - 0.5, (last + first) / 2)
+
     def append(self, op):
         assert not self.ops or op.seq > self.ops[-1].seq, (self.ops[-1], op)
         self.ops.append(op)
@@ -466,6 +484,16 @@ class CompositionMachine(RuleBasedStateMachine):
             self.wait_engine(n)
             assert m.state == clones.SYNCHRONIZED
 
+    @rule(n=NODE, slot=SLOT)
+    def clone_snapshot(self, n, slot):
+        """add (if needed), sync, fracture: a composite, so that restores
+        of fractured clones are reached often."""
+        self.do_clone_add(n, slot)
+        m = self.clones[n][NAMES[n][slot]]
+        if m.state in (clones.OUT_OF_SYNC, clones.FRACTURED):
+            self.do_clone_sync(n, slot)
+        self.do_clone_fracture(n, slot)
+
     def source_view(self, n):
         """The Source as hosts see it: the model on the primary; on the
         secondary what it holds (the caller holds the apply lock)."""
@@ -502,6 +530,25 @@ class CompositionMachine(RuleBasedStateMachine):
     def clone_restore(self, n, slot, hold):
         self.do_clone_restore(n, slot, hold)
 
+    @rule(n=NODE, slot=SLOT, hold=st.booleans())
+    def snapshot_and_restore(self, n, slot, hold):
+        """A composite: a fractured clone (made if there is none), written
+        by hosts meanwhile, restored; so that restores, held ones in
+        particular, meet the other rules often."""
+        if self.held[n] is not None:
+            return
+        fractured = [k for k, m in sorted(self.clones[n].items())
+                     if m.state == clones.FRACTURED]
+        if not fractured:
+            self.clone_snapshot(n, slot)
+            if n == self.prim:
+                self.host_change(0, R.WRITE, slot * 300000, 200000, False,
+                                 slot, False)
+        fractured = [k for k, m in sorted(self.clones[n].items())
+                     if m.state == clones.FRACTURED]
+        if fractured:
+            self.do_clone_restore(n, NAMES[n].index(fractured[0]), hold)
+
     def do_clone_restore(self, n, slot, hold):
         name = NAMES[n][slot]
         m = self.clones[n].get(name)
@@ -535,7 +582,8 @@ class CompositionMachine(RuleBasedStateMachine):
             return
         m.state = clones.RESTORING
         if primary:
-            self.append(Op(first - 0.5, 0, SET, 0, SIZES[0], m.content))
+            self.append(Op(self.between(first), 0, SET, 0, SIZES[0],
+                           m.content))
         else:
             self.override[0] = m.content
         if hold:
@@ -702,10 +750,10 @@ class CompositionMachine(RuleBasedStateMachine):
             for e in sorted(self.unflushed[n]):
                 a, b = e * CLONE_GRAN, (e + 1) * CLONE_GRAN
                 if now[a:b] != self.img[0][a:b]:
-                    fix.append(Op(node.start_seq - 0.5 + len(fix) * 0.01, 0,
-                                  SET, a, b - a, now[a:b]))
-            for op in fix:
-                self.append(op)
+                    fix.append((a, now[a:b]))
+            for a, data in fix:
+                self.append(Op(self.between(node.start_seq), 0, SET, a,
+                               len(data), data))
             if fix:
                 event("unflushed writes of a restoring Source restored over")
         self.unflushed[n].clear()
@@ -1024,3 +1072,128 @@ def test_release_with_full_disk_keeps_the_image(two_nodes):
     buf = bytearray(65536)
     a.t.sessions[IMAGE].read_frozen(buf, 0)
     assert bytes(buf) == b"\x01" * 65536
+
+
+def test_restore_sends_nothing_before_the_links_log(two_nodes, monkeypatch):
+    """A protected restore of a replicated volume: its links log to their
+    DCMs before the restore writes anything into the volume.  (Before, the
+    engine was started first: its first copies were streamed as ordinary
+    updates, and the secondary said it was consistent at an image half
+    restored, which the primary's hosts never saw.)"""
+    a, b = two_nodes
+    lu = a.t.lus["v1"]
+    g = CLONE_GRAN
+    lu.write(b"\x01" * SIZES[0], 0)
+    a.t.clone_add("v1", "a1", granularity="64K")
+    a.t.clone_sync("a1")
+    wait_for(lambda: a.t.clone_status("a1")["state"] == "synchronized")
+    a.t.clone_fracture("a1")
+    lu.write(b"\x02" * g, 0)           # the restore copies two runs
+    lu.write(b"\x02" * g, 8 * g)
+    converge(a, b)
+    before = b.read_base(0)
+    group = a.t.groups["v1"]
+    second_run = threading.Event()
+
+    def hook(engine, s, e):
+        if s >= 8:
+            second_run.wait(5)
+    group.copy_hook = hook
+    seen = []
+    orig = service.Target._volume_changed
+
+    def slow(self, group, regions, what):
+        time.sleep(0.5)     # time for a running engine and the link
+        sg = b.rsg
+        with sg.lock:
+            if sg.consistent:
+                seen.append(b.read_base(0))
+        second_run.set()
+        return orig(self, group, regions, what)
+    monkeypatch.setattr(service.Target, "_volume_changed", slow)
+    a.t.clone_restore("a1")
+    assert seen, "the secondary was not consistent"
+    assert seen[0] == before, "the secondary, consistent, holds a half " \
+        "restored image: " + first_diff([before], seen)
+    wait_for(lambda: a.t.clone_status("a1")["state"] == "fractured")
+    converge(a, b)
+    assert b.read_base(0) == b"\x01" * SIZES[0]
+
+
+def test_close_refuses_a_primary_met_for_the_first_time(two_nodes):
+    """A primary's first hello that is being accepted while the secondary
+    closes makes no group there: before, the group was made after the
+    close had shut the others down, its session went on serving (writing
+    into the closed target) and the close waited for it in vain."""
+    a, b = two_nodes
+    converge(a, b)
+    a.t.rsg_unlink("g", b.addr)
+    a.t.rsg_delete("g")
+    wait_for(lambda: b.rsg.connected_since is None)
+    b.t.rsg_delete("g")
+    srv = b.t.replica_server
+    entered, go = threading.Event(), threading.Event()
+    orig = srv.accept
+
+    def slow_accept(hello, peer):
+        entered.set()
+        go.wait(10)
+        return orig(hello, peer)
+    srv.accept = slow_accept
+    a.t.rsg_create("g", VOLS, "1M", granularity="4K")
+    a.t.rsg_link("g", b.addr, "async", a.tok)
+    assert entered.wait(10)
+    t = b.t
+    closer = threading.Thread(target=t.close)
+    t0 = time.monotonic()
+    closer.start()
+    time.sleep(0.3)             # the close has begun
+    go.set()
+    closer.join(30)
+    took = time.monotonic() - t0
+    b.t = None
+    b._wake_accept()
+    alive = [th for th in srv.connections if th.is_alive()]
+    assert not alive and took < 5, (took, alive)
+    assert "g" not in t.rsgs
+
+
+def test_discard_choice_survives_a_reconnect(two_nodes):
+    """`attach --discard-secondary-changes` holds until the secondary has
+    taken this side's history: a connection lost before the replay began
+    (here: the replay waits for a restore on the new primary, and the old
+    primary restarts meanwhile) does not bring the split brain back.
+    (Before, the choice was used up at the first handshake, and the next
+    one stopped the link as diverged again.)"""
+    a, b = two_nodes
+    a.t.lus["v1"].write(b"\x01" * 65536, 0)
+    converge(a, b)
+    a.t.rsg_detach("g", b.addr)
+    a.t.lus["v1"].write(b"\x02" * 65536, 65536)   # b never gets it
+    wait_for(lambda: b.rsg.connected_since is None)
+    a.t.rsg_demote("g")
+    b.t.rsg_promote("g")
+    b.t.clone_add("v1", "b1", granularity="64K")
+    b.t.clone_sync("b1")
+    wait_for(lambda: b.t.clone_status("b1")["state"] == "synchronized")
+    b.t.clone_fracture("b1")
+    b.t.lus["v1"].write(b"\x03" * 65536, 0)
+    with engines_held():
+        b.t.clone_restore("b1")             # the replay waits for it
+    engine = b.t.groups["v1"].engine
+    b.t.rsg_link("g", a.addr, "async", a.tok)
+    b.t.rsg_attach("g", a.addr, discard_secondary_changes=True)
+    link = b.rsg.links[0]
+    wait_for(lambda: "waiting for" in (link.error or ""), 10,
+             "the replay to wait", link.status)
+    a.close()                               # the connection is lost
+    a.start()
+    engine.start()
+    wait_for(lambda: b.t.clone_status("b1")["state"] == "fractured")
+    wait_for(lambda: link.state in (R.REPLICATING, R.DIVERGED) and
+             a.rsg.consistent and a.rsg.applied_seq == b.rsg.next_seq - 1,
+             20, "the replay", link.status)
+    assert link.state == R.REPLICATING, link.status()
+    assert a.read_base(0) == b.read_top(0)
+    # The clone's data, without the old primary's discarded write.
+    assert a.read_base(0)[:131072] == b"\x01" * 65536 + bytes(65536)
