@@ -431,9 +431,19 @@ class Target:
         with self.lock:
             self._close_rsg(rsg)
             files.remove([files.srl, files.since()] + files.stage)
-            replication.Dcm(files.since(), record["granularity"],
-                            [v["size"] for v in record["volumes"]],
-                            fresh_value=0).close()
+            since = replication.Dcm(files.since(), record["granularity"],
+                                    [v["size"] for v in record["volumes"]],
+                                    fresh_value=0)
+            # What this node changed that the others never got (its own
+            # unacknowledged writes when it was primary, a restore done
+            # while detached) differs there as much as what it writes from
+            # now on: the first contact copies both.
+            diverged = rsg.diverged or {}
+            for vol, off, length in diverged.get("runs", []):
+                since.mark(vol, off, length)
+            if diverged.get("all"):
+                since.mark_all()
+            since.close()
             files.save(record)
             new = self._open_rsg(files, record)
             new.persist()

@@ -61,7 +61,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant,
                                  precondition, rule)
 
-from target import clones, errors
+from target import clones, errors, sessions
 from target import replication as R
 from target import service, state
 
@@ -265,6 +265,17 @@ if os.environ.get("COMPOSITION_MODEL_CLONE_SAVES") == "1":
                       "clone_restore"]
 
 
+# A replay on a secondary protects its volumes' images under the names a
+# user or a peer protects them with (LU@protected-LU): an image protected
+# before is kept (so after a broken replay the volumes' images are of
+# different points) and is released when the replay ends.  Known
+# (test_replay_protects_every_volume_at_one_point and
+# test_replay_keeps_an_image_someone_else_protected, xfail); by default the
+# model checks the replay's images only on nodes where it protected none
+# itself, and lets a replay take its image away.  COMPOSITION_MODEL_
+# SHARED_IMAGE=1 checks both everywhere.
+SHARED_IMAGE = os.environ.get("COMPOSITION_MODEL_SHARED_IMAGE") == "1"
+
 # ---------------------------------------------------------------- machine
 
 NODE = st.sampled_from(["A", "B"])
@@ -288,10 +299,13 @@ class CompositionMachine(RuleBasedStateMachine):
         self.held = {"A": None, "B": None}
         self.unflushed = {"A": set(), "B": set()}
         self.override = {}      # vol -> bytes restored on the secondary
+        self.replay_override = {}   # the same, while a replay undoes it
         self.images = {"A": None, "B": None}    # protected v1 content
         self.was_secondary = {"A": False, "B": True}
+        self.user_protected = {"A": False, "B": False}
         self.attached = True
         self.last_consistent = {}
+        self.last_switch = None
 
     # -------------------------------------------------------- plumbing
 
@@ -380,7 +394,8 @@ class CompositionMachine(RuleBasedStateMachine):
                           for c in group.clones.values()])
         for name, m in self.clones[n].items():
             c = group.clones[name]
-            if m.state == clones.SYNCING and c.state == clones.SYNCHRONIZED:
+            if m.state in (clones.SYNCING, clones.REVERSE_SYNCING) and \
+                    c.state == clones.SYNCHRONIZED:
                 m.state = c.state
             elif m.state == clones.RESTORING and c.state == clones.FRACTURED:
                 m.state = c.state
@@ -592,9 +607,54 @@ class CompositionMachine(RuleBasedStateMachine):
         else:
             self.wait_engine(n)
 
-    @precondition(lambda self: any(self.held.values()))
+    @rule(n=NODE, slot=SLOT)
+    def clone_reverse_sync(self, n, slot):
+        """Source := clone (unprotected: host writes are mirrored to the
+        clone meanwhile); the clone ends synchronized."""
+        name = NAMES[n][slot]
+        m = self.clones[n].get(name)
+        if m is None:
+            return
+        node = self.nodes[n]
+        primary = n == self.prim
+        sg = None if primary else node.rsg
+        allowed = m.state == clones.FRACTURED and self.group_idle(n, name) \
+            and not any(o.state in clones.MIRRORED
+                        for k, o in self.clones[n].items() if k != name)
+        if sg is not None and sg.connected_since is not None:
+            allowed = False
+        first = node.rsg.next_seq if primary else None
+        try:
+            accepted = self._clone_call(
+                n, name, lambda: node.t.clone_reverse_sync(name), allowed,
+                (clones.InvalidTransition, clones.GroupBusy,
+                 clones.AlreadyRunning, clones.SiblingsMirrored,
+                 R.GroupBusy))
+        except AssertionError:
+            if sg is not None and self.attached and \
+                    sg.connected_since is None:
+                accepted = True
+            else:
+                raise
+        if not accepted:
+            return
+        if primary:
+            self.append(Op(self.between(first), 0, SET, 0, SIZES[0],
+                           m.content))
+        else:
+            self.override[0] = m.content
+        m.state, m.content = clones.REVERSE_SYNCING, None
+        self.wait_engine(n)
+        assert m.state == clones.SYNCHRONIZED
+        event("reverse sync")
+
+    # No preconditions on held engines: whether a restore was accepted on
+    # a secondary depends on timing (a primary connected or not), and
+    # hypothesis needs the same rules enabled when it replays a case.
     @rule(steps=st.integers(1, 6))
     def engine_steps(self, steps):
+        if not any(self.held.values()):
+            return
         n = "A" if self.held["A"] else "B"
         eng = self.held[n]
         for _ in range(steps):
@@ -604,9 +664,10 @@ class CompositionMachine(RuleBasedStateMachine):
                     self.wait_engine(n)
                     return
 
-    @precondition(lambda self: any(self.held.values()))
     @rule()
     def engine_release(self):
+        if not any(self.held.values()):
+            return
         n = "A" if self.held["A"] else "B"
         eng, self.held[n] = self.held[n], None
         eng.start()
@@ -640,6 +701,7 @@ class CompositionMachine(RuleBasedStateMachine):
     def do_protect_image(self):
         n = self.prim
         self.P.t.image_protect(VOLS[0])
+        self.user_protected[n] = True
         if self.images[n] is None:
             self.images[n] = bytes(self.img[0])
 
@@ -704,6 +766,7 @@ class CompositionMachine(RuleBasedStateMachine):
                 break
             self.checkpoint()
         old_line = self.ops
+        old_key = self.key(old.rsg)
         old_last = old.rsg.next_seq - 1
         old.t.rsg_demote("g")
         self.was_secondary[old.name] = True
@@ -712,7 +775,8 @@ class CompositionMachine(RuleBasedStateMachine):
             assert sg.consistent
             assert self.lines.get(self.key(sg)) is not None, \
                 "the secondary reports an unknown history"
-            line = self.lines[self.key(sg)]
+            sec_key = self.key(sg)
+            line = self.lines[sec_key]
         new.t.rsg_promote("g")
         g = new.rsg
         g.sync_timeout = 1.0
@@ -724,7 +788,13 @@ class CompositionMachine(RuleBasedStateMachine):
         self.ops = self.lines.setdefault(self.key(g), ops)
         assert self.ops is ops, "a generation id came back"
         self.img = state_after(ops, SIZES)
-        diverged = old_last > applied
+        # The old primary wrote what the new one never got (numbers of two
+        # lines are not comparable: look at the changes themselves), or
+        # handed out numbers past the branch point (a jump after a kill).
+        kept = set(map(id, ops))
+        diverged = any(id(op) not in kept for op in old_line) or \
+            (old_key == sec_key and old_last > applied)
+        self.last_switch = (old_last, applied, diverged)
         new.t.rsg_link("g", old.addr, self.mode, self.tok)
         self.attached = True
         if diverged:
@@ -738,16 +808,17 @@ class CompositionMachine(RuleBasedStateMachine):
         primary = n == self.prim
         node.kill()
         self.held[n] = None
+        unflushed, self.unflushed[n] = set(self.unflushed[n]), set()
         node.start()
         if primary:
             node.rsg.sync_timeout = 1.0
         self.wait_engine(n)
-        if primary and self.unflushed[n]:
+        if primary and unflushed:
             # Host writes of a restoring Source that were not flushed may
             # have been restored over by the resumed restore.
             fix = []
             now = node.read_top(0)
-            for e in sorted(self.unflushed[n]):
+            for e in sorted(unflushed):
                 a, b = e * CLONE_GRAN, (e + 1) * CLONE_GRAN
                 if now[a:b] != self.img[0][a:b]:
                     fix.append((a, now[a:b]))
@@ -849,7 +920,11 @@ class CompositionMachine(RuleBasedStateMachine):
         end = time.monotonic() + 30
         while not self.converged():
             if self.link.state == R.DIVERGED:
-                raise AssertionError("link diverged: {}".format(self.status()))
+                raise AssertionError(
+                    "link diverged: {}; primary history {}, discard {}, "
+                    "last switch (old last, applied) {}".format(
+                        self.status(), self.P.rsg.history,
+                        self.link.discard_secondary, self.last_switch))
             if time.monotonic() > end:
                 raise AssertionError("no convergence: {}".format(
                     self.status()))
@@ -886,6 +961,7 @@ class CompositionMachine(RuleBasedStateMachine):
         sg = node.rsg
         if sg is None:
             return
+        frozen = None
         with sg.lock:
             consistent = sg.consistent
             applied = sg.applied_seq
@@ -893,10 +969,30 @@ class CompositionMachine(RuleBasedStateMachine):
             diverged = sg.diverged
             imgs = [node.read_below_guard(v) for v in range(len(VOLS))] \
                 if consistent else None
+            if not consistent and sg.protected:
+                frozen = self.frozen_images(node)
         if self.override and diverged is None:
-            self.override = {}          # a replay began: it is undone
+            # A replay began: it undoes the restore (the image it protects
+            # still shows it).
+            self.replay_override, self.override = self.override, {}
         if not consistent:
+            last = self.last_consistent.get(node.name)
+            if frozen is not None and last is not None and \
+                    (SHARED_IMAGE or not self.user_protected[node.name]):
+                # What `lu rollback` would put back: the last consistent
+                # image, of every volume at the same point.
+                for vol, data in self.replay_override.items():
+                    assert frozen[vol] == data, "protected image of {} " \
+                        "is not the restored data".format(VOLS[vol])
+                check_sample(self.lines[last[0]], last[1], frozen, SIZES,
+                             what="protected image of secondary " +
+                             node.name, only=[
+                                 v for v in range(len(VOLS))
+                                 if v not in self.replay_override])
             return
+        self.replay_override = {}
+        if not self.override:
+            self.last_consistent[node.name] = (key, applied)
         ops = self.lines.get(key)
         assert ops is not None, "secondary {} reports history {} the " \
             "model does not know ({})".format(node.name, key,
@@ -907,6 +1003,21 @@ class CompositionMachine(RuleBasedStateMachine):
         only = [v for v in range(len(VOLS)) if v not in self.override]
         check_sample(ops, applied, imgs, SIZES,
                      what="secondary " + node.name, only=only)
+
+    @staticmethod
+    def frozen_images(node):
+        out = []
+        for vol, size in zip(VOLS, SIZES):
+            s = node.t.sessions.get("protected-" + vol)
+            if s is None or not s.marked:
+                return None
+            buf = bytearray(size)
+            try:
+                s.read_frozen(buf, 0)
+            except sessions.FrozenImageGone:
+                return None     # the replay ended meanwhile
+            out.append(bytes(buf))
+        return out
 
     @invariant()
     def clones_match_model(self):
@@ -950,14 +1061,17 @@ class CompositionMachine(RuleBasedStateMachine):
             if want is None:
                 continue
             s = node.t.sessions.get(IMAGE)
-            if s is None or not s.marked:
+            buf = bytearray(SIZES[0])
+            try:
+                s.read_frozen(buf, 0)
+            except (AttributeError, sessions.FrozenImageGone):
+                s = None
+            if s is None:
                 # A replay on this node (a secondary since) released it.
-                assert self.was_secondary[n], "protected image of v1 on " \
-                    "{} is gone".format(n)
+                assert self.was_secondary[n] and not SHARED_IMAGE, \
+                    "protected image of v1 on {} is gone".format(n)
                 self.images[n] = None
                 continue
-            buf = bytearray(SIZES[0])
-            s.read_frozen(buf, 0)
             assert bytes(buf) == want, "protected image of v1 on {} " \
                 "changed: {}".format(n, first_diff([want], [bytes(buf)]))
 
@@ -1197,3 +1311,112 @@ def test_discard_choice_survives_a_reconnect(two_nodes):
     assert a.read_base(0) == b.read_top(0)
     # The clone's data, without the old primary's discarded write.
     assert a.read_base(0)[:131072] == b"\x01" * 65536 + bytes(65536)
+
+
+def _replay_broken_off_with_v1_protected(a, b, monkeypatch):
+    """v1 of the secondary protected by someone else (an admin, a peer)
+    at an older point; then a replay that is broken off."""
+    for vol in VOLS:
+        a.t.lus[vol].write(b"\x01" * 4096, 0)
+    converge(a, b)
+    b.t.image_protect("v1")
+    for vol in VOLS:
+        a.t.lus[vol].write(b"\x02" * 4096, 0)
+    converge(a, b)                          # the last consistent point
+    a.t.rsg_detach("g", b.addr)
+    for vol in VOLS:
+        a.t.lus[vol].write(b"\x03" * 4096, 0)
+    broken = threading.Event()
+
+    def end_replay(self, seq, theirs):
+        broken.set()
+        raise OSError(errno.EIO, "the replay is broken off here")
+    monkeypatch.setattr(R.SecondaryGroup, "_end_replay", end_replay)
+    a.t.rsg_attach("g", b.addr)
+    assert broken.wait(10)
+    a.t.rsg_detach("g", b.addr)
+    wait_for(lambda: b.rsg.connected_since is None)
+    sg = b.rsg
+    assert not sg.consistent and sg.protected, sg.status()
+    return CompositionMachine.frozen_images(b)
+
+
+@pytest.mark.xfail(strict=True, reason="a replay keeps an image protected "
+                   "before it (protecting a protected image keeps the older "
+                   "one): the volumes' protected images are of different "
+                   "points; design question, see the module notes")
+def test_replay_protects_every_volume_at_one_point(two_nodes, monkeypatch):
+    """The image a secondary protects before a replay, which `lu rollback`
+    puts back after a broken replay, must be its last consistent image:
+    every volume at the same point."""
+    a, b = two_nodes
+    frozen = _replay_broken_off_with_v1_protected(a, b, monkeypatch)
+    assert [f[:4096] for f in frozen] == [b"\x02" * 4096] * 2
+
+
+@pytest.mark.xfail(strict=True, reason="the replay's release at its end "
+                   "deletes the image whoever protected it; design "
+                   "question, see the module notes")
+def test_replay_keeps_an_image_someone_else_protected(two_nodes):
+    a, b = two_nodes
+    a.t.lus["v1"].write(b"\x01" * 4096, 0)
+    converge(a, b)
+    b.t.image_protect("v1")                 # an admin's or a peer's
+    a.t.rsg_detach("g", b.addr)
+    a.t.lus["v1"].write(b"\x02" * 4096, 0)
+    a.t.rsg_attach("g", b.addr)             # a replay runs and completes
+    converge(a, b)
+    assert b.t.image_status("v1")["protected"]
+
+
+def _trace_rules(machine_class, path):
+    """COMPOSITION_MODEL_TRACE=FILE: every rule run is written to FILE (the
+    last case's steps survive a failure hypothesis cannot replay, as
+    timing-dependent ones are)."""
+    import functools
+    from hypothesis.stateful import INITIALIZE_RULE_MARKER, RULE_MARKER
+    for name in dir(machine_class):
+        f = getattr(machine_class, name)
+        for marker in (RULE_MARKER, INITIALIZE_RULE_MARKER):
+            r = getattr(f, marker, None)
+            if r is None:
+                continue
+            inner = r.function
+
+            def traced(self, _inner=inner, _name=name, _first=(
+                    marker == INITIALIZE_RULE_MARKER), **kw):
+                with open(path, "a") as out:
+                    if _first:
+                        out.write("----\n")
+                    out.write("{}({})\n".format(_name, ", ".join(
+                        "{}={!r}".format(k, v) for k, v in sorted(kw.items()))))
+                return _inner(self, **kw)
+            r.function = functools.wraps(inner)(traced)
+
+
+if os.environ.get("COMPOSITION_MODEL_TRACE"):
+    _trace_rules(CompositionMachine, os.environ["COMPOSITION_MODEL_TRACE"])
+
+
+def test_promoted_node_sends_what_only_it_had(two_nodes):
+    """A node promoted while it holds changes the other node never got
+    (its own unacknowledged writes from when it was primary, or a restore
+    done while detached) sends those regions at the first contact, not
+    only what it wrote since the promotion.  (Before, A demoted, B promoted,
+    B demoted again before A's replay began, A promoted again: B was told
+    nothing of A's last write, and said it was consistent with A while it
+    lacked it.)"""
+    a, b = two_nodes
+    a.t.lus["v1"].write(b"\x01" * 65536, 0)
+    converge(a, b)
+    a.t.rsg_detach("g", b.addr)
+    a.t.lus["v1"].write(b"\x02" * 4096, 8192)      # b never gets it
+    wait_for(lambda: b.rsg.connected_since is None)
+    a.t.rsg_demote("g")
+    b.t.rsg_promote("g")
+    b.t.rsg_demote("g")                              # back, at once
+    a.t.rsg_promote("g")
+    a.t.rsg_link("g", b.addr, "async", a.tok)
+    converge(a, b)
+    assert b.read_base(0) == a.read_top(0), first_diff(
+        [a.read_top(0)], [b.read_base(0)])
