@@ -306,6 +306,7 @@ class CompositionMachine(RuleBasedStateMachine):
         self.attached = True
         self.last_consistent = {}
         self.last_switch = None
+        self.discard = False
 
     # -------------------------------------------------------- plumbing
 
@@ -736,8 +737,18 @@ class CompositionMachine(RuleBasedStateMachine):
     def do_attach(self):
         if self.attached:
             return
-        self.P.t.rsg_attach("g", self.S.addr)
+        self.P.t.rsg_attach("g", self.S.addr, **self.attach_options())
         self.attached = True
+
+    def attach_options(self):
+        """A plain attach undoes an earlier --discard-secondary-changes:
+        the admin says it again until the secondary took this side's
+        history."""
+        sg = self.S.rsg
+        if self.discard and sg is not None and \
+                self.key(sg) == self.key(self.P.rsg):
+            self.discard = False
+        return {"discard_secondary_changes": True} if self.discard else {}
 
     def release_held(self, n):
         eng, self.held[n] = self.held[n], None
@@ -797,6 +808,7 @@ class CompositionMachine(RuleBasedStateMachine):
         self.last_switch = (old_last, applied, diverged)
         new.t.rsg_link("g", old.addr, self.mode, self.tok)
         self.attached = True
+        self.discard = diverged
         if diverged:
             event("split brain: attach --discard-secondary-changes")
             new.t.rsg_attach("g", old.addr, discard_secondary_changes=True)
@@ -915,7 +927,7 @@ class CompositionMachine(RuleBasedStateMachine):
         for n in ("A", "B"):
             self.release_held(n)
         if not self.attached:
-            self.P.t.rsg_attach("g", self.S.addr)
+            self.P.t.rsg_attach("g", self.S.addr, **self.attach_options())
             self.attached = True
         end = time.monotonic() + 30
         while not self.converged():
