@@ -18,6 +18,7 @@ Design notes
   error, shown by status and not exported; the other LUs are still served.
 """
 
+import contextlib
 import errno
 import logging
 import os
@@ -829,20 +830,21 @@ class Target:
 
     def clone_reverse_sync(self, clone, rate=None):
         group, c = self._clone(clone)
-        self._check_replica_restore(group.source, "reverse sync")
         regions = bytearray(c.delta)
-        engine = group.start_reverse_sync(clone, rate=_rate(rate), run=False)
+        with self._replica_quiet(group.source, "reverse sync"):
+            engine = group.start_reverse_sync(clone, rate=_rate(rate),
+                                              run=False)
         self._volume_changed_then_run(group, engine, regions,
                                       "a reverse sync")
         return group.clone_status(c)
 
     def clone_restore(self, clone, full=False, rate=None):
         group, c = self._clone(clone)
-        self._check_replica_restore(group.source, "restore")
         regions = bytearray(b"\x01" * len(c.delta)) if full \
             else bytearray(c.delta)
-        engine = group.start_restore(clone, full=bool(full), rate=_rate(rate),
-                                     run=False)
+        with self._replica_quiet(group.source, "restore"):
+            engine = group.start_restore(clone, full=bool(full),
+                                         rate=_rate(rate), run=False)
         self._volume_changed_then_run(group, engine, regions,
                                       "a protected restore")
         return group.clone_status(c)
@@ -858,16 +860,26 @@ class Target:
             # after a restart) even if the record above could not be saved.
             engine.start()
 
-    def _check_replica_restore(self, lu, what):
+    @contextlib.contextmanager
+    def _replica_quiet(self, lu, what):
         """On a secondary, a restore is allowed only while no primary is
-        replicating to it (seed 003)."""
+        replicating to it (seed 003).  The check and the operation's start
+        hold the group's session lock, under which a primary's connection
+        is registered before its handshake: either the primary is seen
+        here, or its handshake sees the operation running (and is
+        refused)."""
         rsg = lu.rsg
-        if rsg is not None and rsg.role == replication.SECONDARY and \
-                rsg.connected_since is not None:
-            raise replication.GroupBusy(
-                name=rsg.name, reason="a {} of {} is refused: this node is "
-                "a secondary and its primary is replicating; detach the link "
-                "on the primary first".format(what, lu.name))
+        if rsg is None or rsg.role != replication.SECONDARY:
+            yield
+            return
+        with rsg.session_lock:
+            if rsg.connection is not None or \
+                    rsg.connected_since is not None:
+                raise replication.GroupBusy(
+                    name=rsg.name, reason="a {} of {} is refused: this node "
+                    "is a secondary and its primary is replicating; detach "
+                    "the link on the primary first".format(what, lu.name))
+            yield
 
     def _volume_changed(self, group, regions, what):
         """A volume-changing operation started on a replicated volume:
