@@ -46,10 +46,11 @@ destinations (transfers, updates: only the copy-on-first-write images of
 `lu protect` are used), more than one secondary, the SRL failing, host
 connections (a demote would refuse them).
 
-Switches (environment): COMPOSITION_MODEL_EXAMPLES (default 12) and
-COMPOSITION_MODEL_STEPS (default 25) size the machine;
-COMPOSITION_MODEL_SHRINK=0 skips shrinking (timing-dependent failures do
-not shrink well; hypothesis then reports them as flaky);
+Switches (environment): COMPOSITION_MODEL_EXAMPLES (default 30) and
+COMPOSITION_MODEL_STEPS (default 30) size the machine;
+COMPOSITION_MODEL_SHRINK=1 shrinks a failing case (off by default: a
+timing-dependent failure shrinks for minutes, past pytest's timeout, and
+hypothesis may then report it as flaky; the unshrunk steps are printed);
 COMPOSITION_MODEL_TRACE=FILE writes every rule run to FILE;
 COMPOSITION_MODEL_CLONE_SAVES=1 and COMPOSITION_MODEL_SHARED_IMAGE=1
 enable checks of known problems (below, where they are defined).
@@ -814,7 +815,6 @@ class CompositionMachine(RuleBasedStateMachine):
         if diverged:
             event("split brain: attach --discard-secondary-changes")
             new.t.rsg_attach("g", old.addr, discard_secondary_changes=True)
-        del old_line
 
     @rule(n=NODE)
     def kill(self, n):
@@ -1091,10 +1091,10 @@ class CompositionMachine(RuleBasedStateMachine):
 
 
 CompositionMachine.TestCase.settings = settings(
-    max_examples=int(os.environ.get("COMPOSITION_MODEL_EXAMPLES", "12")),
-    stateful_step_count=int(os.environ.get("COMPOSITION_MODEL_STEPS", "25")),
+    max_examples=int(os.environ.get("COMPOSITION_MODEL_EXAMPLES", "30")),
+    stateful_step_count=int(os.environ.get("COMPOSITION_MODEL_STEPS", "30")),
     deadline=None, database=None,   # timing-dependent: no stale replays
-    phases=tuple(Phase) if os.environ.get("COMPOSITION_MODEL_SHRINK", "1") != "0"
+    phases=tuple(Phase) if os.environ.get("COMPOSITION_MODEL_SHRINK") == "1"
     else [Phase.explicit, Phase.generate],
     suppress_health_check=list(HealthCheck))
 TestCompositionModel = CompositionMachine.TestCase
