@@ -467,10 +467,16 @@ class Target:
         with rsg.cond:
             for link in rsg.links:
                 rsg.to_logging(link)
-            union = bytearray(rsg.links[0].dcm.bits) if rsg.links else None
-            for link in rsg.links[1:]:
-                union = bytearray(a | b for a, b in zip(union, link.dcm.bits))
-            runs = [list(r) for r in rsg.links[0].dcm.runs(union)] \
+            # What some node may lack: what a link has not acknowledged,
+            # and what changed here since the promotion (a link made just
+            # now has not taken that into its DCM yet).
+            dcms = [link.dcm for link in rsg.links]
+            if rsg.since is not None:
+                dcms.append(rsg.since)
+            union = bytearray(dcms[0].bits) if dcms else None
+            for dcm in dcms[1:]:
+                union = bytearray(a | b for a, b in zip(union, dcm.bits))
+            runs = [list(r) for r in dcms[0].runs(union)] \
                 if union is not None else []
         record = {"name": name, "role": replication.SECONDARY,
                   "granularity": rsg.granularity,

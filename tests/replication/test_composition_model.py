@@ -1470,3 +1470,31 @@ def test_restore_on_secondary_and_a_connecting_primary(two_nodes,
     converge(a, b)
     assert b.read_base(0) == a.read_top(0), first_diff(
         [a.read_top(0)], [b.read_base(0)])
+
+
+def test_demoted_node_reports_what_it_changed_before_a_link_did(two_nodes):
+    """A node demoted right after its promotion, before any link took its
+    changes (here a restore it did while detached, carried into the
+    promotion), reports those regions as diverged, so the next primary
+    copies them.  (Before, a demote reported only what its links' DCMs
+    held: with no link, nothing; the other node said it was consistent and
+    kept the restored data.)"""
+    a, b = two_nodes
+    b.t.clone_add("v1", "b1", granularity="64K")
+    b.t.clone_sync("b1")
+    wait_for(lambda: b.t.clone_status("b1")["state"] == "synchronized")
+    b.t.clone_fracture("b1")                # zeroes
+    a.t.lus["v1"].write(b"\x01" * 65536, 65536)
+    converge(a, b)
+    a.t.rsg_detach("g", b.addr)
+    wait_for(lambda: b.rsg.connected_since is None)
+    b.t.clone_restore("b1")                 # b's v1 is zeroes again
+    wait_for(lambda: b.t.clone_status("b1")["state"] == "fractured")
+    a.t.rsg_demote("g")
+    b.t.rsg_promote("g")
+    b.t.rsg_demote("g")                     # at once: no link yet
+    a.t.rsg_promote("g")
+    a.t.rsg_link("g", b.addr, "async", a.tok)
+    converge(a, b)
+    assert b.read_base(0) == a.read_top(0), first_diff(
+        [a.read_top(0)], [b.read_base(0)])
