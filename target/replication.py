@@ -666,10 +666,14 @@ def history_diverges(mine, my_last, theirs, their_last):
             return False, min(my_last, their_last)
         branch = mine[i][1] - 1      # my next generation starts after this
         return their_last > branch, min(branch, their_last)
+    # They have a generation I never had: they wrote after the branch
+    # point only if they wrote in it (a node promoted and demoted again
+    # without a write has nothing to lose).
+    wrote = their_last >= theirs[i][1]
     if i == len(mine):
         # They are ahead of me (they have a newer generation).
-        return True, min(theirs[i][1] - 1, my_last)
-    return True, min(mine[i][1], theirs[i][1]) - 1
+        return wrote, min(theirs[i][1] - 1, my_last)
+    return wrote, min(mine[i][1], theirs[i][1]) - 1
 
 
 # ---------------------------------------------------------------- primary
@@ -1571,6 +1575,11 @@ class PrimaryGroup:
                         self.generation, self.name, link.secondary))
                 link.refused = link.error
                 return False
+            if not diverged:
+                # The secondary has taken this side's history (a replay
+                # began there): a choice to discard its changes is used.
+                # Until then it holds, across lost connections.
+                link.discard_secondary = False
             same_line = bool(theirs) and theirs[-1][0] == self.generation
             if reply.get("diverged") or reply.get("diverged_all"):
                 # Regions the other node changed on its own (it was a
@@ -1623,7 +1632,6 @@ class PrimaryGroup:
         link.dcm.file.reset(link.dcm.bits)
         if not link.logging:
             self.to_logging(link)
-        link.discard_secondary = False
 
     def add_link(self, secondary, mode, token_file):
         if any(l.secondary == secondary for l in self.links):

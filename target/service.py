@@ -193,6 +193,7 @@ class Target:
         self.rsgs = {}
         self.config_lock = threading.RLock()    # _one_change_at_a_time
         self.replica_server = None
+        self.closing = False
         self.recovery_problems = []
         self.rsg_failures = {}  # group name -> why it was not loaded
         self.rsg_dir = os.path.join(self.state_dir.path, "rsg")
@@ -409,6 +410,11 @@ class Target:
         name = hello.get("group")
         units.check_name(name if isinstance(name, str) else "")
         with self.lock:
+            if self.closing:
+                # A group made now would be served after close() shut the
+                # others down, into a closed target.
+                raise replication.ReplicationError(
+                    name=name, reason="this node is stopping")
             rsg = self.rsgs.get(name)
             if rsg is not None and rsg.role == replication.PRIMARY:
                 raise replication.ReplicationError(
@@ -597,9 +603,19 @@ class Target:
             # A secondary uses neither the SRL nor the since map; its
             # staged batches stay until the primary record is saved.
             files.remove([files.srl, files.since()])
-            replication.Dcm(files.since(), record["granularity"],
-                            [v["size"] for v in record["volumes"]],
-                            fresh_value=0).close()
+            since = replication.Dcm(files.since(), record["granularity"],
+                                    [v["size"] for v in record["volumes"]],
+                                    fresh_value=0)
+            # What this node changed that the others never got (its own
+            # unacknowledged writes when it was primary, a restore done
+            # while detached) differs there as much as what it writes from
+            # now on: the first contact copies both.
+            diverged = rsg.diverged or {}
+            for vol, off, length in diverged.get("runs", []):
+                since.mark(vol, off, length)
+            if diverged.get("all"):
+                since.mark_all()
+            since.close()
             self._save_role(files, record)
             files.remove(files.stage)
             new = self._open_rsg(files, record)
@@ -638,10 +654,16 @@ class Target:
         with rsg.cond:
             for link in rsg.links:
                 rsg.to_logging(link)
-            union = bytearray(rsg.links[0].dcm.bits) if rsg.links else None
-            for link in rsg.links[1:]:
-                union = bytearray(a | b for a, b in zip(union, link.dcm.bits))
-            runs = [list(r) for r in rsg.links[0].dcm.runs(union)] \
+            # What some node may lack: what a link has not acknowledged,
+            # and what changed here since the promotion (a link made just
+            # now has not taken that into its DCM yet).
+            dcms = [link.dcm for link in rsg.links]
+            if rsg.since is not None:
+                dcms.append(rsg.since)
+            union = bytearray(dcms[0].bits) if dcms else None
+            for dcm in dcms[1:]:
+                union = bytearray(a | b for a, b in zip(union, dcm.bits))
+            runs = [list(r) for r in dcms[0].runs(union)] \
                 if union is not None else []
         record = {"name": name, "role": replication.SECONDARY,
                   "granularity": rsg.granularity,
@@ -1313,19 +1335,37 @@ class Target:
 
     def clone_reverse_sync(self, clone, rate=None):
         group, c = self._working_clone(clone, "reverse-sync")
-        with self._volume_change(group.source, bytearray(c.delta),
-                                 group.granularity, "a reverse sync"):
-            group.start_reverse_sync(clone, rate=_rate(rate))
+        self._run_volume_change(
+            group.source, bytearray(c.delta), group.granularity,
+            "a reverse sync", lambda: group.start_reverse_sync(
+                clone, rate=_rate(rate), run=False))
         return group.clone_status(c)
 
     def clone_restore(self, clone, full=False, rate=None):
         group, c = self._working_clone(clone, "restore")
         regions = bytearray(b"\x01" * len(c.delta)) if full \
             else bytearray(c.delta)
-        with self._volume_change(group.source, regions, group.granularity,
-                                 "a protected restore"):
-            group.start_restore(clone, full=bool(full), rate=_rate(rate))
+        self._run_volume_change(
+            group.source, regions, group.granularity, "a protected restore",
+            lambda: group.start_restore(clone, full=bool(full),
+                                        rate=_rate(rate), run=False))
         return group.clone_status(c)
+
+    def _run_volume_change(self, lu, regions, granularity, what, start):
+        """Start an engine that changes lu without host writes (start()
+        returns it, not running yet) inside _volume_change, then run it:
+        the links log, or the secondary records what changes, before the
+        engine writes anything (a copy streamed as an ordinary update would
+        show the secondary a half-restored image as consistent)."""
+        engine = None
+        try:
+            with self._volume_change(lu, regions, granularity, what):
+                engine = start()
+        finally:
+            # Recorded as running: it runs (and resumes after a restart)
+            # even if the links' record could not be saved.
+            if engine is not None:
+                engine.start()
 
     @contextlib.contextmanager
     def _volume_change(self, lu, regions, granularity, what):
@@ -1875,6 +1915,8 @@ class Target:
         return {}
 
     def close(self):
+        with self.lock:
+            self.closing = True
         if self.watcher is not None:
             self.watcher.stop()
         if self.replica_server is not None:
