@@ -938,14 +938,22 @@ class Torture:
             t.cli("clone", "list", "--json")
             self.counters["cli_races"] += 1
         t.wait_serving()
-        for lu in t.cli_json("status")["lus"]:
+        inventory = {lu["name"]: lu for lu in t.cli_json("status")["lus"]}
+        for lu in inventory.values():
             if lu["served"] and not os.path.exists(lu["file"]):
                 raise Violation("LU {} is served but its file {} is gone: a "
                                 "command acted on the state directory beside "
                                 "the starting server".format(lu["name"],
                                                              lu["file"]))
-        if not any(lu["name"] == RACE_LU
-                   for lu in t.cli_json("status")["lus"]):
+        if RACE_LU not in inventory:
+            try:
+                t.connect(RACE_LU).shutdown()
+            except nbd.Error:
+                pass
+            else:
+                raise Violation("LU {} is served but no longer in the "
+                                "inventory: it was deleted beside the "
+                                "starting server".format(RACE_LU))
             t.cli("lu", "create", RACE_LU, "--size", "1M")   # next time
         return result
 
