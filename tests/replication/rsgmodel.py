@@ -15,7 +15,6 @@ state after some prefix of the line whose last number is >= applied_seq
 numbered up to applied_seq (`check_exact`).
 """
 
-import socket
 import time
 
 from target import replication as R
@@ -107,12 +106,6 @@ def check_exact(ops, imgs, applied, sizes, what="secondary", names=None):
         "after changes 1..{}: {}".format(what, applied, applied, diff)
 
 
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def wait_for(pred, timeout=20.0, what="condition", info=lambda: ""):

@@ -75,13 +75,13 @@ from hypothesis import strategies as st
 from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant,
                                  precondition, rule)
 
-from conftest import tolerate_timing_in_generation
+from conftest import free_port, tolerate_timing_in_generation
 from target import clones, errors, sessions
 from target import replication as R
 from target import service, state
 
 from rsgmodel import (SET, Op, check_exact, check_sample, fast_timing,
-                      first_diff, free_port, restore_timing, state_after,
+                      first_diff, restore_timing, state_after,
                       wait_for)
 
 VOLS = ["v1", "v2"]

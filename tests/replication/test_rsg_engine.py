@@ -49,7 +49,9 @@ from hypothesis import strategies as st
 from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant,
                                  precondition, rule)
 
+import rsgmodel
 from conftest import free_port, tolerate_timing_in_generation
+from rsgmodel import Op, fast_timing, restore_timing, wait_for
 from target import clones
 from target import replication as R
 from target import errors, service, state
@@ -65,15 +67,24 @@ TOKEN = "replication-token-0123456789"
 
 
 
-def fast_timing():
-    saved = (R.RETRY_INTERVAL, R.PERSIST_INTERVAL)
-    R.RETRY_INTERVAL = 0.05
-    R.PERSIST_INTERVAL = 0.2
-    return saved
 
 
-def restore_timing(saved):
-    R.RETRY_INTERVAL, R.PERSIST_INTERVAL = saved
+
+
+def blank():
+    return rsgmodel.blank(SIZES)
+
+
+def first_diff(a, b):
+    return rsgmodel.first_diff(a, b, VOLS)
+
+
+def check_sample(ops, applied, imgs):
+    return rsgmodel.check_sample(ops, applied, imgs, SIZES)
+
+
+def check_exact(ops, imgs, applied, what="secondary"):
+    rsgmodel.check_exact(ops, imgs, applied, SIZES, what, VOLS)
 
 
 @pytest.fixture(autouse=True)
@@ -90,90 +101,18 @@ def read_image(t, name):
     return bytes(buf)
 
 
-def wait_for(pred, timeout=20.0, what="condition", info=lambda: ""):
-    end = time.monotonic() + timeout
-    while True:
-        if pred():
-            return
-        if time.monotonic() > end:
-            raise AssertionError("timed out waiting for {}: {}".format(
-                what, info()))
-        time.sleep(0.02)
 
 
-class Op:
-    __slots__ = ("seq", "vol", "kind", "off", "length", "data")
-
-    def __init__(self, seq, vol, kind, off, length, data=None):
-        self.seq, self.vol, self.kind = seq, vol, kind
-        self.off, self.length, self.data = off, length, data
-
-    def apply(self, imgs):
-        img = imgs[self.vol]
-        if self.kind == R.WRITE:
-            img[self.off:self.off + self.length] = self.data
-        else:                       # zero, and trim (punch hole: zeroes)
-            img[self.off:self.off + self.length] = bytes(self.length)
-
-    def __repr__(self):
-        return "Op(seq={}, {}, {}, off={}, len={})".format(
-            self.seq, VOLS[self.vol], ("write", "zero", "trim")[self.kind],
-            self.off, self.length)
 
 
-def blank():
-    return [bytearray(n) for n in SIZES]
 
 
-def first_diff(a, b):
-    for vol in range(len(a)):
-        if a[vol] != b[vol]:
-            x, y = a[vol], b[vol]
-            i = next(i for i in range(len(x)) if x[i] != y[i])
-            return "{} differs first at byte {}".format(VOLS[vol], i)
-    return None
 
 
-def matching_prefixes(ops, imgs, min_seq):
-    """Indices k such that imgs == state after ops[:k] and ops[:k] holds
-    every update numbered min_seq or less (min_seq may be a number no
-    update carries: see check_exact)."""
-    need = sum(1 for op in ops if op.seq <= min_seq)
-    model = blank()
-    found = []
-    if need == 0 and all(model[v] == imgs[v] for v in range(len(SIZES))):
-        found.append(0)
-    for k, op in enumerate(ops):
-        op.apply(model)
-        if k + 1 >= need and all(model[v] == imgs[v]
-                                 for v in range(len(SIZES))):
-            found.append(k + 1)
-    return found
 
 
-def check_sample(ops, applied, imgs):
-    """A consistent secondary, possibly behind: some prefix >= applied."""
-    found = matching_prefixes(ops, imgs, applied)
-    assert found, ("secondary (consistent, applied_seq {}) is not the "
-                   "primary's state after any prefix of updates ending at "
-                   "seq >= {} ({} updates in the model)".format(
-                       applied, applied, len(ops)))
-    return found
 
 
-def check_exact(ops, imgs, applied, what="secondary"):
-    """imgs == state after exactly the updates numbered 1..applied.  (After
-    a primary crash while no link held the SRL, numbers jump: a replay then
-    names the state by an upper bound that no update carries.)"""
-    model = blank()
-    assert all(a.seq < b.seq for a, b in zip(ops, ops[1:])), \
-        "sequence numbers were reused"
-    k = sum(1 for op in ops if op.seq <= applied)
-    for op in ops[:k]:
-        op.apply(model)
-    diff = first_diff(model, imgs)
-    assert diff is None, "{} at applied_seq {} is not the model's state " \
-        "after updates 1..{}: {}".format(what, applied, applied, diff)
 
 
 class Cluster:
