@@ -716,10 +716,7 @@ class Target:
                     "disconnect them first".format(lu.connections))
 
             def check_busy(n, record):
-                reason = state.lu_user(self.state_dir, n, record)
-                if reason is None and lu is not None and lu.rsg is not None:
-                    reason = "it is a volume of replicated group {}".format(
-                        lu.rsg.name)
+                reason = self._lu_user(lu, n, record)
                 if reason:
                     raise errors.LUBusy(name=n, reason=reason)
 
@@ -729,6 +726,14 @@ class Target:
                 self._retire(self.lus.pop(name))
         log.info("LU %s deleted", name)
         return {"name": name, "record": record}
+
+    def _lu_user(self, lu, name, record):
+        """What uses LU name (its clones, sessions or group), or None."""
+        reason = state.lu_user(self.state_dir, name, record)
+        if reason is None and lu is not None and lu.rsg is not None:
+            reason = "it is a volume of replicated group {}".format(
+                lu.rsg.name)
+        return reason
 
     def lu_resize(self, name, size):
         """Grow an LU while serving (`clonectl lu resize`).
@@ -742,10 +747,7 @@ class Target:
             lu = self.lus.get(name)
 
             def check_busy(n, record):
-                reason = state.lu_user(self.state_dir, n, record)
-                if reason is None and lu is not None and lu.rsg is not None:
-                    reason = "it is a volume of replicated group {}".format(
-                        lu.rsg.name)
+                reason = self._lu_user(lu, n, record)
                 if reason:
                     raise errors.LUResizeRefused(name=n, reason=reason)
 
