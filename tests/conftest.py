@@ -232,6 +232,19 @@ def closed_while_trickling(sock, data, timeout, interval=0.2):
         th.join()
 
 
+def serve_log_has(state_dir, text, timeout=30.0):
+    """True once the server's run/serve.log holds text: nbdkit's output
+    reaches it through the manager (a limiter of repeated lines), a moment
+    after the event."""
+    log = Path(state_dir) / "run" / "serve.log"
+    deadline = time.monotonic() + timeout
+    while text not in log.read_text(errors="replace"):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
 def proc_status(pid, field):
     """A number from /proc/PID/status (VmRSS in KiB, Threads, ...)."""
     with open("/proc/{}/status".format(pid)) as f:

@@ -1,5 +1,5 @@
 """Failing devices: a Source or Clone backend that returns EIO or ENOSPC on
-chosen requests (DESIGN.md section 3; docs/clones.md state table "syncing | I/O
+chosen requests (docs/clones.md, state table "syncing | I/O
 error | out-of-sync (bits kept)").
 
 Each test checks: the error reaches the caller with its errno (the NBD

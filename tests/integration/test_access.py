@@ -15,20 +15,12 @@ import time
 
 import pytest
 
-from conftest import CLONECTL, MiB, run_clonectl, status_json, terminate_pid
+from conftest import (CLONECTL, MiB, run_clonectl, serve_log_has,
+                      status_json, terminate_pid)
 
 nbd = pytest.importorskip("nbd")
 
 
-def _log_has(log, text, timeout=30.0):
-    """True once serve.log holds text: nbdkit's messages reach it through
-    the manager (a limiter of repeated lines), a moment after the event."""
-    deadline = time.monotonic() + timeout
-    while text not in log.read_text():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 def _free_port():
@@ -449,8 +441,9 @@ def test_allow_list_admits_listed_addresses_only(allow_server):
         with pytest.raises(nbd.Error):
             _client_from(source, allow_server.port)
         # Refused by the allow-list (not some other failure).
-        assert _log_has(log, "client {} is not in the --allow list".format(
-            source)), log.read_text()[-2000:]
+        assert serve_log_has(allow_server.state_dir, "client {} is not in "
+                             "the --allow list".format(source)), \
+            log.read_text()[-2000:]
     h = nbd.NBD()  # an ordinary client from 127.0.0.1 cannot list either
     h.set_opt_mode(True)
     with pytest.raises(nbd.Error):
@@ -603,8 +596,9 @@ def test_allow_export_keeps_other_networks_away_from_one_export(
         with pytest.raises(nbd.Error):
             h.connect_tcp("127.0.0.1", str(srv.port))
         del h
-    assert _log_has(log, "client 127.0.0.1 may not open export 'a': it is "
-                    "not in the --allow-export list for 'a'"), \
+    assert serve_log_has(state_dir, "client 127.0.0.1 may not open export "
+                         "'a': it is not in the --allow-export list for "
+                         "'a'"), \
         log.read_text()[-2000:]
     for name in ("b", "c"):
         h = nbd.NBD()
@@ -623,7 +617,8 @@ def test_allow_export_keeps_other_networks_away_from_one_export(
     # refused before the handshake.
     with pytest.raises(nbd.Error):
         _client_from("127.0.1.1", srv.port, export="b")
-    assert _log_has(log, "client 127.0.1.1 is not in the --allow list")
+    assert serve_log_has(state_dir,
+                         "client 127.0.1.1 is not in the --allow list")
 
 
 def test_allow_export_rules_of_a_source_cover_its_frozen_image(
@@ -668,9 +663,9 @@ def test_allow_export_rules_of_a_source_cover_its_fractured_clone(
     with pytest.raises(nbd.Error):
         h.connect_tcp("127.0.0.1", str(srv.port))
     del h
-    assert _log_has(state_dir / "run" / "serve.log",
-                    "client 127.0.0.1 may not open export 'ca': it is not in "
-                    "the --allow-export list for 'a'")
+    assert serve_log_has(state_dir,
+                         "client 127.0.0.1 may not open export 'ca': it is "
+                         "not in the --allow-export list for 'a'")
     h = _client_from("127.0.0.2", srv.port, export="ca")
     assert h.pread(512, 0) == marker
     h.shutdown()

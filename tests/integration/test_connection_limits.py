@@ -16,7 +16,7 @@ import time
 import pytest
 
 from conftest import CLONECTL, ProcessGuard, Server, _stop_servers, \
-    run_clonectl, status_json
+    run_clonectl, serve_log_has, status_json
 
 MiB = 1 << 20
 GREETING = b"NBDMAGIC"
@@ -47,16 +47,6 @@ def greeted(sock, timeout=5.0):
     return True
 
 
-def log_has(state_dir, text, timeout=5.0):
-    """True once run/serve.log holds text (nbdkit's output reaches it
-    through the manager, a moment later)."""
-    log = state_dir / "run" / "serve.log"
-    deadline = time.monotonic() + timeout
-    while text not in log.read_text(errors="replace"):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 def timed_status(state_dir):
@@ -146,7 +136,7 @@ def test_max_connections_refuses_the_extra_ones(limited_server, nbd_connect):
     time.sleep(0.5)
     h2 = nbd_connect(srv.socket, "disk")
     assert h2.pread(4096, 0) == b"\xa5" * 4096
-    assert log_has(srv.state_dir, "--max-connections")
+    assert serve_log_has(srv.state_dir, "--max-connections", timeout=5.0)
 
 
 def _outside_address():
@@ -183,7 +173,8 @@ def test_max_connections_per_address(limited_server, tmp_path):
     finally:
         for s in outside + local:
             s.close()
-    assert log_has(srv.state_dir, "connections from this address")
+    assert serve_log_has(srv.state_dir, "connections from this address",
+                         timeout=5.0)
 
 
 def test_refusal_flood_does_not_fill_the_log(limited_server):
@@ -202,7 +193,7 @@ def test_refusal_flood_does_not_fill_the_log(limited_server):
     text = log.read_text()
     assert log.stat().st_size < 64 << 10, "{} bytes of log:\n{}".format(
         log.stat().st_size, text[-3000:])
-    assert log_has(srv.state_dir, "--max-connections")
+    assert serve_log_has(srv.state_dir, "--max-connections", timeout=5.0)
     # What was left out is counted, at the latest when nbdkit stops.
     srv.stop()
     text = log.read_text()
