@@ -363,8 +363,9 @@ class CloneGroup:
         # The delta maps, with one activity map for the group.
         self.changes = changemap.ChangeMap(
             os.path.join(map_dir, source.name + ".activity"), granularity,
-            self.extents, self.cond, self._committed_maps,
-            flush=self._flush_all, after_save=self._persist_prm)
+            self.extents, self.cond, lambda: self._committed_maps(),
+            flush=lambda: self._flush_all(),
+            after_save=lambda: self._persist_prm())
         self.collided = False
         self.quiesce = False
         self.engine = None
