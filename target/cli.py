@@ -10,7 +10,7 @@ import time
 
 import click
 
-from . import control, errors, progress, server, state, units
+from . import control, errors, operations, progress, server, state, units
 
 DEFAULT_STATE_DIR = "/var/lib/clonectl"
 
@@ -377,14 +377,6 @@ def lu_resize(ctx, name, size):
 
 # ---------------------------------------------------------------- clone
 
-# Operations that run an engine need the target process; the others can be
-# carried out by a short-lived target in this process when no server runs.
-_NEED_SERVER = {"clone_sync", "clone_reverse_sync", "clone_restore",
-                "session_transfer", "session_update", "rsg_link",
-                "rsg_unlink", "rsg_attach", "rsg_detach", "rsg_promote",
-                "rsg_demote"}
-
-
 def _control_call(ctx, op, patience=15.0, **args):
     """A control request, retried while the target restarts (the manager
     restarts a dead nbdkit, which then resumes its work)."""
@@ -411,19 +403,19 @@ def _target_call(ctx, op, **args):
     """Run op in the running server or, if none runs, in a Target of this
     process that holds run/serve.lock meanwhile: two Targets on one state
     directory would each recover and rewrite the other's maps."""
-    if op in _NEED_SERVER and not os.path.exists(
+    if operations.needs_server(op) and not os.path.exists(
             ctx.state_dir.serve_lock_file):
         # No server ever ran here; do not create the directory to say so.
         raise errors.ServerNotRunning(state_dir=ctx.state_dir.path)
     with server.served_or_exclusive(ctx.state_dir) as info:
         if info is not None:
             return _control_call(ctx, op, **args)
-        if op in _NEED_SERVER:
+        if operations.needs_server(op):
             raise errors.ServerNotRunning(state_dir=ctx.state_dir.path)
-        from .service import Target
+        from .target import Target
         target = Target(ctx.state_dir.path)
         try:
-            ctx.last_result = target.control_operations()[op](**args)
+            ctx.last_result = operations.bind(target)[op](**args)
             return ctx.last_result
         finally:
             target.close()

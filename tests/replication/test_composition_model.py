@@ -1,7 +1,7 @@
 """A composition model: clone groups, protected images (sessions) and
 replication on the same LUs, on a primary and on a secondary.
 
-Two in-process `service.Target` nodes A and B in tmp dirs, each listening
+Two in-process `Target` nodes A and B in tmp dirs, each listening
 for primaries on 127.0.0.1 (as in test_rsg_engine.py); the group "g" of
 volumes v1 and v2 starts with A primary.  Host I/O enters the LU's stack at
 the top (`Target.lus[name].write/zero/trim/flush`, the plugin's path), clone
@@ -78,7 +78,8 @@ from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant,
 from conftest import free_port, tolerate_timing_in_generation
 from target import clones, errors, sessions
 from target import replication as R
-from target import service, state
+from target import state
+from target.target import Target
 
 from rsgmodel import (SET, Op, check_exact, check_sample, fast_timing,
                       first_diff, restore_timing, state_after,
@@ -116,7 +117,7 @@ class Node:
         return self.t.rsgs.get("g")
 
     def start(self):
-        self.t = service.Target(self.dir)
+        self.t = Target(self.dir)
         g = self.rsg
         # The first number a change can get after the restart, before a
         # resumed engine takes any.
