@@ -99,7 +99,7 @@ class CloneOrchestration:
                     reason="source {!r} already has {} clones, the maximum"
                     .format(source, clones.MAX_CLONES))
             if file is None:
-                path = os.path.join(self.target.state_dir.lus_dir, clone + ".img")
+                path = self.target.state_dir.owned_backing(clone)
                 owned = True
                 state.check_backing_free(doc, path)
                 state.create_sparse(path, lu.size)

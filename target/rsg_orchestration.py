@@ -22,7 +22,7 @@ class RsgOrchestration:
 
     def __init__(self, target):
         self.target = target
-        self.rsg_dir = os.path.join(target.state_dir.path, "rsg")
+        self.rsg_dir = target.state_dir.rsg_dir
         self.failures = {}      # group name -> why it was not loaded
         self.replica_server = None
 
@@ -31,12 +31,7 @@ class RsgOrchestration:
         return replication.GroupFiles(self.rsg_dir, name)
 
     def load(self):
-        if not os.path.isdir(self.rsg_dir):
-            return
-        for fn in sorted(os.listdir(self.rsg_dir)):
-            if not fn.endswith(".json") or fn.startswith("."):
-                continue
-            name = fn[:-5]
+        for name in self.target.state_dir.rsg_names():
             try:
                 files = self._rsg_files(name)
                 self._open_rsg(files, files.load())

@@ -457,8 +457,7 @@ class Server:
             # What a crashed server recorded (tgtd, nbdfuse mounts); always,
             # even if this server does not serve iSCSI.
             from . import iscsi
-            iscsi.cleanup_stale(os.path.join(self.state_dir.run_dir,
-                                             "iscsi.json"), self.say)
+            iscsi.cleanup_stale(self.state_dir.iscsi_record, self.say)
         except BaseException:
             os.close(fd)
             raise
@@ -467,7 +466,7 @@ class Server:
 
     def nbdkit_command(self):
         cmd = ["nbdkit", "--foreground",
-               "--pidfile", os.path.join(self.state_dir.run_dir, "nbdkit.pid")]
+               "--pidfile", self.state_dir.nbdkit_pid_file]
         cmd += self.listen.nbdkit_args()
         if self.threads:
             cmd += ["--threads", str(self.threads)]
@@ -803,7 +802,7 @@ class Server:
         if not self._acquired:
             return
         paths = [self.state_dir.serve_info_file, self.state_dir.control_socket,
-                 os.path.join(self.state_dir.run_dir, "nbdkit.pid")]
+                 self.state_dir.nbdkit_pid_file]
         if self.listen.socket_path:
             paths.append(self.listen.socket_path)
         if self.pidfile:

@@ -78,8 +78,7 @@ class SessionOrchestration:
             raise
 
     def _save_area_path(self, source, name):
-        return os.path.join(self.target.state_dir.maps_dir,
-                            "{}@{}.save".format(source, name))
+        return self.target.state_dir.save_area(source, name)
 
     def _attach_session(self, lu, session):
         layer = lu.stack.get("sessions")

@@ -278,6 +278,24 @@ def test_corrupt_state_is_reported_and_left_untouched(sd, raw):
     assert _files(sd.lus_dir) == ["a.img"], "no LU file made or removed"
 
 
+def test_the_format_knows_every_clone_state(sd):
+    """state.json's clone states are the clone engine's: a state the engine
+    saves is never refused at the next load, and no other is accepted."""
+    from target import clones
+    assert set(state.CLONE_STATES) == set(clones.STATES)
+    state.create_lu(sd, "a", size=MiB)
+    doc = sd.load()
+    doc["lus"]["a"]["granularity"] = 65536
+    for clone_state in clones.STATES:
+        doc["lus"]["a"]["clones"] = {"c": {"file": "/x", "owned": False,
+                                           "state": clone_state}}
+        sd.save(doc)
+        assert sd.load()["lus"]["a"]["clones"]["c"]["state"] == clone_state
+    doc["lus"]["a"]["clones"]["c"]["state"] = "bogus"
+    with pytest.raises(errors.CorruptState):
+        sd.save(doc)
+
+
 @pytest.mark.parametrize("version", [0, 2, "1", None])
 def test_unsupported_version(sd, version):
     raw = json.dumps({"format": "clonectl-state", "version": version,
