@@ -44,8 +44,8 @@ class CloneOrchestration:
 
         for who, problem in group.load(record["clones"], open_clone):
             log.error("clone group %s: %s", lu.name, problem)
-            self.target.recovery_problems.append({"source": lu.name, "clone": who,
-                                           "message": problem})
+            self.target.recovery_problems.append(
+                {"source": lu.name, "clone": who, "message": problem})
         self.target.groups[lu.name] = group
 
     def persist_clone(self, source):

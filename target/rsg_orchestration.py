@@ -55,7 +55,8 @@ class RsgOrchestration:
         except (OSError, ValueError, AttributeError, TypeError):
             return      # unreadable: nothing names its volumes
         for lu_name in names:
-            lu = self.target.lus.get(lu_name) if isinstance(lu_name, str) else None
+            lu = self.target.lus.get(lu_name) \
+                if isinstance(lu_name, str) else None
             if lu is not None and lu.rsg is None:
                 lu.held = reason
 
@@ -76,8 +77,8 @@ class RsgOrchestration:
                 name=name, reason="files of a group of that name are in the "
                 "state directory ({}){}; repair or restore them and restart "
                 "the server, or remove them with `clonectl rsg delete {}`"
-                .format(", ".join(os.path.relpath(p, self.target.state_dir.path)
-                                  for p in files),
+                .format(", ".join(os.path.relpath(p, self.target.state_dir
+                                                  .path) for p in files),
                         ": it was " + self.failures[name]
                         if name in self.failures else "", name))
 
@@ -106,9 +107,11 @@ class RsgOrchestration:
             self.target.recovery_problems += [{"rsg": rsg.name, "message": p}
                                        for p in rsg.problems]
         else:
+            images = self.target.session_ops
             rsg = replication.SecondaryGroup(
-                files, record, vols, protect=lambda lu: self.target.session_ops.image_protect(
-                    lu.name), release=lambda lu: self.target.session_ops.image_release(lu.name),
+                files, record, vols,
+                protect=lambda lu: images.image_protect(lu.name),
+                release=lambda lu: images.image_release(lu.name),
                 volume_change=lambda: self._volume_change_running(vols))
             rsg.attach()
         for lu in vols:
@@ -278,8 +281,9 @@ class RsgOrchestration:
                 self._hold_volumes(name, None)
                 files.remove_all()
                 self.failures.pop(name, None)
-                self.target.recovery_problems = [p for p in self.target.recovery_problems
-                                          if p.get("rsg") != name]
+                self.target.recovery_problems = [
+                    p for p in self.target.recovery_problems
+                    if p.get("rsg") != name]
                 return {"name": name}
         rsg = self._rsg(name)
         if rsg.role == replication.SECONDARY and \

@@ -54,8 +54,8 @@ class SessionOrchestration:
 
     def _session_problem(self, lu, name, problem):
         log.error("session %s of %s: %s", name, lu.name, problem)
-        self.target.recovery_problems.append({"source": lu.name, "session": name,
-                                       "message": problem})
+        self.target.recovery_problems.append(
+            {"source": lu.name, "session": name, "message": problem})
 
     def _open_session(self, lu, name, rec, image=False):
         self._seen[name] = (
@@ -468,7 +468,8 @@ class SessionOrchestration:
     def _image(self, lu):
         """The session holding lu's protected image, or None."""
         session = self.target.images.get(lu)
-        if session is None or self.target.sessions.get(session.name) is not session:
+        if session is None or \
+                self.target.sessions.get(session.name) is not session:
             return None
         return session
 
@@ -477,7 +478,8 @@ class SessionOrchestration:
             raise errors.UnknownLU(name=lu)
         session = self._image(lu)
         protected = session is not None and session.marked
-        return {"lu": lu, "size": self.target.lus[lu].size, "protected": protected,
+        return {"lu": lu, "size": self.target.lus[lu].size,
+                "protected": protected,
                 "export": session.export_name() if protected else None,
                 "since": session.mark_time if protected else None,
                 "saved_extents": len(session.save.slots) if protected else 0}
@@ -532,7 +534,8 @@ class SessionOrchestration:
         regions = bytearray(session.extents)
         for x in saved:
             regions[x] = 1
-        with self.target.rsg_ops.volume_change(source, regions, g, "a rollback"):
+        with self.target.rsg_ops.volume_change(source, regions, g,
+                                               "a rollback"):
             for x in saved:
                 n = min(g, source.size - x * g)
                 session.save.readinto(x, buf)
