@@ -9,7 +9,7 @@ import errno
 import logging
 import os
 
-from . import backends, clones, errors, fsutil, state, units
+from . import backends, clones, errors, fsutil, inventory, units
 from .lu import LUHeld, one_change_at_a_time
 
 log = logging.getLogger("clonectl.target")
@@ -39,7 +39,7 @@ class CloneOrchestration:
                                   self.persist_clone(lu.name))
 
         def open_clone(rec):
-            state.probe_backing(rec["file"], lu.size)
+            inventory.probe_backing(rec["file"], lu.size)
             return backends.FileBackend(rec["file"])
 
         for who, problem in group.load(record["clones"], open_clone):
@@ -85,7 +85,7 @@ class CloneOrchestration:
                 raise errors.UnknownLU(name=source)
             if lu.backend is None:
                 raise errors.BackingUnusable(path=lu.file, reason=lu.error)
-            state.check_name_free(doc, clone)
+            inventory.check_name_free(doc, clone)
             group_gran = record.get("granularity") if record.get("clones") \
                 else None
             if group_gran and granularity and granularity != group_gran:
@@ -101,14 +101,14 @@ class CloneOrchestration:
             if file is None:
                 path = self.target.state_dir.owned_backing(clone)
                 owned = True
-                state.check_backing_free(doc, path)
-                state.create_sparse(path, lu.size)
+                inventory.check_backing_free(doc, path)
+                inventory.create_sparse(path, lu.size)
             else:
                 path = os.path.abspath(file)
                 owned = False
-                state.check_outside(self.target.state_dir, path)
-                state.check_backing_free(doc, path)
-                state.probe_backing(path, lu.size)
+                inventory.check_outside(self.target.state_dir, path)
+                inventory.check_backing_free(doc, path)
+                inventory.probe_backing(path, lu.size)
             try:
                 backend = backends.FileBackend(path)
                 group = self.target.groups.get(source) or clones.CloneGroup(

@@ -16,7 +16,7 @@
 import errno
 import functools
 
-from . import backends, errors, iostack, state
+from . import backends, errors, inventory, iostack
 
 
 def one_change_at_a_time(method):
@@ -55,7 +55,7 @@ class LogicalUnit:
         self.stack = None
         if backend is None:
             try:
-                state.probe_backing(self.file, self.size, self.readonly)
+                inventory.probe_backing(self.file, self.size, self.readonly)
                 self.backend = backends.FileBackend(self.file, self.readonly)
             except (errors.Error, OSError) as e:
                 self.error = str(e)

@@ -10,8 +10,8 @@ import functools
 import logging
 import os
 
-from . import (backends, clones, errors, fsutil, maps, peer, sessions, state,
-               units)
+from . import (backends, clones, errors, fsutil, inventory, maps, peer,
+               sessions, units)
 from .lu import one_change_at_a_time
 
 log = logging.getLogger("clonectl.target")
@@ -226,7 +226,7 @@ class SessionOrchestration:
                                             "that name exists")
             if os.path.exists(save_path):
                 os.unlink(save_path)   # left by a crash during a create
-            state.create_sparse(save_path, size)
+            inventory.create_sparse(save_path, size)
             try:
                 session = self._open_session(lu, name, record, image=image)
                 session.create()

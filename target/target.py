@@ -21,7 +21,8 @@ import os
 import threading
 import time
 
-from . import clones, errors, events, gateway, replication, sessions, state
+from . import (clones, errors, events, gateway, inventory, replication,
+               sessions)
 from .clone_orchestration import CloneOrchestration
 from .lu import Connection, LogicalUnit, LUHeld
 from .rsg_orchestration import RsgOrchestration
@@ -49,7 +50,7 @@ class Target:
     """
 
     def __init__(self, state_dir, gateway_secret=None):
-        self.state_dir = state.StateDir(state_dir)
+        self.state_dir = inventory.StateDir(state_dir)
         self.state_dir.ensure()
         self.lock = threading.Lock()
         # The iSCSI gateway's route (target/gateway.py).
@@ -147,8 +148,8 @@ class Target:
                                      os.path.isabs(file)):
             raise errors.InvalidArgument(
                 reason="file must be an absolute path, not {!r}".format(file))
-        record = state.create_lu(self.state_dir, name, size=size, file=file,
-                                 readonly=readonly)
+        record = inventory.create_lu(self.state_dir, name, size=size,
+                                     file=file, readonly=readonly)
         self.reload()
         lu = self.lus.get(name)
         return {"record": record,
@@ -177,8 +178,8 @@ class Target:
                 if reason:
                     raise errors.LUBusy(name=n, reason=reason)
 
-            record = state.delete_lu(self.state_dir, name,
-                                     check_busy=check_busy)
+            record = inventory.delete_lu(self.state_dir, name,
+                                         check_busy=check_busy)
             if lu is not None and self.lus.get(name) is lu:
                 self._retire(self.lus.pop(name))
         log.info("LU %s deleted", name)
@@ -186,7 +187,7 @@ class Target:
 
     def _lu_user(self, lu, name, record):
         """What uses LU name (its clones, sessions or group), or None."""
-        reason = state.lu_user(self.state_dir, name, record)
+        reason = inventory.lu_user(self.state_dir, name, record)
         if reason is None and lu is not None and lu.rsg is not None:
             reason = "it is a volume of replicated group {}".format(
                 lu.rsg.name)
@@ -208,8 +209,8 @@ class Target:
                 if reason:
                     raise errors.LUResizeRefused(name=n, reason=reason)
 
-            old, new = state.resize_lu(self.state_dir, name, size,
-                                       check_busy=check_busy)
+            old, new = inventory.resize_lu(self.state_dir, name, size,
+                                           check_busy=check_busy)
             if lu is not None and lu.backend is not None and \
                     lu.error is None:
                 # Same file, same descriptor: the new bytes are there.

@@ -78,7 +78,7 @@ from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant,
 from conftest import free_port, tolerate_timing_in_generation
 from target import clones, errors, sessions
 from target import replication as R
-from target import state
+from target import inventory
 from target.target import Target
 
 from rsgmodel import (SET, Op, check_exact, check_sample, fast_timing,
@@ -103,10 +103,10 @@ class Node:
         self.name = name
         self.dir = os.path.join(root, name)
         self.tok = tok
-        sd = state.StateDir(self.dir)
+        sd = inventory.StateDir(self.dir)
         sd.ensure()
         for vol, size in zip(VOLS, SIZES):
-            state.create_lu(sd, vol, size=size)
+            inventory.create_lu(sd, vol, size=size)
         self.port = free_port()
         self.addr = "127.0.0.1:%d" % self.port
         self.t = None

@@ -54,7 +54,7 @@ from conftest import free_port, tolerate_timing_in_generation
 from rsgmodel import Op, fast_timing, restore_timing, wait_for
 from target import clones
 from target import replication as R
-from target import errors, state
+from target import errors, inventory
 from target.target import Target
 
 GRAN = 4096
@@ -127,10 +127,10 @@ class Cluster:
         with open(self.tok, "w") as f:
             f.write(TOKEN)
         for sd in (self.A, self.B):
-            st_ = state.StateDir(sd)
+            st_ = inventory.StateDir(sd)
             st_.ensure()
             for name, size in zip(VOLS, SIZES):
-                state.create_lu(st_, name, size=size)
+                inventory.create_lu(st_, name, size=size)
         self.port = free_port()
         self.addr = "127.0.0.1:%d" % self.port
         self.tb = None

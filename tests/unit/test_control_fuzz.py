@@ -16,7 +16,7 @@ import hypothesis.strategies as st
 import pytest
 from hypothesis import HealthCheck, given, settings
 
-from target import control, operations, state
+from target import control, inventory, operations
 from target.target import Target
 
 MiB = 1 << 20
@@ -46,8 +46,8 @@ lines = (st.binary(max_size=200) |
 
 @pytest.fixture(scope="module")
 def fuzz_target(tmp_path_factory):
-    sd = state.StateDir(str(tmp_path_factory.mktemp("fuzz") / "state"))
-    state.create_lu(sd, "a", size=MiB)
+    sd = inventory.StateDir(str(tmp_path_factory.mktemp("fuzz") / "state"))
+    inventory.create_lu(sd, "a", size=MiB)
     t = Target(sd.path)
     t.clone_add("a", "c")
     yield sd, t

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from target import events, state
+from target import events, inventory
 from target.target import Target
 
 MiB = 1 << 20
@@ -68,8 +68,8 @@ def test_watcher_reports_differences_and_notes_once():
 
 @pytest.fixture
 def target(tmp_path):
-    sd = state.StateDir(str(tmp_path / "state"))
-    state.create_lu(sd, "a", size=MiB)
+    sd = inventory.StateDir(str(tmp_path / "state"))
+    inventory.create_lu(sd, "a", size=MiB)
     t = Target(sd.path)
     t.start()
     yield t

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from target import control, operations, state
+from target import control, inventory, operations
 from target.target import Target
 
 REPO = Path(__file__).resolve().parents[2]
@@ -15,8 +15,8 @@ MiB = 1 << 20
 
 @pytest.fixture
 def target(tmp_path):
-    sd = state.StateDir(str(tmp_path / "state"))
-    state.create_lu(sd, "a", size=MiB)
+    sd = inventory.StateDir(str(tmp_path / "state"))
+    inventory.create_lu(sd, "a", size=MiB)
     t = Target(sd.path)
     yield t
     t.close()

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from target import backends, errors, operations, replication, state
+from target import backends, errors, inventory, operations, replication
 from target import gateway as gateway_route
 from target.lu import LogicalUnit
 from target.session_orchestration import RollbackRefused
@@ -18,9 +18,9 @@ MiB = 1 << 20
 
 @pytest.fixture
 def sd(tmp_path):
-    d = state.StateDir(str(tmp_path / "state"))
-    state.create_lu(d, "a", size=MiB)
-    state.create_lu(d, "ro", size=MiB, readonly=True)
+    d = inventory.StateDir(str(tmp_path / "state"))
+    inventory.create_lu(d, "a", size=MiB)
+    inventory.create_lu(d, "ro", size=MiB, readonly=True)
     return d
 
 
@@ -99,8 +99,8 @@ def test_lu_refuses_out_of_range_and_read_only(target):
 
 def test_reload_adds_and_retires(target, sd):
     conn = target.connect("a", False)
-    state.create_lu(sd, "b", size=MiB)
-    state.delete_lu(sd, "ro")
+    inventory.create_lu(sd, "b", size=MiB)
+    inventory.delete_lu(sd, "ro")
     assert target.reload() == ["a", "b"]
     assert [n for n, _ in target.exports()] == ["a", "b"]
     with pytest.raises(errors.UnknownLU):
@@ -111,10 +111,10 @@ def test_reload_adds_and_retires(target, sd):
 def test_retired_lu_stays_usable_until_last_connection(target, sd, tmp_path):
     f = tmp_path / "ext.img"
     f.write_bytes(bytes(MiB))
-    state.create_lu(sd, "ext", file=str(f))
+    inventory.create_lu(sd, "ext", file=str(f))
     target.reload()
     conn = target.connect("ext", False)
-    state.delete_lu(sd, "ext")
+    inventory.delete_lu(sd, "ext")
     target.reload()
     # The open connection keeps working on the retired LU...
     conn.export.write(b"late", 0)
@@ -127,7 +127,7 @@ def test_retired_lu_stays_usable_until_last_connection(target, sd, tmp_path):
 def test_unusable_backing_is_reported_not_exported(sd, tmp_path):
     f = tmp_path / "vanishing.img"
     f.write_bytes(bytes(MiB))
-    state.create_lu(sd, "gone", file=str(f))
+    inventory.create_lu(sd, "gone", file=str(f))
     f.unlink()
     t = Target(sd.path)
     try:
@@ -184,7 +184,7 @@ def _user_session(t, source, name):
 
 
 def test_old_user_session_named_like_an_image_is_no_image(sd):
-    state.create_lu(sd, "db1", size=MiB)
+    inventory.create_lu(sd, "db1", size=MiB)
     t = Target(sd.path)
     try:
         t.lus["db1"].write(b"D" * MiB, 0)
@@ -367,7 +367,7 @@ def test_clone_remove_refused_for_a_host_withdraws_nothing(gw_target):
 @pytest.fixture
 def full_state_dir(target, monkeypatch):
     """set(True) makes every save of state.json fail as on a full disk."""
-    real = state.StateDir.save
+    real = inventory.StateDir.save
     full = [False]
 
     def save(self, doc):
@@ -377,7 +377,7 @@ def full_state_dir(target, monkeypatch):
                                        errno=28)
         return real(self, doc)
 
-    monkeypatch.setattr(state.StateDir, "save", save)
+    monkeypatch.setattr(inventory.StateDir, "save", save)
     return lambda on: full.__setitem__(0, on)
 
 

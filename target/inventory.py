@@ -37,7 +37,7 @@ FORMAT = "clonectl-state"
 VERSION = 1
 
 # The states a clone's record may be in (the clone engine's states, part
-# of this format; tests/unit/test_state.py checks they are the same).
+# of this format; tests/unit/test_inventory.py checks they are the same).
 CLONE_STATES = ("out-of-sync", "syncing", "synchronized", "fractured",
                 "reverse-syncing", "restoring")
 
