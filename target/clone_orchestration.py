@@ -50,13 +50,11 @@ class CloneOrchestration:
 
     def persist_clone(self, source):
         def persist(name, clone_state, error=None, rate=None):
-            with self.target.state_dir.locked():
-                doc = self.target.state_dir.load()
+            with self.target.state_dir.editing() as doc:
                 rec = doc["lus"][source]["clones"][name]
                 rec["state"] = clone_state
                 rec["error"] = error
                 rec["rate"] = rate
-                self.target.state_dir.save(doc)
             self.target.changed("clone", name, state=clone_state, error=error)
         return persist
 
@@ -126,14 +124,12 @@ class CloneOrchestration:
                 os.unlink(path)
             raise
         try:
-            with self.target.state_dir.locked():
-                doc = self.target.state_dir.load()
+            with self.target.state_dir.editing() as doc:
                 record = doc["lus"][source]
                 record.setdefault("clones", {})[clone] = {
                     "file": path, "owned": owned, "state": clones.OUT_OF_SYNC,
                     "error": None}
                 record["granularity"] = granularity
-                self.target.state_dir.save(doc)
         except BaseException:
             group.remove_clone(clone)
             backend.close()
@@ -150,14 +146,12 @@ class CloneOrchestration:
         rec = {}
 
         def persist():
-            with self.target.state_dir.locked():
-                doc = self.target.state_dir.load()
+            with self.target.state_dir.editing() as doc:
                 record = doc["lus"][source]
                 rec.update(record["clones"].pop(clone))
                 if not record["clones"]:
                     del record["clones"]
                     record.pop("granularity", None)
-                self.target.state_dir.save(doc)
 
         self._gateway_let_go(c)
         try:

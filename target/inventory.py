@@ -119,6 +119,15 @@ class StateDir:
 
     # The inventory.
 
+    @contextlib.contextmanager
+    def editing(self):
+        """The inventory, to change in place under the lock; saved when
+        the block ends without an exception (nothing saved otherwise)."""
+        with self.locked():
+            doc = self.load()
+            yield doc
+            self.save(doc)
+
     def load(self):
         """Return the validated inventory; an absent file is an empty one."""
         try:

@@ -102,10 +102,8 @@ class SessionOrchestration:
         def persist(record):
             if image:
                 record = dict(record, image=True)
-            with self.target.state_dir.locked():
-                doc = self.target.state_dir.load()
+            with self.target.state_dir.editing() as doc:
                 doc["lus"][source].setdefault("sessions", {})[name] = record
-                self.target.state_dir.save(doc)
             self._session_persisted(name, record)
         return persist
 
@@ -254,13 +252,11 @@ class SessionOrchestration:
         source = session.source.name
         # The inventory first: a save that fails leaves the session
         # tracking writes (a restart brings it back, its maps whole).
-        with self.target.state_dir.locked():
-            doc = self.target.state_dir.load()
+        with self.target.state_dir.editing() as doc:
             record = doc["lus"].get(source, {})
             record.get("sessions", {}).pop(name, None)
             if "sessions" in record and not record["sessions"]:
                 del record["sessions"]
-            self.target.state_dir.save(doc)
         self._detach_session(session)
         session.close()
         fsutil.remove_durably(
