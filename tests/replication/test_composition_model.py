@@ -153,8 +153,8 @@ class Node:
         t, self.t = self.t, None
         with t.lock:
             t.closing = True    # a dead process takes no new primary
-        if t.replica_server is not None:
-            t.replica_server.stop()
+        if t.rsg_ops.replica_server is not None:
+            t.rsg_ops.replica_server.stop()
         for g in list(t.rsgs.values()):
             if g.role == R.PRIMARY:
                 for link in g.links:
@@ -167,11 +167,11 @@ class Node:
                 g.srl.close()
             else:
                 g.close()       # shuts the connection, saves nothing
-        if t.replica_server is not None:
-            t.replica_server.join()
+        if t.rsg_ops.replica_server is not None:
+            t.rsg_ops.replica_server.join()
             # A thread of the dead target that went on would change the
             # new one's state directory.
-            alive = [th for th in t.replica_server.connections
+            alive = [th for th in t.rsg_ops.replica_server.connections
                      if th.is_alive()]
             assert not alive, "a replication session outlived its " \
                 "target:\n" + "".join(traceback.format_stack(
@@ -1266,7 +1266,7 @@ def test_close_refuses_a_primary_met_for_the_first_time(two_nodes):
     a.t.rsg_delete("g")
     wait_for(lambda: b.rsg.connected_since is None)
     b.t.rsg_delete("g")
-    srv = b.t.replica_server
+    srv = b.t.rsg_ops.replica_server
     entered, go = threading.Event(), threading.Event()
     orig = srv.accept
 
