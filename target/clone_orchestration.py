@@ -36,7 +36,7 @@ class CloneOrchestration:
     def load_group(self, lu, record):
         group = clones.CloneGroup(lu, record["granularity"],
                                   self.target.state_dir.maps_dir,
-                                  self.persist_clone(lu.name))
+                                  self._persist_clone(lu.name))
 
         def open_clone(rec):
             inventory.probe_backing(rec["file"], lu.size)
@@ -48,7 +48,7 @@ class CloneOrchestration:
                 {"source": lu.name, "clone": who, "message": problem})
         self.target.groups[lu.name] = group
 
-    def persist_clone(self, source):
+    def _persist_clone(self, source):
         def persist(name, clone_state, error=None, rate=None):
             with self.target.state_dir.editing() as doc:
                 rec = doc["lus"][source]["clones"][name]
@@ -111,7 +111,7 @@ class CloneOrchestration:
                 backend = backends.FileBackend(path)
                 group = self.target.groups.get(source) or clones.CloneGroup(
                     lu, granularity, self.target.state_dir.maps_dir,
-                    self.persist_clone(source))
+                    self._persist_clone(source))
             except BaseException:
                 if owned:
                     os.unlink(path)
