@@ -83,7 +83,7 @@ import os
 import threading
 import time
 
-from . import backends, changemap, copier, errors, fsutil, maps
+from .. import backends, changemap, copier, errors, fsutil, maps
 
 log = logging.getLogger("clonectl.clones")
 
