@@ -186,9 +186,13 @@ class ChangeMap:
 
     def begin(self, e0, e1):
         """Register a write of [e0, e1) (note it); returns its token."""
-        token = self._token()
+        # Inline (a host write's path): note() without the extra calls.
+        self._next_token += 1
+        token = self._next_token
         self.in_flight[token] = (e0, e1)
-        self.note(e0, e1)
+        maps.set_range(self.track, e0, e1)
+        if self.activity.bits.find(0, e0, e1) >= 0:
+            self.activity.mark(e0, e1)
         return token
 
     def end(self, token):

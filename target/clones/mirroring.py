@@ -62,8 +62,9 @@ class Mirroring:
             while self.quiesce:
                 self.cond.wait()
             token = self.changes.begin(e0, e1)
-            if any(c0 < e1 and e0 < c1
-                   for c0, c1 in self.changes.copying.values()):
+            if self.changes.copying and any(
+                    c0 < e1 and e0 < c1
+                    for c0, c1 in self.changes.copying.values()):
                 self.collided = True
             mirrors = []
             if only is not None:
