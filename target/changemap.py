@@ -79,6 +79,12 @@ class ActivityMap:
         return maps.load(self.path, self.granularity, self.extents,
                          with_crc=False)
 
+    def reopen(self):
+        """Take the map on disk as it is, for in-place updates (a DCM kept
+        across restarts); raises maps.MapCorrupt."""
+        self.bits = self.load()
+        self.file.fd = maps.files.open(self.path)
+
     def cover(self, e0, e1):
         """The whole regions around extents [e0, e1)."""
         r = self.region
