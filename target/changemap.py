@@ -39,8 +39,8 @@ ends.  A copy registers its run (`copy_begin`/`copy_end`) and clears its
 bits only after its data is written (target.copier).
 
 Locking: the owner's lock (`lock`) guards the bits, `track`, the tables of
-writes in flight and copies; `begin`, `end`, `note`, `copy_begin` and
-`copy_end` are called holding it.  `commit` takes it itself, never across
+writes in flight and copies; `begin`, `end`, `note`, `touch`, `copy_begin`
+and `copy_end` are called holding it.  `commit` takes it itself, never across
 a flush or a file save; commits are serialized by `commit_lock`.
 
 Deliberately ignored: a torn in-place activity write (each byte is old or
