@@ -39,8 +39,8 @@ ends.  A copy registers its run (`copy_begin`/`copy_end`) and clears its
 bits only after its data is written (target.copier).
 
 Locking: the owner's lock (`lock`) guards the bits, `track`, the tables of
-writes in flight and copies; `begin`, `end`, `note`, `copy_begin` and
-`copy_end` are called holding it.  `commit` takes it itself, never across
+writes in flight and copies; `begin`, `end`, `note`, `touch`, `copy_begin`
+and `copy_end` are called holding it.  `commit` takes it itself, never across
 a flush or a file save; commits are serialized by `commit_lock`.
 
 Deliberately ignored: a torn in-place activity write (each byte is old or
@@ -78,6 +78,12 @@ class ActivityMap:
         """The activity map on disk; raises maps.MapCorrupt."""
         return maps.load(self.path, self.granularity, self.extents,
                          with_crc=False)
+
+    def reopen(self):
+        """Take the map on disk as it is, for in-place updates (a DCM kept
+        across restarts); raises maps.MapCorrupt."""
+        self.bits = self.load()
+        self.file.fd = maps.files.open(self.path)
 
     def cover(self, e0, e1):
         """The whole regions around extents [e0, e1)."""
@@ -186,9 +192,13 @@ class ChangeMap:
 
     def begin(self, e0, e1):
         """Register a write of [e0, e1) (note it); returns its token."""
-        token = self._token()
+        # Inline (a host write's path): note() without the extra calls.
+        self._next_token += 1
+        token = self._next_token
         self.in_flight[token] = (e0, e1)
-        self.note(e0, e1)
+        maps.set_range(self.track, e0, e1)
+        if self.activity.bits.find(0, e0, e1) >= 0:
+            self.activity.mark(e0, e1)
         return token
 
     def end(self, token):

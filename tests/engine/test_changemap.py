@@ -203,3 +203,9 @@ def test_a_dcm_is_an_activity_map_of_one_extent_regions(disk, tmp_path):
     dcm.mark(10, 12)
     disk.power_cut(random.Random(3), keep=0.0)
     assert list(maps.runs(dcm.load())) == [(10, 12)]
+    again = changemap.ActivityMap(str(tmp_path / "dcm"), GRAN, EXTENTS,
+                                  region_bytes=GRAN)
+    again.reopen()
+    again.mark(0, 1)
+    disk.power_cut(random.Random(3), keep=0.0)
+    assert list(maps.runs(again.load())) == [(0, 1), (10, 12)]

@@ -100,7 +100,7 @@ def test_sync_completion_not_saved_stays_syncing(h):
     finally:
         h.full = False
     assert h.group.clones["c1"].state == clones.SYNCING
-    assert not engine.is_alive()
+    assert not engine.running
     h.crash()
     assert h.group.resume(run=False) is h.group.clones["c1"]
     h.run(h.group.engine)

@@ -405,7 +405,7 @@ class CompositionMachine(RuleBasedStateMachine):
 
         def idle():
             e = group.engine
-            return e is None or not e.is_alive()
+            return e is None or not e.running
         wait_for(idle, 30, "the clone engine of " + n,
                  lambda: [group.clone_status(c)
                           for c in group.clones.values()])

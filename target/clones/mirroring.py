@@ -1,0 +1,250 @@
+"""Host I/O through the clones layer: mirroring, delta bits, collisions.
+
+Design notes
+------------
+The clone group is the "clones" layer of the Source's I/O stack
+(target.iostack): it takes the Source's writes, zeroes, trims and flushes,
+and its reads during a reverse sync or a restore; what it writes into the
+Source goes `below` it, through sessions and replication.  An LU without
+clones has no such layer and pays nothing.
+
+Every write registers its extents in the group's change map
+(target.changemap) while it runs: durable in the activity map first, then
+the data.  A write to the Source is mirrored to every MIRRORED clone before
+it is acknowledged and sets the Delta Map bits of the others (the PRM bits
+of a restoring clone); a write to a fractured clone's export sets that
+clone's bits.  A mirrored write goes Source first, Clone second, except
+during a reverse sync where the Clone (the reference the Source is being
+restored from) is written first, so a crash between the two leaves the
+newer data where the engine will copy it from.
+
+Collisions: the engine registers the run it copies; a host write that
+overlaps it in time (either way round) sets `collided`, and the engine
+copies the run again (CollisionGuard, the copier's guard) until a copy
+overlaps no host write.  Host writes are never queued for this.
+
+Fracture quiesces: new writes wait while writes in flight drain, so no
+write is half-mirrored at the fracture point.
+
+Deliberately ignored: trim on a Source with clones is carried out as a
+zero on every side (a trim may leave old data on one side and zeroes on the
+other, a divergence the maps would not show).  See docs/design.md.
+"""
+
+import logging
+
+from .. import errors, maps
+from .model import EXPORTED, MIRRORED, REVERSE_SYNCING, SYNCHRONIZED, \
+    SYNCING, TransitionNotSaved
+
+log = logging.getLogger("clonectl.clones")
+
+
+class Mirroring:
+    """CloneGroup's host I/O (a part of CloneGroup, target.clones.group)."""
+
+    def _drain(self):
+        """Wait (holding cond, quiesce set) until no write is in flight."""
+        while self.changes.in_flight:
+            self.cond.wait()
+
+    def _extent_range(self, offset, length):
+        g = self.granularity
+        return offset // g, (offset + max(length, 1) + g - 1) // g
+
+    def _begin(self, e0, e1, only=None):
+        """Register a write of extents [e0, e1); return (token, mirrors).
+
+        only: a fractured clone whose export is written (its bits are set,
+        nobody is mirrored); None for a write to the Source.
+        """
+        with self.cond:
+            while self.quiesce:
+                self.cond.wait()
+            token = self.changes.begin(e0, e1)
+            if self.changes.copying and any(
+                    c0 < e1 and e0 < c1
+                    for c0, c1 in self.changes.copying.values()):
+                self.collided = True
+            mirrors = []
+            if only is not None:
+                maps.set_range(self.prm if only is self.restoring
+                               else only.delta, e0, e1)
+            else:
+                for clone in self.clones.values():
+                    if clone.state in MIRRORED:
+                        mirrors.append(clone)
+                    elif clone is self.restoring:
+                        maps.set_range(self.prm, e0, e1)
+                    else:
+                        maps.set_range(clone.delta, e0, e1)
+            return token, mirrors
+
+    def _end(self, token):
+        with self.cond:
+            self.changes.end(token)
+            if self.quiesce and not self.changes.in_flight:
+                self.cond.notify_all()
+
+    def _mutate(self, offset, length, apply, fua):
+        self.source._check_write(offset, length)
+        e0, e1 = self._extent_range(offset, length)
+        if self.restoring is not None:
+            self.copy_on_demand(e0, e1)
+        token, mirrors = self._begin(e0, e1)
+        try:
+            first = [c for c in mirrors if c.state == REVERSE_SYNCING]
+            for clone in first:
+                apply(clone.backend)
+            try:
+                apply(self.below)
+            except OSError:
+                # The clone has the write, the Source maybe not: dirty, so
+                # the engine copies the extent (and reads come from the
+                # clone meanwhile).
+                with self.cond:
+                    for clone in first:
+                        maps.set_range(clone.delta, e0, e1)
+                raise
+            unsaved = None
+            for clone in mirrors:
+                if clone in first:
+                    continue
+                try:
+                    apply(clone.backend)
+                except OSError as e:
+                    unsaved = self._mirror_failed(clone, e0, e1, e) or unsaved
+            if fua:
+                if not self._persist_prm():
+                    self.below.flush()
+                for clone in mirrors:
+                    clone.backend.flush()
+            if unsaved is not None:
+                raise unsaved
+        finally:
+            self._end(token)
+
+    def source_write(self, buf, offset, fua=False):
+        self._mutate(offset, len(buf), lambda b: b.write(buf, offset), fua)
+
+    def source_zero(self, offset, length, may_trim=False, fast=False,
+                    fua=False):
+        self._mutate(offset, length, lambda b: b.zero(
+            offset, length, may_trim=may_trim, fast=fast), fua)
+
+    def source_trim(self, offset, length, fua=False):
+        self.source_zero(offset, length, may_trim=True, fua=fua)
+
+    def source_flush(self):
+        if not self._persist_prm():
+            self.below.flush()
+        for clone in list(self.clones.values()):
+            if clone.state in MIRRORED:
+                clone.backend.flush()
+        self.maybe_commit()
+
+    def redirected_read(self, buf, offset):
+        """Source read during a reverse sync: dirty extents from the clone."""
+        clone = next((c for c in self.clones.values()
+                      if c.state == REVERSE_SYNCING), None)
+        if clone is None:
+            return self.below.readinto(buf, offset)
+        view = memoryview(buf).cast("B")
+        g = self.granularity
+        end = offset + len(view)
+        pos = offset
+        limit = (end + g - 1) // g
+        while pos < end:
+            e = pos // g
+            dirty = clone.delta[e]
+            stop = clone.delta.find(1 - dirty, e + 1, limit)
+            if stop < 0:
+                stop = limit
+            chunk_end = min(end, stop * g)
+            part = view[pos - offset:chunk_end - offset]
+            if dirty:
+                clone.backend.readinto(part, pos)
+            else:
+                self.below.readinto(part, pos)
+            pos = chunk_end
+
+    def clone_write(self, clone, offset, length, apply, fua):
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise errors.OutOfRange(name=clone.name, offset=offset,
+                                    length=length, size=self.size)
+        if clone.state not in EXPORTED:
+            raise errors.ReadOnly(name=clone.name)
+        e0, e1 = self._extent_range(offset, length)
+        if clone is self.restoring:
+            # The Source first gets the clone's point-in-time
+            # data for these extents, then the clone write lands.
+            self.copy_on_demand(e0, e1)
+        token, _ = self._begin(e0, e1, only=clone)
+        try:
+            if clone is self.restoring:
+                # Protect these extents before the clone changes: a resumed
+                # restore must never carry post-restore clone data over.
+                self._persist_prm()
+            apply(clone.backend)
+            if fua:
+                self._persist_prm()
+                clone.backend.flush()
+        finally:
+            self._end(token)
+
+    def _mirror_failed(self, clone, e0, e1, exc):
+        """The clone misses a write: its bits are set and it stops being
+        mirrored.  Returns the TransitionNotSaved of a state that could
+        not be saved (the clone stays synchronized, its bits set, until a
+        fracture or a restart retries), for the write to fail with once
+        the other clones have it."""
+        msg = "mirrored write failed: {}".format(exc)
+        log.error("clone %s: %s", clone.name, msg)
+        with self.cond:
+            maps.set_range(clone.delta, e0, e1)
+            if clone.state == SYNCHRONIZED:
+                try:
+                    self.transition(clone, "mirror-failed", msg)
+                except TransitionNotSaved as e:
+                    log.error("clone %s: %s", clone.name, e)
+                    return e
+            elif clone.state == SYNCING:
+                if self.engine is not None:
+                    self.engine.stop(msg)
+
+
+class CollisionGuard:
+    """The sync engine's copier guard: a chunk whose copy overlapped a
+    host write in time is copied again (module notes, collisions); its
+    bits are cleared only when a copy overlapped none."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.token = None
+
+    def _extents(self, offset, length):
+        g = self.engine.group.granularity
+        return offset // g, (offset + length + g - 1) // g
+
+    def begin(self, offset, length):
+        group = self.engine.group
+        s, e = self._extents(offset, length)
+        with group.cond:
+            self.token = group.changes.copy_begin(s, e)
+            group.collided = any(a0 < e and s < a1 for a0, a1
+                                 in group.changes.in_flight.values())
+
+    def end(self, offset, length, written):
+        group = self.engine.group
+        s, e = self._extents(offset, length)
+        with group.cond:
+            collided = group.collided and group.retry_collisions
+            group.changes.copy_end(self.token)
+            if written and not collided:
+                self.engine.clone.delta[s:e] = bytes(e - s)
+        if collided and written:
+            progress = group.progress[self.engine.clone.name]
+            progress.collisions += 1
+            progress.retries += 1
+            return False
+        return True
