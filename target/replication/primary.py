@@ -117,7 +117,7 @@ import time
 import uuid
 import zlib
 
-from . import backends, errors, fsutil, iostack, limits, maps
+from .. import backends, errors, fsutil, iostack, limits, maps
 
 log = logging.getLogger("clonectl.replication")
 
@@ -584,7 +584,7 @@ def parse_secondary(text):
 
 
 def read_token(path):
-    from .peer import read_token as read_shared_token
+    from ..peer import read_token as read_shared_token
     return read_shared_token(path, what="replication")
 
 
