@@ -172,8 +172,8 @@ class Cluster:
     def stop_secondary(self):
         self.tb.close()
         self.tb = None
-        # rsg-bugs #1: the closed server's accept thread still holds the
-        # port until one more connection wakes it up.
+        # The closed server's accept thread could hold the port until one
+        # more connection woke it up.
         try:
             socket.create_connection(("127.0.0.1", self.port), 1).close()
         except OSError:
@@ -252,8 +252,8 @@ class Cluster:
 
     def converged(self):
         link, sg = self.link, self.sg
-        # Not lag_updates == 0: rsg-bugs #3 (a lost ack keeps it at 1
-        # until the next write); test_lag_zero_after_lost_ack checks it.
+        # Not lag_updates == 0: a lost ack could keep it at 1 until the
+        # next write; test_lag_zero_after_lost_ack checks it.
         return link.state == R.REPLICATING and sg is not None and \
             sg.consistent and sg.applied_seq == self.g.next_seq - 1
 
@@ -792,7 +792,7 @@ def test_torn_stage_slot_is_ignored(cluster_factory):
 
 def test_secondary_restart_twice_after_unapplied_batch(cluster_factory,
                                                       monkeypatch):
-    """rsg-bugs #2: a batch re-applied by recovery is applied again by the
+    """A batch re-applied by recovery must not be applied again by the
     next recovery, over newer batches."""
     c = cluster_factory()
     c.wait_converged()
@@ -820,12 +820,13 @@ def test_secondary_restart_twice_after_unapplied_batch(cluster_factory,
 
 
 def test_lag_zero_after_lost_ack(cluster_factory):
-    """rsg-bugs #3."""
+    """An acknowledgement lost with the connection: once the secondary is
+    back, the link's lag is zero (it skips what the secondary applied)."""
     c = cluster_factory()
     c.wait_converged()
     c.write(0, 0, b"\x01" * 2048)
     c.wait_converged()
-    orig = R.send_frame
+    orig = R.secondary.send_frame
     dropped = []
 
     def lossy(sock, kind, payload=b""):
@@ -833,12 +834,12 @@ def test_lag_zero_after_lost_ack(cluster_factory):
             dropped.append(payload)     # the ack is lost with the link
             return
         return orig(sock, kind, payload)
-    R.send_frame = lossy
+    R.secondary.send_frame = lossy
     try:
         c.write(0, 4096, b"\x02" * 2048)
         wait_for(lambda: dropped and c.sg.applied_seq == c.g.next_seq - 1)
     finally:
-        R.send_frame = orig
+        R.secondary.send_frame = orig
     c.restart_secondary()
     c.wait_converged()
     wait_for(lambda: c.link.status()["lag_updates"] == 0, 3,
@@ -1259,7 +1260,7 @@ def test_secondary_rollback_refused_while_a_primary_replicates(
     c.tb.image_protect(VOLS[0])
     c.write(0, 0, b"\x02" * 8192)
     c.wait_converged()
-    with pytest.raises(R.GroupBusy):
+    with pytest.raises(R.RsgBusy):
         c.tb.image_rollback(VOLS[0])
     assert read_image(c.tb, VOLS[0])[:8192] == b"\x02" * 8192
     c.tb.image_release(VOLS[0])
