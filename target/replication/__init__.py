@@ -42,7 +42,10 @@ persisted acknowledged position: space is reclaimed only after the link
 positions are saved, so a crash never finds a link pointing at reused
 space).  Sync links make the host write wait for the acknowledgement (up to
 `sync_timeout`; then the link is failed and changes are tracked in its
-DCM, the write proceeds); async links acknowledge at once.
+DCM, the write proceeds); async links acknowledge at once.  A link's
+state is one value, changed only through the transition table of link.py:
+its status (what `rsg status` shows) and what it holds (the SRL, its DCM,
+or both while a replay runs).
 
 DCM.  When the SRL would overflow, each link that still holds entries the
 new one needs is switched to DCM logging: its pending entries are marked in

@@ -35,18 +35,93 @@ SRL_RETRY = 5.0                # a failed SRL is tried again after this
 
 MODES = ("sync", "async")
 
-# Link states (status).
-REPLICATING = "replicating"
-DCM_LOGGING = "dcm-logging"
-DCM_REPLAY = "dcm-replay"
-DETACHED = "detached"
-FAILED = "failed"
+# A link's state is a pair (status, holds).
+#
+# The status is what `rsg status` shows as the link's state: what the
+# link is doing.
 CONNECTING = "connecting"
-DIVERGED = "diverged"
+REPLICATING = "replicating"     # streaming the SRL
+DCM_LOGGING = "dcm-logging"     # connected, a DCM replay is due
+DCM_REPLAY = "dcm-replay"       # a DCM replay pass runs
+FAILED = "failed"
+DIVERGED = "diverged"           # split brain: nothing is sent
+DETACHED = "detached"           # the admin detached it
+STATUSES = (CONNECTING, REPLICATING, DCM_LOGGING, DCM_REPLAY, FAILED,
+            DIVERGED, DETACHED)
+
+# What the link holds: this is what the group's record keeps (dcm_active,
+# holds_srl) and what decides where a change goes.
+SRL = "srl"             # the SRL from acked_pos; the DCM is clear
+DCM = "dcm"             # changes are marked in the DCM, not streamed
+SRL_DCM = "srl+dcm"     # a replay joined the SRL stream at its head; the
+                        # DCM is static and cleared when the replay completes
+HOLDS = (SRL, DCM, SRL_DCM)
+
+
+def _rules():
+    """(state, event) -> next state, from one line per rule: event, the
+    statuses and holds it applies to, and the status and holds it leads to
+    (None: unchanged).  The link thread's own steps (stream, await-replay,
+    replay, replayed) also apply to a status another thread set meanwhile
+    (CONNECTING by attach, FAILED by the lost connection's reader): the
+    thread sees that at its next check and reconnects."""
+    attached = tuple(s for s in STATUSES if s != DETACHED)
+    srl = (SRL, SRL_DCM)
+    rules = [
+        # The link stops holding the SRL (overflow, failing SRL, sync
+        # timeout, lost updates, a volume change, detach, demote): what it
+        # has not acknowledged goes into its DCM, and so does every change.
+        ("log", (REPLICATING, DCM_REPLAY), srl, DCM_LOGGING, DCM),
+        ("log", (CONNECTING, FAILED, DIVERGED, DETACHED), srl, None, DCM),
+        # Connected, holding the SRL: stream it.
+        ("stream", (CONNECTING, FAILED, DIVERGED, REPLICATING), srl,
+         REPLICATING, None),
+        # Connected, logging: a replay is due (it may wait for a volume
+        # change or a failed SRL).
+        ("await-replay", attached, (DCM,), DCM_LOGGING, None),
+        # The replay joins the SRL stream at its head and copies the DCM;
+        # once the secondary has confirmed it, the DCM is clear.
+        ("replay", attached, (DCM,), DCM_REPLAY, SRL_DCM),
+        ("replayed", attached, (SRL_DCM,), REPLICATING, SRL),
+        # A lost connection or an error: what the link holds is kept.
+        ("fail", attached, HOLDS, FAILED, None),
+        ("diverge", attached, HOLDS, DIVERGED, None),
+        ("detach", STATUSES, HOLDS, DETACHED, None),
+        ("attach", STATUSES, HOLDS, CONNECTING, None),
+    ]
+    table = {}
+    for event, statuses, holds, to_status, to_holds in rules:
+        for status in statuses:
+            for h in holds:
+                table[((status, h), event)] = (to_status or status,
+                                               to_holds or h)
+    return table
+
+
+# Where a link starts: from its record (attached or not, what it held).
+INITIAL = tuple((s, h) for s in (CONNECTING, DETACHED) for h in HOLDS)
+# Every state a link can be in: those the table reaches from INITIAL (a
+# unit test checks it).  DCM_LOGGING goes with DCM, DCM_REPLAY with SRL_DCM
+# and REPLICATING with the SRL.
+STATES = (
+    (CONNECTING, SRL), (CONNECTING, DCM), (CONNECTING, SRL_DCM),
+    (REPLICATING, SRL), (REPLICATING, SRL_DCM),
+    (DCM_LOGGING, DCM), (DCM_REPLAY, SRL_DCM),
+    (FAILED, SRL), (FAILED, DCM), (FAILED, SRL_DCM),
+    (DIVERGED, SRL), (DIVERGED, DCM), (DIVERGED, SRL_DCM),
+    (DETACHED, SRL), (DETACHED, DCM), (DETACHED, SRL_DCM),
+)
+TRANSITIONS = {k: v for k, v in _rules().items() if k[0] in STATES}
 
 
 class RemoteRefused(errors.Error):
     msg = "secondary {peer}: {reason}"
+    errno = errno.EPROTO
+
+
+class InvalidLinkTransition(errors.Error):
+    msg = ("link to {peer}: {event!r} is not a transition of state "
+           "{status}/{holds}")
     errno = errno.EPROTO
 
 
@@ -59,27 +134,26 @@ class Link:
         self.secondary = record["secondary"]
         self.mode = record["mode"]
         self.token_file = record["token_file"]
-        self.attached = record.get("attached", True)
         self.discard_secondary = record.get("discard_secondary", False)
         self.acked_seq = record.get("acked_seq", 0)
         self.acked_pos = record.get("acked_pos", 0)
         self.saved_pos = self.acked_pos
         self.seeded = record.get("seeded", False)
-        # dcm_active: the DCM holds changes the secondary may lack; it is
-        # cleared only when a replay completes.  logging: changes are
-        # marked in the DCM (not streamed); holds_srl: the link streams
-        # the SRL from acked_pos and keeps those entries.
-        self.dcm_active = record.get("dcm_active", True)
         self.error = record.get("error")
         self.stopped_error = record.get("stopped_error")
         self.dcm = None
-        self.logging = self.dcm_active
-        self.holds_srl = not self.dcm_active
-        # A replay was running (it streamed the SRL while the DCM was
-        # still set): what it streamed unacknowledged is marked at load.
-        self.was_holding = record.get("holds_srl", False)
+        if not record.get("dcm_active", True):
+            holds = SRL
+        elif record.get("holds_srl", False):
+            # A replay was running: the group marks what it streamed
+            # unacknowledged in the DCM and logs (PrimaryGroup).
+            holds = SRL_DCM
+        else:
+            holds = DCM
+        # The one state of the link (module notes); changed by transition().
+        self.phase = (CONNECTING if record.get("attached", True)
+                      else DETACHED, holds)
         self.epoch = 0
-        self.state = CONNECTING if self.attached else DETACHED
         self.secondary_consistent = None
         self.secondary_applied = None
         self.replay_total = 0
@@ -94,6 +168,54 @@ class Link:
         self.refused = None
         self.stream_from = None
         self.last_sent_seq = 0
+
+    # State.
+
+    @property
+    def state(self):
+        """The status, shown as the link's state."""
+        return self.phase[0]
+
+    @property
+    def holds(self):
+        return self.phase[1]
+
+    @property
+    def holds_srl(self):
+        """The link streams the SRL from acked_pos and keeps its entries."""
+        return self.phase[1] in (SRL, SRL_DCM)
+
+    @property
+    def logging(self):
+        """Changes are marked in the DCM, not streamed."""
+        return self.phase[1] == DCM
+
+    @property
+    def dcm_active(self):
+        """The DCM holds changes the secondary may lack (cleared only when
+        a replay completes)."""
+        return self.phase[1] in (DCM, SRL_DCM)
+
+    @property
+    def attached(self):
+        return self.phase[0] != DETACHED
+
+    def can(self, event):
+        return (self.phase, event) in TRANSITIONS
+
+    def transition(self, event):
+        """Take the state the table gives for event; an event the table
+        does not define for the current state is refused (a bug: it is
+        logged, and the state is left as it was).  Called under the group
+        lock, except while the group is being loaded."""
+        nxt = TRANSITIONS.get((self.phase, event))
+        if nxt is None:
+            e = InvalidLinkTransition(peer=self.secondary, event=event,
+                                      status=self.phase[0],
+                                      holds=self.phase[1])
+            log.error("group %s: %s", self.group.name, e)
+            raise e
+        self.phase = nxt
 
     def record(self):
         return {"secondary": self.secondary, "mode": self.mode,
@@ -151,8 +273,9 @@ class Link:
         with g.cond:
             if isinstance(e, SrlCorrupt):
                 self.stopped_error = msg
-            if not (self.state == DIVERGED and self.refused):
-                self.state = FAILED
+            if not (self.state == DIVERGED and self.refused) and \
+                    self.can("fail"):
+                self.transition("fail")
             self.error = msg
             g.cond.notify_all()
         log.warning("group %s, link %s: %s", g.name, self.secondary, msg)
@@ -200,7 +323,7 @@ class Link:
                 with g.cond:
                     replay = self.logging
                     if not replay:
-                        self.state = REPLICATING
+                        self.transition("stream")
                         self.secondary_consistent = True
                         epoch = self.epoch
                 if replay:
@@ -244,7 +367,7 @@ class Link:
             with g.cond:
                 if self.state in (REPLICATING, DCM_REPLAY) and \
                         not self.stopping:
-                    self.state = FAILED
+                    self.transition("fail")
                     self.error = self.error or "connection lost"
                 g.cond.notify_all()
             shutdown_socket(sock)
@@ -355,7 +478,7 @@ class Link:
         link is stopping or down."""
         g = self.group
         with g.cond:
-            self.state = DCM_LOGGING
+            self.transition("await-replay")
             while not self.stopping and g.volume_change_reason() is not None:
                 self.error = "waiting for {} to finish before the DCM " \
                     "replay".format(g.volume_change_reason())
@@ -375,7 +498,6 @@ class Link:
             self.replay_total = self.dcm.count()
             self.replay_done = 0
             self.replays += 1
-            self.state = DCM_REPLAY
             self.replay_acked = None
         # The stream's start is durable before anything of it is sent.
         g.persist()
@@ -437,11 +559,8 @@ class Link:
             if self.epoch != epoch:
                 return True
             self.dcm.clear()
-            self.dcm_active = False
-            self.logging = False
-            self.holds_srl = True
+            self.transition("replayed")
             self.secondary_consistent = True
-            self.state = REPLICATING
             self.replay_done = self.replay_total
             # The stream goes on from where the replay left it.
             self.stream_from = pos

@@ -16,8 +16,7 @@ import time
 from .. import errors, maps
 from .dcm import ActivityLog, Dcm
 from .layer import ReplicationLayer
-from .link import (DCM_LOGGING, DCM_REPLAY, DETACHED, DIVERGED, REPLICATING,
-                   CONNECTING, SRL_RETRY, Link)
+from .link import DETACHED, REPLICATING, SRL, SRL_DCM, SRL_RETRY, Link
 from .records import PRIMARY, ReplicationError, history_diverges
 from .srl import ENTRY_SPACE, Srl
 from .wire import WRITE, entry_crc
@@ -96,8 +95,7 @@ class PrimaryGroup:
         for link in self.links:
             if link.holds_srl:
                 self._mark_pending(link, link.acked_pos, link.acked_seq + 1)
-                link.holds_srl = False
-                link.logging = link.dcm_active = True
+                link.transition("log")
             if link.dcm_active:
                 for vol, off, length in regions:
                     link.dcm.mark(vol, off, length)
@@ -119,21 +117,23 @@ class PrimaryGroup:
         link = Link(self, index, rec)
         link.dcm = Dcm(self.files.dcm(index), self.granularity, self.sizes,
                        fresh_value=0 if fresh else None)
-        if not fresh and not link.dcm_active and link.dcm.count():
-            # The DCM is written ahead and is the truth: bits there mean
-            # the link was logging, whatever the record says.
-            link.dcm_active = link.logging = True
-            link.holds_srl = False
-            link.was_holding = True
+        # A link that held the SRL logs from here on when its DCM has bits
+        # (written ahead, the DCM is the truth: the link was logging,
+        # whatever the record says), when its DCM is unusable, or when a
+        # replay was running (SRL_DCM).
+        log_now = link.holds == SRL_DCM or (
+            not fresh and link.holds == SRL and link.dcm.count() > 0)
         if link.dcm.problem:
             self.problems.append("link {}: {}".format(link.secondary,
                                                       link.dcm.problem))
-            link.dcm_active = link.logging = True
-            link.holds_srl = False
-        if not fresh and link.dcm_active and link.was_holding:
-            # Entries streamed but not acknowledged before the stop: the
-            # DCM must cover them now that the link logs again.
-            self._mark_pending(link, link.acked_pos, link.acked_seq + 1)
+            log_now = True
+        if log_now and link.holds_srl:
+            if not fresh:
+                # Entries streamed but not acknowledged before the stop:
+                # the DCM must cover them now that the link logs again.
+                self._mark_pending(link, link.acked_pos,
+                                   link.acked_seq + 1)
+            link.transition("log")
         self.links.append(link)
         return link
 
@@ -407,19 +407,14 @@ class PrimaryGroup:
         self.persist(locked=True)
 
     def _stop_holding(self, link):
-        link.holds_srl = False
-        link.logging = True
-        link.dcm_active = True
+        link.transition("log")
         link.epoch += 1
-        if link.state in (REPLICATING, DCM_REPLAY):
-            link.state = DCM_LOGGING
         self.cond.notify_all()
 
     def replay_join(self, link):
         """(Under the lock.)  The link joins the SRL stream at its head; the
         DCM is static from here on (module notes)."""
-        link.logging = False
-        link.holds_srl = True
+        link.transition("replay")
         link.acked_pos = link.saved_pos = self.srl.head_pos
         link.acked_seq = self.next_seq - 1
         # Changes are logged again from here on: no number above next_seq
@@ -465,7 +460,7 @@ class PrimaryGroup:
                                                self.next_seq - 1, theirs,
                                                their_last)
             if diverged and not link.discard_secondary:
-                link.state = DIVERGED
+                link.transition("diverge")
                 link.error = (
                     "split brain: {} wrote updates of group {!r} after "
                     "this node took over (generation {} vs {}); nothing "
@@ -509,7 +504,7 @@ class PrimaryGroup:
                         link.dcm.mark_all()
                     self.to_logging(link)
             if link.logging:
-                link.state = DCM_LOGGING
+                link.transition("await-replay")
         self.persist()
         return True
 
@@ -568,39 +563,43 @@ class PrimaryGroup:
         link.stop()
         try:
             with self.cond:
-                link.attached = False
+                link.transition("detach")
                 self.to_logging(link)
-                link.state = DETACHED
                 link.error = None
             self.persist()
         except BaseException:
             # Not saved (a full state directory): the link stays attached,
             # as the record says; it logs to its DCM now and replays it.
             with self.cond:
-                link.attached = True
-                link.state = CONNECTING
+                link.transition("attach")
             link.start()
             raise
 
     def attach_link(self, link, discard_secondary=False):
-        fields = ("attached", "stopped_error", "discard_secondary", "error",
-                  "state")
+        fields = ("stopped_error", "discard_secondary", "error")
         with self.cond:
             before = {f: getattr(link, f) for f in fields}
-            link.attached = True
+            # A detached link is attached in the record saved next; any
+            # other link takes the new state once that record is saved.
+            was_detached = link.state == DETACHED
+            if was_detached:
+                link.transition("attach")
             link.stopped_error = None
             link.discard_secondary = bool(discard_secondary)
             link.error = None
-            link.state = CONNECTING
         try:
             self.persist()
         except BaseException:
-            # Not saved (a full state directory): still detached, as the
-            # record says.
+            # Not saved (a full state directory): as the record says.
             with self.cond:
                 for f, v in before.items():
                     setattr(link, f, v)
+                if was_detached:
+                    link.transition("detach")
             raise
+        with self.cond:
+            if not was_detached:
+                link.transition("attach")
         link.start()
 
     def begin_volume_change(self, vol, region_bits, granularity, what):
