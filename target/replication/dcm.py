@@ -1,17 +1,19 @@
 """Data change maps (DCM) and the primary's activity log.
 
-A DCM is one byte per extent of every volume of a group, set in place and
-made durable before the change it describes; a lost or corrupt map counts
-as every extent set.  The activity log is the same kind of map with 4 MiB
-regions, cleared lazily once the SRL sync covers a region's writes.  See
-the design notes in target/replication/__init__.py and docs/replication.md.
+Both are activity maps of the shared change map (target.changemap): set in
+place and made durable before the change they describe, in the activity-map
+file format.  A DCM has one byte per extent of every volume of a group (its
+regions are single extents); a lost or corrupt DCM counts as every extent
+set.  The activity log has one byte per changemap.REGION; it has no
+committed map: the SRL is what it vouches for, so its regions are cleared
+lazily, in place and without a sync, once an SRL sync covers their writes
+(a lost clear only costs a replay).  Files: docs/persistence.md; design
+notes in target/replication/__init__.py.
 """
 
 import os
 
-from .. import maps
-
-AL_REGION = 4 << 20            # activity log region (DRBD's AL extent)
+from .. import changemap, maps
 
 
 class Dcm:
@@ -27,21 +29,28 @@ class Dcm:
             total += maps.extent_count(size, granularity)
         self.extents = total
         self.sizes = list(sizes)
-        self.file = maps.ActivityFile(path, granularity, total)
+        self.map = changemap.ActivityMap(path, granularity, total,
+                                         region_bytes=granularity)
         self.problem = None
         if fresh_value is not None:
-            self.bits = bytearray([fresh_value]) * total
-            self.file.reset(self.bits)
+            self.map.replace(bytearray([fresh_value]) * total)
             return
         try:
-            self.bits = maps.load(path, granularity, total, with_crc=False)
-            self.file.fd = maps.files.open(path)
+            bits = self.map.load()
         except maps.MapCorrupt as e:
             # Lost or corrupt: everything may differ (and status says so).
             self.problem = "DCM unusable ({}); every extent will be copied" \
                 .format(e)
-            self.bits = bytearray(b"\x01") * total
-            self.file.reset(self.bits)
+            self.map.replace(bytearray(b"\x01") * total)
+            return
+        # Kept as it is on disk, updated in place from here on.
+        self.map.file.fd = maps.files.open(path)
+        self.map.bits = bits
+
+    @property
+    def bits(self):
+        """One byte per extent (read it; change it with the methods)."""
+        return self.map.bits
 
     def range_of(self, vol, offset, length):
         g = self.granularity
@@ -50,26 +59,25 @@ class Dcm:
 
     def mark(self, vol, offset, length):
         """Set the extents of a change, durable before it is made."""
-        a, b = self.range_of(vol, offset, length)
-        if self.bits.count(1, a, b) == b - a:
-            return
-        maps.set_range(self.bits, a, b)
-        self.file.persist(self.bits, a, b)
+        self.map.mark(*self.range_of(vol, offset, length))
+
+    def replace(self, bits):
+        """Make bits (one byte per extent) the map, on disk at once."""
+        self.map.replace(bytearray(bits))
 
     def mark_all(self):
-        self.bits[:] = b"\x01" * self.extents
-        self.file.reset(self.bits)
+        self.replace(b"\x01" * self.extents)
 
     def merge(self, vol, extent_bits, granularity):
         """OR a region map (one byte per extent of `granularity`) of vol."""
         size = self.sizes[vol]
+        bits = bytearray(self.bits)
         for s, e in maps.runs(extent_bits):
             off = s * granularity
             length = min(e * granularity, size) - off
             if length > 0:
-                a, b = self.range_of(vol, off, length)
-                maps.set_range(self.bits, a, b)
-        self.file.reset(self.bits)
+                maps.set_range(bits, *self.range_of(vol, off, length))
+        self.replace(bits)
 
     def count(self):
         return self.bits.count(1)
@@ -87,11 +95,10 @@ class Dcm:
                 yield vol, off, min((e - base) * g, self.sizes[vol]) - off
 
     def clear(self):
-        self.bits[:] = bytes(self.extents)
-        self.file.reset(self.bits)
+        self.replace(bytes(self.extents))
 
     def close(self):
-        self.file.close()
+        self.map.close()
 
 
 class ActivityLog(Dcm):
@@ -103,7 +110,7 @@ class ActivityLog(Dcm):
     has completed (sweep_ok)."""
 
     def __init__(self, path, granularity, sizes):
-        super().__init__(path, max(AL_REGION, granularity), sizes,
+        super().__init__(path, max(changemap.REGION, granularity), sizes,
                          fresh_value=None if os.path.exists(path) else 0)
         self.touched = bytearray(self.extents)
         self.sweep_ok = False
@@ -115,10 +122,11 @@ class ActivityLog(Dcm):
 
     def sweep(self):
         if self.sweep_ok:
-            for a, b in list(maps.runs(self.bits)):
+            bits = self.bits
+            for a, b in list(maps.runs(bits)):
                 for s, e in list(maps.runs(self.touched, a, b, value=0)):
-                    self.bits[s:e] = bytes(e - s)
-                    maps.files.pwrite(self.file.fd, bytes(e - s),
+                    bits[s:e] = bytes(e - s)
+                    maps.files.pwrite(self.map.file.fd, bytes(e - s),
                                       maps.HEADER.size + s)
         self.touched[:] = bytes(self.extents)
         self.sweep_ok = False

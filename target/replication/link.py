@@ -10,6 +10,7 @@ docs/replication.md.
 """
 
 import errno
+import itertools
 import json
 import logging
 import socket
@@ -18,7 +19,7 @@ import threading
 import time
 import zlib
 
-from .. import errors
+from .. import copier, errors
 from .records import read_token
 from .srl import SrlCorrupt
 from .wire import (DATA, ENTRY, SEQ, WRITE, ZERO, entry_crc, recv_frame,
@@ -117,6 +118,15 @@ TRANSITIONS = {k: v for k, v in _rules().items() if k[0] in STATES}
 class RemoteRefused(errors.Error):
     msg = "secondary {peer}: {reason}"
     errno = errno.EPROTO
+
+
+class _ReplayEnded(Exception):
+    """A replay pass ends before its last run; result is what _replay
+    returns."""
+
+    def __init__(self, result):
+        super().__init__(result)
+        self.result = result
 
 
 class InvalidLinkTransition(errors.Error):
@@ -507,34 +517,46 @@ class Link:
         send_json(sock, b"RBEG", {"extents": self.replay_total})
         if not self._wait_replay_reply(b"RBOK"):
             return False
-        buf = bytearray(REPLAY_CHUNK)
         gran = g.granularity
-        for vol, off, length in runs:
-            end = off + length
-            while off < end:
-                n = min(REPLAY_CHUNK, end - off)
-                view = memoryview(buf)[:n]
-                with g.cond:
-                    if self.epoch != epoch or self.stopping:
-                        return not self.stopping
-                    if self.state != DCM_REPLAY:
-                        return False
-                    until = g.srl.head_pos
-                    g.volumes[vol].stack.below("replication").readinto(
-                        view, off)
-                pos = self._send_entries(sock, send_pos, until, epoch)
-                if pos is None:
-                    return True
-                send_pos = pos
-                if not any(view):
-                    head = DATA.pack(vol, ZERO, off, n, 0)
-                    send_frames(sock, [(b"RDAT", head, None)])
-                else:
-                    head = DATA.pack(vol, WRITE, off, n, zlib.crc32(view))
-                    send_frames(sock, [(b"RDAT", head, bytes(view))])
-                self.sent_bytes += n
-                self.replay_done += (n + gran - 1) // gran
-                off += n
+        vol = None
+
+        def read(view, off):
+            # The data under the group lock is the state after every entry
+            # logged so far: those entries go first, then the data.
+            nonlocal send_pos
+            with g.cond:
+                if self.epoch != epoch or self.stopping:
+                    raise _ReplayEnded(not self.stopping)
+                if self.state != DCM_REPLAY:
+                    raise _ReplayEnded(False)
+                until = g.srl.head_pos
+                g.volumes[vol].stack.below("replication").readinto(view, off)
+            pos = self._send_entries(sock, send_pos, until, epoch)
+            if pos is None:
+                raise _ReplayEnded(True)
+            send_pos = pos
+
+        def send_data(view, off):
+            head = DATA.pack(vol, WRITE, off, len(view), zlib.crc32(view))
+            send_frames(sock, [(b"RDAT", head, bytes(view))])
+
+        def send_zero(off, n):
+            send_frames(sock, [(b"RDAT", DATA.pack(vol, ZERO, off, n, 0),
+                                None)])
+
+        def sent(n):
+            self.sent_bytes += n
+            self.replay_done += (n + gran - 1) // gran
+
+        # One RDAT frame per chunk (pieces of a whole chunk).
+        copying = copier.Copier(read, send_data, zero=send_zero,
+                                chunk=REPLAY_CHUNK, piece=REPLAY_CHUNK,
+                                progress=sent)
+        try:
+            for vol, vol_runs in itertools.groupby(runs, key=lambda r: r[0]):
+                copying.copy([(off, length) for _, off, length in vol_runs])
+        except _ReplayEnded as e:
+            return e.result
         with g.cond:
             if self.epoch != epoch:
                 return True

@@ -512,21 +512,20 @@ class PrimaryGroup:
         """(Under the lock.)  A secondary on another line of history: copy
         what this node wrote since its promotion and what the other node
         wrote that this one never got."""
+        bits = bytearray(link.dcm.bits)
         if not with_since:
             pass
         elif self.since is None:
-            link.dcm.mark_all()
+            bits = bytearray(b"\x01") * link.dcm.extents
         else:
-            link.dcm.bits = bytearray(a | b for a, b in
-                                      zip(link.dcm.bits, self.since.bits))
-            link.dcm.file.reset(link.dcm.bits)
+            bits = bytearray(a | b for a, b in zip(bits, self.since.bits))
         for vol, off, length in reply.get("diverged") or []:
             if 0 <= vol < len(self.sizes):
                 a, b = link.dcm.range_of(vol, off, length)
-                maps.set_range(link.dcm.bits, a, b)
+                maps.set_range(bits, a, b)
         if reply.get("diverged_all"):
-            link.dcm.bits[:] = b"\x01" * link.dcm.extents
-        link.dcm.file.reset(link.dcm.bits)
+            bits = bytearray(b"\x01") * link.dcm.extents
+        link.dcm.replace(bits)
         if not link.logging:
             self.to_logging(link)
 
