@@ -111,7 +111,8 @@ Modules: wire (frames on the replication connection), srl (the primary's
 log), dcm (data change maps, the activity log), records (a group's files,
 record and history), layer (the volumes' I/O stack layers), link (one
 link of a primary and its state table), primary, secondary, server (the
-secondary's replication port).  User documentation: docs/replication.md.
+secondary's replication port).  User documentation: docs/replication.md;
+files, durability and recovery: docs/persistence.md.
 """
 
 from .dcm import ActivityLog, Dcm

@@ -4,8 +4,8 @@ Owns the order of changes (sequence numbers, the SRL append and the volume
 write under one lock), the SRL's tail and space, the activity log, the
 group record, recovery after an unclean stop, and switching links between
 the SRL and their DCMs (overflow, a failing SRL, volume-changing
-operations).  See the design notes in target/replication/__init__.py and
-docs/replication.md.
+operations).  See the design notes in target/replication/__init__.py;
+files and recovery: docs/persistence.md.
 """
 
 import logging

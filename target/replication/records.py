@@ -3,7 +3,7 @@
 Owns the paths of a group's files in the state directory (record, SRL,
 stage slots, DCMs, activity log), loading and saving the record, and the
 comparison of two histories that tells a split brain.  Also the errors
-every part of replication raises.  See docs/replication.md.
+every part of replication raises.  The record's fields: docs/persistence.md.
 """
 
 import errno

@@ -4,8 +4,8 @@ Owns the session with a primary (receiving batches and replays), the two
 staging slots that make a batch one atomic unit across a crash, applying
 batches below the volumes' guard, consistency and the protected image
 kept during a replay, and refusing a primary while a local change runs.
-See the design notes in target/replication/__init__.py and
-docs/replication.md.
+See the design notes in target/replication/__init__.py; staging slots
+and recovery: docs/persistence.md.
 """
 
 import contextlib

@@ -5,8 +5,8 @@ marker where a lap's end is skipped), appending, reading and the scan that
 finds the head again at start-up.  The SRL is written with pwrite and made
 durable by sync(); which entries are still needed (the tail) is the
 group's business (primary.py).  A read, write or sync error is raised to
-the group, which switches the links to their DCMs.  See the design notes in
-target/replication/__init__.py and docs/replication.md.
+the group, which switches the links to their DCMs.  File format and
+recovery: docs/persistence.md; design notes in target/replication/__init__.py.
 """
 
 import errno

@@ -4,8 +4,14 @@ Every message is a frame: a 4-byte kind and a length, then the payload.
 A frame announcing more than the reader's limit is refused before anything
 is allocated for it (a peer that has not shown the token gets a small
 limit and a deadline).  An entry's checksum covers its header and its data,
-so a secondary refuses an update damaged anywhere.  Protocol described in
-docs/replication.md.
+so a secondary refuses an update damaged anywhere.
+
+Kinds: HELO/HRPL (the primary's hello and the secondary's reply, JSON),
+ENTR (one SRL entry), CMIT (end of a batch), ACKS (a batch is durable on
+the secondary), BEAT (an idle primary is alive), RBEG/RBOK, RDAT, REND/RACK
+(a DCM replay: begin, data of a run, end), FAIL (the secondary refuses the
+updates, with a message).  What they are for: the design notes in
+target/replication/__init__.py.
 """
 
 import json
