@@ -103,7 +103,10 @@ def _rules():
 INITIAL = tuple((s, h) for s in (CONNECTING, DETACHED) for h in HOLDS)
 # Every state a link can be in: those the table reaches from INITIAL (a
 # unit test checks it).  DCM_LOGGING goes with DCM, DCM_REPLAY with SRL_DCM
-# and REPLICATING with the SRL.
+# and REPLICATING with the SRL.  (REPLICATING, SRL_DCM): a replay broke off
+# with its connection, and at the next handshake the secondary was
+# consistent and had every acknowledged update; the link streams, and its
+# DCM stays set (a superset) until a later switch to logging replays it.
 STATES = (
     (CONNECTING, SRL), (CONNECTING, DCM), (CONNECTING, SRL_DCM),
     (REPLICATING, SRL), (REPLICATING, SRL_DCM),
