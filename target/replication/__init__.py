@@ -65,10 +65,10 @@ sequence number below the current one; it sends the stream's entries up to
 that point first, then the run, so later entries, sent after, land on top.
 When the pass is done the secondary has the primary's state at the last
 sequence sent: it becomes consistent, and the DCM is cleared (only then:
-a crash or an overflow during a replay simply replays again).  Before a
-replay the secondary protects its last consistent image (a copy-on-first-
-write snapshot, LU@protected-LU, the peer channel's mechanism) and releases
-it when the replay completes.
+a crash, an overflow or a lost connection during a replay simply replays
+again).  Before a replay the secondary protects its last consistent image
+(a copy-on-first-write snapshot, LU@protected-LU, the peer channel's
+mechanism) and releases it when the replay completes.
 
 A failing SRL (a read, a write or a sync returns an error) must not fail the
 host's I/O, since the volumes are fine: every link that holds the SRL

@@ -74,8 +74,9 @@ def _rules():
         # has not acknowledged goes into its DCM, and so does every change.
         ("log", (REPLICATING, DCM_REPLAY), srl, DCM_LOGGING, DCM),
         ("log", (CONNECTING, FAILED, DIVERGED, DETACHED), srl, None, DCM),
-        # Connected, holding the SRL: stream it.
-        ("stream", (CONNECTING, FAILED, DIVERGED, REPLICATING), srl,
+        # Connected, holding the SRL with a clear DCM: stream it (a
+        # replay that broke off replays again: the handshake logs).
+        ("stream", (CONNECTING, FAILED, DIVERGED, REPLICATING), (SRL,),
          REPLICATING, None),
         # Connected, logging: a replay is due (it may wait for a volume
         # change or a failed SRL).
@@ -103,13 +104,10 @@ def _rules():
 INITIAL = tuple((s, h) for s in (CONNECTING, DETACHED) for h in HOLDS)
 # Every state a link can be in: those the table reaches from INITIAL (a
 # unit test checks it).  DCM_LOGGING goes with DCM, DCM_REPLAY with SRL_DCM
-# and REPLICATING with the SRL.  (REPLICATING, SRL_DCM): a replay broke off
-# with its connection, and at the next handshake the secondary was
-# consistent and had every acknowledged update; the link streams, and its
-# DCM stays set (a superset) until a later switch to logging replays it.
+# and REPLICATING with SRL.
 STATES = (
     (CONNECTING, SRL), (CONNECTING, DCM), (CONNECTING, SRL_DCM),
-    (REPLICATING, SRL), (REPLICATING, SRL_DCM),
+    (REPLICATING, SRL),
     (DCM_LOGGING, DCM), (DCM_REPLAY, SRL_DCM),
     (FAILED, SRL), (FAILED, DCM), (FAILED, SRL_DCM),
     (DIVERGED, SRL), (DIVERGED, DCM), (DIVERGED, SRL_DCM),

@@ -503,6 +503,11 @@ class PrimaryGroup:
                     if applied < link.acked_seq:
                         link.dcm.mark_all()
                     self.to_logging(link)
+                elif link.dcm_active:
+                    # A replay broke off here (it had joined the stream):
+                    # the secondary may never have begun it, and the
+                    # DCM's regions then never reached it.  Replay again.
+                    self.to_logging(link)
             if link.logging:
                 link.transition("await-replay")
         self.persist()

@@ -719,6 +719,45 @@ def test_volume_change_replays_exactly_its_regions(cluster_factory):
     assert prim == sec, first_diff(prim, sec)
 
 
+def test_replay_cut_before_the_secondary_began_it_is_replayed_again(
+        cluster_factory, monkeypatch):
+    """A replay cut after the link joined the SRL stream but before the
+    secondary began it: at the next handshake the secondary is consistent
+    and has every update the link counts as acknowledged, yet the DCM's
+    regions (here a restore's, which has no sequence numbers) never
+    reached it.  The link replays them again; it must not stream on with
+    its DCM set."""
+    c = cluster_factory()
+    c.write(0, 0, b"\x07" * 100)
+    c.wait_converged()
+    g, link = c.g, c.link
+    cut = []
+    orig = R.link.send_json
+
+    def cut_before_rbeg(sock, kind, obj):
+        if kind == b"RBEG" and not cut:
+            cut.append(link.phase)
+            raise ConnectionError("cut before the replay began")
+        return orig(sock, kind, obj)
+    monkeypatch.setattr(R.link, "send_json", cut_before_rbeg)
+    region_gran = 8192
+    bits = bytearray(SIZES[0] // region_gran)
+    bits[3] = 1
+    g._volume_change = lambda: "a test restore"
+    g.begin_volume_change(0, bits, region_gran, "a test restore")
+    inner = c.ta.lus[VOLS[0]].stack.below("replication")
+    inner.write(b"\x5a" * region_gran, 3 * region_gran)
+    g._volume_change = lambda: None
+    wait_for(lambda: cut, 10, "the cut", c.status)
+    assert cut[0] == (R.DCM_REPLAY, R.link.SRL_DCM)
+    c.wait_converged()
+    wait_for(lambda: link.dcm.count() == 0 and link.state == R.REPLICATING,
+             10, "the DCM replayed", c.status)
+    prim = [read_image(c.ta, n) for n in VOLS]
+    sec = [read_image(c.tb, n) for n in VOLS]
+    assert prim == sec, first_diff(prim, sec)
+
+
 def test_history_diverges():
     hd = R.history_diverges
     g1, g2, g9 = [["g1", 1]], [["g1", 1], ["g2", 101]], [["g9", 1]]

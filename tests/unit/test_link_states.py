@@ -44,7 +44,9 @@ def test_status_and_holds_go_together():
         if status == L.DCM_REPLAY:
             assert holds == L.SRL_DCM
         if status == L.REPLICATING:
-            assert holds in (L.SRL, L.SRL_DCM)
+            # A replay that broke off is replayed again, never streamed
+            # on with its DCM set.
+            assert holds == L.SRL
 
 
 @pytest.mark.parametrize("state", L.STATES)
@@ -109,8 +111,11 @@ def test_specific_refusals():
     link.transition("attach")
     # A replay completes only once it has joined the SRL stream.
     assert not link.can("replayed")
-    # Streaming needs the SRL; a logging link awaits its replay.
+    # Streaming needs the SRL and a clear DCM; a logging link awaits its
+    # replay.
     assert not link.can("stream")
+    link.phase = (L.FAILED, L.SRL_DCM)
+    assert not link.can("stream") and link.can("log")
 
 
 def test_a_link_s_life():
