@@ -1,5 +1,5 @@
 # clonectl nbdkit plugin: a thin adapter from nbdkit's python plugin API
-# (version 2) to target.service.Target, which owns the LUs and their engines.
+# (version 2) to target.target.Target, which owns the LUs and their engines.
 #
 # Started by `clonectl serve` as
 #     nbdkit python clonectl_plugin.py statedir=DIR pythonpath=DIR \
@@ -61,7 +61,8 @@ def config_complete():
         raise Exception("statedir= is required")
     if "pythonpath" in _config:
         sys.path.insert(0, _config["pythonpath"])
-    from target import access, iscsi, limits, service
+    from target import access, iscsi, limits
+    from target.target import Target
     limits.install_log_limit()
     _one_line_errors()
     if "max_connections" in _config or "max_per_address" in _config:
@@ -70,7 +71,7 @@ def config_complete():
             int(_config.get("max_per_address", 0)))
     secret = iscsi.read_secret(_config["gateway_secret"]) \
         if "gateway_secret" in _config else None
-    _target = service.Target(_config["statedir"], gateway_secret=secret)
+    _target = Target(_config["statedir"], gateway_secret=secret)
     if "allow" in _config:
         _allow = access.AllowList(_config["allow"])
     if _allow_export:
@@ -96,8 +97,8 @@ def after_fork():
     # Threads must start after nbdkit has forked (it also calls this in
     # --foreground mode), so the control socket is started here.
     global _control
-    from target import control
-    operations = _target.control_operations()
+    from target import control, operations as ops
+    operations = ops.bind(_target)
     operations["set_access"] = _set_access
     _control = control.ControlServer(_target.state_dir.control_socket,
                                      operations)
@@ -213,7 +214,7 @@ def close(h):
 
 
 def get_size(h):
-    return h.lu.size
+    return h.export.size
 
 
 def is_rotational(h):
@@ -262,35 +263,35 @@ def can_cache(h):
 
 def pread(h, buf, offset, flags):
     try:
-        h.lu.read(buf, offset)
+        h.export.read(buf, offset)
     except Exception as e:
         _fail(e)
 
 
 def pwrite(h, buf, offset, flags):
     try:
-        h.lu.write(buf, offset, flags & nbdkit.FLAG_FUA)
+        h.export.write(buf, offset, flags & nbdkit.FLAG_FUA)
     except Exception as e:
         _fail(e)
 
 
 def flush(h, flags):
     try:
-        h.lu.flush()
+        h.export.flush()
     except Exception as e:
         _fail(e)
 
 
 def trim(h, count, offset, flags):
     try:
-        h.lu.trim(offset, count, flags & nbdkit.FLAG_FUA)
+        h.export.trim(offset, count, flags & nbdkit.FLAG_FUA)
     except Exception as e:
         _fail(e)
 
 
 def zero(h, count, offset, flags):
     try:
-        h.lu.zero(offset, count,
+        h.export.zero(offset, count,
                   may_trim=bool(flags & nbdkit.FLAG_MAY_TRIM),
                   fast=bool(flags & nbdkit.FLAG_FAST_ZERO),
                   fua=bool(flags & nbdkit.FLAG_FUA))
@@ -302,6 +303,6 @@ def extents(h, count, offset, flags):
     try:
         return [(off, length, nbdkit.EXTENT_HOLE | nbdkit.EXTENT_ZERO
                  if hole else 0)
-                for off, length, hole in h.lu.extents(offset, count)]
+                for off, length, hole in h.export.extents(offset, count)]
     except Exception as e:
         _fail(e)

@@ -150,7 +150,7 @@ class Node:
     def __init__(self, bench, state, ns=None):
         self.bench, self.state, self.ns = bench, state, ns
         self.info = None
-        from target import state as st
+        from target import inventory as st
         self.sd = st.StateDir(state)
 
     def clonectl(self, *args, capture=False):

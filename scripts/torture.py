@@ -84,6 +84,7 @@ To add an operation: write a method `op_NAME(self, rng)` returning "ok",
 
 import argparse
 import datetime
+import functools
 import hashlib
 import json
 import os
@@ -98,6 +99,8 @@ import threading
 import time
 
 import nbd
+
+from target import procutil
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLONECTL = os.path.join(REPO, ".venv", "bin", "clonectl")
@@ -139,14 +142,9 @@ def pid_alive(pid):
     return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
 
 
-def _die_with_parent():
-    """In the server's child before exec: SIGTERM it if the torture dies,
-    so that no server outlives the run."""
-    try:
-        import ctypes
-        ctypes.CDLL(None).prctl(1, signal.SIGTERM, 0, 0, 0)  # PDEATHSIG
-    except Exception:
-        pass
+# In the server's child before exec: SIGTERM it if the torture dies, so
+# that no server outlives the run.
+_die_with_parent = functools.partial(procutil.die_with_parent, signal.SIGTERM)
 
 
 # ---------------------------------------------------------------- the model

@@ -117,10 +117,11 @@ class AllowList:
 def rules_source(export, clone_sources):
     """The export whose data export shows and whose rules it follows when
     it has none of its own, or None.  clone_sources: {clone: Source}."""
-    from .iscsi import GATEWAY_PREFIX
-    if export.startswith(GATEWAY_PREFIX):
-        # GATEWAY_PREFIX [SECRET:] NAME; names hold no ':'.
-        return export.rpartition(":")[2]
+    from .iscsi import gateway_route
+    route = gateway_route(export)
+    if route is not None:
+        # [SECRET:] NAME; names hold no ':'.
+        return route.rpartition(":")[2]
     source, at, _ = export.partition("@")
     if at:
         return source
@@ -130,7 +131,7 @@ def rules_source(export, clone_sources):
 class ExportRules:
     """The per-export allow-lists of the plugin's allow_export=EXPORT=NETS
     parameters.  clone_sources() -> {clone: Source} of the clones now
-    defined (target.service.Target.clone_sources)."""
+    defined (target.target.Target.clone_sources)."""
 
     def __init__(self, params=(), clone_sources=dict):
         self.clone_sources = clone_sources

@@ -10,7 +10,7 @@ import time
 
 import click
 
-from . import control, errors, progress, server, state, units
+from . import control, errors, inventory, operations, progress, server, units
 
 DEFAULT_STATE_DIR = "/var/lib/clonectl"
 
@@ -117,7 +117,7 @@ def _table(rows, headers):
 
 class Context:
     def __init__(self, state_dir):
-        self.state_dir = state.StateDir(state_dir)
+        self.state_dir = inventory.StateDir(state_dir)
         # The last object the target answered (what --json prints) and the
         # real stdout while a command runs with --json.
         self.last_result = None
@@ -129,7 +129,7 @@ pass_ctx = click.make_pass_decorator(Context)
 
 def _state_dir_here(ctx, param, value):
     if value is not None:
-        ctx.find_object(Context).state_dir = state.StateDir(value)
+        ctx.find_object(Context).state_dir = inventory.StateDir(value)
 
 
 class _Group(click.Group):
@@ -218,8 +218,8 @@ def lu_create(ctx, name, size, file, read_only):
     """
     with server.served_or_exclusive(ctx.state_dir) as info:
         if info is None:
-            record = state.create_lu(ctx.state_dir, name, size=size,
-                                     file=file, readonly=read_only)
+            record = inventory.create_lu(ctx.state_dir, name, size=size,
+                                         file=file, readonly=read_only)
             ctx.last_result = {"record": record, "error": None}
         else:
             res = _control_call(ctx, "lu_create", name=name, size=size,
@@ -321,11 +321,11 @@ def lu_delete(ctx, name):
     with server.served_or_exclusive(ctx.state_dir) as info:
         if info is None:
             def check_busy(name, record):
-                reason = state.lu_user(ctx.state_dir, name, record)
+                reason = inventory.lu_user(ctx.state_dir, name, record)
                 if reason:
                     raise errors.LUBusy(name=name, reason=reason)
-            record = state.delete_lu(ctx.state_dir, name,
-                                     check_busy=check_busy)
+            record = inventory.delete_lu(ctx.state_dir, name,
+                                         check_busy=check_busy)
         else:
             record = _control_call(ctx, "lu_delete", name=name)["record"]
     ctx.last_result = {"name": name, "record": record}
@@ -362,11 +362,11 @@ def lu_resize(ctx, name, size):
     with server.served_or_exclusive(ctx.state_dir) as info:
         if info is None:
             def check_busy(name, record):
-                reason = state.lu_user(ctx.state_dir, name, record)
+                reason = inventory.lu_user(ctx.state_dir, name, record)
                 if reason:
                     raise errors.LUResizeRefused(name=name, reason=reason)
-            old, record = state.resize_lu(ctx.state_dir, name, size,
-                                          check_busy=check_busy)
+            old, record = inventory.resize_lu(ctx.state_dir, name, size,
+                                              check_busy=check_busy)
             old_size = old["size"]
         else:
             res = _control_call(ctx, "lu_resize", name=name, size=size)
@@ -376,14 +376,6 @@ def lu_resize(ctx, name, size):
 
 
 # ---------------------------------------------------------------- clone
-
-# Operations that run an engine need the target process; the others can be
-# carried out by a short-lived target in this process when no server runs.
-_NEED_SERVER = {"clone_sync", "clone_reverse_sync", "clone_restore",
-                "session_transfer", "session_update", "rsg_link",
-                "rsg_unlink", "rsg_attach", "rsg_detach", "rsg_promote",
-                "rsg_demote"}
-
 
 def _control_call(ctx, op, patience=15.0, **args):
     """A control request, retried while the target restarts (the manager
@@ -411,19 +403,19 @@ def _target_call(ctx, op, **args):
     """Run op in the running server or, if none runs, in a Target of this
     process that holds run/serve.lock meanwhile: two Targets on one state
     directory would each recover and rewrite the other's maps."""
-    if op in _NEED_SERVER and not os.path.exists(
+    if operations.needs_server(op) and not os.path.exists(
             ctx.state_dir.serve_lock_file):
         # No server ever ran here; do not create the directory to say so.
         raise errors.ServerNotRunning(state_dir=ctx.state_dir.path)
     with server.served_or_exclusive(ctx.state_dir) as info:
         if info is not None:
             return _control_call(ctx, op, **args)
-        if op in _NEED_SERVER:
+        if operations.needs_server(op):
             raise errors.ServerNotRunning(state_dir=ctx.state_dir.path)
-        from .service import Target
+        from .target import Target
         target = Target(ctx.state_dir.path)
         try:
-            ctx.last_result = target.control_operations()[op](**args)
+            ctx.last_result = operations.bind(target)[op](**args)
             return ctx.last_result
         finally:
             target.close()

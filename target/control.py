@@ -17,7 +17,6 @@ a TooManyConnections error and is closed.
 """
 
 import errno
-import inspect
 import json
 import logging
 import os
@@ -25,7 +24,7 @@ import socket
 import socketserver
 import threading
 
-from . import errors, fsutil
+from . import errors, fsutil, operations as _operations
 
 log = logging.getLogger("clonectl.control")
 
@@ -37,48 +36,6 @@ IDLE_TIMEOUT = 30.0
 class TooManyConnections(errors.Error):
     msg = "the control socket serves {count} connections, the most allowed"
     errno = errno.EAGAIN
-
-# The JSON type of each argument name of the operations (one name, one
-# meaning across operations).  An argument not named here is checked by the
-# type of its default (a bool, a number, a list for a tuple); sizes and
-# rates are strings or integers, checked by units.parse_size.
-ARGUMENT_TYPES = {
-    "name": str, "source": str, "clone": str, "lu": str, "file": str,
-    "secondary": str, "mode": str, "token_file": str, "peer_token_file": str,
-    "volumes": list, "dests": list, "peer_dests": list,
-}
-_JSON_NAMES = {str: "a string", list: "a list", bool: "true or false",
-               float: "a number", int: "an integer"}
-
-
-def check_arguments(op, func, args):
-    """Refuse an argument of the wrong JSON type (a string where a list of
-    names is expected would otherwise be taken character by character)."""
-    try:
-        params = inspect.signature(func).parameters
-    except (TypeError, ValueError):
-        return
-    for key, value in args.items():
-        param = params.get(key)
-        if param is None:
-            continue    # the call itself reports an unknown argument
-        default = param.default
-        want = ARGUMENT_TYPES.get(key)
-        if want is None and default is not param.empty:
-            want = {bool: bool, float: float, int: int, tuple: list,
-                    list: list}.get(type(default))
-        if want is None or (value is None and default is None):
-            continue
-        ok = isinstance(value, want) and not (
-            isinstance(value, bool) and want is not bool)
-        if want is float:
-            ok = isinstance(value, (int, float)) and \
-                not isinstance(value, bool)
-        if not ok:
-            raise errors.InvalidArgument(
-                reason="bad arguments for {}: {!r} must be {}, not {}".format(
-                    op, key, _JSON_NAMES[want], json.dumps(value)[:80]))
-
 
 class _Handler(socketserver.StreamRequestHandler):
 
@@ -156,41 +113,7 @@ class ControlServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
                 self._connections -= 1
 
     def dispatch(self, line):
-        try:
-            try:
-                request = json.loads(line)
-            except ValueError as e:
-                raise errors.ProtocolError(
-                    reason="invalid JSON: {}".format(e)) from e
-            if not isinstance(request, dict):
-                raise errors.ProtocolError(reason="request is not an object")
-            op = request.get("op")
-            args = request.get("args", {})
-            if not isinstance(args, dict):
-                raise errors.ProtocolError(reason="'args' is not an object")
-            func = self.operations.get(op) if isinstance(op, str) else None
-            if func is None:
-                raise errors.ProtocolError(
-                    reason="unknown operation {!r}".format(op))
-            check_arguments(op, func, args)
-            try:
-                result = func(**args)
-            except TypeError as e:
-                raise errors.InvalidArgument(
-                    reason="bad arguments for {}: {}".format(op, e))
-            return {"ok": True, "result": result}
-        except errors.Error as e:
-            return {"ok": False, "error": e.to_dict()}
-        except OSError as e:
-            # In words, with the file: "No space left on device" and where.
-            where = ": {!r}".format(e.filename) if e.filename else ""
-            return {"ok": False, "error": errors.ControlError(
-                "OSError", "{}{}".format(e.strerror or e, where),
-                e.errno or errno.EIO).to_dict()}
-        except Exception as e:  # keep serving whatever happens
-            log.exception("control operation failed")
-            return {"ok": False, "error": errors.Error(
-                reason="internal error: {!r}".format(e)).to_dict()}
+        return dispatch(line, self.operations)
 
     def start(self):
         self._thread = threading.Thread(target=self.serve_forever,
@@ -204,6 +127,55 @@ class ControlServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
             os.unlink(self.path)
         except FileNotFoundError:
             pass
+
+
+def envelope(request):
+    """(op, args) of a control request {"op": ..., "args": {...}}."""
+    args = request.get("args", {})
+    if not isinstance(args, dict):
+        raise errors.ProtocolError(reason="'args' is not an object")
+    return request.get("op"), args
+
+
+def dispatch(line, operations, unpack=envelope):
+    """The reply (an object) to one JSON request line: the JSON-line
+    dispatcher of the control socket and of the peer channel (peer.py).
+
+    operations maps an op name to a callable taking keyword args;
+    unpack(request) gives (op, args) of the request object, raising
+    errors.Error to refuse it.  Whatever happens, a reply is returned."""
+    try:
+        try:
+            request = json.loads(line)
+        except ValueError as e:
+            raise errors.ProtocolError(
+                reason="invalid JSON: {}".format(e)) from e
+        if not isinstance(request, dict):
+            raise errors.ProtocolError(reason="request is not an object")
+        op, args = unpack(request)
+        func = operations.get(op) if isinstance(op, str) else None
+        if func is None:
+            raise errors.ProtocolError(
+                reason="unknown operation {!r}".format(op))
+        _operations.check_arguments(op, func, args)
+        try:
+            result = func(**args)
+        except TypeError as e:
+            raise errors.InvalidArgument(
+                reason="bad arguments for {}: {}".format(op, e))
+        return {"ok": True, "result": result}
+    except errors.Error as e:
+        return {"ok": False, "error": e.to_dict()}
+    except OSError as e:
+        # In words, with the file: "No space left on device" and where.
+        where = ": {!r}".format(e.filename) if e.filename else ""
+        return {"ok": False, "error": errors.ControlError(
+            "OSError", "{}{}".format(e.strerror or e, where),
+            e.errno or errno.EIO).to_dict()}
+    except Exception as e:  # keep serving whatever happens
+        log.exception("control operation failed")
+        return {"ok": False, "error": errors.Error(
+            reason="internal error: {!r}".format(e)).to_dict()}
 
 
 def call(path, op, reply_timeout=30.0, **args):

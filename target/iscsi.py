@@ -36,7 +36,7 @@ The gateway's route: nbdfuse opens the export as
 server start (secrets.token_hex) and hands it to nbdkit in run/gateway.secret
 (mode 0600; plugin parameter gateway_secret=FILE, so not on nbdkit's command
 line); any other gateway name is an unknown export, and list_exports never
-names one (service.Target.connect).  The connection passes the same checks
+names one (target.Target.connect).  The connection passes the same checks
 as a host's (a secondary's volume is read-only and readable only while
 consistent; read-only LUs) but is counted apart (`gateway_connections` in
 status): clone sync, restore and reverse sync are not refused because of
@@ -44,7 +44,7 @@ it, the manager removes the iSCSI target within a poll interval once the
 clone is no longer exported (a gap: an initiator writing during that
 interval writes through the clone's export object; see docs/known-gaps.md),
 and `clone remove` first withdraws the export and waits for the gateway to
-let go (service.Target._gateway_let_go).  nbdfuse 1.14 takes the export
+let go (gateway.GatewayRoute.withdraw).  nbdfuse 1.14 takes the export
 name only inside its URI argument, so SECRET is on nbdfuse's command line
 (and in run/iscsi.json, mode 0600): a local user who can read other users'
 /proc/PID/cmdline and reach the NBD socket can still use the route.
@@ -82,6 +82,14 @@ TGTD_CONTROL_DIR = "/var/run/tgtd"
 CONTROL_PORT_FIRST = 2000  # + pid % 20000, scanned upwards; tgtd takes <= 32767
 READY_TIMEOUT = 15.0
 LOOPBACK = ("127.0.0.1", "::1")
+
+
+def gateway_route(name):
+    """What follows the gateway's prefix in export name ("SECRET:NAME"), or
+    None for a host's export name: the format is this module's alone."""
+    if not name.startswith(GATEWAY_PREFIX):
+        return None
+    return name[len(GATEWAY_PREFIX):]
 
 
 class IscsiFailed(errors.Error):

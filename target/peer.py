@@ -2,12 +2,12 @@
 
 Before a session sends out-of-order updates to a destination that is
 another clonectl target, it asks that target to protect its last consistent
-image of the LU (seed 001 figures 5-6, 14-15), and to release it after the
-transfer succeeded.  A failed or interrupted transfer leaves it protected;
-the admin there can roll the LU back to it (`clonectl lu rollback`).
+image of the LU, and to release it after the transfer succeeded.  A failed
+or interrupted transfer leaves it protected; the admin there can roll the
+LU back to it (`clonectl lu rollback`).
 
 Protocol: TCP, one JSON object per line each way, one request per
-connection:
+connection (control.dispatch answers it, as on the control socket):
 
     request   {"token": "...", "op": "protect", "lu": "db1"}
     reply     {"ok": true, "result": {...}} or {"ok": false, "error": {...}}
@@ -32,14 +32,13 @@ import socketserver
 import threading
 import time
 
-from . import control, errors, limits
+from . import control, errors, limits, operations
 
 log = logging.getLogger("clonectl.peer")
 
 MAX_REQUEST = 64 << 10
 MAX_CONNECTIONS = 16        # requests served at once (a thread each)
 MAX_UNAUTHENTICATED = 8     # of which not yet past the token check
-OPERATIONS = ("protect", "release", "rollback", "status")
 
 
 class PeerRefused(errors.Error):
@@ -134,6 +133,8 @@ class PeerServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
         self.gate = limits.Gate("peer port", max_connections,
                                 max_unauthenticated)
         self._local = threading.local()
+        self.operations = {peer_op: self._forward(op) for peer_op, op in
+                           operations.PEER_OPERATIONS.items()}
         super().__init__((bind, port), _Handler)
         self._thread = None
 
@@ -148,12 +149,11 @@ class PeerServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
             self.gate.leave(self._local.authenticated)
 
     def dispatch(self, line, client):
-        try:
-            if len(line) > MAX_REQUEST:
-                raise errors.ProtocolError(reason="request too large")
-            request = json.loads(line)
-            if not isinstance(request, dict):
-                raise errors.ProtocolError(reason="request is not an object")
+        if len(line) > MAX_REQUEST:
+            return {"ok": False, "error": errors.ProtocolError(
+                reason="request too large").to_dict()}
+
+        def unpack(request):
             token = request.get("token")
             if not isinstance(token, str) or not hmac.compare_digest(
                     token.encode(), self.token.encode()):
@@ -163,21 +163,30 @@ class PeerServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
             self._local.authenticated = True
             self.gate.authenticated()
             op, lu = request.get("op"), request.get("lu")
-            if op not in OPERATIONS or not isinstance(lu, str):
+            if not isinstance(op, str) or \
+                    op not in operations.PEER_OPERATIONS or \
+                    not isinstance(lu, str):
                 raise errors.ProtocolError(reason="unknown operation {!r}"
                                            .format(op))
             log.info("peer %s: %s %s", client[0], op, lu)
-            result = control.call(self.control_path, "image_" + op, lu=lu,
-                                  reply_timeout=60.0)
-            return {"ok": True, "result": result}
-        except errors.Error as e:
-            return {"ok": False, "error": e.to_dict()}
-        except ValueError as e:
-            return {"ok": False, "error": errors.ProtocolError(
-                reason="invalid JSON: {}".format(e)).to_dict()}
-        except OSError as e:
-            return {"ok": False, "error": errors.Error(
-                reason="the target is not answering: {}".format(e)).to_dict()}
+            return op, {"lu": lu}
+
+        return control.dispatch(line, self.operations, unpack)
+
+    def _forward(self, op):
+        """Peer operation op, carried out by the target over the local
+        control socket."""
+        def forward(lu):
+            try:
+                return control.call(self.control_path, op, lu=lu,
+                                    reply_timeout=60.0)
+            except ValueError as e:
+                raise errors.ProtocolError(
+                    reason="invalid JSON: {}".format(e)) from e
+            except OSError as e:
+                raise errors.Error(reason="the target is not answering: {}"
+                                   .format(e)) from e
+        return forward
 
     def start(self):
         self._thread = threading.Thread(target=self.serve_forever,

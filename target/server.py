@@ -32,7 +32,6 @@ or an image) is never removed: the server refuses to start instead.
 """
 
 import contextlib
-import ctypes
 import datetime
 import fcntl
 import ipaddress
@@ -48,17 +47,9 @@ import sys
 import threading
 import time
 
-from . import access, control, errors, fsutil, limits
+from . import access, control, errors, fsutil, limits, procutil
 
 log = logging.getLogger("clonectl.serve")
-
-_libc = ctypes.CDLL(None, use_errno=True)
-PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent():
-    """preexec_fn: SIGKILL this child when the manager dies."""
-    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 PLUGIN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
     __file__))), "plugins", "clonectl_plugin.py")
@@ -466,8 +457,7 @@ class Server:
             # What a crashed server recorded (tgtd, nbdfuse mounts); always,
             # even if this server does not serve iSCSI.
             from . import iscsi
-            iscsi.cleanup_stale(os.path.join(self.state_dir.run_dir,
-                                             "iscsi.json"), self.say)
+            iscsi.cleanup_stale(self.state_dir.iscsi_record, self.say)
         except BaseException:
             os.close(fd)
             raise
@@ -476,7 +466,7 @@ class Server:
 
     def nbdkit_command(self):
         cmd = ["nbdkit", "--foreground",
-               "--pidfile", os.path.join(self.state_dir.run_dir, "nbdkit.pid")]
+               "--pidfile", self.state_dir.nbdkit_pid_file]
         cmd += self.listen.nbdkit_args()
         if self.threads:
             cmd += ["--threads", str(self.threads)]
@@ -506,7 +496,7 @@ class Server:
             self.proc = subprocess.Popen(
                 self.nbdkit_command(), stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                close_fds=True, preexec_fn=_die_with_parent)
+                close_fds=True, preexec_fn=procutil.die_with_parent)
         except BaseException:
             os.close(log)
             raise
@@ -659,7 +649,7 @@ class Server:
             allow=self.iscsi.get("allow"), chap=self.iscsi.get("chap"),
             chap_mutual=self.iscsi.get("chap_mutual"),
             log_path=self.state_dir.serve_log_file,
-            preexec_fn=_die_with_parent, say=self.say)
+            preexec_fn=procutil.die_with_parent, say=self.say)
         self.gateway.start()
         self._sync_gateway()
 
@@ -812,7 +802,7 @@ class Server:
         if not self._acquired:
             return
         paths = [self.state_dir.serve_info_file, self.state_dir.control_socket,
-                 os.path.join(self.state_dir.run_dir, "nbdkit.pid")]
+                 self.state_dir.nbdkit_pid_file]
         if self.listen.socket_path:
             paths.append(self.listen.socket_path)
         if self.pidfile:

@@ -4,6 +4,7 @@ Every server a test starts is stopped by PID at teardown, whatever the test
 did (SIGTERM, then SIGKILL).  Nothing here kills processes by name.
 """
 
+import functools
 import json
 import os
 import signal
@@ -15,6 +16,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from target import procutil
 
 REPO = Path(__file__).resolve().parents[1]
 _VENV_CLONECTL = REPO / ".venv" / "bin" / "clonectl"
@@ -118,18 +121,9 @@ def terminate_pid(pid, timeout=STOP_TIMEOUT):
     return False
 
 
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent():
-    """In the child before exec: SIGTERM it if the test run itself dies
-    (killed pytest, timeout), so that no server outlives the run."""
-    try:
-        import ctypes
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-    except Exception:
-        pass
+# In the child before exec: SIGTERM it if the test run itself dies (killed
+# pytest, timeout), so that no server outlives the run.
+_die_with_parent = functools.partial(procutil.die_with_parent, signal.SIGTERM)
 
 
 class ProcessGuard:

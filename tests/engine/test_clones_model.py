@@ -38,7 +38,8 @@ from hypothesis import settings, HealthCheck
 from hypothesis.stateful import (RuleBasedStateMachine, invariant, precondition,
                                  rule, initialize)
 
-from target import backends, changemap, clones, errors, maps, service
+from target import backends, changemap, clones, errors, maps
+from target.lu import LogicalUnit
 
 GRAN = 4096
 EXTENTS = 16
@@ -171,7 +172,7 @@ class CloneMachine(RuleBasedStateMachine):
         return CrashingBackend(mem, self.countdown)
 
     def _new_group(self):
-        lu = service.LogicalUnit(
+        lu = LogicalUnit(
             "src", {"size": SIZE, "file": "-", "readonly": False},
             backend=self._wrap(self.mem_src))
         group = clones.CloneGroup(lu, GRAN, self.dir, self._persist)

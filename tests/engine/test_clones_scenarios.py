@@ -7,7 +7,8 @@ import threading
 
 import pytest
 
-from target import backends, clones, service
+from target import backends, clones
+from target.lu import LogicalUnit
 
 GRAN = 4096
 EXTENTS = 16
@@ -31,7 +32,7 @@ class Harness:
         self.states[name] = state
 
     def _new(self):
-        lu = service.LogicalUnit("src", {"size": SIZE, "file": "-",
+        lu = LogicalUnit("src", {"size": SIZE, "file": "-",
                                          "readonly": False},
                                  backend=self.mem_src)
         return lu, clones.CloneGroup(lu, GRAN, self.dir, self._persist)

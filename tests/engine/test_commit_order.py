@@ -11,7 +11,8 @@ before the flush that must cover it.
 
 import pytest
 
-from target import backends, clones, maps, service
+from target import backends, clones, maps
+from target.lu import LogicalUnit
 
 GRAN = 64 << 10
 SIZE = 16 * GRAN
@@ -45,7 +46,7 @@ def test_saved_clean_bits_are_covered_by_the_flush(tmp_path, monkeypatch,
                                                     order):
     src = backends.MemoryBackend(SIZE)
     src.write(b"N" * SIZE, 0)
-    lu = service.LogicalUnit("src", {"size": SIZE, "file": "-",
+    lu = LogicalUnit("src", {"size": SIZE, "file": "-",
                                      "readonly": False}, backend=src)
     group = clones.CloneGroup(lu, GRAN, str(tmp_path))
     clone = group.add_clone("b", FlushWatch(SIZE))

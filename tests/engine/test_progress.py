@@ -3,7 +3,8 @@ sync; and a display that fits the terminal or logs sparingly."""
 
 import io
 
-from target import backends, clones, progress, service, units
+from target import backends, clones, progress, units
+from target.lu import LogicalUnit
 
 GRAN = 4096
 EXTENTS = 16
@@ -12,7 +13,7 @@ SIZE = GRAN * EXTENTS
 
 def _group(tmp_path):
     src = backends.MemoryBackend(SIZE)
-    lu = service.LogicalUnit("src", {"size": SIZE, "file": "-",
+    lu = LogicalUnit("src", {"size": SIZE, "file": "-",
                                      "readonly": False}, backend=src)
     group = clones.CloneGroup(lu, GRAN, str(tmp_path))
     group.add_clone("c1", backends.MemoryBackend(SIZE))

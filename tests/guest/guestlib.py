@@ -33,7 +33,6 @@ Design notes
 import io
 import queue
 import re
-import signal
 import socket
 import subprocess
 import threading
@@ -41,6 +40,7 @@ import time
 from pathlib import Path
 
 import guestimage
+from target import procutil
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -111,16 +111,6 @@ class BootResult:
             self.status, self.message, self.seconds, tail)
 
 
-def _die_with_parent():
-    """In QEMU before exec: PR_SET_PDEATHSIG=SIGKILL, so a killed or
-    timed-out pytest never leaves a guest running."""
-    try:
-        import ctypes
-        ctypes.CDLL(None).prctl(1, signal.SIGKILL, 0, 0, 0)
-    except Exception:
-        pass
-
-
 class GuestVM:
     """One QEMU boot; use as a context manager or call stop()."""
 
@@ -172,7 +162,7 @@ class GuestVM:
         self.started = time.monotonic()
         self.proc = subprocess.Popen(
             self.command(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+            stderr=subprocess.STDOUT, preexec_fn=procutil.die_with_parent)
         if self.guard is not None:
             self.guard.add(self.proc.pid)
         threading.Thread(target=self._read_console, daemon=True).start()

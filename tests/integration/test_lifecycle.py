@@ -12,7 +12,7 @@ import pytest
 from conftest import (MiB, pid_alive, read_file_range, run_clonectl,
                       snapshot_tree, status_json, wait_pid_gone)
 
-from target.state import StateDir
+from target.inventory import StateDir
 
 nbd = pytest.importorskip("nbd")
 

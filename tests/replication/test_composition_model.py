@@ -1,7 +1,7 @@
 """A composition model: clone groups, protected images (sessions) and
 replication on the same LUs, on a primary and on a secondary.
 
-Two in-process `service.Target` nodes A and B in tmp dirs, each listening
+Two in-process `Target` nodes A and B in tmp dirs, each listening
 for primaries on 127.0.0.1 (as in test_rsg_engine.py); the group "g" of
 volumes v1 and v2 starts with A primary.  Host I/O enters the LU's stack at
 the top (`Target.lus[name].write/zero/trim/flush`, the plugin's path), clone
@@ -78,7 +78,8 @@ from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant,
 from conftest import free_port, tolerate_timing_in_generation
 from target import clones, errors, sessions
 from target import replication as R
-from target import service, state
+from target import inventory
+from target.target import Target
 
 from rsgmodel import (SET, Op, check_exact, check_sample, fast_timing,
                       first_diff, restore_timing, state_after,
@@ -102,10 +103,10 @@ class Node:
         self.name = name
         self.dir = os.path.join(root, name)
         self.tok = tok
-        sd = state.StateDir(self.dir)
+        sd = inventory.StateDir(self.dir)
         sd.ensure()
         for vol, size in zip(VOLS, SIZES):
-            state.create_lu(sd, vol, size=size)
+            inventory.create_lu(sd, vol, size=size)
         self.port = free_port()
         self.addr = "127.0.0.1:%d" % self.port
         self.t = None
@@ -116,7 +117,7 @@ class Node:
         return self.t.rsgs.get("g")
 
     def start(self):
-        self.t = service.Target(self.dir)
+        self.t = Target(self.dir)
         g = self.rsg
         # The first number a change can get after the restart, before a
         # resumed engine takes any.
@@ -152,8 +153,8 @@ class Node:
         t, self.t = self.t, None
         with t.lock:
             t.closing = True    # a dead process takes no new primary
-        if t.replica_server is not None:
-            t.replica_server.stop()
+        if t.rsg_ops.replica_server is not None:
+            t.rsg_ops.replica_server.stop()
         for g in list(t.rsgs.values()):
             if g.role == R.PRIMARY:
                 for link in g.links:
@@ -166,11 +167,11 @@ class Node:
                 g.srl.close()
             else:
                 g.close()       # shuts the connection, saves nothing
-        if t.replica_server is not None:
-            t.replica_server.join()
+        if t.rsg_ops.replica_server is not None:
+            t.rsg_ops.replica_server.join()
             # A thread of the dead target that went on would change the
             # new one's state directory.
-            alive = [th for th in t.replica_server.connections
+            alive = [th for th in t.rsg_ops.replica_server.connections
                      if th.is_alive()]
             assert not alive, "a replication session outlived its " \
                 "target:\n" + "".join(traceback.format_stack(
@@ -1265,7 +1266,7 @@ def test_close_refuses_a_primary_met_for_the_first_time(two_nodes):
     a.t.rsg_delete("g")
     wait_for(lambda: b.rsg.connected_since is None)
     b.t.rsg_delete("g")
-    srv = b.t.replica_server
+    srv = b.t.rsg_ops.replica_server
     entered, go = threading.Event(), threading.Event()
     orig = srv.accept
 

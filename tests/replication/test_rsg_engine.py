@@ -1,6 +1,6 @@
 """Engine-level tests of replicated storage groups (target.replication).
 
-Two in-process `service.Target` objects in tmp dirs (A primary, B secondary)
+Two in-process `Target` objects in tmp dirs (A primary, B secondary)
 connected over 127.0.0.1 TCP, no nbdkit.  Host I/O goes through
 `Target.lus[name].write/zero/trim/flush` (the path the plugin uses).
 
@@ -54,7 +54,8 @@ from conftest import free_port, tolerate_timing_in_generation
 from rsgmodel import Op, fast_timing, restore_timing, wait_for
 from target import clones
 from target import replication as R
-from target import errors, service, state
+from target import errors, inventory
+from target.target import Target
 
 GRAN = 4096
 VOLS = ["v1", "v2"]
@@ -126,15 +127,15 @@ class Cluster:
         with open(self.tok, "w") as f:
             f.write(TOKEN)
         for sd in (self.A, self.B):
-            st_ = state.StateDir(sd)
+            st_ = inventory.StateDir(sd)
             st_.ensure()
             for name, size in zip(VOLS, SIZES):
-                state.create_lu(st_, name, size=size)
+                inventory.create_lu(st_, name, size=size)
         self.port = free_port()
         self.addr = "127.0.0.1:%d" % self.port
         self.tb = None
         self.start_secondary()
-        self.ta = service.Target(self.A)
+        self.ta = Target(self.A)
         self.ta.start()
         self.ta.rsg_create("g", VOLS, srl, granularity="4K")
         self.ops = []
@@ -159,7 +160,7 @@ class Cluster:
 
     def start_secondary(self):
         assert self.tb is None
-        self.tb = service.Target(self.B)
+        self.tb = Target(self.B)
         self.tb.start()
         for attempt in range(50):
             try:
@@ -198,7 +199,7 @@ class Cluster:
             g.srl.close()
         for lu in ta.lus.values():
             lu.close()
-        self.ta = service.Target(self.A)
+        self.ta = Target(self.A)
         self.ta.start()
         last = self.ops[-1].seq if self.ops else 0
         if self.g.next_seq <= last:
@@ -790,7 +791,7 @@ def _secondary_only(c):
     c.ta.close()
     c.ta = None
     c.stop_secondary()
-    tb = service.Target(c.B)
+    tb = Target(c.B)
     c.tb = tb
     return tb.rsgs["g"]
 
@@ -804,7 +805,7 @@ def test_staged_unapplied_slot_is_applied_as_one_unit(cluster_factory):
                           (a + 3, 0, 9000, b"\x23" * 100)])   # overlaps #1
     sg._stage(ents, a + 1, a + 3)
     c.tb.close()
-    c.tb = service.Target(c.B)
+    c.tb = Target(c.B)
     sg = c.tb.rsgs["g"]
     assert sg.applied_seq == a + 3 and sg.consistent
     v1, v2 = read_image(c.tb, "v1"), read_image(c.tb, "v2")
@@ -823,7 +824,7 @@ def test_torn_stage_slot_is_ignored(cluster_factory):
                      a + 1, a + 1)
     os.truncate(path, os.path.getsize(path) - 10)
     c.tb.close()
-    c.tb = service.Target(c.B)
+    c.tb = Target(c.B)
     sg = c.tb.rsgs["g"]
     assert sg.applied_seq == a
     assert read_image(c.tb, "v1") == v1
@@ -1086,7 +1087,7 @@ def detached_secondary_with_snapshot(cluster_factory):
 
 
 def clone_image(t, name):
-    group, clone = t._clone(name)
+    group, clone = t.clone_ops.find(name)
     buf = bytearray(group.size)
     clone.backend.readinto(buf, 0)
     return bytes(buf)

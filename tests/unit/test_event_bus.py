@@ -6,7 +6,8 @@ import time
 
 import pytest
 
-from target import events, service, state
+from target import events, inventory
+from target.target import Target
 
 MiB = 1 << 20
 G = 64 << 10
@@ -67,9 +68,9 @@ def test_watcher_reports_differences_and_notes_once():
 
 @pytest.fixture
 def target(tmp_path):
-    sd = state.StateDir(str(tmp_path / "state"))
-    state.create_lu(sd, "a", size=MiB)
-    t = service.Target(sd.path)
+    sd = inventory.StateDir(str(tmp_path / "state"))
+    inventory.create_lu(sd, "a", size=MiB)
+    t = Target(sd.path)
     t.start()
     yield t
     t.close()
@@ -107,8 +108,8 @@ def test_clone_picture_runs_and_folding(target):
     _wait(lambda: target.clone_status("c1")["state"] == "synchronized")
     target.clone_fracture("c1")
     conn = target.connect("a", False)
-    conn.lu.write(b"x" * 4096, 3 * G)
-    conn.lu.write(b"x" * (2 * G), 10 * G)
+    conn.export.write(b"x" * 4096, 3 * G)
+    conn.export.write(b"x" * (2 * G), 10 * G)
     target.disconnect(conn)
     m = target.clone_picture("c1")
     assert m["extents"] == 16 and m["scale"] == 1

@@ -1,4 +1,4 @@
-"""target.service: the Target and its LUs, in-process (no nbdkit)."""
+"""target.target: the Target and its LUs, in-process (no nbdkit)."""
 
 import errno
 import os
@@ -7,22 +7,26 @@ import time
 
 import pytest
 
-from target import backends, errors, replication, service, state
+from target import backends, errors, inventory, operations, replication
+from target import gateway as gateway_route
+from target.lu import LogicalUnit
+from target.session_orchestration import RollbackRefused
+from target.target import Target
 
 MiB = 1 << 20
 
 
 @pytest.fixture
 def sd(tmp_path):
-    d = state.StateDir(str(tmp_path / "state"))
-    state.create_lu(d, "a", size=MiB)
-    state.create_lu(d, "ro", size=MiB, readonly=True)
+    d = inventory.StateDir(str(tmp_path / "state"))
+    inventory.create_lu(d, "a", size=MiB)
+    inventory.create_lu(d, "ro", size=MiB, readonly=True)
     return d
 
 
 @pytest.fixture
 def target(sd):
-    t = service.Target(sd.path)
+    t = Target(sd.path)
     yield t
     t.close()
 
@@ -60,15 +64,15 @@ def test_connection_counts(target):
 
 def test_io_through_connection(target, sd):
     conn = target.connect("a", False)
-    conn.lu.write(b"hello", 1)
-    conn.lu.flush()
+    conn.export.write(b"hello", 1)
+    conn.export.flush()
     buf = bytearray(7)
-    conn.lu.read(buf, 0)
+    conn.export.read(buf, 0)
     assert bytes(buf) == b"\0hello\0"
     with open(os.path.join(sd.lus_dir, "a.img"), "rb") as f:
         assert f.read(7) == b"\0hello\0"
-    conn.lu.zero(2, 2, fua=True)
-    conn.lu.read(buf, 0)
+    conn.export.zero(2, 2, fua=True)
+    conn.export.read(buf, 0)
     assert bytes(buf) == b"\0h\0\0lo\0"
     target.disconnect(conn)
 
@@ -76,16 +80,16 @@ def test_io_through_connection(target, sd):
 def test_lu_refuses_out_of_range_and_read_only(target):
     conn = target.connect("a", False)
     with pytest.raises(errors.OutOfRange) as info:
-        conn.lu.write(b"xx", MiB - 1)
+        conn.export.write(b"xx", MiB - 1)
     assert info.value.errno == 22
     with pytest.raises(errors.OutOfRange):
-        conn.lu.zero(MiB, 1)
+        conn.export.zero(MiB, 1)
     with pytest.raises(errors.OutOfRange):
-        conn.lu.trim(-1, 10)
+        conn.export.trim(-1, 10)
     ro = target.connect("ro", True)
-    for action in (lambda: ro.lu.write(b"x", 0),
-                   lambda: ro.lu.zero(0, 512),
-                   lambda: ro.lu.trim(0, 512)):
+    for action in (lambda: ro.export.write(b"x", 0),
+                   lambda: ro.export.zero(0, 512),
+                   lambda: ro.export.trim(0, 512)):
         with pytest.raises(errors.ReadOnly) as info:
             action()
         assert info.value.errno == 1
@@ -95,8 +99,8 @@ def test_lu_refuses_out_of_range_and_read_only(target):
 
 def test_reload_adds_and_retires(target, sd):
     conn = target.connect("a", False)
-    state.create_lu(sd, "b", size=MiB)
-    state.delete_lu(sd, "ro")
+    inventory.create_lu(sd, "b", size=MiB)
+    inventory.delete_lu(sd, "ro")
     assert target.reload() == ["a", "b"]
     assert [n for n, _ in target.exports()] == ["a", "b"]
     with pytest.raises(errors.UnknownLU):
@@ -107,25 +111,25 @@ def test_reload_adds_and_retires(target, sd):
 def test_retired_lu_stays_usable_until_last_connection(target, sd, tmp_path):
     f = tmp_path / "ext.img"
     f.write_bytes(bytes(MiB))
-    state.create_lu(sd, "ext", file=str(f))
+    inventory.create_lu(sd, "ext", file=str(f))
     target.reload()
     conn = target.connect("ext", False)
-    state.delete_lu(sd, "ext")
+    inventory.delete_lu(sd, "ext")
     target.reload()
     # The open connection keeps working on the retired LU...
-    conn.lu.write(b"late", 0)
+    conn.export.write(b"late", 0)
     assert f.read_bytes()[:4] == b"late"
     target.disconnect(conn)
     # ...and its backend is closed after the last one ends.
-    assert conn.lu.backend.fd == -1
+    assert conn.export.backend.fd == -1
 
 
 def test_unusable_backing_is_reported_not_exported(sd, tmp_path):
     f = tmp_path / "vanishing.img"
     f.write_bytes(bytes(MiB))
-    state.create_lu(sd, "gone", file=str(f))
+    inventory.create_lu(sd, "gone", file=str(f))
     f.unlink()
-    t = service.Target(sd.path)
+    t = Target(sd.path)
     try:
         st = {lu["name"]: lu for lu in t.status()["lus"]}
         assert st["gone"]["exported"] is False
@@ -142,14 +146,14 @@ def test_unusable_backing_is_reported_not_exported(sd, tmp_path):
 
 
 def test_control_operations(target):
-    ops = target.control_operations()
+    ops = operations.bind(target)
     assert ops["ping"]() == {"pid": os.getpid()}
     assert ops["status"]()["lus"][0]["name"] == "a"
     assert ops["reload"]() == {"exports": ["a", "ro"]}
 
 
 def test_lu_create_in_the_target_exports_it(target, sd, tmp_path):
-    res = target.control_operations()["lu_create"](name="new", size="1M")
+    res = operations.bind(target)["lu_create"](name="new", size="1M")
     assert res["error"] is None and res["record"]["size"] == 1 << 20
     assert "new" in [name for name, _ in target.exports()]
     assert "new" in sd.load()["lus"]
@@ -162,7 +166,7 @@ def test_lu_create_in_the_target_exports_it(target, sd, tmp_path):
 
 def test_logical_unit_with_memory_backend():
     mem = backends.MemoryBackend(4096)
-    lu = service.LogicalUnit("m", {"size": 4096, "file": "/none",
+    lu = LogicalUnit("m", {"size": 4096, "file": "/none",
                                    "readonly": False}, backend=mem)
     assert lu.healthy and lu.error is None
     lu.write(b"abc", 10, fua=True)
@@ -174,14 +178,14 @@ def test_logical_unit_with_memory_backend():
 def _user_session(t, source, name):
     """A session made the way a `session create` of an older clonectl
     could make it (the destination is not probed)."""
-    return t._create_session(t.lus[source], name,
+    return t.session_ops.create_session(t.lus[source], name,
                              [{"uri": "nbd+unix:///x?socket=/nonexistent",
                                "peer": None}], None, None)
 
 
 def test_old_user_session_named_like_an_image_is_no_image(sd):
-    state.create_lu(sd, "db1", size=MiB)
-    t = service.Target(sd.path)
+    inventory.create_lu(sd, "db1", size=MiB)
+    t = Target(sd.path)
     try:
         t.lus["db1"].write(b"D" * MiB, 0)
         t.lus["a"].write(b"A" * MiB, 0)
@@ -190,7 +194,7 @@ def test_old_user_session_named_like_an_image_is_no_image(sd):
         t.lus["a"].write(b"n" * 4096, 0)
     finally:
         t.close()
-    t = service.Target(sd.path)
+    t = Target(sd.path)
     try:
         assert t.image_status("db1")["protected"] is False
         with pytest.raises(errors.InvalidArgument, match="no protected"):
@@ -206,7 +210,7 @@ def test_old_user_session_named_like_an_image_is_no_image(sd):
 def test_protected_image_of_an_older_state_dir_still_loads(sd):
     """Images recorded before they were flagged: the name and no
     destination (a user session always has one) say what they are."""
-    t = service.Target(sd.path)
+    t = Target(sd.path)
     try:
         t.lus["a"].write(b"A" * MiB, 0)
         assert t.image_protect("a")["export"] == "a@protected-a"
@@ -216,7 +220,7 @@ def test_protected_image_of_an_older_state_dir_still_loads(sd):
     doc = sd.load()
     doc["lus"]["a"]["sessions"]["protected-a"].pop("image", None)
     sd.save(doc)
-    t = service.Target(sd.path)
+    t = Target(sd.path)
     try:
         st = t.image_status("a")
         assert st["protected"] and st["export"] == "a@protected-a"
@@ -239,12 +243,12 @@ def test_session_names_of_images_are_reserved(target):
 def test_replication_hello_with_a_string_for_volumes(target):
     from target import replication
     with pytest.raises(replication.ReplicationError, match="volumes"):
-        target._accept_primary({"group": "g", "volumes": "a"}, "192.0.2.1")
+        target.rsg_ops.accept_primary({"group": "g", "volumes": "a"}, "192.0.2.1")
     with pytest.raises(replication.ReplicationError, match="volumes"):
-        target._accept_primary({"group": "g", "volumes": [{"lu": ["a"]}]},
+        target.rsg_ops.accept_primary({"group": "g", "volumes": [{"lu": ["a"]}]},
                                "192.0.2.1")
     assert target.rsg_list() == []
-    assert not os.path.exists(os.path.join(target.rsg_dir, "g.json"))
+    assert not os.path.exists(os.path.join(target.rsg_ops.rsg_dir, "g.json"))
 
 
 # ---------------------------------------------------------------- the iSCSI gateway's route
@@ -258,7 +262,7 @@ def _gw(name, secret=SECRET):
 
 @pytest.fixture
 def gw_target(sd):
-    t = service.Target(sd.path, gateway_secret=SECRET)
+    t = Target(sd.path, gateway_secret=SECRET)
     yield t
     t.close()
 
@@ -313,16 +317,16 @@ def test_clone_remove_waits_for_the_gateway_to_let_go(gw_target,
     conn = gw_target.connect(_gw("c"), False)
     assert gw_target.clone_status("c")["gateway_connections"] == 1
     # A gateway that does not let go: refused, and nothing changed.
-    monkeypatch.setattr(service, "GATEWAY_LET_GO_TIMEOUT", 0.2)
-    with pytest.raises(service.GatewayHolds) as info:
+    monkeypatch.setattr(gateway_route, "GATEWAY_LET_GO_TIMEOUT", 0.2)
+    with pytest.raises(gateway_route.GatewayHolds) as info:
         gw_target.clone_remove("c")
     assert info.value.errno == errno.EBUSY
     assert "the iSCSI gateway did not let go" in str(info.value)
     assert gw_target.export_modes() == {"a": False, "c": False, "ro": True}
-    conn.lu.write(b"still writable", 0)
+    conn.export.write(b"still writable", 0)
     # A gateway that lets go once the export is withdrawn (as the manager
     # does when export_modes stops naming it): the removal goes on.
-    monkeypatch.setattr(service, "GATEWAY_LET_GO_TIMEOUT", 20)
+    monkeypatch.setattr(gateway_route, "GATEWAY_LET_GO_TIMEOUT", 20)
     seen = {}
 
     def gateway():
@@ -363,7 +367,7 @@ def test_clone_remove_refused_for_a_host_withdraws_nothing(gw_target):
 @pytest.fixture
 def full_state_dir(target, monkeypatch):
     """set(True) makes every save of state.json fail as on a full disk."""
-    real = state.StateDir.save
+    real = inventory.StateDir.save
     full = [False]
 
     def save(self, doc):
@@ -373,7 +377,7 @@ def full_state_dir(target, monkeypatch):
                                        errno=28)
         return real(self, doc)
 
-    monkeypatch.setattr(state.StateDir, "save", save)
+    monkeypatch.setattr(inventory.StateDir, "save", save)
     return lambda on: full.__setitem__(0, on)
 
 
@@ -401,7 +405,7 @@ def test_clone_remove_not_saved_keeps_the_clone(target, sd, full_state_dir):
 
 def test_session_delete_not_saved_keeps_the_session(target, sd,
                                                     full_state_dir):
-    session = target._create_session(
+    session = target.session_ops.create_session(
         target.lus["a"], "s1", [{"uri": "nbd://unused", "peer": None}],
         None, None)
     full_state_dir(True)
@@ -437,7 +441,7 @@ def test_volumes_of_a_group_that_did_not_load_are_not_served(tmp_path):
     logging the writes: they are held, not exported, with the reason,
     until the group loads or is deleted."""
     d = str(tmp_path / "s")
-    t = service.Target(d)
+    t = Target(d)
     t.lu_create("db1", size="1M")
     t.lu_create("db2", size="1M")
     t.lu_create("other", size="1M")
@@ -446,9 +450,9 @@ def test_volumes_of_a_group_that_did_not_load_are_not_served(tmp_path):
     t.close()
     img = os.path.join(d, "lus", "db2.img")
     os.rename(img, img + ".away")
-    t = service.Target(d)
+    t = Target(d)
     try:
-        assert "g" in t.rsg_failures
+        assert "g" in t.rsg_ops.failures
         with pytest.raises(errors.Error) as e:
             t.connect("db1", False)
         assert "replicated group g" in str(e.value), e.value
@@ -460,7 +464,7 @@ def test_volumes_of_a_group_that_did_not_load_are_not_served(tmp_path):
     finally:
         t.close()
     os.rename(img + ".away", img)
-    t = service.Target(d)
+    t = Target(d)
     try:
         assert "g" in t.rsgs and "db1" in dict(t.exports())
     finally:
@@ -472,7 +476,7 @@ def test_user_session_commands_do_not_reach_protected_images(target):
     image during a replay) is the target's own: the session commands of
     users cannot unmark, delete or transfer it."""
     target.image_protect("a")
-    ops = target.control_operations()
+    ops = operations.bind(target)
     for op, args in (("session_unmark", {"force": True}),
                      ("session_delete", {"force": True}),
                      ("session_mark", {}), ("session_transfer", {}),
@@ -488,18 +492,18 @@ def test_gateway_connections_count_as_hosts_for_demote_and_rollback(
     for the iSCSI gateway to let go of its volumes (no write may land
     between the regions a demote reports and the guard): the gateway's
     connection is a host's too (an initiator writes through it)."""
-    monkeypatch.setattr(service, "GATEWAY_LET_GO_TIMEOUT", 0.2)
+    monkeypatch.setattr(gateway_route, "GATEWAY_LET_GO_TIMEOUT", 0.2)
     t = gw_target
     t.lu_create("b", size="1M")
     t.rsg_create("g", ["a"], "1M")
     t.image_protect("b")
     conns = [t.connect(_gw("a"), False), t.connect(_gw("b"), False)]
     try:
-        with pytest.raises(service.GatewayHolds):
+        with pytest.raises(gateway_route.GatewayHolds):
             t.rsg_demote("g")
         assert t.rsgs["g"].role == replication.PRIMARY
         assert "a" in t.export_modes()      # given back to the gateway
-        with pytest.raises(service.RollbackRefused):
+        with pytest.raises(RollbackRefused):
             t.image_rollback("b")
     finally:
         for conn in conns:
@@ -523,7 +527,7 @@ def test_rsg_create_whose_record_cannot_be_saved_leaves_nothing(
     assert "No space left on device" in str(e.value)
     assert "g" not in target.rsgs and target.lus["a"].rsg is None
     assert target.lus["a"].stack.get("replication") is None
-    assert not os.listdir(target.rsg_dir)
+    assert not os.listdir(target.rsg_ops.rsg_dir)
     monkeypatch.setattr(replication.GroupFiles, "save", real)
     target.rsg_create("g", ["a"], "1M")
     assert target.rsgs["g"].role == replication.PRIMARY

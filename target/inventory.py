@@ -1,16 +1,21 @@
 """The state directory: the LU inventory and the server's runtime files.
 
-Layout of a state directory:
+Layout of a state directory (StateDir names every path in it; the
+engines are given the directories their own files live in):
 
     state.json      the inventory, one JSON document, replaced atomically
     .lock           flock()ed by every command that changes state.json
     lus/NAME.img    sparse backing files created by `clonectl lu create` and
                     `clonectl clone add`
     maps/           clone delta maps (CLONE.delta) and activity maps of
-                    clone groups (SOURCE.activity), see target.maps
+                    clone groups (SOURCE.activity), see target.maps; the
+                    sessions' maps and save areas (SOURCE@SESSION.save)
+    rsg/NAME.json   the record of replicated group NAME, beside its log and
+                    change maps (target.replication.GroupFiles)
     run/            runtime files of a running server (sockets, serve.json,
                     serve.lock held for the server's whole life, or by a
-                    command working without a server; serve.log)
+                    command working without a server; serve.log,
+                    nbdkit.pid, iscsi.json)
 
 state.json is only ever replaced whole (temp file, fsync, rename, fsync the
 directory), so a crash leaves either the old or the new inventory.  A file
@@ -31,6 +36,11 @@ from . import errors, fsutil, units
 FORMAT = "clonectl-state"
 VERSION = 1
 
+# The states a clone's record may be in (the clone engine's states, part
+# of this format; tests/unit/test_inventory.py checks they are the same).
+CLONE_STATES = ("out-of-sync", "syncing", "synchronized", "fractured",
+                "reverse-syncing", "restoring")
+
 
 class StateDir:
 
@@ -41,6 +51,25 @@ class StateDir:
         self.lus_dir = os.path.join(self.path, "lus")
         self.run_dir = os.path.join(self.path, "run")
         self.maps_dir = os.path.join(self.path, "maps")
+        self.rsg_dir = os.path.join(self.path, "rsg")
+
+    # Paths of the inventory's objects.
+
+    def owned_backing(self, name):
+        """The backing file clonectl makes for LU or clone name."""
+        return os.path.join(self.lus_dir, name + ".img")
+
+    def save_area(self, source, session):
+        """The save area of session of LU source."""
+        return os.path.join(self.maps_dir, "{}@{}.save".format(source,
+                                                               session))
+
+    def rsg_names(self):
+        """The names of the replicated groups whose records are in rsg/."""
+        if not os.path.isdir(self.rsg_dir):
+            return []
+        return [fn[:-5] for fn in sorted(os.listdir(self.rsg_dir))
+                if fn.endswith(".json") and not fn.startswith(".")]
 
     # Paths of a running server.
 
@@ -64,6 +93,15 @@ class StateDir:
     def serve_log_file(self):
         return os.path.join(self.run_dir, "serve.log")
 
+    @property
+    def nbdkit_pid_file(self):
+        return os.path.join(self.run_dir, "nbdkit.pid")
+
+    @property
+    def iscsi_record(self):
+        """What the iSCSI gateway started (target.iscsi)."""
+        return os.path.join(self.run_dir, "iscsi.json")
+
     def ensure(self):
         for d in (self.path, self.lus_dir, self.run_dir, self.maps_dir):
             fsutil.makedirs_durable(d)
@@ -80,6 +118,15 @@ class StateDir:
             os.close(fd)
 
     # The inventory.
+
+    @contextlib.contextmanager
+    def editing(self):
+        """The inventory, to change in place under the lock; saved when
+        the block ends without an exception (nothing saved otherwise)."""
+        with self.locked():
+            doc = self.load()
+            yield doc
+            self.save(doc)
 
     def load(self):
         """Return the validated inventory; an absent file is an empty one."""
@@ -103,8 +150,7 @@ class StateDir:
         if os.path.lexists(self.state_file):
             return
         left = []
-        for d in (self.lus_dir, self.maps_dir,
-                  os.path.join(self.path, "rsg")):
+        for d in (self.lus_dir, self.maps_dir, self.rsg_dir):
             try:
                 names = sorted(os.listdir(d))
             except FileNotFoundError:
@@ -168,7 +214,6 @@ def _validate(doc, path):
 
 
 def _validate_clones(name, lu, bad):
-    from .clones import STATES
     clones = lu.get("clones", {})
     if not isinstance(clones, dict):
         bad("LU {!r}: 'clones' is not an object".format(name))
@@ -183,7 +228,7 @@ def _validate_clones(name, lu, bad):
             bad("invalid clone name {!r}".format(cname))
         if not isinstance(rec, dict) or not isinstance(rec.get("file"), str) \
                 or not isinstance(rec.get("owned"), bool) \
-                or rec.get("state") not in STATES:
+                or rec.get("state") not in CLONE_STATES:
             bad("clone {!r} of LU {!r} is invalid".format(cname, name))
 
 
@@ -253,7 +298,7 @@ def create_lu(state_dir, name, size=None, file=None, readonly=False):
                 raise errors.InvalidArgument(
                     reason="--size is required unless --file names an "
                            "existing file or device")
-            path = os.path.join(state_dir.lus_dir, name + ".img")
+            path = state_dir.owned_backing(name)
             owned = True
             create_sparse(path, size)
         else:
@@ -393,17 +438,15 @@ def lu_user(state_dir, name, record):
     if record.get("sessions"):
         return "it has sessions ({}); delete them first with `clonectl " \
             "session delete`".format(", ".join(sorted(record["sessions"])))
-    rsg_dir = os.path.join(state_dir.path, "rsg")
-    for fn in sorted(os.listdir(rsg_dir)) if os.path.isdir(rsg_dir) else []:
-        if fn.endswith(".json") and not fn.startswith("."):
-            try:
-                with open(os.path.join(rsg_dir, fn)) as f:
-                    vols = [v.get("lu") for v in json.load(f)["volumes"]]
-            except (OSError, ValueError, KeyError, TypeError, AttributeError):
-                continue
-            if name in vols:
-                return "it is a volume of replicated group {}; delete the " \
-                    "group first with `clonectl rsg delete`".format(fn[:-5])
+    for group in state_dir.rsg_names():
+        try:
+            with open(os.path.join(state_dir.rsg_dir, group + ".json")) as f:
+                vols = [v.get("lu") for v in json.load(f)["volumes"]]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            continue
+        if name in vols:
+            return "it is a volume of replicated group {}; delete the " \
+                "group first with `clonectl rsg delete`".format(group)
     return None
 
 

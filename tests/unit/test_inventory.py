@@ -1,4 +1,4 @@
-"""target.state: the LU inventory of a state directory."""
+"""target.inventory: the LU inventory of a state directory."""
 
 import json
 import os
@@ -6,14 +6,14 @@ import stat
 
 import pytest
 
-from target import errors, state
+from target import errors, inventory
 
 MiB = 1 << 20
 
 
 @pytest.fixture
 def sd(tmp_path):
-    return state.StateDir(str(tmp_path / "state"))
+    return inventory.StateDir(str(tmp_path / "state"))
 
 
 def _raw(sd):
@@ -34,7 +34,7 @@ def test_absent_state_is_empty_and_creates_nothing(sd):
 
 
 def test_create_owned_lu(sd):
-    record = state.create_lu(sd, "db1", size="4M")
+    record = inventory.create_lu(sd, "db1", size="4M")
     path = os.path.join(sd.lus_dir, "db1.img")
     assert record["file"] == path
     assert record["size"] == 4 * MiB
@@ -53,23 +53,23 @@ def test_create_owned_lu(sd):
 
 
 def test_create_read_only_lu(sd):
-    record = state.create_lu(sd, "ro", size=MiB, readonly=True)
+    record = inventory.create_lu(sd, "ro", size=MiB, readonly=True)
     assert record["readonly"] is True
     assert sd.load()["lus"]["ro"]["readonly"] is True
 
 
 def test_create_requires_size_without_file(sd):
     with pytest.raises(errors.InvalidArgument, match="--size"):
-        state.create_lu(sd, "a")
+        inventory.create_lu(sd, "a")
     assert _files(sd.lus_dir) == []
     assert not os.path.exists(sd.state_file)
 
 
 def test_duplicate_name_changes_nothing(sd):
-    state.create_lu(sd, "a", size=MiB)
+    inventory.create_lu(sd, "a", size=MiB)
     before = _raw(sd)
     with pytest.raises(errors.DuplicateLU, match="'a'.*already"):
-        state.create_lu(sd, "a", size=2 * MiB)
+        inventory.create_lu(sd, "a", size=2 * MiB)
     assert _raw(sd) == before
     assert os.path.getsize(os.path.join(sd.lus_dir, "a.img")) == MiB
     assert _files(sd.lus_dir) == ["a.img"]
@@ -77,20 +77,20 @@ def test_duplicate_name_changes_nothing(sd):
 
 @pytest.mark.parametrize("name", ["", "a/b", "x" * 65, "../x", ".a"])
 def test_invalid_name_changes_nothing(sd, name):
-    state.create_lu(sd, "keep", size=MiB)
+    inventory.create_lu(sd, "keep", size=MiB)
     before = _raw(sd)
     with pytest.raises(errors.InvalidName):
-        state.create_lu(sd, name, size=MiB)
+        inventory.create_lu(sd, name, size=MiB)
     assert _raw(sd) == before
     assert _files(sd.lus_dir) == ["keep.img"]
 
 
 @pytest.mark.parametrize("size", ["abc", "0", "1000", "-1G", "1.5"])
 def test_invalid_size_changes_nothing(sd, size):
-    state.create_lu(sd, "keep", size=MiB)
+    inventory.create_lu(sd, "keep", size=MiB)
     before = _raw(sd)
     with pytest.raises(errors.InvalidSize):
-        state.create_lu(sd, "new", size=size)
+        inventory.create_lu(sd, "new", size=size)
     assert _raw(sd) == before
     assert _files(sd.lus_dir) == ["keep.img"]
 
@@ -98,7 +98,7 @@ def test_invalid_size_changes_nothing(sd, size):
 def test_missing_backing_file(sd, tmp_path):
     missing = tmp_path / "missing.img"
     with pytest.raises(errors.BackingMissing) as info:
-        state.create_lu(sd, "a", file=str(missing))
+        inventory.create_lu(sd, "a", file=str(missing))
     assert str(missing) in str(info.value)
     assert not missing.exists()
     assert sd.load()["lus"] == {}
@@ -108,7 +108,7 @@ def test_too_small_backing_file(sd, tmp_path):
     f = tmp_path / "small.img"
     f.write_bytes(b"x" * 4096)
     with pytest.raises(errors.BackingTooSmall) as info:
-        state.create_lu(sd, "a", size="1M", file=str(f))
+        inventory.create_lu(sd, "a", size="1M", file=str(f))
     assert "4096" in str(info.value) and str(MiB) in str(info.value)
     assert f.read_bytes() == b"x" * 4096
     assert sd.load()["lus"] == {}
@@ -118,7 +118,7 @@ def test_empty_backing_file_without_size(sd, tmp_path):
     f = tmp_path / "empty.img"
     f.write_bytes(b"")
     with pytest.raises(errors.BackingTooSmall):
-        state.create_lu(sd, "a", file=str(f))
+        inventory.create_lu(sd, "a", file=str(f))
     assert sd.load()["lus"] == {}
 
 
@@ -126,13 +126,13 @@ def test_backing_smaller_than_a_sector_without_size(sd, tmp_path):
     f = tmp_path / "tiny.img"
     f.write_bytes(b"x" * 511)
     with pytest.raises(errors.BackingTooSmall):
-        state.create_lu(sd, "a", file=str(f))
+        inventory.create_lu(sd, "a", file=str(f))
 
 
 def test_backing_size_rounded_down_to_sectors(sd, tmp_path):
     f = tmp_path / "odd.img"
     f.write_bytes(b"x" * 1500)
-    record = state.create_lu(sd, "a", file=str(f))
+    record = inventory.create_lu(sd, "a", file=str(f))
     assert record["size"] == 1024
     assert record["owned"] is False
     assert f.read_bytes() == b"x" * 1500, "an existing file is never changed"
@@ -142,7 +142,7 @@ def test_directory_as_backing_is_unusable(sd, tmp_path):
     d = tmp_path / "adir"
     d.mkdir()
     with pytest.raises(errors.BackingUnusable) as info:
-        state.create_lu(sd, "a", size="1M", file=str(d))
+        inventory.create_lu(sd, "a", size="1M", file=str(d))
     assert str(d) in str(info.value)
     assert "not a regular file or block device" in str(info.value)
     assert sd.load()["lus"] == {}
@@ -153,16 +153,16 @@ def test_unwritable_backing_file_for_read_write_lu(sd, tmp_path):
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
     with pytest.raises(errors.BackingUnusable):
-        state.create_lu(sd, "a", size="1M", file=str(fifo))
+        inventory.create_lu(sd, "a", size="1M", file=str(fifo))
 
 
 def test_backing_file_used_twice(sd, tmp_path):
     f = tmp_path / "shared.img"
     f.write_bytes(bytes(MiB))
-    state.create_lu(sd, "a", file=str(f))
+    inventory.create_lu(sd, "a", file=str(f))
     before = _raw(sd)
     with pytest.raises(errors.BackingInUse, match="'a'"):
-        state.create_lu(sd, "b", file=str(tmp_path / "." / "shared.img"))
+        inventory.create_lu(sd, "b", file=str(tmp_path / "." / "shared.img"))
     assert _raw(sd) == before
 
 
@@ -172,7 +172,7 @@ def test_leftover_owned_file_is_not_overwritten(sd):
     with open(leftover, "wb") as f:
         f.write(b"precious")
     with pytest.raises(errors.BackingUnusable, match="left untouched"):
-        state.create_lu(sd, "a", size=MiB)
+        inventory.create_lu(sd, "a", size=MiB)
     with open(leftover, "rb") as f:
         assert f.read() == b"precious"
     assert sd.load()["lus"] == {}
@@ -181,10 +181,10 @@ def test_leftover_owned_file_is_not_overwritten(sd):
 # ---------------------------------------------------------------- delete
 
 def test_delete_owned_lu_removes_file(sd):
-    state.create_lu(sd, "a", size=MiB)
-    state.create_lu(sd, "b", size=MiB)
+    inventory.create_lu(sd, "a", size=MiB)
+    inventory.create_lu(sd, "b", size=MiB)
     path = os.path.join(sd.lus_dir, "a.img")
-    record = state.delete_lu(sd, "a")
+    record = inventory.delete_lu(sd, "a")
     assert record["file"] == path
     assert not os.path.exists(path)
     assert list(sd.load()["lus"]) == ["b"]
@@ -195,22 +195,22 @@ def test_delete_keeps_file_given_with_file(sd, tmp_path):
     f = tmp_path / "mine.img"
     data = os.urandom(MiB)
     f.write_bytes(data)
-    state.create_lu(sd, "a", file=str(f))
-    state.delete_lu(sd, "a")
+    inventory.create_lu(sd, "a", file=str(f))
+    inventory.delete_lu(sd, "a")
     assert f.read_bytes() == data
     assert sd.load()["lus"] == {}
 
 
 def test_delete_unknown_lu(sd):
-    state.create_lu(sd, "a", size=MiB)
+    inventory.create_lu(sd, "a", size=MiB)
     before = _raw(sd)
     with pytest.raises(errors.UnknownLU, match="'nope'"):
-        state.delete_lu(sd, "nope")
+        inventory.delete_lu(sd, "nope")
     assert _raw(sd) == before
 
 
 def test_delete_refused_by_check_busy(sd):
-    state.create_lu(sd, "a", size=MiB)
+    inventory.create_lu(sd, "a", size=MiB)
     before = _raw(sd)
 
     def busy(name, record):
@@ -218,15 +218,15 @@ def test_delete_refused_by_check_busy(sd):
         raise errors.LUBusy(name=name, reason="served")
 
     with pytest.raises(errors.LUBusy):
-        state.delete_lu(sd, "a", check_busy=busy)
+        inventory.delete_lu(sd, "a", check_busy=busy)
     assert _raw(sd) == before
     assert os.path.exists(os.path.join(sd.lus_dir, "a.img"))
 
 
 def test_delete_owned_lu_whose_file_vanished(sd):
-    state.create_lu(sd, "a", size=MiB)
+    inventory.create_lu(sd, "a", size=MiB)
     os.unlink(os.path.join(sd.lus_dir, "a.img"))
-    state.delete_lu(sd, "a")
+    inventory.delete_lu(sd, "a")
     assert sd.load()["lus"] == {}
 
 
@@ -262,13 +262,13 @@ CORRUPT_DOCUMENTS = [
 
 @pytest.mark.parametrize("raw", CORRUPT_DOCUMENTS)
 def test_corrupt_state_is_reported_and_left_untouched(sd, raw):
-    state.create_lu(sd, "a", size=MiB)
+    inventory.create_lu(sd, "a", size=MiB)
     with open(sd.state_file, "wb") as f:
         f.write(raw)
     files_before = _files(sd.path)
     for action in (sd.load,
-                   lambda: state.create_lu(sd, "b", size=MiB),
-                   lambda: state.delete_lu(sd, "a")):
+                   lambda: inventory.create_lu(sd, "b", size=MiB),
+                   lambda: inventory.delete_lu(sd, "a")):
         with pytest.raises(errors.CorruptState) as info:
             action()
         assert sd.state_file in str(info.value)
@@ -276,6 +276,24 @@ def test_corrupt_state_is_reported_and_left_untouched(sd, raw):
         assert _raw(sd) == raw, "a corrupt state file must never be rewritten"
     assert _files(sd.path) == files_before
     assert _files(sd.lus_dir) == ["a.img"], "no LU file made or removed"
+
+
+def test_the_format_knows_every_clone_state(sd):
+    """state.json's clone states are the clone engine's: a state the engine
+    saves is never refused at the next load, and no other is accepted."""
+    from target import clones
+    assert set(inventory.CLONE_STATES) == set(clones.STATES)
+    inventory.create_lu(sd, "a", size=MiB)
+    doc = sd.load()
+    doc["lus"]["a"]["granularity"] = 65536
+    for clone_state in clones.STATES:
+        doc["lus"]["a"]["clones"] = {"c": {"file": "/x", "owned": False,
+                                           "state": clone_state}}
+        sd.save(doc)
+        assert sd.load()["lus"]["a"]["clones"]["c"]["state"] == clone_state
+    doc["lus"]["a"]["clones"]["c"]["state"] = "bogus"
+    with pytest.raises(errors.CorruptState):
+        sd.save(doc)
 
 
 @pytest.mark.parametrize("version", [0, 2, "1", None])
@@ -289,13 +307,13 @@ def test_unsupported_version(sd, version):
         sd.load()
     assert sd.state_file in str(info.value)
     with pytest.raises(errors.UnsupportedState):
-        state.create_lu(sd, "a", size=MiB)
+        inventory.create_lu(sd, "a", size=MiB)
     assert _raw(sd) == raw
     assert _files(sd.lus_dir) == []
 
 
 def test_save_refuses_invalid_document(sd):
-    state.create_lu(sd, "a", size=MiB)
+    inventory.create_lu(sd, "a", size=MiB)
     before = _raw(sd)
     doc = sd.load()
     doc["lus"]["a"]["size"] = -1
@@ -309,19 +327,19 @@ def test_save_refuses_invalid_document(sd):
 def test_probe_backing_regular_file(tmp_path):
     f = tmp_path / "f"
     f.write_bytes(bytes(8192))
-    assert state.probe_backing(str(f)) == 8192
-    assert state.probe_backing(str(f), 8192) == 8192
+    assert inventory.probe_backing(str(f)) == 8192
+    assert inventory.probe_backing(str(f), 8192) == 8192
     with pytest.raises(errors.BackingTooSmall):
-        state.probe_backing(str(f), 8193)
+        inventory.probe_backing(str(f), 8193)
 
 
 def test_probe_backing_read_only_file(tmp_path):
     f = tmp_path / "f"
     f.write_bytes(bytes(1024))
     f.chmod(0o400)
-    assert state.probe_backing(str(f), readonly=True) == 1024
+    assert inventory.probe_backing(str(f), readonly=True) == 1024
 
 
 def test_probe_backing_character_device():
     with pytest.raises(errors.BackingUnusable):
-        state.probe_backing("/dev/null")
+        inventory.probe_backing("/dev/null")

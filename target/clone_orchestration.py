@@ -1,0 +1,289 @@
+"""Clone orchestration: the clone operations of the Target (add, remove,
+sync, fracture, restore, reverse sync, status and maps), each checked
+against the rest of the target (connections, the iSCSI gateway, replicated
+groups) before the clone group (target.clones) carries it out, and the
+clones' records in the inventory.
+"""
+
+import errno
+import logging
+import os
+
+from . import backends, clones, errors, fsutil, inventory, units
+from .lu import LUHeld, one_change_at_a_time
+
+log = logging.getLogger("clonectl.target")
+
+# clone_map: the cells of a picture by default and at most, and the kind of
+# extent each code means.
+MAP_CELLS = 2048
+MAP_CELLS_MAX = 1 << 20
+_MAP_KINDS = {0: "clean", 1: "dirty", 2: "pending", 3: "protected"}
+
+
+class UnknownClone(errors.Error):
+    msg = "no clone named {name!r}"
+    errno = errno.ENOENT
+
+
+class CloneOrchestration:
+    """The clone operations of target (a Target): its LUs, clone groups,
+    lock, inventory and gateway route."""
+
+    def __init__(self, target):
+        self.target = target
+
+    def load_group(self, lu, record):
+        group = clones.CloneGroup(lu, record["granularity"],
+                                  self.target.state_dir.maps_dir,
+                                  self._persist_clone(lu.name))
+
+        def open_clone(rec):
+            inventory.probe_backing(rec["file"], lu.size)
+            return backends.FileBackend(rec["file"])
+
+        for who, problem in group.load(record["clones"], open_clone):
+            log.error("clone group %s: %s", lu.name, problem)
+            self.target.recovery_problems.append(
+                {"source": lu.name, "clone": who, "message": problem})
+        self.target.groups[lu.name] = group
+
+    def _persist_clone(self, source):
+        def persist(name, clone_state, error=None, rate=None):
+            with self.target.state_dir.editing() as doc:
+                rec = doc["lus"][source]["clones"][name]
+                rec["state"] = clone_state
+                rec["error"] = error
+                rec["rate"] = rate
+            self.target.changed("clone", name, state=clone_state, error=error)
+        return persist
+
+    def find(self, name):
+        for group in self.target.groups.values():
+            if name in group.clones:
+                return group, group.clones[name]
+        raise UnknownClone(name=name)
+
+    @one_change_at_a_time
+    def clone_add(self, source, clone, file=None, granularity=None):
+        """Add a clone, out-of-sync with every extent dirty.
+
+        Lock order: the group's lock may take the state-file lock (a state
+        change is persisted under it), so the state-file lock is never held
+        while entering the group.
+        """
+        units.check_name(clone)
+        if granularity is not None:
+            granularity = clones.check_granularity(units.parse_size(granularity))
+        with self.target.state_dir.locked():
+            doc = self.target.state_dir.load()
+            record = doc["lus"].get(source)
+            lu = self.target.lus.get(source)
+            if record is None or lu is None:
+                raise errors.UnknownLU(name=source)
+            if lu.backend is None:
+                raise errors.BackingUnusable(path=lu.file, reason=lu.error)
+            inventory.check_name_free(doc, clone)
+            group_gran = record.get("granularity") if record.get("clones") \
+                else None
+            if group_gran and granularity and granularity != group_gran:
+                raise errors.InvalidArgument(
+                    reason="the clone group of {!r} has granularity {}; all "
+                           "its clones share it".format(source, group_gran))
+            granularity = group_gran or granularity or \
+                clones.DEFAULT_GRANULARITY
+            if len(record.get("clones", {})) >= clones.MAX_CLONES:
+                raise errors.InvalidArgument(
+                    reason="source {!r} already has {} clones, the maximum"
+                    .format(source, clones.MAX_CLONES))
+            if file is None:
+                path = self.target.state_dir.owned_backing(clone)
+                owned = True
+                inventory.check_backing_free(doc, path)
+                inventory.create_sparse(path, lu.size)
+            else:
+                path = os.path.abspath(file)
+                owned = False
+                inventory.check_outside(self.target.state_dir, path)
+                inventory.check_backing_free(doc, path)
+                inventory.probe_backing(path, lu.size)
+            try:
+                backend = backends.FileBackend(path)
+                group = self.target.groups.get(source) or clones.CloneGroup(
+                    lu, granularity, self.target.state_dir.maps_dir,
+                    self._persist_clone(source))
+            except BaseException:
+                if owned:
+                    os.unlink(path)
+                raise
+        try:
+            group.add_clone(clone, backend, file=path)
+        except BaseException:
+            backend.close()
+            if owned:
+                os.unlink(path)
+            raise
+        try:
+            with self.target.state_dir.editing() as doc:
+                record = doc["lus"][source]
+                record.setdefault("clones", {})[clone] = {
+                    "file": path, "owned": owned, "state": clones.OUT_OF_SYNC,
+                    "error": None}
+                record["granularity"] = granularity
+        except BaseException:
+            group.remove_clone(clone)
+            backend.close()
+            if owned:
+                os.unlink(path)
+            raise
+        self.target.groups[source] = group
+        return group.clone_status(group.clones[clone])
+
+    @one_change_at_a_time
+    def clone_remove(self, clone):
+        group, c = self.find(clone)
+        source = group.source.name
+        rec = {}
+
+        def persist():
+            with self.target.state_dir.editing() as doc:
+                record = doc["lus"][source]
+                rec.update(record["clones"].pop(clone))
+                if not record["clones"]:
+                    del record["clones"]
+                    record.pop("granularity", None)
+
+        self._gateway_let_go(c)
+        try:
+            # Refuses while busy or exported; the inventory first, so a
+            # save that fails leaves the clone in place.
+            group.remove_clone(clone, persist)
+        finally:
+            self.target.gateway.give_back([clone])
+        c.backend.close()
+        if not group.clones:
+            del self.target.groups[source]
+        if rec["owned"]:
+            fsutil.remove_durably([rec["file"]])
+        return {"name": clone, "file": rec["file"], "owned": rec["owned"]}
+
+    def _gateway_let_go(self, c):
+        """Before a clone is removed, the iSCSI gateway's mount of its
+        export must be gone: its reads and writes use the clone's backing
+        file, which the removal closes.
+
+        Why wait rather than refuse: the gateway mounts every export, so
+        refusing would leave a fractured clone removable only after a full
+        resync.  Why not refuse sync too: a sync ends the export, which is
+        what makes the gateway let go.  A removal that would be refused
+        anyway (host connections, a running operation) is refused before
+        anything is withdrawn."""
+        with self.target.lock:
+            if not self.target.gateway.held[c.export]:
+                return
+            if c.connections:
+                raise clones.CloneInUse(event="remove", name=c.name,
+                                        count=c.connections)
+            if (c.state, "remove") not in clones.TRANSITIONS:
+                return  # remove_clone refuses it with the reason
+        self.target.gateway.withdraw(c.name, c.export)
+
+    def clone_list(self, source=None):
+        with self.target.lock:
+            return [self.target.with_gateway(g.clone_status(c), c.export)
+                    for n, g in sorted(self.target.groups.items())
+                    if source is None or n == source
+                    for _, c in sorted(g.clones.items())]
+
+    def clone_picture(self, clone, cells=MAP_CELLS):
+        """The picture of clone's map for the status page, compactly: per kind of extent the
+        runs [start, end) in extents.  Kinds: clean, dirty (differs from the
+        Source); during a protected restore pending (still to copy to the
+        Source) and protected (written by hosts, never copied over).  A map
+        of more than cells extents is folded: each run then covers whole
+        cells of `scale` extents and a cell shows its most notable kind."""
+        group, c = self.find(clone)
+        cells = max(1, min(int(cells), MAP_CELLS_MAX))
+        with group.cond:
+            delta = bytes(c.delta)
+            restoring = group.restoring is c
+            prm = bytes(group.prm) if restoring else None
+        n = len(delta)
+        if restoring:
+            # 0 clean, 2 pending (in the Delta Map, not in the PRM),
+            # 3 protected (in the PRM).
+            codes = bytes((3 if p else d * 2) for d, p in zip(delta, prm))
+        else:
+            codes = delta
+        counts = {k: codes.count(code) for code, k in _MAP_KINDS.items()}
+        scale = max(1, -(-n // cells))
+        if scale > 1:
+            codes = bytes(max(codes[i:i + scale]) for i in range(0, n, scale))
+        runs = {k: [] for k in _MAP_KINDS.values()}
+        start = 0
+        for i in range(1, len(codes) + 1):
+            if i == len(codes) or codes[i] != codes[start]:
+                runs[_MAP_KINDS[codes[start]]].append(
+                    [start * scale, min(i * scale, n)])
+                start = i
+        for k in ("dirty",) if restoring else ("pending", "protected"):
+            del runs[k], counts[k]
+        return {"name": c.name, "source": group.source.name,
+                "state": c.state, "extents": n,
+                "granularity": group.granularity, "scale": scale,
+                "counts": counts, "runs": runs}
+
+    def clone_status(self, clone):
+        group, c = self.find(clone)
+        with self.target.lock:
+            return self.target.with_gateway(group.clone_status(c), c.export)
+
+    def clone_map(self, clone):
+        """{"granularity", "size", "runs": [[offset, length, kind], ...]}
+        of the clone's extents (CloneGroup.clone_map says the kinds)."""
+        group, c = self.find(clone)
+        out = group.clone_map(c)
+        out.update(name=clone, source=group.source.name, state=c.state)
+        return out
+
+    def _working_clone(self, name, event):
+        group, c = self.find(name)
+        if c.broken:
+            raise clones.CloneBroken(event=event, name=name, reason=c.broken)
+        if group.source.held and event in ("restore", "reverse-sync"):
+            # It would change a volume whose group cannot log the change.
+            raise LUHeld(name=group.source.name, reason=group.source.held)
+        return group, c
+
+    def clone_sync(self, clone, rate=None):
+        group, c = self._working_clone(clone, "sync")
+        group.start_sync(clone, rate=_rate(rate))
+        return group.clone_status(c)
+
+    def clone_reverse_sync(self, clone, rate=None):
+        group, c = self._working_clone(clone, "reverse-sync")
+        self.target.rsg_ops.run_volume_change(
+            group.source, bytearray(c.delta), group.granularity,
+            "a reverse sync", lambda: group.start_reverse_sync(
+                clone, rate=_rate(rate), run=False))
+        return group.clone_status(c)
+
+    def clone_restore(self, clone, full=False, rate=None):
+        group, c = self._working_clone(clone, "restore")
+        regions = bytearray(b"\x01" * len(c.delta)) if full \
+            else bytearray(c.delta)
+        self.target.rsg_ops.run_volume_change(
+            group.source, regions, group.granularity, "a protected restore",
+            lambda: group.start_restore(clone, full=bool(full),
+                                        rate=_rate(rate), run=False))
+        return group.clone_status(c)
+
+    def clone_fracture(self, clone):
+        group, c = self._working_clone(clone, "fracture")
+        self.target.rsg_ops.check_point_in_time(group.source)
+        group.fracture(clone)
+        return group.clone_status(c)
+
+
+def _rate(value):
+    return units.parse_size(value) if value else None

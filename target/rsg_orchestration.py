@@ -1,0 +1,517 @@
+"""Replicated-group orchestration: the rsg operations of the Target
+(create, delete, link, attach, detach, promote, demote, status), the
+groups' loading at start, a secondary made on a primary's first contact,
+role changes (close, save the record for the new role, open again), and
+the volume changes made without host writes (restore, reverse sync,
+rollback) that a group must log or record as diverged first.
+"""
+
+import contextlib
+import json
+import logging
+import os
+
+from . import clones, errors, fsutil, maps, replication, units
+
+log = logging.getLogger("clonectl.target")
+
+
+class RsgOrchestration:
+    """The replicated groups of target (a Target): their files in
+    STATE/rsg, the groups that failed to load, the replica listener."""
+
+    def __init__(self, target):
+        self.target = target
+        self.rsg_dir = target.state_dir.rsg_dir
+        self.failures = {}      # group name -> why it was not loaded
+        self.replica_server = None
+
+    def _rsg_files(self, name):
+        fsutil.makedirs_durable(self.rsg_dir)
+        return replication.GroupFiles(self.rsg_dir, name)
+
+    def load(self):
+        for name in self.target.state_dir.rsg_names():
+            try:
+                files = self._rsg_files(name)
+                self._open_rsg(files, files.load())
+            except (errors.Error, OSError, KeyError, TypeError) as e:
+                log.error("replicated group %s: %s", name, e)
+                self.failures[name] = "not loaded: {}".format(e)
+                self.target.recovery_problems.append(
+                    {"rsg": name, "message": self.failures[name]})
+                self._hold_volumes(name, "a volume of replicated group {}, "
+                                   "which did not load ({}); not served "
+                                   "until it loads or is deleted, so no "
+                                   "write escapes its log".format(name, e))
+
+    def _hold_volumes(self, name, reason):
+        """Hold (reason) or release (None) the LUs a group's record names,
+        as far as it can be read."""
+        try:
+            with open(replication.GroupFiles(self.rsg_dir, name).record) as f:
+                volumes = json.load(f).get("volumes")
+            names = [v.get("lu") for v in volumes]
+        except (OSError, ValueError, AttributeError, TypeError):
+            return      # unreadable: nothing names its volumes
+        for lu_name in names:
+            lu = self.target.lus.get(lu_name) \
+                if isinstance(lu_name, str) else None
+            if lu is not None and lu.rsg is None:
+                lu.held = reason
+
+    def _failed_rsg_status(self, name):
+        files = replication.GroupFiles(self.rsg_dir, name).on_disk()
+        return {"name": name, "role": None, "loaded": False,
+                "error": self.failures[name],
+                "files": [os.path.relpath(p, self.target.state_dir.path)
+                          for p in files]}
+
+    def _check_group_files_free(self, name):
+        """A group name whose files are on disk is not free: a group that
+        failed to load (or a create that crashed) left them, and making a
+        new group would silently wipe its SRL and DCMs."""
+        files = replication.GroupFiles(self.rsg_dir, name).on_disk()
+        if name in self.failures or files:
+            raise replication.ReplicationError(
+                name=name, reason="files of a group of that name are in the "
+                "state directory ({}){}; repair or restore them and restart "
+                "the server, or remove them with `clonectl rsg delete {}`"
+                .format(", ".join(os.path.relpath(p, self.target.state_dir
+                                                  .path) for p in files),
+                        ": it was " + self.failures[name]
+                        if name in self.failures else "", name))
+
+    def _rsg_volumes(self, names):
+        vols = []
+        for n in names:
+            lu = self.target.lus.get(n)
+            if lu is None or not lu.healthy:
+                raise errors.UnknownLU(name=n)
+            vols.append(lu)
+        return vols
+
+    def _open_rsg(self, files, record):
+        vols = self._rsg_volumes([v["lu"] for v in record["volumes"]])
+        for lu, v in zip(vols, record["volumes"]):
+            if lu.size != v["size"]:
+                raise replication.ReplicationError(
+                    name=record["name"], reason="LU {} is now {} bytes, the "
+                    "group was made with {}".format(lu.name, lu.size,
+                                                    v["size"]))
+        if record["role"] == replication.PRIMARY:
+            rsg = replication.PrimaryGroup(
+                files, record, vols,
+                volume_change=lambda: self._volume_change_running(vols))
+            rsg.attach()
+            self.target.recovery_problems += [{"rsg": rsg.name, "message": p}
+                                       for p in rsg.problems]
+        else:
+            images = self.target.session_ops
+            rsg = replication.SecondaryGroup(
+                files, record, vols,
+                protect=lambda lu: images.image_protect(lu.name),
+                release=lambda lu: images.image_release(lu.name),
+                volume_change=lambda: self._volume_change_running(vols))
+            rsg.attach()
+        for lu in vols:
+            lu.rsg = rsg
+        self.target.rsgs[rsg.name] = rsg
+        return rsg
+
+    def _close_rsg(self, rsg):
+        # Out of the volumes' I/O stacks first: no write may reach a
+        # group whose log and maps are closed.
+        rsg.detach()
+        rsg.close()
+        for lu in rsg.volumes:
+            lu.rsg = None
+        self.target.rsgs.pop(rsg.name, None)
+
+    def _volume_change_running(self, vols):
+        for lu in vols:
+            group = self.target.groups.get(lu.name)
+            if group is None:
+                continue
+            for c in group.clones.values():
+                if c.state in (clones.RESTORING, clones.REVERSE_SYNCING):
+                    return "the {} of {} from clone {}".format(
+                        c.state.replace("ing", ""), lu.name, c.name)
+        return None
+
+    @staticmethod
+    def _check_not_grouped(name, lu):
+        if lu.rsg is not None:
+            raise replication.ReplicationError(
+                name=name, reason="LU {} already belongs to group {}".format(
+                    lu.name, lu.rsg.name))
+
+    def _rsg(self, name, role=None):
+        rsg = self.target.rsgs.get(name)
+        if rsg is None:
+            raise replication.UnknownGroup(name=name)
+        if role is not None and rsg.role != role:
+            raise replication.ReplicationError(
+                name=name, reason="this node is its {}; that is done on the "
+                "{}".format(rsg.role, role))
+        return rsg
+
+    def start_replication(self, bind, port, token_file):
+        """Listen for primaries (serve --replication-port)."""
+        token = replication.read_token(token_file)
+        self.replica_server = replication.ReplicaServer(
+            bind, int(port), token, self.accept_primary)
+        self.replica_server.start()
+
+    def accept_primary(self, hello, peer_host):
+        """A primary's hello: the secondary group to serve, made on first
+        contact from LUs of the same names and sizes."""
+        name = hello.get("group")
+        units.check_name(name if isinstance(name, str) else "")
+        with self.target.lock:
+            if self.target.closing:
+                # A group made now would be served after close() shut the
+                # others down, into a closed target.
+                raise replication.ReplicationError(
+                    name=name, reason="this node is stopping")
+            rsg = self.target.rsgs.get(name)
+            if rsg is not None and rsg.role == replication.PRIMARY:
+                raise replication.ReplicationError(
+                    name=name, reason="this node is itself its primary: two "
+                    "primaries; demote one (`clonectl rsg demote {}`)"
+                    .format(name))
+            if rsg is not None:
+                return rsg
+            self._check_group_files_free(name)
+            vols = hello.get("volumes") or []
+            if not isinstance(vols, list) or not all(
+                    isinstance(v, dict) and isinstance(v.get("lu"), str)
+                    for v in vols):
+                raise replication.ReplicationError(
+                    name=name, reason="the primary's hello has no valid "
+                    "list of volumes")
+            names = [v.get("lu") for v in vols]
+            for v in vols:
+                lu = self.target.lus.get(v.get("lu"))
+                if lu is None or not lu.healthy:
+                    raise replication.ReplicationError(
+                        name=name, reason="this node has no LU {!r}; create "
+                        "the volumes here first (same names and sizes)"
+                        .format(v.get("lu")))
+                if lu.size != v.get("size"):
+                    raise replication.ReplicationError(
+                        name=name, reason="LU {} is {} bytes here and {} on "
+                        "the primary; the sizes must match".format(
+                            lu.name, lu.size, v.get("size")))
+                self._check_not_grouped(name, lu)
+                users = lu.connections + self.target.gateway.held[lu]
+                if users:
+                    raise replication.ReplicationError(
+                        name=name, reason="LU {} has {} host connection(s) "
+                        "(NBD or the iSCSI gateway); a secondary's volumes "
+                        "are written by replication only".format(lu.name,
+                                                                 users))
+            record = {"name": name, "role": replication.SECONDARY,
+                      "granularity": int(hello.get("granularity") or
+                                         replication.DEFAULT_GRANULARITY),
+                      "volumes": [{"lu": n, "size": self.target.lus[n].size}
+                                  for n in names],
+                      "history": [], "applied_seq": 0, "consistent": False}
+            files = self._rsg_files(name)
+            files.save(record)
+            log.info("replicated group %s: secondary of %s", name, peer_host)
+            return self._open_rsg(files, record)
+
+    def rsg_create(self, name, volumes, srl_size, granularity=None):
+        units.check_name(name)
+        if not volumes:
+            raise errors.InvalidArgument(reason="a group needs at least one "
+                                         "volume (--volume LU)")
+        if len(set(volumes)) != len(volumes):
+            raise errors.InvalidArgument(reason="a volume is given twice")
+        srl = units.parse_size(srl_size)
+        if srl < replication.MIN_SRL:
+            raise errors.InvalidArgument(
+                reason="--srl-size must be at least 1M")
+        g = units.parse_size(granularity) if granularity else \
+            replication.DEFAULT_GRANULARITY
+        clones.check_granularity(g)
+        with self.target.lock:
+            if name in self.target.rsgs:
+                raise replication.ReplicationError(name=name,
+                                                   reason="it exists already")
+            self._check_group_files_free(name)
+            vols = self._rsg_volumes(volumes)
+            for lu in vols:
+                self._check_not_grouped(name, lu)
+                if lu.readonly:
+                    raise errors.ReadOnly(name=lu.name)
+            files = self._rsg_files(name)
+            gen = replication.new_generation()
+            record = {"name": name, "role": replication.PRIMARY,
+                      "granularity": g, "srl_size": srl,
+                      "volumes": [{"lu": lu.name, "size": lu.size}
+                                  for lu in vols],
+                      "generation": gen, "history": [[gen, 1]],
+                      "next_seq": 1, "links": []}
+            files.remove_all()
+            rsg = None
+            try:
+                rsg = self._open_rsg(files, record)
+                rsg.persist()
+            except BaseException as e:
+                # Nothing half made: the group (and its layers) closed, its
+                # files gone.
+                if rsg is not None:
+                    self._close_rsg(rsg)
+                files.remove_all()
+                if isinstance(e, OSError):
+                    raise replication.ReplicationError(
+                        name=name, reason="its files could not be made in "
+                        "{}: {}".format(self.rsg_dir, e.strerror)) from e
+                raise
+        return rsg.status()
+
+    def rsg_delete(self, name):
+        if name not in self.target.rsgs:
+            files = replication.GroupFiles(self.rsg_dir, name)
+            if name in self.failures or files.on_disk():
+                # What a group that failed to load (or a crashed create)
+                # left: the admin clears the name.
+                self._hold_volumes(name, None)
+                files.remove_all()
+                self.failures.pop(name, None)
+                self.target.recovery_problems = [
+                    p for p in self.target.recovery_problems
+                    if p.get("rsg") != name]
+                return {"name": name}
+        rsg = self._rsg(name)
+        if rsg.role == replication.SECONDARY and \
+                rsg.connected_since is not None:
+            raise replication.RsgBusy(name=name, reason="a primary is "
+                                        "connected; detach its link first")
+        self._close_rsg(rsg)
+        rsg.files.remove_all()
+        return {"name": name}
+
+    def rsg_list(self):
+        rows = {n: r.status() for n, r in self.target.rsgs.items()}
+        rows.update((n, self._failed_rsg_status(n)) for n in self.failures)
+        return [st for _, st in sorted(rows.items())]
+
+    def rsg_status(self, name):
+        if name in self.failures and name not in self.target.rsgs:
+            return self._failed_rsg_status(name)
+        return self._rsg(name).status()
+
+    def rsg_link(self, name, secondary, mode="async", token_file=None):
+        rsg = self._rsg(name, replication.PRIMARY)
+        if mode not in replication.MODES:
+            raise errors.InvalidArgument(reason="--mode must be sync or async")
+        if not token_file:
+            raise errors.InvalidArgument(
+                reason="a link needs --token-file (the secondary's "
+                       "--replication-token-file)")
+        token_file = os.path.abspath(token_file)
+        replication.read_token(token_file)
+        rsg.add_link(replication.parse_secondary(secondary), mode, token_file)
+        return rsg.status()
+
+    def rsg_unlink(self, name, secondary):
+        rsg = self._rsg(name, replication.PRIMARY)
+        rsg.remove_link(rsg.link(replication.parse_secondary(secondary)))
+        return rsg.status()
+
+    def rsg_attach(self, name, secondary, discard_secondary_changes=False):
+        rsg = self._rsg(name, replication.PRIMARY)
+        rsg.attach_link(rsg.link(replication.parse_secondary(secondary)),
+                        discard_secondary=discard_secondary_changes)
+        return rsg.status()
+
+    def rsg_detach(self, name, secondary):
+        rsg = self._rsg(name, replication.PRIMARY)
+        rsg.detach_link(rsg.link(replication.parse_secondary(secondary)))
+        return rsg.status()
+
+    def rsg_promote(self, name, force=False):
+        """Make this secondary the primary of a new generation."""
+        rsg = self._rsg(name, replication.SECONDARY)
+        if rsg.connected_since is not None:
+            raise replication.RsgBusy(
+                name=name, reason="its primary is connected and replicating; "
+                "promote only when the link is detached or the primary is "
+                "unreachable (or demote the primary first)")
+        if not rsg.consistent and not force:
+            raise replication.RsgBusy(
+                name=name, reason="this secondary is inconsistent ({}); its "
+                "last consistent image is {}; roll the volumes back to it "
+                "(`clonectl lu rollback LU`) or use --force".format(
+                    rsg.reason, "protected (LU@protected-LU)"
+                    if rsg.protected else "gone"))
+        gen = replication.new_generation()
+        history = rsg.history + [[gen, rsg.applied_seq + 1]]
+        record = {"name": name, "role": replication.PRIMARY,
+                  "granularity": rsg.granularity,
+                  "srl_size": rsg.record_base.get("srl_size", 64 << 20),
+                  "volumes": rsg.record_base["volumes"],
+                  "generation": gen, "history": history,
+                  "next_seq": rsg.applied_seq + 1, "links": [],
+                  "since_promotion": True}
+        files = rsg.files
+        with self.target.lock:
+            self._close_rsg(rsg)
+            # A secondary uses neither the SRL nor the since map; its
+            # staged batches stay until the primary record is saved.
+            files.remove([files.srl, files.since()])
+            since = replication.Dcm(files.since(), record["granularity"],
+                                    [v["size"] for v in record["volumes"]],
+                                    fresh_value=0)
+            # What this node changed that the others never got (its own
+            # unacknowledged writes when it was primary, a restore done
+            # while detached) differs there as much as what it writes from
+            # now on: the first contact copies both.
+            diverged = rsg.diverged or {}
+            for vol, off, length in diverged.get("runs", []):
+                since.mark(vol, off, length)
+            if diverged.get("all"):
+                since.mark_all()
+            since.close()
+            self._save_role(files, record)
+            files.remove(files.stage)
+            new = self._open_rsg(files, record)
+            new.persist()
+        new.start()
+        log.info("replicated group %s promoted: generation %s", name, gen)
+        return new.status()
+
+    def rsg_demote(self, name):
+        """Make this primary a secondary; it reports the regions it wrote
+        that no secondary acknowledged (what may have diverged)."""
+        rsg = self._rsg(name, replication.PRIMARY)
+        busy = [lu.name for lu in rsg.volumes if lu.connections]
+        if busy:
+            raise replication.RsgBusy(
+                name=name, reason="LU {} has host connections; stop the "
+                "hosts first, so no write lands after the demotion"
+                .format(busy[0]))
+        # The iSCSI gateway mounts every volume: it lets go first (no
+        # write may land between the regions reported below and the
+        # guard), and mounts them again, read-only, as a secondary's.
+        withdrawn = []
+        try:
+            for lu in rsg.volumes:
+                withdrawn.append(lu.name)
+                self.target.gateway.withdraw(lu.name, lu)
+            return self._demote(rsg)
+        finally:
+            self.target.gateway.give_back(withdrawn)
+
+    def _demote(self, rsg):
+        name = rsg.name
+        files = rsg.files
+        last = rsg.next_seq - 1
+        with rsg.cond:
+            for link in rsg.links:
+                rsg.to_logging(link)
+            # What some node may lack: what a link has not acknowledged,
+            # and what changed here since the promotion (a link made just
+            # now has not taken that into its DCM yet).
+            dcms = [link.dcm for link in rsg.links]
+            if rsg.since is not None:
+                dcms.append(rsg.since)
+            union = bytearray(dcms[0].bits) if dcms else None
+            for dcm in dcms[1:]:
+                union = bytearray(a | b for a, b in zip(union, dcm.bits))
+            runs = [list(r) for r in dcms[0].runs(union)] \
+                if union is not None else []
+        record = {"name": name, "role": replication.SECONDARY,
+                  "granularity": rsg.granularity,
+                  "srl_size": rsg.srl.capacity,
+                  "volumes": rsg.record_base["volumes"],
+                  "history": rsg.history, "last_seq": last,
+                  "applied_seq": last, "consistent": True,
+                  "diverged": {"runs": runs, "all": False}}
+        with self.target.lock:
+            self._close_rsg(rsg)
+            self._save_role(files, record)
+            files.remove(files.dcms() + [files.srl, files.since()])
+            new = self._open_rsg(files, record)
+        log.info("replicated group %s demoted: secondary from sequence %d, "
+                 "%d regions not acknowledged by a secondary", name, last,
+                 len(runs))
+        return new.status()
+
+    def _save_role(self, files, record):
+        """Save a closed group's record for its new role.  A save that
+        fails (a full state directory) opens the group again as its saved
+        record says, and raises: nothing changed."""
+        try:
+            files.save(record)
+        except BaseException:
+            old = self._open_rsg(files, files.load())
+            if old.role == replication.PRIMARY:
+                old.start()
+            raise
+
+    def run_volume_change(self, lu, regions, granularity, what, start):
+        """Start an engine that changes lu without host writes (start()
+        returns it, not running yet) inside volume_change, then run it:
+        the links log, or the secondary records what changes, before the
+        engine writes anything (a copy streamed as an ordinary update would
+        show the secondary a half-restored image as consistent)."""
+        engine = None
+        try:
+            with self.volume_change(lu, regions, granularity, what):
+                engine = start()
+        finally:
+            # Recorded as running: it runs (and resumes after a restart)
+            # even if the links' record could not be saved.
+            if engine is not None:
+                engine.start()
+
+    @contextlib.contextmanager
+    def volume_change(self, lu, regions, granularity, what):
+        """Around the start of an operation that changes lu without host
+        writes (restore, reverse sync, rollback), regions (one byte per
+        extent of granularity) being what it may change.  On a primary the
+        links log those regions, to replay them once it has finished.  On
+        a secondary the operation is refused while a primary is connected,
+        no primary is accepted while it starts, and the regions are saved
+        as diverged before anything changes (the primary copies exactly
+        them back at the next contact)."""
+        rsg = lu.rsg
+        if rsg is None:
+            yield
+            return
+        vol = rsg.volumes.index(lu)
+        if rsg.role == replication.PRIMARY:
+            yield
+            rsg.begin_volume_change(vol, regions, granularity, what)
+            return
+        with rsg.local_change("{} of {}".format(what, lu.name)):
+            runs = rsg.diverged.get("runs", []) if rsg.diverged else []
+            for s_, e_ in maps.runs(regions):
+                off = s_ * granularity
+                runs.append([vol, off, min(e_ * granularity, lu.size) - off])
+            rsg.diverged = {"runs": runs, "all": False}
+            rsg.persist()
+            yield
+
+    @staticmethod
+    def check_point_in_time(lu):
+        """A point in time of lu may be taken (fracture, mark) only while
+        it is one: a secondary's volume is not while it is inconsistent."""
+        rsg = lu.rsg
+        if rsg is not None and rsg.role == replication.SECONDARY:
+            rsg.check_readable(lu)
+
+    def close(self):
+        """Stop listening for primaries and close every group."""
+        if self.replica_server is not None:
+            self.replica_server.stop()
+        for rsg in list(self.target.rsgs.values()):
+            rsg.close()
+        if self.replica_server is not None:
+            self.replica_server.join()
+            self.replica_server = None
+        self.target.rsgs.clear()

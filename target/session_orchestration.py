@@ -1,0 +1,579 @@
+"""Session orchestration: the incremental sessions of the Target (create,
+delete, mark, transfer, update, status and maps), the sessions layer in
+each LU's I/O stack, the sessions' records in the inventory, the peer
+destinations' protected images around a transfer, and this target's own
+protected images asked for by a peer (LU@protected-LU, target.peer).
+"""
+
+import errno
+import functools
+import logging
+import os
+
+from . import (backends, clones, errors, fsutil, inventory, maps, peer,
+               sessions, units)
+from .lu import one_change_at_a_time
+
+log = logging.getLogger("clonectl.target")
+
+# The name of an LU's protected image is this prefix and the LU's name;
+# user sessions may not start with it.
+IMAGE_PREFIX = "protected-"
+
+
+class RollbackRefused(errors.Error):
+    msg = "LU {name!r} cannot be rolled back: {reason}"
+    errno = errno.EBUSY
+
+
+class SessionOrchestration:
+    """The session and image operations of target (a Target): its LUs,
+    sessions, images, lock and inventory."""
+
+    def __init__(self, target):
+        self.target = target
+        # Session name -> what its record last said (events of a change).
+        self._seen = {}
+
+    def load_sessions(self, lu, records):
+        for name, rec in sorted(records.items()):
+            # Images recorded before they were flagged have the image's
+            # name and no destination (a user session always has one).
+            image = rec.get("image") is True or (
+                name == self._image_session_name(lu.name) and not rec["dests"])
+            try:
+                session = self._open_session(lu, name, rec, image=image)
+                for problem in session.load():
+                    self._session_problem(lu, name, problem)
+            except (errors.Error, OSError) as e:
+                self._session_problem(lu, name, "not loaded: {}".format(e))
+                continue
+            self._attach_session(lu, session)
+            if image:
+                self.target.images[lu.name] = session
+
+    def _session_problem(self, lu, name, problem):
+        log.error("session %s of %s: %s", name, lu.name, problem)
+        self.target.recovery_problems.append(
+            {"source": lu.name, "session": name, "message": problem})
+
+    def _open_session(self, lu, name, rec, image=False):
+        self._seen[name] = (
+            {"marked": rec["marked"], "error": rec.get("error"),
+             "export": rec.get("export", False)}, rec.get("last_transfer"))
+        save_path = self._save_area_path(lu.name, name)
+        backend = backends.FileBackend(save_path)
+        try:
+            return sessions.Session(
+                name, lu, rec["granularity"], self.target.state_dir.maps_dir,
+                backend, rec["dests"], persist=self._persist_session(
+                    lu.name, name, image), marked=rec["marked"],
+                export=rec.get("export", False), error=rec.get("error"),
+                save_area_size=rec["save_area"],
+                last_transfer=rec.get("last_transfer"),
+                token_file=rec.get("token_file"),
+                mark_time=rec.get("mark_time"))
+        except BaseException:
+            backend.close()
+            raise
+
+    def _save_area_path(self, source, name):
+        return self.target.state_dir.save_area(source, name)
+
+    def _attach_session(self, lu, session):
+        layer = lu.stack.get("sessions")
+        if layer is None:
+            layer = sessions.SessionLayer()
+            lu.stack.set("sessions", layer)
+        layer.add(session)
+        self.target.sessions[session.name] = session
+
+    def _detach_session(self, session):
+        lu = session.source
+        layer = lu.stack.get("sessions")
+        if layer is not None:
+            layer.remove(session)
+            if not layer.sessions:
+                # An LU without sessions pays nothing for them.
+                lu.stack.remove("sessions", layer)
+        self.target.sessions.pop(session.name, None)
+
+    def _persist_session(self, source, name, image=False):
+        def persist(record):
+            if image:
+                record = dict(record, image=True)
+            with self.target.state_dir.editing() as doc:
+                doc["lus"][source].setdefault("sessions", {})[name] = record
+            self._session_persisted(name, record)
+        return persist
+
+    def _session_persisted(self, name, record):
+        """Events of a session's record: marked or not, its error, and
+        the end of a transfer (the record keeps the last one)."""
+        seen = {"marked": record.get("marked"), "error": record.get("error"),
+                "export": record.get("export")}
+        last = record.get("last_transfer")
+        before = self._seen.get(name)
+        self._seen[name] = (seen, last)
+        if before is None:
+            return
+        changed = {k: v for k, v in seen.items() if before[0].get(k) != v}
+        if changed:
+            self.target.changed("session", name, **changed)
+        if last and last != before[1]:
+            self.target.changed("transfer", name, result=last.get("result"),
+                          bytes_sent=last.get("bytes_sent"),
+                          transferring=False)
+
+    def find(self, name):
+        session = self.target.sessions.get(name)
+        if session is None:
+            raise sessions.UnknownSession(name=name)
+        return session
+
+    def session_create(self, source, name, dests=(), granularity=None,
+                       save_area=None, timeout=10.0, peer_dests=(),
+                       peer_token_file=None):
+        """A new incremental session on source; every destination is
+        probed (reachable, writable, same size) before anything is made.
+
+        peer_dests: [uri, "HOST:PORT"] pairs, destinations served by
+        another clonectl whose manager listens for peer requests there.
+        """
+        units.check_name(name)
+        if name.startswith(IMAGE_PREFIX):
+            raise errors.InvalidArgument(
+                reason="session names starting with {!r} are reserved for "
+                "the protected images of LUs (LU@{}LU)".format(
+                    IMAGE_PREFIX, IMAGE_PREFIX))
+        dest_records = [{"uri": u, "peer": None} for u in dests]
+        for pair in peer_dests or ():
+            if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+                raise errors.InvalidArgument(reason="a peer destination is "
+                                             "a URI and a HOST:PORT")
+            dest_records.append({"uri": pair[0], "peer": _peer_addr(pair[1])})
+        if not dest_records:
+            raise errors.InvalidArgument(reason="a session needs at least "
+                                         "one destination (--dest URI)")
+        uris = [r["uri"] for r in dest_records]
+        if len(set(uris)) != len(uris):
+            raise errors.InvalidArgument(reason="a destination is given twice")
+        token_file = None
+        if any(r["peer"] for r in dest_records):
+            if not peer_token_file:
+                raise errors.InvalidArgument(
+                    reason="peer destinations need --peer-token-file")
+            token_file = os.path.abspath(peer_token_file)
+            token = peer.read_token(token_file)
+        lu = self._session_source(source)
+        for r in dest_records:
+            sessions.probe_destination(r["uri"], lu.size,
+                                       timeout=float(timeout))
+            if r["peer"]:
+                peer.call(r["peer"], token, "status",
+                          _export_of(r["uri"]), timeout=float(timeout))
+        return self.create_session(lu, name, dest_records, granularity,
+                                    save_area, token_file).status()
+
+    def _session_source(self, source):
+        lu = self.target.lus.get(source)
+        if lu is None or lu.removed:
+            raise errors.UnknownLU(name=source)
+        if lu.backend is None:
+            raise errors.BackingUnusable(path=lu.file, reason=lu.error)
+        if lu.readonly:
+            raise errors.InvalidArgument(
+                reason="LU {!r} is read-only: nothing to track".format(source))
+        return lu
+
+    @one_change_at_a_time
+    def create_session(self, lu, name, dest_records, granularity, save_area,
+                        token_file=None, image=False):
+        granularity = clones.check_granularity(
+            units.parse_size(granularity) if granularity else
+            clones.DEFAULT_GRANULARITY)
+        if name in self.target.sessions:
+            raise sessions.SessionError(name=name, reason="a session of that "
+                                        "name exists")
+        extents = maps.extent_count(lu.size, granularity)
+        minimum = sessions.SaveArea.minimum_size(extents, granularity)
+        if save_area is None:
+            size = minimum - granularity + extents * granularity
+        else:
+            size = units.parse_size(save_area)
+            if size < minimum:
+                raise errors.InvalidSize(
+                    value=save_area, reason="the save area needs at least {} "
+                    "bytes (its index plus one extent)".format(minimum))
+        save_path = self._save_area_path(lu.name, name)
+        record = {"granularity": granularity, "save_area": size,
+                  "marked": False, "export": False, "error": None,
+                  "dests": [dict(r, consistency=sessions.NEW, needs_full=True)
+                            for r in dest_records],
+                  "token_file": token_file, "last_transfer": None}
+        if image:
+            record["image"] = True
+        with self.target.state_dir.locked():
+            doc = self.target.state_dir.load()
+            if lu.name not in doc["lus"]:
+                raise errors.UnknownLU(name=lu.name)
+            taken = {n for r in doc["lus"].values()
+                     for n in r.get("sessions", {})}
+            if name in taken:
+                raise sessions.SessionError(name=name, reason="a session of "
+                                            "that name exists")
+            if os.path.exists(save_path):
+                os.unlink(save_path)   # left by a crash during a create
+            inventory.create_sparse(save_path, size)
+            try:
+                session = self._open_session(lu, name, record, image=image)
+                session.create()
+                doc["lus"][lu.name].setdefault("sessions", {})[name] = record
+                self.target.state_dir.save(doc)
+            except BaseException:
+                os.unlink(save_path)
+                raise
+        self._attach_session(lu, session)
+        log.info("session %s created on %s (%d destinations)", name, lu.name,
+                 len(dest_records))
+        return session
+
+    @one_change_at_a_time
+    def session_delete(self, name, force=False):
+        session = self.find(name)
+        if session.marked and not force:
+            raise sessions.SessionBusy(
+                name=name, reason="it is marked; unmark it first (or --force)")
+        if session.engine is not None and session.engine.is_alive():
+            raise sessions.SessionBusy(name=name, reason="a transfer is "
+                                       "running")
+        self._release(session, [d for d in session.dests
+                                if d.peer and d.protected])
+        source = session.source.name
+        # The inventory first: a save that fails leaves the session
+        # tracking writes (a restart brings it back, its maps whole).
+        with self.target.state_dir.editing() as doc:
+            record = doc["lus"].get(source, {})
+            record.get("sessions", {}).pop(name, None)
+            if "sessions" in record and not record["sessions"]:
+                del record["sessions"]
+        self._detach_session(session)
+        session.close()
+        fsutil.remove_durably(
+            [session.tracking.path, session.tracking.path + ".activity",
+             self._save_area_path(source, name)] +
+            [session._pending_path(d) for d in session.dests])
+        return {"name": name, "source": source}
+
+    def session_list(self, source=None):
+        return [s.status() for n, s in sorted(self.target.sessions.items())
+                if source is None or s.source.name == source]
+
+    def session_status(self, name):
+        return self.find(name).status()
+
+    def session_map(self, name):
+        """The same for a session's maps (Session.map_runs)."""
+        session = self.find(name)
+        out = session.map_runs()
+        out.update(name=name, source=session.source.name,
+                   marked=session.marked)
+        return out
+
+    def _check_source_stable(self, session):
+        group = self.target.groups.get(session.source.name)
+        if group is None:
+            return
+        busy = [c.name for c in group.clones.values()
+                if c.state in (clones.REVERSE_SYNCING, clones.RESTORING)]
+        if busy:
+            raise sessions.SessionBusy(
+                name=session.name, reason="the Source is being restored from "
+                "clone {}; mark once that has finished".format(busy[0]))
+
+    def session_mark(self, name, export=False):
+        session = self.find(name)
+        self.target.rsg_ops.check_point_in_time(session.source)
+        session.mark(export=bool(export),
+                     check=lambda: self._check_source_stable(session))
+        return session.status()
+
+    def session_unmark(self, name, force=False):
+        session = self.find(name)
+        session.unmark(force=bool(force))
+        return session.status()
+
+    def _connect_destinations(self, session, timeout):
+        clients = {}
+        try:
+            for d in session.dests:
+                clients[d.index] = sessions.NbdDestination(
+                    d.uri, timeout=float(timeout))
+                if clients[d.index].size != session.size:
+                    raise sessions.DestinationError(
+                        uri=d.uri, reason="its size is now {} bytes, the "
+                        "Source's is {}; nothing was written".format(
+                            clients[d.index].size, session.size))
+        except BaseException:
+            for c in clients.values():
+                c.close()
+            raise
+        return clients
+
+    def session_transfer(self, name, full=False, unmarked=False,
+                         timeout=sessions.DEFAULT_TIMEOUT):
+        return self._start_transfer(name, "transfer", bool(full),
+                                    bool(unmarked), timeout)
+
+    def session_update(self, name, timeout=sessions.DEFAULT_TIMEOUT):
+        """Mark (unless an interrupted transfer left it marked), transfer;
+        the transfer unmarks on success."""
+        return self._start_transfer(name, "update", False, False, timeout)
+
+    def _start_transfer(self, name, what, full, unmarked, timeout):
+        """Refuse early (nothing marked or protected for a refused
+        request), connect, mark if needed, protect peers, start."""
+        session = self.find(name)
+        if session.engine is not None and session.engine.is_alive():
+            log.warning("session %s: %s refused: a transfer is running",
+                        name, what)
+            raise sessions.SessionBusy(name=name, reason="an update or "
+                                       "transfer is already running")
+        will_mark = not session.marked and not unmarked and \
+            (what == "update" or full)
+        if will_mark:
+            self.target.rsg_ops.check_point_in_time(session.source)
+        session.check_transfer(full=full, unmarked=unmarked,
+                               will_mark=will_mark)
+        clients = self._connect_destinations(session, timeout)
+        protected = []
+        try:
+            self._check_peer_images(session)
+            if not session.marked and not unmarked:
+                session.mark(full=full, check=lambda:
+                             self._check_source_stable(session))
+            protected = self._protect_peers(session)
+            session.start_transfer(clients, full=full, unmarked=unmarked,
+                                   on_done=self._release_peers)
+        except BaseException:
+            for c in clients.values():
+                c.close()
+            self._release(session, protected)
+            raise
+        return session.status()
+
+    def _check_peer_images(self, session):
+        """A destination whose protected image is gone (rolled back or
+        released by its admin) holds something no map describes: it gets
+        everything again, from a new mark."""
+        lost = []
+        for d in session.dests:
+            if not (d.peer and d.protected):
+                continue
+            token = peer.read_token(session.token_file)
+            st = peer.call(d.peer, token, "status", _export_of(d.uri))
+            if not st.get("protected") or st.get("since") != \
+                    d.protected_since:
+                lost.append(d)
+        if not lost:
+            return
+        if session.marked:
+            session.unmark(force=True)
+        for d in lost:
+            log.warning("session %s: the protected image at %s is gone "
+                        "(rolled back?); it gets a full copy", session.name,
+                        d.uri)
+            d.protected = False
+            d.protected_since = None
+            d.needs_full = True
+            d.consistency = sessions.INCONSISTENT
+            d.last_error = "its protected image was gone (rolled back or " \
+                "released there); a full copy follows"
+        session._persist()
+
+    def _protect_peers(self, session):
+        """Protect the consistent image of each clonectl destination before
+        out-of-order updates reach it; return the destinations protected
+        here.  If one protect fails, every protect of this call (the
+        failing one too: it may have been applied) is released again and
+        the transfer does not start."""
+        todo = [d for d in session.dests if d.peer and
+                d.consistency == sessions.CONSISTENT]
+        if not todo:
+            return []
+        token = peer.read_token(session.token_file)
+        done = []
+        try:
+            for d in todo:
+                if d.protected:
+                    # Left protected by a release that failed: that image
+                    # is older than the consistent one; protect anew.
+                    peer.call(d.peer, token, "release", _export_of(d.uri))
+                    d.protected = False
+                done.append(d)
+                st = peer.call(d.peer, token, "protect", _export_of(d.uri))
+                d.protected = True
+                d.protected_since = st.get("since")
+        except errors.Error:
+            self._release(session, done)
+            raise
+        session._persist()
+        return done
+
+    def _release(self, session, dests):
+        """Release the protected images of dests (best effort, logged)."""
+        if not dests:
+            return
+        for d in dests:
+            try:
+                token = peer.read_token(session.token_file)
+                peer.call(d.peer, token, "release", _export_of(d.uri))
+                d.protected = False
+                d.protected_since = None
+            except errors.Error as e:
+                log.error("session %s: could not release the protected image "
+                          "of %s: %s", session.name, d.uri, e)
+                d.protected = True
+        session._persist()
+
+    def _release_peers(self, engine):
+        """After a transfer: release the protected images of destinations
+        that got the whole point in time; the others stay protected."""
+        session = engine.session
+        changed = False
+        for i in engine.completed:
+            d = session.dests[i]
+            if not (d.peer and d.protected) or engine.unmarked:
+                continue
+            try:
+                token = peer.read_token(session.token_file)
+                peer.call(d.peer, token, "release", _export_of(d.uri))
+                d.protected = False
+                d.protected_since = None
+            except errors.Error as e:
+                d.last_error = "transfer completed, but the protected image " \
+                    "was not released: {}".format(e)
+            changed = True
+        if changed:
+            session._persist()
+
+    @staticmethod
+    def _image_session_name(lu):
+        return IMAGE_PREFIX + lu
+
+    def _image(self, lu):
+        """The session holding lu's protected image, or None."""
+        session = self.target.images.get(lu)
+        if session is None or \
+                self.target.sessions.get(session.name) is not session:
+            return None
+        return session
+
+    def image_status(self, lu):
+        if lu not in self.target.lus or not self.target.lus[lu].healthy:
+            raise errors.UnknownLU(name=lu)
+        session = self._image(lu)
+        protected = session is not None and session.marked
+        return {"lu": lu, "size": self.target.lus[lu].size,
+                "protected": protected,
+                "export": session.export_name() if protected else None,
+                "since": session.mark_time if protected else None,
+                "saved_extents": len(session.save.slots) if protected else 0}
+
+    def image_protect(self, lu):
+        """Keep lu's current image readable (LU@protected-LU) until
+        released; protecting a protected image keeps the older one."""
+        source = self._session_source(lu)
+        name = self._image_session_name(lu)
+        session = self._image(lu)
+        if session is None:
+            if name in self.target.sessions:
+                raise sessions.SessionError(
+                    name=name, reason="a session that is not LU {}'s "
+                    "protected image has its name (made by an older "
+                    "clonectl); delete that session first".format(lu))
+            session = self.create_session(source, name, [], None, None,
+                                           image=True)
+            self.target.images[lu] = session
+        if not session.marked:
+            session.mark(export=True)
+        return self.image_status(lu)
+
+    def image_release(self, lu):
+        session = self._image(lu)
+        if session is not None:
+            if session.marked:
+                session.unmark(force=True)
+            self.session_delete(session.name)
+        return self.image_status(lu)
+
+    def image_rollback(self, lu):
+        """Put the protected image back into lu (only the extents written
+        since it was protected), then release it."""
+        source = self._session_source(lu)
+        session = self._image(lu)
+        if session is None or not session.marked:
+            raise errors.InvalidArgument(
+                reason="LU {!r} has no protected image to roll back to"
+                .format(lu))
+        users = self.target.host_users(source)
+        if users:
+            raise RollbackRefused(
+                name=lu, reason="{} connection(s) use it (NBD hosts or the "
+                "iSCSI gateway); stop the hosts first, so no write lands "
+                "during or after the rollback".format(users))
+        g = session.granularity
+        buf = bytearray(g)
+        restored = 0
+        with session.cond:
+            saved = sorted(session.save.slots)
+        regions = bytearray(session.extents)
+        for x in saved:
+            regions[x] = 1
+        with self.target.rsg_ops.volume_change(source, regions, g,
+                                               "a rollback"):
+            for x in saved:
+                n = min(g, source.size - x * g)
+                session.save.readinto(x, buf)
+                # Below a secondary's guard (rolling a secondary back to its
+                # last consistent image is what its promotion asks for),
+                # through every other layer, looked up for each write: a
+                # clone or session of the LU sees the rollback.
+                source.stack.below("guard").write(memoryview(buf)[:n], x * g)
+                restored += 1
+            source.stack.below("guard").flush()
+        log.info("LU %s rolled back to its protected image (%d extents)", lu,
+                 restored)
+        self.image_release(lu)
+        return {"lu": lu, "extents_restored": restored}
+
+    def users_session(self, operation):
+        """operation(name, ...) as a user may call it: never on the session
+        holding an LU's protected image (the target's own; a secondary
+        keeps its last consistent image in one during a replay)."""
+        @functools.wraps(operation)
+        def call(name, **kwargs):
+            with self.target.lock:
+                image = next((lu for lu, s in self.target.images.items()
+                              if s.name == name), None)
+            if image is not None:
+                raise errors.InvalidArgument(
+                    reason="session {!r} holds the protected image of LU {} "
+                    "(LU@{}); it is changed by `clonectl lu rollback` and "
+                    "replication only".format(name, image, name))
+            return operation(name, **kwargs)
+        return call
+
+
+def _peer_addr(text):
+    host, sep, port = str(text).rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise errors.InvalidArgument(
+            reason="invalid peer address {!r}: use HOST:PORT".format(text))
+    return "{}:{}".format(host, int(port))
+
+
+def _export_of(uri):
+    """The export name of an NBD URI (what the peer calls the LU)."""
+    from urllib.parse import unquote, urlsplit
+    return unquote(urlsplit(uri).path.lstrip("/"))
