@@ -269,7 +269,7 @@ class _FaultRules:
 
 def fault_rules(path):
     """The fault rules for a file that is not a backend (the replication
-    log, target/replication.py), or None without CLONECTL_FAULTS: callers
+    log, target/replication/srl.py), or None without CLONECTL_FAULTS: callers
     check `rules.check(op, offset, length)` before their own I/O."""
     faults = os.environ.get(FAULTS_ENV)
     return _FaultRules(faults, path) if faults else None

@@ -288,7 +288,7 @@ class RsgOrchestration:
         rsg = self._rsg(name)
         if rsg.role == replication.SECONDARY and \
                 rsg.connected_since is not None:
-            raise replication.GroupBusy(name=name, reason="a primary is "
+            raise replication.RsgBusy(name=name, reason="a primary is "
                                         "connected; detach its link first")
         self._close_rsg(rsg)
         rsg.files.remove_all()
@@ -337,12 +337,12 @@ class RsgOrchestration:
         """Make this secondary the primary of a new generation."""
         rsg = self._rsg(name, replication.SECONDARY)
         if rsg.connected_since is not None:
-            raise replication.GroupBusy(
+            raise replication.RsgBusy(
                 name=name, reason="its primary is connected and replicating; "
                 "promote only when the link is detached or the primary is "
                 "unreachable (or demote the primary first)")
         if not rsg.consistent and not force:
-            raise replication.GroupBusy(
+            raise replication.RsgBusy(
                 name=name, reason="this secondary is inconsistent ({}); its "
                 "last consistent image is {}; roll the volumes back to it "
                 "(`clonectl lu rollback LU`) or use --force".format(
@@ -390,7 +390,7 @@ class RsgOrchestration:
         rsg = self._rsg(name, replication.PRIMARY)
         busy = [lu.name for lu in rsg.volumes if lu.connections]
         if busy:
-            raise replication.GroupBusy(
+            raise replication.RsgBusy(
                 name=name, reason="LU {} has host connections; stop the "
                 "hosts first, so no write lands after the demotion"
                 .format(busy[0]))

@@ -122,11 +122,11 @@ def wait_for(pred, timeout=20.0, what="condition", info=lambda: ""):
 def fast_timing():
     """Shorter retry and persist intervals (restore_timing puts them
     back), so that reconnects do not cost a second each."""
-    saved = (R.RETRY_INTERVAL, R.PERSIST_INTERVAL)
-    R.RETRY_INTERVAL = 0.05
-    R.PERSIST_INTERVAL = 0.2
+    saved = (R.link.RETRY_INTERVAL, R.link.PERSIST_INTERVAL)
+    R.link.RETRY_INTERVAL = 0.05
+    R.link.PERSIST_INTERVAL = 0.2
     return saved
 
 
 def restore_timing(saved):
-    R.RETRY_INTERVAL, R.PERSIST_INTERVAL = saved
+    R.link.RETRY_INTERVAL, R.link.PERSIST_INTERVAL = saved

@@ -604,7 +604,7 @@ class CompositionMachine(RuleBasedStateMachine):
         first = node.rsg.next_seq if primary else None
         refusals = (clones.InvalidTransition, clones.GroupBusy,
                     clones.AlreadyRunning, clones.SiblingsMirrored,
-                    R.GroupBusy)
+                    R.RsgBusy)
         with engines_held() if hold else contextlib.nullcontext():
             accepted = self._clone_call(
                 n, name, lambda: node.t.clone_restore(name), allowed,
@@ -645,7 +645,7 @@ class CompositionMachine(RuleBasedStateMachine):
         accepted = self._clone_call(
             n, name, lambda: node.t.clone_reverse_sync(name), allowed,
             (clones.InvalidTransition, clones.GroupBusy,
-             clones.AlreadyRunning, clones.SiblingsMirrored, R.GroupBusy))
+             clones.AlreadyRunning, clones.SiblingsMirrored, R.RsgBusy))
         if not accepted:
             return
         if primary:
@@ -1469,7 +1469,7 @@ def test_restore_on_secondary_and_a_connecting_primary(two_nodes,
     monkeypatch.setattr(clones.CloneGroup, "start_restore", start_restore)
     try:
         b.t.clone_restore("b1")
-    except R.GroupBusy:
+    except R.RsgBusy:
         pass                            # refused: fine as well
     monkeypatch.undo()
     wait_for(lambda: b.t.clone_status("b1")["state"] == "fractured")

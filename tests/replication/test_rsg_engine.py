@@ -173,8 +173,8 @@ class Cluster:
     def stop_secondary(self):
         self.tb.close()
         self.tb = None
-        # rsg-bugs #1: the closed server's accept thread still holds the
-        # port until one more connection wakes it up.
+        # The closed server's accept thread could hold the port until one
+        # more connection woke it up.
         try:
             socket.create_connection(("127.0.0.1", self.port), 1).close()
         except OSError:
@@ -253,8 +253,8 @@ class Cluster:
 
     def converged(self):
         link, sg = self.link, self.sg
-        # Not lag_updates == 0: rsg-bugs #3 (a lost ack keeps it at 1
-        # until the next write); test_lag_zero_after_lost_ack checks it.
+        # Not lag_updates == 0: a lost ack could keep it at 1 until the
+        # next write; test_lag_zero_after_lost_ack checks it.
         return link.state == R.REPLICATING and sg is not None and \
             sg.consistent and sg.applied_seq == self.g.next_seq - 1
 
@@ -720,6 +720,45 @@ def test_volume_change_replays_exactly_its_regions(cluster_factory):
     assert prim == sec, first_diff(prim, sec)
 
 
+def test_replay_cut_before_the_secondary_began_it_is_replayed_again(
+        cluster_factory, monkeypatch):
+    """A replay cut after the link joined the SRL stream but before the
+    secondary began it: at the next handshake the secondary is consistent
+    and has every update the link counts as acknowledged, yet the DCM's
+    regions (here a restore's, which has no sequence numbers) never
+    reached it.  The link replays them again; it must not stream on with
+    its DCM set."""
+    c = cluster_factory()
+    c.write(0, 0, b"\x07" * 100)
+    c.wait_converged()
+    g, link = c.g, c.link
+    cut = []
+    orig = R.link.send_json
+
+    def cut_before_rbeg(sock, kind, obj):
+        if kind == b"RBEG" and not cut:
+            cut.append(link.phase)
+            raise ConnectionError("cut before the replay began")
+        return orig(sock, kind, obj)
+    monkeypatch.setattr(R.link, "send_json", cut_before_rbeg)
+    region_gran = 8192
+    bits = bytearray(SIZES[0] // region_gran)
+    bits[3] = 1
+    g._volume_change = lambda: "a test restore"
+    g.begin_volume_change(0, bits, region_gran, "a test restore")
+    inner = c.ta.lus[VOLS[0]].stack.below("replication")
+    inner.write(b"\x5a" * region_gran, 3 * region_gran)
+    g._volume_change = lambda: None
+    wait_for(lambda: cut, 10, "the cut", c.status)
+    assert cut[0] == (R.DCM_REPLAY, R.link.SRL_DCM)
+    c.wait_converged()
+    wait_for(lambda: link.dcm.count() == 0 and link.state == R.REPLICATING,
+             10, "the DCM replayed", c.status)
+    prim = [read_image(c.ta, n) for n in VOLS]
+    sec = [read_image(c.tb, n) for n in VOLS]
+    assert prim == sec, first_diff(prim, sec)
+
+
 def test_history_diverges():
     hd = R.history_diverges
     g1, g2, g9 = [["g1", 1]], [["g1", 1], ["g2", 101]], [["g9", 1]]
@@ -793,7 +832,7 @@ def test_torn_stage_slot_is_ignored(cluster_factory):
 
 def test_secondary_restart_twice_after_unapplied_batch(cluster_factory,
                                                       monkeypatch):
-    """rsg-bugs #2: a batch re-applied by recovery is applied again by the
+    """A batch re-applied by recovery must not be applied again by the
     next recovery, over newer batches."""
     c = cluster_factory()
     c.wait_converged()
@@ -821,12 +860,13 @@ def test_secondary_restart_twice_after_unapplied_batch(cluster_factory,
 
 
 def test_lag_zero_after_lost_ack(cluster_factory):
-    """rsg-bugs #3."""
+    """An acknowledgement lost with the connection: once the secondary is
+    back, the link's lag is zero (it skips what the secondary applied)."""
     c = cluster_factory()
     c.wait_converged()
     c.write(0, 0, b"\x01" * 2048)
     c.wait_converged()
-    orig = R.send_frame
+    orig = R.secondary.send_frame
     dropped = []
 
     def lossy(sock, kind, payload=b""):
@@ -834,12 +874,12 @@ def test_lag_zero_after_lost_ack(cluster_factory):
             dropped.append(payload)     # the ack is lost with the link
             return
         return orig(sock, kind, payload)
-    R.send_frame = lossy
+    R.secondary.send_frame = lossy
     try:
         c.write(0, 4096, b"\x02" * 2048)
         wait_for(lambda: dropped and c.sg.applied_seq == c.g.next_seq - 1)
     finally:
-        R.send_frame = orig
+        R.secondary.send_frame = orig
     c.restart_secondary()
     c.wait_converged()
     wait_for(lambda: c.link.status()["lag_updates"] == 0, 3,
@@ -1260,7 +1300,7 @@ def test_secondary_rollback_refused_while_a_primary_replicates(
     c.tb.image_protect(VOLS[0])
     c.write(0, 0, b"\x02" * 8192)
     c.wait_converged()
-    with pytest.raises(R.GroupBusy):
+    with pytest.raises(R.RsgBusy):
         c.tb.image_rollback(VOLS[0])
     assert read_image(c.tb, VOLS[0])[:8192] == b"\x02" * 8192
     c.tb.image_release(VOLS[0])

@@ -15,6 +15,7 @@ import pytest
 
 from conftest import (closed_by_server, closed_while_trickling, free_port,
                       proc_status, run_clonectl)
+from target import errors
 from target import replication as R
 
 MiB = 1 << 20
@@ -191,7 +192,7 @@ def test_frame_header_too_large_for_a_hello_is_refused_unread():
     a, b = socket.socketpair()
     try:
         a.sendall(R.FRAME.pack(b"HELO", R.MAX_HELLO + 1))
-        with pytest.raises(R.errors.ProtocolError):
+        with pytest.raises(errors.ProtocolError):
             R.recv_frame(b, limit=R.MAX_HELLO)
     finally:
         a.close()

@@ -3,7 +3,7 @@ which loses every write not fsynced) while an async link has streamed
 writes that were never flushed: the secondary holds updates the primary
 lost.  The primary's activity log must send those regions again after the
 restart, so that once caught up the secondary equals the primary.  Without
-it (replication.py before the activity log) the secondary either keeps the
+it (replication before the activity log) the secondary either keeps the
 lost writes or, when the SRL tail was lost as well, skips the primary's
 next updates as ones it already has: both fail here."""
 

@@ -1,0 +1,145 @@
+"""Replication of storage groups to secondary nodes.
+
+Design notes
+------------
+A replicated storage group (RSG) is a set of LUs of this target replicated
+with write-order fidelity to one or more secondary nodes (other clonectl
+targets, `serve --replication-port`).  One object owns the group on each
+node: `PrimaryGroup` (the node that hosts writes) or `SecondaryGroup`.
+
+Primary.  Every change to a volume (host writes, zeroes, trims, and clone
+engines writing into it) passes the volume's `ReplicationLayer` in its LU's
+I/O stack (target.iostack), which calls `PrimaryGroup.change()`.  Under the group lock a change gets the next
+sequence number, is appended to the storage replicator log (SRL, a ring
+file: `Srl`) and is then applied to the volume, still under the lock: the
+order of the SRL is exactly the order in which the bytes changed, across all
+volumes of the group (two overlapping writes from two connections land in
+SRL order on both nodes).  The SRL is written with pwrite (page cache) and
+made durable (fdatasync) at every host flush and FUA write, before the
+volume's own flush; a kill -9 loses nothing written to the page cache, and
+writes not flushed are not promised durable.
+
+Activity log.  A power cut (unlike a kill -9) can keep a data write whose
+SRL entry was not yet durable, or lose SRL entries a secondary already
+applied.  So, as DRBD does, the primary keeps an activity log (`ActivityLog`,
+rsg/NAME.al): regions of 4 MiB, each marked durably before the first write
+into it is logged, and cleared lazily once it has not been written for a
+whole persist interval (the SRL sync of the previous persist covers its
+writes).  A clean close clears it.  Marks found at start-up mean the group
+stopped uncleanly: every link that streamed the SRL switches to DCM logging
+with its unacknowledged entries and every active region ORed into its DCM
+(so it replays them), and sequence numbers jump past anything the lost SRL
+tail could have handed out (a secondary may have applied entries the
+primary no longer has; a reused number would be skipped there).  A kill -9
+pays a replay of the active regions it did not need; a torn SRL tail is no
+longer taken for corruption then.
+
+Links.  One `Link` per secondary, each with a thread that reads the SRL at
+its own pace and sends entries in order, in batches closed by a commit
+frame; the secondary acknowledges a batch once it is durable in its staging
+log.  An entry is freed once every link that holds the SRL has it (the
+persisted acknowledged position: space is reclaimed only after the link
+positions are saved, so a crash never finds a link pointing at reused
+space).  Sync links make the host write wait for the acknowledgement (up to
+`sync_timeout`; then the link is failed and changes are tracked in its
+DCM, the write proceeds); async links acknowledge at once.  A link's
+state is one value, changed only through the transition table of link.py:
+its status (what `rsg status` shows) and what it holds (the SRL, its DCM,
+or both while a replay runs).
+
+DCM.  When the SRL would overflow, each link that still holds entries the
+new one needs is switched to DCM logging: its pending entries are marked in
+its data change map (one byte per extent per volume, `maps.ActivityFile`,
+set in place and made durable before the change it describes) and every
+later change sets bits there.  A detached link, a link whose secondary lost
+its data, a link added to a secondary of unknown content (all extents), and
+a volume-changing operation (below) do the same.
+
+DCM replay converges under any write load the link can carry: the replay
+does not chase a moving bitmap.  Under the group lock the link stops
+logging and joins the SRL stream at its head; from then on new changes
+reach the secondary in order through the stream, and the replay makes one
+pass over the (now static) DCM.  For each run it reads the data under the
+group lock, so the data is exactly the state after every entry with a
+sequence number below the current one; it sends the stream's entries up to
+that point first, then the run, so later entries, sent after, land on top.
+When the pass is done the secondary has the primary's state at the last
+sequence sent: it becomes consistent, and the DCM is cleared (only then:
+a crash, an overflow or a lost connection during a replay simply replays
+again).  Before a replay the secondary protects its last consistent image
+(a copy-on-first-write snapshot, LU@protected-LU, the peer channel's
+mechanism) and releases it when the replay completes.
+
+A failing SRL (a read, a write or a sync returns an error) must not fail the
+host's I/O, since the volumes are fine: every link that holds the SRL
+switches to DCM logging with what it had not acknowledged and the change
+that could not be logged, the record is saved without the SRL, and the
+links replay once SRL_RETRY has passed (and log again if it still fails).
+
+Volume-changing operations (protected restore, reverse sync of a
+replicated volume) change regions without host writes.  Before one starts,
+every link is switched to DCM logging (pending entries marked) and the
+operation's region map is ORed into every DCM; the links do not replay
+until it has finished.  The secondary then receives exactly the regions the
+operation changed plus the host writes made meanwhile, never a full copy.
+
+Secondary.  `SecondaryGroup` receives batches, writes each whole batch to
+one of two staging slots (crc over the batch, fdatasync), acknowledges it,
+applies it in order to the volumes, flushes them, and marks the slot
+applied.  After a crash the slot holding a committed, unapplied batch is
+applied again as one unit (the window of unacknowledged updates); a torn
+slot is ignored (the primary still has it: it was never acknowledged).
+Reads of a secondary's volume take the apply lock (its guard layer, the
+outermost of the LU's I/O stack), so no reader sees half a batch; while the
+secondary is inconsistent (a replay running or broken off) its exports
+refuse connections and reads with a message.  Batches are applied just
+below that guard, so a clone or session of a secondary's volume sees each
+replicated change as it would a host write.  While a restore or reverse
+sync runs on a secondary, primaries are refused (they retry) so that no
+batch lands beside the operation's writes.
+
+Generations.  A group's history is a list of (generation id, first
+sequence number).  `promote` on a secondary starts a new generation; on
+reconnect each side's history and last sequence number show whether the
+old primary wrote after the branch point (split brain): replication is
+refused with a message until the admin chooses (`--discard-secondary-
+changes` on the new primary), and then only the regions that diverged (the
+new primary's writes since the promotion, plus the old primary's writes the
+new one never received, which the demoted node reports) are copied.
+
+Modules: wire (frames on the replication connection), srl (the primary's
+log), dcm (data change maps, the activity log), records (a group's files,
+record and history), layer (the volumes' I/O stack layers), link (one
+link of a primary and its state table), primary, secondary, server (the
+secondary's replication port).  User documentation: docs/replication.md;
+files, durability and recovery: docs/persistence.md.
+"""
+
+from .dcm import ActivityLog, Dcm
+from .layer import Guard, ReplicationLayer
+from .link import (CONNECTING, DCM_LOGGING, DCM_REPLAY, DETACHED, DIVERGED,
+                   FAILED, MODES, REPLICATING, Link, RemoteRefused)
+from .primary import PrimaryGroup
+from .records import (DEFAULT_GRANULARITY, PRIMARY, SECONDARY, GroupFiles,
+                      ReplicaUnavailable, ReplicationError, RsgBusy,
+                      UnknownGroup, history_diverges, new_generation,
+                      parse_secondary, read_token)
+from .secondary import SecondaryGroup
+from .server import MAX_HELLO, ReplicaServer
+from .srl import MIN_SRL, SRL_DATA_START, SRL_ENTRY, Srl, SrlCorrupt
+from .wire import (FRAME, TRIM, WRITE, ZERO, entry_crc, recv_frame,
+                   send_frame)
+
+
+
+__all__ = [
+    "ActivityLog", "CONNECTING", "DCM_LOGGING", "DCM_REPLAY",
+    "DEFAULT_GRANULARITY", "DETACHED", "DIVERGED", "Dcm", "FAILED", "FRAME",
+    "GroupFiles", "Guard", "Link", "MAX_HELLO", "MIN_SRL", "MODES", "PRIMARY",
+    "PrimaryGroup", "REPLICATING", "RemoteRefused", "ReplicaServer",
+    "ReplicaUnavailable", "ReplicationError", "ReplicationLayer", "RsgBusy",
+    "SECONDARY", "SRL_DATA_START", "SRL_ENTRY", "SecondaryGroup", "Srl",
+    "SrlCorrupt", "TRIM", "UnknownGroup", "WRITE", "ZERO", "entry_crc",
+    "history_diverges", "new_generation", "parse_secondary", "read_token",
+    "recv_frame", "send_frame",
+]

@@ -1,0 +1,645 @@
+"""One link of a primary group: the thread that feeds one secondary.
+
+Owns the link's state (one value, changed only through the transition
+table below), the connection and handshake, streaming the SRL in batches,
+the DCM replay pass and sync-mode waits.  What the link holds (the SRL
+from its acknowledged position, its DCM, or both while a replay runs) is
+part of its state; the group (primary.py) changes it under the group lock.
+See the design notes in target/replication/__init__.py and
+docs/replication.md.
+"""
+
+import errno
+import itertools
+import json
+import logging
+import socket
+import struct
+import threading
+import time
+import zlib
+
+from .. import copier, errors
+from .records import read_token
+from .srl import SrlCorrupt
+from .wire import (DATA, ENTRY, SEQ, WRITE, ZERO, entry_crc, recv_frame,
+                   send_frame, send_frames, send_json, shutdown_socket)
+
+log = logging.getLogger("clonectl.replication")
+
+BATCH_BYTES = 4 << 20          # a batch is closed after this much data
+CONNECT_TIMEOUT = 5.0
+RETRY_INTERVAL = 1.0
+PERSIST_INTERVAL = 1.0
+REPLAY_CHUNK = 1 << 20
+SRL_RETRY = 5.0                # a failed SRL is tried again after this
+
+MODES = ("sync", "async")
+
+# A link's state is a pair (status, holds).
+#
+# The status is what `rsg status` shows as the link's state: what the
+# link is doing.
+CONNECTING = "connecting"
+REPLICATING = "replicating"     # streaming the SRL
+DCM_LOGGING = "dcm-logging"     # connected, a DCM replay is due
+DCM_REPLAY = "dcm-replay"       # a DCM replay pass runs
+FAILED = "failed"
+DIVERGED = "diverged"           # split brain: nothing is sent
+DETACHED = "detached"           # the admin detached it
+STATUSES = (CONNECTING, REPLICATING, DCM_LOGGING, DCM_REPLAY, FAILED,
+            DIVERGED, DETACHED)
+
+# What the link holds: this is what the group's record keeps (dcm_active,
+# holds_srl) and what decides where a change goes.
+SRL = "srl"             # the SRL from acked_pos; the DCM is clear
+DCM = "dcm"             # changes are marked in the DCM, not streamed
+SRL_DCM = "srl+dcm"     # a replay joined the SRL stream at its head; the
+                        # DCM is static and cleared when the replay completes
+HOLDS = (SRL, DCM, SRL_DCM)
+
+
+def _rules():
+    """(state, event) -> next state, from one line per rule: event, the
+    statuses and holds it applies to, and the status and holds it leads to
+    (None: unchanged).  The link thread's own steps (stream, await-replay,
+    replay, replayed) also apply to a status another thread set meanwhile
+    (CONNECTING by attach, FAILED by the lost connection's reader): the
+    thread sees that at its next check and reconnects."""
+    attached = tuple(s for s in STATUSES if s != DETACHED)
+    srl = (SRL, SRL_DCM)
+    rules = [
+        # The link stops holding the SRL (overflow, failing SRL, sync
+        # timeout, lost updates, a volume change, detach, demote): what it
+        # has not acknowledged goes into its DCM, and so does every change.
+        ("log", (REPLICATING, DCM_REPLAY), srl, DCM_LOGGING, DCM),
+        ("log", (CONNECTING, FAILED, DIVERGED, DETACHED), srl, None, DCM),
+        # Connected, holding the SRL with a clear DCM: stream it (a
+        # replay that broke off replays again: the handshake logs).
+        ("stream", (CONNECTING, FAILED, DIVERGED, REPLICATING), (SRL,),
+         REPLICATING, None),
+        # Connected, logging: a replay is due (it may wait for a volume
+        # change or a failed SRL).
+        ("await-replay", attached, (DCM,), DCM_LOGGING, None),
+        # The replay joins the SRL stream at its head and copies the DCM;
+        # once the secondary has confirmed it, the DCM is clear.
+        ("replay", attached, (DCM,), DCM_REPLAY, SRL_DCM),
+        ("replayed", attached, (SRL_DCM,), REPLICATING, SRL),
+        # A lost connection or an error: what the link holds is kept.
+        ("fail", attached, HOLDS, FAILED, None),
+        ("diverge", attached, HOLDS, DIVERGED, None),
+        ("detach", STATUSES, HOLDS, DETACHED, None),
+        ("attach", STATUSES, HOLDS, CONNECTING, None),
+    ]
+    table = {}
+    for event, statuses, holds, to_status, to_holds in rules:
+        for status in statuses:
+            for h in holds:
+                table[((status, h), event)] = (to_status or status,
+                                               to_holds or h)
+    return table
+
+
+# Where a link starts: from its record (attached or not, what it held).
+INITIAL = tuple((s, h) for s in (CONNECTING, DETACHED) for h in HOLDS)
+# Every state a link can be in: those the table reaches from INITIAL (a
+# unit test checks it).  DCM_LOGGING goes with DCM, DCM_REPLAY with SRL_DCM
+# and REPLICATING with SRL.
+STATES = (
+    (CONNECTING, SRL), (CONNECTING, DCM), (CONNECTING, SRL_DCM),
+    (REPLICATING, SRL),
+    (DCM_LOGGING, DCM), (DCM_REPLAY, SRL_DCM),
+    (FAILED, SRL), (FAILED, DCM), (FAILED, SRL_DCM),
+    (DIVERGED, SRL), (DIVERGED, DCM), (DIVERGED, SRL_DCM),
+    (DETACHED, SRL), (DETACHED, DCM), (DETACHED, SRL_DCM),
+)
+TRANSITIONS = {k: v for k, v in _rules().items() if k[0] in STATES}
+
+
+class RemoteRefused(errors.Error):
+    msg = "secondary {peer}: {reason}"
+    errno = errno.EPROTO
+
+
+class _ReplayEnded(Exception):
+    """A replay pass ends before its last run; result is what _replay
+    returns."""
+
+    def __init__(self, result):
+        super().__init__(result)
+        self.result = result
+
+
+class InvalidLinkTransition(errors.Error):
+    msg = ("link to {peer}: {event!r} is not a transition of state "
+           "{status}/{holds}")
+    errno = errno.EPROTO
+
+
+class Link:
+    """One secondary of a primary group, and the thread that feeds it."""
+
+    def __init__(self, group, index, record):
+        self.group = group
+        self.index = index
+        self.secondary = record["secondary"]
+        self.mode = record["mode"]
+        self.token_file = record["token_file"]
+        self.discard_secondary = record.get("discard_secondary", False)
+        self.acked_seq = record.get("acked_seq", 0)
+        self.acked_pos = record.get("acked_pos", 0)
+        self.saved_pos = self.acked_pos
+        self.seeded = record.get("seeded", False)
+        self.error = record.get("error")
+        self.stopped_error = record.get("stopped_error")
+        self.dcm = None
+        if not record.get("dcm_active", True):
+            holds = SRL
+        elif record.get("holds_srl", False):
+            # A replay was running: the group marks what it streamed
+            # unacknowledged in the DCM and logs (PrimaryGroup).
+            holds = SRL_DCM
+        else:
+            holds = DCM
+        # The one state of the link (module notes); changed by transition().
+        self.phase = (CONNECTING if record.get("attached", True)
+                      else DETACHED, holds)
+        self.epoch = 0
+        self.secondary_consistent = None
+        self.secondary_applied = None
+        self.replay_total = 0
+        self.replay_done = 0
+        self.sent_bytes = 0
+        self.replays = 0
+        self.thread = None
+        self.sock = None
+        self.stopping = False
+        self.batches = []       # (last seq, end pos) sent, not yet acked
+        self.replay_acked = None
+        self.refused = None
+        self.stream_from = None
+        self.last_sent_seq = 0
+
+    # State.
+
+    @property
+    def state(self):
+        """The status, shown as the link's state."""
+        return self.phase[0]
+
+    @property
+    def holds(self):
+        return self.phase[1]
+
+    @property
+    def holds_srl(self):
+        """The link streams the SRL from acked_pos and keeps its entries."""
+        return self.phase[1] in (SRL, SRL_DCM)
+
+    @property
+    def logging(self):
+        """Changes are marked in the DCM, not streamed."""
+        return self.phase[1] == DCM
+
+    @property
+    def dcm_active(self):
+        """The DCM holds changes the secondary may lack (cleared only when
+        a replay completes)."""
+        return self.phase[1] in (DCM, SRL_DCM)
+
+    @property
+    def attached(self):
+        return self.phase[0] != DETACHED
+
+    def can(self, event):
+        return (self.phase, event) in TRANSITIONS
+
+    def transition(self, event):
+        """Take the state the table gives for event; an event the table
+        does not define for the current state is refused (a bug: it is
+        logged, and the state is left as it was).  Called under the group
+        lock, except while the group is being loaded."""
+        nxt = TRANSITIONS.get((self.phase, event))
+        if nxt is None:
+            e = InvalidLinkTransition(peer=self.secondary, event=event,
+                                      status=self.phase[0],
+                                      holds=self.phase[1])
+            log.error("group %s: %s", self.group.name, e)
+            raise e
+        self.phase = nxt
+
+    def record(self):
+        return {"secondary": self.secondary, "mode": self.mode,
+                "token_file": self.token_file, "attached": self.attached,
+                "discard_secondary": self.discard_secondary,
+                "acked_seq": self.acked_seq, "acked_pos": self.acked_pos,
+                "dcm_active": self.dcm_active, "seeded": self.seeded,
+                "holds_srl": self.holds_srl,
+                "error": self.error, "stopped_error": self.stopped_error}
+
+    # Thread.
+
+    def start(self):
+        if self.thread is not None and self.thread.is_alive():
+            return
+        self.stopping = False
+        self.thread = threading.Thread(
+            target=self.run, name="rsg-{}-{}".format(self.group.name,
+                                                     self.secondary),
+            daemon=True)
+        self.thread.start()
+
+    def stop(self, join=True):
+        self.stopping = True
+        sock = self.sock
+        if sock is not None:
+            shutdown_socket(sock)
+        with self.group.cond:
+            self.group.cond.notify_all()
+        if join and self.thread is not None and \
+                self.thread is not threading.current_thread():
+            self.thread.join(10)
+
+    def run(self):
+        while not self.stopping:
+            if not self.attached or self.stopped_error:
+                return
+            try:
+                self._connect_and_serve()
+            except (OSError, ConnectionError, errors.Error, ValueError,
+                    struct.error) as e:
+                if self.stopping:
+                    return
+                self._failed(e)
+            finally:
+                self._close_sock()
+            deadline = time.monotonic() + (RETRY_INTERVAL if self.refused
+                                           is None else 3 * RETRY_INTERVAL)
+            while not self.stopping and time.monotonic() < deadline:
+                time.sleep(0.05)
+
+    def _failed(self, e):
+        msg = str(e) or e.__class__.__name__
+        g = self.group
+        with g.cond:
+            if isinstance(e, SrlCorrupt):
+                self.stopped_error = msg
+            if not (self.state == DIVERGED and self.refused) and \
+                    self.can("fail"):
+                self.transition("fail")
+            self.error = msg
+            g.cond.notify_all()
+        log.warning("group %s, link %s: %s", g.name, self.secondary, msg)
+        g.persist()
+
+    def _close_sock(self):
+        sock, self.sock = self.sock, None
+        if sock is not None:
+            try:
+                sock.close()
+            except OSError:
+                pass
+
+    def _connect_and_serve(self):
+        g = self.group
+        host, _, port = self.secondary.rpartition(":")
+        token = read_token(self.token_file)
+        sock = socket.create_connection((host, int(port)),
+                                        timeout=CONNECT_TIMEOUT)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock = sock
+        if self.stopping:
+            return
+        send_json(sock, b"HELO", g.hello(token))
+        kind, payload = recv_frame(sock)
+        reply = json.loads(payload)
+        if kind != b"HRPL" or not reply.get("ok"):
+            self.refused = reply.get("message", "refused")
+            raise RemoteRefused(peer=self.secondary, reason=self.refused)
+        self.refused = None
+        self.secondary_consistent = reply.get("consistent")
+        self.secondary_applied = reply.get("applied_seq")
+        sock.settimeout(None)
+        if not g.accept_secondary(self, reply):
+            return
+        self.error = None
+        reader = threading.Thread(target=self._read_acks, args=(sock,),
+                                  daemon=True, name="rsg-acks")
+        reader.start()
+        try:
+            while not self.stopping:
+                # Decided under the lock: an overflow between a look at
+                # `logging` and the state change would leave the link
+                # "replicating" while it logs, never replaying.
+                with g.cond:
+                    replay = self.logging
+                    if not replay:
+                        self.transition("stream")
+                        self.secondary_consistent = True
+                        epoch = self.epoch
+                if replay:
+                    if not self._replay(sock):
+                        return
+                else:
+                    g.persist()
+                    if not self._stream(sock, epoch):
+                        return
+        finally:
+            shutdown_socket(sock)
+            reader.join(5)
+
+    def _read_acks(self, sock):
+        g = self.group
+        try:
+            while True:
+                kind, payload = recv_frame(sock)
+                if kind == b"ACKS":
+                    seq, = SEQ.unpack(payload)
+                    with g.cond:
+                        while self.batches and self.batches[0][0] <= seq:
+                            last, end = self.batches.pop(0)
+                            self.acked_seq, self.acked_pos = last, end
+                        g.cond.notify_all()
+                elif kind in (b"RBOK", b"RACK"):
+                    with g.cond:
+                        self.replay_acked = (kind, json.loads(payload))
+                        g.cond.notify_all()
+                elif kind == b"FAIL":
+                    msg = json.loads(payload).get("message", "failed")
+                    with g.cond:
+                        self.error = "the secondary reports: " + msg
+                        self.stopped_error = self.error
+                        g.cond.notify_all()
+                    break
+        except (OSError, ConnectionError, ValueError, errors.Error,
+                struct.error):
+            pass
+        finally:
+            with g.cond:
+                if self.state in (REPLICATING, DCM_REPLAY) and \
+                        not self.stopping:
+                    self.transition("fail")
+                    self.error = self.error or "connection lost"
+                g.cond.notify_all()
+            shutdown_socket(sock)
+
+    def _send_entries(self, sock, send_pos, until_pos, epoch):
+        """Send SRL entries [send_pos, until_pos) in batches; return the
+        position reached, or None if the link's epoch changed."""
+        g = self.group
+        parts, batch_bytes, last_seq = [], 0, None
+        pos = send_pos
+        while pos < until_pos:
+            try:
+                e = g.srl.read(pos)
+            except OSError as err:
+                with g.cond:
+                    self._srl_unreadable(err, epoch)
+                return None
+            ok = e is not None and \
+                entry_crc(e[0], e[1], e[2], e[3], e[4], e[6]) == e[5]
+            if not ok:
+                with g.cond:
+                    if self.epoch != epoch:
+                        return None
+                raise SrlCorrupt(name=g.name, seq=e[0] if e else "?",
+                                 pos=pos, peer=self.secondary)
+            seq, vol, kind, off, length, crc, data, nxt = e
+            parts.append((b"ENTR", ENTRY.pack(seq, vol, kind, off, length,
+                                              crc), data))
+            batch_bytes += length if kind == WRITE else 0
+            last_seq, pos = seq, nxt
+            if batch_bytes >= BATCH_BYTES or len(parts) >= 4096:
+                self._commit(sock, parts, last_seq, pos)
+                parts, batch_bytes = [], 0
+        if parts:
+            self._commit(sock, parts, last_seq, pos)
+        return pos
+
+    def _srl_unreadable(self, err, epoch):
+        """(Under the lock.)  A read of the SRL failed: as for a failed
+        write, the links that hold it log to their DCMs and replay once it
+        works again (not a lost connection to retry for ever: the entries
+        would never go)."""
+        if self.epoch == epoch and self.holds_srl:
+            self.group.srl_failed(err)
+
+    def _commit(self, sock, parts, last_seq, end_pos):
+        g = self.group
+        with g.cond:
+            self.batches.append((last_seq, end_pos))
+            self.last_sent_seq = last_seq
+        parts.append((b"CMIT", SEQ.pack(last_seq), None))
+        send_frames(sock, parts)
+        self.sent_bytes += sum(len(p[1]) + (len(p[2]) if p[2] else 0)
+                               for p in parts)
+
+    def _stream(self, sock, epoch):
+        g = self.group
+        with g.cond:
+            if self.stream_from is not None:
+                send_pos, self.stream_from = self.stream_from, None
+            else:
+                # Skip entries the secondary has already (a lost ack).
+                try:
+                    send_pos = g.skip_applied(self.acked_pos,
+                                              self.secondary_applied)
+                except OSError as err:
+                    self._srl_unreadable(err, epoch)
+                    return not self.stopping
+                if send_pos != self.acked_pos:
+                    self.acked_pos = send_pos
+                    self.acked_seq = max(self.acked_seq,
+                                         int(self.secondary_applied))
+        last_persist = time.monotonic()
+        while not self.stopping:
+            with g.cond:
+                while not self.stopping and self.epoch == epoch and \
+                        g.srl.head_pos <= send_pos and \
+                        self.state == REPLICATING:
+                    g.waiters += 1
+                    g.cond.wait(0.5)
+                    g.waiters -= 1
+                    if time.monotonic() - last_persist > PERSIST_INTERVAL:
+                        break
+                if self.epoch != epoch:
+                    return not self.stopping
+                if self.stopping or self.state != REPLICATING:
+                    return False
+                until = g.srl.head_pos
+                # Flow control: at most 8 batches unacknowledged.
+                while len(self.batches) > 8 and self.state == REPLICATING \
+                        and not self.stopping and self.epoch == epoch:
+                    g.cond.wait(0.5)
+            if time.monotonic() - last_persist > PERSIST_INTERVAL:
+                g.persist()
+                last_persist = time.monotonic()
+                if until <= send_pos:
+                    # Idle: tell the secondary the primary is alive.
+                    send_frame(sock, b"BEAT")
+            pos = self._send_entries(sock, send_pos, until, epoch)
+            if pos is None:
+                return True
+            send_pos = pos
+        return False
+
+    def _replay(self, sock):
+        """One DCM replay pass (module notes); True when it completed or
+        was broken off by an overflow (the caller goes on), False if the
+        link is stopping or down."""
+        g = self.group
+        with g.cond:
+            self.transition("await-replay")
+            while not self.stopping and g.volume_change_reason() is not None:
+                self.error = "waiting for {} to finish before the DCM " \
+                    "replay".format(g.volume_change_reason())
+                g.cond.wait(0.5)
+            # After an SRL failure, not at once: each try of a failing
+            # SRL would switch the link back to logging after a pass.
+            while not self.stopping and \
+                    time.monotonic() - g.srl_failed_at < SRL_RETRY:
+                g.cond.wait(0.5)
+            if self.stopping:
+                return False
+            self.error = None
+            g.replay_join(self)
+            epoch = self.epoch
+            send_pos = self.acked_pos
+            runs = list(self.dcm.runs())
+            self.replay_total = self.dcm.count()
+            self.replay_done = 0
+            self.replays += 1
+            self.replay_acked = None
+        # The stream's start is durable before anything of it is sent.
+        g.persist()
+        started = time.monotonic()
+        log.info("group %s: replay to %s started: %d extents of %d bytes",
+                 g.name, self.secondary, self.replay_total, g.granularity)
+        send_json(sock, b"RBEG", {"extents": self.replay_total})
+        if not self._wait_replay_reply(b"RBOK"):
+            return False
+        gran = g.granularity
+        vol = None
+
+        def read(view, off):
+            # The data under the group lock is the state after every entry
+            # logged so far: those entries go first, then the data.
+            nonlocal send_pos
+            with g.cond:
+                if self.epoch != epoch or self.stopping:
+                    raise _ReplayEnded(not self.stopping)
+                if self.state != DCM_REPLAY:
+                    raise _ReplayEnded(False)
+                until = g.srl.head_pos
+                g.volumes[vol].stack.below("replication").readinto(view, off)
+            pos = self._send_entries(sock, send_pos, until, epoch)
+            if pos is None:
+                raise _ReplayEnded(True)
+            send_pos = pos
+
+        def send_data(view, off):
+            head = DATA.pack(vol, WRITE, off, len(view), zlib.crc32(view))
+            send_frames(sock, [(b"RDAT", head, bytes(view))])
+
+        def send_zero(off, n):
+            send_frames(sock, [(b"RDAT", DATA.pack(vol, ZERO, off, n, 0),
+                                None)])
+
+        def sent(n):
+            self.sent_bytes += n
+            self.replay_done += (n + gran - 1) // gran
+
+        # One RDAT frame per chunk (pieces of a whole chunk).
+        copying = copier.Copier(read, send_data, zero=send_zero,
+                                chunk=REPLAY_CHUNK, piece=REPLAY_CHUNK,
+                                progress=sent)
+        try:
+            for vol, vol_runs in itertools.groupby(runs, key=lambda r: r[0]):
+                copying.copy([(off, length) for _, off, length in vol_runs])
+        except _ReplayEnded as e:
+            return e.result
+        with g.cond:
+            if self.epoch != epoch:
+                return True
+            until = g.srl.head_pos
+        pos = self._send_entries(sock, send_pos, until, epoch)
+        if pos is None:
+            return True
+        with g.cond:
+            if self.epoch != epoch:
+                return True
+            # Entries appended after `until` follow in the stream; the end
+            # marker names the state sent so far.
+            final = g.next_seq - 1 if g.srl.head_pos == pos \
+                else self.last_sent_seq
+            self.replay_acked = None
+        # A sequence number sent to a secondary must survive a crash.
+        g.persist()
+        send_frames(sock, [(b"REND", SEQ.pack(final), None)])
+        if not self._wait_replay_reply(b"RACK"):
+            return False
+        with g.cond:
+            if self.epoch != epoch:
+                return True
+            self.dcm.clear()
+            self.transition("replayed")
+            self.secondary_consistent = True
+            self.replay_done = self.replay_total
+            # The stream goes on from where the replay left it.
+            self.stream_from = pos
+        g.persist()
+        log.info("group %s: replay to %s completed: %d extents in %.1f s",
+                 g.name, self.secondary, self.replay_total,
+                 time.monotonic() - started)
+        return True
+
+    def _wait_replay_reply(self, kind):
+        g = self.group
+        deadline = time.monotonic() + 120
+        with g.cond:
+            while self.replay_acked is None and not self.stopping and \
+                    self.state == DCM_REPLAY and time.monotonic() < deadline:
+                g.cond.wait(0.5)
+            got = self.replay_acked
+            self.replay_acked = None
+        if got is None:
+            return False
+        if got[0] != kind or not got[1].get("ok", True):
+            raise RemoteRefused(peer=self.secondary,
+                                reason=got[1].get("message", "replay refused"))
+        return True
+
+    def wait_ack(self, seq):
+        """Sync mode: wait until the secondary has seq (or the link fails,
+        which the DCM then covers)."""
+        g = self.group
+        deadline = time.monotonic() + g.sync_timeout
+        with g.cond:
+            while self.acked_seq < seq and self.state == REPLICATING and \
+                    not self.stopping:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    self.error = "the secondary did not acknowledge a " \
+                        "write within {:.0f} s; changes are tracked in " \
+                        "the DCM".format(g.sync_timeout)
+                    g.to_logging(self)
+                    break
+                g.cond.wait(min(left, 0.5))
+
+    def status(self):
+        g = self.group
+        lag_updates = max(0, g.next_seq - 1 - self.acked_seq) \
+            if self.holds_srl else None
+        lag_bytes = max(0, g.srl.head_pos - self.acked_pos) \
+            if self.holds_srl else None
+        return {"secondary": self.secondary, "mode": self.mode,
+                "state": self.state, "attached": self.attached,
+                "secondary_consistent": self.secondary_consistent,
+                "acked_seq": self.acked_seq, "lag_updates": lag_updates,
+                "lag_bytes": lag_bytes, "dcm_logging": self.logging,
+                "dcm_extents": self.dcm.count() if self.dcm else None,
+                "replay_total": self.replay_total,
+                "replay_done": self.replay_done, "replays": self.replays,
+                "bytes_sent": self.sent_bytes, "error": self.error,
+                "stopped_error": self.stopped_error,
+                "dcm_problem": self.dcm.problem if self.dcm else None}

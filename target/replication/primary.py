@@ -1,0 +1,636 @@
+"""A replicated storage group on its primary node.
+
+Owns the order of changes (sequence numbers, the SRL append and the volume
+write under one lock), the SRL's tail and space, the activity log, the
+group record, recovery after an unclean stop, and switching links between
+the SRL and their DCMs (overflow, a failing SRL, volume-changing
+operations).  See the design notes in target/replication/__init__.py;
+files and recovery: docs/persistence.md.
+"""
+
+import logging
+import os
+import threading
+import time
+
+from .. import errors, maps
+from .dcm import ActivityLog, Dcm
+from .layer import ReplicationLayer
+from .link import DETACHED, REPLICATING, SRL, SRL_DCM, SRL_RETRY, Link
+from .records import PRIMARY, ReplicationError, history_diverges
+from .srl import ENTRY_SPACE, Srl
+from .wire import WRITE, entry_crc
+
+log = logging.getLogger("clonectl.replication")
+
+SYNC_TIMEOUT = 10.0            # a sync link that does not ack is failed
+SEQ_RESERVE = 1 << 20          # unlogged sequence numbers saved ahead
+
+
+class _SrlSyncFailed(Exception):
+    """PrimaryGroup._persist could not make the SRL durable (the OSError
+    is its __cause__)."""
+
+
+class PrimaryGroup:
+    """A replicated storage group on its primary node."""
+
+    role = PRIMARY
+
+    def __init__(self, files, record, volumes, volume_change=None,
+                 sync_timeout=SYNC_TIMEOUT):
+        self.files = files
+        self.name = record["name"]
+        self.record_base = record
+        self.granularity = record["granularity"]
+        self.volumes = volumes              # LogicalUnit objects, in order
+        self.sizes = [lu.size for lu in volumes]
+        self.generation = record["generation"]
+        self.history = [list(h) for h in record["history"]]
+        self.sync_timeout = sync_timeout
+        self._volume_change = volume_change or (lambda: None)
+        self.lock = threading.Lock()
+        self.cond = threading.Condition(self.lock)
+        self.persist_lock = threading.Lock()
+        self.waiters = 0
+        self.closed = False
+        self.problems = []
+        self.seq_bound = 0
+        self.srl_failed_at = -SRL_RETRY
+        if os.path.exists(files.srl):
+            self.srl = Srl(files.srl)
+        else:
+            self.srl = Srl(files.srl, record["srl_size"])
+        tail = record.get("tail") or {"pos": 0, "seq": 1}
+        corrupt = self.srl.scan(tail["pos"], tail["seq"])
+        self.al = ActivityLog(files.activity_log(), self.granularity,
+                              self.sizes)
+        unclean = self.al.count() > 0
+        if corrupt is not None and not unclean:
+            self.problems.append("SRL entry {} (byte {}) fails its checksum; "
+                                 "links that still need it stop there"
+                                 .format(*corrupt))
+        # Numbers of logged changes are found again in the SRL; numbers of
+        # changes made while no link holds the SRL are saved ahead of use
+        # (seq_bound), so a number handed out before a crash is never
+        # handed out again.
+        self.seq_bound = record.get("seq_bound", 1)
+        self.next_seq = max(self.srl.next_seq, record.get("next_seq", 1),
+                            self.seq_bound)
+        self.since = None
+        if record.get("since_promotion"):
+            self.since = Dcm(files.since(), self.granularity, self.sizes)
+        self.links = []
+        for i, rec in enumerate(record.get("links", [])):
+            self._add_link_object(i, rec, fresh=False)
+        self.layers = []            # ReplicationLayer per volume
+        if unclean:
+            self._recover_unclean(corrupt)
+
+    def _recover_unclean(self, corrupt):
+        """The activity log has marks: the group was not closed, and a
+        power cut may have kept data writes whose SRL entries it lost, or
+        lost entries a secondary has (module notes)."""
+        regions = list(self.al.runs())
+        for link in self.links:
+            if link.holds_srl:
+                self._mark_pending(link, link.acked_pos, link.acked_seq + 1)
+                link.transition("log")
+            if link.dcm_active:
+                for vol, off, length in regions:
+                    link.dcm.mark(vol, off, length)
+        # Past every number the SRL could have held beyond what survived.
+        self.next_seq += self.srl.capacity // ENTRY_SPACE + 1
+        self.seq_bound = self.next_seq
+        note = "not closed cleanly: {} active region(s) of the activity " \
+            "log are replayed to every link{}".format(
+                len(regions), "" if corrupt is None else
+                " (the SRL's tail was torn at entry {})".format(corrupt[0]))
+        self.problems.append(note)
+        log.warning("group %s: %s", self.name, note)
+        # The record (links logging, the new numbers) before the log is
+        # let go: a crash in between recovers again.
+        self.persist()
+        self.al.clear()
+
+    def _add_link_object(self, index, rec, fresh):
+        link = Link(self, index, rec)
+        link.dcm = Dcm(self.files.dcm(index), self.granularity, self.sizes,
+                       fresh_value=0 if fresh else None)
+        # A link that held the SRL logs from here on when its DCM has bits
+        # (written ahead, the DCM is the truth: the link was logging,
+        # whatever the record says), when its DCM is unusable, or when a
+        # replay was running (SRL_DCM).
+        log_now = link.holds == SRL_DCM or (
+            not fresh and link.holds == SRL and link.dcm.count() > 0)
+        if link.dcm.problem:
+            self.problems.append("link {}: {}".format(link.secondary,
+                                                      link.dcm.problem))
+            log_now = True
+        if log_now and link.holds_srl:
+            if not fresh:
+                # Entries streamed but not acknowledged before the stop:
+                # the DCM must cover them now that the link logs again.
+                self._mark_pending(link, link.acked_pos,
+                                   link.acked_seq + 1)
+            link.transition("log")
+        self.links.append(link)
+        return link
+
+    # Wiring.
+
+    def attach(self):
+        for vol, lu in enumerate(self.volumes):
+            self.layers.append(ReplicationLayer(self, vol))
+            lu.stack.set("replication", self.layers[-1])
+
+    def detach(self):
+        for lu, layer in zip(self.volumes, self.layers):
+            lu.stack.remove("replication", layer)
+        self.layers = []
+
+    def start(self):
+        for link in self.links:
+            if link.attached and not link.stopped_error:
+                link.start()
+
+    def close(self):
+        self.closed = True
+        for link in self.links:
+            link.stop()
+        try:
+            self.persist()
+        except (OSError, errors.Error) as e:
+            log.error("group %s: could not save its record: %s", self.name, e)
+        for link in self.links:
+            link.dcm.close()
+        if self.since is not None:
+            self.since.close()
+        try:
+            self.clear_activity_log()
+        except (OSError, errors.Error) as e:
+            log.error("group %s: could not clear its activity log: %s",
+                      self.name, e)
+        self.al.close()
+        self.srl.close()
+
+    def clear_activity_log(self):
+        """(Stop and close.)  Make every SRL entry durable and empty the
+        activity log, so that a stop that ends in nbdkit's SIGKILL (it
+        waits for connected clients) is not taken for a crash at the next
+        start.  A write after this marks its region again."""
+        with self.lock:
+            if any(l.holds_srl for l in self.links):
+                self.srl.sync()
+            self.al.clear()
+
+    def volume_change_reason(self):
+        return self._volume_change()
+
+    # Persistence.
+
+    def record(self):
+        rec = dict(self.record_base)
+        holders = [(l.acked_pos, l.acked_seq + 1) for l in self.links
+                   if l.holds_srl]
+        tail = min(holders) if holders else (self.srl.head_pos,
+                                             self.next_seq)
+        rec.update({"role": PRIMARY, "generation": self.generation,
+                    "history": self.history, "next_seq": self.next_seq,
+                    "seq_bound": self.seq_bound,
+                    "tail": {"pos": tail[0], "seq": tail[1]},
+                    "links": [l.record() for l in self.links],
+                    "since_promotion": self.since is not None})
+        return rec, {l: l.acked_pos for l in self.links}
+
+    def persist(self, locked=False):
+        """Save the record (link positions, next sequence number); then
+        the SRL space before the saved positions may be reused."""
+        # Lock order: the group lock, then persist_lock (taken before the
+        # group lock is let go, so records are written in snapshot order).
+        try:
+            self._persist(locked)
+        except _SrlSyncFailed as e:
+            # Not saved: the positions would point past what is durable.
+            if locked:
+                self.srl_failed(e.__cause__)
+            else:
+                with self.lock:
+                    self.srl_failed(e.__cause__)
+
+    def _persist(self, locked):
+        def snapshot():
+            self.persist_lock.acquire()
+            rec, saved = self.record()
+            held = any(l.holds_srl for l in self.links)
+            self.al.sweep()
+            return rec, saved, held
+        if locked:
+            rec, saved, held = snapshot()
+        else:
+            with self.lock:
+                rec, saved, held = snapshot()
+        try:
+            # The SRL must hold every entry up to the positions saved.
+            if held:
+                try:
+                    self.srl.sync()
+                except OSError as e:
+                    raise _SrlSyncFailed() from e
+            self.al.sweep_ok = True
+            self.files.save(rec)
+            for link, pos in saved.items():
+                link.saved_pos = pos
+        finally:
+            self.persist_lock.release()
+
+    # Data path.
+
+    def change(self, vol, kind, offset, length, data, apply):
+        sync_links = None
+        with self.lock:
+            seq = self.next_seq
+            self.next_seq = seq + 1
+            logged = False
+            try:
+                for link in self.links:
+                    if link.logging:
+                        link.dcm.mark(vol, offset, length)
+                if self.since is not None:
+                    self.since.mark(vol, offset, length)
+                if any(l.holds_srl for l in self.links):
+                    self._make_room(Srl.space(length, kind), vol, offset,
+                                    length)
+                if any(l.holds_srl for l in self.links):
+                    self.al.mark(vol, offset, length)
+                    payload = data if kind == WRITE else None
+                    try:
+                        self.srl.append(seq, vol, kind, offset, length,
+                                        payload,
+                                        entry_crc(seq, vol, kind, offset,
+                                                  length, payload))
+                        logged = True
+                    except OSError as e:
+                        self.srl_failed(e, (vol, offset, length))
+            except BaseException:
+                # A map could not be written: the change is refused before
+                # it is made, and its number was never logged -- giving it
+                # out again keeps the SRL free of gaps (a scan stops at one).
+                self.next_seq = seq
+                raise
+            if logged:
+                sync_links = [l for l in self.links if l.mode == "sync"
+                              and l.state == REPLICATING]
+            elif seq >= self.seq_bound:
+                # An unlogged number: reserve the next ones durably first.
+                self.seq_bound = seq + SEQ_RESERVE
+                self.persist(locked=True)
+            try:
+                apply()
+            except OSError as e:
+                if logged:
+                    # The secondaries would apply what the volume refused:
+                    # they get the region's real content by a replay.
+                    self._all_to_dcm(
+                        "a write to volume {} failed after it was logged "
+                        "({}); the region is replayed".format(
+                            self.volumes[vol].name, e), (vol, offset, length))
+                    sync_links = None
+                raise
+            if self.waiters:
+                self.cond.notify_all()
+        if sync_links:
+            for link in sync_links:
+                link.wait_ack(seq)
+
+    def flush_log(self):
+        with self.lock:
+            dirty = self.srl.dirty
+        if dirty:
+            try:
+                self.srl.sync()
+            except OSError as e:
+                with self.lock:
+                    self.srl_failed(e)
+
+    def srl_failed(self, e, change=None):
+        """(Under the lock.)  The SRL cannot be read, written or made
+        durable: every link that holds it switches to DCM logging with what
+        it has not acknowledged (and the change that failed to be logged),
+        so the host write or flush goes on and nothing is lost for
+        replication; the links replay once the SRL works again (after
+        SRL_RETRY)."""
+        self.srl_failed_at = time.monotonic()
+        self._all_to_dcm("the SRL failed ({}); changes are tracked in the "
+                         "DCM and replayed when it works again".format(e),
+                         change)
+
+    def _all_to_dcm(self, msg, change=None):
+        """(Under the lock.)  Every link that holds the SRL switches to DCM
+        logging with what it has not acknowledged and `change`; saved
+        without syncing the SRL."""
+        log.error("group %s: %s", self.name, msg)
+        for link in self.links:
+            if not link.holds_srl:
+                continue
+            try:
+                self._mark_pending(link, link.acked_pos, link.acked_seq + 1)
+            except OSError:
+                link.dcm.mark_all()
+            if change is not None:
+                link.dcm.mark(*change)
+            link.error = msg
+            self._stop_holding(link)
+        # No link holds the SRL now: the record is saved without syncing it.
+        self.persist(locked=True)
+
+    def _tail(self):
+        holders = [l.saved_pos for l in self.links if l.holds_srl]
+        return min(holders) if holders else self.srl.head_pos
+
+    def _fits(self, need):
+        return self.srl.end_after(self.srl.head_pos, need) - self._tail() \
+            <= self.srl.capacity
+
+    def _make_room(self, need, vol, offset, length):
+        """Called under the lock before an append: reclaim acknowledged
+        space, else switch the links that hold it the longest to DCM
+        logging (and mark this change for them)."""
+        if self._fits(need):
+            return
+        self.persist(locked=True)
+        while not self._fits(need):
+            holders = [l for l in self.links if l.holds_srl]
+            if not holders:
+                return
+            link = min(holders, key=lambda l: l.saved_pos)
+            log.warning("group %s: the SRL is full; link %s switches to DCM "
+                        "logging", self.name, link.secondary)
+            link.error = "the SRL overflowed (the link could not keep up); " \
+                "changes are tracked in the DCM and replayed"
+            self.to_logging(link)
+            link.dcm.mark(vol, offset, length)
+            self.persist(locked=True)
+
+    def _mark_pending(self, link, from_pos, seq):
+        """Mark the SRL entries from from_pos (sequence number seq) to the
+        head in link's DCM."""
+        pos = from_pos
+        while pos < self.srl.head_pos:
+            e = self.srl.read(pos, with_data=False)
+            if e is None or e[0] != seq:
+                break
+            seq += 1
+            vol, kind, off, length = e[1:5]
+            if vol < len(self.sizes) and 0 <= off and \
+                    off + length <= self.sizes[vol]:
+                link.dcm.mark(vol, off, length)
+            else:
+                # An entry too damaged to say what it changed.
+                link.dcm.mark_all()
+                break
+            pos = e[7]
+        if pos < self.srl.head_pos:
+            link.dcm.mark_all()
+
+    def to_logging(self, link):
+        """(Under the lock.)  The link stops holding the SRL: what it has
+        not acknowledged goes into its DCM, and changes are marked there
+        from now on."""
+        if link.logging:
+            return
+        if link.holds_srl:
+            self._mark_pending(link, link.acked_pos, link.acked_seq + 1)
+        self._stop_holding(link)
+        # Saved now: a record that still says the link streams would,
+        # after a crash, ignore the DCM bits set from here on.
+        self.persist(locked=True)
+
+    def _stop_holding(self, link):
+        link.transition("log")
+        link.epoch += 1
+        self.cond.notify_all()
+
+    def replay_join(self, link):
+        """(Under the lock.)  The link joins the SRL stream at its head; the
+        DCM is static from here on (module notes)."""
+        link.transition("replay")
+        link.acked_pos = link.saved_pos = self.srl.head_pos
+        link.acked_seq = self.next_seq - 1
+        # Changes are logged again from here on: no number above next_seq
+        # was handed out unlogged (the caller saves this).
+        self.seq_bound = self.next_seq
+        link.last_sent_seq = link.acked_seq
+        link.batches = []
+        link.epoch += 1
+
+    def skip_applied(self, pos, applied):
+        if not applied:
+            return pos
+        while pos < self.srl.head_pos:
+            e = self.srl.read(pos, with_data=False)
+            if e is None or e[0] > applied:
+                break
+            pos = e[7]
+        return pos
+
+    # Links and the handshake.
+
+    def hello(self, token):
+        return {"token": token, "group": self.name,
+                "granularity": self.granularity,
+                "volumes": [{"lu": lu.name, "size": lu.size}
+                            for lu in self.volumes],
+                "generation": self.generation, "history": self.history,
+                "last_seq": self.next_seq - 1}
+
+    def accept_secondary(self, link, reply):
+        """Decide, from the secondary's handshake reply, how the link goes
+        on: stream from its position, or replay its DCM.  False (with the
+        link's state set) when replication must not start."""
+        theirs = reply.get("history") or []
+        their_last = int(reply.get("last_seq") or 0)
+        with self.cond:
+            link.batches = []
+            link.stream_from = None
+            # (A node that is itself primary refuses the hello instead.)
+            diverged = False
+            if theirs:
+                diverged, _ = history_diverges(self.history,
+                                               self.next_seq - 1, theirs,
+                                               their_last)
+            if diverged and not link.discard_secondary:
+                link.transition("diverge")
+                link.error = (
+                    "split brain: {} wrote updates of group {!r} after "
+                    "this node took over (generation {} vs {}); nothing "
+                    "is sent until you choose: `clonectl rsg attach {} "
+                    "--secondary {} --discard-secondary-changes` makes "
+                    "this node win (only the diverged regions are copied), "
+                    "or demote this node".format(
+                        link.secondary, self.name, theirs[-1][0],
+                        self.generation, self.name, link.secondary))
+                link.refused = link.error
+                return False
+            if not diverged:
+                # The secondary has taken this side's history (a replay
+                # began there): a choice to discard its changes is used.
+                # Until then it holds, across lost connections.
+                link.discard_secondary = False
+            same_line = bool(theirs) and theirs[-1][0] == self.generation
+            if reply.get("diverged") or reply.get("diverged_all"):
+                # Regions the other node changed on its own (it was a
+                # primary, or was restored while detached).
+                self._seed_from(link, reply, with_since=not same_line)
+                link.seeded = True
+            if not link.seeded:
+                # First contact: what may differ?
+                if theirs and (not same_line or diverged):
+                    self._seed_from(link, reply)
+                elif not (same_line and reply.get("consistent") and
+                          link.holds_srl and
+                          int(reply.get("applied_seq") or 0) >=
+                          link.acked_seq):
+                    link.dcm.mark_all()
+                link.seeded = True
+            elif diverged or (theirs and not same_line):
+                self._seed_from(link, reply)
+            elif link.holds_srl:
+                applied = int(reply.get("applied_seq") or 0)
+                if applied < link.acked_seq or not reply.get("consistent"):
+                    # It lost updates it had acknowledged, or a replay was
+                    # broken off there: replay (everything, if lost).
+                    if applied < link.acked_seq:
+                        link.dcm.mark_all()
+                    self.to_logging(link)
+                elif link.dcm_active:
+                    # A replay broke off here (it had joined the stream):
+                    # the secondary may never have begun it, and the
+                    # DCM's regions then never reached it.  Replay again.
+                    self.to_logging(link)
+            if link.logging:
+                link.transition("await-replay")
+        self.persist()
+        return True
+
+    def _seed_from(self, link, reply, with_since=True):
+        """(Under the lock.)  A secondary on another line of history: copy
+        what this node wrote since its promotion and what the other node
+        wrote that this one never got."""
+        bits = bytearray(link.dcm.bits)
+        if not with_since:
+            pass
+        elif self.since is None:
+            bits = bytearray(b"\x01") * link.dcm.extents
+        else:
+            bits = bytearray(a | b for a, b in zip(bits, self.since.bits))
+        for vol, off, length in reply.get("diverged") or []:
+            if 0 <= vol < len(self.sizes):
+                a, b = link.dcm.range_of(vol, off, length)
+                maps.set_range(bits, a, b)
+        if reply.get("diverged_all"):
+            bits = bytearray(b"\x01") * link.dcm.extents
+        link.dcm.replace(bits)
+        if not link.logging:
+            self.to_logging(link)
+
+    def add_link(self, secondary, mode, token_file):
+        if any(l.secondary == secondary for l in self.links):
+            raise ReplicationError(name=self.name, reason="it already has a "
+                                   "link to {}".format(secondary))
+        with self.cond:
+            index = max([l.index for l in self.links] + [-1]) + 1
+            rec = {"secondary": secondary, "mode": mode,
+                   "token_file": token_file, "attached": True,
+                   "dcm_active": True, "seeded": False}
+            link = self._add_link_object(index, rec, fresh=True)
+        self.persist()
+        link.start()
+        return link
+
+    def remove_link(self, link):
+        link.stop()
+        with self.cond:
+            self.links.remove(link)
+        link.dcm.close()
+        self.files.remove([self.files.dcm(link.index)])
+        self.persist()
+
+    def link(self, secondary):
+        for l in self.links:
+            if l.secondary == secondary:
+                return l
+        raise ReplicationError(name=self.name, reason="no link to {}"
+                               .format(secondary))
+
+    def detach_link(self, link):
+        link.stop()
+        try:
+            with self.cond:
+                link.transition("detach")
+                self.to_logging(link)
+                link.error = None
+            self.persist()
+        except BaseException:
+            # Not saved (a full state directory): the link stays attached,
+            # as the record says; it logs to its DCM now and replays it.
+            with self.cond:
+                link.transition("attach")
+            link.start()
+            raise
+
+    def attach_link(self, link, discard_secondary=False):
+        fields = ("stopped_error", "discard_secondary", "error")
+        with self.cond:
+            before = {f: getattr(link, f) for f in fields}
+            # A detached link is attached in the record saved next; any
+            # other link takes the new state once that record is saved.
+            was_detached = link.state == DETACHED
+            if was_detached:
+                link.transition("attach")
+            link.stopped_error = None
+            link.discard_secondary = bool(discard_secondary)
+            link.error = None
+        try:
+            self.persist()
+        except BaseException:
+            # Not saved (a full state directory): as the record says.
+            with self.cond:
+                for f, v in before.items():
+                    setattr(link, f, v)
+                if was_detached:
+                    link.transition("detach")
+            raise
+        with self.cond:
+            if not was_detached:
+                link.transition("attach")
+        link.start()
+
+    def begin_volume_change(self, vol, region_bits, granularity, what):
+        """Before a volume-changing operation on volume vol (module notes):
+        every link logs, and the operation's region map is in every DCM."""
+        with self.cond:
+            for link in self.links:
+                self.to_logging(link)
+                link.dcm.merge(vol, region_bits, granularity)
+                link.error = "{} changes {}; its regions are replayed once " \
+                    "it has finished".format(what, self.volumes[vol].name)
+        self.persist()
+
+    def status(self):
+        with self.lock:
+            used = self.srl.head_pos - min(
+                [l.acked_pos for l in self.links if l.holds_srl] +
+                [self.srl.head_pos])
+            return {"name": self.name, "role": PRIMARY,
+                    "generation": self.generation, "history": self.history,
+                    "granularity": self.granularity,
+                    "volumes": [{"lu": lu.name, "size": lu.size}
+                                for lu in self.volumes],
+                    "last_seq": self.next_seq - 1,
+                    "srl": {"size": self.srl.capacity, "used": used,
+                            "used_percent": round(100.0 * used /
+                                                  self.srl.capacity, 1)},
+                    "activity_log_regions": self.al.count(),
+                    "links": [l.status() for l in self.links],
+                    "problems": self.problems}

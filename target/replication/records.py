@@ -1,0 +1,143 @@
+"""A replicated group's files, record and history of generations.
+
+Owns the paths of a group's files in the state directory (record, SRL,
+stage slots, DCMs, activity log), loading and saving the record, and the
+comparison of two histories that tells a split brain.  Also the errors
+every part of replication raises.  The record's fields: docs/persistence.md.
+"""
+
+import errno
+import json
+import os
+import uuid
+
+from .. import errors, fsutil
+
+DEFAULT_GRANULARITY = 64 << 10
+
+PRIMARY, SECONDARY = "primary", "secondary"
+
+
+class ReplicationError(errors.Error):
+    msg = "replicated group {name!r}: {reason}"
+    errno = errno.EINVAL
+
+
+class UnknownGroup(errors.Error):
+    msg = "no replicated storage group named {name!r}"
+    errno = errno.ENOENT
+
+
+class RsgBusy(errors.Error):
+    msg = "replicated group {name!r}: {reason}"
+    errno = errno.EBUSY
+
+
+class ReplicaUnavailable(errors.Error):
+    msg = ("LU {name!r} is a secondary of replicated group {group!r} and is "
+           "inconsistent ({reason}); it serves no reads until replication "
+           "makes it consistent{hint}")
+    errno = errno.EIO
+
+
+def parse_secondary(text):
+    host, sep, port = str(text).rpartition(":")
+    if not sep or not host or not port.isdigit() or \
+            not 0 < int(port) < 65536:
+        raise errors.InvalidArgument(
+            reason="invalid secondary address {!r}: use HOST:PORT"
+            .format(text))
+    return "{}:{}".format(host.strip("[]"), int(port))
+
+
+def read_token(path):
+    from ..peer import read_token as read_shared_token
+    return read_shared_token(path, what="replication")
+
+
+class GroupFiles:
+    """Where a group keeps its files in the state directory."""
+
+    def __init__(self, rsg_dir, name):
+        self.dir = rsg_dir
+        self.name = name
+        self.record = os.path.join(rsg_dir, name + ".json")
+        self.srl = os.path.join(rsg_dir, name + ".srl")
+        self.stage = [os.path.join(rsg_dir, "{}.stage{}".format(name, i))
+                      for i in (0, 1)]
+        self.diverged = os.path.join(rsg_dir, name + ".diverged")
+
+    def dcm(self, index):
+        return os.path.join(self.dir, "{}.link{}.dcm".format(self.name, index))
+
+    def since(self):
+        return os.path.join(self.dir, self.name + ".since-promotion.dcm")
+
+    def activity_log(self):
+        return os.path.join(self.dir, self.name + ".al")
+
+    def save(self, record):
+        fsutil.write_json_atomic(self.record, record)
+
+    def load(self):
+        try:
+            with open(self.record, "rb") as f:
+                rec = json.load(f)
+        except ValueError as e:
+            raise errors.CorruptState(path=self.record,
+                                      reason="not valid JSON ({})".format(e))
+        if not isinstance(rec, dict) or rec.get("role") not in \
+                (PRIMARY, SECONDARY) or not isinstance(rec.get("volumes"),
+                                                       list):
+            raise errors.CorruptState(path=self.record,
+                                      reason="not a replicated group record")
+        return rec
+
+    def dcms(self):
+        """Every link DCM path a group may have (link indexes < 64)."""
+        return [self.dcm(i) for i in range(64)]
+
+    @staticmethod
+    def remove(paths):
+        fsutil.remove_durably(paths)
+
+    def paths(self):
+        """Every file the group may have."""
+        return [self.record, self.srl, self.diverged, self.since(),
+                self.activity_log()] + self.stage + self.dcms()
+
+    def on_disk(self):
+        return [p for p in self.paths() if os.path.lexists(p)]
+
+    def remove_all(self):
+        self.remove(self.paths())
+
+
+def new_generation():
+    return uuid.uuid4().hex[:16]
+
+
+def history_diverges(mine, my_last, theirs, their_last):
+    """Has the side with history `theirs` (last seq their_last) written
+    something the side with `mine` never had?  Returns (diverged, common):
+    common is the last sequence number both histories share."""
+    # Walk the common prefix of generations.
+    i = 0
+    while i < len(mine) and i < len(theirs) and mine[i][0] == theirs[i][0]:
+        i += 1
+    if i == 0:
+        return True, 0
+    if i == len(theirs):
+        # Their last generation is one of mine.
+        if i == len(mine):
+            return False, min(my_last, their_last)
+        branch = mine[i][1] - 1      # my next generation starts after this
+        return their_last > branch, min(branch, their_last)
+    # They have a generation I never had: they wrote after the branch
+    # point only if they wrote in it (a node promoted and demoted again
+    # without a write has nothing to lose).
+    wrote = their_last >= theirs[i][1]
+    if i == len(mine):
+        # They are ahead of me (they have a newer generation).
+        return wrote, min(theirs[i][1] - 1, my_last)
+    return wrote, min(mine[i][1], theirs[i][1]) - 1

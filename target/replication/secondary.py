@@ -1,0 +1,421 @@
+"""A replicated storage group on a secondary node.
+
+Owns the session with a primary (receiving batches and replays), the two
+staging slots that make a batch one atomic unit across a crash, applying
+batches below the volumes' guard, consistency and the protected image
+kept during a replay, and refusing a primary while a local change runs.
+See the design notes in target/replication/__init__.py; staging slots
+and recovery: docs/persistence.md.
+"""
+
+import contextlib
+import logging
+import os
+import struct
+import threading
+import time
+import zlib
+
+from .. import errors, fsutil
+from .layer import Guard
+from .records import (SECONDARY, ReplicaUnavailable, ReplicationError,
+                      RsgBusy)
+from .wire import (DATA, ENTRY, SEQ, WRITE, ZERO, entry_crc, recv_frame,
+                   send_frame, send_json, shutdown_socket)
+
+log = logging.getLogger("clonectl.replication")
+
+STAGE_MAGIC = b"CLNSTG01"
+STAGE_HEADER = struct.Struct("<8sBQQII")   # magic state first last count crc
+STAGED, APPLIED = 1, 2
+
+
+class SecondaryGroup:
+    """A replicated storage group on a secondary node (module notes)."""
+
+    role = SECONDARY
+
+    def __init__(self, files, record, volumes, protect=None, release=None,
+                 volume_change=None):
+        self.files = files
+        self.name = record["name"]
+        self.record_base = record
+        self.granularity = record["granularity"]
+        self.volumes = volumes
+        self.sizes = [lu.size for lu in volumes]
+        self.history = [list(h) for h in record.get("history", [])]
+        self.last_seq = record.get("last_seq", 0)
+        self.applied_seq = record.get("applied_seq", 0)
+        self.consistent = record.get("consistent", False)
+        self.protected = record.get("protected", False)
+        self.primary = record.get("primary")
+        self.diverged = record.get("diverged")       # set by demote
+        self.protect = protect or (lambda lu: None)
+        self.release = release or (lambda lu: None)
+        # A volume-changing operation (restore, reverse sync) running here,
+        # described, or None: a primary is refused meanwhile.
+        self.volume_change = volume_change or (lambda: None)
+        # Changes of the volumes made here being started (a restore until
+        # it runs, a rollback): under session_lock, like `connection`.
+        self.local_changes = []
+        self.layers = []                    # Guard per volume
+        self.lock = threading.Lock()        # apply vs. host reads
+        self.session_lock = threading.Lock()
+        self.connection = None
+        self.serving = None         # the thread serving self.connection
+        self.connected_since = None
+        self.reason = record.get("reason") or "never synchronized"
+        self.error = None
+        self.batches = 0
+        self.slot = 0
+        self.closed = False
+        self._recover_stage()
+
+    # Stage slots.
+
+    def _read_slot(self, i):
+        try:
+            with open(self.files.stage[i], "rb") as f:
+                raw = f.read()
+        except FileNotFoundError:
+            return None
+        if len(raw) < STAGE_HEADER.size:
+            return None
+        magic, st, first, last, count, crc = STAGE_HEADER.unpack_from(raw)
+        body = raw[STAGE_HEADER.size:]
+        if magic != STAGE_MAGIC or st not in (STAGED, APPLIED):
+            return None
+        # The declared body is what the crc covers; a longer file holds
+        # leftovers of an earlier, larger batch.
+        entries, pos = [], 0
+        for _ in range(count):
+            if pos + ENTRY.size > len(body):
+                return None
+            seq, vol, kind, off, length, ecrc = ENTRY.unpack_from(body, pos)
+            pos += ENTRY.size
+            data = None
+            if kind == WRITE:
+                data = body[pos:pos + length]
+                pos += length
+            entries.append((seq, vol, kind, off, length, ecrc, data))
+        if zlib.crc32(body[:pos]) != crc:
+            return None
+        return {"state": st, "first": first, "last": last,
+                "entries": entries, "slot": i}
+
+    def _recover_stage(self):
+        """Batches are staged one at a time, each applied before the next
+        is staged: only the newest valid slot can be unapplied."""
+        slots = [s for s in (self._read_slot(0), self._read_slot(1)) if s]
+        if not slots or not self.consistent:
+            return
+        newest = max(slots, key=lambda s: s["last"])
+        self.slot = 1 - newest["slot"]
+        if newest["last"] <= self.applied_seq:
+            return
+        if newest["state"] == STAGED:
+            log.info("group %s: applying the staged batch %d-%d again "
+                     "(one atomic unit)", self.name, newest["first"],
+                     newest["last"])
+            self._apply_entries(newest["entries"])
+            self._flush_volumes()
+            self._mark_applied(self.files.stage[newest["slot"]])
+        self.applied_seq = newest["last"]
+        self.persist()
+
+    def _stage(self, entries, first, last):
+        body = b"".join(ENTRY.pack(*e[:6]) + (bytes(e[6]) if e[6] is not
+                                              None else b"") for e in entries)
+        head = STAGE_HEADER.pack(STAGE_MAGIC, STAGED, first, last,
+                                 len(entries), zlib.crc32(body))
+        path = self.files.stage[self.slot]
+        new = not os.path.exists(path)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            os.pwritev(fd, [head, body], 0)
+            os.fdatasync(fd)
+        finally:
+            os.close(fd)
+        if new:
+            # The batch is acknowledged next: a power cut must not take the
+            # new file's entry and the batch with it.
+            fsutil.fsync_dir(os.path.dirname(path))
+        return path
+
+    def _mark_applied(self, path):
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            os.pwrite(fd, bytes([APPLIED]), 8)
+        finally:
+            os.close(fd)
+
+    def _clear_stage(self):
+        fsutil.remove_durably(self.files.stage)
+
+    # Applying.
+
+    def attach(self):
+        for lu in self.volumes:
+            self.layers.append(Guard(self, lu))
+            lu.stack.set("guard", self.layers[-1])
+
+    def detach(self):
+        for lu, layer in zip(self.volumes, self.layers):
+            lu.stack.remove("guard", layer)
+        self.layers = []
+
+    def _backend(self, vol):
+        # Below the read guard and above everything else: a clone or a
+        # session of the volume sees a replicated change as a host write.
+        return self.volumes[vol].stack.below("guard")
+
+    def _apply_one(self, vol, kind, off, length, data):
+        b = self._backend(vol)
+        if kind == WRITE:
+            b.write(memoryview(data), off)
+        elif kind == ZERO:
+            b.zero(off, length)
+        else:
+            b.trim(off, length)
+
+    def _apply_entries(self, entries):
+        with self.lock:
+            for seq, vol, kind, off, length, crc, data in entries:
+                self._apply_one(vol, kind, off, length, data)
+
+    def _flush_volumes(self):
+        for vol in range(len(self.volumes)):
+            self._backend(vol).flush()
+
+    def persist(self):
+        rec = dict(self.record_base)
+        rec.update({"role": SECONDARY, "history": self.history,
+                    "last_seq": max(self.last_seq, self.applied_seq),
+                    "applied_seq": self.applied_seq,
+                    "consistent": self.consistent,
+                    "protected": self.protected, "primary": self.primary,
+                    "diverged": self.diverged, "reason": self.reason})
+        self.files.save(rec)
+
+    # Host reads.
+
+    @contextlib.contextmanager
+    def local_change(self, what):
+        """A change of the volumes made on this node (a restore, a reverse
+        sync, a rollback): refused while a primary is connected, and no
+        primary is accepted while it is being made; a restore that runs is
+        seen by `volume_change` from then on."""
+        with self.session_lock:
+            if self.connection is not None:
+                raise RsgBusy(name=self.name, reason="{} is refused: this "
+                                "node is a secondary and its primary is "
+                                "replicating; detach the link on the primary "
+                                "first".format(what))
+            self.local_changes.append(what)
+        try:
+            yield
+        finally:
+            with self.session_lock:
+                self.local_changes.remove(what)
+
+    def refuse_primary(self):
+        """Under session_lock: why a primary may not connect now, or None.
+        Its batches would land beside a local change's own writes; the
+        primary tries again and replays what the change did once it has
+        finished."""
+        busy = self.local_changes[0] if self.local_changes \
+            else self.volume_change()
+        if busy:
+            return "{} is running on this secondary; replication resumes " \
+                "when it has finished".format(busy)
+        return None
+
+    def check_readable(self, lu):
+        if not self.consistent:
+            hint = "; its last consistent image is readable as " \
+                "{}@protected-{}".format(lu.name, lu.name) \
+                if self.protected else ""
+            raise ReplicaUnavailable(name=lu.name, group=self.name,
+                                     reason=self.reason, hint=hint)
+
+
+    # The session with a primary.
+
+    def handshake(self, hello):
+        """Check a primary's hello; return the reply."""
+        vols = hello.get("volumes") or []
+        mine = [{"lu": lu.name, "size": lu.size} for lu in self.volumes]
+        if vols != mine:
+            raise ReplicationError(
+                name=self.name, reason="the primary's volumes {} do not match "
+                "this secondary's {}".format(
+                    ", ".join("{lu}({size})".format(**v) for v in vols),
+                    ", ".join("{lu}({size})".format(**v) for v in mine)))
+        reply = {"ok": True, "role": SECONDARY,
+                 "consistent": self.consistent,
+                 "applied_seq": self.applied_seq, "history": self.history,
+                 "last_seq": max(self.last_seq, self.applied_seq)}
+        if self.diverged is not None:
+            reply["diverged"] = self.diverged.get("runs", [])
+            reply["diverged_all"] = self.diverged.get("all", False)
+        return reply
+
+    def serve(self, sock, hello, peer):
+        """Receive from one primary until the connection ends."""
+        self.primary = peer
+        theirs = [list(h) for h in hello.get("history") or []]
+        self.connected_since = time.time()
+        batch = []
+        replaying = False
+        try:
+            while not self.closed:
+                kind, payload = recv_frame(sock)
+                if kind == b"ENTR":
+                    seq, vol, k, off, length, crc = \
+                        ENTRY.unpack_from(payload)
+                    data = payload[ENTRY.size:] if k == WRITE else None
+                    self._check_entry(seq, vol, k, off, length, crc, data)
+                    if replaying or not self.consistent:
+                        with self.lock:
+                            self._apply_one(vol, k, off, length, data)
+                    elif seq > self.applied_seq:
+                        batch.append((seq, vol, k, off, length, crc, data))
+                elif kind == b"BEAT":
+                    continue
+                elif kind == b"CMIT":
+                    seq, = SEQ.unpack(payload)
+                    if replaying or not self.consistent:
+                        self._flush_volumes()
+                        send_frame(sock, b"ACKS", SEQ.pack(seq))
+                        continue
+                    if batch:
+                        path = self._stage(batch, batch[0][0], batch[-1][0])
+                    send_frame(sock, b"ACKS", SEQ.pack(seq))
+                    if batch:
+                        self._apply_entries(batch)
+                        self._flush_volumes()
+                        self._mark_applied(path)
+                        self.slot = 1 - self.slot
+                        self.applied_seq = batch[-1][0]
+                        self.batches += 1
+                        batch = []
+                    self.last_seq = max(self.last_seq, seq)
+                    if self.history != theirs:
+                        self.history = theirs
+                        self.persist()
+                elif kind == b"RBEG":
+                    replaying = True
+                    self._begin_replay(theirs)
+                    send_json(sock, b"RBOK", {"ok": True})
+                elif kind == b"RDAT":
+                    vol, k, off, length, crc = DATA.unpack_from(payload)
+                    data = payload[DATA.size:] if k == WRITE else None
+                    self._check_data(vol, k, off, length, crc, data)
+                    with self.lock:
+                        self._apply_one(vol, k, off, length, data)
+                elif kind == b"REND":
+                    seq, = SEQ.unpack(payload)
+                    self._end_replay(seq, theirs)
+                    replaying = False
+                    send_json(sock, b"RACK", {"ok": True})
+                else:
+                    raise errors.ProtocolError(reason="unknown frame {!r}"
+                                               .format(kind))
+        except errors.Error as e:
+            if self.closed:
+                # The target closing under this session (its LUs go away):
+                # no FAIL, which would stop the primary's link for good;
+                # the primary sees the connection drop and comes back.
+                log.info("group %s: session ended by the close: %s",
+                         self.name, e)
+                return
+            self.error = str(e)
+            log.error("group %s: %s", self.name, e)
+            if not isinstance(e, (ReplicationError, errors.ProtocolError)):
+                # A failure of this node's own (a state that cannot be
+                # saved, a disk gone): not a refusal of the primary's
+                # updates, so no FAIL, which would stop its link for good;
+                # the connection drops and the primary tries again.
+                return
+            # Refused updates (checksum, range, history): the primary stops
+            # with the message.
+            try:
+                send_json(sock, b"FAIL", {"message": str(e)})
+            except OSError:
+                pass
+        finally:
+            self.connected_since = None
+
+    def _check_entry(self, seq, vol, kind, off, length, crc, data):
+        if vol >= len(self.sizes) or off + length > self.sizes[vol] or \
+                (kind == WRITE and len(data) != length) or \
+                entry_crc(seq, vol, kind, off, length, data) != crc:
+            raise ReplicationError(
+                name=self.name, reason="update {} fails its checksum or "
+                "range check; replication stopped, nothing of its batch "
+                "was applied".format(seq))
+
+    def _check_data(self, vol, kind, off, length, crc, data):
+        if vol >= len(self.sizes) or off + length > self.sizes[vol] or \
+                (kind == WRITE and (len(data) != length or
+                                    zlib.crc32(data) != crc)):
+            raise ReplicationError(
+                name=self.name, reason="replay data at {} of volume {} fails "
+                "its checksum or range check; replication stopped".format(
+                    off, vol))
+
+    def _begin_replay(self, theirs):
+        log.info("group %s: replay from the primary started", self.name)
+        if self.consistent:
+            # Keep the last consistent image readable and restorable.
+            for lu in self.volumes:
+                self.protect(lu)
+            self.protected = True
+        with self.lock:
+            self.consistent = False
+            self.reason = "a DCM replay from the primary is running"
+        self.diverged = None
+        self.history = theirs
+        self._clear_stage()
+        self.persist()
+
+    def _end_replay(self, seq, theirs):
+        self._flush_volumes()
+        with self.lock:
+            self.applied_seq = seq
+            self.last_seq = seq
+            self.history = theirs
+            self.consistent = True
+            self.reason = None
+        self._clear_stage()
+        self.persist()
+        log.info("group %s: replay from the primary completed: consistent "
+                 "at sequence %d", self.name, seq)
+        if self.protected:
+            for lu in self.volumes:
+                self.release(lu)
+            self.protected = False
+            self.persist()
+
+    def status(self):
+        return {"name": self.name, "role": SECONDARY,
+                "granularity": self.granularity,
+                "volumes": [{"lu": lu.name, "size": lu.size}
+                            for lu in self.volumes],
+                "consistent": self.consistent,
+                "reason": None if self.consistent else self.reason,
+                "applied_seq": self.applied_seq, "history": self.history,
+                "generation": self.history[-1][0] if self.history else None,
+                "primary": self.primary,
+                "connected": self.connected_since is not None,
+                "protected": self.protected, "batches": self.batches,
+                "error": self.error}
+
+    def close(self):
+        # Under the session lock: a connection being set up sees `closed`
+        # (ReplicaServer._serve) or is shut down here, never neither.
+        with self.session_lock:
+            self.closed = True
+            conn = self.connection
+        if conn is not None:
+            shutdown_socket(conn)

@@ -1,0 +1,97 @@
+"""Frames on a replication connection and the checksum of an entry.
+
+Every message is a frame: a 4-byte kind and a length, then the payload.
+A frame announcing more than the reader's limit is refused before anything
+is allocated for it (a peer that has not shown the token gets a small
+limit and a deadline).  An entry's checksum covers its header and its data,
+so a secondary refuses an update damaged anywhere.
+
+Kinds: HELO/HRPL (the primary's hello and the secondary's reply, JSON),
+ENTR (one SRL entry), CMIT (end of a batch), ACKS (a batch is durable on
+the secondary), BEAT (an idle primary is alive), RBEG/RBOK, RDAT, REND/RACK
+(a DCM replay: begin, data of a run, end), FAIL (the secondary refuses the
+updates, with a message).  What they are for: the design notes in
+target/replication/__init__.py.
+"""
+
+import json
+import socket
+import struct
+import time
+import zlib
+
+from .. import errors
+
+MAX_FRAME = 64 << 20
+
+# Entry kinds.
+WRITE, ZERO, TRIM = 0, 1, 2
+
+FRAME = struct.Struct("<4sI")
+ENTRY = struct.Struct("<QIBQII")      # seq vol kind offset length crc
+DATA = struct.Struct("<IBQII")        # vol kind offset length crc
+SEQ = struct.Struct("<Q")
+
+
+def send_frame(sock, kind, payload=b""):
+    sock.sendall(FRAME.pack(kind, len(payload)) + payload)
+
+
+def send_frames(sock, parts):
+    """parts: list of (kind, header bytes, data or None); one sendmsg."""
+    bufs = []
+    for kind, head, data in parts:
+        n = len(head) + (len(data) if data is not None else 0)
+        bufs.append(FRAME.pack(kind, n))
+        bufs.append(head)
+        if data is not None:
+            bufs.append(data)
+    sock.sendall(b"".join(bufs))
+
+
+def _recv_exact(sock, n, deadline=None):
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        if deadline is not None:
+            # A peer sending a byte at a time does not extend the deadline.
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise socket.timeout("timed out")
+            sock.settimeout(left)
+        k = sock.recv_into(view[got:])
+        if k == 0:
+            raise ConnectionError("connection closed")
+        got += k
+    return buf
+
+
+def recv_frame(sock, limit=MAX_FRAME, deadline=None):
+    """(kind, payload) of the next frame; a frame announcing more than
+    limit bytes is refused before anything is allocated for it."""
+    kind, n = FRAME.unpack(_recv_exact(sock, FRAME.size, deadline))
+    if n > limit:
+        raise errors.ProtocolError(reason="{} frame of {} bytes (at most {})"
+                                   .format(kind.decode(errors="replace"), n,
+                                           limit))
+    return kind, _recv_exact(sock, n, deadline) if n else bytearray()
+
+
+def send_json(sock, kind, obj):
+    send_frame(sock, kind, json.dumps(obj).encode())
+
+
+def shutdown_socket(sock):
+    """Wake every thread blocked on sock (recv, send, accept); a socket
+    that is already down is fine."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+def entry_crc(seq, vol, kind, offset, length, data):
+    head = struct.pack("<QIBQI", seq, vol, kind, offset, length)
+    return zlib.crc32(data, zlib.crc32(head)) if data is not None \
+        else zlib.crc32(head)
