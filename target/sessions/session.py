@@ -70,7 +70,7 @@ import threading
 import time
 import zlib
 
-from . import errors, iostack, maps
+from .. import errors, iostack, maps
 
 log = logging.getLogger("clonectl.sessions")
 
