@@ -1554,7 +1554,7 @@ class Target:
         fsutil.remove_durably(
             [session.tracking.path, session.tracking.path + ".activity",
              self._save_area_path(source, name)] +
-            [session._pending_path(d) for d in session.dests])
+            [session.pending_path(d) for d in session.dests])
         return {"name": name, "source": source}
 
     def session_list(self, source=None):
@@ -1673,7 +1673,7 @@ class Target:
             d.consistency = sessions.INCONSISTENT
             d.last_error = "its protected image was gone (rolled back or " \
                 "released there); a full copy follows"
-        session._persist()
+        session.save()
 
     def _protect_peers(self, session):
         """Protect the consistent image of each clonectl destination before
@@ -1701,7 +1701,7 @@ class Target:
         except errors.Error:
             self._release(session, done)
             raise
-        session._persist()
+        session.save()
         return done
 
     def _release(self, session, dests):
@@ -1718,7 +1718,7 @@ class Target:
                 log.error("session %s: could not release the protected image "
                           "of %s: %s", session.name, d.uri, e)
                 d.protected = True
-        session._persist()
+        session.save()
 
     def _release_peers(self, engine):
         """After a transfer: release the protected images of destinations
@@ -1739,7 +1739,7 @@ class Target:
                     "was not released: {}".format(e)
             changed = True
         if changed:
-            session._persist()
+            session.save()
 
     # ------------------------------------------------------------ images
     # Protected images of this target's LUs, asked for by a peer manager.
@@ -1763,7 +1763,7 @@ class Target:
         return {"lu": lu, "size": self.lus[lu].size, "protected": protected,
                 "export": session.export_name() if protected else None,
                 "since": session.mark_time if protected else None,
-                "saved_extents": len(session.save.slots) if protected else 0}
+                "saved_extents": len(session.save_area.slots) if protected else 0}
 
     def image_protect(self, lu):
         """Keep lu's current image readable (LU@protected-LU) until
@@ -1811,14 +1811,14 @@ class Target:
         buf = bytearray(g)
         restored = 0
         with session.cond:
-            saved = sorted(session.save.slots)
+            saved = sorted(session.save_area.slots)
         regions = bytearray(session.extents)
         for x in saved:
             regions[x] = 1
         with self._volume_change(source, regions, g, "a rollback"):
             for x in saved:
                 n = min(g, source.size - x * g)
-                session.save.readinto(x, buf)
+                session.save_area.readinto(x, buf)
                 # Below a secondary's guard (rolling a secondary back to its
                 # last consistent image is what its promotion asks for),
                 # through every other layer, looked up for each write: a

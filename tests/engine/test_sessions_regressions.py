@@ -126,7 +126,7 @@ def test_failing_activity_map_does_not_wedge_the_source():
     activity.persist = boom
     with pytest.raises(OSError):
         lu.backend.write(b"x" * G, 0)
-    assert s.active == 0
+    assert s.writes_in_flight == 0
     marker = threading.Thread(target=s.mark, daemon=True)
     marker.start()
     marker.join(10)
@@ -231,7 +231,7 @@ def test_mark_not_saved_leaves_the_session_unmarked():
     assert not s.marked and not s.export and s.mark_time is None
     assert not persisted.get("marked")
     lu.backend.write(b"B" * G, 0)
-    assert not s.save.slots
+    assert not s.save_area.slots
     with pytest.raises(sessions.FrozenImageGone):
         s.read_frozen(bytearray(G), 0)
 
