@@ -167,6 +167,7 @@ class Session:
         return "{}@{}".format(self.source.name, self.name)
 
     def pending_path(self, dest):
+        """The file of dest's pending map."""
         return "{}.d{}.pending".format(self.base, dest.index)
 
     def create(self):
@@ -220,6 +221,8 @@ class Session:
         return rec
 
     def recompute_transfer(self, start=0, end=None):
+        """The transfer map of [start, end) anew: the union of the pending
+        maps (caller holds the lock)."""
         end = self.extents if end is None else end
         t = bytearray(end - start)
         for d in self.dests:
