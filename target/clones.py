@@ -83,7 +83,7 @@ import os
 import threading
 import time
 
-from . import backends, errors, fsutil, maps
+from . import backends, changemap, copier, errors, fsutil, maps
 
 log = logging.getLogger("clonectl.clones")
 
@@ -130,14 +130,6 @@ MAX_CLONES = 8
 MIN_GRANULARITY = 2 << 10
 MAX_GRANULARITY = 1 << 20
 DEFAULT_GRANULARITY = 64 << 10
-ACTIVITY_REGION = 4 << 20
-COPY_CHUNK = 1 << 20
-# Copies are written in pieces of this size.  Measured on this machine's
-# kernel (6.18, large page-cache folios): after a file is filled with 1 MiB
-# writes, each later 4 KiB host write dirties a whole large folio and costs
-# 18-23 us instead of 4 us (64 KiB pieces), and the fill is no faster.
-WRITE_PIECE = 64 << 10
-COMMIT_INTERVAL = 1.0
 
 _HINTS = {
     "fracture": "only a synchronized clone can be fractured",
@@ -336,12 +328,6 @@ class CodStats:
                 "cod_wait_p99_ms": pct(0.99)}
 
 
-def write_in_pieces(backend, view, offset):
-    """Write view at offset in WRITE_PIECE pieces (see WRITE_PIECE)."""
-    for start in range(0, len(view), WRITE_PIECE):
-        backend.write(view[start:start + WRITE_PIECE], offset + start)
-
-
 def _all_data(offset, length):
     return [(offset, length, False)]
 
@@ -369,24 +355,19 @@ class CloneGroup:
         self.size = source.size
         self.granularity = check_granularity(granularity)
         self.extents = maps.extent_count(self.size, granularity)
-        self.region = max(1, ACTIVITY_REGION // granularity)
         self.map_dir = map_dir
         self.persist = persist or (lambda name, state, error=None, rate=None:
                                    None)
         self.clones = {}
         self.cond = threading.Condition(threading.Lock())
-        self.commit_lock = threading.Lock()
-        self.active = {}
-        self._next_token = 0
-        self.copying = None
+        # The delta maps, with one activity map for the group.
+        self.changes = changemap.ChangeMap(
+            os.path.join(map_dir, source.name + ".activity"), granularity,
+            self.extents, self.cond, lambda: self._committed_maps(),
+            flush=lambda: self._flush_all(),
+            after_save=lambda: self._persist_prm())
         self.collided = False
         self.quiesce = False
-        self.track = bytearray(self.extents)
-        self.activity = bytearray(self.extents)
-        self.activity_file = maps.ActivityFile(
-            os.path.join(map_dir, source.name + ".activity"), granularity,
-            self.extents)
-        self.last_commit = 0.0
         self.engine = None
         self.progress = {}
         # Protected restore.
@@ -401,17 +382,39 @@ class CloneGroup:
         # Test hook: called by the engine between reading and writing a run.
         self.copy_hook = None
         # Tests switch these off to show what each protects against: the
-        # retry of collided copies; the backend flushes that make a commit's
-        # clean bits true on disk, and taking the maps before those flushes
-        # (tests/engine/test_commit_order.py); the extents written since
-        # the commit began (and in flight) kept in the new activity map; the
-        # Source flush before each PRM save.  All but the first only matter
-        # on power loss (tests/engine/test_powerloss.py).
+        # retry of collided copies; the Source flush before each PRM save
+        # (only matters on power loss, tests/engine/test_powerloss.py).
+        # The commit's own switches are the change map's (forwarded below).
         self.retry_collisions = True
-        self.flush_before_commit = True
-        self.snapshot_before_flush = True
-        self.keep_recent_in_activity = True
         self.flush_before_prm = True
+
+    def _forward(name, owner="changes"):
+        return property(
+            lambda self: getattr(getattr(self, owner), name),
+            lambda self, value: setattr(getattr(self, owner), name, value))
+
+    flush_before_commit = _forward("flush_before_commit")
+    snapshot_before_flush = _forward("snapshot_before_flush")
+    keep_recent_in_activity = _forward("keep_recent_in_activity")
+    region = _forward("region", "_activity")    # extents an activity mark covers
+    del _forward
+
+    @property
+    def _activity(self):
+        return self.changes.activity
+
+    @property
+    def activity_file(self):
+        return self.changes.activity.file
+
+    def _committed_maps(self):
+        return [(c.map_path, c.delta) for c in self.clones.values()]
+
+    def _flush_all(self):
+        """The data every clean bit of a commit vouches for, durable."""
+        self.below.flush()
+        for clone in list(self.clones.values()):
+            clone.backend.flush()
 
     # ------------------------------------------------------------ set-up
 
@@ -423,14 +426,9 @@ class CloneGroup:
         clones are set wholly dirty).
         """
         problems = []
-        try:
-            activity = maps.load(self.activity_file.path, self.granularity,
-                                 self.extents, with_crc=False)
-        except maps.MapCorrupt as e:
-            if clone_records:
-                problems.append((None, str(e)))
-            activity = bytearray(b"\x01" * self.extents) if clone_records \
-                else bytearray(self.extents)
+        activity, problem = self.changes.recover(required=bool(clone_records))
+        if problem is not None and clone_records:
+            problems.append((None, problem))
         for name, record in clone_records.items():
             try:
                 backend, broken = open_backend(record), None
@@ -455,8 +453,7 @@ class CloneGroup:
                                  "copied"))
                 delta = bytearray(b"\x01" * self.extents)
                 clone.error = str(e)
-            for s, e in maps.runs(activity):
-                maps.set_range(delta, s, e)
+            self.changes.merge(delta, activity)
             clone.delta = delta
             self.clones[name] = clone
         for clone in self.clones.values():
@@ -464,7 +461,7 @@ class CloneGroup:
                 self._recover_restore(clone, problems)
         # Every extent recovered as dirty is now in a delta map: commit them
         # and start a clean activity map.
-        self.activity_file.reset(self.activity)
+        self.changes.start()
         for clone in self.clones.values():
             maps.save(clone.map_path, clone.delta, self.granularity)
             if clone.broken and clone.state in (SYNCHRONIZED, SYNCING):
@@ -507,8 +504,8 @@ class CloneGroup:
         delta = bytearray(b"\x01" * self.extents)
         clone = Clone(self, name, backend, OUT_OF_SYNC, delta, file)
         maps.save(clone.map_path, delta, self.granularity)
-        if not self.activity_file.is_open:
-            self.activity_file.reset(self.activity)
+        if not self.changes.activity.is_open:
+            self.changes.start()
         with self.cond:
             self.clones[name] = clone
         self.attach()
@@ -529,9 +526,9 @@ class CloneGroup:
         paths = [clone.map_path]
         if not self.clones:
             self.detach()
-            self.activity_file.close()
+            self.changes.close()
             self.prm_file.close()
-            paths += [self.activity_file.path, self.prm_file.path]
+            paths += [self.changes.activity.path, self.prm_file.path]
         fsutil.remove_durably(paths)
         return clone
 
@@ -756,7 +753,7 @@ class CloneGroup:
 
     def _drain(self):
         """Wait (holding cond, quiesce set) until no write is in flight."""
-        while self.active:
+        while self.changes.in_flight:
             self.cond.wait()
 
     # ------------------------------------------------------------ host I/O
@@ -774,15 +771,10 @@ class CloneGroup:
         with self.cond:
             while self.quiesce:
                 self.cond.wait()
-            token = self._next_token
-            self._next_token += 1
-            self.active[token] = (e0, e1)
-            if self.copying is not None and self.copying[0] < e1 \
-                    and e0 < self.copying[1]:
+            token = self.changes.begin(e0, e1)
+            if any(c0 < e1 and e0 < c1
+                   for c0, c1 in self.changes.copying.values()):
                 self.collided = True
-            maps.set_range(self.track, e0, e1)
-            if self.activity.find(0, e0, e1) >= 0:
-                self._mark_activity(e0, e1)
             mirrors = []
             if only is not None:
                 maps.set_range(self.prm if only is self.restoring
@@ -797,20 +789,11 @@ class CloneGroup:
                         maps.set_range(clone.delta, e0, e1)
             return token, mirrors
 
-    def _end(self, token, e0, e1):
+    def _end(self, token):
         with self.cond:
-            del self.active[token]
-            maps.set_range(self.track, e0, e1)
-            if self.quiesce and not self.active:
+            self.changes.end(token)
+            if self.quiesce and not self.changes.in_flight:
                 self.cond.notify_all()
-
-    def _mark_activity(self, e0, e1):
-        """Make extents [e0, e1) (whole regions) durable in the activity map."""
-        r = self.region
-        s = e0 // r * r
-        e = min(self.extents, (e1 + r - 1) // r * r)
-        maps.set_range(self.activity, s, e)
-        self.activity_file.persist(self.activity, s, e)
 
     def _mutate(self, offset, length, apply, fua):
         self.source._check_write(offset, length)
@@ -848,7 +831,7 @@ class CloneGroup:
             if unsaved is not None:
                 raise unsaved
         finally:
-            self._end(token, e0, e1)
+            self._end(token)
 
     def source_write(self, buf, offset, fua=False):
         self._mutate(offset, len(buf), lambda b: b.write(buf, offset), fua)
@@ -916,7 +899,7 @@ class CloneGroup:
                 self._persist_prm()
                 clone.backend.flush()
         finally:
-            self._end(token, e0, e1)
+            self._end(token)
 
     def _mirror_failed(self, clone, e0, e1, exc):
         """The clone misses a write: its bits are set and it stops being
@@ -983,31 +966,42 @@ class CloneGroup:
             e = delta.find(1, e + 1, e1)
         return claimed, busy
 
-    def _copy_claimed(self, clone, claimed):
-        """Copy claimed extents Clone -> Source, then release them."""
+    def restore_copier(self, clone, **kwargs):
+        """A copier of Clone -> Source runs, for the engine or a COD."""
+        g = self.granularity
+
+        def between(offset, length):
+            if self.copy_hook is not None:
+                self.copy_hook(None, offset // g, (offset + length + g - 1)
+                               // g)
+        return copier.Copier(
+            clone.backend.readinto, lambda view, offset: self.below.write(
+                view, offset), lambda offset, length: self.below.zero(
+                offset, length), between=between, **kwargs)
+
+    def _copy_claimed(self, clone, claimed, copy=None):
+        """Copy claimed extents Clone -> Source, then release them.
+        Returns whether every extent was copied (a cancelled copier stops
+        early: the extents stay to copy)."""
         g = self.granularity
         copied = False
-        try:
-            with self.cond:
-                for e in claimed:
-                    self.track[e] = 1
+        runs = []
+        with self.cond:
             for s, e in _runs_of(claimed):
-                offset = s * g
-                length = min(e * g, self.size) - offset
-                buf = bytearray(length)
-                clone.backend.readinto(buf, offset)
-                if self.copy_hook is not None:
-                    self.copy_hook(None, s, e)
-                write_in_pieces(self.below, memoryview(buf), offset)
-            copied = True
+                self.changes.touch(s, e)
+                runs.append((s * g, min(e * g, self.size) - s * g))
+        try:
+            copied = (copy or self.restore_copier(clone)).copy(runs)
         finally:
             with self.cond:
                 for e in claimed:
                     self.scoreboard[e] = 0
-                    self.track[e] = 1
                     if copied:
                         clone.delta[e] = 0
+                for s, e in _runs_of(claimed):
+                    self.changes.touch(s, e)
                 self.cond.notify_all()
+        return copied
 
     def copy_on_demand(self, e0, e1):
         """Wait until no extent of [e0, e1) is left to restore.
@@ -1058,46 +1052,12 @@ class CloneGroup:
     # ------------------------------------------------------------ commits
 
     def maybe_commit(self):
-        if time.monotonic() - self.last_commit >= COMMIT_INTERVAL:
-            self.commit()
+        self.changes.maybe_commit()
 
     def commit(self):
-        """Make the delta maps durable and shrink the activity map."""
-        with self.commit_lock:
-            with self.cond:
-                self.track = bytearray(self.extents)
-                clones = list(self.clones.values())
-                # The maps as they are now, before the flush that must
-                # cover them: a copy that clears a bit while the flush
-                # runs is not on disk yet (its bit is saved at the next
-                # commit).
-                deltas = [bytes(c.delta) for c in clones] \
-                    if self.snapshot_before_flush else None
-            if self.flush_before_commit:
-                self.below.flush()
-                for clone in clones:
-                    clone.backend.flush()
-            if deltas is None:
-                deltas = [bytes(c.delta) for c in clones]
-            for clone, delta in zip(clones, deltas):
-                maps.save(clone.map_path, delta, self.granularity)
-            self._persist_prm()
-            with self.cond:
-                keep = bytearray(self.track)
-                for e0, e1 in self.active.values():
-                    maps.set_range(keep, e0, e1)
-                if self.copying is not None:
-                    maps.set_range(keep, *self.copying)
-                if not self.keep_recent_in_activity:
-                    keep = bytearray(self.extents)
-                activity = bytearray(self.extents)
-                r = self.region
-                for s, e in maps.runs(keep):
-                    maps.set_range(activity, s // r * r,
-                                   min(self.extents, (e + r - 1) // r * r))
-                self.activity_file.reset(activity)
-                self.activity = activity
-            self.last_commit = time.monotonic()
+        """Make the delta maps (and the PRM) durable and shrink the
+        activity map (target.changemap)."""
+        self.changes.commit()
 
     # ------------------------------------------------------------ status
 
@@ -1177,7 +1137,7 @@ class CloneGroup:
         self.stop_engine()
         if self.clones:
             self.commit()
-        self.activity_file.close()
+        self.changes.close()
         self.prm_file.close()
         for clone in self.clones.values():
             clone.backend.close()
@@ -1197,14 +1157,45 @@ class SyncEngine:
         self.restore = clone.state == RESTORING
         self.rate = rate
         self.cursor = 0
-        self.chunk = max(1, COPY_CHUNK // group.granularity)
-        self.buf = bytearray(self.chunk * group.granularity)
+        # Extents a step copies at most (tests make it smaller).
+        self.chunk = max(1, copier.CHUNK // group.granularity)
         self._stop = threading.Event()
         self.stop_reason = None
         self.thread = None
         # True until the operation completed, failed or was stopped; not
         # tied to the thread, so tests that call step() see the same.
         self.active = True
+        chunk = self.chunk * group.granularity
+        if self.restore:
+            self.copier = group.restore_copier(
+                clone, chunk=chunk, rate=rate, cancel=self._stop)
+        else:
+            self.copier = self._sync_copier(chunk)
+
+    def _sync_copier(self, chunk):
+        group, clone = self.group, self.clone
+        g = group.granularity
+        if self.reverse:
+            src = clone.backend
+            dst = _Below(group)
+        else:
+            src = _Below(group)
+            dst = clone.backend
+
+        def between(offset, length):
+            if group.copy_hook is not None:
+                group.copy_hook(self, offset // g,
+                                (offset + length + g - 1) // g)
+
+        def progress(length):
+            group.progress[clone.name].bytes_copied += length
+
+        return copier.Copier(
+            lambda view, offset: src.readinto(view, offset),
+            lambda view, offset: dst.write(view, offset),
+            lambda offset, length: dst.zero(offset, length), chunk=chunk,
+            guard=_CollisionGuard(self), between=between, rate=self.rate,
+            progress=progress, cancel=self._stop)
 
     def start(self):
         self.thread = threading.Thread(target=self.run, daemon=True,
@@ -1234,7 +1225,6 @@ class SyncEngine:
                     continue
                 # Keep the progress: a kill -9 resumes from the last commit.
                 self.group.maybe_commit()
-                self._throttle(progress)
             if self.stop_reason:
                 self.fail(self.stop_reason)
         except Exception as e:
@@ -1243,13 +1233,6 @@ class SyncEngine:
         finally:
             self.active = False
             progress.finished = time.monotonic()
-
-    def _throttle(self, progress):
-        if self.rate:
-            ahead = progress.bytes_copied / self.rate - \
-                (time.monotonic() - progress.started)
-            if ahead > 0:
-                self._stop.wait(ahead)
 
     def step(self):
         """Copy the next dirty run; return False when none is left."""
@@ -1277,7 +1260,8 @@ class SyncEngine:
                     return False
                 group.cond.wait(0.05)  # the rest is being copied on demand
                 return True
-        group._copy_claimed(self.clone, claimed)
+        if not group._copy_claimed(self.clone, claimed, self.copier):
+            return True     # stopped: run() sees it
         g = group.granularity
         group.progress[self.clone.name].bytes_copied += \
             min(self.group.size, (claimed[-1] + 1) * g) - claimed[0] * g
@@ -1304,39 +1288,9 @@ class SyncEngine:
         return claimed
 
     def copy_run(self, s, e):
-        group = self.group
-        progress = group.progress[self.clone.name]
-        g = group.granularity
+        g = self.group.granularity
         offset = s * g
-        length = min(e * g, group.size) - offset
-        src, dst = (self.clone.backend, group.below) if self.reverse \
-            else (group.below, self.clone.backend)
-        view = memoryview(self.buf)[:length]
-        while True:
-            with group.cond:
-                group.copying = (s, e)
-                group.collided = any(a0 < e and s < a1
-                                     for a0, a1 in group.active.values())
-                maps.set_range(group.track, s, e)
-            copied = False
-            try:
-                src.readinto(view, offset)
-                if group.copy_hook is not None:
-                    group.copy_hook(self, s, e)
-                write_in_pieces(dst, view, offset)
-                copied = True
-            finally:
-                with group.cond:
-                    collided = group.collided and group.retry_collisions
-                    group.copying = None
-                    maps.set_range(group.track, s, e)
-                    if copied and not collided:
-                        self.clone.delta[s:e] = bytes(e - s)
-            progress.bytes_copied += length
-            if not collided:
-                return
-            progress.collisions += 1
-            progress.retries += 1
+        self.copier.copy([(offset, min(e * g, self.group.size) - offset)])
 
     def finish(self):
         if self.restore:
@@ -1417,5 +1371,55 @@ class SyncEngine:
             log.exception("commit after failed sync")
 
 
-def open_backend(path, readonly=False):
-    return backends.FileBackend(path, readonly)
+class _Below:
+    """The Source below the clones layer, looked up at each request (the
+    stack changes when sessions or replication come and go)."""
+
+    def __init__(self, group):
+        self.group = group
+
+    def readinto(self, buf, offset):
+        self.group.below.readinto(buf, offset)
+
+    def write(self, buf, offset):
+        self.group.below.write(buf, offset)
+
+    def zero(self, offset, length):
+        self.group.below.zero(offset, length)
+
+
+class _CollisionGuard:
+    """The sync engine's copier guard: a chunk whose copy overlapped a
+    host write in time is copied again (module notes, collisions); its
+    bits are cleared only when a copy overlapped none."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.token = None
+
+    def _extents(self, offset, length):
+        g = self.engine.group.granularity
+        return offset // g, (offset + length + g - 1) // g
+
+    def begin(self, offset, length):
+        group = self.engine.group
+        s, e = self._extents(offset, length)
+        with group.cond:
+            self.token = group.changes.copy_begin(s, e)
+            group.collided = any(a0 < e and s < a1 for a0, a1
+                                 in group.changes.in_flight.values())
+
+    def end(self, offset, length, written):
+        group = self.engine.group
+        s, e = self._extents(offset, length)
+        with group.cond:
+            collided = group.collided and group.retry_collisions
+            group.changes.copy_end(self.token)
+            if written and not collided:
+                self.engine.clone.delta[s:e] = bytes(e - s)
+        if collided and written:
+            progress = group.progress[self.engine.clone.name]
+            progress.collisions += 1
+            progress.retries += 1
+            return False
+        return True

@@ -38,7 +38,7 @@ from hypothesis import settings, HealthCheck
 from hypothesis.stateful import (RuleBasedStateMachine, invariant, precondition,
                                  rule, initialize)
 
-from target import backends, clones, errors, maps, service
+from target import backends, changemap, clones, errors, maps, service
 
 GRAN = 4096
 EXTENTS = 16
@@ -136,10 +136,10 @@ class CloneMachine(RuleBasedStateMachine):
         self.mem_src = backends.MemoryBackend(SIZE)
         self.mem_clones = {n: backends.MemoryBackend(SIZE) for n in NAMES}
         self.persisted = {}
-        self.saved_commit_interval = clones.COMMIT_INTERVAL
+        self.saved_commit_interval = changemap.COMMIT_INTERVAL
         # Commits only where the rules ask (commit rule, end of an
         # operation), so flush-time persistence is tested on its own.
-        clones.COMMIT_INTERVAL = 1e9
+        changemap.COMMIT_INTERVAL = 1e9
         self._patch_io()
         # The model.
         self.S = bytearray(SIZE)
@@ -158,7 +158,7 @@ class CloneMachine(RuleBasedStateMachine):
 
     def teardown(self):
         maps.save, maps.ActivityFile.persist, maps.ActivityFile.reset = self.orig
-        clones.COMMIT_INTERVAL = self.saved_commit_interval
+        changemap.COMMIT_INTERVAL = self.saved_commit_interval
         shutil.rmtree(self.dir, ignore_errors=True)
 
     # ------------------------------------------------------------ plumbing
