@@ -124,7 +124,7 @@ class Session:
         self.persist = persist or (lambda record: None)
         self.cond = threading.Condition(threading.Lock())
         self.tracking = TrackingMap(self.base + ".track", granularity,
-                                    self.extents)
+                                    self.extents, self.cond)
         self.dests = [Destination(i, r, self.extents)
                       for i, r in enumerate(dest_records)]
         self.transfer = bytearray(self.extents)
@@ -309,7 +309,7 @@ class Session:
         if self.closed:
             return
         if self.tracking.due():
-            self.tracking.commit(self.cond)
+            self.tracking.commit()
 
     # ------------------------------------------------------------ frozen image
 
@@ -384,7 +384,7 @@ class Session:
                 self.generation += 1
                 for d in self.dests:
                     d.needs_full = False
-            self.tracking.replace(self.cond, bytearray(self.extents))
+            self.tracking.replace(bytearray(self.extents))
         finally:
             # Marked in memory as on disk, even if the new tracking map
             # could not be saved; host writes go on.
@@ -433,7 +433,7 @@ class Session:
                 maps.set_range(merged, s, e)
             self.tracking.bits = merged
         # 1. the merged tracking map is durable ...
-        self.tracking.commit(self.cond)
+        self.tracking.commit()
         # 2. ... before the session is recorded unmarked, and only then
         # unmarked in memory: a save that fails leaves the frozen image
         # whole (writes keep saving its data) ...
@@ -526,7 +526,7 @@ class Session:
         if engine is not None:
             engine.stop("the target is stopping")
             engine.join()
-        self.tracking.commit(self.cond)
+        self.tracking.commit()
 
     def status(self):
         with self.cond:
@@ -603,7 +603,7 @@ class Session:
         with self.cond:
             self.closed = True
         try:
-            self.tracking.commit(self.cond)
+            self.tracking.commit()
         except OSError as e:
             log.error("session %s: final commit failed: %s", self.name, e)
         self.tracking.close()

@@ -39,7 +39,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant,
                                  rule)
 
-from target import backends, maps, sessions
+from target import backends, changemap, maps, sessions
 
 from .test_clones_model import (Countdown, Crash, CrashingBackend,
                                 data_for, patch_map_io)
@@ -81,12 +81,11 @@ class SessionMachine(RuleBasedStateMachine):
         super().__init__()
         self.dir = tempfile.mkdtemp(prefix="session-model-")
         self.countdown = Countdown()
-        self.saved_globals = (sessions.tracking.ACTIVITY_REGION,
-                              sessions.tracking.COMMIT_INTERVAL,
+        self.saved_globals = (changemap.REGION, changemap.COMMIT_INTERVAL,
                               sessions.transfer.CHECKPOINT_BYTES)
         # Small activity regions so recovery is not simply "everything".
-        sessions.tracking.ACTIVITY_REGION = 4 * GRAN
-        sessions.tracking.COMMIT_INTERVAL = 0
+        changemap.REGION = 4 * GRAN
+        changemap.COMMIT_INTERVAL = 0
         sessions.transfer.CHECKPOINT_BYTES = 3 * GRAN
         self._patch_io()
         self.mem_src = backends.MemoryBackend(SIZE)
@@ -118,7 +117,7 @@ class SessionMachine(RuleBasedStateMachine):
     def teardown(self):
         maps.save, maps.ActivityFile.persist, maps.ActivityFile.reset = \
             self.orig
-        (sessions.tracking.ACTIVITY_REGION, sessions.tracking.COMMIT_INTERVAL,
+        (changemap.REGION, changemap.COMMIT_INTERVAL,
          sessions.transfer.CHECKPOINT_BYTES) = self.saved_globals
         shutil.rmtree(self.dir, ignore_errors=True)
 

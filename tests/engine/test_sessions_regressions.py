@@ -116,7 +116,7 @@ def test_failing_activity_map_does_not_wedge_the_source():
     """A host write that fails in the session (state directory EIO) must
     not leave the session counting it: mark and later writes go on."""
     lu, s, _, _ = new_session()
-    activity = s.tracking.activity_file
+    activity = s.tracking.changes.activity.file
     orig = activity.persist
 
     def boom(*a):
