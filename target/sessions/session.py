@@ -48,7 +48,7 @@ import os
 import threading
 import time
 
-from .. import errors, maps
+from .. import copier, errors, maps
 from .destinations import INCONSISTENT, Destination
 from .layer import FrozenImageGone
 from .savearea import SaveArea, SaveAreaFull
@@ -284,20 +284,29 @@ class Session:
                     self.cond.notify_all()
 
     def _copy_on_first_write(self, slots, generation):
+        """Copy the extents of slots from the Source below to their save
+        area slots, each durable before the next (and all of them before
+        the host write that needs them proceeds)."""
         g = self.granularity
-        buf = bytearray(g)
-        for x, slot in slots:
-            n = min(g, self.size - x * g)
-            view = memoryview(buf)
-            if n < g:
-                view[n:] = bytes(g - n)
-            self.inner.readinto(view[:n], x * g)
-            self.save_area.store(x, slot, buf)
+        slot_of = dict(slots)
+        unmarked = threading.Event()
+
+        def store(view, offset):
+            x = offset // g
+            # A slot holds a whole extent: the last one's tail is zeroes.
+            data = view if len(view) == g else bytes(view) + \
+                bytes(g - len(view))
+            self.save_area.store(x, slot_of[x], data)
             with self.cond:
                 if generation != self.generation:
-                    return  # unmarked meanwhile: the save area was reset
-                self.save_area.slots[x] = slot
+                    unmarked.set()  # meanwhile: the save area was reset
+                    return
+                self.save_area.slots[x] = slot_of[x]
                 self.cofw_count += 1
+
+        copier.Copier(self.inner.readinto, store, chunk=g, piece=g,
+                      cancel=unmarked).copy(
+            [(x * g, min(g, self.size - x * g)) for x, _ in slots])
 
     def after_write(self):
         with self.cond:

@@ -23,14 +23,32 @@ import logging
 import threading
 import time
 
-from .. import maps
+from .. import copier, maps
 from .destinations import CONSISTENT, INCONSISTENT
 from .layer import FrozenImageGone
 
 log = logging.getLogger("clonectl.sessions")
 
-CHUNK = 1 << 20
 CHECKPOINT_BYTES = 64 << 20
+
+
+def _pieces(buf, granularity):
+    """buf as [(start, end, all zero)]: runs of whole extents (the last
+    may be short) that are all zero or not."""
+    out = []
+    pos = 0
+    while pos < len(buf):
+        end = min(pos + granularity, len(buf))
+        # A slice of a bytearray compares with memcmp.
+        zero = copier.is_zero(buf[pos:end], end - pos)
+        while end < len(buf):
+            e = min(end + granularity, len(buf))
+            if copier.is_zero(buf[end:e], e - end) != zero:
+                break
+            end = e
+        out.append((pos, end, zero))
+        pos = end
+    return out
 
 
 class TransferEngine:
@@ -140,9 +158,9 @@ class TransferEngine:
             x = pending.find(1, self.cursor)
             if x < 0:
                 return False
-            end = pending.find(0, x, min(s.extents, x + max(1, CHUNK // g)))
+            end = pending.find(0, x, min(s.extents, x + max(1, copier.CHUNK // g)))
             if end < 0:
-                end = min(s.extents, x + max(1, CHUNK // g))
+                end = min(s.extents, x + max(1, copier.CHUNK // g))
             targets = [i for i in live
                        if s.dests[i].pending.find(1, x, end) >= 0]
         offset = x * g
@@ -152,9 +170,10 @@ class TransferEngine:
             s.inner.readinto(buf, offset)
         else:
             s.read_frozen(buf, offset, self.generation)
+        pieces = _pieces(buf, g)
         for i in targets:
             try:
-                self._send(i, buf, offset)
+                self._send(i, buf, offset, pieces)
             except Exception as e:  # noqa: BLE001 - one destination fails
                 self._drop(i, e)
                 continue
@@ -166,32 +185,18 @@ class TransferEngine:
             self.checkpoint()
         return True
 
-    def _send(self, i, buf, offset):
-        """Data pieces as writes, all-zero extents as write-zeroes."""
+    def _send(self, i, buf, offset, pieces):
+        """Data pieces as writes, all-zero pieces as write-zeroes."""
         client = self.clients[i]
-        g = self.session.granularity
-        zero = bytes(g)
         view = memoryview(buf)
-        pos = 0
-        # Slices of a bytearray compare with memcmp, many times faster than
-        # a memoryview comparison.
-        while pos < len(buf):
-            n = min(g, len(buf) - pos)
-            is_zero = buf[pos:pos + n] == zero[:n]
-            end = pos + n
-            while end < len(buf):
-                m = min(g, len(buf) - end)
-                if (buf[end:end + m] == zero[:m]) != is_zero:
-                    break
-                end += m
-            if is_zero:
+        for pos, end, zero in pieces:
+            if zero:
                 client.zero(offset + pos, end - pos)
                 self.bytes_zeroed += end - pos
             else:
                 client.write(view[pos:end], offset + pos)
                 self.session.dests[i].bytes_sent += end - pos
                 self.bytes_sent += end - pos
-            pos = end
 
     def _drop(self, i, exc):
         s = self.session
