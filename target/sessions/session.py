@@ -21,14 +21,14 @@ The mark lifecycle is the table TRANSITIONS.  Mark is atomic with respect
 to host writes: while MARKING, new writes wait while the writes in flight
 drain, then the maps are swapped.  While MARKED, a write to an extent set
 in the transfer map (to any extent, when the frozen image is exported)
-first copies the extent's old data to the save area (copy on first write)
-and makes it durable (savearea.SaveArea): a write that could become
-durable before its old data is saved would lose the point in time.  The
-frozen image is saved data where present, else the Source.  A reader of
-the frozen image reads the Source and then checks, under the lock, whether
-the extent was saved meanwhile; if so it reads the saved copy instead: a
-copy on first write always finishes before the write that triggered it
-starts.
+first copies the extent's old data to the save area (copy on first write,
+a target.copier run) and makes it durable (savearea.SaveArea): a write
+that could become durable before its old data is saved would lose the
+point in time.  The frozen image is saved data where present, else the
+Source.  A reader of the frozen image reads the Source and then checks,
+under the lock, whether the extent was saved meanwhile; if so it reads the
+saved copy instead: a copy on first write always finishes before the write
+that triggered it starts.
 
 Unmark (by command, after a successful transfer, or when a copy on first
 write cannot be made: save area full, I/O error) merges the transfer map

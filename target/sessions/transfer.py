@@ -4,7 +4,7 @@ Design notes
 ------------
 The transfer map is the union of the destinations' pending maps: the
 frozen extents somebody still needs.  The engine reads one run at a time
-(up to CHUNK bytes) from the frozen image (or, for a full copy while
+(up to copier.CHUNK bytes) from the frozen image (or, for a full copy while
 unmarked, the live Source), and sends it to every live destination that
 needs it: data as writes, all-zero extents as write-zeroes.  Every
 CHECKPOINT_BYTES the destinations are flushed, and only then are their
@@ -13,6 +13,13 @@ pending bits cleared, the cleared maps saved before the bits leave memory
 fails is dropped from the transfer (its bits stay set) while the others go
 on.  A marked transfer that completes ends the mark; interrupted
 transfers resume from the pending maps.
+
+It chunks like target.copier (copier.CHUNK, copier.is_zero) but keeps its
+own loop rather than a copier.Copier: each chunk goes to several
+destinations (one that fails is dropped, the others go on), a chunk's
+writes stay in flight while the next one is read (a Copier reuses its
+buffer; the NBD client shares it with libnbd), and zero extents inside a
+data chunk go out as write-zeroes.
 
 Deliberately ignored: rate limiting; reading ahead of the destinations
 (they pipeline writes themselves).  See docs/design.md and
