@@ -267,3 +267,28 @@ def test_transfer_start_not_saved_sends_nothing():
     assert s.dests[0].consistency == before != sessions.INCONSISTENT
     assert not s.dests[0].transferring
     assert dest.data == bytes(SIZE)
+
+
+def test_a_mark_while_another_is_marking_is_refused():
+    """Two marks at once: the second is refused while the first swaps the
+    maps (MARKING), rather than swapping them beside it; the first ends
+    marked, and host writes go on afterwards."""
+    lu, s, persisted, _ = new_session()
+    entered, release = threading.Event(), threading.Event()
+
+    def check():
+        entered.set()
+        assert release.wait(10)
+
+    first = threading.Thread(target=s.mark, kwargs={"check": check},
+                             daemon=True)
+    first.start()
+    assert entered.wait(10)
+    with pytest.raises(sessions.SessionBusy, match="a mark is in progress"):
+        s.mark()
+    release.set()
+    first.join(10)
+    assert not first.is_alive()
+    assert s.marked and persisted["marked"] is True
+    lu.backend.write(b"y" * G, 0)
+    assert s.tracking.bits[0] == 1 and len(s.save_area.slots) == 1
