@@ -1,5 +1,7 @@
 """The manager-to-manager channel: protect a destination's consistent image.
 
+Design notes
+------------
 Before a session sends out-of-order updates to a destination that is
 another clonectl target, it asks that target to protect its last consistent
 image of the LU, and to release it after the transfer succeeded.  A failed
@@ -21,6 +23,7 @@ write snapshot (an internal session marked with a frozen export,
 
 Deliberately ignored: TLS on this channel (the token is sent in clear; use
 it on a trusted network or a tunnel), several protected images per LU.
+See docs/design.md.
 """
 
 import errno

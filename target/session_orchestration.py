@@ -262,7 +262,7 @@ class SessionOrchestration:
         fsutil.remove_durably(
             [session.tracking.path, session.tracking.path + ".activity",
              self._save_area_path(source, name)] +
-            [session._pending_path(d) for d in session.dests])
+            [session.pending_path(d) for d in session.dests])
         return {"name": name, "source": source}
 
     def session_list(self, source=None):
@@ -389,7 +389,7 @@ class SessionOrchestration:
             d.consistency = sessions.INCONSISTENT
             d.last_error = "its protected image was gone (rolled back or " \
                 "released there); a full copy follows"
-        session._persist()
+        session.save()
 
     def _protect_peers(self, session):
         """Protect the consistent image of each clonectl destination before
@@ -417,7 +417,7 @@ class SessionOrchestration:
         except errors.Error:
             self._release(session, done)
             raise
-        session._persist()
+        session.save()
         return done
 
     def _release(self, session, dests):
@@ -434,7 +434,7 @@ class SessionOrchestration:
                 log.error("session %s: could not release the protected image "
                           "of %s: %s", session.name, d.uri, e)
                 d.protected = True
-        session._persist()
+        session.save()
 
     def _release_peers(self, engine):
         """After a transfer: release the protected images of destinations
@@ -455,7 +455,7 @@ class SessionOrchestration:
                     "was not released: {}".format(e)
             changed = True
         if changed:
-            session._persist()
+            session.save()
 
     @staticmethod
     def _image_session_name(lu):
@@ -478,7 +478,7 @@ class SessionOrchestration:
                 "protected": protected,
                 "export": session.export_name() if protected else None,
                 "since": session.mark_time if protected else None,
-                "saved_extents": len(session.save.slots) if protected else 0}
+                "saved_extents": len(session.save_area.slots) if protected else 0}
 
     def image_protect(self, lu):
         """Keep lu's current image readable (LU@protected-LU) until
@@ -526,7 +526,7 @@ class SessionOrchestration:
         buf = bytearray(g)
         restored = 0
         with session.cond:
-            saved = sorted(session.save.slots)
+            saved = sorted(session.save_area.slots)
         regions = bytearray(session.extents)
         for x in saved:
             regions[x] = 1
@@ -534,7 +534,7 @@ class SessionOrchestration:
                                                "a rollback"):
             for x in saved:
                 n = min(g, source.size - x * g)
-                session.save.readinto(x, buf)
+                session.save_area.readinto(x, buf)
                 # Below a secondary's guard (rolling a secondary back to its
                 # last consistent image is what its promotion asks for),
                 # through every other layer, looked up for each write: a

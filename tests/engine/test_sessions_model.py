@@ -39,7 +39,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant,
                                  rule)
 
-from target import backends, maps, sessions
+from target import backends, changemap, maps, sessions
 
 from .test_clones_model import (Countdown, Crash, CrashingBackend,
                                 data_for, patch_map_io)
@@ -81,13 +81,12 @@ class SessionMachine(RuleBasedStateMachine):
         super().__init__()
         self.dir = tempfile.mkdtemp(prefix="session-model-")
         self.countdown = Countdown()
-        self.saved_globals = (sessions.ACTIVITY_REGION,
-                              sessions.COMMIT_INTERVAL,
-                              sessions.CHECKPOINT_BYTES)
+        self.saved_globals = (changemap.REGION, changemap.COMMIT_INTERVAL,
+                              sessions.transfer.CHECKPOINT_BYTES)
         # Small activity regions so recovery is not simply "everything".
-        sessions.ACTIVITY_REGION = 4 * GRAN
-        sessions.COMMIT_INTERVAL = 0
-        sessions.CHECKPOINT_BYTES = 3 * GRAN
+        changemap.REGION = 4 * GRAN
+        changemap.COMMIT_INTERVAL = 0
+        sessions.transfer.CHECKPOINT_BYTES = 3 * GRAN
         self._patch_io()
         self.mem_src = backends.MemoryBackend(SIZE)
         # A new destination holds anything: never assume it is zeroed.
@@ -118,8 +117,8 @@ class SessionMachine(RuleBasedStateMachine):
     def teardown(self):
         maps.save, maps.ActivityFile.persist, maps.ActivityFile.reset = \
             self.orig
-        (sessions.ACTIVITY_REGION, sessions.COMMIT_INTERVAL,
-         sessions.CHECKPOINT_BYTES) = self.saved_globals
+        (changemap.REGION, changemap.COMMIT_INTERVAL,
+         sessions.transfer.CHECKPOINT_BYTES) = self.saved_globals
         shutil.rmtree(self.dir, ignore_errors=True)
 
     # ------------------------------------------------------------ plumbing

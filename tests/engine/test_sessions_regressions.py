@@ -116,7 +116,7 @@ def test_failing_activity_map_does_not_wedge_the_source():
     """A host write that fails in the session (state directory EIO) must
     not leave the session counting it: mark and later writes go on."""
     lu, s, _, _ = new_session()
-    activity = s.tracking.activity_file
+    activity = s.tracking.changes.activity.file
     orig = activity.persist
 
     def boom(*a):
@@ -126,7 +126,7 @@ def test_failing_activity_map_does_not_wedge_the_source():
     activity.persist = boom
     with pytest.raises(OSError):
         lu.backend.write(b"x" * G, 0)
-    assert s.active == 0
+    assert s.writes_in_flight == 0
     marker = threading.Thread(target=s.mark, daemon=True)
     marker.start()
     marker.join(10)
@@ -231,7 +231,7 @@ def test_mark_not_saved_leaves_the_session_unmarked():
     assert not s.marked and not s.export and s.mark_time is None
     assert not persisted.get("marked")
     lu.backend.write(b"B" * G, 0)
-    assert not s.save.slots
+    assert not s.save_area.slots
     with pytest.raises(sessions.FrozenImageGone):
         s.read_frozen(bytearray(G), 0)
 
@@ -267,3 +267,28 @@ def test_transfer_start_not_saved_sends_nothing():
     assert s.dests[0].consistency == before != sessions.INCONSISTENT
     assert not s.dests[0].transferring
     assert dest.data == bytes(SIZE)
+
+
+def test_a_mark_while_another_is_marking_is_refused():
+    """Two marks at once: the second is refused while the first swaps the
+    maps (MARKING), rather than swapping them beside it; the first ends
+    marked, and host writes go on afterwards."""
+    lu, s, persisted, _ = new_session()
+    entered, release = threading.Event(), threading.Event()
+
+    def check():
+        entered.set()
+        assert release.wait(10)
+
+    first = threading.Thread(target=s.mark, kwargs={"check": check},
+                             daemon=True)
+    first.start()
+    assert entered.wait(10)
+    with pytest.raises(sessions.SessionBusy, match="a mark is in progress"):
+        s.mark()
+    release.set()
+    first.join(10)
+    assert not first.is_alive()
+    assert s.marked and persisted["marked"] is True
+    lu.backend.write(b"y" * G, 0)
+    assert s.tracking.bits[0] == 1 and len(s.save_area.slots) == 1

@@ -186,7 +186,7 @@ class Node:
                 c.backend.close()
         for s in t.sessions.values():
             s.tracking.close()
-            s.save.backend.close()
+            s.save_area.backend.close()
         for lu in t.lus.values():
             lu.close()
         self._wake_accept()

@@ -325,7 +325,7 @@ def test_eio_on_the_final_flush_keeps_the_destination_inconsistent(
 
 BIG = 96 * MiB
 BIG_EXTENTS = BIG // GRANULARITY
-CHECKPOINT_EXTENTS = 64 * MiB // GRANULARITY   # sessions.CHECKPOINT_BYTES
+CHECKPOINT_EXTENTS = 64 * MiB // GRANULARITY   # sessions.transfer.CHECKPOINT_BYTES
 FAST, SLOW = "400M", "48M"   # bits per second: ~50 MB/s, ~6 MB/s
 LATE = 88 * MiB   # an offset the failing transfer has not flushed
 

@@ -1,0 +1,619 @@
+"""Incremental copy sessions: mark, copy on first write, transfer.
+
+Design notes
+------------
+A session belongs to one Source LU and has one or more destinations (NBD
+exports served by anything).  It sees every change to the Source's bytes
+through its layer in the Source's I/O stack (layer.SessionLayer), so
+nothing can change the Source behind a session's back.
+
+Maps (one byte per extent, target.maps):
+- tracking (tracking.TrackingMap): extents changed since the last mark,
+  durable as a bounded superset.
+- pending, one per destination: what that destination still needs beyond
+  `tracking`.  At mark every destination's pending map gets the tracking
+  map (all extents for a destination that has never had a full copy) and
+  tracking starts empty.  The transfer map is the union of the pending
+  maps.  A destination's bits are cleared only after it has flushed the
+  data, and the map is saved then (transfer.TransferEngine).
+
+The mark lifecycle is the table TRANSITIONS.  Mark is atomic with respect
+to host writes: while MARKING, new writes wait while the writes in flight
+drain, then the maps are swapped.  While MARKED, a write to an extent set
+in the transfer map (to any extent, when the frozen image is exported)
+first copies the extent's old data to the save area (copy on first write,
+a target.copier run) and makes it durable (savearea.SaveArea): a write
+that could become durable before its old data is saved would lose the
+point in time.  The frozen image is saved data where present, else the
+Source.  A reader of the frozen image reads the Source and then checks,
+under the lock, whether the extent was saved meanwhile; if so it reads the
+saved copy instead: a copy on first write always finishes before the write
+that triggered it starts.
+
+Unmark (by command, after a successful transfer, or when a copy on first
+write cannot be made: save area full, I/O error) merges the transfer map
+into tracking and saves it, records the session unmarked (UNMARKING), then
+clears the pending maps and the save area (UNMARKED); in that order, so a
+crash at any point loses no extent from the next transfer.  An unmark
+forced by an error is done before the write that hit it proceeds, and the
+error is kept in the session's status.
+
+Deliberately ignored: several frozen images per session.  See
+docs/design.md and docs/persistence.md.
+"""
+
+import errno
+import logging
+import os
+import threading
+import time
+
+from .. import copier, errors, maps
+from .destinations import INCONSISTENT, Destination
+from .layer import FrozenImageGone
+from .savearea import SaveArea, SaveAreaFull
+from .tracking import TrackingMap
+from .transfer import TransferEngine
+
+log = logging.getLogger("clonectl.sessions")
+
+# The mark lifecycle.  The record on disk says only marked or not: a
+# session is MARKED from the moment its marked record is saved, and
+# UNMARKING from the moment its unmarked record is saved until its pending
+# maps and save area are dropped.
+UNMARKED = "unmarked"
+MARKING = "marking"         # host writes wait; the maps are being swapped
+MARKED = "marked"           # the frozen image: copy on first write
+UNMARKING = "unmarking"     # recorded unmarked; the frozen image is dropped
+STATES = (UNMARKED, MARKING, MARKED, UNMARKING)
+
+# (state, event) -> next state.  Anything not listed is refused.
+TRANSITIONS = {
+    (UNMARKED, "mark"): MARKING,
+    (MARKING, "marked"): MARKED,        # the marked record is saved
+    (MARKING, "failed"): UNMARKED,      # nothing was recorded
+    (MARKED, "unmark"): UNMARKING,      # the unmarked record is saved
+    (UNMARKING, "dropped"): UNMARKED,
+}
+
+# Why a mark is refused, by state.
+_MARK_REFUSED = {
+    MARKING: "a mark is in progress; try again",
+    MARKED: "already marked; unmark it or let the transfer finish",
+    UNMARKING: "an unmark is finishing; try again",
+}
+
+
+class SessionError(errors.Error):
+    msg = "session {name!r}: {reason}"
+    errno = errno.EINVAL
+
+
+class SessionBusy(errors.Error):
+    msg = "session {name!r} is busy: {reason}"
+    errno = errno.EBUSY
+
+
+class UnknownSession(errors.Error):
+    msg = "no session named {name!r}"
+    errno = errno.ENOENT
+
+
+def _range_of(offset, length, granularity):
+    return offset // granularity, \
+        (offset + max(length, 1) + granularity - 1) // granularity
+
+
+class Session:
+    """An incremental copy session on one Source.
+
+    persist(record) writes the session's record to the inventory
+    (state.json) durably; the record is what record() returns.
+    """
+
+    def __init__(self, name, source, granularity, map_dir, save_backend,
+                 dest_records, persist=None, marked=False, export=False,
+                 error=None, save_area_size=None, last_transfer=None,
+                 token_file=None, mark_time=None):
+        self.name = name
+        self.source = source            # the LU
+        self.size = source.size
+        self.granularity = granularity
+        self.extents = maps.extent_count(self.size, granularity)
+        self.base = os.path.join(map_dir, "{}@{}".format(source.name, name))
+        self.persist = persist or (lambda record: None)
+        self.cond = threading.Condition(threading.Lock())
+        self.tracking = TrackingMap(self.base + ".track", granularity,
+                                    self.extents, self.cond)
+        self.dests = [Destination(i, r, self.extents)
+                      for i, r in enumerate(dest_records)]
+        self.transfer = bytearray(self.extents)
+        self.save_area = SaveArea(save_backend, self.extents, granularity)
+        self.save_area_size = save_area_size or save_backend.size
+        self.state = MARKED if marked else UNMARKED
+        self.export = export
+        self.error = error
+        self.mark_time = mark_time if marked else None
+        self.generation = 0
+        self.closed = False     # deleted or stopped: writes pass untracked
+        self.writes_in_flight = 0
+        self.saving = set()
+        self.cofw_count = 0
+        self.engine = None
+        self.export_connections = 0
+        self.last_transfer = last_transfer
+        self.token_file = token_file
+        self.problems = []
+        self.layer = None       # the SessionLayer it is attached to
+
+    # ------------------------------------------------------------ set-up
+
+    @property
+    def marked(self):
+        """The frozen image exists (and the record on disk says so)."""
+        return self.state == MARKED
+
+    def _enter(self, event):
+        """Take the transition of event (caller holds the lock)."""
+        self.state = TRANSITIONS[(self.state, event)]
+
+    @property
+    def inner(self):
+        """The Source under the sessions' layer (what a copy on first
+        write saves and a frozen image reads)."""
+        return self.layer.inner
+
+    def export_name(self):
+        return "{}@{}".format(self.source.name, self.name)
+
+    def pending_path(self, dest):
+        """The file of dest's pending map."""
+        return "{}.d{}.pending".format(self.base, dest.index)
+
+    def create(self):
+        self.tracking.create()
+        for d in self.dests:
+            maps.save(self.pending_path(d), d.pending, self.granularity)
+        self.save_area.reset()
+
+    def load(self):
+        """Recover maps and the save area after a restart or crash."""
+        problem = self.tracking.load()
+        if problem:
+            self.problems.append(problem)
+        for d in self.dests:
+            try:
+                d.pending = maps.load(self.pending_path(d), self.granularity,
+                                      self.extents)
+            except maps.MapCorrupt as e:
+                d.pending = bytearray(b"\x01" * self.extents)
+                self.problems.append("{}; destination {} gets every extent"
+                                     .format(e, d.uri))
+        if self.marked:
+            self.recompute_transfer()
+            dropped = self.save_area.load()
+            if dropped:
+                log.info("session %s: %d save-area entries never became "
+                         "durable; dropped", self.name, dropped)
+        return self.problems
+
+    def record(self):
+        return {"granularity": self.granularity,
+                "save_area": self.save_area_size,
+                "marked": self.marked, "export": self.export,
+                "mark_time": self.mark_time,
+                "error": self.error,
+                "dests": [d.record() for d in self.dests],
+                "token_file": self.token_file,
+                "last_transfer": self.last_transfer}
+
+    def save(self):
+        """Write the session's record (record()) to the inventory."""
+        self.persist(self.record())
+
+    def _record_as(self, needs_full=None, **changes):
+        """record() with changes not yet made in memory (to save first)."""
+        rec = self.record()
+        rec.update(changes)
+        if needs_full is not None:
+            for d in rec["dests"]:
+                d["needs_full"] = needs_full
+        return rec
+
+    def recompute_transfer(self, start=0, end=None):
+        """The transfer map of [start, end) anew: the union of the pending
+        maps (caller holds the lock)."""
+        end = self.extents if end is None else end
+        t = bytearray(end - start)
+        for d in self.dests:
+            for s, e in maps.runs(d.pending, start, end):
+                maps.set_range(t, s - start, e - start)
+        self.transfer[start:end] = t
+
+    # ------------------------------------------------------------ host writes
+
+    def _protected(self, e0, e1):
+        """Extents of [e0, e1) whose old data must be saved first."""
+        if self.export:
+            return [x for x in range(e0, min(e1, self.extents))
+                    if x not in self.save_area.slots]
+        if self.transfer.find(1, e0, e1) < 0:
+            return []
+        return [x for x in range(e0, min(e1, self.extents))
+                if self.transfer[x] and x not in self.save_area.slots]
+
+    def before_write(self, offset, length):
+        """Track a change of [offset, offset+length); COFW if marked."""
+        e0, e1 = _range_of(offset, length, self.granularity)
+        with self.cond:
+            while self.state == MARKING:
+                self.cond.wait()
+            self.writes_in_flight += 1
+            if self.closed:
+                return      # deleted while this write was on its way
+            self.tracking.note_write(e0, e1)
+            if not self.marked:
+                return
+            while True:
+                need = self._protected(e0, e1)
+                if not any(x in self.saving for x in need):
+                    break
+                self.cond.wait()
+                if not self.marked:
+                    return
+            slots = []
+            for x in need:
+                slot = self.save_area.allocate()
+                if slot is None:
+                    break
+                slots.append((x, slot))
+            full = len(slots) < len(need)
+            self.saving.update(x for x, _ in slots)
+            generation = self.generation
+        try:
+            if full:
+                raise SaveAreaFull(name=self.name, slots=self.save_area.capacity,
+                                   granularity=self.granularity)
+            self._copy_on_first_write(slots, generation)
+        except (SaveAreaFull, OSError) as e:
+            self._abandon_mark(generation, str(e))
+        finally:
+            if slots:
+                with self.cond:
+                    self.saving.difference_update(x for x, _ in slots)
+                    self.cond.notify_all()
+
+    def _copy_on_first_write(self, slots, generation):
+        """Copy the extents of slots from the Source below to their save
+        area slots, each durable before the next (and all of them before
+        the host write that needs them proceeds)."""
+        g = self.granularity
+        slot_of = dict(slots)
+        unmarked = threading.Event()
+
+        def store(view, offset):
+            x = offset // g
+            # A slot holds a whole extent: the last one's tail is zeroes.
+            data = view if len(view) == g else bytes(view) + \
+                bytes(g - len(view))
+            self.save_area.store(x, slot_of[x], data)
+            with self.cond:
+                if generation != self.generation:
+                    unmarked.set()  # meanwhile: the save area was reset
+                    return
+                self.save_area.slots[x] = slot_of[x]
+                self.cofw_count += 1
+
+        copier.Copier(self.inner.readinto, store, chunk=g, piece=g,
+                      cancel=unmarked).copy(
+            [(x * g, min(g, self.size - x * g)) for x, _ in slots])
+
+    def after_write(self):
+        with self.cond:
+            self.writes_in_flight -= 1
+            if self.state == MARKING and self.writes_in_flight == 0:
+                self.cond.notify_all()
+
+    def maybe_commit(self):
+        if self.closed:
+            return
+        if self.tracking.due():
+            self.tracking.commit()
+
+    # ------------------------------------------------------------ frozen image
+
+    def read_frozen(self, buf, offset, generation=None):
+        """Read the marked point in time (saved data, else the Source)."""
+        view = memoryview(buf).cast("B")
+        g = self.granularity
+        e0, e1 = _range_of(offset, len(view), g)
+        with self.cond:
+            if not self.marked or (generation is not None and
+                                   generation != self.generation):
+                raise FrozenImageGone(name=self.name)
+            generation = self.generation
+            saved = [x for x in range(e0, e1) if x in self.save_area.slots]
+        if len(saved) < e1 - e0:
+            self.inner.readinto(view, offset)
+        with self.cond:
+            if not self.marked or generation != self.generation:
+                raise FrozenImageGone(name=self.name)
+            saved = [(x, self.save_area.slots[x]) for x in range(e0, e1)
+                     if x in self.save_area.slots]
+        if saved:
+            tmp = bytearray(g)
+            for x, _ in saved:
+                self.save_area.readinto(x, tmp)
+                s = max(offset, x * g)
+                e = min(offset + len(view), (x + 1) * g)
+                view[s - offset:e - offset] = tmp[s - x * g:e - x * g]
+
+    # ------------------------------------------------------------ mark
+
+    def mark(self, export=False, check=None, full=False):
+        """Freeze the point in time: tracking becomes the transfer map
+        (every extent, with full)."""
+        with self.cond:
+            if (self.state, "mark") not in TRANSITIONS:
+                raise SessionBusy(name=self.name,
+                                  reason=_MARK_REFUSED[self.state])
+            self._check_idle()
+            self._enter("mark")
+            while self.writes_in_flight:
+                self.cond.wait()
+        recorded = False
+        try:
+            if check is not None:
+                check()
+            # Writes not yet durable on the Source must not be sent as part
+            # of the point in time and then lost there by a power cut with
+            # no map left to say so: the Source is flushed first.
+            self.inner.flush()
+            self.save_area.reset()
+            bits = self.tracking.bits
+            for d in self.dests:
+                pending = bytearray(b"\x01" * self.extents) \
+                    if d.needs_full or full else bytearray(d.pending)
+                for s, e in maps.runs(bits):
+                    maps.set_range(pending, s, e)
+                maps.save(self.pending_path(d), pending, self.granularity)
+                d.pending = pending
+            # The marked record first: a save that fails (a full state
+            # directory) leaves the session unmarked, in memory as on disk.
+            mark_time = time.time()
+            self.persist(self._record_as(marked=True, export=bool(export),
+                                         error=None, mark_time=mark_time,
+                                         needs_full=False))
+            recorded = True
+            with self.cond:
+                self.recompute_transfer()
+                self.export = bool(export)
+                self.error = None
+                self.mark_time = mark_time
+                self.generation += 1
+                for d in self.dests:
+                    d.needs_full = False
+            self.tracking.replace(bytearray(self.extents))
+        finally:
+            # Marked in memory as on disk, even if the new tracking map
+            # could not be saved; host writes go on.
+            with self.cond:
+                self._enter("marked" if recorded else "failed")
+                self.cond.notify_all()
+        log.info("session %s marked (%d extents to transfer)", self.name,
+                 self.transfer.count(1))
+
+    def _check_idle(self):
+        if self.engine is not None and self.engine.is_alive():
+            raise SessionBusy(name=self.name, reason="a transfer is running")
+
+    def unmark(self, error=None, force=False):
+        """Discard the frozen image; nothing is lost from the next transfer."""
+        with self.cond:
+            if not self.marked:
+                raise SessionError(name=self.name, reason="not marked")
+            if self.export_connections and not force:
+                raise SessionBusy(
+                    name=self.name, reason="its frozen export {} has {} "
+                    "connection(s); use --force to unmark anyway".format(
+                        self.export_name(), self.export_connections))
+        engine = self.engine
+        if engine is not None:
+            engine.stop("unmarked")
+            engine.join()
+        with self.cond:
+            if not self.marked:
+                return
+            generation = self.generation
+        self.drop_mark(generation, error)
+
+    def _abandon_mark(self, generation, reason):
+        log.error("session %s: %s; unmarking", self.name, reason)
+        self.drop_mark(generation, reason)
+
+    def drop_mark(self, generation, error):
+        """Unmark, if the mark of generation is still the session's (a
+        transfer that completed it, a copy on first write that failed)."""
+        with self.cond:
+            if not self.marked or generation != self.generation:
+                return
+            merged = bytearray(self.tracking.bits)
+            for s, e in maps.runs(self.transfer):
+                maps.set_range(merged, s, e)
+            self.tracking.bits = merged
+        # 1. the merged tracking map is durable ...
+        self.tracking.commit()
+        # 2. ... before the session is recorded unmarked, and only then
+        # unmarked in memory: a save that fails leaves the frozen image
+        # whole (writes keep saving its data) ...
+        self.persist(self._record_as(marked=False, export=False, error=error,
+                                     mark_time=None))
+        with self.cond:
+            if self.state != MARKED or generation != self.generation:
+                return      # another unmark of this mark came first
+            self._enter("unmark")
+            self.export = False
+            self.generation += 1
+            self.error = error
+            self.mark_time = None
+            self.transfer = bytearray(self.extents)
+        # 3. ... and only then are the pending maps and saved data dropped
+        # (a mark is refused until then: UNMARKING).
+        try:
+            for d in self.dests:
+                d.pending = bytearray(self.extents)
+                maps.save(self.pending_path(d), d.pending, self.granularity)
+            self.save_area.reset()
+        finally:
+            with self.cond:
+                self._enter("dropped")
+                self.cond.notify_all()
+
+    # ------------------------------------------------------------ transfer
+
+    def check_transfer(self, full=False, unmarked=False, will_mark=False):
+        """Refuse a transfer request that start_transfer would refuse,
+        before anything (a mark, a peer protect) is done for it."""
+        with self.cond:
+            self._check_transfer(full, unmarked, will_mark)
+
+    def _check_transfer(self, full, unmarked, will_mark=False):
+        self._check_idle()
+        if unmarked:
+            if self.marked:
+                raise SessionError(name=self.name, reason="--unmarked needs "
+                                   "an unmarked session")
+            if not full:
+                raise SessionError(name=self.name, reason="--unmarked is "
+                                   "for full copies (--full)")
+        elif not self.marked and not will_mark:
+            raise SessionError(
+                name=self.name, reason="not marked: mark it first (session "
+                "mark), or run a whole update (session update)")
+        elif full and self.marked and self.transfer.count(0) and \
+                not self.export:
+            # Extents outside the transfer map had no copy on first write:
+            # the frozen image of those is gone.
+            raise SessionError(
+                name=self.name, reason="--full needs the whole image frozen: "
+                "unmark, then transfer --full (it marks every extent)")
+
+    def start_transfer(self, clients, full=False, unmarked=False, run=True,
+                       on_done=None):
+        """Start the transfer engine; clients: dest index -> client."""
+        with self.cond:
+            self._check_transfer(full, unmarked)
+        if unmarked:
+            for d in self.dests:
+                d.pending = bytearray(b"\x01" * self.extents)
+                maps.save(self.pending_path(d), d.pending, self.granularity)
+        engine = TransferEngine(self, clients, unmarked=unmarked,
+                                on_done=on_done)
+        # The destinations are recorded inconsistent before anything is
+        # sent to them, and shown so only once that is saved.
+        rec = self.record()
+        for d, r in zip(self.dests, rec["dests"]):
+            if d.index in clients:
+                r["consistency"] = INCONSISTENT
+        self.persist(rec)
+        for d in self.dests:
+            if d.index in clients:
+                d.consistency = INCONSISTENT
+                d.transferring = True
+        self.engine = engine
+        log.info("transfer of session %s (%s) started: %d extents of %d "
+                 "bytes to %d destinations%s", self.name, self.source.name,
+                 engine.total, self.granularity, len(clients),
+                 " (unmarked: the live image)" if unmarked else "")
+        if run:
+            engine.start()
+        return engine
+
+    def stop_engine(self):
+        """Stop a transfer (it resumes from the pending maps next time)."""
+        engine = self.engine
+        if engine is not None:
+            engine.stop("the target is stopping")
+            engine.join()
+        self.tracking.commit()
+
+    def status(self):
+        with self.cond:
+            engine = self.engine
+            running = engine is not None and engine.is_alive()
+            out = {
+                "name": self.name,
+                "source": self.source.name,
+                "granularity": self.granularity,
+                "marked": self.marked,
+                "mark_time": self.mark_time,
+                "frozen_export": self.export_name() if self.marked and
+                self.export else None,
+                "tracked_extents": self.tracking.bits.count(1),
+                "extents_to_send": self.transfer.count(1) if self.marked
+                else 0,
+                "cofw_count": self.cofw_count,
+                "save_area": {"size": self.save_area_size,
+                              "capacity_extents": self.save_area.capacity,
+                              "used_extents": len(self.save_area.slots),
+                              "used_bytes": self.save_area.used_bytes()},
+                "transfer": engine.progress() if engine is not None else None,
+                "transferring": running,
+                "error": self.error,
+                "last_transfer": self.last_transfer,
+                "problems": list(self.problems),
+                "destinations": [],
+            }
+            for d in self.dests:
+                if d.transferring and running:
+                    shown = "inconsistent (protected)" if d.protected else \
+                        "inconsistent (unprotected)"
+                else:
+                    shown = d.consistency
+                out["destinations"].append({
+                    "uri": d.uri, "peer": d.peer, "state": shown,
+                    "consistency": d.consistency,
+                    "protected": d.protected,
+                    "pending_extents": d.pending.count(1),
+                    "needs_full": d.needs_full,
+                    "bytes_sent": d.bytes_sent,
+                    "last_success": d.last_success,
+                    "last_error": d.last_error})
+            return out
+
+    # What each bit of a map_runs code means (bits: changed, transfer,
+    # saved); the kind of a run is the names of its bits.
+    MAP_KINDS = ("changed", "transfer", "saved")
+
+    def map_runs(self):
+        """The Source's extents as runs, for `session map`: changed (since
+        the mark, or since the session was made: the next transfer's),
+        transfer (frozen extents still to send) and saved (old data in the
+        save area), comma-separated when several apply, else clean."""
+        with self.cond:
+            changed = bytes(self.tracking.bits)
+            transfer = bytes(self.transfer) if self.marked \
+                else bytes(self.extents)
+            saved = bytearray(self.extents)
+            for extent in self.save_area.slots:
+                saved[extent] = 1
+        code = maps.combine(changed, transfer, saved)
+        names = {v: ",".join(k for i, k in enumerate(self.MAP_KINDS)
+                             if v >> i & 1) or "clean" for v in range(8)}
+        return {"granularity": self.granularity, "size": self.size,
+                "runs": maps.kind_runs(code, self.granularity, self.size,
+                                       names)}
+
+    def close(self):
+        engine = self.engine
+        if engine is not None:
+            engine.stop("closing")
+            engine.join()
+        with self.cond:
+            self.closed = True
+        try:
+            self.tracking.commit()
+        except OSError as e:
+            log.error("session %s: final commit failed: %s", self.name, e)
+        self.tracking.close()
+        self.save_area.backend.close()
