@@ -3,7 +3,7 @@
 PowerLossMachine is the model test's CloneMachine (tests/engine/
 test_clones_model.py: same rules, same byte-level model, same invariants)
 with every backend and every map file on a simulated disk
-(tests/engine/powerloss.py) that, on a power cut, keeps an arbitrary subset
+(tests/support/powerloss.py) that, on a power cut, keeps an arbitrary subset
 of the writes not yet synced.  A crash can now also be a power cut: at an
 armed operation or between two rules, the process dies and each file keeps
 only its durable bytes plus some of its unsynced blocks.
@@ -51,7 +51,7 @@ from hypothesis.stateful import rule, run_state_machine_as_test
 
 from target import clones, maps
 
-from . import powerloss
+from tests.support import powerloss
 from .test_clones_model import (GRAN, NAMES, SIZE, CloneMachine, Crash,
                                 data_for)
 
