@@ -3,14 +3,15 @@
 import json
 import os
 import subprocess
+import tomllib
 
 import click
 import pytest
 
-from tests.support.cli import (CLONECTL, MiB, run_clonectl, snapshot_tree,
-                               status_json)
-
+import target
 from target import cli
+from tests.support.cli import (CLONECTL, REPO, MiB, run_clonectl,
+                               snapshot_tree, status_json)
 
 
 def _commands(group, prefix=()):
@@ -35,8 +36,13 @@ def test_help(command, tmp_path):
 
 
 def test_version():
+    """--version prints the project's version (pyproject.toml), which is
+    also target.__version__."""
+    with open(REPO / "pyproject.toml", "rb") as f:
+        version = tomllib.load(f)["project"]["version"]
+    assert target.__version__ == version
     proc = run_clonectl(None, "--version")
-    assert "0." in proc.stdout or "1." in proc.stdout
+    assert proc.stdout == "clonectl, version {}\n".format(version)
 
 
 def test_state_dir_from_environment(tmp_path):

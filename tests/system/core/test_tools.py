@@ -67,11 +67,33 @@ def test_qemu_img_convert_round_trip(served_lu, tmp_path):
     assert proc.returncode == 1, proc.stdout + proc.stderr
 
 
-def test_qemu_img_info(served_lu):
+def test_qemu_img_info_and_map(served_lu, nbd_connect, tmp_path):
+    """qemu-img sees a raw disk of the LU's size, whose allocation map
+    (NBD base:allocation) has data exactly where it was written and zeroes
+    elsewhere, and whose bytes are the ones written."""
     _need("qemu-img")
-    proc = _run(["qemu-img", "info", "--output=json", served_lu.uri])
-    info = json.loads(proc.stdout)
-    assert info["virtual-size"] == served_lu.size
+    h = nbd_connect(served_lu.server.socket, served_lu.name)
+    data = random.Random(7).randbytes(2 * MiB)
+    h.pwrite(data, 4 * MiB)
+    h.flush()
+    info = json.loads(_run(["qemu-img", "info", "--output=json",
+                            served_lu.uri]).stdout)
+    assert info["format"] == "raw", info
+    assert info["virtual-size"] == served_lu.size, info
+    extents = json.loads(_run(["qemu-img", "map", "--output=json", "-f",
+                               "raw", served_lu.uri]).stdout)
+    assert extents[0]["start"] == 0
+    assert sum(e["length"] for e in extents) == served_lu.size
+    written = [(e["start"], e["length"]) for e in extents if e["data"]]
+    assert written == [(4 * MiB, 2 * MiB)], extents
+    assert all(e["zero"] for e in extents if not e["data"]), extents
+    expected = tmp_path / "expected.img"
+    with open(expected, "wb") as f:
+        f.truncate(served_lu.size)
+        f.seek(4 * MiB)
+        f.write(data)
+    _run(["qemu-img", "compare", "-f", "raw", "-F", "raw", expected,
+          served_lu.uri])
 
 
 def test_qemu_io_aligned_and_unaligned(served_lu):
