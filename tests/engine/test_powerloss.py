@@ -13,10 +13,10 @@ What the model allows a power cut to take: host writes not yet made durable
 lost); the model adopts what is on disk for those extents.  Everything else
 is checked by the CloneMachine invariants after recovery:
 
-- flushed host writes are still shown by the Source (invariant 1);
+- flushed host writes are still shown by the Source;
 - an extent whose Delta Map bit is clear is identical on Source and clone,
-  whatever subset of unsynced blocks survived (invariant 3);
-- fractured and restoring clones hold the model's bytes (invariant 2).
+  whatever subset of unsynced blocks survived;
+- fractured and restoring clones hold the model's bytes.
 
 Two rules reach the commit windows that only a power cut can exploit (the
 test is single-threaded, so they stand in for a second thread):

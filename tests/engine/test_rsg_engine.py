@@ -173,8 +173,8 @@ class Cluster:
     def stop_secondary(self):
         self.tb.close()
         self.tb = None
-        # rsg-bugs #1: the closed server's accept thread still holds the
-        # port until one more connection wakes it up.
+        # The closed server's accept thread still holds the port until
+        # one more connection wakes it up.
         try:
             socket.create_connection(("127.0.0.1", self.port), 1).close()
         except OSError:
@@ -253,8 +253,8 @@ class Cluster:
 
     def converged(self):
         link, sg = self.link, self.sg
-        # Not lag_updates == 0: rsg-bugs #3 (a lost ack keeps it at 1
-        # until the next write); test_lag_zero_after_lost_ack checks it.
+        # Not lag_updates == 0: a lost ack keeps it at 1 until the next
+        # write; test_lag_zero_after_lost_ack checks that case.
         return link.state == R.REPLICATING and sg is not None and \
             sg.consistent and sg.applied_seq == self.g.next_seq - 1
 
@@ -793,7 +793,7 @@ def test_torn_stage_slot_is_ignored(cluster_factory):
 
 def test_secondary_restart_twice_after_unapplied_batch(cluster_factory,
                                                       monkeypatch):
-    """rsg-bugs #2: a batch re-applied by recovery is applied again by the
+    """A batch re-applied by recovery must not be applied again by the
     next recovery, over newer batches."""
     c = cluster_factory()
     c.wait_converged()
@@ -821,7 +821,9 @@ def test_secondary_restart_twice_after_unapplied_batch(cluster_factory,
 
 
 def test_lag_zero_after_lost_ack(cluster_factory):
-    """rsg-bugs #3."""
+    """An ack lost with the link leaves no lag behind: once the restarted
+    secondary has caught up, the primary reports lag 0 without waiting for
+    a further write."""
     c = cluster_factory()
     c.wait_converged()
     c.write(0, 0, b"\x01" * 2048)

@@ -1,7 +1,7 @@
-"""Bad input on the NBD side of a Source with clones (DESIGN.md section 3,
-invariant 5): seeded random odd requests through libnbd with strict mode
-off (odd offsets and lengths, zero length, out of range, flags the export
-does not support) to a Source with a synchronized clone and to a fractured
+"""Bad input on the NBD side of a Source with clones: seeded random odd
+requests through libnbd with strict mode off (odd offsets and lengths,
+zero length, out of range, flags the export does not support) to a
+Source with a synchronized clone and to a fractured
 clone's export, then many connections dropped in the middle of their
 requests.  The target never dies, refuses with an errno, changes nothing
 on a refused request, and the synchronized clone stays equal to its Source

@@ -1,6 +1,6 @@
 """kill -9 of nbdkit and of the manager during clone operations: the work
 resumes by itself and the copies end identical; after a crash the delta maps
-cover every extent that may differ (DESIGN.md section 3, invariant 3)."""
+cover every extent that may differ."""
 
 import os
 import signal

@@ -83,7 +83,7 @@ def limited_server(tmp_path):
 
 def test_idle_connections_under_a_low_fd_limit_leave_the_server_working(
         limited_server, nbd_connect):
-    """The finding itself: more idle connections than descriptors."""
+    """More idle connections than the server has descriptors."""
     srv = limited_server(prefix=["prlimit", "--nofile=256:256", "--"])
     h = nbd_connect(srv.socket, "disk")
     idle = []

@@ -4,10 +4,9 @@ file does not sync its entry in its directory).
 
 The state directory lives on scripts/powerfs.py with every directory
 operation not made durable lost at the cut (--unsynced-entries lose), the
-strictest disk POSIX allows.  The power-loss torture found the first case
-(seed 5: after a cut, state.json named lus/c2.img but the file was gone, and
-`clonectl serve` could not start); each test here fails with its fsync
-taken out."""
+strictest disk POSIX allows: otherwise, after a cut, state.json may name
+an LU file that is gone, and `clonectl serve` cannot start.  Each test
+here fails with its fsync taken out."""
 
 import json
 import os

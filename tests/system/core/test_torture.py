@@ -74,9 +74,9 @@ def test_torture_power_loss_twin_fails(unsafe):
     removals come back as they were): the first power cut loses what the
     target counted as durable, and the checks must say so."""
     # Which round loses what depends on the operations a seed draws: the
-    # twin counts as caught if one of three seeds catches it (seeds 2 and
-    # 3 do in round 8 and 2 today; seed 1 did before the seam operations
-    # were added).
+    # twin counts as caught if one of three seeds catches it: a change of
+    # the torture's operations may move the losing round past the last one
+    # for a single seed.
     for seed in ("1", "2", "3"):
         rc, out, summary, counts = _torture(
             "--power-loss", unsafe, "--seed", seed, rounds=POWER_LOSS_ROUNDS)

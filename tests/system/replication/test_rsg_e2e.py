@@ -456,7 +456,7 @@ def test_promote_demote_split_brain(cluster):
     _write_extents(a, "v1", range(0, 128, 2), seed=60)
     wait_caught_up(c, a, G, b)
     # The old primary lets go of the link before the cut, so the secondary
-    # sees the connection end (a silent cut alone: rsg-bugs #5).
+    # sees the connection end (after a silent cut alone it would not).
     a.cli("rsg", "detach", G, "--secondary", b.addr)
     c.cut_between(a, b)
     c.wait(lambda: not b.rsg(G).get("connected"), "secondary disconnected",

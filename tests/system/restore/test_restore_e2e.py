@@ -1,4 +1,4 @@
-"""Protected restore end to end (issue 4), with real clients against a real
+"""Protected restore end to end, with real clients against a real
 `clonectl serve`: fio --verify on the Source while the restore runs, a host
 reading the whole Source during the restore, kill -9 of nbdkit and of the
 manager mid-restore, writes to the restoring clone's own export, refusals.
@@ -6,16 +6,13 @@ manager mid-restore, writes to the restoring clone's own export, refusals.
 Everything goes through the public surface (the CLI with --json, NBD
 clients, the backing files in STATE/lus).  What every test holds to:
 
-- the clone's bytes never change by the restore (DESIGN.md invariant 2);
+- the clone's bytes never change by the restore;
 - the Source ends equal to the clone's point-in-time content overlaid by
-  every host write (and no flushed host write is lost across a kill -9,
-  invariant 1);
+  every host write (and no flushed host write is lost across a kill -9);
 - when the restore completes the clone is fractured again and its Delta
   Map holds the extents written during the restore.
 
-The helpers come from tests/support/clonelib.py (see its docstring for why it
-is not a conftest.py); this directory has no __init__.py either, like
-tests/system/clones, so the directory of clonelib is put on sys.path here.
+The helpers (`clone_env`) come from tests/support/clonelib.py.
 """
 
 import fcntl
@@ -237,7 +234,7 @@ def _crash_during_restore(env, nbd_connect, clone_data, kill):
     h = nbd_connect(env.server.socket, "src")
     writes = [
         # an extent the engine restored already (and whose bit a recovery
-        # from the shared activity map sets again: seed figure 9)
+        # from the shared activity map sets again)
         (1 * MiB + 512, os.urandom(4 * KiB)),
         # extents not restored yet: copies on demand first
         (40 * MiB - 2 * KiB, os.urandom(8 * KiB)),  # two extents, unaligned
@@ -261,7 +258,7 @@ def _crash_during_restore(env, nbd_connect, clone_data, kill):
     # One more write, never flushed, in the activity region of the first
     # one: whatever commit ran at the flush, the crash finds that region
     # in the activity map, so recovery sets the Delta Map bits of its
-    # already restored extents again (seed figure 9) and only the PRM keeps
+    # already restored extents again, and only the PRM keeps
     # the flushed write from being copied over.
     unflushed = (2 * MiB + 4 * KiB, os.urandom(4 * KiB))
     h.pwrite(unflushed[1], unflushed[0])
@@ -299,7 +296,7 @@ def _crash_during_restore(env, nbd_connect, clone_data, kill):
 
 def test_writes_to_restoring_clone_and_its_sibling(clone_env, nbd_connect,
                                                    tmp_path):
-    """Seed 002: a write to the restoring clone's export first restores the
+    """A write to the restoring clone's export first restores the
     extent to the Source, which so still gets the clone's point-in-time
     data; a fractured sibling keeps tracking its own writes and the
     Source's changes."""

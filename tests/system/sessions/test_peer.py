@@ -1,8 +1,8 @@
 """Sessions shipping to another clonectl: the destination's consistent image
-is protected during a transfer (issue 5, seed 001 figures 5-6, 14-15).
+is protected during a transfer.
 
 Two `clonectl serve` (A: the Source, B: the destination with a peer
-listener and a shared token).  What the tests hold to (DESIGN.md 3.4, 3.5):
+listener and a shared token).  What the tests hold to:
 
 - after a successful update B's LU equals A's, and nothing stays protected;
 - while a transfer writes to B out of order, B's last consistent image is

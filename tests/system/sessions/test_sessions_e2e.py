@@ -1,26 +1,26 @@
-"""Incremental copy sessions end to end (issue 5), with real clients: a
+"""Incremental copy sessions end to end, with real clients: a
 Source served by `clonectl serve`, destinations served by qemu-nbd and by a
 second `clonectl serve`, host writes by qemu-io, libnbd and fio --verify,
 the frozen image read by nbdcopy and qemu-img.
 
-What the tests hold to (DESIGN.md section 3):
+What the tests hold to:
 
-- invariant 1: a host write acknowledged (and flushed) is never lost: fio
+- a host write acknowledged (and flushed) is never lost: fio
   verifies every block it wrote while transfers ran;
-- invariant 3 (coverage): every change reaches the next transfer: after
+- coverage: every change reaches the next transfer: after
   the writes stop, one more update leaves each destination byte-equal to
   the Source (`qemu-img compare`), and only changed extents are sent
   (bytes sent = changed extents x granularity);
-- invariant 4 (consistency): a completed marked transfer leaves the
+- consistency: a completed marked transfer leaves the
   destination byte-equal to the Source as of the mark (a copy taken at the
   mark, or read from the frozen export), never with writes made after it;
   a full copy while unmarked leaves it `inconsistent` until the next marked
   transfer completes;
-- invariant 5 (the frozen image): `SOURCE@NAME` serves the point in time,
+- the frozen image: `SOURCE@NAME` serves the point in time,
   read-only, while hosts write to the Source, and disappears at unmark.
 
-Helpers: sessionlib.py in this directory (destinations) and
-tests/support/clonelib.py, whose directory is put on sys.path here.
+Helpers: tests/support/sessionlib.py (destinations) and
+tests/support/clonelib.py.
 """
 
 import os

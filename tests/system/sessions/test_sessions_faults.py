@@ -1,6 +1,6 @@
-"""Failing destinations of incremental session transfers (issue 8), end to
-end: the destination is a real NBD server that answers requests with an
-error (nbdkit's error filter, or a flush that fails), not our own
+"""Failing destinations of incremental session transfers, end to end: the
+destination is a real NBD server that answers requests with an error
+(nbdkit's error filter, or a flush that fails), not our own
 CLONECTL_FAULTS hook.
 
 Each test serves a Source LU with `clonectl serve`, gives the session a
@@ -34,7 +34,7 @@ while the trigger file exists).  The transfer engine never reads its
 destinations; test_failing_reads_of_the_destination_do_not_matter pins that
 with pread and block status failing all the time.
 
-Helpers: sessionlib.py in this directory and tests/support/clonelib.py.
+Helpers: tests/support/sessionlib.py and tests/support/clonelib.py.
 """
 
 import errno

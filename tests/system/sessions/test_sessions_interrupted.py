@@ -1,4 +1,4 @@
-"""Interrupted session transfers end to end (issue 5): a destination killed
+"""Interrupted session transfers end to end: a destination killed
 mid-transfer (alone, or one of two while the other completes), the target
 (nbdkit) killed with -9 mid-transfer and while a frozen export is served, a
 destination that stops answering (`--timeout`), a destination behind a
@@ -13,16 +13,16 @@ behind its rate filter, slowed down to about 6 MB/s just before the
 checkpoint, so that the interruption surely comes after the checkpoint and
 before the end.
 
-What the tests hold to (DESIGN.md section 3):
+What the tests hold to:
 
-- invariant 1: host writes flushed before a kill -9 are on the Source
+- host writes flushed before a kill -9 are on the Source
   after the restart;
-- invariant 3: an interrupted transfer loses nothing; the resumed transfer
+- an interrupted transfer loses nothing; the resumed transfer
   sends only what was still pending (bytes sent < the Source's size);
-- invariant 4: a completed marked transfer leaves the destination
+- a completed marked transfer leaves the destination
   byte-equal to a copy of the Source taken at the mark, although hosts
   wrote the extents still to send after the mark (copy on first write,
-  durable across the kill -9: invariant 5);
+  durable across the kill -9 too);
 - a failed transfer is reported (exit 1, the destination named) and shown
   in the status (the destination's error, still marked, inconsistent).
 """

@@ -1,16 +1,16 @@
-"""Bad input to incremental copy sessions (issue 5), end to end: every
+"""Bad input to incremental copy sessions, end to end: every
 refusal exits 1 with a message naming the reason (no traceback) and leaves
 nothing changed: no session created, no map or save-area file made, not a
 byte written to any destination.  A save area too small for the changes
 made while marked unmarks the session with the error shown in its status,
 and the next update still sends every change.
 
-What the tests hold to (DESIGN.md section 3):
+What the tests hold to:
 
-- invariant 1: host writes succeed even when the save area is full;
-- invariant 3: an unmark forced by a full save area loses nothing from the
+- host writes succeed even when the save area is full;
+- an unmark forced by a full save area loses nothing from the
   next transfer (the destination ends byte-equal to the Source);
-- invariant 4: a destination is never written before the session has
+- a destination is never written before the session has
   checked it (reachable, writable, of the Source's size), and a refused
   transfer writes nothing;
 - one transfer or update at a time per session (the second is refused).
