@@ -133,18 +133,6 @@ def nbd_exports(socket):
     return sorted(e["export-name"] for e in json.loads(proc.stdout)["exports"])
 
 
-def qemu_io(uri, *commands, check=True):
-    cmd = ["qemu-io", "-f", "raw"]
-    for c in commands:
-        cmd += ["-c", c]
-    cmd.append(uri)
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
-    if check:
-        assert proc.returncode == 0 and "failed" not in proc.stdout \
-            .lower() + proc.stderr.lower(), proc.stdout + proc.stderr
-    return proc
-
-
 # ---------------------------------------------------------------- the env
 
 class CloneEnv:

@@ -14,7 +14,7 @@ import pytest
 
 from tests.support.cli import run_clonectl, status_json
 from tests.support.iscsilib import iscsi_record, mounted, needs_iscsi
-from tests.support.tools import qemu_io, QemuIoSession
+from tests.support.tools import QemuIoSession, qemu_io
 
 nbd = pytest.importorskip("nbd")
 

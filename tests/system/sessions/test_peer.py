@@ -22,33 +22,13 @@ import pytest
 
 from tests.support.cli import run_clonectl
 from tests.support.sockets import free_port
+from tests.support.tools import qemu_io, read_all
 
 MiB = 1 << 20
 # Above the transfer engine's 64 MiB checkpoint, so that a transfer cut
 # after it has extents that count as sent.
 SIZE = 96 * MiB
 TOKEN = "s3cret-token-0123456789"
-
-
-
-
-def qemu_io(uri, *commands):
-    args = ["qemu-io", "-f", "raw"]
-    for c in commands:
-        args += ["-c", c]
-    subprocess.run(args + [uri], check=True, capture_output=True, timeout=60)
-
-
-def read_all(uri):
-    import nbd
-    h = nbd.NBD()
-    h.connect_uri(uri)
-    try:
-        size = h.get_size()
-        return b"".join(h.pread(min(32 * MiB, size - off), off)
-                        for off in range(0, size, 32 * MiB))
-    finally:
-        h.shutdown()
 
 
 @pytest.fixture

@@ -33,7 +33,8 @@ import pytest
 
 
 from tests.support.clonelib import fio as clonelib_fio
-from tests.support.clonelib import nbd_exports, qemu_io
+from tests.support.clonelib import nbd_exports
+from tests.support.tools import qemu_io
 from tests.support.clonelib import GRANULARITY, KiB, MiB, read_range
 from tests.support.sessionlib import assert_differ, assert_same
 from tests.support.cli import run_clonectl

@@ -47,7 +47,7 @@ from pathlib import Path
 import pytest
 
 
-from tests.support.clonelib import qemu_io
+from tests.support.tools import qemu_io
 from tests.support.clonelib import GRANULARITY, KiB, MiB, read_range
 from tests.support.sessionlib import assert_differ, assert_same, NbdProcess
 from tests.support.cli import CLONECTL
