@@ -74,7 +74,7 @@ def _fill(h, pattern=b"S"):
 
 @pytest.mark.parametrize("retry", [True, False])
 def test_reverse_sync_collision_is_recopied(h, retry):
-    """Seed 000 figures 10-11: a host write lands while the engine copies.
+    """A host write lands while the engine copies.
 
     The engine has read the clone's extent; the host write is mirrored to
     the clone and written to the Source; the engine then writes its stale
@@ -212,8 +212,8 @@ def test_sibling_bits_survive_a_crash_early_in_reverse_sync(h, protected,
     assert h.clean_extents_equal("c2") == protected
 
 
-def test_figure_9_shared_activity_map_resets_cleared_bits(h):
-    """Seed figure 9: after a crash, bits of one clone come back because
+def test_shared_activity_map_resets_cleared_bits_after_a_crash(h):
+    """After a crash, bits of one clone come back because
     another clone's export was written in the same region; the extra
     copy is harmless and nothing is lost."""
     _fill(h, b"S")

@@ -3,7 +3,7 @@
 PowerLossMachine is the model test's CloneMachine (tests/engine/
 test_clones_model.py: same rules, same byte-level model, same invariants)
 with every backend and every map file on a simulated disk
-(tests/engine/powerloss.py) that, on a power cut, keeps an arbitrary subset
+(tests/support/powerloss.py) that, on a power cut, keeps an arbitrary subset
 of the writes not yet synced.  A crash can now also be a power cut: at an
 armed operation or between two rules, the process dies and each file keeps
 only its durable bytes plus some of its unsynced blocks.
@@ -13,10 +13,10 @@ What the model allows a power cut to take: host writes not yet made durable
 lost); the model adopts what is on disk for those extents.  Everything else
 is checked by the CloneMachine invariants after recovery:
 
-- flushed host writes are still shown by the Source (invariant 1);
+- flushed host writes are still shown by the Source;
 - an extent whose Delta Map bit is clear is identical on Source and clone,
-  whatever subset of unsynced blocks survived (invariant 3);
-- fractured and restoring clones hold the model's bytes (invariant 2).
+  whatever subset of unsynced blocks survived;
+- fractured and restoring clones hold the model's bytes.
 
 Two rules reach the commit windows that only a power cut can exploit (the
 test is single-threaded, so they stand in for a second thread):
@@ -51,7 +51,7 @@ from hypothesis.stateful import rule, run_state_machine_as_test
 
 from target import clones, maps
 
-from . import powerloss
+from tests.support import powerloss
 from .test_clones_model import (GRAN, NAMES, SIZE, CloneMachine, Crash,
                                 data_for)
 

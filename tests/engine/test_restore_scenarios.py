@@ -1,6 +1,7 @@
-"""Protected restore scenarios from seed 000 (figures 6-9) and seed 002,
-reproduced on memory backends, each protection with a twin that switches
-it off and shows the check failing."""
+"""Protected restore scenarios on memory backends: copies on demand, the
+shared activity map and the PRM across a crash, writes to the restoring
+clone; each protection with a twin that switches it off and shows the
+check failing."""
 
 import threading
 
@@ -35,7 +36,7 @@ def h(tmp_path):
     return Harness(tmp_path)
 
 
-def test_figure_6_writes_and_cods(h):
+def test_writes_wait_only_for_their_own_copies_on_demand(h):
     """Write 1 (extent 0) needs no COD; writes 2 and 3 (extents 4 and 7)
     wait on the COD queue while extents 4 and 7 are copied; afterwards
     bits 4 and 7 are clear in the Delta Map and 0, 4, 7 set in the PRM."""
@@ -59,10 +60,11 @@ def test_figure_6_writes_and_cods(h):
 
 
 @pytest.mark.parametrize("protected", [True, False])
-def test_figures_7_to_9_shared_map_and_recovery(h, protected, monkeypatch):
-    """Figures 7-8: during the restore of c1, a host write touching
+def test_shared_map_and_recovery_keep_a_host_write(h, protected,
+                                                  monkeypatch):
+    """During the restore of c1, a host write touching
     extents 6 and 7 (c1's bit 6 clear, bit 7 set) copies 7 on demand, sets
-    PRM 6-7 and c2's Delta Map 6-7.  Figure 9: after a crash the shared
+    PRM 6-7 and c2's Delta Map 6-7.  After a crash the shared
     persistent map sets c1's bits 6-7 again; the PRM keeps the engine from
     copying them over the (flushed) host write."""
     _fractured_pair(h)
@@ -77,9 +79,9 @@ def test_figures_7_to_9_shared_map_and_recovery(h, protected, monkeypatch):
     h.lu.write(write, 6 * GRAN + 500)
     h.lu.flush()
     assert h.group.cod.extents == 1                  # extent 7 only
-    assert _bits(h.group.prm) == [6, 7]              # figure 8
+    assert _bits(h.group.prm) == [6, 7]
     assert c2.delta[6] == 1 and c2.delta[7] == 1
-    h.crash()                                        # figure 9
+    h.crash()
     c1 = h.group.clones["c1"]
     assert c1.state == clones.RESTORING
     assert c1.delta[6] == 1 and c1.delta[7] == 1     # set again on recovery
@@ -95,7 +97,7 @@ def test_figures_7_to_9_shared_map_and_recovery(h, protected, monkeypatch):
 @pytest.mark.parametrize("protected", [True, False])
 def test_write_to_restoring_clone_restores_the_extent_first(h, protected,
                                                            monkeypatch):
-    """Seed 002: a write to the mirror during a restore first copies that
+    """A write to the mirror during a restore first copies that
     track to the Source, so the Source still gets the point-in-time data."""
     _fractured_pair(h)
     _make_clone_differ(h, "c1", [3], fill=b"P")

@@ -7,7 +7,7 @@ zeroes, flushes, mark (with and without a frozen export), unmark, transfers
 checkpoints, destination failures, and crashes at any backend or map
 operation.  After every step it checks against a byte-level model:
 
-- coverage (DESIGN.md 3.3): while unmarked, every extent where a
+- coverage: while unmarked, every extent where a
   destination differs from the Source is set in the tracking map or in that
   destination's pending map; while marked, every extent where a destination
   differs from the frozen image is pending for it, and every extent where

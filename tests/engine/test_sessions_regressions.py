@@ -190,7 +190,7 @@ class FailingSaveArea(backends.MemoryBackend):
 
 
 def test_save_area_eio_unmarks_and_loses_nothing():
-    """Issue 8, failing devices: the save area returns EIO on a copy on
+    """A failing save area: it returns EIO on a copy on
     first write.  The host write still succeeds, the session is unmarked
     with the error in its status, and the next update sends everything."""
     save = FailingSaveArea(sessions.SaveArea.minimum_size(N, G) + N * G)

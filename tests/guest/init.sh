@@ -1,5 +1,5 @@
 #!/bin/busybox sh
-# PID 1 of the test guest (tests/guest/guestlib.py packs it as /init).
+# PID 1 of the test guest (tests/support/guestlib.py packs it as /init).
 #
 # Kernel command line: clonectl.run=RUN clonectl.token=T [clonectl.port=N
 # clonectl.export=NAME].  RUN is one of

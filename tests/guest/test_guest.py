@@ -12,26 +12,13 @@ import time
 
 import pytest
 
-import guestimage
-import guestlib
-from conftest import ProcessGuard, Server, _stop_servers, run_clonectl
+from tests.support import guestlib
+from tests.support.guestlib import LU_SIZE
+from tests.support.cli import run_clonectl
+from tests.support.processes import ProcessGuard
+from tests.support.servers import Server, stop_servers
 
 pytestmark = [pytest.mark.guest, pytest.mark.timeout(900)]
-
-LU_SIZE = "64M"
-
-
-@pytest.fixture(scope="session")
-def guest():
-    """The cached guest (built on first use: downloads ~70 MB)."""
-    if shutil.which(guestlib.QEMU) is None:
-        pytest.skip("{} is not installed (scripts/setup installs "
-                    "qemu-system-x86)".format(guestlib.QEMU))
-    try:
-        return guestimage.ensure_guest()
-    except guestimage.GuestBuildError as e:
-        pytest.fail("cannot build the guest: {}".format(e))
-
 
 def file_md5(path):
     h = hashlib.md5()
@@ -78,7 +65,7 @@ def checked_source(guest, tmp_path_factory):
                                guard=guard)
         yield CheckedSource(srv, result, token)
     finally:
-        problems = _stop_servers([srv])
+        problems = stop_servers([srv])
         guard.cleanup()
         assert not problems, problems
 

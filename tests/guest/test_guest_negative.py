@@ -9,9 +9,9 @@ import time
 
 import pytest
 
-import guestlib
-from conftest import terminate_pid
-from test_guest import LU_SIZE, guest  # noqa: F401 (session fixture)
+from tests.support import guestlib
+from tests.support.guestlib import LU_SIZE
+from tests.support.processes import terminate_pid
 
 pytestmark = [pytest.mark.guest, pytest.mark.timeout(600)]
 

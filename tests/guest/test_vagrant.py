@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-import guestlib
+from tests.support import guestlib
 
 VAGRANT = guestlib.REPO / "vagrant"
 

@@ -78,9 +78,19 @@ def test_file_backend_accepts_buffer_types(fb):
     assert bytes(buf) == b"abcdefgh"
 
 
-def test_file_backend_flush(fb):
+def test_file_backend_flush_syncs_its_own_file(fb, monkeypatch):
+    """flush() is an fdatasync (or fsync) of the LU's file: the data on
+    disk is only as durable as that call (tests/system/core/
+    test_flush_durability.py sees it survive a power cut)."""
+    synced = []
+    for name in ("fdatasync", "fsync"):
+        real = getattr(os, name)
+        monkeypatch.setattr(os, name, lambda fd, real=real: (
+            synced.append(os.fstat(fd).st_ino), real(fd))[1])
     fb.write(b"x" * 512, 0)
+    assert synced == [], "a write is not a flush"
     fb.flush()
+    assert synced == [os.stat(fb.path).st_ino]
     with open(fb.path, "rb") as f:
         assert f.read(512) == b"x" * 512
 

@@ -2,7 +2,7 @@
 
 import json
 
-from conftest import run_clonectl, snapshot_tree
+from tests.support.cli import run_clonectl, snapshot_tree
 
 
 def test_state_dir_after_the_subcommand(tmp_path):

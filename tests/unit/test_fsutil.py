@@ -209,8 +209,13 @@ def test_unix_socket_path_limit_boundary():
     assert fsutil.unix_socket_path(exact + "b") != exact + "b"
 
 
-def test_fsync_dir(tmp_path):
+def test_fsync_dir(tmp_path, monkeypatch):
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (
+        synced.append(os.fstat(fd).st_ino), real(fd))[1])
     fsutil.fsync_dir(str(tmp_path))
+    assert synced == [tmp_path.stat().st_ino]
     with pytest.raises(NotADirectoryError):
         (tmp_path / "f").write_bytes(b"")
         fsutil.fsync_dir(str(tmp_path / "f"))

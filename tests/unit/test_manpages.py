@@ -8,7 +8,7 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from conftest import REPO
+from tests.support.cli import REPO
 from target.cli import main
 
 MAN_DIR = REPO / "docs" / "man"

@@ -9,7 +9,7 @@ import subprocess
 import pytest
 from click.testing import CliRunner
 
-from conftest import REPO
+from tests.support.cli import REPO
 from target.cli import main
 
 DOCS = [REPO / "README.md"] + sorted((REPO / "docs").glob("*.md"))
@@ -55,6 +55,13 @@ def test_scripts_set_up_what_they_need():
     assert _setup_calls("demo") == ['"$repo/scripts/setup"']
     test_script = (REPO / "scripts" / "test").read_text()
     assert test_script.index("scripts/setup") < test_script.index("-m pytest")
+
+
+def test_fast_tier_is_documented_and_is_unit_and_engine():
+    test_script = (REPO / "scripts" / "test").read_text()
+    assert "--fast) args+=(tests/unit tests/engine) ;;" in test_script
+    for doc in ("README.md", "docs/testing.md"):
+        assert "scripts/test --fast" in (REPO / doc).read_text(), doc
 
 
 def _packages(*args):

@@ -1,0 +1,1380 @@
+"""Engine-level tests of replicated storage groups (target.replication).
+
+Two in-process `Target` objects in tmp dirs (A primary, B secondary)
+connected over 127.0.0.1 TCP, no nbdkit.  Host I/O goes through
+`Target.lus[name].write/zero/trim/flush` (the path the plugin uses).
+
+The checker (used by the state machine and by the "protection off" twins):
+a byte-level model is the ordered list of every change made on the primary,
+each with the sequence number the primary gave it.  The secondary must be
+- when sampled while it says it is consistent (under its apply lock, no
+  waiting, possibly behind): exactly the model's state after some prefix of
+  the changes whose last sequence number is >= its applied_seq;
+- at a check point (link replicating, lag 0, secondary consistent and
+  applied_seq == the primary's last seq): exactly the model's state after
+  changes 1..applied_seq, and the primary exactly the full model.
+
+Crashes:
+- secondary: its Target is closed and a new one started on the same state
+  dir and replication port (a restart; the primary's link reconnects);
+- primary (a kill -9 at a quiet moment): every link thread is stopped with
+  Link.stop() (which persists nothing), the SRL/DCM/LU fds are closed
+  without PrimaryGroup.close()/Target.close() (both would persist the group
+  record), the old Target is abandoned and a new Target is made on the same
+  state dir.  Everything pwritten is in the page cache, as after a kill -9;
+  the group record is whatever was last persisted by the engine itself.
+  Not simulated: a kill in the middle of a host write or of a persist.
+
+Timing knobs of the engine (RETRY_INTERVAL, PERSIST_INTERVAL) are shortened
+by the tests (module attributes, restored afterwards) so that reconnects do
+not cost a second each.
+
+RSG_MODEL_EXAMPLES (default 40) and RSG_MODEL_STEPS (default 15) size the
+state machine.
+"""
+
+import errno
+import json
+import os
+import random
+import shutil
+import socket
+import tempfile
+import threading
+import time
+
+import pytest
+from hypothesis import HealthCheck, event, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant,
+                                 precondition, rule)
+
+from tests.support import rsgmodel
+from tests.support.models import tolerate_timing_in_generation
+from tests.support.sockets import free_port
+from tests.support.rsgmodel import fast_timing, Op, restore_timing, wait_for
+from target import clones
+from target import replication as R
+from target import errors, inventory
+from target.target import Target
+
+GRAN = 4096
+VOLS = ["v1", "v2"]
+SIZES = [1 << 20, 512 << 10]
+SRL = "1M"
+TOKEN = "replication-token-0123456789"
+
+
+# ---------------------------------------------------------------- helpers
+
+
+
+
+
+
+
+def blank():
+    return rsgmodel.blank(SIZES)
+
+
+def first_diff(a, b):
+    return rsgmodel.first_diff(a, b, VOLS)
+
+
+def check_sample(ops, applied, imgs):
+    return rsgmodel.check_sample(ops, applied, imgs, SIZES)
+
+
+def check_exact(ops, imgs, applied, what="secondary"):
+    rsgmodel.check_exact(ops, imgs, applied, SIZES, what, VOLS)
+
+
+@pytest.fixture(autouse=True)
+def _fast():
+    saved = fast_timing()
+    yield
+    restore_timing(saved)
+
+
+def read_image(t, name):
+    lu = t.lus[name]
+    buf = bytearray(lu.size)
+    lu.backend.readinto(buf, 0)
+    return bytes(buf)
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+class Cluster:
+    """A primary A and a secondary B in dirs under root."""
+
+    def __init__(self, root, mode="async", srl=SRL, link=True):
+        self.root = root
+        self.A = os.path.join(root, "A")
+        self.B = os.path.join(root, "B")
+        self.tok = os.path.join(root, "tok")
+        with open(self.tok, "w") as f:
+            f.write(TOKEN)
+        for sd in (self.A, self.B):
+            st_ = inventory.StateDir(sd)
+            st_.ensure()
+            for name, size in zip(VOLS, SIZES):
+                inventory.create_lu(st_, name, size=size)
+        self.port = free_port()
+        self.addr = "127.0.0.1:%d" % self.port
+        self.tb = None
+        self.start_secondary()
+        self.ta = Target(self.A)
+        self.ta.start()
+        self.ta.rsg_create("g", VOLS, srl, granularity="4K")
+        self.ops = []
+        self.lock = threading.Lock()      # one writer at a time
+        self.seq_reused = False
+        if link:
+            self.ta.rsg_link("g", self.addr, mode, self.tok)
+
+    # Nodes.
+
+    @property
+    def g(self):
+        return self.ta.rsgs["g"]
+
+    @property
+    def link(self):
+        return self.g.links[0]
+
+    @property
+    def sg(self):
+        return self.tb.rsgs.get("g") if self.tb is not None else None
+
+    def start_secondary(self):
+        assert self.tb is None
+        self.tb = Target(self.B)
+        self.tb.start()
+        for attempt in range(50):
+            try:
+                self.tb.start_replication("127.0.0.1", self.port, self.tok)
+                return
+            except OSError:
+                time.sleep(0.1)
+        raise AssertionError("cannot listen on port %d again" % self.port)
+
+    def stop_secondary(self):
+        self.tb.close()
+        self.tb = None
+        # The closed server's accept thread still holds the port until
+        # one more connection wakes it up.
+        try:
+            socket.create_connection(("127.0.0.1", self.port), 1).close()
+        except OSError:
+            pass
+
+    def restart_secondary(self):
+        self.stop_secondary()
+        self.start_secondary()
+
+    def crash_primary(self):
+        """kill -9 at a quiet moment (module notes)."""
+        ta = self.ta
+        for g in ta.rsgs.values():
+            if g.role != R.PRIMARY:
+                continue
+            for link in g.links:
+                link.stop()
+            for link in g.links:
+                link.dcm.close()
+            if g.since is not None:
+                g.since.close()
+            g.srl.close()
+        for lu in ta.lus.values():
+            lu.close()
+        self.ta = Target(self.A)
+        self.ta.start()
+        last = self.ops[-1].seq if self.ops else 0
+        if self.g.next_seq <= last:
+            self.seq_reused = True
+
+    def close(self):
+        for t in (self.ta, self.tb):
+            if t is not None:
+                try:
+                    t.close()
+                except Exception:
+                    pass
+
+    # Host I/O (recorded in the model before it is issued: a secondary
+    # can never hold an update the model lacks).
+
+    def change(self, vol, kind, off, length, data=None, t=None):
+        t = t or self.ta
+        lu = t.lus[VOLS[vol]]
+        with self.lock:
+            g = t.rsgs["g"]
+            seq = g.next_seq
+            op = Op(seq, vol, kind, off, length,
+                    bytes(data) if data is not None else None)
+            self.ops.append(op)
+            if kind == R.WRITE:
+                lu.write(op.data, off)
+            elif kind == R.ZERO:
+                lu.zero(off, length)
+            else:
+                lu.trim(off, length)
+            assert g.next_seq == seq + 1, "a change got no single seq"
+        return op
+
+    def write(self, vol, off, data):
+        return self.change(vol, R.WRITE, off, len(data), data)
+
+    def flush(self):
+        for name in VOLS:
+            self.ta.lus[name].flush()
+
+    # Checks.
+
+    def status(self):
+        try:
+            return {"link": self.link.status(),
+                    "secondary": self.sg.status() if self.sg else None,
+                    "last_seq": self.g.next_seq - 1}
+        except Exception as e:          # pragma: no cover
+            return repr(e)
+
+    def converged(self):
+        link, sg = self.link, self.sg
+        # Not lag_updates == 0: a lost ack keeps it at 1 until the next
+        # write; test_lag_zero_after_lost_ack checks that case.
+        return link.state == R.REPLICATING and sg is not None and \
+            sg.consistent and sg.applied_seq == self.g.next_seq - 1
+
+    def wait_converged(self, timeout=20.0):
+        wait_for(self.converged, timeout, "convergence", self.status)
+
+    def sample(self):
+        """(applied_seq, images) of the secondary under its apply lock, or
+        None when it is not consistent."""
+        sg = self.sg
+        if sg is None:
+            return None
+        with sg.lock:
+            if not sg.consistent:
+                return None
+            applied = sg.applied_seq
+            imgs = [read_image(self.tb, n) for n in VOLS]
+        return applied, imgs
+
+    def check_sample(self):
+        s = self.sample()
+        if s is None:
+            return None
+        with self.lock:
+            ops = list(self.ops)
+        return check_sample(ops, s[0], s[1])
+
+    def check_final(self):
+        """Converge, then: secondary == updates 1..applied exactly,
+        primary == the whole model, secondary == primary."""
+        self.wait_converged()
+        s = self.sample()
+        assert s is not None
+        applied, imgs = s
+        check_exact(self.ops, imgs, applied)
+        prim = [read_image(self.ta, n) for n in VOLS]
+        check_exact(self.ops, prim, self.ops[-1].seq if self.ops else 0,
+                    what="primary")
+        assert prim == imgs, first_diff(prim, imgs)
+
+
+@pytest.fixture
+def cluster_factory():
+    made = []
+
+    def make(**kw):
+        root = tempfile.mkdtemp(prefix="rsg-engine-")
+        c = Cluster(root, **kw)
+        made.append(c)
+        return c
+    yield make
+    for c in made:
+        c.close()
+        shutil.rmtree(c.root, ignore_errors=True)
+
+
+def rnd_data(rng, n):
+    return rng.randbytes(n)
+
+
+def random_ops(c, rng, n, max_len=64 << 10):
+    for _ in range(n):
+        vol = rng.randrange(2)
+        off = rng.randrange(SIZES[vol])
+        length = rng.randint(1, min(max_len, SIZES[vol] - off))
+        kind = rng.choice([R.WRITE, R.WRITE, R.WRITE, R.ZERO, R.TRIM])
+        c.change(vol, kind, off, length,
+                 rnd_data(rng, length) if kind == R.WRITE else None)
+
+
+# ---------------------------------------------------------------- model
+
+class RsgMachine(RuleBasedStateMachine):
+
+    def __init__(self):
+        super().__init__()
+        self.saved = fast_timing()
+        self.root = tempfile.mkdtemp(prefix="rsg-model-")
+        self.c = None
+        self.attached = True
+        self.samples = 0
+
+    @initialize(mode=st.sampled_from(["async", "async", "sync"]))
+    def setup(self, mode):
+        self.c = Cluster(self.root, mode=mode)
+        self.c.g.sync_timeout = 1.0
+        self.mode = mode
+        event("mode " + mode)
+
+    def teardown(self):
+        try:
+            if self.c is not None:
+                if self.c.tb is None:
+                    self.c.start_secondary()
+                if not self.attached:
+                    self.c.ta.rsg_attach("g", self.c.addr)
+                self.c.check_final()
+                event("updates at the end: %s" % (
+                    "<50" if len(self.c.ops) < 50 else ">=50"))
+                if self.c.seq_reused:
+                    event("sequence numbers reused after a primary crash")
+        finally:
+            if self.c is not None:
+                self.c.close()
+            shutil.rmtree(self.root, ignore_errors=True)
+            restore_timing(self.saved)
+
+    @rule(vol=st.integers(0, 1),
+          kind=st.sampled_from([R.WRITE, R.WRITE, R.WRITE, R.ZERO, R.TRIM]),
+          off=st.integers(0, SIZES[0] - 1),
+          length=st.integers(1, 200 << 10),
+          align=st.booleans(), seed=st.integers(0, 2 ** 32))
+    def host_change(self, vol, kind, off, length, align, seed):
+        size = SIZES[vol]
+        off %= size
+        if align:
+            off -= off % GRAN
+            length = max(GRAN, length - length % GRAN)
+        length = max(1, min(length, size - off))
+        data = random.Random(seed).randbytes(length) \
+            if kind == R.WRITE else None
+        link = self.c.link
+        sync_ok = self.mode == "sync" and link.state == R.REPLICATING
+        op = self.c.change(vol, kind, off, length, data)
+        if sync_ok and link.state == R.REPLICATING and \
+                link.mode == "sync":
+            # Still replicating after the write returned: it was acked.
+            assert link.acked_seq >= op.seq, (op, self.c.status())
+
+    @rule(n=st.integers(1, 30), seed=st.integers(0, 2 ** 32))
+    def burst_with_samples(self, n, seed):
+        """A writer thread; the secondary is sampled meanwhile (each sample
+        must be a prefix)."""
+        rng = random.Random(seed)
+        err = []
+
+        def writer():
+            try:
+                random_ops(self.c, rng, n, max_len=32 << 10)
+            except BaseException as e:      # pragma: no cover
+                err.append(e)
+        th = threading.Thread(target=writer)
+        th.start()
+        while th.is_alive():
+            if self.c.check_sample() is not None:
+                self.samples += 1
+            time.sleep(0.005)
+        th.join()
+        assert not err, err
+        if self.c.check_sample() is not None:
+            self.samples += 1
+
+    @rule()
+    def flush(self):
+        self.c.flush()
+
+    @precondition(lambda self: self.c.tb is not None)
+    @rule()
+    def restart_secondary(self):
+        self.c.restart_secondary()
+
+    @precondition(lambda self: self.c.tb is not None)
+    @rule()
+    def stop_secondary(self):
+        self.c.stop_secondary()
+
+    @precondition(lambda self: self.c.tb is None)
+    @rule()
+    def start_secondary(self):
+        self.c.start_secondary()
+
+    @precondition(lambda self: self.attached)
+    @rule()
+    def detach(self):
+        self.c.ta.rsg_detach("g", self.c.addr)
+        self.attached = False
+
+    @precondition(lambda self: not self.attached)
+    @rule()
+    def attach(self):
+        self.c.ta.rsg_attach("g", self.c.addr)
+        self.attached = True
+
+    @rule(seed=st.integers(0, 2 ** 32), cut=st.booleans())
+    def overflow(self, seed, cut):
+        """More than the SRL holds, in 256K writes (and a cut link first,
+        sometimes, so it surely overflows)."""
+        rng = random.Random(seed)
+        if cut and self.c.tb is not None:
+            self.c.stop_secondary()
+        before = self.c.link.replays, self.c.link.logging
+        for _ in range(5):
+            off = rng.randrange(0, SIZES[0] - (256 << 10))
+            self.c.write(0, off, rng.randbytes(256 << 10))
+        if self.c.link.logging and not before[1]:
+            event("SRL overflow -> DCM logging")
+
+    @rule()
+    def crash_primary(self):
+        self.c.crash_primary()
+        self.c.g.sync_timeout = 1.0
+        event("primary crash")
+
+    @rule()
+    def checkpoint(self):
+        """Wait for convergence, compare exactly."""
+        if self.c.tb is None:
+            self.c.start_secondary()
+        if not self.attached:
+            self.c.ta.rsg_attach("g", self.c.addr)
+            self.attached = True
+        self.c.check_final()
+        event("checkpoint")
+
+    @invariant()
+    def secondary_is_a_prefix(self):
+        if self.c is not None and self.c.check_sample() is not None:
+            self.samples += 1
+
+
+RsgMachine.TestCase.settings = settings(
+    max_examples=int(os.environ.get("RSG_MODEL_EXAMPLES", "40")),
+    stateful_step_count=int(os.environ.get("RSG_MODEL_STEPS", "15")),
+    deadline=None, database=None,   # timing-dependent: no stale replays
+    suppress_health_check=list(HealthCheck))
+TestRsgModel = tolerate_timing_in_generation(RsgMachine.TestCase)
+
+
+# ---------------------------------------------------------------- deterministic
+
+def staged_seq(sg):
+    seqs = [sg.applied_seq]
+    for i in (0, 1):
+        s = sg._read_slot(i)
+        if s:
+            seqs.append(s["last"])
+    return max(seqs)
+
+
+def test_sync_write_is_on_secondary_when_it_returns(cluster_factory):
+    c = cluster_factory(mode="sync")
+    c.wait_converged()
+    rng = random.Random(5)
+    for i in range(40):
+        vol = rng.randrange(2)
+        off = rng.randrange(SIZES[vol] - 8192)
+        op = c.write(vol, off, rng.randbytes(rng.randint(1, 8192)))
+        assert c.link.state == R.REPLICATING, c.status()
+        assert c.link.acked_seq >= op.seq
+        assert staged_seq(c.sg) >= op.seq, (op, c.status())
+    c.check_final()
+
+
+def test_sync_link_to_hung_secondary_times_out_into_dcm(cluster_factory):
+    c = cluster_factory(mode="sync")
+    c.wait_converged()
+    c.g.sync_timeout = 0.5
+    gate = threading.Event()
+    sg = c.sg
+    orig = sg._stage
+
+    def hung_stage(*a):
+        gate.wait(30)          # a secondary that stops answering
+        return orig(*a)
+    sg._stage = hung_stage
+    try:
+        t0 = time.monotonic()
+        op = c.write(0, 5 * GRAN + 100, b"\xab" * 3000)
+        took = time.monotonic() - t0
+        assert 0.4 <= took < 2.0, took
+        link = c.link
+        assert link.dcm_active and link.state in (R.DCM_LOGGING, R.DCM_REPLAY)
+        a, b = link.dcm.range_of(0, op.off, op.length)
+        assert all(link.dcm.bits[a:b]), "the timed-out write is not in the DCM"
+        assert "did not acknowledge" in (link.error or "") or \
+            link.state == R.DCM_REPLAY
+        t0 = time.monotonic()
+        c.write(1, 0, b"\xcd" * 512)
+        assert time.monotonic() - t0 < 0.4, "a second write waited again"
+    finally:
+        gate.set()
+    c.check_final()
+
+
+def srl_entries(g, pos):
+    out = []
+    while pos < g.srl.head_pos:
+        e = g.srl.read(pos)
+        if e is None:
+            break
+        out.append((pos, e))
+        pos = e[7]
+    return out
+
+
+def _set_faults(path, rules):
+    tmp = str(path) + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(rules, f)
+    os.rename(tmp, path)       # re-read by the hook when the file changes
+
+
+@pytest.mark.parametrize("op,code", [("write", "ENOSPC"), ("flush", "EIO"),
+                                     ("read", "EIO")])
+def test_failing_srl_switches_links_to_dcm_and_loses_nothing(
+        cluster_factory, tmp_path, monkeypatch, op, code):
+    """A failing SRL device (CLONECTL_FAULTS, target/backends.py): host
+    writes and flushes go on (the volumes are fine), the link logs to its
+    DCM with the error in status, and once the SRL works again the replay
+    makes the secondary equal the primary.  A failing read (the sender
+    reading entries back) is no lost connection to retry for ever."""
+    faults = tmp_path / "faults.json"
+    _set_faults(faults, [])
+    monkeypatch.setenv("CLONECTL_FAULTS", str(faults))
+    c = cluster_factory()
+    c.wait_converged()
+    rng = random.Random(11)
+    random_ops(c, rng, 20)
+    c.wait_converged()
+    srl = os.path.join(c.A, "rsg", "g.srl")
+    _set_faults(faults, [{"path": srl, "op": op, "errno": code}])
+    random_ops(c, rng, 30)          # no exception: the writes are made
+    c.flush()
+    wait_for(lambda: c.link.logging and code in (c.link.error or ""),
+             what="DCM logging with the SRL's error", info=c.status)
+    assert "SRL failed" in c.link.status()["error"], c.status()
+    _set_faults(faults, [])
+    random_ops(c, rng, 20)
+    c.flush()
+    c.check_final()
+    assert c.link.replays >= 1
+
+
+def test_secondary_closing_under_a_session_sends_no_fail(cluster_factory):
+    """A secondary that closes while it serves a primary (its LUs going
+    away under a replay: "no LU named 'v1'", found by the model test under
+    load) must not answer with FAIL, which stops the primary's link for
+    good; it drops the connection and the primary comes back.  A bad frame
+    stands in for the error the closing target causes."""
+    c = cluster_factory()
+    c.wait_converged()
+    c.ta.rsg_detach("g", c.addr)    # the real primary stays away
+    primary_end, secondary_end = socket.socketpair()
+    try:
+        sg = c.sg
+        server = threading.Thread(target=sg.serve,
+                                  args=(secondary_end, {}, "127.0.0.1"))
+        server.start()
+        time.sleep(0.2)             # serving: waiting for a frame
+        sg.closed = True            # the target began to close
+        R.send_frame(primary_end, b"XXXX")
+        server.join(10)
+        assert not server.is_alive()
+        primary_end.settimeout(0.5)
+        try:
+            answer = primary_end.recv(64)
+        except socket.timeout:
+            answer = b""
+        assert b"FAIL" not in answer, answer
+    finally:
+        primary_end.close()
+        secondary_end.close()
+
+
+def test_volume_write_failing_after_it_was_logged_is_not_replicated(
+        cluster_factory, tmp_path, monkeypatch):
+    """A volume write that fails (EIO from the device, CLONECTL_FAULTS)
+    after its change was appended to the SRL must not reach the secondary
+    as if it had been made: the host gets the error, the links replay the
+    region, and the secondary ends up equal to the primary."""
+    faults = tmp_path / "faults.json"
+    _set_faults(faults, [])
+    monkeypatch.setenv("CLONECTL_FAULTS", str(faults))
+    c = cluster_factory()
+    c.wait_converged()
+    lu_file = os.path.join(c.A, "lus", VOLS[0] + ".img")
+    _set_faults(faults, [{"path": lu_file, "op": "write", "offset": 0,
+                          "length": 65536, "errno": "EIO"}])
+    g = c.g
+    with pytest.raises(OSError) as e:
+        c.ta.lus[VOLS[0]].write(b"\xee" * 4096, 8192)
+    assert e.value.errno == 5
+    error_then = c.link.error or ""
+    _set_faults(faults, [])
+    c.ops.clear()           # the model's ops are not used below
+    c.ta.lus[VOLS[0]].write(b"\x11" * 4096, 1 << 16)
+    c.wait_converged()
+    prim = [read_image(c.ta, n) for n in VOLS]
+    sec = [read_image(c.tb, n) for n in VOLS]
+    assert prim[0][8192:12288] != b"\xee" * 4096
+    assert prim == sec, first_diff(prim, sec)
+    assert g.next_seq - 1 == c.sg.applied_seq
+    assert "failed after it was logged" in error_then, error_then
+
+
+def test_corrupt_srl_entry_stops_link_nothing_applied(cluster_factory):
+    c = cluster_factory()
+    c.wait_converged()
+    c.write(0, 0, b"\x01" * 4096)
+    c.wait_converged()
+    before = c.sg.applied_seq
+    c.stop_secondary()
+    ops = [c.write(0, (i + 2) * 8192, bytes([i + 2]) * 8192) for i in range(5)]
+    c.flush()
+    entries = [(p, e) for p, e in srl_entries(c.g, c.link.acked_pos)
+               if e[0] >= ops[0].seq]
+    pos, e = next((p, e) for p, e in entries if e[0] == ops[2].seq)
+    phys = R.SRL_DATA_START + pos % c.g.srl.capacity + R.SRL_ENTRY.size + 10
+    fd = os.open(c.g.files.srl, os.O_RDWR)
+    try:
+        b = os.pread(fd, 1, phys)
+        os.pwrite(fd, bytes([b[0] ^ 0xff]), phys)
+    finally:
+        os.close(fd)
+    c.start_secondary()
+    wait_for(lambda: c.link.stopped_error, 10, "the link to stop", c.status)
+    assert "fails its checksum" in c.link.stopped_error
+    assert "fails its checksum" in c.link.status()["error"]
+    time.sleep(0.5)
+    assert c.link.state == R.FAILED
+    sg = c.sg
+    assert sg.applied_seq < ops[2].seq and sg.applied_seq >= before
+    s = c.sample()
+    check_exact(c.ops, s[1], s[0])
+    assert s[1][0][6 * 8192:7 * 8192] != bytes([4]) * 8192
+
+
+def test_volume_change_replays_exactly_its_regions(cluster_factory):
+    c = cluster_factory()
+    c.write(0, 0, b"\x07" * 100)
+    c.wait_converged()
+    g, link = c.g, c.link
+    g._volume_change = lambda: "a test restore"
+    sent0 = link.sent_bytes
+    region_gran = 8192
+    bits = bytearray(SIZES[0] // region_gran)
+    for i in (3, 10, 11):
+        bits[i] = 1
+    g.begin_volume_change(0, bits, region_gran, "a test restore")
+    # The operation changes those regions below the group (no SRL).
+    inner = c.ta.lus[VOLS[0]].stack.below("replication")
+    rng = random.Random(9)
+    for i in (3, 10, 11):
+        inner.write(rng.randbytes(region_gran), i * region_gran)
+    # A host write meanwhile (one 4K extent of v2).
+    c.write(1, 4 * GRAN, b"\x09" * GRAN)
+    time.sleep(0.3)
+    assert link.state == R.DCM_LOGGING and link.replays == 1
+    want = set()
+    base = link.dcm.bases
+    for i in (3, 10, 11):
+        want |= {base[0] + i * 2, base[0] + i * 2 + 1}
+    want.add(base[1] + 4)
+    assert {i for i, v in enumerate(link.dcm.bits) if v} == want
+    g._volume_change = lambda: None
+    wait_for(lambda: link.replays == 2 and link.state == R.REPLICATING, 10,
+             "the replay", c.status)
+    assert link.replay_total == len(want) == 7
+    assert link.sent_bytes - sent0 < len(want) * GRAN + 64 << 10
+    wait_for(lambda: c.sg.applied_seq == g.next_seq - 1 and c.sg.consistent)
+    prim = [read_image(c.ta, n) for n in VOLS]
+    sec = [read_image(c.tb, n) for n in VOLS]
+    assert prim == sec, first_diff(prim, sec)
+
+
+def test_replay_cut_before_the_secondary_began_it_is_replayed_again(
+        cluster_factory, monkeypatch):
+    """A replay cut after the link joined the SRL stream but before the
+    secondary began it: at the next handshake the secondary is consistent
+    and has every update the link counts as acknowledged, yet the DCM's
+    regions (here a restore's, which has no sequence numbers) never
+    reached it.  The link replays them again; it must not stream on with
+    its DCM set."""
+    c = cluster_factory()
+    c.write(0, 0, b"\x07" * 100)
+    c.wait_converged()
+    g, link = c.g, c.link
+    cut = []
+    orig = R.link.send_json
+
+    def cut_before_rbeg(sock, kind, obj):
+        if kind == b"RBEG" and not cut:
+            cut.append(link.phase)
+            raise ConnectionError("cut before the replay began")
+        return orig(sock, kind, obj)
+    monkeypatch.setattr(R.link, "send_json", cut_before_rbeg)
+    region_gran = 8192
+    bits = bytearray(SIZES[0] // region_gran)
+    bits[3] = 1
+    g._volume_change = lambda: "a test restore"
+    g.begin_volume_change(0, bits, region_gran, "a test restore")
+    inner = c.ta.lus[VOLS[0]].stack.below("replication")
+    inner.write(b"\x5a" * region_gran, 3 * region_gran)
+    g._volume_change = lambda: None
+    wait_for(lambda: cut, 10, "the cut", c.status)
+    assert cut[0] == (R.DCM_REPLAY, R.link.SRL_DCM)
+    c.wait_converged()
+    wait_for(lambda: link.dcm.count() == 0 and link.state == R.REPLICATING,
+             10, "the DCM replayed", c.status)
+    prim = [read_image(c.ta, n) for n in VOLS]
+    sec = [read_image(c.tb, n) for n in VOLS]
+    assert prim == sec, first_diff(prim, sec)
+
+
+def test_history_diverges():
+    hd = R.history_diverges
+    g1, g2, g9 = [["g1", 1]], [["g1", 1], ["g2", 101]], [["g9", 1]]
+    # Same line, equal or secondary behind.
+    assert hd(g1, 50, g1, 50) == (False, 50)
+    assert hd(g1, 50, g1, 20) == (False, 20)
+    # Promoted node (g2 from 101) vs the demoted old primary.
+    assert hd(g2, 130, g1, 150) == (True, 100)   # wrote after the branch
+    assert hd(g2, 130, g1, 100) == (False, 100)  # did not
+    assert hd(g2, 130, g1, 80) == (False, 80)    # was behind
+    # The old primary looking at the promoted node, which wrote since.
+    assert hd(g1, 150, g2, 130)[0] is True
+    # Unrelated histories.
+    assert hd(g1, 10, g9, 10) == (True, 0)
+    assert hd(g1, 10, [], 0) == (True, 0)
+
+
+def stage_entries(specs):
+    out = []
+    for seq, vol, off, data in specs:
+        crc = R.entry_crc(seq, vol, R.WRITE, off, len(data), data)
+        out.append((seq, vol, R.WRITE, off, len(data), crc, data))
+    return out
+
+
+def _secondary_only(c):
+    """Converge, then stop both nodes but reopen the secondary alone."""
+    c.write(0, 0, b"\x11" * 4096)
+    c.wait_converged()
+    c.ta.close()
+    c.ta = None
+    c.stop_secondary()
+    tb = Target(c.B)
+    c.tb = tb
+    return tb.rsgs["g"]
+
+
+def test_staged_unapplied_slot_is_applied_as_one_unit(cluster_factory):
+    c = cluster_factory()
+    sg = _secondary_only(c)
+    a = sg.applied_seq
+    ents = stage_entries([(a + 1, 0, 8192, b"\x21" * 5000),
+                          (a + 2, 1, 100, b"\x22" * 3000),
+                          (a + 3, 0, 9000, b"\x23" * 100)])   # overlaps #1
+    sg._stage(ents, a + 1, a + 3)
+    c.tb.close()
+    c.tb = Target(c.B)
+    sg = c.tb.rsgs["g"]
+    assert sg.applied_seq == a + 3 and sg.consistent
+    v1, v2 = read_image(c.tb, "v1"), read_image(c.tb, "v2")
+    exp = bytearray(b"\x21" * 5000)
+    exp[9000 - 8192:9100 - 8192] = b"\x23" * 100
+    assert v1[8192:13192] == bytes(exp)
+    assert v2[100:3100] == b"\x22" * 3000
+
+
+def test_torn_stage_slot_is_ignored(cluster_factory):
+    c = cluster_factory()
+    sg = _secondary_only(c)
+    a = sg.applied_seq
+    v1 = read_image(c.tb, "v1")
+    path = sg._stage(stage_entries([(a + 1, 0, 8192, b"\x31" * 5000)]),
+                     a + 1, a + 1)
+    os.truncate(path, os.path.getsize(path) - 10)
+    c.tb.close()
+    c.tb = Target(c.B)
+    sg = c.tb.rsgs["g"]
+    assert sg.applied_seq == a
+    assert read_image(c.tb, "v1") == v1
+
+
+def test_secondary_restart_twice_after_unapplied_batch(cluster_factory,
+                                                      monkeypatch):
+    """A batch re-applied by recovery must not be applied again by the
+    next recovery, over newer batches."""
+    c = cluster_factory()
+    c.wait_converged()
+    hit, gate = threading.Event(), threading.Event()
+
+    def dies(self, entries):
+        # The secondary dies after staging and acking, before applying.
+        hit.set()
+        gate.wait(10)
+        raise OSError("killed")
+    monkeypatch.setattr(R.SecondaryGroup, "_apply_entries", dies)
+    c.write(0, 2062, random.Random(1).randbytes(2758))
+    assert hit.wait(5)
+    monkeypatch.undo()
+    gate.set()              # it dies now (a closing target waits for it)
+    c.stop_secondary()
+    c.start_secondary()
+    c.write(0, 2758, random.Random(2).randbytes(1830))
+    c.wait_converged()
+    c.check_final()
+    c.restart_secondary()
+    s = c.sample()
+    assert s is not None
+    check_exact(c.ops, s[1], s[0])
+
+
+def test_lag_zero_after_lost_ack(cluster_factory):
+    """An ack lost with the link leaves no lag behind: once the restarted
+    secondary has caught up, the primary reports lag 0 without waiting for
+    a further write."""
+    c = cluster_factory()
+    c.wait_converged()
+    c.write(0, 0, b"\x01" * 2048)
+    c.wait_converged()
+    orig = R.secondary.send_frame
+    dropped = []
+
+    def lossy(sock, kind, payload=b""):
+        if kind == b"ACKS" and not dropped:
+            dropped.append(payload)     # the ack is lost with the link
+            return
+        return orig(sock, kind, payload)
+    R.secondary.send_frame = lossy
+    try:
+        c.write(0, 4096, b"\x02" * 2048)
+        wait_for(lambda: dropped and c.sg.applied_seq == c.g.next_seq - 1)
+    finally:
+        R.secondary.send_frame = orig
+    c.restart_secondary()
+    c.wait_converged()
+    wait_for(lambda: c.link.status()["lag_updates"] == 0, 3,
+             "lag 0", c.status)
+    assert c.link.status()["lag_bytes"] == 0
+
+
+
+def test_no_sequence_number_reused_after_crash_while_unlogged(
+        cluster_factory):
+    """Changes made while no link holds the SRL get numbers that are not
+    in the SRL; a crash must not hand them out again (they could name a
+    state a secondary or a demoted node reports)."""
+    c = cluster_factory()
+    c.wait_converged()
+    c.ta.rsg_detach("g", c.addr)
+    for i in range(3):
+        c.write(0, i * 8192, bytes([i + 1]) * 4096)
+    used = c.ops[-1].seq
+    c.crash_primary()
+    assert c.g.next_seq > used, (c.g.next_seq, used)
+    c.ta.rsg_attach("g", c.addr)
+    c.write(1, 0, b"\x07" * 4096)
+    c.check_final()
+
+
+def test_lag_zero_after_crash_while_logged(cluster_factory):
+    """A crash while the link streams: the numbers come back from the SRL,
+    no jump, so an idle group shows no lag after the restart."""
+    c = cluster_factory()
+    c.wait_converged()
+    for i in range(5):
+        c.write(0, i * 4096, bytes([i + 9]) * 4096)
+    c.wait_converged()
+    c.crash_primary()
+    c.wait_converged()
+    wait_for(lambda: c.link.status()["lag_updates"] == 0, 5, "lag 0",
+             c.status)
+    c.check_final()
+
+
+
+def test_one_session_at_a_time_on_a_secondary(cluster_factory, monkeypatch):
+    """A primary that reconnects while the secondary still applies a batch
+    of the old connection waits for that session to end: the handshake
+    then reports the batch applied, and no replay is needed.  (Before,
+    the new session's handshake saw the batch not yet applied, below what
+    the primary had as acknowledged, and a full replay followed while the
+    old session still ran.)"""
+    c = cluster_factory()
+    c.wait_converged()
+    replays = c.link.replays
+    orig_apply = R.SecondaryGroup._apply_entries
+    applying = threading.Event()
+
+    def slow_apply(self, entries):
+        if not applying.is_set():
+            applying.set()
+            time.sleep(2)       # longer than the primary takes to reconnect
+        return orig_apply(self, entries)
+    monkeypatch.setattr(R.SecondaryGroup, "_apply_entries", slow_apply)
+    c.write(0, 0, b"\x11" * 4096)
+    assert applying.wait(5)
+    wait_for(lambda: c.link.acked_seq == c.g.next_seq - 1, 5, "the ack")
+    # The primary's connection breaks; it reconnects at once.
+    c.link.sock.shutdown(socket.SHUT_RDWR)
+    c.write(0, 4096, b"\x12" * 4096)
+    c.wait_converged()
+    assert c.link.replays == replays, c.status()
+    c.check_final()
+
+# ---------------------------------------------------------------- twins
+
+def _replay_with_concurrent_writes(c, monkeypatch, drop_replay_entries):
+    c.write(1, 0, b"\x05" * 4096)
+    c.wait_converged()
+    c.ta.rsg_detach("g", c.addr)
+    rng = random.Random(3)
+    for i in range(4):      # 4 separate runs in the DCM (v1)
+        c.write(0, i * (256 << 10), rng.randbytes(64 << 10))
+    orig = R.Link._send_entries
+    injected = []
+
+    def patched(self, sock, send_pos, until_pos, epoch):
+        if self.state == R.DCM_REPLAY:
+            if len(injected) < 4:
+                # A host write while the replay runs, outside its runs.
+                injected.append(c.write(1, (len(injected) + 2) * 8192,
+                                        rng.randbytes(5000)))
+            if drop_replay_entries:
+                return until_pos          # protection off
+        return orig(self, sock, send_pos, until_pos, epoch)
+    monkeypatch.setattr(R.Link, "_send_entries", patched)
+    c.ta.rsg_attach("g", c.addr)
+    wait_for(lambda: len(injected) >= 4 and c.link.replays >= 2, 10,
+             "the replay", c.status)
+    c.write(0, 1000, b"\x06" * 10)      # later stream traffic
+    c.check_final()
+
+
+def test_replay_streams_concurrent_writes(cluster_factory, monkeypatch):
+    _replay_with_concurrent_writes(cluster_factory(), monkeypatch, False)
+
+
+def test_twin_replay_without_entries_is_detected(cluster_factory,
+                                                 monkeypatch):
+    with pytest.raises(AssertionError, match="not the model's state"):
+        _replay_with_concurrent_writes(cluster_factory(), monkeypatch, True)
+
+
+def _pending_then_detach(c, monkeypatch, skip_mark_pending):
+    c.wait_converged()
+    c.stop_secondary()
+    rng = random.Random(4)
+    for i in range(6):      # in the SRL, never acknowledged
+        c.write(i % 2, rng.randrange(0, 400 << 10), rng.randbytes(6000))
+    if skip_mark_pending:
+        monkeypatch.setattr(R.PrimaryGroup, "_mark_pending",
+                            lambda self, link, *a: None)
+    c.ta.rsg_detach("g", c.addr)
+    c.start_secondary()
+    c.ta.rsg_attach("g", c.addr)
+    c.check_final()
+
+
+def test_detach_marks_pending_entries(cluster_factory, monkeypatch):
+    _pending_then_detach(cluster_factory(), monkeypatch, False)
+
+
+def test_twin_detach_without_mark_pending_is_detected(cluster_factory,
+                                                      monkeypatch):
+    with pytest.raises(AssertionError, match="not the model's state"):
+        _pending_then_detach(cluster_factory(), monkeypatch, True)
+
+
+def _batch_order(c, monkeypatch, reverse):
+    c.wait_converged()
+    c.stop_secondary()
+    for i in range(4):      # one batch of overlapping writes on reconnect
+        c.write(0, 4096 + i * 100, bytes([0x40 + i]) * 3000)
+    if reverse:
+        orig = R.SecondaryGroup._apply_entries
+        monkeypatch.setattr(R.SecondaryGroup, "_apply_entries",
+                            lambda self, ents: orig(self, ents[::-1]))
+    c.start_secondary()
+    c.check_final()
+
+
+def test_batch_applied_in_order(cluster_factory, monkeypatch):
+    _batch_order(cluster_factory(), monkeypatch, False)
+
+
+def test_twin_batch_applied_reversed_is_detected(cluster_factory,
+                                                 monkeypatch):
+    with pytest.raises(AssertionError, match="not the model's state"):
+        _batch_order(cluster_factory(), monkeypatch, True)
+
+
+# ---------------------------------------------------------------- seams
+# Replication meeting clones on the same LU: every path into the volume's
+# bytes must pass the same layers (target/iostack.py).
+
+def clone_state(t, name):
+    return t.clone_status(name)["state"]
+
+
+def synced_clone(t, source, name):
+    t.clone_add(source, name)
+    t.clone_sync(name)
+    wait_for(lambda: clone_state(t, name) == "synchronized",
+             what="clone {} synchronized".format(name),
+             info=lambda: t.clone_status(name))
+
+
+def hold_engines(monkeypatch):
+    """Clone engines started from now on wait (their operation stays
+    running, copies on demand go on) until the returned function is
+    called with the group whose engine may go."""
+    start = clones.SyncEngine.start
+    monkeypatch.setattr(clones.SyncEngine, "start", lambda engine: None)
+
+    def release(group):
+        start(group.engine)
+    return release
+
+
+def detached_secondary_with_snapshot(cluster_factory):
+    """A cluster whose secondary has a fractured clone "snap" of v1 taken
+    while detached, v1 rewritten by the primary since, and the link
+    detached again (the secondary may change its volume on its own)."""
+    c = cluster_factory()
+    c.write(0, 0, b"\x01" * SIZES[0])
+    c.wait_converged()
+    c.ta.rsg_detach("g", c.addr)
+    wait_for(lambda: c.sg.connected_since is None, what="primary gone")
+    synced_clone(c.tb, VOLS[0], "snap")
+    c.tb.clone_fracture("snap")
+    c.ta.rsg_attach("g", c.addr)        # the primary comes back ...
+    c.wait_converged()
+    c.write(0, 0, b"\x02" * SIZES[0])  # ... and writes
+    c.wait_converged()
+    c.ta.rsg_detach("g", c.addr)
+    wait_for(lambda: c.sg.connected_since is None, what="primary gone")
+    return c
+
+
+def clone_image(t, name):
+    group, clone = t.clone_ops.find(name)
+    buf = bytearray(group.size)
+    clone.backend.readinto(buf, 0)
+    return bytes(buf)
+
+
+def test_clone_of_secondary_volume_sees_replicated_writes(cluster_factory):
+    """A synchronized clone of a secondary's volume is a copy of it: the
+    replicated apply enters the volume's I/O stack below the read guard,
+    so the clone mirrors every batch (before, the apply wrote the backing
+    file under the clone group: 'synchronized, 0 dirty' yet stale)."""
+    c = cluster_factory(mode="sync", link=False)
+    synced_clone(c.tb, VOLS[0], "snap")
+    c.ta.rsg_link("g", c.addr, "sync", c.tok)
+    c.wait_converged()
+    rng = random.Random(11)
+    for i in range(16):
+        c.write(0, i * 65536, rng.randbytes(65536))
+    c.flush()
+    c.wait_converged()
+    volume = read_image(c.tb, VOLS[0])
+    assert clone_state(c.tb, "snap") == "synchronized"
+    assert clone_image(c.tb, "snap") == volume
+    c.tb.clone_fracture("snap")
+    assert clone_image(c.tb, "snap") == volume
+    c.check_final()
+
+
+def test_clone_sync_on_secondary_keeps_its_read_guard(cluster_factory):
+    """An inconsistent secondary refuses reads; starting a clone sync (or
+    any clone operation) must not swap that guard out of the read path."""
+    c = cluster_factory()
+    c.write(0, 0, b"\x05" * 8192)
+    c.wait_converged()
+    c.ta.rsg_detach("g", c.addr)
+    wait_for(lambda: c.sg.connected_since is None, what="primary gone")
+    sg = c.sg
+    sg.consistent = False           # a replay broken off by a cut
+    sg.reason = "a replay was interrupted"
+    lu = c.tb.lus[VOLS[0]]
+    with pytest.raises(R.ReplicaUnavailable):
+        lu.read(bytearray(4096), 0)
+    synced_clone(c.tb, VOLS[0], "snap")
+    with pytest.raises(R.ReplicaUnavailable):
+        lu.read(bytearray(4096), 0)
+
+
+def test_demote_during_restore_keeps_serving_restored_data(cluster_factory,
+                                                          monkeypatch):
+    """A protected restore shows the clone's data for every extent at
+    once; demoting the primary must not take copy on demand out of the
+    read path (before, unrestored extents read as pre-restore data)."""
+    c = cluster_factory()
+    c.write(0, 0, b"\x0a" * SIZES[0])
+    synced_clone(c.ta, VOLS[0], "snap")
+    c.ta.clone_fracture("snap")
+    c.write(0, 0, b"\x0b" * SIZES[0])       # the Source moves on
+    c.wait_converged()
+    release = hold_engines(monkeypatch)
+    c.ta.clone_restore("snap")
+    assert clone_state(c.ta, "snap") == "restoring"
+    c.ta.rsg_detach("g", c.addr)
+    c.ta.rsg_demote("g")
+    assert clone_state(c.ta, "snap") == "restoring"
+    lu = c.ta.lus[VOLS[0]]
+    buf = bytearray(SIZES[0])
+    lu.read(buf, 0)
+    release(c.ta.groups[VOLS[0]])
+    assert bytes(buf) == b"\x0a" * SIZES[0]
+
+
+def test_primary_refused_while_secondary_restores(cluster_factory,
+                                                  monkeypatch):
+    """A restore on a detached secondary changes its volume on its own; a
+    primary that connects meanwhile is refused (it retries) until the
+    restore ends, then replays what the restore changed."""
+    c = detached_secondary_with_snapshot(cluster_factory)
+    release = hold_engines(monkeypatch)
+    c.tb.clone_restore("snap")
+    assert clone_state(c.tb, "snap") == "restoring"
+    applied = c.sg.applied_seq
+    c.ta.rsg_attach("g", c.addr)
+    c.write(0, 65536, b"\x03" * 65536)
+    time.sleep(1.0)
+    assert clone_state(c.tb, "snap") == "restoring"
+    assert c.sg.connected_since is None, c.status()
+    assert c.sg.applied_seq == applied
+    assert "running on this secondary" in (c.link.error or ""), c.status()
+    release(c.tb.groups[VOLS[0]])
+    wait_for(lambda: clone_state(c.tb, "snap") == "fractured", 30,
+             "the restore", lambda: c.tb.clone_status("snap"))
+    c.check_final()
+
+
+def test_secondary_volume_refuses_writes_from_above(cluster_factory):
+    """A connection opened before the LU became a secondary's volume (the
+    iSCSI gateway's mount, until its next poll) must not write it: the
+    guard refuses every write that enters above it; replication, which
+    enters below, goes on."""
+    c = cluster_factory()
+    c.wait_converged()
+    lu = c.tb.lus[VOLS[0]]
+    before = read_image(c.tb, VOLS[0])
+    for write in (lambda: lu.write(b"\xff" * 4096, 0),
+                  lambda: lu.zero(0, 4096),
+                  lambda: lu.trim(0, 4096)):
+        with pytest.raises(errors.ReadOnly):
+            write()
+    assert read_image(c.tb, VOLS[0]) == before
+    c.write(0, 0, b"\x42" * 4096)
+
+
+def test_attach_not_saved_stays_detached(cluster_factory, monkeypatch):
+    """The attached record cannot be saved (a full state directory): the
+    link stays detached, as the record says, and attaches later."""
+    c = cluster_factory()
+    c.wait_converged()
+    c.ta.rsg_detach("g", c.addr)
+    files = c.g.files
+    real = files.save
+
+    def full(record):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(files, "save", full)
+    with pytest.raises(OSError):
+        c.ta.rsg_attach("g", c.addr)
+    assert not c.link.attached and c.link.state == R.DETACHED
+    assert c.ta.rsg_status("g")["links"][0]["state"] == R.DETACHED
+    monkeypatch.setattr(files, "save", real)
+    c.ta.rsg_attach("g", c.addr)
+    c.check_final()
+
+
+def _save_fails_for(monkeypatch, files, role):
+    """Saves of files' records for role fail as on a full state directory."""
+    real = files.save
+
+    def save(record):
+        if record["role"] == role:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(record)
+
+    monkeypatch.setattr(files, "save", save)
+    return lambda: monkeypatch.setattr(files, "save", real)
+
+
+def test_role_change_not_saved_changes_nothing(cluster_factory, monkeypatch):
+    """Promote and demote whose new record cannot be saved leave the group
+    in its role, with its files, as the saved record says; with space
+    again both succeed."""
+    c = cluster_factory()
+    c.write(0, 0, b"a" * 4096)
+    c.wait_converged()
+    c.ta.rsg_detach("g", c.addr)
+    sg = c.sg
+    # A staged batch the secondary acknowledged must survive.
+    with open(sg.files.stage[0], "wb") as f:
+        f.write(b"staged")
+    restore = _save_fails_for(monkeypatch, sg.files, R.PRIMARY)
+    with pytest.raises(OSError):
+        c.tb.rsg_promote("g")
+    assert c.tb.rsgs["g"].role == R.SECONDARY
+    assert sg.files.load()["role"] == R.SECONDARY
+    with open(sg.files.stage[0], "rb") as f:
+        assert f.read() == b"staged"
+    os.unlink(sg.files.stage[0])
+    restore()
+
+    g = c.g
+    srl = g.files.srl
+    restore = _save_fails_for(monkeypatch, g.files, R.SECONDARY)
+    with pytest.raises(OSError):
+        c.ta.rsg_demote("g")
+    assert c.ta.rsgs["g"].role == R.PRIMARY
+    assert g.files.load()["role"] == R.PRIMARY and os.path.exists(srl)
+    restore()
+    # The primary still works: it replicates once attached again.
+    c.ta.rsg_attach("g", c.addr)
+    c.write(1, 4096, b"b" * 4096)
+    c.check_final()
+    assert c.ta.rsg_demote("g")["role"] == R.SECONDARY
+    assert c.tb.rsg_promote("g")["role"] == R.PRIMARY
+
+
+def test_detach_not_saved_stays_attached(cluster_factory, monkeypatch):
+    """The detached record cannot be saved: the link stays attached, as
+    the record says, and the secondary converges."""
+    c = cluster_factory()
+    c.write(0, 0, b"a" * 4096)
+    c.wait_converged()
+    restore = _save_fails_for(monkeypatch, c.g.files, R.PRIMARY)
+    with pytest.raises(OSError):
+        c.ta.rsg_detach("g", c.addr)
+    restore()
+    assert c.link.attached and c.link.state != R.DETACHED
+    assert c.g.files.load()["links"][0]["attached"]
+    c.write(1, 8192, b"b" * 4096)
+    c.check_final()
+
+
+def test_secondary_rollback_refused_while_a_primary_replicates(
+        cluster_factory):
+    """A rollback changes a secondary's volume on its own, as a restore
+    does: refused while a primary is connected (its batches would land in
+    between, and a replay would end 'consistent' over rolled-back
+    extents)."""
+    c = cluster_factory()
+    c.write(0, 0, b"\x01" * 8192)
+    c.wait_converged()
+    c.tb.image_protect(VOLS[0])
+    c.write(0, 0, b"\x02" * 8192)
+    c.wait_converged()
+    with pytest.raises(R.RsgBusy):
+        c.tb.image_rollback(VOLS[0])
+    assert read_image(c.tb, VOLS[0])[:8192] == b"\x02" * 8192
+    c.tb.image_release(VOLS[0])
+    c.check_final()
+
+
+def test_secondary_records_a_restore_before_it_changes_anything(
+        cluster_factory, monkeypatch):
+    """The regions a restore on a detached secondary changes are saved in
+    its record before the restore starts: a crash right after the start
+    must not lose them (the primary copies exactly them back)."""
+    c = detached_secondary_with_snapshot(cluster_factory)
+    sg = c.sg
+    seen = []
+    persist = sg.persist
+
+    def watch():
+        seen.append((clone_state(c.tb, "snap"), sg.diverged))
+        persist()
+    monkeypatch.setattr(sg, "persist", watch)
+    release = hold_engines(monkeypatch)
+    c.tb.clone_restore("snap")
+    assert seen and seen[0][0] == "fractured" and seen[0][1]["runs"], seen
+    release(c.tb.groups[VOLS[0]])
+    wait_for(lambda: clone_state(c.tb, "snap") == "fractured", 30,
+             "the restore", lambda: c.tb.clone_status("snap"))
+    c.ta.rsg_attach("g", c.addr)
+    c.check_final()
+
+
+def test_no_point_in_time_is_taken_of_an_inconsistent_secondary(
+        cluster_factory):
+    """While a secondary is inconsistent (a replay running or broken off)
+    its volume is no point in time of the primary: a fracture or a session
+    mark there would freeze (and export) that mix; both are refused."""
+    c = cluster_factory()
+    c.wait_converged()
+    synced_clone(c.tb, VOLS[0], "snap")
+    c.ta.rsg_detach("g", c.addr)
+    wait_for(lambda: c.sg.connected_since is None, what="primary gone")
+    c.sg.consistent = False             # a replay broken off by a cut
+    c.sg.reason = "a replay was interrupted"
+    with pytest.raises(R.ReplicaUnavailable):
+        c.tb.clone_fracture("snap")
+    assert clone_state(c.tb, "snap") == "synchronized"
+    c.tb.image_protect(VOLS[1])         # the target's own: allowed
+    c.tb.image_release(VOLS[1])
+
+
+def test_local_failure_on_the_secondary_does_not_stop_the_link(
+        cluster_factory, monkeypatch):
+    """An apply that fails because of the secondary's own disk (a clone's
+    state that cannot be saved, a disk gone in a power cut) is not a
+    refusal of the primary's updates: the secondary drops the connection
+    without FAIL (which stops the primary's link for good, a resync that
+    never finishes) and the primary comes back and catches up."""
+    c = cluster_factory()
+    c.wait_converged()
+    sg = c.sg
+    apply_one = sg._apply_one
+    fail = [1]
+
+    def failing(*args):
+        if fail[0]:
+            fail[0] -= 1
+            raise errors.StateNotSaved(errno.ENOSPC, path="state.json",
+                                       reason="No space left on device")
+        return apply_one(*args)
+    monkeypatch.setattr(sg, "_apply_one", failing)
+    c.write(0, 0, b"\x07" * 8192)
+    c.flush()
+    wait_for(lambda: not fail[0], what="the failing apply")
+    c.write(0, 8192, b"\x08" * 8192)
+    c.check_final()
+    assert not c.link.stopped_error, c.status()

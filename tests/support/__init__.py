@@ -1,0 +1,17 @@
+"""Fixtures and helpers shared by the tests.
+
+Plugin modules (loaded by tests/conftest.py, their fixtures need no import):
+  tiers       the fast tier's guards (unit and engine tests start no server)
+  asserts     short explanations for == of large byte strings
+  processes   process_guard, stop_at_teardown; pid_alive, terminate_pid
+  cli         state_dir, clonectl; run_clonectl, status_json, snapshot_tree
+  servers     server_factory, server, served_lu, shared_server, fresh_lu
+  nbdclient   nbd_connect
+  clonelib    clone_env (a Source LU and its clones on a running server)
+  sessionlib  dests, session_env (destination NBD servers, sessions)
+  iscsilib    iscsi_server (serve --iscsi-portal)
+  netlib      cluster (servers in network namespaces, for replication)
+Helper modules: sockets, models, tools (qemu-io, whole-export reads),
+rsgmodel (replication's change model), powerloss (a simulated disk that
+loses unsynced writes), guestlib and guestimage (a QEMU guest).
+"""
