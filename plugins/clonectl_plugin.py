@@ -101,7 +101,7 @@ def after_fork():
     operations = ops.bind(_target)
     operations["set_access"] = _set_access
     _control = control.ControlServer(_target.state_dir.control_socket,
-                                     operations)
+                                     operations, check=ops.check_arguments)
     _control.start()
     _target.start()
     if "replication" in _config:

@@ -10,7 +10,8 @@ import time
 
 import click
 
-from . import control, errors, inventory, operations, progress, server, units
+from . import (control, errors, fsutil, inventory, operations, progress,
+               server, units)
 
 DEFAULT_STATE_DIR = "/var/lib/clonectl"
 
@@ -956,8 +957,8 @@ def serve(ctx, socket_path, port, bind, tls_psk, tls_certificates,
     if peer_port is not None:
         if not peer_token_file:
             raise click.UsageError("--peer-port needs --peer-token-file")
-        from . import peer
-        peer_listen = (peer_bind, peer_port, peer.read_token(peer_token_file))
+        peer_listen = (peer_bind, peer_port,
+                       fsutil.read_token(peer_token_file, "peer"))
     elif peer_token_file:
         raise click.UsageError("--peer-token-file needs --peer-port")
     iscsi_conf = None

@@ -24,7 +24,7 @@ import socket
 import socketserver
 import threading
 
-from . import errors, fsutil, operations as _operations
+from . import errors, fsutil
 
 log = logging.getLogger("clonectl.control")
 
@@ -71,10 +71,12 @@ class ControlServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
     request_queue_size = 64
 
-    def __init__(self, path, operations, max_connections=MAX_CONNECTIONS,
-                 idle_timeout=IDLE_TIMEOUT):
-        """operations maps an op name to a callable taking keyword args."""
+    def __init__(self, path, operations, check=None,
+                 max_connections=MAX_CONNECTIONS, idle_timeout=IDLE_TIMEOUT):
+        """operations maps an op name to a callable taking keyword args;
+        check is dispatch()'s."""
         self.operations = operations
+        self.check = check
         self.path = path
         self.max_connections = max_connections
         self.idle_timeout = idle_timeout
@@ -113,7 +115,7 @@ class ControlServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
                 self._connections -= 1
 
     def dispatch(self, line):
-        return dispatch(line, self.operations)
+        return dispatch(line, self.operations, check=self.check)
 
     def start(self):
         self._thread = threading.Thread(target=self.serve_forever,
@@ -137,13 +139,15 @@ def envelope(request):
     return request.get("op"), args
 
 
-def dispatch(line, operations, unpack=envelope):
+def dispatch(line, operations, unpack=envelope, check=None):
     """The reply (an object) to one JSON request line: the JSON-line
     dispatcher of the control socket and of the peer channel (peer.py).
 
     operations maps an op name to a callable taking keyword args;
     unpack(request) gives (op, args) of the request object, raising
-    errors.Error to refuse it.  Whatever happens, a reply is returned."""
+    errors.Error to refuse it; check(op, func, args), when given, refuses
+    arguments before the call (the operations table's argument schema).
+    Whatever happens, a reply is returned."""
     try:
         try:
             request = json.loads(line)
@@ -157,7 +161,8 @@ def dispatch(line, operations, unpack=envelope):
         if func is None:
             raise errors.ProtocolError(
                 reason="unknown operation {!r}".format(op))
-        _operations.check_arguments(op, func, args)
+        if check is not None:
+            check(op, func, args)
         try:
             result = func(**args)
         except TypeError as e:

@@ -146,3 +146,19 @@ def is_socket(path):
         reason="{} is not a socket but {}; it was left alone (only a stale "
                "socket there is replaced): choose another path or remove "
                "it".format(path, kind))
+
+
+def read_token(path, what):
+    """The shared token of a manager-to-manager channel (what: its name, in errors)."""
+    try:
+        with open(path) as f:
+            token = f.read().strip()
+    except OSError as e:
+        raise errors.InvalidArgument(
+            reason="cannot read the {} token file {!r}: {}".format(
+                what, path, e.strerror))
+    if len(token) < 16:
+        raise errors.InvalidArgument(
+            reason="the {} token in {!r} is shorter than 16 characters"
+            .format(what, path))
+    return token

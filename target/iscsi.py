@@ -64,6 +64,7 @@ mounts (nbdfuse does not reconnect): initiators see their session dropped
 and log in again.
 """
 
+import errno
 import json
 import os
 import secrets
@@ -72,7 +73,7 @@ import socket
 import subprocess
 import time
 
-from . import errors, fsutil
+from . import errors, fsutil, procutil
 
 GATEWAY_PREFIX = "iscsi-gateway:"
 SECRET_FILE = "gateway.secret"  # in run/
@@ -94,7 +95,7 @@ def gateway_route(name):
 
 class IscsiFailed(errors.Error):
     msg = "iSCSI gateway: {reason}"
-    errno = errors._errno.EIO
+    errno = errno.EIO
 
 
 def parse_portal(text):
@@ -396,8 +397,7 @@ class Gateway:
             self.control_port = port
             self.tgtd_cmd = ["tgtd", "-f", "-C", str(port), "--iscsi",
                              "portal={}:{}".format(*self.portal)]
-            from .server import log_writer
-            log = log_writer(self.log_path, "tgtd")
+            log = procutil.log_writer(self.log_path, "tgtd")
             try:
                 self.tgtd = subprocess.Popen(
                     self.tgtd_cmd, stdin=subprocess.DEVNULL, stdout=log,
@@ -472,8 +472,7 @@ class Gateway:
             cmd.append("-r")
         cmd += [os.path.join(mountpoint, "disk"),
                 self.nbd_uri(GATEWAY_PREFIX + self.secret + ":" + name)]
-        from .server import log_writer
-        log = log_writer(self.log_path, "nbdfuse")
+        log = procutil.log_writer(self.log_path, "nbdfuse")
         try:
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log,
                                     stderr=log, close_fds=True,

@@ -72,7 +72,8 @@ class LogicalUnit:
         return self.backend is not None and not self.removed and \
             self.held is None
 
-    def _check_write(self, offset, length):
+    def check_write(self, offset, length):
+        """Refuse a write to a read-only LU or past its end."""
         if self.readonly:
             raise errors.ReadOnly(name=self.name)
         if offset < 0 or length < 0 or offset + length > self.size:
@@ -82,18 +83,18 @@ class LogicalUnit:
     # Data path (read is bound by _bind).
 
     def write(self, buf, offset, fua=False):
-        self._check_write(offset, len(buf))
+        self.check_write(offset, len(buf))
         self._top.write(buf, offset, fua)
 
     def flush(self):
         self._top.flush()
 
     def trim(self, offset, length, fua=False):
-        self._check_write(offset, length)
+        self.check_write(offset, length)
         self._top.trim(offset, length, fua)
 
     def zero(self, offset, length, may_trim=False, fast=False, fua=False):
-        self._check_write(offset, length)
+        self.check_write(offset, length)
         self._top.zero(offset, length, may_trim, fast, fua)
 
     def extents(self, offset, length):

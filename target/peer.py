@@ -35,7 +35,7 @@ import socketserver
 import threading
 import time
 
-from . import control, errors, limits, operations
+from . import control, errors, limits
 
 log = logging.getLogger("clonectl.peer")
 
@@ -58,22 +58,6 @@ class AccessDenied(errors.Error):
 class PeerError(errors.Error):
     msg = "peer {peer}: {reason}"
     errno = errno.EIO
-
-
-def read_token(path, what="peer"):
-    """The shared token of a manager-to-manager channel (what: its name)."""
-    try:
-        with open(path) as f:
-            token = f.read().strip()
-    except OSError as e:
-        raise errors.InvalidArgument(
-            reason="cannot read the {} token file {!r}: {}".format(
-                what, path, e.strerror))
-    if len(token) < 16:
-        raise errors.InvalidArgument(
-            reason="the {} token in {!r} is shorter than 16 characters"
-            .format(what, path))
-    return token
 
 
 def _read_request(sock, deadline):
@@ -126,8 +110,8 @@ class PeerServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, bind, port, token, control_path,
-                 request_timeout=limits.HELLO_TIMEOUT,
+    def __init__(self, bind, port, token, control_path, peer_operations,
+                 check=None, request_timeout=limits.HELLO_TIMEOUT,
                  max_connections=MAX_CONNECTIONS,
                  max_unauthenticated=MAX_UNAUTHENTICATED):
         self.token = token
@@ -136,8 +120,11 @@ class PeerServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
         self.gate = limits.Gate("peer port", max_connections,
                                 max_unauthenticated)
         self._local = threading.local()
+        # peer_operations: {peer op: control op}, the operations table's
+        # (the manager passes it: this module sits below the table).
         self.operations = {peer_op: self._forward(op) for peer_op, op in
-                           operations.PEER_OPERATIONS.items()}
+                           peer_operations.items()}
+        self.check = check
         super().__init__((bind, port), _Handler)
         self._thread = None
 
@@ -167,14 +154,15 @@ class PeerServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
             self.gate.authenticated()
             op, lu = request.get("op"), request.get("lu")
             if not isinstance(op, str) or \
-                    op not in operations.PEER_OPERATIONS or \
+                    op not in self.operations or \
                     not isinstance(lu, str):
                 raise errors.ProtocolError(reason="unknown operation {!r}"
                                            .format(op))
             log.info("peer %s: %s %s", client[0], op, lu)
             return op, {"lu": lu}
 
-        return control.dispatch(line, self.operations, unpack)
+        return control.dispatch(line, self.operations, unpack,
+                                check=self.check)
 
     def _forward(self, op):
         """Peer operation op, carried out by the target over the local

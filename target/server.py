@@ -47,7 +47,7 @@ import sys
 import threading
 import time
 
-from . import access, control, errors, fsutil, limits, procutil
+from . import access, control, errors, fsutil, limits, operations, procutil
 
 log = logging.getLogger("clonectl.serve")
 
@@ -500,7 +500,7 @@ class Server:
         except BaseException:
             os.close(log)
             raise
-        self._pump = threading.Thread(target=_pump_log,
+        self._pump = threading.Thread(target=procutil.pump_log,
                                       args=(self.proc.stdout, log),
                                       name="nbdkit-log", daemon=True)
         self._pump.start()
@@ -624,8 +624,10 @@ class Server:
             if self.peer is not None:
                 from .peer import PeerServer
                 bind, port, token = self.peer
-                self.peer_server = PeerServer(bind, port, token,
-                                              self.state_dir.control_socket)
+                self.peer_server = PeerServer(
+                    bind, port, token, self.state_dir.control_socket,
+                    operations.PEER_OPERATIONS,
+                    check=operations.check_arguments)
                 self.peer_server.start()
             if self.iscsi is not None:
                 self._start_gateway()
@@ -929,46 +931,6 @@ def sd_notify(*states):
         log.warning("cannot notify the service manager at %s: %s",
                     os.environ.get("NOTIFY_SOCKET"), e.strerror or e)
         return False
-
-
-def log_writer(path, component):
-    """A file to give a child (tgtd, nbdfuse) as its stdout and stderr: its
-    lines reach the log file at path as nbdkit's do, stamped with the time,
-    their level and component, repeats limited.  Close it once the child
-    has it."""
-    r, w = os.pipe2(os.O_CLOEXEC)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT |
-                     os.O_CLOEXEC, 0o600)
-    except BaseException:
-        os.close(r)
-        os.close(w)
-        raise
-    threading.Thread(target=_pump_log, args=(os.fdopen(r, "rb"), fd,
-                                             component.encode()),
-                     name=component + "-log", daemon=True).start()
-    return os.fdopen(w, "wb")
-
-
-def _pump_log(pipe, fd, component=b"nbdkit"):
-    """Copy a child's output (nbdkit's) to the log file fd until EOF,
-    repeated lines suppressed (limits.LineLimiter); then close both."""
-    limiter = limits.LineLimiter()
-    try:
-        for line in iter(lambda: pipe.readline(65536), b""):
-            for out in limiter.lines(line):
-                try:
-                    os.write(fd, limits.stamp_line(out, component))
-                except OSError:
-                    pass    # a full disk: keep reading, or nbdkit blocks
-        for out in limiter.flush():
-            try:
-                os.write(fd, limits.stamp_line(out, component))
-            except OSError:
-                pass
-    finally:
-        pipe.close()
-        os.close(fd)
 
 
 def _now():

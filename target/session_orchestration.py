@@ -164,7 +164,7 @@ class SessionOrchestration:
                 raise errors.InvalidArgument(
                     reason="peer destinations need --peer-token-file")
             token_file = os.path.abspath(peer_token_file)
-            token = peer.read_token(token_file)
+            token = fsutil.read_token(token_file, "peer")
         lu = self._session_source(source)
         for r in dest_records:
             sessions.probe_destination(r["uri"], lu.size,
@@ -370,7 +370,7 @@ class SessionOrchestration:
         for d in session.dests:
             if not (d.peer and d.protected):
                 continue
-            token = peer.read_token(session.token_file)
+            token = fsutil.read_token(session.token_file, "peer")
             st = peer.call(d.peer, token, "status", _export_of(d.uri))
             if not st.get("protected") or st.get("since") != \
                     d.protected_since:
@@ -401,7 +401,7 @@ class SessionOrchestration:
                 d.consistency == sessions.CONSISTENT]
         if not todo:
             return []
-        token = peer.read_token(session.token_file)
+        token = fsutil.read_token(session.token_file, "peer")
         done = []
         try:
             for d in todo:
@@ -426,7 +426,7 @@ class SessionOrchestration:
             return
         for d in dests:
             try:
-                token = peer.read_token(session.token_file)
+                token = fsutil.read_token(session.token_file, "peer")
                 peer.call(d.peer, token, "release", _export_of(d.uri))
                 d.protected = False
                 d.protected_since = None
@@ -446,7 +446,7 @@ class SessionOrchestration:
             if not (d.peer and d.protected) or engine.unmarked:
                 continue
             try:
-                token = peer.read_token(session.token_file)
+                token = fsutil.read_token(session.token_file, "peer")
                 peer.call(d.peer, token, "release", _export_of(d.uri))
                 d.protected = False
                 d.protected_since = None

@@ -87,7 +87,7 @@ class Mirroring:
                 self.cond.notify_all()
 
     def _mutate(self, offset, length, apply, fua):
-        self.source._check_write(offset, length)
+        self.source.check_write(offset, length)
         e0, e1 = self._extent_range(offset, length)
         if self.restoring is not None:
             self.copy_on_demand(e0, e1)

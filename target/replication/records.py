@@ -51,8 +51,7 @@ def parse_secondary(text):
 
 
 def read_token(path):
-    from ..peer import read_token as read_shared_token
-    return read_shared_token(path, what="replication")
+    return fsutil.read_token(path, "replication")
 
 
 class GroupFiles:

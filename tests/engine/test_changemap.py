@@ -11,7 +11,7 @@ import pytest
 
 from target import changemap, maps
 
-from . import powerloss
+from tests.support import powerloss
 
 GRAN = 64 << 10
 EXTENTS = 256           # 16 MiB: four 4 MiB regions

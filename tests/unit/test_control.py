@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from target import control, errors
+from target import control, errors, operations
 
 
 def _ops():
@@ -38,7 +38,7 @@ def _shared_ctl(tmp_path_factory):
     # serve_forever poll interval (0.5 s).
     path = str(tmp_path_factory.mktemp("ctl") / "control.sock")
     ops, calls = _ops()
-    srv = control.ControlServer(path, ops)
+    srv = control.ControlServer(path, ops, check=operations.check_arguments)
     srv.start()
     srv.calls = calls
     yield srv
@@ -223,7 +223,7 @@ def test_clients_queue_while_the_server_is_busy(tmp_path):
     # have connected, as when its accept thread is slow under load.
     path = str(tmp_path / "busy.sock")
     ops, _ = _ops()
-    srv = control.ControlServer(path, ops)
+    srv = control.ControlServer(path, ops, check=operations.check_arguments)
     try:
         threads, results, failures = _call_in_threads(path, 12)
         time.sleep(1.0)

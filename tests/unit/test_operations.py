@@ -76,7 +76,7 @@ def test_every_operation_the_cli_and_manager_ask_for_is_in_the_table():
 def test_a_bad_argument_type_is_refused_before_the_call(target):
     reply = control.dispatch(
         b'{"op": "clone_add", "args": {"source": "a", "clone": ["c"]}}',
-        operations.bind(target))
+        operations.bind(target), check=operations.check_arguments)
     assert not reply["ok"]
     assert "'clone' must be a string" in reply["error"]["message"]
     assert target.clone_list() == []

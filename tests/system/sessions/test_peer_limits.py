@@ -18,7 +18,7 @@ from tests.support.cli import run_clonectl
 from tests.support.processes import proc_status
 from tests.support.sockets import (closed_by_server, closed_while_trickling,
                                    free_port)
-from target import peer
+from target import operations, peer
 
 TOKEN = "s3cret-token-0123456789"
 
@@ -63,7 +63,8 @@ def test_idle_peer_connections_are_capped(tmp_path, server_factory):
 def peer_server(stop_at_teardown):
     def make(**kwargs):
         srv = stop_at_teardown(peer.PeerServer(
-            "127.0.0.1", 0, TOKEN, "/nonexistent.sock", **kwargs))
+            "127.0.0.1", 0, TOKEN, "/nonexistent.sock",
+            operations.PEER_OPERATIONS, **kwargs))
         srv.start()
         return srv
     return make
