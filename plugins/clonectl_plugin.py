@@ -80,16 +80,13 @@ def config_complete():
 
 
 def thread_model():
-    # SERIALIZE_REQUESTS by default, chosen by measurement (scripts/bench,
-    # 2-core machine, 4K random read QD16 through fio's nbd engine):
-    #   parallel 18.6k IOPS (30k with --threads 2), serialize_requests 61k,
-    #   serialize_all_requests 63k, a bare os.preadv python plugin 70k,
-    #   nbdkit's C file plugin 117k.
-    # PARALLEL loses to GIL convoys among the worker threads of a connection.
-    # SERIALIZE_REQUESTS keeps one request per connection at a time but lets
-    # connections run side by side (the GIL is released in preadv/pwrite and
-    # in waits), so multi-conn clients and a connection waiting on an engine
-    # do not hold up the others; it costs ~3% against SERIALIZE_ALL_REQUESTS.
+    # SERIALIZE_REQUESTS by default, chosen by measurement (the figures are
+    # in docs/performance.md, "Thread model"): PARALLEL loses to GIL convoys
+    # among the worker threads of a connection.  SERIALIZE_REQUESTS keeps
+    # one request per connection at a time but lets connections run side by
+    # side (the GIL is released in preadv/pwrite and in waits), so
+    # multi-conn clients and a connection waiting on an engine do not hold
+    # up the others, for a few per cent against SERIALIZE_ALL_REQUESTS.
     return _THREAD_MODELS[_config["thread_model"]]
 
 

@@ -17,7 +17,7 @@ Deliberately ignored: short reads past the end of a file that shrank under us
 are reported as EIO, not padded with zeroes; trim on a block device is a
 no-op (it is advisory and BLKDISCARD may not zero).
 
-Fault injection, for tests only (tests/clones/test_clones_faults.py): when
+Fault injection, for tests only (tests/system/clones/test_clones_faults.py): when
 the environment variable CLONECTL_FAULTS names a file at the moment a
 FileBackend is opened, that backend's requests are checked against the
 file's rules and a matching one fails with the rule's errno, changing

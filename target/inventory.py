@@ -10,8 +10,8 @@ engines are given the directories their own files live in):
     maps/           clone delta maps (CLONE.delta) and activity maps of
                     clone groups (SOURCE.activity), see target.maps; the
                     sessions' maps and save areas (SOURCE@SESSION.save)
-    rsg/NAME.json   the record of replicated group NAME, beside its log and
-                    change maps (target.replication.GroupFiles)
+    rsg/NAME.json   the record of replicated group NAME, beside its log,
+                    stage slots and change maps (GroupFiles names them)
     run/            runtime files of a running server (sockets, serve.json,
                     serve.lock held for the server's whole life, or by a
                     command working without a server; serve.log,
@@ -41,6 +41,9 @@ VERSION = 1
 CLONE_STATES = ("out-of-sync", "syncing", "synchronized", "fractured",
                 "reverse-syncing", "restoring")
 
+# The roles a replicated group's record may name.
+GROUP_ROLES = ("primary", "secondary")
+
 
 class StateDir:
 
@@ -63,6 +66,10 @@ class StateDir:
         """The save area of session of LU source."""
         return os.path.join(self.maps_dir, "{}@{}.save".format(source,
                                                                session))
+
+    def group_files(self, name):
+        """The files of replicated group name (GroupFiles)."""
+        return GroupFiles(self.rsg_dir, name)
 
     def rsg_names(self):
         """The names of the replicated groups whose records are in rsg/."""
@@ -174,6 +181,75 @@ class StateDir:
             raise errors.StateNotSaved(path=self.state_file,
                                        reason=e.strerror or str(e),
                                        errno=e.errno or errno.EIO)
+
+
+class GroupFiles:
+    """Where a group keeps its files in the state directory."""
+
+    def __init__(self, rsg_dir, name):
+        self.dir = rsg_dir
+        self.name = name
+        self.record = os.path.join(rsg_dir, name + ".json")
+        self.srl = os.path.join(rsg_dir, name + ".srl")
+        self.stage = [os.path.join(rsg_dir, "{}.stage{}".format(name, i))
+                      for i in (0, 1)]
+        self.diverged = os.path.join(rsg_dir, name + ".diverged")
+
+    def dcm(self, index):
+        return os.path.join(self.dir, "{}.link{}.dcm".format(self.name, index))
+
+    def since(self):
+        return os.path.join(self.dir, self.name + ".since-promotion.dcm")
+
+    def activity_log(self):
+        return os.path.join(self.dir, self.name + ".al")
+
+    def save(self, record):
+        fsutil.write_json_atomic(self.record, record)
+
+    def load(self):
+        try:
+            with open(self.record, "rb") as f:
+                rec = json.load(f)
+        except ValueError as e:
+            raise errors.CorruptState(path=self.record,
+                                      reason="not valid JSON ({})".format(e))
+        if not isinstance(rec, dict) or rec.get("role") not in \
+                GROUP_ROLES or not isinstance(rec.get("volumes"),
+                                                       list):
+            raise errors.CorruptState(path=self.record,
+                                      reason="not a replicated group record")
+        return rec
+
+    def volume_names(self):
+        """The LU names the record lists as volumes, as far as the record
+        can be read ([] when it cannot)."""
+        try:
+            with open(self.record, "rb") as f:
+                volumes = json.load(f)["volumes"]
+            return [v.get("lu") for v in volumes
+                    if isinstance(v.get("lu"), str)]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return []
+
+    def dcms(self):
+        """Every link DCM path a group may have (link indexes < 64)."""
+        return [self.dcm(i) for i in range(64)]
+
+    @staticmethod
+    def remove(paths):
+        fsutil.remove_durably(paths)
+
+    def paths(self):
+        """Every file the group may have."""
+        return [self.record, self.srl, self.diverged, self.since(),
+                self.activity_log()] + self.stage + self.dcms()
+
+    def on_disk(self):
+        return [p for p in self.paths() if os.path.lexists(p)]
+
+    def remove_all(self):
+        self.remove(self.paths())
 
 
 def _validate(doc, path):
@@ -439,12 +515,7 @@ def lu_user(state_dir, name, record):
         return "it has sessions ({}); delete them first with `clonectl " \
             "session delete`".format(", ".join(sorted(record["sessions"])))
     for group in state_dir.rsg_names():
-        try:
-            with open(os.path.join(state_dir.rsg_dir, group + ".json")) as f:
-                vols = [v.get("lu") for v in json.load(f)["volumes"]]
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            continue
-        if name in vols:
+        if name in state_dir.group_files(group).volume_names():
             return "it is a volume of replicated group {}; delete the " \
                 "group first with `clonectl rsg delete`".format(group)
     return None

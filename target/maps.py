@@ -1,10 +1,10 @@
 """Extent maps and their files.
 
 A map is a bytearray with one byte per extent (0 clean, 1 set).  A byte per
-extent costs 8x the memory of a bitmap, but slice assignment and
-bytearray.count() run in C and are atomic under the GIL (~0.5 us a request
-measured here, against 0.6-3 us for a bit loop that also needs a lock).
-16 KiB per GiB at the default 64 KiB granularity.
+extent costs 8x the memory of a bitmap (16 KiB per GiB at the default 64 KiB
+granularity), but slice assignment and bytearray.count() run in C and are
+atomic under the GIL, faster than a bit loop that also needs a lock
+(docs/performance.md, "Maps: a byte per extent").
 
 Two kinds of map file share one layout, a 32-byte header then the body:
 
@@ -21,7 +21,7 @@ A map file that is missing, truncated or fails its check raises
 MapCorrupt; callers then assume every extent differs and say so.
 
 All map file I/O goes through the module's `files` (OsFiles): the
-power-loss tests (tests/engine/powerloss.py) put a simulated disk there that
+power-loss tests (tests/support/powerloss.py) put a simulated disk there that
 loses writes not yet made durable.
 """
 

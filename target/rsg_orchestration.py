@@ -7,7 +7,6 @@ rollback) that a group must log or record as diverged first.
 """
 
 import contextlib
-import json
 import logging
 import os
 
@@ -28,7 +27,7 @@ class RsgOrchestration:
 
     def _rsg_files(self, name):
         fsutil.makedirs_durable(self.rsg_dir)
-        return replication.GroupFiles(self.rsg_dir, name)
+        return self.target.state_dir.group_files(name)
 
     def load(self):
         for name in self.target.state_dir.rsg_names():
@@ -48,20 +47,13 @@ class RsgOrchestration:
     def _hold_volumes(self, name, reason):
         """Hold (reason) or release (None) the LUs a group's record names,
         as far as it can be read."""
-        try:
-            with open(replication.GroupFiles(self.rsg_dir, name).record) as f:
-                volumes = json.load(f).get("volumes")
-            names = [v.get("lu") for v in volumes]
-        except (OSError, ValueError, AttributeError, TypeError):
-            return      # unreadable: nothing names its volumes
-        for lu_name in names:
-            lu = self.target.lus.get(lu_name) \
-                if isinstance(lu_name, str) else None
+        for lu_name in self.target.state_dir.group_files(name).volume_names():
+            lu = self.target.lus.get(lu_name)
             if lu is not None and lu.rsg is None:
                 lu.held = reason
 
     def _failed_rsg_status(self, name):
-        files = replication.GroupFiles(self.rsg_dir, name).on_disk()
+        files = self.target.state_dir.group_files(name).on_disk()
         return {"name": name, "role": None, "loaded": False,
                 "error": self.failures[name],
                 "files": [os.path.relpath(p, self.target.state_dir.path)
@@ -71,7 +63,7 @@ class RsgOrchestration:
         """A group name whose files are on disk is not free: a group that
         failed to load (or a create that crashed) left them, and making a
         new group would silently wipe its SRL and DCMs."""
-        files = replication.GroupFiles(self.rsg_dir, name).on_disk()
+        files = self.target.state_dir.group_files(name).on_disk()
         if name in self.failures or files:
             raise replication.ReplicationError(
                 name=name, reason="files of a group of that name are in the "
@@ -274,7 +266,7 @@ class RsgOrchestration:
 
     def rsg_delete(self, name):
         if name not in self.target.rsgs:
-            files = replication.GroupFiles(self.rsg_dir, name)
+            files = self.target.state_dir.group_files(name)
             if name in self.failures or files.on_disk():
                 # What a group that failed to load (or a crashed create)
                 # left: the admin clears the name.

@@ -244,7 +244,7 @@ class SessionOrchestration:
         if session.marked and not force:
             raise sessions.SessionBusy(
                 name=name, reason="it is marked; unmark it first (or --force)")
-        if session.engine is not None and session.engine.is_alive():
+        if session.engine is not None and session.engine.running:
             raise sessions.SessionBusy(name=name, reason="a transfer is "
                                        "running")
         self._release(session, [d for d in session.dests
@@ -334,7 +334,7 @@ class SessionOrchestration:
         """Refuse early (nothing marked or protected for a refused
         request), connect, mark if needed, protect peers, start."""
         session = self.find(name)
-        if session.engine is not None and session.engine.is_alive():
+        if session.engine is not None and session.engine.running:
             log.warning("session %s: %s refused: a transfer is running",
                         name, what)
             raise sessions.SessionBusy(name=name, reason="an update or "

@@ -1,17 +1,15 @@
-"""A replicated group's files, record and history of generations.
+"""A replicated group's generations, roles and errors.
 
-Owns the paths of a group's files in the state directory (record, SRL,
-stage slots, DCMs, activity log), loading and saving the record, and the
-comparison of two histories that tells a split brain.  Also the errors
-every part of replication raises.  The record's fields: docs/persistence.md.
+Owns the comparison of two histories that tells a split brain, and the
+errors every part of replication raises.  The group's files and its record
+document belong to the state directory's inventory (target.inventory
+GroupFiles); the record's fields: docs/persistence.md.
 """
 
 import errno
-import json
-import os
 import uuid
 
-from .. import errors, fsutil
+from .. import errors, fsutil, inventory
 
 DEFAULT_GRANULARITY = 64 << 10
 
@@ -54,62 +52,9 @@ def read_token(path):
     return fsutil.read_token(path, "replication")
 
 
-class GroupFiles:
-    """Where a group keeps its files in the state directory."""
-
-    def __init__(self, rsg_dir, name):
-        self.dir = rsg_dir
-        self.name = name
-        self.record = os.path.join(rsg_dir, name + ".json")
-        self.srl = os.path.join(rsg_dir, name + ".srl")
-        self.stage = [os.path.join(rsg_dir, "{}.stage{}".format(name, i))
-                      for i in (0, 1)]
-        self.diverged = os.path.join(rsg_dir, name + ".diverged")
-
-    def dcm(self, index):
-        return os.path.join(self.dir, "{}.link{}.dcm".format(self.name, index))
-
-    def since(self):
-        return os.path.join(self.dir, self.name + ".since-promotion.dcm")
-
-    def activity_log(self):
-        return os.path.join(self.dir, self.name + ".al")
-
-    def save(self, record):
-        fsutil.write_json_atomic(self.record, record)
-
-    def load(self):
-        try:
-            with open(self.record, "rb") as f:
-                rec = json.load(f)
-        except ValueError as e:
-            raise errors.CorruptState(path=self.record,
-                                      reason="not valid JSON ({})".format(e))
-        if not isinstance(rec, dict) or rec.get("role") not in \
-                (PRIMARY, SECONDARY) or not isinstance(rec.get("volumes"),
-                                                       list):
-            raise errors.CorruptState(path=self.record,
-                                      reason="not a replicated group record")
-        return rec
-
-    def dcms(self):
-        """Every link DCM path a group may have (link indexes < 64)."""
-        return [self.dcm(i) for i in range(64)]
-
-    @staticmethod
-    def remove(paths):
-        fsutil.remove_durably(paths)
-
-    def paths(self):
-        """Every file the group may have."""
-        return [self.record, self.srl, self.diverged, self.since(),
-                self.activity_log()] + self.stage + self.dcms()
-
-    def on_disk(self):
-        return [p for p in self.paths() if os.path.lexists(p)]
-
-    def remove_all(self):
-        self.remove(self.paths())
+# The paths and the record document of a group belong to the inventory of
+# the state directory; replication is given them.
+GroupFiles = inventory.GroupFiles
 
 
 def new_generation():

@@ -404,7 +404,7 @@ class Session:
                  self.transfer.count(1))
 
     def _check_idle(self):
-        if self.engine is not None and self.engine.is_alive():
+        if self.engine is not None and self.engine.running:
             raise SessionBusy(name=self.name, reason="a transfer is running")
 
     def unmark(self, error=None, force=False):
@@ -540,7 +540,7 @@ class Session:
     def status(self):
         with self.cond:
             engine = self.engine
-            running = engine is not None and engine.is_alive()
+            running = engine is not None and engine.running
             out = {
                 "name": self.name,
                 "source": self.source.name,

@@ -98,7 +98,9 @@ class TransferEngine:
             target=self.run, name="transfer-" + self.session.name, daemon=True)
         self.thread.start()
 
-    def is_alive(self):
+    @property
+    def running(self):
+        """Whether the transfer's thread is still at work."""
         return self.thread is not None and self.thread.is_alive()
 
     def stop(self, reason):
@@ -326,7 +328,7 @@ class TransferEngine:
 
     def progress(self):
         out = self.summary()
-        out["running"] = self.is_alive()
+        out["running"] = self.running
         left = self._pending_union().count(1) if self.result is None else 0
         out["extents_total"] = self.total
         out["extents_left"] = left
