@@ -24,7 +24,11 @@ means for its maps.
 - Cancellation (`cancel`, an Event) is checked between chunks; copy()
   returns False when it stopped early.
 - Throttle: at most `rate` bytes per second on average since the copier
-  was made, by waiting on `cancel` (so a cancel ends the wait).
+  was made, by waiting on `cancel` (so a cancel ends the wait) between the
+  chunks of one copy() call, never after its last chunk: an engine that
+  holds something across a call (a restore holds its claims on the
+  extents, and host I/O on them waits for it) releases it first and then
+  calls throttle() itself.
 - Progress: progress(length) after each chunk written, retries included.
 
 Deliberately ignored: one chunk at a time, synchronously; an asynchronous
@@ -72,15 +76,18 @@ class Copier:
 
     def copy(self, runs):
         """Copy every run; False if cancelled before the end."""
+        first = True
         for offset, length in runs:
             end = offset + length
             while offset < end:
+                if not first:
+                    self.throttle()
                 if self.cancel.is_set():
                     return False
+                first = False
                 n = min(self.chunk, end - offset)
                 self._copy_chunk(offset, n)
                 offset += n
-                self.throttle()
         return True
 
     def _copy_chunk(self, offset, length):

@@ -166,11 +166,13 @@ class CloneGroup(Mirroring, Restore):
         for clone in self.clones.values():
             if clone.state == RESTORING:
                 self._recover_restore(clone, problems)
-        # Every extent recovered as dirty is now in a delta map: commit them
-        # and start a clean activity map.
-        self.changes.start()
+        # Every extent recovered as dirty is now in a delta map: save them,
+        # and only then start a clean activity map (a crash or a full disk
+        # in between recovers the same bits again).
         for clone in self.clones.values():
             maps.save(clone.map_path, clone.delta, self.granularity)
+        self.changes.start()
+        for clone in self.clones.values():
             if clone.broken and clone.state in (SYNCHRONIZED, SYNCING):
                 # Not mirrored any more: from now on the Source's writes
                 # set its bits, as after a failed mirrored write.

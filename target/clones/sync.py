@@ -154,6 +154,8 @@ class SyncEngine:
                     continue
                 # Keep the progress: a kill -9 resumes from the last commit.
                 self.group.maybe_commit()
+                # After the step released what it held (a restore's claims).
+                self.copier.throttle()
             if self.stop_reason:
                 self.fail(self.stop_reason)
         except Exception as e:

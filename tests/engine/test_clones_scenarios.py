@@ -3,63 +3,14 @@ reaches, each with a twin that switches the protection off and shows the
 check catching it (a test that cannot fail is a defect).
 """
 
+import errno
 import threading
 
 import pytest
 
-from target import backends, clones
-from target.lu import LogicalUnit
+from target import clones, maps
 
-GRAN = 4096
-EXTENTS = 16
-SIZE = GRAN * EXTENTS
-
-
-class Harness:
-    """A Source and named clones on memory backends, with crash/recover."""
-
-    def __init__(self, tmp_path, names=("c1", "c2")):
-        self.dir = str(tmp_path)
-        self.mem_src = backends.MemoryBackend(SIZE)
-        self.mem = {n: backends.MemoryBackend(SIZE) for n in names}
-        self.states = {}
-        self.lu, self.group = self._new()
-        for n in names:
-            self.group.add_clone(n, self.mem[n])
-            self.states[n] = clones.OUT_OF_SYNC
-
-    def _persist(self, name, state, error=None, rate=None):
-        self.states[name] = state
-
-    def _new(self):
-        lu = LogicalUnit("src", {"size": SIZE, "file": "-",
-                                         "readonly": False},
-                                 backend=self.mem_src)
-        return lu, clones.CloneGroup(lu, GRAN, self.dir, self._persist)
-
-    def crash(self):
-        """Drop the group without cleanup (kill -9) and recover it."""
-        self.lu, self.group = self._new()
-        self.group.load({n: {"state": s, "file": n}
-                         for n, s in self.states.items()},
-                        lambda rec: self.mem[rec["file"]])
-
-    def run(self, engine):
-        while engine.step():
-            pass
-        assert engine.finish()
-
-    def sync(self, name):
-        self.run(self.group.start_sync(name, run=False))
-
-    def extent(self, backend, e):
-        return bytes(backend.data[e * GRAN:(e + 1) * GRAN])
-
-    def clean_extents_equal(self, name):
-        delta = self.group.clones[name].delta
-        return all(self.extent(self.mem_src, e) == self.extent(self.mem[name], e)
-                   for e in range(EXTENTS) if not delta[e])
-
+from tests.support.clonegroup import EXTENTS, GRAN, SIZE, Harness
 
 @pytest.fixture
 def h(tmp_path):
@@ -294,3 +245,26 @@ def test_activity_map_bounds_the_superset(h):
     dirty = [e for e in range(EXTENTS) if h.group.clones["c1"].delta[e]]
     assert dirty == [8, 9]
     assert h.group.clones["c1"].state == clones.SYNCING  # recovered-dirty
+
+
+def test_recovery_cut_short_keeps_the_recovered_bits(tmp_path, monkeypatch):
+    """Recovery folds the activity map into the delta maps: the activity
+    map may be emptied only once the delta maps holding its bits are
+    saved, or a crash (or a full disk) in between forgets extents the
+    Source changed, and a later sync never copies them."""
+    h = Harness(tmp_path)
+    h.sync("c1")
+    h.group.fracture("c1")
+    h.group.commit()
+    assert h.group.clones["c1"].delta.count(1) == 0
+    h.lu.write(b"X" * GRAN, 5 * GRAN)       # marked in the activity map only
+    real_save = maps.save
+
+    def disk_full(path, bits, granularity, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(maps, "save", disk_full)
+    with pytest.raises(OSError):
+        h.crash()                            # the first recovery fails
+    monkeypatch.setattr(maps, "save", real_save)
+    h.crash()                                # the second one completes
+    assert h.group.clones["c1"].delta[5] == 1

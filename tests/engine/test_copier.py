@@ -134,7 +134,20 @@ def test_throttle_keeps_the_rate_and_a_cancel_ends_its_wait():
     c = make(src, dst, chunk=64 << 10, rate=1 << 20)
     started = time.monotonic()
     assert c.copy([(0, 256 << 10)])
-    assert time.monotonic() - started >= 0.2
+    # 3 chunks of 64 KiB at 1 MiB/s were waited for before the last one.
+    assert time.monotonic() - started >= 0.18
+    c.throttle()
+    assert time.monotonic() - started >= 0.25
+
+
+def test_throttle_waits_between_chunks_never_after_the_last():
+    """The caller throttles after a copy, once it released what it held."""
+    src, dst = source(), Recording(SIZE)
+    c = make(src, dst, chunk=64 << 10, rate=1 << 20)
+    waits = []
+    c.throttle = lambda: waits.append(c.bytes_done)
+    assert c.copy([(0, 128 << 10), (1 << 20, 128 << 10)])
+    assert waits == [64 << 10, 128 << 10, 192 << 10]
     cancel = threading.Event()
     c = make(src, dst, chunk=1 << 20, rate=1 << 10, cancel=cancel)
     threading.Timer(0.1, cancel.set).start()

@@ -13,50 +13,10 @@ import errno
 
 import pytest
 
-from target import backends, clones
+from target import clones
 
-from .test_clones_scenarios import EXTENTS, GRAN, SIZE, Harness
-
-
-class FailingBackend(backends.Backend):
-    """A MemoryBackend whose writes (or reads) fail while fail_writes (or
-    fail_reads) holds an errno; failing requests change nothing."""
-
-    def __init__(self, mem):
-        self.mem = mem
-        self.size = mem.size
-        self.fail_writes = None
-        self.fail_reads = None
-        self.failures = 0
-        # Fail only requests touching [fail_from, fail_to) (bytes).
-        self.fail_from, self.fail_to = 0, SIZE
-
-    @property
-    def data(self):
-        return self.mem.data
-
-    def _check(self, code, offset, length):
-        if code and offset < self.fail_to and self.fail_from < offset + length:
-            self.failures += 1
-            raise OSError(code, "injected: " + errno.errorcode[code])
-
-    def readinto(self, buf, offset):
-        self._check(self.fail_reads, offset, len(buf))
-        self.mem.readinto(buf, offset)
-
-    def write(self, buf, offset):
-        self._check(self.fail_writes, offset, len(memoryview(buf)))
-        self.mem.write(buf, offset)
-
-    def zero(self, offset, length, may_trim=False, fast=False):
-        self._check(self.fail_writes, offset, length)
-        self.mem.zero(offset, length)
-
-    def flush(self):
-        pass
-
-    def trim(self, offset, length):
-        pass
+from tests.support.clonegroup import (EXTENTS, GRAN, SIZE, FailingBackend,
+                                     Harness)
 
 
 @pytest.fixture

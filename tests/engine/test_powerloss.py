@@ -52,8 +52,8 @@ from hypothesis.stateful import rule, run_state_machine_as_test
 from target import clones, maps
 
 from tests.support import powerloss
-from .test_clones_model import (GRAN, NAMES, SIZE, CloneMachine, Crash,
-                                data_for)
+from tests.support.clonemodel import (GRAN, NAMES, SIZE, CloneMachine, Crash,
+                                      data_for)
 
 KEEP = st.sampled_from((0.0, 0.3, 0.7, 1.0))
 CUT_SEED = st.integers(0, 1 << 30)

@@ -41,8 +41,8 @@ from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant,
 
 from target import backends, changemap, maps, sessions
 
-from .test_clones_model import (Countdown, Crash, CrashingBackend,
-                                data_for, patch_map_io)
+from tests.support.clonemodel import (Countdown, Crash, CrashingBackend,
+                                      data_for, patch_map_io)
 
 GRAN = 4096
 EXTENTS = 16

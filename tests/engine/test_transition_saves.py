@@ -13,8 +13,7 @@ import pytest
 
 from target import clones, errors
 
-from .test_clones_scenarios import GRAN, SIZE, Harness
-from .test_failing_devices import FailingBackend
+from tests.support.clonegroup import GRAN, SIZE, FailingBackend, Harness
 
 
 class FullHarness(Harness):

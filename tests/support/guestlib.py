@@ -34,7 +34,6 @@ import io
 import queue
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import threading

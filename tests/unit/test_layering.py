@@ -285,3 +285,42 @@ def test_the_checks_can_fail():
     assert attributes == [
         "target/sessions.py:2: m._grow is private to maps",
         "target/sessions.py:3: m._size is private to maps"], attributes
+
+
+# ---------------------------------------------------------------- the tests' own layout
+
+def _test_imports(path):
+    """(line, text) of each import in a test module that reaches another
+    test module (tests live in test_*.py; what they share lives in
+    tests/support), and of each use of sys.path."""
+    tree = ast.parse(path.read_text(), str(path))
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            names = [node.module or ""] + [
+                "{}.{}".format(node.module or "", a.name) for a in node.names]
+            if any(part.startswith("test_") for n in names
+                   for part in n.split(".")):
+                found.append((node.lineno, "imports a test module"))
+        elif isinstance(node, ast.Import):
+            if any(part.startswith("test_") for a in node.names
+                   for part in a.name.split(".")):
+                found.append((node.lineno, "imports a test module"))
+        elif isinstance(node, ast.Attribute) and node.attr == "path" and \
+                isinstance(node.value, ast.Name) and node.value.id == "sys":
+            found.append((node.lineno, "uses sys.path"))
+    return found
+
+
+def test_no_test_module_imports_another():
+    problems = ["{}:{}: {}".format(path.relative_to(REPO), line, what)
+                for path in sorted((REPO / "tests").rglob("*.py"))
+                for line, what in _test_imports(path)]
+    assert not problems, _report(problems)
+
+
+def test_the_test_import_check_can_fail(tmp_path):
+    bad = tmp_path / "test_x.py"
+    bad.write_text("import sys\nfrom .test_y import Harness\n"
+                   "import tests.engine.test_z\nsys.path.insert(0, '.')\n")
+    assert [line for line, _ in _test_imports(bad)] == [2, 3, 4]

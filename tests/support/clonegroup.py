@@ -1,0 +1,99 @@
+"""A clone group on memory backends for engine tests: Harness (a Source
+and named clones, with crash and recovery) and FailingBackend (a memory
+backend whose requests fail with a chosen errno)."""
+
+import errno
+
+from target import backends, clones
+from target.lu import LogicalUnit
+
+GRAN = 4096
+EXTENTS = 16
+SIZE = GRAN * EXTENTS
+
+
+class Harness:
+    """A Source and named clones on memory backends, with crash/recover."""
+
+    def __init__(self, tmp_path, names=("c1", "c2")):
+        self.dir = str(tmp_path)
+        self.mem_src = backends.MemoryBackend(SIZE)
+        self.mem = {n: backends.MemoryBackend(SIZE) for n in names}
+        self.states = {}
+        self.lu, self.group = self._new()
+        for n in names:
+            self.group.add_clone(n, self.mem[n])
+            self.states[n] = clones.OUT_OF_SYNC
+
+    def _persist(self, name, state, error=None, rate=None):
+        self.states[name] = state
+
+    def _new(self):
+        lu = LogicalUnit("src", {"size": SIZE, "file": "-",
+                                         "readonly": False},
+                                 backend=self.mem_src)
+        return lu, clones.CloneGroup(lu, GRAN, self.dir, self._persist)
+
+    def crash(self):
+        """Drop the group without cleanup (kill -9) and recover it."""
+        self.lu, self.group = self._new()
+        self.group.load({n: {"state": s, "file": n}
+                         for n, s in self.states.items()},
+                        lambda rec: self.mem[rec["file"]])
+
+    def run(self, engine):
+        while engine.step():
+            pass
+        assert engine.finish()
+
+    def sync(self, name):
+        self.run(self.group.start_sync(name, run=False))
+
+    def extent(self, backend, e):
+        return bytes(backend.data[e * GRAN:(e + 1) * GRAN])
+
+    def clean_extents_equal(self, name):
+        delta = self.group.clones[name].delta
+        return all(self.extent(self.mem_src, e) == self.extent(self.mem[name], e)
+                   for e in range(EXTENTS) if not delta[e])
+
+
+class FailingBackend(backends.Backend):
+    """A MemoryBackend whose writes (or reads) fail while fail_writes (or
+    fail_reads) holds an errno; failing requests change nothing."""
+
+    def __init__(self, mem):
+        self.mem = mem
+        self.size = mem.size
+        self.fail_writes = None
+        self.fail_reads = None
+        self.failures = 0
+        # Fail only requests touching [fail_from, fail_to) (bytes).
+        self.fail_from, self.fail_to = 0, SIZE
+
+    @property
+    def data(self):
+        return self.mem.data
+
+    def _check(self, code, offset, length):
+        if code and offset < self.fail_to and self.fail_from < offset + length:
+            self.failures += 1
+            raise OSError(code, "injected: " + errno.errorcode[code])
+
+    def readinto(self, buf, offset):
+        self._check(self.fail_reads, offset, len(buf))
+        self.mem.readinto(buf, offset)
+
+    def write(self, buf, offset):
+        self._check(self.fail_writes, offset, len(memoryview(buf)))
+        self.mem.write(buf, offset)
+
+    def zero(self, offset, length, may_trim=False, fast=False):
+        self._check(self.fail_writes, offset, length)
+        self.mem.zero(offset, length)
+
+    def flush(self):
+        pass
+
+    def trim(self, offset, length):
+        pass
