@@ -16,4 +16,5 @@ pytest_plugins = [
     "tests.support.sessionlib",
     "tests.support.iscsilib",
     "tests.support.netlib",
+    "tests.support.guestlib",
 ]

@@ -11,7 +11,9 @@ Plugin modules (loaded by tests/conftest.py, their fixtures need no import):
   sessionlib  dests, session_env (destination NBD servers, sessions)
   iscsilib    iscsi_server (serve --iscsi-portal)
   netlib      cluster (servers in network namespaces, for replication)
+  guestlib    guest (a booted QEMU guest; guestimage builds its image)
 Helper modules: sockets, models, tools (qemu-io, whole-export reads),
 rsgmodel (replication's change model), powerloss (a simulated disk that
-loses unsynced writes), guestlib and guestimage (a QEMU guest).
+loses unsynced writes), clonegroup and clonemodel (a clone group on memory
+backends, and its hypothesis model), guestimage.
 """
