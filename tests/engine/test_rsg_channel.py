@@ -13,7 +13,9 @@ between them (tests/support/relay.py records every byte both ways):
 - a primary with the wrong token is refused, nothing is made on the
   secondary, and nothing derived from the token reached it;
 - a primary of the old protocol (the token in the hello) is refused with
-  a message that says so.
+  a message that says so, and so is a secondary of the old protocol;
+- a fake secondary at the link's address (it lacks the token) gets no
+  token, no hello and no data.
 """
 
 import json
@@ -21,6 +23,7 @@ import os
 import shutil
 import socket
 import tempfile
+import threading
 import time
 
 import pytest
@@ -213,3 +216,90 @@ def test_old_primary_sending_the_token_is_refused_with_a_reason(
     assert kind == b"HRPL" and reply["ok"] is False
     assert "protocol" in reply["message"] and "upgrade" in reply["message"]
     assert "g" not in p.tb.rsgs
+
+
+class FakeSecondary:
+    """A listener at the secondary's address that does not hold the
+    token: it records what a primary sends it and answers with answer(kind,
+    payload) -> frames to send back (None: hang up)."""
+
+    def __init__(self, answer):
+        self.answer = answer
+        self.received = bytearray()
+        self.kinds = []
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(4)
+        self.addr = "127.0.0.1:%d" % self.sock.getsockname()[1]
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        try:
+            conn, _ = self.sock.accept()
+        except OSError:
+            return
+        with conn:
+            conn.settimeout(5)
+            try:
+                while True:
+                    kind, payload = R.recv_frame(conn)
+                    self.kinds.append(kind)
+                    self.received += kind + bytes(payload)
+                    frames = self.answer(kind, payload)
+                    if frames is None:
+                        return
+                    for k, body in frames:
+                        R.send_frame(conn, k, json.dumps(body).encode())
+            except (OSError, ConnectionError, errors.Error):
+                return
+
+    def stop(self):
+        self.sock.close()
+        self.thread.join(5)
+
+
+def test_fake_secondary_without_the_token_gets_neither_token_nor_data(
+        pair_factory):
+    """What the finding was about: a fake secondary at the link's address
+    got the token in the hello, and then the volumes."""
+    def answer(kind, payload):
+        if kind == b"AUTH":
+            return [(b"CHAL", {"protocol": 2, "nonce": "ab" * 32})]
+        if kind == b"PROF":
+            return [(b"PROF", {"proof": "00" * 32})]    # it cannot do better
+        if kind == b"HELO":     # protocol 1: the hello had the token
+            return [(b"HRPL", {"ok": True, "consistent": False,
+                               "applied_seq": 0, "history": [],
+                               "last_seq": 0})]
+        return []
+    p = pair_factory()
+    fake = FakeSecondary(answer)
+    try:
+        p.ta.rsg_link("g", fake.addr, "async", p.tok)
+        p.ta.lus["v1"].write(PATTERN, 0)
+        wait_for(lambda: p.link.error is not None, 10, "the link to fail",
+                 lambda: p.link.status())
+        time.sleep(0.3)
+        assert TOKEN.encode() not in fake.received
+        assert PATTERN[:32] not in fake.received
+        assert b"HELO" not in fake.kinds, fake.kinds
+        assert "did not prove" in p.link.error, p.link.status()
+    finally:
+        fake.stop()
+
+
+def test_secondary_of_the_old_protocol_is_named_in_the_error(pair_factory):
+    def answer(kind, payload):
+        # What a secondary of protocol 1 answers to anything but HELO.
+        return [(b"HRPL", {"ok": False, "message": "control protocol error: "
+                           "expected a hello"})]
+    p = pair_factory()
+    fake = FakeSecondary(answer)
+    try:
+        p.ta.rsg_link("g", fake.addr, "async", p.tok)
+        wait_for(lambda: p.link.error is not None, 10, "the link to fail",
+                 lambda: p.link.status())
+        assert "upgrade it" in p.link.error, p.link.status()
+    finally:
+        fake.stop()

@@ -11,11 +11,13 @@ B's peer port and records every byte both ways:
   do not appear in clear, and a plain client is refused with a message;
 - a token file that others can read is refused by both commands;
 - a client with the wrong token is refused, nothing is protected, and
-  nothing derived from the token reached it.
+  nothing derived from the token reached it;
+- a fake peer (it lacks the token) gets neither the token nor a request.
 """
 
 import json
 import socket
+import threading
 
 import pytest
 
@@ -136,3 +138,40 @@ def test_old_client_sending_the_token_is_refused_with_a_reason(
     assert reply["ok"] is False and reply["error"]["errno"] == 13
     assert "upgrade" in reply["error"]["message"]
     assert sessions_of(p["b"]) == []
+
+
+def test_fake_peer_without_the_token_gets_neither_token_nor_request():
+    """A listener at the peer's address that lacks the token: it sends a
+    nonce and a proof it cannot make right; the client sends it neither
+    the token nor its request."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    received = bytearray()
+
+    def serve():
+        conn, _ = listener.accept()
+        with conn:
+            conn.settimeout(5)
+            f = conn.makefile("rwb")
+            for reply in ({"protocol": 2, "nonce": "cd" * 32},
+                          {"proof": "00" * 32},
+                          {"ok": True, "result": {}}):
+                line = f.readline()
+                if not line:
+                    return
+                received.extend(line)
+                f.write(json.dumps(reply).encode() + b"\n")
+                f.flush()
+    th = threading.Thread(target=serve, daemon=True)
+    th.start()
+    try:
+        with pytest.raises(peer.PeerRefused, match="did not prove"):
+            peer.call("127.0.0.1:{}".format(listener.getsockname()[1]),
+                      TOKEN, "protect", LU)
+        th.join(5)
+    finally:
+        listener.close()
+    assert received
+    assert TOKEN.encode() not in received
+    assert b"protect" not in received and LU.encode() not in received
