@@ -13,5 +13,6 @@ Plugin modules (loaded by tests/conftest.py, their fixtures need no import):
   netlib      cluster (servers in network namespaces, for replication)
 Helper modules: sockets, models, tools (qemu-io, whole-export reads),
 rsgmodel (replication's change model), powerloss (a simulated disk that
-loses unsynced writes), guestlib and guestimage (a QEMU guest).
+loses unsynced writes), guestlib and guestimage (a QEMU guest), relay (a
+TCP relay that records every byte), tlscerts (a CA and certificates).
 """
