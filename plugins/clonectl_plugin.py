@@ -42,7 +42,8 @@ _THREAD_MODELS = {
 
 def config(key, value):
     if key not in ("statedir", "pythonpath", "thread_model", "parent",
-                   "replication", "replication_token", "allow",
+                   "replication", "replication_token", "replication_tls",
+                   "allow",
                    "allow_export", "gateway_secret", "max_connections",
                    "max_per_address"):
         raise Exception("unknown parameter {!r}".format(key))
@@ -105,7 +106,8 @@ def after_fork():
         # A secondary: listen for primaries (serve --replication-port).
         bind, _, port = _config["replication"].rpartition(":")
         _target.start_replication(bind.strip("[]"), int(port),
-                                  _config["replication_token"])
+                                  _config["replication_token"],
+                                  _config.get("replication_tls"))
     if "parent" in _config:
         _target.watch_parent(int(_config["parent"]))
 

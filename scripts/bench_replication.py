@@ -265,7 +265,7 @@ def run(bench, args, size, workdir):
     region = min(size, REGION)
     p_state, s_state = os.path.join(workdir, "P"), os.path.join(workdir, "S")
     token = os.path.join(workdir, "token")
-    with open(token, "w") as f:
+    with open(os.open(token, os.O_WRONLY | os.O_CREAT, 0o600), "w") as f:
         f.write(TOKEN)
     copy_img = os.path.join(workdir, "copy-dst.img")
     copy_src = os.path.join(workdir, "copy-src.img")

@@ -838,8 +838,18 @@ def _reread_config(ctx, srv):
 @click.option("--peer-bind", default="127.0.0.1", show_default=True,
               metavar="ADDR", help="Address for --peer-port.")
 @click.option("--peer-token-file", metavar="FILE",
-              help="File holding the shared token (16+ characters) that "
-                   "peer requests must carry; others get nothing.")
+              help="File holding the shared token (16+ characters, the file "
+                   "mode 0600 or it is refused) that peers must prove they "
+                   "hold; others get nothing. The token never crosses the "
+                   "wire: both sides prove it by challenge-response "
+                   "(HMAC-SHA256 of fresh nonces).")
+@click.option("--peer-tls-certificates", metavar="DIR",
+              help="Require TLS on --peer-port with the X.509 certificates "
+                   "of DIR, laid out as for --tls-certificates (ca-cert.pem, "
+                   "server-cert.pem, server-key.pem mode 0600; it may be "
+                   "the same DIR); plain clients are refused. Peers give "
+                   "`session create --peer-tls-certificates` a DIR with "
+                   "ca-cert.pem. Certificates only: no PSK on this port.")
 @click.option("--iscsi-portal", metavar="ADDR:PORT",
               help="Also serve every LU and fractured clone as an iSCSI "
                    "target (one LUN, LUN 1) on this portal, through a private "
@@ -870,8 +880,18 @@ def _reread_config(ctx, srv):
 @click.option("--replication-bind", default="127.0.0.1", show_default=True,
               metavar="ADDR", help="Address for --replication-port.")
 @click.option("--replication-token-file", metavar="FILE",
-              help="File holding the shared token (16+ characters) that a "
-                   "primary must present; others get nothing.")
+              help="File holding the shared token (16+ characters, the file "
+                   "mode 0600 or it is refused) that a primary must prove it "
+                   "holds; others get nothing. The token never crosses the "
+                   "wire: both sides prove it by challenge-response "
+                   "(HMAC-SHA256 of fresh nonces).")
+@click.option("--replication-tls-certificates", metavar="DIR",
+              help="Require TLS on --replication-port with the X.509 "
+                   "certificates of DIR, laid out as for --tls-certificates "
+                   "(ca-cert.pem, server-cert.pem, server-key.pem mode 0600; "
+                   "it may be the same DIR); plain primaries are refused. "
+                   "Primaries give `rsg link --tls-certificates` a DIR with "
+                   "ca-cert.pem. Certificates only: no PSK on this port.")
 @click.option("--metrics", metavar="[ADDR:]PORT",
               help="Serve Prometheus metrics at http://ADDR:PORT/metrics and "
                    "a read-only status page (LUs, clones with a picture of "
@@ -889,9 +909,10 @@ def _reread_config(ctx, srv):
 def serve(ctx, socket_path, port, bind, tls_psk, tls_certificates,
           tls_verify_peer, allow, allow_export, max_connections,
           max_per_address, detach, pidfile, thread_model, threads,
-          peer_port, peer_bind, peer_token_file, iscsi_portal, iqn_prefix,
-          iscsi_allow, iscsi_chap, iscsi_chap_mutual, replication_port,
-          replication_bind, replication_token_file, metrics):
+          peer_port, peer_bind, peer_token_file, peer_tls_certificates,
+          iscsi_portal, iqn_prefix, iscsi_allow, iscsi_chap,
+          iscsi_chap_mutual, replication_port, replication_bind,
+          replication_token_file, replication_tls_certificates, metrics):
     """Serve every LU over NBD until SIGTERM or SIGINT.
 
     One nbdkit server exports every LU under its own name (`nbdinfo --list`).
@@ -921,8 +942,12 @@ def serve(ctx, socket_path, port, bind, tls_psk, tls_certificates,
     connections, idle ones included, so that idle clients cannot use up
     the descriptors that the engines need (a flush commits maps to files).
     The replication and peer ports take, from a client that has not shown
-    the token, one small first message (64 KiB at most) within 10 s, on at
-    most 8 such connections at once; others are closed at once. Repeated
+    the token, a TLS handshake and two small messages (64 KiB at most)
+    within 10 s, on at most 8 such connections at once; others are closed
+    at once. The token of these ports never crosses the wire (each side
+    proves it holds it); --replication-tls-certificates and
+    --peer-tls-certificates encrypt them too (see docs/replication.md,
+    docs/sessions.md). Repeated
     log lines are suppressed beyond 10 a minute, and counted in the next
     line that passes.
 
@@ -957,10 +982,16 @@ def serve(ctx, socket_path, port, bind, tls_psk, tls_certificates,
     if peer_port is not None:
         if not peer_token_file:
             raise click.UsageError("--peer-port needs --peer-token-file")
+        if peer_tls_certificates:
+            from . import channel
+            channel.server_context(peer_tls_certificates,
+                                   "--peer-tls-certificates")
         peer_listen = (peer_bind, peer_port,
-                       fsutil.read_token(peer_token_file, "peer"))
-    elif peer_token_file:
-        raise click.UsageError("--peer-token-file needs --peer-port")
+                       fsutil.read_token(peer_token_file, "peer"),
+                       peer_tls_certificates)
+    elif peer_token_file or peer_tls_certificates:
+        raise click.UsageError("--peer-token-file and --peer-tls-certificates "
+                               "need --peer-port")
     iscsi_conf = None
     for given, option in ((tls_psk, "--tls-psk"),
                           (tls_certificates, "--tls-certificates"),
@@ -999,12 +1030,17 @@ def serve(ctx, socket_path, port, bind, tls_psk, tls_certificates,
         if not replication_token_file:
             raise click.UsageError("--replication-port needs "
                                    "--replication-token-file")
-        from . import replication
+        from . import channel, replication
         replication.read_token(replication_token_file)
+        if replication_tls_certificates:
+            channel.server_context(replication_tls_certificates,
+                                   "--replication-tls-certificates")
         replication_conf = (replication_bind, replication_port,
-                            replication_token_file)
-    elif replication_token_file:
-        raise click.UsageError("--replication-token-file needs "
+                            replication_token_file,
+                            replication_tls_certificates)
+    elif replication_token_file or replication_tls_certificates:
+        raise click.UsageError("--replication-token-file and "
+                               "--replication-tls-certificates need "
                                "--replication-port")
     metrics_listen = None
     if metrics is not None:
@@ -1428,7 +1464,15 @@ def _wait_transfer(ctx, name):
                    "`clonectl lu rollback` to it.")
 @click.option("--peer-token-file", metavar="FILE",
               help="The token shared with the peers (same file content as "
-                   "their --peer-token-file).")
+                   "their --peer-token-file; the file mode 0600 or it is "
+                   "refused). It is proven, never sent.")
+@click.option("--peer-tls-certificates", metavar="DIR",
+              help="Talk to the peers with TLS: DIR holds ca-cert.pem, the "
+                   "CA that signed their --peer-tls-certificates (the "
+                   "certificate must name the HOST of --peer-dest), and "
+                   "optionally client-cert.pem and client-key.pem (mode "
+                   "0600). The NBD data itself goes by the URI (nbds:// for "
+                   "TLS).")
 @click.option("--granularity", metavar="SIZE",
               help="Extent size tracked by one map entry: a power of two "
                    "from 2K to 1M. Default 64K.")
@@ -1444,7 +1488,7 @@ def _wait_transfer(ctx, name):
 @pass_ctx
 @handle_errors
 def session_create(ctx, source, name, dests, peer_dests, peer_token_file,
-                   granularity, save_area, timeout):
+                   peer_tls_certificates, granularity, save_area, timeout):
     """Create session NAME on SOURCE, shipping to one or more destinations.
 
     From now on writes to SOURCE are tracked. The first transfer to each
@@ -1456,6 +1500,7 @@ def session_create(ctx, source, name, dests, peer_dests, peer_token_file,
                       dests=list(dests), peer_dests=[list(p) for p in
                                                      peer_dests],
                       peer_token_file=peer_token_file,
+                      peer_tls_certificates=peer_tls_certificates,
                       granularity=granularity, save_area=save_area,
                       timeout=timeout)
     n = len(st["destinations"])
@@ -1729,19 +1774,31 @@ _SECONDARY_OPT = click.option("--secondary", required=True, metavar="HOST:PORT",
                    "has it (it waits one round trip); async: once the SRL "
                    "has it.")
 @click.option("--token-file", required=True, metavar="FILE",
-              help="The token the secondary was started with.")
+              help="The token the secondary was started with (the file mode "
+                   "0600 or it is refused). It is proven, never sent.")
+@click.option("--tls-certificates", metavar="DIR",
+              help="Connect with TLS: DIR holds ca-cert.pem, the CA that "
+                   "signed the secondary's --replication-tls-certificates "
+                   "(its certificate must name the address of --secondary), "
+                   "and optionally client-cert.pem and client-key.pem (mode "
+                   "0600), as libnbd's tls-certificates directory.")
 @json_result
 @pass_ctx
 @handle_errors
-def rsg_link(ctx, name, secondary, mode, token_file):
+def rsg_link(ctx, name, secondary, mode, token_file, tls_certificates):
     """Add a link to a secondary and start replicating to it.
 
     The first contact copies every extent (the secondary's content is
     unknown) unless the secondary is a former member of the group, in which
     case only the regions that may differ are copied.
+
+    Each connection starts with both sides proving they hold the token
+    (challenge-response); a secondary that cannot prove it gets nothing.
+    With --tls-certificates the link is encrypted (needed on any network
+    you do not trust: without TLS the volumes' data crosses it in clear).
     """
     _target_call(ctx, "rsg_link", name=name, secondary=secondary, mode=mode,
-                 token_file=token_file)
+                 token_file=token_file, tls_certificates=tls_certificates)
     click.echo("group {}: link to {} ({}) added".format(name, secondary,
                                                         mode))
 

@@ -148,8 +148,27 @@ def is_socket(path):
                "it".format(path, kind))
 
 
+def check_private(path, what):
+    """Refuse path, a secret (a token or a key file; what: its name in
+    errors), when its group or others may read it: the file is the only
+    credential, and a copy someone else could read is one no longer."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise errors.InvalidArgument(
+            reason="cannot read the {} file {!r}: {}".format(
+                what, path, e.strerror))
+    if st.st_mode & 0o077:
+        raise errors.InvalidArgument(
+            reason="the {} file {} is readable by its group or others "
+                   "(mode {:o}); it holds a secret: chmod 600 {}".format(
+                       what, path, stat.S_IMODE(st.st_mode), path))
+
+
 def read_token(path, what):
-    """The shared token of a manager-to-manager channel (what: its name, in errors)."""
+    """The shared token of a manager-to-manager channel (what: its name, in
+    errors), from a file only its owner may read."""
+    check_private(path, "{} token".format(what))
     try:
         with open(path) as f:
             token = f.read().strip()

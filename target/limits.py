@@ -16,8 +16,9 @@ caps what a client that never completes its protocol can cost:
   under the GIL; nbdkit then logs `accept: Too many open files` in a loop
   until the refusals catch up, which the log limit below keeps short.
 - The replication port (inside nbdkit) and the peer port (in the manager):
-  a connection that has not shown the token may send only a small first
-  message, within HELLO_TIMEOUT, and only a few such connections exist at
+  a connection that has not proven the token may do a TLS handshake and
+  send only small messages, within HELLO_TIMEOUT, and only a few such
+  connections exist at
   once; connections beyond a cap are closed at once, with a log line.
 - The control socket: a cap on handler threads and an idle timeout.
 - Logs: repeated lines are suppressed beyond a burst per interval and the

@@ -136,6 +136,7 @@ def bind(target):
 ARGUMENT_TYPES = {
     "name": str, "source": str, "clone": str, "lu": str, "file": str,
     "secondary": str, "mode": str, "token_file": str, "peer_token_file": str,
+    "tls_certificates": str, "peer_tls_certificates": str,
     "volumes": list, "dests": list, "peer_dests": list,
 }
 _JSON_NAMES = {str: "a string", list: "a list", bool: "true or false",

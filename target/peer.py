@@ -8,26 +8,33 @@ image of the LU, and to release it after the transfer succeeded.  A failed
 or interrupted transfer leaves it protected; the admin there can roll the
 LU back to it (`clonectl lu rollback`).
 
-Protocol: TCP, one JSON object per line each way, one request per
-connection (control.dispatch answers it, as on the control socket):
+Protocol 2: TCP (TLS when the listener has certificates), one JSON object
+per line each way, one request per connection (control.dispatch answers
+it, as on the control socket).  First both managers prove that they hold
+the shared token (target/channel.py: challenge-response; the token never
+crosses the wire), then the request:
 
-    request   {"token": "...", "op": "protect", "lu": "db1"}
-    reply     {"ok": true, "result": {...}} or {"ok": false, "error": {...}}
+    client  {"auth": "hmac-sha256", "protocol": 2, "nonce": "..."}
+    server  {"protocol": 2, "nonce": "..."}
+    client  {"proof": "..."}
+    server  {"proof": "..."}     or {"ok": false, "error": {...}}, closed
+    client  {"op": "protect", "lu": "db1"}
+    server  {"ok": true, "result": {...}} or {"ok": false, "error": {...}}
 
-Every request carries the shared token (a file given to both managers);
-without the right token nothing is done and the reply says so.  The
+A client that does not prove the token gets a nonce and a refusal, and
+nothing is done; the client checks the server's proof before it sends its
+request.  A client of protocol 1 (the token in its request) is refused
+with a message.  With TLS a plain client is refused in clear.  The
 manager's listener forwards an accepted request to its target over the
 local control socket; the target protects an image with a copy-on-first-
 write snapshot (an internal session marked with a frozen export,
 `LU@protected-LU`), so protecting costs no copy.
 
-Deliberately ignored: TLS on this channel (the token is sent in clear; use
-it on a trusted network or a tunnel), several protected images per LU.
-See docs/design.md.
+Deliberately ignored: several protected images per LU.
+See docs/design.md and docs/sessions.md.
 """
 
 import errno
-import hmac
 import json
 import logging
 import socket
@@ -35,7 +42,7 @@ import socketserver
 import threading
 import time
 
-from . import control, errors, limits
+from . import channel, control, errors, limits
 
 log = logging.getLogger("clonectl.peer")
 
@@ -60,52 +67,103 @@ class PeerError(errors.Error):
     errno = errno.EIO
 
 
-def _read_request(sock, deadline):
-    """The request line (up to MAX_REQUEST + 1 bytes), read by deadline
-    however slowly it arrives; socket.timeout after it."""
-    buf = bytearray()
-    while b"\n" not in buf and len(buf) <= MAX_REQUEST:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise socket.timeout("timed out")
-        sock.settimeout(left)
-        data = sock.recv(MAX_REQUEST + 1 - len(buf))
-        if not data:
-            break
-        buf += data
-    end = buf.find(b"\n")
-    return bytes(buf[:end + 1] if end >= 0 else buf)
+class _Lines:
+    """JSON lines on a connection, each at most MAX_REQUEST bytes and, with
+    a deadline, read by it however slowly they arrive (socket.timeout
+    after it)."""
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.buf = bytearray()
+
+    def read(self, deadline=None):
+        """The next line (without its newline), or what came before the
+        connection closed; over MAX_REQUEST bytes: MAX_REQUEST + 1."""
+        while b"\n" not in self.buf and len(self.buf) <= MAX_REQUEST:
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise socket.timeout("timed out")
+                self.sock.settimeout(left)
+            data = self.sock.recv(MAX_REQUEST + 1 - len(self.buf))
+            if not data:
+                break
+            self.buf += data
+        end = self.buf.find(b"\n")
+        if end < 0:
+            line, self.buf = bytes(self.buf), bytearray()
+        else:
+            line, self.buf = bytes(self.buf[:end]), self.buf[end + 1:]
+        return line
+
+    def read_json(self, deadline=None):
+        line = self.read(deadline)
+        if len(line) > MAX_REQUEST:
+            raise errors.ProtocolError(reason="request too large")
+        if not line:
+            raise ConnectionError("connection closed")
+        try:
+            return json.loads(line)
+        except ValueError as e:
+            raise errors.ProtocolError(
+                reason="invalid JSON: {}".format(e)) from e
+
+    def write(self, obj):
+        self.sock.sendall(json.dumps(obj).encode() + b"\n")
 
 
-class _Handler(socketserver.StreamRequestHandler):
+def _refusal(e):
+    return {"ok": False, "error": e.to_dict()}
+
+
+class _Handler(socketserver.BaseRequestHandler):
 
     timeout = 30    # for the reply, once the request is read
 
     def handle(self):
+        srv = self.server
+        conn = self.request
+        client = self.client_address[0]
+        deadline = time.monotonic() + srv.request_timeout
         try:
-            line = _read_request(self.connection, time.monotonic() +
-                                 self.server.request_timeout)
+            if srv.tls is not None:
+                try:
+                    conn = channel.accept_tls(conn, srv.tls, deadline)
+                except channel.TLSRequired as e:
+                    log.warning("peer connection from %s refused: no TLS",
+                                client)
+                    _Lines(conn).write(_refusal(AccessDenied(
+                        reason="{} (session create --peer-tls-certificates "
+                               "DIR); nothing was done".format(e))))
+                    return
+            lines = _Lines(conn)
+            try:
+                srv.authenticate(lines, deadline, client)
+            except errors.Error as e:
+                lines.write(_refusal(e))
+                return
+            conn.settimeout(self.timeout)
+            line = lines.read(time.monotonic() + self.timeout)
+            lines.write(srv.dispatch(line, self.client_address))
         except socket.timeout:
             log.warning("peer connection from %s closed: no request within "
-                        "%.0f s", self.client_address[0],
-                        self.server.request_timeout)
-            return
-        except OSError:
-            return      # the client went away
-        self.connection.settimeout(self.timeout)
-        reply = self.server.dispatch(line, self.client_address)
-        try:
-            self.wfile.write(json.dumps(reply).encode() + b"\n")
-        except OSError:
-            pass        # the client does not read its reply
+                        "%.0f s", client, srv.request_timeout)
+        except (OSError, ConnectionError):
+            pass        # the client went away, or a TLS handshake failed
+        finally:
+            if conn is not self.request:
+                try:
+                    conn.close()
+                except OSError:
+                    pass
 
 
 class PeerServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
     """One thread per connection, one request per connection.  A client
-    has request_timeout seconds to send its request (MAX_REQUEST bytes at
-    most); at most max_connections are served at once, and at most
-    max_unauthenticated before their token is checked; others are closed
-    at once (limits.Gate)."""
+    has request_timeout seconds for the TLS handshake and to prove the
+    token (messages of MAX_REQUEST bytes at most); at most max_connections
+    are served at once, and at most max_unauthenticated before their token
+    is proven; others are closed at once (limits.Gate)."""
 
     daemon_threads = True
     allow_reuse_address = True
@@ -113,8 +171,11 @@ class PeerServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
     def __init__(self, bind, port, token, control_path, peer_operations,
                  check=None, request_timeout=limits.HELLO_TIMEOUT,
                  max_connections=MAX_CONNECTIONS,
-                 max_unauthenticated=MAX_UNAUTHENTICATED):
+                 max_unauthenticated=MAX_UNAUTHENTICATED, tls=None):
         self.token = token
+        # An ssl.SSLContext (channel.server_context): then every client
+        # must speak TLS; a plain one is refused in clear.
+        self.tls = tls
         self.control_path = control_path
         self.request_timeout = request_timeout
         self.gate = limits.Gate("peer port", max_connections,
@@ -138,20 +199,25 @@ class PeerServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
         finally:
             self.gate.leave(self._local.authenticated)
 
+    def authenticate(self, lines, deadline, client):
+        """The client proves it holds the token, then this side does
+        (channel.ServerAuth); AccessDenied if it does not."""
+        auth = channel.ServerAuth(self.token, "peer")
+        try:
+            lines.write(auth.challenge(lines.read_json(deadline)))
+            lines.write(auth.check(lines.read_json(deadline)))
+        except channel.AuthFailed as e:
+            log.warning("peer request from %s refused: %s", client, e)
+            raise AccessDenied(reason=str(e))
+        self._local.authenticated = True
+        self.gate.authenticated()
+
     def dispatch(self, line, client):
+        """The reply to the request line of an authenticated client."""
         if len(line) > MAX_REQUEST:
-            return {"ok": False, "error": errors.ProtocolError(
-                reason="request too large").to_dict()}
+            return _refusal(errors.ProtocolError(reason="request too large"))
 
         def unpack(request):
-            token = request.get("token")
-            if not isinstance(token, str) or not hmac.compare_digest(
-                    token.encode(), self.token.encode()):
-                log.warning("peer request from %s refused: bad token",
-                            client[0])
-                raise AccessDenied(reason="invalid token; nothing was done")
-            self._local.authenticated = True
-            self.gate.authenticated()
             op, lu = request.get("op"), request.get("lu")
             if not isinstance(op, str) or \
                     op not in self.operations or \
@@ -189,23 +255,46 @@ class PeerServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
         self.server_close()
 
 
-def call(peer, token, op, lu, timeout=10.0):
-    """Ask the manager at peer ("HOST:PORT") to op ("protect", ...) lu."""
+def call(peer, token, op, lu, timeout=10.0, tls=None):
+    """Ask the manager at peer ("HOST:PORT") to op ("protect", ...) lu;
+    tls: an ssl.SSLContext (channel.client_context) to connect with TLS."""
     host, _, port = peer.rpartition(":")
+    auth = channel.ClientAuth(token, "peer")
     try:
         with socket.create_connection((host, int(port)), timeout=timeout) as s:
-            s.sendall(json.dumps({"token": token, "op": op, "lu": lu})
-                      .encode() + b"\n")
-            with s.makefile("rb") as f:
-                line = f.readline(MAX_REQUEST)
-    except (OSError, ValueError) as e:
+            conn = channel.connect_tls(s, tls, host.strip("[]")) \
+                if tls is not None else s
+            try:
+                lines = _Lines(conn)
+                lines.write(auth.start())
+                reply = lines.read_json()
+                if "nonce" in reply:
+                    lines.write(auth.answer(reply))
+                    reply = lines.read_json()
+                    if "proof" in reply:
+                        auth.check(reply)
+                        lines.write({"op": op, "lu": lu})
+                        reply = lines.read_json()
+            finally:
+                if conn is not s:
+                    conn.close()
+    except channel.TLSRequired as e:
+        raise PeerRefused(peer=peer, reason=str(e))
+    except channel.AuthFailed as e:
+        raise PeerRefused(peer=peer, reason=str(e))
+    except (OSError, ValueError, errors.Error) as e:
         raise PeerError(peer=peer, reason="{} failed: {}".format(op, e))
-    try:
-        reply = json.loads(line)
-    except ValueError:
+    if not isinstance(reply, dict):
         raise PeerError(peer=peer, reason="{}: no valid reply".format(op))
     if reply.get("ok"):
         return reply.get("result")
     err = reply.get("error") or {}
-    cls = PeerRefused if err.get("code") == "AccessDenied" else PeerError
-    raise cls(peer=peer, reason=err.get("message", "unknown error"))
+    if err.get("code") == "AccessDenied":
+        message = err.get("message", "refused")
+        if "invalid token" in message and auth.server_nonce is None:
+            # A peer of protocol 1 finds no token in the first message.
+            message += " (if the token is right, the peer runs a clonectl " \
+                "older than peer protocol {}: upgrade it)".format(
+                    channel.PROTOCOL)
+        raise PeerRefused(peer=peer, reason=message)
+    raise PeerError(peer=peer, reason=err.get("message", "unknown error"))

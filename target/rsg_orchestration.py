@@ -10,7 +10,7 @@ import contextlib
 import logging
 import os
 
-from . import clones, errors, fsutil, maps, replication, units
+from . import channel, clones, errors, fsutil, maps, replication, units
 
 log = logging.getLogger("clonectl.target")
 
@@ -148,11 +148,16 @@ class RsgOrchestration:
                 "{}".format(rsg.role, role))
         return rsg
 
-    def start_replication(self, bind, port, token_file):
-        """Listen for primaries (serve --replication-port)."""
+    def start_replication(self, bind, port, token_file,
+                          tls_certificates=None):
+        """Listen for primaries (serve --replication-port), with TLS
+        from the directory tls_certificates if given."""
         token = replication.read_token(token_file)
+        tls = channel.server_context(
+            tls_certificates, "--replication-tls-certificates") \
+            if tls_certificates else None
         self.replica_server = replication.ReplicaServer(
-            bind, int(port), token, self.accept_primary)
+            bind, int(port), token, self.accept_primary, tls=tls)
         self.replica_server.start()
 
     def accept_primary(self, hello, peer_host):
@@ -296,7 +301,8 @@ class RsgOrchestration:
             return self._failed_rsg_status(name)
         return self._rsg(name).status()
 
-    def rsg_link(self, name, secondary, mode="async", token_file=None):
+    def rsg_link(self, name, secondary, mode="async", token_file=None,
+                 tls_certificates=None):
         rsg = self._rsg(name, replication.PRIMARY)
         if mode not in replication.MODES:
             raise errors.InvalidArgument(reason="--mode must be sync or async")
@@ -306,7 +312,11 @@ class RsgOrchestration:
                        "--replication-token-file)")
         token_file = os.path.abspath(token_file)
         replication.read_token(token_file)
-        rsg.add_link(replication.parse_secondary(secondary), mode, token_file)
+        if tls_certificates:
+            tls_certificates = os.path.abspath(tls_certificates)
+            channel.client_context(tls_certificates, "--tls-certificates")
+        rsg.add_link(replication.parse_secondary(secondary), mode, token_file,
+                     tls_certificates or None)
         return rsg.status()
 
     def rsg_unlink(self, name, secondary):

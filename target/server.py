@@ -195,11 +195,12 @@ def _check_certificates_dir(path):
         if not stat.S_ISREG(st.st_mode):
             raise errors.TLSCertificatesUnusable(
                 path=path, reason="{} is not a regular file".format(name))
-    mode = stat.S_IMODE(os.stat(os.path.join(path, "server-key.pem")).st_mode)
-    if mode & 0o007:
+    key = os.path.join(path, "server-key.pem")
+    mode = stat.S_IMODE(os.stat(key).st_mode)
+    if mode & 0o077:
         raise errors.TLSCertificatesUnusable(
             path=path, reason="server-key.pem is readable by others (mode "
-            "{:o}): chmod 600 it".format(mode))
+            "{:o}): chmod 600 {}".format(mode, key))
     return path
 
 
@@ -400,10 +401,12 @@ class Server:
         self.gateway = None
         self.gateway_secret = None  # (secret, file) of this start's route
         self._iscsi_polled = 0.0
-        # (bind, port, token) of the manager-to-manager listener, or None.
+        # (bind, port, token, TLS certificates directory or None) of the
+        # manager-to-manager listener, or None.
         self.peer = peer
         self.peer_server = None
-        # (bind, port, token file) of the replication listener, or None.
+        # (bind, port, token file, TLS certificates directory or None) of
+        # the replication listener, or None.
         self.replication = replication
         self.listen = listen
         self.thread_model = thread_model
@@ -475,9 +478,11 @@ class Server:
         if self.thread_model:
             cmd.append("thread_model=" + self.thread_model)
         if self.replication is not None:
-            bind, port, token_file = self.replication
+            bind, port, token_file, tls_dir = self.replication
             cmd += ["replication={}:{}".format(bind, port),
                     "replication_token=" + os.path.abspath(token_file)]
+            if tls_dir:
+                cmd.append("replication_tls=" + os.path.abspath(tls_dir))
         if self.gateway_secret is not None:
             # A file, not the secret: command lines are readable by all.
             cmd.append("gateway_secret=" + self.gateway_secret[1])
@@ -622,12 +627,15 @@ class Server:
                     self.state_dir.run_dir)
             self.spawn()
             if self.peer is not None:
+                from . import channel
                 from .peer import PeerServer
-                bind, port, token = self.peer
+                bind, port, token, tls_dir = self.peer
+                tls = channel.server_context(
+                    tls_dir, "--peer-tls-certificates") if tls_dir else None
                 self.peer_server = PeerServer(
                     bind, port, token, self.state_dir.control_socket,
                     operations.PEER_OPERATIONS,
-                    check=operations.check_arguments)
+                    check=operations.check_arguments, tls=tls)
                 self.peer_server.start()
             if self.iscsi is not None:
                 self._start_gateway()

@@ -10,8 +10,8 @@ import functools
 import logging
 import os
 
-from . import (backends, clones, errors, fsutil, inventory, maps, peer,
-               sessions, units)
+from . import (backends, channel, clones, errors, fsutil, inventory, maps,
+               peer, sessions, units)
 from .lu import one_change_at_a_time
 
 log = logging.getLogger("clonectl.target")
@@ -133,12 +133,13 @@ class SessionOrchestration:
 
     def session_create(self, source, name, dests=(), granularity=None,
                        save_area=None, timeout=10.0, peer_dests=(),
-                       peer_token_file=None):
+                       peer_token_file=None, peer_tls_certificates=None):
         """A new incremental session on source; every destination is
         probed (reachable, writable, same size) before anything is made.
 
         peer_dests: [uri, "HOST:PORT"] pairs, destinations served by
-        another clonectl whose manager listens for peer requests there.
+        another clonectl whose manager listens for peer requests there
+        (with TLS if peer_tls_certificates, a certificates directory).
         """
         units.check_name(name)
         if name.startswith(IMAGE_PREFIX):
@@ -151,7 +152,10 @@ class SessionOrchestration:
             if not isinstance(pair, (list, tuple)) or len(pair) != 2:
                 raise errors.InvalidArgument(reason="a peer destination is "
                                              "a URI and a HOST:PORT")
-            dest_records.append({"uri": pair[0], "peer": _peer_addr(pair[1])})
+            dest_records.append({"uri": pair[0], "peer": _peer_addr(pair[1]),
+                                 "peer_tls": os.path.abspath(
+                                     peer_tls_certificates)
+                                 if peer_tls_certificates else None})
         if not dest_records:
             raise errors.InvalidArgument(reason="a session needs at least "
                                          "one destination (--dest URI)")
@@ -159,6 +163,9 @@ class SessionOrchestration:
         if len(set(uris)) != len(uris):
             raise errors.InvalidArgument(reason="a destination is given twice")
         token_file = None
+        if peer_tls_certificates and not peer_dests:
+            raise errors.InvalidArgument(
+                reason="--peer-tls-certificates needs a --peer-dest")
         if any(r["peer"] for r in dest_records):
             if not peer_token_file:
                 raise errors.InvalidArgument(
@@ -170,8 +177,8 @@ class SessionOrchestration:
             sessions.probe_destination(r["uri"], lu.size,
                                        timeout=float(timeout))
             if r["peer"]:
-                peer.call(r["peer"], token, "status",
-                          _export_of(r["uri"]), timeout=float(timeout))
+                _peer_call(sessions.Destination(0, r, 0), token, "status",
+                           _export_of(r["uri"]), timeout=float(timeout))
         return self.create_session(lu, name, dest_records, granularity,
                                     save_area, token_file).status()
 
@@ -371,7 +378,7 @@ class SessionOrchestration:
             if not (d.peer and d.protected):
                 continue
             token = fsutil.read_token(session.token_file, "peer")
-            st = peer.call(d.peer, token, "status", _export_of(d.uri))
+            st = _peer_call(d, token, "status", _export_of(d.uri))
             if not st.get("protected") or st.get("since") != \
                     d.protected_since:
                 lost.append(d)
@@ -408,10 +415,10 @@ class SessionOrchestration:
                 if d.protected:
                     # Left protected by a release that failed: that image
                     # is older than the consistent one; protect anew.
-                    peer.call(d.peer, token, "release", _export_of(d.uri))
+                    _peer_call(d, token, "release", _export_of(d.uri))
                     d.protected = False
                 done.append(d)
-                st = peer.call(d.peer, token, "protect", _export_of(d.uri))
+                st = _peer_call(d, token, "protect", _export_of(d.uri))
                 d.protected = True
                 d.protected_since = st.get("since")
         except errors.Error:
@@ -427,7 +434,7 @@ class SessionOrchestration:
         for d in dests:
             try:
                 token = fsutil.read_token(session.token_file, "peer")
-                peer.call(d.peer, token, "release", _export_of(d.uri))
+                _peer_call(d, token, "release", _export_of(d.uri))
                 d.protected = False
                 d.protected_since = None
             except errors.Error as e:
@@ -447,7 +454,7 @@ class SessionOrchestration:
                 continue
             try:
                 token = fsutil.read_token(session.token_file, "peer")
-                peer.call(d.peer, token, "release", _export_of(d.uri))
+                _peer_call(d, token, "release", _export_of(d.uri))
                 d.protected = False
                 d.protected_since = None
             except errors.Error as e:
@@ -563,6 +570,14 @@ class SessionOrchestration:
                     "replication only".format(name, image, name))
             return operation(name, **kwargs)
         return call
+
+
+def _peer_call(dest, token, op, lu, timeout=10.0):
+    """peer.call to the manager of dest, with TLS if dest has a
+    certificates directory."""
+    tls = channel.client_context(dest.peer_tls, "--peer-tls-certificates") \
+        if dest.peer_tls else None
+    return peer.call(dest.peer, token, op, lu, timeout=timeout, tls=tls)
 
 
 def _peer_addr(text):

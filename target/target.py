@@ -104,9 +104,11 @@ class Target:
         self.watcher = events.Watcher(self.events, self.status)
         self.watcher.start()
 
-    def start_replication(self, bind, port, token_file):
+    def start_replication(self, bind, port, token_file,
+                          tls_certificates=None):
         """Listen for primaries (serve --replication-port)."""
-        self.rsg_ops.start_replication(bind, port, token_file)
+        self.rsg_ops.start_replication(bind, port, token_file,
+                                       tls_certificates)
 
     def events_since(self, seq=None, timeout=10.0):
         """Events after seq, waiting up to timeout seconds (at most 25)

@@ -118,7 +118,8 @@ files, durability and recovery: docs/persistence.md.
 from .dcm import ActivityLog, Dcm
 from .layer import Guard, ReplicationLayer
 from .link import (CONNECTING, DCM_LOGGING, DCM_REPLAY, DETACHED, DIVERGED,
-                   FAILED, MODES, REPLICATING, Link, RemoteRefused)
+                   FAILED, MODES, REPLICATING, Link, RemoteRefused,
+                   authenticate)
 from .primary import PrimaryGroup
 from .records import (DEFAULT_GRANULARITY, PRIMARY, SECONDARY, GroupFiles,
                       ReplicaUnavailable, ReplicationError, RsgBusy,
@@ -139,7 +140,8 @@ __all__ = [
     "PrimaryGroup", "REPLICATING", "RemoteRefused", "ReplicaServer",
     "ReplicaUnavailable", "ReplicationError", "ReplicationLayer", "RsgBusy",
     "SECONDARY", "SRL_DATA_START", "SRL_ENTRY", "SecondaryGroup", "Srl",
-    "SrlCorrupt", "TRIM", "UnknownGroup", "WRITE", "ZERO", "entry_crc",
+    "SrlCorrupt", "TRIM", "UnknownGroup", "WRITE", "ZERO", "authenticate",
+    "entry_crc",
     "history_diverges", "new_generation", "parse_secondary", "read_token",
     "recv_frame", "send_frame",
 ]

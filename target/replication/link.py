@@ -19,7 +19,7 @@ import threading
 import time
 import zlib
 
-from .. import copier, errors
+from .. import channel, copier, errors
 from .records import read_token
 from .srl import SrlCorrupt
 from .wire import (DATA, ENTRY, SEQ, WRITE, ZERO, entry_crc, recv_frame,
@@ -33,6 +33,7 @@ RETRY_INTERVAL = 1.0
 PERSIST_INTERVAL = 1.0
 REPLAY_CHUNK = 1 << 20
 SRL_RETRY = 5.0                # a failed SRL is tried again after this
+MAX_REPLY = 64 << 10           # a frame of the secondary before its proof
 
 MODES = ("sync", "async")
 
@@ -121,6 +122,33 @@ class RemoteRefused(errors.Error):
     errno = errno.EPROTO
 
 
+def authenticate(sock, token, secondary):
+    """Prove the token to the secondary on sock and have it prove the
+    token (channel.ClientAuth): the token never crosses the wire, and a
+    node that cannot prove it gets no hello and no data.  RemoteRefused
+    with the reason otherwise."""
+    auth = channel.ClientAuth(token, "replication")
+    send_json(sock, b"AUTH", auth.start())
+    kind, payload = recv_frame(sock, MAX_REPLY)
+    if kind == b"CHAL":
+        send_json(sock, b"PROF", auth.answer(json.loads(payload)))
+        kind, payload = recv_frame(sock, MAX_REPLY)
+        if kind == b"PROF":
+            try:
+                auth.check(json.loads(payload))
+            except channel.AuthFailed as e:
+                raise RemoteRefused(peer=secondary, reason=str(e))
+            return
+    reply = json.loads(payload) if kind == b"HRPL" else {}
+    reason = reply.get("message") or "unexpected {} frame".format(
+        kind.decode(errors="replace"))
+    if "expected a hello" in reason:
+        # What a secondary of protocol 1 answers to AUTH.
+        reason += " (the secondary runs a clonectl older than replication " \
+            "protocol {}: upgrade it)".format(channel.PROTOCOL)
+    raise RemoteRefused(peer=secondary, reason=reason)
+
+
 class _ReplayEnded(Exception):
     """A replay pass ends before its last run; result is what _replay
     returns."""
@@ -145,6 +173,9 @@ class Link:
         self.secondary = record["secondary"]
         self.mode = record["mode"]
         self.token_file = record["token_file"]
+        # The secondary's TLS: a certificates directory (channel.
+        # client_context), or None for a plain connection.
+        self.tls_certificates = record.get("tls_certificates")
         self.discard_secondary = record.get("discard_secondary", False)
         self.acked_seq = record.get("acked_seq", 0)
         self.acked_pos = record.get("acked_pos", 0)
@@ -230,7 +261,9 @@ class Link:
 
     def record(self):
         return {"secondary": self.secondary, "mode": self.mode,
-                "token_file": self.token_file, "attached": self.attached,
+                "token_file": self.token_file,
+                "tls_certificates": self.tls_certificates,
+                "attached": self.attached,
                 "discard_secondary": self.discard_secondary,
                 "acked_seq": self.acked_seq, "acked_pos": self.acked_pos,
                 "dcm_active": self.dcm_active, "seeded": self.seeded,
@@ -304,13 +337,24 @@ class Link:
         g = self.group
         host, _, port = self.secondary.rpartition(":")
         token = read_token(self.token_file)
+        tls = channel.client_context(self.tls_certificates,
+                                     "--tls-certificates") \
+            if self.tls_certificates else None
         sock = socket.create_connection((host, int(port)),
                                         timeout=CONNECT_TIMEOUT)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if tls is not None:
+            sock = channel.connect_tls(sock, tls, host.strip("[]"))
         self.sock = sock
         if self.stopping:
             return
-        send_json(sock, b"HELO", g.hello(token))
+        try:
+            authenticate(sock, token, self.secondary)
+        except RemoteRefused as e:
+            self.refused = e.kwargs["reason"]
+            raise
+        self.refused = None
+        send_json(sock, b"HELO", g.hello())
         kind, payload = recv_frame(sock)
         reply = json.loads(payload)
         if kind != b"HRPL" or not reply.get("ok"):

@@ -436,8 +436,9 @@ class PrimaryGroup:
 
     # Links and the handshake.
 
-    def hello(self, token):
-        return {"token": token, "group": self.name,
+    def hello(self):
+        """What a link tells its secondary once both proved the token."""
+        return {"group": self.name,
                 "granularity": self.granularity,
                 "volumes": [{"lu": lu.name, "size": lu.size}
                             for lu in self.volumes],
@@ -534,14 +535,15 @@ class PrimaryGroup:
         if not link.logging:
             self.to_logging(link)
 
-    def add_link(self, secondary, mode, token_file):
+    def add_link(self, secondary, mode, token_file, tls_certificates=None):
         if any(l.secondary == secondary for l in self.links):
             raise ReplicationError(name=self.name, reason="it already has a "
                                    "link to {}".format(secondary))
         with self.cond:
             index = max([l.index for l in self.links] + [-1]) + 1
             rec = {"secondary": secondary, "mode": mode,
-                   "token_file": token_file, "attached": True,
+                   "token_file": token_file,
+                   "tls_certificates": tls_certificates, "attached": True,
                    "dcm_active": True, "seeded": False}
             link = self._add_link_object(index, rec, fresh=True)
         self.persist()

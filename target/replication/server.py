@@ -1,12 +1,17 @@
 """The replication port of a secondary (serve --replication-port).
 
-Owns accepting primaries: the hello read under a size limit and deadline
-before the token is checked, the limits on connections, one session per
-group at a time, and refusals sent back as a message.  See
-docs/replication.md.
+Owns accepting primaries: TLS when the port has certificates, the proof of
+the token (target/channel.py: challenge-response, the token never crosses
+the wire) read under a size limit and deadline, the limits on connections,
+one session per group at a time, and refusals sent back as a message.
+
+A connection, after TLS: AUTH (the primary's nonce), CHAL (the
+secondary's), PROF (the primary's proof), PROF (the secondary's proof,
+only if the primary's was right), then the hello (HELO, HRPL) and the
+session.  A primary of protocol 1 (the token in its HELO) is refused with
+a message.  See docs/replication.md.
 """
 
-import hmac
 import json
 import logging
 import socket
@@ -14,13 +19,13 @@ import struct
 import threading
 import time
 
-from .. import errors, limits
+from .. import channel, errors, limits
 from .records import ReplicationError, RsgBusy
 from .wire import recv_frame, send_json, shutdown_socket
 
 log = logging.getLogger("clonectl.replication")
 
-MAX_HELLO = 64 << 10           # the first frame, read before the token
+MAX_HELLO = 64 << 10           # a frame read before the token is proven
 MAX_UNAUTHENTICATED = 8        # connections without the token, at once
 MAX_PRIMARIES = 64             # connections to the replication port
 IDLE_TIMEOUT = 10.0            # a secondary drops a silent primary
@@ -31,14 +36,18 @@ class ReplicaServer:
     connection; the hello is checked (token, group, volumes, roles) by
     the target's `accept(hello, peer)`, which returns the group to serve."""
 
-    def __init__(self, bind, port, token, accept,
+    def __init__(self, bind, port, token, accept, tls=None,
                  hello_timeout=limits.HELLO_TIMEOUT,
                  max_connections=MAX_PRIMARIES,
                  max_unauthenticated=MAX_UNAUTHENTICATED):
         self.token = token
         self.accept = accept
-        # Before the token is checked a peer may send one hello of at most
-        # MAX_HELLO bytes within hello_timeout, on one of at most
+        # An ssl.SSLContext (channel.server_context): then every primary
+        # must speak TLS; a plain one is refused in clear and closed.
+        self.tls = tls
+        # Before the token is proven a peer may do the TLS handshake and
+        # send two frames of at most MAX_HELLO bytes within hello_timeout,
+        # on one of at most
         # max_unauthenticated connections: what a peer without the token
         # can make this process hold is small and brief.
         self.hello_timeout = hello_timeout
@@ -85,22 +94,19 @@ class ReplicaServer:
         authenticated = False
         try:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            kind, payload = recv_frame(
-                conn, MAX_HELLO, time.monotonic() + self.hello_timeout)
+            deadline = time.monotonic() + self.hello_timeout
+            if self.tls is not None:
+                conn = self._accept_tls(conn, deadline)
+            self._authenticate(conn, deadline)
+            authenticated = True
+            self.gate.authenticated()
             conn.settimeout(30)
+            kind, payload = recv_frame(conn, MAX_HELLO)
             if kind != b"HELO":
                 raise errors.ProtocolError(reason="expected a hello")
             hello = json.loads(payload)
             if not isinstance(hello, dict):
                 raise errors.ProtocolError(reason="the hello is not an object")
-            token = hello.get("token")
-            if not isinstance(token, str) or not hmac.compare_digest(
-                    token.encode(), self.token.encode()):
-                raise ReplicationError(name=hello.get("group", "?"),
-                                       reason="invalid token; nothing was "
-                                              "done")
-            authenticated = True
-            self.gate.authenticated()
             group = self.accept(hello, addr[0])
             with group.session_lock:
                 if group.closed:
@@ -165,6 +171,33 @@ class ReplicaServer:
                 conn.close()
             except OSError:
                 pass
+
+    def _accept_tls(self, conn, deadline):
+        """The TLS connection; a plain primary is told in clear."""
+        try:
+            return channel.accept_tls(conn, self.tls, deadline)
+        except channel.TLSRequired as e:
+            raise channel.TLSRequired(
+                reason="{} (rsg link --tls-certificates DIR)".format(e))
+
+    def _authenticate(self, conn, deadline):
+        """The primary proves it holds the token, then this side does
+        (channel.ServerAuth); AuthFailed if it does not."""
+        auth = channel.ServerAuth(self.token, "replication")
+        kind, payload = recv_frame(conn, MAX_HELLO, deadline)
+        if kind == b"HELO":
+            # Protocol 1 sent the token in its hello: refuse, say why.
+            start = json.loads(payload)
+        elif kind != b"AUTH":
+            raise errors.ProtocolError(reason="expected an authentication "
+                                       "request")
+        else:
+            start = json.loads(payload)
+        send_json(conn, b"CHAL", auth.challenge(start))
+        kind, payload = recv_frame(conn, MAX_HELLO, deadline)
+        if kind != b"PROF":
+            raise errors.ProtocolError(reason="expected a proof")
+        send_json(conn, b"PROF", auth.check(json.loads(payload)))
 
     def stop(self):
         self.stopping = True

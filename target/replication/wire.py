@@ -6,7 +6,9 @@ is allocated for it (a peer that has not shown the token gets a small
 limit and a deadline).  An entry's checksum covers its header and its data,
 so a secondary refuses an update damaged anywhere.
 
-Kinds: HELO/HRPL (the primary's hello and the secondary's reply, JSON),
+Kinds: AUTH, CHAL, PROF (the proof of the token both ways before
+anything else, JSON: target/channel.py), HELO/HRPL (the primary's hello
+and the secondary's reply, JSON; HRPL also carries a refusal),
 ENTR (one SRL entry), CMIT (end of a batch), ACKS (a batch is durable on
 the secondary), BEAT (an idle primary is alive), RBEG/RBOK, RDAT, REND/RACK
 (a DCM replay: begin, data of a run, end), FAIL (the secondary refuses the

@@ -306,7 +306,8 @@ class CompositionMachine(RuleBasedStateMachine):
         self.saved = fast_timing()
         self.root = tempfile.mkdtemp(prefix="composition-")
         self.tok = os.path.join(self.root, "tok")
-        with open(self.tok, "w") as f:
+        with open(os.open(self.tok, os.O_WRONLY | os.O_CREAT, 0o600),
+                  "w") as f:
             f.write(TOKEN)
         self.nodes = {}
         self.lines = {}         # history (generation ids) -> changes
@@ -1134,7 +1135,7 @@ def test_no_split_brain_for_a_generation_without_writes():
 def two_nodes(tmp_path):
     saved = fast_timing()
     tok = str(tmp_path / "tok")
-    with open(tok, "w") as f:
+    with open(os.open(tok, os.O_WRONLY | os.O_CREAT, 0o600), "w") as f:
         f.write(TOKEN)
     a, b = Node("A", str(tmp_path), tok), Node("B", str(tmp_path), tok)
     a.start()

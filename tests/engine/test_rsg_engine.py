@@ -127,6 +127,7 @@ class Cluster:
         self.tok = os.path.join(root, "tok")
         with open(self.tok, "w") as f:
             f.write(TOKEN)
+        os.chmod(self.tok, 0o600)
         for sd in (self.A, self.B):
             st_ = inventory.StateDir(sd)
             st_.ensure()

@@ -40,6 +40,7 @@ LAYERS = [
     ("shared", {"changemap", "copier", "maps", "iostack", "backends",
                 "inventory", "control"}),
     ("base", {"errors", "fsutil", "units", "limits", "events", "progress",
+              "channel",
               "config", "procutil", "__init__"}),
 ]
 ENGINES = "engines"

@@ -44,6 +44,8 @@ class Destination:
         self.index = index
         self.uri = record["uri"]
         self.peer = record.get("peer")
+        # The certificates directory for TLS to the peer, or None.
+        self.peer_tls = record.get("peer_tls")
         self.consistency = record.get("consistency", NEW)
         self.needs_full = record.get("needs_full", True)
         self.protected = record.get("protected", False)
@@ -55,7 +57,7 @@ class Destination:
         self.transferring = False
 
     def record(self):
-        return {"uri": self.uri, "peer": self.peer,
+        return {"uri": self.uri, "peer": self.peer, "peer_tls": self.peer_tls,
                 "consistency": self.consistency,
                 "needs_full": self.needs_full, "protected": self.protected,
                 "protected_since": self.protected_since,

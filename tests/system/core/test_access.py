@@ -376,6 +376,9 @@ def test_tls_certificates_directory_is_checked(clonectl, state_dir, certs,
     key.chmod(0o644)
     refused("--tls-certificates", certs.server_dir,
             match="server-key.pem is readable by others (mode 644)")
+    key.chmod(0o640)            # its group is others too
+    refused("--tls-certificates", certs.server_dir,
+            match="server-key.pem is readable by others (mode 640)")
     key.chmod(0o600)
     key.rename(tmp_path / "key.pem")
     refused("--tls-certificates", certs.server_dir,

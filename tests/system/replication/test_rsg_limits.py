@@ -49,6 +49,7 @@ def test_oversized_hellos_cost_no_memory_and_a_primary_still_connects(
         tmp_path, server_factory):
     token = tmp_path / "token"
     token.write_text(TOKEN + "\n")
+    token.chmod(0o600)
     a, b = tmp_path / "A", tmp_path / "B"
     for d in (a, b):
         run_clonectl(d, "lu", "create", "v1", "--size", str(4 * MiB))
@@ -119,7 +120,8 @@ def connect(srv):
 
 
 def good_hello(sock):
-    body = json.dumps({"token": TOKEN, "group": "g"}).encode()
+    R.authenticate(sock, TOKEN, "the secondary")
+    body = json.dumps({"group": "g"}).encode()
     sock.sendall(R.FRAME.pack(b"HELO", len(body)) + body)
     kind, payload = R.recv_frame(sock)
     return kind, json.loads(payload)
@@ -181,12 +183,10 @@ def test_hello_without_the_token_is_refused_before_anything(replica_server):
     srv = replica_server()
     s = connect(srv)
     try:
-        body = json.dumps({"token": "wrong" * 4, "group": "g"}).encode()
-        s.sendall(R.FRAME.pack(b"HELO", len(body)) + body)
-        kind, payload = R.recv_frame(s)
+        with pytest.raises(R.RemoteRefused, match="invalid token"):
+            R.authenticate(s, "wrong" * 4, "the secondary")
     finally:
         s.close()
-    assert kind == b"HRPL" and "invalid token" in json.loads(payload)["message"]
     assert srv.accepted == []
 
 

@@ -35,6 +35,7 @@ TOKEN = "s3cret-token-0123456789"
 def pair(tmp_path, server_factory, process_guard):
     token = tmp_path / "token"
     token.write_text(TOKEN + "\n")
+    token.chmod(0o600)
     a, b = tmp_path / "A", tmp_path / "B"
     for d in (a, b):
         run_clonectl(d, "lu", "create", "db", "--size", str(SIZE))
@@ -201,6 +202,7 @@ def test_wrong_token_does_nothing(pair):
     p = pair
     bad = p["tmp"] / "bad-token"
     bad.write_text("not-the-right-token-at-all\n")
+    bad.chmod(0o600)
     r = run_clonectl(p["a"], "session", "create", "db", "s", "--peer-dest",
                      p["srv_b"].uri("db"), p["peer"], "--peer-token-file",
                      bad, check=False)

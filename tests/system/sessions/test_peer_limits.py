@@ -32,6 +32,7 @@ TOKEN = "s3cret-token-0123456789"
 def test_idle_peer_connections_are_capped(tmp_path, server_factory):
     token = tmp_path / "token"
     token.write_text(TOKEN + "\n")
+    token.chmod(0o600)
     run_clonectl(tmp_path / "B", "lu", "create", "db", "--size", "1M")
     port = free_port()
     srv = server_factory(state_dir=tmp_path / "B", socket=tmp_path / "b.sock",
