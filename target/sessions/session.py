@@ -322,6 +322,31 @@ class Session:
 
     # ------------------------------------------------------------ frozen image
 
+    def frozen_extents(self, offset, length):
+        """Holes of the marked point in time: the Source's holes in
+        extents not saved.  An extent not saved is unchanged since the
+        mark (a write saves it first), and saves are never undone while
+        marked, so the Source is asked first and the save area after."""
+        parts = self.inner.extents(offset, length)
+        g = self.granularity
+        e0, e1 = _range_of(offset, length, g)
+        with self.cond:
+            saved = {x for x in range(e0, e1) if x in self.save_area.slots}
+        if not saved:
+            return parts
+        out = []
+        for start, n, hole in parts:
+            if not hole:
+                out.append((start, n, False))
+                continue
+            pos, end = start, start + n
+            while pos < end:
+                x = pos // g
+                stop = min(end, (x + 1) * g)
+                out.append((pos, stop - pos, x not in saved))
+                pos = stop
+        return out
+
     def read_frozen(self, buf, offset, generation=None):
         """Read the marked point in time (saved data, else the Source)."""
         view = memoryview(buf).cast("B")
