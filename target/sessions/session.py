@@ -291,12 +291,16 @@ class Session:
         slot_of = dict(slots)
         unmarked = threading.Event()
 
-        def store(view, offset):
+        def store(view, offset, zero=False):
             x = offset // g
-            # A slot holds a whole extent: the last one's tail is zeroes.
-            data = view if len(view) == g else bytes(view) + \
-                bytes(g - len(view))
-            self.save_area.store(x, slot_of[x], data)
+            if zero:
+                self.save_area.store_zero(x, slot_of[x])
+            else:
+                # A slot holds a whole extent: the last one's tail is
+                # zeroes.
+                data = view if len(view) == g else bytes(view) + \
+                    bytes(g - len(view))
+                self.save_area.store(x, slot_of[x], data)
             with self.cond:
                 if generation != self.generation:
                     unmarked.set()  # meanwhile: the save area was reset
@@ -304,8 +308,16 @@ class Session:
                 self.save_area.slots[x] = slot_of[x]
                 self.cofw_count += 1
 
-        copier.Copier(self.inner.readinto, store, chunk=g, piece=g,
-                      cancel=unmarked).copy(
+        def holes(offset, length):
+            # One extent per chunk, stored whole: a hole only if all of it
+            # is (the zero check catches zero data).
+            parts = self.inner.extents(offset, length)
+            return [(offset, length, all(hole for _, _, hole in parts))]
+
+        copier.Copier(self.inner.readinto, store,
+                      lambda offset, length: store(None, offset, zero=True),
+                      chunk=g, piece=g, cancel=unmarked,
+                      extents=holes).copy(
             [(x * g, min(g, self.size - x * g)) for x, _ in slots])
 
     def after_write(self):
