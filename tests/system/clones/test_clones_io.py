@@ -8,7 +8,8 @@ import subprocess
 import pytest
 
 from tests.support.clonelib import (extents_of, fio, GRANULARITY, KiB, MiB,
-                                    nbd_exports, qemu_io, read_range)
+                                    nbd_exports, read_range)
+from tests.support.tools import qemu_io
 
 pytest.importorskip("nbd")
 

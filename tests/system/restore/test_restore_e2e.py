@@ -29,7 +29,8 @@ import pytest
 from tests.support.clonelib import fio as clonelib_fio
 from tests.support.clonelib import (differing_extents, extents_of, fingerprint,
                                     GRANULARITY, KiB, MiB, qemu_img_compare,
-                                    qemu_io, read_range)
+                                    read_range)
+from tests.support.tools import qemu_io
 from tests.support.cli import CLONECTL, status_json
 from tests.support.processes import wait_pid_gone
 
