@@ -196,7 +196,6 @@ def test_model_map_stays_a_superset_of_the_differences(scenario):
     src_blocks, dirty, noise, writes, cancel_at, chunk, piece = scenario
     m = Model(G, EXTENTS, src_blocks, dirty, noise)
     calls = [0]
-    cancel = [None]
     blocks = EXTENTS * G // BLOCK
 
     def tick():
