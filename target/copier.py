@@ -26,8 +26,8 @@ means for its maps.
   what reading it cost.
 - The guard, when given, is told of each chunk before it is read
   (`begin`) and after it is written, zeroed or failed (`end`: a zero run
-  is a write); `end` returning
-  False means "copy this chunk again" (a host write collided with it).  An
+  is a write); `end` returning False means "copy this chunk again" (a
+  host write collided with it).  An
   engine clears its map bits in `end`, so the bits are cleared only for
   data that was written: cancelling at any point leaves the maps valid.
 - Cancellation (`cancel`, an Event) is checked between chunks; copy()
@@ -133,19 +133,21 @@ class Copier:
                 if zero_from is None:
                     zero_from = start
                 continue
-            end = start + n
-            for pos in range(start, end, self.piece):
-                stop = min(end, pos + self.piece)
-                piece = view[pos - offset:stop - offset]
+            pos, end = start, start + n
+            while pos < end:
+                # Pieces on the chunk's grid, wherever the data starts.
+                stop = min(end, pos - (pos - offset) % self.piece +
+                           self.piece)
                 if self.zero is not None and \
                         is_zero(self._buf, stop - pos, pos - offset):
                     if zero_from is None:
                         zero_from = pos
-                    continue
-                if zero_from is not None:
-                    self.zero(zero_from, pos - zero_from)
-                    zero_from = None
-                self.write(piece, pos)
+                else:
+                    if zero_from is not None:
+                        self.zero(zero_from, pos - zero_from)
+                        zero_from = None
+                    self.write(view[pos - offset:stop - offset], pos)
+                pos = stop
         if zero_from is not None:
             self.zero(zero_from, offset + len(view) - zero_from)
 

@@ -251,3 +251,17 @@ def test_model_map_stays_a_superset_of_the_differences(scenario):
     if not writes and finished:
         assert read == data_in_runs, (read, data_in_runs)
     assert read <= data_in_runs or writes
+
+
+def test_data_after_a_hole_is_written_on_the_piece_grid():
+    size = 1 << 20
+    src, dst = Spy(size), Spy(size)
+    src.write(os.urandom(size - BLOCK), BLOCK)
+    c = copier.Copier(src.readinto, dst.write, dst.zero, piece=64 << 10,
+                      extents=src.extents)
+    assert c.copy([(0, size)])
+    assert content(dst) == content(src)
+    writes = [(offset, n) for op, offset, n in dst.ops if op == "write"]
+    assert writes[0] == (BLOCK, (64 << 10) - BLOCK)
+    assert all(offset % (64 << 10) == 0 for offset, _ in writes[1:])
+    assert dst.ops[0] == ("zero", 0, BLOCK)
