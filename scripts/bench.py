@@ -11,7 +11,11 @@ qemu-nbd, serving the same file.
      against the time `cp` (100%) or `dd` (10%, contiguous) takes to copy
      the same bytes on the same disk, fsync included on both sides;
   3. 4 KiB random read latency (p99, QD1) on the Source while a sync or a
-     reverse sync runs, against idle.
+     reverse sync runs, against idle;
+  4. "clone of an empty LU": the first sync of a new clone of an empty
+     (all holes) LU against that of an LU full of data, and the clone
+     file's allocated size (targets: < 0.1 of the time, < 1% of the size).
+     `--only "empty"` runs just this row.
 
 --suite restore: protected restore (issue 4), all in one run:
   1. a 4 KiB read of the Source that needs a copy on demand (COD): p50/p99
@@ -414,8 +418,57 @@ def timed_copy(image, dst, nbytes):
     return elapsed
 
 
+EMPTY_CLONE = "clone of an empty LU"
+
+
+def first_sync(workdir, name, size, image=None):
+    """A new LU (sparse, or on image), a new clone of it, its first sync.
+    Returns (engine s, the clone file's allocated bytes)."""
+    state = os.path.join(workdir, name)
+    lu = ["--file", image] if image else ["--size", str(size)]
+    clonectl(state, "lu", "create", "bench", *lu)
+    clonectl(state, "clone", "add", "bench", "c1")
+    with Servers(workdir, None, []) as servers:
+        sock = os.path.join(workdir, name + ".sock")
+        proc = servers._popen([CLONECTL, "--state-dir", state, "serve",
+                               "--socket", sock], name + ".log")
+        wait_socket(sock, proc)
+        engine, _, _ = timed_operation(state, "sync")
+    allocated = os.stat(os.path.join(state, "lus", "c1.img")).st_blocks * 512
+    shutil.rmtree(state)
+    return engine, allocated
+
+
+def run_empty_clone(args, size, workdir):
+    full = os.path.join(workdir, "full.raw")
+    make_image(full, size)
+    samples = {"empty": [], "full": []}
+    try:
+        for rep in range(args.repeat):
+            for kind in rotate(["empty", "full"], rep):
+                samples[kind].append(first_sync(
+                    workdir, "{}-{}".format(kind, rep), size,
+                    full if kind == "full" else None))
+            print("{}, repeat {}: empty {:.2f}s {}, full {:.2f}s {}".format(
+                EMPTY_CLONE, rep + 1, samples["empty"][-1][0],
+                fmt_bytes(samples["empty"][-1][1]), samples["full"][-1][0],
+                fmt_bytes(samples["full"][-1][1])), file=sys.stderr,
+                flush=True)
+    finally:
+        os.unlink(full)
+    row = {kind: {"sync_s": statistics.median(x[0] for x in v),
+                  "allocated": statistics.median(x[1] for x in v)}
+           for kind, v in samples.items()}
+    row["size"] = size
+    return row
+
+
 def run_clones_suite(args, size, workdir):
     out = {"writes": {}, "copies": {}, "latency": {}}
+    if not args.only or args.only in EMPTY_CLONE:
+        out["empty"] = run_empty_clone(args, size, workdir)
+        if args.only:
+            return out
     plain = os.path.join(workdir, "plain.raw")
     source = os.path.join(workdir, "source.raw")
     make_image(plain, size)
@@ -521,6 +574,20 @@ def print_clones_tables(res, args):
           "engine, {} s x {} runs, medians".format(
               time.strftime("%Y-%m-%d"), os.cpu_count(), platform.machine(),
               args.size, args.runtime, args.repeat))
+    empty = res.get("empty")
+    if empty:
+        print()
+        print("| first sync of a new clone | sync s | clone file allocated | "
+              "time vs full LU (target < 0.1) | allocated vs LU size (target "
+              "< 1%) |")
+        print("|---|---|---|---|---|")
+        for kind, label in (("full", "LU full of data"),
+                            ("empty", EMPTY_CLONE)):
+            r = empty[kind]
+            print("| {} | {:.3f} | {} | {:.3f} | {:.2%} |".format(
+                label, r["sync_s"], fmt_bytes(r["allocated"]),
+                r["sync_s"] / empty["full"]["sync_s"],
+                r["allocated"] / empty["size"]))
     if res["writes"]:
         print()
         print("| writes to the Source | no clone IOPS | one synchronized clone "

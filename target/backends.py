@@ -7,7 +7,10 @@
     zero(offset, length, may_trim=False, fast=False)
                                  make the range read as zeroes; with fast, fail
                                  with EOPNOTSUPP rather than write zeroes
-    extents(offset, length)      [(offset, length, is_hole)] covering the range
+    extents(offset, length)      [(offset, length, is_hole)] covering the range:
+                                 where the backend knows a range reads as
+                                 zeroes without storing them (a hole); copies
+                                 zero holes rather than read them
     close()
 
 FileBackend serves regular files and block devices; MemoryBackend is for unit
@@ -327,7 +330,11 @@ class UnavailableBackend(Backend):
 
 
 class MemoryBackend(Backend):
-    """A bytearray; flush and trim are no-ops.  For tests."""
+    """A bytearray; flush and trim are no-ops.  For tests.  Its holes are
+    its all-zero blocks of HOLE_BLOCK bytes, as if a filesystem punched
+    every zero block."""
+
+    HOLE_BLOCK = 4096
 
     def __init__(self, size, readonly=False):
         self.data = bytearray(size)
@@ -351,3 +358,20 @@ class MemoryBackend(Backend):
 
     def zero(self, offset, length, may_trim=False, fast=False):
         self.data[offset:offset + length] = bytes(length)
+
+    def extents(self, offset, length):
+        block = self.HOLE_BLOCK
+        zeros = memoryview(_ZERO_CHUNK)[:block]
+        result = []
+        pos, end = offset, offset + length
+        while pos < end:
+            start = pos - pos % block
+            stop = min(start + block, self.size)
+            hole = self.data.startswith(zeros[:stop - start], start, stop)
+            stop = min(stop, end)
+            if result and result[-1][2] == hole:
+                result[-1] = (result[-1][0], stop - result[-1][0], hole)
+            else:
+                result.append((pos, stop - pos, hole))
+            pos = stop
+        return result

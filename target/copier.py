@@ -12,13 +12,22 @@ means for its maps.
   buffer the copier keeps; writes go out in `piece`-byte pieces (WRITE_PIECE
   by default: on kernels with large page-cache folios, later small host
   writes into a range filled with 1 MiB writes cost several times more).
-- Zero detection: a chunk that reads all zeroes is written as zero(offset,
-  length) (the writer may leave a hole), not as data.  The check is one
-  memcmp against a zero buffer, so a data chunk costs nothing (it differs
-  in its first bytes) and a zero chunk about what reading it cost.
+- Holes: given the reader's `extents(offset, length)` (the backend
+  interface's [(offset, length, is_hole)]: SEEK_DATA/SEEK_HOLE of a file,
+  the allocation below an LU's layers), the hole parts of a chunk are
+  zeroed without being read; only its data parts are read.  The query is
+  made after `begin`, like the read, so a host write that fills a hole
+  meanwhile is a collision like any other.
+- Zero detection: the data read is checked piece by piece; all-zero pieces
+  (and the holes next to them) go out as one zero(offset, length) (the
+  writer leaves or punches a hole: a copy is as sparse as its Source), not
+  as data.  The check is one memcmp against a zero buffer, so a data piece
+  costs nothing (it differs in its first bytes) and a zero piece about
+  what reading it cost.
 - The guard, when given, is told of each chunk before it is read
-  (`begin`) and after it is written or failed (`end`); `end` returning
-  False means "copy this chunk again" (a host write collided with it).  An
+  (`begin`) and after it is written, zeroed or failed (`end`: a zero run
+  is a write); `end` returning False means "copy this chunk again" (a
+  host write collided with it).  An
   engine clears its map bits in `end`, so the bits are cleared only for
   data that was written: cancelling at any point leaves the maps valid.
 - Cancellation (`cancel`, an Event) is checked between chunks; copy()
@@ -29,7 +38,8 @@ means for its maps.
   holds something across a call (a restore holds its claims on the
   extents, and host I/O on them waits for it) releases it first and then
   calls throttle() itself.
-- Progress: progress(length) after each chunk written, retries included.
+- Progress: progress(length) after each chunk written, retries included;
+  zeroed holes count like copied data.
 
 Deliberately ignored: one chunk at a time, synchronously; an asynchronous
 copier keeps this interface (runs in, guard/progress callbacks out) and
@@ -45,22 +55,26 @@ WRITE_PIECE = 64 << 10
 _ZEROS = memoryview(bytes(CHUNK))
 
 
-def is_zero(buf, length):
-    """Whether the first length bytes of bytearray buf are all zero."""
+def is_zero(buf, length, start=0):
+    """Whether length bytes of bytearray buf from start are all zero."""
     zeros = _ZEROS if length <= len(_ZEROS) else memoryview(bytes(length))
-    return buf.startswith(zeros[:length])
+    return buf.startswith(zeros[:length], start)
 
 
 class Copier:
     """Copies runs [(offset, length)] with read(view, offset) into
-    write(view, offset), or zero(offset, length) for zero chunks."""
+    write(view, offset), or zero(offset, length) for zero pieces and for
+    the holes extents(offset, length) reports (neither read nor written as
+    data)."""
 
     def __init__(self, read, write, zero=None, chunk=CHUNK,
                  piece=WRITE_PIECE, guard=None, between=None, rate=None,
-                 progress=None, cancel=None):
+                 progress=None, cancel=None, extents=None):
         self.read = read
         self.write = write
         self.zero = zero
+        # Holes are only skipped when they can be zeroed.
+        self.extents = extents if zero is not None else None
         self.chunk = chunk
         self.piece = piece
         self.guard = guard
@@ -99,15 +113,15 @@ class Copier:
                 self.guard.begin(offset, length)
             written = False
             try:
-                self.read(view, offset)
+                parts = self.extents(offset, length) if self.extents \
+                    else ((offset, length, False),)
+                for start, n, hole in parts:
+                    if not hole:
+                        self.read(view[start - offset:start - offset + n],
+                                  start)
                 if self.between is not None:
                     self.between(offset, length)
-                if self.zero is not None and is_zero(self._buf, length):
-                    self.zero(offset, length)
-                else:
-                    for start in range(0, length, self.piece):
-                        self.write(view[start:start + self.piece],
-                                   offset + start)
+                self._write(view, offset, parts)
                 written = True
             finally:
                 again = self.guard is not None and \
@@ -117,6 +131,32 @@ class Copier:
                 self.progress(length)
             if not again:
                 return
+
+    def _write(self, view, offset, parts):
+        """Data pieces as writes; holes and zero pieces, merged, as zero."""
+        zero_from = None    # start of the zero run not written yet
+        for start, n, hole in parts:
+            if hole:
+                if zero_from is None:
+                    zero_from = start
+                continue
+            pos, end = start, start + n
+            while pos < end:
+                # Pieces on the chunk's grid, wherever the data starts.
+                stop = min(end, pos - (pos - offset) % self.piece +
+                           self.piece)
+                if self.zero is not None and \
+                        is_zero(self._buf, stop - pos, pos - offset):
+                    if zero_from is None:
+                        zero_from = pos
+                else:
+                    if zero_from is not None:
+                        self.zero(zero_from, pos - zero_from)
+                        zero_from = None
+                    self.write(view[pos - offset:stop - offset], pos)
+                pos = stop
+        if zero_from is not None:
+            self.zero(zero_from, offset + len(view) - zero_from)
 
     def throttle(self):
         if self.rate:

@@ -198,10 +198,12 @@ class Restore:
             if self.copy_hook is not None:
                 self.copy_hook(None, offset // g, (offset + length + g - 1)
                                // g)
+        # The clone's holes become holes of the Source (may_trim), unread.
         return copier.Copier(
             clone.backend.readinto, lambda view, offset: self.below.write(
                 view, offset), lambda offset, length: self.below.zero(
-                offset, length), between=between, **kwargs)
+                offset, length, may_trim=True), between=between,
+            extents=clone.backend.extents, **kwargs)
 
     def _copy_claimed(self, clone, claimed, copy=None):
         """Copy claimed extents Clone -> Source, then release them.

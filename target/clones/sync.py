@@ -8,6 +8,8 @@ dirty extents meanwhile) or a protected restore (target.clones.restore).
 It copies the dirty runs serially from a cursor, each with the group's
 copier (target.copier): a run's bits are cleared only once its data is
 written and no host write collided with it (mirroring.CollisionGuard).
+The copier zeroes (punches) the holes of the side it copies from instead
+of reading them, so a clone is as sparse as its Source and back.
 Between runs it commits the group's change map at most once per
 COMMIT_INTERVAL (target.changemap), so a kill -9 resumes from the last
 commit; stop() cancels between chunks and leaves every map valid.
@@ -122,12 +124,15 @@ class SyncEngine:
         def progress(length):
             group.progress[clone.name].bytes_copied += length
 
+        # Holes of the copy's source are zeroed with may_trim: the other
+        # side gets holes where this one has them, not zeroes as data.
         return copier.Copier(
             lambda view, offset: src.readinto(view, offset),
             lambda view, offset: dst.write(view, offset),
-            lambda offset, length: dst.zero(offset, length), chunk=chunk,
-            guard=CollisionGuard(self), between=between, rate=self.rate,
-            progress=progress, cancel=self._stop)
+            lambda offset, length: dst.zero(offset, length, may_trim=True),
+            chunk=chunk, guard=CollisionGuard(self), between=between,
+            rate=self.rate, progress=progress, cancel=self._stop,
+            extents=lambda offset, length: src.extents(offset, length))
 
     def start(self):
         self.thread = threading.Thread(target=self.run, daemon=True,
@@ -315,5 +320,8 @@ class Below:
     def write(self, buf, offset):
         self.group.below.write(buf, offset)
 
-    def zero(self, offset, length):
-        self.group.below.zero(offset, length)
+    def zero(self, offset, length, may_trim=False):
+        self.group.below.zero(offset, length, may_trim=may_trim)
+
+    def extents(self, offset, length):
+        return self.group.below.extents(offset, length)

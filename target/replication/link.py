@@ -575,7 +575,16 @@ class Link:
                 if self.state != DCM_REPLAY:
                     raise _ReplayEnded(False)
                 until = g.srl.head_pos
-                g.volumes[vol].stack.below("replication").readinto(view, off)
+                # Holes are not read: zeroes in the chunk, which the
+                # copier's zero check sends as a zero.  Asked under the
+                # lock with the read, so both are the state at `until`.
+                below = g.volumes[vol].stack.below("replication")
+                for start, n, hole in below.extents(off, len(view)):
+                    part = view[start - off:start - off + n]
+                    if hole:
+                        part[:] = bytes(n)
+                    else:
+                        below.readinto(part, start)
             pos = self._send_entries(sock, send_pos, until, epoch)
             if pos is None:
                 raise _ReplayEnded(True)

@@ -174,7 +174,9 @@ class SecondaryGroup:
         if kind == WRITE:
             b.write(memoryview(data), off)
         elif kind == ZERO:
-            b.zero(off, length)
+            # Zeroes read back either way; a hole keeps the volume as
+            # sparse as the primary's (a replay sends holes as zeroes).
+            b.zero(off, length, may_trim=True)
         else:
             b.trim(off, length)
 

@@ -106,4 +106,4 @@ class FrozenExport:
         pass
 
     def extents(self, offset, length):
-        return [(offset, length, False)]
+        return self.session.frozen_extents(offset, length)

@@ -45,6 +45,7 @@ class SaveArea:
         self.capacity = max(0, (backend.size - self.index_bytes) // granularity)
         self.slots = {}
         self.next_slot = 0
+        self._zero_crc = None
 
     @staticmethod
     def minimum_size(extents, granularity):
@@ -97,6 +98,16 @@ class SaveArea:
         """Write data to slot and its index entry, and make both durable."""
         self.backend.write(data, self._slot_offset(slot))
         self.backend.write(self.ENTRY.pack(slot + 1, zlib.crc32(data)),
+                           extent * self.ENTRY.size)
+        self.backend.flush()
+
+    def store_zero(self, extent, slot):
+        """store() of an all-zero extent: the slot becomes a hole."""
+        self.backend.zero(self._slot_offset(slot), self.granularity,
+                          may_trim=True)
+        if self._zero_crc is None:
+            self._zero_crc = zlib.crc32(bytes(self.granularity))
+        self.backend.write(self.ENTRY.pack(slot + 1, self._zero_crc),
                            extent * self.ENTRY.size)
         self.backend.flush()
 

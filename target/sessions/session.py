@@ -291,12 +291,16 @@ class Session:
         slot_of = dict(slots)
         unmarked = threading.Event()
 
-        def store(view, offset):
+        def store(view, offset, zero=False):
             x = offset // g
-            # A slot holds a whole extent: the last one's tail is zeroes.
-            data = view if len(view) == g else bytes(view) + \
-                bytes(g - len(view))
-            self.save_area.store(x, slot_of[x], data)
+            if zero:
+                self.save_area.store_zero(x, slot_of[x])
+            else:
+                # A slot holds a whole extent: the last one's tail is
+                # zeroes.
+                data = view if len(view) == g else bytes(view) + \
+                    bytes(g - len(view))
+                self.save_area.store(x, slot_of[x], data)
             with self.cond:
                 if generation != self.generation:
                     unmarked.set()  # meanwhile: the save area was reset
@@ -304,8 +308,16 @@ class Session:
                 self.save_area.slots[x] = slot_of[x]
                 self.cofw_count += 1
 
-        copier.Copier(self.inner.readinto, store, chunk=g, piece=g,
-                      cancel=unmarked).copy(
+        def holes(offset, length):
+            # One extent per chunk, stored whole: a hole only if all of it
+            # is (the zero check catches zero data).
+            parts = self.inner.extents(offset, length)
+            return [(offset, length, all(hole for _, _, hole in parts))]
+
+        copier.Copier(self.inner.readinto, store,
+                      lambda offset, length: store(None, offset, zero=True),
+                      chunk=g, piece=g, cancel=unmarked,
+                      extents=holes).copy(
             [(x * g, min(g, self.size - x * g)) for x, _ in slots])
 
     def after_write(self):
@@ -321,6 +333,31 @@ class Session:
             self.tracking.commit()
 
     # ------------------------------------------------------------ frozen image
+
+    def frozen_extents(self, offset, length):
+        """Holes of the marked point in time: the Source's holes in
+        extents not saved.  An extent not saved is unchanged since the
+        mark (a write saves it first), and saves are never undone while
+        marked, so the Source is asked first and the save area after."""
+        parts = self.inner.extents(offset, length)
+        g = self.granularity
+        e0, e1 = _range_of(offset, length, g)
+        with self.cond:
+            saved = {x for x in range(e0, e1) if x in self.save_area.slots}
+        if not saved:
+            return parts
+        out = []
+        for start, n, hole in parts:
+            if not hole:
+                out.append((start, n, False))
+                continue
+            pos, end = start, start + n
+            while pos < end:
+                x = pos // g
+                stop = min(end, (x + 1) * g)
+                out.append((pos, stop - pos, x not in saved))
+                pos = stop
+        return out
 
     def read_frozen(self, buf, offset, generation=None):
         """Read the marked point in time (saved data, else the Source)."""

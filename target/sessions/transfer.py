@@ -6,7 +6,8 @@ The transfer map is the union of the destinations' pending maps: the
 frozen extents somebody still needs.  The engine reads one run at a time
 (up to copier.CHUNK bytes) from the frozen image (or, for a full copy while
 unmarked, the live Source), and sends it to every live destination that
-needs it: data as writes, all-zero extents as write-zeroes.  Every
+needs it: data as writes, all-zero extents as write-zeroes (the
+destination may punch them); holes of the image are not read.  Every
 CHECKPOINT_BYTES the destinations are flushed, and only then are their
 pending bits cleared, the cleared maps saved before the bits leave memory
 (the price of resuming without resending everything).  A destination that
@@ -174,11 +175,20 @@ class TransferEngine:
                        if s.dests[i].pending.find(1, x, end) >= 0]
         offset = x * g
         length = min(end * g, s.size) - offset
+        # Holes are not read: they stay zero in buf and go out as
+        # write-zeroes with the zero extents of the data.
         buf = bytearray(length)
+        view = memoryview(buf)
         if self.unmarked:
-            s.inner.readinto(buf, offset)
+            for start, n, hole in s.inner.extents(offset, length):
+                if not hole:
+                    s.inner.readinto(view[start - offset:start - offset + n],
+                                     start)
         else:
-            s.read_frozen(buf, offset, self.generation)
+            for start, n, hole in s.frozen_extents(offset, length):
+                if not hole:
+                    s.read_frozen(view[start - offset:start - offset + n],
+                                  start, self.generation)
         pieces = _pieces(buf, g)
         for i in targets:
             try:

@@ -1379,3 +1379,41 @@ def test_local_failure_on_the_secondary_does_not_stop_the_link(
     c.write(0, 8192, b"\x08" * 8192)
     c.check_final()
     assert not c.link.stopped_error, c.status()
+
+
+def test_replay_sends_holes_as_zeroes_without_reading_them(cluster_factory,
+                                                           monkeypatch):
+    """A volume change that punches holes is replayed as zeroes: the
+    primary's holes are not read, and the secondary gets holes too."""
+    c = cluster_factory()
+    c.write(0, 0, os.urandom(256 << 10))
+    c.wait_converged()
+    g, link = c.g, c.link
+    sec_file = c.tb.lus[VOLS[0]].file
+    allocated_before = os.stat(sec_file).st_blocks * 512
+    g._volume_change = lambda: "a test restore"
+    region_gran = 8192
+    bits = bytearray(SIZES[0] // region_gran)
+    bits[:8] = b"\x01" * 8          # the first 64K
+    g.begin_volume_change(0, bits, region_gran, "a test restore")
+    inner = c.ta.lus[VOLS[0]].stack.below("replication")
+    inner.zero(0, 8 * region_gran, may_trim=True)
+    reads = []
+    read = inner.readinto
+
+    def spy(buf, offset):
+        reads.append((offset, memoryview(buf).nbytes))
+        read(buf, offset)
+    monkeypatch.setattr(inner, "readinto", spy)
+    g._volume_change = lambda: None
+    wait_for(lambda: link.replays >= 1 and link.state == R.REPLICATING, 10,
+             "the replay", c.status)
+    wait_for(lambda: c.sg.applied_seq == g.next_seq - 1 and c.sg.consistent)
+    monkeypatch.undo()
+    assert not [r for r in reads if r[0] < 64 << 10], reads
+    prim = [read_image(c.ta, n) for n in VOLS]
+    sec = [read_image(c.tb, n) for n in VOLS]
+    assert prim == sec, first_diff(prim, sec)
+    assert prim[0][:64 << 10] == bytes(64 << 10)
+    assert os.stat(sec_file).st_blocks * 512 <= \
+        allocated_before - (64 << 10), (allocated_before, sec_file)

@@ -130,6 +130,19 @@ def test_file_backend_zero(fb, may_trim, offset, length):
     assert os.path.getsize(fb.path) == 4 * MiB
 
 
+def test_file_backend_zero_with_may_trim_leaves_a_hole(fb):
+    """What every copy writes for a hole: the file stays sparse there."""
+    fb.write(os.urandom(MiB), 0)
+    fb.flush()
+    before = os.stat(fb.path).st_blocks * 512
+    fb.zero(256 * KiB, 512 * KiB, may_trim=True)
+    assert _read(fb, 256 * KiB, 512 * KiB) == bytes(512 * KiB)
+    assert os.stat(fb.path).st_blocks * 512 <= before - 512 * KiB
+    assert fb.extents(0, MiB) == [(0, 256 * KiB, False),
+                                  (256 * KiB, 512 * KiB, True),
+                                  (768 * KiB, 256 * KiB, False)]
+
+
 def test_file_backend_extents_of_sparse_file(fb):
     _check_extents_cover(fb.extents(0, fb.size), 0, fb.size)
     assert fb.extents(0, fb.size) == [(0, fb.size, True)]
@@ -259,7 +272,8 @@ def test_memory_backend_basics():
     m.flush()
     m.flush()
     assert m.flushes == 2
-    assert m.extents(0, 8192) == [(0, 8192, False)]
+    # Its zero blocks are holes.
+    assert m.extents(0, 8192) == [(0, 4096, False), (4096, 4096, True)]
     with m:
         pass
 
