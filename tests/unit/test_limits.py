@@ -5,6 +5,7 @@ import io
 import ipaddress
 import logging
 import threading
+import time
 
 import pytest
 
@@ -60,7 +61,12 @@ def test_limiter_counts_live_connection_threads():
     release.set()
     for th, _ in made:
         th.join(5)
-    # The threads ended: their connections no longer count.
+    # The threads ended: their connections no longer count (the kernel
+    # may take a moment after join() to retire a thread's id).
+    deadline = time.monotonic() + 5
+    while limiter.count() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert limiter.count() == 0
     again = threading.Event()
     th, err = _admit_in_thread(limiter, None, again)
     assert err is None
