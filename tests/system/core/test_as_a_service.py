@@ -23,7 +23,7 @@ from target import server as target_server
 
 nbd = pytest.importorskip("nbd")
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 UNIT = ROOT / "packaging" / "clonectl.service"
 LINE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z "
                   r"(DEBUG|INFO|WARNING|ERROR|CRITICAL) [\w.]+: ")
