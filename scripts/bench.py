@@ -17,7 +17,7 @@ qemu-nbd, serving the same file.
      file's allocated size (targets: < 0.1 of the time, < 1% of the size).
      `--only "empty"` runs just this row.
 
---suite restore: protected restore (issue 4), all in one run:
+--suite restore: protected restore, all in one run:
   1. a 4 KiB read of the Source that needs a copy on demand (COD): p50/p99
      of random 4 KiB reads at QD1, each in a different extent not restored
      yet (a replayed fio iolog over the second half of the LU, while a
@@ -29,15 +29,15 @@ qemu-nbd, serving the same file.
   3. restore throughput while fio runs randrw 4 KiB QD16 on the Source, and
      fio's IOPS during the restore against an idle Source.
 
---suite sessions: incremental copy sessions (issue 5): bytes sent for 1%,
+--suite sessions: incremental copy sessions: bytes sent for 1%,
 10% and 100% changed extents, full-transfer throughput against nbdcopy,
 host writes while marked and transferring; see scripts/bench_sessions.py.
 
---suite iscsi: the iSCSI gateway (issue 9): 4 KiB and 1 MiB reads through
+--suite iscsi: the iSCSI gateway: 4 KiB and 1 MiB reads through
 iSCSI (tgtd -> nbdfuse -> our NBD) against the same LU over NBD and against
 tgtd serving the file directly; see scripts/bench_iscsi.py (not in "all").
 
---suite replication: replicated storage groups (issue 6): host 1 MiB and
+--suite replication: replicated storage groups: host 1 MiB and
 4 KiB writes with no replication, an async and a sync link to a secondary in
 a network namespace (veth, netem delay); DCM replay throughput against
 nbdcopy over the same link; time to converge under half the link's

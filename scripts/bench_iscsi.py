@@ -1,4 +1,4 @@
-"""The iscsi suite of scripts/bench.py (issue 9).
+"""The iscsi suite of scripts/bench.py.
 
 One `clonectl serve --iscsi-portal` serves an LU filled with data; the same
 workloads run, alternately within each repeat, against:

@@ -1,4 +1,4 @@
-"""The replication suite of scripts/bench.py (issue 6), all in one run.
+"""The replication suite of scripts/bench.py, all in one run.
 
 A primary `clonectl serve` in the root network namespace (hosts reach it on
 a Unix socket) and a secondary `clonectl serve --replication-port` in a

@@ -1,4 +1,4 @@
-"""The sessions suite of scripts/bench.py (issue 5), all in one run.
+"""The sessions suite of scripts/bench.py, all in one run.
 
 Two `clonectl serve` on Unix sockets: A serves the Source (a file of random
 data), B serves the destination LU of the same size; the session ships A's

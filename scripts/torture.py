@@ -15,17 +15,16 @@ the reference model:
 1. what a host reads from the Source is, block by block, the last
    acknowledged write; after a crash: the last write made durable (FUA, or
    acknowledged before a flush that returned) or any write issued after
-   it (DESIGN.md section 3, invariant 1);
+   it;
 2. a fractured or restoring clone holds exactly the bytes it had when it
-   was fractured: a protected restore never writes it (invariant 2);
+   was fractured: a protected restore never writes it;
 3. a clone whose sync (or reverse sync) completed is byte-for-byte equal
-   to its Source: the maps covered every divergence, crashes included
-   (invariant 3);
+   to its Source: the maps covered every divergence, crashes included;
 4. an incremental session "s" ships the Source to a destination LU "dst"
    (served by the same target): while marked, its frozen export src@s
    reads exactly as the Source did at the mark, kill -9s included; a
    destination recorded consistent after a completed transfer holds
-   exactly the point in time of that transfer's mark (invariant 4).
+   exactly the point in time of that transfer's mark.
 
 Everything is seeded: the writers' data and choices and the driver's
 choices and kill moments come from one seed; a failing run prints the
@@ -55,7 +54,7 @@ reverse syncs switch the link to its change map and replay) go on as
 before.  After each round: a secondary that reports itself inconsistent
 must refuse reads; then, once the link has caught up (replicating, no lag,
 the secondary applied the primary's last update), the secondary's volume
-must equal the Source byte for byte (invariant 5: nothing lost in the log,
+must equal the Source byte for byte (nothing lost in the log,
 the change map or the replay).
 
 Seams (other ways into the same bytes): "cli-race" kill -9s the manager
