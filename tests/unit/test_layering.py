@@ -19,6 +19,7 @@ A failure lists every violation, with file and line.
 """
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -325,3 +326,33 @@ def test_the_test_import_check_can_fail(tmp_path):
     bad.write_text("import sys\nfrom .test_y import Harness\n"
                    "import tests.engine.test_z\nsys.path.insert(0, '.')\n")
     assert [line for line, _ in _test_imports(bad)] == [2, 3, 4]
+
+
+# ---------------------------------------------------------------- citations
+
+# A document outside the repository, a design seed or an issue number:
+# code, scripts and tests say their rules in their own words instead (the
+# design lives in docs/).
+CITATION = re.compile(r"DESIGN\.md|shared/seeds|\bseed 0\d\d\b|"
+                      r"\bissues? #?\d+\b|rsg-bugs|\binvariant \d\b")
+
+
+def citations(text):
+    return [n for n, line in enumerate(text.splitlines(), 1)
+            if CITATION.search(line)]
+
+
+def test_code_and_tests_cite_nothing_outside_the_repository():
+    me = Path(__file__).resolve()
+    problems = ["{}:{}".format(path.relative_to(REPO), n)
+                for top in ("target", "plugins", "scripts", "tests")
+                for path in sorted((REPO / top).rglob("*"))
+                if path.is_file() and path.suffix in ("", ".py", ".sh")
+                and path.resolve() != me and "__pycache__" not in path.parts
+                for n in citations(path.read_text(errors="replace"))]
+    assert not problems, _report(problems)
+
+
+def test_the_citation_check_can_fail():
+    assert citations("ok\nas DESIGN.md section 3 says\nseed 002 figure 4\n"
+                     "see issue 5\nrandom --seed 42\n") == [2, 3, 4]
