@@ -10,8 +10,8 @@ import functools
 import logging
 import os
 
-from . import (backends, channel, clones, errors, fsutil, inventory, maps,
-               peer, sessions, units)
+from . import (backends, channel, clones, copier, errors, fsutil, inventory,
+               maps, peer, sessions, units)
 from .lu import one_change_at_a_time
 
 log = logging.getLogger("clonectl.target")
@@ -530,25 +530,33 @@ class SessionOrchestration:
                 "iSCSI gateway); stop the hosts first, so no write lands "
                 "during or after the rollback".format(users))
         g = session.granularity
-        buf = bytearray(g)
-        restored = 0
         with session.cond:
             saved = sorted(session.save_area.slots)
         regions = bytearray(session.extents)
         for x in saved:
             regions[x] = 1
+
+        # Below a secondary's guard (rolling a secondary back to its last
+        # consistent image is what its promotion asks for), through every
+        # other layer, looked up for each write: a clone or session of the
+        # LU sees the rollback.
+        def write(view, offset):
+            source.stack.below("guard").write(view, offset)
+
+        def zero(offset, length):
+            source.stack.below("guard").zero(offset, length)
+
+        # One extent a chunk: each is one slot of the save area.
+        rollback = copier.Copier(
+            lambda view, offset: session.save_area.readinto(offset // g,
+                                                            view),
+            write, zero, chunk=g, piece=g)
         with self.target.rsg_ops.volume_change(source, regions, g,
                                                "a rollback"):
-            for x in saved:
-                n = min(g, source.size - x * g)
-                session.save_area.readinto(x, buf)
-                # Below a secondary's guard (rolling a secondary back to its
-                # last consistent image is what its promotion asks for),
-                # through every other layer, looked up for each write: a
-                # clone or session of the LU sees the rollback.
-                source.stack.below("guard").write(memoryview(buf)[:n], x * g)
-                restored += 1
+            rollback.copy((s * g, min(e * g, source.size) - s * g)
+                          for s, e in maps.runs(regions))
             source.stack.below("guard").flush()
+        restored = len(saved)
         log.info("LU %s rolled back to its protected image (%d extents)", lu,
                  restored)
         self.image_release(lu)
