@@ -420,7 +420,7 @@ def print_tables(res, args):
         link = "netem delay {}ms each way".format(DELAY_MS)
         rate_how = "netem rate"
     else:
-        link = ("NO added delay: `tc qdisc ... netem` fails on this kernel "
+        link = ("NO added delay: netem fails on this kernel "
                 "({}: \"{}\"), so the link is the bare veth".format(
                     res.get("kernel"), res.get("no_netem")))
         rate_how = "tbf rate (no netem)"
