@@ -42,7 +42,7 @@ tgtd serving the file directly; see scripts/bench_iscsi.py (not in "all").
 a network namespace (veth, netem delay); DCM replay throughput against
 nbdcopy over the same link; time to converge under half the link's
 bandwidth from an overflowed SRL; see scripts/bench_replication.py (needs
-root: ip netns, tc; not in "all").
+root: network namespaces of scripts/netns.py, pyroute2; not in "all").
 
 --suite jobs: every job file of scripts/fio (the workloads the guest test
 and the Vagrant host run: randrw-4k, seq-1m, verify) through fio's nbd

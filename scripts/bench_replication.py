@@ -2,8 +2,10 @@
 
 A primary `clonectl serve` in the root network namespace (hosts reach it on
 a Unix socket) and a secondary `clonectl serve --replication-port` in a
-network namespace of its own, reached over a veth pair with `tc netem delay
-1ms` on both ends (the RTT is measured with ping and printed).
+network namespace of its own, reached over a veth pair with netem delay
+1ms on both ends (the RTT is measured by TCP connects and printed); the
+namespace, the pair and the shaping are scripts/netns.py's, like the
+multi-node tests'.
 
 1. Host write throughput (fio nbd engine) for 1 MiB QD8 sequential and
    4 KiB QD16 random writes on three LUs of the same size on the primary:
@@ -27,15 +29,15 @@ network namespace of its own, reached over a veth pair with `tc netem delay
 import json
 import os
 import random
-import re
-import shutil
 import signal
 import statistics
 import subprocess
 import time
 
+import netns
+
 GRANULARITY = 64 << 10
-DELAY = "1ms"
+DELAY_MS = 1
 LINK_RATE_MBIT = 200
 REPLAY_MIB = 64
 SRL_WRITES = "256M"      # groups of section 1
@@ -60,88 +62,54 @@ LU_OF = {"none": "v0", "async": "va", "sync": "vs"}
 GROUP_OF = {"async": "ga", "sync": "gs"}
 
 
-def sh(*cmd, ns=None, check=True, capture=False):
-    if ns:
-        cmd = ("ip", "netns", "exec", ns) + cmd
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE if capture
-                          else subprocess.DEVNULL, stderr=subprocess.PIPE,
-                          text=True)
-    if check and proc.returncode != 0:
-        raise RuntimeError("{} failed: {}".format(" ".join(cmd),
-                                                  proc.stderr.strip()))
-    return proc.stdout
+def sh(*cmd, where=netns.HOST, capture=False):
+    proc = where.run(cmd, timeout=None)
+    return proc.stdout if capture else None
 
 
 class Net:
     """A network namespace for the secondary, a veth pair, netem on both
-    ends."""
+    ends (scripts/netns.py)."""
 
     def __init__(self):
-        tag = os.getpid() % 100000
-        self.ns = "rbench{}".format(tag)
-        self.host_if, self.ns_if = "rbenchp{}".format(tag), \
-            "rbenchs{}".format(tag)
-        self.host_ip, self.ns_ip = "10.213.{}.1".format(tag % 250), \
-            "10.213.{}.2".format(tag % 250)
-        self.made = False
+        tag = os.getpid() % 250
+        self.lab = netns.Lab("rbench")
+        self.ns = None
+        self.host_ip, self.ns_ip = "10.213.{}.1".format(tag), \
+            "10.213.{}.2".format(tag)
+        self.ends = ()
         self.netem, self.no_netem = None, None
 
     def up(self):
-        sh("ip", "netns", "add", self.ns)
-        self.made = True
-        sh("ip", "link", "add", self.host_if, "type", "veth", "peer", "name",
-           self.ns_if)
-        sh("ip", "link", "set", self.ns_if, "netns", self.ns)
-        sh("ip", "addr", "add", self.host_ip + "/24", "dev", self.host_if)
-        sh("ip", "link", "set", self.host_if, "up")
-        sh("ip", "addr", "add", self.ns_ip + "/24", "dev", self.ns_if,
-           ns=self.ns)
-        sh("ip", "link", "set", self.ns_if, "up", ns=self.ns)
-        sh("ip", "link", "set", "lo", "up", ns=self.ns)
-        self.probe_netem()
+        self.ns = self.lab.namespace()
+        self.ends = self.lab.veth(netns.HOST, self.ns, self.host_ip + "/24",
+                                  self.ns_ip + "/24")
         self.shape()
 
-    def shape(self, verb="replace", rate_mbit=None):
+    def shape(self, rate_mbit=None):
         """netem delay (and rate) on both ends; without sch_netem in the
         kernel no delay, and tbf for the rate."""
-        for dev, ns in ((self.host_if, None), (self.ns_if, self.ns)):
-            if self.netem:
-                extra = ["rate", "{}mbit".format(rate_mbit)] \
-                    if rate_mbit else []
-                sh("tc", "qdisc", verb, "dev", dev, "root", "netem", "delay",
-                   DELAY, "limit", "10000", *extra, ns=ns)
-            elif rate_mbit:
-                sh("tc", "qdisc", "replace", "dev", dev, "root", "tbf",
-                   "rate", "{}mbit".format(rate_mbit), "burst", "256kb",
-                   "latency", "100ms", ns=ns)
-            else:
-                sh("tc", "qdisc", "del", "dev", dev, "root", ns=ns,
-                   check=False)
-
-    def probe_netem(self):
-        try:
-            sh("tc", "qdisc", "replace", "dev", self.host_if, "root",
-               "netem", "delay", DELAY)
-            self.netem = True
-        except RuntimeError as e:
-            self.netem = False
-            self.no_netem = str(e).rsplit(": ", 1)[-1]
+        for end in self.ends:
+            try:
+                end.shape(delay_ms=DELAY_MS, rate_mbit=rate_mbit)
+                self.netem = True
+            except netns.NoNetem as e:
+                self.netem, self.no_netem = False, str(e)
+                if rate_mbit:
+                    end.shape(rate_mbit=rate_mbit)
+                else:
+                    end.clear()
 
     def rtt_ms(self, count=10):
-        if not shutil.which("ping"):
-            return {"min": float("nan"), "avg": float("nan"),
-                    "max": float("nan"),
-                    "why": "no ping (apt-get install iputils-ping)"}
-        out = sh("ping", "-q", "-c", str(count), "-i", "0.1", self.ns_ip,
-                 capture=True)
-        m = re.search(r"= ([\d.]+)/([\d.]+)/([\d.]+)", out)
-        return {"min": float(m.group(1)), "avg": float(m.group(2)),
-                "max": float(m.group(3))}
+        """TCP connects to the secondary's replication port (a SYN and its
+        SYN-ACK, or RST before it listens)."""
+        rtts = [t * 1000 for t in netns.tcp_rtt(self.ns_ip, REPL_PORT,
+                                                count)]
+        return {"min": min(rtts), "avg": statistics.mean(rtts),
+                "max": max(rtts)}
 
     def down(self):
-        if self.made:
-            sh("ip", "netns", "del", self.ns, check=False)
-        sh("ip", "link", "del", self.host_if, check=False)
+        self.lab.close()
 
 
 class Node:
@@ -155,7 +123,7 @@ class Node:
 
     def clonectl(self, *args, capture=False):
         return sh(self.bench.CLONECTL, "--state-dir", self.state, *args,
-                  ns=self.ns, capture=capture)
+                  where=self.ns or netns.HOST, capture=capture)
 
     def serve(self, *args):
         from target import server
@@ -271,7 +239,7 @@ def run(bench, args, size, workdir):
     copy_src = os.path.join(workdir, "copy-src.img")
     net = Net()
     prim = Node(bench, p_state)
-    sec = Node(bench, s_state, ns=net.ns)
+    sec = Node(bench, s_state)
     qemu = None
     p_sock = os.path.join(workdir, "p.sock")
     s_sock = os.path.join(workdir, "s.sock")
@@ -282,6 +250,7 @@ def run(bench, args, size, workdir):
     secondary = "{}:{}".format(net.ns_ip, REPL_PORT)
     try:
         net.up()
+        sec.ns = net.ns
         out["rtt_ms"] = net.rtt_ms()
         out["netem"], out["no_netem"] = net.netem, net.no_netem
         out["kernel"] = os.uname().release
@@ -340,8 +309,8 @@ def run(bench, args, size, workdir):
         # 2. DCM replay against a plain copy of the same byte count.
         open(copy_img, "wb").close()
         os.truncate(copy_img, REPLAY_MIB << 20)
-        qemu = subprocess.Popen(
-            ["ip", "netns", "exec", net.ns, "qemu-nbd", "-f", "raw", "-x",
+        qemu = net.ns.popen(
+            ["qemu-nbd", "-f", "raw", "-x",
              "cp", "-b", net.ns_ip, "-p", str(COPY_PORT), "-t",
              "--cache=writeback", copy_img],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -429,7 +398,7 @@ def run(bench, args, size, workdir):
         net.shape(rate_mbit=None)
     finally:
         if qemu is not None:
-            # ip netns exec execs qemu-nbd: this pid is qemu-nbd's.
+            # qemu-nbd entered the namespace itself: this pid is its own.
             qemu.terminate()
             try:
                 qemu.wait(10)
@@ -448,17 +417,18 @@ def run(bench, args, size, workdir):
 def print_tables(res, args):
     rtt = res.get("rtt_ms", {})
     if res.get("netem"):
-        link = "netem delay {} each way".format(DELAY)
+        link = "netem delay {}ms each way".format(DELAY_MS)
         rate_how = "netem rate"
     else:
-        link = ("NO added delay: `tc qdisc ... netem` fails on this kernel "
+        link = ("NO added delay: netem fails on this kernel "
                 "({}: \"{}\"), so the link is the bare veth".format(
                     res.get("kernel"), res.get("no_netem")))
         rate_how = "tbf rate (no netem)"
     res["rate_how"] = rate_how
     print("**Replication** (`scripts/bench --suite replication`, {}, {} "
           "LUs (fio over the first {}), secondary in its own netns over a "
-          "veth pair, {}; ping RTT min/avg/max {:.3f}/{:.3f}/{:.3f} ms{}; "
+          "veth pair, {}; TCP connect RTT min/avg/max {:.3f}/{:.3f}/{:.3f} "
+          "ms{}; "
           "{} runs of {} s, medians)".format(
               time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               args.size, _fmt(min(res["size"], REGION)), link,

@@ -10,7 +10,8 @@ Plugin modules (loaded by tests/conftest.py, their fixtures need no import):
   clonelib    clone_env (a Source LU and its clones on a running server)
   sessionlib  dests, session_env (destination NBD servers, sessions)
   iscsilib    iscsi_server (serve --iscsi-portal)
-  netlib      cluster (servers in network namespaces, for replication)
+  netlib      cluster (servers in network namespaces, for replication),
+              netlab (namespaces of scripts/netns.py, always removed)
   guestlib    guest (a booted QEMU guest; guestimage builds its image)
 Helper modules: sockets, models, tools (qemu-io, whole-export reads),
 rsgmodel (replication's change model), powerloss (a simulated disk that

@@ -1,8 +1,12 @@
-"""Multi-node replication harness: each `clonectl serve` in its own network
-namespace, joined by veth pairs to a bridge in the root namespace.
+"""Plugin: the `cluster` and `netlab` fixtures.
 
-    root ns:  bridge clrbTAG (10.A.B.1/24)
-                |-- veth clrTAGiH  <->  clrTAGiN in netns clrnTAGi (10.A.B.(10+i))
+Multi-node replication harness: each `clonectl serve` in its own network
+namespace, joined by veth pairs to a bridge in the root namespace, all made
+(and always removed) by the network harness scripts/netns.py (`netlab` is
+a bare netns.Lab of it).
+
+    root ns:  bridge (10.A.B.1/24)
+                |-- veth host end  <->  its peer in node i's netns (10.A.B.(10+i))
 
 Every node serves NBD on its own address (port 10809) and listens for
 primaries on its replication port (7000), so any node can become a primary
@@ -12,8 +16,10 @@ socket in its state directory, so it runs in the root namespace.
 
 `Node.cut()` / `Node.restore()` set the node's bridge-side veth down/up
 (the node is cut off from everyone), `Node.delay(ms)` adds netem delay on
-both ends of its veth, `Node.kill9()` SIGKILLs the manager and its nbdkit
-by PID (from the server record).  Nothing is ever killed by name.
+both ends of its veth, `Cluster.cut_between(a, b)` drops the traffic
+between two nodes only (blackhole routes), `Node.kill9()` SIGKILLs the
+manager and its nbdkit by PID (from the server record).  Nothing is ever
+killed by name.
 """
 
 import json
@@ -28,7 +34,10 @@ import pytest
 
 from tests.support.cli import CLONECTL
 from tests.support.processes import ProcessGuard, wait_pid_gone
+from tests.support.scripts import load
 from tests.support.servers import Server
+
+netns = load("netns")
 
 NBD_PORT = 10809
 REPL_PORT = 7000
@@ -38,15 +47,6 @@ WAIT = 30.0
 
 
 # ---------------------------------------------------------------- commands
-
-def sh(*cmd, check=True, timeout=30):
-    proc = subprocess.run([str(c) for c in cmd], capture_output=True,
-                          text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError("{} failed ({}): {}".format(
-            " ".join(map(str, cmd)), proc.returncode, proc.stderr))
-    return proc
-
 
 def clonectl(state_dir, *args, check=True, timeout=60):
     cmd = [CLONECTL, "--state-dir", str(state_dir)] + [str(a) for a in args]
@@ -63,11 +63,9 @@ def clonectl(state_dir, *args, check=True, timeout=60):
 
 
 def netns_available():
-    if os.geteuid() != 0:
-        return "network namespaces need root"
-    if subprocess.run(["ip", "netns", "list"], capture_output=True
-                      ).returncode != 0:
-        return "no `ip netns` here"
+    why = netns.available()
+    if why:
+        return why
     try:
         import nbd  # noqa: F401
     except ImportError:
@@ -81,42 +79,29 @@ class Net:
     """A bridge in the root namespace; nodes hang off it."""
 
     def __init__(self, tag):
-        self.tag = tag
-        self.bridge = "clrb{}".format(tag)
+        self.lab = netns.Lab("clr")
         self.prefix = "10.{}.{}".format(180 + (tag >> 8) % 60, tag % 256)
         self.host_ip = self.prefix + ".1"
-        self.namespaces = []
-        self.devices = []
+        self.bridge = None
 
     def create(self):
-        sh("ip", "link", "add", self.bridge, "type", "bridge")
-        self.devices.append(self.bridge)
-        sh("ip", "addr", "add", self.host_ip + "/24", "dev", self.bridge)
-        sh("ip", "link", "set", self.bridge, "up")
+        self.bridge = self.lab.bridge(self.host_ip + "/24")
 
     def add_ns(self, i):
-        ns = "clrn{}x{}".format(self.tag, i)
-        hdev = "clr{}h{}".format(self.tag, i)
-        ndev = "clr{}n{}".format(self.tag, i)
+        """Node i's namespace, its veth (host end on the bridge) and
+        address: (namespace, host end, node end, address)."""
         ip = "{}.{}".format(self.prefix, 10 + i)
-        sh("ip", "netns", "add", ns)
-        self.namespaces.append(ns)
-        sh("ip", "link", "add", hdev, "type", "veth", "peer", "name", ndev)
-        self.devices.append(hdev)
-        sh("ip", "link", "set", ndev, "netns", ns)
-        sh("ip", "link", "set", hdev, "master", self.bridge)
-        sh("ip", "link", "set", hdev, "up")
-        sh("ip", "netns", "exec", ns, "ip", "addr", "add", ip + "/24", "dev",
-           ndev)
-        sh("ip", "netns", "exec", ns, "ip", "link", "set", ndev, "up")
-        sh("ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up")
+        ns = self.lab.namespace()
+        hdev, ndev = self.lab.veth(netns.HOST, ns, None, ip + "/24")
+        hdev.set_master(self.bridge)
         return ns, hdev, ndev, ip
 
+    @property
+    def namespaces(self):
+        return self.lab.namespaces
+
     def destroy(self):
-        for dev in reversed(self.devices):
-            sh("ip", "link", "del", dev, check=False)
-        for ns in self.namespaces:
-            sh("ip", "netns", "del", ns, check=False)
+        self.lab.close()
 
 
 # ---------------------------------------------------------------- nodes
@@ -150,15 +135,16 @@ class Node:
     # Processes.
 
     def start(self, timeout=WAIT):
-        # `ip netns exec` execs the manager: the PID is the manager's.  The
-        # manager publishes serve.json only once its NBD port answers.
+        # The manager enters the namespace itself (setns before exec): the
+        # PID is the manager's.  It publishes serve.json only once its NBD
+        # port answers.
         self.server = Server(
             self.state_dir, None, self.out_path, self.cluster.guard,
             extra_args=["--port", str(NBD_PORT), "--bind", self.ip,
                         "--replication-port", str(REPL_PORT),
                         "--replication-bind", self.ip,
                         "--replication-token-file", str(self.token)],
-            prefix=["ip", "netns", "exec", self.ns])
+            where=self.ns)
         self.server.start(timeout)
         self.info = self.server.info
         self.nbdkit_pid = self.server.nbdkit_pid
@@ -204,35 +190,26 @@ class Node:
     # Network.
 
     def cut(self):
-        sh("ip", "link", "set", self.hdev, "down")
+        self.hdev.down()
 
     def restore(self):
-        sh("ip", "link", "set", self.hdev, "up")
+        self.hdev.up()
 
-    def delay(self, ms, fallback_rate="50mbit"):
+    def delay(self, ms, fallback_rate_mbit=50):
         """netem delay of ms on both ends of this node's veth (RTT 2*ms).
         Where the kernel has no netem (sch_netem), shape the traffic to
         and from the node with tbf at fallback_rate instead (a slow link,
         not a long one).  Return what was applied."""
-        def qdisc(spec):
-            a = sh("tc", "qdisc", "replace", "dev", self.hdev, "root",
-                   *spec, check=False)
-            b = sh("ip", "netns", "exec", self.ns, "tc", "qdisc", "replace",
-                   "dev", self.ndev, "root", *spec, check=False)
-            return a.returncode == 0 and b.returncode == 0, a.stderr + b.stderr
-        ok, err = qdisc(["netem", "delay", "{}ms".format(ms)])
-        if ok:
-            return "netem delay {}ms".format(ms)
-        ok, err2 = qdisc(["tbf", "rate", fallback_rate, "burst", "64kb",
-                          "latency", "{}ms".format(max(ms, 20))])
-        assert ok, "no netem ({}) and no tbf ({})".format(err, err2)
-        return "tbf rate {} (no netem here: {})".format(fallback_rate,
-                                                         err.strip())
+        ends = (self.hdev, self.ndev)
+        try:
+            return [end.shape(delay_ms=ms) for end in ends][0]
+        except netns.NoNetem:
+            return [end.shape(rate_mbit=fallback_rate_mbit)
+                    for end in ends][0]
 
     def undelay(self):
-        sh("tc", "qdisc", "del", "dev", self.hdev, "root", check=False)
-        sh("ip", "netns", "exec", self.ns, "tc", "qdisc", "del", "dev",
-           self.ndev, "root", check=False)
+        for end in (self.hdev, self.ndev):
+            end.clear()
 
     # NBD.
 
@@ -328,16 +305,12 @@ class Cluster:
         """Cut the path between nodes a and b only (both stay reachable
         from the root namespace): a blackhole route to the other on each
         side, so packets between them are dropped silently."""
-        sh("ip", "netns", "exec", a.ns, "ip", "route", "add", "blackhole",
-           b.ip + "/32")
-        sh("ip", "netns", "exec", b.ns, "ip", "route", "add", "blackhole",
-           a.ip + "/32")
+        a.ns.blackhole(b.ip)
+        b.ns.blackhole(a.ip)
 
     def heal_between(self, a, b):
-        sh("ip", "netns", "exec", a.ns, "ip", "route", "del", "blackhole",
-           b.ip + "/32", check=False)
-        sh("ip", "netns", "exec", b.ns, "ip", "route", "del", "blackhole",
-           a.ip + "/32", check=False)
+        a.ns.blackhole(b.ip, on=False)
+        b.ns.blackhole(a.ip, on=False)
 
     def describe(self, group=None):
         parts = []
@@ -382,14 +355,36 @@ def cluster(tmp_path):
     cluster.count += 1
     try:
         c.net.create()
-    except AssertionError as e:
+    except (OSError, netns.NetlinkError) as e:
         c.net.destroy()
         pytest.skip("cannot make a bridge: {}".format(e))
-    yield c
-    c.teardown()
+    try:
+        yield c
+    finally:
+        made = [ns.name for ns in c.net.namespaces]
+        c.teardown()
+    left = set(made) & set(netns.names())
+    assert not left, "namespaces left behind: {}".format(sorted(left))
 
 
 cluster.count = 0
+
+
+@pytest.fixture
+def netlab():
+    """A scripts/netns.py Lab: its namespaces, bridges and veth pairs are
+    removed at teardown, also after a failing test."""
+    why = netns.available()
+    if why:
+        pytest.skip(why)
+    lab = netns.Lab("cltl")
+    try:
+        yield lab
+    finally:
+        made = [ns.name for ns in lab.namespaces]
+        lab.close()
+    left = set(made) & set(netns.names())
+    assert not left, "namespaces left behind: {}".format(sorted(left))
 
 
 # ---------------------------------------------------------------- waits

@@ -42,9 +42,9 @@ class Server:
     """A foreground `clonectl serve` started by a test."""
 
     def __init__(self, state_dir, socket, log_path, guard, extra_args=(),
-                 prefix=()):
-        # prefix: a command that execs the manager, e.g. ip netns exec NS.
-        self.prefix = list(prefix)
+                 where=None):
+        # where: a namespace of scripts/netns.py the manager runs in.
+        self.where = where
         self.state_dir = Path(state_dir)
         self.requested_socket = str(socket)
         self.log_path = Path(log_path)
@@ -57,7 +57,7 @@ class Server:
     # Start and stop.
 
     def start(self, timeout=START_TIMEOUT):
-        cmd = self.prefix + [CLONECTL, "--state-dir", str(self.state_dir),
+        cmd = [CLONECTL, "--state-dir", str(self.state_dir),
                              "serve"]
         if "--port" not in self.extra_args:  # TCP servers have no socket
             cmd += ["--socket", self.requested_socket]
@@ -65,10 +65,11 @@ class Server:
         env = dict(os.environ)
         env.pop("CLONECTL_STATE", None)
         self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL,
-                                     stdout=self._log, stderr=self._log,
-                                     start_new_session=True, env=env,
-                                     preexec_fn=die_with_parent)
+        popen = self.where.popen if self.where else subprocess.Popen
+        self.proc = popen(cmd, stdin=subprocess.DEVNULL,
+                          stdout=self._log, stderr=self._log,
+                          start_new_session=True, env=env,
+                          preexec_fn=die_with_parent)
         self.guard.add(self.proc.pid)
         serve_json = self.state_dir / "run" / "serve.json"
         deadline = time.monotonic() + timeout

@@ -33,7 +33,9 @@ START_TIMEOUT = 20.0
 class NbdProcess:
     """One NBD server process (qemu-nbd or nbdkit) run in the foreground."""
 
-    def __init__(self, cmd, socket, export, log_path, guard):
+    def __init__(self, cmd, socket, export, log_path, guard, where=None):
+        # where: a namespace of scripts/netns.py the server runs in.
+        self.where = where
         self.cmd = [str(c) for c in cmd]
         self.socket = str(socket)
         self.export = export
@@ -53,10 +55,10 @@ class NbdProcess:
         if os.path.exists(self.socket):
             os.unlink(self.socket)   # left by a killed server
         self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(self.cmd, stdin=subprocess.DEVNULL,
-                                     stdout=self._log, stderr=self._log,
-                                     start_new_session=True,
-                                     preexec_fn=die_with_parent)
+        popen = self.where.popen if self.where else subprocess.Popen
+        self.proc = popen(self.cmd, stdin=subprocess.DEVNULL,
+                          stdout=self._log, stderr=self._log,
+                          start_new_session=True, preexec_fn=die_with_parent)
         self.guard.add(self.proc.pid)
         nbd = pytest.importorskip("nbd")
         deadline = time.monotonic() + timeout

@@ -38,6 +38,9 @@ import pytest
 from tests.support.clonelib import GRANULARITY, MiB, read_range
 from tests.support.sessionlib import assert_same, NbdProcess
 from tests.support.cli import CLONECTL
+from tests.support.netlib import netns as harness
+
+HOST = harness.HOST
 
 pytest.importorskip("nbd")
 
@@ -318,63 +321,23 @@ def test_frozen_export_survives_target_kill(session_env, dests, tmp_path):
 class Netns:
     """A network namespace joined to this one by a veth pair."""
 
-    def __init__(self, tag):
-        self.ns = "clsess{}".format(tag)
-        self.host_dev = "vh{}".format(tag)
-        self.ns_dev = "vn{}".format(tag)
-        self.net = "10.213.{}".format(tag % 250 + 1)
-        self.host_ip = self.net + ".1"
-        self.ns_ip = self.net + ".2"
-        self.created = False
-
-    @staticmethod
-    def ip(*args, ns=None):
-        cmd = ["ip"] + (["netns", "exec", ns, "ip"] if ns else []) + \
-            [str(a) for a in args]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
-        assert proc.returncode == 0, (cmd, proc.stderr)
-
-    def create(self):
-        self.ip("netns", "add", self.ns)
-        self.created = True
-        self.ip("link", "add", self.host_dev, "type", "veth", "peer", "name",
-                self.ns_dev)
-        self.ip("link", "set", self.ns_dev, "netns", self.ns)
-        self.ip("addr", "add", self.host_ip + "/24", "dev", self.host_dev)
-        self.ip("link", "set", self.host_dev, "up")
-        self.ip("addr", "add", self.ns_ip + "/24", "dev", self.ns_dev,
-                ns=self.ns)
-        self.ip("link", "set", self.ns_dev, "up", ns=self.ns)
-        self.ip("link", "set", "lo", "up", ns=self.ns)
+    def __init__(self, lab, tag):
+        net = "10.213.{}".format(tag % 250 + 1)
+        self.ns_ip = net + ".2"
+        self.ns = lab.namespace()
+        self.host_end, _ = lab.veth(HOST, self.ns, net + ".1/24",
+                                    self.ns_ip + "/24")
 
     def link(self, up):
-        self.ip("link", "set", self.host_dev, "up" if up else "down")
-
-    def destroy(self):
-        subprocess.run(["ip", "link", "del", self.host_dev],
-                       capture_output=True, timeout=30)
-        if self.created:
-            subprocess.run(["ip", "netns", "del", self.ns],
-                           capture_output=True, timeout=30)
+        if up:
+            self.host_end.up()
+        else:
+            self.host_end.down()
 
 
 @pytest.fixture
-def netns():
-    if os.geteuid() != 0:
-        pytest.skip("network namespaces need root")
-    probe = subprocess.run(["ip", "netns", "list"], capture_output=True)
-    if probe.returncode != 0:
-        pytest.skip("no `ip netns` here")
-    n = Netns(os.getpid() % 10000)
-    try:
-        n.create()
-    except AssertionError as e:
-        n.destroy()
-        pytest.skip("cannot make a network namespace: {}".format(e))
-    yield n
-    n.destroy()
-
-
+def netns(netlab):
+    return Netns(netlab, os.getpid() % 10000)
 
 
 def test_network_cut_and_restored(session_env, dests, netns, tmp_path,
@@ -382,13 +345,13 @@ def test_network_cut_and_restored(session_env, dests, netns, tmp_path,
     env = session_env.setup(size=SIZE)
     dfile = _dest_file(tmp_path)
     port = 10809
-    # nbdkit inside the namespace, on TCP (`ip netns exec` execs it: the
-    # PID is nbdkit's).
-    cmd = ["ip", "netns", "exec", netns.ns, "nbdkit", "-f", "-i",
+    # nbdkit inside the namespace, on TCP (it enters the namespace
+    # itself: the PID is nbdkit's).
+    cmd = ["nbdkit", "-f", "-i",
            netns.ns_ip, "-p", str(port), "--filter=rate", "file",
            "file=" + str(dfile)] + _rate_params(tmp_path)
     dest = NbdProcess(cmd, "-", "dest", tmp_path / "nsdest.log",
-                      process_guard)
+                      process_guard, where=netns.ns)
     dest_uri = "nbd://{}:{}/".format(netns.ns_ip, port)
     _start_tcp(dest, dest_uri)
     dests.procs.append(dest)
@@ -444,9 +407,10 @@ def _start_tcp(dest, uri, timeout=20):
     """Start an NbdProcess serving on TCP; wait until uri answers."""
     import nbd
     dest._log = open(dest.log_path, "ab")
-    dest.proc = subprocess.Popen(dest.cmd, stdin=subprocess.DEVNULL,
-                                 stdout=dest._log, stderr=dest._log,
-                                 start_new_session=True)
+    popen = dest.where.popen if dest.where else subprocess.Popen
+    dest.proc = popen(dest.cmd, stdin=subprocess.DEVNULL,
+                      stdout=dest._log, stderr=dest._log,
+                      start_new_session=True)
     dest.guard.add(dest.proc.pid)
     deadline = time.monotonic() + timeout
     while True:
