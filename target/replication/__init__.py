@@ -120,10 +120,13 @@ from .layer import Guard, ReplicationLayer
 from .link import (CONNECTING, DCM_LOGGING, DCM_REPLAY, DETACHED, DIVERGED,
                    FAILED, MODES, REPLICATING, Link, RemoteRefused)
 from .primary import PrimaryGroup
-from .records import (DEFAULT_GRANULARITY, PRIMARY, SECONDARY, GroupFiles,
-                      ReplicaUnavailable, ReplicationError, RsgBusy,
-                      UnknownGroup, history_diverges, new_generation,
-                      parse_secondary, read_token)
+from .records import (DEFAULT_GRANULARITY, DISCARD_SECONDARY,
+                      DISCARD_ZERO_CHANGES, DISCONNECT, PRIMARY, SECONDARY,
+                      SPLIT_BRAIN_POLICIES, GroupFiles, ReplicaUnavailable,
+                      ReplicationError, RsgBusy, UnknownGroup,
+                      check_split_brain_policy, history_diverges,
+                      map_covers, new_generation, parse_secondary,
+                      read_token)
 from .secondary import SecondaryGroup
 from .server import MAX_HELLO, ReplicaServer
 from .srl import MIN_SRL, SRL_DATA_START, SRL_ENTRY, Srl, SrlCorrupt
@@ -134,12 +137,14 @@ from .wire import (FRAME, TRIM, WRITE, ZERO, entry_crc, recv_frame,
 
 __all__ = [
     "ActivityLog", "CONNECTING", "DCM_LOGGING", "DCM_REPLAY",
-    "DEFAULT_GRANULARITY", "DETACHED", "DIVERGED", "Dcm", "FAILED", "FRAME",
+    "DEFAULT_GRANULARITY", "DETACHED", "DISCARD_SECONDARY",
+    "DISCARD_ZERO_CHANGES", "DISCONNECT", "DIVERGED", "Dcm", "FAILED", "FRAME",
     "GroupFiles", "Guard", "Link", "MAX_HELLO", "MIN_SRL", "MODES", "PRIMARY",
     "PrimaryGroup", "REPLICATING", "RemoteRefused", "ReplicaServer",
     "ReplicaUnavailable", "ReplicationError", "ReplicationLayer", "RsgBusy",
-    "SECONDARY", "SRL_DATA_START", "SRL_ENTRY", "SecondaryGroup", "Srl",
-    "SrlCorrupt", "TRIM", "UnknownGroup", "WRITE", "ZERO", "entry_crc",
-    "history_diverges", "new_generation", "parse_secondary", "read_token",
+    "SECONDARY", "SPLIT_BRAIN_POLICIES", "SRL_DATA_START", "SRL_ENTRY",
+    "SecondaryGroup", "Srl", "SrlCorrupt", "TRIM", "UnknownGroup", "WRITE",
+    "ZERO", "check_split_brain_policy", "entry_crc", "history_diverges",
+    "map_covers", "new_generation", "parse_secondary", "read_token",
     "recv_frame", "send_frame",
 ]

@@ -17,6 +17,21 @@ DEFAULT_GRANULARITY = 64 << 10
 
 PRIMARY, SECONDARY = "primary", "secondary"
 
+# What a primary does when a secondary it connects to changed data on its
+# own since the two last agreed (a split brain): see docs/replication.md.
+DISCONNECT = "disconnect"
+DISCARD_ZERO_CHANGES = "discard-zero-changes"
+DISCARD_SECONDARY = "discard-secondary"
+SPLIT_BRAIN_POLICIES = (DISCONNECT, DISCARD_ZERO_CHANGES, DISCARD_SECONDARY)
+
+
+def check_split_brain_policy(policy):
+    if policy not in SPLIT_BRAIN_POLICIES:
+        raise errors.InvalidArgument(
+            reason="--after-split-brain must be one of {}, not {!r}".format(
+                ", ".join(SPLIT_BRAIN_POLICIES), policy))
+    return policy
+
 
 class ReplicationError(errors.Error):
     msg = "replicated group {name!r}: {reason}"
@@ -140,3 +155,27 @@ def history_diverges(mine, my_last, theirs, their_last):
         # They are ahead of me (they have a newer generation).
         return wrote, min(theirs[i][1] - 1, my_last)
     return wrote, min(mine[i][1], theirs[i][1]) - 1
+
+
+def common_prefix(mine, theirs):
+    """How many generations the two histories share from the start."""
+    i = 0
+    while i < len(mine) and i < len(theirs) and mine[i][0] == theirs[i][0]:
+        i += 1
+    return i
+
+
+def map_covers(base, mine, theirs, common):
+    """A change map kept since base ([generation, seq]: every change made
+    after update seq of that generation is in it) holds every change since
+    the point two nodes last agreed (update `common` of the last generation
+    their histories share) when base lies on their common line at or
+    before that point.  A map whose base is unknown (None) covers
+    nothing."""
+    if not base or len(base) != 2:
+        return False
+    i = common_prefix(mine, theirs)
+    shared = [h[0] for h in mine[:i]]
+    if base[0] not in shared:
+        return False
+    return base[0] != shared[-1] or int(base[1]) <= common

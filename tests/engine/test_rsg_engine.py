@@ -1378,3 +1378,243 @@ def test_local_failure_on_the_secondary_does_not_stop_the_link(
     c.write(0, 8192, b"\x08" * 8192)
     c.check_final()
     assert not c.link.stopped_error, c.status()
+
+
+# ---------------------------------------------------------------- resyncs
+# After role changes the regions copied are exactly those either side
+# changed since the two last agreed: a link's bytes_sent grows by exactly
+# those extents (GRAN each; no SRL traffic meanwhile).
+
+TOTAL_EXTENTS = sum(s // GRAN for s in SIZES)
+
+
+def write_extents(t, extents, tag):
+    """Write whole extents [(vol, index)] of t's volumes with data of tag
+    (no zero blocks: a replay sends them the same, but data is plainer)."""
+    rng = random.Random(tag)
+    for vol, i in extents:
+        t.lus[VOLS[vol]].write(bytes([tag]) + rng.randbytes(GRAN - 1),
+                               i * GRAN)
+
+
+def images(t):
+    return [read_image(t, n) for n in VOLS]
+
+
+def detach_and_promote_b(c):
+    """A detaches its link, B (disconnected) is promoted."""
+    c.ta.rsg_detach("g", c.addr)
+    wait_for(lambda: c.sg.connected_since is None, 10, "B disconnected",
+             c.status)
+    c.tb.rsg_promote("g")
+
+
+def resynced(t_primary, link, t_secondary, timeout=20.0):
+    """Wait until link (of t_primary's group) has brought the group on
+    t_secondary to the primary's last update."""
+    def done():
+        sg = t_secondary.rsgs.get("g")
+        g = t_primary.rsgs["g"]
+        return link.state == R.REPLICATING and sg is not None and \
+            sg.role == R.SECONDARY and sg.consistent and \
+            sg.applied_seq == g.next_seq - 1 and link.dcm.count() == 0
+    wait_for(done, timeout, "the resync",
+             lambda: (link.status(), t_secondary.rsgs["g"].status()))
+
+
+def split_brain_pair(cluster_factory, a_writes, b_writes, policy=None):
+    """A converged pair; A detaches and writes a_writes, B is promoted,
+    writes b_writes and is demoted.  Returns (cluster, A's bytes_sent
+    before it attaches again)."""
+    c = cluster_factory()
+    if policy is not None:
+        c.ta.rsg_set("g", after_split_brain=policy)
+    write_extents(c.ta, [(0, i) for i in range(0, 256, 3)], 1)
+    c.wait_converged()
+    detach_and_promote_b(c)
+    write_extents(c.ta, a_writes, 2)
+    write_extents(c.tb, b_writes, 3)
+    c.tb.rsg_demote("g")
+    return c, c.link.sent_bytes
+
+
+A_ONLY = [(0, 1), (0, 2), (0, 3)]
+B_ONLY = [(0, 3), (0, 4), (1, 0)]          # overlaps A's extent (0, 3)
+
+
+def test_diverged_resync_of_a_never_promoted_primary_copies_only_the_changes(
+        cluster_factory):
+    """A primary that was never promoted has no since-promotion map; its
+    link's DCM is what it changed since the secondary last agreed.  The
+    secondary was promoted, wrote 16 extents and was demoted: the resync
+    after --discard-secondary-changes copies those 16 extents, not the
+    whole group."""
+    b_writes = [(0, i) for i in range(100, 112)] + \
+        [(1, i) for i in range(20, 24)]
+    c, sent0 = split_brain_pair(cluster_factory, [], b_writes)
+    c.ta.rsg_attach("g", c.addr)
+    wait_for(lambda: c.link.state == R.DIVERGED, 10, "split brain",
+             c.status)
+    c.ta.rsg_attach("g", c.addr, discard_secondary_changes=True)
+    resynced(c.ta, c.link, c.tb)
+    assert images(c.ta) == images(c.tb), first_diff(images(c.ta),
+                                                    images(c.tb))
+    assert c.link.sent_bytes - sent0 == len(b_writes) * GRAN, \
+        (c.link.sent_bytes - sent0, len(b_writes) * GRAN,
+         TOTAL_EXTENTS * GRAN)
+
+
+def test_diverged_resync_copies_the_union_of_both_sides_changes(
+        cluster_factory):
+    c, sent0 = split_brain_pair(cluster_factory, A_ONLY, B_ONLY)
+    c.ta.rsg_attach("g", c.addr)
+    wait_for(lambda: c.link.state == R.DIVERGED, 10, "split brain",
+             c.status)
+    want = images(c.ta)
+    c.ta.rsg_attach("g", c.addr, discard_secondary_changes=True)
+    resynced(c.ta, c.link, c.tb)
+    assert images(c.tb) == want, first_diff(images(c.tb), want)
+    assert c.link.sent_bytes - sent0 == len(set(A_ONLY) | set(B_ONLY)) * GRAN
+
+
+def test_promotion_without_writes_is_no_split_brain_and_resyncs_exactly(
+        cluster_factory):
+    """detach, promote the secondary, no writes there, demote, attach: no
+    split brain, and only what the primary wrote meanwhile is copied."""
+    c, sent0 = split_brain_pair(cluster_factory, A_ONLY, [])
+    c.ta.rsg_attach("g", c.addr)
+    resynced(c.ta, c.link, c.tb)
+    assert c.link.error is None and c.link.status().get("split_brain") is None
+    assert images(c.ta) == images(c.tb)
+    assert c.link.sent_bytes - sent0 == len(A_ONLY) * GRAN
+
+
+def test_promotion_without_any_writes_copies_nothing(cluster_factory):
+    c, sent0 = split_brain_pair(cluster_factory, [], [])
+    c.ta.rsg_attach("g", c.addr)
+    resynced(c.ta, c.link, c.tb)
+    assert c.link.error is None and c.link.status().get("split_brain") is None
+    assert images(c.ta) == images(c.tb)
+    assert c.link.sent_bytes == sent0
+
+
+def test_failover_and_failback_resync_exactly(cluster_factory):
+    """A role change in each direction: the old primary, demoted, gets the
+    union of both sides' changes; then the same back again, where the
+    new primary's map is its link's DCM (it was never promoted since the
+    secondary last agreed with it)."""
+    c = cluster_factory()
+    write_extents(c.ta, [(0, i) for i in range(0, 256, 5)], 1)
+    c.wait_converged()
+    # Failover: B becomes the primary; A wrote 3 extents B never got.
+    c.ta.rsg_detach("g", c.addr)
+    wait_for(lambda: c.sg.connected_since is None)
+    write_extents(c.ta, A_ONLY, 2)
+    c.tb.rsg_promote("g")
+    write_extents(c.tb, B_ONLY, 3)
+    c.ta.rsg_demote("g")
+    port_a = free_port()
+    c.ta.start_replication("127.0.0.1", port_a, c.tok)
+    addr_a = "127.0.0.1:%d" % port_a
+    c.tb.rsg_link("g", addr_a, "async", c.tok)
+    lb = c.tb.rsgs["g"].links[0]
+    wait_for(lambda: lb.state == R.DIVERGED, 10, "split brain", lb.status)
+    sb = lb.status()["split_brain"]
+    assert (sb["primary"]["extents"], sb["secondary"]["extents"]) == (3, 3)
+    c.tb.rsg_attach("g", addr_a, discard_secondary_changes=True)
+    resynced(c.tb, lb, c.ta)
+    assert images(c.ta) == images(c.tb)
+    assert lb.sent_bytes == len(set(A_ONLY) | set(B_ONLY)) * GRAN
+    # Failback: B detaches and writes, A is promoted, writes, is demoted.
+    c.tb.rsg_detach("g", addr_a)
+    wait_for(lambda: c.ta.rsgs["g"].connected_since is None)
+    sent0 = lb.sent_bytes
+    b2 = [(1, 7), (1, 8)]
+    a2 = [(0, 200), (1, 8)]
+    write_extents(c.tb, b2, 4)
+    c.ta.rsg_promote("g")
+    write_extents(c.ta, a2, 5)
+    c.ta.rsg_demote("g")
+    c.tb.rsg_attach("g", addr_a)
+    wait_for(lambda: lb.state == R.DIVERGED, 10, "split brain", lb.status)
+    c.tb.rsg_attach("g", addr_a, discard_secondary_changes=True)
+    resynced(c.tb, lb, c.ta)
+    assert images(c.ta) == images(c.tb)
+    assert lb.sent_bytes - sent0 == len(set(a2) | set(b2)) * GRAN
+
+
+# ---------------------------------------------------------------- policies
+
+def test_split_brain_is_reported_with_what_each_side_wrote(cluster_factory):
+    """The default policy (disconnect) discards nothing: the link waits,
+    and says how much each side wrote."""
+    c, sent0 = split_brain_pair(cluster_factory, A_ONLY, B_ONLY)
+    assert c.g.status()["after_split_brain"] == "disconnect"
+    c.ta.rsg_attach("g", c.addr)
+    wait_for(lambda: c.link.state == R.DIVERGED, 10, "split brain",
+             c.status)
+    time.sleep(0.3)
+    assert c.link.state == R.DIVERGED and c.link.sent_bytes == sent0
+    sb = c.ta.rsg_status("g")["links"][0]["split_brain"]
+    assert sb["primary"] == {"extents": 3, "bytes": 3 * GRAN}, sb
+    assert sb["secondary"] == {"extents": 3, "bytes": 3 * GRAN}, sb
+    assert "this node changed 3 extent(s) (12288 bytes)" in c.link.error
+    assert "changed 3 extent(s) (12288 bytes) on its own" in c.link.error
+
+
+def test_policy_discard_secondary_resolves_automatically(cluster_factory):
+    c, sent0 = split_brain_pair(cluster_factory, A_ONLY, B_ONLY,
+                                policy="discard-secondary")
+    want = images(c.ta)
+    c.ta.rsg_attach("g", c.addr)
+    resynced(c.ta, c.link, c.tb)
+    assert images(c.tb) == want
+    assert c.link.sent_bytes - sent0 == len(set(A_ONLY) | set(B_ONLY)) * GRAN
+
+
+def test_policy_discard_zero_changes_disconnects_when_both_wrote(
+        cluster_factory):
+    c, sent0 = split_brain_pair(cluster_factory, A_ONLY, B_ONLY,
+                                policy="discard-zero-changes")
+    c.ta.rsg_attach("g", c.addr)
+    wait_for(lambda: c.link.state == R.DIVERGED, 10, "split brain",
+             c.status)
+    time.sleep(0.3)
+    assert c.link.state == R.DIVERGED and c.link.sent_bytes == sent0
+
+
+def test_policy_discard_zero_changes_takes_the_secondarys_changes(
+        cluster_factory):
+    """Only the demoted node wrote since the two last agreed: the primary
+    takes its changes (they become updates of the primary, replicated
+    everywhere) and nothing is lost."""
+    c, sent0 = split_brain_pair(cluster_factory, [], B_ONLY,
+                                policy="discard-zero-changes")
+    want = images(c.tb)
+    c.ta.rsg_attach("g", c.addr)
+    resynced(c.ta, c.link, c.tb)
+    assert images(c.ta) == want, first_diff(images(c.ta), want)
+    assert images(c.tb) == want
+    assert c.link.error is None
+    assert c.link.sent_bytes - sent0 == len(B_ONLY) * GRAN
+
+
+def test_split_brain_policy_is_saved_and_checked(cluster_factory):
+    c = cluster_factory(link=False)
+    with pytest.raises(errors.InvalidArgument):
+        c.ta.rsg_set("g", after_split_brain="violently")
+    assert c.ta.rsg_status("g")["after_split_brain"] == "disconnect"
+    c.ta.rsg_set("g", after_split_brain="discard-zero-changes")
+    assert c.g.files.load()["after_split_brain"] == "discard-zero-changes"
+    c.ta.close()
+    c.ta = Target(c.A)
+    assert c.ta.rsg_status("g")["after_split_brain"] == \
+        "discard-zero-changes"
+    # A record written before the policy existed loads with the default.
+    rec = c.g.files.load()
+    del rec["after_split_brain"]
+    c.ta.close()
+    files = R.GroupFiles(os.path.join(c.A, "rsg"), "g")
+    files.save(rec)
+    c.ta = Target(c.A)
+    assert c.ta.rsg_status("g")["after_split_brain"] == "disconnect"
