@@ -1677,7 +1677,10 @@ def rsg():
     it changed. After a crash or power cut of the primary, the regions
     written in the last moments (its activity log, 4 MiB regions) are
     replayed to every link, since the SRL may have lost their last entries.
-    Link states: connecting, replicating, dcm-logging, dcm-replay, failed
+    After a role change (promote, demote) only the regions either side
+    changed since the two last agreed are copied; when both changed data (a
+    split brain) the group's --after-split-brain policy decides (rsg create,
+    rsg set). Link states: connecting, replicating, dcm-logging, dcm-replay, failed
     (retried every second unless stopped with an error), diverged, detached.
     """
 

@@ -99,13 +99,22 @@ sync runs on a secondary, primaries are refused (they retry) so that no
 batch lands beside the operation's writes.
 
 Generations.  A group's history is a list of (generation id, first
-sequence number).  `promote` on a secondary starts a new generation; on
-reconnect each side's history and last sequence number show whether the
-old primary wrote after the branch point (split brain): replication is
-refused with a message until the admin chooses (`--discard-secondary-
-changes` on the new primary), and then only the regions that diverged (the
-new primary's writes since the promotion, plus the old primary's writes the
-new one never received, which the demoted node reports) are copied.
+sequence number).  `promote` on a secondary starts a new generation.  Each
+node keeps, from the moment it stops replicating with another, a durable
+map of what it changes, with the point of its history the map starts from
+(its base): a link's DCM (since its secondary last agreed with this node),
+the since-promotion map (since `since_base`), a demoted or restored
+secondary's `diverged` regions (since their base).  On reconnect the two
+histories give the point both last agreed (`history_diverges`); each
+side's map is used if its base lies on the common line at or before that
+point (`map_covers`; else that side counts as having changed everything),
+and the link replays the union, from the primary.  The secondary wrote
+after that point: a split brain, handled by the group's policy
+(`after_split_brain`): disconnect (the link waits for `--discard-
+secondary-changes`, reporting what each side changed), discard-secondary
+(the primary wins), discard-zero-changes (the primary takes the
+secondary's changes first (PULL, the secondary answers with RDAT frames
+and PEND) when it changed nothing itself; both changed: disconnect).
 
 Modules: wire (frames on the replication connection), srl (the primary's
 log), dcm (data change maps, the activity log), records (a group's files,
