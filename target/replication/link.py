@@ -382,7 +382,11 @@ class Link:
                                            "checks".format(off, vol))
             g.take_changes(vol, off, data)
         with g.cond:
+            # Taken: this side's data wins from now on (until the secondary
+            # has taken this side's history), whatever the next handshake
+            # finds this node changed.
             self.pulling = False
+            self.discard_secondary = True
         g.persist()
         log.info("group %s: took %d region(s) changed on %s", g.name,
                  len(runs), self.secondary)
