@@ -364,9 +364,18 @@ class RsgOrchestration:
                     if rsg.protected else "gone"))
         gen = replication.new_generation()
         history = rsg.history + [[gen, rsg.applied_seq + 1]]
-        # The since map holds what this node changed on its own since it
-        # last agreed with a primary (its diverged regions are copied in).
-        since_base = rsg.own_base()
+        # The since map holds what this node changes from its promotion
+        # on.  With nothing diverged here that is every change since the
+        # last update it had from a primary (since_base); otherwise its
+        # diverged maps go with it, each since its own point.
+        diverged = rsg.diverged
+        if diverged is None:
+            since_base, since_maps = rsg.own_base(), []
+        else:
+            since_base = None
+            since_maps = [{"base": diverged.get("base"),
+                           "runs": diverged.get("runs", [])}] + \
+                list(diverged.get("maps", []))
         record = {"name": name, "role": replication.PRIMARY,
                   "granularity": rsg.granularity,
                   "srl_size": rsg.record_base.get("srl_size", 64 << 20),
@@ -374,6 +383,7 @@ class RsgOrchestration:
                   "generation": gen, "history": history,
                   "next_seq": rsg.applied_seq + 1, "links": [],
                   "since_promotion": True, "since_base": since_base,
+                  "since_maps": since_maps,
                   "after_split_brain": rsg.record_base.get(
                       "after_split_brain", replication.DISCONNECT)}
         files = rsg.files
@@ -385,14 +395,8 @@ class RsgOrchestration:
             since = replication.Dcm(files.since(), record["granularity"],
                                     [v["size"] for v in record["volumes"]],
                                     fresh_value=0)
-            # What this node changed that the others never got (its own
-            # unacknowledged writes when it was primary, a restore done
-            # while detached) differs there as much as what it writes from
-            # now on: the first contact copies both.
-            diverged = rsg.diverged or {}
-            for vol, off, length in diverged.get("runs", []):
-                since.mark(vol, off, length)
-            if diverged.get("all"):
+            if diverged is not None and diverged.get("all"):
+                # Changed here who knows where: every extent differs.
                 since.mark_all()
             since.close()
             self._save_role(files, record)

@@ -86,6 +86,9 @@ class PrimaryGroup:
         # not used to resync another line of history.
         self.since = None
         self.since_base = record.get("since_base")
+        # [{base, runs}]: what this node changed on its own before its
+        # promotion, each since its base (the since map goes with each).
+        self.since_maps = record.get("since_maps") or []
         if record.get("since_promotion"):
             self.since = Dcm(files.since(), self.granularity, self.sizes)
         self.links = []
@@ -210,6 +213,7 @@ class PrimaryGroup:
                     "links": [l.record() for l in self.links],
                     "since_promotion": self.since is not None,
                     "since_base": self.since_base,
+                    "since_maps": self.since_maps,
                     "after_split_brain": self.after_split_brain})
         return rec, {l: l.acked_pos for l in self.links}
 
@@ -529,34 +533,57 @@ class PrimaryGroup:
     def _own_changes(self, link, theirs, common):
         """(Under the lock; the link logs.)  One byte per extent: what this
         node changed since it last agreed with the secondary (history
-        theirs; update `common` of their last shared generation)."""
+        theirs; update `common` of their last shared generation): the
+        smallest of the maps that reach back to that point."""
         shared = common_prefix(self.history, theirs)
         if shared == 0:
             return self._all_extents(link)
+        found = []
         if shared == len(self.history) and link.seeded:
             # The secondary left this node's generation (or is on it): the
             # link's DCM holds what it lacks since it last agreed.
-            return bytearray(link.dcm.bits)
-        if self.since is not None and map_covers(self.since_base,
-                                                 self.history, theirs,
-                                                 common):
+            found.append(bytearray(link.dcm.bits))
+        if self.since is not None:
             # This node branched off (its promotion) after that point.
-            return bytearray(a | b for a, b in zip(link.dcm.bits,
-                                                   self.since.bits))
-        return self._all_extents(link)
+            since = bytearray(a | b for a, b in zip(link.dcm.bits,
+                                                    self.since.bits))
+            candidates = [(m.get("base"), m.get("runs") or [])
+                          for m in self.since_maps]
+            if self.since_base is not None:
+                candidates.append((self.since_base, []))
+            for base, runs in candidates:
+                if map_covers(base, self.history, theirs, common):
+                    bits = bytearray(since)
+                    self._set_runs(link, bits, runs)
+                    found.append(bits)
+        if not found:
+            return self._all_extents(link)
+        return min(found, key=lambda b: b.count(1))
+
+    def _set_runs(self, link, bits, runs):
+        for vol, off, length in runs:
+            if 0 <= vol < len(self.sizes):
+                maps.set_range(bits, *link.dcm.range_of(vol, off, length))
 
     def _peer_changes(self, link, reply, theirs, common):
         """One byte per extent: what the secondary changed on its own since
-        the two last agreed, as it reports (everything, when its map does
-        not reach back to that point)."""
-        if reply.get("diverged_all") or not map_covers(
-                reply.get("base"), self.history, theirs, common):
+        the two last agreed, as it reports: the smallest of its maps that
+        reach back to that point (everything, when none does)."""
+        if reply.get("diverged_all"):
             return self._all_extents(link)
-        bits = bytearray(link.dcm.extents)
-        for vol, off, length in reply.get("diverged") or []:
-            if 0 <= vol < len(self.sizes):
-                maps.set_range(bits, *link.dcm.range_of(vol, off, length))
-        return bits
+        candidates = [(reply.get("base"), reply.get("diverged") or [])] + \
+            [(m.get("base"), m.get("runs") or [])
+             for m in reply.get("diverged_maps") or []
+             if isinstance(m, dict)]
+        found = []
+        for base, runs in candidates:
+            if map_covers(base, self.history, theirs, common):
+                bits = bytearray(link.dcm.extents)
+                self._set_runs(link, bits, runs)
+                found.append(bits)
+        if not found:
+            return self._all_extents(link)
+        return min(found, key=lambda b: b.count(1))
 
     def _bytes(self, link, bits):
         return sum(n for _, _, n in link.dcm.runs(bits))
@@ -619,24 +646,45 @@ class PrimaryGroup:
     def changes_since_agreement(self):
         """(Demote, under the lock, every link logging.)  What this node
         changed that another node may lack, for the secondary record:
-        {"runs", "all", "base"}, base being the point since which the runs
-        hold every change of this node ([generation, seq]; None: unknown).
-        After a promotion, the since-promotion map; otherwise the union of
-        the links' DCMs, since the oldest point a link's secondary agreed
-        with this node."""
+        {"runs", "all", "base", "maps"}: runs holds every change of this
+        node since base ([generation, seq]; None: unknown), and each of
+        maps ({"base", "runs"}) the same since a later point, so that a
+        node that agreed with this one later gets less copied.  The first
+        is the since-promotion map (for a node never promoted: the union
+        of its links' DCMs, since the oldest point a link's secondary
+        agreed); then the maps kept from before the promotion, and each
+        seeded link's DCM since its secondary last agreed."""
+        def runs_of(bits):
+            return [list(r) for r in Dcm.runs_of(bits, self.granularity,
+                                                 self.sizes)]
+        extents = sum(maps.extent_count(n, self.granularity)
+                      for n in self.sizes)
+        seeded = [l for l in self.links if l.seeded]
+        links = [{"base": [self.generation, l.acked_seq],
+                  "runs": runs_of(l.dcm.bits)} for l in seeded]
         if self.since is not None:
-            bits, base = self.since.bits, self.since_base
+            since = self.since.bits
+            found = [{"base": self.since_base, "runs": runs_of(since)}] \
+                if self.since_base is not None else []
+            for m in self.since_maps:
+                bits = bytearray(since)
+                for vol, off, length in m.get("runs") or []:
+                    maps.set_range(bits, *self.since.range_of(vol, off,
+                                                              length))
+                found.append({"base": m.get("base"), "runs": runs_of(bits)})
+            if not found:
+                # A record older than the bases: since when is unknown.
+                found = [{"base": None, "runs": runs_of(since)}]
+            top, narrower = found[0], found[1:] + links
         else:
-            bits = bytearray(self.links[0].dcm.extents) if self.links \
-                else bytearray(sum(maps.extent_count(n, self.granularity)
-                                   for n in self.sizes))
+            narrower = links
+            bits = bytearray(extents)
             for link in self.links:
                 bits = bytearray(a | b for a, b in zip(bits, link.dcm.bits))
-            seeded = [l.acked_seq for l in self.links if l.seeded]
-            base = [self.generation, min(seeded)] if seeded else None
-        runs = [list(r) for r in Dcm.runs_of(bits, self.granularity,
-                                             self.sizes)]
-        return {"runs": runs, "all": False, "base": base}
+            top = {"runs": runs_of(bits), "base":
+                   [self.generation, min(l.acked_seq for l in seeded)]
+                   if seeded else None}
+        return dict(top, all=False, maps=narrower)
 
     def set_split_brain_policy(self, policy):
         with self.cond:

@@ -135,26 +135,22 @@ def history_diverges(mine, my_last, theirs, their_last):
     """Has the side with history `theirs` (last seq their_last) written
     something the side with `mine` never had?  Returns (diverged, common):
     common is the last sequence number both histories share."""
-    # Walk the common prefix of generations.
-    i = 0
-    while i < len(mine) and i < len(theirs) and mine[i][0] == theirs[i][0]:
-        i += 1
+    i = common_prefix(mine, theirs)
     if i == 0:
         return True, 0
-    if i == len(theirs):
-        # Their last generation is one of mine.
-        if i == len(mine):
-            return False, min(my_last, their_last)
-        branch = mine[i][1] - 1      # my next generation starts after this
-        return their_last > branch, min(branch, their_last)
-    # They have a generation I never had: they wrote after the branch
-    # point only if they wrote in it (a node promoted and demoted again
-    # without a write has nothing to lose).
-    wrote = their_last >= theirs[i][1]
-    if i == len(mine):
-        # They are ahead of me (they have a newer generation).
-        return wrote, min(theirs[i][1] - 1, my_last)
-    return wrote, min(mine[i][1], theirs[i][1]) - 1
+    if i == len(theirs) and i == len(mine):
+        # The same generation: the one behind has a prefix of the other.
+        return False, min(my_last, their_last)
+    # Where each side left the last generation both share.
+    my_leave = mine[i][1] - 1 if i < len(mine) else my_last
+    their_leave = theirs[i][1] - 1 if i < len(theirs) else their_last
+    common = min(my_leave, their_leave)
+    # They wrote after the branch point if they had updates of the shared
+    # generation past it, or wrote in a generation of their own (a node
+    # promoted and demoted again without a write has nothing to lose).
+    wrote = their_leave > common or \
+        (i < len(theirs) and their_last >= theirs[i][1])
+    return wrote, common
 
 
 def common_prefix(mine, theirs):

@@ -257,6 +257,7 @@ class SecondaryGroup:
         if policy and policy != self.record_base.get("after_split_brain"):
             # The group's policy, kept for when this node is promoted.
             self.record_base["after_split_brain"] = policy
+            self.persist()
         reply = {"ok": True, "role": SECONDARY,
                  "consistent": self.consistent,
                  "applied_seq": self.applied_seq, "history": self.history,
@@ -265,6 +266,7 @@ class SecondaryGroup:
         if self.diverged is not None:
             reply["diverged"] = self.diverged.get("runs", [])
             reply["diverged_all"] = self.diverged.get("all", False)
+            reply["diverged_maps"] = self.diverged.get("maps", [])
         return reply
 
     def own_base(self):
@@ -283,9 +285,11 @@ class SecondaryGroup:
         this node changes on its own, saved as diverged."""
         if self.diverged is None:
             self.diverged = {"runs": [], "all": False,
-                             "base": self.own_base()}
-        self.diverged["runs"] = self.diverged.get("runs", []) + \
-            [list(r) for r in runs]
+                             "base": self.own_base(), "maps": []}
+        runs = [list(r) for r in runs]
+        self.diverged["runs"] = self.diverged.get("runs", []) + runs
+        for m in self.diverged.get("maps", []):
+            m["runs"] = m["runs"] + runs
         self.persist()
 
     def _send_pull(self, sock, runs):
