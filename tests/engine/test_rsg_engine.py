@@ -1630,8 +1630,8 @@ def step(*what):
 
 
 class ResyncMachine(RuleBasedStateMachine):
-    """Random role changes, writes on either node, detaches and attaches
-    of two nodes A and B, under a random split-brain policy.  The model
+    """Random role changes, writes on either node, detaches, attaches and
+    restarts of two nodes A and B, under a random split-brain policy.  The model
     is, per node, the set of extents it changed since the two last agreed
     (both are converged when a link is detached).  At every attach: a
     split brain exactly when the node being linked to changed something,
@@ -1698,6 +1698,35 @@ class ResyncMachine(RuleBasedStateMachine):
         step("write", node, self.attached, extents)
         if not self.attached:
             self.changed[node] |= set(extents)
+
+    @rule(node=st.sampled_from("AB"))
+    def restart(self, node):
+        """A clean stop and start: the maps, their bases and the policy
+        are what the files say."""
+        t = self.t[node]
+        port = int(self.addr[node].rpartition(":")[2])
+        t.close()
+        try:
+            # Wake the closed listener's accept thread: it lets go of the
+            # port then.
+            socket.create_connection(("127.0.0.1", port), 1).close()
+        except OSError:
+            pass
+        t = Target(self.c.A if node == "A" else self.c.B)
+        t.start()
+        for attempt in range(50):
+            try:
+                t.start_replication("127.0.0.1", port, self.c.tok)
+                break
+            except OSError:
+                time.sleep(0.1)
+        self.t[node] = t
+        if node == "A":
+            self.c.ta = t
+        else:
+            self.c.tb = t
+        assert t.rsgs["g"].status()["after_split_brain"] == self.policy
+        step("restart", node)
 
     @precondition(lambda self: self.attached)
     @rule()
