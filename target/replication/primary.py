@@ -80,10 +80,10 @@ class PrimaryGroup:
         self.next_seq = max(self.srl.next_seq, record.get("next_seq", 1),
                             self.seq_bound)
         self.after_split_brain = record.get("after_split_brain", DISCONNECT)
-        # What this node changed since its promotion, and the point the
-        # map starts from (where the node last agreed with a primary);
-        # None: unknown (a record older than the field), so the map is
-        # not used to resync another line of history.
+        # What this node changed since its promotion; since_base: the
+        # last update it had from a primary then, if it had changed
+        # nothing on its own (None: it had, see since_maps, or the record
+        # is older than the field): the map holds every change since.
         self.since = None
         self.since_base = record.get("since_base")
         # [{base, runs}]: what this node changed on its own before its
@@ -469,6 +469,7 @@ class PrimaryGroup:
             link.batches = []
             link.stream_from = None
             link.pull = None
+            link.split_brain = None     # set again if it still is one
             # (A node that is itself primary refuses the hello instead.)
             diverged, common = False, 0
             if theirs:
@@ -488,13 +489,11 @@ class PrimaryGroup:
                 if diverged and not self._resolve_split_brain(
                         link, own, peer, theirs, common):
                     return False
-                link.split_brain = None
                 link.dcm.replace(bytearray(a | b for a, b in zip(own, peer)))
                 link.seeded = True
             elif not link.seeded or not theirs:
                 # First contact (or a secondary that knows nothing of the
                 # group): what may differ?
-                link.split_brain = None
                 if not (same_line and reply.get("consistent") and
                         link.holds_srl and
                         int(reply.get("applied_seq") or 0) >=
@@ -504,7 +503,6 @@ class PrimaryGroup:
                     link.dcm.mark_all()
                 link.seeded = True
             elif link.holds_srl:
-                link.split_brain = None
                 applied = int(reply.get("applied_seq") or 0)
                 if applied < link.acked_seq or not reply.get("consistent"):
                     # It lost updates it had acknowledged, or a replay was
