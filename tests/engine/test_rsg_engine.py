@@ -1630,8 +1630,9 @@ def step(*what):
 
 
 class ResyncMachine(RuleBasedStateMachine):
-    """Random role changes, writes on either node, detaches, attaches and
-    restarts of two nodes A and B, under a random split-brain policy.  The model
+    """Random role changes, writes on either node, detaches, attaches,
+    restarts and kills (of the replicating primary) of two nodes A and B,
+    under a random split-brain policy.  The model
     is, per node, the set of extents it changed since the two last agreed
     (both are converged when a link is detached).  At every attach: a
     split brain exactly when the node being linked to changed something,
@@ -1699,13 +1700,36 @@ class ResyncMachine(RuleBasedStateMachine):
         if not self.attached:
             self.changed[node] |= set(extents)
 
+    @precondition(lambda self: self.attached)
+    @rule()
+    def kill_primary(self):
+        """kill -9 of the replicating primary at a quiet moment (as
+        Cluster.crash_primary, with a listener to stop too): its activity
+        log replays to the attached link, and the next detach waits for
+        that, so the model is unchanged."""
+        t = self.t[self.prim]
+        t.rsg_ops.replica_server.stop()
+        g = t.rsgs["g"]
+        for link in g.links:
+            link.stop()
+        for link in g.links:
+            link.dcm.close()
+        if g.since is not None:
+            g.since.close()
+        g.al.close()
+        g.srl.close()
+        for lu in t.lus.values():
+            lu.close()
+        self.restart(self.prim, closed=True)
+
     @rule(node=st.sampled_from("AB"))
-    def restart(self, node):
+    def restart(self, node, closed=False):
         """A clean stop and start: the maps, their bases and the policy
         are what the files say."""
         t = self.t[node]
         port = int(self.addr[node].rpartition(":")[2])
-        t.close()
+        if not closed:
+            t.close()
         try:
             # Wake the closed listener's accept thread: it lets go of the
             # port then.
@@ -1726,7 +1750,7 @@ class ResyncMachine(RuleBasedStateMachine):
         else:
             self.c.tb = t
         assert t.rsgs["g"].status()["after_split_brain"] == self.policy
-        step("restart", node)
+        step("killed" if closed else "restart", node)
 
     @precondition(lambda self: self.attached)
     @rule()
