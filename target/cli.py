@@ -1722,9 +1722,26 @@ def rsg():
     it changed. After a crash or power cut of the primary, the regions
     written in the last moments (its activity log, 4 MiB regions) are
     replayed to every link, since the SRL may have lost their last entries.
-    Link states: connecting, replicating, dcm-logging, dcm-replay, failed
+    After a role change (promote, demote) only the regions either side
+    changed since the two last agreed are copied; when both changed data (a
+    split brain) the group's --after-split-brain policy decides (rsg create,
+    rsg set). Link states: connecting, replicating, dcm-logging, dcm-replay, failed
     (retried every second unless stopped with an error), diverged, detached.
     """
+
+
+_AFTER_SPLIT_BRAIN_OPT = click.option(
+    "--after-split-brain", metavar="POLICY",
+    type=click.Choice(["disconnect", "discard-zero-changes",
+                       "discard-secondary"]),
+    help="What a primary does when a node it links to changed data on its "
+         "own since the two last agreed (a split brain). disconnect (the "
+         "default): nothing is discarded; the link waits for `rsg attach "
+         "--discard-secondary-changes` or a demotion. discard-zero-changes: "
+         "if this node changed nothing since then, it takes the other "
+         "node's changes; otherwise disconnect. discard-secondary: this "
+         "node's data wins, the other node's changes are overwritten. Only "
+         "the regions either side changed are copied.")
 
 
 @rsg.command("create")
@@ -1739,13 +1756,15 @@ def rsg():
                    "back to its DCM.")
 @click.option("--granularity", metavar="SIZE",
               help="Extent size of the DCMs (default 64K).")
+@_AFTER_SPLIT_BRAIN_OPT
 @json_result
 @pass_ctx
 @handle_errors
-def rsg_create(ctx, name, volumes, srl_size, granularity):
+def rsg_create(ctx, name, volumes, srl_size, granularity, after_split_brain):
     """Make a replicated storage group of LUs on this (primary) node."""
     st = _target_call(ctx, "rsg_create", name=name, volumes=list(volumes),
-                      srl_size=srl_size, granularity=granularity)
+                      srl_size=srl_size, granularity=granularity,
+                      after_split_brain=after_split_brain)
     click.echo("replicated group {}: {} volume(s), SRL {}".format(
         name, len(st["volumes"]), units.format_size(st["srl"]["size"])))
 
@@ -1759,6 +1778,24 @@ def rsg_delete(ctx, name):
     """Delete a group (its links, SRL and DCMs; the LUs stay)."""
     _target_call(ctx, "rsg_delete", name=name)
     click.echo("replicated group {} deleted".format(name))
+
+
+@rsg.command("set")
+@click.argument("name")
+@_AFTER_SPLIT_BRAIN_OPT
+@json_result
+@pass_ctx
+@handle_errors
+def rsg_set(ctx, name, after_split_brain):
+    """Change a group's settings (saved in its record).
+
+    On a secondary the setting is kept for when it is promoted; a primary
+    sends its own to its secondaries.
+    """
+    st = _target_call(ctx, "rsg_set", name=name,
+                      after_split_brain=after_split_brain)
+    click.echo("group {}: after a split brain: {}".format(
+        name, st["after_split_brain"]))
 
 
 _SECONDARY_OPT = click.option("--secondary", required=True, metavar="HOST:PORT",
@@ -1832,8 +1869,9 @@ def rsg_detach(ctx, name, secondary):
 @_SECONDARY_OPT
 @click.option("--discard-secondary-changes", is_flag=True,
               help="After a split brain: this node wins; the secondary's "
-                   "diverged regions are overwritten (only those, and this "
-                   "node's changes since its promotion, are copied).")
+                   "diverged regions are overwritten (only those, and what "
+                   "this node changed since the two last agreed, are "
+                   "copied).")
 @json_result
 @pass_ctx
 @handle_errors
@@ -1893,6 +1931,8 @@ def _print_rsg(st):
                        st["srl"]["used_percent"],
                        st["activity_log_regions"]))
         click.echo("  volumes: " + ", ".join(v["lu"] for v in st["volumes"]))
+        click.echo("  after a split brain: " + st.get("after_split_brain",
+                                                     "disconnect"))
         for p in st.get("problems") or []:
             click.echo("  recovery: " + p)
         for l in st["links"]:
@@ -1908,6 +1948,14 @@ def _print_rsg(st):
                 l["secondary"], l["mode"], l["state"], lag, extra,
                 units.format_size(l.get("bytes_sent") or 0),
                 ", error: " + l["error"] if l["error"] else ""))
+            sb = l.get("split_brain")
+            if sb:
+                click.echo("     split brain: this node changed {} extent(s) "
+                           "({}), the secondary {} ({})".format(
+                               sb["primary"]["extents"],
+                               units.format_size(sb["primary"]["bytes"]),
+                               sb["secondary"]["extents"],
+                               units.format_size(sb["secondary"]["bytes"])))
     else:
         click.echo("{}: secondary of {}, {}, applied update #{}{}".format(
             st["name"], st["primary"] or "-", "consistent" if st["consistent"]

@@ -85,6 +85,7 @@ TABLE = [
     _op("rsg_delete", "rsg_ops.rsg_delete"),
     _op("rsg_list", "rsg_ops.rsg_list", changes=False),
     _op("rsg_status", "rsg_ops.rsg_status", changes=False),
+    _op("rsg_set", "rsg_ops.rsg_set"),
     _op("rsg_link", "rsg_ops.rsg_link", needs_server=True),
     _op("rsg_unlink", "rsg_ops.rsg_unlink", needs_server=True),
     _op("rsg_attach", "rsg_ops.rsg_attach", needs_server=True),

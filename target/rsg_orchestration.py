@@ -219,7 +219,8 @@ class RsgOrchestration:
             log.info("replicated group %s: secondary of %s", name, peer_host)
             return self._open_rsg(files, record)
 
-    def rsg_create(self, name, volumes, srl_size, granularity=None):
+    def rsg_create(self, name, volumes, srl_size, granularity=None,
+                   after_split_brain=None):
         units.check_name(name)
         if not volumes:
             raise errors.InvalidArgument(reason="a group needs at least one "
@@ -233,6 +234,8 @@ class RsgOrchestration:
         g = units.parse_size(granularity) if granularity else \
             replication.DEFAULT_GRANULARITY
         clones.check_granularity(g)
+        policy = replication.check_split_brain_policy(
+            after_split_brain or replication.DISCONNECT)
         with self.target.lock:
             if name in self.target.rsgs:
                 raise replication.ReplicationError(name=name,
@@ -250,7 +253,8 @@ class RsgOrchestration:
                       "volumes": [{"lu": lu.name, "size": lu.size}
                                   for lu in vols],
                       "generation": gen, "history": [[gen, 1]],
-                      "next_seq": 1, "links": []}
+                      "next_seq": 1, "links": [],
+                      "after_split_brain": policy}
             files.remove_all()
             rsg = None
             try:
@@ -300,6 +304,16 @@ class RsgOrchestration:
         if name in self.failures and name not in self.target.rsgs:
             return self._failed_rsg_status(name)
         return self._rsg(name).status()
+
+    def rsg_set(self, name, after_split_brain=None):
+        """Change a group's settings (its split-brain policy), on its
+        primary or a secondary (which keeps it for when it is promoted)."""
+        rsg = self._rsg(name)
+        if after_split_brain is None:
+            raise errors.InvalidArgument(reason="nothing to set (use "
+                                         "--after-split-brain)")
+        rsg.set_split_brain_policy(after_split_brain)
+        return rsg.status()
 
     def rsg_link(self, name, secondary, mode="async", token_file=None,
                  tls_certificates=None):
@@ -352,13 +366,28 @@ class RsgOrchestration:
                     if rsg.protected else "gone"))
         gen = replication.new_generation()
         history = rsg.history + [[gen, rsg.applied_seq + 1]]
+        # The since map holds what this node changes from its promotion
+        # on.  With nothing diverged here that is every change since the
+        # last update it had from a primary (since_base); otherwise its
+        # diverged maps go with it, each since its own point.
+        diverged = rsg.diverged
+        if diverged is None:
+            since_base, since_maps = rsg.own_base(), []
+        else:
+            since_base = None
+            since_maps = [{"base": diverged.get("base"),
+                           "runs": diverged.get("runs", [])}] + \
+                list(diverged.get("maps", []))
         record = {"name": name, "role": replication.PRIMARY,
                   "granularity": rsg.granularity,
                   "srl_size": rsg.record_base.get("srl_size", 64 << 20),
                   "volumes": rsg.record_base["volumes"],
                   "generation": gen, "history": history,
                   "next_seq": rsg.applied_seq + 1, "links": [],
-                  "since_promotion": True}
+                  "since_promotion": True, "since_base": since_base,
+                  "since_maps": since_maps,
+                  "after_split_brain": rsg.record_base.get(
+                      "after_split_brain", replication.DISCONNECT)}
         files = rsg.files
         with self.target.lock:
             self._close_rsg(rsg)
@@ -368,14 +397,8 @@ class RsgOrchestration:
             since = replication.Dcm(files.since(), record["granularity"],
                                     [v["size"] for v in record["volumes"]],
                                     fresh_value=0)
-            # What this node changed that the others never got (its own
-            # unacknowledged writes when it was primary, a restore done
-            # while detached) differs there as much as what it writes from
-            # now on: the first contact copies both.
-            diverged = rsg.diverged or {}
-            for vol, off, length in diverged.get("runs", []):
-                since.mark(vol, off, length)
-            if diverged.get("all"):
+            if diverged is not None and diverged.get("all"):
+                # Changed here who knows where: every extent differs.
                 since.mark_all()
             since.close()
             self._save_role(files, record)
@@ -415,24 +438,19 @@ class RsgOrchestration:
         with rsg.cond:
             for link in rsg.links:
                 rsg.to_logging(link)
-            # What some node may lack: what a link has not acknowledged,
-            # and what changed here since the promotion (a link made just
-            # now has not taken that into its DCM yet).
-            dcms = [link.dcm for link in rsg.links]
-            if rsg.since is not None:
-                dcms.append(rsg.since)
-            union = bytearray(dcms[0].bits) if dcms else None
-            for dcm in dcms[1:]:
-                union = bytearray(a | b for a, b in zip(union, dcm.bits))
-            runs = [list(r) for r in dcms[0].runs(union)] \
-                if union is not None else []
+            # What some node may lack: what this node changed since it
+            # last agreed with another (the since-promotion map, or what
+            # its links have not acknowledged).
+            diverged = rsg.changes_since_agreement()
+        runs = diverged["runs"]
         record = {"name": name, "role": replication.SECONDARY,
                   "granularity": rsg.granularity,
                   "srl_size": rsg.srl.capacity,
                   "volumes": rsg.record_base["volumes"],
                   "history": rsg.history, "last_seq": last,
                   "applied_seq": last, "consistent": True,
-                  "diverged": {"runs": runs, "all": False}}
+                  "diverged": diverged,
+                  "after_split_brain": rsg.after_split_brain}
         with self.target.lock:
             self._close_rsg(rsg)
             self._save_role(files, record)
@@ -491,12 +509,11 @@ class RsgOrchestration:
             rsg.begin_volume_change(vol, regions, granularity, what)
             return
         with rsg.local_change("{} of {}".format(what, lu.name)):
-            runs = rsg.diverged.get("runs", []) if rsg.diverged else []
+            runs = []
             for s_, e_ in maps.runs(regions):
                 off = s_ * granularity
                 runs.append([vol, off, min(e_ * granularity, lu.size) - off])
-            rsg.diverged = {"runs": runs, "all": False}
-            rsg.persist()
+            rsg.record_local_change(runs)
             yield
 
     @staticmethod

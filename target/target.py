@@ -439,6 +439,7 @@ class Target:
     rsg_delete = _forward("rsg_ops", "rsg_delete")
     rsg_list = _forward("rsg_ops", "rsg_list")
     rsg_status = _forward("rsg_ops", "rsg_status")
+    rsg_set = _forward("rsg_ops", "rsg_set")
     rsg_link = _forward("rsg_ops", "rsg_link")
     rsg_unlink = _forward("rsg_ops", "rsg_unlink")
     rsg_attach = _forward("rsg_ops", "rsg_attach")

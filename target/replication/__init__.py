@@ -99,13 +99,22 @@ sync runs on a secondary, primaries are refused (they retry) so that no
 batch lands beside the operation's writes.
 
 Generations.  A group's history is a list of (generation id, first
-sequence number).  `promote` on a secondary starts a new generation; on
-reconnect each side's history and last sequence number show whether the
-old primary wrote after the branch point (split brain): replication is
-refused with a message until the admin chooses (`--discard-secondary-
-changes` on the new primary), and then only the regions that diverged (the
-new primary's writes since the promotion, plus the old primary's writes the
-new one never received, which the demoted node reports) are copied.
+sequence number).  `promote` on a secondary starts a new generation.  Each
+node keeps, from the moment it stops replicating with another, a durable
+map of what it changes, with the point of its history the map starts from
+(its base): a link's DCM (since its secondary last agreed with this node),
+the since-promotion map (since `since_base`), a demoted or restored
+secondary's `diverged` regions (since their base).  On reconnect the two
+histories give the point both last agreed (`history_diverges`); each
+side's map is used if its base lies on the common line at or before that
+point (`map_covers`; else that side counts as having changed everything),
+and the link replays the union, from the primary.  The secondary wrote
+after that point: a split brain, handled by the group's policy
+(`after_split_brain`): disconnect (the link waits for `--discard-
+secondary-changes`, reporting what each side changed), discard-secondary
+(the primary wins), discard-zero-changes (the primary takes the
+secondary's changes first (PULL, the secondary answers with RDAT frames
+and PEND) when it changed nothing itself; both changed: disconnect).
 
 Modules: wire (frames on the replication connection), srl (the primary's
 log), dcm (data change maps, the activity log), records (a group's files,
@@ -121,10 +130,13 @@ from .link import (CONNECTING, DCM_LOGGING, DCM_REPLAY, DETACHED, DIVERGED,
                    FAILED, MODES, REPLICATING, Link, RemoteRefused,
                    authenticate)
 from .primary import PrimaryGroup
-from .records import (DEFAULT_GRANULARITY, PRIMARY, SECONDARY, GroupFiles,
-                      ReplicaUnavailable, ReplicationError, RsgBusy,
-                      UnknownGroup, history_diverges, new_generation,
-                      parse_secondary, read_token)
+from .records import (DEFAULT_GRANULARITY, DISCARD_SECONDARY,
+                      DISCARD_ZERO_CHANGES, DISCONNECT, PRIMARY, SECONDARY,
+                      SPLIT_BRAIN_POLICIES, GroupFiles, ReplicaUnavailable,
+                      ReplicationError, RsgBusy, UnknownGroup,
+                      check_split_brain_policy, history_diverges,
+                      map_covers, new_generation, parse_secondary,
+                      read_token)
 from .secondary import SecondaryGroup
 from .server import MAX_HELLO, ReplicaServer
 from .srl import MIN_SRL, SRL_DATA_START, SRL_ENTRY, Srl, SrlCorrupt
@@ -135,13 +147,14 @@ from .wire import (FRAME, TRIM, WRITE, ZERO, entry_crc, recv_frame,
 
 __all__ = [
     "ActivityLog", "CONNECTING", "DCM_LOGGING", "DCM_REPLAY",
-    "DEFAULT_GRANULARITY", "DETACHED", "DIVERGED", "Dcm", "FAILED", "FRAME",
+    "DEFAULT_GRANULARITY", "DETACHED", "DISCARD_SECONDARY",
+    "DISCARD_ZERO_CHANGES", "DISCONNECT", "DIVERGED", "Dcm", "FAILED", "FRAME",
     "GroupFiles", "Guard", "Link", "MAX_HELLO", "MIN_SRL", "MODES", "PRIMARY",
     "PrimaryGroup", "REPLICATING", "RemoteRefused", "ReplicaServer",
     "ReplicaUnavailable", "ReplicationError", "ReplicationLayer", "RsgBusy",
-    "SECONDARY", "SRL_DATA_START", "SRL_ENTRY", "SecondaryGroup", "Srl",
-    "SrlCorrupt", "TRIM", "UnknownGroup", "WRITE", "ZERO", "authenticate",
-    "entry_crc",
-    "history_diverges", "new_generation", "parse_secondary", "read_token",
+    "SECONDARY", "SPLIT_BRAIN_POLICIES", "SRL_DATA_START", "SRL_ENTRY",
+    "SecondaryGroup", "Srl", "SrlCorrupt", "TRIM", "UnknownGroup", "WRITE",
+    "ZERO", "authenticate", "check_split_brain_policy", "entry_crc",
+    "history_diverges", "map_covers", "new_generation", "parse_secondary", "read_token",
     "recv_frame", "send_frame",
 ]

@@ -86,13 +86,20 @@ class Dcm:
         """(vol, offset, length) of every set run of bits (default: this
         map's own; another map of the same geometry may be given), in
         volume order."""
-        bits = self.bits if bits is None else bits
-        g = self.granularity
-        for vol, base in enumerate(self.bases):
-            n = maps.extent_count(self.sizes[vol], g)
+        return self.runs_of(self.bits if bits is None else bits,
+                            self.granularity, self.sizes)
+
+    @staticmethod
+    def runs_of(bits, granularity, sizes):
+        """(vol, offset, length) of every set run of bits, a map of
+        volumes of sizes in extents of granularity."""
+        base = 0
+        for vol, size in enumerate(sizes):
+            n = maps.extent_count(size, granularity)
             for s, e in maps.runs(bits, base, base + n):
-                off = (s - base) * g
-                yield vol, off, min((e - base) * g, self.sizes[vol]) - off
+                off = (s - base) * granularity
+                yield vol, off, min((e - base) * granularity, size) - off
+            base += n
 
     def clear(self):
         self.replace(bytes(self.extents))

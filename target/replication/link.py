@@ -181,6 +181,11 @@ class Link:
         self.acked_pos = record.get("acked_pos", 0)
         self.saved_pos = self.acked_pos
         self.seeded = record.get("seeded", False)
+        # A take of the secondary's changes (split-brain policy
+        # discard-zero-changes) began and has not completed.
+        self.pulling = record.get("pulling", False)
+        self.pull = None            # the regions to take at this connection
+        self.split_brain = None     # what each side changed, while diverged
         self.error = record.get("error")
         self.stopped_error = record.get("stopped_error")
         self.dcm = None
@@ -267,7 +272,7 @@ class Link:
                 "discard_secondary": self.discard_secondary,
                 "acked_seq": self.acked_seq, "acked_pos": self.acked_pos,
                 "dcm_active": self.dcm_active, "seeded": self.seeded,
-                "holds_srl": self.holds_srl,
+                "holds_srl": self.holds_srl, "pulling": self.pulling,
                 "error": self.error, "stopped_error": self.stopped_error}
 
     # Thread.
@@ -366,6 +371,8 @@ class Link:
         sock.settimeout(None)
         if not g.accept_secondary(self, reply):
             return
+        if self.pull:
+            self._take(sock)
         self.error = None
         reader = threading.Thread(target=self._read_acks, args=(sock,),
                                   daemon=True, name="rsg-acks")
@@ -391,6 +398,42 @@ class Link:
         finally:
             shutdown_socket(sock)
             reader.join(5)
+
+    def _take(self, sock):
+        """Take the secondary's changes (self.pull: [vol, offset, length])
+        before the replay sends the union back (module notes)."""
+        g = self.group
+        runs, self.pull = self.pull, None
+        send_json(sock, b"PULL", {"runs": runs})
+        while True:
+            kind, payload = recv_frame(sock)
+            if kind == b"PEND":
+                break
+            if kind == b"FAIL":
+                raise RemoteRefused(peer=self.secondary, reason=json.loads(
+                    payload).get("message", "failed"))
+            if kind != b"RDAT":
+                raise errors.ProtocolError(reason="unexpected {!r} while "
+                                           "taking the secondary's changes"
+                                           .format(bytes(kind)))
+            vol, k, off, length, crc = DATA.unpack_from(payload)
+            data = payload[DATA.size:]
+            if k != WRITE or not 0 <= vol < len(g.sizes) or off < 0 or \
+                    off + length > g.sizes[vol] or len(data) != length or \
+                    zlib.crc32(data) != crc:
+                raise errors.ProtocolError(reason="the secondary's data at "
+                                           "{} of volume {} fails its "
+                                           "checks".format(off, vol))
+            g.take_changes(vol, off, data)
+        with g.cond:
+            # Taken: this side's data wins from now on (until the secondary
+            # has taken this side's history), whatever the next handshake
+            # finds this node changed.
+            self.pulling = False
+            self.discard_secondary = True
+        g.persist()
+        log.info("group %s: took %d region(s) changed on %s", g.name,
+                 len(runs), self.secondary)
 
     def _read_acks(self, sock):
         g = self.group
@@ -694,5 +737,6 @@ class Link:
                 "replay_total": self.replay_total,
                 "replay_done": self.replay_done, "replays": self.replays,
                 "bytes_sent": self.sent_bytes, "error": self.error,
+                "split_brain": self.split_brain,
                 "stopped_error": self.stopped_error,
                 "dcm_problem": self.dcm.problem if self.dcm else None}

@@ -17,7 +17,9 @@ from .. import errors, maps
 from .dcm import ActivityLog, Dcm
 from .layer import ReplicationLayer
 from .link import DETACHED, REPLICATING, SRL, SRL_DCM, SRL_RETRY, Link
-from .records import PRIMARY, ReplicationError, history_diverges
+from .records import (DISCARD_SECONDARY, DISCARD_ZERO_CHANGES, DISCONNECT,
+                      PRIMARY, ReplicationError, check_split_brain_policy,
+                      common_prefix, history_diverges, map_covers)
 from .srl import ENTRY_SPACE, Srl
 from .wire import WRITE, entry_crc
 
@@ -77,7 +79,16 @@ class PrimaryGroup:
         self.seq_bound = record.get("seq_bound", 1)
         self.next_seq = max(self.srl.next_seq, record.get("next_seq", 1),
                             self.seq_bound)
+        self.after_split_brain = record.get("after_split_brain", DISCONNECT)
+        # What this node changed since its promotion; since_base: the
+        # last update it had from a primary then, if it had changed
+        # nothing on its own (None: it had, see since_maps, or the record
+        # is older than the field): the map holds every change since.
         self.since = None
+        self.since_base = record.get("since_base")
+        # [{base, runs}]: what this node changed on its own before its
+        # promotion, each since its base (the since map goes with each).
+        self.since_maps = record.get("since_maps") or []
         if record.get("since_promotion"):
             self.since = Dcm(files.since(), self.granularity, self.sizes)
         self.links = []
@@ -200,7 +211,10 @@ class PrimaryGroup:
                     "seq_bound": self.seq_bound,
                     "tail": {"pos": tail[0], "seq": tail[1]},
                     "links": [l.record() for l in self.links],
-                    "since_promotion": self.since is not None})
+                    "since_promotion": self.since is not None,
+                    "since_base": self.since_base,
+                    "since_maps": self.since_maps,
+                    "after_split_brain": self.after_split_brain})
         return rec, {l: l.acked_pos for l in self.links}
 
     def persist(self, locked=False):
@@ -443,59 +457,52 @@ class PrimaryGroup:
                 "volumes": [{"lu": lu.name, "size": lu.size}
                             for lu in self.volumes],
                 "generation": self.generation, "history": self.history,
-                "last_seq": self.next_seq - 1}
+                "last_seq": self.next_seq - 1,
+                "after_split_brain": self.after_split_brain}
 
     def accept_secondary(self, link, reply):
         """Decide, from the secondary's handshake reply, how the link goes
         on: stream from its position, or replay its DCM.  False (with the
         link's state set) when replication must not start."""
-        theirs = reply.get("history") or []
+        theirs = [list(h) for h in reply.get("history") or []]
         their_last = int(reply.get("last_seq") or 0)
         with self.cond:
             link.batches = []
             link.stream_from = None
+            link.pull = None
+            link.split_brain = None     # set again if it still is one
             # (A node that is itself primary refuses the hello instead.)
-            diverged = False
+            diverged, common = False, 0
             if theirs:
-                diverged, _ = history_diverges(self.history,
-                                               self.next_seq - 1, theirs,
-                                               their_last)
-            if diverged and not link.discard_secondary:
-                link.transition("diverge")
-                link.error = (
-                    "split brain: {} wrote updates of group {!r} after "
-                    "this node took over (generation {} vs {}); nothing "
-                    "is sent until you choose: `clonectl rsg attach {} "
-                    "--secondary {} --discard-secondary-changes` makes "
-                    "this node win (only the diverged regions are copied), "
-                    "or demote this node".format(
-                        link.secondary, self.name, theirs[-1][0],
-                        self.generation, self.name, link.secondary))
-                link.refused = link.error
-                return False
-            if not diverged:
-                # The secondary has taken this side's history (a replay
-                # began there): a choice to discard its changes is used.
-                # Until then it holds, across lost connections.
-                link.discard_secondary = False
+                diverged, common = history_diverges(
+                    self.history, self.next_seq - 1, theirs, their_last)
             same_line = bool(theirs) and theirs[-1][0] == self.generation
-            if reply.get("diverged") or reply.get("diverged_all"):
-                # Regions the other node changed on its own (it was a
-                # primary, or was restored while detached).
-                self._seed_from(link, reply, with_since=not same_line)
+            reported = reply.get("diverged") or reply.get("diverged_all")
+            if theirs and (diverged or not same_line or reported):
+                # Another line of history, or regions the secondary changed
+                # on its own (it was a primary, or was restored while
+                # detached): the union of what each side changed since the
+                # two last agreed is copied.
+                if link.holds_srl:
+                    self.to_logging(link)
+                own = self._own_changes(link, theirs, common)
+                peer = self._peer_changes(link, reply, theirs, common)
+                if diverged and not self._resolve_split_brain(
+                        link, own, peer, theirs, common):
+                    return False
+                link.dcm.replace(bytearray(a | b for a, b in zip(own, peer)))
                 link.seeded = True
-            if not link.seeded:
-                # First contact: what may differ?
-                if theirs and (not same_line or diverged):
-                    self._seed_from(link, reply)
-                elif not (same_line and reply.get("consistent") and
-                          link.holds_srl and
-                          int(reply.get("applied_seq") or 0) >=
-                          link.acked_seq):
+            elif not link.seeded or not theirs:
+                # First contact (or a secondary that knows nothing of the
+                # group): what may differ?
+                if not (same_line and reply.get("consistent") and
+                        link.holds_srl and
+                        int(reply.get("applied_seq") or 0) >=
+                        link.acked_seq):
+                    if link.holds_srl:
+                        self.to_logging(link)
                     link.dcm.mark_all()
                 link.seeded = True
-            elif diverged or (theirs and not same_line):
-                self._seed_from(link, reply)
             elif link.holds_srl:
                 applied = int(reply.get("applied_seq") or 0)
                 if applied < link.acked_seq or not reply.get("consistent"):
@@ -509,31 +516,179 @@ class PrimaryGroup:
                     # the secondary may never have begun it, and the
                     # DCM's regions then never reached it.  Replay again.
                     self.to_logging(link)
+            if not diverged:
+                # The secondary has taken this side's history (a replay
+                # began there): a choice to discard its changes is used.
+                # Until then it holds, across lost connections.
+                link.discard_secondary = False
             if link.logging:
                 link.transition("await-replay")
         self.persist()
         return True
 
-    def _seed_from(self, link, reply, with_since=True):
-        """(Under the lock.)  A secondary on another line of history: copy
-        what this node wrote since its promotion and what the other node
-        wrote that this one never got."""
-        bits = bytearray(link.dcm.bits)
-        if not with_since:
-            pass
-        elif self.since is None:
-            bits = bytearray(b"\x01") * link.dcm.extents
-        else:
-            bits = bytearray(a | b for a, b in zip(bits, self.since.bits))
-        for vol, off, length in reply.get("diverged") or []:
+    def _all_extents(self, link):
+        return bytearray(b"\x01") * link.dcm.extents
+
+    def _own_changes(self, link, theirs, common):
+        """(Under the lock; the link logs.)  One byte per extent: what this
+        node changed since it last agreed with the secondary (history
+        theirs; update `common` of their last shared generation): the
+        smallest of the maps that reach back to that point."""
+        shared = common_prefix(self.history, theirs)
+        if shared == 0:
+            return self._all_extents(link)
+        found = []
+        if shared == len(self.history) and link.seeded:
+            # The secondary left this node's generation (or is on it): the
+            # link's DCM holds what it lacks since it last agreed.
+            found.append(bytearray(link.dcm.bits))
+        if self.since is not None:
+            # This node branched off (its promotion) after that point.
+            since = bytearray(a | b for a, b in zip(link.dcm.bits,
+                                                    self.since.bits))
+            candidates = [(m.get("base"), m.get("runs") or [])
+                          for m in self.since_maps]
+            if self.since_base is not None:
+                candidates.append((self.since_base, []))
+            for base, runs in candidates:
+                if map_covers(base, self.history, theirs, common):
+                    bits = bytearray(since)
+                    self._set_runs(link, bits, runs)
+                    found.append(bits)
+        if not found:
+            return self._all_extents(link)
+        return min(found, key=lambda b: b.count(1))
+
+    def _set_runs(self, link, bits, runs):
+        for vol, off, length in runs:
             if 0 <= vol < len(self.sizes):
-                a, b = link.dcm.range_of(vol, off, length)
-                maps.set_range(bits, a, b)
+                maps.set_range(bits, *link.dcm.range_of(vol, off, length))
+
+    def _peer_changes(self, link, reply, theirs, common):
+        """One byte per extent: what the secondary changed on its own since
+        the two last agreed, as it reports: the smallest of its maps that
+        reach back to that point (everything, when none does)."""
         if reply.get("diverged_all"):
-            bits = bytearray(b"\x01") * link.dcm.extents
-        link.dcm.replace(bits)
-        if not link.logging:
-            self.to_logging(link)
+            return self._all_extents(link)
+        candidates = [(reply.get("base"), reply.get("diverged") or [])] + \
+            [(m.get("base"), m.get("runs") or [])
+             for m in reply.get("diverged_maps") or []
+             if isinstance(m, dict)]
+        found = []
+        for base, runs in candidates:
+            if map_covers(base, self.history, theirs, common):
+                bits = bytearray(link.dcm.extents)
+                self._set_runs(link, bits, runs)
+                found.append(bits)
+        if not found:
+            return self._all_extents(link)
+        return min(found, key=lambda b: b.count(1))
+
+    def _bytes(self, link, bits):
+        return sum(n for _, _, n in link.dcm.runs(bits))
+
+    def _resolve_split_brain(self, link, own, peer, theirs, common):
+        """(Under the lock.)  The secondary wrote after the two last
+        agreed.  True when the link goes on (this node's data wins; with
+        link.pull set, the secondary's changes are taken first), False
+        when it waits for the admin (the link is diverged, and says what
+        each side changed)."""
+        sides = {"primary": {"extents": own.count(1),
+                             "bytes": self._bytes(link, own)},
+                 "secondary": {"extents": peer.count(1),
+                               "bytes": self._bytes(link, peer)}}
+        what = "this node changed {} extent(s) ({} bytes) and {} changed " \
+            "{} extent(s) ({} bytes) on its own".format(
+                sides["primary"]["extents"], sides["primary"]["bytes"],
+                link.secondary, sides["secondary"]["extents"],
+                sides["secondary"]["bytes"])
+        policy = self.after_split_brain
+        shared = theirs[common_prefix(self.history, theirs) - 1][0]
+        if link.discard_secondary or policy == DISCARD_SECONDARY:
+            how = "--discard-secondary-changes" if link.discard_secondary \
+                else "policy " + policy
+            log.warning("group %s: split brain with %s resolved (%s): %s; "
+                        "this node's data wins", self.name, link.secondary,
+                        how, what)
+            return True
+        if policy == DISCARD_ZERO_CHANGES:
+            if not any(peer):
+                return True
+            # Only the secondary changed something (or this node changed
+            # only regions of a take that was cut off): take its changes.
+            if not any(own) or (link.pulling and all(
+                    p or not o for o, p in zip(own, peer))):
+                log.warning("group %s: split brain with %s resolved (policy "
+                            "%s): %s; its changes are taken", self.name,
+                            link.secondary, policy, what)
+                link.pulling = True
+                link.pull = [list(r) for r in link.dcm.runs(peer)]
+                return True
+        link.transition("diverge")
+        link.split_brain = dict(sides, common=[shared, common],
+                                policy=policy)
+        link.error = (
+            "split brain: since the two last agreed (generation {}, update "
+            "{}), {}; nothing is sent (policy {}) until you choose: "
+            "`clonectl rsg attach {} --secondary {} "
+            "--discard-secondary-changes` makes this node win (only those "
+            "regions are copied), or demote this node".format(
+                shared, common, what, policy, self.name, link.secondary))
+        link.refused = link.error
+        return False
+
+    def take_changes(self, vol, offset, data):
+        """A region taken from a secondary (link.pull): written as a host
+        write would be, so every link and map sees it."""
+        self.volumes[vol].write(bytes(data), offset)
+
+    def changes_since_agreement(self):
+        """(Demote, under the lock, every link logging.)  What this node
+        changed that another node may lack, for the secondary record:
+        {"runs", "all", "base", "maps"}: runs holds every change of this
+        node since base ([generation, seq]; None: unknown), and each of
+        maps ({"base", "runs"}) the same since a later point, so that a
+        node that agreed with this one later gets less copied.  The first
+        is the since-promotion map (for a node never promoted: the union
+        of its links' DCMs, since the oldest point a link's secondary
+        agreed); then the maps kept from before the promotion, and each
+        seeded link's DCM since its secondary last agreed."""
+        def runs_of(bits):
+            return [list(r) for r in Dcm.runs_of(bits, self.granularity,
+                                                 self.sizes)]
+        extents = sum(maps.extent_count(n, self.granularity)
+                      for n in self.sizes)
+        seeded = [l for l in self.links if l.seeded]
+        links = [{"base": [self.generation, l.acked_seq],
+                  "runs": runs_of(l.dcm.bits)} for l in seeded]
+        if self.since is not None:
+            since = self.since.bits
+            found = [{"base": self.since_base, "runs": runs_of(since)}] \
+                if self.since_base is not None else []
+            for m in self.since_maps:
+                bits = bytearray(since)
+                for vol, off, length in m.get("runs") or []:
+                    maps.set_range(bits, *self.since.range_of(vol, off,
+                                                              length))
+                found.append({"base": m.get("base"), "runs": runs_of(bits)})
+            if not found:
+                # A record older than the bases: since when is unknown.
+                found = [{"base": None, "runs": runs_of(since)}]
+            top, narrower = found[0], found[1:] + links
+        else:
+            narrower = links
+            bits = bytearray(extents)
+            for link in self.links:
+                bits = bytearray(a | b for a, b in zip(bits, link.dcm.bits))
+            top = {"runs": runs_of(bits), "base":
+                   [self.generation, min(l.acked_seq for l in seeded)]
+                   if seeded else None}
+        return dict(top, all=False, maps=narrower)
+
+    def set_split_brain_policy(self, policy):
+        with self.cond:
+            self.after_split_brain = check_split_brain_policy(policy)
+        self.persist()
 
     def add_link(self, secondary, mode, token_file, tls_certificates=None):
         if any(l.secondary == secondary for l in self.links):
@@ -630,6 +785,7 @@ class PrimaryGroup:
                     "volumes": [{"lu": lu.name, "size": lu.size}
                                 for lu in self.volumes],
                     "last_seq": self.next_seq - 1,
+                    "after_split_brain": self.after_split_brain,
                     "srl": {"size": self.srl.capacity, "used": used,
                             "used_percent": round(100.0 * used /
                                                   self.srl.capacity, 1)},

@@ -15,6 +15,21 @@ DEFAULT_GRANULARITY = 64 << 10
 
 PRIMARY, SECONDARY = "primary", "secondary"
 
+# What a primary does when a secondary it connects to changed data on its
+# own since the two last agreed (a split brain): see docs/replication.md.
+DISCONNECT = "disconnect"
+DISCARD_ZERO_CHANGES = "discard-zero-changes"
+DISCARD_SECONDARY = "discard-secondary"
+SPLIT_BRAIN_POLICIES = (DISCONNECT, DISCARD_ZERO_CHANGES, DISCARD_SECONDARY)
+
+
+def check_split_brain_policy(policy):
+    if policy not in SPLIT_BRAIN_POLICIES:
+        raise errors.InvalidArgument(
+            reason="--after-split-brain must be one of {}, not {!r}".format(
+                ", ".join(SPLIT_BRAIN_POLICIES), policy))
+    return policy
+
 
 class ReplicationError(errors.Error):
     msg = "replicated group {name!r}: {reason}"
@@ -65,23 +80,43 @@ def history_diverges(mine, my_last, theirs, their_last):
     """Has the side with history `theirs` (last seq their_last) written
     something the side with `mine` never had?  Returns (diverged, common):
     common is the last sequence number both histories share."""
-    # Walk the common prefix of generations.
+    i = common_prefix(mine, theirs)
+    if i == 0:
+        return True, 0
+    if i == len(theirs) and i == len(mine):
+        # The same generation: the one behind has a prefix of the other.
+        return False, min(my_last, their_last)
+    # Where each side left the last generation both share.
+    my_leave = mine[i][1] - 1 if i < len(mine) else my_last
+    their_leave = theirs[i][1] - 1 if i < len(theirs) else their_last
+    common = min(my_leave, their_leave)
+    # They wrote after the branch point if they had updates of the shared
+    # generation past it, or wrote in a generation of their own (a node
+    # promoted and demoted again without a write has nothing to lose).
+    wrote = their_leave > common or \
+        (i < len(theirs) and their_last >= theirs[i][1])
+    return wrote, common
+
+
+def common_prefix(mine, theirs):
+    """How many generations the two histories share from the start."""
     i = 0
     while i < len(mine) and i < len(theirs) and mine[i][0] == theirs[i][0]:
         i += 1
-    if i == 0:
-        return True, 0
-    if i == len(theirs):
-        # Their last generation is one of mine.
-        if i == len(mine):
-            return False, min(my_last, their_last)
-        branch = mine[i][1] - 1      # my next generation starts after this
-        return their_last > branch, min(branch, their_last)
-    # They have a generation I never had: they wrote after the branch
-    # point only if they wrote in it (a node promoted and demoted again
-    # without a write has nothing to lose).
-    wrote = their_last >= theirs[i][1]
-    if i == len(mine):
-        # They are ahead of me (they have a newer generation).
-        return wrote, min(theirs[i][1] - 1, my_last)
-    return wrote, min(mine[i][1], theirs[i][1]) - 1
+    return i
+
+
+def map_covers(base, mine, theirs, common):
+    """A change map kept since base ([generation, seq]: every change made
+    after update seq of that generation is in it) holds every change since
+    the point two nodes last agreed (update `common` of the last generation
+    their histories share) when base lies on their common line at or
+    before that point.  A map whose base is unknown (None) covers
+    nothing."""
+    if not base or len(base) != 2:
+        return False
+    i = common_prefix(mine, theirs)
+    shared = [h[0] for h in mine[:i]]
+    if base[0] not in shared:
+        return False
+    return base[0] != shared[-1] or int(base[1]) <= common

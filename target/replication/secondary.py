@@ -9,6 +9,7 @@ and recovery: docs/persistence.md.
 """
 
 import contextlib
+import json
 import logging
 import os
 import struct
@@ -18,8 +19,8 @@ import zlib
 
 from .. import errors, fsutil
 from .layer import Guard
-from .records import (SECONDARY, ReplicaUnavailable, ReplicationError,
-                      RsgBusy)
+from .records import (DISCONNECT, SECONDARY, ReplicaUnavailable,
+                      ReplicationError, RsgBusy, check_split_brain_policy)
 from .wire import (DATA, ENTRY, SEQ, WRITE, ZERO, entry_crc, recv_frame,
                    send_frame, send_json, shutdown_socket)
 
@@ -28,6 +29,7 @@ log = logging.getLogger("clonectl.replication")
 STAGE_MAGIC = b"CLNSTG01"
 STAGE_HEADER = struct.Struct("<8sBQQII")   # magic state first last count crc
 STAGED, APPLIED = 1, 2
+PULL_CHUNK = 1 << 20           # bytes of one RDAT frame sent to a primary
 
 
 class SecondaryGroup:
@@ -253,14 +255,64 @@ class SecondaryGroup:
                 "this secondary's {}".format(
                     ", ".join("{lu}({size})".format(**v) for v in vols),
                     ", ".join("{lu}({size})".format(**v) for v in mine)))
+        policy = hello.get("after_split_brain")
+        if policy and policy != self.record_base.get("after_split_brain"):
+            # The group's policy, kept for when this node is promoted.
+            self.record_base["after_split_brain"] = policy
+            self.persist()
         reply = {"ok": True, "role": SECONDARY,
                  "consistent": self.consistent,
                  "applied_seq": self.applied_seq, "history": self.history,
-                 "last_seq": max(self.last_seq, self.applied_seq)}
+                 "last_seq": max(self.last_seq, self.applied_seq),
+                 "base": self.own_base()}
         if self.diverged is not None:
             reply["diverged"] = self.diverged.get("runs", [])
             reply["diverged_all"] = self.diverged.get("all", False)
+            reply["diverged_maps"] = self.diverged.get("maps", [])
         return reply
+
+    def own_base(self):
+        """The point since which `diverged` holds every change made on
+        this node on its own ([generation, seq]), or None when unknown
+        (then a primary on another line copies everything).  With nothing
+        diverged it is the last update received from a primary."""
+        if self.diverged is not None:
+            return self.diverged.get("base")
+        if self.consistent and self.history:
+            return [self.history[-1][0], self.applied_seq]
+        return None
+
+    def record_local_change(self, runs):
+        """(Before the change is made.)  Regions [vol, offset, length]
+        this node changes on its own, saved as diverged."""
+        if self.diverged is None:
+            self.diverged = {"runs": [], "all": False,
+                             "base": self.own_base(), "maps": []}
+        runs = [list(r) for r in runs]
+        self.diverged["runs"] = self.diverged.get("runs", []) + runs
+        for m in self.diverged.get("maps", []):
+            m["runs"] = m["runs"] + runs
+        self.persist()
+
+    def _send_pull(self, sock, runs):
+        """A primary takes this node's diverged regions (the split-brain
+        policy discard-zero-changes, when only this node wrote): their
+        data, in RDAT frames, then PEND."""
+        for vol, off, length in runs:
+            if not (0 <= vol < len(self.sizes)) or off < 0 or length < 0 \
+                    or off + length > self.sizes[vol]:
+                raise ReplicationError(name=self.name, reason="the primary "
+                                       "asked for a region out of range")
+            end = off + length
+            while off < end:
+                n = min(PULL_CHUNK, end - off)
+                buf = bytearray(n)
+                with self.lock:
+                    self._backend(vol).readinto(buf, off)
+                head = DATA.pack(vol, WRITE, off, n, zlib.crc32(buf))
+                send_frame(sock, b"RDAT", head + bytes(buf))
+                off += n
+        send_frame(sock, b"PEND")
 
     def serve(self, sock, hello, peer):
         """Receive from one primary until the connection ends."""
@@ -284,6 +336,8 @@ class SecondaryGroup:
                         batch.append((seq, vol, k, off, length, crc, data))
                 elif kind == b"BEAT":
                     continue
+                elif kind == b"PULL":
+                    self._send_pull(sock, json.loads(payload)["runs"])
                 elif kind == b"CMIT":
                     seq, = SEQ.unpack(payload)
                     if replaying or not self.consistent:
@@ -399,8 +453,16 @@ class SecondaryGroup:
             self.protected = False
             self.persist()
 
+    def set_split_brain_policy(self, policy):
+        """Kept for when this node is promoted (a primary sends its own)."""
+        self.record_base["after_split_brain"] = \
+            check_split_brain_policy(policy)
+        self.persist()
+
     def status(self):
         return {"name": self.name, "role": SECONDARY,
+                "after_split_brain": self.record_base.get(
+                    "after_split_brain", DISCONNECT),
                 "granularity": self.granularity,
                 "volumes": [{"lu": lu.name, "size": lu.size}
                             for lu in self.volumes],

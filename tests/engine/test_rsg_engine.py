@@ -44,7 +44,7 @@ import threading
 import time
 
 import pytest
-from hypothesis import HealthCheck, event, settings
+from hypothesis import HealthCheck, event, note, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant,
                                  precondition, rule)
@@ -1417,3 +1417,512 @@ def test_replay_sends_holes_as_zeroes_without_reading_them(cluster_factory,
     assert prim[0][:64 << 10] == bytes(64 << 10)
     assert os.stat(sec_file).st_blocks * 512 <= \
         allocated_before - (64 << 10), (allocated_before, sec_file)
+
+
+# ---------------------------------------------------------------- resyncs
+# After role changes the regions copied are exactly those either side
+# changed since the two last agreed: a link's bytes_sent grows by exactly
+# those extents (GRAN each; no SRL traffic meanwhile).
+
+TOTAL_EXTENTS = sum(s // GRAN for s in SIZES)
+
+
+def write_extents(t, extents, tag):
+    """Write whole extents [(vol, index)] of t's volumes with data of tag
+    (no zero blocks: a replay sends them the same, but data is plainer)."""
+    rng = random.Random(tag)
+    for vol, i in extents:
+        t.lus[VOLS[vol]].write(bytes([tag]) + rng.randbytes(GRAN - 1),
+                               i * GRAN)
+
+
+def images(t):
+    return [read_image(t, n) for n in VOLS]
+
+
+def detach_and_promote_b(c):
+    """A detaches its link, B (disconnected) is promoted."""
+    c.ta.rsg_detach("g", c.addr)
+    wait_for(lambda: c.sg.connected_since is None, 10, "B disconnected",
+             c.status)
+    c.tb.rsg_promote("g")
+
+
+def resynced(t_primary, link, t_secondary, timeout=20.0):
+    """Wait until link (of t_primary's group) has brought the group on
+    t_secondary to the primary's last update."""
+    def done():
+        sg = t_secondary.rsgs.get("g")
+        g = t_primary.rsgs["g"]
+        return link.state == R.REPLICATING and sg is not None and \
+            sg.role == R.SECONDARY and sg.consistent and \
+            sg.applied_seq == g.next_seq - 1 and link.dcm.count() == 0
+    wait_for(done, timeout, "the resync",
+             lambda: (link.status(), t_secondary.rsgs["g"].status()))
+
+
+def split_brain_pair(cluster_factory, a_writes, b_writes, policy=None):
+    """A converged pair; A detaches and writes a_writes, B is promoted,
+    writes b_writes and is demoted.  Returns (cluster, A's bytes_sent
+    before it attaches again)."""
+    c = cluster_factory(link=policy is None)
+    if policy is not None:
+        # Before the link: a secondary learns it at the handshake.
+        c.ta.rsg_set("g", after_split_brain=policy)
+        c.ta.rsg_link("g", c.addr, "async", c.tok)
+    write_extents(c.ta, [(0, i) for i in range(0, 256, 3)], 1)
+    c.wait_converged()
+    detach_and_promote_b(c)
+    write_extents(c.ta, a_writes, 2)
+    write_extents(c.tb, b_writes, 3)
+    c.tb.rsg_demote("g")
+    return c, c.link.sent_bytes
+
+
+A_ONLY = [(0, 1), (0, 2), (0, 3)]
+B_ONLY = [(0, 3), (0, 4), (1, 0)]          # overlaps A's extent (0, 3)
+
+
+def test_diverged_resync_of_a_never_promoted_primary_copies_only_the_changes(
+        cluster_factory):
+    """A primary that was never promoted has no since-promotion map; its
+    link's DCM is what it changed since the secondary last agreed.  The
+    secondary was promoted, wrote 16 extents and was demoted: the resync
+    after --discard-secondary-changes copies those 16 extents, not the
+    whole group."""
+    b_writes = [(0, i) for i in range(100, 112)] + \
+        [(1, i) for i in range(20, 24)]
+    c, sent0 = split_brain_pair(cluster_factory, [], b_writes)
+    c.ta.rsg_attach("g", c.addr)
+    wait_for(lambda: c.link.state == R.DIVERGED, 10, "split brain",
+             c.status)
+    c.ta.rsg_attach("g", c.addr, discard_secondary_changes=True)
+    resynced(c.ta, c.link, c.tb)
+    assert images(c.ta) == images(c.tb), first_diff(images(c.ta),
+                                                    images(c.tb))
+    assert c.link.sent_bytes - sent0 == len(b_writes) * GRAN, \
+        (c.link.sent_bytes - sent0, len(b_writes) * GRAN,
+         TOTAL_EXTENTS * GRAN)
+
+
+def test_diverged_resync_copies_the_union_of_both_sides_changes(
+        cluster_factory):
+    c, sent0 = split_brain_pair(cluster_factory, A_ONLY, B_ONLY)
+    c.ta.rsg_attach("g", c.addr)
+    wait_for(lambda: c.link.state == R.DIVERGED, 10, "split brain",
+             c.status)
+    want = images(c.ta)
+    c.ta.rsg_attach("g", c.addr, discard_secondary_changes=True)
+    resynced(c.ta, c.link, c.tb)
+    assert images(c.tb) == want, first_diff(images(c.tb), want)
+    assert c.link.sent_bytes - sent0 == len(set(A_ONLY) | set(B_ONLY)) * GRAN
+
+
+def test_promotion_without_writes_is_no_split_brain_and_resyncs_exactly(
+        cluster_factory):
+    """detach, promote the secondary, no writes there, demote, attach: no
+    split brain, and only what the primary wrote meanwhile is copied."""
+    c, sent0 = split_brain_pair(cluster_factory, A_ONLY, [])
+    c.ta.rsg_attach("g", c.addr)
+    resynced(c.ta, c.link, c.tb)
+    assert c.link.error is None and c.link.status().get("split_brain") is None
+    assert images(c.ta) == images(c.tb)
+    assert c.link.sent_bytes - sent0 == len(A_ONLY) * GRAN
+
+
+def test_promotion_without_any_writes_copies_nothing(cluster_factory):
+    c, sent0 = split_brain_pair(cluster_factory, [], [])
+    c.ta.rsg_attach("g", c.addr)
+    resynced(c.ta, c.link, c.tb)
+    assert c.link.error is None and c.link.status().get("split_brain") is None
+    assert images(c.ta) == images(c.tb)
+    assert c.link.sent_bytes == sent0
+
+
+def test_failover_and_failback_resync_exactly(cluster_factory):
+    """A role change in each direction: the old primary, demoted, gets the
+    union of both sides' changes; then the same back again, where the
+    new primary's map is its link's DCM (it was never promoted since the
+    secondary last agreed with it)."""
+    c = cluster_factory()
+    write_extents(c.ta, [(0, i) for i in range(0, 256, 5)], 1)
+    c.wait_converged()
+    # Failover: B becomes the primary; A wrote 3 extents B never got.
+    c.ta.rsg_detach("g", c.addr)
+    wait_for(lambda: c.sg.connected_since is None)
+    write_extents(c.ta, A_ONLY, 2)
+    c.tb.rsg_promote("g")
+    write_extents(c.tb, B_ONLY, 3)
+    c.ta.rsg_demote("g")
+    port_a = free_port()
+    c.ta.start_replication("127.0.0.1", port_a, c.tok)
+    addr_a = "127.0.0.1:%d" % port_a
+    c.tb.rsg_link("g", addr_a, "async", c.tok)
+    lb = c.tb.rsgs["g"].links[0]
+    wait_for(lambda: lb.state == R.DIVERGED, 10, "split brain", lb.status)
+    sb = lb.status()["split_brain"]
+    assert (sb["primary"]["extents"], sb["secondary"]["extents"]) == (3, 3)
+    c.tb.rsg_attach("g", addr_a, discard_secondary_changes=True)
+    resynced(c.tb, lb, c.ta)
+    assert images(c.ta) == images(c.tb)
+    assert lb.sent_bytes == len(set(A_ONLY) | set(B_ONLY)) * GRAN
+    # Failback: B detaches and writes, A is promoted, writes, is demoted.
+    c.tb.rsg_detach("g", addr_a)
+    wait_for(lambda: c.ta.rsgs["g"].connected_since is None)
+    sent0 = lb.sent_bytes
+    b2 = [(1, 7), (1, 8)]
+    a2 = [(0, 200), (1, 8)]
+    write_extents(c.tb, b2, 4)
+    c.ta.rsg_promote("g")
+    write_extents(c.ta, a2, 5)
+    c.ta.rsg_demote("g")
+    c.tb.rsg_attach("g", addr_a)
+    wait_for(lambda: lb.state == R.DIVERGED, 10, "split brain", lb.status)
+    c.tb.rsg_attach("g", addr_a, discard_secondary_changes=True)
+    resynced(c.tb, lb, c.ta)
+    assert images(c.ta) == images(c.tb)
+    assert lb.sent_bytes - sent0 == len(set(a2) | set(b2)) * GRAN
+
+
+# ---------------------------------------------------------------- policies
+
+def test_split_brain_is_reported_with_what_each_side_wrote(cluster_factory):
+    """The default policy (disconnect) discards nothing: the link waits,
+    and says how much each side wrote."""
+    c, sent0 = split_brain_pair(cluster_factory, A_ONLY, B_ONLY)
+    assert c.g.status()["after_split_brain"] == "disconnect"
+    c.ta.rsg_attach("g", c.addr)
+    wait_for(lambda: c.link.state == R.DIVERGED, 10, "split brain",
+             c.status)
+    time.sleep(0.3)
+    assert c.link.state == R.DIVERGED and c.link.sent_bytes == sent0
+    sb = c.ta.rsg_status("g")["links"][0]["split_brain"]
+    assert sb["primary"] == {"extents": 3, "bytes": 3 * GRAN}, sb
+    assert sb["secondary"] == {"extents": 3, "bytes": 3 * GRAN}, sb
+    assert "this node changed 3 extent(s) (12288 bytes)" in c.link.error
+    assert "changed 3 extent(s) (12288 bytes) on its own" in c.link.error
+
+
+def test_policy_discard_secondary_resolves_automatically(cluster_factory):
+    c, sent0 = split_brain_pair(cluster_factory, A_ONLY, B_ONLY,
+                                policy="discard-secondary")
+    want = images(c.ta)
+    c.ta.rsg_attach("g", c.addr)
+    resynced(c.ta, c.link, c.tb)
+    assert images(c.tb) == want
+    assert c.link.sent_bytes - sent0 == len(set(A_ONLY) | set(B_ONLY)) * GRAN
+
+
+def test_policy_discard_zero_changes_disconnects_when_both_wrote(
+        cluster_factory):
+    c, sent0 = split_brain_pair(cluster_factory, A_ONLY, B_ONLY,
+                                policy="discard-zero-changes")
+    c.ta.rsg_attach("g", c.addr)
+    wait_for(lambda: c.link.state == R.DIVERGED, 10, "split brain",
+             c.status)
+    time.sleep(0.3)
+    assert c.link.state == R.DIVERGED and c.link.sent_bytes == sent0
+
+
+def test_policy_discard_zero_changes_takes_the_secondarys_changes(
+        cluster_factory):
+    """Only the demoted node wrote since the two last agreed: the primary
+    takes its changes (they become updates of the primary, replicated
+    everywhere) and nothing is lost."""
+    c, sent0 = split_brain_pair(cluster_factory, [], B_ONLY,
+                                policy="discard-zero-changes")
+    want = images(c.tb)
+    c.ta.rsg_attach("g", c.addr)
+    resynced(c.ta, c.link, c.tb)
+    assert images(c.ta) == want, first_diff(images(c.ta), want)
+    assert images(c.tb) == want
+    assert c.link.error is None
+    assert c.link.sent_bytes - sent0 == len(B_ONLY) * GRAN
+
+
+def test_split_brain_policy_is_saved_and_checked(cluster_factory):
+    c = cluster_factory(link=False)
+    with pytest.raises(errors.InvalidArgument):
+        c.ta.rsg_set("g", after_split_brain="violently")
+    assert c.ta.rsg_status("g")["after_split_brain"] == "disconnect"
+    c.ta.rsg_set("g", after_split_brain="discard-zero-changes")
+    assert c.g.files.load()["after_split_brain"] == "discard-zero-changes"
+    c.ta.close()
+    c.ta = Target(c.A)
+    assert c.ta.rsg_status("g")["after_split_brain"] == \
+        "discard-zero-changes"
+    # A record written before the policy existed loads with the default.
+    rec = c.g.files.load()
+    del rec["after_split_brain"]
+    c.ta.close()
+    files = R.GroupFiles(os.path.join(c.A, "rsg"), "g")
+    files.save(rec)
+    c.ta = Target(c.A)
+    assert c.ta.rsg_status("g")["after_split_brain"] == "disconnect"
+
+
+# ---------------------------------------------------------------- resync model
+
+def step(*what):
+    """A step of a model, shown with a failing example."""
+    note(" ".join(map(str, what)))
+
+
+class ResyncMachine(RuleBasedStateMachine):
+    """Random role changes, writes on either node, detaches, attaches,
+    restarts and kills (of the replicating primary) of two nodes A and B,
+    under a random split-brain policy.  The model
+    is, per node, the set of extents it changed since the two last agreed
+    (both are converged when a link is detached).  At every attach: a
+    split brain exactly when the node being linked to changed something,
+    reported with both sets' sizes; the resync sends exactly the union of
+    both sets (bytes_sent grows by GRAN per extent); both nodes end with
+    the winner's data."""
+
+    def __init__(self):
+        super().__init__()
+        self.saved = fast_timing()
+        self.root = tempfile.mkdtemp(prefix="rsg-resync-")
+        self.c = None
+
+    @initialize(policy=st.sampled_from(R.SPLIT_BRAIN_POLICIES))
+    def setup(self, policy):
+        # Set before the link: a secondary learns it at the handshake.
+        c = self.c = Cluster(self.root, link=False)
+        c.ta.rsg_set("g", after_split_brain=policy)
+        c.ta.rsg_link("g", c.addr, "async", c.tok)
+        self.policy = policy
+        port = free_port()
+        c.ta.start_replication("127.0.0.1", port, c.tok)
+        self.t = {"A": c.ta, "B": c.tb}
+        self.addr = {"A": "127.0.0.1:%d" % port, "B": c.addr}
+        self.changed = {"A": set(), "B": set()}
+        self.prim = "A"
+        self.attached = True
+        c.wait_converged()
+        event("policy " + policy)
+        step("setup", policy)
+
+    def teardown(self):
+        try:
+            if self.c is not None:
+                self.c.close()
+        finally:
+            shutil.rmtree(self.root, ignore_errors=True)
+            restore_timing(self.saved)
+
+    @staticmethod
+    def other(n):
+        return "B" if n == "A" else "A"
+
+    def role(self, n):
+        return self.t[n].rsgs["g"].role
+
+    def link(self, n):
+        for l in self.t[n].rsgs["g"].links:
+            if l.secondary == self.addr[self.other(n)]:
+                return l
+        return None
+
+    def one_primary(self):
+        return self.role(self.other(self.prim)) == R.SECONDARY
+
+    @rule(node=st.sampled_from("AB"), first=st.integers(0, 383),
+          n=st.integers(1, 3), seed=st.integers(0, 255))
+    def write(self, node, first, n, seed):
+        if self.role(node) != R.PRIMARY:
+            return
+        extents = [(e // 256, e % 256) if e < 256 else (1, e - 256)
+                   for e in range(first, min(first + n, TOTAL_EXTENTS))]
+        write_extents(self.t[node], extents, seed)
+        step("write", node, self.attached, extents)
+        if not self.attached:
+            self.changed[node] |= set(extents)
+
+    @precondition(lambda self: self.attached)
+    @rule()
+    def kill_primary(self):
+        """kill -9 of the replicating primary at a quiet moment (as
+        Cluster.crash_primary, with a listener to stop too): its activity
+        log replays to the attached link, and the next detach waits for
+        that, so the model is unchanged."""
+        t = self.t[self.prim]
+        t.rsg_ops.replica_server.stop()
+        g = t.rsgs["g"]
+        for link in g.links:
+            link.stop()
+        for link in g.links:
+            link.dcm.close()
+        if g.since is not None:
+            g.since.close()
+        g.al.close()
+        g.srl.close()
+        for lu in t.lus.values():
+            lu.close()
+        self.restart(self.prim, closed=True)
+
+    @rule(node=st.sampled_from("AB"))
+    def restart(self, node, closed=False):
+        """A clean stop and start: the maps, their bases and the policy
+        are what the files say."""
+        t = self.t[node]
+        port = int(self.addr[node].rpartition(":")[2])
+        if not closed:
+            t.close()
+        try:
+            # Wake the closed listener's accept thread: it lets go of the
+            # port then.
+            socket.create_connection(("127.0.0.1", port), 1).close()
+        except OSError:
+            pass
+        t = Target(self.c.A if node == "A" else self.c.B)
+        t.start()
+        for attempt in range(50):
+            try:
+                t.start_replication("127.0.0.1", port, self.c.tok)
+                break
+            except OSError:
+                time.sleep(0.1)
+        self.t[node] = t
+        if node == "A":
+            self.c.ta = t
+        else:
+            self.c.tb = t
+        assert t.rsgs["g"].status()["after_split_brain"] == self.policy
+        step("killed" if closed else "restart", node)
+
+    @precondition(lambda self: self.attached)
+    @rule()
+    def detach(self):
+        p, s = self.prim, self.other(self.prim)
+        link, g = self.link(p), self.t[p].rsgs["g"]
+        resynced(self.t[p], link, self.t[s])
+        # Acknowledged too: entries not acknowledged are marked at the
+        # detach (the secondary may lack them), and copied again.
+        wait_for(lambda: link.acked_seq == g.next_seq - 1, 10, "the ack")
+        self.t[p].rsg_detach("g", self.addr[s])
+        step("detach", p)
+        sg = self.t[s].rsgs["g"]
+        wait_for(lambda: sg.connected_since is None, 10, "disconnected")
+        self.attached = False
+
+    @precondition(lambda self: not self.attached and self.one_primary())
+    @rule()
+    def promote(self):
+        self.t[self.other(self.prim)].rsg_promote("g")
+        step("promote", self.other(self.prim))
+
+    @precondition(lambda self: not self.attached and not self.one_primary())
+    @rule(keep_old=st.booleans())
+    def demote(self, keep_old):
+        new = self.other(self.prim)
+        gone = new if keep_old else self.prim
+        self.t[gone].rsg_demote("g")
+        step("demote", gone)
+        self.prim = self.other(gone)
+        event("demoted the " + ("new" if keep_old else "old") + " primary")
+
+    @precondition(lambda self: not self.attached and self.one_primary())
+    @rule()
+    def attach(self):
+        p, s = self.prim, self.other(self.prim)
+        tp, ts = self.t[p], self.t[s]
+        link = self.link(p)
+        sent0 = link.sent_bytes if link is not None else 0
+        split = bool(self.changed[s])
+        mine, theirs = len(self.changed[p]), len(self.changed[s])
+        take = split and self.policy == R.DISCARD_ZERO_CHANGES and not mine
+        waits = split and (self.policy == R.DISCONNECT or (
+            self.policy == R.DISCARD_ZERO_CHANGES and mine))
+        want = images(ts if take else tp)
+        step("attach", p, "->", s, self.changed, self.policy)
+        if link is None:
+            tp.rsg_link("g", self.addr[s], "async", self.c.tok)
+            link = self.link(p)
+        else:
+            tp.rsg_attach("g", self.addr[s])
+        if waits:
+            wait_for(lambda: link.state == R.DIVERGED, 10, "split brain",
+                     link.status)
+            sb = link.status()["split_brain"]
+            assert (sb["primary"]["extents"], sb["secondary"]["extents"]) \
+                == (mine, theirs), (sb, self.changed)
+            tp.rsg_attach("g", self.addr[s], discard_secondary_changes=True)
+        resynced(tp, link, ts)
+        assert link.status()["split_brain"] is None
+        assert images(tp) == want, first_diff(images(tp), want)
+        assert images(ts) == want, first_diff(images(ts), want)
+        union = self.changed["A"] | self.changed["B"]
+        assert link.sent_bytes - sent0 == len(union) * GRAN, \
+            (link.sent_bytes - sent0, len(union), self.changed)
+        event("split brain" if split else "no split brain")
+        self.changed = {"A": set(), "B": set()}
+        self.attached = True
+
+
+ResyncMachine.TestCase.settings = settings(
+    max_examples=int(os.environ.get("RSG_RESYNC_EXAMPLES", "20")),
+    stateful_step_count=int(os.environ.get("RSG_RESYNC_STEPS", "20")),
+    deadline=None, database=None,
+    suppress_health_check=list(HealthCheck))
+TestResyncModel = tolerate_timing_in_generation(ResyncMachine.TestCase)
+
+
+def test_a_node_promoted_again_keeps_its_old_writes_diverged(
+        cluster_factory):
+    """(Found by the resync model.)  The old primary wrote after the
+    detach, was demoted, promoted again without writing and demoted again:
+    its writes past the branch point are still a split brain, and copied
+    back.  (Before, only writes in its own newest generation counted.)"""
+    hd = R.history_diverges
+    g1, g2, g3 = ["g1", 1], ["g2", 11], ["g3", 13]
+    assert hd([g1, g2], 10, [g1, g3], 12) == (True, 10)
+    assert hd([g1, g2], 10, [g1, ["g3", 11]], 10) == (False, 10)
+    c = cluster_factory()
+    write_extents(c.ta, [(0, 0)], 1)
+    c.wait_converged()
+    c.ta.rsg_detach("g", c.addr)
+    wait_for(lambda: c.sg.connected_since is None)
+    write_extents(c.ta, A_ONLY, 2)
+    c.tb.rsg_promote("g")
+    c.ta.rsg_demote("g")
+    c.ta.rsg_promote("g")
+    c.ta.rsg_demote("g")
+    port_a = free_port()
+    c.ta.start_replication("127.0.0.1", port_a, c.tok)
+    addr_a = "127.0.0.1:%d" % port_a
+    want = images(c.tb)
+    c.tb.rsg_link("g", addr_a, "async", c.tok)
+    lb = c.tb.rsgs["g"].links[0]
+    wait_for(lambda: lb.state == R.DIVERGED, 10, "split brain", lb.status)
+    assert lb.status()["split_brain"]["secondary"]["extents"] == 3
+    c.tb.rsg_attach("g", addr_a, discard_secondary_changes=True)
+    resynced(c.tb, lb, c.ta)
+    assert images(c.ta) == want and lb.sent_bytes == 3 * GRAN
+
+
+def test_take_of_the_secondarys_changes_cut_off_is_taken_again(
+        cluster_factory, monkeypatch):
+    """discard-zero-changes: a connection lost while the primary takes the
+    secondary's changes (some written here already) takes them again at
+    the next one, instead of seeing both sides changed (a split brain
+    of its own making)."""
+    c, sent0 = split_brain_pair(cluster_factory, [], B_ONLY,
+                                policy="discard-zero-changes")
+    want = images(c.tb)
+    real = R.PrimaryGroup.take_changes
+    taken = []
+
+    def cut_after_one(self, vol, offset, data):
+        if len(taken) == 1:
+            taken.append("cut")
+            raise ConnectionError("cut while taking")
+        taken.append(offset)
+        return real(self, vol, offset, data)
+    monkeypatch.setattr(R.PrimaryGroup, "take_changes", cut_after_one)
+    c.ta.rsg_attach("g", c.addr)
+    resynced(c.ta, c.link, c.tb)
+    assert "cut" in taken and len(taken) > 2, taken
+    assert c.link.state == R.REPLICATING and c.link.split_brain is None
+    assert images(c.ta) == want and images(c.tb) == want
+    assert c.link.sent_bytes - sent0 == len(B_ONLY) * GRAN

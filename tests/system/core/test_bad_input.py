@@ -117,3 +117,25 @@ def test_control_request_list_argument_given_a_string(server, clonectl):
     assert info.value.code == "InvalidArgument", info.value
     assert control.call(sock, "rsg_list") == []
     assert [c["name"] for c in control.call(sock, "clone_list")] == []
+
+
+def test_rsg_split_brain_policy_set_and_refused(clonectl, state_dir):
+    """The policy is chosen at create, changed with `rsg set`, saved in the
+    group record; `rsg set` with nothing to set changes nothing."""
+    import json
+    clonectl("lu", "create", "db1", "--size", "1M")
+    clonectl("rsg", "create", "g", "--volume", "db1", "--srl-size", "1M",
+             "--after-split-brain", "discard-zero-changes")
+    record = state_dir / "rsg" / "g.json"
+    assert json.loads(record.read_text())["after_split_brain"] == \
+        "discard-zero-changes"
+    clonectl("rsg", "set", "g", "--after-split-brain", "discard-secondary")
+    st = json.loads(clonectl("rsg", "status", "g", "--json").stdout)
+    assert st["after_split_brain"] == "discard-secondary"
+    before = snapshot_tree(state_dir)
+    proc = clonectl("rsg", "set", "g", check=False)
+    _refused(proc, "nothing to set")
+    proc = clonectl("rsg", "set", "g", "--after-split-brain", "violently",
+                    check=False)
+    assert proc.returncode != 0 and "violently" in proc.stderr
+    assert snapshot_tree(state_dir) == before

@@ -507,3 +507,53 @@ def _wait_logged(node, pattern, timeout=10.0):
         assert time.monotonic() < deadline, "no {!r} in:\n{}".format(
             pattern, node.log_tail())
         time.sleep(0.05)
+
+
+def test_diverged_resync_sends_only_the_changed_extents(cluster):
+    """As an admin would: detach, promote the secondary, write 64 extents
+    there, demote it, attach --discard-secondary-changes on the primary
+    (never promoted).  bytes_sent grows by exactly those 64 extents of
+    64 KiB (4 MiB), not the 32 MiB volume; then the policy
+    discard-secondary (rsg set) resolves the next split brain on its own,
+    again copying only what changed."""
+    c = cluster
+    size = 32 * MiB
+    vols = [("v1", size)]
+    a, (b,) = _pair(c, vols=vols, srl="4M")
+    _write_extents(a, "v1", range(0, 512, 7), seed=70)
+    wait_caught_up(c, a, G, b)
+
+    def split(b_extents, a_extents, seed):
+        a.cli("rsg", "detach", G, "--secondary", b.addr)
+        c.wait(lambda: not b.rsg(G).get("connected"), "secondary "
+               "disconnected", G, timeout=10)
+        b.cli("rsg", "promote", G)
+        _write_extents(b, "v1", b_extents, seed=seed)
+        _write_extents(a, "v1", a_extents, seed=seed + 1)
+        b.cli("rsg", "demote", G)
+        return a.link(G, b)["bytes_sent"]
+
+    b_extents = list(range(100, 164))
+    sent0 = split(b_extents, [], 71)
+    a.cli("rsg", "attach", G, "--secondary", b.addr)
+    l = wait_link(c, a, G, b, "diverged", pred=lambda l: l["split_brain"])
+    assert l["split_brain"]["secondary"] == \
+        {"extents": 64, "bytes": 64 * 65536}, l
+    assert l["split_brain"]["primary"]["extents"] == 0, l
+    assert "split brain" in l["error"], l
+    a.cli("rsg", "attach", G, "--secondary", b.addr,
+          "--discard-secondary-changes")
+    wait_caught_up(c, a, G, b)
+    check_equal(c, a, b, vols, "after the resync")
+    sent = a.link(G, b)["bytes_sent"] - sent0
+    assert sent == 64 * 65536, \
+        "the resync of 64 changed extents sent {} bytes (the volume is {})" \
+        .format(sent, size)
+
+    a.cli("rsg", "set", G, "--after-split-brain", "discard-secondary")
+    assert a.rsg(G)["after_split_brain"] == "discard-secondary"
+    sent0 = split([200, 201, 202], [202, 300], 73)
+    a.cli("rsg", "attach", G, "--secondary", b.addr)
+    wait_caught_up(c, a, G, b)
+    check_equal(c, a, b, vols, "after the automatic resync")
+    assert a.link(G, b)["bytes_sent"] - sent0 == 4 * 65536
