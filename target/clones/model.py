@@ -36,9 +36,9 @@ TRANSITIONS = {
     (SYNCING, "failed"): OUT_OF_SYNC,
     (SYNCHRONIZED, "fracture"): FRACTURED,
     (SYNCHRONIZED, "mirror-failed"): OUT_OF_SYNC,
-    # An online verify found extents that differ (marked): no copy any
-    # more, the next sync copies them.
-    (SYNCHRONIZED, "verify-differs"): OUT_OF_SYNC,
+    # An online verify found extents that differ (marked): still a mirror,
+    # it resyncs exactly them at once (like recovered-dirty).
+    (SYNCHRONIZED, "verify-differs"): SYNCING,
     (SYNCHRONIZED, "recovered-dirty"): SYNCING,
     (FRACTURED, "reverse-sync"): REVERSE_SYNCING,
     # A failed reverse sync keeps redirecting reads (the Source is partly

@@ -20,8 +20,9 @@ uncompared (counted as skipped), never reported.
 A differing extent is marked in the clone's Delta Map: noted durably in
 the group's activity map first (target.changemap), then its bit set; the
 maps are committed when the verify ends or stops.  A synchronized clone
-with differences is no copy any more: it becomes out-of-sync ("verify-
-differs"), and the next `clone sync` copies exactly the marked extents.
+with differences stays a mirror and is resynchronized at once ("verify-
+differs": syncing), copying exactly the marked extents; a fractured
+clone's marks are copied by its next `clone sync`.
 
 A verify changes no data; it runs alone in its group (no sync, reverse
 sync or restore meanwhile) and stop() ends it between chunks with the
@@ -187,21 +188,30 @@ class VerifyEngine:
 
     def _finish(self):
         group, clone, result = self.group, self.clone, self.result
+        # The marks durable before a state relies on them.
+        group.commit()
+        resync = False
         with group.cond:
             if result.extents_differing and clone.state == SYNCHRONIZED:
                 msg = "verify found {} extent(s) that differ from the " \
                     "Source".format(result.extents_differing)
                 try:
                     group.transition(clone, "verify-differs", msg)
+                    resync = True
                 except TransitionNotSaved as e:
-                    # Bits set: a fracture saves the out-of-sync state.
+                    # The bits stay set: a restart resyncs them (recovered
+                    # dirty), a fracture is refused.
                     log.error("clone %s: %s", clone.name, e)
-        group.commit()
         log.info("verify of clone %s (%s) %s: %d extents compared, %d "
                  "differ, %d skipped", clone.name, group.source.name,
                  "stopped" if result.stopped else "completed",
                  result.extents_compared, result.extents_differing,
                  result.extents_skipped)
+        if resync:
+            # A verify run by a thread hands over to a sync thread; one run
+            # directly (tests) leaves the engine to be driven.
+            self.running = False
+            group.resume(run=self.thread is not None)
 
     # ------------------------------------------------------------ copier
 

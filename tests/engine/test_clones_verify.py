@@ -41,13 +41,19 @@ def test_planted_differences_are_marked_and_resynced(h):
     assert not result["running"]
     clone = h.group.clones["c1"]
     assert list(maps.runs(clone.delta)) == [(3, 4), (9, 10)]
-    # Differences make a synchronized clone out-of-sync, so a sync repairs.
-    assert clone.state == clones.OUT_OF_SYNC
-    assert h.states["c1"] == clones.OUT_OF_SYNC
+    # A synchronized clone stays mirrored and resyncs exactly them.
+    assert clone.state == clones.SYNCING
+    assert h.states["c1"] == clones.SYNCING
+    assert h.group.engine.clone is clone
     # The marks are durable: a crash recovers them.
     h.crash()
     assert list(maps.runs(h.group.clones["c1"].delta)) == [(3, 4), (9, 10)]
-    h.sync("c1")
+    engine = h.group.resume(run=False) and h.group.engine
+    copied = []
+    h.group.copy_hook = lambda engine, s, e: copied.append((s, e))
+    h.run(engine)
+    assert copied == [(3, 4), (9, 10)]
+    assert h.states["c1"] == clones.SYNCHRONIZED
     assert h.mem_src.data == h.mem["c1"].data
 
 
