@@ -556,6 +556,9 @@ def clone_status(ctx, name, as_json):
         click.echo(line)
     if st.get("error"):
         click.echo("  error: " + st["error"])
+    if st.get("verify"):
+        for line in _verify_lines(st["verify"]):
+            click.echo(line)
     restore = st.get("restore")
     if restore:
         click.echo("  restore: {} extents pending, {} written by hosts".format(
@@ -666,6 +669,91 @@ def clone_restore(ctx, name, full, wait, rate):
         name, pending))
     if wait:
         _wait(ctx, name, "fractured")
+
+
+@clone.command("verify")
+@click.argument("name")
+@click.option("--wait", is_flag=True,
+              help="Wait until the verify ends, showing progress; exit 1 if "
+                   "it fails or is stopped.")
+@click.option("--rate", metavar="BYTES",
+              help="Read at most this many bytes of the Source per second "
+                   "(e.g. 100M) so host I/O keeps priority. Default: as "
+                   "fast as possible.")
+@click.option("--stop", is_flag=True,
+              help="Stop the running verify of NAME instead; what it found "
+                   "so far stays marked.")
+@json_result
+@pass_ctx
+@handle_errors
+def clone_verify(ctx, name, wait, rate, stop):
+    """Compare clone NAME with its Source online, extent by extent.
+
+    Each extent is read on both sides and compared by checksum while hosts
+    keep using the Source (and a fractured clone's export). A host write
+    that touches an extent while it is being compared makes the comparison
+    start again, so a write in progress is never reported as a difference.
+
+    \b
+    What is compared:
+      synchronized  every extent
+      fractured     only the extents its Delta Map says are equal to the
+                    Source (those written on either side since the fracture
+                    are known to differ and are copied by the next sync)
+
+    Extents found to differ are reported (count and first offsets) and
+    marked in the clone's Delta Map, durably. A synchronized clone stays
+    mirrored and is resynchronized at once (it becomes syncing): exactly
+    the marked extents are copied. A fractured clone's marked extents are
+    copied by its next `clonectl clone sync`. Nothing else is changed.
+
+    One operation runs per Source at a time: sync, reverse sync and restore
+    are refused while a verify runs, and the other way round. `clonectl
+    clone status NAME --json` shows the last verify under "verify": start
+    and end times (seconds since the epoch), extents compared, differing
+    and skipped (compared again too often because hosts kept writing them),
+    the first differing offsets. Needs a running server.
+    """
+    st = _target_call(ctx, "clone_verify", clone=name, rate=rate, stop=stop)
+    if stop:
+        v = st.get("verify") or {}
+        click.echo("{}: verify {}".format(
+            name, "stopped" if v.get("stopped") else "not running"))
+        return
+    click.echo("{}: verify started, {} to compare".format(
+        name, units.format_size(st["verify"]["bytes_total"])))
+    if wait:
+        st = progress.follow(
+            lambda: _control_call(ctx, "clone_status", patience=60.0,
+                                  clone=name),
+            progress.verify_job,
+            lambda st: (st.get("verify") or {}).get("running"))
+        v = st["verify"]
+        for line in _verify_lines(v):
+            click.echo(line)
+        if v.get("error"):
+            _fail("verify of clone {} failed: {}".format(name, v["error"]))
+        if v.get("stopped"):
+            _fail("verify of clone {} was stopped".format(name))
+
+
+def _verify_lines(v):
+    """A verify's result in short lines."""
+    lines = ["  verify {}: {} extents compared, {} differ, {} skipped".format(
+        "running" if v.get("running") else
+        "stopped" if v.get("stopped") else "finished",
+        v["extents_compared"], v["extents_differing"], v["extents_skipped"])]
+    shown = []
+    for offset in v["differing_offsets"]:
+        # Within 80 columns, room left for " and N more".
+        if len("  differing at " + ", ".join(shown + [str(offset)])) > 64:
+            break
+        shown.append(str(offset))
+    if shown:
+        more = v["extents_differing"] - len(shown)
+        lines.append("  differing at " + ", ".join(shown) +
+                     (" and {} more".format(more) if more > 0 else ""))
+    return lines
 
 
 # ---------------------------------------------------------------- serve

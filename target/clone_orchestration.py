@@ -278,6 +278,19 @@ class CloneOrchestration:
                                         rate=_rate(rate), run=False))
         return group.clone_status(c)
 
+    def clone_verify(self, clone, rate=None, stop=False):
+        """Start an online verify of clone against its Source (or, with
+        stop, stop the running one: its marks stay)."""
+        group, c = self.find(clone)
+        if stop:
+            group.stop_verify(clone)
+        else:
+            if c.broken:
+                raise clones.CloneBroken(event="verify", name=clone,
+                                         reason=c.broken)
+            group.start_verify(clone, rate=_rate(rate))
+        return group.clone_status(c)
+
     def clone_fracture(self, clone):
         group, c = self._working_clone(clone, "fracture")
         self.target.rsg_ops.check_point_in_time(group.source)

@@ -65,6 +65,7 @@ TABLE = [
         needs_server=True),
     _op("clone_fracture", "clone_ops.clone_fracture"),
     _op("clone_restore", "clone_ops.clone_restore", needs_server=True),
+    _op("clone_verify", "clone_ops.clone_verify", needs_server=True),
     _op("session_create", "session_ops.session_create"),
     _op("session_delete", "session_ops.session_delete", user_session=True),
     _op("session_list", "session_ops.session_list", changes=False),
