@@ -1915,6 +1915,94 @@ def rsg_detach(ctx, name, secondary):
     click.echo("group {}: link to {} detached".format(name, secondary))
 
 
+@rsg.command("verify")
+@click.argument("name")
+@click.option("--secondary", metavar="HOST:PORT",
+              help="Verify only the link to this secondary. Default: every "
+                   "link of the group.")
+@click.option("--wait", is_flag=True,
+              help="Wait until the verify ends, showing progress; exit 1 if "
+                   "it stopped early.")
+@click.option("--rate", metavar="BYTES",
+              help="Compare at most this many bytes per second per link "
+                   "(e.g. 100M). Default: as fast as possible.")
+@click.option("--stop", is_flag=True,
+              help="Stop the running verify instead; what it found so far "
+                   "stays marked.")
+@json_result
+@pass_ctx
+@handle_errors
+def rsg_verify(ctx, name, secondary, wait, rate, stop):
+    """Compare the volumes of primary group NAME with its secondaries,
+    online, extent by extent.
+
+    For each region of each volume the primary computes the checksum of
+    every extent and asks the secondary for the same region's checksums
+    through the replication stream, after the updates that precede it:
+    both sides answer for the same point in the stream, so host writes
+    keep going and are never reported as differences. The stream waits
+    for each answer (one round trip per 1 MiB region).
+
+    Extents that differ are reported (count and first volumes and offsets)
+    and marked in the link's DCM; when the pass ends the link switches to
+    DCM logging and its replay copies exactly them (and the updates it had
+    not delivered yet). A link that stops replicating during the verify
+    (a failure, an SRL overflow, a detach) ends it; what it marked stays.
+
+    `clonectl rsg status NAME --json` shows each link's last verify under
+    "verify": start and end times (seconds since the epoch), extents
+    compared and differing, the first differing [volume, offset] pairs.
+    Only a primary verifies; the link must be replicating. Needs a running
+    server.
+    """
+    st = _target_call(ctx, "rsg_verify", name=name, secondary=secondary,
+                      rate=rate, stop=stop)
+    if stop:
+        click.echo("group {}: verify stopped".format(name))
+        return
+    click.echo("group {}: verify started".format(name))
+    if not wait:
+        return
+    st = progress.follow(
+        lambda: _control_call(ctx, "rsg_status", patience=60.0, name=name),
+        lambda st: _rsg_verify_job(st, secondary),
+        lambda st: any((l.get("verify") or {}).get("running")
+                       for l in _verified_links(st, secondary)))
+    stopped = False
+    for link in _verified_links(st, secondary):
+        v = link.get("verify") or {}
+        click.echo("  {}: {} extents compared, {} differ{}".format(
+            link["secondary"], v.get("extents_compared", 0),
+            v.get("extents_differing", 0),
+            ", stopped: " + (v.get("error") or "asked")
+            if v.get("stopped") else ""))
+        for vol, off in v.get("differing") or []:
+            click.echo("    differing: {} at {}".format(vol, off))
+        stopped = stopped or v.get("stopped")
+    if stopped:
+        _fail("the verify of group {} stopped early".format(name))
+
+
+def _verified_links(st, secondary):
+    return [l for l in st.get("links") or []
+            if secondary is None or l["secondary"] == secondary]
+
+
+def _rsg_verify_job(st, secondary):
+    """One Job summing the verifies of the links."""
+    links = [l["verify"] for l in _verified_links(st, secondary)
+             if l.get("verify")]
+    if not links:
+        return None
+    return progress.Job(
+        st.get("name", "group"), "verify",
+        sum(v["bytes_done"] for v in links),
+        sum(v["bytes_total"] for v in links),
+        sum(v["rate"] for v in links),
+        max((v["eta"] or 0) for v in links),
+        any(v["running"] for v in links))
+
+
 @rsg.command("attach")
 @click.argument("name")
 @_SECONDARY_OPT

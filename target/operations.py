@@ -90,6 +90,7 @@ TABLE = [
     _op("rsg_unlink", "rsg_ops.rsg_unlink", needs_server=True),
     _op("rsg_attach", "rsg_ops.rsg_attach", needs_server=True),
     _op("rsg_detach", "rsg_ops.rsg_detach", needs_server=True),
+    _op("rsg_verify", "rsg_ops.rsg_verify", needs_server=True),
     _op("rsg_promote", "rsg_ops.rsg_promote", needs_server=True),
     _op("rsg_demote", "rsg_ops.rsg_demote", needs_server=True),
 ]

@@ -674,13 +674,7 @@ class Link:
         (target.replication.verify); returns its LinkVerify."""
         g = self.group
         self.verify_left()
-        if self.verifying is not None and self.verifying.running:
-            raise VerifyRefused(name=g.name, peer=self.secondary,
-                                reason="a verify is running")
-        if self.state != REPLICATING:
-            raise VerifyRefused(name=g.name, peer=self.secondary,
-                                reason="the link is {}, not replicating"
-                                .format(self.state))
+        self.check_verify()
         self.verifying = LinkVerify(
             [v.name for v in g.volumes], [v.size for v in g.volumes],
             g.granularity, rate)
@@ -689,6 +683,16 @@ class Link:
         log.info("group %s: verify against %s started", g.name,
                  self.secondary)
         return self.verifying
+
+    def check_verify(self):
+        """(Under the lock.)  Refuse a verify that cannot start now."""
+        if self.verifying is not None and self.verifying.running:
+            raise VerifyRefused(name=self.group.name, peer=self.secondary,
+                                reason="a verify is running")
+        if self.state != REPLICATING:
+            raise VerifyRefused(name=self.group.name, peer=self.secondary,
+                                reason="the link is {}, not replicating"
+                                .format(self.state))
 
     def stop_verify(self):
         """(Under the lock.)  Stop the running verify; what it marked
