@@ -11,7 +11,9 @@ anything else, JSON: target/channel.py), HELO/HRPL (the primary's hello
 and the secondary's reply, JSON; HRPL also carries a refusal),
 ENTR (one SRL entry), CMIT (end of a batch), ACKS (a batch is durable on
 the secondary), BEAT (an idle primary is alive), RBEG/RBOK, RDAT, REND/RACK
-(a DCM replay: begin, data of a run, end), FAIL (the secondary refuses the
+(a DCM replay: begin, data of a run, end), VREQ/VANS (an online
+verify: a region's extent checksums asked after the updates before it,
+and the answer, JSON: target/replication/verify.py), FAIL (the secondary refuses the
 updates, with a message).  What they are for: the design notes in
 target/replication/__init__.py.
 """

@@ -6,13 +6,109 @@ host writes never show as a difference."""
 
 import os
 import random
+import shutil
+import tempfile
 import threading
 import time
 
+import pytest
+
+from target import inventory
 from target import replication as R
-from tests.engine.test_rsg_engine import (  # noqa: F401 (fixtures)
-    GRAN, SIZES, VOLS, _fast, cluster_factory, first_diff, read_image)
-from tests.support.rsgmodel import wait_for
+from target.target import Target
+from tests.support.rsgmodel import (fast_timing, first_diff, restore_timing,
+                                    wait_for)
+from tests.support.sockets import free_port
+
+GRAN = 4096
+VOLS = ["v1", "v2"]
+SIZES = [1 << 20, 512 << 10]
+TOKEN = "replication-token-0123456789"
+
+
+class Pair:
+    """A primary Target (A) replicating group g to a secondary (B), in
+    process, over 127.0.0.1."""
+
+    def __init__(self, root, mode="async"):
+        self.root = root
+        tok = os.path.join(root, "tok")
+        with open(tok, "w") as f:
+            f.write(TOKEN)
+        os.chmod(tok, 0o600)
+        dirs = []
+        for node in ("A", "B"):
+            sd = inventory.StateDir(os.path.join(root, node))
+            sd.ensure()
+            for name, size in zip(VOLS, SIZES):
+                inventory.create_lu(sd, name, size=size)
+            dirs.append(sd.path)
+        port = free_port()
+        self.tb = Target(dirs[1])
+        self.tb.start()
+        self.tb.start_replication("127.0.0.1", port, tok)
+        self.ta = Target(dirs[0])
+        self.ta.start()
+        self.ta.rsg_create("g", VOLS, "1M", granularity="4K")
+        self.ta.rsg_link("g", "127.0.0.1:%d" % port, mode, tok)
+        self.lock = threading.Lock()
+
+    @property
+    def g(self):
+        return self.ta.rsgs["g"]
+
+    @property
+    def link(self):
+        return self.g.links[0]
+
+    @property
+    def sg(self):
+        return self.tb.rsgs.get("g")
+
+    def write(self, vol, off, data):
+        with self.lock:
+            self.ta.lus[VOLS[vol]].write(data, off)
+
+    def status(self):
+        return {"link": self.link.status(), "secondary": self.sg.status()}
+
+    def converged(self):
+        sg = self.sg
+        return self.link.state == R.REPLICATING and sg is not None and \
+            sg.consistent and sg.applied_seq == self.g.next_seq - 1
+
+    def wait_converged(self, timeout=20.0):
+        wait_for(self.converged, timeout, "convergence", self.status)
+
+    def close(self):
+        for t in (self.ta, self.tb):
+            try:
+                t.close()
+            except Exception:
+                pass
+
+
+@pytest.fixture
+def cluster_factory():
+    saved = fast_timing()
+    made = []
+
+    def make(**kw):
+        c = Pair(tempfile.mkdtemp(prefix="rsg-verify-"), **kw)
+        made.append(c)
+        return c
+    yield make
+    for c in made:
+        c.close()
+        shutil.rmtree(c.root, ignore_errors=True)
+    restore_timing(saved)
+
+
+def read_image(t, name):
+    lu = t.lus[name]
+    buf = bytearray(lu.size)
+    lu.backend.readinto(buf, 0)
+    return bytes(buf)
 
 
 def _plant(c, vol, extents):
@@ -90,7 +186,7 @@ def test_planted_differences_are_found_marked_and_replayed(cluster_factory):
     c.wait_converged()
     prim = [read_image(c.ta, n) for n in VOLS]
     sec = [read_image(c.tb, n) for n in VOLS]
-    assert prim == sec, first_diff(prim, sec)
+    assert prim == sec, first_diff(prim, sec, VOLS)
 
 
 def test_heavy_writes_give_no_false_difference(cluster_factory):

@@ -10,10 +10,30 @@ import time
 
 from tests.support.netlib import (WriteLog, Writer, wait_caught_up,
                                   wait_link)
-from tests.system.replication.test_rsg_e2e import (G, VOLS, _pair,
-                                                   check_equal)
 
+MiB = 1 << 20
+VOLS = [("v1", 8 * MiB), ("v2", 4 * MiB)]
+G = "g"
 GRAN = 64 << 10
+
+
+def _pair(cluster, mode="async"):
+    lus = [(n, str(size)) for n, size in VOLS]
+    p = cluster.node("p", lus=lus)
+    s = cluster.node("s0", lus=lus)
+    p.cli("rsg", "create", G, "--volume", "v1", "--volume", "v2",
+          "--srl-size", "2M")
+    p.cli("rsg", "link", G, "--secondary", s.addr, "--mode", mode,
+          "--token-file", cluster.token)
+    wait_caught_up(cluster, p, G, s)
+    return p, (s,)
+
+
+def check_equal(p, s):
+    for name, size in VOLS:
+        a, b = p.read_all(name, size), s.read_all(name, size)
+        assert a == b, "{} differs between {} and {}".format(name, p.name,
+                                                             s.name)
 
 
 def _plant(node, lu, extents):
@@ -66,7 +86,7 @@ def test_planted_difference_found_under_writes_and_replayed(cluster):
               not l["dcm_logging"])
     w.flush()
     wait_caught_up(c, p, G, s)
-    check_equal(c, p, s)
+    check_equal(p, s)
     # A second verify finds nothing.
     p.cli("rsg", "verify", G, "--wait", timeout=120)
     assert p.link(G, s)["verify"]["extents_differing"] == 0
@@ -97,4 +117,4 @@ def test_heavy_writes_no_false_difference_and_rate(cluster):
     assert p.link(G, s)["replays"] == replays
     w.flush()
     wait_caught_up(c, p, G, s)
-    check_equal(c, p, s)
+    check_equal(p, s)
