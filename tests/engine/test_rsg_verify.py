@@ -229,3 +229,31 @@ def test_rate_and_stop(cluster_factory):
     c.wait_converged()
     assert [read_image(c.ta, n) for n in VOLS] == \
         [read_image(c.tb, n) for n in VOLS]
+
+
+def test_updates_before_a_region_reach_the_secondary_before_its_request(
+        cluster_factory, monkeypatch):
+    """A host write lands just before a region is read: its update must
+    reach the secondary before the region's request, or the secondary
+    answers for an older state and the write shows as a difference (taking
+    the sending of the updates out of Link.verify_region makes this
+    fail)."""
+    c = cluster_factory()
+    _fill(c)
+    real = R.verify.LinkVerify.next_region
+    writes = []
+
+    def write_first(job):
+        region = real(job)
+        if region is not None and len(writes) < 4:
+            vol, offset, _ = region
+            data = bytes([len(writes) + 1]) * 512
+            writes.append(region)
+            c.write(vol, offset + 1000, data)
+        return region
+    monkeypatch.setattr(R.verify.LinkVerify, "next_region", write_first)
+    v = _verify(c)
+    assert len(writes) == 2     # v1's and v2's regions
+    assert v["extents_differing"] == 0, v
+    c.wait_converged()
+    assert c.link.dcm.count() == 0
