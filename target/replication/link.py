@@ -220,6 +220,7 @@ class Link:
         # its request in flight.
         self.verifying = None
         self.verify_answer = None
+        self.secondary_verifies = False
 
     # State.
 
@@ -374,6 +375,7 @@ class Link:
         self.refused = None
         self.secondary_consistent = reply.get("consistent")
         self.secondary_applied = reply.get("applied_seq")
+        self.secondary_verifies = bool(reply.get("verify"))
         sock.settimeout(None)
         if not g.accept_secondary(self, reply):
             return
@@ -678,7 +680,6 @@ class Link:
         self.verifying = LinkVerify(
             [v.name for v in g.volumes], [v.size for v in g.volumes],
             g.granularity, rate)
-        self.verifying.epoch = self.epoch
         g.cond.notify_all()
         log.info("group %s: verify against %s started", g.name,
                  self.secondary)
@@ -693,6 +694,10 @@ class Link:
             raise VerifyRefused(name=self.group.name, peer=self.secondary,
                                 reason="the link is {}, not replicating"
                                 .format(self.state))
+        if not self.secondary_verifies:
+            raise VerifyRefused(name=self.group.name, peer=self.secondary,
+                                reason="the secondary runs a clonectl "
+                                "without online verify: upgrade it")
 
     def stop_verify(self):
         """(Under the lock.)  Stop the running verify; what it marked
@@ -712,8 +717,7 @@ class Link:
         """A verify whose link stopped streaming (a failure, an overflow,
         a detach) ends there: its marks stay, the replay covers them."""
         job = self.verifying
-        if job is not None and job.running and (
-                self.state != REPLICATING or self.epoch != job.epoch):
+        if job is not None and job.running and self.state != REPLICATING:
             job.end(stopped=True, error="the link left replicating ({})"
                     .format(self.state))
 
@@ -781,7 +785,15 @@ class Link:
                 return pos
             for off in found:
                 self.dcm.mark(vol, off, job.granularity)
-        job.throttle()
+        # --rate; woken by a stop, and ended by the link leaving the stream.
+        while not job.cancel.is_set() and not self.stopping and \
+                self.epoch == epoch and self.state == REPLICATING:
+            ahead = job.ahead()
+            if ahead <= 0:
+                break
+            job.cancel.wait(min(ahead, 0.2))
+        with g.cond:
+            self.verify_left()
         return pos
 
     def _wait_replay_reply(self, kind):

@@ -258,7 +258,9 @@ class SecondaryGroup:
         reply = {"ok": True, "role": SECONDARY,
                  "consistent": self.consistent,
                  "applied_seq": self.applied_seq, "history": self.history,
-                 "last_seq": max(self.last_seq, self.applied_seq)}
+                 "last_seq": max(self.last_seq, self.applied_seq),
+                 # It answers VREQ (an older secondary would fail the link).
+                 "verify": True}
         if self.diverged is not None:
             reply["diverged"] = self.diverged.get("runs", [])
             reply["diverged_all"] = self.diverged.get("all", False)

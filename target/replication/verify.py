@@ -68,7 +68,6 @@ class LinkVerify:
         self.finished = None
         self.finished_at = None
         self.request = 0         # id of the last VREQ sent
-        self.epoch = None        # the link's epoch it runs in
 
     def next_region(self):
         """(vol, offset, length) of the next region, or None at the end."""
@@ -98,12 +97,11 @@ class LinkVerify:
         self.offset = offset + length
         return out
 
-    def throttle(self):
-        if self.rate:
-            ahead = self.bytes_done / self.rate - \
-                (time.monotonic() - self.started)
-            if ahead > 0:
-                self.cancel.wait(ahead)
+    def ahead(self):
+        """Seconds the pass is ahead of its rate (0: go on)."""
+        if not self.rate:
+            return 0
+        return self.bytes_done / self.rate - (time.monotonic() - self.started)
 
     def end(self, stopped=False, error=None):
         self.running = False

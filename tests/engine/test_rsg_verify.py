@@ -257,3 +257,25 @@ def test_updates_before_a_region_reach_the_secondary_before_its_request(
     assert v["extents_differing"] == 0, v
     c.wait_converged()
     assert c.link.dcm.count() == 0
+
+
+def test_verify_refusals(cluster_factory):
+    c = cluster_factory()
+    c.wait_converged()
+    assert c.link.secondary_verifies    # said so in its handshake reply
+    c.link.secondary_verifies = False   # as an older secondary
+    with c.g.cond, pytest.raises(R.link.VerifyRefused,
+                                 match="without online verify"):
+        c.link.start_verify()
+    c.link.secondary_verifies = True
+    with c.g.cond:
+        job = c.link.start_verify(rate=1)   # crawls after its first region
+        with pytest.raises(R.link.VerifyRefused, match="a verify is running"):
+            c.link.start_verify()
+    c.g.detach_link(c.link)
+    wait_for(lambda: not job.running, 10, "the end of the verify",
+             c.status)
+    assert job.stopped and "left replicating" in job.error
+    with c.g.cond, pytest.raises(R.link.VerifyRefused,
+                                 match="not replicating"):
+        c.link.start_verify()
