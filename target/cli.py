@@ -2084,6 +2084,16 @@ def _print_rsg(st):
                 l["secondary"], l["mode"], l["state"], lag, extra,
                 units.format_size(l.get("bytes_sent") or 0),
                 ", error: " + l["error"] if l["error"] else ""))
+            v = l.get("verify")
+            if v:
+                click.echo("     verify {}: {} of {}, {} extents compared, {} "
+                           "differ".format(
+                               "running" if v["running"] else "stopped"
+                               if v["stopped"] else "finished",
+                               units.format_size(v["bytes_done"]),
+                               units.format_size(v["bytes_total"]),
+                               v["extents_compared"],
+                               v["extents_differing"]))
     else:
         click.echo("{}: secondary of {}, {}, applied update #{}{}".format(
             st["name"], st["primary"] or "-", "consistent" if st["consistent"]
@@ -2102,7 +2112,8 @@ def _print_rsg(st):
 def rsg_status(ctx, name, as_json):
     """Show groups: role, generation, SRL use, and per link its mode, state
     (replicating, dcm-logging, dcm-replay, failed, diverged, detached), lag
-    in updates and bytes, DCM extents, replay progress and last error; on a
+    in updates and bytes, DCM extents, replay progress, last error and last
+    verify (`clonectl rsg verify`); on a
     secondary whether it is consistent and the last update applied."""
     rows = [_target_call(ctx, "rsg_status", name=name)] if name else \
         _target_call(ctx, "rsg_list")

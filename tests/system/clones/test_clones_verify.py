@@ -89,6 +89,14 @@ def test_planted_differences_found_marked_and_repaired_under_writes(
     assert not v["running"] and not v["stopped"] and v["finished"]
     # Marked: the planted extents and those the host wrote, nothing else.
     assert _dirty(env) == set(planted) | set(range(8))
+    text = env.cli("clone", "status", "c1").stdout
+    # Every extent but those the host wrote (known to differ: not compared).
+    assert "verify finished: {} extents compared, 3 differ, 0 skipped".format(
+        v["extents_compared"]) in text, text
+    assert 504 <= v["extents_compared"] < 512, v
+    assert "differing at {}, {}, {}".format(*(e * GRAN for e in planted)) \
+        in text, text
+    assert all(len(line) <= 80 for line in text.splitlines()), text
     env.sync_wait("c1")
     assert differing_extents(env.img("src"), env.img("c1"), env.size,
                              GRAN) == set()

@@ -90,6 +90,9 @@ def test_planted_difference_found_under_writes_and_replayed(cluster):
     # A second verify finds nothing.
     p.cli("rsg", "verify", G, "--wait", timeout=120)
     assert p.link(G, s)["verify"]["extents_differing"] == 0
+    text = p.cli("rsg", "status", G).stdout
+    assert "verify finished: 12MiB of 12MiB, 192 extents compared, 0 differ" \
+        in text, text
 
 
 def test_heavy_writes_no_false_difference_and_rate(cluster):
