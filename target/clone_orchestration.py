@@ -42,6 +42,7 @@ class CloneOrchestration:
             inventory.probe_backing(rec["file"], lu.size)
             return backends.FileBackend(rec["file"])
 
+        group.record_verify = self._record_verify(lu.name)
         for who, problem in group.load(record["clones"], open_clone):
             log.error("clone group %s: %s", lu.name, problem)
             self.target.recovery_problems.append(
@@ -57,6 +58,14 @@ class CloneOrchestration:
                 rec["rate"] = rate
             self.target.changed("clone", name, state=clone_state, error=error)
         return persist
+
+    def _record_verify(self, source):
+        def record(name, result):
+            with self.target.state_dir.editing() as doc:
+                rec = doc["lus"][source]["clones"].get(name)
+                if rec is not None:
+                    rec["last_verify"] = result
+        return record
 
     def find(self, name):
         for group in self.target.groups.values():
@@ -112,6 +121,7 @@ class CloneOrchestration:
                 group = self.target.groups.get(source) or clones.CloneGroup(
                     lu, granularity, self.target.state_dir.maps_dir,
                     self._persist_clone(source))
+                group.record_verify = self._record_verify(source)
             except BaseException:
                 if owned:
                     os.unlink(path)

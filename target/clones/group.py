@@ -47,6 +47,16 @@ def all_data(offset, length):
     return [(offset, length, False)]
 
 
+class SavedVerify:
+    """The last verify of a clone as the inventory kept it."""
+
+    def __init__(self, saved):
+        self.saved = dict(saved, running=False)
+
+    def to_dict(self, running=False):
+        return dict(self.saved)
+
+
 class CloneGroup(Mirroring, Restore):
     """A Source LU and its clones, with their maps and the sync engine.
 
@@ -78,6 +88,9 @@ class CloneGroup(Mirroring, Restore):
         # each clone's verify.
         self.verifier = None
         self.verify_results = {}
+        # record_verify(clone_name, result dict): keeps the last result of
+        # a verify in the inventory (status shows it after a restart).
+        self.record_verify = None
         # Protected restore.
         self.restoring = None
         self.prm = bytearray(self.extents)
@@ -153,6 +166,8 @@ class CloneGroup(Mirroring, Restore):
             clone = Clone(self, name, backend, record["state"], None,
                           record.get("file"))
             clone.rate = record.get("rate")
+            if isinstance(record.get("last_verify"), dict):
+                self.verify_results[name] = SavedVerify(record["last_verify"])
             if broken is not None:
                 clone.broken = broken
                 clone.paused = True     # never resumed

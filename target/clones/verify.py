@@ -26,8 +26,8 @@ clone's marks are copied by its next `clone sync`.
 
 A verify changes no data; it runs alone in its group (no sync, reverse
 sync or restore meanwhile) and stop() ends it between chunks with the
-maps valid.  Deliberately ignored: the result is kept in memory (status
-shows the last one until the server restarts).  See docs/clones.md.
+maps valid.  The last result is kept in the clone's inventory record
+(status shows it after a restart).  See docs/clones.md.
 """
 
 import logging
@@ -164,8 +164,9 @@ class VerifyEngine:
                 self._finish()
             finally:
                 self.running = False
-                self.result.finished = time.monotonic()
-                self.result.finished_at = time.time()
+                if self.result.finished is None:
+                    self.result.finished = time.monotonic()
+                    self.result.finished_at = time.time()
 
     def _next_run(self):
         """The next extents [s, e) to compare from the cursor, at most
@@ -188,8 +189,17 @@ class VerifyEngine:
 
     def _finish(self):
         group, clone, result = self.group, self.clone, self.result
+        result.finished = time.monotonic()
+        result.finished_at = time.time()
         # The marks durable before a state relies on them.
         group.commit()
+        if group.record_verify is not None:
+            try:
+                group.record_verify(clone.name, result.to_dict(False))
+            except Exception:
+                # The marks are committed; only the report is not kept.
+                log.exception("clone %s: the verify's result could not "
+                              "be saved", clone.name)
         resync = False
         with group.cond:
             if result.extents_differing and clone.state == SYNCHRONIZED:

@@ -97,6 +97,10 @@ def test_planted_differences_found_marked_and_repaired_under_writes(
     assert "differing at {}, {}, {}".format(*(e * GRAN for e in planted)) \
         in text, text
     assert all(len(line) <= 80 for line in text.splitlines()), text
+    # The result is kept over a restart of the server.
+    env.server.stop()
+    env.start_server()
+    assert env.status("c1")["verify"] == v
     env.sync_wait("c1")
     assert differing_extents(env.img("src"), env.img("c1"), env.size,
                              GRAN) == set()
