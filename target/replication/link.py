@@ -271,7 +271,6 @@ class Link:
         self.phase = nxt
 
     def record(self):
-        self.verify_left()
         return {"secondary": self.secondary, "mode": self.mode,
                 "token_file": self.token_file,
                 "tls_certificates": self.tls_certificates,
@@ -729,13 +728,8 @@ class Link:
             self.verify_left()
             if not job.running:
                 return send_pos
-        if job.cancel.is_set():
-            with g.cond:
-                job.end(stopped=True)
-            log.info("group %s: verify against %s stopped", g.name,
-                     self.secondary)
-            return send_pos
-        region = job.next_region()
+        stopped = job.cancel.is_set()
+        region = None if stopped else job.next_region()
         if region is None:
             with g.cond:
                 if job.extents_differing:
@@ -744,9 +738,10 @@ class Link:
                     g.to_logging(self)
                     self.error = "verify found {} extent(s) that differ; " \
                         "replaying them".format(job.extents_differing)
-                job.end()
-            log.info("group %s: verify against %s completed: %d extents "
+                job.end(stopped=stopped)
+            log.info("group %s: verify against %s %s: %d extents "
                      "compared, %d differ", g.name, self.secondary,
+                     "stopped" if stopped else "completed",
                      job.extents_compared, job.extents_differing)
             return send_pos
         vol, offset, length = region

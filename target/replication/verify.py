@@ -14,11 +14,11 @@ order), from its applied data: both sides' checksums describe the same
 point, so a host write never shows as a difference, whatever the load.
 
 Extents whose checksums differ are marked in the link's DCM at once
-(durable in place) and, when the pass ends, the link switches to DCM
-logging (the record saved with it), so its next replay copies exactly
-them (with whatever the stream had not delivered yet).  A stopped verify,
-or one the link leaves (a failure, an overflow), keeps what it marked: a
-replay covers it.  The stream waits for each answer: one round trip per
+(durable in place) and, when the pass ends or is stopped, the link
+switches to DCM logging (the record saved with it), so its next replay
+copies exactly them (with whatever the stream had not delivered yet).  A
+verify the link leaves (a failure, an overflow, a detach) keeps what it
+marked for the link's next replay.  The stream waits for each answer: one round trip per
 region, and `rate` spaces the regions out.
 
 Checksums: copier.digest (BLAKE2b) of each extent of the group's

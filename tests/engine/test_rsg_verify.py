@@ -205,8 +205,10 @@ def test_heavy_writes_give_no_false_difference(cluster_factory):
 def test_rate_and_stop(cluster_factory):
     c = cluster_factory()
     _fill(c)
-    _plant(c, 1, [100])     # near the end: not reached before the stop
+    _plant(c, 0, [3])       # in the first region
+    _plant(c, 1, [100])     # in the second: not reached before the stop
     total = sum(SIZES)
+    replays = c.link.replays
     with c.g.cond:
         # The first region (v1, 1 MiB) at once, then a wait of ~5 s.
         job = c.link.start_verify(rate=total // 8)
@@ -217,14 +219,17 @@ def test_rate_and_stop(cluster_factory):
         c.link.stop_verify()
     wait_for(lambda: not job.running, 10, "the stop", c.status)
     v = job.to_dict()
-    assert v["stopped"] and v["extents_differing"] == 0, v
-    # Nothing marked, the link still streams.
-    assert c.link.dcm.count() == 0 and c.link.state == R.REPLICATING
-    # A full verify afterwards finds it.
-    replays = c.link.replays
+    assert v["stopped"] and v["differing"] == [["v1", 3 * GRAN]], v
+    # What it found is replayed; the rest is as it was.
+    wait_for(lambda: c.link.replays == replays + 1, 10, "the replay",
+             c.status)
+    c.wait_converged()
+    assert read_image(c.ta, "v1") == read_image(c.tb, "v1")
+    assert read_image(c.ta, "v2") != read_image(c.tb, "v2")
+    # A full verify afterwards finds the other one.
     v = _verify(c)
     assert v["differing"] == [["v2", 100 * GRAN]]
-    wait_for(lambda: c.link.replays == replays + 1, 10, "the replay",
+    wait_for(lambda: c.link.replays == replays + 2, 10, "the replay",
              c.status)
     c.wait_converged()
     assert [read_image(c.ta, n) for n in VOLS] == \
