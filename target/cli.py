@@ -556,6 +556,9 @@ def clone_status(ctx, name, as_json):
         click.echo(line)
     if st.get("error"):
         click.echo("  error: " + st["error"])
+    if st.get("verify"):
+        for line in _verify_lines(st["verify"]):
+            click.echo(line)
     restore = st.get("restore")
     if restore:
         click.echo("  restore: {} extents pending, {} written by hosts".format(
@@ -666,6 +669,91 @@ def clone_restore(ctx, name, full, wait, rate):
         name, pending))
     if wait:
         _wait(ctx, name, "fractured")
+
+
+@clone.command("verify")
+@click.argument("name")
+@click.option("--wait", is_flag=True,
+              help="Wait until the verify ends, showing progress; exit 1 if "
+                   "it fails or is stopped.")
+@click.option("--rate", metavar="BYTES",
+              help="Read at most this many bytes of the Source per second "
+                   "(e.g. 100M) so host I/O keeps priority. Default: as "
+                   "fast as possible.")
+@click.option("--stop", is_flag=True,
+              help="Stop the running verify of NAME instead; what it found "
+                   "so far stays marked.")
+@json_result
+@pass_ctx
+@handle_errors
+def clone_verify(ctx, name, wait, rate, stop):
+    """Compare clone NAME with its Source online, extent by extent.
+
+    Each extent is read on both sides and compared by checksum while hosts
+    keep using the Source (and a fractured clone's export). A host write
+    that touches an extent while it is being compared makes the comparison
+    start again, so a write in progress is never reported as a difference.
+
+    \b
+    What is compared:
+      synchronized  every extent
+      fractured     only the extents its Delta Map says are equal to the
+                    Source (those written on either side since the fracture
+                    are known to differ and are copied by the next sync)
+
+    Extents found to differ are reported (count and first offsets) and
+    marked in the clone's Delta Map, durably. A synchronized clone stays
+    mirrored and is resynchronized at once (it becomes syncing): exactly
+    the marked extents are copied. A fractured clone's marked extents are
+    copied by its next `clonectl clone sync`. Nothing else is changed.
+
+    One operation runs per Source at a time: sync, reverse sync and restore
+    are refused while a verify runs, and the other way round. `clonectl
+    clone status NAME --json` shows the last verify under "verify": start
+    and end times (seconds since the epoch), extents compared, differing
+    and skipped (compared again too often because hosts kept writing them),
+    the first differing offsets. Needs a running server.
+    """
+    st = _target_call(ctx, "clone_verify", clone=name, rate=rate, stop=stop)
+    if stop:
+        v = st.get("verify") or {}
+        click.echo("{}: verify {}".format(
+            name, "stopped" if v.get("stopped") else "not running"))
+        return
+    click.echo("{}: verify started, {} to compare".format(
+        name, units.format_size(st["verify"]["bytes_total"])))
+    if wait:
+        st = progress.follow(
+            lambda: _control_call(ctx, "clone_status", patience=60.0,
+                                  clone=name),
+            progress.verify_job,
+            lambda st: (st.get("verify") or {}).get("running"))
+        v = st["verify"]
+        for line in _verify_lines(v):
+            click.echo(line)
+        if v.get("error"):
+            _fail("verify of clone {} failed: {}".format(name, v["error"]))
+        if v.get("stopped"):
+            _fail("verify of clone {} was stopped".format(name))
+
+
+def _verify_lines(v):
+    """A verify's result in short lines."""
+    lines = ["  verify {}: {} extents compared, {} differ, {} skipped".format(
+        "running" if v.get("running") else
+        "stopped" if v.get("stopped") else "finished",
+        v["extents_compared"], v["extents_differing"], v["extents_skipped"])]
+    shown = []
+    for offset in v["differing_offsets"]:
+        # Within 80 columns, room left for " and N more".
+        if len("  differing at " + ", ".join(shown + [str(offset)])) > 64:
+            break
+        shown.append(str(offset))
+    if shown:
+        more = v["extents_differing"] - len(shown)
+        lines.append("  differing at " + ", ".join(shown) +
+                     (" and {} more".format(more) if more > 0 else ""))
+    return lines
 
 
 # ---------------------------------------------------------------- serve
@@ -1864,6 +1952,94 @@ def rsg_detach(ctx, name, secondary):
     click.echo("group {}: link to {} detached".format(name, secondary))
 
 
+@rsg.command("verify")
+@click.argument("name")
+@click.option("--secondary", metavar="HOST:PORT",
+              help="Verify only the link to this secondary. Default: every "
+                   "link of the group.")
+@click.option("--wait", is_flag=True,
+              help="Wait until the verify ends, showing progress; exit 1 if "
+                   "it stopped early.")
+@click.option("--rate", metavar="BYTES",
+              help="Compare at most this many bytes per second per link "
+                   "(e.g. 100M). Default: as fast as possible.")
+@click.option("--stop", is_flag=True,
+              help="Stop the running verify instead; what it found so far "
+                   "stays marked.")
+@json_result
+@pass_ctx
+@handle_errors
+def rsg_verify(ctx, name, secondary, wait, rate, stop):
+    """Compare the volumes of primary group NAME with its secondaries,
+    online, extent by extent.
+
+    For each region of each volume the primary computes the checksum of
+    every extent and asks the secondary for the same region's checksums
+    through the replication stream, after the updates that precede it:
+    both sides answer for the same point in the stream, so host writes
+    keep going and are never reported as differences. The stream waits
+    for each answer (one round trip per 1 MiB region).
+
+    Extents that differ are reported (count and first volumes and offsets)
+    and marked in the link's DCM; when the pass ends the link switches to
+    DCM logging and its replay copies exactly them (and the updates it had
+    not delivered yet). A link that stops replicating during the verify
+    (a failure, an SRL overflow, a detach) ends it; what it marked stays.
+
+    `clonectl rsg status NAME --json` shows each link's last verify under
+    "verify": start and end times (seconds since the epoch), extents
+    compared and differing, the first differing [volume, offset] pairs.
+    Only a primary verifies; the link must be replicating. Needs a running
+    server.
+    """
+    st = _target_call(ctx, "rsg_verify", name=name, secondary=secondary,
+                      rate=rate, stop=stop)
+    if stop:
+        click.echo("group {}: verify stopped".format(name))
+        return
+    click.echo("group {}: verify started".format(name))
+    if not wait:
+        return
+    st = progress.follow(
+        lambda: _control_call(ctx, "rsg_status", patience=60.0, name=name),
+        lambda st: _rsg_verify_job(st, secondary),
+        lambda st: any((l.get("verify") or {}).get("running")
+                       for l in _verified_links(st, secondary)))
+    stopped = False
+    for link in _verified_links(st, secondary):
+        v = link.get("verify") or {}
+        click.echo("  {}: {} extents compared, {} differ{}".format(
+            link["secondary"], v.get("extents_compared", 0),
+            v.get("extents_differing", 0),
+            ", stopped: " + (v.get("error") or "asked")
+            if v.get("stopped") else ""))
+        for vol, off in v.get("differing") or []:
+            click.echo("    differing: {} at {}".format(vol, off))
+        stopped = stopped or v.get("stopped")
+    if stopped:
+        _fail("the verify of group {} stopped early".format(name))
+
+
+def _verified_links(st, secondary):
+    return [l for l in st.get("links") or []
+            if secondary is None or l["secondary"] == secondary]
+
+
+def _rsg_verify_job(st, secondary):
+    """One Job summing the verifies of the links."""
+    links = [l["verify"] for l in _verified_links(st, secondary)
+             if l.get("verify")]
+    if not links:
+        return None
+    return progress.Job(
+        st.get("name", "group"), "verify",
+        sum(v["bytes_done"] for v in links),
+        sum(v["bytes_total"] for v in links),
+        sum(v["rate"] for v in links),
+        max((v["eta"] or 0) for v in links),
+        any(v["running"] for v in links))
+
+
 @rsg.command("attach")
 @click.argument("name")
 @_SECONDARY_OPT
@@ -1956,6 +2132,16 @@ def _print_rsg(st):
                                units.format_size(sb["primary"]["bytes"]),
                                sb["secondary"]["extents"],
                                units.format_size(sb["secondary"]["bytes"])))
+            v = l.get("verify")
+            if v:
+                click.echo("     verify {}: {} of {}, {} extents compared, {} "
+                           "differ".format(
+                               "running" if v["running"] else "stopped"
+                               if v["stopped"] else "finished",
+                               units.format_size(v["bytes_done"]),
+                               units.format_size(v["bytes_total"]),
+                               v["extents_compared"],
+                               v["extents_differing"]))
     else:
         click.echo("{}: secondary of {}, {}, applied update #{}{}".format(
             st["name"], st["primary"] or "-", "consistent" if st["consistent"]
@@ -1974,7 +2160,8 @@ def _print_rsg(st):
 def rsg_status(ctx, name, as_json):
     """Show groups: role, generation, SRL use, and per link its mode, state
     (replicating, dcm-logging, dcm-replay, failed, diverged, detached), lag
-    in updates and bytes, DCM extents, replay progress and last error; on a
+    in updates and bytes, DCM extents, replay progress, last error and last
+    verify (`clonectl rsg verify`); on a
     secondary whether it is consistent and the last update applied."""
     rows = [_target_call(ctx, "rsg_status", name=name)] if name else \
         _target_call(ctx, "rsg_list")

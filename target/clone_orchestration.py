@@ -42,6 +42,7 @@ class CloneOrchestration:
             inventory.probe_backing(rec["file"], lu.size)
             return backends.FileBackend(rec["file"])
 
+        group.record_verify = self._record_verify(lu.name)
         for who, problem in group.load(record["clones"], open_clone):
             log.error("clone group %s: %s", lu.name, problem)
             self.target.recovery_problems.append(
@@ -57,6 +58,14 @@ class CloneOrchestration:
                 rec["rate"] = rate
             self.target.changed("clone", name, state=clone_state, error=error)
         return persist
+
+    def _record_verify(self, source):
+        def record(name, result):
+            with self.target.state_dir.editing() as doc:
+                rec = doc["lus"][source]["clones"].get(name)
+                if rec is not None:
+                    rec["last_verify"] = result
+        return record
 
     def find(self, name):
         for group in self.target.groups.values():
@@ -112,6 +121,7 @@ class CloneOrchestration:
                 group = self.target.groups.get(source) or clones.CloneGroup(
                     lu, granularity, self.target.state_dir.maps_dir,
                     self._persist_clone(source))
+                group.record_verify = self._record_verify(source)
             except BaseException:
                 if owned:
                     os.unlink(path)
@@ -276,6 +286,19 @@ class CloneOrchestration:
             group.source, regions, group.granularity, "a protected restore",
             lambda: group.start_restore(clone, full=bool(full),
                                         rate=_rate(rate), run=False))
+        return group.clone_status(c)
+
+    def clone_verify(self, clone, rate=None, stop=False):
+        """Start an online verify of clone against its Source (or, with
+        stop, stop the running one: its marks stay)."""
+        group, c = self.find(clone)
+        if stop:
+            group.stop_verify(clone)
+        else:
+            if c.broken:
+                raise clones.CloneBroken(event="verify", name=clone,
+                                         reason=c.broken)
+            group.start_verify(clone, rate=_rate(rate))
         return group.clone_status(c)
 
     def clone_fracture(self, clone):

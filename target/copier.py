@@ -46,6 +46,7 @@ copier keeps this interface (runs in, guard/progress callbacks out) and
 pipelines the chunks inside.  See docs/design.md.
 """
 
+import hashlib
 import threading
 import time
 
@@ -59,6 +60,12 @@ def is_zero(buf, length, start=0):
     """Whether length bytes of bytearray buf from start are all zero."""
     zeros = _ZEROS if length <= len(_ZEROS) else memoryview(bytes(length))
     return buf.startswith(zeros[:length], start)
+
+
+def digest(view):
+    """The checksum by which a verify compares one extent on two sides
+    (locally, or across the replication link)."""
+    return hashlib.blake2b(view, digest_size=16).digest()
 
 
 class Copier:

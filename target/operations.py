@@ -65,6 +65,7 @@ TABLE = [
         needs_server=True),
     _op("clone_fracture", "clone_ops.clone_fracture"),
     _op("clone_restore", "clone_ops.clone_restore", needs_server=True),
+    _op("clone_verify", "clone_ops.clone_verify", needs_server=True),
     _op("session_create", "session_ops.session_create"),
     _op("session_delete", "session_ops.session_delete", user_session=True),
     _op("session_list", "session_ops.session_list", changes=False),
@@ -90,6 +91,7 @@ TABLE = [
     _op("rsg_unlink", "rsg_ops.rsg_unlink", needs_server=True),
     _op("rsg_attach", "rsg_ops.rsg_attach", needs_server=True),
     _op("rsg_detach", "rsg_ops.rsg_detach", needs_server=True),
+    _op("rsg_verify", "rsg_ops.rsg_verify", needs_server=True),
     _op("rsg_promote", "rsg_ops.rsg_promote", needs_server=True),
     _op("rsg_demote", "rsg_ops.rsg_demote", needs_server=True),
 ]

@@ -1,5 +1,5 @@
-"""How the CLI shows a running job: a clone's sync, reverse sync or
-restore, or a session's transfer (`--wait`, `clonectl wait`).
+"""How the CLI shows a running job: a clone's sync, reverse sync,
+restore or verify, or a session's transfer (`--wait`, `clonectl wait`).
 
 A job is shown as done/total bytes of this job (not how much of the clone
 is in sync), a percentage, the rate and the time left:
@@ -80,6 +80,16 @@ def clone_job(st):
     return Job(st["name"], op["operation"], op.get("bytes_done"),
                op.get("bytes_total"), op.get("rate"), op.get("eta"),
                bool(op.get("running")), st.get("state"))
+
+
+def verify_job(st):
+    """A Job from `clone_status` of a clone's verify, or None if none ran."""
+    v = st.get("verify")
+    if not v:
+        return None
+    return Job(st["name"], "verify", v.get("bytes_done"),
+               v.get("bytes_total"), v.get("rate"), v.get("eta"),
+               bool(v.get("running")))
 
 
 def transfer_job(st):

@@ -344,6 +344,30 @@ class RsgOrchestration:
                         discard_secondary=discard_secondary_changes)
         return rsg.status()
 
+    def rsg_verify(self, name, secondary=None, rate=None, stop=False):
+        """Start an online verify of every link of group name (or of the
+        link to secondary) against its secondary; with stop, stop them
+        (target.replication.verify)."""
+        rsg = self._rsg(name, replication.PRIMARY)
+        links = [rsg.link(replication.parse_secondary(secondary))] \
+            if secondary else list(rsg.links)
+        if not links:
+            raise errors.InvalidArgument(
+                reason="group {!r} has no link to verify".format(name))
+        bytes_rate = units.parse_size(rate) if rate else None
+        with rsg.cond:
+            if stop:
+                for link in links:
+                    link.stop_verify()
+            else:
+                # All or none: refused before any starts.
+                for link in links:
+                    link.verify_left()
+                    link.check_verify()
+                for link in links:
+                    link.start_verify(rate=bytes_rate)
+        return rsg.status()
+
     def rsg_detach(self, name, secondary):
         rsg = self._rsg(name, replication.PRIMARY)
         rsg.detach_link(rsg.link(replication.parse_secondary(secondary)))

@@ -14,3 +14,4 @@ from .model import (  # noqa: F401
     InvalidTransition, SiblingsMirrored, TransitionNotSaved,
     check_granularity)
 from .sync import Progress, SyncEngine  # noqa: F401
+from .verify import VerifyEngine  # noqa: F401

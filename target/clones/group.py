@@ -30,20 +30,31 @@ import os
 import threading
 
 from .. import backends, changemap, errors, fsutil, maps
-from .model import (EXPORTED, HINTS, KEEP, MAX_CLONES, OUT_OF_SYNC,
-                    RESTORING, REVERSE_SYNCING, RUNNING, SYNCHRONIZED,
+from .model import (EXPORTED, FRACTURED, HINTS, KEEP, MAX_CLONES,
+                    OUT_OF_SYNC, RESTORING, REVERSE_SYNCING, RUNNING, SYNCHRONIZED,
                     SYNCING, TRANSITIONS, AlreadyRunning, Clone, CloneBroken,
                     CloneInUse, GroupBusy, InvalidTransition,
                     TransitionNotSaved, check_granularity)
 from .mirroring import Mirroring
 from .restore import CodStats, Restore
 from .sync import Progress, SyncEngine
+from .verify import VerifyEngine
 
 log = logging.getLogger("clonectl.clones")
 
 
 def all_data(offset, length):
     return [(offset, length, False)]
+
+
+class SavedVerify:
+    """The last verify of a clone as the inventory kept it."""
+
+    def __init__(self, saved):
+        self.saved = dict(saved, running=False)
+
+    def to_dict(self, running=False):
+        return dict(self.saved)
 
 
 class CloneGroup(Mirroring, Restore):
@@ -73,6 +84,13 @@ class CloneGroup(Mirroring, Restore):
         self.quiesce = False
         self.engine = None
         self.progress = {}
+        # The online verify (one per group, alone) and the last result of
+        # each clone's verify.
+        self.verifier = None
+        self.verify_results = {}
+        # record_verify(clone_name, result dict): keeps the last result of
+        # a verify in the inventory (status shows it after a restart).
+        self.record_verify = None
         # Protected restore.
         self.restoring = None
         self.prm = bytearray(self.extents)
@@ -148,6 +166,8 @@ class CloneGroup(Mirroring, Restore):
             clone = Clone(self, name, backend, record["state"], None,
                           record.get("file"))
             clone.rate = record.get("rate")
+            if isinstance(record.get("last_verify"), dict):
+                self.verify_results[name] = SavedVerify(record["last_verify"])
             if broken is not None:
                 clone.broken = broken
                 clone.paused = True     # never resumed
@@ -210,6 +230,9 @@ class CloneGroup(Mirroring, Restore):
         clone = self.clones[name]
         with self.cond:
             self._check(clone, "remove")
+            if self.verifier is not None and self.verifier.running and \
+                    self.verifier.clone is clone:
+                raise AlreadyRunning(event="remove", name=name)
             if clone.connections:
                 raise CloneInUse(event="remove", name=name,
                                  count=clone.connections)
@@ -298,6 +321,12 @@ class CloneGroup(Mirroring, Restore):
         clone.rate = rate
 
     def _check_group_idle(self, clone, event):
+        verifier = self.verifier
+        if verifier is not None and verifier.running:
+            if verifier.clone is clone and event == "verify":
+                raise AlreadyRunning(event=event, name=clone.name)
+            raise GroupBusy(event=event, name=clone.name,
+                            other=verifier.clone.name, state="verifying")
         for other in self.clones.values():
             if other is not clone and other.state in RUNNING:
                 raise GroupBusy(event=event, name=clone.name,
@@ -363,6 +392,35 @@ class CloneGroup(Mirroring, Restore):
             if clone.state in RUNNING and not clone.paused:
                 self._launch(clone, clone.rate, run)
                 return clone
+
+    def start_verify(self, name, rate=None, run=True):
+        """Compare clone name with the Source (target.clones.verify)."""
+        clone = self.clones[name]
+        with self.cond:
+            if clone.broken:
+                raise CloneBroken(event="verify", name=name,
+                                  reason=clone.broken)
+            if clone.state not in (SYNCHRONIZED, FRACTURED):
+                raise InvalidTransition(event="verify", name=name,
+                                        state=clone.state,
+                                        hint=HINTS["verify"])
+            self._check_group_idle(clone, "verify")
+            self.verifier = VerifyEngine(self, clone, rate)
+            self.verify_results[name] = self.verifier.result
+        log.info("verify of clone %s (%s) started", name, self.source.name)
+        if run:
+            self.verifier.start()
+        return self.verifier
+
+    def stop_verify(self, name):
+        """Stop clone name's running verify (its marks stay, committed)."""
+        verifier = self.verifier
+        if verifier is None or verifier.clone.name != name or \
+                not verifier.running:
+            return False
+        verifier.stop("asked")
+        verifier.join()
+        return True
 
     def fracture(self, name):
         clone = self.clones[name]
@@ -434,6 +492,11 @@ class CloneGroup(Mirroring, Restore):
             st["operation"]["running"] = (self.engine is not None and
                                           self.engine.clone is clone and
                                           self.engine.running)
+        result = self.verify_results.get(clone.name)
+        if result is not None:
+            st["verify"] = result.to_dict(
+                self.verifier is not None and self.verifier.result is
+                result and self.verifier.running)
         return st
 
     def _left(self, clone):
@@ -470,7 +533,11 @@ class CloneGroup(Mirroring, Restore):
                                        names)}
 
     def stop_engine(self):
-        """Stop a running engine; its state stays, so it resumes later."""
+        """Stop a running engine; its state stays, so it resumes later.
+        A running verify is stopped too (its marks are committed)."""
+        if self.verifier is not None:
+            self.verifier.stop("stopping")
+            self.verifier.join()
         if self.engine is not None:
             self.engine.stop(None)
             self.engine.join()

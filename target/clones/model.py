@@ -36,6 +36,9 @@ TRANSITIONS = {
     (SYNCING, "failed"): OUT_OF_SYNC,
     (SYNCHRONIZED, "fracture"): FRACTURED,
     (SYNCHRONIZED, "mirror-failed"): OUT_OF_SYNC,
+    # An online verify found extents that differ (marked): still a mirror,
+    # it resyncs exactly them at once (like recovered-dirty).
+    (SYNCHRONIZED, "verify-differs"): SYNCING,
     (SYNCHRONIZED, "recovered-dirty"): SYNCING,
     (FRACTURED, "reverse-sync"): REVERSE_SYNCING,
     # A failed reverse sync keeps redirecting reads (the Source is partly
@@ -69,6 +72,7 @@ HINTS = {
     "reverse-sync": "reverse sync needs a fractured clone",
     "restore": "a protected restore needs a fractured clone",
     "remove": "wait until the operation has finished",
+    "verify": "a verify needs a synchronized or fractured clone",
 }
 
 

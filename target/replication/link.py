@@ -22,6 +22,7 @@ import zlib
 from .. import channel, copier, errors
 from .records import read_token
 from .srl import SrlCorrupt
+from .verify import LinkVerify, digests
 from .wire import (DATA, ENTRY, SEQ, WRITE, ZERO, entry_crc, recv_frame,
                    send_frame, send_frames, send_json, shutdown_socket)
 
@@ -158,6 +159,11 @@ class _ReplayEnded(Exception):
         self.result = result
 
 
+class VerifyRefused(errors.Error):
+    msg = "cannot verify {name!r} against {peer}: {reason}"
+    errno = errno.EBUSY
+
+
 class InvalidLinkTransition(errors.Error):
     msg = ("link to {peer}: {event!r} is not a transition of state "
            "{status}/{holds}")
@@ -215,6 +221,11 @@ class Link:
         self.refused = None
         self.stream_from = None
         self.last_sent_seq = 0
+        # The running or last online verify (LinkVerify) and the answer to
+        # its request in flight.
+        self.verifying = None
+        self.verify_answer = None
+        self.secondary_verifies = False
 
     # State.
 
@@ -368,6 +379,7 @@ class Link:
         self.refused = None
         self.secondary_consistent = reply.get("consistent")
         self.secondary_applied = reply.get("applied_seq")
+        self.secondary_verifies = bool(reply.get("verify"))
         sock.settimeout(None)
         if not g.accept_secondary(self, reply):
             return
@@ -446,6 +458,10 @@ class Link:
                         while self.batches and self.batches[0][0] <= seq:
                             last, end = self.batches.pop(0)
                             self.acked_seq, self.acked_pos = last, end
+                        g.cond.notify_all()
+                elif kind == b"VANS":
+                    with g.cond:
+                        self.verify_answer = json.loads(payload)
                         g.cond.notify_all()
                 elif kind in (b"RBOK", b"RACK"):
                     with g.cond:
@@ -543,7 +559,8 @@ class Link:
             with g.cond:
                 while not self.stopping and self.epoch == epoch and \
                         g.srl.head_pos <= send_pos and \
-                        self.state == REPLICATING:
+                        self.state == REPLICATING and \
+                        not self.verify_due():
                     g.waiters += 1
                     g.cond.wait(0.5)
                     g.waiters -= 1
@@ -568,6 +585,11 @@ class Link:
             if pos is None:
                 return True
             send_pos = pos
+            if self.verify_due():
+                pos = self.verify_region(sock, send_pos, epoch)
+                if pos is None:
+                    return True
+                send_pos = pos
         return False
 
     def _replay(self, sock):
@@ -689,6 +711,129 @@ class Link:
                  time.monotonic() - started)
         return True
 
+    # ------------------------------------------------------------ verify
+
+    def start_verify(self, rate=None):
+        """(Under the lock.)  Start an online verify of this link
+        (target.replication.verify); returns its LinkVerify."""
+        g = self.group
+        self.verify_left()
+        self.check_verify()
+        self.verifying = LinkVerify(
+            [v.name for v in g.volumes], [v.size for v in g.volumes],
+            g.granularity, rate)
+        g.cond.notify_all()
+        log.info("group %s: verify against %s started", g.name,
+                 self.secondary)
+        return self.verifying
+
+    def check_verify(self):
+        """(Under the lock.)  Refuse a verify that cannot start now."""
+        if self.verifying is not None and self.verifying.running:
+            raise VerifyRefused(name=self.group.name, peer=self.secondary,
+                                reason="a verify is running")
+        if self.state != REPLICATING:
+            raise VerifyRefused(name=self.group.name, peer=self.secondary,
+                                reason="the link is {}, not replicating"
+                                .format(self.state))
+        if not self.secondary_verifies:
+            raise VerifyRefused(name=self.group.name, peer=self.secondary,
+                                reason="the secondary runs a clonectl "
+                                "without online verify: upgrade it")
+
+    def stop_verify(self):
+        """(Under the lock.)  Stop the running verify; what it marked
+        stays in the DCM."""
+        if self.verifying is not None and self.verifying.running:
+            self.verifying.cancel.set()
+            self.group.cond.notify_all()
+            return True
+        return False
+
+    def verify_due(self):
+        """(Under the lock, or from the sender.)  A region to compare."""
+        job = self.verifying
+        return job is not None and job.running
+
+    def verify_left(self):
+        """A verify whose link stopped streaming (a failure, an overflow,
+        a detach) ends there: its marks stay, the replay covers them."""
+        job = self.verifying
+        if job is not None and job.running and self.state != REPLICATING:
+            job.end(stopped=True, error="the link left replicating ({})"
+                    .format(self.state))
+
+    def verify_region(self, sock, send_pos, epoch):
+        """Compare the verify's next region (verify.py's notes); return
+        the stream position reached, or None if the link's epoch changed."""
+        g, job = self.group, self.verifying
+        with g.cond:
+            self.verify_left()
+            if not job.running:
+                return send_pos
+        stopped = job.cancel.is_set()
+        region = None if stopped else job.next_region()
+        if region is None:
+            with g.cond:
+                if job.extents_differing:
+                    # The replay copies the marked extents (and the record
+                    # saying so is saved with the switch).
+                    g.to_logging(self)
+                    self.error = "verify found {} extent(s) that differ; " \
+                        "replaying them".format(job.extents_differing)
+                job.end(stopped=stopped)
+            log.info("group %s: verify against %s %s: %d extents "
+                     "compared, %d differ", g.name, self.secondary,
+                     "stopped" if stopped else "completed",
+                     job.extents_compared, job.extents_differing)
+            return send_pos
+        vol, offset, length = region
+        buf = bytearray(length)
+        with g.cond:
+            if self.epoch != epoch or self.state != REPLICATING:
+                job.end(stopped=True, error="the link left replicating")
+                return None
+            until = g.srl.head_pos
+            g.volumes[vol].stack.below("replication").readinto(buf, offset)
+        mine = digests(buf, job.granularity)
+        pos = self._send_entries(sock, send_pos, until, epoch)
+        if pos is None:
+            with g.cond:
+                job.end(stopped=True, error="the link left replicating")
+            return None
+        job.request += 1
+        with g.cond:
+            self.verify_answer = None
+        send_json(sock, b"VREQ", {"id": job.request, "vol": vol,
+                                  "offset": offset, "length": length,
+                                  "granularity": job.granularity})
+        with g.cond:
+            while self.verify_answer is None and not self.stopping and \
+                    self.epoch == epoch and self.state == REPLICATING:
+                g.cond.wait(0.5)
+            answer, self.verify_answer = self.verify_answer, None
+            if answer is None or answer.get("id") != job.request:
+                job.end(stopped=True, error="the link left replicating")
+                return None if self.epoch != epoch else pos
+            try:
+                found = job.compared(vol, offset, length, mine,
+                                     answer.get("digests") or [])
+            except ValueError as e:
+                job.end(stopped=True, error=str(e))
+                return pos
+            for off in found:
+                self.dcm.mark(vol, off, job.granularity)
+        # --rate; woken by a stop, and ended by the link leaving the stream.
+        while not job.cancel.is_set() and not self.stopping and \
+                self.epoch == epoch and self.state == REPLICATING:
+            ahead = job.ahead()
+            if ahead <= 0:
+                break
+            job.cancel.wait(min(ahead, 0.2))
+        with g.cond:
+            self.verify_left()
+        return pos
+
     def _wait_replay_reply(self, kind):
         g = self.group
         deadline = time.monotonic() + 120
@@ -728,6 +873,7 @@ class Link:
             if self.holds_srl else None
         lag_bytes = max(0, g.srl.head_pos - self.acked_pos) \
             if self.holds_srl else None
+        self.verify_left()
         return {"secondary": self.secondary, "mode": self.mode,
                 "state": self.state, "attached": self.attached,
                 "secondary_consistent": self.secondary_consistent,
@@ -739,4 +885,6 @@ class Link:
                 "bytes_sent": self.sent_bytes, "error": self.error,
                 "split_brain": self.split_brain,
                 "stopped_error": self.stopped_error,
+                "verify": self.verifying.to_dict()
+                if self.verifying is not None else None,
                 "dcm_problem": self.dcm.problem if self.dcm else None}

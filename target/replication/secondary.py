@@ -18,6 +18,7 @@ import time
 import zlib
 
 from .. import errors, fsutil
+from . import verify
 from .layer import Guard
 from .records import (DISCONNECT, SECONDARY, ReplicaUnavailable,
                       ReplicationError, RsgBusy, check_split_brain_policy)
@@ -264,7 +265,9 @@ class SecondaryGroup:
                  "consistent": self.consistent,
                  "applied_seq": self.applied_seq, "history": self.history,
                  "last_seq": max(self.last_seq, self.applied_seq),
-                 "base": self.own_base()}
+                 "base": self.own_base(),
+                 # It answers VREQ (an older secondary would fail the link).
+                 "verify": True}
         if self.diverged is not None:
             reply["diverged"] = self.diverged.get("runs", [])
             reply["diverged_all"] = self.diverged.get("all", False)
@@ -359,6 +362,9 @@ class SecondaryGroup:
                     if self.history != theirs:
                         self.history = theirs
                         self.persist()
+                elif kind == b"VREQ":
+                    send_json(sock, b"VANS",
+                              self.verify_answer(json.loads(payload)))
                 elif kind == b"RBEG":
                     replaying = True
                     self._begin_replay(theirs)
@@ -401,6 +407,25 @@ class SecondaryGroup:
                 pass
         finally:
             self.connected_since = None
+
+    def verify_answer(self, request):
+        """The checksums of a region of a volume as applied here, for a
+        primary's online verify (target.replication.verify): every frame
+        before the request is applied already."""
+        try:
+            ident, vol, offset, length, gran = (
+                int(request[k]) for k in ("id", "vol", "offset", "length",
+                                          "granularity"))
+        except (KeyError, TypeError, ValueError):
+            raise errors.ProtocolError(reason="bad verify request")
+        if not (0 <= vol < len(self.volumes)) or offset < 0 or \
+                length < 0 or gran <= 0 or length > verify.REGION or \
+                offset + length > self.volumes[vol].size:
+            raise errors.ProtocolError(reason="verify request out of range")
+        buf = bytearray(length)
+        with self.lock:
+            self._backend(vol).readinto(buf, offset)
+        return {"id": ident, "digests": verify.digests(buf, gran)}
 
     def _check_entry(self, seq, vol, kind, off, length, crc, data):
         if vol >= len(self.sizes) or off + length > self.sizes[vol] or \

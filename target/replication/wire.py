@@ -12,7 +12,9 @@ and the secondary's reply, JSON; HRPL also carries a refusal),
 ENTR (one SRL entry), CMIT (end of a batch), ACKS (a batch is durable on
 the secondary), BEAT (an idle primary is alive), RBEG/RBOK, RDAT, REND/RACK
 (a DCM replay: begin, data of a run, end), PULL/RDAT.../PEND (the primary
-takes a secondary's changes after a split brain), FAIL (the secondary
+takes a secondary's changes after a split brain), VREQ/VANS (an online
+verify: a region's extent checksums asked after the updates before it,
+and the answer, JSON: target/replication/verify.py), FAIL (the secondary
 refuses the updates, with a message).  What they are for: the design notes in
 target/replication/__init__.py.
 """
