@@ -82,6 +82,7 @@ class CloneGroup(Mirroring, Restore):
             after_save=lambda: self._persist_prm())
         self.collided = False
         self.quiesce = False
+        self.overlap_waiters = 0    # writes waiting for an overlapping one
         self.engine = None
         self.progress = {}
         # The online verify (one per group, alone) and the last result of

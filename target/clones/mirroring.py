@@ -26,6 +26,14 @@ overlaps no host write.  Host writes are never queued for this.
 Fracture quiesces: new writes wait while writes in flight drain, so no
 write is half-mirrored at the fracture point.
 
+Overlapping writes to the Source are ordered: a write waits while another
+write of any of its extents is in flight.  Two hosts may write the same
+block at once (NBD lets either win), but both legs of a mirror must see
+the same winner: unordered, the later write could reach Source and clone
+while the earlier one is still on its way to the clone, leaving the clone
+with the other data and no bit set.  Writes to different extents never
+wait for each other.
+
 Deliberately ignored: trim on a Source with clones is carried out as a
 zero on every side (a trim may leave old data on one side and zeroes on the
 other, a divergence the maps would not show).  See docs/design.md.
@@ -59,8 +67,12 @@ class Mirroring:
         nobody is mirrored); None for a write to the Source.
         """
         with self.cond:
-            while self.quiesce:
-                self.cond.wait()
+            while self.quiesce or (only is None and self._overlapped(e0, e1)):
+                self.overlap_waiters += 1
+                try:
+                    self.cond.wait()
+                finally:
+                    self.overlap_waiters -= 1
             token = self.changes.begin(e0, e1)
             if self.changes.copying and any(
                     c0 < e1 and e0 < c1
@@ -80,10 +92,16 @@ class Mirroring:
                         maps.set_range(clone.delta, e0, e1)
             return token, mirrors
 
+    def _overlapped(self, e0, e1):
+        """Whether a write of extents overlapping [e0, e1) is in flight."""
+        return any(w0 < e1 and e0 < w1
+                   for w0, w1 in self.changes.in_flight.values())
+
     def _end(self, token):
         with self.cond:
             self.changes.end(token)
-            if self.quiesce and not self.changes.in_flight:
+            if self.overlap_waiters or \
+                    (self.quiesce and not self.changes.in_flight):
                 self.cond.notify_all()
 
     def _mutate(self, offset, length, apply, fua):

@@ -268,3 +268,32 @@ def test_recovery_cut_short_keeps_the_recovered_bits(tmp_path, monkeypatch):
     monkeypatch.setattr(maps, "save", real_save)
     h.crash()                                # the second one completes
     assert h.group.clones["c1"].delta[5] == 1
+
+
+def test_overlapping_writes_from_two_connections_leave_the_legs_equal(h):
+    """Two hosts write the same block at once: whichever lands last on the
+    Source lands last on a synchronized clone too.  Without ordering, the
+    second write could reach both legs while the first is still on its
+    way to the clone, and the clone would end with the older data."""
+    h.sync("c1")
+    clone = h.group.clones["c1"]
+    real_write = clone.backend.write
+    first_in, release = threading.Event(), threading.Event()
+
+    def write(buf, offset):
+        if not first_in.is_set():
+            first_in.set()
+            release.wait(5)         # the first write, between its two legs
+        real_write(buf, offset)
+    clone.backend.write = write
+    first = threading.Thread(target=h.lu.write, args=(b"1" * 512, 3 * GRAN))
+    first.start()
+    assert first_in.wait(5)
+    second = threading.Thread(target=h.lu.write, args=(b"2" * 512, 3 * GRAN))
+    second.start()
+    second.join(0.3)                # it waits for the first, or it is done
+    release.set()
+    first.join(5)
+    second.join(5)
+    clone.backend.write = real_write
+    assert h.extent(h.mem_src, 3) == h.extent(h.mem["c1"], 3)

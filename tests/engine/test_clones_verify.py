@@ -215,35 +215,3 @@ def test_verify_under_a_writer_thread_reports_only_the_planted(h, fractured):
     else:
         assert marked == {planted}
         assert written
-
-
-def test_verify_finds_legs_left_different_by_overlapping_writes(h):
-    """Two host writes of the same block from two connections, at once:
-    the first reaches the Source, the second then reaches both legs, the
-    first then reaches the clone.  The legs really differ afterwards (the
-    mirror does not order overlapping writes); verify finds it and the
-    resync repairs it."""
-    import threading
-    clone = h.group.clones["c1"]
-    real_write = clone.backend.write
-    first_in = threading.Event()
-    second_done = threading.Event()
-
-    def write(buf, offset):
-        if not first_in.is_set():
-            first_in.set()
-            second_done.wait(5)
-        real_write(buf, offset)
-    clone.backend.write = write
-    t = threading.Thread(target=h.lu.write, args=(b"1" * 512, 3 * GRAN))
-    t.start()
-    assert first_in.wait(5)
-    h.lu.write(b"2" * 512, 3 * GRAN)
-    second_done.set()
-    t.join(5)
-    clone.backend.write = real_write
-    assert h.extent(h.mem_src, 3) != h.extent(h.mem["c1"], 3)
-    result = _verify(h)
-    assert result["differing_offsets"] == [3 * GRAN]
-    h.run(h.group.engine)
-    assert h.mem_src.data == h.mem["c1"].data

@@ -128,10 +128,9 @@ def test_synchronized_clone_resyncs_exactly_the_planted(clone_env):
 def test_heavy_writes_give_no_false_difference(clone_env):
     env = clone_env.setup(size=8 * MiB, granularity="64K")
     env.sync_wait("c1")
-    # Two connections, never writing the same block at the same time:
-    # concurrent overlapping writes may land in a different order on the
-    # two legs, a real difference that verify reports.
-    with Writer(env, 0, 64), Writer(env, 64, 128):
+    # Two connections whose blocks overlap: overlapping writes are ordered
+    # the same on both legs, so nothing may differ.
+    with Writer(env, 0, 96), Writer(env, 32, 128):
         for _ in range(3):
             env.cli("clone", "verify", "c1", "--wait")
             st = env.status("c1")
