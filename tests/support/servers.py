@@ -42,9 +42,11 @@ class Server:
     """A foreground `clonectl serve` started by a test."""
 
     def __init__(self, state_dir, socket, log_path, guard, extra_args=(),
-                 where=None):
-        # where: a namespace of scripts/netns.py the manager runs in.
+                 where=None, prefix=()):
+        # where: a namespace of scripts/netns.py the manager runs in;
+        # prefix: a command that execs the manager (prlimit ... --).
         self.where = where
+        self.prefix = list(prefix)
         self.state_dir = Path(state_dir)
         self.requested_socket = str(socket)
         self.log_path = Path(log_path)
@@ -57,7 +59,7 @@ class Server:
     # Start and stop.
 
     def start(self, timeout=START_TIMEOUT):
-        cmd = [CLONECTL, "--state-dir", str(self.state_dir),
+        cmd = self.prefix + [CLONECTL, "--state-dir", str(self.state_dir),
                              "serve"]
         if "--port" not in self.extra_args:  # TCP servers have no socket
             cmd += ["--socket", self.requested_socket]
