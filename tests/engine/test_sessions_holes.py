@@ -8,29 +8,11 @@ import tempfile
 
 from target import backends, sessions
 
+from tests.support.spybackend import Spy
+
 G = 4096
 N = 8
 SIZE = G * N
-
-
-class Spy(backends.MemoryBackend):
-    """A memory backend that records its reads, writes and zeroes."""
-
-    def __init__(self, size):
-        super().__init__(size)
-        self.ops = []
-
-    def readinto(self, buf, offset):
-        self.ops.append(("read", offset, memoryview(buf).nbytes))
-        super().readinto(buf, offset)
-
-    def write(self, buf, offset):
-        self.ops.append(("write", offset, memoryview(buf).nbytes))
-        super().write(buf, offset)
-
-    def zero(self, offset, length, may_trim=False, fast=False):
-        self.ops.append(("zero", offset, length))
-        super().zero(offset, length, may_trim, fast)
 
 
 class FakeLU:

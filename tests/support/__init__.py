@@ -16,6 +16,7 @@ Plugin modules (loaded by tests/conftest.py, their fixtures need no import):
 Helper modules: sockets, models, tools (qemu-io, whole-export reads),
 rsgmodel (replication's change model), powerloss (a simulated disk that
 loses unsynced writes), clonegroup and clonemodel (a clone group on memory
-backends, and its hypothesis model), guestimage, relay (a TCP relay that
+backends, and its hypothesis model), spybackend (a memory backend that
+records what was done to it), guestimage, relay (a TCP relay that
 records every byte), tlscerts (a CA and certificates).
 """
