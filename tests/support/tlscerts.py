@@ -1,7 +1,8 @@
 """X.509 material for TLS tests, made with openssl: a CA, a server
 directory as `--tls-certificates DIR` wants it (ca-cert.pem,
 server-cert.pem, server-key.pem, for 127.0.0.1 and localhost) and client
-directories (ca-cert.pem of the CA they trust)."""
+directories (ca-cert.pem of the CA they trust, and a client certificate
+when asked for one)."""
 
 import subprocess
 
@@ -29,7 +30,7 @@ class Certs:
         base.mkdir(parents=True, exist_ok=True)
         self.base = base
         self.ca = ca = _make_ca(base / "ca", "clonectl test CA")
-        other = _make_ca(base / "other-ca", "someone else")
+        self.other_ca = other = _make_ca(base / "other-ca", "someone else")
         self.server_dir = base / "server"
         self.server_dir.mkdir()
         (base / "ext.cnf").write_text(
@@ -57,3 +58,25 @@ class Certs:
         self.untrusting_dir.mkdir()
         (self.untrusting_dir / "ca-cert.pem").write_bytes(
             (other / "ca-cert.pem").read_bytes())
+
+    def client_with_certificate(self, name, ca):
+        """A libnbd certificates directory trusting the server's CA and
+        holding client-cert.pem (CN=name, signed by ca) and client-key.pem."""
+        d = self.base / ("client-" + name)
+        d.mkdir()
+        (d / "ca-cert.pem").write_bytes((self.ca / "ca-cert.pem").read_bytes())
+        ext = self.base / "client-ext.cnf"
+        ext.write_text("extendedKeyUsage=clientAuth\n"
+                       "keyUsage=critical,digitalSignature\n"
+                       "basicConstraints=CA:FALSE\n")
+        csr = self.base / (name + ".csr")
+        _openssl(d, "req", "-newkey", "ec", "-pkeyopt",
+                 "ec_paramgen_curve:P-256", "-nodes", "-keyout",
+                 "client-key.pem", "-out", str(csr), "-subj", "/CN=" + name)
+        _openssl(d, "x509", "-req", "-in", str(csr), "-CA",
+                 str(ca / "ca-cert.pem"), "-CAkey", str(ca / "ca-key.pem"),
+                 "-CAcreateserial", "-CAserial", str(self.base / "ca.srl"),
+                 "-out", "client-cert.pem", "-days", "2", "-extfile",
+                 str(ext))
+        (d / "client-key.pem").chmod(0o600)
+        return d
