@@ -458,6 +458,12 @@ class RsgOrchestration:
     def _demote(self, rsg):
         name = rsg.name
         files = rsg.files
+        # The record below says this node holds every change up to `last`,
+        # consistently: make that durable first, through every layer (a
+        # restoring clone group keeps in memory which extents hosts wrote
+        # since its last commit; lost, a resumed restore copies over them).
+        for lu in rsg.volumes:
+            lu.flush()
         last = rsg.next_seq - 1
         with rsg.cond:
             for link in rsg.links:

@@ -1507,3 +1507,35 @@ def test_demoted_node_reports_what_it_changed_before_a_link_did(two_nodes):
     converge(a, b)
     assert b.read_base(0) == a.read_top(0), first_diff(
         [a.read_top(0)], [b.read_base(0)])
+
+
+def test_demote_makes_what_it_reports_durable(two_nodes):
+    """A demoted node says it holds every change up to its last: that must
+    survive a kill -9 like any flushed state.  A host write into a Source
+    being restored, not flushed yet, lived only in the restore's memory
+    (the extent no longer to be copied); the demotion did not flush, and
+    the restore resumed after a kill copied the clone's data over the
+    write the node reported as applied (a secondary consistent at a state
+    that never was)."""
+    a, b = two_nodes
+    lu = a.t.lus["v1"]
+    lu.write(b"\x01" * SIZES[0], 0)
+    a.t.clone_add("v1", "a1", granularity="64K")
+    a.t.clone_sync("a1")
+    wait_for(lambda: a.t.clone_status("a1")["state"] == "synchronized")
+    a.t.clone_fracture("a1")
+    lu.write(b"\x02" * SIZES[0], 0)
+    with engines_held():
+        a.t.clone_restore("a1")
+    at = 5 * CLONE_GRAN
+    lu.write(b"\x03" * 4096, at)        # not flushed, not yet restored
+    a.t.rsg_detach("g", b.addr)
+    a.t.rsg_demote("g")
+    a.kill()
+    a.start()
+    wait_for(lambda: a.t.clone_status("a1")["state"] == "fractured", 20,
+             "the resumed restore")
+    data = a.read_base(0)
+    assert data[at:at + 4096] == b"\x03" * 4096, \
+        "the demoted node lost a change it reported applied"
+    assert data[:at] == b"\x01" * at
