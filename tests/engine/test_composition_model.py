@@ -803,8 +803,11 @@ class CompositionMachine(RuleBasedStateMachine):
         g = new.rsg
         g.sync_timeout = 1.0
         ops = [op for op in line if op.seq <= applied]
+        # A restore on the secondary is part of what it holds when its
+        # generation starts (at applied + 1): the new line's state "at
+        # applied" includes it (a replay brings another node there).
         for vol, data in sorted(self.override.items()):
-            ops.append(Op(applied + 0.5, vol, SET, 0, SIZES[vol], data))
+            ops.append(Op(applied, vol, SET, 0, SIZES[vol], data))
         self.override = {}
         self.prim = new.name
         self.ops = self.lines.setdefault(self.key(g), ops)
