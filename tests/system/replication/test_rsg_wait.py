@@ -29,6 +29,11 @@ def _pair(cluster, size):
 def test_link_wait_with_rate(cluster):
     size, rate = 4 * MiB, 8 * MiB
     p, s, h = _pair(cluster, size)
+    bad = p.cli("rsg", "link", G, "--secondary", s.addr, "--token-file",
+                cluster.token, "--rate", "fast", "--wait", check=False)
+    assert bad.returncode == 1 and "invalid size 'fast'" in bad.stderr, bad
+    assert "Traceback" not in bad.stderr
+    assert p.rsg(G)["links"] == []
     t0 = time.monotonic()
     out = p.cli("rsg", "link", G, "--secondary", s.addr, "--token-file",
                 cluster.token, "--rate", "8M", "--wait").stdout
