@@ -2083,7 +2083,7 @@ def rsg_attach(ctx, name, secondary, discard_secondary_changes, rate, wait):
     The replay copies the regions marked in the link's DCM while it was
     detached; one that was broken off resumes where the secondary's
     acknowledgements left it. --rate changes the link's replay rate (kept
-    in its record; "0" removes the limit). On a link that is not detached
+    in its record; "0" removes the limit). On a link that is not detached,
     attach reconnects it (a running replay resumes, at the new rate).
     """
     st = _target_call(ctx, "rsg_attach", name=name, secondary=secondary,
