@@ -1886,6 +1886,19 @@ def rsg_set(ctx, name, after_split_brain):
         name, st["after_split_brain"]))
 
 
+_REPLAY_RATE_OPT = click.option(
+    "--rate", metavar="BYTES",
+    help="Send a DCM replay (the first copy, and the catch-up after a "
+         "fallback to the DCM) at most this many bytes per second (e.g. "
+         "100M), so that host writes and the ordered stream keep the "
+         "bandwidth they need; \"0\" for no limit. Kept in the link's "
+         "record. Default: as fast as possible (on attach: unchanged).")
+_LINK_WAIT_OPT = click.option(
+    "--wait", is_flag=True,
+    help="Wait until the link replicates (its first replay completed), "
+         "showing the replay's progress; exit 1 with the link's error if it "
+         "fails, diverges or is detached meanwhile (a failed link keeps "
+         "retrying in the server).")
 _SECONDARY_OPT = click.option("--secondary", required=True, metavar="HOST:PORT",
                               help="The secondary's --replication-port.")
 
@@ -1907,25 +1920,35 @@ _SECONDARY_OPT = click.option("--secondary", required=True, metavar="HOST:PORT",
                    "(its certificate must name the address of --secondary), "
                    "and optionally client-cert.pem and client-key.pem (mode "
                    "0600), as libnbd's tls-certificates directory.")
+@_REPLAY_RATE_OPT
+@_LINK_WAIT_OPT
 @json_result
 @pass_ctx
 @handle_errors
-def rsg_link(ctx, name, secondary, mode, token_file, tls_certificates):
+def rsg_link(ctx, name, secondary, mode, token_file, tls_certificates, rate,
+             wait):
     """Add a link to a secondary and start replicating to it.
 
     The first contact copies every extent (the secondary's content is
     unknown) unless the secondary is a former member of the group, in which
-    case only the regions that may differ are copied.
+    case only the regions that may differ are copied. That copy is a DCM
+    replay, like the one after any fallback from the SRL to the DCM; a
+    replay broken off (a crash of either node, a lost connection) resumes
+    from what the secondary acknowledged. --rate limits the replays; with
+    --wait the command returns once the link replicates.
 
     Each connection starts with both sides proving they hold the token
     (challenge-response); a secondary that cannot prove it gets nothing.
     With --tls-certificates the link is encrypted (needed on any network
     you do not trust: without TLS the volumes' data crosses it in clear).
     """
-    _target_call(ctx, "rsg_link", name=name, secondary=secondary, mode=mode,
-                 token_file=token_file, tls_certificates=tls_certificates)
+    st = _target_call(ctx, "rsg_link", name=name, secondary=secondary,
+                      mode=mode, token_file=token_file,
+                      tls_certificates=tls_certificates, rate=rate)
     click.echo("group {}: link to {} ({}) added".format(name, secondary,
                                                         mode))
+    if wait:
+        _wait_link(ctx, name, secondary, st)
 
 
 @rsg.command("unlink")
@@ -2048,15 +2071,73 @@ def _rsg_verify_job(st, secondary):
                    "diverged regions are overwritten (only those, and what "
                    "this node changed since the two last agreed, are "
                    "copied).")
+@_REPLAY_RATE_OPT
+@_LINK_WAIT_OPT
 @json_result
 @pass_ctx
 @handle_errors
-def rsg_attach(ctx, name, secondary, discard_secondary_changes):
+def rsg_attach(ctx, name, secondary, discard_secondary_changes, rate, wait):
     """Start a detached (or stopped) link again: DCM replay, then ordered
-    replication."""
-    _target_call(ctx, "rsg_attach", name=name, secondary=secondary,
-                 discard_secondary_changes=discard_secondary_changes)
+    replication.
+
+    The replay copies the regions marked in the link's DCM while it was
+    detached; one that was broken off resumes where the secondary's
+    acknowledgements left it. --rate changes the link's replay rate (kept
+    in its record; "0" removes the limit). On a link that is not detached,
+    attach reconnects it (a running replay resumes, at the new rate).
+    """
+    st = _target_call(ctx, "rsg_attach", name=name, secondary=secondary,
+                      discard_secondary_changes=discard_secondary_changes,
+                      rate=rate)
     click.echo("group {}: link to {} attached".format(name, secondary))
+    if wait:
+        _wait_link(ctx, name, secondary, st)
+
+
+_LINK_DONE = "replicating"
+_LINK_FAILED = ("failed", "diverged", "detached")
+
+
+def _link_of(st, secondary):
+    for link in st.get("links") or []:
+        if link["secondary"] == secondary:
+            return link
+    _fail("group {} has no link to {} any more".format(st.get("name"),
+                                                       secondary))
+
+
+def _wait_link(ctx, name, secondary, st):
+    """Follow a link until it replicates (exit 0) or fails, diverges or
+    is detached (exit 1 with its error), showing its replay's progress."""
+    from .replication import parse_secondary
+    # The address as the group spells it.
+    secondary = parse_secondary(secondary)
+    first = _link_of(st, secondary)["replays"]
+
+    def job(st):
+        link = _link_of(st, secondary)
+        replay = link.get("replay")
+        if link["replays"] <= first or not replay:
+            return progress.Job("{} -> {}".format(name, secondary),
+                                link["state"], 0, 0, 0, None, True)
+        return progress.Job("{} -> {}".format(name, secondary), "replay",
+                            replay["bytes_done"], replay["bytes_total"],
+                            replay["rate"], replay["eta"],
+                            replay["running"], link["state"])
+
+    def running(st):
+        state = _link_of(st, secondary)["state"]
+        return state != _LINK_DONE and state not in _LINK_FAILED
+
+    st = progress.follow(
+        lambda: _control_call(ctx, "rsg_status", patience=60.0, name=name),
+        job, running)
+    link = _link_of(st, secondary)
+    if link["state"] != _LINK_DONE:
+        _fail("group {}: link to {} is {}{}".format(
+            name, secondary, link["state"],
+            ": " + link["error"] if link.get("error") else ""))
+    click.echo("group {}: link to {} is replicating".format(name, secondary))
 
 
 @rsg.command("promote")
@@ -2118,6 +2199,9 @@ def _print_rsg(st):
                                                         l["replay_total"])
             elif l["dcm_logging"]:
                 extra = ", {} extents in DCM".format(l["dcm_extents"])
+            if l.get("replay_rate_limit"):
+                extra += ", replay rate {}".format(
+                    units.format_rate(l["replay_rate_limit"]))
             lag = "-" if l["lag_updates"] is None else "{} updates, {}".format(
                 l["lag_updates"], units.format_size(l["lag_bytes"]))
             click.echo("  -> {} ({}): {}, lag {}{}, sent {}{}".format(

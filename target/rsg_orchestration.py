@@ -316,8 +316,9 @@ class RsgOrchestration:
         return rsg.status()
 
     def rsg_link(self, name, secondary, mode="async", token_file=None,
-                 tls_certificates=None):
+                 tls_certificates=None, rate=None):
         rsg = self._rsg(name, replication.PRIMARY)
+        replay_rate = _replay_rate(rate) or None if rate else None
         if mode not in replication.MODES:
             raise errors.InvalidArgument(reason="--mode must be sync or async")
         if not token_file:
@@ -330,7 +331,7 @@ class RsgOrchestration:
             tls_certificates = os.path.abspath(tls_certificates)
             channel.client_context(tls_certificates, "--tls-certificates")
         rsg.add_link(replication.parse_secondary(secondary), mode, token_file,
-                     tls_certificates or None)
+                     tls_certificates or None, replay_rate=replay_rate)
         return rsg.status()
 
     def rsg_unlink(self, name, secondary):
@@ -338,10 +339,15 @@ class RsgOrchestration:
         rsg.remove_link(rsg.link(replication.parse_secondary(secondary)))
         return rsg.status()
 
-    def rsg_attach(self, name, secondary, discard_secondary_changes=False):
+    def rsg_attach(self, name, secondary, discard_secondary_changes=False,
+                   rate=None):
+        """Start a link again; rate (bytes per second of its DCM replays,
+        "0": no limit) is kept in its record, None keeps the one it has."""
         rsg = self._rsg(name, replication.PRIMARY)
+        replay_rate = _replay_rate(rate) if rate is not None else None
         rsg.attach_link(rsg.link(replication.parse_secondary(secondary)),
-                        discard_secondary=discard_secondary_changes)
+                        discard_secondary=discard_secondary_changes,
+                        replay_rate=replay_rate)
         return rsg.status()
 
     def rsg_verify(self, name, secondary=None, rate=None, stop=False):
@@ -564,3 +570,11 @@ class RsgOrchestration:
             self.replica_server.join()
             self.replica_server = None
         self.target.rsgs.clear()
+
+
+def _replay_rate(value):
+    """A link's --rate: bytes per second, or 0 for no limit ("0",
+    "none")."""
+    if str(value).strip().lower() in ("0", "none"):
+        return 0
+    return units.parse_size(value)

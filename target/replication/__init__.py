@@ -64,9 +64,15 @@ group lock, so the data is exactly the state after every entry with a
 sequence number below the current one; it sends the stream's entries up to
 that point first, then the run, so later entries, sent after, land on top.
 When the pass is done the secondary has the primary's state at the last
-sequence sent: it becomes consistent, and the DCM is cleared (only then:
-a crash, an overflow or a lost connection during a replay simply replays
-again).  Before a replay the secondary protects its last consistent image
+sequence sent: it becomes consistent, and the DCM is cleared.  Before
+that, the DCM is static but for the regions the secondary has made
+durable: every REPLAY_SYNC_BYTES of data (or second) the link sends RSYN,
+the secondary flushes and answers RSAK, and the link clears the regions
+sent before it from the DCM, in place.  A later change of such a region is
+in the SRL, and what the link has not acknowledged of the SRL goes into
+the DCM when the replay breaks off (a crash, an overflow, a lost
+connection): the next replay copies what is left, not the whole DCM.
+Before a replay the secondary protects its last consistent image
 (a copy-on-first-write snapshot, LU@protected-LU, the peer channel's
 mechanism) and releases it when the replay completes.
 

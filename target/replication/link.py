@@ -19,7 +19,7 @@ import threading
 import time
 import zlib
 
-from .. import channel, copier, errors
+from .. import changemap, channel, copier, errors
 from .records import read_token
 from .srl import SrlCorrupt
 from .verify import LinkVerify, digests
@@ -33,6 +33,12 @@ CONNECT_TIMEOUT = 5.0
 RETRY_INTERVAL = 1.0
 PERSIST_INTERVAL = 1.0
 REPLAY_CHUNK = 1 << 20
+# A replay asks the secondary to make what it sent durable (RSYN) after
+# this much data or changemap.COMMIT_INTERVAL, and clears what the
+# secondary acknowledges (RSAK) from the DCM, durably: a replay broken off
+# resumes from there.  At most REPLAY_SYNCS_AHEAD requests are unanswered.
+REPLAY_SYNC_BYTES = 4 << 20
+REPLAY_SYNCS_AHEAD = 2
 SRL_RETRY = 5.0                # a failed SRL is tried again after this
 MAX_REPLY = 64 << 10           # a frame of the secondary before its proof
 
@@ -183,6 +189,8 @@ class Link:
         # client_context), or None for a plain connection.
         self.tls_certificates = record.get("tls_certificates")
         self.discard_secondary = record.get("discard_secondary", False)
+        # Bytes per second a DCM replay may send (None: no limit).
+        self.replay_rate = record.get("replay_rate")
         self.acked_seq = record.get("acked_seq", 0)
         self.acked_pos = record.get("acked_pos", 0)
         self.saved_pos = self.acked_pos
@@ -211,6 +219,11 @@ class Link:
         self.secondary_applied = None
         self.replay_total = 0
         self.replay_done = 0
+        self.replay_bytes = [0, 0]      # done, total of the replay's data
+        self.replay_times = None        # (started, ended or None)
+        self.replay_syncs = []          # (id, epoch, runs) not acknowledged
+        self.replay_cancel = threading.Event()
+        self.secondary_syncs = False    # it answers RSYN
         self.sent_bytes = 0
         self.replays = 0
         self.thread = None
@@ -281,6 +294,7 @@ class Link:
                 "tls_certificates": self.tls_certificates,
                 "attached": self.attached,
                 "discard_secondary": self.discard_secondary,
+                "replay_rate": self.replay_rate,
                 "acked_seq": self.acked_seq, "acked_pos": self.acked_pos,
                 "dcm_active": self.dcm_active, "seeded": self.seeded,
                 "holds_srl": self.holds_srl, "pulling": self.pulling,
@@ -300,6 +314,7 @@ class Link:
 
     def stop(self, join=True):
         self.stopping = True
+        self.replay_cancel.set()
         sock = self.sock
         if sock is not None:
             shutdown_socket(sock)
@@ -380,6 +395,7 @@ class Link:
         self.secondary_consistent = reply.get("consistent")
         self.secondary_applied = reply.get("applied_seq")
         self.secondary_verifies = bool(reply.get("verify"))
+        self.secondary_syncs = bool(reply.get("replay_sync"))
         sock.settimeout(None)
         if not g.accept_secondary(self, reply):
             return
@@ -462,6 +478,11 @@ class Link:
                 elif kind == b"VANS":
                     with g.cond:
                         self.verify_answer = json.loads(payload)
+                        g.cond.notify_all()
+                elif kind == b"RSAK":
+                    ident, = SEQ.unpack(payload)
+                    with g.cond:
+                        self._replay_synced(ident)
                         g.cond.notify_all()
                 elif kind in (b"RBOK", b"RACK"):
                     with g.cond:
@@ -617,8 +638,14 @@ class Link:
             runs = list(self.dcm.runs())
             self.replay_total = self.dcm.count()
             self.replay_done = 0
+            self.replay_bytes = [0, sum(n for _, _, n in runs)]
+            self.replay_times = (time.monotonic(), None)
+            self.replay_syncs = []
             self.replays += 1
             self.replay_acked = None
+            self.replay_cancel.clear()
+            if self.stopping:
+                return False
         # The stream's start is durable before anything of it is sent.
         g.persist()
         started = time.monotonic()
@@ -629,6 +656,9 @@ class Link:
             return False
         gran = g.granularity
         vol = None
+        # Sent since the last RSYN: (vol, offset, length), and its data
+        # bytes (zeroes, sent as a length, cost nothing to send again).
+        unsynced, unsynced_bytes, synced_at = [], 0, time.monotonic()
 
         def read(view, off):
             # The data under the group lock is the state after every entry
@@ -656,26 +686,47 @@ class Link:
             send_pos = pos
 
         def send_data(view, off):
+            nonlocal unsynced_bytes
             head = DATA.pack(vol, WRITE, off, len(view), zlib.crc32(view))
             send_frames(sock, [(b"RDAT", head, bytes(view))])
+            unsynced.append((vol, off, len(view)))
+            unsynced_bytes += len(view)
 
         def send_zero(off, n):
             send_frames(sock, [(b"RDAT", DATA.pack(vol, ZERO, off, n, 0),
                                 None)])
+            unsynced.append((vol, off, n))
 
         def sent(n):
+            nonlocal unsynced, unsynced_bytes, synced_at
             self.sent_bytes += n
             self.replay_done += (n + gran - 1) // gran
+            self.replay_bytes[0] += n
+            if not unsynced or not self.secondary_syncs or (
+                    unsynced_bytes < REPLAY_SYNC_BYTES and
+                    time.monotonic() - synced_at < changemap.COMMIT_INTERVAL):
+                return
+            self._replay_sync(sock, epoch, unsynced)
+            unsynced, unsynced_bytes, synced_at = [], 0, time.monotonic()
 
         # One RDAT frame per chunk (pieces of a whole chunk).
         copying = copier.Copier(read, send_data, zero=send_zero,
                                 chunk=REPLAY_CHUNK, piece=REPLAY_CHUNK,
-                                progress=sent)
+                                progress=sent, rate=self.replay_rate,
+                                cancel=self.replay_cancel)
         try:
             for vol, vol_runs in itertools.groupby(runs, key=lambda r: r[0]):
-                copying.copy([(off, length) for _, off, length in vol_runs])
+                if not copying.copy([(off, length)
+                                     for _, off, length in vol_runs]):
+                    return False
+            # The last chunk too: the replay takes its size over the rate.
+            copying.throttle()
         except _ReplayEnded as e:
             return e.result
+        finally:
+            self.replay_times = (self.replay_times[0], time.monotonic())
+        if self.stopping:
+            return False
         with g.cond:
             if self.epoch != epoch:
                 return True
@@ -703,6 +754,7 @@ class Link:
             self.transition("replayed")
             self.secondary_consistent = True
             self.replay_done = self.replay_total
+            self.replay_syncs = []
             # The stream goes on from where the replay left it.
             self.stream_from = pos
         g.persist()
@@ -710,6 +762,45 @@ class Link:
                  g.name, self.secondary, self.replay_total,
                  time.monotonic() - started)
         return True
+
+    def _replay_sync(self, sock, epoch, runs):
+        """Ask the secondary to make the replay data sent so far durable
+        (RSYN); its answer clears `runs` from the DCM (_replay_synced).
+        Waits while REPLAY_SYNCS_AHEAD requests are unanswered, which
+        bounds what a broken-off replay sends again."""
+        g = self.group
+        with g.cond:
+            while len(self.replay_syncs) >= REPLAY_SYNCS_AHEAD and \
+                    not self.stopping and self.epoch == epoch and \
+                    self.state == DCM_REPLAY:
+                g.cond.wait(0.5)
+            if self.epoch != epoch or self.stopping:
+                raise _ReplayEnded(not self.stopping)
+            if self.state != DCM_REPLAY:
+                raise _ReplayEnded(False)
+            ident = self.replay_syncs[-1][0] + 1 if self.replay_syncs \
+                else self.replays << 32
+            self.replay_syncs.append((ident, epoch, runs))
+        send_frames(sock, [(b"RSYN", SEQ.pack(ident), None)])
+
+    def _replay_synced(self, ident):
+        """(Under the lock.)  The secondary has made the replay data up to
+        request ident durable: clear its regions from the DCM, durably.  A
+        DCM the replay no longer holds as it read it (the link fell back
+        to logging: the epoch changed) is left alone."""
+        runs = []
+        while self.replay_syncs and self.replay_syncs[0][0] <= ident:
+            _, epoch, done = self.replay_syncs.pop(0)
+            if epoch == self.epoch and self.state == DCM_REPLAY:
+                runs.extend(done)
+        if runs:
+            try:
+                self.dcm.clear_runs(runs)
+            except OSError as e:
+                # The bits stay set on disk: a restart copies them again.
+                log.warning("group %s, link %s: cannot clear replayed "
+                            "regions in the DCM: %s", self.group.name,
+                            self.secondary, e)
 
     # ------------------------------------------------------------ verify
 
@@ -867,6 +958,22 @@ class Link:
                     break
                 g.cond.wait(min(left, 0.5))
 
+    def replay_progress(self):
+        """The running or last DCM replay's data: bytes done and total,
+        rate (bytes per second), seconds left; None before the first."""
+        if self.replay_times is None:
+            return None
+        started, ended = self.replay_times
+        running = ended is None
+        elapsed = (ended or time.monotonic()) - started
+        done, total = self.replay_bytes
+        rate = done / elapsed if elapsed > 0 else 0.0
+        return {"running": running, "elapsed": round(elapsed, 3),
+                "bytes_done": done, "bytes_total": total,
+                "rate": round(rate),
+                "eta": round((total - done) / rate, 1)
+                if rate > 0 and running else None}
+
     def status(self):
         g = self.group
         lag_updates = max(0, g.next_seq - 1 - self.acked_seq) \
@@ -882,6 +989,8 @@ class Link:
                 "dcm_extents": self.dcm.count() if self.dcm else None,
                 "replay_total": self.replay_total,
                 "replay_done": self.replay_done, "replays": self.replays,
+                "replay_rate_limit": self.replay_rate,
+                "replay": self.replay_progress(),
                 "bytes_sent": self.sent_bytes, "error": self.error,
                 "split_brain": self.split_brain,
                 "stopped_error": self.stopped_error,

@@ -503,6 +503,12 @@ class PrimaryGroup:
                         self.to_logging(link)
                     link.dcm.mark_all()
                 link.seeded = True
+            elif link.holds == SRL_DCM:
+                # A replay broke off (it had joined the stream; the
+                # secondary may not have begun it): the DCM keeps what the
+                # secondary has not made durable of it, the stream from
+                # acked_pos what it has not acknowledged.  Replay those.
+                self.to_logging(link)
             elif link.holds_srl:
                 applied = int(reply.get("applied_seq") or 0)
                 if applied < link.acked_seq or not reply.get("consistent"):
@@ -510,11 +516,6 @@ class PrimaryGroup:
                     # broken off there: replay (everything, if lost).
                     if applied < link.acked_seq:
                         link.dcm.mark_all()
-                    self.to_logging(link)
-                elif link.dcm_active:
-                    # A replay broke off here (it had joined the stream):
-                    # the secondary may never have begun it, and the
-                    # DCM's regions then never reached it.  Replay again.
                     self.to_logging(link)
             if not diverged:
                 # The secondary has taken this side's history (a replay
@@ -690,7 +691,8 @@ class PrimaryGroup:
             self.after_split_brain = check_split_brain_policy(policy)
         self.persist()
 
-    def add_link(self, secondary, mode, token_file, tls_certificates=None):
+    def add_link(self, secondary, mode, token_file, tls_certificates=None,
+                 replay_rate=None):
         if any(l.secondary == secondary for l in self.links):
             raise ReplicationError(name=self.name, reason="it already has a "
                                    "link to {}".format(secondary))
@@ -699,7 +701,8 @@ class PrimaryGroup:
             rec = {"secondary": secondary, "mode": mode,
                    "token_file": token_file,
                    "tls_certificates": tls_certificates, "attached": True,
-                   "dcm_active": True, "seeded": False}
+                   "dcm_active": True, "seeded": False,
+                   "replay_rate": replay_rate}
             link = self._add_link_object(index, rec, fresh=True)
         self.persist()
         link.start()
@@ -736,10 +739,16 @@ class PrimaryGroup:
             link.start()
             raise
 
-    def attach_link(self, link, discard_secondary=False):
-        fields = ("stopped_error", "discard_secondary", "error")
+    def attach_link(self, link, discard_secondary=False, replay_rate=None):
+        """Start link again (a link that is not detached reconnects: a
+        running replay resumes); replay_rate: bytes per second of its
+        replays, 0 for no limit, None to keep it."""
+        fields = ("stopped_error", "discard_secondary", "error",
+                  "replay_rate")
         with self.cond:
             before = {f: getattr(link, f) for f in fields}
+            if replay_rate is not None:
+                link.replay_rate = replay_rate or None
             # A detached link is attached in the record saved next; any
             # other link takes the new state once that record is saved.
             was_detached = link.state == DETACHED

@@ -267,7 +267,9 @@ class SecondaryGroup:
                  "last_seq": max(self.last_seq, self.applied_seq),
                  "base": self.own_base(),
                  # It answers VREQ (an older secondary would fail the link).
-                 "verify": True}
+                 "verify": True,
+                 # It answers RSYN (a replay resumes from its answers).
+                 "replay_sync": True}
         if self.diverged is not None:
             reply["diverged"] = self.diverged.get("runs", [])
             reply["diverged_all"] = self.diverged.get("all", False)
@@ -375,6 +377,11 @@ class SecondaryGroup:
                     self._check_data(vol, k, off, length, crc, data)
                     with self.lock:
                         self._apply_one(vol, k, off, length, data)
+                elif kind == b"RSYN":
+                    # The replay's data so far is durable before the
+                    # primary clears it from its DCM.
+                    self._flush_volumes()
+                    send_frame(sock, b"RSAK", payload)
                 elif kind == b"REND":
                     seq, = SEQ.unpack(payload)
                     self._end_replay(seq, theirs)
