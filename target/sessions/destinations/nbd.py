@@ -140,7 +140,7 @@ class NbdDestination:
         self.timeout = timeout
         self.failure = None     # the DestinationError that ended it
         self.failed = []        # done of commands failed, not called yet
-        self.last_progress = time.monotonic()
+        self.last_progress = self.last_retire = time.monotonic()
         first = _NbdConnection(nbd, uri, timeout, self._error)
         self.conns = [first]
         try:
@@ -228,6 +228,12 @@ class NbdDestination:
         """Call done of every completed command; once the connection died
         or answered nothing for `timeout` seconds, fail every command."""
         completed = []
+        now = time.monotonic()
+        if now - self.last_retire > 1.0:
+            # The caller was busy elsewhere (reading its source, saving a
+            # map): time nobody polled does not count against the server.
+            self.last_progress += now - self.last_retire
+        self.last_retire = now
         if self.failure is None:
             try:
                 for c in self.conns:
@@ -236,7 +242,7 @@ class NbdDestination:
                 completed += c.completed
                 self._fail(e)
             if self.failure is None and self._in_flight() and \
-                    time.monotonic() - self.last_progress > self.timeout:
+                    now - self.last_progress > self.timeout:
                 self._fail(self._error("no reply within {:g} s".format(
                     self.timeout)))
         if completed:
