@@ -10,7 +10,9 @@ Source to B's LU.
    as write-zeroes and are counted apart).
 2. Transfer throughput of a full copy (`session transfer --full`, marked),
    against `nbdcopy` of the same bytes between the same two servers
-   (target >= 0.9).
+   (target >= 0.9), alternately; with where the engine's time went
+   (reading the Source, waiting for the destination).  `--only "session
+   full transfer"` runs just this row.
 3. Host 4 KiB random write IOPS (fio nbd engine, QD16) on the Source:
    session unmarked (tracking only), marked (every first write to an extent
    still to send saves its old data: copy on first write) and marked while
@@ -25,6 +27,7 @@ import subprocess
 import time
 
 GRANULARITY = 64 << 10
+FULL_TRANSFER = "session full transfer"
 
 
 def _serve(bench, state, sock):
@@ -85,7 +88,8 @@ def run(bench, args, size, workdir):
     try:
         bench.clonectl(a, "session", "create", "src", "s", "--dest", dst_uri)
         # 2. Full copies, ours and nbdcopy's, alternately.
-        for rep in range(args.repeat):
+        for rep in range(args.repeat if not args.only or
+                         args.only in FULL_TRANSFER else 0):
             t0 = time.monotonic()
             subprocess.run(["nbdcopy", src_uri, dst_uri], check=True)
             nbdcopy_s = time.monotonic() - t0
@@ -95,9 +99,13 @@ def run(bench, args, size, workdir):
             last = _status(bench, a)["last_transfer"]
             out["throughput"].append({"nbdcopy_s": nbdcopy_s,
                                       "engine_s": last["seconds"],
+                                      "reading_s": last.get("seconds_reading"),
+                                      "waiting_s": last.get("seconds_waiting"),
                                       "wall_s": wall,
                                       "bytes": last["bytes_sent"] +
                                       last["bytes_zeroed"]})
+        if args.only:
+            return out
         # 1. Bytes sent for a fraction of changed extents.
         for i, fraction in enumerate((0.01, 0.1, 1.0)):
             changed = _change_extents(src_uri, size, fraction, seed=i)
@@ -145,28 +153,39 @@ def print_tables(res, args):
           "granularity 64K)".format(time.strftime("%Y-%m-%d %H:%M UTC",
                                                   time.gmtime()), args.size))
     print()
-    print("| changed extents | count | expected bytes | bytes sent | "
-          "sent/expected | zeroed | transfer s |")
-    print("|---|---|---|---|---|---|---|")
-    for r in res["bytes"]:
-        print("| {:.0%} | {} | {} | {} | {:.3f} | {} | {:.2f} |".format(
-            r["fraction"], r["changed"], r["expected"], r["sent"],
-            r["sent"] / r["expected"], r["zeroed"], r["seconds"]))
-    print()
+    if res["bytes"]:
+        print("| changed extents | count | expected bytes | bytes sent | "
+              "sent/expected | zeroed | transfer s |")
+        print("|---|---|---|---|---|---|---|")
+        for r in res["bytes"]:
+            print("| {:.0%} | {} | {} | {} | {:.3f} | {} | {:.2f} |".format(
+                r["fraction"], r["changed"], r["expected"], r["sent"],
+                r["sent"] / r["expected"], r["zeroed"], r["seconds"]))
+        print()
     tp = res["throughput"]
+    if not tp:
+        return
     nbdcopy = statistics.median(t["nbdcopy_s"] for t in tp)
     engine = statistics.median(t["engine_s"] for t in tp)
     wall = statistics.median(t["wall_s"] for t in tp)
     nbytes = tp[0]["bytes"]
-    print("| full copy of {} | nbdcopy s | transfer engine s | CLI --wait s | "
-          "MB/s engine | ratio nbdcopy/engine (target >= 0.9) |".format(
-              args.size))
+    print("| row | nbdcopy s | transfer engine s | CLI --wait s | "
+          "MB/s engine | ratio nbdcopy/engine (target >= 0.9) |")
     print("|---|---|---|---|---|---|")
-    print("| A -> B, same servers | {:.2f} | {:.2f} | {:.2f} | {:.0f} | "
-          "{:.2f} |".format(nbdcopy, engine, wall, nbytes / 1e6 / engine,
-                            nbdcopy / engine))
+    size = args.size[:-1] + " GiB" if args.size.endswith("G") else args.size
+    print("| {}, {}, A -> B | {:.2f} | {:.2f} | {:.2f} | {:.0f} | "
+          "{:.2f} |".format(FULL_TRANSFER, size, nbdcopy, engine, wall,
+                            nbytes / 1e6 / engine, nbdcopy / engine))
+    print()
+    print("Per run: nbdcopy s / engine s (engine reading the Source s, "
+          "waiting for the destination s): {}".format(", ".join(
+              "{:.2f}/{:.2f} ({}, {})".format(
+                  t["nbdcopy_s"], t["engine_s"], t.get("reading_s"),
+                  t.get("waiting_s")) for t in tp)))
     print()
     w = res["writes"]
+    if not w:
+        return
     print("| 4K randwrite QD16 on the Source | IOPS | vs unmarked |")
     print("|---|---|---|")
     for k, label in (("unmarked", "session unmarked (tracking)"),

@@ -4,59 +4,94 @@ Design notes
 ------------
 The transfer map is the union of the destinations' pending maps: the
 frozen extents somebody still needs.  The engine reads one run at a time
-(up to copier.CHUNK bytes) from the frozen image (or, for a full copy while
-unmarked, the live Source), and sends it to every live destination that
-needs it: data as writes, all-zero extents as write-zeroes (the
-destination may punch them); holes of the image are not read.  Every
-CHECKPOINT_BYTES the destinations are flushed, and only then are their
-pending bits cleared, the cleared maps saved before the bits leave memory
-(the price of resuming without resending everything).  A destination that
-fails is dropped from the transfer (its bits stay set) while the others go
+(up to CHUNK bytes) from the frozen image (or, for a full copy while
+unmarked, the live Source) into a buffer of a small pool, and queues it to
+every live destination that needs it: data as writes, all-zero extents as
+write-zeroes (the destination may punch them); holes of the image are not
+read.  The destination clients are asynchronous (destinations.pump drives
+them all from this thread): up to POOL runs are in flight at once, so the
+next run is read while the previous ones are being written.
+
+Every CHECKPOINT_BYTES of runs queued close a checkpoint.  Once every
+request of a checkpoint's runs to a destination has completed, that
+destination is sent a flush (the runs after it keep going meanwhile), and
+when the flush completes its pending bits of those runs are cleared, the
+cleared map saved before the bits leave memory (the price of resuming
+without resending everything).  A destination whose request fails (or
+cannot be queued) gets nothing new; the flushes of its checkpoints whose
+writes all completed still go, and once it has nothing in flight it is
+dropped from the transfer (its other bits stay set) while the others go
 on.  A marked transfer that completes ends the mark; interrupted
 transfers resume from the pending maps.
 
-It chunks like target.copier (copier.CHUNK, copier.is_zero) but keeps its
-own loop rather than a copier.Copier: each chunk goes to several
-destinations (one that fails is dropped, the others go on), a chunk's
-writes stay in flight while the next one is read (a Copier reuses its
-buffer; the NBD client shares it with libnbd), and zero extents inside a
-data chunk go out as write-zeroes.
+It chunks like target.copier (copier.is_zero) but keeps its own loop
+rather than a copier.Copier: each run goes to several destinations (one
+that fails is dropped, the others go on), many runs are in flight at once
+(a Copier copies one chunk at a time), and zero extents inside a data run
+go out as write-zeroes.
 
-Deliberately ignored: rate limiting; reading ahead of the destinations
-(they pipeline writes themselves).  See docs/design.md and
-docs/persistence.md.
+Deliberately ignored: rate limiting; reading in a second thread (a read of
+the Source is a fraction of the time its writes take).  See docs/design.md
+and docs/persistence.md.
 """
 
+import collections
 import logging
 import threading
 import time
 
 from .. import copier, maps
-from .destinations import CONSISTENT, INCONSISTENT
+from .destinations import CONSISTENT, INCONSISTENT, DestinationError, pump
 from .layer import FrozenImageGone
 
 log = logging.getLogger("clonectl.sessions")
 
 CHECKPOINT_BYTES = 64 << 20
+CHUNK = copier.CHUNK    # bytes read at a time: one run
+POOL = 16               # runs in flight (buffers of CHUNK bytes)
+POLL = 0.5              # seconds between checks for a stop while waiting
+
+_ZEROS = memoryview(bytes(CHUNK))
 
 
-def _pieces(buf, granularity):
-    """buf as [(start, end, all zero)]: runs of whole extents (the last
-    may be short) that are all zero or not."""
+def _pieces(buf, length, granularity):
+    """The first length bytes of buf as [(start, end, all zero)]: runs of
+    whole extents (the last may be short) that are all zero or not."""
     out = []
     pos = 0
-    while pos < len(buf):
-        end = min(pos + granularity, len(buf))
-        # A slice of a bytearray compares with memcmp.
-        zero = copier.is_zero(buf[pos:end], end - pos)
-        while end < len(buf):
-            e = min(end + granularity, len(buf))
-            if copier.is_zero(buf[end:e], e - end) != zero:
+    while pos < length:
+        end = min(pos + granularity, length)
+        zero = copier.is_zero(buf, end - pos, pos)
+        while end < length:
+            e = min(end + granularity, length)
+            if copier.is_zero(buf, e - end, end) != zero:
                 break
             end = e
         out.append((pos, end, zero))
         pos = end
     return out
+
+
+class _Run:
+    """A run read into a pool buffer, and its requests still in flight."""
+
+    __slots__ = ("x", "end", "buf", "waiting")
+
+    def __init__(self, x, end, buf):
+        self.x, self.end, self.buf = x, end, buf
+        self.waiting = {}       # dest index -> requests in flight
+
+
+class _Checkpoint:
+    """The runs queued to one destination between two checkpoints."""
+
+    __slots__ = ("runs", "in_flight", "closed", "flushing")
+
+    def __init__(self):
+        self.runs = []
+        self.in_flight = 0      # its writes and zeroes not completed
+        self.closed = False     # no more runs join it
+        self.flushing = False
 
 
 class TransferEngine:
@@ -78,8 +113,18 @@ class TransferEngine:
         self.result = None
         self.failed = {}
         self.completed = []     # destinations that got the whole image
-        self.unflushed = {i: [] for i in self.clients}
+        self.failing = {}       # dest index -> error: nothing new to it
+        self.in_flight = {i: 0 for i in self.clients}  # its requests
+        self.checkpoints = {i: collections.deque([_Checkpoint()])
+                            for i in self.clients}
+        self.runs = []          # runs with requests in flight
+        self.pool = []          # free buffers
+        self.replies = collections.deque()  # (i, run, checkpoint, error)
         self.since_checkpoint = 0
+        # Where the time goes (perf_counter seconds): reading the image,
+        # waiting for the destinations (a full pool, a full window, the
+        # last flushes).
+        self.seconds = {"reading": 0.0, "waiting": 0.0}
         # Bytes of the image read and sent (to every live destination):
         # progress counts them before the checkpoint that clears their
         # pending bits (which happens every CHECKPOINT_BYTES).
@@ -154,11 +199,20 @@ class TransferEngine:
             return out
         return s.transfer
 
+    def _live(self):
+        """Destinations that get new runs."""
+        return [i for i in self.clients
+                if i not in self.failed and i not in self.failing]
+
     def step(self):
-        """Send one run; return False when nothing is left."""
+        """Read one run and queue it; return False when nothing is left
+        to read (what is in flight may still be)."""
         s = self.session
         g = s.granularity
-        live = [i for i in self.clients if i not in self.failed]
+        self._collect(0)
+        while len(self.runs) >= POOL and self._live():
+            self._collect(POLL)
+        live = self._live()
         if not live:
             return False
         with s.cond:
@@ -168,54 +222,164 @@ class TransferEngine:
             x = pending.find(1, self.cursor)
             if x < 0:
                 return False
-            end = pending.find(0, x, min(s.extents, x + max(1, copier.CHUNK // g)))
+            limit = min(s.extents, x + max(1, CHUNK // g))
+            end = pending.find(0, x, limit)
             if end < 0:
-                end = min(s.extents, x + max(1, copier.CHUNK // g))
+                end = limit
             targets = [i for i in live
                        if s.dests[i].pending.find(1, x, end) >= 0]
         offset = x * g
         length = min(end * g, s.size) - offset
-        # Holes are not read: they stay zero in buf and go out as
-        # write-zeroes with the zero extents of the data.
-        buf = bytearray(length)
+        t0 = time.perf_counter()
+        buf = self.pool.pop() if self.pool else \
+            bytearray(max(CHUNK, g))
         view = memoryview(buf)
+        # Holes are not read: they are zeroed in buf and go out as
+        # write-zeroes with the zero extents of the data.
         if self.unmarked:
-            for start, n, hole in s.inner.extents(offset, length):
-                if not hole:
-                    s.inner.readinto(view[start - offset:start - offset + n],
-                                     start)
+            parts = s.inner.extents(offset, length)
         else:
-            for start, n, hole in s.frozen_extents(offset, length):
-                if not hole:
-                    s.read_frozen(view[start - offset:start - offset + n],
-                                  start, self.generation)
-        pieces = _pieces(buf, g)
+            parts = s.frozen_extents(offset, length)
+        for start, n, hole in parts:
+            at = start - offset
+            if hole:
+                view[at:at + n] = _ZEROS[:n] if n <= len(_ZEROS) \
+                    else bytes(n)
+            elif self.unmarked:
+                s.inner.readinto(view[at:at + n], start)
+            else:
+                s.read_frozen(view[at:at + n], start, self.generation)
+        pieces = _pieces(buf, length, g)
+        self.seconds["reading"] += time.perf_counter() - t0
+        run = _Run(x, end, buf)
+        self.runs.append(run)
         for i in targets:
-            try:
-                self._send(i, buf, offset, pieces)
-            except Exception as e:  # noqa: BLE001 - one destination fails
-                self._drop(i, e)
+            if i in self.failing or i in self.failed:
                 continue
-            self.unflushed[i].append((x, end))
+            checkpoint = self.checkpoints[i][-1]
+            try:
+                if self._send(i, run, checkpoint, offset, pieces):
+                    checkpoint.runs.append((x, end))
+            except DestinationError as e:
+                self._fail(i, e)
+                self._flush_ready(i)
+        self._release(run)
         self.cursor = end
         self.bytes_done += length
         self.since_checkpoint += length
         if self.since_checkpoint >= CHECKPOINT_BYTES:
-            self.checkpoint()
+            self._close_checkpoints()
         return True
 
-    def _send(self, i, buf, offset, pieces):
-        """Data pieces as writes, all-zero pieces as write-zeroes."""
+    def _send(self, i, run, checkpoint, offset, pieces):
+        """Data pieces as writes, all-zero pieces as write-zeroes; False
+        if i failed meanwhile."""
         client = self.clients[i]
-        view = memoryview(buf)
+        view = memoryview(run.buf)
         for pos, end, zero in pieces:
+            while client.busy():
+                self._collect(POLL)
+                if i in self.failing or i in self.failed:
+                    return False
+
+            def done(error, run=run, checkpoint=checkpoint):
+                self.replies.append((i, run, checkpoint, error))
+
             if zero:
-                client.zero(offset + pos, end - pos)
+                client.zero(offset + pos, end - pos, done)
                 self.bytes_zeroed += end - pos
             else:
-                client.write(view[pos:end], offset + pos)
+                client.write(view[pos:end], offset + pos, done)
                 self.session.dests[i].bytes_sent += end - pos
                 self.bytes_sent += end - pos
+            self.in_flight[i] += 1
+            run.waiting[i] = run.waiting.get(i, 0) + 1
+            checkpoint.in_flight += 1
+        return True
+
+    def _release(self, run):
+        """Back to the pool once no destination is still writing it."""
+        if not run.waiting and run.buf is not None:
+            self.pool.append(run.buf)
+            run.buf = None
+            self.runs.remove(run)
+
+    def _collect(self, timeout):
+        """Wait up to timeout seconds for the destinations, then handle
+        every reply they gave."""
+        clients = [self.clients[i] for i in self.clients
+                   if i not in self.failed]
+        t0 = time.perf_counter()
+        pump(clients, timeout)
+        if timeout:
+            self.seconds["waiting"] += time.perf_counter() - t0
+        while self.replies:
+            i, run, checkpoint, error = self.replies.popleft()
+            if i in self.failed:
+                continue
+            self.in_flight[i] -= 1
+            if run is None:
+                # Flushed or not, the checkpoint is done with.
+                self.checkpoints[i].remove(checkpoint)
+                if error is None:
+                    self._clear(i, checkpoint)
+                else:
+                    self._fail(i, error)
+            else:
+                run.waiting[i] -= 1
+                if not run.waiting[i]:
+                    del run.waiting[i]
+                    self._release(run)
+                checkpoint.in_flight -= 1
+                if error is not None:
+                    self._fail(i, error)
+        for i in self.clients:
+            self._flush_ready(i)
+
+    def _close_checkpoints(self):
+        for i in self.clients:
+            if i in self.failed or i in self.failing:
+                continue
+            last = self.checkpoints[i][-1]
+            if last.runs:
+                last.closed = True
+                self.checkpoints[i].append(_Checkpoint())
+            self._flush_ready(i)
+        self.since_checkpoint = 0
+
+    def _flush_ready(self, i):
+        """Flush i's closed checkpoints whose requests all completed; drop
+        a failing i once nothing of it is in flight."""
+        if i in self.failed:
+            return
+        client = self.clients[i]
+        for checkpoint in self.checkpoints[i]:
+            if not checkpoint.closed or checkpoint.flushing or \
+                    checkpoint.in_flight:
+                continue
+
+            def done(error, checkpoint=checkpoint):
+                self.replies.append((i, None, checkpoint, error))
+
+            try:
+                client.flush(done)
+            except DestinationError as e:
+                self.checkpoints[i].remove(checkpoint)
+                self._fail(i, e)
+                break
+            checkpoint.flushing = True
+            self.in_flight[i] += 1
+        if i in self.failing and not self.in_flight[i]:
+            self._drop(i, self.failing.pop(i))
+
+    def _fail(self, i, exc):
+        """i gets nothing new; what it has in flight may still complete."""
+        if i in self.failed or i in self.failing:
+            return
+        self.failing[i] = exc
+        # The runs queued since its last checkpoint are not flushed.
+        if not self.checkpoints[i][-1].closed:
+            self.checkpoints[i].pop()
 
     def _drop(self, i, exc):
         s = self.session
@@ -224,49 +388,42 @@ class TransferEngine:
         log.error("session %s: destination %s failed: %s", s.name, d.uri, msg)
         self.failed[i] = msg
         d.last_error = msg
-        self.unflushed[i] = []
+        self.checkpoints[i].clear()
+        for run in list(self.runs):
+            if run.waiting.pop(i, None) is not None:
+                self._release(run)
 
-    def checkpoint(self):
-        """Flush every destination, then clear what it now has."""
+    def _clear(self, i, checkpoint):
+        """checkpoint's runs reached i and were flushed: clear their bits."""
         s = self.session
-        done = {}
-        for i, runs in self.unflushed.items():
-            if i in self.failed or not runs:
-                continue
-            try:
-                self.clients[i].flush()
-            except Exception as e:  # noqa: BLE001
-                self._drop(i, e)
-                continue
-            done[i] = runs
-        # The cleared maps are durable before the bits leave memory: once
-        # a transfer bit is clear, host writes to the extent no longer save
+        # The cleared map is durable before the bits leave memory: once a
+        # transfer bit is clear, host writes to the extent no longer save
         # its old data, so a crash must not bring the bit back.
         with s.cond:
             if s.generation != self.generation:
                 raise FrozenImageGone(name=s.name)
-            cleared = {}
-            for i, runs in done.items():
-                m = bytearray(s.dests[i].pending)
-                for a, b in runs:
-                    m[a:b] = bytes(b - a)
-                cleared[i] = m
-        for i, m in cleared.items():
-            maps.save(s.pending_path(s.dests[i]), m, s.granularity)
+            d = s.dests[i]
+            m = bytearray(d.pending)
+            for a, b in checkpoint.runs:
+                m[a:b] = bytes(b - a)
+        maps.save(s.pending_path(d), m, s.granularity)
         with s.cond:
             if s.generation != self.generation:
                 raise FrozenImageGone(name=s.name)
-            for i, runs in done.items():
-                d = s.dests[i]
-                for a, b in runs:
-                    d.pending[a:b] = bytes(b - a)
+            for a, b in checkpoint.runs:
+                d.pending[a:b] = bytes(b - a)
             if not self.unmarked:
-                for i, runs in done.items():
-                    for a, b in runs:
-                        s.recompute_transfer(a, b)
-        for i in done:
-            self.unflushed[i] = []
-        self.since_checkpoint = 0
+                for a, b in checkpoint.runs:
+                    s.recompute_transfer(a, b)
+
+    def checkpoint(self):
+        """Close the checkpoints and wait until every destination flushed
+        them (or failed)."""
+        self._close_checkpoints()
+        while any(self.in_flight[i] or i in self.failing or
+                  any(c.closed for c in self.checkpoints[i])
+                  for i in self.clients if i not in self.failed):
+            self._collect(POLL)
 
     def finish(self):
         s = self.session
@@ -327,6 +484,8 @@ class TransferEngine:
                 "bytes_sent": self.bytes_sent,
                 "bytes_zeroed": self.bytes_zeroed,
                 "full_unmarked": self.unmarked,
+                "seconds_reading": round(self.seconds["reading"], 3),
+                "seconds_waiting": round(self.seconds["waiting"], 3),
                 "destinations_failed": {self.session.dests[i].uri: m
                                         for i, m in self.failed.items()}}
 

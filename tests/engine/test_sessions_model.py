@@ -70,8 +70,8 @@ class CrashingDestination(sessions.MemoryDestination):
         self.countdown.tick()
         super()._tick()
 
-    def flush(self):
-        super().flush()
+    def flush(self, done):
+        super().flush(done)
         self.backend.flushed_image = bytes(self.backend.data)
 
 

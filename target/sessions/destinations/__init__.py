@@ -9,21 +9,30 @@ completed and it flushed; while a transfer writes to it out of order it is
 `inconsistent`, and a full copy while unmarked leaves it `inconsistent`
 until the next marked transfer completes.
 
-A client writes one destination.  Every client has one file-like
-interface, with the argument order of target.backends:
+A client writes one destination, asynchronously: requests are queued and
+their `done(error)` is called later, from retire(), with error None or the
+DestinationError.  Every client has one interface (the argument order of
+target.backends):
 
-    size                    bytes
-    write(buf, offset)      may return before the data is written
-    zero(offset, length)    reads back as zeroes
-    flush()                 everything written before it is durable
-    close()                 never waits on a destination that is gone
+    size
+    write(buf, offset, done)    buf is kept, not copied, until done
+    zero(offset, length, done)  reads back as zeroes
+    flush(done)                 the requests whose done came before flush()
+                                was called are durable once its done comes
+                                with None
+    busy()                      whether it takes no more requests for now
+    fds() / notify(fd, events)  what pump() polls, and what it saw
+    retire()                    calls done of the requests that completed
+    close()                     never waits on a destination that is gone
 
-and raises DestinationError when it fails.  One client per file:
-nbd.NbdDestination (a remote NBD export), memory.MemoryDestination (tests).
-Deliberately ignored: any other transport.  See docs/design.md.
+A request that cannot even be queued (the connection is gone) raises
+DestinationError.  pump() drives several clients at once.  One client per
+file: nbd.NbdDestination (a remote NBD export), memory.MemoryDestination
+(tests).  Deliberately ignored: any other transport.  See docs/design.md.
 """
 
 import errno
+import select
 
 from ... import errors
 
@@ -70,6 +79,22 @@ from .memory import MemoryDestination  # noqa: E402
 from .nbd import DEFAULT_TIMEOUT, IN_FLIGHT, NbdDestination  # noqa: E402
 
 
+def pump(clients, timeout):
+    """Wait up to timeout seconds for any of clients to make progress (no
+    wait when none has a socket to wait on), then retire what completed."""
+    poller = select.poll()
+    owners = {}
+    for c in clients:
+        for fd, events in c.fds():
+            owners[fd] = c
+            poller.register(fd, events)
+    if owners:
+        for fd, events in poller.poll(max(0, int(timeout * 1000))):
+            owners[fd].notify(fd, events)
+    for c in clients:
+        c.retire()
+
+
 def probe(uri, size, timeout=10.0):
     """Check that uri answers, is writable and has the Source's size."""
     dest = NbdDestination(uri, timeout=timeout)
@@ -84,4 +109,4 @@ def probe(uri, size, timeout=10.0):
 
 __all__ = ["NEW", "CONSISTENT", "INCONSISTENT", "DestinationError",
            "Destination", "MemoryDestination", "NbdDestination",
-           "DEFAULT_TIMEOUT", "IN_FLIGHT", "probe"]
+           "DEFAULT_TIMEOUT", "IN_FLIGHT", "probe", "pump"]

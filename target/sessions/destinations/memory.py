@@ -1,4 +1,7 @@
-"""A destination in memory, for engine tests (the interface: __init__)."""
+"""A destination in memory, for engine tests (the interface: __init__).
+
+Requests take effect when queued and complete at the next retire().
+"""
 
 from . import DestinationError
 
@@ -12,6 +15,7 @@ class MemoryDestination:
         self.fail_after = None
         self.flushed = bytes(backend.data)
         self.closed = False
+        self.completed = []     # done callbacks retire() calls next
 
     def _tick(self):
         if self.fail_after is not None:
@@ -19,17 +23,34 @@ class MemoryDestination:
             if self.fail_after < 0:
                 raise DestinationError(uri="memory", reason="injected failure")
 
-    def write(self, buf, offset):
+    def write(self, buf, offset, done):
         self._tick()
         self.backend.write(bytes(buf), offset)
+        self.completed.append(done)
 
-    def zero(self, offset, length):
+    def zero(self, offset, length, done):
         self._tick()
         self.backend.zero(offset, length)
+        self.completed.append(done)
 
-    def flush(self):
+    def flush(self, done):
         self._tick()
         self.flushed = bytes(self.backend.data)
+        self.completed.append(done)
+
+    def busy(self):
+        return False
+
+    def fds(self):
+        return ()
+
+    def notify(self, fd, events):
+        pass
+
+    def retire(self):
+        completed, self.completed = self.completed, []
+        for done in completed:
+            done(None)
 
     def close(self):
         self.closed = True

@@ -4,9 +4,12 @@ Design notes
 ------------
 Written with libnbd's asynchronous API: up to IN_FLIGHT commands in flight,
 spread over several connections when the server offers multi-conn (a flush
-on one connection then covers the writes completed on all of them).  A
-destination that stops answering for `timeout` seconds fails the call.
-Deliberately ignored: TLS, reconnecting.  See docs/design.md.
+on one connection then covers the writes completed on all of them).  The
+caller drives the handles (pump() in __init__): libnbd sends queued data
+and reads replies only when told the socket is ready.  A destination that
+has commands in flight and answers nothing for `timeout` seconds fails
+them all, and every later request.  Deliberately ignored: TLS,
+reconnecting.  See docs/design.md.
 """
 
 import errno
@@ -46,8 +49,10 @@ class _NbdConnection:
         self.timeout = timeout
         self.error = error
         self.h = nbd.NBD()
-        self.buffers = {}     # cookie -> buffer of a write in flight
-        self.others = set()   # cookies of zeroes and flushes in flight
+        # cookie -> (done, the Buffer of a write, kept until it completes)
+        self.commands = {}
+        self.abandoned = []
+        self.completed = []
         h = self.h
         try:
             h.aio_connect_uri(uri)
@@ -62,32 +67,38 @@ class _NbdConnection:
             raise error(_nbd_reason(e))
 
     def in_flight(self):
-        return len(self.buffers) + len(self.others)
+        return len(self.commands)
 
     def retire(self):
-        """Retire completed commands; raise if one failed."""
+        """[(done, error)] of the commands that completed; raises the
+        connection's failure once it is dead."""
+        out = []
         h = self.h
         try:
-            while self.in_flight():
-                try:
-                    cookie = h.aio_peek_command_completed()
-                except self.nbd.Error:
-                    break   # nothing in flight at all
+            while self.commands:
+                cookie = h.aio_peek_command_completed()
                 if not cookie:
                     break
-                self.buffers.pop(cookie, None)
-                self.others.discard(cookie)
-                h.aio_command_completed(cookie)
-            if h.aio_is_dead():
+                done, _ = self.commands.pop(cookie)
+                try:
+                    h.aio_command_completed(cookie)
+                    out.append((done, None))
+                except self.nbd.Error as e:
+                    out.append((done, self.error(_nbd_reason(e))))
+            if self.commands and h.aio_is_dead():
                 raise self.error("the connection died")
         except self.nbd.Error as e:
             raise self.error(_nbd_reason(e))
+        finally:
+            self.completed = out
+        return out
 
-    def submit(self, start, *args):
+    def submit(self, done, buf, start, *args):
         try:
-            return start(*args)
+            cookie = start(*args)
         except self.nbd.Error as e:
             raise self.error(_nbd_reason(e))
+        self.commands[cookie] = (done, buf)
 
     def close(self):
         """Disconnect without waiting on a destination that may be gone:
@@ -97,7 +108,7 @@ class _NbdConnection:
             return
         h, self.h = self.h, None
         try:
-            if not self.in_flight() and h.aio_is_ready():
+            if not self.commands and h.aio_is_ready():
                 h.aio_disconnect(0)
                 deadline = time.monotonic() + 2.0
                 while not (h.aio_is_closed() or h.aio_is_dead()) and \
@@ -105,9 +116,10 @@ class _NbdConnection:
                     h.poll(200)
         except self.nbd.Error:
             pass  # closing a dead connection
-        self.buffers.clear()
-        self.others.clear()
         # libnbd closes the socket when the handle is collected.
+        del h
+        self.commands.clear()
+        self.abandoned.clear()
 
 
 class NbdDestination:
@@ -126,9 +138,11 @@ class NbdDestination:
         self.nbd = nbd
         self.uri = uri
         self.timeout = timeout
+        self.failure = None     # the DestinationError that ended it
+        self.failed = []        # done of commands failed, not called yet
+        self.last_progress = self.last_retire = time.monotonic()
         first = _NbdConnection(nbd, uri, timeout, self._error)
         self.conns = [first]
-        self.next = 0
         try:
             h = first.h
             self.size = h.get_size()
@@ -149,75 +163,106 @@ class NbdDestination:
             self.close()
             raise
         self.limit = max(2, in_flight // len(self.conns))
+        self.by_fd = {c.h.aio_get_fd(): c for c in self.conns}
 
     def _error(self, reason):
         return DestinationError(uri=self.uri, reason=reason)
 
-    def _wait(self, conns, until_below):
-        """Drive every connection's state machine (libnbd sends queued
-        data and reads replies only when its handle is polled, so all are
-        polled together) until each of conns has fewer than until_below
-        commands in flight."""
-        deadline = time.monotonic() + self.timeout
-        poller = select.poll()
-        while True:
-            for c in self.conns:
-                c.retire()
-            if all(c.in_flight() < until_below for c in conns):
-                return
-            fds = {}
-            try:
-                for c in self.conns:
-                    fd = c.h.aio_get_fd()
-                    want = c.h.aio_get_direction()
-                    events = (select.POLLIN if want & 1 else 0) | \
-                        (select.POLLOUT if want & 2 else 0)
-                    if events:
-                        fds[fd] = c
-                        poller.register(fd, events)
-                ready = poller.poll(500) if fds else []
-                for fd, ev in ready:
-                    c = fds[fd]
-                    if ev & (select.POLLIN | select.POLLHUP | select.POLLERR):
-                        c.h.aio_notify_read()
-                    if ev & select.POLLOUT:
-                        c.h.aio_notify_write()
-            except self.nbd.Error as e:
-                raise self._error(_nbd_reason(e))
-            finally:
-                for fd in fds:
-                    poller.unregister(fd)
-            if ready:
-                deadline = time.monotonic() + self.timeout
-            elif time.monotonic() > deadline:
-                raise self._error("no reply within {:g} s".format(
-                    self.timeout))
+    def _in_flight(self):
+        return sum(c.in_flight() for c in self.conns)
 
-    def _pick(self):
-        conn = self.conns[self.next]
-        self.next = (self.next + 1) % len(self.conns)
-        self._wait([conn], self.limit)
+    def _conn(self):
+        """The connection with the fewest commands in flight."""
+        if self.failure is not None:
+            raise self.failure
+        conn = min(self.conns, key=_NbdConnection.in_flight)
+        if not self._in_flight():
+            # The timeout counts from the first command in flight.
+            self.last_progress = time.monotonic()
         return conn
 
-    def write(self, buf, offset):
-        conn = self._pick()
-        # Shared, not copied: the engine never reuses a chunk's buffer, and
-        # the Buffer keeps it alive until the write completes.
+    def busy(self):
+        return self.failure is None and \
+            all(c.in_flight() >= self.limit for c in self.conns)
+
+    def write(self, buf, offset, done):
+        conn = self._conn()
+        # Shared, not copied: the caller keeps buf unchanged until done.
         b = self.nbd.Buffer.from_buffer(buf)
-        conn.buffers[conn.submit(conn.h.aio_pwrite, b, offset)] = b
+        conn.submit(done, b, conn.h.aio_pwrite, b, offset)
 
-    def zero(self, offset, length):
-        conn = self._pick()
-        conn.others.add(conn.submit(conn.h.aio_zero, length, offset))
+    def zero(self, offset, length, done):
+        conn = self._conn()
+        conn.submit(done, None, conn.h.aio_zero, length, offset)
 
-    def flush(self):
-        """Every write completed, then flushed (on one connection when
-        multi-conn makes that cover all of them)."""
-        self._wait(self.conns, 1)
-        flushing = self.conns[:1] if self.multi_conn else self.conns
-        for conn in flushing:
-            conn.others.add(conn.submit(conn.h.aio_flush))
-        self._wait(flushing, 1)
+    def flush(self, done):
+        """One flush covers the writes completed on every connection
+        (multi-conn), or there is only one connection."""
+        conn = self._conn()
+        conn.submit(done, None, conn.h.aio_flush)
+
+    def fds(self):
+        if self.failure is not None:
+            return []
+        out = []
+        for fd, c in self.by_fd.items():
+            want = c.h.aio_get_direction()
+            events = (select.POLLIN if want & 1 else 0) | \
+                (select.POLLOUT if want & 2 else 0)
+            if events:
+                out.append((fd, events))
+        return out
+
+    def notify(self, fd, events):
+        c = self.by_fd[fd]
+        self.last_progress = time.monotonic()
+        try:
+            if events & (select.POLLIN | select.POLLHUP | select.POLLERR):
+                c.h.aio_notify_read()
+            if events & select.POLLOUT:
+                c.h.aio_notify_write()
+        except self.nbd.Error as e:
+            self._fail(self._error(_nbd_reason(e)))
+
+    def retire(self):
+        """Call done of every completed command; once the connection died
+        or answered nothing for `timeout` seconds, fail every command."""
+        completed = []
+        now = time.monotonic()
+        if now - self.last_retire > 1.0:
+            # The caller was busy elsewhere (reading its source, saving a
+            # map): time nobody polled does not count against the server.
+            self.last_progress += now - self.last_retire
+        self.last_retire = now
+        if self.failure is None:
+            try:
+                for c in self.conns:
+                    completed += c.retire()
+            except DestinationError as e:
+                completed += c.completed
+                self._fail(e)
+            if self.failure is None and self._in_flight() and \
+                    now - self.last_progress > self.timeout:
+                self._fail(self._error("no reply within {:g} s".format(
+                    self.timeout)))
+        if completed:
+            self.last_progress = time.monotonic()
+        for done, err in completed:
+            done(err)
+        failed, self.failed = self.failed, []
+        for done in failed:
+            done(self.failure)
+
+    def _fail(self, error):
+        """Fail every command in flight, now and later, with error."""
+        if self.failure is None:
+            self.failure = error
+        for c in self.conns:
+            self.failed += [done for done, _ in c.commands.values()]
+            # libnbd may still send the buffers: they stay referenced
+            # until the handle is closed.
+            c.abandoned += [b for _, b in c.commands.values()]
+            c.commands.clear()
 
     def close(self):
         for conn in self.conns:
