@@ -229,7 +229,7 @@ def write_extents(uri, size, nbytes, seed):
 
 def run(bench, args, size, workdir):
     out = {"size": size, "writes": {}, "overflow": {}, "replay": [],
-           "converge": [], "errors": {}}
+           "converge": [], "errors": {}, "stages": {}}
     region = min(size, REGION)
     p_state, s_state = os.path.join(workdir, "P"), os.path.join(workdir, "S")
     token = os.path.join(workdir, "token")
@@ -305,6 +305,15 @@ def run(bench, args, size, workdir):
                                          "catchup_s": statistics.median(
                                              catchup[v])}
                                      for v in GROUP_OF}
+
+        # Where the time went (rsg status stage_seconds of both nodes).
+        for v, g in GROUP_OF.items():
+            p = prim.call("rsg_status", name=g)
+            out["stages"][v] = {
+                "primary": p.get("stage_seconds", {}),
+                "link": p["links"][0].get("stage_seconds", {}),
+                "secondary": sec.call("rsg_status", name=g).get(
+                    "stage_seconds", {})}
 
         # 2. DCM replay against a plain copy of the same byte count.
         open(copy_img, "wb").close()
@@ -457,6 +466,18 @@ def print_tables(res, args):
                   ov["async"]["runs"], args.repeat, ov["sync"]["runs"],
                   args.repeat, u=unit))
     print()
+    if res.get("stages"):
+        print("| where the time went (section 1, all runs) | stage: "
+              "count, mean ms, total s |")
+        print("|---|---|")
+        for v, nodes in res["stages"].items():
+            for node, st in nodes.items():
+                print("| {} link, {} | {} |".format(v, node, "; ".join(
+                    "{}: {}, {:.3f} ms, {:.2f} s".format(
+                        k, d["count"], 1000.0 * d["seconds"] /
+                        max(d["count"], 1), d["seconds"])
+                    for k, d in st.items()) or "-"))
+        print()
     rp = res["replay"]
     if rp:
         nbytes = rp[0]["bytes"]

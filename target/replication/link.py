@@ -23,8 +23,9 @@ from .. import channel, copier, errors
 from .records import read_token
 from .srl import SrlCorrupt
 from .verify import LinkVerify, digests
-from .wire import (DATA, ENTRY, SEQ, WRITE, ZERO, entry_crc, recv_frame,
-                   send_frame, send_frames, send_json, shutdown_socket)
+from .wire import (DATA, ENTRY, SEQ, WRITE, ZERO, Stages, entry_crc,
+                   recv_frame, send_frame, send_frames, send_json,
+                   shutdown_socket)
 
 log = logging.getLogger("clonectl.replication")
 
@@ -216,7 +217,8 @@ class Link:
         self.thread = None
         self.sock = None
         self.stopping = False
-        self.batches = []       # (last seq, end pos) sent, not yet acked
+        self.batches = []       # (last seq, end pos, sent at) not acked
+        self.stages = Stages()
         self.replay_acked = None
         self.refused = None
         self.stream_from = None
@@ -456,8 +458,9 @@ class Link:
                     seq, = SEQ.unpack(payload)
                     with g.cond:
                         while self.batches and self.batches[0][0] <= seq:
-                            last, end = self.batches.pop(0)
+                            last, end, sent = self.batches.pop(0)
                             self.acked_seq, self.acked_pos = last, end
+                            self.stages.add("sent-to-ack", sent)
                         g.cond.notify_all()
                 elif kind == b"VANS":
                     with g.cond:
@@ -493,6 +496,7 @@ class Link:
         parts, batch_bytes, last_seq = [], 0, None
         pos = send_pos
         while pos < until_pos:
+            t = time.perf_counter()
             try:
                 e = g.srl.read(pos)
             except OSError as err:
@@ -508,6 +512,7 @@ class Link:
                 raise SrlCorrupt(name=g.name, seq=e[0] if e else "?",
                                  pos=pos, peer=self.secondary)
             seq, vol, kind, off, length, crc, data, nxt = e
+            self.stages.add("srl-read", t)
             parts.append((b"ENTR", ENTRY.pack(seq, vol, kind, off, length,
                                               crc), data))
             batch_bytes += length if kind == WRITE else 0
@@ -529,11 +534,13 @@ class Link:
 
     def _commit(self, sock, parts, last_seq, end_pos):
         g = self.group
+        t = time.perf_counter()
         with g.cond:
-            self.batches.append((last_seq, end_pos))
+            self.batches.append((last_seq, end_pos, t))
             self.last_sent_seq = last_seq
         parts.append((b"CMIT", SEQ.pack(last_seq), None))
         send_frames(sock, parts)
+        self.stages.add("send", t)
         self.sent_bytes += sum(len(p[1]) + (len(p[2]) if p[2] else 0)
                                for p in parts)
 
@@ -887,4 +894,5 @@ class Link:
                 "stopped_error": self.stopped_error,
                 "verify": self.verifying.to_dict()
                 if self.verifying is not None else None,
-                "dcm_problem": self.dcm.problem if self.dcm else None}
+                "dcm_problem": self.dcm.problem if self.dcm else None,
+                "stage_seconds": self.stages.to_dict()}
