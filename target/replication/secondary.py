@@ -34,6 +34,7 @@ STAGE_HEADER = struct.Struct("<8sBQQII")   # magic state first last count crc
 STAGED, APPLIED = 1, 2
 PULL_CHUNK = 1 << 20           # bytes of one RDAT frame sent to a primary
 GROUP_BYTES = 16 << 20         # data of the batches one group commit takes
+QUEUED_UPDATES = 8             # a replay's updates received, not applied
 
 
 class Applier:
@@ -41,18 +42,21 @@ class Applier:
     one behind the receiver (SecondaryGroup.serve)."""
 
     def __init__(self, apply, name):
+        # apply(entries, stage path) for a staged batch, apply(entry) for
+        # an update of a replay, applied as it comes.
         self.apply = apply
         self.cond = threading.Condition()
-        self.queue = collections.deque()     # (entries, stage path)
+        self.queue = collections.deque()     # arguments of apply
         self.error = None
         self.stopping = False
         self.thread = threading.Thread(target=self._run, daemon=True,
                                        name="rsg-apply-" + name)
         self.thread.start()
 
-    def put(self, entries, path):
+    def put(self, *args):
+        """Queue apply(*args)."""
         with self.cond:
-            self.queue.append((entries, path))
+            self.queue.append(args)
             self.cond.notify_all()
 
     def wait(self, unapplied):
@@ -71,9 +75,9 @@ class Applier:
                     self.cond.wait()
                 if not self.queue:
                     return
-                entries, path = self.queue[0]
+                args = self.queue[0]
             try:
-                self.apply(entries, path)
+                self.apply(*args)
             except BaseException as e:
                 # The batches left stay staged: recovery applies them.
                 with self.cond:
@@ -400,7 +404,7 @@ class SecondaryGroup:
         pending = None      # the last CMIT of `group`, not yet acknowledged
         replaying = False
         # Applies a staged batch while the next one is received and staged.
-        applier = Applier(self._apply_staged, self.name)
+        applier = Applier(self._apply, self.name)
         try:
             while not self.closed:
                 if pending is not None and (group_bytes >= GROUP_BYTES or
@@ -417,8 +421,8 @@ class SecondaryGroup:
                     data = payload[ENTRY.size:] if k == WRITE else None
                     self._check_entry(seq, vol, k, off, length, crc, data)
                     if replaying or not self.consistent:
-                        with self.lock.writing([(vol, off, length)]):
-                            self._apply_one(vol, k, off, length, data)
+                        applier.wait(QUEUED_UPDATES)
+                        applier.put((vol, k, off, length, data))
                     elif seq > self.applied_seq:
                         batch.append((seq, vol, k, off, length, crc, data))
                     continue
@@ -427,6 +431,7 @@ class SecondaryGroup:
                 if kind == b"CMIT":
                     seq, = SEQ.unpack(payload)
                     if replaying or not self.consistent:
+                        applier.wait(0)
                         self._flush_volumes()
                         send_frame(sock, b"ACKS", SEQ.pack(seq))
                         continue
@@ -438,8 +443,17 @@ class SecondaryGroup:
                 if pending is not None:
                     self._commit_group(sock, applier, group, pending, theirs)
                     group, group_bytes, pending = [], 0, None
-                # Every other frame sees the batches before it applied (a
-                # verify request, a replay's begin, a pull).
+                if kind == b"RDAT":
+                    # Checked here, written by the applier while the next
+                    # one is received.
+                    vol, k, off, length, crc = DATA.unpack_from(payload)
+                    data = payload[DATA.size:] if k == WRITE else None
+                    self._check_data(vol, k, off, length, crc, data)
+                    applier.wait(QUEUED_UPDATES)
+                    applier.put((vol, k, off, length, data))
+                    continue
+                # Every other frame sees the updates before it applied (a
+                # verify request, a replay's begin or end, a pull).
                 applier.wait(0)
                 if kind == b"PULL":
                     self._send_pull(sock, json.loads(payload)["runs"])
@@ -450,12 +464,6 @@ class SecondaryGroup:
                     replaying = True
                     self._begin_replay(theirs)
                     send_json(sock, b"RBOK", {"ok": True})
-                elif kind == b"RDAT":
-                    vol, k, off, length, crc = DATA.unpack_from(payload)
-                    data = payload[DATA.size:] if k == WRITE else None
-                    self._check_data(vol, k, off, length, crc, data)
-                    with self.lock.writing([(vol, off, length)]):
-                        self._apply_one(vol, k, off, length, data)
                 elif kind == b"REND":
                     seq, = SEQ.unpack(payload)
                     self._end_replay(seq, theirs)
@@ -515,11 +523,17 @@ class SecondaryGroup:
             self.history = theirs
             self.persist()
 
-    def _apply_staged(self, entries, path):
+    def _apply(self, entries, path=None):
         """(The applier's thread.)  Apply a staged batch, make it durable
         in the volumes, then mark its slot applied and count it in
         applied_seq (which never names a change not durable in the
-        volumes)."""
+        volumes); or apply one update of a replay (entries: vol, kind,
+        offset, length, data), made durable by the replay's end."""
+        if path is None:
+            vol, k, off, length, data = entries
+            with self.lock.writing([(vol, off, length)]):
+                self._apply_one(vol, k, off, length, data)
+            return
         t = time.perf_counter()
         self._apply_entries(entries)
         t = self.stages.add("apply", t)
