@@ -30,6 +30,7 @@ from .wire import (DATA, ENTRY, SEQ, WRITE, ZERO, Stages, entry_crc,
 log = logging.getLogger("clonectl.replication")
 
 BATCH_BYTES = 4 << 20          # a batch is closed after this much data
+IN_FLIGHT = 32                 # batches sent, not yet acknowledged
 CONNECT_TIMEOUT = 5.0
 RETRY_INTERVAL = 1.0
 PERSIST_INTERVAL = 1.0
@@ -578,8 +579,9 @@ class Link:
                 if self.stopping or self.state != REPLICATING:
                     return False
                 until = g.srl.head_pos
-                # Flow control: at most 8 batches unacknowledged.
-                while len(self.batches) > 8 and self.state == REPLICATING \
+                # Flow control: at most IN_FLIGHT batches unacknowledged
+                # (the secondary stages those that wait together).
+                while len(self.batches) > IN_FLIGHT and self.state == REPLICATING \
                         and not self.stopping and self.epoch == epoch:
                     g.cond.wait(0.5)
             if time.monotonic() - last_persist > PERSIST_INTERVAL:
