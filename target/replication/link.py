@@ -30,7 +30,7 @@ from .wire import (DATA, ENTRY, SEQ, WRITE, ZERO, Stages, entry_crc,
 log = logging.getLogger("clonectl.replication")
 
 BATCH_BYTES = 4 << 20          # a batch is closed after this much data
-IN_FLIGHT = 32                 # batches sent, not yet acknowledged
+IN_FLIGHT = 8                  # batches sent, not yet acknowledged
 CONNECT_TIMEOUT = 5.0
 RETRY_INTERVAL = 1.0
 PERSIST_INTERVAL = 1.0
