@@ -93,9 +93,10 @@ def _first_writes(bench, args, size, state, sock, uri):
             rows["unmarked"].append(_fio_randwrite(bench, uri, size,
                                                    args.runtime))
             bench.clonectl(state, "session", "mark", "s", "--export")
+            saved = _status(bench, state)["cofw_count"]
             rows["marked"].append(_fio_randwrite(bench, uri, size,
                                                  args.runtime))
-            rows["saves"].append(_status(bench, state)["cofw_count"])
+            rows["saves"].append(_status(bench, state)["cofw_count"] - saved)
             bench.clonectl(state, "session", "unmark", "s")
         out.append({"model": model or "serialize_requests (default)",
                     **{k: statistics.median(v) for k, v in rows.items()}})

@@ -235,3 +235,36 @@ def test_frozen_image_power_loss_twin_protection_off(tmp_path, keep):
     """The save area's fdatasync ignored: the check above must catch it."""
     with pytest.raises(AssertionError, match="frozen image differs"):
         check_power_cut(tmp_path, 0, keep, honour_flush=False)
+
+
+class FailingFlush(backends.MemoryBackend):
+    """A save area whose next flush fails with EIO once armed."""
+
+    armed = False
+
+    def flush(self):
+        if self.armed:
+            self.armed = False
+            raise OSError(5, "Input/output error (injected)")
+
+
+def test_failed_flush_unmarks_and_the_next_mark_saves_again(tmp_path):
+    """A failed fdatasync fails the saves it covered: the session unmarks
+    with the error, the host write proceeds, and a later mark saves (and
+    flushes) as before."""
+    save = FailingFlush(SAVE_SIZE)
+    source = backends.MemoryBackend(SIZE)
+    source.data[:] = random.Random(2).randbytes(SIZE)
+    lu, s = new_session(tmp_path, source, save)
+    s.mark(export=True)
+    save.armed = True
+    lu.backend.write(b"x" * GRAN, 0)
+    assert not save.armed
+    assert not s.marked
+    assert "Input/output error" in s.error
+    assert bytes(source.data[:GRAN]) == b"x" * GRAN
+    s.mark(export=True)
+    at_mark = bytes(source.data)
+    lu.backend.write(b"y" * GRAN, GRAN)
+    assert s.marked and s.cofw_count == 1
+    assert frozen_image(s) == at_mark
