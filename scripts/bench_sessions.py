@@ -17,6 +17,12 @@ Source to B's LU.
    session unmarked (tracking only), marked (every first write to an extent
    still to send saves its old data: copy on first write) and marked while
    a transfer runs, each against unmarked.
+4. 4K randwrite QD16 first writes to a freshly marked Source: the same fio
+   run right after `session mark --export` (every extent's first write
+   saves its old data) against unmarked, alternately, under nbdkit's
+   default thread model (requests of one connection one at a time) and
+   `parallel` (fio's 16 requests at once: concurrent first writes share
+   the save area's flushes).  `--only "first writes"` runs only this part.
 """
 
 import json
@@ -30,8 +36,9 @@ GRANULARITY = 64 << 10
 FULL_TRANSFER = "session full transfer"
 
 
-def _serve(bench, state, sock):
-    bench.clonectl(state, "serve", "--socket", sock, "--detach")
+def _serve(bench, state, sock, thread_model=None):
+    bench.clonectl(state, "serve", "--socket", sock, "--detach",
+                   *(["--thread-model", thread_model] if thread_model else []))
 
 
 def _status(bench, state):
@@ -72,8 +79,41 @@ def _fio_randwrite(bench, uri, size, runtime):
     return bench.run_fio(uri, "randwrite", "4k", 16, runtime, size)["iops"]
 
 
+FIRST_WRITES = "4K randwrite QD16 first writes to a freshly marked Source"
+# Thread models of part 4 (None: the server's default).
+FIRST_WRITES_MODELS = (None, "parallel")
+
+
+def _first_writes(bench, args, size, state, sock, uri):
+    """4. Unmarked and freshly marked (--export), alternately, per thread
+    model; the server is restarted with each."""
+    out = []
+    for model in FIRST_WRITES_MODELS:
+        bench.clonectl(state, "stop")
+        _serve(bench, state, sock, model)
+        rows = {"unmarked": [], "marked": [], "saves": []}
+        for rep in range(args.repeat):
+            rows["unmarked"].append(_fio_randwrite(bench, uri, size,
+                                                   args.runtime))
+            bench.clonectl(state, "session", "mark", "s", "--export")
+            saved = _status(bench, state)["cofw_count"]
+            rows["marked"].append(_fio_randwrite(bench, uri, size,
+                                                 args.runtime))
+            rows["saves"].append(_status(bench, state)["cofw_count"] - saved)
+            bench.clonectl(state, "session", "unmark", "s")
+        out.append({"model": model or "serialize_requests (default)",
+                    **{k: statistics.median(v) for k, v in rows.items()}})
+    bench.clonectl(state, "stop")
+    _serve(bench, state, sock)
+    return out
+
+
+def _wanted(args, part):
+    return not args.only or args.only in part
+
+
 def run(bench, args, size, workdir):
-    out = {"bytes": [], "throughput": [], "writes": {}}
+    out = {"bytes": [], "throughput": [], "writes": {}, "first_writes": []}
     a, b = os.path.join(workdir, "A"), os.path.join(workdir, "B")
     image = os.path.join(workdir, "source.img")
     bench.make_image(image, size)
@@ -87,6 +127,11 @@ def run(bench, args, size, workdir):
     _serve(bench, b, sock_b)
     try:
         bench.clonectl(a, "session", "create", "src", "s", "--dest", dst_uri)
+        if _wanted(args, FIRST_WRITES):
+            out["first_writes"] = _first_writes(bench, args, size, a, sock_a,
+                                                src_uri)
+        if not _wanted(args, "full copy, bytes sent, host writes"):
+            return out
         # 2. Full copies, ours and nbdcopy's, alternately.
         for rep in range(args.repeat if not args.only or
                          args.only in FULL_TRANSFER else 0):
@@ -153,6 +198,17 @@ def print_tables(res, args):
           "granularity 64K)".format(time.strftime("%Y-%m-%d %H:%M UTC",
                                                   time.gmtime()), args.size))
     print()
+    if res["first_writes"]:
+        print("| {} | nbdkit thread model | unmarked IOPS | marked IOPS | "
+              "saves (copies on first write) | marked/unmarked (target >= "
+              "0.5) |".format(FIRST_WRITES))
+        print("|---|---|---|---|---|---|")
+        for r in res["first_writes"]:
+            print("| {}s fio runs | {} | {:.0f} | {:.0f} | {:.0f} | {:.2f} |"
+                  .format(args.runtime, r["model"], r["unmarked"],
+                          r["marked"], r["saves"],
+                          r["marked"] / r["unmarked"]))
+        print()
     if res["bytes"]:
         print("| changed extents | count | expected bytes | bytes sent | "
               "sent/expected | zeroed | transfer s |")

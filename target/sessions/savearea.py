@@ -4,18 +4,43 @@ Design notes
 ------------
 A copy on first write stores an extent's old data here before the host
 write that overwrites it may proceed; the frozen image is saved data where
-present, else the Source.  The data and its index entry (with a crc of the
-data) are made durable by one flush before `store` returns.  At load an
+present, else the Source.  A save is the slot's data and its index entry
+(slot and crc of the data), written in place, then made durable by a flush
+(fdatasync) before the host write proceeds.
+
+Group commit: the flushes are shared.  `store` writes and returns a
+ticket; `wait_durable(ticket)` returns once a flush that began after that
+save was written has completed.  One flush runs at a time; the saves
+written while it runs are covered together by the next one, made by the
+first of their writers to find no flush running (the others wait for it).
+So N concurrent first writes cost about two flushes, not N, and a host
+write waits at most for the flush running and the one after it, never for
+saves that queue up later.  Concurrent
+means other connections, or one connection's requests under nbdkit's
+`parallel` thread model: the default serves one request of a connection
+at a time, and then every first write still pays a whole flush.
+
+What a crash keeps: every save whose wait_durable returned (data and entry
+both durable); of the others, an arbitrary subset of blocks.  At load an
 entry whose crc does not match its slot is dropped: its data never became
-durable, and then the write it protected had not started either.
+durable, and then the write it protected had not started either.  A save
+is taken into the frozen image (Session: save_area.slots) only once
+durable, so a second write to the same extent waits for the first's save
+and then finds nothing left to save.  A flush that fails fails every save
+it covered and every later one until the next reset (after a failed
+fdatasync the kernel may have dropped pages it will not write again):
+the session unmarks.
 
 Slots are allocated in order and never freed while marked; a full save
 area ends the mark (SaveAreaFull).  Deliberately ignored: reusing slots,
-growing the area.  See docs/design.md and docs/persistence.md.
+growing the area, coalescing adjacent slots into one write (each save is
+its own pwrite; only the flush is shared).  See docs/design.md and
+docs/persistence.md.
 """
 
 import errno
 import struct
+import threading
 import zlib
 
 from .. import errors
@@ -46,6 +71,14 @@ class SaveArea:
         self.slots = {}
         self.next_slot = 0
         self._zero_crc = None
+        # Group commit (see the design notes): tickets of saves written,
+        # of saves durable, whether a flush runs, and the error of a
+        # failed flush (kept until reset).
+        self._sync = threading.Condition(threading.Lock())
+        self._written = 0
+        self._durable = 0
+        self._flushing = False
+        self._failed = None
 
     @staticmethod
     def minimum_size(extents, granularity):
@@ -85,6 +118,8 @@ class SaveArea:
         self.backend.flush()
         self.slots = {}
         self.next_slot = 0
+        with self._sync:
+            self._failed = None
 
     def allocate(self):
         """Take the next slot (caller holds the session lock)."""
@@ -95,11 +130,12 @@ class SaveArea:
         return slot
 
     def store(self, extent, slot, data):
-        """Write data to slot and its index entry, and make both durable."""
+        """Write data to slot and its index entry; return the ticket to
+        wait_durable() for."""
         self.backend.write(data, self._slot_offset(slot))
         self.backend.write(self.ENTRY.pack(slot + 1, zlib.crc32(data)),
                            extent * self.ENTRY.size)
-        self.backend.flush()
+        return self._written_one()
 
     def store_zero(self, extent, slot):
         """store() of an all-zero extent: the slot becomes a hole."""
@@ -109,7 +145,45 @@ class SaveArea:
             self._zero_crc = zlib.crc32(bytes(self.granularity))
         self.backend.write(self.ENTRY.pack(slot + 1, self._zero_crc),
                            extent * self.ENTRY.size)
-        self.backend.flush()
+        return self._written_one()
+
+    def _written_one(self):
+        # Taken after the writes returned: a flush that begins after this
+        # covers them.
+        with self._sync:
+            self._written += 1
+            return self._written
+
+    def wait_durable(self, ticket):
+        """Return once the save of ticket (and every earlier one) is
+        durable, flushing if no flush is running; raise the error of a
+        failed flush."""
+        with self._sync:
+            while True:
+                if self._failed is not None:
+                    raise self._failed
+                if self._durable >= ticket:
+                    return
+                if self._flushing:
+                    self._sync.wait()
+                    continue
+                self._flushing = True
+                upto = self._written
+                self._sync.release()
+                try:
+                    self.backend.flush()
+                except OSError as e:
+                    error = e
+                else:
+                    error = None
+                finally:
+                    self._sync.acquire()
+                    self._flushing = False
+                    self._sync.notify_all()
+                if error is not None:
+                    self._failed = error
+                else:
+                    self._durable = max(self._durable, upto)
 
     def readinto(self, extent, view):
         self.backend.readinto(view, self._slot_offset(self.slots[extent]))

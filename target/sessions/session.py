@@ -22,13 +22,14 @@ to host writes: while MARKING, new writes wait while the writes in flight
 drain, then the maps are swapped.  While MARKED, a write to an extent set
 in the transfer map (to any extent, when the frozen image is exported)
 first copies the extent's old data to the save area (copy on first write,
-a target.copier run) and makes it durable (savearea.SaveArea): a write
-that could become durable before its old data is saved would lose the
-point in time.  The frozen image is saved data where present, else the
-Source.  A reader of the frozen image reads the Source and then checks,
-under the lock, whether the extent was saved meanwhile; if so it reads the
-saved copy instead: a copy on first write always finishes before the write
-that triggered it starts.
+a target.copier run) and makes it durable (savearea.SaveArea, a group
+commit shared with concurrent first writes): a write that could become
+durable before its old data is saved would lose the point in time.  The
+frozen image is saved data where present, else the Source.  A reader of
+the frozen image reads the Source and then checks, under the lock, whether
+the extent was saved meanwhile; if so it reads the saved copy instead: a
+copy on first write always finishes before the write that triggered it
+starts.
 
 Unmark (by command, after a successful transfer, or when a copy on first
 write cannot be made: save area full, I/O error) merges the transfer map
@@ -285,28 +286,27 @@ class Session:
 
     def _copy_on_first_write(self, slots, generation):
         """Copy the extents of slots from the Source below to their save
-        area slots, each durable before the next (and all of them before
-        the host write that needs them proceeds)."""
+        area slots, and make them durable (one group commit for them all,
+        shared with concurrent first writes) before the host write that
+        needs them proceeds."""
         g = self.granularity
         slot_of = dict(slots)
         unmarked = threading.Event()
+        stored = []
 
         def store(view, offset, zero=False):
             x = offset // g
             if zero:
-                self.save_area.store_zero(x, slot_of[x])
+                ticket = self.save_area.store_zero(x, slot_of[x])
             else:
                 # A slot holds a whole extent: the last one's tail is
                 # zeroes.
                 data = view if len(view) == g else bytes(view) + \
                     bytes(g - len(view))
-                self.save_area.store(x, slot_of[x], data)
-            with self.cond:
-                if generation != self.generation:
-                    unmarked.set()  # meanwhile: the save area was reset
-                    return
-                self.save_area.slots[x] = slot_of[x]
-                self.cofw_count += 1
+                ticket = self.save_area.store(x, slot_of[x], data)
+            stored.append((x, ticket))
+            if generation != self.generation:
+                unmarked.set()  # meanwhile: the save area was reset
 
         def holes(offset, length):
             # One extent per chunk, stored whole: a hole only if all of it
@@ -319,6 +319,18 @@ class Session:
                       chunk=g, piece=g, cancel=unmarked,
                       extents=holes).copy(
             [(x * g, min(g, self.size - x * g)) for x, _ in slots])
+        if not stored or unmarked.is_set():
+            return
+        self.save_area.wait_durable(max(t for _, t in stored))
+        # Only a durable save is part of the frozen image: a reader (or a
+        # second write to the extent, waiting in before_write) never sees
+        # one a crash could still take away.
+        with self.cond:
+            if generation != self.generation:
+                return
+            for x, _ in stored:
+                self.save_area.slots[x] = slot_of[x]
+            self.cofw_count += len(stored)
 
     def after_write(self):
         with self.cond:
