@@ -243,30 +243,40 @@ def run(bench, args, size, workdir):
         scale = ScaleServers(bench, servers, workdir, datadir)
         scale.start(variants)
         for name, rw, bs, qd in workloads:
-            for clients, separate in LAYOUTS:
-                row = layout_name(clients, separate)
-                samples = {v: [] for v in variants}
-                cpu = {v: [] for v in variants}
-                for rep in range(args.repeat):
+            # Every layout once per repeat, one after the other: the
+            # machine's load drifts over minutes, so N clients are
+            # compared with the one client measured beside them (a ratio
+            # per repeat, then the median).
+            samples = {row: {v: [] for v in variants} for row in LAYOUTS}
+            cpu = {row: {v: [] for v in variants} for row in LAYOUTS}
+            for rep in range(args.repeat):
+                for clients, separate in LAYOUTS:
                     for v in bench.rotate(variants, rep):
                         c0 = scale.cpu_seconds(v)
                         iops = run_fio_clients(
                             scale.uris(v, clients, separate), rw, bs, qd,
                             args.runtime, size)
                         c1 = scale.cpu_seconds(v)
-                        samples[v].append(iops)
+                        samples[clients, separate][v].append(iops)
                         # Server CPU per request over the whole fio run:
-                        # its 1 s ramp ran at about the measured rate.
-                        cpu[v].append((c1 - c0) * 1e6 /
-                                      (iops * (args.runtime + RAMP)))
-                cell = {v: {"iops": statistics.median(samples[v]),
-                            "cpu_us": statistics.median(cpu[v])}
+                        # its ramp ran at about the measured rate.
+                        cpu[clients, separate][v].append(
+                            (c1 - c0) * 1e6 / (iops * (args.runtime + RAMP)))
+            for layout in LAYOUTS:
+                one = samples[LAYOUTS[0]]
+                cell = {v: {"iops": statistics.median(samples[layout][v]),
+                            "n_over_1": statistics.median(
+                                n / o for n, o in zip(samples[layout][v],
+                                                      one[v])),
+                            "cpu_us": statistics.median(cpu[layout][v])}
                         for v in variants}
+                row = layout_name(*layout)
                 results.setdefault(name, {})[row] = cell
                 print("{:<20} {:<26} {}".format(
                     name, row, "  ".join(
-                        "{}={:.0f} ({:.1f} us)".format(
-                            v, cell[v]["iops"], cell[v]["cpu_us"])
+                        "{}={:.0f} ({:.2f}, {:.1f} us)".format(
+                            v, cell[v]["iops"], cell[v]["n_over_1"],
+                            cell[v]["cpu_us"])
                         for v in variants)),
                       file=sys.stderr, flush=True)
     return {"variants": variants, "results": results}
@@ -277,8 +287,8 @@ def print_tables(report, args):
     base = "nbdkit-file" if "nbdkit-file" in variants else variants[0]
     print("clonectl scale benchmark, {} ({} cores), {} per LU, fio nbd "
           "engine, {} s x {} runs, medians; aggregate IOPS of N clients, "
-          "N / 1 client of the same server, server CPU us per request "
-          "(all its threads)".format(
+          "N / 1 client of the same server (per run, the median of the "
+          "runs' ratios), server CPU us per request (all its threads)".format(
               time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               os.cpu_count(), args.size, args.runtime, args.repeat))
     for name, rows in report["results"].items():
@@ -289,14 +299,12 @@ def print_tables(report, args):
         header += ["{}/{}".format(v, base) for v in variants if v != base]
         print("| " + " | ".join(header) + " |")
         print("|" + "---|" * len(header))
-        one = rows.get(layout_name(1, True))
         for row, cell in rows.items():
             cells = [row]
             for v in variants:
                 iops = cell[v]["iops"]
                 cells += ["{:.0f}".format(iops),
-                          "{:.2f}".format(iops / one[v]["iops"])
-                          if one else "-",
+                          "{:.2f}".format(cell[v]["n_over_1"]),
                           "{:.1f}".format(cell[v]["cpu_us"])]
             cells += ["{:.2f}".format(cell[v]["iops"] / cell[base]["iops"])
                       for v in variants if v != base]
