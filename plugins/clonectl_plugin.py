@@ -214,15 +214,15 @@ def _hold_thread_state():
     nbdkit's python plugin enters every callback with PyGILState_Ensure
     and leaves with PyGILState_Release; its threads are not Python's, so
     each callback creates a thread state and deletes it on the way out,
-    with its frame stack: an mmap and a munmap per request, and a munmap
-    interrupts the cores running the process's other threads to flush
-    their TLBs (docs/performance.md, "Several clients at once").  One more Ensure
-    here, in the connection's thread, keeps the count above zero: the
-    callbacks then only take and drop the GIL.  Under the serializing
-    thread models open, every request and close run in the connection's
-    thread; under parallel the requests run in worker threads, which keep
-    nbdkit's behaviour.  close() gives the state back (its Release is in
-    the same thread), so nothing outlives the connection."""
+    with its frame stack: an mmap and a munmap per request, more than
+    half a 4 KiB read's CPU (docs/performance.md, "several clients at
+    once").  One more Ensure here, in the connection's thread, keeps the
+    count above zero: the callbacks then only take and drop the GIL.
+    Under the serializing thread models open, every request and close run
+    in the connection's thread; under parallel the requests run in worker
+    threads, which keep nbdkit's behaviour.  close() gives the state back
+    (its Release is in the same thread), so nothing outlives the
+    connection."""
     if _config.get("thread_state", "connection") == "connection":
         return ctypes.pythonapi.PyGILState_Ensure()
     return None
