@@ -12,12 +12,17 @@
 #                               carry; target/iscsi.py)
 #         [max_connections=N] [max_per_address=N]  (live connections, idle
 #                               ones included: target/limits.py)
+#         [thread_state=connection|request]  (how long a connection thread's
+#                               Python thread state lives; see
+#                               _hold_thread_state: request is nbdkit's own
+#                               behaviour, kept for scripts/bench)
 #
 # nbdkit embeds /usr/bin/python3, which does not see the virtual environment:
 # the target package is found through pythonpath=.  The script's directory is
 # not on sys.path and __file__ is None here, and the required open() below
 # shadows the builtin open in this module.
 
+import ctypes
 import errno
 import sys
 
@@ -32,6 +37,9 @@ _allow = None  # target.access.AllowList with allow=, else None
 _allow_export = []  # allow_export= values, in order
 _export_rules = None  # target.access.ExportRules with allow_export=, else None
 _limiter = None  # target.limits.ConnectionLimiter with max_connections=...
+_held = {}  # connection -> what _hold_thread_state returned for it
+
+_THREAD_STATES = ("connection", "request")
 
 _THREAD_MODELS = {
     "parallel": nbdkit.THREAD_MODEL_PARALLEL,
@@ -45,7 +53,7 @@ def config(key, value):
                    "replication", "replication_token", "replication_tls",
                    "allow",
                    "allow_export", "gateway_secret", "max_connections",
-                   "max_per_address"):
+                   "max_per_address", "thread_state"):
         raise Exception("unknown parameter {!r}".format(key))
     if key == "allow_export":
         _allow_export.append(value)
@@ -53,6 +61,9 @@ def config(key, value):
     if key == "thread_model" and value not in _THREAD_MODELS:
         raise Exception("thread_model must be one of " +
                         ", ".join(sorted(_THREAD_MODELS)))
+    if key == "thread_state" and value not in _THREAD_STATES:
+        raise Exception("thread_state must be one of " +
+                        ", ".join(_THREAD_STATES))
     _config[key] = value
 
 
@@ -197,18 +208,46 @@ def default_export(readonly, is_tls):
     return ""
 
 
+def _hold_thread_state():
+    """Keep this thread's Python thread state until close().
+
+    nbdkit's python plugin enters every callback with PyGILState_Ensure
+    and leaves with PyGILState_Release; its threads are not Python's, so
+    each callback creates a thread state and deletes it on the way out,
+    with its frame stack: an mmap and a munmap per request, more than
+    half a 4 KiB read's CPU (docs/performance.md, "several clients at
+    once").  One more Ensure here, in the connection's thread, keeps the
+    count above zero: the callbacks then only take and drop the GIL.
+    Under the serializing thread models open, every request and close run
+    in the connection's thread; under parallel the requests run in worker
+    threads, which keep nbdkit's behaviour.  close() gives the state back
+    (its Release is in the same thread), so nothing outlives the
+    connection."""
+    if _config.get("thread_state", "connection") == "connection":
+        return ctypes.pythonapi.PyGILState_Ensure()
+    return None
+
+
+def _release_thread_state(held):
+    if held is not None:
+        ctypes.pythonapi.PyGILState_Release(held)
+
+
 def open(readonly):
     try:
         name = nbdkit.export_name()
         if _export_rules is not None:
             # Before connect counts the connection: a refusal changes nothing.
             _export_rules.check_peer(name)
-        return _target.connect(name, readonly)
+        h = _target.connect(name, readonly)
     except Exception as e:
         _fail(e)
+    _held[h] = _hold_thread_state()
+    return h
 
 
 def close(h):
+    _release_thread_state(_held.pop(h, None))
     _target.disconnect(h)
 
 

@@ -44,11 +44,16 @@ nbdcopy over the same link; time to converge under half the link's
 bandwidth from an overflowed SRL; see scripts/bench_replication.py (needs
 root: network namespaces of scripts/netns.py, pyroute2; not in "all").
 
+--suite scale: several clients at once: aggregate 4 KiB random read and
+write IOPS (QD16) of 1, 2 and 4 clients on separate LUs and on one LU, as a
+ratio to one client, for nbdkit's file plugin, a bare Python plugin and
+clonectl serving the same files; see scripts/bench_scale.py (not in "all").
+
 --suite jobs: every job file of scripts/fio (the workloads the guest test
 and the Vagrant host run: randrw-4k, seq-1m, verify) through fio's nbd
 engine against the --servers variants; IOPS and MB/s per job.
 
---suite all runs all but jobs, iscsi and replication.
+--suite all runs all but jobs, iscsi, replication and scale.
 
 Variants are measured alternately within each row and each row is
 repeated; the tables show medians.  This machine is noisy (±20-30% run to
@@ -72,6 +77,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_iscsi  # noqa: E402
 import bench_replication  # noqa: E402
+import bench_scale  # noqa: E402
 import bench_sessions  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -207,14 +213,16 @@ def main():
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--suite", choices=("nbd", "clones", "restore", "sessions",
-                                       "jobs", "iscsi", "replication", "all"),
+                                       "jobs", "iscsi", "replication",
+                                       "scale", "all"),
                    default="nbd",
                    help="nbd: servers side by side; clones: clone overhead, "
                         "sync speed and latency; restore: protected restore "
                         "COD latency and throughput; sessions: incremental "
                         "transfers; replication: replicated storage groups "
-                        "(root); all: every suite but jobs, iscsi and "
-                        "replication "
+                        "(root); scale: several clients at once; all: "
+                        "every suite but jobs, iscsi, replication and "
+                        "scale "
                         "(default nbd)")
     p.add_argument("--size", default="1G", help="image size (default 1G)")
     p.add_argument("--runtime", type=int, default=5,
@@ -223,15 +231,21 @@ def main():
                    help="repeats per row; medians are shown (default 3)")
     p.add_argument("--quick", action="store_true",
                    help="runtime 2 s, 1 repeat, 256M image")
-    p.add_argument("--servers", default="nbdkit-file,qemu-nbd,clonectl",
+    p.add_argument("--servers",
                    help="nbd suite: comma-separated variants: nbdkit-file, "
                         "qemu-nbd, clonectl[:THREAD_MODEL[:THREADS]] "
-                        "(default %(default)s)")
+                        "(default nbdkit-file,qemu-nbd,clonectl); scale "
+                        "suite: nbdkit-file, python[:THREAD_MODEL[:THREADS]],"
+                        " clonectl[:THREAD_MODEL[:THREADS]] (default "
+                        "nbdkit-file,python,clonectl)")
     p.add_argument("--only", help="run only workloads whose name contains this")
     p.add_argument("--json", metavar="FILE", help="also write results as JSON")
     p.add_argument("--workdir", help="where to put the image (default: a "
                    "temporary directory under /var/tmp)")
     args = p.parse_args()
+    args.servers_given = args.servers is not None
+    if args.servers is None:
+        args.servers = "nbdkit-file,qemu-nbd,clonectl"
     if args.quick:
         args.runtime, args.repeat, args.size = 2, 1, "256M"
     size = int(subprocess.check_output(
@@ -247,10 +261,11 @@ def main():
                            ("sessions", run_sessions_suite),
                            ("jobs", run_jobs_suite),
                            ("iscsi", run_iscsi_suite),
-                           ("replication", run_replication_suite)):
+                           ("replication", run_replication_suite),
+                           ("scale", run_scale_suite)):
             if args.suite == suite or (args.suite == "all" and
                                        suite not in ("jobs", "iscsi",
-                                                     "replication")):
+                                                     "replication", "scale")):
                 os.mkdir(os.path.join(workdir, suite))
                 report[suite] = run(args, size, os.path.join(workdir, suite))
     finally:
@@ -279,6 +294,10 @@ def main():
         if len(report) > 1:
             print()
         bench_replication.print_tables(report["replication"], args)
+    if "scale" in report:
+        if len(report) > 1:
+            print()
+        bench_scale.print_tables(report["scale"], args)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"date": time.strftime("%Y-%m-%d"), "args": vars(args),
@@ -291,6 +310,10 @@ def run_iscsi_suite(args, size, workdir):
 
 def run_replication_suite(args, size, workdir):
     return bench_replication.run(sys.modules[__name__], args, size, workdir)
+
+
+def run_scale_suite(args, size, workdir):
+    return bench_scale.run(sys.modules[__name__], args, size, workdir)
 
 
 def run_sessions_suite(args, size, workdir):

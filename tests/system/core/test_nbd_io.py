@@ -378,3 +378,62 @@ def test_status_of_lu_whose_backing_vanished(clonectl, tmp_path,
     with pytest.raises(nbd.Error):
         nbd_connect(srv.socket, "goes")
     assert nbd_connect(srv.socket, "stays").get_size() == MiB
+
+
+@pytest.mark.parametrize("thread_model", [None, "parallel"])
+def test_connections_come_and_go(clonectl, server_factory, state_dir,
+                                 thread_model):
+    """A connection's thread keeps its Python thread state from open to
+    close (the plugin holds it, so requests do not make one each): many
+    connections opened and closed from several client threads, refused
+    ones among them, leave the same nbdkit process serving the data they
+    wrote, and no connection counted."""
+    clonectl("lu", "create", "disk", "--size", "4M")
+    srv = server_factory(extra_args=["--thread-model", thread_model]
+                         if thread_model else [])
+    nbdkit_pid = srv.nbdkit_pid
+    rounds, workers = 12, 3
+    blocks = {(i, j): os.urandom(4096)
+              for i in range(workers) for j in range(rounds)}
+    errors_seen = []
+
+    def connect(export):
+        h = nbd.NBD()
+        h.set_export_name(export)
+        h.connect_unix(srv.socket)
+        return h
+
+    def worker(i):
+        try:
+            for j in range(rounds):
+                offset = (i * rounds + j) * 4096
+                h = connect("disk")
+                h.pwrite(blocks[i, j], offset)
+                h.flush()
+                h.shutdown()
+                with pytest.raises(nbd.Error):
+                    connect("nosuchlu")
+                h = connect("disk")
+                assert h.pread(4096, offset) == blocks[i, j]
+                h.shutdown()
+        except BaseException as e:  # reported by the main thread
+            errors_seen.append(e)
+
+    threads = [threading.Thread(target=worker, args=(i,))
+               for i in range(workers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors_seen == []
+    srv.refresh()
+    assert srv.nbdkit_pid == nbdkit_pid, srv.log()
+    image = read_file_range(state_dir / "lus" / "disk.img", 0,
+                            workers * rounds * 4096)
+    assert image == b"".join(blocks[i, j] for i in range(workers)
+                             for j in range(rounds))
+    for _ in range(100):
+        if _lu_status(state_dir, "disk")["connections"] == 0:
+            break
+        time.sleep(0.05)
+    assert _lu_status(state_dir, "disk")["connections"] == 0
