@@ -85,13 +85,14 @@ class _Run:
 class _Checkpoint:
     """The runs queued to one destination between two checkpoints."""
 
-    __slots__ = ("runs", "in_flight", "closed", "flushing")
+    __slots__ = ("runs", "in_flight", "closed", "flushing", "refused")
 
     def __init__(self):
         self.runs = []
         self.in_flight = 0      # its writes and zeroes not completed
         self.closed = False     # no more runs join it
         self.flushing = False
+        self.refused = False    # one of its requests failed: never flushed
 
 
 class TransferEngine:
@@ -332,6 +333,7 @@ class TransferEngine:
                     self._release(run)
                 checkpoint.in_flight -= 1
                 if error is not None:
+                    checkpoint.refused = True
                     self._fail(i, error)
         for i in self.clients:
             self._flush_ready(i)
@@ -353,9 +355,14 @@ class TransferEngine:
         if i in self.failed:
             return
         client = self.clients[i]
-        for checkpoint in self.checkpoints[i]:
+        for checkpoint in list(self.checkpoints[i]):
+            if checkpoint.refused and not checkpoint.in_flight:
+                # What a flush would cover is not all there: its runs
+                # stay pending.
+                self.checkpoints[i].remove(checkpoint)
+                continue
             if not checkpoint.closed or checkpoint.flushing or \
-                    checkpoint.in_flight:
+                    checkpoint.in_flight or checkpoint.refused:
                 continue
 
             def done(error, checkpoint=checkpoint):

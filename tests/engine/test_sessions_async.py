@@ -126,3 +126,26 @@ def test_failed_write_leaves_pending_what_no_checkpoint_flushed(monkeypatch):
     assert maps.load(s.pending_path(s.dests[0]), G, n) == pending
     assert s.transfer == pending
     assert s.marked
+
+
+def test_a_checkpoint_with_a_failed_write_is_never_cleared(monkeypatch):
+    """Every write is still in flight when its checkpoint closes (a slow
+    destination); the second one fails.  Its checkpoint must stay pending:
+    a flush that succeeds after it covers the other writes, not the one
+    the destination refused (before, the closed checkpoint was flushed and
+    cleared as if it had all arrived, and the next transfer would not have
+    sent the extent again)."""
+    monkeypatch.setattr(transfer, "CHUNK", G)
+    monkeypatch.setattr(transfer, "CHECKPOINT_BYTES", 4 * G)
+    n = 8
+    s, frozen = marked_session(n)
+    dest = LaggingDestination(backends.MemoryBackend(n * G), lag=100,
+                              fail_write=2)
+    engine = s.start_transfer({0: dest}, run=False)
+    engine.advance()
+    assert engine.result.startswith("failed"), engine.result
+    pending = s.dests[0].pending
+    clear = {x for x in range(n) if not pending[x]}
+    assert 1 not in clear, "the refused write's extent was cleared"
+    assert clear <= dest.durable, (sorted(clear), sorted(dest.durable))
+    assert maps.load(s.pending_path(s.dests[0]), G, n) == pending
