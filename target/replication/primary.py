@@ -93,8 +93,27 @@ class PrimaryGroup:
         if record.get("since_promotion"):
             self.since = Dcm(files.since(), self.granularity, self.sizes)
         self.links = []
-        for i, rec in enumerate(record.get("links", [])):
-            self._add_link_object(i, rec, fresh=False)
+        recs = record.get("links", [])
+        # The index names the link's DCM file; it is the one given when the
+        # link was added (a record without it, from before it was saved,
+        # numbers links by position, as they were then).
+        indexes = [rec.get("index", i) for i, rec in enumerate(recs)]
+        spare = max(indexes + [-1]) + 1
+        for index, rec in zip(indexes, recs):
+            if any(l.index == index for l in self.links):
+                # Two links must never share a DCM: this one gets a file of
+                # its own, with every extent set.
+                self.problems.append(
+                    "link {}: its DCM file belongs to another link; it gets "
+                    "a new one and every extent will be copied".format(
+                        rec.get("secondary")))
+                link = self._add_link_object(spare, rec, fresh=True)
+                spare += 1
+                link.dcm.mark_all()
+                if link.holds_srl:
+                    link.transition("log")
+                continue
+            self._add_link_object(index, rec, fresh=False)
         self.layers = []            # ReplicationLayer per volume
         if unclean:
             self._recover_unclean(corrupt)
