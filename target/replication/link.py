@@ -41,6 +41,13 @@ REPLAY_CHUNK = 1 << 20
 # resumes from there.  At most REPLAY_SYNCS_AHEAD requests are unanswered.
 REPLAY_SYNC_BYTES = 4 << 20
 REPLAY_SYNCS_AHEAD = 2
+# A throttled replay (--rate) sends chunks of what the rate allows in
+# REPLAY_BEAT (at least REPLAY_MIN_CHUNK); while it waits for the rate it
+# sends the SRL's new entries every REPLAY_IDLE and a BEAT when nothing
+# went for REPLAY_BEAT, well within the secondary's idle timeout.
+REPLAY_BEAT = 0.25
+REPLAY_MIN_CHUNK = 4 << 10
+REPLAY_IDLE = 0.05
 SRL_RETRY = 5.0                # a failed SRL is tried again after this
 MAX_REPLY = 64 << 10           # a frame of the secondary before its proof
 
@@ -707,23 +714,67 @@ class Link:
                                 None)])
             unsynced.append((vol, off, n))
 
-        def sent(n):
+        def sync_due():
             nonlocal unsynced, unsynced_bytes, synced_at
-            self.sent_bytes += n
-            self.replay_done += (n + gran - 1) // gran
-            self.replay_bytes[0] += n
             if not unsynced or not self.secondary_syncs or (
                     unsynced_bytes < REPLAY_SYNC_BYTES and
                     time.monotonic() - synced_at < changemap.COMMIT_INTERVAL):
-                return
-            self._replay_sync(sock, epoch, unsynced)
-            unsynced, unsynced_bytes, synced_at = [], 0, time.monotonic()
+                return False
+            # Only whole extents leave the DCM; an extent sent in part
+            # waits for the chunks that complete it (its part sent now is
+            # durable by then, since it is acknowledged before them).
+            whole, rest = self._whole_extents(unsynced)
+            unsynced, unsynced_bytes, synced_at = rest, 0, time.monotonic()
+            if not whole:
+                return False
+            self._replay_sync(sock, epoch, whole)
+            return True
 
-        # One RDAT frame per chunk (pieces of a whole chunk).
+        def sent(n):
+            nonlocal beat_at
+            self.sent_bytes += n
+            self.replay_done += (n + gran - 1) // gran
+            self.replay_bytes[0] += n
+            sync_due()
+            beat_at = time.monotonic()
+
+        def idle():
+            # While the rate holds the replay back: the SRL stream is not
+            # throttled (entries logged meanwhile go now), an RSYN is sent
+            # when due, and a BEAT keeps the secondary from taking the
+            # silent primary for a lost one.
+            nonlocal send_pos, beat_at
+            with g.cond:
+                if self.epoch != epoch or self.stopping:
+                    raise _ReplayEnded(not self.stopping)
+                if self.state != DCM_REPLAY:
+                    raise _ReplayEnded(False)
+                until = g.srl.head_pos
+            if until > send_pos:
+                pos = self._send_entries(sock, send_pos, until, epoch)
+                if pos is None:
+                    raise _ReplayEnded(True)
+                send_pos = pos
+            elif not sync_due():
+                if time.monotonic() - beat_at < REPLAY_BEAT:
+                    return
+                send_frame(sock, b"BEAT")
+            beat_at = time.monotonic()
+
+        beat_at = time.monotonic()
+        # One RDAT frame per chunk (pieces of a whole chunk); under a rate,
+        # a chunk is what the rate sends in REPLAY_BEAT at most, so the
+        # data goes out evenly and every RSYN goes when due.
+        chunk = REPLAY_CHUNK
+        if self.replay_rate:
+            chunk = max(REPLAY_MIN_CHUNK, min(
+                REPLAY_CHUNK, int(self.replay_rate * REPLAY_BEAT) //
+                REPLAY_MIN_CHUNK * REPLAY_MIN_CHUNK))
         copying = copier.Copier(read, send_data, zero=send_zero,
-                                chunk=REPLAY_CHUNK, piece=REPLAY_CHUNK,
+                                chunk=chunk, piece=chunk,
                                 progress=sent, rate=self.replay_rate,
-                                cancel=self.replay_cancel)
+                                cancel=self.replay_cancel, idle=idle,
+                                idle_interval=REPLAY_IDLE)
         try:
             for vol, vol_runs in itertools.groupby(runs, key=lambda r: r[0]):
                 if not copying.copy([(off, length)
@@ -772,6 +823,30 @@ class Link:
                  g.name, self.secondary, self.replay_total,
                  time.monotonic() - started)
         return True
+
+    def _whole_extents(self, runs):
+        """Runs (vol, offset, length) a replay sent, in order: the runs of
+        the whole extents they cover (an extent's end at the volume's end
+        counts), and as a list, the part of an extent the last one ends
+        in, which later chunks complete."""
+        gran, sizes = self.group.granularity, self.group.sizes
+        merged = []
+        for vol, off, n in runs:
+            if merged and merged[-1][0] == vol and \
+                    merged[-1][1] + merged[-1][2] == off:
+                merged[-1][2] += n
+            else:
+                merged.append([vol, off, n])
+        whole, rest = [], []
+        for vol, off, n in merged:
+            end = off + n
+            a = -(-off // gran) * gran
+            b = end if end >= sizes[vol] else end // gran * gran
+            if b > a:
+                whole.append((vol, a, b - a))
+            start = b if b >= a else off
+            rest = [(vol, start, end - start)] if b < end else []
+        return whole, rest
 
     def _replay_sync(self, sock, epoch, runs):
         """Ask the secondary to make the replay data sent so far durable

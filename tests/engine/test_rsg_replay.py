@@ -282,3 +282,32 @@ def test_attach_changes_the_rate_of_a_running_replay(pair):
     wait_for(p.replicating, 4, "the replay unthrottled", link.status)
     p.check_identical()
     assert p.ta.rsgs["g"].record()[0]["links"][0]["replay_rate"] is None
+
+
+def test_throttled_replay_keeps_the_connection_and_streams_entries(
+        pair, monkeypatch):
+    """A rate far below one chunk per idle timeout: the link keeps the
+    connection alive while it waits (BEAT), and host writes made during
+    the replay reach the secondary at once, not at the rate's pace."""
+    monkeypatch.setattr(R.server, "IDLE_TIMEOUT", 1.0)
+    p = pair(size=4 * MiB)
+    p.link_up(rate="4K")
+    link = p.link
+    wait_for(lambda: link.state == R.DCM_REPLAY and p.sg is not None and
+             p.sg.connected_since is not None, 10, "the replay", link.status)
+    since = p.sg.connected_since
+    g = p.ta.rsgs["g"]
+    for i in range(5):
+        p.write(i * 65536, b"\x33" * 4096)
+        seq = g.next_seq - 1
+        t = time.monotonic()
+        wait_for(lambda: link.acked_seq >= seq, 5, "the entry acknowledged",
+                 link.status)
+        assert time.monotonic() - t < 0.5, link.status()
+        time.sleep(0.5)
+    assert p.sg.connected_since == since and link.replays == 1, (
+        link.status(), p.sg.status())
+    assert link.state == R.DCM_REPLAY
+    assert 0 < link.replay_bytes[0] < 64 * 1024, link.status()
+    p.ta.rsg_attach("g", p.addr, rate="0")
+    p.check_identical()
