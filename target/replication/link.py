@@ -231,6 +231,13 @@ class Link:
         self.replay_bytes = [0, 0]      # done, total of the replay's data
         self.replay_times = None        # (started, ended or None)
         self.replay_syncs = []          # (id, epoch, runs) not acknowledged
+        # RSYN ids are (round << 32) + n: the round is counted durably at
+        # each replay start, so ids only grow, across restarts too.
+        self.replay_round = record.get("replay_round", 0)
+        self.replay_sync_n = 0
+        # The highest RSYN id whose regions were cleared from the DCM
+        # (saved before they are cleared); 0 once a replay completed.
+        self.replay_cleared = record.get("replay_cleared", 0)
         self.replay_cancel = threading.Event()
         self.secondary_syncs = False    # it answers RSYN
         self.sent_bytes = 0
@@ -306,6 +313,8 @@ class Link:
                 "attached": self.attached,
                 "discard_secondary": self.discard_secondary,
                 "replay_rate": self.replay_rate,
+                "replay_round": self.replay_round,
+                "replay_cleared": self.replay_cleared,
                 "acked_seq": self.acked_seq, "acked_pos": self.acked_pos,
                 "dcm_active": self.dcm_active, "seeded": self.seeded,
                 "holds_srl": self.holds_srl, "pulling": self.pulling,
@@ -494,8 +503,14 @@ class Link:
                 elif kind == b"RSAK":
                     ident, = SEQ.unpack(payload)
                     with g.cond:
-                        self._replay_synced(ident)
+                        clear = self._replay_synced(ident)
                         g.cond.notify_all()
+                    if clear is not None:
+                        # What the secondary must report having made
+                        # durable is saved before the DCM says it has it.
+                        g.persist()
+                        with g.cond:
+                            self._clear_replayed(*clear)
                 elif kind in (b"RBOK", b"RACK"):
                     with g.cond:
                         self.replay_acked = (kind, json.loads(payload))
@@ -658,6 +673,8 @@ class Link:
             self.replay_bytes = [0, sum(n for _, _, n in runs)]
             self.replay_times = (time.monotonic(), None)
             self.replay_syncs = []
+            self.replay_round += 1
+            self.replay_sync_n = 0
             self.replays += 1
             self.replay_acked = None
             self.replay_cancel.clear()
@@ -812,6 +829,7 @@ class Link:
             if self.epoch != epoch:
                 return True
             self.dcm.clear()
+            self.replay_cleared = 0
             self.transition("replayed")
             self.secondary_consistent = True
             self.replay_done = self.replay_total
@@ -863,29 +881,39 @@ class Link:
                 raise _ReplayEnded(not self.stopping)
             if self.state != DCM_REPLAY:
                 raise _ReplayEnded(False)
-            ident = self.replay_syncs[-1][0] + 1 if self.replay_syncs \
-                else self.replays << 32
+            self.replay_sync_n += 1
+            ident = (self.replay_round << 32) + self.replay_sync_n
             self.replay_syncs.append((ident, epoch, runs))
         send_frames(sock, [(b"RSYN", SEQ.pack(ident), None)])
 
     def _replay_synced(self, ident):
         """(Under the lock.)  The secondary has made the replay data up to
-        request ident durable: clear its regions from the DCM, durably.  A
-        DCM the replay no longer holds as it read it (the link fell back
-        to logging: the epoch changed) is left alone."""
+        request ident durable (and recorded ident): the regions to clear
+        from the DCM, with the epoch they belong to, or None.  A DCM the
+        replay no longer holds as it read it (the link fell back to
+        logging: the epoch changed) is left alone.  The record saying
+        ident was cleared is saved before the clear (_clear_replayed)."""
         runs = []
         while self.replay_syncs and self.replay_syncs[0][0] <= ident:
             _, epoch, done = self.replay_syncs.pop(0)
             if epoch == self.epoch and self.state == DCM_REPLAY:
                 runs.extend(done)
-        if runs:
-            try:
-                self.dcm.clear_runs(runs)
-            except OSError as e:
-                # The bits stay set on disk: a restart copies them again.
-                log.warning("group %s, link %s: cannot clear replayed "
-                            "regions in the DCM: %s", self.group.name,
-                            self.secondary, e)
+        if not runs:
+            return None
+        self.replay_cleared = max(self.replay_cleared, ident)
+        return self.epoch, runs
+
+    def _clear_replayed(self, epoch, runs):
+        """(Under the lock, after the record with replay_cleared is saved.)"""
+        if epoch != self.epoch or self.state != DCM_REPLAY:
+            return
+        try:
+            self.dcm.clear_runs(runs)
+        except OSError as e:
+            # The bits stay set on disk: a restart copies them again.
+            log.warning("group %s, link %s: cannot clear replayed "
+                        "regions in the DCM: %s", self.group.name,
+                        self.secondary, e)
 
     # ------------------------------------------------------------ verify
 

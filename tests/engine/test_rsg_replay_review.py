@@ -235,43 +235,115 @@ def test_secondary_rolled_back_while_replay_broken_off(pair, monkeypatch):
     p.check_identical()
 
 
+def _volume_path(root):
+    path = [os.path.join(dp, f) for dp, _, fs in os.walk(root) for f in fs
+            if f.startswith("v") and os.path.getsize(
+                os.path.join(dp, f)) == SIZE]
+    assert len(path) == 1, path
+    return path[0]
+
+
 def test_secondary_that_lost_replayed_data_is_not_declared_consistent(
         pair, monkeypatch):
-    """Out of band: the secondary's volume goes back to what it was
-    before the replay (a restored backup or VM snapshot of the secondary,
-    or storage that lost flushed writes) while its record still says
-    'replay in progress, same history'.  Before the change the handshake
-    saw applied_seq behind the link's acknowledged updates and copied
-    everything; now the replay resumes from the primary's DCM and ends
-    consistent over the lost regions."""
+    """Out of band: the secondary goes back to a snapshot of the node
+    (its volume and its group record) taken when it had acknowledged the
+    replay's first RSYN, after the primary cleared later ones from its
+    DCM.  The handshake reports the first RSYN as the last one made
+    durable: the primary must copy the whole DCM again, not resume from
+    its cleared DCM and end consistent over the lost regions.  (A volume
+    that loses data while its record does not cannot be told from a
+    plain restart by any handshake; `rsg verify` finds that.)"""
     from tests.engine.test_rsg_replay import Gate
     p = pair(size=SIZE)
-    blank = read_image(p.tb)
     gate = Gate(monkeypatch, SIZE // 2)
+    snap = {}
+    orig = R.secondary.SecondaryGroup.replay_sync
+
+    def replay_sync(sg, ident):
+        orig(sg, ident)
+        if not snap:
+            with open(_volume_path(p.B), "rb") as f:
+                snap["volume"] = f.read()
+            with open(sg.files.record, "rb") as f:
+                snap["record"] = f.read()
+            snap["path"] = sg.files.record
+            snap["id"] = ident
+    monkeypatch.setattr(R.secondary.SecondaryGroup, "replay_sync",
+                        replay_sync)
     p.link_up()
     gate.link = p.link
     assert gate.held.wait(60), p.link.status()
-    # Host writes during the replay: the link acknowledges updates.
+    # Host writes during the replay.
     for i in range(20):
         p.write(SIZE - (i + 1) * 65536, os.urandom(4096))
-    time.sleep(0.5)
+    wait_for(lambda: p.link.replay_cleared > snap.get("id", 1 << 62), 10,
+             "a later RSYN cleared", p.link.status)
     p.ta.rsg_detach("g", p.addr)
     wait_for(lambda: p.sg.connected_since is None, 10, "B disconnected")
     p.tb.close()
     p.tb = None
-    # The secondary's volume as it was before the replay.
-    path = [os.path.join(dp, f) for dp, _, fs in os.walk(p.B) for f in fs
-            if f.startswith("v") and os.path.getsize(
-                os.path.join(dp, f)) == SIZE]
-    assert len(path) == 1, path
-    with open(path[0], "r+b") as f:
-        f.write(blank)
+    # The secondary's node as it was at its first acknowledged RSYN.
+    with open(_volume_path(p.B), "r+b") as f:
+        f.write(snap["volume"])
         f.flush()
         os.fsync(f.fileno())
+    with open(snap["path"], "wb") as f:
+        f.write(snap["record"])
     p.start_secondary()
     gate.release()
     p.ta.rsg_attach("g", p.addr)
     p.check_identical()
+    assert gate.sent >= SIZE, "the whole DCM was not copied again"
+
+
+def test_secondary_restarted_within_a_replay_reports_its_last_rsyn(pair):
+    """A plain restart of the secondary keeps what it acknowledged: the
+    id it reports covers what the primary cleared (no copy of the whole
+    DCM), and the record of both says so."""
+    p = pair(size=SIZE)
+    p.link_up(rate="4M")
+    wait_for(lambda: p.link.replay_cleared > 0, 30, "a cleared RSYN",
+             p.link.status)
+    p.restart_secondary()
+    assert p.sg.replay_synced >= p.link.replay_cleared
+    extents = p.link.dcm.count()
+    p.ta.rsg_attach("g", p.addr, rate="0")
+    wait_for(lambda: p.link.replays >= 2, 30, "the replay again",
+             p.link.status)
+    assert p.link.replay_total <= extents + 4 * MiB // 65536, \
+        (p.link.replay_total, extents)
+    p.check_identical()
+    assert p.link.replay_cleared == 0
+    assert p.ta.rsgs["g"].record()[0]["links"][0]["replay_cleared"] == 0
+
+
+def test_secondary_without_rsyn_gets_the_old_behaviour(pair, monkeypatch):
+    """A secondary of an older protocol (its handshake has no
+    replay_sync): no RSYN is sent, nothing is cleared before the replay
+    completes, and a replay broken off copies the whole DCM again."""
+    from tests.engine.test_rsg_replay import Gate
+    orig = R.secondary.SecondaryGroup.handshake
+
+    def handshake(sg, hello):
+        reply = orig(sg, hello)
+        reply.pop("replay_sync")
+        reply.pop("replay_synced")
+        return reply
+    monkeypatch.setattr(R.secondary.SecondaryGroup, "handshake", handshake)
+    last = _last_sent(monkeypatch)
+    p = pair(size=SIZE)
+    gate = Gate(monkeypatch, SIZE // 2)
+    p.link_up()
+    gate.link = p.link
+    assert gate.held.wait(60), p.link.status()
+    time.sleep(0.3)
+    assert last["rsyn"] == 0 and p.link.replay_cleared == 0
+    assert p.link.dcm.count() == p.link.dcm.extents
+    p.kill_primary()
+    gate.release()
+    gate.link = p.link
+    p.check_identical()
+    assert gate.sent == SIZE and last["rsyn"] == 0
 
 
 def test_slow_rate_replay_completes(pair, monkeypatch):
