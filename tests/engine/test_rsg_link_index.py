@@ -4,9 +4,8 @@ never share one."""
 
 import json
 
-from tests.engine.test_rsg_replay import MiB, pair  # noqa
+from tests.support.rsgpair import MiB, pair  # noqa: F401
 from tests.support.rsgmodel import wait_for
-from target import replication as R
 from target.target import Target
 
 

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from tests.engine.test_rsg_replay import MiB, Pair, pair, read_image  # noqa
+from tests.support.rsgpair import MiB, Gate, pair, read_image  # noqa: F401
 from tests.support.rsgmodel import wait_for
 from target import replication as R
 
@@ -253,7 +253,6 @@ def test_secondary_that_lost_replayed_data_is_not_declared_consistent(
     its cleared DCM and end consistent over the lost regions.  (A volume
     that loses data while its record does not cannot be told from a
     plain restart by any handshake; `rsg verify` finds that.)"""
-    from tests.engine.test_rsg_replay import Gate
     p = pair(size=SIZE)
     gate = Gate(monkeypatch, SIZE // 2)
     snap = {}
@@ -321,7 +320,6 @@ def test_secondary_without_rsyn_gets_the_old_behaviour(pair, monkeypatch):
     """A secondary of an older protocol (its handshake has no
     replay_sync): no RSYN is sent, nothing is cleared before the replay
     completes, and a replay broken off copies the whole DCM again."""
-    from tests.engine.test_rsg_replay import Gate
     orig = R.secondary.SecondaryGroup.handshake
 
     def handshake(sg, hello):
