@@ -1094,8 +1094,7 @@ class Link:
         lag_bytes = max(0, g.srl.head_pos - self.acked_pos) \
             if self.holds_srl else None
         self.verify_left()
-        return {"secondary": self.secondary, "index": self.index,
-                "mode": self.mode,
+        return {"secondary": self.secondary, "mode": self.mode,
                 "state": self.state, "attached": self.attached,
                 "secondary_consistent": self.secondary_consistent,
                 "acked_seq": self.acked_seq, "lag_updates": lag_updates,
