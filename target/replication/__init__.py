@@ -74,8 +74,9 @@ the DCM when the replay breaks off (a crash, an overflow, a lost
 connection): the next replay copies what is left, not the whole DCM.
 Only whole extents are cleared.  The clears trust the secondary to keep
 what it acknowledged, so it proves it at every handshake: each RSYN has
-an id that only grows (a round counted durably at each replay start, and
-a number within it); the secondary saves the id of the last one it
+an id that only grows (a round counted durably at each replay start,
+at least the time in seconds so that a later link's ids are larger too,
+and a number within it); the secondary saves the id of the last one it
 answered in its record, after the flush and before RSAK, and reports it;
 the primary saves the highest id it cleared (replay_cleared) before it
 clears.  The rule: a secondary reporting an id below replay_cleared (or

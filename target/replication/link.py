@@ -673,7 +673,9 @@ class Link:
             self.replay_bytes = [0, sum(n for _, _, n in runs)]
             self.replay_times = (time.monotonic(), None)
             self.replay_syncs = []
-            self.replay_round += 1
+            # At least the time in seconds: ids of a later link (or of
+            # another primary) to the same secondary are larger too.
+            self.replay_round = max(self.replay_round + 1, int(time.time()))
             self.replay_sync_n = 0
             self.replays += 1
             self.replay_acked = None
