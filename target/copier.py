@@ -37,7 +37,9 @@ means for its maps.
   chunks of one copy() call, never after its last chunk: an engine that
   holds something across a call (a restore holds its claims on the
   extents, and host I/O on them waits for it) releases it first and then
-  calls throttle() itself.
+  calls throttle() itself.  `idle`, when given, is called every
+  `idle_interval` seconds of such a wait (a replication link keeps its
+  connection alive and its stream going while its replay is throttled).
 - Progress: progress(length) after each chunk written, retries included;
   zeroed holes count like copied data.
 
@@ -76,7 +78,8 @@ class Copier:
 
     def __init__(self, read, write, zero=None, chunk=CHUNK,
                  piece=WRITE_PIECE, guard=None, between=None, rate=None,
-                 progress=None, cancel=None, extents=None):
+                 progress=None, cancel=None, extents=None, idle=None,
+                 idle_interval=0.1):
         self.read = read
         self.write = write
         self.zero = zero
@@ -89,6 +92,8 @@ class Copier:
         # writes with the copy there).
         self.between = between
         self.rate = rate
+        self.idle = idle
+        self.idle_interval = idle_interval
         self.progress = progress
         self.cancel = cancel or threading.Event()
         self.started = time.monotonic()
@@ -166,8 +171,14 @@ class Copier:
             self.zero(zero_from, offset + len(view) - zero_from)
 
     def throttle(self):
-        if self.rate:
+        while self.rate:
             ahead = self.bytes_done / self.rate - \
                 (time.monotonic() - self.started)
-            if ahead > 0:
+            if ahead <= 0:
+                return
+            if self.idle is None:
                 self.cancel.wait(ahead)
+                return
+            if self.cancel.wait(min(ahead, self.idle_interval)):
+                return
+            self.idle()

@@ -72,6 +72,20 @@ sent before it from the DCM, in place.  A later change of such a region is
 in the SRL, and what the link has not acknowledged of the SRL goes into
 the DCM when the replay breaks off (a crash, an overflow, a lost
 connection): the next replay copies what is left, not the whole DCM.
+Only whole extents are cleared.  The clears trust the secondary to keep
+what it acknowledged, so it proves it at every handshake: each RSYN has
+an id that only grows (a round counted durably at each replay start,
+at least the time in seconds so that a later link's ids are larger too,
+and a number within it); the secondary saves the id of the last one it
+answered in its record, after the flush and before RSAK, and reports it;
+the primary saves the highest id it cleared (replay_cleared) before it
+clears.  The rule: a secondary reporting an id below replay_cleared (or
+none: one that does not answer RSYN) went back to an earlier state since
+(a restored snapshot of the node), so the cleared regions may be missing
+there and the whole DCM is copied again; replay_cleared is 0 once a
+replay completed.  A secondary that does not answer RSYN is never sent
+one: its replays clear nothing and, broken off, copy everything again
+when it lost acknowledged updates, as before.
 Before a replay the secondary protects its last consistent image
 (a copy-on-first-write snapshot, LU@protected-LU, the peer channel's
 mechanism) and releases it when the replay completes.

@@ -41,6 +41,13 @@ REPLAY_CHUNK = 1 << 20
 # resumes from there.  At most REPLAY_SYNCS_AHEAD requests are unanswered.
 REPLAY_SYNC_BYTES = 4 << 20
 REPLAY_SYNCS_AHEAD = 2
+# A throttled replay (--rate) sends chunks of what the rate allows in
+# REPLAY_BEAT (at least REPLAY_MIN_CHUNK); while it waits for the rate it
+# sends the SRL's new entries every REPLAY_IDLE and a BEAT when nothing
+# went for REPLAY_BEAT, well within the secondary's idle timeout.
+REPLAY_BEAT = 0.25
+REPLAY_MIN_CHUNK = 4 << 10
+REPLAY_IDLE = 0.05
 SRL_RETRY = 5.0                # a failed SRL is tried again after this
 MAX_REPLY = 64 << 10           # a frame of the secondary before its proof
 
@@ -224,6 +231,13 @@ class Link:
         self.replay_bytes = [0, 0]      # done, total of the replay's data
         self.replay_times = None        # (started, ended or None)
         self.replay_syncs = []          # (id, epoch, runs) not acknowledged
+        # RSYN ids are (round << 32) + n: the round is counted durably at
+        # each replay start, so ids only grow, across restarts too.
+        self.replay_round = record.get("replay_round", 0)
+        self.replay_sync_n = 0
+        # The highest RSYN id whose regions were cleared from the DCM
+        # (saved before they are cleared); 0 once a replay completed.
+        self.replay_cleared = record.get("replay_cleared", 0)
         self.replay_cancel = threading.Event()
         self.secondary_syncs = False    # it answers RSYN
         self.sent_bytes = 0
@@ -292,12 +306,15 @@ class Link:
         self.phase = nxt
 
     def record(self):
-        return {"secondary": self.secondary, "mode": self.mode,
+        return {"secondary": self.secondary, "index": self.index,
+                "mode": self.mode,
                 "token_file": self.token_file,
                 "tls_certificates": self.tls_certificates,
                 "attached": self.attached,
                 "discard_secondary": self.discard_secondary,
                 "replay_rate": self.replay_rate,
+                "replay_round": self.replay_round,
+                "replay_cleared": self.replay_cleared,
                 "acked_seq": self.acked_seq, "acked_pos": self.acked_pos,
                 "dcm_active": self.dcm_active, "seeded": self.seeded,
                 "holds_srl": self.holds_srl, "pulling": self.pulling,
@@ -486,8 +503,14 @@ class Link:
                 elif kind == b"RSAK":
                     ident, = SEQ.unpack(payload)
                     with g.cond:
-                        self._replay_synced(ident)
+                        clear = self._replay_synced(ident)
                         g.cond.notify_all()
+                    if clear is not None:
+                        # What the secondary must report having made
+                        # durable is saved before the DCM says it has it.
+                        g.persist()
+                        with g.cond:
+                            self._clear_replayed(*clear)
                 elif kind in (b"RBOK", b"RACK"):
                     with g.cond:
                         self.replay_acked = (kind, json.loads(payload))
@@ -650,6 +673,10 @@ class Link:
             self.replay_bytes = [0, sum(n for _, _, n in runs)]
             self.replay_times = (time.monotonic(), None)
             self.replay_syncs = []
+            # At least the time in seconds: ids of a later link (or of
+            # another primary) to the same secondary are larger too.
+            self.replay_round = max(self.replay_round + 1, int(time.time()))
+            self.replay_sync_n = 0
             self.replays += 1
             self.replay_acked = None
             self.replay_cancel.clear()
@@ -706,23 +733,67 @@ class Link:
                                 None)])
             unsynced.append((vol, off, n))
 
-        def sent(n):
+        def sync_due():
             nonlocal unsynced, unsynced_bytes, synced_at
-            self.sent_bytes += n
-            self.replay_done += (n + gran - 1) // gran
-            self.replay_bytes[0] += n
             if not unsynced or not self.secondary_syncs or (
                     unsynced_bytes < REPLAY_SYNC_BYTES and
                     time.monotonic() - synced_at < changemap.COMMIT_INTERVAL):
-                return
-            self._replay_sync(sock, epoch, unsynced)
-            unsynced, unsynced_bytes, synced_at = [], 0, time.monotonic()
+                return False
+            # Only whole extents leave the DCM; an extent sent in part
+            # waits for the chunks that complete it (its part sent now is
+            # durable by then, since it is acknowledged before them).
+            whole, rest = self._whole_extents(unsynced)
+            unsynced, unsynced_bytes, synced_at = rest, 0, time.monotonic()
+            if not whole:
+                return False
+            self._replay_sync(sock, epoch, whole)
+            return True
 
-        # One RDAT frame per chunk (pieces of a whole chunk).
+        def sent(n):
+            nonlocal beat_at
+            self.sent_bytes += n
+            self.replay_done += (n + gran - 1) // gran
+            self.replay_bytes[0] += n
+            sync_due()
+            beat_at = time.monotonic()
+
+        def idle():
+            # While the rate holds the replay back: the SRL stream is not
+            # throttled (entries logged meanwhile go now), an RSYN is sent
+            # when due, and a BEAT keeps the secondary from taking the
+            # silent primary for a lost one.
+            nonlocal send_pos, beat_at
+            with g.cond:
+                if self.epoch != epoch or self.stopping:
+                    raise _ReplayEnded(not self.stopping)
+                if self.state != DCM_REPLAY:
+                    raise _ReplayEnded(False)
+                until = g.srl.head_pos
+            if until > send_pos:
+                pos = self._send_entries(sock, send_pos, until, epoch)
+                if pos is None:
+                    raise _ReplayEnded(True)
+                send_pos = pos
+            elif not sync_due():
+                if time.monotonic() - beat_at < REPLAY_BEAT:
+                    return
+                send_frame(sock, b"BEAT")
+            beat_at = time.monotonic()
+
+        beat_at = time.monotonic()
+        # One RDAT frame per chunk (pieces of a whole chunk); under a rate,
+        # a chunk is what the rate sends in REPLAY_BEAT at most, so the
+        # data goes out evenly and every RSYN goes when due.
+        chunk = REPLAY_CHUNK
+        if self.replay_rate:
+            chunk = max(REPLAY_MIN_CHUNK, min(
+                REPLAY_CHUNK, int(self.replay_rate * REPLAY_BEAT) //
+                REPLAY_MIN_CHUNK * REPLAY_MIN_CHUNK))
         copying = copier.Copier(read, send_data, zero=send_zero,
-                                chunk=REPLAY_CHUNK, piece=REPLAY_CHUNK,
+                                chunk=chunk, piece=chunk,
                                 progress=sent, rate=self.replay_rate,
-                                cancel=self.replay_cancel)
+                                cancel=self.replay_cancel, idle=idle,
+                                idle_interval=REPLAY_IDLE)
         try:
             for vol, vol_runs in itertools.groupby(runs, key=lambda r: r[0]):
                 if not copying.copy([(off, length)
@@ -760,6 +831,7 @@ class Link:
             if self.epoch != epoch:
                 return True
             self.dcm.clear()
+            self.replay_cleared = 0
             self.transition("replayed")
             self.secondary_consistent = True
             self.replay_done = self.replay_total
@@ -771,6 +843,30 @@ class Link:
                  g.name, self.secondary, self.replay_total,
                  time.monotonic() - started)
         return True
+
+    def _whole_extents(self, runs):
+        """Runs (vol, offset, length) a replay sent, in order: the runs of
+        the whole extents they cover (an extent's end at the volume's end
+        counts), and as a list, the part of an extent the last one ends
+        in, which later chunks complete."""
+        gran, sizes = self.group.granularity, self.group.sizes
+        merged = []
+        for vol, off, n in runs:
+            if merged and merged[-1][0] == vol and \
+                    merged[-1][1] + merged[-1][2] == off:
+                merged[-1][2] += n
+            else:
+                merged.append([vol, off, n])
+        whole, rest = [], []
+        for vol, off, n in merged:
+            end = off + n
+            a = -(-off // gran) * gran
+            b = end if end >= sizes[vol] else end // gran * gran
+            if b > a:
+                whole.append((vol, a, b - a))
+            start = b if b >= a else off
+            rest = [(vol, start, end - start)] if b < end else []
+        return whole, rest
 
     def _replay_sync(self, sock, epoch, runs):
         """Ask the secondary to make the replay data sent so far durable
@@ -787,29 +883,39 @@ class Link:
                 raise _ReplayEnded(not self.stopping)
             if self.state != DCM_REPLAY:
                 raise _ReplayEnded(False)
-            ident = self.replay_syncs[-1][0] + 1 if self.replay_syncs \
-                else self.replays << 32
+            self.replay_sync_n += 1
+            ident = (self.replay_round << 32) + self.replay_sync_n
             self.replay_syncs.append((ident, epoch, runs))
         send_frames(sock, [(b"RSYN", SEQ.pack(ident), None)])
 
     def _replay_synced(self, ident):
         """(Under the lock.)  The secondary has made the replay data up to
-        request ident durable: clear its regions from the DCM, durably.  A
-        DCM the replay no longer holds as it read it (the link fell back
-        to logging: the epoch changed) is left alone."""
+        request ident durable (and recorded ident): the regions to clear
+        from the DCM, with the epoch they belong to, or None.  A DCM the
+        replay no longer holds as it read it (the link fell back to
+        logging: the epoch changed) is left alone.  The record saying
+        ident was cleared is saved before the clear (_clear_replayed)."""
         runs = []
         while self.replay_syncs and self.replay_syncs[0][0] <= ident:
             _, epoch, done = self.replay_syncs.pop(0)
             if epoch == self.epoch and self.state == DCM_REPLAY:
                 runs.extend(done)
-        if runs:
-            try:
-                self.dcm.clear_runs(runs)
-            except OSError as e:
-                # The bits stay set on disk: a restart copies them again.
-                log.warning("group %s, link %s: cannot clear replayed "
-                            "regions in the DCM: %s", self.group.name,
-                            self.secondary, e)
+        if not runs:
+            return None
+        self.replay_cleared = max(self.replay_cleared, ident)
+        return self.epoch, runs
+
+    def _clear_replayed(self, epoch, runs):
+        """(Under the lock, after the record with replay_cleared is saved.)"""
+        if epoch != self.epoch or self.state != DCM_REPLAY:
+            return
+        try:
+            self.dcm.clear_runs(runs)
+        except OSError as e:
+            # The bits stay set on disk: a restart copies them again.
+            log.warning("group %s, link %s: cannot clear replayed "
+                        "regions in the DCM: %s", self.group.name,
+                        self.secondary, e)
 
     # ------------------------------------------------------------ verify
 

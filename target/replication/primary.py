@@ -93,8 +93,27 @@ class PrimaryGroup:
         if record.get("since_promotion"):
             self.since = Dcm(files.since(), self.granularity, self.sizes)
         self.links = []
-        for i, rec in enumerate(record.get("links", [])):
-            self._add_link_object(i, rec, fresh=False)
+        recs = record.get("links", [])
+        # The index names the link's DCM file; it is the one given when the
+        # link was added (a record without it, from before it was saved,
+        # numbers links by position, as they were then).
+        indexes = [rec.get("index", i) for i, rec in enumerate(recs)]
+        spare = max(indexes + [-1]) + 1
+        for index, rec in zip(indexes, recs):
+            if any(l.index == index for l in self.links):
+                # Two links must never share a DCM: this one gets a file of
+                # its own, with every extent set.
+                self.problems.append(
+                    "link {}: its DCM file belongs to another link; it gets "
+                    "a new one and every extent will be copied".format(
+                        rec.get("secondary")))
+                link = self._add_link_object(spare, rec, fresh=True)
+                spare += 1
+                link.dcm.mark_all()
+                if link.holds_srl:
+                    link.transition("log")
+                continue
+            self._add_link_object(index, rec, fresh=False)
         self.layers = []            # ReplicationLayer per volume
         if unclean:
             self._recover_unclean(corrupt)
@@ -483,6 +502,8 @@ class PrimaryGroup:
                     self.history, self.next_seq - 1, theirs, their_last)
             same_line = bool(theirs) and theirs[-1][0] == self.generation
             reported = reply.get("diverged") or reply.get("diverged_all")
+            if link.replay_cleared and link.seeded and theirs:
+                self._check_replay_synced(link, reply)
             if theirs and (diverged or not same_line or reported):
                 # Another line of history, or regions the secondary changed
                 # on its own (it was a primary, or was restored while
@@ -513,6 +534,11 @@ class PrimaryGroup:
                 # secondary may not have begun it): the DCM keeps what the
                 # secondary has not made durable of it, the stream from
                 # acked_pos what it has not acknowledged.  Replay those.
+                # A secondary without RSYN: as before, everything if it
+                # lost updates it had acknowledged.
+                if not reply.get("replay_sync") and \
+                        int(reply.get("applied_seq") or 0) < link.acked_seq:
+                    link.dcm.mark_all()
                 self.to_logging(link)
             elif link.holds_srl:
                 applied = int(reply.get("applied_seq") or 0)
@@ -531,6 +557,27 @@ class PrimaryGroup:
                 link.transition("await-replay")
         self.persist()
         return True
+
+    def _check_replay_synced(self, link, reply):
+        """(Under the lock.)  The link cleared regions of a replay from
+        its DCM up to RSYN replay_cleared, each once the secondary had
+        made them durable and recorded the RSYN's id.  A secondary that
+        reports an older id (or none: it does not answer RSYN) went back
+        to an earlier state since (a restored snapshot of the node): the
+        cleared regions may be missing there, and the whole DCM is copied
+        again."""
+        synced = int(reply.get("replay_synced") or 0) \
+            if reply.get("replay_sync") else 0
+        if synced >= link.replay_cleared:
+            return
+        log.warning("group %s: %s reports replay data up to request %#x "
+                    "durable, but this node cleared up to %#x: it lost "
+                    "replayed data; every extent is copied again",
+                    self.name, link.secondary, synced, link.replay_cleared)
+        if link.holds_srl:
+            self.to_logging(link)
+        link.dcm.mark_all()
+        link.replay_cleared = 0
 
     def _all_extents(self, link):
         return bytearray(b"\x01") * link.dcm.extents

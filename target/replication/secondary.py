@@ -114,6 +114,10 @@ class SecondaryGroup:
         self.history = [list(h) for h in record.get("history", [])]
         self.last_seq = record.get("last_seq", 0)
         self.applied_seq = record.get("applied_seq", 0)
+        # The id of the last RSYN of a replay acknowledged (the replay's
+        # data up to it is durable in the volumes): the primary checks it
+        # against what it cleared from its DCM (module notes).
+        self.replay_synced = record.get("replay_synced", 0)
         self.consistent = record.get("consistent", False)
         self.protected = record.get("protected", False)
         self.primary = record.get("primary")
@@ -273,6 +277,7 @@ class SecondaryGroup:
         rec.update({"role": SECONDARY, "history": self.history,
                     "last_seq": max(self.last_seq, self.applied_seq),
                     "applied_seq": self.applied_seq,
+                    "replay_synced": self.replay_synced,
                     "consistent": self.consistent,
                     "protected": self.protected, "primary": self.primary,
                     "diverged": self.diverged, "reason": self.reason})
@@ -344,8 +349,10 @@ class SecondaryGroup:
                  "base": self.own_base(),
                  # It answers VREQ (an older secondary would fail the link).
                  "verify": True,
-                 # It answers RSYN (a replay resumes from its answers).
-                 "replay_sync": True}
+                 # It answers RSYN (a replay resumes from its answers),
+                 # and this is the last one it made durable.
+                 "replay_sync": True,
+                 "replay_synced": self.replay_synced}
         if self.diverged is not None:
             reply["diverged"] = self.diverged.get("runs", [])
             reply["diverged_all"] = self.diverged.get("all", False)
@@ -467,9 +474,7 @@ class SecondaryGroup:
                     self._begin_replay(theirs)
                     send_json(sock, b"RBOK", {"ok": True})
                 elif kind == b"RSYN":
-                    # The replay's data so far (applied above) is durable
-                    # before the primary clears it from its DCM.
-                    self._flush_volumes()
+                    self.replay_sync(SEQ.unpack(payload)[0])
                     send_frame(sock, b"RSAK", payload)
                 elif kind == b"REND":
                     seq, = SEQ.unpack(payload)
@@ -600,6 +605,15 @@ class SecondaryGroup:
         self.diverged = None
         self.history = theirs
         self._clear_stage()
+        self.persist()
+
+    def replay_sync(self, ident):
+        """RSYN ident: the replay's data so far (applied already) is made
+        durable, and so is the record saying so, before the primary
+        clears it from its DCM; a node that later reports an older id
+        (its state went back) gets the whole DCM copied again."""
+        self._flush_volumes()
+        self.replay_synced = ident
         self.persist()
 
     def _end_replay(self, seq, theirs):

@@ -141,3 +141,20 @@ def test_throttle_waits_between_chunks_never_after_the_last():
     started = time.monotonic()
     assert c.copy([(0, 2 << 20)]) is False
     assert time.monotonic() - started < 5
+
+
+def test_throttle_calls_idle_while_it_waits():
+    """A caller that must not go silent while the rate holds it back (a
+    replication link) is called every idle_interval of the wait."""
+    src, dst = source(), Recording(SIZE)
+    calls = []
+    c = make(src, dst, chunk=64 << 10, rate=256 << 10,
+             idle=lambda: calls.append(time.monotonic()), idle_interval=0.05)
+    started = time.monotonic()
+    assert c.copy([(0, 128 << 10)])
+    # One wait of 0.25 s between the two chunks, in slices of 0.05 s.
+    took = time.monotonic() - started
+    assert took >= 0.24
+    assert 3 <= len(calls) <= 6, calls
+    assert all(b - a < 0.1 for a, b in zip([started] + calls, calls))
+    assert read(dst, 0, 128 << 10) == read(src, 0, 128 << 10)

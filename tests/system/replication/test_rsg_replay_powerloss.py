@@ -1,0 +1,139 @@
+"""A power cut (scripts/powerfs.py: every write not fsynced is lost) of
+either node during a DCM replay that has already cleared acknowledged
+regions from the primary's DCM (RSYN/RSAK).  The resumed replay must end
+with the secondary equal to the primary: the secondary's acknowledged
+regions must have been durable, and host writes made after a region was
+sent (flushed or not) must reach the secondary."""
+
+import os
+import time
+
+import pytest
+
+from tests.support import scripts
+
+nbd = pytest.importorskip("nbd")
+pytestmark = pytest.mark.skipif(
+    not os.path.exists("/dev/fuse") or os.geteuid() != 0,
+    reason="mounts scripts/powerfs.py: needs /dev/fuse and root")
+
+torture = scripts.load("torture")
+
+MiB = 1 << 20
+SIZE = 32 * MiB
+BLOCK = 4096
+
+
+@pytest.fixture
+def nodes(tmp_path):
+    log = open(tmp_path / "serve.log", "ab")
+    disks, targets = {}, {}
+    token = tmp_path / "token"
+    token.write_text("powerloss-" + "k" * 20 + "\n")
+    token.chmod(0o600)
+    port = torture.free_port()
+    for i, name in enumerate(("p", "s")):
+        disk = torture.PowerFS(str(tmp_path), seed=7 + i, log=log, name=name)
+        disk.start()
+        state = os.path.join(disk.mount, "state")
+        os.makedirs(state)
+        os.makedirs(tmp_path / ("run-" + name))
+        os.symlink(tmp_path / ("run-" + name), os.path.join(state, "run"))
+        args = [] if name == "p" else [
+            "--replication-port", str(port), "--replication-token-file",
+            str(token)]
+        t = torture.Target(state, str(tmp_path / (name + ".sock")), log,
+                           args)
+        assert t.cli("lu", "create", "src", "--size",
+                     str(SIZE)).returncode == 0
+        disks[name], targets[name] = disk, t
+    targets["s"].start(connect=False)
+    targets["p"].start()
+    p = targets["p"]
+    h = p.connect()
+    for off in range(0, SIZE, MiB):
+        h.pwrite(os.urandom(MiB), off)
+    h.flush()
+    h.shutdown()
+    assert p.cli("rsg", "create", "g", "--volume", "src", "--srl-size",
+                 "8M").returncode == 0
+    assert p.cli("rsg", "link", "g", "--secondary",
+                 "127.0.0.1:{}".format(port), "--token-file", str(token),
+                 "--rate", "6M").returncode == 0, log
+    try:
+        yield disks, targets
+    finally:
+        for t in targets.values():
+            t.stop()
+        for d in disks.values():
+            d.stop()
+
+
+def _wait(pred, what, timeout=90):
+    deadline = time.monotonic() + timeout
+    while True:
+        got = pred()
+        if got:
+            return got
+        assert time.monotonic() < deadline, what
+        time.sleep(0.1)
+
+
+def _replayed_at_least(p, n):
+    def check():
+        link = p.cli_json("rsg", "status", "g")["links"][0]
+        replay = link.get("replay") or {}
+        if link["state"] == "dcm-replay" and \
+                replay.get("bytes_done", 0) >= n and \
+                link["dcm_extents"] is not None and \
+                link["dcm_extents"] < link["replay_total"]:
+            return link
+        return None
+    return _wait(check, "the replay half way with regions cleared")
+
+
+def _caught_up(p, s):
+    def check():
+        st, link, sst = torture.replication_status(p, s)
+        return torture.caught_up(st, link, sst)
+    _wait(check, "caught up", timeout=120)
+    mine, theirs = p.read_all("src", SIZE), s.read_all("src", SIZE)
+    differ = [b for b in range(SIZE // BLOCK)
+              if mine[b * BLOCK:(b + 1) * BLOCK] !=
+              theirs[b * BLOCK:(b + 1) * BLOCK]]
+    assert not differ, "the consistent secondary differs at {} blocks, " \
+        "first {}".format(len(differ), differ[:8])
+
+
+def test_secondary_power_cut_mid_replay(nodes):
+    disks, t = nodes
+    p, s = t["p"], t["s"]
+    _replayed_at_least(p, SIZE // 2)
+    s.power_cut(disks["s"])
+    s.start(connect=False)
+    p.cli("rsg", "attach", "g", "--secondary",
+          p.cli_json("rsg", "status", "g")["links"][0]["secondary"],
+          "--rate", "0")
+    _caught_up(p, s)
+
+
+@pytest.mark.parametrize("flush", [True, False])
+def test_primary_power_cut_mid_replay_after_writes_to_cleared_regions(
+        nodes, flush):
+    disks, t = nodes
+    p, s = t["p"], t["s"]
+    _replayed_at_least(p, SIZE // 2)
+    # Writes into the first MiBs (sent and acknowledged already).
+    h = p.connect()
+    for b in range(0, 64):
+        h.pwrite(os.urandom(BLOCK), b * 16 * BLOCK)
+    if flush:
+        h.flush()
+    time.sleep(0.3)
+    h.shutdown()
+    p.power_cut(disks["p"])
+    p.start()
+    p.cli("rsg", "attach", "g", "--secondary",
+          p.cli_json("rsg", "status", "g")["links"][0]["secondary"],
+          "--rate", "0")
+    _caught_up(p, s)
