@@ -1,5 +1,5 @@
-"""Hostile review of the resumable DCM replay (RSYN/RSAK clearing the DCM
-as the secondary acknowledges): host writes racing the replay's reads and
+"""The resumable DCM replay (RSYN/RSAK clearing the DCM as the secondary
+acknowledges) against what could break it: host writes racing its reads and
 the clears, a replay broken off by a kill of the primary, a lost
 connection or a restart of the secondary, a secondary rolled back while
 the replay was broken off, two links.  Each test ends with the secondary
