@@ -7,8 +7,8 @@ network namespace of its own, reached over a veth pair with netem delay
 namespace, the pair and the shaping are scripts/netns.py's, like the
 multi-node tests'.
 
-1. Host write throughput (fio nbd engine) for 1 MiB QD8 sequential,
-   4 KiB QD16 random writes and 4 KiB random writes on 4 connections on three LUs of the same size on the primary:
+1. Host write throughput (fio nbd engine) for 1 MiB QD8 sequential and
+   4 KiB QD16 random writes on three LUs of the same size on the primary:
    no replication, replicated by an async link, by a sync link; measured
    alternately, medians, ratios to no replication (target async >= 0.7);
    for sync the mean completion latency added per write against the RTT.
@@ -53,12 +53,9 @@ COPY_PORT = 10900
 TOKEN = "bench-replication-token-0123456789"
 
 WRITES = [
-    # name, rw, bs, iodepth, connections (fio jobs; a server serializes
-    # the requests of one connection, so only several connections put
-    # concurrent writes in front of the group)
-    ("1M write QD8", "write", "1m", 8, 1),
-    ("4K randwrite QD16", "randwrite", "4k", 16, 1),
-    ("4K randwrite 4 conns x QD4", "randwrite", "4k", 4, 4),
+    # name, rw, bs, iodepth
+    ("1M write QD8", "write", "1m", 8),
+    ("4K randwrite QD16", "randwrite", "4k", 16),
 ]
 VARIANTS = ("none", "async", "sync")
 LU_OF = {"none": "v0", "async": "va", "sync": "vs"}
@@ -193,12 +190,9 @@ def fio_result(out):
             "clat_us": job["clat_ns"]["mean"] / 1000.0}
 
 
-def run_fio(uri, rw, bs, iodepth, runtime, size, jobs=1):
-    cmd = fio_cmd(uri, rw, bs, iodepth, runtime, size)
-    if jobs > 1:
-        cmd += ["--numjobs=" + str(jobs), "--group_reporting"]
-    out = subprocess.run(cmd, capture_output=True, text=True,
-                         check=True).stdout
+def run_fio(uri, rw, bs, iodepth, runtime, size):
+    out = subprocess.run(fio_cmd(uri, rw, bs, iodepth, runtime, size),
+                         capture_output=True, text=True, check=True).stdout
     return fio_result(out)
 
 
@@ -235,7 +229,7 @@ def write_extents(uri, size, nbytes, seed):
 
 def run(bench, args, size, workdir):
     out = {"size": size, "writes": {}, "overflow": {}, "replay": [],
-           "converge": [], "errors": {}, "stages": {}}
+           "converge": [], "errors": {}}
     region = min(size, REGION)
     p_state, s_state = os.path.join(workdir, "P"), os.path.join(workdir, "S")
     token = os.path.join(workdir, "token")
@@ -284,7 +278,7 @@ def run(bench, args, size, workdir):
                     g, prim.link(g)))
 
         # 1. Host writes, the three variants alternately.
-        for name, rw, bs, qd, jobs in WRITES:
+        for name, rw, bs, qd in WRITES:
             samples = {v: [] for v in VARIANTS}
             overflow = {v: 0 for v in GROUP_OF}
             catchup = {v: [] for v in GROUP_OF}
@@ -293,7 +287,7 @@ def run(bench, args, size, workdir):
                     before = prim.link(GROUP_OF[v])["replays"] \
                         if v in GROUP_OF else None
                     samples[v].append(run_fio(uri(LU_OF[v]), rw, bs, qd,
-                                              args.runtime, region, jobs))
+                                              args.runtime, region))
                     if v in GROUP_OF:
                         took = wait_replicating(prim, GROUP_OF[v],
                                                 CATCHUP_LIMIT_S)
@@ -311,15 +305,6 @@ def run(bench, args, size, workdir):
                                          "catchup_s": statistics.median(
                                              catchup[v])}
                                      for v in GROUP_OF}
-
-        # Where the time went (rsg status stage_seconds of both nodes).
-        for v, g in GROUP_OF.items():
-            p = prim.call("rsg_status", name=g)
-            out["stages"][v] = {
-                "primary": p.get("stage_seconds", {}),
-                "link": p["links"][0].get("stage_seconds", {}),
-                "secondary": sec.call("rsg_status", name=g).get(
-                    "stage_seconds", {})}
 
         # 2. DCM replay against a plain copy of the same byte count.
         open(copy_img, "wb").close()
@@ -472,18 +457,6 @@ def print_tables(res, args):
                   ov["async"]["runs"], args.repeat, ov["sync"]["runs"],
                   args.repeat, u=unit))
     print()
-    if res.get("stages"):
-        print("| where the time went (section 1, all runs) | stage: "
-              "count, mean ms, total s |")
-        print("|---|---|")
-        for v, nodes in res["stages"].items():
-            for node, st in nodes.items():
-                print("| {} link, {} | {} |".format(v, node, "; ".join(
-                    "{}: {}, {:.3f} ms, {:.2f} s".format(
-                        k, d["count"], 1000.0 * d["seconds"] /
-                        max(d["count"], 1), d["seconds"])
-                    for k, d in st.items()) or "-"))
-        print()
     rp = res["replay"]
     if rp:
         nbytes = rp[0]["bytes"]

@@ -104,17 +104,13 @@ until it has finished.  The secondary then receives exactly the regions the
 operation changed plus the host writes made meanwhile, never a full copy.
 
 Secondary.  `SecondaryGroup` receives batches, writes each whole batch to
-one of two staging slots (crc over the batch, fdatasync; the batches that
-arrived while it was busy go together, one fdatasync: group commit),
-acknowledges it, and hands it to its applier thread, which applies it in
-order to the volumes, flushes them, and marks the slot applied while the
-next batch is staged in the other slot.  After a crash the slots holding
-committed, unapplied batches are applied again in order, each as one unit
-(the window of unacknowledged updates); a torn slot is ignored (the
-primary still has it: it was never acknowledged).  Reads of a secondary's
-volume wait for an apply whose batch overlaps them (RegionLock, in its
-guard layer, the outermost of the LU's I/O stack), so no reader sees half
-a batch in its range and none waits for a batch elsewhere; while the
+one of two staging slots (crc over the batch, fdatasync), acknowledges it,
+applies it in order to the volumes, flushes them, and marks the slot
+applied.  After a crash the slot holding a committed, unapplied batch is
+applied again as one unit (the window of unacknowledged updates); a torn
+slot is ignored (the primary still has it: it was never acknowledged).
+Reads of a secondary's volume take the apply lock (its guard layer, the
+outermost of the LU's I/O stack), so no reader sees half a batch; while the
 secondary is inconsistent (a replay running or broken off) its exports
 refuse connections and reads with a message.  Batches are applied just
 below that guard, so a clone or session of a secondary's volume sees each

@@ -23,14 +23,12 @@ from .. import changemap, channel, copier, errors
 from .records import read_token
 from .srl import SrlCorrupt
 from .verify import LinkVerify, digests
-from .wire import (DATA, ENTRY, SEQ, WRITE, ZERO, Stages, entry_crc,
-                   recv_frame, send_frame, send_frames, send_json,
-                   shutdown_socket)
+from .wire import (DATA, ENTRY, SEQ, WRITE, ZERO, entry_crc, recv_frame,
+                   send_frame, send_frames, send_json, shutdown_socket)
 
 log = logging.getLogger("clonectl.replication")
 
 BATCH_BYTES = 4 << 20          # a batch is closed after this much data
-IN_FLIGHT = 8                  # batches sent, not yet acknowledged
 CONNECT_TIMEOUT = 5.0
 RETRY_INTERVAL = 1.0
 PERSIST_INTERVAL = 1.0
@@ -245,8 +243,7 @@ class Link:
         self.thread = None
         self.sock = None
         self.stopping = False
-        self.batches = []       # (last seq, end pos, sent at) not acked
-        self.stages = Stages()
+        self.batches = []       # (last seq, end pos) sent, not yet acked
         self.replay_acked = None
         self.refused = None
         self.stream_from = None
@@ -492,9 +489,8 @@ class Link:
                     seq, = SEQ.unpack(payload)
                     with g.cond:
                         while self.batches and self.batches[0][0] <= seq:
-                            last, end, sent = self.batches.pop(0)
+                            last, end = self.batches.pop(0)
                             self.acked_seq, self.acked_pos = last, end
-                            self.stages.add("sent-to-ack", sent)
                         g.cond.notify_all()
                 elif kind == b"VANS":
                     with g.cond:
@@ -541,7 +537,6 @@ class Link:
         parts, batch_bytes, last_seq = [], 0, None
         pos = send_pos
         while pos < until_pos:
-            t = time.perf_counter()
             try:
                 e = g.srl.read(pos)
             except OSError as err:
@@ -557,7 +552,6 @@ class Link:
                 raise SrlCorrupt(name=g.name, seq=e[0] if e else "?",
                                  pos=pos, peer=self.secondary)
             seq, vol, kind, off, length, crc, data, nxt = e
-            self.stages.add("srl-read", t)
             parts.append((b"ENTR", ENTRY.pack(seq, vol, kind, off, length,
                                               crc), data))
             batch_bytes += length if kind == WRITE else 0
@@ -579,13 +573,11 @@ class Link:
 
     def _commit(self, sock, parts, last_seq, end_pos):
         g = self.group
-        t = time.perf_counter()
         with g.cond:
-            self.batches.append((last_seq, end_pos, t))
+            self.batches.append((last_seq, end_pos))
             self.last_sent_seq = last_seq
         parts.append((b"CMIT", SEQ.pack(last_seq), None))
         send_frames(sock, parts)
-        self.stages.add("send", t)
         self.sent_bytes += sum(len(p[1]) + (len(p[2]) if p[2] else 0)
                                for p in parts)
 
@@ -623,9 +615,8 @@ class Link:
                 if self.stopping or self.state != REPLICATING:
                     return False
                 until = g.srl.head_pos
-                # Flow control: at most IN_FLIGHT batches unacknowledged
-                # (the secondary stages those that wait together).
-                while len(self.batches) > IN_FLIGHT and self.state == REPLICATING \
+                # Flow control: at most 8 batches unacknowledged.
+                while len(self.batches) > 8 and self.state == REPLICATING \
                         and not self.stopping and self.epoch == epoch:
                     g.cond.wait(0.5)
             if time.monotonic() - last_persist > PERSIST_INTERVAL:
@@ -1111,5 +1102,4 @@ class Link:
                 "stopped_error": self.stopped_error,
                 "verify": self.verifying.to_dict()
                 if self.verifying is not None else None,
-                "dcm_problem": self.dcm.problem if self.dcm else None,
-                "stage_seconds": self.stages.to_dict()}
+                "dcm_problem": self.dcm.problem if self.dcm else None}

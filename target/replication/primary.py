@@ -21,7 +21,7 @@ from .records import (DISCARD_SECONDARY, DISCARD_ZERO_CHANGES, DISCONNECT,
                       PRIMARY, ReplicationError, check_split_brain_policy,
                       common_prefix, history_diverges, map_covers)
 from .srl import ENTRY_SPACE, Srl
-from .wire import WRITE, Stages, entry_crc
+from .wire import WRITE, entry_crc
 
 log = logging.getLogger("clonectl.replication")
 
@@ -59,7 +59,6 @@ class PrimaryGroup:
         self.problems = []
         self.seq_bound = 0
         self.srl_failed_at = -SRL_RETRY
-        self.stages = Stages()
         if os.path.exists(files.srl):
             self.srl = Srl(files.srl)
         else:
@@ -298,14 +297,12 @@ class PrimaryGroup:
                 if any(l.holds_srl for l in self.links):
                     self.al.mark(vol, offset, length)
                     payload = data if kind == WRITE else None
-                    t = time.perf_counter()
                     try:
                         self.srl.append(seq, vol, kind, offset, length,
                                         payload,
                                         entry_crc(seq, vol, kind, offset,
                                                   length, payload))
                         logged = True
-                        self.stages.add("srl-append", t)
                     except OSError as e:
                         self.srl_failed(e, (vol, offset, length))
             except BaseException:
@@ -321,7 +318,6 @@ class PrimaryGroup:
                 # An unlogged number: reserve the next ones durably first.
                 self.seq_bound = seq + SEQ_RESERVE
                 self.persist(locked=True)
-            t = time.perf_counter()
             try:
                 apply()
             except OSError as e:
@@ -334,7 +330,6 @@ class PrimaryGroup:
                             self.volumes[vol].name, e), (vol, offset, length))
                     sync_links = None
                 raise
-            self.stages.add("volume-write", t)
             if self.waiters:
                 self.cond.notify_all()
         if sync_links:
@@ -852,5 +847,4 @@ class PrimaryGroup:
                                                   self.srl.capacity, 1)},
                     "activity_log_regions": self.al.count(),
                     "links": [l.status() for l in self.links],
-                    "stage_seconds": self.stages.to_dict(),
                     "problems": self.problems}

@@ -8,7 +8,6 @@ See the design notes in target/replication/__init__.py; staging slots
 and recovery: docs/persistence.md.
 """
 
-import collections
 import contextlib
 import json
 import logging
@@ -20,12 +19,11 @@ import zlib
 
 from .. import errors, fsutil
 from . import verify
-from .layer import Guard, RegionLock
+from .layer import Guard
 from .records import (DISCONNECT, SECONDARY, ReplicaUnavailable,
                       ReplicationError, RsgBusy, check_split_brain_policy)
-from .wire import (DATA, ENTRY, SEQ, WRITE, ZERO, Stages, entry_crc,
-                   readable, recv_frame, send_frame, send_json,
-                   shutdown_socket)
+from .wire import (DATA, ENTRY, SEQ, WRITE, ZERO, entry_crc, recv_frame,
+                   send_frame, send_json, shutdown_socket)
 
 log = logging.getLogger("clonectl.replication")
 
@@ -33,69 +31,6 @@ STAGE_MAGIC = b"CLNSTG01"
 STAGE_HEADER = struct.Struct("<8sBQQII")   # magic state first last count crc
 STAGED, APPLIED = 1, 2
 PULL_CHUNK = 1 << 20           # bytes of one RDAT frame sent to a primary
-GROUP_BYTES = 16 << 20         # data of the batches one group commit takes
-QUEUED_UPDATES = 8             # a replay's updates received, not applied
-
-
-class Applier:
-    """The thread that applies a session's staged batches in order,
-    one behind the receiver (SecondaryGroup.serve)."""
-
-    def __init__(self, apply, name):
-        # apply(entries, stage path) for a staged batch, apply(entry) for
-        # an update of a replay, applied as it comes.
-        self.apply = apply
-        self.cond = threading.Condition()
-        self.queue = collections.deque()     # arguments of apply
-        self.error = None
-        self.stopping = False
-        self.thread = threading.Thread(target=self._run, daemon=True,
-                                       name="rsg-apply-" + name)
-        self.thread.start()
-
-    def put(self, *args):
-        """Queue apply(*args)."""
-        with self.cond:
-            self.queue.append(args)
-            self.cond.notify_all()
-
-    def wait(self, unapplied):
-        """Until at most `unapplied` batches are not applied yet; the
-        applier's error is raised here, in the receiver."""
-        with self.cond:
-            while len(self.queue) > unapplied and self.error is None:
-                self.cond.wait()
-            if self.error is not None:
-                raise self.error
-
-    def _run(self):
-        while True:
-            with self.cond:
-                while not self.queue and not self.stopping:
-                    self.cond.wait()
-                if not self.queue:
-                    return
-                args = self.queue[0]
-            try:
-                self.apply(*args)
-            except BaseException as e:
-                # The batches left stay staged: recovery applies them.
-                with self.cond:
-                    self.error = e
-                    self.queue.clear()
-                    self.cond.notify_all()
-                log.error("replication apply failed: %s", e)
-                return
-            with self.cond:
-                self.queue.popleft()
-                self.cond.notify_all()
-
-    def stop(self):
-        """Apply what is queued, then end."""
-        with self.cond:
-            self.stopping = True
-            self.cond.notify_all()
-        self.thread.join()
 
 
 class SecondaryGroup:
@@ -131,7 +66,7 @@ class SecondaryGroup:
         # it runs, a rollback): under session_lock, like `connection`.
         self.local_changes = []
         self.layers = []                    # Guard per volume
-        self.lock = RegionLock()            # applies vs. host reads
+        self.lock = threading.Lock()        # apply vs. host reads
         self.session_lock = threading.Lock()
         self.connection = None
         self.serving = None         # the thread serving self.connection
@@ -139,7 +74,6 @@ class SecondaryGroup:
         self.reason = record.get("reason") or "never synchronized"
         self.error = None
         self.batches = 0
-        self.stages = Stages()
         self.slot = 0
         self.closed = False
         self._recover_stage()
@@ -177,32 +111,22 @@ class SecondaryGroup:
                 "entries": entries, "slot": i}
 
     def _recover_stage(self):
-        """A batch is staged while the one before it (in the other slot)
-        may still be being applied, and the APPLIED mark follows the
-        volumes' flush: both slots can be unapplied.  From the oldest slot
-        still marked STAGED on, every newer slot is applied again, in
-        order (a newer one marked APPLIED too: applying an older batch
-        again must not leave its bytes over a newer one's)."""
+        """Batches are staged one at a time, each applied before the next
+        is staged: only the newest valid slot can be unapplied."""
         slots = [s for s in (self._read_slot(0), self._read_slot(1)) if s]
         if not slots or not self.consistent:
             return
-        slots.sort(key=lambda s: s["last"])
-        newest = slots[-1]
+        newest = max(slots, key=lambda s: s["last"])
         self.slot = 1 - newest["slot"]
         if newest["last"] <= self.applied_seq:
             return
-        redo = [s for s in slots if s["last"] > self.applied_seq]
-        while redo and redo[0]["state"] != STAGED:
-            redo.pop(0)
-        for slot in redo:
+        if newest["state"] == STAGED:
             log.info("group %s: applying the staged batch %d-%d again "
-                     "(one atomic unit)", self.name, slot["first"],
-                     slot["last"])
-            self._apply_entries(slot["entries"])
-        if redo:
+                     "(one atomic unit)", self.name, newest["first"],
+                     newest["last"])
+            self._apply_entries(newest["entries"])
             self._flush_volumes()
-            for slot in redo:
-                self._mark_applied(self.files.stage[slot["slot"]])
+            self._mark_applied(self.files.stage[newest["slot"]])
         self.applied_seq = newest["last"]
         self.persist()
 
@@ -264,7 +188,7 @@ class SecondaryGroup:
             b.trim(off, length)
 
     def _apply_entries(self, entries):
-        with self.lock.writing([(e[1], e[3], e[4]) for e in entries]):
+        with self.lock:
             for seq, vol, kind, off, length, crc, data in entries:
                 self._apply_one(vol, kind, off, length, data)
 
@@ -395,7 +319,7 @@ class SecondaryGroup:
             while off < end:
                 n = min(PULL_CHUNK, end - off)
                 buf = bytearray(n)
-                with self.lock.reading(vol, off, n):
+                with self.lock:
                     self._backend(vol).readinto(buf, off)
                 head = DATA.pack(vol, WRITE, off, n, zlib.crc32(buf))
                 send_frame(sock, b"RDAT", head + bytes(buf))
@@ -407,22 +331,10 @@ class SecondaryGroup:
         self.primary = peer
         theirs = [list(h) for h in hello.get("history") or []]
         self.connected_since = time.time()
-        batch = []          # entries of the batch being received
-        group = []          # entries of the committed batches not yet staged
-        group_bytes = 0
-        pending = None      # the last CMIT of `group`, not yet acknowledged
+        batch = []
         replaying = False
-        # Applies a staged batch while the next one is received and staged.
-        applier = Applier(self._apply, self.name)
         try:
             while not self.closed:
-                if pending is not None and (group_bytes >= GROUP_BYTES or
-                                            not readable(sock)):
-                    # Group commit: the batches that arrived while the last
-                    # one was staged and applied are staged, acknowledged
-                    # and applied together, one fdatasync for all of them.
-                    self._commit_group(sock, applier, group, pending, theirs)
-                    group, group_bytes, pending = [], 0, None
                 kind, payload = recv_frame(sock)
                 if kind == b"ENTR":
                     seq, vol, k, off, length, crc = \
@@ -430,42 +342,35 @@ class SecondaryGroup:
                     data = payload[ENTRY.size:] if k == WRITE else None
                     self._check_entry(seq, vol, k, off, length, crc, data)
                     if replaying or not self.consistent:
-                        applier.wait(QUEUED_UPDATES)
-                        applier.put((vol, k, off, length, data))
+                        with self.lock:
+                            self._apply_one(vol, k, off, length, data)
                     elif seq > self.applied_seq:
                         batch.append((seq, vol, k, off, length, crc, data))
+                elif kind == b"BEAT":
                     continue
-                if kind == b"BEAT":
-                    continue
-                if kind == b"CMIT":
+                elif kind == b"PULL":
+                    self._send_pull(sock, json.loads(payload)["runs"])
+                elif kind == b"CMIT":
                     seq, = SEQ.unpack(payload)
                     if replaying or not self.consistent:
-                        applier.wait(0)
                         self._flush_volumes()
                         send_frame(sock, b"ACKS", SEQ.pack(seq))
                         continue
-                    group += batch
-                    group_bytes += sum(e[4] for e in batch if e[6] is not None)
-                    batch = []
-                    pending = seq
-                    continue
-                if pending is not None:
-                    self._commit_group(sock, applier, group, pending, theirs)
-                    group, group_bytes, pending = [], 0, None
-                if kind == b"RDAT":
-                    # Checked here, written by the applier while the next
-                    # one is received.
-                    vol, k, off, length, crc = DATA.unpack_from(payload)
-                    data = payload[DATA.size:] if k == WRITE else None
-                    self._check_data(vol, k, off, length, crc, data)
-                    applier.wait(QUEUED_UPDATES)
-                    applier.put((vol, k, off, length, data))
-                    continue
-                # Every other frame sees the updates before it applied (a
-                # verify request, a replay's begin or end, a pull).
-                applier.wait(0)
-                if kind == b"PULL":
-                    self._send_pull(sock, json.loads(payload)["runs"])
+                    if batch:
+                        path = self._stage(batch, batch[0][0], batch[-1][0])
+                    send_frame(sock, b"ACKS", SEQ.pack(seq))
+                    if batch:
+                        self._apply_entries(batch)
+                        self._flush_volumes()
+                        self._mark_applied(path)
+                        self.slot = 1 - self.slot
+                        self.applied_seq = batch[-1][0]
+                        self.batches += 1
+                        batch = []
+                    self.last_seq = max(self.last_seq, seq)
+                    if self.history != theirs:
+                        self.history = theirs
+                        self.persist()
                 elif kind == b"VREQ":
                     send_json(sock, b"VANS",
                               self.verify_answer(json.loads(payload)))
@@ -473,6 +378,12 @@ class SecondaryGroup:
                     replaying = True
                     self._begin_replay(theirs)
                     send_json(sock, b"RBOK", {"ok": True})
+                elif kind == b"RDAT":
+                    vol, k, off, length, crc = DATA.unpack_from(payload)
+                    data = payload[DATA.size:] if k == WRITE else None
+                    self._check_data(vol, k, off, length, crc, data)
+                    with self.lock:
+                        self._apply_one(vol, k, off, length, data)
                 elif kind == b"RSYN":
                     self.replay_sync(SEQ.unpack(payload)[0])
                     send_frame(sock, b"RSAK", payload)
@@ -507,53 +418,7 @@ class SecondaryGroup:
             except OSError:
                 pass
         finally:
-            # The session ends when what it acknowledged is applied: the
-            # next one's handshake reports it, and two sessions never
-            # write the volumes side by side.
-            applier.stop()
             self.connected_since = None
-
-    def _commit_group(self, sock, applier, entries, seq, theirs):
-        """Stage the entries of the batches up to seq (one fdatasync),
-        acknowledge seq and hand them to the applier."""
-        t = time.perf_counter()
-        if entries:
-            # The slot is free once the batch staged in it before is
-            # applied and durable in the volumes: at most the batch in the
-            # other slot is still being applied.
-            applier.wait(1)
-            t = self.stages.add("wait-slot", t)
-            path = self._stage(entries, entries[0][0], entries[-1][0])
-            self.slot = 1 - self.slot
-            t = self.stages.add("stage", t)
-        send_frame(sock, b"ACKS", SEQ.pack(seq))
-        self.stages.add("ack", t)
-        if entries:
-            applier.put(entries, path)
-        self.last_seq = max(self.last_seq, seq)
-        if self.history != theirs:
-            self.history = theirs
-            self.persist()
-
-    def _apply(self, entries, path=None):
-        """(The applier's thread.)  Apply a staged batch, make it durable
-        in the volumes, then mark its slot applied and count it in
-        applied_seq (which never names a change not durable in the
-        volumes); or apply one update of a replay (entries: vol, kind,
-        offset, length, data), made durable by the replay's end."""
-        if path is None:
-            vol, k, off, length, data = entries
-            with self.lock.writing([(vol, off, length)]):
-                self._apply_one(vol, k, off, length, data)
-            return
-        t = time.perf_counter()
-        self._apply_entries(entries)
-        t = self.stages.add("apply", t)
-        self._flush_volumes()
-        self.stages.add("flush", t)
-        self._mark_applied(path)
-        self.applied_seq = entries[-1][0]
-        self.batches += 1
 
     def verify_answer(self, request):
         """The checksums of a region of a volume as applied here, for a
@@ -570,7 +435,7 @@ class SecondaryGroup:
                 offset + length > self.volumes[vol].size:
             raise errors.ProtocolError(reason="verify request out of range")
         buf = bytearray(length)
-        with self.lock.reading(vol, offset, length):
+        with self.lock:
             self._backend(vol).readinto(buf, offset)
         return {"id": ident, "digests": verify.digests(buf, gran)}
 
@@ -654,7 +519,6 @@ class SecondaryGroup:
                 "primary": self.primary,
                 "connected": self.connected_since is not None,
                 "protected": self.protected, "batches": self.batches,
-                "stage_seconds": self.stages.to_dict(),
                 "error": self.error}
 
     def close(self):

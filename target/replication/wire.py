@@ -21,7 +21,6 @@ target/replication/__init__.py.
 """
 
 import json
-import select
 import socket
 import struct
 import time
@@ -83,39 +82,6 @@ def recv_frame(sock, limit=MAX_FRAME, deadline=None):
                                    .format(kind.decode(errors="replace"), n,
                                            limit))
     return kind, _recv_exact(sock, n, deadline) if n else bytearray()
-
-
-def readable(sock):
-    """Bytes of a next frame have arrived on sock (decrypted ones a TLS
-    socket holds included): reading it will not wait for the peer."""
-    pending = getattr(sock, "pending", None)
-    if pending is not None and pending() > 0:
-        return True
-    try:
-        return bool(select.select([sock], [], [], 0)[0])
-    except (OSError, ValueError):
-        return False
-
-
-class Stages:
-    """Seconds spent in each stage of the replication path and how often
-    it ran (`rsg status` shows them as stage_seconds: where a link's time
-    goes).  A stage is timed from `since` (a time.perf_counter() value)
-    to now; add returns now, the start of the next stage."""
-
-    def __init__(self):
-        self.totals = {}
-
-    def add(self, stage, since):
-        now = time.perf_counter()
-        t = self.totals.setdefault(stage, [0, 0.0])
-        t[0] += 1
-        t[1] += now - since
-        return now
-
-    def to_dict(self):
-        return {k: {"count": n, "seconds": round(s, 6)}
-                for k, (n, s) in sorted(self.totals.items())}
 
 
 def send_json(sock, kind, obj):

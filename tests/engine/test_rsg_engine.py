@@ -817,30 +817,6 @@ def test_staged_unapplied_slot_is_applied_as_one_unit(cluster_factory):
     assert v2[100:3100] == b"\x22" * 3000
 
 
-def test_both_stage_slots_unapplied_are_applied_in_order(cluster_factory):
-    """A batch is staged while the one before it is still being applied:
-    after a power cut both slots may hold batches the volumes lack.  From
-    the oldest slot still marked STAGED, every slot is applied again in
-    order, the newer one's bytes last (even if it was marked applied)."""
-    c = cluster_factory()
-    sg = _secondary_only(c)
-    a = sg.applied_seq
-    older = sg._stage(stage_entries([(a + 1, 0, 8192, b"\x51" * 6000)]),
-                      a + 1, a + 1)
-    sg.slot = 1 - sg.slot
-    newer = sg._stage(stage_entries([(a + 2, 0, 10000, b"\x52" * 100)]),
-                      a + 2, a + 2)
-    sg._mark_applied(newer)
-    c.tb.close()
-    c.tb = Target(c.B)
-    sg = c.tb.rsgs["g"]
-    assert sg.applied_seq == a + 2 and sg.consistent
-    exp = bytearray(b"\x51" * 6000)
-    exp[10000 - 8192:10100 - 8192] = b"\x52" * 100
-    assert read_image(c.tb, "v1")[8192:14192] == bytes(exp)
-    assert older != newer
-
-
 def test_torn_stage_slot_is_ignored(cluster_factory):
     c = cluster_factory()
     sg = _secondary_only(c)
@@ -1224,84 +1200,6 @@ def test_secondary_volume_refuses_writes_from_above(cluster_factory):
             write()
     assert read_image(c.tb, VOLS[0]) == before
     c.write(0, 0, b"\x42" * 4096)
-
-
-def test_batches_arriving_during_a_commit_are_made_durable_together(
-        cluster_factory, monkeypatch):
-    """Group commit: batches that arrive while one is being staged are
-    staged with one fdatasync and acknowledged together; nothing is
-    acknowledged before it is staged."""
-    c = cluster_factory()
-    c.wait_converged()
-    orig = R.SecondaryGroup._stage
-    staged, entered, release = [], threading.Event(), threading.Event()
-
-    def stage(self, entries, first, last):
-        entered.set()
-        release.wait(10)
-        staged.append((first, last))
-        return orig(self, entries, first, last)
-    monkeypatch.setattr(R.SecondaryGroup, "_stage", stage)
-    first = c.write(0, 0, b"\x01" * 4096)
-    assert entered.wait(10)
-    ops = []
-    for i in range(2, 7):
-        # Each goes as a batch of its own.
-        ops.append(c.write(0, 4096 * i, bytes([i]) * 4096))
-        wait_for(lambda: c.link.last_sent_seq == ops[-1].seq, 10, "sent",
-                 c.status)
-    assert c.link.acked_seq < first.seq
-    release.set()
-    c.wait_converged()
-    assert staged == [(first.seq, first.seq), (ops[0].seq, ops[-1].seq)]
-    c.check_final()
-
-
-def test_secondary_read_waits_only_for_an_apply_that_overlaps_it(
-        cluster_factory, monkeypatch):
-    """While a batch touching only region Y of a volume is being applied
-    (held mid-apply), a host read of region X returns at once; a read of
-    Y waits for the whole batch and sees all of it, never a part."""
-    c = cluster_factory()
-    c.wait_converged()
-    c.write(0, 0, b"\x10" * 8192)              # region X
-    c.wait_converged()
-    Y = 512 << 10
-    holding, release = threading.Event(), threading.Event()
-    orig = R.SecondaryGroup._apply_one
-
-    def held(self, vol, kind, off, length, data):
-        orig(self, vol, kind, off, length, data)
-        if off == Y and not holding.is_set():
-            holding.set()               # the first of two entries is in
-            release.wait(10)
-    monkeypatch.setattr(R.SecondaryGroup, "_apply_one", held)
-    # Two writes of region Y in one batch: the secondary is offline.
-    c.stop_secondary()
-    c.write(0, Y, b"\x21" * 4096)
-    c.write(0, Y + 4096, b"\x22" * 4096)
-    c.start_secondary()
-    assert holding.wait(10), c.status()
-    lu = c.tb.lus[VOLS[0]]
-    buf = bytearray(8192)
-    t0 = time.monotonic()
-    lu.read(buf, 0)                             # region X
-    assert time.monotonic() - t0 < 1.0
-    assert bytes(buf) == b"\x10" * 8192
-    got = {}
-
-    def read_y():
-        b = bytearray(8192)
-        lu.read(b, Y)
-        got["y"] = bytes(b)
-    reader = threading.Thread(target=read_y)
-    reader.start()
-    reader.join(0.5)
-    assert reader.is_alive(), "a read of Y did not wait for its batch"
-    release.set()
-    reader.join(10)
-    assert got["y"] == b"\x21" * 4096 + b"\x22" * 4096
-    c.check_final()
 
 
 def test_attach_not_saved_stays_detached(cluster_factory, monkeypatch):
