@@ -54,6 +54,10 @@ class SecondaryGroup:
         # against what it cleared from its DCM (module notes).
         self.replay_synced = record.get("replay_synced", 0)
         self.consistent = record.get("consistent", False)
+        # A staged, acknowledged batch this node's volumes failed to take
+        # (they hold part of it): applied again from the stage before
+        # anything else, and until then the node is not consistent.
+        self.reapply = record.get("reapply", False)
         self.protected = record.get("protected", False)
         self.primary = record.get("primary")
         self.diverged = record.get("diverged")       # set by demote
@@ -114,7 +118,7 @@ class SecondaryGroup:
         """Batches are staged one at a time, each applied before the next
         is staged: only the newest valid slot can be unapplied."""
         slots = [s for s in (self._read_slot(0), self._read_slot(1)) if s]
-        if not slots or not self.consistent:
+        if not slots or not (self.consistent or self.reapply):
             return
         newest = max(slots, key=lambda s: s["last"])
         self.slot = 1 - newest["slot"]
@@ -128,6 +132,11 @@ class SecondaryGroup:
             self._flush_volumes()
             self._mark_applied(self.files.stage[newest["slot"]])
         self.applied_seq = newest["last"]
+        if self.reapply:
+            with self.lock:
+                self.consistent, self.reason = True, None
+                self.reapply = False
+            self.error = None
         self.persist()
 
     def _stage(self, entries, first, last):
@@ -202,7 +211,7 @@ class SecondaryGroup:
                     "last_seq": max(self.last_seq, self.applied_seq),
                     "applied_seq": self.applied_seq,
                     "replay_synced": self.replay_synced,
-                    "consistent": self.consistent,
+                    "consistent": self.consistent, "reapply": self.reapply,
                     "protected": self.protected, "primary": self.primary,
                     "diverged": self.diverged, "reason": self.reason})
         self.files.save(rec)
@@ -333,7 +342,12 @@ class SecondaryGroup:
         self.connected_since = time.time()
         batch = []
         replaying = False
+        applying = None         # (first, last) of the batch being applied
         try:
+            if self.reapply:
+                applying = ("staged", "batch")
+                self._recover_stage()
+                applying = None
             while not self.closed:
                 kind, payload = recv_frame(sock)
                 if kind == b"ENTR":
@@ -360,8 +374,10 @@ class SecondaryGroup:
                         path = self._stage(batch, batch[0][0], batch[-1][0])
                     send_frame(sock, b"ACKS", SEQ.pack(seq))
                     if batch:
+                        applying = (batch[0][0], batch[-1][0])
                         self._apply_entries(batch)
                         self._flush_volumes()
+                        applying = None
                         self._mark_applied(path)
                         self.slot = 1 - self.slot
                         self.applied_seq = batch[-1][0]
@@ -417,6 +433,27 @@ class SecondaryGroup:
                 send_json(sock, b"FAIL", {"message": str(e)})
             except OSError:
                 pass
+        except OSError as e:
+            if applying is None and not replaying:
+                raise           # the connection: the server logs it
+            # This node's own volumes failed an update (EIO, ENOSPC): the
+            # connection ends (the primary tries again), and the status
+            # says why; a batch applied in part leaves the node
+            # inconsistent until its staged copy is applied again.
+            self.error = "applying {} failed: {}".format(
+                "updates {}-{}".format(*applying) if applying else
+                "the primary's replay", e)
+            log.error("group %s: %s", self.name, self.error)
+            if applying is not None:
+                with self.lock:
+                    self.consistent, self.reapply = False, True
+                    self.reason = self.error + "; the staged copy is " \
+                        "applied again when the primary reconnects"
+                try:
+                    self.persist()
+                except OSError as e2:
+                    log.error("group %s: cannot save its record: %s",
+                              self.name, e2)
         finally:
             self.connected_since = None
 

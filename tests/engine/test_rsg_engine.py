@@ -1926,3 +1926,74 @@ def test_take_of_the_secondarys_changes_cut_off_is_taken_again(
     assert c.link.state == R.REPLICATING and c.link.split_brain is None
     assert images(c.ta) == want and images(c.tb) == want
     assert c.link.sent_bytes - sent0 == len(B_ONLY) * GRAN
+
+
+def test_a_batch_the_volume_fails_to_apply_is_not_called_consistent(
+        cluster_factory, tmp_path, monkeypatch):
+    """The secondary's volume fails (EIO) on the second write of a batch it
+    staged and acknowledged: the volume holds half the batch.  The node
+    must not say it is consistent (reads refused, promote needs --force),
+    its status names the error, and once the volume works again the staged
+    copy is applied and replication goes on.  (Before, the OSError ended
+    the session as a closed connection: the node stayed "consistent" at
+    the batch before, showed half the batch to readers, and no status said
+    why.)"""
+    faults = tmp_path / "faults.json"
+    _set_faults(faults, [])
+    monkeypatch.setenv("CLONECTL_FAULTS", str(faults))
+    c = cluster_factory()
+    c.wait_converged()
+    y = 512 << 10
+    path = c.tb.lus[VOLS[0]].backend.path
+    _set_faults(faults, [{"path": path, "op": "write", "offset": y + GRAN,
+                          "length": GRAN, "errno": "EIO"}])
+    c.stop_secondary()              # one batch of two writes
+    c.write(0, y, b"\x21" * GRAN)
+    c.write(0, y + GRAN, b"\x22" * GRAN)
+    c.start_secondary()
+    last = c.g.next_seq - 1
+    wait_for(lambda: c.link.acked_seq == last, 10, "the batch acknowledged",
+             c.status)
+    wait_for(lambda: c.sg.status()["error"] is not None, 10,
+             "the failure in the status", c.status)
+    st = c.sg.status()
+    assert not st["consistent"], st
+    assert "EIO" in st["error"] or "Input/output" in st["error"], st
+    with pytest.raises(errors.Error):
+        c.tb.lus[VOLS[0]].read(bytearray(GRAN), y)
+    with pytest.raises(R.RsgBusy):
+        c.tb.rsg_promote("g")
+    _set_faults(faults, [])         # the disk is back
+    c.restart_secondary()
+    c.write(1, 0, b"\x33" * GRAN)
+    c.wait_converged()
+    c.check_final()
+
+
+def test_a_staged_batch_the_volume_failed_is_applied_again(
+        cluster_factory, tmp_path, monkeypatch):
+    """As above with the link streaming (no replay): the batch is staged
+    and acknowledged, its apply fails half way.  The node is not
+    consistent and says why; once the volume works, the next connection
+    applies the staged copy first, and the secondary ends identical."""
+    faults = tmp_path / "faults.json"
+    _set_faults(faults, [])
+    monkeypatch.setenv("CLONECTL_FAULTS", str(faults))
+    c = cluster_factory()
+    c.wait_converged()
+    y = 512 << 10
+    path = c.tb.lus[VOLS[0]].backend.path
+    _set_faults(faults, [{"path": path, "op": "write", "offset": y + GRAN,
+                          "length": GRAN, "errno": "EIO"}])
+    c.write(0, y, b"\x21" * 2 * GRAN)
+    wait_for(lambda: c.sg.status()["error"] is not None, 10,
+             "the failure in the status", c.status)
+    st = c.sg.status()
+    assert not st["consistent"] and "updates" in st["error"], st
+    with pytest.raises(errors.Error):
+        c.tb.lus[VOLS[0]].read(bytearray(GRAN), y)
+    _set_faults(faults, [])
+    c.write(1, 0, b"\x33" * GRAN)
+    c.wait_converged()
+    c.check_final()
+    assert c.sg.status()["error"] is None
