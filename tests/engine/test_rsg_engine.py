@@ -1997,3 +1997,144 @@ def test_a_staged_batch_the_volume_failed_is_applied_again(
     c.wait_converged()
     c.check_final()
     assert c.sg.status()["error"] is None
+
+
+# A secondary's acknowledgements and its stage slots, driven by a primary
+# speaking the wire protocol directly.
+
+Y = 512 << 10
+
+
+def test_a_stream_of_zero_batches_is_acknowledged_while_it_lasts(
+        cluster_factory):
+    """A primary with a backlog of zero/trim batches (an fstrim, a mkfs
+    catching up) keeps the socket readable: the secondary must still
+    acknowledge batches while the stream lasts, or the primary's SRL is
+    not freed and a sync writer waits the whole stream (a group commit
+    that counted only data bytes did that).  A primary speaking the wire
+    protocol directly stands in for a link with such a backlog."""
+    import socket
+    from target.replication.wire import (ENTRY, FRAME, SEQ, recv_frame,
+                                         send_json)
+    c = cluster_factory()
+    c.write(0, 0, b"\x01" * GRAN)
+    c.wait_converged()
+    c.ta.rsg_detach("g", c.addr)
+    wait_for(lambda: c.sg.connected_since is None, 10, "disconnected",
+             c.status)
+    hello = c.g.hello()
+    sock = socket.create_connection(("127.0.0.1", c.port), 5)
+    R.link.authenticate(sock, TOKEN, c.addr)
+    send_json(sock, b"HELO", hello)
+    kind, payload = recv_frame(sock)
+    assert kind == b"HRPL", payload
+    first = c.sg.applied_seq + 1
+    n = 3000
+    bufs = []
+    for seq in range(first, first + n):
+        head = ENTRY.pack(seq, 0, R.ZERO, 0, GRAN,
+                          R.entry_crc(seq, 0, R.ZERO, 0, GRAN, None))
+        bufs += [FRAME.pack(b"ENTR", len(head)), head,
+                 FRAME.pack(b"CMIT", SEQ.size), SEQ.pack(seq)]
+    stream = b"".join(bufs)
+    acks = []
+
+    def reader():
+        try:
+            while True:
+                k, p = recv_frame(sock)
+                if k == b"ACKS":
+                    acks.append((time.monotonic(), SEQ.unpack(p)[0]))
+                    if acks[-1][1] == first + n - 1:
+                        return
+        except OSError:
+            return
+    th = threading.Thread(target=reader, daemon=True)
+    th.start()
+    t0 = time.monotonic()
+    sock.sendall(stream)
+    th.join(60)
+    sock.close()
+    assert acks, "no acknowledgement at all"
+    t_first, seq_first = acks[0]
+    assert seq_first < first + n - 1, (
+        "the first ACKS came {:.2f} s after the stream began and covers all "
+        "{} batches ({} acknowledgements in all)".format(
+            t_first - t0, n, len(acks)))
+
+
+def _fake_primary(c, hello):
+    """A primary speaking the wire protocol to the secondary of c (its real
+    link detached); returns the socket after the handshake."""
+    import socket
+    from target.replication.wire import recv_frame, send_json
+    sock = socket.create_connection(("127.0.0.1", c.port), 5)
+    R.link.authenticate(sock, TOKEN, c.addr)
+    send_json(sock, b"HELO", hello)
+    kind, payload = recv_frame(sock)
+    assert kind == b"HRPL", payload
+    return sock
+
+
+def _batch(sock, specs, cmit):
+    from target.replication.wire import ENTRY, SEQ, send_frame
+    for seq, off, data in specs:
+        head = ENTRY.pack(seq, 0, R.WRITE, off, len(data),
+                          R.entry_crc(seq, 0, R.WRITE, off, len(data), data))
+        send_frame(sock, b"ENTR", head + data)
+    send_frame(sock, b"CMIT", SEQ.pack(cmit))
+
+
+def test_a_staged_batch_never_acknowledged_is_not_applied_over_a_newer_line(
+        cluster_factory, monkeypatch):
+    """The connection is cut while the secondary sends ACKS: the batch
+    (seqs 2-3 of generation g1) was staged but is neither applied nor
+    acknowledged.  A primary of a new generation branching after seq 1
+    (another secondary promoted) then sends its own seq 2.  After a
+    restart the secondary must hold the new line's 2 and not the old
+    line's 2-3 (a recovery that applied every staged slot in the order of
+    their last numbers did that, and claimed consistency at 3 on the new
+    line with bytes its primary never wrote)."""
+    from target.replication import secondary as S
+    c = cluster_factory()
+    c.write(0, 0, b"\x01" * GRAN)               # seq 1
+    c.wait_converged()
+    c.ta.rsg_detach("g", c.addr)
+    wait_for(lambda: c.sg.connected_since is None, 10, "disconnected",
+             c.status)
+    hello = c.g.hello()
+    orig_send = S.send_frame
+    cut = []
+
+    def send_frame(sock, kind, payload=b""):
+        if kind == b"ACKS" and not cut:
+            cut.append(payload)
+            raise ConnectionResetError("cut while acknowledging")
+        return orig_send(sock, kind, payload)
+    monkeypatch.setattr(S, "send_frame", send_frame)
+    # Old line (g1): seqs 2-3, the ACK is lost with the connection.
+    sock = _fake_primary(c, hello)
+    _batch(sock, [(2, Y, b"\xaa" * GRAN), (3, Y + GRAN, b"\xab" * GRAN)], 3)
+    wait_for(lambda: cut and c.sg.connected_since is None, 10, "the cut",
+             c.status)
+    sock.close()
+    assert c.sg.applied_seq == 1
+    # New line (g2, branching after seq 1): its own seq 2.
+    new_hello = dict(hello, generation="g2", history=hello["history"] +
+                     [["g2", 2]], last_seq=2)
+    sock = _fake_primary(c, new_hello)
+    _batch(sock, [(2, Y, b"\xbb" * GRAN)], 2)
+    from target.replication.wire import recv_frame
+    kind, payload = recv_frame(sock)
+    assert kind == b"ACKS"
+    wait_for(lambda: c.sg.applied_seq == 2, 10, "applied", c.status)
+    sock.close()
+    wait_for(lambda: c.sg.connected_since is None, 10, "closed", c.status)
+    assert read_image(c.tb, VOLS[0])[Y:Y + GRAN] == b"\xbb" * GRAN
+    c.restart_secondary()
+    sg = c.sg
+    got = read_image(c.tb, VOLS[0])[Y:Y + 2 * GRAN]
+    assert (sg.applied_seq, got[:2], got[GRAN:GRAN + 2]) == \
+        (2, b"\xbb\xbb", b"\0\0"), (
+            "after restart: consistent={} applied_seq={} history={}".format(
+                sg.consistent, sg.applied_seq, sg.history))
