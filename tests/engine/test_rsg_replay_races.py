@@ -18,6 +18,9 @@ from tests.support.rsgmodel import wait_for
 from target import replication as R
 
 SIZE = 16 * MiB
+# The racing tests run once each by default; RSG_REPLAY_SEEDS=N runs them
+# with N seeds (each a different timing of the host writes).
+SEEDS = range(int(os.environ.get("RSG_REPLAY_SEEDS", "1")))
 
 
 class Writer:
@@ -116,7 +119,7 @@ def _finish(p, w):
     p.check_identical()
 
 
-@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("seed", SEEDS)
 def test_host_writes_racing_replay_clears_then_primary_kill(
         pair, monkeypatch, seed):
     p, last = _rate_limited_pair(pair, monkeypatch)
@@ -129,7 +132,7 @@ def test_host_writes_racing_replay_clears_then_primary_kill(
     _finish(p, w)
 
 
-@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("seed", SEEDS)
 def test_host_writes_racing_replay_clears_then_lost_connection(
         pair, monkeypatch, seed):
     p, last = _rate_limited_pair(pair, monkeypatch)
@@ -143,7 +146,7 @@ def test_host_writes_racing_replay_clears_then_lost_connection(
     _finish(p, w)
 
 
-@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("seed", SEEDS)
 def test_host_writes_racing_replay_clears_then_secondary_restart(
         pair, monkeypatch, seed):
     p, last = _rate_limited_pair(pair, monkeypatch)
@@ -361,7 +364,7 @@ def test_slow_rate_replay_completes(pair, monkeypatch):
     p.check_identical()
 
 
-@pytest.mark.parametrize("seed", range(2))
+@pytest.mark.parametrize("seed", SEEDS)
 def test_two_links_replaying_with_host_writes_then_primary_kill(
         pair, monkeypatch, seed):
     from tests.support.sockets import free_port
