@@ -33,6 +33,24 @@ STAGED, APPLIED = 1, 2
 PULL_CHUNK = 1 << 20           # bytes of one RDAT frame sent to a primary
 
 
+class _ApplyFailed(Exception):
+    """This node's volumes failed an update (the OSError is __cause__);
+    staged: of a batch staged and acknowledged, which the volumes may now
+    hold in part."""
+
+    def __init__(self, what, staged):
+        super().__init__(what)
+        self.what, self.staged = what, staged
+
+
+@contextlib.contextmanager
+def _applying(what, staged=False):
+    try:
+        yield
+    except OSError as e:
+        raise _ApplyFailed(what, staged) from e
+
+
 class SecondaryGroup:
     """A replicated storage group on a secondary node (module notes)."""
 
@@ -342,12 +360,11 @@ class SecondaryGroup:
         self.connected_since = time.time()
         batch = []
         replaying = False
-        applying = None         # (first, last) of the batch being applied
+        replay = "the primary's replay"
         try:
             if self.reapply:
-                applying = ("staged", "batch")
-                self._recover_stage()
-                applying = None
+                with _applying("the staged batch", staged=True):
+                    self._recover_stage()
             while not self.closed:
                 kind, payload = recv_frame(sock)
                 if kind == b"ENTR":
@@ -356,7 +373,7 @@ class SecondaryGroup:
                     data = payload[ENTRY.size:] if k == WRITE else None
                     self._check_entry(seq, vol, k, off, length, crc, data)
                     if replaying or not self.consistent:
-                        with self.lock:
+                        with _applying(replay), self.lock:
                             self._apply_one(vol, k, off, length, data)
                     elif seq > self.applied_seq:
                         batch.append((seq, vol, k, off, length, crc, data))
@@ -367,17 +384,18 @@ class SecondaryGroup:
                 elif kind == b"CMIT":
                     seq, = SEQ.unpack(payload)
                     if replaying or not self.consistent:
-                        self._flush_volumes()
+                        with _applying(replay):
+                            self._flush_volumes()
                         send_frame(sock, b"ACKS", SEQ.pack(seq))
                         continue
                     if batch:
                         path = self._stage(batch, batch[0][0], batch[-1][0])
                     send_frame(sock, b"ACKS", SEQ.pack(seq))
                     if batch:
-                        applying = (batch[0][0], batch[-1][0])
-                        self._apply_entries(batch)
-                        self._flush_volumes()
-                        applying = None
+                        with _applying("updates {}-{}".format(
+                                batch[0][0], batch[-1][0]), staged=True):
+                            self._apply_entries(batch)
+                            self._flush_volumes()
                         self._mark_applied(path)
                         self.slot = 1 - self.slot
                         self.applied_seq = batch[-1][0]
@@ -398,14 +416,16 @@ class SecondaryGroup:
                     vol, k, off, length, crc = DATA.unpack_from(payload)
                     data = payload[DATA.size:] if k == WRITE else None
                     self._check_data(vol, k, off, length, crc, data)
-                    with self.lock:
+                    with _applying(replay), self.lock:
                         self._apply_one(vol, k, off, length, data)
                 elif kind == b"RSYN":
-                    self.replay_sync(SEQ.unpack(payload)[0])
+                    with _applying(replay):
+                        self.replay_sync(SEQ.unpack(payload)[0])
                     send_frame(sock, b"RSAK", payload)
                 elif kind == b"REND":
                     seq, = SEQ.unpack(payload)
-                    self._end_replay(seq, theirs)
+                    with _applying(replay):
+                        self._end_replay(seq, theirs)
                     replaying = False
                     send_json(sock, b"RACK", {"ok": True})
                 else:
@@ -433,18 +453,14 @@ class SecondaryGroup:
                 send_json(sock, b"FAIL", {"message": str(e)})
             except OSError:
                 pass
-        except OSError as e:
-            if applying is None and not replaying:
-                raise           # the connection: the server logs it
+        except _ApplyFailed as e:
             # This node's own volumes failed an update (EIO, ENOSPC): the
             # connection ends (the primary tries again), and the status
             # says why; a batch applied in part leaves the node
             # inconsistent until its staged copy is applied again.
-            self.error = "applying {} failed: {}".format(
-                "updates {}-{}".format(*applying) if applying else
-                "the primary's replay", e)
+            self.error = "applying {} failed: {}".format(e.what, e.__cause__)
             log.error("group %s: %s", self.name, self.error)
-            if applying is not None:
+            if e.staged:
                 with self.lock:
                     self.consistent, self.reapply = False, True
                     self.reason = self.error + "; the staged copy is " \
