@@ -89,6 +89,10 @@ class SaveArea:
 
     def load(self):
         """Read the index back; return how many entries were dropped."""
+        # A killed process's saves may be in the page cache only: durable
+        # first, or a power cut after the next host write (which no longer
+        # saves the extent) would take the save away.
+        self.backend.flush()
         index = bytearray(self.index_bytes)
         self.backend.readinto(index, 0)
         self.slots = {}

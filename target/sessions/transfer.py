@@ -75,11 +75,15 @@ def _pieces(buf, length, granularity):
 class _Run:
     """A run read into a pool buffer, and its requests still in flight."""
 
-    __slots__ = ("x", "end", "buf", "waiting")
+    __slots__ = ("x", "end", "buf", "waiting", "queuing")
 
     def __init__(self, x, end, buf):
         self.x, self.end, self.buf = x, end, buf
         self.waiting = {}       # dest index -> requests in flight
+        # Still being queued to the destinations: the buffer is not free
+        # even when every request queued so far has completed (libnbd
+        # sends a write from the caller's buffer, it does not copy it).
+        self.queuing = True
 
 
 class _Checkpoint:
@@ -115,6 +119,7 @@ class TransferEngine:
         self.failed = {}
         self.completed = []     # destinations that got the whole image
         self.failing = {}       # dest index -> error: nothing new to it
+        self.flush_failed = set()   # dest indexes a flush failed on
         self.in_flight = {i: 0 for i in self.clients}  # its requests
         self.checkpoints = {i: collections.deque([_Checkpoint()])
                             for i in self.clients}
@@ -264,6 +269,7 @@ class TransferEngine:
             except DestinationError as e:
                 self._fail(i, e)
                 self._flush_ready(i)
+        run.queuing = False
         self._release(run)
         self.cursor = end
         self.bytes_done += length
@@ -300,7 +306,7 @@ class TransferEngine:
 
     def _release(self, run):
         """Back to the pool once no destination is still writing it."""
-        if not run.waiting and run.buf is not None:
+        if not run.waiting and not run.queuing and run.buf is not None:
             self.pool.append(run.buf)
             run.buf = None
             self.runs.remove(run)
@@ -322,9 +328,10 @@ class TransferEngine:
             if run is None:
                 # Flushed or not, the checkpoint is done with.
                 self.checkpoints[i].remove(checkpoint)
-                if error is None:
+                if error is None and i not in self.flush_failed:
                     self._clear(i, checkpoint)
-                else:
+                elif error is not None:
+                    self.flush_failed.add(i)
                     self._fail(i, error)
             else:
                 run.waiting[i] -= 1
@@ -355,6 +362,14 @@ class TransferEngine:
         if i in self.failed:
             return
         client = self.clients[i]
+        if i in self.flush_failed:
+            # A failed flush may have dropped what it covered (a failed
+            # fdatasync loses the dirty pages, and the next one succeeds):
+            # nothing this destination calls durable from now on is
+            # trusted; its checkpoints stay pending.
+            for checkpoint in [c for c in self.checkpoints[i]
+                               if not c.flushing]:
+                self.checkpoints[i].remove(checkpoint)
         for checkpoint in list(self.checkpoints[i]):
             if checkpoint.refused and not checkpoint.in_flight:
                 # What a flush would cover is not all there: its runs
