@@ -12,6 +12,8 @@ proceeds only once its own extent's old data is durable.
   of the rest).  The session recovered from that disk must read the frozen
   image exactly as at the mark.  Its twin ignores the save area's
   fdatasync (the protection off) and must be caught.
+- test_a_save_read_back_after_a_kill_is_made_durable_before_it_is_trusted:
+  a kill between a save and its flush, then a power cut.
 """
 
 import os
@@ -268,3 +270,57 @@ def test_failed_flush_unmarks_and_the_next_mark_saves_again(tmp_path):
     lu.backend.write(b"y" * GRAN, GRAN)
     assert s.marked and s.cofw_count == 1
     assert frozen_image(s) == at_mark
+
+
+class Crash(BaseException):
+    """A kill -9."""
+
+
+def test_a_save_read_back_after_a_kill_is_made_durable_before_it_is_trusted(
+        tmp_path, monkeypatch):
+    """A kill -9 keeps the page cache: a save written but not yet flushed
+    is read back by the restarted target.  Taken into the frozen image
+    without being made durable, the next host write to the extent proceeds
+    at once (nothing left to save), and a power cut then takes the save
+    away: the frozen image reads the new data."""
+    map_dir = str(tmp_path)
+    disk = powerloss.SimFile(bytes(SAVE_SIZE))
+    source = backends.MemoryBackend(SIZE)    # durable once written
+    source.data[:] = random.Random(3).randbytes(SIZE)
+    lu, s = new_session(map_dir, source, powerloss.PowerLossBackend(disk),
+                        marked=False)
+    s.mark(export=True)
+    at_mark = bytes(source.data)
+
+    # The target is killed while a first write to extent 2 waits for the
+    # save area's flush: its save is written, not durable; the host write
+    # never reached the Source.
+    def killed(ticket):
+        raise Crash()
+    monkeypatch.setattr(s.save_area, "wait_durable", killed)
+    try:
+        lu.backend.write(b"x" * GRAN, 2 * GRAN)
+    except Crash:
+        pass
+    assert bytes(source.data) == at_mark
+    assert disk.pending, "the save was flushed: nothing to show"
+
+    # Restarted on the same page cache; a host write to extent 2 is
+    # acknowledged (and flushed: the Source keeps it).
+    lu2, s2 = new_session(map_dir, source, powerloss.PowerLossBackend(disk),
+                          marked=True)
+    assert frozen_image(s2) == at_mark
+    lu2.backend.write(b"y" * GRAN, 2 * GRAN)
+    lu2.backend.flush()
+
+    # Power cut: the save area loses what nobody flushed.
+    disk.power_cut(random.Random(0), keep=0.0)
+    lu3, s3 = new_session(map_dir, source, powerloss.PowerLossBackend(disk),
+                          marked=True)
+    image = frozen_image(s3)
+    wrong = [x for x in range(EXTENTS)
+             if image[x * GRAN:(x + 1) * GRAN] !=
+             at_mark[x * GRAN:(x + 1) * GRAN]]
+    assert not wrong, "the frozen image differs from the mark's in extents " \
+        "{}: a save only the page cache held was trusted after a restart " \
+        "and lost at the power cut".format(wrong)
