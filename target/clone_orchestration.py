@@ -303,8 +303,8 @@ class CloneOrchestration:
 
     def clone_fracture(self, clone):
         group, c = self._working_clone(clone, "fracture")
-        self.target.rsg_ops.check_point_in_time(group.source)
-        group.fracture(clone)
+        with self.target.rsg_ops.point_in_time(group.source):
+            group.fracture(clone)
         return group.clone_status(c)
 
 

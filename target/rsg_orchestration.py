@@ -560,6 +560,23 @@ class RsgOrchestration:
         if rsg is not None and rsg.role == replication.SECONDARY:
             rsg.check_readable(lu)
 
+    @staticmethod
+    @contextlib.contextmanager
+    def point_in_time(lu, consistent=True):
+        """Take a point in time of lu (fracture, mark) inside this: on a
+        secondary no batch is applied meanwhile (its apply lock is held),
+        so the point holds all of a batch or none of it, and the volume
+        must be consistent (unless not asked: a protected image is the
+        target's own, kept also of an inconsistent volume)."""
+        rsg = lu.rsg
+        if rsg is None or rsg.role != replication.SECONDARY:
+            yield
+            return
+        with rsg.lock:
+            if consistent:
+                rsg.check_readable(lu)
+            yield
+
     def close(self):
         """Stop listening for primaries and close every group."""
         if self.replica_server is not None:

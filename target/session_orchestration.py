@@ -300,9 +300,9 @@ class SessionOrchestration:
 
     def session_mark(self, name, export=False):
         session = self.find(name)
-        self.target.rsg_ops.check_point_in_time(session.source)
-        session.mark(export=bool(export),
-                     check=lambda: self._check_source_stable(session))
+        with self.target.rsg_ops.point_in_time(session.source):
+            session.mark(export=bool(export),
+                         check=lambda: self._check_source_stable(session))
         return session.status()
 
     def session_unmark(self, name, force=False):
@@ -357,8 +357,9 @@ class SessionOrchestration:
         try:
             self._check_peer_images(session)
             if not session.marked and not unmarked:
-                session.mark(full=full, check=lambda:
-                             self._check_source_stable(session))
+                with self.target.rsg_ops.point_in_time(session.source):
+                    session.mark(full=full, check=lambda:
+                                 self._check_source_stable(session))
             protected = self._protect_peers(session)
             session.start_transfer(clients, full=full, unmarked=unmarked,
                                    on_done=self._release_peers)
@@ -503,7 +504,9 @@ class SessionOrchestration:
                                            image=True)
             self.target.images[lu] = session
         if not session.marked:
-            session.mark(export=True)
+            with self.target.rsg_ops.point_in_time(source,
+                                                   consistent=False):
+                session.mark(export=True)
         return self.image_status(lu)
 
     def image_release(self, lu):

@@ -88,7 +88,10 @@ class SecondaryGroup:
         # it runs, a rollback): under session_lock, like `connection`.
         self.local_changes = []
         self.layers = []                    # Guard per volume
-        self.lock = threading.Lock()        # apply vs. host reads
+        # Apply vs. host reads and points in time (a fracture or mark of
+        # a volume holds it); reentrant, as what runs under a point in
+        # time may read through the guard, which takes it too.
+        self.lock = threading.RLock()
         self.session_lock = threading.Lock()
         self.connection = None
         self.serving = None         # the thread serving self.connection

@@ -2138,3 +2138,49 @@ def test_a_staged_batch_never_acknowledged_is_not_applied_over_a_newer_line(
         (2, b"\xbb\xbb", b"\0\0"), (
             "after restart: consistent={} applied_seq={} history={}".format(
                 sg.consistent, sg.applied_seq, sg.history))
+
+
+def test_a_point_in_time_of_a_secondary_volume_never_holds_half_a_batch(
+        cluster_factory, monkeypatch):
+    """A clone fracture (likewise a session mark) of a secondary's volume
+    taken while a batch is being applied must hold all of the batch or
+    none of it (before, it checked only that the group was consistent and
+    kept half the batch, a state the primary never had)."""
+    c = cluster_factory()
+    c.wait_converged()
+    synced_clone(c.tb, VOLS[0], "snap")
+    holding, release = threading.Event(), threading.Event()
+    orig = R.SecondaryGroup._apply_one
+
+    def held(self, vol, kind, off, length, data):
+        orig(self, vol, kind, off, length, data)
+        if off == Y and not holding.is_set():
+            holding.set()               # the first of two entries is in
+            release.wait(10)
+    monkeypatch.setattr(R.SecondaryGroup, "_apply_one", held)
+    c.stop_secondary()                  # one batch of two writes
+    c.write(0, Y, b"\x21" * GRAN)
+    c.write(0, Y + GRAN, b"\x22" * GRAN)
+    c.start_secondary()
+    assert holding.wait(10), c.status()
+    done = {}
+
+    def fracture():
+        try:
+            c.tb.clone_fracture("snap")
+            done["ok"] = True
+        except Exception as e:          # pragma: no cover
+            done["error"] = e
+    th = threading.Thread(target=fracture, daemon=True)
+    th.start()
+    th.join(3)
+    fractured_during_apply = not th.is_alive()
+    release.set()
+    th.join(10)
+    assert done.get("ok"), done
+    c.wait_converged()
+    img = clone_image(c.tb, "snap")[Y:Y + 2 * GRAN]
+    assert img in (b"\0" * 2 * GRAN, b"\x21" * GRAN + b"\x22" * GRAN), (
+        "clone fractured {} the apply holds half the batch: {!r}".format(
+            "while" if fractured_during_apply else "after",
+            (img[GRAN - 2:GRAN + 2])))
