@@ -687,16 +687,26 @@ class Link:
         # bytes (zeroes, sent as a length, cost nothing to send again).
         unsynced, unsynced_bytes, synced_at = [], 0, time.monotonic()
 
+        def current():
+            # (Under g.cond.)  The SRL head, if this replay still runs.
+            if self.epoch != epoch or self.stopping:
+                raise _ReplayEnded(not self.stopping)
+            if self.state != DCM_REPLAY:
+                raise _ReplayEnded(False)
+            return g.srl.head_pos
+
+        def send_entries(until):
+            nonlocal send_pos
+            pos = self._send_entries(sock, send_pos, until, epoch)
+            if pos is None:
+                raise _ReplayEnded(True)
+            send_pos = pos
+
         def read(view, off):
             # The data under the group lock is the state after every entry
             # logged so far: those entries go first, then the data.
-            nonlocal send_pos
             with g.cond:
-                if self.epoch != epoch or self.stopping:
-                    raise _ReplayEnded(not self.stopping)
-                if self.state != DCM_REPLAY:
-                    raise _ReplayEnded(False)
-                until = g.srl.head_pos
+                until = current()
                 # Holes are not read: zeroes in the chunk, which the
                 # copier's zero check sends as a zero.  Asked under the
                 # lock with the read, so both are the state at `until`.
@@ -707,10 +717,7 @@ class Link:
                         part[:] = bytes(n)
                     else:
                         below.readinto(part, start)
-            pos = self._send_entries(sock, send_pos, until, epoch)
-            if pos is None:
-                raise _ReplayEnded(True)
-            send_pos = pos
+            send_entries(until)
 
         def send_data(view, off):
             nonlocal unsynced_bytes
@@ -753,18 +760,11 @@ class Link:
             # throttled (entries logged meanwhile go now), an RSYN is sent
             # when due, and a BEAT keeps the secondary from taking the
             # silent primary for a lost one.
-            nonlocal send_pos, beat_at
+            nonlocal beat_at
             with g.cond:
-                if self.epoch != epoch or self.stopping:
-                    raise _ReplayEnded(not self.stopping)
-                if self.state != DCM_REPLAY:
-                    raise _ReplayEnded(False)
-                until = g.srl.head_pos
+                until = current()
             if until > send_pos:
-                pos = self._send_entries(sock, send_pos, until, epoch)
-                if pos is None:
-                    raise _ReplayEnded(True)
-                send_pos = pos
+                send_entries(until)
             elif not sync_due():
                 if time.monotonic() - beat_at < REPLAY_BEAT:
                     return
