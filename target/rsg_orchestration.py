@@ -387,6 +387,13 @@ class RsgOrchestration:
                 name=name, reason="its primary is connected and replicating; "
                 "promote only when the link is detached or the primary is "
                 "unreachable (or demote the primary first)")
+        # No primary is accepted from the checks to the new record: one
+        # applying batches meanwhile would leave changes that the new
+        # generation's history does not account for.
+        with rsg.local_change("a promotion of group {}".format(name)):
+            return self._promote(rsg, name, force)
+
+    def _promote(self, rsg, name, force):
         if not rsg.consistent and not force:
             raise replication.RsgBusy(
                 name=name, reason="this secondary is inconsistent ({}); its "
