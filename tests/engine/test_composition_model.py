@@ -46,7 +46,8 @@ destinations (transfers, updates: only the copy-on-first-write images of
 `lu protect` are used), more than one secondary, the SRL failing, host
 connections (a demote would refuse them).
 
-Switches (environment): COMPOSITION_MODEL_EXAMPLES (default 30) and
+Switches (environment): COMPOSITION_MODEL_EXAMPLES (default 30; 8 in a run
+of the fast tier alone, see tests/support/tiers.py) and
 COMPOSITION_MODEL_STEPS (default 30) size the machine;
 COMPOSITION_MODEL_SHRINK=1 shrinks a failing case (off by default: a
 timing-dependent failure shrinks for minutes, past pytest's timeout, and
@@ -74,6 +75,7 @@ from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant,
 
 from tests.support import rsgnodes
 from tests.support.models import tolerate_timing_in_generation
+from tests.support.tiers import examples
 from target import clones, errors, sessions
 from target import replication as R
 
@@ -1021,7 +1023,7 @@ class CompositionMachine(RuleBasedStateMachine):
 
 
 CompositionMachine.TestCase.settings = settings(
-    max_examples=int(os.environ.get("COMPOSITION_MODEL_EXAMPLES", "30")),
+    max_examples=examples("COMPOSITION_MODEL_EXAMPLES", 30, 8),
     stateful_step_count=int(os.environ.get("COMPOSITION_MODEL_STEPS", "30")),
     deadline=None, database=None,   # timing-dependent: no stale replays
     phases=tuple(Phase) if os.environ.get("COMPOSITION_MODEL_SHRINK") == "1"

@@ -29,8 +29,9 @@ Timing knobs of the engine (RETRY_INTERVAL, PERSIST_INTERVAL) are shortened
 by the tests (module attributes, restored afterwards) so that reconnects do
 not cost a second each.
 
-RSG_MODEL_EXAMPLES (default 40) and RSG_MODEL_STEPS (default 15) size the
-state machine.
+RSG_MODEL_EXAMPLES (default 40; 10 in a run of the fast tier alone, see
+tests/support/tiers.py) and RSG_MODEL_STEPS (default 15) size the state
+machine.
 """
 
 import errno
@@ -54,6 +55,7 @@ from tests.support.models import tolerate_timing_in_generation
 from tests.support.sockets import free_port
 from tests.support.rsgmodel import fast_timing, Op, restore_timing, wait_for
 from tests.support.rsgnodes import read_image, TOKEN
+from tests.support.tiers import examples
 from target import clones
 from target import replication as R
 from target import errors
@@ -352,7 +354,7 @@ class RsgMachine(RuleBasedStateMachine):
 
 
 RsgMachine.TestCase.settings = settings(
-    max_examples=int(os.environ.get("RSG_MODEL_EXAMPLES", "40")),
+    max_examples=examples("RSG_MODEL_EXAMPLES", 40, 10),
     stateful_step_count=int(os.environ.get("RSG_MODEL_STEPS", "15")),
     deadline=None, database=None,   # timing-dependent: no stale replays
     suppress_health_check=list(HealthCheck))
@@ -442,6 +444,9 @@ def test_failing_srl_switches_links_to_dcm_and_loses_nothing(
     DCM with the error in status, and once the SRL works again the replay
     makes the secondary equal the primary.  A failing read (the sender
     reading entries back) is no lost connection to retry for ever."""
+    # The SRL is tried again a second after it failed (not five): still
+    # long after the wait below saw the failure.
+    monkeypatch.setattr(R.link, "SRL_RETRY", 1.0)
     faults = tmp_path / "faults.json"
     _set_faults(faults, [])
     monkeypatch.setenv("CLONECTL_FAULTS", str(faults))
@@ -1704,7 +1709,7 @@ class ResyncMachine(RuleBasedStateMachine):
 
 
 ResyncMachine.TestCase.settings = settings(
-    max_examples=int(os.environ.get("RSG_RESYNC_EXAMPLES", "20")),
+    max_examples=examples("RSG_RESYNC_EXAMPLES", 20, 5),
     stateful_step_count=int(os.environ.get("RSG_RESYNC_STEPS", "20")),
     deadline=None, database=None,
     suppress_health_check=list(HealthCheck))

@@ -20,6 +20,10 @@ from tests.support.rsgmodel import wait_for
 from target import replication as R
 
 SIZE = 16 * MiB
+# The racing tests' replays: many acknowledged syncs (RSYN, each clearing
+# what it covers from the DCM) while the host writes.
+RACE_SIZE = 8 * MiB
+RACE_SYNC_BYTES = 512 << 10
 # The racing tests run once each by default; RSG_REPLAY_SEEDS=N runs them
 # with N seeds (each a different timing of the host writes).
 SEEDS = range(int(os.environ.get("RSG_REPLAY_SEEDS", "1")))
@@ -100,8 +104,8 @@ def _last_sent(monkeypatch):
 
 def _rate_limited_pair(pair, monkeypatch, rate="4M"):
     # Small syncs: many clears while the host writes.
-    monkeypatch.setattr(R.link, "REPLAY_SYNC_BYTES", 1 * MiB)
-    p = pair(size=SIZE)
+    monkeypatch.setattr(R.link, "REPLAY_SYNC_BYTES", RACE_SYNC_BYTES)
+    p = pair(size=RACE_SIZE)
     last = _last_sent(monkeypatch)
     p.link_up(rate=rate)
     return p, last
@@ -152,9 +156,9 @@ def test_host_writes_racing_replay_clears_then(pair, monkeypatch, cut, seed):
     _finish(p, w)
 
 
-def _secondary_node(p, name):
+def _secondary_node(p, name, size=SIZE):
     """One more secondary beside the pair's, on root/name."""
-    node = rsgnodes.Node(os.path.join(p.root, name), {"v": SIZE}, p.tok)
+    node = rsgnodes.Node(os.path.join(p.root, name), {"v": size}, p.tok)
     node.start()
     return node
 
@@ -342,9 +346,9 @@ def test_slow_rate_replay_completes(pair, monkeypatch):
     the next connection sends the same chunk again: the replay must still
     end."""
     monkeypatch.setattr(R.server, "IDLE_TIMEOUT", 1.0)
-    p = pair(size=4 * MiB)
+    p = pair(size=2 * MiB)
     p.link_up(rate="512K")
-    # 4 MiB at 512 KiB/s: 8 s, plus reconnects.
+    # Two chunks of 1 MiB at 512 KiB/s: 4 s, plus reconnects.
     wait_for(p.replicating, 30, "the throttled replay completed",
              lambda: (p.link.status(), p.sg and p.sg.status()))
     p.check_identical()
@@ -353,10 +357,10 @@ def test_slow_rate_replay_completes(pair, monkeypatch):
 @pytest.mark.parametrize("seed", SEEDS)
 def test_two_links_replaying_with_host_writes_then_primary_kill(
         pair, monkeypatch, seed):
-    monkeypatch.setattr(R.link, "REPLAY_SYNC_BYTES", 1 * MiB)
-    p = pair(size=SIZE)
+    monkeypatch.setattr(R.link, "REPLAY_SYNC_BYTES", RACE_SYNC_BYTES)
+    p = pair(size=RACE_SIZE)
     last = _last_sent(monkeypatch)
-    c = _secondary_node(p, "C")
+    c = _secondary_node(p, "C", RACE_SIZE)
     tc, addr_c = c.t, c.addr
     try:
         p.link_up(rate="4M")
