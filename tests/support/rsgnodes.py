@@ -173,6 +173,12 @@ class Node:
         return read_image(self.t, name)
 
 
+def _target_of(node):
+    """A pair's property: the Target of its node `node` (settable)."""
+    return property(lambda pair: getattr(pair, node).t,
+                    lambda pair, t: setattr(getattr(pair, node), "t", t))
+
+
 class Pair:
     """A primary node `a` (state directory root/A) and a secondary node
     `b` (root/B, listening), both with the volumes `vols`; the secondary
@@ -194,21 +200,8 @@ class Pair:
     port = property(lambda self: self.b.port)
     addr = property(lambda self: self.b.addr)      # the secondary's
 
-    @property
-    def ta(self):
-        return self.a.t
-
-    @ta.setter
-    def ta(self, t):
-        self.a.t = t
-
-    @property
-    def tb(self):
-        return self.b.t
-
-    @tb.setter
-    def tb(self, t):
-        self.b.t = t
+    ta = _target_of("a")
+    tb = _target_of("b")
 
     @property
     def g(self):
