@@ -184,15 +184,35 @@ class Servers(contextlib.ExitStack):
                 clonectl(self.states[variant], "clone", "sync", "c1", "--wait")
 
 
+def fio_command(uris, rw, bs, iodepth, size, runtime, ramp=1, extra=()):
+    """fio's nbd engine for runtime seconds (after ramp seconds not
+    measured), JSON output: one job, with its own NBD connection, per URI,
+    all started together; extra: more options for every job."""
+    cmd = ["fio", "--ioengine=nbd", "--rw=" + rw, "--bs=" + bs,
+           "--iodepth=" + str(iodepth), "--size=" + str(size),
+           "--time_based", "--runtime=" + str(runtime),
+           "--ramp_time=" + str(ramp), "--randrepeat=0", "--norandommap",
+           "--output-format=json", *extra]
+    for i, uri in enumerate(uris):
+        cmd += ["--name=c{}".format(i), "--uri=" + uri]
+    return cmd
+
+
+def fio_jobs(out):
+    """The jobs of fio's JSON output (it prints "fio: connected to NBD
+    server" before it)."""
+    return json.loads(out[out.index("{"):])["jobs"]
+
+
+def run_fio_command(cmd, cwd=None):
+    """Run a fio_command; its jobs."""
+    return fio_jobs(subprocess.run(cmd, capture_output=True, text=True,
+                                   check=True, cwd=cwd).stdout)
+
+
 def run_fio(uri, rw, bs, iodepth, runtime, size):
-    cmd = ["fio", "--name=bench", "--ioengine=nbd", "--uri=" + uri,
-           "--rw=" + rw, "--bs=" + bs, "--iodepth=" + str(iodepth),
-           "--size=" + str(size), "--time_based", "--runtime=" + str(runtime),
-           "--ramp_time=1", "--randrepeat=0", "--norandommap",
-           "--output-format=json"]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    doc = json.loads(out[out.index("{"):])
-    job = doc["jobs"][0]
+    job = run_fio_command(fio_command([uri], rw, bs, iodepth, size,
+                                      runtime))[0]
     side = job["read"] if "read" in rw else job["write"]
     pct = side["clat_ns"].get("percentile", {})
     return {"iops": side["iops"], "mbps": side["bw_bytes"] / 1e6,
@@ -673,10 +693,6 @@ def write_replay_log(path, offsets, bs=4096):
         f.write("nbd close\n")
 
 
-def _fio_json(out):
-    return json.loads(out[out.index("{"):])["jobs"][0]
-
-
 def _lat(side):
     pct = side["clat_ns"].get("percentile", {})
     return {"ios": side["total_ios"], "iops": side["iops"],
@@ -691,7 +707,7 @@ def run_fio_replay(uri, log, workdir):
            "--output-format=json"]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True,
                          cwd=workdir).stdout
-    return _lat(_fio_json(out)["read"])
+    return _lat(fio_jobs(out)[0]["read"])
 
 
 def copy_latency(src, dst, offsets, length=GRANULARITY):
@@ -754,11 +770,9 @@ def fio_iops_between(log_prefix, t0, t1):
 def restore_under_fio(state, src_uri, size, workdir, rep, rw="randrw"):
     """restore --full while fio (rw, 4k, QD16) runs on the Source."""
     prefix = os.path.join(workdir, "fio{}".format(rep))
-    cmd = ["fio", "--name=bench", "--ioengine=nbd", "--uri=" + src_uri,
-           "--rw=" + rw, "--bs=4k", "--iodepth=16", "--size=" + str(size),
-           "--time_based", "--runtime=3600", "--randrepeat=0",
-           "--norandommap", "--output-format=json",
-           "--write_iops_log=" + prefix, "--log_avg_msec=100"]
+    cmd = fio_command([src_uri], rw, "4k", 16, size, 3600, ramp=0,
+                      extra=("--write_iops_log=" + prefix,
+                             "--log_avg_msec=100"))
     fio_started = time.monotonic()
     fio = subprocess.Popen(cmd, stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True, cwd=workdir)
@@ -788,13 +802,8 @@ def restore_under_fio(state, src_uri, size, workdir, rep, rw="randrw"):
 
 
 def idle_randrw_iops(src_uri, size, runtime, workdir):
-    cmd = ["fio", "--name=bench", "--ioengine=nbd", "--uri=" + src_uri,
-           "--rw=randrw", "--bs=4k", "--iodepth=16", "--size=" + str(size),
-           "--time_based", "--runtime=" + str(runtime), "--ramp_time=1",
-           "--randrepeat=0", "--norandommap", "--output-format=json"]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True,
-                         cwd=workdir).stdout
-    job = _fio_json(out)
+    job = run_fio_command(fio_command([src_uri], "randrw", "4k", 16, size,
+                                      runtime), cwd=workdir)[0]
     return job["read"]["iops"] + job["write"]["iops"]
 
 

@@ -28,10 +28,8 @@ scale past 2, and the rows with 4 say how each server degrades.
 
 import os
 import statistics
-import subprocess
 import sys
 import time
-import json
 
 WORKLOADS = [
     # name, rw, bs, iodepth
@@ -213,21 +211,13 @@ def _cpu_seconds(pid):
     return total
 
 
-def run_fio_clients(uris, rw, bs, iodepth, runtime, size):
+def run_fio_clients(bench, uris, rw, bs, iodepth, runtime, size):
     """One fio process, one job (and NBD connection) per URI, started
     together; the sum of the jobs' IOPS."""
-    cmd = ["fio", "--ioengine=nbd", "--rw=" + rw, "--bs=" + bs,
-           "--iodepth=" + str(iodepth), "--size=" + str(size),
-           "--time_based", "--runtime=" + str(runtime),
-           "--ramp_time=" + str(RAMP),
-           "--randrepeat=0", "--norandommap", "--output-format=json"]
-    for i, uri in enumerate(uris):
-        cmd += ["--name=c{}".format(i), "--uri=" + uri]
-    out = subprocess.run(cmd, capture_output=True, text=True,
-                         check=True).stdout
-    doc = json.loads(out[out.index("{"):])
+    jobs = bench.run_fio_command(bench.fio_command(
+        uris, rw, bs, iodepth, size, runtime, ramp=RAMP))
     side = "read" if "read" in rw else "write"
-    return sum(job[side]["iops"] for job in doc["jobs"])
+    return sum(job[side]["iops"] for job in jobs)
 
 
 def run(bench, args, size, workdir):
@@ -254,8 +244,8 @@ def run(bench, args, size, workdir):
                     for v in bench.rotate(variants, rep):
                         c0 = scale.cpu_seconds(v)
                         iops = run_fio_clients(
-                            scale.uris(v, clients, separate), rw, bs, qd,
-                            args.runtime, size)
+                            bench, scale.uris(v, clients, separate), rw, bs,
+                            qd, args.runtime, size)
                         c1 = scale.cpu_seconds(v)
                         samples[clients, separate][v].append(iops)
                         # Server CPU per request over the whole fio run:

@@ -46,7 +46,8 @@ destinations (transfers, updates: only the copy-on-first-write images of
 `lu protect` are used), more than one secondary, the SRL failing, host
 connections (a demote would refuse them).
 
-Switches (environment): COMPOSITION_MODEL_EXAMPLES (default 30) and
+Switches (environment): COMPOSITION_MODEL_EXAMPLES (default 30; 8 in a run
+of the fast tier alone, see tests/support/tiers.py) and
 COMPOSITION_MODEL_STEPS (default 30) size the machine;
 COMPOSITION_MODEL_SHRINK=1 shrinks a failing case (off by default: a
 timing-dependent failure shrinks for minutes, past pytest's timeout, and
@@ -62,12 +63,9 @@ import json
 import os
 import random
 import shutil
-import socket
-import sys
 import tempfile
 import threading
 import time
-import traceback
 
 import pytest
 from hypothesis import HealthCheck, Phase, event, settings
@@ -75,12 +73,11 @@ from hypothesis import strategies as st
 from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant,
                                  precondition, rule)
 
+from tests.support import rsgnodes
 from tests.support.models import tolerate_timing_in_generation
-from tests.support.sockets import free_port
+from tests.support.tiers import examples
 from target import clones, errors, sessions
 from target import replication as R
-from target import inventory
-from target.target import Target
 
 from tests.support.rsgmodel import (check_exact, check_sample, fast_timing,
                                     first_diff, Op, restore_timing, SET,
@@ -97,100 +94,24 @@ IMAGE = "protected-v1"          # Target.image_protect's session of v1
 
 # ---------------------------------------------------------------- nodes
 
-class Node:
+class Node(rsgnodes.Node):
     """One clonectl target (state dir, replication port)."""
 
     def __init__(self, name, root, tok):
+        super().__init__(os.path.join(root, name), zip(VOLS, SIZES), tok)
         self.name = name
-        self.dir = os.path.join(root, name)
-        self.tok = tok
-        sd = inventory.StateDir(self.dir)
-        sd.ensure()
-        for vol, size in zip(VOLS, SIZES):
-            inventory.create_lu(sd, vol, size=size)
-        self.port = free_port()
-        self.addr = "127.0.0.1:%d" % self.port
-        self.t = None
         self.start_seq = None
 
     @property
     def rsg(self):
         return self.t.rsgs.get("g")
 
-    def start(self):
-        self.t = Target(self.dir)
+    def loaded(self):
         g = self.rsg
         # The first number a change can get after the restart, before a
         # resumed engine takes any.
         self.start_seq = g.next_seq if g is not None and \
             g.role == R.PRIMARY else None
-        self.t.start()
-        for attempt in range(50):
-            try:
-                self.t.start_replication("127.0.0.1", self.port, self.tok)
-                return
-            except OSError:
-                time.sleep(0.1)
-        raise AssertionError("cannot listen on port %d again" % self.port)
-
-    def _wake_accept(self):
-        # A closed server's accept thread holds the port until one more
-        # connection wakes it up.
-        try:
-            socket.create_connection(("127.0.0.1", self.port), 1).close()
-        except OSError:
-            pass
-
-    def close(self):
-        if self.t is not None:
-            t, self.t = self.t, None
-            t.close()
-            self._wake_accept()
-
-    def kill(self):
-        """kill -9 at a quiet moment: threads stop, nothing is persisted
-        (no group record, no clone commit); what was written is in the
-        page cache and stays."""
-        t, self.t = self.t, None
-        with t.lock:
-            t.closing = True    # a dead process takes no new primary
-        if t.rsg_ops.replica_server is not None:
-            t.rsg_ops.replica_server.stop()
-        for g in list(t.rsgs.values()):
-            if g.role == R.PRIMARY:
-                for link in g.links:
-                    link.stop()
-                for link in g.links:
-                    link.dcm.close()
-                if g.since is not None:
-                    g.since.close()
-                g.al.close()
-                g.srl.close()
-            else:
-                g.close()       # shuts the connection, saves nothing
-        if t.rsg_ops.replica_server is not None:
-            t.rsg_ops.replica_server.join()
-            # A thread of the dead target that went on would change the
-            # new one's state directory.
-            alive = [th for th in t.rsg_ops.replica_server.connections
-                     if th.is_alive()]
-            assert not alive, "a replication session outlived its " \
-                "target:\n" + "".join(traceback.format_stack(
-                    sys._current_frames()[alive[0].ident]))
-        for group in t.groups.values():
-            if group.engine is not None:
-                group.engine.stop(None)
-                group.engine.join()
-            group.activity_file.close()
-            group.prm_file.close()
-            for c in group.clones.values():
-                c.backend.close()
-        for s in t.sessions.values():
-            s.tracking.close()
-            s.save_area.backend.close()
-        for lu in t.lus.values():
-            lu.close()
-        self._wake_accept()
 
     def read_top(self, vol):
         """A host read (the top of the stack)."""
@@ -1102,7 +1023,7 @@ class CompositionMachine(RuleBasedStateMachine):
 
 
 CompositionMachine.TestCase.settings = settings(
-    max_examples=int(os.environ.get("COMPOSITION_MODEL_EXAMPLES", "30")),
+    max_examples=examples("COMPOSITION_MODEL_EXAMPLES", 30, 8),
     stateful_step_count=int(os.environ.get("COMPOSITION_MODEL_STEPS", "30")),
     deadline=None, database=None,   # timing-dependent: no stale replays
     phases=tuple(Phase) if os.environ.get("COMPOSITION_MODEL_SHRINK") == "1"
@@ -1292,7 +1213,7 @@ def test_close_refuses_a_primary_met_for_the_first_time(two_nodes):
     closer.join(30)
     took = time.monotonic() - t0
     b.t = None
-    b._wake_accept()
+    b.wake_accept()
     alive = [th for th in srv.connections if th.is_alive()]
     assert not alive and took < 5, (took, alive)
     assert "g" not in t.rsgs

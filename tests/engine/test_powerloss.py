@@ -52,6 +52,7 @@ from hypothesis.stateful import rule, run_state_machine_as_test
 from target import clones, maps
 
 from tests.support import powerloss
+from tests.support.tiers import examples
 from tests.support.clonemodel import (GRAN, NAMES, SIZE, CloneMachine, Crash,
                                       data_for)
 
@@ -230,7 +231,7 @@ def _settings(examples, **kw):
 
 
 PowerLossMachine.TestCase.settings = _settings(
-    int(os.environ.get("CLONE_MODEL_EXAMPLES", "150")))
+    examples("CLONE_MODEL_EXAMPLES", 150, 40))
 TestPowerLoss = PowerLossMachine.TestCase
 
 

@@ -29,8 +29,9 @@ Timing knobs of the engine (RETRY_INTERVAL, PERSIST_INTERVAL) are shortened
 by the tests (module attributes, restored afterwards) so that reconnects do
 not cost a second each.
 
-RSG_MODEL_EXAMPLES (default 40) and RSG_MODEL_STEPS (default 15) size the
-state machine.
+RSG_MODEL_EXAMPLES (default 40; 10 in a run of the fast tier alone, see
+tests/support/tiers.py) and RSG_MODEL_STEPS (default 15) size the state
+machine.
 """
 
 import errno
@@ -49,20 +50,21 @@ from hypothesis import strategies as st
 from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant,
                                  precondition, rule)
 
-from tests.support import rsgmodel
+from tests.support import rsgmodel, rsgnodes
 from tests.support.models import tolerate_timing_in_generation
 from tests.support.sockets import free_port
 from tests.support.rsgmodel import fast_timing, Op, restore_timing, wait_for
+from tests.support.rsgnodes import read_image, TOKEN
+from tests.support.tiers import examples
 from target import clones
 from target import replication as R
-from target import errors, inventory
+from target import errors
 from target.target import Target
 
 GRAN = 4096
 VOLS = ["v1", "v2"]
 SIZES = [1 << 20, 512 << 10]
 SRL = "1M"
-TOKEN = "replication-token-0123456789"
 
 
 # ---------------------------------------------------------------- helpers
@@ -96,124 +98,25 @@ def _fast():
     restore_timing(saved)
 
 
-def read_image(t, name):
-    lu = t.lus[name]
-    buf = bytearray(lu.size)
-    lu.backend.readinto(buf, 0)
-    return bytes(buf)
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-class Cluster:
-    """A primary A and a secondary B in dirs under root."""
+class Cluster(rsgnodes.Pair):
+    """A primary A and a secondary B in dirs under root, with the volumes
+    VOLS, the group g and (link=True) its link; the model's changes."""
 
     def __init__(self, root, mode="async", srl=SRL, link=True):
-        self.root = root
-        self.A = os.path.join(root, "A")
-        self.B = os.path.join(root, "B")
-        self.tok = os.path.join(root, "tok")
-        with open(self.tok, "w") as f:
-            f.write(TOKEN)
-        os.chmod(self.tok, 0o600)
-        for sd in (self.A, self.B):
-            st_ = inventory.StateDir(sd)
-            st_.ensure()
-            for name, size in zip(VOLS, SIZES):
-                inventory.create_lu(st_, name, size=size)
-        self.port = free_port()
-        self.addr = "127.0.0.1:%d" % self.port
-        self.tb = None
-        self.start_secondary()
-        self.ta = Target(self.A)
-        self.ta.start()
-        self.ta.rsg_create("g", VOLS, srl, granularity="4K")
+        super().__init__(root, dict(zip(VOLS, SIZES)))
+        self.create_group(srl, "4K")
         self.ops = []
         self.lock = threading.Lock()      # one writer at a time
         self.seq_reused = False
         if link:
-            self.ta.rsg_link("g", self.addr, mode, self.tok)
-
-    # Nodes.
-
-    @property
-    def g(self):
-        return self.ta.rsgs["g"]
-
-    @property
-    def link(self):
-        return self.g.links[0]
-
-    @property
-    def sg(self):
-        return self.tb.rsgs.get("g") if self.tb is not None else None
-
-    def start_secondary(self):
-        assert self.tb is None
-        self.tb = Target(self.B)
-        self.tb.start()
-        for attempt in range(50):
-            try:
-                self.tb.start_replication("127.0.0.1", self.port, self.tok)
-                return
-            except OSError:
-                time.sleep(0.1)
-        raise AssertionError("cannot listen on port %d again" % self.port)
-
-    def stop_secondary(self):
-        self.tb.close()
-        self.tb = None
-        # The closed server's accept thread still holds the port until
-        # one more connection wakes it up.
-        try:
-            socket.create_connection(("127.0.0.1", self.port), 1).close()
-        except OSError:
-            pass
-
-    def restart_secondary(self):
-        self.stop_secondary()
-        self.start_secondary()
+            self.link_up(mode)
 
     def crash_primary(self):
         """kill -9 at a quiet moment (module notes)."""
-        ta = self.ta
-        for g in ta.rsgs.values():
-            if g.role != R.PRIMARY:
-                continue
-            for link in g.links:
-                link.stop()
-            for link in g.links:
-                link.dcm.close()
-            if g.since is not None:
-                g.since.close()
-            g.srl.close()
-        for lu in ta.lus.values():
-            lu.close()
-        self.ta = Target(self.A)
-        self.ta.start()
+        self.kill_primary()
         last = self.ops[-1].seq if self.ops else 0
         if self.g.next_seq <= last:
             self.seq_reused = True
-
-    def close(self):
-        for t in (self.ta, self.tb):
-            if t is not None:
-                try:
-                    t.close()
-                except Exception:
-                    pass
 
     # Host I/O (recorded in the model before it is issued: a secondary
     # can never hold an update the model lacks).
@@ -244,24 +147,6 @@ class Cluster:
             self.ta.lus[name].flush()
 
     # Checks.
-
-    def status(self):
-        try:
-            return {"link": self.link.status(),
-                    "secondary": self.sg.status() if self.sg else None,
-                    "last_seq": self.g.next_seq - 1}
-        except Exception as e:          # pragma: no cover
-            return repr(e)
-
-    def converged(self):
-        link, sg = self.link, self.sg
-        # Not lag_updates == 0: a lost ack keeps it at 1 until the next
-        # write; test_lag_zero_after_lost_ack checks that case.
-        return link.state == R.REPLICATING and sg is not None and \
-            sg.consistent and sg.applied_seq == self.g.next_seq - 1
-
-    def wait_converged(self, timeout=20.0):
-        wait_for(self.converged, timeout, "convergence", self.status)
 
     def sample(self):
         """(applied_seq, images) of the secondary under its apply lock, or
@@ -300,17 +185,8 @@ class Cluster:
 
 @pytest.fixture
 def cluster_factory():
-    made = []
-
-    def make(**kw):
-        root = tempfile.mkdtemp(prefix="rsg-engine-")
-        c = Cluster(root, **kw)
-        made.append(c)
-        return c
-    yield make
-    for c in made:
-        c.close()
-        shutil.rmtree(c.root, ignore_errors=True)
+    with rsgnodes.made(Cluster, "rsg-engine-") as make:
+        yield make
 
 
 def rnd_data(rng, n):
@@ -478,7 +354,7 @@ class RsgMachine(RuleBasedStateMachine):
 
 
 RsgMachine.TestCase.settings = settings(
-    max_examples=int(os.environ.get("RSG_MODEL_EXAMPLES", "40")),
+    max_examples=examples("RSG_MODEL_EXAMPLES", 40, 10),
     stateful_step_count=int(os.environ.get("RSG_MODEL_STEPS", "15")),
     deadline=None, database=None,   # timing-dependent: no stale replays
     suppress_health_check=list(HealthCheck))
@@ -568,6 +444,9 @@ def test_failing_srl_switches_links_to_dcm_and_loses_nothing(
     DCM with the error in status, and once the SRL works again the replay
     makes the secondary equal the primary.  A failing read (the sender
     reading entries back) is no lost connection to retry for ever."""
+    # The SRL is tried again a second after it failed (not five): still
+    # long after the wait below saw the failure.
+    monkeypatch.setattr(R.link, "SRL_RETRY", 1.0)
     faults = tmp_path / "faults.json"
     _set_faults(faults, [])
     monkeypatch.setenv("CLONECTL_FAULTS", str(faults))
@@ -1692,10 +1571,9 @@ class ResyncMachine(RuleBasedStateMachine):
         c.ta.rsg_set("g", after_split_brain=policy)
         c.ta.rsg_link("g", c.addr, "async", c.tok)
         self.policy = policy
-        port = free_port()
-        c.ta.start_replication("127.0.0.1", port, c.tok)
+        c.a.listen()
         self.t = {"A": c.ta, "B": c.tb}
-        self.addr = {"A": "127.0.0.1:%d" % port, "B": c.addr}
+        self.addr = {"A": c.a.addr, "B": c.addr}
         self.changed = {"A": set(), "B": set()}
         self.prim = "A"
         self.attached = True
@@ -1739,55 +1617,25 @@ class ResyncMachine(RuleBasedStateMachine):
         if not self.attached:
             self.changed[node] |= set(extents)
 
+    def node(self, n):
+        return self.c.a if n == "A" else self.c.b
+
     @precondition(lambda self: self.attached)
     @rule()
     def kill_primary(self):
-        """kill -9 of the replicating primary at a quiet moment (as
-        Cluster.crash_primary, with a listener to stop too): its activity
-        log replays to the attached link, and the next detach waits for
-        that, so the model is unchanged."""
-        t = self.t[self.prim]
-        t.rsg_ops.replica_server.stop()
-        g = t.rsgs["g"]
-        for link in g.links:
-            link.stop()
-        for link in g.links:
-            link.dcm.close()
-        if g.since is not None:
-            g.since.close()
-        g.al.close()
-        g.srl.close()
-        for lu in t.lus.values():
-            lu.close()
+        """kill -9 of the replicating primary at a quiet moment: its
+        activity log replays to the attached link, and the next detach
+        waits for that, so the model is unchanged."""
+        self.node(self.prim).kill()
         self.restart(self.prim, closed=True)
 
     @rule(node=st.sampled_from("AB"))
     def restart(self, node, closed=False):
         """A clean stop and start: the maps, their bases and the policy
         are what the files say."""
-        t = self.t[node]
-        port = int(self.addr[node].rpartition(":")[2])
         if not closed:
-            t.close()
-        try:
-            # Wake the closed listener's accept thread: it lets go of the
-            # port then.
-            socket.create_connection(("127.0.0.1", port), 1).close()
-        except OSError:
-            pass
-        t = Target(self.c.A if node == "A" else self.c.B)
-        t.start()
-        for attempt in range(50):
-            try:
-                t.start_replication("127.0.0.1", port, self.c.tok)
-                break
-            except OSError:
-                time.sleep(0.1)
-        self.t[node] = t
-        if node == "A":
-            self.c.ta = t
-        else:
-            self.c.tb = t
+            self.node(node).close()
+        t = self.t[node] = self.node(node).start()
         assert t.rsgs["g"].status()["after_split_brain"] == self.policy
         step("killed" if closed else "restart", node)
 
@@ -1861,7 +1709,7 @@ class ResyncMachine(RuleBasedStateMachine):
 
 
 ResyncMachine.TestCase.settings = settings(
-    max_examples=int(os.environ.get("RSG_RESYNC_EXAMPLES", "20")),
+    max_examples=examples("RSG_RESYNC_EXAMPLES", 20, 5),
     stateful_step_count=int(os.environ.get("RSG_RESYNC_STEPS", "20")),
     deadline=None, database=None,
     suppress_health_check=list(HealthCheck))

@@ -13,11 +13,17 @@ import time
 
 import pytest
 
-from tests.support.rsgpair import MiB, Gate, pair, read_image  # noqa: F401
+from tests.support import rsgnodes
+from tests.support.rsgpair import MiB, Gate, pair  # noqa: F401
+from tests.support.rsgnodes import read_image
 from tests.support.rsgmodel import wait_for
 from target import replication as R
 
 SIZE = 16 * MiB
+# The racing tests' replays: many acknowledged syncs (RSYN, each clearing
+# what it covers from the DCM) while the host writes.
+RACE_SIZE = 8 * MiB
+RACE_SYNC_BYTES = 512 << 10
 # The racing tests run once each by default; RSG_REPLAY_SEEDS=N runs them
 # with N seeds (each a different timing of the host writes).
 SEEDS = range(int(os.environ.get("RSG_REPLAY_SEEDS", "1")))
@@ -98,8 +104,8 @@ def _last_sent(monkeypatch):
 
 def _rate_limited_pair(pair, monkeypatch, rate="4M"):
     # Small syncs: many clears while the host writes.
-    monkeypatch.setattr(R.link, "REPLAY_SYNC_BYTES", 1 * MiB)
-    p = pair(size=SIZE)
+    monkeypatch.setattr(R.link, "REPLAY_SYNC_BYTES", RACE_SYNC_BYTES)
+    p = pair(size=RACE_SIZE)
     last = _last_sent(monkeypatch)
     p.link_up(rate=rate)
     return p, last
@@ -119,56 +125,42 @@ def _finish(p, w):
     p.check_identical()
 
 
-@pytest.mark.parametrize("seed", SEEDS)
-def test_host_writes_racing_replay_clears_then_primary_kill(
-        pair, monkeypatch, seed):
-    p, last = _rate_limited_pair(pair, monkeypatch)
-    w = Writer(p, seed, near=lambda: last["off"])
-    w.resume()
-    _wait_some_syncs(p, last)
-    time.sleep(random.Random(seed).random() * 0.5)
-    w.pause()
+def _kill_primary(p, w):
+    w.pause()           # a kill at a quiet moment
     p.kill_primary()
-    _finish(p, w)
 
 
-@pytest.mark.parametrize("seed", SEEDS)
-def test_host_writes_racing_replay_clears_then_lost_connection(
-        pair, monkeypatch, seed):
-    p, last = _rate_limited_pair(pair, monkeypatch)
-    w = Writer(p, seed, near=lambda: last["off"])
-    w.resume()
-    _wait_some_syncs(p, last)
-    time.sleep(random.Random(seed).random() * 0.5)
+def _lose_connection(p, w):
     # The connection drops while host writes go on.
     R.wire.shutdown_socket(p.link.sock)
     time.sleep(0.3)
-    _finish(p, w)
+
+
+def _restart_secondary(p, w):
+    p.restart_secondary()
 
 
 @pytest.mark.parametrize("seed", SEEDS)
-def test_host_writes_racing_replay_clears_then_secondary_restart(
-        pair, monkeypatch, seed):
+@pytest.mark.parametrize("cut", [_kill_primary, _lose_connection,
+                                 _restart_secondary],
+                         ids=["primary_kill", "lost_connection",
+                              "secondary_restart"])
+def test_host_writes_racing_replay_clears_then(pair, monkeypatch, cut, seed):
+    """The replay is cut (by `cut`) while host writes race its clears."""
     p, last = _rate_limited_pair(pair, monkeypatch)
     w = Writer(p, seed, near=lambda: last["off"])
     w.resume()
     _wait_some_syncs(p, last)
     time.sleep(random.Random(seed).random() * 0.5)
-    p.restart_secondary()
+    cut(p, w)
     _finish(p, w)
 
 
-def _secondary_target(root, name, port, tok):
-    from target import inventory
-    from target.target import Target
-    sd = os.path.join(root, name)
-    st = inventory.StateDir(sd)
-    st.ensure()
-    inventory.create_lu(st, "v", size=SIZE)
-    t = Target(sd)
-    t.start()
-    t.start_replication("127.0.0.1", port, tok)
-    return t
+def _secondary_node(p, name, size=SIZE):
+    """One more secondary beside the pair's, on root/name."""
+    node = rsgnodes.Node(os.path.join(p.root, name), {"v": size}, p.tok)
+    node.start()
+    return node
 
 
 def test_two_links_a_relinked_secondary_keeps_its_own_dcm_across_restart(
@@ -176,12 +168,10 @@ def test_two_links_a_relinked_secondary_keeps_its_own_dcm_across_restart(
     """Links to B and C; B is unlinked and linked again (a new index),
     then detached while the primary writes: its DCM holds those writes.
     After a restart of the primary, B's replay must copy them."""
-    from tests.support.sockets import free_port
     from target.target import Target
     p = pair(size=SIZE)
-    port_c = free_port()
-    tc = _secondary_target(p.root, "C", port_c, p.tok)
-    addr_c = "127.0.0.1:%d" % port_c
+    c = _secondary_node(p, "C")
+    tc, addr_c = c.t, c.addr
     try:
         p.link_up()
         p.ta.rsg_link("g", addr_c, "async", p.tok)
@@ -208,7 +198,7 @@ def test_two_links_a_relinked_secondary_keeps_its_own_dcm_across_restart(
                  and link_b.dcm.count() == 0, 60, "B replicating",
                  link_b.status)
         time.sleep(0.5)
-        a, b = read_image(p.ta), read_image(p.tb)
+        a, b = read_image(p.ta, "v"), read_image(p.tb, "v")
         assert a[:MiB] == b[:MiB], \
             "B claims consistency without the writes made while detached"
     finally:
@@ -356,9 +346,9 @@ def test_slow_rate_replay_completes(pair, monkeypatch):
     the next connection sends the same chunk again: the replay must still
     end."""
     monkeypatch.setattr(R.server, "IDLE_TIMEOUT", 1.0)
-    p = pair(size=4 * MiB)
+    p = pair(size=2 * MiB)
     p.link_up(rate="512K")
-    # 4 MiB at 512 KiB/s: 8 s, plus reconnects.
+    # Two chunks of 1 MiB at 512 KiB/s: 4 s, plus reconnects.
     wait_for(p.replicating, 30, "the throttled replay completed",
              lambda: (p.link.status(), p.sg and p.sg.status()))
     p.check_identical()
@@ -367,13 +357,11 @@ def test_slow_rate_replay_completes(pair, monkeypatch):
 @pytest.mark.parametrize("seed", SEEDS)
 def test_two_links_replaying_with_host_writes_then_primary_kill(
         pair, monkeypatch, seed):
-    from tests.support.sockets import free_port
-    monkeypatch.setattr(R.link, "REPLAY_SYNC_BYTES", 1 * MiB)
-    p = pair(size=SIZE)
+    monkeypatch.setattr(R.link, "REPLAY_SYNC_BYTES", RACE_SYNC_BYTES)
+    p = pair(size=RACE_SIZE)
     last = _last_sent(monkeypatch)
-    port_c = free_port()
-    tc = _secondary_target(p.root, "C", port_c, p.tok)
-    addr_c = "127.0.0.1:%d" % port_c
+    c = _secondary_node(p, "C", RACE_SIZE)
+    tc, addr_c = c.t, c.addr
     try:
         p.link_up(rate="4M")
         p.ta.rsg_link("g", addr_c, "async", p.tok, rate="3M")
@@ -398,8 +386,8 @@ def test_two_links_replaying_with_host_writes_then_primary_kill(
                 p.sg.applied_seq == tc.rsgs["g"].applied_seq == \
                 g.next_seq - 1
         wait_for(both, 60, "both links caught up", g.status)
-        a = read_image(p.ta)
-        assert a == read_image(p.tb), "B differs"
-        assert a == read_image(tc), "C differs"
+        a = read_image(p.ta, "v")
+        assert a == read_image(p.tb, "v"), "B differs"
+        assert a == read_image(tc, "v"), "C differs"
     finally:
         tc.close()

@@ -6,109 +6,43 @@ host writes never show as a difference."""
 
 import os
 import random
-import shutil
-import tempfile
 import threading
 import time
 
 import pytest
 
-from target import inventory
 from target import replication as R
-from target.target import Target
+from tests.support import rsgnodes
 from tests.support.rsgmodel import (fast_timing, first_diff, restore_timing,
                                     wait_for)
-from tests.support.sockets import free_port
+from tests.support.rsgnodes import read_image
 
 GRAN = 4096
 VOLS = ["v1", "v2"]
 SIZES = [1 << 20, 512 << 10]
-TOKEN = "replication-token-0123456789"
 
 
-class Pair:
+class Pair(rsgnodes.Pair):
     """A primary Target (A) replicating group g to a secondary (B), in
     process, over 127.0.0.1."""
 
     def __init__(self, root, mode="async"):
-        self.root = root
-        tok = os.path.join(root, "tok")
-        with open(tok, "w") as f:
-            f.write(TOKEN)
-        os.chmod(tok, 0o600)
-        dirs = []
-        for node in ("A", "B"):
-            sd = inventory.StateDir(os.path.join(root, node))
-            sd.ensure()
-            for name, size in zip(VOLS, SIZES):
-                inventory.create_lu(sd, name, size=size)
-            dirs.append(sd.path)
-        port = free_port()
-        self.tb = Target(dirs[1])
-        self.tb.start()
-        self.tb.start_replication("127.0.0.1", port, tok)
-        self.ta = Target(dirs[0])
-        self.ta.start()
-        self.ta.rsg_create("g", VOLS, "1M", granularity="4K")
-        self.ta.rsg_link("g", "127.0.0.1:%d" % port, mode, tok)
+        super().__init__(root, dict(zip(VOLS, SIZES)))
+        self.create_group("1M", "4K")
+        self.link_up(mode)
         self.lock = threading.Lock()
-
-    @property
-    def g(self):
-        return self.ta.rsgs["g"]
-
-    @property
-    def link(self):
-        return self.g.links[0]
-
-    @property
-    def sg(self):
-        return self.tb.rsgs.get("g")
 
     def write(self, vol, off, data):
         with self.lock:
             self.ta.lus[VOLS[vol]].write(data, off)
 
-    def status(self):
-        return {"link": self.link.status(), "secondary": self.sg.status()}
-
-    def converged(self):
-        sg = self.sg
-        return self.link.state == R.REPLICATING and sg is not None and \
-            sg.consistent and sg.applied_seq == self.g.next_seq - 1
-
-    def wait_converged(self, timeout=20.0):
-        wait_for(self.converged, timeout, "convergence", self.status)
-
-    def close(self):
-        for t in (self.ta, self.tb):
-            try:
-                t.close()
-            except Exception:
-                pass
-
 
 @pytest.fixture
 def cluster_factory():
     saved = fast_timing()
-    made = []
-
-    def make(**kw):
-        c = Pair(tempfile.mkdtemp(prefix="rsg-verify-"), **kw)
-        made.append(c)
-        return c
-    yield make
-    for c in made:
-        c.close()
-        shutil.rmtree(c.root, ignore_errors=True)
+    with rsgnodes.made(Pair, "rsg-verify-") as make:
+        yield make
     restore_timing(saved)
-
-
-def read_image(t, name):
-    lu = t.lus[name]
-    buf = bytearray(lu.size)
-    lu.backend.readinto(buf, 0)
-    return bytes(buf)
 
 
 def _plant(c, vol, extents):

@@ -28,7 +28,6 @@ completed write, destinations too (they are other machines).  A host write
 cut short is unacknowledged: the model takes what landed.
 """
 
-import os
 import random
 import shutil
 import tempfile
@@ -43,6 +42,7 @@ from target import backends, changemap, maps, sessions
 
 from tests.support.clonemodel import (Countdown, Crash, CrashingBackend,
                                       data_for, patch_map_io)
+from tests.support.tiers import examples
 
 GRAN = 4096
 EXTENTS = 16
@@ -402,7 +402,7 @@ class SessionMachine(RuleBasedStateMachine):
 
 
 SessionMachine.TestCase.settings = settings(
-    max_examples=int(os.environ.get("SESSION_MODEL_EXAMPLES", "150")),
+    max_examples=examples("SESSION_MODEL_EXAMPLES", 150, 40),
     stateful_step_count=40, deadline=None,
     suppress_health_check=[HealthCheck.too_slow])
 TestSessionModel = SessionMachine.TestCase
