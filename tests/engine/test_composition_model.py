@@ -525,6 +525,10 @@ class CompositionMachine(RuleBasedStateMachine):
                 sg.connected_since is not None):
             allowed = None      # refused while a primary is connected
         first = node.rsg.next_seq if primary else None
+        # A restore of a clone that differs nowhere changes nothing: the
+        # secondary does not diverge, and keeps applying its primary's
+        # updates.
+        changes = any(node.group().clones[name].delta)
         refusals = (clones.InvalidTransition, clones.GroupBusy,
                     clones.AlreadyRunning, clones.SiblingsMirrored,
                     R.RsgBusy)
@@ -538,7 +542,7 @@ class CompositionMachine(RuleBasedStateMachine):
         if primary:
             self.append(Op(self.between(first), 0, SET, 0, SIZES[0],
                            m.content))
-        else:
+        elif changes:
             self.override[0] = m.content
         if hold:
             self.held[n] = node.group().engine
@@ -1413,6 +1417,7 @@ def test_demoted_node_reports_what_it_changed_before_a_link_did(two_nodes):
     held: with no link, nothing; the other node said it was consistent and
     kept the restored data.)"""
     a, b = two_nodes
+    converge(a, b)                          # b's first replay has ended
     b.t.clone_add("v1", "b1", granularity="64K")
     b.t.clone_sync("b1")
     wait_for(lambda: b.t.clone_status("b1")["state"] == "synchronized")
