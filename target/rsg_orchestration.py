@@ -128,7 +128,8 @@ class RsgOrchestration:
             for c in group.clones.values():
                 if c.state in (clones.RESTORING, clones.REVERSE_SYNCING):
                     return "the {} of {} from clone {}".format(
-                        c.state.replace("ing", ""), lu.name, c.name)
+                        "protected restore" if c.state == clones.RESTORING
+                        else "reverse sync", lu.name, c.name)
         return None
 
     @staticmethod

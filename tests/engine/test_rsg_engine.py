@@ -1056,7 +1056,8 @@ def test_primary_refused_while_secondary_restores(cluster_factory,
     assert clone_state(c.tb, "snap") == "restoring"
     assert c.sg.connected_since is None, c.status()
     assert c.sg.applied_seq == applied
-    assert "running on this secondary" in (c.link.error or ""), c.status()
+    assert "the protected restore of {} from clone snap is running on " \
+        "this secondary".format(VOLS[0]) in (c.link.error or ""), c.status()
     release(c.tb.groups[VOLS[0]])
     wait_for(lambda: clone_state(c.tb, "snap") == "fractured", 30,
              "the restore", lambda: c.tb.clone_status("snap"))
