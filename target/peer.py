@@ -225,6 +225,11 @@ class PeerServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
                 raise errors.ProtocolError(reason="unknown operation {!r}"
                                            .format(op))
             log.info("peer %s: %s %s", client[0], op, lu)
+            if op == "rollback":
+                # A peer's image, never the last consistent image of a
+                # replicated group (LU@consistent-LU) that `lu rollback`
+                # prefers.
+                return op, {"lu": lu, "image": "protected"}
             return op, {"lu": lu}
 
         return control.dispatch(line, self.operations, unpack,

@@ -1,0 +1,188 @@
+"""The last consistent image a secondary keeps during a replay
+(LU@consistent-LU): the group's own, every volume of one point, kept
+across restarts while the node is inconsistent, released only by the
+group (its replay's end, its promotion, its deletion), and apart from the
+protected image an admin or a peer keeps (LU@protected-LU)."""
+
+import errno
+import threading
+
+import pytest
+
+from target import errors, operations, sessions
+from target import replication as R
+from tests.engine.test_composition_model import VOLS, converge, two_nodes
+from tests.support.rsgmodel import wait_for
+
+__all__ = ["two_nodes"]     # the fixture
+
+
+def _frozen(node, name, size):
+    s = node.t.sessions.get(name)
+    assert s is not None and s.marked, (name, sorted(node.t.sessions))
+    buf = bytearray(size)
+    s.read_frozen(buf, 0)
+    return bytes(buf[:4096])
+
+
+def _break_a_replay(a, b, monkeypatch):
+    """B consistent at \\x02 (v1 protected by an admin at \\x01 before);
+    then a replay of \\x03 broken off at its end: B inconsistent."""
+    for vol in VOLS:
+        a.t.lus[vol].write(b"\x01" * 4096, 0)
+    converge(a, b)
+    b.t.image_protect("v1")
+    for vol in VOLS:
+        a.t.lus[vol].write(b"\x02" * 4096, 0)
+    converge(a, b)
+    a.t.rsg_detach("g", b.addr)
+    for vol in VOLS:
+        a.t.lus[vol].write(b"\x03" * 4096, 0)
+    broken = threading.Event()
+    end_replay = R.SecondaryGroup._end_replay
+
+    def break_off(self, seq, theirs):
+        broken.set()
+        raise OSError(errno.EIO, "the replay is broken off here")
+    monkeypatch.setattr(R.SecondaryGroup, "_end_replay", break_off)
+    a.t.rsg_attach("g", b.addr)
+    assert broken.wait(10)
+    a.t.rsg_detach("g", b.addr)
+    wait_for(lambda: b.rsg.connected_since is None)
+    monkeypatch.setattr(R.SecondaryGroup, "_end_replay", end_replay)
+    assert not b.rsg.consistent and b.rsg.protected, b.rsg.status()
+
+
+def _restart(node):
+    node.close()
+    node.start()
+
+
+def test_broken_replay_rolls_back_to_one_point_across_a_restart(
+        two_nodes, monkeypatch):
+    a, b = two_nodes
+    _break_a_replay(a, b, monkeypatch)
+    _restart(b)
+    sg = b.rsg
+    assert not sg.consistent and sg.protected
+    assert sg.status()["images"] == ["v1@consistent-v1", "v2@consistent-v2"]
+    exports = [name for name, _ in b.t.exports()]
+    assert "v1@consistent-v1" in exports and "v1@protected-v1" in exports
+    with pytest.raises(R.ReplicaUnavailable) as e:
+        sg.check_readable(b.t.lus["v2"])
+    assert "v2@consistent-v2" in str(e.value), str(e.value)
+    with pytest.raises(R.RsgBusy) as e:
+        b.t.rsg_promote("g")
+    assert "v1@consistent-v1, v2@consistent-v2" in str(e.value) and \
+        "lu rollback" in str(e.value), str(e.value)
+    for vol, size in zip(VOLS, (1 << 20, 256 << 10)):
+        assert _frozen(b, "consistent-" + vol, size) == b"\x02" * 4096
+        res = b.t.image_rollback(vol)
+        assert res["image"] == "{0}@consistent-{0}".format(vol), res
+    with sg.lock:
+        got = [b.read_below_guard(v)[:4096] for v in range(len(VOLS))]
+    assert got == [b"\x02" * 4096] * 2
+    assert not [n for n in b.t.sessions if n.startswith("consistent-")]
+    # The admin's image is there still, of its own point.
+    assert _frozen(b, "protected-v1", 1 << 20) == b"\x01" * 4096
+    with pytest.raises(R.RsgBusy) as e:
+        b.t.rsg_promote("g")
+    assert "no consistent image of it is kept" in str(e.value), str(e.value)
+    b.t.rsg_promote("g", force=True)
+    assert [b.read_top(v)[:4096] for v in range(len(VOLS))] == \
+        [b"\x02" * 4096] * 2
+    assert b.t.image_status("v1")["protected"]
+
+
+def test_promote_force_releases_only_the_groups_images(two_nodes,
+                                                       monkeypatch):
+    a, b = two_nodes
+    _break_a_replay(a, b, monkeypatch)
+    b.t.rsg_promote("g", force=True)
+    assert not [n for n in b.t.sessions if n.startswith("consistent-")]
+    assert _frozen(b, "protected-v1", 1 << 20) == b"\x01" * 4096
+    _restart(b)
+    assert not [n for n in b.t.sessions if n.startswith("consistent-")]
+    assert _frozen(b, "protected-v1", 1 << 20) == b"\x01" * 4096
+
+
+def test_rsg_delete_releases_only_the_groups_images(two_nodes, monkeypatch):
+    a, b = two_nodes
+    _break_a_replay(a, b, monkeypatch)
+    b.t.rsg_delete("g")
+    assert not [n for n in b.t.sessions if n.startswith("consistent-")]
+    assert _frozen(b, "protected-v1", 1 << 20) == b"\x01" * 4096
+
+
+def test_a_completed_replay_leaves_no_image_after_a_crash(two_nodes,
+                                                          monkeypatch):
+    """A crash between the record saying consistent and the release: the
+    restart releases the images (the replay completed), and only them."""
+    a, b = two_nodes
+    _break_a_replay(a, b, monkeypatch)
+    b.rsg.consistent, b.rsg.reason = True, None
+    b.rsg.persist()
+    _restart(b)
+    assert not b.rsg.protected and b.rsg.status()["images"] == []
+    assert not [n for n in b.t.sessions if n.startswith("consistent-")]
+    assert _frozen(b, "protected-v1", 1 << 20) == b"\x01" * 4096
+    a.t.rsg_attach("g", b.addr)
+    converge(a, b)
+    assert b.t.image_status("v1")["protected"]
+
+
+def test_a_new_replay_replaces_a_stale_image(two_nodes, monkeypatch):
+    """Images left protected on a consistent node (a release that failed)
+    are replaced by the next replay's, of its own point."""
+    a, b = two_nodes
+    _break_a_replay(a, b, monkeypatch)
+    monkeypatch.setattr(R.SecondaryGroup, "release_images", lambda self: None)
+    a.t.rsg_attach("g", b.addr)
+    converge(a, b)
+    assert b.rsg.protected                  # its release failed
+    monkeypatch.undo()
+    a.t.rsg_detach("g", b.addr)
+    wait_for(lambda: b.rsg.connected_since is None)
+    a.t.lus["v1"].write(b"\x04" * 4096, 0)
+    gate = threading.Event()
+    ended = threading.Event()
+    end_replay = R.SecondaryGroup._end_replay
+
+    def hold(self, seq, theirs):
+        ended.set()
+        gate.wait(10)
+        end_replay(self, seq, theirs)
+    monkeypatch.setattr(R.SecondaryGroup, "_end_replay", hold)
+    a.t.rsg_attach("g", b.addr)
+    try:
+        assert ended.wait(10)
+        assert [_frozen(b, "consistent-" + v, s) for v, s in
+                zip(VOLS, (1 << 20, 256 << 10))] == [b"\x03" * 4096] * 2
+    finally:
+        gate.set()
+    converge(a, b)
+    assert not b.rsg.protected
+    assert not [n for n in b.t.sessions if n.startswith("consistent-")]
+
+
+def test_no_user_session_takes_or_touches_the_groups_image(two_nodes,
+                                                           monkeypatch):
+    a, b = two_nodes
+    with pytest.raises(errors.InvalidArgument) as e:
+        a.t.session_ops.session_create("v1", "consistent-v1",
+                                       dests=["nbd+unix:///x?socket=/nx"])
+    assert "reserved" in str(e.value)
+    _break_a_replay(a, b, monkeypatch)
+    ops = operations.bind(b.t)
+    for op in ("session_delete", "session_unmark", "session_mark"):
+        with pytest.raises(errors.InvalidArgument):
+            ops[op](name="consistent-v1")
+    assert b.t.sessions["consistent-v1"].marked
+    # The admin's image on its own: a release of it leaves the group's.
+    b.t.image_release("v1")
+    assert _frozen(b, "consistent-v1", 1 << 20) == b"\x02" * 4096
+    with pytest.raises(errors.InvalidArgument):
+        b.t.image_rollback("v1", image="protected")
+    with pytest.raises(errors.InvalidArgument):
+        b.t.image_rollback("v1", image="other")
+    assert isinstance(b.t.sessions["consistent-v1"], sessions.Session)
