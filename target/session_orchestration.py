@@ -680,15 +680,16 @@ class SessionOrchestration:
         @functools.wraps(operation)
         def call(name, **kwargs):
             with self.target.lock:
-                image = next((lu for images in (self.target.images,
-                                                self.target.consistent_images)
+                image = next(((what, lu) for what, images in (
+                    ("protected image", self.target.images),
+                    ("last consistent image", self.target.consistent_images))
                               for lu, s in images.items()
                               if s.name == name), None)
             if image is not None:
                 raise errors.InvalidArgument(
-                    reason="session {!r} holds an image of LU {} "
-                    "({}@{}); it is changed by `clonectl lu rollback` and "
-                    "replication only".format(name, image, image, name))
+                    reason="session {!r} holds the {} of LU {} ({}@{}); it "
+                    "is changed by `clonectl lu rollback` and replication "
+                    "only".format(name, image[0], image[1], image[1], name))
             return operation(name, **kwargs)
         return call
 

@@ -5,16 +5,100 @@ group (its replay's end, its promotion, its deletion), and apart from the
 protected image an admin or a peer keeps (LU@protected-LU)."""
 
 import errno
+import os
+import socket
 import threading
+import time
 
 import pytest
 
-from target import errors, operations, sessions
+from target import errors, inventory, operations, sessions
 from target import replication as R
-from tests.engine.test_composition_model import VOLS, converge, two_nodes
-from tests.support.rsgmodel import wait_for
+from target.target import Target
+from tests.support.rsgmodel import fast_timing, restore_timing, wait_for
+from tests.support.sockets import free_port
 
-__all__ = ["two_nodes"]     # the fixture
+VOLS = ["v1", "v2"]
+SIZES = [1 << 20, 256 << 10]
+TOKEN = "replication-token-0123456789"
+
+
+class Node:
+    """A Target on a state directory with v1 and v2, listening for
+    primaries on 127.0.0.1."""
+
+    def __init__(self, root, tok):
+        self.dir, self.tok = root, tok
+        sd = inventory.StateDir(root)
+        sd.ensure()
+        for vol, size in zip(VOLS, SIZES):
+            inventory.create_lu(sd, vol, size=size)
+        self.port = free_port()
+        self.addr = "127.0.0.1:%d" % self.port
+        self.t = None
+
+    @property
+    def rsg(self):
+        return self.t.rsgs.get("g")
+
+    def start(self):
+        self.t = Target(self.dir)
+        self.t.start()
+        for attempt in range(50):
+            try:
+                self.t.start_replication("127.0.0.1", self.port, self.tok)
+                return
+            except OSError:
+                time.sleep(0.1)
+        raise AssertionError("cannot listen on port %d again" % self.port)
+
+    def close(self):
+        if self.t is not None:
+            t, self.t = self.t, None
+            t.close()
+            try:    # wakes the closed server's accept thread
+                socket.create_connection(("127.0.0.1", self.port), 1).close()
+            except OSError:
+                pass
+
+    def read_below_guard(self, vol):
+        lu = self.t.lus[VOLS[vol]]
+        buf = bytearray(lu.size)
+        lu.stack.below("guard").readinto(buf, 0)
+        return bytes(buf)
+
+    def read_top(self, vol):
+        lu = self.t.lus[VOLS[vol]]
+        buf = bytearray(lu.size)
+        lu.read(buf, 0)
+        return bytes(buf)
+
+
+@pytest.fixture
+def two_nodes(tmp_path):
+    """A primary of group g (v1, v2) linked to a secondary."""
+    saved = fast_timing()
+    tok = str(tmp_path / "tok")
+    with open(os.open(tok, os.O_WRONLY | os.O_CREAT, 0o600), "w") as f:
+        f.write(TOKEN)
+    a, b = Node(str(tmp_path / "A"), tok), Node(str(tmp_path / "B"), tok)
+    try:
+        a.start()
+        b.start()
+        a.t.rsg_create("g", VOLS, "1M", granularity="4K")
+        a.t.rsg_link("g", b.addr, "async", tok)
+        yield a, b
+    finally:
+        for n in (a, b):
+            n.close()
+        restore_timing(saved)
+
+
+def converge(a, b):
+    wait_for(lambda: b.rsg is not None and b.rsg.consistent and
+             a.rsg.links[0].state == R.REPLICATING and
+             b.rsg.applied_seq == a.rsg.next_seq - 1, 20, "convergence",
+             lambda: (a.rsg.status(), b.rsg and b.rsg.status()))
 
 
 def _frozen(node, name, size):
@@ -75,7 +159,7 @@ def test_broken_replay_rolls_back_to_one_point_across_a_restart(
         b.t.rsg_promote("g")
     assert "v1@consistent-v1, v2@consistent-v2" in str(e.value) and \
         "lu rollback" in str(e.value), str(e.value)
-    for vol, size in zip(VOLS, (1 << 20, 256 << 10)):
+    for vol, size in zip(VOLS, SIZES):
         assert _frozen(b, "consistent-" + vol, size) == b"\x02" * 4096
         res = b.t.image_rollback(vol)
         assert res["image"] == "{0}@consistent-{0}".format(vol), res
@@ -157,7 +241,7 @@ def test_a_new_replay_replaces_a_stale_image(two_nodes, monkeypatch):
     try:
         assert ended.wait(10)
         assert [_frozen(b, "consistent-" + v, s) for v, s in
-                zip(VOLS, (1 << 20, 256 << 10))] == [b"\x03" * 4096] * 2
+                zip(VOLS, SIZES)] == [b"\x03" * 4096] * 2
     finally:
         gate.set()
     converge(a, b)
@@ -175,7 +259,8 @@ def test_no_user_session_takes_or_touches_the_groups_image(two_nodes,
     _break_a_replay(a, b, monkeypatch)
     ops = operations.bind(b.t)
     for op in ("session_delete", "session_unmark", "session_mark"):
-        with pytest.raises(errors.InvalidArgument):
+        with pytest.raises(errors.InvalidArgument,
+                           match="last consistent image of LU v1"):
             ops[op](name="consistent-v1")
     assert b.t.sessions["consistent-v1"].marked
     # The admin's image on its own: a release of it leaves the group's.
