@@ -271,3 +271,22 @@ def test_no_user_session_takes_or_touches_the_groups_image(two_nodes,
     with pytest.raises(errors.InvalidArgument):
         b.t.image_rollback("v1", image="other")
     assert isinstance(b.t.sessions["consistent-v1"], sessions.Session)
+
+
+def test_lu_delete_tells_what_keeps_the_lu(two_nodes, monkeypatch):
+    """What `lu delete` says to do about the images kept of a volume is
+    what works: the group's deletion, then a rollback (a user's `session
+    delete` is refused on them)."""
+    a, b = two_nodes
+    _break_a_replay(a, b, monkeypatch)
+    with pytest.raises(errors.Error) as e:
+        b.t.lu_delete("v1")
+    assert "replicated group g" in str(e.value), str(e.value)
+    b.t.rsg_delete("g")
+    with pytest.raises(errors.Error) as e:
+        b.t.lu_delete("v1")
+    assert "v1@protected-v1" in str(e.value) and \
+        "clonectl lu rollback v1" in str(e.value), str(e.value)
+    b.t.image_rollback("v1")
+    b.t.lu_delete("v1")
+    assert "v1" not in b.t.lus
