@@ -1357,6 +1357,10 @@ def test_replay_protects_every_volume_at_one_point(two_nodes, monkeypatch):
     a, b = two_nodes
     frozen = _replay_broken_off_with_v1_protected(a, b, monkeypatch)
     assert [f[:4096] for f in frozen] == [b"\x02" * 4096] * 2
+    # The image protected before, of its own point, is there still.
+    buf = bytearray(SIZES[0])
+    b.t.sessions[IMAGE].read_frozen(buf, 0)
+    assert buf[:4096] == b"\x01" * 4096
 
 
 def test_replay_keeps_an_image_someone_else_protected(two_nodes):
@@ -1369,6 +1373,9 @@ def test_replay_keeps_an_image_someone_else_protected(two_nodes):
     a.t.rsg_attach("g", b.addr)             # a replay runs and completes
     converge(a, b)
     assert b.t.image_status("v1")["protected"]
+    buf = bytearray(SIZES[0])
+    b.t.sessions[IMAGE].read_frozen(buf, 0)
+    assert buf[:4096] == b"\x01" * 4096
 
 
 def _trace_rules(machine_class, path):
