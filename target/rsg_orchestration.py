@@ -69,15 +69,15 @@ class RsgOrchestration:
                 log.error("LU %s: cannot release the image a replay kept: "
                           "%s", name, e)
 
-    def _release_images(self, rsg, lus):
-        """Release the last consistent images group rsg kept of lus, as
-        the group stops being that secondary (a promotion, a deletion):
-        best effort, logged."""
+    def _release_images(self, name, lus):
+        """Release the last consistent images group name kept of lus, as
+        the group stops being their secondary (a promotion, a deletion):
+        best effort, logged (a start releases what is left)."""
         try:
             self.target.session_ops.consistent_release(lus)
         except (errors.Error, OSError) as e:
             log.error("group %s: cannot release the last consistent images "
-                      "of its volumes: %s", rsg, e)
+                      "of its volumes: %s", name, e)
 
     def _hold_volumes(self, name, reason):
         """Hold (reason) or release (None) the LUs a group's record names,

@@ -23,8 +23,8 @@ IMAGE_PREFIX = "protected-"
 # The name of the image a secondary's replay keeps of a volume (its group's
 # last consistent image, every volume of the same point): this prefix and
 # the LU's name.  Only the group makes and releases it (its replay, its
-# promotion, its deletion), so an admin's or a peer's protected image never
-# becomes the group's, nor the group's theirs.
+# promotion, its deletion; a rollback to it), so an admin's or a peer's
+# protected image never becomes the group's, nor the group's theirs.
 CONSISTENT_PREFIX = "consistent-"
 # User sessions may not start with these.
 RESERVED_PREFIXES = (IMAGE_PREFIX, CONSISTENT_PREFIX)
