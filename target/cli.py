@@ -286,21 +286,32 @@ def lu_list(ctx, as_json):
 
 @lu.command("rollback")
 @click.argument("name")
+@click.option("--image", type=click.Choice(["consistent", "protected"]),
+              help="Which image to put back: consistent (NAME@consistent-"
+                   "NAME, the last consistent image a replicated group's "
+                   "secondary keeps during a replay) or protected "
+                   "(NAME@protected-NAME). Default: the consistent one if "
+                   "NAME has it, else the protected one.")
 @json_result
 @pass_ctx
 @handle_errors
-def lu_rollback(ctx, name):
-    """Roll LU NAME back to its protected image, then release it.
+def lu_rollback(ctx, name, image):
+    """Roll LU NAME back to an image kept of it, then release that image.
 
-    A peer clonectl protects an LU's consistent image before it ships
-    out-of-order updates to it; if that transfer failed and the sender is
-    gone, this puts the protected image back (only the extents written
-    since), so the LU is consistent again. Needs a running server; stop
-    hosts writing to the LU first.
+    A peer clonectl protects an LU's consistent image (NAME@protected-NAME)
+    before it ships out-of-order updates to it; if that transfer failed and
+    the sender is gone, this puts the protected image back (only the
+    extents written since), so the LU is consistent again. A secondary of
+    a replicated group keeps the group's last consistent image of every
+    volume (NAME@consistent-NAME, all of one point) while a replay makes it
+    inconsistent; after a broken replay, rolling every volume back to it
+    and then `clonectl rsg promote --force` makes the group's last
+    consistent point the new primary's. Needs a running server; stop hosts
+    writing to the LU first (on a secondary, detach its primary's link).
     """
-    res = _control_call(ctx, "image_rollback", lu=name)
-    click.echo("rolled {} back to its protected image ({} extents "
-               "restored)".format(name, res["extents_restored"]))
+    res = _control_call(ctx, "image_rollback", lu=name, image=image)
+    click.echo("rolled {} back to {} ({} extents restored)".format(
+        name, res["image"], res["extents_restored"]))
 
 
 @lu.command("delete")
@@ -1805,7 +1816,8 @@ def rsg():
     keep up and the SRL would overflow, or the link is detached, the link's
     changes are tracked in a data change map (DCM) and replayed later (the
     secondary is inconsistent meanwhile and keeps its last consistent image
-    readable as LU@protected-LU). A protected restore or reverse sync of a
+    of every volume readable as LU@consistent-LU; `clonectl lu rollback LU`
+    puts it back). A protected restore or reverse sync of a
     replicated volume reaches the secondaries the same way: only the regions
     it changed. After a crash or power cut of the primary, the regions
     written in the last moments (its activity log, 4 MiB regions) are
@@ -1863,7 +1875,8 @@ def rsg_create(ctx, name, volumes, srl_size, granularity, after_split_brain):
 @pass_ctx
 @handle_errors
 def rsg_delete(ctx, name):
-    """Delete a group (its links, SRL and DCMs; the LUs stay)."""
+    """Delete a group (its links, SRL and DCMs, and on a secondary the last
+    consistent images LU@consistent-LU it keeps; the LUs stay)."""
     _target_call(ctx, "rsg_delete", name=name)
     click.echo("replicated group {} deleted".format(name))
 
@@ -2143,7 +2156,10 @@ def _wait_link(ctx, name, secondary, st):
 @rsg.command("promote")
 @click.argument("name")
 @click.option("--force", is_flag=True,
-              help="Promote even an inconsistent secondary.")
+              help="Promote even an inconsistent secondary: its volumes as "
+                   "they are (roll them back to LU@consistent-LU first to "
+                   "promote the group's last consistent point); the last "
+                   "consistent images it kept are released.")
 @json_result
 @pass_ctx
 @handle_errors
@@ -2232,6 +2248,9 @@ def _print_rsg(st):
             else "INCONSISTENT ({})".format(st["reason"]), st["applied_seq"],
             ", connected" if st["connected"] else ""))
         click.echo("  volumes: " + ", ".join(v["lu"] for v in st["volumes"]))
+        if st.get("images"):
+            click.echo("  last consistent image: {} (`clonectl lu rollback "
+                       "LU` puts it back)".format(", ".join(st["images"])))
         if st.get("error"):
             click.echo("  error: " + st["error"])
 

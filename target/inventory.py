@@ -511,13 +511,25 @@ def lu_user(state_dir, name, record):
     if record.get("clones"):
         return "it has clones ({}); remove them first with `clonectl clone " \
             "remove`".format(", ".join(sorted(record["clones"])))
-    if record.get("sessions"):
+    sessions = record.get("sessions") or {}
+    # The images the target keeps of the LU (a peer's protected image, a
+    # secondary's last consistent one) are internal sessions: recorded as
+    # images, or (older records) without a destination, which a user's
+    # session always has.
+    images = sorted(n for n, r in sessions.items()
+                    if r.get("image") is True or not r.get("dests"))
+    users = sorted(n for n in sessions if n not in images)
+    if users:
         return "it has sessions ({}); delete them first with `clonectl " \
-            "session delete`".format(", ".join(sorted(record["sessions"])))
+            "session delete`".format(", ".join(users))
     for group in state_dir.rsg_names():
         if name in state_dir.group_files(group).volume_names():
             return "it is a volume of replicated group {}; delete the " \
                 "group first with `clonectl rsg delete`".format(group)
+    if images:
+        return "images of it are kept ({}); `clonectl lu rollback {}` " \
+            "puts one back and releases it".format(
+                ", ".join("{}@{}".format(name, n) for n in images), name)
     return None
 
 

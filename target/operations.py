@@ -140,7 +140,7 @@ ARGUMENT_TYPES = {
     "name": str, "source": str, "clone": str, "lu": str, "file": str,
     "secondary": str, "mode": str, "token_file": str, "peer_token_file": str,
     "tls_certificates": str, "peer_tls_certificates": str,
-    "volumes": list, "dests": list, "peer_dests": list,
+    "volumes": list, "dests": list, "peer_dests": list, "image": str,
 }
 _JSON_NAMES = {str: "a string", list: "a list", bool: "true or false",
                float: "a number", int: "an integer"}

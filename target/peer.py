@@ -233,10 +233,15 @@ class PeerServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
     def _forward(self, op):
         """Peer operation op, carried out by the target over the local
         control socket."""
+        # A peer rolls back to its image (LU@protected-LU), never to the
+        # last consistent image of a replicated group (LU@consistent-LU),
+        # which `lu rollback` prefers.
+        pinned = {"image": "protected"} if op == "image_rollback" else {}
+
         def forward(lu):
             try:
                 return control.call(self.control_path, op, lu=lu,
-                                    reply_timeout=60.0)
+                                    reply_timeout=60.0, **pinned)
             except ValueError as e:
                 raise errors.ProtocolError(
                     reason="invalid JSON: {}".format(e)) from e

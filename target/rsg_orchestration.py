@@ -43,6 +43,41 @@ class RsgOrchestration:
                                    "which did not load ({}); not served "
                                    "until it loads or is deleted, so no "
                                    "write escapes its log".format(name, e))
+        self._release_stale_images()
+
+    def _release_stale_images(self):
+        """A last consistent image (LU@consistent-LU) is kept by the
+        secondary group of its LU while that group is inconsistent; one
+        that a crash left behind (in the middle of a replay's start or
+        end, a promotion, a deletion) is released.  The images of a group
+        that did not load stay."""
+        held = {n for name in self.failures for n in
+                self.target.state_dir.group_files(name).volume_names()}
+        for name in sorted(self.target.consistent_images):
+            lu = self.target.lus.get(name)
+            if lu is None or name in held:
+                continue
+            rsg = lu.rsg
+            try:
+                if rsg is not None and rsg.role == replication.SECONDARY \
+                        and rsg.protected:
+                    if rsg.consistent:
+                        rsg.release_images()    # its replay completed
+                    continue
+                self.target.session_ops.consistent_release([lu])
+            except (errors.Error, OSError) as e:
+                log.error("LU %s: cannot release the image a replay kept: "
+                          "%s", name, e)
+
+    def _release_images(self, name, lus):
+        """Release the last consistent images group name kept of lus, as
+        the group stops being their secondary (a promotion, a deletion):
+        best effort, logged (a start releases what is left)."""
+        try:
+            self.target.session_ops.consistent_release(lus)
+        except (errors.Error, OSError) as e:
+            log.error("group %s: cannot release the last consistent images "
+                      "of its volumes: %s", name, e)
 
     def _hold_volumes(self, name, reason):
         """Hold (reason) or release (None) the LUs a group's record names,
@@ -102,8 +137,9 @@ class RsgOrchestration:
             images = self.target.session_ops
             rsg = replication.SecondaryGroup(
                 files, record, vols,
-                protect=lambda lu: images.image_protect(lu.name),
-                release=lambda lu: images.image_release(lu.name),
+                protect=images.consistent_protect,
+                release=images.consistent_release,
+                image=images.consistent_export,
                 volume_change=lambda: self._volume_change_running(vols))
             rsg.attach()
         for lu in vols:
@@ -281,6 +317,10 @@ class RsgOrchestration:
                 # What a group that failed to load (or a crashed create)
                 # left: the admin clears the name.
                 self._hold_volumes(name, None)
+                self._release_images(name, [
+                    self.target.lus[n] for n in files.volume_names()
+                    if n in self.target.lus and
+                    self.target.lus[n].rsg is None])
                 files.remove_all()
                 self.failures.pop(name, None)
                 self.target.recovery_problems = [
@@ -294,6 +334,8 @@ class RsgOrchestration:
                                         "connected; detach its link first")
         self._close_rsg(rsg)
         rsg.files.remove_all()
+        # A secondary's last consistent images go with the group.
+        self._release_images(name, rsg.volumes)
         return {"name": name}
 
     def rsg_list(self):
@@ -396,12 +438,22 @@ class RsgOrchestration:
 
     def _promote(self, rsg, name, force):
         if not rsg.consistent and not force:
+            kept = [lu for lu in rsg.volumes if rsg.protected and
+                    self.target.session_ops.consistent_export(lu)]
+            if kept:
+                advice = "its last consistent image is kept as {}: roll " \
+                    "{} back to it (`clonectl lu rollback LU`), then " \
+                    "promote with --force; --force alone promotes the " \
+                    "volumes as they are and releases that image".format(
+                        ", ".join(self.target.session_ops.consistent_export(
+                            lu) for lu in kept),
+                        " and ".join(lu.name for lu in kept))
+            else:
+                advice = "no consistent image of it is kept; --force " \
+                    "promotes the volumes as they are"
             raise replication.RsgBusy(
-                name=name, reason="this secondary is inconsistent ({}); its "
-                "last consistent image is {}; roll the volumes back to it "
-                "(`clonectl lu rollback LU`) or use --force".format(
-                    rsg.reason, "protected (LU@protected-LU)"
-                    if rsg.protected else "gone"))
+                name=name, reason="this secondary is inconsistent ({}); {}"
+                .format(rsg.reason, advice))
         gen = replication.new_generation()
         history = rsg.history + [[gen, rsg.applied_seq + 1]]
         # The since map holds what this node changes from its promotion
@@ -443,6 +495,9 @@ class RsgOrchestration:
             files.remove(files.stage)
             new = self._open_rsg(files, record)
             new.persist()
+        # A primary keeps no last consistent image (promoted with --force,
+        # its volumes are taken as they are).
+        self._release_images(name, new.volumes)
         new.start()
         log.info("replicated group %s promoted: generation %s", name, gen)
         return new.status()
@@ -500,6 +555,7 @@ class RsgOrchestration:
             self._save_role(files, record)
             files.remove(files.dcms() + [files.srl, files.since()])
             new = self._open_rsg(files, record)
+        self._release_images(name, new.volumes)     # left by a crash
         log.info("replicated group %s demoted: secondary from sequence %d, "
                  "%d regions not acknowledged by a secondary", name, last,
                  len(runs))

@@ -1,8 +1,10 @@
 """Session orchestration: the incremental sessions of the Target (create,
 delete, mark, transfer, update, status and maps), the sessions layer in
 each LU's I/O stack, the sessions' records in the inventory, the peer
-destinations' protected images around a transfer, and this target's own
-protected images asked for by a peer (LU@protected-LU, target.peer).
+destinations' protected images around a transfer, this target's own
+protected images asked for by a peer (LU@protected-LU, target.peer), and
+the last consistent image a replicated group's secondary keeps of its
+volumes during a replay (LU@consistent-LU, the group's own).
 """
 
 import errno
@@ -16,9 +18,18 @@ from .lu import one_change_at_a_time
 
 log = logging.getLogger("clonectl.target")
 
-# The name of an LU's protected image is this prefix and the LU's name;
-# user sessions may not start with it.
+# The name of an LU's protected image is this prefix and the LU's name.
 IMAGE_PREFIX = "protected-"
+# The name of the image a secondary's replay keeps of a volume (its group's
+# last consistent image, every volume of the same point): this prefix and
+# the LU's name.  Only the group makes and releases it (its replay, its
+# promotion, its deletion; a rollback to it), so an admin's or a peer's
+# protected image never becomes the group's, nor the group's theirs.
+CONSISTENT_PREFIX = "consistent-"
+# User sessions may not start with these.
+RESERVED_PREFIXES = (IMAGE_PREFIX, CONSISTENT_PREFIX)
+# `lu rollback --image`: which image to put back.
+PROTECTED, CONSISTENT = "protected", "consistent"
 
 
 class RollbackRefused(errors.Error):
@@ -41,6 +52,7 @@ class SessionOrchestration:
             # name and no destination (a user session always has one).
             image = rec.get("image") is True or (
                 name == self._image_session_name(lu.name) and not rec["dests"])
+            consistent = image and name == self._consistent_name(lu.name)
             try:
                 session = self._open_session(lu, name, rec, image=image)
                 for problem in session.load():
@@ -49,7 +61,9 @@ class SessionOrchestration:
                 self._session_problem(lu, name, "not loaded: {}".format(e))
                 continue
             self._attach_session(lu, session)
-            if image:
+            if consistent:
+                self.target.consistent_images[lu.name] = session
+            elif image:
                 self.target.images[lu.name] = session
 
     def _session_problem(self, lu, name, problem):
@@ -142,11 +156,13 @@ class SessionOrchestration:
         (with TLS if peer_tls_certificates, a certificates directory).
         """
         units.check_name(name)
-        if name.startswith(IMAGE_PREFIX):
+        if name.startswith(RESERVED_PREFIXES):
             raise errors.InvalidArgument(
-                reason="session names starting with {!r} are reserved for "
-                "the protected images of LUs (LU@{}LU)".format(
-                    IMAGE_PREFIX, IMAGE_PREFIX))
+                reason="session names starting with {!r} or {!r} are "
+                "reserved for the images this target keeps of its LUs "
+                "(LU@{}LU, LU@{}LU)".format(
+                    IMAGE_PREFIX, CONSISTENT_PREFIX, IMAGE_PREFIX,
+                    CONSISTENT_PREFIX))
         dest_records = [{"uri": u, "peer": None} for u in dests]
         for pair in peer_dests or ():
             if not isinstance(pair, (list, tuple)) or len(pair) != 2:
@@ -510,22 +526,110 @@ class SessionOrchestration:
         return self.image_status(lu)
 
     def image_release(self, lu):
+        """Release lu's protected image (never the one a replicated
+        group's secondary keeps: LU@consistent-LU is the group's)."""
         session = self._image(lu)
         if session is not None:
-            if session.marked:
-                session.unmark(force=True)
-            self.session_delete(session.name)
+            self._delete_image(session)
         return self.image_status(lu)
 
-    def image_rollback(self, lu):
-        """Put the protected image back into lu (only the extents written
-        since it was protected), then release it."""
+    def _delete_image(self, session):
+        if session.marked:
+            session.unmark(force=True)
+        self.session_delete(session.name)
+
+    @staticmethod
+    def _consistent_name(lu):
+        return CONSISTENT_PREFIX + lu
+
+    def consistent_image(self, lu):
+        """The session holding the last consistent image a secondary keeps
+        of lu (LU@consistent-LU), or None."""
+        session = self.target.consistent_images.get(lu)
+        if session is None or not session.marked or \
+                self.target.sessions.get(session.name) is not session:
+            return None
+        return session
+
+    def consistent_protect(self, lus, point):
+        """Keep the current image of every LU of lus (a secondary group's
+        volumes) readable as LU@consistent-LU, all of one point: the images
+        are made first, then marked together inside point (a context: the
+        group's apply lock).  An image of an earlier point is replaced.  If
+        one fails, none is kept."""
+        self.consistent_release(lus)
+        made = []
+        try:
+            for lu in lus:
+                name = self._consistent_name(lu.name)
+                if name in self.target.sessions:
+                    raise sessions.SessionError(
+                        name=name, reason="a session that is not LU {}'s "
+                        "last consistent image has its name (made by an "
+                        "older clonectl); delete that session first"
+                        .format(lu.name))
+                session = self.create_session(
+                    self._session_source(lu.name), name, [], None, None,
+                    image=True)
+                self.target.consistent_images[lu.name] = session
+                made.append(lu)
+            with point:
+                for lu in lus:
+                    self.target.consistent_images[lu.name].mark(export=True)
+        except BaseException:
+            try:
+                self.consistent_release(made)
+            except (errors.Error, OSError) as e:
+                log.error("could not remove the images just made of %s: %s",
+                          ", ".join(lu.name for lu in made), e)
+            raise
+        log.info("last consistent image of %s kept (%s)",
+                 ", ".join(lu.name for lu in lus),
+                 ", ".join(self.target.consistent_images[lu.name]
+                           .export_name() for lu in lus))
+
+    def consistent_release(self, lus):
+        """Release the LU@consistent-LU images of lus (only these: an
+        admin's or a peer's LU@protected-LU stays)."""
+        for lu in lus:
+            session = self.target.consistent_images.get(lu.name)
+            if session is None or \
+                    self.target.sessions.get(session.name) is not session:
+                self.target.consistent_images.pop(lu.name, None)
+                continue
+            self._delete_image(session)
+            self.target.consistent_images.pop(lu.name, None)
+
+    def consistent_export(self, lu):
+        """The export of the last consistent image kept of lu, or None."""
+        session = self.consistent_image(lu.name)
+        return session.export_name() if session is not None else None
+
+    def image_rollback(self, lu, image=None):
+        """Put an image back into lu (only the extents written since it was
+        taken), then release it.  image: CONSISTENT (the last consistent
+        image a replicated group's secondary keeps, LU@consistent-LU),
+        PROTECTED (LU@protected-LU), or None: the consistent one if lu has
+        it, else the protected one."""
         source = self._session_source(lu)
-        session = self._image(lu)
-        if session is None or not session.marked:
+        if image not in (None, PROTECTED, CONSISTENT):
             raise errors.InvalidArgument(
-                reason="LU {!r} has no protected image to roll back to"
-                .format(lu))
+                reason="--image must be {} or {}".format(CONSISTENT,
+                                                         PROTECTED))
+        session = None
+        if image in (None, CONSISTENT):
+            session = self.consistent_image(lu)
+            if session is None and image == CONSISTENT:
+                raise errors.InvalidArgument(
+                    reason="LU {!r} has no last consistent image of a "
+                    "replicated group (LU@{}LU) to roll back to".format(
+                        lu, CONSISTENT_PREFIX))
+        if session is None:
+            session = self._image(lu)
+            if session is None or not session.marked:
+                raise errors.InvalidArgument(
+                    reason="LU {!r} has no protected image to roll back to"
+                    .format(lu))
         users = self.target.host_users(source)
         if users:
             raise RollbackRefused(
@@ -560,25 +664,32 @@ class SessionOrchestration:
                           for s, e in maps.runs(regions))
             source.stack.below("guard").flush()
         restored = len(saved)
-        log.info("LU %s rolled back to its protected image (%d extents)", lu,
-                 restored)
-        self.image_release(lu)
-        return {"lu": lu, "extents_restored": restored}
+        export = session.export_name()
+        log.info("LU %s rolled back to %s (%d extents)", lu, export, restored)
+        if session is self.consistent_image(lu):
+            self.consistent_release([source])
+        else:
+            self.image_release(lu)
+        return {"lu": lu, "image": export, "extents_restored": restored}
 
     def users_session(self, operation):
-        """operation(name, ...) as a user may call it: never on the session
-        holding an LU's protected image (the target's own; a secondary
-        keeps its last consistent image in one during a replay)."""
+        """operation(name, ...) as a user may call it: never on a session
+        holding an image of an LU (the target's own: an LU's protected
+        image, or the last consistent image a secondary keeps during a
+        replay)."""
         @functools.wraps(operation)
         def call(name, **kwargs):
             with self.target.lock:
-                image = next((lu for lu, s in self.target.images.items()
+                image = next(((what, lu) for what, images in (
+                    ("protected image", self.target.images),
+                    ("last consistent image", self.target.consistent_images))
+                              for lu, s in images.items()
                               if s.name == name), None)
             if image is not None:
                 raise errors.InvalidArgument(
-                    reason="session {!r} holds the protected image of LU {} "
-                    "(LU@{}); it is changed by `clonectl lu rollback` and "
-                    "replication only".format(name, image, name))
+                    reason="session {!r} holds the {} of LU {} ({}@{}); it "
+                    "is changed by `clonectl lu rollback` and replication "
+                    "only".format(name, image[0], image[1], image[1], name))
             return operation(name, **kwargs)
         return call
 

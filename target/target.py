@@ -61,6 +61,10 @@ class Target:
         # LU name -> the internal session holding its protected image; only
         # what is recorded here is an image (never a session of that name).
         self.images = {}
+        # LU name -> the internal session holding the last consistent image
+        # a secondary keeps of it during a replay (its group's, apart from
+        # the protected image above).
+        self.consistent_images = {}
         self.rsgs = {}
         self.config_lock = threading.RLock()    # lu.one_change_at_a_time
         self.closing = False

@@ -86,9 +86,20 @@ there and the whole DCM is copied again; replay_cleared is 0 once a
 replay completed.  A secondary that does not answer RSYN is never sent
 one: its replays clear nothing and, broken off, copy everything again
 when it lost acknowledged updates, as before.
-Before a replay the secondary protects its last consistent image
-(a copy-on-first-write snapshot, LU@protected-LU, the peer channel's
-mechanism) and releases it when the replay completes.
+Before a replay the secondary keeps its last consistent image: a
+copy-on-first-write snapshot of every volume (the peer channel's
+mechanism), exported as LU@consistent-LU, all marked at one point under
+the apply lock, so after a broken replay `lu rollback` of every volume
+gives the group's last consistent point.  It is the group's own, apart
+from the image an admin or a peer protects (LU@protected-LU): the group
+never keeps or releases theirs, nor they its (the session names are
+reserved; user operations refuse them).  The record's `protected` says it
+is kept; a replay that begins on an inconsistent node keeps the one made
+before, so it survives broken replays and restarts while the node stays
+inconsistent, and the replay that completes releases it.  A promotion or
+a deletion of the group releases it too (a primary keeps none), as does a
+rollback of a volume to it (that volume's); a start releases one a crash
+left behind (a consistent node, or no secondary of that LU).
 
 A failing SRL (a read, a write or a sync returns an error) must not fail the
 host's I/O, since the volumes are fine: every link that holds the SRL

@@ -2,8 +2,9 @@
 
 Owns the session with a primary (receiving batches and replays), the two
 staging slots that make a batch one atomic unit across a crash, applying
-batches below the volumes' guard, consistency and the protected image
-kept during a replay, and refusing a primary while a local change runs.
+batches below the volumes' guard, consistency and the last consistent
+image kept during a replay, and refusing a primary while a local change
+runs.
 See the design notes in target/replication/__init__.py; staging slots
 and recovery: docs/persistence.md.
 """
@@ -57,7 +58,7 @@ class SecondaryGroup:
     role = SECONDARY
 
     def __init__(self, files, record, volumes, protect=None, release=None,
-                 volume_change=None):
+                 volume_change=None, image=None):
         self.files = files
         self.name = record["name"]
         self.record_base = record
@@ -76,11 +77,18 @@ class SecondaryGroup:
         # (they hold part of it): applied again from the stage before
         # anything else, and until then the node is not consistent.
         self.reapply = record.get("reapply", False)
+        # The group's last consistent image of every volume is kept (made
+        # by the replay that began while this node was consistent, until
+        # that replay or the next completes; the module notes).
         self.protected = record.get("protected", False)
         self.primary = record.get("primary")
         self.diverged = record.get("diverged")       # set by demote
-        self.protect = protect or (lambda lu: None)
-        self.release = release or (lambda lu: None)
+        # protect(volumes, point): keep every volume's current image, all
+        # marked inside point (a context); release(volumes); image(lu):
+        # the export of lu's kept image, or None.
+        self.protect = protect or (lambda volumes, point: None)
+        self.release = release or (lambda volumes: None)
+        self.image = image or (lambda lu: None)
         # A volume-changing operation (restore, reverse sync) running here,
         # described, or None: a primary is refused meanwhile.
         self.volume_change = volume_change or (lambda: None)
@@ -272,9 +280,10 @@ class SecondaryGroup:
 
     def check_readable(self, lu):
         if not self.consistent:
-            hint = "; its last consistent image is readable as " \
-                "{}@protected-{}".format(lu.name, lu.name) \
-                if self.protected else ""
+            export = self.image(lu) if self.protected else None
+            hint = "; its last consistent image is readable as {} " \
+                "(`clonectl lu rollback {}` puts it back)".format(
+                    export, lu.name) if export else ""
             raise ReplicaUnavailable(name=lu.name, group=self.name,
                                      reason=self.reason, hint=hint)
 
@@ -516,9 +525,12 @@ class SecondaryGroup:
     def _begin_replay(self, theirs):
         log.info("group %s: replay from the primary started", self.name)
         if self.consistent:
-            # Keep the last consistent image readable and restorable.
-            for lu in self.volumes:
-                self.protect(lu)
+            # Keep the last consistent image readable and restorable: the
+            # group's own (never an admin's or a peer's protected image),
+            # every volume of this point (no batch applied meanwhile).  A
+            # replay that begins on an inconsistent node keeps the one an
+            # earlier replay made.
+            self.protect(self.volumes, self.lock)
             self.protected = True
         with self.lock:
             self.consistent = False
@@ -550,10 +562,14 @@ class SecondaryGroup:
         log.info("group %s: replay from the primary completed: consistent "
                  "at sequence %d", self.name, seq)
         if self.protected:
-            for lu in self.volumes:
-                self.release(lu)
-            self.protected = False
-            self.persist()
+            self.release_images()
+
+    def release_images(self):
+        """Release the last consistent image this group kept (a replay
+        completed: the node is consistent again)."""
+        self.release(self.volumes)
+        self.protected = False
+        self.persist()
 
     def set_split_brain_policy(self, policy):
         """Kept for when this node is promoted (a primary sends its own)."""
@@ -574,7 +590,10 @@ class SecondaryGroup:
                 "generation": self.history[-1][0] if self.history else None,
                 "primary": self.primary,
                 "connected": self.connected_since is not None,
-                "protected": self.protected, "batches": self.batches,
+                "protected": self.protected,
+                "images": [e for e in (self.image(lu) for lu in self.volumes)
+                           if e] if self.protected else [],
+                "batches": self.batches,
                 "error": self.error}
 
     def close(self):

@@ -34,7 +34,10 @@ After every step:
   clone holds exactly the model's content: what it had at the fracture,
   overlaid by writes to its own export; a synchronized clone at its
   fracture equals its Source (on a secondary: under the apply lock);
-- a protected image reads as the volume did when it was protected;
+- a protected image reads as the volume did when it was protected, until
+  it is released (a replay never takes it); an inconsistent secondary's
+  last consistent images (LU@consistent-LU) are of one point: the last
+  one it was consistent at;
 - clone states are the model's; refused operations change nothing, and a
   failed save leaves memory and disk as they were.
 
@@ -53,8 +56,8 @@ COMPOSITION_MODEL_SHRINK=1 shrinks a failing case (off by default: a
 timing-dependent failure shrinks for minutes, past pytest's timeout, and
 hypothesis may then report it as flaky; the unshrunk steps are printed);
 COMPOSITION_MODEL_TRACE=FILE writes every rule run to FILE;
-COMPOSITION_MODEL_CLONE_SAVES=1 and COMPOSITION_MODEL_SHARED_IMAGE=1
-enable checks of known problems (below, where they are defined).
+COMPOSITION_MODEL_CLONE_SAVES=1 enables checks of a known problem (below,
+where it is defined).
 """
 
 import contextlib
@@ -203,17 +206,6 @@ if os.environ.get("COMPOSITION_MODEL_CLONE_SAVES") == "1":
                       "clone_restore"]
 
 
-# A replay on a secondary protects its volumes' images under the names a
-# user or a peer protects them with (LU@protected-LU): an image protected
-# before is kept (so after a broken replay the volumes' images are of
-# different points) and is released when the replay ends.  Known
-# (test_replay_protects_every_volume_at_one_point and
-# test_replay_keeps_an_image_someone_else_protected, xfail); by default the
-# model checks the replay's images only on nodes where it protected none
-# itself, and lets a replay take its image away.  COMPOSITION_MODEL_
-# SHARED_IMAGE=1 checks both everywhere.
-SHARED_IMAGE = os.environ.get("COMPOSITION_MODEL_SHARED_IMAGE") == "1"
-
 # ---------------------------------------------------------------- machine
 
 NODE = st.sampled_from(["A", "B"])
@@ -240,8 +232,6 @@ class CompositionMachine(RuleBasedStateMachine):
         self.override = {}      # vol -> bytes restored on the secondary
         self.replay_override = {}   # the same, while a replay undoes it
         self.images = {"A": None, "B": None}    # protected v1 content
-        self.was_secondary = {"A": False, "B": True}
-        self.user_protected = {"A": False, "B": False}
         self.attached = True
         self.last_consistent = {}
         self.last_switch = None
@@ -638,7 +628,6 @@ class CompositionMachine(RuleBasedStateMachine):
     def do_protect_image(self):
         n = self.prim
         self.P.t.image_protect(VOLS[0])
-        self.user_protected[n] = True
         if self.images[n] is None:
             self.images[n] = bytes(self.img[0])
 
@@ -716,7 +705,6 @@ class CompositionMachine(RuleBasedStateMachine):
         old_key = self.key(old.rsg)
         old_last = old.rsg.next_seq - 1
         old.t.rsg_demote("g")
-        self.was_secondary[old.name] = True
         with sg.lock:
             applied = sg.applied_seq
             assert sg.consistent
@@ -927,8 +915,7 @@ class CompositionMachine(RuleBasedStateMachine):
             self.replay_override, self.override = self.override, {}
         if not consistent:
             last = self.last_consistent.get(node.name)
-            if frozen is not None and last is not None and \
-                    (SHARED_IMAGE or not self.user_protected[node.name]):
+            if frozen is not None and last is not None:
                 # What `lu rollback` would put back: the last consistent
                 # image, of every volume at the same point.
                 # A restored volume's image is the restored data, or older
@@ -958,7 +945,7 @@ class CompositionMachine(RuleBasedStateMachine):
     def frozen_images(node):
         out = []
         for vol, size in zip(VOLS, SIZES):
-            s = node.t.sessions.get("protected-" + vol)
+            s = node.t.sessions.get("consistent-" + vol)
             if s is None or not s.marked:
                 return None
             buf = bytearray(size)
@@ -1016,12 +1003,8 @@ class CompositionMachine(RuleBasedStateMachine):
                 s.read_frozen(buf, 0)
             except (AttributeError, sessions.FrozenImageGone):
                 s = None
-            if s is None:
-                # A replay on this node (a secondary since) released it.
-                assert self.was_secondary[n] and not SHARED_IMAGE, \
-                    "protected image of v1 on {} is gone".format(n)
-                self.images[n] = None
-                continue
+            assert s is not None, "protected image of v1 on {} is " \
+                "gone".format(n)
             assert bytes(buf) == want, "protected image of v1 on {} " \
                 "changed: {}".format(n, first_diff([want], [bytes(buf)]))
 
@@ -1292,10 +1275,6 @@ def _replay_broken_off_with_v1_protected(a, b, monkeypatch):
     return CompositionMachine.frozen_images(b)
 
 
-@pytest.mark.xfail(strict=True, reason="a replay keeps an image protected "
-                   "before it (protecting a protected image keeps the older "
-                   "one): the volumes' protected images are of different "
-                   "points; design question, see the module notes")
 def test_replay_protects_every_volume_at_one_point(two_nodes, monkeypatch):
     """The image a secondary protects before a replay, which `lu rollback`
     puts back after a broken replay, must be its last consistent image:
@@ -1303,11 +1282,12 @@ def test_replay_protects_every_volume_at_one_point(two_nodes, monkeypatch):
     a, b = two_nodes
     frozen = _replay_broken_off_with_v1_protected(a, b, monkeypatch)
     assert [f[:4096] for f in frozen] == [b"\x02" * 4096] * 2
+    # The image protected before, of its own point, is there still.
+    buf = bytearray(SIZES[0])
+    b.t.sessions[IMAGE].read_frozen(buf, 0)
+    assert buf[:4096] == b"\x01" * 4096
 
 
-@pytest.mark.xfail(strict=True, reason="the replay's release at its end "
-                   "deletes the image whoever protected it; design "
-                   "question, see the module notes")
 def test_replay_keeps_an_image_someone_else_protected(two_nodes):
     a, b = two_nodes
     a.t.lus["v1"].write(b"\x01" * 4096, 0)
@@ -1318,6 +1298,9 @@ def test_replay_keeps_an_image_someone_else_protected(two_nodes):
     a.t.rsg_attach("g", b.addr)             # a replay runs and completes
     converge(a, b)
     assert b.t.image_status("v1")["protected"]
+    buf = bytearray(SIZES[0])
+    b.t.sessions[IMAGE].read_frozen(buf, 0)
+    assert buf[:4096] == b"\x01" * 4096
 
 
 def _trace_rules(machine_class, path):

@@ -146,16 +146,16 @@ def test_write_order_fidelity(cluster):
                     # prefix it held before the replay.
                     import nbd
                     try:
-                        imgs = [s.read_all("{0}@protected-{0}".format(n),
+                        imgs = [s.read_all("{0}@consistent-{0}".format(n),
                                            size) for n, size in VOLS]
                     except nbd.Error as e:
-                        print("protected image unreadable (replay over? "
+                        print("last consistent image unreadable (replay over? "
                               "consistent={}): {}".format(
                                   s.rsg(G).get("consistent"), e))
                     else:
                         if not s.rsg(G).get("consistent"):
                             top = wlog.check_prefix(imgs)
-                            print("protected image during the replay: "
+                            print("last consistent image during the replay: "
                                   "prefix", top)
                             assert top == tops[-1], (top, tops)
                 seen_replay = True

@@ -1,0 +1,292 @@
+"""The last consistent image a secondary keeps during a replay
+(LU@consistent-LU): the group's own, every volume of one point, kept
+across restarts while the node is inconsistent, released only by the
+group (its replay's end, its promotion, its deletion), and apart from the
+protected image an admin or a peer keeps (LU@protected-LU)."""
+
+import errno
+import os
+import socket
+import threading
+import time
+
+import pytest
+
+from target import errors, inventory, operations, sessions
+from target import replication as R
+from target.target import Target
+from tests.support.rsgmodel import fast_timing, restore_timing, wait_for
+from tests.support.sockets import free_port
+
+VOLS = ["v1", "v2"]
+SIZES = [1 << 20, 256 << 10]
+TOKEN = "replication-token-0123456789"
+
+
+class Node:
+    """A Target on a state directory with v1 and v2, listening for
+    primaries on 127.0.0.1."""
+
+    def __init__(self, root, tok):
+        self.dir, self.tok = root, tok
+        sd = inventory.StateDir(root)
+        sd.ensure()
+        for vol, size in zip(VOLS, SIZES):
+            inventory.create_lu(sd, vol, size=size)
+        self.port = free_port()
+        self.addr = "127.0.0.1:%d" % self.port
+        self.t = None
+
+    @property
+    def rsg(self):
+        return self.t.rsgs.get("g")
+
+    def start(self):
+        self.t = Target(self.dir)
+        self.t.start()
+        for attempt in range(50):
+            try:
+                self.t.start_replication("127.0.0.1", self.port, self.tok)
+                return
+            except OSError:
+                time.sleep(0.1)
+        raise AssertionError("cannot listen on port %d again" % self.port)
+
+    def close(self):
+        if self.t is not None:
+            t, self.t = self.t, None
+            t.close()
+            try:    # wakes the closed server's accept thread
+                socket.create_connection(("127.0.0.1", self.port), 1).close()
+            except OSError:
+                pass
+
+    def read_below_guard(self, vol):
+        lu = self.t.lus[VOLS[vol]]
+        buf = bytearray(lu.size)
+        lu.stack.below("guard").readinto(buf, 0)
+        return bytes(buf)
+
+    def read_top(self, vol):
+        lu = self.t.lus[VOLS[vol]]
+        buf = bytearray(lu.size)
+        lu.read(buf, 0)
+        return bytes(buf)
+
+
+@pytest.fixture
+def two_nodes(tmp_path):
+    """A primary of group g (v1, v2) linked to a secondary."""
+    saved = fast_timing()
+    tok = str(tmp_path / "tok")
+    with open(os.open(tok, os.O_WRONLY | os.O_CREAT, 0o600), "w") as f:
+        f.write(TOKEN)
+    a, b = Node(str(tmp_path / "A"), tok), Node(str(tmp_path / "B"), tok)
+    try:
+        a.start()
+        b.start()
+        a.t.rsg_create("g", VOLS, "1M", granularity="4K")
+        a.t.rsg_link("g", b.addr, "async", tok)
+        yield a, b
+    finally:
+        for n in (a, b):
+            n.close()
+        restore_timing(saved)
+
+
+def converge(a, b):
+    wait_for(lambda: b.rsg is not None and b.rsg.consistent and
+             a.rsg.links[0].state == R.REPLICATING and
+             b.rsg.applied_seq == a.rsg.next_seq - 1, 20, "convergence",
+             lambda: (a.rsg.status(), b.rsg and b.rsg.status()))
+
+
+def _frozen(node, name, size):
+    s = node.t.sessions.get(name)
+    assert s is not None and s.marked, (name, sorted(node.t.sessions))
+    buf = bytearray(size)
+    s.read_frozen(buf, 0)
+    return bytes(buf[:4096])
+
+
+def _break_a_replay(a, b, monkeypatch):
+    """B consistent at \\x02 (v1 protected by an admin at \\x01 before);
+    then a replay of \\x03 broken off at its end: B inconsistent."""
+    for vol in VOLS:
+        a.t.lus[vol].write(b"\x01" * 4096, 0)
+    converge(a, b)
+    b.t.image_protect("v1")
+    for vol in VOLS:
+        a.t.lus[vol].write(b"\x02" * 4096, 0)
+    converge(a, b)
+    a.t.rsg_detach("g", b.addr)
+    for vol in VOLS:
+        a.t.lus[vol].write(b"\x03" * 4096, 0)
+    broken = threading.Event()
+    end_replay = R.SecondaryGroup._end_replay
+
+    def break_off(self, seq, theirs):
+        broken.set()
+        raise OSError(errno.EIO, "the replay is broken off here")
+    monkeypatch.setattr(R.SecondaryGroup, "_end_replay", break_off)
+    a.t.rsg_attach("g", b.addr)
+    assert broken.wait(10)
+    a.t.rsg_detach("g", b.addr)
+    wait_for(lambda: b.rsg.connected_since is None)
+    monkeypatch.setattr(R.SecondaryGroup, "_end_replay", end_replay)
+    assert not b.rsg.consistent and b.rsg.protected, b.rsg.status()
+
+
+def _restart(node):
+    node.close()
+    node.start()
+
+
+def test_broken_replay_rolls_back_to_one_point_across_a_restart(
+        two_nodes, monkeypatch):
+    a, b = two_nodes
+    _break_a_replay(a, b, monkeypatch)
+    _restart(b)
+    sg = b.rsg
+    assert not sg.consistent and sg.protected
+    assert sg.status()["images"] == ["v1@consistent-v1", "v2@consistent-v2"]
+    exports = [name for name, _ in b.t.exports()]
+    assert "v1@consistent-v1" in exports and "v1@protected-v1" in exports
+    with pytest.raises(R.ReplicaUnavailable) as e:
+        sg.check_readable(b.t.lus["v2"])
+    assert "v2@consistent-v2" in str(e.value), str(e.value)
+    with pytest.raises(R.RsgBusy) as e:
+        b.t.rsg_promote("g")
+    assert "v1@consistent-v1, v2@consistent-v2" in str(e.value) and \
+        "lu rollback" in str(e.value), str(e.value)
+    for vol, size in zip(VOLS, SIZES):
+        assert _frozen(b, "consistent-" + vol, size) == b"\x02" * 4096
+        res = b.t.image_rollback(vol)
+        assert res["image"] == "{0}@consistent-{0}".format(vol), res
+    with sg.lock:
+        got = [b.read_below_guard(v)[:4096] for v in range(len(VOLS))]
+    assert got == [b"\x02" * 4096] * 2
+    assert not [n for n in b.t.sessions if n.startswith("consistent-")]
+    # The admin's image is there still, of its own point.
+    assert _frozen(b, "protected-v1", 1 << 20) == b"\x01" * 4096
+    with pytest.raises(R.RsgBusy) as e:
+        b.t.rsg_promote("g")
+    assert "no consistent image of it is kept" in str(e.value), str(e.value)
+    b.t.rsg_promote("g", force=True)
+    assert [b.read_top(v)[:4096] for v in range(len(VOLS))] == \
+        [b"\x02" * 4096] * 2
+    assert b.t.image_status("v1")["protected"]
+
+
+def test_promote_force_releases_only_the_groups_images(two_nodes,
+                                                       monkeypatch):
+    a, b = two_nodes
+    _break_a_replay(a, b, monkeypatch)
+    b.t.rsg_promote("g", force=True)
+    assert not [n for n in b.t.sessions if n.startswith("consistent-")]
+    assert _frozen(b, "protected-v1", 1 << 20) == b"\x01" * 4096
+    _restart(b)
+    assert not [n for n in b.t.sessions if n.startswith("consistent-")]
+    assert _frozen(b, "protected-v1", 1 << 20) == b"\x01" * 4096
+
+
+def test_rsg_delete_releases_only_the_groups_images(two_nodes, monkeypatch):
+    a, b = two_nodes
+    _break_a_replay(a, b, monkeypatch)
+    b.t.rsg_delete("g")
+    assert not [n for n in b.t.sessions if n.startswith("consistent-")]
+    assert _frozen(b, "protected-v1", 1 << 20) == b"\x01" * 4096
+
+
+def test_a_completed_replay_leaves_no_image_after_a_crash(two_nodes,
+                                                          monkeypatch):
+    """A crash between the record saying consistent and the release: the
+    restart releases the images (the replay completed), and only them."""
+    a, b = two_nodes
+    _break_a_replay(a, b, monkeypatch)
+    b.rsg.consistent, b.rsg.reason = True, None
+    b.rsg.persist()
+    _restart(b)
+    assert not b.rsg.protected and b.rsg.status()["images"] == []
+    assert not [n for n in b.t.sessions if n.startswith("consistent-")]
+    assert _frozen(b, "protected-v1", 1 << 20) == b"\x01" * 4096
+    a.t.rsg_attach("g", b.addr)
+    converge(a, b)
+    assert b.t.image_status("v1")["protected"]
+
+
+def test_a_new_replay_replaces_a_stale_image(two_nodes, monkeypatch):
+    """Images left protected on a consistent node (a release that failed)
+    are replaced by the next replay's, of its own point."""
+    a, b = two_nodes
+    _break_a_replay(a, b, monkeypatch)
+    monkeypatch.setattr(R.SecondaryGroup, "release_images", lambda self: None)
+    a.t.rsg_attach("g", b.addr)
+    converge(a, b)
+    assert b.rsg.protected                  # its release failed
+    monkeypatch.undo()
+    a.t.rsg_detach("g", b.addr)
+    wait_for(lambda: b.rsg.connected_since is None)
+    a.t.lus["v1"].write(b"\x04" * 4096, 0)
+    gate = threading.Event()
+    ended = threading.Event()
+    end_replay = R.SecondaryGroup._end_replay
+
+    def hold(self, seq, theirs):
+        ended.set()
+        gate.wait(10)
+        end_replay(self, seq, theirs)
+    monkeypatch.setattr(R.SecondaryGroup, "_end_replay", hold)
+    a.t.rsg_attach("g", b.addr)
+    try:
+        assert ended.wait(10)
+        assert [_frozen(b, "consistent-" + v, s) for v, s in
+                zip(VOLS, SIZES)] == [b"\x03" * 4096] * 2
+    finally:
+        gate.set()
+    converge(a, b)
+    assert not b.rsg.protected
+    assert not [n for n in b.t.sessions if n.startswith("consistent-")]
+
+
+def test_no_user_session_takes_or_touches_the_groups_image(two_nodes,
+                                                           monkeypatch):
+    a, b = two_nodes
+    with pytest.raises(errors.InvalidArgument) as e:
+        a.t.session_ops.session_create("v1", "consistent-v1",
+                                       dests=["nbd+unix:///x?socket=/nx"])
+    assert "reserved" in str(e.value)
+    _break_a_replay(a, b, monkeypatch)
+    ops = operations.bind(b.t)
+    for op in ("session_delete", "session_unmark", "session_mark"):
+        with pytest.raises(errors.InvalidArgument,
+                           match="last consistent image of LU v1"):
+            ops[op](name="consistent-v1")
+    assert b.t.sessions["consistent-v1"].marked
+    # The admin's image on its own: a release of it leaves the group's.
+    b.t.image_release("v1")
+    assert _frozen(b, "consistent-v1", 1 << 20) == b"\x02" * 4096
+    with pytest.raises(errors.InvalidArgument):
+        b.t.image_rollback("v1", image="protected")
+    with pytest.raises(errors.InvalidArgument):
+        b.t.image_rollback("v1", image="other")
+    assert isinstance(b.t.sessions["consistent-v1"], sessions.Session)
+
+
+def test_lu_delete_tells_what_keeps_the_lu(two_nodes, monkeypatch):
+    """What `lu delete` says to do about the images kept of a volume is
+    what works: the group's deletion, then a rollback (a user's `session
+    delete` is refused on them)."""
+    a, b = two_nodes
+    _break_a_replay(a, b, monkeypatch)
+    with pytest.raises(errors.Error) as e:
+        b.t.lu_delete("v1")
+    assert "replicated group g" in str(e.value), str(e.value)
+    b.t.rsg_delete("g")
+    with pytest.raises(errors.Error) as e:
+        b.t.lu_delete("v1")
+    assert "v1@protected-v1" in str(e.value) and \
+        "clonectl lu rollback v1" in str(e.value), str(e.value)
+    b.t.image_rollback("v1")
+    b.t.lu_delete("v1")
+    assert "v1" not in b.t.lus
