@@ -16,5 +16,6 @@ pytest_plugins = [
     "tests.support.sessionlib",
     "tests.support.iscsilib",
     "tests.support.netlib",
+    "tests.support.twonodes",
     "tests.support.guestlib",
 ]

@@ -79,6 +79,7 @@ from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant,
 from tests.support import rsgnodes
 from tests.support.models import tolerate_timing_in_generation
 from tests.support.tiers import examples
+from tests.support.twonodes import SIZES, VOLS, Node, converge
 from target import clones, errors, sessions
 from target import replication as R
 
@@ -86,66 +87,13 @@ from tests.support.rsgmodel import (check_exact, check_sample, fast_timing,
                                     first_diff, Op, restore_timing, SET,
                                     state_after, wait_for)
 
-VOLS = ["v1", "v2"]
-SIZES = [1 << 20, 256 << 10]
 CLONE_GRAN = 64 << 10
 EXTENTS = SIZES[0] // CLONE_GRAN
-TOKEN = "replication-token-0123456789"
 NAMES = {"A": ("a1", "a2"), "B": ("b1", "b2")}
 IMAGE = "protected-v1"          # Target.image_protect's session of v1
 
 
 # ---------------------------------------------------------------- nodes
-
-class Node(rsgnodes.Node):
-    """One clonectl target (state dir, replication port)."""
-
-    def __init__(self, name, root, tok):
-        super().__init__(os.path.join(root, name), zip(VOLS, SIZES), tok)
-        self.name = name
-        self.start_seq = None
-
-    @property
-    def rsg(self):
-        return self.t.rsgs.get("g")
-
-    def loaded(self):
-        g = self.rsg
-        # The first number a change can get after the restart, before a
-        # resumed engine takes any.
-        self.start_seq = g.next_seq if g is not None and \
-            g.role == R.PRIMARY else None
-
-    def read_top(self, vol):
-        """A host read (the top of the stack)."""
-        lu = self.t.lus[VOLS[vol]]
-        buf = bytearray(lu.size)
-        lu.read(buf, 0)
-        return bytes(buf)
-
-    def read_below_guard(self, vol):
-        """What a host would read from a secondary's volume, without its
-        guard (callers hold the apply lock)."""
-        lu = self.t.lus[VOLS[vol]]
-        buf = bytearray(lu.size)
-        lu.stack.below("guard").readinto(buf, 0)
-        return bytes(buf)
-
-    def read_base(self, vol):
-        lu = self.t.lus[VOLS[vol]]
-        buf = bytearray(lu.size)
-        lu.backend.readinto(buf, 0)
-        return bytes(buf)
-
-    def group(self):
-        return self.t.groups.get(VOLS[0])
-
-    def clone_image(self, name):
-        c = self.group().clones[name]
-        buf = bytearray(SIZES[0])
-        c.backend.readinto(buf, 0)
-        return bytes(buf)
-
 
 @contextlib.contextmanager
 def engines_held():
@@ -218,10 +166,7 @@ class CompositionMachine(RuleBasedStateMachine):
         super().__init__()
         self.saved = fast_timing()
         self.root = tempfile.mkdtemp(prefix="composition-")
-        self.tok = os.path.join(self.root, "tok")
-        with open(os.open(self.tok, os.O_WRONLY | os.O_CREAT, 0o600),
-                  "w") as f:
-            f.write(TOKEN)
+        self.tok = rsgnodes.write_token(os.path.join(self.root, "tok"))
         self.nodes = {}
         self.lines = {}         # history (generation ids) -> changes
         self.ops = None         # the current primary's line
@@ -1040,33 +985,6 @@ def test_no_split_brain_for_a_generation_without_writes():
     # A secondary ahead by a generation it wrote nothing in.
     assert hd([["g1", 1]], 7, [["g1", 1], ["g2", 6]], 5) == (False, 5)
     assert hd([["g1", 1]], 7, [["g1", 1], ["g2", 6]], 6) == (True, 5)
-
-
-@pytest.fixture
-def two_nodes(tmp_path):
-    saved = fast_timing()
-    tok = str(tmp_path / "tok")
-    with open(os.open(tok, os.O_WRONLY | os.O_CREAT, 0o600), "w") as f:
-        f.write(TOKEN)
-    a, b = Node("A", str(tmp_path), tok), Node("B", str(tmp_path), tok)
-    a.start()
-    b.start()
-    a.t.rsg_create("g", VOLS, "1M", granularity="4K")
-    a.t.rsg_link("g", b.addr, "async", tok)
-    try:
-        yield a, b
-    finally:
-        for n in (a, b):
-            if n.t is not None:
-                n.close()
-        restore_timing(saved)
-
-
-def converge(a, b):
-    wait_for(lambda: b.rsg is not None and b.rsg.consistent and
-             a.rsg.links[0].state == R.REPLICATING and
-             b.rsg.applied_seq == a.rsg.next_seq - 1, 20, "convergence",
-             lambda: (a.rsg.status(), b.rsg and b.rsg.status()))
 
 
 def saved_link(a):

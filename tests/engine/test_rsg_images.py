@@ -5,100 +5,14 @@ group (its replay's end, its promotion, its deletion), and apart from the
 protected image an admin or a peer keeps (LU@protected-LU)."""
 
 import errno
-import os
-import socket
 import threading
-import time
 
 import pytest
 
-from target import errors, inventory, operations, sessions
+from target import errors, operations, sessions
 from target import replication as R
-from target.target import Target
-from tests.support.rsgmodel import fast_timing, restore_timing, wait_for
-from tests.support.sockets import free_port
-
-VOLS = ["v1", "v2"]
-SIZES = [1 << 20, 256 << 10]
-TOKEN = "replication-token-0123456789"
-
-
-class Node:
-    """A Target on a state directory with v1 and v2, listening for
-    primaries on 127.0.0.1."""
-
-    def __init__(self, root, tok):
-        self.dir, self.tok = root, tok
-        sd = inventory.StateDir(root)
-        sd.ensure()
-        for vol, size in zip(VOLS, SIZES):
-            inventory.create_lu(sd, vol, size=size)
-        self.port = free_port()
-        self.addr = "127.0.0.1:%d" % self.port
-        self.t = None
-
-    @property
-    def rsg(self):
-        return self.t.rsgs.get("g")
-
-    def start(self):
-        self.t = Target(self.dir)
-        self.t.start()
-        for attempt in range(50):
-            try:
-                self.t.start_replication("127.0.0.1", self.port, self.tok)
-                return
-            except OSError:
-                time.sleep(0.1)
-        raise AssertionError("cannot listen on port %d again" % self.port)
-
-    def close(self):
-        if self.t is not None:
-            t, self.t = self.t, None
-            t.close()
-            try:    # wakes the closed server's accept thread
-                socket.create_connection(("127.0.0.1", self.port), 1).close()
-            except OSError:
-                pass
-
-    def read_below_guard(self, vol):
-        lu = self.t.lus[VOLS[vol]]
-        buf = bytearray(lu.size)
-        lu.stack.below("guard").readinto(buf, 0)
-        return bytes(buf)
-
-    def read_top(self, vol):
-        lu = self.t.lus[VOLS[vol]]
-        buf = bytearray(lu.size)
-        lu.read(buf, 0)
-        return bytes(buf)
-
-
-@pytest.fixture
-def two_nodes(tmp_path):
-    """A primary of group g (v1, v2) linked to a secondary."""
-    saved = fast_timing()
-    tok = str(tmp_path / "tok")
-    with open(os.open(tok, os.O_WRONLY | os.O_CREAT, 0o600), "w") as f:
-        f.write(TOKEN)
-    a, b = Node(str(tmp_path / "A"), tok), Node(str(tmp_path / "B"), tok)
-    try:
-        a.start()
-        b.start()
-        a.t.rsg_create("g", VOLS, "1M", granularity="4K")
-        a.t.rsg_link("g", b.addr, "async", tok)
-        yield a, b
-    finally:
-        for n in (a, b):
-            n.close()
-        restore_timing(saved)
-
-
-def converge(a, b):
-    wait_for(lambda: b.rsg is not None and b.rsg.consistent and
-             a.rsg.links[0].state == R.REPLICATING and
-             b.rsg.applied_seq == a.rsg.next_seq - 1, 20, "convergence",
-             lambda: (a.rsg.status(), b.rsg and b.rsg.status()))
+from tests.support.rsgmodel import wait_for
+from tests.support.twonodes import SIZES, VOLS, converge
 
 
 def _frozen(node, name, size):

@@ -12,6 +12,8 @@ Plugin modules (loaded by tests/conftest.py, their fixtures need no import):
   iscsilib    iscsi_server (serve --iscsi-portal)
   netlib      cluster (servers in network namespaces, for replication),
               netlab (namespaces of scripts/netns.py, always removed)
+  twonodes    two_nodes (in-process nodes A and B of one replicated group
+              of v1 and v2; its Node and converge)
   guestlib    guest (a booted QEMU guest; guestimage builds its image)
 Helper modules: sockets, models, tools (qemu-io, whole-export reads),
 rsgmodel (replication's change model), rsgnodes (in-process replication

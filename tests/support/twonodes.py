@@ -1,0 +1,92 @@
+"""Two in-process nodes A and B of one replicated group "g" of the volumes
+v1 (1 MiB) and v2 (256 KiB), A primary and linked (async) to B: the
+`two_nodes` fixture, the `Node` it is made of (an rsgnodes.Node with
+reads at each level of a volume's stack and its clone group), and
+`converge`, which waits until B holds everything A logged.  Used by the
+composition model and the tests of a secondary's consistent image."""
+
+import os
+
+import pytest
+
+from tests.support import rsgnodes
+from tests.support.rsgmodel import fast_timing, restore_timing, wait_for
+from target import replication as R
+
+VOLS = ["v1", "v2"]
+SIZES = [1 << 20, 256 << 10]
+
+
+class Node(rsgnodes.Node):
+    """One clonectl target (state dir, replication port)."""
+
+    def __init__(self, name, root, tok):
+        super().__init__(os.path.join(root, name), zip(VOLS, SIZES), tok)
+        self.name = name
+        self.start_seq = None
+
+    @property
+    def rsg(self):
+        return self.t.rsgs.get("g")
+
+    def loaded(self):
+        g = self.rsg
+        # The first number a change can get after the restart, before a
+        # resumed engine takes any.
+        self.start_seq = g.next_seq if g is not None and \
+            g.role == R.PRIMARY else None
+
+    def read_top(self, vol):
+        """A host read (the top of the stack)."""
+        lu = self.t.lus[VOLS[vol]]
+        buf = bytearray(lu.size)
+        lu.read(buf, 0)
+        return bytes(buf)
+
+    def read_below_guard(self, vol):
+        """What a host would read from a secondary's volume, without its
+        guard (callers hold the apply lock)."""
+        lu = self.t.lus[VOLS[vol]]
+        buf = bytearray(lu.size)
+        lu.stack.below("guard").readinto(buf, 0)
+        return bytes(buf)
+
+    def read_base(self, vol):
+        lu = self.t.lus[VOLS[vol]]
+        buf = bytearray(lu.size)
+        lu.backend.readinto(buf, 0)
+        return bytes(buf)
+
+    def group(self):
+        return self.t.groups.get(VOLS[0])
+
+    def clone_image(self, name):
+        c = self.group().clones[name]
+        buf = bytearray(SIZES[0])
+        c.backend.readinto(buf, 0)
+        return bytes(buf)
+
+
+@pytest.fixture
+def two_nodes(tmp_path):
+    saved = fast_timing()
+    tok = rsgnodes.write_token(str(tmp_path / "tok"))
+    a, b = Node("A", str(tmp_path), tok), Node("B", str(tmp_path), tok)
+    a.start()
+    b.start()
+    a.t.rsg_create("g", VOLS, "1M", granularity="4K")
+    a.t.rsg_link("g", b.addr, "async", tok)
+    try:
+        yield a, b
+    finally:
+        for n in (a, b):
+            if n.t is not None:
+                n.close()
+        restore_timing(saved)
+
+
+def converge(a, b):
+    wait_for(lambda: b.rsg is not None and b.rsg.consistent and
+             a.rsg.links[0].state == R.REPLICATING and
+             b.rsg.applied_seq == a.rsg.next_seq - 1, 20, "convergence",
+             lambda: (a.rsg.status(), b.rsg and b.rsg.status()))
