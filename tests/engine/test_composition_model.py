@@ -79,7 +79,7 @@ from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant,
 from tests.support import rsgnodes
 from tests.support.models import tolerate_timing_in_generation
 from tests.support.tiers import examples
-from tests.support.twonodes import SIZES, VOLS, Node, converge
+from tests.support.twonodes import SIZES, VOLS, Node, break_a_replay, converge
 from target import clones, errors, sessions
 from target import replication as R
 
@@ -1165,40 +1165,13 @@ def test_discard_choice_survives_a_reconnect(two_nodes):
     assert a.read_base(0)[:131072] == b"\x01" * 65536 + bytes(65536)
 
 
-def _replay_broken_off_with_v1_protected(a, b, monkeypatch):
-    """v1 of the secondary protected by someone else (an admin, a peer)
-    at an older point; then a replay that is broken off."""
-    for vol in VOLS:
-        a.t.lus[vol].write(b"\x01" * 4096, 0)
-    converge(a, b)
-    b.t.image_protect("v1")
-    for vol in VOLS:
-        a.t.lus[vol].write(b"\x02" * 4096, 0)
-    converge(a, b)                          # the last consistent point
-    a.t.rsg_detach("g", b.addr)
-    for vol in VOLS:
-        a.t.lus[vol].write(b"\x03" * 4096, 0)
-    broken = threading.Event()
-
-    def end_replay(self, seq, theirs):
-        broken.set()
-        raise OSError(errno.EIO, "the replay is broken off here")
-    monkeypatch.setattr(R.SecondaryGroup, "_end_replay", end_replay)
-    a.t.rsg_attach("g", b.addr)
-    assert broken.wait(10)
-    a.t.rsg_detach("g", b.addr)
-    wait_for(lambda: b.rsg.connected_since is None)
-    sg = b.rsg
-    assert not sg.consistent and sg.protected, sg.status()
-    return CompositionMachine.frozen_images(b)
-
-
 def test_replay_protects_every_volume_at_one_point(two_nodes, monkeypatch):
     """The image a secondary protects before a replay, which `lu rollback`
     puts back after a broken replay, must be its last consistent image:
     every volume at the same point."""
     a, b = two_nodes
-    frozen = _replay_broken_off_with_v1_protected(a, b, monkeypatch)
+    break_a_replay(a, b, monkeypatch)       # v1 protected by an admin before
+    frozen = CompositionMachine.frozen_images(b)
     assert [f[:4096] for f in frozen] == [b"\x02" * 4096] * 2
     # The image protected before, of its own point, is there still.
     buf = bytearray(SIZES[0])

@@ -4,7 +4,6 @@ across restarts while the node is inconsistent, released only by the
 group (its replay's end, its promotion, its deletion), and apart from the
 protected image an admin or a peer keeps (LU@protected-LU)."""
 
-import errno
 import threading
 
 import pytest
@@ -12,7 +11,7 @@ import pytest
 from target import errors, operations, sessions
 from target import replication as R
 from tests.support.rsgmodel import wait_for
-from tests.support.twonodes import SIZES, VOLS, converge
+from tests.support.twonodes import SIZES, VOLS, break_a_replay, converge
 
 
 def _frozen(node, name, size):
@@ -23,34 +22,6 @@ def _frozen(node, name, size):
     return bytes(buf[:4096])
 
 
-def _break_a_replay(a, b, monkeypatch):
-    """B consistent at \\x02 (v1 protected by an admin at \\x01 before);
-    then a replay of \\x03 broken off at its end: B inconsistent."""
-    for vol in VOLS:
-        a.t.lus[vol].write(b"\x01" * 4096, 0)
-    converge(a, b)
-    b.t.image_protect("v1")
-    for vol in VOLS:
-        a.t.lus[vol].write(b"\x02" * 4096, 0)
-    converge(a, b)
-    a.t.rsg_detach("g", b.addr)
-    for vol in VOLS:
-        a.t.lus[vol].write(b"\x03" * 4096, 0)
-    broken = threading.Event()
-    end_replay = R.SecondaryGroup._end_replay
-
-    def break_off(self, seq, theirs):
-        broken.set()
-        raise OSError(errno.EIO, "the replay is broken off here")
-    monkeypatch.setattr(R.SecondaryGroup, "_end_replay", break_off)
-    a.t.rsg_attach("g", b.addr)
-    assert broken.wait(10)
-    a.t.rsg_detach("g", b.addr)
-    wait_for(lambda: b.rsg.connected_since is None)
-    monkeypatch.setattr(R.SecondaryGroup, "_end_replay", end_replay)
-    assert not b.rsg.consistent and b.rsg.protected, b.rsg.status()
-
-
 def _restart(node):
     node.close()
     node.start()
@@ -59,7 +30,7 @@ def _restart(node):
 def test_broken_replay_rolls_back_to_one_point_across_a_restart(
         two_nodes, monkeypatch):
     a, b = two_nodes
-    _break_a_replay(a, b, monkeypatch)
+    break_a_replay(a, b, monkeypatch)
     _restart(b)
     sg = b.rsg
     assert not sg.consistent and sg.protected
@@ -95,7 +66,7 @@ def test_broken_replay_rolls_back_to_one_point_across_a_restart(
 def test_promote_force_releases_only_the_groups_images(two_nodes,
                                                        monkeypatch):
     a, b = two_nodes
-    _break_a_replay(a, b, monkeypatch)
+    break_a_replay(a, b, monkeypatch)
     b.t.rsg_promote("g", force=True)
     assert not [n for n in b.t.sessions if n.startswith("consistent-")]
     assert _frozen(b, "protected-v1", 1 << 20) == b"\x01" * 4096
@@ -106,7 +77,7 @@ def test_promote_force_releases_only_the_groups_images(two_nodes,
 
 def test_rsg_delete_releases_only_the_groups_images(two_nodes, monkeypatch):
     a, b = two_nodes
-    _break_a_replay(a, b, monkeypatch)
+    break_a_replay(a, b, monkeypatch)
     b.t.rsg_delete("g")
     assert not [n for n in b.t.sessions if n.startswith("consistent-")]
     assert _frozen(b, "protected-v1", 1 << 20) == b"\x01" * 4096
@@ -117,7 +88,7 @@ def test_a_completed_replay_leaves_no_image_after_a_crash(two_nodes,
     """A crash between the record saying consistent and the release: the
     restart releases the images (the replay completed), and only them."""
     a, b = two_nodes
-    _break_a_replay(a, b, monkeypatch)
+    break_a_replay(a, b, monkeypatch)
     b.rsg.consistent, b.rsg.reason = True, None
     b.rsg.persist()
     _restart(b)
@@ -133,7 +104,7 @@ def test_a_new_replay_replaces_a_stale_image(two_nodes, monkeypatch):
     """Images left protected on a consistent node (a release that failed)
     are replaced by the next replay's, of its own point."""
     a, b = two_nodes
-    _break_a_replay(a, b, monkeypatch)
+    break_a_replay(a, b, monkeypatch)
     monkeypatch.setattr(R.SecondaryGroup, "release_images", lambda self: None)
     a.t.rsg_attach("g", b.addr)
     converge(a, b)
@@ -170,7 +141,7 @@ def test_no_user_session_takes_or_touches_the_groups_image(two_nodes,
         a.t.session_ops.session_create("v1", "consistent-v1",
                                        dests=["nbd+unix:///x?socket=/nx"])
     assert "reserved" in str(e.value)
-    _break_a_replay(a, b, monkeypatch)
+    break_a_replay(a, b, monkeypatch)
     ops = operations.bind(b.t)
     for op in ("session_delete", "session_unmark", "session_mark"):
         with pytest.raises(errors.InvalidArgument,
@@ -192,7 +163,7 @@ def test_lu_delete_tells_what_keeps_the_lu(two_nodes, monkeypatch):
     what works: the group's deletion, then a rollback (a user's `session
     delete` is refused on them)."""
     a, b = two_nodes
-    _break_a_replay(a, b, monkeypatch)
+    break_a_replay(a, b, monkeypatch)
     with pytest.raises(errors.Error) as e:
         b.t.lu_delete("v1")
     assert "replicated group g" in str(e.value), str(e.value)

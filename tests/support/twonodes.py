@@ -2,10 +2,13 @@
 v1 (1 MiB) and v2 (256 KiB), A primary and linked (async) to B: the
 `two_nodes` fixture, the `Node` it is made of (an rsgnodes.Node with
 reads at each level of a volume's stack and its clone group), and
-`converge`, which waits until B holds everything A logged.  Used by the
+`converge`, which waits until B holds everything A logged, and
+`break_a_replay`, which leaves B inconsistent after a broken replay.  Used by the
 composition model and the tests of a secondary's consistent image."""
 
+import errno
 import os
+import threading
 
 import pytest
 
@@ -90,3 +93,31 @@ def converge(a, b):
              a.rsg.links[0].state == R.REPLICATING and
              b.rsg.applied_seq == a.rsg.next_seq - 1, 20, "convergence",
              lambda: (a.rsg.status(), b.rsg and b.rsg.status()))
+
+
+def break_a_replay(a, b, monkeypatch):
+    """B consistent at \\x02 (v1 protected by an admin at \\x01 before);
+    then a replay of \\x03 broken off at its end: B inconsistent."""
+    for vol in VOLS:
+        a.t.lus[vol].write(b"\x01" * 4096, 0)
+    converge(a, b)
+    b.t.image_protect("v1")
+    for vol in VOLS:
+        a.t.lus[vol].write(b"\x02" * 4096, 0)
+    converge(a, b)
+    a.t.rsg_detach("g", b.addr)
+    for vol in VOLS:
+        a.t.lus[vol].write(b"\x03" * 4096, 0)
+    broken = threading.Event()
+    end_replay = R.SecondaryGroup._end_replay
+
+    def break_off(self, seq, theirs):
+        broken.set()
+        raise OSError(errno.EIO, "the replay is broken off here")
+    monkeypatch.setattr(R.SecondaryGroup, "_end_replay", break_off)
+    a.t.rsg_attach("g", b.addr)
+    assert broken.wait(10)
+    a.t.rsg_detach("g", b.addr)
+    wait_for(lambda: b.rsg.connected_since is None)
+    monkeypatch.setattr(R.SecondaryGroup, "_end_replay", end_replay)
+    assert not b.rsg.consistent and b.rsg.protected, b.rsg.status()
