@@ -34,8 +34,10 @@ qemu-nbd, serving the same file.
 host writes while marked and transferring; see scripts/bench_sessions.py.
 
 --suite iscsi: the iSCSI gateway: 4 KiB and 1 MiB reads through
-iSCSI (tgtd -> nbdfuse -> our NBD) against the same LU over NBD and against
-tgtd serving the file directly; see scripts/bench_iscsi.py (not in "all").
+iSCSI (tgtd -> nbdfuse -> our NBD) against the same LU over NBD, against
+the gateway's FUSE file served by a tgtd started as before (no malloc
+tunables) and against tgtd serving the file directly; see
+scripts/bench_iscsi.py (not in "all").
 
 --suite replication: replicated storage groups: host 1 MiB and
 4 KiB writes with no replication, an async and a sync link to a secondary in

@@ -5,10 +5,15 @@ workloads run, alternately within each repeat, against:
 
 - nbd: the LU over NBD (our nbdkit, Unix socket);
 - iscsi: the same LU through the gateway (tgtd -> nbdfuse -> our NBD);
+- iscsi-old: the gateway's own nbdfuse file served by a tgtd with glibc's
+  default malloc settings (the gateway before iscsi.TGTD_MALLOC_TUNABLES),
+  O_DIRECT as the gateway opens it: old and new alternate in one run;
 - tgtd-raw: a second, private tgtd serving the LU's file directly
   (rdwr backing store, page cache: how tgtd is usually set up);
 - tgtd-raw-direct: the same with O_DIRECT (`--bsoflags direct`, as the
   gateway opens its FUSE file).
+The three reference targets (iscsi-old, tgtd-raw, tgtd-raw-direct) are one
+private tgtd started as tgtd usually is (no malloc tunables).
 
 One client for all: `qemu-img bench` (QEMU's NBD and iSCSI block drivers,
 libiscsi), reads only, QD16 unless named: 4 KiB reads with a stride of
@@ -29,7 +34,7 @@ WORKLOADS = [
     ("4K strided read QD1", 4096, (1 << 20) + 4096, 1, 10000, 3000),
     ("1M seq read QD16", 1 << 20, 1 << 20, 16, 3000, 800),
 ]
-VARIANTS = ["nbd", "iscsi", "tgtd-raw", "tgtd-raw-direct"]
+VARIANTS = ["nbd", "iscsi", "iscsi-old", "tgtd-raw", "tgtd-raw-direct"]
 IQN_PREFIX = "iqn.2026-11.org.clonectl.bench:"
 
 
@@ -57,10 +62,24 @@ def _qemu_bench(url, req, step, depth, count):
     return time.monotonic() - t0
 
 
-class RawTgtd:
-    """A private tgtd serving a file directly (the reference)."""
+def _wait_mounted(path, timeout=30):
+    """Wait for the gateway's nbdfuse file of the LU (the manager adds it
+    within its poll interval of the start)."""
+    deadline = time.monotonic() + timeout
+    while not (os.path.exists(path) and os.path.getsize(path) > 0):
+        if time.monotonic() > deadline:
+            raise RuntimeError("the gateway did not mount " + path)
+        time.sleep(0.1)
 
-    def __init__(self, path, log):
+
+class RawTgtd:
+    """A private tgtd serving the LU's file directly (the reference), and the
+    gateway's FUSE file (the gateway's old tgtd configuration)."""
+
+    TARGETS = (("raw", "lu", []), ("raw-direct", "lu", ["--bsoflags", "direct"]),
+               ("gateway-old", "fuse", ["--bsoflags", "direct"]))
+
+    def __init__(self, paths, log):
         self.port = _free_port()
         # tgtd takes -C 0..32767; the gateway picks from 2000-21999.
         self.ctl = 22000 + os.getpid() % 10000
@@ -74,13 +93,12 @@ class RawTgtd:
             if time.monotonic() > deadline or self.proc.poll() is not None:
                 raise RuntimeError("reference tgtd did not start")
             time.sleep(0.05)
-        for tid, (name, flags) in enumerate((("raw", []),
-                                             ("raw-direct",
-                                              ["--bsoflags", "direct"])), 1):
+        for tid, (name, path, flags) in enumerate(self.TARGETS, 1):
             for args in (["--op", "new", "--mode", "target", "--tid", tid,
                           "--targetname", IQN_PREFIX + name],
                          ["--op", "new", "--mode", "logicalunit", "--tid",
-                          tid, "--lun", 1, "--backing-store", path] + flags,
+                          tid, "--lun", 1, "--backing-store", paths[path]]
+                         + flags,
                          ["--op", "bind", "--mode", "target", "--tid", tid,
                           "--initiator-address", "127.0.0.1"]):
                 subprocess.run(self._adm(*args), check=True,
@@ -95,7 +113,7 @@ class RawTgtd:
                                                     name)
 
     def stop(self):
-        for tid in (1, 2):
+        for tid in range(1, len(self.TARGETS) + 1):
             subprocess.run(self._adm("--op", "delete", "--mode", "target",
                                      "--tid", tid, "--force"),
                            capture_output=True)
@@ -127,10 +145,13 @@ def run(bench, args, size, workdir):
     log = open(os.path.join(workdir, "tgtd-raw.log"), "ab")
     raw = None
     try:
-        raw = RawTgtd(lu_file, log)
+        fuse_file = os.path.join(state, "run", "iscsi", "mnt", "d1", "disk")
+        _wait_mounted(fuse_file)
+        raw = RawTgtd({"lu": lu_file, "fuse": fuse_file}, log)
         urls = {"nbd": "nbd+unix:///d1?socket=" + sock,
                 "iscsi": "iscsi://127.0.0.1:{}/{}d1/1".format(port,
                                                                IQN_PREFIX),
+                "iscsi-old": raw.url("gateway-old"),
                 "tgtd-raw": raw.url("raw"),
                 "tgtd-raw-direct": raw.url("raw-direct")}
         results = {}
@@ -162,7 +183,8 @@ def print_tables(res, args):
     header = ["workload"]
     for v in VARIANTS:
         header += ["{} IOPS".format(v), "MB/s"]
-    header += ["iscsi/nbd", "iscsi/tgtd-raw", "iscsi/tgtd-raw-direct"]
+    header += ["iscsi/nbd", "iscsi-old/nbd", "iscsi/iscsi-old",
+               "iscsi/tgtd-raw", "iscsi/tgtd-raw-direct"]
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for name, row in res["results"].items():
@@ -170,7 +192,17 @@ def print_tables(res, args):
         for v in VARIANTS:
             cells += ["{:.0f}".format(row[v]["iops"]),
                       "{:.0f}".format(row[v]["mbs"])]
-        for base in ("nbd", "tgtd-raw", "tgtd-raw-direct"):
-            cells.append("{:.2f}".format(row["iscsi"]["iops"] /
+        for top, base in (("iscsi", "nbd"), ("iscsi-old", "nbd"),
+                          ("iscsi", "iscsi-old"), ("iscsi", "tgtd-raw"),
+                          ("iscsi", "tgtd-raw-direct")):
+            cells.append("{:.2f}".format(row[top]["iops"] /
                                          row[base]["iops"]))
         print("| " + " | ".join(cells) + " |")
+    print()
+    print("Per pass (old and new alternate within a pass), iscsi/nbd and "
+          "iscsi-old/nbd:")
+    for name, row in res["results"].items():
+        print("- {}: {}".format(name, ", ".join(
+            "{:.2f} / {:.2f}".format(n / i, n / o) for n, i, o in zip(
+                row["nbd"]["all"], row["iscsi"]["all"],
+                row["iscsi-old"]["all"]))))
