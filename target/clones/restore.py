@@ -266,6 +266,33 @@ class Restore:
         self.copy_on_demand(e0, e1)
         self.below.readinto(buf, offset)
 
+    def visible_read(self, buf, offset):
+        """Read what a host read of the Source returns now, copying
+        nothing: during a restore the clone's data for the extents still
+        to copy, during a reverse sync for its dirty ones.  For a reader
+        that may not wait for a copy on demand (a replication replay reads
+        under its group's lock, which the copy's write takes).  An extent
+        leaves the map only once its copy is complete, so a read that
+        finds it gone finds the copy on the Source."""
+        clone = self.restoring
+        if clone is None:
+            return self.redirected_read(buf, offset)
+        view = memoryview(buf).cast("B")
+        g = self.granularity
+        delta, prm = clone.delta, self.prm
+        end = offset + len(view)
+        pos = offset
+        while pos < end:
+            e = pos // g
+            pending = bool(delta[e] and not prm[e])
+            stop = e + 1
+            while stop * g < end and \
+                    bool(delta[stop] and not prm[stop]) == pending:
+                stop += 1
+            part = view[pos - offset:min(end, stop * g) - offset]
+            (clone.backend if pending else self.below).readinto(part, pos)
+            pos += len(part)
+
     def pending_restore(self):
         """Extents still to copy: set in the Delta Map, not in the PRM."""
         clone = self.restoring

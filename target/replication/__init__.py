@@ -149,7 +149,7 @@ from .layer import Guard, ReplicationLayer
 from .link import (CONNECTING, DCM_LOGGING, DCM_REPLAY, DETACHED, DIVERGED,
                    FAILED, MODES, REPLICATING, Link, RemoteRefused,
                    authenticate)
-from .primary import PrimaryGroup
+from .primary import PrimaryGroup, VolumeChange
 from .records import (DEFAULT_GRANULARITY, DISCARD_SECONDARY,
                       DISCARD_ZERO_CHANGES, DISCONNECT, PRIMARY, SECONDARY,
                       SPLIT_BRAIN_POLICIES, GroupFiles, ReplicaUnavailable,
@@ -173,7 +173,8 @@ __all__ = [
     "PrimaryGroup", "REPLICATING", "RemoteRefused", "ReplicaServer",
     "ReplicaUnavailable", "ReplicationError", "ReplicationLayer", "RsgBusy",
     "SECONDARY", "SPLIT_BRAIN_POLICIES", "SRL_DATA_START", "SRL_ENTRY",
-    "SecondaryGroup", "Srl", "SrlCorrupt", "TRIM", "UnknownGroup", "WRITE",
+    "SecondaryGroup", "Srl", "SrlCorrupt", "TRIM", "UnknownGroup",
+    "VolumeChange", "WRITE",
     "ZERO", "authenticate", "check_split_brain_policy", "entry_crc",
     "history_diverges", "map_covers", "new_generation", "parse_secondary", "read_token",
     "recv_frame", "send_frame",
