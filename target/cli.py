@@ -2200,7 +2200,9 @@ def _print_rsg(st):
             elif l["dcm_logging"]:
                 extra = ", {} extents in DCM".format(l["dcm_extents"])
             if l.get("replay_reason"):
-                extra += ", replaying the regions of " + l["replay_reason"]
+                extra += (", replaying the regions of {}" if l["state"] ==
+                          "dcm-replay" else ", the regions of {} to replay"
+                          ).format(l["replay_reason"])
             if l.get("replay_rate_limit"):
                 extra += ", replay rate {}".format(
                     units.format_rate(l["replay_rate_limit"]))

@@ -1534,6 +1534,43 @@ def test_sync_writes_reach_the_secondary_during_a_reverse_sync(
         "reverse-syncing", held, "synchronized")
 
 
+def test_a_restores_replay_resumes_after_a_primary_crash(cluster_factory,
+                                                        monkeypatch):
+    """A kill -9 of the primary while its link replays a restore's
+    regions: the record saved before the restore began says the link
+    replays them; after the restart the restore resumes and so does the
+    replay, reading what hosts read, and the secondary ends equal."""
+    c = cluster_factory()
+    rng = random.Random(31)
+    c.write(0, 0, rng.randbytes(SIZES[0]))
+    synced_clone(c.ta, VOLS[0], "snap")
+    c.ta.clone_fracture("snap")
+    c.write(0, 0, rng.randbytes(SIZES[0]))
+    c.wait_converged()
+    c.ta.rsg_attach("g", c.addr, rate="128K")     # 1 MiB of regions: 8 s
+    c.wait_converged()
+    release = hold_engines(monkeypatch)
+    with c.lock:
+        c.ops.append(Op(c.g.next_seq - 0.5, 0, rsgmodel.SET, 0, SIZES[0],
+                        clone_image(c.ta, "snap")))
+        c.ta.clone_restore("snap")
+    wait_for(lambda: c.link.replay_done > 0, 10, "the replay", c.status)
+    assert c.link.state == R.DCM_REPLAY and not c.sg.consistent
+    c.crash_primary()
+    assert clone_state(c.ta, "snap") == "restoring"
+    assert c.link.dcm.count() > 0, c.status()
+    c.ta.rsg_attach("g", c.addr, rate="0")
+    wait_for(lambda: c.link.state == R.REPLICATING and c.sg.consistent, 20,
+             "the resumed replay", c.status)
+    assert clone_state(c.ta, "snap") == "restoring"
+    # Consistent while the restore runs: what hosts read, the clone's data.
+    assert c.check_sample()
+    release(c.ta.groups[VOLS[0]])
+    wait_for(lambda: clone_state(c.ta, "snap") == "fractured", 30,
+             "the restore's end", lambda: c.ta.clone_status("snap"))
+    c.check_final()
+
+
 # ---------------------------------------------------------------- resyncs
 # After role changes the regions copied are exactly those either side
 # changed since the two last agreed: a link's bytes_sent grows by exactly
