@@ -144,8 +144,9 @@ class RsgOrchestration:
         for c in list(group.clones.values()):
             if c.state in (clones.RESTORING, clones.REVERSE_SYNCING):
                 return replication.VolumeChange(
-                    "the {} from clone {}".format(
-                        c.state.replace("ing", ""), c.name),
+                    "{} from clone {}".format(
+                        "a protected restore" if c.state == clones.RESTORING
+                        else "a reverse sync", c.name),
                     group.visible_read,
                     hides_copies=c.state == clones.REVERSE_SYNCING)
         return None

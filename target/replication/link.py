@@ -93,8 +93,8 @@ def _rules():
         # replay that broke off replays again: the handshake logs).
         ("stream", (CONNECTING, FAILED, DIVERGED, REPLICATING), (SRL,),
          REPLICATING, None),
-        # Connected, logging: a replay is due (it may wait for a volume
-        # change or a failed SRL).
+        # Connected, logging: a replay is due (it may wait for a failed
+        # SRL to work again).
         ("await-replay", attached, (DCM,), DCM_LOGGING, None),
         # A volume change while the link streams: a replay of its regions
         # begins at the stream's position, which the link keeps.
