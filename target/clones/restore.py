@@ -123,11 +123,29 @@ class Restore:
         with self.cond:
             self._check(clone, "restore")
             self._check_group_idle(clone, "restore")
-            self.transition(clone, "restore", rate=rate)
-            self.restoring = clone
-            clone.paused = False
-            self._set_read_path()
+
+            def switch():
+                self.transition(clone, "restore", rate=rate)
+                self.restoring = clone
+                clone.paused = False
+                self._set_read_path()
+            self._switch_quiesced(switch)
         return self._launch(clone, rate, run)
+
+    def _switch_quiesced(self, switch):
+        """(Holding cond.)  Run switch(), which changes what hosts read of
+        the Source, with no write in flight: one that entered before would
+        change the Source after the switch, where hosts never read it,
+        and a replicated Source's secondary would get it on top of what
+        the switch shows (target.replication, volume-changing
+        operations)."""
+        self.quiesce = True
+        try:
+            self._drain()
+            switch()
+        finally:
+            self.quiesce = False
+            self.cond.notify_all()
 
     def _check_siblings_split(self, clone, event):
         for other in self.clones.values():

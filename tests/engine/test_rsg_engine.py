@@ -1571,6 +1571,76 @@ def test_a_restores_replay_resumes_after_a_primary_crash(cluster_factory,
     c.check_final()
 
 
+def test_a_write_in_flight_when_a_restore_starts_lands_before_it(
+        cluster_factory, monkeypatch):
+    """A host write that entered the Source before a restore started and
+    is logged after it: the restore's switch to the clone's data waits
+    for it, so the write is part of the state the restore replaces
+    (hosts never read it) and the secondary, consistent after the replay,
+    never shows it either.  (Before, it was logged after the replay had
+    read the region: the secondary held it while the primary showed the
+    clone's data.)  A write that arrives meanwhile waits for the switch
+    and lands on the clone's data (copied on demand first)."""
+    c = cluster_factory()
+    rng = random.Random(37)
+    c.write(0, 0, rng.randbytes(SIZES[0]))
+    synced_clone(c.ta, VOLS[0], "snap")
+    c.ta.clone_fracture("snap")
+    c.write(0, 0, rng.randbytes(SIZES[0] // 2))
+    c.wait_converged()
+    release = hold_engines(monkeypatch)
+    lu = c.ta.lus[VOLS[0]]
+    layer = c.g.layers[0]
+    entered, gate = threading.Event(), threading.Event()
+    write = layer.write
+    off = 3 * GRAN
+
+    def held(buf, offset):
+        if offset == off:
+            entered.set()
+            gate.wait(10)
+        write(buf, offset)
+    monkeypatch.setattr(layer, "write", held)
+    lu.stack.refresh()
+    writer = threading.Thread(target=lu.write, args=(b"\xee" * GRAN, off))
+    writer.start()
+    assert entered.wait(10)
+    restorer = threading.Thread(target=c.ta.clone_restore, args=("snap",))
+    restorer.start()
+    time.sleep(0.3)         # the replay would have read the region now
+    late = 40 * GRAN + 100
+    second = threading.Thread(target=lu.write, args=(b"\xdd" * 1000, late))
+    second.start()
+    time.sleep(0.2)
+    gate.set()
+    for t in (writer, restorer, second):
+        t.join(10)
+    assert clone_state(c.ta, "snap") == "restoring"
+    wait_for(lambda: c.link.state == R.REPLICATING and c.sg.consistent and
+             c.sg.applied_seq == c.g.next_seq - 1, 10, "the replay",
+             c.status)
+    # What hosts read, without the copy on demand of a host read (whose
+    # copy would reach the secondary too).
+    shown = bytearray(GRAN)
+    c.ta.groups[VOLS[0]].visible_read(shown, off)
+    assert bytes(shown) == clone_image(c.ta, "snap")[off:off + GRAN]
+    extent = bytearray(GRAN)
+    c.ta.groups[VOLS[0]].visible_read(extent, 40 * GRAN)
+    want = bytearray(clone_image(c.ta, "snap")[40 * GRAN:41 * GRAN])
+    want[100:1100] = b"\xdd" * 1000
+    assert extent == want, "a write that waited for the restore's start " \
+        "landed on the Source's old data"
+    with c.sg.lock:
+        sec = read_image(c.tb, VOLS[0])[off:off + GRAN]
+    assert sec == bytes(shown), "the consistent secondary shows a write " \
+        "its primary's hosts never read"
+    release(c.ta.groups[VOLS[0]])
+    wait_for(lambda: clone_state(c.ta, "snap") == "fractured", 30,
+             "the restore's end", lambda: c.ta.clone_status("snap"))
+    c.wait_converged()
+    assert read_image(c.ta, VOLS[0]) == read_image(c.tb, VOLS[0])
+
+
 # ---------------------------------------------------------------- resyncs
 # After role changes the regions copied are exactly those either side
 # changed since the two last agreed: a link's bytes_sent grows by exactly
