@@ -552,12 +552,12 @@ class RsgOrchestration:
         writes (restore, reverse sync, rollback), regions (one byte per
         extent of granularity) being what it may change.  On a primary the
         links replay those regions, reading what hosts read (the links
-        that stream begin at once, without leaving the stream), before the
-        operation starts: a refused one costs a copy of unchanged
-        regions.  On a secondary the operation is refused while a primary is connected,
-        no primary is accepted while it starts, and the regions are saved
-        as diverged before anything changes (the primary copies exactly
-        them back at the next contact)."""
+        that stream begin at once, without leaving the stream), from the
+        moment it has started (a refused one costs a copy of unchanged
+        regions).  On a secondary the operation is refused while a primary
+        is connected, no primary is accepted while it starts, and the
+        regions are saved as diverged before anything changes (the primary
+        copies exactly them back at the next contact)."""
         rsg = lu.rsg
         if rsg is None:
             yield

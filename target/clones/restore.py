@@ -25,7 +25,13 @@ the PRM becomes the clone's Delta Map and the clone stays fractured.
 
 A reverse sync and a restore both change the Source: the siblings' bits
 for the extents about to change are set first (`_prepare_restore`), and
-siblings must not be mirrored then.  See docs/design.md and
+siblings must not be mirrored then.  Both change what hosts read at once
+(the clone's data), with no write in flight (`_switch_quiesced`): a write
+that entered before lands before the switch, one that arrives during it
+waits and then copies on demand first (it checked for a restore before
+one began, `_begin`).  `visible_read` reads what hosts read without
+copying anything (a replicated Source's replay reads under its group's
+lock, which a copy's write takes).  See docs/design.md and
 docs/persistence.md (the PRM file).
 """
 

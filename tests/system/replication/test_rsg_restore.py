@@ -38,7 +38,7 @@ def test_sync_write_during_a_restore_is_on_the_secondary(cluster):
     h.flush()
     wait_caught_up(c, p, G, s)
     # The replay of the restore's regions takes about 2 s, the restore
-    # itself about 4 s.
+    # itself about 8 s.
     p.cli("rsg", "attach", G, "--secondary", s.addr, "--rate", "2M")
     wait_link(c, p, G, s, "replicating")
     states, done = set(), threading.Event()
@@ -50,7 +50,7 @@ def test_sync_write_during_a_restore_is_on_the_secondary(cluster):
     watcher = threading.Thread(target=watch)
     watcher.start()
     try:
-        p.cli("clone", "restore", "c1", "--rate", "1M")
+        p.cli("clone", "restore", "c1", "--rate", "512K")
         time.sleep(0.2)
         block = b"\xa5" * 4096
         before = p.rsg(G)["last_seq"]
