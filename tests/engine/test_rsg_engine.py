@@ -1571,6 +1571,41 @@ def test_a_restores_replay_resumes_after_a_primary_crash(cluster_factory,
     c.check_final()
 
 
+def test_a_detached_link_keeps_a_restores_regions_and_replays_them(
+        cluster_factory, monkeypatch):
+    """A link detached while a restore starts logs its regions to its DCM
+    and replays them when attached, reading what hosts read meanwhile."""
+    c = cluster_factory()
+    rng = random.Random(41)
+    c.write(0, 0, rng.randbytes(SIZES[0]))
+    synced_clone(c.ta, VOLS[0], "snap")
+    c.ta.clone_fracture("snap")
+    c.write(0, 0, rng.randbytes(SIZES[0] // 4))
+    c.wait_converged()
+    c.ta.rsg_detach("g", c.addr)
+    release = hold_engines(monkeypatch)
+    with c.lock:
+        c.ops.append(Op(c.g.next_seq - 0.5, 0, rsgmodel.SET, 0, SIZES[0],
+                        clone_image(c.ta, "snap")))
+        c.ta.clone_restore("snap")
+    link = c.link
+    assert link.phase == (R.DETACHED, R.link.DCM), c.status()
+    assert link.dcm.count() == SIZES[0] // 4 // GRAN, c.status()
+    assert "a protected restore of v1" in \
+        c.ta.rsg_status("g")["links"][0]["replay_reason"]
+    c.write(1, 0, b"\x11" * GRAN)
+    c.ta.rsg_attach("g", c.addr)
+    wait_for(lambda: link.state == R.REPLICATING and c.sg.consistent and
+             c.sg.applied_seq == c.g.next_seq - 1, 10, "the replay",
+             c.status)
+    assert clone_state(c.ta, "snap") == "restoring"
+    assert c.check_sample()
+    release(c.ta.groups[VOLS[0]])
+    wait_for(lambda: clone_state(c.ta, "snap") == "fractured", 30,
+             "the restore's end", lambda: c.ta.clone_status("snap"))
+    c.check_final()
+
+
 def test_a_write_in_flight_when_a_restore_starts_lands_before_it(
         cluster_factory, monkeypatch):
     """A host write that entered the Source before a restore started and
