@@ -2215,6 +2215,10 @@ def _print_rsg(st):
                                                         l["replay_total"])
             elif l["dcm_logging"]:
                 extra = ", {} extents in DCM".format(l["dcm_extents"])
+            if l.get("replay_reason"):
+                extra += (", replaying the regions of {}" if l["state"] ==
+                          "dcm-replay" else ", the regions of {} to replay"
+                          ).format(l["replay_reason"])
             if l.get("replay_rate_limit"):
                 extra += ", replay rate {}".format(
                     units.format_rate(l["replay_rate_limit"]))

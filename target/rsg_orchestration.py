@@ -129,7 +129,7 @@ class RsgOrchestration:
         if record["role"] == replication.PRIMARY:
             rsg = replication.PrimaryGroup(
                 files, record, vols,
-                volume_change=lambda: self._volume_change_running(vols))
+                volume_change=lambda vol: self._volume_view(vols[vol]))
             rsg.attach()
             self.target.recovery_problems += [{"rsg": rsg.name, "message": p}
                                        for p in rsg.problems]
@@ -166,6 +166,26 @@ class RsgOrchestration:
                     return "the {} of {} from clone {}".format(
                         "protected restore" if c.state == clones.RESTORING
                         else "reverse sync", lu.name, c.name)
+        return None
+
+    def _volume_view(self, lu):
+        """The restore or reverse sync running on lu as a primary's replay
+        sees it (replication.VolumeChange), or None.  Both show hosts the
+        clone's data from their start on; the clone group reads it without
+        copying anything (the replay reads under its group's lock, which
+        a copy into the volume takes).  A reverse sync's engine may write
+        a run hosts never see (copied again after a host write collided)."""
+        group = self.target.groups.get(lu.name)
+        if group is None:
+            return None
+        for c in list(group.clones.values()):
+            if c.state in (clones.RESTORING, clones.REVERSE_SYNCING):
+                return replication.VolumeChange(
+                    "{} from clone {}".format(
+                        "a protected restore" if c.state == clones.RESTORING
+                        else "a reverse sync", c.name),
+                    group.visible_read,
+                    hides_copies=c.state == clones.REVERSE_SYNCING)
         return None
 
     @staticmethod
@@ -576,9 +596,10 @@ class RsgOrchestration:
     def run_volume_change(self, lu, regions, granularity, what, start):
         """Start an engine that changes lu without host writes (start()
         returns it, not running yet) inside volume_change, then run it:
-        the links log, or the secondary records what changes, before the
-        engine writes anything (a copy streamed as an ordinary update would
-        show the secondary a half-restored image as consistent)."""
+        the links replay (or log) its regions, or the secondary records
+        what changes, before the operation changes what hosts see (a copy
+        streamed as an ordinary update would show the secondary a
+        half-restored image as consistent)."""
         engine = None
         try:
             with self.volume_change(lu, regions, granularity, what):
@@ -594,19 +615,24 @@ class RsgOrchestration:
         """Around the start of an operation that changes lu without host
         writes (restore, reverse sync, rollback), regions (one byte per
         extent of granularity) being what it may change.  On a primary the
-        links log those regions, to replay them once it has finished.  On
-        a secondary the operation is refused while a primary is connected,
-        no primary is accepted while it starts, and the regions are saved
-        as diverged before anything changes (the primary copies exactly
-        them back at the next contact)."""
+        links replay those regions, reading what hosts read (the links
+        that stream begin at once, without leaving the stream), from the
+        moment it has started (a refused one costs a copy of unchanged
+        regions).  On a secondary the operation is refused while a primary
+        is connected, no primary is accepted while it starts, and the
+        regions are saved as diverged before anything changes (the primary
+        copies exactly them back at the next contact)."""
         rsg = lu.rsg
         if rsg is None:
             yield
             return
         vol = rsg.volumes.index(lu)
         if rsg.role == replication.PRIMARY:
-            yield
-            rsg.begin_volume_change(vol, regions, granularity, what)
+            begun = rsg.begin_volume_change(vol, regions, granularity, what)
+            try:
+                yield
+            finally:
+                rsg.end_volume_change(begun)
             return
         with rsg.local_change("{} of {}".format(what, lu.name)):
             runs = []

@@ -366,9 +366,15 @@ class CloneGroup(Mirroring, Restore):
             self.commit()
         with self.cond:
             checks()
-            self.transition(clone, event, rate=rate)
-            clone.paused = False
-            self._set_read_path()
+
+            def switch():
+                self.transition(clone, event, rate=rate)
+                clone.paused = False
+                self._set_read_path()
+            if event == "reverse-sync":
+                self._switch_quiesced(switch)
+            else:
+                switch()
         return self._launch(clone, rate, run)
 
     def _launch(self, clone, rate, run):

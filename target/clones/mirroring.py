@@ -60,11 +60,14 @@ class Mirroring:
         g = self.granularity
         return offset // g, (offset + max(length, 1) + g - 1) // g
 
-    def _begin(self, e0, e1, only=None):
+    def _begin(self, e0, e1, only=None, restoring=None):
         """Register a write of extents [e0, e1); return (token, mirrors).
 
         only: a fractured clone whose export is written (its bits are set,
-        nobody is mirrored); None for a write to the Source.
+        nobody is mirrored); None for a write to the Source, which copied
+        on demand for `restoring` (the restoring clone it saw, or None):
+        (None, None) if another one restores now (a restore began while it
+        waited), nothing registered.
         """
         with self.cond:
             while self.quiesce or (only is None and self._overlapped(e0, e1)):
@@ -73,6 +76,8 @@ class Mirroring:
                     self.cond.wait()
                 finally:
                     self.overlap_waiters -= 1
+            if only is None and self.restoring is not restoring:
+                return None, None
             token = self.changes.begin(e0, e1)
             if self.changes.copying and any(
                     c0 < e1 and e0 < c1
@@ -107,9 +112,12 @@ class Mirroring:
     def _mutate(self, offset, length, apply, fua):
         self.source.check_write(offset, length)
         e0, e1 = self._extent_range(offset, length)
-        if self.restoring is not None:
-            self.copy_on_demand(e0, e1)
-        token, mirrors = self._begin(e0, e1)
+        token = None
+        while token is None:
+            restoring = self.restoring
+            if restoring is not None:
+                self.copy_on_demand(e0, e1)
+            token, mirrors = self._begin(e0, e1, restoring=restoring)
         try:
             first = [c for c in mirrors if c.state == REVERSE_SYNCING]
             for clone in first:

@@ -25,7 +25,13 @@ the PRM becomes the clone's Delta Map and the clone stays fractured.
 
 A reverse sync and a restore both change the Source: the siblings' bits
 for the extents about to change are set first (`_prepare_restore`), and
-siblings must not be mirrored then.  See docs/design.md and
+siblings must not be mirrored then.  Both change what hosts read at once
+(the clone's data), with no write in flight (`_switch_quiesced`): a write
+that entered before lands before the switch, one that arrives during it
+waits and then copies on demand first (it checked for a restore before
+one began, `_begin`).  `visible_read` reads what hosts read without
+copying anything (a replicated Source's replay reads under its group's
+lock, which a copy's write takes).  See docs/design.md and
 docs/persistence.md (the PRM file).
 """
 
@@ -123,11 +129,29 @@ class Restore:
         with self.cond:
             self._check(clone, "restore")
             self._check_group_idle(clone, "restore")
-            self.transition(clone, "restore", rate=rate)
-            self.restoring = clone
-            clone.paused = False
-            self._set_read_path()
+
+            def switch():
+                self.transition(clone, "restore", rate=rate)
+                self.restoring = clone
+                clone.paused = False
+                self._set_read_path()
+            self._switch_quiesced(switch)
         return self._launch(clone, rate, run)
+
+    def _switch_quiesced(self, switch):
+        """(Holding cond.)  Run switch(), which changes what hosts read of
+        the Source, with no write in flight: one that entered before would
+        change the Source after the switch, where hosts never read it,
+        and a replicated Source's secondary would get it on top of what
+        the switch shows (target.replication, volume-changing
+        operations)."""
+        self.quiesce = True
+        try:
+            self._drain()
+            switch()
+        finally:
+            self.quiesce = False
+            self.cond.notify_all()
 
     def _check_siblings_split(self, clone, event):
         for other in self.clones.values():
@@ -265,6 +289,33 @@ class Restore:
         e0, e1 = self._extent_range(offset, len(buf))
         self.copy_on_demand(e0, e1)
         self.below.readinto(buf, offset)
+
+    def visible_read(self, buf, offset):
+        """Read what a host read of the Source returns now, copying
+        nothing: during a restore the clone's data for the extents still
+        to copy, during a reverse sync for its dirty ones.  For a reader
+        that may not wait for a copy on demand (a replication replay reads
+        under its group's lock, which the copy's write takes).  An extent
+        leaves the map only once its copy is complete, so a read that
+        finds it gone finds the copy on the Source."""
+        clone = self.restoring
+        if clone is None:
+            return self.redirected_read(buf, offset)
+        view = memoryview(buf).cast("B")
+        g = self.granularity
+        delta, prm = clone.delta, self.prm
+        end = offset + len(view)
+        pos = offset
+        while pos < end:
+            e = pos // g
+            pending = bool(delta[e] and not prm[e])
+            stop = e + 1
+            while stop * g < end and \
+                    bool(delta[stop] and not prm[stop]) == pending:
+                stop += 1
+            part = view[pos - offset:min(end, stop * g) - offset]
+            (clone.backend if pending else self.below).readinto(part, pos)
+            pos += len(part)
 
     def pending_restore(self):
         """Extents still to copy: set in the Delta Map, not in the PRM."""

@@ -42,7 +42,12 @@ persisted acknowledged position: space is reclaimed only after the link
 positions are saved, so a crash never finds a link pointing at reused
 space).  Sync links make the host write wait for the acknowledgement (up to
 `sync_timeout`; then the link is failed and changes are tracked in its
-DCM, the write proceeds); async links acknowledge at once.  A link's
+DCM, the write proceeds), while they stream and during a replay begun
+within the stream (a volume change, below: the secondary has every
+acknowledged write, and gets the new ones in order); during a catch-up
+replay they do not wait (the secondary lacks the DCM's regions anyway, and
+a hung one would stall every write again at each try).  Async links
+acknowledge at once.  A link's
 state is one value, changed only through the transition table of link.py:
 its status (what `rsg status` shows) and what it holds (the SRL, its DCM,
 or both while a replay runs).
@@ -52,8 +57,9 @@ new one needs is switched to DCM logging: its pending entries are marked in
 its data change map (one byte per extent per volume, `maps.ActivityFile`,
 set in place and made durable before the change it describes) and every
 later change sets bits there.  A detached link, a link whose secondary lost
-its data, a link added to a secondary of unknown content (all extents), and
-a volume-changing operation (below) do the same.
+its data and a link added to a secondary of unknown content (all extents)
+do the same; a volume-changing operation (below) sets its regions in
+every DCM, and only links that do not stream log.
 
 DCM replay converges under any write load the link can carry: the replay
 does not chase a moving bitmap.  Under the group lock the link stops
@@ -108,11 +114,31 @@ that could not be logged, the record is saved without the SRL, and the
 links replay once SRL_RETRY has passed (and log again if it still fails).
 
 Volume-changing operations (protected restore, reverse sync of a
-replicated volume) change regions without host writes.  Before one starts,
-every link is switched to DCM logging (pending entries marked) and the
-operation's region map is ORed into every DCM; the links do not replay
-until it has finished.  The secondary then receives exactly the regions the
-operation changed plus the host writes made meanwhile, never a full copy.
+replicated volume, rollback) change regions without host writes; a
+restore and a reverse sync change what hosts read of all their regions at
+once (the clone's data, through the clones layer), while their engines
+copy below that view, through this group's layer.  Before one starts
+(`begin_volume_change`), its region map is ORed into every DCM and saved;
+a link that streams begins a replay of it at its stream's position
+(`extend`: it keeps holding the SRL, sync writes go on waiting for it), a
+running replay starts its pass again from where its stream is (its pending
+clears are dropped: they were sent before the bits came back), any other
+link logs.  No replay reads until the operation has taken effect
+(`end_volume_change`): read before, a region would miss the change, which
+no entry carries.  A replay reads what hosts read (`replay_view`: the
+operation's VolumeChange reads the clone for the extents not yet copied,
+without a copy on demand, which would need the group lock the read holds;
+an extent leaves the map only once its copy is complete).  The engines'
+copies are changes of the volume below the clones layer, so they are
+logged and streamed: a restore's carry the data hosts already read (an
+extent is copied once, hosts wait for it), so its replay ends at the end
+of its pass and the secondary is consistent while the restore still runs.
+A reverse sync's engine copies a run again when a host write collided
+with it, after a first copy carrying data hosts never read: its replays
+end only once it has ended (`replay_hold`), the secondary being
+inconsistent meanwhile with its protected image.  The secondary receives
+exactly the regions the operation changed plus the host writes made
+meanwhile, never a full copy.
 
 Secondary.  `SecondaryGroup` receives batches, writes each whole batch to
 one of two staging slots (crc over the batch, fdatasync), acknowledges it,
@@ -160,7 +186,7 @@ from .layer import Guard, ReplicationLayer
 from .link import (CONNECTING, DCM_LOGGING, DCM_REPLAY, DETACHED, DIVERGED,
                    FAILED, MODES, REPLICATING, Link, RemoteRefused,
                    authenticate)
-from .primary import PrimaryGroup
+from .primary import PrimaryGroup, VolumeChange
 from .records import (DEFAULT_GRANULARITY, DISCARD_SECONDARY,
                       DISCARD_ZERO_CHANGES, DISCONNECT, PRIMARY, SECONDARY,
                       SPLIT_BRAIN_POLICIES, GroupFiles, ReplicaUnavailable,
@@ -184,7 +210,8 @@ __all__ = [
     "PrimaryGroup", "REPLICATING", "RemoteRefused", "ReplicaServer",
     "ReplicaUnavailable", "ReplicationError", "ReplicationLayer", "RsgBusy",
     "SECONDARY", "SPLIT_BRAIN_POLICIES", "SRL_DATA_START", "SRL_ENTRY",
-    "SecondaryGroup", "Srl", "SrlCorrupt", "TRIM", "UnknownGroup", "WRITE",
+    "SecondaryGroup", "Srl", "SrlCorrupt", "TRIM", "UnknownGroup",
+    "VolumeChange", "WRITE",
     "ZERO", "authenticate", "check_split_brain_policy", "entry_crc",
     "history_diverges", "map_covers", "new_generation", "parse_secondary", "read_token",
     "recv_frame", "send_frame",

@@ -93,9 +93,12 @@ def _rules():
         # replay that broke off replays again: the handshake logs).
         ("stream", (CONNECTING, FAILED, DIVERGED, REPLICATING), (SRL,),
          REPLICATING, None),
-        # Connected, logging: a replay is due (it may wait for a volume
-        # change or a failed SRL).
+        # Connected, logging: a replay is due (it may wait for a failed
+        # SRL to work again).
         ("await-replay", attached, (DCM,), DCM_LOGGING, None),
+        # A volume change while the link streams: a replay of its regions
+        # begins at the stream's position, which the link keeps.
+        ("extend", (REPLICATING,), (SRL,), DCM_REPLAY, SRL_DCM),
         # The replay joins the SRL stream at its head and copies the DCM;
         # once the secondary has confirmed it, the DCM is clear.
         ("replay", attached, (DCM,), DCM_REPLAY, SRL_DCM),
@@ -237,6 +240,13 @@ class Link:
         # (saved before they are cleared); 0 once a replay completed.
         self.replay_cleared = record.get("replay_cleared", 0)
         self.replay_cancel = threading.Event()
+        # The running replay began in the SRL stream (a volume change):
+        # the secondary had every acknowledged write and gets the new ones
+        # in order, so sync writes keep waiting for it.
+        self.kept_stream = False
+        # Why the running or due replay copies its regions (a volume
+        # change's), for status; None for a catch-up.
+        self.replay_reason = None
         self.secondary_syncs = False    # it answers RSYN
         self.sent_bytes = 0
         self.replays = 0
@@ -284,6 +294,13 @@ class Link:
     @property
     def attached(self):
         return self.phase[0] != DETACHED
+
+    @property
+    def sync_waits(self):
+        """A sync write waits for this secondary's acknowledgement: the
+        link streams, or replays within the stream it never left."""
+        return self.state == REPLICATING or (self.state == DCM_REPLAY and
+                                             self.kept_stream)
 
     def can(self, event):
         return (self.phase, event) in TRANSITIONS
@@ -428,7 +445,7 @@ class Link:
                 # `logging` and the state change would leave the link
                 # "replicating" while it logs, never replaying.
                 with g.cond:
-                    replay = self.logging
+                    replay = self.holds != SRL
                     if not replay:
                         self.transition("stream")
                         self.secondary_consistent = True
@@ -642,22 +659,25 @@ class Link:
         link is stopping or down."""
         g = self.group
         with g.cond:
-            self.transition("await-replay")
-            while not self.stopping and g.volume_change_reason() is not None:
-                self.error = "waiting for {} to finish before the DCM " \
-                    "replay".format(g.volume_change_reason())
-                g.cond.wait(0.5)
-            # After an SRL failure, not at once: each try of a failing
-            # SRL would switch the link back to logging after a pass.
-            while not self.stopping and \
-                    time.monotonic() - g.srl_failed_at < SRL_RETRY:
-                g.cond.wait(0.5)
-            if self.stopping:
-                return False
-            self.error = None
-            g.replay_join(self)
+            if self.holds == SRL_DCM:
+                # A volume change began (or widened) a replay while the
+                # link streamed: the pass goes on from the stream's
+                # position, after every entry sent so far.
+                send_pos = self.batches[-1][1] if self.batches \
+                    else self.acked_pos
+            else:
+                self.transition("await-replay")
+                # After an SRL failure, not at once: each try of a failing
+                # SRL would switch the link back to logging after a pass.
+                while not self.stopping and \
+                        time.monotonic() - g.srl_failed_at < SRL_RETRY:
+                    g.cond.wait(0.5)
+                if self.stopping:
+                    return False
+                self.error = None
+                g.replay_join(self)
+                send_pos = self.acked_pos
             epoch = self.epoch
-            send_pos = self.acked_pos
             runs = list(self.dcm.runs())
             self.replay_total = self.dcm.count()
             self.replay_done = 0
@@ -710,7 +730,7 @@ class Link:
                 # Holes are not read: zeroes in the chunk, which the
                 # copier's zero check sends as a zero.  Asked under the
                 # lock with the read, so both are the state at `until`.
-                below = g.volumes[vol].stack.below("replication")
+                below = g.replay_view(vol)
                 for start, n, hole in below.extents(off, len(view)):
                     part = view[start - off:start - off + n]
                     if hole:
@@ -786,12 +806,14 @@ class Link:
                                 cancel=self.replay_cancel, idle=idle,
                                 idle_interval=REPLAY_IDLE)
         try:
+            self._replay_hold(idle, current, ending=False)
             for vol, vol_runs in itertools.groupby(runs, key=lambda r: r[0]):
                 if not copying.copy([(off, length)
                                      for _, off, length in vol_runs]):
                     return False
             # The last chunk too: the replay takes its size over the rate.
             copying.throttle()
+            self._replay_hold(idle, current, ending=True)
         except _ReplayEnded as e:
             return e.result
         finally:
@@ -823,6 +845,8 @@ class Link:
                 return True
             self.dcm.clear()
             self.replay_cleared = 0
+            self.replay_reason = None
+            self.kept_stream = False
             self.transition("replayed")
             self.secondary_consistent = True
             self.replay_done = self.replay_total
@@ -834,6 +858,19 @@ class Link:
                  g.name, self.secondary, self.replay_total,
                  time.monotonic() - started)
         return True
+
+    def _replay_hold(self, idle, current, ending):
+        """Before the replay reads (or, ending, ends) anything: while
+        group.replay_hold says so, the stream goes on (idle) and the
+        secondary stays as it is."""
+        g = self.group
+        while True:
+            with g.cond:
+                current()
+                if g.replay_hold(ending) is None:
+                    return
+                g.cond.wait(REPLAY_IDLE)
+            idle()
 
     def _whole_extents(self, runs):
         """Runs (vol, offset, length) a replay sent, in order: the runs of
@@ -1053,7 +1090,7 @@ class Link:
         g = self.group
         deadline = time.monotonic() + g.sync_timeout
         with g.cond:
-            while self.acked_seq < seq and self.state == REPLICATING and \
+            while self.acked_seq < seq and self.sync_waits and \
                     not self.stopping:
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -1095,6 +1132,8 @@ class Link:
                 "dcm_extents": self.dcm.count() if self.dcm else None,
                 "replay_total": self.replay_total,
                 "replay_done": self.replay_done, "replays": self.replays,
+                "replay_reason": self.replay_reason if self.dcm_active
+                else None,
                 "replay_rate_limit": self.replay_rate,
                 "replay": self.replay_progress(),
                 "bytes_sent": self.sent_bytes, "error": self.error,

@@ -16,7 +16,8 @@ import time
 from .. import errors, maps
 from .dcm import ActivityLog, Dcm
 from .layer import ReplicationLayer
-from .link import DETACHED, REPLICATING, SRL, SRL_DCM, SRL_RETRY, Link
+from .link import (DCM_REPLAY, DETACHED, REPLICATING, SRL, SRL_DCM,
+                   SRL_RETRY, Link)
 from .records import (DISCARD_SECONDARY, DISCARD_ZERO_CHANGES, DISCONNECT,
                       PRIMARY, ReplicationError, check_split_brain_policy,
                       common_prefix, history_diverges, map_covers)
@@ -32,6 +33,33 @@ SEQ_RESERVE = 1 << 20          # unlogged sequence numbers saved ahead
 class _SrlSyncFailed(Exception):
     """PrimaryGroup._persist could not make the SRL durable (the OSError
     is its __cause__)."""
+
+
+class VolumeChange:
+    """An operation changing a volume without host writes, as a replay
+    sees it (module notes, volume-changing operations): what it is,
+    readinto(buf, offset) giving what a host read returns now without
+    changing anything, and whether its engine writes data hosts never see
+    (a reverse sync's copy that collided with a host write is written
+    again), so that no replay may end while it runs."""
+
+    def __init__(self, what, readinto, hides_copies=False):
+        self.what = what
+        self.readinto = readinto
+        self.hides_copies = hides_copies
+
+
+class _Visible:
+    """A volume as its hosts see it during a volume change, for a
+    replay's read: data everywhere (the operation's source decides what
+    a read returns, not the volume's allocation)."""
+
+    def __init__(self, change):
+        self.readinto = change.readinto
+
+    @staticmethod
+    def extents(offset, length):
+        return [(offset, length, False)]
 
 
 class PrimaryGroup:
@@ -50,7 +78,12 @@ class PrimaryGroup:
         self.generation = record["generation"]
         self.history = [list(h) for h in record["history"]]
         self.sync_timeout = sync_timeout
-        self._volume_change = volume_change or (lambda: None)
+        # volume_change(vol): the VolumeChange running on volume vol, or
+        # None.
+        self._volume_change = volume_change or (lambda vol: None)
+        # Volume changes begun and not started yet (begin_volume_change):
+        # replays read nothing meanwhile.
+        self.changes_starting = []
         self.lock = threading.Lock()
         self.cond = threading.Condition(self.lock)
         self.persist_lock = threading.Lock()
@@ -214,8 +247,28 @@ class PrimaryGroup:
                 self.srl.sync()
             self.al.clear()
 
-    def volume_change_reason(self):
-        return self._volume_change()
+    def replay_view(self, vol):
+        """(Under the lock.)  What a replay reads of volume vol: what its
+        hosts read (through a volume change's view, copying nothing), or
+        the volume below this group's layer."""
+        change = self._volume_change(vol)
+        if change is not None:
+            return _Visible(change)
+        return self.volumes[vol].stack.below("replication")
+
+    def replay_hold(self, ending):
+        """(Under the lock.)  Why no replay may read now (a volume change
+        that has begun and not yet changed what hosts see: what is read
+        before would miss it) or, when ending, end (also a volume change
+        whose engine writes data hosts never see), or None."""
+        if self.changes_starting:
+            return self.changes_starting[0]
+        if ending:
+            for vol, lu in enumerate(self.volumes):
+                change = self._volume_change(vol)
+                if change is not None and change.hides_copies:
+                    return "{} of {}".format(change.what, lu.name)
+        return None
 
     # Persistence.
 
@@ -313,7 +366,7 @@ class PrimaryGroup:
                 raise
             if logged:
                 sync_links = [l for l in self.links if l.mode == "sync"
-                              and l.state == REPLICATING]
+                              and l.sync_waits]
             elif seq >= self.seq_bound:
                 # An unlogged number: reserve the next ones durably first.
                 self.seq_bound = seq + SEQ_RESERVE
@@ -441,6 +494,7 @@ class PrimaryGroup:
 
     def _stop_holding(self, link):
         link.transition("log")
+        link.kept_stream = False
         link.epoch += 1
         self.cond.notify_all()
 
@@ -448,6 +502,7 @@ class PrimaryGroup:
         """(Under the lock.)  The link joins the SRL stream at its head; the
         DCM is static from here on (module notes)."""
         link.transition("replay")
+        link.kept_stream = False
         link.acked_pos = link.saved_pos = self.srl.head_pos
         link.acked_seq = self.next_seq - 1
         # Changes are logged again from here on: no number above next_seq
@@ -820,15 +875,50 @@ class PrimaryGroup:
         link.start()
 
     def begin_volume_change(self, vol, region_bits, granularity, what):
-        """Before a volume-changing operation on volume vol (module notes):
-        every link logs, and the operation's region map is in every DCM."""
+        """Before a volume-changing operation on volume vol changes
+        anything (module notes): its region map is in every DCM, durably;
+        a link that streams begins a replay of it at its stream's position
+        (it keeps streaming: sync writes go on waiting for it), a replay
+        that runs starts its pass again from where its stream is, with
+        them; any other link logs, and replays them when it can."""
+        reason = "{} of {}".format(what, self.volumes[vol].name)
         with self.cond:
-            for link in self.links:
+            self.changes_starting.append(reason)
+            try:
+                self._begin_volume_change(vol, region_bits, granularity,
+                                          reason)
+            except BaseException:
+                self.changes_starting.remove(reason)
+                self.cond.notify_all()
+                raise
+        return reason
+
+    def _begin_volume_change(self, vol, region_bits, granularity, reason):
+        """(Under the lock.)"""
+        for link in self.links:
+            link.dcm.merge(vol, region_bits, granularity)
+            if link.state == REPLICATING:
+                link.transition("extend")
+                link.kept_stream = True
+                link.epoch += 1
+            elif link.state == DCM_REPLAY:
+                # Its pass reads a DCM that was static: a new pass (the
+                # clears of the old one's regions are dropped).
+                link.epoch += 1
+            else:
                 self.to_logging(link)
-                link.dcm.merge(vol, region_bits, granularity)
-                link.error = "{} changes {}; its regions are replayed once " \
-                    "it has finished".format(what, self.volumes[vol].name)
-        self.persist()
+            link.replay_reason = reason
+        self.cond.notify_all()
+        # The record says which links replay before the operation changes
+        # anything.
+        self.persist(locked=True)
+
+    def end_volume_change(self, reason):
+        """The operation begun with reason (begin_volume_change) has
+        changed what hosts see, or was refused: replays read again."""
+        with self.cond:
+            self.changes_starting.remove(reason)
+            self.cond.notify_all()
 
     def status(self):
         with self.lock:

@@ -1040,12 +1040,14 @@ def test_release_with_full_disk_keeps_the_image(two_nodes):
     assert bytes(buf) == b"\x01" * 65536
 
 
-def test_restore_sends_nothing_before_the_links_log(two_nodes, monkeypatch):
-    """A protected restore of a replicated volume: its links log to their
-    DCMs before the restore writes anything into the volume.  (Before, the
-    engine was started first: its first copies were streamed as ordinary
-    updates, and the secondary said it was consistent at an image half
-    restored, which the primary's hosts never saw.)"""
+def test_restore_sends_nothing_before_the_links_replay(two_nodes,
+                                                       monkeypatch):
+    """A protected restore of a replicated volume: its links begin a
+    replay of its regions before the restore changes anything in the
+    volume.  (Before, the engine was started first: its first copies were
+    streamed as ordinary updates, and the secondary said it was
+    consistent at an image half restored, which the primary's hosts never
+    saw.)"""
     a, b = two_nodes
     lu = a.t.lus["v1"]
     g = CLONE_GRAN
@@ -1124,11 +1126,11 @@ def test_close_refuses_a_primary_met_for_the_first_time(two_nodes):
     assert "g" not in t.rsgs
 
 
-def test_discard_choice_survives_a_reconnect(two_nodes):
+def test_discard_choice_survives_a_reconnect(two_nodes, monkeypatch):
     """`attach --discard-secondary-changes` holds until the secondary has
     taken this side's history: a connection lost before the replay began
-    (here: the replay waits for a restore on the new primary, and the old
-    primary restarts meanwhile) does not bring the split brain back.
+    (here: the old primary restarts while the replay's start is held)
+    does not bring the split brain back.
     (Before, the choice was used up at the first handshake, and the next
     one stopped the link as diverged again.)"""
     a, b = two_nodes
@@ -1145,15 +1147,25 @@ def test_discard_choice_survives_a_reconnect(two_nodes):
     b.t.clone_fracture("b1")
     b.t.lus["v1"].write(b"\x03" * 65536, 0)
     with engines_held():
-        b.t.clone_restore("b1")             # the replay waits for it
+        b.t.clone_restore("b1")
     engine = b.t.groups["v1"].engine
+    held, go = threading.Event(), threading.Event()
+    send_json = R.link.send_json
+
+    def rbeg_held(sock, kind, obj):
+        if kind == b"RBEG" and not go.is_set():
+            held.set()
+            go.wait(10)
+            raise ConnectionError("lost before the replay began")
+        return send_json(sock, kind, obj)
+    monkeypatch.setattr(R.link, "send_json", rbeg_held)
     b.t.rsg_link("g", a.addr, "async", a.tok)
     b.t.rsg_attach("g", a.addr, discard_secondary_changes=True)
     link = b.rsg.links[0]
-    wait_for(lambda: "waiting for" in (link.error or ""), 10,
-             "the replay to wait", link.status)
+    wait_for(held.is_set, 10, "the replay to begin", link.status)
     a.close()                               # the connection is lost
     a.start()
+    go.set()
     engine.start()
     wait_for(lambda: b.t.clone_status("b1")["state"] == "fractured")
     wait_for(lambda: link.state in (R.REPLICATING, R.DIVERGED) and

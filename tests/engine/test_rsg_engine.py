@@ -564,36 +564,38 @@ def test_corrupt_srl_entry_stops_link_nothing_applied(cluster_factory):
 
 
 def test_volume_change_replays_exactly_its_regions(cluster_factory):
+    """A volume change's regions are replayed, and nothing else: host
+    writes meanwhile are streamed (the link never logs), and the replay
+    reads nothing until the operation has changed the volume."""
     c = cluster_factory()
     c.write(0, 0, b"\x07" * 100)
     c.wait_converged()
     g, link = c.g, c.link
-    g._volume_change = lambda: "a test restore"
     sent0 = link.sent_bytes
     region_gran = 8192
     bits = bytearray(SIZES[0] // region_gran)
     for i in (3, 10, 11):
         bits[i] = 1
-    g.begin_volume_change(0, bits, region_gran, "a test restore")
+    begun = g.begin_volume_change(0, bits, region_gran, "a test restore")
+    assert link.phase == (R.DCM_REPLAY, R.link.SRL_DCM)
     # The operation changes those regions below the group (no SRL).
     inner = c.ta.lus[VOLS[0]].stack.below("replication")
     rng = random.Random(9)
     for i in (3, 10, 11):
         inner.write(rng.randbytes(region_gran), i * region_gran)
-    # A host write meanwhile (one 4K extent of v2).
-    c.write(1, 4 * GRAN, b"\x09" * GRAN)
-    time.sleep(0.3)
-    assert link.state == R.DCM_LOGGING and link.replays == 1
+    # A host write meanwhile (one 4K extent of v2) is streamed.
+    op = c.write(1, 4 * GRAN, b"\x09" * GRAN)
+    wait_for(lambda: link.acked_seq >= op.seq, 10, "the write", c.status)
+    assert link.state == R.DCM_REPLAY and link.replay_done == 0
     want = set()
     base = link.dcm.bases
     for i in (3, 10, 11):
         want |= {base[0] + i * 2, base[0] + i * 2 + 1}
-    want.add(base[1] + 4)
     assert {i for i, v in enumerate(link.dcm.bits) if v} == want
-    g._volume_change = lambda: None
-    wait_for(lambda: link.replays == 2 and link.state == R.REPLICATING, 10,
-             "the replay", c.status)
-    assert link.replay_total == len(want) == 7
+    g.end_volume_change(begun)
+    wait_for(lambda: link.state == R.REPLICATING, 10, "the replay",
+             c.status)
+    assert link.replay_total == len(want) == 6
     assert link.sent_bytes - sent0 < len(want) * GRAN + 64 << 10
     wait_for(lambda: c.sg.applied_seq == g.next_seq - 1 and c.sg.consistent)
     prim = [read_image(c.ta, n) for n in VOLS]
@@ -625,11 +627,10 @@ def test_replay_cut_before_the_secondary_began_it_is_replayed_again(
     region_gran = 8192
     bits = bytearray(SIZES[0] // region_gran)
     bits[3] = 1
-    g._volume_change = lambda: "a test restore"
-    g.begin_volume_change(0, bits, region_gran, "a test restore")
+    begun = g.begin_volume_change(0, bits, region_gran, "a test restore")
     inner = c.ta.lus[VOLS[0]].stack.below("replication")
     inner.write(b"\x5a" * region_gran, 3 * region_gran)
-    g._volume_change = lambda: None
+    g.end_volume_change(begun)
     wait_for(lambda: cut, 10, "the cut", c.status)
     assert cut[0] == (R.DCM_REPLAY, R.link.SRL_DCM)
     c.wait_converged()
@@ -1271,11 +1272,10 @@ def test_replay_sends_holes_as_zeroes_without_reading_them(cluster_factory,
     g, link = c.g, c.link
     sec_file = c.tb.lus[VOLS[0]].file
     allocated_before = os.stat(sec_file).st_blocks * 512
-    g._volume_change = lambda: "a test restore"
     region_gran = 8192
     bits = bytearray(SIZES[0] // region_gran)
     bits[:8] = b"\x01" * 8          # the first 64K
-    g.begin_volume_change(0, bits, region_gran, "a test restore")
+    begun = g.begin_volume_change(0, bits, region_gran, "a test restore")
     inner = c.ta.lus[VOLS[0]].stack.below("replication")
     inner.zero(0, 8 * region_gran, may_trim=True)
     reads = []
@@ -1285,7 +1285,7 @@ def test_replay_sends_holes_as_zeroes_without_reading_them(cluster_factory,
         reads.append((offset, memoryview(buf).nbytes))
         read(buf, offset)
     monkeypatch.setattr(inner, "readinto", spy)
-    g._volume_change = lambda: None
+    g.end_volume_change(begun)
     wait_for(lambda: link.replays >= 1 and link.state == R.REPLICATING, 10,
              "the replay", c.status)
     wait_for(lambda: c.sg.applied_seq == g.next_seq - 1 and c.sg.consistent)
@@ -1297,6 +1297,263 @@ def test_replay_sends_holes_as_zeroes_without_reading_them(cluster_factory,
     assert prim[0][:64 << 10] == bytes(64 << 10)
     assert os.stat(sec_file).st_blocks * 512 <= \
         allocated_before - (64 << 10), (allocated_before, sec_file)
+
+
+def _volume_change_under_sync_writes(c, monkeypatch, start, running, during,
+                                     end_state):
+    """A restore or reverse sync (start(), its engine held: the clone
+    stays `running`; during() checks the link then) of v1 of a
+    sync link's primary while a host writes: every write is on the
+    secondary when it returns; a sampler finds the secondary, whenever it
+    says it is consistent, holding a state the primary's hosts saw (the
+    operation is a SET: the clone's data shown at once); the link never
+    logs; at the end both are the same.  Returns the released group."""
+    rng = random.Random(23)
+    c.write(0, 0, rng.randbytes(SIZES[0]))
+    synced_clone(c.ta, VOLS[0], "snap")
+    c.ta.clone_fracture("snap")
+    c.write(0, 0, rng.randbytes(SIZES[0] // 2))     # half the extents move
+    c.wait_converged()
+    events = []
+    transition = R.Link.transition
+
+    def spy(link, event):
+        events.append((link.phase, event))
+        return transition(link, event)
+    monkeypatch.setattr(R.Link, "transition", spy)
+    release = hold_engines(monkeypatch)
+    with c.lock:
+        c.ops.append(Op(c.g.next_seq - 0.5, 0, rsgmodel.SET, 0, SIZES[0],
+                        clone_image(c.ta, "snap")))
+        start()
+    failures, done = [], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            try:
+                c.check_sample()
+            except AssertionError as e:
+                failures.append(e)
+                return
+            time.sleep(0.005)
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        for i in range(24):
+            vol = i % 2
+            off = rng.randrange(SIZES[vol] - 8192)
+            data = rng.randbytes(rng.randint(1, 8192))
+            with c.lock:
+                # A write of a restoring Source copies on demand first:
+                # its number is the last one given out.
+                c.ta.lus[VOLS[vol]].write(data, off)
+                op = Op(c.g.next_seq - 1, vol, R.WRITE, off, len(data), data)
+                c.ops.append(op)
+            assert c.link.acked_seq >= op.seq, (op, c.status())
+            # Staged (streaming: applied after the acknowledgement), or
+            # applied (a replay's entries are acknowledged once flushed).
+            with c.sg.lock:
+                buf = bytearray(len(data))
+                c.tb.lus[VOLS[vol]].backend.readinto(buf, off)
+            assert staged_seq(c.sg) >= op.seq or bytes(buf) == data, \
+                (op, "not on the secondary", c.status())
+        assert clone_state(c.ta, "snap") == running
+        during()
+        group = c.ta.groups[VOLS[0]]
+        release(group)
+        wait_for(lambda: clone_state(c.ta, "snap") == end_state, 30,
+                 "the operation's end", lambda: c.ta.clone_status("snap"))
+        c.check_final()
+    finally:
+        done.set()
+        sampler.join()
+    assert not failures, failures[0]
+    logged = [e for e in events if e[1] == "log"]
+    assert not logged, ("the link left the SRL stream", logged)
+    assert c.link.replays >= 2 and c.link.dcm.count() == 0, c.status()
+    return group
+
+
+def test_sync_writes_reach_the_secondary_during_a_restore(cluster_factory,
+                                                          monkeypatch):
+    """A protected restore of a replicated volume keeps its sync link in
+    the SRL stream: the link replays the restore's regions reading what
+    hosts read (the clone's data before the engine copies it), while host
+    writes are streamed and waited for.  (Before, every link logged to its
+    DCM until the restore ended: sync writes returned unreplicated.)"""
+    c = cluster_factory(mode="sync")
+
+    def replayed():
+        # The copy on demand layer, not the engine, shows the clone's
+        # data: the replay completes and the secondary is consistent
+        # while the restore still runs.
+        wait_for(lambda: c.link.state == R.REPLICATING and c.sg.consistent,
+                 10, "the restore's replay", c.status)
+    _volume_change_under_sync_writes(
+        c, monkeypatch, lambda: c.ta.clone_restore("snap"), "restoring",
+        replayed, "fractured")
+
+
+def test_sync_writes_reach_the_secondary_during_a_reverse_sync(
+        cluster_factory, monkeypatch):
+    """As for a restore; the reverse sync's engine may copy a run again
+    after a host write collided with it (writing data hosts never read
+    meanwhile), so the replay ends only once the reverse sync has: the
+    secondary keeps its protected image until then."""
+    c = cluster_factory(mode="sync")
+
+    def held():
+        wait_for(lambda: c.link.replay_done >= c.link.replay_total, 10,
+                 "the reverse sync's replay pass", c.status)
+        time.sleep(0.2)
+        assert c.link.state == R.DCM_REPLAY and not c.sg.consistent, \
+            c.status()
+        assert c.sg.protected, c.status()
+    _volume_change_under_sync_writes(
+        c, monkeypatch, lambda: c.ta.clone_reverse_sync("snap"),
+        "reverse-syncing", held, "synchronized")
+
+
+def test_a_restores_replay_resumes_after_a_primary_crash(cluster_factory,
+                                                        monkeypatch):
+    """A kill -9 of the primary while its link replays a restore's
+    regions: the record saved before the restore began says the link
+    replays them; after the restart the restore resumes and so does the
+    replay, reading what hosts read, and the secondary ends equal."""
+    c = cluster_factory()
+    rng = random.Random(31)
+    c.write(0, 0, rng.randbytes(SIZES[0]))
+    synced_clone(c.ta, VOLS[0], "snap")
+    c.ta.clone_fracture("snap")
+    c.write(0, 0, rng.randbytes(SIZES[0]))
+    c.wait_converged()
+    c.ta.rsg_attach("g", c.addr, rate="128K")     # 1 MiB of regions: 8 s
+    c.wait_converged()
+    release = hold_engines(monkeypatch)
+    with c.lock:
+        c.ops.append(Op(c.g.next_seq - 0.5, 0, rsgmodel.SET, 0, SIZES[0],
+                        clone_image(c.ta, "snap")))
+        c.ta.clone_restore("snap")
+    wait_for(lambda: c.link.replay_done > 0, 10, "the replay", c.status)
+    assert c.link.state == R.DCM_REPLAY and not c.sg.consistent
+    c.crash_primary()
+    assert clone_state(c.ta, "snap") == "restoring"
+    assert c.link.dcm.count() > 0, c.status()
+    c.ta.rsg_attach("g", c.addr, rate="0")
+    wait_for(lambda: c.link.state == R.REPLICATING and c.sg.consistent, 20,
+             "the resumed replay", c.status)
+    assert clone_state(c.ta, "snap") == "restoring"
+    # Consistent while the restore runs: what hosts read, the clone's data.
+    assert c.check_sample()
+    release(c.ta.groups[VOLS[0]])
+    wait_for(lambda: clone_state(c.ta, "snap") == "fractured", 30,
+             "the restore's end", lambda: c.ta.clone_status("snap"))
+    c.check_final()
+
+
+def test_a_detached_link_keeps_a_restores_regions_and_replays_them(
+        cluster_factory, monkeypatch):
+    """A link detached while a restore starts logs its regions to its DCM
+    and replays them when attached, reading what hosts read meanwhile."""
+    c = cluster_factory()
+    rng = random.Random(41)
+    c.write(0, 0, rng.randbytes(SIZES[0]))
+    synced_clone(c.ta, VOLS[0], "snap")
+    c.ta.clone_fracture("snap")
+    c.write(0, 0, rng.randbytes(SIZES[0] // 4))
+    c.wait_converged()
+    c.ta.rsg_detach("g", c.addr)
+    release = hold_engines(monkeypatch)
+    with c.lock:
+        c.ops.append(Op(c.g.next_seq - 0.5, 0, rsgmodel.SET, 0, SIZES[0],
+                        clone_image(c.ta, "snap")))
+        c.ta.clone_restore("snap")
+    link = c.link
+    assert link.phase == (R.DETACHED, R.link.DCM), c.status()
+    assert link.dcm.count() == SIZES[0] // 4 // GRAN, c.status()
+    assert "a protected restore of v1" in \
+        c.ta.rsg_status("g")["links"][0]["replay_reason"]
+    c.write(1, 0, b"\x11" * GRAN)
+    c.ta.rsg_attach("g", c.addr)
+    wait_for(lambda: link.state == R.REPLICATING and c.sg.consistent and
+             c.sg.applied_seq == c.g.next_seq - 1, 10, "the replay",
+             c.status)
+    assert clone_state(c.ta, "snap") == "restoring"
+    assert c.check_sample()
+    release(c.ta.groups[VOLS[0]])
+    wait_for(lambda: clone_state(c.ta, "snap") == "fractured", 30,
+             "the restore's end", lambda: c.ta.clone_status("snap"))
+    c.check_final()
+
+
+def test_a_write_in_flight_when_a_restore_starts_lands_before_it(
+        cluster_factory, monkeypatch):
+    """A host write that entered the Source before a restore started and
+    is logged after it: the restore's switch to the clone's data waits
+    for it, so the write is part of the state the restore replaces
+    (hosts never read it) and the secondary, consistent after the replay,
+    never shows it either.  (Before, it was logged after the replay had
+    read the region: the secondary held it while the primary showed the
+    clone's data.)  A write that arrives meanwhile waits for the switch
+    and lands on the clone's data (copied on demand first)."""
+    c = cluster_factory()
+    rng = random.Random(37)
+    c.write(0, 0, rng.randbytes(SIZES[0]))
+    synced_clone(c.ta, VOLS[0], "snap")
+    c.ta.clone_fracture("snap")
+    c.write(0, 0, rng.randbytes(SIZES[0] // 2))
+    c.wait_converged()
+    release = hold_engines(monkeypatch)
+    lu = c.ta.lus[VOLS[0]]
+    layer = c.g.layers[0]
+    entered, gate = threading.Event(), threading.Event()
+    write = layer.write
+    off = 3 * GRAN
+
+    def held(buf, offset):
+        if offset == off:
+            entered.set()
+            gate.wait(10)
+        write(buf, offset)
+    monkeypatch.setattr(layer, "write", held)
+    lu.stack.refresh()
+    writer = threading.Thread(target=lu.write, args=(b"\xee" * GRAN, off))
+    writer.start()
+    assert entered.wait(10)
+    restorer = threading.Thread(target=c.ta.clone_restore, args=("snap",))
+    restorer.start()
+    time.sleep(0.3)         # the replay would have read the region now
+    late = 40 * GRAN + 100
+    second = threading.Thread(target=lu.write, args=(b"\xdd" * 1000, late))
+    second.start()
+    time.sleep(0.2)
+    gate.set()
+    for t in (writer, restorer, second):
+        t.join(10)
+    assert clone_state(c.ta, "snap") == "restoring"
+    wait_for(lambda: c.link.state == R.REPLICATING and c.sg.consistent and
+             c.sg.applied_seq == c.g.next_seq - 1, 10, "the replay",
+             c.status)
+    # What hosts read, without the copy on demand of a host read (whose
+    # copy would reach the secondary too).
+    shown = bytearray(GRAN)
+    c.ta.groups[VOLS[0]].visible_read(shown, off)
+    assert bytes(shown) == clone_image(c.ta, "snap")[off:off + GRAN]
+    extent = bytearray(GRAN)
+    c.ta.groups[VOLS[0]].visible_read(extent, 40 * GRAN)
+    want = bytearray(clone_image(c.ta, "snap")[40 * GRAN:41 * GRAN])
+    want[100:1100] = b"\xdd" * 1000
+    assert extent == want, "a write that waited for the restore's start " \
+        "landed on the Source's old data"
+    with c.sg.lock:
+        sec = read_image(c.tb, VOLS[0])[off:off + GRAN]
+    assert sec == bytes(shown), "the consistent secondary shows a write " \
+        "its primary's hosts never read"
+    release(c.ta.groups[VOLS[0]])
+    wait_for(lambda: clone_state(c.ta, "snap") == "fractured", 30,
+             "the restore's end", lambda: c.ta.clone_status("snap"))
+    c.wait_converged()
+    assert read_image(c.ta, VOLS[0]) == read_image(c.tb, VOLS[0])
 
 
 # ---------------------------------------------------------------- resyncs

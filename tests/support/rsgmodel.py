@@ -6,8 +6,10 @@ an `Op` with the sequence number the primary gave it.  Besides host writes,
 zeroes and trims there is SET: a region replaced at once (a protected
 restore shows the clone's data from its start on).  A SET gets a number
 between two of the primary's (n - 0.5): the engine's own writes that carry
-it out are numbered after it, and no secondary can be consistent in the
-middle of them (the links log to their DCMs until the operation ends).
+it out are numbered after it and carry data hosts already read (the links
+replay the operation's regions as hosts read them; a secondary is
+consistent again only after such a pass, and during a reverse sync only
+once it has ended).
 A restore made on a secondary before its promotion is a SET numbered like
 the last change it had: the new primary's state at that number includes it.
 
