@@ -136,7 +136,7 @@ of its pass and the secondary is consistent while the restore still runs.
 A reverse sync's engine copies a run again when a host write collided
 with it, after a first copy carrying data hosts never read: its replays
 end only once it has ended (`replay_hold`), the secondary being
-inconsistent meanwhile with its protected image.  The secondary receives
+inconsistent meanwhile with its last consistent image kept.  The secondary receives
 exactly the regions the operation changed plus the host writes made
 meanwhile, never a full copy.
 
