@@ -147,6 +147,17 @@ class RsgOrchestration:
         self.target.rsgs[rsg.name] = rsg
         return rsg
 
+    def _check_current(self, rsg):
+        """(Under target.lock, before a role change or a deletion closes
+        rsg.)  rsg is still the group of its name: another promotion,
+        demotion or deletion that ran meanwhile closed it, and closing it
+        again would take the new group's files and volumes."""
+        if self.target.rsgs.get(rsg.name) is not rsg:
+            raise replication.RsgBusy(
+                name=rsg.name, reason="another promotion, demotion or "
+                "deletion of it ran meanwhile; nothing was done here (see "
+                "`clonectl rsg status {}`)".format(rsg.name))
+
     def _close_rsg(self, rsg):
         # Out of the volumes' I/O stacks first: no write may reach a
         # group whose log and maps are closed.
@@ -332,8 +343,10 @@ class RsgOrchestration:
                 rsg.connected_since is not None:
             raise replication.RsgBusy(name=name, reason="a primary is "
                                         "connected; detach its link first")
-        self._close_rsg(rsg)
-        rsg.files.remove_all()
+        with self.target.lock:
+            self._check_current(rsg)
+            self._close_rsg(rsg)
+            rsg.files.remove_all()
         # A secondary's last consistent images go with the group.
         self._release_images(name, rsg.volumes)
         return {"name": name}
@@ -480,6 +493,7 @@ class RsgOrchestration:
                       "after_split_brain", replication.DISCONNECT)}
         files = rsg.files
         with self.target.lock:
+            self._check_current(rsg)
             self._close_rsg(rsg)
             # A secondary uses neither the SRL nor the since map; its
             # staged batches stay until the primary record is saved.
@@ -551,6 +565,7 @@ class RsgOrchestration:
                   "diverged": diverged,
                   "after_split_brain": rsg.after_split_brain}
         with self.target.lock:
+            self._check_current(rsg)
             self._close_rsg(rsg)
             self._save_role(files, record)
             files.remove(files.dcms() + [files.srl, files.since()])
