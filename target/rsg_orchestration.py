@@ -343,7 +343,12 @@ class RsgOrchestration:
                 rsg.connected_since is not None:
             raise replication.RsgBusy(name=name, reason="a primary is "
                                         "connected; detach its link first")
-        with self.target.lock:
+        # A secondary's rollback reads the images this releases: none runs
+        # meanwhile.
+        alone = rsg.local_change("a deletion of group {}".format(name),
+                                 alone=True) \
+            if rsg.role == replication.SECONDARY else contextlib.nullcontext()
+        with alone, self.target.lock:
             self._check_current(rsg)
             self._close_rsg(rsg)
             rsg.files.remove_all()
@@ -446,7 +451,8 @@ class RsgOrchestration:
         # No primary is accepted from the checks to the new record: one
         # applying batches meanwhile would leave changes that the new
         # generation's history does not account for.
-        with rsg.local_change("a promotion of group {}".format(name)):
+        with rsg.local_change("a promotion of group {}".format(name),
+                              alone=True):
             return self._promote(rsg, name, force)
 
     def _promote(self, rsg, name, force):

@@ -95,6 +95,7 @@ class SecondaryGroup:
         # Changes of the volumes made here being started (a restore until
         # it runs, a rollback): under session_lock, like `connection`.
         self.local_changes = []
+        self.alone = set()          # those of local_changes run alone
         self.layers = []                    # Guard per volume
         # Apply vs. host reads and points in time (a fracture or mark of
         # a volume holds it); reentrant, as what runs under a point in
@@ -248,23 +249,35 @@ class SecondaryGroup:
     # Host reads.
 
     @contextlib.contextmanager
-    def local_change(self, what):
+    def local_change(self, what, alone=False):
         """A change of the volumes made on this node (a restore, a reverse
         sync, a rollback): refused while a primary is connected, and no
         primary is accepted while it is being made; a restore that runs is
-        seen by `volume_change` from then on."""
+        seen by `volume_change` from then on.  One that is running already
+        (the same rollback twice) is refused, and so is any beside one
+        that runs alone (a promotion, a deletion: they close the group
+        and release the images a rollback reads)."""
         with self.session_lock:
             if self.connection is not None:
                 raise RsgBusy(name=self.name, reason="{} is refused: this "
                                 "node is a secondary and its primary is "
                                 "replicating; detach the link on the primary "
                                 "first".format(what))
+            running = next((w for w in self.local_changes
+                            if w == what or alone or w in self.alone), None)
+            if running is not None:
+                raise RsgBusy(name=self.name, reason="{} is refused: {} is "
+                              "running on this secondary; try again when it "
+                              "has finished".format(what, running))
             self.local_changes.append(what)
+            if alone:
+                self.alone.add(what)
         try:
             yield
         finally:
             with self.session_lock:
                 self.local_changes.remove(what)
+                self.alone.discard(what)
 
     def refuse_primary(self):
         """Under session_lock: why a primary may not connect now, or None.

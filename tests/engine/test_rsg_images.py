@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from target import errors, operations, sessions
+from target import copier, errors, operations, sessions
 from target import replication as R
 from tests.support.rsgmodel import wait_for
 from tests.support.twonodes import SIZES, VOLS, break_a_replay, converge
@@ -175,3 +175,48 @@ def test_lu_delete_tells_what_keeps_the_lu(two_nodes, monkeypatch):
     b.t.image_rollback("v1")
     b.t.lu_delete("v1")
     assert "v1" not in b.t.lus
+
+
+@pytest.mark.parametrize("other", ["promote", "delete", "rollback"])
+def test_what_releases_an_image_waits_for_a_rollback_to_it(
+        two_nodes, monkeypatch, other):
+    """A rollback reads the image it puts back until its end: a promotion
+    (--force), a deletion of the group or a second rollback of the volume
+    that comes meanwhile is refused, not run beside it (before, it released
+    the image under the rollback: a KeyError, the volume left half rolled
+    back)."""
+    a, b = two_nodes
+    break_a_replay(a, b, monkeypatch)
+    copying, go = threading.Event(), threading.Event()
+    copy = copier.Copier.copy
+
+    def held(self, runs):
+        copying.set()
+        go.wait(5)
+        return copy(self, runs)
+    monkeypatch.setattr(copier.Copier, "copy", held)
+    out = {}
+
+    def rollback():
+        try:
+            out["rollback"] = b.t.image_rollback("v1")
+        except Exception as e:
+            out["rollback"] = e
+    t = threading.Thread(target=rollback)
+    t.start()
+    assert copying.wait(5)
+    monkeypatch.setattr(copier.Copier, "copy", copy)
+    call = {"promote": lambda: b.t.rsg_promote("g", force=True),
+            "delete": lambda: b.t.rsg_delete("g"),
+            "rollback": lambda: b.t.image_rollback("v1")}[other]
+    try:
+        with pytest.raises(R.RsgBusy, match="a rollback of v1 is running"):
+            call()
+    finally:
+        go.set()
+        t.join(20)
+    assert out["rollback"]["image"] == "v1@consistent-v1", out
+    with b.rsg.lock:
+        assert b.read_below_guard(0)[:4096] == b"\x02" * 4096
+    assert b.rsg.role == R.SECONDARY and b.rsg.status()["images"] == \
+        ["v2@consistent-v2"]
