@@ -44,6 +44,13 @@ class _ApplyFailed(Exception):
         self.what, self.staged = what, staged
 
 
+class ImageNotKept(errors.Error):
+    msg = "replicated group {name!r}: the last consistent image of its " \
+        "volumes could not be kept, so the primary's replay does not " \
+        "start ({reason}); it starts when the primary connects again " \
+        "and the image can be kept"
+
+
 @contextlib.contextmanager
 def _applying(what, staged=False):
     try:
@@ -543,8 +550,26 @@ class SecondaryGroup:
             # every volume of this point (no batch applied meanwhile).  A
             # replay that begins on an inconsistent node keeps the one an
             # earlier replay made.
-            self.protect(self.volumes, self.lock)
+            try:
+                self.protect(self.volumes, self.lock)
+            except OSError as e:
+                # This node's own failure (a full or read-only state
+                # directory): the session ends with it in the status.
+                raise ImageNotKept(name=self.name, reason=str(e)) from e
             self.protected = True
+        lost = []
+        if self.protected:
+            # A volume rolled back to its image (which went with it) is
+            # written by this replay: the other volumes' images are no
+            # longer of a point the group can get back.  Recorded as gone
+            # before they are released (a start releases what is left).
+            lost = [lu.name for lu in self.volumes if not self.image(lu)]
+            if lost:
+                log.warning("group %s: its last consistent point is lost "
+                            "(no image of %s: rolled back); the images of "
+                            "the other volumes are released", self.name,
+                            ", ".join(lost))
+                self.protected = False
         with self.lock:
             self.consistent = False
             self.reason = "a DCM replay from the primary is running"
@@ -552,6 +577,8 @@ class SecondaryGroup:
         self.history = theirs
         self._clear_stage()
         self.persist()
+        if lost:
+            self.release(self.volumes)
 
     def replay_sync(self, ident):
         """RSYN ident: the replay's data so far (applied already) is made

@@ -4,11 +4,13 @@ across restarts while the node is inconsistent, released only by the
 group (its replay's end, its promotion, its deletion), and apart from the
 protected image an admin or a peer keeps (LU@protected-LU)."""
 
+import errno
 import threading
 
 import pytest
 
 from target import copier, errors, operations, sessions
+from target import session_orchestration
 from target import replication as R
 from tests.support.rsgmodel import wait_for
 from tests.support.twonodes import SIZES, VOLS, break_a_replay, converge
@@ -220,3 +222,66 @@ def test_what_releases_an_image_waits_for_a_rollback_to_it(
         assert b.read_below_guard(0)[:4096] == b"\x02" * 4096
     assert b.rsg.role == R.SECONDARY and b.rsg.status()["images"] == \
         ["v2@consistent-v2"]
+
+
+def test_a_replay_after_a_partial_rollback_keeps_no_half_point(
+        two_nodes, monkeypatch):
+    """v1 rolled back to its image (released), then the primary's next
+    replay, broken off too, writes v1 again: v2's image alone is no point
+    the group had, so what the status and the refused promotion advise
+    must not make one of it (before: "roll v2 back to it, then promote
+    with --force", which gave v1 the new replay's data beside v2's old)."""
+    a, b = two_nodes
+    break_a_replay(a, b, monkeypatch)
+    b.t.image_rollback("v1")
+    for vol in VOLS:
+        a.t.lus[vol].write(b"\x05" * 4096, 0)
+    broken = threading.Event()
+    end_replay = R.SecondaryGroup._end_replay
+
+    def break_off(self, seq, theirs):
+        broken.set()
+        raise OSError(errno.EIO, "the replay is broken off here")
+    monkeypatch.setattr(R.SecondaryGroup, "_end_replay", break_off)
+    a.t.rsg_attach("g", b.addr)
+    assert broken.wait(10)
+    a.t.rsg_detach("g", b.addr)
+    wait_for(lambda: b.rsg.connected_since is None)
+    monkeypatch.setattr(R.SecondaryGroup, "_end_replay", end_replay)
+    with pytest.raises(R.RsgBusy) as e:
+        b.t.rsg_promote("g")
+    # What the admin is told: roll back every image listed, then --force.
+    for export in b.rsg.status()["images"]:
+        b.t.image_rollback(export.partition("@")[0])
+    b.t.rsg_promote("g", force=True)
+    got = [b.read_top(v)[:4096] for v in range(len(VOLS))]
+    assert got[0] == got[1], (str(e.value), got)
+    assert "no consistent image of it is kept" in str(e.value), str(e.value)
+    assert not [n for n in b.t.sessions if n.startswith("consistent-")]
+
+
+def test_an_image_that_cannot_be_kept_is_said_in_the_status(two_nodes,
+                                                            monkeypatch):
+    """A replay does not start without the last consistent image; when the
+    image cannot be made (a full state directory) the secondary's status
+    says why (before, only an info line of its log did: the primary's link
+    said "connection lost" and retried forever)."""
+    a, b = two_nodes
+    a.t.lus["v1"].write(b"\x01" * 4096, 0)
+    converge(a, b)
+    a.t.rsg_detach("g", b.addr)
+    wait_for(lambda: b.rsg.connected_since is None)
+    a.t.lus["v1"].write(b"\x02" * 4096, 0)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(session_orchestration.SessionOrchestration,
+                        "create_session", full)
+    a.t.rsg_attach("g", b.addr)
+    wait_for(lambda: b.rsg.status()["error"], 10, "the secondary's error",
+             lambda: (b.rsg.status(), a.rsg.links[0].error))
+    assert "could not be kept" in b.rsg.status()["error"] and \
+        "No space left" in b.rsg.status()["error"]
+    assert b.rsg.consistent and not b.rsg.protected
+    monkeypatch.undo()
+    converge(a, b)
