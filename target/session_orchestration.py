@@ -13,7 +13,7 @@ import logging
 import os
 
 from . import (backends, channel, clones, copier, errors, fsutil, inventory,
-               maps, peer, sessions, units)
+               maps, peer, replication, sessions, units)
 from .lu import one_change_at_a_time
 
 log = logging.getLogger("clonectl.target")
@@ -544,10 +544,16 @@ class SessionOrchestration:
 
     def consistent_image(self, lu):
         """The session holding the last consistent image a secondary keeps
-        of lu (LU@consistent-LU), or None."""
+        of lu (LU@consistent-LU), or None.  None too while lu's group is
+        consistent or no secondary: an image a failed release left there
+        is of an older point (the next replay or a start releases it)."""
         session = self.target.consistent_images.get(lu)
         if session is None or not session.marked or \
                 self.target.sessions.get(session.name) is not session:
+            return None
+        rsg = session.source.rsg
+        if rsg is not None and (rsg.role != replication.SECONDARY or
+                                rsg.consistent):
             return None
         return session
 

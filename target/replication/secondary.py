@@ -558,7 +558,7 @@ class SecondaryGroup:
                 raise ImageNotKept(name=self.name, reason=str(e)) from e
             self.protected = True
         lost = []
-        if self.protected:
+        if self.protected and not self.consistent:
             # A volume rolled back to its image (which went with it) is
             # written by this replay: the other volumes' images are no
             # longer of a point the group can get back.  Recorded as gone

@@ -285,3 +285,28 @@ def test_an_image_that_cannot_be_kept_is_said_in_the_status(two_nodes,
     assert b.rsg.consistent and not b.rsg.protected
     monkeypatch.undo()
     converge(a, b)
+
+
+def test_a_stale_image_of_a_consistent_secondary_is_no_rollback_point(
+        two_nodes, monkeypatch):
+    """Images left on a secondary that is consistent again (its release at
+    the replay's end failed) are of an older point: `lu rollback` does not
+    put one back as the last consistent image, nor does the status list
+    it (before, v1 went back to \\x02 beside v2's \\x03 on a node recorded
+    consistent, readable and promotable)."""
+    a, b = two_nodes
+    break_a_replay(a, b, monkeypatch)
+    monkeypatch.setattr(R.SecondaryGroup, "release_images", lambda self: None)
+    a.t.rsg_attach("g", b.addr)
+    converge(a, b)
+    assert b.rsg.protected and "consistent-v1" in b.t.sessions
+    assert b.rsg.status()["images"] == []
+    a.t.rsg_detach("g", b.addr)
+    wait_for(lambda: b.rsg.connected_since is None)
+    with pytest.raises(errors.InvalidArgument, match="no last consistent"):
+        b.t.image_rollback("v1", image="consistent")
+    with pytest.raises(errors.InvalidArgument, match="no protected image"):
+        b.t.image_rollback("v2")
+    assert b.rsg.consistent
+    assert [b.read_top(v)[:4096] for v in range(len(VOLS))] == \
+        [b"\x03" * 4096] * 2
