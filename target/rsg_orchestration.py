@@ -513,8 +513,7 @@ class RsgOrchestration:
             since.close()
             self._save_role(files, record)
             files.remove(files.stage)
-            new = self._open_rsg(files, record)
-            new.persist()
+            new = self._open_new_role(files, record)
         # A primary keeps no last consistent image (promoted with --force,
         # its volumes are taken as they are).
         self._release_images(name, new.volumes)
@@ -575,12 +574,42 @@ class RsgOrchestration:
             self._close_rsg(rsg)
             self._save_role(files, record)
             files.remove(files.dcms() + [files.srl, files.since()])
-            new = self._open_rsg(files, record)
+            new = self._open_new_role(files, record)
         self._release_images(name, new.volumes)     # left by a crash
         log.info("replicated group %s demoted: secondary from sequence %d, "
                  "%d regions not acknowledged by a secondary", name, last,
                  len(runs))
         return new.status()
+
+    def _open_new_role(self, files, record):
+        """Open a closed group as its record, saved for its new role, says.
+        If it cannot be opened (a new SRL cannot be made), it is a group
+        that failed to load: its volumes are held, so no write escapes a
+        log or lands on a secondary, until a restart loads it or it is
+        deleted."""
+        try:
+            new = self._open_rsg(files, record)
+            if new.role == replication.PRIMARY:
+                new.persist()
+            return new
+        except (errors.Error, OSError) as e:
+            name = record["name"]
+            log.error("replicated group %s: not opened as its new record "
+                      "says (%s): %s", name, record["role"], e)
+            self.failures[name] = "not opened as {} after its role change: " \
+                "{}".format(record["role"], e)
+            self.target.recovery_problems.append(
+                {"rsg": name, "message": self.failures[name]})
+            self._hold_volumes(name, "a volume of replicated group {}, "
+                               "which could not be opened as {} ({}); not "
+                               "served until it loads (restart the server) "
+                               "or is deleted".format(name, record["role"],
+                                                      e))
+            raise replication.ReplicationError(
+                name=name, reason="it is recorded {} now but could not be "
+                "opened as such ({}); its volumes are held until it loads: "
+                "fix that, then restart the server".format(
+                    record["role"], e)) from e
 
     def _save_role(self, files, record):
         """Save a closed group's record for its new role.  A save that

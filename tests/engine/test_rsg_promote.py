@@ -7,6 +7,7 @@ account for (or after it), so a promotion is a local change: primaries
 are refused from its check to its end.
 """
 
+import errno
 import os
 import threading
 import time
@@ -16,6 +17,7 @@ import pytest
 from tests.support.rsgmodel import fast_timing, restore_timing, wait_for
 from tests.support.rsgpair import pair  # noqa: F401
 from target import replication as R
+from target.replication import primary
 
 KiB = 1 << 10
 
@@ -126,3 +128,35 @@ def test_a_deletion_during_a_demotion(two_nodes, monkeypatch):
     assert "g" not in a.t.rsgs and not a.t.state_dir.group_files("g") \
         .on_disk()
     assert all(a.t.lus[v].rsg is None for v in ("v1", "v2"))
+
+
+def test_a_promotion_whose_primary_cannot_open_holds_the_volumes(
+        two_nodes, monkeypatch):
+    """The record says primary, but its SRL cannot be made (a full state
+    directory): the volumes are held like those of a group that failed to
+    load (before, they were served writable with no group on them: host
+    writes reached no log or since map, and a later resync missed them)."""
+    a, b = two_nodes
+    a.t.lus["v1"].write(b"\x01" * 4096, 0)
+    wait_for(lambda: b.rsg is not None and b.rsg.consistent and
+             b.rsg.applied_seq == a.rsg.next_seq - 1, 20, "convergence")
+    a.t.rsg_detach("g", b.addr)
+    wait_for(lambda: b.rsg.connected_since is None)
+    srl = primary.Srl
+
+    def full(path, size=None):
+        if size is not None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return srl(path, size)
+    monkeypatch.setattr(primary, "Srl", full)
+    with pytest.raises(R.ReplicationError, match="could not be opened"):
+        b.t.rsg_promote("g")
+    assert b.t.state_dir.group_files("g").load()["role"] == R.PRIMARY
+    assert [n for n, _ in b.t.exports()] == []
+    assert all(b.t.lus[v].held for v in ("v1", "v2"))
+    assert [st["loaded"] for st in b.t.rsg_list()] == [False]
+    monkeypatch.undo()
+    b.close()
+    b.start()
+    assert b.rsg.role == R.PRIMARY
+    assert sorted(n for n, _ in b.t.exports()) == ["v1", "v2"]
