@@ -310,3 +310,42 @@ def test_a_stale_image_of_a_consistent_secondary_is_no_rollback_point(
     assert b.rsg.consistent
     assert [b.read_top(v)[:4096] for v in range(len(VOLS))] == \
         [b"\x03" * 4096] * 2
+
+
+def _break_another_replay(a, b, monkeypatch, byte):
+    for vol in VOLS:
+        a.t.lus[vol].write(byte * 4096, 0)
+        a.t.lus[vol].write(byte * 4096, 128 << 10)
+    broken = threading.Event()
+    end_replay = R.SecondaryGroup._end_replay
+
+    def break_off(self, seq, theirs):
+        broken.set()
+        raise OSError(errno.EIO, "the replay is broken off here")
+    monkeypatch.setattr(R.SecondaryGroup, "_end_replay", break_off)
+    a.t.rsg_attach("g", b.addr)
+    assert broken.wait(10)
+    a.t.rsg_detach("g", b.addr)
+    wait_for(lambda: b.rsg.connected_since is None)
+    monkeypatch.setattr(R.SecondaryGroup, "_end_replay", end_replay)
+
+
+def test_two_broken_replays_roll_back_to_the_first_point(two_nodes,
+                                                         monkeypatch):
+    """Broken off, restarted, written on the primary, broken off again:
+    every volume rolls back to the point before the first replay."""
+    a, b = two_nodes
+    break_a_replay(a, b, monkeypatch)
+    _restart(b)
+    _break_another_replay(a, b, monkeypatch, b"\x05")
+    assert b.rsg.status()["images"] == ["v1@consistent-v1",
+                                        "v2@consistent-v2"]
+    with b.rsg.lock:
+        assert b.read_below_guard(1)[128 << 10:(128 << 10) + 4] == b"\x05" * 4
+    for vol in VOLS:
+        b.t.image_rollback(vol)
+    with b.rsg.lock:
+        got = [b.read_below_guard(v) for v in range(len(VOLS))]
+    for data in got:
+        assert data[:4096] == b"\x02" * 4096
+        assert data[128 << 10:(128 << 10) + 4096] == bytes(4096)
