@@ -45,6 +45,9 @@ class SessionOrchestration:
         self.target = target
         # Session name -> what its record last said (events of a change).
         self._seen = {}
+        # The images a rollback is reading (their names), under
+        # target.lock: nothing releases them meanwhile.
+        self._rolling_back = set()
 
     def load_sessions(self, lu, records):
         for name, rec in sorted(records.items()):
@@ -534,6 +537,12 @@ class SessionOrchestration:
         return self.image_status(lu)
 
     def _delete_image(self, session):
+        with self.target.lock:
+            if session.name in self._rolling_back:
+                raise RollbackRefused(
+                    name=session.source.name, reason="a rollback of it to "
+                    "{} is running; that image is released when it has "
+                    "finished".format(session.export_name()))
         if session.marked:
             session.unmark(force=True)
         self.session_delete(session.name)
@@ -636,6 +645,26 @@ class SessionOrchestration:
                 raise errors.InvalidArgument(
                     reason="LU {!r} has no protected image to roll back to"
                     .format(lu))
+        with self.target.lock:
+            if session.name in self._rolling_back:
+                raise RollbackRefused(
+                    name=lu, reason="a rollback of it to {} is running"
+                    .format(session.export_name()))
+            self._rolling_back.add(session.name)
+        try:
+            restored, export = self._roll_back(source, session)
+        finally:
+            with self.target.lock:
+                self._rolling_back.discard(session.name)
+        if session is self.consistent_image(lu):
+            self.consistent_release([source])
+        else:
+            self.image_release(lu)
+        return {"lu": lu, "image": export, "extents_restored": restored}
+
+    def _roll_back(self, source, session):
+        """Put session's image back into source; (extents, export)."""
+        lu = source.name
         users = self.target.host_users(source)
         if users:
             raise RollbackRefused(
@@ -672,11 +701,7 @@ class SessionOrchestration:
         restored = len(saved)
         export = session.export_name()
         log.info("LU %s rolled back to %s (%d extents)", lu, export, restored)
-        if session is self.consistent_image(lu):
-            self.consistent_release([source])
-        else:
-            self.image_release(lu)
-        return {"lu": lu, "image": export, "extents_restored": restored}
+        return restored, export
 
     def users_session(self, operation):
         """operation(name, ...) as a user may call it: never on a session

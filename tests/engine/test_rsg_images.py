@@ -212,7 +212,8 @@ def test_what_releases_an_image_waits_for_a_rollback_to_it(
             "delete": lambda: b.t.rsg_delete("g"),
             "rollback": lambda: b.t.image_rollback("v1")}[other]
     try:
-        with pytest.raises(R.RsgBusy, match="a rollback of v1 is running"):
+        with pytest.raises(errors.Error, match="a rollback of (v1|it to "
+                           "v1@consistent-v1) is running"):
             call()
     finally:
         go.set()
@@ -349,3 +350,44 @@ def test_two_broken_replays_roll_back_to_the_first_point(two_nodes,
     for data in got:
         assert data[:4096] == b"\x02" * 4096
         assert data[128 << 10:(128 << 10) + 4096] == bytes(4096)
+
+
+def test_a_release_waits_for_a_rollback_to_the_image(two_nodes, monkeypatch):
+    """A peer's or an admin's release of an LU's protected image while a
+    rollback to it runs (here on a primary: no local change guards it) is
+    refused (before, it dropped the save area under the rollback: a
+    KeyError, the LU half rolled back)."""
+    a, b = two_nodes
+    lu = a.t.lus["v1"]
+    lu.write(b"\x01" * 8192, 0)
+    a.t.image_protect("v1")
+    lu.write(b"\x02" * 8192, 0)
+    copying, go = threading.Event(), threading.Event()
+    copy = copier.Copier.copy
+
+    def held(self, runs):
+        copying.set()
+        go.wait(5)
+        return copy(self, runs)
+    monkeypatch.setattr(copier.Copier, "copy", held)
+    out = {}
+
+    def rollback():
+        try:
+            out["rollback"] = a.t.image_rollback("v1")
+        except Exception as e:
+            out["rollback"] = e
+    t = threading.Thread(target=rollback)
+    t.start()
+    assert copying.wait(5)
+    try:
+        with pytest.raises(errors.Error, match="a rollback .* is running"):
+            a.t.image_release("v1")
+    finally:
+        go.set()
+        t.join(20)
+    assert out["rollback"]["image"] == "v1@protected-v1", out
+    buf = bytearray(8192)
+    lu.read(buf, 0)
+    assert bytes(buf) == b"\x01" * 8192
+    assert not a.t.image_status("v1")["protected"]
