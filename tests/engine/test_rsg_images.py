@@ -391,3 +391,44 @@ def test_a_release_waits_for_a_rollback_to_the_image(two_nodes, monkeypatch):
     lu.read(buf, 0)
     assert bytes(buf) == b"\x01" * 8192
     assert not a.t.image_status("v1")["protected"]
+
+
+def test_images_half_marked_by_a_killed_replay_start_are_released(
+        two_nodes, monkeypatch):
+    """The node dies while marking the images (v1's marked, v2's made, the
+    group record not saved yet): the restart finds the node consistent and
+    releases both, and the next replay keeps images of its own point."""
+    a, b = two_nodes
+    for vol in VOLS:
+        a.t.lus[vol].write(b"\x01" * 4096, 0)
+    converge(a, b)
+    a.t.rsg_detach("g", b.addr)
+    wait_for(lambda: b.rsg.connected_since is None)
+    for vol in VOLS:
+        a.t.lus[vol].write(b"\x02" * 4096, 0)
+    mark = sessions.Session.mark
+    killed = threading.Event()
+
+    def die(self, *args, **kwargs):
+        if self.name == "consistent-v2":
+            killed.set()
+            raise OSError(errno.EIO, "killed here")
+        return mark(self, *args, **kwargs)
+    monkeypatch.setattr(sessions.Session, "mark", die)
+    # What a kill leaves: no clean-up of the images just made.
+    monkeypatch.setattr(session_orchestration.SessionOrchestration,
+                        "consistent_release", lambda self, lus: None)
+    a.t.rsg_attach("g", b.addr)
+    assert killed.wait(10)
+    a.t.rsg_detach("g", b.addr)
+    wait_for(lambda: b.rsg.connected_since is None)
+    assert b.t.sessions["consistent-v1"].marked
+    assert "consistent-v2" in b.t.sessions
+    monkeypatch.undo()
+    _restart(b)
+    assert b.rsg.consistent and not b.rsg.protected
+    assert not [n for n in b.t.sessions if n.startswith("consistent-")]
+    a.t.rsg_attach("g", b.addr)
+    converge(a, b)
+    assert [b.read_top(v)[:4096] for v in range(len(VOLS))] == \
+        [b"\x02" * 4096] * 2
