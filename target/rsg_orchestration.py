@@ -147,6 +147,17 @@ class RsgOrchestration:
         self.target.rsgs[rsg.name] = rsg
         return rsg
 
+    def _check_current(self, rsg):
+        """(Under target.lock, before a role change or a deletion closes
+        rsg.)  rsg is still the group of its name: another promotion,
+        demotion or deletion that ran meanwhile closed it, and closing it
+        again would take the new group's files and volumes."""
+        if self.target.rsgs.get(rsg.name) is not rsg:
+            raise replication.RsgBusy(
+                name=rsg.name, reason="another promotion, demotion or "
+                "deletion of it ran meanwhile; nothing was done here (see "
+                "`clonectl rsg status {}`)".format(rsg.name))
+
     def _close_rsg(self, rsg):
         # Out of the volumes' I/O stacks first: no write may reach a
         # group whose log and maps are closed.
@@ -352,8 +363,15 @@ class RsgOrchestration:
                 rsg.connected_since is not None:
             raise replication.RsgBusy(name=name, reason="a primary is "
                                         "connected; detach its link first")
-        self._close_rsg(rsg)
-        rsg.files.remove_all()
+        # A secondary's rollback reads the images this releases: none runs
+        # meanwhile.
+        alone = rsg.local_change("a deletion of group {}".format(name),
+                                 alone=True) \
+            if rsg.role == replication.SECONDARY else contextlib.nullcontext()
+        with alone, self.target.lock:
+            self._check_current(rsg)
+            self._close_rsg(rsg)
+            rsg.files.remove_all()
         # A secondary's last consistent images go with the group.
         self._release_images(name, rsg.volumes)
         return {"name": name}
@@ -453,7 +471,8 @@ class RsgOrchestration:
         # No primary is accepted from the checks to the new record: one
         # applying batches meanwhile would leave changes that the new
         # generation's history does not account for.
-        with rsg.local_change("a promotion of group {}".format(name)):
+        with rsg.local_change("a promotion of group {}".format(name),
+                              alone=True):
             return self._promote(rsg, name, force)
 
     def _promote(self, rsg, name, force):
@@ -500,6 +519,7 @@ class RsgOrchestration:
                       "after_split_brain", replication.DISCONNECT)}
         files = rsg.files
         with self.target.lock:
+            self._check_current(rsg)
             self._close_rsg(rsg)
             # A secondary uses neither the SRL nor the since map; its
             # staged batches stay until the primary record is saved.
@@ -513,8 +533,7 @@ class RsgOrchestration:
             since.close()
             self._save_role(files, record)
             files.remove(files.stage)
-            new = self._open_rsg(files, record)
-            new.persist()
+            new = self._open_new_role(files, record)
         # A primary keeps no last consistent image (promoted with --force,
         # its volumes are taken as they are).
         self._release_images(name, new.volumes)
@@ -571,15 +590,46 @@ class RsgOrchestration:
                   "diverged": diverged,
                   "after_split_brain": rsg.after_split_brain}
         with self.target.lock:
+            self._check_current(rsg)
             self._close_rsg(rsg)
             self._save_role(files, record)
             files.remove(files.dcms() + [files.srl, files.since()])
-            new = self._open_rsg(files, record)
+            new = self._open_new_role(files, record)
         self._release_images(name, new.volumes)     # left by a crash
         log.info("replicated group %s demoted: secondary from sequence %d, "
                  "%d regions not acknowledged by a secondary", name, last,
                  len(runs))
         return new.status()
+
+    def _open_new_role(self, files, record):
+        """Open a closed group as its record, saved for its new role, says.
+        If it cannot be opened (a new SRL cannot be made), it is a group
+        that failed to load: its volumes are held, so no write escapes a
+        log or lands on a secondary, until a restart loads it or it is
+        deleted."""
+        try:
+            new = self._open_rsg(files, record)
+            if new.role == replication.PRIMARY:
+                new.persist()
+            return new
+        except (errors.Error, OSError) as e:
+            name = record["name"]
+            log.error("replicated group %s: not opened as its new record "
+                      "says (%s): %s", name, record["role"], e)
+            self.failures[name] = "not opened as {} after its role change: " \
+                "{}".format(record["role"], e)
+            self.target.recovery_problems.append(
+                {"rsg": name, "message": self.failures[name]})
+            self._hold_volumes(name, "a volume of replicated group {}, "
+                               "which could not be opened as {} ({}); not "
+                               "served until it loads (restart the server) "
+                               "or is deleted".format(name, record["role"],
+                                                      e))
+            raise replication.ReplicationError(
+                name=name, reason="it is recorded {} now but could not be "
+                "opened as such ({}); its volumes are held until it loads: "
+                "fix that, then restart the server".format(
+                    record["role"], e)) from e
 
     def _save_role(self, files, record):
         """Save a closed group's record for its new role.  A save that

@@ -13,7 +13,7 @@ import logging
 import os
 
 from . import (backends, channel, clones, copier, errors, fsutil, inventory,
-               maps, peer, sessions, units)
+               maps, peer, replication, sessions, units)
 from .lu import one_change_at_a_time
 
 log = logging.getLogger("clonectl.target")
@@ -45,6 +45,9 @@ class SessionOrchestration:
         self.target = target
         # Session name -> what its record last said (events of a change).
         self._seen = {}
+        # The images a rollback is reading (their names), under
+        # target.lock: nothing releases them meanwhile.
+        self._rolling_back = set()
 
     def load_sessions(self, lu, records):
         for name, rec in sorted(records.items()):
@@ -534,6 +537,12 @@ class SessionOrchestration:
         return self.image_status(lu)
 
     def _delete_image(self, session):
+        with self.target.lock:
+            if session.name in self._rolling_back:
+                raise RollbackRefused(
+                    name=session.source.name, reason="a rollback of it to "
+                    "{} is running; that image is released when it has "
+                    "finished".format(session.export_name()))
         if session.marked:
             session.unmark(force=True)
         self.session_delete(session.name)
@@ -544,10 +553,16 @@ class SessionOrchestration:
 
     def consistent_image(self, lu):
         """The session holding the last consistent image a secondary keeps
-        of lu (LU@consistent-LU), or None."""
+        of lu (LU@consistent-LU), or None.  None too while lu's group is
+        consistent or no secondary: an image a failed release left there
+        is of an older point (the next replay or a start releases it)."""
         session = self.target.consistent_images.get(lu)
         if session is None or not session.marked or \
                 self.target.sessions.get(session.name) is not session:
+            return None
+        rsg = session.source.rsg
+        if rsg is not None and (rsg.role != replication.SECONDARY or
+                                rsg.consistent):
             return None
         return session
 
@@ -630,6 +645,26 @@ class SessionOrchestration:
                 raise errors.InvalidArgument(
                     reason="LU {!r} has no protected image to roll back to"
                     .format(lu))
+        with self.target.lock:
+            if session.name in self._rolling_back:
+                raise RollbackRefused(
+                    name=lu, reason="a rollback of it to {} is running"
+                    .format(session.export_name()))
+            self._rolling_back.add(session.name)
+        try:
+            restored, export = self._roll_back(source, session)
+        finally:
+            with self.target.lock:
+                self._rolling_back.discard(session.name)
+        if session is self.consistent_image(lu):
+            self.consistent_release([source])
+        else:
+            self.image_release(lu)
+        return {"lu": lu, "image": export, "extents_restored": restored}
+
+    def _roll_back(self, source, session):
+        """Put session's image back into source; (extents, export)."""
+        lu = source.name
         users = self.target.host_users(source)
         if users:
             raise RollbackRefused(
@@ -666,11 +701,7 @@ class SessionOrchestration:
         restored = len(saved)
         export = session.export_name()
         log.info("LU %s rolled back to %s (%d extents)", lu, export, restored)
-        if session is self.consistent_image(lu):
-            self.consistent_release([source])
-        else:
-            self.image_release(lu)
-        return {"lu": lu, "image": export, "extents_restored": restored}
+        return restored, export
 
     def users_session(self, operation):
         """operation(name, ...) as a user may call it: never on a session

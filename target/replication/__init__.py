@@ -104,8 +104,11 @@ is kept; a replay that begins on an inconsistent node keeps the one made
 before, so it survives broken replays and restarts while the node stays
 inconsistent, and the replay that completes releases it.  A promotion or
 a deletion of the group releases it too (a primary keeps none), as does a
-rollback of a volume to it (that volume's); a start releases one a crash
-left behind (a consistent node, or no secondary of that LU).
+rollback of a volume to it (that volume's); a replay that begins after
+such a rollback of some volumes releases the others' (the rolled-back
+volume is written again: what is left is no point the group had); a
+start releases one a crash left behind (a consistent node, or no
+secondary of that LU).
 
 A failing SRL (a read, a write or a sync returns an error) must not fail the
 host's I/O, since the volumes are fine: every link that holds the SRL

@@ -44,6 +44,13 @@ class _ApplyFailed(Exception):
         self.what, self.staged = what, staged
 
 
+class ImageNotKept(errors.Error):
+    msg = "replicated group {name!r}: the last consistent image of its " \
+        "volumes could not be kept, so the primary's replay does not " \
+        "start ({reason}); it starts when the primary connects again " \
+        "and the image can be kept"
+
+
 @contextlib.contextmanager
 def _applying(what, staged=False):
     try:
@@ -95,6 +102,7 @@ class SecondaryGroup:
         # Changes of the volumes made here being started (a restore until
         # it runs, a rollback): under session_lock, like `connection`.
         self.local_changes = []
+        self.alone = set()          # those of local_changes run alone
         self.layers = []                    # Guard per volume
         # Apply vs. host reads and points in time (a fracture or mark of
         # a volume holds it); reentrant, as what runs under a point in
@@ -248,23 +256,35 @@ class SecondaryGroup:
     # Host reads.
 
     @contextlib.contextmanager
-    def local_change(self, what):
+    def local_change(self, what, alone=False):
         """A change of the volumes made on this node (a restore, a reverse
         sync, a rollback): refused while a primary is connected, and no
         primary is accepted while it is being made; a restore that runs is
-        seen by `volume_change` from then on."""
+        seen by `volume_change` from then on.  One that is running already
+        (the same rollback twice) is refused, and so is any beside one
+        that runs alone (a promotion, a deletion: they close the group
+        and release the images a rollback reads)."""
         with self.session_lock:
             if self.connection is not None:
                 raise RsgBusy(name=self.name, reason="{} is refused: this "
                                 "node is a secondary and its primary is "
                                 "replicating; detach the link on the primary "
                                 "first".format(what))
+            running = next((w for w in self.local_changes
+                            if w == what or alone or w in self.alone), None)
+            if running is not None:
+                raise RsgBusy(name=self.name, reason="{} is refused: {} is "
+                              "running on this secondary; try again when it "
+                              "has finished".format(what, running))
             self.local_changes.append(what)
+            if alone:
+                self.alone.add(what)
         try:
             yield
         finally:
             with self.session_lock:
                 self.local_changes.remove(what)
+                self.alone.discard(what)
 
     def refuse_primary(self):
         """Under session_lock: why a primary may not connect now, or None.
@@ -530,8 +550,26 @@ class SecondaryGroup:
             # every volume of this point (no batch applied meanwhile).  A
             # replay that begins on an inconsistent node keeps the one an
             # earlier replay made.
-            self.protect(self.volumes, self.lock)
+            try:
+                self.protect(self.volumes, self.lock)
+            except OSError as e:
+                # This node's own failure (a full or read-only state
+                # directory): the session ends with it in the status.
+                raise ImageNotKept(name=self.name, reason=str(e)) from e
             self.protected = True
+        lost = []
+        if self.protected and not self.consistent:
+            # A volume rolled back to its image (which went with it) is
+            # written by this replay: the other volumes' images are no
+            # longer of a point the group can get back.  Recorded as gone
+            # before they are released (a start releases what is left).
+            lost = [lu.name for lu in self.volumes if not self.image(lu)]
+            if lost:
+                log.warning("group %s: its last consistent point is lost "
+                            "(no image of %s: rolled back); the images of "
+                            "the other volumes are released", self.name,
+                            ", ".join(lost))
+                self.protected = False
         with self.lock:
             self.consistent = False
             self.reason = "a DCM replay from the primary is running"
@@ -539,6 +577,8 @@ class SecondaryGroup:
         self.history = theirs
         self._clear_stage()
         self.persist()
+        if lost:
+            self.release(self.volumes)
 
     def replay_sync(self, ident):
         """RSYN ident: the replay's data so far (applied already) is made

@@ -4,11 +4,13 @@ across restarts while the node is inconsistent, released only by the
 group (its replay's end, its promotion, its deletion), and apart from the
 protected image an admin or a peer keeps (LU@protected-LU)."""
 
+import errno
 import threading
 
 import pytest
 
-from target import errors, operations, sessions
+from target import copier, errors, operations, sessions
+from target import session_orchestration
 from target import replication as R
 from tests.support.rsgmodel import wait_for
 from tests.support.twonodes import SIZES, VOLS, break_a_replay, converge
@@ -175,3 +177,258 @@ def test_lu_delete_tells_what_keeps_the_lu(two_nodes, monkeypatch):
     b.t.image_rollback("v1")
     b.t.lu_delete("v1")
     assert "v1" not in b.t.lus
+
+
+@pytest.mark.parametrize("other", ["promote", "delete", "rollback"])
+def test_what_releases_an_image_waits_for_a_rollback_to_it(
+        two_nodes, monkeypatch, other):
+    """A rollback reads the image it puts back until its end: a promotion
+    (--force), a deletion of the group or a second rollback of the volume
+    that comes meanwhile is refused, not run beside it (before, it released
+    the image under the rollback: a KeyError, the volume left half rolled
+    back)."""
+    a, b = two_nodes
+    break_a_replay(a, b, monkeypatch)
+    copying, go = threading.Event(), threading.Event()
+    copy = copier.Copier.copy
+
+    def held(self, runs):
+        copying.set()
+        go.wait(5)
+        return copy(self, runs)
+    monkeypatch.setattr(copier.Copier, "copy", held)
+    out = {}
+
+    def rollback():
+        try:
+            out["rollback"] = b.t.image_rollback("v1")
+        except Exception as e:
+            out["rollback"] = e
+    t = threading.Thread(target=rollback)
+    t.start()
+    assert copying.wait(5)
+    monkeypatch.setattr(copier.Copier, "copy", copy)
+    call = {"promote": lambda: b.t.rsg_promote("g", force=True),
+            "delete": lambda: b.t.rsg_delete("g"),
+            "rollback": lambda: b.t.image_rollback("v1")}[other]
+    try:
+        with pytest.raises(errors.Error, match="a rollback of (v1|it to "
+                           "v1@consistent-v1) is running"):
+            call()
+    finally:
+        go.set()
+        t.join(20)
+    assert out["rollback"]["image"] == "v1@consistent-v1", out
+    with b.rsg.lock:
+        assert b.read_below_guard(0)[:4096] == b"\x02" * 4096
+    assert b.rsg.role == R.SECONDARY and b.rsg.status()["images"] == \
+        ["v2@consistent-v2"]
+
+
+def test_a_replay_after_a_partial_rollback_keeps_no_half_point(
+        two_nodes, monkeypatch):
+    """v1 rolled back to its image (released), then the primary's next
+    replay, broken off too, writes v1 again: v2's image alone is no point
+    the group had, so what the status and the refused promotion advise
+    must not make one of it (before: "roll v2 back to it, then promote
+    with --force", which gave v1 the new replay's data beside v2's old)."""
+    a, b = two_nodes
+    break_a_replay(a, b, monkeypatch)
+    b.t.image_rollback("v1")
+    for vol in VOLS:
+        a.t.lus[vol].write(b"\x05" * 4096, 0)
+    broken = threading.Event()
+    end_replay = R.SecondaryGroup._end_replay
+
+    def break_off(self, seq, theirs):
+        broken.set()
+        raise OSError(errno.EIO, "the replay is broken off here")
+    monkeypatch.setattr(R.SecondaryGroup, "_end_replay", break_off)
+    a.t.rsg_attach("g", b.addr)
+    assert broken.wait(10)
+    a.t.rsg_detach("g", b.addr)
+    wait_for(lambda: b.rsg.connected_since is None)
+    monkeypatch.setattr(R.SecondaryGroup, "_end_replay", end_replay)
+    with pytest.raises(R.RsgBusy) as e:
+        b.t.rsg_promote("g")
+    # What the admin is told: roll back every image listed, then --force.
+    for export in b.rsg.status()["images"]:
+        b.t.image_rollback(export.partition("@")[0])
+    b.t.rsg_promote("g", force=True)
+    got = [b.read_top(v)[:4096] for v in range(len(VOLS))]
+    assert got[0] == got[1], (str(e.value), got)
+    assert "no consistent image of it is kept" in str(e.value), str(e.value)
+    assert not [n for n in b.t.sessions if n.startswith("consistent-")]
+
+
+def test_an_image_that_cannot_be_kept_is_said_in_the_status(two_nodes,
+                                                            monkeypatch):
+    """A replay does not start without the last consistent image; when the
+    image cannot be made (a full state directory) the secondary's status
+    says why (before, only an info line of its log did: the primary's link
+    said "connection lost" and retried forever)."""
+    a, b = two_nodes
+    a.t.lus["v1"].write(b"\x01" * 4096, 0)
+    converge(a, b)
+    a.t.rsg_detach("g", b.addr)
+    wait_for(lambda: b.rsg.connected_since is None)
+    a.t.lus["v1"].write(b"\x02" * 4096, 0)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(session_orchestration.SessionOrchestration,
+                        "create_session", full)
+    a.t.rsg_attach("g", b.addr)
+    wait_for(lambda: b.rsg.status()["error"], 10, "the secondary's error",
+             lambda: (b.rsg.status(), a.rsg.links[0].error))
+    assert "could not be kept" in b.rsg.status()["error"] and \
+        "No space left" in b.rsg.status()["error"]
+    assert b.rsg.consistent and not b.rsg.protected
+    monkeypatch.undo()
+    converge(a, b)
+
+
+def test_a_stale_image_of_a_consistent_secondary_is_no_rollback_point(
+        two_nodes, monkeypatch):
+    """Images left on a secondary that is consistent again (its release at
+    the replay's end failed) are of an older point: `lu rollback` does not
+    put one back as the last consistent image, nor does the status list
+    it (before, v1 went back to \\x02 beside v2's \\x03 on a node recorded
+    consistent, readable and promotable)."""
+    a, b = two_nodes
+    break_a_replay(a, b, monkeypatch)
+    monkeypatch.setattr(R.SecondaryGroup, "release_images", lambda self: None)
+    a.t.rsg_attach("g", b.addr)
+    converge(a, b)
+    assert b.rsg.protected and "consistent-v1" in b.t.sessions
+    assert b.rsg.status()["images"] == []
+    a.t.rsg_detach("g", b.addr)
+    wait_for(lambda: b.rsg.connected_since is None)
+    with pytest.raises(errors.InvalidArgument, match="no last consistent"):
+        b.t.image_rollback("v1", image="consistent")
+    with pytest.raises(errors.InvalidArgument, match="no protected image"):
+        b.t.image_rollback("v2")
+    assert b.rsg.consistent
+    assert [b.read_top(v)[:4096] for v in range(len(VOLS))] == \
+        [b"\x03" * 4096] * 2
+
+
+def _break_another_replay(a, b, monkeypatch, byte):
+    for vol in VOLS:
+        a.t.lus[vol].write(byte * 4096, 0)
+        a.t.lus[vol].write(byte * 4096, 128 << 10)
+    broken = threading.Event()
+    end_replay = R.SecondaryGroup._end_replay
+
+    def break_off(self, seq, theirs):
+        broken.set()
+        raise OSError(errno.EIO, "the replay is broken off here")
+    monkeypatch.setattr(R.SecondaryGroup, "_end_replay", break_off)
+    a.t.rsg_attach("g", b.addr)
+    assert broken.wait(10)
+    a.t.rsg_detach("g", b.addr)
+    wait_for(lambda: b.rsg.connected_since is None)
+    monkeypatch.setattr(R.SecondaryGroup, "_end_replay", end_replay)
+
+
+def test_two_broken_replays_roll_back_to_the_first_point(two_nodes,
+                                                         monkeypatch):
+    """Broken off, restarted, written on the primary, broken off again:
+    every volume rolls back to the point before the first replay."""
+    a, b = two_nodes
+    break_a_replay(a, b, monkeypatch)
+    _restart(b)
+    _break_another_replay(a, b, monkeypatch, b"\x05")
+    assert b.rsg.status()["images"] == ["v1@consistent-v1",
+                                        "v2@consistent-v2"]
+    with b.rsg.lock:
+        assert b.read_below_guard(1)[128 << 10:(128 << 10) + 4] == b"\x05" * 4
+    for vol in VOLS:
+        b.t.image_rollback(vol)
+    with b.rsg.lock:
+        got = [b.read_below_guard(v) for v in range(len(VOLS))]
+    for data in got:
+        assert data[:4096] == b"\x02" * 4096
+        assert data[128 << 10:(128 << 10) + 4096] == bytes(4096)
+
+
+def test_a_release_waits_for_a_rollback_to_the_image(two_nodes, monkeypatch):
+    """A peer's or an admin's release of an LU's protected image while a
+    rollback to it runs (here on a primary: no local change guards it) is
+    refused (before, it dropped the save area under the rollback: a
+    KeyError, the LU half rolled back)."""
+    a, b = two_nodes
+    lu = a.t.lus["v1"]
+    lu.write(b"\x01" * 8192, 0)
+    a.t.image_protect("v1")
+    lu.write(b"\x02" * 8192, 0)
+    copying, go = threading.Event(), threading.Event()
+    copy = copier.Copier.copy
+
+    def held(self, runs):
+        copying.set()
+        go.wait(5)
+        return copy(self, runs)
+    monkeypatch.setattr(copier.Copier, "copy", held)
+    out = {}
+
+    def rollback():
+        try:
+            out["rollback"] = a.t.image_rollback("v1")
+        except Exception as e:
+            out["rollback"] = e
+    t = threading.Thread(target=rollback)
+    t.start()
+    assert copying.wait(5)
+    try:
+        with pytest.raises(errors.Error, match="a rollback .* is running"):
+            a.t.image_release("v1")
+    finally:
+        go.set()
+        t.join(20)
+    assert out["rollback"]["image"] == "v1@protected-v1", out
+    buf = bytearray(8192)
+    lu.read(buf, 0)
+    assert bytes(buf) == b"\x01" * 8192
+    assert not a.t.image_status("v1")["protected"]
+
+
+def test_images_half_marked_by_a_killed_replay_start_are_released(
+        two_nodes, monkeypatch):
+    """The node dies while marking the images (v1's marked, v2's made, the
+    group record not saved yet): the restart finds the node consistent and
+    releases both, and the next replay keeps images of its own point."""
+    a, b = two_nodes
+    for vol in VOLS:
+        a.t.lus[vol].write(b"\x01" * 4096, 0)
+    converge(a, b)
+    a.t.rsg_detach("g", b.addr)
+    wait_for(lambda: b.rsg.connected_since is None)
+    for vol in VOLS:
+        a.t.lus[vol].write(b"\x02" * 4096, 0)
+    mark = sessions.Session.mark
+    killed = threading.Event()
+
+    def die(self, *args, **kwargs):
+        if self.name == "consistent-v2":
+            killed.set()
+            raise OSError(errno.EIO, "killed here")
+        return mark(self, *args, **kwargs)
+    monkeypatch.setattr(sessions.Session, "mark", die)
+    # What a kill leaves: no clean-up of the images just made.
+    monkeypatch.setattr(session_orchestration.SessionOrchestration,
+                        "consistent_release", lambda self, lus: None)
+    a.t.rsg_attach("g", b.addr)
+    assert killed.wait(10)
+    a.t.rsg_detach("g", b.addr)
+    wait_for(lambda: b.rsg.connected_since is None)
+    assert b.t.sessions["consistent-v1"].marked
+    assert "consistent-v2" in b.t.sessions
+    monkeypatch.undo()
+    _restart(b)
+    assert b.rsg.consistent and not b.rsg.protected
+    assert not [n for n in b.t.sessions if n.startswith("consistent-")]
+    a.t.rsg_attach("g", b.addr)
+    converge(a, b)
+    assert [b.read_top(v)[:4096] for v in range(len(VOLS))] == \
+        [b"\x02" * 4096] * 2

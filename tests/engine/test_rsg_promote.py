@@ -7,11 +7,17 @@ account for (or after it), so a promotion is a local change: primaries
 are refused from its check to its end.
 """
 
+import errno
+import os
+import threading
 import time
+
+import pytest
 
 from tests.support.rsgmodel import fast_timing, restore_timing, wait_for
 from tests.support.rsgpair import pair  # noqa: F401
 from target import replication as R
+from target.replication import primary
 
 KiB = 1 << 10
 
@@ -56,3 +62,101 @@ def test_a_primary_connecting_during_a_promotion_is_refused(pair,  # noqa: F811
         assert bytes(buf) != b"\xab" * (64 * KiB)
     finally:
         restore_timing(saved)
+
+
+
+def test_two_promotions_at_once_make_one_primary(two_nodes, monkeypatch):
+    """Two `rsg promote` of one group at once (the control socket serves
+    requests side by side): the second is refused, and does not close the
+    first one's new primary again (its SRL removed under it, the group gone
+    from the target, its layer left in the volumes' stacks)."""
+    a, b = two_nodes
+    a.t.lus["v1"].write(b"\x01" * 4096, 0)
+    wait_for(lambda: b.rsg is not None and b.rsg.consistent and
+             b.rsg.applied_seq == a.rsg.next_seq - 1, 20, "convergence")
+    a.t.rsg_detach("g", b.addr)
+    wait_for(lambda: b.rsg.connected_since is None)
+    inside, go = threading.Event(), threading.Event()
+    orig = R.new_generation
+
+    def held():
+        inside.set()
+        go.wait(5)
+        return orig()
+    monkeypatch.setattr(R, "new_generation", held)
+    out = {}
+
+    def first():
+        out["first"] = b.t.rsg_promote("g")
+    t = threading.Thread(target=first)
+    t.start()
+    assert inside.wait(5)
+    try:
+        with pytest.raises(R.RsgBusy, match="a promotion of group g is "
+                           "running"):
+            b.t.rsg_promote("g")
+    finally:
+        go.set()
+        t.join(20)
+    g = b.t.rsgs.get("g")
+    assert g is not None and g.role == R.PRIMARY
+    assert g.history[-1][0] == out["first"]["generation"]
+    assert all(b.t.lus[v].rsg is g for v in ("v1", "v2"))
+    assert os.path.exists(g.files.srl) and os.path.exists(g.files.since())
+    assert g.files.load()["generation"] == out["first"]["generation"]
+
+
+def test_a_deletion_during_a_demotion(two_nodes, monkeypatch):
+    """`rsg delete` of a group whose demotion is running: whichever comes
+    second finds the group it read closed and does nothing (before, the
+    demotion closed the deleted group again and saved its record anew)."""
+    a, b = two_nodes
+    lu = a.t.lus["v1"]
+    flush = lu.flush
+    out = {}
+
+    def meanwhile():
+        # The demotion's first step, before it closes the group.
+        if "delete" not in out:
+            out["delete"] = a.t.rsg_delete("g")
+        return flush()
+    monkeypatch.setattr(lu, "flush", meanwhile)
+    with pytest.raises(R.RsgBusy, match="another promotion, demotion or "
+                       "deletion of it ran meanwhile"):
+        a.t.rsg_demote("g")
+    assert out["delete"] == {"name": "g"}
+    assert "g" not in a.t.rsgs and not a.t.state_dir.group_files("g") \
+        .on_disk()
+    assert all(a.t.lus[v].rsg is None for v in ("v1", "v2"))
+
+
+def test_a_promotion_whose_primary_cannot_open_holds_the_volumes(
+        two_nodes, monkeypatch):
+    """The record says primary, but its SRL cannot be made (a full state
+    directory): the volumes are held like those of a group that failed to
+    load (before, they were served writable with no group on them: host
+    writes reached no log or since map, and a later resync missed them)."""
+    a, b = two_nodes
+    a.t.lus["v1"].write(b"\x01" * 4096, 0)
+    wait_for(lambda: b.rsg is not None and b.rsg.consistent and
+             b.rsg.applied_seq == a.rsg.next_seq - 1, 20, "convergence")
+    a.t.rsg_detach("g", b.addr)
+    wait_for(lambda: b.rsg.connected_since is None)
+    srl = primary.Srl
+
+    def full(path, size=None):
+        if size is not None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return srl(path, size)
+    monkeypatch.setattr(primary, "Srl", full)
+    with pytest.raises(R.ReplicationError, match="could not be opened"):
+        b.t.rsg_promote("g")
+    assert b.t.state_dir.group_files("g").load()["role"] == R.PRIMARY
+    assert [n for n, _ in b.t.exports()] == []
+    assert all(b.t.lus[v].held for v in ("v1", "v2"))
+    assert [st["loaded"] for st in b.t.rsg_list()] == [False]
+    monkeypatch.undo()
+    b.close()
+    b.start()
+    assert b.rsg.role == R.PRIMARY
+    assert sorted(n for n, _ in b.t.exports()) == ["v1", "v2"]
