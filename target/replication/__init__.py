@@ -88,7 +88,12 @@ one: its replays clear nothing and, broken off, copy everything again
 when it lost acknowledged updates, as before.
 Before a replay the secondary protects its last consistent image
 (a copy-on-first-write snapshot, LU@protected-LU, the peer channel's
-mechanism) and releases it when the replay completes.
+mechanism) and releases it when the replay completes.  It writes a
+replay's data with several threads while it receives the next frames
+(what a write waits for, that copy on first write and its flush above
+all, is shared and overlaps the network): a stream entry, or any frame
+but data, is handled once the data received before it is written, and
+RSAK goes once the writes before its RSYN are done and flushed.
 
 A failing SRL (a read, a write or a sync returns an error) must not fail the
 host's I/O, since the volumes are fine: every link that holds the SRL
