@@ -70,8 +70,9 @@ class _ReplayApplier:
     overlaps one in flight, and every other frame (stream entries, RSYN,
     REND, ...), is handled only after drain(), so the stream's order is
     kept.  The apply lock is held while writes are in flight, and they
-    are drained before the connection waits for data that has not come
-    (idle()): a point in time of a volume never waits on the network."""
+    are drained before the connection waits for a frame that has not
+    begun to arrive (idle()): a point in time of a volume does not wait
+    for a primary that sends nothing."""
 
     def __init__(self, group):
         self.group = group
@@ -80,6 +81,10 @@ class _ReplayApplier:
         self.bytes = 0
         self.syncer = None
         self.syncs = []         # futures of RSYNs not yet answered
+        # A write or a flush failed: after a failed flush the kernel may
+        # have dropped what it could not write, so a later flush that
+        # succeeds proves nothing; no RSYN is answered any more.
+        self.failed = False
 
     def add(self, vol, kind, off, length, data):
         if any(v == vol and o < off + length and off < o + n
@@ -125,8 +130,8 @@ class _ReplayApplier:
         them durable (SecondaryGroup.replay_sync) and answer() (RSAK), in
         a thread of its own while the next frames are received and written
         (a flush that covers some of them too is no harm).  RSYNs are
-        answered in order; a failed one is not answered and its error is
-        raised by the next drain()."""
+        answered in order; once a write or an RSYN failed none is, and
+        the error is raised by the next drain() or idle()."""
         writes = [f for _, _, _, _, f in self.inflight]
         if self.syncer is None:
             self.syncer = concurrent.futures.ThreadPoolExecutor(
@@ -135,8 +140,14 @@ class _ReplayApplier:
         def run():
             for f in writes:
                 if f.exception() is not None:
-                    return      # drain() raises it
-            self.group.replay_sync(ident)
+                    self.failed = True      # drain() raises it
+            if self.failed:
+                return
+            try:
+                self.group.replay_sync(ident)
+            except BaseException:
+                self.failed = True
+                raise
             answer()
         self.syncs.append(self.syncer.submit(run))
 
@@ -158,7 +169,10 @@ class _ReplayApplier:
             raise error
 
     def idle(self, sock):
-        """Writes in flight and nothing to read yet: drain them."""
+        """Writes in flight and nothing to read yet: drain them; an RSYN
+        that failed: raise its error."""
+        while self.syncs and self.syncs[0].done():
+            self.syncs.pop(0).result()
         if not self.inflight:
             return
         pending = getattr(sock, "pending", None)    # TLS: buffered

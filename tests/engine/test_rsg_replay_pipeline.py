@@ -142,3 +142,31 @@ def test_connection_lost_with_replay_data_in_flight_loses_no_region(
     assert state["at_cut"] >= 2, state
     # It resumed from what was acknowledged, not from the start.
     assert link.sent_bytes < 2 * size, link.status()
+
+
+def test_no_rsyn_is_answered_after_one_failed(pair, monkeypatch):
+    """After a failed flush the kernel may have dropped the data it could
+    not write, so a later flush that succeeds proves nothing: an RSYN whose
+    flush failed and every RSYN after it on that connection go
+    unanswered, the connection ends, and the replay resumes."""
+    monkeypatch.setattr(R.link, "REPLAY_SYNC_BYTES", 1 * MiB)
+    p = pair(size=16 * MiB)
+    orig = R.SecondaryGroup.replay_sync
+    failed, later = [], []
+
+    def replay_sync(self, ident):
+        if failed:
+            later.append(ident)
+        else:
+            failed.append(ident)
+            raise OSError(5, "Input/output error")
+        orig(self, ident)
+    monkeypatch.setattr(R.SecondaryGroup, "replay_sync", replay_sync)
+    p.link_up()
+    link = p.link
+    wait_for(lambda: link.replays > 1, R.server.IDLE_TIMEOUT / 2,
+             "the replay again", link.status)
+    p.check_identical()
+    same_pass = [i for i in later if i >> 32 == failed[0] >> 32]
+    assert not same_pass, "RSYN {:#x} answered after {:#x} failed".format(
+        same_pass[0], failed[0])
