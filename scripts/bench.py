@@ -260,7 +260,8 @@ def main():
                         "suite: nbdkit-file, python[:THREAD_MODEL[:THREADS]],"
                         " clonectl[:THREAD_MODEL[:THREADS]] (default "
                         "nbdkit-file,python,clonectl)")
-    p.add_argument("--only", help="run only workloads whose name contains this")
+    p.add_argument("--only", help="run only workloads whose name contains "
+                   "this (replication suite: writes, replay or converge)")
     p.add_argument("--json", metavar="FILE", help="also write results as JSON")
     p.add_argument("--workdir", help="where to put the image (default: a "
                    "temporary directory under /var/tmp)")

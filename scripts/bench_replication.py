@@ -19,11 +19,15 @@ multi-node tests'.
    64 KiB extents of random data (scattered over the LU), attach, time
    until the link is `replicating` again; against nbdcopy of the same byte
    count from the primary's export to a qemu-nbd file export inside the
-   secondary's namespace over the same veth (ratio replay / copy).
+   secondary's namespace over the same veth (ratio replay / copy).  The
+   attach is timed from the control request `rsg attach` makes, without
+   the CLI's own start.
 3. Convergence: the link is limited to LINK_RATE (netem rate), a group
    with a small SRL is overflowed by an unlimited fio burst, then a fio
    writer limited to half the link's bandwidth starts at once; seconds from
    its start until the link is `replicating` again (and stays so).
+
+`--only writes`, `--only replay` or `--only converge` runs that part alone.
 """
 
 import json
@@ -240,7 +244,6 @@ def run(bench, args, size, workdir):
     net = Net()
     prim = Node(bench, p_state)
     sec = Node(bench, s_state)
-    qemu = None
     p_sock = os.path.join(workdir, "p.sock")
     s_sock = os.path.join(workdir, "s.sock")
 
@@ -278,7 +281,7 @@ def run(bench, args, size, workdir):
                     g, prim.link(g)))
 
         # 1. Host writes, the three variants alternately.
-        for name, rw, bs, qd in WRITES:
+        for name, rw, bs, qd in WRITES if want(args, "writes") else ():
             samples = {v: [] for v in VARIANTS}
             overflow = {v: 0 for v in GROUP_OF}
             catchup = {v: [] for v in GROUP_OF}
@@ -307,13 +310,37 @@ def run(bench, args, size, workdir):
                                      for v in GROUP_OF}
 
         # 2. DCM replay against a plain copy of the same byte count.
-        open(copy_img, "wb").close()
-        os.truncate(copy_img, REPLAY_MIB << 20)
-        qemu = net.ns.popen(
-            ["qemu-nbd", "-f", "raw", "-x",
-             "cp", "-b", net.ns_ip, "-p", str(COPY_PORT), "-t",
-             "--cache=writeback", copy_img],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        if want(args, "replay"):
+            replay(bench, args, net, prim, secondary, size, uri, copy_img,
+                   out)
+
+        # 3. Convergence under half the link's bandwidth, from an overflow.
+        if want(args, "converge"):
+            converge(bench, args, net, prim, region, uri, out)
+    finally:
+        for node in (prim, sec):
+            try:
+                node.stop()
+            except Exception as e:  # keep cleaning up
+                out["errors"]["stop"] = str(e)
+        net.down()
+    return out
+
+
+def want(args, part):
+    """--only writes|replay|converge runs that part alone."""
+    return not args.only or args.only in part
+
+
+def replay(bench, args, net, prim, secondary, size, uri, copy_img, out):
+    open(copy_img, "wb").close()
+    os.truncate(copy_img, REPLAY_MIB << 20)
+    qemu = net.ns.popen(
+        ["qemu-nbd", "-f", "raw", "-x",
+         "cp", "-b", net.ns_ip, "-p", str(COPY_PORT), "-t",
+         "--cache=writeback", copy_img],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
         dst = "nbd://{}:{}/cp".format(net.ns_ip, COPY_PORT)
         deadline = time.monotonic() + 10
         while subprocess.run(["nbdinfo", "--size", dst],
@@ -335,8 +362,9 @@ def run(bench, args, size, workdir):
                                         seed=rep)
                 before = prim.link("gd")
                 t0 = time.monotonic()
-                prim.clonectl("rsg", "attach", "gd", "--secondary",
-                              secondary)
+                # The request `rsg attach` makes (not the CLI's own start).
+                prim.call("rsg_attach", name="gd", secondary=secondary,
+                          discard_secondary_changes=False, rate=None)
                 took = wait_replicating(prim, "gd", CATCHUP_LIMIT_S,
                                         replays_above=before["replays"])
                 if took is None:
@@ -348,70 +376,65 @@ def run(bench, args, size, workdir):
                 "extents": extents, "dcm_extents": before["dcm_extents"],
                 "replay_total": after["replay_total"],
                 "bytes": extents * GRANULARITY, "replay_s": replay_s,
+                # The pass alone (RBEG to the last data sent).
+                "pass_s": (after["replay"] or {}).get("elapsed"),
                 "sent": after["bytes_sent"] - before["bytes_sent"],
                 "copy_s": copy_s})
-
-        # 3. Convergence under half the link's bandwidth, from an overflow.
-        net.shape(rate_mbit=LINK_RATE_MBIT)
-        out["rtt_rate_ms"] = net.rtt_ms(5)
-        rate = LINK_RATE_MBIT * 1000000 // 8 // 2
-        out["rate"] = rate
-        for rep in range(min(args.repeat, CONVERGE_RUNS)):
-            if wait_replicating(prim, "gc", CATCHUP_LIMIT_S) is None:
-                raise RuntimeError("gc not replicating before the burst")
-            before = prim.link("gc")
-            subprocess.run(fio_cmd(uri("vc"), "write", "1m", 8, BURST_S,
-                                   region // 4, ramp=False),
-                           capture_output=True, check=True)
-            writer = subprocess.Popen(
-                fio_cmd(uri("vc"), "randwrite", "64k", 4, CONVERGE_LIMIT_S,
-                        region // 4, rate=rate, ramp=False),
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            t0 = time.monotonic()
-            start = prim.link("gc")
-            took = None
-            try:
-                took = wait_replicating(prim, "gc", CONVERGE_LIMIT_S - 5)
-                stayed = None
-                if took is not None:
-                    time.sleep(STAY_S)
-                    s = prim.link("gc")
-                    stayed = s["state"] == "replicating"
-            finally:
-                writer.send_signal(signal.SIGINT)
-                fout, _ = writer.communicate(timeout=30)
-            end = prim.link("gc")
-            try:
-                wrote = fio_result(fout)["mbps"]
-            except (ValueError, KeyError, IndexError):
-                wrote = None
-            out["converge"].append({
-                "start_state": start["state"],
-                "overflowed": start["replays"] > before["replays"] or
-                start["state"] != "replicating",
-                "start_dcm": start["dcm_extents"],
-                "replays": end["replays"] - before["replays"],
-                "seconds": took, "stayed": stayed, "writer_mbps": wrote,
-                "final_state": end["state"]})
-            if took is None:
-                break
-        net.shape(rate_mbit=None)
     finally:
-        if qemu is not None:
-            # qemu-nbd entered the namespace itself: this pid is its own.
-            qemu.terminate()
-            try:
-                qemu.wait(10)
-            except subprocess.TimeoutExpired:
-                qemu.kill()
-                qemu.wait()
-        for node in (prim, sec):
-            try:
-                node.stop()
-            except Exception as e:  # keep cleaning up
-                out["errors"]["stop"] = str(e)
-        net.down()
-    return out
+        # qemu-nbd entered the namespace itself: this pid is its own.
+        qemu.terminate()
+        try:
+            qemu.wait(10)
+        except subprocess.TimeoutExpired:
+            qemu.kill()
+            qemu.wait()
+
+
+def converge(bench, args, net, prim, region, uri, out):
+    net.shape(rate_mbit=LINK_RATE_MBIT)
+    out["rtt_rate_ms"] = net.rtt_ms(5)
+    rate = LINK_RATE_MBIT * 1000000 // 8 // 2
+    out["rate"] = rate
+    for rep in range(min(args.repeat, CONVERGE_RUNS)):
+        if wait_replicating(prim, "gc", CATCHUP_LIMIT_S) is None:
+            raise RuntimeError("gc not replicating before the burst")
+        before = prim.link("gc")
+        subprocess.run(fio_cmd(uri("vc"), "write", "1m", 8, BURST_S,
+                               region // 4, ramp=False),
+                       capture_output=True, check=True)
+        writer = subprocess.Popen(
+            fio_cmd(uri("vc"), "randwrite", "64k", 4, CONVERGE_LIMIT_S,
+                    region // 4, rate=rate, ramp=False),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        t0 = time.monotonic()
+        start = prim.link("gc")
+        took = None
+        try:
+            took = wait_replicating(prim, "gc", CONVERGE_LIMIT_S - 5)
+            stayed = None
+            if took is not None:
+                time.sleep(STAY_S)
+                s = prim.link("gc")
+                stayed = s["state"] == "replicating"
+        finally:
+            writer.send_signal(signal.SIGINT)
+            fout, _ = writer.communicate(timeout=30)
+        end = prim.link("gc")
+        try:
+            wrote = fio_result(fout)["mbps"]
+        except (ValueError, KeyError, IndexError):
+            wrote = None
+        out["converge"].append({
+            "start_state": start["state"],
+            "overflowed": start["replays"] > before["replays"] or
+            start["state"] != "replicating",
+            "start_dcm": start["dcm_extents"],
+            "replays": end["replays"] - before["replays"],
+            "seconds": took, "stayed": stayed, "writer_mbps": wrote,
+            "final_state": end["state"]})
+        if took is None:
+            break
+    net.shape(rate_mbit=None)
 
 
 def print_tables(res, args):
@@ -436,70 +459,70 @@ def print_tables(res, args):
               " ({})".format(rtt["why"]) if rtt.get("why") else "",
               args.repeat, args.runtime))
     print()
-    print("| host writes | no replication | async link | async / none "
-          "(target >= 0.7) | sync link | sync / none | sync: latency added "
-          "per write (mean clat) | added / RTT | SRL overflowed "
-          "(async, sync) |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    avg = rtt.get("avg") or float("nan")
-    for name, w in res["writes"].items():
-        unit, key = ("MB/s", "mbps") if name.startswith("1M") \
-            else ("IOPS", "iops")
-        n, a, s = w["none"], w["async"], w["sync"]
-        added = (s["clat_us"] - n["clat_us"]) / 1000.0
-        ov = res["overflow"][name]
-        print("| {} | {:.0f} {u} | {:.0f} {u} | {:.2f} | {:.0f} {u} | "
-              "{:.2f} | {:.3f} ms ({:.3f} -> {:.3f}) | {:.1f} | {}/{}, "
-              "{}/{} runs |".format(
-                  name, n[key], a[key], a[key] / n[key], s[key],
-                  s[key] / n[key], added, n["clat_us"] / 1000.0,
-                  s["clat_us"] / 1000.0, added / avg,
-                  ov["async"]["runs"], args.repeat, ov["sync"]["runs"],
-                  args.repeat, u=unit))
-    print()
+    if res["writes"]:
+        print("| host writes | no replication | async link | async / none "
+              "(target >= 0.7) | sync link | sync / none | sync: latency added "
+              "per write (mean clat) | added / RTT | SRL overflowed "
+              "(async, sync) |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        avg = rtt.get("avg") or float("nan")
+        for name, w in res["writes"].items():
+            unit, key = ("MB/s", "mbps") if name.startswith("1M") \
+                else ("IOPS", "iops")
+            n, a, s = w["none"], w["async"], w["sync"]
+            added = (s["clat_us"] - n["clat_us"]) / 1000.0
+            ov = res["overflow"][name]
+            print("| {} | {:.0f} {u} | {:.0f} {u} | {:.2f} | {:.0f} {u} | "
+                  "{:.2f} | {:.3f} ms ({:.3f} -> {:.3f}) | {:.1f} | {}/{}, "
+                  "{}/{} runs |".format(
+                      name, n[key], a[key], a[key] / n[key], s[key],
+                      s[key] / n[key], added, n["clat_us"] / 1000.0,
+                      s["clat_us"] / 1000.0, added / avg,
+                      ov["async"]["runs"], args.repeat, ov["sync"]["runs"],
+                      args.repeat, u=unit))
+        print()
     rp = res["replay"]
     if rp:
         nbytes = rp[0]["bytes"]
-        replay = statistics.median(r["replay_s"] for r in rp)
-        copy = statistics.median(r["copy_s"] for r in rp)
         print("| DCM replay of {} in {} distinct 64K extents | replay s "
-              "(attach -> replicating) | MB/s | nbdcopy --flush of {} to "
-              "qemu-nbd in the netns, s | MB/s | replay / copy "
+              "(attach request -> replicating) | MB/s | nbdcopy --flush of "
+              "{} to qemu-nbd in the netns, s | MB/s | replay / copy "
               "throughput |".format(_fmt(nbytes), rp[0]["extents"],
                                     _fmt(nbytes)))
         print("|---|---|---|---|---|---|")
+        replay = statistics.median(r["replay_s"] for r in rp)
+        copy = statistics.median(r["copy_s"] for r in rp)
         sent = statistics.median(r["sent"] for r in rp)
         print("| same veth, no rate limit (DCM {} extents, {:.2f} x bytes "
               "sent) | {:.2f} | {:.0f} | {:.2f} | {:.0f} | {:.2f} |".format(
                   rp[0]["dcm_extents"], sent / nbytes, replay,
                   nbytes / 1e6 / replay, copy, nbytes / 1e6 / copy,
                   copy / replay))
-    else:
-        print("(DCM replay: not measured)")
-    print()
+        print()
     cv = res["converge"]
-    print("| converge under load (link {} Mbit/s, {}, RTT avg {:.3f} "
-          "ms; SRL {}; fio 64K randwrite QD4 limited to {:.1f} MB/s) | "
-          "start state (DCM extents) | writer MB/s | replays | seconds to "
-          "replicating | stays replicating {} s later |".format(
-              LINK_RATE_MBIT, rate_how,
-              res.get("rtt_rate_ms", {}).get("avg", 0),
-              SRL_CONVERGE, res.get("rate", 0) / 1e6, STAY_S))
-    print("|---|---|---|---|---|---|")
-    for i, c in enumerate(cv):
-        print("| run {}{} | {} ({}) | {} | {} | {} | {} |".format(
-            i + 1, "" if c["overflowed"] else " (did NOT overflow)",
-            c["start_state"], c["start_dcm"],
-            "-" if c["writer_mbps"] is None else
-            "{:.1f}".format(c["writer_mbps"]), c["replays"],
-            "did not converge in {} s (ended {})".format(
-                CONVERGE_LIMIT_S - 5, c["final_state"])
-            if c["seconds"] is None else "{:.2f}".format(c["seconds"]),
-            "-" if c["stayed"] is None else
-            ("yes" if c["stayed"] else "no")))
-    done = [c["seconds"] for c in cv if c["seconds"] is not None]
-    if done and len(done) == len(cv):
-        print("| median | | | | {:.2f} | |".format(statistics.median(done)))
+    if cv:
+        print("| converge under load (link {} Mbit/s, {}, RTT avg {:.3f} "
+              "ms; SRL {}; fio 64K randwrite QD4 limited to {:.1f} MB/s) | "
+              "start state (DCM extents) | writer MB/s | replays | seconds to "
+              "replicating | stays replicating {} s later |".format(
+                  LINK_RATE_MBIT, rate_how,
+                  res.get("rtt_rate_ms", {}).get("avg", 0),
+                  SRL_CONVERGE, res.get("rate", 0) / 1e6, STAY_S))
+        print("|---|---|---|---|---|---|")
+        for i, c in enumerate(cv):
+            print("| run {}{} | {} ({}) | {} | {} | {} | {} |".format(
+                i + 1, "" if c["overflowed"] else " (did NOT overflow)",
+                c["start_state"], c["start_dcm"],
+                "-" if c["writer_mbps"] is None else
+                "{:.1f}".format(c["writer_mbps"]), c["replays"],
+                "did not converge in {} s (ended {})".format(
+                    CONVERGE_LIMIT_S - 5, c["final_state"])
+                if c["seconds"] is None else "{:.2f}".format(c["seconds"]),
+                "-" if c["stayed"] is None else
+                ("yes" if c["stayed"] else "no")))
+        done = [c["seconds"] for c in cv if c["seconds"] is not None]
+        if done and len(done) == len(cv):
+            print("| median | | | | {:.2f} | |".format(statistics.median(done)))
     if res["errors"]:
         print()
         print("(cleanup: {})".format(res["errors"]))

@@ -109,6 +109,12 @@ such a rollback of some volumes releases the others' (the rolled-back
 volume is written again: what is left is no point the group had); a
 start releases one a crash left behind (a consistent node, or no
 secondary of that LU).
+The secondary writes a replay's data with several threads while it
+receives the next frames (what a write waits for, the image's copy on
+first write and its flush above all, is shared and overlaps the network):
+a stream entry, or any frame but data, is handled once the data received
+before it is written, and RSAK goes once the writes before its RSYN are
+done and flushed.
 
 A failing SRL (a read, a write or a sync returns an error) must not fail the
 host's I/O, since the volumes are fine: every link that holds the SRL

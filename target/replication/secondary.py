@@ -9,10 +9,13 @@ See the design notes in target/replication/__init__.py; staging slots
 and recovery: docs/persistence.md.
 """
 
+import concurrent.futures
 import contextlib
+import functools
 import json
 import logging
 import os
+import select
 import struct
 import threading
 import time
@@ -32,6 +35,11 @@ STAGE_MAGIC = b"CLNSTG01"
 STAGE_HEADER = struct.Struct("<8sBQQII")   # magic state first last count crc
 STAGED, APPLIED = 1, 2
 PULL_CHUNK = 1 << 20           # bytes of one RDAT frame sent to a primary
+# A replay's data (RDAT frames: each a region no other frame of the pass
+# has) is written by REPLAY_APPLY_WORKERS threads while the next frames
+# are received (_ReplayApplier), at most REPLAY_APPLY_BYTES at a time.
+REPLAY_APPLY_BYTES = 16 << 20
+REPLAY_APPLY_WORKERS = 8
 
 
 class _ApplyFailed(Exception):
@@ -57,6 +65,139 @@ def _applying(what, staged=False):
         yield
     except OSError as e:
         raise _ApplyFailed(what, staged) from e
+
+
+class _ReplayApplier:
+    """Writes a replay's data frames concurrently, while the connection
+    reads on: what a write of a volume waits for (a protected image's
+    copy on first write and its flush, the disk) overlaps the network and
+    the other writes, and a session's save area commits concurrent saves
+    with one flush.
+
+    Order: frames of distinct regions may land in any order; a frame that
+    overlaps one in flight, and every other frame (stream entries, RSYN,
+    REND, ...), is handled only after drain(), so the stream's order is
+    kept.  The apply lock is held while writes are in flight, and they
+    are drained before the connection waits for a frame that has not
+    begun to arrive (idle()): a point in time of a volume does not wait
+    for a primary that sends nothing."""
+
+    def __init__(self, group):
+        self.group = group
+        self.pool = None
+        self.inflight = []      # (vol, offset, length, bytes, future)
+        self.bytes = 0
+        self.syncer = None
+        self.syncs = []         # futures of RSYNs not yet answered
+        # A write or a flush failed: after a failed flush the kernel may
+        # have dropped what it could not write, so a later flush that
+        # succeeds proves nothing; no RSYN is answered any more.
+        self.failed = False
+
+    def add(self, vol, kind, off, length, data):
+        if any(v == vol and o < off + length and off < o + n
+               for v, o, n, _, _ in self.inflight):
+            self.drain()
+        if self.pool is None:
+            self.pool = concurrent.futures.ThreadPoolExecutor(
+                REPLAY_APPLY_WORKERS, thread_name_prefix="rsg-apply")
+        if not self.inflight:
+            self.group.lock.acquire()
+        n = len(data) if data is not None else 0
+        try:
+            f = self.pool.submit(self.group._apply_one, vol, kind, off,
+                                 length, data)
+        except BaseException:
+            if not self.inflight:
+                self.group.lock.release()
+            raise
+        self.inflight.append((vol, off, length, n, f))
+        self.bytes += n
+        # Bounded: the oldest writes are waited for first.
+        try:
+            while self.bytes > REPLAY_APPLY_BYTES:
+                self._wait_oldest()
+        except Exception:
+            try:
+                self.drain()
+            except Exception:   # the first error is the one raised
+                pass
+            raise
+
+    def _wait_oldest(self):
+        _, _, _, n, f = self.inflight.pop(0)
+        self.bytes -= n
+        try:
+            f.result()
+        finally:
+            if not self.inflight:
+                self.group.lock.release()
+
+    def sync(self, ident, answer):
+        """RSYN ident: once the writes received before it are done, make
+        them durable (SecondaryGroup.replay_sync) and answer() (RSAK), in
+        a thread of its own while the next frames are received and written
+        (a flush that covers some of them too is no harm).  RSYNs are
+        answered in order; once a write or an RSYN failed none is, and
+        the error is raised by the next drain() or idle()."""
+        writes = [f for _, _, _, _, f in self.inflight]
+        if self.syncer is None:
+            self.syncer = concurrent.futures.ThreadPoolExecutor(
+                1, thread_name_prefix="rsg-replay-sync")
+
+        def run():
+            for f in writes:
+                if f.exception() is not None:
+                    self.failed = True      # drain() raises it
+            if self.failed:
+                return
+            try:
+                self.group.replay_sync(ident)
+            except BaseException:
+                self.failed = True
+                raise
+            answer()
+        self.syncs.append(self.syncer.submit(run))
+
+    def drain(self):
+        """Wait for every write in flight and every RSYN; raise the first
+        error."""
+        error = None
+        while self.inflight:
+            try:
+                self._wait_oldest()
+            except Exception as e:   # the others still end first
+                error = error or e
+        while self.syncs:
+            try:
+                self.syncs.pop(0).result()
+            except Exception as e:
+                error = error or e
+        if error is not None:
+            raise error
+
+    def idle(self, sock):
+        """Writes in flight and nothing to read yet: drain them; an RSYN
+        that failed: raise its error."""
+        while self.syncs and self.syncs[0].done():
+            self.syncs.pop(0).result()
+        if not self.inflight:
+            return
+        pending = getattr(sock, "pending", None)    # TLS: buffered
+        if pending is not None and pending():
+            return
+        if not select.select([sock], [], [], 0)[0]:
+            self.drain()
+
+    def close(self):
+        try:
+            self.drain()
+        except Exception:   # the connection ends anyway
+            pass
+        if self.pool is not None:
+            self.pool.shutdown()
+        if self.syncer is not None:
+            self.syncer.shutdown()
 
 
 class SecondaryGroup:
@@ -393,12 +534,30 @@ class SecondaryGroup:
         batch = []
         replaying = False
         replay = "the primary's replay"
+        applier = _ReplayApplier(self)
         try:
             if self.reapply:
                 with _applying("the staged batch", staged=True):
                     self._recover_stage()
             while not self.closed:
+                with _applying(replay):
+                    applier.idle(sock)
                 kind, payload = recv_frame(sock)
+                if kind == b"RDAT":
+                    vol, k, off, length, crc = DATA.unpack_from(payload)
+                    data = payload[DATA.size:] if k == WRITE else None
+                    self._check_data(vol, k, off, length, crc, data)
+                    with _applying(replay):
+                        applier.add(vol, k, off, length, data)
+                    continue
+                if kind == b"RSYN":
+                    applier.sync(SEQ.unpack(payload)[0], functools.partial(
+                        send_frame, sock, b"RSAK", payload))
+                    continue
+                # What follows the data (stream entries, RSYN, REND...)
+                # lands after it.
+                with _applying(replay):
+                    applier.drain()
                 if kind == b"ENTR":
                     seq, vol, k, off, length, crc = \
                         ENTRY.unpack_from(payload)
@@ -444,16 +603,6 @@ class SecondaryGroup:
                     replaying = True
                     self._begin_replay(theirs)
                     send_json(sock, b"RBOK", {"ok": True})
-                elif kind == b"RDAT":
-                    vol, k, off, length, crc = DATA.unpack_from(payload)
-                    data = payload[DATA.size:] if k == WRITE else None
-                    self._check_data(vol, k, off, length, crc, data)
-                    with _applying(replay), self.lock:
-                        self._apply_one(vol, k, off, length, data)
-                elif kind == b"RSYN":
-                    with _applying(replay):
-                        self.replay_sync(SEQ.unpack(payload)[0])
-                    send_frame(sock, b"RSAK", payload)
                 elif kind == b"REND":
                     seq, = SEQ.unpack(payload)
                     with _applying(replay):
@@ -464,6 +613,9 @@ class SecondaryGroup:
                     raise errors.ProtocolError(reason="unknown frame {!r}"
                                                .format(kind))
         except errors.Error as e:
+            # No RSAK (nor save of the record) from a sync still running
+            # beside what follows.
+            applier.close()
             if self.closed:
                 # The target closing under this session (its LUs go away):
                 # no FAIL, which would stop the primary's link for good;
@@ -486,6 +638,7 @@ class SecondaryGroup:
             except OSError:
                 pass
         except _ApplyFailed as e:
+            applier.close()
             # This node's own volumes failed an update (EIO, ENOSPC): the
             # connection ends (the primary tries again), and the status
             # says why; a batch applied in part leaves the node
@@ -503,6 +656,7 @@ class SecondaryGroup:
                     log.error("group %s: cannot save its record: %s",
                               self.name, e2)
         finally:
+            applier.close()
             self.connected_since = None
 
     def verify_answer(self, request):

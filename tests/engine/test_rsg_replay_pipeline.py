@@ -1,0 +1,172 @@
+"""The secondary writes a replay's data while it receives the next frames
+(secondary._ReplayApplier: several writes in flight, RSYN answered from a
+thread of its own).  What that must not break: a stream entry lands after
+the replay data received before it, RSAK goes only once every write
+received before its RSYN is done, and a connection lost with writes in
+flight loses no region (the replay resumes and the volumes end
+identical).  Engine level: two in-process Targets (tests/support/rsgpair).
+"""
+
+import random
+import threading
+import time
+
+import pytest
+
+from tests.support.rsgmodel import fast_timing, restore_timing, wait_for
+from tests.support.rsgpair import MiB, pair  # noqa: F401
+from target import replication as R
+
+
+@pytest.fixture(autouse=True)
+def _fast():
+    saved = fast_timing()
+    yield
+    restore_timing(saved)
+
+
+def _replay_writer():
+    """Whether the calling thread writes replay data on the secondary."""
+    return threading.current_thread().name.startswith("rsg-apply")
+
+
+def test_an_entry_lands_after_the_replay_data_in_flight_before_it(
+        pair, monkeypatch):
+    p = pair(size=8 * MiB)
+    orig = R.SecondaryGroup._apply_one
+    held = {}
+
+    def slow(self, vol, kind, off, length, data):
+        if _replay_writer() and kind == R.WRITE and off >= 2 * MiB and \
+                not held:
+            held["off"] = off
+            # A host write into the region whose replay data is still
+            # being written here: its entry reaches the secondary now.
+            p.write(off, b"\x5a" * 4096)
+            held["seq"] = p.ta.rsgs["g"].next_seq - 1
+            time.sleep(0.5)
+        orig(self, vol, kind, off, length, data)
+    monkeypatch.setattr(R.SecondaryGroup, "_apply_one", slow)
+    p.link_up()
+    p.check_identical()
+    assert held, "no replay data went through the writer threads"
+    b = bytearray(4096)
+    p.tb.lus["v"].backend.readinto(b, held["off"])
+    assert bytes(b) == b"\x5a" * 4096, "the entry was overwritten by the " \
+        "replay data sent before it"
+
+
+def test_rsak_only_once_the_data_before_its_rsyn_is_written(
+        pair, monkeypatch):
+    monkeypatch.setattr(R.link, "REPLAY_SYNC_BYTES", 1 * MiB)
+    p = pair(size=16 * MiB)
+    # What the primary sent, in order: ("data", offset) and ("sync", id).
+    sent = []
+    orig_send = R.link.send_frames
+
+    def send_frames(sock, frames):
+        for kind, head, data in frames:
+            if kind == b"RDAT":
+                sent.append(("data", R.wire.DATA.unpack(head)[2]))
+            elif kind == b"RSYN":
+                sent.append(("sync", R.wire.SEQ.unpack(head)[0]))
+        return orig_send(sock, frames)
+    monkeypatch.setattr(R.link, "send_frames", send_frames)
+    rng = random.Random(7)
+    written, lock = set(), threading.Lock()
+    orig_apply = R.SecondaryGroup._apply_one
+
+    def apply_one(self, vol, kind, off, length, data):
+        if _replay_writer():
+            # Writes end out of order, the early ones late.
+            time.sleep(rng.random() * 0.004)
+        orig_apply(self, vol, kind, off, length, data)
+        with lock:
+            written.add(off)
+    monkeypatch.setattr(R.SecondaryGroup, "_apply_one", apply_one)
+    at_sync = {}
+    orig_sync = R.SecondaryGroup.replay_sync
+
+    def replay_sync(self, ident):
+        with lock:
+            at_sync[ident] = set(written)
+        orig_sync(self, ident)
+    monkeypatch.setattr(R.SecondaryGroup, "replay_sync", replay_sync)
+    p.link_up()
+    p.check_identical()
+    assert len(at_sync) >= 8, at_sync.keys()
+    before = set()
+    for what, value in sent:
+        if what == "data":
+            before.add(value)
+        elif value in at_sync:
+            missing = before - at_sync[value]
+            assert not missing, "RSYN {:#x} made durable before the " \
+                "data at {} was written".format(value, sorted(missing)[:4])
+
+
+def test_connection_lost_with_replay_data_in_flight_loses_no_region(
+        pair, monkeypatch):
+    size = 32 * MiB
+    p = pair(size=size)
+    orig = R.SecondaryGroup._apply_one
+    lock, cut = threading.Lock(), threading.Event()
+    state = {"written": 0, "running": 0, "at_cut": 0}
+
+    def slow(self, vol, kind, off, length, data):
+        if not _replay_writer() or cut.is_set():
+            return orig(self, vol, kind, off, length, data)
+        with lock:
+            state["running"] += 1
+            state["written"] += length
+            now = state["written"] > size // 4 and not cut.is_set()
+            if now:
+                cut.set()
+                state["at_cut"] = state["running"]
+        if now:
+            # Part of the replay acknowledged, this write and others in
+            # flight: the connection goes down under them.
+            R.wire.shutdown_socket(self.connection)
+        time.sleep(0.05)
+        try:
+            orig(self, vol, kind, off, length, data)
+        finally:
+            with lock:
+                state["running"] -= 1
+    monkeypatch.setattr(R.SecondaryGroup, "_apply_one", slow)
+    p.link_up()
+    link = p.link
+    assert cut.wait(30), link.status()
+    wait_for(lambda: link.replays > 1, 30, "the replay again", link.status)
+    p.check_identical()
+    assert state["at_cut"] >= 2, state
+    # It resumed from what was acknowledged, not from the start.
+    assert link.sent_bytes < 2 * size, link.status()
+
+
+def test_no_rsyn_is_answered_after_one_failed(pair, monkeypatch):
+    """After a failed flush the kernel may have dropped the data it could
+    not write, so a later flush that succeeds proves nothing: an RSYN whose
+    flush failed and every RSYN after it on that connection go
+    unanswered, the connection ends, and the replay resumes."""
+    monkeypatch.setattr(R.link, "REPLAY_SYNC_BYTES", 1 * MiB)
+    p = pair(size=16 * MiB)
+    orig = R.SecondaryGroup.replay_sync
+    failed, later = [], []
+
+    def replay_sync(self, ident):
+        if failed:
+            later.append(ident)
+        else:
+            failed.append(ident)
+            raise OSError(5, "Input/output error")
+        orig(self, ident)
+    monkeypatch.setattr(R.SecondaryGroup, "replay_sync", replay_sync)
+    p.link_up()
+    link = p.link
+    wait_for(lambda: link.replays > 1, R.server.IDLE_TIMEOUT / 2,
+             "the replay again", link.status)
+    p.check_identical()
+    same_pass = [i for i in later if i >> 32 == failed[0] >> 32]
+    assert not same_pass, "RSYN {:#x} answered after {:#x} failed".format(
+        same_pass[0], failed[0])
