@@ -37,9 +37,12 @@ STAGED, APPLIED = 1, 2
 PULL_CHUNK = 1 << 20           # bytes of one RDAT frame sent to a primary
 # A replay's data (RDAT frames: each a region no other frame of the pass
 # has) is written by REPLAY_APPLY_WORKERS threads while the next frames
-# are received (_ReplayApplier), at most REPLAY_APPLY_BYTES at a time.
+# are received (_ReplayApplier), at most REPLAY_APPLY_BYTES of data and
+# REPLAY_APPLY_FRAMES frames at a time (a zero or trim frame carries no
+# data but is a write all the same).
 REPLAY_APPLY_BYTES = 16 << 20
 REPLAY_APPLY_WORKERS = 8
+REPLAY_APPLY_FRAMES = 8 * REPLAY_APPLY_WORKERS
 
 
 class _ApplyFailed(Exception):
@@ -115,7 +118,8 @@ class _ReplayApplier:
         self.bytes += n
         # Bounded: the oldest writes are waited for first.
         try:
-            while self.bytes > REPLAY_APPLY_BYTES:
+            while self.bytes > REPLAY_APPLY_BYTES or \
+                    len(self.inflight) > REPLAY_APPLY_FRAMES:
                 self._wait_oldest()
         except Exception:
             try:

@@ -8,8 +8,10 @@ identical).  Engine level: two in-process Targets (tests/support/rsgpair).
 """
 
 import random
+import socket
 import threading
 import time
+import zlib
 
 import pytest
 
@@ -170,3 +172,98 @@ def test_no_rsyn_is_answered_after_one_failed(pair, monkeypatch):
     same_pass = [i for i in later if i >> 32 == failed[0] >> 32]
     assert not same_pass, "RSYN {:#x} answered after {:#x} failed".format(
         same_pass[0], failed[0])
+
+
+# A primary of the test's own: the real one is detached and the secondary
+# serves frames written here over a socket pair.
+
+class _FakePrimary:
+    def __init__(self, p):
+        p.link_up()
+        p.check_identical()
+        p.ta.rsg_detach("g", p.addr)
+        self.sg = sg = p.sg
+        wait_for(lambda: sg.connected_since is None, 10, "the real "
+                 "primary's session to end", sg.status)
+        self.sock, theirs = socket.socketpair()
+        self.sock.settimeout(30)
+        self.theirs = theirs
+
+        def serve():
+            try:
+                sg.serve(theirs, {"history": sg.history}, "127.0.0.1")
+            except ConnectionError:     # the test's end closed it
+                pass
+        self.thread = threading.Thread(target=serve, daemon=True)
+        self.thread.start()
+
+    def send(self, kind, payload=b""):
+        R.wire.send_frame(self.sock, kind, payload)
+
+    def recv(self):
+        return R.wire.recv_frame(self.sock)
+
+    def begin(self):
+        R.wire.send_json(self.sock, b"RBEG", {"extents": 1})
+        assert self.recv()[0] == b"RBOK"
+
+    def data(self, off, data):
+        self.send(b"RDAT", R.wire.DATA.pack(0, R.WRITE, off, len(data),
+                                            zlib.crc32(data)) + data)
+
+    def zero(self, off, length):
+        self.send(b"RDAT", R.wire.DATA.pack(0, R.ZERO, off, length, 0))
+
+    def end(self):
+        self.send(b"REND", R.wire.SEQ.pack(self.sg.applied_seq))
+        assert self.recv()[0] == b"RACK"
+
+    def close(self):
+        self.sock.close()
+        self.thread.join(30)
+        self.theirs.close()
+        assert not self.thread.is_alive()
+
+
+def test_zero_frames_in_flight_are_bounded(pair, monkeypatch):
+    """Zero and trim frames carry no data but each is a write (a copy on
+    first write of the kept image, a punch): a stream of them must not
+    pile up unbounded between the connection and the writers (memory, an
+    overlap scan of everything in flight per frame, and the apply lock
+    held all along)."""
+    p = pair(size=64 * MiB)
+    f = _FakePrimary(p)
+    lock = threading.Lock()
+    state = {"received": 0, "applied": 0, "most": 0}
+    orig_check = R.SecondaryGroup._check_data
+    orig_apply = R.SecondaryGroup._apply_one
+
+    def check_data(self, *args):
+        with lock:
+            state["received"] += 1
+            state["most"] = max(state["most"],
+                                state["received"] - state["applied"])
+        return orig_check(self, *args)
+
+    def apply_one(self, vol, kind, off, length, data):
+        time.sleep(0.002)
+        orig_apply(self, vol, kind, off, length, data)
+        with lock:
+            state["applied"] += 1
+    monkeypatch.setattr(R.SecondaryGroup, "_check_data", check_data)
+    monkeypatch.setattr(R.SecondaryGroup, "_apply_one", apply_one)
+    try:
+        f.begin()
+        n = 2000
+        for i in range(n):
+            f.zero(i * 16384, 16384)
+        f.end()
+        assert state["applied"] == n
+        image = p.tb.lus["v"].backend
+        b = bytearray(16384)
+        image.readinto(b, (n - 1) * 16384)
+        assert bytes(b) == bytes(16384)
+    finally:
+        f.close()
+    # The frame just received, and those in flight.
+    assert state["most"] <= 1 + 8 * R.secondary.REPLAY_APPLY_WORKERS, state
