@@ -70,6 +70,43 @@ def _applying(what, staged=False):
         raise _ApplyFailed(what, staged) from e
 
 
+class _ApplyLock:
+    """A group's apply lock (SecondaryGroup.lock): reentrant, and it says
+    whether a thread is waiting for it (`wanted`), so a replay whose
+    writes in flight hold it lets that thread in once they are done,
+    rather than when the primary pauses."""
+
+    def __init__(self):
+        self._lock = threading.RLock()
+        self._count = threading.Lock()
+        self._waiting = 0
+
+    @property
+    def wanted(self):
+        return self._waiting > 0
+
+    def acquire(self):
+        if self._lock.acquire(blocking=False):
+            return True
+        with self._count:
+            self._waiting += 1
+        try:
+            return self._lock.acquire()
+        finally:
+            with self._count:
+                self._waiting -= 1
+
+    def release(self):
+        self._lock.release()
+
+    def __enter__(self):
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+
 class _ReplayApplier:
     """Writes a replay's data frames concurrently, while the connection
     reads on: what a write of a volume waits for (a protected image's
@@ -82,8 +119,9 @@ class _ReplayApplier:
     REND, ...), is handled only after drain(), so the stream's order is
     kept.  The apply lock is held while writes are in flight, and they
     are drained before the connection waits for a frame that has not
-    begun to arrive (idle()): a point in time of a volume does not wait
-    for a primary that sends nothing."""
+    begun to arrive, or when a thread waits for that lock (idle()): a
+    point in time of a volume, or a read, waits for the writes in flight,
+    not for a primary that sends nothing nor for one that keeps sending."""
 
     def __init__(self, group):
         self.group = group
@@ -105,6 +143,10 @@ class _ReplayApplier:
             self.pool = concurrent.futures.ThreadPoolExecutor(
                 REPLAY_APPLY_WORKERS, thread_name_prefix="rsg-apply")
         if not self.inflight:
+            # Threads that waited for the writes drained for them go
+            # first (the lock is not fair).
+            while self.group.lock.wanted:
+                time.sleep(0.001)
             self.group.lock.acquire()
         n = len(data) if data is not None else 0
         try:
@@ -181,11 +223,15 @@ class _ReplayApplier:
             raise error
 
     def idle(self, sock):
-        """Writes in flight and nothing to read yet: drain them; an RSYN
-        that failed: raise its error."""
+        """Writes in flight and nothing to read yet, or a thread waiting
+        for the apply lock they hold: drain them; an RSYN that failed:
+        raise its error."""
         while self.syncs and self.syncs[0].done():
             self.syncs.pop(0).result()
         if not self.inflight:
+            return
+        if self.group.lock.wanted:
+            self.drain()
             return
         pending = getattr(sock, "pending", None)    # TLS: buffered
         if pending is not None and pending():
@@ -252,7 +298,7 @@ class SecondaryGroup:
         # Apply vs. host reads and points in time (a fracture or mark of
         # a volume holds it); reentrant, as what runs under a point in
         # time may read through the guard, which takes it too.
-        self.lock = threading.RLock()
+        self.lock = _ApplyLock()
         self.session_lock = threading.Lock()
         self.connection = None
         self.serving = None         # the thread serving self.connection

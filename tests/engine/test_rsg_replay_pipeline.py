@@ -7,8 +7,11 @@ flight loses no region (the replay resumes and the volumes end
 identical).  Engine level: two in-process Targets (tests/support/rsgpair).
 """
 
+import os
 import random
 import socket
+import subprocess
+import sys
 import threading
 import time
 import zlib
@@ -18,6 +21,9 @@ import pytest
 from tests.support.rsgmodel import fast_timing, restore_timing, wait_for
 from tests.support.rsgpair import MiB, pair  # noqa: F401
 from target import replication as R
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))))
 
 
 @pytest.fixture(autouse=True)
@@ -185,7 +191,11 @@ class _FakePrimary:
         self.sg = sg = p.sg
         wait_for(lambda: sg.connected_since is None, 10, "the real "
                  "primary's session to end", sg.status)
-        self.sock, theirs = socket.socketpair()
+        # TCP, as between nodes: a socket pair's buffer holds less than
+        # a primary keeps in flight.
+        with socket.create_server(("127.0.0.1", 0)) as listener:
+            self.sock = socket.create_connection(listener.getsockname())
+            theirs, _ = listener.accept()
         self.sock.settimeout(30)
         self.theirs = theirs
 
@@ -267,3 +277,57 @@ def test_zero_frames_in_flight_are_bounded(pair, monkeypatch):
         f.close()
     # The frame just received, and those in flight.
     assert state["most"] <= 1 + 8 * R.secondary.REPLAY_APPLY_WORKERS, state
+
+
+def test_host_read_during_a_streaming_replay_is_refused_at_once(
+        pair, monkeypatch):
+    """The apply lock is held while replay writes are in flight; a read
+    of the secondary's volume (refused: it is inconsistent) or a point in
+    time of it must wait only for the writes in flight, not for as long
+    as the primary keeps sending data (a primary of its own process: one
+    of this one's threads could not keep the connection busy)."""
+    p = pair(size=64 * MiB)
+    f = _FakePrimary(p)
+    orig_apply = R.SecondaryGroup._apply_one
+
+    def apply_one(self, vol, kind, off, length, data):
+        time.sleep(0.05)
+        orig_apply(self, vol, kind, off, length, data)
+    monkeypatch.setattr(R.SecondaryGroup, "_apply_one", apply_one)
+    try:
+        f.begin()
+        # Data for 2.5 s, as fast as the secondary takes it.
+        sender = subprocess.Popen(
+            [sys.executable, "-c", _SENDER, str(f.sock.fileno()), "2.5"],
+            pass_fds=[f.sock.fileno()], cwd=REPO)
+        time.sleep(1.0)
+        start = time.monotonic()
+        with pytest.raises(R.ReplicaUnavailable):
+            p.tb.lus["v"].read(bytearray(4096), 0)
+        waited = time.monotonic() - start
+        start = time.monotonic()
+        with p.tb.rsg_ops.point_in_time(p.tb.lus["v"], consistent=False):
+            pointed = time.monotonic() - start
+        assert sender.wait(30) == 0
+        f.end()
+    finally:
+        f.close()
+    assert waited < 1.0, "a refused read waited {:.1f} s".format(waited)
+    assert pointed < 1.0, "a point in time waited {:.1f} s".format(pointed)
+
+
+_SENDER = """
+import os, socket, sys, time, zlib
+from target.replication.wire import DATA, WRITE, send_frame
+sock = socket.socket(fileno=int(sys.argv[1]))
+sock.settimeout(30)
+chunk = 16 << 10
+data = os.urandom(chunk)
+crc = zlib.crc32(data)
+i, until = 0, time.monotonic() + float(sys.argv[2])
+while time.monotonic() < until:
+    off = i * chunk % (64 << 20)
+    send_frame(sock, b"RDAT", DATA.pack(0, WRITE, off, chunk, crc) + data)
+    i += 1
+sock.detach()
+"""
