@@ -240,6 +240,13 @@ class _ReplayApplier:
             self.drain()
 
     def close(self):
+        """The session ends: writes and RSYNs not begun are dropped (no
+        RSYN covering them is answered: the primary sends them again), so
+        nothing is written long after a close that waits for the session
+        only so long; those begun are waited for."""
+        for pool in (self.pool, self.syncer):
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
         try:
             self.drain()
         except Exception:   # the connection ends anyway

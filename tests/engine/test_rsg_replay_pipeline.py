@@ -204,6 +204,7 @@ class _FakePrimary:
                 sg.serve(theirs, {"history": sg.history}, "127.0.0.1")
             except ConnectionError:     # the test's end closed it
                 pass
+        sg.connection = theirs          # what a close shuts down
         self.thread = threading.Thread(target=serve, daemon=True)
         self.thread.start()
 
@@ -331,3 +332,50 @@ while time.monotonic() < until:
     i += 1
 sock.detach()
 """
+
+
+def test_a_close_writes_no_replay_data_it_had_not_begun(pair, monkeypatch):
+    """The secondary closing (a target close, which waits a while for the
+    session and then closes the volumes) with replay writes queued: those
+    not begun are dropped (no RSYN covering them is answered, so the
+    primary sends them again), not written for as long as the queue lasts
+    after the close."""
+    p = pair(size=8 * MiB)
+    f = _FakePrimary(p)
+    lock = threading.Lock()
+    began, after_close = threading.Event(), []
+    orig_apply = R.SecondaryGroup._apply_one
+
+    def apply_one(self, vol, kind, off, length, data):
+        began.set()
+        with lock:
+            if self.closed:
+                after_close.append(off)
+        time.sleep(0.1)
+        orig_apply(self, vol, kind, off, length, data)
+    monkeypatch.setattr(R.SecondaryGroup, "_apply_one", apply_one)
+    try:
+        f.begin()
+        for i in range(64):
+            f.data(i * 16384, os.urandom(16384))
+        f.send(b"RSYN", R.wire.SEQ.pack(7))
+        assert began.wait(10)
+        time.sleep(0.05)
+        with lock:
+            f.sg.close()
+        start = time.monotonic()
+        f.thread.join(30)
+        ended = time.monotonic() - start
+        # No RSAK for writes never made.
+        f.sock.settimeout(1)
+        answers = []
+        try:
+            while True:
+                answers.append(f.recv()[0])
+        except (OSError, ConnectionError):
+            pass
+    finally:
+        f.close()
+    assert not after_close, "{} replay writes began after the close " \
+        "(in {:.1f} s)".format(len(after_close), ended)
+    assert b"RSAK" not in answers, answers
