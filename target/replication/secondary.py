@@ -55,6 +55,10 @@ class _ApplyFailed(Exception):
         self.what, self.staged = what, staged
 
 
+class _Dropped(errors.Error):
+    msg = "group {name!r}: replay data not written: the session ended"
+
+
 class ImageNotKept(errors.Error):
     msg = "replicated group {name!r}: the last consistent image of its " \
         "volumes could not be kept, so the primary's replay does not " \
@@ -68,6 +72,16 @@ def _applying(what, staged=False):
         yield
     except OSError as e:
         raise _ApplyFailed(what, staged) from e
+
+
+def _answer(sock, kind, payload):
+    """Send a frame from a thread beside the connection's: a connection
+    that fails under it is shut down, and the connection's thread ends as
+    for any lost connection (not as for a failure of the volumes)."""
+    try:
+        send_frame(sock, kind, payload)
+    except OSError:
+        shutdown_socket(sock)
 
 
 class _ApplyLock:
@@ -134,6 +148,19 @@ class _ReplayApplier:
         # have dropped what it could not write, so a later flush that
         # succeeds proves nothing; no RSYN is answered any more.
         self.failed = False
+        # The session ends (the group closes, the connection is lost):
+        # what has not begun is dropped.
+        self.dropping = threading.Event()
+
+    def cancel(self):
+        """(Any thread.)  The group closes: writes and RSYNs not begun
+        are dropped, and drain() raises for them."""
+        self.dropping.set()
+
+    def _write(self, vol, kind, off, length, data):
+        if self.dropping.is_set():
+            raise _Dropped(name=self.group.name)
+        self.group._apply_one(vol, kind, off, length, data)
 
     def add(self, vol, kind, off, length, data):
         if any(v == vol and o < off + length and off < o + n
@@ -150,8 +177,7 @@ class _ReplayApplier:
             self.group.lock.acquire()
         n = len(data) if data is not None else 0
         try:
-            f = self.pool.submit(self.group._apply_one, vol, kind, off,
-                                 length, data)
+            f = self.pool.submit(self._write, vol, kind, off, length, data)
         except BaseException:
             if not self.inflight:
                 self.group.lock.release()
@@ -195,7 +221,7 @@ class _ReplayApplier:
             for f in writes:
                 if f.exception() is not None:
                     self.failed = True      # drain() raises it
-            if self.failed:
+            if self.failed or self.dropping.is_set():
                 return
             try:
                 self.group.replay_sync(ident)
@@ -244,9 +270,7 @@ class _ReplayApplier:
         RSYN covering them is answered: the primary sends them again), so
         nothing is written long after a close that waits for the session
         only so long; those begun are waited for."""
-        for pool in (self.pool, self.syncer):
-            if pool is not None:
-                pool.shutdown(wait=False, cancel_futures=True)
+        self.dropping.set()
         try:
             self.drain()
         except Exception:   # the connection ends anyway
@@ -309,6 +333,7 @@ class SecondaryGroup:
         self.session_lock = threading.Lock()
         self.connection = None
         self.serving = None         # the thread serving self.connection
+        self.applier = None         # its replay writer (_ReplayApplier)
         self.connected_since = None
         self.reason = record.get("reason") or "never synchronized"
         self.error = None
@@ -591,7 +616,7 @@ class SecondaryGroup:
         batch = []
         replaying = False
         replay = "the primary's replay"
-        applier = _ReplayApplier(self)
+        applier = self.applier = _ReplayApplier(self)
         try:
             if self.reapply:
                 with _applying("the staged batch", staged=True):
@@ -609,7 +634,7 @@ class SecondaryGroup:
                     continue
                 if kind == b"RSYN":
                     applier.sync(SEQ.unpack(payload)[0], functools.partial(
-                        send_frame, sock, b"RSAK", payload))
+                        _answer, sock, b"RSAK", payload))
                     continue
                 # What follows the data (stream entries, RSYN, REND...)
                 # lands after it.
@@ -852,6 +877,8 @@ class SecondaryGroup:
         # (ReplicaServer._serve) or is shut down here, never neither.
         with self.session_lock:
             self.closed = True
-            conn = self.connection
+            conn, applier = self.connection, self.applier
         if conn is not None:
             shutdown_socket(conn)
+        if applier is not None:
+            applier.cancel()

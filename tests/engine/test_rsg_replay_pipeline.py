@@ -379,3 +379,33 @@ def test_a_close_writes_no_replay_data_it_had_not_begun(pair, monkeypatch):
     assert not after_close, "{} replay writes began after the close " \
         "(in {:.1f} s)".format(len(after_close), ended)
     assert b"RSAK" not in answers, answers
+
+
+def test_an_rsak_lost_on_the_wire_is_no_apply_failure(pair, monkeypatch):
+    """RSAK is sent by a thread of its own: a connection that fails under
+    it ends the session as a lost connection does, not as a failure of
+    this node's volumes (`rsg status` would blame them)."""
+    p = pair(size=8 * MiB)
+    f = _FakePrimary(p)
+    orig_send = R.secondary.send_frame
+
+    def send_frame(sock, kind, payload=b""):
+        if kind == b"RSAK":
+            raise ConnectionResetError(104, "Connection reset by peer")
+        return orig_send(sock, kind, payload)
+    monkeypatch.setattr(R.secondary, "send_frame", send_frame)
+    error_before = f.sg.error
+    try:
+        f.begin()
+        f.data(0, os.urandom(65536))
+        f.send(b"RSYN", R.wire.SEQ.pack(7))
+        time.sleep(0.2)
+        try:
+            f.send(b"BEAT")
+        except OSError:
+            pass
+        f.thread.join(10)
+        assert not f.thread.is_alive(), "the session goes on"
+    finally:
+        f.close()
+    assert f.sg.error == error_before, f.sg.error
