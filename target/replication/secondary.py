@@ -171,8 +171,10 @@ class _ReplayApplier:
                 REPLAY_APPLY_WORKERS, thread_name_prefix="rsg-apply")
         if not self.inflight:
             # Threads that waited for the writes drained for them go
-            # first (the lock is not fair).
-            while self.group.lock.wanted:
+            # first (the lock is not fair); for a moment at most, so
+            # readers that keep coming do not stop the replay.
+            until = time.monotonic() + 0.05
+            while self.group.lock.wanted and time.monotonic() < until:
                 time.sleep(0.001)
             self.group.lock.acquire()
         n = len(data) if data is not None else 0

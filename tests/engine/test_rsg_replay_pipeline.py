@@ -191,6 +191,10 @@ class _FakePrimary:
         self.sg = sg = p.sg
         wait_for(lambda: sg.connected_since is None, 10, "the real "
                  "primary's session to end", sg.status)
+        self.connect()
+
+    def connect(self):
+        sg = self.sg
         # TCP, as between nodes: a socket pair's buffer holds less than
         # a primary keeps in flight.
         with socket.create_server(("127.0.0.1", 0)) as listener:
@@ -409,3 +413,33 @@ def test_an_rsak_lost_on_the_wire_is_no_apply_failure(pair, monkeypatch):
     finally:
         f.close()
     assert f.sg.error == error_before, f.sg.error
+
+
+def test_sessions_cut_with_replay_writes_in_flight_leave_no_threads(
+        pair, monkeypatch):
+    p = pair(size=8 * MiB)
+    f = _FakePrimary(p)
+    orig_apply = R.SecondaryGroup._apply_one
+
+    def apply_one(self, vol, kind, off, length, data):
+        time.sleep(0.01)
+        orig_apply(self, vol, kind, off, length, data)
+    monkeypatch.setattr(R.SecondaryGroup, "_apply_one", apply_one)
+
+    def writers():
+        return [t.name for t in threading.enumerate()
+                if t.name.startswith(("rsg-apply", "rsg-replay-sync"))]
+    try:
+        for i in range(10):
+            if i:
+                f.connect()
+            f.begin()
+            for j in range(32):
+                f.data(j * 65536, os.urandom(65536))
+                if j % 8 == 7:
+                    f.send(b"RSYN", R.wire.SEQ.pack((i << 8) + j))
+            f.close()       # the primary gone, writes in flight
+            assert not writers(), writers()
+    finally:
+        f.close()
+    assert not f.sg.consistent
