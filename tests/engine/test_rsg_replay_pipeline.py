@@ -294,16 +294,18 @@ def test_host_read_during_a_streaming_replay_is_refused_at_once(
     p = pair(size=64 * MiB)
     f = _FakePrimary(p)
     orig_apply = R.SecondaryGroup._apply_one
+    checked = threading.Event()
 
     def apply_one(self, vol, kind, off, length, data):
-        time.sleep(0.05)
+        if not checked.is_set():
+            time.sleep(0.05)
         orig_apply(self, vol, kind, off, length, data)
     monkeypatch.setattr(R.SecondaryGroup, "_apply_one", apply_one)
     try:
         f.begin()
-        # Data for 2.5 s, as fast as the secondary takes it.
+        # Data for 2 s, as fast as the secondary takes it.
         sender = subprocess.Popen(
-            [sys.executable, "-c", _SENDER, str(f.sock.fileno()), "2.5"],
+            [sys.executable, "-c", _SENDER, str(f.sock.fileno()), "2"],
             pass_fds=[f.sock.fileno()], cwd=REPO)
         time.sleep(1.0)
         start = time.monotonic()
@@ -313,6 +315,7 @@ def test_host_read_during_a_streaming_replay_is_refused_at_once(
         start = time.monotonic()
         with p.tb.rsg_ops.point_in_time(p.tb.lus["v"], consistent=False):
             pointed = time.monotonic() - start
+        checked.set()
         assert sender.wait(30) == 0
         f.end()
     finally:
