@@ -37,9 +37,12 @@ STAGED, APPLIED = 1, 2
 PULL_CHUNK = 1 << 20           # bytes of one RDAT frame sent to a primary
 # A replay's data (RDAT frames: each a region no other frame of the pass
 # has) is written by REPLAY_APPLY_WORKERS threads while the next frames
-# are received (_ReplayApplier), at most REPLAY_APPLY_BYTES at a time.
+# are received (_ReplayApplier), at most REPLAY_APPLY_BYTES of data and
+# REPLAY_APPLY_FRAMES frames at a time (a zero or trim frame carries no
+# data but is a write all the same).
 REPLAY_APPLY_BYTES = 16 << 20
 REPLAY_APPLY_WORKERS = 8
+REPLAY_APPLY_FRAMES = 8 * REPLAY_APPLY_WORKERS
 
 
 class _ApplyFailed(Exception):
@@ -50,6 +53,10 @@ class _ApplyFailed(Exception):
     def __init__(self, what, staged):
         super().__init__(what)
         self.what, self.staged = what, staged
+
+
+class _Dropped(errors.Error):
+    msg = "group {name!r}: replay data not written: the session ended"
 
 
 class ImageNotKept(errors.Error):
@@ -67,6 +74,53 @@ def _applying(what, staged=False):
         raise _ApplyFailed(what, staged) from e
 
 
+def _answer(sock, kind, payload):
+    """Send a frame from a thread beside the connection's: a connection
+    that fails under it is shut down, and the connection's thread ends as
+    for any lost connection (not as for a failure of the volumes)."""
+    try:
+        send_frame(sock, kind, payload)
+    except OSError:
+        shutdown_socket(sock)
+
+
+class _ApplyLock:
+    """A group's apply lock (SecondaryGroup.lock): reentrant, and it says
+    whether a thread is waiting for it (`wanted`), so a replay whose
+    writes in flight hold it lets that thread in once they are done,
+    rather than when the primary pauses."""
+
+    def __init__(self):
+        self._lock = threading.RLock()
+        self._count = threading.Lock()
+        self._waiting = 0
+
+    @property
+    def wanted(self):
+        return self._waiting > 0
+
+    def acquire(self):
+        if self._lock.acquire(blocking=False):
+            return True
+        with self._count:
+            self._waiting += 1
+        try:
+            return self._lock.acquire()
+        finally:
+            with self._count:
+                self._waiting -= 1
+
+    def release(self):
+        self._lock.release()
+
+    def __enter__(self):
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+
 class _ReplayApplier:
     """Writes a replay's data frames concurrently, while the connection
     reads on: what a write of a volume waits for (a protected image's
@@ -79,8 +133,9 @@ class _ReplayApplier:
     REND, ...), is handled only after drain(), so the stream's order is
     kept.  The apply lock is held while writes are in flight, and they
     are drained before the connection waits for a frame that has not
-    begun to arrive (idle()): a point in time of a volume does not wait
-    for a primary that sends nothing."""
+    begun to arrive, or when a thread waits for that lock (idle()): a
+    point in time of a volume, or a read, waits for the writes in flight,
+    not for a primary that sends nothing nor for one that keeps sending."""
 
     def __init__(self, group):
         self.group = group
@@ -93,6 +148,19 @@ class _ReplayApplier:
         # have dropped what it could not write, so a later flush that
         # succeeds proves nothing; no RSYN is answered any more.
         self.failed = False
+        # The session ends (the group closes, the connection is lost):
+        # what has not begun is dropped.
+        self.dropping = threading.Event()
+
+    def cancel(self):
+        """(Any thread.)  The group closes: writes and RSYNs not begun
+        are dropped, and drain() raises for them."""
+        self.dropping.set()
+
+    def _write(self, vol, kind, off, length, data):
+        if self.dropping.is_set():
+            raise _Dropped(name=self.group.name)
+        self.group._apply_one(vol, kind, off, length, data)
 
     def add(self, vol, kind, off, length, data):
         if any(v == vol and o < off + length and off < o + n
@@ -102,11 +170,16 @@ class _ReplayApplier:
             self.pool = concurrent.futures.ThreadPoolExecutor(
                 REPLAY_APPLY_WORKERS, thread_name_prefix="rsg-apply")
         if not self.inflight:
+            # Threads that waited for the writes drained for them go
+            # first (the lock is not fair); for a moment at most, so
+            # readers that keep coming do not stop the replay.
+            until = time.monotonic() + 0.05
+            while self.group.lock.wanted and time.monotonic() < until:
+                time.sleep(0.001)
             self.group.lock.acquire()
         n = len(data) if data is not None else 0
         try:
-            f = self.pool.submit(self.group._apply_one, vol, kind, off,
-                                 length, data)
+            f = self.pool.submit(self._write, vol, kind, off, length, data)
         except BaseException:
             if not self.inflight:
                 self.group.lock.release()
@@ -115,7 +188,8 @@ class _ReplayApplier:
         self.bytes += n
         # Bounded: the oldest writes are waited for first.
         try:
-            while self.bytes > REPLAY_APPLY_BYTES:
+            while self.bytes > REPLAY_APPLY_BYTES or \
+                    len(self.inflight) > REPLAY_APPLY_FRAMES:
                 self._wait_oldest()
         except Exception:
             try:
@@ -149,7 +223,7 @@ class _ReplayApplier:
             for f in writes:
                 if f.exception() is not None:
                     self.failed = True      # drain() raises it
-            if self.failed:
+            if self.failed or self.dropping.is_set():
                 return
             try:
                 self.group.replay_sync(ident)
@@ -177,11 +251,15 @@ class _ReplayApplier:
             raise error
 
     def idle(self, sock):
-        """Writes in flight and nothing to read yet: drain them; an RSYN
-        that failed: raise its error."""
+        """Writes in flight and nothing to read yet, or a thread waiting
+        for the apply lock they hold: drain them; an RSYN that failed:
+        raise its error."""
         while self.syncs and self.syncs[0].done():
             self.syncs.pop(0).result()
         if not self.inflight:
+            return
+        if self.group.lock.wanted:
+            self.drain()
             return
         pending = getattr(sock, "pending", None)    # TLS: buffered
         if pending is not None and pending():
@@ -190,6 +268,11 @@ class _ReplayApplier:
             self.drain()
 
     def close(self):
+        """The session ends: writes and RSYNs not begun are dropped (no
+        RSYN covering them is answered: the primary sends them again), so
+        nothing is written long after a close that waits for the session
+        only so long; those begun are waited for."""
+        self.dropping.set()
         try:
             self.drain()
         except Exception:   # the connection ends anyway
@@ -248,10 +331,11 @@ class SecondaryGroup:
         # Apply vs. host reads and points in time (a fracture or mark of
         # a volume holds it); reentrant, as what runs under a point in
         # time may read through the guard, which takes it too.
-        self.lock = threading.RLock()
+        self.lock = _ApplyLock()
         self.session_lock = threading.Lock()
         self.connection = None
         self.serving = None         # the thread serving self.connection
+        self.applier = None         # its replay writer (_ReplayApplier)
         self.connected_since = None
         self.reason = record.get("reason") or "never synchronized"
         self.error = None
@@ -534,7 +618,7 @@ class SecondaryGroup:
         batch = []
         replaying = False
         replay = "the primary's replay"
-        applier = _ReplayApplier(self)
+        applier = self.applier = _ReplayApplier(self)
         try:
             if self.reapply:
                 with _applying("the staged batch", staged=True):
@@ -552,7 +636,7 @@ class SecondaryGroup:
                     continue
                 if kind == b"RSYN":
                     applier.sync(SEQ.unpack(payload)[0], functools.partial(
-                        send_frame, sock, b"RSAK", payload))
+                        _answer, sock, b"RSAK", payload))
                     continue
                 # What follows the data (stream entries, RSYN, REND...)
                 # lands after it.
@@ -795,6 +879,8 @@ class SecondaryGroup:
         # (ReplicaServer._serve) or is shut down here, never neither.
         with self.session_lock:
             self.closed = True
-            conn = self.connection
+            conn, applier = self.connection, self.applier
         if conn is not None:
             shutdown_socket(conn)
+        if applier is not None:
+            applier.cancel()

@@ -7,15 +7,23 @@ flight loses no region (the replay resumes and the volumes end
 identical).  Engine level: two in-process Targets (tests/support/rsgpair).
 """
 
+import os
 import random
+import socket
+import subprocess
+import sys
 import threading
 import time
+import zlib
 
 import pytest
 
 from tests.support.rsgmodel import fast_timing, restore_timing, wait_for
 from tests.support.rsgpair import MiB, pair  # noqa: F401
 from target import replication as R
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))))
 
 
 @pytest.fixture(autouse=True)
@@ -170,3 +178,271 @@ def test_no_rsyn_is_answered_after_one_failed(pair, monkeypatch):
     same_pass = [i for i in later if i >> 32 == failed[0] >> 32]
     assert not same_pass, "RSYN {:#x} answered after {:#x} failed".format(
         same_pass[0], failed[0])
+
+
+# A primary of the test's own: the real one is detached and the secondary
+# serves frames written here over a socket pair.
+
+class _FakePrimary:
+    def __init__(self, p):
+        p.link_up()
+        p.check_identical()
+        p.ta.rsg_detach("g", p.addr)
+        self.sg = sg = p.sg
+        wait_for(lambda: sg.connected_since is None, 10, "the real "
+                 "primary's session to end", sg.status)
+        self.connect()
+
+    def connect(self):
+        sg = self.sg
+        # TCP, as between nodes: a socket pair's buffer holds less than
+        # a primary keeps in flight.
+        with socket.create_server(("127.0.0.1", 0)) as listener:
+            self.sock = socket.create_connection(listener.getsockname())
+            theirs, _ = listener.accept()
+        self.sock.settimeout(30)
+        self.theirs = theirs
+
+        def serve():
+            try:
+                sg.serve(theirs, {"history": sg.history}, "127.0.0.1")
+            except ConnectionError:     # the test's end closed it
+                pass
+        sg.connection = theirs          # what a close shuts down
+        self.thread = threading.Thread(target=serve, daemon=True)
+        self.thread.start()
+
+    def send(self, kind, payload=b""):
+        R.wire.send_frame(self.sock, kind, payload)
+
+    def recv(self):
+        return R.wire.recv_frame(self.sock)
+
+    def begin(self):
+        R.wire.send_json(self.sock, b"RBEG", {"extents": 1})
+        assert self.recv()[0] == b"RBOK"
+
+    def data(self, off, data):
+        self.send(b"RDAT", R.wire.DATA.pack(0, R.WRITE, off, len(data),
+                                            zlib.crc32(data)) + data)
+
+    def zero(self, off, length):
+        self.send(b"RDAT", R.wire.DATA.pack(0, R.ZERO, off, length, 0))
+
+    def end(self):
+        self.send(b"REND", R.wire.SEQ.pack(self.sg.applied_seq))
+        assert self.recv()[0] == b"RACK"
+
+    def close(self):
+        self.sock.close()
+        self.thread.join(30)
+        self.theirs.close()
+        assert not self.thread.is_alive()
+
+
+def test_zero_frames_in_flight_are_bounded(pair, monkeypatch):
+    """Zero and trim frames carry no data but each is a write (a copy on
+    first write of the kept image, a punch): a stream of them must not
+    pile up unbounded between the connection and the writers (memory, an
+    overlap scan of everything in flight per frame, and the apply lock
+    held all along)."""
+    p = pair(size=64 * MiB)
+    f = _FakePrimary(p)
+    lock = threading.Lock()
+    state = {"received": 0, "applied": 0, "most": 0}
+    orig_check = R.SecondaryGroup._check_data
+    orig_apply = R.SecondaryGroup._apply_one
+
+    def check_data(self, *args):
+        with lock:
+            state["received"] += 1
+            state["most"] = max(state["most"],
+                                state["received"] - state["applied"])
+        return orig_check(self, *args)
+
+    def apply_one(self, vol, kind, off, length, data):
+        time.sleep(0.002)
+        orig_apply(self, vol, kind, off, length, data)
+        with lock:
+            state["applied"] += 1
+    monkeypatch.setattr(R.SecondaryGroup, "_check_data", check_data)
+    monkeypatch.setattr(R.SecondaryGroup, "_apply_one", apply_one)
+    try:
+        f.begin()
+        n = 2000
+        for i in range(n):
+            f.zero(i * 16384, 16384)
+        f.end()
+        assert state["applied"] == n
+        image = p.tb.lus["v"].backend
+        b = bytearray(16384)
+        image.readinto(b, (n - 1) * 16384)
+        assert bytes(b) == bytes(16384)
+    finally:
+        f.close()
+    # The frame just received, and those in flight.
+    assert state["most"] <= 1 + 8 * R.secondary.REPLAY_APPLY_WORKERS, state
+
+
+def test_host_read_during_a_streaming_replay_is_refused_at_once(
+        pair, monkeypatch):
+    """The apply lock is held while replay writes are in flight; a read
+    of the secondary's volume (refused: it is inconsistent) or a point in
+    time of it must wait only for the writes in flight, not for as long
+    as the primary keeps sending data (a primary of its own process: one
+    of this one's threads could not keep the connection busy)."""
+    p = pair(size=64 * MiB)
+    f = _FakePrimary(p)
+    orig_apply = R.SecondaryGroup._apply_one
+    checked = threading.Event()
+
+    def apply_one(self, vol, kind, off, length, data):
+        if not checked.is_set():
+            time.sleep(0.05)
+        orig_apply(self, vol, kind, off, length, data)
+    monkeypatch.setattr(R.SecondaryGroup, "_apply_one", apply_one)
+    try:
+        f.begin()
+        # Data for 2 s, as fast as the secondary takes it.
+        sender = subprocess.Popen(
+            [sys.executable, "-c", _SENDER, str(f.sock.fileno()), "2"],
+            pass_fds=[f.sock.fileno()], cwd=REPO)
+        time.sleep(1.0)
+        start = time.monotonic()
+        with pytest.raises(R.ReplicaUnavailable):
+            p.tb.lus["v"].read(bytearray(4096), 0)
+        waited = time.monotonic() - start
+        start = time.monotonic()
+        with p.tb.rsg_ops.point_in_time(p.tb.lus["v"], consistent=False):
+            pointed = time.monotonic() - start
+        checked.set()
+        assert sender.wait(30) == 0
+        f.end()
+    finally:
+        f.close()
+    assert waited < 1.0, "a refused read waited {:.1f} s".format(waited)
+    assert pointed < 1.0, "a point in time waited {:.1f} s".format(pointed)
+
+
+_SENDER = """
+import os, socket, sys, time, zlib
+from target.replication.wire import DATA, WRITE, send_frame
+sock = socket.socket(fileno=int(sys.argv[1]))
+sock.settimeout(30)
+chunk = 16 << 10
+data = os.urandom(chunk)
+crc = zlib.crc32(data)
+i, until = 0, time.monotonic() + float(sys.argv[2])
+while time.monotonic() < until:
+    off = i * chunk % (64 << 20)
+    send_frame(sock, b"RDAT", DATA.pack(0, WRITE, off, chunk, crc) + data)
+    i += 1
+sock.detach()
+"""
+
+
+def test_a_close_writes_no_replay_data_it_had_not_begun(pair, monkeypatch):
+    """The secondary closing (a target close, which waits a while for the
+    session and then closes the volumes) with replay writes queued: those
+    not begun are dropped (no RSYN covering them is answered, so the
+    primary sends them again), not written for as long as the queue lasts
+    after the close."""
+    p = pair(size=8 * MiB)
+    f = _FakePrimary(p)
+    lock = threading.Lock()
+    began, after_close = threading.Event(), []
+    orig_apply = R.SecondaryGroup._apply_one
+
+    def apply_one(self, vol, kind, off, length, data):
+        began.set()
+        with lock:
+            if self.closed:
+                after_close.append(off)
+        time.sleep(0.1)
+        orig_apply(self, vol, kind, off, length, data)
+    monkeypatch.setattr(R.SecondaryGroup, "_apply_one", apply_one)
+    try:
+        f.begin()
+        for i in range(64):
+            f.data(i * 16384, os.urandom(16384))
+        f.send(b"RSYN", R.wire.SEQ.pack(7))
+        assert began.wait(10)
+        time.sleep(0.05)
+        with lock:
+            f.sg.close()
+        start = time.monotonic()
+        f.thread.join(30)
+        ended = time.monotonic() - start
+        # No RSAK for writes never made.
+        f.sock.settimeout(1)
+        answers = []
+        try:
+            while True:
+                answers.append(f.recv()[0])
+        except (OSError, ConnectionError):
+            pass
+    finally:
+        f.close()
+    assert not after_close, "{} replay writes began after the close " \
+        "(in {:.1f} s)".format(len(after_close), ended)
+    assert b"RSAK" not in answers, answers
+
+
+def test_an_rsak_lost_on_the_wire_is_no_apply_failure(pair, monkeypatch):
+    """RSAK is sent by a thread of its own: a connection that fails under
+    it ends the session as a lost connection does, not as a failure of
+    this node's volumes (`rsg status` would blame them)."""
+    p = pair(size=8 * MiB)
+    f = _FakePrimary(p)
+    orig_send = R.secondary.send_frame
+
+    def send_frame(sock, kind, payload=b""):
+        if kind == b"RSAK":
+            raise ConnectionResetError(104, "Connection reset by peer")
+        return orig_send(sock, kind, payload)
+    monkeypatch.setattr(R.secondary, "send_frame", send_frame)
+    error_before = f.sg.error
+    try:
+        f.begin()
+        f.data(0, os.urandom(65536))
+        f.send(b"RSYN", R.wire.SEQ.pack(7))
+        time.sleep(0.2)
+        try:
+            f.send(b"BEAT")
+        except OSError:
+            pass
+        f.thread.join(10)
+        assert not f.thread.is_alive(), "the session goes on"
+    finally:
+        f.close()
+    assert f.sg.error == error_before, f.sg.error
+
+
+def test_sessions_cut_with_replay_writes_in_flight_leave_no_threads(
+        pair, monkeypatch):
+    p = pair(size=8 * MiB)
+    f = _FakePrimary(p)
+    orig_apply = R.SecondaryGroup._apply_one
+
+    def apply_one(self, vol, kind, off, length, data):
+        time.sleep(0.01)
+        orig_apply(self, vol, kind, off, length, data)
+    monkeypatch.setattr(R.SecondaryGroup, "_apply_one", apply_one)
+
+    def writers():
+        return [t.name for t in threading.enumerate()
+                if t.name.startswith(("rsg-apply", "rsg-replay-sync"))]
+    try:
+        for i in range(10):
+            if i:
+                f.connect()
+            f.begin()
+            for j in range(32):
+                f.data(j * 65536, os.urandom(65536))
+                if j % 8 == 7:
+                    f.send(b"RSYN", R.wire.SEQ.pack((i << 8) + j))
+            f.close()       # the primary gone, writes in flight
+            assert not writers(), writers()
+    finally:
+        f.close()
+    assert not f.sg.consistent
