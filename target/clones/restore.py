@@ -100,17 +100,31 @@ class Restore:
             clone.paused = True
             self.prm = bytearray(b"\x01" * self.extents)
 
-    def start_restore(self, name, full=False, rate=None, run=True):
-        """Protected restore of the Source from fractured clone name."""
+    def check_restore(self, name):
+        """Refuse, changing nothing, a restore from clone name that
+        start_restore would refuse now: asked before a replicated Source's
+        links are made to replay the restore's regions."""
         clone = self.clones[name]
+        self._check_restorable(clone)
+        with self.cond:
+            self._check(clone, "restore")
+            self._check_group_idle(clone, "restore")
+            self._check_siblings_split(clone, "restore")
+
+    def _check_restorable(self, clone):
         if self.source.readonly:
             raise errors.ReadOnly(name=self.source.name)
         if clone.backend.size != self.size:
             raise errors.InvalidArgument(
                 reason="clone {!r} holds {} bytes and source {!r} {}: a "
                        "restore needs equal sizes".format(
-                           name, clone.backend.size, self.source.name,
+                           clone.name, clone.backend.size, self.source.name,
                            self.size))
+
+    def start_restore(self, name, full=False, rate=None, run=True):
+        """Protected restore of the Source from fractured clone name."""
+        clone = self.clones[name]
+        self._check_restorable(clone)
         with self.cond:
             self._check(clone, "restore")
             self._check_group_idle(clone, "restore")

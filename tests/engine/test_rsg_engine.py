@@ -2290,3 +2290,35 @@ def test_a_point_in_time_of_a_secondary_volume_never_holds_half_a_batch(
         "clone fractured {} the apply holds half the batch: {!r}".format(
             "while" if fractured_during_apply else "after",
             (img[GRAN - 2:GRAN + 2])))
+
+
+@pytest.mark.parametrize("case", ["not fractured", "already running",
+                                  "reverse sync while restoring"])
+def test_a_refused_restore_leaves_the_links_streaming(cluster_factory,
+                                                      monkeypatch, case):
+    """A restore or reverse sync refused by the clone group's checks (a
+    clone that is not fractured; a restore that runs already) changes
+    nothing on the secondary: its links are not made to replay regions
+    (all of them for --full), nor the consistent secondary made
+    inconsistent meanwhile."""
+    c = cluster_factory()
+    rng = random.Random(43)
+    c.write(0, 0, rng.randbytes(SIZES[0]))
+    synced_clone(c.ta, VOLS[0], "snap")
+    if case != "not fractured":
+        c.ta.clone_fracture("snap")
+        c.write(0, 0, rng.randbytes(SIZES[0] // 4))
+        hold_engines(monkeypatch)
+        c.ta.clone_restore("snap")
+        wait_for(lambda: c.link.state == R.REPLICATING and c.sg.consistent
+                 and c.link.dcm.count() == 0, 10, "the restore's replay",
+                 c.status)
+    c.wait_converged()
+    replays = c.link.replays
+    with pytest.raises(errors.Error):
+        if case == "reverse sync while restoring":
+            c.ta.clone_reverse_sync("snap")
+        else:
+            c.ta.clone_restore("snap", full=True)
+    assert c.link.phase == (R.REPLICATING, R.link.SRL) and \
+        c.link.dcm.count() == 0 and c.link.replays == replays, c.status()
