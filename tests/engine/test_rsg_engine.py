@@ -2322,3 +2322,47 @@ def test_a_refused_restore_leaves_the_links_streaming(cluster_factory,
             c.ta.clone_restore("snap", full=True)
     assert c.link.phase == (R.REPLICATING, R.link.SRL) and \
         c.link.dcm.count() == 0 and c.link.replays == replays, c.status()
+
+
+def test_sync_writes_do_not_wait_for_a_held_replays_poll(cluster_factory,
+                                                         monkeypatch):
+    """While a replay may not read (a volume change starting, here a
+    rollback of a primary's volume, whose every write is a sync write)
+    or end (a reverse sync), its link still streams: a sync write wakes
+    it, instead of waiting for its next look (REPLAY_IDLE, made long
+    here), once per write."""
+    monkeypatch.setattr(R.link, "REPLAY_IDLE", 1.0)
+    c = cluster_factory(mode="sync")
+    rng = random.Random(47)
+    c.write(0, 0, rng.randbytes(SIZES[0]))
+    c.wait_converged()
+    c.ta.image_protect(VOLS[0])
+    protected = read_image(c.ta, VOLS[0])
+    c.write(0, 0, rng.randbytes(SIZES[0] // 2))
+    c.wait_converged()
+    started = time.monotonic()
+    restored = c.ta.image_rollback(VOLS[0])["extents_restored"]
+    took = time.monotonic() - started
+    assert restored >= 4 and took < restored * 0.5, \
+        "a rollback of {} extents took {:.1f} s".format(restored, took)
+    c.wait_converged()
+    assert read_image(c.tb, VOLS[0]) == protected
+    synced_clone(c.ta, VOLS[0], "snap")
+    c.ta.clone_fracture("snap")
+    c.write(0, 0, rng.randbytes(SIZES[0] // 2))
+    c.wait_converged()
+    release = hold_engines(monkeypatch)
+    c.ta.clone_reverse_sync("snap")
+    wait_for(lambda: c.link.replay_done >= c.link.replay_total and
+             c.link.state == R.DCM_REPLAY, 10, "the held replay", c.status)
+    for i in range(4):
+        started = time.monotonic()
+        op = c.write(1, i * GRAN, b"\x5b" * GRAN)
+        took = time.monotonic() - started
+        assert c.link.acked_seq >= op.seq and took < 0.5, \
+            "a sync write took {:.1f} s".format(took)
+    release(c.ta.groups[VOLS[0]])
+    wait_for(lambda: clone_state(c.ta, "snap") == "synchronized", 30,
+             "the reverse sync's end", lambda: c.ta.clone_status("snap"))
+    c.wait_converged()
+    assert read_image(c.ta, VOLS[0]) == read_image(c.tb, VOLS[0])
