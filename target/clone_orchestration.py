@@ -289,7 +289,8 @@ class CloneOrchestration:
         self.target.rsg_ops.run_volume_change(
             group.source, regions, group.granularity, "a protected restore",
             lambda: group.start_restore(clone, full=bool(full),
-                                        rate=_rate(rate), run=False))
+                                        rate=_rate(rate), run=False,
+                                        regions=regions))
         return group.clone_status(c)
 
     def clone_verify(self, clone, rate=None, stop=False):

@@ -2438,3 +2438,61 @@ def test_a_primary_killed_during_a_volume_change_ends_equal(
         done.set()
         sampler.join()
     assert not failures, failures[0]
+
+
+@pytest.mark.parametrize("written", ["clone", "source"])
+def test_a_write_before_the_restores_switch_is_kept(
+        cluster_factory, monkeypatch, written):
+    """A write to the clone's export (or to the Source) after the
+    restore's regions were taken (begin_volume_change) and before its
+    switch sets a Delta Map bit the regions lack.  Had the restore put that extent back, the
+    secondary, whose links replay the regions only, would say it is
+    consistent (the restore's replay ends while the engine still runs)
+    without it: the write counts as made after the restore began, as a
+    clone write during it does (the Source keeps the clone's data of
+    the restore's start there), and the extent stays marked as differing
+    once the restore is done; so does a Source write (it is kept)."""
+    c = cluster_factory()
+    rng = random.Random(59)
+    c.write(0, 0, rng.randbytes(SIZES[0]))
+    synced_clone(c.ta, VOLS[0], "snap")
+    c.ta.clone_fracture("snap")
+    c.write(0, 0, rng.randbytes(SIZES[0] // 4))
+    c.wait_converged()
+    group, clone = c.ta.clone_ops.find("snap")
+    cg = group.granularity
+    late = SIZES[0] // 2 + 5 * cg
+    assert not clone.delta[late // cg]
+    begin = R.PrimaryGroup.begin_volume_change
+
+    def then_a_clone_write(g, *args, **kwargs):
+        begun = begin(g, *args, **kwargs)
+        if written == "clone":
+            clone.export.write(b"\x6c" * cg, late)
+        else:
+            c.ta.lus[VOLS[0]].write(b"\x6c" * cg, late)
+        return begun
+    monkeypatch.setattr(R.PrimaryGroup, "begin_volume_change",
+                        then_a_clone_write)
+    release = hold_engines(monkeypatch)
+    before = b"\x6c" * cg if written == "source" else \
+        read_image(c.ta, VOLS[0])[late:late + cg]
+    c.ta.clone_restore("snap")
+    wait_for(lambda: c.link.state == R.REPLICATING and c.sg.consistent and
+             c.sg.applied_seq == c.g.next_seq - 1, 10, "the replay",
+             c.status)
+    assert clone_state(c.ta, "snap") == "restoring"
+    shown = bytearray(cg)
+    group.visible_read(shown, late)
+    with c.sg.lock:
+        sec = read_image(c.tb, VOLS[0])[late:late + cg]
+    assert sec == bytes(shown), "the consistent secondary lacks an " \
+        "extent its primary's hosts read from the clone"
+    release(group)
+    wait_for(lambda: clone_state(c.ta, "snap") == "fractured", 30,
+             "the restore's end", lambda: c.ta.clone_status("snap"))
+    assert read_image(c.ta, VOLS[0])[late:late + cg] == before
+    assert clone.delta[late // cg], "the extent the clone changed is not " \
+        "marked as differing"
+    c.wait_converged()
+    assert read_image(c.ta, VOLS[0]) == read_image(c.tb, VOLS[0])
