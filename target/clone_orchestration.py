@@ -272,6 +272,9 @@ class CloneOrchestration:
 
     def clone_reverse_sync(self, clone, rate=None):
         group, c = self._working_clone(clone, "reverse-sync")
+        # Refused before the links of a replicated Source replay its
+        # regions (a refusal changes nothing, on the secondaries too).
+        group.check_reverse_sync(clone)
         self.target.rsg_ops.run_volume_change(
             group.source, bytearray(c.delta), group.granularity,
             "a reverse sync", lambda: group.start_reverse_sync(
@@ -280,12 +283,14 @@ class CloneOrchestration:
 
     def clone_restore(self, clone, full=False, rate=None):
         group, c = self._working_clone(clone, "restore")
+        group.check_restore(clone)
         regions = bytearray(b"\x01" * len(c.delta)) if full \
             else bytearray(c.delta)
         self.target.rsg_ops.run_volume_change(
             group.source, regions, group.granularity, "a protected restore",
             lambda: group.start_restore(clone, full=bool(full),
-                                        rate=_rate(rate), run=False))
+                                        rate=_rate(rate), run=False,
+                                        regions=regions))
         return group.clone_status(c)
 
     def clone_verify(self, clone, rate=None, stop=False):

@@ -347,15 +347,27 @@ class CloneGroup(Mirroring, Restore):
             raise errors.ReadOnly(name=self.source.name)
         return self._start(name, "reverse-sync", rate, run)
 
+    def check_reverse_sync(self, name):
+        """Refuse, changing nothing, a reverse sync of clone name that
+        start_reverse_sync would refuse now: asked before a replicated
+        Source's links are made to replay its regions."""
+        if self.source.readonly:
+            raise errors.ReadOnly(name=self.source.name)
+        with self.cond:
+            self._start_checks(self.clones[name], "reverse-sync")
+
+    def _start_checks(self, clone, event):
+        self._check(clone, event)
+        self._check_group_idle(clone, event)
+        if clone.connections:
+            raise CloneInUse(event=event, name=clone.name,
+                             count=clone.connections)
+
     def _start(self, name, event, rate, run):
         clone = self.clones[name]
 
         def checks():
-            self._check(clone, event)
-            self._check_group_idle(clone, event)
-            if clone.connections:
-                raise CloneInUse(event=event, name=name,
-                                 count=clone.connections)
+            self._start_checks(clone, event)
 
         if event == "reverse-sync":
             with self.cond:

@@ -64,10 +64,10 @@ class Mirroring:
         """Register a write of extents [e0, e1); return (token, mirrors).
 
         only: a fractured clone whose export is written (its bits are set,
-        nobody is mirrored); None for a write to the Source, which copied
-        on demand for `restoring` (the restoring clone it saw, or None):
-        (None, None) if another one restores now (a restore began while it
-        waited), nothing registered.
+        nobody is mirrored); None for a write to the Source.  Either
+        copied on demand for `restoring` (the restoring clone it saw, or
+        None): (None, None) if another one restores now (a restore began
+        while it waited), nothing registered.
         """
         with self.cond:
             while self.quiesce or (only is None and self._overlapped(e0, e1)):
@@ -76,7 +76,7 @@ class Mirroring:
                     self.cond.wait()
                 finally:
                     self.overlap_waiters -= 1
-            if only is None and self.restoring is not restoring:
+            if self.restoring is not restoring:
                 return None, None
             token = self.changes.begin(e0, e1)
             if self.changes.copying and any(
@@ -201,11 +201,14 @@ class Mirroring:
         if clone.state not in EXPORTED:
             raise errors.ReadOnly(name=clone.name)
         e0, e1 = self._extent_range(offset, length)
-        if clone is self.restoring:
-            # The Source first gets the clone's point-in-time
-            # data for these extents, then the clone write lands.
-            self.copy_on_demand(e0, e1)
-        token, _ = self._begin(e0, e1, only=clone)
+        token = None
+        while token is None:
+            restoring = self.restoring
+            if clone is restoring:
+                # The Source first gets the clone's point-in-time
+                # data for these extents, then the clone write lands.
+                self.copy_on_demand(e0, e1)
+            token, _ = self._begin(e0, e1, only=clone, restoring=restoring)
         try:
             if clone is self.restoring:
                 # Protect these extents before the clone changes: a resumed

@@ -29,9 +29,12 @@ siblings must not be mirrored then.  Both change what hosts read at once
 (the clone's data), with no write in flight (`_switch_quiesced`): a write
 that entered before lands before the switch, one that arrives during it
 waits and then copies on demand first (it checked for a restore before
-one began, `_begin`).  `visible_read` reads what hosts read without
-copying anything (a replicated Source's replay reads under its group's
-lock, which a copy's write takes).  See docs/design.md and
+one began, `_begin`).  A caller that took the restore's extents before
+it started it (a replicated Source's links replay exactly those) gets
+exactly those restored: a write since then counts as made after the
+restore began, protected in the PRM (`_protect_later`).  `visible_read`
+reads what hosts read without copying anything (a replicated Source's
+replay reads under its group's lock, which a copy's write takes).  See docs/design.md and
 docs/persistence.md (the PRM file).
 """
 
@@ -100,17 +103,37 @@ class Restore:
             clone.paused = True
             self.prm = bytearray(b"\x01" * self.extents)
 
-    def start_restore(self, name, full=False, rate=None, run=True):
-        """Protected restore of the Source from fractured clone name."""
+    def check_restore(self, name):
+        """Refuse, changing nothing, a restore from clone name that
+        start_restore would refuse now: asked before a replicated Source's
+        links are made to replay the restore's regions."""
         clone = self.clones[name]
+        self._check_restorable(clone)
+        with self.cond:
+            self._check(clone, "restore")
+            self._check_group_idle(clone, "restore")
+            self._check_siblings_split(clone, "restore")
+
+    def _check_restorable(self, clone):
         if self.source.readonly:
             raise errors.ReadOnly(name=self.source.name)
         if clone.backend.size != self.size:
             raise errors.InvalidArgument(
                 reason="clone {!r} holds {} bytes and source {!r} {}: a "
                        "restore needs equal sizes".format(
-                           name, clone.backend.size, self.source.name,
+                           clone.name, clone.backend.size, self.source.name,
                            self.size))
+
+    def start_restore(self, name, full=False, rate=None, run=True,
+                      regions=None):
+        """Protected restore of the Source from fractured clone name.
+
+        regions: the extents (one byte each) the caller took as the
+        restore's before it started it (a replicated Source's links
+        replay exactly them); a write since then that set another bit
+        counts as made after the restore began (`_protect_later`)."""
+        clone = self.clones[name]
+        self._check_restorable(clone)
         with self.cond:
             self._check(clone, "restore")
             self._check_group_idle(clone, "restore")
@@ -131,12 +154,31 @@ class Restore:
             self._check_group_idle(clone, "restore")
 
             def switch():
+                if regions is not None:
+                    self._protect_later(clone, regions)
                 self.transition(clone, "restore", rate=rate)
                 self.restoring = clone
                 clone.paused = False
                 self._set_read_path()
             self._switch_quiesced(switch)
         return self._launch(clone, rate, run)
+
+    def _protect_later(self, clone, regions):
+        """(Holding cond, no write in flight.)  Extents set in the Delta
+        Map and not in the restore's regions were written (Source or
+        clone) after the caller took them: those writes count as made
+        after the restore began, so the PRM protects them (the Source
+        keeps its data, the clone's then), and the restore copies nothing
+        its caller did not count on.  Durable before the restore's state
+        is: a resumed restore copies none of them either."""
+        delta, later = clone.delta, False
+        e = delta.find(1)
+        while e >= 0:
+            if not regions[e] and not self.prm[e]:
+                self.prm[e] = later = 1
+            e = delta.find(1, e + 1)
+        if later:
+            self.prm_file.persist(self.prm, 0, self.extents)
 
     def _switch_quiesced(self, switch):
         """(Holding cond.)  Run switch(), which changes what hosts read of

@@ -806,14 +806,16 @@ class Link:
                                 cancel=self.replay_cancel, idle=idle,
                                 idle_interval=REPLAY_IDLE)
         try:
-            self._replay_hold(idle, current, ending=False)
+            self._replay_hold(idle, current, lambda: send_pos,
+                              ending=False)
             for vol, vol_runs in itertools.groupby(runs, key=lambda r: r[0]):
                 if not copying.copy([(off, length)
                                      for _, off, length in vol_runs]):
                     return False
             # The last chunk too: the replay takes its size over the rate.
             copying.throttle()
-            self._replay_hold(idle, current, ending=True)
+            self._replay_hold(idle, current, lambda: send_pos,
+                              ending=True)
         except _ReplayEnded as e:
             return e.result
         finally:
@@ -859,17 +861,24 @@ class Link:
                  time.monotonic() - started)
         return True
 
-    def _replay_hold(self, idle, current, ending):
+    def _replay_hold(self, idle, current, sent, ending):
         """Before the replay reads (or, ending, ends) anything: while
-        group.replay_hold says so, the stream goes on (idle) and the
-        secondary stays as it is."""
+        group.replay_hold says so, the stream goes on (idle; sent() is
+        the stream's position) and the secondary stays as it is."""
         g = self.group
         while True:
             with g.cond:
                 current()
                 if g.replay_hold(ending) is None:
                     return
-                g.cond.wait(REPLAY_IDLE)
+                # Nothing to send: a waiter, so that a change wakes it (a
+                # sync write waits for what it sends), not the next look.
+                if g.srl.head_pos <= sent():
+                    g.waiters += 1
+                    try:
+                        g.cond.wait(REPLAY_IDLE)
+                    finally:
+                        g.waiters -= 1
             idle()
 
     def _whole_extents(self, runs):

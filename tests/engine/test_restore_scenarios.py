@@ -201,3 +201,49 @@ def test_throttled_restore_does_not_hold_host_io(tmp_path):
         engine.stop(None)
         stepping.join()
     assert waited < 0.5, "a host read waited {:.2f} s".format(waited)
+
+
+def test_a_clone_write_waiting_for_the_restores_switch_copies_first(h):
+    """A write to the clone's export that arrives while the restore's
+    switch waits for a Source write in flight: it saw no restore, waits
+    for the switch, and must then copy its extents on demand before it
+    protects them in the PRM (as a Source write does), or the Source
+    never gets the clone's point-in-time data there."""
+    _fractured_pair(h)
+    _make_clone_differ(h, "c1", [3], fill=b"P")
+    old = h.extent(h.mem_src, 3)
+    entered, gate = threading.Event(), threading.Event()
+    write = h.mem_src.write
+
+    def held(buf, offset):
+        if offset == 10 * GRAN:
+            entered.set()
+            gate.wait(10)
+        write(buf, offset)
+    h.mem_src.write = held
+    writer = threading.Thread(target=h.lu.write,
+                              args=(b"W" * GRAN, 10 * GRAN))
+    writer.start()
+    assert entered.wait(5)
+    engines = []
+    restorer = threading.Thread(target=lambda: engines.append(
+        h.group.start_restore("c1", run=False)))
+    restorer.start()
+    deadline = time.monotonic() + 5
+    while not h.group.quiesce and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert h.group.quiesce, "the switch did not wait for the write"
+    clone_writer = threading.Thread(
+        target=h.group.clones["c1"].export.write, args=(b"N" * 100, 3 * GRAN))
+    clone_writer.start()
+    while not h.group.overlap_waiters and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert h.group.overlap_waiters, "the clone write did not wait"
+    gate.set()
+    for t in (writer, restorer, clone_writer):
+        t.join(10)
+    h.run(engines[0])
+    got = h.extent(h.mem_src, 3)
+    assert got != old, "the Source kept its old data where the clone " \
+        "was written during the restore's switch"
+    assert got in (b"P" * GRAN, b"N" * 100 + b"P" * (GRAN - 100))

@@ -2290,3 +2290,209 @@ def test_a_point_in_time_of_a_secondary_volume_never_holds_half_a_batch(
         "clone fractured {} the apply holds half the batch: {!r}".format(
             "while" if fractured_during_apply else "after",
             (img[GRAN - 2:GRAN + 2])))
+
+
+@pytest.mark.parametrize("case", ["not fractured", "already running",
+                                  "reverse sync while restoring"])
+def test_a_refused_restore_leaves_the_links_streaming(cluster_factory,
+                                                      monkeypatch, case):
+    """A restore or reverse sync refused by the clone group's checks (a
+    clone that is not fractured; a restore that runs already) changes
+    nothing on the secondary: its links are not made to replay regions
+    (all of them for --full), nor the consistent secondary made
+    inconsistent meanwhile."""
+    c = cluster_factory()
+    rng = random.Random(43)
+    c.write(0, 0, rng.randbytes(SIZES[0]))
+    synced_clone(c.ta, VOLS[0], "snap")
+    if case != "not fractured":
+        c.ta.clone_fracture("snap")
+        c.write(0, 0, rng.randbytes(SIZES[0] // 4))
+        hold_engines(monkeypatch)
+        c.ta.clone_restore("snap")
+        wait_for(lambda: c.link.state == R.REPLICATING and c.sg.consistent
+                 and c.link.dcm.count() == 0, 10, "the restore's replay",
+                 c.status)
+    c.wait_converged()
+    replays = c.link.replays
+    with pytest.raises(errors.Error):
+        if case == "reverse sync while restoring":
+            c.ta.clone_reverse_sync("snap")
+        else:
+            c.ta.clone_restore("snap", full=True)
+    assert c.link.phase == (R.REPLICATING, R.link.SRL) and \
+        c.link.dcm.count() == 0 and c.link.replays == replays, c.status()
+
+
+def test_sync_writes_do_not_wait_for_a_held_replays_poll(cluster_factory,
+                                                         monkeypatch):
+    """While a replay may not read (a volume change starting, here a
+    rollback of a primary's volume, whose every write is a sync write)
+    or end (a reverse sync), its link still streams: a sync write wakes
+    it, instead of waiting for its next look (REPLAY_IDLE, made long
+    here), once per write."""
+    monkeypatch.setattr(R.link, "REPLAY_IDLE", 1.0)
+    c = cluster_factory(mode="sync")
+    rng = random.Random(47)
+    c.write(0, 0, rng.randbytes(SIZES[0]))
+    c.wait_converged()
+    c.ta.image_protect(VOLS[0])
+    protected = read_image(c.ta, VOLS[0])
+    c.write(0, 0, rng.randbytes(SIZES[0] // 2))
+    c.wait_converged()
+    started = time.monotonic()
+    restored = c.ta.image_rollback(VOLS[0])["extents_restored"]
+    took = time.monotonic() - started
+    assert restored >= 4 and took < restored * 0.5, \
+        "a rollback of {} extents took {:.1f} s".format(restored, took)
+    c.wait_converged()
+    assert read_image(c.tb, VOLS[0]) == protected
+    synced_clone(c.ta, VOLS[0], "snap")
+    c.ta.clone_fracture("snap")
+    c.write(0, 0, rng.randbytes(SIZES[0] // 2))
+    c.wait_converged()
+    release = hold_engines(monkeypatch)
+    c.ta.clone_reverse_sync("snap")
+    wait_for(lambda: c.link.replay_done >= c.link.replay_total and
+             c.link.state == R.DCM_REPLAY, 10, "the held replay", c.status)
+    for i in range(4):
+        started = time.monotonic()
+        op = c.write(1, i * GRAN, b"\x5b" * GRAN)
+        took = time.monotonic() - started
+        assert c.link.acked_seq >= op.seq and took < 0.5, \
+            "a sync write took {:.1f} s".format(took)
+    release(c.ta.groups[VOLS[0]])
+    wait_for(lambda: clone_state(c.ta, "snap") == "synchronized", 30,
+             "the reverse sync's end", lambda: c.ta.clone_status("snap"))
+    c.wait_converged()
+    assert read_image(c.ta, VOLS[0]) == read_image(c.tb, VOLS[0])
+
+
+@pytest.mark.parametrize("operation", ["restore", "reverse sync"])
+def test_a_primary_killed_during_a_volume_change_ends_equal(
+        cluster_factory, monkeypatch, operation):
+    """A kill -9 of the primary while a restore or a reverse sync runs
+    (its engine held, host writes copied on demand or mirrored, flushed):
+    after the restart the link replays again, reading what hosts read;
+    the secondary, sampled throughout, never says it is consistent with a
+    state the primary's hosts did not see (a reverse sync's replay ends
+    only with it), and both end equal."""
+    c = cluster_factory(mode="sync")
+    rng = random.Random(53)
+    c.write(0, 0, rng.randbytes(SIZES[0]))
+    synced_clone(c.ta, VOLS[0], "snap")
+    c.ta.clone_fracture("snap")
+    c.write(0, 0, rng.randbytes(SIZES[0] // 2))
+    c.wait_converged()
+    release = hold_engines(monkeypatch)
+    with c.lock:
+        c.ops.append(Op(c.g.next_seq - 0.5, 0, rsgmodel.SET, 0, SIZES[0],
+                        clone_image(c.ta, "snap")))
+        if operation == "restore":
+            c.ta.clone_restore("snap")
+        else:
+            c.ta.clone_reverse_sync("snap")
+    failures, done = [], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            try:
+                c.check_sample()
+            except AssertionError as e:
+                failures.append(e)
+                return
+            except Exception:
+                pass        # the primary restarting under the sampler
+            time.sleep(0.005)
+
+    def writes():
+        for i in range(8):
+            vol = i % 2
+            off = rng.randrange(SIZES[vol] - 8192)
+            data = rng.randbytes(rng.randint(1, 8192))
+            with c.lock:
+                c.ta.lus[VOLS[vol]].write(data, off)
+                c.ops.append(Op(c.g.next_seq - 1, vol, R.WRITE, off,
+                                len(data), data))
+        # Unflushed writes may be lost to the kill (a resumed restore
+        # copies the clone over them): the model knows flushed ones only.
+        c.flush()
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        writes()
+        time.sleep(0.2)
+        with c.lock:
+            c.crash_primary()
+        writes()
+        time.sleep(0.5)
+        if operation == "reverse sync":
+            assert c.link.state == R.DCM_REPLAY and not c.sg.consistent, \
+                c.status()
+        release(c.ta.groups[VOLS[0]])
+        wait_for(lambda: clone_state(c.ta, "snap") == (
+            "fractured" if operation == "restore" else "synchronized"), 30,
+            "the operation's end", lambda: c.ta.clone_status("snap"))
+        c.check_final()
+    finally:
+        done.set()
+        sampler.join()
+    assert not failures, failures[0]
+
+
+@pytest.mark.parametrize("written", ["clone", "source"])
+def test_a_write_before_the_restores_switch_is_kept(
+        cluster_factory, monkeypatch, written):
+    """A write to the clone's export (or to the Source) after the
+    restore's regions were taken (begin_volume_change) and before its
+    switch sets a Delta Map bit the regions lack.  Had the restore put that extent back, the
+    secondary, whose links replay the regions only, would say it is
+    consistent (the restore's replay ends while the engine still runs)
+    without it: the write counts as made after the restore began, as a
+    clone write during it does (the Source keeps the clone's data of
+    the restore's start there), and the extent stays marked as differing
+    once the restore is done; so does a Source write (it is kept)."""
+    c = cluster_factory()
+    rng = random.Random(59)
+    c.write(0, 0, rng.randbytes(SIZES[0]))
+    synced_clone(c.ta, VOLS[0], "snap")
+    c.ta.clone_fracture("snap")
+    c.write(0, 0, rng.randbytes(SIZES[0] // 4))
+    c.wait_converged()
+    group, clone = c.ta.clone_ops.find("snap")
+    cg = group.granularity
+    late = SIZES[0] // 2 + 5 * cg
+    assert not clone.delta[late // cg]
+    begin = R.PrimaryGroup.begin_volume_change
+
+    def then_a_clone_write(g, *args, **kwargs):
+        begun = begin(g, *args, **kwargs)
+        if written == "clone":
+            clone.export.write(b"\x6c" * cg, late)
+        else:
+            c.ta.lus[VOLS[0]].write(b"\x6c" * cg, late)
+        return begun
+    monkeypatch.setattr(R.PrimaryGroup, "begin_volume_change",
+                        then_a_clone_write)
+    release = hold_engines(monkeypatch)
+    before = b"\x6c" * cg if written == "source" else \
+        read_image(c.ta, VOLS[0])[late:late + cg]
+    c.ta.clone_restore("snap")
+    wait_for(lambda: c.link.state == R.REPLICATING and c.sg.consistent and
+             c.sg.applied_seq == c.g.next_seq - 1, 10, "the replay",
+             c.status)
+    assert clone_state(c.ta, "snap") == "restoring"
+    shown = bytearray(cg)
+    group.visible_read(shown, late)
+    with c.sg.lock:
+        sec = read_image(c.tb, VOLS[0])[late:late + cg]
+    assert sec == bytes(shown), "the consistent secondary lacks an " \
+        "extent its primary's hosts read from the clone"
+    release(group)
+    wait_for(lambda: clone_state(c.ta, "snap") == "fractured", 30,
+             "the restore's end", lambda: c.ta.clone_status("snap"))
+    assert read_image(c.ta, VOLS[0])[late:late + cg] == before
+    assert clone.delta[late // cg], "the extent the clone changed is not " \
+        "marked as differing"
+    c.wait_converged()
+    assert read_image(c.ta, VOLS[0]) == read_image(c.tb, VOLS[0])
