@@ -172,7 +172,7 @@ class RsgOrchestration:
             group = self.target.groups.get(lu.name)
             if group is None:
                 continue
-            for c in group.clones.values():
+            for c in list(group.clones.values()):
                 if c.state in (clones.RESTORING, clones.REVERSE_SYNCING):
                     return "the {} of {} from clone {}".format(
                         "protected restore" if c.state == clones.RESTORING

@@ -171,7 +171,9 @@ class Mirroring:
 
     def redirected_read(self, buf, offset):
         """Source read during a reverse sync: dirty extents from the clone."""
-        clone = next((c for c in self.clones.values()
+        # A copy of the values: a clone added meanwhile (under cond) would
+        # end a live iteration with a RuntimeError.
+        clone = next((c for c in list(self.clones.values())
                       if c.state == REVERSE_SYNCING), None)
         if clone is None:
             return self.below.readinto(buf, offset)
