@@ -167,16 +167,24 @@ class RsgOrchestration:
             lu.rsg = None
         self.target.rsgs.pop(rsg.name, None)
 
+    def _running_change(self, lu):
+        """(The clone of, and words for) the restore or reverse sync that
+        changes lu now, or (None, None)."""
+        group = self.target.groups.get(lu.name)
+        # A copy of the values: a clone added meanwhile (under the group's
+        # cond) would end a live iteration with a RuntimeError.
+        for c in list(group.clones.values()) if group is not None else ():
+            if c.state in (clones.RESTORING, clones.REVERSE_SYNCING):
+                return c, "protected restore" \
+                    if c.state == clones.RESTORING else "reverse sync"
+        return None, None
+
     def _volume_change_running(self, vols):
         for lu in vols:
-            group = self.target.groups.get(lu.name)
-            if group is None:
-                continue
-            for c in list(group.clones.values()):
-                if c.state in (clones.RESTORING, clones.REVERSE_SYNCING):
-                    return "the {} of {} from clone {}".format(
-                        "protected restore" if c.state == clones.RESTORING
-                        else "reverse sync", lu.name, c.name)
+            c, what = self._running_change(lu)
+            if c is not None:
+                return "the {} of {} from clone {}".format(what, lu.name,
+                                                           c.name)
         return None
 
     def _volume_view(self, lu):
@@ -186,18 +194,13 @@ class RsgOrchestration:
         copying anything (the replay reads under its group's lock, which
         a copy into the volume takes).  A reverse sync's engine may write
         a run hosts never see (copied again after a host write collided)."""
-        group = self.target.groups.get(lu.name)
-        if group is None:
+        c, what = self._running_change(lu)
+        if c is None:
             return None
-        for c in list(group.clones.values()):
-            if c.state in (clones.RESTORING, clones.REVERSE_SYNCING):
-                return replication.VolumeChange(
-                    "{} from clone {}".format(
-                        "a protected restore" if c.state == clones.RESTORING
-                        else "a reverse sync", c.name),
-                    group.visible_read,
-                    hides_copies=c.state == clones.REVERSE_SYNCING)
-        return None
+        return replication.VolumeChange(
+            "a {} from clone {}".format(what, c.name),
+            self.target.groups[lu.name].visible_read,
+            hides_copies=c.state == clones.REVERSE_SYNCING)
 
     @staticmethod
     def _check_not_grouped(name, lu):
