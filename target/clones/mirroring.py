@@ -64,10 +64,11 @@ class Mirroring:
         """Register a write of extents [e0, e1); return (token, mirrors).
 
         only: a fractured clone whose export is written (its bits are set,
-        nobody is mirrored); None for a write to the Source.  Either
-        copied on demand for `restoring` (the restoring clone it saw, or
-        None): (None, None) if another one restores now (a restore began
-        while it waited), nothing registered.
+        nobody is mirrored); None for a write to the Source.
+        restoring: the restoring clone the caller saw (and copied on
+        demand for), or None; if another one restores now (a restore
+        began while it waited), nothing is registered and (None, None)
+        returned: the caller looks again.
         """
         with self.cond:
             while self.quiesce or (only is None and self._overlapped(e0, e1)):

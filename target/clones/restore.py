@@ -34,8 +34,8 @@ it started it (a replicated Source's links replay exactly those) gets
 exactly those restored: a write since then counts as made after the
 restore began, protected in the PRM (`_protect_later`).  `visible_read`
 reads what hosts read without copying anything (a replicated Source's
-replay reads under its group's lock, which a copy's write takes).  See docs/design.md and
-docs/persistence.md (the PRM file).
+replay reads under its group's lock, which a copy's write takes).  See
+docs/design.md and docs/persistence.md (the PRM file).
 """
 
 import collections

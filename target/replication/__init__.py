@@ -145,9 +145,9 @@ of its pass and the secondary is consistent while the restore still runs.
 A reverse sync's engine copies a run again when a host write collided
 with it, after a first copy carrying data hosts never read: its replays
 end only once it has ended (`replay_hold`), the secondary being
-inconsistent meanwhile with its last consistent image kept.  The secondary receives
-exactly the regions the operation changed plus the host writes made
-meanwhile, never a full copy.
+inconsistent meanwhile with its last consistent image kept.  The
+secondary receives exactly the regions the operation changed plus the
+host writes made meanwhile, never a full copy.
 
 Secondary.  `SecondaryGroup` receives batches, writes each whole batch to
 one of two staging slots (crc over the batch, fdatasync), acknowledges it,

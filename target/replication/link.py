@@ -441,9 +441,11 @@ class Link:
         reader.start()
         try:
             while not self.stopping:
-                # Decided under the lock: an overflow between a look at
-                # `logging` and the state change would leave the link
-                # "replicating" while it logs, never replaying.
+                # A replay is due once the link holds its DCM (it logs,
+                # or a volume change began a replay in its stream).
+                # Decided under the lock: an overflow between that look
+                # and the state change would leave the link "replicating"
+                # while it logs, never replaying.
                 with g.cond:
                     replay = self.holds != SRL
                     if not replay:

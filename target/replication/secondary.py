@@ -123,19 +123,21 @@ class _ApplyLock:
 
 class _ReplayApplier:
     """Writes a replay's data frames concurrently, while the connection
-    reads on: what a write of a volume waits for (a protected image's
-    copy on first write and its flush, the disk) overlaps the network and
-    the other writes, and a session's save area commits concurrent saves
-    with one flush.
+    reads on: what a write of a volume waits for (the last consistent
+    image's copy on first write and its flush, the disk) overlaps the
+    network and the other writes, and a session's save area commits
+    concurrent saves with one flush.
 
     Order: frames of distinct regions may land in any order; a frame that
-    overlaps one in flight, and every other frame (stream entries, RSYN,
-    REND, ...), is handled only after drain(), so the stream's order is
-    kept.  The apply lock is held while writes are in flight, and they
-    are drained before the connection waits for a frame that has not
-    begun to arrive, or when a thread waits for that lock (idle()): a
-    point in time of a volume, or a read, waits for the writes in flight,
-    not for a primary that sends nothing nor for one that keeps sending."""
+    overlaps one in flight, and every other frame but RSYN (stream
+    entries, REND, ...), is handled only after drain(), so the stream's
+    order is kept; an RSYN is answered once the writes received before
+    it are done (sync()).  The apply lock is held while writes are in
+    flight, and they are drained before the connection waits for a frame
+    that has not begun to arrive, or when a thread waits for that lock
+    (idle()): a point in time of a volume, or a read, waits for the
+    writes in flight, not for a primary that sends nothing nor for one
+    that keeps sending."""
 
     def __init__(self, group):
         self.group = group
@@ -638,8 +640,8 @@ class SecondaryGroup:
                     applier.sync(SEQ.unpack(payload)[0], functools.partial(
                         _answer, sock, b"RSAK", payload))
                     continue
-                # What follows the data (stream entries, RSYN, REND...)
-                # lands after it.
+                # What follows the data (stream entries, REND...) lands
+                # after it.
                 with _applying(replay):
                     applier.drain()
                 if kind == b"ENTR":

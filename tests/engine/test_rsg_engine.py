@@ -34,6 +34,7 @@ tests/support/tiers.py) and RSG_MODEL_STEPS (default 15) size the state
 machine.
 """
 
+import contextlib
 import errno
 import json
 import os
@@ -976,6 +977,78 @@ def clone_image(t, name):
     return bytes(buf)
 
 
+def fractured_snap(c, rng, moved):
+    """v1 written from rng, a clone "snap" of it synchronized and
+    fractured, then v1's first `moved` bytes rewritten; converged."""
+    c.write(0, 0, rng.randbytes(SIZES[0]))
+    synced_clone(c.ta, VOLS[0], "snap")
+    c.ta.clone_fracture("snap")
+    c.write(0, 0, rng.randbytes(moved))
+    c.wait_converged()
+
+
+def start_held(c, monkeypatch, start):
+    """start() (a restore or reverse sync of "snap" onto v1) with the
+    clone engines held, recorded in the model as a SET of the clone's
+    data (hosts see it at once).  Returns the engines' release."""
+    release = hold_engines(monkeypatch)
+    with c.lock:
+        c.ops.append(Op(c.g.next_seq - 0.5, 0, rsgmodel.SET, 0, SIZES[0],
+                        clone_image(c.ta, "snap")))
+        start()
+    return release
+
+
+def release_until(c, release, state, what):
+    """Lets v1's held clone engine go; waits for "snap" to be in state."""
+    release(c.ta.groups[VOLS[0]])
+    wait_for(lambda: clone_state(c.ta, "snap") == state, 30, what,
+             lambda: c.ta.clone_status("snap"))
+
+
+@contextlib.contextmanager
+def sampled(c, crashing=False):
+    """c.check_sample() in a thread while the block runs; its first
+    failure fails the test after the block.  crashing: the primary
+    restarts meanwhile, other errors of a sample are passed over."""
+    failures, done = [], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            try:
+                c.check_sample()
+            except AssertionError as e:
+                failures.append(e)
+                return
+            except Exception:
+                if not crashing:
+                    raise
+            time.sleep(0.005)
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        yield
+    finally:
+        done.set()
+        sampler.join()
+    assert not failures, failures[0]
+
+
+def host_write(c, rng, i):
+    """A write of 1 to 8192 random bytes to the primary's volume i % 2,
+    in the model.  Returns its Op."""
+    vol = i % 2
+    off = rng.randrange(SIZES[vol] - 8192)
+    data = rng.randbytes(rng.randint(1, 8192))
+    with c.lock:
+        # A write of a restoring Source copies on demand first: its
+        # number is the last one given out.
+        c.ta.lus[VOLS[vol]].write(data, off)
+        op = Op(c.g.next_seq - 1, vol, R.WRITE, off, len(data), data)
+        c.ops.append(op)
+    return op
+
+
 def test_clone_of_secondary_volume_sees_replicated_writes(cluster_factory):
     """A synchronized clone of a secondary's volume is a copy of it: the
     replicated apply enters the volume's I/O stack below the read guard,
@@ -1309,11 +1382,7 @@ def _volume_change_under_sync_writes(c, monkeypatch, start, running, during,
     operation is a SET: the clone's data shown at once); the link never
     logs; at the end both are the same.  Returns the released group."""
     rng = random.Random(23)
-    c.write(0, 0, rng.randbytes(SIZES[0]))
-    synced_clone(c.ta, VOLS[0], "snap")
-    c.ta.clone_fracture("snap")
-    c.write(0, 0, rng.randbytes(SIZES[0] // 2))     # half the extents move
-    c.wait_converged()
+    fractured_snap(c, rng, SIZES[0] // 2)       # half the extents move
     events = []
     transition = R.Link.transition
 
@@ -1321,53 +1390,23 @@ def _volume_change_under_sync_writes(c, monkeypatch, start, running, during,
         events.append((link.phase, event))
         return transition(link, event)
     monkeypatch.setattr(R.Link, "transition", spy)
-    release = hold_engines(monkeypatch)
-    with c.lock:
-        c.ops.append(Op(c.g.next_seq - 0.5, 0, rsgmodel.SET, 0, SIZES[0],
-                        clone_image(c.ta, "snap")))
-        start()
-    failures, done = [], threading.Event()
-
-    def sample():
-        while not done.is_set():
-            try:
-                c.check_sample()
-            except AssertionError as e:
-                failures.append(e)
-                return
-            time.sleep(0.005)
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    try:
+    release = start_held(c, monkeypatch, start)
+    with sampled(c):
         for i in range(24):
-            vol = i % 2
-            off = rng.randrange(SIZES[vol] - 8192)
-            data = rng.randbytes(rng.randint(1, 8192))
-            with c.lock:
-                # A write of a restoring Source copies on demand first:
-                # its number is the last one given out.
-                c.ta.lus[VOLS[vol]].write(data, off)
-                op = Op(c.g.next_seq - 1, vol, R.WRITE, off, len(data), data)
-                c.ops.append(op)
+            op = host_write(c, rng, i)
             assert c.link.acked_seq >= op.seq, (op, c.status())
             # Staged (streaming: applied after the acknowledgement), or
             # applied (a replay's entries are acknowledged once flushed).
             with c.sg.lock:
-                buf = bytearray(len(data))
-                c.tb.lus[VOLS[vol]].backend.readinto(buf, off)
-            assert staged_seq(c.sg) >= op.seq or bytes(buf) == data, \
+                buf = bytearray(op.length)
+                c.tb.lus[VOLS[op.vol]].backend.readinto(buf, op.off)
+            assert staged_seq(c.sg) >= op.seq or bytes(buf) == op.data, \
                 (op, "not on the secondary", c.status())
         assert clone_state(c.ta, "snap") == running
         during()
         group = c.ta.groups[VOLS[0]]
-        release(group)
-        wait_for(lambda: clone_state(c.ta, "snap") == end_state, 30,
-                 "the operation's end", lambda: c.ta.clone_status("snap"))
+        release_until(c, release, end_state, "the operation's end")
         c.check_final()
-    finally:
-        done.set()
-        sampler.join()
-    assert not failures, failures[0]
     logged = [e for e in events if e[1] == "log"]
     assert not logged, ("the link left the SRL stream", logged)
     assert c.link.replays >= 2 and c.link.dcm.count() == 0, c.status()
@@ -1414,6 +1453,17 @@ def test_sync_writes_reach_the_secondary_during_a_reverse_sync(
         "reverse-syncing", held, "synchronized")
 
 
+def replayed_then_restored(c, release, replayed, timeout, what):
+    """Once replayed(), the restore of "snap" (its engine held) still
+    runs and the secondary, consistent, holds what hosts read (the
+    clone's data); then the restore ends and both sides are equal."""
+    wait_for(replayed, timeout, what, c.status)
+    assert clone_state(c.ta, "snap") == "restoring"
+    assert c.check_sample()
+    release_until(c, release, "fractured", "the restore's end")
+    c.check_final()
+
+
 def test_a_restores_replay_resumes_after_a_primary_crash(cluster_factory,
                                                         monkeypatch):
     """A kill -9 of the primary while its link replays a restore's
@@ -1422,33 +1472,19 @@ def test_a_restores_replay_resumes_after_a_primary_crash(cluster_factory,
     replay, reading what hosts read, and the secondary ends equal."""
     c = cluster_factory()
     rng = random.Random(31)
-    c.write(0, 0, rng.randbytes(SIZES[0]))
-    synced_clone(c.ta, VOLS[0], "snap")
-    c.ta.clone_fracture("snap")
-    c.write(0, 0, rng.randbytes(SIZES[0]))
-    c.wait_converged()
+    fractured_snap(c, rng, SIZES[0])
     c.ta.rsg_attach("g", c.addr, rate="128K")     # 1 MiB of regions: 8 s
     c.wait_converged()
-    release = hold_engines(monkeypatch)
-    with c.lock:
-        c.ops.append(Op(c.g.next_seq - 0.5, 0, rsgmodel.SET, 0, SIZES[0],
-                        clone_image(c.ta, "snap")))
-        c.ta.clone_restore("snap")
+    release = start_held(c, monkeypatch, lambda: c.ta.clone_restore("snap"))
     wait_for(lambda: c.link.replay_done > 0, 10, "the replay", c.status)
     assert c.link.state == R.DCM_REPLAY and not c.sg.consistent
     c.crash_primary()
     assert clone_state(c.ta, "snap") == "restoring"
     assert c.link.dcm.count() > 0, c.status()
     c.ta.rsg_attach("g", c.addr, rate="0")
-    wait_for(lambda: c.link.state == R.REPLICATING and c.sg.consistent, 20,
-             "the resumed replay", c.status)
-    assert clone_state(c.ta, "snap") == "restoring"
-    # Consistent while the restore runs: what hosts read, the clone's data.
-    assert c.check_sample()
-    release(c.ta.groups[VOLS[0]])
-    wait_for(lambda: clone_state(c.ta, "snap") == "fractured", 30,
-             "the restore's end", lambda: c.ta.clone_status("snap"))
-    c.check_final()
+    replayed_then_restored(
+        c, release, lambda: c.link.state == R.REPLICATING and c.sg.consistent,
+        20, "the resumed replay")
 
 
 def test_a_detached_link_keeps_a_restores_regions_and_replays_them(
@@ -1457,17 +1493,9 @@ def test_a_detached_link_keeps_a_restores_regions_and_replays_them(
     and replays them when attached, reading what hosts read meanwhile."""
     c = cluster_factory()
     rng = random.Random(41)
-    c.write(0, 0, rng.randbytes(SIZES[0]))
-    synced_clone(c.ta, VOLS[0], "snap")
-    c.ta.clone_fracture("snap")
-    c.write(0, 0, rng.randbytes(SIZES[0] // 4))
-    c.wait_converged()
+    fractured_snap(c, rng, SIZES[0] // 4)
     c.ta.rsg_detach("g", c.addr)
-    release = hold_engines(monkeypatch)
-    with c.lock:
-        c.ops.append(Op(c.g.next_seq - 0.5, 0, rsgmodel.SET, 0, SIZES[0],
-                        clone_image(c.ta, "snap")))
-        c.ta.clone_restore("snap")
+    release = start_held(c, monkeypatch, lambda: c.ta.clone_restore("snap"))
     link = c.link
     assert link.phase == (R.DETACHED, R.link.DCM), c.status()
     assert link.dcm.count() == SIZES[0] // 4 // GRAN, c.status()
@@ -1475,15 +1503,9 @@ def test_a_detached_link_keeps_a_restores_regions_and_replays_them(
         c.ta.rsg_status("g")["links"][0]["replay_reason"]
     c.write(1, 0, b"\x11" * GRAN)
     c.ta.rsg_attach("g", c.addr)
-    wait_for(lambda: link.state == R.REPLICATING and c.sg.consistent and
-             c.sg.applied_seq == c.g.next_seq - 1, 10, "the replay",
-             c.status)
-    assert clone_state(c.ta, "snap") == "restoring"
-    assert c.check_sample()
-    release(c.ta.groups[VOLS[0]])
-    wait_for(lambda: clone_state(c.ta, "snap") == "fractured", 30,
-             "the restore's end", lambda: c.ta.clone_status("snap"))
-    c.check_final()
+    replayed_then_restored(
+        c, release, lambda: link.state == R.REPLICATING and c.sg.consistent
+        and c.sg.applied_seq == c.g.next_seq - 1, 10, "the replay")
 
 
 def test_a_write_in_flight_when_a_restore_starts_lands_before_it(
@@ -1498,11 +1520,7 @@ def test_a_write_in_flight_when_a_restore_starts_lands_before_it(
     and lands on the clone's data (copied on demand first)."""
     c = cluster_factory()
     rng = random.Random(37)
-    c.write(0, 0, rng.randbytes(SIZES[0]))
-    synced_clone(c.ta, VOLS[0], "snap")
-    c.ta.clone_fracture("snap")
-    c.write(0, 0, rng.randbytes(SIZES[0] // 2))
-    c.wait_converged()
+    fractured_snap(c, rng, SIZES[0] // 2)
     release = hold_engines(monkeypatch)
     lu = c.ta.lus[VOLS[0]]
     layer = c.g.layers[0]
@@ -1549,9 +1567,7 @@ def test_a_write_in_flight_when_a_restore_starts_lands_before_it(
         sec = read_image(c.tb, VOLS[0])[off:off + GRAN]
     assert sec == bytes(shown), "the consistent secondary shows a write " \
         "its primary's hosts never read"
-    release(c.ta.groups[VOLS[0]])
-    wait_for(lambda: clone_state(c.ta, "snap") == "fractured", 30,
-             "the restore's end", lambda: c.ta.clone_status("snap"))
+    release_until(c, release, "fractured", "the restore's end")
     c.wait_converged()
     assert read_image(c.ta, VOLS[0]) == read_image(c.tb, VOLS[0])
 
@@ -2361,9 +2377,7 @@ def test_sync_writes_do_not_wait_for_a_held_replays_poll(cluster_factory,
         took = time.monotonic() - started
         assert c.link.acked_seq >= op.seq and took < 0.5, \
             "a sync write took {:.1f} s".format(took)
-    release(c.ta.groups[VOLS[0]])
-    wait_for(lambda: clone_state(c.ta, "snap") == "synchronized", 30,
-             "the reverse sync's end", lambda: c.ta.clone_status("snap"))
+    release_until(c, release, "synchronized", "the reverse sync's end")
     c.wait_converged()
     assert read_image(c.ta, VOLS[0]) == read_image(c.tb, VOLS[0])
 
@@ -2379,47 +2393,18 @@ def test_a_primary_killed_during_a_volume_change_ends_equal(
     only with it), and both end equal."""
     c = cluster_factory(mode="sync")
     rng = random.Random(53)
-    c.write(0, 0, rng.randbytes(SIZES[0]))
-    synced_clone(c.ta, VOLS[0], "snap")
-    c.ta.clone_fracture("snap")
-    c.write(0, 0, rng.randbytes(SIZES[0] // 2))
-    c.wait_converged()
-    release = hold_engines(monkeypatch)
-    with c.lock:
-        c.ops.append(Op(c.g.next_seq - 0.5, 0, rsgmodel.SET, 0, SIZES[0],
-                        clone_image(c.ta, "snap")))
-        if operation == "restore":
-            c.ta.clone_restore("snap")
-        else:
-            c.ta.clone_reverse_sync("snap")
-    failures, done = [], threading.Event()
-
-    def sample():
-        while not done.is_set():
-            try:
-                c.check_sample()
-            except AssertionError as e:
-                failures.append(e)
-                return
-            except Exception:
-                pass        # the primary restarting under the sampler
-            time.sleep(0.005)
+    fractured_snap(c, rng, SIZES[0] // 2)
+    start = c.ta.clone_restore if operation == "restore" else \
+        c.ta.clone_reverse_sync
+    release = start_held(c, monkeypatch, lambda: start("snap"))
 
     def writes():
         for i in range(8):
-            vol = i % 2
-            off = rng.randrange(SIZES[vol] - 8192)
-            data = rng.randbytes(rng.randint(1, 8192))
-            with c.lock:
-                c.ta.lus[VOLS[vol]].write(data, off)
-                c.ops.append(Op(c.g.next_seq - 1, vol, R.WRITE, off,
-                                len(data), data))
+            host_write(c, rng, i)
         # Unflushed writes may be lost to the kill (a resumed restore
         # copies the clone over them): the model knows flushed ones only.
         c.flush()
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    try:
+    with sampled(c, crashing=True):
         writes()
         time.sleep(0.2)
         with c.lock:
@@ -2429,15 +2414,9 @@ def test_a_primary_killed_during_a_volume_change_ends_equal(
         if operation == "reverse sync":
             assert c.link.state == R.DCM_REPLAY and not c.sg.consistent, \
                 c.status()
-        release(c.ta.groups[VOLS[0]])
-        wait_for(lambda: clone_state(c.ta, "snap") == (
-            "fractured" if operation == "restore" else "synchronized"), 30,
-            "the operation's end", lambda: c.ta.clone_status("snap"))
+        release_until(c, release, "fractured" if operation == "restore"
+                      else "synchronized", "the operation's end")
         c.check_final()
-    finally:
-        done.set()
-        sampler.join()
-    assert not failures, failures[0]
 
 
 @pytest.mark.parametrize("written", ["clone", "source"])
@@ -2445,20 +2424,17 @@ def test_a_write_before_the_restores_switch_is_kept(
         cluster_factory, monkeypatch, written):
     """A write to the clone's export (or to the Source) after the
     restore's regions were taken (begin_volume_change) and before its
-    switch sets a Delta Map bit the regions lack.  Had the restore put that extent back, the
-    secondary, whose links replay the regions only, would say it is
-    consistent (the restore's replay ends while the engine still runs)
-    without it: the write counts as made after the restore began, as a
-    clone write during it does (the Source keeps the clone's data of
-    the restore's start there), and the extent stays marked as differing
-    once the restore is done; so does a Source write (it is kept)."""
+    switch sets a Delta Map bit the regions lack.  Had the restore put
+    that extent back, the secondary, whose links replay the regions only,
+    would say it is consistent (the restore's replay ends while the
+    engine still runs) without it: the write counts as made after the
+    restore began, as a clone write during it does (the Source keeps the
+    clone's data of the restore's start there), and the extent stays
+    marked as differing once the restore is done; so does a Source write
+    (it is kept)."""
     c = cluster_factory()
     rng = random.Random(59)
-    c.write(0, 0, rng.randbytes(SIZES[0]))
-    synced_clone(c.ta, VOLS[0], "snap")
-    c.ta.clone_fracture("snap")
-    c.write(0, 0, rng.randbytes(SIZES[0] // 4))
-    c.wait_converged()
+    fractured_snap(c, rng, SIZES[0] // 4)
     group, clone = c.ta.clone_ops.find("snap")
     cg = group.granularity
     late = SIZES[0] // 2 + 5 * cg
@@ -2488,9 +2464,7 @@ def test_a_write_before_the_restores_switch_is_kept(
         sec = read_image(c.tb, VOLS[0])[late:late + cg]
     assert sec == bytes(shown), "the consistent secondary lacks an " \
         "extent its primary's hosts read from the clone"
-    release(group)
-    wait_for(lambda: clone_state(c.ta, "snap") == "fractured", 30,
-             "the restore's end", lambda: c.ta.clone_status("snap"))
+    release_until(c, release, "fractured", "the restore's end")
     assert read_image(c.ta, VOLS[0])[late:late + cg] == before
     assert clone.delta[late // cg], "the extent the clone changed is not " \
         "marked as differing"

@@ -4,6 +4,7 @@ across restarts while the node is inconsistent, released only by the
 group (its replay's end, its promotion, its deletion), and apart from the
 protected image an admin or a peer keeps (LU@protected-LU)."""
 
+import contextlib
 import errno
 import threading
 
@@ -13,7 +14,8 @@ from target import copier, errors, operations, sessions
 from target import session_orchestration
 from target import replication as R
 from tests.support.rsgmodel import wait_for
-from tests.support.twonodes import SIZES, VOLS, break_a_replay, converge
+from tests.support.twonodes import (SIZES, VOLS, break_a_replay, converge,
+                                    replay_broken_off)
 
 
 def _frozen(node, name, size):
@@ -179,16 +181,11 @@ def test_lu_delete_tells_what_keeps_the_lu(two_nodes, monkeypatch):
     assert "v1" not in b.t.lus
 
 
-@pytest.mark.parametrize("other", ["promote", "delete", "rollback"])
-def test_what_releases_an_image_waits_for_a_rollback_to_it(
-        two_nodes, monkeypatch, other):
-    """A rollback reads the image it puts back until its end: a promotion
-    (--force), a deletion of the group or a second rollback of the volume
-    that comes meanwhile is refused, not run beside it (before, it released
-    the image under the rollback: a KeyError, the volume left half rolled
-    back)."""
-    a, b = two_nodes
-    break_a_replay(a, b, monkeypatch)
+@contextlib.contextmanager
+def a_rollback_held(node, monkeypatch):
+    """The node's rollback of v1, run in a thread, held in its first copy
+    while the block runs; yields the dict whose "rollback" is its result
+    (or its exception) after the block."""
     copying, go = threading.Event(), threading.Event()
     copy = copier.Copier.copy
 
@@ -201,23 +198,37 @@ def test_what_releases_an_image_waits_for_a_rollback_to_it(
 
     def rollback():
         try:
-            out["rollback"] = b.t.image_rollback("v1")
+            out["rollback"] = node.t.image_rollback("v1")
         except Exception as e:
             out["rollback"] = e
     t = threading.Thread(target=rollback)
     t.start()
-    assert copying.wait(5)
-    monkeypatch.setattr(copier.Copier, "copy", copy)
-    call = {"promote": lambda: b.t.rsg_promote("g", force=True),
-            "delete": lambda: b.t.rsg_delete("g"),
-            "rollback": lambda: b.t.image_rollback("v1")}[other]
     try:
-        with pytest.raises(errors.Error, match="a rollback of (v1|it to "
-                           "v1@consistent-v1) is running"):
-            call()
+        assert copying.wait(5)
+        monkeypatch.setattr(copier.Copier, "copy", copy)
+        yield out
     finally:
         go.set()
         t.join(20)
+
+
+@pytest.mark.parametrize("other", ["promote", "delete", "rollback"])
+def test_what_releases_an_image_waits_for_a_rollback_to_it(
+        two_nodes, monkeypatch, other):
+    """A rollback reads the image it puts back until its end: a promotion
+    (--force), a deletion of the group or a second rollback of the volume
+    that comes meanwhile is refused, not run beside it (before, it released
+    the image under the rollback: a KeyError, the volume left half rolled
+    back)."""
+    a, b = two_nodes
+    break_a_replay(a, b, monkeypatch)
+    call = {"promote": lambda: b.t.rsg_promote("g", force=True),
+            "delete": lambda: b.t.rsg_delete("g"),
+            "rollback": lambda: b.t.image_rollback("v1")}[other]
+    with a_rollback_held(b, monkeypatch) as out:
+        with pytest.raises(errors.Error, match="a rollback of (v1|it to "
+                           "v1@consistent-v1) is running"):
+            call()
     assert out["rollback"]["image"] == "v1@consistent-v1", out
     with b.rsg.lock:
         assert b.read_below_guard(0)[:4096] == b"\x02" * 4096
@@ -237,18 +248,7 @@ def test_a_replay_after_a_partial_rollback_keeps_no_half_point(
     b.t.image_rollback("v1")
     for vol in VOLS:
         a.t.lus[vol].write(b"\x05" * 4096, 0)
-    broken = threading.Event()
-    end_replay = R.SecondaryGroup._end_replay
-
-    def break_off(self, seq, theirs):
-        broken.set()
-        raise OSError(errno.EIO, "the replay is broken off here")
-    monkeypatch.setattr(R.SecondaryGroup, "_end_replay", break_off)
-    a.t.rsg_attach("g", b.addr)
-    assert broken.wait(10)
-    a.t.rsg_detach("g", b.addr)
-    wait_for(lambda: b.rsg.connected_since is None)
-    monkeypatch.setattr(R.SecondaryGroup, "_end_replay", end_replay)
+    replay_broken_off(a, b, monkeypatch)
     with pytest.raises(R.RsgBusy) as e:
         b.t.rsg_promote("g")
     # What the admin is told: roll back every image listed, then --force.
@@ -317,18 +317,7 @@ def _break_another_replay(a, b, monkeypatch, byte):
     for vol in VOLS:
         a.t.lus[vol].write(byte * 4096, 0)
         a.t.lus[vol].write(byte * 4096, 128 << 10)
-    broken = threading.Event()
-    end_replay = R.SecondaryGroup._end_replay
-
-    def break_off(self, seq, theirs):
-        broken.set()
-        raise OSError(errno.EIO, "the replay is broken off here")
-    monkeypatch.setattr(R.SecondaryGroup, "_end_replay", break_off)
-    a.t.rsg_attach("g", b.addr)
-    assert broken.wait(10)
-    a.t.rsg_detach("g", b.addr)
-    wait_for(lambda: b.rsg.connected_since is None)
-    monkeypatch.setattr(R.SecondaryGroup, "_end_replay", end_replay)
+    replay_broken_off(a, b, monkeypatch)
 
 
 def test_two_broken_replays_roll_back_to_the_first_point(two_nodes,
@@ -362,30 +351,9 @@ def test_a_release_waits_for_a_rollback_to_the_image(two_nodes, monkeypatch):
     lu.write(b"\x01" * 8192, 0)
     a.t.image_protect("v1")
     lu.write(b"\x02" * 8192, 0)
-    copying, go = threading.Event(), threading.Event()
-    copy = copier.Copier.copy
-
-    def held(self, runs):
-        copying.set()
-        go.wait(5)
-        return copy(self, runs)
-    monkeypatch.setattr(copier.Copier, "copy", held)
-    out = {}
-
-    def rollback():
-        try:
-            out["rollback"] = a.t.image_rollback("v1")
-        except Exception as e:
-            out["rollback"] = e
-    t = threading.Thread(target=rollback)
-    t.start()
-    assert copying.wait(5)
-    try:
+    with a_rollback_held(a, monkeypatch) as out:
         with pytest.raises(errors.Error, match="a rollback .* is running"):
             a.t.image_release("v1")
-    finally:
-        go.set()
-        t.join(20)
     assert out["rollback"]["image"] == "v1@protected-v1", out
     buf = bytearray(8192)
     lu.read(buf, 0)

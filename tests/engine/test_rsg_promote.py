@@ -64,6 +64,14 @@ def test_a_primary_connecting_during_a_promotion_is_refused(pair,  # noqa: F811
         restore_timing(saved)
 
 
+def write_and_detach(a, b):
+    """A host write reaches B, consistent; then A's link is detached."""
+    a.t.lus["v1"].write(b"\x01" * 4096, 0)
+    wait_for(lambda: b.rsg is not None and b.rsg.consistent and
+             b.rsg.applied_seq == a.rsg.next_seq - 1, 20, "convergence")
+    a.t.rsg_detach("g", b.addr)
+    wait_for(lambda: b.rsg.connected_since is None)
+
 
 def test_two_promotions_at_once_make_one_primary(two_nodes, monkeypatch):
     """Two `rsg promote` of one group at once (the control socket serves
@@ -71,11 +79,7 @@ def test_two_promotions_at_once_make_one_primary(two_nodes, monkeypatch):
     first one's new primary again (its SRL removed under it, the group gone
     from the target, its layer left in the volumes' stacks)."""
     a, b = two_nodes
-    a.t.lus["v1"].write(b"\x01" * 4096, 0)
-    wait_for(lambda: b.rsg is not None and b.rsg.consistent and
-             b.rsg.applied_seq == a.rsg.next_seq - 1, 20, "convergence")
-    a.t.rsg_detach("g", b.addr)
-    wait_for(lambda: b.rsg.connected_since is None)
+    write_and_detach(a, b)
     inside, go = threading.Event(), threading.Event()
     orig = R.new_generation
 
@@ -137,11 +141,7 @@ def test_a_promotion_whose_primary_cannot_open_holds_the_volumes(
     load (before, they were served writable with no group on them: host
     writes reached no log or since map, and a later resync missed them)."""
     a, b = two_nodes
-    a.t.lus["v1"].write(b"\x01" * 4096, 0)
-    wait_for(lambda: b.rsg is not None and b.rsg.consistent and
-             b.rsg.applied_seq == a.rsg.next_seq - 1, 20, "convergence")
-    a.t.rsg_detach("g", b.addr)
-    wait_for(lambda: b.rsg.connected_since is None)
+    write_and_detach(a, b)
     srl = primary.Srl
 
     def full(path, size=None):

@@ -95,6 +95,23 @@ def converge(a, b):
              lambda: (a.rsg.status(), b.rsg and b.rsg.status()))
 
 
+def replay_broken_off(a, b, monkeypatch):
+    """A attaches, and its replay to B breaks off at its end (B's
+    _end_replay fails); A detached again, B's _end_replay is restored."""
+    broken = threading.Event()
+    end_replay = R.SecondaryGroup._end_replay
+
+    def break_off(self, seq, theirs):
+        broken.set()
+        raise OSError(errno.EIO, "the replay is broken off here")
+    monkeypatch.setattr(R.SecondaryGroup, "_end_replay", break_off)
+    a.t.rsg_attach("g", b.addr)
+    assert broken.wait(10)
+    a.t.rsg_detach("g", b.addr)
+    wait_for(lambda: b.rsg.connected_since is None)
+    monkeypatch.setattr(R.SecondaryGroup, "_end_replay", end_replay)
+
+
 def break_a_replay(a, b, monkeypatch):
     """B consistent at \\x02 (v1 protected by an admin at \\x01 before);
     then a replay of \\x03 broken off at its end: B inconsistent."""
@@ -108,16 +125,5 @@ def break_a_replay(a, b, monkeypatch):
     a.t.rsg_detach("g", b.addr)
     for vol in VOLS:
         a.t.lus[vol].write(b"\x03" * 4096, 0)
-    broken = threading.Event()
-    end_replay = R.SecondaryGroup._end_replay
-
-    def break_off(self, seq, theirs):
-        broken.set()
-        raise OSError(errno.EIO, "the replay is broken off here")
-    monkeypatch.setattr(R.SecondaryGroup, "_end_replay", break_off)
-    a.t.rsg_attach("g", b.addr)
-    assert broken.wait(10)
-    a.t.rsg_detach("g", b.addr)
-    wait_for(lambda: b.rsg.connected_since is None)
-    monkeypatch.setattr(R.SecondaryGroup, "_end_replay", end_replay)
+    replay_broken_off(a, b, monkeypatch)
     assert not b.rsg.consistent and b.rsg.protected, b.rsg.status()
