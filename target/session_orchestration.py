@@ -30,6 +30,8 @@ CONSISTENT_PREFIX = "consistent-"
 RESERVED_PREFIXES = (IMAGE_PREFIX, CONSISTENT_PREFIX)
 # `lu rollback --image`: which image to put back.
 PROTECTED, CONSISTENT = "protected", "consistent"
+# What runs on an image (SessionOrchestration._images_busy).
+ROLLING_BACK, RELEASING = "a rollback", "being released"
 
 
 class RollbackRefused(errors.Error):
@@ -47,7 +49,9 @@ class SessionOrchestration:
         self._seen = {}
         # The images a rollback is reading (their names), under
         # target.lock: nothing releases them meanwhile.
-        self._rolling_back = set()
+        # Image session name -> what runs on it (ROLLING_BACK, RELEASING):
+        # neither starts while the other runs.
+        self._images_busy = {}
 
     def load_sessions(self, lu, records):
         for name, rec in sorted(records.items()):
@@ -538,14 +542,22 @@ class SessionOrchestration:
 
     def _delete_image(self, session):
         with self.target.lock:
-            if session.name in self._rolling_back:
+            busy = self._images_busy.get(session.name)
+            if busy is not None:
                 raise RollbackRefused(
-                    name=session.source.name, reason="a rollback of it to "
-                    "{} is running; that image is released when it has "
-                    "finished".format(session.export_name()))
-        if session.marked:
-            session.unmark(force=True)
-        self.session_delete(session.name)
+                    name=session.source.name, reason="{} of it to {} is "
+                    "running; that image is released when it has "
+                    "finished".format(busy, session.export_name())
+                    if busy == ROLLING_BACK else "{} is {}".format(
+                        session.export_name(), busy))
+            self._images_busy[session.name] = RELEASING
+        try:
+            if session.marked:
+                session.unmark(force=True)
+            self.session_delete(session.name)
+        finally:
+            with self.target.lock:
+                self._images_busy.pop(session.name, None)
 
     @staticmethod
     def _consistent_name(lu):
@@ -646,20 +658,25 @@ class SessionOrchestration:
                     reason="LU {!r} has no protected image to roll back to"
                     .format(lu))
         with self.target.lock:
-            if session.name in self._rolling_back:
+            busy = self._images_busy.get(session.name)
+            if busy is not None:
                 raise RollbackRefused(
                     name=lu, reason="a rollback of it to {} is running"
-                    .format(session.export_name()))
-            self._rolling_back.add(session.name)
+                    .format(session.export_name()) if busy == ROLLING_BACK
+                    else "{} is {}".format(session.export_name(), busy))
+            self._images_busy[session.name] = ROLLING_BACK
         try:
             restored, export = self._roll_back(source, session)
         finally:
             with self.target.lock:
-                self._rolling_back.discard(session.name)
-        if session is self.consistent_image(lu):
-            self.consistent_release([source])
-        else:
-            self.image_release(lu)
+                self._images_busy.pop(session.name, None)
+        # The image put back and no other: the group may have become
+        # consistent meanwhile (its own release then had it already).
+        if session.name == self._consistent_name(lu):
+            if self.target.consistent_images.get(lu) is session:
+                self.consistent_release([source])
+        elif self._image(lu) is session:
+            self._delete_image(session)
         return {"lu": lu, "image": export, "extents_restored": restored}
 
     def _roll_back(self, source, session):

@@ -400,3 +400,56 @@ def test_images_half_marked_by_a_killed_replay_start_are_released(
     converge(a, b)
     assert [b.read_top(v)[:4096] for v in range(len(VOLS))] == \
         [b"\x02" * 4096] * 2
+
+
+def test_a_rollback_releases_the_image_it_put_back_only(two_nodes,
+                                                       monkeypatch):
+    """A rollback to the group's image whose group became consistent
+    before the release (a primary came back and a replay completed once
+    the rollback's copy ended) releases that image or nothing, never the
+    admin's LU@protected-LU (before, it asked again which image the LU
+    has, got none of the group's, and released the admin's)."""
+    a, b = two_nodes
+    break_a_replay(a, b, monkeypatch)       # v1 protected by an admin too
+    roll_back = b.t.session_ops._roll_back
+
+    def then_consistent(source, session):
+        out = roll_back(source, session)
+        b.rsg.consistent = True             # as a completed replay leaves it
+        return out
+    monkeypatch.setattr(b.t.session_ops, "_roll_back", then_consistent)
+    res = b.t.image_rollback("v1")
+    assert res["image"] == "v1@consistent-v1", res
+    assert b.t.image_status("v1")["protected"], \
+        "the rollback to the group's image released the admin's"
+
+
+def test_no_rollback_starts_while_its_image_is_released(two_nodes,
+                                                       monkeypatch):
+    """A rollback that comes while the image it would read is being
+    released is refused (before, it passed the check the release had
+    made and read a save area being deleted)."""
+    a, b = two_nodes
+    lu = a.t.lus["v1"]
+    lu.write(b"\x01" * 8192, 0)
+    a.t.image_protect("v1")
+    lu.write(b"\x02" * 8192, 0)
+    session = a.t.sessions["protected-v1"]
+    unmark = type(session).unmark
+    seen = {}
+
+    def rollback_first(self, *args, **kwargs):
+        if self is session and "rollback" not in seen:
+            seen["rollback"] = None
+            try:
+                seen["rollback"] = a.t.image_rollback("v1")
+            except errors.Error as e:
+                seen["rollback"] = e
+        return unmark(self, *args, **kwargs)
+    monkeypatch.setattr(type(session), "unmark", rollback_first)
+    a.t.image_release("v1")
+    assert isinstance(seen["rollback"], errors.Error) and \
+        "is being released" in str(seen["rollback"]), seen
+    buf = bytearray(8192)
+    lu.read(buf, 0)
+    assert bytes(buf) == b"\x02" * 8192
