@@ -129,7 +129,7 @@ class RsgOrchestration:
         if record["role"] == replication.PRIMARY:
             rsg = replication.PrimaryGroup(
                 files, record, vols,
-                volume_change=lambda vol: self._volume_view(vols[vol]))
+                volume_view=lambda vol: self._volume_view(vols[vol]))
             rsg.attach()
             self.target.recovery_problems += [{"rsg": rsg.name, "message": p}
                                        for p in rsg.problems]
@@ -140,7 +140,7 @@ class RsgOrchestration:
                 protect=images.consistent_protect,
                 release=images.consistent_release,
                 image=images.consistent_export,
-                volume_change=lambda: self._volume_change_running(vols))
+                running_change=lambda: self._running_change(vols))
             rsg.attach()
         for lu in vols:
             lu.rsg = rsg
@@ -167,7 +167,7 @@ class RsgOrchestration:
             lu.rsg = None
         self.target.rsgs.pop(rsg.name, None)
 
-    def _running_change(self, lu):
+    def _changing_clone(self, lu):
         """(The clone of, and words for) the restore or reverse sync that
         changes lu now, or (None, None)."""
         group = self.target.groups.get(lu.name)
@@ -179,9 +179,11 @@ class RsgOrchestration:
                     if c.state == clones.RESTORING else "reverse sync"
         return None, None
 
-    def _volume_change_running(self, vols):
+    def _running_change(self, vols):
+        """What a secondary's refusal of a primary names: the restore or
+        reverse sync changing one of vols now, in words, or None."""
         for lu in vols:
-            c, what = self._running_change(lu)
+            c, what = self._changing_clone(lu)
             if c is not None:
                 return "the {} of {} from clone {}".format(what, lu.name,
                                                            c.name)
@@ -194,7 +196,7 @@ class RsgOrchestration:
         copying anything (the replay reads under its group's lock, which
         a copy into the volume takes).  A reverse sync's engine may write
         a run hosts never see (copied again after a host write collided)."""
-        c, what = self._running_change(lu)
+        c, what = self._changing_clone(lu)
         if c is None:
             return None
         return replication.VolumeChange(

@@ -67,7 +67,7 @@ class PrimaryGroup:
 
     role = PRIMARY
 
-    def __init__(self, files, record, volumes, volume_change=None,
+    def __init__(self, files, record, volumes, volume_view=None,
                  sync_timeout=SYNC_TIMEOUT):
         self.files = files
         self.name = record["name"]
@@ -78,9 +78,9 @@ class PrimaryGroup:
         self.generation = record["generation"]
         self.history = [list(h) for h in record["history"]]
         self.sync_timeout = sync_timeout
-        # volume_change(vol): the VolumeChange running on volume vol, or
+        # volume_view(vol): the VolumeChange running on volume vol, or
         # None.
-        self._volume_change = volume_change or (lambda vol: None)
+        self._volume_view = volume_view or (lambda vol: None)
         # Volume changes begun and not started yet (begin_volume_change):
         # replays read nothing meanwhile.
         self.changes_starting = []
@@ -251,7 +251,7 @@ class PrimaryGroup:
         """(Under the lock.)  What a replay reads of volume vol: what its
         hosts read (through a volume change's view, copying nothing), or
         the volume below this group's layer."""
-        change = self._volume_change(vol)
+        change = self._volume_view(vol)
         if change is not None:
             return _Visible(change)
         return self.volumes[vol].stack.below("replication")
@@ -265,7 +265,7 @@ class PrimaryGroup:
             return self.changes_starting[0]
         if ending:
             for vol, lu in enumerate(self.volumes):
-                change = self._volume_change(vol)
+                change = self._volume_view(vol)
                 if change is not None and change.hides_copies:
                     return "{} of {}".format(change.what, lu.name)
         return None

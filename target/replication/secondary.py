@@ -291,7 +291,7 @@ class SecondaryGroup:
     role = SECONDARY
 
     def __init__(self, files, record, volumes, protect=None, release=None,
-                 volume_change=None, image=None):
+                 running_change=None, image=None):
         self.files = files
         self.name = record["name"]
         self.record_base = record
@@ -324,7 +324,7 @@ class SecondaryGroup:
         self.image = image or (lambda lu: None)
         # A volume-changing operation (restore, reverse sync) running here,
         # described, or None: a primary is refused meanwhile.
-        self.volume_change = volume_change or (lambda: None)
+        self.running_change = running_change or (lambda: None)
         # Changes of the volumes made here being started (a restore until
         # it runs, a rollback): under session_lock, like `connection`.
         self.local_changes = []
@@ -487,7 +487,7 @@ class SecondaryGroup:
         """A change of the volumes made on this node (a restore, a reverse
         sync, a rollback): refused while a primary is connected, and no
         primary is accepted while it is being made; a restore that runs is
-        seen by `volume_change` from then on.  One that is running already
+        seen by `running_change` from then on.  One that is running already
         (the same rollback twice) is refused, and so is any beside one
         that runs alone (a promotion, a deletion: they close the group
         and release the images a rollback reads)."""
@@ -519,7 +519,7 @@ class SecondaryGroup:
         primary tries again and replays what the change did once it has
         finished."""
         busy = self.local_changes[0] if self.local_changes \
-            else self.volume_change()
+            else self.running_change()
         if busy:
             return "{} is running on this secondary; replication resumes " \
                 "when it has finished".format(busy)
