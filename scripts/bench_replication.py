@@ -406,7 +406,6 @@ def converge(bench, args, net, prim, region, uri, out):
             fio_cmd(uri("vc"), "randwrite", "64k", 4, CONVERGE_LIMIT_S,
                     region // 4, rate=rate, ramp=False),
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        t0 = time.monotonic()
         start = prim.link("gc")
         took = None
         try:

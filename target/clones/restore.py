@@ -110,9 +110,13 @@ class Restore:
         clone = self.clones[name]
         self._check_restorable(clone)
         with self.cond:
-            self._check(clone, "restore")
-            self._check_group_idle(clone, "restore")
-            self._check_siblings_split(clone, "restore")
+            self._restore_checks(clone)
+
+    def _restore_checks(self, clone):
+        """(Under cond.)"""
+        self._check(clone, "restore")
+        self._check_group_idle(clone, "restore")
+        self._check_siblings_split(clone, "restore")
 
     def _check_restorable(self, clone):
         if self.source.readonly:
@@ -135,9 +139,7 @@ class Restore:
         clone = self.clones[name]
         self._check_restorable(clone)
         with self.cond:
-            self._check(clone, "restore")
-            self._check_group_idle(clone, "restore")
-            self._check_siblings_split(clone, "restore")
+            self._restore_checks(clone)
             # Every check passed: only now change anything.
             if clone.state != RESTORING:
                 if full:
