@@ -2050,6 +2050,21 @@ def test_take_of_the_secondarys_changes_cut_off_is_taken_again(
     assert c.link.sent_bytes - sent0 == len(B_ONLY) * GRAN
 
 
+def _secondary_fails_second_extent(cluster_factory, tmp_path, monkeypatch):
+    """A converged cluster whose secondary's volume 0 fails (EIO) a write
+    of the extent after y = 512 KiB; (cluster, the faults file, y)."""
+    faults = tmp_path / "faults.json"
+    _set_faults(faults, [])
+    monkeypatch.setenv("CLONECTL_FAULTS", str(faults))
+    c = cluster_factory()
+    c.wait_converged()
+    y = 512 << 10
+    path = c.tb.lus[VOLS[0]].backend.path
+    _set_faults(faults, [{"path": path, "op": "write", "offset": y + GRAN,
+                          "length": GRAN, "errno": "EIO"}])
+    return c, faults, y
+
+
 def test_a_batch_the_volume_fails_to_apply_is_not_called_consistent(
         cluster_factory, tmp_path, monkeypatch):
     """The secondary's volume fails (EIO) on the second write of a batch it
@@ -2060,15 +2075,8 @@ def test_a_batch_the_volume_fails_to_apply_is_not_called_consistent(
     the session as a closed connection: the node stayed "consistent" at
     the batch before, showed half the batch to readers, and no status said
     why.)"""
-    faults = tmp_path / "faults.json"
-    _set_faults(faults, [])
-    monkeypatch.setenv("CLONECTL_FAULTS", str(faults))
-    c = cluster_factory()
-    c.wait_converged()
-    y = 512 << 10
-    path = c.tb.lus[VOLS[0]].backend.path
-    _set_faults(faults, [{"path": path, "op": "write", "offset": y + GRAN,
-                          "length": GRAN, "errno": "EIO"}])
+    c, faults, y = _secondary_fails_second_extent(cluster_factory,
+                                                  tmp_path, monkeypatch)
     c.stop_secondary()              # one batch of two writes
     c.write(0, y, b"\x21" * GRAN)
     c.write(0, y + GRAN, b"\x22" * GRAN)
@@ -2098,15 +2106,8 @@ def test_a_staged_batch_the_volume_failed_is_applied_again(
     and acknowledged, its apply fails half way.  The node is not
     consistent and says why; once the volume works, the next connection
     applies the staged copy first, and the secondary ends identical."""
-    faults = tmp_path / "faults.json"
-    _set_faults(faults, [])
-    monkeypatch.setenv("CLONECTL_FAULTS", str(faults))
-    c = cluster_factory()
-    c.wait_converged()
-    y = 512 << 10
-    path = c.tb.lus[VOLS[0]].backend.path
-    _set_faults(faults, [{"path": path, "op": "write", "offset": y + GRAN,
-                          "length": GRAN, "errno": "EIO"}])
+    c, faults, y = _secondary_fails_second_extent(cluster_factory,
+                                                  tmp_path, monkeypatch)
     c.write(0, y, b"\x21" * 2 * GRAN)
     wait_for(lambda: c.sg.status()["error"] is not None, 10,
              "the failure in the status", c.status)

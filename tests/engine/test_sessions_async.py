@@ -3,20 +3,12 @@ answers late, and a request failing mid-way leaves pending exactly what
 no completed checkpoint flush covered."""
 
 import os
-import tempfile
 
 from target import backends, maps, sessions
 from target.sessions import transfer
+from tests.support.sessionfakes import marked_session
 
 G = 4096
-
-
-class FakeLU:
-    name = "src"
-
-    def __init__(self, backend, size):
-        self.backend = backend
-        self.size = size
 
 
 class LaggingDestination(sessions.MemoryDestination):
@@ -71,26 +63,11 @@ class LaggingDestination(sessions.MemoryDestination):
             done(error)
 
 
-def marked_session(n):
-    inner = backends.MemoryBackend(n * G)
-    inner.write(os.urandom(n * G), 0)
-    lu = FakeLU(sessions.SessionLayer(inner), n * G)
-    save = backends.MemoryBackend(sessions.SaveArea.minimum_size(n, G) +
-                                  n * G)
-    mapdir = tempfile.mkdtemp(prefix="session-async-")
-    s = sessions.Session("s", lu, G, mapdir, save, [{"uri": "m"}],
-                         persist=lambda record: None)
-    s.create()
-    lu.backend.add(s)
-    s.mark()
-    return s, bytes(inner.data)
-
-
 def test_writes_stay_in_flight_up_to_the_pool(monkeypatch):
     monkeypatch.setattr(transfer, "CHUNK", G)        # one extent a run
     monkeypatch.setattr(transfer, "CHECKPOINT_BYTES", 8 * G)
     n = 4 * transfer.POOL
-    s, frozen = marked_session(n)
+    s, frozen = marked_session(os.urandom(n * G), G, ["m"])
     dest = LaggingDestination(backends.MemoryBackend(n * G), lag=100)
     engine = s.start_transfer({0: dest}, run=False)
     engine.advance()
@@ -108,7 +85,7 @@ def test_failed_write_leaves_pending_what_no_checkpoint_flushed(monkeypatch):
     monkeypatch.setattr(transfer, "CHUNK", G)
     monkeypatch.setattr(transfer, "CHECKPOINT_BYTES", 4 * G)
     n = 32
-    s, frozen = marked_session(n)
+    s, frozen = marked_session(os.urandom(n * G), G, ["m"])
     dest = LaggingDestination(backends.MemoryBackend(n * G), lag=3,
                               fail_write=13)
     engine = s.start_transfer({0: dest}, run=False)
@@ -138,7 +115,7 @@ def test_a_checkpoint_with_a_failed_write_is_never_cleared(monkeypatch):
     monkeypatch.setattr(transfer, "CHUNK", G)
     monkeypatch.setattr(transfer, "CHECKPOINT_BYTES", 4 * G)
     n = 8
-    s, frozen = marked_session(n)
+    s, frozen = marked_session(os.urandom(n * G), G, ["m"])
     dest = LaggingDestination(backends.MemoryBackend(n * G), lag=100,
                               fail_write=2)
     engine = s.start_transfer({0: dest}, run=False)

@@ -9,36 +9,12 @@ a destination reported consistent holds the frozen image.
 """
 
 import os
-import tempfile
 
 from target import backends, sessions
 from target.sessions import transfer
+from tests.support.sessionfakes import marked_session
 
 G = 4096
-
-
-class FakeLU:
-    name = "src"
-
-    def __init__(self, backend, size):
-        self.backend = backend
-        self.size = size
-
-
-def marked_session(n, data, dests=1):
-    inner = backends.MemoryBackend(n * G)
-    inner.write(data, 0)
-    lu = FakeLU(sessions.SessionLayer(inner), n * G)
-    save = backends.MemoryBackend(sessions.SaveArea.minimum_size(n, G) +
-                                  n * G)
-    mapdir = tempfile.mkdtemp(prefix="session-async-review-")
-    s = sessions.Session("s", lu, G, mapdir, save,
-                         [{"uri": "m%d" % i} for i in range(dests)],
-                         persist=lambda record: None)
-    s.create()
-    lu.backend.add(s)
-    s.mark()
-    return s, bytes(inner.data)
 
 
 def striped(n):
@@ -123,7 +99,7 @@ def test_a_shared_buffer_is_not_reused_while_a_write_of_it_is_in_flight(
     monkeypatch.setattr(transfer, "CHUNK", 4 * G)
     monkeypatch.setattr(transfer, "CHECKPOINT_BYTES", 8 * G)
     n = 32
-    s, frozen = marked_session(n, striped(n))
+    s, frozen = marked_session(striped(n), G, ["m0"])
     dest = ServerLike(backends.MemoryBackend(n * G), lag=2, window=2)
     engine = s.start_transfer({0: dest}, run=False)
     engine.advance()
@@ -140,7 +116,7 @@ def test_two_destinations_and_a_busy_client(monkeypatch):
     monkeypatch.setattr(transfer, "CHUNK", 4 * G)
     monkeypatch.setattr(transfer, "CHECKPOINT_BYTES", 8 * G)
     n = 32
-    s, frozen = marked_session(n, striped(n), dests=2)
+    s, frozen = marked_session(striped(n), G, ["m0", "m1"])
     d0 = ServerLike(backends.MemoryBackend(n * G), lag=2, window=2)
     d1 = ServerLike(backends.MemoryBackend(n * G), lag=2, window=2)
     engine = s.start_transfer({0: d0, 1: d1}, run=False)
@@ -159,7 +135,7 @@ def test_no_checkpoint_is_cleared_after_a_failed_flush(monkeypatch):
     monkeypatch.setattr(transfer, "CHUNK", G)
     monkeypatch.setattr(transfer, "CHECKPOINT_BYTES", G)
     n = 8
-    s, frozen = marked_session(n, os.urandom(n * G))
+    s, frozen = marked_session(os.urandom(n * G), G, ["m0"])
     dest = ServerLike(backends.MemoryBackend(n * G), lag=3, fail_flush=1)
     engine = s.start_transfer({0: dest}, run=False)
     engine.advance()

@@ -26,6 +26,7 @@ import pytest
 from target import backends, sessions
 
 from tests.support import powerloss
+from tests.support.sessionfakes import FakeLU
 
 GRAN = 4096
 EXTENTS = 64
@@ -33,16 +34,8 @@ SIZE = GRAN * EXTENTS
 SAVE_SIZE = sessions.SaveArea.minimum_size(EXTENTS, GRAN) - GRAN + SIZE
 
 
-class FakeLU:
-    name = "src"
-    size = SIZE
-
-    def __init__(self, backend):
-        self.backend = backend
-
-
 def new_session(map_dir, source, save, marked=False):
-    lu = FakeLU(sessions.SessionLayer(source))
+    lu = FakeLU(sessions.SessionLayer(source), SIZE)
     s = sessions.Session("s", lu, GRAN, str(map_dir), save, [],
                          marked=marked, export=marked)
     if marked:

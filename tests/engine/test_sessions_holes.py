@@ -8,19 +8,12 @@ import tempfile
 
 from target import backends, sessions
 
+from tests.support.sessionfakes import FakeLU
 from tests.support.spybackend import Spy
 
 G = 4096
 N = 8
 SIZE = G * N
-
-
-class FakeLU:
-    name = "src"
-    size = SIZE
-
-    def __init__(self, backend):
-        self.backend = backend
 
 
 def touched(ops, kind):
@@ -31,7 +24,7 @@ def touched(ops, kind):
 
 def test_transfer_and_copy_on_first_write_skip_holes():
     inner = Spy(SIZE)
-    lu = FakeLU(sessions.SessionLayer(inner))
+    lu = FakeLU(sessions.SessionLayer(inner), SIZE)
     save = Spy(sessions.SaveArea.minimum_size(N, G) + N * G)
     s = sessions.Session("s", lu, G, tempfile.mkdtemp(prefix="holes-"), save,
                          [{"uri": "m"}], persist=lambda record: None)

@@ -42,20 +42,13 @@ from target import backends, changemap, maps, sessions
 
 from tests.support.clonemodel import (Countdown, Crash, CrashingBackend,
                                       data_for, patch_map_io)
+from tests.support.sessionfakes import FakeLU
 from tests.support.tiers import examples
 
 GRAN = 4096
 EXTENTS = 16
 SIZE = GRAN * EXTENTS
 DESTS = 2
-
-
-class FakeLU:
-    name = "src"
-    size = SIZE
-
-    def __init__(self, backend):
-        self.backend = backend
 
 
 class CrashingDestination(sessions.MemoryDestination):
@@ -131,7 +124,7 @@ class SessionMachine(RuleBasedStateMachine):
     def _new_session(self, create=False):
         wrapper = sessions.SessionLayer(
             CrashingBackend(self.mem_src, self.countdown))
-        self.lu = FakeLU(wrapper)
+        self.lu = FakeLU(wrapper, SIZE)
         save = CrashingBackend(self.mem_save, self.countdown)
         if create:
             records = [{"uri": "mem{}".format(i)} for i in range(DESTS)]

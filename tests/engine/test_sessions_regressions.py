@@ -11,18 +11,11 @@ import threading
 import pytest
 
 from target import backends, maps, sessions
+from tests.support.sessionfakes import FakeLU
 
 G = 4096
 N = 8
 SIZE = G * N
-
-
-class FakeLU:
-    name = "src"
-    size = SIZE
-
-    def __init__(self, backend):
-        self.backend = backend
 
 
 class Crash(BaseException):
@@ -31,7 +24,7 @@ class Crash(BaseException):
 
 def new_session(record=None, inner=None, save=None, mapdir=None):
     inner = inner or backends.MemoryBackend(SIZE)
-    lu = FakeLU(sessions.SessionLayer(inner))
+    lu = FakeLU(sessions.SessionLayer(inner), SIZE)
     save = save or backends.MemoryBackend(
         sessions.SaveArea.minimum_size(N, G) + N * G)
     mapdir = mapdir or tempfile.mkdtemp(prefix="session-regress-")

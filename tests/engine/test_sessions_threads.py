@@ -18,6 +18,7 @@ import time
 import pytest
 
 from target import backends, sessions
+from tests.support.sessionfakes import FakeLU
 
 GRAN = 4096
 EXTENTS = 256
@@ -43,16 +44,8 @@ class SlowBackend(backends.MemoryBackend):
         self.data[offset + n:offset + len(view)] = view[n:]
 
 
-class FakeLU:
-    name = "src"
-    size = SIZE
-
-    def __init__(self, backend):
-        self.backend = backend
-
-
 def make_session(tmp_path, save_extents=EXTENTS):
-    lu = FakeLU(sessions.SessionLayer(SlowBackend(SIZE)))
+    lu = FakeLU(sessions.SessionLayer(SlowBackend(SIZE)), SIZE)
     index = sessions.SaveArea.minimum_size(EXTENTS, GRAN) - GRAN
     save = backends.MemoryBackend(index + save_extents * GRAN)
     s = sessions.Session("s", lu, GRAN, str(tmp_path), save,

@@ -18,7 +18,8 @@ Plugin modules (loaded by tests/conftest.py, their fixtures need no import):
 Helper modules: sockets, models, tools (qemu-io, whole-export reads),
 rsgmodel (replication's change model), rsgnodes (in-process replication
 nodes: Node, a primary/secondary Pair, their factory fixtures), rsgpair
-(the DCM replay tests' pair), powerloss (a simulated disk that
+(the DCM replay tests' pair), sessionfakes (a session engine on memory
+backends: FakeLU, marked_session), powerloss (a simulated disk that
 loses unsynced writes), clonegroup and clonemodel (a clone group on memory
 backends, and its hypothesis model), spybackend (a memory backend that
 records what was done to it), guestimage, relay (a TCP relay that

@@ -15,9 +15,10 @@ import time
 
 import pytest
 
-from target import backends, sessions
+from target import sessions
 from target.sessions import transfer
 
+from tests.support.sessionfakes import marked_session
 from tests.support.sessionlib import NbdProcess
 
 pytest.importorskip("nbd")
@@ -27,14 +28,6 @@ CHUNK = 2 << 20                 # a run: its last request takes many sends
 RUN = CHUNK // G                # extents a run
 RUNS = 24
 N = RUN * RUNS
-
-
-class FakeLU:
-    name = "src"
-
-    def __init__(self, backend, size):
-        self.backend = backend
-        self.size = size
 
 
 def image():
@@ -57,18 +50,8 @@ def test_the_rest_of_a_run_goes_out_with_its_own_data(dests, tmp_path,
     dests.procs.append(p)
     server = p.start()
 
-    inner = backends.MemoryBackend(N * G)
-    inner.write(image(), 0)
-    lu = FakeLU(sessions.SessionLayer(inner), N * G)
-    save = backends.MemoryBackend(sessions.SaveArea.minimum_size(N, G) +
-                                  N * G)
-    s = sessions.Session("s", lu, G, tempfile.mkdtemp(dir=tmp_path),
-                         save, [{"uri": server.uri}],
-                         persist=lambda record: None)
-    s.create()
-    lu.backend.add(s)
-    s.mark()
-    frozen = bytes(inner.data)
+    s, frozen = marked_session(image(), G, [server.uri],
+                               map_dir=tempfile.mkdtemp(dir=tmp_path))
 
     real_pump = transfer.pump
 
