@@ -1,8 +1,12 @@
 """The Python programs of scripts/ (torture.py, powerfs.py) as modules:
-scripts/ is not a package and is not put on sys.path."""
+scripts/ is not a package and is not put on sys.path.  `needs_powerfs`
+marks the tests that mount scripts/powerfs.py."""
 
 import importlib.util
+import os
 import sys
+
+import pytest
 
 from tests.support.cli import REPO
 
@@ -20,3 +24,9 @@ def load(name):
             del sys.modules[name]
             raise
     return sys.modules[name]
+
+
+needs_powerfs = pytest.mark.skipif(
+    not os.path.exists("/dev/fuse") or os.geteuid() != 0,
+    reason="mounts scripts/powerfs.py, a FUSE file system: needs /dev/fuse "
+    "and root")

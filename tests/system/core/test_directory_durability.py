@@ -20,9 +20,7 @@ from tests.support.cli import run_clonectl
 
 torture = scripts.load("torture")
 
-pytestmark = pytest.mark.skipif(
-    not os.path.exists("/dev/fuse") or os.geteuid() != 0,
-    reason="mounts a FUSE file system: needs /dev/fuse and root")
+pytestmark = scripts.needs_powerfs
 
 
 @pytest.fixture

@@ -16,9 +16,7 @@ from tests.support.servers import read_file_range
 
 torture = scripts.load("torture")
 
-pytestmark = pytest.mark.skipif(
-    not os.path.exists("/dev/fuse") or os.geteuid() != 0,
-    reason="mounts a FUSE file system: needs /dev/fuse and root")
+pytestmark = scripts.needs_powerfs
 
 BLOCK = 4096
 

@@ -15,9 +15,7 @@ import pytest
 from tests.support import scripts
 
 nbd = pytest.importorskip("nbd")
-pytestmark = pytest.mark.skipif(
-    not os.path.exists("/dev/fuse") or os.geteuid() != 0,
-    reason="mounts scripts/powerfs.py: needs /dev/fuse and root")
+pytestmark = scripts.needs_powerfs
 
 torture = scripts.load("torture")
 
