@@ -78,21 +78,29 @@ def test_writes_stay_in_flight_up_to_the_pool(monkeypatch):
     assert not s.marked
 
 
+def _failed_transfer(monkeypatch, n, lag, fail_write):
+    """A transfer of n extents (a run and a write each, a checkpoint every
+    4) to a LaggingDestination that refuses write fail_write: it has
+    failed; (session, frozen image, destination, engine, pending map)."""
+    monkeypatch.setattr(transfer, "CHUNK", G)
+    monkeypatch.setattr(transfer, "CHECKPOINT_BYTES", 4 * G)
+    s, frozen = marked_session(os.urandom(n * G), G, ["m"])
+    dest = LaggingDestination(backends.MemoryBackend(n * G), lag=lag,
+                              fail_write=fail_write)
+    engine = s.start_transfer({0: dest}, run=False)
+    engine.advance()
+    assert engine.result.startswith("failed"), engine.result
+    return s, frozen, dest, engine, s.dests[0].pending
+
+
 def test_failed_write_leaves_pending_what_no_checkpoint_flushed(monkeypatch):
     """The 13th write fails: the three checkpoints before it (4 extents
     each) were flushed and are clear, everything after stays pending,
     including the writes answered after the failure (never flushed)."""
-    monkeypatch.setattr(transfer, "CHUNK", G)
-    monkeypatch.setattr(transfer, "CHECKPOINT_BYTES", 4 * G)
     n = 32
-    s, frozen = marked_session(os.urandom(n * G), G, ["m"])
-    dest = LaggingDestination(backends.MemoryBackend(n * G), lag=3,
-                              fail_write=13)
-    engine = s.start_transfer({0: dest}, run=False)
-    engine.advance()
-    assert engine.result.startswith("failed"), engine.result
+    s, frozen, dest, engine, pending = _failed_transfer(
+        monkeypatch, n, lag=3, fail_write=13)
     assert "injected EIO" in engine.result, engine.result
-    pending = s.dests[0].pending
     clear = {x for x in range(n) if not pending[x]}
     assert clear == set(range(12)), sorted(clear)
     # Nothing is clear that was not answered and then flushed, and the
@@ -112,16 +120,9 @@ def test_a_checkpoint_with_a_failed_write_is_never_cleared(monkeypatch):
     the destination refused (before, the closed checkpoint was flushed and
     cleared as if it had all arrived, and the next transfer would not have
     sent the extent again)."""
-    monkeypatch.setattr(transfer, "CHUNK", G)
-    monkeypatch.setattr(transfer, "CHECKPOINT_BYTES", 4 * G)
     n = 8
-    s, frozen = marked_session(os.urandom(n * G), G, ["m"])
-    dest = LaggingDestination(backends.MemoryBackend(n * G), lag=100,
-                              fail_write=2)
-    engine = s.start_transfer({0: dest}, run=False)
-    engine.advance()
-    assert engine.result.startswith("failed"), engine.result
-    pending = s.dests[0].pending
+    s, frozen, dest, engine, pending = _failed_transfer(
+        monkeypatch, n, lag=100, fail_write=2)
     clear = {x for x in range(n) if not pending[x]}
     assert 1 not in clear, "the refused write's extent was cleared"
     assert clear <= dest.durable, (sorted(clear), sorted(dest.durable))
