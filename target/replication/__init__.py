@@ -36,11 +36,29 @@ longer taken for corruption then.
 
 Links.  One `Link` per secondary, each with a thread that reads the SRL at
 its own pace and sends entries in order, in batches closed by a commit
-frame; the secondary acknowledges a batch once it is durable in its staging
-log.  An entry is freed once every link that holds the SRL has it (the
-persisted acknowledged position: space is reclaimed only after the link
-positions are saved, so a crash never finds a link pointing at reused
-space).  Sync links make the host write wait for the acknowledgement (up to
+frame.  After CMIT the secondary acknowledges a batch (ACKS) once it is
+durable in its staging log.  A sync link closes most batches with CAPL
+instead: the secondary applies the batch and acknowledges it (APLD) with
+nothing made durable, so a sync write costs one round trip and one write
+there rather than two fdatasyncs; its durability follows the host's
+flushes, as a local disk's does.  A host flush (and a FUA write, which
+the I/O stack turns into one) waits until every sync link's secondary has
+acknowledged a CMIT that covers each change before it, and a link sends
+CMIT on its own after VOLATILE_BATCHES batches, VOLATILE_BYTES or
+PERSIST_INTERVAL (a CMIT makes every batch before it durable: the
+secondary flushes its volumes first).  `acked_seq`/`acked_pos` are the
+durable position, `held_seq` what the secondary applied: the SRL keeps
+every entry after the durable position, so a secondary that lost what it
+had only applied gets it again.  Such a secondary cannot tell which of
+those updates reached its disk (a power cut keeps some pages and not
+others): its record says it may hold some (`volatile`, saved before the
+first CAPL apply of a session and cleared by the flush at the session's
+end), and it starts inconsistent; the primary then replays the regions of
+the changes after the durable position, not the volume.  Async links send
+CMIT only.  An entry is freed once every link that holds the SRL has it
+durably (the persisted acknowledged position: space is reclaimed only
+after the link positions are saved, so a crash never finds a link
+pointing at reused space).  Sync links make the host write wait for the acknowledgement (up to
 `sync_timeout`; then the link is failed and changes are tracked in its
 DCM, the write proceeds), while they stream and during a replay begun
 within the stream (a volume change, below: the secondary has every
@@ -149,10 +167,13 @@ inconsistent meanwhile with its last consistent image kept.  The
 secondary receives exactly the regions the operation changed plus the
 host writes made meanwhile, never a full copy.
 
-Secondary.  `SecondaryGroup` receives batches, writes each whole batch to
-one of two staging slots (crc over the batch, fdatasync), acknowledges it,
-applies it in order to the volumes, flushes them, and marks the slot
-applied.  After a crash the slot holding a committed, unapplied batch is
+Secondary.  `SecondaryGroup` receives batches.  A CMIT batch it writes
+whole to one of two staging slots (crc over the batch, fdatasync; the
+volumes are flushed first if CAPL batches were applied since they last
+were), acknowledges it, applies it in order to the volumes, flushes them,
+and marks the slot applied; a CMIT with no entries after CAPL batches
+leaves an applied slot naming the last update applied, where a start
+finds what is durable.  A CAPL batch it applies and acknowledges.  After a crash the slot holding a committed, unapplied batch is
 applied again as one unit (the window of unacknowledged updates); a torn
 slot is ignored (the primary still has it: it was never acknowledged).
 Reads of a secondary's volume take the apply lock (its guard layer, the

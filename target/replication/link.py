@@ -32,6 +32,11 @@ BATCH_BYTES = 4 << 20          # a batch is closed after this much data
 CONNECT_TIMEOUT = 5.0
 RETRY_INTERVAL = 1.0
 PERSIST_INTERVAL = 1.0
+# A sync link's batches are acknowledged once applied (CAPL), and made
+# durable on the secondary by a CMIT at the next host flush, or after
+# this many batches or bytes, or PERSIST_INTERVAL (module notes).
+VOLATILE_BATCHES = 4096
+VOLATILE_BYTES = 8 << 20
 REPLAY_CHUNK = 1 << 20
 # A replay asks the secondary to make what it sent durable (RSYN) after
 # this much data or changemap.COMMIT_INTERVAL, and clears what the
@@ -201,8 +206,20 @@ class Link:
         self.discard_secondary = record.get("discard_secondary", False)
         # Bytes per second a DCM replay may send (None: no limit).
         self.replay_rate = record.get("replay_rate")
+        # What the secondary acknowledged as durable (CMIT: ACKS); the
+        # SRL keeps every entry after it.
         self.acked_seq = record.get("acked_seq", 0)
         self.acked_pos = record.get("acked_pos", 0)
+        # What it acknowledged as applied, durable or not (CAPL: APLD).
+        self.held_seq = self.acked_seq
+        # A CAPL batch sent since the last CMIT (count, bytes, and when
+        # that CMIT went), the last CMIT's sequence number, and the
+        # highest sequence number a host flush waits to be durable.
+        self.volatile_batches = self.volatile_bytes = 0
+        self.durable_at = 0.0
+        self.durable_sent = 0
+        self.durable_wanted = 0
+        self.secondary_applies = False  # it answers CAPL
         self.saved_pos = self.acked_pos
         self.seeded = record.get("seeded", False)
         # A take of the secondary's changes (split-brain policy
@@ -270,6 +287,12 @@ class Link:
     def state(self):
         """The status, shown as the link's state."""
         return self.phase[0]
+
+    @property
+    def acknowledged(self):
+        """The secondary has every update up to this one, applied (APLD)
+        or durable (ACKS)."""
+        return max(self.acked_seq, self.held_seq)
 
     @property
     def holds(self):
@@ -430,6 +453,7 @@ class Link:
         self.secondary_applied = reply.get("applied_seq")
         self.secondary_verifies = bool(reply.get("verify"))
         self.secondary_syncs = bool(reply.get("replay_sync"))
+        self.secondary_applies = bool(reply.get("applied_acks"))
         sock.settimeout(None)
         if not g.accept_secondary(self, reply):
             return
@@ -511,6 +535,11 @@ class Link:
                             last, end = self.batches.pop(0)
                             self.acked_seq, self.acked_pos = last, end
                         g.cond.notify_all()
+                elif kind == b"APLD":
+                    seq, = SEQ.unpack(payload)
+                    with g.cond:
+                        self.held_seq = max(self.held_seq, seq)
+                        g.cond.notify_all()
                 elif kind == b"VANS":
                     with g.cond:
                         self.verify_answer = json.loads(payload)
@@ -549,9 +578,11 @@ class Link:
                 g.cond.notify_all()
             shutdown_socket(sock)
 
-    def _send_entries(self, sock, send_pos, until_pos, epoch):
-        """Send SRL entries [send_pos, until_pos) in batches; return the
-        position reached, or None if the link's epoch changed."""
+    def _send_entries(self, sock, send_pos, until_pos, epoch,
+                      volatile=False):
+        """Send SRL entries [send_pos, until_pos) in batches (volatile:
+        CAPL where no CMIT is due); return the position reached, or None
+        if the link's epoch changed."""
         g = self.group
         parts, batch_bytes, last_seq = [], 0, None
         pos = send_pos
@@ -576,10 +607,11 @@ class Link:
             batch_bytes += length if kind == WRITE else 0
             last_seq, pos = seq, nxt
             if batch_bytes >= BATCH_BYTES or len(parts) >= 4096:
-                self._commit(sock, parts, last_seq, pos)
+                self._commit(sock, parts, last_seq, pos, volatile,
+                             batch_bytes)
                 parts, batch_bytes = [], 0
         if parts:
-            self._commit(sock, parts, last_seq, pos)
+            self._commit(sock, parts, last_seq, pos, volatile, batch_bytes)
         return pos
 
     def _srl_unreadable(self, err, epoch):
@@ -590,18 +622,58 @@ class Link:
         if self.epoch == epoch and self.holds_srl:
             self.group.srl_failed(err)
 
-    def _commit(self, sock, parts, last_seq, end_pos):
+    def _commit(self, sock, parts, last_seq, end_pos, volatile=False,
+                nbytes=0):
+        """Close a batch: CAPL if volatile and no CMIT is due, else CMIT
+        (which makes every batch before it durable too)."""
         g = self.group
         with g.cond:
             self.batches.append((last_seq, end_pos))
             self.last_sent_seq = last_seq
-        parts.append((b"CMIT", SEQ.pack(last_seq), None))
+            volatile = volatile and not self._durable_due(nbytes)
+            if volatile:
+                self.volatile_batches += 1
+                self.volatile_bytes += nbytes
+            else:
+                self.volatile_batches = self.volatile_bytes = 0
+                self.durable_at = time.monotonic()
+                self.durable_sent = last_seq
+        parts.append((b"CAPL" if volatile else b"CMIT", SEQ.pack(last_seq),
+                      None))
         send_frames(sock, parts)
         self.sent_bytes += sum(len(p[1]) + (len(p[2]) if p[2] else 0)
                                for p in parts)
 
+    def _durable_due(self, nbytes=0):
+        """(Under the lock.)  The next batch closes with CMIT: a host
+        flush waits, or enough went as CAPL since the last CMIT."""
+        return self.durable_wanted > self.durable_sent or \
+            self.volatile_batches + 1 >= VOLATILE_BATCHES or \
+            self.volatile_bytes + nbytes >= min(
+                VOLATILE_BYTES, self.group.srl.capacity // 4) or \
+            time.monotonic() - self.durable_at >= PERSIST_INTERVAL
+
+    def _commit_due(self):
+        """(Under the lock.)  A CMIT with no entry is due: something went
+        as CAPL since the last CMIT, and a host flush waits for it or it
+        has waited PERSIST_INTERVAL."""
+        return self.last_sent_seq > self.durable_sent and (
+            self.durable_wanted > self.durable_sent or
+            time.monotonic() - self.durable_at >= PERSIST_INTERVAL)
+
+    def _unheld(self):
+        """(Under the lock.)  Batches sent that the secondary has not
+        acknowledged at all."""
+        held, n = self.acknowledged, 0
+        for last, _ in reversed(self.batches):
+            if last <= held:
+                break
+            n += 1
+        return n
+
     def _stream(self, sock, epoch):
         g = self.group
+        volatile = self.mode == "sync" and self.secondary_applies
         with g.cond:
             if self.stream_from is not None:
                 send_pos, self.stream_from = self.stream_from, None
@@ -617,13 +689,19 @@ class Link:
                     self.acked_pos = send_pos
                     self.acked_seq = max(self.acked_seq,
                                          int(self.secondary_applied))
+                self.last_sent_seq = self.acked_seq
+            # Whatever went before is durable or covered by a CMIT sent.
+            self.durable_sent = self.last_sent_seq
+            self.held_seq = self.acked_seq
+            self.volatile_batches = self.volatile_bytes = 0
+            self.durable_at = time.monotonic()
         last_persist = time.monotonic()
         while not self.stopping:
             with g.cond:
                 while not self.stopping and self.epoch == epoch and \
                         g.srl.head_pos <= send_pos and \
                         self.state == REPLICATING and \
-                        not self.verify_due():
+                        not self.verify_due() and not self._commit_due():
                     g.waiters += 1
                     g.cond.wait(0.5)
                     g.waiters -= 1
@@ -635,7 +713,7 @@ class Link:
                     return False
                 until = g.srl.head_pos
                 # Flow control: at most 8 batches unacknowledged.
-                while len(self.batches) > 8 and self.state == REPLICATING \
+                while self._unheld() > 8 and self.state == REPLICATING \
                         and not self.stopping and self.epoch == epoch:
                     g.cond.wait(0.5)
             if time.monotonic() - last_persist > PERSIST_INTERVAL:
@@ -644,10 +722,15 @@ class Link:
                 if until <= send_pos:
                     # Idle: tell the secondary the primary is alive.
                     send_frame(sock, b"BEAT")
-            pos = self._send_entries(sock, send_pos, until, epoch)
+            pos = self._send_entries(sock, send_pos, until, epoch,
+                                     volatile)
             if pos is None:
                 return True
             send_pos = pos
+            with g.cond:
+                commit = self._commit_due()
+            if commit:
+                self._commit(sock, [], self.last_sent_seq, send_pos)
             if self.verify_due():
                 pos = self.verify_region(sock, send_pos, epoch)
                 if pos is None:
@@ -667,6 +750,9 @@ class Link:
                 # position, after every entry sent so far.
                 send_pos = self.batches[-1][1] if self.batches \
                     else self.acked_pos
+                # Batches of it that went as CAPL are made durable once
+                # the secondary began the replay (a host flush may wait).
+                unsynced_stream = self.last_sent_seq > self.durable_sent
             else:
                 self.transition("await-replay")
                 # After an SRL failure, not at once: each try of a failing
@@ -679,6 +765,7 @@ class Link:
                 self.error = None
                 g.replay_join(self)
                 send_pos = self.acked_pos
+                unsynced_stream = False
             epoch = self.epoch
             runs = list(self.dcm.runs())
             self.replay_total = self.dcm.count()
@@ -703,6 +790,8 @@ class Link:
         send_json(sock, b"RBEG", {"extents": self.replay_total})
         if not self._wait_replay_reply(b"RBOK"):
             return False
+        if unsynced_stream:
+            self._commit(sock, [], self.last_sent_seq, send_pos)
         gran = g.granularity
         vol = None
         # Sent since the last RSYN: (vol, offset, length), and its data
@@ -1095,19 +1184,24 @@ class Link:
                                 reason=got[1].get("message", "replay refused"))
         return True
 
-    def wait_ack(self, seq):
-        """Sync mode: wait until the secondary has seq (or the link fails,
-        which the DCM then covers)."""
+    def wait_ack(self, seq, durable=False):
+        """Sync mode: wait until the secondary has applied seq, or with
+        durable (a host flush) made it durable (or the link fails, which
+        the DCM then covers)."""
         g = self.group
         deadline = time.monotonic() + g.sync_timeout
         with g.cond:
-            while self.acked_seq < seq and self.sync_waits and \
-                    not self.stopping:
+            if durable and self.durable_wanted < seq:
+                self.durable_wanted = seq
+                g.cond.notify_all()
+            while (self.acked_seq if durable else self.acknowledged) < seq \
+                    and self.sync_waits and not self.stopping:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    self.error = "the secondary did not acknowledge a " \
-                        "write within {:.0f} s; changes are tracked in " \
-                        "the DCM".format(g.sync_timeout)
+                    self.error = "the secondary did not acknowledge {} " \
+                        "within {:.0f} s; changes are tracked in " \
+                        "the DCM".format("a flush" if durable else "a write",
+                                         g.sync_timeout)
                     g.to_logging(self)
                     break
                 g.cond.wait(min(left, 0.5))
@@ -1130,15 +1224,19 @@ class Link:
 
     def status(self):
         g = self.group
-        lag_updates = max(0, g.next_seq - 1 - self.acked_seq) \
+        held = self.acknowledged
+        held_pos = next((end for last, end in reversed(self.batches)
+                         if last <= held), self.acked_pos)
+        lag_updates = max(0, g.next_seq - 1 - held) \
             if self.holds_srl else None
-        lag_bytes = max(0, g.srl.head_pos - self.acked_pos) \
+        lag_bytes = max(0, g.srl.head_pos - held_pos) \
             if self.holds_srl else None
         self.verify_left()
         return {"secondary": self.secondary, "mode": self.mode,
                 "state": self.state, "attached": self.attached,
                 "secondary_consistent": self.secondary_consistent,
-                "acked_seq": self.acked_seq, "lag_updates": lag_updates,
+                "acked_seq": held, "durable_seq": self.acked_seq,
+                "lag_updates": lag_updates,
                 "lag_bytes": lag_bytes, "dcm_logging": self.logging,
                 "dcm_extents": self.dcm.count() if self.dcm else None,
                 "replay_total": self.replay_total,

@@ -390,14 +390,22 @@ class PrimaryGroup:
                 link.wait_ack(seq)
 
     def flush_log(self):
+        """A host flush (or FUA write): the SRL is made durable, and so is
+        every change before it on each sync link's secondary (which has
+        them applied, not necessarily durable: module notes)."""
         with self.lock:
             dirty = self.srl.dirty
+            seq = self.next_seq - 1
+            sync_links = [l for l in self.links if l.mode == "sync" and
+                          l.sync_waits and l.acked_seq < seq]
         if dirty:
             try:
                 self.srl.sync()
             except OSError as e:
                 with self.lock:
                     self.srl_failed(e)
+        for link in sync_links:
+            link.wait_ack(seq, durable=True)
 
     def srl_failed(self, e, change=None):
         """(Under the lock.)  The SRL cannot be read, written or made

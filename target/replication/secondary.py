@@ -46,13 +46,14 @@ REPLAY_APPLY_FRAMES = 8 * REPLAY_APPLY_WORKERS
 
 
 class _ApplyFailed(Exception):
-    """This node's volumes failed an update (the OSError is __cause__);
-    staged: of a batch staged and acknowledged, which the volumes may now
-    hold in part."""
+    """This node's volumes failed an update (the OSError is __cause__),
+    which they may now hold in part; staged: of a batch staged and
+    acknowledged (applied again from the stage); volatile: of a batch
+    applied without a stage (the primary sends its regions again)."""
 
-    def __init__(self, what, staged):
+    def __init__(self, what, staged, volatile=False):
         super().__init__(what)
-        self.what, self.staged = what, staged
+        self.what, self.staged, self.volatile = what, staged, volatile
 
 
 class _Dropped(errors.Error):
@@ -67,11 +68,11 @@ class ImageNotKept(errors.Error):
 
 
 @contextlib.contextmanager
-def _applying(what, staged=False):
+def _applying(what, staged=False, volatile=False):
     try:
         yield
     except OSError as e:
-        raise _ApplyFailed(what, staged) from e
+        raise _ApplyFailed(what, staged, volatile) from e
 
 
 def _answer(sock, kind, payload):
@@ -314,6 +315,12 @@ class SecondaryGroup:
         # by the replay that began while this node was consistent, until
         # that replay or the next completes; the module notes).
         self.protected = record.get("protected", False)
+        # Updates were applied and acknowledged without being made durable
+        # (a sync link's CAPL; module notes): saved before the first such
+        # apply of a session and cleared once the volumes are flushed at
+        # its end.  Found at a start, the volumes may hold any part of
+        # those updates (a power cut keeps some pages and not others).
+        self.volatile = record.get("volatile", False)
         self.primary = record.get("primary")
         self.diverged = record.get("diverged")       # set by demote
         # protect(volumes, point): keep every volume's current image, all
@@ -345,6 +352,16 @@ class SecondaryGroup:
         self.slot = 0
         self.closed = False
         self._recover_stage()
+        if self.volatile:
+            if self.consistent:
+                with self.lock:
+                    self.consistent = False
+                    self.reason = "this node stopped while it held updates " \
+                        "not yet made durable; consistent again once the " \
+                        "primary has sent their regions again"
+                log.warning("group %s: %s", self.name, self.reason)
+            self.volatile = False
+            self.persist()
 
     # Stage slots.
 
@@ -477,6 +494,7 @@ class SecondaryGroup:
                     "replay_synced": self.replay_synced,
                     "consistent": self.consistent, "reapply": self.reapply,
                     "protected": self.protected, "primary": self.primary,
+                    "volatile": self.volatile,
                     "diverged": self.diverged, "reason": self.reason})
         self.files.save(rec)
 
@@ -562,7 +580,10 @@ class SecondaryGroup:
                  # It answers RSYN (a replay resumes from its answers),
                  # and this is the last one it made durable.
                  "replay_sync": True,
-                 "replay_synced": self.replay_synced}
+                 "replay_synced": self.replay_synced,
+                 # It answers CAPL (a batch acknowledged once applied,
+                 # made durable at the next CMIT).
+                 "applied_acks": True}
         if self.diverged is not None:
             reply["diverged"] = self.diverged.get("runs", [])
             reply["diverged_all"] = self.diverged.get("all", False)
@@ -619,6 +640,8 @@ class SecondaryGroup:
         self.connected_since = time.time()
         batch = []
         replaying = False
+        # Updates applied since the volumes were last flushed (CAPL).
+        unflushed = False
         replay = "the primary's replay"
         applier = self.applier = _ReplayApplier(self)
         try:
@@ -658,13 +681,47 @@ class SecondaryGroup:
                     continue
                 elif kind == b"PULL":
                     self._send_pull(sock, json.loads(payload)["runs"])
+                elif kind == b"CAPL":
+                    # A batch of a sync link: acknowledged once applied,
+                    # made durable by a later CMIT (module notes).
+                    seq, = SEQ.unpack(payload)
+                    if batch and not (replaying or not self.consistent):
+                        if not self.volatile:
+                            self.volatile = True
+                            self.persist()
+                        with _applying("updates {}-{}".format(
+                                batch[0][0], batch[-1][0]), volatile=True):
+                            self._apply_entries(batch)
+                        self.applied_seq = batch[-1][0]
+                        self.batches += 1
+                        batch = []
+                    unflushed = True
+                    send_frame(sock, b"APLD", SEQ.pack(seq))
+                    self.last_seq = max(self.last_seq, seq)
+                    if self.history != theirs:
+                        self.history = theirs
+                        self.persist()
                 elif kind == b"CMIT":
                     seq, = SEQ.unpack(payload)
                     if replaying or not self.consistent:
                         with _applying(replay):
                             self._flush_volumes()
+                        unflushed = False
                         send_frame(sock, b"ACKS", SEQ.pack(seq))
                         continue
+                    if unflushed:
+                        # What CAPL applied is durable before this batch
+                        # is staged: a stage is applied again after a
+                        # crash over volumes that hold everything before.
+                        with _applying("updates before {}".format(seq),
+                                       volatile=True):
+                            self._flush_volumes()
+                        unflushed = False
+                        if not batch:
+                            # Where a start finds what is durable.
+                            self._mark_applied(self._stage(
+                                [], self.applied_seq, self.applied_seq))
+                            self.slot = 1 - self.slot
                     if batch:
                         path = self._stage(batch, batch[0][0], batch[-1][0])
                     send_frame(sock, b"ACKS", SEQ.pack(seq))
@@ -686,6 +743,11 @@ class SecondaryGroup:
                     send_json(sock, b"VANS",
                               self.verify_answer(json.loads(payload)))
                 elif kind == b"RBEG":
+                    if unflushed:
+                        # The image kept is of durable data.
+                        with _applying(replay, volatile=True):
+                            self._flush_volumes()
+                        unflushed = False
                     replaying = True
                     self._begin_replay(theirs)
                     send_json(sock, b"RBOK", {"ok": True})
@@ -731,11 +793,16 @@ class SecondaryGroup:
             # inconsistent until its staged copy is applied again.
             self.error = "applying {} failed: {}".format(e.what, e.__cause__)
             log.error("group %s: %s", self.name, self.error)
-            if e.staged:
+            if e.staged or e.volatile:
                 with self.lock:
-                    self.consistent, self.reapply = False, True
-                    self.reason = self.error + "; the staged copy is " \
-                        "applied again when the primary reconnects"
+                    self.consistent = False
+                    if e.staged:
+                        self.reapply = True
+                        self.reason = self.error + "; the staged copy " \
+                            "is applied again when the primary reconnects"
+                    else:
+                        self.reason = self.error + "; the primary sends " \
+                            "its regions again when it reconnects"
                 try:
                     self.persist()
                 except OSError as e2:
@@ -743,7 +810,22 @@ class SecondaryGroup:
                               self.name, e2)
         finally:
             applier.close()
+            self._settle()
             self.connected_since = None
+
+    def _settle(self):
+        """The session ended: what CAPL applied is made durable, and the
+        record no longer says this node holds updates that are not."""
+        if not self.volatile:
+            return
+        try:
+            self._flush_volumes()
+            self.volatile = False
+            self.persist()
+        except OSError as e:
+            # Still set: a start takes the node for inconsistent.
+            log.error("group %s: the updates applied could not be made "
+                      "durable: %s", self.name, e)
 
     def verify_answer(self, request):
         """The checksums of a region of a volume as applied here, for a

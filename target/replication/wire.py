@@ -9,8 +9,10 @@ so a secondary refuses an update damaged anywhere.
 Kinds: AUTH, CHAL, PROF (the proof of the token both ways before
 anything else, JSON: target/channel.py), HELO/HRPL (the primary's hello
 and the secondary's reply, JSON; HRPL also carries a refusal),
-ENTR (one SRL entry), CMIT (end of a batch), ACKS (a batch is durable on
-the secondary), BEAT (an idle primary is alive), RBEG/RBOK, RDAT, RSYN/RSAK,
+ENTR (one SRL entry), CMIT (end of a batch), ACKS (a batch, and every one
+before it, is durable on the secondary), CAPL/APLD (end of a sync link's
+batch, acknowledged once applied, not durable), BEAT (an idle primary is
+alive), RBEG/RBOK, RDAT, RSYN/RSAK,
 REND/RACK (a DCM replay: begin, data of a run, the data so far is durable
 on the secondary, end), PULL/RDAT.../PEND (the primary
 takes a secondary's changes after a split brain), VREQ/VANS (an online

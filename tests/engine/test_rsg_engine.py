@@ -261,7 +261,7 @@ class RsgMachine(RuleBasedStateMachine):
         if sync_ok and link.state == R.REPLICATING and \
                 link.mode == "sync":
             # Still replicating after the write returned: it was acked.
-            assert link.acked_seq >= op.seq, (op, self.c.status())
+            assert link.acknowledged >= op.seq, (op, self.c.status())
 
     @rule(n=st.integers(1, 30), seed=st.integers(0, 2 ** 32))
     def burst_with_samples(self, n, seed):
@@ -382,8 +382,13 @@ def test_sync_write_is_on_secondary_when_it_returns(cluster_factory):
         off = rng.randrange(SIZES[vol] - 8192)
         op = c.write(vol, off, rng.randbytes(rng.randint(1, 8192)))
         assert c.link.state == R.REPLICATING, c.status()
-        assert c.link.acked_seq >= op.seq
-        assert staged_seq(c.sg) >= op.seq, (op, c.status())
+        # Applied there when it returns; durable there after a flush.
+        assert c.link.acknowledged >= op.seq
+        assert c.sg.applied_seq >= op.seq, (op, c.status())
+        if i % 8 == 7:
+            c.ta.lus[VOLS[vol]].flush()
+            assert c.link.acked_seq >= op.seq
+            assert staged_seq(c.sg) >= op.seq, (op, c.status())
     c.check_final()
 
 
@@ -393,12 +398,12 @@ def test_sync_link_to_hung_secondary_times_out_into_dcm(cluster_factory):
     c.g.sync_timeout = 0.5
     gate = threading.Event()
     sg = c.sg
-    orig = sg._stage
+    orig = sg._apply_entries
 
-    def hung_stage(*a):
+    def hung_apply(*a):
         gate.wait(30)          # a secondary that stops answering
         return orig(*a)
-    sg._stage = hung_stage
+    sg._apply_entries = hung_apply
     try:
         t0 = time.monotonic()
         op = c.write(0, 5 * GRAN + 100, b"\xab" * 3000)
@@ -847,7 +852,7 @@ def _replay_with_concurrent_writes(c, monkeypatch, drop_replay_entries):
     orig = R.Link._send_entries
     injected = []
 
-    def patched(self, sock, send_pos, until_pos, epoch):
+    def patched(self, sock, send_pos, until_pos, epoch, *rest):
         if self.state == R.DCM_REPLAY:
             if len(injected) < 4:
                 # A host write while the replay runs, outside its runs.
@@ -855,7 +860,7 @@ def _replay_with_concurrent_writes(c, monkeypatch, drop_replay_entries):
                                         rng.randbytes(5000)))
             if drop_replay_entries:
                 return until_pos          # protection off
-        return orig(self, sock, send_pos, until_pos, epoch)
+        return orig(self, sock, send_pos, until_pos, epoch, *rest)
     monkeypatch.setattr(R.Link, "_send_entries", patched)
     c.ta.rsg_attach("g", c.addr)
     wait_for(lambda: len(injected) >= 4 and c.link.replays >= 2, 10,
@@ -1394,7 +1399,7 @@ def _volume_change_under_sync_writes(c, monkeypatch, start, running, during,
     with sampled(c):
         for i in range(24):
             op = host_write(c, rng, i)
-            assert c.link.acked_seq >= op.seq, (op, c.status())
+            assert c.link.acknowledged >= op.seq, (op, c.status())
             # Staged (streaming: applied after the acknowledgement), or
             # applied (a replay's entries are acknowledged once flushed).
             with c.sg.lock:
@@ -2376,7 +2381,7 @@ def test_sync_writes_do_not_wait_for_a_held_replays_poll(cluster_factory,
         started = time.monotonic()
         op = c.write(1, i * GRAN, b"\x5b" * GRAN)
         took = time.monotonic() - started
-        assert c.link.acked_seq >= op.seq and took < 0.5, \
+        assert c.link.acknowledged >= op.seq and took < 0.5, \
             "a sync write took {:.1f} s".format(took)
     release_until(c, release, "synchronized", "the reverse sync's end")
     c.wait_converged()

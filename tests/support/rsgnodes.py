@@ -145,7 +145,10 @@ class Node:
                 g.al.close()
                 g.srl.close()
             else:
-                g.close()       # shuts the connection, saves nothing
+                # Shuts the connection and saves nothing: nor does the
+                # end of its session (a kill -9 does not run it).
+                g._settle = lambda: None
+                g.close()
         if server is not None:
             server.join()
             # A thread of the dead target that went on would change the
