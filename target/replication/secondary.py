@@ -820,12 +820,25 @@ class SecondaryGroup:
             return
         try:
             self._flush_volumes()
+        except OSError as e:
+            # After a failed flush the kernel may have dropped what it
+            # could not write: not consistent, and the primary sends the
+            # regions of what was not durable again.
+            self.error = "making the updates applied durable failed: " \
+                "{}".format(e)
+            log.error("group %s: %s", self.name, self.error)
+            with self.lock:
+                self.consistent = False
+                self.reason = self.error + "; the primary sends their " \
+                    "regions again when it reconnects"
+        else:
             self.volatile = False
+        try:
             self.persist()
         except OSError as e:
-            # Still set: a start takes the node for inconsistent.
-            log.error("group %s: the updates applied could not be made "
-                      "durable: %s", self.name, e)
+            # The record on disk still says volatile: a start takes the
+            # node for inconsistent.
+            log.error("group %s: cannot save its record: %s", self.name, e)
 
     def verify_answer(self, request):
         """The checksums of a region of a volume as applied here, for a

@@ -7,6 +7,7 @@ FUA writes) ask for it, not at every batch.  Two in-process Targets
 files are watched through os.pwrite/os.pwritev/os.fdatasync/os.fsync.
 """
 
+import json
 import os
 import threading
 
@@ -141,3 +142,33 @@ def test_a_restart_after_updates_not_made_durable_replays_them(pair):
         rsgnodes.read_image(pair.ta, "v1")
     resent = pair.link.sent_bytes - sent
     assert 4 * BLOCK <= resent < 4 * BLOCK + 64 * BLOCK, resent
+
+
+def test_a_flush_failing_at_the_sessions_end_leaves_the_node_inconsistent(
+        pair, tmp_path, monkeypatch):
+    """The secondary's volume fails the flush that makes a session's
+    updates durable (EIO, CLONECTL_FAULTS): the kernel may have dropped
+    them, so the node must not go on saying it is consistent; once the
+    device works, the primary sends their regions again."""
+    faults = tmp_path / "faults.json"
+    faults.write_text("[]")
+    monkeypatch.setenv("CLONECTL_FAULTS", str(faults))
+    pair.restart_secondary()        # its backends see the faults file
+    pair.wait_converged()
+    lu = pair.ta.lus["v1"]
+    for i in range(4):
+        lu.write(os.urandom(BLOCK), i * 5 * BLOCK)
+    vol = os.path.join(pair.B, "lus", "v1.img")
+    tmp = str(faults) + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump([{"path": vol, "op": "flush", "errno": "EIO"}], f)
+    os.rename(tmp, faults)
+    pair.ta.rsg_detach(rsgnodes.GROUP, pair.addr)
+    wait_for(lambda: not pair.sg.status()["connected"], 10,
+             "the session's end")
+    assert not pair.sg.consistent, pair.sg.status()
+    faults.write_text("[]")
+    pair.ta.rsg_attach(rsgnodes.GROUP, pair.addr)
+    pair.wait_converged()
+    assert rsgnodes.read_image(pair.tb, "v1") == \
+        rsgnodes.read_image(pair.ta, "v1")
