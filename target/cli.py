@@ -1812,7 +1812,9 @@ def rsg():
     whole batches in order (after a crash, the last unacknowledged batch is
     applied again as one unit), so it always holds the primary's state at
     some update number. A sync link acknowledges a host write only after the
-    secondary has it; an async link once the SRL has it. When a link cannot
+    secondary has applied it, and a host flush only after the secondary has
+    made every write before it durable; an async link acknowledges a write
+    once the SRL has it. When a link cannot
     keep up and the SRL would overflow, or the link is detached, the link's
     changes are tracked in a data change map (DCM) and replayed later (the
     secondary is inconsistent meanwhile and keeps its last consistent image

@@ -17,8 +17,8 @@ and the stack links the layers in a fixed order, outermost first:
     (base)       the backing file or device
 
 Why this order:
-- guard outermost: host reads of a secondary never see half a batch or an
-  inconsistent image.  The replicated apply enters just below it
+- guard outermost: host reads of a secondary never see half an update or
+  an inconsistent image.  The replicated apply enters just below it
   (`below("guard")`), so a clone of a secondary's volume sees every
   replicated write, exactly as it sees a host write on a primary.
 - clones above sessions and replication: what the clone engines write into

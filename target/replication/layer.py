@@ -2,7 +2,7 @@
 
 On a primary, ReplicationLayer orders every change through the group (SRL,
 DCMs) before it reaches the volume.  On a secondary, Guard is the outermost
-layer: reads wait for a batch being applied and are refused while the
+layer: reads wait for the update being applied and are refused while the
 group is inconsistent; writes from above are refused (replication writes
 below it).  See docs/replication.md.
 """
@@ -44,7 +44,7 @@ class ReplicationLayer(iostack.Layer):
 
 class Guard(iostack.Layer):
     """A secondary volume's guard, the outermost layer of its LU's I/O
-    stack: a read waits for the batch being applied and is refused while
+    stack: a read waits for the update being applied and is refused while
     the volume is inconsistent; a write from above is refused, whatever
     connection it came on (one opened before the LU became a secondary's
     included): the volume is written by replication only, which enters

@@ -212,11 +212,11 @@ class Link:
         self.acked_pos = record.get("acked_pos", 0)
         # What it acknowledged as applied, durable or not (CAPL: APLD).
         self.held_seq = self.acked_seq
-        # A CAPL batch sent since the last CMIT (count, bytes, and when
-        # that CMIT went), the last CMIT's sequence number, and the
+        # The CAPL batches sent since the last CMIT (count, bytes, and
+        # when the first went), the last CMIT's sequence number, and the
         # highest sequence number a host flush waits to be durable.
         self.volatile_batches = self.volatile_bytes = 0
-        self.durable_at = 0.0
+        self.volatile_since = 0.0
         self.durable_sent = 0
         self.durable_wanted = 0
         self.secondary_applies = False  # it answers CAPL
@@ -632,11 +632,12 @@ class Link:
             self.last_sent_seq = last_seq
             volatile = volatile and not self._durable_due(nbytes)
             if volatile:
+                if not self.volatile_batches:
+                    self.volatile_since = time.monotonic()
                 self.volatile_batches += 1
                 self.volatile_bytes += nbytes
             else:
                 self.volatile_batches = self.volatile_bytes = 0
-                self.durable_at = time.monotonic()
                 self.durable_sent = last_seq
         parts.append((b"CAPL" if volatile else b"CMIT", SEQ.pack(last_seq),
                       None))
@@ -651,7 +652,8 @@ class Link:
             self.volatile_batches + 1 >= VOLATILE_BATCHES or \
             self.volatile_bytes + nbytes >= min(
                 VOLATILE_BYTES, self.group.srl.capacity // 4) or \
-            time.monotonic() - self.durable_at >= PERSIST_INTERVAL
+            (self.volatile_batches > 0 and
+             time.monotonic() - self.volatile_since >= PERSIST_INTERVAL)
 
     def _commit_due(self):
         """(Under the lock.)  A CMIT with no entry is due: something went
@@ -659,7 +661,7 @@ class Link:
         has waited PERSIST_INTERVAL."""
         return self.last_sent_seq > self.durable_sent and (
             self.durable_wanted > self.durable_sent or
-            time.monotonic() - self.durable_at >= PERSIST_INTERVAL)
+            time.monotonic() - self.volatile_since >= PERSIST_INTERVAL)
 
     def _unheld(self):
         """(Under the lock.)  Batches sent that the secondary has not
@@ -694,7 +696,6 @@ class Link:
             self.durable_sent = self.last_sent_seq
             self.held_seq = self.acked_seq
             self.volatile_batches = self.volatile_bytes = 0
-            self.durable_at = time.monotonic()
         last_persist = time.monotonic()
         while not self.stopping:
             with g.cond:

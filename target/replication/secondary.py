@@ -478,8 +478,11 @@ class SecondaryGroup:
             b.trim(off, length)
 
     def _apply_entries(self, entries):
-        with self.lock:
-            for seq, vol, kind, off, length, crc, data in entries:
+        # The lock per update, not per batch: every prefix of the stream
+        # is a state the primary had, so a reader (or a point in time) may
+        # come between two updates, and waits for one at most.
+        for seq, vol, kind, off, length, crc, data in entries:
+            with self.lock:
                 self._apply_one(vol, kind, off, length, data)
 
     def _flush_volumes(self):
