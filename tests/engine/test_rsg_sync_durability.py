@@ -154,10 +154,13 @@ def test_a_flush_failing_at_the_sessions_end_leaves_the_node_inconsistent(
     faults.write_text("[]")
     monkeypatch.setenv("CLONECTL_FAULTS", str(faults))
     pair.restart_secondary()        # its backends see the faults file
-    pair.wait_converged()
+    wait_for(lambda: pair.sg.status()["connected"] and
+             pair.link.state == R.REPLICATING, 10, "the link back")
     lu = pair.ta.lus["v1"]
     for i in range(4):
         lu.write(os.urandom(BLOCK), i * 5 * BLOCK)
+    assert pair.sg.volatile and \
+        pair.sg.applied_seq == pair.g.next_seq - 1, pair.sg.status()
     vol = os.path.join(pair.B, "lus", "v1.img")
     tmp = str(faults) + ".tmp"
     with open(tmp, "w") as f:
