@@ -38,8 +38,10 @@ means for its maps.
   holds something across a call (a restore holds its claims on the
   extents, and host I/O on them waits for it) releases it first and then
   calls throttle() itself.  `idle`, when given, is called every
-  `idle_interval` seconds of such a wait (a replication link keeps its
-  connection alive and its stream going while its replay is throttled).
+  `idle_interval` seconds of such a wait, and as soon as `wait(timeout)`
+  (default: the cancel event's) returns early (a replication link keeps
+  its connection alive and its stream going while its replay is
+  throttled, and wakes for a host write at once).
 - Progress: progress(length) after each chunk written, retries included;
   zeroed holes count like copied data.
 
@@ -79,7 +81,7 @@ class Copier:
     def __init__(self, read, write, zero=None, chunk=CHUNK,
                  piece=WRITE_PIECE, guard=None, between=None, rate=None,
                  progress=None, cancel=None, extents=None, idle=None,
-                 idle_interval=0.1):
+                 idle_interval=0.1, wait=None):
         self.read = read
         self.write = write
         self.zero = zero
@@ -96,6 +98,8 @@ class Copier:
         self.idle_interval = idle_interval
         self.progress = progress
         self.cancel = cancel or threading.Event()
+        # wait(timeout): True once cancelled.
+        self.wait = wait or self.cancel.wait
         self.started = time.monotonic()
         self.bytes_done = 0
         self._buf = bytearray(0)
@@ -179,6 +183,6 @@ class Copier:
             if self.idle is None:
                 self.cancel.wait(ahead)
                 return
-            if self.cancel.wait(min(ahead, self.idle_interval)):
+            if self.wait(min(ahead, self.idle_interval)):
                 return
             self.idle()

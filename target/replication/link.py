@@ -883,6 +883,20 @@ class Link:
                 send_frame(sock, b"BEAT")
             beat_at = time.monotonic()
 
+        def wait(timeout):
+            # The rate holds the replay back: a host write wakes it, so
+            # that idle() sends its entry at once (a sync write waits
+            # for it), not at the next look.
+            with g.cond:
+                if not self.replay_cancel.is_set() and \
+                        g.srl.head_pos <= send_pos:
+                    g.waiters += 1
+                    try:
+                        g.cond.wait(timeout)
+                    finally:
+                        g.waiters -= 1
+            return self.replay_cancel.is_set()
+
         beat_at = time.monotonic()
         # One RDAT frame per chunk (pieces of a whole chunk); under a rate,
         # a chunk is what the rate sends in REPLAY_BEAT at most, so the
@@ -896,6 +910,7 @@ class Link:
                                 chunk=chunk, piece=chunk,
                                 progress=sent, rate=self.replay_rate,
                                 cancel=self.replay_cancel, idle=idle,
+                                wait=wait,
                                 idle_interval=REPLAY_IDLE)
         try:
             self._replay_hold(idle, current, lambda: send_pos,

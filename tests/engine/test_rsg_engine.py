@@ -2388,6 +2388,40 @@ def test_sync_writes_do_not_wait_for_a_held_replays_poll(cluster_factory,
     assert read_image(c.ta, VOLS[0]) == read_image(c.tb, VOLS[0])
 
 
+def test_sync_writes_wake_a_replay_held_back_by_its_rate(cluster_factory,
+                                                        monkeypatch):
+    """A replay limited by the link's rate (here a reverse sync's regions,
+    4 KiB a second) waits between its chunks; its link still streams: a
+    sync write wakes it at once, instead of waiting for its next look
+    (REPLAY_IDLE, made long here)."""
+    monkeypatch.setattr(R.link, "REPLAY_IDLE", 1.0)
+    c = cluster_factory(mode="sync")
+    rng = random.Random(53)
+    c.write(0, 0, rng.randbytes(SIZES[0]))
+    synced_clone(c.ta, VOLS[0], "snap")
+    c.ta.clone_fracture("snap")
+    for i in range(4):
+        c.write(0, i * 16 * GRAN, rng.randbytes(GRAN))
+    c.wait_converged()
+    c.link.replay_rate = GRAN       # kept by the link that streams
+    c.ta.clone_reverse_sync("snap")
+    wait_for(lambda: c.link.state == R.DCM_REPLAY and
+             0 < c.link.replay_done < c.link.replay_total, 10,
+             "the throttled replay", c.status)
+    for i in range(4):
+        started = time.monotonic()
+        op = c.write(1, i * GRAN, b"\x5c" * GRAN)
+        took = time.monotonic() - started
+        assert c.link.acknowledged >= op.seq and took < 0.3, \
+            "a sync write took {:.2f} s".format(took)
+    # The rest at full speed: the link starts again without a limit.
+    c.ta.rsg_attach("g", c.addr, rate="0")
+    wait_for(lambda: clone_state(c.ta, "snap") == "synchronized", 30,
+             "the reverse sync's end", lambda: c.ta.clone_status("snap"))
+    c.wait_converged()
+    assert read_image(c.ta, VOLS[0]) == read_image(c.tb, VOLS[0])
+
+
 @pytest.mark.parametrize("operation", ["restore", "reverse sync"])
 def test_a_primary_killed_during_a_volume_change_ends_equal(
         cluster_factory, monkeypatch, operation):
