@@ -2221,6 +2221,11 @@ def _print_rsg(st):
                 extra += (", replaying the regions of {}" if l["state"] ==
                           "dcm-replay" else ", the regions of {} to replay"
                           ).format(l["replay_reason"])
+            if (l.get("durable_seq") or 0) < (l.get("acked_seq") or 0):
+                # A sync link's updates applied there, made durable at
+                # the next host flush (or within a second).
+                extra += ", {} update(s) not yet durable there".format(
+                    l["acked_seq"] - l["durable_seq"])
             if l.get("replay_rate_limit"):
                 extra += ", replay rate {}".format(
                     units.format_rate(l["replay_rate_limit"]))
