@@ -39,9 +39,11 @@ ends.  A copy registers its run (`copy_begin`/`copy_end`) and clears its
 bits only after its data is written (target.copier).
 
 Locking: the owner's lock (`lock`) guards the bits, `track`, the tables of
-writes in flight and copies; `begin`, `end`, `note`, `touch`, `copy_begin`
-and `copy_end` are called holding it.  `commit` takes it itself, never across
-a flush or a file save; commits are serialized by `commit_lock`.
+writes in flight and copies; `begin`, `end`, `note`, `note_deferred`,
+`touch`, `copy_begin` and `copy_end` are called holding it; `wait_durable`
+is called without it.  `commit` takes it itself, never across a flush or a
+file save; commits are serialized by `commit_lock`.  The activity map's
+group commit has a lock of its own, never held while taking the owner's.
 
 Deliberately ignored: a torn in-place activity write (each byte is old or
 new, both valid); regions are whole extents of the map's granularity.
@@ -60,7 +62,19 @@ COMMIT_INTERVAL = 1.0   # seconds between timed commits
 class ActivityMap:
     """Write-ahead activity regions: marked, durable, before the writes
     they cover.  With region_bytes equal to the granularity it is a map
-    persisted in place extent by extent (a replication DCM)."""
+    persisted in place extent by extent (a replication DCM).
+
+    Group commit of the marks: mark_deferred() sets the regions in memory
+    and writes them in place (under the owner's lock), returning a ticket;
+    wait_durable(ticket) returns once an fdatasync that began after that
+    write completed, running one itself if none that covers it runs.  A
+    region marked but not yet durable keeps its ticket (`_pending`), so a
+    later write into it waits for the same fdatasync instead of passing
+    on a mark a power cut could still take away.  A failed fdatasync
+    fails every mark waiting and every later one until the file is
+    replaced (after a failed fdatasync the kernel may have dropped pages
+    it will not write again).
+    """
 
     def __init__(self, path, granularity, extents, region_bytes=REGION):
         self.path = path
@@ -69,6 +83,12 @@ class ActivityMap:
         self.region = max(1, region_bytes // granularity)  # in extents
         self.bits = bytearray(extents)
         self.file = maps.ActivityFile(path, granularity, extents)
+        self._sync = threading.Condition(threading.Lock())
+        self._written = 0       # tickets of marks written in place
+        self._durable = 0       # tickets of marks made durable
+        self._flushing = False
+        self._failed = None
+        self._pending = {}      # region number -> ticket, not yet durable
 
     @property
     def is_open(self):
@@ -93,16 +113,87 @@ class ActivityMap:
     def mark(self, e0, e1):
         """Make [e0, e1) (whole regions) durable in the map, unless it is
         marked already."""
+        ticket = self.mark_deferred(e0, e1)
+        if ticket:
+            self.wait_durable(ticket)
+
+    def mark_deferred(self, e0, e1):
+        """Mark [e0, e1) (whole regions) in memory and in place; return
+        the ticket to wait_durable() for, 0 when it is durable already
+        (caller holds the owner's lock)."""
         if self.bits.find(0, e0, e1) < 0:
-            return
+            if not self._pending:
+                return 0
+            r = self.region
+            with self._sync:
+                return max((self._pending.get(i, 0)
+                            for i in range(e0 // r, (e1 - 1) // r + 1)),
+                           default=0)
         s, e = self.cover(e0, e1)
+        before = bytes(self.bits[s:e])
         maps.set_range(self.bits, s, e)
-        self.file.persist(self.bits, s, e)
+        try:
+            self.file.persist(self.bits, s, e, sync=False)
+        except BaseException:
+            self.bits[s:e] = before
+            raise
+        # Taken after the write returned: an fdatasync that begins after
+        # this covers it.
+        with self._sync:
+            self._written += 1
+            ticket = self._written
+            r = self.region
+            for i in range(s // r, (e - 1) // r + 1):
+                self._pending[i] = ticket
+        return ticket
+
+    def wait_durable(self, ticket):
+        """Return once the mark of ticket (and every earlier one) is
+        durable, running the fdatasync if none is running; raise the error
+        of a failed one.  Called without the owner's lock."""
+        with self._sync:
+            while True:
+                if self._failed is not None:
+                    raise self._failed
+                if self._durable >= ticket:
+                    return
+                if self._flushing:
+                    self._sync.wait()
+                    continue
+                self._flushing = True
+                upto = self._written
+                self._sync.release()
+                error = None
+                try:
+                    self.file.datasync()
+                except OSError as e:
+                    error = e
+                finally:
+                    self._sync.acquire()
+                    self._flushing = False
+                    self._sync.notify_all()
+                if error is not None:
+                    self._failed = error
+                    continue
+                self._durable = max(self._durable, upto)
+                self._pending = {i: t for i, t in self._pending.items()
+                                 if t > self._durable}
+
+    def _quiesce(self):
+        """Wait until no fdatasync runs (holding _sync): the file may be
+        closed then.  A mark written in place before a replace is durable
+        once the replace returns (the owner's committed maps and the new
+        file hold it): the next fdatasync, on the new file, counts it."""
+        while self._flushing:
+            self._sync.wait()
 
     def replace(self, bits):
         """Make bits the map on disk (atomically) and in memory."""
-        self.file.reset(bits)
-        self.bits = bits
+        with self._sync:
+            self._quiesce()
+            self.file.reset(bits)
+            self.bits = bits
+            self._failed = None
 
     def rewrite(self, keep):
         """Replace the map with the regions covering the set extents of
@@ -113,7 +204,9 @@ class ActivityMap:
         self.replace(activity)
 
     def close(self):
-        self.file.close()
+        with self._sync:
+            self._quiesce()
+            self.file.close()
 
 
 class ChangeMap:
@@ -183,6 +276,19 @@ class ChangeMap:
         map before returning."""
         maps.set_range(self.track, e0, e1)
         self.activity.mark(e0, e1)
+
+    def note_deferred(self, e0, e1):
+        """note() without waiting: extents [e0, e1) are about to change;
+        returns the ticket to wait_durable() for (without the lock) before
+        the change may reach the data."""
+        maps.set_range(self.track, e0, e1)
+        return self.activity.mark_deferred(e0, e1)
+
+    def wait_durable(self, ticket):
+        """The activity marks up to ticket are durable (called without the
+        lock; nothing to do for ticket 0)."""
+        if ticket:
+            self.activity.wait_durable(ticket)
 
     def touch(self, e0, e1):
         """Extents [e0, e1) are being copied outside a registered run

@@ -25,6 +25,7 @@ power-loss tests (tests/support/powerloss.py) put a simulated disk there that
 loses writes not yet made durable.
 """
 
+import errno
 import os
 import struct
 import zlib
@@ -196,9 +197,18 @@ class ActivityFile:
         files.replace(self.path, encode(m, self.granularity, with_crc=False))
         self.fd = files.open(self.path)
 
-    def persist(self, m, start, end):
-        """Write m[start:end] in place and make it durable."""
+    def persist(self, m, start, end, sync=True):
+        """Write m[start:end] in place and make it durable (with sync
+        False, the caller calls datasync() later)."""
         files.pwrite(self.fd, bytes(m[start:end]), HEADER.size + start)
+        if sync:
+            self.datasync()
+
+    def datasync(self):
+        """Make the writes made in place so far durable."""
+        if self.fd is None:
+            raise OSError(errno.EBADF, "activity map {} is closed".format(
+                self.path))
         if self.sync_writes:
             files.datasync(self.fd)
 

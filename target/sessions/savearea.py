@@ -32,10 +32,16 @@ fdatasync the kernel may have dropped pages it will not write again):
 the session unmarks.
 
 Slots are allocated in order and never freed while marked; a full save
-area ends the mark (SaveAreaFull).  Deliberately ignored: reusing slots,
-growing the area, coalescing adjacent slots into one write (each save is
-its own pwrite; only the flush is shared).  See docs/design.md and
-docs/persistence.md.
+area ends the mark (SaveAreaFull).  A reset zeroes the index but keeps
+the slots' blocks: the next mark's saves overwrite them in place, and an
+fdatasync that allocates no blocks commits no journal transaction (about
+half the cost of one that fills holes, on ext4 here; docs/performance.md).
+A slot's old data is never read without an index entry written since the
+reset, whose crc it must match.  The file thus keeps the space of the
+most slots a mark used (at most its size, fixed at create).  Deliberately
+ignored: reusing slots within a mark, growing the area, coalescing
+adjacent slots into one write (each save is its own pwrite; only the
+flush is shared).  See docs/design.md and docs/persistence.md.
 """
 
 import errno
@@ -115,10 +121,9 @@ class SaveArea:
         return dropped
 
     def reset(self):
+        """Forget every save, durably: the index is zeroed; the slots keep
+        their blocks (see the design notes)."""
         self.backend.zero(0, self.index_bytes)
-        if self.backend.size > self.index_bytes:
-            self.backend.trim(self.index_bytes,
-                              self.backend.size - self.index_bytes)
         self.backend.flush()
         self.slots = {}
         self.next_slot = 0

@@ -244,40 +244,48 @@ class Session:
                 if self.transfer[x] and x not in self.save_area.slots]
 
     def before_write(self, offset, length):
-        """Track a change of [offset, offset+length); COFW if marked."""
+        """Track a change of [offset, offset+length); COFW if marked.  The
+        tracking bit and the old data are durable before returning."""
         e0, e1 = _range_of(offset, length, self.granularity)
+        slots = None
         with self.cond:
             while self.state == MARKING:
                 self.cond.wait()
             self.writes_in_flight += 1
             if self.closed:
                 return      # deleted while this write was on its way
-            self.tracking.note_write(e0, e1)
-            if not self.marked:
-                return
-            while True:
+            noted = self.tracking.note_write(e0, e1)
+            while self.marked:
                 need = self._protected(e0, e1)
                 if not any(x in self.saving for x in need):
+                    slots = []
                     break
                 self.cond.wait()
-                if not self.marked:
-                    return
-            slots = []
-            for x in need:
-                slot = self.save_area.allocate()
-                if slot is None:
-                    break
-                slots.append((x, slot))
-            full = len(slots) < len(need)
-            self.saving.update(x for x, _ in slots)
-            generation = self.generation
+            if slots is not None:
+                for x in need:
+                    slot = self.save_area.allocate()
+                    if slot is None:
+                        break
+                    slots.append((x, slot))
+                full = len(slots) < len(need)
+                self.saving.update(x for x, _ in slots)
+                generation = self.generation
+        if slots is None:
+            if noted:
+                self.tracking.wait_durable(noted)
+            return
         try:
-            if full:
-                raise SaveAreaFull(name=self.name, slots=self.save_area.capacity,
-                                   granularity=self.granularity)
-            self._copy_on_first_write(slots, generation)
-        except (SaveAreaFull, OSError) as e:
-            self._abandon_mark(generation, str(e))
+            try:
+                if full:
+                    raise SaveAreaFull(name=self.name,
+                                       slots=self.save_area.capacity,
+                                       granularity=self.granularity)
+                self._copy_on_first_write(slots, generation)
+            except (SaveAreaFull, OSError) as e:
+                self._abandon_mark(generation, str(e))
+            # The activity map's mark: its fdatasync overlaps the other
+            # writers' saves, and is shared with their marks.
+            self.tracking.wait_durable(noted)
         finally:
             if slots:
                 with self.cond:

@@ -4,7 +4,8 @@ Design notes
 ------------
 One byte per extent (target.maps), kept durable by a change map
 (target.changemap): a committed map file replaced at commits, and an
-activity map written ahead of any write into a cold region.  Recovery =
+activity map written ahead of any write into a cold region (its
+fdatasync a group commit, waited for outside the session's lock).  Recovery =
 committed OR activity, a bounded superset.  A tracking bit only says
 "changed", so a commit needs no flush of the data (the change map gets no
 `flush`): a bit recorded early is harmless.  A lost or corrupt file means
@@ -18,8 +19,8 @@ from .. import changemap, maps
 class TrackingMap:
     """A map of changed extents that survives a crash as a bounded superset.
 
-    lock: the session's lock; note_write() is called holding it, commit()
-    and replace() take it themselves.
+    lock: the session's lock; note_write() is called holding it,
+    wait_durable() without it, commit() and replace() take it themselves.
     """
 
     def __init__(self, path, granularity, extents, lock):
@@ -55,10 +56,16 @@ class TrackingMap:
         return problem
 
     def note_write(self, e0, e1):
-        """Extents [e0, e1) are about to change (caller holds the lock):
-        durable in the activity map before returning."""
+        """Extents [e0, e1) are about to change (caller holds the lock);
+        returns the ticket to wait_durable() for before the change may
+        reach the Source."""
         maps.set_range(self.bits, e0, e1)
-        self.changes.note(e0, e1)
+        return self.changes.note_deferred(e0, e1)
+
+    def wait_durable(self, ticket):
+        """The activity map marks of ticket are durable (called without
+        the lock: concurrent first writes share the fdatasync)."""
+        self.changes.wait_durable(ticket)
 
     def due(self):
         """A timed commit is due."""

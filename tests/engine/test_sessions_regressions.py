@@ -112,7 +112,7 @@ def test_failing_activity_map_does_not_wedge_the_source():
     activity = s.tracking.changes.activity.file
     orig = activity.persist
 
-    def boom(*a):
+    def boom(*a, **kw):
         activity.persist = orig
         raise OSError(5, "EIO on the state directory")
 

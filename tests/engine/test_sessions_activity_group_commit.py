@@ -1,0 +1,342 @@
+"""The tracking map's activity marks as a group commit
+(target.changemap.ActivityMap): a first write into a cold region marks
+the region in memory and in place under the session's lock, and waits for
+the fdatasync outside it, sharing it with every other write waiting.
+
+- test_first_writes_into_cold_regions_share_activity_syncs: writer
+  threads make first writes, each into a region of its own; the activity
+  map is fdatasync'ed far fewer times than there were regions marked, and
+  the frozen image and the tracking map are right.
+- test_activity_sync_is_not_held_under_the_session_lock: while one
+  write waits for its mark's fdatasync, a write into a region marked
+  before and a read of the frozen image go on.
+- test_a_write_into_a_region_being_marked_waits_for_its_sync: a second
+  write into the region finds its bits set in memory, and still waits for
+  the fdatasync of the first write's mark.
+- test_a_failed_activity_sync_fails_the_writes_until_the_next_commit.
+- test_tracking_survives_power_loss: writers race into cold regions and
+  the power is cut the moment the N-th extent's host write lands on the
+  Source; the tracking map recovered from the map files holds every
+  extent that landed.  Its twin ignores the activity map's fdatasync (the
+  protection off) and must be caught.
+"""
+
+import os
+import random
+import threading
+import time
+
+import pytest
+
+from target import backends, changemap, maps, sessions
+
+from tests.support import powerloss
+from tests.support.sessionfakes import FakeLU
+
+GRAN = 4096
+EXTENTS = 64
+SIZE = GRAN * EXTENTS
+SAVE_SIZE = sessions.SaveArea.minimum_size(EXTENTS, GRAN) - GRAN + SIZE
+
+
+@pytest.fixture
+def one_extent_regions(monkeypatch):
+    """Every extent its own activity region: every first write is a
+    first write into a cold region."""
+    monkeypatch.setattr(changemap, "REGION", GRAN)
+
+
+def new_session(map_dir, source, save, marked=False, export=True):
+    lu = FakeLU(sessions.SessionLayer(source), SIZE)
+    s = sessions.Session("s", lu, GRAN, str(map_dir), save, [],
+                         marked=marked, export=marked and export)
+    if marked:
+        s.load()
+    else:
+        s.create()
+    lu.backend.add(s)
+    return lu, s
+
+
+def frozen_image(s):
+    buf = bytearray(SIZE)
+    s.read_frozen(buf, 0)
+    return bytes(buf)
+
+
+def run_writers(lu, plans):
+    """One thread per plan (a list of extents), each writing 1 KiB of
+    random data into each of its extents, all started at once."""
+    start = threading.Barrier(len(plans))
+    errors = []
+
+    def run(i, plan):
+        rng = random.Random(i)
+        try:
+            start.wait()
+            for x in plan:
+                lu.backend.write(rng.randbytes(1024), x * GRAN +
+                                 rng.randrange(0, GRAN - 1024, 512))
+        except Exception as e:   # reported below, in the test's thread
+            errors.append(e)
+    threads = [threading.Thread(target=run, args=(i, p))
+               for i, p in enumerate(plans)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+
+
+def test_first_writes_into_cold_regions_share_activity_syncs(
+        tmp_path, monkeypatch, one_extent_regions):
+    path = tmp_path / "save"
+    with open(path, "wb") as f:
+        f.truncate(SAVE_SIZE)
+    save = backends.FileBackend(str(path))
+    source = backends.MemoryBackend(SIZE)
+    source.data[:] = random.Random(1).randbytes(SIZE)
+    lu, s = new_session(tmp_path, source, save)
+    s.mark(export=True)
+    at_mark = bytes(source.data)
+    activity_fd = s.tracking.changes.activity.file.fd
+
+    syncs = {"activity": 0, "save": 0}
+    real = os.fdatasync
+
+    def fdatasync(fd):
+        if fd in (activity_fd, save.fd):
+            syncs["activity" if fd == activity_fd else "save"] += 1
+            time.sleep(0.002)       # a disk's flush: marks arrive meanwhile
+        real(fd)
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    threads = 8
+    run_writers(lu, [list(range(i, EXTENTS, threads))
+                     for i in range(threads)])
+    monkeypatch.setattr(os, "fdatasync", real)
+
+    assert s.cofw_count == EXTENTS
+    assert syncs["activity"] <= EXTENTS // 4, \
+        "{} activity map fdatasyncs for {} first writes into cold " \
+        "regions".format(syncs["activity"], EXTENTS)
+    assert frozen_image(s) == at_mark, "the frozen image is not the mark's"
+    assert s.tracking.bits == b"\x01" * EXTENTS
+    # Every region is marked in the activity map on disk.
+    assert s.tracking.changes.activity.load() == b"\x01" * EXTENTS
+    s.close()
+
+
+def blocking_activity_sync(monkeypatch, s):
+    """os.fdatasync of s's activity map blocks until released; returns
+    (entered, release) events."""
+    activity_fd = s.tracking.changes.activity.file.fd
+    entered, release = threading.Event(), threading.Event()
+    real = os.fdatasync
+
+    def fdatasync(fd):
+        if fd == activity_fd:
+            entered.set()
+            assert release.wait(10), "the test never released the sync"
+        real(fd)
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    return entered, release
+
+
+def background_write(lu, data, offset):
+    done = threading.Event()
+    failed = []
+
+    def run():
+        try:
+            lu.backend.write(data, offset)
+        except Exception as e:   # reported by the test
+            failed.append(e)
+        done.set()
+    threading.Thread(target=run, daemon=True).start()
+    return done, failed
+
+
+def test_activity_sync_is_not_held_under_the_session_lock(
+        tmp_path, monkeypatch):
+    """Regions of 4 extents: extent 5 is in extent 4's region."""
+    monkeypatch.setattr(changemap, "REGION", 4 * GRAN)
+    source = backends.MemoryBackend(SIZE)
+    source.data[:] = random.Random(2).randbytes(SIZE)
+    lu, s = new_session(tmp_path, source, backends.MemoryBackend(SAVE_SIZE))
+    s.mark(export=True)
+    at_mark = bytes(source.data)
+    lu.backend.write(b"v" * GRAN, 4 * GRAN)     # extents 4-7: warm
+    entered, release = blocking_activity_sync(monkeypatch, s)
+    first, failed1 = background_write(lu, b"a" * GRAN, 0)
+    assert entered.wait(10)
+    try:
+        # A first write (copy on first write) into a warm region, and a
+        # read of the frozen image, while extent 0's mark syncs.
+        second, failed2 = background_write(lu, b"b" * GRAN, 5 * GRAN)
+        assert second.wait(5), "a write into a marked region waited for " \
+            "another region's activity fdatasync (the session's lock is " \
+            "held across it)"
+        assert not failed2
+        buf = bytearray(GRAN)
+        s.read_frozen(buf, 5 * GRAN)
+        assert bytes(buf) == at_mark[5 * GRAN:6 * GRAN]
+        assert not first.is_set(), "the write did not wait for its mark"
+        assert source.data[:GRAN] == at_mark[:GRAN]
+    finally:
+        release.set()
+    assert first.wait(10) and not failed1
+    assert source.data[:GRAN] == b"a" * GRAN
+    assert frozen_image(s) == at_mark
+    s.close()
+
+
+def test_a_write_into_a_region_being_marked_waits_for_its_sync(
+        tmp_path, monkeypatch):
+    """Regions of 4 extents: extent 1 is in extent 0's region."""
+    monkeypatch.setattr(changemap, "REGION", 4 * GRAN)
+    source = backends.MemoryBackend(SIZE)
+    lu, s = new_session(tmp_path, source, backends.MemoryBackend(SAVE_SIZE))
+    entered, release = blocking_activity_sync(monkeypatch, s)
+    first, failed1 = background_write(lu, b"a" * GRAN, 0)
+    assert entered.wait(10)
+    try:
+        second, failed2 = background_write(lu, b"b" * GRAN, GRAN)
+        time.sleep(0.2)
+        assert not second.is_set(), "a write into a region whose mark is " \
+            "not durable yet went ahead"
+        assert source.data[GRAN:2 * GRAN] == bytes(GRAN)
+    finally:
+        release.set()
+    assert first.wait(10) and second.wait(10)
+    assert not failed1 and not failed2
+    assert source.data[:2 * GRAN] == b"a" * GRAN + b"b" * GRAN
+    s.close()
+
+
+class LockedSimDisk(powerloss.SimDisk):
+    """The map files on a simulated disk, safe for threads; a datasync
+    takes a moment (marks arrive meanwhile)."""
+
+    def __init__(self, lock):
+        super().__init__()
+        self.lock = lock
+
+    def replace(self, path, data):
+        with self.lock:
+            super().replace(path, data)
+
+    def pwrite(self, handle, data, offset):
+        with self.lock:
+            super().pwrite(handle, data, offset)
+
+    def datasync(self, handle):
+        time.sleep(0.001)
+        with self.lock:
+            super().datasync(handle)
+
+    def snapshot(self):
+        """The files as a power cut at this moment finds them (caller
+        holds the lock)."""
+        copy = powerloss.SimDisk()
+        for path, f in self.files.items():
+            g = powerloss.SimFile()
+            g.durable = bytearray(f.durable)
+            g.data = bytearray(f.data)
+            g.pending = list(f.pending)
+            copy.files[path] = g
+        return copy
+
+
+class CutSource(backends.MemoryBackend):
+    """The Source; the power is cut when the cut_at-th extent is first
+    written: the map files as they are then are kept."""
+
+    def __init__(self, lock, disk, cut_at):
+        super().__init__(SIZE)
+        self.lock = lock
+        self.disk = disk
+        self.cut_at = cut_at
+        self.landed = set()
+        self.cut = None
+
+    def write(self, buf, offset):
+        with self.lock:
+            super().write(buf, offset)
+            self.landed.add(offset // GRAN)
+            if self.cut is None and len(self.landed) == self.cut_at:
+                self.cut = (self.disk.snapshot(), set(self.landed))
+
+
+def check_power_cut(tmp_path, monkeypatch, seed, keep, honour_datasync=True):
+    monkeypatch.setattr(changemap, "REGION", GRAN)
+    lock = threading.Lock()
+    disk = LockedSimDisk(lock)
+    monkeypatch.setattr(maps, "files", disk)
+    rng = random.Random(seed)
+    plans = []
+    for _ in range(8):
+        plan = list(range(EXTENTS))
+        rng.shuffle(plan)
+        plans.append(plan[:EXTENTS // 4])
+    written = len(set().union(*plans))
+    source = CutSource(lock, disk, rng.randrange(4, written + 1))
+    lu, s = new_session(tmp_path, source, backends.MemoryBackend(SAVE_SIZE))
+    disk.honour_datasync = honour_datasync
+    run_writers(lu, plans)
+    s.close()
+    after_cut, landed = source.cut
+    after_cut.power_cut(rng, keep)
+    monkeypatch.setattr(maps, "files", after_cut)
+    lu2, s2 = new_session(tmp_path, backends.MemoryBackend(SIZE),
+                          backends.MemoryBackend(SAVE_SIZE), marked=True,
+                          export=False)
+    missing = sorted(x for x in landed if not s2.tracking.bits[x])
+    assert not missing, "after the power cut the tracking map lacks " \
+        "extents {} ({} extents written)".format(missing, len(landed))
+    s2.close()
+
+
+@pytest.mark.parametrize("keep", [0.0, 0.5])
+@pytest.mark.parametrize("seed", range(3))
+def test_tracking_survives_power_loss(tmp_path, monkeypatch, seed, keep):
+    check_power_cut(tmp_path, monkeypatch, seed, keep)
+
+
+def test_tracking_power_loss_twin_protection_off(tmp_path, monkeypatch):
+    """The activity map's fdatasync ignored: the check above must catch
+    it."""
+    with pytest.raises(AssertionError, match="tracking map lacks"):
+        check_power_cut(tmp_path, monkeypatch, 0, 0.0,
+                        honour_datasync=False)
+
+
+def test_a_failed_activity_sync_fails_the_writes_until_the_next_commit(
+        tmp_path, monkeypatch, one_extent_regions):
+    """After a failed fdatasync the kernel may have dropped the mark's
+    page: every write waiting for it fails, and so does a later write into
+    that region (its bits are set in memory) until a commit has saved the
+    tracking map and replaced the activity file."""
+    source = backends.MemoryBackend(SIZE)
+    lu, s = new_session(tmp_path, source, backends.MemoryBackend(SAVE_SIZE))
+    activity_fd = s.tracking.changes.activity.file.fd
+    real = os.fdatasync
+
+    def fdatasync(fd):
+        if fd == activity_fd:
+            raise OSError(5, "Input/output error (injected)")
+        real(fd)
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    with pytest.raises(OSError, match="injected"):
+        lu.backend.write(b"a" * GRAN, 0)
+    monkeypatch.setattr(os, "fdatasync", real)
+    with pytest.raises(OSError, match="injected"):
+        lu.backend.write(b"b" * GRAN, 0)
+    assert source.data[:GRAN] == bytes(GRAN)
+    assert s.writes_in_flight == 0
+    s.tracking.commit()
+    lu.backend.write(b"c" * GRAN, 0)
+    lu.backend.write(b"d" * GRAN, GRAN)
+    assert source.data[:2 * GRAN] == b"c" * GRAN + b"d" * GRAN
+    assert s.tracking.bits[:2] == b"\x01\x01"
+    assert maps.load(s.tracking.path, GRAN, EXTENTS)[0] == 1
+    s.close()
