@@ -675,6 +675,9 @@ class SessionOrchestration:
         if session.name == self._consistent_name(lu):
             if self.target.consistent_images.get(lu) is session:
                 self.consistent_release([source])
+            if source.rsg is not None and \
+                    source.rsg.role == replication.SECONDARY:
+                source.rsg.volume_rolled_back(source)
         elif self._image(lu) is session:
             self._delete_image(session)
         return {"lu": lu, "image": export, "extents_restored": restored}

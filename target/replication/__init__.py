@@ -122,9 +122,14 @@ is kept; a replay that begins on an inconsistent node keeps the one made
 before, so it survives broken replays and restarts while the node stays
 inconsistent, and the replay that completes releases it.  A promotion or
 a deletion of the group releases it too (a primary keeps none), as does a
-rollback of a volume to it (that volume's); a replay that begins after
-such a rollback of some volumes releases the others' (the rolled-back
-volume is written again: what is left is no point the group had); a
+rollback of a volume to it (that volume's); once every volume is rolled
+back the node holds that point again (`image_point`: the history, update
+and diverged regions it had then): consistent there, with the regions
+the rollbacks changed added to its diverged ones, so a primary copies
+exactly those back (the replay's regions it cleared after RSAK are among
+them); a replay that begins after such a rollback of some volumes
+releases the others' (the rolled-back volume is written again: what is
+left is no point the group had); a
 start releases one a crash left behind (a consistent node, or no
 secondary of that LU).
 The secondary writes a replay's data with several threads while it

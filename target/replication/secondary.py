@@ -11,6 +11,7 @@ and recovery: docs/persistence.md.
 
 import concurrent.futures
 import contextlib
+import copy
 import functools
 import json
 import logging
@@ -315,6 +316,10 @@ class SecondaryGroup:
         # by the replay that began while this node was consistent, until
         # that replay or the next completes; the module notes).
         self.protected = record.get("protected", False)
+        # The point the kept image is of (history, applied_seq, diverged
+        # then) and the volumes rolled back to it since: once all are,
+        # the node holds that point again (volume_rolled_back).
+        self.image_point = record.get("image_point")
         # Updates were applied and acknowledged without being made durable
         # (a sync link's CAPL; module notes): saved before the first such
         # apply of a session and cleared once the volumes are flushed at
@@ -482,6 +487,10 @@ class SecondaryGroup:
         # is a state the primary had, so a reader (or a point in time) may
         # come between two updates, and waits for one at most.
         for seq, vol, kind, off, length, crc, data in entries:
+            # The lock is not fair: a thread waiting for it goes first.
+            until = time.monotonic() + 0.002
+            while self.lock.wanted and time.monotonic() < until:
+                time.sleep(0.0005)
             with self.lock:
                 self._apply_one(vol, kind, off, length, data)
 
@@ -496,7 +505,9 @@ class SecondaryGroup:
                     "applied_seq": self.applied_seq,
                     "replay_synced": self.replay_synced,
                     "consistent": self.consistent, "reapply": self.reapply,
-                    "protected": self.protected, "primary": self.primary,
+                    "protected": self.protected,
+                    "image_point": self.image_point,
+                    "primary": self.primary,
                     "volatile": self.volatile,
                     "diverged": self.diverged, "reason": self.reason})
         self.files.save(rec)
@@ -895,6 +906,11 @@ class SecondaryGroup:
                 # directory): the session ends with it in the status.
                 raise ImageNotKept(name=self.name, reason=str(e)) from e
             self.protected = True
+            self.image_point = {
+                "history": copy.deepcopy(self.history),
+                "applied_seq": self.applied_seq,
+                "diverged": copy.deepcopy(self.diverged),
+                "rolled_back": []}
         lost = []
         if self.protected and not self.consistent:
             # A volume rolled back to its image (which went with it) is
@@ -908,6 +924,7 @@ class SecondaryGroup:
                             "the other volumes are released", self.name,
                             ", ".join(lost))
                 self.protected = False
+                self.image_point = None
         with self.lock:
             self.consistent = False
             self.reason = "a DCM replay from the primary is running"
@@ -947,7 +964,46 @@ class SecondaryGroup:
         completed: the node is consistent again)."""
         self.release(self.volumes)
         self.protected = False
+        self.image_point = None
         self.persist()
+
+    def volume_rolled_back(self, lu):
+        """lu was rolled back to the group's last consistent image (and
+        the regions it changed recorded as diverged).  Once every volume
+        is, the node holds that point again: consistent, at the update
+        and history it had then, with what it diverged then plus the
+        regions the rollbacks changed (the primary copies exactly those
+        back, and the replay's regions it cleared are among them)."""
+        with self.session_lock:
+            point = self.image_point
+            if point is None or self.consistent:
+                return
+            if lu.name not in point["rolled_back"]:
+                point["rolled_back"].append(lu.name)
+            if set(point["rolled_back"]) != {v.name for v in self.volumes}:
+                self.persist()
+                return
+            runs = (self.diverged or {}).get("runs", [])
+            diverged = copy.deepcopy(point["diverged"])
+            if diverged is None:
+                history = point["history"]
+                diverged = {"runs": [], "all": False, "maps": [],
+                            "base": [history[-1][0], point["applied_seq"]]
+                            if history else None}
+            diverged["runs"] = diverged.get("runs", []) + runs
+            for m in diverged.get("maps", []):
+                m["runs"] = m["runs"] + runs
+            with self.lock:
+                self.history = point["history"]
+                self.applied_seq = self.last_seq = point["applied_seq"]
+                self.diverged = diverged
+                self.consistent, self.reason = True, None
+            self.protected = False
+            self.image_point = None
+            self.persist()
+        log.info("group %s: every volume rolled back to its last consistent "
+                 "image: consistent at update %d", self.name,
+                 self.applied_seq)
 
     def set_split_brain_policy(self, policy):
         """Kept for when this node is promoted (a primary sends its own)."""
