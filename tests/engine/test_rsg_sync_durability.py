@@ -141,3 +141,24 @@ def test_a_restart_after_updates_not_made_durable_replays_them(pair):
         rsgnodes.read_image(pair.ta, "v1")
     resent = pair.link.sent_bytes - sent
     assert 4 * BLOCK <= resent < 4 * BLOCK + 64 * BLOCK, resent
+
+
+def test_a_lost_connection_shows_what_the_secondary_may_have_lost(
+        pair, monkeypatch):
+    """Once the connection is lost, the link's status counts the updates
+    the secondary had applied but not made durable as not acknowledged:
+    a secondary killed meanwhile gets them again, so they are its lag."""
+    monkeypatch.setattr(R.link, "PERSIST_INTERVAL", 60.0)
+    lu = pair.ta.lus["v1"]
+    lu.write(os.urandom(BLOCK), 0)
+    lu.flush()
+    for i in range(4):
+        lu.write(os.urandom(BLOCK), (10 + i) * BLOCK)
+    assert pair.link.status()["acked_seq"] == pair.g.next_seq - 1
+    durable = pair.link.acked_seq
+    pair.b.kill()
+    wait_for(lambda: pair.link.state != R.REPLICATING, 5, "the lost link",
+             pair.status)
+    link = pair.link.status()
+    assert link["acked_seq"] == link["durable_seq"] == durable, link
+    assert link["lag_updates"] == 4, link
