@@ -162,3 +162,41 @@ def test_a_lost_connection_shows_what_the_secondary_may_have_lost(
     link = pair.link.status()
     assert link["acked_seq"] == link["durable_seq"] == durable, link
     assert link["lag_updates"] == 4, link
+
+
+def test_a_record_saved_beside_the_session_keeps_it_volatile(pair):
+    """The secondary's record is saved by its session and by an admin's
+    change (here its split-brain policy, saved while the session applies
+    its first updates not made durable): whichever save lands last, the
+    record says the node holds updates not made durable, so a crash
+    leaves it inconsistent rather than taking a torn state for one."""
+    sg = pair.sg
+    assert not sg.volatile
+    real_save = sg.files.save
+    gate, entered = threading.Event(), threading.Event()
+    admin = []
+
+    def save(record):
+        if threading.current_thread() in admin:
+            entered.set()
+            gate.wait(10)       # the admin's save lands last
+        real_save(record)
+    sg.files.save = save
+    t = threading.Thread(target=sg.set_split_brain_policy,
+                         args=(R.DISCARD_SECONDARY,))
+    admin.append(t)
+    t.start()
+    assert entered.wait(5)
+    w = threading.Thread(target=pair.ta.lus["v1"].write,
+                         args=(os.urandom(BLOCK), 0))
+    w.start()
+    w.join(0.5)
+    gate.set()
+    w.join(10)
+    t.join(10)
+    assert sg.volatile
+    assert sg.files.load()["volatile"], "the record says every update " \
+        "applied is durable while one is not"
+    pair.b.kill()
+    pair.b.start()
+    assert not pair.sg.consistent
