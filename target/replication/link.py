@@ -575,6 +575,9 @@ class Link:
                         not self.stopping:
                     self.transition("fail")
                     self.error = self.error or "connection lost"
+                # What it applied and had not made durable may be gone (a
+                # crash there): from here on it holds what it made durable.
+                self.held_seq = self.acked_seq
                 g.cond.notify_all()
             shutdown_socket(sock)
 

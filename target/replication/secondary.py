@@ -347,6 +347,7 @@ class SecondaryGroup:
         # time may read through the guard, which takes it too.
         self.lock = _ApplyLock()
         self.session_lock = threading.Lock()
+        self.persist_lock = threading.Lock()    # a snapshot and its save
         self.connection = None
         self.serving = None         # the thread serving self.connection
         self.applier = None         # its replay writer (_ReplayApplier)
@@ -499,18 +500,24 @@ class SecondaryGroup:
             self._backend(vol).flush()
 
     def persist(self):
-        rec = dict(self.record_base)
-        rec.update({"role": SECONDARY, "history": self.history,
-                    "last_seq": max(self.last_seq, self.applied_seq),
-                    "applied_seq": self.applied_seq,
-                    "replay_synced": self.replay_synced,
-                    "consistent": self.consistent, "reapply": self.reapply,
-                    "protected": self.protected,
-                    "image_point": self.image_point,
-                    "primary": self.primary,
-                    "volatile": self.volatile,
-                    "diverged": self.diverged, "reason": self.reason})
-        self.files.save(rec)
+        # The session and an admin's change (a policy, an image released)
+        # save it from two threads: the save that lands last must be of
+        # the later state (a stale `volatile` or `consistent` would let a
+        # crash pass a torn state for a consistent one).
+        with self.persist_lock:
+            rec = dict(self.record_base)
+            rec.update({"role": SECONDARY, "history": self.history,
+                        "last_seq": max(self.last_seq, self.applied_seq),
+                        "applied_seq": self.applied_seq,
+                        "replay_synced": self.replay_synced,
+                        "consistent": self.consistent,
+                        "reapply": self.reapply,
+                        "protected": self.protected,
+                        "image_point": self.image_point,
+                        "primary": self.primary,
+                        "volatile": self.volatile,
+                        "diverged": self.diverged, "reason": self.reason})
+            self.files.save(rec)
 
     # Host reads.
 

@@ -175,3 +175,62 @@ def test_a_flush_failing_at_the_sessions_end_leaves_the_node_inconsistent(
     pair.wait_converged()
     assert rsgnodes.read_image(pair.tb, "v1") == \
         rsgnodes.read_image(pair.ta, "v1")
+
+
+def test_a_lost_connection_shows_what_the_secondary_may_have_lost(
+        pair, monkeypatch):
+    """Once the connection is lost, the link's status counts the updates
+    the secondary had applied but not made durable as not acknowledged:
+    a secondary killed meanwhile gets them again, so they are its lag."""
+    monkeypatch.setattr(R.link, "PERSIST_INTERVAL", 60.0)
+    lu = pair.ta.lus["v1"]
+    lu.write(os.urandom(BLOCK), 0)
+    lu.flush()
+    for i in range(4):
+        lu.write(os.urandom(BLOCK), (10 + i) * BLOCK)
+    assert pair.link.status()["acked_seq"] == pair.g.next_seq - 1
+    durable = pair.link.acked_seq
+    pair.b.kill()
+    wait_for(lambda: pair.link.state != R.REPLICATING, 5, "the lost link",
+             pair.status)
+    link = pair.link.status()
+    assert link["acked_seq"] == link["durable_seq"] == durable, link
+    assert link["lag_updates"] == 4, link
+
+
+def test_a_record_saved_beside_the_session_keeps_it_volatile(pair):
+    """The secondary's record is saved by its session and by an admin's
+    change (here its split-brain policy, saved while the session applies
+    its first updates not made durable): whichever save lands last, the
+    record says the node holds updates not made durable, so a crash
+    leaves it inconsistent rather than taking a torn state for one."""
+    sg = pair.sg
+    assert not sg.volatile
+    real_save = sg.files.save
+    gate, entered = threading.Event(), threading.Event()
+    admin = []
+
+    def save(record):
+        if threading.current_thread() in admin:
+            entered.set()
+            gate.wait(10)       # the admin's save lands last
+        real_save(record)
+    sg.files.save = save
+    t = threading.Thread(target=sg.set_split_brain_policy,
+                         args=(R.DISCARD_SECONDARY,))
+    admin.append(t)
+    t.start()
+    assert entered.wait(5)
+    w = threading.Thread(target=pair.ta.lus["v1"].write,
+                         args=(os.urandom(BLOCK), 0))
+    w.start()
+    w.join(0.5)
+    gate.set()
+    w.join(10)
+    t.join(10)
+    assert sg.volatile
+    assert sg.files.load()["volatile"], "the record says every update " \
+        "applied is durable while one is not"
+    pair.b.kill()
+    pair.b.start()
+    assert not pair.sg.consistent
