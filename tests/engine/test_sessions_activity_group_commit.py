@@ -13,7 +13,8 @@ the fdatasync outside it, sharing it with every other write waiting.
 - test_a_write_into_a_region_being_marked_waits_for_its_sync: a second
   write into the region finds its bits set in memory, and still waits for
   the fdatasync of the first write's mark.
-- test_a_failed_activity_sync_fails_the_writes_until_the_next_commit.
+- test_a_failed_activity_sync_fails_the_writes_until_the_file_is_rewritten.
+- test_a_write_waiting_for_its_mark_survives_the_session_closing.
 - test_tracking_survives_power_loss: writers race into cold regions and
   the power is cut the moment the N-th extent's host write lands on the
   Source; the tracking map recovered from the map files holds every
@@ -310,33 +311,68 @@ def test_tracking_power_loss_twin_protection_off(tmp_path, monkeypatch):
                         honour_datasync=False)
 
 
-def test_a_failed_activity_sync_fails_the_writes_until_the_next_commit(
+def test_a_failed_activity_sync_fails_the_writes_until_the_file_is_rewritten(
         tmp_path, monkeypatch, one_extent_regions):
     """After a failed fdatasync the kernel may have dropped the mark's
     page: every write waiting for it fails, and so does a later write into
-    that region (its bits are set in memory) until a commit has saved the
-    tracking map and replaced the activity file."""
+    that region (its bits are set in memory) while the activity file cannot
+    be written anew; once it can, the next write rewrites it whole from
+    the bits in memory (no commit needed) and goes on."""
     source = backends.MemoryBackend(SIZE)
     lu, s = new_session(tmp_path, source, backends.MemoryBackend(SAVE_SIZE))
     activity_fd = s.tracking.changes.activity.file.fd
-    real = os.fdatasync
+    real_datasync, real_fsync = os.fdatasync, os.fsync
 
     def fdatasync(fd):
         if fd == activity_fd:
             raise OSError(5, "Input/output error (injected)")
-        real(fd)
+        real_datasync(fd)
+
+    def fsync(fd):
+        raise OSError(5, "Input/output error (injected)")
     monkeypatch.setattr(os, "fdatasync", fdatasync)
     with pytest.raises(OSError, match="injected"):
         lu.backend.write(b"a" * GRAN, 0)
-    monkeypatch.setattr(os, "fdatasync", real)
+    monkeypatch.setattr(os, "fsync", fsync)     # no new file either
     with pytest.raises(OSError, match="injected"):
         lu.backend.write(b"b" * GRAN, 0)
     assert source.data[:GRAN] == bytes(GRAN)
     assert s.writes_in_flight == 0
-    s.tracking.commit()
+    monkeypatch.setattr(os, "fdatasync", real_datasync)
+    monkeypatch.setattr(os, "fsync", real_fsync)
     lu.backend.write(b"c" * GRAN, 0)
+    assert s.tracking.changes.activity.load()[0] == 1
     lu.backend.write(b"d" * GRAN, GRAN)
     assert source.data[:2 * GRAN] == b"c" * GRAN + b"d" * GRAN
     assert s.tracking.bits[:2] == b"\x01\x01"
-    assert maps.load(s.tracking.path, GRAN, EXTENTS)[0] == 1
+    assert s.tracking.changes.activity.load()[:2] == b"\x01\x01"
+    s.tracking.commit()
+    assert maps.load(s.tracking.path, GRAN, EXTENTS)[:2] == b"\x01\x01"
     s.close()
+
+
+def test_a_write_waiting_for_its_mark_survives_the_session_closing(
+        tmp_path, monkeypatch, one_extent_regions):
+    """A session deleted (or the target stopped) while a write's mark is
+    written in place but not yet synced: the close commits the tracking
+    map (it holds the extent) and replaces the activity file, so the
+    write's mark is durable and the write goes on, as a write into a
+    closed session does, instead of failing on the closed file."""
+    source = backends.MemoryBackend(SIZE)
+    lu, s = new_session(tmp_path, source, backends.MemoryBackend(SAVE_SIZE))
+    noted, resume = threading.Event(), threading.Event()
+    real = s.tracking.wait_durable
+
+    def wait_durable(ticket):
+        noted.set()     # the mark is written in place; the sync is next
+        assert resume.wait(10), "the test never resumed the write"
+        real(ticket)
+    monkeypatch.setattr(s.tracking, "wait_durable", wait_durable)
+    done, failed = background_write(lu, b"a" * GRAN, 0)
+    assert noted.wait(10)
+    s.close()
+    assert maps.load(s.tracking.path, GRAN, EXTENTS)[0] == 1
+    resume.set()
+    assert done.wait(10)
+    assert not failed, "the write failed: {}".format(failed)
+    assert source.data[:GRAN] == b"a" * GRAN
