@@ -70,8 +70,8 @@ class ActivityMap:
     write completed, running one itself if none that covers it runs.  A
     region marked but not yet durable keeps its ticket (`_pending`), so a
     later write into it waits for the same fdatasync instead of passing
-    on a mark a power cut could still take away.  A failed fdatasync
-    fails every mark waiting and every later one until the file is
+    on a mark a power cut could still take away.  A failed fdatasync (or
+    replace) fails every mark waiting and every later one until the file is
     replaced: by the owner's next commit, or by the next mark, which
     writes the file anew from the bits in memory (after a failed
     fdatasync the kernel may have dropped pages it will not write again).
@@ -199,7 +199,13 @@ class ActivityMap:
         waiters return, before the file may be closed under them."""
         with self._sync:
             self._quiesce()
-            self.file.reset(bits)
+            try:
+                self.file.reset(bits)
+            except OSError as e:
+                # The file is closed, or holds we do not know what: the
+                # next mark writes it anew (marks waiting fail meanwhile).
+                self._failed = e
+                raise
             self.bits = bits
             self._failed = None
             self._durable = self._written

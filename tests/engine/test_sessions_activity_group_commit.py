@@ -15,6 +15,7 @@ the fdatasync outside it, sharing it with every other write waiting.
   the fdatasync of the first write's mark.
 - test_a_failed_activity_sync_fails_the_writes_until_the_file_is_rewritten.
 - test_a_write_waiting_for_its_mark_survives_the_session_closing.
+- test_a_write_after_a_commit_that_could_not_replace_the_activity_file.
 - test_tracking_survives_power_loss: writers race into cold regions and
   the power is cut the moment the N-th extent's host write lands on the
   Source; the tracking map recovered from the map files holds every
@@ -472,3 +473,31 @@ def test_a_write_waiting_for_its_mark_survives_the_session_closing(
     assert done.wait(10)
     assert not failed, "the write failed: {}".format(failed)
     assert source.data[:GRAN] == b"a" * GRAN
+
+
+def test_a_write_after_a_commit_that_could_not_replace_the_activity_file(
+        tmp_path, monkeypatch, one_extent_regions):
+    """A commit saved the tracking map but failed writing the new activity
+    file (the old one closed already): a first write into a cold region
+    writes the activity file anew, instead of writing to no file at all."""
+    source = backends.MemoryBackend(SIZE)
+    lu, s = new_session(tmp_path, source, backends.MemoryBackend(SAVE_SIZE))
+    lu.backend.write(b"a" * GRAN, 0)
+    activity = s.tracking.changes.activity
+    real = os.fsync
+
+    def fsync(fd):
+        # The new activity file's temporary file.
+        if os.path.basename(os.readlink("/proc/self/fd/{}".format(fd))) \
+                .startswith("." + os.path.basename(activity.path) + "."):
+            raise OSError(5, "Input/output error (injected)")
+        real(fd)
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(OSError, match="injected"):
+        s.tracking.commit()
+    monkeypatch.setattr(os, "fsync", real)
+    assert maps.load(s.tracking.path, GRAN, EXTENTS)[0] == 1
+    lu.backend.write(b"b" * GRAN, 5 * GRAN)
+    assert source.data[5 * GRAN:6 * GRAN] == b"b" * GRAN
+    assert activity.load()[5] == 1
+    s.close()
