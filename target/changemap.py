@@ -70,10 +70,13 @@ class ActivityMap:
     write completed, running one itself if none that covers it runs.  A
     region marked but not yet durable keeps its ticket (`_pending`), so a
     later write into it waits for the same fdatasync instead of passing
-    on a mark a power cut could still take away.  A failed fdatasync
-    fails every mark waiting and every later one until the file is
-    replaced (after a failed fdatasync the kernel may have dropped pages
-    it will not write again).
+    on a mark a power cut could still take away.  A failed fdatasync (or
+    replace) fails every mark waiting and every later one until the file is
+    replaced: by the owner's next commit, or by the next mark, which
+    writes the file anew from the bits in memory (after a failed
+    fdatasync the kernel may have dropped pages it will not write again).
+    A replace makes every mark written before it durable: the new file
+    holds them, or, for a commit's, the owner's committed maps do.
     """
 
     def __init__(self, path, granularity, extents, region_bytes=REGION):
@@ -121,6 +124,11 @@ class ActivityMap:
         """Mark [e0, e1) (whole regions) in memory and in place; return
         the ticket to wait_durable() for, 0 when it is durable already
         (caller holds the owner's lock)."""
+        if self._failed is not None:
+            # The pages a failed fdatasync covered may be gone: the file
+            # is written anew, whole, from the bits in memory (raises if
+            # that fails too).
+            self.replace(bytearray(self.bits))
         if self.bits.find(0, e0, e1) < 0:
             if not self._pending:
                 return 0
@@ -181,19 +189,28 @@ class ActivityMap:
 
     def _quiesce(self):
         """Wait until no fdatasync runs (holding _sync): the file may be
-        closed then.  A mark written in place before a replace is durable
-        once the replace returns (the owner's committed maps and the new
-        file hold it): the next fdatasync, on the new file, counts it."""
+        closed then."""
         while self._flushing:
             self._sync.wait()
 
     def replace(self, bits):
-        """Make bits the map on disk (atomically) and in memory."""
+        """Make bits the map on disk (atomically) and in memory.  Every
+        mark written before is durable once it returns (class notes): its
+        waiters return, before the file may be closed under them."""
         with self._sync:
             self._quiesce()
-            self.file.reset(bits)
+            try:
+                self.file.reset(bits)
+            except OSError as e:
+                # The file is closed, or holds we do not know what: the
+                # next mark writes it anew (marks waiting fail meanwhile).
+                self._failed = e
+                raise
             self.bits = bits
             self._failed = None
+            self._durable = self._written
+            self._pending = {}
+            self._sync.notify_all()
 
     def rewrite(self, keep):
         """Replace the map with the regions covering the set extents of
@@ -303,7 +320,9 @@ class ChangeMap:
         token = self._next_token
         self.in_flight[token] = (e0, e1)
         maps.set_range(self.track, e0, e1)
-        if self.activity.bits.find(0, e0, e1) >= 0:
+        # A region set in memory may still wait for its fdatasync (or
+        # have had it fail): mark() waits for it (or fails).
+        if self.activity.bits.find(0, e0, e1) >= 0 or self.activity._pending:
             self.activity.mark(e0, e1)
         return token
 

@@ -209,3 +209,61 @@ def test_a_dcm_is_an_activity_map_of_one_extent_regions(disk, tmp_path):
     again.mark(0, 1)
     disk.power_cut(random.Random(3), keep=0.0)
     assert list(maps.runs(again.load())) == [(0, 1), (10, 12)]
+
+
+def test_a_failed_activity_sync_fails_later_writes_into_its_region(
+        disk, tmp_path, monkeypatch):
+    """A failed fdatasync of a mark (the kernel may drop the page it could
+    not write: here it is lost at once): the write that made the mark
+    fails, and a later write into the same region, whose bits are set in
+    memory, must not reach the data while its region is marked in memory
+    only."""
+    owner = Owner(tmp_path)
+    owner.bits[:] = bytes(EXTENTS)
+    owner.changes.commit()
+    path = owner.changes.activity.path
+    real = disk.datasync
+
+    def failing(handle):
+        if handle.path == path:
+            handle.data = bytearray(handle.durable)
+            handle.pending = []
+            raise OSError(5, "Input/output error (injected)")
+        real(handle)
+    monkeypatch.setattr(disk, "datasync", failing)
+    with pytest.raises(OSError, match="injected"):
+        owner.write(5, 6, 7)
+    monkeypatch.setattr(disk, "datasync", real)
+    try:
+        owner.write(6, 7, 8)
+    except OSError:
+        pass
+    disk.power_cut(random.Random(1), keep=0.0)
+    if owner.data.data[6 * GRAN] == 8:
+        assert owner.recovered()[6], "extent 6 was written but a power " \
+            "cut leaves it clean in the map"
+
+
+def test_a_failed_activity_sync_does_not_fail_every_later_mark(
+        disk, tmp_path, monkeypatch):
+    """An activity map that is never replaced (a replication group's
+    activity log or a DCM between replays): one failed fdatasync fails the
+    marks it covered, not every mark into a cold region from then on; the
+    marks are durable once they return."""
+    dcm = changemap.ActivityMap(str(tmp_path / "dcm"), GRAN, EXTENTS,
+                                region_bytes=GRAN)
+    dcm.replace(bytearray(EXTENTS))
+    real = disk.datasync
+
+    def failing(handle):
+        handle.data = bytearray(handle.durable)
+        handle.pending = []
+        raise OSError(5, "Input/output error (injected)")
+    monkeypatch.setattr(disk, "datasync", failing)
+    with pytest.raises(OSError, match="injected"):
+        dcm.mark(10, 11)
+    monkeypatch.setattr(disk, "datasync", real)
+    dcm.mark(20, 21)
+    dcm.mark(10, 11)
+    disk.power_cut(random.Random(3), keep=0.0)
+    assert list(maps.runs(dcm.load())) == [(10, 11), (20, 21)]

@@ -13,12 +13,15 @@ the fdatasync outside it, sharing it with every other write waiting.
 - test_a_write_into_a_region_being_marked_waits_for_its_sync: a second
   write into the region finds its bits set in memory, and still waits for
   the fdatasync of the first write's mark.
-- test_a_failed_activity_sync_fails_the_writes_until_the_next_commit.
+- test_a_failed_activity_sync_fails_the_writes_until_the_file_is_rewritten.
+- test_a_write_waiting_for_its_mark_survives_the_session_closing.
+- test_a_write_after_a_commit_that_could_not_replace_the_activity_file.
 - test_tracking_survives_power_loss: writers race into cold regions and
   the power is cut the moment the N-th extent's host write lands on the
   Source; the tracking map recovered from the map files holds every
   extent that landed.  Its twin ignores the activity map's fdatasync (the
-  protection off) and must be caught.
+  protection off) and must be caught.  With a thread committing all
+  along too (the activity file replaced under the writers).
 """
 
 import os
@@ -267,7 +270,10 @@ class CutSource(backends.MemoryBackend):
                 self.cut = (self.disk.snapshot(), set(self.landed))
 
 
-def check_power_cut(tmp_path, monkeypatch, seed, keep, honour_datasync=True):
+def check_power_cut(tmp_path, monkeypatch, seed, keep, honour_datasync=True,
+                    commits=False):
+    """commits: a thread commits the tracking map all along (replacing the
+    activity file under the writers waiting for their marks)."""
     monkeypatch.setattr(changemap, "REGION", GRAN)
     lock = threading.Lock()
     disk = LockedSimDisk(lock)
@@ -282,7 +288,20 @@ def check_power_cut(tmp_path, monkeypatch, seed, keep, honour_datasync=True):
     source = CutSource(lock, disk, rng.randrange(4, written + 1))
     lu, s = new_session(tmp_path, source, backends.MemoryBackend(SAVE_SIZE))
     disk.honour_datasync = honour_datasync
-    run_writers(lu, plans)
+    stop = threading.Event()
+
+    def committer():
+        while not stop.is_set():
+            s.tracking.commit()
+    thread = threading.Thread(target=committer)
+    if commits:
+        thread.start()
+    try:
+        run_writers(lu, plans)
+    finally:
+        stop.set()
+        if commits:
+            thread.join()
     s.close()
     after_cut, landed = source.cut
     after_cut.power_cut(rng, keep)
@@ -302,6 +321,85 @@ def test_tracking_survives_power_loss(tmp_path, monkeypatch, seed, keep):
     check_power_cut(tmp_path, monkeypatch, seed, keep)
 
 
+class CheckedSource(backends.MemoryBackend):
+    """The Source; each time an extent is written, the map files' durable
+    bytes (a power cut keeping nothing else) must hold every extent
+    written so far: the committed map or the activity map."""
+
+    def __init__(self, lock, disk, base):
+        super().__init__(SIZE)
+        self.lock = lock
+        self.disk = disk
+        self.paths = (base + ".track", base + ".track.activity")
+        self.landed = set()
+        self.missing = set()
+
+    def write(self, buf, offset):
+        with self.lock:
+            super().write(buf, offset)
+            self.landed.add(offset // GRAN)
+            committed, activity = (
+                self.disk.files[p].durable[maps.HEADER.size:]
+                for p in self.paths)
+            self.missing.update(x for x in self.landed
+                                if not committed[x] and not activity[x])
+
+
+def check_commits_meanwhile(tmp_path, monkeypatch, seed, keep_recent=True):
+    monkeypatch.setattr(changemap, "REGION", GRAN)
+    lock = threading.Lock()
+    disk = LockedSimDisk(lock)
+    monkeypatch.setattr(maps, "files", disk)
+    rng = random.Random(seed)
+    plans = []
+    for _ in range(8):
+        plan = list(range(EXTENTS))
+        rng.shuffle(plan)
+        plans.append(plan[:EXTENTS // 2])
+    source = CheckedSource(lock, disk, str(tmp_path / "src@s"))
+    lu, s = new_session(tmp_path, source, backends.MemoryBackend(SAVE_SIZE))
+    s.tracking.changes.keep_recent_in_activity = keep_recent
+    # Saving the maps takes a moment on a disk: writes arrive meanwhile.
+    s.tracking.changes.after_save = lambda: time.sleep(0.001)
+    stop = threading.Event()
+
+    def committer():
+        while not stop.is_set():
+            s.tracking.commit()
+            time.sleep(0.0005)
+    thread = threading.Thread(target=committer)
+    thread.start()
+    try:
+        run_writers(lu, plans)
+    finally:
+        stop.set()
+        thread.join()
+    s.close()
+    assert not source.missing, "extents {} reached the Source while a " \
+        "power cut would have lost them from the tracking map".format(
+            sorted(source.missing))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_tracking_survives_power_loss_with_commits_meanwhile(
+        tmp_path, monkeypatch, seed):
+    """A commit replaces the activity file while writers wait for their
+    marks' fdatasync: a mark written before it is durable once it returns
+    (the committed map or the new file holds the extent), at every moment
+    a write lands."""
+    check_commits_meanwhile(tmp_path, monkeypatch, seed)
+
+
+def test_tracking_commits_meanwhile_twin_protection_off(tmp_path,
+                                                        monkeypatch):
+    """The commit's new activity file without the extents written since
+    it took the maps: the check above must catch it."""
+    with pytest.raises(AssertionError, match="would have lost them"):
+        for seed in range(5):
+            check_commits_meanwhile(tmp_path / str(seed), monkeypatch, seed,
+                                    keep_recent=False)
+
+
 def test_tracking_power_loss_twin_protection_off(tmp_path, monkeypatch):
     """The activity map's fdatasync ignored: the check above must catch
     it."""
@@ -310,33 +408,96 @@ def test_tracking_power_loss_twin_protection_off(tmp_path, monkeypatch):
                         honour_datasync=False)
 
 
-def test_a_failed_activity_sync_fails_the_writes_until_the_next_commit(
+def test_a_failed_activity_sync_fails_the_writes_until_the_file_is_rewritten(
         tmp_path, monkeypatch, one_extent_regions):
     """After a failed fdatasync the kernel may have dropped the mark's
     page: every write waiting for it fails, and so does a later write into
-    that region (its bits are set in memory) until a commit has saved the
-    tracking map and replaced the activity file."""
+    that region (its bits are set in memory) while the activity file cannot
+    be written anew; once it can, the next write rewrites it whole from
+    the bits in memory (no commit needed) and goes on."""
     source = backends.MemoryBackend(SIZE)
     lu, s = new_session(tmp_path, source, backends.MemoryBackend(SAVE_SIZE))
     activity_fd = s.tracking.changes.activity.file.fd
-    real = os.fdatasync
+    real_datasync, real_fsync = os.fdatasync, os.fsync
 
     def fdatasync(fd):
         if fd == activity_fd:
             raise OSError(5, "Input/output error (injected)")
-        real(fd)
+        real_datasync(fd)
+
+    def fsync(fd):
+        raise OSError(5, "Input/output error (injected)")
     monkeypatch.setattr(os, "fdatasync", fdatasync)
     with pytest.raises(OSError, match="injected"):
         lu.backend.write(b"a" * GRAN, 0)
-    monkeypatch.setattr(os, "fdatasync", real)
+    monkeypatch.setattr(os, "fsync", fsync)     # no new file either
     with pytest.raises(OSError, match="injected"):
         lu.backend.write(b"b" * GRAN, 0)
     assert source.data[:GRAN] == bytes(GRAN)
     assert s.writes_in_flight == 0
-    s.tracking.commit()
+    monkeypatch.setattr(os, "fdatasync", real_datasync)
+    monkeypatch.setattr(os, "fsync", real_fsync)
     lu.backend.write(b"c" * GRAN, 0)
+    assert s.tracking.changes.activity.load()[0] == 1
     lu.backend.write(b"d" * GRAN, GRAN)
     assert source.data[:2 * GRAN] == b"c" * GRAN + b"d" * GRAN
     assert s.tracking.bits[:2] == b"\x01\x01"
+    assert s.tracking.changes.activity.load()[:2] == b"\x01\x01"
+    s.tracking.commit()
+    assert maps.load(s.tracking.path, GRAN, EXTENTS)[:2] == b"\x01\x01"
+    s.close()
+
+
+def test_a_write_waiting_for_its_mark_survives_the_session_closing(
+        tmp_path, monkeypatch, one_extent_regions):
+    """A session deleted (or the target stopped) while a write's mark is
+    written in place but not yet synced: the close commits the tracking
+    map (it holds the extent) and replaces the activity file, so the
+    write's mark is durable and the write goes on, as a write into a
+    closed session does, instead of failing on the closed file."""
+    source = backends.MemoryBackend(SIZE)
+    lu, s = new_session(tmp_path, source, backends.MemoryBackend(SAVE_SIZE))
+    noted, resume = threading.Event(), threading.Event()
+    real = s.tracking.wait_durable
+
+    def wait_durable(ticket):
+        noted.set()     # the mark is written in place; the sync is next
+        assert resume.wait(10), "the test never resumed the write"
+        real(ticket)
+    monkeypatch.setattr(s.tracking, "wait_durable", wait_durable)
+    done, failed = background_write(lu, b"a" * GRAN, 0)
+    assert noted.wait(10)
+    s.close()
     assert maps.load(s.tracking.path, GRAN, EXTENTS)[0] == 1
+    resume.set()
+    assert done.wait(10)
+    assert not failed, "the write failed: {}".format(failed)
+    assert source.data[:GRAN] == b"a" * GRAN
+
+
+def test_a_write_after_a_commit_that_could_not_replace_the_activity_file(
+        tmp_path, monkeypatch, one_extent_regions):
+    """A commit saved the tracking map but failed writing the new activity
+    file (the old one closed already): a first write into a cold region
+    writes the activity file anew, instead of writing to no file at all."""
+    source = backends.MemoryBackend(SIZE)
+    lu, s = new_session(tmp_path, source, backends.MemoryBackend(SAVE_SIZE))
+    lu.backend.write(b"a" * GRAN, 0)
+    activity = s.tracking.changes.activity
+    real = os.fsync
+
+    def fsync(fd):
+        # The new activity file's temporary file.
+        if os.path.basename(os.readlink("/proc/self/fd/{}".format(fd))) \
+                .startswith("." + os.path.basename(activity.path) + "."):
+            raise OSError(5, "Input/output error (injected)")
+        real(fd)
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(OSError, match="injected"):
+        s.tracking.commit()
+    monkeypatch.setattr(os, "fsync", real)
+    assert maps.load(s.tracking.path, GRAN, EXTENTS)[0] == 1
+    lu.backend.write(b"b" * GRAN, 5 * GRAN)
+    assert source.data[5 * GRAN:6 * GRAN] == b"b" * GRAN
+    assert activity.load()[5] == 1
     s.close()
