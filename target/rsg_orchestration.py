@@ -468,6 +468,7 @@ class RsgOrchestration:
     def rsg_promote(self, name, force=False):
         """Make this secondary the primary of a new generation."""
         rsg = self._rsg(name, replication.SECONDARY)
+        rsg.wait_session_end()
         if rsg.connected_since is not None:
             raise replication.RsgBusy(
                 name=name, reason="its primary is connected and replicating; "

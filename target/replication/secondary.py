@@ -44,6 +44,9 @@ PULL_CHUNK = 1 << 20           # bytes of one RDAT frame sent to a primary
 REPLAY_APPLY_BYTES = 16 << 20
 REPLAY_APPLY_WORKERS = 8
 REPLAY_APPLY_FRAMES = 8 * REPLAY_APPLY_WORKERS
+# A change of the volumes asked for while a session is ending (the primary
+# went; the session makes what it applied durable) waits this long for it.
+SESSION_END_WAIT = 30.0
 
 
 class _ApplyFailed(Exception):
@@ -352,6 +355,9 @@ class SecondaryGroup:
         self.serving = None         # the thread serving self.connection
         self.applier = None         # its replay writer (_ReplayApplier)
         self.connected_since = None
+        # The session's primary went and it is ending (until the
+        # connection is cleared): a local change waits for it.
+        self.ending = False
         self.reason = record.get("reason") or "never synchronized"
         self.error = None
         self.batches = 0
@@ -530,6 +536,7 @@ class SecondaryGroup:
         (the same rollback twice) is refused, and so is any beside one
         that runs alone (a promotion, a deletion: they close the group
         and release the images a rollback reads)."""
+        self.wait_session_end()
         with self.session_lock:
             if self.connection is not None:
                 raise RsgBusy(name=self.name, reason="{} is refused: this "
@@ -551,6 +558,16 @@ class SecondaryGroup:
             with self.session_lock:
                 self.local_changes.remove(what)
                 self.alone.discard(what)
+
+    def wait_session_end(self, timeout=SESSION_END_WAIT):
+        """A session whose primary went is still ending (it makes what it
+        applied durable): wait for it, up to timeout, so that a change
+        asked for right after a detach is not refused as if a primary
+        were connected."""
+        deadline = time.monotonic() + timeout
+        while self.ending and self.connection is not None and \
+                time.monotonic() < deadline:
+            time.sleep(0.01)
 
     def refuse_primary(self):
         """Under session_lock: why a primary may not connect now, or None.
@@ -658,6 +675,7 @@ class SecondaryGroup:
         """Receive from one primary until the connection ends."""
         self.primary = peer
         theirs = [list(h) for h in hello.get("history") or []]
+        self.ending = False
         self.connected_since = time.time()
         batch = []
         replaying = False
@@ -830,6 +848,7 @@ class SecondaryGroup:
                     log.error("group %s: cannot save its record: %s",
                               self.name, e2)
         finally:
+            self.ending = True
             applier.close()
             self._settle()
             self.connected_since = None

@@ -2406,6 +2406,7 @@ def test_sync_writes_wake_a_replay_held_back_by_its_rate(cluster_factory,
         c.write(0, i * 16 * GRAN, rng.randbytes(GRAN))
     c.wait_converged()
     c.link.replay_rate = GRAN       # kept by the link that streams
+    release = hold_engines(monkeypatch)
     c.ta.clone_reverse_sync("snap")
     wait_for(lambda: c.link.state == R.DCM_REPLAY and
              0 < c.link.replay_done < c.link.replay_total, 10,
@@ -2418,8 +2419,7 @@ def test_sync_writes_wake_a_replay_held_back_by_its_rate(cluster_factory,
             "a sync write took {:.2f} s".format(took)
     # The rest at full speed: the link starts again without a limit.
     c.ta.rsg_attach("g", c.addr, rate="0")
-    wait_for(lambda: clone_state(c.ta, "snap") == "synchronized", 30,
-             "the reverse sync's end", lambda: c.ta.clone_status("snap"))
+    release_until(c, release, "synchronized", "the reverse sync's end")
     c.wait_converged()
     assert read_image(c.ta, VOLS[0]) == read_image(c.tb, VOLS[0])
 

@@ -10,6 +10,7 @@ files are watched through os.pwrite/os.pwritev/os.fdatasync/os.fsync.
 import json
 import os
 import threading
+import time
 
 import pytest
 
@@ -234,3 +235,23 @@ def test_a_record_saved_beside_the_session_keeps_it_volatile(pair):
     pair.b.kill()
     pair.b.start()
     assert not pair.sg.consistent
+
+
+def test_a_promotion_right_after_the_primary_detached_waits_for_the_end(
+        pair, monkeypatch):
+    """An admin detaches the primary's link and promotes the secondary at
+    once (a failover script): the secondary's session is still ending
+    (making what it applied durable), which is no primary "connected and
+    replicating": the promotion waits for that end, it is not refused."""
+    lu = pair.ta.lus["v1"]
+    for i in range(4):
+        lu.write(os.urandom(BLOCK), i * BLOCK)
+    flush = R.SecondaryGroup._flush_volumes
+
+    def slow_flush(self):
+        time.sleep(0.5)
+        flush(self)
+    monkeypatch.setattr(R.SecondaryGroup, "_flush_volumes", slow_flush)
+    pair.ta.rsg_detach(rsgnodes.GROUP, pair.addr)
+    time.sleep(0.1)     # the session sees the end, and flushes
+    assert pair.tb.rsg_promote(rsgnodes.GROUP)["role"] == R.PRIMARY
