@@ -53,7 +53,8 @@ had only applied gets it again.  Such a secondary cannot tell which of
 those updates reached its disk (a power cut keeps some pages and not
 others): its record says it may hold some (`volatile`, saved before the
 first CAPL apply of a session and cleared by the flush at the session's
-end), and it starts inconsistent; the primary then replays the regions of
+end, or when the primary idles after a CMIT), and it starts
+inconsistent; the primary then replays the regions of
 the changes after the durable position, not the volume.  Async links send
 CMIT only.  An entry is freed once every link that holds the SRL has it
 durably (the persisted acknowledged position: space is reclaimed only

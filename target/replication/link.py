@@ -531,9 +531,14 @@ class Link:
                 if kind == b"ACKS":
                     seq, = SEQ.unpack(payload)
                     with g.cond:
-                        while self.batches and self.batches[0][0] <= seq:
-                            last, end = self.batches.pop(0)
-                            self.acked_seq, self.acked_pos = last, end
+                        n = 0
+                        while n < len(self.batches) and \
+                                self.batches[n][0] <= seq:
+                            n += 1
+                        if n:
+                            self.acked_seq, self.acked_pos = \
+                                self.batches[n - 1]
+                            del self.batches[:n]
                         g.cond.notify_all()
                 elif kind == b"APLD":
                     seq, = SEQ.unpack(payload)

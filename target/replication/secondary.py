@@ -717,6 +717,12 @@ class SecondaryGroup:
                     elif seq > self.applied_seq:
                         batch.append((seq, vol, k, off, length, crc, data))
                 elif kind == b"BEAT":
+                    if self.volatile and not unflushed:
+                        # The primary idles and a CMIT made everything
+                        # durable: a crash from here on finds nothing
+                        # undurable (one save per idle spell).
+                        self.volatile = False
+                        self.persist()
                     continue
                 elif kind == b"PULL":
                     self._send_pull(sock, json.loads(payload)["runs"])

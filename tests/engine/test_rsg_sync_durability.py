@@ -255,3 +255,22 @@ def test_a_promotion_right_after_the_primary_detached_waits_for_the_end(
     pair.ta.rsg_detach(rsgnodes.GROUP, pair.addr)
     time.sleep(0.1)     # the session sees the end, and flushes
     assert pair.tb.rsg_promote(rsgnodes.GROUP)["role"] == R.PRIMARY
+
+
+def test_an_idle_secondary_killed_after_its_updates_were_made_durable(pair):
+    """Updates a sync link's secondary applied, then made durable (a host
+    flush), then the link idle: a kill -9 of the secondary must not cost
+    it its consistency (nothing it holds is undurable)."""
+    lu = pair.ta.lus["v1"]
+    for i in range(4):
+        lu.write(os.urandom(BLOCK), i * BLOCK)
+    lu.flush()
+    sg = pair.sg
+    # Idle: the primary's heartbeats go (PERSIST_INTERVAL, shortened).
+    wait_for(lambda: not sg.files.load().get("volatile"), 5,
+             "the record saying nothing undurable is held", sg.status)
+    pair.b.kill()
+    pair.b.start()
+    assert pair.sg.consistent, pair.sg.status()
+    assert rsgnodes.read_image(pair.tb, "v1") == \
+        rsgnodes.read_image(pair.ta, "v1")
