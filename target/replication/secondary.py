@@ -730,7 +730,7 @@ class SecondaryGroup:
                     # A batch of a sync link: acknowledged once applied,
                     # made durable by a later CMIT (module notes).
                     seq, = SEQ.unpack(payload)
-                    if batch and not (replaying or not self.consistent):
+                    if batch and self.consistent and not replaying:
                         if not self.volatile:
                             self.volatile = True
                             self.persist()
