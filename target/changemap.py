@@ -54,6 +54,7 @@ import threading
 import time
 
 from . import maps
+from .groupcommit import GroupCommit
 
 REGION = 4 << 20        # bytes an activity mark covers
 COMMIT_INTERVAL = 1.0   # seconds between timed commits
@@ -64,17 +65,18 @@ class ActivityMap:
     they cover.  With region_bytes equal to the granularity it is a map
     persisted in place extent by extent (a replication DCM).
 
-    Group commit of the marks: mark_deferred() sets the regions in memory
-    and writes them in place (under the owner's lock), returning a ticket;
-    wait_durable(ticket) returns once an fdatasync that began after that
-    write completed, running one itself if none that covers it runs.  A
-    region marked but not yet durable keeps its ticket (`_pending`), so a
-    later write into it waits for the same fdatasync instead of passing
-    on a mark a power cut could still take away.  A failed fdatasync (or
-    replace) fails every mark waiting and every later one until the file is
-    replaced: by the owner's next commit, or by the next mark, which
-    writes the file anew from the bits in memory (after a failed
-    fdatasync the kernel may have dropped pages it will not write again).
+    Group commit of the marks (target.groupcommit): mark_deferred() sets
+    the regions in memory and writes them in place (under the owner's
+    lock), returning a ticket; wait_durable(ticket) returns once an
+    fdatasync that began after that write completed, running one itself
+    if none that covers it runs.  A region marked but not yet durable
+    keeps its ticket (`_pending`), so a later write into it waits for the
+    same fdatasync instead of passing on a mark a power cut could still
+    take away.  A failed fdatasync (or replace) fails every mark waiting
+    and every later one until the file is replaced: by the owner's next
+    commit, or by the next mark, which writes the file anew from the bits
+    in memory (after a failed fdatasync the kernel may have dropped pages
+    it will not write again).
     A replace makes every mark written before it durable: the new file
     holds them, or, for a commit's, the owner's committed maps do.
     """
@@ -86,11 +88,8 @@ class ActivityMap:
         self.region = max(1, region_bytes // granularity)  # in extents
         self.bits = bytearray(extents)
         self.file = maps.ActivityFile(path, granularity, extents)
-        self._sync = threading.Condition(threading.Lock())
-        self._written = 0       # tickets of marks written in place
-        self._durable = 0       # tickets of marks made durable
-        self._flushing = False
-        self._failed = None
+        self._group = GroupCommit(lambda: self.file.datasync(),
+                                  self._durable_upto)
         self._pending = {}      # region number -> ticket, not yet durable
 
     @property
@@ -124,7 +123,7 @@ class ActivityMap:
         """Mark [e0, e1) (whole regions) in memory and in place; return
         the ticket to wait_durable() for, 0 when it is durable already
         (caller holds the owner's lock)."""
-        if self._failed is not None:
+        if self._group.failed is not None:
             # The pages a failed fdatasync covered may be gone: the file
             # is written anew, whole, from the bits in memory (raises if
             # that fails too).
@@ -133,7 +132,7 @@ class ActivityMap:
             if not self._pending:
                 return 0
             r = self.region
-            with self._sync:
+            with self._group.lock:
                 return max((self._pending.get(i, 0)
                             for i in range(e0 // r, (e1 - 1) // r + 1)),
                            default=0)
@@ -147,9 +146,8 @@ class ActivityMap:
             raise
         # Taken after the write returned: an fdatasync that begins after
         # this covers it.
-        with self._sync:
-            self._written += 1
-            ticket = self._written
+        with self._group.lock:
+            ticket = self._group.take()
             r = self.region
             for i in range(s // r, (e - 1) // r + 1):
                 self._pending[i] = ticket
@@ -159,58 +157,30 @@ class ActivityMap:
         """Return once the mark of ticket (and every earlier one) is
         durable, running the fdatasync if none is running; raise the error
         of a failed one.  Called without the owner's lock."""
-        with self._sync:
-            while True:
-                if self._failed is not None:
-                    raise self._failed
-                if self._durable >= ticket:
-                    return
-                if self._flushing:
-                    self._sync.wait()
-                    continue
-                self._flushing = True
-                upto = self._written
-                self._sync.release()
-                error = None
-                try:
-                    self.file.datasync()
-                except OSError as e:
-                    error = e
-                finally:
-                    self._sync.acquire()
-                    self._flushing = False
-                    self._sync.notify_all()
-                if error is not None:
-                    self._failed = error
-                    continue
-                self._durable = max(self._durable, upto)
-                self._pending = {i: t for i, t in self._pending.items()
-                                 if t > self._durable}
+        self._group.wait(ticket)
 
-    def _quiesce(self):
-        """Wait until no fdatasync runs (holding _sync): the file may be
-        closed then."""
-        while self._flushing:
-            self._sync.wait()
+    def _durable_upto(self, ticket):
+        # A sync made the marks up to ticket durable (holding the group
+        # commit's lock): their regions need not be waited for again.
+        self._pending = {i: t for i, t in self._pending.items()
+                         if t > ticket}
 
     def replace(self, bits):
         """Make bits the map on disk (atomically) and in memory.  Every
         mark written before is durable once it returns (class notes): its
         waiters return, before the file may be closed under them."""
-        with self._sync:
-            self._quiesce()
+        with self._group.lock:
+            self._group.quiesce()
             try:
                 self.file.reset(bits)
             except OSError as e:
                 # The file is closed, or holds we do not know what: the
                 # next mark writes it anew (marks waiting fail meanwhile).
-                self._failed = e
+                self._group.fail(e)
                 raise
             self.bits = bits
-            self._failed = None
-            self._durable = self._written
             self._pending = {}
-            self._sync.notify_all()
+            self._group.all_durable()
 
     def rewrite(self, keep):
         """Replace the map with the regions covering the set extents of
@@ -221,8 +191,8 @@ class ActivityMap:
         self.replace(activity)
 
     def close(self):
-        with self._sync:
-            self._quiesce()
+        with self._group.lock:
+            self._group.quiesce()
             self.file.close()
 
 

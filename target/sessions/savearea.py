@@ -8,15 +8,15 @@ present, else the Source.  A save is the slot's data and its index entry
 (slot and crc of the data), written in place, then made durable by a flush
 (fdatasync) before the host write proceeds.
 
-Group commit: the flushes are shared.  `store` writes and returns a
-ticket; `wait_durable(ticket)` returns once a flush that began after that
-save was written has completed.  One flush runs at a time; the saves
-written while it runs are covered together by the next one, made by the
-first of their writers to find no flush running (the others wait for it).
-So N concurrent first writes cost about two flushes, not N, and a host
-write waits at most for the flush running and the one after it, never for
-saves that queue up later.  Concurrent
-means other connections, or one connection's requests under nbdkit's
+Group commit (target.groupcommit): the flushes are shared.  `store`
+writes and returns a ticket; `wait_durable(ticket)` returns once a flush
+that began after that save was written has completed.  One flush runs at
+a time; the saves written while it runs are covered together by the next
+one, made by the first of their writers to find no flush running (the
+others wait for it).  So N concurrent first writes cost about two
+flushes, not N, and a host write waits at most for the flush running and
+the one after it, never for saves that queue up later.  Concurrent means
+other connections, or one connection's requests under nbdkit's
 `parallel` thread model: the default serves one request of a connection
 at a time, and then every first write still pays a whole flush.
 
@@ -46,10 +46,10 @@ flush is shared).  See docs/design.md and docs/persistence.md.
 
 import errno
 import struct
-import threading
 import zlib
 
 from .. import errors
+from ..groupcommit import GroupCommit
 
 
 class SaveAreaFull(errors.Error):
@@ -77,14 +77,9 @@ class SaveArea:
         self.slots = {}
         self.next_slot = 0
         self._zero_crc = None
-        # Group commit (see the design notes): tickets of saves written,
-        # of saves durable, whether a flush runs, and the error of a
-        # failed flush (kept until reset).
-        self._sync = threading.Condition(threading.Lock())
-        self._written = 0
-        self._durable = 0
-        self._flushing = False
-        self._failed = None
+        # Group commit of the saves (see the design notes); the error of
+        # a failed flush is kept until reset.
+        self._group = GroupCommit(lambda: self.backend.flush())
 
     @staticmethod
     def minimum_size(extents, granularity):
@@ -127,8 +122,8 @@ class SaveArea:
         self.backend.flush()
         self.slots = {}
         self.next_slot = 0
-        with self._sync:
-            self._failed = None
+        with self._group.lock:
+            self._group.reset()
 
     def allocate(self):
         """Take the next slot (caller holds the session lock)."""
@@ -144,7 +139,9 @@ class SaveArea:
         self.backend.write(data, self._slot_offset(slot))
         self.backend.write(self.ENTRY.pack(slot + 1, zlib.crc32(data)),
                            extent * self.ENTRY.size)
-        return self._written_one()
+        # Taken after the writes returned: a flush that begins after this
+        # covers them.
+        return self._group.ticket()
 
     def store_zero(self, extent, slot):
         """store() of an all-zero extent: the slot becomes a hole."""
@@ -154,45 +151,13 @@ class SaveArea:
             self._zero_crc = zlib.crc32(bytes(self.granularity))
         self.backend.write(self.ENTRY.pack(slot + 1, self._zero_crc),
                            extent * self.ENTRY.size)
-        return self._written_one()
-
-    def _written_one(self):
-        # Taken after the writes returned: a flush that begins after this
-        # covers them.
-        with self._sync:
-            self._written += 1
-            return self._written
+        return self._group.ticket()
 
     def wait_durable(self, ticket):
         """Return once the save of ticket (and every earlier one) is
         durable, flushing if no flush is running; raise the error of a
         failed flush."""
-        with self._sync:
-            while True:
-                if self._failed is not None:
-                    raise self._failed
-                if self._durable >= ticket:
-                    return
-                if self._flushing:
-                    self._sync.wait()
-                    continue
-                self._flushing = True
-                upto = self._written
-                self._sync.release()
-                try:
-                    self.backend.flush()
-                except OSError as e:
-                    error = e
-                else:
-                    error = None
-                finally:
-                    self._sync.acquire()
-                    self._flushing = False
-                    self._sync.notify_all()
-                if error is not None:
-                    self._failed = error
-                else:
-                    self._durable = max(self._durable, upto)
+        self._group.wait(ticket)
 
     def readinto(self, extent, view):
         self.backend.readinto(view, self._slot_offset(self.slots[extent]))

@@ -14,7 +14,7 @@ import time
 import pytest
 
 from tests.support import rsgnodes
-from tests.support.rsgmodel import fast_timing, restore_timing, wait_for
+from tests.support.rsgmodel import wait_for
 from target import replication as R
 
 BLOCK = 4096
@@ -23,16 +23,8 @@ SLOW = 0.02         # seconds each update takes to apply on the secondary
 
 @pytest.fixture
 def pair(tmp_path):
-    saved = fast_timing()
-    p = rsgnodes.Pair(str(tmp_path), {"v1": 1 << 20})
-    try:
-        p.create_group("4M", "4K")
-        p.link_up("async")
-        p.wait_converged()
+    with rsgnodes.linked_pair(str(tmp_path), "async", "4M", "4K") as p:
         yield p
-    finally:
-        p.close()
-        restore_timing(saved)
 
 
 def test_a_read_waits_for_one_update_not_for_the_whole_batch(

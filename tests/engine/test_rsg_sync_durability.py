@@ -15,7 +15,7 @@ import time
 import pytest
 
 from tests.support import rsgnodes
-from tests.support.rsgmodel import fast_timing, restore_timing, wait_for
+from tests.support.rsgmodel import wait_for
 from target import replication as R
 
 BLOCK = 4096
@@ -68,16 +68,8 @@ class Watch:
 
 @pytest.fixture
 def pair(tmp_path):
-    saved = fast_timing()
-    p = rsgnodes.Pair(str(tmp_path), {"v1": 1 << 20})
-    try:
-        p.create_group("1M", "4K")
-        p.link_up("sync")
-        p.wait_converged()
+    with rsgnodes.linked_pair(str(tmp_path), "sync", "1M", "4K") as p:
         yield p
-    finally:
-        p.close()
-        restore_timing(saved)
 
 
 def _volume_files(watch, pair):

@@ -24,6 +24,7 @@ the fdatasync outside it, sharing it with every other write waiting.
   along too (the activity file replaced under the writers).
 """
 
+import functools
 import os
 import random
 import threading
@@ -33,13 +34,15 @@ import pytest
 
 from target import backends, changemap, maps, sessions
 
-from tests.support import powerloss
-from tests.support.sessionfakes import FakeLU
+from tests.support import powerloss, sessionfakes
+from tests.support.sessionfakes import frozen_image, run_writers
 
 GRAN = 4096
 EXTENTS = 64
 SIZE = GRAN * EXTENTS
 SAVE_SIZE = sessions.SaveArea.minimum_size(EXTENTS, GRAN) - GRAN + SIZE
+
+new_session = functools.partial(sessionfakes.new_session, granularity=GRAN)
 
 
 @pytest.fixture
@@ -49,79 +52,18 @@ def one_extent_regions(monkeypatch):
     monkeypatch.setattr(changemap, "REGION", GRAN)
 
 
-def new_session(map_dir, source, save, marked=False, export=True):
-    lu = FakeLU(sessions.SessionLayer(source), SIZE)
-    s = sessions.Session("s", lu, GRAN, str(map_dir), save, [],
-                         marked=marked, export=marked and export)
-    if marked:
-        s.load()
-    else:
-        s.create()
-    lu.backend.add(s)
-    return lu, s
-
-
-def frozen_image(s):
-    buf = bytearray(SIZE)
-    s.read_frozen(buf, 0)
-    return bytes(buf)
-
-
-def run_writers(lu, plans):
-    """One thread per plan (a list of extents), each writing 1 KiB of
-    random data into each of its extents, all started at once."""
-    start = threading.Barrier(len(plans))
-    errors = []
-
-    def run(i, plan):
-        rng = random.Random(i)
-        try:
-            start.wait()
-            for x in plan:
-                lu.backend.write(rng.randbytes(1024), x * GRAN +
-                                 rng.randrange(0, GRAN - 1024, 512))
-        except Exception as e:   # reported below, in the test's thread
-            errors.append(e)
-    threads = [threading.Thread(target=run, args=(i, p))
-               for i, p in enumerate(plans)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
-
-
 def test_first_writes_into_cold_regions_share_activity_syncs(
         tmp_path, monkeypatch, one_extent_regions):
-    path = tmp_path / "save"
-    with open(path, "wb") as f:
-        f.truncate(SAVE_SIZE)
-    save = backends.FileBackend(str(path))
-    source = backends.MemoryBackend(SIZE)
-    source.data[:] = random.Random(1).randbytes(SIZE)
-    lu, s = new_session(tmp_path, source, save)
-    s.mark(export=True)
-    at_mark = bytes(source.data)
+    lu, s, source, save, at_mark = sessionfakes.marked_on_save_file(
+        tmp_path, SIZE, SAVE_SIZE, GRAN)
     activity_fd = s.tracking.changes.activity.file.fd
-
-    syncs = {"activity": 0, "save": 0}
-    real = os.fdatasync
-
-    def fdatasync(fd):
-        if fd in (activity_fd, save.fd):
-            syncs["activity" if fd == activity_fd else "save"] += 1
-            time.sleep(0.002)       # a disk's flush: marks arrive meanwhile
-        real(fd)
-    monkeypatch.setattr(os, "fdatasync", fdatasync)
-    threads = 8
-    run_writers(lu, [list(range(i, EXTENTS, threads))
-                     for i in range(threads)])
-    monkeypatch.setattr(os, "fdatasync", real)
+    syncs = sessionfakes.first_writes_everywhere(
+        monkeypatch, lu, EXTENTS, GRAN, (activity_fd, save.fd))
 
     assert s.cofw_count == EXTENTS
-    assert syncs["activity"] <= EXTENTS // 4, \
+    assert syncs[activity_fd] <= EXTENTS // 4, \
         "{} activity map fdatasyncs for {} first writes into cold " \
-        "regions".format(syncs["activity"], EXTENTS)
+        "regions".format(syncs[activity_fd], EXTENTS)
     assert frozen_image(s) == at_mark, "the frozen image is not the mark's"
     assert s.tracking.bits == b"\x01" * EXTENTS
     # Every region is marked in the activity map on disk.
@@ -250,30 +192,11 @@ class LockedSimDisk(powerloss.SimDisk):
         return copy
 
 
-class CutSource(backends.MemoryBackend):
-    """The Source; the power is cut when the cut_at-th extent is first
-    written: the map files as they are then are kept."""
-
-    def __init__(self, lock, disk, cut_at):
-        super().__init__(SIZE)
-        self.lock = lock
-        self.disk = disk
-        self.cut_at = cut_at
-        self.landed = set()
-        self.cut = None
-
-    def write(self, buf, offset):
-        with self.lock:
-            super().write(buf, offset)
-            self.landed.add(offset // GRAN)
-            if self.cut is None and len(self.landed) == self.cut_at:
-                self.cut = (self.disk.snapshot(), set(self.landed))
-
-
-def check_power_cut(tmp_path, monkeypatch, seed, keep, honour_datasync=True,
-                    commits=False):
-    """commits: a thread commits the tracking map all along (replacing the
-    activity file under the writers waiting for their marks)."""
+def racing_writers(monkeypatch, seed, per_writer):
+    """The set-up of a power-cut check: every extent its own activity
+    region, the map files on a LockedSimDisk, and 8 writers' plans of
+    per_writer extents each, in random order; returns (lock, disk, the
+    check's random source, plans)."""
     monkeypatch.setattr(changemap, "REGION", GRAN)
     lock = threading.Lock()
     disk = LockedSimDisk(lock)
@@ -283,7 +206,28 @@ def check_power_cut(tmp_path, monkeypatch, seed, keep, honour_datasync=True,
     for _ in range(8):
         plan = list(range(EXTENTS))
         rng.shuffle(plan)
-        plans.append(plan[:EXTENTS // 4])
+        plans.append(plan[:per_writer])
+    return lock, disk, rng, plans
+
+
+class CutSource(sessionfakes.CutSource):
+    """The Source; the power is cut when the cut_at-th extent is first
+    written: the map files as they are then are kept."""
+
+    def __init__(self, lock, disk, cut_at):
+        super().__init__(SIZE, GRAN, lock, cut_at)
+        self.disk = disk
+
+    def at_cut(self):
+        return self.disk.snapshot(), set(self.landed)
+
+
+def check_power_cut(tmp_path, monkeypatch, seed, keep, honour_datasync=True,
+                    commits=False):
+    """commits: a thread commits the tracking map all along (replacing the
+    activity file under the writers waiting for their marks)."""
+    lock, disk, rng, plans = racing_writers(monkeypatch, seed,
+                                            EXTENTS // 4)
     written = len(set().union(*plans))
     source = CutSource(lock, disk, rng.randrange(4, written + 1))
     lu, s = new_session(tmp_path, source, backends.MemoryBackend(SAVE_SIZE))
@@ -297,7 +241,7 @@ def check_power_cut(tmp_path, monkeypatch, seed, keep, honour_datasync=True,
     if commits:
         thread.start()
     try:
-        run_writers(lu, plans)
+        run_writers(lu, plans, GRAN)
     finally:
         stop.set()
         if commits:
@@ -346,16 +290,8 @@ class CheckedSource(backends.MemoryBackend):
 
 
 def check_commits_meanwhile(tmp_path, monkeypatch, seed, keep_recent=True):
-    monkeypatch.setattr(changemap, "REGION", GRAN)
-    lock = threading.Lock()
-    disk = LockedSimDisk(lock)
-    monkeypatch.setattr(maps, "files", disk)
-    rng = random.Random(seed)
-    plans = []
-    for _ in range(8):
-        plan = list(range(EXTENTS))
-        rng.shuffle(plan)
-        plans.append(plan[:EXTENTS // 2])
+    lock, disk, rng, plans = racing_writers(monkeypatch, seed,
+                                            EXTENTS // 2)
     source = CheckedSource(lock, disk, str(tmp_path / "src@s"))
     lu, s = new_session(tmp_path, source, backends.MemoryBackend(SAVE_SIZE))
     s.tracking.changes.keep_recent_in_activity = keep_recent
@@ -370,7 +306,7 @@ def check_commits_meanwhile(tmp_path, monkeypatch, seed, keep_recent=True):
     thread = threading.Thread(target=committer)
     thread.start()
     try:
-        run_writers(lu, plans)
+        run_writers(lu, plans, GRAN)
     finally:
         stop.set()
         thread.join()

@@ -17,7 +17,7 @@ proceeds only once its own extent's old data is durable.
   a kill between a save and its flush, then a power cut.
 """
 
-import os
+import functools
 import random
 import threading
 import time
@@ -26,91 +26,32 @@ import pytest
 
 from target import backends, sessions
 
-from tests.support import powerloss
-from tests.support.sessionfakes import FakeLU
+from tests.support import powerloss, sessionfakes
+from tests.support.sessionfakes import frozen_image, run_writers
 
 GRAN = 4096
 EXTENTS = 64
 SIZE = GRAN * EXTENTS
 SAVE_SIZE = sessions.SaveArea.minimum_size(EXTENTS, GRAN) - GRAN + SIZE
 
-
-def new_session(map_dir, source, save, marked=False):
-    lu = FakeLU(sessions.SessionLayer(source), SIZE)
-    s = sessions.Session("s", lu, GRAN, str(map_dir), save, [],
-                         marked=marked, export=marked)
-    if marked:
-        s.load()
-    else:
-        s.create()
-    lu.backend.add(s)
-    return lu, s
-
-
-def frozen_image(s):
-    buf = bytearray(SIZE)
-    s.read_frozen(buf, 0)
-    return bytes(buf)
-
-
-def run_writers(lu, plans):
-    """One thread per plan (a list of extents), each writing 4 KiB of
-    random data somewhere in each of its extents, all started at once."""
-    start = threading.Barrier(len(plans))
-    errors = []
-
-    def run(i, plan):
-        rng = random.Random(i)
-        try:
-            start.wait()
-            for x in plan:
-                lu.backend.write(rng.randbytes(1024), x * GRAN +
-                                 rng.randrange(0, GRAN - 1024, 512))
-        except Exception as e:   # reported below, in the test's thread
-            errors.append(e)
-    threads = [threading.Thread(target=run, args=(i, p))
-               for i, p in enumerate(plans)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
+new_session = functools.partial(sessionfakes.new_session, granularity=GRAN)
 
 
 def test_concurrent_first_writes_share_syncs(tmp_path, monkeypatch):
-    path = tmp_path / "save"
-    with open(path, "wb") as f:
-        f.truncate(SAVE_SIZE)
-    save = backends.FileBackend(str(path))
-    source = backends.MemoryBackend(SIZE)
-    source.data[:] = random.Random(1).randbytes(SIZE)
-    lu, s = new_session(tmp_path, source, save)
-    s.mark(export=True)
-    at_mark = bytes(source.data)
-
-    syncs = []
-    real = os.fdatasync
-
-    def fdatasync(fd):
-        if fd == save.fd:
-            syncs.append(fd)
-            time.sleep(0.002)       # a disk's flush: saves arrive meanwhile
-        real(fd)
-    monkeypatch.setattr(os, "fdatasync", fdatasync)
-    threads = 8
-    run_writers(lu, [list(range(i, EXTENTS, threads))
-                     for i in range(threads)])
-    monkeypatch.setattr(os, "fdatasync", real)
+    lu, s, source, save, at_mark = sessionfakes.marked_on_save_file(
+        tmp_path, SIZE, SAVE_SIZE, GRAN)
+    syncs = sessionfakes.first_writes_everywhere(
+        monkeypatch, lu, EXTENTS, GRAN, (save.fd,))
 
     assert s.cofw_count == EXTENTS
-    assert len(syncs) <= EXTENTS // 2, \
-        "{} fdatasyncs for {} saves".format(len(syncs), s.cofw_count)
+    assert syncs[save.fd] <= EXTENTS // 2, \
+        "{} fdatasyncs for {} saves".format(syncs[save.fd], s.cofw_count)
     assert bytes(source.data) != at_mark
     assert frozen_image(s) == at_mark, "the frozen image is not the mark's"
     s.close()
     # What is on the save area's disk reads the same after a restart.
     lu2, s2 = new_session(tmp_path, source,
-                          backends.FileBackend(str(path)), marked=True)
+                          backends.FileBackend(save.path), marked=True)
     assert frozen_image(s2) == at_mark
     s2.close()
 
@@ -158,31 +99,22 @@ class SimSaveArea(powerloss.PowerLossBackend):
                 self.file.syncs += 1
 
 
-class CutSource(backends.MemoryBackend):
+class CutSource(sessionfakes.CutSource):
     """The Source; the power is cut when the cut_at-th extent is first
     written: what the save area's disk and the Source hold then is kept."""
 
     def __init__(self, lock, save, cut_at, rng, keep):
-        super().__init__(SIZE)
-        self.lock = lock
+        super().__init__(SIZE, GRAN, lock, cut_at)
         self.save = save
-        self.cut_at = cut_at
         self.rng = rng
         self.keep = keep
-        self.landed = set()
-        self.cut = None
 
-    def write(self, buf, offset):
-        with self.lock:
-            super().write(buf, offset)
-            self.landed.add(offset // GRAN)
-            if self.cut is None and len(self.landed) == self.cut_at:
-                disk = powerloss.SimFile()
-                disk.durable = bytearray(self.save.file.durable)
-                disk.pending = list(self.save.file.pending)
-                disk.power_cut(self.rng, self.keep)
-                self.cut = (bytes(disk.data), bytes(self.data),
-                            set(self.landed))
+    def at_cut(self):
+        disk = powerloss.SimFile()
+        disk.durable = bytearray(self.save.file.durable)
+        disk.pending = list(self.save.file.pending)
+        disk.power_cut(self.rng, self.keep)
+        return bytes(disk.data), bytes(self.data), set(self.landed)
 
 
 def check_power_cut(tmp_path, seed, keep, honour_flush=True, reused=False):
@@ -199,7 +131,7 @@ def check_power_cut(tmp_path, seed, keep, honour_flush=True, reused=False):
     lu, s = new_session(tmp_path, source, save)
     if reused:
         s.mark(export=True)
-        run_writers(lu, [list(range(EXTENTS))])
+        run_writers(lu, [list(range(EXTENTS))], GRAN)
         assert s.save_area.next_slot == EXTENTS
         s.unmark()
         source.landed.clear()
@@ -213,7 +145,7 @@ def check_power_cut(tmp_path, seed, keep, honour_flush=True, reused=False):
         plan = list(range(EXTENTS))
         rng.shuffle(plan)
         plans.append(plan)
-    run_writers(lu, plans)
+    run_writers(lu, plans, GRAN)
     assert frozen_image(s) == at_mark
     s.close()
     save_bytes, source_bytes, landed = source.cut

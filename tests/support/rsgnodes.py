@@ -10,7 +10,9 @@ Three small parts, each usable alone:
   link the replicated group "g", and the pair tells whether the secondary
   caught up (`converged`);
 - `made(cls, prefix)`: the body of a factory fixture, which builds pairs
-  (or nodes) in temporary directories and closes and removes them all.
+  (or nodes) in temporary directories and closes and removes them all;
+- `linked_pair(root, mode, srl, granularity)`: the body of a fixture, a
+  pair with one volume, its group and a link, converged, fast timing.
 
 A test module configures them (volumes, group, model) in a subclass;
 tests/support/rsgpair.py (the DCM replay tests' pair) is one.
@@ -31,7 +33,7 @@ import tempfile
 import time
 import traceback
 
-from tests.support.rsgmodel import wait_for
+from tests.support.rsgmodel import fast_timing, restore_timing, wait_for
 from tests.support.sockets import free_port
 from target import inventory
 from target import replication as R
@@ -290,3 +292,21 @@ def made(cls, prefix):
         for obj in objs:
             obj.close()
             shutil.rmtree(obj.root, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def linked_pair(root, mode, srl, granularity):
+    """A Pair on root with one volume "v1" of 1 MiB, the group of it
+    (srl, granularity) and a link of mode, converged, with fast timing
+    (tests/support/rsgmodel.py); at the end the pair is closed and the
+    timing restored.  A fixture is `with linked_pair(...) as p: yield p`."""
+    saved = fast_timing()
+    p = Pair(root, {"v1": 1 << 20})
+    try:
+        p.create_group(srl, granularity)
+        p.link_up(mode)
+        p.wait_converged()
+        yield p
+    finally:
+        p.close()
+        restore_timing(saved)

@@ -1,8 +1,18 @@
 """Sessions on memory backends, for tests that drive the session engine
-without a server: FakeLU (what a Session asks of its LU) and
-marked_session (a Source holding given data, a session marked on it)."""
+without a server: FakeLU (what a Session asks of its LU),
+marked_session (a Source holding given data, a session marked on it),
+new_session (a session "s" of a given Source and save area),
+marked_on_save_file (a session marked, its save area a file),
+frozen_image, run_writers (writer threads racing into extents),
+first_writes_everywhere (the same with slow fdatasyncs) and CutSource
+(a Source on which the power is cut at a given moment)."""
 
+import collections
+import os
+import random
 import tempfile
+import threading
+import time
 
 from target import backends, sessions
 
@@ -37,3 +47,112 @@ def marked_session(data, granularity, uris, map_dir=None):
     lu.backend.add(s)
     s.mark()
     return s, bytes(inner.data)
+
+
+class CutSource(backends.MemoryBackend):
+    """A Source of size bytes, safe for threads (lock); the power is cut
+    when the cut_at-th extent is first written: `cut` is then what
+    at_cut() returns (a subclass keeps what it must), `landed` the
+    extents written so far."""
+
+    def __init__(self, size, granularity, lock, cut_at):
+        super().__init__(size)
+        self.granularity = granularity
+        self.lock = lock
+        self.cut_at = cut_at
+        self.landed = set()
+        self.cut = None
+
+    def write(self, buf, offset):
+        with self.lock:
+            super().write(buf, offset)
+            self.landed.add(offset // self.granularity)
+            if self.cut is None and len(self.landed) == self.cut_at:
+                self.cut = self.at_cut()
+
+    def at_cut(self):
+        raise NotImplementedError
+
+
+def new_session(map_dir, source, save, granularity, marked=False,
+                export=True):
+    """A session "s" of the Source backend `source` (its maps in map_dir,
+    its save area on `save`), created, or loaded when marked (exported
+    when export too); returns (lu, session)."""
+    lu = FakeLU(sessions.SessionLayer(source), source.size)
+    s = sessions.Session("s", lu, granularity, str(map_dir), save, [],
+                         marked=marked, export=marked and export)
+    if marked:
+        s.load()
+    else:
+        s.create()
+    lu.backend.add(s)
+    return lu, s
+
+
+def marked_on_save_file(tmp_path, size, save_size, granularity):
+    """A Source of size bytes of random data and a session "s" of it,
+    marked (exported), its maps in tmp_path and its save area the file
+    tmp_path/save of save_size bytes; returns (lu, session, Source, save
+    area backend, the Source's data at the mark)."""
+    path = tmp_path / "save"
+    with open(path, "wb") as f:
+        f.truncate(save_size)
+    save = backends.FileBackend(str(path))
+    source = backends.MemoryBackend(size)
+    source.data[:] = random.Random(1).randbytes(size)
+    lu, s = new_session(tmp_path, source, save, granularity)
+    s.mark(export=True)
+    return lu, s, source, save, bytes(source.data)
+
+
+def frozen_image(s):
+    """The frozen image of session s, whole."""
+    buf = bytearray(s.size)
+    s.read_frozen(buf, 0)
+    return bytes(buf)
+
+
+def run_writers(lu, plans, granularity):
+    """One thread per plan (a list of extents), each writing 1 KiB of
+    random data somewhere in each of its extents, all started at once."""
+    start = threading.Barrier(len(plans))
+    errors = []
+
+    def run(i, plan):
+        rng = random.Random(i)
+        try:
+            start.wait()
+            for x in plan:
+                lu.backend.write(rng.randbytes(1024), x * granularity +
+                                 rng.randrange(0, granularity - 1024, 512))
+        except Exception as e:   # reported below, in the test's thread
+            errors.append(e)
+    threads = [threading.Thread(target=run, args=(i, p))
+               for i, p in enumerate(plans)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+
+
+def first_writes_everywhere(monkeypatch, lu, extents, granularity, slow_fds,
+                            threads=8):
+    """run_writers: `threads` threads, thread i writing into extents i,
+    i + threads, ..., while every os.fdatasync of a file of slow_fds takes
+    2 ms more (a disk's flush: other writes arrive meanwhile); returns
+    {fd: fdatasyncs} of slow_fds."""
+    syncs = collections.Counter()
+    real = os.fdatasync
+
+    def fdatasync(fd):
+        if fd in slow_fds:
+            syncs[fd] += 1
+            time.sleep(0.002)
+        real(fd)
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    run_writers(lu, [list(range(i, extents, threads))
+                     for i in range(threads)], granularity)
+    monkeypatch.setattr(os, "fdatasync", real)
+    return syncs

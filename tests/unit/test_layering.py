@@ -41,7 +41,7 @@ LAYERS = [
     ("shared", {"changemap", "copier", "maps", "iostack", "backends",
                 "inventory", "control"}),
     ("base", {"errors", "fsutil", "units", "limits", "events", "progress",
-              "channel",
+              "channel", "groupcommit",
               "config", "procutil", "__init__"}),
 ]
 ENGINES = "engines"

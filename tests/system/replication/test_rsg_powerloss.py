@@ -13,15 +13,12 @@ import time
 import pytest
 
 from tests.support import scripts
+from tests.support.powernodes import (BLOCK, Link, MiB, powerfs_target,
+                                      torture)
 
-nbd = pytest.importorskip("nbd")
 pytestmark = scripts.needs_powerfs
 
-torture = scripts.load("torture")
-
-MiB = 1 << 20
 SIZE = 4 * MiB
-BLOCK = 4096
 
 
 def _block(tag, b):
@@ -31,22 +28,11 @@ def _block(tag, b):
 
 @pytest.fixture
 def pair(tmp_path):
-    log = open(tmp_path / "serve.log", "ab")
-    disk = torture.PowerFS(str(tmp_path), seed=1, log=log)
-    disk.start()
-    state = os.path.join(disk.mount, "state")
-    os.makedirs(state)
-    os.makedirs(tmp_path / "run")
-    os.symlink(tmp_path / "run", os.path.join(state, "run"))
-    primary = torture.Target(state, str(tmp_path / "p.sock"), log)
-    token = tmp_path / "token"
-    token.write_text("powerloss-" + "k" * 20 + "\n")
-    token.chmod(0o600)
-    port = torture.free_port()
+    link = Link(tmp_path)
+    disk, primary = powerfs_target(tmp_path, link.log, 1, "p")
     secondary = torture.Target(
-        str(tmp_path / "secondary"), str(tmp_path / "s.sock"), log,
-        ["--replication-port", str(port), "--replication-token-file",
-         str(token)])
+        str(tmp_path / "secondary"), str(tmp_path / "s.sock"), link.log,
+        link.serve_args)
     os.makedirs(secondary.state_dir)
     for t in (primary, secondary):
         assert t.cli("lu", "create", "src", "--size", str(SIZE)).returncode \
@@ -56,9 +42,8 @@ def pair(tmp_path):
     try:
         assert primary.cli("rsg", "create", "g", "--volume", "src",
                            "--srl-size", "1M").returncode == 0
-        assert primary.cli("rsg", "link", "g", "--secondary",
-                           "127.0.0.1:{}".format(port), "--mode", "async",
-                           "--token-file", str(token)).returncode == 0
+        assert primary.cli("rsg", "link", "g", *link.link_args,
+                           "--mode", "async").returncode == 0
         yield disk, primary, secondary
     finally:
         primary.stop()

@@ -11,37 +11,21 @@ import time
 import pytest
 
 from tests.support import scripts
+from tests.support.powernodes import (BLOCK, Link, MiB, powerfs_target,
+                                      torture)
 
-nbd = pytest.importorskip("nbd")
 pytestmark = scripts.needs_powerfs
 
-torture = scripts.load("torture")
-
-MiB = 1 << 20
 SIZE = 32 * MiB
-BLOCK = 4096
 
 
 @pytest.fixture
 def nodes(tmp_path):
-    log = open(tmp_path / "serve.log", "ab")
     disks, targets = {}, {}
-    token = tmp_path / "token"
-    token.write_text("powerloss-" + "k" * 20 + "\n")
-    token.chmod(0o600)
-    port = torture.free_port()
+    link = Link(tmp_path)
     for i, name in enumerate(("p", "s")):
-        disk = torture.PowerFS(str(tmp_path), seed=7 + i, log=log, name=name)
-        disk.start()
-        state = os.path.join(disk.mount, "state")
-        os.makedirs(state)
-        os.makedirs(tmp_path / ("run-" + name))
-        os.symlink(tmp_path / ("run-" + name), os.path.join(state, "run"))
-        args = [] if name == "p" else [
-            "--replication-port", str(port), "--replication-token-file",
-            str(token)]
-        t = torture.Target(state, str(tmp_path / (name + ".sock")), log,
-                           args)
+        args = [] if name == "p" else link.serve_args
+        disk, t = powerfs_target(tmp_path, link.log, 7 + i, name, args)
         assert t.cli("lu", "create", "src", "--size",
                      str(SIZE)).returncode == 0
         disks[name], targets[name] = disk, t
@@ -55,9 +39,8 @@ def nodes(tmp_path):
     h.shutdown()
     assert p.cli("rsg", "create", "g", "--volume", "src", "--srl-size",
                  "8M").returncode == 0
-    assert p.cli("rsg", "link", "g", "--secondary",
-                 "127.0.0.1:{}".format(port), "--token-file", str(token),
-                 "--rate", "6M").returncode == 0, log
+    assert p.cli("rsg", "link", "g", *link.link_args,
+                 "--rate", "6M").returncode == 0, link.log
     try:
         yield disks, targets
     finally:

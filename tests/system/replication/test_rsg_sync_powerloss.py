@@ -13,34 +13,20 @@ import time
 import pytest
 
 from tests.support import scripts
+from tests.support.powernodes import (BLOCK, Link, MiB, powerfs_target,
+                                      torture)
 
-nbd = pytest.importorskip("nbd")
 pytestmark = scripts.needs_powerfs
 
-torture = scripts.load("torture")
-
-MiB = 1 << 20
 SIZE = 16 * MiB
-BLOCK = 4096
 
 
 @pytest.fixture
 def nodes(tmp_path):
-    log = open(tmp_path / "serve.log", "ab")
-    token = tmp_path / "token"
-    token.write_text("powerloss-" + "k" * 20 + "\n")
-    token.chmod(0o600)
-    port = torture.free_port()
-    disk = torture.PowerFS(str(tmp_path), seed=11, log=log, name="s")
-    disk.start()
-    state = os.path.join(disk.mount, "state")
-    os.makedirs(state)
-    os.makedirs(tmp_path / "run-s")
-    os.symlink(tmp_path / "run-s", os.path.join(state, "run"))
-    s = torture.Target(state, str(tmp_path / "s.sock"), log,
-                       ["--replication-port", str(port),
-                        "--replication-token-file", str(token)])
-    p = torture.Target(str(tmp_path / "p"), str(tmp_path / "p.sock"), log)
+    link = Link(tmp_path)
+    disk, s = powerfs_target(tmp_path, link.log, 11, "s", link.serve_args)
+    p = torture.Target(str(tmp_path / "p"), str(tmp_path / "p.sock"),
+                       link.log)
     os.makedirs(p.state_dir)
     for t in (p, s):
         assert t.cli("lu", "create", "src", "--size",
@@ -50,9 +36,8 @@ def nodes(tmp_path):
     try:
         assert p.cli("rsg", "create", "g", "--volume", "src", "--srl-size",
                      "8M").returncode == 0
-        assert p.cli("rsg", "link", "g", "--secondary",
-                     "127.0.0.1:{}".format(port), "--mode", "sync",
-                     "--token-file", str(token)).returncode == 0
+        assert p.cli("rsg", "link", "g", *link.link_args,
+                     "--mode", "sync").returncode == 0
         _wait(lambda: torture.caught_up(*torture.replication_status(p, s)),
               "the first sync")
         yield disk, p, s
