@@ -21,7 +21,10 @@ multi-node tests'.
    count from the primary's export to a qemu-nbd file export inside the
    secondary's namespace over the same veth (ratio replay / copy).  The
    attach is timed from the control request `rsg attach` makes, without
-   the CLI's own start.
+   the CLI's own start.  The secondary keeps its last consistent image
+   during a replay, whose save area is a new file at the first replay and
+   the file the replay before kept at the later ones: rows for the first
+   replay and for the later ones apart, besides all.
 3. Convergence: the link is limited to LINK_RATE (netem rate), a group
    with a small SRL is overflowed by an unlimited fio burst, then a fio
    writer limited to half the link's bandwidth starts at once; seconds from
@@ -497,6 +500,18 @@ def print_tables(res, args):
                   rp[0]["dcm_extents"], sent / nbytes, replay,
                   nbytes / 1e6 / replay, copy, nbytes / 1e6 / copy,
                   copy / replay))
+        # The secondary keeps its last consistent image during a replay;
+        # the image's save area is a new file at the group's first replay
+        # and the file the replay before kept at the later ones.
+        if len(rp) > 1:
+            for what, runs in (("first replay", rp[:1]),
+                               ("later replays", rp[1:])):
+                s = statistics.median(r["replay_s"] for r in runs)
+                print("| {} ({}) | {:.2f} | {:.0f} | {:.2f} | {:.0f} | "
+                      "{:.2f} |".format(what, " ".join(
+                          "{:.2f}".format(r["replay_s"]) for r in runs), s,
+                          nbytes / 1e6 / s, copy, nbytes / 1e6 / copy,
+                          copy / s))
         print()
     cv = res["converge"]
     if cv:

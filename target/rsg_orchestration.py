@@ -64,17 +64,32 @@ class RsgOrchestration:
                     if rsg.consistent:
                         rsg.release_images()    # its replay completed
                     continue
-                self.target.session_ops.consistent_release([lu])
+                # A secondary's kept for its next replay, else for good.
+                self.target.session_ops.consistent_release(
+                    [lu], for_good=rsg is None or
+                    rsg.role != replication.SECONDARY)
             except (errors.Error, OSError) as e:
                 log.error("LU %s: cannot release the image a replay kept: "
                           "%s", name, e)
+        # The save area files kept between replays of LUs no secondary
+        # group has any more (a crash in a deletion or promotion).
+        for name, lu in sorted(self.target.lus.items()):
+            rsg = lu.rsg
+            if name in held or (rsg is not None and
+                                rsg.role == replication.SECONDARY):
+                continue
+            try:
+                self.target.session_ops.consistent_discard(name)
+            except OSError as e:
+                log.error("LU %s: cannot remove the save area kept for its "
+                          "group's images: %s", name, e)
 
     def _release_images(self, name, lus):
         """Release the last consistent images group name kept of lus, as
         the group stops being their secondary (a promotion, a deletion):
         best effort, logged (a start releases what is left)."""
         try:
-            self.target.session_ops.consistent_release(lus)
+            self.target.session_ops.consistent_release(lus, for_good=True)
         except (errors.Error, OSError) as e:
             log.error("group %s: cannot release the last consistent images "
                       "of its volumes: %s", name, e)

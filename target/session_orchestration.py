@@ -101,6 +101,32 @@ class SessionOrchestration:
     def _save_area_path(self, source, name):
         return self.target.state_dir.save_area(source, name)
 
+    def _kept_save_area_path(self, source):
+        """The save area file a secondary group keeps of LU source between
+        its replays' images (LU@consistent-LU): the next image's saves
+        overwrite its written blocks instead of filling holes, an
+        fdatasync that allocates nothing costing about half as much."""
+        return self._save_area_path(source, self._consistent_name(source)) \
+            + ".kept"
+
+    def _take_kept_save_area(self, kept, save_path, size):
+        """Move the kept save area file kept (if any, of size bytes) to
+        save_path; False if there is none to take.  Its stale slots are
+        never read: the session's create zeroes its index durably before
+        the session is recorded, and a slot is read only through an index
+        entry written since, whose crc it must match."""
+        try:
+            st = os.stat(kept)
+        except FileNotFoundError:
+            return False
+        if st.st_size != size:
+            fsutil.remove_durably([kept])
+            return False
+        os.rename(kept, save_path)
+        # Durable before the record that names save_path is saved.
+        fsutil.fsync_dir(os.path.dirname(os.path.abspath(save_path)))
+        return True
+
     def _attach_session(self, lu, session):
         layer = lu.stack.get("sessions")
         if layer is None:
@@ -218,7 +244,7 @@ class SessionOrchestration:
 
     @one_change_at_a_time
     def create_session(self, lu, name, dest_records, granularity, save_area,
-                        token_file=None, image=False):
+                        token_file=None, image=False, kept=None):
         granularity = clones.check_granularity(
             units.parse_size(granularity) if granularity else
             clones.DEFAULT_GRANULARITY)
@@ -254,7 +280,9 @@ class SessionOrchestration:
                                             "that name exists")
             if os.path.exists(save_path):
                 os.unlink(save_path)   # left by a crash during a create
-            inventory.create_sparse(save_path, size)
+            if kept is None or \
+                    not self._take_kept_save_area(kept, save_path, size):
+                inventory.create_sparse(save_path, size)
             try:
                 session = self._open_session(lu, name, record, image=image)
                 session.create()
@@ -268,8 +296,13 @@ class SessionOrchestration:
                  len(dest_records))
         return session
 
-    @one_change_at_a_time
     def session_delete(self, name, force=False):
+        return self._delete_session(name, force)
+
+    @one_change_at_a_time
+    def _delete_session(self, name, force=False, keep_save_area=None):
+        """Delete session name; keep_save_area: a path its save area file
+        is moved to instead of being removed (see _kept_save_area_path)."""
         session = self.find(name)
         if session.marked and not force:
             raise sessions.SessionBusy(
@@ -289,10 +322,16 @@ class SessionOrchestration:
                 del record["sessions"]
         self._detach_session(session)
         session.close()
+        save_path = self._save_area_path(source, name)
+        if keep_save_area is not None:
+            # Made durable by the directory's fsync that follows.
+            try:
+                os.replace(save_path, keep_save_area)
+            except FileNotFoundError:
+                pass
         fsutil.remove_durably(
             [session.tracking.path, session.tracking.path + ".activity",
-             self._save_area_path(source, name)] +
-            [session.pending_path(d) for d in session.dests])
+             save_path] + [session.pending_path(d) for d in session.dests])
         return {"name": name, "source": source}
 
     def session_list(self, source=None):
@@ -540,7 +579,7 @@ class SessionOrchestration:
             self._delete_image(session)
         return self.image_status(lu)
 
-    def _delete_image(self, session):
+    def _delete_image(self, session, keep_save_area=None):
         with self.target.lock:
             busy = self._images_busy.get(session.name)
             if busy is not None:
@@ -554,7 +593,8 @@ class SessionOrchestration:
         try:
             if session.marked:
                 session.unmark(force=True)
-            self.session_delete(session.name)
+            self._delete_session(session.name, force=False,
+                                 keep_save_area=keep_save_area)
         finally:
             with self.target.lock:
                 self._images_busy.pop(session.name, None)
@@ -597,7 +637,7 @@ class SessionOrchestration:
                         .format(lu.name))
                 session = self.create_session(
                     self._session_source(lu.name), name, [], None, None,
-                    image=True)
+                    image=True, kept=self._kept_save_area_path(lu.name))
                 self.target.consistent_images[lu.name] = session
                 made.append(lu)
             with point:
@@ -615,17 +655,30 @@ class SessionOrchestration:
                  ", ".join(self.target.consistent_images[lu.name]
                            .export_name() for lu in lus))
 
-    def consistent_release(self, lus):
+    def consistent_release(self, lus, for_good=False):
         """Release the LU@consistent-LU images of lus (only these: an
-        admin's or a peer's LU@protected-LU stays)."""
+        admin's or a peer's LU@protected-LU stays).  Their save area files
+        are kept for the group's next replay (_kept_save_area_path), or
+        removed if for_good (the group is no longer their secondary)."""
         for lu in lus:
             session = self.target.consistent_images.get(lu.name)
-            if session is None or \
-                    self.target.sessions.get(session.name) is not session:
-                self.target.consistent_images.pop(lu.name, None)
-                continue
-            self._delete_image(session)
+            if session is not None and \
+                    self.target.sessions.get(session.name) is session:
+                self._delete_image(session, keep_save_area=None if for_good
+                                   else self._kept_save_area_path(lu.name))
             self.target.consistent_images.pop(lu.name, None)
+            if for_good:
+                self.consistent_discard(lu.name)
+
+    def consistent_discard(self, lu):
+        """Remove the save area file kept for LU lu's next last consistent
+        image, and one a crash left at the image's own path without its
+        session."""
+        name = self._consistent_name(lu)
+        paths = [self._kept_save_area_path(lu)]
+        if name not in self.target.sessions:
+            paths.append(self._save_area_path(lu, name))
+        fsutil.remove_durably(paths)
 
     def consistent_export(self, lu):
         """The export of the last consistent image kept of lu, or None."""

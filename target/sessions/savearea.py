@@ -36,9 +36,18 @@ area ends the mark (SaveAreaFull).  A reset zeroes the index but keeps
 the slots' blocks: the next mark's saves overwrite them in place, and an
 fdatasync that allocates no blocks commits no journal transaction (about
 half the cost of one that fills holes, on ext4 here; docs/performance.md).
-A slot's old data is never read without an index entry written since the
-reset, whose crc it must match.  The file thus keeps the space of the
-most slots a mark used (at most its size, fixed at create).  Deliberately
+The index itself is zeroed by writing zeroes (up to ZERO_WRITE_MAX; a
+larger one's range is zeroed by fallocate): the entries written next then
+overwrite written blocks too.  A slot's old data is never read without an
+index entry written since the reset, whose crc it must match.  The file
+thus keeps the space of the most slots a mark used (at most its size,
+fixed at create), and a file kept from an earlier session (a replicated
+group's image, session_orchestration) is reused the same way.
+
+An all-zero extent is saved as its index entry alone (ZERO_SLOT, the crc
+of zeroes): no slot is written, so it neither fills a hole nor punches
+one (punching allocated blocks costs a journal commit as filling does),
+and reads of it are zeroes.  Deliberately
 ignored: reusing slots within a mark, growing the area, coalescing
 adjacent slots into one write (each save is its own pwrite; only the
 flush is shared).  See docs/design.md and docs/persistence.md.
@@ -67,13 +76,20 @@ class SaveArea:
     """
 
     ENTRY = struct.Struct("<II")
+    # The index entry's slot + 1 of an all-zero extent (no slot written),
+    # and what slots holds for it.
+    ZERO_ENTRY = 0xFFFFFFFF
+    ZERO_SLOT = -1
+    # Index sizes up to this are zeroed by writing zeroes at a reset.
+    ZERO_WRITE_MAX = 4 << 20
 
     def __init__(self, backend, extents, granularity):
         self.backend = backend
         self.extents = extents
         self.granularity = granularity
         self.index_bytes = (extents * self.ENTRY.size + 4095) // 4096 * 4096
-        self.capacity = max(0, (backend.size - self.index_bytes) // granularity)
+        self.capacity = min(self.ZERO_ENTRY - 1, max(
+            0, (backend.size - self.index_bytes) // granularity))
         self.slots = {}
         self.next_slot = 0
         self._zero_crc = None
@@ -103,6 +119,12 @@ class SaveArea:
             slot1, crc = self.ENTRY.unpack_from(index, x * self.ENTRY.size)
             if slot1 == 0:
                 continue
+            if slot1 == self.ZERO_ENTRY:
+                if crc != self._zero_crc_value():
+                    dropped += 1
+                    continue
+                self.slots[x] = self.ZERO_SLOT
+                continue
             slot = slot1 - 1
             if slot >= self.capacity:
                 dropped += 1
@@ -117,11 +139,16 @@ class SaveArea:
 
     def reset(self):
         """Forget every save, durably: the index is zeroed; the slots keep
-        their blocks (see the design notes)."""
-        self.backend.zero(0, self.index_bytes)
-        self.backend.flush()
+        their blocks (see the design notes).  Forgotten in memory even if
+        the index's zeroing fails (raised): only a marked session's index
+        is read, and every mark resets it first."""
         self.slots = {}
         self.next_slot = 0
+        if self.index_bytes <= self.ZERO_WRITE_MAX:
+            self.backend.write(bytes(self.index_bytes), 0)
+        else:
+            self.backend.zero(0, self.index_bytes)
+        self.backend.flush()
         with self._group.lock:
             self._group.reset()
 
@@ -143,13 +170,16 @@ class SaveArea:
         # covers them.
         return self._group.ticket()
 
-    def store_zero(self, extent, slot):
-        """store() of an all-zero extent: the slot becomes a hole."""
-        self.backend.zero(self._slot_offset(slot), self.granularity,
-                          may_trim=True)
+    def _zero_crc_value(self):
         if self._zero_crc is None:
             self._zero_crc = zlib.crc32(bytes(self.granularity))
-        self.backend.write(self.ENTRY.pack(slot + 1, self._zero_crc),
+        return self._zero_crc
+
+    def store_zero(self, extent):
+        """store() of an all-zero extent: its index entry alone; its slot
+        in slots is ZERO_SLOT."""
+        self.backend.write(self.ENTRY.pack(self.ZERO_ENTRY,
+                                           self._zero_crc_value()),
                            extent * self.ENTRY.size)
         return self._group.ticket()
 
@@ -160,7 +190,11 @@ class SaveArea:
         self._group.wait(ticket)
 
     def readinto(self, extent, view):
-        self.backend.readinto(view, self._slot_offset(self.slots[extent]))
+        slot = self.slots[extent]
+        if slot == self.ZERO_SLOT:
+            view[:] = bytes(len(view))
+        else:
+            self.backend.readinto(view, self._slot_offset(slot))
 
     def used_bytes(self):
         return len(self.slots) * self.granularity

@@ -305,7 +305,8 @@ class Session:
         def store(view, offset, zero=False):
             x = offset // g
             if zero:
-                ticket = self.save_area.store_zero(x, slot_of[x])
+                ticket = self.save_area.store_zero(x)
+                slot_of[x] = SaveArea.ZERO_SLOT
             else:
                 # A slot holds a whole extent: the last one's tail is
                 # zeroes.
@@ -520,7 +521,13 @@ class Session:
             for d in self.dests:
                 d.pending = bytearray(self.extents)
                 maps.save(self.pending_path(d), d.pending, self.granularity)
-            self.save_area.reset()
+            try:
+                self.save_area.reset()
+            except OSError as e:
+                # The save area that failed a save may fail this too; its
+                # stale index is never read (the next mark resets it).
+                log.error("session %s: the save area's reset failed: %s",
+                          self.name, e)
         finally:
             with self.cond:
                 self._enter("dropped")

@@ -118,3 +118,47 @@ def test_primary_power_cut_mid_replay_after_writes_to_cleared_regions(
           p.cli_json("rsg", "status", "g")["links"][0]["secondary"],
           "--rate", "0")
     _caught_up(p, s)
+
+
+def _detach_write_attach(p, stride, rate):
+    secondary = p.cli_json("rsg", "status", "g")["links"][0]["secondary"]
+    assert p.cli("rsg", "detach", "g", "--secondary",
+                 secondary).returncode == 0
+    h = p.connect()
+    for off in range(0, SIZE, stride):
+        h.pwrite(os.urandom(64 * 1024), off)
+    h.flush()
+    h.shutdown()
+    assert p.cli("rsg", "attach", "g", "--secondary", secondary,
+                 "--rate", rate).returncode == 0
+
+
+def test_secondary_power_cut_in_a_replay_that_reuses_the_save_area(nodes):
+    """The second replay's image takes the save area file the first one's
+    kept (slots full of that image's old data): a power cut of the
+    secondary in it still gives back the point before it, by the image
+    and by `lu rollback`."""
+    disks, t = nodes
+    p, s = t["p"], t["s"]
+    _caught_up(p, s)
+    _detach_write_attach(p, 512 * 1024, "0")
+    _caught_up(p, s)
+    kept = os.path.join(s.state_dir, "maps", "src@consistent-src.save.kept")
+    assert os.path.getsize(kept) > 0
+    point = s.read_all("src", SIZE)
+    # Every 64K extent at 256K: half of them the first replay's slots.
+    _detach_write_attach(p, 256 * 1024, "1M")
+    _wait(lambda: (p.cli_json("rsg", "status", "g")["links"][0].get(
+        "replay") or {}).get("bytes_done", 0) >= 2 * MiB, "replay under way")
+    assert not os.path.exists(kept)      # the image's save area now
+    # The primary goes (it would resume the replay), then the power.
+    p.stop()
+    s.power_cut(disks["s"])
+    s.start(connect=False)
+    st = s.cli_json("rsg", "status", "g")
+    assert not st["consistent"] and st["images"] == ["src@consistent-src"], st
+    assert s.read_all("src@consistent-src", SIZE) == point
+    out = s.cli("lu", "rollback", "src")
+    assert out.returncode == 0 and "src@consistent-src" in out.stdout, out
+    assert s.cli("rsg", "promote", "g", "--force").returncode == 0
+    assert s.read_all("src", SIZE) == point
