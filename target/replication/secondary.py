@@ -625,6 +625,13 @@ class SecondaryGroup:
         self.diverged["runs"] = self.diverged.get("runs", []) + runs
         for m in self.diverged.get("maps", []):
             m["runs"] = m["runs"] + runs
+        if self.image_point is not None:
+            # A volume changed after its rollback no longer holds the
+            # point (its image is gone: it cannot get there again).
+            changed = {self.volumes[r[0]].name for r in runs}
+            self.image_point["rolled_back"] = [
+                n for n in self.image_point["rolled_back"]
+                if n not in changed]
         self.persist()
 
     def _send_pull(self, sock, runs):
@@ -917,7 +924,9 @@ class SecondaryGroup:
             # written by this replay: the other volumes' images are no
             # longer of a point the group can get back.  Recorded as gone
             # before they are released (a start releases what is left).
-            lost = [lu.name for lu in self.volumes if not self.image(lu)]
+            back = (self.image_point or {}).get("rolled_back", [])
+            lost = [lu.name for lu in self.volumes
+                    if not self.image(lu) or lu.name in back]
             if lost:
                 log.warning("group %s: its last consistent point is lost "
                             "(no image of %s: rolled back); the images of "
