@@ -118,3 +118,65 @@ def test_failback_after_every_volume_rolled_back_copies_only_the_changes(
     assert link.sent_bytes < 8 * (64 << 10), \
         "{} bytes sent to the old primary (the volumes are {})".format(
             link.sent_bytes, sum(SIZES))
+
+
+def _a_replay_with_clears_and_stream(a, b, monkeypatch, byte):
+    """A, detached, changes every block of both volumes to byte; its replay
+    clears from its DCM what B made durable (an RSYN every 64K) and streams
+    A's writes made meanwhile; it breaks off at its end."""
+    a.t.rsg_detach("g", b.addr)
+    for vol, size in zip(VOLS, SIZES):
+        for off in range(0, size, 64 << 10):
+            a.t.lus[vol].write(bytes([byte]) * (64 << 10), off)
+    monkeypatch.setattr(R.link, "REPLAY_SYNC_BYTES", 64 << 10)
+    sync = R.SecondaryGroup.replay_sync
+    n = [0]
+
+    def sync_then_a_write(self, ident):
+        sync(self, ident)
+        n[0] += 1
+        vol = n[0] % 2
+        off = (n[0] * 17 * 4096 + 512 * n[0]) % (SIZES[vol] - 8192)
+        a.t.lus[VOLS[vol]].write(bytes([byte + n[0]]) * 5000, off)
+    monkeypatch.setattr(R.SecondaryGroup, "replay_sync", sync_then_a_write)
+    replay_broken_off(a, b, monkeypatch)
+    monkeypatch.setattr(R.SecondaryGroup, "replay_sync", sync)
+    assert n[0] >= 2 and a.rsg.links[0].replay_cleared, n
+    assert not b.rsg.consistent
+
+
+@pytest.mark.parametrize("case", ["plain", "restart between", "two replays",
+                                  "primary between"])
+def test_a_primary_copies_back_what_the_rollbacks_took(two_nodes,
+                                                       monkeypatch, case):
+    """B rolled back to its point after broken replays whose regions A
+    cleared from its DCM (B had made them durable) and whose stream
+    entries B acknowledged: A, attached again, makes B equal to it."""
+    a, b = two_nodes
+    for vol, size in zip(VOLS, SIZES):
+        a.t.lus[vol].write(b"\x01" * size, 0)
+    converge(a, b)
+    _a_replay_with_clears_and_stream(a, b, monkeypatch, 0x20)
+    if case == "two replays":
+        _a_replay_with_clears_and_stream(a, b, monkeypatch, 0x40)
+    b.t.image_rollback("v1")
+    if case == "restart between":
+        _restart(b)
+    if case == "primary between":
+        a.t.rsg_attach("g", b.addr)
+        converge(a, b)
+        a.t.rsg_detach("g", b.addr)
+        wait_for(lambda: b.rsg.connected_since is None)
+    else:
+        b.t.image_rollback("v2")
+        assert b.rsg.consistent, b.rsg.status()
+        assert _at_point(b) == [b"\x01" * 4096] * 2
+        with b.rsg.lock:
+            assert [b.read_below_guard(v) for v in range(len(VOLS))] == \
+                [b"\x01" * s for s in SIZES]
+    a.t.lus["v2"].write(b"\x77" * 4096, 8192)
+    a.t.rsg_attach("g", b.addr)
+    converge(a, b)
+    with b.rsg.lock:
+        for v in range(len(VOLS)):
+            assert b.read_below_guard(v) == a.read_below_guard(v), VOLS[v]
