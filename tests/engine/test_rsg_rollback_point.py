@@ -3,6 +3,9 @@ consistent image is consistent at that point again (image_point): only
 when every volume holds that point, whatever ran on the node between two
 rollbacks, and a rollback counts across a crash."""
 
+import errno
+import threading
+
 import pytest
 
 from target import session_orchestration
@@ -180,3 +183,63 @@ def test_a_primary_copies_back_what_the_rollbacks_took(two_nodes,
     with b.rsg.lock:
         for v in range(len(VOLS)):
             assert b.read_below_guard(v) == a.read_below_guard(v), VOLS[v]
+
+
+@pytest.mark.parametrize("then", ["B attaches again", "A promoted"])
+def test_a_demoted_primary_rolled_back_keeps_what_it_had_diverged(
+        two_nodes, monkeypatch, then):
+    """A, demoted with a write no secondary had (diverged), gets B's
+    replay (B won the split brain), broken off; A rolled back holds its
+    own point again, diverged as before plus the rollbacks' regions:
+    whichever side then wins, the two end equal."""
+    a, b = two_nodes
+    for vol, size in zip(VOLS, SIZES):
+        a.t.lus[vol].write(b"\x01" * size, 0)
+    converge(a, b)
+    a.t.rsg_detach("g", b.addr)
+    wait_for(lambda: b.rsg.connected_since is None)
+    a.t.lus["v1"].write(b"\x0a" * 4096, 64 << 10)
+    b.t.rsg_promote("g")
+    b.t.lus["v1"].write(b"\x0b" * 4096, 128 << 10)
+    b.t.lus["v2"].write(b"\x0b" * (64 << 10), 0)
+    a.t.rsg_demote("g")
+    with a.rsg.lock:
+        before = [a.read_below_guard(v) for v in range(len(VOLS))]
+    b.t.rsg_link("g", a.addr, "async", a.tok)
+    wait_for(lambda: b.rsg.links[0].split_brain, 10, "the split brain")
+    broken = threading.Event()
+    end_replay = R.SecondaryGroup._end_replay
+
+    def break_off(self, seq, theirs):
+        broken.set()
+        raise OSError(errno.EIO, "the replay is broken off here")
+    monkeypatch.setattr(R.SecondaryGroup, "_end_replay", break_off)
+    b.t.rsg_attach("g", a.addr, discard_secondary_changes=True)
+    assert broken.wait(10)
+    b.t.rsg_detach("g", a.addr)
+    wait_for(lambda: a.rsg.connected_since is None)
+    monkeypatch.setattr(R.SecondaryGroup, "_end_replay", end_replay)
+    assert not a.rsg.consistent and a.rsg.protected, a.rsg.status()
+    for vol in VOLS:
+        a.t.image_rollback(vol)
+    assert a.rsg.consistent, a.rsg.status()
+    with a.rsg.lock:
+        assert [a.read_below_guard(v) for v in range(len(VOLS))] == before
+    if then == "B attaches again":
+        src, dst = b, a
+        b.t.rsg_attach("g", a.addr)
+    else:
+        a.t.rsg_promote("g")
+        b.t.rsg_demote("g")
+        a.t.rsg_link("g", b.addr, "async", b.tok)
+        src, dst = a, b
+    link = src.rsg.links[0]
+    wait_for(lambda: link.split_brain or dst.rsg.connected_since, 10,
+             "the link's contact", lambda: (src.rsg.status(), dst.rsg.status()))
+    if link.split_brain:
+        src.t.rsg_attach("g", dst.addr, discard_secondary_changes=True)
+    converge(src, dst)
+    with dst.rsg.lock:
+        for v in range(len(VOLS)):
+            assert dst.read_below_guard(v) == src.read_below_guard(v), \
+                VOLS[v]
