@@ -44,6 +44,11 @@ PULL_CHUNK = 1 << 20           # bytes of one RDAT frame sent to a primary
 REPLAY_APPLY_BYTES = 16 << 20
 REPLAY_APPLY_WORKERS = 8
 REPLAY_APPLY_FRAMES = 8 * REPLAY_APPLY_WORKERS
+# A batch is applied under the apply lock for APPLY_SLICE seconds at a
+# time while a reader waits for it: the reader waits that long (and one
+# update) at most, and readers that keep coming take no more than about
+# half the batch's time.
+APPLY_SLICE = 0.002
 
 
 class _ApplyFailed(Exception):
@@ -483,16 +488,28 @@ class SecondaryGroup:
             b.trim(off, length)
 
     def _apply_entries(self, entries):
-        # The lock per update, not per batch: every prefix of the stream
-        # is a state the primary had, so a reader (or a point in time) may
-        # come between two updates, and waits for one at most.
-        for seq, vol, kind, off, length, crc, data in entries:
-            # The lock is not fair: a thread waiting for it goes first.
-            until = time.monotonic() + 0.002
-            while self.lock.wanted and time.monotonic() < until:
-                time.sleep(0.0005)
+        # Every prefix of the stream is a state the primary had, so a
+        # reader (or a point in time) may come between two updates: the
+        # lock is let go between two once a thread waits for it and the
+        # slice is over, not at every update (the wait to let it in, and
+        # the lock taken back from readers that keep coming, would cost
+        # each update).
+        i = 0
+        while i < len(entries):
             with self.lock:
-                self._apply_one(vol, kind, off, length, data)
+                until = time.monotonic() + APPLY_SLICE
+                while i < len(entries):
+                    _, vol, kind, off, length, _, data = entries[i]
+                    self._apply_one(vol, kind, off, length, data)
+                    i += 1
+                    if self.lock.wanted and time.monotonic() >= until:
+                        break
+            # The lock is not fair: the threads waiting for it go first,
+            # for a slice at most.
+            until = time.monotonic() + APPLY_SLICE
+            while i < len(entries) and self.lock.wanted and \
+                    time.monotonic() < until:
+                time.sleep(APPLY_SLICE / 4)
 
     def _flush_volumes(self):
         for vol in range(len(self.volumes)):
