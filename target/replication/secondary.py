@@ -500,7 +500,16 @@ class SecondaryGroup:
                 until = time.monotonic() + APPLY_SLICE
                 while i < len(entries):
                     _, vol, kind, off, length, _, data = entries[i]
-                    self._apply_one(vol, kind, off, length, data)
+                    try:
+                        self._apply_one(vol, kind, off, length, data)
+                    except OSError as e:
+                        # The volume may hold part of the update: no
+                        # reader waiting for the lock gets it (the
+                        # caller says what follows).
+                        self.consistent = False
+                        self.reason = "applying update {} failed: {}" \
+                            .format(entries[i][0], e)
+                        raise
                     i += 1
                     if self.lock.wanted and time.monotonic() >= until:
                         break
