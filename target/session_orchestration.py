@@ -728,9 +728,6 @@ class SessionOrchestration:
         if session.name == self._consistent_name(lu):
             if self.target.consistent_images.get(lu) is session:
                 self.consistent_release([source])
-            if source.rsg is not None and \
-                    source.rsg.role == replication.SECONDARY:
-                source.rsg.volume_rolled_back(source)
         elif self._image(lu) is session:
             self._delete_image(session)
         return {"lu": lu, "image": export, "extents_restored": restored}
@@ -771,6 +768,14 @@ class SessionOrchestration:
             rollback.copy((s * g, min(e * g, source.size) - s * g)
                           for s, e in maps.runs(regions))
             source.stack.below("guard").flush()
+            if session.name == self._consistent_name(lu) and \
+                    source.rsg is not None and \
+                    source.rsg.role == replication.SECONDARY:
+                # Counted while no primary may connect (a replay begun
+                # after it writes the volume again) and before the image
+                # goes (a crash in between leaves the image to roll back
+                # to again).
+                source.rsg.volume_rolled_back(source)
         restored = len(saved)
         export = session.export_name()
         log.info("LU %s rolled back to %s (%d extents)", lu, export, restored)

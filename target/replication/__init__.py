@@ -186,7 +186,7 @@ Reads of a secondary's volume take the apply lock (its guard layer, the
 outermost of the LU's I/O stack), which an update holds while it is
 applied: a reader sees the volumes between two updates (every prefix of
 the stream is a state the primary had), never half of one, and waits for
-one update at most, not for a whole batch; while the
+a slice of a batch (APPLY_SLICE) at most, not for all of it; while the
 secondary is inconsistent (a replay running or broken off) its exports
 refuse connections and reads with a message.  Batches are applied just
 below that guard, so a clone or session of a secondary's volume sees each

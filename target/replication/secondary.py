@@ -47,6 +47,11 @@ REPLAY_APPLY_FRAMES = 8 * REPLAY_APPLY_WORKERS
 # A change of the volumes asked for while a session is ending (the primary
 # went; the session makes what it applied durable) waits this long for it.
 SESSION_END_WAIT = 30.0
+# A batch is applied under the apply lock for APPLY_SLICE seconds at a
+# time while a reader waits for it: the reader waits that long (and one
+# update) at most, and readers that keep coming take no more than about
+# half the batch's time.
+APPLY_SLICE = 0.002
 
 
 class _ApplyFailed(Exception):
@@ -490,16 +495,37 @@ class SecondaryGroup:
             b.trim(off, length)
 
     def _apply_entries(self, entries):
-        # The lock per update, not per batch: every prefix of the stream
-        # is a state the primary had, so a reader (or a point in time) may
-        # come between two updates, and waits for one at most.
-        for seq, vol, kind, off, length, crc, data in entries:
-            # The lock is not fair: a thread waiting for it goes first.
-            until = time.monotonic() + 0.002
-            while self.lock.wanted and time.monotonic() < until:
-                time.sleep(0.0005)
+        # Every prefix of the stream is a state the primary had, so a
+        # reader (or a point in time) may come between two updates: the
+        # lock is let go between two once a thread waits for it and the
+        # slice is over, not at every update (the wait to let it in, and
+        # the lock taken back from readers that keep coming, would cost
+        # each update).
+        i = 0
+        while i < len(entries):
             with self.lock:
-                self._apply_one(vol, kind, off, length, data)
+                until = time.monotonic() + APPLY_SLICE
+                while i < len(entries):
+                    _, vol, kind, off, length, _, data = entries[i]
+                    try:
+                        self._apply_one(vol, kind, off, length, data)
+                    except OSError as e:
+                        # The volume may hold part of the update: no
+                        # reader waiting for the lock gets it (the
+                        # caller says what follows).
+                        self.consistent = False
+                        self.reason = "applying update {} failed: {}" \
+                            .format(entries[i][0], e)
+                        raise
+                    i += 1
+                    if self.lock.wanted and time.monotonic() >= until:
+                        break
+            # The lock is not fair: the threads waiting for it go first,
+            # for a slice at most.
+            until = time.monotonic() + APPLY_SLICE
+            while i < len(entries) and self.lock.wanted and \
+                    time.monotonic() < until:
+                time.sleep(APPLY_SLICE / 4)
 
     def _flush_volumes(self):
         for vol in range(len(self.volumes)):
@@ -649,6 +675,13 @@ class SecondaryGroup:
         self.diverged["runs"] = self.diverged.get("runs", []) + runs
         for m in self.diverged.get("maps", []):
             m["runs"] = m["runs"] + runs
+        if self.image_point is not None:
+            # A volume changed after its rollback no longer holds the
+            # point (its image is gone: it cannot get there again).
+            changed = {self.volumes[r[0]].name for r in runs}
+            self.image_point["rolled_back"] = [
+                n for n in self.image_point["rolled_back"]
+                if n not in changed]
         self.persist()
 
     def _send_pull(self, sock, runs):
@@ -949,7 +982,9 @@ class SecondaryGroup:
             # written by this replay: the other volumes' images are no
             # longer of a point the group can get back.  Recorded as gone
             # before they are released (a start releases what is left).
-            lost = [lu.name for lu in self.volumes if not self.image(lu)]
+            back = (self.image_point or {}).get("rolled_back", [])
+            lost = [lu.name for lu in self.volumes
+                    if not self.image(lu) or lu.name in back]
             if lost:
                 log.warning("group %s: its last consistent point is lost "
                             "(no image of %s: rolled back); the images of "

@@ -2273,7 +2273,7 @@ def test_a_point_in_time_of_a_secondary_volume_holds_a_prefix(
     """A clone fracture (likewise a session mark) of a secondary's volume
     taken while a batch is being applied holds a prefix of its updates in
     their order, a state the primary had (it is taken between two updates,
-    not after the whole batch: a reader waits for one update at most),
+    not after the whole batch: a reader waits for a slice of it at most),
     never a later update without an earlier one."""
     c = cluster_factory()
     c.wait_converged()
