@@ -2348,6 +2348,16 @@ def test_a_refused_restore_leaves_the_links_streaming(cluster_factory,
         c.link.dcm.count() == 0 and c.link.replays == replays, c.status()
 
 
+def _sync_writes_go_at_once(c, fill, limit):
+    """Four sync writes to v2, each acknowledged within limit seconds."""
+    for i in range(4):
+        started = time.monotonic()
+        op = c.write(1, i * GRAN, fill * GRAN)
+        took = time.monotonic() - started
+        assert c.link.acknowledged >= op.seq and took < limit, \
+            "a sync write took {:.2f} s".format(took)
+
+
 def test_sync_writes_do_not_wait_for_a_held_replays_poll(cluster_factory,
                                                          monkeypatch):
     """While a replay may not read (a volume change starting, here a
@@ -2379,12 +2389,7 @@ def test_sync_writes_do_not_wait_for_a_held_replays_poll(cluster_factory,
     c.ta.clone_reverse_sync("snap")
     wait_for(lambda: c.link.replay_done >= c.link.replay_total and
              c.link.state == R.DCM_REPLAY, 10, "the held replay", c.status)
-    for i in range(4):
-        started = time.monotonic()
-        op = c.write(1, i * GRAN, b"\x5b" * GRAN)
-        took = time.monotonic() - started
-        assert c.link.acknowledged >= op.seq and took < 0.5, \
-            "a sync write took {:.1f} s".format(took)
+    _sync_writes_go_at_once(c, b"\x5b", 0.5)
     release_until(c, release, "synchronized", "the reverse sync's end")
     c.wait_converged()
     assert read_image(c.ta, VOLS[0]) == read_image(c.tb, VOLS[0])
@@ -2411,12 +2416,7 @@ def test_sync_writes_wake_a_replay_held_back_by_its_rate(cluster_factory,
     wait_for(lambda: c.link.state == R.DCM_REPLAY and
              0 < c.link.replay_done < c.link.replay_total, 10,
              "the throttled replay", c.status)
-    for i in range(4):
-        started = time.monotonic()
-        op = c.write(1, i * GRAN, b"\x5c" * GRAN)
-        took = time.monotonic() - started
-        assert c.link.acknowledged >= op.seq and took < 0.3, \
-            "a sync write took {:.2f} s".format(took)
+    _sync_writes_go_at_once(c, b"\x5c", 0.3)
     # The rest at full speed: the link starts again without a limit.
     c.ta.rsg_attach("g", c.addr, rate="0")
     release_until(c, release, "synchronized", "the reverse sync's end")

@@ -26,8 +26,7 @@ def _replay(a, b, monkeypatch, writes, hold=None):
     """Detach, write writes ((vol, offset, data)) on A, attach; with hold
     (a function of nothing), call it while B's replay is about to end,
     its image still kept."""
-    a.t.rsg_detach("g", b.addr)
-    wait_for(lambda: b.rsg.connected_since is None)
+    _detach(a, b)
     for vol, off, data in writes:
         a.t.lus[vol].write(data, off)
     if hold is not None:
@@ -65,6 +64,12 @@ def _frozen(node, vol):
 def _spread(vol, size, byte, step=128 * KiB):
     return [(vol, off, bytes([byte]) * (4 * KiB))
             for off in range(0, size, step)]
+
+
+def _detach(a, b):
+    """A detaches its link to B, and B's session has ended."""
+    a.t.rsg_detach("g", b.addr)
+    wait_for(lambda: b.rsg.connected_since is None)
 
 
 def test_a_second_replay_reuses_the_save_area_of_the_first(two_nodes,
@@ -119,8 +124,7 @@ def test_a_replay_broken_off_with_a_reused_save_area_rolls_back_to_its_point(
     assert os.path.exists(_kept_path(b, "v1"))
     # The second replay writes only half the extents the first saved, and
     # breaks off at its end.
-    a.t.rsg_detach("g", b.addr)
-    wait_for(lambda: b.rsg.connected_since is None)
+    _detach(a, b)
     for vol, off, data in _spread("v1", SIZES[0], 2, step=256 * KiB) + \
             _spread("v2", SIZES[1], 2, step=256 * KiB):
         a.t.lus[vol].write(data, off)
@@ -132,8 +136,7 @@ def test_a_replay_broken_off_with_a_reused_save_area_rolls_back_to_its_point(
     monkeypatch.setattr(R.SecondaryGroup, "_end_replay", break_off)
     a.t.rsg_attach("g", b.addr)
     assert broken.wait(10)
-    a.t.rsg_detach("g", b.addr)
-    wait_for(lambda: b.rsg.connected_since is None)
+    _detach(a, b)
     monkeypatch.undo()
     assert not os.path.exists(_kept_path(b, "v1"))   # the image's now
     b.close()
@@ -155,8 +158,7 @@ def test_the_kept_save_area_goes_with_the_group(two_nodes, monkeypatch):
     _fill(a, b)
     _replay(a, b, monkeypatch, _spread("v1", SIZES[0], 1))
     assert os.path.exists(_kept_path(b, "v1"))
-    a.t.rsg_detach("g", b.addr)
-    wait_for(lambda: b.rsg.connected_since is None)
+    _detach(a, b)
     b.t.rsg_delete("g")
     assert not os.path.exists(_kept_path(b, "v1"))
     assert not os.path.exists(_save_path(b, "v1"))
@@ -167,8 +169,7 @@ def test_the_kept_save_area_goes_with_a_promotion(two_nodes, monkeypatch):
     _fill(a, b)
     _replay(a, b, monkeypatch, _spread("v1", SIZES[0], 1))
     assert os.path.exists(_kept_path(b, "v1"))
-    a.t.rsg_detach("g", b.addr)
-    wait_for(lambda: b.rsg.connected_since is None)
+    _detach(a, b)
     b.t.rsg_promote("g", force=True)
     assert not os.path.exists(_kept_path(b, "v1"))
 
@@ -181,8 +182,7 @@ def test_a_start_removes_a_kept_save_area_no_secondary_owns(two_nodes,
     _replay(a, b, monkeypatch, _spread("v1", SIZES[0], 1))
     kept = _kept_path(b, "v1")
     os.link(kept, kept + ".tmp")
-    a.t.rsg_detach("g", b.addr)
-    wait_for(lambda: b.rsg.connected_since is None)
+    _detach(a, b)
     b.t.rsg_delete("g")
     os.rename(kept + ".tmp", kept)
     b.close()

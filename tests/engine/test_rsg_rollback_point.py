@@ -3,8 +3,6 @@ consistent image is consistent at that point again (image_point): only
 when every volume holds that point, whatever ran on the node between two
 rollbacks, and a rollback counts across a crash."""
 
-import errno
-import threading
 
 import pytest
 
@@ -207,18 +205,7 @@ def test_a_demoted_primary_rolled_back_keeps_what_it_had_diverged(
         before = [a.read_below_guard(v) for v in range(len(VOLS))]
     b.t.rsg_link("g", a.addr, "async", a.tok)
     wait_for(lambda: b.rsg.links[0].split_brain, 10, "the split brain")
-    broken = threading.Event()
-    end_replay = R.SecondaryGroup._end_replay
-
-    def break_off(self, seq, theirs):
-        broken.set()
-        raise OSError(errno.EIO, "the replay is broken off here")
-    monkeypatch.setattr(R.SecondaryGroup, "_end_replay", break_off)
-    b.t.rsg_attach("g", a.addr, discard_secondary_changes=True)
-    assert broken.wait(10)
-    b.t.rsg_detach("g", a.addr)
-    wait_for(lambda: a.rsg.connected_since is None)
-    monkeypatch.setattr(R.SecondaryGroup, "_end_replay", end_replay)
+    replay_broken_off(b, a, monkeypatch, discard_secondary_changes=True)
     assert not a.rsg.consistent and a.rsg.protected, a.rsg.status()
     for vol in VOLS:
         a.t.image_rollback(vol)
