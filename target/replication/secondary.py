@@ -1065,6 +1065,8 @@ class SecondaryGroup:
                 self.applied_seq = self.last_seq = point["applied_seq"]
                 self.diverged = diverged
                 self.consistent, self.reason = True, None
+            # The broken replay's error is history now.
+            self.error = None
             self.protected = False
             self.image_point = None
             self.persist()

@@ -469,6 +469,7 @@ def test_every_volume_rolled_back_makes_the_group_consistent_at_its_point(
     assert not sg.consistent, "one volume back is no point of the group"
     b.t.image_rollback("v2")
     assert sg.consistent and sg.applied_seq == point, sg.status()
+    assert sg.status()["error"] is None, sg.status()
     _restart(b)
     assert b.rsg.consistent and b.rsg.applied_seq == point
     link = a.rsg.links[0]
