@@ -7,6 +7,7 @@ the last consistent image a replicated group's secondary keeps of its
 volumes during a replay (LU@consistent-LU, the group's own).
 """
 
+import contextlib
 import errno
 import functools
 import logging
@@ -579,25 +580,36 @@ class SessionOrchestration:
             self._delete_image(session)
         return self.image_status(lu)
 
-    def _delete_image(self, session, keep_save_area=None):
+    @contextlib.contextmanager
+    def _image_busy(self, session, what):
+        """what (ROLLING_BACK, RELEASING) runs on image session for the
+        block; refused while either runs on it already."""
         with self.target.lock:
             busy = self._images_busy.get(session.name)
+            if busy == ROLLING_BACK:
+                reason = "a rollback of it to {} is running".format(
+                    session.export_name())
+                if what == RELEASING:
+                    reason += "; that image is released when it has " \
+                        "finished"
+            elif busy is not None:
+                reason = "{} is {}".format(session.export_name(), busy)
             if busy is not None:
-                raise RollbackRefused(
-                    name=session.source.name, reason="{} of it to {} is "
-                    "running; that image is released when it has "
-                    "finished".format(busy, session.export_name())
-                    if busy == ROLLING_BACK else "{} is {}".format(
-                        session.export_name(), busy))
-            self._images_busy[session.name] = RELEASING
+                raise RollbackRefused(name=session.source.name,
+                                      reason=reason)
+            self._images_busy[session.name] = what
         try:
+            yield
+        finally:
+            with self.target.lock:
+                self._images_busy.pop(session.name, None)
+
+    def _delete_image(self, session, keep_save_area=None):
+        with self._image_busy(session, RELEASING):
             if session.marked:
                 session.unmark(force=True)
             self._delete_session(session.name, force=False,
                                  keep_save_area=keep_save_area)
-        finally:
-            with self.target.lock:
-                self._images_busy.pop(session.name, None)
 
     @staticmethod
     def _consistent_name(lu):
@@ -710,19 +722,8 @@ class SessionOrchestration:
                 raise errors.InvalidArgument(
                     reason="LU {!r} has no protected image to roll back to"
                     .format(lu))
-        with self.target.lock:
-            busy = self._images_busy.get(session.name)
-            if busy is not None:
-                raise RollbackRefused(
-                    name=lu, reason="a rollback of it to {} is running"
-                    .format(session.export_name()) if busy == ROLLING_BACK
-                    else "{} is {}".format(session.export_name(), busy))
-            self._images_busy[session.name] = ROLLING_BACK
-        try:
+        with self._image_busy(session, ROLLING_BACK):
             restored, export = self._roll_back(source, session)
-        finally:
-            with self.target.lock:
-                self._images_busy.pop(session.name, None)
         # The image put back and no other: the group may have become
         # consistent meanwhile (its own release then had it already).
         if session.name == self._consistent_name(lu):
