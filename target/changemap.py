@@ -159,6 +159,12 @@ class ActivityMap:
         of a failed one.  Called without the owner's lock."""
         self._group.wait(ticket)
 
+    @property
+    def pending(self):
+        """Some region is marked in memory whose fdatasync has not
+        completed (or failed)."""
+        return bool(self._pending)
+
     def _durable_upto(self, ticket):
         # A sync made the marks up to ticket durable (holding the group
         # commit's lock): their regions need not be waited for again.
@@ -292,7 +298,7 @@ class ChangeMap:
         maps.set_range(self.track, e0, e1)
         # A region set in memory may still wait for its fdatasync (or
         # have had it fail): mark() waits for it (or fails).
-        if self.activity.bits.find(0, e0, e1) >= 0 or self.activity._pending:
+        if self.activity.bits.find(0, e0, e1) >= 0 or self.activity.pending:
             self.activity.mark(e0, e1)
         return token
 

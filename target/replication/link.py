@@ -320,10 +320,12 @@ class Link:
 
     @property
     def sync_waits(self):
-        """A sync write waits for this secondary's acknowledgement: the
-        link streams, or replays within the stream it never left."""
-        return self.state == REPLICATING or (self.state == DCM_REPLAY and
-                                             self.kept_stream)
+        """A host write (and flush) waits for this secondary's
+        acknowledgement: a sync link that streams, or replays within the
+        stream it never left."""
+        return self.mode == "sync" and (
+            self.state == REPLICATING or
+            (self.state == DCM_REPLAY and self.kept_stream))
 
     def can(self, event):
         return (self.phase, event) in TRANSITIONS

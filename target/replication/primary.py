@@ -365,8 +365,7 @@ class PrimaryGroup:
                 self.next_seq = seq
                 raise
             if logged:
-                sync_links = [l for l in self.links if l.mode == "sync"
-                              and l.sync_waits]
+                sync_links = [l for l in self.links if l.sync_waits]
             elif seq >= self.seq_bound:
                 # An unlogged number: reserve the next ones durably first.
                 self.seq_bound = seq + SEQ_RESERVE
@@ -396,8 +395,8 @@ class PrimaryGroup:
         with self.lock:
             dirty = self.srl.dirty
             seq = self.next_seq - 1
-            sync_links = [l for l in self.links if l.mode == "sync" and
-                          l.sync_waits and l.acked_seq < seq]
+            sync_links = [l for l in self.links
+                          if l.sync_waits and l.acked_seq < seq]
         if dirty:
             try:
                 self.srl.sync()

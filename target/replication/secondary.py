@@ -463,6 +463,12 @@ class SecondaryGroup:
         finally:
             os.close(fd)
 
+    def _slot_applied(self, path):
+        """The batch staged at path (the current slot) is applied: the
+        next batch goes to the other slot."""
+        self._mark_applied(path)
+        self.slot = 1 - self.slot
+
     def _clear_stage(self):
         fsutil.remove_durably(self.files.stage)
 
@@ -775,10 +781,7 @@ class SecondaryGroup:
                         batch = []
                     unflushed = True
                     send_frame(sock, b"APLD", SEQ.pack(seq))
-                    self.last_seq = max(self.last_seq, seq)
-                    if self.history != theirs:
-                        self.history = theirs
-                        self.persist()
+                    self._received(seq, theirs)
                 elif kind == b"CMIT":
                     seq, = SEQ.unpack(payload)
                     if replaying or not self.consistent:
@@ -797,9 +800,8 @@ class SecondaryGroup:
                         unflushed = False
                         if not batch:
                             # Where a start finds what is durable.
-                            self._mark_applied(self._stage(
+                            self._slot_applied(self._stage(
                                 [], self.applied_seq, self.applied_seq))
-                            self.slot = 1 - self.slot
                     if batch:
                         path = self._stage(batch, batch[0][0], batch[-1][0])
                     send_frame(sock, b"ACKS", SEQ.pack(seq))
@@ -808,15 +810,11 @@ class SecondaryGroup:
                                 batch[0][0], batch[-1][0]), staged=True):
                             self._apply_entries(batch)
                             self._flush_volumes()
-                        self._mark_applied(path)
-                        self.slot = 1 - self.slot
+                        self._slot_applied(path)
                         self.applied_seq = batch[-1][0]
                         self.batches += 1
                         batch = []
-                    self.last_seq = max(self.last_seq, seq)
-                    if self.history != theirs:
-                        self.history = theirs
-                        self.persist()
+                    self._received(seq, theirs)
                 elif kind == b"VREQ":
                     send_json(sock, b"VANS",
                               self.verify_answer(json.loads(payload)))
@@ -918,6 +916,14 @@ class SecondaryGroup:
             # The record on disk still says volatile: a start takes the
             # node for inconsistent.
             log.error("group %s: cannot save its record: %s", self.name, e)
+
+    def _received(self, seq, theirs):
+        """A batch up to seq is in (a commit frame): the primary's history
+        is this node's from now on."""
+        self.last_seq = max(self.last_seq, seq)
+        if self.history != theirs:
+            self.history = theirs
+            self.persist()
 
     def verify_answer(self, request):
         """The checksums of a region of a volume as applied here, for a
