@@ -38,9 +38,10 @@ STAGED, APPLIED = 1, 2
 PULL_CHUNK = 1 << 20           # bytes of one RDAT frame sent to a primary
 # A replay's data (RDAT frames: each a region no other frame of the pass
 # has) is written by REPLAY_APPLY_WORKERS threads while the next frames
-# are received (_ReplayApplier), at most REPLAY_APPLY_BYTES of data and
-# REPLAY_APPLY_FRAMES frames at a time (a zero or trim frame carries no
-# data but is a write all the same).
+# are received (_ReplayApplier), in windows of at most REPLAY_APPLY_FRAMES
+# frames and half of REPLAY_APPLY_BYTES: one window in flight and the
+# next one held (a zero or trim frame carries no data but is a write all
+# the same).
 REPLAY_APPLY_BYTES = 16 << 20
 REPLAY_APPLY_WORKERS = 8
 REPLAY_APPLY_FRAMES = 8 * REPLAY_APPLY_WORKERS
@@ -136,18 +137,20 @@ class _ReplayApplier:
     reads on: what a write of a volume waits for (the disk) overlaps the
     network and the other writes.
 
-    Windows: the frames received are held (the window) until the frames
-    bound is reached with no write in flight, or an RSYN, a frame that
-    must wait (below) or a pause of the connection (idle()) comes; then
-    the old data of every extent the window writes is saved ahead by the
-    volumes' sessions (the last consistent image: save_ahead), made
-    durable with one flush for the whole window, and only then are the
-    window's frames written.  A write would otherwise save its extent
-    itself and wait for a flush of its own (a group commit shared with
-    the writes beside it): about one flush per few frames instead of one
-    per window.  A frame's bytes never reach a volume before the old data
-    of its extent is durable in the save area (the write still saves what
-    the window did not).
+    Windows: the frames received are held (the window) until it is full
+    (REPLAY_APPLY_FRAMES frames or half of REPLAY_APPLY_BYTES), or an
+    RSYN, a frame that must wait (below) or a pause of the connection
+    (idle()) comes; then the old data of every extent the window writes
+    is saved ahead by the volumes' sessions (the last consistent image:
+    save_ahead), made durable with one flush for the whole window while
+    the window before is still being written, and only then, once the
+    writes in flight leave room (as many frames, the other half of the
+    bytes), are the window's frames written.  A write would otherwise
+    save its extent itself and wait for a flush of its own (a group
+    commit shared with the writes beside it): about one flush per few
+    frames instead of one per window.  A frame's bytes never reach a
+    volume before the old data of its extent is durable in the save area
+    (the write still saves what the window did not).
 
     Order: frames of distinct regions may land in any order; a frame that
     overlaps one held or in flight, and every other frame but RSYN
@@ -165,7 +168,8 @@ class _ReplayApplier:
         self.pool = None
         self.window = []        # (vol, kind, offset, length, data)
         self.inflight = []      # (vol, offset, length, bytes, future)
-        self.bytes = 0          # of the frames held and in flight
+        self.held = 0           # bytes of the frames held
+        self.bytes = 0          # bytes of the writes in flight
         self.syncer = None
         self.syncs = []         # futures of RSYNs not yet answered
         # A write or a flush failed: after a failed flush the kernel may
@@ -205,17 +209,11 @@ class _ReplayApplier:
                 time.sleep(0.001)
             self.group.lock.acquire()
         self.window.append((vol, kind, off, length, data))
-        self.bytes += len(data) if data is not None else 0
-        # Bounded: the oldest writes are waited for first; a window
-        # begins once none is left.
+        self.held += len(data) if data is not None else 0
         try:
-            while self.bytes > REPLAY_APPLY_BYTES or \
-                    len(self.inflight) + len(self.window) > \
-                    REPLAY_APPLY_FRAMES:
-                if self.inflight:
-                    self._wait_oldest()
-                else:
-                    self._begin_window()
+            if len(self.window) >= REPLAY_APPLY_FRAMES or \
+                    self.held >= REPLAY_APPLY_BYTES // 2:
+                self._begin_window()
         except Exception:
             try:
                 self.drain()
@@ -225,8 +223,8 @@ class _ReplayApplier:
 
     def _begin_window(self):
         """Save ahead what the window's frames change, one flush for them
-        all, then write them (in the pool)."""
-        window, self.window = self.window, []
+        all, then write them (in the pool) once there is room."""
+        window = self.window
         if not window:
             return
         try:
@@ -236,6 +234,12 @@ class _ReplayApplier:
                     runs.setdefault(vol, []).append((off, length))
                 for vol, r in sorted(runs.items()):
                     self.group.save_ahead(self.group.volumes[vol], r)
+            # The writes in flight make room for the window (it holds the
+            # apply lock meanwhile).
+            while self.inflight and (
+                    len(self.inflight) + len(window) > REPLAY_APPLY_FRAMES
+                    or self.bytes + self.held > REPLAY_APPLY_BYTES // 2):
+                self._wait_oldest()
             if self.pool is None:
                 self.pool = concurrent.futures.ThreadPoolExecutor(
                     REPLAY_APPLY_WORKERS, thread_name_prefix="rsg-apply")
@@ -244,14 +248,16 @@ class _ReplayApplier:
                 f = self.pool.submit(self._write, vol, kind, off, length,
                                      data)
                 window.pop(0)
-                self.inflight.append((vol, off, length,
-                                      len(data) if data is not None else 0,
-                                      f))
+                n = len(data) if data is not None else 0
+                self.held -= n
+                self.bytes += n
+                self.inflight.append((vol, off, length, n, f))
         except BaseException:
             # What was not begun is not written: no RSYN is answered
             # after it (the primary sends it again).
             self.failed = True
-            self.bytes -= sum(len(w[4]) for w in window if w[4] is not None)
+            self.window = []
+            self.held = 0
             self._release_if_idle()
             raise
 

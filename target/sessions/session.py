@@ -29,7 +29,10 @@ frozen image is saved data where present, else the Source.  A reader of
 the frozen image reads the Source and then checks, under the lock, whether
 the extent was saved meanwhile; if so it reads the saved copy instead: a
 copy on first write always finishes before the write that triggered it
-starts.
+starts.  A writer that knows a window of writes to come (a secondary's
+replay writer) saves them ahead (save_ahead): one flush of the save area
+and one of the activity map for the whole window, after which its writes
+find their extents saved and wait for neither.
 
 Unmark (by command, after a successful transfer, or when a copy on first
 write cannot be made: save area full, I/O error) merges the transfer map
