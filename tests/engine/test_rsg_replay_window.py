@@ -47,9 +47,9 @@ def _path_of(fd):
 def _replay(p, frames, counting=None):
     """A replay of frames (offset, data) and an RSYN by a primary of the
     test's own, the secondary keeping its image; the frames are sent at
-    once from a thread of their own (the secondary always finds the next
-    one arriving).  counting (an Event) is set once the image is made.
-    Returns the image's session."""
+    once from a thread of their own.  counting (an Event) is set once the
+    image is made and cleared once the RSYN is answered.  Returns the
+    image's session."""
     f = FakePrimary(p)
     try:
         f.begin()
