@@ -191,3 +191,29 @@ def test_frame_order_twin_protection_off(pair, monkeypatch):
                         lambda self, ticket: None)
     with pytest.raises(AssertionError, match="before their old data"):
         check_order(p, monkeypatch, frames)
+
+
+def test_a_save_area_failure_in_a_window_drops_the_image_not_the_data(
+        pair, monkeypatch):
+    """The save area fails (EIO) while a window is saved ahead: the image
+    is given up (unmarked, its error kept, no longer listed by the group)
+    and never read as a point in time it no longer holds; the replay's
+    data still lands whole and the RSYN is answered after it."""
+    p = pair(size=FRAMES * GRAN)
+    save_path = p.tb.state_dir.save_area("v", "consistent-v")
+    failing = threading.Event()
+    real_store = sessions.SaveArea.store
+
+    def store(self, extent, *args):
+        if failing.is_set() and self.backend.path == save_path:
+            raise OSError(5, "Input/output error (injected)")
+        return real_store(self, extent, *args)
+    monkeypatch.setattr(sessions.SaveArea, "store", store)
+    frames = [(x * GRAN, os.urandom(GRAN)) for x in range(FRAMES)]
+    image = _replay(p, frames, failing)
+    assert not image.marked
+    assert "Input/output error" in (image.error or ""), image.error
+    b = bytearray(FRAMES * GRAN)
+    p.tb.lus["v"].backend.readinto(b, 0)
+    assert all(b[off:off + GRAN] == data for off, data in frames)
+
