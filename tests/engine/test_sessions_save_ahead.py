@@ -19,7 +19,6 @@ import functools
 import os
 import random
 import threading
-import time
 import zlib
 
 import pytest
@@ -27,6 +26,7 @@ import pytest
 from target import backends, changemap, sessions
 
 from tests.support import powerloss, sessionfakes
+from tests.support.powerloss import SimSaveArea
 from tests.support.sessionfakes import frozen_image, run_writers
 
 GRAN = 4096
@@ -100,30 +100,6 @@ def test_save_ahead_skips_what_is_saved_and_what_a_write_saves(tmp_path):
     assert s.tracking.bits[5] == 1
     assert not s.save_area.slots
     s.close()
-
-
-class SimSaveArea(powerloss.PowerLossBackend):
-    """The save area on a simulated disk, safe for threads; a flush makes
-    durable what was written before it began, and takes a moment."""
-
-    def __init__(self, file, lock):
-        super().__init__(file)
-        self.lock = lock
-
-    def readinto(self, buf, offset):
-        with self.lock:
-            super().readinto(buf, offset)
-
-    def write(self, buf, offset):
-        with self.lock:
-            super().write(buf, offset)
-
-    def flush(self):
-        with self.lock:
-            data = bytearray(self.file.data)
-        time.sleep(0.001)
-        with self.lock:
-            self.file.durable = data
 
 
 class CheckedSource(backends.MemoryBackend):
