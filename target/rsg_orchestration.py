@@ -155,6 +155,7 @@ class RsgOrchestration:
                 protect=images.consistent_protect,
                 release=images.consistent_release,
                 image=images.consistent_export,
+                save_ahead=images.save_ahead,
                 running_change=lambda: self._running_change(vols))
             rsg.attach()
         for lu in vols:

@@ -692,6 +692,15 @@ class SessionOrchestration:
             paths.append(self._save_area_path(lu, name))
         fsutil.remove_durably(paths)
 
+    def save_ahead(self, lu, runs):
+        """Writes of runs ([(offset, length)]) of LU lu are about to come
+        (a secondary's window of replay data): its sessions (its last
+        consistent image) save what they will change now, with one flush
+        for them all."""
+        layer = lu.stack.get("sessions")
+        if layer is not None:
+            layer.save_ahead(runs)
+
     def consistent_export(self, lu):
         """The export of the last consistent image kept of lu, or None."""
         session = self.consistent_image(lu.name)

@@ -38,9 +38,10 @@ STAGED, APPLIED = 1, 2
 PULL_CHUNK = 1 << 20           # bytes of one RDAT frame sent to a primary
 # A replay's data (RDAT frames: each a region no other frame of the pass
 # has) is written by REPLAY_APPLY_WORKERS threads while the next frames
-# are received (_ReplayApplier), at most REPLAY_APPLY_BYTES of data and
-# REPLAY_APPLY_FRAMES frames at a time (a zero or trim frame carries no
-# data but is a write all the same).
+# are received (_ReplayApplier), in windows of at most REPLAY_APPLY_FRAMES
+# frames and half of REPLAY_APPLY_BYTES: one window in flight and the
+# next one held (a zero or trim frame carries no data but is a write all
+# the same).
 REPLAY_APPLY_BYTES = 16 << 20
 REPLAY_APPLY_WORKERS = 8
 REPLAY_APPLY_FRAMES = 8 * REPLAY_APPLY_WORKERS
@@ -133,27 +134,42 @@ class _ApplyLock:
 
 class _ReplayApplier:
     """Writes a replay's data frames concurrently, while the connection
-    reads on: what a write of a volume waits for (the last consistent
-    image's copy on first write and its flush, the disk) overlaps the
-    network and the other writes, and a session's save area commits
-    concurrent saves with one flush.
+    reads on: what a write of a volume waits for (the disk) overlaps the
+    network and the other writes.
+
+    Windows: the frames received are held (the window) until it is full
+    (REPLAY_APPLY_FRAMES frames or half of REPLAY_APPLY_BYTES), or an
+    RSYN, a frame that must wait (below) or a pause of the connection
+    (idle()) comes; then the old data of every extent the window writes
+    is saved ahead by the volumes' sessions (the last consistent image:
+    save_ahead), made durable with one flush for the whole window while
+    the window before is still being written, and only then, once the
+    writes in flight leave room (as many frames, the other half of the
+    bytes), are the window's frames written.  A write would otherwise
+    save its extent itself and wait for a flush of its own (a group
+    commit shared with the writes beside it): about one flush per few
+    frames instead of one per window.  A frame's bytes never reach a
+    volume before the old data of its extent is durable in the save area
+    (the write still saves what the window did not).
 
     Order: frames of distinct regions may land in any order; a frame that
-    overlaps one in flight, and every other frame but RSYN (stream
-    entries, REND, ...), is handled only after drain(), so the stream's
-    order is kept; an RSYN is answered once the writes received before
-    it are done (sync()).  The apply lock is held while writes are in
-    flight, and they are drained before the connection waits for a frame
-    that has not begun to arrive, or when a thread waits for that lock
-    (idle()): a point in time of a volume, or a read, waits for the
-    writes in flight, not for a primary that sends nothing nor for one
-    that keeps sending."""
+    overlaps one held or in flight, and every other frame but RSYN
+    (stream entries, REND, ...), is handled only after drain(), so the
+    stream's order is kept; an RSYN begins the window before it and is
+    answered once the writes received before it are done (sync()).  The
+    apply lock is held while frames are held or in flight, and they are
+    drained before the connection waits for a frame that has not begun to
+    arrive, or when a thread waits for that lock (idle()): a point in
+    time of a volume, or a read, waits for the writes in flight, not for
+    a primary that sends nothing nor for one that keeps sending."""
 
     def __init__(self, group):
         self.group = group
         self.pool = None
+        self.window = []        # (vol, kind, offset, length, data)
         self.inflight = []      # (vol, offset, length, bytes, future)
-        self.bytes = 0
+        self.held = 0           # bytes of the frames held
+        self.bytes = 0          # bytes of the writes in flight
         self.syncer = None
         self.syncs = []         # futures of RSYNs not yet answered
         # A write or a flush failed: after a failed flush the kernel may
@@ -174,14 +190,17 @@ class _ReplayApplier:
             raise _Dropped(name=self.group.name)
         self.group._apply_one(vol, kind, off, length, data)
 
+    def _release_if_idle(self):
+        if not self.inflight and not self.window:
+            self.group.lock.release()
+
     def add(self, vol, kind, off, length, data):
         if any(v == vol and o < off + length and off < o + n
-               for v, o, n, _, _ in self.inflight):
+               for v, o, n, _, _ in self.inflight) or \
+                any(v == vol and o < off + length and off < o + n
+                    for v, _, o, n, _ in self.window):
             self.drain()
-        if self.pool is None:
-            self.pool = concurrent.futures.ThreadPoolExecutor(
-                REPLAY_APPLY_WORKERS, thread_name_prefix="rsg-apply")
-        if not self.inflight:
+        if not self.inflight and not self.window:
             # Threads that waited for the writes drained for them go
             # first (the lock is not fair); for a moment at most, so
             # readers that keep coming do not stop the replay.
@@ -189,25 +208,57 @@ class _ReplayApplier:
             while self.group.lock.wanted and time.monotonic() < until:
                 time.sleep(0.001)
             self.group.lock.acquire()
-        n = len(data) if data is not None else 0
+        self.window.append((vol, kind, off, length, data))
+        self.held += len(data) if data is not None else 0
         try:
-            f = self.pool.submit(self._write, vol, kind, off, length, data)
-        except BaseException:
-            if not self.inflight:
-                self.group.lock.release()
-            raise
-        self.inflight.append((vol, off, length, n, f))
-        self.bytes += n
-        # Bounded: the oldest writes are waited for first.
-        try:
-            while self.bytes > REPLAY_APPLY_BYTES or \
-                    len(self.inflight) > REPLAY_APPLY_FRAMES:
-                self._wait_oldest()
+            if len(self.window) >= REPLAY_APPLY_FRAMES or \
+                    self.held >= REPLAY_APPLY_BYTES // 2:
+                self._begin_window()
         except Exception:
             try:
                 self.drain()
             except Exception:   # the first error is the one raised
                 pass
+            raise
+
+    def _begin_window(self):
+        """Save ahead what the window's frames change, one flush for them
+        all, then write them (in the pool) once there is room."""
+        window = self.window
+        if not window:
+            return
+        try:
+            if not self.dropping.is_set():
+                runs = {}
+                for vol, _, off, length, _ in window:
+                    runs.setdefault(vol, []).append((off, length))
+                for vol, r in sorted(runs.items()):
+                    self.group.save_ahead(self.group.volumes[vol], r)
+            # The writes in flight make room for the window (it holds the
+            # apply lock meanwhile).
+            while self.inflight and (
+                    len(self.inflight) + len(window) > REPLAY_APPLY_FRAMES
+                    or self.bytes + self.held > REPLAY_APPLY_BYTES // 2):
+                self._wait_oldest()
+            if self.pool is None:
+                self.pool = concurrent.futures.ThreadPoolExecutor(
+                    REPLAY_APPLY_WORKERS, thread_name_prefix="rsg-apply")
+            while window:
+                vol, kind, off, length, data = window[0]
+                f = self.pool.submit(self._write, vol, kind, off, length,
+                                     data)
+                window.pop(0)
+                n = len(data) if data is not None else 0
+                self.held -= n
+                self.bytes += n
+                self.inflight.append((vol, off, length, n, f))
+        except BaseException:
+            # What was not begun is not written: no RSYN is answered
+            # after it (the primary sends it again).
+            self.failed = True
+            self.window = []
+            self.held = 0
+            self._release_if_idle()
             raise
 
     def _wait_oldest(self):
@@ -216,8 +267,7 @@ class _ReplayApplier:
         try:
             f.result()
         finally:
-            if not self.inflight:
-                self.group.lock.release()
+            self._release_if_idle()
 
     def sync(self, ident, answer):
         """RSYN ident: once the writes received before it are done, make
@@ -226,6 +276,7 @@ class _ReplayApplier:
         (a flush that covers some of them too is no harm).  RSYNs are
         answered in order; once a write or an RSYN failed none is, and
         the error is raised by the next drain() or idle()."""
+        self._begin_window()
         writes = [f for _, _, _, _, f in self.inflight]
         if self.syncer is None:
             self.syncer = concurrent.futures.ThreadPoolExecutor(
@@ -246,9 +297,13 @@ class _ReplayApplier:
         self.syncs.append(self.syncer.submit(run))
 
     def drain(self):
-        """Wait for every write in flight and every RSYN; raise the first
-        error."""
+        """Begin the window, wait for every write in flight and every
+        RSYN; raise the first error."""
         error = None
+        try:
+            self._begin_window()
+        except Exception as e:
+            error = e
         while self.inflight:
             try:
                 self._wait_oldest()
@@ -263,12 +318,12 @@ class _ReplayApplier:
             raise error
 
     def idle(self, sock):
-        """Writes in flight and nothing to read yet, or a thread waiting
-        for the apply lock they hold: drain them; an RSYN that failed:
-        raise its error."""
+        """Frames held or in flight and nothing to read yet, or a thread
+        waiting for the apply lock they hold: drain them; an RSYN that
+        failed: raise its error."""
         while self.syncs and self.syncs[0].done():
             self.syncs.pop(0).result()
-        if not self.inflight:
+        if not self.inflight and not self.window:
             return
         if self.group.lock.wanted:
             self.drain()
@@ -301,7 +356,7 @@ class SecondaryGroup:
     role = SECONDARY
 
     def __init__(self, files, record, volumes, protect=None, release=None,
-                 running_change=None, image=None):
+                 running_change=None, image=None, save_ahead=None):
         self.files = files
         self.name = record["name"]
         self.record_base = record
@@ -342,6 +397,10 @@ class SecondaryGroup:
         self.protect = protect or (lambda volumes, point: None)
         self.release = release or (lambda volumes: None)
         self.image = image or (lambda lu: None)
+        # save_ahead(lu, runs): writes of runs ([(offset, length)]) of lu
+        # come next; its image saves what they change now, one flush for
+        # them all (_ReplayApplier).
+        self.save_ahead = save_ahead or (lambda lu, runs: None)
         # A volume-changing operation (restore, reverse sync) running here,
         # described, or None: a primary is refused meanwhile.
         self.running_change = running_change or (lambda: None)
@@ -738,8 +797,10 @@ class SecondaryGroup:
                         applier.add(vol, k, off, length, data)
                     continue
                 if kind == b"RSYN":
-                    applier.sync(SEQ.unpack(payload)[0], functools.partial(
-                        _answer, sock, b"RSAK", payload))
+                    with _applying(replay):
+                        applier.sync(SEQ.unpack(payload)[0],
+                                     functools.partial(_answer, sock, b"RSAK",
+                                                       payload))
                     continue
                 # What follows the data (stream entries, REND...) lands
                 # after it.

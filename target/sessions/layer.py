@@ -61,6 +61,13 @@ class SessionLayer(iostack.Layer):
             for s in done:
                 s.after_write()
 
+    def save_ahead(self, runs):
+        """Writes of runs ([(offset, length)]) are about to come: every
+        session saves what they will change now, with one flush for them
+        all (Session.save_ahead), so that the writes wait for none."""
+        for s in self.sessions:
+            s.save_ahead(runs)
+
     def write(self, buf, offset):
         self._change(offset, len(buf), lambda: self.inner.write(buf, offset))
 

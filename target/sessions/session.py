@@ -29,7 +29,10 @@ frozen image is saved data where present, else the Source.  A reader of
 the frozen image reads the Source and then checks, under the lock, whether
 the extent was saved meanwhile; if so it reads the saved copy instead: a
 copy on first write always finishes before the write that triggered it
-starts.
+starts.  A writer that knows a window of writes to come (a secondary's
+replay writer) saves them ahead (save_ahead): one flush of the save area
+and one of the activity map for the whole window, after which its writes
+find their extents saved and wait for neither.
 
 Unmark (by command, after a successful transfer, or when a copy on first
 write cannot be made: save area full, I/O error) merges the transfer map
@@ -258,29 +261,78 @@ class Session:
             while self.marked:
                 need = self._protected(e0, e1)
                 if not any(x in self.saving for x in need):
-                    slots = []
+                    slots = self._take_slots(need)
+                    generation = self.generation
                     break
                 self.cond.wait()
-            if slots is not None:
-                for x in need:
-                    slot = self.save_area.allocate()
-                    if slot is None:
-                        break
-                    slots.append((x, slot))
-                full = len(slots) < len(need)
-                self.saving.update(x for x, _ in slots)
-                generation = self.generation
         if slots is None:
             if noted:
                 self.tracking.wait_durable(noted)
             return
+        self._save(slots, need, generation, noted)
+
+    def save_ahead(self, runs):
+        """Copy on first write ahead of writes to come: the old data of
+        every extent of runs ([(offset, length)]) that a write would save
+        first is saved, and made durable with one flush of the save area
+        and one of the activity map (with their tracking bits) for them
+        all, before returning.  The writes then find their extents saved;
+        whatever this did not save (an extent another writer is saving, a
+        mark that began meanwhile) their before_write still saves first,
+        so no write depends on it.  Counted as a write in flight: a mark
+        waits for it."""
+        ranges = [_range_of(offset, length, self.granularity)
+                  for offset, length in runs]
+        slots = None
+        with self.cond:
+            while self.state == MARKING:
+                self.cond.wait()
+            self.writes_in_flight += 1
+        try:
+            with self.cond:
+                if self.closed:
+                    return
+                noted = max((self.tracking.note_write(e0, e1)
+                             for e0, e1 in ranges), default=0)
+                if self.marked:
+                    # Those another writer is saving are left to it.
+                    need = sorted({x for e0, e1 in ranges
+                                   for x in self._protected(e0, e1)
+                                   if x not in self.saving})
+                    slots = self._take_slots(need)
+                    generation = self.generation
+            if slots is None:
+                self.tracking.wait_durable(noted)
+                return
+            self._save(slots, need, generation, noted)
+        finally:
+            self.after_write()
+
+    def _take_slots(self, need):
+        """Allocate save area slots for the extents of need, as far as
+        there are slots, and claim the extents (caller holds the lock);
+        returns [(extent, slot)]."""
+        slots = []
+        for x in need:
+            slot = self.save_area.allocate()
+            if slot is None:
+                break
+            slots.append((x, slot))
+        self.saving.update(x for x, _ in slots)
+        return slots
+
+    def _save(self, slots, need, generation, noted):
+        """Save the extents of slots (claimed by _take_slots for need),
+        durably, and wait for the activity marks of noted; a full save
+        area or a failed save ends the mark."""
         try:
             try:
-                if full:
+                if len(slots) < len(need):
                     raise SaveAreaFull(name=self.name,
                                        slots=self.save_area.capacity,
                                        granularity=self.granularity)
-                self._copy_on_first_write(slots, generation)
+                if slots:
+                    self._copy_on_first_write(slots, generation)
             except (SaveAreaFull, OSError) as e:
                 self._abandon_mark(generation, str(e))
             # The activity map's mark: its fdatasync overlaps the other

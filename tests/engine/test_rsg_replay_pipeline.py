@@ -9,17 +9,15 @@ identical).  Engine level: two in-process Targets (tests/support/rsgpair).
 
 import os
 import random
-import socket
 import subprocess
 import sys
 import threading
 import time
-import zlib
 
 import pytest
 
 from tests.support.rsgmodel import fast_timing, restore_timing, wait_for
-from tests.support.rsgpair import MiB, pair  # noqa: F401
+from tests.support.rsgpair import FakePrimary, MiB, pair  # noqa: F401
 from target import replication as R
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(
@@ -180,66 +178,6 @@ def test_no_rsyn_is_answered_after_one_failed(pair, monkeypatch):
         same_pass[0], failed[0])
 
 
-# A primary of the test's own: the real one is detached and the secondary
-# serves frames written here over a socket pair.
-
-class _FakePrimary:
-    def __init__(self, p):
-        p.link_up()
-        p.check_identical()
-        p.ta.rsg_detach("g", p.addr)
-        self.sg = sg = p.sg
-        wait_for(lambda: sg.connected_since is None, 10, "the real "
-                 "primary's session to end", sg.status)
-        self.connect()
-
-    def connect(self):
-        sg = self.sg
-        # TCP, as between nodes: a socket pair's buffer holds less than
-        # a primary keeps in flight.
-        with socket.create_server(("127.0.0.1", 0)) as listener:
-            self.sock = socket.create_connection(listener.getsockname())
-            theirs, _ = listener.accept()
-        self.sock.settimeout(30)
-        self.theirs = theirs
-
-        def serve():
-            try:
-                sg.serve(theirs, {"history": sg.history}, "127.0.0.1")
-            except ConnectionError:     # the test's end closed it
-                pass
-        sg.connection = theirs          # what a close shuts down
-        self.thread = threading.Thread(target=serve, daemon=True)
-        self.thread.start()
-
-    def send(self, kind, payload=b""):
-        R.wire.send_frame(self.sock, kind, payload)
-
-    def recv(self):
-        return R.wire.recv_frame(self.sock)
-
-    def begin(self):
-        R.wire.send_json(self.sock, b"RBEG", {"extents": 1})
-        assert self.recv()[0] == b"RBOK"
-
-    def data(self, off, data):
-        self.send(b"RDAT", R.wire.DATA.pack(0, R.WRITE, off, len(data),
-                                            zlib.crc32(data)) + data)
-
-    def zero(self, off, length):
-        self.send(b"RDAT", R.wire.DATA.pack(0, R.ZERO, off, length, 0))
-
-    def end(self):
-        self.send(b"REND", R.wire.SEQ.pack(self.sg.applied_seq))
-        assert self.recv()[0] == b"RACK"
-
-    def close(self):
-        self.sock.close()
-        self.thread.join(30)
-        self.theirs.close()
-        assert not self.thread.is_alive()
-
-
 def test_zero_frames_in_flight_are_bounded(pair, monkeypatch):
     """Zero and trim frames carry no data but each is a write (a copy on
     first write of the kept image, a punch): a stream of them must not
@@ -247,7 +185,7 @@ def test_zero_frames_in_flight_are_bounded(pair, monkeypatch):
     overlap scan of everything in flight per frame, and the apply lock
     held all along)."""
     p = pair(size=64 * MiB)
-    f = _FakePrimary(p)
+    f = FakePrimary(p)
     lock = threading.Lock()
     state = {"received": 0, "applied": 0, "most": 0}
     orig_check = R.SecondaryGroup._check_data
@@ -280,8 +218,8 @@ def test_zero_frames_in_flight_are_bounded(pair, monkeypatch):
         assert bytes(b) == bytes(16384)
     finally:
         f.close()
-    # The frame just received, and those in flight.
-    assert state["most"] <= 1 + 8 * R.secondary.REPLAY_APPLY_WORKERS, state
+    # The frame just received, the window held and the one in flight.
+    assert state["most"] <= 1 + 2 * R.secondary.REPLAY_APPLY_FRAMES, state
 
 
 def test_host_read_during_a_streaming_replay_is_refused_at_once(
@@ -292,7 +230,7 @@ def test_host_read_during_a_streaming_replay_is_refused_at_once(
     as the primary keeps sending data (a primary of its own process: one
     of this one's threads could not keep the connection busy)."""
     p = pair(size=64 * MiB)
-    f = _FakePrimary(p)
+    f = FakePrimary(p)
     orig_apply = R.SecondaryGroup._apply_one
     checked = threading.Event()
 
@@ -348,7 +286,7 @@ def test_a_close_writes_no_replay_data_it_had_not_begun(pair, monkeypatch):
     primary sends them again), not written for as long as the queue lasts
     after the close."""
     p = pair(size=8 * MiB)
-    f = _FakePrimary(p)
+    f = FakePrimary(p)
     lock = threading.Lock()
     began, after_close = threading.Event(), []
     orig_apply = R.SecondaryGroup._apply_one
@@ -393,7 +331,7 @@ def test_an_rsak_lost_on_the_wire_is_no_apply_failure(pair, monkeypatch):
     it ends the session as a lost connection does, not as a failure of
     this node's volumes (`rsg status` would blame them)."""
     p = pair(size=8 * MiB)
-    f = _FakePrimary(p)
+    f = FakePrimary(p)
     orig_send = R.secondary.send_frame
 
     def send_frame(sock, kind, payload=b""):
@@ -421,7 +359,7 @@ def test_an_rsak_lost_on_the_wire_is_no_apply_failure(pair, monkeypatch):
 def test_sessions_cut_with_replay_writes_in_flight_leave_no_threads(
         pair, monkeypatch):
     p = pair(size=8 * MiB)
-    f = _FakePrimary(p)
+    f = FakePrimary(p)
     orig_apply = R.SecondaryGroup._apply_one
 
     def apply_one(self, vol, kind, off, length, data):

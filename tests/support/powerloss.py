@@ -30,6 +30,7 @@ Design notes: deliberately ignored
 """
 
 import random
+import time
 
 from target import backends
 
@@ -199,6 +200,49 @@ class PowerLossBackend(backends.Backend):
 
     def trim(self, offset, length):
         self._tick()
+
+
+class SimSaveArea(PowerLossBackend):
+    """The save area on a simulated disk, safe for threads.  A flush makes
+    durable what was written before it began (fdatasync's promise, no
+    more), and takes a moment; with honour_flush False it is ignored."""
+
+    def __init__(self, file, lock, honour_flush=True):
+        super().__init__(file)
+        self.lock = lock
+        self.honour_flush = honour_flush
+        self.written = 0    # writes made; file.pending holds the last ones
+        self.synced = 0     # writes made durable (dropped from pending)
+
+    def readinto(self, buf, offset):
+        with self.lock:
+            super().readinto(buf, offset)
+
+    def write(self, buf, offset):
+        with self.lock:
+            super().write(buf, offset)
+            self.written += 1
+
+    def zero(self, offset, length, may_trim=False, fast=False):
+        with self.lock:
+            super().zero(offset, length)
+            self.written += 1
+
+    def flush(self):
+        with self.lock:
+            data = bytearray(self.file.data)
+            upto = self.written
+        time.sleep(0.001)
+        if not self.honour_flush:
+            return
+        with self.lock:
+            # Flushes may overlap: one that began earlier and ends later
+            # makes nothing more durable.
+            if upto > self.synced:
+                self.file.pending = self.file.pending[upto - self.synced:]
+                self.file.durable = data
+                self.synced = upto
+                self.file.syncs += 1
 
 
 def cut_rng(seed):

@@ -4,7 +4,9 @@ the `pair` fixture that closes them, and Gate, which holds a replay's
 sender half way."""
 
 import os
+import socket
 import threading
+import zlib
 
 import pytest
 
@@ -83,3 +85,62 @@ class Gate:
         self.stop_at = None
         self.sent = 0
         self.open.set()
+
+
+class FakePrimary:
+    """A primary of the test's own: the real one is detached and the
+    secondary serves frames written here over a socket."""
+    def __init__(self, p):
+        p.link_up()
+        p.check_identical()
+        p.ta.rsg_detach("g", p.addr)
+        self.sg = sg = p.sg
+        wait_for(lambda: sg.connected_since is None, 10, "the real "
+                 "primary's session to end", sg.status)
+        self.connect()
+
+    def connect(self):
+        sg = self.sg
+        # TCP, as between nodes: a socket pair's buffer holds less than
+        # a primary keeps in flight.
+        with socket.create_server(("127.0.0.1", 0)) as listener:
+            self.sock = socket.create_connection(listener.getsockname())
+            theirs, _ = listener.accept()
+        self.sock.settimeout(30)
+        self.theirs = theirs
+
+        def serve():
+            try:
+                sg.serve(theirs, {"history": sg.history}, "127.0.0.1")
+            except ConnectionError:     # the test's end closed it
+                pass
+        sg.connection = theirs          # what a close shuts down
+        self.thread = threading.Thread(target=serve, daemon=True)
+        self.thread.start()
+
+    def send(self, kind, payload=b""):
+        R.wire.send_frame(self.sock, kind, payload)
+
+    def recv(self):
+        return R.wire.recv_frame(self.sock)
+
+    def begin(self):
+        R.wire.send_json(self.sock, b"RBEG", {"extents": 1})
+        assert self.recv()[0] == b"RBOK"
+
+    def data(self, off, data):
+        self.send(b"RDAT", R.wire.DATA.pack(0, R.WRITE, off, len(data),
+                                            zlib.crc32(data)) + data)
+
+    def zero(self, off, length):
+        self.send(b"RDAT", R.wire.DATA.pack(0, R.ZERO, off, length, 0))
+
+    def end(self):
+        self.send(b"REND", R.wire.SEQ.pack(self.sg.applied_seq))
+        assert self.recv()[0] == b"RACK"
+
+    def close(self):
+        self.sock.close()
+        self.thread.join(30)
+        self.theirs.close()
+        assert not self.thread.is_alive()

@@ -1,0 +1,236 @@
+"""A replay into a secondary that keeps its last consistent image
+(LU@consistent-LU): the replay's writer saves the old data of a whole
+window of received frames into the image's save area and makes those saves
+durable with one flush (the save area's, and the activity map's) before it
+writes any frame of the window into the volume.
+
+- test_a_window_of_frames_shares_one_save_area_flush: the save area and
+  the image's activity map are fdatasync'ed about once per window, not
+  once per group commit of the writers.
+- test_no_frame_reaches_the_volume_before_its_save_is_durable: every
+  replay write that reaches the volume's file finds the old data of its
+  extents durable in the save area (a save written before an fdatasync of
+  the save area that completed).  Its twin ignores the wait for the save
+  area's flush (the protection off) and must be caught.
+"""
+
+import collections
+import os
+import threading
+
+import pytest
+
+from tests.support.rsgmodel import fast_timing, restore_timing
+from tests.support.rsgpair import FakePrimary, pair  # noqa: F401
+
+from target import backends, sessions
+from target import replication as R
+
+GRAN = 64 << 10
+FRAMES = 128
+
+
+@pytest.fixture(autouse=True)
+def _fast():
+    saved = fast_timing()
+    yield
+    restore_timing(saved)
+
+
+def _path_of(fd):
+    try:
+        return os.readlink("/proc/self/fd/{}".format(fd))
+    except OSError:
+        return ""
+
+
+def _replay(p, frames, counting=None):
+    """A replay of frames (offset, data) and an RSYN by a primary of the
+    test's own, the secondary keeping its image; the frames are sent at
+    once from a thread of their own.  counting (an Event) is set once the
+    image is made and cleared once the RSYN is answered.  Returns the
+    image's session."""
+    f = FakePrimary(p)
+    try:
+        f.begin()
+        image = p.tb.sessions["consistent-v"]
+        if counting is not None:
+            counting.set()
+
+        def send():
+            for off, data in frames:
+                f.data(off, data)
+            f.send(b"RSYN", R.wire.SEQ.pack(1))
+        t = threading.Thread(target=send)
+        t.start()
+        t.join(30)
+        assert f.recv()[0] == b"RSAK"
+        if counting is not None:
+            counting.clear()
+        f.end()
+    finally:
+        f.close()
+    return image
+
+
+def test_a_window_of_frames_shares_one_save_area_flush(pair, monkeypatch):
+    p = pair(size=FRAMES * GRAN)
+    save_path = p.tb.state_dir.save_area("v", "consistent-v")
+    activity_path = os.path.join(p.tb.state_dir.maps_dir,
+                                 "v@consistent-v.track.activity")
+    syncs = collections.Counter()
+    counting = threading.Event()
+    real = os.fdatasync
+
+    def fdatasync(fd):
+        path = _path_of(fd)
+        if counting.is_set() and path in (save_path, activity_path):
+            syncs[path] += 1
+        real(fd)
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    windows = []
+    save_ahead = sessions.SessionLayer.save_ahead
+
+    def counted(self, runs):
+        windows.append(len(runs))
+        save_ahead(self, runs)
+    monkeypatch.setattr(sessions.SessionLayer, "save_ahead", counted)
+    frames = [(x * GRAN, os.urandom(GRAN)) for x in range(FRAMES)]
+    image = _replay(p, frames, counting)
+    assert image.cofw_count == FRAMES
+    # Windows: the frames held when the bound is reached, at the RSYN, or
+    # when the connection pauses (as at the start, while the sender gets
+    # going); each is saved with one flush of the save area and of the
+    # activity map.
+    assert sum(windows) == FRAMES and len(windows) <= FRAMES // 16, windows
+    assert max(windows) <= R.secondary.REPLAY_APPLY_FRAMES + 1, windows
+    assert syncs[save_path] <= len(windows), \
+        "{} save area fdatasyncs for {} frames in {} windows".format(
+            syncs[save_path], FRAMES, len(windows))
+    assert syncs[activity_path] <= len(windows), \
+        "{} activity map fdatasyncs for {} frames in {} windows".format(
+            syncs[activity_path], FRAMES, len(windows))
+
+
+def check_order(p, monkeypatch, frames):
+    """Replay frames; every replay write reaching the volume's file must
+    find each of its extents' saves durable: written before an fdatasync
+    of the save area that began after it and has completed.  Returns the
+    image's session."""
+    save_path = p.tb.state_dir.save_area("v", "consistent-v")
+    volume = p.tb.lus["v"].backend
+    lock = threading.Lock()
+    state = {"written": 0, "durable": 0}
+    stored, early = {}, []
+    # From the replay whose image is kept (not the link's first).
+    checking = threading.Event()
+
+    def saved(store):
+        def wrapper(self, extent, *args):
+            ticket = store(self, extent, *args)
+            if self.backend.path == save_path:
+                with lock:
+                    state["written"] += 1
+                    stored[extent] = state["written"]
+            return ticket
+        return wrapper
+    monkeypatch.setattr(sessions.SaveArea, "store",
+                        saved(sessions.SaveArea.store))
+    monkeypatch.setattr(sessions.SaveArea, "store_zero",
+                        saved(sessions.SaveArea.store_zero))
+    real_sync = os.fdatasync
+
+    def fdatasync(fd):
+        if _path_of(fd) != save_path:
+            return real_sync(fd)
+        with lock:
+            upto = state["written"]
+        real_sync(fd)
+        with lock:
+            state["durable"] = max(state["durable"], upto)
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    real_write = backends.FileBackend.write
+
+    def write(self, buf, offset):
+        if self is volume and checking.is_set():
+            n = memoryview(buf).nbytes
+            with lock:
+                for x in range(offset // GRAN, (offset + n - 1) // GRAN + 1):
+                    if stored.get(x, state["durable"] + 1) > \
+                            state["durable"]:
+                        early.append(x)
+        return real_write(self, buf, offset)
+    monkeypatch.setattr(backends.FileBackend, "write", write)
+    image = _replay(p, frames, checking)
+    assert not early, "replay data reached extents {} of the volume " \
+        "before their old data was durable in the save area".format(
+            sorted(set(early))[:8])
+    return image
+
+
+def test_no_frame_reaches_the_volume_before_its_save_is_durable(pair):
+    p = pair(size=FRAMES * GRAN)
+    # In the order of a DCM (every other extent, then the rest), so that
+    # windows hold extents of all of the volume.
+    order = list(range(0, FRAMES, 2)) + list(range(1, FRAMES, 2))
+    frames = [(x * GRAN, os.urandom(GRAN)) for x in order]
+    with pytest.MonkeyPatch.context() as mp:
+        image = check_order(p, mp, frames)
+    assert image.cofw_count == FRAMES
+    b = bytearray(FRAMES * GRAN)
+    p.tb.lus["v"].backend.readinto(b, 0)
+    assert all(b[off:off + GRAN] == data for off, data in frames)
+
+
+def test_frame_order_twin_protection_off(pair, monkeypatch):
+    """The wait for the save area's flush skipped: the check above must
+    catch it."""
+    p = pair(size=FRAMES * GRAN)
+    frames = [(x * GRAN, os.urandom(GRAN)) for x in range(FRAMES)]
+    monkeypatch.setattr(sessions.SaveArea, "wait_durable",
+                        lambda self, ticket: None)
+    with pytest.raises(AssertionError, match="before their old data"):
+        check_order(p, monkeypatch, frames)
+
+
+def test_a_save_area_failure_in_a_window_drops_the_image_not_the_data(
+        pair, monkeypatch):
+    """The save area fails (EIO) while a window is saved ahead: the image
+    is given up (unmarked, its error kept, no longer listed by the group)
+    and never read as a point in time it no longer holds; the replay's
+    data still lands whole and the RSYN is answered after it."""
+    p = pair(size=FRAMES * GRAN)
+    save_path = p.tb.state_dir.save_area("v", "consistent-v")
+    failing = threading.Event()
+    real_store = sessions.SaveArea.store
+
+    def store(self, extent, *args):
+        if failing.is_set() and self.backend.path == save_path:
+            raise OSError(5, "Input/output error (injected)")
+        return real_store(self, extent, *args)
+    monkeypatch.setattr(sessions.SaveArea, "store", store)
+    frames = [(x * GRAN, os.urandom(GRAN)) for x in range(FRAMES)]
+    image = _replay(p, frames, failing)
+    assert not image.marked
+    assert "Input/output error" in (image.error or ""), image.error
+    b = bytearray(FRAMES * GRAN)
+    p.tb.lus["v"].backend.readinto(b, 0)
+    assert all(b[off:off + GRAN] == data for off, data in frames)
+
+
+
+def test_frames_sharing_extents_across_windows_are_saved_first(pair):
+    """Frames smaller than an extent and not aligned to one, in an order
+    that puts parts of one extent into several windows (and writes in
+    flight beside the next window's save): each still finds its extents'
+    old data durable, and the volume ends with every frame's data."""
+    p = pair(size=FRAMES * GRAN)
+    piece = GRAN // 4
+    starts = [s + 4096 for s in range(0, FRAMES * GRAN - GRAN, piece)]
+    order = starts[0::4] + starts[2::4] + starts[1::4] + starts[3::4]
+    frames = [(off, os.urandom(piece)) for off in order]
+    with pytest.MonkeyPatch.context() as mp:
+        check_order(p, mp, frames)
+    after = bytearray(FRAMES * GRAN)
+    p.tb.lus["v"].backend.readinto(after, 0)
+    assert all(after[off:off + piece] == data for off, data in frames)
