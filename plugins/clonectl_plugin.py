@@ -107,12 +107,17 @@ def config_complete():
 
 def thread_model():
     # SERIALIZE_REQUESTS by default, chosen by measurement (the figures are
-    # in docs/performance.md, "Thread model"): PARALLEL loses to GIL convoys
-    # among the worker threads of a connection.  SERIALIZE_REQUESTS keeps
-    # one request per connection at a time but lets connections run side by
-    # side (the GIL is released in preadv/pwrite and in waits), so
-    # multi-conn clients and a connection waiting on an engine do not hold
-    # up the others, for a few per cent against SERIALIZE_ALL_REQUESTS.
+    # in docs/performance.md, "Thread model" and "thread model parallel
+    # with the worker threads' states held"): under PARALLEL the worker
+    # threads of a connection hand the GIL to each other, which costs CPU
+    # per request and loses on reads one at a time; it gains only where
+    # requests wait outside the interpreter (sync links, copies on first
+    # write), so it is the admin's choice (serve --thread-model).
+    # SERIALIZE_REQUESTS keeps one request per connection at a time but
+    # lets connections run side by side (the GIL is released in
+    # preadv/pwrite and in waits), so multi-conn clients and a connection
+    # waiting on an engine do not hold up the others, for a few per cent
+    # against SERIALIZE_ALL_REQUESTS.
     return _THREAD_MODELS[_config["thread_model"]]
 
 
