@@ -558,3 +558,30 @@ def test_parallel_workers_hold_thread_states_and_free_them(
     assert running == [0] * connections, running
     assert states[-1] <= states[0] + 2, states
     assert srv.proc.poll() is None, srv.log()
+
+
+def test_parallel_with_one_thread_per_connection(clonectl, server_factory,
+                                                 state_dir):
+    """With one worker thread per connection nbdkit runs a connection's
+    requests in the connection's own thread, even under thread model
+    parallel: that thread's state is the one held from open, and close()
+    must leave it to its own Release, not free it as a worker's (a fatal
+    error: the state is still current)."""
+    clonectl("lu", "create", "disk", "--size", "4M")
+    srv = server_factory(extra_args=["--thread-model", "parallel",
+                                     "--threads", "1"])
+    nbdkit_pid = srv.nbdkit_pid
+    blocks = [os.urandom(4096) for _ in range(3)]
+    for i, block in enumerate(blocks):
+        h = nbd.NBD()
+        h.set_export_name("disk")
+        h.connect_unix(srv.socket)
+        h.zero(8192, i * 4096)
+        h.pwrite(block, i * 4096)
+        h.flush()
+        assert h.pread(4096, i * 4096) == block
+        h.shutdown()
+    srv.refresh()
+    assert srv.nbdkit_pid == nbdkit_pid, srv.log()
+    assert read_file_range(state_dir / "lus" / "disk.img", 0,
+                           3 * 4096) == b"".join(blocks)
