@@ -44,6 +44,9 @@ _limiter = None  # target.limits.ConnectionLimiter with max_connections=...
 _held = {}  # connection -> what _hold_thread_state returned for it
 # (connection, worker thread ident) -> the worker's PyThreadState pointer,
 # held by _hold_worker_state until close(); _hold_workers says whether to.
+# The connection's own thread is there too, with None: it has its hold
+# from open() (nbdkit runs the requests there when a connection has one
+# worker thread), and only its own Release may give that back.
 _workers = {}
 _hold_workers = False
 
@@ -268,6 +271,8 @@ def _free_worker_states(h):
     # theirs meanwhile.
     for key in [key for key in list(_workers) if key[0] is h]:
         state = _workers.pop(key)
+        if state is None:
+            continue  # the connection's own thread: this one
         ctypes.pythonapi.PyThreadState_Clear(state)
         ctypes.pythonapi.PyThreadState_Delete(state)
 
@@ -287,6 +292,8 @@ def open(readonly):
     except Exception as e:
         _fail(e)
     _held[h] = _hold_thread_state()
+    if _hold_workers:
+        _workers[h, threading.get_ident()] = None
     return h
 
 
