@@ -3,6 +3,7 @@
 import errno
 import os
 import random
+import socket
 import threading
 import time
 
@@ -585,3 +586,43 @@ def test_parallel_with_one_thread_per_connection(clonectl, server_factory,
     assert srv.nbdkit_pid == nbdkit_pid, srv.log()
     assert read_file_range(state_dir / "lus" / "disk.img", 0,
                            3 * 4096) == b"".join(blocks)
+
+
+@pytest.mark.parametrize("thread_model", [None, "parallel"])
+def test_client_vanishing_mid_request_leaves_others_served(
+        clonectl, server_factory, thread_model):
+    """A client that goes away with requests in flight (a host that
+    crashed, a reset) ends its own connection only: the nbdkit process,
+    and with it every other client's connection, stays."""
+    clonectl("lu", "create", "disk", "--size", "8M")
+    srv = server_factory(extra_args=["--thread-model", thread_model]
+                         if thread_model else [])
+    nbdkit_pid = srv.nbdkit_pid
+    other = nbd.NBD()
+    other.set_export_name("disk")
+    other.connect_unix(srv.socket)
+    data = os.urandom(64 * 1024)
+    other.pwrite(data, 0)
+    for _ in range(20):
+        h = nbd.NBD()
+        h.set_export_name("disk")
+        try:
+            h.connect_unix(srv.socket)
+        except nbd.Error:
+            break  # nbdkit gone: the asserts below say so
+        for k in range(64):
+            if k % 2:
+                h.aio_pwrite(os.urandom(64 * 1024), (k + 1) * 64 * 1024)
+            else:
+                h.aio_pread(nbd.Buffer(64 * 1024), (k + 1) * 64 * 1024)
+        h.poll(0)
+        socket.socket(fileno=os.dup(h.aio_get_fd())).shutdown(
+            socket.SHUT_RDWR)
+        del h
+    try:
+        assert other.pread(len(data), 0) == data
+    except nbd.Error as e:
+        pytest.fail("{}; server log: {}".format(e, srv.log()[-400:]))
+    other.shutdown()
+    srv.refresh()
+    assert srv.nbdkit_pid == nbdkit_pid, srv.log()
