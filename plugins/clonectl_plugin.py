@@ -251,7 +251,8 @@ def _hold_thread_state():
 
 def _hold_worker_state(h):
     """The same for a worker thread of connection h (thread model
-    parallel), on its first request: one more Ensure, never released.
+    parallel), called by every data callback: on the thread's first
+    request, one more Ensure, never released.
 
     nbdkit joins a connection's worker threads before it calls close(),
     so no worker can give its state back: a thread that exits with the
@@ -259,9 +260,10 @@ def _hold_worker_state(h):
     them (_free_worker_states), from the thread states recorded here; a
     dict keyed by the thread ident, because a threading.local lives in
     the very thread state that is to go."""
-    ctypes.pythonapi.PyGILState_Ensure()
-    _workers[h, threading.get_ident()] = \
-        ctypes.pythonapi.PyThreadState_Get()
+    key = h, threading.get_ident()
+    if key not in _workers:
+        ctypes.pythonapi.PyGILState_Ensure()
+        _workers[key] = ctypes.pythonapi.PyThreadState_Get()
 
 
 def _free_worker_states(h):
@@ -353,7 +355,7 @@ def can_cache(h):
 
 
 def pread(h, buf, offset, flags):
-    if _hold_workers and (h, threading.get_ident()) not in _workers:
+    if _hold_workers:
         _hold_worker_state(h)
     try:
         h.export.read(buf, offset)
@@ -362,7 +364,7 @@ def pread(h, buf, offset, flags):
 
 
 def pwrite(h, buf, offset, flags):
-    if _hold_workers and (h, threading.get_ident()) not in _workers:
+    if _hold_workers:
         _hold_worker_state(h)
     try:
         h.export.write(buf, offset, flags & nbdkit.FLAG_FUA)
@@ -371,7 +373,7 @@ def pwrite(h, buf, offset, flags):
 
 
 def flush(h, flags):
-    if _hold_workers and (h, threading.get_ident()) not in _workers:
+    if _hold_workers:
         _hold_worker_state(h)
     try:
         h.export.flush()
@@ -380,7 +382,7 @@ def flush(h, flags):
 
 
 def trim(h, count, offset, flags):
-    if _hold_workers and (h, threading.get_ident()) not in _workers:
+    if _hold_workers:
         _hold_worker_state(h)
     try:
         h.export.trim(offset, count, flags & nbdkit.FLAG_FUA)
@@ -389,7 +391,7 @@ def trim(h, count, offset, flags):
 
 
 def zero(h, count, offset, flags):
-    if _hold_workers and (h, threading.get_ident()) not in _workers:
+    if _hold_workers:
         _hold_worker_state(h)
     try:
         h.export.zero(offset, count,
@@ -401,7 +403,7 @@ def zero(h, count, offset, flags):
 
 
 def extents(h, count, offset, flags):
-    if _hold_workers and (h, threading.get_ident()) not in _workers:
+    if _hold_workers:
         _hold_worker_state(h)
     try:
         return [(off, length, nbdkit.EXTENT_HOLE | nbdkit.EXTENT_ZERO
