@@ -115,7 +115,8 @@ def thread_model():
     # threads of a connection hand the GIL to each other, which costs CPU
     # per request and loses on reads one at a time; it gains only where
     # requests wait outside the interpreter (sync links, copies on first
-    # write), so it is the admin's choice (serve --thread-model).
+    # write), and nbdkit 1.32 aborts under it when a client goes away with
+    # requests in flight (docs/known-gaps.md): a switch for benchmarks.
     # SERIALIZE_REQUESTS keeps one request per connection at a time but
     # lets connections run side by side (the GIL is released in
     # preadv/pwrite and in waits), so multi-conn clients and a connection

@@ -922,16 +922,11 @@ def _reread_config(ctx, srv):
                    "The log is run/serve.log in the state directory.")
 @click.option("--pidfile", metavar="FILE",
               help="Write the server's pid here (removed on exit).")
-@click.option("--thread-model",
+@click.option("--thread-model", hidden=True,
               type=click.Choice(["parallel", "serialize_requests",
                                  "serialize_all_requests"]),
-              help="nbdkit thread model. By default serialize_requests: one "
-                   "request of a connection at a time, connections side by "
-                   "side. parallel runs up to 16 requests of a connection at "
-                   "once: faster where writes wait (a primary with sync "
-                   "links, a Source with marked sessions: copies on first "
-                   "write), slower for reads at queue depth 1 and large "
-                   "writes, more CPU per request. See docs/performance.md.")
+              help="nbdkit thread model (for benchmarks; parallel is unsafe "
+                   "with nbdkit 1.32, docs/known-gaps.md).")
 @click.option("--threads", hidden=True, type=click.IntRange(1, 256),
               help="nbdkit worker threads per connection (for benchmarks).")
 @click.option("--thread-state", hidden=True,

@@ -606,6 +606,10 @@ class Server:
         # what it leaves after the engines' reserve.
         nofile = self._nofile = limits.raise_nofile_limit()
         per_connection = 3 if self.thread_model == "parallel" else 1
+        if self.thread_model == "parallel":
+            self.say("warning: thread model parallel is for benchmarks: "
+                     "nbdkit 1.32 aborts under it when a client goes away "
+                     "with requests in flight, dropping every connection")
         given = self.listen.max_connections
         self.listen.resolve_limits(nofile, per_connection)
         room = limits.connection_room(nofile, per_connection)

@@ -588,7 +588,11 @@ def test_parallel_with_one_thread_per_connection(clonectl, server_factory,
                            3 * 4096) == b"".join(blocks)
 
 
-@pytest.mark.parametrize("thread_model", [None, "parallel"])
+@pytest.mark.parametrize("thread_model", [None, pytest.param(
+    "parallel", marks=pytest.mark.xfail(
+        strict=True, reason="nbdkit 1.32 aborts in raw_send_socket under "
+        "the parallel thread model (docs/known-gaps.md), which is why "
+        "serve --thread-model stays a switch for benchmarks"))])
 def test_client_vanishing_mid_request_leaves_others_served(
         clonectl, server_factory, thread_model):
     """A client that goes away with requests in flight (a host that
