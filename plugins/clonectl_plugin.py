@@ -12,10 +12,13 @@
 #                               carry; target/iscsi.py)
 #         [max_connections=N] [max_per_address=N]  (live connections, idle
 #                               ones included: target/limits.py)
-#         [thread_state=connection|request]  (how long a connection thread's
-#                               Python thread state lives; see
-#                               _hold_thread_state: request is nbdkit's own
-#                               behaviour, kept for scripts/bench)
+#         [thread_state=connection|connection_thread|request]  (how long
+#                               the Python thread state of a thread serving
+#                               a connection lives; see _hold_thread_state:
+#                               request is nbdkit's own behaviour,
+#                               connection_thread holds only the connection's
+#                               own thread's, not parallel's workers'; both
+#                               kept for scripts/bench)
 #
 # nbdkit embeds /usr/bin/python3, which does not see the virtual environment:
 # the target package is found through pythonpath=.  The script's directory is
@@ -25,6 +28,7 @@
 import ctypes
 import errno
 import sys
+import threading
 
 import nbdkit
 
@@ -38,8 +42,19 @@ _allow_export = []  # allow_export= values, in order
 _export_rules = None  # target.access.ExportRules with allow_export=, else None
 _limiter = None  # target.limits.ConnectionLimiter with max_connections=...
 _held = {}  # connection -> what _hold_thread_state returned for it
+# (connection, worker thread ident) -> the worker's PyThreadState pointer,
+# held by _hold_worker_state until close(); _hold_workers says whether to.
+# The connection's own thread is there too, with None: it has its hold
+# from open() (nbdkit runs the requests there when a connection has one
+# worker thread), and only its own Release may give that back.
+_workers = {}
+_hold_workers = False
 
-_THREAD_STATES = ("connection", "request")
+_THREAD_STATES = ("connection", "connection_thread", "request")
+
+ctypes.pythonapi.PyThreadState_Get.restype = ctypes.c_void_p
+ctypes.pythonapi.PyThreadState_Clear.argtypes = [ctypes.c_void_p]
+ctypes.pythonapi.PyThreadState_Delete.argtypes = [ctypes.c_void_p]
 
 _THREAD_MODELS = {
     "parallel": nbdkit.THREAD_MODEL_PARALLEL,
@@ -68,7 +83,7 @@ def config(key, value):
 
 
 def config_complete():
-    global _target, _allow, _export_rules, _limiter
+    global _target, _allow, _export_rules, _limiter, _hold_workers
     if "statedir" not in _config:
         raise Exception("statedir= is required")
     if "pythonpath" in _config:
@@ -84,6 +99,8 @@ def config_complete():
     secret = iscsi.read_secret(_config["gateway_secret"]) \
         if "gateway_secret" in _config else None
     _target = Target(_config["statedir"], gateway_secret=secret)
+    _hold_workers = _config["thread_model"] == "parallel" and \
+        _config.get("thread_state", "connection") == "connection"
     if "allow" in _config:
         _allow = access.AllowList(_config["allow"])
     if _allow_export:
@@ -93,12 +110,18 @@ def config_complete():
 
 def thread_model():
     # SERIALIZE_REQUESTS by default, chosen by measurement (the figures are
-    # in docs/performance.md, "Thread model"): PARALLEL loses to GIL convoys
-    # among the worker threads of a connection.  SERIALIZE_REQUESTS keeps
-    # one request per connection at a time but lets connections run side by
-    # side (the GIL is released in preadv/pwrite and in waits), so
-    # multi-conn clients and a connection waiting on an engine do not hold
-    # up the others, for a few per cent against SERIALIZE_ALL_REQUESTS.
+    # in docs/performance.md, "Thread model" and "thread model parallel
+    # with the worker threads' states held"): under PARALLEL the worker
+    # threads of a connection hand the GIL to each other, which costs CPU
+    # per request and loses on reads one at a time; it gains only where
+    # requests wait outside the interpreter (sync links, copies on first
+    # write), and nbdkit 1.32 aborts under it when a client goes away with
+    # requests in flight (docs/known-gaps.md): a switch for benchmarks.
+    # SERIALIZE_REQUESTS keeps one request per connection at a time but
+    # lets connections run side by side (the GIL is released in
+    # preadv/pwrite and in waits), so multi-conn clients and a connection
+    # waiting on an engine do not hold up the others, for a few per cent
+    # against SERIALIZE_ALL_REQUESTS.
     return _THREAD_MODELS[_config["thread_model"]]
 
 
@@ -219,13 +242,42 @@ def _hold_thread_state():
     once").  One more Ensure here, in the connection's thread, keeps the
     count above zero: the callbacks then only take and drop the GIL.
     Under the serializing thread models open, every request and close run
-    in the connection's thread; under parallel the requests run in worker
-    threads, which keep nbdkit's behaviour.  close() gives the state back
-    (its Release is in the same thread), so nothing outlives the
-    connection."""
-    if _config.get("thread_state", "connection") == "connection":
+    in the connection's thread, and close() gives the state back (its
+    Release is in the same thread).  Under parallel the requests run in
+    the connection's worker threads: _hold_worker_state."""
+    if _config.get("thread_state", "connection") != "request":
         return ctypes.pythonapi.PyGILState_Ensure()
     return None
+
+
+def _hold_worker_state(h):
+    """The same for a worker thread of connection h (thread model
+    parallel), called by every data callback: on the thread's first
+    request, one more Ensure, never released.
+
+    nbdkit joins a connection's worker threads before it calls close(),
+    so no worker can give its state back: a thread that exits with the
+    count above zero leaves its state in the interpreter.  close() frees
+    them (_free_worker_states), from the thread states recorded here; a
+    dict keyed by the thread ident, because a threading.local lives in
+    the very thread state that is to go."""
+    key = h, threading.get_ident()
+    if key not in _workers:
+        ctypes.pythonapi.PyGILState_Ensure()
+        _workers[key] = ctypes.pythonapi.PyThreadState_Get()
+
+
+def _free_worker_states(h):
+    # With the GIL held (close is a callback), for states of exited
+    # threads, none of them current: what PyThreadState_Delete requires.
+    # list() copies the keys in one step: other connections' workers add
+    # theirs meanwhile.
+    for key in [key for key in list(_workers) if key[0] is h]:
+        state = _workers.pop(key)
+        if state is None:
+            continue  # the connection's own thread: this one
+        ctypes.pythonapi.PyThreadState_Clear(state)
+        ctypes.pythonapi.PyThreadState_Delete(state)
 
 
 def _release_thread_state(held):
@@ -243,11 +295,15 @@ def open(readonly):
     except Exception as e:
         _fail(e)
     _held[h] = _hold_thread_state()
+    if _hold_workers:
+        _workers[h, threading.get_ident()] = None
     return h
 
 
 def close(h):
     _release_thread_state(_held.pop(h, None))
+    if _hold_workers:
+        _free_worker_states(h)
     _target.disconnect(h)
 
 
@@ -300,6 +356,8 @@ def can_cache(h):
 
 
 def pread(h, buf, offset, flags):
+    if _hold_workers:
+        _hold_worker_state(h)
     try:
         h.export.read(buf, offset)
     except Exception as e:
@@ -307,6 +365,8 @@ def pread(h, buf, offset, flags):
 
 
 def pwrite(h, buf, offset, flags):
+    if _hold_workers:
+        _hold_worker_state(h)
     try:
         h.export.write(buf, offset, flags & nbdkit.FLAG_FUA)
     except Exception as e:
@@ -314,6 +374,8 @@ def pwrite(h, buf, offset, flags):
 
 
 def flush(h, flags):
+    if _hold_workers:
+        _hold_worker_state(h)
     try:
         h.export.flush()
     except Exception as e:
@@ -321,6 +383,8 @@ def flush(h, flags):
 
 
 def trim(h, count, offset, flags):
+    if _hold_workers:
+        _hold_worker_state(h)
     try:
         h.export.trim(offset, count, flags & nbdkit.FLAG_FUA)
     except Exception as e:
@@ -328,6 +392,8 @@ def trim(h, count, offset, flags):
 
 
 def zero(h, count, offset, flags):
+    if _hold_workers:
+        _hold_worker_state(h)
     try:
         h.export.zero(offset, count,
                   may_trim=bool(flags & nbdkit.FLAG_MAY_TRIM),
@@ -338,6 +404,8 @@ def zero(h, count, offset, flags):
 
 
 def extents(h, count, offset, flags):
+    if _hold_workers:
+        _hold_worker_state(h)
     try:
         return [(off, length, nbdkit.EXTENT_HOLE | nbdkit.EXTENT_ZERO
                  if hole else 0)

@@ -161,7 +161,8 @@ class Servers(contextlib.ExitStack):
                                     self.image], variant + ".log")
                 uri = "nbd+unix:///?socket=" + sock
             elif variant.startswith("clonectl"):
-                _, model, threads = (variant.split(":") + ["", ""])[:3]
+                spec, _, thread_state = variant.partition("@")
+                _, model, threads = (spec.split(":") + ["", ""])[:3]
                 state = os.path.join(self.workdir, variant.replace(":", "-"))
                 subprocess.run([CLONECTL, "--state-dir", state, "lu", "create",
                                 "bench", "--file",
@@ -175,6 +176,8 @@ class Servers(contextlib.ExitStack):
                     cmd += ["--thread-model", model]
                 if threads:
                     cmd += ["--threads", threads]
+                if thread_state:
+                    cmd += ["--thread-state", thread_state]
                 proc = self._popen(cmd, variant.replace(":", "-") + ".log")
                 uri = "nbd+unix:///bench?socket=" + sock
             else:
@@ -255,11 +258,20 @@ def main():
                    help="runtime 2 s, 1 repeat, 256M image")
     p.add_argument("--servers",
                    help="nbd suite: comma-separated variants: nbdkit-file, "
-                        "qemu-nbd, clonectl[:THREAD_MODEL[:THREADS]] "
+                        "qemu-nbd, clonectl[:THREAD_MODEL[:THREADS]]"
+                        "[@THREAD_STATE] "
                         "(default nbdkit-file,qemu-nbd,clonectl); scale "
                         "suite: nbdkit-file, python[:THREAD_MODEL[:THREADS]],"
                         " clonectl[:THREAD_MODEL[:THREADS]] (default "
                         "nbdkit-file,python,clonectl)")
+    p.add_argument("--thread-models", metavar="MODEL[@STATE],...",
+                   help="sessions suite (first writes) and replication "
+                        "suite (host writes, the primary): thread models of "
+                        "`serve --thread-model` to measure alternately, each "
+                        "with an optional @THREAD_STATE of `serve "
+                        "--thread-state`; 'default' is the server's own "
+                        "(default: sessions default,parallel; replication "
+                        "default)")
     p.add_argument("--only", help="run only workloads whose name contains "
                    "this (replication suite: writes, replay or converge)")
     p.add_argument("--json", metavar="FILE", help="also write results as JSON")
@@ -367,6 +379,13 @@ def run_nbd_suite(args, size, workdir):
     finally:
         os.unlink(image)
     return {"variants": variants, "base": base, "results": results}
+
+
+def thread_model_args(spec):
+    """`serve`'s options for an entry MODEL[@STATE] of --thread-models."""
+    model, _, state = spec.partition("@")
+    return ((["--thread-model", model] if model != "default" else []) +
+            (["--thread-state", state] if state else []))
 
 
 def rotate(items, n):

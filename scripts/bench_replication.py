@@ -30,7 +30,9 @@ multi-node tests'.
    writer limited to half the link's bandwidth starts at once; seconds from
    its start until the link is `replicating` again (and stays so).
 
-`--only writes`, `--only replay` or `--only converge` runs that part alone.
+With --thread-models, section 1 runs under each thread model of the
+primary (restarted with each).  `--only writes`, `--only replay` or
+`--only converge` runs that part alone.
 """
 
 import json
@@ -283,34 +285,54 @@ def run(bench, args, size, workdir):
                 raise RuntimeError("link of {} never replicated: {}".format(
                     g, prim.link(g)))
 
-        # 1. Host writes, the three variants alternately.
+        # 1. Host writes, the three variants alternately, per thread model
+        # of the primary (restarted with each, in turn within a repeat).
+        models = (args.thread_models or "default").split(",")
+        serving = "default"
         for name, rw, bs, qd in WRITES if want(args, "writes") else ():
-            samples = {v: [] for v in VARIANTS}
-            overflow = {v: 0 for v in GROUP_OF}
-            catchup = {v: [] for v in GROUP_OF}
+            samples = {m: {v: [] for v in VARIANTS} for m in models}
+            overflow = {m: {v: 0 for v in GROUP_OF} for m in models}
+            catchup = {m: {v: [] for v in GROUP_OF} for m in models}
             for rep in range(args.repeat):
-                for v in bench.rotate(VARIANTS, rep):
-                    before = prim.link(GROUP_OF[v])["replays"] \
-                        if v in GROUP_OF else None
-                    samples[v].append(run_fio(uri(LU_OF[v]), rw, bs, qd,
-                                              args.runtime, region))
-                    if v in GROUP_OF:
-                        took = wait_replicating(prim, GROUP_OF[v],
-                                                CATCHUP_LIMIT_S)
-                        if took is None:
-                            raise RuntimeError("link {} did not catch up "
-                                               "after fio".format(v))
-                        catchup[v].append(took)
-                        if prim.link(GROUP_OF[v])["replays"] > before:
-                            overflow[v] += 1
+                for model in bench.rotate(models, rep):
+                    if model != serving:
+                        prim.stop()
+                        prim.serve("--socket", p_sock,
+                                   *bench.thread_model_args(model))
+                        serving = model
+                        for g in ("ga", "gs"):
+                            if wait_replicating(prim, g,
+                                                CATCHUP_LIMIT_S) is None:
+                                raise RuntimeError(
+                                    "link of {} never replicated after a "
+                                    "restart: {}".format(g, prim.link(g)))
+                    for v in bench.rotate(VARIANTS, rep):
+                        before = prim.link(GROUP_OF[v])["replays"] \
+                            if v in GROUP_OF else None
+                        samples[model][v].append(run_fio(
+                            uri(LU_OF[v]), rw, bs, qd, args.runtime, region))
+                        if v in GROUP_OF:
+                            took = wait_replicating(prim, GROUP_OF[v],
+                                                    CATCHUP_LIMIT_S)
+                            if took is None:
+                                raise RuntimeError("link {} did not catch "
+                                                   "up after fio".format(v))
+                            catchup[model][v].append(took)
+                            if prim.link(GROUP_OF[v])["replays"] > before:
+                                overflow[model][v] += 1
             out["writes"][name] = {
-                v: {k: statistics.median(s[k] for s in samples[v])
-                    for k in ("iops", "mbps", "clat_us")}
-                for v in VARIANTS}
-            out["overflow"][name] = {v: {"runs": overflow[v],
-                                         "catchup_s": statistics.median(
-                                             catchup[v])}
-                                     for v in GROUP_OF}
+                m: {v: {k: statistics.median(s[k] for s in samples[m][v])
+                        for k in ("iops", "mbps", "clat_us")}
+                    for v in VARIANTS}
+                for m in models}
+            out["overflow"][name] = {
+                m: {v: {"runs": overflow[m][v],
+                        "catchup_s": statistics.median(catchup[m][v])}
+                    for v in GROUP_OF}
+                for m in models}
+        if serving != "default":
+            prim.stop()
+            prim.serve("--socket", p_sock)
 
         # 2. DCM replay against a plain copy of the same byte count.
         if want(args, "replay"):
@@ -462,26 +484,29 @@ def print_tables(res, args):
               args.repeat, args.runtime))
     print()
     if res["writes"]:
-        print("| host writes | no replication | async link | async / none "
-              "(target >= 0.7) | sync link | sync / none | sync: latency added "
+        print("| host writes | primary's thread model[@thread state] | "
+              "no replication | async link | async / none "
+              "(target >= 0.7) | sync link | sync / none (target >= 0.3) | "
+              "sync: latency added "
               "per write (mean clat) | added / RTT | SRL overflowed "
               "(async, sync) |")
-        print("|---|---|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|---|---|")
         avg = rtt.get("avg") or float("nan")
-        for name, w in res["writes"].items():
+        for name, by_model in res["writes"].items():
             unit, key = ("MB/s", "mbps") if name.startswith("1M") \
                 else ("IOPS", "iops")
-            n, a, s = w["none"], w["async"], w["sync"]
-            added = (s["clat_us"] - n["clat_us"]) / 1000.0
-            ov = res["overflow"][name]
-            print("| {} | {:.0f} {u} | {:.0f} {u} | {:.2f} | {:.0f} {u} | "
-                  "{:.2f} | {:.3f} ms ({:.3f} -> {:.3f}) | {:.1f} | {}/{}, "
-                  "{}/{} runs |".format(
-                      name, n[key], a[key], a[key] / n[key], s[key],
-                      s[key] / n[key], added, n["clat_us"] / 1000.0,
-                      s["clat_us"] / 1000.0, added / avg,
-                      ov["async"]["runs"], args.repeat, ov["sync"]["runs"],
-                      args.repeat, u=unit))
+            for model, w in by_model.items():
+                n, a, s = w["none"], w["async"], w["sync"]
+                added = (s["clat_us"] - n["clat_us"]) / 1000.0
+                ov = res["overflow"][name][model]
+                print("| {} | {} | {:.0f} {u} | {:.0f} {u} | {:.2f} | "
+                      "{:.0f} {u} | {:.2f} | {:.3f} ms ({:.3f} -> {:.3f}) | "
+                      "{:.1f} | {}/{}, {}/{} runs |".format(
+                          name, model, n[key], a[key], a[key] / n[key],
+                          s[key], s[key] / n[key], added,
+                          n["clat_us"] / 1000.0, s["clat_us"] / 1000.0,
+                          added / avg, ov["async"]["runs"], args.repeat,
+                          ov["sync"]["runs"], args.repeat, u=unit))
         print()
     rp = res["replay"]
     if rp:

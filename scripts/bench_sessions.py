@@ -22,7 +22,8 @@ Source to B's LU.
    saves its old data) against unmarked, alternately, under nbdkit's
    default thread model (requests of one connection one at a time) and
    `parallel` (fio's 16 requests at once: concurrent first writes share
-   the save area's flushes).  `--only "first writes"` runs only this part.
+   the save area's flushes), or the models --thread-models names, in turn
+   within each repeat.  `--only "first writes"` runs only this part.
 """
 
 import json
@@ -36,9 +37,9 @@ GRANULARITY = 64 << 10
 FULL_TRANSFER = "session full transfer"
 
 
-def _serve(bench, state, sock, thread_model=None):
+def _serve(bench, state, sock, thread_model="default"):
     bench.clonectl(state, "serve", "--socket", sock, "--detach",
-                   *(["--thread-model", thread_model] if thread_model else []))
+                   *bench.thread_model_args(thread_model))
 
 
 def _status(bench, state):
@@ -80,32 +81,38 @@ def _fio_randwrite(bench, uri, size, runtime):
 
 
 FIRST_WRITES = "4K randwrite QD16 first writes to a freshly marked Source"
-# Thread models of part 4 (None: the server's default).
-FIRST_WRITES_MODELS = (None, "parallel")
+# Thread models of part 4 unless --thread-models says (default: the
+# server's own).
+FIRST_WRITES_MODELS = "default,parallel"
 
 
 def _first_writes(bench, args, size, state, sock, uri):
     """4. Unmarked and freshly marked (--export), alternately, per thread
-    model; the server is restarted with each."""
-    out = []
-    for model in FIRST_WRITES_MODELS:
-        bench.clonectl(state, "stop")
-        _serve(bench, state, sock, model)
-        rows = {"unmarked": [], "marked": [], "saves": []}
-        for rep in range(args.repeat):
-            rows["unmarked"].append(_fio_randwrite(bench, uri, size,
-                                                   args.runtime))
+    model, the models in turn within each repeat; the server is restarted
+    with each."""
+    models = (args.thread_models or FIRST_WRITES_MODELS).split(",")
+    rows = {m: {"unmarked": [], "marked": [], "saves": []} for m in models}
+    for rep in range(args.repeat):
+        for model in bench.rotate(models, rep):
+            bench.clonectl(state, "stop")
+            _serve(bench, state, sock, model)
+            rows[model]["unmarked"].append(_fio_randwrite(bench, uri, size,
+                                                          args.runtime))
             bench.clonectl(state, "session", "mark", "s", "--export")
             saved = _status(bench, state)["cofw_count"]
-            rows["marked"].append(_fio_randwrite(bench, uri, size,
-                                                 args.runtime))
-            rows["saves"].append(_status(bench, state)["cofw_count"] - saved)
+            rows[model]["marked"].append(_fio_randwrite(bench, uri, size,
+                                                        args.runtime))
+            rows[model]["saves"].append(_status(bench, state)["cofw_count"] -
+                                        saved)
             bench.clonectl(state, "session", "unmark", "s")
-        out.append({"model": model or "serialize_requests (default)",
-                    **{k: statistics.median(v) for k, v in rows.items()}})
     bench.clonectl(state, "stop")
     _serve(bench, state, sock)
-    return out
+    return [{"model": model,
+             "ratio": statistics.median(
+                 m / u for m, u in zip(rows[model]["marked"],
+                                       rows[model]["unmarked"])),
+             **{k: statistics.median(v) for k, v in rows[model].items()}}
+            for model in models]
 
 
 def _wanted(args, part):
@@ -199,15 +206,17 @@ def print_tables(res, args):
                                                   time.gmtime()), args.size))
     print()
     if res["first_writes"]:
-        print("| {} | nbdkit thread model | unmarked IOPS | marked IOPS | "
-              "saves (copies on first write) | marked/unmarked (target >= "
-              "0.5) |".format(FIRST_WRITES))
-        print("|---|---|---|---|---|---|")
+        base = res["first_writes"][0]
+        print("| {} | nbdkit thread model[@thread state] | unmarked IOPS | "
+              "marked IOPS | saves (copies on first write) | marked/unmarked "
+              "(target >= 0.5; median of the repeats' ratios) | unmarked / "
+              "{} |".format(FIRST_WRITES, base["model"]))
+        print("|---|---|---|---|---|---|---|")
         for r in res["first_writes"]:
-            print("| {}s fio runs | {} | {:.0f} | {:.0f} | {:.0f} | {:.2f} |"
-                  .format(args.runtime, r["model"], r["unmarked"],
-                          r["marked"], r["saves"],
-                          r["marked"] / r["unmarked"]))
+            print("| {}s fio runs | {} | {:.0f} | {:.0f} | {:.0f} | {:.2f} | "
+                  "{:.2f} |".format(args.runtime, r["model"], r["unmarked"],
+                                    r["marked"], r["saves"], r["ratio"],
+                                    r["unmarked"] / base["unmarked"]))
         print()
     if res["bytes"]:
         print("| changed extents | count | expected bytes | bytes sent | "

@@ -925,9 +925,15 @@ def _reread_config(ctx, srv):
 @click.option("--thread-model", hidden=True,
               type=click.Choice(["parallel", "serialize_requests",
                                  "serialize_all_requests"]),
-              help="nbdkit thread model (for benchmarks).")
+              help="nbdkit thread model (for benchmarks; parallel is unsafe "
+                   "with nbdkit 1.32, docs/known-gaps.md).")
 @click.option("--threads", hidden=True, type=click.IntRange(1, 256),
               help="nbdkit worker threads per connection (for benchmarks).")
+@click.option("--thread-state", hidden=True,
+              type=click.Choice(["connection", "connection_thread",
+                                 "request"]),
+              help="How long the plugin keeps a Python thread state "
+                   "(for benchmarks).")
 @click.option("--peer-port", type=click.IntRange(1, 65535), metavar="N",
               help="Also listen on TCP port N for requests from other "
                    "clonectl managers that ship sessions to this target: "
@@ -1008,8 +1014,8 @@ def _reread_config(ctx, srv):
 def serve(ctx, socket_path, port, bind, tls_psk, tls_certificates,
           tls_verify_peer, allow, allow_export, max_connections,
           max_per_address, detach, pidfile, thread_model, threads,
-          peer_port, peer_bind, peer_token_file, peer_tls_certificates,
-          iscsi_portal, iqn_prefix, iscsi_allow, iscsi_chap,
+          thread_state, peer_port, peer_bind, peer_token_file,
+          peer_tls_certificates, iscsi_portal, iqn_prefix, iscsi_allow, iscsi_chap,
           iscsi_chap_mutual, replication_port, replication_bind,
           replication_token_file, replication_tls_certificates, metrics):
     """Serve every LU over NBD until SIGTERM or SIGINT.
@@ -1146,7 +1152,8 @@ def serve(ctx, socket_path, port, bind, tls_psk, tls_certificates,
         from . import monitor
         metrics_listen = monitor.parse_address(metrics)
     srv = server.Server(ctx.state_dir, listen, thread_model=thread_model,
-                        threads=threads, pidfile=pidfile, peer=peer_listen,
+                        threads=threads, thread_state=thread_state,
+                        pidfile=pidfile, peer=peer_listen,
                         iscsi=iscsi_conf, replication=replication_conf,
                         metrics=metrics_listen)
     click_ctx = click.get_current_context()

@@ -390,8 +390,8 @@ def _lock_held(state_dir):
 class Server:
 
     def __init__(self, state_dir, listen, thread_model=None, threads=None,
-                 pidfile=None, out=None, peer=None, iscsi=None,
-                 replication=None, metrics=None):
+                 thread_state=None, pidfile=None, out=None, peer=None,
+                 iscsi=None, replication=None, metrics=None):
         self.state_dir = state_dir
         # (bind, port) of the metrics and status page listener, or None.
         self.metrics = metrics
@@ -411,6 +411,7 @@ class Server:
         self.listen = listen
         self.thread_model = thread_model
         self.threads = threads
+        self.thread_state = thread_state
         self.pidfile = os.path.abspath(pidfile) if pidfile else None
         self.out = out or sys.stderr
         self.proc = None
@@ -477,6 +478,8 @@ class Server:
                 "pythonpath=" + PYTHONPATH, "parent={}".format(os.getpid())]
         if self.thread_model:
             cmd.append("thread_model=" + self.thread_model)
+        if self.thread_state:
+            cmd.append("thread_state=" + self.thread_state)
         if self.replication is not None:
             bind, port, token_file, tls_dir = self.replication
             cmd += ["replication={}:{}".format(bind, port),
@@ -603,6 +606,10 @@ class Server:
         # what it leaves after the engines' reserve.
         nofile = self._nofile = limits.raise_nofile_limit()
         per_connection = 3 if self.thread_model == "parallel" else 1
+        if self.thread_model == "parallel":
+            self.say("warning: thread model parallel is for benchmarks: "
+                     "nbdkit 1.32 aborts under it when a client goes away "
+                     "with requests in flight, dropping every connection")
         given = self.listen.max_connections
         self.listen.resolve_limits(nofile, per_connection)
         room = limits.connection_room(nofile, per_connection)

@@ -3,6 +3,7 @@
 import errno
 import os
 import random
+import socket
 import threading
 import time
 
@@ -10,6 +11,7 @@ import pytest
 
 from tests.support.cli import MiB, run_clonectl, status_json
 from tests.support.servers import read_file_range
+from tests.support.sessionlib import NbdProcess
 
 nbd = pytest.importorskip("nbd")
 
@@ -383,10 +385,12 @@ def test_status_of_lu_whose_backing_vanished(clonectl, tmp_path,
 @pytest.mark.parametrize("thread_model", [None, "parallel"])
 def test_connections_come_and_go(clonectl, server_factory, state_dir,
                                  thread_model):
-    """A connection's thread keeps its Python thread state from open to
-    close (the plugin holds it, so requests do not make one each): many
-    connections opened and closed from several client threads, refused
-    ones among them, leave the same nbdkit process serving the data they
+    """The threads serving a connection keep their Python thread states
+    from its first callback to close (the plugin holds them, so requests
+    do not make one each; under parallel the worker threads too, which
+    exit before close): many connections opened and closed from several
+    client threads, each with several requests in flight, refused ones
+    among them, leave the same nbdkit process serving the data they
     wrote, and no connection counted."""
     clonectl("lu", "create", "disk", "--size", "4M")
     srv = server_factory(extra_args=["--thread-model", thread_model]
@@ -403,17 +407,31 @@ def test_connections_come_and_go(clonectl, server_factory, state_dir,
         h.connect_unix(srv.socket)
         return h
 
+    def in_quarters(submit, bufs, offset):
+        # Four requests at once: under parallel, several worker threads.
+        for q, buf in enumerate(bufs):
+            submit(buf, offset + q * 1024)
+        while submit.__self__.aio_in_flight() > 0:
+            submit.__self__.poll(1000)
+        return b"".join(bytes(buf.to_bytearray()) for buf in bufs)
+
     def worker(i):
         try:
             for j in range(rounds):
                 offset = (i * rounds + j) * 4096
                 h = connect("disk")
-                h.pwrite(blocks[i, j], offset)
+                quarters = [nbd.Buffer.from_bytearray(
+                    bytearray(blocks[i, j][q * 1024:(q + 1) * 1024]))
+                    for q in range(4)]
+                in_quarters(h.aio_pwrite, quarters, offset)
                 h.flush()
                 h.shutdown()
                 with pytest.raises(nbd.Error):
                     connect("nosuchlu")
                 h = connect("disk")
+                quarters = [nbd.Buffer(1024) for _ in range(4)]
+                assert in_quarters(h.aio_pread, quarters, offset) == \
+                    blocks[i, j]
                 assert h.pread(4096, offset) == blocks[i, j]
                 h.shutdown()
         except BaseException as e:  # reported by the main thread
@@ -437,3 +455,178 @@ def test_connections_come_and_go(clonectl, server_factory, state_dir,
             break
         time.sleep(0.05)
     assert _lu_status(state_dir, "disk")["connections"] == 0
+
+
+# plugins/clonectl_plugin.py run as it is (exec'd into this module, so
+# nbdkit finds its callbacks here), with two observers: pread counts the
+# requests that found their thread with a new Python thread state (a
+# threading.local lives in it), and after each close() one line goes to
+# $THREAD_STATES_LOG: the requests so counted for the closed connection,
+# the thread states of the interpreter, and how many of the threads that
+# served the connection's reads still run.
+WATCHED_PLUGIN = """\
+import ctypes
+import io
+import os
+import threading
+
+_path = os.environ["CLONECTL_PLUGIN"]
+with io.open(_path) as f:
+    exec(compile(f.read(), _path, "exec"))
+
+_api = ctypes.pythonapi
+_api.PyInterpreterState_Get.restype = ctypes.c_void_p
+_api.PyInterpreterState_ThreadHead.restype = ctypes.c_void_p
+_api.PyInterpreterState_ThreadHead.argtypes = [ctypes.c_void_p]
+_api.PyThreadState_Next.restype = ctypes.c_void_p
+_api.PyThreadState_Next.argtypes = [ctypes.c_void_p]
+_local = threading.local()
+_fresh = {}
+_tids = {}
+_plugin_pread, _plugin_close = pread, close
+
+
+def pread(h, buf, offset, flags):
+    if not hasattr(_local, "seen"):
+        _local.seen = True
+        _fresh[h] = _fresh.get(h, 0) + 1
+    _tids.setdefault(h, set()).add(threading.get_native_id())
+    _plugin_pread(h, buf, offset, flags)
+
+
+def close(h):
+    _plugin_close(h)
+    states = 0
+    state = _api.PyInterpreterState_ThreadHead(_api.PyInterpreterState_Get())
+    while state:
+        states += 1
+        state = _api.PyThreadState_Next(state)
+    running = sum(os.path.exists("/proc/self/task/%d" % tid)
+                  for tid in _tids.pop(h, ()))
+    with io.open(os.environ["THREAD_STATES_LOG"], "a") as f:
+        f.write("%d %d %d\\n" % (_fresh.pop(h, 0), states, running))
+"""
+
+
+def test_parallel_workers_hold_thread_states_and_free_them(
+        clonectl, state_dir, tmp_path, process_guard, monkeypatch):
+    """Under thread model parallel each worker thread makes one Python
+    thread state for its connection, not one per request, and none is
+    left behind when the connection ends (its workers exit before
+    close(), so they cannot give theirs back themselves)."""
+    from target.server import PLUGIN, PYTHONPATH
+    clonectl("lu", "create", "disk", "--size", "4M")
+    plugin = tmp_path / "watched_plugin.py"
+    plugin.write_text(WATCHED_PLUGIN)
+    log = tmp_path / "thread_states"
+    monkeypatch.setenv("CLONECTL_PLUGIN", PLUGIN)
+    monkeypatch.setenv("THREAD_STATES_LOG", str(log))
+    sock = tmp_path / "nbd.sock"
+    srv = NbdProcess(["nbdkit", "-f", "-U", sock, "python", plugin,
+                      "statedir=" + str(state_dir), "pythonpath=" + PYTHONPATH,
+                      "thread_model=parallel"],
+                     sock, "disk", tmp_path / "nbdkit.log",
+                     process_guard).start()
+    data = os.urandom(64 * 4096)
+    h = nbd.NBD()
+    h.connect_uri(srv.uri)
+    h.pwrite(data, 0)
+    h.shutdown()
+    connections, reads = 20, 64
+    for _ in range(connections):
+        h = nbd.NBD()
+        h.connect_uri(srv.uri)
+        bufs = [nbd.Buffer(4096) for _ in range(reads)]
+        for i, buf in enumerate(bufs):
+            h.aio_pread(buf, i * 4096)
+        while h.aio_in_flight() > 0:
+            h.poll(1000)
+        assert b"".join(bytes(b.to_bytearray()) for b in bufs) == data
+        h.shutdown()
+        del h
+    deadline = time.monotonic() + 10
+    while len(log.read_text().splitlines()) < connections + 2:
+        # + the server's start probe and the write
+        assert time.monotonic() < deadline, log.read_text()
+        time.sleep(0.05)
+    rows = [tuple(map(int, line.split()))
+            for line in log.read_text().splitlines()[-connections:]]
+    fresh = [r[0] for r in rows]
+    states = [r[1] for r in rows]
+    running = [r[2] for r in rows]
+    # nbdkit's 16 workers per connection at most, against 64 reads.
+    assert max(fresh) <= 16, fresh
+    assert running == [0] * connections, running
+    assert states[-1] <= states[0] + 2, states
+    assert srv.proc.poll() is None, srv.log()
+
+
+def test_parallel_with_one_thread_per_connection(clonectl, server_factory,
+                                                 state_dir):
+    """With one worker thread per connection nbdkit runs a connection's
+    requests in the connection's own thread, even under thread model
+    parallel: that thread's state is the one held from open, and close()
+    must leave it to its own Release, not free it as a worker's (a fatal
+    error: the state is still current)."""
+    clonectl("lu", "create", "disk", "--size", "4M")
+    srv = server_factory(extra_args=["--thread-model", "parallel",
+                                     "--threads", "1"])
+    nbdkit_pid = srv.nbdkit_pid
+    blocks = [os.urandom(4096) for _ in range(3)]
+    for i, block in enumerate(blocks):
+        h = nbd.NBD()
+        h.set_export_name("disk")
+        h.connect_unix(srv.socket)
+        h.zero(8192, i * 4096)
+        h.pwrite(block, i * 4096)
+        h.flush()
+        assert h.pread(4096, i * 4096) == block
+        h.shutdown()
+    srv.refresh()
+    assert srv.nbdkit_pid == nbdkit_pid, srv.log()
+    assert read_file_range(state_dir / "lus" / "disk.img", 0,
+                           3 * 4096) == b"".join(blocks)
+
+
+@pytest.mark.parametrize("thread_model", [None, pytest.param(
+    "parallel", marks=pytest.mark.xfail(
+        strict=True, reason="nbdkit 1.32 aborts in raw_send_socket under "
+        "the parallel thread model (docs/known-gaps.md), which is why "
+        "serve --thread-model stays a switch for benchmarks"))])
+def test_client_vanishing_mid_request_leaves_others_served(
+        clonectl, server_factory, thread_model):
+    """A client that goes away with requests in flight (a host that
+    crashed, a reset) ends its own connection only: the nbdkit process,
+    and with it every other client's connection, stays."""
+    clonectl("lu", "create", "disk", "--size", "8M")
+    srv = server_factory(extra_args=["--thread-model", thread_model]
+                         if thread_model else [])
+    nbdkit_pid = srv.nbdkit_pid
+    other = nbd.NBD()
+    other.set_export_name("disk")
+    other.connect_unix(srv.socket)
+    data = os.urandom(64 * 1024)
+    other.pwrite(data, 0)
+    for _ in range(20):
+        h = nbd.NBD()
+        h.set_export_name("disk")
+        try:
+            h.connect_unix(srv.socket)
+        except nbd.Error:
+            break  # nbdkit gone: the asserts below say so
+        for k in range(64):
+            if k % 2:
+                h.aio_pwrite(os.urandom(64 * 1024), (k + 1) * 64 * 1024)
+            else:
+                h.aio_pread(nbd.Buffer(64 * 1024), (k + 1) * 64 * 1024)
+        h.poll(0)
+        socket.socket(fileno=os.dup(h.aio_get_fd())).shutdown(
+            socket.SHUT_RDWR)
+        del h
+    try:
+        assert other.pread(len(data), 0) == data
+    except nbd.Error as e:
+        pytest.fail("{}; server log: {}".format(e, srv.log()[-400:]))
+    other.shutdown()
+    srv.refresh()
+    assert srv.nbdkit_pid == nbdkit_pid, srv.log()
