@@ -276,15 +276,6 @@ class Link:
         self.refused = None
         self.stream_from = None
         self.last_sent_seq = 0
-        # A sync link's thread waiting with nothing to send offers its
-        # stream (sock, epoch, position, volatile) to the writer of the
-        # next entry, which sends its own batch (take_stream): one
-        # thread hand-off less per write.  While a writer holds it
-        # (lent_to), the link thread touches nothing of the stream; the
-        # writer leaves where it got to in stream_back.
-        self.offer = None
-        self.lent_to = None
-        self.stream_back = None
         # The link thread waits for acknowledgements (flow control).
         self.flow_waits = False
         # The running or last online verify (LinkVerify) and the answer to
@@ -696,49 +687,10 @@ class Link:
             n += 1
         return n
 
-    def _wait_lent(self):
-        """(Under the lock.)  Until the writer the stream is lent to has
-        given it back."""
-        while self.lent_to is not None:
-            self.group.cond.feed.wait(0.5)
-
-    def take_stream(self, pos):
-        """(Under the group lock, by the writer of the entry at SRL
-        position pos.)  The stream, if the link thread offers it at pos
-        (it waits with everything before sent): the writer sends its batch
-        itself (send_lent) instead of waking the link thread."""
-        offer = self.offer
-        if offer is None or offer[2] != pos or self.lent_to is not None \
-                or self._unheld() > 8:
-            return None
-        self.offer = None
-        self.lent_to = threading.current_thread()
-        return offer
-
-    def send_lent(self, offer, until):
-        """(Without the lock.)  Send the SRL entries up to until on the
-        stream taken (take_stream), and give it back to the link thread.
-        A failure ends the connection: the link thread reconnects and
-        sends again what the secondary has not acknowledged."""
-        sock, epoch, pos, volatile = offer
-        reached = None
-        try:
-            reached = self._send_entries(sock, pos, until, epoch, volatile)
-        except (OSError, ValueError, errors.Error) as e:
-            log.warning("group %s, link %s: %s", self.group.name,
-                        self.secondary, str(e) or e.__class__.__name__)
-            shutdown_socket(sock)
-        finally:
-            with self.group.cond:
-                self.lent_to = None
-                self.stream_back = reached
-                self.group.cond.feed.notify_all()
-
     def _stream(self, sock, epoch):
         g = self.group
         volatile = self.mode == "sync" and self.secondary_applies
         with g.cond:
-            self._wait_lent()
             if self.stream_from is not None:
                 send_pos, self.stream_from = self.stream_from, None
             else:
@@ -758,28 +710,18 @@ class Link:
             self.durable_sent = self.last_sent_seq
             self.held_seq = self.acked_seq
             self.volatile_batches = self.volatile_bytes = 0
-            self.offer = self.stream_back = None
         last_persist = time.monotonic()
-        offers = self.mode == "sync"
         while not self.stopping:
             with g.cond:
-                while True:
-                    self._wait_lent()
-                    if self.stream_back is not None:
-                        send_pos, self.stream_back = self.stream_back, None
-                    if self.stopping or self.epoch != epoch or \
-                            g.srl.head_pos > send_pos or \
-                            self.state != REPLICATING or \
-                            self.verify_due() or self._commit_due() or \
-                            time.monotonic() - last_persist > \
-                            PERSIST_INTERVAL:
-                        break
-                    if offers:
-                        self.offer = (sock, epoch, send_pos, volatile)
+                while not self.stopping and self.epoch == epoch and \
+                        g.srl.head_pos <= send_pos and \
+                        self.state == REPLICATING and \
+                        not self.verify_due() and not self._commit_due():
                     g.waiters += 1
                     g.cond.feed.wait(0.5)
                     g.waiters -= 1
-                    self.offer = None
+                    if time.monotonic() - last_persist > PERSIST_INTERVAL:
+                        break
                 if self.epoch != epoch:
                     return not self.stopping
                 if self.stopping or self.state != REPLICATING:

@@ -405,7 +405,6 @@ class PrimaryGroup:
 
     def change(self, vol, kind, offset, length, data, apply):
         sync_links = None
-        lent = []
         with self.lock:
             seq = self.next_seq
             self.next_seq = seq + 1
@@ -422,7 +421,6 @@ class PrimaryGroup:
                 if any(l.holds_srl for l in self.links):
                     self.al.mark(vol, offset, length)
                     payload = data if kind == WRITE else None
-                    pos = self.srl.head_pos
                     try:
                         self.srl.append(seq, vol, kind, offset, length,
                                         payload,
@@ -455,18 +453,8 @@ class PrimaryGroup:
                             self.volumes[vol].name, e), (vol, offset, length))
                     sync_links = None
                 raise
-            if sync_links:
-                # A sync link waiting with nothing to send: this write
-                # sends its entry itself (the link thread needs no wake).
-                until = self.srl.head_pos
-                for link in sync_links:
-                    offer = link.take_stream(pos)
-                    if offer is not None:
-                        lent.append((link, offer))
-            if self.waiters and len(lent) < len(self.links):
+            if self.waiters:
                 self.cond.feed.notify_all()
-        for link, offer in lent:
-            link.send_lent(offer, until)
         if sync_links:
             for link in sync_links:
                 link.wait_ack(seq)
