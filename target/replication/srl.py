@@ -123,9 +123,14 @@ class Srl:
             # A copy the caller cannot change under the link (a no-op for
             # bytes).
             data = bytes(data)
-            os.pwritev(self.fd, [head, data], phys)
+            written = os.pwritev(self.fd, [head, data], phys)
         else:
-            os.pwrite(self.fd, head, phys)
+            written = os.pwrite(self.fd, head, phys)
+        if written < len(head) + (len(data) if data is not None else 0):
+            # A full file system cuts a write short: the file would hold
+            # a torn entry while the one kept in memory is sent.
+            raise OSError(errno.ENOSPC, "the SRL took {} of the entry's "
+                          "bytes".format(written))
         self._remember(self.head_pos, (seq, vol, kind, offset, length, crc,
                                        data, start + need))
         self.head_pos = start + need

@@ -187,3 +187,33 @@ def test_buffered_reader_gives_every_frame_whole_and_in_order():
     finally:
         a.close()
         b.close()
+
+
+def test_srl_append_that_the_file_took_short_fails_and_is_not_served(
+        tmp_path, monkeypatch):
+    # A write into the sparse SRL file can stop short (the file system is
+    # full): the entry in memory would then be sent although the file holds
+    # a torn one; the append must fail instead (the group then logs to its
+    # DCMs), and nothing be served for that position.
+    path = str(tmp_path / "srl")
+    srl = R.Srl(path, R.MIN_SRL)
+    real = R.srl.os.pwritev
+
+    def short(fd, bufs, offset):
+        whole = b"".join(bytes(b) for b in bufs)
+        return real(fd, [whole[:len(whole) // 2]], offset)
+    data = bytes(range(256)) * 32
+    monkeypatch.setattr(R.srl.os, "pwritev", short)
+    with pytest.raises(OSError):
+        srl.append(1, 0, R.WRITE, 0, len(data), data,
+                   R.entry_crc(1, 0, R.WRITE, 0, len(data), data))
+    monkeypatch.setattr(R.srl.os, "pwritev", real)
+    assert srl.head_pos == 0 and srl.next_seq == 1
+    e, checked = srl.entry(0)
+    assert not checked
+    assert e is None or R.entry_crc(*e[:5], e[6]) != e[5]
+    # The next append goes where the failed one was, and is served whole.
+    srl.append(1, 0, R.WRITE, 0, len(data), data,
+               R.entry_crc(1, 0, R.WRITE, 0, len(data), data))
+    assert srl.entry(0)[0][6] == data == _disk_read(path, 0)[6]
+    srl.close()
