@@ -217,3 +217,48 @@ def test_srl_append_that_the_file_took_short_fails_and_is_not_served(
                R.entry_crc(1, 0, R.WRITE, 0, len(data), data))
     assert srl.entry(0)[0][6] == data == _disk_read(path, 0)[6]
     srl.close()
+
+
+def test_sync_writer_returns_at_once_when_an_overflow_stops_its_link(
+        tmp_path, monkeypatch):
+    # A sync write waits for the secondary; another write overflows the SRL
+    # and the link logs to its DCM: the waiting write is then covered by
+    # the DCM and must return at once, not at its next look.
+    saved = rsgnodes.fast_timing()
+    p = rsgnodes.Pair(str(tmp_path), {"v1": 4 << 20})
+    gate = threading.Event()
+    try:
+        p.create_group("1M", "4K")
+        p.link_up("sync")
+        p.wait_converged()
+        lu = p.ta.lus["v1"]
+        real = R.link.send_frames
+
+        def stalled(sock, parts):
+            # The link sends nothing more (a secondary that stalls).
+            if any(kind == b"ENTR" for kind, _, _ in parts):
+                gate.wait(10)
+            return real(sock, parts)
+        monkeypatch.setattr(R.link, "send_frames", stalled)
+        returned = []
+        waiting = threading.Thread(
+            target=lambda: (lu.write(b"\1" * BLOCK, 0),
+                            returned.append(time.monotonic())))
+        waiting.start()
+        time.sleep(0.1)
+        assert not returned, "the sync write did not wait"
+        lu.write(b"\2" * (2 << 20), 1 << 20)    # more than the SRL holds
+        overflowed = time.monotonic()
+        assert p.link.logging, p.status()
+        waiting.join(5)
+        assert returned, "the sync write never returned"
+        assert returned[0] - overflowed < 0.2, returned[0] - overflowed
+        # Both writes reach the secondary by the replay of the DCM.
+        gate.set()
+        p.wait_converged()
+        assert p.b.read_image("v1") == p.a.read_image("v1")
+        assert p.b.read_image("v1")[:BLOCK] == b"\1" * BLOCK
+    finally:
+        gate.set()
+        p.close()
+        rsgnodes.restore_timing(saved)
