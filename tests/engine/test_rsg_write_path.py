@@ -262,3 +262,28 @@ def test_sync_writer_returns_at_once_when_an_overflow_stops_its_link(
         gate.set()
         p.close()
         rsgnodes.restore_timing(saved)
+
+
+def test_buffered_reader_refuses_huge_frames_and_ends_at_eof_mid_frame():
+    import socket
+    from target import errors
+    a, b = socket.socketpair()
+    c, d = socket.socketpair()
+    try:
+        reader = R.wire.Reader(b)
+        # A frame announcing more than the limit, its head in the same
+        # recv as a whole frame before it.
+        a.sendall(R.FRAME.pack(b"OKAY", 3) + b"abc" +
+                  R.FRAME.pack(b"HUGE", R.wire.MAX_FRAME + 1) + b"x" * 10)
+        assert R.recv_frame(reader) == (b"OKAY", bytearray(b"abc"))
+        with pytest.raises(errors.ProtocolError):
+            R.recv_frame(reader)
+        # A frame cut by the end of the connection, its head buffered.
+        c.sendall(R.FRAME.pack(b"CUT!", 100) + b"z" * 40)
+        c.shutdown(socket.SHUT_WR)
+        reader = R.wire.Reader(d)
+        with pytest.raises(ConnectionError):
+            R.recv_frame(reader)
+    finally:
+        for s in (a, b, c, d):
+            s.close()
