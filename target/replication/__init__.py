@@ -36,9 +36,10 @@ longer taken for corruption then.
 
 Links.  One `Link` per secondary, each with a thread that reads the SRL at
 its own pace and sends entries in order, in batches closed by a commit
-frame.  After CMIT the secondary acknowledges a batch (ACKS) once it is
-durable in its staging log.  A sync link closes most batches with CAPL
-instead: the secondary applies the batch and acknowledges it (APLD) with
+frame (the newest entries come from memory: the SRL keeps them, so a
+link that keeps up reads nothing back).  After CMIT the secondary
+acknowledges a batch (ACKS) once it is durable in its staging log.  A
+sync link closes most batches with CAPL instead: the secondary applies the batch and acknowledges it (APLD) with
 nothing made durable, so a sync write costs one round trip and one write
 there rather than two fdatasyncs; its durability follows the host's
 flushes, as a local disk's does.  A host flush (and a FUA write, which

@@ -23,8 +23,9 @@ from .. import changemap, channel, copier, errors
 from .records import read_token
 from .srl import SrlCorrupt
 from .verify import LinkVerify, digests
-from .wire import (DATA, ENTRY, SEQ, WRITE, ZERO, entry_crc, recv_frame,
-                   send_frame, send_frames, send_json, shutdown_socket)
+from .wire import (DATA, ENTRY, SEQ, WRITE, ZERO, Reader, entry_crc,
+                   recv_frame, send_frame, send_frames, send_json,
+                   shutdown_socket)
 
 log = logging.getLogger("clonectl.replication")
 
@@ -275,6 +276,8 @@ class Link:
         self.refused = None
         self.stream_from = None
         self.last_sent_seq = 0
+        # The link thread waits for acknowledgements (flow control).
+        self.flow_waits = False
         # The running or last online verify (LinkVerify) and the answer to
         # its request in flight.
         self.verifying = None
@@ -527,9 +530,10 @@ class Link:
 
     def _read_acks(self, sock):
         g = self.group
+        reader = Reader(sock)
         try:
             while True:
-                kind, payload = recv_frame(sock)
+                kind, payload = recv_frame(reader)
                 if kind == b"ACKS":
                     seq, = SEQ.unpack(payload)
                     with g.cond:
@@ -541,12 +545,12 @@ class Link:
                             self.acked_seq, self.acked_pos = \
                                 self.batches[n - 1]
                             del self.batches[:n]
-                        g.cond.notify_all()
+                        g.cond.durable(self)
                 elif kind == b"APLD":
                     seq, = SEQ.unpack(payload)
                     with g.cond:
                         self.held_seq = max(self.held_seq, seq)
-                        g.cond.notify_all()
+                        g.cond.acknowledged(self)
                 elif kind == b"VANS":
                     with g.cond:
                         self.verify_answer = json.loads(payload)
@@ -598,12 +602,12 @@ class Link:
         pos = send_pos
         while pos < until_pos:
             try:
-                e = g.srl.read(pos)
+                e, ok = g.srl.entry(pos)
             except OSError as err:
                 with g.cond:
                     self._srl_unreadable(err, epoch)
                 return None
-            ok = e is not None and \
+            ok = ok or e is not None and \
                 entry_crc(e[0], e[1], e[2], e[3], e[4], e[6]) == e[5]
             if not ok:
                 with g.cond:
@@ -714,7 +718,7 @@ class Link:
                         self.state == REPLICATING and \
                         not self.verify_due() and not self._commit_due():
                     g.waiters += 1
-                    g.cond.wait(0.5)
+                    g.cond.feed.wait(0.5)
                     g.waiters -= 1
                     if time.monotonic() - last_persist > PERSIST_INTERVAL:
                         break
@@ -726,7 +730,9 @@ class Link:
                 # Flow control: at most 8 batches unacknowledged.
                 while self._unheld() > 8 and self.state == REPLICATING \
                         and not self.stopping and self.epoch == epoch:
-                    g.cond.wait(0.5)
+                    self.flow_waits = True
+                    g.cond.feed.wait(0.5)
+                    self.flow_waits = False
             if time.monotonic() - last_persist > PERSIST_INTERVAL:
                 g.persist()
                 last_persist = time.monotonic()
@@ -902,7 +908,7 @@ class Link:
                         g.srl.head_pos <= send_pos:
                     g.waiters += 1
                     try:
-                        g.cond.wait(timeout)
+                        g.cond.feed.wait(timeout)
                     finally:
                         g.waiters -= 1
             return self.replay_cancel.is_set()
@@ -993,7 +999,7 @@ class Link:
                 if g.srl.head_pos <= sent():
                     g.waiters += 1
                     try:
-                        g.cond.wait(REPLAY_IDLE)
+                        g.cond.feed.wait(REPLAY_IDLE)
                     finally:
                         g.waiters -= 1
             idle()
@@ -1216,21 +1222,56 @@ class Link:
         the DCM then covers)."""
         g = self.group
         deadline = time.monotonic() + g.sync_timeout
+        if not durable:
+            self._wait_applied(seq, deadline)
+            return
         with g.cond:
-            if durable and self.durable_wanted < seq:
+            if self.durable_wanted < seq:
                 self.durable_wanted = seq
                 g.cond.notify_all()
-            while (self.acked_seq if durable else self.acknowledged) < seq \
-                    and self.sync_waits and not self.stopping:
+            while self.acked_seq < seq and self.sync_waits and \
+                    not self.stopping:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    self.error = "the secondary did not acknowledge {} " \
-                        "within {:.0f} s; changes are tracked in " \
-                        "the DCM".format("a flush" if durable else "a write",
-                                         g.sync_timeout)
+                    self.error = "the secondary did not acknowledge a " \
+                        "flush within {:.0f} s; changes are tracked in " \
+                        "the DCM".format(g.sync_timeout)
                     g.to_logging(self)
                     break
                 g.cond.wait(min(left, 0.5))
+
+    def _wait_applied(self, seq, deadline):
+        """wait_ack for a write: woken by the acknowledgement that covers
+        seq (or any event of the group), which the write sees without
+        taking the lock again."""
+        g = self.group
+        with g.cond:
+            if self.acknowledged >= seq or not self.sync_waits or \
+                    self.stopping:
+                return
+            waiter = g.cond.ack_waiter(self, seq)
+        try:
+            while True:
+                waiter.event.wait(max(0.0, min(deadline - time.monotonic(),
+                                               0.5)))
+                if self.acknowledged >= seq:
+                    return
+                with g.cond:
+                    if self.acknowledged >= seq or not self.sync_waits or \
+                            self.stopping:
+                        return
+                    if time.monotonic() >= deadline:
+                        self.error = "the secondary did not acknowledge a " \
+                            "write within {:.0f} s; changes are tracked " \
+                            "in the DCM".format(g.sync_timeout)
+                        g.to_logging(self)
+                        return
+                    # Set again by whatever changes next (under the lock).
+                    waiter.event.clear()
+        finally:
+            if waiter.listed:
+                with g.cond:
+                    g.cond.ack_done(waiter)
 
     def replay_progress(self):
         """The running or last DCM replay's data: bytes done and total,

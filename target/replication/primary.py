@@ -35,6 +35,77 @@ class _SrlSyncFailed(Exception):
     is its __cause__)."""
 
 
+class _GroupCond(threading.Condition):
+    """The group's condition.  Besides its own waiters it has two kinds
+    that only some events concern, each waiting on a condition of its own
+    over the same lock: link threads waiting for new entries or for
+    acknowledgements (`feed`, woken by each change), and sync writers
+    waiting for their write's acknowledgement (`ack_waiter`: each on an
+    event of its own, woken by the acknowledgement that covers it, which
+    it sees without taking the lock again).  notify_all wakes them all, so
+    every other event reaches every waiter as it did with one condition."""
+
+    def __init__(self, lock):
+        super().__init__(lock)
+        self.feed = threading.Condition(lock)
+        self._acks = []             # AckWaiter of each waiting writer
+        self._mine = threading.local()
+
+    def notify_all(self):
+        super().notify_all()
+        self.feed.notify_all()
+        for w in self._acks:
+            w.event.set()
+
+    def ack_waiter(self, link, seq):
+        """(Under the lock.)  Register the calling thread as waiting for
+        link's acknowledgement of seq (its event is set once it comes,
+        and at every notify_all); give it to ack_done when done."""
+        waiter = getattr(self._mine, "waiter", None)
+        if waiter is None:
+            waiter = self._mine.waiter = AckWaiter()
+        waiter.link, waiter.seq, waiter.listed = link, seq, True
+        waiter.event.clear()
+        self._acks.append(waiter)
+        return waiter
+
+    def ack_done(self, waiter):
+        """(Under the lock.)"""
+        if waiter.listed:
+            waiter.listed = False
+            self._acks.remove(waiter)
+
+    def acknowledged(self, link):
+        """(Under the lock.)  link's secondary acknowledged more: wake the
+        writers it covers (and take them off the list: they return
+        without the lock), and the link thread if its flow control
+        waits."""
+        held = link.acknowledged
+        covered = [w for w in self._acks if w.link is link and w.seq <= held]
+        for w in covered:
+            w.listed = False
+            self._acks.remove(w)
+            w.event.set()
+        if link.flow_waits:
+            self.feed.notify_all()
+
+    def durable(self, link):
+        """(Under the lock.)  link's secondary made more durable: wake the
+        group's own waiters (a host flush waits for it), and those
+        acknowledged() wakes; not a link thread waiting for entries."""
+        super().notify_all()
+        self.acknowledged(link)
+
+
+class AckWaiter:
+    """A sync writer waiting for its acknowledgement (_GroupCond)."""
+
+    def __init__(self):
+        self.event = threading.Event()
+        self.link = self.seq = None
+        self.listed = False
+
+
 class VolumeChange:
     """An operation changing a volume without host writes, as a replay
     sees it (module notes, volume-changing operations): what it is,
@@ -85,7 +156,7 @@ class PrimaryGroup:
         # replays read nothing meanwhile.
         self.changes_starting = []
         self.lock = threading.Lock()
-        self.cond = threading.Condition(self.lock)
+        self.cond = _GroupCond(self.lock)
         self.persist_lock = threading.Lock()
         self.waiters = 0
         self.closed = False
@@ -383,7 +454,7 @@ class PrimaryGroup:
                     sync_links = None
                 raise
             if self.waiters:
-                self.cond.notify_all()
+                self.cond.feed.notify_all()
         if sync_links:
             for link in sync_links:
                 link.wait_ack(seq)

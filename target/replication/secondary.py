@@ -27,8 +27,8 @@ from . import verify
 from .layer import Guard
 from .records import (DISCONNECT, SECONDARY, ReplicaUnavailable,
                       ReplicationError, RsgBusy, check_split_brain_policy)
-from .wire import (DATA, ENTRY, SEQ, WRITE, ZERO, entry_crc, recv_frame,
-                   send_frame, send_json, shutdown_socket)
+from .wire import (DATA, ENTRY, SEQ, WRITE, ZERO, Reader, entry_crc,
+                   recv_frame, send_frame, send_json, shutdown_socket)
 
 log = logging.getLogger("clonectl.replication")
 
@@ -781,14 +781,15 @@ class SecondaryGroup:
         unflushed = False
         replay = "the primary's replay"
         applier = self.applier = _ReplayApplier(self)
+        reader = Reader(sock)
         try:
             if self.reapply:
                 with _applying("the staged batch", staged=True):
                     self._recover_stage()
             while not self.closed:
                 with _applying(replay):
-                    applier.idle(sock)
-                kind, payload = recv_frame(sock)
+                    applier.idle(reader)
+                kind, payload = recv_frame(reader)
                 if kind == b"RDAT":
                     vol, k, off, length, crc = DATA.unpack_from(payload)
                     data = payload[DATA.size:] if k == WRITE else None

@@ -9,6 +9,7 @@ the group, which switches the links to their DCMs.  File format and
 recovery: docs/persistence.md; design notes in target/replication/__init__.py.
 """
 
+import collections
 import errno
 import os
 import struct
@@ -33,6 +34,11 @@ ENTRY_MAGIC = b"SRLE"
 PAD_MAGIC = b"SRLP"
 SRL_ENTRY = struct.Struct("<4sQIBQII")      # magic seq vol kind off len crc
 ENTRY_SPACE = SECTOR                        # entries start on 512 bytes
+# The newest entries are kept in memory too (at most this many bytes of
+# data, and never more than a quarter of the ring, so none of them can have
+# been overwritten in the file): a link that keeps up sends them without
+# reading them back or checking them again.
+RECENT_BYTES = 8 << 20
 
 
 def _round_up(n, m):
@@ -78,6 +84,11 @@ class Srl:
         self.head_pos = 0          # where the next entry goes
         self.next_seq = 1
         self.dirty = False
+        # pos -> entry as read() gives it, for the newest entries appended
+        # (pos is where a reader asks for it: the head before the append).
+        self._recent = collections.OrderedDict()
+        self._recent_bytes = 0
+        self._recent_limit = min(RECENT_BYTES, capacity // 4)
 
     @staticmethod
     def space(length, kind):
@@ -109,13 +120,47 @@ class Srl:
                       SRL_DATA_START + self.head_pos % self.capacity)
         head = SRL_ENTRY.pack(ENTRY_MAGIC, seq, vol, kind, offset, length, crc)
         if data is not None:
-            os.pwritev(self.fd, [head, data], phys)
+            # A copy the caller cannot change under the link (a no-op for
+            # bytes).
+            data = bytes(data)
+            written = os.pwritev(self.fd, [head, data], phys)
         else:
-            os.pwrite(self.fd, head, phys)
+            written = os.pwrite(self.fd, head, phys)
+        if written < len(head) + (len(data) if data is not None else 0):
+            # A full file system cuts a write short: the file would hold
+            # a torn entry while the one kept in memory is sent.
+            raise OSError(errno.ENOSPC, "the SRL took {} of the entry's "
+                          "bytes".format(written))
+        self._remember(self.head_pos, (seq, vol, kind, offset, length, crc,
+                                       data, start + need))
         self.head_pos = start + need
         self.next_seq = seq + 1
         self.dirty = True
         return start
+
+    def _remember(self, pos, entry):
+        recent = self._recent
+        recent[pos] = entry
+        self._recent_bytes += ENTRY_SPACE + entry[4] \
+            if entry[6] is not None else ENTRY_SPACE
+        while self._recent_bytes > self._recent_limit and recent:
+            _, old = recent.popitem(last=False)
+            self._recent_bytes -= ENTRY_SPACE + old[4] \
+                if old[6] is not None else ENTRY_SPACE
+
+    def entry(self, pos):
+        """(entry, checked): the entry at logical pos as read() gives it
+        (None if there is none), and whether its checksum is known good:
+        it is one of the newest, appended by this process and kept in
+        memory.  Otherwise it is read from the file and the caller checks
+        it."""
+        # A failing log device (tests' CLONECTL_FAULTS) fails the reads
+        # of its entries, newest or not.
+        if self.faults is None:
+            e = self._recent.get(pos)
+            if e is not None:
+                return e, True
+        return self.read(pos), False
 
     def read(self, pos, with_data=True):
         """The entry at logical pos: (seq, vol, kind, off, len, crc, data,

@@ -57,6 +57,45 @@ def send_frames(sock, parts):
     sock.sendall(b"".join(bufs))
 
 
+class Reader:
+    """The receiving side of a connection, buffered: the frames that
+    arrived together (a batch goes in one send) are taken with one recv,
+    not two per frame.  Reads of at least CHUNK bytes go straight into
+    the caller's buffer.  Use it in place of the socket with recv_frame;
+    send on the socket."""
+
+    CHUNK = 256 << 10
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.buf = bytearray(self.CHUNK)
+        self.lo = self.hi = 0
+
+    def recv_into(self, view):
+        if self.lo == self.hi:
+            if len(view) >= self.CHUNK:
+                return self.sock.recv_into(view)
+            self.lo, self.hi = 0, self.sock.recv_into(self.buf)
+        n = min(len(view), self.hi - self.lo)
+        view[:n] = self.buf[self.lo:self.lo + n]
+        self.lo += n
+        return n
+
+    def pending(self):
+        """Bytes received and not read yet (here or, for TLS, in the
+        socket's own buffer)."""
+        if self.hi > self.lo:
+            return True
+        pending = getattr(self.sock, "pending", None)
+        return bool(pending is not None and pending())
+
+    def fileno(self):
+        return self.sock.fileno()
+
+    def settimeout(self, timeout):
+        self.sock.settimeout(timeout)
+
+
 def _recv_exact(sock, n, deadline=None):
     buf = bytearray(n)
     view = memoryview(buf)
