@@ -43,7 +43,10 @@ REPLAY_CHUNK = 1 << 20
 # this much data or changemap.COMMIT_INTERVAL, and clears what the
 # secondary acknowledges (RSAK) from the DCM, durably: a replay broken off
 # resumes from there.  At most REPLAY_SYNCS_AHEAD requests are unanswered.
-REPLAY_SYNC_BYTES = 4 << 20
+# Each costs the secondary a flush of its volumes and a record save (with
+# its directory synced), one after another, and the primary a record save
+# and a DCM write: requests a few MiB apart pace an unthrottled replay.
+REPLAY_SYNC_BYTES = 16 << 20
 REPLAY_SYNCS_AHEAD = 2
 # A throttled replay (--rate) sends chunks of what the rate allows in
 # REPLAY_BEAT (at least REPLAY_MIN_CHUNK); while it waits for the rate it

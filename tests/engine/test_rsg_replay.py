@@ -23,7 +23,10 @@ from target import replication as R
 
 
 @pytest.fixture(autouse=True)
-def _fast():
+def _fast(monkeypatch):
+    # Syncs of a few MiB, so that what is sent again is well below what
+    # a replay from the start sends.
+    monkeypatch.setattr(R.link, "REPLAY_SYNC_BYTES", 4 * MiB)
     saved = fast_timing()
     yield
     restore_timing(saved)

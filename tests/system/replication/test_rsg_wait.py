@@ -97,11 +97,12 @@ def test_replay_resumes_after_kill9_of_the_primary(cluster):
     """A replay half way when the primary is killed (SIGKILL) goes on
     after the restart from what the secondary acknowledged: the restarted
     primary sends what was left plus at most what was not acknowledged
-    (REPLAY_SYNCS_AHEAD + 1 syncs of 4 MiB, one chunk)."""
+    (REPLAY_SYNCS_AHEAD + 1 syncs, one chunk).  Under a rate of 4M a sync
+    goes every second (before REPLAY_SYNC_BYTES): 4 MiB each."""
     size = 32 * MiB
     p, s, h = _pair(cluster, size)
     p.cli("rsg", "link", G, "--secondary", s.addr, "--token-file",
-          cluster.token, "--rate", "8M")
+          cluster.token, "--rate", "4M")
     link = wait_link(cluster, p, G, s, "dcm-replay", pred=lambda l: (
         l["replay"] or {}).get("bytes_done", 0) >= size // 2)
     done = link["replay"]["bytes_done"]
