@@ -1236,12 +1236,18 @@ class Link:
                     not self.stopping:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    self.error = "the secondary did not acknowledge a " \
-                        "flush within {:.0f} s; changes are tracked in " \
-                        "the DCM".format(g.sync_timeout)
-                    g.to_logging(self)
+                    self._ack_timed_out("a flush")
                     break
                 g.cond.wait(min(left, 0.5))
+
+    def _ack_timed_out(self, what):
+        """(Under the lock.)  The secondary did not acknowledge what (a
+        write, a flush) within the group's sync timeout: the link logs to
+        its DCM."""
+        self.error = "the secondary did not acknowledge {} within {:.0f} " \
+            "s; changes are tracked in the DCM".format(
+                what, self.group.sync_timeout)
+        self.group.to_logging(self)
 
     def _wait_applied(self, seq, deadline):
         """wait_ack for a write: woken by the acknowledgement that covers
@@ -1264,10 +1270,7 @@ class Link:
                             self.stopping:
                         return
                     if time.monotonic() >= deadline:
-                        self.error = "the secondary did not acknowledge a " \
-                            "write within {:.0f} s; changes are tracked " \
-                            "in the DCM".format(g.sync_timeout)
-                        g.to_logging(self)
+                        self._ack_timed_out("a write")
                         return
                     # Set again by whatever changes next (under the lock).
                     waiter.event.clear()

@@ -194,11 +194,16 @@ class _ReplayApplier:
         if not self.inflight and not self.window:
             self.group.lock.release()
 
+    def _overlaps(self, vol, off, length):
+        """A frame held or in flight writes some of vol's bytes
+        [off, off + length)."""
+        regions = [(v, o, n) for v, o, n, _, _ in self.inflight] + \
+            [(v, o, n) for v, _, o, n, _ in self.window]
+        return any(v == vol and o < off + length and off < o + n
+                   for v, o, n in regions)
+
     def add(self, vol, kind, off, length, data):
-        if any(v == vol and o < off + length and off < o + n
-               for v, o, n, _, _ in self.inflight) or \
-                any(v == vol and o < off + length and off < o + n
-                    for v, _, o, n, _ in self.window):
+        if self._overlaps(vol, off, length):
             self.drain()
         if not self.inflight and not self.window:
             # Threads that waited for the writes drained for them go

@@ -141,12 +141,15 @@ class Srl:
     def _remember(self, pos, entry):
         recent = self._recent
         recent[pos] = entry
-        self._recent_bytes += ENTRY_SPACE + entry[4] \
-            if entry[6] is not None else ENTRY_SPACE
+        self._recent_bytes += self._kept_bytes(entry)
         while self._recent_bytes > self._recent_limit and recent:
             _, old = recent.popitem(last=False)
-            self._recent_bytes -= ENTRY_SPACE + old[4] \
-                if old[6] is not None else ENTRY_SPACE
+            self._recent_bytes -= self._kept_bytes(old)
+
+    @staticmethod
+    def _kept_bytes(entry):
+        # Its header's space, and its data if it carries any.
+        return ENTRY_SPACE + (entry[4] if entry[6] is not None else 0)
 
     def entry(self, pos):
         """(entry, checked): the entry at logical pos as read() gives it
