@@ -22,6 +22,7 @@ writes any frame of the window into the volume.
 import collections
 import os
 import threading
+import time
 import zlib
 
 import pytest
@@ -341,3 +342,59 @@ def test_the_connection_reads_on_while_a_window_is_saved(pair, monkeypatch):
     for off, data in frames:
         p.tb.lus["v"].backend.readinto(b, off)
         assert bytes(b) == data
+
+
+def test_a_window_whose_save_fails_is_not_written(pair, monkeypatch):
+    """The save of a window fails (EIO, after the connection went on
+    receiving): none of the window's frames, nor any after them, reaches
+    the volume, the RSYN after them is not answered, the session ends as
+    for a failure of this node's volumes, and no thread of the replay's
+    writer is left."""
+    p = pair(size=FRAMES * GRAN)
+    window = R.secondary.REPLAY_APPLY_FRAMES
+    frames = [(x * GRAN, os.urandom(512)) for x in range(window + 8)]
+    f = FakePrimary(p)
+    lock = threading.Lock()
+    written = []
+    real_save_ahead = sessions.SessionLayer.save_ahead
+
+    def save_ahead(self, runs):
+        time.sleep(0.2)
+        raise OSError(5, "Input/output error (injected)")
+    real_apply = R.SecondaryGroup._apply_one
+
+    def apply_one(self, vol, kind, off, length, data):
+        with lock:
+            written.append(off)
+        real_apply(self, vol, kind, off, length, data)
+    monkeypatch.setattr(R.SecondaryGroup, "_apply_one", apply_one)
+
+    def writers():
+        return [t.name for t in threading.enumerate()
+                if t.name.startswith(("rsg-apply", "rsg-replay-sync"))]
+    try:
+        f.begin()
+        monkeypatch.setattr(sessions.SessionLayer, "save_ahead", save_ahead)
+        R.wire.send_frames(f.sock, [
+            (b"RDAT", R.wire.DATA.pack(0, R.WRITE, off, len(data),
+                                       zlib.crc32(data)), data)
+            for off, data in frames] + [(b"RSYN", R.wire.SEQ.pack(1), None)])
+        f.thread.join(10)
+        assert not f.thread.is_alive(), "the session goes on"
+        f.sock.settimeout(1)
+        answers = []
+        try:
+            while True:
+                answers.append(f.recv()[0])
+        except (OSError, ConnectionError):
+            pass
+    finally:
+        monkeypatch.setattr(sessions.SessionLayer, "save_ahead",
+                            real_save_ahead)
+        f.close()
+    assert b"RSAK" not in answers, answers
+    assert not written, "{} frames written without their save".format(
+        len(written))
+    assert "Input/output error" in (f.sg.error or ""), f.sg.error
+    assert not writers(), writers()
+    assert not f.sg.consistent
