@@ -17,6 +17,9 @@ writes any frame of the window into the volume.
 - test_the_connection_reads_on_while_a_window_is_saved: the window's save
   runs beside the connection, which goes on receiving the next frames
   meanwhile; the window's frames are written once the save returned.
+- test_a_window_whose_save_fails_is_not_written: a save that fails fails
+  the window's writes (none lands), no RSYN after it is answered, and the
+  session ends leaving no thread behind.
 """
 
 import collections
