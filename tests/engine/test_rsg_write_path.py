@@ -334,3 +334,38 @@ def test_sync_writer_woken_again_after_its_acknowledgement_was_taken_back():
     assert returned and returned[0] - acked < 0.25, \
         "woken {:.3f} s after its acknowledgement".format(
             returned[0] - acked if returned else float("inf"))
+
+
+def test_srl_sync_returns_only_once_an_fdatasync_covering_it_ended(
+        tmp_path, monkeypatch):
+    # A host flush and the record's save both make the SRL durable: the
+    # second to ask, while the first one's fdatasync runs, must not return
+    # before that fdatasync ended (the record would then name entries a
+    # power cut could still take away).
+    srl = R.Srl(str(tmp_path / "srl"), R.MIN_SRL)
+    data = bytes(4096)
+    srl.append(1, 0, R.WRITE, 0, len(data), data,
+               R.entry_crc(1, 0, R.WRITE, 0, len(data), data))
+    real = R.srl.os.fdatasync
+    began, gate = threading.Event(), threading.Event()
+
+    def slow(fd):
+        began.set()
+        gate.wait(5)
+        real(fd)
+    monkeypatch.setattr(R.srl.os, "fdatasync", slow)
+    first = threading.Thread(target=srl.sync)
+    first.start()
+    try:
+        assert began.wait(5)
+        second = threading.Thread(target=srl.sync)
+        second.start()
+        second.join(0.2)
+        assert second.is_alive(), \
+            "a sync returned while the fdatasync covering it still ran"
+    finally:
+        gate.set()
+        first.join(5)
+    second.join(5)
+    assert not second.is_alive()
+    srl.close()
