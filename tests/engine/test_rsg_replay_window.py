@@ -262,6 +262,18 @@ def test_frames_sharing_extents_across_windows_are_saved_first(pair):
     assert all(after[off:off + piece] == data for off, data in frames)
 
 
+def _record_writes(monkeypatch, lock, written):
+    """Append the offset of every replay write to written (under lock)
+    as it begins."""
+    real_apply = R.SecondaryGroup._apply_one
+
+    def apply_one(self, vol, kind, off, length, data):
+        with lock:
+            written.append(off)
+        real_apply(self, vol, kind, off, length, data)
+    monkeypatch.setattr(R.SecondaryGroup, "_apply_one", apply_one)
+
+
 def test_the_connection_reads_on_while_a_window_is_saved(pair, monkeypatch):
     """The save of a window (a copy and a flush of the kept image's save
     area) is held up: the connection goes on receiving the frames after
@@ -300,13 +312,7 @@ def test_the_connection_reads_on_while_a_window_is_saved(pair, monkeypatch):
             go.wait(30)
         real_save_ahead(self, runs)
     monkeypatch.setattr(sessions.SessionLayer, "save_ahead", save_ahead)
-    real_apply = R.SecondaryGroup._apply_one
-
-    def apply_one(self, vol, kind, off, length, data):
-        with lock:
-            written.append(off)
-        real_apply(self, vol, kind, off, length, data)
-    monkeypatch.setattr(R.SecondaryGroup, "_apply_one", apply_one)
+    _record_writes(monkeypatch, lock, written)
 
     def received():
         with lock:
@@ -364,13 +370,7 @@ def test_a_window_whose_save_fails_is_not_written(pair, monkeypatch):
     def save_ahead(self, runs):
         time.sleep(0.2)
         raise OSError(5, "Input/output error (injected)")
-    real_apply = R.SecondaryGroup._apply_one
-
-    def apply_one(self, vol, kind, off, length, data):
-        with lock:
-            written.append(off)
-        real_apply(self, vol, kind, off, length, data)
-    monkeypatch.setattr(R.SecondaryGroup, "_apply_one", apply_one)
+    _record_writes(monkeypatch, lock, written)
 
     def writers():
         return [t.name for t in threading.enumerate()
@@ -384,13 +384,7 @@ def test_a_window_whose_save_fails_is_not_written(pair, monkeypatch):
             for off, data in frames] + [(b"RSYN", R.wire.SEQ.pack(1), None)])
         f.thread.join(10)
         assert not f.thread.is_alive(), "the session goes on"
-        f.sock.settimeout(1)
-        answers = []
-        try:
-            while True:
-                answers.append(f.recv()[0])
-        except (OSError, ConnectionError):
-            pass
+        answers = f.answers()
     finally:
         monkeypatch.setattr(sessions.SessionLayer, "save_ahead",
                             real_save_ahead)

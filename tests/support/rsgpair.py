@@ -124,6 +124,17 @@ class FakePrimary:
     def recv(self):
         return R.wire.recv_frame(self.sock)
 
+    def answers(self):
+        """The kinds of every frame the secondary sends from now until it
+        closes the connection or stays silent for a second."""
+        self.sock.settimeout(1)
+        kinds = []
+        try:
+            while True:
+                kinds.append(self.recv()[0])
+        except (OSError, ConnectionError):
+            return kinds
+
     def begin(self):
         R.wire.send_json(self.sock, b"RBEG", {"extents": 1})
         assert self.recv()[0] == b"RBOK"
