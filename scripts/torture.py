@@ -109,6 +109,8 @@ if not os.path.exists(CLONECTL):
 BLOCK = 4096
 MiB = 1 << 20
 CLONES = ("c1", "c2")
+# Operations on the Source's clones (none with --no-clones).
+CLONE_OPERATIONS = ("sync", "fracture", "reverse-sync", "restore")
 SOURCE = "src"
 RACE_LU = "race"         # deleted and created while a server starts
 SECONDARY_CLONE = "r1"   # with --replication: a clone of the secondary's
@@ -645,11 +647,13 @@ class Torture:
         self.writers = []
         # Operations that need an option weigh nothing without it; they
         # come last in OPERATIONS, so the other choices stay the same.
+        self.clones = () if args.no_clones else CLONES
         needs = {"power-cut": args.power_loss,
                  "cut-link": args.replication,
                  "kill-secondary": args.replication,
                  "secondary-clone": args.replication,
-                 "secondary-restore": args.replication}
+                 "secondary-restore": args.replication,
+                 **{op: self.clones for op in CLONE_OPERATIONS}}
         self.weights = [o[1] if needs.get(o[0], True) else 0
                         for o in OPERATIONS]
         self.nbdkit_kills = []  # times, since the manager started
@@ -670,7 +674,7 @@ class Torture:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        for c in CLONES:
+        for c in self.clones:
             self._ok(t.cli("clone", "add", SOURCE, c, "--granularity",
                            self.args.granularity))
         self._ok(t.cli("lu", "create", "dst", "--size", str(self.size)))
@@ -761,10 +765,10 @@ class Torture:
         """A clone, mostly one the operation accepts (refusals are tested
         too, but rarely reach anything)."""
         now = self.states()
-        fit = [c for c in CLONES if now[c]["state"] in states]
+        fit = [c for c in self.clones if now[c]["state"] in states]
         if fit and rng.random() < 0.85:
             return rng.choice(fit)
-        return rng.choice(CLONES)
+        return rng.choice(self.clones)
 
     def _rate(self, rng):
         """A copy rate that makes engines run long enough to be killed
@@ -798,7 +802,7 @@ class Torture:
             return self._clone_cmd(kind, c)  # refused: not fractured
         if rng.random() < 0.7:
             # Siblings still mirrored make the target refuse: split them.
-            for other in CLONES:
+            for other in self.clones:
                 if other != c and self.states()[other]["state"] in (
                         "synchronized", "syncing"):
                     self.op_fracture_of(other)
@@ -1302,6 +1306,11 @@ and the work directory are printed; the directory is kept).""")
     p.add_argument("--clients", type=int, default=3,
                    help="NBD clients writing at once, each in its own "
                         "region (default 3)")
+    p.add_argument("--no-clones", action="store_true",
+                   help="no clones on the Source (and no clone "
+                        "operations): the sessions are then its only "
+                        "layer, whose first writes are acknowledged once "
+                        "queued")
     p.add_argument("--ops-per-round", type=int, default=6,
                    help="at most this many operations a round (default 6)")
     p.add_argument("--power-loss", action="store_true",
