@@ -213,6 +213,20 @@ secondary-changes`, reporting what each side changed), discard-secondary
 secondary's changes first (PULL, the secondary answers with RDAT frames
 and PEND) when it changed nothing itself; both changed: disconnect).
 
+One map has no such base: the DCM of a link whose replays broke off over
+its secondary's last consistent image.  The image's point is older than
+what the link acknowledged (the replay joined the stream), and the regions
+the secondary made durable left the DCM; what the DCM holds with the
+regions written over the image is every region where the primary differs
+from the image.  So each image has an id, given to the primary in RBOK and
+kept by its link (`replay_image`); a demotion keeps such a DCM as a map of
+that image (diverged `image_maps`), and the secondary, once rolled back to
+the image, tags its diverged map (those regions, and what it changes since)
+with the id, which its promotion keeps in `since_maps`.  Only that node,
+linking to the old primary, pairs the two (`_image_changes`), counting the
+regions written over the image on both sides; a map of an image it did not
+roll back to counts as everything.
+
 Modules: wire (frames on the replication connection), srl (the primary's
 log), dcm (data change maps, the activity log), records (a group's files,
 record and history), layer (the volumes' I/O stack layers), link (one
