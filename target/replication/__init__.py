@@ -24,8 +24,9 @@ SRL entry was not yet durable, or lose SRL entries a secondary already
 applied.  So, as DRBD does, the primary keeps an activity log (`ActivityLog`,
 rsg/NAME.al): regions of 4 MiB, each marked durably before the first write
 into it is logged, and cleared lazily once it has not been written for a
-whole persist interval (the SRL sync of the previous persist covers its
-writes).  A clean close clears it.  Marks found at start-up mean the group
+whole persist interval (the SRL sync and the volume flush of the previous
+persist cover its writes: a volume's writes a secondary applied must not
+be lost here with their region gone from the log).  A clean close clears it.  Marks found at start-up mean the group
 stopped uncleanly: every link that streamed the SRL switches to DCM logging
 with its unacknowledged entries and every active region ORed into its DCM
 (so it replays them), and sequence numbers jump past anything the lost SRL

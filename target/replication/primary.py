@@ -309,14 +309,17 @@ class PrimaryGroup:
         self.srl.close()
 
     def clear_activity_log(self):
-        """(Stop and close.)  Make every SRL entry durable and empty the
-        activity log, so that a stop that ends in nbdkit's SIGKILL (it
-        waits for connected clients) is not taken for a crash at the next
-        start.  A write after this marks its region again."""
+        """(Stop and close.)  Make every SRL entry and volume write durable
+        and empty the activity log, so that a stop that ends in nbdkit's
+        SIGKILL (it waits for connected clients) is not taken for a crash
+        at the next start.  A write after this marks its region again."""
         with self.lock:
             if any(l.holds_srl for l in self.links):
                 self.srl.sync()
-            self.al.clear()
+            # Not before the volumes' writes in its regions are durable.
+            if self._volumes_durable(sorted({vol for vol, _, _ in
+                                             self.al.runs()})):
+                self.al.clear()
 
     def replay_view(self, vol):
         """(Under the lock.)  What a replay reads of volume vol: what its
@@ -381,12 +384,14 @@ class PrimaryGroup:
             rec, saved = self.record()
             held = any(l.holds_srl for l in self.links)
             self.al.sweep()
-            return rec, saved, held
+            # The volumes written in the regions a next sweep may clear.
+            swept = sorted({vol for vol, _, _ in self.al.runs()})
+            return rec, saved, held, swept
         if locked:
-            rec, saved, held = snapshot()
+            rec, saved, held, swept = snapshot()
         else:
             with self.lock:
-                rec, saved, held = snapshot()
+                rec, saved, held, swept = snapshot()
         try:
             # The SRL must hold every entry up to the positions saved.
             if held:
@@ -394,12 +399,29 @@ class PrimaryGroup:
                     self.srl.sync()
                 except OSError as e:
                     raise _SrlSyncFailed() from e
-            self.al.sweep_ok = True
+            # A region leaves the activity log at the next sweep: its
+            # writes must be durable in the volumes too, or a power cut
+            # could lose them here after a secondary applied them (and
+            # the log's clear, written back early, would hide that).
+            self.al.sweep_ok = self._volumes_durable(swept)
             self.files.save(rec)
             for link, pos in saved.items():
                 link.saved_pos = pos
         finally:
             self.persist_lock.release()
+
+    def _volumes_durable(self, vols):
+        """Flush volumes vols below this group's layer; False (logged) if
+        one fails: their regions stay in the activity log."""
+        try:
+            for vol in vols:
+                self.volumes[vol].stack.below("replication").flush()
+        except OSError as e:
+            log.warning("group %s: flushing volume %s failed (%s): its "
+                        "activity log regions are kept", self.name,
+                        self.volumes[vol].name, e)
+            return False
+        return True
 
     # Data path.
 
