@@ -5,6 +5,8 @@ rollbacks, and a rollback counts across a crash.  Promoted, it fails back
 to the old primary copying every region where the two differ and not the
 volumes."""
 
+import errno
+import threading
 
 import pytest
 
@@ -328,3 +330,78 @@ def test_a_demoted_primary_rolled_back_keeps_what_it_had_diverged(
         for v in range(len(VOLS)):
             assert dst.read_below_guard(v) == src.read_below_guard(v), \
                 VOLS[v]
+
+
+@pytest.mark.parametrize("case", ["A demoted during the replay",
+                                  "replay begun in the stream"])
+def test_failback_after_other_broken_replays_ends_byte_equal(
+        two_nodes, monkeypatch, case):
+    """A demoted while its replay to B runs (after B made some of it
+    durable and A cleared it), or a replay that a volume change on A began
+    in the stream and that broke off at its end: B rolled back and
+    promoted, failing back to A leaves the two byte-equal."""
+    a, b = two_nodes
+    for vol, size in zip(VOLS, SIZES):
+        a.t.lus[vol].write(b"\x01" * size, 0)
+    converge(a, b)
+    monkeypatch.setattr(R.link, "REPLAY_SYNC_BYTES", 64 << 10)
+    monkeypatch.setattr(R.link, "REPLAY_CHUNK", 64 << 10)
+    if case == "A demoted during the replay":
+        a.t.rsg_detach("g", b.addr)
+        for vol, size in zip(VOLS, SIZES):
+            a.t.lus[vol].write(b"\x20" * (size // 2), 0)
+        sync = R.SecondaryGroup.replay_sync
+        n, third, go = [0], threading.Event(), threading.Event()
+
+        def held_at_the_third(self, ident):
+            sync(self, ident)
+            n[0] += 1
+            if n[0] == 3:
+                third.set()
+                go.wait(10)
+        monkeypatch.setattr(R.SecondaryGroup, "replay_sync",
+                            held_at_the_third)
+        a.t.rsg_attach("g", b.addr)
+        assert third.wait(10)
+        a.t.lus["v1"].write(b"\x44" * 4096, 4096)
+        a.t.rsg_demote("g")
+        go.set()
+        wait_for(lambda: b.rsg.connected_since is None)
+        monkeypatch.setattr(R.SecondaryGroup, "replay_sync", sync)
+    else:
+        a.t.image_protect("v1")
+        a.t.lus["v1"].write(b"\x30" * (SIZES[0] // 2), 0)
+        converge(a, b)
+        broken = threading.Event()
+        end_replay = R.SecondaryGroup._end_replay
+
+        def break_off(self, seq, theirs):
+            broken.set()
+            raise OSError(errno.EIO, "the replay is broken off here")
+        monkeypatch.setattr(R.SecondaryGroup, "_end_replay", break_off)
+        a.t.image_rollback("v1")
+        assert broken.wait(10)
+        a.t.rsg_detach("g", b.addr)
+        wait_for(lambda: b.rsg.connected_since is None)
+        monkeypatch.setattr(R.SecondaryGroup, "_end_replay", end_replay)
+    assert a.rsg is None or a.rsg.role == R.SECONDARY or \
+        a.rsg.links[0].replay_image
+    assert not b.rsg.consistent
+    for vol in VOLS:
+        b.t.image_rollback(vol)
+    assert b.rsg.consistent, b.rsg.status()
+    b.t.rsg_promote("g")
+    b.t.lus["v1"].write(b"\x05" * 8192, 900 << 10)
+    if a.rsg.role == R.PRIMARY:
+        a.t.rsg_demote("g")
+    assert a.rsg.diverged.get("image_maps"), a.rsg.diverged
+    b.t.rsg_link("g", a.addr, "async", a.tok)
+    link = b.rsg.links[0]
+    wait_for(lambda: link.split_brain, 10, "the split brain",
+             lambda: (link.status(), a.rsg.status()))
+    b.t.rsg_attach("g", a.addr, discard_secondary_changes=True)
+    converge(b, a)
+    with a.rsg.lock:
+        for v in range(len(VOLS)):
+            assert a.read_below_guard(v) == b.read_below_guard(v), VOLS[v]
+    assert link.sent_bytes < sum(SIZES), link.sent_bytes
