@@ -26,11 +26,12 @@ rsg/NAME.al): regions of 4 MiB, each marked durably before the first write
 into it is logged, and cleared lazily once it has not been written for a
 whole persist interval (the SRL sync and the volume flush of the previous
 persist cover its writes: a volume's writes a secondary applied must not
-be lost here with their region gone from the log).  A clean close clears it.  Marks found at start-up mean the group
-stopped uncleanly: every link that streamed the SRL switches to DCM logging
-with its unacknowledged entries and every active region ORed into its DCM
-(so it replays them), and sequence numbers jump past anything the lost SRL
-tail could have handed out (a secondary may have applied entries the
+be lost here with their region gone from the log).  A clean close clears
+it.  Marks found at start-up mean the group stopped uncleanly: every link
+that streamed the SRL switches to DCM logging with its unacknowledged
+entries and every active region ORed into its DCM (so it replays them),
+and sequence numbers jump past anything the lost SRL tail could have
+handed out (a secondary may have applied entries the
 primary no longer has; a reused number would be skipped there).  A kill -9
 pays a replay of the active regions it did not need; a torn SRL tail is no
 longer taken for corruption then.
