@@ -402,8 +402,12 @@ class PrimaryGroup:
             # A region leaves the activity log at the next sweep: its
             # writes must be durable in the volumes too, or a power cut
             # could lose them here after a secondary applied them (and
-            # the log's clear, written back early, would hide that).
-            self.al.sweep_ok = self._volumes_durable(swept)
+            # the log's clear, written back early, would hide that).  Not
+            # under the group lock (a volume's flush may take long with
+            # much written, and every host write would wait): the regions
+            # then stay until the next unlocked persist (a streaming link
+            # makes one every PERSIST_INTERVAL): a superset meanwhile.
+            self.al.sweep_ok = not locked and self._volumes_durable(swept)
             self.files.save(rec)
             for link, pos in saved.items():
                 link.saved_pos = pos
