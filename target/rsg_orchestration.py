@@ -526,8 +526,11 @@ class RsgOrchestration:
             since_base, since_maps = rsg.own_base(), []
         else:
             since_base = None
+            # The first, after a rollback to the last consistent image,
+            # is tagged with it (PrimaryGroup._image_changes).
             since_maps = [{"base": diverged.get("base"),
-                           "runs": diverged.get("runs", [])}] + \
+                           "runs": diverged.get("runs", []),
+                           "image": diverged.get("image")}] + \
                 list(diverged.get("maps", []))
         record = {"name": name, "role": replication.PRIMARY,
                   "granularity": rsg.granularity,

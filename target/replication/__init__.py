@@ -24,12 +24,14 @@ SRL entry was not yet durable, or lose SRL entries a secondary already
 applied.  So, as DRBD does, the primary keeps an activity log (`ActivityLog`,
 rsg/NAME.al): regions of 4 MiB, each marked durably before the first write
 into it is logged, and cleared lazily once it has not been written for a
-whole persist interval (the SRL sync of the previous persist covers its
-writes).  A clean close clears it.  Marks found at start-up mean the group
-stopped uncleanly: every link that streamed the SRL switches to DCM logging
-with its unacknowledged entries and every active region ORed into its DCM
-(so it replays them), and sequence numbers jump past anything the lost SRL
-tail could have handed out (a secondary may have applied entries the
+whole persist interval (the SRL sync and the volume flush of the previous
+persist cover its writes: a volume's writes a secondary applied must not
+be lost here with their region gone from the log).  A clean close clears
+it.  Marks found at start-up mean the group stopped uncleanly: every link
+that streamed the SRL switches to DCM logging with its unacknowledged
+entries and every active region ORed into its DCM (so it replays them),
+and sequence numbers jump past anything the lost SRL tail could have
+handed out (a secondary may have applied entries the
 primary no longer has; a reused number would be skipped there).  A kill -9
 pays a replay of the active regions it did not need; a torn SRL tail is no
 longer taken for corruption then.
@@ -212,6 +214,20 @@ secondary-changes`, reporting what each side changed), discard-secondary
 (the primary wins), discard-zero-changes (the primary takes the
 secondary's changes first (PULL, the secondary answers with RDAT frames
 and PEND) when it changed nothing itself; both changed: disconnect).
+
+One map has no such base: the DCM of a link whose replays broke off over
+its secondary's last consistent image.  The image's point is older than
+what the link acknowledged (the replay joined the stream), and the regions
+the secondary made durable left the DCM; what the DCM holds with the
+regions written over the image is every region where the primary differs
+from the image.  So each image has an id, given to the primary in RBOK and
+kept by its link (`replay_image`); a demotion keeps such a DCM as a map of
+that image (diverged `image_maps`), and the secondary, once rolled back to
+the image, tags its diverged map (those regions, and what it changes since)
+with the id, which its promotion keeps in `since_maps`.  Only that node,
+linking to the old primary, pairs the two (`_image_changes`), counting the
+regions written over the image on both sides; a map of an image it did not
+roll back to counts as everything.
 
 Modules: wire (frames on the replication connection), srl (the primary's
 log), dcm (data change maps, the activity log), records (a group's files,

@@ -260,6 +260,11 @@ class Link:
         # The highest RSYN id whose regions were cleared from the DCM
         # (saved before they are cleared); 0 once a replay completed.
         self.replay_cleared = record.get("replay_cleared", 0)
+        # The secondary's last consistent image the replays since it was
+        # consistent write over ({id, base}, as its RBOK said; None: none
+        # or unknown): the DCM with the regions written there since holds
+        # every region where this node differs from that image.
+        self.replay_image = record.get("replay_image")
         self.replay_cancel = threading.Event()
         # The running replay began in the SRL stream (a volume change):
         # the secondary had every acknowledged write and gets the new ones
@@ -360,6 +365,7 @@ class Link:
                 "replay_rate": self.replay_rate,
                 "replay_round": self.replay_round,
                 "replay_cleared": self.replay_cleared,
+                "replay_image": self.replay_image,
                 "acked_seq": self.acked_seq, "acked_pos": self.acked_pos,
                 "dcm_active": self.dcm_active, "seeded": self.seeded,
                 "holds_srl": self.holds_srl, "pulling": self.pulling,
@@ -808,8 +814,17 @@ class Link:
         log.info("group %s: replay to %s started: %d extents of %d bytes",
                  g.name, self.secondary, self.replay_total, g.granularity)
         send_json(sock, b"RBEG", {"extents": self.replay_total})
-        if not self._wait_replay_reply(b"RBOK"):
+        began = self._wait_replay_reply(b"RBOK")
+        if began is None:
             return False
+        image = began.get("image")
+        with g.cond:
+            # What the secondary writes from here on lands on this image
+            # (a secondary that keeps none, or does not say: None).
+            self.replay_image = image if isinstance(image, dict) and \
+                isinstance(image.get("id"), str) and \
+                isinstance(image.get("base"), list) else None
+        g.persist()
         if unsynced_stream:
             self._commit(sock, [], self.last_sent_seq, send_pos)
         gran = g.granularity
@@ -966,13 +981,14 @@ class Link:
         # A sequence number sent to a secondary must survive a crash.
         g.persist()
         send_frames(sock, [(b"REND", SEQ.pack(final), None)])
-        if not self._wait_replay_reply(b"RACK"):
+        if self._wait_replay_reply(b"RACK") is None:
             return False
         with g.cond:
             if self.epoch != epoch:
                 return True
             self.dcm.clear()
             self.replay_cleared = 0
+            self.replay_image = None
             self.replay_reason = None
             self.kept_stream = False
             self.transition("replayed")
@@ -1204,6 +1220,8 @@ class Link:
         return pos
 
     def _wait_replay_reply(self, kind):
+        """The secondary's answer of kind (RBOK, RACK) to the replay's
+        frame, a dict; None if the link stops or leaves the replay first."""
         g = self.group
         deadline = time.monotonic() + 120
         with g.cond:
@@ -1213,11 +1231,11 @@ class Link:
             got = self.replay_acked
             self.replay_acked = None
         if got is None:
-            return False
+            return None
         if got[0] != kind or not got[1].get("ok", True):
             raise RemoteRefused(peer=self.secondary,
                                 reason=got[1].get("message", "replay refused"))
-        return True
+        return got[1]
 
     def wait_ack(self, seq, durable=False):
         """Sync mode: wait until the secondary has applied seq, or with

@@ -309,14 +309,17 @@ class PrimaryGroup:
         self.srl.close()
 
     def clear_activity_log(self):
-        """(Stop and close.)  Make every SRL entry durable and empty the
-        activity log, so that a stop that ends in nbdkit's SIGKILL (it
-        waits for connected clients) is not taken for a crash at the next
-        start.  A write after this marks its region again."""
+        """(Stop and close.)  Make every SRL entry and volume write durable
+        and empty the activity log, so that a stop that ends in nbdkit's
+        SIGKILL (it waits for connected clients) is not taken for a crash
+        at the next start.  A write after this marks its region again."""
         with self.lock:
             if any(l.holds_srl for l in self.links):
                 self.srl.sync()
-            self.al.clear()
+            # Not before the volumes' writes in its regions are durable.
+            if self._volumes_durable(sorted({vol for vol, _, _ in
+                                             self.al.runs()})):
+                self.al.clear()
 
     def replay_view(self, vol):
         """(Under the lock.)  What a replay reads of volume vol: what its
@@ -381,12 +384,14 @@ class PrimaryGroup:
             rec, saved = self.record()
             held = any(l.holds_srl for l in self.links)
             self.al.sweep()
-            return rec, saved, held
+            # The volumes written in the regions a next sweep may clear.
+            swept = sorted({vol for vol, _, _ in self.al.runs()})
+            return rec, saved, held, swept
         if locked:
-            rec, saved, held = snapshot()
+            rec, saved, held, swept = snapshot()
         else:
             with self.lock:
-                rec, saved, held = snapshot()
+                rec, saved, held, swept = snapshot()
         try:
             # The SRL must hold every entry up to the positions saved.
             if held:
@@ -394,12 +399,33 @@ class PrimaryGroup:
                     self.srl.sync()
                 except OSError as e:
                     raise _SrlSyncFailed() from e
-            self.al.sweep_ok = True
+            # A region leaves the activity log at the next sweep: its
+            # writes must be durable in the volumes too, or a power cut
+            # could lose them here after a secondary applied them (and
+            # the log's clear, written back early, would hide that).  Not
+            # under the group lock (a volume's flush may take long with
+            # much written, and every host write would wait): the regions
+            # then stay until the next unlocked persist (a streaming link
+            # makes one every PERSIST_INTERVAL): a superset meanwhile.
+            self.al.sweep_ok = not locked and self._volumes_durable(swept)
             self.files.save(rec)
             for link, pos in saved.items():
                 link.saved_pos = pos
         finally:
             self.persist_lock.release()
+
+    def _volumes_durable(self, vols):
+        """Flush volumes vols below this group's layer; False (logged) if
+        one fails: their regions stay in the activity log."""
+        try:
+            for vol in vols:
+                self.volumes[vol].stack.below("replication").flush()
+        except OSError as e:
+            log.warning("group %s: flushing volume %s failed (%s): its "
+                        "activity log regions are kept", self.name,
+                        self.volumes[vol].name, e)
+            return False
+        return True
 
     # Data path.
 
@@ -641,6 +667,13 @@ class PrimaryGroup:
                     self.to_logging(link)
                 own = self._own_changes(link, theirs, common)
                 peer = self._peer_changes(link, reply, theirs, common)
+                image = self._image_changes(link, reply, theirs, common)
+                if image is not None:
+                    # Whichever pair copies less.
+                    mine = bytearray(a | b for a, b in zip(own, image[1]))
+                    if sum(a | b for a, b in zip(mine, image[0])) < \
+                            sum(a | b for a, b in zip(own, peer)):
+                        own, peer = mine, image[0]
                 if diverged and not self._resolve_split_brain(
                         link, own, peer, theirs, common):
                     return False
@@ -765,6 +798,41 @@ class PrimaryGroup:
             return self._all_extents(link)
         return min(found, key=lambda b: b.count(1))
 
+    def _image_changes(self, link, reply, theirs, common):
+        """(Under the lock.)  This node was promoted from a secondary
+        rolled back to its last consistent image (the since map tagged
+        with the image's id, volume_rolled_back), and the other node
+        replayed over that image as a primary: its map of that image (its
+        DCM then) holds every region where it differs from the image
+        except those written here over the image, which the rollbacks
+        took back and this node's map of the image holds with what it
+        changed since.  (the other node's bits, this node's bits), which
+        together hold every region where the two differ; None when no
+        map of the other node is of an image this node rolled back to.
+        The regions the rollbacks took back count on both sides: the
+        other node changed some of them, and which is not known (counted
+        on one side only, a split-brain policy could discard its changes
+        as if it had made none)."""
+        if self.since is None:
+            return None
+        mine = {m["image"]: m for m in self.since_maps if m.get("image")}
+        found = []
+        for m in reply.get("diverged_image_maps") or []:
+            image = m.get("image") if isinstance(m, dict) else None
+            if not isinstance(image, str) or image not in mine or \
+                    not map_covers(m.get("base"), self.history, theirs,
+                                   common):
+                continue
+            back = mine[image].get("runs") or []
+            peer = bytearray(link.dcm.extents)
+            self._set_runs(link, peer, (m.get("runs") or []) + back)
+            own = bytearray(self.since.bits)
+            self._set_runs(link, own, back)
+            found.append((peer, own))
+        if not found:
+            return None
+        return min(found, key=lambda p: sum(a | b for a, b in zip(*p)))
+
     def _bytes(self, link, bits):
         return sum(n for _, _, n in link.dcm.runs(bits))
 
@@ -842,6 +910,13 @@ class PrimaryGroup:
         seeded = [l for l in self.links if l.seeded]
         links = [{"base": [self.generation, l.acked_seq],
                   "runs": runs_of(l.dcm.bits)} for l in seeded]
+        # A link whose replays broke off over its secondary's last
+        # consistent image: its DCM since that image, which holds every
+        # change since only with what the replays wrote there (that
+        # secondary alone has it, once rolled back: _image_changes).
+        images = [{"base": l.replay_image["base"], "image":
+                   l.replay_image["id"], "runs": runs_of(l.dcm.bits)}
+                  for l in seeded if l.replay_image]
         if self.since is not None:
             since = self.since.bits
             found = [{"base": self.since_base, "runs": runs_of(since)}] \
@@ -864,7 +939,7 @@ class PrimaryGroup:
             top = {"runs": runs_of(bits), "base":
                    [self.generation, min(l.acked_seq for l in seeded)]
                    if seeded else None}
-        return dict(top, all=False, maps=narrower)
+        return dict(top, all=False, maps=narrower, image_maps=images)
 
     def set_split_brain_policy(self, policy):
         with self.cond:

@@ -20,6 +20,7 @@ import select
 import struct
 import threading
 import time
+import uuid
 import zlib
 
 from .. import errors, fsutil
@@ -741,6 +742,11 @@ class SecondaryGroup:
             reply["diverged"] = self.diverged.get("runs", [])
             reply["diverged_all"] = self.diverged.get("all", False)
             reply["diverged_maps"] = self.diverged.get("maps", [])
+            # Apart: each holds what this node changed since a secondary's
+            # image only together with that secondary's writes since it,
+            # which an older primary would not add.
+            reply["diverged_image_maps"] = self.diverged.get(
+                "image_maps", [])
         return reply
 
     def own_base(self):
@@ -762,7 +768,8 @@ class SecondaryGroup:
                              "base": self.own_base(), "maps": []}
         runs = [list(r) for r in runs]
         self.diverged["runs"] = self.diverged.get("runs", []) + runs
-        for m in self.diverged.get("maps", []):
+        for m in self.diverged.get("maps", []) + \
+                self.diverged.get("image_maps", []):
             m["runs"] = m["runs"] + runs
         if self.image_point is not None:
             # A volume changed after its rollback no longer holds the
@@ -912,7 +919,8 @@ class SecondaryGroup:
                         unflushed = False
                     replaying = True
                     self._begin_replay(theirs)
-                    send_json(sock, b"RBOK", {"ok": True})
+                    send_json(sock, b"RBOK", dict(self._image_kept(),
+                                                  ok=True))
                 elif kind == b"REND":
                     seq, = SEQ.unpack(payload)
                     with _applying(replay):
@@ -1067,7 +1075,11 @@ class SecondaryGroup:
                 "history": copy.deepcopy(self.history),
                 "applied_seq": self.applied_seq,
                 "diverged": copy.deepcopy(self.diverged),
-                "rolled_back": []}
+                "rolled_back": [],
+                # Names this image to the primaries that replay over it
+                # (_image_kept), and the diverged map a rollback to it
+                # leaves (volume_rolled_back).
+                "id": uuid.uuid4().hex}
         lost = []
         if self.protected and not self.consistent:
             # A volume rolled back to its image (which went with it) is
@@ -1093,6 +1105,20 @@ class SecondaryGroup:
         self.persist()
         if lost:
             self.release(self.volumes)
+
+    def _image_kept(self):
+        """For RBOK: the last consistent image kept here, {"image": {id,
+        base}} (base: the [generation, update] it holds), or nothing.  A
+        primary replaying over it knows that what it sends and clears from
+        its DCM lands on top of that image: its DCM with the regions
+        written here since the image holds every region where it differs
+        from the image (PrimaryGroup.changes_since_agreement)."""
+        point = self.image_point
+        if not self.protected or point is None or not point.get("id") or \
+                not point["history"]:
+            return {}
+        return {"image": {"id": point["id"], "base": [
+            point["history"][-1][0], point["applied_seq"]]}}
 
     def replay_sync(self, ident):
         """RSYN ident: the replay's data so far (applied already) is made
@@ -1150,8 +1176,14 @@ class SecondaryGroup:
                             "base": [history[-1][0], point["applied_seq"]]
                             if history else None}
             diverged["runs"] = diverged.get("runs", []) + runs
-            for m in diverged.get("maps", []):
+            for m in diverged.get("maps", []) + \
+                    diverged.get("image_maps", []):
                 m["runs"] = m["runs"] + runs
+            # Its runs hold every region written here since the image was
+            # kept (the rollbacks copied them back): a primary that
+            # replayed over the image pairs its DCM with them
+            # (PrimaryGroup._image_changes).
+            diverged["image"] = point.get("id")
             with self.lock:
                 self.history = point["history"]
                 self.applied_seq = self.last_seq = point["applied_seq"]

@@ -1,8 +1,12 @@
 """A secondary whose every volume is rolled back to the group's last
 consistent image is consistent at that point again (image_point): only
 when every volume holds that point, whatever ran on the node between two
-rollbacks, and a rollback counts across a crash."""
+rollbacks, and a rollback counts across a crash.  Promoted, it fails back
+to the old primary copying every region where the two differ and not the
+volumes."""
 
+import errno
+import threading
 
 import pytest
 
@@ -92,9 +96,6 @@ def test_a_crash_at_the_end_of_the_last_rollback_keeps_the_point(
     assert _at_point(b) == [b"\x02" * 4096] * 2
 
 
-@pytest.mark.xfail(strict=True, reason="the demoted primary's maps start "
-                   "at what its link acknowledged, past the point B rolled "
-                   "back to: every extent is copied (docs/known-gaps.md)")
 def test_failback_after_every_volume_rolled_back_copies_only_the_changes(
         two_nodes, monkeypatch):
     """B rolled back to its point and promoted; A demoted and linked from
@@ -121,13 +122,14 @@ def test_failback_after_every_volume_rolled_back_copies_only_the_changes(
             link.sent_bytes, sum(SIZES))
 
 
-def _a_replay_with_clears_and_stream(a, b, monkeypatch, byte):
-    """A, detached, changes every block of both volumes to byte; its replay
-    clears from its DCM what B made durable (an RSYN every 64K) and streams
-    A's writes made meanwhile; it breaks off at its end."""
+def _a_replay_with_clears_and_stream(a, b, monkeypatch, byte, part=1):
+    """A, detached, changes every block of the first 1/part of both
+    volumes to byte; its replay clears from its DCM what B made durable
+    (an RSYN every 64K) and streams A's writes into those parts made
+    meanwhile; it breaks off at its end."""
     a.t.rsg_detach("g", b.addr)
     for vol, size in zip(VOLS, SIZES):
-        for off in range(0, size, 64 << 10):
+        for off in range(0, size // part, 64 << 10):
             a.t.lus[vol].write(bytes([byte]) * (64 << 10), off)
     monkeypatch.setattr(R.link, "REPLAY_SYNC_BYTES", 64 << 10)
     sync = R.SecondaryGroup.replay_sync
@@ -137,13 +139,111 @@ def _a_replay_with_clears_and_stream(a, b, monkeypatch, byte):
         sync(self, ident)
         n[0] += 1
         vol = n[0] % 2
-        off = (n[0] * 17 * 4096 + 512 * n[0]) % (SIZES[vol] - 8192)
+        off = (n[0] * 17 * 4096 + 512 * n[0]) % (SIZES[vol] // part - 8192)
         a.t.lus[VOLS[vol]].write(bytes([byte + n[0]]) * 5000, off)
     monkeypatch.setattr(R.SecondaryGroup, "replay_sync", sync_then_a_write)
     replay_broken_off(a, b, monkeypatch)
     monkeypatch.setattr(R.SecondaryGroup, "replay_sync", sync)
     assert n[0] >= 2 and a.rsg.links[0].replay_cleared, n
     assert not b.rsg.consistent
+
+
+def _fail_back(a, b, b_writes=True):
+    """B, rolled back to its point, is promoted (and writes, b_writes);
+    A is demoted and linked from B, a split brain that B wins: the link,
+    once the two are byte-equal."""
+    b.t.rsg_promote("g")
+    if b_writes:
+        b.t.lus["v2"].write(b"\x05" * 4096, 200 << 10)
+        b.t.lus["v1"].write(b"\x05" * 8192, 900 << 10)
+    a.t.rsg_demote("g")
+    b.t.rsg_link("g", a.addr, "async", a.tok)
+    link = b.rsg.links[0]
+    wait_for(lambda: link.split_brain, 10, "the split brain",
+             lambda: (link.status(), a.rsg.status()))
+    b.t.rsg_attach("g", a.addr, discard_secondary_changes=True)
+    converge(b, a)
+    with a.rsg.lock:
+        for v in range(len(VOLS)):
+            assert a.read_below_guard(v) == b.read_below_guard(v), VOLS[v]
+    return link
+
+
+@pytest.mark.parametrize("case", ["clears", "A restarted", "A killed",
+                                  "B restarted", "B wrote nothing",
+                                  "two replays", "rolled back twice"])
+def test_failback_after_rollbacks_copies_a_superset_of_what_differs(
+        two_nodes, monkeypatch, case):
+    """A's replays to B broke off after B had made regions durable that A
+    then cleared from its DCM, with A's writes streamed meanwhile; every
+    volume of B rolled back to its point, B promoted: failing back to A
+    copies what differs (the volumes are byte-equal after), and only the
+    halves A changed with B's writes, not the volumes."""
+    a, b = two_nodes
+    for vol, size in zip(VOLS, SIZES):
+        a.t.lus[vol].write(b"\x01" * size, 0)
+    converge(a, b)
+    _a_replay_with_clears_and_stream(a, b, monkeypatch, 0x20, part=2)
+    link = a.rsg.links[0]
+    # The regions B made durable are cleared: A's DCM alone misses them.
+    assert link.dcm.count() < link.dcm.extents // 2, link.dcm.count()
+    if case == "two replays":
+        a.t.lus["v1"].write(b"\x31" * 4096, 300 << 10)
+        _a_replay_with_clears_and_stream(a, b, monkeypatch, 0x40, part=2)
+    if case == "A restarted":
+        _restart(a)
+    elif case == "A killed":
+        a.kill()
+        a.start()
+    for vol in VOLS:
+        b.t.image_rollback(vol)
+    assert b.rsg.consistent, b.rsg.status()
+    with b.rsg.lock:
+        assert [b.read_below_guard(v) for v in range(len(VOLS))] == \
+            [b"\x01" * s for s in SIZES]
+    if case == "rolled back twice":
+        # A replays over the point B rolled back to, broken off again:
+        # B keeps a new image of that point and rolls back to it.
+        a.t.lus["v2"].write(b"\x66" * 4096, 64 << 10)
+        replay_broken_off(a, b, monkeypatch)
+        for vol in VOLS:
+            b.t.image_rollback(vol)
+        assert b.rsg.consistent, b.rsg.status()
+    if case == "B restarted":
+        _restart(b)
+    link = _fail_back(a, b, b_writes=case != "B wrote nothing")
+    half = sum(SIZES) // 2
+    assert link.sent_bytes <= half + (64 << 10), \
+        "{} bytes sent to the old primary (the volumes are {})".format(
+            link.sent_bytes, sum(SIZES))
+
+
+def test_failback_after_some_volumes_rolled_back_copies_everything(
+        two_nodes, monkeypatch):
+    """Only v1 of B rolled back: B holds no point of the group, so its
+    promotion is refused; promoted with --force, failing back to A copies
+    every extent (nothing ties the volumes to a point A's maps know)."""
+    a, b = two_nodes
+    for vol, size in zip(VOLS, SIZES):
+        a.t.lus[vol].write(b"\x01" * size, 0)
+    converge(a, b)
+    _a_replay_with_clears_and_stream(a, b, monkeypatch, 0x20, part=2)
+    b.t.image_rollback("v1")
+    assert not b.rsg.consistent
+    with pytest.raises(R.RsgBusy):
+        b.t.rsg_promote("g")
+    b.t.rsg_promote("g", force=True)
+    b.t.lus["v2"].write(b"\x05" * 4096, 200 << 10)
+    a.t.rsg_demote("g")
+    b.t.rsg_link("g", a.addr, "async", a.tok)
+    link = b.rsg.links[0]
+    wait_for(lambda: link.split_brain, 10, "the split brain")
+    b.t.rsg_attach("g", a.addr, discard_secondary_changes=True)
+    converge(b, a)
+    with a.rsg.lock:
+        for v in range(len(VOLS)):
+            assert a.read_below_guard(v) == b.read_below_guard(v), VOLS[v]
+    assert link.sent_bytes >= sum(SIZES), link.sent_bytes
 
 
 @pytest.mark.parametrize("case", ["plain", "restart between", "two replays",
@@ -230,3 +330,78 @@ def test_a_demoted_primary_rolled_back_keeps_what_it_had_diverged(
         for v in range(len(VOLS)):
             assert dst.read_below_guard(v) == src.read_below_guard(v), \
                 VOLS[v]
+
+
+@pytest.mark.parametrize("case", ["A demoted during the replay",
+                                  "replay begun in the stream"])
+def test_failback_after_other_broken_replays_ends_byte_equal(
+        two_nodes, monkeypatch, case):
+    """A demoted while its replay to B runs (after B made some of it
+    durable and A cleared it), or a replay that a volume change on A began
+    in the stream and that broke off at its end: B rolled back and
+    promoted, failing back to A leaves the two byte-equal."""
+    a, b = two_nodes
+    for vol, size in zip(VOLS, SIZES):
+        a.t.lus[vol].write(b"\x01" * size, 0)
+    converge(a, b)
+    monkeypatch.setattr(R.link, "REPLAY_SYNC_BYTES", 64 << 10)
+    monkeypatch.setattr(R.link, "REPLAY_CHUNK", 64 << 10)
+    if case == "A demoted during the replay":
+        a.t.rsg_detach("g", b.addr)
+        for vol, size in zip(VOLS, SIZES):
+            a.t.lus[vol].write(b"\x20" * (size // 2), 0)
+        sync = R.SecondaryGroup.replay_sync
+        n, third, go = [0], threading.Event(), threading.Event()
+
+        def held_at_the_third(self, ident):
+            sync(self, ident)
+            n[0] += 1
+            if n[0] == 3:
+                third.set()
+                go.wait(10)
+        monkeypatch.setattr(R.SecondaryGroup, "replay_sync",
+                            held_at_the_third)
+        a.t.rsg_attach("g", b.addr)
+        assert third.wait(10)
+        a.t.lus["v1"].write(b"\x44" * 4096, 4096)
+        a.t.rsg_demote("g")
+        go.set()
+        wait_for(lambda: b.rsg.connected_since is None)
+        monkeypatch.setattr(R.SecondaryGroup, "replay_sync", sync)
+    else:
+        a.t.image_protect("v1")
+        a.t.lus["v1"].write(b"\x30" * (SIZES[0] // 2), 0)
+        converge(a, b)
+        broken = threading.Event()
+        end_replay = R.SecondaryGroup._end_replay
+
+        def break_off(self, seq, theirs):
+            broken.set()
+            raise OSError(errno.EIO, "the replay is broken off here")
+        monkeypatch.setattr(R.SecondaryGroup, "_end_replay", break_off)
+        a.t.image_rollback("v1")
+        assert broken.wait(10)
+        a.t.rsg_detach("g", b.addr)
+        wait_for(lambda: b.rsg.connected_since is None)
+        monkeypatch.setattr(R.SecondaryGroup, "_end_replay", end_replay)
+    assert a.rsg is None or a.rsg.role == R.SECONDARY or \
+        a.rsg.links[0].replay_image
+    assert not b.rsg.consistent
+    for vol in VOLS:
+        b.t.image_rollback(vol)
+    assert b.rsg.consistent, b.rsg.status()
+    b.t.rsg_promote("g")
+    b.t.lus["v1"].write(b"\x05" * 8192, 900 << 10)
+    if a.rsg.role == R.PRIMARY:
+        a.t.rsg_demote("g")
+    assert a.rsg.diverged.get("image_maps"), a.rsg.diverged
+    b.t.rsg_link("g", a.addr, "async", a.tok)
+    link = b.rsg.links[0]
+    wait_for(lambda: link.split_brain, 10, "the split brain",
+             lambda: (link.status(), a.rsg.status()))
+    b.t.rsg_attach("g", a.addr, discard_secondary_changes=True)
+    converge(b, a)
+    with a.rsg.lock:
+        for v in range(len(VOLS)):
+            assert a.read_below_guard(v) == b.read_below_guard(v), VOLS[v]
+    assert link.sent_bytes < sum(SIZES), link.sent_bytes
