@@ -68,6 +68,14 @@ class Layer:
     def intercepts(self):
         return {}
 
+    def relinking(self, slots):
+        """The stack is about to be relinked with a layer in each of slots
+        (this one's among them): whatever must not cross the change is
+        settled now, before any link changes."""
+
+    def relinked(self):
+        """The relink is done: the new links are what requests enter."""
+
 
 class _Face:
     """What the slot above sees of one slot: the layer's intercepted ops,
@@ -151,6 +159,11 @@ class IOStack:
     def refresh(self):
         """Relink every slot (a layer's intercepts changed)."""
         with self.lock:
+            slots = frozenset(self.layers)
+            # A layer need not derive from Layer (the clone group).
+            for layer in list(self.layers.values()):
+                if hasattr(layer, "relinking"):
+                    layer.relinking(slots)
             below = self.base
             for slot in reversed(ORDER):
                 if slot == UPPER[-1]:
@@ -163,3 +176,6 @@ class IOStack:
             self.top = below
             if self.on_change is not None:
                 self.on_change(below)
+            for layer in list(self.layers.values()):
+                if hasattr(layer, "relinked"):
+                    layer.relinked()

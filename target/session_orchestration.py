@@ -144,6 +144,7 @@ class SessionOrchestration:
             if not layer.sessions:
                 # An LU without sessions pays nothing for them.
                 lu.stack.remove("sessions", layer)
+                layer.close()
         self.target.sessions.pop(session.name, None)
 
     def _persist_session(self, source, name, image=False):

@@ -796,6 +796,10 @@ class Session:
                                        names)}
 
     def close(self):
+        if self.layer is not None:
+            # Its writes queued in the layer are applied first (they may
+            # still save old data), and the layer's applier ends.
+            self.layer.drain(stop=True)
         engine = self.engine
         if engine is not None:
             engine.stop("closing")
