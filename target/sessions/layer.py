@@ -5,9 +5,50 @@ Design notes
 SessionLayer sees every change to the Source's bytes (host writes, a
 secondary's replicated apply, clone engine writes into the Source, trims)
 and shows it to each session before it is applied: the session tracks it
-and, while marked, saves the old data first (copy on first write).  Reads
-and extents pass through; a flush gives sessions a chance to commit their
-tracking maps.  An LU without sessions has no such layer and pays nothing.
+and, while marked, saves the old data first (copy on first write).  A
+flush gives sessions a chance to commit their tracking maps.  An LU
+without sessions has no such layer and pays nothing.
+
+Deferred writes (a write-back of first writes, like a disk's volatile
+cache).  NBD lets a server acknowledge a write without FUA before it is
+durable, and nbdkit serves one request of a connection at a time, so a
+client never has a second first write to share a save's flush with.  A
+write that must wait for a save (or an activity map mark) to become
+durable is therefore prepared in the request's thread (tracking noted,
+old data copied to the save area: Session.prepare_write), queued with a
+copy of its data, and acknowledged.  One applier thread per layer
+(started when needed, ended by drain(stop=True)) takes queued writes in
+order, finishes them (Session.finish_write: the first one's wait runs a
+save-area flush covering everything queued before it began, the group
+commit; the saves then join the frozen image) and only then writes the
+Source below.  So a Source write never precedes its durable save, as
+before; what changes is when the host is told.
+- Order: a read, extents call, zero, trim or write overlapping a queued
+  write waits until it is applied (a write that has to wait anyway is
+  queued behind it instead); a flush waits for every write queued before
+  it, then flushes below: what a flush or FUA covers is durable, saves
+  and Source alike.  A write with nothing to wait for that overlaps
+  nothing queued goes straight on.  Zero and trim stay synchronous.
+- Bounded: MAX_QUEUED writes or MAX_QUEUED_BYTES; a writer beyond waits.
+- A deferred write whose finish or Source write fails cannot be reported
+  to its request: every later flush fails (DeferredWriteFailed, EIO) for
+  as long as the layer lives (until the LU's last session is deleted or
+  the target restarts), so no client takes a later flush for a promise
+  that covers it.  A failed save still only ends the mark; the write
+  applies.
+- Only while sessions are the stack's only layer (`relinking`): a clones
+  layer above would mirror a write whose Source copy is still queued (a
+  kill -9 would leave the two different with no Delta Map bit), a primary's
+  replication layer below acknowledges sync writes only once the
+  secondary has them, a secondary's guard orders reads against applied
+  batches.  Before such a layer is linked the queue is drained.  Reads
+  and extents are intercepted only then too (one frame more per read).
+- Marks count a queued write as in flight until applied (mark waits for
+  it); a session's close, the layer's removal and the target's stop drain
+  the queue and end the applier.  A kill -9 loses queued writes, which
+  were acknowledged but not flushed, as a power cut can lose any write
+  not flushed; the frozen image is unaffected (a save joins it only once
+  durable, and its Source write comes after).
 
 FrozenExport is the read-only face of a marked session's point in time.  A
 connection reads the point in time it connected to, or fails with
@@ -122,11 +163,14 @@ class SessionLayer(iostack.Layer):
                 # before anything in it can fail, and after_write undoes it.
                 changes.append((s, None))
                 changes[-1] = (s, s.prepare_write(offset, length))
-        except BaseException:
+        except Exception:
             try:
                 self._finish(changes)
             finally:
                 self._done(changes)
+            raise
+        except BaseException:
+            self._done(changes)
             raise
         return changes
 
@@ -138,7 +182,7 @@ class SessionLayer(iostack.Layer):
         for s, change in changes:
             try:
                 s.finish_write(change)
-            except BaseException as e:
+            except Exception as e:
                 error = error or e
         if error is not None:
             raise error
@@ -179,7 +223,7 @@ class SessionLayer(iostack.Layer):
                             or self._overlaps(offset, len(buf)):
                         self._enqueue(bytes(buf), offset, changes)
                         return
-                except BaseException:
+                except Exception:
                     try:
                         self._finish(changes)
                     finally:
@@ -265,20 +309,29 @@ class SessionLayer(iostack.Layer):
         """The applier: queued writes in order.  The first one's save
         waits for a flush of the save area that covers every save written
         before it began: the saves queued meanwhile share it."""
-        while True:
+        try:
+            while True:
+                with self._cond:
+                    while not self._queue and not self._stopping:
+                        self._cond.wait()
+                    if not self._queue:
+                        return
+                    # Left in the queue until applied: requests over it
+                    # wait.
+                    q = self._queue[0]
+                try:
+                    self._apply(q)
+                finally:
+                    with self._cond:
+                        self._queue.popleft()
+                        self._queued_bytes -= len(q.data)
+                        self._applied_seq = q.seq
+                        self._cond.notify_all()
+        finally:
             with self._cond:
-                while not self._queue and not self._stopping:
-                    self._cond.wait()
-                if not self._queue:
-                    return
-                # Left in the queue until applied: requests over it wait.
-                q = self._queue[0]
-            self._apply(q)
-            with self._cond:
-                self._queue.popleft()
-                self._queued_bytes -= len(q.data)
-                self._applied_seq = q.seq
-                self._cond.notify_all()
+                if self._applier is threading.current_thread():
+                    # Ended by an exception: the next write starts one.
+                    self._applier = None
 
     def _apply(self, q):
         try:

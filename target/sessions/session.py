@@ -25,6 +25,10 @@ first copies the extent's old data to the save area (copy on first write,
 a target.copier run) and makes it durable (savearea.SaveArea, a group
 commit shared with concurrent first writes): a write that could become
 durable before its old data is saved would lose the point in time.  The
+two halves are apart (prepare_write copies, finish_write waits and takes
+the saves into the frozen image) so that the layer may acknowledge a
+write in between and finish it in its applier thread (layer.py: deferred
+writes); a queued write counts as in flight until applied.  The
 frozen image is saved data where present, else the Source.  A reader of
 the frozen image reads the Source and then checks, under the lock, whether
 the extent was saved meanwhile; if so it reads the saved copy instead: a
