@@ -31,7 +31,10 @@ Why this order:
 Which layers are present, and what each intercepts, changes at run time (a
 clone added, a restore started, a group promoted).  Whoever changes that
 calls `set`, `remove` or `refresh`; the stack relinks every slot, so the
-composition never depends on which feature changed last.  An op a layer does
+composition never depends on which feature changed last.  Each layer is
+told before the links change (`relinking`, with the slots that will be
+filled: the sessions' layer applies the writes it deferred before another
+layer may miss them) and after (`relinked`).  An op a layer does
 not intercept is the bound method of the layer below: an LU without layers
 reads with its backend's own readinto, one Python frame per request.
 

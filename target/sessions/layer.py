@@ -15,14 +15,19 @@ durable, and nbdkit serves one request of a connection at a time, so a
 client never has a second first write to share a save's flush with.  A
 write that must wait for a save (or an activity map mark) to become
 durable is therefore prepared in the request's thread (tracking noted,
-old data copied to the save area: Session.prepare_write), queued with a
-copy of its data, and acknowledged.  One applier thread per layer
-(started when needed, ended by drain(stop=True)) takes queued writes in
-order, finishes them (Session.finish_write: the first one's wait runs a
-save-area flush covering everything queued before it began, the group
-commit; the saves then join the frozen image) and only then writes the
-Source below.  So a Source write never precedes its durable save, as
-before; what changes is when the host is told.
+the extents to save claimed: Session.prepare_write), queued with a copy
+of its data, and acknowledged.  One applier thread per layer (started
+when needed, ended by drain(stop=True)) takes the queued writes as a
+batch: it copies the old data of them all to the save area
+(Session.copy_old_data), then finishes each in order (Session.finish_write:
+the first one's wait runs one save-area flush covering the whole batch,
+the group commit; the saves then join the frozen image) and only then
+writes it to the Source below.  A claim keeps every later write to its
+extent off the Source until its write is finished (it waits, or queues
+behind), so the old data is still there when the applier copies it, and
+the copy is off the request's path (measured: docs/performance.md).  So a
+Source write never precedes its durable save, as before; what changes is
+when the host is told.
 - Order: a read, extents call, zero, trim or write overlapping a queued
   write waits until it is applied (a write that has to wait anyway is
   queued behind it instead); a flush waits for every write queued before
@@ -103,7 +108,7 @@ class SessionLayer(iostack.Layer):
 
     # The bound of the queue: a writer beyond it waits.
     MAX_QUEUED = 256
-    MAX_QUEUED_BYTES = 8 << 20
+    MAX_QUEUED_BYTES = 4 << 20
 
     def __init__(self, inner=None, defer=False):
         self.inner = inner
@@ -175,6 +180,11 @@ class SessionLayer(iostack.Layer):
         return changes
 
     @staticmethod
+    def _copy(changes):
+        for s, change in changes:
+            s.copy_old_data(change)
+
+    @staticmethod
     def _finish(changes):
         """finish_write of every change; raise the first error after all
         are finished (each releases the extents it claimed)."""
@@ -197,6 +207,7 @@ class SessionLayer(iostack.Layer):
             self._wait_for(offset, length)
         changes = self._prepare(offset, length)
         try:
+            self._copy(changes)
             self._finish(changes)
             apply()
         finally:
@@ -316,22 +327,32 @@ class SessionLayer(iostack.Layer):
                         self._cond.wait()
                     if not self._queue:
                         return
-                    # Left in the queue until applied: requests over it
+                    # Left in the queue until applied: requests over them
                     # wait.
-                    q = self._queue[0]
-                try:
-                    self._apply(q)
-                finally:
-                    with self._cond:
-                        self._queue.popleft()
-                        self._queued_bytes -= len(q.data)
-                        self._applied_seq = q.seq
-                        self._cond.notify_all()
+                    batch = list(self._queue)
+                self._copy_batch(batch)
+                for q in batch:
+                    try:
+                        self._apply(q)
+                    finally:
+                        with self._cond:
+                            self._queue.popleft()
+                            self._queued_bytes -= len(q.data)
+                            self._applied_seq = q.seq
+                            self._cond.notify_all()
         finally:
             with self._cond:
                 if self._applier is threading.current_thread():
                     # Ended by an exception: the next write starts one.
                     self._applier = None
+
+    def _copy_batch(self, batch):
+        """The old data of every write of batch to the save areas, before
+        the first of them waits for a flush: one flush covers them all.
+        Copied only now: until a write's finish its claims keep its
+        extents' old data on the Source."""
+        for q in batch:
+            self._copy(q.changes)
 
     def _apply(self, q):
         try:

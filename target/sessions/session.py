@@ -25,10 +25,12 @@ first copies the extent's old data to the save area (copy on first write,
 a target.copier run) and makes it durable (savearea.SaveArea, a group
 commit shared with concurrent first writes): a write that could become
 durable before its old data is saved would lose the point in time.  The
-two halves are apart (prepare_write copies, finish_write waits and takes
-the saves into the frozen image) so that the layer may acknowledge a
-write in between and finish it in its applier thread (layer.py: deferred
-writes); a queued write counts as in flight until applied.  The
+steps are apart (prepare_write notes and claims, copy_old_data copies,
+finish_write waits and takes the saves into the frozen image) so that the
+layer may acknowledge a write after the first and do the others in its
+applier thread (layer.py: deferred writes); a queued write counts as in
+flight until applied, and its claims keep other writes to its extents
+waiting until then.  The
 frozen image is saved data where present, else the Source.  A reader of
 the frozen image reads the Source and then checks, under the lock, whether
 the extent was saved meanwhile; if so it reads the saved copy instead: a
@@ -276,16 +278,20 @@ class Session:
     def before_write(self, offset, length):
         """Track a change of [offset, offset+length); COFW if marked.  The
         tracking bit and the old data are durable before returning."""
-        self.finish_write(self.prepare_write(offset, length))
+        change = self.prepare_write(offset, length)
+        self.copy_old_data(change)
+        self.finish_write(change)
 
     def prepare_write(self, offset, length):
-        """The part of before_write that waits for no flush: the write is
-        counted in flight (after_write undoes it, whatever happens), its
-        tracking bits are noted and, while marked, the extents it must
-        save that no other writer is saving are claimed and their old data
-        written to the save area, not yet durable.  Returns the _Change to
-        give finish_write before the write may reach the Source (None: the
-        session is closed)."""
+        """The part of before_write that does no I/O but the tracking
+        mark's write: the write is counted in flight (after_write undoes
+        it, whatever happens), its tracking bits are noted and, while
+        marked, the extents it must save that no other writer is saving
+        are claimed.  Returns the _Change to give copy_old_data and then
+        finish_write before the write may reach the Source (None: the
+        session is closed).  The claims keep every other write to those
+        extents from the Source until finish_write: the old data may be
+        copied any time before."""
         e0, e1 = _range_of(offset, length, self.granularity)
         with self.cond:
             while self.state == MARKING:
@@ -296,14 +302,13 @@ class Session:
             change = _Change(e0, e1, self.tracking.note_write(e0, e1))
             if self.marked:
                 self._claim(change, self._protected(e0, e1))
-        self._copy(change)
         return change
 
     def finish_write(self, change):
-        """The rest of before_write: change's saves and tracking marks are
-        durable (its saves then part of the frozen image), and so is the
-        old data of the extents other writers were saving; a full save
-        area or a failed save ends the mark."""
+        """The rest of before_write, after copy_old_data: change's saves
+        and tracking marks are durable (its saves then part of the frozen
+        image), and so is the old data of the extents other writers were
+        saving; a full save area or a failed save ends the mark."""
         if change is None:
             return
         self._settle(change)
@@ -323,11 +328,12 @@ class Session:
                                         slots=self.save_area.capacity,
                                         granularity=self.granularity)
 
-    def _copy(self, change):
+    def copy_old_data(self, change):
         """Write the old data of change's claimed extents to the save
         area (not yet durable); a failure is change's error."""
-        if not change.slots or change.error is not None:
-            return
+        if change is None or not change.slots or change.error is not None \
+                or change.generation != self.generation:
+            return      # nothing to save, or the mark went meanwhile
         try:
             change.stored = self._store_old_data(change.slots,
                                                  change.generation)
@@ -370,7 +376,7 @@ class Session:
                     continue
                 change = _Change(e0, e1, 0)
                 self._claim(change, need)
-            self._copy(change)
+            self.copy_old_data(change)
             self._settle(change)
 
     def save_ahead(self, runs):
@@ -401,7 +407,7 @@ class Session:
                     self._claim(change, sorted(
                         {x for e0, e1 in ranges
                          for x in self._protected(e0, e1)}))
-            self._copy(change)
+            self.copy_old_data(change)
             self._settle(change)
         finally:
             self.after_write()

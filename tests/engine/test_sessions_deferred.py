@@ -410,3 +410,55 @@ def test_frozen_image_power_loss_twin_protection_off(tmp_path, keep):
     """The save area's fdatasync ignored: the check above must catch it."""
     with pytest.raises(AssertionError, match="frozen image differs"):
         check_power_cut(tmp_path, 0, keep, honour_flush=False)
+
+
+class FailingFlush(backends.MemoryBackend):
+    """A save area whose flushes fail with EIO once armed."""
+
+    armed = False
+
+    def flush(self):
+        if self.armed:
+            raise OSError(errno.EIO, "Input/output error (injected)")
+
+
+def test_a_failed_save_ends_the_mark_and_the_deferred_write_applies(
+        tmp_path):
+    save = FailingFlush(SAVE_SIZE)
+    source = backends.MemoryBackend(SIZE)
+    source.data[:] = random.Random(4).randbytes(SIZE)
+    stack, s = stacked_session(tmp_path, source, save)
+    save.armed = True
+    stack.top.write(b"x" * GRAN, 0)
+    stack.top.flush()
+    assert not s.marked
+    assert "Input/output error" in s.error
+    assert bytes(source.data[:GRAN]) == b"x" * GRAN
+    save.armed = False
+    s.mark(export=True)
+    at_mark = bytes(source.data)
+    stack.top.write(b"y" * GRAN, GRAN)
+    stack.top.flush()
+    assert s.marked and s.cofw_count == 1
+    assert frozen_image(s) == at_mark
+    s.close()
+
+
+def test_a_full_save_area_ends_the_mark_and_the_deferred_writes_apply(
+        tmp_path):
+    index = sessions.SaveArea.minimum_size(EXTENTS, GRAN) - GRAN
+    source = backends.MemoryBackend(SIZE)
+    source.data[:] = random.Random(5).randbytes(SIZE)
+    stack, s = stacked_session(tmp_path, source,
+                               backends.MemoryBackend(index + 2 * GRAN))
+    for x in range(4):
+        stack.top.write(bytes([x + 1]) * 512, x * GRAN)
+    stack.top.flush()
+    assert not s.marked
+    assert "full" in s.error
+    for x in range(4):
+        assert bytes(source.data[x * GRAN:x * GRAN + 512]) == \
+            bytes([x + 1]) * 512
+    # Nothing is lost from the next transfer.
+    assert all(s.tracking.bits[x] for x in range(4))
+    s.close()

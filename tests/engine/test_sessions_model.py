@@ -88,8 +88,15 @@ class KilledLayer(sessions.SessionLayer):
         super().__init__(inner, defer=defer)
         self.go = threading.Event()
 
-    def _apply(self, q):
+    def _copy_batch(self, batch):
         self.go.wait()
+        if self.crash is None:
+            try:
+                super()._copy_batch(batch)
+            except Crash as e:
+                self.crash = e
+
+    def _apply(self, q):
         if self.crash is None:
             try:
                 super()._apply(q)
