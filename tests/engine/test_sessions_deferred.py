@@ -18,6 +18,11 @@ target does (iostack.IOStack), and writes enter at its top.
   cut when the N-th write lands on the Source; the frozen image recovered
   from what was durable must be the mark's.  Its twin ignores the save
   area's fdatasync and must be caught.
+- test_every_source_write_finds_its_save_durable: at every write that
+  lands on the Source, the save area's durable bytes hold the old data of
+  its extents; its twin too.
+- test_a_failed_save_*, test_a_full_save_area_*: the mark ends, the
+  deferred writes apply.
 """
 
 import collections
@@ -26,6 +31,7 @@ import os
 import random
 import threading
 import time
+import zlib
 
 import pytest
 
@@ -462,3 +468,63 @@ def test_a_full_save_area_ends_the_mark_and_the_deferred_writes_apply(
     # Nothing is lost from the next transfer.
     assert all(s.tracking.bits[x] for x in range(4))
     s.close()
+
+
+class CheckedSource(backends.MemoryBackend):
+    """The Source; each time a write lands on it, the save area's durable
+    bytes alone must hold the old data at the mark of every extent it
+    writes (its index entry, and a slot whose crc matches): a power cut
+    at that moment keeps the frozen image."""
+
+    def __init__(self, lock, save):
+        super().__init__(SIZE)
+        self.lock = lock
+        self.save = save
+        self.at_mark = None
+        self.early = set()
+
+    def write(self, buf, offset):
+        with self.lock:
+            if self.at_mark is not None:
+                durable = self.save.file.durable
+                index = (EXTENTS * 8 + 4095) // 4096 * 4096
+                for x in range(offset // GRAN,
+                               (offset + len(buf) - 1) // GRAN + 1):
+                    slot1, crc = sessions.SaveArea.ENTRY.unpack_from(
+                        durable, x * sessions.SaveArea.ENTRY.size)
+                    old = self.at_mark[x * GRAN:(x + 1) * GRAN]
+                    at = index + (slot1 - 1) * GRAN
+                    if slot1 == 0 or crc != zlib.crc32(old) or \
+                            durable[at:at + GRAN] != old:
+                        self.early.add(x)
+            super().write(buf, offset)
+
+
+def check_every_write(tmp_path, seed, honour_flush=True):
+    rng = random.Random(seed)
+    lock = threading.Lock()
+    save = SimSaveArea(powerloss.SimFile(bytes(SAVE_SIZE)), lock,
+                       honour_flush)
+    source = CheckedSource(lock, save)
+    source.data[:] = rng.randbytes(SIZE)
+    stack, s = stacked_session(tmp_path, source, save)
+    source.at_mark = at_mark = bytes(source.data)
+    for x in rng.sample(range(EXTENTS), EXTENTS):
+        stack.top.write(rng.randbytes(1024), x * GRAN +
+                        rng.randrange(0, GRAN - 1024, 512))
+    stack.top.flush()
+    assert frozen_image(s) == at_mark
+    s.close()
+    assert not source.early, "extents {} were written on the Source " \
+        "before their saves were durable".format(sorted(source.early))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_every_source_write_finds_its_save_durable(tmp_path, seed):
+    check_every_write(tmp_path, seed)
+
+
+def test_every_source_write_twin_protection_off(tmp_path):
+    """The save area's fdatasync ignored: the check above must catch it."""
+    with pytest.raises(AssertionError, match="before their saves were"):
+        check_every_write(tmp_path, 0, honour_flush=False)
