@@ -1,6 +1,7 @@
 """Deferred first writes through a running target: a client's first writes
 to a marked Source are acknowledged before their saves are durable (the
-sessions' layer queues them), a flush makes them durable, and a kill -9
+sessions' layer queues them), a flush returns once they are on the Source
+(its backing file is read directly) and durable, and a kill -9
 of nbdkit then loses none of the flushed writes and leaves the frozen
 image the mark's.  Writes acknowledged after the last flush may be lost
 by the kill: each of their blocks holds its data at the mark or the
@@ -43,6 +44,12 @@ def test_flushed_first_writes_survive_a_kill_and_the_frozen_image_stays(
         (flushed if i < 200 else unflushed).append((offset, data))
         if i == 199:
             h.flush()
+            # A flush returns once every write before it is on the Source.
+            source = env.img("src")
+            behind = [off for off, data in flushed
+                      if read_range(source, off, len(data)) != data]
+            assert not behind, "{} writes not on the Source after a " \
+                "flush, at {} ...".format(len(behind), behind[:4])
     assert env.sstatus()["cofw_count"] >= 200
     env.kill_nbdkit()
     try:
