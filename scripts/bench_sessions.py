@@ -20,10 +20,11 @@ Source to B's LU.
 4. 4K randwrite QD16 first writes to a freshly marked Source: the same fio
    run right after `session mark --export` (every extent's first write
    saves its old data) against unmarked, alternately, under nbdkit's
-   default thread model (requests of one connection one at a time) and
-   `parallel` (fio's 16 requests at once: concurrent first writes share
-   the save area's flushes), or the models --thread-models names, in turn
-   within each repeat.  `--only "first writes"` runs only this part.
+   default thread model (requests of one connection one at a time: the
+   sessions' layer defers the first writes, which then share the save
+   area's flushes) and `parallel` (fio's 16 requests at once), or the
+   models --thread-models names, in turn within each repeat.  `--only
+   "first writes"` runs only this part.
 """
 
 import json
