@@ -215,9 +215,21 @@ def run_fio_command(cmd, cwd=None):
                                    check=True, cwd=cwd).stdout)
 
 
-def run_fio(uri, rw, bs, iodepth, runtime, size):
-    job = run_fio_command(fio_command([uri], rw, bs, iodepth, size,
-                                      runtime))[0]
+def connections_args(connections):
+    """fio's options that spread a job over that many NBD connections, as
+    a multi-conn host (nbd-client -C, qemu) spreads one queue: as many
+    jobs (fio's nbd engine opens one connection per job), reported as
+    one.  The caller divides the queue depth among them."""
+    if connections == 1:
+        return ()
+    return ("--numjobs={}".format(connections), "--group_reporting")
+
+
+def run_fio(uri, rw, bs, iodepth, runtime, size, connections=1):
+    """iodepth in all, over connections NBD connections."""
+    job = run_fio_command(fio_command(
+        [uri], rw, bs, iodepth // connections, size, runtime,
+        extra=connections_args(connections)))[0]
     side = job["read"] if "read" in rw else job["write"]
     pct = side["clat_ns"].get("percentile", {})
     return {"iops": side["iops"], "mbps": side["bw_bytes"] / 1e6,
@@ -272,6 +284,12 @@ def main():
                         "--thread-state`; 'default' is the server's own "
                         "(default: sessions default,parallel; replication "
                         "default)")
+    p.add_argument("--connections", metavar="N,...", default="1,4",
+                   help="sessions suite (first writes) and replication "
+                        "suite (4K randwrite): the same total queue depth "
+                        "over N NBD connections (fio jobs), a row for each "
+                        "N, the peer measured in the same shape "
+                        "(default 1,4)")
     p.add_argument("--only", help="run only workloads whose name contains "
                    "this (replication suite: writes, replay or converge)")
     p.add_argument("--json", metavar="FILE", help="also write results as JSON")
@@ -283,6 +301,7 @@ def main():
         args.servers = "nbdkit-file,qemu-nbd,clonectl"
     if args.quick:
         args.runtime, args.repeat, args.size = 2, 1, "256M"
+    args.connections = [int(n) for n in args.connections.split(",")]
     size = int(subprocess.check_output(
         ["numfmt", "--from=iec", args.size]).decode())
 

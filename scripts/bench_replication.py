@@ -12,6 +12,9 @@ multi-node tests'.
    no replication, replicated by an async link, by a sync link; measured
    alternately, medians, ratios to no replication (target async >= 0.7);
    for sync the mean completion latency added per write against the RTT.
+   The 4 KiB row also over each --connections count N > 1: the same 16
+   requests spread over N connections (as a multi-conn host does:
+   concurrent sync writes share a round trip to the secondary).
    After every replicated run the suite waits for the link to catch up
    (state replicating, lag 0) and records whether the SRL overflowed
    during the run (a DCM replay happened).
@@ -180,8 +183,9 @@ def _kill(pid, sig):
         pass
 
 
-def fio_cmd(uri, rw, bs, iodepth, runtime, size, rate=None, ramp=True):
-    cmd = ["fio", "--name=bench", "--ioengine=nbd", "--uri=" + uri,
+def fio_cmd(uri, rw, bs, iodepth, runtime, size, rate=None, ramp=True,
+            extra=()):
+    cmd = ["fio", "--name=bench", "--ioengine=nbd", "--uri=" + uri, *extra,
            "--rw=" + rw, "--bs=" + bs, "--iodepth=" + str(iodepth),
            "--size=" + str(size), "--time_based", "--runtime=" + str(runtime),
            "--randrepeat=0", "--norandommap", "--output-format=json"]
@@ -199,8 +203,11 @@ def fio_result(out):
             "clat_us": job["clat_ns"]["mean"] / 1000.0}
 
 
-def run_fio(uri, rw, bs, iodepth, runtime, size):
-    out = subprocess.run(fio_cmd(uri, rw, bs, iodepth, runtime, size),
+def run_fio(bench, uri, rw, bs, iodepth, runtime, size, connections=1):
+    """iodepth in all, over connections NBD connections."""
+    out = subprocess.run(fio_cmd(uri, rw, bs, iodepth // connections,
+                                 runtime, size,
+                                 extra=bench.connections_args(connections)),
                          capture_output=True, text=True, check=True).stdout
     return fio_result(out)
 
@@ -289,7 +296,11 @@ def run(bench, args, size, workdir):
         # of the primary (restarted with each, in turn within a repeat).
         models = (args.thread_models or "default").split(",")
         serving = "default"
-        for name, rw, bs, qd in WRITES if want(args, "writes") else ():
+        rows = [(name if n == 1 else "{}, {} connections x QD{}".format(
+                    name, n, qd // n), rw, bs, qd, n)
+                for name, rw, bs, qd in WRITES
+                for n in (args.connections if bs == "4k" else [1])]
+        for name, rw, bs, qd, conns in rows if want(args, "writes") else ():
             samples = {m: {v: [] for v in VARIANTS} for m in models}
             overflow = {m: {v: 0 for v in GROUP_OF} for m in models}
             catchup = {m: {v: [] for v in GROUP_OF} for m in models}
@@ -310,7 +321,8 @@ def run(bench, args, size, workdir):
                         before = prim.link(GROUP_OF[v])["replays"] \
                             if v in GROUP_OF else None
                         samples[model][v].append(run_fio(
-                            uri(LU_OF[v]), rw, bs, qd, args.runtime, region))
+                            bench, uri(LU_OF[v]), rw, bs, qd, args.runtime,
+                            region, conns))
                         if v in GROUP_OF:
                             took = wait_replicating(prim, GROUP_OF[v],
                                                     CATCHUP_LIMIT_S)

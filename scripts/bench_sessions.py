@@ -23,8 +23,11 @@ Source to B's LU.
    default thread model (requests of one connection one at a time: the
    sessions' layer defers the first writes, which then share the save
    area's flushes) and `parallel` (fio's 16 requests at once), or the
-   models --thread-models names, in turn within each repeat.  `--only
-   "first writes"` runs only this part.
+   models --thread-models names, in turn within each repeat; and each
+   over the --connections counts (the same 16 requests spread over N
+   connections, as a multi-conn host does), unmarked and marked in the
+   same shape, the counts in turn within each model.  `--only "first
+   writes"` runs only this part.
 """
 
 import json
@@ -77,8 +80,9 @@ def _update(bench, state):
     return last, wall
 
 
-def _fio_randwrite(bench, uri, size, runtime):
-    return bench.run_fio(uri, "randwrite", "4k", 16, runtime, size)["iops"]
+def _fio_randwrite(bench, uri, size, runtime, connections=1):
+    return bench.run_fio(uri, "randwrite", "4k", 16, runtime, size,
+                         connections)["iops"]
 
 
 FIRST_WRITES = "4K randwrite QD16 first writes to a freshly marked Source"
@@ -89,31 +93,35 @@ FIRST_WRITES_MODELS = "default,parallel"
 
 def _first_writes(bench, args, size, state, sock, uri):
     """4. Unmarked and freshly marked (--export), alternately, per thread
-    model, the models in turn within each repeat; the server is restarted
-    with each."""
+    model and connection count, the models in turn within each repeat
+    (the server is restarted with each), the counts in turn within a
+    model."""
     models = (args.thread_models or FIRST_WRITES_MODELS).split(",")
-    rows = {m: {"unmarked": [], "marked": [], "saves": []} for m in models}
+    shapes = [(m, n) for m in models for n in args.connections]
+    rows = {s: {"unmarked": [], "marked": [], "saves": []} for s in shapes}
     for rep in range(args.repeat):
         for model in bench.rotate(models, rep):
             bench.clonectl(state, "stop")
             _serve(bench, state, sock, model)
-            rows[model]["unmarked"].append(_fio_randwrite(bench, uri, size,
-                                                          args.runtime))
-            bench.clonectl(state, "session", "mark", "s", "--export")
-            saved = _status(bench, state)["cofw_count"]
-            rows[model]["marked"].append(_fio_randwrite(bench, uri, size,
-                                                        args.runtime))
-            rows[model]["saves"].append(_status(bench, state)["cofw_count"] -
-                                        saved)
-            bench.clonectl(state, "session", "unmark", "s")
+            for n in bench.rotate(args.connections, rep):
+                row = rows[model, n]
+                row["unmarked"].append(_fio_randwrite(bench, uri, size,
+                                                      args.runtime, n))
+                bench.clonectl(state, "session", "mark", "s", "--export")
+                saved = _status(bench, state)["cofw_count"]
+                row["marked"].append(_fio_randwrite(bench, uri, size,
+                                                    args.runtime, n))
+                row["saves"].append(_status(bench, state)["cofw_count"] -
+                                    saved)
+                bench.clonectl(state, "session", "unmark", "s")
     bench.clonectl(state, "stop")
     _serve(bench, state, sock)
-    return [{"model": model,
+    return [{"model": model, "connections": n,
              "ratio": statistics.median(
-                 m / u for m, u in zip(rows[model]["marked"],
-                                       rows[model]["unmarked"])),
-             **{k: statistics.median(v) for k, v in rows[model].items()}}
-            for model in models]
+                 m / u for m, u in zip(rows[model, n]["marked"],
+                                       rows[model, n]["unmarked"])),
+             **{k: statistics.median(v) for k, v in rows[model, n].items()}}
+            for model, n in shapes]
 
 
 def _wanted(args, part):
@@ -208,16 +216,20 @@ def print_tables(res, args):
     print()
     if res["first_writes"]:
         base = res["first_writes"][0]
-        print("| {} | nbdkit thread model[@thread state] | unmarked IOPS | "
-              "marked IOPS | saves (copies on first write) | marked/unmarked "
-              "(target >= 0.5; median of the repeats' ratios) | unmarked / "
-              "{} |".format(FIRST_WRITES, base["model"]))
-        print("|---|---|---|---|---|---|---|")
+        print("| {} | nbdkit thread model[@thread state] | connections x "
+              "QD | unmarked IOPS | marked IOPS | saves (copies on first "
+              "write) | marked/unmarked (target >= 0.5; median of the "
+              "repeats' ratios) | unmarked / {}, {} x QD{} |".format(
+                  FIRST_WRITES, base["model"], base["connections"],
+                  16 // base["connections"]))
+        print("|---|---|---|---|---|---|---|---|")
         for r in res["first_writes"]:
-            print("| {}s fio runs | {} | {:.0f} | {:.0f} | {:.0f} | {:.2f} | "
-                  "{:.2f} |".format(args.runtime, r["model"], r["unmarked"],
-                                    r["marked"], r["saves"], r["ratio"],
-                                    r["unmarked"] / base["unmarked"]))
+            print("| {}s fio runs | {} | {} x QD{} | {:.0f} | {:.0f} | "
+                  "{:.0f} | {:.2f} | {:.2f} |".format(
+                      args.runtime, r["model"], r["connections"],
+                      16 // r["connections"], r["unmarked"], r["marked"],
+                      r["saves"], r["ratio"],
+                      r["unmarked"] / base["unmarked"]))
         print()
     if res["bytes"]:
         print("| changed extents | count | expected bytes | bytes sent | "

@@ -1273,7 +1273,13 @@ class Link:
                         self._ack_timed_out("a write")
                         return
                     # Set again by whatever changes next (under the lock).
-                    waiter.event.clear()
+                    # An acknowledgement that covered it took it off the
+                    # list, and a lost connection may have taken that
+                    # acknowledgement back since: back on the list.
+                    if waiter.listed:
+                        waiter.event.clear()
+                    else:
+                        waiter = g.cond.ack_waiter(self, seq)
         finally:
             if waiter.listed:
                 with g.cond:

@@ -142,13 +142,16 @@ class _ReplayApplier:
     RSYN, a frame that must wait (below) or a pause of the connection
     (idle()) comes; then the old data of every extent the window writes
     is saved ahead by the volumes' sessions (the last consistent image:
-    save_ahead), made durable with one flush for the whole window while
-    the window before is still being written, and only then, once the
-    writes in flight leave room (as many frames, the other half of the
-    bytes), are the window's frames written.  A write would otherwise
-    save its extent itself and wait for a flush of its own (a group
-    commit shared with the writes beside it): about one flush per few
-    frames instead of one per window.  A frame's bytes never reach a
+    save_ahead), made durable with one flush for the whole window, by a
+    thread of its own (the saver, one window after the other) while the
+    window before is still being written and the connection receives
+    the next one; once the writes in flight leave room (as many frames,
+    the other half of the bytes) the window's writes are queued, and
+    each begins only once the window's save returned (a failed save
+    fails them: nothing of the window is written).  A write would
+    otherwise save its extent itself and wait for a flush of its own (a
+    group commit shared with the writes beside it): about one flush per
+    few frames instead of one per window.  A frame's bytes never reach a
     volume before the old data of its extent is durable in the save area
     (the write still saves what the window did not).
 
@@ -170,6 +173,7 @@ class _ReplayApplier:
         self.inflight = []      # (vol, offset, length, bytes, future)
         self.held = 0           # bytes of the frames held
         self.bytes = 0          # bytes of the writes in flight
+        self.saver = None       # the thread saving windows ahead
         self.syncer = None
         self.syncs = []         # futures of RSYNs not yet answered
         # A write or a flush failed: after a failed flush the kernel may
@@ -185,7 +189,16 @@ class _ReplayApplier:
         are dropped, and drain() raises for them."""
         self.dropping.set()
 
-    def _write(self, vol, kind, off, length, data):
+    def _save(self, runs):
+        """(The saver.)  Save ahead what a window changes: runs, by
+        volume."""
+        if self.dropping.is_set():
+            return
+        for vol, r in sorted(runs.items()):
+            self.group.save_ahead(self.group.volumes[vol], r)
+
+    def _write(self, saved, vol, kind, off, length, data):
+        saved.result()      # its error, if any, is this write's
         if self.dropping.is_set():
             raise _Dropped(name=self.group.name)
         self.group._apply_one(vol, kind, off, length, data)
@@ -228,17 +241,19 @@ class _ReplayApplier:
 
     def _begin_window(self):
         """Save ahead what the window's frames change, one flush for them
-        all, then write them (in the pool) once there is room."""
+        all (the saver), and queue their writes (the pool), which wait
+        for that save, once there is room."""
         window = self.window
         if not window:
             return
+        if self.saver is None:
+            self.saver = concurrent.futures.ThreadPoolExecutor(
+                1, thread_name_prefix="rsg-apply-save")
+        runs = {}
+        for vol, _, off, length, _ in window:
+            runs.setdefault(vol, []).append((off, length))
+        saved = self.saver.submit(self._save, runs)
         try:
-            if not self.dropping.is_set():
-                runs = {}
-                for vol, _, off, length, _ in window:
-                    runs.setdefault(vol, []).append((off, length))
-                for vol, r in sorted(runs.items()):
-                    self.group.save_ahead(self.group.volumes[vol], r)
             # The writes in flight make room for the window (it holds the
             # apply lock meanwhile).
             while self.inflight and (
@@ -250,8 +265,8 @@ class _ReplayApplier:
                     REPLAY_APPLY_WORKERS, thread_name_prefix="rsg-apply")
             while window:
                 vol, kind, off, length, data = window[0]
-                f = self.pool.submit(self._write, vol, kind, off, length,
-                                     data)
+                f = self.pool.submit(self._write, saved, vol, kind, off,
+                                     length, data)
                 window.pop(0)
                 n = len(data) if data is not None else 0
                 self.held -= n
@@ -263,6 +278,8 @@ class _ReplayApplier:
             self.failed = True
             self.window = []
             self.held = 0
+            # The save ends before the apply lock may go.
+            concurrent.futures.wait([saved])
             self._release_if_idle()
             raise
 
@@ -351,6 +368,8 @@ class _ReplayApplier:
             pass
         if self.pool is not None:
             self.pool.shutdown()
+        if self.saver is not None:
+            self.saver.shutdown()
         if self.syncer is not None:
             self.syncer.shutdown()
 

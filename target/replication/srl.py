@@ -13,6 +13,7 @@ import collections
 import errno
 import os
 import struct
+import threading
 
 from .. import backends, errors, fsutil
 from .wire import WRITE, entry_crc
@@ -84,6 +85,7 @@ class Srl:
         self.head_pos = 0          # where the next entry goes
         self.next_seq = 1
         self.dirty = False
+        self._sync_lock = threading.Lock()
         # pos -> entry as read() gives it, for the newest entries appended
         # (pos is where a reader asks for it: the head before the append).
         self._recent = collections.OrderedDict()
@@ -210,16 +212,20 @@ class Srl:
         return corrupt
 
     def sync(self):
-        if self.dirty:
-            # Cleared first: an append during the sync sets it again.
-            self.dirty = False
-            try:
-                if self.faults is not None:
-                    self.faults.check("flush", 0, 0)
-                os.fdatasync(self.fd)
-            except OSError:
-                self.dirty = True
-                raise
+        """Make every entry appended so far durable.  One at a time: a
+        caller that finds a sync running waits for it to end, since what
+        it appended may be what that sync is writing."""
+        with self._sync_lock:
+            if self.dirty:
+                # Cleared first: an append during the sync sets it again.
+                self.dirty = False
+                try:
+                    if self.faults is not None:
+                        self.faults.check("flush", 0, 0)
+                    os.fdatasync(self.fd)
+                except OSError:
+                    self.dirty = True
+                    raise
 
     def close(self):
         if self.fd is not None:

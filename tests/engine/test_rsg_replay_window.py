@@ -11,16 +11,26 @@ writes any frame of the window into the volume.
   replay write that reaches the volume's file finds the old data of its
   extents durable in the save area (a save written before an fdatasync of
   the save area that completed).  Its twin ignores the wait for the save
-  area's flush (the protection off) and must be caught.
+  area's flush (the protection off) and must be caught.  It also checks
+  that every write comes after the save_ahead of its window returned (the
+  writes then wait for no save of their own).
+- test_the_connection_reads_on_while_a_window_is_saved: the window's save
+  runs beside the connection, which goes on receiving the next frames
+  meanwhile; the window's frames are written once the save returned.
+- test_a_window_whose_save_fails_is_not_written: a save that fails fails
+  the window's writes (none lands), no RSYN after it is answered, and the
+  session ends leaving no thread behind.
 """
 
 import collections
 import os
 import threading
+import time
+import zlib
 
 import pytest
 
-from tests.support.rsgmodel import fast_timing, restore_timing
+from tests.support.rsgmodel import fast_timing, restore_timing, wait_for
 from tests.support.rsgpair import FakePrimary, pair  # noqa: F401
 
 from target import backends, sessions
@@ -149,6 +159,17 @@ def check_order(p, monkeypatch, frames):
         with lock:
             state["durable"] = max(state["durable"], upto)
     monkeypatch.setattr(os, "fdatasync", fdatasync)
+    # Extents whose window's save_ahead has returned.
+    saved_ahead, unsaved = set(), []
+    real_save_ahead = sessions.SessionLayer.save_ahead
+
+    def save_ahead(self, runs):
+        real_save_ahead(self, runs)
+        with lock:
+            saved_ahead.update(x for off, n in runs
+                               for x in range(off // GRAN,
+                                              (off + n - 1) // GRAN + 1))
+    monkeypatch.setattr(sessions.SessionLayer, "save_ahead", save_ahead)
     real_write = backends.FileBackend.write
 
     def write(self, buf, offset):
@@ -159,12 +180,17 @@ def check_order(p, monkeypatch, frames):
                     if stored.get(x, state["durable"] + 1) > \
                             state["durable"]:
                         early.append(x)
+                    if x not in saved_ahead:
+                        unsaved.append(x)
         return real_write(self, buf, offset)
     monkeypatch.setattr(backends.FileBackend, "write", write)
     image = _replay(p, frames, checking)
     assert not early, "replay data reached extents {} of the volume " \
         "before their old data was durable in the save area".format(
             sorted(set(early))[:8])
+    assert not unsaved, "replay data reached extents {} of the volume " \
+        "before the save_ahead of their window returned".format(
+            sorted(set(unsaved))[:8])
     return image
 
 
@@ -234,3 +260,144 @@ def test_frames_sharing_extents_across_windows_are_saved_first(pair):
     after = bytearray(FRAMES * GRAN)
     p.tb.lus["v"].backend.readinto(after, 0)
     assert all(after[off:off + piece] == data for off, data in frames)
+
+
+def test_the_connection_reads_on_while_a_window_is_saved(pair, monkeypatch):
+    """The save of a window (a copy and a flush of the kept image's save
+    area) is held up: the connection goes on receiving the frames after
+    the window meanwhile (it is not the thread saving), no frame of the
+    window reaches the volume before the save returned, and every frame
+    lands once it has, before the RSYN after them is answered."""
+    p = pair(size=FRAMES * GRAN)
+    window = R.secondary.REPLAY_APPLY_FRAMES
+    total = window + window // 2
+    # Small frames, one extent each, sent in one piece: all of them fit in
+    # the sockets' buffers, so the connection finds the next frame there
+    # at once and has no pause to drain at.
+    frames = [(x * GRAN, os.urandom(512)) for x in range(total)]
+    f = FakePrimary(p)
+    lock = threading.Lock()
+    armed, sent = threading.Event(), threading.Event()
+    held, go = threading.Event(), threading.Event()
+    state = {"received": 0}
+    savers, written = [], []
+    real_check = R.SecondaryGroup._check_data
+
+    def check_data(self, *args):
+        if armed.is_set():
+            # The first frame waits until all of them were sent.
+            sent.wait(10)
+            with lock:
+                state["received"] += 1
+        return real_check(self, *args)
+    monkeypatch.setattr(R.SecondaryGroup, "_check_data", check_data)
+    real_save_ahead = sessions.SessionLayer.save_ahead
+
+    def save_ahead(self, runs):
+        savers.append(threading.current_thread())
+        if len(savers) == 1:
+            held.set()
+            go.wait(30)
+        real_save_ahead(self, runs)
+    monkeypatch.setattr(sessions.SessionLayer, "save_ahead", save_ahead)
+    real_apply = R.SecondaryGroup._apply_one
+
+    def apply_one(self, vol, kind, off, length, data):
+        with lock:
+            written.append(off)
+        real_apply(self, vol, kind, off, length, data)
+    monkeypatch.setattr(R.SecondaryGroup, "_apply_one", apply_one)
+
+    def received():
+        with lock:
+            return state["received"]
+    try:
+        f.begin()
+        armed.set()
+        R.wire.send_frames(f.sock, [
+            (b"RDAT", R.wire.DATA.pack(0, R.WRITE, off, len(data),
+                                       zlib.crc32(data)), data)
+            for off, data in frames])
+        sent.set()
+        assert held.wait(10), "no window was saved ahead"
+        with lock:
+            assert not written, "a frame was written before its " \
+                "window's save returned"
+        wait_for(lambda: received() == total, 5, "the frames after the "
+                 "window being saved to be received",
+                 lambda: "{} of {} received; the connection's thread "
+                 "saving: {}".format(received(), total,
+                                     savers[0] is f.thread))
+        assert savers[0] is not f.thread
+        with lock:
+            assert not written, "a frame was written before its " \
+                "window's save returned"
+        go.set()
+        f.send(b"RSYN", R.wire.SEQ.pack(1))
+        assert f.recv()[0] == b"RSAK"
+        with lock:
+            assert sorted(written) == sorted(off for off, _ in frames)
+        f.end()
+    finally:
+        go.set()
+        f.close()
+    b = bytearray(512)
+    for off, data in frames:
+        p.tb.lus["v"].backend.readinto(b, off)
+        assert bytes(b) == data
+
+
+def test_a_window_whose_save_fails_is_not_written(pair, monkeypatch):
+    """The save of a window fails (EIO, after the connection went on
+    receiving): none of the window's frames, nor any after them, reaches
+    the volume, the RSYN after them is not answered, the session ends as
+    for a failure of this node's volumes, and no thread of the replay's
+    writer is left."""
+    p = pair(size=FRAMES * GRAN)
+    window = R.secondary.REPLAY_APPLY_FRAMES
+    frames = [(x * GRAN, os.urandom(512)) for x in range(window + 8)]
+    f = FakePrimary(p)
+    lock = threading.Lock()
+    written = []
+    real_save_ahead = sessions.SessionLayer.save_ahead
+
+    def save_ahead(self, runs):
+        time.sleep(0.2)
+        raise OSError(5, "Input/output error (injected)")
+    real_apply = R.SecondaryGroup._apply_one
+
+    def apply_one(self, vol, kind, off, length, data):
+        with lock:
+            written.append(off)
+        real_apply(self, vol, kind, off, length, data)
+    monkeypatch.setattr(R.SecondaryGroup, "_apply_one", apply_one)
+
+    def writers():
+        return [t.name for t in threading.enumerate()
+                if t.name.startswith(("rsg-apply", "rsg-replay-sync"))]
+    try:
+        f.begin()
+        monkeypatch.setattr(sessions.SessionLayer, "save_ahead", save_ahead)
+        R.wire.send_frames(f.sock, [
+            (b"RDAT", R.wire.DATA.pack(0, R.WRITE, off, len(data),
+                                       zlib.crc32(data)), data)
+            for off, data in frames] + [(b"RSYN", R.wire.SEQ.pack(1), None)])
+        f.thread.join(10)
+        assert not f.thread.is_alive(), "the session goes on"
+        f.sock.settimeout(1)
+        answers = []
+        try:
+            while True:
+                answers.append(f.recv()[0])
+        except (OSError, ConnectionError):
+            pass
+    finally:
+        monkeypatch.setattr(sessions.SessionLayer, "save_ahead",
+                            real_save_ahead)
+        f.close()
+    assert b"RSAK" not in answers, answers
+    assert not written, "{} frames written without their save".format(
+        len(written))
+    assert "Input/output error" in (f.sg.error or ""), f.sg.error
+    assert not writers(), writers()
+    assert not f.sg.consistent

@@ -287,3 +287,85 @@ def test_buffered_reader_refuses_huge_frames_and_ends_at_eof_mid_frame():
     finally:
         for s in (a, b, c, d):
             s.close()
+
+
+class _LinkStub:
+    """What a sync writer's wait reads of its link: the acknowledged
+    position (acked or held), and the group's condition."""
+
+    sync_waits = True
+    stopping = False
+    flow_waits = False
+
+    def __init__(self):
+        self.group = type("G", (), {"sync_timeout": 30})()
+        self.group.cond = R.primary._GroupCond(threading.Lock())
+        self.acknowledged = 0
+
+
+def test_sync_writer_woken_again_after_its_acknowledgement_was_taken_back():
+    # The acknowledgement covering a write arrives (the writer is taken
+    # off the wake list), then the connection is lost before the writer
+    # looked, and what the secondary only held is taken back: the writer
+    # waits again, and the acknowledgement that comes next must wake it,
+    # not its half-second look.
+    link = _LinkStub()
+    cond = link.group.cond
+    returned = []
+    writer = threading.Thread(target=lambda: (
+        R.link.Link._wait_applied(link, 5, time.monotonic() + 10),
+        returned.append(time.monotonic())))
+    writer.start()
+    deadline = time.monotonic() + 5
+    while not cond._acks and time.monotonic() < deadline:
+        time.sleep(0.005)
+    with cond:
+        link.acknowledged = 5
+        cond.acknowledged(link)
+        link.acknowledged = 0       # held, then taken back
+        cond.notify_all()
+    time.sleep(0.1)                 # the writer looked and waits again
+    assert not returned, "returned without its acknowledgement"
+    with cond:
+        link.acknowledged = 5
+        acked = time.monotonic()
+        cond.acknowledged(link)
+    writer.join(5)
+    assert returned and returned[0] - acked < 0.25, \
+        "woken {:.3f} s after its acknowledgement".format(
+            returned[0] - acked if returned else float("inf"))
+
+
+def test_srl_sync_returns_only_once_an_fdatasync_covering_it_ended(
+        tmp_path, monkeypatch):
+    # A host flush and the record's save both make the SRL durable: the
+    # second to ask, while the first one's fdatasync runs, must not return
+    # before that fdatasync ended (the record would then name entries a
+    # power cut could still take away).
+    srl = R.Srl(str(tmp_path / "srl"), R.MIN_SRL)
+    data = bytes(4096)
+    srl.append(1, 0, R.WRITE, 0, len(data), data,
+               R.entry_crc(1, 0, R.WRITE, 0, len(data), data))
+    real = R.srl.os.fdatasync
+    began, gate = threading.Event(), threading.Event()
+
+    def slow(fd):
+        began.set()
+        gate.wait(5)
+        real(fd)
+    monkeypatch.setattr(R.srl.os, "fdatasync", slow)
+    first = threading.Thread(target=srl.sync)
+    first.start()
+    try:
+        assert began.wait(5)
+        second = threading.Thread(target=srl.sync)
+        second.start()
+        second.join(0.2)
+        assert second.is_alive(), \
+            "a sync returned while the fdatasync covering it still ran"
+    finally:
+        gate.set()
+        first.join(5)
+    second.join(5)
+    assert not second.is_alive()
+    srl.close()
