@@ -73,8 +73,9 @@ class Layer:
 
     def relinking(self, slots):
         """The stack is about to be relinked with a layer in each of slots
-        (this one's among them): whatever must not cross the change is
-        settled now, before any link changes."""
+        (this one's among them, unless it is being taken out): whatever
+        must not cross the change is settled now, before any link
+        changes."""
 
     def relinked(self):
         """The relink is done: the new links are what requests enter."""
@@ -149,22 +150,28 @@ class IOStack:
     def remove(self, slot, layer=None):
         """Take slot's layer out (only if it is layer, when given)."""
         with self.lock:
-            if layer is not None and self.layers.get(slot) is not layer:
+            leaving = self.layers.get(slot)
+            if layer is not None and leaving is not layer:
                 return
             self.layers.pop(slot, None)
-            self.refresh()
+            self.refresh(leaving)
 
     def below(self, slot):
         """Where a request enters to pass through everything beneath slot
         and nothing above it (an engine writing under its own layer)."""
         return self._below[slot]
 
-    def refresh(self):
-        """Relink every slot (a layer's intercepts changed)."""
+    def refresh(self, leaving=None):
+        """Relink every slot (a layer's intercepts changed); leaving: a
+        layer just taken out, told too (what it holds back must reach
+        the layers below before requests pass it by)."""
         with self.lock:
             slots = frozenset(self.layers)
+            told = list(self.layers.values())
+            if leaving is not None:
+                told.append(leaving)
             # A layer need not derive from Layer (the clone group).
-            for layer in list(self.layers.values()):
+            for layer in told:
                 if hasattr(layer, "relinking"):
                     layer.relinking(slots)
             below = self.base
@@ -179,6 +186,6 @@ class IOStack:
             self.top = below
             if self.on_change is not None:
                 self.on_change(below)
-            for layer in list(self.layers.values()):
+            for layer in told:
                 if hasattr(layer, "relinked"):
                     layer.relinked()

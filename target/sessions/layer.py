@@ -49,8 +49,11 @@ when the host is told.
   batches.  Before such a layer is linked the queue is drained.  Reads
   and extents are intercepted only then too (one frame more per read).
 - Marks count a queued write as in flight until applied (mark waits for
-  it); a session's close, the layer's removal and the target's stop drain
-  the queue and end the applier.  A kill -9 loses queued writes, which
+  it); a session's close, the layer's removal (told by the stack before
+  the links change) and the target's stop drain the queue and end the
+  applier.  A session added waits for the queue: it sees every write
+  applied after it came, and every write acknowledged before is on the
+  Source when it marks.  A kill -9 loses queued writes, which
   were acknowledged but not flushed, as a power cut can lose any write
   not flushed; the frozen image is unaffected (a save joins it only once
   durable, and its Source write comes after).
@@ -88,7 +91,7 @@ class _Queued:
     """A host write acknowledged and queued: applied once the changes
     (Session.prepare_write) of its sessions are finished."""
 
-    __slots__ = ("seq", "offset", "end", "data", "changes")
+    __slots__ = ("seq", "offset", "end", "data", "changes", "error")
 
     def __init__(self, seq, offset, data, changes):
         self.seq = seq
@@ -96,6 +99,7 @@ class _Queued:
         self.end = offset + len(data)
         self.data = data
         self.changes = changes
+        self.error = None       # its old data could not be copied
 
 
 class SessionLayer(iostack.Layer):
@@ -130,8 +134,13 @@ class SessionLayer(iostack.Layer):
         self._failed = None     # DeferredWriteFailed's fields
 
     def add(self, session):
+        """session sees every change applied to the Source from now on:
+        the writes queued before it came (acknowledged before it existed,
+        so in every point in time it marks) are applied first."""
         session.layer = self
-        self.sessions = self.sessions + [session]
+        with self._order:
+            self._wait_applied(self._queued_seq)
+            self.sessions = self.sessions + [session]
 
     def remove(self, session):
         self.sessions = [s for s in self.sessions if s is not session]
@@ -352,11 +361,19 @@ class SessionLayer(iostack.Layer):
         Copied only now: until a write's finish its claims keep its
         extents' old data on the Source."""
         for q in batch:
-            self._copy(q.changes)
+            try:
+                self._copy(q.changes)
+            except Exception as e:
+                # Not an I/O error (copy_old_data keeps those): the write
+                # fails, and the applier lives on for the writes after.
+                q.error = e
 
     def _apply(self, q):
         try:
             self._finish(q.changes)
+            if q.error is not None:
+                # Its old data may not be saved: the Source keeps it.
+                raise q.error
             self.inner.write(q.data, q.offset)
         except Exception as e:
             # Acknowledged already: the next flush (and every later one)

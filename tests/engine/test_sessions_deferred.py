@@ -528,3 +528,65 @@ def test_every_source_write_twin_protection_off(tmp_path):
     """The save area's fdatasync ignored: the check above must catch it."""
     with pytest.raises(AssertionError, match="before their saves were"):
         check_every_write(tmp_path, 0, honour_flush=False)
+
+
+def test_a_session_added_with_writes_queued_sees_them_applied_first(
+        gated, tmp_path):
+    """A write acknowledged before a session exists is part of every point
+    in time the session marks: the new session's frozen image of the
+    extent never changes after its mark, and no Source change escapes
+    both its saves and its tracking."""
+    stack, s, source, save = gated
+    queue_a_write(stack, save, b"a" * 1024, 4 * GRAN)
+    layer = stack.get("sessions")
+    s2 = sessions.Session("s2", FakeLU(stack.top, SIZE), GRAN,
+                          str(tmp_path), backends.MemoryBackend(SAVE_SIZE),
+                          [])
+    s2.create()
+    threading.Timer(0.3, save.gate.set).start()
+    done, _, out = returns(lambda: layer.add(s2), 5)
+    assert done and out == [None], out
+    s2.mark(export=True)
+    image = frozen_image(s2)
+    stack.top.flush()
+    assert frozen_image(s2) == image, \
+        "the new session's frozen image changed after its mark"
+    assert image[4 * GRAN:4 * GRAN + 1024] == b"a" * 1024
+    s2.close()
+
+
+def test_taking_the_layer_out_applies_its_queue_before_the_relink(gated):
+    """The layer leaves the stack (its last session deleted): a write
+    acknowledged before must not land after a later write to its bytes,
+    nor be missing from a read."""
+    stack, s, source, save = gated
+    queue_a_write(stack, save, b"a" * 1024, 0)
+    layer = stack.get("sessions")
+    threading.Timer(0.3, save.gate.set).start()
+    done, _, out = returns(lambda: stack.remove("sessions", layer), 5)
+    assert done and out == [None], out
+    buf = bytearray(1024)
+    stack.top.readinto(buf, 0)
+    assert bytes(buf) == b"a" * 1024, \
+        "a read after the relink misses a write acknowledged before it"
+    stack.top.write(b"b" * 1024, 0)
+    layer.close()
+    assert bytes(source.data[:1024]) == b"b" * 1024, \
+        "a queued write landed over a later write to its bytes"
+
+
+def test_an_unexpected_error_in_the_applier_hangs_no_flush(gated,
+                                                           monkeypatch):
+    stack, s, source, save = gated
+
+    def broken(slots, generation):
+        raise RuntimeError("a bug in the copy")
+    monkeypatch.setattr(s, "_store_old_data", broken)
+    queue_a_write(stack, save, b"a" * 1024, 0)
+    save.gate.set()
+    done, _, out = returns(stack.top.flush, 5)
+    assert done, "a flush hangs after an error in the applier"
+    assert isinstance(out[0], errors.Error) and out[0].errno == errno.EIO, out
+    done, _, out = returns(lambda: stack.top.readinto(bytearray(512), 0), 5)
+    assert done, "a read of the failed write's bytes hangs"
+    assert s.writes_in_flight == 0 and not s.saving
