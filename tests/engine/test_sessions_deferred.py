@@ -590,3 +590,44 @@ def test_an_unexpected_error_in_the_applier_hangs_no_flush(gated,
     done, _, out = returns(lambda: stack.top.readinto(bytearray(512), 0), 5)
     assert done, "a read of the failed write's bytes hangs"
     assert s.writes_in_flight == 0 and not s.saving
+
+
+def test_prepare_stop_leaves_no_acknowledged_write_off_the_source(tmp_path):
+    """`clonectl stop` asks the target to prepare (prepare_stop), then
+    SIGKILLs nbdkit if a client stays connected: every write acknowledged
+    by then must be on the Source (its page cache), and later writes not
+    acknowledged before they are, as without sessions."""
+    from target import inventory
+    from target.target import Target
+    state = inventory.StateDir(str(tmp_path / "state"))
+    state.ensure()
+    record = inventory.create_lu(state, "src", size=SIZE)
+    t = Target(state.path)
+    try:
+        lu = t.lus["src"]
+        s = t.session_ops.create_session(
+            lu, "s", [{"uri": "nbd://127.0.0.1:1/none", "peer": None}],
+            "4K", None)
+        t.session_ops.session_mark("s", export=True)
+        gate = threading.Event()
+        real_flush = s.save_area.backend.flush
+
+        def gated_flush():
+            assert gate.wait(10), "the gate was never opened"
+            real_flush()
+        s.save_area.backend.flush = gated_flush
+        done, _, out = returns(lambda: lu.write(b"a" * 4096, 0))
+        assert done and out == [None], "the write was not deferred"
+        threading.Timer(0.3, gate.set).start()
+        t.prepare_stop()
+        with open(record["file"], "rb") as f:
+            assert f.read(4096) == b"a" * 4096, \
+                "an acknowledged write is still queued after prepare_stop"
+        gate.clear()
+        done, th, _ = returns(lambda: lu.write(b"b" * 4096, GRAN), 0.3)
+        assert not done, "a write was deferred after prepare_stop"
+        gate.set()
+        th.join(5)
+    finally:
+        gate.set()
+        t.close()
