@@ -592,35 +592,47 @@ def test_an_unexpected_error_in_the_applier_hangs_no_flush(gated,
     assert s.writes_in_flight == 0 and not s.saving
 
 
-def test_prepare_stop_leaves_no_acknowledged_write_off_the_source(tmp_path):
-    """`clonectl stop` asks the target to prepare (prepare_stop), then
-    SIGKILLs nbdkit if a client stays connected: every write acknowledged
-    by then must be on the Source (its page cache), and later writes not
-    acknowledged before they are, as without sessions."""
+def one_lu_target(tmp_path):
+    """A Target (no server) of one LU "src"; (target, the LU's file)."""
     from target import inventory
     from target.target import Target
     state = inventory.StateDir(str(tmp_path / "state"))
     state.ensure()
     record = inventory.create_lu(state, "src", size=SIZE)
-    t = Target(state.path)
+    return Target(state.path), record["file"]
+
+
+def gate_flushes(save_area):
+    """Hold save_area's flushes until the returned event is set."""
+    gate = threading.Event()
+    real_flush = save_area.backend.flush
+
+    def gated_flush():
+        assert gate.wait(10), "the gate was never opened"
+        real_flush()
+    save_area.backend.flush = gated_flush
+    return gate
+
+
+def test_prepare_stop_leaves_no_acknowledged_write_off_the_source(tmp_path):
+    """`clonectl stop` asks the target to prepare (prepare_stop), then
+    SIGKILLs nbdkit if a client stays connected: every write acknowledged
+    by then must be on the Source (its page cache), and later writes not
+    acknowledged before they are, as without sessions."""
+    t, path = one_lu_target(tmp_path)
+    gate = threading.Event()
     try:
         lu = t.lus["src"]
         s = t.session_ops.create_session(
             lu, "s", [{"uri": "nbd://127.0.0.1:1/none", "peer": None}],
             "4K", None)
         t.session_ops.session_mark("s", export=True)
-        gate = threading.Event()
-        real_flush = s.save_area.backend.flush
-
-        def gated_flush():
-            assert gate.wait(10), "the gate was never opened"
-            real_flush()
-        s.save_area.backend.flush = gated_flush
+        gate = gate_flushes(s.save_area)
         done, _, out = returns(lambda: lu.write(b"a" * 4096, 0))
         assert done and out == [None], "the write was not deferred"
         threading.Timer(0.3, gate.set).start()
         t.prepare_stop()
-        with open(record["file"], "rb") as f:
+        with open(path, "rb") as f:
             assert f.read(4096) == b"a" * 4096, \
                 "an acknowledged write is still queued after prepare_stop"
         gate.clear()
@@ -628,6 +640,30 @@ def test_prepare_stop_leaves_no_acknowledged_write_off_the_source(tmp_path):
         assert not done, "a write was deferred after prepare_stop"
         gate.set()
         th.join(5)
+    finally:
+        gate.set()
+        t.close()
+
+
+def test_a_rollback_right_after_the_hosts_left_puts_back_their_queued_writes(
+        tmp_path):
+    """`lu rollback` once the last host disconnected: a write it had
+    acknowledged may still be queued (its save not yet in the protected
+    image); the rollback must put that extent back too."""
+    t, path = one_lu_target(tmp_path)
+    gate = threading.Event()
+    try:
+        lu = t.lus["src"]
+        lu.write(b"o" * GRAN, 0)
+        t.session_ops.image_protect("src")
+        gate = gate_flushes(t.session_ops._image("src").save_area)
+        done, _, out = returns(lambda: lu.write(b"n" * GRAN, 0))
+        assert done and out == [None], "the write was not deferred"
+        threading.Timer(0.3, gate.set).start()
+        t.session_ops.image_rollback("src")
+        with open(path, "rb") as f:
+            assert f.read(GRAN) == b"o" * GRAN, \
+                "the rollback left a write made after the image"
     finally:
         gate.set()
         t.close()
