@@ -383,6 +383,11 @@ class SessionLayer(iostack.Layer):
             if self._failed is None:
                 self._failed = {"offset": q.offset, "length": len(q.data),
                                 "reason": str(e)}
+                # A client that never flushes is not told: the sessions'
+                # status is (session status, problems).
+                problem = str(DeferredWriteFailed(**self._failed))
+                for s in self.sessions:
+                    s.problems.append(problem)
         finally:
             self._done(q.changes)
 

@@ -667,3 +667,25 @@ def test_a_rollback_right_after_the_hosts_left_puts_back_their_queued_writes(
     finally:
         gate.set()
         t.close()
+
+
+def test_a_failed_deferred_write_is_shown_in_session_status(tmp_path):
+    """A client that never flushes learns nothing from the failed write:
+    the LU's sessions say so, and the next write and read still work."""
+    source = FailingWrites(SIZE)
+    stack, s = stacked_session(tmp_path, source, GatedSave(SAVE_SIZE))
+    s.save_area.backend.gate.clear()
+    source.armed = True
+    done, _, out = returns(lambda: stack.top.write(b"a" * 1024, GRAN))
+    assert done and out == [None], out
+    s.save_area.backend.gate.set()
+    stack.get("sessions").drain()
+    source.armed = False
+    problems = s.status()["problems"]
+    assert any("could not be applied" in p and str(GRAN) in p
+               for p in problems), problems
+    stack.top.write(b"b" * 512, 0)
+    buf = bytearray(512)
+    stack.top.readinto(buf, 0)
+    assert bytes(buf) == b"b" * 512
+    s.close()
