@@ -23,6 +23,10 @@ target does (iostack.IOStack), and writes enter at its top.
   its extents; its twin too.
 - test_a_failed_save_*, test_a_full_save_area_*: the mark ends, the
   deferred writes apply.
+- What must wait for the queue: a session added, the layer taken out of
+  the stack, prepare_stop (nbdkit may be killed next), a rollback right
+  after the hosts left; an unexpected error in the applier fails its
+  write and hangs nothing; a failed write shows in session status.
 """
 
 import collections
