@@ -20,14 +20,14 @@ Source to B's LU.
 4. 4K randwrite QD16 first writes to a freshly marked Source: the same fio
    run right after `session mark --export` (every extent's first write
    saves its old data) against unmarked, alternately, under nbdkit's
-   default thread model (requests of one connection one at a time) and
-   `parallel` (fio's 16 requests at once: concurrent first writes share
-   the save area's flushes), or the models --thread-models names, in turn
-   within each repeat; and each over the --connections counts (the
-   same 16 requests spread over N connections, as a multi-conn host does:
-   concurrent first writes share the save area's flushes), unmarked and
-   marked in the same shape, the counts in turn within each model.
-   `--only "first writes"` runs only this part.
+   default thread model (requests of one connection one at a time: the
+   sessions' layer defers the first writes, which then share the save
+   area's flushes) and `parallel` (fio's 16 requests at once), or the
+   models --thread-models names, in turn within each repeat; and each
+   over the --connections counts (the same 16 requests spread over N
+   connections, as a multi-conn host does), unmarked and marked in the
+   same shape, the counts in turn within each model.  `--only "first
+   writes"` runs only this part.
 """
 
 import json

@@ -31,7 +31,10 @@ Why this order:
 Which layers are present, and what each intercepts, changes at run time (a
 clone added, a restore started, a group promoted).  Whoever changes that
 calls `set`, `remove` or `refresh`; the stack relinks every slot, so the
-composition never depends on which feature changed last.  An op a layer does
+composition never depends on which feature changed last.  Each layer is
+told before the links change (`relinking`, with the slots that will be
+filled: the sessions' layer applies the writes it deferred before another
+layer may miss them) and after (`relinked`).  An op a layer does
 not intercept is the bound method of the layer below: an LU without layers
 reads with its backend's own readinto, one Python frame per request.
 
@@ -67,6 +70,15 @@ class Layer:
 
     def intercepts(self):
         return {}
+
+    def relinking(self, slots):
+        """The stack is about to be relinked with a layer in each of slots
+        (this one's among them, unless it is being taken out): whatever
+        must not cross the change is settled now, before any link
+        changes."""
+
+    def relinked(self):
+        """The relink is done: the new links are what requests enter."""
 
 
 class _Face:
@@ -138,19 +150,30 @@ class IOStack:
     def remove(self, slot, layer=None):
         """Take slot's layer out (only if it is layer, when given)."""
         with self.lock:
-            if layer is not None and self.layers.get(slot) is not layer:
+            leaving = self.layers.get(slot)
+            if layer is not None and leaving is not layer:
                 return
             self.layers.pop(slot, None)
-            self.refresh()
+            self.refresh(leaving)
 
     def below(self, slot):
         """Where a request enters to pass through everything beneath slot
         and nothing above it (an engine writing under its own layer)."""
         return self._below[slot]
 
-    def refresh(self):
-        """Relink every slot (a layer's intercepts changed)."""
+    def refresh(self, leaving=None):
+        """Relink every slot (a layer's intercepts changed); leaving: a
+        layer just taken out, told too (what it holds back must reach
+        the layers below before requests pass it by)."""
         with self.lock:
+            slots = frozenset(self.layers)
+            told = list(self.layers.values())
+            if leaving is not None:
+                told.append(leaving)
+            # A layer need not derive from Layer (the clone group).
+            for layer in told:
+                if hasattr(layer, "relinking"):
+                    layer.relinking(slots)
             below = self.base
             for slot in reversed(ORDER):
                 if slot == UPPER[-1]:
@@ -163,3 +186,6 @@ class IOStack:
             self.top = below
             if self.on_change is not None:
                 self.on_change(below)
+            for layer in told:
+                if hasattr(layer, "relinked"):
+                    layer.relinked()

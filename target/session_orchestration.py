@@ -144,6 +144,7 @@ class SessionOrchestration:
             if not layer.sessions:
                 # An LU without sessions pays nothing for them.
                 lu.stack.remove("sessions", layer)
+                layer.close()
         self.target.sessions.pop(session.name, None)
 
     def _persist_session(self, source, name, image=False):
@@ -751,6 +752,12 @@ class SessionOrchestration:
                 name=lu, reason="{} connection(s) use it (NBD hosts or the "
                 "iSCSI gateway); stop the hosts first, so no write lands "
                 "during or after the rollback".format(users))
+        layer = source.stack.get("sessions")
+        if layer is not None:
+            # The hosts are gone, but writes they were told are done may
+            # still be queued (their saves not yet in the image): applied
+            # first, so that the extents to put back include theirs.
+            layer.drain()
         g = session.granularity
         with session.cond:
             saved = sorted(session.save_area.slots)

@@ -460,6 +460,11 @@ class Target:
             if group.clones:
                 group.commit()
         for session in list(self.sessions.values()):
+            if session.layer is not None:
+                # nbdkit may be killed next (a client stays connected):
+                # every write acknowledged is on the Source by then, and
+                # none is acknowledged before it is from now on.
+                session.layer.drain(defer=False)
             session.stop_engine()
         for rsg in list(self.rsgs.values()):
             if rsg.role == replication.PRIMARY:

@@ -16,9 +16,10 @@ one, made by the first of their writers to find no flush running (the
 others wait for it).  So N concurrent first writes cost about two
 flushes, not N, and a host write waits at most for the flush running and
 the one after it, never for saves that queue up later.  Concurrent means
-other connections, or one connection's requests under nbdkit's
-`parallel` thread model: the default serves one request of a connection
-at a time, and then every first write still pays a whole flush.
+other connections, or one connection's writes deferred by the sessions'
+layer (layer.py: a write is acknowledged once queued, and the layer's
+applier saves a batch of them before it waits for one flush), or its
+requests under nbdkit's `parallel` thread model.
 
 What a crash keeps: every save whose wait_durable returned (data and entry
 both durable); of the others, an arbitrary subset of blocks.  At load an

@@ -25,6 +25,12 @@ first copies the extent's old data to the save area (copy on first write,
 a target.copier run) and makes it durable (savearea.SaveArea, a group
 commit shared with concurrent first writes): a write that could become
 durable before its old data is saved would lose the point in time.  The
+steps are apart (prepare_write notes and claims, copy_old_data copies,
+finish_write waits and takes the saves into the frozen image) so that the
+layer may acknowledge a write after the first and do the others in its
+applier thread (layer.py: deferred writes); a queued write counts as in
+flight until applied, and its claims keep other writes to its extents
+waiting until then.  The
 frozen image is saved data where present, else the Source.  A reader of
 the frozen image reads the Source and then checks, under the lock, whether
 the extent was saved meanwhile; if so it reads the saved copy instead: a
@@ -101,6 +107,29 @@ class SessionBusy(errors.Error):
 class UnknownSession(errors.Error):
     msg = "no session named {name!r}"
     errno = errno.ENOENT
+
+
+class _Change:
+    """A change of extents [e0, e1) between Session.prepare_write and
+    finish_write: its activity map ticket, the extents it claimed to save
+    (slots: [(extent, slot)]) and their saves (stored), whether extents
+    it must save were claimed by other writers (busy), and an error that
+    ends the mark (a full save area, a failed copy)."""
+
+    __slots__ = ("e0", "e1", "noted", "generation", "slots", "stored",
+                 "busy", "error")
+
+    def __init__(self, e0, e1, noted):
+        self.e0, self.e1, self.noted = e0, e1, noted
+        self.generation = None
+        self.slots = self.stored = ()
+        self.busy = False
+        self.error = None
+
+    @property
+    def waits(self):
+        """finish_write has something to wait for."""
+        return bool(self.noted or self.slots or self.busy or self.error)
 
 
 def _range_of(offset, length, granularity):
@@ -249,27 +278,106 @@ class Session:
     def before_write(self, offset, length):
         """Track a change of [offset, offset+length); COFW if marked.  The
         tracking bit and the old data are durable before returning."""
+        change = self.prepare_write(offset, length)
+        self.copy_old_data(change)
+        self.finish_write(change)
+
+    def prepare_write(self, offset, length):
+        """The part of before_write that does no I/O but the tracking
+        mark's write: the write is counted in flight (after_write undoes
+        it, whatever happens), its tracking bits are noted and, while
+        marked, the extents it must save that no other writer is saving
+        are claimed.  Returns the _Change to give copy_old_data and then
+        finish_write before the write may reach the Source (None: the
+        session is closed).  The claims keep every other write to those
+        extents from the Source until finish_write: the old data may be
+        copied any time before."""
         e0, e1 = _range_of(offset, length, self.granularity)
-        slots = None
         with self.cond:
             while self.state == MARKING:
                 self.cond.wait()
             self.writes_in_flight += 1
             if self.closed:
-                return      # deleted while this write was on its way
-            noted = self.tracking.note_write(e0, e1)
-            while self.marked:
-                need = self._protected(e0, e1)
-                if not any(x in self.saving for x in need):
-                    slots = self._take_slots(need)
-                    generation = self.generation
-                    break
-                self.cond.wait()
-        if slots is None:
-            if noted:
-                self.tracking.wait_durable(noted)
+                return None     # deleted while this write was on its way
+            change = _Change(e0, e1, self.tracking.note_write(e0, e1))
+            if self.marked:
+                self._claim(change, self._protected(e0, e1))
+        return change
+
+    def finish_write(self, change):
+        """The rest of before_write, after copy_old_data: change's saves
+        and tracking marks are durable (its saves then part of the frozen
+        image), and so is the old data of the extents other writers were
+        saving; a full save area or a failed save ends the mark."""
+        if change is None:
             return
-        self._save(slots, need, generation, noted)
+        self._settle(change)
+        if change.busy:
+            self._wait_saved(change.e0, change.e1)
+
+    def _claim(self, change, need):
+        """Claim the extents of need no other writer is saving, with save
+        area slots (caller holds the lock); a shortage of slots is
+        change's error."""
+        free = [x for x in need if x not in self.saving]
+        change.busy = len(free) < len(need)
+        change.generation = self.generation
+        change.slots = self._take_slots(free)
+        if len(change.slots) < len(free):
+            change.error = SaveAreaFull(name=self.name,
+                                        slots=self.save_area.capacity,
+                                        granularity=self.granularity)
+
+    def copy_old_data(self, change):
+        """Write the old data of change's claimed extents to the save
+        area (not yet durable); a failure is change's error."""
+        if change is None or not change.slots or change.error is not None \
+                or change.generation != self.generation:
+            return      # nothing to save, or the mark went meanwhile
+        try:
+            change.stored = self._store_old_data(change.slots,
+                                                 change.generation)
+        except OSError as e:
+            change.error = e
+
+    def _settle(self, change):
+        """Make change's saves durable and part of the frozen image (a
+        full save area or a failed save ends the mark), wait for its
+        activity marks, and release its claims."""
+        try:
+            try:
+                if change.error is not None:
+                    raise change.error
+                if change.stored:
+                    self._make_durable(change.stored, change.generation)
+            except (SaveAreaFull, OSError) as e:
+                self._abandon_mark(change.generation, str(e))
+            # The activity map's mark: its fdatasync overlaps the other
+            # writers' saves, and is shared with their marks.
+            self.tracking.wait_durable(change.noted)
+        finally:
+            if change.slots:
+                with self.cond:
+                    self.saving.difference_update(x for x, _ in change.slots)
+                    self.cond.notify_all()
+
+    def _wait_saved(self, e0, e1):
+        """Wait until every extent of [e0, e1) that must be saved is (or
+        the mark is gone), saving any no writer is saving."""
+        while True:
+            with self.cond:
+                if not self.marked:
+                    return
+                need = self._protected(e0, e1)
+                if not need:
+                    return
+                if any(x in self.saving for x in need):
+                    self.cond.wait()
+                    continue
+                change = _Change(e0, e1, 0)
+                self._claim(change, need)
+            self.copy_old_data(change)
+            self._settle(change)
 
     def save_ahead(self, runs):
         """Copy on first write ahead of writes to come: the old data of
@@ -283,7 +391,6 @@ class Session:
         waits for it."""
         ranges = [_range_of(offset, length, self.granularity)
                   for offset, length in runs]
-        slots = None
         with self.cond:
             while self.state == MARKING:
                 self.cond.wait()
@@ -292,19 +399,16 @@ class Session:
             with self.cond:
                 if self.closed:
                     return
-                noted = max((self.tracking.note_write(e0, e1)
-                             for e0, e1 in ranges), default=0)
+                change = _Change(None, None, max(
+                    (self.tracking.note_write(e0, e1) for e0, e1 in ranges),
+                    default=0))
                 if self.marked:
                     # Those another writer is saving are left to it.
-                    need = sorted({x for e0, e1 in ranges
-                                   for x in self._protected(e0, e1)
-                                   if x not in self.saving})
-                    slots = self._take_slots(need)
-                    generation = self.generation
-            if slots is None:
-                self.tracking.wait_durable(noted)
-                return
-            self._save(slots, need, generation, noted)
+                    self._claim(change, sorted(
+                        {x for e0, e1 in ranges
+                         for x in self._protected(e0, e1)}))
+            self.copy_old_data(change)
+            self._settle(change)
         finally:
             self.after_write()
 
@@ -321,34 +425,10 @@ class Session:
         self.saving.update(x for x, _ in slots)
         return slots
 
-    def _save(self, slots, need, generation, noted):
-        """Save the extents of slots (claimed by _take_slots for need),
-        durably, and wait for the activity marks of noted; a full save
-        area or a failed save ends the mark."""
-        try:
-            try:
-                if len(slots) < len(need):
-                    raise SaveAreaFull(name=self.name,
-                                       slots=self.save_area.capacity,
-                                       granularity=self.granularity)
-                if slots:
-                    self._copy_on_first_write(slots, generation)
-            except (SaveAreaFull, OSError) as e:
-                self._abandon_mark(generation, str(e))
-            # The activity map's mark: its fdatasync overlaps the other
-            # writers' saves, and is shared with their marks.
-            self.tracking.wait_durable(noted)
-        finally:
-            if slots:
-                with self.cond:
-                    self.saving.difference_update(x for x, _ in slots)
-                    self.cond.notify_all()
-
-    def _copy_on_first_write(self, slots, generation):
+    def _store_old_data(self, slots, generation):
         """Copy the extents of slots from the Source below to their save
-        area slots, and make them durable (one group commit for them all,
-        shared with concurrent first writes) before the host write that
-        needs them proceeds."""
+        area slots, not yet durable; returns [(extent, slot, ticket)] to
+        make durable (none if the mark went meanwhile)."""
         g = self.granularity
         slot_of = dict(slots)
         unmarked = threading.Event()
@@ -365,7 +445,7 @@ class Session:
                 data = view if len(view) == g else bytes(view) + \
                     bytes(g - len(view))
                 ticket = self.save_area.store(x, slot_of[x], data)
-            stored.append((x, ticket))
+            stored.append((x, slot_of[x], ticket))
             if generation != self.generation:
                 unmarked.set()  # meanwhile: the save area was reset
 
@@ -380,17 +460,22 @@ class Session:
                       chunk=g, piece=g, cancel=unmarked,
                       extents=holes).copy(
             [(x * g, min(g, self.size - x * g)) for x, _ in slots])
-        if not stored or unmarked.is_set():
-            return
-        self.save_area.wait_durable(max(t for _, t in stored))
+        return [] if unmarked.is_set() else stored
+
+    def _make_durable(self, stored, generation):
+        """Make the saves of stored durable (one group commit for them
+        all, shared with concurrent first writes) and only then part of
+        the frozen image, before the host write that needs them
+        proceeds."""
+        self.save_area.wait_durable(max(t for _, _, t in stored))
         # Only a durable save is part of the frozen image: a reader (or a
         # second write to the extent, waiting in before_write) never sees
         # one a crash could still take away.
         with self.cond:
             if generation != self.generation:
                 return
-            for x, _ in stored:
-                self.save_area.slots[x] = slot_of[x]
+            for x, slot, _ in stored:
+                self.save_area.slots[x] = slot
             self.cofw_count += len(stored)
 
     def after_write(self):
@@ -721,6 +806,10 @@ class Session:
                                        names)}
 
     def close(self):
+        if self.layer is not None:
+            # Its writes queued in the layer are applied first (they may
+            # still save old data), and the layer's applier ends.
+            self.layer.drain(stop=True)
         engine = self.engine
         if engine is not None:
             engine.stop("closing")

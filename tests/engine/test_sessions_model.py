@@ -26,11 +26,19 @@ backend or map operation, nobody catches it, the session is rebuilt from
 the last persisted record and the map files.  Memory backends keep every
 completed write, destinations too (they are other machines).  A host write
 cut short is unacknowledged: the model takes what landed.
+
+With `defer` the sessions' layer defers writes that wait for a save or an
+activity mark (SessionLayer: acknowledged, then applied by its applier
+thread); a rule writes a burst of them before they are applied.  A crash
+in the applier is a kill -9 too: the writes not applied yet are lost (they
+were acknowledged, never flushed), so the model takes what the Source
+holds in every range of the burst.
 """
 
 import random
 import shutil
 import tempfile
+import threading
 
 import hypothesis.strategies as st
 import pytest
@@ -68,6 +76,50 @@ class CrashingDestination(sessions.MemoryDestination):
         self.backend.flushed_image = bytes(self.backend.data)
 
 
+class KilledLayer(sessions.SessionLayer):
+    """The sessions' layer, its applier held until settle() (so the
+    operations the countdown counts come in one order); a crash in it
+    stops it (a kill -9: no later queued write is applied) and is raised
+    by settle()."""
+
+    crash = None
+
+    def __init__(self, inner, defer):
+        super().__init__(inner, defer=defer)
+        self.go = threading.Event()
+
+    def _copy_batch(self, batch):
+        self.go.wait()
+        if self.crash is None:
+            try:
+                super()._copy_batch(batch)
+            except Crash as e:
+                self.crash = e
+
+    def _apply(self, q):
+        if self.crash is None:
+            try:
+                super()._apply(q)
+            except Crash as e:
+                self.crash = e
+
+    def settle(self):
+        """Apply what is queued; raise the applier's crash."""
+        self.go.set()
+        try:
+            self.drain()
+        finally:
+            self.go.clear()
+        if self.crash is not None:
+            raise self.crash
+
+    def kill(self):
+        """Nothing queued is applied any more; the applier ends."""
+        self.crash = self.crash or Crash()
+        self.go.set()
+        self.drain(stop=True)
+
+
 class SessionMachine(RuleBasedStateMachine):
 
     def __init__(self):
@@ -97,9 +149,12 @@ class SessionMachine(RuleBasedStateMachine):
         self.engine = None
         self.session = None
 
-    @initialize(save_slots=st.sampled_from([3, EXTENTS]))
-    def setup(self, save_slots):
-        """A save area that can fill (3 extents) or never does."""
+    @initialize(save_slots=st.sampled_from([3, EXTENTS]),
+                defer=st.booleans())
+    def setup(self, save_slots, defer):
+        """A save area that can fill (3 extents) or never does; writes
+        deferred or not."""
+        self.defer = defer
         index = sessions.SaveArea.minimum_size(EXTENTS, GRAN) - GRAN
         self.mem_save = backends.MemoryBackend(index + save_slots * GRAN)
         self.session = self._new_session(create=True)
@@ -108,6 +163,8 @@ class SessionMachine(RuleBasedStateMachine):
         self.orig = patch_map_io(self.countdown)
 
     def teardown(self):
+        if self.session is not None:
+            self.lu.backend.drain(stop=True)
         maps.save, maps.ActivityFile.persist, maps.ActivityFile.reset = \
             self.orig
         (changemap.REGION, changemap.COMMIT_INTERVAL,
@@ -122,8 +179,8 @@ class SessionMachine(RuleBasedStateMachine):
         self.record["dests"] = [dict(d) for d in record["dests"]]
 
     def _new_session(self, create=False):
-        wrapper = sessions.SessionLayer(
-            CrashingBackend(self.mem_src, self.countdown))
+        wrapper = KilledLayer(CrashingBackend(self.mem_src, self.countdown),
+                              defer=self.defer)
         self.lu = FakeLU(wrapper, SIZE)
         save = CrashingBackend(self.mem_save, self.countdown)
         if create:
@@ -146,8 +203,10 @@ class SessionMachine(RuleBasedStateMachine):
         return {i: CrashingDestination(self.mem_dests[i], self.countdown)
                 for i in range(DESTS)}
 
-    def crashed(self, touched=None):
+    def crashed(self, touched=()):
         self.countdown.left = None
+        # Nothing of the killed process runs on.
+        self.lu.backend.kill()
         if self.engine is not None and not self.engine.unmarked:
             # The transfer may have recorded some destinations consistent
             # just before the crash: they must hold its point in time.
@@ -157,12 +216,11 @@ class SessionMachine(RuleBasedStateMachine):
                     self.last_image[i] = self.engine_frozen
         self.engine = None
         self.session = self._new_session()
-        if touched is not None:
-            s, e = touched
+        for s, e in touched:
             self.S[s:e] = self.mem_src.data[s:e]
         self._sync_mark()
 
-    def attempt(self, func, touched=None):
+    def attempt(self, func, touched=()):
         try:
             return True, func()
         except Crash:
@@ -204,17 +262,38 @@ class SessionMachine(RuleBasedStateMachine):
     def write(self, offset, length, seed):
         length = min(length, SIZE - offset)
         data = data_for(seed, length)
-        ok, _ = self.attempt(lambda: self.lu.backend.write(data, offset),
-                             touched=(offset, offset + length))
+        ok, _ = self.attempt(lambda: self._write([(offset, data)]),
+                             touched=[(offset, offset + length)])
         if ok:
             self.S[offset:offset + length] = data
+            self._sync_mark()
+
+    def _write(self, writes):
+        for offset, data in writes:
+            self.lu.backend.write(data, offset)
+        self.lu.backend.settle()
+
+    @rule(writes=st.lists(st.tuples(st.integers(0, SIZE - 1),
+                                    st.integers(1, 2 * GRAN),
+                                    st.integers(0, 1 << 30)),
+                          min_size=2, max_size=5))
+    def write_burst(self, writes):
+        """Writes one after another, then applied (deferred, they share
+        the save area's flushes)."""
+        writes = [(offset, data_for(seed, min(length, SIZE - offset)))
+                  for offset, length, seed in writes]
+        ok, _ = self.attempt(lambda: self._write(writes), touched=[
+            (offset, offset + len(data)) for offset, data in writes])
+        if ok:
+            for offset, data in writes:
+                self.S[offset:offset + len(data)] = data
             self._sync_mark()
 
     @rule(offset=st.integers(0, SIZE - 1), length=st.integers(1, 3 * GRAN))
     def zero(self, offset, length):
         length = min(length, SIZE - offset)
         ok, _ = self.attempt(lambda: self.lu.backend.zero(offset, length),
-                             touched=(offset, offset + length))
+                             touched=[(offset, offset + length)])
         if ok:
             self.S[offset:offset + length] = bytes(length)
             self._sync_mark()
