@@ -17,6 +17,7 @@ import pytest
 
 from tests.support import scripts
 from tests.support.powernodes import BLOCK, MiB, powerfs_target
+from tests.support.rsgmodel import wait_for
 
 pytestmark = scripts.needs_powerfs
 
@@ -65,7 +66,9 @@ def test_a_flush_on_one_connection_makes_first_writes_of_another_durable(
     flusher.flush()
     for b in unflushed:
         writer.pwrite(new[b], b * BLOCK)
-    assert t.cli_json("session", "status", "s")["cofw_count"] == 32
+    # The unflushed ones may still be queued (deferred first writes).
+    wait_for(lambda: t.cli_json("session", "status", "s")["cofw_count"]
+             == 32, 10, "every write to have saved its extent")
     t.power_cut(disk)
 
     image = t.read_file("src")
