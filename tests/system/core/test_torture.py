@@ -65,6 +65,16 @@ def test_torture_power_loss_short_run():
 
 
 @needs_fuse
+def test_torture_sessions_only_power_loss_short_run():
+    """No clones: the sessions are the Source's only layer, so its first
+    writes after a mark are acknowledged once queued and applied after
+    their saves are durable; kill -9s and power cuts among them."""
+    summary, counts = _passes("--no-clones", "--power-loss", "--seed", "2",
+                              rounds=POWER_LOSS_ROUNDS)
+    assert counts["power-cuts"] >= 1, summary
+
+
+@needs_fuse
 @pytest.mark.parametrize("unsafe", ["--unsafe-ignore-fsync",
                                     "--unsafe-ignore-dir-fsync"])
 def test_torture_power_loss_twin_fails(unsafe):
