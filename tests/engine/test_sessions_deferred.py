@@ -231,7 +231,9 @@ class FailingWrites(backends.MemoryBackend):
         super().write(buf, offset)
 
 
-def test_a_failed_deferred_write_fails_every_later_flush(tmp_path):
+def _a_deferred_write_that_fails(tmp_path):
+    """A first write acknowledged once queued, whose Source write then
+    fails (EIO); (source, stack, session)."""
     source = FailingWrites(SIZE)
     stack, s = stacked_session(tmp_path, source, GatedSave(SAVE_SIZE))
     s.save_area.backend.gate.clear()
@@ -239,6 +241,11 @@ def test_a_failed_deferred_write_fails_every_later_flush(tmp_path):
     done, _, out = returns(lambda: stack.top.write(b"a" * 1024, GRAN))
     assert done and out == [None], out
     s.save_area.backend.gate.set()
+    return source, stack, s
+
+
+def test_a_failed_deferred_write_fails_every_later_flush(tmp_path):
+    source, stack, s = _a_deferred_write_that_fails(tmp_path)
     for _ in range(3):
         with pytest.raises(errors.Error) as e:
             stack.top.flush()
@@ -631,13 +638,7 @@ def test_a_rollback_right_after_the_hosts_left_puts_back_their_queued_writes(
 def test_a_failed_deferred_write_is_shown_in_session_status(tmp_path):
     """A client that never flushes learns nothing from the failed write:
     the LU's sessions say so, and the next write and read still work."""
-    source = FailingWrites(SIZE)
-    stack, s = stacked_session(tmp_path, source, GatedSave(SAVE_SIZE))
-    s.save_area.backend.gate.clear()
-    source.armed = True
-    done, _, out = returns(lambda: stack.top.write(b"a" * 1024, GRAN))
-    assert done and out == [None], out
-    s.save_area.backend.gate.set()
+    source, stack, s = _a_deferred_write_that_fails(tmp_path)
     stack.get("sessions").drain()
     source.armed = False
     problems = s.status()["problems"]
