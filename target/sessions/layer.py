@@ -178,10 +178,7 @@ class SessionLayer(iostack.Layer):
                 changes.append((s, None))
                 changes[-1] = (s, s.prepare_write(offset, length))
         except Exception:
-            try:
-                self._finish(changes)
-            finally:
-                self._done(changes)
+            self._abandon(changes)
             raise
         except BaseException:
             self._done(changes)
@@ -210,6 +207,15 @@ class SessionLayer(iostack.Layer):
     def _done(changes):
         for s, _ in changes:
             s.after_write()
+
+    def _abandon(self, changes):
+        """A write that ends before it reaches the Source: its changes
+        are finished (their claims released) and it is no longer in
+        flight."""
+        try:
+            self._finish(changes)
+        finally:
+            self._done(changes)
 
     def _change(self, offset, length, apply):
         if self._queue:
@@ -244,10 +250,7 @@ class SessionLayer(iostack.Layer):
                         self._enqueue(bytes(buf), offset, changes)
                         return
                 except Exception:
-                    try:
-                        self._finish(changes)
-                    finally:
-                        self._done(changes)
+                    self._abandon(changes)
                     raise
         if changes is None:
             return self._change(offset, len(buf),

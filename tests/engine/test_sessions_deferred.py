@@ -35,7 +35,6 @@ import os
 import random
 import threading
 import time
-import zlib
 
 import pytest
 
@@ -232,7 +231,9 @@ class FailingWrites(backends.MemoryBackend):
         super().write(buf, offset)
 
 
-def test_a_failed_deferred_write_fails_every_later_flush(tmp_path):
+def _a_deferred_write_that_fails(tmp_path):
+    """A first write acknowledged once queued, whose Source write then
+    fails (EIO); (source, stack, session)."""
     source = FailingWrites(SIZE)
     stack, s = stacked_session(tmp_path, source, GatedSave(SAVE_SIZE))
     s.save_area.backend.gate.clear()
@@ -240,6 +241,11 @@ def test_a_failed_deferred_write_fails_every_later_flush(tmp_path):
     done, _, out = returns(lambda: stack.top.write(b"a" * 1024, GRAN))
     assert done and out == [None], out
     s.save_area.backend.gate.set()
+    return source, stack, s
+
+
+def test_a_failed_deferred_write_fails_every_later_flush(tmp_path):
+    source, stack, s = _a_deferred_write_that_fails(tmp_path)
     for _ in range(3):
         with pytest.raises(errors.Error) as e:
             stack.top.flush()
@@ -358,30 +364,15 @@ def test_queued_writes_are_bounded(gated, monkeypatch):
     assert bytes(source.data[5 * GRAN:5 * GRAN + 512]) == b"a" * 512
 
 
-class CutSource(sessionfakes.CutSource):
-    """The Source; the power is cut when the cut_at-th extent is first
-    written: what the save area's disk and the Source hold then is kept."""
-
-    def __init__(self, lock, save, cut_at, rng, keep):
-        super().__init__(SIZE, GRAN, lock, cut_at)
-        self.save = save
-        self.rng = rng
-        self.keep = keep
-
-    def at_cut(self):
-        disk = powerloss.SimFile()
-        disk.durable = bytearray(self.save.file.durable)
-        disk.pending = list(self.save.file.pending)
-        disk.power_cut(self.rng, self.keep)
-        return bytes(disk.data), bytes(self.data)
-
 
 def check_power_cut(tmp_path, seed, keep, honour_flush=True):
     rng = random.Random(seed)
     lock = threading.Lock()
     save = SimSaveArea(powerloss.SimFile(bytes(SAVE_SIZE)), lock,
                        honour_flush)
-    source = CutSource(lock, save, rng.randrange(4, EXTENTS), rng, keep)
+    source = sessionfakes.SaveCutSource(SIZE, GRAN, lock, save,
+                                         rng.randrange(4, EXTENTS), rng,
+                                         keep)
     source.data[:] = rng.randbytes(SIZE)
     stack, s = stacked_session(tmp_path, source, save)
     at_mark = bytes(source.data)
@@ -393,7 +384,7 @@ def check_power_cut(tmp_path, seed, keep, honour_flush=True):
     stack.top.flush()
     assert frozen_image(s) == at_mark
     s.close()
-    save_bytes, source_bytes = source.cut
+    save_bytes, source_bytes, _ = source.cut
     recovered = backends.MemoryBackend(SIZE)
     recovered.data[:] = source_bytes
     lu2, s2 = sessionfakes.new_session(
@@ -474,42 +465,13 @@ def test_a_full_save_area_ends_the_mark_and_the_deferred_writes_apply(
     s.close()
 
 
-class CheckedSource(backends.MemoryBackend):
-    """The Source; each time a write lands on it, the save area's durable
-    bytes alone must hold the old data at the mark of every extent it
-    writes (its index entry, and a slot whose crc matches): a power cut
-    at that moment keeps the frozen image."""
-
-    def __init__(self, lock, save):
-        super().__init__(SIZE)
-        self.lock = lock
-        self.save = save
-        self.at_mark = None
-        self.early = set()
-
-    def write(self, buf, offset):
-        with self.lock:
-            if self.at_mark is not None:
-                durable = self.save.file.durable
-                index = (EXTENTS * 8 + 4095) // 4096 * 4096
-                for x in range(offset // GRAN,
-                               (offset + len(buf) - 1) // GRAN + 1):
-                    slot1, crc = sessions.SaveArea.ENTRY.unpack_from(
-                        durable, x * sessions.SaveArea.ENTRY.size)
-                    old = self.at_mark[x * GRAN:(x + 1) * GRAN]
-                    at = index + (slot1 - 1) * GRAN
-                    if slot1 == 0 or crc != zlib.crc32(old) or \
-                            durable[at:at + GRAN] != old:
-                        self.early.add(x)
-            super().write(buf, offset)
-
 
 def check_every_write(tmp_path, seed, honour_flush=True):
     rng = random.Random(seed)
     lock = threading.Lock()
     save = SimSaveArea(powerloss.SimFile(bytes(SAVE_SIZE)), lock,
                        honour_flush)
-    source = CheckedSource(lock, save)
+    source = sessionfakes.CheckedSource(SIZE, GRAN, lock, save)
     source.data[:] = rng.randbytes(SIZE)
     stack, s = stacked_session(tmp_path, source, save)
     source.at_mark = at_mark = bytes(source.data)
@@ -676,13 +638,7 @@ def test_a_rollback_right_after_the_hosts_left_puts_back_their_queued_writes(
 def test_a_failed_deferred_write_is_shown_in_session_status(tmp_path):
     """A client that never flushes learns nothing from the failed write:
     the LU's sessions say so, and the next write and read still work."""
-    source = FailingWrites(SIZE)
-    stack, s = stacked_session(tmp_path, source, GatedSave(SAVE_SIZE))
-    s.save_area.backend.gate.clear()
-    source.armed = True
-    done, _, out = returns(lambda: stack.top.write(b"a" * 1024, GRAN))
-    assert done and out == [None], out
-    s.save_area.backend.gate.set()
+    source, stack, s = _a_deferred_write_that_fails(tmp_path)
     stack.get("sessions").drain()
     source.armed = False
     problems = s.status()["problems"]

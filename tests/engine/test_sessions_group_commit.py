@@ -56,23 +56,6 @@ def test_concurrent_first_writes_share_syncs(tmp_path, monkeypatch):
     s2.close()
 
 
-class CutSource(sessionfakes.CutSource):
-    """The Source; the power is cut when the cut_at-th extent is first
-    written: what the save area's disk and the Source hold then is kept."""
-
-    def __init__(self, lock, save, cut_at, rng, keep):
-        super().__init__(SIZE, GRAN, lock, cut_at)
-        self.save = save
-        self.rng = rng
-        self.keep = keep
-
-    def at_cut(self):
-        disk = powerloss.SimFile()
-        disk.durable = bytearray(self.save.file.durable)
-        disk.pending = list(self.save.file.pending)
-        disk.power_cut(self.rng, self.keep)
-        return bytes(disk.data), bytes(self.data), set(self.landed)
-
 
 def check_power_cut(tmp_path, seed, keep, honour_flush=True, reused=False):
     """reused: a mark, first writes everywhere and an unmark come first,
@@ -83,7 +66,8 @@ def check_power_cut(tmp_path, seed, keep, honour_flush=True, reused=False):
     save = SimSaveArea(powerloss.SimFile(bytes(SAVE_SIZE)), lock,
                        honour_flush)
     cut_at = rng.randrange(4, EXTENTS)
-    source = CutSource(lock, save, None, rng, keep)
+    source = sessionfakes.SaveCutSource(SIZE, GRAN, lock, save, None, rng,
+                                         keep)
     source.data[:] = rng.randbytes(SIZE)
     lu, s = new_session(tmp_path, source, save)
     if reused:

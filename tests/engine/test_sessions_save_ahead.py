@@ -19,7 +19,6 @@ import functools
 import os
 import random
 import threading
-import zlib
 
 import pytest
 
@@ -102,40 +101,12 @@ def test_save_ahead_skips_what_is_saved_and_what_a_write_saves(tmp_path):
     s.close()
 
 
-class CheckedSource(backends.MemoryBackend):
-    """The Source; each time an extent is written, the save area's
-    durable bytes alone must hold that extent's data at the mark (its
-    index entry, and a slot whose crc matches)."""
-
-    def __init__(self, lock, save):
-        super().__init__(SIZE)
-        self.lock = lock
-        self.save = save
-        self.at_mark = None
-        self.early = set()
-
-    def write(self, buf, offset):
-        with self.lock:
-            if self.at_mark is not None:
-                durable = self.save.file.durable
-                for x in range(offset // GRAN,
-                               (offset + len(buf) - 1) // GRAN + 1):
-                    slot1, crc = sessions.SaveArea.ENTRY.unpack_from(
-                        durable, x * sessions.SaveArea.ENTRY.size)
-                    old = self.at_mark[x * GRAN:(x + 1) * GRAN]
-                    index = (EXTENTS * 8 + 4095) // 4096 * 4096
-                    at = index + (slot1 - 1) * GRAN
-                    if slot1 == 0 or crc != zlib.crc32(old) or \
-                            durable[at:at + GRAN] != old:
-                        self.early.add(x)
-            super().write(buf, offset)
-
 
 def check_windows(tmp_path, seed, window=16):
     rng = random.Random(seed)
     lock = threading.Lock()
     save = SimSaveArea(powerloss.SimFile(bytes(SAVE_SIZE)), lock)
-    source = CheckedSource(lock, save)
+    source = sessionfakes.CheckedSource(SIZE, GRAN, lock, save)
     source.data[:] = rng.randbytes(SIZE)
     lu, s = new_session(tmp_path, source, save)
     s.mark(export=True)

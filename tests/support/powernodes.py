@@ -55,3 +55,21 @@ def powerfs_target(tmp_path, log, seed, name, serve_args=()):
     os.symlink(tmp_path / ("run-" + name), os.path.join(state, "run"))
     return disk, torture.Target(state, str(tmp_path / (name + ".sock")),
                                 log, serve_args)
+
+
+def write_then_flush_elsewhere(writer, flusher, new, flushed, unflushed):
+    """Multi-conn: the blocks of flushed written (new[b]) on one
+    connection and flushed on another, then those of unflushed written
+    after that flush; both connections are left open."""
+    assert writer.can_multi_conn() and flusher.can_multi_conn()
+    for b in flushed:
+        writer.pwrite(new[b], b * BLOCK)
+    flusher.flush()
+    for b in unflushed:
+        writer.pwrite(new[b], b * BLOCK)
+
+
+def lost_blocks(image, new, blocks):
+    """The blocks of blocks whose data in image is not new[b]."""
+    return [b for b in blocks
+            if image[b * BLOCK:(b + 1) * BLOCK] != new[b]]

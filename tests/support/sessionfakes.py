@@ -4,8 +4,10 @@ marked_session (a Source holding given data, a session marked on it),
 new_session (a session "s" of a given Source and save area),
 marked_on_save_file (a session marked, its save area a file),
 frozen_image, run_writers (writer threads racing into extents),
-first_writes_everywhere (the same with slow fdatasyncs) and CutSource
-(a Source on which the power is cut at a given moment)."""
+first_writes_everywhere (the same with slow fdatasyncs), CutSource and
+SaveCutSource (a Source on which the power is cut at a given moment) and
+CheckedSource (a Source that checks, at each write, that the save area's
+durable bytes hold the old data it overwrites)."""
 
 import collections
 import os
@@ -13,8 +15,11 @@ import random
 import tempfile
 import threading
 import time
+import zlib
 
 from target import backends, sessions
+
+from tests.support import powerloss
 
 
 class FakeLU:
@@ -72,6 +77,59 @@ class CutSource(backends.MemoryBackend):
 
     def at_cut(self):
         raise NotImplementedError
+
+
+class SaveCutSource(CutSource):
+    """A CutSource whose cut keeps what the save area's simulated disk
+    (save: a powerloss SimSaveArea) holds after a power cut of it, rng
+    and keep choosing what of its pending writes survives: `cut` is
+    (save area bytes, Source bytes, extents landed)."""
+
+    def __init__(self, size, granularity, lock, save, cut_at, rng, keep):
+        super().__init__(size, granularity, lock, cut_at)
+        self.save = save
+        self.rng = rng
+        self.keep = keep
+
+    def at_cut(self):
+        disk = powerloss.SimFile()
+        disk.durable = bytearray(self.save.file.durable)
+        disk.pending = list(self.save.file.pending)
+        disk.power_cut(self.rng, self.keep)
+        return bytes(disk.data), bytes(self.data), set(self.landed)
+
+
+class CheckedSource(backends.MemoryBackend):
+    """A Source of size bytes; each time a write lands on it, the save
+    area's durable bytes alone (save: a powerloss SimSaveArea) must hold
+    the old data at the mark (at_mark, once set) of every extent it
+    writes: its index entry, and a slot whose crc matches.  A power cut
+    at that moment keeps the frozen image; the extents for which it would
+    not are collected in `early`."""
+
+    def __init__(self, size, granularity, lock, save):
+        super().__init__(size)
+        self.granularity = granularity
+        self.lock = lock
+        self.save = save
+        self.at_mark = None
+        self.early = set()
+
+    def write(self, buf, offset):
+        g = self.granularity
+        with self.lock:
+            if self.at_mark is not None:
+                durable = self.save.file.durable
+                entry = sessions.SaveArea.ENTRY
+                index = (self.size // g * entry.size + 4095) // 4096 * 4096
+                for x in range(offset // g, (offset + len(buf) - 1) // g + 1):
+                    slot1, crc = entry.unpack_from(durable, x * entry.size)
+                    old = self.at_mark[x * g:(x + 1) * g]
+                    at = index + (slot1 - 1) * g
+                    if slot1 == 0 or crc != zlib.crc32(old) or \
+                            durable[at:at + g] != old:
+                        self.early.add(x)
+            super().write(buf, offset)
 
 
 def new_session(map_dir, source, save, granularity, marked=False,

@@ -15,8 +15,8 @@ import time
 import pytest
 
 from tests.support import scripts
-from tests.support.powernodes import BLOCK, Link, MiB, powerfs_target, \
-    torture
+from tests.support.powernodes import BLOCK, Link, MiB, lost_blocks, \
+    powerfs_target, torture, write_then_flush_elsewhere
 
 pytestmark = scripts.needs_powerfs
 
@@ -66,27 +66,18 @@ def test_a_flush_on_one_connection_makes_sync_writes_of_another_durable(
     blocks = rng.sample(range(SIZE // BLOCK), 32)
     flushed, unflushed = blocks[:16], blocks[16:]
     writer, flusher = p.connect(), p.connect()
-    assert writer.can_multi_conn() and flusher.can_multi_conn()
     new = {b: rng.randbytes(BLOCK) for b in blocks}
-    for b in flushed:
-        writer.pwrite(new[b], b * BLOCK)
-    flusher.flush()
-    for b in unflushed:
-        writer.pwrite(new[b], b * BLOCK)
+    write_then_flush_elsewhere(writer, flusher, new, flushed, unflushed)
     writer.shutdown()
     flusher.shutdown()
     node.power_cut(disk)
 
     image = node.read_file("src")
-
-    def block(data, b):
-        return data[b * BLOCK:(b + 1) * BLOCK]
-
-    lost = [b for b in flushed if block(image, b) != new[b]]
+    lost = lost_blocks(image, new, flushed)
     assert not lost, "{} of 16 sync writes flushed on another connection " \
         "are not on the {} after its power cut (first {})".format(
             len(lost), cut, lost[:4])
-    assert any(block(image, b) != new[b] for b in unflushed), \
+    assert lost_blocks(image, new, unflushed), \
         "the cut lost no unflushed write: the test proves nothing"
     node.start(connect=node is p)
     _wait_caught_up(p, s, "caught up after the power cut")

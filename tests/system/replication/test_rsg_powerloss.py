@@ -21,6 +21,15 @@ pytestmark = scripts.needs_powerfs
 SIZE = 4 * MiB
 
 
+def _differing_blocks(primary, secondary):
+    """The blocks of src where the two nodes differ."""
+    mine, theirs = primary.read_all("src", SIZE), \
+        secondary.read_all("src", SIZE)
+    return [b for b in range(SIZE // BLOCK)
+            if mine[b * BLOCK:(b + 1) * BLOCK] !=
+            theirs[b * BLOCK:(b + 1) * BLOCK]]
+
+
 def _block(tag, b):
     unit = b"%s-%08d-" % (tag, b)
     return (unit * (BLOCK // len(unit) + 1))[:BLOCK]
@@ -86,11 +95,7 @@ def test_power_cut_after_streamed_unflushed_writes(pair):
     h.flush()
     h.shutdown()
     p, s = _wait_caught_up(primary, secondary)
-    mine, theirs = primary.read_all("src", SIZE), secondary.read_all("src",
-                                                                     SIZE)
-    differ = [b for b in range(SIZE // BLOCK)
-              if mine[b * BLOCK:(b + 1) * BLOCK] !=
-              theirs[b * BLOCK:(b + 1) * BLOCK]]
+    differ = _differing_blocks(primary, secondary)
     assert not differ, "the caught-up secondary differs at blocks {} " \
         "({} unflushed writes lost by the cut)".format(differ[:10], len(lost))
     # Only the active regions were copied, not the whole volume again.
@@ -145,10 +150,6 @@ def test_power_cut_after_the_activity_log_let_go_of_unflushed_writes(
     h.flush()
     h.shutdown()
     _wait_caught_up(primary, secondary)
-    mine, theirs = primary.read_all("src", SIZE), secondary.read_all("src",
-                                                                     SIZE)
-    differ = [b for b in range(SIZE // BLOCK)
-              if mine[b * BLOCK:(b + 1) * BLOCK] !=
-              theirs[b * BLOCK:(b + 1) * BLOCK]]
+    differ = _differing_blocks(primary, secondary)
     assert not differ, "the caught-up secondary differs at blocks {} " \
         "({} unflushed writes lost by the cut)".format(differ[:10], len(lost))

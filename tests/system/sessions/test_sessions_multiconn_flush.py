@@ -16,7 +16,8 @@ import subprocess
 import pytest
 
 from tests.support import scripts
-from tests.support.powernodes import BLOCK, MiB, powerfs_target
+from tests.support.powernodes import BLOCK, MiB, lost_blocks, \
+    powerfs_target, write_then_flush_elsewhere
 from tests.support.rsgmodel import wait_for
 
 pytestmark = scripts.needs_powerfs
@@ -59,28 +60,19 @@ def test_a_flush_on_one_connection_makes_first_writes_of_another_durable(
               for x in rng.sample(range(SIZE // EXTENT), 32)]
     flushed, unflushed = blocks[:16], blocks[16:]
     writer, flusher = t.connect("src"), t.connect("src")
-    assert writer.can_multi_conn() and flusher.can_multi_conn()
     new = {b: rng.randbytes(BLOCK) for b in blocks}
-    for b in flushed:
-        writer.pwrite(new[b], b * BLOCK)
-    flusher.flush()
-    for b in unflushed:
-        writer.pwrite(new[b], b * BLOCK)
+    write_then_flush_elsewhere(writer, flusher, new, flushed, unflushed)
     # The unflushed ones may still be queued (deferred first writes).
     wait_for(lambda: t.cli_json("session", "status", "s")["cofw_count"]
              == 32, 10, "every write to have saved its extent")
     t.power_cut(disk)
 
     image = t.read_file("src")
-
-    def block(data, b):
-        return data[b * BLOCK:(b + 1) * BLOCK]
-
-    lost = [b for b in flushed if block(image, b) != new[b]]
+    lost = lost_blocks(image, new, flushed)
     assert not lost, "{} of 16 writes flushed on another connection are " \
         "not on the Source after the power cut (first {})".format(
             len(lost), lost[:4])
-    assert any(block(image, b) != new[b] for b in unflushed), \
+    assert lost_blocks(image, new, unflushed), \
         "the cut lost no unflushed write: the test proves nothing"
     t.start()
     st = t.cli_json("session", "status", "s")
