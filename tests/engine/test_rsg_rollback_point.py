@@ -5,7 +5,6 @@ rollbacks, and a rollback counts across a crash.  Promoted, it fails back
 to the old primary copying every region where the two differ and not the
 volumes."""
 
-import errno
 import threading
 
 import pytest
@@ -109,14 +108,8 @@ def test_failback_after_every_volume_rolled_back_copies_only_the_changes(
     b.t.rsg_promote("g")
     b.t.lus["v2"].write(b"\x05" * 4096, 128 << 10)
     a.t.rsg_demote("g")
-    b.t.rsg_link("g", a.addr, "async", a.tok)
-    link = b.rsg.links[0]
     # A wrote \x03 after the point B holds: a split brain, B wins.
-    wait_for(lambda: link.split_brain, 10, "the split brain")
-    b.t.rsg_attach("g", a.addr, discard_secondary_changes=True)
-    converge(b, a)
-    for v in range(len(VOLS)):
-        assert a.read_below_guard(v) == b.read_below_guard(v)
+    link = _b_wins_the_split_brain(a, b)
     assert link.sent_bytes < 8 * (64 << 10), \
         "{} bytes sent to the old primary (the volumes are {})".format(
             link.sent_bytes, sum(SIZES))
@@ -241,14 +234,7 @@ def test_failback_after_some_volumes_rolled_back_copies_everything(
     b.t.rsg_promote("g", force=True)
     b.t.lus["v2"].write(b"\x05" * 4096, 200 << 10)
     a.t.rsg_demote("g")
-    b.t.rsg_link("g", a.addr, "async", a.tok)
-    link = b.rsg.links[0]
-    wait_for(lambda: link.split_brain, 10, "the split brain")
-    b.t.rsg_attach("g", a.addr, discard_secondary_changes=True)
-    converge(b, a)
-    with a.rsg.lock:
-        for v in range(len(VOLS)):
-            assert a.read_below_guard(v) == b.read_below_guard(v), VOLS[v]
+    link = _b_wins_the_split_brain(a, b)
     assert link.sent_bytes >= sum(SIZES), link.sent_bytes
 
 
@@ -378,18 +364,9 @@ def test_failback_after_other_broken_replays_ends_byte_equal(
         a.t.image_protect("v1")
         a.t.lus["v1"].write(b"\x30" * (SIZES[0] // 2), 0)
         converge(a, b)
-        broken = threading.Event()
-        end_replay = R.SecondaryGroup._end_replay
-
-        def break_off(self, seq, theirs):
-            broken.set()
-            raise OSError(errno.EIO, "the replay is broken off here")
-        monkeypatch.setattr(R.SecondaryGroup, "_end_replay", break_off)
-        a.t.image_rollback("v1")
-        assert broken.wait(10)
-        a.t.rsg_detach("g", b.addr)
-        wait_for(lambda: b.rsg.connected_since is None)
-        monkeypatch.setattr(R.SecondaryGroup, "_end_replay", end_replay)
+        # The rollback on A begins a replay within the stream.
+        replay_broken_off(a, b, monkeypatch,
+                          start=lambda: a.t.image_rollback("v1"))
     assert a.rsg is None or a.rsg.role == R.SECONDARY or \
         a.rsg.links[0].replay_image
     assert not b.rsg.consistent

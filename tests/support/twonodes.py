@@ -95,10 +95,11 @@ def converge(a, b):
              lambda: (a.rsg.status(), b.rsg and b.rsg.status()))
 
 
-def replay_broken_off(a, b, monkeypatch, **attach):
-    """A attaches (with the rsg_attach options `attach`), and its replay
-    to B breaks off at its end (B's _end_replay fails); A detached again,
-    B's _end_replay is restored."""
+def replay_broken_off(a, b, monkeypatch, start=None, **attach):
+    """A attaches (with the rsg_attach options `attach`), or start() is
+    called to begin a replay some other way, and A's replay to B breaks
+    off at its end (B's _end_replay fails); A detached again, B's
+    _end_replay is restored."""
     broken = threading.Event()
     end_replay = R.SecondaryGroup._end_replay
 
@@ -106,7 +107,10 @@ def replay_broken_off(a, b, monkeypatch, **attach):
         broken.set()
         raise OSError(errno.EIO, "the replay is broken off here")
     monkeypatch.setattr(R.SecondaryGroup, "_end_replay", break_off)
-    a.t.rsg_attach("g", b.addr, **attach)
+    if start is None:
+        a.t.rsg_attach("g", b.addr, **attach)
+    else:
+        start()
     assert broken.wait(10)
     a.t.rsg_detach("g", b.addr)
     wait_for(lambda: b.rsg.connected_since is None)
