@@ -364,7 +364,11 @@ class SessionMachine(RuleBasedStateMachine):
     @rule(dest=st.integers(0, DESTS - 1), after=st.integers(0, 6))
     def fail_destination(self, dest, after):
         if self.engine is not None:
-            self.engine.clients[dest].fail_after = after
+            client = self.engine.clients[dest]
+            # A failure already due (a connection a power loss dropped)
+            # stays due: a dropped connection serves no later request.
+            if client.fail_after is None or client.fail_after > after:
+                client.fail_after = after
 
     @rule(dest=st.integers(0, DESTS - 1))
     def destination_power_loss(self, dest):
