@@ -112,12 +112,8 @@ def counting_slow_syncs(monkeypatch, fd):
 
 def test_one_writers_first_writes_share_save_area_flushes(tmp_path,
                                                           monkeypatch):
-    path = tmp_path / "save"
-    with open(path, "wb") as f:
-        f.truncate(SAVE_SIZE)
-    save = backends.FileBackend(str(path))
-    source = backends.MemoryBackend(SIZE)
-    source.data[:] = random.Random(1).randbytes(SIZE)
+    source, save = sessionfakes.source_and_save_file(tmp_path, SIZE,
+                                                     SAVE_SIZE)
     stack, s = stacked_session(tmp_path, source, save)
     at_mark = bytes(source.data)
     expected = bytearray(at_mark)
@@ -138,7 +134,7 @@ def test_one_writers_first_writes_share_save_area_flushes(tmp_path,
     s.close()
     # What is on the save area's disk reads the same after a restart.
     lu2, s2 = sessionfakes.new_session(tmp_path, source,
-                                       backends.FileBackend(str(path)),
+                                       backends.FileBackend(save.path),
                                        granularity=GRAN, marked=True)
     assert frozen_image(s2) == at_mark
     s2.close()

@@ -148,17 +148,24 @@ def new_session(map_dir, source, save, granularity, marked=False,
     return lu, s
 
 
-def marked_on_save_file(tmp_path, size, save_size, granularity):
-    """A Source of size bytes of random data and a session "s" of it,
-    marked (exported), its maps in tmp_path and its save area the file
-    tmp_path/save of save_size bytes; returns (lu, session, Source, save
-    area backend, the Source's data at the mark)."""
+def source_and_save_file(tmp_path, size, save_size):
+    """A Source (memory) of size bytes of random data, and a save area
+    backend on the file tmp_path/save of save_size bytes."""
     path = tmp_path / "save"
     with open(path, "wb") as f:
         f.truncate(save_size)
     save = backends.FileBackend(str(path))
     source = backends.MemoryBackend(size)
     source.data[:] = random.Random(1).randbytes(size)
+    return source, save
+
+
+def marked_on_save_file(tmp_path, size, save_size, granularity):
+    """A Source of size bytes of random data and a session "s" of it,
+    marked (exported), its maps in tmp_path and its save area the file
+    tmp_path/save of save_size bytes; returns (lu, session, Source, save
+    area backend, the Source's data at the mark)."""
+    source, save = source_and_save_file(tmp_path, size, save_size)
     lu, s = new_session(tmp_path, source, save, granularity)
     s.mark(export=True)
     return lu, s, source, save, bytes(source.data)
