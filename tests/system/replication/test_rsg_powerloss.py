@@ -72,13 +72,18 @@ def _wait_caught_up(primary, secondary, timeout=60):
         time.sleep(0.1)
 
 
+def _write_unflushed(primary):
+    """64 blocks written to the primary's src and never flushed."""
+    h = primary.connect()
+    for b in range(64):
+        h.pwrite(_block(b"lost", b), b * BLOCK)
+    h.shutdown()
+
+
 def test_power_cut_after_streamed_unflushed_writes(pair):
     disk, primary, secondary = pair
     _wait_caught_up(primary, secondary)
-    h = primary.connect()
-    for b in range(64):
-        h.pwrite(_block(b"lost", b), b * BLOCK)     # never flushed
-    h.shutdown()
+    _write_unflushed(primary)
     _, s = _wait_caught_up(primary, secondary)
     assert secondary.read_all("src", SIZE)[:BLOCK] == _block(b"lost", 0)
 
@@ -115,10 +120,7 @@ def test_power_cut_after_the_activity_log_let_go_of_unflushed_writes(
     sends it again."""
     disk, primary, secondary = pair
     _wait_caught_up(primary, secondary)
-    h = primary.connect()
-    for b in range(64):
-        h.pwrite(_block(b"lost", b), b * BLOCK)     # never flushed
-    h.shutdown()
+    _write_unflushed(primary)
     if when == "swept":
         deadline = time.monotonic() + 20
         while True:
