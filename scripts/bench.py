@@ -51,6 +51,18 @@ write IOPS (QD16) of 1, 2 and 4 clients on separate LUs and on one LU, as a
 ratio to one client, for nbdkit's file plugin, a bare Python plugin and
 clonectl serving the same files; see scripts/bench_scale.py (not in "all").
 
+--suite machine: what the machine itself gives, no server: memory copy
+bandwidth of one and of two processes at once, and 1 MiB page-cache
+writes to one file, to two in turn and to two side by side; see
+scripts/bench_machine.py.
+
+Rows that compare a variant with its baseline (clones, sessions' first
+writes, replication) also print the whole machine's CPU per request
+(every process: fio, the servers, a secondary; /proc/stat) and the share
+of the cores kept busy: the baseline's CPU per request over the
+variant's is the ratio the variant could reach if both kept every core
+busy; a variant below it waits for something other than the CPU.
+
 --suite jobs: every job file of scripts/fio (the workloads the guest test
 and the Vagrant host run: randrw-4k, seq-1m, verify) through fio's nbd
 engine against the --servers variants; IOPS and MB/s per job.
@@ -78,6 +90,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_iscsi  # noqa: E402
+import bench_machine  # noqa: E402
 import bench_replication  # noqa: E402
 import bench_scale  # noqa: E402
 import bench_sessions  # noqa: E402
@@ -225,15 +238,64 @@ def connections_args(connections):
     return ("--numjobs={}".format(connections), "--group_reporting")
 
 
-def run_fio(uri, rw, bs, iodepth, runtime, size, connections=1):
-    """iodepth in all, over connections NBD connections."""
-    job = run_fio_command(fio_command(
-        [uri], rw, bs, iodepth // connections, size, runtime,
-        extra=connections_args(connections)))[0]
+def machine_busy_seconds():
+    """CPU seconds the machine's cores have been busy since boot, all
+    processes and the kernel's work for them (/proc/stat: user, nice,
+    system, irq, softirq; idle, iowait and steal left out)."""
+    with open("/proc/stat") as f:
+        user, nice, system, _idle, _iowait, irq, softirq = \
+            (int(x) for x in f.readline().split()[1:8])
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+
+
+class MachineCpu:
+    """The whole machine's CPU over a span (a with block): what a row's
+    requests cost every process together (fio, the server, a secondary on
+    the same machine), so a ratio can be read against the one the CPU
+    allows.  Two variants that both keep every core busy can differ by no
+    more than their CPU per request; a variant that leaves cores idle
+    waits for something else (a round trip, a flush, one thread)."""
+
+    def __enter__(self):
+        self._t0 = time.monotonic()
+        self._c0 = machine_busy_seconds()
+        return self
+
+    def __exit__(self, *exc):
+        self.wall_s = time.monotonic() - self._t0
+        self.cpu_s = machine_busy_seconds() - self._c0
+        return False
+
+    @property
+    def busy(self):
+        """The share of every core's time spent busy, 0 to 1."""
+        return self.cpu_s / (self.wall_s * os.cpu_count())
+
+    def us_per_request(self, iops, seconds):
+        """CPU µs per request for iops over seconds of I/O in the span."""
+        return self.cpu_s * 1e6 / max(iops * seconds, 1)
+
+
+def cpu_bound_ratio(base_us, variant_us):
+    """The ratio variant/base the CPU allows if both use every core: base's
+    CPU per request over the variant's."""
+    return base_us / variant_us if variant_us else float("nan")
+
+
+def run_fio(uri, rw, bs, iodepth, runtime, size, connections=1, ramp=1):
+    """iodepth in all, over connections NBD connections.  cpu_us: the
+    machine's CPU per request over the run (ramp included, at the same
+    load); busy: its share of every core."""
+    with MachineCpu() as cpu:
+        job = run_fio_command(fio_command(
+            [uri], rw, bs, iodepth // connections, size, runtime, ramp=ramp,
+            extra=connections_args(connections)))[0]
     side = job["read"] if "read" in rw else job["write"]
     pct = side["clat_ns"].get("percentile", {})
     return {"iops": side["iops"], "mbps": side["bw_bytes"] / 1e6,
-            "p99_us": pct.get("99.000000", 0) / 1000.0}
+            "p99_us": pct.get("99.000000", 0) / 1000.0,
+            "cpu_us": cpu.us_per_request(side["iops"], runtime + ramp),
+            "busy": cpu.busy}
 
 
 def make_image(path, size):
@@ -246,18 +308,27 @@ def make_image(path, size):
         os.fsync(f.fileno())
 
 
+def _interrupted(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main():
+    # Stopped by SIGTERM (timeout(1), a CI job's end) as by Ctrl-C: the
+    # suites' cleanup then stops the servers they started.
+    signal.signal(signal.SIGTERM, _interrupted)
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--suite", choices=("nbd", "clones", "restore", "sessions",
                                        "jobs", "iscsi", "replication",
-                                       "scale", "all"),
+                                       "scale", "machine", "all"),
                    default="nbd",
                    help="nbd: servers side by side; clones: clone overhead, "
                         "sync speed and latency; restore: protected restore "
                         "COD latency and throughput; sessions: incremental "
                         "transfers; replication: replicated storage groups "
-                        "(root); scale: several clients at once; all: "
+                        "(root); scale: several clients at once; machine: "
+                        "copy bandwidth and page-cache writes, no server; "
+                        "all: "
                         "every suite but jobs, iscsi, replication and "
                         "scale "
                         "(default nbd)")
@@ -316,7 +387,8 @@ def main():
                            ("jobs", run_jobs_suite),
                            ("iscsi", run_iscsi_suite),
                            ("replication", run_replication_suite),
-                           ("scale", run_scale_suite)):
+                           ("scale", run_scale_suite),
+                           ("machine", run_machine_suite)):
             if args.suite == suite or (args.suite == "all" and
                                        suite not in ("jobs", "iscsi",
                                                      "replication", "scale")):
@@ -352,6 +424,10 @@ def main():
         if len(report) > 1:
             print()
         bench_scale.print_tables(report["scale"], args)
+    if "machine" in report:
+        if len(report) > 1:
+            print()
+        bench_machine.print_tables(report["machine"], args)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"date": time.strftime("%Y-%m-%d"), "args": vars(args),
@@ -368,6 +444,10 @@ def run_replication_suite(args, size, workdir):
 
 def run_scale_suite(args, size, workdir):
     return bench_scale.run(sys.modules[__name__], args, size, workdir)
+
+
+def run_machine_suite(args, size, workdir):
+    return bench_machine.run(sys.modules[__name__], args, size, workdir)
 
 
 def run_sessions_suite(args, size, workdir):
@@ -503,6 +583,8 @@ def timed_copy(image, dst, nbytes):
 
 
 EMPTY_CLONE = "clone of an empty LU"
+# The --only name of parts 2 and 3 of the clones suite.
+CLONE_COPIES = "copies: sync, reverse-sync and host reads meanwhile"
 
 
 def first_sync(workdir, name, size, image=None):
@@ -579,10 +661,13 @@ def run_clones_suite(args, size, workdir):
                     if clone_status(state)["state"] != "synchronized":
                         raise RuntimeError("the clone fell out of sync")
                 row = {v: {k: statistics.median(s[k] for s in samples[v])
-                           for k in ("iops", "mbps", "p99_us")}
+                           for k in ("iops", "mbps", "p99_us", "cpu_us",
+                                     "busy")}
                        for v in variants}
                 row["ratio"] = row["clonectl+clone"]["iops"] / \
                     row["clonectl"]["iops"]
+                row["cpu_bound"] = cpu_bound_ratio(
+                    row["clonectl"]["cpu_us"], row["clonectl+clone"]["cpu_us"])
                 row["target"] = target
                 out["writes"][name] = row
                 print("{:<20} no clone {:.0f} IOPS, one clone {:.0f} IOPS, "
@@ -593,6 +678,8 @@ def run_clones_suite(args, size, workdir):
 
             # 2. Sync and reverse sync of 10% / 100% dirty extents, and the
             # copy of as many bytes by cp/dd on the same disk.
+            if args.only and args.only not in CLONE_COPIES:
+                return out
             dst = os.path.join(workdir, "copy.raw")
             samples = {(op, f): [] for op in ("sync", "reverse-sync", "cp")
                        for f in FRACTIONS}
@@ -675,12 +762,17 @@ def print_clones_tables(res, args):
     if res["writes"]:
         print()
         print("| writes to the Source | no clone IOPS | one synchronized clone "
-              "IOPS | ratio | target |")
-        print("|---|---|---|---|---|")
+              "IOPS | ratio | target | machine CPU µs per write, no clone / "
+              "one clone | cores busy, no clone / one clone | ratio the CPU "
+              "allows (no clone's CPU / one clone's) |")
+        print("|---|---|---|---|---|---|---|---|")
         for name, row in res["writes"].items():
-            print("| {} | {:.0f} | {:.0f} | {:.2f} | >= {} |".format(
-                name, row["clonectl"]["iops"], row["clonectl+clone"]["iops"],
-                row["ratio"], row["target"]))
+            plain, clone = row["clonectl"], row["clonectl+clone"]
+            print("| {} | {:.0f} | {:.0f} | {:.2f} | >= {} | {:.1f} / {:.1f} "
+                  "| {:.0%} / {:.0%} | {:.2f} |".format(
+                      name, plain["iops"], clone["iops"], row["ratio"],
+                      row["target"], plain["cpu_us"], clone["cpu_us"],
+                      plain["busy"], clone["busy"], row["cpu_bound"]))
     copies = res["copies"]
     if copies:
         print()

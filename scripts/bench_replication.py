@@ -59,6 +59,7 @@ STAY_S = 1
 CONVERGE_RUNS = 2         # at most this many convergence runs
 CONVERGE_LIMIT_S = 90    # give up waiting for convergence after this
 CATCHUP_LIMIT_S = 120
+FIO_RAMP_S = 1           # fio's warm-up, not in its figures
 REGION = 128 << 20       # fio writes at most this much of each LU
 REPL_PORT = 7000
 COPY_PORT = 10900
@@ -190,7 +191,7 @@ def fio_cmd(uri, rw, bs, iodepth, runtime, size, rate=None, ramp=True,
            "--size=" + str(size), "--time_based", "--runtime=" + str(runtime),
            "--randrepeat=0", "--norandommap", "--output-format=json"]
     if ramp:
-        cmd.append("--ramp_time=1")
+        cmd.append("--ramp_time={}".format(FIO_RAMP_S))
     if rate:
         cmd.append("--rate=" + str(rate))
     return cmd
@@ -320,12 +321,20 @@ def run(bench, args, size, workdir):
                     for v in bench.rotate(VARIANTS, rep):
                         before = prim.link(GROUP_OF[v])["replays"] \
                             if v in GROUP_OF else None
-                        samples[model][v].append(run_fio(
-                            bench, uri(LU_OF[v]), rw, bs, qd, args.runtime,
-                            region, conns))
+                        # The machine's CPU until the secondary has every
+                        # write: an async link's catching up after fio is
+                        # part of what its writes cost.
+                        with bench.MachineCpu() as cpu:
+                            run = run_fio(bench, uri(LU_OF[v]), rw, bs, qd,
+                                          args.runtime, region, conns)
+                            took = wait_replicating(
+                                prim, GROUP_OF[v], CATCHUP_LIMIT_S) \
+                                if v in GROUP_OF else None
+                        run["cpu_us"] = cpu.us_per_request(
+                            run["iops"], args.runtime + FIO_RAMP_S)
+                        run["busy"] = cpu.busy
+                        samples[model][v].append(run)
                         if v in GROUP_OF:
-                            took = wait_replicating(prim, GROUP_OF[v],
-                                                    CATCHUP_LIMIT_S)
                             if took is None:
                                 raise RuntimeError("link {} did not catch "
                                                    "up after fio".format(v))
@@ -334,7 +343,8 @@ def run(bench, args, size, workdir):
                                 overflow[model][v] += 1
             out["writes"][name] = {
                 m: {v: {k: statistics.median(s[k] for s in samples[m][v])
-                        for k in ("iops", "mbps", "clat_us")}
+                        for k in ("iops", "mbps", "clat_us", "cpu_us",
+                                  "busy")}
                     for v in VARIANTS}
                 for m in models}
             out["overflow"][name] = {
@@ -388,26 +398,27 @@ def replay(bench, args, net, prim, secondary, size, uri, copy_img, out):
         for rep in range(args.repeat):
             for what in bench.rotate(("replay", "copy"), rep):
                 if what == "copy":
-                    t0 = time.monotonic()
-                    subprocess.run(["nbdcopy", "--flush", uri("cpsrc"), dst],
-                                   check=True)
-                    copy_s = time.monotonic() - t0
+                    with bench.MachineCpu() as copy_cpu:
+                        subprocess.run(["nbdcopy", "--flush", uri("cpsrc"),
+                                        dst], check=True)
+                    copy_s = copy_cpu.wall_s
                     continue
                 prim.clonectl("rsg", "detach", "gd", "--secondary",
                               secondary)
                 extents = write_extents(uri("vd"), size, REPLAY_MIB << 20,
                                         seed=rep)
                 before = prim.link("gd")
-                t0 = time.monotonic()
-                # The request `rsg attach` makes (not the CLI's own start).
-                prim.call("rsg_attach", name="gd", secondary=secondary,
-                          discard_secondary_changes=False, rate=None)
-                took = wait_replicating(prim, "gd", CATCHUP_LIMIT_S,
-                                        replays_above=before["replays"])
+                with bench.MachineCpu() as replay_cpu:
+                    # The request `rsg attach` makes (not the CLI's own
+                    # start).
+                    prim.call("rsg_attach", name="gd", secondary=secondary,
+                              discard_secondary_changes=False, rate=None)
+                    took = wait_replicating(prim, "gd", CATCHUP_LIMIT_S,
+                                            replays_above=before["replays"])
                 if took is None:
                     raise RuntimeError("replay did not finish: {}".format(
                         prim.link("gd")))
-                replay_s = time.monotonic() - t0
+                replay_s = replay_cpu.wall_s
                 after = prim.link("gd")
             out["replay"].append({
                 "extents": extents, "dcm_extents": before["dcm_extents"],
@@ -416,7 +427,9 @@ def replay(bench, args, net, prim, secondary, size, uri, copy_img, out):
                 # The pass alone (RBEG to the last data sent).
                 "pass_s": (after["replay"] or {}).get("elapsed"),
                 "sent": after["bytes_sent"] - before["bytes_sent"],
-                "copy_s": copy_s})
+                "copy_s": copy_s,
+                "replay_cpu_s": replay_cpu.cpu_s, "replay_busy": replay_cpu.busy,
+                "copy_cpu_s": copy_cpu.cpu_s, "copy_busy": copy_cpu.busy})
     finally:
         # qemu-nbd entered the namespace itself: this pid is its own.
         qemu.terminate()
@@ -520,6 +533,25 @@ def print_tables(res, args):
                           added / avg, ov["async"]["runs"], args.repeat,
                           ov["sync"]["runs"], args.repeat, u=unit))
         print()
+        print("The machine's CPU (every process: fio, the primary, the "
+              "secondary, the kernel's work for them) from fio's start "
+              "until the secondary had every write, per write:")
+        print()
+        print("| host writes | primary's thread model[@thread state] | CPU "
+              "µs per write: none / async / sync | cores busy: none / async "
+              "/ sync | ratio the CPU allows (none's CPU / the link's): "
+              "async, sync |")
+        print("|---|---|---|---|---|")
+        for name, by_model in res["writes"].items():
+            for model, w in by_model.items():
+                n, a, s = w["none"], w["async"], w["sync"]
+                print("| {} | {} | {:.1f} / {:.1f} / {:.1f} | {:.0%} / {:.0%} "
+                      "/ {:.0%} | {:.2f}, {:.2f} |".format(
+                          name, model, n["cpu_us"], a["cpu_us"], s["cpu_us"],
+                          n["busy"], a["busy"], s["busy"],
+                          n["cpu_us"] / a["cpu_us"],
+                          n["cpu_us"] / s["cpu_us"]))
+        print()
     rp = res["replay"]
     if rp:
         nbytes = rp[0]["bytes"]
@@ -549,6 +581,19 @@ def print_tables(res, args):
                           "{:.2f}".format(r["replay_s"]) for r in runs), s,
                           nbytes / 1e6 / s, copy, nbytes / 1e6 / copy,
                           copy / s))
+        med = {k: statistics.median(r[k] for r in rp)
+               for k in ("replay_cpu_s", "replay_busy", "copy_cpu_s",
+                         "copy_busy")}
+        print()
+        print("| the machine's CPU (every process) | CPU s per GB moved | "
+              "cores busy |")
+        print("|---|---|---|")
+        for what in ("replay", "copy"):
+            print("| {} | {:.2f} | {:.0%} |".format(
+                what, med[what + "_cpu_s"] / (nbytes / 1e9),
+                med[what + "_busy"]))
+        print("| ratio the CPU allows (copy's CPU / replay's) | {:.2f} | |"
+              .format(med["copy_cpu_s"] / med["replay_cpu_s"]))
         print()
     cv = res["converge"]
     if cv:

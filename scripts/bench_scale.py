@@ -239,14 +239,17 @@ def run(bench, args, size, workdir):
             # per repeat, then the median).
             samples = {row: {v: [] for v in variants} for row in LAYOUTS}
             cpu = {row: {v: [] for v in variants} for row in LAYOUTS}
+            busy = {row: {v: [] for v in variants} for row in LAYOUTS}
             for rep in range(args.repeat):
                 for clients, separate in LAYOUTS:
                     for v in bench.rotate(variants, rep):
                         c0 = scale.cpu_seconds(v)
-                        iops = run_fio_clients(
-                            bench, scale.uris(v, clients, separate), rw, bs,
-                            qd, args.runtime, size)
+                        with bench.MachineCpu() as machine:
+                            iops = run_fio_clients(
+                                bench, scale.uris(v, clients, separate), rw,
+                                bs, qd, args.runtime, size)
                         c1 = scale.cpu_seconds(v)
+                        busy[clients, separate][v].append(machine.busy)
                         samples[clients, separate][v].append(iops)
                         # Server CPU per request over the whole fio run:
                         # its ramp ran at about the measured rate.
@@ -258,7 +261,8 @@ def run(bench, args, size, workdir):
                             "n_over_1": statistics.median(
                                 n / o for n, o in zip(samples[layout][v],
                                                       one[v])),
-                            "cpu_us": statistics.median(cpu[layout][v])}
+                            "cpu_us": statistics.median(cpu[layout][v]),
+                            "busy": statistics.median(busy[layout][v])}
                         for v in variants}
                 row = layout_name(*layout)
                 results.setdefault(name, {})[row] = cell
@@ -278,14 +282,16 @@ def print_tables(report, args):
     print("clonectl scale benchmark, {} ({} cores), {} per LU, fio nbd "
           "engine, {} s x {} runs, medians; aggregate IOPS of N clients, "
           "N / 1 client of the same server (per run, the median of the "
-          "runs' ratios), server CPU us per request (all its threads)".format(
+          "runs' ratios), server CPU us per request (all its threads), "
+          "busy: the machine's cores busy during the run (every "
+          "process)".format(
               time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               os.cpu_count(), args.size, args.runtime, args.repeat))
     for name, rows in report["results"].items():
         print()
         header = [name]
         for v in variants:
-            header += ["{} IOPS".format(v), "N/1", "CPU us"]
+            header += ["{} IOPS".format(v), "N/1", "CPU us", "busy"]
         header += ["{}/{}".format(v, base) for v in variants if v != base]
         print("| " + " | ".join(header) + " |")
         print("|" + "---|" * len(header))
@@ -295,7 +301,8 @@ def print_tables(report, args):
                 iops = cell[v]["iops"]
                 cells += ["{:.0f}".format(iops),
                           "{:.2f}".format(cell[v]["n_over_1"]),
-                          "{:.1f}".format(cell[v]["cpu_us"])]
+                          "{:.1f}".format(cell[v]["cpu_us"]),
+                          "{:.0%}".format(cell[v]["busy"])]
             cells += ["{:.2f}".format(cell[v]["iops"] / cell[base]["iops"])
                       for v in variants if v != base]
             print("| " + " | ".join(cells) + " |")

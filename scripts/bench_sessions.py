@@ -81,8 +81,9 @@ def _update(bench, state):
 
 
 def _fio_randwrite(bench, uri, size, runtime, connections=1):
+    """bench.run_fio's figures (IOPS, the machine's CPU per write)."""
     return bench.run_fio(uri, "randwrite", "4k", 16, runtime, size,
-                         connections)["iops"]
+                         connections)
 
 
 FIRST_WRITES = "4K randwrite QD16 first writes to a freshly marked Source"
@@ -116,12 +117,23 @@ def _first_writes(bench, args, size, state, sock, uri):
                 bench.clonectl(state, "session", "unmark", "s")
     bench.clonectl(state, "stop")
     _serve(bench, state, sock)
-    return [{"model": model, "connections": n,
+    out = []
+    for model, n in shapes:
+        row = rows[model, n]
+        r = {"model": model, "connections": n,
              "ratio": statistics.median(
-                 m / u for m, u in zip(rows[model, n]["marked"],
-                                       rows[model, n]["unmarked"])),
-             **{k: statistics.median(v) for k, v in rows[model, n].items()}}
-            for model, n in shapes]
+                 m["iops"] / u["iops"]
+                 for m, u in zip(row["marked"], row["unmarked"])),
+             "saves": statistics.median(row["saves"])}
+        for k in ("unmarked", "marked"):
+            r[k] = statistics.median(run["iops"] for run in row[k])
+            for fig in ("cpu_us", "busy"):
+                r[k + "_" + fig] = statistics.median(run[fig]
+                                                     for run in row[k])
+        r["cpu_bound"] = bench.cpu_bound_ratio(r["unmarked_cpu_us"],
+                                               r["marked_cpu_us"])
+        out.append(r)
+    return out
 
 
 def _wanted(args, part):
@@ -181,17 +193,17 @@ def run(bench, args, size, workdir):
         rows = {"unmarked": [], "marked": [], "transferring": []}
         for rep in range(args.repeat):
             rows["unmarked"].append(_fio_randwrite(bench, src_uri, size,
-                                                   args.runtime))
+                                                   args.runtime)["iops"])
             _change_extents(src_uri, size, 1.0, seed=100 + rep)
             bench.clonectl(a, "session", "mark", "s")
             rows["marked"].append(_fio_randwrite(bench, src_uri, size,
-                                                 args.runtime))
+                                                 args.runtime)["iops"])
             bench.clonectl(a, "session", "unmark", "s")
             _change_extents(src_uri, size, 1.0, seed=200 + rep)
             bench.clonectl(a, "session", "mark", "s")
             bench.clonectl(a, "session", "transfer", "s")
             rows["transferring"].append(_fio_randwrite(bench, src_uri, size,
-                                                       args.runtime))
+                                                       args.runtime)["iops"])
             overlapped = _status(bench, a)["transferring"]
             deadline = time.monotonic() + 600
             while _status(bench, a)["transferring"]:
@@ -219,17 +231,23 @@ def print_tables(res, args):
         print("| {} | nbdkit thread model[@thread state] | connections x "
               "QD | unmarked IOPS | marked IOPS | saves (copies on first "
               "write) | marked/unmarked (target >= 0.5; median of the "
-              "repeats' ratios) | unmarked / {}, {} x QD{} |".format(
-                  FIRST_WRITES, base["model"], base["connections"],
-                  16 // base["connections"]))
-        print("|---|---|---|---|---|---|---|---|")
+              "repeats' ratios) | unmarked / {}, {} x QD{} | machine CPU "
+              "µs per write, unmarked / marked | cores busy, unmarked / "
+              "marked | ratio the CPU allows (unmarked's CPU / marked's) "
+              "|".format(FIRST_WRITES, base["model"], base["connections"],
+                         16 // base["connections"]))
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
         for r in res["first_writes"]:
             print("| {}s fio runs | {} | {} x QD{} | {:.0f} | {:.0f} | "
-                  "{:.0f} | {:.2f} | {:.2f} |".format(
+                  "{:.0f} | {:.2f} | {:.2f} | {:.1f} / {:.1f} | {:.0%} / "
+                  "{:.0%} | {:.2f} |".format(
                       args.runtime, r["model"], r["connections"],
                       16 // r["connections"], r["unmarked"], r["marked"],
                       r["saves"], r["ratio"],
-                      r["unmarked"] / base["unmarked"]))
+                      r["unmarked"] / base["unmarked"],
+                      r["unmarked_cpu_us"], r["marked_cpu_us"],
+                      r["unmarked_busy"], r["marked_busy"],
+                      r["cpu_bound"]))
         print()
     if res["bytes"]:
         print("| changed extents | count | expected bytes | bytes sent | "
