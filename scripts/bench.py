@@ -58,10 +58,11 @@ scripts/bench_machine.py.
 
 Rows that compare a variant with its baseline (clones, sessions' first
 writes, replication) also print the whole machine's CPU per request
-(every process: fio, the servers, a secondary; /proc/stat) and the share
-of the cores kept busy: the baseline's CPU per request over the
-variant's is the ratio the variant could reach if both kept every core
-busy; a variant below it waits for something other than the CPU.
+(every process: fio, the servers, a secondary; /proc/stat), the share of
+the cores kept busy, and the CPU ceiling of the ratio: what the variant
+would reach if it kept every core busy at its CPU per request.  A ratio
+far below its ceiling waits (one request at a time, a round trip, a
+flush); a target above the ceiling needs less CPU per request.
 
 --suite jobs: every job file of scripts/fio (the workloads the guest test
 and the Vagrant host run: randrw-4k, seq-1m, verify) through fio's nbd
@@ -251,10 +252,8 @@ def machine_busy_seconds():
 class MachineCpu:
     """The whole machine's CPU over a span (a with block): what a row's
     requests cost every process together (fio, the server, a secondary on
-    the same machine), so a ratio can be read against the one the CPU
-    allows.  Two variants that both keep every core busy can differ by no
-    more than their CPU per request; a variant that leaves cores idle
-    waits for something else (a round trip, a flush, one thread)."""
+    the same machine), so a ratio can be read against its CPU ceiling
+    (cpu_ceiling)."""
 
     def __enter__(self):
         self._t0 = time.monotonic()
@@ -276,10 +275,14 @@ class MachineCpu:
         return self.cpu_s * 1e6 / max(iops * seconds, 1)
 
 
-def cpu_bound_ratio(base_us, variant_us):
-    """The ratio variant/base the CPU allows if both use every core: base's
-    CPU per request over the variant's."""
-    return base_us / variant_us if variant_us else float("nan")
+def cpu_ceiling(base_iops, variant_us):
+    """The ratio variant/base the variant would reach if it kept every core
+    busy at its CPU per request.  A ratio far below it waits (one request
+    at a time, a round trip, a flush): less waiting would raise it.  A
+    target above it needs less CPU per request, whatever the waiting."""
+    if not base_iops or not variant_us:
+        return float("nan")
+    return os.cpu_count() * 1e6 / variant_us / base_iops
 
 
 def run_fio(uri, rw, bs, iodepth, runtime, size, connections=1, ramp=1):
@@ -666,8 +669,8 @@ def run_clones_suite(args, size, workdir):
                        for v in variants}
                 row["ratio"] = row["clonectl+clone"]["iops"] / \
                     row["clonectl"]["iops"]
-                row["cpu_bound"] = cpu_bound_ratio(
-                    row["clonectl"]["cpu_us"], row["clonectl+clone"]["cpu_us"])
+                row["cpu_ceiling"] = cpu_ceiling(
+                    row["clonectl"]["iops"], row["clonectl+clone"]["cpu_us"])
                 row["target"] = target
                 out["writes"][name] = row
                 print("{:<20} no clone {:.0f} IOPS, one clone {:.0f} IOPS, "
@@ -763,8 +766,8 @@ def print_clones_tables(res, args):
         print()
         print("| writes to the Source | no clone IOPS | one synchronized clone "
               "IOPS | ratio | target | machine CPU µs per write, no clone / "
-              "one clone | cores busy, no clone / one clone | ratio the CPU "
-              "allows (no clone's CPU / one clone's) |")
+              "one clone | cores busy, no clone / one clone | CPU ceiling "
+              "of the ratio |")
         print("|---|---|---|---|---|---|---|---|")
         for name, row in res["writes"].items():
             plain, clone = row["clonectl"], row["clonectl+clone"]
@@ -772,7 +775,7 @@ def print_clones_tables(res, args):
                   "| {:.0%} / {:.0%} | {:.2f} |".format(
                       name, plain["iops"], clone["iops"], row["ratio"],
                       row["target"], plain["cpu_us"], clone["cpu_us"],
-                      plain["busy"], clone["busy"], row["cpu_bound"]))
+                      plain["busy"], clone["busy"], row["cpu_ceiling"]))
     copies = res["copies"]
     if copies:
         print()

@@ -347,6 +347,10 @@ def run(bench, args, size, workdir):
                                   "busy")}
                     for v in VARIANTS}
                 for m in models}
+            for w in out["writes"][name].values():
+                for v in GROUP_OF:
+                    w[v]["cpu_ceiling"] = bench.cpu_ceiling(
+                        w["none"]["iops"], w[v]["cpu_us"])
             out["overflow"][name] = {
                 m: {v: {"runs": overflow[m][v],
                         "catchup_s": statistics.median(catchup[m][v])}
@@ -539,8 +543,7 @@ def print_tables(res, args):
         print()
         print("| host writes | primary's thread model[@thread state] | CPU "
               "µs per write: none / async / sync | cores busy: none / async "
-              "/ sync | ratio the CPU allows (none's CPU / the link's): "
-              "async, sync |")
+              "/ sync | CPU ceiling of the ratio: async, sync |")
         print("|---|---|---|---|---|")
         for name, by_model in res["writes"].items():
             for model, w in by_model.items():
@@ -549,8 +552,7 @@ def print_tables(res, args):
                       "/ {:.0%} | {:.2f}, {:.2f} |".format(
                           name, model, n["cpu_us"], a["cpu_us"], s["cpu_us"],
                           n["busy"], a["busy"], s["busy"],
-                          n["cpu_us"] / a["cpu_us"],
-                          n["cpu_us"] / s["cpu_us"]))
+                          a["cpu_ceiling"], s["cpu_ceiling"]))
         print()
     rp = res["replay"]
     if rp:
@@ -592,8 +594,11 @@ def print_tables(res, args):
             print("| {} | {:.2f} | {:.0%} |".format(
                 what, med[what + "_cpu_s"] / (nbytes / 1e9),
                 med[what + "_busy"]))
-        print("| ratio the CPU allows (copy's CPU / replay's) | {:.2f} | |"
-              .format(med["copy_cpu_s"] / med["replay_cpu_s"]))
+        # A replay keeping every core busy at its CPU per byte would take
+        # its CPU seconds over the cores.
+        print("| CPU ceiling of replay / copy | {:.2f} | |".format(
+            os.cpu_count() * copy / med["replay_cpu_s"]
+            if med["replay_cpu_s"] else float("nan")))
         print()
     cv = res["converge"]
     if cv:

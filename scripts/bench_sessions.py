@@ -130,8 +130,8 @@ def _first_writes(bench, args, size, state, sock, uri):
             for fig in ("cpu_us", "busy"):
                 r[k + "_" + fig] = statistics.median(run[fig]
                                                      for run in row[k])
-        r["cpu_bound"] = bench.cpu_bound_ratio(r["unmarked_cpu_us"],
-                                               r["marked_cpu_us"])
+        r["cpu_ceiling"] = bench.cpu_ceiling(r["unmarked"],
+                                             r["marked_cpu_us"])
         out.append(r)
     return out
 
@@ -233,7 +233,7 @@ def print_tables(res, args):
               "write) | marked/unmarked (target >= 0.5; median of the "
               "repeats' ratios) | unmarked / {}, {} x QD{} | machine CPU "
               "µs per write, unmarked / marked | cores busy, unmarked / "
-              "marked | ratio the CPU allows (unmarked's CPU / marked's) "
+              "marked | CPU ceiling of marked/unmarked "
               "|".format(FIRST_WRITES, base["model"], base["connections"],
                          16 // base["connections"]))
         print("|---|---|---|---|---|---|---|---|---|---|---|")
@@ -247,7 +247,7 @@ def print_tables(res, args):
                       r["unmarked"] / base["unmarked"],
                       r["unmarked_cpu_us"], r["marked_cpu_us"],
                       r["unmarked_busy"], r["marked_busy"],
-                      r["cpu_bound"]))
+                      r["cpu_ceiling"]))
         print()
     if res["bytes"]:
         print("| changed extents | count | expected bytes | bytes sent | "

@@ -343,23 +343,27 @@ def test_prm_saved_after_the_copies_it_vouches_for(request_, flush_first):
         m.teardown()
 
 
-# The PRM is made durable at every flush: a host write flushed during a
-# restore has its PRM bit on disk, or after a power cut the resumed restore
-# (or the next read's copy on demand) puts the clone's data over it.
+# The PRM is made durable at every flush and FUA write: a host write made
+# durable during a restore has its PRM bit on disk, or after a power cut
+# the next read's copy on demand (or the resumed restore) puts the clone's
+# data over it.
 
+@pytest.mark.parametrize("request_", [_flushed_source_write,
+                                      _fua_source_write])
 @pytest.mark.parametrize("datasync", [True, False])
-def test_a_write_flushed_during_a_restore_survives_a_power_cut(datasync):
+def test_a_durable_write_during_a_restore_survives_a_power_cut(request_,
+                                                             datasync):
     machine = PowerLossMachine if datasync else type(
         "Without_prm_datasync", (PowerLossMachine,),
         {"protections_off": ("prm_datasync",)})
     m = _restoring_machine(machine)
     try:
-        _flushed_source_write(m)
-        # Nothing unsynced survives: only what the flush made durable.
+        request_(m)  # extent 2, one of the four still to restore
+        # Nothing unsynced survives: only what the request made durable.
         m.power_cut_now(1, 0.0)
         if not datasync:
-            with pytest.raises(AssertionError,
-                               match="the Source shows other data"):
+            with pytest.raises(AssertionError, match=r"the Source shows "
+                               r"other data than the model at extents \[2\]"):
                 m.source_content_matches_model()
             return
         _check_invariants(m)

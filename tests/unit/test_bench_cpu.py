@@ -2,6 +2,7 @@
 which every benchmark row prints beside its ratio."""
 
 import importlib.util
+import math
 import os
 import threading
 import time
@@ -27,8 +28,8 @@ def _spin(seconds):
 
 
 def test_a_busy_span_counts_the_cpu_of_every_thread(bench):
-    # Two spinning threads keep two cores' worth of work queued: the span
-    # counts far more CPU than one idle sleep of the same length would.
+    # Spinning threads (about one core's worth under the GIL): the span
+    # counts far more CPU than an idle sleep of the same length would.
     with bench.MachineCpu() as busy:
         spinners = [threading.Thread(target=_spin, args=(0.5,))
                     for _ in range(2)]
@@ -43,5 +44,8 @@ def test_a_busy_span_counts_the_cpu_of_every_thread(bench):
         busy.cpu_s * 1e6 / (1000 * busy.wall_s))
 
 
-def test_the_ratio_the_cpu_allows_is_the_base_cost_over_the_variant(bench):
-    assert bench.cpu_bound_ratio(10.0, 20.0) == 0.5
+def test_the_cpu_ceiling_is_every_core_at_the_variants_cost(bench):
+    # 1000 µs a request keeps a core busy at 1000 requests a second.
+    cores = os.cpu_count()
+    assert bench.cpu_ceiling(500.0, 1000.0) == pytest.approx(cores * 2)
+    assert math.isnan(bench.cpu_ceiling(0, 1000.0))
