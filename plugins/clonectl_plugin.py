@@ -130,11 +130,6 @@ def after_fork():
     # --foreground mode), so the control socket is started here.
     global _control
     from target import control, operations as ops
-    operations = ops.bind(_target)
-    operations["set_access"] = _set_access
-    _control = control.ControlServer(_target.state_dir.control_socket,
-                                     operations, check=ops.check_arguments)
-    _control.start()
     _target.start()
     if "replication" in _config:
         # A secondary: listen for primaries (serve --replication-port).
@@ -142,6 +137,15 @@ def after_fork():
         _target.start_replication(bind.strip("[]"), int(port),
                                   _config["replication_token"],
                                   _config.get("replication_tls"))
+    # Requests only once the target has resumed what was running: a status
+    # before would show a restore or sync not running (a `--wait` following
+    # it across a restart ended there), and a request could start a second
+    # engine beside the one about to resume.
+    operations = ops.bind(_target)
+    operations["set_access"] = _set_access
+    _control = control.ControlServer(_target.state_dir.control_socket,
+                                     operations, check=ops.check_arguments)
+    _control.start()
     if "parent" in _config:
         _target.watch_parent(int(_config["parent"]))
 

@@ -121,6 +121,7 @@ class ControlServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         self._thread = threading.Thread(target=self.serve_forever,
                                         name="control", daemon=True)
         self._thread.start()
+        log.info("control socket %s: accepting requests", self.path)
 
     def stop(self):
         self.shutdown()

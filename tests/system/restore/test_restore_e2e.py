@@ -272,8 +272,16 @@ def _crash_during_restore(env, nbd_connect, clone_data, kill):
         # Offline, the clone is still recorded as restoring.
         assert env.status("c1")["state"] == "restoring"
         env.start_server()
+    # The restarted server answers requests only once it has resumed the
+    # restore: a status (a `--wait` following the restore) in between
+    # would show a restore not running, and a request in between could
+    # start a second engine on the group.
     st = env.status("c1")
-    assert st["state"] in ("restoring", "fractured"), st
+    assert st["state"] == "fractured" or st["operation"]["running"], st
+    started = [line for line in env.server.log().splitlines()
+               if "resuming restoring of clone c1" in line or
+               "accepting requests" in line][-2:]
+    assert "resuming" in started[0] and "accepting" in started[1], started
 
     st = wait_restored(env)
     assert st["error"] is None, st
