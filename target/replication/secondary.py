@@ -447,6 +447,10 @@ class SecondaryGroup:
         # The session's primary went and it is ending (until the
         # connection is cleared): a local change waits for it.
         self.ending = False
+        # A replay's end is answered and its image released after: until
+        # the next frame comes, a primary that went meanwhile is not seen,
+        # so a local change waits for that as for an ending session.
+        self.releasing = False
         self.reason = record.get("reason") or "never synchronized"
         self.error = None
         self.batches = 0
@@ -677,12 +681,12 @@ class SecondaryGroup:
 
     def wait_session_end(self, timeout=SESSION_END_WAIT):
         """A session whose primary went is still ending (it makes what it
-        applied durable): wait for it, up to timeout, so that a change
-        asked for right after a detach is not refused as if a primary
-        were connected."""
+        applied durable, or releases a replay's image first): wait for
+        it, up to timeout, so that a change asked for right after a
+        detach is not refused as if a primary were connected."""
         deadline = time.monotonic() + timeout
-        while self.ending and self.connection is not None and \
-                time.monotonic() < deadline:
+        while (self.ending or self.releasing) and \
+                self.connection is not None and time.monotonic() < deadline:
             time.sleep(0.01)
 
     def refuse_primary(self):
@@ -804,7 +808,7 @@ class SecondaryGroup:
         """Receive from one primary until the connection ends."""
         self.primary = peer
         theirs = [list(h) for h in hello.get("history") or []]
-        self.ending = False
+        self.ending = self.releasing = False
         self.connected_since = time.time()
         batch = []
         replaying = False
@@ -821,6 +825,7 @@ class SecondaryGroup:
                 with _applying(replay):
                     applier.idle(reader)
                 kind, payload = recv_frame(reader)
+                self.releasing = False
                 if kind == b"RDAT":
                     vol, k, off, length, crc = DATA.unpack_from(payload)
                     data = payload[DATA.size:] if k == WRITE else None
@@ -927,6 +932,13 @@ class SecondaryGroup:
                         self._end_replay(seq, theirs)
                     replaying = False
                     send_json(sock, b"RACK", {"ok": True})
+                    if self.protected:
+                        # After the answer, which it need not delay: the
+                        # node is consistent on disk, and a crash before
+                        # the release leaves the image to the start's.
+                        self.releasing = True
+                        with _applying(replay):
+                            self.release_images()
                 else:
                     raise errors.ProtocolError(reason="unknown frame {!r}"
                                                .format(kind))
@@ -1141,8 +1153,6 @@ class SecondaryGroup:
         self.persist()
         log.info("group %s: replay from the primary completed: consistent "
                  "at sequence %d", self.name, seq)
-        if self.protected:
-            self.release_images()
 
     def release_images(self):
         """Release the last consistent image this group kept (a replay

@@ -103,6 +103,35 @@ def test_a_completed_replay_leaves_no_image_after_a_crash(two_nodes,
     assert b.t.image_status("v1")["protected"]
 
 
+def test_the_replay_ends_before_the_image_is_released(two_nodes,
+                                                     monkeypatch):
+    """The secondary answers the replay's end (RACK) once it is consistent
+    and recorded so; the release of its last consistent image (sessions
+    deleted, their files synced) comes after, not on the replay's path:
+    the primary's link replicates while the release runs."""
+    a, b = two_nodes
+    break_a_replay(a, b, monkeypatch)
+    link = a.rsg.links[0]
+    during = []
+    release = R.SecondaryGroup.release_images
+
+    def watched(self):
+        # Whether the primary ended its replay before this release did.
+        try:
+            wait_for(lambda: link.state == R.REPLICATING, 5)
+        except AssertionError:
+            pass
+        during.append((self.consistent, link.state))
+        release(self)
+    monkeypatch.setattr(R.SecondaryGroup, "release_images", watched)
+    a.t.rsg_attach("g", b.addr)
+    converge(a, b)
+    wait_for(lambda: not b.rsg.protected, what="the release",
+             info=b.rsg.status)
+    assert during == [(True, R.REPLICATING)], during
+    assert not [n for n in b.t.sessions if n.startswith("consistent-")]
+
+
 def test_a_new_replay_replaces_a_stale_image(two_nodes, monkeypatch):
     """Images left protected on a consistent node (a release that failed)
     are replaced by the next replay's, of its own point."""
@@ -133,7 +162,9 @@ def test_a_new_replay_replaces_a_stale_image(two_nodes, monkeypatch):
     finally:
         gate.set()
     converge(a, b)
-    assert not b.rsg.protected
+    # Released once the replay has ended (the primary does not wait).
+    wait_for(lambda: not b.rsg.protected, what="the release",
+             info=b.rsg.status)
     assert not [n for n in b.t.sessions if n.startswith("consistent-")]
 
 

@@ -23,7 +23,7 @@ import threading
 
 import pytest
 
-from target import backends, sessions
+from target import backends, changemap, sessions
 
 from tests.support import powerloss, sessionfakes
 from tests.support.powerloss import SimSaveArea
@@ -211,3 +211,81 @@ def test_a_save_read_back_after_a_kill_is_made_durable_before_it_is_trusted(
     assert not wrong, "the frozen image differs from the mark's in extents " \
         "{}: a save only the page cache held was trusted after a restart " \
         "and lost at the power cut".format(wrong)
+
+
+class _CountingSave(backends.MemoryBackend):
+    """A save area that counts the zeroings of its whole index (writes of
+    index_bytes at 0) beside its flushes (MemoryBackend.flushes)."""
+
+    def __init__(self, size, index_bytes):
+        super().__init__(size)
+        self.index_bytes = index_bytes
+        self.zeroings = 0
+
+    def write(self, buf, offset):
+        if offset == 0 and memoryview(buf).nbytes == self.index_bytes:
+            self.zeroings += 1
+        super().write(buf, offset)
+
+
+def test_a_mark_right_after_the_create_zeroes_the_index_once(tmp_path):
+    """The create zeroes the save area's index durably; a mark with no
+    save since (a secondary group's last consistent image is made so at
+    every replay) finds it zero and durable and writes nothing there.  A
+    mark after saves zeroes it again, and the frozen image is the
+    mark's."""
+    source = backends.MemoryBackend(SIZE)
+    source.data[:] = random.Random(2).randbytes(SIZE)
+    index_bytes = sessions.SaveArea(backends.MemoryBackend(SAVE_SIZE),
+                                    EXTENTS, GRAN).index_bytes
+    save = _CountingSave(SAVE_SIZE, index_bytes)
+    lu, s = new_session(tmp_path, source, save)
+    assert (save.zeroings, save.flushes) == (1, 1)
+    s.mark(export=True)
+    assert (save.zeroings, save.flushes) == (1, 1)
+    at_mark = bytes(source.data)
+    lu.backend.write(b"\x07" * GRAN, 0)
+    assert save.flushes == 2        # the first write's save
+    assert frozen_image(s) == at_mark
+    s.unmark()
+    assert save.zeroings == 2
+    s.mark(export=True)
+    # The unmark zeroed it and nothing was saved since.
+    assert save.zeroings == 2
+    lu.backend.write(b"\x08" * GRAN, GRAN)
+    s.unmark()
+    s.mark(export=True)
+    assert save.zeroings == 3
+    # Not the old data saved under the mark before.
+    assert frozen_image(s) == bytes(source.data)
+    s.close()
+
+
+def test_a_mark_right_after_the_create_leaves_the_tracking_map_made(
+        tmp_path, monkeypatch):
+    """The create saves a zero tracking map and a clean activity map; a
+    mark with no write since has nothing to commit there.  A mark after
+    writes commits the zero map, which is what a restart finds."""
+    source, save = sessionfakes.source_and_save_file(tmp_path, SIZE,
+                                                     SAVE_SIZE)
+    lu, s = new_session(tmp_path, source, save)
+    commits = []
+    commit = changemap.ChangeMap.commit
+
+    def counted(self, change=None):
+        commits.append(self.activity.path)
+        return commit(self, change)
+    monkeypatch.setattr(changemap.ChangeMap, "commit", counted)
+    s.mark(export=True)
+    assert commits == []
+    lu.backend.write(b"\x07" * GRAN, 0)
+    assert s.tracking.bits[0] == 1
+    s.unmark()          # the tracked extent stays in the tracking map
+    assert len(commits) == 1
+    s.mark(export=True)
+    assert len(commits) == 2 and s.tracking.bits.count(1) == 0
+    s.close()
+    lu2, s2 = new_session(tmp_path, source, backends.FileBackend(save.path),
+                          marked=True)
+    assert s2.tracking.bits.count(1) == 0
+    s2.close()
