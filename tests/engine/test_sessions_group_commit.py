@@ -289,3 +289,85 @@ def test_a_mark_right_after_the_create_leaves_the_tracking_map_made(
                           marked=True)
     assert s2.tracking.bits.count(1) == 0
     s2.close()
+
+
+class _GatedSource(backends.MemoryBackend):
+    """A Source whose reads wait for `go` once `gate` is set (a copy on
+    first write held before its save)."""
+
+    def __init__(self, size):
+        super().__init__(size)
+        self.gate = False
+        self.reading = threading.Event()
+        self.go = threading.Event()
+
+    def readinto(self, buf, offset):
+        if self.gate:
+            self.gate = False
+            self.reading.set()
+            assert self.go.wait(10)
+        super().readinto(buf, offset)
+
+
+class _SlowFlushSave(backends.MemoryBackend):
+    """A save area whose next flush, once armed, lets a held writer go and
+    waits for its index entry to be written (a save landing while an
+    unmark's reset is flushing the zeroed index)."""
+
+    def __init__(self, size, index_bytes, source):
+        super().__init__(size)
+        self.index_bytes = index_bytes
+        self.source = source
+        self.armed = False
+        self.entry_written = threading.Event()
+
+    def write(self, buf, offset):
+        super().write(buf, offset)
+        if offset < self.index_bytes and any(bytes(buf)):
+            self.entry_written.set()
+
+    def flush(self):
+        if self.armed:
+            self.armed = False
+            self.source.go.set()
+            assert self.entry_written.wait(10)
+        super().flush()
+
+
+def test_a_save_landing_during_an_unmarks_reset_is_not_read_after_a_restart(
+        tmp_path):
+    """A first write whose save was claimed under a mark can store it
+    while the unmark's reset zeroes the index (_store_old_data allows for
+    it: the save area was reset meanwhile).  Its index entry is then on
+    disk after the reset: the next mark must zero the index again, or a
+    restart reads that entry as a save of the new mark and the frozen
+    image holds the old mark's data of the extent."""
+    source = _GatedSource(SIZE)
+    source.data[:] = random.Random(3).randbytes(SIZE)
+    index_bytes = sessions.SaveArea(backends.MemoryBackend(SAVE_SIZE),
+                                    EXTENTS, GRAN).index_bytes
+    save = _SlowFlushSave(SAVE_SIZE, index_bytes, source)
+    lu, s = new_session(tmp_path, source, save)
+    s.mark(export=True)
+    lu.backend.write(b"\x05" * GRAN, GRAN)      # a save: the index is used
+    source.gate = True
+    writer = threading.Thread(
+        target=lu.backend.write, args=(b"\x07" * GRAN, 0))
+    writer.start()
+    assert source.reading.wait(10)      # its save claimed, not yet stored
+    save.entry_written.clear()
+    save.armed = True
+    s.unmark()
+    writer.join(10)
+    assert not writer.is_alive()
+    s.mark(export=True)
+    at_mark = bytes(source.data)
+    assert frozen_image(s) == at_mark
+    s.close()
+    lu2, s2 = new_session(tmp_path, source, save, marked=True)
+    image = frozen_image(s2)
+    s2.close()
+    assert image[:GRAN] == at_mark[:GRAN], \
+        "after a restart extent 0 of the frozen image is the old mark's " \
+        "save (first bytes {!r}, the mark's {!r})".format(
+            image[:4], at_mark[:4])
