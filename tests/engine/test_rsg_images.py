@@ -514,3 +514,34 @@ def test_every_volume_rolled_back_makes_the_group_consistent_at_its_point(
     assert link.sent_bytes - sent < 4 * (64 << 10), \
         "{} bytes sent to a secondary back at its last consistent " \
         "point".format(link.sent_bytes - sent)
+
+
+def test_a_release_that_fails_at_a_replays_end_is_done_again(two_nodes,
+                                                              monkeypatch):
+    """The release of the last consistent image at a replay's end fails
+    once (a save area or record that cannot be saved): the node must not
+    keep that image (copying on first write every update it applies, its
+    save area filling) while it replicates on, consistent."""
+    a, b = two_nodes
+    break_a_replay(a, b, monkeypatch)
+    release = R.SecondaryGroup.release_images
+    failed = []
+
+    def once(self):
+        if not failed:
+            failed.append(True)
+            raise OSError(errno.EIO, "injected")
+        release(self)
+    monkeypatch.setattr(R.SecondaryGroup, "release_images", once)
+    a.t.rsg_attach("g", b.addr)
+    converge(a, b)
+    assert failed
+    a.t.lus["v1"].write(b"\x06" * 4096, 0)
+    converge(a, b)
+    try:
+        wait_for(lambda: not b.rsg.protected, 5, what="the release")
+    except AssertionError:
+        pass
+    assert (b.rsg.consistent, b.rsg.protected,
+            sorted(n for n in b.t.sessions if n.startswith("consistent-"))) \
+        == (True, False, []), b.rsg.status()
