@@ -7,6 +7,7 @@ protected image an admin or a peer keeps (LU@protected-LU)."""
 import contextlib
 import errno
 import threading
+import time
 
 import pytest
 
@@ -545,3 +546,19 @@ def test_a_release_that_fails_at_a_replays_end_is_done_again(two_nodes,
     assert (b.rsg.consistent, b.rsg.protected,
             sorted(n for n in b.t.sessions if n.startswith("consistent-"))) \
         == (True, False, []), b.rsg.status()
+
+
+def test_a_local_change_beside_a_connected_primary_is_refused_at_once(
+        two_nodes, monkeypatch):
+    """Right after a replay ended, with the primary connected and idle, a
+    promotion on the secondary is refused (its primary replicates)
+    without waiting for the primary's next frame."""
+    a, b = two_nodes
+    break_a_replay(a, b, monkeypatch)
+    a.t.rsg_attach("g", b.addr)
+    converge(a, b)
+    wait_for(lambda: not b.rsg.protected, what="the release")
+    t0 = time.monotonic()
+    with pytest.raises(R.RsgBusy):
+        b.t.rsg_promote("g")
+    assert time.monotonic() - t0 < 0.2, time.monotonic() - t0
