@@ -447,10 +447,12 @@ class SecondaryGroup:
         # The session's primary went and it is ending (until the
         # connection is cleared): a local change waits for it.
         self.ending = False
-        # A replay's end is answered and its image released after: until
-        # the next frame comes, a primary that went meanwhile is not seen,
-        # so a local change waits for that as for an ending session.
+        # A replay's end is answered and its image released after: while
+        # it is, a primary that went meanwhile is not seen, so a local
+        # change waits for that as for an ending session.
         self.releasing = False
+        # The error of the last release that failed (tried again).
+        self.release_error = None
         self.reason = record.get("reason") or "never synchronized"
         self.error = None
         self.batches = 0
@@ -821,11 +823,11 @@ class SecondaryGroup:
             if self.reapply:
                 with _applying("the staged batch", staged=True):
                     self._recover_stage()
+            self.release_done_images()
             while not self.closed:
                 with _applying(replay):
                     applier.idle(reader)
                 kind, payload = recv_frame(reader)
-                self.releasing = False
                 if kind == b"RDAT":
                     vol, k, off, length, crc = DATA.unpack_from(payload)
                     data = payload[DATA.size:] if k == WRITE else None
@@ -860,6 +862,8 @@ class SecondaryGroup:
                         # undurable (one save per idle spell).
                         self.volatile = False
                         self.persist()
+                    if not replaying:
+                        self.release_done_images()
                     continue
                 elif kind == b"PULL":
                     self._send_pull(sock, json.loads(payload)["runs"])
@@ -913,6 +917,8 @@ class SecondaryGroup:
                         self.batches += 1
                         batch = []
                     self._received(seq, theirs)
+                    if not replaying:
+                        self.release_done_images()
                 elif kind == b"VREQ":
                     send_json(sock, b"VANS",
                               self.verify_answer(json.loads(payload)))
@@ -932,13 +938,10 @@ class SecondaryGroup:
                         self._end_replay(seq, theirs)
                     replaying = False
                     send_json(sock, b"RACK", {"ok": True})
-                    if self.protected:
-                        # After the answer, which it need not delay: the
-                        # node is consistent on disk, and a crash before
-                        # the release leaves the image to the start's.
-                        self.releasing = True
-                        with _applying(replay):
-                            self.release_images()
+                    # After the answer, which it need not delay: the node
+                    # is consistent on disk, and a crash before the
+                    # release leaves the image to the start's.
+                    self.release_done_images()
                 else:
                     raise errors.ProtocolError(reason="unknown frame {!r}"
                                                .format(kind))
@@ -1161,6 +1164,34 @@ class SecondaryGroup:
         self.protected = False
         self.image_point = None
         self.persist()
+
+    def release_done_images(self):
+        """A consistent node keeps no last consistent image (every update
+        it applies would save old data there, filling its save areas):
+        one kept is released, at a replay's end and, if that failed, at
+        the next session's start and at the primary's next BEAT or CMIT
+        (the caller is the session, not replaying).  A failure is logged
+        (once per error) and in the status; the session replicates on."""
+        if not (self.protected and self.consistent):
+            return
+        self.releasing = True
+        try:
+            self.release_images()
+        except (errors.Error, OSError) as e:
+            error = "releasing the last consistent image failed: {} " \
+                "(tried again as the primary replicates on)".format(e)
+            if error != self.release_error:
+                log.error("group %s: %s", self.name, error)
+            self.error = self.release_error = error
+            return
+        finally:
+            self.releasing = False
+        if self.release_error is not None:
+            log.info("group %s: its last consistent image is released",
+                     self.name)
+            if self.error == self.release_error:
+                self.error = None
+            self.release_error = None
 
     def volume_rolled_back(self, lu):
         """lu was rolled back to the group's last consistent image (and

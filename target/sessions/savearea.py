@@ -94,8 +94,9 @@ class SaveArea:
         self.slots = {}
         self.next_slot = 0
         self._zero_crc = None
-        # The index is zero and durable: a reset since which nothing was
-        # stored (a mark right after the create's reset) writes nothing.
+        # The index is zero and durable: a quiet reset (no writer) since
+        # which nothing was stored; the next quiet reset (a mark right
+        # after the create) writes nothing.
         self.zeroed = False
         # Group commit of the saves (see the design notes); the error of
         # a failed flush is kept until reset.
@@ -141,22 +142,26 @@ class SaveArea:
         self.next_slot = max(self.slots.values(), default=-1) + 1
         return dropped
 
-    def reset(self):
+    def reset(self, quiet=False):
         """Forget every save, durably: the index is zeroed; the slots keep
         their blocks (see the design notes).  Forgotten in memory even if
         the index's zeroing fails (raised): only a marked session's index
-        is read, and every mark resets it first.  An index zeroed and
-        flushed by the last reset, with nothing stored since, is left as
-        it is."""
+        is read, and every mark resets it first.  quiet: no store() can
+        run until the next reset returns (a create, a mark), so the index
+        stays zero on disk: the next quiet reset, with nothing stored
+        since, leaves it as it is.  Any other reset (an unmark's, beside
+        a write whose save is in flight) may be followed by an entry
+        written during it and always zeroes the index."""
         self.slots = {}
         self.next_slot = 0
-        if not self.zeroed:
+        if not (quiet and self.zeroed):
+            self.zeroed = False
             if self.index_bytes <= self.ZERO_WRITE_MAX:
                 self.backend.write(bytes(self.index_bytes), 0)
             else:
                 self.backend.zero(0, self.index_bytes)
             self.backend.flush()
-            self.zeroed = True
+            self.zeroed = quiet
         with self._group.lock:
             self._group.reset()
 
