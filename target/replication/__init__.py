@@ -124,7 +124,11 @@ never keeps or releases theirs, nor they its (the session names are
 reserved; user operations refuse them).  The record's `protected` says it
 is kept; a replay that begins on an inconsistent node keeps the one made
 before, so it survives broken replays and restarts while the node stays
-inconsistent, and the replay that completes releases it.  A promotion or
+inconsistent, and the replay that completes releases it, after its
+answer to the end (the node is consistent on disk by then; a crash
+before the release leaves the image to the start, a release that fails
+is done again at the next session's start and the primary's next BEAT
+or CMIT).  A promotion or
 a deletion of the group releases it too (a primary keeps none), as does a
 rollback of a volume to it (that volume's); once every volume is rolled
 back the node holds that point again (`image_point`: the history, update

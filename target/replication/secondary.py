@@ -447,6 +447,12 @@ class SecondaryGroup:
         # The session's primary went and it is ending (until the
         # connection is cleared): a local change waits for it.
         self.ending = False
+        # A replay's end is answered and its image released after: while
+        # it is, a primary that went meanwhile is not seen, so a local
+        # change waits for that as for an ending session.
+        self.releasing = False
+        # The error of the last release that failed (tried again).
+        self.release_error = None
         self.reason = record.get("reason") or "never synchronized"
         self.error = None
         self.batches = 0
@@ -677,12 +683,12 @@ class SecondaryGroup:
 
     def wait_session_end(self, timeout=SESSION_END_WAIT):
         """A session whose primary went is still ending (it makes what it
-        applied durable): wait for it, up to timeout, so that a change
-        asked for right after a detach is not refused as if a primary
-        were connected."""
+        applied durable, or releases a replay's image first): wait for
+        it, up to timeout, so that a change asked for right after a
+        detach is not refused as if a primary were connected."""
         deadline = time.monotonic() + timeout
-        while self.ending and self.connection is not None and \
-                time.monotonic() < deadline:
+        while (self.ending or self.releasing) and \
+                self.connection is not None and time.monotonic() < deadline:
             time.sleep(0.01)
 
     def refuse_primary(self):
@@ -804,7 +810,7 @@ class SecondaryGroup:
         """Receive from one primary until the connection ends."""
         self.primary = peer
         theirs = [list(h) for h in hello.get("history") or []]
-        self.ending = False
+        self.ending = self.releasing = False
         self.connected_since = time.time()
         batch = []
         replaying = False
@@ -817,6 +823,7 @@ class SecondaryGroup:
             if self.reapply:
                 with _applying("the staged batch", staged=True):
                     self._recover_stage()
+            self.release_done_images()
             while not self.closed:
                 with _applying(replay):
                     applier.idle(reader)
@@ -855,6 +862,8 @@ class SecondaryGroup:
                         # undurable (one save per idle spell).
                         self.volatile = False
                         self.persist()
+                    if not replaying:
+                        self.release_done_images()
                     continue
                 elif kind == b"PULL":
                     self._send_pull(sock, json.loads(payload)["runs"])
@@ -908,6 +917,8 @@ class SecondaryGroup:
                         self.batches += 1
                         batch = []
                     self._received(seq, theirs)
+                    if not replaying:
+                        self.release_done_images()
                 elif kind == b"VREQ":
                     send_json(sock, b"VANS",
                               self.verify_answer(json.loads(payload)))
@@ -927,6 +938,10 @@ class SecondaryGroup:
                         self._end_replay(seq, theirs)
                     replaying = False
                     send_json(sock, b"RACK", {"ok": True})
+                    # After the answer, which it need not delay: the node
+                    # is consistent on disk, and a crash before the
+                    # release leaves the image to the start's.
+                    self.release_done_images()
                 else:
                     raise errors.ProtocolError(reason="unknown frame {!r}"
                                                .format(kind))
@@ -1141,8 +1156,6 @@ class SecondaryGroup:
         self.persist()
         log.info("group %s: replay from the primary completed: consistent "
                  "at sequence %d", self.name, seq)
-        if self.protected:
-            self.release_images()
 
     def release_images(self):
         """Release the last consistent image this group kept (a replay
@@ -1151,6 +1164,34 @@ class SecondaryGroup:
         self.protected = False
         self.image_point = None
         self.persist()
+
+    def release_done_images(self):
+        """A consistent node keeps no last consistent image (every update
+        it applies would save old data there, filling its save areas):
+        one kept is released, at a replay's end and, if that failed, at
+        the next session's start and at the primary's next BEAT or CMIT
+        (the caller is the session, not replaying).  A failure is logged
+        (once per error) and in the status; the session replicates on."""
+        if not (self.protected and self.consistent):
+            return
+        self.releasing = True
+        try:
+            self.release_images()
+        except (errors.Error, OSError) as e:
+            error = "releasing the last consistent image failed: {} " \
+                "(tried again as the primary replicates on)".format(e)
+            if error != self.release_error:
+                log.error("group %s: %s", self.name, error)
+            self.error = self.release_error = error
+            return
+        finally:
+            self.releasing = False
+        if self.release_error is not None:
+            log.info("group %s: its last consistent image is released",
+                     self.name)
+            if self.error == self.release_error:
+                self.error = None
+            self.release_error = None
 
     def volume_rolled_back(self, lu):
         """lu was rolled back to the group's last consistent image (and

@@ -94,6 +94,10 @@ class SaveArea:
         self.slots = {}
         self.next_slot = 0
         self._zero_crc = None
+        # The index is zero and durable: a quiet reset (no writer) since
+        # which nothing was stored; the next quiet reset (a mark right
+        # after the create) writes nothing.
+        self.zeroed = False
         # Group commit of the saves (see the design notes); the error of
         # a failed flush is kept until reset.
         self._group = GroupCommit(lambda: self.backend.flush())
@@ -138,18 +142,26 @@ class SaveArea:
         self.next_slot = max(self.slots.values(), default=-1) + 1
         return dropped
 
-    def reset(self):
+    def reset(self, quiet=False):
         """Forget every save, durably: the index is zeroed; the slots keep
         their blocks (see the design notes).  Forgotten in memory even if
         the index's zeroing fails (raised): only a marked session's index
-        is read, and every mark resets it first."""
+        is read, and every mark resets it first.  quiet: no store() can
+        run until the next reset returns (a create, a mark), so the index
+        stays zero on disk: the next quiet reset, with nothing stored
+        since, leaves it as it is.  Any other reset (an unmark's, beside
+        a write whose save is in flight) may be followed by an entry
+        written during it and always zeroes the index."""
         self.slots = {}
         self.next_slot = 0
-        if self.index_bytes <= self.ZERO_WRITE_MAX:
-            self.backend.write(bytes(self.index_bytes), 0)
-        else:
-            self.backend.zero(0, self.index_bytes)
-        self.backend.flush()
+        if not (quiet and self.zeroed):
+            self.zeroed = False
+            if self.index_bytes <= self.ZERO_WRITE_MAX:
+                self.backend.write(bytes(self.index_bytes), 0)
+            else:
+                self.backend.zero(0, self.index_bytes)
+            self.backend.flush()
+            self.zeroed = quiet
         with self._group.lock:
             self._group.reset()
 
@@ -164,6 +176,7 @@ class SaveArea:
     def store(self, extent, slot, data):
         """Write data to slot and its index entry; return the ticket to
         wait_durable() for."""
+        self.zeroed = False
         self.backend.write(data, self._slot_offset(slot))
         self.backend.write(self.ENTRY.pack(slot + 1, zlib.crc32(data)),
                            extent * self.ENTRY.size)
@@ -179,6 +192,7 @@ class SaveArea:
     def store_zero(self, extent):
         """store() of an all-zero extent: its index entry alone; its slot
         in slots is ZERO_SLOT."""
+        self.zeroed = False
         self.backend.write(self.ENTRY.pack(self.ZERO_ENTRY,
                                            self._zero_crc_value()),
                            extent * self.ENTRY.size)

@@ -207,7 +207,8 @@ class Session:
         self.tracking.create()
         for d in self.dests:
             maps.save(self.pending_path(d), d.pending, self.granularity)
-        self.save_area.reset()
+        # Not yet attached: no write can store a save.
+        self.save_area.reset(quiet=True)
 
     def load(self):
         """Recover maps and the save area after a restart or crash."""
@@ -564,7 +565,8 @@ class Session:
             # of the point in time and then lost there by a power cut with
             # no map left to say so: the Source is flushed first.
             self.inner.flush()
-            self.save_area.reset()
+            # Writes in flight were waited for and new ones wait (MARKING).
+            self.save_area.reset(quiet=True)
             bits = self.tracking.bits
             for d in self.dests:
                 pending = bytearray(b"\x01" * self.extents) \

@@ -28,6 +28,10 @@ class TrackingMap:
         self.granularity = granularity
         self.extents = extents
         self.bits = bytearray(extents)
+        # The committed map and the activity map are zero on disk, and no
+        # write was noted since: a replace with zeroes (a mark right after
+        # the create) has nothing to write.
+        self.zeroed = False
         # The region is read when the map is made (tests make it small).
         self.changes = changemap.ChangeMap(
             path + ".activity", granularity, extents, lock,
@@ -36,6 +40,7 @@ class TrackingMap:
     def create(self):
         maps.save(self.path, self.bits, self.granularity)
         self.changes.start()
+        self.zeroed = not any(self.bits)
 
     def load(self):
         """Recover committed OR activity; return a problem or None."""
@@ -59,6 +64,7 @@ class TrackingMap:
         """Extents [e0, e1) are about to change (caller holds the lock);
         returns the ticket to wait_durable() for before the change may
         reach the Source."""
+        self.zeroed = False
         maps.set_range(self.bits, e0, e1)
         return self.changes.note_deferred(e0, e1)
 
@@ -72,10 +78,16 @@ class TrackingMap:
         return self.changes.due()
 
     def commit(self):
+        self.zeroed = False
         self.changes.commit()
 
     def replace(self, bits):
         """Make bits the map, durable before returning (mark)."""
+        with self.changes.lock:
+            if self.zeroed and not any(self.bits) and not any(bits):
+                self.bits = bits
+                return
+            self.zeroed = False
         self.changes.commit(change=lambda: setattr(self, "bits", bits))
 
     def close(self):

@@ -40,6 +40,9 @@ def _replay(a, b, monkeypatch, writes, hold=None):
         monkeypatch.setattr(R.SecondaryGroup, "_end_replay", held)
     a.t.rsg_attach("g", b.addr)
     converge(a, b)
+    # B releases the image once it has answered the replay's end.
+    wait_for(lambda: not b.rsg.protected, what="the image's release",
+             info=b.rsg.status)
     if hold is not None:
         monkeypatch.setattr(R.SecondaryGroup, "_end_replay", end_replay)
         assert seen

@@ -7,6 +7,7 @@ protected image an admin or a peer keeps (LU@protected-LU)."""
 import contextlib
 import errno
 import threading
+import time
 
 import pytest
 
@@ -103,6 +104,35 @@ def test_a_completed_replay_leaves_no_image_after_a_crash(two_nodes,
     assert b.t.image_status("v1")["protected"]
 
 
+def test_the_replay_ends_before_the_image_is_released(two_nodes,
+                                                     monkeypatch):
+    """The secondary answers the replay's end (RACK) once it is consistent
+    and recorded so; the release of its last consistent image (sessions
+    deleted, their files synced) comes after, not on the replay's path:
+    the primary's link replicates while the release runs."""
+    a, b = two_nodes
+    break_a_replay(a, b, monkeypatch)
+    link = a.rsg.links[0]
+    during = []
+    release = R.SecondaryGroup.release_images
+
+    def watched(self):
+        # Whether the primary ended its replay before this release did.
+        try:
+            wait_for(lambda: link.state == R.REPLICATING, 5)
+        except AssertionError:
+            pass
+        during.append((self.consistent, link.state))
+        release(self)
+    monkeypatch.setattr(R.SecondaryGroup, "release_images", watched)
+    a.t.rsg_attach("g", b.addr)
+    converge(a, b)
+    wait_for(lambda: not b.rsg.protected, what="the release",
+             info=b.rsg.status)
+    assert during == [(True, R.REPLICATING)], during
+    assert not [n for n in b.t.sessions if n.startswith("consistent-")]
+
+
 def test_a_new_replay_replaces_a_stale_image(two_nodes, monkeypatch):
     """Images left protected on a consistent node (a release that failed)
     are replaced by the next replay's, of its own point."""
@@ -133,7 +163,9 @@ def test_a_new_replay_replaces_a_stale_image(two_nodes, monkeypatch):
     finally:
         gate.set()
     converge(a, b)
-    assert not b.rsg.protected
+    # Released once the replay has ended (the primary does not wait).
+    wait_for(lambda: not b.rsg.protected, what="the release",
+             info=b.rsg.status)
     assert not [n for n in b.t.sessions if n.startswith("consistent-")]
 
 
@@ -483,3 +515,50 @@ def test_every_volume_rolled_back_makes_the_group_consistent_at_its_point(
     assert link.sent_bytes - sent < 4 * (64 << 10), \
         "{} bytes sent to a secondary back at its last consistent " \
         "point".format(link.sent_bytes - sent)
+
+
+def test_a_release_that_fails_at_a_replays_end_is_done_again(two_nodes,
+                                                              monkeypatch):
+    """The release of the last consistent image at a replay's end fails
+    once (a save area or record that cannot be saved): the node must not
+    keep that image (copying on first write every update it applies, its
+    save area filling) while it replicates on, consistent."""
+    a, b = two_nodes
+    break_a_replay(a, b, monkeypatch)
+    release = R.SecondaryGroup.release_images
+    failed = []
+
+    def once(self):
+        if not failed:
+            failed.append(True)
+            raise OSError(errno.EIO, "injected")
+        release(self)
+    monkeypatch.setattr(R.SecondaryGroup, "release_images", once)
+    a.t.rsg_attach("g", b.addr)
+    converge(a, b)
+    assert failed
+    a.t.lus["v1"].write(b"\x06" * 4096, 0)
+    converge(a, b)
+    try:
+        wait_for(lambda: not b.rsg.protected, 5, what="the release")
+    except AssertionError:
+        pass
+    assert (b.rsg.consistent, b.rsg.protected,
+            sorted(n for n in b.t.sessions if n.startswith("consistent-"))) \
+        == (True, False, []), b.rsg.status()
+
+
+def test_a_local_change_beside_a_connected_primary_is_refused_at_once(
+        two_nodes, monkeypatch):
+    """Right after a replay ended, with the primary connected and idle, a
+    promotion on the secondary is refused (its primary replicates)
+    without waiting for the primary's next frame."""
+    a, b = two_nodes
+    break_a_replay(a, b, monkeypatch)
+    a.t.rsg_attach("g", b.addr)
+    converge(a, b)
+    wait_for(lambda: not b.rsg.protected, what="the release")
+    t0 = time.monotonic()
+    with pytest.raises(R.RsgBusy):
+        b.t.rsg_promote("g")
+    assert time.monotonic() - t0 < 0.2, time.monotonic() - t0

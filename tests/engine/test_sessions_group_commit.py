@@ -23,7 +23,7 @@ import threading
 
 import pytest
 
-from target import backends, sessions
+from target import backends, changemap, sessions
 
 from tests.support import powerloss, sessionfakes
 from tests.support.powerloss import SimSaveArea
@@ -211,3 +211,163 @@ def test_a_save_read_back_after_a_kill_is_made_durable_before_it_is_trusted(
     assert not wrong, "the frozen image differs from the mark's in extents " \
         "{}: a save only the page cache held was trusted after a restart " \
         "and lost at the power cut".format(wrong)
+
+
+class _CountingSave(backends.MemoryBackend):
+    """A save area that counts the zeroings of its whole index (writes of
+    index_bytes at 0) beside its flushes (MemoryBackend.flushes)."""
+
+    def __init__(self, size, index_bytes):
+        super().__init__(size)
+        self.index_bytes = index_bytes
+        self.zeroings = 0
+
+    def write(self, buf, offset):
+        if offset == 0 and memoryview(buf).nbytes == self.index_bytes:
+            self.zeroings += 1
+        super().write(buf, offset)
+
+
+def test_a_mark_right_after_the_create_zeroes_the_index_once(tmp_path):
+    """The create zeroes the save area's index durably; a mark with no
+    save since (a secondary group's last consistent image is made so at
+    every replay) finds it zero and durable and writes nothing there.  An
+    unmark zeroes it beside writes whose saves may still land, so the
+    mark after an unmark zeroes it again, and the frozen image is the
+    mark's."""
+    source = backends.MemoryBackend(SIZE)
+    source.data[:] = random.Random(2).randbytes(SIZE)
+    index_bytes = sessions.SaveArea(backends.MemoryBackend(SAVE_SIZE),
+                                    EXTENTS, GRAN).index_bytes
+    save = _CountingSave(SAVE_SIZE, index_bytes)
+    lu, s = new_session(tmp_path, source, save)
+    assert (save.zeroings, save.flushes) == (1, 1)
+    s.mark(export=True)
+    assert (save.zeroings, save.flushes) == (1, 1)
+    at_mark = bytes(source.data)
+    lu.backend.write(b"\x07" * GRAN, 0)
+    assert save.flushes == 2        # the first write's save
+    assert frozen_image(s) == at_mark
+    s.unmark()
+    assert save.zeroings == 2
+    s.mark(export=True)
+    assert save.zeroings == 3
+    lu.backend.write(b"\x08" * GRAN, GRAN)
+    s.unmark()
+    s.mark(export=True)
+    assert save.zeroings == 5
+    # Not the old data saved under the mark before.
+    assert frozen_image(s) == bytes(source.data)
+    s.close()
+
+
+def test_a_mark_right_after_the_create_leaves_the_tracking_map_made(
+        tmp_path, monkeypatch):
+    """The create saves a zero tracking map and a clean activity map; a
+    mark with no write since has nothing to commit there.  A mark after
+    writes commits the zero map, which is what a restart finds."""
+    source, save = sessionfakes.source_and_save_file(tmp_path, SIZE,
+                                                     SAVE_SIZE)
+    lu, s = new_session(tmp_path, source, save)
+    commits = []
+    commit = changemap.ChangeMap.commit
+
+    def counted(self, change=None):
+        commits.append(self.activity.path)
+        return commit(self, change)
+    monkeypatch.setattr(changemap.ChangeMap, "commit", counted)
+    s.mark(export=True)
+    assert commits == []
+    lu.backend.write(b"\x07" * GRAN, 0)
+    assert s.tracking.bits[0] == 1
+    s.unmark()          # the tracked extent stays in the tracking map
+    assert len(commits) == 1
+    s.mark(export=True)
+    assert len(commits) == 2 and s.tracking.bits.count(1) == 0
+    s.close()
+    lu2, s2 = new_session(tmp_path, source, backends.FileBackend(save.path),
+                          marked=True)
+    assert s2.tracking.bits.count(1) == 0
+    s2.close()
+
+
+class _GatedSource(backends.MemoryBackend):
+    """A Source whose reads wait for `go` once `gate` is set (a copy on
+    first write held before its save)."""
+
+    def __init__(self, size):
+        super().__init__(size)
+        self.gate = False
+        self.reading = threading.Event()
+        self.go = threading.Event()
+
+    def readinto(self, buf, offset):
+        if self.gate:
+            self.gate = False
+            self.reading.set()
+            assert self.go.wait(10)
+        super().readinto(buf, offset)
+
+
+class _SlowFlushSave(backends.MemoryBackend):
+    """A save area whose next flush, once armed, lets a held writer go and
+    waits for its index entry to be written (a save landing while an
+    unmark's reset is flushing the zeroed index)."""
+
+    def __init__(self, size, index_bytes, source):
+        super().__init__(size)
+        self.index_bytes = index_bytes
+        self.source = source
+        self.armed = False
+        self.entry_written = threading.Event()
+
+    def write(self, buf, offset):
+        super().write(buf, offset)
+        if offset < self.index_bytes and any(bytes(buf)):
+            self.entry_written.set()
+
+    def flush(self):
+        if self.armed:
+            self.armed = False
+            self.source.go.set()
+            assert self.entry_written.wait(10)
+        super().flush()
+
+
+def test_a_save_landing_during_an_unmarks_reset_is_not_read_after_a_restart(
+        tmp_path):
+    """A first write whose save was claimed under a mark can store it
+    while the unmark's reset zeroes the index (_store_old_data allows for
+    it: the save area was reset meanwhile).  Its index entry is then on
+    disk after the reset: the next mark must zero the index again, or a
+    restart reads that entry as a save of the new mark and the frozen
+    image holds the old mark's data of the extent."""
+    source = _GatedSource(SIZE)
+    source.data[:] = random.Random(3).randbytes(SIZE)
+    index_bytes = sessions.SaveArea(backends.MemoryBackend(SAVE_SIZE),
+                                    EXTENTS, GRAN).index_bytes
+    save = _SlowFlushSave(SAVE_SIZE, index_bytes, source)
+    lu, s = new_session(tmp_path, source, save)
+    s.mark(export=True)
+    lu.backend.write(b"\x05" * GRAN, GRAN)      # a save: the index is used
+    source.gate = True
+    writer = threading.Thread(
+        target=lu.backend.write, args=(b"\x07" * GRAN, 0))
+    writer.start()
+    assert source.reading.wait(10)      # its save claimed, not yet stored
+    save.entry_written.clear()
+    save.armed = True
+    s.unmark()
+    writer.join(10)
+    assert not writer.is_alive()
+    s.mark(export=True)
+    at_mark = bytes(source.data)
+    assert frozen_image(s) == at_mark
+    s.close()
+    lu2, s2 = new_session(tmp_path, source, save, marked=True)
+    image = frozen_image(s2)
+    s2.close()
+    assert image[:GRAN] == at_mark[:GRAN], \
+        "after a restart extent 0 of the frozen image is the old mark's " \
+        "save (first bytes {!r}, the mark's {!r})".format(
+            image[:4], at_mark[:4])
