@@ -250,8 +250,7 @@ TWIN_EXAMPLES = int(os.environ.get("POWERLOSS_TWIN_EXAMPLES", "600"))
 # examples), and a cut after a flush during a restore only after hundreds
 # of examples (about 25 s).
 def test_protection_off_is_caught(protection):
-    machine = type("Without_" + protection, (PowerLossMachine,),
-                   {"protections_off": (protection,)})
+    machine = _with(False, protection)
     # The derandomized search first; two loaded CI runs missed a twin
     # there (an interleaving this test does not control), so up to three
     # random searches follow.  The protection counts as pinned if any
@@ -312,28 +311,37 @@ def _check_invariants(m):
     m.states_match()
 
 
+def _with(on, protection):
+    """PowerLossMachine, or its twin with protection switched off."""
+    if on:
+        return PowerLossMachine
+    return type("Without_" + protection, (PowerLossMachine,),
+                {"protections_off": (protection,)})
+
+
+def _restore_to_the_end(m):
+    """The restore goes on after the cut: every extent holds the clone's
+    data or a host write at every step, and it ends fractured."""
+    _check_invariants(m)
+    while m.engine is not None:
+        m.engine_steps(4)
+        _check_invariants(m)
+    assert m.states["c1"] == clones.FRACTURED
+
+
 @pytest.mark.parametrize("request_", [_clone_export_write,
                                       _flushed_source_write,
                                       _fua_source_write,
                                       _source_write_racing_commit])
 @pytest.mark.parametrize("flush_first", [True, False])
 def test_prm_saved_after_the_copies_it_vouches_for(request_, flush_first):
-    machine = PowerLossMachine if flush_first else type(
-        "Without_flush_before_prm", (PowerLossMachine,),
-        {"protections_off": ("flush_before_prm",)})
-    m = _restoring_machine(machine)
+    m = _restoring_machine(_with(flush_first, "flush_before_prm"))
     try:
         m.arm_cut_after_prm_save(1, 0.0)
         if flush_first:
             request_(m)
             assert m.group.restoring is not None, "no cut?"
-            _check_invariants(m)
-            # The restore goes on: every extent holds the clone's data or
-            # a host write.
-            while m.engine is not None:
-                m.engine_steps(4)
-                _check_invariants(m)
-            assert m.states["c1"] == clones.FRACTURED
+            _restore_to_the_end(m)
         else:
             with pytest.raises(AssertionError, match="the Source shows "
                                "other data"):
@@ -353,10 +361,7 @@ def test_prm_saved_after_the_copies_it_vouches_for(request_, flush_first):
 @pytest.mark.parametrize("datasync", [True, False])
 def test_a_durable_write_during_a_restore_survives_a_power_cut(request_,
                                                              datasync):
-    machine = PowerLossMachine if datasync else type(
-        "Without_prm_datasync", (PowerLossMachine,),
-        {"protections_off": ("prm_datasync",)})
-    m = _restoring_machine(machine)
+    m = _restoring_machine(_with(datasync, "prm_datasync"))
     try:
         request_(m)  # extent 2, one of the four still to restore
         # Nothing unsynced survives: only what the request made durable.
@@ -366,10 +371,6 @@ def test_a_durable_write_during_a_restore_survives_a_power_cut(request_,
                                r"other data than the model at extents \[2\]"):
                 m.source_content_matches_model()
             return
-        _check_invariants(m)
-        while m.engine is not None:
-            m.engine_steps(4)
-            _check_invariants(m)
-        assert m.states["c1"] == clones.FRACTURED
+        _restore_to_the_end(m)
     finally:
         m.teardown()
