@@ -1177,11 +1177,16 @@ class SecondaryGroup:
         self.releasing = True
         try:
             self.release_images()
-        except (errors.Error, OSError) as e:
+        except Exception as e:
+            # Any error: the release only keeps replicated updates from
+            # being copied on first write; ending the session for it
+            # would end every later one at its start as well.
             error = "releasing the last consistent image failed: {} " \
                 "(tried again as the primary replicates on)".format(e)
             if error != self.release_error:
-                log.error("group %s: %s", self.name, error)
+                log.error("group %s: %s", self.name, error,
+                          exc_info=not isinstance(e, (errors.Error,
+                                                      OSError)))
             self.error = self.release_error = error
             return
         finally:

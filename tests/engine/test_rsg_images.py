@@ -562,3 +562,23 @@ def test_a_local_change_beside_a_connected_primary_is_refused_at_once(
     with pytest.raises(R.RsgBusy):
         b.t.rsg_promote("g")
     assert time.monotonic() - t0 < 0.2, time.monotonic() - t0
+
+
+def test_a_release_that_keeps_failing_unexpectedly_leaves_replication_on(
+        two_nodes, monkeypatch):
+    """The release of the last consistent image fails every time, with an
+    error no one expected (a bug): the node still applies the primary's
+    updates and says what fails, rather than ending every session at its
+    start (the primary reconnecting for ever, the status silent)."""
+    a, b = two_nodes
+    break_a_replay(a, b, monkeypatch)
+
+    def never(self):
+        raise RuntimeError("injected")
+    monkeypatch.setattr(R.SecondaryGroup, "release_images", never)
+    a.t.rsg_attach("g", b.addr)
+    converge(a, b)
+    a.t.lus["v1"].write(b"\x06" * 4096, 0)
+    converge(a, b)
+    assert "injected" in (b.rsg.status().get("error") or ""), \
+        b.rsg.status()
