@@ -138,8 +138,8 @@ def after_fork():
                                   _config["replication_token"],
                                   _config.get("replication_tls"))
     # Requests only once the target has resumed what was running: a status
-    # before would show a restore or sync not running (a `--wait` following
-    # it across a restart ended there), and a request could start a second
+    # before would show a restore or sync not running (and a `--wait`
+    # following it would end there), and a request could start a second
     # engine beside the one about to resume.
     operations = ops.bind(_target)
     operations["set_access"] = _set_access
