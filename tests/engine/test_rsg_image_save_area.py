@@ -9,7 +9,7 @@ import threading
 
 from target import replication as R
 from tests.support.rsgmodel import wait_for
-from tests.support.twonodes import SIZES, VOLS, converge
+from tests.support.twonodes import SIZES, VOLS, converge, image_released
 
 KiB = 1024
 
@@ -40,9 +40,7 @@ def _replay(a, b, monkeypatch, writes, hold=None):
         monkeypatch.setattr(R.SecondaryGroup, "_end_replay", held)
     a.t.rsg_attach("g", b.addr)
     converge(a, b)
-    # B releases the image once it has answered the replay's end.
-    wait_for(lambda: not b.rsg.protected, what="the image's release",
-             info=b.rsg.status)
+    image_released(b)
     if hold is not None:
         monkeypatch.setattr(R.SecondaryGroup, "_end_replay", end_replay)
         assert seen

@@ -16,7 +16,7 @@ from target import session_orchestration
 from target import replication as R
 from tests.support.rsgmodel import wait_for
 from tests.support.twonodes import (SIZES, VOLS, break_a_replay, converge,
-                                    replay_broken_off)
+                                    image_released, replay_broken_off)
 
 
 def _frozen(node, name, size):
@@ -127,8 +127,7 @@ def test_the_replay_ends_before_the_image_is_released(two_nodes,
     monkeypatch.setattr(R.SecondaryGroup, "release_images", watched)
     a.t.rsg_attach("g", b.addr)
     converge(a, b)
-    wait_for(lambda: not b.rsg.protected, what="the release",
-             info=b.rsg.status)
+    image_released(b)
     assert during == [(True, R.REPLICATING)], during
     assert not [n for n in b.t.sessions if n.startswith("consistent-")]
 
@@ -164,8 +163,7 @@ def test_a_new_replay_replaces_a_stale_image(two_nodes, monkeypatch):
         gate.set()
     converge(a, b)
     # Released once the replay has ended (the primary does not wait).
-    wait_for(lambda: not b.rsg.protected, what="the release",
-             info=b.rsg.status)
+    image_released(b)
     assert not [n for n in b.t.sessions if n.startswith("consistent-")]
 
 
@@ -540,7 +538,7 @@ def test_a_release_that_fails_at_a_replays_end_is_done_again(two_nodes,
     a.t.lus["v1"].write(b"\x06" * 4096, 0)
     converge(a, b)
     try:
-        wait_for(lambda: not b.rsg.protected, 5, what="the release")
+        image_released(b, 5)
     except AssertionError:
         pass
     assert (b.rsg.consistent, b.rsg.protected,
@@ -557,7 +555,7 @@ def test_a_local_change_beside_a_connected_primary_is_refused_at_once(
     break_a_replay(a, b, monkeypatch)
     a.t.rsg_attach("g", b.addr)
     converge(a, b)
-    wait_for(lambda: not b.rsg.protected, what="the release")
+    image_released(b)
     t0 = time.monotonic()
     with pytest.raises(R.RsgBusy):
         b.t.rsg_promote("g")

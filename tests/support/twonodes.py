@@ -95,6 +95,13 @@ def converge(a, b):
              lambda: (a.rsg.status(), b.rsg and b.rsg.status()))
 
 
+def image_released(b, timeout=20.0):
+    """Wait until B has released its last consistent image: it does so
+    after answering the replay's end, so converge() may return first."""
+    wait_for(lambda: not b.rsg.protected, timeout, "the image's release",
+             b.rsg.status)
+
+
 def replay_broken_off(a, b, monkeypatch, start=None, **attach):
     """A attaches (with the rsg_attach options `attach`), or start() is
     called to begin a replay some other way, and A's replay to B breaks
