@@ -256,13 +256,14 @@ class SessionOrchestration:
         extents = maps.extent_count(lu.size, granularity)
         minimum = sessions.SaveArea.minimum_size(extents, granularity)
         if save_area is None:
-            size = minimum - granularity + extents * granularity
+            size = sessions.SaveArea.size_for(extents, granularity)
         else:
             size = units.parse_size(save_area)
             if size < minimum:
                 raise errors.InvalidSize(
                     value=save_area, reason="the save area needs at least {} "
-                    "bytes (its index plus one extent)".format(minimum))
+                    "bytes (its header and index, and one extent)"
+                    .format(minimum))
         save_path = self._save_area_path(lu.name, name)
         record = {"granularity": granularity, "save_area": size,
                   "marked": False, "export": False, "error": None,
@@ -550,7 +551,8 @@ class SessionOrchestration:
                 "protected": protected,
                 "export": session.export_name() if protected else None,
                 "since": session.mark_time if protected else None,
-                "saved_extents": len(session.save_area.slots) if protected else 0}
+                "saved_bytes": session.save_area.used_bytes() if protected
+                else 0}
 
     def image_protect(self, lu):
         """Keep lu's current image readable (LU@protected-LU) until
@@ -758,12 +760,12 @@ class SessionOrchestration:
             # still be queued (their saves not yet in the image): applied
             # first, so that the extents to put back include theirs.
             layer.drain()
-        g = session.granularity
+        g, bs = session.granularity, session.block
         with session.cond:
             saved = sorted(session.save_area.slots)
         regions = bytearray(session.extents)
-        for x in saved:
-            regions[x] = 1
+        for b in saved:
+            regions[b * bs // g] = 1
 
         # Below a secondary's guard (rolling a secondary back to its last
         # consistent image is what its promotion asks for), through every
@@ -775,15 +777,15 @@ class SessionOrchestration:
         def zero(offset, length):
             source.stack.below("guard").zero(offset, length)
 
-        # One extent a chunk: each is one slot of the save area.
+        # The saved blocks only: the others are as they were.
         rollback = copier.Copier(
-            lambda view, offset: session.save_area.readinto(offset // g,
+            lambda view, offset: session.save_area.readinto(offset // bs,
                                                             view),
-            write, zero, chunk=g, piece=g)
+            write, zero)
         with self.target.rsg_ops.volume_change(source, regions, g,
                                                "a rollback"):
-            rollback.copy((s * g, min(e * g, source.size) - s * g)
-                          for s, e in maps.runs(regions))
+            rollback.copy((b * bs, min((b + n) * bs, source.size) - b * bs)
+                          for b, n in sessions.block_runs(saved))
             source.stack.below("guard").flush()
             if session.name == self._consistent_name(lu) and \
                     source.rsg is not None and \
@@ -793,7 +795,7 @@ class SessionOrchestration:
                 # goes (a crash in between leaves the image to roll back
                 # to again).
                 source.rsg.volume_rolled_back(source)
-        restored = len(saved)
+        restored = regions.count(1)
         export = session.export_name()
         log.info("LU %s rolled back to %s (%d extents)", lu, export, restored)
         return restored, export

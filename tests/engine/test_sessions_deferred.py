@@ -364,13 +364,14 @@ def test_queued_writes_are_bounded(gated, monkeypatch):
 def check_power_cut(tmp_path, seed, keep, honour_flush=True):
     rng = random.Random(seed)
     lock = threading.Lock()
-    save = SimSaveArea(powerloss.SimFile(bytes(SAVE_SIZE)), lock,
-                       honour_flush)
+    save = SimSaveArea(powerloss.SimFile(bytes(SAVE_SIZE)), lock)
     source = sessionfakes.SaveCutSource(SIZE, GRAN, lock, save,
                                          rng.randrange(4, EXTENTS), rng,
                                          keep)
     source.data[:] = rng.randbytes(SIZE)
     stack, s = stacked_session(tmp_path, source, save)
+    # The twin ignores the saves' flushes, not the mark's.
+    save.honour_flush = honour_flush
     at_mark = bytes(source.data)
     order = list(range(EXTENTS))
     rng.shuffle(order)
@@ -465,11 +466,11 @@ def test_a_full_save_area_ends_the_mark_and_the_deferred_writes_apply(
 def check_every_write(tmp_path, seed, honour_flush=True):
     rng = random.Random(seed)
     lock = threading.Lock()
-    save = SimSaveArea(powerloss.SimFile(bytes(SAVE_SIZE)), lock,
-                       honour_flush)
+    save = SimSaveArea(powerloss.SimFile(bytes(SAVE_SIZE)), lock)
     source = sessionfakes.CheckedSource(SIZE, GRAN, lock, save)
     source.data[:] = rng.randbytes(SIZE)
     stack, s = stacked_session(tmp_path, source, save)
+    save.honour_flush = honour_flush
     source.at_mark = at_mark = bytes(source.data)
     for x in rng.sample(range(EXTENTS), EXTENTS):
         stack.top.write(rng.randbytes(1024), x * GRAN +

@@ -15,7 +15,6 @@ import random
 import tempfile
 import threading
 import time
-import zlib
 
 from target import backends, sessions
 
@@ -101,11 +100,11 @@ class SaveCutSource(CutSource):
 
 class CheckedSource(backends.MemoryBackend):
     """A Source of size bytes; each time a write lands on it, the save
-    area's durable bytes alone (save: a powerloss SimSaveArea) must hold
-    the old data at the mark (at_mark, once set) of every extent it
-    writes: its index entry, and a slot whose crc matches.  A power cut
-    at that moment keeps the frozen image; the extents for which it would
-    not are collected in `early`."""
+    area's durable bytes alone (save: a powerloss SimSaveArea), read back
+    as a restart would, must hold the old data at the mark (at_mark, once
+    set) of every block it writes.  A power cut at that moment keeps the
+    frozen image; the extents for which it would not are collected in
+    `early`."""
 
     def __init__(self, size, granularity, lock, save):
         super().__init__(size)
@@ -119,16 +118,21 @@ class CheckedSource(backends.MemoryBackend):
         g = self.granularity
         with self.lock:
             if self.at_mark is not None:
-                durable = self.save.file.durable
-                entry = sessions.SaveArea.ENTRY
-                index = (self.size // g * entry.size + 4095) // 4096 * 4096
-                for x in range(offset // g, (offset + len(buf) - 1) // g + 1):
-                    slot1, crc = entry.unpack_from(durable, x * entry.size)
-                    old = self.at_mark[x * g:(x + 1) * g]
-                    at = index + (slot1 - 1) * g
-                    if slot1 == 0 or crc != zlib.crc32(old) or \
-                            durable[at:at + g] != old:
-                        self.early.add(x)
+                durable = backends.MemoryBackend(len(self.save.file.durable))
+                durable.data[:] = self.save.file.durable
+                area = sessions.SaveArea(durable, self.size // g, g)
+                try:
+                    area.load()
+                except sessions.SaveAreaUnreadable:
+                    pass    # no header yet: nothing saved
+                bs = area.block
+                for b in range(offset // bs, (offset + len(buf) - 1) // bs + 1):
+                    old = self.at_mark[b * bs:(b + 1) * bs]
+                    saved = bytearray(bs)
+                    if b in area.slots:
+                        area.readinto(b, saved)
+                    if b not in area.slots or saved != old:
+                        self.early.add(b * bs // g)
             super().write(buf, offset)
 
 
