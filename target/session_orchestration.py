@@ -84,6 +84,7 @@ class SessionOrchestration:
             {"marked": rec["marked"], "error": rec.get("error"),
              "export": rec.get("export", False)}, rec.get("last_transfer"))
         save_path = self._save_area_path(lu.name, name)
+        size = self._grown_save_area(lu, rec, save_path)
         backend = backends.FileBackend(save_path)
         try:
             return sessions.Session(
@@ -91,13 +92,31 @@ class SessionOrchestration:
                 backend, rec["dests"], persist=self._persist_session(
                     lu.name, name, image), marked=rec["marked"],
                 export=rec.get("export", False), error=rec.get("error"),
-                save_area_size=rec["save_area"],
+                save_area_size=size,
                 last_transfer=rec.get("last_transfer"),
                 token_file=rec.get("token_file"),
                 mark_time=rec.get("mark_time"))
         except BaseException:
             backend.close()
             raise
+
+    @staticmethod
+    def _grown_save_area(lu, rec, save_path):
+        """The size of the save area of record rec: a session made when
+        whole extents were saved has the default size of that layout (an
+        index of 8 bytes an extent, then the extents), too small for this
+        one's entries; it is grown (sparse: no space until used) to this
+        layout's default, which can never fill.  The record says so from
+        its next save."""
+        g = rec["granularity"]
+        extents = maps.extent_count(lu.size, g)
+        if rec["save_area"] != (extents * 8 + 4095) // 4096 * 4096 + \
+                extents * g:
+            return rec["save_area"]
+        size = sessions.SaveArea.size_for(extents, g)
+        if os.path.getsize(save_path) < size:
+            os.truncate(save_path, size)
+        return size
 
     def _save_area_path(self, source, name):
         return self.target.state_dir.save_area(source, name)
@@ -113,9 +132,9 @@ class SessionOrchestration:
     def _take_kept_save_area(self, kept, save_path, size):
         """Move the kept save area file kept (if any, of size bytes) to
         save_path; False if there is none to take.  Its stale slots are
-        never read: the session's create zeroes its index durably before
-        the session is recorded, and a slot is read only through an index
-        entry written since, whose crc it must match."""
+        never read: the session's create writes a new tag to its header
+        durably before the session is recorded, and a slot is read only
+        through an entry of that tag, whose crc it must match."""
         try:
             st = os.stat(kept)
         except FileNotFoundError:

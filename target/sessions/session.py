@@ -277,15 +277,16 @@ class Session:
 
     def _protected(self, b0, b1):
         """Blocks of [b0, b1) whose old data must be saved first."""
-        slots = self.save_area.slots
         b1 = min(b1, self.save_area.blocks)
-        if self.export:
-            return [b for b in range(b0, b1) if b not in slots]
         per = self.granularity // self.block
-        if self.transfer.find(1, b0 // per, (b1 + per - 1) // per) < 0:
+        if not self.export and \
+                self.transfer.find(1, b0 // per, (b1 + per - 1) // per) < 0:
             return []
+        saved = set(self.save_area.slots.saved_in(b0, b1))
+        if self.export:
+            return [b for b in range(b0, b1) if b not in saved]
         return [b for b in range(b0, b1)
-                if self.transfer[b // per] and b not in slots]
+                if self.transfer[b // per] and b not in saved]
 
     def before_write(self, offset, length):
         """Track a change of [offset, offset+length); COFW if marked.  The
@@ -519,10 +520,7 @@ class Session:
 
     def _saved_in(self, b0, b1):
         """The saved blocks of [b0, b1), sorted (caller holds the lock)."""
-        slots = self.save_area.slots
-        if len(slots) < b1 - b0:
-            return sorted(b for b in slots if b0 <= b < b1)
-        return [b for b in range(b0, b1) if b in slots]
+        return self.save_area.slots.saved_in(b0, b1)
 
     def frozen_extents(self, offset, length):
         """Holes of the marked point in time: the Source's holes in
@@ -567,12 +565,20 @@ class Session:
                 raise FrozenImageGone(name=self.name)
             saved = self._saved_in(b0, b1)
             slot_of = {b: self.save_area.slots[b] for b in saved}
+        if not saved:
+            return
         for first, count in block_runs(saved):
             tmp = bytearray(count * bs)
             self.save_area.readinto(first, tmp, slot_of)
             s = max(offset, first * bs)
             e = min(offset + len(view), (first + count) * bs)
             view[s - offset:e - offset] = tmp[s - first * bs:e - first * bs]
+        with self.cond:
+            # Slots are reused by the next mark: an unmark meanwhile (a
+            # forced one, beside an export's reader) may have given these
+            # to other blocks.
+            if generation != self.generation:
+                raise FrozenImageGone(name=self.name)
 
     # ------------------------------------------------------------ mark
 

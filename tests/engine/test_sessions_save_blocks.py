@@ -10,9 +10,10 @@ import tempfile
 
 import pytest
 
-from target import backends, sessions
+from target import backends, inventory, sessions
+from target.target import Target
 
-from tests.support.sessionfakes import FakeLU, frozen_image
+from tests.support.sessionfakes import FakeLU, frozen_image, one_lu_target
 from tests.support.spybackend import Spy
 
 KiB = 1024
@@ -96,3 +97,35 @@ def test_a_save_area_it_cannot_read_unmarks_and_loses_nothing(marked):
         problems
     assert again.error and "unmarked" in again.error
     assert again.tracking.bits == b"\x01" * N
+
+
+def test_a_session_of_the_former_default_size_is_grown_to_hold_every_block(
+        tmp_path):
+    """A session made when the save area saved whole extents has the
+    default size of that layout (an index of 8 bytes an extent, and the
+    extents): too small for this layout's entries.  At load it is grown
+    to this layout's default, so that it still can never fill."""
+    size = 64 * G
+    t, _ = one_lu_target(tmp_path, size)
+    try:
+        t.session_ops.create_session(
+            t.lus["src"], "s", [{"uri": "nbd://127.0.0.1:1/none",
+                                 "peer": None}], None, None)
+    finally:
+        t.close()
+    former = (64 * 8 + 4095) // 4096 * 4096 + size
+    state = inventory.StateDir(str(tmp_path / "state"))
+    doc = state.load()
+    doc["lus"]["src"]["sessions"]["s"]["save_area"] = former
+    state.save(doc)
+    path = state.save_area("src", "s")
+    os.truncate(path, former)
+    t = Target(state.path)
+    try:
+        area = t.sessions["s"].save_area
+        assert area.capacity >= area.blocks
+        assert os.path.getsize(path) == sessions.SaveArea.size_for(64, G)
+        assert t.sessions["s"].status()["save_area"]["size"] == \
+            os.path.getsize(path)
+    finally:
+        t.close()

@@ -4,7 +4,8 @@ marked_session (a Source holding given data, a session marked on it),
 new_session (a session "s" of a given Source and save area),
 marked_on_save_file (a session marked, its save area a file),
 frozen_image, run_writers (writer threads racing into extents),
-first_writes_everywhere (the same with slow fdatasyncs), CutSource and
+first_writes_everywhere (the same with slow fdatasyncs), one_lu_target
+(a Target of one LU, no server), CutSource and
 SaveCutSource (a Source on which the power is cut at a given moment) and
 CheckedSource (a Source that checks, at each write, that the save area's
 durable bytes hold the old data it overwrites)."""
@@ -16,7 +17,7 @@ import tempfile
 import threading
 import time
 
-from target import backends, sessions
+from target import backends, inventory, sessions
 
 from tests.support import powerloss
 
@@ -134,6 +135,16 @@ class CheckedSource(backends.MemoryBackend):
                     if b not in area.slots or saved != old:
                         self.early.add(b * bs // g)
             super().write(buf, offset)
+
+
+def one_lu_target(tmp_path, size):
+    """A Target (no server) of a state directory tmp_path/state with one
+    LU "src" of size bytes; (target, the LU's file)."""
+    from target.target import Target
+    state = inventory.StateDir(str(tmp_path / "state"))
+    state.ensure()
+    record = inventory.create_lu(state, "src", size=size)
+    return Target(state.path), record["file"]
 
 
 def new_session(map_dir, source, save, granularity, marked=False,
