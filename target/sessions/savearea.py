@@ -124,6 +124,41 @@ class SavedBlocks:
             self._count += 1
         c[b % self.CHUNK] = slot
 
+    def missing(self, b0, b1):
+        """The blocks of [b0, b1) not saved, in order."""
+        n = self.CHUNK
+        out = []
+        for k in range(b0 // n, (b1 - 1) // n + 1):
+            lo, hi = max(b0, k * n), min(b1, (k + 1) * n)
+            c = self._chunks.get(k)
+            if c is None:
+                out.extend(range(lo, hi))
+            elif self._NONE in c[lo - k * n:hi - k * n]:
+                out.extend(b for b in range(lo, hi)
+                           if c[b - k * n] == self._NONE)
+        return out
+
+    def set_run(self, first, count, slot):
+        """Blocks [first, first + count) saved in slots from slot on
+        (all in slot, if it is ZERO_SLOT)."""
+        n = self.CHUNK
+        b, end = first, first + count
+        while b < end:
+            k = b // n
+            stop = min(end, (k + 1) * n)
+            c = self._chunks.get(k)
+            if c is None:
+                c = self._chunks[k] = array.array("q", self._EMPTY)
+            part = c[b - k * n:stop - k * n]
+            self._count += part.count(self._NONE)
+            if slot == SaveArea.ZERO_SLOT:
+                c[b - k * n:stop - k * n] = array.array(
+                    "q", [slot]) * (stop - b)
+            else:
+                c[b - k * n:stop - k * n] = array.array(
+                    "q", range(slot + b - first, slot + stop - first))
+            b = stop
+
     def saved_in(self, b0, b1):
         """The saved blocks of [b0, b1), in order."""
         out = []
@@ -278,8 +313,7 @@ class SaveArea:
                 if data_crc != self._zero_crc_value(count):
                     dropped += 1
                     continue
-                for b in range(first, first + count):
-                    self.slots[b] = self.ZERO_SLOT
+                self.slots.set_run(first, count, self.ZERO_SLOT)
                 continue
             self.next_slot = max(self.next_slot, slot + count)
             data = bytearray(count * self.block)
@@ -287,8 +321,7 @@ class SaveArea:
             if zlib.crc32(data) != data_crc:
                 dropped += 1
                 continue
-            for k in range(count):
-                self.slots[first + k] = slot + k
+            self.slots.set_run(first, count, slot)
         return dropped
 
     def _entries(self):

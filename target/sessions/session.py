@@ -282,11 +282,10 @@ class Session:
         if not self.export and \
                 self.transfer.find(1, b0 // per, (b1 + per - 1) // per) < 0:
             return []
-        saved = set(self.save_area.slots.saved_in(b0, b1))
-        if self.export:
-            return [b for b in range(b0, b1) if b not in saved]
-        return [b for b in range(b0, b1)
-                if self.transfer[b // per] and b not in saved]
+        missing = self.save_area.slots.missing(b0, b1)
+        if self.export or not missing:
+            return missing
+        return [b for b in missing if self.transfer[b // per]]
 
     def before_write(self, offset, length):
         """Track a change of [offset, offset+length); COFW if marked.  The
@@ -480,8 +479,10 @@ class Session:
             return [(offset + s * bs, min(e * bs, length) - s * bs, hole)
                     for s, e, hole in out]
 
+        # A piece a chunk: one save (entry) each, its buffer in the cache.
         copier.Copier(self.inner.readinto, store, zero,
-                      cancel=unmarked, extents=holes).copy(
+                      chunk=copier.WRITE_PIECE, cancel=unmarked,
+                      extents=holes).copy(
             (b * bs, min(n * bs, self.size - b * bs))
             for b, n in block_runs(blocks))
         return [] if unmarked.is_set() else stored
@@ -495,14 +496,11 @@ class Session:
         # Only a durable save is part of the frozen image: a reader (or a
         # second write to the block, waiting in before_write) never sees
         # one a crash could still take away.
-        slots = self.save_area.slots
         with self.cond:
             if generation != self.generation:
                 return
             for first, count, slot, _ in stored:
-                for k in range(count):
-                    slots[first + k] = slot if slot == SaveArea.ZERO_SLOT \
-                        else slot + k
+                self.save_area.slots.set_run(first, count, slot)
             self.cofw_count += sum(count for _, count, _, _ in stored)
     def after_write(self):
         with self.cond:
