@@ -229,7 +229,7 @@ def print_tables(res, args):
     if res["first_writes"]:
         base = res["first_writes"][0]
         print("| {} | nbdkit thread model[@thread state] | connections x "
-              "QD | unmarked IOPS | marked IOPS | saves (copies on first "
+              "QD | unmarked IOPS | marked IOPS | 4 KiB blocks saved (copies on first "
               "write) | marked/unmarked (target >= 0.5; median of the "
               "repeats' ratios) | unmarked / {}, {} x QD{} | machine CPU "
               "µs per write, unmarked / marked | cores busy, unmarked / "

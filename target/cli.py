@@ -1499,8 +1499,8 @@ def _session_line(st):
     if st["marked"] and st.get("frozen_export"):
         marked += " (frozen export {})".format(st["frozen_export"])
     tr = st.get("transfer") or {}
-    line = "{} on {}: {}, {} extents tracked, {} to send, COFW {}, save " \
-        "area {}/{}".format(
+    line = "{} on {}: {}, {} extents tracked, {} to send, {} blocks " \
+        "saved (COFW), save area {}/{}".format(
             st["name"], st["source"], marked, st["tracked_extents"],
             st["extents_to_send"], st["cofw_count"],
             units.format_size(st["save_area"]["used_bytes"]),

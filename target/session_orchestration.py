@@ -84,6 +84,7 @@ class SessionOrchestration:
             {"marked": rec["marked"], "error": rec.get("error"),
              "export": rec.get("export", False)}, rec.get("last_transfer"))
         save_path = self._save_area_path(lu.name, name)
+        size = self._grown_save_area(lu, rec, save_path)
         backend = backends.FileBackend(save_path)
         try:
             return sessions.Session(
@@ -91,13 +92,31 @@ class SessionOrchestration:
                 backend, rec["dests"], persist=self._persist_session(
                     lu.name, name, image), marked=rec["marked"],
                 export=rec.get("export", False), error=rec.get("error"),
-                save_area_size=rec["save_area"],
+                save_area_size=size,
                 last_transfer=rec.get("last_transfer"),
                 token_file=rec.get("token_file"),
                 mark_time=rec.get("mark_time"))
         except BaseException:
             backend.close()
             raise
+
+    @staticmethod
+    def _grown_save_area(lu, rec, save_path):
+        """The size of the save area of record rec: a session made when
+        whole extents were saved has the default size of that layout (an
+        index of 8 bytes an extent, then the extents), too small for this
+        one's entries; it is grown (sparse: no space until used) to this
+        layout's default, which can never fill.  The record says so from
+        its next save."""
+        g = rec["granularity"]
+        extents = maps.extent_count(lu.size, g)
+        if rec["save_area"] != (extents * 8 + 4095) // 4096 * 4096 + \
+                extents * g:
+            return rec["save_area"]
+        size = sessions.SaveArea.size_for(extents, g)
+        if os.path.getsize(save_path) < size:
+            os.truncate(save_path, size)
+        return size
 
     def _save_area_path(self, source, name):
         return self.target.state_dir.save_area(source, name)
@@ -113,9 +132,9 @@ class SessionOrchestration:
     def _take_kept_save_area(self, kept, save_path, size):
         """Move the kept save area file kept (if any, of size bytes) to
         save_path; False if there is none to take.  Its stale slots are
-        never read: the session's create zeroes its index durably before
-        the session is recorded, and a slot is read only through an index
-        entry written since, whose crc it must match."""
+        never read: the session's create writes a new tag to its header
+        durably before the session is recorded, and a slot is read only
+        through an entry of that tag, whose crc it must match."""
         try:
             st = os.stat(kept)
         except FileNotFoundError:
@@ -256,13 +275,14 @@ class SessionOrchestration:
         extents = maps.extent_count(lu.size, granularity)
         minimum = sessions.SaveArea.minimum_size(extents, granularity)
         if save_area is None:
-            size = minimum - granularity + extents * granularity
+            size = sessions.SaveArea.size_for(extents, granularity)
         else:
             size = units.parse_size(save_area)
             if size < minimum:
                 raise errors.InvalidSize(
                     value=save_area, reason="the save area needs at least {} "
-                    "bytes (its index plus one extent)".format(minimum))
+                    "bytes (its header and index, and one extent)"
+                    .format(minimum))
         save_path = self._save_area_path(lu.name, name)
         record = {"granularity": granularity, "save_area": size,
                   "marked": False, "export": False, "error": None,
@@ -550,7 +570,8 @@ class SessionOrchestration:
                 "protected": protected,
                 "export": session.export_name() if protected else None,
                 "since": session.mark_time if protected else None,
-                "saved_extents": len(session.save_area.slots) if protected else 0}
+                "saved_bytes": session.save_area.used_bytes() if protected
+                else 0}
 
     def image_protect(self, lu):
         """Keep lu's current image readable (LU@protected-LU) until
@@ -758,12 +779,12 @@ class SessionOrchestration:
             # still be queued (their saves not yet in the image): applied
             # first, so that the extents to put back include theirs.
             layer.drain()
-        g = session.granularity
+        g, bs = session.granularity, session.block
         with session.cond:
             saved = sorted(session.save_area.slots)
         regions = bytearray(session.extents)
-        for x in saved:
-            regions[x] = 1
+        for b in saved:
+            regions[b * bs // g] = 1
 
         # Below a secondary's guard (rolling a secondary back to its last
         # consistent image is what its promotion asks for), through every
@@ -775,15 +796,15 @@ class SessionOrchestration:
         def zero(offset, length):
             source.stack.below("guard").zero(offset, length)
 
-        # One extent a chunk: each is one slot of the save area.
+        # The saved blocks only: the others are as they were.
         rollback = copier.Copier(
-            lambda view, offset: session.save_area.readinto(offset // g,
+            lambda view, offset: session.save_area.readinto(offset // bs,
                                                             view),
-            write, zero, chunk=g, piece=g)
+            write, zero)
         with self.target.rsg_ops.volume_change(source, regions, g,
                                                "a rollback"):
-            rollback.copy((s * g, min(e * g, source.size) - s * g)
-                          for s, e in maps.runs(regions))
+            rollback.copy((b * bs, min((b + n) * bs, source.size) - b * bs)
+                          for b, n in sessions.block_runs(saved))
             source.stack.below("guard").flush()
             if session.name == self._consistent_name(lu) and \
                     source.rsg is not None and \
@@ -793,7 +814,7 @@ class SessionOrchestration:
                 # goes (a crash in between leaves the image to roll back
                 # to again).
                 source.rsg.volume_rolled_back(source)
-        restored = len(saved)
+        restored = regions.count(1)
         export = session.export_name()
         log.info("LU %s rolled back to %s (%d extents)", lu, export, restored)
         return restored, export

@@ -13,7 +13,7 @@ from .destinations import (CONSISTENT, DEFAULT_TIMEOUT, INCONSISTENT, NEW,
                            NbdDestination)
 from .destinations import probe as probe_destination
 from .layer import FrozenExport, FrozenImageGone, SessionLayer
-from .savearea import SaveArea, SaveAreaFull
+from .savearea import SaveArea, SaveAreaFull, SaveAreaUnreadable, block_runs
 from .session import Session, SessionBusy, SessionError, UnknownSession
 from .tracking import TrackingMap
 from .transfer import TransferEngine
@@ -22,5 +22,6 @@ __all__ = ["CONSISTENT", "DEFAULT_TIMEOUT", "INCONSISTENT", "NEW",
            "Destination", "DestinationError", "MemoryDestination",
            "NbdDestination", "probe_destination", "FrozenExport",
            "FrozenImageGone", "SessionLayer", "SaveArea", "SaveAreaFull",
+           "SaveAreaUnreadable", "block_runs",
            "Session", "SessionBusy", "SessionError", "UnknownSession",
            "TrackingMap", "TransferEngine"]

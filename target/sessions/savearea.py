@@ -1,201 +1,427 @@
-"""A session's save area: the old data of extents written while marked.
+"""A session's save area: the old data of blocks written while marked.
 
 Design notes
 ------------
-A copy on first write stores an extent's old data here before the host
-write that overwrites it may proceed; the frozen image is saved data where
-present, else the Source.  A save is the slot's data and its index entry
-(slot and crc of the data), written in place, then made durable by a flush
-(fdatasync) before the host write proceeds.
+A copy on first write stores here the old data of the blocks a host write
+is about to change, before that write may proceed; the frozen image is
+saved data where present, else the Source.  The unit saved is a block
+(BLOCK, or the session's granularity when smaller), not the session's
+extent: a 4 KiB write into a 64 KiB extent saves 4 KiB.  The extent stays
+the unit of the session's maps (what changed, what to send).  A save must
+be durable before its host write proceeds, and a flush costs about what
+it writes back: with whole 64 KiB extents the saves of 4 KiB first writes
+were bound by the disk's bandwidth (docs/performance.md).
+
+Layout: a header block (magic, block size, the tag of the current mark),
+then the entries (ENTRY, 32 bytes each), then the data slots (a block
+each).  A save is one entry naming a run of consecutive blocks (first
+block, count, first slot, crc32 of the data) and, unless the run is all
+zeroes (a hole saved costs its entry alone: nothing written, nothing
+punched), the run's data in consecutive slots.  Entries and slots are
+both taken in order and never freed while marked; when either runs out
+the save is refused (SaveAreaFull) and the session unmarks.
+
+The tag.  A reset (a mark, an unmark) writes a new random tag to the
+header and flushes it before any save of the new mark: entries carrying
+another tag are an earlier mark's, so a reset writes nothing else, and
+the next mark's saves overwrite the same blocks in place (an fdatasync
+that allocates no blocks commits no journal transaction: about half the
+cost of one that fills holes, on ext4 here; docs/performance.md).
 
 Group commit (target.groupcommit): the flushes are shared.  `store`
 writes and returns a ticket; `wait_durable(ticket)` returns once a flush
 that began after that save was written has completed.  One flush runs at
 a time; the saves written while it runs are covered together by the next
-one, made by the first of their writers to find no flush running (the
-others wait for it).  So N concurrent first writes cost about two
-flushes, not N, and a host write waits at most for the flush running and
-the one after it, never for saves that queue up later.  Concurrent means
-other connections, or one connection's writes deferred by the sessions'
-layer (layer.py: a write is acknowledged once queued, and the layer's
-applier saves a batch of them before it waits for one flush), or its
-requests under nbdkit's `parallel` thread model.
+one.  So N concurrent first writes cost about two flushes, not N.
+Concurrent means other connections, or one connection's writes deferred
+by the sessions' layer (layer.py: its applier saves a batch before it
+waits for one flush), or a window saved ahead (Session.save_ahead).
 
-What a crash keeps: every save whose wait_durable returned (data and entry
-both durable); of the others, an arbitrary subset of blocks.  At load an
-entry whose crc does not match its slot is dropped: its data never became
-durable, and then the write it protected had not started either.  A save
-is taken into the frozen image (Session: save_area.slots) only once
-durable, so a second write to the same extent waits for the first's save
-and then finds nothing left to save.  A flush that fails fails every save
-it covered and every later one until the next reset (after a failed
-fdatasync the kernel may have dropped pages it will not write again):
-the session unmarks.
+What a crash keeps, and how load finds it.  An entry is taken and
+written under one lock, after its data: entries are written in the order
+they are taken.  A flush that made entry i durable began after entry i
+was written, so after every entry before it: the entries whose saves
+were waited for form a prefix, each with its data.  Load reads entries
+from the first until one does not carry the header's tag (or its own crc
+fails: torn, never written): nothing after it was waited for.  An entry
+of the prefix whose data does not match its crc is dropped: its data
+never became durable, and then the write it protected had not started.
+A save joins the frozen image (slots) only once durable, so a second
+write to the same block waits for the first's save and then finds
+nothing left to save.  A flush that fails fails every save it covered
+and every later one until the next reset (after a failed fdatasync the
+kernel may have dropped pages it will not write again): the session
+unmarks.
 
-Slots are allocated in order and never freed while marked; a full save
-area ends the mark (SaveAreaFull).  A reset zeroes the index but keeps
-the slots' blocks: the next mark's saves overwrite them in place, and an
-fdatasync that allocates no blocks commits no journal transaction (about
-half the cost of one that fills holes, on ext4 here; docs/performance.md).
-The index itself is zeroed by writing zeroes (up to ZERO_WRITE_MAX; a
-larger one's range is zeroed by fallocate): the entries written next then
-overwrite written blocks too.  A slot's old data is never read without an
-index entry written since the reset, whose crc it must match.  The file
-thus keeps the space of the most slots a mark used (at most its size,
-fixed at create), and a file kept from an earlier session (a replicated
-group's image, session_orchestration) is reused the same way.
-
-An all-zero extent is saved as its index entry alone (ZERO_SLOT, the crc
-of zeroes): no slot is written, so it neither fills a hole nor punches
-one (punching allocated blocks costs a journal commit as filling does),
-and reads of it are zeroes.  Deliberately
-ignored: reusing slots within a mark, growing the area, coalescing
-adjacent slots into one write (each save is its own pwrite; only the
-flush is shared).  See docs/design.md and docs/persistence.md.
+Deliberately ignored: reusing slots within a mark, growing the area,
+merging the saves of different writes into one write (each save is its
+own pair of writes; only the flush is shared).  See docs/design.md and
+docs/persistence.md.
 """
 
+import array
 import errno
+import os
 import struct
+import threading
 import zlib
 
 from .. import errors
 from ..groupcommit import GroupCommit
 
+# The unit saved, at most (a session's granularity may be smaller).
+BLOCK = 4096
+
+
+def block_runs(blocks):
+    """[first, count] of the runs of consecutive numbers in sorted
+    blocks."""
+    out = []
+    for b in blocks:
+        if out and out[-1][0] + out[-1][1] == b:
+            out[-1][1] += 1
+        else:
+            out.append([b, 1])
+    return out
+
+
+class SavedBlocks:
+    """block -> slot of the saves durable so far (ZERO_SLOT: saved as
+    zeroes), a mapping in arrays of CHUNK slots, one per CHUNK blocks
+    that hold a save: 8 bytes a block where blocks are saved, nothing
+    elsewhere (a dict of ints costs about 100 bytes a block, 28 GB for a
+    whole TiB saved)."""
+
+    CHUNK = 1024
+    _NONE = -2
+    _EMPTY = array.array("q", [_NONE]) * CHUNK
+
+    def __init__(self, items=()):
+        self._chunks = {}
+        self._count = 0
+        for b, slot in dict(items).items():
+            self[b] = slot
+
+    def __len__(self):
+        return self._count
+
+    def __contains__(self, b):
+        c = self._chunks.get(b // self.CHUNK)
+        return c is not None and c[b % self.CHUNK] != self._NONE
+
+    def __getitem__(self, b):
+        c = self._chunks.get(b // self.CHUNK)
+        slot = self._NONE if c is None else c[b % self.CHUNK]
+        if slot == self._NONE:
+            raise KeyError(b)
+        return slot
+
+    def __setitem__(self, b, slot):
+        c = self._chunks.get(b // self.CHUNK)
+        if c is None:
+            c = self._chunks[b // self.CHUNK] = array.array("q", self._EMPTY)
+        if c[b % self.CHUNK] == self._NONE:
+            self._count += 1
+        c[b % self.CHUNK] = slot
+
+    def missing(self, b0, b1):
+        """The blocks of [b0, b1) not saved, in order."""
+        n = self.CHUNK
+        out = []
+        for k in range(b0 // n, (b1 - 1) // n + 1):
+            lo, hi = max(b0, k * n), min(b1, (k + 1) * n)
+            c = self._chunks.get(k)
+            if c is None:
+                out.extend(range(lo, hi))
+            elif self._NONE in c[lo - k * n:hi - k * n]:
+                out.extend(b for b in range(lo, hi)
+                           if c[b - k * n] == self._NONE)
+        return out
+
+    def set_run(self, first, count, slot):
+        """Blocks [first, first + count) saved in slots from slot on
+        (all in slot, if it is ZERO_SLOT)."""
+        n = self.CHUNK
+        b, end = first, first + count
+        while b < end:
+            k = b // n
+            stop = min(end, (k + 1) * n)
+            c = self._chunks.get(k)
+            if c is None:
+                c = self._chunks[k] = array.array("q", self._EMPTY)
+            part = c[b - k * n:stop - k * n]
+            self._count += part.count(self._NONE)
+            if slot == SaveArea.ZERO_SLOT:
+                c[b - k * n:stop - k * n] = array.array(
+                    "q", [slot]) * (stop - b)
+            else:
+                c[b - k * n:stop - k * n] = array.array(
+                    "q", range(slot + b - first, slot + stop - first))
+            b = stop
+
+    def saved_in(self, b0, b1):
+        """The saved blocks of [b0, b1), in order."""
+        out = []
+        n = self.CHUNK
+        if (b1 - b0) // n > len(self._chunks):
+            keys = sorted(k for k in self._chunks if b0 // n <= k <= b1 // n)
+        else:
+            keys = [k for k in range(b0 // n, (b1 - 1) // n + 1)
+                    if k in self._chunks]
+        for k in keys:
+            c = self._chunks[k]
+            lo, hi = max(b0 - k * n, 0), min(b1 - k * n, n)
+            if c[lo:hi] == self._EMPTY[:hi - lo]:
+                continue
+            out.extend(k * n + i for i in range(lo, hi)
+                       if c[i] != self._NONE)
+        return out
+
+    def items(self):
+        for b in self.saved_in(0, (max(self._chunks, default=-1) + 1) *
+                               self.CHUNK):
+            yield b, self[b]
+
+    def __iter__(self):
+        return (b for b, _ in self.items())
+
+    def __eq__(self, other):
+        return dict(self.items()) == dict(other.items())
+
+    def __repr__(self):
+        return "SavedBlocks({!r})".format(dict(self.items()))
+
 
 class SaveAreaFull(errors.Error):
-    msg = ("the save area of session {name!r} is full ({slots} extents of "
-           "{granularity} bytes); the session was unmarked")
+    msg = ("the save area of session {name!r} is full ({blocks} blocks of "
+           "{block} bytes); the session was unmarked")
     errno = errno.ENOSPC
 
 
+class SaveAreaUnreadable(errors.Error):
+    msg = ("the save area holds no frozen image this version can read "
+           "({reason}); the session was unmarked, and its next transfer "
+           "sends every extent the mark had to send")
+    errno = errno.EIO
+
+
 class SaveArea:
-    """Old data of extents written while marked, in a backend.
+    """Old data of blocks written while marked, in a backend (layout in
+    the design notes).  slots (SavedBlocks): block -> its data slot
+    (ZERO_SLOT for a block saved as zeroes), the saves durable so far."""
 
-    Layout: an index of 8 bytes per extent (u32 slot + 1, u32 crc32 of the
-    slot's data; 0 = not saved), rounded up to 4 KiB, then the slots, one
-    extent each, allocated in order.
-    """
-
-    ENTRY = struct.Struct("<II")
-    # The index entry's slot + 1 of an all-zero extent (no slot written),
-    # and what slots holds for it.
+    HEADER = struct.Struct("<8sIIQI")
+    MAGIC = b"CLSAVE02"
+    VERSION = 2
+    HEADER_BYTES = 4096
+    # tag, first block, first slot (ZERO_ENTRY: zeroes), count, crc32 of
+    # the data, crc32 of the entry's first 28 bytes.
+    ENTRY = struct.Struct("<QQIIII")
     ZERO_ENTRY = 0xFFFFFFFF
     ZERO_SLOT = -1
-    # Index sizes up to this are zeroed by writing zeroes at a reset.
-    ZERO_WRITE_MAX = 4 << 20
+    # Entries read at a time at load.
+    LOAD_CHUNK = 1 << 20
 
     def __init__(self, backend, extents, granularity):
         self.backend = backend
-        self.extents = extents
-        self.granularity = granularity
-        self.index_bytes = (extents * self.ENTRY.size + 4095) // 4096 * 4096
-        self.capacity = min(self.ZERO_ENTRY - 1, max(
-            0, (backend.size - self.index_bytes) // granularity))
-        self.slots = {}
+        self.block = min(BLOCK, granularity)
+        self.blocks = extents * (granularity // self.block)
+        self.capacity = self._capacity(backend.size, self.block)
+        self.entries_bytes = self._entries_bytes(self.capacity)
+        self.slots = SavedBlocks()
+        self.next_entry = 0
         self.next_slot = 0
-        self._zero_crc = None
-        # The index is zero and durable: a quiet reset (no writer) since
-        # which nothing was stored; the next quiet reset (a mark right
-        # after the create) writes nothing.
-        self.zeroed = False
+        self.tag = 0
+        self._zero_crc = {}
+        # Taking slots; taking and writing entries (in the order taken).
+        self._lock = threading.Lock()
+        # The header holds a tag no entry carries, durably: a quiet reset
+        # (no writer) since which nothing was stored; the next quiet
+        # reset (a mark right after the create) writes nothing.
+        self.empty = False
         # Group commit of the saves (see the design notes); the error of
         # a failed flush is kept until reset.
         self._group = GroupCommit(lambda: self.backend.flush())
 
-    @staticmethod
-    def minimum_size(extents, granularity):
-        return (extents * 8 + 4095) // 4096 * 4096 + granularity
+    @classmethod
+    def _entries_bytes(cls, capacity):
+        return (capacity * cls.ENTRY.size + 4095) // 4096 * 4096
+
+    @classmethod
+    def _capacity(cls, size, block):
+        """Blocks a save area of size bytes holds (an entry each)."""
+        n = max(0, (size - cls.HEADER_BYTES) // (block + cls.ENTRY.size))
+        while n and cls.HEADER_BYTES + cls._entries_bytes(n) + \
+                n * block > size:
+            n -= 1
+        return min(n, cls.ZERO_ENTRY - 1)
+
+    @classmethod
+    def minimum_size(cls, extents, granularity):
+        """The size that holds one extent's blocks."""
+        block = min(BLOCK, granularity)
+        per = granularity // block
+        return cls.HEADER_BYTES + cls._entries_bytes(per) + granularity
+
+    @classmethod
+    def size_for(cls, extents, granularity):
+        """The size that holds every block of extents extents."""
+        n = extents * (granularity // min(BLOCK, granularity))
+        return cls.HEADER_BYTES + cls._entries_bytes(n) + \
+            extents * granularity
 
     def _slot_offset(self, slot):
-        return self.index_bytes + slot * self.granularity
+        return self.HEADER_BYTES + self.entries_bytes + slot * self.block
+
+    def _entry_offset(self, entry):
+        return self.HEADER_BYTES + entry * self.ENTRY.size
+
+    def _header(self):
+        head = self.HEADER.pack(self.MAGIC, self.VERSION, self.block,
+                                self.tag, 0)
+        crc = zlib.crc32(head[:self.HEADER.size - 4])
+        return self.HEADER.pack(self.MAGIC, self.VERSION, self.block,
+                                self.tag, crc) + \
+            bytes(self.HEADER_BYTES - self.HEADER.size)
 
     def load(self):
-        """Read the index back; return how many entries were dropped."""
+        """Read the saves back (see the design notes); return how many
+        entries were dropped.  Raises SaveAreaUnreadable if the header is
+        not this version's."""
         # A killed process's saves may be in the page cache only: durable
         # first, or a power cut after the next host write (which no longer
-        # saves the extent) would take the save away.
+        # saves the block) would take the save away.
         self.backend.flush()
-        index = bytearray(self.index_bytes)
-        self.backend.readinto(index, 0)
-        self.slots = {}
+        head = bytearray(self.HEADER.size)
+        self.backend.readinto(head, 0)
+        magic, version, block, tag, crc = self.HEADER.unpack(head)
+        if magic != self.MAGIC or version != self.VERSION or \
+                crc != zlib.crc32(head[:self.HEADER.size - 4]):
+            raise SaveAreaUnreadable(reason="no header of format {}".format(
+                self.VERSION))
+        if block != self.block:
+            raise SaveAreaUnreadable(reason="blocks of {} bytes, not {}"
+                                     .format(block, self.block))
+        self.tag = tag
+        self.slots = SavedBlocks()
+        self.next_entry = self.next_slot = 0
         dropped = 0
-        buf = bytearray(self.granularity)
-        for x in range(self.extents):
-            slot1, crc = self.ENTRY.unpack_from(index, x * self.ENTRY.size)
-            if slot1 == 0:
-                continue
-            if slot1 == self.ZERO_ENTRY:
-                if crc != self._zero_crc_value():
+        for i, entry in self._entries():
+            first, slot, count, data_crc = entry
+            self.next_entry = i + 1
+            if slot == self.ZERO_ENTRY:
+                if data_crc != self._zero_crc_value(count):
                     dropped += 1
                     continue
-                self.slots[x] = self.ZERO_SLOT
+                self.slots.set_run(first, count, self.ZERO_SLOT)
                 continue
-            slot = slot1 - 1
-            if slot >= self.capacity:
+            self.next_slot = max(self.next_slot, slot + count)
+            data = bytearray(count * self.block)
+            self.backend.readinto(data, self._slot_offset(slot))
+            if zlib.crc32(data) != data_crc:
                 dropped += 1
                 continue
-            self.backend.readinto(buf, self._slot_offset(slot))
-            if zlib.crc32(buf) != crc:
-                dropped += 1
-                continue
-            self.slots[x] = slot
-        self.next_slot = max(self.slots.values(), default=-1) + 1
+            self.slots.set_run(first, count, slot)
         return dropped
 
+    def _entries(self):
+        """(index, (first block, slot, count, crc)) of the entries of the
+        current tag, from the first until one is not (design notes)."""
+        size = self.ENTRY.size
+        i = 0
+        while i < self.capacity:
+            n = min(self.LOAD_CHUNK // size, self.capacity - i)
+            buf = bytearray(n * size)
+            self.backend.readinto(buf, self._entry_offset(i))
+            for k, (tag, first, slot, count, data_crc, crc) in \
+                    enumerate(self.ENTRY.iter_unpack(buf)):
+                if tag != self.tag or crc != zlib.crc32(
+                        buf[k * size:k * size + size - 4]) or \
+                        not self._valid(first, slot, count):
+                    return
+                yield i + k, (first, slot, count, data_crc)
+            i += n
+
+    def _valid(self, first, slot, count):
+        return count > 0 and first + count <= self.blocks and (
+            slot == self.ZERO_ENTRY or slot + count <= self.capacity)
+
     def reset(self, quiet=False):
-        """Forget every save, durably: the index is zeroed; the slots keep
-        their blocks (see the design notes).  Forgotten in memory even if
-        the index's zeroing fails (raised): only a marked session's index
-        is read, and every mark resets it first.  quiet: no store() can
-        run until the next reset returns (a create, a mark), so the index
-        stays zero on disk: the next quiet reset, with nothing stored
-        since, leaves it as it is.  Any other reset (an unmark's, beside
-        a write whose save is in flight) may be followed by an entry
-        written during it and always zeroes the index."""
-        self.slots = {}
-        self.next_slot = 0
-        if not (quiet and self.zeroed):
-            self.zeroed = False
-            if self.index_bytes <= self.ZERO_WRITE_MAX:
-                self.backend.write(bytes(self.index_bytes), 0)
-            else:
-                self.backend.zero(0, self.index_bytes)
+        """Forget every save, durably: a new tag in the header (see the
+        design notes).  Forgotten in memory even if the header's write
+        fails (raised): only a marked session's save area is read, and
+        every mark resets it first.  quiet: no store() can run until the
+        next reset returns (a create, a mark), so the next quiet reset,
+        with nothing stored since, leaves the header as it is.  Any other
+        reset (an unmark's, beside a write whose save is in flight) may
+        be followed by an entry of the old tag, which load ignores."""
+        with self._lock:
+            self.slots = SavedBlocks()
+            self.next_entry = self.next_slot = 0
+            retag = not (quiet and self.empty)
+            if retag:
+                self.empty = False
+                self.tag = int.from_bytes(os.urandom(8), "little") or 1
+                header = self._header()
+        if retag:
+            # Unlocked: a late store of the old mark may land meanwhile,
+            # under the new tag; the next mark tags again (empty is
+            # False), and nothing reads an unmarked save area.
+            self.backend.write(header, 0)
             self.backend.flush()
-            self.zeroed = quiet
+            self.empty = quiet
         with self._group.lock:
             self._group.reset()
 
-    def allocate(self):
-        """Take the next slot (caller holds the session lock)."""
-        if self.next_slot >= self.capacity:
-            return None
-        slot = self.next_slot
-        self.next_slot += 1
-        return slot
+    def _take_slots(self, count):
+        with self._lock:
+            if self.next_slot + count > self.capacity:
+                return None
+            self.next_slot += count
+            return self.next_slot - count
 
-    def store(self, extent, slot, data):
-        """Write data to slot and its index entry; return the ticket to
-        wait_durable() for."""
-        self.zeroed = False
+    def _write_entry(self, first, slot, count, data_crc):
+        """Take the next entry and write it; False if none is left."""
+        with self._lock:
+            if self.next_entry >= self.capacity:
+                return False
+            head = self.ENTRY.pack(self.tag, first, slot, count, data_crc,
+                                   0)[:self.ENTRY.size - 4]
+            self.backend.write(head + struct.pack("<I", zlib.crc32(head)),
+                               self._entry_offset(self.next_entry))
+            self.next_entry += 1
+            self.empty = False
+            return True
+
+    def store(self, first, data):
+        """Save data, whole blocks from block first, to slots of its own;
+        return (its first slot, the ticket to wait_durable() for), or
+        None if the save area is full."""
+        count = len(data) // self.block
+        slot = self._take_slots(count)
+        if slot is None:
+            return None
+        self.empty = False
         self.backend.write(data, self._slot_offset(slot))
-        self.backend.write(self.ENTRY.pack(slot + 1, zlib.crc32(data)),
-                           extent * self.ENTRY.size)
+        if not self._write_entry(first, slot, count, zlib.crc32(data)):
+            return None
         # Taken after the writes returned: a flush that begins after this
         # covers them.
-        return self._group.ticket()
+        return slot, self._group.ticket()
 
-    def _zero_crc_value(self):
-        if self._zero_crc is None:
-            self._zero_crc = zlib.crc32(bytes(self.granularity))
-        return self._zero_crc
+    def _zero_crc_value(self, count):
+        crc = self._zero_crc.get(count)
+        if crc is None:
+            crc = self._zero_crc[count] = zlib.crc32(
+                bytes(count * self.block))
+        return crc
 
-    def store_zero(self, extent):
-        """store() of an all-zero extent: its index entry alone; its slot
-        in slots is ZERO_SLOT."""
-        self.zeroed = False
-        self.backend.write(self.ENTRY.pack(self.ZERO_ENTRY,
-                                           self._zero_crc_value()),
-                           extent * self.ENTRY.size)
+    def store_zero(self, first, count):
+        """store() of count blocks of zeroes: their entry alone; their
+        slot in slots is ZERO_SLOT.  The ticket, or None if full."""
+        if not self._write_entry(first, self.ZERO_ENTRY, count,
+                                 self._zero_crc_value(count)):
+            return None
         return self._group.ticket()
 
     def wait_durable(self, ticket):
@@ -204,12 +430,27 @@ class SaveArea:
         failed flush."""
         self._group.wait(ticket)
 
-    def readinto(self, extent, view):
-        slot = self.slots[extent]
-        if slot == self.ZERO_SLOT:
-            view[:] = bytes(len(view))
-        else:
-            self.backend.readinto(view, self._slot_offset(slot))
+    def readinto(self, first, view, slots=None):
+        """Read saved blocks from block first into view (every block it
+        reaches in slots: block -> slot, self.slots by default; the last
+        may be read in part); consecutive slots in one read."""
+        slots = self.slots if slots is None else slots
+        view = memoryview(view).cast("B")
+        bs = self.block
+        n = (len(view) + bs - 1) // bs
+        k = 0
+        while k < n:
+            slot = slots[first + k]
+            run = 1
+            while k + run < n and slots[first + k + run] == (
+                    slot if slot == self.ZERO_SLOT else slot + run):
+                run += 1
+            part = view[k * bs:min((k + run) * bs, len(view))]
+            if slot == self.ZERO_SLOT:
+                part[:] = bytes(len(part))
+            else:
+                self.backend.readinto(part, self._slot_offset(slot))
+            k += run
 
     def used_bytes(self):
-        return len(self.slots) * self.granularity
+        return len(self.slots) * self.block

@@ -21,8 +21,9 @@ The mark lifecycle is the table TRANSITIONS.  Mark is atomic with respect
 to host writes: while MARKING, new writes wait while the writes in flight
 drain, then the maps are swapped.  While MARKED, a write to an extent set
 in the transfer map (to any extent, when the frozen image is exported)
-first copies the extent's old data to the save area (copy on first write,
-a target.copier run) and makes it durable (savearea.SaveArea, a group
+first copies the old data of the blocks it changes to the save area
+(copy on first write, a target.copier run; a block is 4 KiB, less than
+an extent: savearea.py) and makes it durable (savearea.SaveArea, a group
 commit shared with concurrent first writes): a write that could become
 durable before its old data is saved would lose the point in time.  The
 steps are apart (prepare_write notes and claims, copy_old_data copies,
@@ -33,12 +34,12 @@ flight until applied, and its claims keep other writes to its extents
 waiting until then.  The
 frozen image is saved data where present, else the Source.  A reader of
 the frozen image reads the Source and then checks, under the lock, whether
-the extent was saved meanwhile; if so it reads the saved copy instead: a
+a block was saved meanwhile; if so it reads the saved copy instead: a
 copy on first write always finishes before the write that triggered it
 starts.  A writer that knows a window of writes to come (a secondary's
 replay writer) saves them ahead (save_ahead): one flush of the save area
 and one of the activity map for the whole window, after which its writes
-find their extents saved and wait for neither.
+find their blocks saved and wait for neither.
 
 Unmark (by command, after a successful transfer, or when a copy on first
 write cannot be made: save area full, I/O error) merges the transfer map
@@ -61,7 +62,8 @@ import time
 from .. import copier, errors, maps
 from .destinations import INCONSISTENT, Destination
 from .layer import FrozenImageGone
-from .savearea import SaveArea, SaveAreaFull
+from .savearea import (SaveArea, SaveAreaFull, SaveAreaUnreadable,
+                       block_runs)
 from .tracking import TrackingMap
 from .transfer import TransferEngine
 
@@ -110,26 +112,27 @@ class UnknownSession(errors.Error):
 
 
 class _Change:
-    """A change of extents [e0, e1) between Session.prepare_write and
-    finish_write: its activity map ticket, the extents it claimed to save
-    (slots: [(extent, slot)]) and their saves (stored), whether extents
-    it must save were claimed by other writers (busy), and an error that
-    ends the mark (a full save area, a failed copy)."""
+    """A change of the save area's blocks [b0, b1) between
+    Session.prepare_write and finish_write: its activity map ticket, the
+    blocks it claimed to save (claimed) and their saves (stored: [(first
+    block, count, first slot, ticket)]), whether blocks it must save were
+    claimed by other writers (busy), and an error that ends the mark (a
+    full save area, a failed copy)."""
 
-    __slots__ = ("e0", "e1", "noted", "generation", "slots", "stored",
+    __slots__ = ("b0", "b1", "noted", "generation", "claimed", "stored",
                  "busy", "error")
 
-    def __init__(self, e0, e1, noted):
-        self.e0, self.e1, self.noted = e0, e1, noted
+    def __init__(self, b0, b1, noted):
+        self.b0, self.b1, self.noted = b0, b1, noted
         self.generation = None
-        self.slots = self.stored = ()
+        self.claimed = self.stored = ()
         self.busy = False
         self.error = None
 
     @property
     def waits(self):
         """finish_write has something to wait for."""
-        return bool(self.noted or self.slots or self.busy or self.error)
+        return bool(self.noted or self.claimed or self.busy or self.error)
 
 
 def _range_of(offset, length, granularity):
@@ -162,6 +165,7 @@ class Session:
                       for i, r in enumerate(dest_records)]
         self.transfer = bytearray(self.extents)
         self.save_area = SaveArea(save_backend, self.extents, granularity)
+        self.block = self.save_area.block
         self.save_area_size = save_area_size or save_backend.size
         self.state = MARKED if marked else UNMARKED
         self.export = export
@@ -225,7 +229,12 @@ class Session:
                                      .format(e, d.uri))
         if self.marked:
             self.recompute_transfer()
-            dropped = self.save_area.load()
+            try:
+                dropped = self.save_area.load()
+            except SaveAreaUnreadable as e:
+                self.problems.append(str(e))
+                self._abandon_mark(self.generation, str(e))
+                return self.problems
             if dropped:
                 log.info("session %s: %d save-area entries never became "
                          "durable; dropped", self.name, dropped)
@@ -266,15 +275,17 @@ class Session:
 
     # ------------------------------------------------------------ host writes
 
-    def _protected(self, e0, e1):
-        """Extents of [e0, e1) whose old data must be saved first."""
-        if self.export:
-            return [x for x in range(e0, min(e1, self.extents))
-                    if x not in self.save_area.slots]
-        if self.transfer.find(1, e0, e1) < 0:
+    def _protected(self, b0, b1):
+        """Blocks of [b0, b1) whose old data must be saved first."""
+        b1 = min(b1, self.save_area.blocks)
+        per = self.granularity // self.block
+        if not self.export and \
+                self.transfer.find(1, b0 // per, (b1 + per - 1) // per) < 0:
             return []
-        return [x for x in range(e0, min(e1, self.extents))
-                if self.transfer[x] and x not in self.save_area.slots]
+        missing = self.save_area.slots.missing(b0, b1)
+        if self.export or not missing:
+            return missing
+        return [b for b in missing if self.transfer[b // per]]
 
     def before_write(self, offset, length):
         """Track a change of [offset, offset+length); COFW if marked.  The
@@ -287,58 +298,56 @@ class Session:
         """The part of before_write that does no I/O but the tracking
         mark's write: the write is counted in flight (after_write undoes
         it, whatever happens), its tracking bits are noted and, while
-        marked, the extents it must save that no other writer is saving
+        marked, the blocks it must save that no other writer is saving
         are claimed.  Returns the _Change to give copy_old_data and then
         finish_write before the write may reach the Source (None: the
         session is closed).  The claims keep every other write to those
-        extents from the Source until finish_write: the old data may be
+        blocks from the Source until finish_write: the old data may be
         copied any time before."""
         e0, e1 = _range_of(offset, length, self.granularity)
+        b0, b1 = _range_of(offset, length, self.block)
         with self.cond:
             while self.state == MARKING:
                 self.cond.wait()
             self.writes_in_flight += 1
             if self.closed:
                 return None     # deleted while this write was on its way
-            change = _Change(e0, e1, self.tracking.note_write(e0, e1))
+            change = _Change(b0, b1, self.tracking.note_write(e0, e1))
             if self.marked:
-                self._claim(change, self._protected(e0, e1))
+                self._claim(change, self._protected(b0, b1))
         return change
 
     def finish_write(self, change):
         """The rest of before_write, after copy_old_data: change's saves
         and tracking marks are durable (its saves then part of the frozen
-        image), and so is the old data of the extents other writers were
+        image), and so is the old data of the blocks other writers were
         saving; a full save area or a failed save ends the mark."""
         if change is None:
             return
         self._settle(change)
         if change.busy:
-            self._wait_saved(change.e0, change.e1)
+            self._wait_saved(change.b0, change.b1)
 
     def _claim(self, change, need):
-        """Claim the extents of need no other writer is saving, with save
-        area slots (caller holds the lock); a shortage of slots is
-        change's error."""
-        free = [x for x in need if x not in self.saving]
+        """Claim the blocks of need no other writer is saving (caller
+        holds the lock)."""
+        free = [b for b in need if b not in self.saving]
         change.busy = len(free) < len(need)
         change.generation = self.generation
-        change.slots = self._take_slots(free)
-        if len(change.slots) < len(free):
-            change.error = SaveAreaFull(name=self.name,
-                                        slots=self.save_area.capacity,
-                                        granularity=self.granularity)
+        change.claimed = free
+        self.saving.update(free)
 
     def copy_old_data(self, change):
-        """Write the old data of change's claimed extents to the save
-        area (not yet durable); a failure is change's error."""
-        if change is None or not change.slots or change.error is not None \
+        """Write the old data of change's claimed blocks to the save
+        area (not yet durable); a failure (a full save area too) is
+        change's error."""
+        if change is None or not change.claimed or change.error is not None \
                 or change.generation != self.generation:
             return      # nothing to save, or the mark went meanwhile
         try:
-            change.stored = self._store_old_data(change.slots,
+            change.stored = self._store_old_data(change.claimed,
                                                  change.generation)
-        except OSError as e:
+        except (OSError, SaveAreaFull) as e:
             change.error = e
 
     def _settle(self, change):
@@ -357,40 +366,42 @@ class Session:
             # writers' saves, and is shared with their marks.
             self.tracking.wait_durable(change.noted)
         finally:
-            if change.slots:
+            if change.claimed:
                 with self.cond:
-                    self.saving.difference_update(x for x, _ in change.slots)
+                    self.saving.difference_update(change.claimed)
                     self.cond.notify_all()
 
-    def _wait_saved(self, e0, e1):
-        """Wait until every extent of [e0, e1) that must be saved is (or
+    def _wait_saved(self, b0, b1):
+        """Wait until every block of [b0, b1) that must be saved is (or
         the mark is gone), saving any no writer is saving."""
         while True:
             with self.cond:
                 if not self.marked:
                     return
-                need = self._protected(e0, e1)
+                need = self._protected(b0, b1)
                 if not need:
                     return
-                if any(x in self.saving for x in need):
+                if any(b in self.saving for b in need):
                     self.cond.wait()
                     continue
-                change = _Change(e0, e1, 0)
+                change = _Change(b0, b1, 0)
                 self._claim(change, need)
             self.copy_old_data(change)
             self._settle(change)
 
     def save_ahead(self, runs):
         """Copy on first write ahead of writes to come: the old data of
-        every extent of runs ([(offset, length)]) that a write would save
+        every block of runs ([(offset, length)]) that a write would save
         first is saved, and made durable with one flush of the save area
         and one of the activity map (with their tracking bits) for them
-        all, before returning.  The writes then find their extents saved;
-        whatever this did not save (an extent another writer is saving, a
+        all, before returning.  The writes then find their blocks saved;
+        whatever this did not save (a block another writer is saving, a
         mark that began meanwhile) their before_write still saves first,
         so no write depends on it.  Counted as a write in flight: a mark
         waits for it."""
         ranges = [_range_of(offset, length, self.granularity)
+                  for offset, length in runs]
+        blocks = [_range_of(offset, length, self.block)
                   for offset, length in runs]
         with self.cond:
             while self.state == MARKING:
@@ -406,61 +417,74 @@ class Session:
                 if self.marked:
                     # Those another writer is saving are left to it.
                     self._claim(change, sorted(
-                        {x for e0, e1 in ranges
-                         for x in self._protected(e0, e1)}))
+                        {b for b0, b1 in blocks
+                         for b in self._protected(b0, b1)}))
             self.copy_old_data(change)
             self._settle(change)
         finally:
             self.after_write()
 
-    def _take_slots(self, need):
-        """Allocate save area slots for the extents of need, as far as
-        there are slots, and claim the extents (caller holds the lock);
-        returns [(extent, slot)]."""
-        slots = []
-        for x in need:
-            slot = self.save_area.allocate()
-            if slot is None:
-                break
-            slots.append((x, slot))
-        self.saving.update(x for x, _ in slots)
-        return slots
-
-    def _store_old_data(self, slots, generation):
-        """Copy the extents of slots from the Source below to their save
-        area slots, not yet durable; returns [(extent, slot, ticket)] to
-        make durable (none if the mark went meanwhile)."""
-        g = self.granularity
-        slot_of = dict(slots)
+    def _store_old_data(self, blocks, generation):
+        """Copy the blocks of blocks (sorted) from the Source below to the
+        save area, not yet durable; returns [(first block, count, first
+        slot, ticket)] to make durable (none if the mark went meanwhile).
+        Raises SaveAreaFull."""
+        bs = self.block
         unmarked = threading.Event()
         stored = []
 
-        def store(view, offset, zero=False):
-            x = offset // g
-            if zero:
-                ticket = self.save_area.store_zero(x)
-                slot_of[x] = SaveArea.ZERO_SLOT
-            else:
-                # A slot holds a whole extent: the last one's tail is
-                # zeroes.
-                data = view if len(view) == g else bytes(view) + \
-                    bytes(g - len(view))
-                ticket = self.save_area.store(x, slot_of[x], data)
-            stored.append((x, slot_of[x], ticket))
+        def full():
+            return SaveAreaFull(name=self.name, blocks=self.save_area.capacity,
+                                block=bs)
+
+        def store(view, offset):
+            # A save holds whole blocks: the last one's tail is zeroes.
+            data = view if len(view) % bs == 0 else \
+                bytes(view) + bytes(bs - len(view) % bs)
+            got = self.save_area.store(offset // bs, data)
+            if got is None:
+                raise full()
+            stored.append((offset // bs, len(data) // bs) + got)
             if generation != self.generation:
                 unmarked.set()  # meanwhile: the save area was reset
 
-        def holes(offset, length):
-            # One extent per chunk, stored whole: a hole only if all of it
-            # is (the zero check catches zero data).
-            parts = self.inner.extents(offset, length)
-            return [(offset, length, all(hole for _, _, hole in parts))]
+        def zero(offset, length):
+            count = (length + bs - 1) // bs
+            ticket = self.save_area.store_zero(offset // bs, count)
+            if ticket is None:
+                raise full()
+            stored.append((offset // bs, count, SaveArea.ZERO_SLOT, ticket))
+            if generation != self.generation:
+                unmarked.set()
 
-        copier.Copier(self.inner.readinto, store,
-                      lambda offset, length: store(None, offset, zero=True),
-                      chunk=g, piece=g, cancel=unmarked,
+        def holes(offset, length):
+            # Whole blocks: a block is a hole only if all of it is (the
+            # zero check catches zero data).
+            parts = self.inner.extents(offset, length)
+            if len(parts) == 1:
+                return parts
+            data = bytearray((length + bs - 1) // bs)
+            for start, n, hole in parts:
+                if not hole:
+                    maps.set_range(data, (start - offset) // bs,
+                                   (start - offset + n + bs - 1) // bs)
+            out, pos = [], 0
+            for s, e in maps.runs(data):
+                if pos < s:
+                    out.append((pos, s, True))
+                out.append((s, e, False))
+                pos = e
+            if pos < len(data):
+                out.append((pos, len(data), True))
+            return [(offset + s * bs, min(e * bs, length) - s * bs, hole)
+                    for s, e, hole in out]
+
+        # A piece a chunk: one save (entry) each, its buffer in the cache.
+        copier.Copier(self.inner.readinto, store, zero,
+                      chunk=copier.WRITE_PIECE, cancel=unmarked,
                       extents=holes).copy(
-            [(x * g, min(g, self.size - x * g)) for x, _ in slots])
+            (b * bs, min(n * bs, self.size - b * bs))
+            for b, n in block_runs(blocks))
         return [] if unmarked.is_set() else stored
 
     def _make_durable(self, stored, generation):
@@ -468,17 +492,16 @@ class Session:
         all, shared with concurrent first writes) and only then part of
         the frozen image, before the host write that needs them
         proceeds."""
-        self.save_area.wait_durable(max(t for _, _, t in stored))
+        self.save_area.wait_durable(max(t for _, _, _, t in stored))
         # Only a durable save is part of the frozen image: a reader (or a
-        # second write to the extent, waiting in before_write) never sees
+        # second write to the block, waiting in before_write) never sees
         # one a crash could still take away.
         with self.cond:
             if generation != self.generation:
                 return
-            for x, slot, _ in stored:
-                self.save_area.slots[x] = slot
-            self.cofw_count += len(stored)
-
+            for first, count, slot, _ in stored:
+                self.save_area.slots.set_run(first, count, slot)
+            self.cofw_count += sum(count for _, count, _, _ in stored)
     def after_write(self):
         with self.cond:
             self.writes_in_flight -= 1
@@ -493,16 +516,20 @@ class Session:
 
     # ------------------------------------------------------------ frozen image
 
+    def _saved_in(self, b0, b1):
+        """The saved blocks of [b0, b1), sorted (caller holds the lock)."""
+        return self.save_area.slots.saved_in(b0, b1)
+
     def frozen_extents(self, offset, length):
         """Holes of the marked point in time: the Source's holes in
-        extents not saved.  An extent not saved is unchanged since the
-        mark (a write saves it first), and saves are never undone while
+        blocks not saved.  A block not saved is unchanged since the mark
+        (a write saves it first), and saves are never undone while
         marked, so the Source is asked first and the save area after."""
         parts = self.inner.extents(offset, length)
-        g = self.granularity
-        e0, e1 = _range_of(offset, length, g)
+        bs = self.block
+        b0, b1 = _range_of(offset, length, bs)
         with self.cond:
-            saved = {x for x in range(e0, e1) if x in self.save_area.slots}
+            saved = set(self._saved_in(b0, b1))
         if not saved:
             return parts
         out = []
@@ -512,37 +539,44 @@ class Session:
                 continue
             pos, end = start, start + n
             while pos < end:
-                x = pos // g
-                stop = min(end, (x + 1) * g)
-                out.append((pos, stop - pos, x not in saved))
+                b = pos // bs
+                stop = min(end, (b + 1) * bs)
+                out.append((pos, stop - pos, b not in saved))
                 pos = stop
         return out
 
     def read_frozen(self, buf, offset, generation=None):
         """Read the marked point in time (saved data, else the Source)."""
         view = memoryview(buf).cast("B")
-        g = self.granularity
-        e0, e1 = _range_of(offset, len(view), g)
+        bs = self.block
+        b0, b1 = _range_of(offset, len(view), bs)
         with self.cond:
             if not self.marked or (generation is not None and
                                    generation != self.generation):
                 raise FrozenImageGone(name=self.name)
             generation = self.generation
-            saved = [x for x in range(e0, e1) if x in self.save_area.slots]
-        if len(saved) < e1 - e0:
+            saved = self._saved_in(b0, b1)
+        if len(saved) < b1 - b0:
             self.inner.readinto(view, offset)
         with self.cond:
             if not self.marked or generation != self.generation:
                 raise FrozenImageGone(name=self.name)
-            saved = [(x, self.save_area.slots[x]) for x in range(e0, e1)
-                     if x in self.save_area.slots]
-        if saved:
-            tmp = bytearray(g)
-            for x, _ in saved:
-                self.save_area.readinto(x, tmp)
-                s = max(offset, x * g)
-                e = min(offset + len(view), (x + 1) * g)
-                view[s - offset:e - offset] = tmp[s - x * g:e - x * g]
+            saved = self._saved_in(b0, b1)
+            slot_of = {b: self.save_area.slots[b] for b in saved}
+        if not saved:
+            return
+        for first, count in block_runs(saved):
+            tmp = bytearray(count * bs)
+            self.save_area.readinto(first, tmp, slot_of)
+            s = max(offset, first * bs)
+            e = min(offset + len(view), (first + count) * bs)
+            view[s - offset:e - offset] = tmp[s - first * bs:e - first * bs]
+        with self.cond:
+            # Slots are reused by the next mark: an unmark meanwhile (a
+            # forced one, beside an export's reader) may have given these
+            # to other blocks.
+            if generation != self.generation:
+                raise FrozenImageGone(name=self.name)
 
     # ------------------------------------------------------------ mark
 
@@ -757,8 +791,9 @@ class Session:
                 else 0,
                 "cofw_count": self.cofw_count,
                 "save_area": {"size": self.save_area_size,
-                              "capacity_extents": self.save_area.capacity,
-                              "used_extents": len(self.save_area.slots),
+                              "block": self.block,
+                              "capacity_blocks": self.save_area.capacity,
+                              "used_blocks": len(self.save_area.slots),
                               "used_bytes": self.save_area.used_bytes()},
                 "transfer": engine.progress() if engine is not None else None,
                 "transferring": running,
@@ -798,8 +833,9 @@ class Session:
             transfer = bytes(self.transfer) if self.marked \
                 else bytes(self.extents)
             saved = bytearray(self.extents)
-            for extent in self.save_area.slots:
-                saved[extent] = 1
+            per = self.granularity // self.block
+            for b in self.save_area.slots:
+                saved[b // per] = 1
         code = maps.combine(changed, transfer, saved)
         names = {v: ",".join(k for i, k in enumerate(self.MAP_KINDS)
                              if v >> i & 1) or "clean" for v in range(8)}

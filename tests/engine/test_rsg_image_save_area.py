@@ -81,8 +81,8 @@ def test_a_second_replay_reuses_the_save_area_of_the_first(two_nodes,
 
     def first():
         s = b.t.sessions["consistent-v1"]
-        return len(s.save_area.slots), s.granularity
-    saved, g = _replay(a, b, monkeypatch, writes, hold=first)
+        return len(s.save_area.slots), s.block
+    saved, block = _replay(a, b, monkeypatch, writes, hold=first)
     assert saved == len(writes)
     assert "consistent-v1" not in b.t.sessions
     assert not os.path.exists(_save_path(b, "v1"))
@@ -103,13 +103,13 @@ def test_a_second_replay_reuses_the_save_area_of_the_first(two_nodes,
     image = _replay(a, b, monkeypatch, _spread("v1", SIZES[0], 2),
                     hold=lambda: _frozen(b, "v1"))
     [(ino, allocated)] = marked
-    assert allocated >= saved * g, (allocated, saved, g)
+    assert allocated >= saved * block, (allocated, saved, block)
     assert image == before
     # Kept between replays (the same file), with the blocks of the slots
     # the images used.
     assert not os.path.exists(_save_path(b, "v1"))
     st = os.stat(_kept_path(b, "v1"))
-    assert st.st_ino == ino and st.st_blocks * 512 >= saved * g
+    assert st.st_ino == ino and st.st_blocks * 512 >= saved * block
 
 
 def test_a_replay_broken_off_with_a_reused_save_area_rolls_back_to_its_point(

@@ -37,6 +37,8 @@ from target import backends, sessions
 from target import replication as R
 
 GRAN = 64 << 10
+# The save area's unit.
+BLOCK = min(sessions.savearea.BLOCK, GRAN)
 FRAMES = 128
 
 
@@ -107,7 +109,7 @@ def test_a_window_of_frames_shares_one_save_area_flush(pair, monkeypatch):
     monkeypatch.setattr(sessions.SessionLayer, "save_ahead", counted)
     frames = [(x * GRAN, os.urandom(GRAN)) for x in range(FRAMES)]
     image = _replay(p, frames, counting)
-    assert image.cofw_count == FRAMES
+    assert image.cofw_count == FRAMES * GRAN // image.block
     # Windows: the frames held when the bound is reached, at the RSYN, or
     # when the connection pauses (as at the start, while the sender gets
     # going); each is saved with one flush of the save area and of the
@@ -124,7 +126,7 @@ def test_a_window_of_frames_shares_one_save_area_flush(pair, monkeypatch):
 
 def check_order(p, monkeypatch, frames):
     """Replay frames; every replay write reaching the volume's file must
-    find each of its extents' saves durable: written before an fdatasync
+    find the saves of each of its blocks durable: written before an fdatasync
     of the save area that began after it and has completed.  Returns the
     image's session."""
     save_path = p.tb.state_dir.save_area("v", "consistent-v")
@@ -135,19 +137,24 @@ def check_order(p, monkeypatch, frames):
     # From the replay whose image is kept (not the link's first).
     checking = threading.Event()
 
-    def saved(store):
-        def wrapper(self, extent, *args):
-            ticket = store(self, extent, *args)
-            if self.backend.path == save_path:
-                with lock:
-                    state["written"] += 1
-                    stored[extent] = state["written"]
+    def saved(store, count):
+        """store recording its blocks (count(self, arg) of them from
+        first) with its number; under the lock, so that no
+        flush counts it before it is counted."""
+        def wrapper(self, first, arg):
+            if self.backend.path != save_path:
+                return store(self, first, arg)
+            with lock:
+                ticket = store(self, first, arg)
+                state["written"] += 1
+                for b in range(first, first + count(self, arg)):
+                    stored[b] = state["written"]
             return ticket
         return wrapper
-    monkeypatch.setattr(sessions.SaveArea, "store",
-                        saved(sessions.SaveArea.store))
-    monkeypatch.setattr(sessions.SaveArea, "store_zero",
-                        saved(sessions.SaveArea.store_zero))
+    monkeypatch.setattr(sessions.SaveArea, "store", saved(
+        sessions.SaveArea.store, lambda self, data: len(data) // self.block))
+    monkeypatch.setattr(sessions.SaveArea, "store_zero", saved(
+        sessions.SaveArea.store_zero, lambda self, count: count))
     real_sync = os.fdatasync
 
     def fdatasync(fd):
@@ -176,10 +183,11 @@ def check_order(p, monkeypatch, frames):
         if self is volume and checking.is_set():
             n = memoryview(buf).nbytes
             with lock:
-                for x in range(offset // GRAN, (offset + n - 1) // GRAN + 1):
-                    if stored.get(x, state["durable"] + 1) > \
+                for b in range(offset // BLOCK, (offset + n - 1) // BLOCK + 1):
+                    if stored.get(b, state["durable"] + 1) > \
                             state["durable"]:
-                        early.append(x)
+                        early.append(b * BLOCK // GRAN)
+                for x in range(offset // GRAN, (offset + n - 1) // GRAN + 1):
                     if x not in saved_ahead:
                         unsaved.append(x)
         return real_write(self, buf, offset)
@@ -202,7 +210,7 @@ def test_no_frame_reaches_the_volume_before_its_save_is_durable(pair):
     frames = [(x * GRAN, os.urandom(GRAN)) for x in order]
     with pytest.MonkeyPatch.context() as mp:
         image = check_order(p, mp, frames)
-    assert image.cofw_count == FRAMES
+    assert image.cofw_count == FRAMES * GRAN // image.block
     b = bytearray(FRAMES * GRAN)
     p.tb.lus["v"].backend.readinto(b, 0)
     assert all(b[off:off + GRAN] == data for off, data in frames)

@@ -42,7 +42,7 @@ from target import backends, errors, iostack, sessions
 
 from tests.support import powerloss, sessionfakes
 from tests.support.powerloss import SimSaveArea
-from tests.support.sessionfakes import FakeLU, frozen_image
+from tests.support.sessionfakes import FakeLU, frozen_image, one_lu_target
 
 GRAN = 4096
 EXTENTS = 64
@@ -364,13 +364,14 @@ def test_queued_writes_are_bounded(gated, monkeypatch):
 def check_power_cut(tmp_path, seed, keep, honour_flush=True):
     rng = random.Random(seed)
     lock = threading.Lock()
-    save = SimSaveArea(powerloss.SimFile(bytes(SAVE_SIZE)), lock,
-                       honour_flush)
+    save = SimSaveArea(powerloss.SimFile(bytes(SAVE_SIZE)), lock)
     source = sessionfakes.SaveCutSource(SIZE, GRAN, lock, save,
                                          rng.randrange(4, EXTENTS), rng,
                                          keep)
     source.data[:] = rng.randbytes(SIZE)
     stack, s = stacked_session(tmp_path, source, save)
+    # The twin ignores the saves' flushes, not the mark's.
+    save.honour_flush = honour_flush
     at_mark = bytes(source.data)
     order = list(range(EXTENTS))
     rng.shuffle(order)
@@ -465,11 +466,11 @@ def test_a_full_save_area_ends_the_mark_and_the_deferred_writes_apply(
 def check_every_write(tmp_path, seed, honour_flush=True):
     rng = random.Random(seed)
     lock = threading.Lock()
-    save = SimSaveArea(powerloss.SimFile(bytes(SAVE_SIZE)), lock,
-                       honour_flush)
+    save = SimSaveArea(powerloss.SimFile(bytes(SAVE_SIZE)), lock)
     source = sessionfakes.CheckedSource(SIZE, GRAN, lock, save)
     source.data[:] = rng.randbytes(SIZE)
     stack, s = stacked_session(tmp_path, source, save)
+    save.honour_flush = honour_flush
     source.at_mark = at_mark = bytes(source.data)
     for x in rng.sample(range(EXTENTS), EXTENTS):
         stack.top.write(rng.randbytes(1024), x * GRAN +
@@ -554,16 +555,6 @@ def test_an_unexpected_error_in_the_applier_hangs_no_flush(gated,
     assert s.writes_in_flight == 0 and not s.saving
 
 
-def one_lu_target(tmp_path):
-    """A Target (no server) of one LU "src"; (target, the LU's file)."""
-    from target import inventory
-    from target.target import Target
-    state = inventory.StateDir(str(tmp_path / "state"))
-    state.ensure()
-    record = inventory.create_lu(state, "src", size=SIZE)
-    return Target(state.path), record["file"]
-
-
 def gate_flushes(save_area):
     """Hold save_area's flushes until the returned event is set."""
     gate = threading.Event()
@@ -581,7 +572,7 @@ def test_prepare_stop_leaves_no_acknowledged_write_off_the_source(tmp_path):
     SIGKILLs nbdkit if a client stays connected: every write acknowledged
     by then must be on the Source (its page cache), and later writes not
     acknowledged before they are, as without sessions."""
-    t, path = one_lu_target(tmp_path)
+    t, path = one_lu_target(tmp_path, SIZE)
     gate = threading.Event()
     try:
         lu = t.lus["src"]
@@ -612,7 +603,7 @@ def test_a_rollback_right_after_the_hosts_left_puts_back_their_queued_writes(
     """`lu rollback` once the last host disconnected: a write it had
     acknowledged may still be queued (its save not yet in the protected
     image); the rollback must put that extent back too."""
-    t, path = one_lu_target(tmp_path)
+    t, path = one_lu_target(tmp_path, SIZE)
     gate = threading.Event()
     try:
         lu = t.lus["src"]

@@ -63,8 +63,7 @@ def check_power_cut(tmp_path, seed, keep, honour_flush=True, reused=False):
     them) when the power is cut."""
     rng = random.Random(seed)
     lock = threading.Lock()
-    save = SimSaveArea(powerloss.SimFile(bytes(SAVE_SIZE)), lock,
-                       honour_flush)
+    save = SimSaveArea(powerloss.SimFile(bytes(SAVE_SIZE)), lock)
     cut_at = rng.randrange(4, EXTENTS)
     source = sessionfakes.SaveCutSource(SIZE, GRAN, lock, save, None, rng,
                                          keep)
@@ -73,11 +72,13 @@ def check_power_cut(tmp_path, seed, keep, honour_flush=True, reused=False):
     if reused:
         s.mark(export=True)
         run_writers(lu, [list(range(EXTENTS))], GRAN)
-        assert s.save_area.next_slot == EXTENTS
+        assert s.save_area.next_slot >= EXTENTS
         s.unmark()
         source.landed.clear()
     source.cut_at = cut_at
     s.mark(export=True)
+    # The twin ignores the saves' flushes, not the mark's.
+    save.honour_flush = honour_flush
     at_mark = bytes(source.data)
     # Every thread writes every extent, in its own order: first writes to
     # one extent race with each other and with writes that follow them.
@@ -214,48 +215,45 @@ def test_a_save_read_back_after_a_kill_is_made_durable_before_it_is_trusted(
 
 
 class _CountingSave(backends.MemoryBackend):
-    """A save area that counts the zeroings of its whole index (writes of
-    index_bytes at 0) beside its flushes (MemoryBackend.flushes)."""
+    """A save area that counts the writes of its header (a new tag: a
+    reset) beside its flushes (MemoryBackend.flushes)."""
 
-    def __init__(self, size, index_bytes):
+    def __init__(self, size):
         super().__init__(size)
-        self.index_bytes = index_bytes
-        self.zeroings = 0
+        self.headers = 0
 
     def write(self, buf, offset):
-        if offset == 0 and memoryview(buf).nbytes == self.index_bytes:
-            self.zeroings += 1
+        if offset == 0:
+            self.headers += 1
         super().write(buf, offset)
 
 
-def test_a_mark_right_after_the_create_zeroes_the_index_once(tmp_path):
-    """The create zeroes the save area's index durably; a mark with no
-    save since (a secondary group's last consistent image is made so at
-    every replay) finds it zero and durable and writes nothing there.  An
-    unmark zeroes it beside writes whose saves may still land, so the
-    mark after an unmark zeroes it again, and the frozen image is the
-    mark's."""
+def test_a_mark_right_after_the_create_writes_the_header_once(tmp_path):
+    """The create writes the save area's header (a new tag) durably; a
+    mark with no save since (a secondary group's last consistent image is
+    made so at every replay) finds no entry of that tag and writes
+    nothing.  An unmark resets beside writes whose saves may still land
+    under the old tag, so the mark after an unmark writes a new tag
+    again, and the frozen image is the mark's."""
     source = backends.MemoryBackend(SIZE)
     source.data[:] = random.Random(2).randbytes(SIZE)
-    index_bytes = sessions.SaveArea(backends.MemoryBackend(SAVE_SIZE),
-                                    EXTENTS, GRAN).index_bytes
-    save = _CountingSave(SAVE_SIZE, index_bytes)
+    save = _CountingSave(SAVE_SIZE)
     lu, s = new_session(tmp_path, source, save)
-    assert (save.zeroings, save.flushes) == (1, 1)
+    assert (save.headers, save.flushes) == (1, 1)
     s.mark(export=True)
-    assert (save.zeroings, save.flushes) == (1, 1)
+    assert (save.headers, save.flushes) == (1, 1)
     at_mark = bytes(source.data)
     lu.backend.write(b"\x07" * GRAN, 0)
     assert save.flushes == 2        # the first write's save
     assert frozen_image(s) == at_mark
     s.unmark()
-    assert save.zeroings == 2
+    assert save.headers == 2
     s.mark(export=True)
-    assert save.zeroings == 3
+    assert save.headers == 3
     lu.backend.write(b"\x08" * GRAN, GRAN)
     s.unmark()
     s.mark(export=True)
-    assert save.zeroings == 5
+    assert save.headers == 5
     # Not the old data saved under the mark before.
     assert frozen_image(s) == bytes(source.data)
     s.close()
@@ -311,19 +309,20 @@ class _GatedSource(backends.MemoryBackend):
 
 class _SlowFlushSave(backends.MemoryBackend):
     """A save area whose next flush, once armed, lets a held writer go and
-    waits for its index entry to be written (a save landing while an
-    unmark's reset is flushing the zeroed index)."""
+    waits for its entry to be written (a save landing while an unmark's
+    reset is flushing the new tag).  entries: the entries' region
+    (start, end)."""
 
-    def __init__(self, size, index_bytes, source):
+    def __init__(self, size, entries, source):
         super().__init__(size)
-        self.index_bytes = index_bytes
+        self.entries = entries
         self.source = source
         self.armed = False
         self.entry_written = threading.Event()
 
     def write(self, buf, offset):
         super().write(buf, offset)
-        if offset < self.index_bytes and any(bytes(buf)):
+        if self.entries[0] <= offset < self.entries[1]:
             self.entry_written.set()
 
     def flush(self):
@@ -337,16 +336,18 @@ class _SlowFlushSave(backends.MemoryBackend):
 def test_a_save_landing_during_an_unmarks_reset_is_not_read_after_a_restart(
         tmp_path):
     """A first write whose save was claimed under a mark can store it
-    while the unmark's reset zeroes the index (_store_old_data allows for
-    it: the save area was reset meanwhile).  Its index entry is then on
-    disk after the reset: the next mark must zero the index again, or a
-    restart reads that entry as a save of the new mark and the frozen
-    image holds the old mark's data of the extent."""
+    while the unmark's reset writes a new tag (_store_old_data allows for
+    it: the save area was reset meanwhile).  Its entry is then on disk
+    after the reset: the next mark must not take it for one of its own
+    (the next mark writes a new tag again), or a restart reads that entry
+    as a save of the new mark and the frozen image holds the old mark's
+    data of the extent."""
     source = _GatedSource(SIZE)
     source.data[:] = random.Random(3).randbytes(SIZE)
-    index_bytes = sessions.SaveArea(backends.MemoryBackend(SAVE_SIZE),
-                                    EXTENTS, GRAN).index_bytes
-    save = _SlowFlushSave(SAVE_SIZE, index_bytes, source)
+    area = sessions.SaveArea(backends.MemoryBackend(SAVE_SIZE), EXTENTS,
+                             GRAN)
+    save = _SlowFlushSave(SAVE_SIZE, (area.HEADER_BYTES, area.HEADER_BYTES +
+                                      area.entries_bytes), source)
     lu, s = new_session(tmp_path, source, save)
     s.mark(export=True)
     lu.backend.write(b"\x05" * GRAN, GRAN)      # a save: the index is used

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 
+from target import sessions
 
 from tests.support.clonelib import GRANULARITY, KiB, MiB, read_range
 from tests.support.sessionlib import assert_same
@@ -241,31 +242,34 @@ def test_save_area_full_unmarks_and_loses_nothing(session_env, dests,
     dfile = _file(tmp_path / "dest.img", SIZE)
     dest = dests.qemu_nbd(dfile)
     extents = SIZE // GRANULARITY
-    index = (extents * 8 + 4095) // 4096 * 4096
-    env.create("s1", dest.uri,
-               extra=["--save-area", str(index + 2 * GRANULARITY)])
+    # The smallest save area: the blocks of one extent.
+    env.create("s1", dest.uri, extra=["--save-area", str(
+        sessions.SaveArea.minimum_size(extents, GRANULARITY))])
     st = env.sstatus()
-    assert st["save_area"]["capacity_extents"] == 2, st
+    blocks = st["save_area"]["capacity_blocks"]
+    assert blocks * st["save_area"]["block"] == GRANULARITY, st
 
     env.cli("session", "mark", "s1")
-    # Four 4 KiB writes into four extents still to send (a first transfer
-    # sends every extent): the third has no room for its old data.
+    # Writes of half an extent each into four extents still to send (a
+    # first transfer sends every extent): the third has no room for its
+    # old data.
     h = nbd_connect(env.server.socket, "src")
     written = {}
     for x in (3, 100, 200, 300):
-        data = os.urandom(4096)
-        h.pwrite(data, x * GRANULARITY + 8192)
+        data = os.urandom(GRANULARITY // 2)
+        h.pwrite(data, x * GRANULARITY)
         written[x] = data
     h.flush()
     for x, data in written.items():   # every host write succeeded
-        assert read_range(env.img("src"), x * GRANULARITY + 8192, 4096) == data
+        assert read_range(env.img("src"), x * GRANULARITY,
+                          len(data)) == data
     h.shutdown()
 
     st = env.sstatus()
     assert st["marked"] is False, st
     assert st["error"] and "save area" in st["error"], st
-    assert st["cofw_count"] == 2, st
-    assert st["save_area"]["used_extents"] == 0, st
+    assert st["cofw_count"] == blocks, st
+    assert st["save_area"]["used_blocks"] == 0, st
     assert st["tracked_extents"] == extents, st   # all back in tracking
     proc = env.cli("session", "status", "s1")
     assert "save area" in proc.stdout, proc.stdout
