@@ -164,9 +164,10 @@ def run(bench, args, size, workdir):
                          for name, s in samples.items()}
     finally:
         files.close()
-    out["saves"] = {(size, batch): statistics.median(
-        saves_per_second(workdir, size, batch) for _ in range(args.repeat))
-        for batch in SAVE_BATCHES for size in SAVE_SIZES}
+    # Keyed "SIZExBATCH": the report is JSON too.
+    out["saves"] = {"{}x{}".format(save, batch): statistics.median(
+        saves_per_second(workdir, save, batch) for _ in range(args.repeat))
+        for batch in SAVE_BATCHES for save in SAVE_SIZES}
     return out
 
 
@@ -193,11 +194,12 @@ def print_tables(res, args):
         print("| {} | {:.0f} | {:.2f} |".format(name, s * 1e6, s / base))
     print()
     print("| saves flushed together (one fdatasync a batch) | " +
-          " | ".join("{} KiB saves a second | MB/s".format(size >> 10)
-                     for size in SAVE_SIZES) + " |")
+          " | ".join("{} KiB saves a second | MB/s".format(save >> 10)
+                     for save in SAVE_SIZES) + " |")
     print("|---|" + "---|---|" * len(SAVE_SIZES))
     for batch in SAVE_BATCHES:
         print("| {} a batch | ".format(batch) + " | ".join(
-            "{:.0f} | {:.0f}".format(res["saves"][size, batch],
-                                     res["saves"][size, batch] * size / 1e6)
-            for size in SAVE_SIZES) + " |")
+            "{:.0f} | {:.0f}".format(
+                res["saves"]["{}x{}".format(save, batch)],
+                res["saves"]["{}x{}".format(save, batch)] * save / 1e6)
+            for save in SAVE_SIZES) + " |")

@@ -106,12 +106,15 @@ class SessionOrchestration:
         whole extents were saved has the default size of that layout (an
         index of 8 bytes an extent, then the extents), too small for this
         one's entries; it is grown (sparse: no space until used) to this
-        layout's default, which can never fill.  The record says so from
-        its next save."""
+        layout's default, which can never fill.  Only while unmarked: the
+        slots' place follows the file's size, so a save area holding
+        saves keeps its size (one of the former layout is unmarked at
+        load, and grown at the next).  The record says so from its next
+        save."""
         g = rec["granularity"]
         extents = maps.extent_count(lu.size, g)
-        if rec["save_area"] != (extents * 8 + 4095) // 4096 * 4096 + \
-                extents * g:
+        if rec["marked"] or rec["save_area"] != \
+                (extents * 8 + 4095) // 4096 * 4096 + extents * g:
             return rec["save_area"]
         size = sessions.SaveArea.size_for(extents, g)
         if os.path.getsize(save_path) < size:

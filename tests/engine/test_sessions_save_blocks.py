@@ -7,6 +7,7 @@ after the save area is read back from its backend."""
 import os
 import random
 import tempfile
+import threading
 
 import pytest
 
@@ -129,3 +130,60 @@ def test_a_session_of_the_former_default_size_is_grown_to_hold_every_block(
             os.path.getsize(path)
     finally:
         t.close()
+
+
+class _GatedSave(Spy):
+    """A save area whose reads, once `gate` is set, wait for `go`."""
+
+    def __init__(self, size):
+        super().__init__(size)
+        self.gate = False
+        self.reading = threading.Event()
+        self.go = threading.Event()
+
+    def readinto(self, buf, offset):
+        if self.gate:
+            self.gate = False
+            self.reading.set()
+            assert self.go.wait(10)
+        super().readinto(buf, offset)
+
+
+def test_a_frozen_read_overtaken_by_a_new_mark_fails(tmp_path):
+    """An export's reader reads a saved block from its slot while a
+    forced unmark, a new mark and a first write (which takes the same
+    slot for another block) overtake it: it fails (ESTALE), never
+    returning the other block's old data as its own."""
+    inner = backends.MemoryBackend(SIZE)
+    inner.write(random.Random(5).randbytes(SIZE), 0)
+    lu = FakeLU(sessions.SessionLayer(inner), SIZE)
+    save = _GatedSave(sessions.SaveArea.minimum_size(N, G) + SIZE)
+    s = sessions.Session("s", lu, G, str(tmp_path), save, [],
+                         persist=lambda record: None)
+    s.create()
+    lu.backend.add(s)
+    s.mark(export=True)
+    first = bytes(inner.data[:4 * KiB])
+    s.layer.write(os.urandom(4 * KiB), 0)       # block 0 saved in slot 0
+    out = []
+
+    def read():
+        buf = bytearray(4 * KiB)
+        try:
+            s.read_frozen(buf, 0)
+            out.append(bytes(buf))
+        except sessions.FrozenImageGone as e:
+            out.append(e)
+    save.gate = True
+    reader = threading.Thread(target=read)
+    reader.start()
+    assert save.reading.wait(10)
+    s.unmark(force=True)
+    s.mark(export=True)
+    s.layer.write(os.urandom(4 * KiB), 2 * G)   # slot 0: another block
+    save.go.set()
+    reader.join(10)
+    assert out and (out[0] == first or
+                    isinstance(out[0], sessions.FrozenImageGone)), \
+        "a frozen read returned another block's saved data"
+    assert isinstance(out[0], sessions.FrozenImageGone), out
