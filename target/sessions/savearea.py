@@ -96,11 +96,9 @@ class SavedBlocks:
     _NONE = -2
     _EMPTY = array.array("q", [_NONE]) * CHUNK
 
-    def __init__(self, items=()):
+    def __init__(self):
         self._chunks = {}
         self._count = 0
-        for b, slot in dict(items).items():
-            self[b] = slot
 
     def __len__(self):
         return self._count
@@ -189,7 +187,7 @@ class SavedBlocks:
         return dict(self.items()) == dict(other.items())
 
     def __repr__(self):
-        return "SavedBlocks({!r})".format(dict(self.items()))
+        return "<SavedBlocks {!r}>".format(dict(self.items()))
 
 
 class SaveAreaFull(errors.Error):

@@ -425,8 +425,8 @@ class Session:
             self.after_write()
 
     def _store_old_data(self, blocks, generation):
-        """Copy the blocks of blocks (sorted) from the Source below to the
-        save area, not yet durable; returns [(first block, count, first
+        """Copy the old data of blocks (block numbers, sorted) from the
+        Source below to the save area, not yet durable; returns [(first block, count, first
         slot, ticket)] to make durable (none if the mark went meanwhile).
         Raises SaveAreaFull."""
         bs = self.block
@@ -502,6 +502,7 @@ class Session:
             for first, count, slot, _ in stored:
                 self.save_area.slots.set_run(first, count, slot)
             self.cofw_count += sum(count for _, count, _, _ in stored)
+
     def after_write(self):
         with self.cond:
             self.writes_in_flight -= 1
