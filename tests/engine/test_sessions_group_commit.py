@@ -28,6 +28,7 @@ from target import backends, changemap, sessions
 from tests.support import powerloss, sessionfakes
 from tests.support.powerloss import SimSaveArea
 from tests.support.sessionfakes import frozen_image, run_writers
+from tests.support.spybackend import GatedReads
 
 GRAN = 4096
 EXTENTS = 64
@@ -289,24 +290,6 @@ def test_a_mark_right_after_the_create_leaves_the_tracking_map_made(
     s2.close()
 
 
-class _GatedSource(backends.MemoryBackend):
-    """A Source whose reads wait for `go` once `gate` is set (a copy on
-    first write held before its save)."""
-
-    def __init__(self, size):
-        super().__init__(size)
-        self.gate = False
-        self.reading = threading.Event()
-        self.go = threading.Event()
-
-    def readinto(self, buf, offset):
-        if self.gate:
-            self.gate = False
-            self.reading.set()
-            assert self.go.wait(10)
-        super().readinto(buf, offset)
-
-
 class _SlowFlushSave(backends.MemoryBackend):
     """A save area whose next flush, once armed, lets a held writer go and
     waits for its entry to be written (a save landing while an unmark's
@@ -342,7 +325,7 @@ def test_a_save_landing_during_an_unmarks_reset_is_not_read_after_a_restart(
     (the next mark writes a new tag again), or a restart reads that entry
     as a save of the new mark and the frozen image holds the old mark's
     data of the extent."""
-    source = _GatedSource(SIZE)
+    source = GatedReads(SIZE)
     source.data[:] = random.Random(3).randbytes(SIZE)
     area = sessions.SaveArea(backends.MemoryBackend(SAVE_SIZE), EXTENTS,
                              GRAN)

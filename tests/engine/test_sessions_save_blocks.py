@@ -15,7 +15,7 @@ from target import backends, inventory, sessions
 from target.target import Target
 
 from tests.support.sessionfakes import FakeLU, frozen_image, one_lu_target
-from tests.support.spybackend import Spy
+from tests.support.spybackend import GatedReads, Spy
 
 KiB = 1024
 G = 64 * KiB
@@ -132,23 +132,6 @@ def test_a_session_of_the_former_default_size_is_grown_to_hold_every_block(
         t.close()
 
 
-class _GatedSave(Spy):
-    """A save area whose reads, once `gate` is set, wait for `go`."""
-
-    def __init__(self, size):
-        super().__init__(size)
-        self.gate = False
-        self.reading = threading.Event()
-        self.go = threading.Event()
-
-    def readinto(self, buf, offset):
-        if self.gate:
-            self.gate = False
-            self.reading.set()
-            assert self.go.wait(10)
-        super().readinto(buf, offset)
-
-
 def test_a_frozen_read_overtaken_by_a_new_mark_fails(tmp_path):
     """An export's reader reads a saved block from its slot while a
     forced unmark, a new mark and a first write (which takes the same
@@ -157,7 +140,7 @@ def test_a_frozen_read_overtaken_by_a_new_mark_fails(tmp_path):
     inner = backends.MemoryBackend(SIZE)
     inner.write(random.Random(5).randbytes(SIZE), 0)
     lu = FakeLU(sessions.SessionLayer(inner), SIZE)
-    save = _GatedSave(sessions.SaveArea.minimum_size(N, G) + SIZE)
+    save = GatedReads(sessions.SaveArea.minimum_size(N, G) + SIZE)
     s = sessions.Session("s", lu, G, str(tmp_path), save, [],
                          persist=lambda record: None)
     s.create()

@@ -1,6 +1,9 @@
 """Spy: a memory backend that records its reads, writes and zeroes as
 ("read" | "write" | "zero", offset, length), for tests that check what a
-copy did, not only what it left."""
+copy did, not only what it left; GatedReads: one that holds a read, for
+tests that race something against it."""
+
+import threading
 
 from target import backends
 
@@ -22,3 +25,22 @@ class Spy(backends.MemoryBackend):
     def zero(self, offset, length, may_trim=False, fast=False):
         self.ops.append(("zero", offset, length))
         super().zero(offset, length, may_trim, fast)
+
+
+class GatedReads(Spy):
+    """Once `gate` is set, the next read sets `reading` and waits for
+    `go` (a copy on first write held before its save, a frozen read held
+    on a slot)."""
+
+    def __init__(self, size):
+        super().__init__(size)
+        self.gate = False
+        self.reading = threading.Event()
+        self.go = threading.Event()
+
+    def readinto(self, buf, offset):
+        if self.gate:
+            self.gate = False
+            self.reading.set()
+            assert self.go.wait(10)
+        super().readinto(buf, offset)
