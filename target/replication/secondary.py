@@ -1159,11 +1159,20 @@ class SecondaryGroup:
 
     def release_images(self):
         """Release the last consistent image this group kept (a replay
-        completed: the node is consistent again)."""
+        completed: the node is consistent again).  Done only once the
+        record says so: if it cannot be saved, the node stays protected
+        (as its record still says), so the release is tried again (a
+        second release of the images is a no-op)."""
         self.release(self.volumes)
+        point = self.image_point
         self.protected = False
         self.image_point = None
-        self.persist()
+        try:
+            self.persist()
+        except BaseException:
+            self.protected = True
+            self.image_point = point
+            raise
 
     def release_done_images(self):
         """A consistent node keeps no last consistent image (every update

@@ -546,6 +546,35 @@ def test_a_release_that_fails_at_a_replays_end_is_done_again(two_nodes,
         == (True, False, []), b.rsg.status()
 
 
+def test_a_release_whose_record_fails_is_recorded_again(two_nodes,
+                                                         monkeypatch):
+    """The images are released at a replay's end but the record saying so
+    cannot be saved once: the release counts as done only once recorded,
+    so it is tried again as the primary replicates on, and the error it
+    reported goes with it."""
+    a, b = two_nodes
+    break_a_replay(a, b, monkeypatch)
+    persist = R.SecondaryGroup.persist
+    failed = []
+
+    def once(self):
+        if not failed and not self.protected and self.consistent:
+            failed.append(True)
+            raise OSError(errno.EIO, "injected")
+        persist(self)
+    monkeypatch.setattr(R.SecondaryGroup, "persist", once)
+    a.t.rsg_attach("g", b.addr)
+    converge(a, b)
+    wait_for(lambda: failed, 20, "the release's record", b.rsg.status)
+    a.t.lus["v1"].write(b"\x06" * 4096, 0)
+    converge(a, b)
+    wait_for(lambda: b.rsg.status().get("error") is None, 5,
+             "the release recorded", b.rsg.status)
+    record = b.rsg.files.load()
+    assert (b.rsg.protected, record["protected"], record["image_point"]) \
+        == (False, False, None), b.rsg.status()
+
+
 def test_a_local_change_beside_a_connected_primary_is_refused_at_once(
         two_nodes, monkeypatch):
     """Right after a replay ended, with the primary connected and silent
