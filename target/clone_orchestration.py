@@ -275,22 +275,24 @@ class CloneOrchestration:
         # Refused before the links of a replicated Source replay its
         # regions (a refusal changes nothing, on the secondaries too).
         group.check_reverse_sync(clone)
+        # The regions are read where nothing else changes the Source (a
+        # secondary's primary's batches set delta bits too).
         self.target.rsg_ops.run_volume_change(
-            group.source, bytearray(c.delta), group.granularity,
-            "a reverse sync", lambda: group.start_reverse_sync(
+            group.source, lambda: bytearray(c.delta), group.granularity,
+            "a reverse sync", lambda regions: group.start_reverse_sync(
                 clone, rate=_rate(rate), run=False))
         return group.clone_status(c)
 
     def clone_restore(self, clone, full=False, rate=None):
         group, c = self._working_clone(clone, "restore")
         group.check_restore(clone)
-        regions = bytearray(b"\x01" * len(c.delta)) if full \
-            else bytearray(c.delta)
         self.target.rsg_ops.run_volume_change(
-            group.source, regions, group.granularity, "a protected restore",
-            lambda: group.start_restore(clone, full=bool(full),
-                                        rate=_rate(rate), run=False,
-                                        regions=regions))
+            group.source, lambda: bytearray(b"\x01" * len(c.delta)) if full
+            else bytearray(c.delta), group.granularity,
+            "a protected restore",
+            lambda regions: group.start_restore(
+                clone, full=bool(full), rate=_rate(rate), run=False,
+                regions=regions))
         return group.clone_status(c)
 
     def clone_verify(self, clone, rate=None, stop=False):

@@ -669,16 +669,18 @@ class RsgOrchestration:
             raise
 
     def run_volume_change(self, lu, regions, granularity, what, start):
-        """Start an engine that changes lu without host writes (start()
-        returns it, not running yet) inside volume_change, then run it:
+        """Start an engine that changes lu without host writes
+        (start(regions) returns it, not running yet; regions as
+        volume_change gives them) inside volume_change, then run it:
         the links replay (or log) its regions, or the secondary records
         what changes, before the operation changes what hosts see (a copy
         streamed as an ordinary update would show the secondary a
         half-restored image as consistent)."""
         engine = None
         try:
-            with self.volume_change(lu, regions, granularity, what):
-                engine = start()
+            with self.volume_change(lu, regions, granularity,
+                                    what) as changed:
+                engine = start(changed)
         finally:
             # Recorded as running: it runs (and resumes after a restart)
             # even if the links' record could not be saved.
@@ -689,7 +691,11 @@ class RsgOrchestration:
     def volume_change(self, lu, regions, granularity, what):
         """Around the start of an operation that changes lu without host
         writes (restore, reverse sync, rollback), regions (one byte per
-        extent of granularity) being what it may change.  On a primary the
+        extent of granularity) being what it may change; yields them.
+        regions may be a function giving them, called once nothing else
+        may change lu (on a secondary: inside the guard below), for an
+        operation whose regions come from a state a primary's batches also
+        change (a rollback's image).  On a primary the
         links replay those regions, reading what hosts read (the links
         that stream begin at once, without leaving the stream), from the
         moment it has started (a refused one costs a copy of unchanged
@@ -697,25 +703,29 @@ class RsgOrchestration:
         is connected, no primary is accepted while it starts, and the
         regions are saved as diverged before anything changes (the primary
         copies exactly them back at the next contact)."""
+        def given():
+            return regions() if callable(regions) else regions
         rsg = lu.rsg
         if rsg is None:
-            yield
+            yield given()
             return
         vol = rsg.volumes.index(lu)
         if rsg.role == replication.PRIMARY:
-            begun = rsg.begin_volume_change(vol, regions, granularity, what)
+            changed = given()
+            begun = rsg.begin_volume_change(vol, changed, granularity, what)
             try:
-                yield
+                yield changed
             finally:
                 rsg.end_volume_change(begun)
             return
         with rsg.local_change("{} of {}".format(what, lu.name)):
+            changed = given()
             runs = []
-            for s_, e_ in maps.runs(regions):
+            for s_, e_ in maps.runs(changed):
                 off = s_ * granularity
                 runs.append([vol, off, min(e_ * granularity, lu.size) - off])
             rsg.record_local_change(runs)
-            yield
+            yield changed
 
     @staticmethod
     def check_point_in_time(lu):

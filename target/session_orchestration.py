@@ -776,18 +776,32 @@ class SessionOrchestration:
                 name=lu, reason="{} connection(s) use it (NBD hosts or the "
                 "iSCSI gateway); stop the hosts first, so no write lands "
                 "during or after the rollback".format(users))
-        layer = source.stack.get("sessions")
-        if layer is not None:
-            # The hosts are gone, but writes they were told are done may
-            # still be queued (their saves not yet in the image): applied
-            # first, so that the extents to put back include theirs.
-            layer.drain()
         g, bs = session.granularity, session.block
-        with session.cond:
-            saved = sorted(session.save_area.slots)
-        regions = bytearray(session.extents)
-        for b in saved:
-            regions[b * bs // g] = 1
+        saved = []
+
+        def regions():
+            # Read where nothing else changes the LU (volume_change): on a
+            # secondary, a primary's batch saves into the image what it
+            # overwrites, and one that came and went before would
+            # otherwise be left out; its replay may also have ended,
+            # leaving the group at a later point than the image's.
+            if session not in (self._image(lu), self.consistent_image(lu)):
+                raise RollbackRefused(name=lu, reason="{} is no longer kept "
+                                      "(its group's replay completed)".format(
+                                          session.export_name()))
+            layer = source.stack.get("sessions")
+            if layer is not None:
+                # The hosts are gone, but writes they were told are done
+                # may still be queued (their saves not yet in the image):
+                # applied first, so that the extents to put back include
+                # theirs.
+                layer.drain()
+            with session.cond:
+                saved.extend(sorted(session.save_area.slots))
+            changed = bytearray(session.extents)
+            for b in saved:
+                changed[b * bs // g] = 1
+            return changed
 
         # Below a secondary's guard (rolling a secondary back to its last
         # consistent image is what its promotion asks for), through every
@@ -805,7 +819,7 @@ class SessionOrchestration:
                                                             view),
             write, zero)
         with self.target.rsg_ops.volume_change(source, regions, g,
-                                               "a rollback"):
+                                               "a rollback") as changed:
             rollback.copy((b * bs, min((b + n) * bs, source.size) - b * bs)
                           for b, n in sessions.block_runs(saved))
             source.stack.below("guard").flush()
@@ -817,7 +831,7 @@ class SessionOrchestration:
                 # goes (a crash in between leaves the image to roll back
                 # to again).
                 source.rsg.volume_rolled_back(source)
-        restored = regions.count(1)
+        restored = changed.count(1)
         export = session.export_name()
         log.info("LU %s rolled back to %s (%d extents)", lu, export, restored)
         return restored, export

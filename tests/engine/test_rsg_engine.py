@@ -1273,6 +1273,51 @@ def test_secondary_rollback_refused_while_a_primary_replicates(
     c.check_final()
 
 
+@pytest.mark.parametrize("operation", ["restore", "reverse-sync"])
+def test_secondary_records_what_a_primary_changed_before_a_restore_began(
+        cluster_factory, monkeypatch, operation):
+    """A primary came, wrote an extent the restore had not counted yet
+    (its clone's delta bit set by that batch), and went again, after the
+    restore read its regions but before it kept primaries away: the
+    regions the secondary records as its own changes must include that
+    extent, which the restore also changes, or the primary never copies
+    it back and the two nodes differ there for good."""
+    c = cluster_factory()
+    c.write(0, 0, b"\x01" * SIZES[0])
+    c.wait_converged()
+    c.ta.rsg_detach("g", c.addr)
+    wait_for(lambda: c.sg.connected_since is None, what="primary gone")
+    synced_clone(c.tb, VOLS[0], "snap")
+    c.tb.clone_fracture("snap")
+    half = SIZES[0] // 2
+
+    def primary_came_and_went(offset, data):
+        c.ta.rsg_attach("g", c.addr)
+        c.write(0, offset, data)
+        c.wait_converged()
+        c.ta.rsg_detach("g", c.addr)
+        wait_for(lambda: c.sg.connected_since is None, what="primary gone")
+    primary_came_and_went(0, b"\x02" * half)
+    volume_change = c.tb.rsg_ops.volume_change
+
+    def after_a_batch(*args, **kwargs):
+        primary_came_and_went(half, b"\x04" * GRAN)
+        return volume_change(*args, **kwargs)
+    monkeypatch.setattr(c.tb.rsg_ops, "volume_change", after_a_batch)
+    if operation == "restore":
+        c.tb.clone_restore("snap")
+    else:
+        c.tb.clone_reverse_sync("snap")
+    monkeypatch.setattr(c.tb.rsg_ops, "volume_change", volume_change)
+    wait_for(lambda: not c.tb.clone_status("snap")["operation"]["running"],
+             30, "the " + operation, lambda: c.tb.clone_status("snap"))
+    # The secondary's volume shows the clone's data everywhere ...
+    assert read_image(c.tb, VOLS[0]) == clone_image(c.tb, "snap")
+    # ... and the primary copies back every region that changed.
+    c.ta.rsg_attach("g", c.addr)
+    c.check_final()
+
+
 def test_secondary_records_a_restore_before_it_changes_anything(
         cluster_factory, monkeypatch):
     """The regions a restore on a detached secondary changes are saved in

@@ -546,6 +546,55 @@ def test_a_release_that_fails_at_a_replays_end_is_done_again(two_nodes,
         == (True, False, []), b.rsg.status()
 
 
+def test_a_rollback_puts_back_what_a_primary_changed_before_it_began(
+        two_nodes, monkeypatch):
+    """A primary's batch lands on the secondary's volume (saving its old
+    data into the last consistent image) after the rollback looked at the
+    image but before the rollback kept primaries away: the rollback must
+    put that block back too, or the volume is not at the group's point
+    although the group says it is."""
+    a, b = two_nodes
+    break_a_replay(a, b, monkeypatch)
+    lu = b.t.lus["v1"]
+    before = b.read_below_guard(0)[64 << 10:68 << 10]
+    volume_change = b.t.rsg_ops.volume_change
+
+    def after_a_batch(*args, **kwargs):
+        # What a primary's session that came and went just now wrote.
+        lu.stack.below("guard").write(b"\x07" * 4096, 64 << 10)
+        return volume_change(*args, **kwargs)
+    monkeypatch.setattr(b.t.rsg_ops, "volume_change", after_a_batch)
+    b.t.image_rollback("v1")
+    with b.rsg.lock:
+        got = b.read_below_guard(0)
+    assert (got[:4096], got[64 << 10:68 << 10]) == (b"\x02" * 4096, before)
+
+
+def test_a_rollback_is_refused_when_a_replay_completed_before_it_began(
+        two_nodes, monkeypatch):
+    """The primary came back and its replay completed after the rollback
+    looked at the image but before it kept primaries away: the group is
+    consistent at a later point than the image, so rolling one volume
+    back would leave it older than the others with nothing saying so."""
+    a, b = two_nodes
+    break_a_replay(a, b, monkeypatch)
+    volume_change = b.t.rsg_ops.volume_change
+
+    def after_a_replay(*args, **kwargs):
+        a.t.rsg_attach("g", b.addr)
+        converge(a, b)
+        a.t.rsg_detach("g", b.addr)
+        wait_for(lambda: b.rsg.connected_since is None)
+        return volume_change(*args, **kwargs)
+    monkeypatch.setattr(b.t.rsg_ops, "volume_change", after_a_replay)
+    with pytest.raises(errors.Error, match="no longer kept"):
+        b.t.image_rollback("v1")
+    assert b.rsg.consistent, b.rsg.status()
+    with b.rsg.lock:
+        got = [b.read_below_guard(v)[:4096] for v in range(len(VOLS))]
+    assert got == [b"\x03" * 4096] * 2
+
+
 def test_a_release_whose_record_fails_is_recorded_again(two_nodes,
                                                          monkeypatch):
     """The images are released at a replay's end but the record saying so
