@@ -642,16 +642,17 @@ class SessionOrchestration:
 
     def consistent_image(self, lu):
         """The session holding the last consistent image a secondary keeps
-        of lu (LU@consistent-LU), or None.  None too while lu's group is
-        consistent or no secondary: an image a failed release left there
-        is of an older point (the next replay or a start releases it)."""
+        of lu (LU@consistent-LU), or None.  None too while it is not the
+        group's last consistent point (SecondaryGroup.point_kept) or lu
+        is no secondary's: an image a failed release left there is of an
+        older point (the next replay or a start releases it)."""
         session = self.target.consistent_images.get(lu)
         if session is None or not session.marked or \
                 self.target.sessions.get(session.name) is not session:
             return None
         rsg = session.source.rsg
         if rsg is not None and (rsg.role != replication.SECONDARY or
-                                rsg.consistent):
+                                not rsg.point_kept()):
             return None
         return session
 

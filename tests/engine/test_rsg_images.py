@@ -595,6 +595,39 @@ def test_a_rollback_is_refused_when_a_replay_completed_before_it_began(
     assert got == [b"\x03" * 4096] * 2
 
 
+def test_an_image_a_completed_replay_made_obsolete_is_never_rolled_back_to(
+        two_nodes, monkeypatch):
+    """A replay completed but the release of the image it kept failed,
+    then an update's apply failed: the node is inconsistent again with
+    images of a point older than what it applied since.  Rolling back to
+    them (and reapplying the staged update at the next start) would claim
+    a state the primary never had; they are no longer offered."""
+    a, b = two_nodes
+    break_a_replay(a, b, monkeypatch)
+
+    def fails(self):
+        raise OSError(errno.EIO, "release injected")
+    monkeypatch.setattr(R.SecondaryGroup, "release_images", fails)
+    a.t.rsg_attach("g", b.addr)
+    converge(a, b)
+    assert b.rsg.protected and b.rsg.consistent, b.rsg.status()
+    apply_entries = R.SecondaryGroup._apply_entries
+
+    def apply_fails(self, entries):
+        raise OSError(errno.EIO, "apply injected")
+    monkeypatch.setattr(R.SecondaryGroup, "_apply_entries", apply_fails)
+    a.t.lus["v1"].write(b"\x05" * 4096, 0)
+    wait_for(lambda: not b.rsg.consistent, 10, "the apply's failure",
+             b.rsg.status)
+    a.t.rsg_detach("g", b.addr)
+    wait_for(lambda: b.rsg.connected_since is None)
+    monkeypatch.setattr(R.SecondaryGroup, "_apply_entries", apply_entries)
+    for vol in VOLS:
+        with pytest.raises(errors.InvalidArgument, match="no last consistent"):
+            b.t.image_rollback(vol, image="consistent")
+    assert b.rsg.status()["images"] == [], b.rsg.status()
+
+
 def test_a_release_whose_record_fails_is_recorded_again(two_nodes,
                                                          monkeypatch):
     """The images are released at a replay's end but the record saying so
