@@ -103,10 +103,10 @@ class SessionOrchestration:
     @staticmethod
     def _grown_save_area(lu, rec, save_path):
         """The size of the save area of record rec: a session made when
-        whole extents were saved has the default size of that layout (an
-        index of 8 bytes an extent, then the extents), too small for this
-        one's entries; it is grown (sparse: no space until used) to this
-        layout's default, which can never fill.  Only while unmarked: the
+        whole extents were saved has the default size of that layout
+        (SaveArea.former_default_size), too small for this one's entries;
+        it is grown (sparse: no space until used) to this layout's
+        default, which can never fill.  Only while unmarked: the
         slots' place follows the file's size, so a save area holding
         saves keeps its size (one of the former layout is unmarked at
         load, and grown at the next).  The record says so from its next
@@ -114,7 +114,7 @@ class SessionOrchestration:
         g = rec["granularity"]
         extents = maps.extent_count(lu.size, g)
         if rec["marked"] or rec["save_area"] != \
-                (extents * 8 + 4095) // 4096 * 4096 + extents * g:
+                sessions.SaveArea.former_default_size(extents, g):
             return rec["save_area"]
         size = sessions.SaveArea.size_for(extents, g)
         if os.path.getsize(save_path) < size:
@@ -798,11 +798,9 @@ class SessionOrchestration:
                 # theirs.
                 layer.drain()
             with session.cond:
-                saved.extend(sorted(session.save_area.slots))
-            changed = bytearray(session.extents)
-            for b in saved:
-                changed[b * bs // g] = 1
-            return changed
+                slots = session.save_area.slots
+                saved[:] = slots
+                return slots.groups(g // bs, session.extents)
 
         # Below a secondary's guard (rolling a secondary back to its last
         # consistent image is what its promotion asks for), through every
