@@ -959,10 +959,21 @@ def hold_engines(monkeypatch):
     return release
 
 
-def detached_secondary_with_snapshot(cluster_factory):
+def primary_came_and_went(c, offset, data):
+    """The primary comes back, writes data at offset of v1, and is
+    detached again once the secondary has it."""
+    c.ta.rsg_attach("g", c.addr)
+    c.write(0, offset, data)
+    c.wait_converged()
+    c.ta.rsg_detach("g", c.addr)
+    wait_for(lambda: c.sg.connected_since is None, what="primary gone")
+
+
+def detached_secondary_with_snapshot(cluster_factory, rewritten=SIZES[0]):
     """A cluster whose secondary has a fractured clone "snap" of v1 taken
-    while detached, v1 rewritten by the primary since, and the link
-    detached again (the secondary may change its volume on its own)."""
+    while detached, v1's first `rewritten` bytes rewritten by the primary
+    since, and the link detached again (the secondary may change its
+    volume on its own)."""
     c = cluster_factory()
     c.write(0, 0, b"\x01" * SIZES[0])
     c.wait_converged()
@@ -970,12 +981,7 @@ def detached_secondary_with_snapshot(cluster_factory):
     wait_for(lambda: c.sg.connected_since is None, what="primary gone")
     synced_clone(c.tb, VOLS[0], "snap")
     c.tb.clone_fracture("snap")
-    c.ta.rsg_attach("g", c.addr)        # the primary comes back ...
-    c.wait_converged()
-    c.write(0, 0, b"\x02" * SIZES[0])  # ... and writes
-    c.wait_converged()
-    c.ta.rsg_detach("g", c.addr)
-    wait_for(lambda: c.sg.connected_since is None, what="primary gone")
+    primary_came_and_went(c, 0, b"\x02" * rewritten)
     return c
 
 
@@ -1282,26 +1288,12 @@ def test_secondary_records_what_a_primary_changed_before_a_restore_began(
     regions the secondary records as its own changes must include that
     extent, which the restore also changes, or the primary never copies
     it back and the two nodes differ there for good."""
-    c = cluster_factory()
-    c.write(0, 0, b"\x01" * SIZES[0])
-    c.wait_converged()
-    c.ta.rsg_detach("g", c.addr)
-    wait_for(lambda: c.sg.connected_since is None, what="primary gone")
-    synced_clone(c.tb, VOLS[0], "snap")
-    c.tb.clone_fracture("snap")
     half = SIZES[0] // 2
-
-    def primary_came_and_went(offset, data):
-        c.ta.rsg_attach("g", c.addr)
-        c.write(0, offset, data)
-        c.wait_converged()
-        c.ta.rsg_detach("g", c.addr)
-        wait_for(lambda: c.sg.connected_since is None, what="primary gone")
-    primary_came_and_went(0, b"\x02" * half)
+    c = detached_secondary_with_snapshot(cluster_factory, rewritten=half)
     volume_change = c.tb.rsg_ops.volume_change
 
     def after_a_batch(*args, **kwargs):
-        primary_came_and_went(half, b"\x04" * GRAN)
+        primary_came_and_went(c, half, b"\x04" * GRAN)
         return volume_change(*args, **kwargs)
     monkeypatch.setattr(c.tb.rsg_ops, "volume_change", after_a_batch)
     if operation == "restore":

@@ -515,6 +515,22 @@ def test_every_volume_rolled_back_makes_the_group_consistent_at_its_point(
         "point".format(link.sent_bytes - sent)
 
 
+def fails_once(monkeypatch, method, when=lambda group: True):
+    """SecondaryGroup.method raises EIO the first time it is called on a
+    group for which when(group) holds; returns a list that holds True
+    once it has."""
+    real = getattr(R.SecondaryGroup, method)
+    failed = []
+
+    def once(self, *args, **kwargs):
+        if not failed and when(self):
+            failed.append(True)
+            raise OSError(errno.EIO, "injected")
+        return real(self, *args, **kwargs)
+    monkeypatch.setattr(R.SecondaryGroup, method, once)
+    return failed
+
+
 def test_a_release_that_fails_at_a_replays_end_is_done_again(two_nodes,
                                                               monkeypatch):
     """The release of the last consistent image at a replay's end fails
@@ -523,15 +539,7 @@ def test_a_release_that_fails_at_a_replays_end_is_done_again(two_nodes,
     save area filling) while it replicates on, consistent."""
     a, b = two_nodes
     break_a_replay(a, b, monkeypatch)
-    release = R.SecondaryGroup.release_images
-    failed = []
-
-    def once(self):
-        if not failed:
-            failed.append(True)
-            raise OSError(errno.EIO, "injected")
-        release(self)
-    monkeypatch.setattr(R.SecondaryGroup, "release_images", once)
+    failed = fails_once(monkeypatch, "release_images")
     a.t.rsg_attach("g", b.addr)
     converge(a, b)
     assert failed
@@ -636,15 +644,8 @@ def test_a_release_whose_record_fails_is_recorded_again(two_nodes,
     reported goes with it."""
     a, b = two_nodes
     break_a_replay(a, b, monkeypatch)
-    persist = R.SecondaryGroup.persist
-    failed = []
-
-    def once(self):
-        if not failed and not self.protected and self.consistent:
-            failed.append(True)
-            raise OSError(errno.EIO, "injected")
-        persist(self)
-    monkeypatch.setattr(R.SecondaryGroup, "persist", once)
+    failed = fails_once(monkeypatch, "persist",
+                        when=lambda g: not g.protected and g.consistent)
     a.t.rsg_attach("g", b.addr)
     converge(a, b)
     wait_for(lambda: failed, 20, "the release's record", b.rsg.status)
