@@ -385,11 +385,17 @@ class SessionOrchestration:
                 name=session.name, reason="the Source is being restored from "
                 "clone {}; mark once that has finished".format(busy[0]))
 
+    def _mark(self, session, **kwargs):
+        """Mark session (Session.mark's options): every point in time of a
+        Source is taken here, refused while a clone restores it (hosts
+        read the clone's data, the Source below still holds the old)."""
+        session.mark(check=lambda: self._check_source_stable(session),
+                     **kwargs)
+
     def session_mark(self, name, export=False):
         session = self.find(name)
         with self.target.rsg_ops.point_in_time(session.source):
-            session.mark(export=bool(export),
-                         check=lambda: self._check_source_stable(session))
+            self._mark(session, export=bool(export))
         return session.status()
 
     def session_unmark(self, name, force=False):
@@ -445,8 +451,7 @@ class SessionOrchestration:
             self._check_peer_images(session)
             if not session.marked and not unmarked:
                 with self.target.rsg_ops.point_in_time(session.source):
-                    session.mark(full=full, check=lambda:
-                                 self._check_source_stable(session))
+                    self._mark(session, full=full)
             protected = self._protect_peers(session)
             session.start_transfer(clients, full=full, unmarked=unmarked,
                                    on_done=self._release_peers)
@@ -594,7 +599,7 @@ class SessionOrchestration:
         if not session.marked:
             with self.target.rsg_ops.point_in_time(source,
                                                    consistent=False):
-                session.mark(export=True)
+                self._mark(session, export=True)
         return self.image_status(lu)
 
     def image_release(self, lu):
@@ -680,7 +685,8 @@ class SessionOrchestration:
                 made.append(lu)
             with point:
                 for lu in lus:
-                    self.target.consistent_images[lu.name].mark(export=True)
+                    self._mark(self.target.consistent_images[lu.name],
+                               export=True)
         except BaseException:
             try:
                 self.consistent_release(made)
