@@ -179,24 +179,16 @@ class CloneOrchestration:
 
     def _gateway_let_go(self, c):
         """Before a clone is removed, the iSCSI gateway's mount of its
-        export must be gone: its reads and writes use the clone's backing
-        file, which the removal closes.
-
-        Why wait rather than refuse: the gateway mounts every export, so
-        refusing would leave a fractured clone removable only after a full
-        resync.  Why not refuse sync too: a sync ends the export, which is
-        what makes the gateway let go.  A removal that would be refused
-        anyway (host connections, a running operation) is refused before
-        anything is withdrawn."""
-        with self.target.lock:
-            if not self.target.gateway.held[c.export]:
-                return
+        export must be gone (Target.gateway_let_go).  Why not refuse sync
+        too: a sync ends the export, which is what makes the gateway let
+        go."""
+        def going():
             if c.connections:
                 raise clones.CloneInUse(event="remove", name=c.name,
                                         count=c.connections)
-            if (c.state, "remove") not in clones.TRANSITIONS:
-                return  # remove_clone refuses it with the reason
-        self.target.gateway.withdraw(c.name, c.export)
+            # One remove_clone refuses anyway, with its reason.
+            return (c.state, "remove") in clones.TRANSITIONS
+        self.target.gateway_let_go(c.name, c.export, going)
 
     def clone_list(self, source=None):
         with self.target.lock:

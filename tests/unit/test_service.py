@@ -350,6 +350,50 @@ def test_clone_remove_waits_for_the_gateway_to_let_go(gw_target,
     assert gw_target.export_modes() == {"a": False, "ro": True}
 
 
+def test_lu_delete_waits_for_the_gateway_to_let_go(gw_target, monkeypatch):
+    """The gateway's mount of an LU outlived its deletion: an LU made
+    under the same name within the manager's poll was never remounted,
+    and the initiator went on reading the deleted LU and writing into
+    its unlinked file.  Now a deletion withdraws the LU from the gateway
+    and waits for its mount to end, as a clone's removal does."""
+    gw_target.lus["a"].write(b"old tenant data!", 0)
+    conn = gw_target.connect(_gw("a"), False)
+    monkeypatch.setattr(gateway_route, "GATEWAY_LET_GO_TIMEOUT", 0.2)
+    with pytest.raises(gateway_route.GatewayHolds):
+        gw_target.lu_delete("a")
+    assert "a" in gw_target.lus and "a" in gw_target.export_modes()
+    monkeypatch.setattr(gateway_route, "GATEWAY_LET_GO_TIMEOUT", 20)
+
+    def gateway():
+        deadline = time.monotonic() + 10
+        while "a" in gw_target.export_modes():
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        gw_target.disconnect(conn)
+    thread = threading.Thread(target=gateway)
+    thread.start()
+    gw_target.lu_delete("a")
+    thread.join()
+    assert "a" not in gw_target.lus
+    gw_target.lu_create("a", size=MiB)
+    assert gw_target.export_modes()["a"] is False
+    fresh = gw_target.connect(_gw("a"), False)
+    buf = bytearray(16)
+    fresh.export.read(buf, 0)
+    assert bytes(buf) == bytes(16)
+    gw_target.disconnect(fresh)
+
+
+def test_lu_delete_refused_for_a_host_withdraws_nothing(gw_target):
+    gw = gw_target.connect(_gw("a"), False)
+    host = gw_target.connect("a", False)
+    with pytest.raises(errors.LUBusy):
+        gw_target.lu_delete("a")
+    assert "a" in gw_target.export_modes()
+    gw_target.disconnect(host)
+    gw_target.disconnect(gw)
+
+
 def test_clone_remove_refused_for_a_host_withdraws_nothing(gw_target):
     _fractured(gw_target, "a", "c")
     gw = gw_target.connect(_gw("c"), False)
