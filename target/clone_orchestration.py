@@ -186,7 +186,8 @@ class CloneOrchestration:
             if c.connections:
                 raise clones.CloneInUse(event="remove", name=c.name,
                                         count=c.connections)
-            # One remove_clone refuses anyway, with its reason.
+            # A state remove_clone refuses (with its own reason): nothing
+            # is withdrawn for it.
             return (c.state, "remove") in clones.TRANSITIONS
         self.target.gateway_let_go(c.name, c.export, going)
 
