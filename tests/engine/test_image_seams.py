@@ -12,7 +12,6 @@
 """
 
 import errno
-import time
 
 import pytest
 
@@ -21,20 +20,11 @@ from target.clones import sync as clone_sync
 from target.lu import LUHeld
 from target.replication import primary
 from target.target import Target
+from tests.support.targets import fractured
 from tests.support.twonodes import converge, two_nodes  # noqa: F401
 
 MiB = 1 << 20
 G = 64 << 10
-
-
-@pytest.fixture
-def target(tmp_path):
-    """A Target with LU "a" of 1 MiB."""
-    d = inventory.StateDir(str(tmp_path / "state"))
-    inventory.create_lu(d, "a", size=MiB)
-    t = Target(d.path)
-    yield t
-    t.close()
 
 
 def read(t, export, offset, length):
@@ -47,21 +37,23 @@ def read(t, export, offset, length):
         t.disconnect(conn)
 
 
-def fractured(t, source, clone):
-    t.clone_add(source, clone)
-    t.clone_sync(clone)
-    deadline = time.monotonic() + 20
-    while t.clone_status(clone)["state"] != "synchronized":
-        assert time.monotonic() < deadline, t.clone_status(clone)
-        time.sleep(0.01)
-    t.clone_fracture(clone)
+@pytest.fixture
+def two_lus(tmp_path):
+    """A Target with LU "a" and read-only LU "ro", 1 MiB each."""
+    d = inventory.StateDir(str(tmp_path / "state"))
+    inventory.create_lu(d, "a", size=MiB)
+    inventory.create_lu(d, "ro", size=MiB, readonly=True)
+    t = Target(d.path)
+    yield t
+    t.close()
 
 
 @pytest.fixture(params=["restore", "reverse-sync"])
-def restoring(target, monkeypatch, request):
+def restoring(two_lus, monkeypatch, request):
     """LU "a" holds A, its fractured clone "c" holds C at extent 0, and a
     restore (or reverse sync) from "c" has begun, its engine held: hosts
     read C there, the Source below the clones layer still holds A."""
+    target = two_lus
     target.lus["a"].write(b"A" * MiB, 0)
     fractured(target, "a", "c")
     target.groups["a"].clones["c"].export.write(b"C" * G, 0)
@@ -122,19 +114,6 @@ def test_a_held_volume_is_not_rolled_back(two_nodes,  # noqa: F811
     assert bytes(buf) == b"\x02" * 4096
 
 
-@pytest.fixture
-def two_lus(tmp_path):
-    """A Target with LU "a" and read-only LU "ro", 1 MiB each; its state
-    directory's path is target.path."""
-    d = inventory.StateDir(str(tmp_path / "state"))
-    inventory.create_lu(d, "a", size=MiB)
-    inventory.create_lu(d, "ro", size=MiB, readonly=True)
-    t = Target(d.path)
-    t.path = d.path
-    yield t
-    t.close()
-
-
 @pytest.mark.parametrize("volumes", [["a", "a"], ["ro"]],
                          ids=["twice", "read-only"])
 def test_a_primarys_hello_cannot_claim_what_a_group_cannot_hold(
@@ -153,4 +132,4 @@ def test_a_primarys_hello_cannot_claim_what_a_group_cannot_hold(
         assert t.lus[name].stack.get("guard") is None
         assert read(t, name, 0, 4) == bytes(4)
     t.close()
-    Target(t.path).close()
+    Target(t.state_dir.path).close()

@@ -12,6 +12,7 @@ from target import gateway as gateway_route
 from target.lu import LogicalUnit
 from target.session_orchestration import RollbackRefused
 from target.target import Target
+from tests.support.targets import fractured
 
 MiB = 1 << 20
 
@@ -301,19 +302,9 @@ def test_gateway_connection_passes_the_host_checks_and_counts_apart(
     assert _counts(gw_target, "ro") == (0, 0)
 
 
-def _fractured(t, source, clone):
-    t.clone_add(source, clone)
-    t.clone_sync(clone)
-    deadline = time.monotonic() + 20
-    while t.clone_status(clone)["state"] != "synchronized":
-        assert time.monotonic() < deadline, t.clone_status(clone)
-        time.sleep(0.01)
-    t.clone_fracture(clone)
-
-
 def test_clone_remove_waits_for_the_gateway_to_let_go(gw_target,
                                                       monkeypatch):
-    _fractured(gw_target, "a", "c")
+    fractured(gw_target, "a", "c")
     conn = gw_target.connect(_gw("c"), False)
     assert gw_target.clone_status("c")["gateway_connections"] == 1
     # A gateway that does not let go: refused, and nothing changed.
@@ -395,7 +386,7 @@ def test_lu_delete_refused_for_a_host_withdraws_nothing(gw_target):
 
 
 def test_clone_remove_refused_for_a_host_withdraws_nothing(gw_target):
-    _fractured(gw_target, "a", "c")
+    fractured(gw_target, "a", "c")
     gw = gw_target.connect(_gw("c"), False)
     host = gw_target.connect("c", False)
     with pytest.raises(errors.Error) as info:
