@@ -7,7 +7,6 @@ protected image an admin or a peer keeps (LU@protected-LU)."""
 import contextlib
 import errno
 import threading
-import time
 
 import pytest
 
