@@ -179,24 +179,17 @@ class CloneOrchestration:
 
     def _gateway_let_go(self, c):
         """Before a clone is removed, the iSCSI gateway's mount of its
-        export must be gone: its reads and writes use the clone's backing
-        file, which the removal closes.
-
-        Why wait rather than refuse: the gateway mounts every export, so
-        refusing would leave a fractured clone removable only after a full
-        resync.  Why not refuse sync too: a sync ends the export, which is
-        what makes the gateway let go.  A removal that would be refused
-        anyway (host connections, a running operation) is refused before
-        anything is withdrawn."""
-        with self.target.lock:
-            if not self.target.gateway.held[c.export]:
-                return
+        export must be gone (Target.gateway_let_go).  Why not refuse sync
+        too: a sync ends the export, which is what makes the gateway let
+        go."""
+        def going():
             if c.connections:
                 raise clones.CloneInUse(event="remove", name=c.name,
                                         count=c.connections)
-            if (c.state, "remove") not in clones.TRANSITIONS:
-                return  # remove_clone refuses it with the reason
-        self.target.gateway.withdraw(c.name, c.export)
+            # A state remove_clone refuses (with its own reason): nothing
+            # is withdrawn for it.
+            return (c.state, "remove") in clones.TRANSITIONS
+        self.target.gateway_let_go(c.name, c.export, going)
 
     def clone_list(self, source=None):
         with self.target.lock:
@@ -275,22 +268,24 @@ class CloneOrchestration:
         # Refused before the links of a replicated Source replay its
         # regions (a refusal changes nothing, on the secondaries too).
         group.check_reverse_sync(clone)
+        # The regions are read where nothing else changes the Source (a
+        # secondary's primary's batches set delta bits too).
         self.target.rsg_ops.run_volume_change(
-            group.source, bytearray(c.delta), group.granularity,
-            "a reverse sync", lambda: group.start_reverse_sync(
+            group.source, lambda: bytearray(c.delta), group.granularity,
+            "a reverse sync", lambda regions: group.start_reverse_sync(
                 clone, rate=_rate(rate), run=False))
         return group.clone_status(c)
 
     def clone_restore(self, clone, full=False, rate=None):
         group, c = self._working_clone(clone, "restore")
         group.check_restore(clone)
-        regions = bytearray(b"\x01" * len(c.delta)) if full \
-            else bytearray(c.delta)
         self.target.rsg_ops.run_volume_change(
-            group.source, regions, group.granularity, "a protected restore",
-            lambda: group.start_restore(clone, full=bool(full),
-                                        rate=_rate(rate), run=False,
-                                        regions=regions))
+            group.source, lambda: bytearray(b"\x01" * len(c.delta)) if full
+            else bytearray(c.delta), group.granularity,
+            "a protected restore",
+            lambda regions: group.start_restore(
+                clone, full=bool(full), rate=_rate(rate), run=False,
+                regions=regions))
         return group.clone_status(c)
 
     def clone_verify(self, clone, rate=None, stop=False):

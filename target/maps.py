@@ -101,7 +101,7 @@ def runs(m, start=0, end=None, value=1):
         pos = e
 
 
-def _same_byte_runs(code):
+def same_byte_runs(code):
     """Yield (start, end, value) of the maximal runs of equal bytes."""
     pos, end = 0, len(code)
     while pos < end:
@@ -126,7 +126,7 @@ def kind_runs(code, granularity, size, names):
     bytes, the last run ending at size, as `clone map` and `session map`
     print them."""
     out = []
-    for start, end, value in _same_byte_runs(code):
+    for start, end, value in same_byte_runs(code):
         offset = start * granularity
         out.append([offset, min(size, end * granularity) - offset,
                     names[value]])

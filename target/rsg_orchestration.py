@@ -11,6 +11,7 @@ import logging
 import os
 
 from . import channel, clones, errors, fsutil, maps, replication, units
+from .lu import LUHeld
 
 log = logging.getLogger("clonectl.target")
 
@@ -124,17 +125,25 @@ class RsgOrchestration:
                         ": it was " + self.failures[name]
                         if name in self.failures else "", name))
 
-    def _rsg_volumes(self, names):
+    def _rsg_volumes(self, group, names):
+        """The LUs of group's volume names: each once, existing and in no
+        other group (a group made, accepted from a primary's hello or
+        loaded from its record: a second guard in an LU's stack would
+        break its I/O)."""
+        if len(set(names)) != len(names):
+            raise errors.InvalidArgument(reason="a volume is given twice")
         vols = []
         for n in names:
             lu = self.target.lus.get(n)
             if lu is None or not lu.healthy:
                 raise errors.UnknownLU(name=n)
+            self._check_not_grouped(group, lu)
             vols.append(lu)
         return vols
 
     def _open_rsg(self, files, record):
-        vols = self._rsg_volumes([v["lu"] for v in record["volumes"]])
+        vols = self._rsg_volumes(record["name"],
+                                 [v["lu"] for v in record["volumes"]])
         for lu, v in zip(vols, record["volumes"]):
             if lu.size != v["size"]:
                 raise replication.ReplicationError(
@@ -277,6 +286,10 @@ class RsgOrchestration:
                     name=name, reason="the primary's hello has no valid "
                     "list of volumes")
             names = [v.get("lu") for v in vols]
+            if len(set(names)) != len(names):
+                raise replication.ReplicationError(
+                    name=name, reason="the primary's hello names a volume "
+                    "twice")
             for v in vols:
                 lu = self.target.lus.get(v.get("lu"))
                 if lu is None or not lu.healthy:
@@ -284,6 +297,11 @@ class RsgOrchestration:
                         name=name, reason="this node has no LU {!r}; create "
                         "the volumes here first (same names and sizes)"
                         .format(v.get("lu")))
+                if lu.readonly:
+                    raise replication.ReplicationError(
+                        name=name, reason="LU {} is read-only here; a "
+                        "secondary's volumes are written by replication"
+                        .format(lu.name))
                 if lu.size != v.get("size"):
                     raise replication.ReplicationError(
                         name=name, reason="LU {} is {} bytes here and {} on "
@@ -314,8 +332,6 @@ class RsgOrchestration:
         if not volumes:
             raise errors.InvalidArgument(reason="a group needs at least one "
                                          "volume (--volume LU)")
-        if len(set(volumes)) != len(volumes):
-            raise errors.InvalidArgument(reason="a volume is given twice")
         srl = units.parse_size(srl_size)
         if srl < replication.MIN_SRL:
             raise errors.InvalidArgument(
@@ -330,9 +346,8 @@ class RsgOrchestration:
                 raise replication.ReplicationError(name=name,
                                                    reason="it exists already")
             self._check_group_files_free(name)
-            vols = self._rsg_volumes(volumes)
+            vols = self._rsg_volumes(name, volumes)
             for lu in vols:
-                self._check_not_grouped(name, lu)
                 if lu.readonly:
                     raise errors.ReadOnly(name=lu.name)
             files = self._rsg_files(name)
@@ -669,16 +684,18 @@ class RsgOrchestration:
             raise
 
     def run_volume_change(self, lu, regions, granularity, what, start):
-        """Start an engine that changes lu without host writes (start()
-        returns it, not running yet) inside volume_change, then run it:
+        """Start an engine that changes lu without host writes
+        (start(regions) returns it, not running yet; regions as
+        volume_change gives them) inside volume_change, then run it:
         the links replay (or log) its regions, or the secondary records
         what changes, before the operation changes what hosts see (a copy
         streamed as an ordinary update would show the secondary a
         half-restored image as consistent)."""
         engine = None
         try:
-            with self.volume_change(lu, regions, granularity, what):
-                engine = start()
+            with self.volume_change(lu, regions, granularity,
+                                    what) as changed:
+                engine = start(changed)
         finally:
             # Recorded as running: it runs (and resumes after a restart)
             # even if the links' record could not be saved.
@@ -689,7 +706,11 @@ class RsgOrchestration:
     def volume_change(self, lu, regions, granularity, what):
         """Around the start of an operation that changes lu without host
         writes (restore, reverse sync, rollback), regions (one byte per
-        extent of granularity) being what it may change.  On a primary the
+        extent of granularity) being what it may change; yields them.
+        regions may be a function giving them, called once nothing else
+        may change lu (on a secondary: inside the guard below), for an
+        operation whose regions come from a state a primary's batches also
+        change (a rollback's image).  On a primary the
         links replay those regions, reading what hosts read (the links
         that stream begin at once, without leaving the stream), from the
         moment it has started (a refused one costs a copy of unchanged
@@ -697,25 +718,32 @@ class RsgOrchestration:
         is connected, no primary is accepted while it starts, and the
         regions are saved as diverged before anything changes (the primary
         copies exactly them back at the next contact)."""
+        def given():
+            return regions() if callable(regions) else regions
+        if lu.held:
+            # Its group did not load: nothing would log the change.
+            raise LUHeld(name=lu.name, reason=lu.held)
         rsg = lu.rsg
         if rsg is None:
-            yield
+            yield given()
             return
         vol = rsg.volumes.index(lu)
         if rsg.role == replication.PRIMARY:
-            begun = rsg.begin_volume_change(vol, regions, granularity, what)
+            changed = given()
+            begun = rsg.begin_volume_change(vol, changed, granularity, what)
             try:
-                yield
+                yield changed
             finally:
                 rsg.end_volume_change(begun)
             return
         with rsg.local_change("{} of {}".format(what, lu.name)):
+            changed = given()
             runs = []
-            for s_, e_ in maps.runs(regions):
+            for s_, e_ in maps.runs(changed):
                 off = s_ * granularity
                 runs.append([vol, off, min(e_ * granularity, lu.size) - off])
             rsg.record_local_change(runs)
-            yield
+            yield changed
 
     @staticmethod
     def check_point_in_time(lu):

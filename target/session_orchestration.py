@@ -103,10 +103,10 @@ class SessionOrchestration:
     @staticmethod
     def _grown_save_area(lu, rec, save_path):
         """The size of the save area of record rec: a session made when
-        whole extents were saved has the default size of that layout (an
-        index of 8 bytes an extent, then the extents), too small for this
-        one's entries; it is grown (sparse: no space until used) to this
-        layout's default, which can never fill.  Only while unmarked: the
+        whole extents were saved has the default size of that layout
+        (SaveArea.former_default_size), too small for this one's entries;
+        it is grown (sparse: no space until used) to this layout's
+        default, which can never fill.  Only while unmarked: the
         slots' place follows the file's size, so a save area holding
         saves keeps its size (one of the former layout is unmarked at
         load, and grown at the next).  The record says so from its next
@@ -114,7 +114,7 @@ class SessionOrchestration:
         g = rec["granularity"]
         extents = maps.extent_count(lu.size, g)
         if rec["marked"] or rec["save_area"] != \
-                (extents * 8 + 4095) // 4096 * 4096 + extents * g:
+                sessions.SaveArea.former_default_size(extents, g):
             return rec["save_area"]
         size = sessions.SaveArea.size_for(extents, g)
         if os.path.getsize(save_path) < size:
@@ -385,11 +385,17 @@ class SessionOrchestration:
                 name=session.name, reason="the Source is being restored from "
                 "clone {}; mark once that has finished".format(busy[0]))
 
+    def _mark(self, session, **kwargs):
+        """Mark session (Session.mark's options): every point in time of a
+        Source is taken here, refused while a clone restores it (hosts
+        read the clone's data, the Source below still holds the old)."""
+        session.mark(check=lambda: self._check_source_stable(session),
+                     **kwargs)
+
     def session_mark(self, name, export=False):
         session = self.find(name)
         with self.target.rsg_ops.point_in_time(session.source):
-            session.mark(export=bool(export),
-                         check=lambda: self._check_source_stable(session))
+            self._mark(session, export=bool(export))
         return session.status()
 
     def session_unmark(self, name, force=False):
@@ -445,8 +451,7 @@ class SessionOrchestration:
             self._check_peer_images(session)
             if not session.marked and not unmarked:
                 with self.target.rsg_ops.point_in_time(session.source):
-                    session.mark(full=full, check=lambda:
-                                 self._check_source_stable(session))
+                    self._mark(session, full=full)
             protected = self._protect_peers(session)
             session.start_transfer(clients, full=full, unmarked=unmarked,
                                    on_done=self._release_peers)
@@ -594,7 +599,7 @@ class SessionOrchestration:
         if not session.marked:
             with self.target.rsg_ops.point_in_time(source,
                                                    consistent=False):
-                session.mark(export=True)
+                self._mark(session, export=True)
         return self.image_status(lu)
 
     def image_release(self, lu):
@@ -642,16 +647,17 @@ class SessionOrchestration:
 
     def consistent_image(self, lu):
         """The session holding the last consistent image a secondary keeps
-        of lu (LU@consistent-LU), or None.  None too while lu's group is
-        consistent or no secondary: an image a failed release left there
-        is of an older point (the next replay or a start releases it)."""
+        of lu (LU@consistent-LU), or None.  None too while it is not the
+        group's last consistent point (SecondaryGroup.point_kept) or lu
+        is no secondary's: an image a failed release left there is of an
+        older point (the next replay or a start releases it)."""
         session = self.target.consistent_images.get(lu)
         if session is None or not session.marked or \
                 self.target.sessions.get(session.name) is not session:
             return None
         rsg = session.source.rsg
         if rsg is not None and (rsg.role != replication.SECONDARY or
-                                rsg.consistent):
+                                not rsg.point_kept()):
             return None
         return session
 
@@ -679,7 +685,8 @@ class SessionOrchestration:
                 made.append(lu)
             with point:
                 for lu in lus:
-                    self.target.consistent_images[lu.name].mark(export=True)
+                    self._mark(self.target.consistent_images[lu.name],
+                               export=True)
         except BaseException:
             try:
                 self.consistent_release(made)
@@ -776,18 +783,30 @@ class SessionOrchestration:
                 name=lu, reason="{} connection(s) use it (NBD hosts or the "
                 "iSCSI gateway); stop the hosts first, so no write lands "
                 "during or after the rollback".format(users))
-        layer = source.stack.get("sessions")
-        if layer is not None:
-            # The hosts are gone, but writes they were told are done may
-            # still be queued (their saves not yet in the image): applied
-            # first, so that the extents to put back include theirs.
-            layer.drain()
         g, bs = session.granularity, session.block
-        with session.cond:
-            saved = sorted(session.save_area.slots)
-        regions = bytearray(session.extents)
-        for b in saved:
-            regions[b * bs // g] = 1
+        saved = []
+
+        def regions():
+            # Read where nothing else changes the LU (volume_change): on a
+            # secondary, a primary's batch saves into the image what it
+            # overwrites, and one that came and went before would
+            # otherwise be left out; its replay may also have ended,
+            # leaving the group at a later point than the image's.
+            if session not in (self._image(lu), self.consistent_image(lu)):
+                raise RollbackRefused(name=lu, reason="{} is no longer kept "
+                                      "(its group's replay completed)".format(
+                                          session.export_name()))
+            layer = source.stack.get("sessions")
+            if layer is not None:
+                # The hosts are gone, but writes they were told are done
+                # may still be queued (their saves not yet in the image):
+                # applied first, so that the extents to put back include
+                # theirs.
+                layer.drain()
+            with session.cond:
+                slots = session.save_area.slots
+                saved[:] = slots
+                return slots.groups(g // bs, session.extents)
 
         # Below a secondary's guard (rolling a secondary back to its last
         # consistent image is what its promotion asks for), through every
@@ -805,7 +824,7 @@ class SessionOrchestration:
                                                             view),
             write, zero)
         with self.target.rsg_ops.volume_change(source, regions, g,
-                                               "a rollback"):
+                                               "a rollback") as changed:
             rollback.copy((b * bs, min((b + n) * bs, source.size) - b * bs)
                           for b, n in sessions.block_runs(saved))
             source.stack.below("guard").flush()
@@ -817,7 +836,7 @@ class SessionOrchestration:
                 # goes (a crash in between leaves the image to roll back
                 # to again).
                 source.rsg.volume_rolled_back(source)
-        restored = regions.count(1)
+        restored = changed.count(1)
         export = session.export_name()
         log.info("LU %s rolled back to %s (%d extents)", lu, export, restored)
         return restored, export

@@ -161,33 +161,63 @@ class Target:
         return {"record": record,
                 "error": "not loaded" if lu is None else lu.error}
 
+    def gateway_let_go(self, name, obj, going):
+        """Before obj (exported as name) goes, the iSCSI gateway's mount of
+        it must be gone: its reads and writes use obj's backing file, and
+        an object made later under the same name would not be mounted
+        again (the manager compares exports by name).
+
+        Why wait rather than refuse: the gateway mounts every export, so
+        refusing would leave it removable only with the gateway stopped.
+        going() (under the lock) raises what would refuse the removal
+        anyway, or returns False if the removal refuses it later with its
+        own reason: then nothing is withdrawn.  The caller gives name back
+        (gateway.give_back) when done."""
+        with self.lock:
+            if not self.gateway.held[obj] or not going():
+                return
+        self.gateway.withdraw(name, obj)
+
+    def _lu_busy(self, lu, name, record):
+        """Raise LUBusy if LU name (lu: its object, if loaded) cannot be
+        deleted now: hosts connected, or a clone, session or group uses
+        it."""
+        if lu is not None and lu.connections:
+            raise errors.LUBusy(
+                name=name, reason="{} host connection(s) are open to it; "
+                "disconnect them first".format(lu.connections))
+        reason = self._lu_user(lu, name, record)
+        if reason:
+            raise errors.LUBusy(name=name, reason=reason)
+
     def lu_delete(self, name):
         """Delete an LU while serving (`clonectl lu delete`).
 
         Refused while hosts are connected to it or a clone, session or
         replicated group uses it; the other LUs are not touched.  The
-        iSCSI gateway's mount does not refuse it: the LU stops being
-        exported (the manager then removes its iSCSI target) and its file
-        is closed when the gateway's connection ends.
+        iSCSI gateway's mount is let go first (gateway_let_go).
 
         Lock order: Target.lock before the state-file lock, as everywhere
         (a group's lock, taken under Target.lock, persists under it)."""
-        with self.lock:
-            lu = self.lus.get(name)
-            if lu is not None and lu.connections:
-                raise errors.LUBusy(
-                    name=name, reason="{} host connection(s) are open to it; "
-                    "disconnect them first".format(lu.connections))
-
-            def check_busy(n, record):
-                reason = self._lu_user(lu, n, record)
-                if reason:
-                    raise errors.LUBusy(name=n, reason=reason)
-
-            record = inventory.delete_lu(self.state_dir, name,
-                                         check_busy=check_busy)
-            if lu is not None and self.lus.get(name) is lu:
-                self._retire(self.lus.pop(name))
+        def going():
+            record = self.state_dir.load()["lus"].get(name)
+            if record is None:
+                return False
+            self._lu_busy(self.lus.get(name), name, record)
+            return True
+        lu = self.lus.get(name)
+        if lu is not None:
+            self.gateway_let_go(name, lu, going)
+        try:
+            with self.lock:
+                lu = self.lus.get(name)
+                record = inventory.delete_lu(
+                    self.state_dir, name,
+                    check_busy=lambda n, rec: self._lu_busy(lu, n, rec))
+                if lu is not None and self.lus.get(name) is lu:
+                    self._retire(self.lus.pop(name))
+        finally:
+            self.gateway.give_back([name])
         log.info("LU %s deleted", name)
         return {"name": name, "record": record}
 

@@ -425,7 +425,12 @@ class Link:
             self.error = msg
             g.cond.notify_all()
         log.warning("group %s, link %s: %s", g.name, self.secondary, msg)
-        g.persist()
+        try:
+            g.persist()
+        except (OSError, errors.Error) as e:
+            # The record says less than memory (the next save says it);
+            # the link retries all the same, not ending its thread.
+            log.error("group %s: could not save its record: %s", g.name, e)
 
     def _close_sock(self):
         sock, self.sock = self.sock, None

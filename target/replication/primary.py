@@ -294,17 +294,25 @@ class PrimaryGroup:
             link.stop()
         try:
             self.persist()
+            saved = True
         except (OSError, errors.Error) as e:
-            log.error("group %s: could not save its record: %s", self.name, e)
+            log.error("group %s: could not save its record: %s; its activity "
+                      "log is kept, so the next start sends its regions "
+                      "again", self.name, e)
+            saved = False
         for link in self.links:
             link.dcm.close()
         if self.since is not None:
             self.since.close()
-        try:
-            self.clear_activity_log()
-        except (OSError, errors.Error) as e:
-            log.error("group %s: could not clear its activity log: %s",
-                      self.name, e)
+        # Cleared only under a record that says where every change went: an
+        # older one (a replay's start not saved, whose changes since went
+        # to the SRL and not the DCM) needs the log's regions to find them.
+        if saved:
+            try:
+                self.clear_activity_log()
+            except (OSError, errors.Error) as e:
+                log.error("group %s: could not clear its activity log: %s",
+                          self.name, e)
         self.al.close()
         self.srl.close()
 

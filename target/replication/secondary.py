@@ -1106,9 +1106,9 @@ class SecondaryGroup:
                     if not self.image(lu) or lu.name in back]
             if lost:
                 log.warning("group %s: its last consistent point is lost "
-                            "(no image of %s: rolled back); the images of "
-                            "the other volumes are released", self.name,
-                            ", ".join(lost))
+                            "(no image of it kept of %s: rolled back, or "
+                            "passed by a replay); the images left are "
+                            "released", self.name, ", ".join(lost))
                 self.protected = False
                 self.image_point = None
         with self.lock:
@@ -1121,6 +1121,15 @@ class SecondaryGroup:
         if lost:
             self.release(self.volumes)
 
+    def point_kept(self):
+        """Whether the images kept (LU@consistent-LU) hold the group's
+        last consistent point: not once the node is consistent again, nor
+        after a replay that completed over them (their release may have
+        failed, and the node become inconsistent since)."""
+        point = self.image_point
+        return self.protected and not self.consistent and \
+            not (point or {}).get("passed")
+
     def _image_kept(self):
         """For RBOK: the last consistent image kept here, {"image": {id,
         base}} (base: the [generation, update] it holds), or nothing.  A
@@ -1129,7 +1138,7 @@ class SecondaryGroup:
         written here since the image holds every region where it differs
         from the image (PrimaryGroup.changes_since_agreement)."""
         point = self.image_point
-        if not self.protected or point is None or not point.get("id") or \
+        if not self.point_kept() or not point.get("id") or \
                 not point["history"]:
             return {}
         return {"image": {"id": point["id"], "base": [
@@ -1152,6 +1161,11 @@ class SecondaryGroup:
             self.history = theirs
             self.consistent = True
             self.reason = None
+            if self.image_point is not None:
+                # The images kept are of an older point from now on, even
+                # if their release fails and the node becomes inconsistent
+                # again: never offered to roll back to (point_kept).
+                self.image_point["passed"] = True
         self._clear_stage()
         self.persist()
         log.info("group %s: replay from the primary completed: consistent "
@@ -1159,11 +1173,20 @@ class SecondaryGroup:
 
     def release_images(self):
         """Release the last consistent image this group kept (a replay
-        completed: the node is consistent again)."""
+        completed: the node is consistent again).  Done only once the
+        record says so: if it cannot be saved, the node stays protected
+        (as its record still says), so the release is tried again (a
+        second release of the images is a no-op)."""
         self.release(self.volumes)
+        point = self.image_point
         self.protected = False
         self.image_point = None
-        self.persist()
+        try:
+            self.persist()
+        except BaseException:
+            self.protected = True
+            self.image_point = point
+            raise
 
     def release_done_images(self):
         """A consistent node keeps no last consistent image (every update

@@ -122,18 +122,35 @@ class SavedBlocks:
             self._count += 1
         c[b % self.CHUNK] = slot
 
+    def _pieces(self, b0, b1, held_only):
+        """(first block of the chunk, its array or None, lo, hi) for each
+        chunk over [b0, b1) in order, [lo, hi) the part of it in range;
+        held_only: only the chunks that hold a save (looked up among
+        those when the range spans more chunks than are held)."""
+        n = self.CHUNK
+        if b1 <= b0:
+            return
+        if held_only and (b1 - b0) // n > len(self._chunks):
+            keys = sorted(k for k in self._chunks
+                          if b0 // n <= k <= (b1 - 1) // n)
+        else:
+            keys = range(b0 // n, (b1 - 1) // n + 1)
+        for k in keys:
+            c = self._chunks.get(k)
+            if c is None and held_only:
+                continue
+            base = k * n
+            yield base, c, max(b0 - base, 0), min(b1 - base, n)
+
     def missing(self, b0, b1):
         """The blocks of [b0, b1) not saved, in order."""
-        n = self.CHUNK
         out = []
-        for k in range(b0 // n, (b1 - 1) // n + 1):
-            lo, hi = max(b0, k * n), min(b1, (k + 1) * n)
-            c = self._chunks.get(k)
+        for base, c, lo, hi in self._pieces(b0, b1, False):
             if c is None:
-                out.extend(range(lo, hi))
-            elif self._NONE in c[lo - k * n:hi - k * n]:
-                out.extend(b for b in range(lo, hi)
-                           if c[b - k * n] == self._NONE)
+                out.extend(range(base + lo, base + hi))
+            elif self._NONE in c[lo:hi]:
+                out.extend(base + i for i in range(lo, hi)
+                           if c[i] == self._NONE)
         return out
 
     def set_run(self, first, count, slot):
@@ -157,28 +174,35 @@ class SavedBlocks:
                     "q", range(slot + b - first, slot + stop - first))
             b = stop
 
+    def slots_in(self, b0, b1):
+        """{block: slot} of the saved blocks of [b0, b1), in order."""
+        out = {}
+        for base, c, lo, hi in self._pieces(b0, b1, True):
+            if c[lo:hi] != self._EMPTY[:hi - lo]:
+                out.update((base + i, c[i]) for i in range(lo, hi)
+                           if c[i] != self._NONE)
+        return out
+
     def saved_in(self, b0, b1):
         """The saved blocks of [b0, b1), in order."""
-        out = []
-        n = self.CHUNK
-        if (b1 - b0) // n > len(self._chunks):
-            keys = sorted(k for k in self._chunks if b0 // n <= k <= b1 // n)
-        else:
-            keys = [k for k in range(b0 // n, (b1 - 1) // n + 1)
-                    if k in self._chunks]
-        for k in keys:
-            c = self._chunks[k]
-            lo, hi = max(b0 - k * n, 0), min(b1 - k * n, n)
-            if c[lo:hi] == self._EMPTY[:hi - lo]:
-                continue
-            out.extend(k * n + i for i in range(lo, hi)
-                       if c[i] != self._NONE)
+        return list(self.slots_in(b0, b1))
+
+    def groups(self, per, count):
+        """A 0/1 map of count groups of per blocks (group g: blocks
+        [g * per, (g + 1) * per)), 1 where a block of the group is saved:
+        one slice compare per group and chunk, not a look per block."""
+        out = bytearray(count)
+        for base, c, lo, hi in self._pieces(0, count * per, True):
+            for g in range((base + lo) // per, (base + hi - 1) // per + 1):
+                a = max(g * per - base, lo)
+                e = min((g + 1) * per - base, hi)
+                if c[a:e] != self._EMPTY[:e - a]:
+                    out[g] = 1
         return out
 
     def items(self):
-        for b in self.saved_in(0, (max(self._chunks, default=-1) + 1) *
-                               self.CHUNK):
-            yield b, self[b]
+        end = (max(self._chunks, default=-1) + 1) * self.CHUNK
+        return iter(self.slots_in(0, end).items())
 
     def __iter__(self):
         return (b for b, _ in self.items())
@@ -267,6 +291,13 @@ class SaveArea:
         n = extents * (granularity // min(BLOCK, granularity))
         return cls.HEADER_BYTES + cls._entries_bytes(n) + \
             extents * granularity
+
+    @staticmethod
+    def former_default_size(extents, granularity):
+        """The default size of a save area of the former layout, which
+        saved whole extents (an index of 8 bytes an extent, then the
+        extents): too small for this layout's entries."""
+        return (extents * 8 + 4095) // 4096 * 4096 + extents * granularity
 
     def _slot_offset(self, slot):
         return self.HEADER_BYTES + self.entries_bytes + slot * self.block

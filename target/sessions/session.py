@@ -468,16 +468,9 @@ class Session:
                 if not hole:
                     maps.set_range(data, (start - offset) // bs,
                                    (start - offset + n + bs - 1) // bs)
-            out, pos = [], 0
-            for s, e in maps.runs(data):
-                if pos < s:
-                    out.append((pos, s, True))
-                out.append((s, e, False))
-                pos = e
-            if pos < len(data):
-                out.append((pos, len(data), True))
-            return [(offset + s * bs, min(e * bs, length) - s * bs, hole)
-                    for s, e, hole in out]
+            return [(offset + s * bs, min(e * bs, length) - s * bs,
+                     not has_data)
+                    for s, e, has_data in maps.same_byte_runs(data)]
 
         # A piece a chunk: one save (entry) each, its buffer in the cache.
         copier.Copier(self.inner.readinto, store, zero,
@@ -517,10 +510,6 @@ class Session:
 
     # ------------------------------------------------------------ frozen image
 
-    def _saved_in(self, b0, b1):
-        """The saved blocks of [b0, b1), sorted (caller holds the lock)."""
-        return self.save_area.slots.saved_in(b0, b1)
-
     def frozen_extents(self, offset, length):
         """Holes of the marked point in time: the Source's holes in
         blocks not saved.  A block not saved is unchanged since the mark
@@ -530,7 +519,7 @@ class Session:
         bs = self.block
         b0, b1 = _range_of(offset, length, bs)
         with self.cond:
-            saved = set(self._saved_in(b0, b1))
+            saved = set(self.save_area.slots.saved_in(b0, b1))
         if not saved:
             return parts
         out = []
@@ -556,17 +545,16 @@ class Session:
                                    generation != self.generation):
                 raise FrozenImageGone(name=self.name)
             generation = self.generation
-            saved = self._saved_in(b0, b1)
+            saved = self.save_area.slots.saved_in(b0, b1)
         if len(saved) < b1 - b0:
             self.inner.readinto(view, offset)
         with self.cond:
             if not self.marked or generation != self.generation:
                 raise FrozenImageGone(name=self.name)
-            saved = self._saved_in(b0, b1)
-            slot_of = {b: self.save_area.slots[b] for b in saved}
-        if not saved:
+            slot_of = self.save_area.slots.slots_in(b0, b1)
+        if not slot_of:
             return
-        for first, count in block_runs(saved):
+        for first, count in block_runs(slot_of):
             tmp = bytearray(count * bs)
             self.save_area.readinto(first, tmp, slot_of)
             s = max(offset, first * bs)
@@ -833,10 +821,8 @@ class Session:
             changed = bytes(self.tracking.bits)
             transfer = bytes(self.transfer) if self.marked \
                 else bytes(self.extents)
-            saved = bytearray(self.extents)
-            per = self.granularity // self.block
-            for b in self.save_area.slots:
-                saved[b // per] = 1
+            saved = self.save_area.slots.groups(
+                self.granularity // self.block, self.extents)
         code = maps.combine(changed, transfer, saved)
         names = {v: ",".join(k for i, k in enumerate(self.MAP_KINDS)
                              if v >> i & 1) or "clean" for v in range(8)}

@@ -959,10 +959,21 @@ def hold_engines(monkeypatch):
     return release
 
 
-def detached_secondary_with_snapshot(cluster_factory):
+def primary_came_and_went(c, offset, data):
+    """The primary comes back, writes data at offset of v1, and is
+    detached again once the secondary has it."""
+    c.ta.rsg_attach("g", c.addr)
+    c.write(0, offset, data)
+    c.wait_converged()
+    c.ta.rsg_detach("g", c.addr)
+    wait_for(lambda: c.sg.connected_since is None, what="primary gone")
+
+
+def detached_secondary_with_snapshot(cluster_factory, rewritten=SIZES[0]):
     """A cluster whose secondary has a fractured clone "snap" of v1 taken
-    while detached, v1 rewritten by the primary since, and the link
-    detached again (the secondary may change its volume on its own)."""
+    while detached, v1's first `rewritten` bytes rewritten by the primary
+    since, and the link detached again (the secondary may change its
+    volume on its own)."""
     c = cluster_factory()
     c.write(0, 0, b"\x01" * SIZES[0])
     c.wait_converged()
@@ -970,12 +981,7 @@ def detached_secondary_with_snapshot(cluster_factory):
     wait_for(lambda: c.sg.connected_since is None, what="primary gone")
     synced_clone(c.tb, VOLS[0], "snap")
     c.tb.clone_fracture("snap")
-    c.ta.rsg_attach("g", c.addr)        # the primary comes back ...
-    c.wait_converged()
-    c.write(0, 0, b"\x02" * SIZES[0])  # ... and writes
-    c.wait_converged()
-    c.ta.rsg_detach("g", c.addr)
-    wait_for(lambda: c.sg.connected_since is None, what="primary gone")
+    primary_came_and_went(c, 0, b"\x02" * rewritten)
     return c
 
 
@@ -1270,6 +1276,37 @@ def test_secondary_rollback_refused_while_a_primary_replicates(
         c.tb.image_rollback(VOLS[0])
     assert read_image(c.tb, VOLS[0])[:8192] == b"\x02" * 8192
     c.tb.image_release(VOLS[0])
+    c.check_final()
+
+
+@pytest.mark.parametrize("operation", ["restore", "reverse-sync"])
+def test_secondary_records_what_a_primary_changed_before_a_restore_began(
+        cluster_factory, monkeypatch, operation):
+    """A primary came, wrote an extent the restore had not counted yet
+    (its clone's delta bit set by that batch), and went again, after the
+    restore read its regions but before it kept primaries away: the
+    regions the secondary records as its own changes must include that
+    extent, which the restore also changes, or the primary never copies
+    it back and the two nodes differ there for good."""
+    half = SIZES[0] // 2
+    c = detached_secondary_with_snapshot(cluster_factory, rewritten=half)
+    volume_change = c.tb.rsg_ops.volume_change
+
+    def after_a_batch(*args, **kwargs):
+        primary_came_and_went(c, half, b"\x04" * GRAN)
+        return volume_change(*args, **kwargs)
+    monkeypatch.setattr(c.tb.rsg_ops, "volume_change", after_a_batch)
+    if operation == "restore":
+        c.tb.clone_restore("snap")
+    else:
+        c.tb.clone_reverse_sync("snap")
+    monkeypatch.setattr(c.tb.rsg_ops, "volume_change", volume_change)
+    wait_for(lambda: not c.tb.clone_status("snap")["operation"]["running"],
+             30, "the " + operation, lambda: c.tb.clone_status("snap"))
+    # The secondary's volume shows the clone's data everywhere ...
+    assert read_image(c.tb, VOLS[0]) == clone_image(c.tb, "snap")
+    # ... and the primary copies back every region that changed.
+    c.ta.rsg_attach("g", c.addr)
     c.check_final()
 
 

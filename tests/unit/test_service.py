@@ -12,6 +12,7 @@ from target import gateway as gateway_route
 from target.lu import LogicalUnit
 from target.session_orchestration import RollbackRefused
 from target.target import Target
+from tests.support.targets import fractured
 
 MiB = 1 << 20
 
@@ -301,19 +302,9 @@ def test_gateway_connection_passes_the_host_checks_and_counts_apart(
     assert _counts(gw_target, "ro") == (0, 0)
 
 
-def _fractured(t, source, clone):
-    t.clone_add(source, clone)
-    t.clone_sync(clone)
-    deadline = time.monotonic() + 20
-    while t.clone_status(clone)["state"] != "synchronized":
-        assert time.monotonic() < deadline, t.clone_status(clone)
-        time.sleep(0.01)
-    t.clone_fracture(clone)
-
-
 def test_clone_remove_waits_for_the_gateway_to_let_go(gw_target,
                                                       monkeypatch):
-    _fractured(gw_target, "a", "c")
+    fractured(gw_target, "a", "c")
     conn = gw_target.connect(_gw("c"), False)
     assert gw_target.clone_status("c")["gateway_connections"] == 1
     # A gateway that does not let go: refused, and nothing changed.
@@ -350,8 +341,52 @@ def test_clone_remove_waits_for_the_gateway_to_let_go(gw_target,
     assert gw_target.export_modes() == {"a": False, "ro": True}
 
 
+def test_lu_delete_waits_for_the_gateway_to_let_go(gw_target, monkeypatch):
+    """The gateway's mount of an LU outlived its deletion: an LU made
+    under the same name within the manager's poll was never remounted,
+    and the initiator went on reading the deleted LU and writing into
+    its unlinked file.  Now a deletion withdraws the LU from the gateway
+    and waits for its mount to end, as a clone's removal does."""
+    gw_target.lus["a"].write(b"old tenant data!", 0)
+    conn = gw_target.connect(_gw("a"), False)
+    monkeypatch.setattr(gateway_route, "GATEWAY_LET_GO_TIMEOUT", 0.2)
+    with pytest.raises(gateway_route.GatewayHolds):
+        gw_target.lu_delete("a")
+    assert "a" in gw_target.lus and "a" in gw_target.export_modes()
+    monkeypatch.setattr(gateway_route, "GATEWAY_LET_GO_TIMEOUT", 20)
+
+    def gateway():
+        deadline = time.monotonic() + 10
+        while "a" in gw_target.export_modes():
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        gw_target.disconnect(conn)
+    thread = threading.Thread(target=gateway)
+    thread.start()
+    gw_target.lu_delete("a")
+    thread.join()
+    assert "a" not in gw_target.lus
+    gw_target.lu_create("a", size=MiB)
+    assert gw_target.export_modes()["a"] is False
+    fresh = gw_target.connect(_gw("a"), False)
+    buf = bytearray(16)
+    fresh.export.read(buf, 0)
+    assert bytes(buf) == bytes(16)
+    gw_target.disconnect(fresh)
+
+
+def test_lu_delete_refused_for_a_host_withdraws_nothing(gw_target):
+    gw = gw_target.connect(_gw("a"), False)
+    host = gw_target.connect("a", False)
+    with pytest.raises(errors.LUBusy):
+        gw_target.lu_delete("a")
+    assert "a" in gw_target.export_modes()
+    gw_target.disconnect(host)
+    gw_target.disconnect(gw)
+
+
 def test_clone_remove_refused_for_a_host_withdraws_nothing(gw_target):
-    _fractured(gw_target, "a", "c")
+    fractured(gw_target, "a", "c")
     gw = gw_target.connect(_gw("c"), False)
     host = gw_target.connect("c", False)
     with pytest.raises(errors.Error) as info:

@@ -1,0 +1,135 @@
+"""Second ways into a Source's bytes pass the checks of the first.
+
+- A point in time of a Source (a session's mark, a protected image) is
+  refused while a restore or reverse sync from a clone runs: hosts read
+  the clone's data there, the Source below the clones layer still holds
+  the old, and an image of the latter would freeze (and a rollback would
+  put back) data no host ever read.
+- An operation that changes a Source without host writes (a rollback,
+  as a restore or reverse sync) is refused while the LU is held (its
+  replicated group did not load): nothing would log the change for the
+  secondaries.
+"""
+
+import errno
+
+import pytest
+
+from target import clones, errors, inventory, sessions
+from target.clones import sync as clone_sync
+from target.lu import LUHeld
+from target.replication import primary
+from target.target import Target
+from tests.support.targets import fractured
+from tests.support.twonodes import converge, two_nodes  # noqa: F401
+
+MiB = 1 << 20
+G = 64 << 10
+
+
+def read(t, export, offset, length):
+    conn = t.connect(export, True)
+    try:
+        buf = bytearray(length)
+        conn.export.read(buf, offset)
+        return bytes(buf)
+    finally:
+        t.disconnect(conn)
+
+
+@pytest.fixture
+def two_lus(tmp_path):
+    """A Target with LU "a" and read-only LU "ro", 1 MiB each."""
+    d = inventory.StateDir(str(tmp_path / "state"))
+    inventory.create_lu(d, "a", size=MiB)
+    inventory.create_lu(d, "ro", size=MiB, readonly=True)
+    t = Target(d.path)
+    yield t
+    t.close()
+
+
+@pytest.fixture(params=["restore", "reverse-sync"])
+def restoring(two_lus, monkeypatch, request):
+    """LU "a" holds A, its fractured clone "c" holds C at extent 0, and a
+    restore (or reverse sync) from "c" has begun, its engine held: hosts
+    read C there, the Source below the clones layer still holds A."""
+    target = two_lus
+    target.lus["a"].write(b"A" * MiB, 0)
+    fractured(target, "a", "c")
+    target.groups["a"].clones["c"].export.write(b"C" * G, 0)
+    monkeypatch.setattr(clone_sync.SyncEngine, "start", lambda engine: None)
+    if request.param == "restore":
+        target.clone_restore("c")
+    else:
+        target.clone_reverse_sync("c")
+    assert target.groups["a"].clones["c"].state in (
+        clones.RESTORING, clones.REVERSE_SYNCING)
+    assert read(target, "a", 0, 16) == b"C" * 16
+    return target
+
+
+def test_no_protected_image_is_taken_while_the_source_is_restored(
+        restoring):
+    with pytest.raises(sessions.SessionBusy, match="being restored"):
+        restoring.image_protect("a")
+    assert "a@protected-a" not in [n for n, _ in restoring.exports()]
+
+
+def test_no_session_is_marked_while_the_source_is_restored(restoring,
+                                                           monkeypatch):
+    monkeypatch.setattr(sessions, "probe_destination",
+                        lambda *args, **kwargs: None)
+    restoring.session_create("a", "s1",
+                             dests=["nbd+unix:///x?socket=/nonexistent"])
+    with pytest.raises(sessions.SessionBusy, match="being restored"):
+        restoring.session_mark("s1", export=True)
+
+
+def test_a_held_volume_is_not_rolled_back(two_nodes,  # noqa: F811
+                                          monkeypatch):
+    """The primary restarts and its group does not load (its SRL cannot
+    be opened): its volume is held, and a rollback to its protected image
+    is refused as a host's connection is, or the secondary would never
+    learn of the change once the group loads again."""
+    a, b = two_nodes
+    lu = a.t.lus["v1"]
+    lu.write(b"\x01" * 4096, 0)
+    converge(a, b)
+    a.t.image_protect("v1")
+    lu.write(b"\x02" * 4096, 0)
+    converge(a, b)
+    a.close()
+
+    def unopenable(*args, **kwargs):
+        raise OSError(errno.EIO, "injected")
+    monkeypatch.setattr(primary, "Srl", unopenable)
+    a.start()
+    assert a.t.lus["v1"].held
+    with pytest.raises(LUHeld):
+        a.t.connect("v1", False)
+    with pytest.raises(LUHeld):
+        a.t.image_rollback("v1")
+    buf = bytearray(4096)
+    a.t.lus["v1"].backend.readinto(buf, 0)
+    assert bytes(buf) == b"\x02" * 4096
+
+
+@pytest.mark.parametrize("volumes", [["a", "a"], ["ro"]],
+                         ids=["twice", "read-only"])
+def test_a_primarys_hello_cannot_claim_what_a_group_cannot_hold(
+        two_lus, volumes):
+    """A primary's hello names an LU twice, or a read-only one: refused
+    before anything is saved or stacked.  Before, a second guard failed
+    to stack and left the first in place (the LU refused every read and
+    write) and the group's saved record stopped the next start."""
+    t = two_lus
+    hello = {"group": "g", "volumes": [{"lu": n, "size": MiB}
+                                       for n in volumes]}
+    with pytest.raises(errors.Error):
+        t.rsg_ops.accept_primary(hello, "192.0.2.1")
+    assert "g" not in t.rsgs and not t.state_dir.group_files("g").on_disk()
+    for name in set(volumes):
+        assert t.lus[name].stack.get("guard") is None
+        assert read(t, name, 0, 4) == bytes(4)
+    t.close()
+    Target(t.state_dir.path).close()

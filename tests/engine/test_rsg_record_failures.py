@@ -1,0 +1,72 @@
+"""A primary whose group record cannot be saved (a full state directory)
+loses nothing and stops nothing for good.
+
+- A replay's start is recorded before the link stops marking changes in
+  its DCM.  If that record is not saved, a clean stop keeps the activity
+  log, so the next start still replays what was written meanwhile.
+- A link whose failure cannot be recorded keeps retrying. Its thread does
+  not end, which would leave replication off until an `rsg attach`.
+"""
+
+import errno
+
+from target import replication as R
+from tests.support.rsgmodel import wait_for
+from tests.support.twonodes import converge, two_nodes  # noqa: F401
+
+
+def record_saves_fail(monkeypatch, node):
+    """From the moment the returned list holds True, node's group record
+    is not saved (ENOSPC)."""
+    full = []
+    save = node.rsg.files.save
+
+    def failing(record):
+        if full:
+            raise OSError(errno.ENOSPC, "injected")
+        save(record)
+    monkeypatch.setattr(node.rsg.files, "save", failing)
+    return full
+
+
+def test_writes_after_an_unrecorded_replay_start_reach_the_secondary(
+        two_nodes, monkeypatch):  # noqa: F811
+    a, b = two_nodes
+    converge(a, b)
+    a.t.rsg_detach("g", b.addr)
+    wait_for(lambda: b.rsg.connected_since is None)
+    a.t.lus["v1"].write(b"\x02" * 4096, 0)          # into the DCM
+    full = record_saves_fail(monkeypatch, a)
+    join = R.PrimaryGroup.replay_join
+
+    def joined_then_full(self, link):
+        join(self, link)
+        full.append(True)
+    monkeypatch.setattr(R.PrimaryGroup, "replay_join", joined_then_full)
+    a.t.rsg_attach("g", b.addr)
+    link = a.rsg.links[0]
+    wait_for(lambda: link.state == R.FAILED and link.holds == R.link.SRL_DCM,
+             10, "the replay's start, not recorded", link.status)
+    # Logged in the SRL only: the DCM is static since the join.
+    a.t.lus["v1"].write(b"\x03" * 4096, 8192)
+    a.close()
+    full.clear()
+    monkeypatch.setattr(R.PrimaryGroup, "replay_join", join)
+    a.start()
+    converge(a, b)
+    assert b.read_base(0)[:12288] == a.read_top(0)[:12288]
+
+
+def test_a_link_whose_failure_cannot_be_recorded_keeps_retrying(
+        two_nodes, monkeypatch):  # noqa: F811
+    a, b = two_nodes
+    converge(a, b)
+    full = record_saves_fail(monkeypatch, a)
+    full.append(True)
+    link = a.rsg.links[0]
+    wait_for(lambda: link.state == R.FAILED, 10, "the link's failure",
+             link.status)
+    full.clear()
+    a.t.lus["v1"].write(b"\x04" * 4096, 0)
+    converge(a, b)
+    assert b.read_base(0)[:4096] == b"\x04" * 4096
