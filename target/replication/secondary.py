@@ -1138,8 +1138,8 @@ class SecondaryGroup:
         written here since the image holds every region where it differs
         from the image (PrimaryGroup.changes_since_agreement)."""
         point = self.image_point
-        if not self.point_kept() or not point.get("id") or \
-                not point["history"]:
+        if not self.point_kept() or point is None or \
+                not point.get("id") or not point["history"]:
             return {}
         return {"image": {"id": point["id"], "base": [
             point["history"][-1][0], point["applied_seq"]]}}

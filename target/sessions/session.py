@@ -426,9 +426,9 @@ class Session:
 
     def _store_old_data(self, blocks, generation):
         """Copy the old data of blocks (block numbers, sorted) from the
-        Source below to the save area, not yet durable; returns [(first block, count, first
-        slot, ticket)] to make durable (none if the mark went meanwhile).
-        Raises SaveAreaFull."""
+        Source below to the save area, not yet durable; returns [(first
+        block, count, first slot, ticket)] to make durable (none if the
+        mark went meanwhile).  Raises SaveAreaFull."""
         bs = self.block
         unmarked = threading.Event()
         stored = []

@@ -703,3 +703,14 @@ def test_a_release_that_keeps_failing_unexpectedly_leaves_replication_on(
     converge(a, b)
     assert "injected" in (b.rsg.status().get("error") or ""), \
         b.rsg.status()
+
+
+def test_an_image_kept_without_its_point_is_named_to_no_primary(
+        two_nodes, monkeypatch):
+    """A node protected and inconsistent whose record holds no image point
+    (a record older than the point): RBOK names no image rather than
+    failing the replay's start."""
+    a, b = two_nodes
+    break_a_replay(a, b, monkeypatch)
+    b.rsg.image_point = None
+    assert b.rsg._image_kept() == {}
