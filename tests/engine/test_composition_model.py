@@ -572,7 +572,18 @@ class CompositionMachine(RuleBasedStateMachine):
 
     def do_protect_image(self):
         n = self.prim
-        self.P.t.image_protect(VOLS[0])
+        group = self.P.t.groups.get(VOLS[0])
+        restored = group is not None and any(
+            c.state in (clones.RESTORING, clones.REVERSE_SYNCING)
+            for c in group.clones.values())
+        try:
+            self.P.t.image_protect(VOLS[0])
+        except sessions.SessionBusy:
+            # No new point in time of a Source a clone restores (only
+            # this thread starts restores; one may end meanwhile).
+            assert restored and self.images[n] is None, self.status()
+            event("protect refused: a restore runs")
+            return
         if self.images[n] is None:
             self.images[n] = bytes(self.img[0])
 
