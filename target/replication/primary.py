@@ -949,10 +949,25 @@ class PrimaryGroup:
                    if seeded else None}
         return dict(top, all=False, maps=narrower, image_maps=images)
 
+    def _recorded(self, change, undo):
+        """(Under the lock.)  An admin's change of the group: made, then
+        recorded before the lock is let go, and undone when the record
+        cannot be saved.  Nothing acts meanwhile on what the record may
+        never hold, and the admin's error is the whole truth: the group
+        runs as its record says, now and after a restart."""
+        change()
+        try:
+            self.persist(locked=True)
+        except BaseException:
+            undo()
+            raise
+
     def set_split_brain_policy(self, policy):
+        policy = check_split_brain_policy(policy)
         with self.cond:
-            self.after_split_brain = check_split_brain_policy(policy)
-        self.persist()
+            before = self.after_split_brain
+            self._recorded(lambda: setattr(self, "after_split_brain", policy),
+                           lambda: setattr(self, "after_split_brain", before))
 
     def add_link(self, secondary, mode, token_file, tls_certificates=None,
                  replay_rate=None):
@@ -966,18 +981,35 @@ class PrimaryGroup:
                    "tls_certificates": tls_certificates, "attached": True,
                    "dcm_active": True, "seeded": False,
                    "replay_rate": replay_rate}
-            link = self._add_link_object(index, rec, fresh=True)
-        self.persist()
+            made = []
+
+            def forget():
+                link = made.pop()
+                self.links.remove(link)
+                link.dcm.close()
+                self.files.remove([self.files.dcm(index)])
+            self._recorded(
+                lambda: made.append(self._add_link_object(index, rec,
+                                                          fresh=True)),
+                forget)
+        link, = made
         link.start()
         return link
 
     def remove_link(self, link):
         link.stop()
-        with self.cond:
-            self.links.remove(link)
+        try:
+            with self.cond:
+                at = self.links.index(link)
+                self._recorded(lambda: self.links.remove(link),
+                               lambda: self.links.insert(at, link))
+        except BaseException:
+            # Still linked, as the record says: it goes on from where it
+            # stopped (its change map was kept meanwhile).
+            link.start()
+            raise
         link.dcm.close()
         self.files.remove([self.files.dcm(link.index)])
-        self.persist()
 
     def link(self, secondary):
         for l in self.links:

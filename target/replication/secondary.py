@@ -627,13 +627,15 @@ class SecondaryGroup:
         for vol in range(len(self.volumes)):
             self._backend(vol).flush()
 
-    def persist(self):
+    def persist(self, **settings):
+        """Save the record; settings (an admin's change of the group's
+        own fields) are in force once saved, never before."""
         # The session and an admin's change (a policy, an image released)
         # save it from two threads: the save that lands last must be of
         # the later state (a stale `volatile` or `consistent` would let a
         # crash pass a torn state for a consistent one).
         with self.persist_lock:
-            rec = dict(self.record_base)
+            rec = dict(self.record_base, **settings)
             rec.update({"role": SECONDARY, "history": self.history,
                         "last_seq": max(self.last_seq, self.applied_seq),
                         "applied_seq": self.applied_seq,
@@ -646,6 +648,7 @@ class SecondaryGroup:
                         "volatile": self.volatile,
                         "diverged": self.diverged, "reason": self.reason})
             self.files.save(rec)
+            self.record_base.update(settings)
 
     # Host reads.
 
@@ -1269,9 +1272,7 @@ class SecondaryGroup:
 
     def set_split_brain_policy(self, policy):
         """Kept for when this node is promoted (a primary sends its own)."""
-        self.record_base["after_split_brain"] = \
-            check_split_brain_policy(policy)
-        self.persist()
+        self.persist(after_split_brain=check_split_brain_policy(policy))
 
     def status(self):
         return {"name": self.name, "role": SECONDARY,

@@ -6,9 +6,16 @@ loses nothing and stops nothing for good.
   log, so the next start still replays what was written meanwhile.
 - A link whose failure cannot be recorded keeps retrying. Its thread does
   not end, which would leave replication off until an `rsg attach`.
+- An admin's change of a group (`rsg set`, `rsg link`, `rsg unlink`) whose
+  record cannot be saved is refused and is not in force either: the
+  running group stays as its record says, so what the admin was told
+  holds now and after a restart.
 """
 
 import errno
+import os
+
+import pytest
 
 from target import replication as R
 from tests.support.rsgmodel import wait_for
@@ -70,3 +77,63 @@ def test_a_link_whose_failure_cannot_be_recorded_keeps_retrying(
     a.t.lus["v1"].write(b"\x04" * 4096, 0)
     converge(a, b)
     assert b.read_base(0)[:4096] == b"\x04" * 4096
+
+
+@pytest.mark.parametrize("side", ["primary", "secondary"])
+def test_a_policy_change_that_cannot_be_recorded_is_not_in_force(
+        two_nodes, monkeypatch, side):  # noqa: F811
+    a, b = two_nodes
+    converge(a, b)
+    node = a if side == "primary" else b
+    record_saves_fail(monkeypatch, node).append(True)
+    with pytest.raises(OSError):
+        node.t.rsg_set("g", after_split_brain="discard-zero-changes")
+    assert node.rsg.status()["after_split_brain"] == "disconnect"
+    if side == "primary":
+        # What a diverged secondary would be told, and what decides.
+        assert node.rsg.after_split_brain == "disconnect"
+        assert node.rsg.hello()["after_split_brain"] == "disconnect"
+
+
+def test_a_link_that_cannot_be_recorded_is_not_kept(
+        two_nodes, monkeypatch):  # noqa: F811
+    a, b = two_nodes
+    converge(a, b)
+    token = a.rsg.links[0].token_file
+    a.t.rsg_unlink("g", b.addr)
+    full = record_saves_fail(monkeypatch, a)
+    full.append(True)
+    with pytest.raises(OSError):
+        a.t.rsg_link("g", b.addr, "async", token)
+    assert a.rsg.links == []
+    assert not os.path.exists(a.rsg.files.dcm(0))
+    # The admin tries again once there is room, and it replicates.
+    full.clear()
+    a.t.rsg_link("g", b.addr, "async", token)
+    a.t.lus["v1"].write(b"\x05" * 4096, 0)
+    converge(a, b)
+    assert b.read_base(0)[:4096] == b"\x05" * 4096
+
+
+def test_an_unlink_that_cannot_be_recorded_keeps_the_link(
+        two_nodes, monkeypatch):  # noqa: F811
+    a, b = two_nodes
+    converge(a, b)
+    link = a.rsg.links[0]
+    dcm = a.rsg.files.dcm(link.index)
+    full = record_saves_fail(monkeypatch, a)
+    full.append(True)
+    with pytest.raises(OSError):
+        a.t.rsg_unlink("g", b.addr)
+    full.clear()
+    # Still linked, as the record says: it replicates, and its change map
+    # (which a restart needs to know what the secondary lacks) is kept.
+    assert [l.secondary for l in a.rsg.links] == [b.addr]
+    assert os.path.exists(dcm)
+    a.t.lus["v1"].write(b"\x06" * 4096, 0)
+    converge(a, b)
+    assert b.read_base(0)[:4096] == b"\x06" * 4096
+    a.close()
+    a.start()
+    assert a.rsg.problems == []
+    converge(a, b)
