@@ -415,8 +415,14 @@ class PrimaryGroup:
             # much written, and every host write would wait): the regions
             # then stay until the next unlocked persist (a streaming link
             # makes one every PERSIST_INTERVAL): a superset meanwhile.
-            self.al.sweep_ok = not locked and self._volumes_durable(swept)
+            durable = not locked and self._volumes_durable(swept)
+            # Only a saved record lets the next sweep clear regions: one
+            # that was not saved may still say a link logs to its DCM
+            # while the writes since went to the SRL alone (a replay's
+            # start), and then the log is all that remembers them.
+            self.al.sweep_ok = False
             self.files.save(rec)
+            self.al.sweep_ok = durable
             for link, pos in saved.items():
                 link.saved_pos = pos
         finally:

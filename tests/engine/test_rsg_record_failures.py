@@ -64,6 +64,46 @@ def test_writes_after_an_unrecorded_replay_start_reach_the_secondary(
     assert b.read_base(0)[:12288] == a.read_top(0)[:12288]
 
 
+def test_writes_after_an_unrecorded_replay_start_survive_failed_saves(
+        two_nodes, monkeypatch):  # noqa: F811
+    """As above, but the secondary is away and the link retries for a while,
+    each retry a save that fails, before the stop: the activity log must
+    keep the write's region all along."""
+    a, b = two_nodes
+    converge(a, b)
+    a.t.rsg_detach("g", b.addr)
+    wait_for(lambda: b.rsg.connected_since is None)
+    a.t.lus["v1"].write(b"\x02" * 4096, 0)
+    full = record_saves_fail(monkeypatch, a)
+    join = R.PrimaryGroup.replay_join
+
+    def joined_then_full(self, link):
+        join(self, link)
+        full.append(True)
+    monkeypatch.setattr(R.PrimaryGroup, "replay_join", joined_then_full)
+    a.t.rsg_attach("g", b.addr)
+    link = a.rsg.links[0]
+    wait_for(lambda: link.state == R.FAILED and link.holds == R.link.SRL_DCM,
+             10, "the replay's start, not recorded", link.status)
+    b.close()
+    a.t.lus["v1"].write(b"\x03" * 4096, 8192)
+    saves = []
+    save = a.rsg.files.save
+
+    def counted(record):
+        saves.append(True)
+        save(record)
+    monkeypatch.setattr(a.rsg.files, "save", counted)
+    wait_for(lambda: len(saves) >= 3, 20, "three failed saves (retries)")
+    a.close()
+    full.clear()
+    monkeypatch.setattr(R.PrimaryGroup, "replay_join", join)
+    a.start()
+    b.start()
+    converge(a, b)
+    assert b.read_base(0)[:12288] == a.read_top(0)[:12288]
+
+
 def test_a_link_whose_failure_cannot_be_recorded_keeps_retrying(
         two_nodes, monkeypatch):  # noqa: F811
     a, b = two_nodes
