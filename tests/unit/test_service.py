@@ -506,6 +506,40 @@ def test_volumes_of_a_group_that_did_not_load_are_not_served(tmp_path):
         t.close()
 
 
+def test_a_group_that_did_not_load_holds_its_volumes_until_deleted(
+        tmp_path, monkeypatch):
+    """`rsg delete` of a group that failed to load lets its volumes be
+    served only once its files are gone: if they stay (a removal that
+    fails), the group loads at the next start unaware of what hosts wrote
+    meanwhile."""
+    d = str(tmp_path / "s")
+    t = Target(d)
+    t.lu_create("db1", size="1M")
+    t.lu_create("db2", size="1M")
+    t.rsg_create("g", ["db1", "db2"], "1M")
+    t.prepare_stop()
+    t.close()
+    img = os.path.join(d, "lus", "db2.img")
+    os.rename(img, img + ".away")
+    t = Target(d)
+    try:
+        assert "g" in t.rsg_ops.failures
+
+        def remove_fails(self):
+            raise OSError(errno.EIO, "injected")
+        monkeypatch.setattr(inventory.GroupFiles, "remove_all", remove_fails)
+        with pytest.raises(OSError):
+            t.rsg_delete("g")
+        with pytest.raises(errors.Error) as e:
+            t.connect("db1", False)
+        assert "replicated group g" in str(e.value), e.value
+        monkeypatch.undo()
+        t.rsg_delete("g")
+        t.disconnect(t.connect("db1", False))
+    finally:
+        t.close()
+
+
 def test_user_session_commands_do_not_reach_protected_images(target):
     """A protected image (LU@protected-LU, a secondary's last consistent
     image during a replay) is the target's own: the session commands of
