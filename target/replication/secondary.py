@@ -771,23 +771,31 @@ class SecondaryGroup:
 
     def record_local_change(self, runs):
         """(Before the change is made.)  Regions [vol, offset, length]
-        this node changes on its own, saved as diverged."""
-        if self.diverged is None:
-            self.diverged = {"runs": [], "all": False,
-                             "base": self.own_base(), "maps": []}
+        this node changes on its own, saved as diverged; if that record
+        cannot be saved the change is refused, and nothing of it is kept
+        (a volume would lose the point it holds for a change never
+        made)."""
+        before = copy.deepcopy((self.diverged, self.image_point))
+        diverged, point = copy.deepcopy(before)
+        if diverged is None:
+            diverged = {"runs": [], "all": False, "base": self.own_base(),
+                        "maps": []}
         runs = [list(r) for r in runs]
-        self.diverged["runs"] = self.diverged.get("runs", []) + runs
-        for m in self.diverged.get("maps", []) + \
-                self.diverged.get("image_maps", []):
+        diverged["runs"] = diverged.get("runs", []) + runs
+        for m in diverged.get("maps", []) + diverged.get("image_maps", []):
             m["runs"] = m["runs"] + runs
-        if self.image_point is not None:
+        if point is not None:
             # A volume changed after its rollback no longer holds the
             # point (its image is gone: it cannot get there again).
             changed = {self.volumes[r[0]].name for r in runs}
-            self.image_point["rolled_back"] = [
-                n for n in self.image_point["rolled_back"]
-                if n not in changed]
-        self.persist()
+            point["rolled_back"] = [n for n in point["rolled_back"]
+                                    if n not in changed]
+        self.diverged, self.image_point = diverged, point
+        try:
+            self.persist()
+        except BaseException:
+            self.diverged, self.image_point = before
+            raise
 
     def _send_pull(self, sock, runs):
         """A primary takes this node's diverged regions (the split-brain
