@@ -731,8 +731,7 @@ class SecondaryGroup:
         policy = hello.get("after_split_brain")
         if policy and policy != self.record_base.get("after_split_brain"):
             # The group's policy, kept for when this node is promoted.
-            self.record_base["after_split_brain"] = policy
-            self.persist()
+            self.persist(after_split_brain=policy)
         reply = {"ok": True, "role": SECONDARY,
                  "consistent": self.consistent,
                  "applied_seq": self.applied_seq, "history": self.history,
