@@ -479,8 +479,10 @@ class PrimaryGroup:
                 sync_links = [l for l in self.links if l.sync_waits]
             elif seq >= self.seq_bound:
                 # An unlogged number: reserve the next ones durably first.
-                self.seq_bound = seq + SEQ_RESERVE
-                self.persist(locked=True)
+                bound = self.seq_bound
+                self._recorded(
+                    lambda: setattr(self, "seq_bound", seq + SEQ_RESERVE),
+                    lambda: setattr(self, "seq_bound", bound))
             try:
                 apply()
             except OSError as e:
@@ -956,11 +958,12 @@ class PrimaryGroup:
         return dict(top, all=False, maps=narrower, image_maps=images)
 
     def _recorded(self, change, undo):
-        """(Under the lock.)  An admin's change of the group: made, then
-        recorded before the lock is let go, and undone when the record
-        cannot be saved.  Nothing acts meanwhile on what the record may
-        never hold, and the admin's error is the whole truth: the group
-        runs as its record says, now and after a restart."""
+        """(Under the lock.)  A change of the group (an admin's, a
+        reservation of write numbers): made, then recorded before the lock
+        is let go, and undone when the record cannot be saved.  Nothing
+        acts meanwhile on what the record may never hold, and the error is
+        the whole truth: the group runs as its record says, now and after
+        a restart."""
         change()
         try:
             self.persist(locked=True)

@@ -177,3 +177,25 @@ def test_an_unlink_that_cannot_be_recorded_keeps_the_link(
     a.start()
     assert a.rsg.problems == []
     converge(a, b)
+
+
+def test_a_reservation_that_cannot_be_recorded_is_made_again(
+        two_nodes, monkeypatch):  # noqa: F811
+    """With no link holding the SRL, write numbers are reserved durably in
+    blocks before they are handed out (so none is handed out twice across
+    a crash).  A reservation whose record cannot be saved fails its write
+    and reserves nothing: the next write reserves again."""
+    a, b = two_nodes
+    converge(a, b)
+    a.t.rsg_detach("g", b.addr)
+    g = a.rsg
+    g.seq_bound = g.next_seq            # the next write must reserve
+    full = record_saves_fail(monkeypatch, a)
+    full.append(True)
+    with pytest.raises(OSError):
+        a.t.lus["v1"].write(b"\x07" * 4096, 0)
+    full.clear()
+    a.t.lus["v1"].write(b"\x08" * 4096, 0)
+    seq = g.next_seq - 1
+    assert g.files.load()["seq_bound"] > seq, "number {} handed out, " \
+        "not reserved".format(seq)
