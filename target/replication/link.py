@@ -20,6 +20,7 @@ import time
 import zlib
 
 from .. import changemap, channel, copier, errors
+from .layer import runs_without
 from .records import read_token
 from .srl import SrlCorrupt
 from .verify import LinkVerify, digests
@@ -230,6 +231,10 @@ class Link:
         # discard-zero-changes) began and has not completed.
         self.pulling = record.get("pulling", False)
         self.pull = None            # the regions to take at this connection
+        # What that take has not taken yet (None: not known, a record
+        # older than the field): each region taken leaves it durably
+        # before any host write reaches the region.
+        self.pull_left = record.get("pull_left")
         self.split_brain = None     # what each side changed, while diverged
         self.error = record.get("error")
         self.stopped_error = record.get("stopped_error")
@@ -369,6 +374,7 @@ class Link:
                 "acked_seq": self.acked_seq, "acked_pos": self.acked_pos,
                 "dcm_active": self.dcm_active, "seeded": self.seeded,
                 "holds_srl": self.holds_srl, "pulling": self.pulling,
+                "pull_left": self.pull_left,
                 "error": self.error, "stopped_error": self.stopped_error}
 
     # Thread.
@@ -476,7 +482,7 @@ class Link:
         sock.settimeout(None)
         if not g.accept_secondary(self, reply):
             return
-        if self.pull:
+        if self.pull is not None:
             self._take(sock)
         self.error = None
         reader = threading.Thread(target=self._read_acks, args=(sock,),
@@ -511,32 +517,45 @@ class Link:
         before the replay sends the union back (module notes)."""
         g = self.group
         runs, self.pull = self.pull, None
-        send_json(sock, b"PULL", {"runs": runs})
-        while True:
-            kind, payload = recv_frame(sock)
-            if kind == b"PEND":
-                break
-            if kind == b"FAIL":
-                raise RemoteRefused(peer=self.secondary, reason=json.loads(
-                    payload).get("message", "failed"))
-            if kind != b"RDAT":
-                raise errors.ProtocolError(reason="unexpected {!r} while "
-                                           "taking the secondary's changes"
-                                           .format(bytes(kind)))
-            vol, k, off, length, crc = DATA.unpack_from(payload)
-            data = payload[DATA.size:]
-            if k != WRITE or not 0 <= vol < len(g.sizes) or off < 0 or \
-                    off + length > g.sizes[vol] or len(data) != length or \
-                    zlib.crc32(data) != crc:
-                raise errors.ProtocolError(reason="the secondary's data at "
-                                           "{} of volume {} fails its "
-                                           "checks".format(off, vol))
-            g.take_changes(vol, off, data)
+
+        def taken(vol, off, length):
+            # (Under the volume's TakeGuard.)  Durable, data and record,
+            # before a host write may reach the region: a take cut off
+            # later (a crash too) does not take it again over that write.
+            g.volumes[vol].stack.below("guard").flush()
+            with g.cond:
+                self.pull_left = runs_without(self.pull_left or [], vol,
+                                              off, length)
+            g.persist()
+        with g.taking(runs, taken):
+            send_json(sock, b"PULL", {"runs": runs})
+            while True:
+                kind, payload = recv_frame(sock)
+                if kind == b"PEND":
+                    break
+                if kind == b"FAIL":
+                    raise RemoteRefused(peer=self.secondary,
+                                        reason=json.loads(payload).get(
+                                            "message", "failed"))
+                if kind != b"RDAT":
+                    raise errors.ProtocolError(
+                        reason="unexpected {!r} while taking the "
+                        "secondary's changes".format(bytes(kind)))
+                vol, k, off, length, crc = DATA.unpack_from(payload)
+                data = payload[DATA.size:]
+                if k != WRITE or not 0 <= vol < len(g.sizes) or off < 0 \
+                        or off + length > g.sizes[vol] or \
+                        len(data) != length or zlib.crc32(data) != crc:
+                    raise errors.ProtocolError(
+                        reason="the secondary's data at {} of volume {} "
+                        "fails its checks".format(off, vol))
+                g.take_changes(vol, off, data)
         with g.cond:
             # Taken: this side's data wins from now on (until the secondary
             # has taken this side's history), whatever the next handshake
             # finds this node changed.
             self.pulling = False
+            self.pull_left = None
             self.discard_secondary = True
         g.persist()
         log.info("group %s: took %d region(s) changed on %s", g.name,

@@ -8,6 +8,8 @@ operations).  See the design notes in target/replication/__init__.py;
 files and recovery: docs/persistence.md.
 """
 
+import contextlib
+import functools
 import logging
 import os
 import threading
@@ -15,7 +17,7 @@ import time
 
 from .. import errors, maps
 from .dcm import ActivityLog, Dcm
-from .layer import ReplicationLayer
+from .layer import ReplicationLayer, TakeGuard
 from .link import (DCM_REPLAY, DETACHED, REPLICATING, SRL, SRL_DCM,
                    SRL_RETRY, Link)
 from .records import (DISCARD_SECONDARY, DISCARD_ZERO_CHANGES, DISCONNECT,
@@ -155,6 +157,8 @@ class PrimaryGroup:
         # Volume changes begun and not started yet (begin_volume_change):
         # replays read nothing meanwhile.
         self.changes_starting = []
+        # Volume -> TakeGuard while a secondary's changes are taken.
+        self.take_guards = {}
         self.lock = threading.Lock()
         self.cond = _GroupCond(self.lock)
         self.persist_lock = threading.Lock()
@@ -886,8 +890,14 @@ class PrimaryGroup:
                 log.warning("group %s: split brain with %s resolved (policy "
                             "%s): %s; its changes are taken", self.name,
                             link.secondary, policy, what)
+                if link.pulling and link.pull_left is not None:
+                    # A take cut off: the regions taken already hold its
+                    # data, and maybe newer host writes; not again.
+                    link.pull = [list(r) for r in link.pull_left]
+                else:
+                    link.pull = [list(r) for r in link.dcm.runs(peer)]
+                    link.pull_left = [list(r) for r in link.pull]
                 link.pulling = True
-                link.pull = [list(r) for r in link.dcm.runs(peer)]
                 return True
         link.transition("diverge")
         link.split_brain = dict(sides, common=[shared, common],
@@ -902,10 +912,48 @@ class PrimaryGroup:
         link.refused = link.error
         return False
 
+    @contextlib.contextmanager
+    def taking(self, runs, done):
+        """While a secondary's changes runs ([vol, offset, length]) are
+        taken: each volume written has a TakeGuard, which done(vol,
+        offset, length) tells when a region is taken (module notes)."""
+        per_vol = {}
+        for vol, off, length in runs:
+            per_vol.setdefault(vol, []).append((off, length))
+        guards = {vol: TakeGuard(r, functools.partial(done, vol))
+                  for vol, r in per_vol.items()}
+        with self.cond:
+            # A restore or reverse sync writes below the guards: neither
+            # runs beside a take (begin_volume_change refuses too).
+            if self.changes_starting or any(
+                    self._volume_view(vol) is not None for vol in guards):
+                raise ReplicationError(
+                    name=self.name, reason="a restore or reverse sync of a "
+                    "volume runs; the secondary's changes are taken once it "
+                    "has finished")
+            self.take_guards = guards
+        installed = []
+        try:
+            for vol, guard in guards.items():
+                self.volumes[vol].stack.set("guard", guard)
+                installed.append(vol)
+            yield
+        finally:
+            with self.cond:
+                self.take_guards = {}
+            for vol in installed:
+                self.volumes[vol].stack.remove("guard", guards[vol])
+
     def take_changes(self, vol, offset, data):
-        """A region taken from a secondary (link.pull): written as a host
-        write would be, so every link and map sees it."""
-        self.volumes[vol].write(bytes(data), offset)
+        """A region taken from a secondary (link.pull): written below its
+        volume's TakeGuard as a host write would be, so every link and
+        map sees it, with what hosts wrote there meanwhile on top."""
+        guard = self.take_guards.get(vol)
+        if guard is None:
+            raise errors.ProtocolError(reason="the secondary sent data of "
+                                       "volume {}, which was not asked for"
+                                       .format(vol))
+        guard.take(bytes(data), offset)
 
     def changes_since_agreement(self):
         """(Demote, under the lock, every link logging.)  What this node
@@ -1085,6 +1133,11 @@ class PrimaryGroup:
         them; any other link logs, and replays them when it can."""
         reason = "{} of {}".format(what, self.volumes[vol].name)
         with self.cond:
+            if self.take_guards:
+                raise ReplicationError(
+                    name=self.name, reason="it is taking a secondary's "
+                    "changes (a split brain, policy discard-zero-changes); "
+                    "try again once that has finished")
             self.changes_starting.append(reason)
             try:
                 self._begin_volume_change(vol, region_bits, granularity,

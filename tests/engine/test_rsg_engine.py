@@ -44,6 +44,7 @@ import socket
 import tempfile
 import threading
 import time
+import zlib
 
 import pytest
 from hypothesis import HealthCheck, event, note, settings
@@ -56,10 +57,12 @@ from tests.support.models import tolerate_timing_in_generation
 from tests.support.sockets import free_port
 from tests.support.rsgmodel import fast_timing, Op, restore_timing, wait_for
 from tests.support.rsgnodes import read_image, TOKEN
+from tests.support.targets import fractured
 from tests.support.tiers import examples
 from target import clones
 from target import replication as R
 from target import errors
+from target.replication.wire import DATA, send_frame
 from target.target import Target
 
 GRAN = 4096
@@ -2094,6 +2097,154 @@ def test_take_of_the_secondarys_changes_cut_off_is_taken_again(
     assert c.link.state == R.REPLICATING and c.link.split_brain is None
     assert images(c.ta) == want and images(c.tb) == want
     assert c.link.sent_bytes - sent0 == len(B_ONLY) * GRAN
+
+
+def test_a_host_write_during_a_take_is_not_overwritten(cluster_factory,
+                                                       monkeypatch):
+    """discard-zero-changes: the primary serves its hosts while it takes
+    the secondary's changes.  A host write into a region not taken yet
+    is newer than the secondary's data there: it must stay, and reach the
+    secondary."""
+    c, sent0 = split_brain_pair(cluster_factory, [], B_ONLY,
+                                policy="discard-zero-changes")
+    real = R.PrimaryGroup.take_changes
+    vol, index = B_ONLY[-1]
+    host = b"\x77" * GRAN
+
+    def host_writes_meanwhile(self, v, offset, data):
+        if not host_writes_meanwhile.done:
+            host_writes_meanwhile.done = True
+            c.ta.lus[VOLS[vol]].write(host, index * GRAN)
+        return real(self, v, offset, data)
+    host_writes_meanwhile.done = False
+    monkeypatch.setattr(R.PrimaryGroup, "take_changes", host_writes_meanwhile)
+    c.ta.rsg_attach("g", c.addr)
+    resynced(c.ta, c.link, c.tb)
+    assert host_writes_meanwhile.done
+    for t in (c.ta, c.tb):
+        got = read_image(t, VOLS[vol])[index * GRAN:(index + 1) * GRAN]
+        assert got == host, "{}: the host's write is gone".format(
+            "primary" if t is c.ta else "secondary")
+    assert images(c.ta) == images(c.tb)
+
+
+@pytest.mark.parametrize("how", ["cut", "kill"])
+def test_a_take_cut_off_leaves_what_hosts_wrote_over_its_regions(
+        cluster_factory, monkeypatch, how):
+    """discard-zero-changes: a take cut off after its first region (the
+    connection lost, or the primary killed); a host writes into that
+    region before the take goes on.  The region is not taken again over
+    that write."""
+    c, sent0 = split_brain_pair(cluster_factory, [], B_ONLY,
+                                policy="discard-zero-changes")
+    want = images(c.tb)
+    vol, index = B_ONLY[0]
+    host = b"\x66" * GRAN
+    real = R.PrimaryGroup.take_changes
+    first = threading.Event()
+
+    def cut_after_one(self, v, offset, data):
+        if first.is_set():
+            raise ConnectionError("cut while taking")
+        real(self, v, offset, data)
+        first.set()
+        if how == "cut":
+            self.volumes[vol].write(host, index * GRAN)
+        raise ConnectionError("cut while taking")
+    monkeypatch.setattr(R.PrimaryGroup, "take_changes", cut_after_one)
+    c.ta.rsg_attach("g", c.addr)
+    assert first.wait(10)
+    if how == "kill":
+        c.crash_primary()
+        c.ta.lus[VOLS[vol]].write(host, index * GRAN)
+    monkeypatch.setattr(R.PrimaryGroup, "take_changes", real)
+    resynced(c.ta, c.link, c.tb)
+    want[vol] = want[vol][:index * GRAN] + host + \
+        want[vol][(index + 1) * GRAN:]
+    assert images(c.ta) == want and images(c.tb) == want
+
+
+def test_a_take_killed_after_its_last_region_ends_at_the_next_start(
+        cluster_factory, monkeypatch):
+    """discard-zero-changes: the primary is killed once every region is
+    taken, before the take's end is recorded.  The next connection takes
+    nothing again and ends the take, so a later split brain is not
+    treated as this take's leftover."""
+    c, sent0 = split_brain_pair(cluster_factory, [], B_ONLY,
+                                policy="discard-zero-changes")
+    want = images(c.tb)
+    real = R.PrimaryGroup.take_changes
+    last = threading.Event()
+
+    def cut_at_the_end(self, v, offset, data):
+        if last.is_set():
+            raise ConnectionError("cut")
+        real(self, v, offset, data)
+        if (v, offset) == (B_ONLY[-1][0], B_ONLY[-1][1] * GRAN):
+            last.set()
+            raise ConnectionError("cut before the take's end")
+    monkeypatch.setattr(R.PrimaryGroup, "take_changes", cut_at_the_end)
+    c.ta.rsg_attach("g", c.addr)
+    assert last.wait(10)
+    c.crash_primary()
+    monkeypatch.setattr(R.PrimaryGroup, "take_changes", real)
+    resynced(c.ta, c.link, c.tb)
+    assert images(c.ta) == want and images(c.tb) == want
+    assert not c.link.pulling and c.link.pull_left is None
+    assert not c.g.files.load()["links"][0]["pulling"]
+
+
+def test_a_restore_and_a_take_do_not_run_together(cluster_factory,
+                                                   monkeypatch):
+    """A restore writes into the Source below the take's guard: while the
+    primary takes a secondary's changes, a restore of one of its volumes
+    is refused (and a take waits for a running restore)."""
+    c, sent0 = split_brain_pair(cluster_factory, [], B_ONLY,
+                                policy="discard-zero-changes")
+    fractured(c.ta, VOLS[0], "c1")
+    real = R.PrimaryGroup.take_changes
+    taking, go_on = threading.Event(), threading.Event()
+
+    def held(self, v, offset, data):
+        taking.set()
+        go_on.wait(10)
+        real(self, v, offset, data)
+    monkeypatch.setattr(R.PrimaryGroup, "take_changes", held)
+    c.ta.rsg_attach("g", c.addr)
+    try:
+        assert taking.wait(10)
+        with pytest.raises(R.ReplicationError) as info:
+            c.ta.clone_restore("c1")
+        assert "taking a secondary's changes" in str(info.value)
+    finally:
+        go_on.set()
+    resynced(c.ta, c.link, c.tb)
+    assert images(c.ta) == images(c.tb)
+
+
+def test_a_take_writes_only_what_it_asked_for(cluster_factory, monkeypatch):
+    """discard-zero-changes: a secondary that answers the take with data
+    of a region it was not asked for (a bug, or a node posing as the
+    secondary) is refused; the primary's data there stays."""
+    c, sent0 = split_brain_pair(cluster_factory, [], B_ONLY,
+                                policy="discard-zero-changes")
+    before = images(c.ta)
+    real = R.SecondaryGroup._send_pull
+    sent = []
+
+    def also_elsewhere(self, sock, runs):
+        off = 200 * GRAN             # written by nobody since they agreed
+        data = b"\x55" * GRAN
+        sent.append(off)
+        send_frame(sock, b"RDAT", DATA.pack(0, R.WRITE, off, GRAN,
+                                            zlib.crc32(data)) + data)
+        real(self, sock, runs)
+    monkeypatch.setattr(R.SecondaryGroup, "_send_pull", also_elsewhere)
+    c.ta.rsg_attach("g", c.addr)
+    wait_for(lambda: sent and c.link.error and "not asked for" in
+             c.link.error, 10, "the take refused", c.status)
+    assert images(c.ta)[0][200 * GRAN:201 * GRAN] == \
+        before[0][200 * GRAN:201 * GRAN]
 
 
 def _secondary_fails_second_extent(cluster_factory, tmp_path, monkeypatch):
