@@ -731,9 +731,12 @@ class PrimaryGroup:
                     self.to_logging(link)
             if not diverged:
                 # The secondary has taken this side's history (a replay
-                # began there): a choice to discard its changes is used.
-                # Until then it holds, across lost connections.
+                # began there): a choice to discard its changes is used,
+                # and a take cut off is over (what it had not taken was
+                # discarded).  Until then they hold, across lost
+                # connections.
                 link.discard_secondary = False
+                link.pulling, link.pull_left = False, None
             if link.logging:
                 link.transition("await-replay")
         self.persist()
@@ -879,9 +882,13 @@ class PrimaryGroup:
             log.warning("group %s: split brain with %s resolved (%s): %s; "
                         "this node's data wins", self.name, link.secondary,
                         how, what)
+            # A take cut off before is given up: the secondary gets this
+            # side's data everywhere.
+            link.pulling, link.pull_left = False, None
             return True
         if policy == DISCARD_ZERO_CHANGES:
             if not any(peer):
+                link.pulling, link.pull_left = False, None
                 return True
             # Only the secondary changed something (or this node changed
             # only regions of a take that was cut off): take its changes.

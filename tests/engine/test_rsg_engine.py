@@ -2164,6 +2164,36 @@ def test_a_take_cut_off_leaves_what_hosts_wrote_over_its_regions(
     assert images(c.ta) == want and images(c.tb) == want
 
 
+def test_a_take_given_up_is_not_resumed_at_a_later_split_brain(
+        cluster_factory, monkeypatch):
+    """discard-zero-changes: a take is cut off and the admin resolves the
+    split brain the other way (this node wins).  At a later split brain
+    where again only the secondary wrote, its new changes are taken, not
+    what the first take had left."""
+    c, sent0 = split_brain_pair(cluster_factory, [], B_ONLY,
+                                policy="discard-zero-changes")
+    real = R.PrimaryGroup.take_changes
+    cut = threading.Event()
+
+    def cut_at_once(self, v, offset, data):
+        cut.set()
+        raise ConnectionError("cut while taking")
+    monkeypatch.setattr(R.PrimaryGroup, "take_changes", cut_at_once)
+    c.ta.rsg_attach("g", c.addr)
+    assert cut.wait(10)
+    c.ta.rsg_detach("g", c.addr)
+    monkeypatch.setattr(R.PrimaryGroup, "take_changes", real)
+    c.ta.rsg_attach("g", c.addr, discard_secondary_changes=True)
+    resynced(c.ta, c.link, c.tb)
+    detach_and_promote_b(c)
+    write_extents(c.tb, [(0, 100), (0, 101)], 9)
+    want = images(c.tb)
+    c.tb.rsg_demote("g")
+    c.ta.rsg_attach("g", c.addr)
+    resynced(c.ta, c.link, c.tb)
+    assert images(c.ta) == want and images(c.tb) == want
+
+
 def test_a_take_killed_after_its_last_region_ends_at_the_next_start(
         cluster_factory, monkeypatch):
     """discard-zero-changes: the primary is killed once every region is
