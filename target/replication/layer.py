@@ -74,38 +74,37 @@ class Guard(iostack.Layer):
 class TakeGuard(iostack.Layer):
     """A primary volume's outermost layer while the primary takes a
     secondary's changes (split-brain policy discard-zero-changes): the
-    secondary's data is written below it region by region (take), and a
-    host write into a region not taken yet is newer than that data, so
-    its bytes are put into the region's data when it is taken.
+    secondary's data is written below it region by region (take), and the
+    bytes hosts changed in a region since the take was decided are newer
+    than that data, so they are put into it (written(a, b): those parts of
+    [a, b), which the group notes as each host change is made).
 
     One lock per volume orders a take with the host writes, zeroes and
-    trims into regions not taken yet (every layer below sees them in that
-    order: a clone mirrors what the volume gets).  Host requests elsewhere
-    only look at the list of regions left, which only shrinks.
+    trims into regions not taken yet: each is wholly before or after the
+    take's write of its region in every layer below (a clone mirrors what
+    the volume gets).  Host requests elsewhere only look at the list of
+    regions left, which only shrinks.
 
     Deliberately ignored: a host write that entered the stack before the
     guard was installed and is still on its way down when its region is
-    taken (a request in flight keeps its path, iostack) is not known to
-    the guard; it lands before or after the take's write of its region.
+    taken (a request in flight keeps its path, iostack) is noted only as
+    it is made; made between the take reading the notes and writing the
+    region, the take's data overwrites it.
     """
 
-    def __init__(self, runs, done=None):
-        """runs: [(offset, length)] of this volume to take; done(offset,
-        length), called under the lock once a region's write returned,
-        makes its take durable before any host write reaches it."""
+    def __init__(self, runs, written):
+        """runs: [(offset, length)] of this volume to take."""
         self.lock = threading.Lock()
-        self.left = _merged([(off, off + n) for off, n in runs if n > 0])
-        self.written = []       # (start, end) host-written in self.left
-        self.done = done
+        self.left = merged([(off, off + n) for off, n in runs if n > 0])
+        self.written = written
 
     def intercepts(self):
         return {"write": self.write, "zero": self.zero, "trim": self.trim}
 
     def _host(self, offset, length, request):
-        if not _overlap(self.left, offset, offset + length):
+        if not overlap(self.left, offset, offset + length):
             return request()
         with self.lock:
-            self.written += _overlap(self.left, offset, offset + length)
             return request()
 
     def write(self, buf, offset, fua=False):
@@ -122,27 +121,22 @@ class TakeGuard(iostack.Layer):
 
     def take(self, data, offset):
         """Write the secondary's data at offset, with the bytes hosts
-        wrote there since the guard began in place of its own.  Only a
-        region still to take is written (a secondary sending another one
-        is refused, not trusted)."""
+        changed there since the take was decided in place of its own.
+        Only a region still to take is written (a secondary sending
+        another one is refused, not trusted)."""
         end = offset + len(data)
         with self.lock:
-            if _overlap(self.left, offset, end) != [(offset, end)]:
+            if overlap(self.left, offset, end) != [(offset, end)]:
                 raise errors.ProtocolError(
                     reason="the secondary sent {} bytes at {} that were not "
                     "asked for".format(len(data), offset))
             buf = bytearray(data)
-            for a, b in self.written:
-                a, b = max(a, offset), min(b, end)
-                if a < b:
-                    piece = bytearray(b - a)
-                    self.inner.readinto(piece, a)
-                    buf[a - offset:b - offset] = piece
+            for a, b in self.written(offset, end):
+                piece = bytearray(b - a)
+                self.inner.readinto(piece, a)
+                buf[a - offset:b - offset] = piece
             self.inner.write(buf, offset, False)
-            if self.done is not None:
-                self.done(offset, len(data))
             self.left = _subtract(self.left, offset, end)
-            self.written = _subtract(self.written, offset, end)
 
 
 def runs_without(runs, vol, offset, length):
@@ -156,7 +150,7 @@ def runs_without(runs, vol, offset, length):
     return out
 
 
-def _merged(intervals):
+def merged(intervals):
     out = []
     for a, b in sorted(intervals):
         if out and a <= out[-1][1]:
@@ -166,7 +160,7 @@ def _merged(intervals):
     return out
 
 
-def _overlap(intervals, a, b):
+def overlap(intervals, a, b):
     """The parts of [a, b) in intervals (sorted, disjoint)."""
     i = max(bisect.bisect_right(intervals, (a,)) - 1, 0)
     found = []

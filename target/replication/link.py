@@ -9,6 +9,7 @@ See the design notes in target/replication/__init__.py and
 docs/replication.md.
 """
 
+import collections
 import errno
 import itertools
 import json
@@ -234,7 +235,18 @@ class Link:
         # What that take has not taken yet (None: not known, a record
         # older than the field): each region taken leaves it durably
         # before any host write reaches the region.
-        self.pull_left = record.get("pull_left")
+        left = record.get("pull_left")
+        self.pull_left = None if left is None else collections.deque(left)
+        # While it is not over (PrimaryGroup._note_takes): the regions of
+        # the take, per volume, the parts of them hosts changed (bytes, in
+        # this process), the extents they changed (durable), whether they
+        # changed one not taken before this process began, and the thread
+        # writing the take (whose writes are not host changes).
+        self.take_regions = {}
+        self.take_noted = None
+        self.take_map = None
+        self.take_changed_before = False
+        self.take_thread = None
         self.split_brain = None     # what each side changed, while diverged
         self.error = record.get("error")
         self.stopped_error = record.get("stopped_error")
@@ -374,7 +386,8 @@ class Link:
                 "acked_seq": self.acked_seq, "acked_pos": self.acked_pos,
                 "dcm_active": self.dcm_active, "seeded": self.seeded,
                 "holds_srl": self.holds_srl, "pulling": self.pulling,
-                "pull_left": self.pull_left,
+                "pull_left": None if self.pull_left is None
+                else list(self.pull_left),
                 "error": self.error, "stopped_error": self.stopped_error}
 
     # Thread.
@@ -518,16 +531,9 @@ class Link:
         g = self.group
         runs, self.pull = self.pull, None
 
-        def taken(vol, off, length):
-            # (Under the volume's TakeGuard.)  Durable, data and record,
-            # before a host write may reach the region: a take cut off
-            # later (a crash too) does not take it again over that write.
-            g.volumes[vol].stack.below("guard").flush()
-            with g.cond:
-                self.pull_left = runs_without(self.pull_left or [], vol,
-                                              off, length)
-            g.persist()
-        with g.taking(runs, taken):
+        saved = time.monotonic()
+        self.take_thread = threading.get_ident()
+        with g.taking(self, runs):
             send_json(sock, b"PULL", {"runs": runs})
             while True:
                 kind, payload = recv_frame(sock)
@@ -550,12 +556,20 @@ class Link:
                         reason="the secondary's data at {} of volume {} "
                         "fails its checks".format(off, vol))
                 g.take_changes(vol, off, data)
+                with g.cond:
+                    self.pull_left = _taken(self.pull_left, vol, off,
+                                            length)
+                if time.monotonic() - saved >= PERSIST_INTERVAL:
+                    # What is taken, recorded now and then: a take
+                    # resumed after a crash need not see the regions it
+                    # took since as changed on both sides.
+                    g.persist()
+                    saved = time.monotonic()
         with g.cond:
             # Taken: this side's data wins from now on (until the secondary
             # has taken this side's history), whatever the next handshake
             # finds this node changed.
-            self.pulling = False
-            self.pull_left = None
+            g.take_over(self)
             self.discard_secondary = True
         g.persist()
         log.info("group %s: took %d region(s) changed on %s", g.name,
@@ -1372,3 +1386,17 @@ class Link:
                 "verify": self.verifying.to_dict()
                 if self.verifying is not None else None,
                 "dcm_problem": self.dcm.problem if self.dcm else None}
+
+
+def _taken(left, vol, offset, length):
+    """left (a deque of [vol, offset, length], in the order a secondary
+    sends them) without a region just taken: its head, as a secondary
+    answering in order sends it (in place), else wherever it is."""
+    head = left[0] if left else None
+    if head is not None and head[:2] == [vol, offset] and head[2] >= length:
+        if head[2] == length:
+            left.popleft()
+        else:
+            left[0] = [vol, offset + length, head[2] - length]
+        return left
+    return collections.deque(runs_without(left, vol, offset, length))

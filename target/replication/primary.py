@@ -8,6 +8,7 @@ operations).  See the design notes in target/replication/__init__.py;
 files and recovery: docs/persistence.md.
 """
 
+import collections
 import contextlib
 import functools
 import logging
@@ -17,7 +18,7 @@ import time
 
 from .. import errors, maps
 from .dcm import ActivityLog, Dcm
-from .layer import ReplicationLayer, TakeGuard
+from .layer import ReplicationLayer, TakeGuard, merged, overlap
 from .link import (DCM_REPLAY, DETACHED, REPLICATING, SRL, SRL_DCM,
                    SRL_RETRY, Link)
 from .records import (DISCARD_SECONDARY, DISCARD_ZERO_CHANGES, DISCONNECT,
@@ -220,7 +221,9 @@ class PrimaryGroup:
                 if link.holds_srl:
                     link.transition("log")
                 continue
-            self._add_link_object(index, rec, fresh=False)
+            link = self._add_link_object(index, rec, fresh=False)
+            if link.pulling and link.pull_left is not None:
+                self._resume_take(link)
         self.layers = []            # ReplicationLayer per volume
         if unclean:
             self._recover_unclean(corrupt)
@@ -306,6 +309,8 @@ class PrimaryGroup:
             saved = False
         for link in self.links:
             link.dcm.close()
+            if link.take_map is not None:
+                link.take_map.close()
         if self.since is not None:
             self.since.close()
         # Cleared only under a record that says where every change went: an
@@ -459,6 +464,9 @@ class PrimaryGroup:
                         link.dcm.mark(vol, offset, length)
                 if self.since is not None:
                     self.since.mark(vol, offset, length)
+                for link in self.links:
+                    if link.take_map is not None:
+                        self._mark_take(link, vol, offset, length)
                 if any(l.holds_srl for l in self.links):
                     self._make_room(Srl.space(length, kind), vol, offset,
                                     length)
@@ -489,6 +497,9 @@ class PrimaryGroup:
                     lambda: setattr(self, "seq_bound", bound))
             try:
                 apply()
+                for link in self.links:
+                    if link.take_noted is not None:
+                        self._note_take(link, vol, offset, length)
             except OSError as e:
                 if logged:
                     # The secondaries would apply what the volume refused:
@@ -736,7 +747,7 @@ class PrimaryGroup:
                 # discarded).  Until then they hold, across lost
                 # connections.
                 link.discard_secondary = False
-                link.pulling, link.pull_left = False, None
+                self.take_over(link)
             if link.logging:
                 link.transition("await-replay")
         self.persist()
@@ -884,11 +895,11 @@ class PrimaryGroup:
                         how, what)
             # A take cut off before is given up: the secondary gets this
             # side's data everywhere.
-            link.pulling, link.pull_left = False, None
+            self.take_over(link)
             return True
         if policy == DISCARD_ZERO_CHANGES:
             if not any(peer):
-                link.pulling, link.pull_left = False, None
+                self.take_over(link)
                 return True
             # Only the secondary changed something (or this node changed
             # only regions of a take that was cut off): take its changes.
@@ -898,14 +909,22 @@ class PrimaryGroup:
                             "%s): %s; its changes are taken", self.name,
                             link.secondary, policy, what)
                 if link.pulling and link.pull_left is not None:
-                    # A take cut off: the regions taken already hold its
-                    # data, and maybe newer host writes; not again.
-                    link.pull = [list(r) for r in link.pull_left]
+                    # A take cut off goes on with what it had not taken
+                    # (a region taken holds its data, maybe newer host
+                    # writes too), unless hosts changed a region it had
+                    # not taken before this process began (its take map):
+                    # their bytes are not known, so that region was
+                    # changed on both sides.
+                    pull = None if link.take_changed_before else \
+                        [list(r) for r in link.pull_left]
                 else:
-                    link.pull = [list(r) for r in link.dcm.runs(peer)]
-                    link.pull_left = [list(r) for r in link.pull]
-                link.pulling = True
-                return True
+                    pull = [list(r) for r in link.dcm.runs(peer)]
+                    link.pull_left = collections.deque(
+                        list(r) for r in pull)
+                    self._note_takes(link, pull, fresh=True)
+                if pull is not None:
+                    link.pulling, link.pull = True, pull
+                    return True
         link.transition("diverge")
         link.split_brain = dict(sides, common=[shared, common],
                                 policy=policy)
@@ -919,15 +938,81 @@ class PrimaryGroup:
         link.refused = link.error
         return False
 
+    def _note_takes(self, link, runs, fresh):
+        """(Under the lock, or loading.)  From now until link's take of
+        runs is over, the host changes of those regions are noted: their
+        bytes in memory (link.take_noted), so that the take keeps them
+        across lost connections, and their extents durably before they
+        are made (link.take_map, fresh for a new take), so that a take
+        resumed after a crash knows where they were."""
+        per_vol = {}
+        for vol, off, length in runs:
+            per_vol.setdefault(vol, []).append((off, off + length))
+        link.take_regions = {vol: merged(r) for vol, r in per_vol.items()}
+        link.take_noted = {}
+        if link.take_map is not None:
+            link.take_map.close()
+        link.take_map = Dcm(self.files.take_map(link.index),
+                            self.granularity, self.sizes,
+                            fresh_value=0 if fresh else None)
+        link.take_changed_before = False
+
+    def _resume_take(self, link):
+        """(Loading.)  Link's take was cut off by a stop or a crash: did
+        hosts change a region it had not taken?  A lost take map says
+        they may have (an unreadable one reads as every extent set)."""
+        lost = not os.path.exists(self.files.take_map(link.index))
+        self._note_takes(link, link.pull_left, fresh=lost)
+        bits = link.take_map.bits
+        link.take_changed_before = lost or any(
+            any(bits[slice(*link.take_map.range_of(*r))])
+            for r in link.pull_left)
+
+    def _mark_take(self, link, vol, offset, length):
+        """(Under the lock, before a change is made.)  A host change of
+        a region of link's take is in its take map, durably (the take's
+        own writes are not host changes)."""
+        regions = link.take_regions.get(vol)
+        if regions and overlap(regions, offset, offset + length) and \
+                threading.get_ident() != link.take_thread:
+            link.take_map.mark(vol, offset, length)
+
+    def _note_take(self, link, vol, offset, length):
+        """(Under the lock, once a change was made.)"""
+        regions = link.take_regions.get(vol)
+        if regions:
+            found = overlap(regions, offset, offset + length)
+            if found:
+                link.take_noted.setdefault(vol, []).extend(found)
+
+    def take_over(self, link):
+        """(Under the lock.)  Link's take is over (done, or given up)."""
+        link.pulling, link.pull_left = False, None
+        link.take_noted, link.take_regions = None, {}
+        link.take_changed_before = False
+        if link.take_map is not None:
+            link.take_map.close()
+            link.take_map = None
+            self.files.remove([self.files.take_map(link.index)])
+
+    def _take_written(self, link, vol, a, b):
+        """The parts of [a, b) of volume vol that hosts changed since
+        link's take was decided."""
+        with self.cond:
+            return [(max(s, a), min(e, b))
+                    for s, e in link.take_noted.get(vol, ())
+                    if s < b and e > a]
+
     @contextlib.contextmanager
-    def taking(self, runs, done):
+    def taking(self, link, runs):
         """While a secondary's changes runs ([vol, offset, length]) are
-        taken: each volume written has a TakeGuard, which done(vol,
-        offset, length) tells when a region is taken (module notes)."""
+        taken over link: each volume written has a TakeGuard (module
+        notes)."""
         per_vol = {}
         for vol, off, length in runs:
             per_vol.setdefault(vol, []).append((off, length))
-        guards = {vol: TakeGuard(r, functools.partial(done, vol))
+        guards = {vol: TakeGuard(r, functools.partial(self._take_written,
+                                                      link, vol))
                   for vol, r in per_vol.items()}
         with self.cond:
             # A restore or reverse sync writes below the guards: neither
@@ -1073,7 +1158,10 @@ class PrimaryGroup:
             link.start()
             raise
         link.dcm.close()
-        self.files.remove([self.files.dcm(link.index)])
+        if link.take_map is not None:
+            link.take_map.close()
+        self.files.remove([self.files.dcm(link.index),
+                           self.files.take_map(link.index)])
 
     def link(self, secondary):
         for l in self.links:

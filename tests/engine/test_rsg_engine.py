@@ -34,6 +34,7 @@ tests/support/tiers.py) and RSG_MODEL_STEPS (default 15) size the state
 machine.
 """
 
+import collections
 import contextlib
 import errno
 import json
@@ -2114,7 +2115,10 @@ def test_a_host_write_during_a_take_is_not_overwritten(cluster_factory,
     def host_writes_meanwhile(self, v, offset, data):
         if not host_writes_meanwhile.done:
             host_writes_meanwhile.done = True
-            c.ta.lus[VOLS[vol]].write(host, index * GRAN)
+            w = threading.Thread(target=c.ta.lus[VOLS[vol]].write,
+                                 args=(host, index * GRAN))
+            w.start()
+            w.join()
         return real(self, v, offset, data)
     host_writes_meanwhile.done = False
     monkeypatch.setattr(R.PrimaryGroup, "take_changes", host_writes_meanwhile)
@@ -2128,40 +2132,63 @@ def test_a_host_write_during_a_take_is_not_overwritten(cluster_factory,
     assert images(c.ta) == images(c.tb)
 
 
-@pytest.mark.parametrize("how", ["cut", "kill"])
+@pytest.mark.parametrize("where", ["taken", "not taken"])
+@pytest.mark.parametrize("when", ["cut", "before a kill", "after a kill"])
 def test_a_take_cut_off_leaves_what_hosts_wrote_over_its_regions(
-        cluster_factory, monkeypatch, how):
-    """discard-zero-changes: a take cut off after its first region (the
+        cluster_factory, monkeypatch, when, where):
+    """discard-zero-changes: a take is cut off after its first region (the
     connection lost, or the primary killed); a host writes into that
-    region before the take goes on.  The region is not taken again over
-    that write."""
+    region, or into one not taken yet.  No region is taken over that
+    write: the take puts it on top of the secondary's data, except for a
+    write into a region not taken yet made before the kill: its bytes are
+    gone with the process, only its extent is on record, so that region
+    was changed on both sides and the link waits for the admin (the
+    report of policy disconnect)."""
     c, sent0 = split_brain_pair(cluster_factory, [], B_ONLY,
                                 policy="discard-zero-changes")
     want = images(c.tb)
-    vol, index = B_ONLY[0]
+    vol, index = B_ONLY[0] if where == "taken" else B_ONLY[-1]
     host = b"\x66" * GRAN
     real = R.PrimaryGroup.take_changes
-    first = threading.Event()
+    first, cut = threading.Event(), threading.Event()
 
     def cut_after_one(self, v, offset, data):
         if first.is_set():
+            # The first region is taken and counted as taken.
+            if when != "after a kill" and not cut.is_set():
+                # A host's write, from a thread of its own.
+                w = threading.Thread(target=self.volumes[vol].write,
+                                     args=(host, index * GRAN))
+                w.start()
+                w.join()
+            cut.set()
             raise ConnectionError("cut while taking")
         real(self, v, offset, data)
         first.set()
-        if how == "cut":
-            self.volumes[vol].write(host, index * GRAN)
-        raise ConnectionError("cut while taking")
     monkeypatch.setattr(R.PrimaryGroup, "take_changes", cut_after_one)
     c.ta.rsg_attach("g", c.addr)
-    assert first.wait(10)
-    if how == "kill":
+    assert cut.wait(10)
+    if when != "cut":
+        # Killed once the cut's record says the first region is taken.
+        taken = B_ONLY[0][0], B_ONLY[0][1] * GRAN
+        wait_for(lambda: taken not in [
+            tuple(r[:2]) for r in
+            c.g.files.load()["links"][0]["pull_left"]], 10,
+            "the first region recorded as taken")
         c.crash_primary()
+    if when == "after a kill":
         c.ta.lus[VOLS[vol]].write(host, index * GRAN)
     monkeypatch.setattr(R.PrimaryGroup, "take_changes", real)
+    at = slice(index * GRAN, (index + 1) * GRAN)
+    if (when, where) == ("before a kill", "not taken"):
+        wait_for(lambda: c.link.state == R.DIVERGED, 10, "split brain",
+                 c.status)
+        assert read_image(c.ta, VOLS[vol])[at] == host
+        return
     resynced(c.ta, c.link, c.tb)
-    want[vol] = want[vol][:index * GRAN] + host + \
-        want[vol][(index + 1) * GRAN:]
+    want[vol] = want[vol][:at.start] + host + want[vol][at.stop:]
     assert images(c.ta) == want and images(c.tb) == want
+    assert not os.path.exists(c.g.files.take_map(0))
 
 
 def test_a_take_given_up_is_not_resumed_at_a_later_split_brain(
@@ -2203,21 +2230,21 @@ def test_a_take_killed_after_its_last_region_ends_at_the_next_start(
     c, sent0 = split_brain_pair(cluster_factory, [], B_ONLY,
                                 policy="discard-zero-changes")
     want = images(c.tb)
-    real = R.PrimaryGroup.take_changes
+    real = R.PrimaryGroup.take_over
     last = threading.Event()
 
-    def cut_at_the_end(self, v, offset, data):
-        if last.is_set():
-            raise ConnectionError("cut")
-        real(self, v, offset, data)
-        if (v, offset) == (B_ONLY[-1][0], B_ONLY[-1][1] * GRAN):
+    def cut_at_the_end(self, link):
+        if link.pull_left == collections.deque() and not last.is_set():
             last.set()
             raise ConnectionError("cut before the take's end")
-    monkeypatch.setattr(R.PrimaryGroup, "take_changes", cut_at_the_end)
+        real(self, link)
+    monkeypatch.setattr(R.PrimaryGroup, "take_over", cut_at_the_end)
     c.ta.rsg_attach("g", c.addr)
     assert last.wait(10)
+    wait_for(lambda: c.g.files.load()["links"][0]["pull_left"] == [], 10,
+             "every region recorded as taken")
     c.crash_primary()
-    monkeypatch.setattr(R.PrimaryGroup, "take_changes", real)
+    monkeypatch.setattr(R.PrimaryGroup, "take_over", real)
     resynced(c.ta, c.link, c.tb)
     assert images(c.ta) == want and images(c.tb) == want
     assert not c.link.pulling and c.link.pull_left is None
