@@ -1147,16 +1147,23 @@ class PrimaryGroup:
 
     def remove_link(self, link):
         link.stop()
-        try:
-            with self.cond:
-                at = self.links.index(link)
+        with self.cond:
+            if link not in self.links:
+                raise ReplicationError(
+                    name=self.name, reason="its link to {} is being removed "
+                    "already".format(link.secondary))
+            at = self.links.index(link)
+            try:
                 self._recorded(lambda: self.links.remove(link),
                                lambda: self.links.insert(at, link))
-        except BaseException:
-            # Still linked, as the record says: it goes on from where it
-            # stopped (its change map was kept meanwhile).
-            link.start()
-            raise
+            except BaseException:
+                # Still linked, as the record says: it goes on from where
+                # it stopped (its change map was kept meanwhile).
+                link.start()
+                raise
+        # Stopped again: a removal that failed beside this one may have
+        # started it after this one stopped it.
+        link.stop()
         link.dcm.close()
         if link.take_map is not None:
             link.take_map.close()

@@ -199,3 +199,16 @@ def test_a_reservation_that_cannot_be_recorded_is_made_again(
     seq = g.next_seq - 1
     assert g.files.load()["seq_bound"] > seq, "number {} handed out, " \
         "not reserved".format(seq)
+
+
+def test_a_second_unlink_of_the_same_link_starts_nothing(
+        two_nodes):  # noqa: F811
+    """Two `rsg unlink` of one link at once: the second finds it removed
+    and is refused; no thread of the removed link runs on."""
+    a, b = two_nodes
+    converge(a, b)
+    link = a.rsg.links[0]
+    a.t.rsg_unlink("g", b.addr)
+    with pytest.raises(R.ReplicationError):
+        a.rsg.remove_link(link)
+    assert not link.thread.is_alive()
