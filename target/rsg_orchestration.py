@@ -24,6 +24,9 @@ class RsgOrchestration:
         self.target = target
         self.rsg_dir = target.state_dir.rsg_dir
         self.failures = {}      # group name -> why it was not loaded
+        # Group name -> the LUs held for it (its record may be gone by the
+        # time they are let go: a deletion that removed it and failed).
+        self.held = {}
         self.replica_server = None
 
     def _rsg_files(self, name):
@@ -100,6 +103,10 @@ class RsgOrchestration:
         those a group's record names, as far as it can be read."""
         if lu_names is None:
             lu_names = self.target.state_dir.group_files(name).volume_names()
+        if reason is None:
+            self.held.pop(name, None)
+        else:
+            self.held[name] = list(lu_names)
         for lu_name in lu_names:
             lu = self.target.lus.get(lu_name)
             if lu is not None and lu.rsg is None:
@@ -388,7 +395,7 @@ class RsgOrchestration:
                 # until its files are gone: a group left on disk would
                 # load at the next start, unaware of writes served
                 # meanwhile, and its secondaries would miss them.
-                names = files.volume_names()
+                names = self.held.get(name) or files.volume_names()
                 files.remove_all()
                 self._hold_volumes(name, None, names)
                 self._release_images(name, [

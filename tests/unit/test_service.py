@@ -526,6 +526,8 @@ def test_a_group_that_did_not_load_holds_its_volumes_until_deleted(
         assert "g" in t.rsg_ops.failures
 
         def remove_fails(self):
+            # The record goes first, then the removal fails.
+            os.unlink(self.record)
             raise OSError(errno.EIO, "injected")
         monkeypatch.setattr(inventory.GroupFiles, "remove_all", remove_fails)
         with pytest.raises(OSError):
