@@ -85,7 +85,9 @@ def history_diverges(mine, my_last, theirs, their_last):
         return True, 0
     if i == len(theirs) and i == len(mine):
         # The same generation: the one behind has a prefix of the other.
-        return False, min(my_last, their_last)
+        # Theirs past this side's last were never had here (this side
+        # went back: its state put back from an older copy).
+        return their_last > my_last, min(my_last, their_last)
     # Where each side left the last generation both share.
     my_leave = mine[i][1] - 1 if i < len(mine) else my_last
     their_leave = theirs[i][1] - 1 if i < len(theirs) else their_last

@@ -661,6 +661,8 @@ def test_history_diverges():
     # Same line, equal or secondary behind.
     assert hd(g1, 50, g1, 50) == (False, 50)
     assert hd(g1, 50, g1, 20) == (False, 20)
+    # Same line, the secondary ahead: it holds updates never had here.
+    assert hd(g1, 20, g1, 50) == (True, 20)
     # Promoted node (g2 from 101) vs the demoted old primary.
     assert hd(g2, 130, g1, 150) == (True, 100)   # wrote after the branch
     assert hd(g2, 130, g1, 100) == (False, 100)  # did not
@@ -670,6 +672,51 @@ def test_history_diverges():
     # Unrelated histories.
     assert hd(g1, 10, g9, 10) == (True, 0)
     assert hd(g1, 10, [], 0) == (True, 0)
+
+
+def test_a_primary_gone_back_behind_its_secondary_is_a_split_brain(
+        cluster_factory):
+    """The primary's state directory and volumes are put back from an
+    older copy while its secondary kept the updates since: one generation,
+    the secondary past the primary's last update.  That is a split brain
+    (the secondary holds what the primary never had), reported by the
+    default policy; streaming on would have the secondary skip the
+    primary's next updates as ones it holds, consistent and wrong."""
+    c = cluster_factory()
+    write_extents(c.ta, [(0, 1)], 1)
+    c.wait_converged()
+    c.a.close()
+    backup = c.A + ".backup"
+    shutil.copytree(c.A, backup)
+    c.a.start()
+    write_extents(c.ta, [(0, i) for i in range(2, 40)], 2)
+    c.wait_converged()
+    c.a.close()
+    shutil.rmtree(c.A)
+    shutil.copytree(backup, c.A)
+    c.a.start()
+    write_extents(c.ta, [(0, 50)], 3)
+    wait_for(lambda: c.link.state == R.DIVERGED, 10, "split brain",
+             c.status)
+    assert c.link.split_brain is not None
+    # The admin makes the primary win: the secondary gets its data back
+    # wherever the updates it alone held went.
+    c.ta.rsg_attach("g", c.addr, discard_secondary_changes=True)
+    resynced(c.ta, c.link, c.tb)
+    assert images(c.ta) == images(c.tb)
+
+
+def test_an_update_of_an_unknown_kind_is_refused(cluster_factory):
+    """An update of a kind the secondary does not know (a newer primary,
+    or a bug) is refused with its batch, not applied as some other kind
+    (it was applied as a trim)."""
+    c = cluster_factory()
+    c.write(0, 0, b"\x11" * GRAN)
+    c.wait_converged()
+    c.g.change(0, 3, 0, GRAN, None, lambda: None)
+    wait_for(lambda: c.sg.error and "fails its checks" in c.sg.error, 10,
+             "the refusal", c.status)
+    assert read_image(c.tb, VOLS[0])[:GRAN] == b"\x11" * GRAN
 
 
 def stage_entries(specs):
