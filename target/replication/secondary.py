@@ -28,8 +28,9 @@ from . import verify
 from .layer import Guard
 from .records import (DISCONNECT, SECONDARY, ReplicaUnavailable,
                       ReplicationError, RsgBusy, check_split_brain_policy)
-from .wire import (DATA, ENTRY, SEQ, WRITE, ZERO, Reader, entry_crc,
-                   recv_frame, send_frame, send_json, shutdown_socket)
+from .wire import (DATA, ENTRY, KINDS, SEQ, TRIM, WRITE, ZERO, Reader,
+                   entry_crc, recv_frame, send_frame, send_json,
+                   shutdown_socket)
 
 log = logging.getLogger("clonectl.replication")
 
@@ -587,8 +588,11 @@ class SecondaryGroup:
             # Zeroes read back either way; a hole keeps the volume as
             # sparse as the primary's (a replay sends holes as zeroes).
             b.zero(off, length, may_trim=True)
-        else:
+        elif kind == TRIM:
             b.trim(off, length)
+        else:
+            raise ReplicationError(name=self.name, reason="a change of an "
+                                   "unknown kind ({})".format(kind))
 
     def _apply_entries(self, entries):
         # Every prefix of the stream is a state the primary had, so a
@@ -1064,22 +1068,24 @@ class SecondaryGroup:
         return {"id": ident, "digests": verify.digests(buf, gran)}
 
     def _check_entry(self, seq, vol, kind, off, length, crc, data):
-        if vol >= len(self.sizes) or off + length > self.sizes[vol] or \
+        if kind not in KINDS or vol >= len(self.sizes) or \
+                off + length > self.sizes[vol] or \
                 (kind == WRITE and len(data) != length) or \
                 entry_crc(seq, vol, kind, off, length, data) != crc:
             raise ReplicationError(
-                name=self.name, reason="update {} fails its checksum or "
-                "range check; replication stopped, nothing of its batch "
-                "was applied".format(seq))
+                name=self.name, reason="update {} fails its checks (kind, "
+                "range, checksum); replication stopped, nothing of its "
+                "batch was applied".format(seq))
 
     def _check_data(self, vol, kind, off, length, crc, data):
-        if vol >= len(self.sizes) or off + length > self.sizes[vol] or \
+        if kind not in KINDS or vol >= len(self.sizes) or \
+                off + length > self.sizes[vol] or \
                 (kind == WRITE and (len(data) != length or
                                     zlib.crc32(data) != crc)):
             raise ReplicationError(
                 name=self.name, reason="replay data at {} of volume {} fails "
-                "its checksum or range check; replication stopped".format(
-                    off, vol))
+                "its checks (kind, range, checksum); replication "
+                "stopped".format(off, vol))
 
     def _begin_replay(self, theirs):
         log.info("group %s: replay from the primary started", self.name)
