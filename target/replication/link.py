@@ -425,6 +425,20 @@ class Link:
                 if self.stopping:
                     return
                 self._failed(e)
+            except Exception as e:
+                # A value of the secondary's of a shape nothing here
+                # expects (a reply malformed by a bug or by a node posing
+                # as the secondary): said, and retried as any failure, not
+                # the end of the link's thread (replication off for good).
+                if self.stopping:
+                    return
+                failure = errors.ProtocolError(
+                    reason="an answer of the secondary's could not be "
+                    "used ({}: {})".format(e.__class__.__name__, e))
+                if self.error != str(failure):
+                    log.exception("group %s, link %s", self.group.name,
+                                  self.secondary)
+                self._failed(failure)
             finally:
                 self._close_sock()
             deadline = time.monotonic() + (RETRY_INTERVAL if self.refused

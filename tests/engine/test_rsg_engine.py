@@ -719,6 +719,35 @@ def test_an_update_of_an_unknown_kind_is_refused(cluster_factory):
     assert read_image(c.tb, VOLS[0])[:GRAN] == b"\x11" * GRAN
 
 
+@pytest.mark.parametrize("reply", [{"history": [[]]},
+                                   {"history": "g1"},
+                                   {"last_seq": [1]}])
+def test_a_malformed_answer_of_the_secondary_does_not_end_the_link(
+        cluster_factory, monkeypatch, reply):
+    """The secondary's handshake reply holds a value of the wrong shape:
+    the link says so and retries; once the answers are right again it
+    replicates (its thread ended before, replication off until an
+    attach or a restart)."""
+    c = cluster_factory()
+    c.wait_converged()
+    c.ta.rsg_detach("g", c.addr)
+    wait_for(lambda: c.sg.connected_since is None)
+    real = R.SecondaryGroup.handshake
+    bad = []
+
+    def malformed(self, hello):
+        answer = real(self, hello)
+        if not bad:
+            bad.append(True)
+            answer.update(reply)
+        return answer
+    monkeypatch.setattr(R.SecondaryGroup, "handshake", malformed)
+    c.ta.rsg_attach("g", c.addr)
+    c.write(0, 0, b"\x12" * GRAN)
+    c.wait_converged()
+    assert bad and read_image(c.tb, VOLS[0])[:GRAN] == b"\x12" * GRAN
+
+
 def stage_entries(specs):
     out = []
     for seq, vol, off, data in specs:
