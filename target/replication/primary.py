@@ -808,9 +808,16 @@ class PrimaryGroup:
         return min(found, key=lambda b: b.count(1))
 
     def _set_runs(self, link, bits, runs):
+        """Set in bits the extents of runs [vol, offset, length] (a
+        peer's: each is cut to its volume, as a map has one byte per
+        extent of the volumes and no more)."""
         for vol, off, length in runs:
             if 0 <= vol < len(self.sizes):
-                maps.set_range(bits, *link.dcm.range_of(vol, off, length))
+                end = min(off + length, self.sizes[vol])
+                off = max(off, 0)
+                if end > off:
+                    maps.set_range(bits, *link.dcm.range_of(vol, off,
+                                                            end - off))
 
     def _peer_changes(self, link, reply, theirs, common):
         """One byte per extent: what the secondary changed on its own since

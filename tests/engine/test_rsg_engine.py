@@ -748,6 +748,24 @@ def test_a_malformed_answer_of_the_secondary_does_not_end_the_link(
     assert bad and read_image(c.tb, VOLS[0])[:GRAN] == b"\x12" * GRAN
 
 
+def test_a_peers_run_past_its_volume_marks_that_volume_only(
+        cluster_factory):
+    """Runs a secondary reports (its diverged regions) are cut to their
+    volume: a run past the end (a huge length, by a bug or a node posing
+    as the secondary) neither grows the map (a byte per extent: memory
+    under the group's lock) nor marks another volume's extents."""
+    c = cluster_factory()
+    link = c.link
+    bits = bytearray(link.dcm.extents)
+    c.g._set_runs(link, bits, [[0, 4096, 1 << 40], [1, -8192, 12288],
+                               [2, 0, 4096]])
+    first = link.dcm.range_of(0, 4096, 1)[0]
+    vol1 = link.dcm.range_of(1, 0, 1)[0]
+    assert len(bits) == link.dcm.extents
+    assert bits == bytes(first) + b"\x01" * (vol1 - first) + \
+        b"\x01" + bytes(link.dcm.extents - vol1 - 1)
+
+
 def stage_entries(specs):
     out = []
     for seq, vol, off, data in specs:
