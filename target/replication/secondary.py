@@ -842,6 +842,13 @@ class SecondaryGroup:
                 with _applying(replay):
                     applier.idle(reader)
                 kind, payload = recv_frame(reader)
+                if kind in (b"RDAT", b"RSYN", b"REND") and not replaying:
+                    # Replay frames outside a replay would write a node
+                    # that keeps no image and stages nothing, or call it
+                    # consistent at a point it never reached.
+                    raise errors.ProtocolError(
+                        reason="{} outside a replay".format(
+                            kind.decode("ascii", "replace")))
                 if kind == b"RDAT":
                     vol, k, off, length, crc = DATA.unpack_from(payload)
                     data = payload[DATA.size:] if k == WRITE else None

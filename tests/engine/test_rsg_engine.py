@@ -766,6 +766,40 @@ def test_a_peers_run_past_its_volume_marks_that_volume_only(
         b"\x01" + bytes(link.dcm.extents - vol1 - 1)
 
 
+@pytest.mark.parametrize("frame", ["RDAT", "REND"])
+def test_replay_frames_outside_a_replay_are_refused(cluster_factory,
+                                                    monkeypatch, frame):
+    """A replay's data or end sent to a secondary outside a replay (a
+    bug, or a node posing as the primary) is refused: an RDAT would write
+    a volume that keeps no image and stages nothing, an REND would call
+    the node consistent at any update and release its kept image."""
+    c = cluster_factory()
+    c.write(0, 0, b"\x11" * GRAN)
+    c.wait_converged()
+    c.ta.rsg_detach("g", c.addr)
+    wait_for(lambda: c.sg.connected_since is None)
+    real = R.PrimaryGroup.accept_secondary
+    sent = []
+
+    def then_frame(self, link, reply):
+        go_on = real(self, link, reply)
+        if not sent:
+            sent.append(frame)
+            if frame == "RDAT":
+                data = b"\x55" * GRAN
+                send_frame(link.sock, b"RDAT", DATA.pack(
+                    0, R.WRITE, 0, GRAN, zlib.crc32(data)) + data)
+            else:
+                send_frame(link.sock, b"REND", R.wire.SEQ.pack(10 ** 6))
+        return go_on
+    monkeypatch.setattr(R.PrimaryGroup, "accept_secondary", then_frame)
+    c.ta.rsg_attach("g", c.addr)
+    wait_for(lambda: c.sg.error and "outside a replay" in c.sg.error, 10,
+             "the refusal", c.status)
+    assert read_image(c.tb, VOLS[0])[:GRAN] == b"\x11" * GRAN
+    assert c.sg.applied_seq < 10 ** 6
+
+
 def stage_entries(specs):
     out = []
     for seq, vol, off, data in specs:
