@@ -610,7 +610,11 @@ class Link:
                 elif kind == b"APLD":
                     seq, = SEQ.unpack(payload)
                     with g.cond:
-                        self.held_seq = max(self.held_seq, seq)
+                        # Never past what was sent (as ACKS, by batches):
+                        # a sync write waits for its own update.
+                        sent = self.batches[-1][0] if self.batches \
+                            else self.acked_seq
+                        self.held_seq = max(self.held_seq, min(seq, sent))
                         g.cond.acknowledged(self)
                 elif kind == b"VANS":
                     with g.cond:

@@ -800,6 +800,31 @@ def test_replay_frames_outside_a_replay_are_refused(cluster_factory,
     assert c.sg.applied_seq < 10 ** 6
 
 
+def test_a_sync_write_waits_for_its_own_update_whatever_is_answered(
+        cluster_factory, monkeypatch):
+    """A secondary acknowledging as applied an update it was never sent
+    (a bug, or a node posing as the secondary) does not let a later sync
+    write return before the secondary applied that write."""
+    c = cluster_factory(link=False)
+    c.link_up("sync")
+    c.write(0, 0, b"\x01" * GRAN)
+    c.wait_converged()
+    real = R.secondary.send_frame
+    lied = []
+
+    def ahead(sock, kind, payload=b""):
+        if kind == b"APLD" and not lied:
+            lied.append(True)
+            payload = R.wire.SEQ.pack(10 ** 6)
+        return real(sock, kind, payload)
+    monkeypatch.setattr(R.secondary, "send_frame", ahead)
+    c.write(0, GRAN, b"\x02" * GRAN)
+    wait_for(lambda: lied, 10, "the secondary's answer")
+    for i in range(2, 20):
+        op = c.write(0, i * GRAN, bytes([i]) * GRAN)
+        assert c.sg.applied_seq >= op.seq, (c.sg.applied_seq, op.seq)
+
+
 def stage_entries(specs):
     out = []
     for seq, vol, off, data in specs:
