@@ -324,9 +324,16 @@ class RsgOrchestration:
                         "(NBD or the iSCSI gateway); a secondary's volumes "
                         "are written by replication only".format(lu.name,
                                                                  users))
+            try:
+                granularity = clones.check_granularity(int(
+                    hello.get("granularity") or
+                    replication.DEFAULT_GRANULARITY))
+            except (TypeError, ValueError, errors.InvalidArgument) as e:
+                raise replication.ReplicationError(
+                    name=name, reason="the primary's hello has no valid "
+                    "granularity ({})".format(e)) from e
             record = {"name": name, "role": replication.SECONDARY,
-                      "granularity": int(hello.get("granularity") or
-                                         replication.DEFAULT_GRANULARITY),
+                      "granularity": granularity,
                       "volumes": [{"lu": n, "size": self.target.lus[n].size}
                                   for n in names],
                       "history": [], "applied_seq": 0, "consistent": False}
