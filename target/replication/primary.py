@@ -23,7 +23,8 @@ from .link import (DCM_REPLAY, DETACHED, REPLICATING, SRL, SRL_DCM,
                    SRL_RETRY, Link)
 from .records import (DISCARD_SECONDARY, DISCARD_ZERO_CHANGES, DISCONNECT,
                       PRIMARY, ReplicationError, check_split_brain_policy,
-                      common_prefix, history_diverges, map_covers)
+                      common_prefix, history_diverges, map_covers,
+                      peer_history)
 from .srl import ENTRY_SPACE, Srl
 from .wire import WRITE, entry_crc
 
@@ -673,7 +674,7 @@ class PrimaryGroup:
         """Decide, from the secondary's handshake reply, how the link goes
         on: stream from its position, or replay its DCM.  False (with the
         link's state set) when replication must not start."""
-        theirs = [list(h) for h in reply.get("history") or []]
+        theirs = peer_history(reply.get("history"))
         their_last = int(reply.get("last_seq") or 0)
         with self.cond:
             link.batches = []

@@ -27,7 +27,8 @@ from .. import errors, fsutil
 from . import verify
 from .layer import Guard
 from .records import (DISCONNECT, SECONDARY, ReplicaUnavailable,
-                      ReplicationError, RsgBusy, check_split_brain_policy)
+                      ReplicationError, RsgBusy, check_split_brain_policy,
+                      peer_history)
 from .wire import (DATA, ENTRY, KINDS, SEQ, TRIM, WRITE, ZERO, Reader,
                    entry_crc, recv_frame, send_frame, send_json,
                    shutdown_socket)
@@ -724,6 +725,7 @@ class SecondaryGroup:
 
     def handshake(self, hello):
         """Check a primary's hello; return the reply."""
+        peer_history(hello.get("history"))
         vols = hello.get("volumes") or []
         mine = [{"lu": lu.name, "size": lu.size} for lu in self.volumes]
         if vols != mine:
@@ -823,7 +825,7 @@ class SecondaryGroup:
     def serve(self, sock, hello, peer):
         """Receive from one primary until the connection ends."""
         self.primary = peer
-        theirs = [list(h) for h in hello.get("history") or []]
+        theirs = peer_history(hello.get("history"))
         self.ending = self.releasing = False
         self.connected_since = time.time()
         batch = []

@@ -825,6 +825,34 @@ def test_a_sync_write_waits_for_its_own_update_whatever_is_answered(
         assert c.sg.applied_seq >= op.seq, (c.sg.applied_seq, op.seq)
 
 
+@pytest.mark.parametrize("history", [[[]], "g1", [["g1", "one"]],
+                                     [["g1", 5], ["g2", 2]]])
+def test_a_primarys_malformed_history_is_refused(cluster_factory,
+                                                 monkeypatch, history):
+    """A primary's hello with a history of the wrong shape is refused; the
+    secondary saves nothing of it (it was saved at the next batch, and
+    then every later handshake and `rsg status` of the node failed)."""
+    c = cluster_factory()
+    c.wait_converged()
+    c.ta.rsg_detach("g", c.addr)
+    wait_for(lambda: c.sg.connected_since is None)
+    real = R.PrimaryGroup.hello
+
+    def malformed(self):
+        return dict(real(self), history=history)
+    monkeypatch.setattr(R.PrimaryGroup, "hello", malformed)
+    c.ta.rsg_attach("g", c.addr)
+    wait_for(lambda: c.link.error and "history" in c.link.error, 10,
+             "the refusal", c.status)
+    c.write(0, 0, b"\x13" * GRAN)
+    time.sleep(0.3)
+    c.sg.status()
+    assert c.tb.rsg_ops.target.state_dir.group_files("g").load()[
+        "history"] == c.g.history
+    monkeypatch.setattr(R.PrimaryGroup, "hello", real)
+    c.wait_converged()
+
+
 def stage_entries(specs):
     out = []
     for seq, vol, off, data in specs:
