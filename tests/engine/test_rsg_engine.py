@@ -706,6 +706,8 @@ def test_a_primary_gone_back_behind_its_secondary_is_a_split_brain(
     assert images(c.ta) == images(c.tb)
 
 
+# ---------------------------------------------------------- a peer's values
+
 def test_an_update_of_an_unknown_kind_is_refused(cluster_factory):
     """An update of a kind the secondary does not know (a newer primary,
     or a bug) is refused with its batch, not applied as some other kind
@@ -852,6 +854,8 @@ def test_a_primarys_malformed_history_is_refused(cluster_factory,
     monkeypatch.setattr(R.PrimaryGroup, "hello", real)
     c.wait_converged()
 
+
+# ---------------------------------------------------- staging and restarts
 
 def stage_entries(specs):
     out = []
