@@ -36,9 +36,12 @@ def record_saves_fail(monkeypatch, node):
     return full
 
 
-def test_writes_after_an_unrecorded_replay_start_reach_the_secondary(
-        two_nodes, monkeypatch):  # noqa: F811
-    a, b = two_nodes
+def unrecorded_replay_start(a, b, monkeypatch):
+    """A writes into its link's DCM while detached, then attaches: the
+    replay's start (the link joining the SRL) is made and not recorded,
+    and from then on A's record is not saved.  Returns (full, join): the
+    list to clear to let saves through, the real replay_join to put
+    back."""
     converge(a, b)
     a.t.rsg_detach("g", b.addr)
     wait_for(lambda: b.rsg.connected_since is None)
@@ -54,6 +57,13 @@ def test_writes_after_an_unrecorded_replay_start_reach_the_secondary(
     link = a.rsg.links[0]
     wait_for(lambda: link.state == R.FAILED and link.holds == R.link.SRL_DCM,
              10, "the replay's start, not recorded", link.status)
+    return full, join
+
+
+def test_writes_after_an_unrecorded_replay_start_reach_the_secondary(
+        two_nodes, monkeypatch):  # noqa: F811
+    a, b = two_nodes
+    full, join = unrecorded_replay_start(a, b, monkeypatch)
     # Logged in the SRL only: the DCM is static since the join.
     a.t.lus["v1"].write(b"\x03" * 4096, 8192)
     a.close()
@@ -70,21 +80,7 @@ def test_writes_after_an_unrecorded_replay_start_survive_failed_saves(
     each retry a save that fails, before the stop: the activity log must
     keep the write's region all along."""
     a, b = two_nodes
-    converge(a, b)
-    a.t.rsg_detach("g", b.addr)
-    wait_for(lambda: b.rsg.connected_since is None)
-    a.t.lus["v1"].write(b"\x02" * 4096, 0)
-    full = record_saves_fail(monkeypatch, a)
-    join = R.PrimaryGroup.replay_join
-
-    def joined_then_full(self, link):
-        join(self, link)
-        full.append(True)
-    monkeypatch.setattr(R.PrimaryGroup, "replay_join", joined_then_full)
-    a.t.rsg_attach("g", b.addr)
-    link = a.rsg.links[0]
-    wait_for(lambda: link.state == R.FAILED and link.holds == R.link.SRL_DCM,
-             10, "the replay's start, not recorded", link.status)
+    full, join = unrecorded_replay_start(a, b, monkeypatch)
     b.close()
     a.t.lus["v1"].write(b"\x03" * 4096, 8192)
     saves = []
