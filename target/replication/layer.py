@@ -136,7 +136,7 @@ class TakeGuard(iostack.Layer):
                 self.inner.readinto(piece, a)
                 buf[a - offset:b - offset] = piece
             self.inner.write(buf, offset, False)
-            self.left = _subtract(self.left, offset, end)
+            self.left = without(self.left, offset, end)
 
 
 def runs_without(runs, vol, offset, length):
@@ -145,7 +145,7 @@ def runs_without(runs, vol, offset, length):
     out = []
     for v, o, n in runs:
         parts = [(o, o + n)] if v != vol else \
-            _subtract([(o, o + n)], offset, offset + length)
+            without([(o, o + n)], offset, offset + length)
         out += [[v, a, b - a] for a, b in parts]
     return out
 
@@ -172,7 +172,7 @@ def overlap(intervals, a, b):
     return found
 
 
-def _subtract(intervals, a, b):
+def without(intervals, a, b):
     """intervals without [a, b) (a new list: readers without the lock see
     the old one or the new one)."""
     out = []

@@ -35,6 +35,9 @@ BATCH_BYTES = 4 << 20          # a batch is closed after this much data
 CONNECT_TIMEOUT = 5.0
 RETRY_INTERVAL = 1.0
 PERSIST_INTERVAL = 1.0
+# How often a take of a secondary's changes records what it took (a flush
+# of the volumes written and a record each time).
+TAKE_RECORD_INTERVAL = 1.0
 # A sync link's batches are acknowledged once applied (CAPL), and made
 # durable on the secondary by a CMIT at the next host flush, or after
 # this many batches or bytes, or PERSIST_INTERVAL (module notes).
@@ -238,15 +241,14 @@ class Link:
         left = record.get("pull_left")
         self.pull_left = None if left is None else collections.deque(left)
         # While it is not over (PrimaryGroup._note_takes): the regions of
-        # the take, per volume, the parts of them hosts changed (bytes, in
-        # this process), the extents they changed (durable), whether they
-        # changed one not taken before this process began, and the thread
-        # writing the take (whose writes are not host changes).
+        # the take not recorded as taken, per volume, the parts of them
+        # hosts changed (bytes, in this process), the extents they changed
+        # (durable), and whether they changed one not taken before this
+        # process began.
         self.take_regions = {}
         self.take_noted = None
         self.take_map = None
         self.take_changed_before = False
-        self.take_thread = None
         self.split_brain = None     # what each side changed, while diverged
         self.error = record.get("error")
         self.stopped_error = record.get("stopped_error")
@@ -545,8 +547,21 @@ class Link:
         g = self.group
         runs, self.pull = self.pull, None
 
-        saved = time.monotonic()
-        self.take_thread = threading.get_ident()
+        saved, taken = time.monotonic(), []
+
+        def record():
+            # Taken for good once its data is durable, then said so in the
+            # record: a crash after the record resumes past it; one before
+            # takes it again (its host changes since are in the take map).
+            for vol in sorted({vol for vol, _, _ in taken}):
+                g.volumes[vol].stack.below("guard").flush()
+            with g.cond:
+                for vol, off, length in taken:
+                    self.pull_left = _taken(self.pull_left, vol, off,
+                                            length)
+                g.take_recorded(self, taken)
+            g.persist()
+            taken.clear()
         with g.taking(self, runs):
             send_json(sock, b"PULL", {"runs": runs})
             while True:
@@ -570,22 +585,21 @@ class Link:
                         reason="the secondary's data at {} of volume {} "
                         "fails its checks".format(off, vol))
                 g.take_changes(vol, off, data)
-                with g.cond:
-                    self.pull_left = _taken(self.pull_left, vol, off,
-                                            length)
-                if time.monotonic() - saved >= PERSIST_INTERVAL:
-                    # What is taken, recorded now and then: a take
-                    # resumed after a crash need not see the regions it
-                    # took since as changed on both sides.
-                    g.persist()
+                taken.append([vol, off, length])
+                if time.monotonic() - saved >= TAKE_RECORD_INTERVAL:
+                    record()
                     saved = time.monotonic()
+            record()
         with g.cond:
             # Taken: this side's data wins from now on (until the secondary
             # has taken this side's history), whatever the next handshake
             # finds this node changed.
-            g.take_over(self)
+            self.pulling, self.pull_left = False, None
             self.discard_secondary = True
         g.persist()
+        with g.cond:
+            # Recorded as over: its notes and take map go.
+            g.take_over(self)
         log.info("group %s: took %d region(s) changed on %s", g.name,
                  len(runs), self.secondary)
 

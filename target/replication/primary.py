@@ -18,7 +18,7 @@ import time
 
 from .. import errors, maps
 from .dcm import ActivityLog, Dcm
-from .layer import ReplicationLayer, TakeGuard, merged, overlap
+from .layer import ReplicationLayer, TakeGuard, merged, overlap, without
 from .link import (DCM_REPLAY, DETACHED, REPLICATING, SRL, SRL_DCM,
                    SRL_RETRY, Link)
 from .records import (DISCARD_SECONDARY, DISCARD_ZERO_CHANGES, DISCONNECT,
@@ -159,8 +159,11 @@ class PrimaryGroup:
         # Volume changes begun and not started yet (begin_volume_change):
         # replays read nothing meanwhile.
         self.changes_starting = []
-        # Volume -> TakeGuard while a secondary's changes are taken.
+        # Volume -> TakeGuard while a secondary's changes are taken, and
+        # whether this thread is writing a take's region now (its writes
+        # are no host changes).
         self.take_guards = {}
+        self._take_writer = threading.local()
         self.lock = threading.Lock()
         self.cond = _GroupCond(self.lock)
         self.persist_lock = threading.Lock()
@@ -929,7 +932,7 @@ class PrimaryGroup:
                     pull = [list(r) for r in link.dcm.runs(peer)]
                     link.pull_left = collections.deque(
                         list(r) for r in pull)
-                    self._note_takes(link, pull, fresh=True)
+                    self._note_takes(link, pull, 0)
                 if pull is not None:
                     link.pulling, link.pull = True, pull
                     return True
@@ -946,13 +949,15 @@ class PrimaryGroup:
         link.refused = link.error
         return False
 
-    def _note_takes(self, link, runs, fresh):
+    def _note_takes(self, link, runs, fill):
         """(Under the lock, or loading.)  From now until link's take of
-        runs is over, the host changes of those regions are noted: their
-        bytes in memory (link.take_noted), so that the take keeps them
-        across lost connections, and their extents durably before they
-        are made (link.take_map, fresh for a new take), so that a take
-        resumed after a crash knows where they were."""
+        runs is over (or they are recorded as taken), the host changes of
+        those regions are noted: their bytes in memory (link.take_noted),
+        so that the take keeps them across lost connections, and their
+        extents durably before they are made (link.take_map: made anew
+        with every extent fill, 0 for a new take, 1 for a lost map; None
+        to keep it), so that a take resumed after a crash knows where
+        they were."""
         per_vol = {}
         for vol, off, length in runs:
             per_vol.setdefault(vol, []).append((off, off + length))
@@ -961,40 +966,58 @@ class PrimaryGroup:
         if link.take_map is not None:
             link.take_map.close()
         link.take_map = Dcm(self.files.take_map(link.index),
-                            self.granularity, self.sizes,
-                            fresh_value=0 if fresh else None)
+                            self.granularity, self.sizes, fresh_value=fill)
         link.take_changed_before = False
 
     def _resume_take(self, link):
         """(Loading.)  Link's take was cut off by a stop or a crash: did
-        hosts change a region it had not taken?  A lost take map says
-        they may have (an unreadable one reads as every extent set)."""
+        hosts change a region it had not taken?  A lost or unreadable
+        take map says they may have, until the admin decides."""
         lost = not os.path.exists(self.files.take_map(link.index))
-        self._note_takes(link, link.pull_left, fresh=lost)
+        self._note_takes(link, link.pull_left, 1 if lost else None)
         bits = link.take_map.bits
-        link.take_changed_before = lost or any(
+        link.take_changed_before = any(
             any(bits[slice(*link.take_map.range_of(*r))])
             for r in link.pull_left)
 
-    def _mark_take(self, link, vol, offset, length):
-        """(Under the lock, before a change is made.)  A host change of
-        a region of link's take is in its take map, durably (the take's
-        own writes are not host changes)."""
+    def _host_change_of_take(self, link, vol, offset, length):
+        """(Under the lock.)  The parts of a change that are a host's in
+        a region of link's take not recorded as taken."""
         regions = link.take_regions.get(vol)
-        if regions and overlap(regions, offset, offset + length) and \
-                threading.get_ident() != link.take_thread:
+        if not regions or getattr(self._take_writer, "on", False):
+            return []
+        return overlap(regions, offset, offset + length)
+
+    def _mark_take(self, link, vol, offset, length):
+        """(Under the lock, before a change is made.)"""
+        if self._host_change_of_take(link, vol, offset, length):
             link.take_map.mark(vol, offset, length)
 
     def _note_take(self, link, vol, offset, length):
         """(Under the lock, once a change was made.)"""
-        regions = link.take_regions.get(vol)
-        if regions:
-            found = overlap(regions, offset, offset + length)
-            if found:
-                link.take_noted.setdefault(vol, []).extend(found)
+        found = self._host_change_of_take(link, vol, offset, length)
+        if found:
+            notes = link.take_noted.setdefault(vol, [])
+            notes.extend(found)
+            if len(notes) % 4096 == 0:
+                # Kept short under writes to the same places.
+                notes[:] = merged(notes)
+
+    def take_recorded(self, link, regions):
+        """(Under the lock.)  regions ([vol, offset, length]) are taken
+        durably, data and record: hosts changing them now change what the
+        take wrote, and need no noting."""
+        for vol, off, length in regions:
+            if vol in link.take_regions:
+                link.take_regions[vol] = without(link.take_regions[vol],
+                                                 off, off + length)
+            if vol in link.take_noted:
+                link.take_noted[vol] = without(link.take_noted[vol], off,
+                                               off + length)
 
     def take_over(self, link):
-        """(Under the lock.)  Link's take is over (done, or given up)."""
+        """(Under the lock.)  Link's take is over (done, or given up), as
+        the record says or will say: its notes and take map go."""
         link.pulling, link.pull_left = False, None
         link.take_noted, link.take_regions = None, {}
         link.take_changed_before = False
@@ -1007,9 +1030,7 @@ class PrimaryGroup:
         """The parts of [a, b) of volume vol that hosts changed since
         link's take was decided."""
         with self.cond:
-            return [(max(s, a), min(e, b))
-                    for s, e in link.take_noted.get(vol, ())
-                    if s < b and e > a]
+            return overlap(merged(link.take_noted.get(vol, ())), a, b)
 
     @contextlib.contextmanager
     def taking(self, link, runs):
@@ -1053,7 +1074,11 @@ class PrimaryGroup:
             raise errors.ProtocolError(reason="the secondary sent data of "
                                        "volume {}, which was not asked for"
                                        .format(vol))
-        guard.take(bytes(data), offset)
+        self._take_writer.on = True
+        try:
+            guard.take(bytes(data), offset)
+        finally:
+            self._take_writer.on = False
 
     def changes_since_agreement(self):
         """(Demote, under the lock, every link logging.)  What this node
