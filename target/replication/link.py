@@ -235,9 +235,9 @@ class Link:
         # discard-zero-changes) began and has not completed.
         self.pulling = record.get("pulling", False)
         self.pull = None            # the regions to take at this connection
-        # What that take has not taken yet (None: not known, a record
-        # older than the field): each region taken leaves it durably
-        # before any host write reaches the region.
+        # What that take has not taken yet, as far as recorded (None: not
+        # known, a record older than the field; _take records what it
+        # took about once a second, once the data is flushed).
         left = record.get("pull_left")
         self.pull_left = None if left is None else collections.deque(left)
         # While it is not over (PrimaryGroup._note_takes): the regions of
@@ -559,8 +559,9 @@ class Link:
                 for vol, off, length in taken:
                     self.pull_left = _taken(self.pull_left, vol, off,
                                             length)
-                g.take_recorded(self, taken)
             g.persist()
+            with g.cond:
+                g.take_recorded(self, taken)
             taken.clear()
         with g.taking(self, runs):
             send_json(sock, b"PULL", {"runs": runs})

@@ -1005,8 +1005,8 @@ class PrimaryGroup:
 
     def take_recorded(self, link, regions):
         """(Under the lock.)  regions ([vol, offset, length]) are taken
-        durably, data and record: hosts changing them now change what the
-        take wrote, and need no noting."""
+        durably, data and a saved record: hosts changing them now change
+        what the take wrote, and need no noting."""
         for vol, off, length in regions:
             if vol in link.take_regions:
                 link.take_regions[vol] = without(link.take_regions[vol],
