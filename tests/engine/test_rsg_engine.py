@@ -2422,14 +2422,9 @@ def test_a_region_is_recorded_as_taken_only_once_its_data_is_durable(
     assert unflushed_at_save == []
 
 
-def test_a_lost_take_map_stays_a_split_brain(cluster_factory,
-                                             monkeypatch):
-    """discard-zero-changes: a take cut off by a kill, and its take map
-    lost: where hosts wrote is not known, so the take does not go on, at
-    this start nor at the next (a lost map made anew empty resumed the
-    take at the second start)."""
-    c, sent0 = split_brain_pair(cluster_factory, [], B_ONLY,
-                                policy="discard-zero-changes")
+def take_cut_at_once(c, monkeypatch):
+    """c's primary attaches and begins a take of the secondary's changes,
+    which is cut off before it writes anything; then it is detached."""
     real = R.PrimaryGroup.take_changes
     cut = threading.Event()
 
@@ -2441,6 +2436,17 @@ def test_a_lost_take_map_stays_a_split_brain(cluster_factory,
     assert cut.wait(10)
     c.ta.rsg_detach("g", c.addr)
     monkeypatch.setattr(R.PrimaryGroup, "take_changes", real)
+
+
+def test_a_lost_take_map_stays_a_split_brain(cluster_factory,
+                                             monkeypatch):
+    """discard-zero-changes: a take cut off by a kill, and its take map
+    lost: where hosts wrote is not known, so the take does not go on, at
+    this start nor at the next (a lost map made anew empty resumed the
+    take at the second start)."""
+    c, sent0 = split_brain_pair(cluster_factory, [], B_ONLY,
+                                policy="discard-zero-changes")
+    take_cut_at_once(c, monkeypatch)
     path = c.g.files.take_map(0)
     for start in range(2):
         c.a.kill()
@@ -2460,17 +2466,7 @@ def test_a_take_given_up_is_not_resumed_at_a_later_split_brain(
     what the first take had left."""
     c, sent0 = split_brain_pair(cluster_factory, [], B_ONLY,
                                 policy="discard-zero-changes")
-    real = R.PrimaryGroup.take_changes
-    cut = threading.Event()
-
-    def cut_at_once(self, v, offset, data):
-        cut.set()
-        raise ConnectionError("cut while taking")
-    monkeypatch.setattr(R.PrimaryGroup, "take_changes", cut_at_once)
-    c.ta.rsg_attach("g", c.addr)
-    assert cut.wait(10)
-    c.ta.rsg_detach("g", c.addr)
-    monkeypatch.setattr(R.PrimaryGroup, "take_changes", real)
+    take_cut_at_once(c, monkeypatch)
     c.ta.rsg_attach("g", c.addr, discard_secondary_changes=True)
     resynced(c.ta, c.link, c.tb)
     detach_and_promote_b(c)
