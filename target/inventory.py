@@ -236,6 +236,12 @@ class GroupFiles:
         """Every link DCM path a group may have (link indexes < 64)."""
         return [self.dcm(i) for i in range(64)]
 
+    def take_map(self, index):
+        """What hosts changed in the regions of link index's take of its
+        secondary's changes, while it is not over."""
+        return os.path.join(self.dir, "{}.link{}.take".format(self.name,
+                                                             index))
+
     @staticmethod
     def remove(paths):
         fsutil.remove_durably(paths)
@@ -243,7 +249,8 @@ class GroupFiles:
     def paths(self):
         """Every file the group may have."""
         return [self.record, self.srl, self.diverged, self.since(),
-                self.activity_log()] + self.stage + self.dcms()
+                self.activity_log()] + self.stage + self.dcms() + \
+            [self.take_map(i) for i in range(64)]
 
     def on_disk(self):
         return [p for p in self.paths() if os.path.lexists(p)]

@@ -24,6 +24,9 @@ class RsgOrchestration:
         self.target = target
         self.rsg_dir = target.state_dir.rsg_dir
         self.failures = {}      # group name -> why it was not loaded
+        # Group name -> the LUs held for it (its record may be gone by the
+        # time they are let go: a deletion that removed it and failed).
+        self.held = {}
         self.replica_server = None
 
     def _rsg_files(self, name):
@@ -95,10 +98,16 @@ class RsgOrchestration:
             log.error("group %s: cannot release the last consistent images "
                       "of its volumes: %s", name, e)
 
-    def _hold_volumes(self, name, reason):
-        """Hold (reason) or release (None) the LUs a group's record names,
-        as far as it can be read."""
-        for lu_name in self.target.state_dir.group_files(name).volume_names():
+    def _hold_volumes(self, name, reason, lu_names=None):
+        """Hold (reason) or release (None) the LUs lu_names, by default
+        those a group's record names, as far as it can be read."""
+        if lu_names is None:
+            lu_names = self.target.state_dir.group_files(name).volume_names()
+        if reason is None:
+            self.held.pop(name, None)
+        else:
+            self.held[name] = list(lu_names)
+        for lu_name in lu_names:
             lu = self.target.lus.get(lu_name)
             if lu is not None and lu.rsg is None:
                 lu.held = reason
@@ -315,9 +324,16 @@ class RsgOrchestration:
                         "(NBD or the iSCSI gateway); a secondary's volumes "
                         "are written by replication only".format(lu.name,
                                                                  users))
+            try:
+                granularity = clones.check_granularity(int(
+                    hello.get("granularity") or
+                    replication.DEFAULT_GRANULARITY))
+            except (TypeError, ValueError, errors.InvalidArgument) as e:
+                raise replication.ReplicationError(
+                    name=name, reason="the primary's hello has no valid "
+                    "granularity ({})".format(e)) from e
             record = {"name": name, "role": replication.SECONDARY,
-                      "granularity": int(hello.get("granularity") or
-                                         replication.DEFAULT_GRANULARITY),
+                      "granularity": granularity,
                       "volumes": [{"lu": n, "size": self.target.lus[n].size}
                                   for n in names],
                       "history": [], "applied_seq": 0, "consistent": False}
@@ -382,13 +398,17 @@ class RsgOrchestration:
             files = self.target.state_dir.group_files(name)
             if name in self.failures or files.on_disk():
                 # What a group that failed to load (or a crashed create)
-                # left: the admin clears the name.
-                self._hold_volumes(name, None)
+                # left: the admin clears the name.  Its volumes are held
+                # until its files are gone: a group left on disk would
+                # load at the next start, unaware of writes served
+                # meanwhile, and its secondaries would miss them.
+                names = self.held.get(name) or files.volume_names()
+                files.remove_all()
+                self._hold_volumes(name, None, names)
                 self._release_images(name, [
-                    self.target.lus[n] for n in files.volume_names()
+                    self.target.lus[n] for n in names
                     if n in self.target.lus and
                     self.target.lus[n].rsg is None])
-                files.remove_all()
                 self.failures.pop(name, None)
                 self.target.recovery_problems = [
                     p for p in self.target.recovery_problems

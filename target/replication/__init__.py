@@ -218,6 +218,14 @@ secondary-changes`, reporting what each side changed), discard-secondary
 (the primary wins), discard-zero-changes (the primary takes the
 secondary's changes first (PULL, the secondary answers with RDAT frames
 and PEND) when it changed nothing itself; both changed: disconnect).
+Hosts write on during a take: from the decision until the take is over,
+the group notes what hosts change in its regions (the bytes in memory,
+the extents durably in the link's take map), and each volume written
+has a TakeGuard while the take runs (layer), which orders host writes
+into regions not taken yet with the take and puts their bytes on top of
+the secondary's data.  A take cut off goes on with what it had not taken
+(link.pull_left, saved now and then); after a crash, a region left that
+the take map says a host changed was changed on both sides.
 
 One map has no such base: the DCM of a link whose replays broke off over
 its secondary's last consistent image.  The image's point is older than

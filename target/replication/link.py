@@ -9,6 +9,7 @@ See the design notes in target/replication/__init__.py and
 docs/replication.md.
 """
 
+import collections
 import errno
 import itertools
 import json
@@ -20,6 +21,7 @@ import time
 import zlib
 
 from .. import changemap, channel, copier, errors
+from .layer import runs_without
 from .records import read_token
 from .srl import SrlCorrupt
 from .verify import LinkVerify, digests
@@ -33,6 +35,9 @@ BATCH_BYTES = 4 << 20          # a batch is closed after this much data
 CONNECT_TIMEOUT = 5.0
 RETRY_INTERVAL = 1.0
 PERSIST_INTERVAL = 1.0
+# How often a take of a secondary's changes records what it took (a flush
+# of the volumes written and a record each time).
+TAKE_RECORD_INTERVAL = 1.0
 # A sync link's batches are acknowledged once applied (CAPL), and made
 # durable on the secondary by a CMIT at the next host flush, or after
 # this many batches or bytes, or PERSIST_INTERVAL (module notes).
@@ -230,6 +235,20 @@ class Link:
         # discard-zero-changes) began and has not completed.
         self.pulling = record.get("pulling", False)
         self.pull = None            # the regions to take at this connection
+        # What that take has not taken yet, as far as recorded (None: not
+        # known, a record older than the field; _take records what it
+        # took about once a second, once the data is flushed).
+        left = record.get("pull_left")
+        self.pull_left = None if left is None else collections.deque(left)
+        # While it is not over (PrimaryGroup._note_takes): the regions of
+        # the take not recorded as taken, per volume, the parts of them
+        # hosts changed (bytes, in this process), the extents they changed
+        # (durable), and whether they changed one not taken before this
+        # process began.
+        self.take_regions = {}
+        self.take_noted = None
+        self.take_map = None
+        self.take_changed_before = False
         self.split_brain = None     # what each side changed, while diverged
         self.error = record.get("error")
         self.stopped_error = record.get("stopped_error")
@@ -369,6 +388,8 @@ class Link:
                 "acked_seq": self.acked_seq, "acked_pos": self.acked_pos,
                 "dcm_active": self.dcm_active, "seeded": self.seeded,
                 "holds_srl": self.holds_srl, "pulling": self.pulling,
+                "pull_left": None if self.pull_left is None
+                else list(self.pull_left),
                 "error": self.error, "stopped_error": self.stopped_error}
 
     # Thread.
@@ -406,6 +427,20 @@ class Link:
                 if self.stopping:
                     return
                 self._failed(e)
+            except Exception as e:
+                # A value of the secondary's of a shape nothing here
+                # expects (a reply malformed by a bug or by a node posing
+                # as the secondary): said, and retried as any failure, not
+                # the end of the link's thread (replication off for good).
+                if self.stopping:
+                    return
+                failure = errors.ProtocolError(
+                    reason="an answer of the secondary's could not be "
+                    "used ({}: {})".format(e.__class__.__name__, e))
+                if self.error != str(failure):
+                    log.exception("group %s, link %s", self.group.name,
+                                  self.secondary)
+                self._failed(failure)
             finally:
                 self._close_sock()
             deadline = time.monotonic() + (RETRY_INTERVAL if self.refused
@@ -476,7 +511,7 @@ class Link:
         sock.settimeout(None)
         if not g.accept_secondary(self, reply):
             return
-        if self.pull:
+        if self.pull is not None:
             self._take(sock)
         self.error = None
         reader = threading.Thread(target=self._read_acks, args=(sock,),
@@ -511,34 +546,61 @@ class Link:
         before the replay sends the union back (module notes)."""
         g = self.group
         runs, self.pull = self.pull, None
-        send_json(sock, b"PULL", {"runs": runs})
-        while True:
-            kind, payload = recv_frame(sock)
-            if kind == b"PEND":
-                break
-            if kind == b"FAIL":
-                raise RemoteRefused(peer=self.secondary, reason=json.loads(
-                    payload).get("message", "failed"))
-            if kind != b"RDAT":
-                raise errors.ProtocolError(reason="unexpected {!r} while "
-                                           "taking the secondary's changes"
-                                           .format(bytes(kind)))
-            vol, k, off, length, crc = DATA.unpack_from(payload)
-            data = payload[DATA.size:]
-            if k != WRITE or not 0 <= vol < len(g.sizes) or off < 0 or \
-                    off + length > g.sizes[vol] or len(data) != length or \
-                    zlib.crc32(data) != crc:
-                raise errors.ProtocolError(reason="the secondary's data at "
-                                           "{} of volume {} fails its "
-                                           "checks".format(off, vol))
-            g.take_changes(vol, off, data)
+
+        saved, taken = time.monotonic(), []
+
+        def record():
+            # Taken for good once its data is durable, then said so in the
+            # record: a crash after the record resumes past it; one before
+            # takes it again (its host changes since are in the take map).
+            for vol in sorted({vol for vol, _, _ in taken}):
+                g.volumes[vol].stack.below("guard").flush()
+            with g.cond:
+                for vol, off, length in taken:
+                    self.pull_left = _taken(self.pull_left, vol, off,
+                                            length)
+            g.persist()
+            with g.cond:
+                g.take_recorded(self, taken)
+            taken.clear()
+        with g.taking(self, runs):
+            send_json(sock, b"PULL", {"runs": runs})
+            while True:
+                kind, payload = recv_frame(sock)
+                if kind == b"PEND":
+                    break
+                if kind == b"FAIL":
+                    raise RemoteRefused(peer=self.secondary,
+                                        reason=json.loads(payload).get(
+                                            "message", "failed"))
+                if kind != b"RDAT":
+                    raise errors.ProtocolError(
+                        reason="unexpected {!r} while taking the "
+                        "secondary's changes".format(bytes(kind)))
+                vol, k, off, length, crc = DATA.unpack_from(payload)
+                data = payload[DATA.size:]
+                if k != WRITE or not 0 <= vol < len(g.sizes) or off < 0 \
+                        or off + length > g.sizes[vol] or \
+                        len(data) != length or zlib.crc32(data) != crc:
+                    raise errors.ProtocolError(
+                        reason="the secondary's data at {} of volume {} "
+                        "fails its checks".format(off, vol))
+                g.take_changes(vol, off, data)
+                taken.append([vol, off, length])
+                if time.monotonic() - saved >= TAKE_RECORD_INTERVAL:
+                    record()
+                    saved = time.monotonic()
+            record()
         with g.cond:
             # Taken: this side's data wins from now on (until the secondary
             # has taken this side's history), whatever the next handshake
             # finds this node changed.
-            self.pulling = False
+            self.pulling, self.pull_left = False, None
             self.discard_secondary = True
         g.persist()
+        with g.cond:
+            # Recorded as over: its notes and take map go.
+            g.take_over(self)
         log.info("group %s: took %d region(s) changed on %s", g.name,
                  len(runs), self.secondary)
 
@@ -563,7 +625,11 @@ class Link:
                 elif kind == b"APLD":
                     seq, = SEQ.unpack(payload)
                     with g.cond:
-                        self.held_seq = max(self.held_seq, seq)
+                        # Never past what was sent (as ACKS, by batches):
+                        # a sync write waits for its own update.
+                        sent = self.batches[-1][0] if self.batches \
+                            else self.acked_seq
+                        self.held_seq = max(self.held_seq, min(seq, sent))
                         g.cond.acknowledged(self)
                 elif kind == b"VANS":
                     with g.cond:
@@ -1353,3 +1419,17 @@ class Link:
                 "verify": self.verifying.to_dict()
                 if self.verifying is not None else None,
                 "dcm_problem": self.dcm.problem if self.dcm else None}
+
+
+def _taken(left, vol, offset, length):
+    """left (a deque of [vol, offset, length], in the order a secondary
+    sends them) without a region just taken: its head, as a secondary
+    answering in order sends it (in place), else wherever it is."""
+    head = left[0] if left else None
+    if head is not None and head[:2] == [vol, offset] and head[2] >= length:
+        if head[2] == length:
+            left.popleft()
+        else:
+            left[0] = [vol, offset + length, head[2] - length]
+        return left
+    return collections.deque(runs_without(left, vol, offset, length))

@@ -8,6 +8,9 @@ operations).  See the design notes in target/replication/__init__.py;
 files and recovery: docs/persistence.md.
 """
 
+import collections
+import contextlib
+import functools
 import logging
 import os
 import threading
@@ -15,12 +18,13 @@ import time
 
 from .. import errors, maps
 from .dcm import ActivityLog, Dcm
-from .layer import ReplicationLayer
+from .layer import ReplicationLayer, TakeGuard, merged, overlap, without
 from .link import (DCM_REPLAY, DETACHED, REPLICATING, SRL, SRL_DCM,
                    SRL_RETRY, Link)
 from .records import (DISCARD_SECONDARY, DISCARD_ZERO_CHANGES, DISCONNECT,
                       PRIMARY, ReplicationError, check_split_brain_policy,
-                      common_prefix, history_diverges, map_covers)
+                      common_prefix, history_diverges, map_covers,
+                      peer_history)
 from .srl import ENTRY_SPACE, Srl
 from .wire import WRITE, entry_crc
 
@@ -155,6 +159,11 @@ class PrimaryGroup:
         # Volume changes begun and not started yet (begin_volume_change):
         # replays read nothing meanwhile.
         self.changes_starting = []
+        # Volume -> TakeGuard while a secondary's changes are taken, and
+        # whether this thread is writing a take's region now (its writes
+        # are no host changes).
+        self.take_guards = {}
+        self._take_writer = threading.local()
         self.lock = threading.Lock()
         self.cond = _GroupCond(self.lock)
         self.persist_lock = threading.Lock()
@@ -216,7 +225,9 @@ class PrimaryGroup:
                 if link.holds_srl:
                     link.transition("log")
                 continue
-            self._add_link_object(index, rec, fresh=False)
+            link = self._add_link_object(index, rec, fresh=False)
+            if link.pulling and link.pull_left is not None:
+                self._resume_take(link)
         self.layers = []            # ReplicationLayer per volume
         if unclean:
             self._recover_unclean(corrupt)
@@ -302,6 +313,8 @@ class PrimaryGroup:
             saved = False
         for link in self.links:
             link.dcm.close()
+            if link.take_map is not None:
+                link.take_map.close()
         if self.since is not None:
             self.since.close()
         # Cleared only under a record that says where every change went: an
@@ -415,8 +428,14 @@ class PrimaryGroup:
             # much written, and every host write would wait): the regions
             # then stay until the next unlocked persist (a streaming link
             # makes one every PERSIST_INTERVAL): a superset meanwhile.
-            self.al.sweep_ok = not locked and self._volumes_durable(swept)
+            durable = not locked and self._volumes_durable(swept)
+            # Only a saved record lets the next sweep clear regions: one
+            # that was not saved may still say a link logs to its DCM
+            # while the writes since went to the SRL alone (a replay's
+            # start), and then the log is all that remembers them.
+            self.al.sweep_ok = False
             self.files.save(rec)
+            self.al.sweep_ok = durable
             for link, pos in saved.items():
                 link.saved_pos = pos
         finally:
@@ -449,6 +468,9 @@ class PrimaryGroup:
                         link.dcm.mark(vol, offset, length)
                 if self.since is not None:
                     self.since.mark(vol, offset, length)
+                for link in self.links:
+                    if link.take_map is not None:
+                        self._mark_take(link, vol, offset, length)
                 if any(l.holds_srl for l in self.links):
                     self._make_room(Srl.space(length, kind), vol, offset,
                                     length)
@@ -473,10 +495,15 @@ class PrimaryGroup:
                 sync_links = [l for l in self.links if l.sync_waits]
             elif seq >= self.seq_bound:
                 # An unlogged number: reserve the next ones durably first.
-                self.seq_bound = seq + SEQ_RESERVE
-                self.persist(locked=True)
+                bound = self.seq_bound
+                self._recorded(
+                    lambda: setattr(self, "seq_bound", seq + SEQ_RESERVE),
+                    lambda: setattr(self, "seq_bound", bound))
             try:
                 apply()
+                for link in self.links:
+                    if link.take_noted is not None:
+                        self._note_take(link, vol, offset, length)
             except OSError as e:
                 if logged:
                     # The secondaries would apply what the volume refused:
@@ -650,7 +677,7 @@ class PrimaryGroup:
         """Decide, from the secondary's handshake reply, how the link goes
         on: stream from its position, or replay its DCM.  False (with the
         link's state set) when replication must not start."""
-        theirs = [list(h) for h in reply.get("history") or []]
+        theirs = peer_history(reply.get("history"))
         their_last = int(reply.get("last_seq") or 0)
         with self.cond:
             link.batches = []
@@ -719,9 +746,12 @@ class PrimaryGroup:
                     self.to_logging(link)
             if not diverged:
                 # The secondary has taken this side's history (a replay
-                # began there): a choice to discard its changes is used.
-                # Until then it holds, across lost connections.
+                # began there): a choice to discard its changes is used,
+                # and a take cut off is over (what it had not taken was
+                # discarded).  Until then they hold, across lost
+                # connections.
                 link.discard_secondary = False
+                self.take_over(link)
             if link.logging:
                 link.transition("await-replay")
         self.persist()
@@ -782,9 +812,16 @@ class PrimaryGroup:
         return min(found, key=lambda b: b.count(1))
 
     def _set_runs(self, link, bits, runs):
+        """Set in bits the extents of runs [vol, offset, length] (a
+        peer's: each is cut to its volume, as a map has one byte per
+        extent of the volumes and no more)."""
         for vol, off, length in runs:
             if 0 <= vol < len(self.sizes):
-                maps.set_range(bits, *link.dcm.range_of(vol, off, length))
+                end = min(off + length, self.sizes[vol])
+                off = max(off, 0)
+                if end > off:
+                    maps.set_range(bits, *link.dcm.range_of(vol, off,
+                                                            end - off))
 
     def _peer_changes(self, link, reply, theirs, common):
         """One byte per extent: what the secondary changed on its own since
@@ -867,9 +904,13 @@ class PrimaryGroup:
             log.warning("group %s: split brain with %s resolved (%s): %s; "
                         "this node's data wins", self.name, link.secondary,
                         how, what)
+            # A take cut off before is given up: the secondary gets this
+            # side's data everywhere.
+            self.take_over(link)
             return True
         if policy == DISCARD_ZERO_CHANGES:
             if not any(peer):
+                self.take_over(link)
                 return True
             # Only the secondary changed something (or this node changed
             # only regions of a take that was cut off): take its changes.
@@ -878,9 +919,23 @@ class PrimaryGroup:
                 log.warning("group %s: split brain with %s resolved (policy "
                             "%s): %s; its changes are taken", self.name,
                             link.secondary, policy, what)
-                link.pulling = True
-                link.pull = [list(r) for r in link.dcm.runs(peer)]
-                return True
+                if link.pulling and link.pull_left is not None:
+                    # A take cut off goes on with what it had not taken
+                    # (a region taken holds its data, maybe newer host
+                    # writes too), unless hosts changed a region it had
+                    # not taken before this process began (its take map):
+                    # their bytes are not known, so that region was
+                    # changed on both sides.
+                    pull = None if link.take_changed_before else \
+                        [list(r) for r in link.pull_left]
+                else:
+                    pull = [list(r) for r in link.dcm.runs(peer)]
+                    link.pull_left = collections.deque(
+                        list(r) for r in pull)
+                    self._note_takes(link, pull, 0)
+                if pull is not None:
+                    link.pulling, link.pull = True, pull
+                    return True
         link.transition("diverge")
         link.split_brain = dict(sides, common=[shared, common],
                                 policy=policy)
@@ -894,10 +949,136 @@ class PrimaryGroup:
         link.refused = link.error
         return False
 
+    def _note_takes(self, link, runs, fill):
+        """(Under the lock, or loading.)  From now until link's take of
+        runs is over (or they are recorded as taken), the host changes of
+        those regions are noted: their bytes in memory (link.take_noted),
+        so that the take keeps them across lost connections, and their
+        extents durably before they are made (link.take_map: made anew
+        with every extent fill, 0 for a new take, 1 for a lost map; None
+        to keep it), so that a take resumed after a crash knows where
+        they were."""
+        per_vol = {}
+        for vol, off, length in runs:
+            per_vol.setdefault(vol, []).append((off, off + length))
+        link.take_regions = {vol: merged(r) for vol, r in per_vol.items()}
+        link.take_noted = {}
+        if link.take_map is not None:
+            link.take_map.close()
+        link.take_map = Dcm(self.files.take_map(link.index),
+                            self.granularity, self.sizes, fresh_value=fill)
+        link.take_changed_before = False
+
+    def _resume_take(self, link):
+        """(Loading.)  Link's take was cut off by a stop or a crash: did
+        hosts change a region it had not taken?  A lost or unreadable
+        take map says they may have, until the admin decides."""
+        lost = not os.path.exists(self.files.take_map(link.index))
+        self._note_takes(link, link.pull_left, 1 if lost else None)
+        bits = link.take_map.bits
+        link.take_changed_before = any(
+            any(bits[slice(*link.take_map.range_of(*r))])
+            for r in link.pull_left)
+
+    def _host_change_of_take(self, link, vol, offset, length):
+        """(Under the lock.)  The parts of a change that are a host's in
+        a region of link's take not recorded as taken."""
+        regions = link.take_regions.get(vol)
+        if not regions or getattr(self._take_writer, "on", False):
+            return []
+        return overlap(regions, offset, offset + length)
+
+    def _mark_take(self, link, vol, offset, length):
+        """(Under the lock, before a change is made.)"""
+        if self._host_change_of_take(link, vol, offset, length):
+            link.take_map.mark(vol, offset, length)
+
+    def _note_take(self, link, vol, offset, length):
+        """(Under the lock, once a change was made.)"""
+        found = self._host_change_of_take(link, vol, offset, length)
+        if found:
+            notes = link.take_noted.setdefault(vol, [])
+            notes.extend(found)
+            if len(notes) % 4096 == 0:
+                # Kept short under writes to the same places.
+                notes[:] = merged(notes)
+
+    def take_recorded(self, link, regions):
+        """(Under the lock.)  regions ([vol, offset, length]) are taken
+        durably, data and a saved record: hosts changing them now change
+        what the take wrote, and need no noting."""
+        for vol, off, length in regions:
+            if vol in link.take_regions:
+                link.take_regions[vol] = without(link.take_regions[vol],
+                                                 off, off + length)
+            if vol in link.take_noted:
+                link.take_noted[vol] = without(link.take_noted[vol], off,
+                                               off + length)
+
+    def take_over(self, link):
+        """(Under the lock.)  Link's take is over (done, or given up), as
+        the record says or will say: its notes and take map go."""
+        link.pulling, link.pull_left = False, None
+        link.take_noted, link.take_regions = None, {}
+        link.take_changed_before = False
+        if link.take_map is not None:
+            link.take_map.close()
+            link.take_map = None
+            self.files.remove([self.files.take_map(link.index)])
+
+    def _take_written(self, link, vol, a, b):
+        """The parts of [a, b) of volume vol that hosts changed since
+        link's take was decided."""
+        with self.cond:
+            return overlap(merged(link.take_noted.get(vol, ())), a, b)
+
+    @contextlib.contextmanager
+    def taking(self, link, runs):
+        """While a secondary's changes runs ([vol, offset, length]) are
+        taken over link: each volume written has a TakeGuard (module
+        notes)."""
+        per_vol = {}
+        for vol, off, length in runs:
+            per_vol.setdefault(vol, []).append((off, length))
+        guards = {vol: TakeGuard(r, functools.partial(self._take_written,
+                                                      link, vol))
+                  for vol, r in per_vol.items()}
+        with self.cond:
+            # A restore or reverse sync writes below the guards: neither
+            # runs beside a take (begin_volume_change refuses too).
+            if self.changes_starting or any(
+                    self._volume_view(vol) is not None for vol in guards):
+                raise ReplicationError(
+                    name=self.name, reason="a restore or reverse sync of a "
+                    "volume runs; the secondary's changes are taken once it "
+                    "has finished")
+            self.take_guards = guards
+        installed = []
+        try:
+            for vol, guard in guards.items():
+                self.volumes[vol].stack.set("guard", guard)
+                installed.append(vol)
+            yield
+        finally:
+            with self.cond:
+                self.take_guards = {}
+            for vol in installed:
+                self.volumes[vol].stack.remove("guard", guards[vol])
+
     def take_changes(self, vol, offset, data):
-        """A region taken from a secondary (link.pull): written as a host
-        write would be, so every link and map sees it."""
-        self.volumes[vol].write(bytes(data), offset)
+        """A region taken from a secondary (link.pull): written below its
+        volume's TakeGuard as a host write would be, so every link and
+        map sees it, with what hosts wrote there meanwhile on top."""
+        guard = self.take_guards.get(vol)
+        if guard is None:
+            raise errors.ProtocolError(reason="the secondary sent data of "
+                                       "volume {}, which was not asked for"
+                                       .format(vol))
+        self._take_writer.on = True
+        try:
+            guard.take(bytes(data), offset)
+        finally:
+            self._take_writer.on = False
 
     def changes_since_agreement(self):
         """(Demote, under the lock, every link logging.)  What this node
@@ -949,10 +1130,26 @@ class PrimaryGroup:
                    if seeded else None}
         return dict(top, all=False, maps=narrower, image_maps=images)
 
+    def _recorded(self, change, undo):
+        """(Under the lock.)  A change of the group (an admin's, a
+        reservation of write numbers): made, then recorded before the lock
+        is let go, and undone when the record cannot be saved.  Nothing
+        acts meanwhile on what the record may never hold, and the error is
+        the whole truth: the group runs as its record says, now and after
+        a restart."""
+        change()
+        try:
+            self.persist(locked=True)
+        except BaseException:
+            undo()
+            raise
+
     def set_split_brain_policy(self, policy):
+        policy = check_split_brain_policy(policy)
         with self.cond:
-            self.after_split_brain = check_split_brain_policy(policy)
-        self.persist()
+            before = self.after_split_brain
+            self._recorded(lambda: setattr(self, "after_split_brain", policy),
+                           lambda: setattr(self, "after_split_brain", before))
 
     def add_link(self, secondary, mode, token_file, tls_certificates=None,
                  replay_rate=None):
@@ -966,18 +1163,45 @@ class PrimaryGroup:
                    "tls_certificates": tls_certificates, "attached": True,
                    "dcm_active": True, "seeded": False,
                    "replay_rate": replay_rate}
-            link = self._add_link_object(index, rec, fresh=True)
-        self.persist()
+            made = []
+
+            def forget():
+                link = made.pop()
+                self.links.remove(link)
+                link.dcm.close()
+                self.files.remove([self.files.dcm(index)])
+            self._recorded(
+                lambda: made.append(self._add_link_object(index, rec,
+                                                          fresh=True)),
+                forget)
+        link, = made
         link.start()
         return link
 
     def remove_link(self, link):
         link.stop()
         with self.cond:
-            self.links.remove(link)
+            if link not in self.links:
+                raise ReplicationError(
+                    name=self.name, reason="its link to {} is being removed "
+                    "already".format(link.secondary))
+            at = self.links.index(link)
+            try:
+                self._recorded(lambda: self.links.remove(link),
+                               lambda: self.links.insert(at, link))
+            except BaseException:
+                # Still linked, as the record says: it goes on from where
+                # it stopped (its change map was kept meanwhile).
+                link.start()
+                raise
+        # Stopped again: a removal that failed beside this one may have
+        # started it after this one stopped it.
+        link.stop()
         link.dcm.close()
-        self.files.remove([self.files.dcm(link.index)])
-        self.persist()
+        if link.take_map is not None:
+            link.take_map.close()
+        self.files.remove([self.files.dcm(link.index),
+                           self.files.take_map(link.index)])
 
     def link(self, secondary):
         for l in self.links:
@@ -1044,6 +1268,11 @@ class PrimaryGroup:
         them; any other link logs, and replays them when it can."""
         reason = "{} of {}".format(what, self.volumes[vol].name)
         with self.cond:
+            if self.take_guards:
+                raise ReplicationError(
+                    name=self.name, reason="it is taking a secondary's "
+                    "changes (a split brain, policy discard-zero-changes); "
+                    "try again once that has finished")
             self.changes_starting.append(reason)
             try:
                 self._begin_volume_change(vol, region_bits, granularity,

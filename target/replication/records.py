@@ -76,6 +76,22 @@ def new_generation():
     return uuid.uuid4().hex[:16]
 
 
+def peer_history(value):
+    """A history as a peer sends it ([[generation, first seq], ...], seqs
+    rising from 1), as lists; anything else is refused (it would be saved
+    in the record and break every later comparison)."""
+    history = value or []
+    ok = isinstance(history, list) and all(
+        isinstance(h, list) and len(h) == 2 and isinstance(h[0], str) and
+        type(h[1]) is int and h[1] >= 1 for h in history) and all(
+        a[1] <= b[1] for a, b in zip(history, history[1:]))
+    if not ok:
+        raise errors.ProtocolError(reason="the peer's history {!r} is not "
+                                   "a list of [generation, first update]"
+                                   .format(value))
+    return [list(h) for h in history]
+
+
 def history_diverges(mine, my_last, theirs, their_last):
     """Has the side with history `theirs` (last seq their_last) written
     something the side with `mine` never had?  Returns (diverged, common):
@@ -85,7 +101,9 @@ def history_diverges(mine, my_last, theirs, their_last):
         return True, 0
     if i == len(theirs) and i == len(mine):
         # The same generation: the one behind has a prefix of the other.
-        return False, min(my_last, their_last)
+        # Theirs past this side's last were never had here (this side
+        # went back: its state put back from an older copy).
+        return their_last > my_last, min(my_last, their_last)
     # Where each side left the last generation both share.
     my_leave = mine[i][1] - 1 if i < len(mine) else my_last
     their_leave = theirs[i][1] - 1 if i < len(theirs) else their_last

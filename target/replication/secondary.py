@@ -27,9 +27,11 @@ from .. import errors, fsutil
 from . import verify
 from .layer import Guard
 from .records import (DISCONNECT, SECONDARY, ReplicaUnavailable,
-                      ReplicationError, RsgBusy, check_split_brain_policy)
-from .wire import (DATA, ENTRY, SEQ, WRITE, ZERO, Reader, entry_crc,
-                   recv_frame, send_frame, send_json, shutdown_socket)
+                      ReplicationError, RsgBusy, check_split_brain_policy,
+                      peer_history)
+from .wire import (DATA, ENTRY, KINDS, SEQ, TRIM, WRITE, ZERO, Reader,
+                   entry_crc, recv_frame, send_frame, send_json,
+                   shutdown_socket)
 
 log = logging.getLogger("clonectl.replication")
 
@@ -587,8 +589,11 @@ class SecondaryGroup:
             # Zeroes read back either way; a hole keeps the volume as
             # sparse as the primary's (a replay sends holes as zeroes).
             b.zero(off, length, may_trim=True)
-        else:
+        elif kind == TRIM:
             b.trim(off, length)
+        else:
+            raise ReplicationError(name=self.name, reason="a change of an "
+                                   "unknown kind ({})".format(kind))
 
     def _apply_entries(self, entries):
         # Every prefix of the stream is a state the primary had, so a
@@ -627,13 +632,15 @@ class SecondaryGroup:
         for vol in range(len(self.volumes)):
             self._backend(vol).flush()
 
-    def persist(self):
+    def persist(self, **settings):
+        """Save the record; settings (an admin's change of the group's
+        own fields) are in force once saved, never before."""
         # The session and an admin's change (a policy, an image released)
         # save it from two threads: the save that lands last must be of
         # the later state (a stale `volatile` or `consistent` would let a
         # crash pass a torn state for a consistent one).
         with self.persist_lock:
-            rec = dict(self.record_base)
+            rec = dict(self.record_base, **settings)
             rec.update({"role": SECONDARY, "history": self.history,
                         "last_seq": max(self.last_seq, self.applied_seq),
                         "applied_seq": self.applied_seq,
@@ -646,6 +653,7 @@ class SecondaryGroup:
                         "volatile": self.volatile,
                         "diverged": self.diverged, "reason": self.reason})
             self.files.save(rec)
+            self.record_base.update(settings)
 
     # Host reads.
 
@@ -717,6 +725,7 @@ class SecondaryGroup:
 
     def handshake(self, hello):
         """Check a primary's hello; return the reply."""
+        peer_history(hello.get("history"))
         vols = hello.get("volumes") or []
         mine = [{"lu": lu.name, "size": lu.size} for lu in self.volumes]
         if vols != mine:
@@ -728,8 +737,7 @@ class SecondaryGroup:
         policy = hello.get("after_split_brain")
         if policy and policy != self.record_base.get("after_split_brain"):
             # The group's policy, kept for when this node is promoted.
-            self.record_base["after_split_brain"] = policy
-            self.persist()
+            self.persist(after_split_brain=policy)
         reply = {"ok": True, "role": SECONDARY,
                  "consistent": self.consistent,
                  "applied_seq": self.applied_seq, "history": self.history,
@@ -768,23 +776,31 @@ class SecondaryGroup:
 
     def record_local_change(self, runs):
         """(Before the change is made.)  Regions [vol, offset, length]
-        this node changes on its own, saved as diverged."""
-        if self.diverged is None:
-            self.diverged = {"runs": [], "all": False,
-                             "base": self.own_base(), "maps": []}
+        this node changes on its own, saved as diverged; if that record
+        cannot be saved the change is refused, and nothing of it is kept
+        (a volume would lose the point it holds for a change never
+        made)."""
+        before = copy.deepcopy((self.diverged, self.image_point))
+        diverged, point = copy.deepcopy(before)
+        if diverged is None:
+            diverged = {"runs": [], "all": False, "base": self.own_base(),
+                        "maps": []}
         runs = [list(r) for r in runs]
-        self.diverged["runs"] = self.diverged.get("runs", []) + runs
-        for m in self.diverged.get("maps", []) + \
-                self.diverged.get("image_maps", []):
+        diverged["runs"] = diverged.get("runs", []) + runs
+        for m in diverged.get("maps", []) + diverged.get("image_maps", []):
             m["runs"] = m["runs"] + runs
-        if self.image_point is not None:
+        if point is not None:
             # A volume changed after its rollback no longer holds the
             # point (its image is gone: it cannot get there again).
             changed = {self.volumes[r[0]].name for r in runs}
-            self.image_point["rolled_back"] = [
-                n for n in self.image_point["rolled_back"]
-                if n not in changed]
-        self.persist()
+            point["rolled_back"] = [n for n in point["rolled_back"]
+                                    if n not in changed]
+        self.diverged, self.image_point = diverged, point
+        try:
+            self.persist()
+        except BaseException:
+            self.diverged, self.image_point = before
+            raise
 
     def _send_pull(self, sock, runs):
         """A primary takes this node's diverged regions (the split-brain
@@ -809,7 +825,7 @@ class SecondaryGroup:
     def serve(self, sock, hello, peer):
         """Receive from one primary until the connection ends."""
         self.primary = peer
-        theirs = [list(h) for h in hello.get("history") or []]
+        theirs = peer_history(hello.get("history"))
         self.ending = self.releasing = False
         self.connected_since = time.time()
         batch = []
@@ -828,6 +844,13 @@ class SecondaryGroup:
                 with _applying(replay):
                     applier.idle(reader)
                 kind, payload = recv_frame(reader)
+                if kind in (b"RDAT", b"RSYN", b"REND") and not replaying:
+                    # Replay frames outside a replay would write a node
+                    # that keeps no image and stages nothing, or call it
+                    # consistent at a point it never reached.
+                    raise errors.ProtocolError(
+                        reason="{} outside a replay".format(
+                            kind.decode("ascii", "replace")))
                 if kind == b"RDAT":
                     vol, k, off, length, crc = DATA.unpack_from(payload)
                     data = payload[DATA.size:] if k == WRITE else None
@@ -1054,22 +1077,24 @@ class SecondaryGroup:
         return {"id": ident, "digests": verify.digests(buf, gran)}
 
     def _check_entry(self, seq, vol, kind, off, length, crc, data):
-        if vol >= len(self.sizes) or off + length > self.sizes[vol] or \
+        if kind not in KINDS or vol >= len(self.sizes) or \
+                off + length > self.sizes[vol] or \
                 (kind == WRITE and len(data) != length) or \
                 entry_crc(seq, vol, kind, off, length, data) != crc:
             raise ReplicationError(
-                name=self.name, reason="update {} fails its checksum or "
-                "range check; replication stopped, nothing of its batch "
-                "was applied".format(seq))
+                name=self.name, reason="update {} fails its checks (kind, "
+                "range, checksum); replication stopped, nothing of its "
+                "batch was applied".format(seq))
 
     def _check_data(self, vol, kind, off, length, crc, data):
-        if vol >= len(self.sizes) or off + length > self.sizes[vol] or \
+        if kind not in KINDS or vol >= len(self.sizes) or \
+                off + length > self.sizes[vol] or \
                 (kind == WRITE and (len(data) != length or
                                     zlib.crc32(data) != crc)):
             raise ReplicationError(
                 name=self.name, reason="replay data at {} of volume {} fails "
-                "its checksum or range check; replication stopped".format(
-                    off, vol))
+                "its checks (kind, range, checksum); replication "
+                "stopped".format(off, vol))
 
     def _begin_replay(self, theirs):
         log.info("group %s: replay from the primary started", self.name)
@@ -1269,9 +1294,7 @@ class SecondaryGroup:
 
     def set_split_brain_policy(self, policy):
         """Kept for when this node is promoted (a primary sends its own)."""
-        self.record_base["after_split_brain"] = \
-            check_split_brain_policy(policy)
-        self.persist()
+        self.persist(after_split_brain=check_split_brain_policy(policy))
 
     def status(self):
         return {"name": self.name, "role": SECONDARY,

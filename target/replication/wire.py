@@ -34,6 +34,7 @@ MAX_FRAME = 64 << 20
 
 # Entry kinds.
 WRITE, ZERO, TRIM = 0, 1, 2
+KINDS = (WRITE, ZERO, TRIM)     # a change of another kind is refused
 
 FRAME = struct.Struct("<4sI")
 ENTRY = struct.Struct("<QIBQII")      # seq vol kind offset length crc

@@ -114,17 +114,25 @@ def test_a_held_volume_is_not_rolled_back(two_nodes,  # noqa: F811
     assert bytes(buf) == b"\x02" * 4096
 
 
-@pytest.mark.parametrize("volumes", [["a", "a"], ["ro"]],
-                         ids=["twice", "read-only"])
+@pytest.mark.parametrize("volumes, granularity",
+                         [(["a", "a"], None), (["ro"], None), (["a"], 1),
+                          (["a"], 3 << 20)],
+                         ids=["twice", "read-only", "granularity-1",
+                              "granularity-3M"])
 def test_a_primarys_hello_cannot_claim_what_a_group_cannot_hold(
-        two_lus, volumes):
-    """A primary's hello names an LU twice, or a read-only one: refused
-    before anything is saved or stacked.  Before, a second guard failed
-    to stack and left the first in place (the LU refused every read and
-    write) and the group's saved record stopped the next start."""
+        two_lus, volumes, granularity):
+    """A primary's hello names an LU twice, or a read-only one, or a
+    granularity no group may have: refused before anything is saved or
+    stacked.  Before, a second guard failed to stack and left the first
+    in place (the LU refused every read and write) and the group's saved
+    record stopped the next start; a granularity of 1 was saved, and the
+    node's promotion (a failover) built a map of a byte per volume
+    byte."""
     t = two_lus
     hello = {"group": "g", "volumes": [{"lu": n, "size": MiB}
                                        for n in volumes]}
+    if granularity is not None:
+        hello["granularity"] = granularity
     with pytest.raises(errors.Error):
         t.rsg_ops.accept_primary(hello, "192.0.2.1")
     assert "g" not in t.rsgs and not t.state_dir.group_files("g").on_disk()

@@ -34,6 +34,7 @@ tests/support/tiers.py) and RSG_MODEL_STEPS (default 15) size the state
 machine.
 """
 
+import collections
 import contextlib
 import errno
 import json
@@ -44,6 +45,7 @@ import socket
 import tempfile
 import threading
 import time
+import zlib
 
 import pytest
 from hypothesis import HealthCheck, event, note, settings
@@ -56,10 +58,12 @@ from tests.support.models import tolerate_timing_in_generation
 from tests.support.sockets import free_port
 from tests.support.rsgmodel import fast_timing, Op, restore_timing, wait_for
 from tests.support.rsgnodes import read_image, TOKEN
+from tests.support.targets import fractured
 from tests.support.tiers import examples
-from target import clones
+from target import backends, clones
 from target import replication as R
 from target import errors
+from target.replication.wire import DATA, send_frame
 from target.target import Target
 
 GRAN = 4096
@@ -657,6 +661,8 @@ def test_history_diverges():
     # Same line, equal or secondary behind.
     assert hd(g1, 50, g1, 50) == (False, 50)
     assert hd(g1, 50, g1, 20) == (False, 20)
+    # Same line, the secondary ahead: it holds updates never had here.
+    assert hd(g1, 20, g1, 50) == (True, 20)
     # Promoted node (g2 from 101) vs the demoted old primary.
     assert hd(g2, 130, g1, 150) == (True, 100)   # wrote after the branch
     assert hd(g2, 130, g1, 100) == (False, 100)  # did not
@@ -667,6 +673,189 @@ def test_history_diverges():
     assert hd(g1, 10, g9, 10) == (True, 0)
     assert hd(g1, 10, [], 0) == (True, 0)
 
+
+def test_a_primary_gone_back_behind_its_secondary_is_a_split_brain(
+        cluster_factory):
+    """The primary's state directory and volumes are put back from an
+    older copy while its secondary kept the updates since: one generation,
+    the secondary past the primary's last update.  That is a split brain
+    (the secondary holds what the primary never had), reported by the
+    default policy; streaming on would have the secondary skip the
+    primary's next updates as ones it holds, consistent and wrong."""
+    c = cluster_factory()
+    write_extents(c.ta, [(0, 1)], 1)
+    c.wait_converged()
+    c.a.close()
+    backup = c.A + ".backup"
+    shutil.copytree(c.A, backup)
+    c.a.start()
+    write_extents(c.ta, [(0, i) for i in range(2, 40)], 2)
+    c.wait_converged()
+    c.a.close()
+    shutil.rmtree(c.A)
+    shutil.copytree(backup, c.A)
+    c.a.start()
+    write_extents(c.ta, [(0, 50)], 3)
+    wait_for(lambda: c.link.state == R.DIVERGED, 10, "split brain",
+             c.status)
+    assert c.link.split_brain is not None
+    # The admin makes the primary win: the secondary gets its data back
+    # wherever the updates it alone held went.
+    c.ta.rsg_attach("g", c.addr, discard_secondary_changes=True)
+    resynced(c.ta, c.link, c.tb)
+    assert images(c.ta) == images(c.tb)
+
+
+# ---------------------------------------------------------- a peer's values
+
+def test_an_update_of_an_unknown_kind_is_refused(cluster_factory):
+    """An update of a kind the secondary does not know (a newer primary,
+    or a bug) is refused with its batch, not applied as some other kind
+    (it was applied as a trim)."""
+    c = cluster_factory()
+    c.write(0, 0, b"\x11" * GRAN)
+    c.wait_converged()
+    c.g.change(0, 3, 0, GRAN, None, lambda: None)
+    wait_for(lambda: c.sg.error and "fails its checks" in c.sg.error, 10,
+             "the refusal", c.status)
+    assert read_image(c.tb, VOLS[0])[:GRAN] == b"\x11" * GRAN
+
+
+@pytest.mark.parametrize("reply", [{"history": [[]]},
+                                   {"history": "g1"},
+                                   {"last_seq": [1]}])
+def test_a_malformed_answer_of_the_secondary_does_not_end_the_link(
+        cluster_factory, monkeypatch, reply):
+    """The secondary's handshake reply holds a value of the wrong shape:
+    the link says so and retries; once the answers are right again it
+    replicates (its thread ended before, replication off until an
+    attach or a restart)."""
+    c = cluster_factory()
+    c.wait_converged()
+    c.ta.rsg_detach("g", c.addr)
+    wait_for(lambda: c.sg.connected_since is None)
+    real = R.SecondaryGroup.handshake
+    bad = []
+
+    def malformed(self, hello):
+        answer = real(self, hello)
+        if not bad:
+            bad.append(True)
+            answer.update(reply)
+        return answer
+    monkeypatch.setattr(R.SecondaryGroup, "handshake", malformed)
+    c.ta.rsg_attach("g", c.addr)
+    c.write(0, 0, b"\x12" * GRAN)
+    c.wait_converged()
+    assert bad and read_image(c.tb, VOLS[0])[:GRAN] == b"\x12" * GRAN
+
+
+def test_a_peers_run_past_its_volume_marks_that_volume_only(
+        cluster_factory):
+    """Runs a secondary reports (its diverged regions) are cut to their
+    volume: a run past the end (a huge length, by a bug or a node posing
+    as the secondary) neither grows the map (a byte per extent: memory
+    under the group's lock) nor marks another volume's extents."""
+    c = cluster_factory()
+    link = c.link
+    bits = bytearray(link.dcm.extents)
+    c.g._set_runs(link, bits, [[0, 4096, 1 << 40], [1, -8192, 12288],
+                               [2, 0, 4096]])
+    first = link.dcm.range_of(0, 4096, 1)[0]
+    vol1 = link.dcm.range_of(1, 0, 1)[0]
+    assert len(bits) == link.dcm.extents
+    assert bits == bytes(first) + b"\x01" * (vol1 - first) + \
+        b"\x01" + bytes(link.dcm.extents - vol1 - 1)
+
+
+@pytest.mark.parametrize("frame", ["RDAT", "REND"])
+def test_replay_frames_outside_a_replay_are_refused(cluster_factory,
+                                                    monkeypatch, frame):
+    """A replay's data or end sent to a secondary outside a replay (a
+    bug, or a node posing as the primary) is refused: an RDAT would write
+    a volume that keeps no image and stages nothing, an REND would call
+    the node consistent at any update and release its kept image."""
+    c = cluster_factory()
+    c.write(0, 0, b"\x11" * GRAN)
+    c.wait_converged()
+    c.ta.rsg_detach("g", c.addr)
+    wait_for(lambda: c.sg.connected_since is None)
+    real = R.PrimaryGroup.accept_secondary
+    sent = []
+
+    def then_frame(self, link, reply):
+        go_on = real(self, link, reply)
+        if not sent:
+            sent.append(frame)
+            if frame == "RDAT":
+                data = b"\x55" * GRAN
+                send_frame(link.sock, b"RDAT", DATA.pack(
+                    0, R.WRITE, 0, GRAN, zlib.crc32(data)) + data)
+            else:
+                send_frame(link.sock, b"REND", R.wire.SEQ.pack(10 ** 6))
+        return go_on
+    monkeypatch.setattr(R.PrimaryGroup, "accept_secondary", then_frame)
+    c.ta.rsg_attach("g", c.addr)
+    wait_for(lambda: c.sg.error and "outside a replay" in c.sg.error, 10,
+             "the refusal", c.status)
+    assert read_image(c.tb, VOLS[0])[:GRAN] == b"\x11" * GRAN
+    assert c.sg.applied_seq < 10 ** 6
+
+
+def test_a_sync_write_waits_for_its_own_update_whatever_is_answered(
+        cluster_factory, monkeypatch):
+    """A secondary acknowledging as applied an update it was never sent
+    (a bug, or a node posing as the secondary) does not let a later sync
+    write return before the secondary applied that write."""
+    c = cluster_factory(link=False)
+    c.link_up("sync")
+    c.write(0, 0, b"\x01" * GRAN)
+    c.wait_converged()
+    real = R.secondary.send_frame
+    lied = []
+
+    def ahead(sock, kind, payload=b""):
+        if kind == b"APLD" and not lied:
+            lied.append(True)
+            payload = R.wire.SEQ.pack(10 ** 6)
+        return real(sock, kind, payload)
+    monkeypatch.setattr(R.secondary, "send_frame", ahead)
+    c.write(0, GRAN, b"\x02" * GRAN)
+    wait_for(lambda: lied, 10, "the secondary's answer")
+    for i in range(2, 20):
+        op = c.write(0, i * GRAN, bytes([i]) * GRAN)
+        assert c.sg.applied_seq >= op.seq, (c.sg.applied_seq, op.seq)
+
+
+@pytest.mark.parametrize("history", [[[]], "g1", [["g1", "one"]],
+                                     [["g1", 5], ["g2", 2]]])
+def test_a_primarys_malformed_history_is_refused(cluster_factory,
+                                                 monkeypatch, history):
+    """A primary's hello with a history of the wrong shape is refused; the
+    secondary saves nothing of it (it was saved at the next batch, and
+    then every later handshake and `rsg status` of the node failed)."""
+    c = cluster_factory()
+    c.wait_converged()
+    c.ta.rsg_detach("g", c.addr)
+    wait_for(lambda: c.sg.connected_since is None)
+    real = R.PrimaryGroup.hello
+
+    def malformed(self):
+        return dict(real(self), history=history)
+    monkeypatch.setattr(R.PrimaryGroup, "hello", malformed)
+    c.ta.rsg_attach("g", c.addr)
+    wait_for(lambda: c.link.error and "history" in c.link.error, 10,
+             "the refusal", c.status)
+    c.write(0, 0, b"\x13" * GRAN)
+    time.sleep(0.3)
+    c.sg.status()
+    assert c.tb.rsg_ops.target.state_dir.group_files("g").load()[
+        "history"] == c.g.history
+    monkeypatch.setattr(R.PrimaryGroup, "hello", real)
+    c.wait_converged()
+
+
+# ---------------------------------------------------- staging and restarts
 
 def stage_entries(specs):
     out = []
@@ -2094,6 +2283,285 @@ def test_take_of_the_secondarys_changes_cut_off_is_taken_again(
     assert c.link.state == R.REPLICATING and c.link.split_brain is None
     assert images(c.ta) == want and images(c.tb) == want
     assert c.link.sent_bytes - sent0 == len(B_ONLY) * GRAN
+
+
+def test_a_host_write_during_a_take_is_not_overwritten(cluster_factory,
+                                                       monkeypatch):
+    """discard-zero-changes: the primary serves its hosts while it takes
+    the secondary's changes.  A host write into a region not taken yet
+    is newer than the secondary's data there: it must stay, and reach the
+    secondary."""
+    c, sent0 = split_brain_pair(cluster_factory, [], B_ONLY,
+                                policy="discard-zero-changes")
+    real = R.PrimaryGroup.take_changes
+    vol, index = B_ONLY[-1]
+    host = b"\x77" * GRAN
+
+    def host_writes_meanwhile(self, v, offset, data):
+        if not host_writes_meanwhile.done:
+            host_writes_meanwhile.done = True
+            w = threading.Thread(target=c.ta.lus[VOLS[vol]].write,
+                                 args=(host, index * GRAN))
+            w.start()
+            w.join()
+        return real(self, v, offset, data)
+    host_writes_meanwhile.done = False
+    monkeypatch.setattr(R.PrimaryGroup, "take_changes", host_writes_meanwhile)
+    c.ta.rsg_attach("g", c.addr)
+    resynced(c.ta, c.link, c.tb)
+    assert host_writes_meanwhile.done
+    for t in (c.ta, c.tb):
+        got = read_image(t, VOLS[vol])[index * GRAN:(index + 1) * GRAN]
+        assert got == host, "{}: the host's write is gone".format(
+            "primary" if t is c.ta else "secondary")
+    assert images(c.ta) == images(c.tb)
+
+
+@pytest.mark.parametrize("where", ["taken", "not taken"])
+@pytest.mark.parametrize("when", ["cut", "before a kill", "after a kill"])
+def test_a_take_cut_off_leaves_what_hosts_wrote_over_its_regions(
+        cluster_factory, monkeypatch, when, where):
+    """discard-zero-changes: a take is cut off after its first region (the
+    connection lost, or the primary killed); a host writes into that
+    region, or into one not taken yet.  No region is taken over that
+    write: the take puts it on top of the secondary's data, except for a
+    write into a region not taken yet made before the kill: its bytes are
+    gone with the process, only its extent is on record, so that region
+    was changed on both sides and the link waits for the admin (the
+    report of policy disconnect)."""
+    c, sent0 = split_brain_pair(cluster_factory, [], B_ONLY,
+                                policy="discard-zero-changes")
+    # Each region recorded as taken once written.
+    monkeypatch.setattr(R.link, "TAKE_RECORD_INTERVAL", 0)
+    want = images(c.tb)
+    vol, index = B_ONLY[0] if where == "taken" else B_ONLY[-1]
+    host = b"\x66" * GRAN
+    real = R.PrimaryGroup.take_changes
+    first, cut = threading.Event(), threading.Event()
+
+    def cut_after_one(self, v, offset, data):
+        if first.is_set():
+            # The first region is taken and counted as taken.
+            if when != "after a kill" and not cut.is_set():
+                # A host's write, from a thread of its own.
+                w = threading.Thread(target=self.volumes[vol].write,
+                                     args=(host, index * GRAN))
+                w.start()
+                w.join()
+            cut.set()
+            raise ConnectionError("cut while taking")
+        real(self, v, offset, data)
+        first.set()
+    monkeypatch.setattr(R.PrimaryGroup, "take_changes", cut_after_one)
+    c.ta.rsg_attach("g", c.addr)
+    assert cut.wait(10)
+    if when != "cut":
+        # Killed once the cut's record says the first region is taken.
+        taken = B_ONLY[0][0], B_ONLY[0][1] * GRAN
+        wait_for(lambda: taken not in [
+            tuple(r[:2]) for r in
+            c.g.files.load()["links"][0]["pull_left"]], 10,
+            "the first region recorded as taken")
+        c.crash_primary()
+    if when == "after a kill":
+        c.ta.lus[VOLS[vol]].write(host, index * GRAN)
+    monkeypatch.setattr(R.PrimaryGroup, "take_changes", real)
+    at = slice(index * GRAN, (index + 1) * GRAN)
+    if (when, where) == ("before a kill", "not taken"):
+        wait_for(lambda: c.link.state == R.DIVERGED, 10, "split brain",
+                 c.status)
+        assert read_image(c.ta, VOLS[vol])[at] == host
+        return
+    resynced(c.ta, c.link, c.tb)
+    want[vol] = want[vol][:at.start] + host + want[vol][at.stop:]
+    assert images(c.ta) == want and images(c.tb) == want
+    assert not os.path.exists(c.g.files.take_map(0))
+
+
+def test_a_region_is_recorded_as_taken_only_once_its_data_is_durable(
+        cluster_factory, monkeypatch):
+    """discard-zero-changes: a record that says a region is taken is saved
+    only after the region's volume was flushed (a power cut after the
+    record but before the data reached the disk would resume past a
+    region that holds the primary's old bytes: the secondary's changes
+    there lost on both nodes, once the replay copies them back)."""
+    c, sent0 = split_brain_pair(cluster_factory, [], B_ONLY,
+                                policy="discard-zero-changes")
+    monkeypatch.setattr(R.link, "TAKE_RECORD_INTERVAL", 0)
+    paths = {c.ta.lus[name].backend.path: v for v, name in enumerate(VOLS)}
+    written = {}            # volume -> offsets written since its flush
+    unflushed_at_save = []
+    real_write, real_flush = backends.FileBackend.write, \
+        backends.FileBackend.flush
+
+    def write(self, buf, offset):
+        if self.path in paths:
+            written.setdefault(paths[self.path], set()).add(offset)
+        return real_write(self, buf, offset)
+
+    def flush(self):
+        written.pop(paths.get(self.path), None)
+        return real_flush(self)
+    monkeypatch.setattr(backends.FileBackend, "write", write)
+    monkeypatch.setattr(backends.FileBackend, "flush", flush)
+    save = c.g.files.save
+
+    def checked(record):
+        left = record["links"][0].get("pull_left")
+        if left is not None:
+            for vol, index in B_ONLY:
+                region = [vol, index * GRAN]
+                taken = not any(r[0] == vol and r[1] <= region[1] <
+                                r[1] + r[2] for r in left)
+                if taken and region[1] in written.get(vol, ()):
+                    unflushed_at_save.append(region)
+        save(record)
+    monkeypatch.setattr(c.g.files, "save", checked)
+    c.ta.rsg_attach("g", c.addr)
+    resynced(c.ta, c.link, c.tb)
+    assert unflushed_at_save == []
+
+
+def take_cut_at_once(c, monkeypatch):
+    """c's primary attaches and begins a take of the secondary's changes,
+    which is cut off before it writes anything; then it is detached."""
+    real = R.PrimaryGroup.take_changes
+    cut = threading.Event()
+
+    def cut_at_once(self, v, offset, data):
+        cut.set()
+        raise ConnectionError("cut while taking")
+    monkeypatch.setattr(R.PrimaryGroup, "take_changes", cut_at_once)
+    c.ta.rsg_attach("g", c.addr)
+    assert cut.wait(10)
+    c.ta.rsg_detach("g", c.addr)
+    monkeypatch.setattr(R.PrimaryGroup, "take_changes", real)
+
+
+def test_a_lost_take_map_stays_a_split_brain(cluster_factory,
+                                             monkeypatch):
+    """discard-zero-changes: a take cut off by a kill, and its take map
+    lost: where hosts wrote is not known, so the take does not go on, at
+    this start nor at the next (a lost map made anew empty resumed the
+    take at the second start)."""
+    c, sent0 = split_brain_pair(cluster_factory, [], B_ONLY,
+                                policy="discard-zero-changes")
+    take_cut_at_once(c, monkeypatch)
+    path = c.g.files.take_map(0)
+    for start in range(2):
+        c.a.kill()
+        if start == 0:
+            os.unlink(path)
+        c.a.start()
+        c.ta.rsg_attach("g", c.addr)
+        wait_for(lambda: c.link.state == R.DIVERGED, 10, "split brain",
+                 c.status)
+
+
+def test_a_take_given_up_is_not_resumed_at_a_later_split_brain(
+        cluster_factory, monkeypatch):
+    """discard-zero-changes: a take is cut off and the admin resolves the
+    split brain the other way (this node wins).  At a later split brain
+    where again only the secondary wrote, its new changes are taken, not
+    what the first take had left."""
+    c, sent0 = split_brain_pair(cluster_factory, [], B_ONLY,
+                                policy="discard-zero-changes")
+    take_cut_at_once(c, monkeypatch)
+    c.ta.rsg_attach("g", c.addr, discard_secondary_changes=True)
+    resynced(c.ta, c.link, c.tb)
+    detach_and_promote_b(c)
+    write_extents(c.tb, [(0, 100), (0, 101)], 9)
+    want = images(c.tb)
+    c.tb.rsg_demote("g")
+    c.ta.rsg_attach("g", c.addr)
+    resynced(c.ta, c.link, c.tb)
+    assert images(c.ta) == want and images(c.tb) == want
+
+
+def test_a_take_killed_after_its_last_region_ends_at_the_next_start(
+        cluster_factory, monkeypatch):
+    """discard-zero-changes: the primary is killed once every region is
+    taken, before the take's end is recorded.  The next connection takes
+    nothing again and ends the take, so a later split brain is not
+    treated as this take's leftover."""
+    c, sent0 = split_brain_pair(cluster_factory, [], B_ONLY,
+                                policy="discard-zero-changes")
+    want = images(c.tb)
+    real = R.PrimaryGroup.persist
+    last = threading.Event()
+
+    def cut_at_the_end(self, *args, **kwargs):
+        link = self.links[0]
+        if link.take_map is not None and not link.pulling:
+            # The save of the take's end, and none after: killed there.
+            last.set()
+        if last.is_set():
+            raise OSError(errno.EIO, "killed before the take's end is saved")
+        return real(self, *args, **kwargs)
+    monkeypatch.setattr(R.PrimaryGroup, "persist", cut_at_the_end)
+    c.ta.rsg_attach("g", c.addr)
+    assert last.wait(10)
+    c.crash_primary()
+    monkeypatch.setattr(R.PrimaryGroup, "persist", real)
+    rec = c.g.files.load()["links"][0]
+    assert rec["pulling"] and rec["pull_left"] == [], rec
+    resynced(c.ta, c.link, c.tb)
+    assert images(c.ta) == want and images(c.tb) == want
+    assert not c.link.pulling and c.link.pull_left is None
+    assert not c.g.files.load()["links"][0]["pulling"]
+
+
+def test_a_restore_and_a_take_do_not_run_together(cluster_factory,
+                                                   monkeypatch):
+    """A restore writes into the Source below the take's guard: while the
+    primary takes a secondary's changes, a restore of one of its volumes
+    is refused (and a take waits for a running restore)."""
+    c, sent0 = split_brain_pair(cluster_factory, [], B_ONLY,
+                                policy="discard-zero-changes")
+    fractured(c.ta, VOLS[0], "c1")
+    real = R.PrimaryGroup.take_changes
+    taking, go_on = threading.Event(), threading.Event()
+
+    def held(self, v, offset, data):
+        taking.set()
+        go_on.wait(10)
+        real(self, v, offset, data)
+    monkeypatch.setattr(R.PrimaryGroup, "take_changes", held)
+    c.ta.rsg_attach("g", c.addr)
+    try:
+        assert taking.wait(10)
+        with pytest.raises(R.ReplicationError) as info:
+            c.ta.clone_restore("c1")
+        assert "taking a secondary's changes" in str(info.value)
+    finally:
+        go_on.set()
+    resynced(c.ta, c.link, c.tb)
+    assert images(c.ta) == images(c.tb)
+
+
+def test_a_take_writes_only_what_it_asked_for(cluster_factory, monkeypatch):
+    """discard-zero-changes: a secondary that answers the take with data
+    of a region it was not asked for (a bug, or a node posing as the
+    secondary) is refused; the primary's data there stays."""
+    c, sent0 = split_brain_pair(cluster_factory, [], B_ONLY,
+                                policy="discard-zero-changes")
+    before = images(c.ta)
+    real = R.SecondaryGroup._send_pull
+    sent = []
+
+    def also_elsewhere(self, sock, runs):
+        off = 200 * GRAN             # written by nobody since they agreed
+        data = b"\x55" * GRAN
+        sent.append(off)
+        send_frame(sock, b"RDAT", DATA.pack(0, R.WRITE, off, GRAN,
+                                            zlib.crc32(data)) + data)
+        real(self, sock, runs)
+    monkeypatch.setattr(R.SecondaryGroup, "_send_pull", also_elsewhere)
+    c.ta.rsg_attach("g", c.addr)
+    wait_for(lambda: sent and c.link.error and "not asked for" in
+             c.link.error, 10, "the take refused", c.status)
+    assert images(c.ta)[0][200 * GRAN:201 * GRAN] == \
+        before[0][200 * GRAN:201 * GRAN]
 
 
 def _secondary_fails_second_extent(cluster_factory, tmp_path, monkeypatch):

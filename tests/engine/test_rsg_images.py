@@ -5,6 +5,7 @@ group (its replay's end, its promotion, its deletion), and apart from the
 protected image an admin or a peer keeps (LU@protected-LU)."""
 
 import contextlib
+import copy
 import errno
 import threading
 
@@ -512,6 +513,32 @@ def test_every_volume_rolled_back_makes_the_group_consistent_at_its_point(
     assert link.sent_bytes - sent < 4 * (64 << 10), \
         "{} bytes sent to a secondary back at its last consistent " \
         "point".format(link.sent_bytes - sent)
+
+
+def test_a_refused_local_change_keeps_the_volume_at_the_point(
+        two_nodes, monkeypatch):
+    """A volume rolled back to the group's last consistent image holds
+    the point.  A later change of it (here a rollback to an admin's
+    image) whose record cannot be saved is refused, and the volume holds
+    the point still: rolling back the other volume makes the group
+    consistent at it."""
+    a, b = two_nodes
+    break_a_replay(a, b, monkeypatch)
+    sg = b.rsg
+    point = sg.applied_seq
+    b.t.image_rollback("v1")
+    diverged = copy.deepcopy(sg.diverged)
+    save = sg.files.save
+
+    def full(record):
+        raise OSError(errno.ENOSPC, "injected")
+    monkeypatch.setattr(sg.files, "save", full)
+    with pytest.raises(OSError):
+        b.t.image_rollback("v1", image="protected")
+    monkeypatch.setattr(sg.files, "save", save)
+    b.t.image_rollback("v2")
+    assert sg.consistent and sg.applied_seq == point, sg.status()
+    assert sg.diverged["runs"] == diverged["runs"] + [[1, 0, 65536]]
 
 
 def fails_once(monkeypatch, method, when=lambda group: True):

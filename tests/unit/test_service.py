@@ -470,21 +470,28 @@ def test_image_protect_not_saved_protects_nothing(target, sd,
     assert not sd.load()["lus"]["a"]["sessions"]["protected-a"]["marked"]
 
 
-def test_volumes_of_a_group_that_did_not_load_are_not_served(tmp_path):
-    """A replicated group that cannot be loaded (one volume's disk is not
-    there yet) must not leave its other volumes writable with nothing
-    logging the writes: they are held, not exported, with the reason,
-    until the group loads or is deleted."""
+def group_that_did_not_load(tmp_path):
+    """A state directory (returned with the image file moved away) whose
+    group g of db1 and db2 does not load at the next start: db2's disk is
+    not there.  It has an LU "other" outside the group too."""
     d = str(tmp_path / "s")
     t = Target(d)
-    t.lu_create("db1", size="1M")
-    t.lu_create("db2", size="1M")
-    t.lu_create("other", size="1M")
+    for name in ("db1", "db2", "other"):
+        t.lu_create(name, size="1M")
     t.rsg_create("g", ["db1", "db2"], "1M")
     t.prepare_stop()
     t.close()
     img = os.path.join(d, "lus", "db2.img")
     os.rename(img, img + ".away")
+    return d, img
+
+
+def test_volumes_of_a_group_that_did_not_load_are_not_served(tmp_path):
+    """A replicated group that cannot be loaded (one volume's disk is not
+    there yet) must not leave its other volumes writable with nothing
+    logging the writes: they are held, not exported, with the reason,
+    until the group loads or is deleted."""
+    d, img = group_that_did_not_load(tmp_path)
     t = Target(d)
     try:
         assert "g" in t.rsg_ops.failures
@@ -502,6 +509,34 @@ def test_volumes_of_a_group_that_did_not_load_are_not_served(tmp_path):
     t = Target(d)
     try:
         assert "g" in t.rsgs and "db1" in dict(t.exports())
+    finally:
+        t.close()
+
+
+def test_a_group_that_did_not_load_holds_its_volumes_until_deleted(
+        tmp_path, monkeypatch):
+    """`rsg delete` of a group that failed to load lets its volumes be
+    served only once its files are gone: if they stay (a removal that
+    fails), the group loads at the next start unaware of what hosts wrote
+    meanwhile."""
+    d, img = group_that_did_not_load(tmp_path)
+    t = Target(d)
+    try:
+        assert "g" in t.rsg_ops.failures
+
+        def remove_fails(self):
+            # The record goes first, then the removal fails.
+            os.unlink(self.record)
+            raise OSError(errno.EIO, "injected")
+        monkeypatch.setattr(inventory.GroupFiles, "remove_all", remove_fails)
+        with pytest.raises(OSError):
+            t.rsg_delete("g")
+        with pytest.raises(errors.Error) as e:
+            t.connect("db1", False)
+        assert "replicated group g" in str(e.value), e.value
+        monkeypatch.undo()
+        t.rsg_delete("g")
+        t.disconnect(t.connect("db1", False))
     finally:
         t.close()
 
