@@ -855,6 +855,38 @@ def test_a_primarys_malformed_history_is_refused(cluster_factory,
     c.wait_converged()
 
 
+@pytest.mark.parametrize("frame, payload", [
+    (b"ENTR", b"short"), (b"CMIT", b"x"), (b"PULL", b'{"runs": "x"}'),
+    (b"PULL", b'{"regions": []}'), (b"VREQ", b"not json")],
+    ids=["ENTR-short", "CMIT-short", "PULL-runs", "PULL-no-runs",
+         "VREQ-not-json"])
+def test_a_primarys_frame_that_cannot_be_read_is_refused(
+        cluster_factory, monkeypatch, frame, payload):
+    """A frame of the primary's too short for its kind, or of JSON of
+    another shape, is refused with a message the primary shows (the
+    secondary's session ended with a traceback, no message on either
+    side, and the primary tried again for ever)."""
+    c = cluster_factory()
+    c.wait_converged()
+    c.ta.rsg_detach("g", c.addr)
+    wait_for(lambda: c.sg.connected_since is None)
+    real = R.PrimaryGroup.accept_secondary
+    sent = []
+
+    def then_frame(self, link, reply):
+        go_on = real(self, link, reply)
+        if not sent:
+            sent.append(frame)
+            send_frame(link.sock, frame, payload)
+        return go_on
+    monkeypatch.setattr(R.PrimaryGroup, "accept_secondary", then_frame)
+    c.ta.rsg_attach("g", c.addr)
+    wait_for(lambda: c.sg.error and frame.decode() in c.sg.error, 10,
+             "the refusal", c.status)
+    wait_for(lambda: c.link.stopped_error and frame.decode() in
+             c.link.stopped_error, 10, "the primary told", c.status)
+
+
 # ---------------------------------------------------- staging and restarts
 
 def stage_entries(specs):
