@@ -35,6 +35,18 @@ from .wire import (DATA, ENTRY, KINDS, SEQ, TRIM, WRITE, ZERO, Reader,
 
 log = logging.getLogger("clonectl.replication")
 
+
+def _fields(kind, payload, read):
+    """read(payload): the fields of a primary's frame of kind, or its
+    refusal (a frame too short for its kind, or JSON of another shape),
+    which the primary is told (FAIL) rather than a traceback here."""
+    try:
+        return read(payload)
+    except (struct.error, ValueError, KeyError, TypeError) as e:
+        raise errors.ProtocolError(
+            reason="a {} frame of the primary's could not be read ({})"
+            .format(bytes(kind).decode("ascii", "replace"), e)) from e
+
 STAGE_MAGIC = b"CLNSTG01"
 STAGE_HEADER = struct.Struct("<8sBQQII")   # magic state first last count crc
 STAGED, APPLIED = 1, 2
@@ -732,7 +744,10 @@ class SecondaryGroup:
             raise ReplicationError(
                 name=self.name, reason="the primary's volumes {} do not match "
                 "this secondary's {}".format(
-                    ", ".join("{lu}({size})".format(**v) for v in vols),
+                    ", ".join("{}({})".format(v.get("lu"), v.get("size"))
+                              if isinstance(v, dict) else repr(v)
+                              for v in (vols if isinstance(vols, list)
+                                        else [vols])),
                     ", ".join("{lu}({size})".format(**v) for v in mine)))
         policy = hello.get("after_split_brain")
         if policy and policy != self.record_base.get("after_split_brain"):
@@ -806,6 +821,12 @@ class SecondaryGroup:
         """A primary takes this node's diverged regions (the split-brain
         policy discard-zero-changes, when only this node wrote): their
         data, in RDAT frames, then PEND."""
+        if not isinstance(runs, list) or not all(
+                isinstance(r, list) and len(r) == 3 and
+                all(type(x) is int for x in r) for r in runs):
+            raise errors.ProtocolError(reason="the primary's PULL asked for "
+                                       "regions {!r}, not a list of [volume, "
+                                       "offset, length]".format(runs))
         for vol, off, length in runs:
             if not (0 <= vol < len(self.sizes)) or off < 0 or length < 0 \
                     or off + length > self.sizes[vol]:
@@ -852,7 +873,8 @@ class SecondaryGroup:
                         reason="{} outside a replay".format(
                             kind.decode("ascii", "replace")))
                 if kind == b"RDAT":
-                    vol, k, off, length, crc = DATA.unpack_from(payload)
+                    vol, k, off, length, crc = _fields(
+                        kind, payload, DATA.unpack_from)
                     data = payload[DATA.size:] if k == WRITE else None
                     self._check_data(vol, k, off, length, crc, data)
                     with _applying(replay):
@@ -860,7 +882,7 @@ class SecondaryGroup:
                     continue
                 if kind == b"RSYN":
                     with _applying(replay):
-                        applier.sync(SEQ.unpack(payload)[0],
+                        applier.sync(_fields(kind, payload, SEQ.unpack)[0],
                                      functools.partial(_answer, sock, b"RSAK",
                                                        payload))
                     continue
@@ -870,7 +892,7 @@ class SecondaryGroup:
                     applier.drain()
                 if kind == b"ENTR":
                     seq, vol, k, off, length, crc = \
-                        ENTRY.unpack_from(payload)
+                        _fields(kind, payload, ENTRY.unpack_from)
                     data = payload[ENTRY.size:] if k == WRITE else None
                     self._check_entry(seq, vol, k, off, length, crc, data)
                     if replaying or not self.consistent:
@@ -889,11 +911,12 @@ class SecondaryGroup:
                         self.release_done_images()
                     continue
                 elif kind == b"PULL":
-                    self._send_pull(sock, json.loads(payload)["runs"])
+                    self._send_pull(sock, _fields(
+                        kind, payload, lambda p: json.loads(p)["runs"]))
                 elif kind == b"CAPL":
                     # A batch of a sync link: acknowledged once applied,
                     # made durable by a later CMIT (module notes).
-                    seq, = SEQ.unpack(payload)
+                    seq, = _fields(kind, payload, SEQ.unpack)
                     if batch and self.consistent and not replaying:
                         if not self.volatile:
                             self.volatile = True
@@ -908,7 +931,7 @@ class SecondaryGroup:
                     send_frame(sock, b"APLD", SEQ.pack(seq))
                     self._received(seq, theirs)
                 elif kind == b"CMIT":
-                    seq, = SEQ.unpack(payload)
+                    seq, = _fields(kind, payload, SEQ.unpack)
                     if replaying or not self.consistent:
                         with _applying(replay):
                             self._flush_volumes()
@@ -944,7 +967,8 @@ class SecondaryGroup:
                         self.release_done_images()
                 elif kind == b"VREQ":
                     send_json(sock, b"VANS",
-                              self.verify_answer(json.loads(payload)))
+                              self.verify_answer(
+                                  _fields(kind, payload, json.loads)))
                 elif kind == b"RBEG":
                     if unflushed:
                         # The image kept is of durable data.
@@ -956,7 +980,7 @@ class SecondaryGroup:
                     send_json(sock, b"RBOK", dict(self._image_kept(),
                                                   ok=True))
                 elif kind == b"REND":
-                    seq, = SEQ.unpack(payload)
+                    seq, = _fields(kind, payload, SEQ.unpack)
                     with _applying(replay):
                         self._end_replay(seq, theirs)
                     replaying = False

@@ -768,6 +768,25 @@ def test_a_peers_run_past_its_volume_marks_that_volume_only(
         b"\x01" + bytes(link.dcm.extents - vol1 - 1)
 
 
+def attach_then_frame(c, monkeypatch, frame, payload):
+    """c's primary detaches, then attaches again and, right after the
+    handshake, sends one frame of its own (frame, payload) before what
+    the link sends."""
+    c.ta.rsg_detach("g", c.addr)
+    wait_for(lambda: c.sg.connected_since is None)
+    real = R.PrimaryGroup.accept_secondary
+    sent = []
+
+    def then_frame(self, link, reply):
+        go_on = real(self, link, reply)
+        if not sent:
+            sent.append(frame)
+            send_frame(link.sock, frame, payload)
+        return go_on
+    monkeypatch.setattr(R.PrimaryGroup, "accept_secondary", then_frame)
+    c.ta.rsg_attach("g", c.addr)
+
+
 @pytest.mark.parametrize("frame", ["RDAT", "REND"])
 def test_replay_frames_outside_a_replay_are_refused(cluster_factory,
                                                     monkeypatch, frame):
@@ -778,24 +797,12 @@ def test_replay_frames_outside_a_replay_are_refused(cluster_factory,
     c = cluster_factory()
     c.write(0, 0, b"\x11" * GRAN)
     c.wait_converged()
-    c.ta.rsg_detach("g", c.addr)
-    wait_for(lambda: c.sg.connected_since is None)
-    real = R.PrimaryGroup.accept_secondary
-    sent = []
-
-    def then_frame(self, link, reply):
-        go_on = real(self, link, reply)
-        if not sent:
-            sent.append(frame)
-            if frame == "RDAT":
-                data = b"\x55" * GRAN
-                send_frame(link.sock, b"RDAT", DATA.pack(
-                    0, R.WRITE, 0, GRAN, zlib.crc32(data)) + data)
-            else:
-                send_frame(link.sock, b"REND", R.wire.SEQ.pack(10 ** 6))
-        return go_on
-    monkeypatch.setattr(R.PrimaryGroup, "accept_secondary", then_frame)
-    c.ta.rsg_attach("g", c.addr)
+    if frame == "RDAT":
+        data = b"\x55" * GRAN
+        payload = DATA.pack(0, R.WRITE, 0, GRAN, zlib.crc32(data)) + data
+    else:
+        payload = R.wire.SEQ.pack(10 ** 6)
+    attach_then_frame(c, monkeypatch, frame.encode(), payload)
     wait_for(lambda: c.sg.error and "outside a replay" in c.sg.error, 10,
              "the refusal", c.status)
     assert read_image(c.tb, VOLS[0])[:GRAN] == b"\x11" * GRAN
@@ -853,6 +860,26 @@ def test_a_primarys_malformed_history_is_refused(cluster_factory,
         "history"] == c.g.history
     monkeypatch.setattr(R.PrimaryGroup, "hello", real)
     c.wait_converged()
+
+
+@pytest.mark.parametrize("frame, payload", [
+    (b"ENTR", b"short"), (b"CMIT", b"x"), (b"PULL", b'{"runs": "x"}'),
+    (b"PULL", b'{"regions": []}'), (b"VREQ", b"not json")],
+    ids=["ENTR-short", "CMIT-short", "PULL-runs", "PULL-no-runs",
+         "VREQ-not-json"])
+def test_a_primarys_frame_that_cannot_be_read_is_refused(
+        cluster_factory, monkeypatch, frame, payload):
+    """A frame of the primary's too short for its kind, or of JSON of
+    another shape, is refused with a message the primary shows (the
+    secondary's session ended with a traceback, no message on either
+    side, and the primary tried again for ever)."""
+    c = cluster_factory()
+    c.wait_converged()
+    attach_then_frame(c, monkeypatch, frame, payload)
+    wait_for(lambda: c.sg.error and frame.decode() in c.sg.error, 10,
+             "the refusal", c.status)
+    wait_for(lambda: c.link.stopped_error and frame.decode() in
+             c.link.stopped_error, 10, "the primary told", c.status)
 
 
 # ---------------------------------------------------- staging and restarts
