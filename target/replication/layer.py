@@ -92,10 +92,11 @@ class TakeGuard(iostack.Layer):
     region, the take's data overwrites it.
     """
 
-    def __init__(self, runs, written):
-        """runs: [(offset, length)] of this volume to take."""
+    def __init__(self, regions, written):
+        """regions: [(start, end)] of this volume to take, sorted and
+        disjoint."""
         self.lock = threading.Lock()
-        self.left = merged([(off, off + n) for off, n in runs if n > 0])
+        self.left = list(regions)
         self.written = written
 
     def intercepts(self):

@@ -958,10 +958,7 @@ class PrimaryGroup:
         with every extent fill, 0 for a new take, 1 for a lost map; None
         to keep it), so that a take resumed after a crash knows where
         they were."""
-        per_vol = {}
-        for vol, off, length in runs:
-            per_vol.setdefault(vol, []).append((off, off + length))
-        link.take_regions = {vol: merged(r) for vol, r in per_vol.items()}
+        link.take_regions = _per_volume(runs)
         link.take_noted = {}
         if link.take_map is not None:
             link.take_map.close()
@@ -1030,19 +1027,18 @@ class PrimaryGroup:
         """The parts of [a, b) of volume vol that hosts changed since
         link's take was decided."""
         with self.cond:
-            return overlap(merged(link.take_noted.get(vol, ())), a, b)
+            return [(max(s, a), min(e, b))
+                    for s, e in link.take_noted.get(vol, ())
+                    if s < b and e > a]
 
     @contextlib.contextmanager
     def taking(self, link, runs):
         """While a secondary's changes runs ([vol, offset, length]) are
         taken over link: each volume written has a TakeGuard (module
         notes)."""
-        per_vol = {}
-        for vol, off, length in runs:
-            per_vol.setdefault(vol, []).append((off, length))
-        guards = {vol: TakeGuard(r, functools.partial(self._take_written,
-                                                      link, vol))
-                  for vol, r in per_vol.items()}
+        guards = {vol: TakeGuard(regions, functools.partial(
+            self._take_written, link, vol))
+            for vol, regions in _per_volume(runs).items()}
         with self.cond:
             # A restore or reverse sync writes below the guards: neither
             # runs beside a take (begin_volume_change refuses too).
@@ -1328,3 +1324,12 @@ class PrimaryGroup:
                     "activity_log_regions": self.al.count(),
                     "links": [l.status() for l in self.links],
                     "problems": self.problems}
+
+
+def _per_volume(runs):
+    """runs [vol, offset, length] as {vol: [(start, end)]}, sorted and
+    disjoint."""
+    per_vol = {}
+    for vol, off, length in runs:
+        per_vol.setdefault(vol, []).append((off, off + length))
+    return {vol: merged(r) for vol, r in per_vol.items()}

@@ -52,7 +52,7 @@ def test_host_bytes_win_and_only_asked_regions_are_taken(regions, cuts,
 
     def written(a, b):
         return [(max(s, a), min(e, b)) for s, e in noted if s < b and e > a]
-    guard = TakeGuard([(a, b - a) for a, b in regions], written)
+    guard = TakeGuard(regions, written)
     stack = IOStack(base)
     stack.set("guard", guard)
     ref = bytearray(base.data)
