@@ -114,7 +114,8 @@ class ConnectionLimiter:
 
     A connection is the nbdkit thread that called preconnect: it lives
     from accept to disconnect, handshake included.  Threads that ended are
-    pruned at each admission (their ids are gone from /proc/self/task; a
+    pruned at each admission (their ids are gone from /proc/self/task,
+    looked up one by one where the directory's listing lacks them; a
     thread id is reused only after the kernel wrapped around its pid
     space, and a reused id only over-counts until that thread ends)."""
 
@@ -128,11 +129,14 @@ class ConnectionLimiter:
 
     def _prune(self):
         try:
-            alive = set(int(t) for t in os.listdir(self.TASKS))
+            listed = set(int(t) for t in os.listdir(self.TASKS))
         except OSError:
             return
-        for tid in [t for t in self.live if t not in alive]:
-            del self.live[tid]
+        for tid in [t for t in self.live if t not in listed]:
+            # The listing can skip live threads while others exit during
+            # it (a burst of refused connections); a lookup by id cannot.
+            if not os.path.exists(os.path.join(self.TASKS, str(tid))):
+                del self.live[tid]
 
     def admit(self, address):
         """Count the calling thread's connection from address (an ipaddress

@@ -24,7 +24,7 @@ from .link import (DCM_REPLAY, DETACHED, REPLICATING, SRL, SRL_DCM,
 from .records import (DISCARD_SECONDARY, DISCARD_ZERO_CHANGES, DISCONNECT,
                       PRIMARY, ReplicationError, check_split_brain_policy,
                       common_prefix, history_diverges, map_covers,
-                      peer_history)
+                      peer_history, peer_seq)
 from .srl import ENTRY_SPACE, Srl
 from .wire import WRITE, entry_crc
 
@@ -678,7 +678,8 @@ class PrimaryGroup:
         on: stream from its position, or replay its DCM.  False (with the
         link's state set) when replication must not start."""
         theirs = peer_history(reply.get("history"))
-        their_last = int(reply.get("last_seq") or 0)
+        their_last = peer_seq(reply.get("last_seq"), "last update")
+        applied = peer_seq(reply.get("applied_seq"), "applied update")
         with self.cond:
             link.batches = []
             link.stream_from = None
@@ -719,8 +720,7 @@ class PrimaryGroup:
                 # group): what may differ?
                 if not (same_line and reply.get("consistent") and
                         link.holds_srl and
-                        int(reply.get("applied_seq") or 0) >=
-                        link.acked_seq):
+                        applied >= link.acked_seq):
                     if link.holds_srl:
                         self.to_logging(link)
                     link.dcm.mark_all()
@@ -733,11 +733,10 @@ class PrimaryGroup:
                 # A secondary without RSYN: as before, everything if it
                 # lost updates it had acknowledged.
                 if not reply.get("replay_sync") and \
-                        int(reply.get("applied_seq") or 0) < link.acked_seq:
+                        applied < link.acked_seq:
                     link.dcm.mark_all()
                 self.to_logging(link)
             elif link.holds_srl:
-                applied = int(reply.get("applied_seq") or 0)
                 if applied < link.acked_seq or not reply.get("consistent"):
                     # It lost updates it had acknowledged, or a replay was
                     # broken off there: replay (everything, if lost).
@@ -765,7 +764,7 @@ class PrimaryGroup:
         to an earlier state since (a restored snapshot of the node): the
         cleared regions may be missing there, and the whole DCM is copied
         again."""
-        synced = int(reply.get("replay_synced") or 0) \
+        synced = peer_seq(reply.get("replay_synced"), "replay sync") \
             if reply.get("replay_sync") else 0
         if synced >= link.replay_cleared:
             return

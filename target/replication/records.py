@@ -92,6 +92,17 @@ def peer_history(value):
     return [list(h) for h in history]
 
 
+def peer_seq(value, what):
+    """An update number as a peer sends it (a whole number, 0 for none);
+    anything else is refused."""
+    if value is None:
+        return 0
+    if type(value) is not int or value < 0:
+        raise errors.ProtocolError(reason="the peer's {} {!r} is not an "
+                                   "update number".format(what, value))
+    return value
+
+
 def history_diverges(mine, my_last, theirs, their_last):
     """Has the side with history `theirs` (last seq their_last) written
     something the side with `mine` never had?  Returns (diverged, common):

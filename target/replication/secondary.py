@@ -28,7 +28,7 @@ from . import verify
 from .layer import Guard
 from .records import (DISCONNECT, SECONDARY, ReplicaUnavailable,
                       ReplicationError, RsgBusy, check_split_brain_policy,
-                      peer_history)
+                      peer_history, peer_seq)
 from .wire import (DATA, ENTRY, KINDS, SEQ, TRIM, WRITE, ZERO, Reader,
                    entry_crc, recv_frame, send_frame, send_json,
                    shutdown_socket)
@@ -847,6 +847,7 @@ class SecondaryGroup:
         """Receive from one primary until the connection ends."""
         self.primary = peer
         theirs = peer_history(hello.get("history"))
+        their_last = peer_seq(hello.get("last_seq"), "last update")
         self.ending = self.releasing = False
         self.connected_since = time.time()
         batch = []
@@ -976,7 +977,7 @@ class SecondaryGroup:
                             self._flush_volumes()
                         unflushed = False
                     replaying = True
-                    self._begin_replay(theirs)
+                    self._begin_replay(theirs, their_last)
                     send_json(sock, b"RBOK", dict(self._image_kept(),
                                                   ok=True))
                 elif kind == b"REND":
@@ -1120,7 +1121,7 @@ class SecondaryGroup:
                 "its checks (kind, range, checksum); replication "
                 "stopped".format(off, vol))
 
-    def _begin_replay(self, theirs):
+    def _begin_replay(self, theirs, their_last):
         log.info("group %s: replay from the primary started", self.name)
         if self.consistent:
             # Keep the last consistent image readable and restorable: the
@@ -1165,6 +1166,13 @@ class SecondaryGroup:
             self.reason = "a DCM replay from the primary is running"
         self.diverged = None
         self.history = theirs
+        # The primary's line from here on: of it this node holds nothing
+        # past the primary's last update (its own numbers went on another
+        # line, or past what the primary has: the replay overwrites those
+        # updates), so it never looks ahead of the primary on the
+        # primary's own line (records.history_diverges).
+        self.applied_seq = min(self.applied_seq, their_last)
+        self.last_seq = min(self.last_seq, their_last)
         self._clear_stage()
         self.persist()
         if lost:

@@ -79,7 +79,8 @@ from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant,
 from tests.support import rsgnodes
 from tests.support.models import tolerate_timing_in_generation
 from tests.support.tiers import examples
-from tests.support.twonodes import SIZES, VOLS, Node, break_a_replay, converge
+from tests.support.twonodes import (SIZES, VOLS, Node, break_a_replay,
+                                    converge, replay_broken_off)
 from target import clones, errors, sessions
 from target import replication as R
 
@@ -1186,6 +1187,42 @@ def test_discard_choice_survives_a_reconnect(two_nodes, monkeypatch):
     assert a.read_base(0) == b.read_top(0)
     # The clone's data, without the old primary's discarded write.
     assert a.read_base(0)[:131072] == b"\x01" * 65536 + bytes(65536)
+
+
+def test_a_replay_broken_off_after_a_role_switch_is_no_split_brain(
+        two_nodes, monkeypatch):
+    """A node demoted with updates the new primary never had (numbered past
+    the branch point: here a jump after a kill) takes the new primary's
+    line when its replay begins; that replay broken off, the next
+    connection resumes it.  (Before, the node kept its old line's last
+    update number beside the new line's history, so it looked ahead of
+    the primary on the primary's own line: a split brain, and the link
+    waited for the admin.)"""
+    a, b = two_nodes
+    a.t.lus["v1"].write(b"\x01" * 4096, 0)
+    converge(a, b)
+    a.t.rsg_detach("g", b.addr)
+    wait_for(lambda: b.rsg.connected_since is None)
+    a.t.lus["v1"].write(b"\x02" * 4096, 4096)     # b never gets it
+    a.kill()
+    a.start()
+    a.t.lus["v1"].write(b"\x03" * 4096, 8192)     # nor this
+    assert a.rsg.next_seq > b.rsg.applied_seq + 2, a.rsg.status()
+    a.t.rsg_demote("g")
+    b.t.rsg_promote("g")
+    b.t.lus["v1"].write(b"\x04" * 4096, 12288)
+    b.t.rsg_link("g", a.addr, "async", a.tok)
+    b.t.rsg_detach("g", a.addr)
+    replay_broken_off(b, a, monkeypatch, discard_secondary_changes=True)
+    assert a.rsg.history == b.rsg.history, a.rsg.status()
+    b.t.rsg_attach("g", a.addr)
+    link = b.rsg.links[0]
+    wait_for(lambda: link.state in (R.REPLICATING, R.DIVERGED) and
+             a.rsg.consistent, 20, "the replay", link.status)
+    assert link.state == R.REPLICATING, link.status()
+    converge(b, a)
+    assert a.read_base(0) == b.read_top(0), first_diff(
+        [b.read_top(0)], [a.read_base(0)])
 
 
 def test_replay_protects_every_volume_at_one_point(two_nodes, monkeypatch):

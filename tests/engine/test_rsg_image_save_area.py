@@ -93,8 +93,8 @@ def test_a_second_replay_reuses_the_save_area_of_the_first(two_nodes,
     begin_replay = R.SecondaryGroup._begin_replay
     marked = []
 
-    def begin(self, theirs):
-        begin_replay(self, theirs)
+    def begin(self, *args):
+        begin_replay(self, *args)
         st = os.stat(_save_path(b, "v1"))
         marked.append((st.st_ino, st.st_blocks * 512))
     monkeypatch.setattr(R.SecondaryGroup, "_begin_replay", begin)

@@ -75,6 +75,36 @@ def test_limiter_counts_live_connection_threads():
     th.join(5)
 
 
+def test_limiter_keeps_a_live_thread_a_listing_skipped(monkeypatch):
+    """The kernel's listing of /proc/self/task can skip live threads while
+    others exit during it (a burst of refused connections): such a thread
+    is still counted, so the cap holds.  (Before, the skipped connection
+    was dropped from the count and one connection too many admitted.)"""
+    limiter = limits.ConnectionLimiter(2, 0)
+    release = threading.Event()
+    first, err = _admit_in_thread(limiter, None, release)
+    assert err is None
+    listdir = limits.os.listdir
+
+    def skipping(path):
+        names = listdir(path)
+        if path == limiter.TASKS:
+            names = [n for n in names if int(n) != first.native_id]
+        return names
+    monkeypatch.setattr(limits.os, "listdir", skipping)
+    try:
+        made = [_admit_in_thread(limiter, None, release) for _ in range(2)]
+        assert made[0][1] is None
+        assert isinstance(made[1][1], limits.TooManyConnections), \
+            limiter.live
+        assert limiter.count() == 2
+    finally:
+        release.set()
+        first.join(5)
+        for th, _ in made:
+            th.join(5)
+
+
 def test_limiter_per_address_spares_loopback():
     limiter = limits.ConnectionLimiter(100, 2)
     release = threading.Event()
