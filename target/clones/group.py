@@ -137,10 +137,16 @@ class CloneGroup(Mirroring, Restore):
         return [(c.map_path, c.delta) for c in self.clones.values()]
 
     def _flush_all(self):
-        """The data every clean bit of a commit vouches for, durable."""
-        self.below.flush()
+        """The data every clean bit of a commit vouches for, durable.  A
+        flush that fails marks what it may have lost (_flush_source,
+        _flush_clone) and fails the commit, whose maps would not hold
+        those marks: the activity map keeps them until a later commit."""
+        self._flush_source()
+        failed = None
         for clone in list(self.clones.values()):
-            clone.backend.flush()
+            failed = failed or self._flush_clone(clone)
+        if failed is not None:
+            raise failed
 
     # ------------------------------------------------------------ set-up
 
@@ -453,7 +459,15 @@ class CloneGroup(Mirroring, Restore):
             self.quiesce = True
             try:
                 self._drain()
-                clone.backend.flush()
+                try:
+                    clone.backend.flush()
+                except OSError as e:
+                    # It may have lost writes (Mirroring._flush_clone): no
+                    # point in time, and mirrored no more.
+                    maps.set_where(clone.delta, self.changes.unflushed())
+                    self.transition(clone, "mirror-failed",
+                                    "flush of the clone failed: {}".format(e))
+                    raise
                 self.transition(clone, "fracture")
             finally:
                 self.quiesce = False
