@@ -46,16 +46,17 @@ class RsgOrchestration:
                                "escapes its log".format(e))
         self._release_stale_images()
 
-    def _not_open(self, name, failure, why):
+    def _not_open(self, name, failure, why, lu_names=None):
         """Group name has files on disk but is not open (failure: why, for
-        its status): its volumes are held (why: in their words), so that
-        no write escapes its log or misses its secondaries, until it loads
-        or a deletion removes its files."""
+        its status): its volumes (lu_names, by default those its record
+        names) are held (why: in their words), so that no write escapes
+        its log or misses its secondaries, until it loads or a deletion
+        removes its files."""
         self.failures[name] = failure
         self.target.recovery_problems.append({"rsg": name,
                                               "message": failure})
         self._hold_volumes(name, "a volume of replicated group {}, {}"
-                           .format(name, why))
+                           .format(name, why), lu_names)
 
     def _release_stale_images(self):
         """A last consistent image (LU@consistent-LU) is kept by the
@@ -442,11 +443,14 @@ class RsgOrchestration:
                 # start: no write may reach its volumes unlogged before.
                 log.error("replicated group %s: closed, but its files "
                           "could not be removed: %s", name, e)
+                # (Its record may be unlinked already, its removal not
+                # durable: the volumes are the open group's.)
                 self._not_open(name, "deleting it failed: its files could "
                                "not be removed ({}); run `rsg delete` "
                                "again".format(e),
                                "whose deletion failed ({}); not served "
-                               "until it is deleted".format(e))
+                               "until it is deleted".format(e),
+                               [lu.name for lu in rsg.volumes])
                 raise
         # A secondary's last consistent images go with the group.
         self._release_images(name, rsg.volumes)

@@ -144,7 +144,8 @@ class CloneGroup(Mirroring, Restore):
         self._flush_source()
         failed = None
         for clone in list(self.clones.values()):
-            failed = failed or self._flush_clone(clone)
+            error, _ = self._flush_clone(clone)
+            failed = failed or error
         if failed is not None:
             raise failed
 
@@ -451,10 +452,13 @@ class CloneGroup(Mirroring, Restore):
         clone = self.clones[name]
         with self.cond:
             if clone.state == SYNCHRONIZED and clone.delta.find(1) >= 0:
-                # A mirrored write failed and its out-of-sync state could
-                # not be saved then: save it now, the fracture is refused.
-                self.transition(clone, "mirror-failed",
-                                 "a mirrored write failed")
+                # A mirrored write or a flush failed (its out-of-sync
+                # state could not be saved then, or it was the Source's):
+                # save it now, the fracture is refused.
+                self.transition(clone, "mirror-failed", clone.error or
+                                "its Delta Map says it differs from the "
+                                "Source (a mirrored write or a flush "
+                                "failed)")
             self._check(clone, "fracture")
             self.quiesce = True
             try:
@@ -464,7 +468,7 @@ class CloneGroup(Mirroring, Restore):
                 except OSError as e:
                     # It may have lost writes (Mirroring._flush_clone): no
                     # point in time, and mirrored no more.
-                    maps.set_where(clone.delta, self.changes.unflushed())
+                    self._mark_lost([clone])
                     self.transition(clone, "mirror-failed",
                                     "flush of the clone failed: {}".format(e))
                     raise

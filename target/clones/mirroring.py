@@ -52,15 +52,17 @@ other, a divergence the maps would not show).  See docs/design.md.
 import errno
 import logging
 
-from .. import errors, maps
+from .. import copier, errors, maps
 from .model import EXPORTED, MIRRORED, REVERSE_SYNCING, SYNCHRONIZED, \
     SYNCING, TransitionNotSaved
 
 log = logging.getLogger("clonectl.clones")
 
-# A failed Source write's range is read back in pieces of this size (a zero
-# request may cover gigabytes).
+# A failed Source write's range is read back for its mirrors in pieces of
+# this size; a larger range than READ_BACK_MAX (a zero or trim may cover a
+# whole disk) drops them out of sync instead.
 READ_BACK_CHUNK = 1 << 20
+READ_BACK_MAX = 64 << 20
 
 
 class Mirroring:
@@ -170,7 +172,7 @@ class Mirroring:
                 if not self._persist_prm():
                     self._flush_source()
                 for clone in mirrors:
-                    unsaved = _unsaved(self._flush_clone(clone)) or unsaved
+                    unsaved = self._flush_clone(clone)[1] or unsaved
             if unsaved is not None:
                 raise unsaved
         finally:
@@ -197,7 +199,7 @@ class Mirroring:
         unsaved = None
         for clone in list(self.clones.values()):
             if clone.state in MIRRORED:
-                unsaved = _unsaved(self._flush_clone(clone)) or unsaved
+                unsaved = self._flush_clone(clone)[1] or unsaved
         self.maybe_commit()
         if unsaved is not None:
             raise unsaved
@@ -205,40 +207,47 @@ class Mirroring:
     def _flush_source(self):
         """Flush the Source.  A flush that fails may have lost what the
         Source got since the last commit (a failed fdatasync drops the
-        pages it could not write), which its mirrors have: they get those
-        extents' bits (a sync gives them the Source's data again, a
-        reverse sync gives the Source the clone's), and the error is
-        raised."""
+        pages it could not write), which its clones may have: they get
+        those extents' bits (a sync gives them the Source's data again, a
+        reverse sync gives the Source the clone's), but for a restoring
+        clone, whose bits would copy it over the hosts' writes, and the
+        error is raised."""
         try:
             self.below.flush()
         except OSError:
             with self.cond:
-                lost = self.changes.unflushed()
-                for clone in self.clones.values():
-                    if clone.state in MIRRORED:
-                        maps.set_where(clone.delta, lost)
+                self._mark_lost([c for c in self.clones.values()
+                                 if c is not self.restoring])
             raise
 
     def _flush_clone(self, clone):
         """Flush a clone.  One whose flush fails may have lost what it got
         since the last commit: those extents are marked in its Delta Map
-        and it stops being mirrored (_mirror_failed).  Returns None, or
-        the failure: the TransitionNotSaved of a state that could not be
-        saved, else the OSError (a host's request succeeds without the
-        clone, a commit does not).  A reverse-syncing clone's failure is
-        raised instead: its bits would copy its losses to the Source,
-        which has those writes too."""
+        and it stops being mirrored (_mirror_failed).  Returns (error,
+        unsaved): the flush's OSError (a commit fails with it) and the
+        TransitionNotSaved of a state that could not be saved (a host's
+        request fails with it; otherwise it succeeds without the clone),
+        each None if none.  A reverse-syncing clone's failure is raised
+        instead: its bits would copy its losses to the Source, which has
+        those writes too."""
         try:
             clone.backend.flush()
         except OSError as e:
             if clone.state == REVERSE_SYNCING:
                 raise
             with self.cond:
-                lost = self.changes.unflushed()
-            return self._mirror_failed(clone, 0, 0, e, lost=lost,
-                                       what="flush of the clone failed") \
-                or e
-        return None
+                self._mark_lost([clone])
+            return e, self._mirror_failed(clone, 0, 0, e,
+                                          what="flush of the clone failed")
+        return None, None
+
+    def _mark_lost(self, clones):
+        """(Holding cond.)  What a failed flush may have lost is marked in
+        clones; a copy running over it does not clear it (collided)."""
+        lost = self.changes.unflushed()
+        for clone in clones:
+            maps.set_where(clone.delta, lost)
+        self.collided = True
 
     def redirected_read(self, buf, offset):
         """Source read during a reverse sync: dirty extents from the clone."""
@@ -297,45 +306,55 @@ class Mirroring:
     def _source_failed(self, mirrors, offset, length, e0, e1, exc):
         """A write to the Source failed, perhaps after changing part of its
         range (a short write): the mirrors get what the Source holds there
-        now, so no clear bit hides a difference; a mirror that cannot (the
-        Source cannot be read back, or the mirror's write fails) has its
-        bits set and stops being mirrored.  The write's extents are still
-        registered: no other write of them runs meanwhile."""
+        now (zero pieces as zeroes), so no clear bit hides a difference; a
+        mirror that cannot (the Source cannot be read back, the mirror's
+        write fails, or the range is larger than READ_BACK_MAX, the size
+        of a zero over a whole disk) has its bits set and stops being
+        mirrored.  The write's extents are still registered: no other
+        write of them runs meanwhile."""
         mirrors = list(mirrors)
+        if length > READ_BACK_MAX:
+            for clone in mirrors:
+                self._mirror_failed(clone, e0, e1, "the Source failed a "
+                                    "request of {} bytes ({})".format(
+                                        length, exc))
+            return
         pos, end = offset, offset + length
         buf = bytearray(min(length, READ_BACK_CHUNK))
         while mirrors and pos < end:
-            view = memoryview(buf)[:min(end - pos, len(buf))]
+            n = min(end - pos, len(buf))
+            view = memoryview(buf)[:n]
             try:
                 self.below.readinto(view, pos)
-            except OSError as e:
+            except Exception as e:
                 for clone in mirrors:
                     self._mirror_failed(clone, e0, e1, "the Source failed a "
                                         "write ({}) and could not be read "
                                         "back ({})".format(exc, e))
                 return
+            zero = copier.is_zero(buf, n)
             for clone in list(mirrors):
                 try:
-                    clone.backend.write(view, pos)
-                except OSError as e:
+                    if zero:
+                        clone.backend.zero(pos, n, may_trim=True)
+                    else:
+                        clone.backend.write(view, pos)
+                except Exception as e:
                     self._mirror_failed(clone, e0, e1, e)
                     mirrors.remove(clone)
-            pos += len(view)
+            pos += n
 
-    def _mirror_failed(self, clone, e0, e1, exc, lost=None,
+    def _mirror_failed(self, clone, e0, e1, exc,
                        what="mirrored write failed"):
-        """The clone misses a write (of extents [e0, e1), and those set in
-        lost): its bits are set and it stops being mirrored.  Returns the
-        TransitionNotSaved of a state that could not be saved (the clone
-        stays synchronized, its bits set, until a fracture or a restart
-        retries), for the write to fail with once the other clones have
-        it."""
+        """The clone misses a write (of extents [e0, e1)): its bits are set
+        and it stops being mirrored.  Returns the TransitionNotSaved of a
+        state that could not be saved (the clone stays synchronized, its
+        bits set, until a fracture or a restart retries), for the write to
+        fail with once the other clones have it."""
         msg = "{}: {}".format(what, exc)
         log.error("clone %s: %s", clone.name, msg)
         with self.cond:
             maps.set_range(clone.delta, e0, e1)
-            if lost is not None:
-                maps.set_where(clone.delta, lost)
             if clone.state == SYNCHRONIZED:
                 try:
                     self.transition(clone, "mirror-failed", msg)
@@ -345,11 +364,6 @@ class Mirroring:
             elif clone.state == SYNCING:
                 if self.engine is not None:
                     self.engine.stop(msg)
-
-
-def _unsaved(failure):
-    """Of a _flush_clone failure, what fails a host's request."""
-    return failure if isinstance(failure, TransitionNotSaved) else None
 
 
 class CollisionGuard:

@@ -370,3 +370,72 @@ def test_a_clone_flush_failing_at_its_fracture(fh):
     clone = h.group.clones["c1"]
     assert clone.state == clones.OUT_OF_SYNC, h.group.clone_status(clone)
     assert _clean_extents_equal(h, "c1") == []
+
+
+def test_a_source_flush_failing_after_a_fracture(fh):
+    """A write mirrored to a clone that is fractured before the Source's
+    flush fails (in the commit that follows the fracture): the Source may
+    have lost it, the clone has it, and its bit says so (before, only
+    clones still mirrored were marked: the fractured clone kept the write
+    under a clear bit)."""
+    h = fh
+    h.lu.write(_pattern(1), 0)
+    h.sync("c1")
+    h.group.commit()
+    h.lu.write(b"W" * GRAN, 3 * GRAN)
+    h.src.fail_flush = errno.EIO
+    h.group.fracture("c1")
+    clone = h.group.clones["c1"]
+    assert clone.state == clones.FRACTURED
+    assert h.mem_src.data[3 * GRAN:4 * GRAN] != b"W" * GRAN    # lost
+    assert _clean_extents_equal(h, "c1") == []
+
+
+def test_a_flush_failing_during_a_copy_keeps_the_copy_dirty(fh):
+    """A copy that a sync engine is writing, piece by piece, when a flush
+    fails (here the clone's, under a host flush) may have lost the pieces
+    written so far: the copy is made again, not taken as done (before,
+    the copy's end cleared the bits the failure had just set, over a
+    piece the clone no longer had)."""
+    h = fh
+    h.lu.write(_pattern(1), 0)
+    h.lu.flush()
+    engine = h.group.start_sync("c1", run=False)
+    engine.chunk = 2
+    engine.step()                       # extents 0-1 copied
+    engine.copier.piece = GRAN          # extents 2-3: two pieces
+    clone_backend = h.fail["c1"]
+    write = clone_backend.write
+
+    def write_then_fail_a_flush(buf, offset):
+        write(buf, offset)
+        if offset == 2 * GRAN:          # the first piece is in
+            clone_backend.write = write
+            clone_backend.fail_flush = errno.EIO
+            h.lu.flush()                # which drops it
+            clone_backend.fail_flush = None
+    clone_backend.write = write_then_fail_a_flush
+    engine.step()
+    assert _clean_extents_equal(h, "c1") == []
+
+
+def test_a_large_source_request_failing_drops_its_mirrors_out_of_sync(
+        fh, monkeypatch):
+    """A failed Source request larger than what is read back (a zero over
+    a whole disk) marks its range in every mirror, which stops being
+    mirrored: no gigabytes are read back on a host's request."""
+    h = fh
+    monkeypatch.setattr(mirroring, "READ_BACK_MAX", GRAN)
+    h.lu.write(_pattern(1), 0)
+    h.sync("c1")
+    h.src.fail_writes = errno.EIO
+    h.src.short_writes = True
+    h.src.fail_from, h.src.fail_to = 6 * GRAN, 7 * GRAN
+    reads = h.src.failures
+    with pytest.raises(OSError):
+        h.lu.write(b"X" * 2 * GRAN, 5 * GRAN)
+    clone = h.group.clones["c1"]
+    assert clone.state == clones.OUT_OF_SYNC
+    assert clone.delta[5] == 1 and clone.delta[6] == 1
+    assert _clean_extents_equal(h, "c1") == []
+    assert h.src.failures == reads + 1
