@@ -229,12 +229,17 @@ class Mirroring:
         request fails with it; otherwise it succeeds without the clone),
         each None if none.  A reverse-syncing clone's failure is raised
         instead: its bits would copy its losses to the Source, which has
-        those writes too."""
+        those writes too.  A restoring clone's marks nothing: the restore
+        never writes it (its export's writes set PRM bits), and a bit set
+        again over an extent the restore copied would copy it again, over
+        host writes made since."""
         try:
             clone.backend.flush()
         except OSError as e:
             if clone.state == REVERSE_SYNCING:
                 raise
+            if clone is self.restoring:
+                return e, None
             with self.cond:
                 self._mark_lost([clone])
             return e, self._mirror_failed(clone, 0, 0, e,
@@ -247,7 +252,8 @@ class Mirroring:
         lost = self.changes.unflushed()
         for clone in clones:
             maps.set_where(clone.delta, lost)
-        self.collided = True
+        if self.changes.copying:
+            self.collided = True
 
     def redirected_read(self, buf, offset):
         """Source read during a reverse sync: dirty extents from the clone."""

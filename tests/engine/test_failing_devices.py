@@ -78,14 +78,15 @@ def test_clone_failing_mid_sync_is_left_out_of_sync_with_bits(fh, code):
     assert h.mem["c1"].data == h.mem_src.data
 
 
-def _reverse_syncing(h):
+def _reverse_syncing(h, start="start_reverse_sync"):
     """c1 synchronized at pattern 1, fractured, written pattern 7 through
-    its export; its reverse sync started (not run), two extents a step."""
+    its export; its reverse sync (or start: its restore) started, not
+    run, two extents a step."""
     h.lu.write(_pattern(1), 0)
     h.sync("c1")
     h.group.fracture("c1")
     h.group.clones["c1"].export.write(_pattern(7), 0)
-    engine = h.group.start_reverse_sync("c1", run=False)
+    engine = getattr(h.group, start)("c1", run=False)
     engine.chunk = 2
     return engine
 
@@ -439,3 +440,41 @@ def test_a_large_source_request_failing_drops_its_mirrors_out_of_sync(
     assert clone.delta[5] == 1 and clone.delta[6] == 1
     assert _clean_extents_equal(h, "c1") == []
     assert h.src.failures == reads + 1
+
+
+def test_a_restoring_clone_whose_flush_fails_keeps_its_copied_extents(fh):
+    """The clone a protected restore reads is never written by it: its
+    flush failing marks nothing (before, the extents the restore had
+    copied got their bits back, so they were copied again, over host
+    writes made since without a copy on demand)."""
+    h = fh
+    engine = _reverse_syncing(h, "start_restore")
+    assert engine.step()
+    clone = h.group.clones["c1"]
+    copied = [e for e in range(EXTENTS) if not clone.delta[e]]
+    assert copied
+    h.fail["c1"].fail_flush = errno.EIO
+    with pytest.raises(OSError):
+        h.group.commit()
+    assert [e for e in copied if clone.delta[e]] == []
+
+
+def test_a_verify_whose_commit_fails_says_so(fh):
+    """A verify ends with a commit of its marks; one that fails (here the
+    clone's flush) ends the verify with that error in its result, the
+    marks kept (before, the exception escaped the verify's thread: its
+    result said no error, and the differences were not resynced)."""
+    h = fh
+    h.lu.write(_pattern(1), 0)
+    h.sync("c1")
+    h.group.commit()
+    h.mem["c1"].data[3 * GRAN + 7] ^= 0xFF         # behind our back
+    h.fail["c1"].durable = bytes(h.mem["c1"].data)
+    h.fail["c1"].fail_flush = errno.EIO
+    engine = h.group.start_verify("c1", run=False)
+    engine.run()
+    clone = h.group.clones["c1"]
+    result = h.group.clone_status(clone)["verify"]
+    assert "EIO" in (result["error"] or ""), result
+    assert clone.delta[3] == 1
+    assert _clean_extents_equal(h, "c1") == []
