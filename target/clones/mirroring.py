@@ -34,7 +34,9 @@ marks the clone and stops mirroring it.  A flush that fails may have lost
 whatever its backend got since the last commit (a failed fdatasync drops
 the pages it could not write, and the next one succeeds without them):
 those extents (ChangeMap.unflushed) are marked, in the clone whose flush
-failed, or in every mirror when it was the Source's.
+failed, or in every clone when it was the Source's; never in a restoring
+clone, which the restore does not write and whose bits would restore an
+extent again over the hosts' writes.
 
 Overlapping writes to the Source are ordered: a write waits while another
 write of any of its extents is in flight.  Two hosts may write the same
@@ -207,10 +209,10 @@ class Mirroring:
     def _flush_source(self):
         """Flush the Source.  A flush that fails may have lost what the
         Source got since the last commit (a failed fdatasync drops the
-        pages it could not write), which its clones may have: they get
-        those extents' bits (a sync gives them the Source's data again, a
-        reverse sync gives the Source the clone's), but for a restoring
-        clone, whose bits would copy it over the hosts' writes, and the
+        pages it could not write), which its clones may have: each clone
+        but a restoring one (whose bits would copy it over the hosts'
+        writes) gets those extents' bits (a sync gives it the Source's
+        data again, a reverse sync gives the Source the clone's), and the
         error is raised."""
         try:
             self.below.flush()
