@@ -225,6 +225,8 @@ class ChangeMap:
         self.activity = ActivityMap(activity_path, granularity, extents,
                                     region_bytes)
         self.track = bytearray(extents)
+        # The track a commit took, while its flush runs.
+        self.flushing = None
         self.in_flight = {}     # token -> (e0, e1): writes that set bits
         self.copying = {}       # token -> (e0, e1): copies that clear bits
         self._next_token = 0
@@ -299,12 +301,28 @@ class ChangeMap:
         # A region set in memory may still wait for its fdatasync (or
         # have had it fail): mark() waits for it (or fails).
         if self.activity.bits.find(0, e0, e1) >= 0 or self.activity.pending:
-            self.activity.mark(e0, e1)
+            try:
+                self.activity.mark(e0, e1)
+            except BaseException:
+                # The write does not happen: nothing may wait for it.
+                del self.in_flight[token]
+                raise
         return token
 
     def end(self, token):
         e0, e1 = self.in_flight.pop(token)
         maps.set_range(self.track, e0, e1)
+
+    def unflushed(self):
+        """(Holding lock.)  The extents written or copied since the last
+        commit whose flush succeeded: what a failed flush may have lost."""
+        lost = bytearray(self.track)
+        if self.flushing is not None:
+            maps.set_where(lost, self.flushing)
+        for e0, e1 in list(self.in_flight.values()) + \
+                list(self.copying.values()):
+            maps.set_range(lost, e0, e1)
+        return lost
 
     def copy_begin(self, e0, e1):
         """Register a copy of [e0, e1): its bits are cleared when its data
@@ -341,12 +359,24 @@ class ChangeMap:
             with self.lock:
                 if change is not None:
                     change()
+                self.flushing = self.track
                 self.track = bytearray(self.extents)
                 entries = self.committed()
                 taken = [bytes(bits) for _, bits in entries] \
                     if self.snapshot_before_flush else None
-            if self.flush is not None and self.flush_before_commit:
-                self.flush()
+            try:
+                if self.flush is not None and self.flush_before_commit:
+                    self.flush()
+            except BaseException:
+                with self.lock:
+                    # A flush that failed may have lost what it covered
+                    # (the kernel drops pages it could not write): still
+                    # tracked, for the activity map and the next commit.
+                    maps.set_where(self.track, self.flushing)
+                    self.flushing = None
+                raise
+            with self.lock:
+                self.flushing = None
             if taken is None:
                 taken = [bytes(bits) for _, bits in entries]
             for (path, _), bits in zip(entries, taken):

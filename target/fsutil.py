@@ -42,17 +42,22 @@ def makedirs_durable(path, mode=0o700):
 
 def remove_durably(paths):
     """Unlink each of paths that exists, then fsync the directories they
-    were in: a removal the disk forgets brings an old file back (an old map
-    or stage file that a later create would trip over)."""
+    are in: a removal the disk forgets brings an old file back (an old map
+    or stage file that a later create would trip over).  A directory is
+    synced even where nothing was left to unlink: a file gone already may
+    have gone in an earlier call whose sync failed."""
     dirs = set()
     for path in paths:
+        dirs.add(os.path.dirname(os.path.abspath(path)))
         try:
             os.unlink(path)
         except FileNotFoundError:
             continue
-        dirs.add(os.path.dirname(os.path.abspath(path)))
     for directory in sorted(dirs):
-        fsync_dir(directory)
+        try:
+            fsync_dir(directory)
+        except FileNotFoundError:
+            continue        # no directory: nothing of it to forget
 
 
 def write_atomic(path, data, mode=0o600):

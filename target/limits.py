@@ -135,8 +135,12 @@ class ConnectionLimiter:
         for tid in [t for t in self.live if t not in listed]:
             # The listing can skip live threads while others exit during
             # it (a burst of refused connections); a lookup by id cannot.
-            if not os.path.exists(os.path.join(self.TASKS, str(tid))):
+            try:
+                os.stat(os.path.join(self.TASKS, str(tid)))
+            except FileNotFoundError:
                 del self.live[tid]
+            except OSError:
+                pass        # cannot tell: counted until it can
 
     def admit(self, address):
         """Count the calling thread's connection from address (an ipaddress

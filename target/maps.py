@@ -84,6 +84,12 @@ def set_range(m, start, end):
         start += n
 
 
+def set_where(m, other):
+    """Set m where other (a map of the same extents) is set."""
+    for s, e in runs(other):
+        set_range(m, s, e)
+
+
 def runs(m, start=0, end=None, value=1):
     """Yield (start, end) of maximal runs of value in m[start:end]."""
     end = len(m) if end is None else end

@@ -292,8 +292,16 @@ def call(peer, token, op, lu, timeout=10.0, tls=None):
     if not isinstance(reply, dict):
         raise PeerError(peer=peer, reason="{}: no valid reply".format(op))
     if reply.get("ok"):
-        return reply.get("result")
+        # Every peer operation answers with an object (a status).
+        result = reply.get("result")
+        if not isinstance(result, dict):
+            raise PeerError(peer=peer, reason="{}: the reply's result {!r} "
+                            "is not an object".format(op, result))
+        return result
     err = reply.get("error") or {}
+    if not isinstance(err, dict):
+        raise PeerError(peer=peer, reason="{}: the reply's error {!r} is "
+                        "not an object".format(op, err))
     if err.get("code") == "AccessDenied":
         message = err.get("message", "refused")
         if "invalid token" in message and auth.server_nonce is None:

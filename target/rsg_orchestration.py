@@ -40,14 +40,23 @@ class RsgOrchestration:
                 self._open_rsg(files, files.load())
             except (errors.Error, OSError, KeyError, TypeError) as e:
                 log.error("replicated group %s: %s", name, e)
-                self.failures[name] = "not loaded: {}".format(e)
-                self.target.recovery_problems.append(
-                    {"rsg": name, "message": self.failures[name]})
-                self._hold_volumes(name, "a volume of replicated group {}, "
-                                   "which did not load ({}); not served "
-                                   "until it loads or is deleted, so no "
-                                   "write escapes its log".format(name, e))
+                self._not_open(name, "not loaded: {}".format(e),
+                               "which did not load ({}); not served until "
+                               "it loads or is deleted, so no write "
+                               "escapes its log".format(e))
         self._release_stale_images()
+
+    def _not_open(self, name, failure, why, lu_names=None):
+        """Group name has files on disk but is not open (failure: why, for
+        its status): its volumes (lu_names, by default those its record
+        names) are held (why: in their words), so that no write escapes
+        its log or misses its secondaries, until it loads or a deletion
+        removes its files."""
+        self.failures[name] = failure
+        self.target.recovery_problems.append({"rsg": name,
+                                              "message": failure})
+        self._hold_volumes(name, "a volume of replicated group {}, {}"
+                           .format(name, why), lu_names)
 
     def _release_stale_images(self):
         """A last consistent image (LU@consistent-LU) is kept by the
@@ -427,7 +436,22 @@ class RsgOrchestration:
         with alone, self.target.lock:
             self._check_current(rsg)
             self._close_rsg(rsg)
-            rsg.files.remove_all()
+            try:
+                rsg.files.remove_all()
+            except OSError as e:
+                # Its record may stay and load the group at the next
+                # start: no write may reach its volumes unlogged before.
+                log.error("replicated group %s: closed, but its files "
+                          "could not be removed: %s", name, e)
+                # (Its record may be unlinked already, its removal not
+                # durable: the volumes are the open group's.)
+                self._not_open(name, "deleting it failed: its files could "
+                               "not be removed ({}); run `rsg delete` "
+                               "again".format(e),
+                               "whose deletion failed ({}); not served "
+                               "until it is deleted".format(e),
+                               [lu.name for lu in rsg.volumes])
+                raise
         # A secondary's last consistent images go with the group.
         self._release_images(name, rsg.volumes)
         return {"name": name}
@@ -551,7 +575,13 @@ class RsgOrchestration:
                 name=name, reason="this secondary is inconsistent ({}); {}"
                 .format(rsg.reason, advice))
         gen = replication.new_generation()
-        history = rsg.history + [[gen, rsg.applied_seq + 1]]
+        # After the node's last update; and after the first of its last
+        # generation, which a node whose replay was broken off (promoted
+        # with --force) holds without any update of it: a history's
+        # generations start in order, or no secondary can read it.
+        first = max(rsg.applied_seq + 1, rsg.history[-1][1]) \
+            if rsg.history else rsg.applied_seq + 1
+        history = rsg.history + [[gen, first]]
         # The since map holds what this node changes from its promotion
         # on.  With nothing diverged here that is every change since the
         # last update it had from a primary (since_base); otherwise its
@@ -572,7 +602,7 @@ class RsgOrchestration:
                   "srl_size": rsg.record_base.get("srl_size", 64 << 20),
                   "volumes": rsg.record_base["volumes"],
                   "generation": gen, "history": history,
-                  "next_seq": rsg.applied_seq + 1, "links": [],
+                  "next_seq": first, "links": [],
                   "since_promotion": True, "since_base": since_base,
                   "since_maps": since_maps,
                   "after_split_brain": rsg.record_base.get(
@@ -676,15 +706,11 @@ class RsgOrchestration:
             name = record["name"]
             log.error("replicated group %s: not opened as its new record "
                       "says (%s): %s", name, record["role"], e)
-            self.failures[name] = "not opened as {} after its role change: " \
-                "{}".format(record["role"], e)
-            self.target.recovery_problems.append(
-                {"rsg": name, "message": self.failures[name]})
-            self._hold_volumes(name, "a volume of replicated group {}, "
-                               "which could not be opened as {} ({}); not "
-                               "served until it loads (restart the server) "
-                               "or is deleted".format(name, record["role"],
-                                                      e))
+            self._not_open(name, "not opened as {} after its role change: "
+                           "{}".format(record["role"], e),
+                           "which could not be opened as {} ({}); not "
+                           "served until it loads (restart the server) or "
+                           "is deleted".format(record["role"], e))
             raise replication.ReplicationError(
                 name=name, reason="it is recorded {} now but could not be "
                 "opened as such ({}); its volumes are held until it loads: "

@@ -137,10 +137,17 @@ class CloneGroup(Mirroring, Restore):
         return [(c.map_path, c.delta) for c in self.clones.values()]
 
     def _flush_all(self):
-        """The data every clean bit of a commit vouches for, durable."""
-        self.below.flush()
+        """The data every clean bit of a commit vouches for, durable.  A
+        flush that fails marks what it may have lost (_flush_source,
+        _flush_clone) and fails the commit, whose maps would not hold
+        those marks: the activity map keeps them until a later commit."""
+        self._flush_source()
+        failed = None
         for clone in list(self.clones.values()):
-            clone.backend.flush()
+            error, _ = self._flush_clone(clone)
+            failed = failed or error
+        if failed is not None:
+            raise failed
 
     # ------------------------------------------------------------ set-up
 
@@ -445,15 +452,26 @@ class CloneGroup(Mirroring, Restore):
         clone = self.clones[name]
         with self.cond:
             if clone.state == SYNCHRONIZED and clone.delta.find(1) >= 0:
-                # A mirrored write failed and its out-of-sync state could
-                # not be saved then: save it now, the fracture is refused.
-                self.transition(clone, "mirror-failed",
-                                 "a mirrored write failed")
+                # A mirrored write or a flush failed (its out-of-sync
+                # state could not be saved then, or it was the Source's):
+                # save it now, the fracture is refused.
+                self.transition(clone, "mirror-failed", clone.error or
+                                "its Delta Map says it differs from the "
+                                "Source (a mirrored write or a flush "
+                                "failed)")
             self._check(clone, "fracture")
             self.quiesce = True
             try:
                 self._drain()
-                clone.backend.flush()
+                try:
+                    clone.backend.flush()
+                except OSError as e:
+                    # It may have lost writes (Mirroring._flush_clone): no
+                    # point in time, and mirrored no more.
+                    self._mark_lost([clone])
+                    self.transition(clone, "mirror-failed",
+                                    "flush of the clone failed: {}".format(e))
+                    raise
                 self.transition(clone, "fracture")
             finally:
                 self.quiesce = False

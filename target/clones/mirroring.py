@@ -26,6 +26,18 @@ overlaps no host write.  Host writes are never queued for this.
 Fracture quiesces: new writes wait while writes in flight drain, so no
 write is half-mirrored at the fracture point.
 
+Failures: a clean bit vouches that clone and Source hold the same data, so
+a request that fails part way must not leave one side changed under a
+clean bit.  A Source write that fails (perhaps after a short write) gives
+its mirrors what the Source holds there now; a mirror leg that fails
+marks the clone and stops mirroring it.  A flush that fails may have lost
+whatever its backend got since the last commit (a failed fdatasync drops
+the pages it could not write, and the next one succeeds without them):
+those extents (ChangeMap.unflushed) are marked, in the clone whose flush
+failed, or in every clone when it was the Source's; never in a restoring
+clone, which the restore does not write and whose bits would restore an
+extent again over the hosts' writes.
+
 Overlapping writes to the Source are ordered: a write waits while another
 write of any of its extents is in flight.  Two hosts may write the same
 block at once (NBD lets either win), but both legs of a mirror must see
@@ -39,13 +51,20 @@ zero on every side (a trim may leave old data on one side and zeroes on the
 other, a divergence the maps would not show).  See docs/design.md.
 """
 
+import errno
 import logging
 
-from .. import errors, maps
+from .. import copier, errors, maps
 from .model import EXPORTED, MIRRORED, REVERSE_SYNCING, SYNCHRONIZED, \
     SYNCING, TransitionNotSaved
 
 log = logging.getLogger("clonectl.clones")
+
+# A failed Source write's range is read back for its mirrors in pieces of
+# this size; a larger range than READ_BACK_MAX (a zero or trim may cover a
+# whole disk) drops them out of sync instead.
+READ_BACK_CHUNK = 1 << 20
+READ_BACK_MAX = 64 << 20
 
 
 class Mirroring:
@@ -110,7 +129,11 @@ class Mirroring:
                     (self.quiesce and not self.changes.in_flight):
                 self.cond.notify_all()
 
-    def _mutate(self, offset, length, apply, fua):
+    def _mutate(self, offset, length, apply, fua, mirror=None):
+        """apply(backend) the change to the Source and its mirrors;
+        mirror(backend), if given, applies it to a mirror written after
+        the Source (which has carried it out: the mirror must too)."""
+        mirror = mirror or apply
         self.source.check_write(offset, length)
         e0, e1 = self._extent_range(offset, length)
         token = None
@@ -121,31 +144,37 @@ class Mirroring:
             token, mirrors = self._begin(e0, e1, restoring=restoring)
         try:
             first = [c for c in mirrors if c.state == REVERSE_SYNCING]
-            for clone in first:
-                apply(clone.backend)
             try:
+                for clone in first:
+                    apply(clone.backend)
                 apply(self.below)
-            except OSError:
-                # The clone has the write, the Source maybe not: dirty, so
-                # the engine copies the extent (and reads come from the
-                # clone meanwhile).
+            except Exception as e:
+                # The clone has the write (or part of it: a short write),
+                # the Source maybe not: dirty, so the engine copies the
+                # extent (and reads come from the clone meanwhile).
                 with self.cond:
                     for clone in first:
                         maps.set_range(clone.delta, e0, e1)
+                if getattr(e, "errno", None) != errno.EOPNOTSUPP:
+                    # (EOPNOTSUPP: refused whole, a fast zero the Source
+                    # cannot do; nothing changed.)
+                    self._source_failed(
+                        [c for c in mirrors if c not in first],
+                        offset, length, e0, e1, e)
                 raise
             unsaved = None
             for clone in mirrors:
                 if clone in first:
                     continue
                 try:
-                    apply(clone.backend)
+                    mirror(clone.backend)
                 except OSError as e:
                     unsaved = self._mirror_failed(clone, e0, e1, e) or unsaved
             if fua:
                 if not self._persist_prm():
-                    self.below.flush()
+                    self._flush_source()
                 for clone in mirrors:
-                    clone.backend.flush()
+                    unsaved = self._flush_clone(clone)[1] or unsaved
             if unsaved is not None:
                 raise unsaved
         finally:
@@ -156,19 +185,77 @@ class Mirroring:
 
     def source_zero(self, offset, length, may_trim=False, fast=False,
                     fua=False):
+        # A fast zero is one the Source may refuse (it changes nothing
+        # then); once the Source has zeroed, every mirror zeroes too, cheap
+        # there or not (a clone's file system may lack a quick zero).
         self._mutate(offset, length, lambda b: b.zero(
-            offset, length, may_trim=may_trim, fast=fast), fua)
+            offset, length, may_trim=may_trim, fast=fast), fua,
+            mirror=lambda b: b.zero(offset, length, may_trim=may_trim))
 
     def source_trim(self, offset, length, fua=False):
         self.source_zero(offset, length, may_trim=True, fua=fua)
 
     def source_flush(self):
         if not self._persist_prm():
-            self.below.flush()
+            self._flush_source()
+        unsaved = None
         for clone in list(self.clones.values()):
             if clone.state in MIRRORED:
-                clone.backend.flush()
+                unsaved = self._flush_clone(clone)[1] or unsaved
         self.maybe_commit()
+        if unsaved is not None:
+            raise unsaved
+
+    def _flush_source(self):
+        """Flush the Source.  A flush that fails may have lost what the
+        Source got since the last commit (a failed fdatasync drops the
+        pages it could not write), which its clones may have: each clone
+        but a restoring one (whose bits would copy it over the hosts'
+        writes) gets those extents' bits (a sync gives it the Source's
+        data again, a reverse sync gives the Source the clone's), and the
+        error is raised."""
+        try:
+            self.below.flush()
+        except OSError:
+            with self.cond:
+                self._mark_lost([c for c in self.clones.values()
+                                 if c is not self.restoring])
+            raise
+
+    def _flush_clone(self, clone):
+        """Flush a clone.  One whose flush fails may have lost what it got
+        since the last commit: those extents are marked in its Delta Map
+        and it stops being mirrored (_mirror_failed).  Returns (error,
+        unsaved): the flush's OSError (a commit fails with it) and the
+        TransitionNotSaved of a state that could not be saved (a host's
+        request fails with it; otherwise it succeeds without the clone),
+        each None if none.  A reverse-syncing clone's failure is raised
+        instead: its bits would copy its losses to the Source, which has
+        those writes too.  A restoring clone's marks nothing: the restore
+        never writes it (its export's writes set PRM bits), and a bit set
+        again over an extent the restore copied would copy it again, over
+        host writes made since."""
+        try:
+            clone.backend.flush()
+        except OSError as e:
+            if clone.state == REVERSE_SYNCING:
+                raise
+            if clone is self.restoring:
+                return e, None
+            with self.cond:
+                self._mark_lost([clone])
+            return e, self._mirror_failed(clone, 0, 0, e,
+                                          what="flush of the clone failed")
+        return None, None
+
+    def _mark_lost(self, clones):
+        """(Holding cond.)  What a failed flush may have lost is marked in
+        clones; a copy running over it does not clear it (collided)."""
+        lost = self.changes.unflushed()
+        for clone in clones:
+            maps.set_where(clone.delta, lost)
+        if self.changes.copying:
+            self.collided = True
 
     def redirected_read(self, buf, offset):
         """Source read during a reverse sync: dirty extents from the clone."""
@@ -224,13 +311,55 @@ class Mirroring:
         finally:
             self._end(token)
 
-    def _mirror_failed(self, clone, e0, e1, exc):
-        """The clone misses a write: its bits are set and it stops being
-        mirrored.  Returns the TransitionNotSaved of a state that could
-        not be saved (the clone stays synchronized, its bits set, until a
-        fracture or a restart retries), for the write to fail with once
-        the other clones have it."""
-        msg = "mirrored write failed: {}".format(exc)
+    def _source_failed(self, mirrors, offset, length, e0, e1, exc):
+        """A write to the Source failed, perhaps after changing part of its
+        range (a short write): the mirrors get what the Source holds there
+        now (zero pieces as zeroes), so no clear bit hides a difference; a
+        mirror that cannot (the Source cannot be read back, the mirror's
+        write fails, or the range is larger than READ_BACK_MAX, the size
+        of a zero over a whole disk) has its bits set and stops being
+        mirrored.  The write's extents are still registered: no other
+        write of them runs meanwhile."""
+        mirrors = list(mirrors)
+        if length > READ_BACK_MAX:
+            for clone in mirrors:
+                self._mirror_failed(clone, e0, e1, "the Source failed a "
+                                    "request of {} bytes ({})".format(
+                                        length, exc))
+            return
+        pos, end = offset, offset + length
+        buf = bytearray(min(length, READ_BACK_CHUNK))
+        while mirrors and pos < end:
+            n = min(end - pos, len(buf))
+            view = memoryview(buf)[:n]
+            try:
+                self.below.readinto(view, pos)
+            except Exception as e:
+                for clone in mirrors:
+                    self._mirror_failed(clone, e0, e1, "the Source failed a "
+                                        "write ({}) and could not be read "
+                                        "back ({})".format(exc, e))
+                return
+            zero = copier.is_zero(buf, n)
+            for clone in list(mirrors):
+                try:
+                    if zero:
+                        clone.backend.zero(pos, n, may_trim=True)
+                    else:
+                        clone.backend.write(view, pos)
+                except Exception as e:
+                    self._mirror_failed(clone, e0, e1, e)
+                    mirrors.remove(clone)
+            pos += n
+
+    def _mirror_failed(self, clone, e0, e1, exc,
+                       what="mirrored write failed"):
+        """The clone misses a write (of extents [e0, e1)): its bits are set
+        and it stops being mirrored.  Returns the TransitionNotSaved of a
+        state that could not be saved (the clone stays synchronized, its
+        bits set, until a fracture or a restart retries), for the write to
+        fail with once the other clones have it."""
+        msg = "{}: {}".format(what, exc)
         log.error("clone %s: %s", clone.name, msg)
         with self.cond:
             maps.set_range(clone.delta, e0, e1)

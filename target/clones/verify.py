@@ -192,7 +192,16 @@ class VerifyEngine:
         result.finished = time.monotonic()
         result.finished_at = time.time()
         # The marks durable before a state relies on them.
-        group.commit()
+        try:
+            group.commit()
+        except OSError as e:
+            # They stay marked in memory and in the activity map (a later
+            # commit saves them); nothing relies on them meanwhile.
+            why = "its marks could not be committed: {}".format(e)
+            log.error("verify of clone %s: %s", clone.name, why)
+            result.error = "{}; {}".format(result.error, why) \
+                if result.error else why
+            return
         if group.record_verify is not None:
             try:
                 group.record_verify(clone.name, result.to_dict(False))

@@ -26,9 +26,9 @@ import zlib
 from .. import errors, fsutil
 from . import verify
 from .layer import Guard
-from .records import (DISCONNECT, SECONDARY, ReplicaUnavailable,
-                      ReplicationError, RsgBusy, check_split_brain_policy,
-                      peer_history, peer_seq)
+from .records import (DISCONNECT, SECONDARY, SPLIT_BRAIN_POLICIES,
+                      ReplicaUnavailable, ReplicationError, RsgBusy,
+                      check_split_brain_policy, peer_history, peer_seq)
 from .wire import (DATA, ENTRY, KINDS, SEQ, TRIM, WRITE, ZERO, Reader,
                    entry_crc, recv_frame, send_frame, send_json,
                    shutdown_socket)
@@ -738,6 +738,7 @@ class SecondaryGroup:
     def handshake(self, hello):
         """Check a primary's hello; return the reply."""
         peer_history(hello.get("history"))
+        peer_seq(hello.get("last_seq"), "last update")
         vols = hello.get("volumes") or []
         mine = [{"lu": lu.name, "size": lu.size} for lu in self.volumes]
         if vols != mine:
@@ -750,7 +751,15 @@ class SecondaryGroup:
                                         else [vols])),
                     ", ".join("{lu}({size})".format(**v) for v in mine)))
         policy = hello.get("after_split_brain")
-        if policy and policy != self.record_base.get("after_split_brain"):
+        if policy is not None and policy not in SPLIT_BRAIN_POLICIES:
+            # A newer version's, or garbage: replication goes on, and a
+            # promotion acts on the policy kept before.
+            log.warning("group %s: the primary's split-brain policy %r is "
+                        "not one this node knows; it keeps %r for when it "
+                        "is promoted", self.name, policy,
+                        self.record_base.get("after_split_brain",
+                                             DISCONNECT))
+        elif policy and policy != self.record_base.get("after_split_brain"):
             # The group's policy, kept for when this node is promoted.
             self.persist(after_split_brain=policy)
         reply = {"ok": True, "role": SECONDARY,
@@ -847,6 +856,8 @@ class SecondaryGroup:
         """Receive from one primary until the connection ends."""
         self.primary = peer
         theirs = peer_history(hello.get("history"))
+        # The primary's last update as far as this node knows: its hello's,
+        # then the last of each batch received.
         their_last = peer_seq(hello.get("last_seq"), "last update")
         self.ending = self.releasing = False
         self.connected_since = time.time()
@@ -931,6 +942,7 @@ class SecondaryGroup:
                     unflushed = True
                     send_frame(sock, b"APLD", SEQ.pack(seq))
                     self._received(seq, theirs)
+                    their_last = max(their_last, seq)
                 elif kind == b"CMIT":
                     seq, = _fields(kind, payload, SEQ.unpack)
                     if replaying or not self.consistent:
@@ -964,6 +976,7 @@ class SecondaryGroup:
                         self.batches += 1
                         batch = []
                     self._received(seq, theirs)
+                    their_last = max(their_last, seq)
                     if not replaying:
                         self.release_done_images()
                 elif kind == b"VREQ":

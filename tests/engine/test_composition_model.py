@@ -80,7 +80,8 @@ from tests.support import rsgnodes
 from tests.support.models import tolerate_timing_in_generation
 from tests.support.tiers import examples
 from tests.support.twonodes import (SIZES, VOLS, Node, break_a_replay,
-                                    converge, replay_broken_off)
+                                    converge, replay_broken_off,
+                                    write_and_detach)
 from target import clones, errors, sessions
 from target import replication as R
 
@@ -1199,10 +1200,7 @@ def test_a_replay_broken_off_after_a_role_switch_is_no_split_brain(
     the primary on the primary's own line: a split brain, and the link
     waited for the admin.)"""
     a, b = two_nodes
-    a.t.lus["v1"].write(b"\x01" * 4096, 0)
-    converge(a, b)
-    a.t.rsg_detach("g", b.addr)
-    wait_for(lambda: b.rsg.connected_since is None)
+    write_and_detach(a, b)
     a.t.lus["v1"].write(b"\x02" * 4096, 4096)     # b never gets it
     a.kill()
     a.start()
@@ -1223,6 +1221,35 @@ def test_a_replay_broken_off_after_a_role_switch_is_no_split_brain(
     converge(b, a)
     assert a.read_base(0) == b.read_top(0), first_diff(
         [b.read_top(0)], [a.read_base(0)])
+
+
+def test_a_forced_promotion_in_a_broken_off_replay_keeps_a_valid_history(
+        two_nodes, monkeypatch):
+    """A node whose replay was broken off holds the primary's line but
+    updates of it from far behind that line's last generation; promoted
+    with --force, its new generation starts after that generation's
+    first update, so its history still rises and its secondaries can
+    read it.  (Before, the generation started after the node's own last
+    update: a history going down, which every secondary refused, and the
+    link failed for ever.)"""
+    a, b = two_nodes
+    write_and_detach(a, b)
+    for i in range(8):
+        a.t.lus["v1"].write(b"\x02" * 4096, 4096 * (i + 1))  # b misses
+    a.t.rsg_demote("g")
+    a.t.rsg_promote("g")            # a generation from a's last on
+    replay_broken_off(a, b, monkeypatch, start=lambda: a.t.rsg_link(
+        "g", b.addr, "async", a.tok))
+    assert b.rsg.history == a.rsg.history and not b.rsg.consistent
+    b.t.rsg_promote("g", force=True)
+    history = b.rsg.history
+    assert R.records.peer_history(history) == history
+    assert b.rsg.next_seq >= history[-1][1], b.rsg.status()
+    a.t.rsg_demote("g")
+    b.t.rsg_link("g", a.addr, "async", a.tok)
+    link = b.rsg.links[0]
+    wait_for(lambda: link.state in (R.REPLICATING, R.DIVERGED), 20,
+             "the link's decision", link.status)
 
 
 def test_replay_protects_every_volume_at_one_point(two_nodes, monkeypatch):

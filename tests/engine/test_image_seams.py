@@ -114,6 +114,41 @@ def test_a_held_volume_is_not_rolled_back(two_nodes,  # noqa: F811
     assert bytes(buf) == b"\x02" * 4096
 
 
+@pytest.mark.parametrize("policy", ["take-all", ["disconnect"], 7])
+def test_a_primarys_hello_with_an_unknown_policy_is_not_kept(
+        two_lus, policy, caplog):
+    """A primary's hello names a split-brain policy this node does not
+    know (a newer version's, or garbage): replication goes on, the policy
+    kept for a promotion stays the one it had, and the log says why.
+    (Before, the value was saved as it came, and the promoted node acted
+    on a policy nobody could read back.)"""
+    t = two_lus
+    hello = {"group": "g", "volumes": [{"lu": "a", "size": MiB}],
+             "after_split_brain": "discard-zero-changes"}
+    rsg = t.rsg_ops.accept_primary(hello, "192.0.2.1")
+    assert rsg.handshake(hello)["ok"]
+    hello["after_split_brain"] = policy
+    assert rsg.handshake(hello)["ok"]
+    assert rsg.record_base["after_split_brain"] == "discard-zero-changes"
+    assert t.state_dir.group_files("g").load()["after_split_brain"] == \
+        "discard-zero-changes"
+    assert "split-brain policy" in caplog.text
+
+
+@pytest.mark.parametrize("last", ["7", -1, 2.5, [7]])
+def test_a_primarys_hello_with_a_bad_last_update_is_refused(two_lus, last):
+    """A hello whose last update is not a whole number is refused in the
+    handshake, with a reason the primary shows (before, it was found only
+    after the handshake had been answered: the primary saw a lost
+    connection, and retried for ever)."""
+    t = two_lus
+    hello = {"group": "g", "volumes": [{"lu": "a", "size": MiB}]}
+    rsg = t.rsg_ops.accept_primary(hello, "192.0.2.1")
+    hello["last_seq"] = last
+    with pytest.raises(errors.ProtocolError, match="last update"):
+        rsg.handshake(hello)
+
+
 @pytest.mark.parametrize("volumes, granularity",
                          [(["a", "a"], None), (["ro"], None), (["a"], 1),
                           (["a"], 3 << 20)],

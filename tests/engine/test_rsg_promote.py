@@ -16,6 +16,7 @@ import pytest
 
 from tests.support.rsgmodel import fast_timing, restore_timing, wait_for
 from tests.support.rsgpair import pair  # noqa: F401
+from tests.support.twonodes import write_and_detach
 from target import replication as R
 from target.replication import primary
 
@@ -62,15 +63,6 @@ def test_a_primary_connecting_during_a_promotion_is_refused(pair,  # noqa: F811
         assert bytes(buf) != b"\xab" * (64 * KiB)
     finally:
         restore_timing(saved)
-
-
-def write_and_detach(a, b):
-    """A host write reaches B, consistent; then A's link is detached."""
-    a.t.lus["v1"].write(b"\x01" * 4096, 0)
-    wait_for(lambda: b.rsg is not None and b.rsg.consistent and
-             b.rsg.applied_seq == a.rsg.next_seq - 1, 20, "convergence")
-    a.t.rsg_detach("g", b.addr)
-    wait_for(lambda: b.rsg.connected_since is None)
 
 
 def test_two_promotions_at_once_make_one_primary(two_nodes, monkeypatch):
@@ -160,3 +152,33 @@ def test_a_promotion_whose_primary_cannot_open_holds_the_volumes(
     b.start()
     assert b.rsg.role == R.PRIMARY
     assert sorted(n for n, _ in b.t.exports()) == ["v1", "v2"]
+
+
+def test_a_deletion_whose_files_stay_holds_the_volumes(two_nodes,
+                                                       monkeypatch):
+    """`rsg delete` of a loaded group closes it, then removes its files;
+    if they cannot be removed (an I/O error), the group is left like one
+    that failed to load: its volumes are held until a deletion succeeds.
+    (Before, its volumes were served with no group on them while its
+    record stayed: the next start loaded the group again, unaware of the
+    writes made meanwhile, and its secondaries never got them.)"""
+    from target import fsutil
+    a, b = two_nodes
+    write_and_detach(a, b)
+
+    def failing(directory):
+        raise OSError(errno.EIO, "Input/output error")
+    # The files unlinked, their removal not durable: the record may come
+    # back after a power cut.
+    monkeypatch.setattr(fsutil, "fsync_dir", failing)
+    with pytest.raises(OSError):
+        a.t.rsg_delete("g")
+    assert [n for n, _ in a.t.exports()] == []
+    assert all(a.t.lus[v].held for v in ("v1", "v2"))
+    [row] = a.t.rsg_list()
+    assert row["loaded"] is False and "delet" in row["error"], row
+    monkeypatch.undo()
+    a.t.rsg_delete("g")
+    assert a.t.rsg_list() == []
+    assert sorted(n for n, _ in a.t.exports()) == ["v1", "v2"]
+    assert not a.t.state_dir.group_files("g").on_disk()

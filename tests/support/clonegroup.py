@@ -60,7 +60,8 @@ class Harness:
 
 class FailingBackend(backends.Backend):
     """A MemoryBackend whose writes (or reads) fail while fail_writes (or
-    fail_reads) holds an errno; failing requests change nothing."""
+    fail_reads) holds an errno; failing requests change nothing (but see
+    short_writes)."""
 
     def __init__(self, mem):
         self.mem = mem
@@ -70,6 +71,17 @@ class FailingBackend(backends.Backend):
         self.failures = 0
         # Fail only requests touching [fail_from, fail_to) (bytes).
         self.fail_from, self.fail_to = 0, SIZE
+        # A failing write changes the part before fail_from first (a
+        # short write, then the error).
+        self.short_writes = False
+        # Zeroes only by writing them (fast zero requests are refused, as
+        # on a file system without fallocate's zero range).
+        self.slow_zero = False
+        # A failing flush (an errno) loses what was written since the
+        # last flush that succeeded, as a failed fdatasync may drop the
+        # pages it could not write.
+        self.fail_flush = None
+        self.durable = bytes(mem.data)
 
     @property
     def data(self):
@@ -85,15 +97,28 @@ class FailingBackend(backends.Backend):
         self.mem.readinto(buf, offset)
 
     def write(self, buf, offset):
-        self._check(self.fail_writes, offset, len(memoryview(buf)))
+        view = memoryview(buf).cast("B")
+        try:
+            self._check(self.fail_writes, offset, len(view))
+        except OSError:
+            if self.short_writes and offset < self.fail_from:
+                self.mem.write(view[:self.fail_from - offset], offset)
+            raise
         self.mem.write(buf, offset)
 
     def zero(self, offset, length, may_trim=False, fast=False):
+        if fast and self.slow_zero:
+            raise OSError(errno.EOPNOTSUPP, "cannot zero quickly")
         self._check(self.fail_writes, offset, length)
         self.mem.zero(offset, length)
 
     def flush(self):
-        pass
+        if self.fail_flush:
+            self.failures += 1
+            self.mem.data[:] = self.durable
+            raise OSError(self.fail_flush,
+                          "injected: " + errno.errorcode[self.fail_flush])
+        self.durable = bytes(self.mem.data)
 
     def trim(self, offset, length):
         pass

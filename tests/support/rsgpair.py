@@ -111,7 +111,8 @@ class FakePrimary:
 
         def serve():
             try:
-                sg.serve(theirs, {"history": sg.history}, "127.0.0.1")
+                sg.serve(theirs, {"history": sg.history, "last_seq": max(
+                    sg.applied_seq, sg.last_seq)}, "127.0.0.1")
             except ConnectionError:     # the test's end closed it
                 pass
         sg.connection = theirs          # what a close shuts down

@@ -95,6 +95,14 @@ def converge(a, b):
              lambda: (a.rsg.status(), b.rsg and b.rsg.status()))
 
 
+def write_and_detach(a, b):
+    """A host write reaches B, consistent; then A's link is detached."""
+    a.t.lus["v1"].write(b"\x01" * 4096, 0)
+    converge(a, b)
+    a.t.rsg_detach("g", b.addr)
+    wait_for(lambda: b.rsg.connected_since is None)
+
+
 def image_released(b, timeout=20.0):
     """Wait until B has released its last consistent image: it does so
     after answering the replay's end, so converge() may return first."""

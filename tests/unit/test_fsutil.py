@@ -245,3 +245,26 @@ def test_remove_durably_syncs_each_directory_once(tmp_path, monkeypatch):
                            for n in ("x", "y", "d/z", "missing")])
     assert os.listdir(tmp_path) == ["d"] and os.listdir(tmp_path / "d") == []
     assert synced == sorted([str(tmp_path), str(tmp_path / "d")])
+
+
+def test_remove_durably_again_makes_an_earlier_removal_durable(tmp_path,
+                                                              monkeypatch):
+    """A removal whose directory fsync failed is retried: the files are
+    gone already, and the retry still syncs their directory (before, it
+    synced only where it unlinked something, so the retry succeeded with
+    the removal still volatile: a power cut brought the files back)."""
+    path = tmp_path / "record.json"
+    path.write_bytes(b"{}")
+    synced = []
+    real = fsutil.fsync_dir
+
+    def failing(directory):
+        raise OSError(5, "Input/output error")
+    monkeypatch.setattr(fsutil, "fsync_dir", failing)
+    with pytest.raises(OSError):
+        fsutil.remove_durably([str(path)])
+    assert not path.exists()
+    monkeypatch.setattr(fsutil, "fsync_dir",
+                        lambda d: (real(d), synced.append(d)))
+    fsutil.remove_durably([str(path), str(tmp_path / "gone" / "x")])
+    assert synced == [str(tmp_path)]
