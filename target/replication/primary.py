@@ -428,7 +428,8 @@ class PrimaryGroup:
             # much written, and every host write would wait): the regions
             # then stay until the next unlocked persist (a streaming link
             # makes one every PERSIST_INTERVAL): a superset meanwhile.
-            durable = not locked and self._volumes_durable(swept)
+            lost = None if locked else self._volumes_durable(swept)
+            durable = not locked and lost is None
             # Only a saved record lets the next sweep clear regions: one
             # that was not saved may still say a link logs to its DCM
             # while the writes since went to the SRL alone (a replay's
@@ -440,19 +441,41 @@ class PrimaryGroup:
                 link.saved_pos = pos
         finally:
             self.persist_lock.release()
+        if lost is not None:
+            # (The group lock after persist_lock is let go: lock order.)
+            with self.lock:
+                self._volume_flush_failed(*lost)
 
     def _volumes_durable(self, vols):
-        """Flush volumes vols below this group's layer; False (logged) if
-        one fails: their regions stay in the activity log."""
-        try:
-            for vol in vols:
+        """Flush volumes vols below this group's layer; None, or (vol,
+        error) of one that failed: their regions stay in the activity
+        log."""
+        for vol in vols:
+            try:
                 self.volumes[vol].stack.below("replication").flush()
-        except OSError as e:
-            log.warning("group %s: flushing volume %s failed (%s): its "
-                        "activity log regions are kept", self.name,
-                        self.volumes[vol].name, e)
-            return False
-        return True
+            except OSError as e:
+                return vol, e
+        return None
+
+    def _volume_flush_failed(self, vol, exc):
+        """(Under the lock.)  A flush of volume vol failed: what it got
+        since the last flush that succeeded (its activity log regions) may
+        be lost here, and secondaries may have applied it.  Every link
+        replays those regions, so each secondary gets what this volume
+        holds (what its hosts read)."""
+        runs = [r for r in self.al.runs() if r[0] == vol]
+        log.error("group %s: flushing volume %s failed (%s): it may have "
+                  "lost writes its secondaries have; its %d activity log "
+                  "region(s) are replayed to every link", self.name,
+                  self.volumes[vol].name, exc, len(runs))
+        for link in self.links:
+            try:
+                for r in runs:
+                    link.dcm.mark(*r)
+            except OSError:
+                link.dcm.mark_all()
+            if link.holds_srl:
+                self.to_logging(link)
 
     # Data path.
 
