@@ -11,6 +11,10 @@
                                  where the backend knows a range reads as
                                  zeroes without storing them (a hole); copies
                                  zero holes rather than read them
+    forget(offset, length)       drop the range's cached pages, so that the
+                                 next read comes from the disk (after a
+                                 failed flush, a page that could not be
+                                 written may still be cached); advisory
     close()
 
 FileBackend serves regular files and block devices; MemoryBackend is for unit
@@ -79,6 +83,9 @@ class Backend:
     def extents(self, offset, length):
         return [(offset, length, False)]
 
+    def forget(self, offset, length):
+        pass
+
     def close(self):
         pass
 
@@ -135,6 +142,13 @@ class FileBackend(Backend):
 
     def flush(self):
         os.fdatasync(self.fd)
+
+    def forget(self, offset, length):
+        try:
+            os.posix_fadvise(self.fd, offset, length,
+                             os.POSIX_FADV_DONTNEED)
+        except OSError:
+            pass        # advisory
 
     def _fallocate(self, supported, mode, offset, length):
         """fallocate if the filesystem can; remember when it cannot.

@@ -43,7 +43,13 @@ class ReplicationLayer(iostack.Layer):
 
     def flush(self):
         self.group.flush_log()
-        self.inner.flush()
+        try:
+            self.inner.flush()
+        except OSError as e:
+            # Whoever flushes first hears of a failure (once per file):
+            # the group replays what the volume may have lost.
+            self.group.volume_flush_failed(self.vol, e)
+            raise
 
 
 class Guard(iostack.Layer):

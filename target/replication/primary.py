@@ -337,10 +337,17 @@ class PrimaryGroup:
         with self.lock:
             if any(l.holds_srl for l in self.links):
                 self.srl.sync()
-            # Not before the volumes' writes in its regions are durable.
-            if self._volumes_durable(sorted({vol for vol, _, _ in
-                                             self.al.runs()})):
+            # Not before the volumes' writes in its regions are durable
+            # (kept, the next start replays them, as after a crash).
+            failed = self._volumes_durable(sorted({vol for vol, _, _ in
+                                                   self.al.runs()}))
+            if failed is None:
                 self.al.clear()
+            else:
+                log.error("group %s: flushing volume %s failed (%s): the "
+                          "activity log is kept, and its regions are "
+                          "replayed at the next start", self.name,
+                          self.volumes[failed[0]].name, failed[1])
 
     def replay_view(self, vol):
         """(Under the lock.)  What a replay reads of volume vol: what its
@@ -408,6 +415,7 @@ class PrimaryGroup:
             # The volumes written in the regions a next sweep may clear.
             swept = sorted({vol for vol, _, _ in self.al.runs()})
             return rec, saved, held, swept
+        lost = None         # (vol, error, runs) of a volume flush failed
         if locked:
             rec, saved, held, swept = snapshot()
         else:
@@ -428,8 +436,13 @@ class PrimaryGroup:
             # much written, and every host write would wait): the regions
             # then stay until the next unlocked persist (a streaming link
             # makes one every PERSIST_INTERVAL): a superset meanwhile.
-            lost = None if locked else self._volumes_durable(swept)
-            durable = not locked and lost is None
+            failed = None if locked else self._volumes_durable(swept)
+            durable = not locked and failed is None
+            if failed is not None:
+                # Its regions now, before a later persist may sweep them
+                # (sweeps run under persist_lock).
+                lost = failed + ([r for r in self.al.runs()
+                                  if r[0] == failed[0]],)
             # Only a saved record lets the next sweep clear regions: one
             # that was not saved may still say a link logs to its DCM
             # while the writes since went to the SRL alone (a replay's
@@ -441,10 +454,11 @@ class PrimaryGroup:
                 link.saved_pos = pos
         finally:
             self.persist_lock.release()
-        if lost is not None:
-            # (The group lock after persist_lock is let go: lock order.)
-            with self.lock:
-                self._volume_flush_failed(*lost)
+            if lost is not None:
+                # Even if the record was not saved.  (The group lock once
+                # persist_lock is let go: lock order.)
+                with self.lock:
+                    self._volume_flush_failed(*lost)
 
     def _volumes_durable(self, vols):
         """Flush volumes vols below this group's layer; None, or (vol,
@@ -457,25 +471,46 @@ class PrimaryGroup:
                 return vol, e
         return None
 
-    def _volume_flush_failed(self, vol, exc):
-        """(Under the lock.)  A flush of volume vol failed: what it got
-        since the last flush that succeeded (its activity log regions) may
-        be lost here, and secondaries may have applied it.  Every link
-        replays those regions, so each secondary gets what this volume
-        holds (what its hosts read)."""
-        runs = [r for r in self.al.runs() if r[0] == vol]
+    def volume_flush_failed(self, vol, exc, runs=None):
+        """A flush of volume vol failed: what it got since the last flush
+        that succeeded (its activity log regions, or runs) may be lost
+        here, and secondaries may have applied it.  Every link replays
+        those regions, so each secondary gets what this volume holds (what
+        its hosts read); the pages are dropped from the cache first, so
+        the replay reads the disk."""
+        with self.lock:
+            self._volume_flush_failed(vol, exc, runs)
+
+    def _volume_flush_failed(self, vol, exc, runs=None):
+        """(Under the lock.)  volume_flush_failed."""
+        if runs is None:
+            runs = [r for r in self.al.runs() if r[0] == vol]
         log.error("group %s: flushing volume %s failed (%s): it may have "
                   "lost writes its secondaries have; its %d activity log "
                   "region(s) are replayed to every link", self.name,
                   self.volumes[vol].name, exc, len(runs))
+        below = self.volumes[vol].stack.below("replication")
+        for _, off, length in runs:
+            below.forget(off, length)
+        # Every link's marks first: one that fails stops no other's.
         for link in self.links:
             try:
                 for r in runs:
                     link.dcm.mark(*r)
-            except OSError:
-                link.dcm.mark_all()
+            except OSError as e:
+                log.error("group %s: link %s: %s", self.name, link.secondary,
+                          e)
+                try:
+                    link.dcm.mark_all()
+                except OSError:
+                    pass    # logged above: this DCM itself is failing
+        for link in self.links:
             if link.holds_srl:
-                self.to_logging(link)
+                try:
+                    self.to_logging(link)
+                except OSError as e:
+                    log.error("group %s: link %s: %s", self.name,
+                              link.secondary, e)
 
     # Data path.
 
