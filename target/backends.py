@@ -15,6 +15,10 @@
                                  next read comes from the disk (after a
                                  failed flush, a page that could not be
                                  written may still be cached); advisory
+    reopen()                     another backend of the same storage whose
+                                 flush hears of every failed writeback (the
+                                 kernel reports one once per open file, to
+                                 the first flush that asks)
     close()
 
 FileBackend serves regular files and block devices; MemoryBackend is for unit
@@ -86,6 +90,9 @@ class Backend:
     def forget(self, offset, length):
         pass
 
+    def reopen(self):
+        return self
+
     def close(self):
         pass
 
@@ -149,6 +156,9 @@ class FileBackend(Backend):
                              os.POSIX_FADV_DONTNEED)
         except OSError:
             pass        # advisory
+
+    def reopen(self):
+        return FileBackend(self.path, self.readonly)
 
     def _fallocate(self, supported, mode, offset, length):
         """fallocate if the filesystem can; remember when it cannot.

@@ -169,7 +169,12 @@ class PrimaryGroup:
         self.persist_lock = threading.Lock()
         self.waiters = 0
         self.closed = False
+        self.maps_closed = False    # the links' DCMs (at close)
         self.problems = []
+        # Volume -> a backend of its own on the volume's storage, for the
+        # group's flushes: it hears of a failed writeback even when a host's
+        # flush heard first (Backend.reopen).
+        self._flushers = {}
         self.seq_bound = 0
         self.srl_failed_at = -SRL_RETRY
         if os.path.exists(files.srl):
@@ -311,6 +316,8 @@ class PrimaryGroup:
                       "log is kept, so the next start sends its regions "
                       "again", self.name, e)
             saved = False
+        with self.lock:
+            self.maps_closed = True
         for link in self.links:
             link.dcm.close()
             if link.take_map is not None:
@@ -328,6 +335,8 @@ class PrimaryGroup:
                           self.name, e)
         self.al.close()
         self.srl.close()
+        for flusher in self._flushers.values():
+            flusher.close()
 
     def clear_activity_log(self):
         """(Stop and close.)  Make every SRL entry and volume write durable
@@ -348,6 +357,9 @@ class PrimaryGroup:
                           "activity log is kept, and its regions are "
                           "replayed at the next start", self.name,
                           self.volumes[failed[0]].name, failed[1])
+                # At a stop the links' DCMs are open still: marked now, as
+                # a close after it flushes without hearing of the failure.
+                self._volume_flush_failed(*failed)
 
     def replay_view(self, vol):
         """(Under the lock.)  What a replay reads of volume vol: what its
@@ -466,10 +478,24 @@ class PrimaryGroup:
         log."""
         for vol in vols:
             try:
-                self.volumes[vol].stack.below("replication").flush()
+                self._flusher(vol).flush()
             except OSError as e:
                 return vol, e
         return None
+
+    def _flusher(self, vol):
+        flusher = self._flushers.get(vol)
+        if flusher is None:
+            below = self.volumes[vol].stack.below("replication")
+            try:
+                flusher = below.reopen()
+            except OSError as e:
+                log.warning("group %s: volume %s cannot be opened again (%s):"
+                            " its flushes share the hosts' file", self.name,
+                            self.volumes[vol].name, e)
+                flusher = below
+            self._flushers[vol] = flusher
+        return flusher
 
     def volume_flush_failed(self, vol, exc, runs=None):
         """A flush of volume vol failed: what it got since the last flush
@@ -483,12 +509,20 @@ class PrimaryGroup:
 
     def _volume_flush_failed(self, vol, exc, runs=None):
         """(Under the lock.)  volume_flush_failed."""
+        if self.maps_closed:
+            # Closed: the activity log keeps the regions for the next
+            # start (clear_activity_log does not clear it then).
+            log.error("group %s: flushing volume %s failed (%s) while the "
+                      "group closes", self.name, self.volumes[vol].name, exc)
+            return
         if runs is None:
             runs = [r for r in self.al.runs() if r[0] == vol]
-        log.error("group %s: flushing volume %s failed (%s): it may have "
-                  "lost writes its secondaries have; its %d activity log "
-                  "region(s) are replayed to every link", self.name,
-                  self.volumes[vol].name, exc, len(runs))
+        msg = "flushing volume {} failed ({}): it may have lost writes its " \
+            "secondaries have; its {} activity log region(s) are " \
+            "replayed".format(self.volumes[vol].name, exc, len(runs))
+        log.error("group %s: %s", self.name, msg)
+        if not runs:
+            return
         below = self.volumes[vol].stack.below("replication")
         for _, off, length in runs:
             below.forget(off, length)
@@ -506,6 +540,7 @@ class PrimaryGroup:
                     pass    # logged above: this DCM itself is failing
         for link in self.links:
             if link.holds_srl:
+                link.error = msg
                 try:
                     self.to_logging(link)
                 except OSError as e:
