@@ -11,6 +11,14 @@
                                  where the backend knows a range reads as
                                  zeroes without storing them (a hole); copies
                                  zero holes rather than read them
+    forget(offset, length)       drop the range's cached pages, so that the
+                                 next read comes from the disk (after a
+                                 failed flush, a page that could not be
+                                 written may still be cached); advisory
+    reopen()                     another backend of the same storage whose
+                                 flush hears of every failed writeback (the
+                                 kernel reports one once per open file, to
+                                 the first flush that asks)
     close()
 
 FileBackend serves regular files and block devices; MemoryBackend is for unit
@@ -79,6 +87,12 @@ class Backend:
     def extents(self, offset, length):
         return [(offset, length, False)]
 
+    def forget(self, offset, length):
+        pass
+
+    def reopen(self):
+        return self
+
     def close(self):
         pass
 
@@ -135,6 +149,16 @@ class FileBackend(Backend):
 
     def flush(self):
         os.fdatasync(self.fd)
+
+    def forget(self, offset, length):
+        try:
+            os.posix_fadvise(self.fd, offset, length,
+                             os.POSIX_FADV_DONTNEED)
+        except OSError:
+            pass        # advisory
+
+    def reopen(self):
+        return FileBackend(self.path, self.readonly)
 
     def _fallocate(self, supported, mode, offset, length):
         """fallocate if the filesystem can; remember when it cannot.

@@ -9,10 +9,13 @@ refused while the group is inconsistent; writes from above are refused
 """
 
 import bisect
+import logging
 import threading
 
 from .. import errors, iostack
 from .wire import TRIM, WRITE, ZERO
+
+log = logging.getLogger("clonectl.replication")
 
 class ReplicationLayer(iostack.Layer):
     """A volume's layer in its LU's I/O stack (target.iostack): every
@@ -43,7 +46,17 @@ class ReplicationLayer(iostack.Layer):
 
     def flush(self):
         self.group.flush_log()
-        self.inner.flush()
+        try:
+            self.inner.flush()
+        except OSError as e:
+            # The group replays what the volume may have lost (its own
+            # flushes hear of the failure too: Backend.reopen).
+            try:
+                self.group.volume_flush_failed(self.vol, e)
+            except Exception:
+                log.exception("group %s: volume %d: a failed flush could "
+                              "not be handled", self.group.name, self.vol)
+            raise
 
 
 class Guard(iostack.Layer):

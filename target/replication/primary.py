@@ -169,7 +169,12 @@ class PrimaryGroup:
         self.persist_lock = threading.Lock()
         self.waiters = 0
         self.closed = False
+        self.maps_closed = False    # the links' DCMs (at close)
         self.problems = []
+        # Volume -> a backend of its own on the volume's storage, for the
+        # group's flushes: it hears of a failed writeback even when a host's
+        # flush heard first (Backend.reopen).
+        self._flushers = {}
         self.seq_bound = 0
         self.srl_failed_at = -SRL_RETRY
         if os.path.exists(files.srl):
@@ -311,6 +316,8 @@ class PrimaryGroup:
                       "log is kept, so the next start sends its regions "
                       "again", self.name, e)
             saved = False
+        with self.lock:
+            self.maps_closed = True
         for link in self.links:
             link.dcm.close()
             if link.take_map is not None:
@@ -328,6 +335,8 @@ class PrimaryGroup:
                           self.name, e)
         self.al.close()
         self.srl.close()
+        for flusher in self._flushers.values():
+            flusher.close()
 
     def clear_activity_log(self):
         """(Stop and close.)  Make every SRL entry and volume write durable
@@ -337,10 +346,20 @@ class PrimaryGroup:
         with self.lock:
             if any(l.holds_srl for l in self.links):
                 self.srl.sync()
-            # Not before the volumes' writes in its regions are durable.
-            if self._volumes_durable(sorted({vol for vol, _, _ in
-                                             self.al.runs()})):
+            # Not before the volumes' writes in its regions are durable
+            # (kept, the next start replays them, as after a crash).
+            failed = self._volumes_durable(sorted({vol for vol, _, _ in
+                                                   self.al.runs()}))
+            if failed is None:
                 self.al.clear()
+            else:
+                log.error("group %s: flushing volume %s failed (%s): the "
+                          "activity log is kept, and its regions are "
+                          "replayed at the next start", self.name,
+                          self.volumes[failed[0]].name, failed[1])
+                # At a stop the links' DCMs are open still: marked now, as
+                # a close after it flushes without hearing of the failure.
+                self._volume_flush_failed(*failed)
 
     def replay_view(self, vol):
         """(Under the lock.)  What a replay reads of volume vol: what its
@@ -408,6 +427,7 @@ class PrimaryGroup:
             # The volumes written in the regions a next sweep may clear.
             swept = sorted({vol for vol, _, _ in self.al.runs()})
             return rec, saved, held, swept
+        lost = None         # (vol, error, runs) of a volume flush failed
         if locked:
             rec, saved, held, swept = snapshot()
         else:
@@ -428,7 +448,13 @@ class PrimaryGroup:
             # much written, and every host write would wait): the regions
             # then stay until the next unlocked persist (a streaming link
             # makes one every PERSIST_INTERVAL): a superset meanwhile.
-            durable = not locked and self._volumes_durable(swept)
+            failed = None if locked else self._volumes_durable(swept)
+            durable = not locked and failed is None
+            if failed is not None:
+                # Its regions now, before a later persist may sweep them
+                # (sweeps run under persist_lock).
+                lost = failed + ([r for r in self.al.runs()
+                                  if r[0] == failed[0]],)
             # Only a saved record lets the next sweep clear regions: one
             # that was not saved may still say a link logs to its DCM
             # while the writes since went to the SRL alone (a replay's
@@ -440,19 +466,86 @@ class PrimaryGroup:
                 link.saved_pos = pos
         finally:
             self.persist_lock.release()
+            if lost is not None:
+                # Even if the record was not saved.  (The group lock once
+                # persist_lock is let go: lock order.)
+                with self.lock:
+                    self._volume_flush_failed(*lost)
 
     def _volumes_durable(self, vols):
-        """Flush volumes vols below this group's layer; False (logged) if
-        one fails: their regions stay in the activity log."""
-        try:
-            for vol in vols:
-                self.volumes[vol].stack.below("replication").flush()
-        except OSError as e:
-            log.warning("group %s: flushing volume %s failed (%s): its "
-                        "activity log regions are kept", self.name,
-                        self.volumes[vol].name, e)
-            return False
-        return True
+        """Flush volumes vols below this group's layer; None, or (vol,
+        error) of one that failed: their regions stay in the activity
+        log."""
+        for vol in vols:
+            try:
+                self._flusher(vol).flush()
+            except OSError as e:
+                return vol, e
+        return None
+
+    def _flusher(self, vol):
+        flusher = self._flushers.get(vol)
+        if flusher is None:
+            below = self.volumes[vol].stack.below("replication")
+            try:
+                flusher = below.reopen()
+            except OSError as e:
+                log.warning("group %s: volume %s cannot be opened again (%s):"
+                            " its flushes share the hosts' file", self.name,
+                            self.volumes[vol].name, e)
+                flusher = below
+            self._flushers[vol] = flusher
+        return flusher
+
+    def volume_flush_failed(self, vol, exc, runs=None):
+        """A flush of volume vol failed: what it got since the last flush
+        that succeeded (its activity log regions, or runs) may be lost
+        here, and secondaries may have applied it.  Every link replays
+        those regions, so each secondary gets what this volume holds (what
+        its hosts read); the pages are dropped from the cache first, so
+        the replay reads the disk."""
+        with self.lock:
+            self._volume_flush_failed(vol, exc, runs)
+
+    def _volume_flush_failed(self, vol, exc, runs=None):
+        """(Under the lock.)  volume_flush_failed."""
+        if self.maps_closed:
+            # Closed: the activity log keeps the regions for the next
+            # start (clear_activity_log does not clear it then).
+            log.error("group %s: flushing volume %s failed (%s) while the "
+                      "group closes", self.name, self.volumes[vol].name, exc)
+            return
+        if runs is None:
+            runs = [r for r in self.al.runs() if r[0] == vol]
+        msg = "flushing volume {} failed ({}): it may have lost writes its " \
+            "secondaries have; its {} activity log region(s) are " \
+            "replayed".format(self.volumes[vol].name, exc, len(runs))
+        log.error("group %s: %s", self.name, msg)
+        if not runs:
+            return
+        below = self.volumes[vol].stack.below("replication")
+        for _, off, length in runs:
+            below.forget(off, length)
+        # Every link's marks first: one that fails stops no other's.
+        for link in self.links:
+            try:
+                for r in runs:
+                    link.dcm.mark(*r)
+            except OSError as e:
+                log.error("group %s: link %s: %s", self.name, link.secondary,
+                          e)
+                try:
+                    link.dcm.mark_all()
+                except OSError:
+                    pass    # logged above: this DCM itself is failing
+        for link in self.links:
+            if link.holds_srl:
+                link.error = msg
+                try:
+                    self.to_logging(link)
+                except OSError as e:
+                    log.error("group %s: link %s: %s", self.name,
+                              link.secondary, e)
 
     # Data path.
 
