@@ -17,6 +17,7 @@ from .wire import TRIM, WRITE, ZERO
 
 log = logging.getLogger("clonectl.replication")
 
+
 class ReplicationLayer(iostack.Layer):
     """A volume's layer in its LU's I/O stack (target.iostack): every
     change is ordered through the group (SRL, DCM) before it reaches the

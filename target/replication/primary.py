@@ -353,12 +353,9 @@ class PrimaryGroup:
             if failed is None:
                 self.al.clear()
             else:
-                log.error("group %s: flushing volume %s failed (%s): the "
-                          "activity log is kept, and its regions are "
-                          "replayed at the next start", self.name,
-                          self.volumes[failed[0]].name, failed[1])
-                # At a stop the links' DCMs are open still: marked now, as
-                # a close after it flushes without hearing of the failure.
+                # The log is kept.  At a stop the links' DCMs are open
+                # still: marked now, as a close after it flushes without
+                # hearing of the failure.
                 self._volume_flush_failed(*failed)
 
     def replay_view(self, vol):
@@ -497,23 +494,26 @@ class PrimaryGroup:
             self._flushers[vol] = flusher
         return flusher
 
-    def volume_flush_failed(self, vol, exc, runs=None):
+    def volume_flush_failed(self, vol, exc):
         """A flush of volume vol failed: what it got since the last flush
-        that succeeded (its activity log regions, or runs) may be lost
-        here, and secondaries may have applied it.  Every link replays
-        those regions, so each secondary gets what this volume holds (what
-        its hosts read); the pages are dropped from the cache first, so
-        the replay reads the disk."""
+        that succeeded (its activity log regions) may be lost here, and
+        secondaries may have applied it.  Every link replays those
+        regions, so each secondary gets what this volume holds (what its
+        hosts read); the pages are dropped from the cache first, so the
+        replay reads the disk."""
         with self.lock:
-            self._volume_flush_failed(vol, exc, runs)
+            self._volume_flush_failed(vol, exc)
 
     def _volume_flush_failed(self, vol, exc, runs=None):
-        """(Under the lock.)  volume_flush_failed."""
+        """(Under the lock.)  volume_flush_failed, for the regions runs
+        (by default the activity log's now)."""
         if self.maps_closed:
             # Closed: the activity log keeps the regions for the next
             # start (clear_activity_log does not clear it then).
             log.error("group %s: flushing volume %s failed (%s) while the "
-                      "group closes", self.name, self.volumes[vol].name, exc)
+                      "group closes: its activity log is kept, and its "
+                      "regions are replayed at the next start", self.name,
+                      self.volumes[vol].name, exc)
             return
         if runs is None:
             runs = [r for r in self.al.runs() if r[0] == vol]

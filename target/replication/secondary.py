@@ -47,6 +47,7 @@ def _fields(kind, payload, read):
             reason="a {} frame of the primary's could not be read ({})"
             .format(bytes(kind).decode("ascii", "replace"), e)) from e
 
+
 STAGE_MAGIC = b"CLNSTG01"
 STAGE_HEADER = struct.Struct("<8sBQQII")   # magic state first last count crc
 STAGED, APPLIED = 1, 2

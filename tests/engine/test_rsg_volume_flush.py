@@ -88,7 +88,7 @@ def test_the_groups_flush_hears_a_failure_a_host_heard_first(
     lu = written_twice(a, b)
     failed_writeback(monkeypatch, lu)
     monkeypatch.setattr(primary.PrimaryGroup, "volume_flush_failed",
-                        lambda self, vol, exc, runs=None: None)
+                        lambda self, vol, exc: None)
     with pytest.raises(OSError):
         lu.flush()
     replayed(a, b)
