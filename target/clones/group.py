@@ -35,7 +35,7 @@ from .model import (EXPORTED, FRACTURED, HINTS, KEEP, MAX_CLONES,
                     SYNCING, TRANSITIONS, AlreadyRunning, Clone, CloneBroken,
                     CloneInUse, GroupBusy, InvalidTransition,
                     TransitionNotSaved, check_granularity)
-from .mirroring import Mirroring
+from .mirroring import DeferredLegs, Mirroring
 from .restore import CodStats, Restore
 from .sync import Progress, SyncEngine
 from .verify import VerifyEngine
@@ -83,6 +83,10 @@ class CloneGroup(Mirroring, Restore):
         self.collided = False
         self.quiesce = False
         self.overlap_waiters = 0    # writes waiting for an overlapping one
+        self.legs = DeferredLegs()
+        # A TransitionNotSaved of a deferred leg's failure, for the next
+        # host flush to fail with (the write was acknowledged).
+        self.legs_unsaved = None
         self.engine = None
         self.progress = {}
         # The online verify (one per group, alone) and the last result of
@@ -247,6 +251,9 @@ class CloneGroup(Mirroring, Restore):
             if persist is not None:
                 persist()
             del self.clones[name]
+        # Legs queued before name's end write its backend, which the
+        # caller closes next.
+        self.legs.wait()
         paths = [clone.map_path]
         if not self.clones:
             self.detach()
@@ -581,6 +588,7 @@ class CloneGroup(Mirroring, Restore):
 
     def close(self):
         self.stop_engine()
+        self.legs.close()
         if self.clones:
             self.commit()
         self.changes.close()

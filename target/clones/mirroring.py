@@ -38,6 +38,25 @@ failed, or in every clone when it was the Source's; never in a restoring
 clone, which the restore does not write and whose bits would restore an
 extent again over the hosts' writes.
 
+Deferred legs: the mirror legs of a large write (DEFER_MIN to DEFER_MAX
+bytes) are written by the group's leg thread once the Source has it, and
+the host's write is acknowledged then: one connection's requests run one at
+a time, and the next one is received while the clone is written (a 1 MiB
+write's second page-cache copy is most of the difference with no clone).
+The leg reads the Source's range back through the stack below and writes
+that, so the request's buffer (nbdkit's, gone when the request returns) is
+not kept.  The write stays registered (in flight, in the activity map)
+until its legs are done, so every path that waits for writes in flight
+waits for them: an overlapping write, a fracture, a restore's or reverse
+sync's switch, an engine's collision check; a crash before the leg leaves
+the extents in the activity map, resynchronized like any write cut short.
+A host flush first waits for the legs queued before it, so what it
+vouches for is on the clones too.  A leg that fails marks the clone as an
+inline one does; a state that could not be saved then fails the next
+flush instead of the write (already acknowledged).  Never deferred: FUA
+writes, zeroes, and writes while a clone reverse-syncs or restores (the
+clone is written first, or the Source's reads are redirected).
+
 Overlapping writes to the Source are ordered: a write waits while another
 write of any of its extents is in flight.  Two hosts may write the same
 block at once (NBD lets either win), but both legs of a mirror must see
@@ -51,8 +70,10 @@ zero on every side (a trim may leave old data on one side and zeroes on the
 other, a divergence the maps would not show).  See docs/design.md.
 """
 
+import concurrent.futures
 import errno
 import logging
+import threading
 
 from .. import copier, errors, maps
 from .model import EXPORTED, MIRRORED, REVERSE_SYNCING, SYNCHRONIZED, \
@@ -65,6 +86,69 @@ log = logging.getLogger("clonectl.clones")
 # whole disk) drops them out of sync instead.
 READ_BACK_CHUNK = 1 << 20
 READ_BACK_MAX = 64 << 20
+
+# Writes whose mirror legs are deferred (module notes).  Below DEFER_MIN
+# the hand-off to the leg thread costs about what the copy does; above
+# DEFER_MAX the leg's read-back buffer would be large.  At most
+# DEFER_QUEUE legs wait: then a write waits for a place, so the clones lag
+# the Source by a bounded amount and a flush waits a bounded time.
+DEFER_MIN = 128 << 10
+DEFER_MAX = 8 << 20
+DEFER_QUEUE = 16
+
+
+class DeferredLegs:
+    """The leg thread of a group: runs legs in the order given, at most
+    DEFER_QUEUE waiting.  (A one-worker ThreadPoolExecutor is FIFO, which
+    is what lets wait() stand for "every leg queued before".)"""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._pool = None
+        self._places = threading.BoundedSemaphore(DEFER_QUEUE)
+        self._buf = bytearray()
+
+    def buffer(self, length):
+        """A buffer for the running leg's read-back (one leg runs at a
+        time: it is reused)."""
+        if len(self._buf) < length:
+            self._buf = bytearray(length)
+        return memoryview(self._buf)[:length]
+
+    def submit(self, leg):
+        self._places.acquire()
+
+        def run():
+            try:
+                leg()
+            finally:
+                self._places.release()
+        with self._lock:
+            if self._pool is None:
+                self._pool = concurrent.futures.ThreadPoolExecutor(
+                    1, thread_name_prefix="clone-legs")
+            try:
+                self._pool.submit(run)
+                return
+            except RuntimeError:
+                pass    # the interpreter is shutting down: inline
+        run()
+
+    def wait(self):
+        """Return once every leg submitted before has ended."""
+        with self._lock:
+            pool = self._pool
+        if pool is not None:
+            try:
+                pool.submit(lambda: None).result()
+            except RuntimeError:
+                pool.shutdown(wait=True)
+
+    def close(self):
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
 
 
 class Mirroring:
@@ -129,10 +213,12 @@ class Mirroring:
                     (self.quiesce and not self.changes.in_flight):
                 self.cond.notify_all()
 
-    def _mutate(self, offset, length, apply, fua, mirror=None):
+    def _mutate(self, offset, length, apply, fua, mirror=None, defer=False):
         """apply(backend) the change to the Source and its mirrors;
         mirror(backend), if given, applies it to a mirror written after
-        the Source (which has carried it out: the mirror must too)."""
+        the Source (which has carried it out: the mirror must too).
+        defer: the mirrors may be written by the leg thread, with what the
+        Source holds (module notes, deferred legs)."""
         mirror = mirror or apply
         self.source.check_write(offset, length)
         e0, e1 = self._extent_range(offset, length)
@@ -162,6 +248,12 @@ class Mirroring:
                         [c for c in mirrors if c not in first],
                         offset, length, e0, e1, e)
                 raise
+            if defer and mirrors and not first and not fua and \
+                    restoring is None:
+                self.legs.submit(lambda t=token: self._deferred_leg(
+                    mirrors, offset, length, e0, e1, t))
+                token = None    # the leg ends it
+                return
             unsaved = None
             for clone in mirrors:
                 if clone in first:
@@ -178,10 +270,44 @@ class Mirroring:
             if unsaved is not None:
                 raise unsaved
         finally:
+            if token is not None:
+                self._end(token)
+
+    def _deferred_leg(self, mirrors, offset, length, e0, e1, token):
+        """The leg thread's part of a deferred write (module notes): the
+        mirrors get what the Source holds over the write's range, which
+        no other write changes while the write is registered."""
+        try:
+            buf = self.legs.buffer(length)
+            try:
+                self.below.readinto(buf, offset)
+            except Exception as e:
+                for clone in mirrors:
+                    self._leg_failed(clone, e0, e1, "the Source could not be "
+                                     "read back for the clone ({})".format(e))
+                return
+            for clone in mirrors:
+                try:
+                    clone.backend.write(buf, offset)
+                except Exception as e:
+                    self._leg_failed(clone, e0, e1, e)
+        except BaseException:
+            log.exception("a deferred mirror leg of %d bytes at offset %d "
+                          "failed", length, offset)
+            for clone in mirrors:
+                self._leg_failed(clone, e0, e1, "its mirror leg failed")
+        finally:
             self._end(token)
 
+    def _leg_failed(self, clone, e0, e1, exc):
+        unsaved = self._mirror_failed(clone, e0, e1, exc)
+        if unsaved is not None:
+            with self.cond:
+                self.legs_unsaved = self.legs_unsaved or unsaved
+
     def source_write(self, buf, offset, fua=False):
-        self._mutate(offset, len(buf), lambda b: b.write(buf, offset), fua)
+        self._mutate(offset, len(buf), lambda b: b.write(buf, offset), fua,
+                     defer=DEFER_MIN <= len(buf) <= DEFER_MAX)
 
     def source_zero(self, offset, length, may_trim=False, fast=False,
                     fua=False):
@@ -196,6 +322,9 @@ class Mirroring:
         self.source_zero(offset, length, may_trim=True, fua=fua)
 
     def source_flush(self):
+        # What the flush vouches for includes the legs of the writes
+        # acknowledged before it (module notes, deferred legs).
+        self.legs.wait()
         if not self._persist_prm():
             self._flush_source()
         unsaved = None
@@ -203,6 +332,8 @@ class Mirroring:
             if clone.state in MIRRORED:
                 unsaved = self._flush_clone(clone)[1] or unsaved
         self.maybe_commit()
+        with self.cond:
+            unsaved, self.legs_unsaved = unsaved or self.legs_unsaved, None
         if unsaved is not None:
             raise unsaved
 

@@ -1,0 +1,255 @@
+"""Deferred mirror legs (target/clones/mirroring.py, module notes): a large
+write to a Source with a synchronized clone is acknowledged once the Source
+has it, and the group's leg thread writes the clone.
+
+Every path that relies on the clone having a write must wait for its leg:
+a host flush, an overlapping write, a fracture, a clone's removal; a leg
+that fails marks the clone; a crash before the leg leaves the extents
+marked.  A gate on the clone's backend holds the leg, so each test sees
+what happens while it is pending.
+"""
+
+import errno
+import threading
+
+import pytest
+
+from target import backends, clones
+from target.clones import mirroring
+
+from tests.support.clonegroup import EXTENTS, GRAN, SIZE, FailingBackend, \
+    Harness
+from tests.engine.test_transition_saves import FullHarness
+
+WAIT = 10
+
+
+class GatedBackend(backends.Backend):
+    """A memory backend whose writes wait while `gate` is closed; once
+    `dropped` is set (the process "died"), they change nothing."""
+
+    def __init__(self, mem):
+        self.mem = mem
+        self.size = mem.size
+        self.gate = threading.Event()
+        self.gate.set()
+        self.waiting = threading.Event()
+        self.dropped = False
+
+    def readinto(self, buf, offset):
+        self.mem.readinto(buf, offset)
+
+    def _pass(self):
+        if not self.gate.is_set():
+            self.waiting.set()
+            assert self.gate.wait(WAIT)
+        return not self.dropped
+
+    def write(self, buf, offset):
+        if self._pass():
+            self.mem.write(buf, offset)
+
+    def zero(self, offset, length, may_trim=False, fast=False):
+        if self._pass():
+            self.mem.zero(offset, length)
+
+    def flush(self):
+        pass
+
+
+@pytest.fixture(autouse=True)
+def defer_small_writes(monkeypatch):
+    """The harness's LU is 64 KiB: defer writes of two blocks or more."""
+    monkeypatch.setattr(mirroring, "DEFER_MIN", 2 * GRAN)
+
+
+def _synchronized(h, name="c1"):
+    """name synchronized over pattern A, its backend gated (open)."""
+    h.lu.write(b"A" * SIZE, 0)
+    h.sync(name)
+    gated = GatedBackend(h.mem[name])
+    h.group.clones[name].backend = gated
+    return gated
+
+
+def _held_write(h, gated, data, offset):
+    """A deferred write whose leg is held at the gate; returns once the
+    host's write was acknowledged."""
+    gated.gate.clear()
+    h.lu.write(data, offset)
+    assert gated.waiting.wait(WAIT), "the leg never reached the clone"
+
+
+def _in_thread(func):
+    done = threading.Event()
+    result = {}
+
+    def run():
+        try:
+            result["value"] = func()
+        except BaseException as e:
+            result["error"] = e
+        finally:
+            done.set()
+    threading.Thread(target=run, daemon=True).start()
+    return done, result
+
+
+@pytest.fixture
+def h(tmp_path):
+    h = Harness(tmp_path)
+    yield h
+    for c in h.group.clones.values():
+        if isinstance(c.backend, GatedBackend):
+            c.backend.gate.set()
+    h.group.legs.close()
+
+
+def test_a_large_write_is_acknowledged_before_its_leg_lands(h):
+    gated = _synchronized(h)
+    _held_write(h, gated, b"B" * (4 * GRAN), 2 * GRAN)
+    # Acknowledged: the Source has it, the clone not yet, and the extents
+    # stay registered (every path that waits for writes waits for it).
+    assert h.mem_src.data[2 * GRAN:6 * GRAN] == b"B" * (4 * GRAN)
+    assert h.mem["c1"].data[2 * GRAN:6 * GRAN] == b"A" * (4 * GRAN)
+    assert list(h.group.changes.in_flight.values()) == [(2, 6)]
+    gated.gate.set()
+    h.group.legs.wait()
+    assert h.mem["c1"].data == h.mem_src.data
+    assert h.group.changes.in_flight == {}
+    assert h.group.clones["c1"].delta.count(1) == 0
+
+
+def test_small_fua_and_zero_requests_are_mirrored_inline(h):
+    gated = _synchronized(h)
+    gated.gate.clear()
+    for request in (lambda: h.lu.write(b"C" * GRAN, 0),
+                    lambda: h.lu.write(b"D" * (4 * GRAN), 0, True),
+                    lambda: h.lu.zero(8 * GRAN, 4 * GRAN)):
+        done, result = _in_thread(request)
+        assert not done.wait(0.2), "returned before its clone had it"
+        gated.gate.set()
+        assert done.wait(WAIT) and "error" not in result, result
+        gated.gate.clear()
+    gated.gate.set()
+    assert h.mem["c1"].data == h.mem_src.data
+
+
+def test_a_flush_returns_once_the_legs_before_it_landed(h):
+    gated = _synchronized(h)
+    _held_write(h, gated, b"B" * (4 * GRAN), 0)
+    done, result = _in_thread(h.lu.flush)
+    assert not done.wait(0.3), "the flush returned with a leg pending"
+    gated.gate.set()
+    assert done.wait(WAIT) and "error" not in result, result
+    assert h.mem["c1"].data == h.mem_src.data
+
+
+def test_an_overlapping_write_waits_for_the_leg(h):
+    """Both legs must see the same winner: a later write of the same
+    extents waits until the earlier one's leg is done."""
+    gated = _synchronized(h)
+    _held_write(h, gated, b"B" * (4 * GRAN), 0)
+    done, result = _in_thread(lambda: h.lu.write(b"C" * (2 * GRAN), GRAN))
+    assert not done.wait(0.3), "an overlapping write ran beside the leg"
+    # A write of other extents does not wait.
+    other, _ = _in_thread(lambda: h.lu.write(b"E" * (2 * GRAN), 12 * GRAN))
+    assert other.wait(WAIT)
+    gated.gate.set()
+    assert done.wait(WAIT) and "error" not in result, result
+    h.group.legs.wait()
+    assert h.mem["c1"].data == h.mem_src.data
+    assert h.mem_src.data[:4 * GRAN] == b"B" * GRAN + b"C" * (2 * GRAN) + \
+        b"B" * GRAN
+
+
+@pytest.mark.parametrize("operation", ["fracture", "remove"])
+def test_a_fracture_or_removal_waits_for_the_legs(h, operation):
+    gated = _synchronized(h)
+    _held_write(h, gated, b"B" * (4 * GRAN), 0)
+    if operation == "fracture":
+        done, result = _in_thread(lambda: h.group.fracture("c1"))
+    else:
+        done, result = _in_thread(lambda: h.group.remove_clone("c1"))
+    assert not done.wait(0.3), "the {} did not wait".format(operation)
+    gated.gate.set()
+    assert done.wait(WAIT) and "error" not in result, result
+    # The fractured clone is the Source's point in time; a removed one's
+    # file got every write acknowledged before the removal.
+    assert h.mem["c1"].data == h.mem_src.data
+
+
+@pytest.mark.parametrize("code", [errno.EIO, errno.ENOSPC])
+def test_a_failing_leg_marks_the_clone(h, code):
+    h.lu.write(b"A" * SIZE, 0)
+    h.sync("c1")
+    failing = FailingBackend(h.mem["c1"])
+    failing.fail_writes = code
+    failing.fail_from, failing.fail_to = 4 * GRAN, 5 * GRAN
+    h.group.clones["c1"].backend = failing
+    h.lu.write(b"B" * (4 * GRAN), 2 * GRAN)     # acknowledged
+    h.lu.flush()
+    c1 = h.group.clones["c1"]
+    assert c1.state == h.states["c1"] == clones.OUT_OF_SYNC
+    assert errno.errorcode[code] in c1.error
+    assert [e for e in range(EXTENTS) if c1.delta[e]] == [2, 3, 4, 5]
+    assert h.clean_extents_equal("c1")
+
+
+def test_an_unreadable_source_marks_the_clone(h):
+    h.lu.write(b"A" * SIZE, 0)
+    h.sync("c1")
+    src = FailingBackend(h.mem_src)
+    h.lu.backend = h.lu.stack.base = src
+    h.lu.stack.refresh()
+    # The Source takes the write and fails the leg's read-back.
+    src.fail_reads = errno.EIO
+    h.lu.write(b"B" * (4 * GRAN), 0)
+    h.lu.flush()
+    c1 = h.group.clones["c1"]
+    assert c1.state == clones.OUT_OF_SYNC
+    assert "read back" in c1.error
+    assert [e for e in range(EXTENTS) if c1.delta[e]] == [0, 1, 2, 3]
+
+
+def test_a_legs_unsaved_state_fails_the_next_flush(tmp_path):
+    """The write was acknowledged; the clone's out-of-sync state could not
+    be saved: the next flush says so, once."""
+    h = FullHarness(tmp_path)
+    try:
+        h.lu.write(b"A" * SIZE, 0)
+        h.sync("c1")
+        failing = FailingBackend(h.mem["c1"])
+        failing.fail_writes = errno.EIO
+        h.group.clones["c1"].backend = failing
+        h.full = True
+        h.lu.write(b"B" * (4 * GRAN), 0)        # acknowledged
+        with pytest.raises(clones.TransitionNotSaved):
+            h.lu.flush()
+        h.full = False
+        h.lu.flush()
+        c1 = h.group.clones["c1"]
+        assert c1.delta[0] == 1 and h.clean_extents_equal("c1")
+    finally:
+        h.group.legs.close()
+
+
+@pytest.mark.parametrize("commit", [False, True])
+def test_a_crash_before_the_leg_leaves_the_extents_marked(h, commit):
+    """kill -9 with a leg pending: the write's extents are in the activity
+    map, so the recovered clone has their bits (and is resynced); a commit
+    meanwhile keeps them there (the write is still in flight)."""
+    gated = _synchronized(h)
+    h.group.commit()
+    _held_write(h, gated, b"B" * (4 * GRAN), 4 * GRAN)
+    if commit:
+        h.group.commit()
+    gated.dropped = True    # the process is gone: the leg never lands
+    old = h.group
+    h.crash()
+    gated.gate.set()
+    old.legs.close()
+    c1 = h.group.clones["c1"]
+    assert h.mem["c1"].data[4 * GRAN:8 * GRAN] == b"A" * (4 * GRAN)
+    assert all(c1.delta[e] for e in range(4, 8)), list(c1.delta)
+    assert h.clean_extents_equal("c1")
