@@ -248,12 +248,18 @@ class CloneGroup(Mirroring, Restore):
             if clone.connections:
                 raise CloneInUse(event="remove", name=name,
                                  count=clone.connections)
-            if persist is not None:
-                persist()
-            del self.clones[name]
-        # Legs queued before name's end write its backend, which the
-        # caller closes next.
-        self.legs.wait()
+            # No write in flight: one that chose name as a mirror (its leg
+            # deferred or not) writes its backend, which the caller
+            # closes next, and a failing one saves name's state.
+            self.quiesce = True
+            try:
+                self._drain()
+                if persist is not None:
+                    persist()
+                del self.clones[name]
+            finally:
+                self.quiesce = False
+                self.cond.notify_all()
         paths = [clone.map_path]
         if not self.clones:
             self.detach()

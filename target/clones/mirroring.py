@@ -72,6 +72,7 @@ other, a divergence the maps would not show).  See docs/design.md.
 
 import concurrent.futures
 import errno
+import functools
 import logging
 import threading
 
@@ -99,12 +100,15 @@ DEFER_QUEUE = 16
 
 class DeferredLegs:
     """The leg thread of a group: runs legs in the order given, at most
-    DEFER_QUEUE waiting.  (A one-worker ThreadPoolExecutor is FIFO, which
-    is what lets wait() stand for "every leg queued before".)"""
+    DEFER_QUEUE waiting.  A one-worker ThreadPoolExecutor is FIFO, which
+    is what lets wait() stand for "every leg queued before"; its worker is
+    started before the first leg is queued, because a thread that fails to
+    start would leave that leg queued and the caller unsure of it."""
 
     def __init__(self):
         self._lock = threading.Lock()
         self._pool = None
+        self._closed = False
         self._places = threading.BoundedSemaphore(DEFER_QUEUE)
         self._buf = bytearray()
 
@@ -116,6 +120,19 @@ class DeferredLegs:
         return memoryview(self._buf)[:length]
 
     def submit(self, leg):
+        """Queue leg(); False if it cannot be (closed, no thread, the
+        interpreter shutting down): the caller writes its legs itself."""
+        with self._lock:
+            if self._closed:
+                return False
+            if self._pool is None:
+                pool = concurrent.futures.ThreadPoolExecutor(
+                    1, thread_name_prefix="clone-legs")
+                try:
+                    pool.submit(lambda: None).result()
+                except RuntimeError:
+                    return False
+                self._pool = pool
         self._places.acquire()
 
         def run():
@@ -124,20 +141,19 @@ class DeferredLegs:
             finally:
                 self._places.release()
         with self._lock:
-            if self._pool is None:
-                self._pool = concurrent.futures.ThreadPoolExecutor(
-                    1, thread_name_prefix="clone-legs")
             try:
-                self._pool.submit(run)
-                return
+                if not self._closed:
+                    self._pool.submit(run)
+                    return True
             except RuntimeError:
-                pass    # the interpreter is shutting down: inline
-        run()
+                pass
+        self._places.release()
+        return False
 
     def wait(self):
-        """Return once every leg submitted before has ended."""
+        """Return once every leg queued before has ended."""
         with self._lock:
-            pool = self._pool
+            pool = None if self._closed else self._pool
         if pool is not None:
             try:
                 pool.submit(lambda: None).result()
@@ -145,7 +161,9 @@ class DeferredLegs:
                 pool.shutdown(wait=True)
 
     def close(self):
+        """Wait for the legs queued; later ones are refused (submit)."""
         with self._lock:
+            self._closed = True
             pool, self._pool = self._pool, None
         if pool is not None:
             pool.shutdown(wait=True)
@@ -201,6 +219,18 @@ class Mirroring:
                         maps.set_range(clone.delta, e0, e1)
             return token, mirrors
 
+    def wait_for_writes(self, e0, e1):
+        """(Holding cond.)  Wait until no write of extents overlapping
+        [e0, e1) is in flight.  A copy or comparison begun beside one
+        would only be made again, at once and for as long as it stays in
+        flight (a deferred write stays until its legs are done)."""
+        while self._overlapped(e0, e1):
+            self.overlap_waiters += 1
+            try:
+                self.cond.wait()
+            finally:
+                self.overlap_waiters -= 1
+
     def _overlapped(self, e0, e1):
         """Whether a write of extents overlapping [e0, e1) is in flight."""
         return any(w0 < e1 and e0 < w1
@@ -248,10 +278,12 @@ class Mirroring:
                         [c for c in mirrors if c not in first],
                         offset, length, e0, e1, e)
                 raise
+            # (A partial, not a lambda: a closure here would make this
+            # function's locals cells, which every write pays for.)
             if defer and mirrors and not first and not fua and \
-                    restoring is None:
-                self.legs.submit(lambda t=token: self._deferred_leg(
-                    mirrors, offset, length, e0, e1, t))
+                    restoring is None and self.legs.submit(functools.partial(
+                        self._deferred_leg, mirrors, offset, length, e0, e1,
+                        token)):
                 token = None    # the leg ends it
                 return
             unsaved = None
@@ -282,20 +314,25 @@ class Mirroring:
             try:
                 self.below.readinto(buf, offset)
             except Exception as e:
-                for clone in mirrors:
-                    self._leg_failed(clone, e0, e1, "the Source could not be "
-                                     "read back for the clone ({})".format(e))
-                return
+                buf, failure = None, "the Source could not be read back " \
+                    "for the clone ({})".format(e)
+            # Each clone on its own: one whose failure cannot be handled
+            # must not leave the next one unwritten under clear bits.
             for clone in mirrors:
                 try:
-                    clone.backend.write(buf, offset)
-                except Exception as e:
-                    self._leg_failed(clone, e0, e1, e)
-        except BaseException:
-            log.exception("a deferred mirror leg of %d bytes at offset %d "
-                          "failed", length, offset)
-            for clone in mirrors:
-                self._leg_failed(clone, e0, e1, "its mirror leg failed")
+                    if buf is None:
+                        self._leg_failed(clone, e0, e1, failure)
+                        continue
+                    try:
+                        clone.backend.write(buf, offset)
+                    except Exception as e:
+                        self._leg_failed(clone, e0, e1, e)
+                except BaseException:
+                    log.exception("clone %s: a mirror leg of %d bytes at "
+                                  "offset %d failed", clone.name, length,
+                                  offset)
+                    with self.cond:
+                        maps.set_range(clone.delta, e0, e1)
         finally:
             self._end(token)
 
@@ -494,6 +531,8 @@ class Mirroring:
         log.error("clone %s: %s", clone.name, msg)
         with self.cond:
             maps.set_range(clone.delta, e0, e1)
+            if self.clones.get(clone.name) is not clone:
+                return None     # removed: no state to save
             if clone.state == SYNCHRONIZED:
                 try:
                     self.transition(clone, "mirror-failed", msg)
@@ -522,9 +561,10 @@ class CollisionGuard:
         group = self.engine.group
         s, e = self._extents(offset, length)
         with group.cond:
+            group.wait_for_writes(s, e)
             self.token = group.changes.copy_begin(s, e)
-            group.collided = any(a0 < e and s < a1 for a0, a1
-                                 in group.changes.in_flight.values())
+            # A write that begins from now on collides (Mirroring._begin).
+            group.collided = False
 
     def end(self, offset, length, written):
         group = self.engine.group

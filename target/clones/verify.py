@@ -264,9 +264,10 @@ class VerifyEngine:
         s, e = self._extents(offset, length)
         self._found = []
         with group.cond:
+            group.wait_for_writes(s, e)
             self._token = group.changes.copy_begin(s, e)
-            group.collided = any(a0 < e and s < a1 for a0, a1
-                                 in group.changes.in_flight.values())
+            # A write that begins from now on collides (Mirroring._begin).
+            group.collided = False
 
     def end(self, offset, length, written):
         group, clone, result = self.group, self.clone, self.result

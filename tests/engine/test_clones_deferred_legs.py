@@ -253,3 +253,128 @@ def test_a_crash_before_the_leg_leaves_the_extents_marked(h, commit):
     assert h.mem["c1"].data[4 * GRAN:8 * GRAN] == b"A" * (4 * GRAN)
     assert all(c1.delta[e] for e in range(4, 8)), list(c1.delta)
     assert h.clean_extents_equal("c1")
+
+
+class RecordsHarness(Harness):
+    """A Harness whose state saves behave like the inventory's: a removed
+    clone's record is gone (saving its state fails), and saves of the
+    clone named `broken` fail with something other than an OSError."""
+
+    broken = None
+
+    def _persist(self, name, state, error=None, rate=None):
+        if name not in self.states or name == self.broken:
+            raise RuntimeError("no record of clone {}".format(name))
+        super()._persist(name, state, error, rate)
+
+    def remove(self, name):
+        return self.group.remove_clone(name, lambda: self.states.pop(name))
+
+
+@pytest.fixture
+def rh(tmp_path):
+    h = RecordsHarness(tmp_path)
+    yield h
+    for c in h.group.clones.values():
+        if isinstance(c.backend, GatedBackend):
+            c.backend.gate.set()
+    h.group.legs.close()
+
+
+def _both_synchronized(h):
+    h.lu.write(b"A" * SIZE, 0)
+    h.sync("c1")
+    h.sync("c2")
+
+
+def test_removing_a_clone_whose_leg_fails_keeps_its_sibling_mirrored(rh):
+    """c1 is removed while a write's leg is pending and c1's disk fails
+    it: c2, the next mirror, still gets the write."""
+    h = rh
+    _both_synchronized(h)
+    failing = FailingBackend(h.mem["c1"])
+    failing.fail_writes = errno.EIO
+    gated = GatedBackend(failing)
+    h.group.clones["c1"].backend = gated
+    _held_write(h, gated, b"B" * (4 * GRAN), 0)
+    done, result = _in_thread(lambda: h.remove("c1"))
+    assert not done.wait(0.3), "the removal did not wait for the leg"
+    gated.gate.set()
+    assert done.wait(WAIT) and "error" not in result, result
+    h.lu.flush()
+    c2 = h.group.clones["c2"]
+    assert c2.state == clones.SYNCHRONIZED and c2.delta.count(1) == 0
+    assert h.mem["c2"].data == h.mem_src.data
+
+
+def test_a_leg_whose_failure_cannot_be_saved_still_writes_the_next_clone(rh):
+    h = rh
+    _both_synchronized(h)
+    failing = FailingBackend(h.mem["c1"])
+    failing.fail_writes = errno.EIO
+    h.group.clones["c1"].backend = failing
+    h.broken = "c1"
+    h.lu.write(b"B" * (4 * GRAN), 0)
+    h.group.legs.wait()
+    assert h.group.clones["c1"].delta[:4] == b"\x01" * 4
+    assert h.mem["c2"].data == h.mem_src.data
+    assert h.clean_extents_equal("c1") and h.clean_extents_equal("c2")
+
+
+def test_removing_a_clone_waits_for_a_write_that_chose_it(rh):
+    """A write registered with c1 among its mirrors, still writing the
+    Source when the removal begins: the removal waits for it (its leg
+    writes c1's backend, which the caller closes next)."""
+    h = rh
+    _both_synchronized(h)
+    src = GatedBackend(h.mem_src)
+    h.lu.backend = h.lu.stack.base = src
+    h.lu.stack.refresh()
+    src.gate.clear()
+    written, _ = _in_thread(lambda: h.lu.write(b"B" * (4 * GRAN), 0))
+    assert src.waiting.wait(WAIT)
+    done, result = _in_thread(lambda: h.remove("c1"))
+    assert not done.wait(0.3), "the removal did not wait for the write"
+    src.gate.set()
+    assert written.wait(WAIT) and done.wait(WAIT), result
+    assert "error" not in result, result
+    assert h.mem["c1"].data == h.mem_src.data == h.mem["c2"].data
+
+
+def test_a_write_after_the_legs_closed_is_mirrored_inline(h):
+    gated = _synchronized(h)
+    h.group.legs.close()
+    gated.gate.clear()
+    done, _ = _in_thread(lambda: h.lu.write(b"B" * (4 * GRAN), 0))
+    assert not done.wait(0.3), "returned before its clone had it"
+    gated.gate.set()
+    assert done.wait(WAIT)
+    assert h.mem["c1"].data == h.mem_src.data
+
+
+@pytest.mark.parametrize("engine", ["sync", "verify"])
+def test_an_engine_waits_for_a_pending_leg_instead_of_retrying(h, engine):
+    """A copy (or comparison) of extents a pending leg will write would be
+    made again at once, for as long as the leg is pending: it waits."""
+    h.lu.write(b"A" * SIZE, 0)
+    h.sync("c1")
+    gated = GatedBackend(h.mem["c1"])
+    h.group.clones["c1"].backend = gated
+    if engine == "sync":
+        eng = h.group.start_sync("c2", run=False)     # c2 syncing: mirrored
+        progress = h.group.progress["c2"]
+    else:
+        eng = h.group.start_verify("c1", run=False)
+    _held_write(h, gated, b"B" * (4 * GRAN), 0)
+    done, result = _in_thread(eng.step if engine == "sync" else eng.run)
+    assert not done.wait(0.3), "the engine copied beside a pending leg"
+    gated.gate.set()
+    assert done.wait(WAIT) and "error" not in result, result
+    if engine == "sync":
+        assert progress.retries == 0
+        h.run(eng)
+        assert h.mem["c2"].data == h.mem_src.data
+    else:
+        assert eng.result.collisions == 0
+        assert eng.result.extents_skipped == 0
+        assert eng.result.extents_differing == 0
