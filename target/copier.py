@@ -145,8 +145,8 @@ class Copier:
             self.bytes_done += length
             if self.progress is not None:
                 self.progress(length)
-            if not again:
-                return
+            if not again or self.cancel.is_set():
+                return      # (cancelled: the guard left the chunk dirty)
 
     def _write(self, view, offset, parts):
         """Data pieces as writes; holes and zero pieces, merged, as zero."""

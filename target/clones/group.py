@@ -81,7 +81,10 @@ class CloneGroup(Mirroring, Restore):
             flush=lambda: self._flush_all(),
             after_save=lambda: self._persist_prm())
         self.collided = False
-        self.quiesce = False
+        # Operations that hold new writes back while those in flight
+        # drain (a count: two may drain at once, and the first to end
+        # must not let writes in under the other).
+        self.quiesce = 0
         self.overlap_waiters = 0    # writes waiting for an overlapping one
         self.legs = DeferredLegs()
         # A TransitionNotSaved of a deferred leg's failure, for the next
@@ -241,33 +244,42 @@ class CloneGroup(Mirroring, Restore):
         the inventory first (a failing one raises and removes nothing)."""
         clone = self.clones[name]
         with self.cond:
-            self._check(clone, "remove")
-            if self.verifier is not None and self.verifier.running and \
-                    self.verifier.clone is clone:
-                raise AlreadyRunning(event="remove", name=name)
-            if clone.connections:
-                raise CloneInUse(event="remove", name=name,
-                                 count=clone.connections)
+            self._removable(clone)
             # No write in flight: one that chose name as a mirror (its leg
             # deferred or not) writes its backend, which the caller
             # closes next, and a failing one saves name's state.
-            self.quiesce = True
+            self.quiesce += 1
             try:
                 self._drain()
+                # Again: the drain let go of cond, and an engine, a verify
+                # or an export connection may have begun meanwhile.
+                self._removable(clone)
                 if persist is not None:
                     persist()
                 del self.clones[name]
+                if not self.clones:
+                    # Before writes go on: they bypass the layer now
+                    # (those already waiting in it too: Mirroring._begin).
+                    self.detach()
             finally:
-                self.quiesce = False
+                self.quiesce -= 1
                 self.cond.notify_all()
         paths = [clone.map_path]
         if not self.clones:
-            self.detach()
             self.changes.close()
             self.prm_file.close()
             paths += [self.changes.activity.path, self.prm_file.path]
         fsutil.remove_durably(paths)
         return clone
+
+    def _removable(self, clone):
+        self._check(clone, "remove")
+        if self.verifier is not None and self.verifier.running and \
+                self.verifier.clone is clone:
+            raise AlreadyRunning(event="remove", name=clone.name)
+        if clone.connections:
+            raise CloneInUse(event="remove", name=clone.name,
+                             count=clone.connections)
 
     # The group is the "clones" layer of the Source's I/O stack
     # (target.iostack): everything below it (sessions, replication, the
@@ -473,7 +485,7 @@ class CloneGroup(Mirroring, Restore):
                                 "Source (a mirrored write or a flush "
                                 "failed)")
             self._check(clone, "fracture")
-            self.quiesce = True
+            self.quiesce += 1
             try:
                 self._drain()
                 try:
@@ -487,7 +499,7 @@ class CloneGroup(Mirroring, Restore):
                     raise
                 self.transition(clone, "fracture")
             finally:
-                self.quiesce = False
+                self.quiesce -= 1
                 self.cond.notify_all()
         try:
             self.commit()

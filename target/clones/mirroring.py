@@ -153,18 +153,22 @@ class DeferredLegs:
     def wait(self):
         """Return once every leg queued before has ended."""
         with self._lock:
-            pool = None if self._closed else self._pool
-        if pool is not None:
-            try:
+            pool, closed = self._pool, self._closed
+        if pool is None:
+            return
+        try:
+            if not closed:
                 pool.submit(lambda: None).result()
-            except RuntimeError:
-                pool.shutdown(wait=True)
+                return
+        except RuntimeError:
+            pass    # shutting down: wait for every leg queued
+        pool.shutdown(wait=True)
 
     def close(self):
         """Wait for the legs queued; later ones are refused (submit)."""
         with self._lock:
             self._closed = True
-            pool, self._pool = self._pool, None
+            pool = self._pool
         if pool is not None:
             pool.shutdown(wait=True)
 
@@ -173,7 +177,8 @@ class Mirroring:
     """CloneGroup's host I/O (a part of CloneGroup, target.clones.group)."""
 
     def _drain(self):
-        """Wait (holding cond, quiesce set) until no write is in flight."""
+        """Wait (holding cond, quiesce counted) until no write is in
+        flight."""
         while self.changes.in_flight:
             self.cond.wait()
 
@@ -189,7 +194,9 @@ class Mirroring:
         restoring: the restoring clone the caller saw (and copied on
         demand for), or None; if another one restores now (a restore
         began while it waited), nothing is registered and (None, None)
-        returned: the caller looks again.
+        returned: the caller looks again.  (None, []): the last clone was
+        removed while the write waited, the layer is gone from the stack
+        and its maps closed: the caller writes below.
         """
         with self.cond:
             while self.quiesce or (only is None and self._overlapped(e0, e1)):
@@ -200,6 +207,8 @@ class Mirroring:
                     self.overlap_waiters -= 1
             if self.restoring is not restoring:
                 return None, None
+            if only is None and not self.clones:
+                return None, []
             token = self.changes.begin(e0, e1)
             if self.changes.copying and any(
                     c0 < e1 and e0 < c1
@@ -219,17 +228,22 @@ class Mirroring:
                         maps.set_range(clone.delta, e0, e1)
             return token, mirrors
 
-    def wait_for_writes(self, e0, e1):
+    def wait_for_writes(self, e0, e1, stopped):
         """(Holding cond.)  Wait until no write of extents overlapping
-        [e0, e1) is in flight.  A copy or comparison begun beside one
-        would only be made again, at once and for as long as it stays in
-        flight (a deferred write stays until its legs are done)."""
+        [e0, e1) is in flight; False if stopped() first (an engine asked
+        to stop, which nothing notifies cond of: polled).  A copy or
+        comparison begun beside such a write would only be made again, at
+        once and for as long as it stays in flight (a deferred write
+        stays until its legs are done)."""
         while self._overlapped(e0, e1):
+            if stopped():
+                return False
             self.overlap_waiters += 1
             try:
-                self.cond.wait()
+                self.cond.wait(0.1)
             finally:
                 self.overlap_waiters -= 1
+        return True
 
     def _overlapped(self, e0, e1):
         """Whether a write of extents overlapping [e0, e1) is in flight."""
@@ -258,6 +272,11 @@ class Mirroring:
             if restoring is not None:
                 self.copy_on_demand(e0, e1)
             token, mirrors = self._begin(e0, e1, restoring=restoring)
+            if token is None and mirrors is not None:
+                apply(self.below)
+                if fua:
+                    self.below.flush()
+                return
         try:
             first = [c for c in mirrors if c.state == REVERSE_SYNCING]
             try:
@@ -310,8 +329,8 @@ class Mirroring:
         mirrors get what the Source holds over the write's range, which
         no other write changes while the write is registered."""
         try:
-            buf = self.legs.buffer(length)
             try:
+                buf = self.legs.buffer(length)
                 self.below.readinto(buf, offset)
             except Exception as e:
                 buf, failure = None, "the Source could not be read back " \
@@ -561,10 +580,11 @@ class CollisionGuard:
         group = self.engine.group
         s, e = self._extents(offset, length)
         with group.cond:
-            group.wait_for_writes(s, e)
+            # A write that begins from now on collides (Mirroring._begin);
+            # stopped while one was in flight: the copy counts for nothing.
+            clear = group.wait_for_writes(s, e, self.engine.stopping)
             self.token = group.changes.copy_begin(s, e)
-            # A write that begins from now on collides (Mirroring._begin).
-            group.collided = False
+            group.collided = not clear
 
     def end(self, offset, length, written):
         group = self.engine.group

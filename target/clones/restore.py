@@ -189,12 +189,12 @@ class Restore:
         and a replicated Source's secondary would get it on top of what
         the switch shows (target.replication, volume-changing
         operations)."""
-        self.quiesce = True
+        self.quiesce += 1
         try:
             self._drain()
             switch()
         finally:
-            self.quiesce = False
+            self.quiesce -= 1
             self.cond.notify_all()
 
     def _check_siblings_split(self, clone, event):

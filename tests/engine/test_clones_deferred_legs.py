@@ -11,6 +11,7 @@ what happens while it is pending.
 
 import errno
 import threading
+import time
 
 import pytest
 
@@ -378,3 +379,167 @@ def test_an_engine_waits_for_a_pending_leg_instead_of_retrying(h, engine):
         assert eng.result.collisions == 0
         assert eng.result.extents_skipped == 0
         assert eng.result.extents_differing == 0
+
+
+def _until(pred, timeout=WAIT):
+    end = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.001)
+
+
+def _gate_source(h):
+    src = GatedBackend(h.mem_src)
+    h.lu.backend = h.lu.stack.base = src
+    h.lu.stack.refresh()
+    return src
+
+
+def test_a_sync_started_while_a_removal_drains_stops_the_removal(rh):
+    """The removal's checks hold after its drain (which lets go of the
+    group's lock): a sync started meanwhile is never left on a removed
+    clone."""
+    h = rh
+    h.lu.write(b"A" * SIZE, 0)
+    h.sync("c1")
+    h.group.fracture("c1")
+    src = _gate_source(h)
+    src.gate.clear()
+    written, _ = _in_thread(lambda: h.lu.write(b"B" * GRAN, 0))
+    assert src.waiting.wait(WAIT)
+    done, result = _in_thread(lambda: h.remove("c1"))
+    _until(lambda: h.group.quiesce)
+    try:
+        h.group.start_sync("c1", run=False)
+        started = True
+    except clones.Error:
+        started = False
+    src.gate.set()
+    assert written.wait(WAIT) and done.wait(WAIT)
+    removed = "c1" not in h.group.clones
+    assert not (started and removed), "c1 removed while syncing"
+
+
+def test_a_verify_waiting_for_a_pending_leg_stops_when_asked(h):
+    gated = _synchronized(h)
+    eng = h.group.start_verify("c1", run=False)
+    _held_write(h, gated, b"B" * (4 * GRAN), 0)
+    done, _ = _in_thread(eng.run)
+    _until(lambda: h.group.overlap_waiters)
+    eng.stop("asked")
+    stopped = done.wait(WAIT)
+    gated.gate.set()
+    assert stopped, "the verify did not stop while a leg was pending"
+    assert eng.result.extents_differing == 0
+
+
+@pytest.mark.parametrize("attempt", range(4))
+def test_two_operations_draining_at_once_both_end(rh, attempt):
+    """A removal and a fracture drain the writes in flight at once; the
+    first to end must not let writes in under the other (which would then
+    wait for a wake-up nobody sends)."""
+    h = rh
+    _both_synchronized(h)
+    gated = GatedBackend(h.mem["c1"])
+    h.group.clones["c1"].backend = gated
+    _held_write(h, gated, b"B" * (4 * GRAN), 0)
+    removal, rres = _in_thread(lambda: h.remove("c2"))
+    _until(lambda: h.group.quiesce)
+    fracture, fres = _in_thread(lambda: h.group.fracture("c1"))
+    time.sleep(0.05)
+    src = _gate_source(h)
+    src.gate.clear()
+    writers = [_in_thread(lambda i=i: h.lu.write(b"X" * GRAN,
+                                                 (8 + i) * GRAN))
+               for i in range(4)]
+    _until(lambda: h.group.overlap_waiters >= 4)
+    gated.gate.set()
+    time.sleep(0.2)
+    src.gate.set()
+    for w, _ in writers:
+        assert w.wait(WAIT)
+    ok = removal.wait(WAIT) and fracture.wait(WAIT)
+    if not ok:
+        with h.group.cond:
+            h.group.cond.notify_all()       # let the test end
+    assert ok, "an operation was never woken ({}, {})".format(rres, fres)
+
+
+def test_a_leg_without_a_buffer_marks_the_clone(h):
+    _synchronized(h)
+
+    def no_memory(length):
+        raise MemoryError()
+    h.group.legs.buffer = no_memory
+    h.lu.write(b"B" * (4 * GRAN), 0)        # acknowledged
+    h.lu.flush()
+    assert h.group.clones["c1"].delta[:4] == b"\x01" * 4
+    assert h.clean_extents_equal("c1")
+
+
+def test_a_flush_while_the_legs_close_waits_for_them(h):
+    gated = _synchronized(h)
+    _held_write(h, gated, b"B" * (4 * GRAN), 0)
+    closing, _ = _in_thread(h.group.legs.close)
+    _until(lambda: h.group.legs._closed)
+    flushed, result = _in_thread(h.lu.flush)
+    returned_early = flushed.wait(0.5)
+    gated.gate.set()
+    assert closing.wait(WAIT) and flushed.wait(WAIT)
+    assert not returned_early, "the flush returned with a leg pending"
+
+
+def test_a_removal_during_a_restores_finish_lets_no_write_in(h):
+    """A restore's finish holds writes back until the fractured state is
+    durable; a sibling's removal meanwhile must not let them in (a write
+    would set only a PRM bit and leave a clear Delta Map bit over an
+    extent that differs)."""
+    h.lu.write(b"A" * SIZE, 0)
+    h.sync("c1")
+    h.group.fracture("c1")
+    h.lu.write(b"B" * GRAN, 2 * GRAN)
+    eng = h.group.start_restore("c1", run=False)
+    while eng.step():
+        pass
+    in_commit, release = threading.Event(), threading.Event()
+    commit = h.group.commit
+
+    def gated_commit():
+        in_commit.set()
+        assert release.wait(WAIT)
+        commit()
+    h.group.commit = gated_commit
+    finishing, fres = _in_thread(eng.finish)
+    assert in_commit.wait(WAIT)
+    h.group.remove_clone("c2")
+    written, _ = _in_thread(lambda: h.lu.write(b"C" * GRAN, 5 * GRAN))
+    slipped = written.wait(0.3)
+    release.set()
+    assert finishing.wait(WAIT) and fres.get("value") is True, fres
+    assert written.wait(WAIT)
+    assert h.group.clones["c1"].state == clones.FRACTURED
+    assert h.clean_extents_equal("c1")
+    assert not slipped, "a host write ran during the restore's finish"
+
+
+def test_writes_waiting_when_the_last_clone_goes_bypass_the_layer(rh):
+    """Writes held back by the removal of the last clone go to the Source
+    once it is done, not into the closed maps."""
+    h = rh
+    h.remove("c2")
+    h.lu.write(b"A" * SIZE, 0)
+    h.sync("c1")
+    gated = GatedBackend(h.mem["c1"])
+    h.group.clones["c1"].backend = gated
+    _held_write(h, gated, b"B" * (4 * GRAN), 0)
+    removal, rres = _in_thread(lambda: h.remove("c1"))
+    _until(lambda: h.group.quiesce)
+    writers = [_in_thread(lambda i=i: h.lu.write(b"Y" * GRAN,
+                                                 (8 + i) * GRAN))
+               for i in range(3)]
+    _until(lambda: h.group.overlap_waiters >= 3)
+    gated.gate.set()
+    assert removal.wait(WAIT) and "error" not in rres, rres
+    for w, res in writers:
+        assert w.wait(WAIT) and "error" not in res, res
+    assert h.mem_src.data[8 * GRAN:11 * GRAN] == b"Y" * (3 * GRAN)
