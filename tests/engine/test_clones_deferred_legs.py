@@ -19,8 +19,7 @@ from target import backends, clones
 from target.clones import mirroring
 
 from tests.support.clonegroup import EXTENTS, GRAN, SIZE, FailingBackend, \
-    Harness
-from tests.engine.test_transition_saves import FullHarness
+    FullHarness, Harness
 
 WAIT = 10
 
