@@ -18,13 +18,16 @@ during a reverse sync where the Clone (the reference the Source is being
 restored from) is written first, so a crash between the two leaves the
 newer data where the engine will copy it from.
 
-Collisions: the engine registers the run it copies; a host write that
-overlaps it in time (either way round) sets `collided`, and the engine
+Collisions: the engine waits until no host write of the run it is about
+to copy is in flight (wait_for_writes), then registers the run; a host
+write that begins while it is copied sets `collided`, and the engine
 copies the run again (CollisionGuard, the copier's guard) until a copy
 overlaps no host write.  Host writes are never queued for this.
 
-Fracture quiesces: new writes wait while writes in flight drain, so no
-write is half-mirrored at the fracture point.
+Quiescing: a fracture, a clone's removal, a restore's or reverse sync's
+switch and a restore's end hold new writes back while those in flight
+drain (a count, `quiesce`: two may drain at once), so no write is
+half-mirrored at the fracture point and no leg writes a removed clone.
 
 Failures: a clean bit vouches that clone and Source hold the same data, so
 a request that fails part way must not leave one side changed under a

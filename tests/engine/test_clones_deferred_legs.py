@@ -95,14 +95,18 @@ def _in_thread(func):
     return done, result
 
 
-@pytest.fixture
-def h(tmp_path):
-    h = Harness(tmp_path)
+def _opened(h):
+    """Yield harness h; then open every gate and end the leg thread."""
     yield h
     for c in h.group.clones.values():
         if isinstance(c.backend, GatedBackend):
             c.backend.gate.set()
     h.group.legs.close()
+
+
+@pytest.fixture
+def h(tmp_path):
+    yield from _opened(Harness(tmp_path))
 
 
 def test_a_large_write_is_acknowledged_before_its_leg_lands(h):
@@ -273,12 +277,7 @@ class RecordsHarness(Harness):
 
 @pytest.fixture
 def rh(tmp_path):
-    h = RecordsHarness(tmp_path)
-    yield h
-    for c in h.group.clones.values():
-        if isinstance(c.backend, GatedBackend):
-            c.backend.gate.set()
-    h.group.legs.close()
+    yield from _opened(RecordsHarness(tmp_path))
 
 
 def _both_synchronized(h):
