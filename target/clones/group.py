@@ -266,6 +266,7 @@ class CloneGroup(Mirroring, Restore):
                 self.cond.notify_all()
         paths = [clone.map_path]
         if not self.clones:
+            self.legs.close()
             self.changes.close()
             self.prm_file.close()
             paths += [self.changes.activity.path, self.prm_file.path]
@@ -416,7 +417,8 @@ class CloneGroup(Mirroring, Restore):
                 clone.paused = False
                 self._set_read_path()
             if event == "reverse-sync":
-                self._switch_quiesced(switch)
+                self._switch_quiesced(switch, lambda: (
+                    checks(), self._check_siblings_split(clone, event)))
             else:
                 switch()
         return self._launch(clone, rate, run)
@@ -473,21 +475,26 @@ class CloneGroup(Mirroring, Restore):
         verifier.join()
         return True
 
+    def _fracturable(self, clone):
+        if clone.state == SYNCHRONIZED and clone.delta.find(1) >= 0:
+            # A mirrored write or a flush failed (its out-of-sync state
+            # could not be saved then, or it was the Source's): save it
+            # now, the fracture is refused.
+            self.transition(clone, "mirror-failed", clone.error or
+                            "its Delta Map says it differs from the Source "
+                            "(a mirrored write or a flush failed)")
+        self._check(clone, "fracture")
+
     def fracture(self, name):
         clone = self.clones[name]
         with self.cond:
-            if clone.state == SYNCHRONIZED and clone.delta.find(1) >= 0:
-                # A mirrored write or a flush failed (its out-of-sync
-                # state could not be saved then, or it was the Source's):
-                # save it now, the fracture is refused.
-                self.transition(clone, "mirror-failed", clone.error or
-                                "its Delta Map says it differs from the "
-                                "Source (a mirrored write or a flush "
-                                "failed)")
-            self._check(clone, "fracture")
+            self._fracturable(clone)
             self.quiesce += 1
             try:
                 self._drain()
+                # Again: a write drained meanwhile (a deferred leg) may
+                # have failed on the clone.
+                self._fracturable(clone)
                 try:
                     clone.backend.flush()
                 except OSError as e:

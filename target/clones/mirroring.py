@@ -199,7 +199,7 @@ class Mirroring:
         began while it waited), nothing is registered and (None, None)
         returned: the caller looks again.  (None, []): the last clone was
         removed while the write waited, the layer is gone from the stack
-        and its maps closed: the caller writes below.
+        and its maps closed: the caller enters the stack again.
         """
         with self.cond:
             while self.quiesce or (only is None and self._overlapped(e0, e1)):
@@ -276,9 +276,12 @@ class Mirroring:
                 self.copy_on_demand(e0, e1)
             token, mirrors = self._begin(e0, e1, restoring=restoring)
             if token is None and mirrors is not None:
-                apply(self.below)
+                # From the layer's slot down again: a group attached since
+                # (a new first clone) registers it.
+                entry = self.source.stack.below("guard")
+                apply(entry)
                 if fua:
-                    self.below.flush()
+                    entry.flush()
                 return
         try:
             first = [c for c in mirrors if c.state == REVERSE_SYNCING]
@@ -381,6 +384,10 @@ class Mirroring:
         self.source_zero(offset, length, may_trim=True, fua=fua)
 
     def source_flush(self):
+        if not self.clones:
+            # Entered as the last clone went: the maps are closed.
+            self.source.stack.below("guard").flush()
+            return
         # What the flush vouches for includes the legs of the writes
         # acknowledged before it (module notes, deferred legs).
         self.legs.wait()
