@@ -116,7 +116,8 @@ class Copier:
                     return False
                 first = False
                 n = min(self.chunk, end - offset)
-                self._copy_chunk(offset, n)
+                if not self._copy_chunk(offset, n):
+                    return False
                 offset += n
         return True
 
@@ -145,8 +146,10 @@ class Copier:
             self.bytes_done += length
             if self.progress is not None:
                 self.progress(length)
-            if not again or self.cancel.is_set():
-                return      # (cancelled: the guard left the chunk dirty)
+            if not again:
+                return True
+            if self.cancel.is_set():
+                return False    # the guard left the chunk dirty
 
     def _write(self, view, offset, parts):
         """Data pieces as writes; holes and zero pieces, merged, as zero."""
