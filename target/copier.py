@@ -116,7 +116,8 @@ class Copier:
                     return False
                 first = False
                 n = min(self.chunk, end - offset)
-                self._copy_chunk(offset, n)
+                if not self._copy_chunk(offset, n):
+                    return False
                 offset += n
         return True
 
@@ -146,7 +147,9 @@ class Copier:
             if self.progress is not None:
                 self.progress(length)
             if not again:
-                return
+                return True
+            if self.cancel.is_set():
+                return False    # the guard left the chunk dirty
 
     def _write(self, view, offset, parts):
         """Data pieces as writes; holes and zero pieces, merged, as zero."""

@@ -35,7 +35,7 @@ from .model import (EXPORTED, FRACTURED, HINTS, KEEP, MAX_CLONES,
                     SYNCING, TRANSITIONS, AlreadyRunning, Clone, CloneBroken,
                     CloneInUse, GroupBusy, InvalidTransition,
                     TransitionNotSaved, check_granularity)
-from .mirroring import Mirroring
+from .mirroring import DeferredLegs, Mirroring
 from .restore import CodStats, Restore
 from .sync import Progress, SyncEngine
 from .verify import VerifyEngine
@@ -81,8 +81,15 @@ class CloneGroup(Mirroring, Restore):
             flush=lambda: self._flush_all(),
             after_save=lambda: self._persist_prm())
         self.collided = False
-        self.quiesce = False
+        # Operations that hold new writes back while those in flight
+        # drain (a count: two may drain at once, and the first to end
+        # must not let writes in under the other).
+        self.quiesce = 0
         self.overlap_waiters = 0    # writes waiting for an overlapping one
+        self.legs = DeferredLegs()
+        # A TransitionNotSaved of a deferred leg's failure, for the next
+        # host flush to fail with (the write was acknowledged).
+        self.legs_unsaved = None
         self.engine = None
         self.progress = {}
         # The online verify (one per group, alone) and the last result of
@@ -237,24 +244,43 @@ class CloneGroup(Mirroring, Restore):
         the inventory first (a failing one raises and removes nothing)."""
         clone = self.clones[name]
         with self.cond:
-            self._check(clone, "remove")
-            if self.verifier is not None and self.verifier.running and \
-                    self.verifier.clone is clone:
-                raise AlreadyRunning(event="remove", name=name)
-            if clone.connections:
-                raise CloneInUse(event="remove", name=name,
-                                 count=clone.connections)
-            if persist is not None:
-                persist()
-            del self.clones[name]
+            self._removable(clone)
+            # No write in flight: one that chose name as a mirror (its leg
+            # deferred or not) writes its backend, which the caller
+            # closes next, and a failing one saves name's state.
+            self.quiesce += 1
+            try:
+                self._drain()
+                # Again: the drain let go of cond, and an engine, a verify
+                # or an export connection may have begun meanwhile.
+                self._removable(clone)
+                if persist is not None:
+                    persist()
+                del self.clones[name]
+                if not self.clones:
+                    # Before writes go on: they bypass the layer now
+                    # (those already waiting in it too: Mirroring._begin).
+                    self.detach()
+            finally:
+                self.quiesce -= 1
+                self.cond.notify_all()
         paths = [clone.map_path]
         if not self.clones:
-            self.detach()
+            self.legs.close()
             self.changes.close()
             self.prm_file.close()
             paths += [self.changes.activity.path, self.prm_file.path]
         fsutil.remove_durably(paths)
         return clone
+
+    def _removable(self, clone):
+        self._check(clone, "remove")
+        if self.verifier is not None and self.verifier.running and \
+                self.verifier.clone is clone:
+            raise AlreadyRunning(event="remove", name=clone.name)
+        if clone.connections:
+            raise CloneInUse(event="remove", name=clone.name,
+                             count=clone.connections)
 
     # The group is the "clones" layer of the Source's I/O stack
     # (target.iostack): everything below it (sessions, replication, the
@@ -391,7 +417,8 @@ class CloneGroup(Mirroring, Restore):
                 clone.paused = False
                 self._set_read_path()
             if event == "reverse-sync":
-                self._switch_quiesced(switch)
+                self._switch_quiesced(switch, lambda: (
+                    checks(), self._check_siblings_split(clone, event)))
             else:
                 switch()
         return self._launch(clone, rate, run)
@@ -448,21 +475,26 @@ class CloneGroup(Mirroring, Restore):
         verifier.join()
         return True
 
+    def _fracturable(self, clone):
+        if clone.state == SYNCHRONIZED and clone.delta.find(1) >= 0:
+            # A mirrored write or a flush failed (its out-of-sync state
+            # could not be saved then, or it was the Source's): save it
+            # now, the fracture is refused.
+            self.transition(clone, "mirror-failed", clone.error or
+                            "its Delta Map says it differs from the Source "
+                            "(a mirrored write or a flush failed)")
+        self._check(clone, "fracture")
+
     def fracture(self, name):
         clone = self.clones[name]
         with self.cond:
-            if clone.state == SYNCHRONIZED and clone.delta.find(1) >= 0:
-                # A mirrored write or a flush failed (its out-of-sync
-                # state could not be saved then, or it was the Source's):
-                # save it now, the fracture is refused.
-                self.transition(clone, "mirror-failed", clone.error or
-                                "its Delta Map says it differs from the "
-                                "Source (a mirrored write or a flush "
-                                "failed)")
-            self._check(clone, "fracture")
-            self.quiesce = True
+            self._fracturable(clone)
+            self.quiesce += 1
             try:
                 self._drain()
+                # Again: a write drained meanwhile (a deferred leg) may
+                # have failed on the clone.
+                self._fracturable(clone)
                 try:
                     clone.backend.flush()
                 except OSError as e:
@@ -474,7 +506,7 @@ class CloneGroup(Mirroring, Restore):
                     raise
                 self.transition(clone, "fracture")
             finally:
-                self.quiesce = False
+                self.quiesce -= 1
                 self.cond.notify_all()
         try:
             self.commit()
@@ -581,6 +613,7 @@ class CloneGroup(Mirroring, Restore):
 
     def close(self):
         self.stop_engine()
+        self.legs.close()
         if self.clones:
             self.commit()
         self.changes.close()

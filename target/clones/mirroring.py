@@ -18,13 +18,16 @@ during a reverse sync where the Clone (the reference the Source is being
 restored from) is written first, so a crash between the two leaves the
 newer data where the engine will copy it from.
 
-Collisions: the engine registers the run it copies; a host write that
-overlaps it in time (either way round) sets `collided`, and the engine
+Collisions: the engine waits until no host write of the run it is about
+to copy is in flight (wait_for_writes), then registers the run; a host
+write that begins while it is copied sets `collided`, and the engine
 copies the run again (CollisionGuard, the copier's guard) until a copy
 overlaps no host write.  Host writes are never queued for this.
 
-Fracture quiesces: new writes wait while writes in flight drain, so no
-write is half-mirrored at the fracture point.
+Quiescing: a fracture, a clone's removal, a restore's or reverse sync's
+switch and a restore's end hold new writes back while those in flight
+drain (a count, `quiesce`: two may drain at once), so no write is
+half-mirrored at the fracture point and no leg writes a removed clone.
 
 Failures: a clean bit vouches that clone and Source hold the same data, so
 a request that fails part way must not leave one side changed under a
@@ -37,6 +40,25 @@ those extents (ChangeMap.unflushed) are marked, in the clone whose flush
 failed, or in every clone when it was the Source's; never in a restoring
 clone, which the restore does not write and whose bits would restore an
 extent again over the hosts' writes.
+
+Deferred legs: the mirror legs of a large write (DEFER_MIN to DEFER_MAX
+bytes) are written by the group's leg thread once the Source has it, and
+the host's write is acknowledged then: one connection's requests run one at
+a time, and the next one is received while the clone is written (a 1 MiB
+write's second page-cache copy is most of the difference with no clone).
+The leg reads the Source's range back through the stack below and writes
+that, so the request's buffer (nbdkit's, gone when the request returns) is
+not kept.  The write stays registered (in flight, in the activity map)
+until its legs are done, so every path that waits for writes in flight
+waits for them: an overlapping write, a fracture, a restore's or reverse
+sync's switch, an engine's collision check; a crash before the leg leaves
+the extents in the activity map, resynchronized like any write cut short.
+A host flush first waits for the legs queued before it, so what it
+vouches for is on the clones too.  A leg that fails marks the clone as an
+inline one does; a state that could not be saved then fails the next
+flush instead of the write (already acknowledged).  Never deferred: FUA
+writes, zeroes, and writes while a clone reverse-syncs or restores (the
+clone is written first, or the Source's reads are redirected).
 
 Overlapping writes to the Source are ordered: a write waits while another
 write of any of its extents is in flight.  Two hosts may write the same
@@ -51,8 +73,11 @@ zero on every side (a trim may leave old data on one side and zeroes on the
 other, a divergence the maps would not show).  See docs/design.md.
 """
 
+import concurrent.futures
 import errno
+import functools
 import logging
+import threading
 
 from .. import copier, errors, maps
 from .model import EXPORTED, MIRRORED, REVERSE_SYNCING, SYNCHRONIZED, \
@@ -66,12 +91,97 @@ log = logging.getLogger("clonectl.clones")
 READ_BACK_CHUNK = 1 << 20
 READ_BACK_MAX = 64 << 20
 
+# Writes whose mirror legs are deferred (module notes).  Below DEFER_MIN
+# the hand-off to the leg thread costs about what the copy does; above
+# DEFER_MAX the leg's read-back buffer would be large.  At most
+# DEFER_QUEUE legs wait: then a write waits for a place, so the clones lag
+# the Source by a bounded amount and a flush waits a bounded time.
+DEFER_MIN = 128 << 10
+DEFER_MAX = 8 << 20
+DEFER_QUEUE = 16
+
+
+class DeferredLegs:
+    """The leg thread of a group: runs legs in the order given, at most
+    DEFER_QUEUE waiting.  A one-worker ThreadPoolExecutor is FIFO, which
+    is what lets wait() stand for "every leg queued before"; its worker is
+    started before the first leg is queued, because a thread that fails to
+    start would leave that leg queued and the caller unsure of it."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._pool = None
+        self._closed = False
+        self._places = threading.BoundedSemaphore(DEFER_QUEUE)
+        self._buf = bytearray()
+
+    def buffer(self, length):
+        """A buffer for the running leg's read-back (one leg runs at a
+        time: it is reused)."""
+        if len(self._buf) < length:
+            self._buf = bytearray(length)
+        return memoryview(self._buf)[:length]
+
+    def submit(self, leg):
+        """Queue leg(); False if it cannot be (closed, no thread, the
+        interpreter shutting down): the caller writes its legs itself."""
+        with self._lock:
+            if self._closed:
+                return False
+            if self._pool is None:
+                pool = concurrent.futures.ThreadPoolExecutor(
+                    1, thread_name_prefix="clone-legs")
+                try:
+                    pool.submit(lambda: None).result()
+                except RuntimeError:
+                    return False
+                self._pool = pool
+        self._places.acquire()
+
+        def run():
+            try:
+                leg()
+            finally:
+                self._places.release()
+        with self._lock:
+            try:
+                if not self._closed:
+                    self._pool.submit(run)
+                    return True
+            except RuntimeError:
+                pass
+        self._places.release()
+        return False
+
+    def wait(self):
+        """Return once every leg queued before has ended."""
+        with self._lock:
+            pool, closed = self._pool, self._closed
+        if pool is None:
+            return
+        try:
+            if not closed:
+                pool.submit(lambda: None).result()
+                return
+        except RuntimeError:
+            pass    # shutting down: wait for every leg queued
+        pool.shutdown(wait=True)
+
+    def close(self):
+        """Wait for the legs queued; later ones are refused (submit)."""
+        with self._lock:
+            self._closed = True
+            pool = self._pool
+        if pool is not None:
+            pool.shutdown(wait=True)
+
 
 class Mirroring:
     """CloneGroup's host I/O (a part of CloneGroup, target.clones.group)."""
 
     def _drain(self):
-        """Wait (holding cond, quiesce set) until no write is in flight."""
+        """Wait (holding cond, quiesce counted) until no write is in
+        flight."""
         while self.changes.in_flight:
             self.cond.wait()
 
@@ -87,7 +197,9 @@ class Mirroring:
         restoring: the restoring clone the caller saw (and copied on
         demand for), or None; if another one restores now (a restore
         began while it waited), nothing is registered and (None, None)
-        returned: the caller looks again.
+        returned: the caller looks again.  (None, []): the last clone was
+        removed while the write waited, the layer is gone from the stack
+        and its maps closed: the caller enters the stack again.
         """
         with self.cond:
             while self.quiesce or (only is None and self._overlapped(e0, e1)):
@@ -98,6 +210,8 @@ class Mirroring:
                     self.overlap_waiters -= 1
             if self.restoring is not restoring:
                 return None, None
+            if only is None and not self.clones:
+                return None, []
             token = self.changes.begin(e0, e1)
             if self.changes.copying and any(
                     c0 < e1 and e0 < c1
@@ -117,6 +231,23 @@ class Mirroring:
                         maps.set_range(clone.delta, e0, e1)
             return token, mirrors
 
+    def wait_for_writes(self, e0, e1, stopped):
+        """(Holding cond.)  Wait until no write of extents overlapping
+        [e0, e1) is in flight; False if stopped() first (an engine asked
+        to stop, which nothing notifies cond of: polled).  A copy or
+        comparison begun beside such a write would only be made again, at
+        once and for as long as it stays in flight (a deferred write
+        stays until its legs are done)."""
+        while self._overlapped(e0, e1):
+            if stopped():
+                return False
+            self.overlap_waiters += 1
+            try:
+                self.cond.wait(0.1)
+            finally:
+                self.overlap_waiters -= 1
+        return True
+
     def _overlapped(self, e0, e1):
         """Whether a write of extents overlapping [e0, e1) is in flight."""
         return any(w0 < e1 and e0 < w1
@@ -129,10 +260,12 @@ class Mirroring:
                     (self.quiesce and not self.changes.in_flight):
                 self.cond.notify_all()
 
-    def _mutate(self, offset, length, apply, fua, mirror=None):
+    def _mutate(self, offset, length, apply, fua, mirror=None, defer=False):
         """apply(backend) the change to the Source and its mirrors;
         mirror(backend), if given, applies it to a mirror written after
-        the Source (which has carried it out: the mirror must too)."""
+        the Source (which has carried it out: the mirror must too).
+        defer: the mirrors may be written by the leg thread, with what the
+        Source holds (module notes, deferred legs)."""
         mirror = mirror or apply
         self.source.check_write(offset, length)
         e0, e1 = self._extent_range(offset, length)
@@ -142,6 +275,14 @@ class Mirroring:
             if restoring is not None:
                 self.copy_on_demand(e0, e1)
             token, mirrors = self._begin(e0, e1, restoring=restoring)
+            if token is None and mirrors is not None:
+                # From the layer's slot down again: a group attached since
+                # (a new first clone) registers it.
+                entry = self.source.stack.below("guard")
+                apply(entry)
+                if fua:
+                    entry.flush()
+                return
         try:
             first = [c for c in mirrors if c.state == REVERSE_SYNCING]
             try:
@@ -162,6 +303,14 @@ class Mirroring:
                         [c for c in mirrors if c not in first],
                         offset, length, e0, e1, e)
                 raise
+            # (A partial, not a lambda: a closure here would make this
+            # function's locals cells, which every write pays for.)
+            if defer and mirrors and not first and not fua and \
+                    restoring is None and self.legs.submit(functools.partial(
+                        self._deferred_leg, mirrors, offset, length, e0, e1,
+                        token)):
+                token = None    # the leg ends it
+                return
             unsaved = None
             for clone in mirrors:
                 if clone in first:
@@ -178,10 +327,49 @@ class Mirroring:
             if unsaved is not None:
                 raise unsaved
         finally:
+            if token is not None:
+                self._end(token)
+
+    def _deferred_leg(self, mirrors, offset, length, e0, e1, token):
+        """The leg thread's part of a deferred write (module notes): the
+        mirrors get what the Source holds over the write's range, which
+        no other write changes while the write is registered."""
+        try:
+            try:
+                buf = self.legs.buffer(length)
+                self.below.readinto(buf, offset)
+            except Exception as e:
+                buf, failure = None, "the Source could not be read back " \
+                    "for the clone ({})".format(e)
+            # Each clone on its own: one whose failure cannot be handled
+            # must not leave the next one unwritten under clear bits.
+            for clone in mirrors:
+                try:
+                    if buf is None:
+                        self._leg_failed(clone, e0, e1, failure)
+                        continue
+                    try:
+                        clone.backend.write(buf, offset)
+                    except Exception as e:
+                        self._leg_failed(clone, e0, e1, e)
+                except BaseException:
+                    log.exception("clone %s: a mirror leg of %d bytes at "
+                                  "offset %d failed", clone.name, length,
+                                  offset)
+                    with self.cond:
+                        maps.set_range(clone.delta, e0, e1)
+        finally:
             self._end(token)
 
+    def _leg_failed(self, clone, e0, e1, exc):
+        unsaved = self._mirror_failed(clone, e0, e1, exc)
+        if unsaved is not None:
+            with self.cond:
+                self.legs_unsaved = self.legs_unsaved or unsaved
+
     def source_write(self, buf, offset, fua=False):
-        self._mutate(offset, len(buf), lambda b: b.write(buf, offset), fua)
+        self._mutate(offset, len(buf), lambda b: b.write(buf, offset), fua,
+                     defer=DEFER_MIN <= len(buf) <= DEFER_MAX)
 
     def source_zero(self, offset, length, may_trim=False, fast=False,
                     fua=False):
@@ -196,6 +384,13 @@ class Mirroring:
         self.source_zero(offset, length, may_trim=True, fua=fua)
 
     def source_flush(self):
+        if not self.clones:
+            # Entered as the last clone went: the maps are closed.
+            self.source.stack.below("guard").flush()
+            return
+        # What the flush vouches for includes the legs of the writes
+        # acknowledged before it (module notes, deferred legs).
+        self.legs.wait()
         if not self._persist_prm():
             self._flush_source()
         unsaved = None
@@ -203,6 +398,8 @@ class Mirroring:
             if clone.state in MIRRORED:
                 unsaved = self._flush_clone(clone)[1] or unsaved
         self.maybe_commit()
+        with self.cond:
+            unsaved, self.legs_unsaved = unsaved or self.legs_unsaved, None
         if unsaved is not None:
             raise unsaved
 
@@ -363,6 +560,8 @@ class Mirroring:
         log.error("clone %s: %s", clone.name, msg)
         with self.cond:
             maps.set_range(clone.delta, e0, e1)
+            if self.clones.get(clone.name) is not clone:
+                return None     # removed: no state to save
             if clone.state == SYNCHRONIZED:
                 try:
                     self.transition(clone, "mirror-failed", msg)
@@ -391,9 +590,11 @@ class CollisionGuard:
         group = self.engine.group
         s, e = self._extents(offset, length)
         with group.cond:
+            # A write that begins from now on collides (Mirroring._begin);
+            # stopped while one was in flight: the copy counts for nothing.
+            clear = group.wait_for_writes(s, e, self.engine.stopping)
             self.token = group.changes.copy_begin(s, e)
-            group.collided = any(a0 < e and s < a1 for a0, a1
-                                 in group.changes.in_flight.values())
+            group.collided = not clear
 
     def end(self, offset, length, written):
         group = self.engine.group

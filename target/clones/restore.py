@@ -162,7 +162,10 @@ class Restore:
                 self.restoring = clone
                 clone.paused = False
                 self._set_read_path()
-            self._switch_quiesced(switch)
+            self._switch_quiesced(switch, lambda: (
+                self._check(clone, "restore"),
+                self._check_group_idle(clone, "restore"),
+                self._check_siblings_split(clone, "restore")))
         return self._launch(clone, rate, run)
 
     def _protect_later(self, clone, regions):
@@ -182,19 +185,21 @@ class Restore:
         if later:
             self.prm_file.persist(self.prm, 0, self.extents)
 
-    def _switch_quiesced(self, switch):
+    def _switch_quiesced(self, switch, checks):
         """(Holding cond.)  Run switch(), which changes what hosts read of
         the Source, with no write in flight: one that entered before would
         change the Source after the switch, where hosts never read it,
         and a replicated Source's secondary would get it on top of what
         the switch shows (target.replication, volume-changing
-        operations)."""
-        self.quiesce = True
+        operations).  checks() first, again: the drain lets go of cond,
+        and another operation may have begun meanwhile."""
+        self.quiesce += 1
         try:
             self._drain()
+            checks()
             switch()
         finally:
-            self.quiesce = False
+            self.quiesce -= 1
             self.cond.notify_all()
 
     def _check_siblings_split(self, clone, event):

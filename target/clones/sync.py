@@ -94,6 +94,7 @@ class SyncEngine:
         # Extents a step copies at most (tests make it smaller).
         self.chunk = max(1, copier.CHUNK // group.granularity)
         self._stop = threading.Event()
+        self.stopping = self._stop.is_set
         self.stop_reason = None
         self.thread = None
         # True until the operation completed, failed or was stopped; not
@@ -259,12 +260,12 @@ class SyncEngine:
         with group.cond:
             if group.pending_restore():
                 return False
-            group.quiesce = True
+            group.quiesce += 1
             try:
                 group._drain()
                 clone.delta[:] = group.prm
             except BaseException:
-                group.quiesce = False
+                group.quiesce -= 1
                 group.cond.notify_all()
                 raise
         try:
@@ -276,7 +277,7 @@ class SyncEngine:
                 self.running = False
         finally:
             with group.cond:
-                group.quiesce = False
+                group.quiesce -= 1
                 group.cond.notify_all()
         progress = group.progress[clone.name]
         log.info("restore of clone %s (%s) completed: %d bytes in %.1f s, "

@@ -927,6 +927,10 @@ class CompositionMachine(RuleBasedStateMachine):
             assert set(group.clones) == set(model)
             secondary = n != self.prim and node.rsg is not None
             with node.rsg.lock if secondary else contextlib.nullcontext():
+                # A clean bit vouches for extents no write is in flight
+                # on: the legs of large writes land first (they need no
+                # lock of the secondary's).
+                group.legs.wait()
                 src = node.read_base(0)
                 for name, m in model.items():
                     c = group.clones[name]

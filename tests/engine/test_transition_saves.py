@@ -13,18 +13,8 @@ import pytest
 
 from target import clones, errors
 
-from tests.support.clonegroup import GRAN, SIZE, FailingBackend, Harness
-
-
-class FullHarness(Harness):
-    """A Harness whose state saves fail with ENOSPC while `full` is set."""
-
-    full = False
-
-    def _persist(self, name, state, error=None, rate=None):
-        if self.full:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        super()._persist(name, state, error, rate)
+from tests.support.clonegroup import GRAN, SIZE, FailingBackend, \
+    FullHarness
 
 
 @pytest.fixture

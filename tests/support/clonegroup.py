@@ -58,6 +58,17 @@ class Harness:
                    for e in range(EXTENTS) if not delta[e])
 
 
+class FullHarness(Harness):
+    """A Harness whose state saves fail with ENOSPC while `full` is set."""
+
+    full = False
+
+    def _persist(self, name, state, error=None, rate=None):
+        if self.full:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        super()._persist(name, state, error, rate)
+
+
 class FailingBackend(backends.Backend):
     """A MemoryBackend whose writes (or reads) fail while fail_writes (or
     fail_reads) holds an errno; failing requests change nothing (but see
