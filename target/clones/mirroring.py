@@ -19,7 +19,7 @@ restored from) is written first, so a crash between the two leaves the
 newer data where the engine will copy it from.
 
 Collisions: the engine waits until no host write of the run it is about
-to copy is in flight (wait_for_writes), then registers the run; a host
+to copy is in flight, then registers the run (copy_begin); a host
 write that begins while it is copied sets `collided`, and the engine
 copies the run again (CollisionGuard, the copier's guard) until a copy
 overlaps no host write.  Host writes are never queued for this.
@@ -231,22 +231,28 @@ class Mirroring:
                         maps.set_range(clone.delta, e0, e1)
             return token, mirrors
 
-    def wait_for_writes(self, e0, e1, stopped):
-        """(Holding cond.)  Wait until no write of extents overlapping
-        [e0, e1) is in flight; False if stopped() first (an engine asked
-        to stop, which nothing notifies cond of: polled).  A copy or
-        comparison begun beside such a write would only be made again, at
-        once and for as long as it stays in flight (a deferred write
-        stays until its legs are done)."""
+    def copy_begin(self, e0, e1, stopped):
+        """(Holding cond.)  Register an engine's copy (or comparison) of
+        extents [e0, e1) once no host write of them is in flight, and
+        return its token; a write that begins from then on collides
+        (_begin).  Begun beside such a write, it would only be made again,
+        at once and for as long as the write stays in flight (a deferred
+        write stays until its legs are done).  stopped(): the engine was
+        asked to stop, which nothing notifies cond of (polled); the copy
+        is registered collided then, so it counts for nothing."""
+        clear = True
         while self._overlapped(e0, e1):
             if stopped():
-                return False
+                clear = False
+                break
             self.overlap_waiters += 1
             try:
                 self.cond.wait(0.1)
             finally:
                 self.overlap_waiters -= 1
-        return True
+        token = self.changes.copy_begin(e0, e1)
+        self.collided = not clear
+        return token
 
     def _overlapped(self, e0, e1):
         """Whether a write of extents overlapping [e0, e1) is in flight."""
@@ -590,11 +596,7 @@ class CollisionGuard:
         group = self.engine.group
         s, e = self._extents(offset, length)
         with group.cond:
-            # A write that begins from now on collides (Mirroring._begin);
-            # stopped while one was in flight: the copy counts for nothing.
-            clear = group.wait_for_writes(s, e, self.engine.stopping)
-            self.token = group.changes.copy_begin(s, e)
-            group.collided = not clear
+            self.token = group.copy_begin(s, e, self.engine.stopping)
 
     def end(self, offset, length, written):
         group = self.engine.group

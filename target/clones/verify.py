@@ -264,11 +264,7 @@ class VerifyEngine:
         s, e = self._extents(offset, length)
         self._found = []
         with group.cond:
-            # A write that begins from now on collides (Mirroring._begin);
-            # stopped while one was in flight: nothing is compared.
-            clear = group.wait_for_writes(s, e, self._stop.is_set)
-            self._token = group.changes.copy_begin(s, e)
-            group.collided = not clear
+            self._token = group.copy_begin(s, e, self._stop.is_set)
 
     def end(self, offset, length, written):
         group, clone, result = self.group, self.clone, self.result
