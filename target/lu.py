@@ -60,11 +60,13 @@ class LogicalUnit:
             except (errors.Error, OSError) as e:
                 self.error = str(e)
         if self.backend is not None:
-            self.stack = iostack.IOStack(self.backend, on_change=self._bind)
+            self.stack = iostack.IOStack(self.backend, on_change=self._bind,
+                                         name=name)
+            self._entry = self.stack.entry
 
     def _bind(self, top):
-        # read is the top's own bound method: one frame less per request.
-        self._top = top
+        # read is the top's own bound method: one frame less per request
+        # (the other requests pass the stack's entry, which counts changes).
         self.read = top.readinto
 
     @property
@@ -84,21 +86,21 @@ class LogicalUnit:
 
     def write(self, buf, offset, fua=False):
         self.check_write(offset, len(buf))
-        self._top.write(buf, offset, fua)
+        self._entry.write(buf, offset, fua)
 
     def flush(self):
-        self._top.flush()
+        self._entry.flush()
 
     def trim(self, offset, length, fua=False):
         self.check_write(offset, length)
-        self._top.trim(offset, length, fua)
+        self._entry.trim(offset, length, fua)
 
     def zero(self, offset, length, may_trim=False, fast=False, fua=False):
         self.check_write(offset, length)
-        self._top.zero(offset, length, may_trim, fast, fua)
+        self._entry.zero(offset, length, may_trim, fast, fua)
 
     def extents(self, offset, length):
-        return self._top.extents(offset, length)
+        return self._entry.extents(offset, length)
 
     def close(self):
         if self.backend is not None:

@@ -1,0 +1,127 @@
+"""A layer put into an LU's I/O stack sees every change that lands after
+it is in place: changes already on their way below its slot when it
+arrives (a host write held in the backing file, a replicated apply) are
+waited for, and an entry point an engine took earlier leads through it.
+
+Without that, a Source's first clone could miss a host write that was
+still in flight when the clone was added: its first sync copies the
+extent before the write lands, clears the extent's bit, and the clone
+differs from the Source under a clean bit."""
+
+import threading
+
+import pytest
+
+from target import clones, iostack
+from target.lu import LogicalUnit
+from tests.support.clonegroup import GRAN, SIZE
+from tests.support.spybackend import GatedWrites
+
+HELD = 0.3      # how long a held change keeps a new layer's `set` waiting
+
+
+def _lu(base):
+    return LogicalUnit("src", {"size": SIZE, "file": "-", "readonly": False},
+                       backend=base)
+
+
+class Recorder(iostack.Layer):
+    """A layer that notes the changes passing it."""
+
+    def __init__(self):
+        self.seen = []
+
+    def intercepts(self):
+        return {"write": self.write}
+
+    def write(self, buf, offset, fua=False):
+        self.seen.append(offset)
+        self.inner.write(buf, offset, fua)
+
+
+def _held(base, request):
+    """Run request in a thread until it is held in base; return the
+    thread."""
+    base.gate = True
+    t = threading.Thread(target=request, daemon=True)
+    t.start()
+    assert base.writing.wait(10)
+    return t
+
+
+def test_a_new_layer_waits_for_changes_already_below_its_slot():
+    base = GatedWrites(SIZE)
+    lu = _lu(base)
+    writer = _held(base, lambda: lu.write(b"w" * GRAN, 0))
+    setter = threading.Thread(
+        target=lambda: lu.stack.set("clones", Recorder()), daemon=True)
+    setter.start()
+    setter.join(HELD)
+    waited = setter.is_alive()
+    base.go.set()
+    writer.join(10)
+    setter.join(10)
+    assert waited, "the layer was in place while a write it never saw " \
+        "was still on its way to the backing file"
+    assert not setter.is_alive()
+
+
+def test_a_layer_taken_out_does_not_wait():
+    """Taking a layer out never waits: what it held back (a clone group's
+    quiesced writes) enters the stack again after the relink."""
+    base = GatedWrites(SIZE)
+    lu = _lu(base)
+    layer = Recorder()
+    lu.stack.set("clones", layer)
+    writer = _held(base, lambda: lu.write(b"w" * GRAN, 0))
+    lu.stack.remove("clones", layer)
+    base.go.set()
+    writer.join(10)
+    assert layer.seen == [0]
+
+
+def test_an_entry_taken_before_a_layer_arrives_leads_through_it():
+    lu = _lu(GatedWrites(SIZE))
+    entry = lu.stack.below("guard")
+    layer = Recorder()
+    lu.stack.set("clones", layer)
+    entry.write(b"e" * GRAN, GRAN)
+    assert layer.seen == [GRAN]
+
+
+CHANGES = {
+    "write": lambda lu: lu.write(b"h" * GRAN, 3 * GRAN),
+    "zero": lambda lu: lu.zero(3 * GRAN, GRAN),
+}
+
+
+@pytest.mark.parametrize("change", sorted(CHANGES))
+def test_first_clone_added_while_a_host_change_is_in_flight(tmp_path,
+                                                            change):
+    base = GatedWrites(SIZE)
+    base.write(b"o" * SIZE, 0)
+    lu = _lu(base)
+    group = clones.CloneGroup(lu, GRAN, str(tmp_path),
+                              lambda *a, **k: None)
+    clone_mem = GatedWrites(SIZE)
+    writer = _held(base, lambda: CHANGES[change](lu))
+    adder = threading.Thread(
+        target=lambda: group.add_clone("c1", clone_mem), daemon=True)
+    adder.start()
+    adder.join(HELD)
+    if adder.is_alive():
+        base.go.set()       # the add waits for the change: let it land
+        adder.join(10)
+    engine = group.start_sync("c1", run=False)
+    while engine.step():
+        pass
+    assert engine.finish()
+    base.go.set()
+    writer.join(10)
+    clone = group.clones["c1"]
+    differing = [e for e in range(SIZE // GRAN) if not clone.delta[e] and
+                 base.data[e * GRAN:(e + 1) * GRAN] !=
+                 clone_mem.data[e * GRAN:(e + 1) * GRAN]]
+    assert differing == [], "the clone differs from the Source under " \
+        "clean bits at extents {}".format(differing)
+    group.close()
