@@ -146,12 +146,44 @@ class _Fua:
             self._below.flush()
 
 
+class Generations:
+    """Requests in flight, counted per generation, with no lock on the
+    request's path: a request appends to `current` as it enters and pops
+    the same list as it leaves (list append and pop are atomic under the
+    GIL).  A newcomer that must see every request after it (a layer, a
+    session) is published first, then calls `advance` (under its own
+    lock), which starts a generation and returns the older ones, and
+    `wait`s for them outside that lock: a request counted in a generation
+    since passed found the newcomer, as it looked after counting itself."""
+
+    def __init__(self, what):
+        self.what = what        # for the warning of a long wait
+        self.current = []
+        self._older = []
+
+    def advance(self):
+        self._older = [c for c in self._older if c] + [self.current]
+        self.current = []
+        return list(self._older)
+
+    def wait(self, older):
+        """Until every request of the generations older is done."""
+        start = warned = time.monotonic()
+        while any(older):
+            time.sleep(SETTLE_POLL)
+            now = time.monotonic()
+            if now - warned >= SETTLE_WARN:
+                warned = now
+                log.warning("%s: waited %.0f s for %d changes already on "
+                            "their way to the backing file", self.what,
+                            now - start, sum(len(c) for c in older))
+
+
 class _Entry:
     """Where requests enter the stack: at the top (slot None) or beneath
     slot.  The links are looked up at each call, after a change is counted
-    in the current generation (the relink swaps the links before the
-    generation, so a change counted in a generation `settle` no longer
-    waits for has found the new links)."""
+    in the current generation (Generations: the relink swaps the links,
+    then the generation)."""
 
     __slots__ = ("_stack", "_slot")
 
@@ -174,7 +206,7 @@ class _Entry:
         return self._stack._below[self._slot].flush()
 
     def write(self, *args, **kwargs):
-        changes = self._stack._changes
+        changes = self._stack.changes.current
         changes.append(None)    # list append and pop: atomic, no lock
         try:
             return self._stack._below[self._slot].write(*args, **kwargs)
@@ -182,7 +214,7 @@ class _Entry:
             changes.pop()
 
     def zero(self, *args, **kwargs):
-        changes = self._stack._changes
+        changes = self._stack.changes.current
         changes.append(None)
         try:
             return self._stack._below[self._slot].zero(*args, **kwargs)
@@ -190,7 +222,7 @@ class _Entry:
             changes.pop()
 
     def trim(self, *args, **kwargs):
-        changes = self._stack._changes
+        changes = self._stack.changes.current
         changes.append(None)
         try:
             return self._stack._below[self._slot].trim(*args, **kwargs)
@@ -212,10 +244,9 @@ class IOStack:
         self._below = {}
         self._entries = {slot: _Entry(self, slot) for slot in ORDER}
         self.entry = _Entry(self, None)
-        # Changes in flight that entered on the current links, and lists
-        # of those that entered on links since replaced.
-        self._changes = []
-        self._older = []
+        # Changes in flight per generation of links.
+        self.changes = Generations("LU {}: a new layer of its I/O stack"
+                                   .format(name))
         self.top = None
         self.refresh()
 
@@ -231,24 +262,9 @@ class IOStack:
             if arriving not in (None, layer):
                 raise ValueError("I/O stack slot {!r} is taken".format(slot))
             self.layers[slot] = layer
-            self.refresh()
-            older = list(self._older)
+            older = self.refresh()
         if arriving is None:
-            self.settle(older)
-
-    def settle(self, older):
-        """Wait until the changes in flight in older (generations of
-        changes that entered on links since replaced) are done."""
-        start = warned = time.monotonic()
-        while any(older):
-            time.sleep(SETTLE_POLL)
-            now = time.monotonic()
-            if now - warned >= SETTLE_WARN:
-                warned = now
-                log.warning("LU %s: a new layer of its I/O stack has waited "
-                            "%.0f s for %d changes already on their way to "
-                            "its backing file", self.name, now - start,
-                            sum(len(c) for c in older))
+            self.changes.wait(older)
 
     def remove(self, slot, layer=None):
         """Take slot's layer out (only if it is layer, when given)."""
@@ -268,7 +284,8 @@ class IOStack:
     def refresh(self, leaving=None):
         """Relink every slot (a layer's intercepts changed); leaving: a
         layer just taken out, told too (what it holds back must reach
-        the layers below before requests pass it by)."""
+        the layers below before requests pass it by).  Returns the
+        generations of changes that entered on the links replaced."""
         with self.lock:
             slots = frozenset(self.layers)
             told = list(self.layers.values())
@@ -288,11 +305,10 @@ class IOStack:
                     layer.link(below)
                     below = _Face(slot, below, layer.intercepts())
             self.top = self._below[None] = below
-            # After the links: see _Entry.
-            self._older = [c for c in self._older if c] + [self._changes]
-            self._changes = []
+            older = self.changes.advance()
             if self.on_change is not None:
                 self.on_change(below)
             for layer in told:
                 if hasattr(layer, "relinked"):
                     layer.relinked()
+            return older

@@ -12,9 +12,11 @@ import threading
 
 import pytest
 
-from target import clones, iostack
+from target import backends, clones, iostack, sessions
 from target.lu import LogicalUnit
+from target.replication.layer import TakeGuard
 from tests.support.clonegroup import GRAN, SIZE
+from tests.support.sessionfakes import FakeLU, frozen_image
 from tests.support.spybackend import GatedWrites
 
 HELD = 0.3      # how long a held change keeps a new layer's `set` waiting
@@ -74,10 +76,15 @@ def test_a_layer_taken_out_does_not_wait():
     layer = Recorder()
     lu.stack.set("clones", layer)
     writer = _held(base, lambda: lu.write(b"w" * GRAN, 0))
-    lu.stack.remove("clones", layer)
+    remover = threading.Thread(
+        target=lambda: lu.stack.remove("clones", layer), daemon=True)
+    remover.start()
+    remover.join(HELD)
+    waited = remover.is_alive()
     base.go.set()
     writer.join(10)
-    assert layer.seen == [0]
+    remover.join(10)
+    assert not waited, "taking a layer out waited for a change in flight"
 
 
 def test_an_entry_taken_before_a_layer_arrives_leads_through_it():
@@ -125,3 +132,59 @@ def test_first_clone_added_while_a_host_change_is_in_flight(tmp_path,
     assert differing == [], "the clone differs from the Source under " \
         "clean bits at extents {}".format(differing)
     group.close()
+
+
+def test_a_session_added_while_a_write_is_in_flight_sees_it(tmp_path):
+    """The same within a layer: a second session of a Source, added and
+    marked while a host write that the sessions before it were shown is
+    on its way to the Source, keeps a frozen image that does not change
+    when that write lands."""
+    size = 16 * GRAN
+    base = GatedWrites(size)
+    base.write(b"o" * size, 0)
+    layer = sessions.SessionLayer(base)
+    lu = FakeLU(layer, size)
+
+    def session(name):
+        save = backends.MemoryBackend(sessions.SaveArea.minimum_size(
+            size // GRAN, GRAN) + size)
+        s = sessions.Session(name, lu, GRAN, str(tmp_path), save, [],
+                             persist=lambda record: None)
+        s.create()
+        return s
+    layer.add(session("s1"))
+    writer = _held(base, lambda: layer.write(b"h" * GRAN, 3 * GRAN))
+    s2 = session("s2")
+    adder = threading.Thread(target=lambda: layer.add(s2), daemon=True)
+    adder.start()
+    adder.join(HELD)
+    if adder.is_alive():
+        base.go.set()       # the add waits for the write: let it land
+        adder.join(10)
+    s2.mark()
+    before = frozen_image(s2)
+    base.go.set()
+    writer.join(10)
+    assert frozen_image(s2) == before, "the frozen image of a session " \
+        "changed after its mark"
+
+
+def test_a_take_on_its_way_below_a_take_guard_is_waited_for():
+    """A primary taking a secondary's changes writes them beneath its
+    TakeGuard, in the link's thread, not a host request: a first clone
+    added meanwhile waits for that write too."""
+    base = GatedWrites(SIZE)
+    lu = _lu(base)
+    guard = TakeGuard([(0, GRAN)], lambda a, b: [], lu.stack.below("guard"))
+    lu.stack.set("guard", guard)
+    taker = _held(base, lambda: guard.take(b"t" * GRAN, 0))
+    setter = threading.Thread(
+        target=lambda: lu.stack.set("clones", Recorder()), daemon=True)
+    setter.start()
+    setter.join(HELD)
+    waited = setter.is_alive()
+    base.go.set()
+    taker.join(10)
+    setter.join(10)
+    assert waited, "the layer was in place while a take it never saw was " \
+        "still on its way to the backing file"
