@@ -51,21 +51,29 @@ def _held(base, request):
     return t
 
 
+def _waited(base, action):
+    """Run action in a thread; if it still runs after HELD (waiting for
+    the change held in base), let that change land.  Whether it waited."""
+    t = threading.Thread(target=action, daemon=True)
+    t.start()
+    t.join(HELD)
+    waited = t.is_alive()
+    if waited:
+        base.go.set()
+        t.join(10)
+        assert not t.is_alive()
+    return waited
+
+
 def test_a_new_layer_waits_for_changes_already_below_its_slot():
     base = GatedWrites(SIZE)
     lu = _lu(base)
     writer = _held(base, lambda: lu.write(b"w" * GRAN, 0))
-    setter = threading.Thread(
-        target=lambda: lu.stack.set("clones", Recorder()), daemon=True)
-    setter.start()
-    setter.join(HELD)
-    waited = setter.is_alive()
+    waited = _waited(base, lambda: lu.stack.set("clones", Recorder()))
     base.go.set()
     writer.join(10)
-    setter.join(10)
     assert waited, "the layer was in place while a write it never saw " \
         "was still on its way to the backing file"
-    assert not setter.is_alive()
 
 
 def test_a_layer_taken_out_does_not_wait():
@@ -76,14 +84,9 @@ def test_a_layer_taken_out_does_not_wait():
     layer = Recorder()
     lu.stack.set("clones", layer)
     writer = _held(base, lambda: lu.write(b"w" * GRAN, 0))
-    remover = threading.Thread(
-        target=lambda: lu.stack.remove("clones", layer), daemon=True)
-    remover.start()
-    remover.join(HELD)
-    waited = remover.is_alive()
+    waited = _waited(base, lambda: lu.stack.remove("clones", layer))
     base.go.set()
     writer.join(10)
-    remover.join(10)
     assert not waited, "taking a layer out waited for a change in flight"
 
 
@@ -112,13 +115,7 @@ def test_first_clone_added_while_a_host_change_is_in_flight(tmp_path,
                               lambda *a, **k: None)
     clone_mem = GatedWrites(SIZE)
     writer = _held(base, lambda: CHANGES[change](lu))
-    adder = threading.Thread(
-        target=lambda: group.add_clone("c1", clone_mem), daemon=True)
-    adder.start()
-    adder.join(HELD)
-    if adder.is_alive():
-        base.go.set()       # the add waits for the change: let it land
-        adder.join(10)
+    _waited(base, lambda: group.add_clone("c1", clone_mem))
     engine = group.start_sync("c1", run=False)
     while engine.step():
         pass
@@ -155,12 +152,7 @@ def test_a_session_added_while_a_write_is_in_flight_sees_it(tmp_path):
     layer.add(session("s1"))
     writer = _held(base, lambda: layer.write(b"h" * GRAN, 3 * GRAN))
     s2 = session("s2")
-    adder = threading.Thread(target=lambda: layer.add(s2), daemon=True)
-    adder.start()
-    adder.join(HELD)
-    if adder.is_alive():
-        base.go.set()       # the add waits for the write: let it land
-        adder.join(10)
+    _waited(base, lambda: layer.add(s2))
     s2.mark()
     before = frozen_image(s2)
     base.go.set()
@@ -178,13 +170,8 @@ def test_a_take_on_its_way_below_a_take_guard_is_waited_for():
     guard = TakeGuard([(0, GRAN)], lambda a, b: [], lu.stack.below("guard"))
     lu.stack.set("guard", guard)
     taker = _held(base, lambda: guard.take(b"t" * GRAN, 0))
-    setter = threading.Thread(
-        target=lambda: lu.stack.set("clones", Recorder()), daemon=True)
-    setter.start()
-    setter.join(HELD)
-    waited = setter.is_alive()
+    waited = _waited(base, lambda: lu.stack.set("clones", Recorder()))
     base.go.set()
     taker.join(10)
-    setter.join(10)
     assert waited, "the layer was in place while a take it never saw was " \
         "still on its way to the backing file"
