@@ -185,11 +185,12 @@ class _Entry:
     in the current generation (Generations: the relink swaps the links,
     then the generation)."""
 
-    __slots__ = ("_stack", "_slot")
+    __slots__ = ("_stack", "_slot", "_changes")
 
     def __init__(self, stack, slot):
         self._stack = stack
         self._slot = slot
+        self._changes = stack.changes
 
     def __getattr__(self, name):
         # What else the links offer (beneath the last slot, the backend's
@@ -206,7 +207,7 @@ class _Entry:
         return self._stack._below[self._slot].flush()
 
     def write(self, *args, **kwargs):
-        changes = self._stack.changes.current
+        changes = self._changes.current
         changes.append(None)    # list append and pop: atomic, no lock
         try:
             return self._stack._below[self._slot].write(*args, **kwargs)
@@ -214,7 +215,7 @@ class _Entry:
             changes.pop()
 
     def zero(self, *args, **kwargs):
-        changes = self._stack.changes.current
+        changes = self._changes.current
         changes.append(None)
         try:
             return self._stack._below[self._slot].zero(*args, **kwargs)
@@ -222,7 +223,7 @@ class _Entry:
             changes.pop()
 
     def trim(self, *args, **kwargs):
-        changes = self._stack.changes.current
+        changes = self._changes.current
         changes.append(None)
         try:
             return self._stack._below[self._slot].trim(*args, **kwargs)
@@ -242,11 +243,11 @@ class IOStack:
         self.on_change = on_change
         self.lock = threading.RLock()
         self._below = {}
-        self._entries = {slot: _Entry(self, slot) for slot in ORDER}
-        self.entry = _Entry(self, None)
         # Changes in flight per generation of links.
         self.changes = Generations("LU {}: a new layer of its I/O stack"
                                    .format(name))
+        self._entries = {slot: _Entry(self, slot) for slot in ORDER}
+        self.entry = _Entry(self, None)
         self.top = None
         self.refresh()
 

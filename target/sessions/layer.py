@@ -116,7 +116,7 @@ class SessionLayer(iostack.Layer):
     MAX_QUEUED = 256
     MAX_QUEUED_BYTES = 4 << 20
 
-    def __init__(self, inner=None, defer=False):
+    def __init__(self, inner=None, defer=False, name=None):
         self.inner = inner
         # Replaced, never changed in place: writers iterate it unlocked.
         self.sessions = []
@@ -136,7 +136,8 @@ class SessionLayer(iostack.Layer):
         self._failed = None     # DeferredWriteFailed's fields
         # Changes in flight, from before they look at `sessions` until
         # they are on the Source (or queued).
-        self._changes = iostack.Generations("a session added to an LU")
+        self._changes = iostack.Generations(
+            "LU {}: a session added".format(name))
 
     def add(self, session):
         """session sees every change applied to the Source from now on:

@@ -131,15 +131,19 @@ def test_first_clone_added_while_a_host_change_is_in_flight(tmp_path,
     group.close()
 
 
-def test_a_session_added_while_a_write_is_in_flight_sees_it(tmp_path):
+@pytest.mark.parametrize("defer", [False, True],
+                         ids=["synchronous", "deferred"])
+def test_a_session_added_while_a_write_is_in_flight_sees_it(tmp_path,
+                                                            defer):
     """The same within a layer: a second session of a Source, added and
     marked while a host write that the sessions before it were shown is
     on its way to the Source, keeps a frozen image that does not change
-    when that write lands."""
+    when that write lands (deferred: the sessions are the LU's only
+    layer, and a write with no save to wait for goes straight on)."""
     size = 16 * GRAN
     base = GatedWrites(size)
     base.write(b"o" * size, 0)
-    layer = sessions.SessionLayer(base)
+    layer = sessions.SessionLayer(base, defer=defer)
     lu = FakeLU(layer, size)
 
     def session(name):
@@ -150,6 +154,11 @@ def test_a_session_added_while_a_write_is_in_flight_sees_it(tmp_path):
         s.create()
         return s
     layer.add(session("s1"))
+    # The extent in the activity map already (until the next flush), the
+    # held write below has nothing to wait for: deferred or not, it goes
+    # straight on.  (The read waits for the first write to be applied.)
+    layer.write(b"x" * GRAN, 3 * GRAN)
+    layer.readinto(bytearray(GRAN), 3 * GRAN)
     writer = _held(base, lambda: layer.write(b"h" * GRAN, 3 * GRAN))
     s2 = session("s2")
     _waited(base, lambda: layer.add(s2))
