@@ -73,8 +73,8 @@ import time
 
 log = logging.getLogger(__name__)
 
-SETTLE_POLL = 0.001     # s between looks at the older changes in flight
-SETTLE_WARN = 10.0      # s a new layer waits before each warning
+WAIT_POLL = 0.001       # s between looks at older changes in flight
+WAIT_WARN = 10.0        # s of waiting between warnings
 
 OPS = ("readinto", "write", "zero", "trim", "flush", "extents")
 
@@ -170,9 +170,9 @@ class Generations:
         """Until every request of the generations older is done."""
         start = warned = time.monotonic()
         while any(older):
-            time.sleep(SETTLE_POLL)
+            time.sleep(WAIT_POLL)
             now = time.monotonic()
-            if now - warned >= SETTLE_WARN:
+            if now - warned >= WAIT_WARN:
                 warned = now
                 log.warning("%s: waited %.0f s for %d changes already on "
                             "their way to the backing file", self.what,
@@ -238,7 +238,6 @@ class IOStack:
 
     def __init__(self, base, on_change=None, name=None):
         self.base = base
-        self.name = name
         self.layers = {}
         self.on_change = on_change
         self.lock = threading.RLock()

@@ -3,10 +3,12 @@
 - Range and read-only checks are done by nbdkit before the plugin is called
   (it knows each export's size and can_write).  LogicalUnit checks again, but
   only on the paths that change data, because engines call it directly too.
-- The per-request path is kept short: no locks, no counters.  Connection
-  counts change at open/close only, under Target.lock.  LogicalUnit.read is
-  the top of the LU's I/O stack itself (an instance attribute, one Python
-  frame less per read: measurable at 4 KiB).  Features never patch the LU:
+- The per-request path is kept short: no locks.  Connection counts change
+  at open/close only, under Target.lock.  LogicalUnit.read is the top of
+  the LU's I/O stack itself (an instance attribute, one Python frame less
+  per read: measurable at 4 KiB); writes, zeroes and trims pass the
+  stack's entry, which counts them in flight (a list append and pop) so
+  that a layer put in waits for those already on their way.  Features never patch the LU:
   each puts a layer in its slot of the stack (target/iostack.py says the
   order and why), and the stack rebinds read when a layer changes.
 - An LU whose backing file cannot be opened is kept in the inventory with its

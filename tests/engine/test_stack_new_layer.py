@@ -166,8 +166,10 @@ def test_a_session_added_while_a_write_is_in_flight_sees_it(tmp_path,
     before = frozen_image(s2)
     base.go.set()
     writer.join(10)
-    assert frozen_image(s2) == before, "the frozen image of a session " \
-        "changed after its mark"
+    after = frozen_image(s2)
+    layer.close()           # ends the deferred layer's applier thread
+    assert after == before, "the frozen image of a session changed after " \
+        "its mark"
 
 
 def test_a_take_on_its_way_below_a_take_guard_is_waited_for():
