@@ -49,7 +49,8 @@ root: network namespaces of scripts/netns.py, pyroute2; not in "all").
 --suite scale: several clients at once: aggregate 4 KiB random read and
 write IOPS (QD16) of 1, 2 and 4 clients on separate LUs and on one LU, as a
 ratio to one client, for nbdkit's file plugin, a bare Python plugin and
-clonectl serving the same files; see scripts/bench_scale.py (not in "all").
+clonectl serving the same files (`--servers ...,clonectl-per-lu`: one
+clonectl serve per LU); see scripts/bench_scale.py (not in "all").
 
 --suite machine: what the machine itself gives, no server: memory copy
 bandwidth of one and of two processes at once, and 1 MiB page-cache

@@ -13,6 +13,11 @@ serves the same files from one process:
                         thread model MODEL (default serialize_requests)
     clonectl[:MODEL[:THREADS]]
                         `clonectl serve` with one LU per file
+    clonectl-per-lu     one `clonectl serve` (its own state directory,
+                        nbdkit and interpreter) per LU: what one worker
+                        process per consistency domain would give
+                        (docs/performance.md, "Using every core"); two
+                        clients on one LU share one process
 
 A variant of python or clonectl ending in @request or @connection sets the
 plugin parameter thread_state= (plugins/clonectl_plugin.py): how long an
@@ -132,7 +137,24 @@ class ScaleServers:
     def cpu_seconds(self, variant):
         """CPU time used so far by the variant's processes (the server,
         and for clonectl serve its nbdkit)."""
-        return _cpu_seconds(self.pids[variant])
+        return sum(_cpu_seconds(pid) for pid in self.pids[variant])
+
+    def _clonectl(self, state, sock, lus, model, threads):
+        """`clonectl serve` of lus (indexes of the data files) on sock;
+        its process."""
+        for i in lus:
+            self.bench.clonectl(state, "lu", "create", "lu%d" % i,
+                                "--file", os.path.join(self.datadir,
+                                                       "lu%d" % i))
+        cmd = [self.bench.CLONECTL, "--state-dir", state, "serve",
+               "--socket", sock]
+        if model:
+            cmd += ["--thread-model", model]
+        if threads:
+            cmd += ["--threads", threads]
+        proc = self.servers._popen(cmd, os.path.basename(state) + ".log")
+        self.bench.wait_socket(sock, proc)
+        return proc
 
     def start(self, variants):
         plugin = os.path.join(self.workdir, "bare_plugin.py")
@@ -143,6 +165,16 @@ class ScaleServers:
             spec, _, thread_state = variant.partition("@")
             kind, model, threads = (spec.split(":") + ["", ""])[:3]
             log = _file_name(variant) + ".log"
+            if kind == "clonectl-per-lu":
+                state = os.path.join(self.workdir, _file_name(variant))
+                procs = [self._clonectl("{}.{}".format(state, i),
+                                        "{}.{}".format(sock, i), [i],
+                                        model, threads)
+                         for i in range(MAX_CLIENTS)]
+                self.sockets[variant] = ["{}.{}".format(sock, i)
+                                         for i in range(MAX_CLIENTS)]
+                self.pids[variant] = [p.pid for p in procs]
+                continue
             if kind == "nbdkit-file":
                 proc = self.servers._popen(
                     ["nbdkit", "-f", "--exit-with-parent", "-U", sock,
@@ -157,42 +189,38 @@ class ScaleServers:
                 if model:
                     cmd.append("thread_model=" + model)
                 proc = self.servers._popen(cmd, log)
+            elif kind == "clonectl" and not thread_state:
+                proc = self._clonectl(
+                    os.path.join(self.workdir, _file_name(variant)), sock,
+                    range(MAX_CLIENTS), model, threads)
             elif kind == "clonectl":
+                # nbdkit with the plugin directly, to pass thread_state.
                 state = os.path.join(self.workdir, _file_name(variant))
                 for i in range(MAX_CLIENTS):
                     self.bench.clonectl(state, "lu", "create", "lu%d" % i,
                                         "--file", os.path.join(
                                             self.datadir, "lu%d" % i))
-                if thread_state:
-                    cmd = ["nbdkit", "-f", "--exit-with-parent", "-U", sock]
-                    if threads:
-                        cmd += ["--threads", threads]
-                    cmd += ["python", os.path.join(self.bench.REPO, "plugins",
-                                                   "clonectl_plugin.py"),
-                            "statedir=" + state,
-                            "pythonpath=" + self.bench.REPO,
-                            "thread_state=" + thread_state]
-                    if model:
-                        cmd.append("thread_model=" + model)
-                else:
-                    cmd = [self.bench.CLONECTL, "--state-dir", state,
-                           "serve", "--socket", sock]
-                    if model:
-                        cmd += ["--thread-model", model]
-                    if threads:
-                        cmd += ["--threads", threads]
+                cmd = ["nbdkit", "-f", "--exit-with-parent", "-U", sock]
+                if threads:
+                    cmd += ["--threads", threads]
+                cmd += ["python", os.path.join(self.bench.REPO, "plugins",
+                                               "clonectl_plugin.py"),
+                        "statedir=" + state,
+                        "pythonpath=" + self.bench.REPO,
+                        "thread_state=" + thread_state]
+                if model:
+                    cmd.append("thread_model=" + model)
                 proc = self.servers._popen(cmd, log)
             else:
                 raise SystemExit("unknown server variant " + variant)
             self.bench.wait_socket(sock, proc)
-            self.sockets[variant] = sock
-            self.pids[variant] = proc.pid
+            self.sockets[variant] = [sock] * MAX_CLIENTS
+            self.pids[variant] = [proc.pid]
 
     def uris(self, variant, clients, separate):
-        sock = self.sockets[variant]
-        return ["nbd+unix:///lu{}?socket={}".format(i if separate else 0,
-                                                    sock)
-                for i in range(clients)]
+        lus = range(clients) if separate else [0] * clients
+        return ["nbd+unix:///lu{}?socket={}".format(
+            i, self.sockets[variant][i]) for i in lus]
 
 
 def _cpu_seconds(pid):

@@ -44,12 +44,37 @@ take backend requests (target.backends), where FUA is a flush.  An adapter
 between the two halves turns one into the other, so an engine that writes
 below its own slot may use either form.
 
-Deliberately ignored: requests in flight while the stack is relinked finish
-on the path they started on (as with any attribute swap); callers that need
-a quiet point (fracture, mark) drain their own writes first.
+A layer put into an empty slot must see every change that lands after it
+is in place, or it vouches for bytes it never saw (a first clone's sync
+copies an extent before a host write that was already on its way below
+lands there, and clears the extent's bit).  So requests enter the stack
+through entries (`entry`, `below(slot)`), which read the links at each
+call, never a snapshot an engine could keep past a relink, and count the
+changes (write, zero, trim) in flight per generation of links; `set` of a
+new layer returns once the changes that entered on older links are done.
+Taking a layer out, or a layer changing what it intercepts (`refresh`),
+does not wait: the layer's own writes are what it held back (a clone
+group's quiesced writes enter the stack again after the relink), and a
+layer that stays has seen everything already.  Reads and flushes are not
+counted: a read that started before a relink may return what was there
+before it, as it could have had it finished first; a flush's promise
+covers the changes acknowledged before it, which passed the layers then
+in place.  The host's read is the one request that skips the entry (the
+LU binds the top's readinto itself: one Python frame less per read).
+
+Deliberately ignored: reads and flushes in flight while the stack is
+relinked finish on the path they started on; callers that need a quiet
+point (fracture, mark) drain their own writes first.
 """
 
+import logging
 import threading
+import time
+
+log = logging.getLogger(__name__)
+
+WAIT_POLL = 0.001       # s between looks at older changes in flight
+WAIT_WARN = 10.0        # s of waiting between warnings
 
 OPS = ("readinto", "write", "zero", "trim", "flush", "extents")
 
@@ -121,16 +146,107 @@ class _Fua:
             self._below.flush()
 
 
+class Generations:
+    """Requests in flight, counted per generation, with no lock on the
+    request's path: a request appends to `current` as it enters and pops
+    the same list as it leaves (list append and pop are atomic under the
+    GIL).  A newcomer that must see every request after it (a layer, a
+    session) is published first, then calls `advance` (under its own
+    lock), which starts a generation and returns the older ones, and
+    `wait`s for them outside that lock: a request counted in a generation
+    since passed found the newcomer, as it looked after counting itself."""
+
+    def __init__(self, what):
+        self.what = what        # for the warning of a long wait
+        self.current = []
+        self._older = []
+
+    def advance(self):
+        self._older = [c for c in self._older if c] + [self.current]
+        self.current = []
+        return list(self._older)
+
+    def wait(self, older):
+        """Until every request of the generations older is done."""
+        start = warned = time.monotonic()
+        while any(older):
+            time.sleep(WAIT_POLL)
+            now = time.monotonic()
+            if now - warned >= WAIT_WARN:
+                warned = now
+                log.warning("%s: waited %.0f s for %d changes already on "
+                            "their way to the backing file", self.what,
+                            now - start, sum(len(c) for c in older))
+
+
+class _Entry:
+    """Where requests enter the stack: at the top (slot None) or beneath
+    slot.  The links are looked up at each call, after a change is counted
+    in the current generation (Generations: the relink swaps the links,
+    then the generation)."""
+
+    __slots__ = ("_stack", "_slot", "_changes")
+
+    def __init__(self, stack, slot):
+        self._stack = stack
+        self._slot = slot
+        self._changes = stack.changes
+
+    def __getattr__(self, name):
+        # What else the links offer (beneath the last slot, the backend's
+        # own methods: reopen, forget).
+        return getattr(self._stack._below[self._slot], name)
+
+    def readinto(self, *args, **kwargs):
+        return self._stack._below[self._slot].readinto(*args, **kwargs)
+
+    def extents(self, *args, **kwargs):
+        return self._stack._below[self._slot].extents(*args, **kwargs)
+
+    def flush(self):
+        return self._stack._below[self._slot].flush()
+
+    def write(self, *args, **kwargs):
+        changes = self._changes.current
+        changes.append(None)    # list append and pop: atomic, no lock
+        try:
+            return self._stack._below[self._slot].write(*args, **kwargs)
+        finally:
+            changes.pop()
+
+    def zero(self, *args, **kwargs):
+        changes = self._changes.current
+        changes.append(None)
+        try:
+            return self._stack._below[self._slot].zero(*args, **kwargs)
+        finally:
+            changes.pop()
+
+    def trim(self, *args, **kwargs):
+        changes = self._changes.current
+        changes.append(None)
+        try:
+            return self._stack._below[self._slot].trim(*args, **kwargs)
+        finally:
+            changes.pop()
+
+
 class IOStack:
     """The layers of one LU over its backend.  on_change(top) is called
-    with the new top after every relink (the LU binds its read to it)."""
+    with the new top after every relink (the LU binds its read to it);
+    `entry` is where the LU's other requests enter."""
 
-    def __init__(self, base, on_change=None):
+    def __init__(self, base, on_change=None, name=None):
         self.base = base
         self.layers = {}
         self.on_change = on_change
         self.lock = threading.RLock()
         self._below = {}
+        # Changes in flight per generation of links.
+        self.changes = Generations("LU {}: a new layer of its I/O stack"
+                                   .format(name))
+        self._entries = {slot: _Entry(self, slot) for slot in ORDER}
+        self.entry = _Entry(self, None)
         self.top = None
         self.refresh()
 
@@ -142,10 +258,13 @@ class IOStack:
         if slot not in ORDER:
             raise ValueError("no I/O stack slot named {!r}".format(slot))
         with self.lock:
-            if self.layers.get(slot) not in (None, layer):
+            arriving = self.layers.get(slot)
+            if arriving not in (None, layer):
                 raise ValueError("I/O stack slot {!r} is taken".format(slot))
             self.layers[slot] = layer
-            self.refresh()
+            older = self.refresh()
+        if arriving is None:
+            self.changes.wait(older)
 
     def remove(self, slot, layer=None):
         """Take slot's layer out (only if it is layer, when given)."""
@@ -158,13 +277,15 @@ class IOStack:
 
     def below(self, slot):
         """Where a request enters to pass through everything beneath slot
-        and nothing above it (an engine writing under its own layer)."""
-        return self._below[slot]
+        and nothing above it (an engine writing under its own layer);
+        it follows every relink, so it may be kept."""
+        return self._entries[slot]
 
     def refresh(self, leaving=None):
         """Relink every slot (a layer's intercepts changed); leaving: a
         layer just taken out, told too (what it holds back must reach
-        the layers below before requests pass it by)."""
+        the layers below before requests pass it by).  Returns the
+        generations of changes that entered on the links replaced."""
         with self.lock:
             slots = frozenset(self.layers)
             told = list(self.layers.values())
@@ -183,9 +304,11 @@ class IOStack:
                 if layer is not None:
                     layer.link(below)
                     below = _Face(slot, below, layer.intercepts())
-            self.top = below
+            self.top = self._below[None] = below
+            older = self.changes.advance()
             if self.on_change is not None:
                 self.on_change(below)
             for layer in told:
                 if hasattr(layer, "relinked"):
                     layer.relinked()
+            return older

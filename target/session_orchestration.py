@@ -153,7 +153,7 @@ class SessionOrchestration:
     def _attach_session(self, lu, session):
         layer = lu.stack.get("sessions")
         if layer is None:
-            layer = sessions.SessionLayer()
+            layer = sessions.SessionLayer(name=lu.name)
             lu.stack.set("sessions", layer)
         layer.add(session)
         self.target.sessions[session.name] = session

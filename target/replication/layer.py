@@ -99,19 +99,19 @@ class TakeGuard(iostack.Layer):
     the volume gets).  Host requests elsewhere only look at the list of
     regions left, which only shrinks.
 
-    Deliberately ignored: a host write that entered the stack before the
-    guard was installed and is still on its way down when its region is
-    taken (a request in flight keeps its path, iostack) is noted only as
-    it is made; made between the take reading the notes and writing the
-    region, the take's data overwrites it.
+    A host write that entered the stack before the guard was installed
+    is done before the take begins (the stack's `set` waits for it).  The
+    take writes through `below`, the stack's entry beneath the guard, so
+    a layer put in meanwhile (a first clone) waits for its writes too.
     """
 
-    def __init__(self, regions, written):
+    def __init__(self, regions, written, below):
         """regions: [(start, end)] of this volume to take, sorted and
-        disjoint."""
+        disjoint; below: the volume's stack.below("guard")."""
         self.lock = threading.Lock()
         self.left = list(regions)
         self.written = written
+        self.below = below
 
     def intercepts(self):
         return {"write": self.write, "zero": self.zero, "trim": self.trim}
@@ -148,9 +148,9 @@ class TakeGuard(iostack.Layer):
             buf = bytearray(data)
             for a, b in self.written(offset, end):
                 piece = bytearray(b - a)
-                self.inner.readinto(piece, a)
+                self.below.readinto(piece, a)
                 buf[a - offset:b - offset] = piece
-            self.inner.write(buf, offset, False)
+            self.below.write(buf, offset, False)
             self.left = without(self.left, offset, end)
 
 

@@ -1129,7 +1129,8 @@ class PrimaryGroup:
         taken over link: each volume written has a TakeGuard (module
         notes)."""
         guards = {vol: TakeGuard(regions, functools.partial(
-            self._take_written, link, vol))
+            self._take_written, link, vol),
+            self.volumes[vol].stack.below("guard"))
             for vol, regions in _per_volume(runs).items()}
         with self.cond:
             # A restore or reverse sync writes below the guards: neither

@@ -51,9 +51,11 @@ when the host is told.
 - Marks count a queued write as in flight until applied (mark waits for
   it); a session's close, the layer's removal (told by the stack before
   the links change) and the target's stop drain the queue and end the
-  applier.  A session added waits for the queue: it sees every write
-  applied after it came, and every write acknowledged before is on the
-  Source when it marks.  A kill -9 loses queued writes, which
+  applier.  A session added waits for the queue, and for the writes
+  shown only to the sessions before it that are still on their way to
+  the Source (iostack.Generations): it sees every write applied after it
+  came, and every write acknowledged before is on the Source when it
+  marks.  A kill -9 loses queued writes, which
   were acknowledged but not flushed, as a power cut can lose any write
   not flushed; the frozen image is unaffected (a save joins it only once
   durable, and its Source write comes after).
@@ -114,7 +116,7 @@ class SessionLayer(iostack.Layer):
     MAX_QUEUED = 256
     MAX_QUEUED_BYTES = 4 << 20
 
-    def __init__(self, inner=None, defer=False):
+    def __init__(self, inner=None, defer=False, name=None):
         self.inner = inner
         # Replaced, never changed in place: writers iterate it unlocked.
         self.sessions = []
@@ -132,15 +134,22 @@ class SessionLayer(iostack.Layer):
         self._applier = None
         self._stopping = False
         self._failed = None     # DeferredWriteFailed's fields
+        # Changes in flight, from before they look at `sessions` until
+        # they are on the Source (or queued).
+        self._changes = iostack.Generations(
+            "LU {}: a session added".format(name))
 
     def add(self, session):
         """session sees every change applied to the Source from now on:
         the writes queued before it came (acknowledged before it existed,
-        so in every point in time it marks) are applied first."""
+        so in every point in time it marks) are applied first, and the
+        changes shown only to the sessions before it are waited for."""
         session.layer = self
         with self._order:
             self._wait_applied(self._queued_seq)
             self.sessions = self.sessions + [session]
+            older = self._changes.advance()
+        self._changes.wait(older)
 
     def remove(self, session):
         self.sessions = [s for s in self.sessions if s is not session]
@@ -236,6 +245,14 @@ class SessionLayer(iostack.Layer):
             s.save_ahead(runs)
 
     def write(self, buf, offset):
+        changes = self._changes.current
+        changes.append(None)
+        try:
+            self._write(buf, offset)
+        finally:
+            changes.pop()
+
+    def _write(self, buf, offset):
         if not self._defer:
             return self._change(offset, len(buf),
                                 lambda: self.inner.write(buf, offset))
@@ -262,11 +279,22 @@ class SessionLayer(iostack.Layer):
             self._done(changes)
 
     def zero(self, offset, length, may_trim=False, fast=False):
-        self._change(offset, length, lambda: self.inner.zero(
-            offset, length, may_trim=may_trim, fast=fast))
+        changes = self._changes.current
+        changes.append(None)
+        try:
+            self._change(offset, length, lambda: self.inner.zero(
+                offset, length, may_trim=may_trim, fast=fast))
+        finally:
+            changes.pop()
 
     def trim(self, offset, length):
-        self._change(offset, length, lambda: self.inner.trim(offset, length))
+        changes = self._changes.current
+        changes.append(None)
+        try:
+            self._change(offset, length,
+                         lambda: self.inner.trim(offset, length))
+        finally:
+            changes.pop()
 
     def flush(self):
         if self._queue:

@@ -1614,12 +1614,13 @@ def test_replay_sends_holes_as_zeroes_without_reading_them(cluster_factory,
     inner = c.ta.lus[VOLS[0]].stack.below("replication")
     inner.zero(0, 8 * region_gran, may_trim=True)
     reads = []
-    read = inner.readinto
+    base = c.ta.lus[VOLS[0]].backend
+    read = base.readinto
 
     def spy(buf, offset):
         reads.append((offset, memoryview(buf).nbytes))
         read(buf, offset)
-    monkeypatch.setattr(inner, "readinto", spy)
+    monkeypatch.setattr(base, "readinto", spy)
     g.end_volume_change(begun)
     wait_for(lambda: link.replays >= 1 and link.state == R.REPLICATING, 10,
              "the replay", c.status)

@@ -44,3 +44,33 @@ class GatedReads(Spy):
             self.reading.set()
             assert self.go.wait(10)
         super().readinto(buf, offset)
+
+
+class GatedWrites(Spy):
+    """Once `gate` is set, the next write, zero or trim sets `writing` and
+    waits for `go` (a host write still on its way into the backing file
+    when something else happens)."""
+
+    def __init__(self, size):
+        super().__init__(size)
+        self.gate = False
+        self.writing = threading.Event()
+        self.go = threading.Event()
+
+    def _hold(self):
+        if self.gate:
+            self.gate = False
+            self.writing.set()
+            assert self.go.wait(10)
+
+    def write(self, buf, offset):
+        self._hold()
+        super().write(buf, offset)
+
+    def zero(self, offset, length, may_trim=False, fast=False):
+        self._hold()
+        super().zero(offset, length, may_trim, fast)
+
+    def trim(self, offset, length):
+        self._hold()
+        super().trim(offset, length)

@@ -52,8 +52,8 @@ def test_host_bytes_win_and_only_asked_regions_are_taken(regions, cuts,
 
     def written(a, b):
         return [(max(s, a), min(e, b)) for s, e in noted if s < b and e > a]
-    guard = TakeGuard(regions, written)
     stack = IOStack(base)
+    guard = TakeGuard(regions, written, stack.below("guard"))
     stack.set("guard", guard)
     ref = bytearray(base.data)
     hosted = bytearray(SIZE)        # 1: a host changed it
@@ -63,10 +63,10 @@ def test_host_bytes_win_and_only_asked_regions_are_taken(regions, cuts,
         for kind, at, length, byte in hosts[k] if k < len(hosts) else ():
             length = min(length, SIZE - at)
             if kind == "write":
-                stack.top.write(bytes([byte]) * length, at, False)
+                stack.entry.write(bytes([byte]) * length, at, False)
                 ref[at:at + length] = bytes([byte]) * length
             else:
-                stack.top.zero(at, length, False, False, False)
+                stack.entry.zero(at, length, False, False, False)
                 ref[at:at + length] = bytes(length)
             noted.extend(overlap(regions, at, at + length))
             for i in range(at, at + length):
