@@ -161,9 +161,12 @@ class ActivityMap:
 
     @property
     def pending(self):
-        """Some region is marked in memory whose fdatasync has not
-        completed (or failed)."""
-        return bool(self._pending)
+        """Some region marked in memory may not be so on disk: its
+        fdatasync has not completed, or a sync or a replace failed (a
+        commit's replace that fails after the new file is in place leaves
+        the bits in memory wider than the file; the next mark writes the
+        file anew from them)."""
+        return bool(self._pending) or self._group.failed is not None
 
     def _durable_upto(self, ticket):
         # A sync made the marks up to ticket durable (holding the group

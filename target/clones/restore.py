@@ -102,21 +102,33 @@ class Restore:
             clone.error = msg
             clone.paused = True
             self.prm = bytearray(b"\x01" * self.extents)
+            self.prm_lost = True
 
-    def check_restore(self, name):
+    def check_restore(self, name, full=False):
         """Refuse, changing nothing, a restore from clone name that
         start_restore would refuse now: asked before a replicated Source's
         links are made to replay the restore's regions."""
         clone = self.clones[name]
         self._check_restorable(clone)
         with self.cond:
-            self._restore_checks(clone)
+            self._restore_checks(clone, full)
 
-    def _restore_checks(self, clone):
+    def _restore_checks(self, clone, full):
         """(Under cond.)"""
         self._check(clone, "restore")
         self._check_group_idle(clone, "restore")
         self._check_siblings_split(clone, "restore")
+        if clone.state == RESTORING and self.prm_lost and not full:
+            # Resumed with every extent protected, it would copy nothing
+            # and call the Source restored.
+            raise errors.InvalidArgument(
+                reason="the restore of source {!r} from clone {!r} lost its "
+                "record of the extents hosts wrote since it began, so it "
+                "cannot tell them from the extents still to restore; "
+                "`clone restore {} --full` restores every extent from the "
+                "clone (what hosts wrote since the restore began is "
+                "overwritten)".format(self.source.name, clone.name,
+                                      clone.name))
 
     def _check_restorable(self, clone):
         if self.source.readonly:
@@ -139,13 +151,14 @@ class Restore:
         clone = self.clones[name]
         self._check_restorable(clone)
         with self.cond:
-            self._restore_checks(clone)
+            self._restore_checks(clone, full)
             # Every check passed: only now change anything.
-            if clone.state != RESTORING:
+            if clone.state != RESTORING or self.prm_lost:
                 if full:
                     maps.set_range(clone.delta, 0, self.extents)
                 self.prm = bytearray(self.extents)
                 self.prm_file.reset(self.prm)
+                self.prm_lost = False
             self._prepare_restore(clone, "restore")
         # Maps first (the clone's and the siblings' new bits, an empty
         # PRM), then the state: a crash in between leaves a fractured clone
