@@ -183,8 +183,11 @@ class ActivityMap:
             try:
                 self.file.reset(bits)
             except OSError as e:
-                # The file is closed, or holds we do not know what: the
-                # next mark writes it anew (marks waiting fail meanwhile).
+                # The file is closed and holds the old map or the new one:
+                # the bits in memory cover both (a rewrite narrows them, a
+                # DCM's merge widens them), and the next mark writes the
+                # file anew from them (marks waiting fail meanwhile).
+                maps.set_where(self.bits, bits)
                 self._group.fail(e)
                 raise
             self.bits = bits

@@ -306,11 +306,32 @@ def test_a_failed_activity_rewrite_leaves_later_writes_marked(
     with pytest.raises(OSError, match="injected"):
         owner.changes.commit()      # nothing may land: region 0 goes
     monkeypatch.undo()
-    try:
-        owner.write(6, 7, 8)
-    except OSError:
-        pass
+    owner.write(6, 7, 8)    # the map is written anew first (it can be)
     disk.power_cut(random.Random(1), keep=0.0)
-    if owner.data.data[6 * GRAN] == 8:
-        assert owner.recovered()[6], "extent 6 was written after a failed " \
-            "commit but a power cut leaves it clean in the map"
+    assert owner.data.data[6 * GRAN] == 8
+    assert owner.recovered()[6], "extent 6 was written after a failed " \
+        "commit but a power cut leaves it clean in the map"
+
+
+def test_a_failed_replace_that_widens_the_map_keeps_its_regions(
+        disk, tmp_path, monkeypatch):
+    """A DCM widened (a replay's regions merged in, every region marked)
+    by a replace that fails after the new file is in place: the next mark
+    writes the file anew from the bits in memory, which must hold the
+    regions of the map that failed, not only those before it."""
+    dcm = changemap.ActivityMap(str(tmp_path / "dcm"), GRAN, EXTENTS,
+                                region_bytes=GRAN)
+    dcm.replace(bytearray(EXTENTS))
+    wide = bytearray(b"\x01" * 16 + bytes(EXTENTS - 16))
+    real = disk.replace
+
+    def failing(p, data):
+        real(p, data)
+        raise OSError(errno.EIO, "Input/output error (injected)")
+    monkeypatch.setattr(disk, "replace", failing)
+    with pytest.raises(OSError, match="injected"):
+        dcm.replace(wide)
+    monkeypatch.undo()
+    dcm.mark(100, 101)
+    disk.power_cut(random.Random(2), keep=0.0)
+    assert list(maps.runs(dcm.load())) == [(0, 16), (100, 101)]

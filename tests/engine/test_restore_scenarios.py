@@ -273,3 +273,39 @@ def test_a_restore_whose_prm_was_lost_is_not_reported_complete(h):
     h.run(h.group.start_restore("c1", full=True, run=False))
     assert c1.state == clones.FRACTURED
     assert bytes(h.mem_src.data) == bytes(h.mem["c1"].data)
+
+
+def test_a_crash_inside_the_full_restart_of_a_lost_restore(h, monkeypatch):
+    """The --full restart of a restore whose PRM was lost, cut by a crash
+    before its maps are saved: the restore is still one whose PRM is lost
+    (paused, refused without --full), never one that resumes with the old
+    Delta Map and an empty PRM and leaves clean bits over extents that
+    differ."""
+    h.lu.write(b"A" * (EXTENTS * GRAN), 0)
+    h.sync("c1")
+    h.group.fracture("c1")
+    h.group.commit()
+    h.lu.write(b"B" * (4 * GRAN), 0)
+    h.lu.flush()
+    h.group.start_restore("c1", run=False)
+    h.lu.write(b"H" * GRAN, 10 * GRAN)      # a host write, protected
+    h.lu.flush()
+    h.group.commit()
+    os.unlink(h.group.prm_file.path)
+    h.crash()
+
+    class Crash(Exception):
+        pass
+
+    def crash():
+        raise Crash()
+    monkeypatch.setattr(h.group, "commit", crash)
+    with pytest.raises(Crash):
+        h.group.start_restore("c1", full=True, run=False)
+    h.crash()
+    c1 = h.group.clones["c1"]
+    assert c1.state == clones.RESTORING and c1.paused
+    with pytest.raises(errors.InvalidArgument, match="--full"):
+        h.group.start_restore("c1", run=False)
+    h.run(h.group.start_restore("c1", full=True, run=False))
+    assert bytes(h.mem_src.data) == bytes(h.mem["c1"].data)
