@@ -250,12 +250,10 @@ def test_a_clone_write_waiting_for_the_restores_switch_copies_first(h):
     assert got in (b"P" * GRAN, b"N" * 100 + b"P" * (GRAN - 100))
 
 
-def test_a_restore_whose_prm_was_lost_is_not_reported_complete(h):
-    """The restore's record of the extents hosts wrote (PRM) is lost in a
-    crash: the restore pauses, and resuming it must not copy nothing and
-    call the Source restored.  It is refused, naming --full; a full
-    restore then copies every extent (overwriting what hosts wrote since
-    the restore began, as the admin chose)."""
+def _restore_losing_its_prm(h, host_write=False):
+    """c1 fractured from the Source, which then changed in its first 4
+    extents; a restore from c1 started (with host_write, a host write
+    into extent 10 during it) and a crash that loses its PRM file."""
     h.lu.write(b"A" * (EXTENTS * GRAN), 0)
     h.sync("c1")
     h.group.fracture("c1")
@@ -263,8 +261,21 @@ def test_a_restore_whose_prm_was_lost_is_not_reported_complete(h):
     h.lu.write(b"B" * (4 * GRAN), 0)
     h.lu.flush()
     h.group.start_restore("c1", run=False)
+    if host_write:
+        h.lu.write(b"H" * GRAN, 10 * GRAN)
+        h.lu.flush()
+        h.group.commit()
     os.unlink(h.group.prm_file.path)
     h.crash()
+
+
+def test_a_restore_whose_prm_was_lost_is_not_reported_complete(h):
+    """The restore's record of the extents hosts wrote (PRM) is lost in a
+    crash: the restore pauses, and resuming it must not copy nothing and
+    call the Source restored.  It is refused, naming --full; a full
+    restore then copies every extent (overwriting what hosts wrote since
+    the restore began, as the admin chose)."""
+    _restore_losing_its_prm(h)
     c1 = h.group.clones["c1"]
     assert c1.state == clones.RESTORING and c1.paused
     with pytest.raises(errors.InvalidArgument, match="--full"):
@@ -281,18 +292,7 @@ def test_a_crash_inside_the_full_restart_of_a_lost_restore(h, monkeypatch):
     (paused, refused without --full), never one that resumes with the old
     Delta Map and an empty PRM and leaves clean bits over extents that
     differ."""
-    h.lu.write(b"A" * (EXTENTS * GRAN), 0)
-    h.sync("c1")
-    h.group.fracture("c1")
-    h.group.commit()
-    h.lu.write(b"B" * (4 * GRAN), 0)
-    h.lu.flush()
-    h.group.start_restore("c1", run=False)
-    h.lu.write(b"H" * GRAN, 10 * GRAN)      # a host write, protected
-    h.lu.flush()
-    h.group.commit()
-    os.unlink(h.group.prm_file.path)
-    h.crash()
+    _restore_losing_its_prm(h, host_write=True)
 
     class Crash(Exception):
         pass
