@@ -161,9 +161,12 @@ class ActivityMap:
 
     @property
     def pending(self):
-        """Some region is marked in memory whose fdatasync has not
-        completed (or failed)."""
-        return bool(self._pending)
+        """Some region marked in memory may not be so on disk: its
+        fdatasync has not completed, or a sync or a replace failed (a
+        commit's replace that fails after the new file is in place leaves
+        the bits in memory wider than the file; the next mark writes the
+        file anew from them)."""
+        return bool(self._pending) or self._group.failed is not None
 
     def _durable_upto(self, ticket):
         # A sync made the marks up to ticket durable (holding the group
@@ -180,8 +183,11 @@ class ActivityMap:
             try:
                 self.file.reset(bits)
             except OSError as e:
-                # The file is closed, or holds we do not know what: the
-                # next mark writes it anew (marks waiting fail meanwhile).
+                # The file is closed and holds the old map or the new one:
+                # the bits in memory cover both (a rewrite narrows them, a
+                # DCM's merge widens them), and the next mark writes the
+                # file anew from them (marks waiting fail meanwhile).
+                maps.set_where(self.bits, bits)
                 self._group.fail(e)
                 raise
             self.bits = bits

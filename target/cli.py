@@ -653,7 +653,10 @@ def clone_reverse_sync(ctx, name, wait, rate):
 @clone.command("restore")
 @click.argument("name")
 @click.option("--full", is_flag=True,
-              help="Restore every extent, not only those that differ.")
+              help="Restore every extent, not only those that differ. The "
+                   "one way to resume a restore whose record of the extents "
+                   "hosts wrote was lost in a crash (what they wrote since it "
+                   "began is overwritten).")
 @click.option("--wait", is_flag=True,
               help="Wait until the restore completes, showing progress; exit "
                    "1 if it fails.")

@@ -278,7 +278,7 @@ class CloneOrchestration:
 
     def clone_restore(self, clone, full=False, rate=None):
         group, c = self._working_clone(clone, "restore")
-        group.check_restore(clone)
+        group.check_restore(clone, full=bool(full))
         self.target.rsg_ops.run_volume_change(
             group.source, lambda: bytearray(b"\x01" * len(c.delta)) if full
             else bytearray(c.delta), group.granularity,

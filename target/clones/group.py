@@ -102,6 +102,8 @@ class CloneGroup(Mirroring, Restore):
         # Protected restore.
         self.restoring = None
         self.prm = bytearray(self.extents)
+        # The PRM of the restore recovered could not be read (restore.py).
+        self.prm_lost = False
         self.prm_file = maps.ActivityFile(
             os.path.join(map_dir, source.name + ".prm"), granularity,
             self.extents)

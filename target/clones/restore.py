@@ -97,26 +97,40 @@ class Restore:
             # Without the PRM we cannot tell which extents hosts wrote:
             # copying would overwrite them.  Stop and say so.
             msg = "{}; the restore cannot continue safely and is paused " \
-                  "(the Source holds a partial restore)".format(e)
+                  "(the Source holds a partial restore): `clone restore " \
+                  "{} --full` restores every extent again".format(
+                      e, clone.name)
             problems.append((clone.name, msg))
             clone.error = msg
             clone.paused = True
             self.prm = bytearray(b"\x01" * self.extents)
+            self.prm_lost = True
 
-    def check_restore(self, name):
+    def check_restore(self, name, full=False):
         """Refuse, changing nothing, a restore from clone name that
         start_restore would refuse now: asked before a replicated Source's
         links are made to replay the restore's regions."""
         clone = self.clones[name]
         self._check_restorable(clone)
         with self.cond:
-            self._restore_checks(clone)
+            self._restore_checks(clone, full)
 
-    def _restore_checks(self, clone):
+    def _restore_checks(self, clone, full):
         """(Under cond.)"""
         self._check(clone, "restore")
         self._check_group_idle(clone, "restore")
         self._check_siblings_split(clone, "restore")
+        if clone.state == RESTORING and self.prm_lost and not full:
+            # Resumed with every extent protected, it would copy nothing
+            # and call the Source restored.
+            raise errors.InvalidArgument(
+                reason="the restore of source {!r} from clone {!r} lost its "
+                "record of the extents hosts wrote since it began, so it "
+                "cannot tell them from the extents still to restore; "
+                "`clone restore {} --full` restores every extent from the "
+                "clone (what hosts wrote since the restore began is "
+                "overwritten)".format(self.source.name, clone.name,
+                                      clone.name))
 
     def _check_restorable(self, clone):
         if self.source.readonly:
@@ -139,23 +153,34 @@ class Restore:
         clone = self.clones[name]
         self._check_restorable(clone)
         with self.cond:
-            self._restore_checks(clone)
+            self._restore_checks(clone, full)
             # Every check passed: only now change anything.
-            if clone.state != RESTORING:
-                if full:
-                    maps.set_range(clone.delta, 0, self.extents)
+            fresh = clone.state != RESTORING
+            # A restore whose PRM was lost, restarted whole (--full).
+            restart = not fresh and self.prm_lost
+            if full and (fresh or restart):
+                maps.set_range(clone.delta, 0, self.extents)
+            if fresh:
                 self.prm = bytearray(self.extents)
                 self.prm_file.reset(self.prm)
             self._prepare_restore(clone, "restore")
         # Maps first (the clone's and the siblings' new bits, an empty
         # PRM), then the state: a crash in between leaves a fractured clone
-        # with extra bits, never a restore with bits missing.
+        # with extra bits, never a restore with bits missing.  A restart's
+        # empty PRM comes after its maps too: a crash before leaves the
+        # PRM lost, and the restart is asked again.
         self.commit()
         with self.cond:
             self._check(clone, "restore")
             self._check_group_idle(clone, "restore")
 
             def switch():
+                if restart:
+                    # No write in flight: what hosts wrote before now is
+                    # restored over, as --full says.
+                    empty = bytearray(self.extents)
+                    self.prm_file.reset(empty)
+                    self.prm, self.prm_lost = empty, False
                 if regions is not None:
                     self._protect_later(clone, regions)
                 self.transition(clone, "restore", rate=rate)

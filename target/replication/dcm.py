@@ -146,7 +146,11 @@ class ActivityLog(Dcm):
             for a, b in list(maps.runs(bits)):
                 for s, e in list(maps.runs(self.touched, a, b, value=0)):
                     bits[s:e] = bytes(e - s)
-                    maps.files.pwrite(self.map.file.fd, bytes(e - s),
-                                      maps.HEADER.size + s)
+                    if self.map.file.fd is not None:
+                        # Closed by a failed rewrite: the next mark writes
+                        # it anew from the bits (an extra region on disk
+                        # meanwhile only costs a replay).
+                        maps.files.pwrite(self.map.file.fd, bytes(e - s),
+                                          maps.HEADER.size + s)
         self.touched[:] = bytes(self.extents)
         self.sweep_ok = False

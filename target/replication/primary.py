@@ -418,11 +418,16 @@ class PrimaryGroup:
     def _persist(self, locked):
         def snapshot():
             self.persist_lock.acquire()
-            rec, saved = self.record()
-            held = any(l.holds_srl for l in self.links)
-            self.al.sweep()
-            # The volumes written in the regions a next sweep may clear.
-            swept = sorted({vol for vol, _, _ in self.al.runs()})
+            try:
+                rec, saved = self.record()
+                held = any(l.holds_srl for l in self.links)
+                self.al.sweep()
+                # The volumes written in the regions a next sweep may clear.
+                swept = sorted({vol for vol, _, _ in self.al.runs()})
+            except BaseException:
+                # Released by the save below otherwise.
+                self.persist_lock.release()
+                raise
             return rec, saved, held, swept
         lost = None         # (vol, error, runs) of a volume flush failed
         if locked:

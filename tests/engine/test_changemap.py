@@ -4,6 +4,7 @@ The map files go through powerloss.SimDisk, which forgets writes not made
 durable, so each test can cut the power where the protocol says it is safe.
 """
 
+import errno
 import random
 import threading
 
@@ -267,3 +268,70 @@ def test_a_failed_activity_sync_does_not_fail_every_later_mark(
     dcm.mark(10, 11)
     disk.power_cut(random.Random(3), keep=0.0)
     assert list(maps.runs(dcm.load())) == [(10, 11), (20, 21)]
+
+
+@pytest.mark.parametrize("fails", ["reopen", "directory fsync"])
+def test_a_failed_activity_rewrite_leaves_later_writes_marked(
+        disk, tmp_path, monkeypatch, fails):
+    """A commit rewrites the activity map to what may still land (here:
+    nothing) and the rewrite fails after the new file is in place (its
+    reopen: EMFILE; the fsync of its directory: EIO).  The map in memory
+    still has the region an earlier write marked; a later write into that
+    region must not reach the data unmarked on disk."""
+    owner = Owner(tmp_path)
+    owner.bits[:] = bytes(EXTENTS)
+    owner.changes.commit()
+    with owner.lock:                # marks region 0, on disk and in memory
+        token = owner.changes.begin(5, 6)
+    owner.changes.commit()          # keeps region 0: a write in flight
+    with owner.lock:
+        owner.changes.end(token)
+    path = owner.changes.activity.path
+    if fails == "reopen":
+        real = disk.open
+
+        def failing(p):
+            if p == path:
+                raise OSError(errno.EMFILE, "Too many open files (injected)")
+            return real(p)
+        monkeypatch.setattr(disk, "open", failing)
+    else:
+        real = disk.replace
+
+        def failing(p, data):
+            real(p, data)
+            if p == path:
+                raise OSError(errno.EIO, "Input/output error (injected)")
+        monkeypatch.setattr(disk, "replace", failing)
+    with pytest.raises(OSError, match="injected"):
+        owner.changes.commit()      # nothing may land: region 0 goes
+    monkeypatch.undo()
+    owner.write(6, 7, 8)    # the map is written anew first (it can be)
+    disk.power_cut(random.Random(1), keep=0.0)
+    assert owner.data.data[6 * GRAN] == 8
+    assert owner.recovered()[6], "extent 6 was written after a failed " \
+        "commit but a power cut leaves it clean in the map"
+
+
+def test_a_failed_replace_that_widens_the_map_keeps_its_regions(
+        disk, tmp_path, monkeypatch):
+    """A DCM widened (a replay's regions merged in, every region marked)
+    by a replace that fails after the new file is in place: the next mark
+    writes the file anew from the bits in memory, which must hold the
+    regions of the map that failed, not only those before it."""
+    dcm = changemap.ActivityMap(str(tmp_path / "dcm"), GRAN, EXTENTS,
+                                region_bytes=GRAN)
+    dcm.replace(bytearray(EXTENTS))
+    wide = bytearray(b"\x01" * 16 + bytes(EXTENTS - 16))
+    real = disk.replace
+
+    def failing(p, data):
+        real(p, data)
+        raise OSError(errno.EIO, "Input/output error (injected)")
+    monkeypatch.setattr(disk, "replace", failing)
+    with pytest.raises(OSError, match="injected"):
+        dcm.replace(wide)
+    monkeypatch.undo()
+    dcm.mark(100, 101)
+    disk.power_cut(random.Random(2), keep=0.0)
+    assert list(maps.runs(dcm.load())) == [(0, 16), (100, 101)]

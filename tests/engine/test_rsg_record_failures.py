@@ -14,6 +14,7 @@ loses nothing and stops nothing for good.
 
 import errno
 import os
+import threading
 
 import pytest
 
@@ -208,3 +209,31 @@ def test_a_second_unlink_of_the_same_link_starts_nothing(
     with pytest.raises(R.ReplicationError):
         a.rsg.remove_link(link)
     assert not link.thread.is_alive()
+
+
+def test_a_failed_activity_log_sweep_does_not_hold_the_record_lock(
+        two_nodes, monkeypatch):
+    """A save of the record whose activity log sweep fails (its map file
+    closed by a failed rewrite, EIO writing in place) fails that save,
+    and the next save still runs: the lock that orders the records is not
+    left held, or every later save (each flush's, each link's) would
+    wait for ever."""
+    a, b = two_nodes
+    a.t.lus["v1"].write(b"\x01" * 4096, 0)
+    converge(a, b)
+    sweep = a.rsg.al.sweep
+    calls = []
+
+    def failing():
+        calls.append(1)
+        if len(calls) == 1:
+            raise OSError(errno.EIO, "Input/output error (injected)")
+        sweep()
+    monkeypatch.setattr(a.rsg.al, "sweep", failing)
+    with pytest.raises(OSError, match="injected"):
+        a.rsg.persist()
+    done = threading.Event()
+    saver = threading.Thread(target=lambda: (a.rsg.persist(), done.set()),
+                             daemon=True)
+    saver.start()
+    assert done.wait(10), "the next save of the record never ran"
