@@ -161,6 +161,16 @@ class Generations:
         self.current = []
         self._older = []
 
+    def run(self, request, *args, **kwargs):
+        """request(*args, **kwargs), counted (request looks at what a
+        newcomer is published in only once it runs)."""
+        current = self.current
+        current.append(None)
+        try:
+            return request(*args, **kwargs)
+        finally:
+            current.pop()
+
     def advance(self):
         self._older = [c for c in self._older if c] + [self.current]
         self.current = []
@@ -206,9 +216,12 @@ class _Entry:
     def flush(self):
         return self._stack._below[self._slot].flush()
 
+    # Generations.run inlined: a host write's path, and the links must be
+    # looked up only once the change is counted.
+
     def write(self, *args, **kwargs):
         changes = self._changes.current
-        changes.append(None)    # list append and pop: atomic, no lock
+        changes.append(None)
         try:
             return self._stack._below[self._slot].write(*args, **kwargs)
         finally:

@@ -250,11 +250,9 @@ class CloneGroup(Mirroring, Restore):
             # No write in flight: one that chose name as a mirror (its leg
             # deferred or not) writes its backend, which the caller
             # closes next, and a failing one saves name's state.
-            self.quiesce += 1
-            try:
-                self._drain()
-                # Again: the drain let go of cond, and an engine, a verify
-                # or an export connection may have begun meanwhile.
+            with self._quiesced():
+                # Again: an engine, a verify or an export connection may
+                # have begun during the drain.
                 self._removable(clone)
                 if persist is not None:
                     persist()
@@ -263,9 +261,6 @@ class CloneGroup(Mirroring, Restore):
                     # Before writes go on: they bypass the layer now
                     # (those already waiting in it too: Mirroring._begin).
                     self.detach()
-            finally:
-                self.quiesce -= 1
-                self.cond.notify_all()
         paths = [clone.map_path]
         if not self.clones:
             self.legs.close()
@@ -491,9 +486,7 @@ class CloneGroup(Mirroring, Restore):
         clone = self.clones[name]
         with self.cond:
             self._fracturable(clone)
-            self.quiesce += 1
-            try:
-                self._drain()
+            with self._quiesced():
                 # Again: a write drained meanwhile (a deferred leg) may
                 # have failed on the clone.
                 self._fracturable(clone)
@@ -507,9 +500,6 @@ class CloneGroup(Mirroring, Restore):
                                     "flush of the clone failed: {}".format(e))
                     raise
                 self.transition(clone, "fracture")
-            finally:
-                self.quiesce -= 1
-                self.cond.notify_all()
         try:
             self.commit()
         except OSError:

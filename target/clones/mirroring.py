@@ -74,6 +74,7 @@ other, a divergence the maps would not show).  See docs/design.md.
 """
 
 import concurrent.futures
+import contextlib
 import errno
 import functools
 import logging
@@ -184,6 +185,19 @@ class Mirroring:
         flight."""
         while self.changes.in_flight:
             self.cond.wait()
+
+    @contextlib.contextmanager
+    def _quiesced(self):
+        """(Holding cond.)  The block runs with new writes held back and
+        none in flight (the drain lets go of cond: what the caller
+        checked before may have changed)."""
+        self.quiesce += 1
+        try:
+            self._drain()
+            yield
+        finally:
+            self.quiesce -= 1
+            self.cond.notify_all()
 
     def _extent_range(self, offset, length):
         g = self.granularity

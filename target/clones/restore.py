@@ -187,10 +187,8 @@ class Restore:
                 self.restoring = clone
                 clone.paused = False
                 self._set_read_path()
-            self._switch_quiesced(switch, lambda: (
-                self._check(clone, "restore"),
-                self._check_group_idle(clone, "restore"),
-                self._check_siblings_split(clone, "restore")))
+            self._switch_quiesced(
+                switch, lambda: self._restore_checks(clone, full))
         return self._launch(clone, rate, run)
 
     def _protect_later(self, clone, regions):
@@ -218,14 +216,9 @@ class Restore:
         the switch shows (target.replication, volume-changing
         operations).  checks() first, again: the drain lets go of cond,
         and another operation may have begun meanwhile."""
-        self.quiesce += 1
-        try:
-            self._drain()
+        with self._quiesced():
             checks()
             switch()
-        finally:
-            self.quiesce -= 1
-            self.cond.notify_all()
 
     def _check_siblings_split(self, clone, event):
         for other in self.clones.values():

@@ -245,12 +245,7 @@ class SessionLayer(iostack.Layer):
             s.save_ahead(runs)
 
     def write(self, buf, offset):
-        changes = self._changes.current
-        changes.append(None)
-        try:
-            self._write(buf, offset)
-        finally:
-            changes.pop()
+        self._changes.run(self._write, buf, offset)
 
     def _write(self, buf, offset):
         if not self._defer:
@@ -279,22 +274,14 @@ class SessionLayer(iostack.Layer):
             self._done(changes)
 
     def zero(self, offset, length, may_trim=False, fast=False):
-        changes = self._changes.current
-        changes.append(None)
-        try:
-            self._change(offset, length, lambda: self.inner.zero(
-                offset, length, may_trim=may_trim, fast=fast))
-        finally:
-            changes.pop()
+        self._changes.run(self._change, offset, length,
+                          lambda: self.inner.zero(offset, length,
+                                                  may_trim=may_trim,
+                                                  fast=fast))
 
     def trim(self, offset, length):
-        changes = self._changes.current
-        changes.append(None)
-        try:
-            self._change(offset, length,
-                         lambda: self.inner.trim(offset, length))
-        finally:
-            changes.pop()
+        self._changes.run(self._change, offset, length,
+                          lambda: self.inner.trim(offset, length))
 
     def flush(self):
         if self._queue:

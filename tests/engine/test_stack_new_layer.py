@@ -65,13 +65,21 @@ def _waited(base, action):
     return waited
 
 
+def _new_layer_waited(lu, base, request):
+    """Whether a layer put into lu's empty clones slot while request is
+    held in base waited for it."""
+    held = _held(base, request)
+    waited = _waited(base, lambda: lu.stack.set("clones", Recorder()))
+    base.go.set()
+    held.join(10)
+    return waited
+
+
 def test_a_new_layer_waits_for_changes_already_below_its_slot():
     base = GatedWrites(SIZE)
     lu = _lu(base)
-    writer = _held(base, lambda: lu.write(b"w" * GRAN, 0))
-    waited = _waited(base, lambda: lu.stack.set("clones", Recorder()))
-    base.go.set()
-    writer.join(10)
+    waited = _new_layer_waited(lu, base,
+                               lambda: lu.write(b"w" * GRAN, 0))
     assert waited, "the layer was in place while a write it never saw " \
         "was still on its way to the backing file"
 
@@ -180,9 +188,7 @@ def test_a_take_on_its_way_below_a_take_guard_is_waited_for():
     lu = _lu(base)
     guard = TakeGuard([(0, GRAN)], lambda a, b: [], lu.stack.below("guard"))
     lu.stack.set("guard", guard)
-    taker = _held(base, lambda: guard.take(b"t" * GRAN, 0))
-    waited = _waited(base, lambda: lu.stack.set("clones", Recorder()))
-    base.go.set()
-    taker.join(10)
+    waited = _new_layer_waited(
+        lu, base, lambda: guard.take(b"t" * GRAN, 0))
     assert waited, "the layer was in place while a take it never saw was " \
         "still on its way to the backing file"
