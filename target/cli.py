@@ -203,8 +203,12 @@ def lu():
 @click.option("--file", "file", metavar="PATH",
               help="Use this existing regular file or block device as the "
                    "backing store, as it is (its data is served, never "
-                   "erased, and it is kept when the LU is deleted). Without "
-                   "--file a new sparse file is made in the state directory.")
+                   "erased, and it is kept when the LU is deleted). It is "
+                   "refused while another program holds it for writing "
+                   "(QEMU's image locks; a block device that is mounted or "
+                   "held); while served, QEMU's tools cannot write it and a "
+                   "block device cannot be mounted. Without --file a new "
+                   "sparse file is made in the state directory.")
 @click.option("--read-only", is_flag=True,
               help="Export the LU read-only: hosts can read it, every write "
                    "is refused with EPERM.")
@@ -491,8 +495,9 @@ def clone():
 @click.argument("name")
 @click.option("--file", metavar="PATH",
               help="Existing file or block device to hold the clone, at least "
-                   "as large as SOURCE. Without it a sparse file is made in "
-                   "the state directory.")
+                   "as large as SOURCE, that no other program holds for "
+                   "writing (as for `lu create --file`). Without it a sparse "
+                   "file is made in the state directory.")
 @click.option("--granularity", metavar="SIZE",
               help="Extent size tracked by one map entry: a power of two from "
                    "2K to 1M (default 64K). Fixed per Source: every clone of "

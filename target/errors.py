@@ -71,6 +71,12 @@ class BackingUnusable(Error):
     errno = _errno.EIO
 
 
+class BackingLocked(Error):
+    msg = ("backing file {path!r} is in use by another program ({reason}); "
+           "`lslocks` or `fuser -v FILE` names it")
+    errno = _errno.EBUSY
+
+
 class BackingTooSmall(Error):
     msg = ("backing file {path!r} holds {actual} bytes, smaller than the "
            "LU size of {size} bytes")

@@ -31,7 +31,7 @@ import json
 import os
 import stat
 
-from . import errors, fsutil, units
+from . import errors, filelocks, fsutil, units
 
 FORMAT = "clonectl-state"
 VERSION = 1
@@ -334,7 +334,8 @@ def probe_backing(path, size=None, readonly=False):
     """Check that path can back an LU; return its usable size in bytes.
 
     path must be an existing regular file or block device that we can open
-    for reading (and writing unless readonly), at least size bytes long.
+    for reading (and writing unless readonly), at least size bytes long,
+    that no other program holds for writing.
     """
     try:
         st = os.stat(path)
@@ -345,9 +346,10 @@ def probe_backing(path, size=None, readonly=False):
     if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
         raise errors.BackingUnusable(
             path=path, reason="not a regular file or block device")
-    flags = os.O_RDONLY if readonly else os.O_RDWR
     try:
-        fd = os.open(path, flags)
+        # Locked as the server would: a file another program holds for
+        # writing is refused here already (target.filelocks).
+        fd = filelocks.open_locked(path, writable=not readonly)
     except OSError as e:
         raise errors.BackingUnusable(path=path, reason=e.strerror)
     try:
@@ -356,7 +358,7 @@ def probe_backing(path, size=None, readonly=False):
     except OSError as e:
         raise errors.BackingUnusable(path=path, reason=e.strerror)
     finally:
-        os.close(fd)
+        filelocks.close(fd)
     if size is not None and actual < size:
         raise errors.BackingTooSmall(path=path, actual=actual, size=size)
     return actual
