@@ -19,19 +19,20 @@ Design notes:
   with a write-lock probe (F_OFD_GETLK) whether anyone else holds a byte
   that excludes it.  Two openers racing may both see each other and both
   fail; they never both succeed.
-- We use consistent read, write and resize (a read-only LU consistent
-  read only), and share consistent read and write unchanged: other
-  programs may read the file (`qemu-img compare`, a backup reading it),
-  never write or resize it.
-- Block devices are also opened with O_EXCL, the kernel's claim: it fails
-  while the device is mounted or held by device-mapper, md or another
-  exclusive opener, and they fail while we hold it.
+- We use consistent read and write (a read-only LU consistent read
+  only; a resize goes through its own descriptor), and share consistent
+  read and write unchanged: other programs may read the file
+  (`qemu-img compare`, `qemu-nbd -r`; `qemu-img convert` from it needs
+  `-U`, as from a running VM's disk), never write or resize it.
+- A block device is also claimed with O_EXCL, on a descriptor of its
+  own kept while this process uses the device: the claim fails while the
+  device is mounted or held by device-mapper, md or another exclusive
+  opener, and they fail while we hold it.
 - Within this process a file may be opened again (a flusher's second
   descriptor, an LU reopened by a reload while its old connections end):
   OFD probes see our own other descriptors as strangers, so files held
-  here are counted and a second opening neither probes nor claims the
-  device again.  When the first descriptor of a block device closes
-  before a second one, the kernel's claim goes with it (the locks stay).
+  here are counted, and a second opening takes the same lock bytes
+  without probing.
 
 Deliberately ignored: programs that take no locks (dd, tgtd, nbdkit's
 file plugin, a qemu told `locking=off` or `-U`/force-share) are not
@@ -49,7 +50,7 @@ import threading
 
 from . import errors
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("clonectl.filelocks")
 
 PERM_BASE = 100
 SHARED_BASE = 200
@@ -61,7 +62,8 @@ SHARED = frozenset((CONSISTENT_READ, WRITE_UNCHANGED))
 
 _FLOCK = "hhqqi4x"     # struct flock: type, whence, start, len, pid
 
-# (st_dev, st_ino) or ("dev", rdev) -> descriptors of it open here.
+# (st_dev, st_ino) or ("dev", rdev) -> [descriptors of it open here, the
+# descriptor holding a block device's O_EXCL claim or None].
 _held = {}
 _held_lock = threading.Lock()
 
@@ -73,8 +75,7 @@ def _identity(st):
 
 
 def _perms(writable):
-    return (CONSISTENT_READ, WRITE, RESIZE) if writable else \
-        (CONSISTENT_READ,)
+    return (CONSISTENT_READ, WRITE) if writable else (CONSISTENT_READ,)
 
 
 def _lock(fd, byte):
@@ -127,60 +128,70 @@ def _take(fd, path, writable, probe):
             "{}".format(e.strerror))
 
 
+def _claim_device(path):
+    """A descriptor that holds the kernel's exclusive claim on block
+    device path (O_EXCL), for as long as this process uses the device."""
+    try:
+        return os.open(path, os.O_RDONLY | os.O_EXCL | os.O_CLOEXEC)
+    except OSError as e:
+        if e.errno == errno.EBUSY:
+            raise errors.BackingLocked(
+                path=path, reason="the device is mounted, or held by "
+                "device-mapper, md or another exclusive opener")
+        raise
+
+
 def open_locked(path, writable):
     """Open path (O_RDWR if writable) locked as the module says; return
     the descriptor.  Raise errors.BackingLocked when another program
     holds it, errors.BackingUnusable when locking fails for another
     reason than a filesystem without OFD locks (then it is used unlocked,
-    with a warning), OSError as os.open does otherwise."""
+    with a warning), OSError as os.open does otherwise.  A writable
+    opening of a file this process holds read-only only is not probed
+    again (nothing does that)."""
     flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC
     with _held_lock:
+        fd = os.open(path, flags)
         try:
-            key = _identity(os.stat(path))
-        except OSError:
-            key = None          # os.open reports it
-        first = key not in _held
-        if first and key is not None and key[0] == "dev":
-            flags |= os.O_EXCL
-        try:
-            fd = os.open(path, flags)
-        except OSError as e:
-            if e.errno == errno.EBUSY and flags & os.O_EXCL:
-                raise errors.BackingLocked(
-                    path=path, reason="the device is mounted, or held by "
-                    "device-mapper, md or another exclusive opener")
-            raise
-        try:
-            key = _identity(os.fstat(fd))
-            first = key not in _held
-            reason = _take(fd, path, writable, probe=first)
+            st = os.fstat(fd)
+            key = _identity(st)
+            held = _held.get(key)
+            claim = None
+            if held is None and stat.S_ISBLK(st.st_mode):
+                claim = _claim_device(path)
+            try:
+                reason = _take(fd, path, writable, probe=held is None)
+                if reason is not None:
+                    raise errors.BackingLocked(path=path, reason=reason)
+            except BaseException:
+                if claim is not None:
+                    os.close(claim)
+                raise
         except BaseException:
             os.close(fd)
             raise
-        if reason is not None:
-            os.close(fd)
-            raise errors.BackingLocked(path=path, reason=reason)
-        _held[key] = _held.get(key, 0) + 1
+        if held is None:
+            _held[key] = [1, claim]
+        else:
+            held[0] += 1
         return fd
 
 
 def close(fd):
-    """Close a descriptor of open_locked (its locks go with it)."""
+    """Close a descriptor of open_locked (its locks go with it; the
+    device's claim with the last one)."""
     with _held_lock:
         try:
             key = _identity(os.fstat(fd))
         except OSError:
             key = None
-        os.close(fd)
-        count = _held.get(key, 0) - 1
-        if count > 0:
-            _held[key] = count
-        else:
-            _held.pop(key, None)
-
-
-def check_free(path, writable):
-    """Refuse (errors.BackingLocked) a file another program holds as
-    open_locked would, without keeping it: for commands that add a file
-    to the inventory."""
-    close(open_locked(path, writable))
+        try:
+            os.close(fd)
+        finally:
+            held = _held.get(key)
+            if held is not None:
+                held[0] -= 1
+                if held[0] == 0:
+                    del _held[key]
+                    if held[1] is not None:
+                        os.close(held[1])

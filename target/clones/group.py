@@ -108,6 +108,9 @@ class CloneGroup(Mirroring, Restore):
             os.path.join(map_dir, source.name + ".prm"), granularity,
             self.extents)
         self.prm_lock = threading.Lock()
+        # Source flushes failed so far: a restore's copy that spans one
+        # keeps its bits (Mirroring._mark_lost).
+        self.flush_failures = 0
         self.scoreboard = bytearray(self.extents)
         self.cod = CodStats()
         # Test hook: called by the engine between reading and writing a run.

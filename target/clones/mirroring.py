@@ -427,16 +427,15 @@ class Mirroring:
         """Flush the Source.  A flush that fails may have lost what the
         Source got since the last commit (a failed fdatasync drops the
         pages it could not write), which its clones may have: each clone
-        but a restoring one (whose bits would copy it over the hosts'
-        writes) gets those extents' bits (a sync gives it the Source's
-        data again, a reverse sync gives the Source the clone's), and the
-        error is raised."""
+        gets those extents' bits (a sync gives it the Source's data again,
+        a reverse sync gives the Source the clone's, a restore copies the
+        clone's again where no host wrote: _mark_lost), and the error is
+        raised."""
         try:
             self.below.flush()
         except OSError:
             with self.cond:
-                self._mark_lost([c for c in self.clones.values()
-                                 if c is not self.restoring])
+                self._mark_lost(list(self.clones.values()))
             raise
 
     def _flush_clone(self, clone):
@@ -467,10 +466,24 @@ class Mirroring:
 
     def _mark_lost(self, clones):
         """(Holding cond.)  What a failed flush may have lost is marked in
-        clones; a copy running over it does not clear it (collided)."""
+        clones; a copy running over it does not clear it (collided, and
+        for a restore's copies flush_failures).  A restoring clone gets
+        the bits only where the PRM has none: an extent a host wrote
+        since the restore began is never copied over (its write was in
+        the lost flush too, and the host hears of it), while an extent
+        the restore copied may be back to its old data and is copied
+        again.  A host write sets its PRM bits before it is carried out,
+        so none is in flight on the extents marked."""
         lost = self.changes.unflushed()
         for clone in clones:
-            maps.set_where(clone.delta, lost)
+            if clone is self.restoring:
+                lost_here = bytearray(lost)
+                for e in range(len(lost_here)):
+                    lost_here[e] &= self.prm[e] ^ 1
+                maps.set_where(clone.delta, lost_here)
+            else:
+                maps.set_where(clone.delta, lost)
+        self.flush_failures += 1
         if self.changes.copying:
             self.collided = True
 

@@ -7,6 +7,7 @@ shared; a read-only qemu-io: byte 100).  The real QEMU tools against a
 served LU are in tests/system/core/test_backing_claims.py.
 """
 
+import errno
 import os
 import subprocess
 import sys
@@ -65,19 +66,21 @@ def holder(image):
 
 def _locks_of(path):
     """The lock bytes anyone holds on path, from /proc/locks."""
-    ino = os.stat(path).st_ino
+    st = os.stat(path)
+    where = "{:02x}:{:02x}:{}".format(os.major(st.st_dev),
+                                      os.minor(st.st_dev), st.st_ino)
     found = set()
     with open("/proc/locks") as f:
         for line in f:
             fields = line.split()
-            if fields[1] == "OFDLCK" and fields[5].endswith(":{}".format(ino)):
+            if fields[1] == "OFDLCK" and fields[5] == where:
                 found.update(range(int(fields[6]), int(fields[7]) + 1))
     return found
 
 
 def test_an_open_file_holds_qemus_bytes_for_a_writer(image):
     with backends.FileBackend(image):
-        assert _locks_of(image) == {100, 101, 103, 201, 203}
+        assert _locks_of(image) == {100, 101, 201, 203}
     assert _locks_of(image) == set()
 
 
@@ -96,7 +99,7 @@ def test_a_file_another_program_writes_is_refused(image, holder, held):
     with pytest.raises(errors.BackingLocked):
         backends.FileBackend(image, readonly=True)
     with pytest.raises(errors.BackingLocked):
-        filelocks.check_free(image, writable=True)
+        filelocks.open_locked(image, writable=True)
 
 
 def test_a_reader_that_shares_writes_is_no_obstacle(image, holder):
@@ -123,7 +126,7 @@ def test_this_process_may_open_its_own_file_again(image, holder):
     with pytest.raises(subprocess.CalledProcessError):
         subprocess.run([sys.executable, "-c",
                         "import sys; from target import filelocks; "
-                        "filelocks.check_free(sys.argv[1], True)", image],
+                        "filelocks.open_locked(sys.argv[1], True)", image],
                        check=True, capture_output=True,
                        cwd=os.path.dirname(os.path.dirname(
                            os.path.dirname(os.path.abspath(__file__)))))
@@ -133,3 +136,50 @@ def test_this_process_may_open_its_own_file_again(image, holder):
     holder(QEMU_NBD)        # and nothing of ours is counted any more
     with pytest.raises(errors.BackingLocked):
         backends.FileBackend(image)
+
+
+@pytest.fixture
+def loop_device(tmp_path):
+    """A loop device over a 1M file, detached at teardown."""
+    backing = tmp_path / "loop.img"
+    with open(backing, "wb") as f:
+        f.truncate(1 << 20)
+    proc = subprocess.run(["losetup", "--find", "--show", str(backing)],
+                          capture_output=True, text=True, timeout=30)
+    if proc.returncode != 0:
+        pytest.skip("no loop device: " + proc.stderr.strip())
+    dev = proc.stdout.strip()
+    yield dev
+    subprocess.run(["losetup", "--detach", dev], timeout=30)
+
+
+def _claimed_elsewhere(dev):
+    """Whether an exclusive open of dev (a mount's) fails."""
+    try:
+        os.close(os.open(dev, os.O_RDONLY | os.O_EXCL))
+    except OSError as e:
+        assert e.errno == errno.EBUSY, e
+        return True
+    return False
+
+
+def test_a_device_stays_claimed_while_any_descriptor_of_it_is_open(
+        loop_device):
+    first = filelocks.open_locked(loop_device, writable=True)
+    second = filelocks.open_locked(loop_device, writable=True)
+    filelocks.close(first)
+    assert _claimed_elsewhere(loop_device)
+    filelocks.close(second)
+    assert not _claimed_elsewhere(loop_device)
+
+
+def test_a_device_claimed_elsewhere_is_refused(loop_device):
+    holder = os.open(loop_device, os.O_RDONLY | os.O_EXCL)
+    try:
+        with pytest.raises(errors.BackingLocked) as e:
+            backends.FileBackend(loop_device)
+        assert "mounted" in str(e.value)
+    finally:
+        os.close(holder)
+    with backends.FileBackend(loop_device):
+        assert _claimed_elsewhere(loop_device)

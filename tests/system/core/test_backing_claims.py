@@ -59,10 +59,29 @@ def test_qemu_cannot_write_a_served_lus_file(served_lu, nbd_connect):
     assert 'Failed to get "write" lock' in proc.stderr, proc.stderr
     assert read_file_range(served_lu.file, 0, len(PATTERN)) == PATTERN
     assert h.pread(len(PATTERN), 0) == PATTERN
-    # Reading the file beside the target stays possible.
+    resize = subprocess.run(["qemu-img", "resize", "-f", "raw",
+                             str(served_lu.file), "+1M"],
+                            capture_output=True, text=True, timeout=60)
+    assert resize.returncode != 0, "qemu-img resized the served LU's file"
+
+
+def test_qemu_may_read_a_served_lus_file(served_lu, nbd_connect,
+                                         process_guard, tmp_path):
+    h = nbd_connect(served_lu.server.socket, served_lu.name)
+    h.pwrite(PATTERN, 0)
+    h.flush()
     subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "raw",
-                    str(served_lu.file), str(served_lu.file)], check=True,
+                    str(served_lu.file), served_lu.uri], check=True,
                    capture_output=True, timeout=60)
+    sock = "/tmp/claims-ro-{}.sock".format(os.getpid())
+    reader = NbdProcess(["qemu-nbd", "-r", "-f", "raw", "-t", "-k", sock,
+                         "-x", "ro", served_lu.file], sock, "ro",
+                        tmp_path / "qemu-nbd-ro.log", process_guard).start()
+    try:
+        ro = nbd_connect("nbd+unix:///ro?socket=" + sock)
+        assert ro.pread(len(PATTERN), 0) == PATTERN
+    finally:
+        reader.stop()
 
 
 def test_qemu_cannot_write_a_clones_file(clonectl, served_lu, state_dir):
@@ -82,12 +101,12 @@ def test_a_file_qemu_writes_is_neither_added_nor_served(
     with open(image, "wb") as f:
         f.truncate(16 * MiB)
     sock = "/tmp/claims-{}.sock".format(os.getpid())
+    srv = server_factory()
+    clonectl("lu", "create", "src", "--size", "16M")
     qemu = _qemu_nbd(image, sock, tmp_path / "qemu-nbd.log", process_guard)
     try:
         _refused_as_in_use(clonectl("lu", "create", "vm", "--file", image,
                                     check=False))
-        srv = server_factory()
-        clonectl("lu", "create", "src", "--size", "16M")
         _refused_as_in_use(clonectl("clone", "add", "src", "c1", "--file",
                                     image, check=False))
     finally:
