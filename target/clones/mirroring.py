@@ -224,6 +224,11 @@ class Mirroring:
                     self.overlap_waiters -= 1
             if self.restoring is not restoring:
                 return None, None
+            if restoring is not None and (only is None or only is restoring) \
+                    and self._restore_pending(restoring, e0, e1):
+                # A failed Source flush marked an extent again since the
+                # caller's copy on demand (_mark_lost): copied first.
+                return None, None
             if only is None and not self.clones:
                 return None, []
             token = self.changes.begin(e0, e1)
@@ -436,6 +441,7 @@ class Mirroring:
         except OSError:
             with self.cond:
                 self._mark_lost(list(self.clones.values()))
+                self.flush_failures += 1
             raise
 
     def _flush_clone(self, clone):
@@ -467,25 +473,28 @@ class Mirroring:
     def _mark_lost(self, clones):
         """(Holding cond.)  What a failed flush may have lost is marked in
         clones; a copy running over it does not clear it (collided, and
-        for a restore's copies flush_failures).  A restoring clone gets
-        the bits only where the PRM has none: an extent a host wrote
-        since the restore began is never copied over (its write was in
-        the lost flush too, and the host hears of it), while an extent
-        the restore copied may be back to its old data and is copied
-        again.  A host write sets its PRM bits before it is carried out,
-        so none is in flight on the extents marked."""
+        for a restore's copies the Source's flush_failures).  A restoring
+        clone's marked extents are copied again, except where the PRM has
+        a bit: an extent a host wrote since the restore began is never
+        copied over (the host's write was in the failed flush too), and a
+        write whose copy on demand preceded the mark copies again before
+        it sets its bit (_begin)."""
         lost = self.changes.unflushed()
         for clone in clones:
-            if clone is self.restoring:
-                lost_here = bytearray(lost)
-                for e in range(len(lost_here)):
-                    lost_here[e] &= self.prm[e] ^ 1
-                maps.set_where(clone.delta, lost_here)
-            else:
-                maps.set_where(clone.delta, lost)
-        self.flush_failures += 1
+            maps.set_where(clone.delta, lost)
         if self.changes.copying:
             self.collided = True
+
+    def _restore_pending(self, clone, e0, e1):
+        """(Holding cond.)  Whether an extent of [e0, e1) is still to be
+        restored from clone (Delta bit, no PRM bit)."""
+        delta, prm = clone.delta, self.prm
+        e = delta.find(1, e0, e1)
+        while e >= 0:
+            if not prm[e]:
+                return True
+            e = delta.find(1, e + 1, e1)
+        return False
 
     def redirected_read(self, buf, offset):
         """Source read during a reverse sync: dirty extents from the clone."""

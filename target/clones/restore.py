@@ -40,6 +40,7 @@ docs/design.md and docs/persistence.md (the PRM file).
 
 import collections
 import logging
+import os
 import time
 
 from .. import copier, errors, maps
@@ -204,24 +205,33 @@ class Restore:
         the restore stays paused with its PRM lost.  After a crash that
         file would resume the restore by itself, over what hosts write
         from now on: its header is overwritten in place (the file's data
-        only, no directory operation), so it loads as lost again."""
+        only, no directory operation), so it loads as lost again, or else
+        removed."""
         path = self.prm_file.path
         try:
             fd = maps.files.open(path)
         except FileNotFoundError:
             return
         except OSError:
-            log.exception("the PRM file %s of the restore of %s could not "
-                          "be opened to spoil it", path, self.source.name)
-            return
+            fd = None
+        if fd is not None:
+            try:
+                maps.files.pwrite(fd, bytes(maps.HEADER.size), 0)
+                maps.files.datasync(fd)
+                return
+            except OSError:
+                pass
+            finally:
+                maps.files.close(fd)
+        # A missing PRM loads as lost too.
         try:
-            maps.files.pwrite(fd, bytes(maps.HEADER.size), 0)
-            maps.files.datasync(fd)
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
         except OSError:
-            log.exception("the PRM file %s of the restore of %s could not "
-                          "be spoiled", path, self.source.name)
-        finally:
-            maps.files.close(fd)
+            log.exception("the PRM file %s of the restore of %s could be "
+                          "neither spoiled nor removed: a crash now resumes "
+                          "the restore", path, self.source.name)
 
     def _protect_later(self, clone, regions):
         """(Holding cond, no write in flight.)  Extents set in the Delta

@@ -12,6 +12,8 @@ nothing.
 
 import errno
 import os
+import threading
+import time
 
 import pytest
 
@@ -126,6 +128,220 @@ def test_a_copy_running_across_a_failed_source_flush_keeps_its_bits(fh):
     assert _wrong_unprotected(h) == []
     assert all(h.extent(h.mem_src, e) == h.extent(h.mem["c1"], e)
                for e in range(EXTENTS))
+
+
+def _fail_source_flush(h):
+    """A host's flush that fails on the Source."""
+    h.src.fail_flush = errno.EIO
+    try:
+        with pytest.raises(OSError):
+            h.lu.flush()
+    finally:
+        h.src.fail_flush = None
+
+
+def test_a_flushed_host_write_is_never_copied_over(fh):
+    h = fh
+    engine = _restoring(h)
+    h.lu.write(b"H" * 100, 5 * GRAN + 10)     # copy on demand, PRM bit
+    h.lu.flush()
+    assert engine.step()                      # extents 0-1 copied
+    _fail_source_flush(h)
+    h.run(engine)
+    assert h.mem_src.data[5 * GRAN + 10:5 * GRAN + 110] == b"H" * 100
+    assert _wrong_unprotected(h) == []
+
+
+def _fail_after_copy_on_demand(h, extent, then=None):
+    """The Source's flush fails right after a host write's copy on
+    demand of extent, before the write registers (then: called next)."""
+    g = h.group
+    real = g.copy_on_demand
+    done = []
+
+    def cod(e0, e1):
+        real(e0, e1)
+        if e0 == extent and not done:
+            done.append(1)
+            _fail_source_flush(h)
+            if then is not None:
+                then()
+    g.copy_on_demand = cod
+    return done
+
+
+def test_a_write_whose_copy_on_demand_was_lost_copies_again(fh):
+    """Between a host write's copy on demand and its registration a flush
+    fails and may drop that copy: the write copies again before it lands,
+    so the rest of the extent is the clone's, not the pre-restore data."""
+    h = fh
+    engine = _restoring(h)
+    done = _fail_after_copy_on_demand(h, 3)
+    h.lu.write(b"H" * 100, 3 * GRAN + 10)
+    assert done
+    h.run(engine)
+    want = bytearray(h.extent(h.mem["c1"], 3))
+    want[10:110] = b"H" * 100
+    assert h.extent(h.mem_src, 3) == bytes(want), \
+        "extent 3 keeps pre-restore data around the host write"
+
+
+def test_an_engine_copy_of_an_extent_marked_again_never_lands_on_a_write(
+        fh):
+    """The engine claims the extent marked again while the host write
+    that copied it on demand waits to register: the write must not land
+    before that copy, or the copy overwrites it."""
+    h = fh
+    engine = _restoring(h)
+    engine.chunk = 1
+    engine.copier = h.group.restore_copier(h.group.clones["c1"], chunk=GRAN)
+    engine.cursor = 3
+    in_hook, go = threading.Event(), threading.Event()
+
+    def hook(_, e0, e1):
+        if e0 == 3:
+            in_hook.set()
+            go.wait(5)
+
+    def engine_claims():
+        h.group.copy_hook = hook
+        threading.Thread(target=engine.step, daemon=True).start()
+        assert in_hook.wait(5)               # the engine read extent 3
+    _fail_after_copy_on_demand(h, 3, then=engine_claims)
+    writer = threading.Thread(target=lambda: (
+        h.lu.write(b"H" * 100, 3 * GRAN + 10), h.lu.flush()))
+    writer.start()
+    time.sleep(0.2)                          # the write waits, or lands
+    go.set()
+    writer.join(10)
+    h.group.copy_hook = None
+    del h.group.copy_on_demand               # the class's again
+    h.run(engine)
+    assert h.mem_src.data[3 * GRAN + 10:3 * GRAN + 110] == b"H" * 100, \
+        "a flushed host write was overwritten by the restore"
+
+
+def test_marks_made_while_the_finish_drains_are_copied(fh):
+    h = fh
+    engine = _restoring(h)
+    while engine.step():
+        pass                                 # all copied, not committed
+    entered, release = threading.Event(), threading.Event()
+    real_write = h.src.write
+
+    def write(buf, offset):
+        if offset == 15 * GRAN:
+            entered.set()
+            release.wait(5)
+        real_write(buf, offset)
+    h.src.write = write
+    w = threading.Thread(target=h.lu.write, args=(b"W" * 10, 15 * GRAN))
+    w.start()
+    assert entered.wait(5)
+    done = []
+    f = threading.Thread(target=lambda: done.append(engine.finish()))
+    f.start()
+    time.sleep(0.2)                          # the finish drains
+    _fail_source_flush(h)                    # marks every copied extent
+    release.set()
+    w.join(5)
+    f.join(5)
+    if done != [True]:
+        h.run(engine)
+    c1 = h.group.clones["c1"]
+    assert c1.state == clones.FRACTURED
+    wrong = [e for e in range(EXTENTS) if e != 15 and not c1.delta[e]
+             and h.extent(h.mem_src, e) != h.extent(h.mem["c1"], e)]
+    assert wrong == [], "the restore completed with pre-restore data " \
+        "under clean bits at {}".format(wrong)
+
+
+def test_marks_made_during_the_finishs_commit_are_copied(fh):
+    h = fh
+    engine = _restoring(h)
+    while engine.step():
+        pass
+    real_flush = h.src.flush
+    armed = [True]
+
+    def flush():
+        if armed[0] and h.group.quiesce:     # the finish's commit
+            armed[0] = False
+            _fail_source_flush(h)            # a host's flush fails
+        real_flush()
+    h.src.flush = flush
+    h.lu.stack.refresh()
+    if not engine.finish():
+        h.run(engine)
+    c1 = h.group.clones["c1"]
+    assert c1.state == clones.FRACTURED
+    left = [e for e in range(EXTENTS) if c1.delta[e]]
+    assert left == [], "the restore completed, yet extents {} hold " \
+        "pre-restore data".format(left)
+
+
+def _restore_with_lost_prm(h):
+    h.lu.write(b"A" * SIZE, 0)
+    h.sync("c1")
+    h.group.fracture("c1")
+    h.group.commit()
+    h.lu.write(b"B" * (4 * GRAN), 0)
+    h.lu.flush()
+    h.group.start_restore("c1", run=False)
+    os.unlink(h.group.prm_file.path)
+    h.crash()
+    assert h.group.prm_lost
+
+
+def test_a_prm_that_cannot_be_spoiled_is_removed(fh, monkeypatch):
+    """The --full restart's reset failed at its reopen (EMFILE), after
+    the rename, and the spoil cannot open the file either."""
+    h = fh
+    _restore_with_lost_prm(h)
+    prm = h.group.prm_file.path
+    real_open = maps.files.open
+
+    def bad_open(path):
+        if path == prm:
+            raise OSError(errno.EMFILE, "Too many open files")
+        return real_open(path)
+    monkeypatch.setattr(maps.files, "open", bad_open)
+    with pytest.raises(OSError):
+        h.group.start_restore("c1", full=True, run=False)
+    monkeypatch.setattr(maps.files, "open", real_open)
+    h.lu.write(b"H" * GRAN, 10 * GRAN)
+    h.lu.flush()
+    h.crash()
+    if h.group.resume(run=False) is not None:
+        h.run(h.group.engine)
+    assert h.mem_src.data[10 * GRAN:11 * GRAN] == b"H" * GRAN
+
+
+def test_a_full_restart_after_a_failed_one_protects_new_writes(
+        fh, monkeypatch):
+    h = fh
+    _restore_with_lost_prm(h)
+    real = maps.files.replace
+    prm = h.group.prm_file.path
+
+    def replace(path, data):
+        real(path, data)
+        if path == prm:
+            raise OSError(errno.EIO, "injected fsync of the directory")
+    monkeypatch.setattr(maps.files, "replace", replace)
+    with pytest.raises(OSError):
+        h.group.start_restore("c1", full=True, run=False)
+    monkeypatch.setattr(maps.files, "replace", real)
+    h.lu.write(b"H" * GRAN, 10 * GRAN)       # restored over by the retry
+    h.lu.flush()
+    h.group.start_restore("c1", full=True, run=False)
+    h.lu.write(b"K" * GRAN, 12 * GRAN)
+    h.lu.flush()
+    h.crash()
+    h.group.resume(run=False)
+    h.run(h.group.engine)
+    assert h.mem_src.data[12 * GRAN:13 * GRAN] == b"K" * GRAN
+    assert h.extent(h.mem_src, 10) == h.extent(h.mem["c1"], 10)
 
 
 # ------------------------------------------------------------ safe

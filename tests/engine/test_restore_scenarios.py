@@ -114,6 +114,9 @@ def test_write_to_restoring_clone_restores_the_extent_first(h, protected,
             real(self, e0, e1)
         monkeypatch.setattr(clones.CloneGroup, "copy_on_demand",
                             skip_for_clone_writes)
+        # And the write's own look at the extent before it registers.
+        monkeypatch.setattr(clones.CloneGroup, "_restore_pending",
+                            lambda self, clone, e0, e1: False)
     h.group.clones["c1"].export.write(b"N" * 100, 3 * GRAN)
     h.run(h.group.engine)
     assert (h.extent(h.mem_src, 3) == b"P" * GRAN) == protected
