@@ -413,6 +413,11 @@ class CloneGroup(Mirroring, Restore):
             checks()
 
             def switch():
+                if event == "reverse-sync":
+                    # Again: the export was writable until now, and a
+                    # write since added bits the siblings need too (the
+                    # activity map holds them until the next commit).
+                    self._prepare_restore(clone)
                 self.transition(clone, event, rate=rate)
                 clone.paused = False
                 self._set_read_path()

@@ -224,6 +224,10 @@ class Mirroring:
                     self.overlap_waiters -= 1
             if self.restoring is not restoring:
                 return None, None
+            if only is not None and only.state not in EXPORTED:
+                # Admitted before a switch it waited for (a sync or a
+                # reverse sync began): the clone is no longer writable.
+                raise errors.ReadOnly(name=only.name)
             if restoring is not None and (only is None or only is restoring) \
                     and self._restore_pending(restoring, e0, e1):
                 # A failed Source flush marked an extent again since the
