@@ -635,12 +635,7 @@ class RsgOrchestration:
         """Make this primary a secondary; it reports the regions it wrote
         that no secondary acknowledged (what may have diverged)."""
         rsg = self._rsg(name, replication.PRIMARY)
-        busy = [lu.name for lu in rsg.volumes if lu.connections]
-        if busy:
-            raise replication.RsgBusy(
-                name=name, reason="LU {} has host connections; stop the "
-                "hosts first, so no write lands after the demotion"
-                .format(busy[0]))
+        self._refuse_hosts(rsg)
         # The iSCSI gateway mounts every volume: it lets go first (no
         # write may land between the regions reported below and the
         # guard), and mounts them again, read-only, as a secondary's.
@@ -649,9 +644,21 @@ class RsgOrchestration:
             for lu in rsg.volumes:
                 withdrawn.append(lu.name)
                 self.target.gateway.withdraw(lu.name, lu)
+            # Again, now that no connection can open: a host that
+            # connected since the first look would write in between.
+            self._refuse_hosts(rsg)
             return self._demote(rsg)
         finally:
             self.target.gateway.give_back(withdrawn)
+
+    def _refuse_hosts(self, rsg):
+        with self.target.lock:
+            busy = [lu.name for lu in rsg.volumes if lu.connections]
+        if busy:
+            raise replication.RsgBusy(
+                name=rsg.name, reason="LU {} has host connections; stop the "
+                "hosts first, so no write lands after the demotion"
+                .format(busy[0]))
 
     def _demote(self, rsg):
         name = rsg.name
