@@ -19,35 +19,23 @@ import pytest
 
 from target import clones, maps
 
-from tests.support.clonegroup import EXTENTS, GRAN, SIZE, FailingBackend, \
-    Harness
-
-
-def _pattern(seed):
-    return bytes((seed + i) % 251 for i in range(SIZE))
+from tests.support.clonegroup import EXTENTS, GRAN, Harness, \
+    hold_write, on_failing_backends, pattern, restore_losing_its_prm
 
 
 @pytest.fixture
 def fh(tmp_path):
-    h = Harness(tmp_path)
-    h.src = FailingBackend(h.mem_src)
-    h.fail = {n: FailingBackend(h.mem[n]) for n in h.mem}
-    h.lu.backend = h.lu.stack.base = h.src
-    h.lu.stack.refresh()
-    for n, clone in h.group.clones.items():
-        clone.backend = h.fail[n]
-        clone.export.read = h.fail[n].readinto
-    return h
+    return on_failing_backends(Harness(tmp_path))
 
 
 def _restoring(h):
     """c1 synced at pattern 1, fractured, its export rewritten with
     pattern 7 (every extent differs); its restore started, not run, two
     extents a step."""
-    h.lu.write(_pattern(1), 0)
+    h.lu.write(pattern(1), 0)
     h.sync("c1")
     h.group.fracture("c1")
-    h.group.clones["c1"].export.write(_pattern(7), 0)
+    h.group.clones["c1"].export.write(pattern(7), 0)
     h.lu.flush()
     engine = h.group.start_restore("c1", run=False)
     engine.chunk = 2
@@ -226,15 +214,7 @@ def test_marks_made_while_the_finish_drains_are_copied(fh):
     engine = _restoring(h)
     while engine.step():
         pass                                 # all copied, not committed
-    entered, release = threading.Event(), threading.Event()
-    real_write = h.src.write
-
-    def write(buf, offset):
-        if offset == 15 * GRAN:
-            entered.set()
-            release.wait(5)
-        real_write(buf, offset)
-    h.src.write = write
+    entered, release = hold_write(h.src, 15 * GRAN)
     w = threading.Thread(target=h.lu.write, args=(b"W" * 10, 15 * GRAN))
     w.start()
     assert entered.wait(5)
@@ -280,24 +260,31 @@ def test_marks_made_during_the_finishs_commit_are_copied(fh):
         "pre-restore data".format(left)
 
 
-def _restore_with_lost_prm(h):
-    h.lu.write(b"A" * SIZE, 0)
-    h.sync("c1")
-    h.group.fracture("c1")
-    h.group.commit()
-    h.lu.write(b"B" * (4 * GRAN), 0)
-    h.lu.flush()
-    h.group.start_restore("c1", run=False)
-    os.unlink(h.group.prm_file.path)
-    h.crash()
-    assert h.group.prm_lost
+def _failed_full_restart(h, monkeypatch):
+    """`clone restore --full` whose new PRM is renamed into place, then
+    the fsync of its directory fails: the command fails."""
+    real = maps.files.replace
+    prm = h.group.prm_file.path
+    calls = []
+
+    def replace(path, data):
+        real(path, data)                       # renamed into place ...
+        if path == prm:
+            calls.append(path)
+            raise OSError(errno.EIO, "injected fsync of the directory")
+    monkeypatch.setattr(maps.files, "replace", replace)
+    with pytest.raises(OSError):
+        h.group.start_restore("c1", full=True, run=False)
+    monkeypatch.setattr(maps.files, "replace", real)
+    assert calls
 
 
 def test_a_prm_that_cannot_be_spoiled_is_removed(fh, monkeypatch):
     """The --full restart's reset failed at its reopen (EMFILE), after
     the rename, and the spoil cannot open the file either."""
     h = fh
-    _restore_with_lost_prm(h)
+    restore_losing_its_prm(h)
+    assert h.group.prm_lost
     prm = h.group.prm_file.path
     real_open = maps.files.open
 
@@ -320,18 +307,9 @@ def test_a_prm_that_cannot_be_spoiled_is_removed(fh, monkeypatch):
 def test_a_full_restart_after_a_failed_one_protects_new_writes(
         fh, monkeypatch):
     h = fh
-    _restore_with_lost_prm(h)
-    real = maps.files.replace
-    prm = h.group.prm_file.path
-
-    def replace(path, data):
-        real(path, data)
-        if path == prm:
-            raise OSError(errno.EIO, "injected fsync of the directory")
-    monkeypatch.setattr(maps.files, "replace", replace)
-    with pytest.raises(OSError):
-        h.group.start_restore("c1", full=True, run=False)
-    monkeypatch.setattr(maps.files, "replace", real)
+    restore_losing_its_prm(h)
+    assert h.group.prm_lost
+    _failed_full_restart(h, monkeypatch)
     h.lu.write(b"H" * GRAN, 10 * GRAN)       # restored over by the retry
     h.lu.flush()
     h.group.start_restore("c1", full=True, run=False)
@@ -482,30 +460,9 @@ def test_full_restart_whose_prm_reset_fails_after_the_rename(fh, monkeypatch):
     a crash the restore must still be paused and refused without --full,
     never resumed on its own over those flushed writes."""
     h = fh
-    h.lu.write(b"A" * SIZE, 0)
-    h.sync("c1")
-    h.group.fracture("c1")
-    h.group.commit()
-    h.lu.write(b"B" * (4 * GRAN), 0)
-    h.lu.flush()
-    h.group.start_restore("c1", run=False)
-    os.unlink(h.group.prm_file.path)
-    h.crash()
+    restore_losing_its_prm(h)
     assert h.group.prm_lost
-    real = maps.files.replace
-    prm = h.group.prm_file.path
-    calls = []
-
-    def replace(path, data):
-        real(path, data)                       # renamed into place ...
-        if path == prm:
-            calls.append(path)
-            raise OSError(errno.EIO, "injected fsync of the directory")
-    monkeypatch.setattr(maps.files, "replace", replace)
-    with pytest.raises(OSError):
-        h.group.start_restore("c1", full=True, run=False)
-    monkeypatch.setattr(maps.files, "replace", real)
-    assert calls
+    _failed_full_restart(h, monkeypatch)
     c1 = h.group.clones["c1"]
     assert c1.state == clones.RESTORING and c1.paused and h.group.prm_lost
     h.lu.write(b"H" * GRAN, 10 * GRAN)         # after the failed command

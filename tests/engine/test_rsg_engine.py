@@ -1321,6 +1321,37 @@ def test_clone_sync_on_secondary_keeps_its_read_guard(cluster_factory):
         lu.read(bytearray(4096), 0)
 
 
+def test_a_host_connecting_as_a_demotion_begins_refuses_it(
+        cluster_factory, monkeypatch):
+    """A demotion reports the regions this node wrote that no secondary
+    acknowledged, then puts the secondary's guard in place: a host write
+    between the two is in no map.  Hosts are counted again once every
+    volume is withdrawn (no new connection opens): one that connected
+    between the first look and the withdrawal refuses it too."""
+    c = cluster_factory()
+    c.write(0, 0, b"\x01" * 4096)
+    c.wait_converged()
+    c.ta.rsg_detach("g", c.addr)
+    withdraw = c.ta.gateway.withdraw
+    hosts = []
+
+    def connect_first(name, obj):
+        if not hosts:
+            hosts.append(c.ta.connect(VOLS[0], False))
+        withdraw(name, obj)
+    monkeypatch.setattr(c.ta.gateway, "withdraw", connect_first)
+    with pytest.raises(R.RsgBusy):
+        c.ta.rsg_demote("g")
+    assert hosts
+    assert c.ta.rsgs["g"].role == R.PRIMARY
+    # Given back: the host writes, a new host connects.
+    hosts[0].export.write(b"\x02" * 4096, 0)
+    c.ta.disconnect(c.ta.connect(VOLS[0], False))
+    c.ta.disconnect(hosts[0])
+    c.ta.rsg_demote("g")
+    assert c.ta.rsgs["g"].role == R.SECONDARY
+
+
 def test_demote_during_restore_keeps_serving_restored_data(cluster_factory,
                                                           monkeypatch):
     """A protected restore shows the clone's data for every extent at

@@ -138,21 +138,6 @@ def test_this_process_may_open_its_own_file_again(image, holder):
         backends.FileBackend(image)
 
 
-@pytest.fixture
-def loop_device(tmp_path):
-    """A loop device over a 1M file, detached at teardown."""
-    backing = tmp_path / "loop.img"
-    with open(backing, "wb") as f:
-        f.truncate(1 << 20)
-    proc = subprocess.run(["losetup", "--find", "--show", str(backing)],
-                          capture_output=True, text=True, timeout=30)
-    if proc.returncode != 0:
-        pytest.skip("no loop device: " + proc.stderr.strip())
-    dev = proc.stdout.strip()
-    yield dev
-    subprocess.run(["losetup", "--detach", dev], timeout=30)
-
-
 def _claimed_elsewhere(dev):
     """Whether an exclusive open of dev (a mount's) fails."""
     try:

@@ -152,21 +152,6 @@ def test_two_state_directories_cannot_serve_one_file(
                                     shared, check=False))
 
 
-@pytest.fixture
-def loop_device(tmp_path):
-    """A loop device over a 16M file, detached at teardown."""
-    backing = tmp_path / "loop.img"
-    with open(backing, "wb") as f:
-        f.truncate(16 * MiB)
-    proc = subprocess.run(["losetup", "--find", "--show", str(backing)],
-                          capture_output=True, text=True, timeout=30)
-    if proc.returncode != 0:
-        pytest.skip("no loop device: " + proc.stderr.strip())
-    dev = proc.stdout.strip()
-    yield dev
-    subprocess.run(["losetup", "--detach", dev], timeout=30)
-
-
 def test_a_block_device_is_claimed_exclusively(loop_device, clonectl,
                                                server_factory):
     # Held exclusively, as a mounted filesystem or device-mapper holds it.
