@@ -312,6 +312,11 @@ def lu_rollback(ctx, name, image):
     and then `clonectl rsg promote --force` makes the group's last
     consistent point the new primary's. Needs a running server; stop hosts
     writing to the LU first (on a secondary, detach its primary's link).
+
+    Refused while hosts (NBD or the iSCSI gateway) are connected to NAME,
+    or a clone of it runs a protected restore or a reverse sync. While it
+    runs NAME is not exported (new connections are refused) and a clone
+    restore or reverse sync of it is refused.
     """
     res = _control_call(ctx, "image_rollback", lu=name, image=image)
     click.echo("rolled {} back to {} ({} extents restored)".format(

@@ -163,13 +163,14 @@ class CloneOrchestration:
                     del record["clones"]
                     record.pop("granularity", None)
 
-        self._gateway_let_go(c)
+        withdrawn = self._gateway_let_go(c)
         try:
             # Refuses while busy or exported; the inventory first, so a
             # save that fails leaves the clone in place.
             group.remove_clone(clone, persist)
         finally:
-            self.target.gateway.give_back([clone])
+            if withdrawn:
+                self.target.gateway.give_back([clone])
         c.backend.close()
         if not group.clones:
             del self.target.groups[source]
@@ -189,7 +190,7 @@ class CloneOrchestration:
             # A state remove_clone refuses (with its own reason): nothing
             # is withdrawn for it.
             return (c.state, "remove") in clones.TRANSITIONS
-        self.target.gateway_let_go(c.name, c.export, going)
+        return self.target.gateway_let_go(c.name, c.export, going)
 
     def clone_list(self, source=None):
         with self.target.lock:
@@ -265,27 +266,32 @@ class CloneOrchestration:
 
     def clone_reverse_sync(self, clone, rate=None):
         group, c = self._working_clone(clone, "reverse-sync")
-        # Refused before the links of a replicated Source replay its
-        # regions (a refusal changes nothing, on the secondaries too).
-        group.check_reverse_sync(clone)
-        # The regions are read where nothing else changes the Source (a
-        # secondary's primary's batches set delta bits too).
-        self.target.rsg_ops.run_volume_change(
-            group.source, lambda: bytearray(c.delta), group.granularity,
-            "a reverse sync", lambda regions: group.start_reverse_sync(
-                clone, rate=_rate(rate), run=False))
+        # A rollback of the Source is a second writer of it: never both.
+        with self.target.session_ops.restore_starting(group.source, clone,
+                                                      "reverse-sync"):
+            # Refused before the links of a replicated Source replay its
+            # regions (a refusal changes nothing, on the secondaries too).
+            group.check_reverse_sync(clone)
+            # The regions are read where nothing else changes the Source
+            # (a secondary's primary's batches set delta bits too).
+            self.target.rsg_ops.run_volume_change(
+                group.source, lambda: bytearray(c.delta), group.granularity,
+                "a reverse sync", lambda regions: group.start_reverse_sync(
+                    clone, rate=_rate(rate), run=False))
         return group.clone_status(c)
 
     def clone_restore(self, clone, full=False, rate=None):
         group, c = self._working_clone(clone, "restore")
-        group.check_restore(clone, full=bool(full))
-        self.target.rsg_ops.run_volume_change(
-            group.source, lambda: bytearray(b"\x01" * len(c.delta)) if full
-            else bytearray(c.delta), group.granularity,
-            "a protected restore",
-            lambda regions: group.start_restore(
-                clone, full=bool(full), rate=_rate(rate), run=False,
-                regions=regions))
+        with self.target.session_ops.restore_starting(group.source, clone,
+                                                      "restore"):
+            group.check_restore(clone, full=bool(full))
+            self.target.rsg_ops.run_volume_change(
+                group.source, lambda: bytearray(b"\x01" * len(c.delta))
+                if full else bytearray(c.delta), group.granularity,
+                "a protected restore",
+                lambda regions: group.start_restore(
+                    clone, full=bool(full), rate=_rate(rate), run=False,
+                    regions=regions))
         return group.clone_status(c)
 
     def clone_verify(self, clone, rate=None, stop=False):
