@@ -642,8 +642,8 @@ class RsgOrchestration:
         withdrawn = []
         try:
             for lu in rsg.volumes:
-                withdrawn.append(lu.name)
                 self.target.gateway.withdraw(lu.name, lu)
+                withdrawn.append(lu.name)
             # Again, now that no connection can open: a host that
             # connected since the first look would write in between.
             self._refuse_hosts(rsg)
@@ -806,9 +806,15 @@ class RsgOrchestration:
         if rsg is not None and rsg.role == replication.SECONDARY:
             rsg.check_readable(lu)
 
+    @contextlib.contextmanager
+    def point_in_time(self, lu, consistent=True):
+        with self.target.session_ops.point_starting(lu):
+            with self._point_in_time(lu, consistent):
+                yield
+
     @staticmethod
     @contextlib.contextmanager
-    def point_in_time(lu, consistent=True):
+    def _point_in_time(lu, consistent=True):
         """Take a point in time of lu (fracture, mark) inside this: on a
         secondary no batch is applied meanwhile (its apply lock is held),
         so the point holds all of a batch or none of it, and the volume

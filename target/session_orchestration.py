@@ -46,6 +46,12 @@ class RollbackRunning(errors.Error):
     errno = errno.EBUSY
 
 
+class PointRefused(errors.Error):
+    msg = ("no point in time of LU {name!r} is taken now: it is being "
+           "rolled back to {image}; try again once that has finished")
+    errno = errno.EBUSY
+
+
 class SessionOrchestration:
     """The session and image operations of target (a Target): its LUs,
     sessions, images, lock and inventory."""
@@ -63,6 +69,9 @@ class SessionOrchestration:
         # starting (restore_starting), under target.lock: no rollback of
         # it starts meanwhile.
         self._restores_starting = {}
+        # LU name -> how many points in time of it (mark, protect,
+        # fracture) are being taken, under target.lock.
+        self._points_starting = {}
 
     def load_sessions(self, lu, records):
         for name, rec in sorted(records.items()):
@@ -390,7 +399,7 @@ class SessionOrchestration:
         group = self.target.groups.get(lu.name)
         if group is None:
             return None
-        return next((c for c in group.clones.values()
+        return next((c for c in list(group.clones.values())
                      if c.state in (clones.REVERSE_SYNCING,
                                     clones.RESTORING)), None)
 
@@ -819,6 +828,10 @@ class SessionOrchestration:
                 .format(clone.name, "a reverse sync"
                         if clone.state == clones.REVERSE_SYNCING
                         else "a protected restore"))
+        if self._points_starting.get(lu):
+            raise RollbackRefused(name=lu, reason="a point in time of it "
+                                  "(a mark, protect or fracture) is being "
+                                  "taken")
         starting = self._restores_starting.get(lu)
         if starting:
             raise RollbackRefused(
@@ -832,6 +845,22 @@ class SessionOrchestration:
             if name != but and self._images_busy.get(name) == ROLLING_BACK:
                 return "{}@{}".format(lu, name)
         return None
+
+    @contextlib.contextmanager
+    def point_starting(self, source):
+        with self.target.lock:
+            image = self._rolling_back(source.name)
+            if image is not None:
+                raise PointRefused(name=source.name, image=image)
+            self._points_starting[source.name] = \
+                self._points_starting.get(source.name, 0) + 1
+        try:
+            yield
+        finally:
+            with self.target.lock:
+                self._points_starting[source.name] -= 1
+                if not self._points_starting[source.name]:
+                    del self._points_starting[source.name]
 
     @contextlib.contextmanager
     def restore_starting(self, source, clone, event):

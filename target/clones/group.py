@@ -415,9 +415,20 @@ class CloneGroup(Mirroring, Restore):
             def switch():
                 if event == "reverse-sync":
                     # Again: the export was writable until now, and a
-                    # write since added bits the siblings need too (the
-                    # activity map holds them until the next commit).
+                    # write since added bits the siblings need too.  The
+                    # start's commit may have taken them out of the
+                    # activity map already: noted there again, durably,
+                    # before the state says the Source changes.
+                    mine = int.from_bytes(clone.delta, "little")
+                    missing = 0
+                    for other in self.clones.values():
+                        if other is not clone:
+                            missing |= mine & ~int.from_bytes(other.delta,
+                                                              "little")
                     self._prepare_restore(clone)
+                    for s, e in maps.runs(missing.to_bytes(
+                            self.extents, "little")):
+                        self.changes.note(s, e)
                 self.transition(clone, event, rate=rate)
                 clone.paused = False
                 self._set_read_path()

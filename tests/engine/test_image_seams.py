@@ -21,6 +21,7 @@
 
 import errno
 import threading
+import time
 
 import pytest
 
@@ -305,3 +306,76 @@ def test_a_primarys_hello_cannot_claim_what_a_group_cannot_hold(
         assert read(t, name, 0, 4) == bytes(4)
     t.close()
     Target(t.state_dir.path).close()
+
+
+@pytest.fixture
+def half_rolled_back(tmp_path, monkeypatch):
+    """LU "a" with a synchronized clone c: image A everywhere protected,
+    then B written at extents 0 and 8; a rollback has put extent 0 back
+    and is held before extent 8.  A point in time taken now (a mark, a
+    fracture) would hold neither the LU before the rollback nor the
+    image."""
+    d = inventory.StateDir(str(tmp_path / "state"))
+    inventory.create_lu(d, "a", size=MiB)
+    t = Target(d.path)
+    t.lus["a"].write(b"A" * MiB, 0)
+    fractured(t, "a", "c")          # a fractured clone of "a"
+    t.clone_sync("c")               # ... synchronized again (mirrored)
+    while t.clone_status("c")["state"] != "synchronized":
+        time.sleep(0.01)
+    t.image_protect("a")
+    t.lus["a"].write(b"B" * G, 0)
+    t.lus["a"].write(b"B" * G, 8 * G)
+    halfway, go = threading.Event(), threading.Event()
+    real = copier.Copier.copy
+
+    def held(self, runs):
+        runs = list(runs)
+        for i, run in enumerate(runs):
+            if i == 1:
+                halfway.set()
+                assert go.wait(30)
+            real(self, [run])
+    monkeypatch.setattr(copier.Copier, "copy", held)
+    out = {}
+    thread = threading.Thread(
+        target=lambda: out.setdefault("r", t.image_rollback("a")))
+    thread.start()
+    try:
+        assert halfway.wait(30)
+        yield t
+    finally:
+        go.set()
+        thread.join(30)
+        t.close()
+    assert "r" in out
+
+
+def test_a_session_mark_is_refused_while_a_rollback_runs(half_rolled_back,
+                                                         monkeypatch):
+    t = half_rolled_back
+    monkeypatch.setattr(sessions, "probe_destination",
+                        lambda *args, **kwargs: None)
+    t.session_create("a", "s1", dests=["nbd+unix:///x?socket=/nonexistent"])
+    try:
+        t.session_mark("s1", export=True)
+    except errors.Error as e:
+        assert e.errno == errno.EBUSY and "being rolled back" in str(e)
+        return
+    frozen = (read(t, "a@s1", 0, 4), read(t, "a@s1", 8 * G, 4))
+    pytest.fail("marked mid-rollback; the frozen image a@s1 holds {} "
+                "(neither the LU before the rollback, BB, nor the image, "
+                "AA)".format(frozen))
+
+
+def test_a_fracture_is_refused_while_a_rollback_runs(half_rolled_back):
+    t = half_rolled_back
+    try:
+        t.clone_fracture("c")
+    except errors.Error as e:
+        assert e.errno == errno.EBUSY and "being rolled back" in str(e)
+        assert t.clone_status("c")["state"] == "synchronized"
+        return
+    frozen = (read(t, "c", 0, 4), read(t, "c", 8 * G, 4))
+    pytest.fail("fractured mid-rollback; clone c holds {} (neither BB "
+                "nor AA)".format(frozen))

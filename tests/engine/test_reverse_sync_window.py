@@ -85,3 +85,31 @@ def test_a_clone_write_waiting_behind_the_switch_is_refused(h):
         "a write admitted before the switch landed on a reverse-syncing " \
         "clone: {}".format(outcome)
     assert h.extent(h.mem["c1"], 5) == bytes([1]) * GRAN
+
+
+def test_the_siblings_bits_of_the_switch_survive_a_crash(h, monkeypatch):
+    """The bits the switch adds are made durable (the activity map)
+    before the reverse-syncing state is: a crash before the next commit
+    must not lose them while the resumed reverse sync copies the extent
+    into the Source."""
+    real_commit = clones.CloneGroup.commit
+    written = []
+
+    def commit(group):
+        # The start's commit, the export still writable.
+        if not written:
+            written.append(9)
+            group.clones["c1"].export.write(bytes([3]) * GRAN, 9 * GRAN)
+        real_commit(group)
+    monkeypatch.setattr(clones.CloneGroup, "commit", commit)
+    h.group.start_reverse_sync("c1", run=False)
+    monkeypatch.setattr(clones.CloneGroup, "commit", real_commit)
+    assert h.group.clones["c2"].delta[9]
+    assert h.states["c1"] == clones.REVERSE_SYNCING
+    h.crash()                                   # kill -9 before a commit
+    assert h.group.resume(run=False) is h.group.clones["c1"]
+    h.run(h.group.engine)
+    assert h.extent(h.mem_src, 9) == bytes([3]) * GRAN
+    c2 = h.group.clones["c2"]
+    assert c2.delta[9], "after the crash the sibling's map misses extent " \
+        "9, which the resumed reverse sync copied into the Source"

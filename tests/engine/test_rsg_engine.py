@@ -63,6 +63,7 @@ from tests.support.tiers import examples
 from target import backends, clones
 from target import replication as R
 from target import errors
+from target import gateway as gateway_route
 from target.replication.wire import DATA, send_frame
 from target.target import Target
 
@@ -1350,6 +1351,74 @@ def test_a_host_connecting_as_a_demotion_begins_refuses_it(
     c.ta.disconnect(hosts[0])
     c.ta.rsg_demote("g")
     assert c.ta.rsgs["g"].role == R.SECONDARY
+
+
+def test_a_timed_out_demotion_gives_back_only_its_own(cluster_factory,
+                                                      monkeypatch):
+    """A demotion whose wait for the gateway times out gives back only
+    the volumes it withdrew: withdrawals nest, and another demotion
+    still waiting holds v2."""
+    c = cluster_factory()
+    c.write(0, 0, b"\x01" * 4096)
+    c.wait_converged()
+    c.ta.rsg_detach("g", c.addr)
+    t = c.ta
+    v2 = t.lus[VOLS[1]]
+    with t.lock:
+        t.gateway.opened(v2)        # the gateway's mount of v2
+    monkeypatch.setattr(gateway_route, "GATEWAY_LET_GO_TIMEOUT", 1.0)
+    errs = {}
+
+    def demote(key):
+        try:
+            t.rsg_demote("g")
+        except Exception as e:      # noqa: reported below
+            errs[key] = e
+    first = threading.Thread(target=demote, args=("first",))
+    first.start()
+    time.sleep(0.5)
+    second = threading.Thread(target=demote, args=("second",))
+    second.start()
+    first.join(5)                   # timed out waiting for the gateway
+    assert isinstance(errs.get("first"), gateway_route.GatewayHolds), errs
+    # The second demotion still waits for the gateway to let go of v2,
+    # so v2 must not be exported.
+    assert second.is_alive()
+    exported = VOLS[1] in t.export_modes()
+    with t.lock:
+        t.gateway.closed(v2)        # the gateway lets go
+    second.join(5)
+    assert not exported, (
+        "v2 exported again while the second demotion holds it: {}".format(
+            dict(t.gateway.withdrawn)))
+
+
+def test_a_refused_delete_leaves_a_demotions_withdrawal(cluster_factory,
+                                                        monkeypatch):
+    """A refused `lu delete` gives back nothing it did not withdraw: v1
+    stays withdrawn while the demotion waits for the gateway."""
+    c = cluster_factory()
+    c.write(0, 0, b"\x01" * 4096)
+    c.wait_converged()
+    c.ta.rsg_detach("g", c.addr)
+    t = c.ta
+    v2 = t.lus[VOLS[1]]
+    with t.lock:
+        t.gateway.opened(v2)        # the gateway still mounts v2
+    monkeypatch.setattr(gateway_route, "GATEWAY_LET_GO_TIMEOUT", 20)
+    demotion = threading.Thread(target=lambda: t.rsg_demote("g"))
+    demotion.start()
+    deadline = time.monotonic() + 5
+    while VOLS[1] not in t.gateway.withdrawn:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    with pytest.raises(errors.LUBusy):
+        t.lu_delete(VOLS[0])
+    exported = VOLS[0] in t.export_modes()
+    with t.lock:
+        t.gateway.closed(v2)
+    demotion.join(10)
+    assert not exported, "v1 exported again mid-demotion"
 
 
 def test_demote_during_restore_keeps_serving_restored_data(cluster_factory,
