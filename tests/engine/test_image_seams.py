@@ -31,7 +31,7 @@ from target.lu import LUHeld
 from target.session_orchestration import RollbackRefused, RollbackRunning
 from target.replication import primary
 from target.target import Target
-from tests.support.targets import fractured
+from tests.support.targets import fractured, hold_copies
 from tests.support.twonodes import converge, two_nodes  # noqa: F401
 
 MiB = 1 << 20
@@ -146,14 +146,7 @@ def rolling_back(tmp_path, monkeypatch):
     fractured(t, "a", "c")
     t.image_protect("a")
     t.lus["a"].write(b"B" * MiB, 0)
-    copying, go = threading.Event(), threading.Event()
-    real = copier.Copier.copy
-
-    def held(self, runs):
-        copying.set()
-        assert go.wait(30)
-        return real(self, runs)
-    monkeypatch.setattr(copier.Copier, "copy", held)
+    copying, go = hold_copies(monkeypatch)
     out = {}
 
     def roll_back():

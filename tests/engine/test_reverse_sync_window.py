@@ -34,22 +34,28 @@ def h(tmp_path):
     return h
 
 
-def test_a_clone_write_before_the_switch_dirties_the_siblings(
-        h, monkeypatch):
+def _start_with_a_write_in_the_window(h, monkeypatch):
+    """Start c1's reverse sync (not run); c1's export writes extent 9 in
+    its start's commit, which runs between the siblings' bits and the
+    switch, the export still writable.  Returns the engine."""
     real_commit = clones.CloneGroup.commit
     written = []
 
     def commit(group):
-        # The start's commit runs between the siblings' bits and the
-        # switch, the export still writable.
         if not written:
             written.append(9)
             group.clones["c1"].export.write(bytes([3]) * GRAN, 9 * GRAN)
         real_commit(group)
     monkeypatch.setattr(clones.CloneGroup, "commit", commit)
-    h.run(h.group.start_reverse_sync("c1", run=False))
+    engine = h.group.start_reverse_sync("c1", run=False)
     monkeypatch.setattr(clones.CloneGroup, "commit", real_commit)
     assert written
+    return engine
+
+
+def test_a_clone_write_before_the_switch_dirties_the_siblings(
+        h, monkeypatch):
+    h.run(_start_with_a_write_in_the_window(h, monkeypatch))
     assert h.extent(h.mem_src, 9) == bytes([3]) * GRAN
     c2 = h.group.clones["c2"]
     assert c2.delta[9], "the sibling's map misses an extent the reverse " \
@@ -92,18 +98,7 @@ def test_the_siblings_bits_of_the_switch_survive_a_crash(h, monkeypatch):
     before the reverse-syncing state is: a crash before the next commit
     must not lose them while the resumed reverse sync copies the extent
     into the Source."""
-    real_commit = clones.CloneGroup.commit
-    written = []
-
-    def commit(group):
-        # The start's commit, the export still writable.
-        if not written:
-            written.append(9)
-            group.clones["c1"].export.write(bytes([3]) * GRAN, 9 * GRAN)
-        real_commit(group)
-    monkeypatch.setattr(clones.CloneGroup, "commit", commit)
-    h.group.start_reverse_sync("c1", run=False)
-    monkeypatch.setattr(clones.CloneGroup, "commit", real_commit)
+    _start_with_a_write_in_the_window(h, monkeypatch)
     assert h.group.clones["c2"].delta[9]
     assert h.states["c1"] == clones.REVERSE_SYNCING
     h.crash()                                   # kill -9 before a commit

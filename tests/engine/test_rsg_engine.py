@@ -57,10 +57,10 @@ from tests.support import rsgmodel, rsgnodes
 from tests.support.models import tolerate_timing_in_generation
 from tests.support.sockets import free_port
 from tests.support.rsgmodel import fast_timing, Op, restore_timing, wait_for
-from tests.support.rsgnodes import read_image, TOKEN
+from tests.support.rsgnodes import hold_engines, read_image, resynced, TOKEN
 from tests.support.targets import fractured
 from tests.support.tiers import examples
-from target import backends, clones
+from target import backends
 from target import replication as R
 from target import errors
 from target import gateway as gateway_route
@@ -1164,18 +1164,6 @@ def synced_clone(t, source, name):
              info=lambda: t.clone_status(name))
 
 
-def hold_engines(monkeypatch):
-    """Clone engines started from now on wait (their operation stays
-    running, copies on demand go on) until the returned function is
-    called with the group whose engine may go."""
-    start = clones.SyncEngine.start
-    monkeypatch.setattr(clones.SyncEngine, "start", lambda engine: None)
-
-    def release(group):
-        start(group.engine)
-    return release
-
-
 def primary_came_and_went(c, offset, data):
     """The primary comes back, writes data at offset of v1, and is
     detached again once the secondary has it."""
@@ -1353,19 +1341,25 @@ def test_a_host_connecting_as_a_demotion_begins_refuses_it(
     assert c.ta.rsgs["g"].role == R.SECONDARY
 
 
+def _detached_with_v2_mounted(cluster_factory):
+    """A primary A whose link is detached, the iSCSI gateway mounting
+    its v2: (Target A, v2)."""
+    c = cluster_factory()
+    c.write(0, 0, b"\x01" * 4096)
+    c.wait_converged()
+    c.ta.rsg_detach("g", c.addr)
+    v2 = c.ta.lus[VOLS[1]]
+    with c.ta.lock:
+        c.ta.gateway.opened(v2)
+    return c.ta, v2
+
+
 def test_a_timed_out_demotion_gives_back_only_its_own(cluster_factory,
                                                       monkeypatch):
     """A demotion whose wait for the gateway times out gives back only
     the volumes it withdrew: withdrawals nest, and another demotion
     still waiting holds v2."""
-    c = cluster_factory()
-    c.write(0, 0, b"\x01" * 4096)
-    c.wait_converged()
-    c.ta.rsg_detach("g", c.addr)
-    t = c.ta
-    v2 = t.lus[VOLS[1]]
-    with t.lock:
-        t.gateway.opened(v2)        # the gateway's mount of v2
+    t, v2 = _detached_with_v2_mounted(cluster_factory)
     monkeypatch.setattr(gateway_route, "GATEWAY_LET_GO_TIMEOUT", 1.0)
     errs = {}
 
@@ -1397,14 +1391,7 @@ def test_a_refused_delete_leaves_a_demotions_withdrawal(cluster_factory,
                                                         monkeypatch):
     """A refused `lu delete` gives back nothing it did not withdraw: v1
     stays withdrawn while the demotion waits for the gateway."""
-    c = cluster_factory()
-    c.write(0, 0, b"\x01" * 4096)
-    c.wait_converged()
-    c.ta.rsg_detach("g", c.addr)
-    t = c.ta
-    v2 = t.lus[VOLS[1]]
-    with t.lock:
-        t.gateway.opened(v2)        # the gateway still mounts v2
+    t, v2 = _detached_with_v2_mounted(cluster_factory)
     monkeypatch.setattr(gateway_route, "GATEWAY_LET_GO_TIMEOUT", 20)
     demotion = threading.Thread(target=lambda: t.rsg_demote("g"))
     demotion.start()
@@ -1962,19 +1949,6 @@ def detach_and_promote_b(c):
     wait_for(lambda: c.sg.connected_since is None, 10, "B disconnected",
              c.status)
     c.tb.rsg_promote("g")
-
-
-def resynced(t_primary, link, t_secondary, timeout=20.0):
-    """Wait until link (of t_primary's group) has brought the group on
-    t_secondary to the primary's last update."""
-    def done():
-        sg = t_secondary.rsgs.get("g")
-        g = t_primary.rsgs["g"]
-        return link.state == R.REPLICATING and sg is not None and \
-            sg.role == R.SECONDARY and sg.consistent and \
-            sg.applied_seq == g.next_seq - 1 and link.dcm.count() == 0
-    wait_for(done, timeout, "the resync",
-             lambda: (link.status(), t_secondary.rsgs["g"].status()))
 
 
 def split_brain_pair(cluster_factory, a_writes, b_writes, policy=None):

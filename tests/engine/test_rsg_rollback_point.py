@@ -9,10 +9,11 @@ import threading
 
 import pytest
 
-from target import copier, session_orchestration
+from target import session_orchestration
 from target import replication as R
 from target.lu import LUHeld
 from tests.support.rsgmodel import wait_for
+from tests.support.targets import hold_copies
 from tests.support.twonodes import (SIZES, VOLS, break_a_replay, converge,
                                     replay_broken_off)
 
@@ -80,14 +81,7 @@ def test_no_host_connects_to_a_volume_while_it_is_rolled_back(
     with the reason, and served once the group holds its point again."""
     a, b = two_nodes
     break_a_replay(a, b, monkeypatch)
-    copying, go = threading.Event(), threading.Event()
-    real = copier.Copier.copy
-
-    def held(self, runs):
-        copying.set()
-        assert go.wait(30)
-        return real(self, runs)
-    monkeypatch.setattr(copier.Copier, "copy", held)
+    copying, go = hold_copies(monkeypatch)
     errs = []
 
     def roll_back():

@@ -19,8 +19,7 @@ import pytest
 from tests.support import rsgnodes
 from tests.support.rsgmodel import (fast_timing, first_diff, restore_timing,
                                     wait_for)
-from tests.support.rsgnodes import read_image
-from target import clones
+from tests.support.rsgnodes import hold_engines, read_image, resynced
 from target import replication as R
 
 GRAN = 4096
@@ -67,28 +66,6 @@ def _synced_clone(t, source, name):
              info=lambda: t.clone_status(name))
 
 
-def _hold_engines(monkeypatch):
-    """Clone engines started from now on wait (their operation stays
-    running, copies on demand go on) until the returned function is
-    called with the group whose engine may go."""
-    start = clones.SyncEngine.start
-    monkeypatch.setattr(clones.SyncEngine, "start", lambda engine: None)
-    return lambda group: start(group.engine)
-
-
-def _resynced(t_primary, link, t_secondary, timeout=20.0):
-    """Wait until link (of t_primary's group) has brought the group on
-    t_secondary to the primary's last update."""
-    def done():
-        sg = t_secondary.rsgs.get("g")
-        g = t_primary.rsgs["g"]
-        return link.state == R.REPLICATING and sg is not None and \
-            sg.role == R.SECONDARY and sg.consistent and \
-            sg.applied_seq == g.next_seq - 1 and link.dcm.count() == 0
-    wait_for(done, timeout, "the resync",
-             lambda: (link.status(), t_secondary.rsgs["g"].status()))
-
-
 def _promoted_with_snapshot(c):
     """B holds a fractured clone "snap" of v1 = 0x0a; both nodes then
     hold 0x0b; A's link is detached and B promoted (no links)."""
@@ -122,7 +99,7 @@ def test_demote_of_promoted_node_during_volume_change_resyncs_it(
     nodes hold the same bytes."""
     c = pair
     _promoted_with_snapshot(c)
-    release = _hold_engines(monkeypatch)
+    release = hold_engines(monkeypatch)
     if operation == "restore":
         c.tb.clone_restore("snap")
     else:
@@ -134,7 +111,7 @@ def test_demote_of_promoted_node_during_volume_change_resyncs_it(
              30, "the " + operation, lambda: c.tb.clone_status("snap"))
     assert read_image(c.tb, VOLS[0]) == b"\x0a" * SIZES[0]
     c.ta.rsg_attach("g", c.addr)
-    _resynced(c.ta, c.link, c.tb)
+    resynced(c.ta, c.link, c.tb)
     assert _images(c.ta) == _images(c.tb), _diff(_images(c.ta),
                                                  _images(c.tb))
     # The demotion reported all of v1 (the engine had copied nothing).
@@ -150,7 +127,7 @@ def test_link_made_during_a_restore_on_a_promoted_node_sends_it(
     began, not the write over the old v1."""
     c = pair
     _promoted_with_snapshot(c)
-    release = _hold_engines(monkeypatch)
+    release = hold_engines(monkeypatch)
     try:
         c.tb.clone_restore("snap")
         c.tb.lus[VOLS[1]].write(b"\x0c" * GRAN, 0)
@@ -158,7 +135,7 @@ def test_link_made_during_a_restore_on_a_promoted_node_sends_it(
         c.a.listen()
         c.tb.rsg_link("g", c.a.addr, "async", c.tok)
         link = c.tb.rsgs["g"].links[0]
-        _resynced(c.tb, link, c.ta)
+        resynced(c.tb, link, c.ta)
         top = bytearray(SIZES[0])
         c.tb.lus[VOLS[0]].read(top, 0)
         assert bytes(top) == b"\x0a" * SIZES[0]
