@@ -106,11 +106,13 @@ class Backend:
 
 class FileBackend(Backend):
 
-    def __init__(self, path, readonly=False):
+    def __init__(self, path, readonly=False, owner=None):
         self.path = path
         self.readonly = readonly
+        self.owner = owner
         # Locked against other programs' writes (target.filelocks).
-        self.fd = filelocks.open_locked(path, writable=not readonly)
+        self.fd = filelocks.open_locked(path, writable=not readonly,
+                                        owner=owner)
         try:
             st = os.fstat(self.fd)
             self.is_block = stat.S_ISBLK(st.st_mode)
@@ -159,7 +161,7 @@ class FileBackend(Backend):
             pass        # advisory
 
     def reopen(self):
-        return FileBackend(self.path, self.readonly)
+        return FileBackend(self.path, self.readonly, self.owner)
 
     def _fallocate(self, supported, mode, offset, length):
         """fallocate if the filesystem can; remember when it cannot.

@@ -39,8 +39,10 @@ class CloneOrchestration:
                                   self._persist_clone(lu.name))
 
         def open_clone(rec):
-            inventory.probe_backing(rec["file"], lu.size)
-            return backends.FileBackend(rec["file"])
+            owner = "clone {}".format(rec["name"])
+            inventory.check_external(self.target.state_dir, rec)
+            inventory.probe_backing(rec["file"], lu.size, owner=owner)
+            return backends.FileBackend(rec["file"], owner=owner)
 
         group.record_verify = self._record_verify(lu.name)
         for who, problem in group.load(record["clones"], open_clone):
@@ -115,9 +117,11 @@ class CloneOrchestration:
                 owned = False
                 inventory.check_outside(self.target.state_dir, path)
                 inventory.check_backing_free(doc, path)
-                inventory.probe_backing(path, lu.size)
+                inventory.probe_backing(path, lu.size,
+                                        owner="clone {}".format(clone))
             try:
-                backend = backends.FileBackend(path)
+                backend = backends.FileBackend(
+                    path, owner="clone {}".format(clone))
                 group = self.target.groups.get(source) or clones.CloneGroup(
                     lu, granularity, self.target.state_dir.maps_dir,
                     self._persist_clone(source))

@@ -32,7 +32,9 @@ Design notes:
   descriptor, an LU reopened by a reload while its old connections end):
   OFD probes see our own other descriptors as strangers, so files held
   here are counted, and a second opening takes the same lock bytes
-  without probing.
+  without probing.  Each opening names its owner (an LU, a clone): a
+  second owner of one file is refused, so that two objects of one target
+  never share storage however their paths came to name it.
 
 Deliberately ignored: programs that take no locks (dd, tgtd, nbdkit's
 file plugin, a qemu told `locking=off` or `-U`/force-share) are not
@@ -40,6 +42,7 @@ stopped; that is the admin's choice.  A filesystem without OFD locks is
 used unlocked with a warning in the log, as QEMU does.
 """
 
+import collections
 import errno
 import fcntl
 import logging
@@ -62,8 +65,7 @@ SHARED = frozenset((CONSISTENT_READ, WRITE_UNCHANGED))
 
 _FLOCK = "hhqqi4x"     # struct flock: type, whence, start, len, pid
 
-# (st_dev, st_ino) or ("dev", rdev) -> [descriptors of it open here, the
-# descriptor holding a block device's O_EXCL claim or None].
+# (st_dev, st_ino) or ("dev", rdev) -> _Held.
 _held = {}
 _held_lock = threading.Lock()
 
@@ -141,14 +143,30 @@ def _claim_device(path):
         raise
 
 
-def open_locked(path, writable):
+class _Held:
+    """A file or device this process has open through open_locked."""
+
+    def __init__(self, claim):
+        self.claim = claim              # the O_EXCL descriptor, or None
+        self.owners = collections.Counter()     # owner -> descriptors
+
+
+# descriptor -> (its file's key, its owner)
+_fds = {}
+
+
+def open_locked(path, writable, owner=None):
     """Open path (O_RDWR if writable) locked as the module says; return
-    the descriptor.  Raise errors.BackingLocked when another program
-    holds it, errors.BackingUnusable when locking fails for another
-    reason than a filesystem without OFD locks (then it is used unlocked,
-    with a warning), OSError as os.open does otherwise.  A writable
-    opening of a file this process holds read-only only is not probed
-    again (nothing does that)."""
+    the descriptor.  owner names what the file holds ("LU x", "clone
+    c"): a file this process holds for another owner is refused
+    (errors.BackingShared: two objects of one target on one storage,
+    after a path was retargeted or a device renamed), one it holds for
+    the same owner is opened again.  Raise errors.BackingLocked when
+    another program holds it, errors.BackingUnusable when locking fails
+    for another reason than a filesystem without OFD locks (then it is
+    used unlocked, with a warning), OSError as os.open does otherwise.
+    A writable opening of a file this process holds read-only only is
+    not probed again (nothing does that)."""
     flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC
     with _held_lock:
         fd = os.open(path, flags)
@@ -156,6 +174,12 @@ def open_locked(path, writable):
             st = os.fstat(fd)
             key = _identity(st)
             held = _held.get(key)
+            if held is not None and owner is not None:
+                others = sorted(o for o in held.owners
+                                if o is not None and o != owner)
+                if others:
+                    raise errors.BackingShared(path=path, owner=owner,
+                                               other=others[0])
             claim = None
             if held is None and stat.S_ISBLK(st.st_mode):
                 claim = _claim_device(path)
@@ -171,9 +195,9 @@ def open_locked(path, writable):
             os.close(fd)
             raise
         if held is None:
-            _held[key] = [1, claim]
-        else:
-            held[0] += 1
+            held = _held[key] = _Held(claim)
+        held.owners[owner] += 1
+        _fds[fd] = (key, owner)
         return fd
 
 
@@ -181,17 +205,16 @@ def close(fd):
     """Close a descriptor of open_locked (its locks go with it; the
     device's claim with the last one)."""
     with _held_lock:
-        try:
-            key = _identity(os.fstat(fd))
-        except OSError:
-            key = None
+        key, owner = _fds.pop(fd, (None, None))
         try:
             os.close(fd)
         finally:
             held = _held.get(key)
             if held is not None:
-                held[0] -= 1
-                if held[0] == 0:
+                held.owners[owner] -= 1
+                if held.owners[owner] <= 0:
+                    del held.owners[owner]
+                if not held.owners:
                     del _held[key]
-                    if held[1] is not None:
-                        os.close(held[1])
+                    if held.claim is not None:
+                        os.close(held.claim)

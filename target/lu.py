@@ -41,7 +41,9 @@ class LogicalUnit:
     is the backing file itself, under every layer.
     """
 
-    def __init__(self, name, record, backend=None):
+    def __init__(self, name, record, backend=None, state_dir=None):
+        # state_dir: the StateDir of the record (a --file path that now
+        # names one of its own files is refused), or None.
         self.name = name
         self.size = record["size"]
         self.file = record["file"]
@@ -57,8 +59,12 @@ class LogicalUnit:
         self.stack = None
         if backend is None:
             try:
-                inventory.probe_backing(self.file, self.size, self.readonly)
-                self.backend = backends.FileBackend(self.file, self.readonly)
+                owner = "LU {}".format(name)
+                inventory.check_external(state_dir, record)
+                inventory.probe_backing(self.file, self.size, self.readonly,
+                                        owner=owner)
+                self.backend = backends.FileBackend(self.file, self.readonly,
+                                                    owner=owner)
             except (errors.Error, OSError) as e:
                 self.error = str(e)
         if self.backend is not None:

@@ -104,7 +104,8 @@ class SessionOrchestration:
              "export": rec.get("export", False)}, rec.get("last_transfer"))
         save_path = self._save_area_path(lu.name, name)
         size = self._grown_save_area(lu, rec, save_path)
-        backend = backends.FileBackend(save_path)
+        backend = backends.FileBackend(
+            save_path, owner="the save area of session {}".format(name))
         try:
             return sessions.Session(
                 name, lu, rec["granularity"], self.target.state_dir.maps_dir,

@@ -294,6 +294,7 @@ class Target:
             # open LU together under it, and an older record read before
             # would look like another LU and retire this one.
             doc = self.state_dir.load()
+            opened = []
             for name, record in doc["lus"].items():
                 lu = self.lus.get(name)
                 if lu is not None and lu.file == record["file"] \
@@ -303,10 +304,15 @@ class Target:
                     continue
                 if lu is not None:
                     self._retire(lu)
-                lu = LogicalUnit(name, record)
+                lu = LogicalUnit(name, record, state_dir=self.state_dir)
                 if lu.error:
                     log.error("LU %s is not exported: %s", name, lu.error)
                 self.lus[name] = lu
+                opened.append((lu, record))
+            # Every LU's file first, then the clones' (and save areas'):
+            # a clone whose path now names an LU's storage is refused
+            # (target.filelocks), never mirrored onto it.
+            for lu, record in opened:
                 if record.get("sessions") and lu.backend is not None:
                     self.session_ops.load_sessions(lu, record["sessions"])
                 if record.get("clones") and lu.backend is not None:

@@ -166,7 +166,8 @@ class CloneGroup(Mirroring, Restore):
     def load(self, clone_records, open_backend):
         """Open the clones and recover their delta maps.
 
-        clone_records: {name: {"state": ..., "file": ...}}.  Returns a list
+        clone_records: {name: {"state": ..., "file": ...}}; open_backend
+        gets a record with its "name" too.  Returns a list
         of (clone name, message) for maps that were lost or corrupt (those
         clones are set wholly dirty).
         """
@@ -176,7 +177,8 @@ class CloneGroup(Mirroring, Restore):
             problems.append((None, problem))
         for name, record in clone_records.items():
             try:
-                backend, broken = open_backend(record), None
+                backend, broken = open_backend(dict(record, name=name)), \
+                    None
             except (errors.Error, OSError) as e:
                 # One clone's file must not stop the Source and the other
                 # clones from being served.

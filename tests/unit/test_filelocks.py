@@ -168,3 +168,19 @@ def test_a_device_claimed_elsewhere_is_refused(loop_device):
         os.close(holder)
     with backends.FileBackend(loop_device):
         assert _claimed_elsewhere(loop_device)
+
+
+def test_one_file_is_refused_to_a_second_owner(image):
+    """Two objects of one target never share storage, whatever their
+    paths: a second owner is refused, the same owner opens it again."""
+    x = backends.FileBackend(image, owner="LU x")
+    again = x.reopen()
+    with pytest.raises(errors.BackingShared) as e:
+        backends.FileBackend(image, owner="LU y")
+    assert "LU x" in str(e.value) and "LU y" in str(e.value)
+    x.close()
+    with pytest.raises(errors.BackingShared):
+        backends.FileBackend(image, owner="clone c")
+    again.close()
+    with backends.FileBackend(image, owner="clone c"):
+        pass
