@@ -86,12 +86,32 @@ class SessionOrchestration:
                     self._session_problem(lu, name, problem)
             except (errors.Error, OSError) as e:
                 self._session_problem(lu, name, "not loaded: {}".format(e))
+                self._not_loaded(lu, name, rec, e)
                 continue
             self._attach_session(lu, session)
             if consistent:
                 self.target.consistent_images[lu.name] = session
             elif image:
                 self.target.images[lu.name] = session
+
+    def _not_loaded(self, lu, name, rec, exc):
+        """A session that did not load hears of none of its LU's writes:
+        before the LU is served its record says, durably, that every
+        destination needs a full copy and that no image is frozen (a
+        later load would trust maps that missed them); if even that
+        cannot be saved, the LU is held (not served) until a restart
+        loads the session or saves that."""
+        rec = dict(rec, marked=False,
+                   dests=[dict(d, needs_full=True) for d in rec["dests"]])
+        try:
+            with self.target.state_dir.editing() as doc:
+                doc["lus"][lu.name]["sessions"][name] = rec
+        except (errors.Error, OSError) as e:
+            lu.held = ("session {} did not load ({}) and its record could "
+                       "not be marked for a full copy ({}): its writes "
+                       "would be in no map; restart the server once the "
+                       "state directory can be written".format(name, exc, e))
+            log.error("LU %s is not served: %s", lu.name, lu.held)
 
     def _session_problem(self, lu, name, problem):
         log.error("session %s of %s: %s", name, lu.name, problem)

@@ -1,0 +1,107 @@
+"""A session that does not load at start, and its LU's writes meanwhile.
+
+A session hears of its Source's writes only while it is in the LU's I/O
+stack.  One that fails to load (its tracking map cannot be rewritten, its
+save area is gone) is not there, and the LU is served all the same: its
+writes in the meantime are in no map.  When the session loads again
+later, its destinations would be told they are consistent without them.
+So its record says first, durably, that every destination needs a full
+copy (and that no image is frozen); if even that cannot be saved, the
+LU is not served until the session loads or is deleted.
+"""
+
+import errno
+
+from target import backends, errors, inventory, maps, sessions
+from target.target import Target
+
+from tests.support.sessionfakes import one_lu_target
+
+GRAN = 4096
+EXTENTS = 64
+SIZE = GRAN * EXTENTS
+
+
+def _source(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _transfer(t, dest):
+    s = t.sessions["s"]
+    if not s.marked:
+        t.session_ops.session_mark("s")
+    engine = s.start_transfer({0: sessions.MemoryDestination(dest)},
+                              run=False)
+    engine.advance()
+    assert engine.result == "completed", engine.result
+    return s
+
+
+def _synced_session(tmp_path):
+    """A target with LU src and session s, transferred once to a memory
+    destination; closed.  Returns (the destination, the LU's file)."""
+    t, path = one_lu_target(tmp_path, SIZE)
+    try:
+        t.session_ops.create_session(
+            t.lus["src"], "s", [{"uri": "nbd://127.0.0.1:1/none",
+                                 "peer": None}], "4K", None)
+        dest = backends.MemoryBackend(SIZE)
+        _transfer(t, dest)
+    finally:
+        t.close()
+    return dest, path
+
+
+def _start_failing(tmp_path, monkeypatch, *failing):
+    """Start the target while maps.files.replace fails with ENOSPC for
+    paths ending with one of failing."""
+    real = maps.files.replace
+
+    def full(p, data):
+        if p.endswith(failing):
+            raise OSError(errno.ENOSPC, "No space left on device", p)
+        return real(p, data)
+    monkeypatch.setattr(maps.files, "replace", full)
+    try:
+        return Target(str(tmp_path / "state"))
+    finally:
+        monkeypatch.setattr(maps.files, "replace", real)
+
+
+def test_writes_while_a_session_failed_to_load_reach_its_destination(
+        tmp_path, monkeypatch):
+    dest, path = _synced_session(tmp_path)
+    t = _start_failing(tmp_path, monkeypatch, ".track")
+    try:
+        assert "s" not in t.sessions
+        assert t.lus["src"].healthy
+        t.lus["src"].write(b"w" * GRAN, 5 * GRAN)
+        t.lus["src"].flush()
+    finally:
+        t.close()
+    t = Target(str(tmp_path / "state"))
+    try:
+        s = _transfer(t, dest)
+        assert bytes(dest.data) == _source(path), \
+            "extent 5, written while the session was not loaded, never " \
+            "reached the destination (tracking bit {})".format(
+                s.tracking.bits[5])
+    finally:
+        t.close()
+
+
+def test_an_lu_whose_unloaded_session_cannot_say_so_is_not_served(
+        tmp_path, monkeypatch):
+    _synced_session(tmp_path)
+
+    def full(state_dir, doc):
+        raise errors.StateNotSaved(path=state_dir.state_file,
+                                   reason="No space left on device")
+    monkeypatch.setattr(inventory.StateDir, "save", full)
+    t = _start_failing(tmp_path, monkeypatch, ".track")
+    try:
+        lu = t.lus["src"]
+        assert not lu.healthy and "session s" in lu.held, lu.held
+    finally:
+        t.close()
