@@ -201,8 +201,9 @@ class Restore:
 
     def _spoil_prm_file(self):
         """After a failed reset of a lost PRM: the new, empty PRM may be in
-        place (renamed, its directory not synced, or not reopened), while
-        the restore stays paused with its PRM lost.  After a crash that
+        place (not reopened, or the old file not put back after a failed
+        directory sync: fsutil.write_atomic), while the restore stays
+        paused with its PRM lost.  After a crash that
         file would resume the restore by itself, over what hosts write
         from now on: its header is overwritten in place (the file's data
         only, no directory operation), so it loads as lost again, or else
