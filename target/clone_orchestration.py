@@ -119,6 +119,7 @@ class CloneOrchestration:
                 inventory.check_backing_free(doc, path)
                 inventory.probe_backing(path, lu.size,
                                         owner="clone {}".format(clone))
+            backend = None
             try:
                 backend = backends.FileBackend(
                     path, owner="clone {}".format(clone))
@@ -127,6 +128,8 @@ class CloneOrchestration:
                     self._persist_clone(source))
                 group.record_verify = self._record_verify(source)
             except BaseException:
+                if backend is not None:
+                    backend.close()     # or its file stays this clone's
                 if owned:
                     os.unlink(path)
                 raise

@@ -75,6 +75,7 @@ def write_atomic(path, data, mode=0o600):
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".",
                                suffix=".tmp", dir=directory)
     old = tmp[:-len(".tmp")] + ".old"
+    existed = True
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -84,12 +85,17 @@ def write_atomic(path, data, mode=0o600):
         try:
             os.link(path, old)
         except FileNotFoundError:
+            old, existed = None, False
+        except OSError:
+            # vfat, some FUSE, protected_hardlinks, EMLINK: no copy kept;
+            # a failed directory sync then cannot be undone (as before).
             old = None
+        os.rename(tmp, path)        # a failure leaves path as it was
         try:
-            os.rename(tmp, path)
             fsync_dir(directory)
         except BaseException:
-            _put_back(path, old)
+            if old is not None or not existed:
+                _put_back(path, old)
             old = None
             raise
     except BaseException:

@@ -52,9 +52,10 @@ class LogicalUnit:
         self.removed = False
         self.error = None
         self.rsg = None         # the replicated group it belongs to
-        # Why it is not served although its file is fine: a volume of a
-        # replicated group that did not load (writes would not be logged).
-        self.held = None
+        # Why it is not served although its file is fine, by who holds it:
+        # a replicated group that did not load (writes would not be
+        # logged), a session that did not load and could not say so.
+        self.holds = {}
         self.backend = backend
         self.stack = None
         if backend is None:
@@ -76,6 +77,11 @@ class LogicalUnit:
         # read is the top's own bound method: one frame less per request
         # (the other requests pass the stack's entry, which counts changes).
         self.read = top.readinto
+
+    @property
+    def held(self):
+        """The first reason it is held, or None."""
+        return next(iter(self.holds.values()), None)
 
     @property
     def healthy(self):

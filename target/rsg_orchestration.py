@@ -119,7 +119,10 @@ class RsgOrchestration:
         for lu_name in lu_names:
             lu = self.target.lus.get(lu_name)
             if lu is not None and lu.rsg is None:
-                lu.held = reason
+                if reason is None:
+                    lu.holds.pop("group " + name, None)
+                else:
+                    lu.holds["group " + name] = reason
 
     def _failed_rsg_status(self, name):
         files = self.target.state_dir.group_files(name).on_disk()

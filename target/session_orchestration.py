@@ -80,11 +80,16 @@ class SessionOrchestration:
             image = rec.get("image") is True or (
                 name == self._image_session_name(lu.name) and not rec["dests"])
             consistent = image and name == self._consistent_name(lu.name)
+            session = None
             try:
                 session = self._open_session(lu, name, rec, image=image)
                 for problem in session.load():
                     self._session_problem(lu, name, problem)
             except (errors.Error, OSError) as e:
+                if session is not None:
+                    # Its files only: no commit of maps it never loaded.
+                    session.tracking.close()
+                    session.save_area.backend.close()
                 self._session_problem(lu, name, "not loaded: {}".format(e))
                 self._not_loaded(lu, name, rec, e)
                 continue
@@ -101,17 +106,21 @@ class SessionOrchestration:
         later load would trust maps that missed them); if even that
         cannot be saved, the LU is held (not served) until a restart
         loads the session or saves that."""
-        rec = dict(rec, marked=False,
+        rec = dict(rec, marked=False, export=False, mark_time=None,
+                   error="not loaded at a start ({}): every destination "
+                   "gets a full copy, no image is frozen".format(exc),
                    dests=[dict(d, needs_full=True) for d in rec["dests"]])
         try:
             with self.target.state_dir.editing() as doc:
                 doc["lus"][lu.name]["sessions"][name] = rec
         except (errors.Error, OSError) as e:
-            lu.held = ("session {} did not load ({}) and its record could "
+            lu.holds["session " + name] = (
+                       "session {} did not load ({}) and its record could "
                        "not be marked for a full copy ({}): its writes "
                        "would be in no map; restart the server once the "
                        "state directory can be written".format(name, exc, e))
-            log.error("LU %s is not served: %s", lu.name, lu.held)
+            log.error("LU %s is not served: %s", lu.name,
+                      lu.holds["session " + name])
 
     def _session_problem(self, lu, name, problem):
         log.error("session %s of %s: %s", name, lu.name, problem)

@@ -294,6 +294,9 @@ class Target:
             # open LU together under it, and an older record read before
             # would look like another LU and retire this one.
             doc = self.state_dir.load()
+            # Gone LUs first: their files may be a new LU's now.
+            for name in [n for n in self.lus if n not in doc["lus"]]:
+                self._retire(self.lus.pop(name))
             opened = []
             for name, record in doc["lus"].items():
                 lu = self.lus.get(name)
@@ -317,8 +320,6 @@ class Target:
                     self.session_ops.load_sessions(lu, record["sessions"])
                 if record.get("clones") and lu.backend is not None:
                     self.clone_ops.load_group(lu, record)
-            for name in [n for n in self.lus if n not in doc["lus"]]:
-                self._retire(self.lus.pop(name))
             return sorted(n for n, lu in self.lus.items() if lu.healthy)
 
     def _retire(self, lu):

@@ -10,12 +10,11 @@ copy (and that no image is frozen); if even that cannot be saved, the
 LU is not served until the session loads or is deleted.
 """
 
-import errno
 
-from target import backends, errors, inventory, maps, sessions
+from target import backends, errors, inventory, sessions
 from target.target import Target
 
-from tests.support.sessionfakes import one_lu_target
+from tests.support.sessionfakes import one_lu_target, start_with_full_maps
 
 GRAN = 4096
 EXTENTS = 64
@@ -53,26 +52,10 @@ def _synced_session(tmp_path):
     return dest, path
 
 
-def _start_failing(tmp_path, monkeypatch, *failing):
-    """Start the target while maps.files.replace fails with ENOSPC for
-    paths ending with one of failing."""
-    real = maps.files.replace
-
-    def full(p, data):
-        if p.endswith(failing):
-            raise OSError(errno.ENOSPC, "No space left on device", p)
-        return real(p, data)
-    monkeypatch.setattr(maps.files, "replace", full)
-    try:
-        return Target(str(tmp_path / "state"))
-    finally:
-        monkeypatch.setattr(maps.files, "replace", real)
-
-
 def test_writes_while_a_session_failed_to_load_reach_its_destination(
         tmp_path, monkeypatch):
     dest, path = _synced_session(tmp_path)
-    t = _start_failing(tmp_path, monkeypatch, ".track")
+    t = start_with_full_maps(tmp_path, monkeypatch, ".track")
     try:
         assert "s" not in t.sessions
         assert t.lus["src"].healthy
@@ -99,7 +82,7 @@ def test_an_lu_whose_unloaded_session_cannot_say_so_is_not_served(
         raise errors.StateNotSaved(path=state_dir.state_file,
                                    reason="No space left on device")
     monkeypatch.setattr(inventory.StateDir, "save", full)
-    t = _start_failing(tmp_path, monkeypatch, ".track")
+    t = start_with_full_maps(tmp_path, monkeypatch, ".track")
     try:
         lu = t.lus["src"]
         assert not lu.healthy and "session s" in lu.held, lu.held

@@ -5,19 +5,21 @@ new_session (a session "s" of a given Source and save area),
 marked_on_save_file (a session marked, its save area a file),
 frozen_image, run_writers (writer threads racing into extents),
 first_writes_everywhere (the same with slow fdatasyncs), one_lu_target
-(a Target of one LU, no server), CutSource and
+(a Target of one LU, no server), start_with_full_maps (a Target started
+while some map files cannot be rewritten), CutSource and
 SaveCutSource (a Source on which the power is cut at a given moment) and
 CheckedSource (a Source that checks, at each write, that the save area's
 durable bytes hold the old data it overwrites)."""
 
 import collections
+import errno
 import os
 import random
 import tempfile
 import threading
 import time
 
-from target import backends, inventory, sessions
+from target import backends, inventory, maps, sessions
 
 from tests.support import powerloss
 
@@ -145,6 +147,23 @@ def one_lu_target(tmp_path, size):
     state.ensure()
     record = inventory.create_lu(state, "src", size=size)
     return Target(state.path), record["file"]
+
+
+def start_with_full_maps(tmp_path, monkeypatch, *suffixes):
+    """The Target of tmp_path/state, started while every map file whose
+    path ends with one of suffixes cannot be rewritten (ENOSPC)."""
+    from target.target import Target
+    real = maps.files.replace
+
+    def full(p, data):
+        if p.endswith(suffixes):
+            raise OSError(errno.ENOSPC, "No space left on device", p)
+        return real(p, data)
+    monkeypatch.setattr(maps.files, "replace", full)
+    try:
+        return Target(str(tmp_path / "state"))
+    finally:
+        monkeypatch.setattr(maps.files, "replace", real)
 
 
 def new_session(map_dir, source, save, granularity, marked=False,
