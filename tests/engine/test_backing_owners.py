@@ -12,10 +12,11 @@ import os
 
 import pytest
 
-from target import clones, errors, filelocks, inventory
+from target import clones, filelocks, inventory
 from target.target import Target
 
-from tests.support.sessionfakes import one_lu_target, start_with_full_maps
+from tests.support.sessionfakes import full_state_dir, one_lu_target, \
+    start_with_full_maps
 
 GRAN = 4096
 SIZE = GRAN * 64
@@ -96,10 +97,7 @@ def test_an_lu_held_for_a_session_stays_held_when_a_group_lets_go(
     with open(os.path.join(rsg_dir, "g.json"), "w") as f:
         json.dump({"name": "g", "volumes": [{"lu": "src"}]}, f)
 
-    def full(state_dir, doc):
-        raise errors.StateNotSaved(path=state_dir.state_file,
-                                   reason="No space left on device")
-    monkeypatch.setattr(inventory.StateDir, "save", full)
+    full_state_dir(monkeypatch)
     t = start_with_full_maps(tmp_path, monkeypatch, ".track")
     try:
         lu = t.lus["src"]

@@ -7,34 +7,19 @@ writes in the meantime are in no map.  When the session loads again
 later, its destinations would be told they are consistent without them.
 So its record says first, durably, that every destination needs a full
 copy (and that no image is frozen); if even that cannot be saved, the
-LU is not served until the session loads or is deleted.
+LU is not served until a restart loads the session or saves that.
 """
 
+from pathlib import Path
 
-from target import backends, errors, inventory, sessions
 from target.target import Target
 
-from tests.support.sessionfakes import one_lu_target, start_with_full_maps
+from tests.support.sessionfakes import full_state_dir, one_lu_target, \
+    session_sent_once, start_with_full_maps, transfer_marked
 
 GRAN = 4096
 EXTENTS = 64
 SIZE = GRAN * EXTENTS
-
-
-def _source(path):
-    with open(path, "rb") as f:
-        return f.read()
-
-
-def _transfer(t, dest):
-    s = t.sessions["s"]
-    if not s.marked:
-        t.session_ops.session_mark("s")
-    engine = s.start_transfer({0: sessions.MemoryDestination(dest)},
-                              run=False)
-    engine.advance()
-    assert engine.result == "completed", engine.result
-    return s
 
 
 def _synced_session(tmp_path):
@@ -42,11 +27,7 @@ def _synced_session(tmp_path):
     destination; closed.  Returns (the destination, the LU's file)."""
     t, path = one_lu_target(tmp_path, SIZE)
     try:
-        t.session_ops.create_session(
-            t.lus["src"], "s", [{"uri": "nbd://127.0.0.1:1/none",
-                                 "peer": None}], "4K", None)
-        dest = backends.MemoryBackend(SIZE)
-        _transfer(t, dest)
+        dest = session_sent_once(t)
     finally:
         t.close()
     return dest, path
@@ -65,8 +46,8 @@ def test_writes_while_a_session_failed_to_load_reach_its_destination(
         t.close()
     t = Target(str(tmp_path / "state"))
     try:
-        s = _transfer(t, dest)
-        assert bytes(dest.data) == _source(path), \
+        s = transfer_marked(t, dest)
+        assert bytes(dest.data) == Path(path).read_bytes(), \
             "extent 5, written while the session was not loaded, never " \
             "reached the destination (tracking bit {})".format(
                 s.tracking.bits[5])
@@ -78,10 +59,7 @@ def test_an_lu_whose_unloaded_session_cannot_say_so_is_not_served(
         tmp_path, monkeypatch):
     _synced_session(tmp_path)
 
-    def full(state_dir, doc):
-        raise errors.StateNotSaved(path=state_dir.state_file,
-                                   reason="No space left on device")
-    monkeypatch.setattr(inventory.StateDir, "save", full)
+    full_state_dir(monkeypatch)
     t = start_with_full_maps(tmp_path, monkeypatch, ".track")
     try:
         lu = t.lus["src"]

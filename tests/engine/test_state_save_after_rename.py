@@ -12,32 +12,19 @@ whose transfer records a torn image as consistent.
 import errno
 import os
 
+from pathlib import Path
+
 import pytest
 
-from target import backends, errors, fsutil, sessions
+from target import errors, fsutil
 from target.target import Target
 
-from tests.support.sessionfakes import frozen_image, one_lu_target
+from tests.support.sessionfakes import frozen_image, one_lu_target, \
+    session_sent_once, transfer_marked
 
 GRAN = 4096
 EXTENTS = 64
 SIZE = GRAN * EXTENTS
-
-
-def _source(path):
-    with open(path, "rb") as f:
-        return f.read()
-
-
-def _transfer(t, dest):
-    s = t.sessions["s"]
-    if not s.marked:
-        t.session_ops.session_mark("s")
-    engine = s.start_transfer({0: sessions.MemoryDestination(dest)},
-                              run=False)
-    engine.advance()
-    assert engine.result == "completed", engine.result
-    return s
 
 
 def test_a_mark_whose_record_save_failed_after_the_rename_is_not_frozen(
@@ -45,15 +32,11 @@ def test_a_mark_whose_record_save_failed_after_the_rename_is_not_frozen(
     t, path = one_lu_target(tmp_path, SIZE)
     state = str(tmp_path / "state")
     try:
-        t.session_ops.create_session(
-            t.lus["src"], "s", [{"uri": "nbd://127.0.0.1:1/none",
-                                 "peer": None}], "4K", None)
-        dest = backends.MemoryBackend(SIZE)
-        _transfer(t, dest)
+        dest = session_sent_once(t)
         lu = t.lus["src"]
         lu.write(b"1" * GRAN, 0)
         lu.flush()
-        at_mark = _source(path)
+        at_mark = Path(path).read_bytes()
         real = fsutil.fsync_dir
 
         def eio(d):
@@ -71,7 +54,7 @@ def test_a_mark_whose_record_save_failed_after_the_rename_is_not_frozen(
         lu.flush()
     finally:
         t.close()
-    states = {at_mark, _source(path)}
+    states = {at_mark, Path(path).read_bytes()}
     cur = bytearray(at_mark)
     cur[GRAN:2 * GRAN] = b"3" * GRAN
     states.add(bytes(cur))                  # every point the Source had
@@ -79,7 +62,7 @@ def test_a_mark_whose_record_save_failed_after_the_rename_is_not_frozen(
     try:
         s = t.sessions["s"]
         frozen = frozen_image(s) if s.marked else None
-        _transfer(t, dest)
+        transfer_marked(t, dest)
         assert s.dests[0].consistency == "consistent"
         assert frozen is None or frozen in states, \
             "the frozen image after the restart is one the Source never held"
