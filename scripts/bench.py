@@ -128,7 +128,8 @@ def wait_socket(path, proc, timeout=30):
 
 
 class Servers(contextlib.ExitStack):
-    """Start every server to compare on the same file; stop them by PID.
+    """Start every server to compare on the same file (clonectl variants
+    after the first on copies: own_file); stop them by PID.
 
     images: {variant: path} for variants that must not share the image.
     Variant "clonectl+clone" is clonectl serving LU "bench" with one clone
@@ -144,6 +145,23 @@ class Servers(contextlib.ExitStack):
         self.uris = {}
         self.states = {}
         self.sockets = {}
+        self._claimed = set()
+
+    def own_file(self, path, variant):
+        """The file a clonectl variant serves in place of path.  clonectl
+        locks what it serves against other writers (target/filelocks.py),
+        so two clonectl variants of one run cannot serve one file: the
+        first serves path, each later one a sparse copy of it (removed at
+        exit).  The other servers take no lock on it (qemu-nbd is told
+        locking=off)."""
+        if path not in self._claimed:
+            self._claimed.add(path)
+            return path
+        copy = "{}.{}".format(path, variant.replace(":", "-").replace(
+            "@", "-"))
+        subprocess.run(["cp", "--sparse=always", path, copy], check=True)
+        self.callback(os.unlink, copy)
+        return copy
 
     def _popen(self, cmd, log):
         f = open(os.path.join(self.workdir, log), "wb")
@@ -171,9 +189,11 @@ class Servers(contextlib.ExitStack):
                                     sock, "file", self.image], variant + ".log")
                 uri = "nbd+unix:///?socket=" + sock
             elif variant == "qemu-nbd":
-                proc = self._popen(["qemu-nbd", "-f", "raw", "--persistent",
-                                    "--shared=16", "--socket", sock,
-                                    self.image], variant + ".log")
+                proc = self._popen(
+                    ["qemu-nbd", "--persistent", "--shared=16", "--socket",
+                     sock, "--image-opts",
+                     "driver=raw,file.driver=file,file.locking=off,"
+                     "file.filename=" + self.image], variant + ".log")
                 uri = "nbd+unix:///?socket=" + sock
             elif variant.startswith("clonectl"):
                 spec, _, thread_state = variant.partition("@")
@@ -181,7 +201,8 @@ class Servers(contextlib.ExitStack):
                 state = os.path.join(self.workdir, variant.replace(":", "-"))
                 subprocess.run([CLONECTL, "--state-dir", state, "lu", "create",
                                 "bench", "--file",
-                                self.images.get(variant, self.image)],
+                                self.images.get(variant) or self.own_file(
+                                    self.image, variant)],
                                check=True, stdout=subprocess.DEVNULL)
                 if variant.startswith("clonectl+clone"):
                     clonectl(state, "clone", "add", "bench", "c1")

@@ -4,7 +4,8 @@ Aggregate 4 KiB random read and write IOPS (QD16 each) of 1, 2 and 4 fio
 clients (jobs of one fio process, each with its own NBD connection), the
 clients on separate LUs (lu0, lu1, ...) or all on lu0 (several connections
 to one LU), as a ratio to one client of the same server.  Every server
-serves the same files from one process:
+serves the same files from one process (a clonectl variant after the
+first serves copies of them: clonectl locks the files it serves):
 
     nbdkit-file         nbdkit's C file plugin, dir= (each file an export)
     python[:MODEL]      a bare Python plugin of nbdkit's python plugin:
@@ -123,7 +124,8 @@ def layout_name(clients, separate):
 
 
 class ScaleServers:
-    """Every variant serving the files lu0..lu3 of datadir; stops them by
+    """Every variant serving the files lu0..lu3 of datadir (clonectl
+    variants after the first on copies: Servers.own_file); stops them by
     PID through bench.Servers' exit stack."""
 
     def __init__(self, bench, servers, workdir, datadir):
@@ -139,13 +141,18 @@ class ScaleServers:
         and for clonectl serve its nbdkit)."""
         return sum(_cpu_seconds(pid) for pid in self.pids[variant])
 
-    def _clonectl(self, state, sock, lus, model, threads):
+    def _lu_files(self, state, lus, variant):
+        """LUs lu<i> of state on the data files of lus (indexes), or on
+        copies of them (Servers.own_file)."""
+        for i in lus:
+            self.bench.clonectl(state, "lu", "create", "lu%d" % i, "--file",
+                                self.servers.own_file(os.path.join(
+                                    self.datadir, "lu%d" % i), variant))
+
+    def _clonectl(self, state, sock, lus, model, threads, variant):
         """`clonectl serve` of lus (indexes of the data files) on sock;
         its process."""
-        for i in lus:
-            self.bench.clonectl(state, "lu", "create", "lu%d" % i,
-                                "--file", os.path.join(self.datadir,
-                                                       "lu%d" % i))
+        self._lu_files(state, lus, variant)
         cmd = [self.bench.CLONECTL, "--state-dir", state, "serve",
                "--socket", sock]
         if model:
@@ -169,7 +176,7 @@ class ScaleServers:
                 state = os.path.join(self.workdir, _file_name(variant))
                 procs = [self._clonectl("{}.{}".format(state, i),
                                         "{}.{}".format(sock, i), [i],
-                                        model, threads)
+                                        model, threads, variant)
                          for i in range(MAX_CLIENTS)]
                 self.sockets[variant] = ["{}.{}".format(sock, i)
                                          for i in range(MAX_CLIENTS)]
@@ -192,14 +199,11 @@ class ScaleServers:
             elif kind == "clonectl" and not thread_state:
                 proc = self._clonectl(
                     os.path.join(self.workdir, _file_name(variant)), sock,
-                    range(MAX_CLIENTS), model, threads)
+                    range(MAX_CLIENTS), model, threads, variant)
             elif kind == "clonectl":
                 # nbdkit with the plugin directly, to pass thread_state.
                 state = os.path.join(self.workdir, _file_name(variant))
-                for i in range(MAX_CLIENTS):
-                    self.bench.clonectl(state, "lu", "create", "lu%d" % i,
-                                        "--file", os.path.join(
-                                            self.datadir, "lu%d" % i))
+                self._lu_files(state, range(MAX_CLIENTS), variant)
                 cmd = ["nbdkit", "-f", "--exit-with-parent", "-U", sock]
                 if threads:
                     cmd += ["--threads", threads]

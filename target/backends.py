@@ -21,8 +21,9 @@
                                  the first flush that asks)
     close()
 
-FileBackend serves regular files and block devices; MemoryBackend is for unit
-tests of engines.  Backends do no range checking: the LU layer does it once.
+FileBackend serves regular files and block devices, locked against other
+programs' writes (target.filelocks); MemoryBackend is for unit tests of
+engines.  Backends do no range checking: the LU layer does it once.
 
 Deliberately ignored: short reads past the end of a file that shrank under us
 are reported as EIO, not padded with zeroes; trim on a block device is a
@@ -54,7 +55,7 @@ import os
 import stat
 import threading
 
-from . import errors
+from . import errors, filelocks
 
 FAULTS_ENV = "CLONECTL_FAULTS"
 
@@ -105,17 +106,19 @@ class Backend:
 
 class FileBackend(Backend):
 
-    def __init__(self, path, readonly=False):
+    def __init__(self, path, readonly=False, owner=None):
         self.path = path
         self.readonly = readonly
-        flags = (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC
-        self.fd = os.open(path, flags)
+        self.owner = owner
+        # Locked against other programs' writes (target.filelocks).
+        self.fd = filelocks.open_locked(path, writable=not readonly,
+                                        owner=owner)
         try:
             st = os.fstat(self.fd)
             self.is_block = stat.S_ISBLK(st.st_mode)
             self.size = os.lseek(self.fd, 0, os.SEEK_END)
         except BaseException:
-            os.close(self.fd)
+            filelocks.close(self.fd)
             raise
         # Filesystems without punch hole or zero range (or a block device):
         # remembered so we stop asking the kernel on every request.
@@ -158,7 +161,7 @@ class FileBackend(Backend):
             pass        # advisory
 
     def reopen(self):
-        return FileBackend(self.path, self.readonly)
+        return FileBackend(self.path, self.readonly, self.owner)
 
     def _fallocate(self, supported, mode, offset, length):
         """fallocate if the filesystem can; remember when it cannot.
@@ -222,7 +225,7 @@ class FileBackend(Backend):
 
     def close(self):
         if self.fd >= 0:
-            os.close(self.fd)
+            filelocks.close(self.fd)
             self.fd = -1
 
 

@@ -203,8 +203,12 @@ def lu():
 @click.option("--file", "file", metavar="PATH",
               help="Use this existing regular file or block device as the "
                    "backing store, as it is (its data is served, never "
-                   "erased, and it is kept when the LU is deleted). Without "
-                   "--file a new sparse file is made in the state directory.")
+                   "erased, and it is kept when the LU is deleted). It is "
+                   "refused while another program holds it for writing "
+                   "(QEMU's image locks; a block device that is mounted or "
+                   "held); while served, QEMU's tools cannot write it and a "
+                   "block device cannot be mounted. Without --file a new "
+                   "sparse file is made in the state directory.")
 @click.option("--read-only", is_flag=True,
               help="Export the LU read-only: hosts can read it, every write "
                    "is refused with EPERM.")
@@ -308,6 +312,11 @@ def lu_rollback(ctx, name, image):
     and then `clonectl rsg promote --force` makes the group's last
     consistent point the new primary's. Needs a running server; stop hosts
     writing to the LU first (on a secondary, detach its primary's link).
+
+    Refused while hosts (NBD or the iSCSI gateway) are connected to NAME,
+    or a clone of it runs a protected restore or a reverse sync. While it
+    runs NAME is not exported (new connections are refused) and a clone
+    restore or reverse sync of it is refused.
     """
     res = _control_call(ctx, "image_rollback", lu=name, image=image)
     click.echo("rolled {} back to {} ({} extents restored)".format(
@@ -491,8 +500,9 @@ def clone():
 @click.argument("name")
 @click.option("--file", metavar="PATH",
               help="Existing file or block device to hold the clone, at least "
-                   "as large as SOURCE. Without it a sparse file is made in "
-                   "the state directory.")
+                   "as large as SOURCE, that no other program holds for "
+                   "writing (as for `lu create --file`). Without it a sparse "
+                   "file is made in the state directory.")
 @click.option("--granularity", metavar="SIZE",
               help="Extent size tracked by one map entry: a power of two from "
                    "2K to 1M (default 64K). Fixed per Source: every clone of "

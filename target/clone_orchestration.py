@@ -39,8 +39,10 @@ class CloneOrchestration:
                                   self._persist_clone(lu.name))
 
         def open_clone(rec):
-            inventory.probe_backing(rec["file"], lu.size)
-            return backends.FileBackend(rec["file"])
+            owner = "clone {}".format(rec["name"])
+            inventory.check_external(self.target.state_dir, rec)
+            inventory.probe_backing(rec["file"], lu.size, owner=owner)
+            return backends.FileBackend(rec["file"], owner=owner)
 
         group.record_verify = self._record_verify(lu.name)
         for who, problem in group.load(record["clones"], open_clone):
@@ -115,14 +117,19 @@ class CloneOrchestration:
                 owned = False
                 inventory.check_outside(self.target.state_dir, path)
                 inventory.check_backing_free(doc, path)
-                inventory.probe_backing(path, lu.size)
+                inventory.probe_backing(path, lu.size,
+                                        owner="clone {}".format(clone))
+            backend = None
             try:
-                backend = backends.FileBackend(path)
+                backend = backends.FileBackend(
+                    path, owner="clone {}".format(clone))
                 group = self.target.groups.get(source) or clones.CloneGroup(
                     lu, granularity, self.target.state_dir.maps_dir,
                     self._persist_clone(source))
                 group.record_verify = self._record_verify(source)
             except BaseException:
+                if backend is not None:
+                    backend.close()     # or its file stays this clone's
                 if owned:
                     os.unlink(path)
                 raise
@@ -163,13 +170,14 @@ class CloneOrchestration:
                     del record["clones"]
                     record.pop("granularity", None)
 
-        self._gateway_let_go(c)
+        withdrawn = self._gateway_let_go(c)
         try:
             # Refuses while busy or exported; the inventory first, so a
             # save that fails leaves the clone in place.
             group.remove_clone(clone, persist)
         finally:
-            self.target.gateway.give_back([clone])
+            if withdrawn:
+                self.target.gateway.give_back([clone])
         c.backend.close()
         if not group.clones:
             del self.target.groups[source]
@@ -189,7 +197,7 @@ class CloneOrchestration:
             # A state remove_clone refuses (with its own reason): nothing
             # is withdrawn for it.
             return (c.state, "remove") in clones.TRANSITIONS
-        self.target.gateway_let_go(c.name, c.export, going)
+        return self.target.gateway_let_go(c.name, c.export, going)
 
     def clone_list(self, source=None):
         with self.target.lock:
@@ -265,27 +273,32 @@ class CloneOrchestration:
 
     def clone_reverse_sync(self, clone, rate=None):
         group, c = self._working_clone(clone, "reverse-sync")
-        # Refused before the links of a replicated Source replay its
-        # regions (a refusal changes nothing, on the secondaries too).
-        group.check_reverse_sync(clone)
-        # The regions are read where nothing else changes the Source (a
-        # secondary's primary's batches set delta bits too).
-        self.target.rsg_ops.run_volume_change(
-            group.source, lambda: bytearray(c.delta), group.granularity,
-            "a reverse sync", lambda regions: group.start_reverse_sync(
-                clone, rate=_rate(rate), run=False))
+        # A rollback of the Source is a second writer of it: never both.
+        with self.target.session_ops.restore_starting(group.source, clone,
+                                                      "reverse-sync"):
+            # Refused before the links of a replicated Source replay its
+            # regions (a refusal changes nothing, on the secondaries too).
+            group.check_reverse_sync(clone)
+            # The regions are read where nothing else changes the Source
+            # (a secondary's primary's batches set delta bits too).
+            self.target.rsg_ops.run_volume_change(
+                group.source, lambda: bytearray(c.delta), group.granularity,
+                "a reverse sync", lambda regions: group.start_reverse_sync(
+                    clone, rate=_rate(rate), run=False))
         return group.clone_status(c)
 
     def clone_restore(self, clone, full=False, rate=None):
         group, c = self._working_clone(clone, "restore")
-        group.check_restore(clone, full=bool(full))
-        self.target.rsg_ops.run_volume_change(
-            group.source, lambda: bytearray(b"\x01" * len(c.delta)) if full
-            else bytearray(c.delta), group.granularity,
-            "a protected restore",
-            lambda regions: group.start_restore(
-                clone, full=bool(full), rate=_rate(rate), run=False,
-                regions=regions))
+        with self.target.session_ops.restore_starting(group.source, clone,
+                                                      "restore"):
+            group.check_restore(clone, full=bool(full))
+            self.target.rsg_ops.run_volume_change(
+                group.source, lambda: bytearray(b"\x01" * len(c.delta))
+                if full else bytearray(c.delta), group.granularity,
+                "a protected restore",
+                lambda regions: group.start_restore(
+                    clone, full=bool(full), rate=_rate(rate), run=False,
+                    regions=regions))
         return group.clone_status(c)
 
     def clone_verify(self, clone, rate=None, stop=False):

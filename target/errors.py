@@ -71,6 +71,19 @@ class BackingUnusable(Error):
     errno = _errno.EIO
 
 
+class BackingLocked(Error):
+    msg = ("backing file {path!r} is in use by another program ({reason}); "
+           "`lslocks` or `fuser -v FILE` names it")
+    errno = _errno.EBUSY
+
+
+class BackingShared(Error):
+    msg = ("backing file {path!r} of {owner} is the storage of {other} "
+           "already (its path names the same file or device now: a symlink "
+           "retargeted, a device renamed at boot); not used")
+    errno = _errno.EBUSY
+
+
 class BackingTooSmall(Error):
     msg = ("backing file {path!r} holds {actual} bytes, smaller than the "
            "LU size of {size} bytes")

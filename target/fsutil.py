@@ -64,25 +64,65 @@ def write_atomic(path, data, mode=0o600):
     """Replace path with data so that a crash leaves the old or the new file.
 
     Write a temporary file in the same directory, fsync it, rename it over the
-    target, then fsync the directory so the rename itself is durable.
+    target, then fsync the directory so the rename itself is durable.  A
+    failure raises with the old file in place (or none, if there was
+    none), also when only the directory's fsync failed: the old file is
+    kept as a hard link until then and renamed back, so that a caller
+    told of the failure never finds the new file at its path (a crash
+    then may still leave either).
     """
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".",
                                suffix=".tmp", dir=directory)
+    old = tmp[:-len(".tmp")] + ".old"
+    existed = True
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, mode)
-        os.rename(tmp, path)
+        try:
+            os.link(path, old)
+        except FileNotFoundError:
+            old, existed = None, False
+        except OSError:
+            # vfat, some FUSE, protected_hardlinks, EMLINK: no copy kept;
+            # a failed directory sync then cannot be undone (as before).
+            old = None
+        os.rename(tmp, path)        # a failure leaves path as it was
+        try:
+            fsync_dir(directory)
+        except BaseException:
+            if old is not None or not existed:
+                _put_back(path, old)
+            old = None
+            raise
     except BaseException:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
         raise
-    fsync_dir(directory)
+    finally:
+        if old is not None:
+            try:
+                os.unlink(old)
+            except OSError:
+                pass        # a hidden leftover; the new file is in place
+
+
+def _put_back(path, old):
+    """After a failed replacement: path as it was (old: a hard link of
+    the file it was, or None if there was none), as well as can be."""
+    try:
+        if old is not None:
+            os.rename(old, path)
+        else:
+            os.unlink(path)
+        fsync_dir(os.path.dirname(os.path.abspath(path)))
+    except OSError:
+        pass
 
 
 def write_json_atomic(path, obj):

@@ -1,6 +1,8 @@
 """The iSCSI gateway's route into the target: which connections are the
 gateway's, how many it holds on each export, and taking an export away
-from it (withdraw) until it has let go.
+from it (withdraw) until it has let go, or from every new connection for
+the length of an operation (hold: a rollback).  Several operations may
+hold one export; it is exported again once each has given it back.
 
 The gateway opens exports under names only this server start's secret
 makes valid (the name format is target/iscsi.py's: iscsi.gateway_route).
@@ -38,8 +40,10 @@ class GatewayRoute:
         # notified when one ends.
         self.held = collections.Counter()
         self.let_go = threading.Condition(lock)
-        # Exports whose removal waits for the gateway: not exported meanwhile.
-        self.withdrawn = set()
+        # Export name -> why it is withdrawn, one entry per operation
+        # holding it (None: no reason to give, it is going away): not
+        # exported while any holds it, each giving back its own.
+        self.withdrawn = {}
 
     def export_of(self, name):
         """The export a gateway name asks for, or None for a host's name.
@@ -65,6 +69,25 @@ class GatewayRoute:
             del self.held[obj]
         self.let_go.notify_all()
 
+    def reason(self, name):
+        """Why export name is withdrawn (None if no holder said)."""
+        return next((why for why in self.withdrawn.get(name, ())
+                     if why is not None), None)
+
+    def hold(self, name, why=None):
+        """Withdraw export name without waiting; under the lock (the
+        caller checks the connections it refuses under the same lock, so
+        that none opens in between).  Given back with give_back."""
+        self.withdrawn.setdefault(name, []).append(why)
+
+    def unhold(self, name, why=None):
+        """Give back one hold of name with why; under the lock."""
+        held = self.withdrawn.get(name)
+        if held is not None and why in held:
+            held.remove(why)
+            if not held:
+                del self.withdrawn[name]
+
     def withdraw(self, name, obj):
         """Take export name (served by obj) away from the iSCSI gateway and
         wait until its connections to it have ended; the caller gives it
@@ -79,15 +102,17 @@ class GatewayRoute:
         GATEWAY_LET_GO_TIMEOUT the export is given back and GatewayHolds
         is raised."""
         with self.lock:
-            self.withdrawn.add(name)
+            self.hold(name)
             if self.let_go.wait_for(lambda: not self.held[obj],
                                     GATEWAY_LET_GO_TIMEOUT):
                 return
-            self.withdrawn.discard(name)
+            self.unhold(name)
             raise GatewayHolds(name=name, timeout=GATEWAY_LET_GO_TIMEOUT)
 
-    def give_back(self, names):
-        """Export names again (after a withdraw)."""
+    def give_back(self, names, why=None):
+        """Give back names (withdrawn, or held with why): exported again
+        once no other operation holds them."""
         with self.lock:
-            self.withdrawn.difference_update(names)
+            for name in names:
+                self.unhold(name, why)
 

@@ -31,7 +31,7 @@ import json
 import os
 import stat
 
-from . import errors, fsutil, units
+from . import errors, filelocks, fsutil, units
 
 FORMAT = "clonectl-state"
 VERSION = 1
@@ -330,11 +330,12 @@ def _validate_sessions(name, lu, bad):
             bad("session {!r} of LU {!r} is invalid".format(sname, name))
 
 
-def probe_backing(path, size=None, readonly=False):
+def probe_backing(path, size=None, readonly=False, owner=None):
     """Check that path can back an LU; return its usable size in bytes.
 
     path must be an existing regular file or block device that we can open
-    for reading (and writing unless readonly), at least size bytes long.
+    for reading (and writing unless readonly), at least size bytes long,
+    that no other program holds for writing.
     """
     try:
         st = os.stat(path)
@@ -345,9 +346,10 @@ def probe_backing(path, size=None, readonly=False):
     if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
         raise errors.BackingUnusable(
             path=path, reason="not a regular file or block device")
-    flags = os.O_RDONLY if readonly else os.O_RDWR
     try:
-        fd = os.open(path, flags)
+        # Locked as the server would: a file another program holds for
+        # writing is refused here already (target.filelocks).
+        fd = filelocks.open_locked(path, writable=not readonly, owner=owner)
     except OSError as e:
         raise errors.BackingUnusable(path=path, reason=e.strerror)
     try:
@@ -356,7 +358,7 @@ def probe_backing(path, size=None, readonly=False):
     except OSError as e:
         raise errors.BackingUnusable(path=path, reason=e.strerror)
     finally:
-        os.close(fd)
+        filelocks.close(fd)
     if size is not None and actual < size:
         raise errors.BackingTooSmall(path=path, actual=actual, size=size)
     return actual
@@ -388,7 +390,8 @@ def create_lu(state_dir, name, size=None, file=None, readonly=False):
             path = os.path.abspath(file)
             owned = False
             check_outside(state_dir, path)
-            actual = probe_backing(path, size, readonly)
+            actual = probe_backing(path, size, readonly,
+                                   owner="LU {}".format(name))
             if size is None:
                 size = actual - actual % units.SECTOR
                 if size == 0:
@@ -462,6 +465,14 @@ def check_outside(state_dir, path):
             if file_identity(own) == wanted:
                 refuse("it is the state directory's file {} (a link "
                        "to it)".format(os.path.relpath(own, top)))
+
+
+def check_external(state_dir, record):
+    """At every opening of an LU's or clone's record: a file given with
+    --file that is now one of the state directory's own files (its path
+    retargeted since) is refused, as at its creation (check_outside)."""
+    if state_dir is not None and not record["owned"]:
+        check_outside(state_dir, record["file"])
 
 
 def check_name_free(doc, name):
@@ -580,7 +591,8 @@ def resize_lu(state_dir, name, size, check_busy=None):
                         path=path, reason="cannot make it {} bytes: {}".format(
                             size, e.strerror)) from e
         else:
-            probe_backing(path, size, record["readonly"])
+            probe_backing(path, size, record["readonly"],
+                          owner="LU {}".format(name))
         new = dict(record, size=size)
         doc["lus"][name] = new
         # The file first, then the record: a crash in between leaves a

@@ -41,7 +41,9 @@ class LogicalUnit:
     is the backing file itself, under every layer.
     """
 
-    def __init__(self, name, record, backend=None):
+    def __init__(self, name, record, backend=None, state_dir=None):
+        # state_dir: the StateDir of the record (a --file path that now
+        # names one of its own files is refused), or None.
         self.name = name
         self.size = record["size"]
         self.file = record["file"]
@@ -50,15 +52,20 @@ class LogicalUnit:
         self.removed = False
         self.error = None
         self.rsg = None         # the replicated group it belongs to
-        # Why it is not served although its file is fine: a volume of a
-        # replicated group that did not load (writes would not be logged).
-        self.held = None
+        # Why it is not served although its file is fine, by who holds it:
+        # a replicated group that did not load (writes would not be
+        # logged), a session that did not load and could not say so.
+        self.holds = {}
         self.backend = backend
         self.stack = None
         if backend is None:
             try:
-                inventory.probe_backing(self.file, self.size, self.readonly)
-                self.backend = backends.FileBackend(self.file, self.readonly)
+                owner = "LU {}".format(name)
+                inventory.check_external(state_dir, record)
+                inventory.probe_backing(self.file, self.size, self.readonly,
+                                        owner=owner)
+                self.backend = backends.FileBackend(self.file, self.readonly,
+                                                    owner=owner)
             except (errors.Error, OSError) as e:
                 self.error = str(e)
         if self.backend is not None:
@@ -70,6 +77,11 @@ class LogicalUnit:
         # read is the top's own bound method: one frame less per request
         # (the other requests pass the stack's entry, which counts changes).
         self.read = top.readinto
+
+    @property
+    def held(self):
+        """The first reason it is held, or None."""
+        return next(iter(self.holds.values()), None)
 
     @property
     def healthy(self):

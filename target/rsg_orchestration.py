@@ -119,7 +119,10 @@ class RsgOrchestration:
         for lu_name in lu_names:
             lu = self.target.lus.get(lu_name)
             if lu is not None and lu.rsg is None:
-                lu.held = reason
+                if reason is None:
+                    lu.holds.pop("group " + name, None)
+                else:
+                    lu.holds["group " + name] = reason
 
     def _failed_rsg_status(self, name):
         files = self.target.state_dir.group_files(name).on_disk()
@@ -635,23 +638,30 @@ class RsgOrchestration:
         """Make this primary a secondary; it reports the regions it wrote
         that no secondary acknowledged (what may have diverged)."""
         rsg = self._rsg(name, replication.PRIMARY)
-        busy = [lu.name for lu in rsg.volumes if lu.connections]
-        if busy:
-            raise replication.RsgBusy(
-                name=name, reason="LU {} has host connections; stop the "
-                "hosts first, so no write lands after the demotion"
-                .format(busy[0]))
+        self._refuse_hosts(rsg)
         # The iSCSI gateway mounts every volume: it lets go first (no
         # write may land between the regions reported below and the
         # guard), and mounts them again, read-only, as a secondary's.
         withdrawn = []
         try:
             for lu in rsg.volumes:
-                withdrawn.append(lu.name)
                 self.target.gateway.withdraw(lu.name, lu)
+                withdrawn.append(lu.name)
+            # Again, now that no connection can open: a host that
+            # connected since the first look would write in between.
+            self._refuse_hosts(rsg)
             return self._demote(rsg)
         finally:
             self.target.gateway.give_back(withdrawn)
+
+    def _refuse_hosts(self, rsg):
+        with self.target.lock:
+            busy = [lu.name for lu in rsg.volumes if lu.connections]
+        if busy:
+            raise replication.RsgBusy(
+                name=rsg.name, reason="LU {} has host connections; stop the "
+                "hosts first, so no write lands after the demotion"
+                .format(busy[0]))
 
     def _demote(self, rsg):
         name = rsg.name
@@ -799,9 +809,15 @@ class RsgOrchestration:
         if rsg is not None and rsg.role == replication.SECONDARY:
             rsg.check_readable(lu)
 
+    @contextlib.contextmanager
+    def point_in_time(self, lu, consistent=True):
+        with self.target.session_ops.point_starting(lu):
+            with self._point_in_time(lu, consistent):
+                yield
+
     @staticmethod
     @contextlib.contextmanager
-    def point_in_time(lu, consistent=True):
+    def _point_in_time(lu, consistent=True):
         """Take a point in time of lu (fracture, mark) inside this: on a
         secondary no batch is applied meanwhile (its apply lock is held),
         so the point holds all of a batch or none of it, and the volume

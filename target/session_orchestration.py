@@ -40,6 +40,18 @@ class RollbackRefused(errors.Error):
     errno = errno.EBUSY
 
 
+class RollbackRunning(errors.Error):
+    msg = ("cannot {event} clone {name!r}: its Source {source!r} is being "
+           "rolled back to {image}; try again once that has finished")
+    errno = errno.EBUSY
+
+
+class PointRefused(errors.Error):
+    msg = ("no point in time of LU {name!r} is taken now: it is being "
+           "rolled back to {image}; try again once that has finished")
+    errno = errno.EBUSY
+
+
 class SessionOrchestration:
     """The session and image operations of target (a Target): its LUs,
     sessions, images, lock and inventory."""
@@ -53,6 +65,13 @@ class SessionOrchestration:
         # Image session name -> what runs on it (ROLLING_BACK, RELEASING):
         # neither starts while the other runs.
         self._images_busy = {}
+        # LU name -> the clones whose restore or reverse sync of it is
+        # starting (restore_starting), under target.lock: no rollback of
+        # it starts meanwhile.
+        self._restores_starting = {}
+        # LU name -> how many points in time of it (mark, protect,
+        # fracture) are being taken, under target.lock.
+        self._points_starting = {}
 
     def load_sessions(self, lu, records):
         for name, rec in sorted(records.items()):
@@ -61,18 +80,47 @@ class SessionOrchestration:
             image = rec.get("image") is True or (
                 name == self._image_session_name(lu.name) and not rec["dests"])
             consistent = image and name == self._consistent_name(lu.name)
+            session = None
             try:
                 session = self._open_session(lu, name, rec, image=image)
                 for problem in session.load():
                     self._session_problem(lu, name, problem)
             except (errors.Error, OSError) as e:
+                if session is not None:
+                    # Its files only: no commit of maps it never loaded.
+                    session.tracking.close()
+                    session.save_area.backend.close()
                 self._session_problem(lu, name, "not loaded: {}".format(e))
+                self._not_loaded(lu, name, rec, e)
                 continue
             self._attach_session(lu, session)
             if consistent:
                 self.target.consistent_images[lu.name] = session
             elif image:
                 self.target.images[lu.name] = session
+
+    def _not_loaded(self, lu, name, rec, exc):
+        """A session that did not load hears of none of its LU's writes:
+        before the LU is served its record says, durably, that every
+        destination needs a full copy and that no image is frozen (a
+        later load would trust maps that missed them); if even that
+        cannot be saved, the LU is held (not served) until a restart
+        loads the session or saves that."""
+        rec = dict(rec, marked=False, export=False, mark_time=None,
+                   error="not loaded at a start ({}): every destination "
+                   "gets a full copy, no image is frozen".format(exc),
+                   dests=[dict(d, needs_full=True) for d in rec["dests"]])
+        try:
+            with self.target.state_dir.editing() as doc:
+                doc["lus"][lu.name]["sessions"][name] = rec
+        except (errors.Error, OSError) as e:
+            lu.holds["session " + name] = (
+                       "session {} did not load ({}) and its record could "
+                       "not be marked for a full copy ({}): its writes "
+                       "would be in no map; restart the server once the "
+                       "state directory can be written".format(name, exc, e))
+            log.error("LU %s is not served: %s", lu.name,
+                      lu.holds["session " + name])
 
     def _session_problem(self, lu, name, problem):
         log.error("session %s of %s: %s", name, lu.name, problem)
@@ -85,7 +133,8 @@ class SessionOrchestration:
              "export": rec.get("export", False)}, rec.get("last_transfer"))
         save_path = self._save_area_path(lu.name, name)
         size = self._grown_save_area(lu, rec, save_path)
-        backend = backends.FileBackend(save_path)
+        backend = backends.FileBackend(
+            save_path, owner="the save area of session {}".format(name))
         try:
             return sessions.Session(
                 name, lu, rec["granularity"], self.target.state_dir.maps_dir,
@@ -374,16 +423,22 @@ class SessionOrchestration:
                    marked=session.marked)
         return out
 
-    def _check_source_stable(self, session):
-        group = self.target.groups.get(session.source.name)
+    def _restoring_clone(self, lu):
+        """The clone restoring LU lu (a protected restore or reverse sync:
+        hosts read its data, the engine copies it), or None."""
+        group = self.target.groups.get(lu.name)
         if group is None:
-            return
-        busy = [c.name for c in group.clones.values()
-                if c.state in (clones.REVERSE_SYNCING, clones.RESTORING)]
-        if busy:
+            return None
+        return next((c for c in list(group.clones.values())
+                     if c.state in (clones.REVERSE_SYNCING,
+                                    clones.RESTORING)), None)
+
+    def _check_source_stable(self, session):
+        clone = self._restoring_clone(session.source)
+        if clone is not None:
             raise sessions.SessionBusy(
                 name=session.name, reason="the Source is being restored from "
-                "clone {}; mark once that has finished".format(busy[0]))
+                "clone {}; mark once that has finished".format(clone.name))
 
     def _mark(self, session, **kwargs):
         """Mark session (Session.mark's options): every point in time of a
@@ -763,7 +818,10 @@ class SessionOrchestration:
                 raise errors.InvalidArgument(
                     reason="LU {!r} has no protected image to roll back to"
                     .format(lu))
-        with self._image_busy(session, ROLLING_BACK):
+        with self._image_busy(session, ROLLING_BACK), self.target.withheld(
+                source, "it is being rolled back to {}; connect again once "
+                "that has finished".format(session.export_name()),
+                lambda users: self._check_rollback(source, session, users)):
             restored, export = self._roll_back(source, session)
         # The image put back and no other: the group may have become
         # consistent meanwhile (its own release then had it already).
@@ -774,15 +832,91 @@ class SessionOrchestration:
             self._delete_image(session)
         return {"lu": lu, "image": export, "extents_restored": restored}
 
-    def _roll_back(self, source, session):
-        """Put session's image back into source; (extents, export)."""
+    def _check_rollback(self, source, session, users):
+        """Refuse a rollback of source to session's image (under
+        target.lock, source withheld: what passes here stays so until the
+        rollback ends): while hosts use it, another rollback of it runs,
+        or a clone restores it or is starting to (restore_starting).  A
+        restore or reverse sync shows hosts the clone's data and copies
+        it over the Source: the image put back below would not be what
+        hosts read, yet released."""
         lu = source.name
-        users = self.target.host_users(source)
         if users:
             raise RollbackRefused(
                 name=lu, reason="{} connection(s) use it (NBD hosts or the "
                 "iSCSI gateway); stop the hosts first, so no write lands "
                 "during or after the rollback".format(users))
+        other = self._rolling_back(lu, but=session.name)
+        if other is not None:
+            raise RollbackRefused(name=lu, reason="a rollback of it to {} "
+                                  "is running".format(other))
+        clone = self._restoring_clone(source)
+        if clone is not None:
+            raise RollbackRefused(
+                name=lu, reason="clone {} is restoring it ({}: hosts read "
+                "that clone's data); roll back once that has finished"
+                .format(clone.name, "a reverse sync"
+                        if clone.state == clones.REVERSE_SYNCING
+                        else "a protected restore"))
+        if self._points_starting.get(lu):
+            raise RollbackRefused(name=lu, reason="a point in time of it "
+                                  "(a mark, protect or fracture) is being "
+                                  "taken")
+        starting = self._restores_starting.get(lu)
+        if starting:
+            raise RollbackRefused(
+                name=lu, reason="a restore or reverse sync from clone {} is "
+                "starting on it".format(starting[0]))
+
+    def _rolling_back(self, lu, but=None):
+        """The export of the image of LU lu a rollback is putting back
+        (but that of image session but), or None; under target.lock."""
+        for name in (self._image_session_name(lu), self._consistent_name(lu)):
+            if name != but and self._images_busy.get(name) == ROLLING_BACK:
+                return "{}@{}".format(lu, name)
+        return None
+
+    @contextlib.contextmanager
+    def point_starting(self, source):
+        with self.target.lock:
+            image = self._rolling_back(source.name)
+            if image is not None:
+                raise PointRefused(name=source.name, image=image)
+            self._points_starting[source.name] = \
+                self._points_starting.get(source.name, 0) + 1
+        try:
+            yield
+        finally:
+            with self.target.lock:
+                self._points_starting[source.name] -= 1
+                if not self._points_starting[source.name]:
+                    del self._points_starting[source.name]
+
+    @contextlib.contextmanager
+    def restore_starting(self, source, clone, event):
+        """A restore or reverse sync (event) of LU source from clone (its
+        name) starts inside this, until the clone's state says it runs:
+        refused while a rollback of source runs, and no rollback of
+        source starts meanwhile (_check_rollback)."""
+        with self.target.lock:
+            image = self._rolling_back(source.name)
+            if image is not None:
+                raise RollbackRunning(event=event, name=clone,
+                                      source=source.name, image=image)
+            self._restores_starting.setdefault(source.name, []).append(clone)
+        try:
+            yield
+        finally:
+            with self.target.lock:
+                starting = self._restores_starting[source.name]
+                starting.remove(clone)
+                if not starting:
+                    del self._restores_starting[source.name]
+
+    def _roll_back(self, source, session):
+        """Put session's image back into source (withheld, its users
+        checked); (extents, export)."""
+        lu = source.name
         g, bs = session.granularity, session.block
         saved = []
 

@@ -15,6 +15,7 @@ rsg_ops), which receive the Target; the iSCSI gateway's route is
 target/gateway.py.
 """
 
+import contextlib
 import functools
 import logging
 import os
@@ -171,12 +172,37 @@ class Target:
         refusing would leave it removable only with the gateway stopped.
         going() (under the lock) raises what would refuse the removal
         anyway, or returns False if the removal refuses it later with its
-        own reason: then nothing is withdrawn.  The caller gives name back
-        (gateway.give_back) when done."""
+        own reason: then nothing is withdrawn.  Returns whether name was
+        withdrawn: if so, the caller gives it back (gateway.give_back)
+        when done, and only then (another operation may hold it too)."""
         with self.lock:
             if not self.gateway.held[obj] or not going():
-                return
+                return False
         self.gateway.withdraw(name, obj)
+        return True
+
+    @contextlib.contextmanager
+    def withheld(self, lu, why, check):
+        """Inside this LU lu is not exported: no new host or iSCSI gateway
+        connection, each refused with why (LUHeld); it is exported again
+        after.  check(users) runs under the lock once lu is withdrawn,
+        users being the connections that may still write it (host_users):
+        none can open between the check and the end of the block.  If it
+        raises, lu is exported again at once and nothing is done.
+
+        Unlike gateway_let_go nothing waits for the gateway: its
+        connections are users, for check to refuse."""
+        with self.lock:
+            self.gateway.hold(lu.name, why)
+            try:
+                check(self.host_users(lu))
+            except BaseException:
+                self.gateway.unhold(lu.name, why)
+                raise
+        try:
+            yield
+        finally:
+            self.gateway.give_back([lu.name], why)
 
     def _lu_busy(self, lu, name, record):
         """Raise LUBusy if LU name (lu: its object, if loaded) cannot be
@@ -206,8 +232,7 @@ class Target:
             self._lu_busy(self.lus.get(name), name, record)
             return True
         lu = self.lus.get(name)
-        if lu is not None:
-            self.gateway_let_go(name, lu, going)
+        withdrawn = lu is not None and self.gateway_let_go(name, lu, going)
         try:
             with self.lock:
                 lu = self.lus.get(name)
@@ -217,7 +242,8 @@ class Target:
                 if lu is not None and self.lus.get(name) is lu:
                     self._retire(self.lus.pop(name))
         finally:
-            self.gateway.give_back([name])
+            if withdrawn:
+                self.gateway.give_back([name])
         log.info("LU %s deleted", name)
         return {"name": name, "record": record}
 
@@ -268,6 +294,10 @@ class Target:
             # open LU together under it, and an older record read before
             # would look like another LU and retire this one.
             doc = self.state_dir.load()
+            # Gone LUs first: their files may be a new LU's now.
+            for name in [n for n in self.lus if n not in doc["lus"]]:
+                self._retire(self.lus.pop(name))
+            opened = []
             for name, record in doc["lus"].items():
                 lu = self.lus.get(name)
                 if lu is not None and lu.file == record["file"] \
@@ -277,16 +307,19 @@ class Target:
                     continue
                 if lu is not None:
                     self._retire(lu)
-                lu = LogicalUnit(name, record)
+                lu = LogicalUnit(name, record, state_dir=self.state_dir)
                 if lu.error:
                     log.error("LU %s is not exported: %s", name, lu.error)
                 self.lus[name] = lu
+                opened.append((lu, record))
+            # Every LU's file first, then the clones' (and save areas'):
+            # a clone whose path now names an LU's storage is refused
+            # (target.filelocks), never mirrored onto it.
+            for lu, record in opened:
                 if record.get("sessions") and lu.backend is not None:
                     self.session_ops.load_sessions(lu, record["sessions"])
                 if record.get("clones") and lu.backend is not None:
                     self.clone_ops.load_group(lu, record)
-            for name in [n for n in self.lus if n not in doc["lus"]]:
-                self._retire(self.lus.pop(name))
             return sorted(n for n, lu in self.lus.items() if lu.healthy)
 
     def _retire(self, lu):
@@ -364,6 +397,9 @@ class Target:
             lu = self.lus.get(name)
             if lu is not None and lu.held:
                 raise LUHeld(name=name, reason=lu.held)
+            why = self.gateway.reason(name)
+            if why is not None:
+                raise LUHeld(name=name, reason=why)
             if name == "":
                 raise errors.InvalidArgument(
                     reason="an export name is required; exports: " +
@@ -422,9 +458,9 @@ class Target:
 
     def host_users(self, lu):
         """Connections that may write lu: NBD hosts and the iSCSI
-        gateway's mounts (an initiator writes through those)."""
-        with self.lock:
-            return lu.connections + self.gateway.held[lu]
+        gateway's mounts (an initiator writes through those); under
+        self.lock, with lu withdrawn (withheld) if none may open after."""
+        return lu.connections + self.gateway.held[lu]
 
     def with_gateway(self, st, obj):
         st["gateway_connections"] = self.gateway.held[obj]

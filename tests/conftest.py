@@ -9,6 +9,7 @@ pytest_plugins = [
     "tests.support.tiers",
     "tests.support.asserts",
     "tests.support.processes",
+    "tests.support.devices",
     "tests.support.cli",
     "tests.support.servers",
     "tests.support.nbdclient",

@@ -108,6 +108,9 @@ class CloneGroup(Mirroring, Restore):
             os.path.join(map_dir, source.name + ".prm"), granularity,
             self.extents)
         self.prm_lock = threading.Lock()
+        # Source flushes failed so far: a restore's copy that spans one
+        # keeps its bits (Mirroring._mark_lost).
+        self.flush_failures = 0
         self.scoreboard = bytearray(self.extents)
         self.cod = CodStats()
         # Test hook: called by the engine between reading and writing a run.
@@ -163,7 +166,8 @@ class CloneGroup(Mirroring, Restore):
     def load(self, clone_records, open_backend):
         """Open the clones and recover their delta maps.
 
-        clone_records: {name: {"state": ..., "file": ...}}.  Returns a list
+        clone_records: {name: {"state": ..., "file": ...}}; open_backend
+        gets a record with its "name" too.  Returns a list
         of (clone name, message) for maps that were lost or corrupt (those
         clones are set wholly dirty).
         """
@@ -173,7 +177,8 @@ class CloneGroup(Mirroring, Restore):
             problems.append((None, problem))
         for name, record in clone_records.items():
             try:
-                backend, broken = open_backend(record), None
+                backend, broken = open_backend(dict(record, name=name)), \
+                    None
             except (errors.Error, OSError) as e:
                 # One clone's file must not stop the Source and the other
                 # clones from being served.
@@ -410,6 +415,22 @@ class CloneGroup(Mirroring, Restore):
             checks()
 
             def switch():
+                if event == "reverse-sync":
+                    # Again: the export was writable until now, and a
+                    # write since added bits the siblings need too.  The
+                    # start's commit may have taken them out of the
+                    # activity map already: noted there again, durably,
+                    # before the state says the Source changes.
+                    mine = int.from_bytes(clone.delta, "little")
+                    missing = 0
+                    for other in self.clones.values():
+                        if other is not clone:
+                            missing |= mine & ~int.from_bytes(other.delta,
+                                                              "little")
+                    self._prepare_restore(clone)
+                    for s, e in maps.runs(missing.to_bytes(
+                            self.extents, "little")):
+                        self.changes.note(s, e)
                 self.transition(clone, event, rate=rate)
                 clone.paused = False
                 self._set_read_path()

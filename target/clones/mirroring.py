@@ -224,6 +224,15 @@ class Mirroring:
                     self.overlap_waiters -= 1
             if self.restoring is not restoring:
                 return None, None
+            if only is not None and only.state not in EXPORTED:
+                # Admitted before a switch it waited for (a sync or a
+                # reverse sync began): the clone is no longer writable.
+                raise errors.ReadOnly(name=only.name)
+            if restoring is not None and (only is None or only is restoring) \
+                    and self._restore_pending(restoring, e0, e1):
+                # A failed Source flush marked an extent again since the
+                # caller's copy on demand (_mark_lost): copied first.
+                return None, None
             if only is None and not self.clones:
                 return None, []
             token = self.changes.begin(e0, e1)
@@ -427,16 +436,16 @@ class Mirroring:
         """Flush the Source.  A flush that fails may have lost what the
         Source got since the last commit (a failed fdatasync drops the
         pages it could not write), which its clones may have: each clone
-        but a restoring one (whose bits would copy it over the hosts'
-        writes) gets those extents' bits (a sync gives it the Source's
-        data again, a reverse sync gives the Source the clone's), and the
-        error is raised."""
+        gets those extents' bits (a sync gives it the Source's data again,
+        a reverse sync gives the Source the clone's, a restore copies the
+        clone's again where no host wrote: _mark_lost), and the error is
+        raised."""
         try:
             self.below.flush()
         except OSError:
             with self.cond:
-                self._mark_lost([c for c in self.clones.values()
-                                 if c is not self.restoring])
+                self._mark_lost(list(self.clones.values()))
+                self.flush_failures += 1
             raise
 
     def _flush_clone(self, clone):
@@ -467,12 +476,29 @@ class Mirroring:
 
     def _mark_lost(self, clones):
         """(Holding cond.)  What a failed flush may have lost is marked in
-        clones; a copy running over it does not clear it (collided)."""
+        clones; a copy running over it does not clear it (collided, and
+        for a restore's copies the Source's flush_failures).  A restoring
+        clone's marked extents are copied again, except where the PRM has
+        a bit: an extent a host wrote since the restore began is never
+        copied over (the host's write was in the failed flush too), and a
+        write whose copy on demand preceded the mark copies again before
+        it sets its bit (_begin)."""
         lost = self.changes.unflushed()
         for clone in clones:
             maps.set_where(clone.delta, lost)
         if self.changes.copying:
             self.collided = True
+
+    def _restore_pending(self, clone, e0, e1):
+        """(Holding cond.)  Whether an extent of [e0, e1) is still to be
+        restored from clone (Delta bit, no PRM bit)."""
+        delta, prm = clone.delta, self.prm
+        e = delta.find(1, e0, e1)
+        while e >= 0:
+            if not prm[e]:
+                return True
+            e = delta.find(1, e + 1, e1)
+        return False
 
     def redirected_read(self, buf, offset):
         """Source read during a reverse sync: dirty extents from the clone."""

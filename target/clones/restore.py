@@ -39,10 +39,14 @@ docs/design.md and docs/persistence.md (the PRM file).
 """
 
 import collections
+import logging
+import os
 import time
 
 from .. import copier, errors, maps
 from .model import MIRRORED, RESTORING, SiblingsMirrored
+
+log = logging.getLogger("clonectl.clones")
 
 
 class CodStats:
@@ -179,7 +183,11 @@ class Restore:
                     # No write in flight: what hosts wrote before now is
                     # restored over, as --full says.
                     empty = bytearray(self.extents)
-                    self.prm_file.reset(empty)
+                    try:
+                        self.prm_file.reset(empty)
+                    except BaseException:
+                        self._spoil_prm_file()
+                        raise
                     self.prm, self.prm_lost = empty, False
                 if regions is not None:
                     self._protect_later(clone, regions)
@@ -190,6 +198,41 @@ class Restore:
             self._switch_quiesced(
                 switch, lambda: self._restore_checks(clone, full))
         return self._launch(clone, rate, run)
+
+    def _spoil_prm_file(self):
+        """After a failed reset of a lost PRM: the new, empty PRM may be in
+        place (not reopened, or the old file not put back after a failed
+        directory sync: fsutil.write_atomic), while the restore stays
+        paused with its PRM lost.  After a crash that
+        file would resume the restore by itself, over what hosts write
+        from now on: its header is overwritten in place (the file's data
+        only, no directory operation), so it loads as lost again, or else
+        removed."""
+        path = self.prm_file.path
+        try:
+            fd = maps.files.open(path)
+        except FileNotFoundError:
+            return
+        except OSError:
+            fd = None
+        if fd is not None:
+            try:
+                maps.files.pwrite(fd, bytes(maps.HEADER.size), 0)
+                maps.files.datasync(fd)
+                return
+            except OSError:
+                pass
+            finally:
+                maps.files.close(fd)
+        # A missing PRM loads as lost too.
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        except OSError:
+            log.exception("the PRM file %s of the restore of %s could be "
+                          "neither spoiled nor removed: a crash now resumes "
+                          "the restore", path, self.source.name)
 
     def _protect_later(self, clone, regions):
         """(Holding cond, no write in flight.)  Extents set in the Delta
@@ -258,7 +301,7 @@ class Restore:
             with self.cond:
                 prm = bytes(self.prm)
             if self.flush_before_prm:
-                self.below.flush()
+                self._flush_source()
             self.prm_file.persist(prm, 0, self.extents)
         return self.flush_before_prm
 
@@ -299,11 +342,13 @@ class Restore:
     def _copy_claimed(self, clone, claimed, copy=None):
         """Copy claimed extents Clone -> Source, then release them.
         Returns whether every extent was copied (a cancelled copier stops
-        early: the extents stay to copy)."""
+        early, a Source flush that failed meanwhile may have dropped the
+        copy: the extents stay to copy)."""
         g = self.granularity
         copied = False
         runs = []
         with self.cond:
+            failures = self.flush_failures
             for s, e in runs_of(claimed):
                 self.changes.touch(s, e)
                 runs.append((s * g, min(e * g, self.size) - s * g))
@@ -311,6 +356,9 @@ class Restore:
             copied = (copy or self.restore_copier(clone)).copy(runs)
         finally:
             with self.cond:
+                # A Source flush that failed meanwhile may have dropped
+                # the copy: its extents stay to copy.
+                copied = copied and failures == self.flush_failures
                 for e in claimed:
                     self.scoreboard[e] = 0
                     if copied:

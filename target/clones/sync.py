@@ -263,14 +263,25 @@ class SyncEngine:
             group.quiesce += 1
             try:
                 group._drain()
-                clone.delta[:] = group.prm
+                # A Source flush that failed while the writes drained
+                # marked extents to copy again (Mirroring._mark_lost).
+                again = group.pending_restore() != 0
+                if not again:
+                    clone.delta[:] = group.prm
             except BaseException:
                 group.quiesce -= 1
                 group.cond.notify_all()
                 raise
+            if again:
+                group.quiesce -= 1
+                group.cond.notify_all()
+                return False
         try:
             group.commit()  # the new Delta Map and the PRM, durable
             with group.cond:
+                if group.pending_restore():
+                    # Marked by a flush that failed during the commit.
+                    return False
                 group.transition(clone, "completed", rate=None)
                 group.restoring = None
                 group._set_read_path()

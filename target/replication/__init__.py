@@ -158,7 +158,10 @@ replicated volume, rollback) change regions without host writes; a
 restore and a reverse sync change what hosts read of all their regions at
 once (the clone's data, through the clones layer), while their engines
 copy below that view, through this group's layer.  Before one starts
-(`begin_volume_change`), its region map is ORed into every DCM and saved;
+(`begin_volume_change`), its region map is ORed into every DCM and, on a
+promoted node, into the since-promotion map (as a host write's extents:
+a demotion while the engine copies must report them all, a link made
+meanwhile must copy them), durably;
 a link that streams begins a replay of it at its stream's position
 (`extend`: it keeps holding the SRL, sync writes go on waiting for it), a
 running replay starts its pass again from where its stream is (its pending

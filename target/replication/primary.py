@@ -1378,7 +1378,14 @@ class PrimaryGroup:
         return reason
 
     def _begin_volume_change(self, vol, region_bits, granularity, reason):
-        """(Under the lock.)"""
+        """(Under the lock.)  The operation's regions go, durably, into
+        every map a host write's extents go into: each link's DCM and, on
+        a promoted node, the since map.  Its engine copies them long
+        after hosts read them changed: a demotion meanwhile must report
+        them all (the copies after it pass no replication layer), and a
+        link made meanwhile must copy them (its DCM starts empty)."""
+        if self.since is not None:
+            self.since.merge(vol, region_bits, granularity)
         for link in self.links:
             link.dcm.merge(vol, region_bits, granularity)
             if link.state == REPLICATING:

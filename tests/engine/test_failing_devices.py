@@ -16,26 +16,14 @@ import pytest
 from target import clones
 from target.clones import mirroring
 
-from tests.support.clonegroup import (EXTENTS, GRAN, SIZE, FailingBackend,
-                                     Harness)
+from tests.support.clonegroup import (EXTENTS, GRAN, Harness,
+                                     on_failing_backends, pattern)
 
 
 @pytest.fixture
 def fh(tmp_path):
-    h = Harness(tmp_path)
     # The Source and both clones on failing backends.
-    h.src = FailingBackend(h.mem_src)
-    h.fail = {n: FailingBackend(h.mem[n]) for n in h.mem}
-    h.lu.backend = h.lu.stack.base = h.src
-    h.lu.stack.refresh()
-    for n, clone in h.group.clones.items():
-        clone.backend = h.fail[n]
-        clone.export.read = h.fail[n].readinto
-    return h
-
-
-def _pattern(seed):
-    return bytes((seed + i) % 251 for i in range(SIZE))
+    return on_failing_backends(Harness(tmp_path))
 
 
 def _clean_extents_equal(h, name):
@@ -47,7 +35,7 @@ def _clean_extents_equal(h, name):
 @pytest.mark.parametrize("code", [errno.EIO, errno.ENOSPC])
 def test_clone_failing_mid_sync_is_left_out_of_sync_with_bits(fh, code):
     h = fh
-    h.lu.write(_pattern(1), 0)
+    h.lu.write(pattern(1), 0)
     engine = h.group.start_sync("c1", run=False)
     engine.chunk = 2
     assert engine.step()  # extents 0-1 copied
@@ -82,10 +70,10 @@ def _reverse_syncing(h, start="start_reverse_sync"):
     """c1 synchronized at pattern 1, fractured, written pattern 7 through
     its export; its reverse sync (or start: its restore) started, not
     run, two extents a step."""
-    h.lu.write(_pattern(1), 0)
+    h.lu.write(pattern(1), 0)
     h.sync("c1")
     h.group.fracture("c1")
-    h.group.clones["c1"].export.write(_pattern(7), 0)
+    h.group.clones["c1"].export.write(pattern(7), 0)
     engine = getattr(h.group, start)("c1", run=False)
     engine.chunk = 2
     return engine
@@ -110,7 +98,7 @@ def test_clone_failing_read_mid_reverse_sync_keeps_source_view(fh):
     h.fail["c1"].fail_reads = None
     h.run(h.group.start_reverse_sync("c1", run=False))
     assert clone.state == clones.SYNCHRONIZED
-    assert h.mem_src.data == _pattern(7) == h.mem["c1"].data
+    assert h.mem_src.data == pattern(7) == h.mem["c1"].data
 
 
 @pytest.mark.parametrize("code", [errno.EIO, errno.ENOSPC])
@@ -118,7 +106,7 @@ def test_mirrored_write_failing_on_the_clone(fh, code):
     """The host write succeeds (the Source has it); the clone drops out of
     sync with the extent marked; a sync after the fault brings it back."""
     h = fh
-    h.lu.write(_pattern(1), 0)
+    h.lu.write(pattern(1), 0)
     h.sync("c1")
     h.fail["c1"].fail_writes = code
     h.lu.write(b"H" * 5000, 3 * GRAN + 100)
@@ -142,7 +130,7 @@ def test_mirrored_write_failing_on_the_clone(fh, code):
 @pytest.mark.parametrize("code", [errno.EIO, errno.ENOSPC])
 def test_source_write_failing_reports_errno_and_keeps_acked_data(fh, code):
     h = fh
-    h.lu.write(_pattern(1), 0)
+    h.lu.write(pattern(1), 0)
     h.sync("c1")
     h.group.fracture("c1")
     h.src.fail_writes = code
@@ -153,7 +141,7 @@ def test_source_write_failing_reports_errno_and_keeps_acked_data(fh, code):
     # Acknowledged data elsewhere is intact; writes outside the fault work.
     h.lu.write(b"Y" * GRAN, 2 * GRAN)
     assert h.mem_src.data[2 * GRAN:3 * GRAN] == b"Y" * GRAN
-    assert h.mem_src.data[5 * GRAN:6 * GRAN] == _pattern(1)[5 * GRAN:6 * GRAN]
+    assert h.mem_src.data[5 * GRAN:6 * GRAN] == pattern(1)[5 * GRAN:6 * GRAN]
     # The failed write may have reached part of the extent: its bit is set
     # for the fractured clone, so a sync would copy it.
     assert h.group.clones["c1"].delta[5] == 1
@@ -175,7 +163,7 @@ def test_source_write_failing_part_way_keeps_its_mirrors_equal(
     h = fh
     # Read back in pieces that do not divide the range.
     monkeypatch.setattr(mirroring, "READ_BACK_CHUNK", 1000)
-    h.lu.write(_pattern(1), 0)
+    h.lu.write(pattern(1), 0)
     h.sync("c1")
     h.src.fail_writes = code
     h.src.short_writes = True
@@ -199,7 +187,7 @@ def test_source_write_failing_part_way_on_an_unreadable_source(fh):
     has its bits set and stops being mirrored (out of sync: a sync copies
     the region once the Source works)."""
     h = fh
-    h.lu.write(_pattern(1), 0)
+    h.lu.write(pattern(1), 0)
     h.sync("c1")
     h.src.fail_writes = h.src.fail_reads = errno.EIO
     h.src.short_writes = True
@@ -248,7 +236,7 @@ def test_a_write_whose_activity_mark_fails_does_not_block_the_next(fh):
     for it)."""
     import threading
     h = fh
-    h.lu.write(_pattern(1), 0)
+    h.lu.write(pattern(1), 0)
     h.sync("c1")
     activity = h.group.changes.activity
     mark = activity.mark
@@ -277,7 +265,7 @@ def test_a_fast_zero_reaches_a_clone_that_zeroes_only_slowly(fh):
     stays synchronized (before, a clone on a file system without a quick
     zero refused its leg and dropped out of sync)."""
     h = fh
-    h.lu.write(_pattern(1), 0)
+    h.lu.write(pattern(1), 0)
     h.sync("c1")
     h.fail["c1"].slow_zero = True
     h.lu.zero(2 * GRAN, 3 * GRAN, fast=True)
@@ -291,8 +279,8 @@ def test_a_fast_zero_reaches_a_clone_that_zeroes_only_slowly(fh):
         h.lu.zero(6 * GRAN, GRAN, fast=True)
     assert info.value.errno == errno.EOPNOTSUPP
     assert clone.state == clones.SYNCHRONIZED
-    assert h.mem["c1"].data == h.mem_src.data == _pattern(1)[:2 * GRAN] + \
-        bytes(3 * GRAN) + _pattern(1)[5 * GRAN:]
+    assert h.mem["c1"].data == h.mem_src.data == pattern(1)[:2 * GRAN] + \
+        bytes(3 * GRAN) + pattern(1)[5 * GRAN:]
 
 
 def test_a_clone_flush_failing_mid_sync_keeps_the_bits_of_what_it_lost(fh):
@@ -303,7 +291,7 @@ def test_a_clone_flush_failing_mid_sync_keeps_the_bits_of_what_it_lost(fh):
     were by the next commit, whose flush succeeded over the loss: the
     next sync skipped extents the clone no longer had.)"""
     h = fh
-    h.lu.write(_pattern(1), 0)
+    h.lu.write(pattern(1), 0)
     h.lu.flush()
     engine = h.group.start_sync("c1", run=False)
     engine.chunk = 2
@@ -332,7 +320,7 @@ def test_a_clone_flush_failing_mid_sync_keeps_the_bits_of_what_it_lost(fh):
 def _written_since_the_commit_on_a_failing_clone(h, e):
     """c1 synchronized and committed, then extent e written (mirrored);
     c1's flushes fail from now on."""
-    h.lu.write(_pattern(1), 0)
+    h.lu.write(pattern(1), 0)
     h.sync("c1")
     h.group.commit()
     h.lu.write(b"W" * GRAN, e * GRAN)
@@ -380,7 +368,7 @@ def test_a_source_flush_failing_after_a_fracture(fh):
     clones still mirrored were marked: the fractured clone kept the write
     under a clear bit)."""
     h = fh
-    h.lu.write(_pattern(1), 0)
+    h.lu.write(pattern(1), 0)
     h.sync("c1")
     h.group.commit()
     h.lu.write(b"W" * GRAN, 3 * GRAN)
@@ -399,7 +387,7 @@ def test_a_flush_failing_during_a_copy_keeps_the_copy_dirty(fh):
     the copy's end cleared the bits the failure had just set, over a
     piece the clone no longer had)."""
     h = fh
-    h.lu.write(_pattern(1), 0)
+    h.lu.write(pattern(1), 0)
     h.lu.flush()
     engine = h.group.start_sync("c1", run=False)
     engine.chunk = 2
@@ -427,7 +415,7 @@ def test_a_large_source_request_failing_drops_its_mirrors_out_of_sync(
     mirrored: no gigabytes are read back on a host's request."""
     h = fh
     monkeypatch.setattr(mirroring, "READ_BACK_MAX", GRAN)
-    h.lu.write(_pattern(1), 0)
+    h.lu.write(pattern(1), 0)
     h.sync("c1")
     h.src.fail_writes = errno.EIO
     h.src.short_writes = True
@@ -465,7 +453,7 @@ def test_a_verify_whose_commit_fails_says_so(fh):
     marks kept (before, the exception escaped the verify's thread: its
     result said no error, and the differences were not resynced)."""
     h = fh
-    h.lu.write(_pattern(1), 0)
+    h.lu.write(pattern(1), 0)
     h.sync("c1")
     h.group.commit()
     h.mem["c1"].data[3 * GRAN + 7] ^= 0xFF         # behind our back

@@ -9,18 +9,29 @@
   as a restore or reverse sync) is refused while the LU is held (its
   replicated group did not load): nothing would log the change for the
   secondaries.
+- A rollback and a restore or reverse sync from a clone are two writers
+  of one Source: each is refused while the other runs (or starts), with
+  a message naming the other.  A rollback the restore's engine outran
+  would put the image back below what hosts read and release it.
+- A rollback refuses while hosts use the LU, and no connection opens
+  while it runs, a host's or the iSCSI gateway's: its copy would
+  overwrite what they write.  The LU is exported again afterwards, and
+  no other operation (a refused delete) gives it back earlier.
 """
 
 import errno
+import threading
+import time
 
 import pytest
 
-from target import clones, errors, inventory, sessions
+from target import clones, copier, errors, inventory, iscsi, sessions
 from target.clones import sync as clone_sync
 from target.lu import LUHeld
+from target.session_orchestration import RollbackRefused, RollbackRunning
 from target.replication import primary
 from target.target import Target
-from tests.support.targets import fractured
+from tests.support.targets import fractured, hold_copies
 from tests.support.twonodes import converge, two_nodes  # noqa: F401
 
 MiB = 1 << 20
@@ -83,6 +94,118 @@ def test_no_session_is_marked_while_the_source_is_restored(restoring,
                              dests=["nbd+unix:///x?socket=/nonexistent"])
     with pytest.raises(sessions.SessionBusy, match="being restored"):
         restoring.session_mark("s1", export=True)
+
+
+@pytest.mark.parametrize("operation", ["restore", "reverse-sync"])
+def test_no_rollback_while_a_clone_restores_the_source(two_lus, monkeypatch,
+                                                       operation):
+    target = two_lus
+    target.lus["a"].write(b"A" * MiB, 0)
+    fractured(target, "a", "c")
+    target.groups["a"].clones["c"].export.write(b"C" * G, 0)
+    target.image_protect("a")
+    target.lus["a"].write(b"B" * G, G)
+    monkeypatch.setattr(clone_sync.SyncEngine, "start", lambda engine: None)
+    if operation == "restore":
+        target.clone_restore("c")
+    else:
+        target.clone_reverse_sync("c")
+    with pytest.raises(RollbackRefused, match="clone c is restoring it"):
+        target.image_rollback("a")
+    assert target.image_status("a")["protected"]
+    # Hosts read the clone's data, as before the refusal.
+    assert read(target, "a", 0, 16) == b"C" * 16
+    assert read(target, "a", G, 16) == b"A" * 16
+    assert "a" in [n for n, _ in target.exports()]
+
+
+def test_no_rollback_while_a_restore_starts(two_lus):
+    """Between its checks and its new state a restore is starting: the
+    rollback that looks then sees it, and no restore starts while a
+    rollback's checks run (both under the Target's lock)."""
+    target = two_lus
+    target.image_protect("a")
+    with target.session_ops.restore_starting(target.lus["a"], "c",
+                                             "restore"):
+        with pytest.raises(RollbackRefused, match="clone c is starting"):
+            target.image_rollback("a")
+    assert target.image_status("a")["protected"]
+    assert target.session_ops._restores_starting == {}
+
+
+@pytest.fixture
+def rolling_back(tmp_path, monkeypatch):
+    """LU "a" (a fractured clone "c" of it, an iSCSI gateway route) being
+    rolled back to its protected image, the rollback held in its copy:
+    (target, the gateway's name for "a", a function letting it finish and
+    returning its result)."""
+    d = inventory.StateDir(str(tmp_path / "state"))
+    inventory.create_lu(d, "a", size=MiB)
+    t = Target(d.path, gateway_secret="s3cret")
+    t.lus["a"].write(b"A" * MiB, 0)
+    fractured(t, "a", "c")
+    t.image_protect("a")
+    t.lus["a"].write(b"B" * MiB, 0)
+    copying, go = hold_copies(monkeypatch)
+    out = {}
+
+    def roll_back():
+        try:
+            out["result"] = t.image_rollback("a")
+        except Exception as e:      # noqa: the test reports it
+            out["error"] = e
+    thread = threading.Thread(target=roll_back)
+    thread.start()
+
+    def finish():
+        go.set()
+        thread.join(30)
+        assert not thread.is_alive() and "error" not in out, out
+        return out["result"]
+    try:
+        assert copying.wait(30), out
+        yield t, "{}{}:a".format(iscsi.GATEWAY_PREFIX, "s3cret"), finish
+    finally:
+        go.set()
+        thread.join(30)
+        t.close()
+
+
+def test_no_connection_opens_while_a_rollback_runs(rolling_back):
+    t, gateway_name, finish = rolling_back
+    for name in ("a", gateway_name):
+        with pytest.raises(LUHeld, match="being rolled back to "
+                           "a@protected-a") as e:
+            t.connect(name, False)
+        assert e.value.errno == errno.EBUSY
+    assert "a" not in t.export_modes()
+    assert "a" not in [n for n, _ in t.exports()]
+    # Another operation refused meanwhile gives nothing back.
+    with pytest.raises(errors.LUBusy):
+        t.lu_delete("a")
+    with pytest.raises(LUHeld):
+        t.connect("a", False)
+    assert finish()["image"] == "a@protected-a"
+    assert read(t, "a", 0, MiB) == b"A" * MiB
+    assert "a" in t.export_modes()
+    t.disconnect(t.connect(gateway_name, False))
+
+
+@pytest.mark.parametrize("operation", ["restore", "reverse-sync"])
+def test_no_restore_starts_while_a_rollback_runs(rolling_back, operation):
+    t, _, finish = rolling_back
+    start = t.clone_restore if operation == "restore" else \
+        t.clone_reverse_sync
+    with pytest.raises(RollbackRunning, match="its Source 'a' is being "
+                       "rolled back to a@protected-a") as e:
+        start("c")
+    assert e.value.errno == errno.EBUSY
+    assert t.clone_status("c")["state"] == clones.FRACTURED
+    finish()
+    assert read(t, "a", 0, MiB) == b"A" * MiB
+    start("c")
+    assert t.clone_status("c")["state"] in (clones.RESTORING,
+                                            clones.REVERSE_SYNCING)
 
 
 def test_a_held_volume_is_not_rolled_back(two_nodes,  # noqa: F811
@@ -176,3 +299,76 @@ def test_a_primarys_hello_cannot_claim_what_a_group_cannot_hold(
         assert read(t, name, 0, 4) == bytes(4)
     t.close()
     Target(t.state_dir.path).close()
+
+
+@pytest.fixture
+def half_rolled_back(tmp_path, monkeypatch):
+    """LU "a" with a synchronized clone c: image A everywhere protected,
+    then B written at extents 0 and 8; a rollback has put extent 0 back
+    and is held before extent 8.  A point in time taken now (a mark, a
+    fracture) would hold neither the LU before the rollback nor the
+    image."""
+    d = inventory.StateDir(str(tmp_path / "state"))
+    inventory.create_lu(d, "a", size=MiB)
+    t = Target(d.path)
+    t.lus["a"].write(b"A" * MiB, 0)
+    fractured(t, "a", "c")          # a fractured clone of "a"
+    t.clone_sync("c")               # ... synchronized again (mirrored)
+    while t.clone_status("c")["state"] != "synchronized":
+        time.sleep(0.01)
+    t.image_protect("a")
+    t.lus["a"].write(b"B" * G, 0)
+    t.lus["a"].write(b"B" * G, 8 * G)
+    halfway, go = threading.Event(), threading.Event()
+    real = copier.Copier.copy
+
+    def held(self, runs):
+        runs = list(runs)
+        for i, run in enumerate(runs):
+            if i == 1:
+                halfway.set()
+                assert go.wait(30)
+            real(self, [run])
+    monkeypatch.setattr(copier.Copier, "copy", held)
+    out = {}
+    thread = threading.Thread(
+        target=lambda: out.setdefault("r", t.image_rollback("a")))
+    thread.start()
+    try:
+        assert halfway.wait(30)
+        yield t
+    finally:
+        go.set()
+        thread.join(30)
+        t.close()
+    assert "r" in out
+
+
+def test_a_session_mark_is_refused_while_a_rollback_runs(half_rolled_back,
+                                                         monkeypatch):
+    t = half_rolled_back
+    monkeypatch.setattr(sessions, "probe_destination",
+                        lambda *args, **kwargs: None)
+    t.session_create("a", "s1", dests=["nbd+unix:///x?socket=/nonexistent"])
+    try:
+        t.session_mark("s1", export=True)
+    except errors.Error as e:
+        assert e.errno == errno.EBUSY and "being rolled back" in str(e)
+        return
+    frozen = (read(t, "a@s1", 0, 4), read(t, "a@s1", 8 * G, 4))
+    pytest.fail("marked mid-rollback; the frozen image a@s1 holds {} "
+                "(neither the LU before the rollback, BB, nor the image, "
+                "AA)".format(frozen))
+
+
+def test_a_fracture_is_refused_while_a_rollback_runs(half_rolled_back):
+    t = half_rolled_back
+    try:
+        t.clone_fracture("c")
+    except errors.Error as e:
+        assert e.errno == errno.EBUSY and "being rolled back" in str(e)
+        assert t.clone_status("c")["state"] == "synchronized"
+        return
+    frozen = (read(t, "c", 0, 4), read(t, "c", 8 * G, 4))
+    pytest.fail("fractured mid-rollback; clone c holds {} (neither BB "
+                "nor AA)".format(frozen))

@@ -3,7 +3,6 @@ shared activity map and the PRM across a crash, writes to the restoring
 clone; each protection with a twin that switches it off and shows the
 check failing."""
 
-import os
 import threading
 import time
 
@@ -11,7 +10,8 @@ import pytest
 
 from target import clones, errors
 
-from tests.support.clonegroup import EXTENTS, GRAN, Harness
+from tests.support.clonegroup import EXTENTS, GRAN, Harness, hold_write, \
+    restore_losing_its_prm
 
 
 def _fractured_pair(h):
@@ -114,6 +114,9 @@ def test_write_to_restoring_clone_restores_the_extent_first(h, protected,
             real(self, e0, e1)
         monkeypatch.setattr(clones.CloneGroup, "copy_on_demand",
                             skip_for_clone_writes)
+        # And the write's own look at the extent before it registers.
+        monkeypatch.setattr(clones.CloneGroup, "_restore_pending",
+                            lambda self, clone, e0, e1: False)
     h.group.clones["c1"].export.write(b"N" * 100, 3 * GRAN)
     h.run(h.group.engine)
     assert (h.extent(h.mem_src, 3) == b"P" * GRAN) == protected
@@ -213,15 +216,7 @@ def test_a_clone_write_waiting_for_the_restores_switch_copies_first(h):
     _fractured_pair(h)
     _make_clone_differ(h, "c1", [3], fill=b"P")
     old = h.extent(h.mem_src, 3)
-    entered, gate = threading.Event(), threading.Event()
-    write = h.mem_src.write
-
-    def held(buf, offset):
-        if offset == 10 * GRAN:
-            entered.set()
-            gate.wait(10)
-        write(buf, offset)
-    h.mem_src.write = held
+    entered, gate = hold_write(h.mem_src, 10 * GRAN)
     writer = threading.Thread(target=h.lu.write,
                               args=(b"W" * GRAN, 10 * GRAN))
     writer.start()
@@ -250,32 +245,13 @@ def test_a_clone_write_waiting_for_the_restores_switch_copies_first(h):
     assert got in (b"P" * GRAN, b"N" * 100 + b"P" * (GRAN - 100))
 
 
-def _restore_losing_its_prm(h, host_write=False):
-    """c1 fractured from the Source, which then changed in its first 4
-    extents; a restore from c1 started (with host_write, a host write
-    into extent 10 during it) and a crash that loses its PRM file."""
-    h.lu.write(b"A" * (EXTENTS * GRAN), 0)
-    h.sync("c1")
-    h.group.fracture("c1")
-    h.group.commit()
-    h.lu.write(b"B" * (4 * GRAN), 0)
-    h.lu.flush()
-    h.group.start_restore("c1", run=False)
-    if host_write:
-        h.lu.write(b"H" * GRAN, 10 * GRAN)
-        h.lu.flush()
-        h.group.commit()
-    os.unlink(h.group.prm_file.path)
-    h.crash()
-
-
 def test_a_restore_whose_prm_was_lost_is_not_reported_complete(h):
     """The restore's record of the extents hosts wrote (PRM) is lost in a
     crash: the restore pauses, and resuming it must not copy nothing and
     call the Source restored.  It is refused, naming --full; a full
     restore then copies every extent (overwriting what hosts wrote since
     the restore began, as the admin chose)."""
-    _restore_losing_its_prm(h)
+    restore_losing_its_prm(h)
     c1 = h.group.clones["c1"]
     assert c1.state == clones.RESTORING and c1.paused
     with pytest.raises(errors.InvalidArgument, match="--full"):
@@ -292,7 +268,7 @@ def test_a_crash_inside_the_full_restart_of_a_lost_restore(h, monkeypatch):
     (paused, refused without --full), never one that resumes with the old
     Delta Map and an empty PRM and leaves clean bits over extents that
     differ."""
-    _restore_losing_its_prm(h, host_write=True)
+    restore_losing_its_prm(h, host_write=True)
 
     class Crash(Exception):
         pass

@@ -57,12 +57,13 @@ from tests.support import rsgmodel, rsgnodes
 from tests.support.models import tolerate_timing_in_generation
 from tests.support.sockets import free_port
 from tests.support.rsgmodel import fast_timing, Op, restore_timing, wait_for
-from tests.support.rsgnodes import read_image, TOKEN
+from tests.support.rsgnodes import hold_engines, read_image, resynced, TOKEN
 from tests.support.targets import fractured
 from tests.support.tiers import examples
-from target import backends, clones
+from target import backends
 from target import replication as R
 from target import errors
+from target import gateway as gateway_route
 from target.replication.wire import DATA, send_frame
 from target.target import Target
 
@@ -1163,18 +1164,6 @@ def synced_clone(t, source, name):
              info=lambda: t.clone_status(name))
 
 
-def hold_engines(monkeypatch):
-    """Clone engines started from now on wait (their operation stays
-    running, copies on demand go on) until the returned function is
-    called with the group whose engine may go."""
-    start = clones.SyncEngine.start
-    monkeypatch.setattr(clones.SyncEngine, "start", lambda engine: None)
-
-    def release(group):
-        start(group.engine)
-    return release
-
-
 def primary_came_and_went(c, offset, data):
     """The primary comes back, writes data at offset of v1, and is
     detached again once the secondary has it."""
@@ -1319,6 +1308,104 @@ def test_clone_sync_on_secondary_keeps_its_read_guard(cluster_factory):
     synced_clone(c.tb, VOLS[0], "snap")
     with pytest.raises(R.ReplicaUnavailable):
         lu.read(bytearray(4096), 0)
+
+
+def test_a_host_connecting_as_a_demotion_begins_refuses_it(
+        cluster_factory, monkeypatch):
+    """A demotion reports the regions this node wrote that no secondary
+    acknowledged, then puts the secondary's guard in place: a host write
+    between the two is in no map.  Hosts are counted again once every
+    volume is withdrawn (no new connection opens): one that connected
+    between the first look and the withdrawal refuses it too."""
+    c = cluster_factory()
+    c.write(0, 0, b"\x01" * 4096)
+    c.wait_converged()
+    c.ta.rsg_detach("g", c.addr)
+    withdraw = c.ta.gateway.withdraw
+    hosts = []
+
+    def connect_first(name, obj):
+        if not hosts:
+            hosts.append(c.ta.connect(VOLS[0], False))
+        withdraw(name, obj)
+    monkeypatch.setattr(c.ta.gateway, "withdraw", connect_first)
+    with pytest.raises(R.RsgBusy):
+        c.ta.rsg_demote("g")
+    assert hosts
+    assert c.ta.rsgs["g"].role == R.PRIMARY
+    # Given back: the host writes, a new host connects.
+    hosts[0].export.write(b"\x02" * 4096, 0)
+    c.ta.disconnect(c.ta.connect(VOLS[0], False))
+    c.ta.disconnect(hosts[0])
+    c.ta.rsg_demote("g")
+    assert c.ta.rsgs["g"].role == R.SECONDARY
+
+
+def _detached_with_v2_mounted(cluster_factory):
+    """A primary A whose link is detached, the iSCSI gateway mounting
+    its v2: (Target A, v2)."""
+    c = cluster_factory()
+    c.write(0, 0, b"\x01" * 4096)
+    c.wait_converged()
+    c.ta.rsg_detach("g", c.addr)
+    v2 = c.ta.lus[VOLS[1]]
+    with c.ta.lock:
+        c.ta.gateway.opened(v2)
+    return c.ta, v2
+
+
+def test_a_timed_out_demotion_gives_back_only_its_own(cluster_factory,
+                                                      monkeypatch):
+    """A demotion whose wait for the gateway times out gives back only
+    the volumes it withdrew: withdrawals nest, and another demotion
+    still waiting holds v2."""
+    t, v2 = _detached_with_v2_mounted(cluster_factory)
+    monkeypatch.setattr(gateway_route, "GATEWAY_LET_GO_TIMEOUT", 1.0)
+    errs = {}
+
+    def demote(key):
+        try:
+            t.rsg_demote("g")
+        except Exception as e:      # noqa: reported below
+            errs[key] = e
+    first = threading.Thread(target=demote, args=("first",))
+    first.start()
+    time.sleep(0.5)
+    second = threading.Thread(target=demote, args=("second",))
+    second.start()
+    first.join(5)                   # timed out waiting for the gateway
+    assert isinstance(errs.get("first"), gateway_route.GatewayHolds), errs
+    # The second demotion still waits for the gateway to let go of v2,
+    # so v2 must not be exported.
+    assert second.is_alive()
+    exported = VOLS[1] in t.export_modes()
+    with t.lock:
+        t.gateway.closed(v2)        # the gateway lets go
+    second.join(5)
+    assert not exported, (
+        "v2 exported again while the second demotion holds it: {}".format(
+            dict(t.gateway.withdrawn)))
+
+
+def test_a_refused_delete_leaves_a_demotions_withdrawal(cluster_factory,
+                                                        monkeypatch):
+    """A refused `lu delete` gives back nothing it did not withdraw: v1
+    stays withdrawn while the demotion waits for the gateway."""
+    t, v2 = _detached_with_v2_mounted(cluster_factory)
+    monkeypatch.setattr(gateway_route, "GATEWAY_LET_GO_TIMEOUT", 20)
+    demotion = threading.Thread(target=lambda: t.rsg_demote("g"))
+    demotion.start()
+    deadline = time.monotonic() + 5
+    while VOLS[1] not in t.gateway.withdrawn:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    with pytest.raises(errors.LUBusy):
+        t.lu_delete(VOLS[0])
+    exported = VOLS[0] in t.export_modes()
+    with t.lock:
+        t.gateway.closed(v2)
+    demotion.join(10)
+    assert not exported, "v1 exported again mid-demotion"
 
 
 def test_demote_during_restore_keeps_serving_restored_data(cluster_factory,
@@ -1862,19 +1949,6 @@ def detach_and_promote_b(c):
     wait_for(lambda: c.sg.connected_since is None, 10, "B disconnected",
              c.status)
     c.tb.rsg_promote("g")
-
-
-def resynced(t_primary, link, t_secondary, timeout=20.0):
-    """Wait until link (of t_primary's group) has brought the group on
-    t_secondary to the primary's last update."""
-    def done():
-        sg = t_secondary.rsgs.get("g")
-        g = t_primary.rsgs["g"]
-        return link.state == R.REPLICATING and sg is not None and \
-            sg.role == R.SECONDARY and sg.consistent and \
-            sg.applied_seq == g.next_seq - 1 and link.dcm.count() == 0
-    wait_for(done, timeout, "the resync",
-             lambda: (link.status(), t_secondary.rsgs["g"].status()))
 
 
 def split_brain_pair(cluster_factory, a_writes, b_writes, policy=None):

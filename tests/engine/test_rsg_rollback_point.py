@@ -11,7 +11,9 @@ import pytest
 
 from target import session_orchestration
 from target import replication as R
+from target.lu import LUHeld
 from tests.support.rsgmodel import wait_for
+from tests.support.targets import hold_copies
 from tests.support.twonodes import (SIZES, VOLS, break_a_replay, converge,
                                     replay_broken_off)
 
@@ -70,6 +72,37 @@ def test_a_replay_between_a_rollback_and_its_count_loses_the_point(
     assert not b.rsg.consistent or got == [b"\x02" * 4096] * 2, (
         "consistent at update {} but the volumes hold {}".format(
             b.rsg.applied_seq, [g[:1] for g in got]))
+
+
+def test_no_host_connects_to_a_volume_while_it_is_rolled_back(
+        two_nodes, monkeypatch):
+    """A secondary's rollback to its last consistent image withholds the
+    volume as any rollback does: a host connecting meanwhile is refused
+    with the reason, and served once the group holds its point again."""
+    a, b = two_nodes
+    break_a_replay(a, b, monkeypatch)
+    copying, go = hold_copies(monkeypatch)
+    errs = []
+
+    def roll_back():
+        try:
+            b.t.image_rollback("v1")
+        except Exception as e:      # noqa: the test reports it
+            errs.append(e)
+    thread = threading.Thread(target=roll_back)
+    thread.start()
+    try:
+        assert copying.wait(30)
+        with pytest.raises(LUHeld, match="being rolled back to "
+                           "v1@consistent-v1"):
+            b.t.connect("v1", True)
+    finally:
+        go.set()
+        thread.join(30)
+    assert not thread.is_alive() and errs == []
+    b.t.image_rollback("v2")
+    assert b.rsg.consistent, b.rsg.status()
+    b.t.disconnect(b.t.connect("v1", True))
 
 
 def test_a_crash_at_the_end_of_the_last_rollback_keeps_the_point(

@@ -4,6 +4,7 @@ Plugin modules (loaded by tests/conftest.py, their fixtures need no import):
   tiers       the fast tier's guards (unit and engine tests start no server)
   asserts     short explanations for == of large byte strings
   processes   process_guard, stop_at_teardown; pid_alive, terminate_pid
+  devices     loop_device (a loop device over a sparse file)
   cli         state_dir, clonectl; run_clonectl, status_json, snapshot_tree
   servers     server_factory, server, served_lu, shared_server, fresh_lu
   nbdclient   nbd_connect
@@ -21,7 +22,7 @@ nodes: Node, a primary/secondary Pair, their factory fixtures), rsgpair
 (the DCM replay tests' pair), sessionfakes (a session engine on memory
 backends: FakeLU, marked_session), powerloss (a simulated disk that
 loses unsynced writes), clonegroup and clonemodel (a clone group on memory
-backends, and its hypothesis model), spybackend (a memory backend that
+backends, failing ones too, and its hypothesis model), spybackend (a memory backend that
 records what was done to it), guestimage, relay (a TCP relay that
 records every byte), tlscerts (a CA and certificates).
 """

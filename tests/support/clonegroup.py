@@ -1,8 +1,13 @@
 """A clone group on memory backends for engine tests: Harness (a Source
-and named clones, with crash and recovery) and FailingBackend (a memory
-backend whose requests fail with a chosen errno)."""
+and named clones, with crash and recovery), FailingBackend (a memory
+backend whose requests fail with a chosen errno), on_failing_backends
+(a Harness moved onto them), hold_write (a write held on its way into a
+backend), pattern (data that differs in every extent) and
+restore_losing_its_prm (a restore whose PRM a crash lost)."""
 
 import errno
+import os
+import threading
 
 from target import backends, clones
 from target.lu import LogicalUnit
@@ -133,3 +138,56 @@ class FailingBackend(backends.Backend):
 
     def trim(self, offset, length):
         pass
+
+
+def on_failing_backends(h):
+    """h with its Source (h.src) and clones (h.fail[name]) on
+    FailingBackends over their memory backends; returns h."""
+    h.src = FailingBackend(h.mem_src)
+    h.fail = {n: FailingBackend(h.mem[n]) for n in h.mem}
+    h.lu.backend = h.lu.stack.base = h.src
+    h.lu.stack.refresh()
+    for n, clone in h.group.clones.items():
+        clone.backend = h.fail[n]
+        clone.export.read = h.fail[n].readinto
+    return h
+
+
+def hold_write(backend, offset):
+    """The next write of backend at offset waits on its way in: returns
+    (entered, release), Events: entered once it waits, release to let it
+    go on."""
+    entered, release = threading.Event(), threading.Event()
+    write = backend.write
+
+    def held(buf, at):
+        if at == offset and not entered.is_set():
+            entered.set()
+            release.wait(10)
+        write(buf, at)
+    backend.write = held
+    return entered, release
+
+
+def pattern(seed):
+    """SIZE bytes that differ from another seed's in every extent."""
+    return bytes((seed + i) % 251 for i in range(SIZE))
+
+
+def restore_losing_its_prm(h, host_write=False):
+    """c1 fractured from the Source, which then changed in its first 4
+    extents; a restore from c1 started (with host_write, a host write
+    into extent 10 during it) and a crash that loses its PRM file."""
+    h.lu.write(b"A" * (EXTENTS * GRAN), 0)
+    h.sync("c1")
+    h.group.fracture("c1")
+    h.group.commit()
+    h.lu.write(b"B" * (4 * GRAN), 0)
+    h.lu.flush()
+    h.group.start_restore("c1", run=False)
+    if host_write:
+        h.lu.write(b"H" * GRAN, 10 * GRAN)
+        h.lu.flush()
+        h.group.commit()
+    os.unlink(h.group.prm_file.path)
+    h.crash()

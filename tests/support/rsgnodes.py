@@ -35,7 +35,7 @@ import traceback
 
 from tests.support.rsgmodel import fast_timing, restore_timing, wait_for
 from tests.support.sockets import free_port
-from target import inventory
+from target import clones, inventory
 from target import replication as R
 from target.target import Target
 
@@ -313,3 +313,28 @@ def linked_pair(root, mode, srl, granularity):
     finally:
         p.close()
         restore_timing(saved)
+
+
+def resynced(t_primary, link, t_secondary, timeout=20.0):
+    """Wait until link (of t_primary's group) has brought the group on
+    t_secondary to the primary's last update."""
+    def done():
+        sg = t_secondary.rsgs.get(GROUP)
+        g = t_primary.rsgs[GROUP]
+        return link.state == R.REPLICATING and sg is not None and \
+            sg.role == R.SECONDARY and sg.consistent and \
+            sg.applied_seq == g.next_seq - 1 and link.dcm.count() == 0
+    wait_for(done, timeout, "the resync",
+             lambda: (link.status(), t_secondary.rsgs[GROUP].status()))
+
+
+def hold_engines(monkeypatch):
+    """Clone engines started from now on wait (their operation stays
+    running, copies on demand go on) until the returned function is
+    called with the group whose engine may go."""
+    start = clones.SyncEngine.start
+    monkeypatch.setattr(clones.SyncEngine, "start", lambda engine: None)
+
+    def release(group):
+        start(group.engine)
+    return release

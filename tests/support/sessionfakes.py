@@ -5,19 +5,22 @@ new_session (a session "s" of a given Source and save area),
 marked_on_save_file (a session marked, its save area a file),
 frozen_image, run_writers (writer threads racing into extents),
 first_writes_everywhere (the same with slow fdatasyncs), one_lu_target
-(a Target of one LU, no server), CutSource and
+(a Target of one LU, no server), session_sent_once and transfer_marked
+(whole transfers to a memory destination), full_state_dir and start_with_full_maps (saves
+of state.json, or of some maps, failing), CutSource and
 SaveCutSource (a Source on which the power is cut at a given moment) and
 CheckedSource (a Source that checks, at each write, that the save area's
 durable bytes hold the old data it overwrites)."""
 
 import collections
+import errno
 import os
 import random
 import tempfile
 import threading
 import time
 
-from target import backends, inventory, sessions
+from target import backends, errors, inventory, maps, sessions
 
 from tests.support import powerloss
 
@@ -145,6 +148,57 @@ def one_lu_target(tmp_path, size):
     state.ensure()
     record = inventory.create_lu(state, "src", size=size)
     return Target(state.path), record["file"]
+
+
+def session_sent_once(t):
+    """Session s of Target t's LU src (4K extents, one destination that
+    no test reaches), marked and sent whole to a new memory destination;
+    returns that destination."""
+    lu = t.lus["src"]
+    t.session_ops.create_session(
+        lu, "s", [{"uri": "nbd://127.0.0.1:1/none", "peer": None}], "4K",
+        None)
+    dest = backends.MemoryBackend(lu.size)
+    transfer_marked(t, dest)
+    return dest
+
+
+def transfer_marked(t, dest, name="s"):
+    """Mark session name of Target t (unless marked) and run a whole
+    transfer to the memory backend dest; returns the session."""
+    s = t.sessions[name]
+    if not s.marked:
+        t.session_ops.session_mark(name)
+    engine = s.start_transfer({0: sessions.MemoryDestination(dest)},
+                              run=False)
+    engine.advance()
+    assert engine.result == "completed", engine.result
+    return s
+
+
+def full_state_dir(monkeypatch):
+    """From now on every save of state.json fails (ENOSPC)."""
+    def full(state_dir, doc):
+        raise errors.StateNotSaved(path=state_dir.state_file,
+                                   reason="No space left on device")
+    monkeypatch.setattr(inventory.StateDir, "save", full)
+
+
+def start_with_full_maps(tmp_path, monkeypatch, *suffixes):
+    """The Target of tmp_path/state, started while every map file whose
+    path ends with one of suffixes cannot be rewritten (ENOSPC)."""
+    from target.target import Target
+    real = maps.files.replace
+
+    def full(p, data):
+        if p.endswith(suffixes):
+            raise OSError(errno.ENOSPC, "No space left on device", p)
+        return real(p, data)
+    monkeypatch.setattr(maps.files, "replace", full)
+    try:
+        return Target(str(tmp_path / "state"))
+    finally:
+        monkeypatch.setattr(maps.files, "replace", real)
 
 
 def new_session(map_dir, source, save, granularity, marked=False,

@@ -1,5 +1,6 @@
 """target.fsutil: atomic file replacement and Unix socket paths."""
 
+import errno
 import hashlib
 import json
 import os
@@ -268,3 +269,62 @@ def test_remove_durably_again_makes_an_earlier_removal_durable(tmp_path,
                         lambda d: (real(d), synced.append(d)))
     fsutil.remove_durably([str(path), str(tmp_path / "gone" / "x")])
     assert synced == [str(tmp_path)]
+
+
+@pytest.mark.parametrize("existed", [True, False])
+def test_a_replacement_whose_directory_sync_fails_leaves_the_old_file(
+        tmp_path, monkeypatch, existed):
+    """The rename is done when the directory's fsync fails: the caller
+    is told the file was not replaced, so the old one (or none) must be
+    what the path holds, not the new one."""
+    path = tmp_path / "state.json"
+    if existed:
+        path.write_bytes(b"old\n")
+    real = fsutil.fsync_dir
+    failed = []
+
+    def eio(directory):
+        if not failed:
+            failed.append(directory)
+            raise OSError(errno.EIO, "Input/output error", directory)
+        real(directory)
+    monkeypatch.setattr(fsutil, "fsync_dir", eio)
+    with pytest.raises(OSError):
+        fsutil.write_atomic(str(path), b"new\n")
+    assert failed
+    if existed:
+        assert path.read_bytes() == b"old\n"
+    else:
+        assert not path.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == \
+        (["state.json"] if existed else [])
+
+
+def test_a_filesystem_refusing_hard_links_still_saves(tmp_path, monkeypatch):
+    """vfat, some FUSE filesystems, protected_hardlinks: no copy of the
+    old file can be kept, and the replacement goes on without it."""
+    path = tmp_path / "state.json"
+    path.write_bytes(b"old\n")
+
+    def no_link(src, dst, *args, **kwargs):
+        raise OSError(errno.EPERM, "Operation not permitted", src)
+    monkeypatch.setattr(os, "link", no_link)
+    fsutil.write_atomic(str(path), b"new\n")
+    assert path.read_bytes() == b"new\n"
+
+
+def test_a_failed_rename_leaves_nothing_behind(tmp_path, monkeypatch):
+    path = tmp_path / "state.json"
+    path.write_bytes(b"old\n")
+    real, calls = os.rename, []
+
+    def failing(a, b):
+        calls.append((a, b))
+        if len(calls) == 1:
+            raise OSError(errno.EIO, "Input/output error", a)
+        return real(a, b)
+    monkeypatch.setattr(os, "rename", failing)
+    with pytest.raises(OSError):
+        fsutil.write_atomic(str(path), b"new\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.json"]
+    assert path.read_bytes() == b"old\n"
