@@ -70,7 +70,9 @@ _held = {}
 _held_lock = threading.Lock()
 
 
-def _identity(st):
+def identity(st):
+    """What a stat result names, whatever the way to it: ("dev", rdev)
+    for a block device, else (st_dev, st_ino)."""
     if stat.S_ISBLK(st.st_mode):
         return ("dev", st.st_rdev)
     return (st.st_dev, st.st_ino)
@@ -172,7 +174,7 @@ def open_locked(path, writable, owner=None):
         fd = os.open(path, flags)
         try:
             st = os.fstat(fd)
-            key = _identity(st)
+            key = identity(st)
             held = _held.get(key)
             if held is not None and owner is not None:
                 others = sorted(o for o in held.owners

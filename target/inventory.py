@@ -426,12 +426,9 @@ def file_identity(path):
     device nodes): ("dev", rdev) for a block device, else (st_dev, st_ino);
     None if it cannot be stat()ed."""
     try:
-        st = os.stat(path)
+        return filelocks.identity(os.stat(path))
     except (OSError, ValueError):
         return None
-    if stat.S_ISBLK(st.st_mode):
-        return ("dev", st.st_rdev)
-    return (st.st_dev, st.st_ino)
 
 
 def check_outside(state_dir, path):

@@ -65,13 +65,10 @@ class SessionOrchestration:
         # Image session name -> what runs on it (ROLLING_BACK, RELEASING):
         # neither starts while the other runs.
         self._images_busy = {}
-        # LU name -> the clones whose restore or reverse sync of it is
-        # starting (restore_starting), under target.lock: no rollback of
-        # it starts meanwhile.
-        self._restores_starting = {}
-        # LU name -> how many points in time of it (mark, protect,
-        # fracture) are being taken, under target.lock.
-        self._points_starting = {}
+        # LU name -> what is starting on it and may not meet a rollback
+        # (a restore or reverse sync, a point in time: _starting), under
+        # target.lock: no rollback of it starts meanwhile.
+        self._starting = {}
 
     def load_sessions(self, lu, records):
         for name, rec in sorted(records.items()):
@@ -114,13 +111,12 @@ class SessionOrchestration:
             with self.target.state_dir.editing() as doc:
                 doc["lus"][lu.name]["sessions"][name] = rec
         except (errors.Error, OSError) as e:
-            lu.holds["session " + name] = (
-                       "session {} did not load ({}) and its record could "
-                       "not be marked for a full copy ({}): its writes "
-                       "would be in no map; restart the server once the "
-                       "state directory can be written".format(name, exc, e))
-            log.error("LU %s is not served: %s", lu.name,
-                      lu.holds["session " + name])
+            why = lu.holds["session " + name] = (
+                "session {} did not load ({}) and its record could not be "
+                "marked for a full copy ({}): its writes would be in no "
+                "map; restart the server once the state directory can be "
+                "written".format(name, exc, e))
+            log.error("LU %s is not served: %s", lu.name, why)
 
     def _session_problem(self, lu, name, problem):
         log.error("session %s of %s: %s", name, lu.name, problem)
@@ -858,15 +854,9 @@ class SessionOrchestration:
                 .format(clone.name, "a reverse sync"
                         if clone.state == clones.REVERSE_SYNCING
                         else "a protected restore"))
-        if self._points_starting.get(lu):
-            raise RollbackRefused(name=lu, reason="a point in time of it "
-                                  "(a mark, protect or fracture) is being "
-                                  "taken")
-        starting = self._restores_starting.get(lu)
+        starting = self._starting.get(lu)
         if starting:
-            raise RollbackRefused(
-                name=lu, reason="a restore or reverse sync from clone {} is "
-                "starting on it".format(starting[0]))
+            raise RollbackRefused(name=lu, reason=starting[0])
 
     def _rolling_back(self, lu, but=None):
         """The export of the image of LU lu a rollback is putting back
@@ -876,42 +866,41 @@ class SessionOrchestration:
                 return "{}@{}".format(lu, name)
         return None
 
-    @contextlib.contextmanager
     def point_starting(self, source):
-        with self.target.lock:
-            image = self._rolling_back(source.name)
-            if image is not None:
-                raise PointRefused(name=source.name, image=image)
-            self._points_starting[source.name] = \
-                self._points_starting.get(source.name, 0) + 1
-        try:
-            yield
-        finally:
-            with self.target.lock:
-                self._points_starting[source.name] -= 1
-                if not self._points_starting[source.name]:
-                    del self._points_starting[source.name]
+        """A point in time of LU source (a mark, protect or fracture) is
+        taken inside this (_starting)."""
+        return self._starting_on(
+            source, "a point in time of it (a mark, protect or fracture) "
+            "is being taken", lambda image: PointRefused(
+                name=source.name, image=image))
 
-    @contextlib.contextmanager
     def restore_starting(self, source, clone, event):
         """A restore or reverse sync (event) of LU source from clone (its
-        name) starts inside this, until the clone's state says it runs:
-        refused while a rollback of source runs, and no rollback of
-        source starts meanwhile (_check_rollback)."""
+        name) starts inside this, until the clone's state says it runs
+        (_starting)."""
+        return self._starting_on(
+            source, "a restore or reverse sync from clone {} is starting "
+            "on it".format(clone), lambda image: RollbackRunning(
+                event=event, name=clone, source=source.name, image=image))
+
+    @contextlib.contextmanager
+    def _starting_on(self, source, what, refusal):
+        """what starts on LU source inside this: refused (refusal(the
+        image's export)) while a rollback of source runs, and no rollback
+        of source starts meanwhile (_check_rollback says what)."""
         with self.target.lock:
             image = self._rolling_back(source.name)
             if image is not None:
-                raise RollbackRunning(event=event, name=clone,
-                                      source=source.name, image=image)
-            self._restores_starting.setdefault(source.name, []).append(clone)
+                raise refusal(image)
+            self._starting.setdefault(source.name, []).append(what)
         try:
             yield
         finally:
             with self.target.lock:
-                starting = self._restores_starting[source.name]
-                starting.remove(clone)
+                starting = self._starting[source.name]
+                starting.remove(what)
                 if not starting:
-                    del self._restores_starting[source.name]
+                    del self._starting[source.name]
 
     def _roll_back(self, source, session):
         """Put session's image back into source (withheld, its users

@@ -261,22 +261,14 @@ class SyncEngine:
             if group.pending_restore():
                 return False
             group.quiesce += 1
-            try:
+        try:
+            with group.cond:
                 group._drain()
                 # A Source flush that failed while the writes drained
                 # marked extents to copy again (Mirroring._mark_lost).
-                again = group.pending_restore() != 0
-                if not again:
-                    clone.delta[:] = group.prm
-            except BaseException:
-                group.quiesce -= 1
-                group.cond.notify_all()
-                raise
-            if again:
-                group.quiesce -= 1
-                group.cond.notify_all()
-                return False
-        try:
+                if group.pending_restore():
+                    return False
+                clone.delta[:] = group.prm
             group.commit()  # the new Delta Map and the PRM, durable
             with group.cond:
                 if group.pending_restore():

@@ -130,7 +130,7 @@ def test_no_rollback_while_a_restore_starts(two_lus):
         with pytest.raises(RollbackRefused, match="clone c is starting"):
             target.image_rollback("a")
     assert target.image_status("a")["protected"]
-    assert target.session_ops._restores_starting == {}
+    assert target.session_ops._starting == {}
 
 
 @pytest.fixture
