@@ -106,13 +106,14 @@ class Backend:
 
 class FileBackend(Backend):
 
-    def __init__(self, path, readonly=False, owner=None):
+    def __init__(self, path, readonly=False, owner=None, opening=None):
+        # opening: where to open it from if not path (reopen).
         self.path = path
         self.readonly = readonly
         self.owner = owner
         # Locked against other programs' writes (target.filelocks).
-        self.fd = filelocks.open_locked(path, writable=not readonly,
-                                        owner=owner)
+        self.fd = filelocks.open_locked(opening or path,
+                                        writable=not readonly, owner=owner)
         try:
             st = os.fstat(self.fd)
             self.is_block = stat.S_ISBLK(st.st_mode)
@@ -161,7 +162,10 @@ class FileBackend(Backend):
             pass        # advisory
 
     def reopen(self):
-        return FileBackend(self.path, self.readonly, self.owner)
+        """Another descriptor of this backend's file (its flushes report
+        their own writeback errors), not of whatever path names now."""
+        return FileBackend(self.path, self.readonly, self.owner,
+                           opening="/proc/self/fd/{}".format(self.fd))
 
     def _fallocate(self, supported, mode, offset, length):
         """fallocate if the filesystem can; remember when it cannot.

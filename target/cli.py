@@ -259,6 +259,8 @@ def _lu_rows(ctx):
         entry = {"name": name, "size": record["size"], "file": record["file"],
                  "owned": record["owned"], "readonly": record["readonly"],
                  "created": record.get("created"),
+                 # What file named when it was added (target.storageid).
+                 "storage": record.get("storage"),
                  "served": False, "connections": 0,
                  "gateway_connections": 0, "error": None}
         if name in live:
@@ -353,6 +355,57 @@ def lu_delete(ctx, name):
     click.echo("deleted LU {}{}".format(
         name, "" if record["owned"] else
         " (backing file {} kept)".format(record["file"])))
+
+
+_ACCEPT_HELP = """Take what the --file path of {kind} NAME names now as its storage.
+
+    When {what} was added, clonectl recorded which storage its path named
+    (a device's WWID, serial, device-mapper or md UUID, a loop device's
+    file, a partition's start; a file's filesystem and inode), and every
+    start compares. A path that names other storage now (disks found in
+    another order at boot, a loop device attached over another file, a
+    symlink retargeted) is not used: {refused}. Run this after moving the
+    data there on purpose (copied onto a new disk, restored from a
+    backup); the copy must be exact: clonectl cannot tell. The path gets
+    the checks of a new --file (not the state directory's, not another
+    LU's or clone's, not held by another program), then {what} is opened
+    and served. Nothing is copied.
+
+    Also the way to open {what} again once its file is back, when it was
+    missing or held by another program at the server's start.
+
+    Example: clonectl {group} accept-storage {example}
+
+    Exit status: 0 when recorded (if {what} still cannot be opened, a
+    warning says why, and "error" with --json), 1 when refused (nothing
+    changed).
+    """
+
+
+def _accept_storage(ctx, kind, res):
+    if res["storage"]:
+        click.echo("{} {}: {} is storage {}".format(
+            kind, res["name"], res["file"], res["storage"]))
+    else:
+        click.echo("{} {}: {} has no identity to check (a device that "
+                   "reports none, or a file of the state directory)".format(
+                       kind, res["name"], res["file"]))
+    if res["error"]:
+        click.echo("clonectl: warning: {} {} is still not served: {}".format(
+            kind, res["name"], res["error"]), err=True)
+
+
+@lu.command("accept-storage",
+            help=_ACCEPT_HELP.format(
+                kind="LU", what="the LU", group="lu", example="db",
+                refused="the LU is not exported, and status shows why"))
+@click.argument("name")
+@json_result
+@pass_ctx
+@handle_errors
+def lu_accept_storage(ctx, name):
+    _accept_storage(ctx, "LU", _target_call(ctx, "lu_accept_storage",
+                                            name=name))
 
 
 @lu.command("resize")
@@ -538,6 +591,24 @@ def clone_remove(ctx, name):
     res = _target_call(ctx, "clone_remove", clone=name)
     click.echo("removed clone {}{}".format(
         name, "" if res["owned"] else " (file {} kept)".format(res["file"])))
+
+
+@clone.command("accept-storage",
+               help=_ACCEPT_HELP.format(
+                   kind="clone", what="the clone", group="clone",
+                   example="db-copy", refused="the clone is broken (its "
+                   "Source is served and its writes are tracked in the "
+                   "clone's map), and status shows why. Accepted, a "
+                   "synchronized clone is out of sync and needs `clonectl "
+                   "clone sync`; a restore or reverse sync it was running, "
+                   "paused while it was broken, goes on"))
+@click.argument("name")
+@json_result
+@pass_ctx
+@handle_errors
+def clone_accept_storage(ctx, name):
+    _accept_storage(ctx, "clone", _target_call(
+        ctx, "clone_accept_storage", clone=name))
 
 
 @clone.command("list")

@@ -5,12 +5,11 @@ groups) before the clone group (target.clones) carries it out, and the
 clones' records in the inventory.
 """
 
-import errno
 import logging
 import os
 
-from . import backends, clones, errors, fsutil, inventory, units
-from .lu import LUHeld, one_change_at_a_time
+from . import backends, clones, errors, fsutil, inventory, storageid, units
+from .lu import LUHeld, one_change_at_a_time, open_backing
 
 log = logging.getLogger("clonectl.target")
 
@@ -21,11 +20,6 @@ MAP_CELLS_MAX = 1 << 20
 _MAP_KINDS = {0: "clean", 1: "dirty", 2: "pending", 3: "protected"}
 
 
-class UnknownClone(errors.Error):
-    msg = "no clone named {name!r}"
-    errno = errno.ENOENT
-
-
 class CloneOrchestration:
     """The clone operations of target (a Target): its LUs, clone groups,
     lock, inventory and gateway route."""
@@ -33,22 +27,29 @@ class CloneOrchestration:
     def __init__(self, target):
         self.target = target
 
-    def load_group(self, lu, record):
+    def load_group(self, lu, record, unrecorded):
+        """Open the clone group of LU lu from its record; add to
+        unrecorded what inventory.record_storage is to record."""
         group = clones.CloneGroup(lu, record["granularity"],
                                   self.target.state_dir.maps_dir,
                                   self._persist_clone(lu.name))
 
         def open_clone(rec):
-            owner = "clone {}".format(rec["name"])
-            inventory.check_external(self.target.state_dir, rec)
-            inventory.probe_backing(rec["file"], lu.size, owner=owner)
-            return backends.FileBackend(rec["file"], owner=owner)
+            backend, found = open_backing(
+                self.target.state_dir, rec, "clone {}".format(rec["name"]),
+                "clone accept-storage {}".format(rec["name"]), lu.size)
+            if not rec["owned"] and "storage" not in rec:
+                unrecorded.append((lu.name, rec["name"], rec["file"], found))
+            return backend
 
         group.record_verify = self._record_verify(lu.name)
         for who, problem in group.load(record["clones"], open_clone):
             log.error("clone group %s: %s", lu.name, problem)
             self.target.recovery_problems.append(
                 {"source": lu.name, "clone": who, "message": problem})
+        for source, name, _, found in unrecorded:
+            if source == lu.name and name in group.clones:
+                group.clones[name].storage = found
         self.target.groups[lu.name] = group
 
     def _persist_clone(self, source):
@@ -69,11 +70,49 @@ class CloneOrchestration:
                     rec["last_verify"] = result
         return record
 
+    @one_change_at_a_time
+    def clone_accept_storage(self, clone):
+        """Take what the path of clone clone names now as its storage
+        (`clonectl clone accept-storage`), and serve the clone again if
+        it was refused at its loading (broken)."""
+        served = None
+        try:
+            group, c = self.find(clone)
+        except errors.UnknownClone:
+            pass        # its Source is not served
+        else:
+            if c.broken is None:
+                served = getattr(c.backend, "fd", None)
+        source, _, record = inventory.accept_storage(
+            self.target.state_dir, clone, clone=True, served=served)
+        out = {"name": clone, "source": source, "file": record["file"],
+               "storage": record.get("storage"), "error": None}
+        group = self.target.groups.get(source)
+        if group is not None and clone in group.clones:
+            group.clones[clone].storage = out["storage"]
+        if group is None or clone not in group.clones:
+            lu = self.target.lus.get(source)
+            out["error"] = "its Source {} is not served{}".format(
+                source, ": " + lu.error if lu is not None and lu.error
+                else "")
+        elif group.clones[clone].broken is not None:
+            try:
+                backend, _ = open_backing(
+                    self.target.state_dir, record, "clone {}".format(clone),
+                    "clone accept-storage {}".format(clone), group.size)
+            except (errors.Error, OSError) as e:
+                out["error"] = str(e)
+            else:
+                if group.repair(clone, backend, run=self.target.started):
+                    log.info("clone %s: its %s goes on", clone,
+                             group.clones[clone].state)
+        return out
+
     def find(self, name):
         for group in self.target.groups.values():
             if name in group.clones:
                 return group, group.clones[name]
-        raise UnknownClone(name=name)
+        raise errors.UnknownClone(name=name)
 
     @one_change_at_a_time
     def clone_add(self, source, clone, file=None, granularity=None):
@@ -117,12 +156,14 @@ class CloneOrchestration:
                 owned = False
                 inventory.check_outside(self.target.state_dir, path)
                 inventory.check_backing_free(doc, path)
-                inventory.probe_backing(path, lu.size,
-                                        owner="clone {}".format(clone))
+                _, storage = inventory.probe_backing(
+                    path, lu.size, owner="clone {}".format(clone))
+                inventory.check_storage_free(doc, path, storage)
             backend = None
             try:
                 backend = backends.FileBackend(
                     path, owner="clone {}".format(clone))
+                storage = storageid.of_fd(backend.fd)
                 group = self.target.groups.get(source) or clones.CloneGroup(
                     lu, granularity, self.target.state_dir.maps_dir,
                     self._persist_clone(source))
@@ -135,6 +176,8 @@ class CloneOrchestration:
                 raise
         try:
             group.add_clone(clone, backend, file=path)
+            if not owned:
+                group.clones[clone].storage = storage
         except BaseException:
             backend.close()
             if owned:
@@ -143,9 +186,11 @@ class CloneOrchestration:
         try:
             with self.target.state_dir.editing() as doc:
                 record = doc["lus"][source]
-                record.setdefault("clones", {})[clone] = {
-                    "file": path, "owned": owned, "state": clones.OUT_OF_SYNC,
-                    "error": None}
+                rec = {"file": path, "owned": owned,
+                       "state": clones.OUT_OF_SYNC, "error": None}
+                if not owned:
+                    rec["storage"] = storage
+                record.setdefault("clones", {})[clone] = rec
                 record["granularity"] = granularity
         except BaseException:
             group.remove_clone(clone)

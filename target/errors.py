@@ -61,6 +61,11 @@ class DuplicateLU(Error):
     errno = _errno.EEXIST
 
 
+class UnknownClone(Error):
+    msg = "no clone named {name!r}"
+    errno = _errno.ENOENT
+
+
 class BackingMissing(Error):
     msg = "backing file {path!r} does not exist"
     errno = _errno.ENOENT
@@ -81,6 +86,23 @@ class BackingShared(Error):
     msg = ("backing file {path!r} of {owner} is the storage of {other} "
            "already (its path names the same file or device now: a symlink "
            "retargeted, a device renamed at boot); not used")
+    errno = _errno.EBUSY
+
+
+class StorageChanged(Error):
+    msg = ("backing file {path!r} of {owner} names other storage than when "
+           "it was added: {found} now, {recorded} then (device names and "
+           "symlinks can change at boot); not used. If its data was moved "
+           "there on purpose: `clonectl {command}`")
+    errno = _errno.ENXIO
+
+
+class StorageServed(Error):
+    msg = ("{owner} is served from {served}, opened when the server "
+           "started; its backing file {path!r} names {found} now. Not "
+           "accepted: it would be served from the next start on, with "
+           "what hosts write meanwhile on the other storage. Point the "
+           "path back, or stop the server before moving the data")
     errno = _errno.EBUSY
 
 

@@ -31,7 +31,7 @@ import json
 import os
 import stat
 
-from . import errors, filelocks, fsutil, units
+from . import errors, filelocks, fsutil, storageid, units
 
 FORMAT = "clonectl-state"
 VERSION = 1
@@ -55,6 +55,8 @@ class StateDir:
         self.run_dir = os.path.join(self.path, "run")
         self.maps_dir = os.path.join(self.path, "maps")
         self.rsg_dir = os.path.join(self.path, "rsg")
+        # {file identity: path} of its files while listed() runs.
+        self._listing = None
 
     # Paths of the inventory's objects.
 
@@ -108,6 +110,31 @@ class StateDir:
     def iscsi_record(self):
         """What the iSCSI gateway started (target.iscsi)."""
         return os.path.join(self.run_dir, "iscsi.json")
+
+    @contextlib.contextmanager
+    def listed(self):
+        """Within: check_outside lists the directory's files once, not at
+        every call (a start opens every LU and clone: with hundreds of
+        them, walking the directory for each took seconds)."""
+        self._listing = self.own_files()
+        try:
+            yield
+        finally:
+            self._listing = None
+
+    def own_files(self):
+        """{file identity: path} of the files in the directory, or the
+        listing listed() keeps."""
+        if self._listing is not None:
+            return self._listing
+        top = os.path.realpath(self.path)
+        found = {}
+        for directory, _, files in os.walk(top):
+            for fn in files:
+                own = os.path.join(directory, fn)
+                found.setdefault(file_identity(own), own)
+        found.pop(None, None)
+        return found
 
     def ensure(self):
         for d in (self.path, self.lus_dir, self.run_dir, self.maps_dir):
@@ -331,7 +358,8 @@ def _validate_sessions(name, lu, bad):
 
 
 def probe_backing(path, size=None, readonly=False, owner=None):
-    """Check that path can back an LU; return its usable size in bytes.
+    """Check that path can back an LU; return (its usable size in bytes,
+    the identity of its storage: target.storageid).
 
     path must be an existing regular file or block device that we can open
     for reading (and writing unless readonly), at least size bytes long,
@@ -355,13 +383,91 @@ def probe_backing(path, size=None, readonly=False, owner=None):
     try:
         actual = os.lseek(fd, 0, os.SEEK_END)
         os.pread(fd, 1, 0)
+        storage = storageid.of_fd(fd)
     except OSError as e:
         raise errors.BackingUnusable(path=path, reason=e.strerror)
     finally:
         filelocks.close(fd)
     if size is not None and actual < size:
         raise errors.BackingTooSmall(path=path, actual=actual, size=size)
-    return actual
+    return actual, storage
+
+
+def check_storage(record, found, owner, command):
+    """Refuse storage identified as found (target.storageid), opened from
+    record's path, if it is not the storage the path named when the
+    record was made.  Nothing is checked for a file of the state
+    directory, a record made before identities were recorded, or a device
+    without an identity.  command accepts a move ("lu accept-storage x")."""
+    recorded = record.get("storage")
+    if not record["owned"] and recorded is not None and found != recorded:
+        raise errors.StorageChanged(
+            path=record["file"], owner=owner, recorded=recorded,
+            found=found or "a device without an identity", command=command)
+
+
+def record_storage(state_dir, found):
+    """Record identities found at an opening of records made before they
+    were recorded: found is a list of (LU name, clone name or None, path
+    opened, identity).  A record changed meanwhile is left alone."""
+    if not found:
+        return
+    with state_dir.editing() as doc:
+        for name, clone, path, identity in found:
+            rec = doc["lus"].get(name)
+            if rec is not None and clone is not None:
+                rec = rec.get("clones", {}).get(clone)
+            if rec is not None and rec["file"] == path and \
+                    "storage" not in rec:
+                rec["storage"] = identity
+
+
+def accept_storage(state_dir, name, clone=False, served=None):
+    """Record what the path of LU name (clone name if clone) names now as
+    its storage (`accept-storage`); return (its LU's name, the clone's or
+    None, the record).  The path passes the checks of a new --file
+    first.  A file of the state directory gets no identity: it is only
+    probed (it may have been missing).  served: the descriptor the
+    running target serves it from, if it does; a path naming another
+    file or device is refused then (it would be served only from the
+    next start on, without what hosts write until then)."""
+    with state_dir.locked():
+        doc = state_dir.load()
+        source, clone, rec = find_record(doc, name, clone)
+        owner = "clone {}".format(clone) if clone else "LU {}".format(name)
+        size = doc["lus"][source]["size"]
+        if not rec["owned"]:
+            check_outside(state_dir, rec["file"])
+            check_backing_free(doc, rec["file"], exclude=name)
+        _, storage = probe_backing(rec["file"], size,
+                                   not clone and rec["readonly"], owner=owner)
+        if served is not None and \
+                file_identity(rec["file"]) != filelocks.identity(
+                    os.fstat(served)):
+            raise errors.StorageServed(
+                path=rec["file"], owner=owner,
+                found=storage or "storage without an identity",
+                served=storageid.of_fd(served) or "storage without an "
+                "identity")
+        if not rec["owned"]:
+            # A file of the state directory is its own by its path.
+            check_storage_free(doc, rec["file"], storage, exclude=name)
+            rec["storage"] = storage
+            state_dir.save(doc)
+        return source, clone, rec
+
+
+def find_record(doc, name, clone=False):
+    """(LU name, clone name or None, record) of LU name, or of clone name
+    if clone."""
+    if not clone:
+        if name in doc["lus"]:
+            return name, None, doc["lus"][name]
+        raise errors.UnknownLU(name=name)
+    for source, lu in doc["lus"].items():
+        if name in lu.get("clones", {}):
+            return source, name, lu["clones"][name]
+    raise errors.UnknownClone(name=name)
 
 
 def create_lu(state_dir, name, size=None, file=None, readonly=False):
@@ -384,14 +490,14 @@ def create_lu(state_dir, name, size=None, file=None, readonly=False):
                     reason="--size is required unless --file names an "
                            "existing file or device")
             path = state_dir.owned_backing(name)
-            owned = True
+            owned, storage = True, None
             create_sparse(path, size)
         else:
             path = os.path.abspath(file)
             owned = False
             check_outside(state_dir, path)
-            actual = probe_backing(path, size, readonly,
-                                   owner="LU {}".format(name))
+            actual, storage = probe_backing(path, size, readonly,
+                                            owner="LU {}".format(name))
             if size is None:
                 size = actual - actual % units.SECTOR
                 if size == 0:
@@ -399,6 +505,7 @@ def create_lu(state_dir, name, size=None, file=None, readonly=False):
                                                  size=units.SECTOR)
         try:
             check_backing_free(doc, path)
+            check_storage_free(doc, path, storage)
         except errors.BackingInUse:
             if owned:
                 os.unlink(path)
@@ -411,6 +518,8 @@ def create_lu(state_dir, name, size=None, file=None, readonly=False):
             "created": datetime.datetime.now(datetime.timezone.utc)
                                .isoformat(timespec="seconds"),
         }
+        if not owned:
+            record["storage"] = storage
         doc["lus"][name] = record
         try:
             state_dir.save(doc)
@@ -454,14 +563,10 @@ def check_outside(state_dir, path):
         if not tail:
             break
     wanted = file_identity(real)
-    if wanted is None:
-        return
-    for directory, _, files in os.walk(top):
-        for fn in files:
-            own = os.path.join(directory, fn)
-            if file_identity(own) == wanted:
-                refuse("it is the state directory's file {} (a link "
-                       "to it)".format(os.path.relpath(own, top)))
+    own = state_dir.own_files().get(wanted) if wanted is not None else None
+    if own is not None:
+        refuse("it is the state directory's file {} (a link to it)".format(
+            os.path.relpath(own, top)))
 
 
 def check_external(state_dir, record):
@@ -479,8 +584,9 @@ def check_name_free(doc, name):
         raise errors.DuplicateLU(name=name)
 
 
-def check_backing_free(doc, path):
-    """Refuse a file that already backs an LU or a clone, by any path."""
+def check_backing_free(doc, path, exclude=None):
+    """Refuse a file that already backs an LU or a clone (other than
+    exclude), by any path."""
     real = os.path.realpath(path)
     wanted = file_identity(real)
 
@@ -490,10 +596,24 @@ def check_backing_free(doc, path):
         return wanted is not None and file_identity(other) == wanted
 
     for name, lu in doc["lus"].items():
-        if same(lu["file"]):
+        if name != exclude and same(lu["file"]):
             raise errors.BackingInUse(path=path, name=name)
         for cname, rec in lu.get("clones", {}).items():
-            if same(rec["file"]):
+            if cname != exclude and same(rec["file"]):
+                raise errors.BackingInUse(path=path, name=cname)
+
+
+def check_storage_free(doc, path, storage, exclude=None):
+    """Refuse storage (target.storageid) that shares bytes with the
+    storage recorded for an LU or a clone other than exclude: the same
+    (whose own path names other storage now), within it or holding it (a
+    partition and its disk, a loop device and its file)."""
+    for name, lu in doc["lus"].items():
+        if name != exclude and storageid.overlap(lu.get("storage"), storage):
+            raise errors.BackingInUse(path=path, name=name)
+        for cname, rec in lu.get("clones", {}).items():
+            if cname != exclude and \
+                    storageid.overlap(rec.get("storage"), storage):
                 raise errors.BackingInUse(path=path, name=cname)
 
 
@@ -570,6 +690,8 @@ def resize_lu(state_dir, name, size, check_busy=None):
         if check_busy is not None:
             check_busy(name, record)
         path = record["file"]
+        owner = "LU {}".format(name)
+        command = "lu accept-storage {}".format(name)
         try:
             st = os.stat(path)
         except OSError as e:
@@ -579,6 +701,8 @@ def resize_lu(state_dir, name, size, check_busy=None):
                 try:
                     fd = os.open(path, os.O_RDWR)
                     try:
+                        check_storage(record, storageid.of_fd(fd), owner,
+                                      command)
                         os.ftruncate(fd, size)
                         os.fsync(fd)
                     finally:
@@ -588,8 +712,9 @@ def resize_lu(state_dir, name, size, check_busy=None):
                         path=path, reason="cannot make it {} bytes: {}".format(
                             size, e.strerror)) from e
         else:
-            probe_backing(path, size, record["readonly"],
-                          owner="LU {}".format(name))
+            _, found = probe_backing(path, size, record["readonly"],
+                                     owner=owner)
+            check_storage(record, found, owner, command)
         new = dict(record, size=size)
         doc["lus"][name] = new
         # The file first, then the record: a crash in between leaves a

@@ -18,7 +18,7 @@
 import errno
 import functools
 
-from . import backends, errors, inventory, iostack
+from . import backends, errors, inventory, iostack, storageid
 
 
 def one_change_at_a_time(method):
@@ -31,6 +31,24 @@ def one_change_at_a_time(method):
         with self.target.config_lock:
             return method(self, *args, **kwargs)
     return locked
+
+
+def open_backing(state_dir, record, owner, command, size, readonly=False):
+    """Open the backing file of an LU's or a clone's record for serving,
+    with every check an opening by path needs; return (the backend, the
+    identity of its storage).  command accepts a moved storage."""
+    inventory.check_external(state_dir, record)
+    inventory.probe_backing(record["file"], size, readonly, owner=owner)
+    backend = backends.FileBackend(record["file"], readonly, owner=owner)
+    try:
+        # The descriptor that serves is the one checked: the path may
+        # have been retargeted since the probe.
+        found = storageid.of_fd(backend.fd)
+        inventory.check_storage(record, found, owner, command)
+    except BaseException:
+        backend.close()
+        raise
+    return backend, found
 
 
 class LogicalUnit:
@@ -58,14 +76,14 @@ class LogicalUnit:
         self.holds = {}
         self.backend = backend
         self.stack = None
+        # What its path named when opened (target.storageid).
+        self.storage = None
         if backend is None:
             try:
-                owner = "LU {}".format(name)
-                inventory.check_external(state_dir, record)
-                inventory.probe_backing(self.file, self.size, self.readonly,
-                                        owner=owner)
-                self.backend = backends.FileBackend(self.file, self.readonly,
-                                                    owner=owner)
+                self.backend, self.storage = open_backing(
+                    state_dir, record, "LU {}".format(name),
+                    "lu accept-storage {}".format(name), self.size,
+                    self.readonly)
             except (errors.Error, OSError) as e:
                 self.error = str(e)
         if self.backend is not None:

@@ -75,6 +75,7 @@ class Target:
         # the watcher started with the engines.
         self.events = events.EventBus()
         self.watcher = None
+        self.started = False        # start() ran: engines may run
         self.clone_ops = CloneOrchestration(self)
         self.session_ops = SessionOrchestration(self)
         self.rsg_ops = RsgOrchestration(self)
@@ -99,10 +100,9 @@ class Target:
 
     def start(self):
         """Resume operations left running (after a crash or a stop)."""
+        self.started = True
         for group in self.groups.values():
-            clone = group.resume()
-            if clone is not None:
-                log.info("resuming %s of clone %s", clone.state, clone.name)
+            self._resume(group)
         for rsg in self.rsgs.values():
             if rsg.role == replication.PRIMARY:
                 rsg.start()
@@ -289,7 +289,7 @@ class Target:
         recovery of what a crash left), LUs gone from the inventory stop
         being exported and are closed when their last connection ends.
         """
-        with self.lock:
+        with self.lock, self.state_dir.listed():
             # Read under the lock: lu_resize changes the record and the
             # open LU together under it, and an older record read before
             # would look like another LU and retire this one.
@@ -315,12 +315,60 @@ class Target:
             # Every LU's file first, then the clones' (and save areas'):
             # a clone whose path now names an LU's storage is refused
             # (target.filelocks), never mirrored onto it.
+            unrecorded = []
+            loaded = []
             for lu, record in opened:
+                if lu.backend is not None and not record["owned"] and \
+                        "storage" not in record:
+                    unrecorded.append((lu.name, None, lu.file, lu.storage))
                 if record.get("sessions") and lu.backend is not None:
                     self.session_ops.load_sessions(lu, record["sessions"])
                 if record.get("clones") and lu.backend is not None:
-                    self.clone_ops.load_group(lu, record)
-            return sorted(n for n, lu in self.lus.items() if lu.healthy)
+                    self.clone_ops.load_group(lu, record, unrecorded)
+                    loaded.append(self.groups[lu.name])
+            self._record_storage(unrecorded)
+            exported = sorted(n for n, lu in self.lus.items() if lu.healthy)
+            # An LU opened after the start (its file back, its storage
+            # accepted): what its clones ran goes on, as start() does.
+            # Started here, under the lock, so that a stop or a reload
+            # does not come between.
+            if self.started:
+                for group in loaded:
+                    self._resume(group)
+        return exported
+
+    @staticmethod
+    def _resume(group):
+        clone = group.resume()
+        if clone is not None:
+            log.info("resuming %s of clone %s", clone.state, clone.name)
+
+    def _record_storage(self, unrecorded):
+        """Records made before storage identities were: what their paths
+        name at this first opening is what later ones are checked
+        against."""
+        try:
+            inventory.record_storage(self.state_dir, unrecorded)
+        except (errors.Error, OSError) as e:
+            log.warning("the storage of %s is not recorded (not checked "
+                        "until a start records it): %s", ", ".join(
+                            c or n for n, c, _, _ in unrecorded), e)
+
+    def lu_accept_storage(self, name):
+        """Take what the path of LU name names now as its storage
+        (`clonectl lu accept-storage`), and open the LU if it was
+        refused."""
+        with self.config_lock:
+            lu = self.lus.get(name)
+            served = getattr(lu.backend, "fd", None) if lu is not None \
+                and lu.error is None else None
+            _, _, record = inventory.accept_storage(self.state_dir, name,
+                                                    served=served)
+            self.reload()
+            lu = self.lus.get(name)
+        return {"name": name, "file": record["file"],
+                "storage": record.get("storage"),
+                "error": "not loaded" if lu is None else lu.error}
 
     def _retire(self, lu):
         lu.removed = True
@@ -520,6 +568,7 @@ class Target:
     def prepare_stop(self):
         """Stop engines (they resume at the next start) and commit maps."""
         with self.lock:
+            self.started = False        # a reload now starts none
             groups = list(self.groups.values())
         for group in groups:
             group.stop_engine()

@@ -187,6 +187,7 @@ class CloneGroup(Mirroring, Restore):
                                                       self.size, broken)
             clone = Clone(self, name, backend, record["state"], None,
                           record.get("file"))
+            clone.storage = record.get("storage")
             clone.rate = record.get("rate")
             if isinstance(record.get("last_verify"), dict):
                 self.verify_results[name] = SavedVerify(record["last_verify"])
@@ -225,6 +226,34 @@ class CloneGroup(Mirroring, Restore):
         if self.clones:
             self.attach()
         return problems
+
+    def repair(self, name, backend, run=True):
+        """Serve clone name from backend, its file opened again after
+        being refused at load (broken).  Its map already says what to
+        copy: a synchronized clone was set out of sync then.  An
+        operation it was running (paused since) goes on unless something
+        else paused it (a lost PRM), at once if run (a started target),
+        else at the next start.  Returns whether the engine restarted."""
+        with self.cond:
+            clone = self.clones[name]
+            if clone.broken is None:
+                raise errors.InvalidArgument(
+                    reason="clone {!r} is not broken".format(name))
+            old, clone.backend, clone.broken = clone.backend, backend, None
+            clone.export.read = backend.readinto
+            if clone.state == RESTORING:
+                self._set_read_path()
+            # No other engine can start meanwhile: a running clone's
+            # siblings are refused (GroupBusy), and so is its own start.
+            resume = clone.state in RUNNING and clone.error is None and \
+                not (self.engine is not None and self.engine.running)
+            if resume:
+                clone.paused = False
+            resume = resume and run
+        old.close()
+        if resume:
+            self._launch(clone, clone.rate, True)
+        return resume
 
     def add_clone(self, name, backend, file=None):
         if len(self.clones) >= MAX_CLONES:
@@ -323,8 +352,8 @@ class CloneGroup(Mirroring, Restore):
             raise InvalidTransition(
                 event=event, name=clone.name, state=clone.state,
                 hint="broken: {}; the Source is partly restored from it: put "
-                "the file back and restart the server to finish".format(
-                    clone.broken))
+                "the file back and run `clonectl clone accept-storage {}` to "
+                "finish".format(clone.broken, clone.name))
         if clone.broken and event in HINTS and event != "remove":
             raise CloneBroken(event=event, name=clone.name,
                               reason=clone.broken)
@@ -458,11 +487,16 @@ class CloneGroup(Mirroring, Restore):
         return self.engine
 
     def resume(self, run=True):
-        """Start the engine for a clone left syncing or reverse-syncing."""
-        for clone in self.clones.values():
-            if clone.state in RUNNING and not clone.paused:
-                self._launch(clone, clone.rate, run)
-                return clone
+        """Start the engine for a clone left syncing or reverse-syncing
+        (none while one runs: a start of the clone's own came first)."""
+        with self.cond:
+            if self.engine is not None and self.engine.running:
+                return None
+            clone = next((c for c in self.clones.values()
+                          if c.state in RUNNING and not c.paused), None)
+        if clone is not None:
+            self._launch(clone, clone.rate, run)
+        return clone
 
     def start_verify(self, name, rate=None, run=True):
         """Compare clone name with the Source (target.clones.verify)."""
@@ -551,6 +585,7 @@ class CloneGroup(Mirroring, Restore):
             "state": clone.state,
             "size": self.size,
             "file": clone.file,
+            "storage": clone.storage,
             "granularity": self.granularity,
             "extents_total": self.extents,
             "extents_dirty": dirty,

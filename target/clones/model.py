@@ -101,7 +101,8 @@ class AlreadyRunning(errors.Error):
 
 class CloneBroken(errors.Error):
     msg = ("cannot {event} clone {name!r}: it is broken ({reason}); put its "
-           "file back and restart the server, or remove the clone")
+           "file back (or accept what its path names now) with `clonectl "
+           "clone accept-storage {name}`, or remove the clone")
     errno = errno.EIO
 
 
@@ -141,6 +142,8 @@ class Clone:
         self.state = state
         self.delta = delta
         self.file = file
+        # What file named when the clone was added (target.storageid).
+        self.storage = None
         self.error = None
         # Why the backing file could not be opened: the clone is kept (its
         # delta map goes on recording the Source's writes) but not used.

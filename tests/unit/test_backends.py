@@ -197,6 +197,32 @@ def test_file_backend_missing_file(tmp_path):
         backends.FileBackend(str(tmp_path / "nope"))
 
 
+def test_file_backend_reopens_its_own_file_not_what_its_path_names_now(
+        tmp_path):
+    """A second descriptor (the replicated primary flushes volumes through
+    one): the path may name another file since the first opening."""
+    path = tmp_path / "vol.img"
+    path.write_bytes(bytes(8192))
+    b = backends.FileBackend(str(path), owner="LU vol")
+    try:
+        (tmp_path / "other.img").write_bytes(bytes(8192))
+        os.replace(tmp_path / "other.img", path)
+        again = b.reopen()
+        try:
+            again.write(b"\x01" * 4096, 0)
+            again.flush()
+            got = bytearray(4096)
+            b.readinto(got, 0)
+            assert got == b"\x01" * 4096, "the reopened backend wrote " \
+                "the file that now has the path"
+            assert again.path == b.path
+        finally:
+            again.close()
+    finally:
+        b.close()
+    assert path.read_bytes() == bytes(8192)
+
+
 def test_file_backend_close_is_idempotent(tmp_path):
     b = backends.FileBackend(_sparse(tmp_path / "f", 4096))
     fd = b.fd

@@ -6,7 +6,7 @@ import stat
 
 import pytest
 
-from target import errors, inventory
+from target import errors, inventory, storageid
 
 MiB = 1 << 20
 
@@ -327,8 +327,8 @@ def test_save_refuses_invalid_document(sd):
 def test_probe_backing_regular_file(tmp_path):
     f = tmp_path / "f"
     f.write_bytes(bytes(8192))
-    assert inventory.probe_backing(str(f)) == 8192
-    assert inventory.probe_backing(str(f), 8192) == 8192
+    assert inventory.probe_backing(str(f))[0] == 8192
+    assert inventory.probe_backing(str(f), 8192)[0] == 8192
     with pytest.raises(errors.BackingTooSmall):
         inventory.probe_backing(str(f), 8193)
 
@@ -337,9 +337,80 @@ def test_probe_backing_read_only_file(tmp_path):
     f = tmp_path / "f"
     f.write_bytes(bytes(1024))
     f.chmod(0o400)
-    assert inventory.probe_backing(str(f), readonly=True) == 1024
+    assert inventory.probe_backing(str(f), readonly=True)[0] == 1024
 
 
 def test_probe_backing_character_device():
     with pytest.raises(errors.BackingUnusable):
         inventory.probe_backing("/dev/null")
+
+
+# ---------------------------------------------------------------- storage
+
+
+def test_a_file_given_with_file_is_recorded_with_its_storage(sd, tmp_path):
+    f = tmp_path / "disk.img"
+    f.write_bytes(bytes(MiB))
+    record = inventory.create_lu(sd, "ext", file=str(f))
+    with open(f, "rb") as fh:
+        assert record["storage"] == storageid.of_fd(fh.fileno())
+    assert sd.load()["lus"]["ext"]["storage"] == record["storage"]
+    assert "storage" not in inventory.create_lu(sd, "own", size="1M")
+
+
+def test_the_storage_recorded_for_another_lu_is_not_taken_again(sd,
+                                                                tmp_path):
+    """LU a's path names other storage now (a symlink retargeted, a
+    device renamed): a new LU on a's recorded storage is refused, as on
+    a's path."""
+    disk, spare = tmp_path / "disk.img", tmp_path / "spare.img"
+    disk.write_bytes(bytes(MiB))
+    spare.write_bytes(bytes(MiB))
+    os.symlink(disk, tmp_path / "a-link")
+    inventory.create_lu(sd, "a", file=str(tmp_path / "a-link"))
+    os.unlink(tmp_path / "a-link")
+    os.symlink(spare, tmp_path / "a-link")
+    with pytest.raises(errors.BackingInUse, match="'a'"):
+        inventory.create_lu(sd, "b", file=str(disk))
+    assert set(sd.load()["lus"]) == {"a"}
+
+
+def test_check_storage_refuses_only_a_recorded_other_identity():
+    rec = {"file": "/dev/sdb", "owned": False, "storage": "wwid:one"}
+    inventory.check_storage(rec, "wwid:one", "LU a", "lu accept-storage a")
+    with pytest.raises(errors.StorageChanged) as e:
+        inventory.check_storage(rec, "wwid:two", "LU a",
+                                "lu accept-storage a")
+    assert "/dev/sdb" in str(e.value) and "wwid:two" in str(e.value) and \
+        "wwid:one" in str(e.value) and "lu accept-storage a" in str(e.value)
+    with pytest.raises(errors.StorageChanged, match="without an identity"):
+        inventory.check_storage(rec, None, "LU a", "lu accept-storage a")
+    for unchecked in ({"file": "/x", "owned": False},
+                      {"file": "/x", "owned": False, "storage": None},
+                      {"file": "/x", "owned": True, "storage": "wwid:one"}):
+        inventory.check_storage(unchecked, "wwid:two", "LU a", "c")
+
+
+def test_a_start_lists_the_state_directory_once(sd, tmp_path, monkeypatch):
+    """Every LU and clone opened by a start is checked against the state
+    directory's files: listed once, not walked for each of them."""
+    inventory.create_lu(sd, "own", size="1M")
+    os.link(os.path.join(sd.lus_dir, "own.img"), tmp_path / "hard.img")
+    outside = []
+    for i in range(20):
+        p = tmp_path / "ext{}.img".format(i)
+        p.write_bytes(bytes(4096))
+        outside.append(str(p))
+    walks = []
+    real_walk = os.walk
+    monkeypatch.setattr(inventory.os, "walk",
+                        lambda *a, **k: walks.append(a) or real_walk(*a, **k))
+    with sd.listed():
+        for p in outside:
+            inventory.check_outside(sd, p)
+        with pytest.raises(errors.BackingUnusable, match="lus/own.img"):
+            inventory.check_outside(sd, str(tmp_path / "hard.img"))
+    assert len(walks) == 1, walks
+    with pytest.raises(errors.BackingUnusable, match="lus/own.img"):
+        inventory.check_outside(sd, str(tmp_path / "hard.img"))
+    assert len(walks) == 2, "outside listed() each call lists anew"

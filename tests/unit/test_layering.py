@@ -40,9 +40,9 @@ LAYERS = [
     # call the manager through it).
     ("shared", {"changemap", "copier", "maps", "iostack", "backends",
                 "inventory", "control"}),
-    ("base", {"errors", "filelocks", "fsutil", "units", "limits", "events",
-              "progress", "channel", "groupcommit", "config", "procutil",
-              "__init__"}),
+    ("base", {"errors", "filelocks", "storageid", "fsutil", "units",
+              "limits", "events", "progress", "channel", "groupcommit",
+              "config", "procutil", "__init__"}),
 ]
 ENGINES = "engines"
 
