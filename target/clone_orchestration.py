@@ -156,14 +156,16 @@ class CloneOrchestration:
                 owned = False
                 inventory.check_outside(self.target.state_dir, path)
                 inventory.check_backing_free(doc, path)
-                _, storage = inventory.probe_backing(
-                    path, lu.size, owner="clone {}".format(clone))
-                inventory.check_storage_free(doc, path, storage)
-            backend = None
+                inventory.probe_backing(path, lu.size,
+                                        owner="clone {}".format(clone))
+            backend = storage = None
             try:
                 backend = backends.FileBackend(
                     path, owner="clone {}".format(clone))
-                storage = storageid.of_fd(backend.fd)
+                if not owned:
+                    # What serves is what is checked and recorded.
+                    storage = storageid.of_fd(backend.fd)
+                    inventory.check_storage_free(doc, path, storage)
                 group = self.target.groups.get(source) or clones.CloneGroup(
                     lu, granularity, self.target.state_dir.maps_dir,
                     self._persist_clone(source))
@@ -176,8 +178,7 @@ class CloneOrchestration:
                 raise
         try:
             group.add_clone(clone, backend, file=path)
-            if not owned:
-                group.clones[clone].storage = storage
+            group.clones[clone].storage = storage
         except BaseException:
             backend.close()
             if owned:

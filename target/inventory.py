@@ -357,9 +357,10 @@ def _validate_sessions(name, lu, bad):
             bad("session {!r} of LU {!r} is invalid".format(sname, name))
 
 
-def probe_backing(path, size=None, readonly=False, owner=None):
+def probe_backing(path, size=None, readonly=False, owner=None,
+                  identify=False):
     """Check that path can back an LU; return (its usable size in bytes,
-    the identity of its storage: target.storageid).
+    the identity of its storage if identify, else None: target.storageid).
 
     path must be an existing regular file or block device that we can open
     for reading (and writing unless readonly), at least size bytes long,
@@ -383,7 +384,7 @@ def probe_backing(path, size=None, readonly=False, owner=None):
     try:
         actual = os.lseek(fd, 0, os.SEEK_END)
         os.pread(fd, 1, 0)
-        storage = storageid.of_fd(fd)
+        storage = storageid.of_fd(fd) if identify else None
     except OSError as e:
         raise errors.BackingUnusable(path=path, reason=e.strerror)
     finally:
@@ -413,10 +414,9 @@ def record_storage(state_dir, found):
     if not found:
         return
     with state_dir.editing() as doc:
+        known = {(lu, clone): rec for lu, clone, rec in records(doc)}
         for name, clone, path, identity in found:
-            rec = doc["lus"].get(name)
-            if rec is not None and clone is not None:
-                rec = rec.get("clones", {}).get(clone)
+            rec = known.get((name, clone))
             if rec is not None and rec["file"] == path and \
                     "storage" not in rec:
                 rec["storage"] = identity
@@ -440,7 +440,8 @@ def accept_storage(state_dir, name, clone=False, served=None):
             check_outside(state_dir, rec["file"])
             check_backing_free(doc, rec["file"], exclude=name)
         _, storage = probe_backing(rec["file"], size,
-                                   not clone and rec["readonly"], owner=owner)
+                                   not clone and rec["readonly"], owner=owner,
+                                   identify=True)
         if served is not None and \
                 file_identity(rec["file"]) != filelocks.identity(
                     os.fstat(served)):
@@ -464,10 +465,18 @@ def find_record(doc, name, clone=False):
         if name in doc["lus"]:
             return name, None, doc["lus"][name]
         raise errors.UnknownLU(name=name)
-    for source, lu in doc["lus"].items():
-        if name in lu.get("clones", {}):
-            return source, name, lu["clones"][name]
+    for source, cname, rec in records(doc):
+        if cname == name:
+            return source, cname, rec
     raise errors.UnknownClone(name=name)
+
+
+def records(doc):
+    """(LU name, clone name or None, record) of every LU and clone."""
+    for name, lu in doc["lus"].items():
+        yield name, None, lu
+        for cname, rec in lu.get("clones", {}).items():
+            yield name, cname, rec
 
 
 def create_lu(state_dir, name, size=None, file=None, readonly=False):
@@ -497,7 +506,8 @@ def create_lu(state_dir, name, size=None, file=None, readonly=False):
             owned = False
             check_outside(state_dir, path)
             actual, storage = probe_backing(path, size, readonly,
-                                            owner="LU {}".format(name))
+                                            owner="LU {}".format(name),
+                                            identify=True)
             if size is None:
                 size = actual - actual % units.SECTOR
                 if size == 0:
@@ -579,8 +589,7 @@ def check_external(state_dir, record):
 
 def check_name_free(doc, name):
     """LU and clone names share one namespace: the NBD export names."""
-    if name in doc["lus"] or any(name in lu.get("clones", {})
-                                 for lu in doc["lus"].values()):
+    if any(name == (cname or lu) for lu, cname, _ in records(doc)):
         raise errors.DuplicateLU(name=name)
 
 
@@ -595,12 +604,9 @@ def check_backing_free(doc, path, exclude=None):
             return True
         return wanted is not None and file_identity(other) == wanted
 
-    for name, lu in doc["lus"].items():
-        if name != exclude and same(lu["file"]):
-            raise errors.BackingInUse(path=path, name=name)
-        for cname, rec in lu.get("clones", {}).items():
-            if cname != exclude and same(rec["file"]):
-                raise errors.BackingInUse(path=path, name=cname)
+    for lu, cname, rec in records(doc):
+        if (cname or lu) != exclude and same(rec["file"]):
+            raise errors.BackingInUse(path=path, name=cname or lu)
 
 
 def check_storage_free(doc, path, storage, exclude=None):
@@ -608,13 +614,10 @@ def check_storage_free(doc, path, storage, exclude=None):
     storage recorded for an LU or a clone other than exclude: the same
     (whose own path names other storage now), within it or holding it (a
     partition and its disk, a loop device and its file)."""
-    for name, lu in doc["lus"].items():
-        if name != exclude and storageid.overlap(lu.get("storage"), storage):
-            raise errors.BackingInUse(path=path, name=name)
-        for cname, rec in lu.get("clones", {}).items():
-            if cname != exclude and \
-                    storageid.overlap(rec.get("storage"), storage):
-                raise errors.BackingInUse(path=path, name=cname)
+    for lu, cname, rec in records(doc):
+        if (cname or lu) != exclude and \
+                storageid.overlap(rec.get("storage"), storage):
+            raise errors.BackingInUse(path=path, name=cname or lu)
 
 
 def create_sparse(path, size):
@@ -713,7 +716,7 @@ def resize_lu(state_dir, name, size, check_busy=None):
                             size, e.strerror)) from e
         else:
             _, found = probe_backing(path, size, record["readonly"],
-                                     owner=owner)
+                                     owner=owner, identify=True)
             check_storage(record, found, owner, command)
         new = dict(record, size=size)
         doc["lus"][name] = new

@@ -36,10 +36,13 @@ def one_change_at_a_time(method):
 def open_backing(state_dir, record, owner, command, size, readonly=False):
     """Open the backing file of an LU's or a clone's record for serving,
     with every check an opening by path needs; return (the backend, the
-    identity of its storage).  command accepts a moved storage."""
+    identity of its storage, None for a file of the state directory: it
+    is its own by its path).  command accepts a moved storage."""
     inventory.check_external(state_dir, record)
     inventory.probe_backing(record["file"], size, readonly, owner=owner)
     backend = backends.FileBackend(record["file"], readonly, owner=owner)
+    if record["owned"]:
+        return backend, None
     try:
         # The descriptor that serves is the one checked: the path may
         # have been retargeted since the probe.

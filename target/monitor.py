@@ -347,11 +347,15 @@ class Monitor:
 
     def start(self):
         self.thread = threading.Thread(target=self.httpd.serve_forever,
+                                       args=(control.STOP_POLL,),
                                        name="monitor", daemon=True)
         self.thread.start()
 
     def stop(self):
-        self.httpd.shutdown()
+        # shutdown() waits for a serve_forever loop: one never started
+        # (a start that failed after the port was bound) would hang it.
+        if self.thread is not None:
+            self.httpd.shutdown()
         self.httpd.server_close()
 
 

@@ -252,11 +252,15 @@ class PeerServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
 
     def start(self):
         self._thread = threading.Thread(target=self.serve_forever,
+                                        args=(control.STOP_POLL,),
                                         name="peer", daemon=True)
         self._thread.start()
 
     def stop(self):
-        self.shutdown()
+        # shutdown() waits for a serve_forever loop: one never started
+        # would hang it.
+        if self._thread is not None:
+            self.shutdown()
         self.server_close()
 
 

@@ -38,6 +38,7 @@ import ipaddress
 import json
 import logging
 import os
+import select
 import signal
 import socket
 import stat
@@ -601,6 +602,11 @@ class Server:
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
         signal.signal(signal.SIGHUP, self._on_hangup)
+        # A signal, and a child's exit, wake the supervision at once
+        # (_wait_nbdkit) rather than at its next look.
+        self._wakeup, wakeup_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(wakeup_w, warn_on_full_buffer=False)
+        signal.signal(signal.SIGCHLD, lambda signum, frame: None)
         limits.install_log_limit(self.out)
         # nbdkit inherits the raised limit; the default connection cap is
         # what it leaves after the engines' reserve.
@@ -656,7 +662,12 @@ class Server:
             self._supervise()
         finally:
             sd_notify("STOPPING=1")
-            self._cleanup()
+            try:
+                self._cleanup()
+            finally:
+                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                os.close(signal.set_wakeup_fd(-1))
+                os.close(self._wakeup)
 
     def _start_gateway(self):
         from . import iscsi
@@ -748,9 +759,8 @@ class Server:
                 return
             if self.reload_requested:
                 self.reload()
-            try:
-                status = self.proc.wait(0.2)
-            except subprocess.TimeoutExpired:
+            status = self._wait_nbdkit(0.2)
+            if status is None:
                 if self.gateway is not None and not self.stopping and \
                         time.monotonic() - self._iscsi_polled >= ISCSI_POLL:
                     self._sync_gateway()
@@ -776,6 +786,19 @@ class Server:
             self.publish()
             if self.gateway is not None:
                 self._sync_gateway()
+
+    def _wait_nbdkit(self, timeout):
+        """nbdkit's exit status, or None once timeout has passed or a
+        signal came.  A signal caught after the look at nbdkit is still
+        seen: its handler has written to the wakeup pipe."""
+        status = self.proc.poll()
+        if status is None:
+            select.select([self._wakeup], [], [], timeout)
+            with contextlib.suppress(BlockingIOError):
+                while os.read(self._wakeup, 512):
+                    pass
+            status = self.proc.poll()
+        return status
 
     def _kill(self):
         if self.proc is None or self.proc.poll() is not None:

@@ -243,17 +243,12 @@ class CloneGroup(Mirroring, Restore):
             clone.export.read = backend.readinto
             if clone.state == RESTORING:
                 self._set_read_path()
-            # No other engine can start meanwhile: a running clone's
-            # siblings are refused (GroupBusy), and so is its own start.
-            resume = clone.state in RUNNING and clone.error is None and \
-                not (self.engine is not None and self.engine.running)
-            if resume:
+            if clone.state in RUNNING and clone.error is None:
                 clone.paused = False
-            resume = resume and run
         old.close()
-        if resume:
-            self._launch(clone, clone.rate, True)
-        return resume
+        # No other engine can have started meanwhile: a running clone's
+        # siblings are refused (GroupBusy), and so is its own start.
+        return run and self.resume() is clone
 
     def add_clone(self, name, backend, file=None):
         if len(self.clones) >= MAX_CLONES:

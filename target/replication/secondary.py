@@ -1175,18 +1175,21 @@ class SecondaryGroup:
                             "released", self.name, ", ".join(lost))
                 self.protected = False
                 self.image_point = None
+        # One step for whoever holds the lock (a status, a hello's reply):
+        # never inconsistent while still diverged on its own line.
         with self.lock:
             self.consistent = False
             self.reason = "a DCM replay from the primary is running"
-        self.diverged = None
-        self.history = theirs
-        # The primary's line from here on: of it this node holds nothing
-        # past the primary's last update (its own numbers went on another
-        # line, or past what the primary has: the replay overwrites those
-        # updates), so it never looks ahead of the primary on the
-        # primary's own line (records.history_diverges).
-        self.applied_seq = min(self.applied_seq, their_last)
-        self.last_seq = min(self.last_seq, their_last)
+            self.diverged = None
+            self.history = theirs
+            # The primary's line from here on: of it this node holds
+            # nothing past the primary's last update (its own numbers
+            # went on another line, or past what the primary has: the
+            # replay overwrites those updates), so it never looks ahead
+            # of the primary on the primary's own line
+            # (records.history_diverges).
+            self.applied_seq = min(self.applied_seq, their_last)
+            self.last_seq = min(self.last_seq, their_last)
         self._clear_stage()
         self.persist()
         if lost:

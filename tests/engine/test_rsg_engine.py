@@ -34,7 +34,6 @@ tests/support/tiers.py) and RSG_MODEL_STEPS (default 15) size the state
 machine.
 """
 
-import collections
 import contextlib
 import errno
 import json
@@ -2006,6 +2005,44 @@ def test_diverged_resync_copies_the_union_of_both_sides_changes(
     resynced(c.ta, c.link, c.tb)
     assert images(c.tb) == want, first_diff(images(c.tb), want)
     assert c.link.sent_bytes - sent0 == len(set(A_ONLY) | set(B_ONLY)) * GRAN
+
+
+def test_a_replays_start_is_one_step_for_whoever_holds_the_lock(
+        cluster_factory):
+    """A secondary whose changes are discarded becomes inconsistent, not
+    diverged, on the primary's line, in one step under its apply lock:
+    a reader holding the lock (a status, a hello's reply, a model's
+    check of the image kept) never sees it inconsistent while still
+    diverged on its own line."""
+    c, _ = split_brain_pair(cluster_factory, A_ONLY, B_ONLY)
+    c.ta.rsg_attach("g", c.addr)
+    wait_for(lambda: c.link.state == R.DIVERGED, 10, "split brain",
+             c.status)
+    sg = c.sg
+    assert sg.consistent and sg.diverged is not None
+    seen = []
+    depth = threading.local()
+    acquire, release = sg.lock.acquire, sg.lock.release
+
+    def counted_acquire():
+        got = acquire()
+        depth.n = getattr(depth, "n", 0) + 1
+        return got
+
+    def watched_release():
+        depth.n -= 1
+        if depth.n == 0:    # what the next holder sees
+            seen.append((sg.consistent, sg.diverged is not None,
+                         sg.history[-1][0]))
+        release()
+    sg.lock.acquire, sg.lock.release = counted_acquire, watched_release
+    theirs = c.g.history[-1][0]
+    c.ta.rsg_attach("g", c.addr, discard_secondary_changes=True)
+    resynced(c.ta, c.link, c.tb)
+    inconsistent = [s for s in seen if not s[0]]
+    assert inconsistent, seen
+    assert all(not diverged and line == theirs
+               for _, diverged, line in inconsistent), inconsistent
 
 
 def test_promotion_without_writes_is_no_split_brain_and_resyncs_exactly(

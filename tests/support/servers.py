@@ -9,6 +9,7 @@ with no LUs), `served_lu` (a 64M LU "disk" on its own server),
 `shared_server` and `fresh_lu` (one server per module, a new LU per test).
 """
 
+import json
 import os
 import signal
 import subprocess
@@ -36,6 +37,18 @@ def serve_log_has(state_dir, text, timeout=30.0):
             return False
         time.sleep(0.05)
     return True
+
+
+def _read_json(path):
+    """The object in path, or None while it is not there.  run/serve.json
+    is what `clonectl status` shows as "server"; the manager writes it
+    (atomically) once nbdkit answers on the control and NBD sockets, so
+    a test reads it rather than paying a CLI call at every start."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
 
 
 class Server:
@@ -79,11 +92,10 @@ class Server:
             if self.proc.poll() is not None:
                 pytest.fail("clonectl serve exited with {} before serving:\n{}"
                             .format(self.proc.returncode, self.log()))
-            if serve_json.exists():
-                info = status_json(self.state_dir)["server"]
-                if info is not None and info.get("pid") == self.proc.pid:
-                    self._set_info(info)
-                    return self
+            info = _read_json(serve_json)
+            if info is not None and info.get("pid") == self.proc.pid:
+                self._set_info(info)
+                return self
             if time.monotonic() > deadline:
                 pytest.fail("clonectl serve did not serve within {} s:\n{}"
                             .format(timeout, self.log()))

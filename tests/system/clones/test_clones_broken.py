@@ -150,7 +150,8 @@ def test_a_sync_goes_on_once_its_source_is_accepted(clone_env, tmp_path):
     env.cli("lu", "create", "src", "--file", tmp_path / "src-link")
     env.cli("clone", "add", "src", "c1")
     env.start_server()
-    env.cli("clone", "sync", "c1", "--rate", "1M")
+    # Slow enough to be still running after the restart and the accept.
+    env.cli("clone", "sync", "c1", "--rate", "2M")
     env.server.stop()
     (tmp_path / "restored.img").write_bytes(data)
     os.replace(tmp_path / "restored.img", backing)

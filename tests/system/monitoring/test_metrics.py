@@ -1,6 +1,7 @@
 """`clonectl serve --metrics`: Prometheus text from one status snapshot."""
 
 import json
+import subprocess
 import urllib.error
 import urllib.request
 
@@ -127,4 +128,20 @@ def test_metrics_address_defaults_to_loopback_and_bad_ones_are_refused(
     clonectl("lu", "create", "a", "--size", "1M")
     proc = clonectl("serve", "--metrics", "host:notaport", check=False)
     assert proc.returncode == 1 and "--metrics" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_a_start_failing_after_the_metrics_port_is_bound_exits(clonectl,
+                                                               tmp_path):
+    """--metrics binds its port before nbdkit starts (a port in use fails
+    the start at once); a start that fails after that, here on an NBD
+    socket in a missing directory, exits with its error rather than
+    waiting for the metrics server that never ran."""
+    clonectl("lu", "create", "a", "--size", "1M")
+    try:
+        proc = clonectl("serve", "--socket", tmp_path / "missing" / "nbd.sock",
+                        "--metrics", free_port(), check=False, timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail("clonectl serve did not exit after its start failed")
+    assert proc.returncode == 1 and "nbd.sock" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
