@@ -75,27 +75,24 @@ class CloneOrchestration:
         """Take what the path of clone clone names now as its storage
         (`clonectl clone accept-storage`), and serve the clone again if
         it was refused at its loading (broken)."""
-        served = None
         try:
             group, c = self.find(clone)
         except errors.UnknownClone:
-            pass        # its Source is not served
-        else:
-            if c.broken is None:
-                served = getattr(c.backend, "fd", None)
+            group = c = None        # its Source is not served
+        served = getattr(c.backend, "fd", None) \
+            if c is not None and c.broken is None else None
         source, _, record = inventory.accept_storage(
             self.target.state_dir, clone, clone=True, served=served)
         out = {"name": clone, "source": source, "file": record["file"],
                "storage": record.get("storage"), "error": None}
-        group = self.target.groups.get(source)
-        if group is not None and clone in group.clones:
-            group.clones[clone].storage = out["storage"]
-        if group is None or clone not in group.clones:
+        if c is None:
             lu = self.target.lus.get(source)
             out["error"] = "its Source {} is not served{}".format(
                 source, ": " + lu.error if lu is not None and lu.error
                 else "")
-        elif group.clones[clone].broken is not None:
+            return out
+        c.storage = out["storage"]
+        if c.broken is not None:
             try:
                 backend, _ = open_backing(
                     self.target.state_dir, record, "clone {}".format(clone),
@@ -104,8 +101,7 @@ class CloneOrchestration:
                 out["error"] = str(e)
             else:
                 if group.repair(clone, backend, run=self.target.started):
-                    log.info("clone %s: its %s goes on", clone,
-                             group.clones[clone].state)
+                    log.info("clone %s: its %s goes on", clone, c.state)
         return out
 
     def find(self, name):

@@ -173,14 +173,14 @@ def within(identity):
     while identity:
         # The outermost layer is told by how the string ends (each layer
         # wraps the one inside it as of_fd builds them).
-        if identity.startswith("file:") and _FILE.search(identity):
-            identity = identity[len("file:"):_FILE.search(identity).start()]
+        if identity.startswith("file:") and (m := _FILE.search(identity)):
+            identity = identity[len("file:"):m.start()]
             if identity.startswith("fsid="):
                 break
-        elif _PARTITION.search(identity):
-            identity = identity[:_PARTITION.search(identity).start()]
-        elif identity.startswith("loop:") and _OFFSET.search(identity):
-            identity = identity[len("loop:"):_OFFSET.search(identity).start()]
+        elif m := _PARTITION.search(identity):
+            identity = identity[:m.start()]
+        elif identity.startswith("loop:") and (m := _OFFSET.search(identity)):
+            identity = identity[len("loop:"):m.start()]
         else:
             break
         out.append(identity)
@@ -193,4 +193,3 @@ def overlap(a, b):
     if a is None or b is None:
         return False
     return a == b or a in within(b) or b in within(a)
-

@@ -9,7 +9,6 @@ with no LUs), `served_lu` (a 64M LU "disk" on its own server),
 `shared_server` and `fresh_lu` (one server per module, a new LU per test).
 """
 
-import json
 import os
 import signal
 import subprocess
@@ -18,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from target.inventory import StateDir
+from target.server import read_serve_info
 from tests.support.cli import CLONECTL, MiB, run_clonectl, status_json
 from tests.support.processes import (STOP_TIMEOUT, ProcessGuard,
                                      die_with_parent, terminate_pid,
@@ -37,18 +38,6 @@ def serve_log_has(state_dir, text, timeout=30.0):
             return False
         time.sleep(0.05)
     return True
-
-
-def _read_json(path):
-    """The object in path, or None while it is not there.  run/serve.json
-    is what `clonectl status` shows as "server"; the manager writes it
-    (atomically) once nbdkit answers on the control and NBD sockets, so
-    a test reads it rather than paying a CLI call at every start."""
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        return None
 
 
 class Server:
@@ -86,13 +75,16 @@ class Server:
                           start_new_session=True, env=env,
                           preexec_fn=die_with_parent)
         self.guard.add(self.proc.pid)
-        serve_json = self.state_dir / "run" / "serve.json"
+        # What `clonectl status` shows as "server", read as it does: the
+        # manager writes it once nbdkit answers on both sockets (a CLI
+        # call per start would cost 0.3 s).
+        state = StateDir(self.state_dir)
         deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:
                 pytest.fail("clonectl serve exited with {} before serving:\n{}"
                             .format(self.proc.returncode, self.log()))
-            info = _read_json(serve_json)
+            info = read_serve_info(state)
             if info is not None and info.get("pid") == self.proc.pid:
                 self._set_info(info)
                 return self
