@@ -16,8 +16,10 @@ from . import (control, errors, fsutil, inventory, operations, progress,
 DEFAULT_STATE_DIR = "/var/lib/clonectl"
 
 
-# Exit statuses (documented in `clonectl status --help`).
-# 1 is every error (handle_errors), 2 click's usage errors.
+# Exit statuses (documented in `clonectl --help` and `clonectl status
+# --help`).
+# 1 is every error (handle_errors), 2 click's usage errors, 5 a change
+# whose outcome is unknown (errors.OutcomeUnknown.exit_status).
 EXIT_OK, EXIT_NOT_RUNNING, EXIT_DEGRADED = 0, 3, 4
 
 
@@ -45,13 +47,13 @@ def _fail(message, code=1, error=None):
 def handle_errors(func):
     """Turn our errors, and operating system errors, into a message on
     stderr (with --json: an {"error": ...} object on stdout) and exit
-    status 1."""
+    status 1 (an error's own exit_status if it has one)."""
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         try:
             return func(*args, **kwargs)
         except errors.Error as e:
-            _fail(str(e), error=e)
+            _fail(str(e), code=getattr(e, "exit_status", 1), error=e)
         except OSError as e:
             ctx = click.get_current_context().find_object(Context)
             err = os_error(e, ctx.state_dir.path if ctx else None)
@@ -175,7 +177,10 @@ def main(ctx, state_dir):
     Every LU is exported under its own name by one server; `nbdinfo --list`
     shows them. Errors are printed on stderr and exit with status 1 (2 for
     usage errors); `clonectl status` also exits 3 when no server runs and 4
-    when something is degraded. Status commands, and every command that
+    when something is degraded. A command whose change reached the server
+    just before it went away (restarted, killed) exits with status 5: it
+    may have been carried out, and it is not sent again; look with
+    `clonectl status` before repeating it. Status commands, and every command that
     changes something, accept --json (sizes in bytes, times ISO 8601 UTC);
     a command that changes something then prints its error as {"error":
     ...} on stdout. Human output uses IEC units
@@ -453,7 +458,11 @@ def lu_resize(ctx, name, size):
 
 def _control_call(ctx, op, patience=15.0, **args):
     """A control request, retried while the target restarts (the manager
-    restarts a dead nbdkit, which then resumes its work)."""
+    restarts a dead nbdkit, which then resumes its work).  A request that
+    changes something is sent again only if it never reached the target:
+    once delivered, the target may have carried it out before it went,
+    and a second one would do it twice or be refused for what the first
+    did (errors.OutcomeUnknown)."""
     deadline = time.monotonic() + patience
     # An operation that waits on destinations itself (args["timeout"] per
     # destination) gets the time to report their failure.
@@ -465,6 +474,14 @@ def _control_call(ctx, op, patience=15.0, **args):
                                            **args)
             return ctx.last_result
         except (OSError, errors.ProtocolError) as e:
+            # Connecting has no time limit: a timeout is a reply's.
+            lost = isinstance(e, (errors.ReplyLost, TimeoutError))
+            if lost and operations.changes(op):
+                raise errors.OutcomeUnknown(
+                    op=op, log=ctx.state_dir.serve_log_file,
+                    reason=e.kwargs["reason"] if isinstance(
+                        e, errors.Error) else "no reply in {:.0f} s".format(
+                            reply_timeout)) from e
             if time.monotonic() > deadline:
                 raise errors.Reported(
                     message="the target of {} does not answer ({}); see {}"

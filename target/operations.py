@@ -104,6 +104,13 @@ OPERATIONS = {op.name: op for op in TABLE}
 PEER_OPERATIONS = {op.peer: op.name for op in TABLE if op.peer}
 
 
+def changes(name):
+    """Whether operation name may change something (an operation not in
+    the table, such as the plugin's own set_access, is taken to)."""
+    op = OPERATIONS.get(name)
+    return op is None or op.changes
+
+
 def needs_server(name):
     """Whether operation name runs an engine (only a server can)."""
     op = OPERATIONS.get(name)
