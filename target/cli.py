@@ -419,14 +419,22 @@ def lu_accept_storage(ctx, name):
               help="The new size: bytes or a number with K, M, G, T, P "
                    "(powers of 1024), a multiple of 512, larger than the "
                    "current size.")
+@click.option("--file-data", type=click.Choice(inventory.FILE_DATA),
+              help="For a --file longer than the LU that holds data where "
+                   "the LU grows: zero those bytes of the file, or keep "
+                   "them (hosts read them as the new part). Without it "
+                   "such a resize is refused.")
 @pass_ctx
 @handle_errors
-def lu_resize(ctx, name, size):
+def lu_resize(ctx, name, size, file_data):
     """Grow the LU NAME to SIZE.
 
     Only growing is supported. A backing file (made by clonectl or given
     with --file) is extended and the new part reads as zeros; a block
-    device must already have the new size (grow it first). Works while a
+    device must already have the new size (grow it first), and its new
+    part shows what the device holds there. A --file longer than the LU
+    that holds data where the LU grows is resized only with --file-data
+    (zero or keep those bytes). Works while a
     server runs: NBD connections opened afterwards see the new size;
     connections already open keep the old size until they reconnect, and
     an iSCSI target of the LU keeps its size until the server restarts.
@@ -445,10 +453,12 @@ def lu_resize(ctx, name, size):
                 if reason:
                     raise errors.LUResizeRefused(name=name, reason=reason)
             old, record = inventory.resize_lu(ctx.state_dir, name, size,
-                                              check_busy=check_busy)
+                                              check_busy=check_busy,
+                                              file_data=file_data)
             old_size = old["size"]
         else:
-            res = _control_call(ctx, "lu_resize", name=name, size=size)
+            res = _control_call(ctx, "lu_resize", name=name, size=size,
+                                file_data=file_data)
             old_size, record = res["old_size"], res["record"]
     click.echo("resized LU {} from {} to {}".format(
         name, units.format_size(old_size), units.format_size(record["size"])))

@@ -31,7 +31,7 @@ import json
 import os
 import stat
 
-from . import errors, filelocks, fsutil, storageid, units
+from . import backends, errors, filelocks, fsutil, storageid, units
 
 FORMAT = "clonectl-state"
 VERSION = 1
@@ -671,14 +671,51 @@ def lu_user(state_dir, name, record):
     return None
 
 
-def resize_lu(state_dir, name, size, check_busy=None):
+FILE_DATA = ("keep", "zero")
+
+
+def _data_within(fd, start, end):
+    """Whether a regular file holds data (not a hole) in [start, end)."""
+    try:
+        return os.lseek(fd, start, os.SEEK_DATA) < end
+    except OSError as e:
+        if e.errno == errno.ENXIO:
+            return False    # nothing but a hole from start on
+        raise
+
+
+def _zero_file(fd, start, end):
+    """Zero [start, end) of a regular file: a hole, or zeroes written
+    where the file system cannot punch one."""
+    try:
+        backends.fallocate(fd, backends.FALLOC_FL_PUNCH_HOLE |
+                           backends.FALLOC_FL_KEEP_SIZE, start, end - start)
+        return
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
+            raise
+    zeroes = memoryview(bytes(1 << 20))
+    while start < end:
+        start += os.pwrite(fd, zeroes[:min(len(zeroes), end - start)], start)
+
+
+def resize_lu(state_dir, name, size, check_busy=None, file_data=None):
     """Grow LU name to size bytes; return (old record, new record).
 
     A file clonectl created is extended (sparse: the new bytes read as
     zeros); a file given with --file is extended too if it is a regular
     file; a block device must already be that large (grow it first).
     Shrinking is refused: it would cut off data hosts wrote.
+
+    A --file longer than the LU may hold data of its own where the LU
+    grows: hosts would read it as the new part.  Refused unless
+    file_data says "zero" (those bytes of the file are zeroed) or "keep"
+    (hosts read them).
     """
+    if file_data not in (None,) + FILE_DATA:
+        raise errors.InvalidArgument(
+            reason="file_data must be one of {}, not {!r}".format(
+                ", ".join(FILE_DATA), file_data))
     size = units.parse_lu_size(size)
     with state_dir.locked():
         doc = state_dir.load()
@@ -700,20 +737,34 @@ def resize_lu(state_dir, name, size, check_busy=None):
         except OSError as e:
             raise errors.BackingUnusable(path=path, reason=e.strerror)
         if stat.S_ISREG(st.st_mode):
-            if st.st_size < size:
+            # The part of the file the LU grows over (a --file longer than
+            # the LU), then what is added to the file.
+            start, end = record["size"], min(size, st.st_size)
+            try:
+                fd = os.open(path, os.O_RDWR)
                 try:
-                    fd = os.open(path, os.O_RDWR)
-                    try:
-                        check_storage(record, storageid.of_fd(fd), owner,
-                                      command)
+                    check_storage(record, storageid.of_fd(fd), owner,
+                                  command)
+                    if start < end and file_data != "keep" and \
+                            _data_within(fd, start, end):
+                        if file_data is None:
+                            raise errors.LUResizeRefused(
+                                name=name, reason="its file {} holds data "
+                                "past the LU's size ({}), which hosts would "
+                                "read as the new part; choose --file-data "
+                                "zero (those bytes of the file are zeroed) "
+                                "or --file-data keep (hosts read them)"
+                                .format(path, units.format_size(start)))
+                        _zero_file(fd, start, end)
+                    if st.st_size < size:
                         os.ftruncate(fd, size)
-                        os.fsync(fd)
-                    finally:
-                        os.close(fd)
-                except OSError as e:
-                    raise errors.BackingUnusable(
-                        path=path, reason="cannot make it {} bytes: {}".format(
-                            size, e.strerror)) from e
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            except OSError as e:
+                raise errors.BackingUnusable(
+                    path=path, reason="cannot make it {} bytes: {}".format(
+                        size, e.strerror)) from e
         else:
             _, found = probe_backing(path, size, record["readonly"],
                                      owner=owner, identify=True)

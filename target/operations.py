@@ -150,6 +150,7 @@ ARGUMENT_TYPES = {
     "secondary": str, "mode": str, "token_file": str, "peer_token_file": str,
     "tls_certificates": str, "peer_tls_certificates": str,
     "volumes": list, "dests": list, "peer_dests": list, "image": str,
+    "file_data": str,
 }
 _JSON_NAMES = {str: "a string", list: "a list", bool: "true or false",
                float: "a number", int: "an integer"}

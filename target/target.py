@@ -255,14 +255,15 @@ class Target:
                 lu.rsg.name)
         return reason
 
-    def lu_resize(self, name, size):
+    def lu_resize(self, name, size, file_data=None):
         """Grow an LU while serving (`clonectl lu resize`).
 
         Connections opened from now on see the new size; nbdkit asks a
         connection's size once, at its handshake, so connections already
         open keep the old one (and nbdkit refuses their requests beyond
         it) until they reconnect.  Refused for LUs with clones, sessions
-        or a replicated group: their maps and copies have the LU's size."""
+        or a replicated group: their maps and copies have the LU's size.
+        file_data: inventory.resize_lu."""
         with self.lock:
             lu = self.lus.get(name)
 
@@ -272,7 +273,8 @@ class Target:
                     raise errors.LUResizeRefused(name=n, reason=reason)
 
             old, new = inventory.resize_lu(self.state_dir, name, size,
-                                           check_busy=check_busy)
+                                           check_busy=check_busy,
+                                           file_data=file_data)
             if lu is not None and lu.backend is not None and \
                     lu.error is None:
                 # Same file, same descriptor: the new bytes are there.

@@ -118,6 +118,42 @@ def test_resize_offline(clonectl, state_dir):
     assert rows[0]["size"] == 2 * MiB
 
 
+@pytest.mark.parametrize("served", [False, True],
+                         ids=["offline", "served"])
+def test_resize_over_data_already_in_the_file_asks_what_hosts_see(
+        clonectl, server_factory, state_dir, tmp_path, nbd_connect, served):
+    """An LU over the first 1 MiB of a 3 MiB --file grows to 2 MiB: its
+    new part would show the file's own bytes, where the help promises
+    zeroes, so the resize says so and changes nothing unless told
+    --file-data zero (the file's bytes there are zeroed) or keep (hosts
+    read them).  A file with a hole there grows as before."""
+    f = tmp_path / "ext.img"
+    f.write_bytes(b"A" * MiB + b"SECRET!!" * (MiB // 8) + b"B" * MiB)
+    clonectl("lu", "create", "ext", "--file", f, "--size", "1M")
+    srv = server_factory() if served else None
+    proc = clonectl("lu", "resize", "ext", "--size", "2M", check=False)
+    assert proc.returncode == 1, proc.stdout
+    assert "holds data past the LU's size" in proc.stderr
+    assert "--file-data" in proc.stderr
+    assert json.loads(clonectl("lu", "list", "--json").stdout)[0][
+        "size"] == MiB
+    clonectl("lu", "resize", "ext", "--size", "2M", "--file-data", "zero")
+    clonectl("lu", "resize", "ext", "--size", "3M", "--file-data", "keep")
+    expected = b"A" * MiB + bytes(MiB) + b"B" * MiB
+    assert f.read_bytes() == expected
+    if served:
+        h = nbd_connect(srv.socket, "ext")
+        assert h.get_size() == 3 * MiB
+        assert h.pread(3 * MiB, 0) == expected
+    # A hole past the LU's size reads as zeroes already: no question.
+    g = tmp_path / "holey.img"
+    g.write_bytes(b"C" * MiB)
+    os.truncate(g, 2 * MiB)
+    clonectl("lu", "create", "holey", "--file", g, "--size", "1M")
+    clonectl("lu", "resize", "holey", "--size", "2M")
+    assert g.read_bytes() == b"C" * MiB + bytes(MiB)
+
+
 def test_resize_and_delete_of_a_replicated_volume_are_refused(clonectl,
                                                               state_dir):
     clonectl("lu", "create", "v", "--size", "1M")
