@@ -28,10 +28,13 @@ import datetime
 import errno
 import fcntl
 import json
+import logging
 import os
 import stat
 
 from . import backends, errors, filelocks, fsutil, storageid, units
+
+log = logging.getLogger("clonectl.inventory")
 
 FORMAT = "clonectl-state"
 VERSION = 1
@@ -315,6 +318,16 @@ def _validate(doc, path):
                 bad("LU {!r} has an invalid {!r}".format(name, key))
         _validate_clones(name, lu, bad)
         _validate_sessions(name, lu, bad)
+    pending = doc.get("pending_files", {})
+    if not isinstance(pending, dict):
+        bad("'pending_files' is not an object")
+    for name, what in pending.items():
+        try:
+            units.check_name(name)
+        except errors.InvalidName:
+            bad("invalid pending file name {!r}".format(name))
+        if not isinstance(what, str):
+            bad("pending file {!r} is invalid".format(name))
     names = [c for lu in lus.values() for c in lu.get("clones", {})]
     taken = set(lus)
     for c in names:
@@ -479,6 +492,68 @@ def records(doc):
             yield name, cname, rec
 
 
+def owned_file_pending(doc, name, what):
+    """Record in doc, to be saved before the file is made or after its
+    record is gone, that the owned backing file of name (LU or clone) is
+    being made or removed (what: the command): a crash between the two
+    leaves a file no record names, which settle_owned_files removes
+    instead of letting it block the name for good."""
+    doc.setdefault("pending_files", {})[name] = what
+
+
+def owned_file_settled(doc, name):
+    """The file of name has its record, or is gone: no longer pending."""
+    pending = doc.get("pending_files", {})
+    pending.pop(name, None)
+    if not pending:
+        doc.pop("pending_files", None)
+
+
+def make_owned_file(state_dir, doc, name, size, what):
+    """(Under the lock, with doc just loaded.)  Make the owned backing
+    file of name (LU or clone), recorded as pending first; return its
+    path.  A file already there is not ours to take (create_sparse's
+    refusal) and is never recorded as pending: a start would remove it."""
+    path = state_dir.owned_backing(name)
+    if os.path.lexists(path):
+        raise errors.BackingUnusable(path=path, reason=_NOT_TAKEN)
+    owned_file_pending(doc, name, what)
+    state_dir.save(doc)
+    try:
+        create_sparse(path, size)
+    except BaseException:
+        owned_file_settled(doc, name)
+        try:
+            state_dir.save(doc)
+        except errors.Error:
+            pass    # no file: the next start drops the entry
+        raise
+    return path
+
+
+def settle_owned_files(state_dir, doc):
+    """(Under the lock, with doc just loaded.)  Remove the owned backing
+    files that a command interrupted by a crash left pending and no record
+    names, then save doc without them; return [(path, what)] removed.
+    Only files recorded as pending are touched: a file in the directory
+    that an older copy of state.json does not know of is left alone."""
+    pending = doc.get("pending_files")
+    if not pending:
+        return []
+    named = {rec["file"] for _, _, rec in records(doc)}
+    removed = [(state_dir.owned_backing(n), what)
+               for n, what in sorted(pending.items())]
+    removed = [(path, what) for path, what in removed
+               if path not in named and os.path.lexists(path)]
+    fsutil.remove_durably([path for path, _ in removed])
+    doc.pop("pending_files")
+    state_dir.save(doc)
+    for path, what in removed:
+        log.warning("removed %s: made or removed by `%s`, which a crash "
+                    "interrupted; no LU or clone names it", path, what)
+    return removed
+
+
 def create_lu(state_dir, name, size=None, file=None, readonly=False):
     """Add an LU to the inventory; return its record.
 
@@ -492,15 +567,16 @@ def create_lu(state_dir, name, size=None, file=None, readonly=False):
         size = units.parse_lu_size(size)
     with state_dir.locked():
         doc = state_dir.load()
+        settle_owned_files(state_dir, doc)
         check_name_free(doc, name)
         if file is None:
             if size is None:
                 raise errors.InvalidArgument(
                     reason="--size is required unless --file names an "
                            "existing file or device")
-            path = state_dir.owned_backing(name)
+            path = make_owned_file(state_dir, doc, name, size,
+                                   "lu create {}".format(name))
             owned, storage = True, None
-            create_sparse(path, size)
         else:
             path = os.path.abspath(file)
             owned = False
@@ -531,6 +607,7 @@ def create_lu(state_dir, name, size=None, file=None, readonly=False):
         if not owned:
             record["storage"] = storage
         doc["lus"][name] = record
+        owned_file_settled(doc, name)
         try:
             state_dir.save(doc)
         except BaseException:
@@ -620,13 +697,15 @@ def check_storage_free(doc, path, storage, exclude=None):
             raise errors.BackingInUse(path=path, name=cname or lu)
 
 
+_NOT_TAKEN = "a file of that name is already in the state directory; it " \
+    "was left untouched"
+
+
 def create_sparse(path, size):
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
-        raise errors.BackingUnusable(
-            path=path, reason="a file of that name is already in the state "
-                              "directory; it was left untouched")
+        raise errors.BackingUnusable(path=path, reason=_NOT_TAKEN)
     try:
         os.ftruncate(fd, size)
         os.fsync(fd)
@@ -791,7 +870,11 @@ def delete_lu(state_dir, name, check_busy=None):
         if check_busy is not None:
             check_busy(name, record)
         del doc["lus"][name]
+        if record["owned"]:
+            owned_file_pending(doc, name, "lu delete {}".format(name))
         state_dir.save(doc)
-    if record["owned"]:
-        fsutil.remove_durably([record["file"]])
+        if record["owned"]:
+            fsutil.remove_durably([record["file"]])
+            owned_file_settled(doc, name)
+            state_dir.save(doc)
     return record

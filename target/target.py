@@ -79,6 +79,9 @@ class Target:
         self.clone_ops = CloneOrchestration(self)
         self.session_ops = SessionOrchestration(self)
         self.rsg_ops = RsgOrchestration(self)
+        with self.state_dir.locked():
+            inventory.settle_owned_files(self.state_dir,
+                                         self.state_dir.load())
         self.reload()
         self.rsg_ops.load()
 
