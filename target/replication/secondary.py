@@ -1229,7 +1229,11 @@ class SecondaryGroup:
 
     def _end_replay(self, seq, theirs):
         self._flush_volumes()
+        self._clear_stage()
+        fields = ("applied_seq", "last_seq", "history", "consistent",
+                  "reason", "image_point")
         with self.lock:
+            before = {f: copy.deepcopy(getattr(self, f)) for f in fields}
             self.applied_seq = seq
             self.last_seq = seq
             self.history = theirs
@@ -1240,8 +1244,17 @@ class SecondaryGroup:
                 # if their release fails and the node becomes inconsistent
                 # again: never offered to roll back to (point_kept).
                 self.image_point["passed"] = True
-        self._clear_stage()
-        self.persist()
+        try:
+            self.persist()
+        except BaseException:
+            # Consistent once recorded, never before: a node that says so
+            # with its record saying otherwise would release its last
+            # consistent image (release_done_images) and answer as
+            # consistent a primary that then sends no replay.
+            with self.lock:
+                for f, value in before.items():
+                    setattr(self, f, value)
+            raise
         log.info("group %s: replay from the primary completed: consistent "
                  "at sequence %d", self.name, seq)
 
