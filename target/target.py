@@ -158,9 +158,10 @@ class Target:
                                      os.path.isabs(file)):
             raise errors.InvalidArgument(
                 reason="file must be an absolute path, not {!r}".format(file))
-        record = inventory.create_lu(self.state_dir, name, size=size,
-                                     file=file, readonly=readonly)
-        self.reload()
+        with self.config_lock:
+            record = inventory.create_lu(self.state_dir, name, size=size,
+                                         file=file, readonly=readonly)
+            self.reload()
         lu = self.lus.get(name)
         return {"record": record,
                 "error": "not loaded" if lu is None else lu.error}
@@ -226,8 +227,14 @@ class Target:
         replicated group uses it; the other LUs are not touched.  The
         iSCSI gateway's mount is let go first (gateway_let_go).
 
-        Lock order: Target.lock before the state-file lock, as everywhere
-        (a group's lock, taken under Target.lock, persists under it)."""
+        Lock order: config_lock (an LU's changes, and its layers', one at
+        a time: lu.one_change_at_a_time), then Target.lock before the
+        state-file lock, as everywhere (a group's lock, taken under
+        Target.lock, persists under it)."""
+        with self.config_lock:
+            return self._lu_delete(name)
+
+    def _lu_delete(self, name):
         def going():
             record = self.state_dir.load()["lus"].get(name)
             if record is None:
@@ -265,8 +272,13 @@ class Target:
         connection's size once, at its handshake, so connections already
         open keep the old one (and nbdkit refuses their requests beyond
         it) until they reconnect.  Refused for LUs with clones, sessions
-        or a replicated group: their maps and copies have the LU's size.
-        file_data: inventory.resize_lu."""
+        or a replicated group: their maps and copies have the LU's size
+        (one being added is waited for: config_lock).  file_data:
+        inventory.resize_lu."""
+        with self.config_lock:
+            return self._lu_resize(name, size, file_data)
+
+    def _lu_resize(self, name, size, file_data):
         with self.lock:
             lu = self.lus.get(name)
 
