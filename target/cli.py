@@ -1735,7 +1735,9 @@ def session_create(ctx, source, name, dests, peer_dests, peer_token_file,
 def session_delete(ctx, name, force):
     """Delete session NAME, its maps and its save area.
 
-    Refused while a transfer runs, and while marked unless --force. The
+    Refused while a transfer runs, and while marked unless --force, which
+    unmarks it first: hosts still connected to its frozen export get an
+    error from then on (ESTALE), never the Source's newer data. The
     destinations are left as they are.
     """
     res = _target_call(ctx, "session_delete", name=name, force=force)

@@ -382,6 +382,11 @@ class SessionOrchestration:
                                        "running")
         self._release(session, [d for d in session.dests
                                 if d.peer and d.protected])
+        if session.marked:
+            # The frozen image ends while its old data is still saved:
+            # a reader of its export gets "gone" from here on, never the
+            # Source's newer data once the layer is detached.
+            session.unmark(force=True)
         source = session.source.name
         # The inventory first: a save that fails leaves the session
         # tracking writes (a restart brings it back, its maps whole).

@@ -541,15 +541,17 @@ class Session:
         bs = self.block
         b0, b1 = _range_of(offset, len(view), bs)
         with self.cond:
-            if not self.marked or (generation is not None and
-                                   generation != self.generation):
+            if not self.marked or self.closed or (
+                    generation is not None and generation != self.generation):
                 raise FrozenImageGone(name=self.name)
             generation = self.generation
             saved = self.save_area.slots.saved_in(b0, b1)
         if len(saved) < b1 - b0:
             self.inner.readinto(view, offset)
         with self.cond:
-            if not self.marked or generation != self.generation:
+            # Closed: its save area is too (a target that stops).
+            if not self.marked or self.closed or \
+                    generation != self.generation:
                 raise FrozenImageGone(name=self.name)
             slot_of = self.save_area.slots.slots_in(b0, b1)
         if not slot_of:
