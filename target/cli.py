@@ -5,6 +5,7 @@ import functools
 import io
 import json
 import os
+import select
 import sys
 import time
 
@@ -55,10 +56,26 @@ def handle_errors(func):
         except errors.Error as e:
             _fail(str(e), code=getattr(e, "exit_status", 1), error=e)
         except OSError as e:
+            if isinstance(e, BrokenPipeError) and _output_gone():
+                # Whoever read stdout went (`| head`): no error message,
+                # the status of a program SIGPIPE ended.
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+                sys.exit(128 + 13)
             ctx = click.get_current_context().find_object(Context)
             err = os_error(e, ctx.state_dir.path if ctx else None)
             _fail(str(err), error=err)
     return wrapper
+
+
+def _output_gone():
+    """Whether stdout's reader has gone (a broken pipe was stdout's, not a
+    socket's): a pipe without reader polls as an error."""
+    try:
+        poll = select.poll()
+        poll.register(sys.stdout.fileno(), 0)
+        return any(ev & select.POLLERR for _, ev in poll.poll(0))
+    except (OSError, ValueError):
+        return False
 
 
 def json_result(func):

@@ -342,3 +342,19 @@ def test_socket_fallback_dir_of_another_user_is_refused(tmp_path):
         assert not (deep / "state" / "run" / "serve.json").exists()
     finally:
         os.rmdir(planted)
+
+
+def test_output_into_a_pipe_closed_early_is_no_error(clonectl, state_dir):
+    """`clonectl lu list | head -1` with more lines than head takes: the
+    reader goes first, and clonectl stops quietly (the exit status of a
+    program SIGPIPE ends), not with "error: Broken pipe"."""
+    for i in range(3):
+        clonectl("lu", "create", "lu{}".format(i), "--size", "1M")
+    proc = subprocess.Popen([CLONECTL, "--state-dir", str(state_dir), "lu",
+                             "list"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    proc.stderr.close()
+    assert proc.wait(30) == 141, err
+    assert err == ""
