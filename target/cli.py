@@ -36,10 +36,14 @@ def _fail(message, code=1, error=None):
     out = _json_out()
     if out is not None:
         error = error or errors.Error(reason=message)
-        out.write(json.dumps({"error": {
-            "message": str(message), "errno": error.errno,
-            "type": error.code}}, indent=2, sort_keys=True) + "\n")
-        out.flush()
+        try:
+            out.write(json.dumps({"error": {
+                "message": str(message), "errno": error.errno,
+                "type": error.code}}, indent=2, sort_keys=True) + "\n")
+            out.flush()
+        except OSError as e:
+            _end_if_output_gone(e, out)
+            raise
         sys.exit(code)
     click.echo("clonectl: error: {}".format(message), err=True)
     sys.exit(code)
@@ -56,38 +60,45 @@ def handle_errors(func):
         except errors.Error as e:
             _fail(str(e), code=getattr(e, "exit_status", 1), error=e)
         except OSError as e:
-            if isinstance(e, BrokenPipeError) and _output_gone():
-                # Whoever read stdout went (`| head`): no error message,
-                # the status of a program SIGPIPE ended.
-                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-                sys.exit(128 + 13)
+            _end_if_output_gone(e)
             ctx = click.get_current_context().find_object(Context)
             err = os_error(e, ctx.state_dir.path if ctx else None)
             _fail(str(err), error=err)
     return wrapper
 
 
-def _output_gone():
-    """Whether stdout's reader has gone (a broken pipe was stdout's, not a
-    socket's): a pipe without reader polls as an error."""
+def _end_if_output_gone(e, out=None):
+    """If e is the reader of stdout (out: the stream written, when stdout
+    is redirected meanwhile) going (`clonectl ... | head`), end with no
+    error message and the status of a program SIGPIPE ended: neither done
+    (0) nor refused (1) is known to that reader."""
+    if not isinstance(e, BrokenPipeError):
+        return
     try:
+        fd = (out or sys.stdout).fileno()
+        # A pipe without reader polls as an error (a broken pipe may be a
+        # socket's).
         poll = select.poll()
-        poll.register(sys.stdout.fileno(), 0)
-        return any(ev & select.POLLERR for _, ev in poll.poll(0))
+        poll.register(fd, 0)
+        gone = any(ev & select.POLLERR for _, ev in poll.poll(0))
     except (OSError, ValueError):
-        return False
+        return
+    if gone:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), fd)
+        sys.exit(128 + 13)
 
 
 def json_result(func):
     """--json for an action command: print the resulting status object
     (the last one the target answered) as JSON instead of the text, and
-    errors as {"error": {"message", "errno", "type"}} on stdout, exit 1.
-    Put it above pass_ctx."""
+    errors as {"error": {"message", "errno", "type"}} on stdout, exit 1
+    (or the error's own exit_status).  Put it above pass_ctx."""
     @click.option("--json", "as_json", is_flag=True,
                   help="Print the resulting status object as JSON on stdout "
                        "instead of text; an error is printed as {\"error\": "
                        "{\"message\", \"errno\", \"type\"}} on stdout, "
-                       "with exit status 1.")
+                       "with exit status 1 (5 when the change's outcome is "
+                       "unknown: see clonectl --help).")
     @functools.wraps(func)
     def wrapper(*args, as_json=False, **kwargs):
         if not as_json:
@@ -99,7 +110,12 @@ def json_result(func):
                 func(*args, **kwargs)
         finally:
             ctx.json_out = None
-        _print_json(ctx.last_result if ctx.last_result is not None else {})
+        try:
+            _print_json(ctx.last_result if ctx.last_result is not None
+                        else {})
+        except OSError as e:
+            _end_if_output_gone(e)
+            raise
     return wrapper
 
 
@@ -195,9 +211,9 @@ def main(ctx, state_dir):
     shows them. Errors are printed on stderr and exit with status 1 (2 for
     usage errors); `clonectl status` also exits 3 when no server runs and 4
     when something is degraded. A command whose change reached the server
-    just before it went away (restarted, killed) exits with status 5: it
-    may have been carried out, and it is not sent again; look with
-    `clonectl status` before repeating it. Status commands, and every command that
+    just before it went away (restarted, killed, stopped) exits with
+    status 5: it may have been carried out or not, and it is not sent
+    again; look with `clonectl status` before repeating it. Status commands, and every command that
     changes something, accept --json (sizes in bytes, times ISO 8601 UTC);
     a command that changes something then prints its error as {"error":
     ...} on stdout. Human output uses IEC units
@@ -474,8 +490,11 @@ def lu_resize(ctx, name, size, file_data):
                                               file_data=file_data)
             old_size = old["size"]
         else:
+            # Only when given: a server still running the version before
+            # refuses an argument it does not know.
+            extra = {"file_data": file_data} if file_data else {}
             res = _control_call(ctx, "lu_resize", name=name, size=size,
-                                file_data=file_data)
+                                **extra)
             old_size, record = res["old_size"], res["record"]
     click.echo("resized LU {} from {} to {}".format(
         name, units.format_size(old_size), units.format_size(record["size"])))
@@ -1753,8 +1772,8 @@ def session_delete(ctx, name, force):
     """Delete session NAME, its maps and its save area.
 
     Refused while a transfer runs, and while marked unless --force, which
-    unmarks it first: hosts still connected to its frozen export get an
-    error from then on (ESTALE), never the Source's newer data. The
+    unmarks it first: the reads of hosts still connected to its frozen
+    export fail from then on, never showing the Source's newer data. The
     destinations are left as they are.
     """
     res = _target_call(ctx, "session_delete", name=name, force=force)

@@ -253,10 +253,10 @@ class OutcomeUnknown(Error):
     (the target went away meanwhile): sending it again could do it twice,
     or report as refused what the first one did."""
 
-    msg = ("the target went away while it handled {op} ({reason}): whether "
-           "it was carried out is unknown, and it was not sent again; look "
-           "with `clonectl status` (the target's log: {log}) before "
-           "repeating it")
+    msg = ("the target went away after {op} reached it and before it "
+           "answered ({reason}): whether it was carried out is unknown, and "
+           "it was not sent again; look with `clonectl status` (the "
+           "target's log: {log}) before repeating it")
     # The CLI's exit status: neither done (0) nor refused with nothing
     # changed (1).
     exit_status = 5

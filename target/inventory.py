@@ -819,25 +819,31 @@ def resize_lu(state_dir, name, size, check_busy=None, file_data=None):
             # The part of the file the LU grows over (a --file longer than
             # the LU), then what is added to the file.
             start, end = record["size"], min(size, st.st_size)
+            # Opened for writing only to write (a read-only LU's file may
+            # not be writable at all).
+            writes = st.st_size < size or (start < end and
+                                           file_data == "zero")
             try:
-                fd = os.open(path, os.O_RDWR)
+                fd = os.open(path, os.O_RDWR if writes else os.O_RDONLY)
                 try:
                     check_storage(record, storageid.of_fd(fd), owner,
                                   command)
-                    if start < end and file_data != "keep" and \
-                            _data_within(fd, start, end):
-                        if file_data is None:
-                            raise errors.LUResizeRefused(
-                                name=name, reason="its file {} holds data "
-                                "past the LU's size ({}), which hosts would "
-                                "read as the new part; choose --file-data "
-                                "zero (those bytes of the file are zeroed) "
-                                "or --file-data keep (hosts read them)"
-                                .format(path, units.format_size(start)))
-                        _zero_file(fd, start, end)
+                    data = start < end and file_data != "keep" and \
+                        _data_within(fd, start, end)
+                    if data and file_data is None:
+                        raise errors.LUResizeRefused(
+                            name=name, reason="its file {} holds data past "
+                            "the LU's size ({}), which hosts would read as "
+                            "the new part; choose --file-data zero (those "
+                            "bytes of the file are zeroed) or --file-data "
+                            "keep (hosts read them)".format(
+                                path, units.format_size(start)))
                     if st.st_size < size:
                         os.ftruncate(fd, size)
-                    os.fsync(fd)
+                    if data:
+                        _zero_file(fd, start, end)
+                    if writes:
+                        os.fsync(fd)
                 finally:
                     os.close(fd)
             except OSError as e:

@@ -1646,9 +1646,9 @@ def test_secondary_records_a_restore_before_it_changes_anything(
     seen = []
     persist = sg.persist
 
-    def watch():
+    def watch(**kwargs):
         seen.append((clone_state(c.tb, "snap"), sg.diverged))
-        persist()
+        persist(**kwargs)
     monkeypatch.setattr(sg, "persist", watch)
     release = hold_engines(monkeypatch)
     c.tb.clone_restore("snap")

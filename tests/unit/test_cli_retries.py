@@ -31,13 +31,21 @@ class FakeTarget:
 
     def _serve(self):
         for behaviour in self.behaviours:
-            conn, _ = self.sock.accept()
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return      # closed: a behaviour no request came for
             with conn, conn.makefile("rb") as f:
                 self.requests.append(json.loads(f.readline())["op"])
                 if behaviour[0] == "reply":
                     conn.sendall(json.dumps(behaviour[1]).encode() + b"\n")
 
     def close(self):
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)   # wakes accept()
+        except OSError:
+            pass
+        self.thread.join(10)
         self.sock.close()
 
 
