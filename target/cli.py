@@ -1371,7 +1371,8 @@ def _degraded(st):
                     if l.get("error") else ""))
     for p in st["problems"] or []:
         what = ", ".join("{} {}".format(k, p[k]) for k in
-                         ("source", "clone", "session", "rsg") if p.get(k))
+                         ("lu", "source", "clone", "session", "rsg")
+                         if p.get(k))
         out.append("recovery problem: {}: {}".format(what, p["message"]))
     return out
 

@@ -305,6 +305,11 @@ class Target:
         New LUs are opened (with their sessions and clone group: the
         recovery of what a crash left), LUs gone from the inventory stop
         being exported and are closed when their last connection ends.
+        An LU whose record changed (file, size, read-only) is opened
+        again only once no host uses it: its hosts would otherwise go on
+        writing through the old one, whose clones and sessions are closed
+        and which nothing counts.  Until then it serves as it was, and the
+        status says why (a recovery problem).
         """
         with self.lock, self.state_dir.listed():
             # Read under the lock: lu_resize changes the record and the
@@ -315,12 +320,26 @@ class Target:
             for name in [n for n in self.lus if n not in doc["lus"]]:
                 self._retire(self.lus.pop(name))
             opened = []
+            # An LU's own problems (the only ones keyed by "lu") are
+            # found again below.
+            self.recovery_problems = [p for p in self.recovery_problems
+                                      if "lu" not in p]
             for name, record in doc["lus"].items():
                 lu = self.lus.get(name)
                 if lu is not None and lu.file == record["file"] \
                         and lu.size == record["size"] \
                         and lu.readonly == record["readonly"] \
                         and lu.error is None:
+                    continue
+                if lu is not None and lu.error is None and \
+                        self.host_users(lu):
+                    why = "its record in state.json changed, and it is " \
+                        "opened again as it says once its {} host " \
+                        "connection(s) are gone (then reload, or " \
+                        "restart)".format(self.host_users(lu))
+                    log.error("LU %s: %s", name, why)
+                    self.recovery_problems.append({"lu": name,
+                                                   "message": why})
                     continue
                 if lu is not None:
                     self._retire(lu)

@@ -59,3 +59,31 @@ def test_a_change_of_the_lu_waits_for_a_clone_being_added(target,
     assert target.lus["a"].size == MiB
     assert target.clone_status("c")["extents_total"] * \
         target.clone_status("c")["granularity"] >= MiB
+
+
+def test_a_reload_does_not_reopen_an_lu_under_its_hosts(target,
+                                                        monkeypatch):
+    """state.json edited by hand (here the LU made read-only) and a
+    reload while a host is connected: reopening the LU would leave the
+    host writing through the old one, whose sessions and clones are
+    closed, uncounted (a delete then went through under it) and untracked
+    (the session's next update sent nothing of it).  The change waits
+    until the host is gone, and says so."""
+    target.lu_create("a", size="1M")
+    conn = target.connect("a", False)
+    lu = target.lus["a"]
+    with target.state_dir.editing() as doc:
+        doc["lus"]["a"]["readonly"] = True
+    target.reload()
+    assert target.lus["a"] is lu and not lu.readonly
+    problems = [p for p in target.status()["recovery_problems"]
+                if p.get("lu") == "a"]
+    assert problems and "1 host connection" in problems[0]["message"], \
+        target.status()["recovery_problems"]
+    with pytest.raises(errors.LUBusy):
+        target.lu_delete("a")
+    target.disconnect(conn)
+    target.reload()
+    assert target.lus["a"] is not lu and target.lus["a"].readonly
+    assert not [p for p in target.status()["recovery_problems"]
+                if p.get("lu") == "a"]
