@@ -1688,13 +1688,27 @@ def _print_session(st):
                                  if d["last_error"] else ""))
 
 
-def _wait_transfer(ctx, name):
-    """Follow a transfer until it ends; exit 1 unless it completed."""
+def _wait_transfer(ctx, name, st):
+    """Follow the transfer of st (the session's status once it began)
+    until it ends; exit 1 unless that transfer completed.  Told apart by
+    its start: a target that went away meanwhile (restarted) has an older
+    transfer as its last."""
+    started = (st.get("transfer") or {}).get("started")
+    if started is None:
+        _fail("session {} has run no transfer since the server started"
+              .format(name))
     st = progress.follow(
         lambda: _control_call(ctx, "session_status", patience=60.0,
                               name=name),
         progress.transfer_job, lambda st: st.get("transferring"))
-    result = (st.get("last_transfer") or {}).get("result", "unknown")
+    last = st.get("last_transfer") or {}
+    if last.get("started") != started:
+        _fail("session {}: the transfer begun {} did not end: the target "
+              "went away meanwhile (see `clonectl status`); what it did not "
+              "send is still to send: `clonectl session transfer {}` sends "
+              "it (a transfer running now: `clonectl wait {}`)".format(
+                  name, units.format_time(started), name, name))
+    result = last.get("result", "unknown")
     if result != "completed":
         _fail("session {}: transfer {}".format(name, result))
     click.echo("session {}: transfer completed, {} sent".format(
@@ -1898,7 +1912,7 @@ def session_transfer(ctx, name, full, unmarked, wait, timeout):
     click.echo("session {}: transfer started, {} extents to send".format(
         name, tr.get("extents_total")))
     if wait:
-        _wait_transfer(ctx, name)
+        _wait_transfer(ctx, name, st)
 
 
 @session.command("update")
@@ -1924,8 +1938,8 @@ def session_update(ctx, name, every, timeout):
     while True:
         started = time.monotonic()
         try:
-            _target_call(ctx, "session_update", name=name, timeout=timeout)
-            _wait_transfer(ctx, name)
+            _wait_transfer(ctx, name, _target_call(
+                ctx, "session_update", name=name, timeout=timeout))
         except (errors.Error, SystemExit) as e:
             if interval is None:
                 raise
@@ -2562,7 +2576,4 @@ def wait_job(ctx, name):
         if e.code != "UnknownSession":
             raise
         _fail("no clone or session named {!r}".format(name))
-    if not st.get("transfer") and not st.get("last_transfer"):
-        _fail("session {} has run no transfer since the server started"
-              .format(name))
-    _wait_transfer(ctx, name)
+    _wait_transfer(ctx, name, st)

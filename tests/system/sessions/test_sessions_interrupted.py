@@ -282,6 +282,40 @@ def test_target_killed_mid_transfer_then_resume(session_env, dests,
     assert_same(dfile, env.img("src"), "after one more update")
 
 
+def test_a_wait_that_outlives_its_target_does_not_report_an_older_transfer(
+        session_env, dests, tmp_path):
+    """A session that completed a transfer before: a second one, followed
+    with --wait, is cut short by a kill -9 of the target.  The waiting
+    CLI must report this transfer as not completed, not the completed one
+    before it that the restarted target still has as its last (the
+    destination is inconsistent, its extents still to send)."""
+    env = session_env.setup(size=16 * MiB)
+    dfile = _dest_file(tmp_path, 16 * MiB)
+    dest = dests.nbdkit(dfile, filters=["rate"], params=_rate_params(tmp_path))
+    env.create("s1", dest.uri)
+    env.update()
+    _set_rate(tmp_path / "rate", SLOW)
+    waiter = _start_transfer(env, "--full")
+    try:
+        env.wait_transfer(pred=lambda st: (st["transfer"] or {}).get(
+            "bytes_sent", 0) > 0)
+        env.kill_nbdkit()
+        out, err = waiter.communicate(timeout=120)
+    finally:
+        if waiter.poll() is None:
+            waiter.kill()
+            waiter.wait()
+    assert waiter.returncode == 1, (out, err)
+    assert "did not end" in err, err
+    st = env.sstatus()
+    assert st["marked"] and st["destinations"][0]["consistency"] == \
+        "inconsistent", st
+    # clonectl wait, asked after the restart, knows of no transfer since.
+    proc = env.cli("wait", "s1", check=False)
+    assert proc.returncode == 1, (proc.stdout, proc.stderr)
+    assert "since the server started" in proc.stderr, proc.stderr
+
+
 def test_frozen_export_survives_target_kill(session_env, dests, tmp_path):
     size = 32 * MiB
     env = session_env.setup(size=size)
