@@ -282,16 +282,19 @@ def lu_create(ctx, name, size, file, read_only):
                                                                 name)))
 
 
-def _lu_rows(ctx):
+def _lu_rows(ctx, info=None, st=None):
+    """(rows, info, problems) of the inventory's LUs; info and st: the
+    server's record and status if read already."""
     doc = ctx.state_dir.load()
-    info = server.read_serve_info(ctx.state_dir)
+    if info is None:
+        info = server.read_serve_info(ctx.state_dir)
+        if info:
+            st = control.try_call(ctx.state_dir.control_socket, "status")
     live = {}
     problems = None     # unknown without a server
-    if info:
-        st = control.try_call(ctx.state_dir.control_socket, "status")
-        if st:
-            live = {lu["name"]: lu for lu in st["lus"]}
-            problems = st.get("recovery_problems", [])
+    if info and st:
+        live = {lu["name"]: lu for lu in st["lus"]}
+        problems = st.get("recovery_problems", [])
     rows = []
     for name, record in sorted(doc["lus"].items()):
         entry = {"name": name, "size": record["size"], "file": record["file"],
@@ -1404,8 +1407,8 @@ def status(ctx, as_json):
       3  no server runs (the LUs of the inventory are still listed)
       4  degraded: an LU or a clone that is broken, a clone out-of-sync
          with an error, a failed replication link, a group that did not
-         load, or recovery problems; the reasons are printed last
-         ("degraded" in --json)
+         load, recovery problems, or a server whose target does not
+         answer; the reasons are printed last ("degraded" in --json)
 
     \b
     Examples:
@@ -1413,16 +1416,17 @@ def status(ctx, as_json):
       clonectl status --json | jq '.clones[] | {name, state}'
       clonectl status >/dev/null; echo $?    # for a monitoring check
     """
-    rows, info, problems = _lu_rows(ctx)
-    live = control.try_call(ctx.state_dir.control_socket, "status") \
+    info = server.read_serve_info(ctx.state_dir)
+    answer = control.try_call(ctx.state_dir.control_socket, "status") \
         if info else None
-    live = live or {}
+    rows, info, problems = _lu_rows(ctx, info, answer)
+    live = answer or {}
     iscsi_targets = None
     if info and info.get("iscsi"):
         from . import iscsi
         iscsi_targets = iscsi.show_status(info["iscsi"]["control_port"])
     rsgs = []
-    if info:
+    if info and answer is not None:
         rsgs = control.try_call(ctx.state_dir.control_socket, "rsg_list") \
             or []
     st = {"state_dir": ctx.state_dir.path, "server": info, "lus": rows,
@@ -1430,6 +1434,13 @@ def status(ctx, as_json):
           "sessions": live.get("sessions", []), "rsgs": rsgs,
           "iscsi": iscsi_targets, "problems": problems}
     st["degraded"] = _degraded(st)
+    if info and answer is None:
+        # Nothing of the LUs, clones, sessions or groups is known.
+        st["degraded"].insert(0, "the server (pid {}) runs but its target "
+                              "does not answer on {} (nbdkit starting "
+                              "again, or hung; see {})".format(
+                                  info["pid"], ctx.state_dir.control_socket,
+                                  ctx.state_dir.serve_log_file))
     code = EXIT_NOT_RUNNING if info is None else \
         EXIT_DEGRADED if st["degraded"] else EXIT_OK
     if as_json:
