@@ -1341,7 +1341,8 @@ def stop(ctx):
     """Stop the server of the state directory (SIGTERM, then wait).
 
     Engines stop where they are (they resume at the next start) and the
-    maps are committed first. Succeeds (exit status 0, "no server runs")
+    maps are committed first. A server still starting is waited for (up
+    to 10 s), then stopped. Succeeds (exit status 0, "no server runs")
     when no server runs: the server is stopped either way.
     """
     try:

@@ -185,6 +185,30 @@ def test_commands_during_server_start_up_go_through_the_server(
                        timeout=60, capture_output=True)
 
 
+def test_a_stop_during_start_up_stops_the_server(
+        inventory, state_dir, tmp_path, process_guard):
+    """`clonectl stop` while a server starts (it holds the lock and has not
+    published serve.json yet) waits for it, then stops it: it said "no
+    server runs" and the server went on to serve."""
+    bindir, mark = _slow_nbdkit(tmp_path)
+    env = {"PATH": "{}:{}".format(bindir, os.environ["PATH"])}
+    srv = _spawn(state_dir, "serve", "--socket", tmp_path / "s.sock",
+                 env=env)
+    process_guard.add(srv.pid)
+    deadline = time.monotonic() + 30
+    while not mark.exists():
+        assert srv.poll() is None, _finish(srv)
+        assert time.monotonic() < deadline, "nbdkit was not spawned"
+        time.sleep(0.02)
+    assert not (state_dir / "run" / "serve.json").exists()
+    rc, out, err = _finish(_spawn(state_dir, "stop"))
+    assert rc == 0 and "stopped server pid {}".format(srv.pid) in out, \
+        (out, err)
+    rc, _, err = _finish(srv)
+    assert rc == 0, err
+    assert status_json(state_dir)["server"] is None
+
+
 def test_stale_serve_info_is_gone_while_a_new_server_starts(
         inventory, state_dir, tmp_path, process_guard):
     """serve.json left by a killed server names a pid that may belong to
