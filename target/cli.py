@@ -1365,6 +1365,9 @@ def _degraded(st):
         elif c.get("error") and c["state"] == "out-of-sync":
             out.append("clone {} is out-of-sync: {}".format(c["name"],
                                                            c["error"]))
+    for s in st["sessions"]:
+        if s.get("failure"):
+            out.append("session {}: {}".format(s["name"], s["failure"]))
     for r in st["rsgs"]:
         if r.get("loaded") is False:
             out.append("group {}: {}".format(r["name"], r.get("error")))
@@ -1407,8 +1410,9 @@ def status(ctx, as_json):
       2  usage error
       3  no server runs (the LUs of the inventory are still listed)
       4  degraded: an LU or a clone that is broken, a clone out-of-sync
-         with an error, a failed replication link, a group that did not
-         load, recovery problems, or a server whose target does not
+         with an error, a session whose last transfer failed (or that
+         gave up its mark), a failed replication link, a group that did
+         not load, recovery problems, or a server whose target does not
          answer; the reasons are printed last ("degraded" in --json)
 
     \b

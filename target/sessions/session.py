@@ -765,6 +765,20 @@ class Session:
             engine.join()
         self.tracking.commit()
 
+    def _failure(self, running):
+        """Why this session's destinations are not what it was asked for,
+        until something makes them so: its error (a mark it gave up), or
+        its last transfer's failure while none runs.  What `clonectl
+        status` calls degraded and the metrics count as a session's
+        error."""
+        last = self.last_transfer or {}
+        result = last.get("result") or "completed"
+        if self.error:
+            return self.error
+        if not running and result != "completed":
+            return "its last transfer {}".format(result)
+        return None
+
     def status(self):
         with self.cond:
             engine = self.engine
@@ -790,6 +804,7 @@ class Session:
                 "transferring": running,
                 "error": self.error,
                 "last_transfer": self.last_transfer,
+                "failure": self._failure(running),
                 "problems": list(self.problems),
                 "destinations": [],
             }
