@@ -302,9 +302,7 @@ def _validate(doc, path):
     if not isinstance(lus, dict):
         bad("'lus' is not an object")
     for name, lu in lus.items():
-        try:
-            units.check_name(name)
-        except errors.InvalidName:
+        if not _valid_name(name):
             bad("invalid LU name {!r}".format(name))
         if not isinstance(lu, dict):
             bad("LU {!r} is not an object".format(name))
@@ -322,9 +320,7 @@ def _validate(doc, path):
     if not isinstance(pending, dict):
         bad("'pending_files' is not an object")
     for name, what in pending.items():
-        try:
-            units.check_name(name)
-        except errors.InvalidName:
+        if not _valid_name(name):
             bad("invalid pending file name {!r}".format(name))
         if not isinstance(what, str):
             bad("pending file {!r} is invalid".format(name))
@@ -336,6 +332,14 @@ def _validate(doc, path):
         taken.add(c)
 
 
+def _valid_name(name):
+    try:
+        units.check_name(name)
+        return True
+    except errors.InvalidName:
+        return False
+
+
 def _validate_clones(name, lu, bad):
     clones = lu.get("clones", {})
     if not isinstance(clones, dict):
@@ -345,9 +349,7 @@ def _validate_clones(name, lu, bad):
         if not isinstance(g, int) or g <= 0 or g & (g - 1):
             bad("LU {!r} has an invalid granularity {!r}".format(name, g))
     for cname, rec in clones.items():
-        try:
-            units.check_name(cname)
-        except errors.InvalidName:
+        if not _valid_name(cname):
             bad("invalid clone name {!r}".format(cname))
         if not isinstance(rec, dict) or not isinstance(rec.get("file"), str) \
                 or not isinstance(rec.get("owned"), bool) \
