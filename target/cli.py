@@ -213,7 +213,8 @@ def main(ctx, state_dir):
     when something is degraded. A command whose change reached the server
     just before it went away (restarted, killed, stopped) exits with
     status 5: it may have been carried out or not, and it is not sent
-    again; look with `clonectl status` before repeating it. Status commands, and every command that
+    again; look with `clonectl status` before repeating it. Status
+    commands, and every command that
     changes something, accept --json (sizes in bytes, times ISO 8601 UTC);
     a command that changes something then prints its error as {"error":
     ...} on stdout. Human output uses IEC units
