@@ -5,6 +5,7 @@ import functools
 import io
 import json
 import os
+import select
 import sys
 import time
 
@@ -16,8 +17,10 @@ from . import (control, errors, fsutil, inventory, operations, progress,
 DEFAULT_STATE_DIR = "/var/lib/clonectl"
 
 
-# Exit statuses (documented in `clonectl status --help`).
-# 1 is every error (handle_errors), 2 click's usage errors.
+# Exit statuses (documented in `clonectl --help` and `clonectl status
+# --help`).
+# 1 is every error (handle_errors), 2 click's usage errors, 5 a change
+# whose outcome is unknown (errors.OutcomeUnknown.exit_status).
 EXIT_OK, EXIT_NOT_RUNNING, EXIT_DEGRADED = 0, 3, 4
 
 
@@ -33,10 +36,14 @@ def _fail(message, code=1, error=None):
     out = _json_out()
     if out is not None:
         error = error or errors.Error(reason=message)
-        out.write(json.dumps({"error": {
-            "message": str(message), "errno": error.errno,
-            "type": error.code}}, indent=2, sort_keys=True) + "\n")
-        out.flush()
+        try:
+            out.write(json.dumps({"error": {
+                "message": str(message), "errno": error.errno,
+                "type": error.code}}, indent=2, sort_keys=True) + "\n")
+            out.flush()
+        except OSError as e:
+            _end_if_output_gone(e, out)
+            raise
         sys.exit(code)
     click.echo("clonectl: error: {}".format(message), err=True)
     sys.exit(code)
@@ -45,30 +52,53 @@ def _fail(message, code=1, error=None):
 def handle_errors(func):
     """Turn our errors, and operating system errors, into a message on
     stderr (with --json: an {"error": ...} object on stdout) and exit
-    status 1."""
+    status 1 (an error's own exit_status if it has one)."""
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         try:
             return func(*args, **kwargs)
         except errors.Error as e:
-            _fail(str(e), error=e)
+            _fail(str(e), code=getattr(e, "exit_status", 1), error=e)
         except OSError as e:
+            _end_if_output_gone(e)
             ctx = click.get_current_context().find_object(Context)
             err = os_error(e, ctx.state_dir.path if ctx else None)
             _fail(str(err), error=err)
     return wrapper
 
 
+def _end_if_output_gone(e, out=None):
+    """If e is the reader of stdout (out: the stream written, when stdout
+    is redirected meanwhile) going (`clonectl ... | head`), end with no
+    error message and the status of a program SIGPIPE ended: neither done
+    (0) nor refused (1) is known to that reader."""
+    if not isinstance(e, BrokenPipeError):
+        return
+    try:
+        fd = (out or sys.stdout).fileno()
+        # A pipe without reader polls as an error (a broken pipe may be a
+        # socket's).
+        poll = select.poll()
+        poll.register(fd, 0)
+        gone = any(ev & select.POLLERR for _, ev in poll.poll(0))
+    except (OSError, ValueError):
+        return
+    if gone:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), fd)
+        sys.exit(128 + 13)
+
+
 def json_result(func):
     """--json for an action command: print the resulting status object
     (the last one the target answered) as JSON instead of the text, and
-    errors as {"error": {"message", "errno", "type"}} on stdout, exit 1.
-    Put it above pass_ctx."""
+    errors as {"error": {"message", "errno", "type"}} on stdout, exit 1
+    (or the error's own exit_status).  Put it above pass_ctx."""
     @click.option("--json", "as_json", is_flag=True,
                   help="Print the resulting status object as JSON on stdout "
                        "instead of text; an error is printed as {\"error\": "
                        "{\"message\", \"errno\", \"type\"}} on stdout, "
-                       "with exit status 1.")
+                       "with exit status 1 (5 when the change's outcome is "
+                       "unknown: see clonectl --help).")
     @functools.wraps(func)
     def wrapper(*args, as_json=False, **kwargs):
         if not as_json:
@@ -80,7 +110,12 @@ def json_result(func):
                 func(*args, **kwargs)
         finally:
             ctx.json_out = None
-        _print_json(ctx.last_result if ctx.last_result is not None else {})
+        try:
+            _print_json(ctx.last_result if ctx.last_result is not None
+                        else {})
+        except OSError as e:
+            _end_if_output_gone(e)
+            raise
     return wrapper
 
 
@@ -175,7 +210,11 @@ def main(ctx, state_dir):
     Every LU is exported under its own name by one server; `nbdinfo --list`
     shows them. Errors are printed on stderr and exit with status 1 (2 for
     usage errors); `clonectl status` also exits 3 when no server runs and 4
-    when something is degraded. Status commands, and every command that
+    when something is degraded. A command whose change reached the server
+    just before it went away (restarted, killed, stopped) exits with
+    status 5: it may have been carried out or not, and it is not sent
+    again; look with `clonectl status` before repeating it. Status
+    commands, and every command that
     changes something, accept --json (sizes in bytes, times ISO 8601 UTC);
     a command that changes something then prints its error as {"error":
     ...} on stdout. Human output uses IEC units
@@ -244,16 +283,19 @@ def lu_create(ctx, name, size, file, read_only):
                                                                 name)))
 
 
-def _lu_rows(ctx):
+def _lu_rows(ctx, info=None, st=None):
+    """(rows, info, problems) of the inventory's LUs; info and st: the
+    server's record and status if read already."""
     doc = ctx.state_dir.load()
-    info = server.read_serve_info(ctx.state_dir)
+    if info is None:
+        info = server.read_serve_info(ctx.state_dir)
+        if info:
+            st = control.try_call(ctx.state_dir.control_socket, "status")
     live = {}
     problems = None     # unknown without a server
-    if info:
-        st = control.try_call(ctx.state_dir.control_socket, "status")
-        if st:
-            live = {lu["name"]: lu for lu in st["lus"]}
-            problems = st.get("recovery_problems", [])
+    if info and st:
+        live = {lu["name"]: lu for lu in st["lus"]}
+        problems = st.get("recovery_problems", [])
     rows = []
     for name, record in sorted(doc["lus"].items()):
         entry = {"name": name, "size": record["size"], "file": record["file"],
@@ -414,14 +456,22 @@ def lu_accept_storage(ctx, name):
               help="The new size: bytes or a number with K, M, G, T, P "
                    "(powers of 1024), a multiple of 512, larger than the "
                    "current size.")
+@click.option("--file-data", type=click.Choice(inventory.FILE_DATA),
+              help="For a --file longer than the LU that holds data where "
+                   "the LU grows: zero those bytes of the file, or keep "
+                   "them (hosts read them as the new part). Without it "
+                   "such a resize is refused.")
 @pass_ctx
 @handle_errors
-def lu_resize(ctx, name, size):
+def lu_resize(ctx, name, size, file_data):
     """Grow the LU NAME to SIZE.
 
     Only growing is supported. A backing file (made by clonectl or given
     with --file) is extended and the new part reads as zeros; a block
-    device must already have the new size (grow it first). Works while a
+    device must already have the new size (grow it first), and its new
+    part shows what the device holds there. A --file longer than the LU
+    that holds data where the LU grows is resized only with --file-data
+    (zero or keep those bytes). Works while a
     server runs: NBD connections opened afterwards see the new size;
     connections already open keep the old size until they reconnect, and
     an iSCSI target of the LU keeps its size until the server restarts.
@@ -440,10 +490,15 @@ def lu_resize(ctx, name, size):
                 if reason:
                     raise errors.LUResizeRefused(name=name, reason=reason)
             old, record = inventory.resize_lu(ctx.state_dir, name, size,
-                                              check_busy=check_busy)
+                                              check_busy=check_busy,
+                                              file_data=file_data)
             old_size = old["size"]
         else:
-            res = _control_call(ctx, "lu_resize", name=name, size=size)
+            # Only when given: a server still running the version before
+            # refuses an argument it does not know.
+            extra = {"file_data": file_data} if file_data else {}
+            res = _control_call(ctx, "lu_resize", name=name, size=size,
+                                **extra)
             old_size, record = res["old_size"], res["record"]
     click.echo("resized LU {} from {} to {}".format(
         name, units.format_size(old_size), units.format_size(record["size"])))
@@ -453,7 +508,11 @@ def lu_resize(ctx, name, size):
 
 def _control_call(ctx, op, patience=15.0, **args):
     """A control request, retried while the target restarts (the manager
-    restarts a dead nbdkit, which then resumes its work)."""
+    restarts a dead nbdkit, which then resumes its work).  A request that
+    changes something is sent again only if it never reached the target:
+    once delivered, the target may have carried it out before it went,
+    and a second one would do it twice or be refused for what the first
+    did (errors.OutcomeUnknown)."""
     deadline = time.monotonic() + patience
     # An operation that waits on destinations itself (args["timeout"] per
     # destination) gets the time to report their failure.
@@ -465,6 +524,14 @@ def _control_call(ctx, op, patience=15.0, **args):
                                            **args)
             return ctx.last_result
         except (OSError, errors.ProtocolError) as e:
+            # Connecting has no time limit: a timeout is a reply's.
+            lost = isinstance(e, (errors.ReplyLost, TimeoutError))
+            if lost and operations.changes(op):
+                raise errors.OutcomeUnknown(
+                    op=op, log=ctx.state_dir.serve_log_file,
+                    reason=e.kwargs["reason"] if isinstance(
+                        e, errors.Error) else "no reply in {:.0f} s".format(
+                            reply_timeout)) from e
             if time.monotonic() > deadline:
                 raise errors.Reported(
                     message="the target of {} does not answer ({}); see {}"
@@ -1275,7 +1342,8 @@ def stop(ctx):
     """Stop the server of the state directory (SIGTERM, then wait).
 
     Engines stop where they are (they resume at the next start) and the
-    maps are committed first. Succeeds (exit status 0, "no server runs")
+    maps are committed first. A server still starting is waited for (up
+    to 10 s), then stopped. Succeeds (exit status 0, "no server runs")
     when no server runs: the server is stopped either way.
     """
     try:
@@ -1298,6 +1366,9 @@ def _degraded(st):
         elif c.get("error") and c["state"] == "out-of-sync":
             out.append("clone {} is out-of-sync: {}".format(c["name"],
                                                            c["error"]))
+    for s in st["sessions"]:
+        if s.get("failure"):
+            out.append("session {}: {}".format(s["name"], s["failure"]))
     for r in st["rsgs"]:
         if r.get("loaded") is False:
             out.append("group {}: {}".format(r["name"], r.get("error")))
@@ -1308,7 +1379,8 @@ def _degraded(st):
                     if l.get("error") else ""))
     for p in st["problems"] or []:
         what = ", ".join("{} {}".format(k, p[k]) for k in
-                         ("source", "clone", "session", "rsg") if p.get(k))
+                         ("lu", "source", "clone", "session", "rsg")
+                         if p.get(k))
         out.append("recovery problem: {}: {}".format(what, p["message"]))
     return out
 
@@ -1339,9 +1411,10 @@ def status(ctx, as_json):
       2  usage error
       3  no server runs (the LUs of the inventory are still listed)
       4  degraded: an LU or a clone that is broken, a clone out-of-sync
-         with an error, a failed replication link, a group that did not
-         load, or recovery problems; the reasons are printed last
-         ("degraded" in --json)
+         with an error, a session whose last transfer failed (or that
+         gave up its mark), a failed replication link, a group that did
+         not load, recovery problems, or a server whose target does not
+         answer; the reasons are printed last ("degraded" in --json)
 
     \b
     Examples:
@@ -1349,16 +1422,17 @@ def status(ctx, as_json):
       clonectl status --json | jq '.clones[] | {name, state}'
       clonectl status >/dev/null; echo $?    # for a monitoring check
     """
-    rows, info, problems = _lu_rows(ctx)
-    live = control.try_call(ctx.state_dir.control_socket, "status") \
+    info = server.read_serve_info(ctx.state_dir)
+    answer = control.try_call(ctx.state_dir.control_socket, "status") \
         if info else None
-    live = live or {}
+    rows, info, problems = _lu_rows(ctx, info, answer)
+    live = answer or {}
     iscsi_targets = None
     if info and info.get("iscsi"):
         from . import iscsi
         iscsi_targets = iscsi.show_status(info["iscsi"]["control_port"])
     rsgs = []
-    if info:
+    if info and answer is not None:
         rsgs = control.try_call(ctx.state_dir.control_socket, "rsg_list") \
             or []
     st = {"state_dir": ctx.state_dir.path, "server": info, "lus": rows,
@@ -1366,6 +1440,13 @@ def status(ctx, as_json):
           "sessions": live.get("sessions", []), "rsgs": rsgs,
           "iscsi": iscsi_targets, "problems": problems}
     st["degraded"] = _degraded(st)
+    if info and answer is None:
+        # Nothing of the LUs, clones, sessions or groups is known.
+        st["degraded"].insert(0, "the server (pid {}) runs but its target "
+                              "does not answer on {} (nbdkit starting "
+                              "again, or hung; see {})".format(
+                                  info["pid"], ctx.state_dir.control_socket,
+                                  ctx.state_dir.serve_log_file))
     code = EXIT_NOT_RUNNING if info is None else \
         EXIT_DEGRADED if st["degraded"] else EXIT_OK
     if as_json:
@@ -1624,13 +1705,27 @@ def _print_session(st):
                                  if d["last_error"] else ""))
 
 
-def _wait_transfer(ctx, name):
-    """Follow a transfer until it ends; exit 1 unless it completed."""
+def _wait_transfer(ctx, name, st):
+    """Follow the transfer of st (the session's status once it began)
+    until it ends; exit 1 unless that transfer completed.  Told apart by
+    its start: a target that went away meanwhile (restarted) has an older
+    transfer as its last."""
+    started = (st.get("transfer") or {}).get("started")
+    if started is None:
+        _fail("session {} has run no transfer since the server started"
+              .format(name))
     st = progress.follow(
         lambda: _control_call(ctx, "session_status", patience=60.0,
                               name=name),
         progress.transfer_job, lambda st: st.get("transferring"))
-    result = (st.get("last_transfer") or {}).get("result", "unknown")
+    last = st.get("last_transfer") or {}
+    if last.get("started") != started:
+        _fail("session {}: the transfer begun {} did not end: the target "
+              "went away meanwhile (see `clonectl status`); what it did not "
+              "send is still to send: `clonectl session transfer {}` sends "
+              "it (a transfer running now: `clonectl wait {}`)".format(
+                  name, units.format_time(started), name, name))
+    result = last.get("result", "unknown")
     if result != "completed":
         _fail("session {}: transfer {}".format(name, result))
     click.echo("session {}: transfer completed, {} sent".format(
@@ -1708,7 +1803,9 @@ def session_create(ctx, source, name, dests, peer_dests, peer_token_file,
 def session_delete(ctx, name, force):
     """Delete session NAME, its maps and its save area.
 
-    Refused while a transfer runs, and while marked unless --force. The
+    Refused while a transfer runs, and while marked unless --force, which
+    unmarks it first: the reads of hosts still connected to its frozen
+    export fail from then on, never showing the Source's newer data. The
     destinations are left as they are.
     """
     res = _target_call(ctx, "session_delete", name=name, force=force)
@@ -1832,7 +1929,7 @@ def session_transfer(ctx, name, full, unmarked, wait, timeout):
     click.echo("session {}: transfer started, {} extents to send".format(
         name, tr.get("extents_total")))
     if wait:
-        _wait_transfer(ctx, name)
+        _wait_transfer(ctx, name, st)
 
 
 @session.command("update")
@@ -1858,8 +1955,8 @@ def session_update(ctx, name, every, timeout):
     while True:
         started = time.monotonic()
         try:
-            _target_call(ctx, "session_update", name=name, timeout=timeout)
-            _wait_transfer(ctx, name)
+            _wait_transfer(ctx, name, _target_call(
+                ctx, "session_update", name=name, timeout=timeout))
         except (errors.Error, SystemExit) as e:
             if interval is None:
                 raise
@@ -2496,7 +2593,4 @@ def wait_job(ctx, name):
         if e.code != "UnknownSession":
             raise
         _fail("no clone or session named {!r}".format(name))
-    if not st.get("transfer") and not st.get("last_transfer"):
-        _fail("session {} has run no transfer since the server started"
-              .format(name))
-    _wait_transfer(ctx, name)
+    _wait_transfer(ctx, name, st)

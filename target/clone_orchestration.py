@@ -123,6 +123,7 @@ class CloneOrchestration:
             granularity = clones.check_granularity(units.parse_size(granularity))
         with self.target.state_dir.locked():
             doc = self.target.state_dir.load()
+            inventory.settle_owned_files(self.target.state_dir, doc)
             record = doc["lus"].get(source)
             lu = self.target.lus.get(source)
             if record is None or lu is None:
@@ -143,10 +144,12 @@ class CloneOrchestration:
                     reason="source {!r} already has {} clones, the maximum"
                     .format(source, clones.MAX_CLONES))
             if file is None:
-                path = self.target.state_dir.owned_backing(clone)
+                inventory.check_backing_free(
+                    doc, self.target.state_dir.owned_backing(clone))
+                path = inventory.make_owned_file(
+                    self.target.state_dir, doc, clone, lu.size,
+                    "clone add {}".format(clone))
                 owned = True
-                inventory.check_backing_free(doc, path)
-                inventory.create_sparse(path, lu.size)
             else:
                 path = os.path.abspath(file)
                 owned = False
@@ -189,6 +192,7 @@ class CloneOrchestration:
                     rec["storage"] = storage
                 record.setdefault("clones", {})[clone] = rec
                 record["granularity"] = granularity
+                inventory.owned_file_settled(doc, clone)
         except BaseException:
             group.remove_clone(clone)
             backend.close()
@@ -211,6 +215,9 @@ class CloneOrchestration:
                 if not record["clones"]:
                     del record["clones"]
                     record.pop("granularity", None)
+                if rec["owned"]:
+                    inventory.owned_file_pending(
+                        doc, clone, "clone remove {}".format(clone))
 
         withdrawn = self._gateway_let_go(c)
         try:
@@ -225,6 +232,8 @@ class CloneOrchestration:
             del self.target.groups[source]
         if rec["owned"]:
             fsutil.remove_durably([rec["file"]])
+            with self.target.state_dir.editing() as doc:
+                inventory.owned_file_settled(doc, clone)
         return {"name": clone, "file": rec["file"], "owned": rec["owned"]}
 
     def _gateway_let_go(self, c):

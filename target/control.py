@@ -206,13 +206,23 @@ def call(path, op, reply_timeout=30.0, **args):
         # timeout fails with EAGAIN at once when the backlog is full.
         s.connect(path)
         s.settimeout(reply_timeout)
+        sent = False
         try:
             s.sendall(json.dumps({"op": op, "args": args}).encode() + b"\n")
+            sent = True
         except BrokenPipeError:
             pass    # refused at once (TooManyConnections): read why
-        with s.makefile("rb") as f:
-            line = f.readline()
+        try:
+            with s.makefile("rb") as f:
+                line = f.readline()
+        except ConnectionResetError as e:
+            if sent:
+                raise errors.ReplyLost(op=op, reason=str(e)) from e
+            raise
     if not line:
+        if sent:
+            raise errors.ReplyLost(
+                op=op, reason="the target closed the connection")
         raise errors.ProtocolError(reason="the target closed the connection")
     reply = json.loads(line)
     if reply.get("ok"):

@@ -241,6 +241,27 @@ class ProtocolError(Error):
     errno = _errno.EPROTO
 
 
+class ReplyLost(ProtocolError):
+    """The whole request was sent and no reply came: the target may have
+    carried it out."""
+
+    msg = "no reply to {op}: {reason}"
+
+
+class OutcomeUnknown(Error):
+    """A request that changes something was delivered and its reply lost
+    (the target went away meanwhile): sending it again could do it twice,
+    or report as refused what the first one did."""
+
+    msg = ("the target went away after {op} reached it and before it "
+           "answered ({reason}): whether it was carried out is unknown, and "
+           "it was not sent again; look with `clonectl status` (the "
+           "target's log: {log}) before repeating it")
+    # The CLI's exit status: neither done (0) nor refused with nothing
+    # changed (1).
+    exit_status = 5
+
+
 class TLSCertificatesUnusable(Error):
     msg = ("TLS certificate directory {path!r} cannot be used: {reason} (it "
            "must hold ca-cert.pem, server-cert.pem and server-key.pem, the "

@@ -110,7 +110,8 @@ def objects(status):
             out[("link", "{}->{}".format(r["name"], link["secondary"]))] = \
                 _flat(link, LINK_FIELDS)
     for i, p in enumerate(status.get("recovery_problems", [])):
-        who = "/".join(str(p[k]) for k in ("source", "clone", "session", "rsg")
+        who = "/".join(str(p[k]) for k in ("lu", "source", "clone",
+                                           "session", "rsg")
                        if p.get(k)) or str(i)
         out[("problem", who)] = {"message": p.get("message")}
     return out

@@ -28,10 +28,13 @@ import datetime
 import errno
 import fcntl
 import json
+import logging
 import os
 import stat
 
-from . import errors, filelocks, fsutil, storageid, units
+from . import backends, errors, filelocks, fsutil, storageid, units
+
+log = logging.getLogger("clonectl.inventory")
 
 FORMAT = "clonectl-state"
 VERSION = 1
@@ -299,9 +302,7 @@ def _validate(doc, path):
     if not isinstance(lus, dict):
         bad("'lus' is not an object")
     for name, lu in lus.items():
-        try:
-            units.check_name(name)
-        except errors.InvalidName:
+        if not _valid_name(name):
             bad("invalid LU name {!r}".format(name))
         if not isinstance(lu, dict):
             bad("LU {!r} is not an object".format(name))
@@ -315,12 +316,28 @@ def _validate(doc, path):
                 bad("LU {!r} has an invalid {!r}".format(name, key))
         _validate_clones(name, lu, bad)
         _validate_sessions(name, lu, bad)
+    pending = doc.get("pending_files", {})
+    if not isinstance(pending, dict):
+        bad("'pending_files' is not an object")
+    for name, what in pending.items():
+        if not _valid_name(name):
+            bad("invalid pending file name {!r}".format(name))
+        if not isinstance(what, str):
+            bad("pending file {!r} is invalid".format(name))
     names = [c for lu in lus.values() for c in lu.get("clones", {})]
     taken = set(lus)
     for c in names:
         if c in taken:
             bad("clone name {!r} is used twice".format(c))
         taken.add(c)
+
+
+def _valid_name(name):
+    try:
+        units.check_name(name)
+        return True
+    except errors.InvalidName:
+        return False
 
 
 def _validate_clones(name, lu, bad):
@@ -332,9 +349,7 @@ def _validate_clones(name, lu, bad):
         if not isinstance(g, int) or g <= 0 or g & (g - 1):
             bad("LU {!r} has an invalid granularity {!r}".format(name, g))
     for cname, rec in clones.items():
-        try:
-            units.check_name(cname)
-        except errors.InvalidName:
+        if not _valid_name(cname):
             bad("invalid clone name {!r}".format(cname))
         if not isinstance(rec, dict) or not isinstance(rec.get("file"), str) \
                 or not isinstance(rec.get("owned"), bool) \
@@ -479,6 +494,68 @@ def records(doc):
             yield name, cname, rec
 
 
+def owned_file_pending(doc, name, what):
+    """Record in doc, to be saved before the file is made or after its
+    record is gone, that the owned backing file of name (LU or clone) is
+    being made or removed (what: the command): a crash between the two
+    leaves a file no record names, which settle_owned_files removes
+    instead of letting it block the name for good."""
+    doc.setdefault("pending_files", {})[name] = what
+
+
+def owned_file_settled(doc, name):
+    """The file of name has its record, or is gone: no longer pending."""
+    pending = doc.get("pending_files", {})
+    pending.pop(name, None)
+    if not pending:
+        doc.pop("pending_files", None)
+
+
+def make_owned_file(state_dir, doc, name, size, what):
+    """(Under the lock, with doc just loaded.)  Make the owned backing
+    file of name (LU or clone), recorded as pending first; return its
+    path.  A file already there is not ours to take (create_sparse's
+    refusal) and is never recorded as pending: a start would remove it."""
+    path = state_dir.owned_backing(name)
+    if os.path.lexists(path):
+        raise errors.BackingUnusable(path=path, reason=_NOT_TAKEN)
+    owned_file_pending(doc, name, what)
+    state_dir.save(doc)
+    try:
+        create_sparse(path, size)
+    except BaseException:
+        owned_file_settled(doc, name)
+        try:
+            state_dir.save(doc)
+        except errors.Error:
+            pass    # no file: the next start drops the entry
+        raise
+    return path
+
+
+def settle_owned_files(state_dir, doc):
+    """(Under the lock, with doc just loaded.)  Remove the owned backing
+    files that a command interrupted by a crash left pending and no record
+    names, then save doc without them; return [(path, what)] removed.
+    Only files recorded as pending are touched: a file in the directory
+    that an older copy of state.json does not know of is left alone."""
+    pending = doc.get("pending_files")
+    if not pending:
+        return []
+    named = {rec["file"] for _, _, rec in records(doc)}
+    removed = [(state_dir.owned_backing(n), what)
+               for n, what in sorted(pending.items())]
+    removed = [(path, what) for path, what in removed
+               if path not in named and os.path.lexists(path)]
+    fsutil.remove_durably([path for path, _ in removed])
+    doc.pop("pending_files")
+    state_dir.save(doc)
+    for path, what in removed:
+        log.warning("removed %s: made or removed by `%s`, which a crash "
+                    "interrupted; no LU or clone names it", path, what)
+    return removed
+
+
 def create_lu(state_dir, name, size=None, file=None, readonly=False):
     """Add an LU to the inventory; return its record.
 
@@ -492,15 +569,16 @@ def create_lu(state_dir, name, size=None, file=None, readonly=False):
         size = units.parse_lu_size(size)
     with state_dir.locked():
         doc = state_dir.load()
+        settle_owned_files(state_dir, doc)
         check_name_free(doc, name)
         if file is None:
             if size is None:
                 raise errors.InvalidArgument(
                     reason="--size is required unless --file names an "
                            "existing file or device")
-            path = state_dir.owned_backing(name)
+            path = make_owned_file(state_dir, doc, name, size,
+                                   "lu create {}".format(name))
             owned, storage = True, None
-            create_sparse(path, size)
         else:
             path = os.path.abspath(file)
             owned = False
@@ -531,6 +609,7 @@ def create_lu(state_dir, name, size=None, file=None, readonly=False):
         if not owned:
             record["storage"] = storage
         doc["lus"][name] = record
+        owned_file_settled(doc, name)
         try:
             state_dir.save(doc)
         except BaseException:
@@ -620,13 +699,15 @@ def check_storage_free(doc, path, storage, exclude=None):
             raise errors.BackingInUse(path=path, name=cname or lu)
 
 
+_NOT_TAKEN = "a file of that name is already in the state directory; it " \
+    "was left untouched"
+
+
 def create_sparse(path, size):
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
-        raise errors.BackingUnusable(
-            path=path, reason="a file of that name is already in the state "
-                              "directory; it was left untouched")
+        raise errors.BackingUnusable(path=path, reason=_NOT_TAKEN)
     try:
         os.ftruncate(fd, size)
         os.fsync(fd)
@@ -671,14 +752,51 @@ def lu_user(state_dir, name, record):
     return None
 
 
-def resize_lu(state_dir, name, size, check_busy=None):
+FILE_DATA = ("keep", "zero")
+
+
+def _data_within(fd, start, end):
+    """Whether a regular file holds data (not a hole) in [start, end)."""
+    try:
+        return os.lseek(fd, start, os.SEEK_DATA) < end
+    except OSError as e:
+        if e.errno == errno.ENXIO:
+            return False    # nothing but a hole from start on
+        raise
+
+
+def _zero_file(fd, start, end):
+    """Zero [start, end) of a regular file: a hole, or zeroes written
+    where the file system cannot punch one."""
+    try:
+        backends.fallocate(fd, backends.FALLOC_FL_PUNCH_HOLE |
+                           backends.FALLOC_FL_KEEP_SIZE, start, end - start)
+        return
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
+            raise
+    zeroes = memoryview(bytes(1 << 20))
+    while start < end:
+        start += os.pwrite(fd, zeroes[:min(len(zeroes), end - start)], start)
+
+
+def resize_lu(state_dir, name, size, check_busy=None, file_data=None):
     """Grow LU name to size bytes; return (old record, new record).
 
     A file clonectl created is extended (sparse: the new bytes read as
     zeros); a file given with --file is extended too if it is a regular
     file; a block device must already be that large (grow it first).
     Shrinking is refused: it would cut off data hosts wrote.
+
+    A --file longer than the LU may hold data of its own where the LU
+    grows: hosts would read it as the new part.  Refused unless
+    file_data says "zero" (those bytes of the file are zeroed) or "keep"
+    (hosts read them).
     """
+    if file_data not in (None,) + FILE_DATA:
+        raise errors.InvalidArgument(
+            reason="file_data must be one of {}, not {!r}".format(
+                ", ".join(FILE_DATA), file_data))
     size = units.parse_lu_size(size)
     with state_dir.locked():
         doc = state_dir.load()
@@ -700,20 +818,40 @@ def resize_lu(state_dir, name, size, check_busy=None):
         except OSError as e:
             raise errors.BackingUnusable(path=path, reason=e.strerror)
         if stat.S_ISREG(st.st_mode):
-            if st.st_size < size:
+            # The part of the file the LU grows over (a --file longer than
+            # the LU), then what is added to the file.
+            start, end = record["size"], min(size, st.st_size)
+            # Opened for writing only to write (a read-only LU's file may
+            # not be writable at all).
+            writes = st.st_size < size or (start < end and
+                                           file_data == "zero")
+            try:
+                fd = os.open(path, os.O_RDWR if writes else os.O_RDONLY)
                 try:
-                    fd = os.open(path, os.O_RDWR)
-                    try:
-                        check_storage(record, storageid.of_fd(fd), owner,
-                                      command)
+                    check_storage(record, storageid.of_fd(fd), owner,
+                                  command)
+                    data = start < end and file_data != "keep" and \
+                        _data_within(fd, start, end)
+                    if data and file_data is None:
+                        raise errors.LUResizeRefused(
+                            name=name, reason="its file {} holds data past "
+                            "the LU's size ({}), which hosts would read as "
+                            "the new part; choose --file-data zero (those "
+                            "bytes of the file are zeroed) or --file-data "
+                            "keep (hosts read them)".format(
+                                path, units.format_size(start)))
+                    if st.st_size < size:
                         os.ftruncate(fd, size)
+                    if data:
+                        _zero_file(fd, start, end)
+                    if writes:
                         os.fsync(fd)
-                    finally:
-                        os.close(fd)
-                except OSError as e:
-                    raise errors.BackingUnusable(
-                        path=path, reason="cannot make it {} bytes: {}".format(
-                            size, e.strerror)) from e
+                finally:
+                    os.close(fd)
+            except OSError as e:
+                raise errors.BackingUnusable(
+                    path=path, reason="cannot make it {} bytes: {}".format(
+                        size, e.strerror)) from e
         else:
             _, found = probe_backing(path, size, record["readonly"],
                                      owner=owner, identify=True)
@@ -740,7 +878,11 @@ def delete_lu(state_dir, name, check_busy=None):
         if check_busy is not None:
             check_busy(name, record)
         del doc["lus"][name]
+        if record["owned"]:
+            owned_file_pending(doc, name, "lu delete {}".format(name))
         state_dir.save(doc)
-    if record["owned"]:
-        fsutil.remove_durably([record["file"]])
+        if record["owned"]:
+            fsutil.remove_durably([record["file"]])
+            owned_file_settled(doc, name)
+            state_dir.save(doc)
     return record

@@ -192,9 +192,10 @@ def metric_families(st):
         g("clonectl_session_save_area_used_bytes", "Old data saved by copy "
           "on first write", ["session", "source"]).add_metric(
               key, s["save_area"]["used_bytes"])
-        g("clonectl_session_error", "1 if the session reports an error",
-          ["session", "source"]).add_metric(key, 1 if s.get("error") else 0)
-        errs["session"] += bool(s.get("error"))
+        g("clonectl_session_error", "1 while the session's last transfer "
+          "failed or it gave up its mark (its failure in the status)",
+          ["session", "source"]).add_metric(key, 1 if s.get("failure") else 0)
+        errs["session"] += bool(s.get("failure"))
         tr = s.get("transfer")
         if tr:
             g("clonectl_transfer_running", "1 while a transfer runs",

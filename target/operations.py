@@ -60,7 +60,7 @@ TABLE = [
     _op("clone_accept_storage", "clone_ops.clone_accept_storage"),
     _op("clone_list", "clone_ops.clone_list", changes=False),
     _op("clone_status", "clone_ops.clone_status", changes=False),
-    _op("clone_map", "clone_ops.clone_map"),
+    _op("clone_map", "clone_ops.clone_map", changes=False),
     _op("clone_picture", "clone_ops.clone_picture", changes=False),
     _op("clone_sync", "clone_ops.clone_sync", needs_server=True),
     _op("clone_reverse_sync", "clone_ops.clone_reverse_sync",
@@ -72,7 +72,7 @@ TABLE = [
     _op("session_delete", "session_ops.session_delete", user_session=True),
     _op("session_list", "session_ops.session_list", changes=False),
     _op("session_status", "session_ops.session_status", changes=False),
-    _op("session_map", "session_ops.session_map"),
+    _op("session_map", "session_ops.session_map", changes=False),
     _op("session_mark", "session_ops.session_mark", user_session=True),
     _op("session_unmark", "session_ops.session_unmark", user_session=True),
     _op("session_transfer", "session_ops.session_transfer",
@@ -102,6 +102,13 @@ OPERATIONS = {op.name: op for op in TABLE}
 
 # A peer manager's name of an operation -> the operation.
 PEER_OPERATIONS = {op.peer: op.name for op in TABLE if op.peer}
+
+
+def changes(name):
+    """Whether operation name may change something (an operation not in
+    the table, such as the plugin's own set_access, is taken to)."""
+    op = OPERATIONS.get(name)
+    return op is None or op.changes
 
 
 def needs_server(name):
@@ -143,6 +150,7 @@ ARGUMENT_TYPES = {
     "secondary": str, "mode": str, "token_file": str, "peer_token_file": str,
     "tls_certificates": str, "peer_tls_certificates": str,
     "volumes": list, "dests": list, "peer_dests": list, "image": str,
+    "file_data": str,
 }
 _JSON_NAMES = {str: "a string", list: "a list", bool: "true or false",
                float: "a number", int: "an integer"}

@@ -929,10 +929,13 @@ def _become_daemon(server, ready_w):
         os._exit(status)
 
 
-def stop(state_dir, timeout=STOP_TIMEOUT):
-    """SIGTERM the server of state_dir and wait until it is gone."""
-    info = read_serve_info(state_dir)
-    if info is None:
+def stop(state_dir, timeout=STOP_TIMEOUT, patience=LOCK_PATIENCE):
+    """SIGTERM the server of state_dir and wait until it is gone.  A server
+    still starting (the lock held, serve.json not written yet) is waited
+    for as commands wait (_take_serve_lock), then stopped."""
+    fd, info = _take_serve_lock(state_dir, patience)
+    if fd is not None:
+        os.close(fd)
         raise errors.ServerNotRunning(state_dir=state_dir.path)
     pid = info["pid"]
     try:

@@ -382,6 +382,11 @@ class SessionOrchestration:
                                        "running")
         self._release(session, [d for d in session.dests
                                 if d.peer and d.protected])
+        if session.marked:
+            # The frozen image ends while its old data is still saved:
+            # a reader of its export gets "gone" from here on, never the
+            # Source's newer data once the layer is detached.
+            session.unmark(force=True)
         source = session.source.name
         # The inventory first: a save that fails leaves the session
         # tracking writes (a restart brings it back, its maps whole).
@@ -443,7 +448,10 @@ class SessionOrchestration:
         session.mark(check=lambda: self._check_source_stable(session),
                      **kwargs)
 
+    @one_change_at_a_time
     def session_mark(self, name, export=False):
+        # One at a time with a delete: a mark between a forced delete's
+        # unmark and its detaching would freeze an image nothing saves.
         session = self.find(name)
         with self.target.rsg_ops.point_in_time(session.source):
             self._mark(session, export=bool(export))
@@ -501,7 +509,12 @@ class SessionOrchestration:
         try:
             self._check_peer_images(session)
             if not session.marked and not unmarked:
-                with self.target.rsg_ops.point_in_time(session.source):
+                with self.target.config_lock, \
+                        self.target.rsg_ops.point_in_time(session.source):
+                    # Not deleted while the destinations were connected
+                    # (as session_mark).
+                    if self.find(session.name) is not session:
+                        raise sessions.UnknownSession(name=session.name)
                     self._mark(session, full=full)
             protected = self._protect_peers(session)
             session.start_transfer(clients, full=full, unmarked=unmarked,

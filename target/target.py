@@ -79,6 +79,9 @@ class Target:
         self.clone_ops = CloneOrchestration(self)
         self.session_ops = SessionOrchestration(self)
         self.rsg_ops = RsgOrchestration(self)
+        with self.state_dir.locked():
+            inventory.settle_owned_files(self.state_dir,
+                                         self.state_dir.load())
         self.reload()
         self.rsg_ops.load()
 
@@ -155,9 +158,10 @@ class Target:
                                      os.path.isabs(file)):
             raise errors.InvalidArgument(
                 reason="file must be an absolute path, not {!r}".format(file))
-        record = inventory.create_lu(self.state_dir, name, size=size,
-                                     file=file, readonly=readonly)
-        self.reload()
+        with self.config_lock:
+            record = inventory.create_lu(self.state_dir, name, size=size,
+                                         file=file, readonly=readonly)
+            self.reload()
         lu = self.lus.get(name)
         return {"record": record,
                 "error": "not loaded" if lu is None else lu.error}
@@ -223,8 +227,14 @@ class Target:
         replicated group uses it; the other LUs are not touched.  The
         iSCSI gateway's mount is let go first (gateway_let_go).
 
-        Lock order: Target.lock before the state-file lock, as everywhere
-        (a group's lock, taken under Target.lock, persists under it)."""
+        Lock order: config_lock (an LU's changes, and its layers', one at
+        a time: lu.one_change_at_a_time), then Target.lock before the
+        state-file lock, as everywhere (a group's lock, taken under
+        Target.lock, persists under it)."""
+        with self.config_lock:
+            return self._lu_delete(name)
+
+    def _lu_delete(self, name):
         def going():
             record = self.state_dir.load()["lus"].get(name)
             if record is None:
@@ -255,14 +265,20 @@ class Target:
                 lu.rsg.name)
         return reason
 
-    def lu_resize(self, name, size):
+    def lu_resize(self, name, size, file_data=None):
         """Grow an LU while serving (`clonectl lu resize`).
 
         Connections opened from now on see the new size; nbdkit asks a
         connection's size once, at its handshake, so connections already
         open keep the old one (and nbdkit refuses their requests beyond
         it) until they reconnect.  Refused for LUs with clones, sessions
-        or a replicated group: their maps and copies have the LU's size."""
+        or a replicated group: their maps and copies have the LU's size
+        (one being added is waited for: config_lock).  file_data:
+        inventory.resize_lu."""
+        with self.config_lock:
+            return self._lu_resize(name, size, file_data)
+
+    def _lu_resize(self, name, size, file_data):
         with self.lock:
             lu = self.lus.get(name)
 
@@ -272,7 +288,8 @@ class Target:
                     raise errors.LUResizeRefused(name=n, reason=reason)
 
             old, new = inventory.resize_lu(self.state_dir, name, size,
-                                           check_busy=check_busy)
+                                           check_busy=check_busy,
+                                           file_data=file_data)
             if lu is not None and lu.backend is not None and \
                     lu.error is None:
                 # Same file, same descriptor: the new bytes are there.
@@ -288,6 +305,11 @@ class Target:
         New LUs are opened (with their sessions and clone group: the
         recovery of what a crash left), LUs gone from the inventory stop
         being exported and are closed when their last connection ends.
+        An LU whose record changed (file, size, read-only) is opened
+        again only once no host uses it: its hosts would otherwise go on
+        writing through the old one, whose clones and sessions are closed
+        and which nothing counts.  Until then it serves as it was, and the
+        status says why (a recovery problem).
         """
         with self.lock, self.state_dir.listed():
             # Read under the lock: lu_resize changes the record and the
@@ -298,12 +320,26 @@ class Target:
             for name in [n for n in self.lus if n not in doc["lus"]]:
                 self._retire(self.lus.pop(name))
             opened = []
+            # An LU's own problems (the only ones keyed by "lu") are
+            # found again below.
+            self.recovery_problems = [p for p in self.recovery_problems
+                                      if "lu" not in p]
             for name, record in doc["lus"].items():
                 lu = self.lus.get(name)
                 if lu is not None and lu.file == record["file"] \
                         and lu.size == record["size"] \
                         and lu.readonly == record["readonly"] \
                         and lu.error is None:
+                    continue
+                if lu is not None and lu.error is None and \
+                        self.host_users(lu):
+                    why = "its record in state.json changed, and it is " \
+                        "opened again as it says once its {} host " \
+                        "connection(s) are gone (then reload, or " \
+                        "restart)".format(self.host_users(lu))
+                    log.error("LU %s: %s", name, why)
+                    self.recovery_problems.append({"lu": name,
+                                                   "message": why})
                     continue
                 if lu is not None:
                     self._retire(lu)

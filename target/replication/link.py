@@ -1250,7 +1250,8 @@ class Link:
                 job.end(stopped=True, error="the link left replicating")
                 return None
             until = g.srl.head_pos
-            g.volumes[vol].stack.below("replication").readinto(buf, offset)
+            # What hosts read, as a replay sends it (a restore's view).
+            g.replay_view(vol).readinto(buf, offset)
         mine = digests(buf, job.granularity)
         pos = self._send_entries(sock, send_pos, until, epoch)
         if pos is None:

@@ -645,9 +645,11 @@ class SecondaryGroup:
         for vol in range(len(self.volumes)):
             self._backend(vol).flush()
 
-    def persist(self, **settings):
+    def persist(self, ahead=None, **settings):
         """Save the record; settings (an admin's change of the group's
-        own fields) are in force once saved, never before."""
+        own fields) are in force once saved, never before.  ahead: state
+        fields saved with the values given instead of this object's, which
+        the caller sets once saved."""
         # The session and an admin's change (a policy, an image released)
         # save it from two threads: the save that lands last must be of
         # the later state (a stale `volatile` or `consistent` would let a
@@ -665,6 +667,7 @@ class SecondaryGroup:
                         "primary": self.primary,
                         "volatile": self.volatile,
                         "diverged": self.diverged, "reason": self.reason})
+            rec.update(ahead or {})
             self.files.save(rec)
             self.record_base.update(settings)
 
@@ -1229,19 +1232,21 @@ class SecondaryGroup:
 
     def _end_replay(self, seq, theirs):
         self._flush_volumes()
-        with self.lock:
-            self.applied_seq = seq
-            self.last_seq = seq
-            self.history = theirs
-            self.consistent = True
-            self.reason = None
-            if self.image_point is not None:
-                # The images kept are of an older point from now on, even
-                # if their release fails and the node becomes inconsistent
-                # again: never offered to roll back to (point_kept).
-                self.image_point["passed"] = True
         self._clear_stage()
-        self.persist()
+        ended = {"applied_seq": seq, "last_seq": seq, "history": theirs,
+                 "consistent": True, "reason": None}
+        if self.image_point is not None:
+            # The images kept are of an older point from now on, even if
+            # their release fails and the node becomes inconsistent again:
+            # never offered to roll back to (point_kept).
+            ended["image_point"] = dict(self.image_point, passed=True)
+        # Consistent once recorded, never before: a node saying so with its
+        # record saying otherwise would release its last consistent image
+        # (release_done_images) and answer a primary as consistent.
+        self.persist(ahead=ended)
+        with self.lock:
+            for field, value in ended.items():
+                setattr(self, field, value)
         log.info("group %s: replay from the primary completed: consistent "
                  "at sequence %d", self.name, seq)
 

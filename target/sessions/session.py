@@ -541,15 +541,17 @@ class Session:
         bs = self.block
         b0, b1 = _range_of(offset, len(view), bs)
         with self.cond:
-            if not self.marked or (generation is not None and
-                                   generation != self.generation):
+            if not self.marked or self.closed or (
+                    generation is not None and generation != self.generation):
                 raise FrozenImageGone(name=self.name)
             generation = self.generation
             saved = self.save_area.slots.saved_in(b0, b1)
         if len(saved) < b1 - b0:
             self.inner.readinto(view, offset)
         with self.cond:
-            if not self.marked or generation != self.generation:
+            # Closed: its save area is too (a target that stops).
+            if not self.marked or self.closed or \
+                    generation != self.generation:
                 raise FrozenImageGone(name=self.name)
             slot_of = self.save_area.slots.slots_in(b0, b1)
         if not slot_of:
@@ -763,6 +765,20 @@ class Session:
             engine.join()
         self.tracking.commit()
 
+    def _failure(self, running):
+        """Why this session's destinations are not what it was asked for,
+        until something makes them so: its error (a mark it gave up), or
+        its last transfer's failure while none runs.  What `clonectl
+        status` calls degraded and the metrics count as a session's
+        error."""
+        last = self.last_transfer or {}
+        result = last.get("result") or "completed"
+        if self.error:
+            return self.error
+        if not running and result != "completed":
+            return "its last transfer {}".format(result)
+        return None
+
     def status(self):
         with self.cond:
             engine = self.engine
@@ -788,6 +804,7 @@ class Session:
                 "transferring": running,
                 "error": self.error,
                 "last_transfer": self.last_transfer,
+                "failure": self._failure(running),
                 "problems": list(self.problems),
                 "destinations": [],
             }

@@ -372,3 +372,32 @@ def test_a_fracture_is_refused_while_a_rollback_runs(half_rolled_back):
     frozen = (read(t, "c", 0, 4), read(t, "c", 8 * G, 4))
     pytest.fail("fractured mid-rollback; clone c holds {} (neither BB "
                 "nor AA)".format(frozen))
+
+
+def test_a_frozen_export_read_across_a_forced_delete_shows_no_newer_data(
+        two_lus, monkeypatch):
+    """A session deleted with --force while a host reads its frozen
+    export a@s1: the reader's later reads fail (the image is gone), and
+    never show the Source's newer data, which nothing saved the old data
+    of once the session was gone (before, the reader got it where the old
+    data had not been saved, and EINVAL where it had)."""
+    t = two_lus
+    monkeypatch.setattr(sessions, "probe_destination",
+                        lambda *args, **kwargs: None)
+    t.lus["a"].write(b"A" * MiB, 0)
+    t.session_create("a", "s1", dests=["nbd+unix:///x?socket=/nonexistent"])
+    t.session_mark("s1", export=True)
+    conn = t.connect("a@s1", True)
+    try:
+        t.lus["a"].write(b"B" * G, 0)           # its old data saved
+        t.session_delete("s1", force=True)
+        t.lus["a"].write(b"C" * G, 8 * G)       # nothing saves it now
+        for offset in (0, 8 * G):
+            buf = bytearray(4)
+            try:
+                conn.export.read(buf, offset)
+            except sessions.FrozenImageGone:
+                continue
+            assert bytes(buf) == b"AAAA", (offset, bytes(buf))
+    finally:
+        t.disconnect(conn)

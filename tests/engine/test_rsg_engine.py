@@ -1407,6 +1407,30 @@ def test_a_refused_delete_leaves_a_demotions_withdrawal(cluster_factory,
     assert not exported, "v1 exported again mid-demotion"
 
 
+def test_a_verify_during_a_restore_compares_what_hosts_read(cluster_factory,
+                                                           monkeypatch):
+    """While a protected restore runs, a verify compares what hosts read
+    (the clone's data, copied yet or not), as the replay and the stream
+    send it.  Read from the volume below the restore, every extent not
+    copied yet was found "differing", marked and replayed."""
+    c = cluster_factory()
+    fractured_snap(c, random.Random(5), SIZES[0])
+    release = hold_engines(monkeypatch)
+    c.ta.clone_restore("snap")
+    try:
+        c.wait_converged()
+        replays = c.link.replays
+        with c.g.cond:
+            job = c.link.start_verify()
+        wait_for(lambda: not job.running, 30, "the verify", c.status)
+    finally:
+        release(c.ta.groups[VOLS[0]])
+    v = job.to_dict()
+    assert v["extents_differing"] == 0, v
+    assert v["extents_compared"] == sum(s // GRAN for s in SIZES), v
+    assert c.link.replays == replays
+
+
 def test_demote_during_restore_keeps_serving_restored_data(cluster_factory,
                                                           monkeypatch):
     """A protected restore shows the clone's data for every extent at
@@ -1622,9 +1646,9 @@ def test_secondary_records_a_restore_before_it_changes_anything(
     seen = []
     persist = sg.persist
 
-    def watch():
+    def watch(**kwargs):
         seen.append((clone_state(c.tb, "snap"), sg.diverged))
-        persist()
+        persist(**kwargs)
     monkeypatch.setattr(sg, "persist", watch)
     release = hold_engines(monkeypatch)
     c.tb.clone_restore("snap")

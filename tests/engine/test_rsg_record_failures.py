@@ -10,6 +10,9 @@ loses nothing and stops nothing for good.
   record cannot be saved is refused and is not in force either: the
   running group stays as its record says, so what the admin was told
   holds now and after a restart.
+- A secondary whose record of a replay's end cannot be saved stays what
+  its record says (inconsistent, its last consistent image kept) until a
+  later replay's end is saved.
 """
 
 import errno
@@ -20,17 +23,19 @@ import pytest
 
 from target import replication as R
 from tests.support.rsgmodel import wait_for
-from tests.support.twonodes import converge, two_nodes  # noqa: F401
+from tests.support.twonodes import (converge, image_released,  # noqa: F401
+                                    two_nodes, write_and_detach)
 
 
-def record_saves_fail(monkeypatch, node):
+def record_saves_fail(monkeypatch, node, when=lambda record: True):
     """From the moment the returned list holds True, node's group record
-    is not saved (ENOSPC)."""
+    is not saved (ENOSPC) when when(record) says so."""
     full = []
     save = node.rsg.files.save
 
     def failing(record):
-        if full:
+        if full and when(record):
+            full.append(record)
             raise OSError(errno.ENOSPC, "injected")
         save(record)
     monkeypatch.setattr(node.rsg.files, "save", failing)
@@ -237,3 +242,26 @@ def test_a_failed_activity_log_sweep_does_not_hold_the_record_lock(
                              daemon=True)
     saver.start()
     assert done.wait(10), "the next save of the record never ran"
+
+
+def test_a_replays_end_that_cannot_be_recorded_is_not_in_force(
+        two_nodes, monkeypatch):  # noqa: F811
+    a, b = two_nodes
+    write_and_detach(a, b)
+    a.t.lus["v1"].write(b"\x02" * 4096, 0)
+    full = record_saves_fail(monkeypatch, b,
+                             when=lambda record: record["consistent"])
+    full.append(True)
+    a.t.rsg_attach("g", b.addr)
+    wait_for(lambda: len(full) > 1, 10, "the replay's end, not recorded",
+             b.rsg.status)
+    a.t.rsg_detach("g", b.addr)
+    wait_for(lambda: b.rsg.connected_since is None)
+    st = b.rsg.status()
+    assert not b.rsg.consistent and b.rsg.protected, st
+    assert "v1" in b.t.consistent_images, st
+    full.clear()
+    a.t.rsg_attach("g", b.addr)
+    converge(a, b)
+    image_released(b)
+    assert b.read_base(0)[:4096] == b"\x02" * 4096

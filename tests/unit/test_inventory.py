@@ -414,3 +414,24 @@ def test_a_start_lists_the_state_directory_once(sd, tmp_path, monkeypatch):
     with pytest.raises(errors.BackingUnusable, match="lus/own.img"):
         inventory.check_outside(sd, str(tmp_path / "hard.img"))
     assert len(walks) == 2, "outside listed() each call lists anew"
+
+
+def test_a_resize_that_writes_nothing_opens_nothing_for_writing(
+        tmp_path, monkeypatch):
+    """A read-only LU over the first MiB of a longer file that cannot be
+    written (immutable, on a read-only mount) grows over the file's own
+    bytes when told to keep them: nothing is written, so nothing is
+    opened for writing."""
+    f = tmp_path / "ro.img"
+    f.write_bytes(b"\1" * (4 << 20))
+    sd = inventory.StateDir(str(tmp_path / "state"))
+    inventory.create_lu(sd, "ro", size=1 << 20, file=str(f), readonly=True)
+    real_open = os.open
+
+    def no_writes(path, flags, *args, **kwargs):
+        if os.fspath(path) == str(f) and flags & (os.O_RDWR | os.O_WRONLY):
+            raise PermissionError(1, "Operation not permitted", str(f))
+        return real_open(path, flags, *args, **kwargs)
+    monkeypatch.setattr(os, "open", no_writes)
+    _, new = inventory.resize_lu(sd, "ro", "2M", file_data="keep")
+    assert new["size"] == 2 << 20

@@ -59,7 +59,7 @@ def test_scripts_set_up_what_they_need():
 
 def test_fast_tier_is_documented_and_is_unit_and_engine():
     test_script = (REPO / "scripts" / "test").read_text()
-    assert "--fast) args+=(tests/unit tests/engine) ;;" in test_script
+    assert "--fast) args+=(-n auto tests/unit tests/engine) ;;" in test_script
     for doc in ("README.md", "docs/testing.md"):
         assert "scripts/test --fast" in (REPO / doc).read_text(), doc
 

@@ -342,3 +342,24 @@ def test_socket_fallback_dir_of_another_user_is_refused(tmp_path):
         assert not (deep / "state" / "run" / "serve.json").exists()
     finally:
         os.rmdir(planted)
+
+
+@pytest.mark.parametrize("args", [
+    ("lu", "list"), ("lu", "create", "new", "--size", "1M", "--json"),
+    ("lu", "create", "lu0", "--size", "1M", "--json")],
+    ids=["list", "a change with --json", "its error with --json"])
+def test_output_into_a_pipe_closed_early_is_no_error(clonectl, state_dir,
+                                                     args):
+    """`clonectl lu list | head -1`: the reader goes first, and clonectl
+    stops quietly with the exit status of a program SIGPIPE ends, not with
+    "error: Broken pipe", nor with 1 (refused) for a change it made."""
+    for i in range(3):
+        clonectl("lu", "create", "lu{}".format(i), "--size", "1M")
+    proc = subprocess.Popen([CLONECTL, "--state-dir", str(state_dir)] +
+                            list(args), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    proc.stderr.close()
+    assert proc.wait(30) == 141, err
+    assert err == ""

@@ -145,20 +145,27 @@ def _slow_nbdkit(tmp_path):
     return bindir, mark
 
 
-def test_commands_during_server_start_up_go_through_the_server(
-        inventory, clonectl, state_dir, tmp_path, process_guard,
-        nbd_connect):
+def _starting(state_dir, tmp_path, *args):
+    """`clonectl serve ARGS` with the slow nbdkit, once it has spawned it
+    (holding the lock, serve.json not written yet)."""
     bindir, mark = _slow_nbdkit(tmp_path)
-    (state_dir / "lus" / "db2.img").write_bytes(b"\x5a" * MiB)
-    sock = tmp_path / "s.sock"
     env = {"PATH": "{}:{}".format(bindir, os.environ["PATH"])}
-    srv = _spawn(state_dir, "serve", "--socket", sock, "--detach", env=env)
+    srv = _spawn(state_dir, "serve", *args, env=env)
     deadline = time.monotonic() + 30
     while not mark.exists():
         assert srv.poll() is None, _finish(srv)
         assert time.monotonic() < deadline, "nbdkit was not spawned"
         time.sleep(0.02)
     assert not (state_dir / "run" / "serve.json").exists()
+    return srv
+
+
+def test_commands_during_server_start_up_go_through_the_server(
+        inventory, clonectl, state_dir, tmp_path, process_guard,
+        nbd_connect):
+    (state_dir / "lus" / "db2.img").write_bytes(b"\x5a" * MiB)
+    sock = tmp_path / "s.sock"
+    srv = _starting(state_dir, tmp_path, "--socket", sock, "--detach")
     delete = _spawn(state_dir, "lu", "delete", "db2")
     create = _spawn(state_dir, "lu", "create", "db3", "--size", "1M")
     listing = _spawn(state_dir, "clone", "list", "--json")
@@ -183,6 +190,21 @@ def test_commands_during_server_start_up_go_through_the_server(
     finally:
         subprocess.run([CLONECTL, "--state-dir", str(state_dir), "stop"],
                        timeout=60, capture_output=True)
+
+
+def test_a_stop_during_start_up_stops_the_server(
+        inventory, state_dir, tmp_path, process_guard):
+    """`clonectl stop` while a server starts (it holds the lock and has not
+    published serve.json yet) waits for it, then stops it: it said "no
+    server runs" and the server went on to serve."""
+    srv = _starting(state_dir, tmp_path, "--socket", tmp_path / "s.sock")
+    process_guard.add(srv.pid)
+    rc, out, err = _finish(_spawn(state_dir, "stop"))
+    assert rc == 0 and "stopped server pid {}".format(srv.pid) in out, \
+        (out, err)
+    rc, _, err = _finish(srv)
+    assert rc == 0, err
+    assert status_json(state_dir)["server"] is None
 
 
 def test_stale_serve_info_is_gone_while_a_new_server_starts(

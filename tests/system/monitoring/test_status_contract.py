@@ -5,6 +5,7 @@ import datetime
 import json
 import os
 import re
+import signal
 
 from tests.support.cli import status_json
 
@@ -50,6 +51,24 @@ def test_status_exit_codes(clonectl, server_factory, state_dir):
     for line in ("0  the server runs and all is well", "1  error",
                  "2  usage error", "3  no server runs", "4  degraded"):
         assert line in text, text
+
+
+def test_a_target_that_does_not_answer_degrades_the_status(
+        clonectl, server_factory, state_dir):
+    """nbdkit hung (here stopped): the status cannot say how the LUs and
+    clones are, so it is degraded and says why, never "all is well" (the
+    documented monitoring check is its exit status)."""
+    clonectl("lu", "create", "src", "--size", "4M")
+    clonectl("clone", "add", "src", "c1")
+    srv = server_factory()
+    os.kill(srv.nbdkit_pid, signal.SIGSTOP)
+    try:
+        proc = clonectl("status", "--json", check=False, timeout=60)
+    finally:
+        os.kill(srv.nbdkit_pid, signal.SIGCONT)
+    assert proc.returncode == 4, proc.stdout + proc.stderr
+    st = json.loads(proc.stdout)
+    assert any("does not answer" in r for r in st["degraded"]), st
 
 
 def test_stop_without_a_server_succeeds(clonectl, state_dir):

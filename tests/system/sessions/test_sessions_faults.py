@@ -38,6 +38,7 @@ Helpers: tests/support/sessionlib.py and tests/support/clonelib.py.
 """
 
 import errno
+import json
 import os
 import re
 import subprocess
@@ -253,6 +254,12 @@ def test_enospc_on_writes_fails_the_transfer_then_it_resumes(
     _assert_failed(proc, dest, "ENOSPC", NOSPACE)
     _assert_failed_status(env.sstatus(), dest, "ENOSPC", NOSPACE,
                           CHANGED, last_success)
+    # A backup that failed is what monitoring is for: the status is
+    # degraded, saying why, until a transfer completes.
+    proc = env.cli("status", "--json", check=False)
+    assert proc.returncode == 4, proc.stdout
+    assert any(r.startswith("session s1: its last transfer failed")
+               for r in json.loads(proc.stdout)["degraded"]), proc.stdout
     # Every write and write-zeroes was refused: not a byte changed there.
     assert_same(dfile, before, "a refused transfer changed the destination")
     # The engine has writes and write-zeroes in flight on several
@@ -271,6 +278,7 @@ def test_enospc_on_writes_fails_the_transfer_then_it_resumes(
     proc = env.transfer_wait("s1", check=False, timeout=60)
     _assert_resumed(env, proc, dfile, at_mark, CHANGED_DATA * GRANULARITY,
                     CHANGED_ZERO * GRANULARITY)
+    assert env.cli("status", check=False).returncode == 0
     # The writes after the mark are tracked: one more update sends them.
     env.update()
     assert_same(dfile, env.img("src"), "after one more update")

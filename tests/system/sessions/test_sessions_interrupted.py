@@ -94,6 +94,21 @@ def _start_transfer(env, *extra):
                             text=True, env=env_vars)
 
 
+def _interrupted(env, interrupt, *extra):
+    """`session transfer s1 --wait` (with extra) in the background and
+    interrupt() while it runs; (its returncode, stdout, stderr, what
+    interrupt() returned)."""
+    waiter = _start_transfer(env, *extra)
+    try:
+        got = interrupt()
+        out, err = waiter.communicate(timeout=120)
+    finally:
+        if waiter.poll() is None:
+            waiter.kill()
+            waiter.wait()
+    return waiter.returncode, out, err, got
+
+
 def _past_checkpoint(st):
     d = st["destinations"][0]
     return st["transferring"] and d["pending_extents"] <= \
@@ -154,17 +169,13 @@ def test_destination_killed_mid_transfer_then_resume(session_env, dests,
     env.create("s1", dest.uri)
     at_mark = _marked_with_copy(env, tmp_path)
 
-    waiter = _start_transfer(env)
-    try:
+    def interrupt():
         _slow_down_then_past_checkpoint(env, tmp_path)
         late = _write_late(env)
         dest.kill()
-        out, err = waiter.communicate(timeout=120)
-    finally:
-        if waiter.poll() is None:
-            waiter.kill()
-            waiter.wait()
-    assert waiter.returncode == 1, (out, err)
+        return late
+    rc, out, err, late = _interrupted(env, interrupt)
+    assert rc == 1, (out, err)
     assert "transfer failed" in err and dest.uri in err, err
     assert "traceback" not in err.lower(), err
     st = env.sstatus()
@@ -201,8 +212,7 @@ def test_one_destination_killed_the_other_completes(session_env, dests,
     env.create("s1", a.uri, b.uri)
     at_mark = _marked_with_copy(env, tmp_path)
 
-    waiter = _start_transfer(env)
-    try:
+    def interrupt():
         env.wait_transfer(pred=lambda st: (st["transfer"] or {}).get(
             "bytes_sent", 0) >= 60 * MiB * 2)
         _set_rate(tmp_path / "rate", SLOW)
@@ -210,12 +220,8 @@ def test_one_destination_killed_the_other_completes(session_env, dests,
             "pending_extents"] == 0 or st["destinations"][1][
             "pending_extents"] <= EXTENTS - CHECKPOINT_EXTENTS)
         b.kill()
-        out, err = waiter.communicate(timeout=120)
-    finally:
-        if waiter.poll() is None:
-            waiter.kill()
-            waiter.wait()
-    assert waiter.returncode == 1 and b.uri in err, (out, err)
+    rc, out, err, _ = _interrupted(env, interrupt)
+    assert rc == 1 and b.uri in err, (out, err)
     st = env.sstatus()
     da, db = st["destinations"]
     # A got the whole point in time; B is left with what it lacks.
@@ -251,18 +257,14 @@ def test_target_killed_mid_transfer_then_resume(session_env, dests,
     env.create("s1", dest.uri)
     at_mark = _marked_with_copy(env, tmp_path)
 
-    waiter = _start_transfer(env)
-    try:
+    def interrupt():
         _slow_down_then_past_checkpoint(env, tmp_path)
         late = _write_late(env)
         env.kill_nbdkit()
-        # The waiting CLI sees the transfer end without completing.
-        out, err = waiter.communicate(timeout=120)
-    finally:
-        if waiter.poll() is None:
-            waiter.kill()
-            waiter.wait()
-    assert waiter.returncode == 1, (out, err)
+        return late
+    # The waiting CLI sees the transfer end without completing.
+    rc, out, err, late = _interrupted(env, interrupt)
+    assert rc == 1, (out, err)
     assert "traceback" not in err.lower(), err
 
     # The flushed host write survived the kill -9.
@@ -280,6 +282,35 @@ def test_target_killed_mid_transfer_then_resume(session_env, dests,
     assert read_range(dfile, LATE, len(late)) != late
     env.update()
     assert_same(dfile, env.img("src"), "after one more update")
+
+
+def test_a_wait_that_outlives_its_target_does_not_report_an_older_transfer(
+        session_env, dests, tmp_path):
+    """A session that completed a transfer before: a second one, followed
+    with --wait, is cut short by a kill -9 of the target.  The waiting
+    CLI must report this transfer as not completed, not the completed one
+    before it that the restarted target still has as its last (the
+    destination is inconsistent, its extents still to send)."""
+    env = session_env.setup(size=16 * MiB)
+    dfile = _dest_file(tmp_path, 16 * MiB)
+    dest = dests.nbdkit(dfile, filters=["rate"], params=_rate_params(tmp_path))
+    env.create("s1", dest.uri)
+    env.update()
+    _set_rate(tmp_path / "rate", SLOW)
+    def interrupt():
+        env.wait_transfer(pred=lambda st: (st["transfer"] or {}).get(
+            "bytes_sent", 0) > 0)
+        env.kill_nbdkit()
+    rc, out, err, _ = _interrupted(env, interrupt, "--full")
+    assert rc == 1, (out, err)
+    assert "did not end" in err, err
+    st = env.sstatus()
+    assert st["marked"] and st["destinations"][0]["consistency"] == \
+        "inconsistent", st
+    # clonectl wait, asked after the restart, knows of no transfer since.
+    proc = env.cli("wait", "s1", check=False)
+    assert proc.returncode == 1, (proc.stdout, proc.stderr)
+    assert "since the server started" in proc.stderr, proc.stderr
 
 
 def test_frozen_export_survives_target_kill(session_env, dests, tmp_path):
