@@ -129,7 +129,11 @@ def test_unusable_backing_is_reported_not_exported(sd, tmp_path):
     f = tmp_path / "vanishing.img"
     f.write_bytes(bytes(MiB))
     inventory.create_lu(sd, "gone", file=str(f))
-    f.unlink()
+    # Away, then back: the same file (a new one would be other storage,
+    # refused until accepted, unless its inode number happened to be the
+    # old one's).
+    away = tmp_path / "away.img"
+    f.rename(away)
     t = Target(sd.path)
     try:
         st = {lu["name"]: lu for lu in t.status()["lus"]}
@@ -140,7 +144,7 @@ def test_unusable_backing_is_reported_not_exported(sd, tmp_path):
         with pytest.raises(errors.UnknownLU):
             t.connect("gone", False)
         # The file comes back: a reload exports it.
-        f.write_bytes(bytes(MiB))
+        away.rename(f)
         assert "gone" in t.reload()
     finally:
         t.close()
