@@ -283,14 +283,18 @@ def lu_create(ctx, name, size, file, read_only):
                                                                 name)))
 
 
-def _lu_rows(ctx, info=None, st=None):
-    """(rows, info, problems) of the inventory's LUs; info and st: the
-    server's record and status if read already."""
+def _served(ctx):
+    """(serve.json of the running server, its target's status), each
+    None when there is none or it does not answer."""
+    info = server.read_serve_info(ctx.state_dir)
+    st = control.try_call(ctx.state_dir.control_socket, "status") \
+        if info else None
+    return info, st
+
+
+def _lu_rows(ctx, info, st):
+    """(rows, problems) of the inventory's LUs; info and st: _served()."""
     doc = ctx.state_dir.load()
-    if info is None:
-        info = server.read_serve_info(ctx.state_dir)
-        if info:
-            st = control.try_call(ctx.state_dir.control_socket, "status")
     live = {}
     problems = None     # unknown without a server
     if info and st:
@@ -314,7 +318,7 @@ def _lu_rows(ctx, info=None, st=None):
             if info and entry["served"]:
                 entry["uri"] = info["uri"].replace("EXPORT", name)
         rows.append(entry)
-    return rows, info, problems
+    return rows, problems
 
 
 @lu.command("list")
@@ -323,7 +327,7 @@ def _lu_rows(ctx, info=None, st=None):
 @handle_errors
 def lu_list(ctx, as_json):
     """List the LUs of the state directory."""
-    rows, _, _ = _lu_rows(ctx)
+    rows, _ = _lu_rows(ctx, *_served(ctx))
     if as_json:
         _print_json(rows)
         return
@@ -1422,10 +1426,8 @@ def status(ctx, as_json):
       clonectl status --json | jq '.clones[] | {name, state}'
       clonectl status >/dev/null; echo $?    # for a monitoring check
     """
-    info = server.read_serve_info(ctx.state_dir)
-    answer = control.try_call(ctx.state_dir.control_socket, "status") \
-        if info else None
-    rows, info, problems = _lu_rows(ctx, info, answer)
+    info, answer = _served(ctx)
+    rows, problems = _lu_rows(ctx, info, answer)
     live = answer or {}
     iscsi_targets = None
     if info and info.get("iscsi"):

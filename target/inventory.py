@@ -543,9 +543,9 @@ def settle_owned_files(state_dir, doc):
     if not pending:
         return []
     named = {rec["file"] for _, _, rec in records(doc)}
-    removed = [(state_dir.owned_backing(n), what)
-               for n, what in sorted(pending.items())]
-    removed = [(path, what) for path, what in removed
+    paths = ((state_dir.owned_backing(n), what)
+             for n, what in sorted(pending.items()))
+    removed = [(path, what) for path, what in paths
                if path not in named and os.path.lexists(path)]
     fsutil.remove_durably([path for path, _ in removed])
     doc.pop("pending_files")

@@ -331,12 +331,13 @@ class Target:
                         and lu.readonly == record["readonly"] \
                         and lu.error is None:
                     continue
-                if lu is not None and lu.error is None and \
-                        self.host_users(lu):
+                users = self.host_users(lu) if lu is not None and \
+                    lu.error is None else 0
+                if users:
                     why = "its record in state.json changed, and it is " \
                         "opened again as it says once its {} host " \
                         "connection(s) are gone (then reload, or " \
-                        "restart)".format(self.host_users(lu))
+                        "restart)".format(users)
                     log.error("LU %s: %s", name, why)
                     self.recovery_problems.append({"lu": name,
                                                    "message": why})
